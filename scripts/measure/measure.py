@@ -1,0 +1,494 @@
+#!/usr/bin/env python3
+"""Measure the peak GPU memory of real PyTorch training steps, for vramfit's reference data.
+
+Two methods, written into every record:
+  * "cuda":      a real GPU: torch.cuda.max_memory_allocated / max_memory_reserved and NVML after three steps.
+  * "fake-cuda": no GPU: the whole run (model build, three training steps) happens on FakeTensorMode tensors on
+                 device "cuda", so every op takes its CUDA code path (autocast lists, fused dropout, SDPA backend,
+                 foreach/fused optimizers) while no memory is touched. A TorchDispatchMode sees every new storage
+                 (rounded up to 512 B as the CUDA caching allocator does) and a weakref finalizer sees it freed.
+                 Allocations that CUDA kernels make internally (which fake kernels never make) are added as
+                 explicit "hidden" allocations, each named below with its source.
+
+Usage:  measure.py CASES.json OUT.json [--only NAME]     (see scripts/measure/cases.py for the case list)
+
+Only this script needs PyTorch; vramfit and its tests never do.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import weakref
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Without a GPU: preload a stub for the CUDA runtime queries made by the autograd engine (see cuda_stub.c).
+def ensure_stub():
+    if os.environ.get("VRAMFIT_STUB_LOADED") or os.environ.get("VRAMFIT_REAL_CUDA"):
+        return
+    import importlib.util
+    site = os.path.dirname(os.path.dirname(importlib.util.find_spec("torch").origin))
+    includes = [os.path.join(site, "nvidia", "cu13", "include"),
+                os.path.join(site, "triton", "backends", "nvidia", "include")]
+    out_dir = tempfile.mkdtemp(prefix="vramfit-stub-")
+    lib = os.path.join(out_dir, "libcuda.so.1")
+    cmd = ["gcc", "-shared", "-fPIC", "-O1", *[f"-I{i}" for i in includes], "-Wl,-soname,libcuda.so.1",
+           "-o", lib, os.path.join(HERE, "cuda_stub.c")]
+    subprocess.run(cmd, check=True)
+    env = dict(os.environ, LD_PRELOAD=lib, LD_LIBRARY_PATH=out_dir + ":" + os.environ.get("LD_LIBRARY_PATH", ""),
+               VRAMFIT_STUB_LOADED="1")
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+if __name__ == "__main__":
+    ensure_stub()
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
+
+FAKE = not os.environ.get("VRAMFIT_REAL_CUDA")
+ROUND = 512  # CUDA caching allocator: every block is a multiple of 512 B (kMinBlockSize)
+
+# cuBLAS workspace: one per (handle, stream); the forward thread and the autograd engine's device thread each
+# have their own handle. PyTorch's default CUBLAS_WORKSPACE_CONFIG is ":4096:8:16:8" on sm_90 and newer
+# (4096 KiB x 8 + 16 KiB x 8) and ":4096:2:16:8" before (CUDABlasHandlePool.cpp, getChosenWorkspaceSize).
+CUBLAS_WORKSPACE_SM90 = 4096 * 1024 * 8 + 16 * 1024 * 8
+
+
+def rup(n, m=ROUND):
+    return 0 if n == 0 else (n + m - 1) // m * m
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The memory tracker.
+class Tracker(TorchDispatchMode):
+    MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "addmv", "mv"}
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.phase = "init"
+        self.peak_phase = "init"
+        self.peak_op = ""
+        self.records = {}  # id(storage) -> [bytes, phase, op]
+        self.peak_snapshot = {}
+        self.step_peaks = {}
+        self.threads_with_workspace = set()
+        self.hidden = []
+        self.enabled = True
+
+    def _alloc(self, key, nbytes, op):
+        self.records[key] = [nbytes, self.phase, op]
+        self.live += nbytes
+        step = self.phase.split(":")[0]
+        self.step_peaks[step] = max(self.step_peaks.get(step, 0), self.live)
+        if self.live > self.peak:
+            self.peak = self.live
+            self.peak_phase = self.phase
+            self.peak_op = op
+            self.peak_snapshot = {k: list(v) for k, v in self.records.items()}
+
+    def _free(self, key):
+        rec = self.records.pop(key, None)
+        if rec is not None:
+            self.live -= rec[0]
+
+    def hidden_alloc(self, name, nbytes, transient):
+        """An allocation a CUDA kernel makes internally; fake kernels never make it."""
+        key = ("hidden", len(self.hidden))
+        self.hidden.append({"name": name, "bytes": rup(nbytes), "transient": transient, "phase": self.phase})
+        self._alloc(key, rup(nbytes), name)
+        if transient:
+            self._free(key)
+
+    def track(self, t, op):
+        if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
+            return
+        st = t.untyped_storage()
+        key = id(st)
+        if key in self.records:
+            return
+        nbytes = rup(st.nbytes())
+        if nbytes == 0:
+            return
+        self._alloc(key, nbytes, op)
+        weakref.finalize(st, self._free, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if self.enabled and name in self.MATMULS:
+            tid = threading.get_ident()
+            if tid not in self.threads_with_workspace:
+                self.threads_with_workspace.add(tid)
+                self.hidden_alloc("cublas_workspace", CUBLAS_WORKSPACE_SM90, transient=False)
+        if self.enabled:
+            self.before_kernel(name, args)
+        out = func(*args, **kwargs)
+        if self.enabled:
+            for t in tree_flatten(out)[0]:
+                self.track(t, name)
+        return out
+
+    def before_kernel(self, name, args):
+        # Scratch that CUDA kernels allocate inside their own implementation (at::empty in C++), alive only for
+        # the kernel's duration.
+        if name == "_scaled_dot_product_flash_attention_backward":
+            # FlashAttention-2 mha_bwd: dq_accum fp32 [B, round128(T), H, round32(hs)] and softmax_d fp32
+            # [B, H, round128(T)] (aten/src/ATen/native/transformers/cuda/flash_attn/flash_api.cpp).
+            q = args[1]
+            b, h, t, d = q.shape
+            t128 = (t + 127) // 128 * 128
+            d32 = (d + 31) // 32 * 32
+            self.hidden_alloc("flash_bwd_dq_accum", b * t128 * h * d32 * 4 + b * h * t128 * 4, transient=True)
+        elif name == "_efficient_attention_backward":
+            # mem-efficient attention backward: delta fp32 [B, H, T] (attention_backward.cu); grad_q accumulates
+            # in fp32 scratch [B, T, H, hs] when the inputs are not fp32.
+            q = args[1]
+            b, t, h, d = q.shape
+            extra = 0 if q.dtype == torch.float32 else b * t * h * d * 4
+            self.hidden_alloc("efficient_bwd_delta", b * h * t * 4 + extra, transient=True)
+        elif name == "embedding_dense_backward":
+            # embedding_dense_backward_cuda sorts the indices: sorted_indices and orig_indices (int64 each).
+            idx = args[1]
+            self.hidden_alloc("embedding_bwd_sort", 2 * idx.numel() * 8, transient=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SDPA: on fake tensors F.scaled_dot_product_attention always takes the math path. Choose the backend as CUDA
+# would: PyTorch's own priority order and its can_use_* checks, then call that backend's aten op.
+_orig_sdpa = F.scaled_dot_product_attention
+
+
+def sdpa_as_cuda(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    from torch.backends.cuda import SDPAParams, can_use_flash_attention, can_use_efficient_attention
+    if torch.is_autocast_enabled("cuda"):
+        # scaled_dot_product_attention is on autocast's lower-precision list: its floating inputs are cast first
+        # (a real copy for each fp32 input, e.g. HF Llama's rotated q and k, which the fp32 cos/sin promote).
+        dt = torch.get_autocast_dtype("cuda")
+        q, k, v = (x.to(dt) if x.is_floating_point() else x for x in (q, k, v))
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(dt)
+    params = SDPAParams(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa)
+    order = [torch._C._SDPBackend(b) for b in torch._C._get_sdp_priority_order()]
+    for backend in order:
+        if backend == torch._C._SDPBackend.FLASH_ATTENTION and can_use_flash_attention(params):
+            out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False,
+                                                                     scale=scale)
+            return out[0]
+        if backend == torch._C._SDPBackend.EFFICIENT_ATTENTION and can_use_efficient_attention(params):
+            if enable_gqa and k.shape[1] != q.shape[1]:
+                rep = q.shape[1] // k.shape[1]
+                k = k.repeat_interleave(rep, dim=1)
+                v = v.repeat_interleave(rep, dim=1)
+            out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, attn_mask, True, dropout_p,
+                                                                         is_causal, scale=scale)
+            return out[0]
+        if backend == torch._C._SDPBackend.MATH:
+            break
+    return _orig_sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                      enable_gqa=enable_gqa)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# nanoGPT's GPT, re-implemented from its published architecture (learned positions, tied LM head, pre-LN,
+# fused QKV, GELU MLP 4x, dropout at embeddings / attention / residuals).
+class LayerNormB(nn.Module):
+    def __init__(self, n, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.bias = nn.Parameter(torch.zeros(n)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class Attention(nn.Module):
+    def __init__(self, m, attention):
+        super().__init__()
+        c = m["n_embd"]
+        self.n_head = m["n_head"]
+        self.c_attn = nn.Linear(c, 3 * c, bias=m["bias"])
+        self.c_proj = nn.Linear(c, c, bias=m["bias"])
+        self.attn_dropout = nn.Dropout(m["dropout"])
+        self.resid_dropout = nn.Dropout(m["dropout"])
+        self.p = m["dropout"]
+        self.manual = attention == "manual"
+        if self.manual:
+            bs = m["block_size"]
+            self.register_buffer("bias", torch.tril(torch.ones(bs, bs)).view(1, 1, bs, bs))
+
+    def forward(self, x):
+        b, t, c = x.size()
+        q, k, v = self.c_attn(x).split(c, dim=2)
+        hs = c // self.n_head
+        q = q.view(b, t, self.n_head, hs).transpose(1, 2)
+        k = k.view(b, t, self.n_head, hs).transpose(1, 2)
+        v = v.view(b, t, self.n_head, hs).transpose(1, 2)
+        if self.manual:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))
+            att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+            att = F.softmax(att, dim=-1)
+            att = self.attn_dropout(att)
+            y = att @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=self.p if self.training else 0,
+                                               is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(b, t, c)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        c = m["n_embd"]
+        self.c_fc = nn.Linear(c, 4 * c, bias=m["bias"])
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * c, c, bias=m["bias"])
+        self.dropout = nn.Dropout(m["dropout"])
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, m, attention):
+        super().__init__()
+        self.ln_1 = LayerNormB(m["n_embd"], m["bias"])
+        self.attn = Attention(m, attention)
+        self.ln_2 = LayerNormB(m["n_embd"], m["bias"])
+        self.mlp = MLP(m)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, m, attention, checkpointing, tracker):
+        super().__init__()
+        self.tracker = tracker
+        self.checkpointing = checkpointing
+        self.wte = nn.Embedding(m["vocab_size"], m["n_embd"])
+        self.wpe = nn.Embedding(m["block_size"], m["n_embd"])
+        self.drop = nn.Dropout(m["dropout"])
+        self.h = nn.ModuleList([Block(m, attention) for _ in range(m["n_layer"])])
+        self.ln_f = LayerNormB(m["n_embd"], m["bias"])
+        self.lm_head = nn.Linear(m["n_embd"], m["vocab_size"], bias=False)
+        self.wte.weight = self.lm_head.weight
+
+    def forward(self, idx, targets):
+        b, t = idx.size()
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for block in self.h:
+            if self.checkpointing:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        x = self.ln_f(x)
+        self.tracker.set_sub("loss")
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+
+def build_llama(m, checkpointing, tracker):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    if FAKE:
+        # transformers treats a FakeTensor as "tracing" and then builds an explicit B x 1 x T x T mask and repeats
+        # K/V for GQA, where a real CUDA run (no padding, one sequence per row) passes is_causal=True to SDPA.
+        # Tell it the truth about our inputs: not tracing, not packed.
+        import transformers.masking_utils as mu
+        mu.is_tracing = lambda *a, **k: False
+        mu.find_packed_sequence_indices = lambda *a, **k: None
+    cfg = LlamaConfig(vocab_size=m["vocab_size"], hidden_size=m["n_embd"], intermediate_size=m["intermediate_size"],
+                      num_hidden_layers=m["n_layer"], num_attention_heads=m["n_head"],
+                      num_key_value_heads=m["n_kv_head"], max_position_embeddings=m["block_size"],
+                      tie_word_embeddings=m["tie_embeddings"], attention_dropout=m.get("dropout", 0.0),
+                      use_cache=False)
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.lm_head.register_forward_pre_hook(lambda *a: tracker.set_sub("loss"))
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One run: build, then three training steps as the family's loop runs them.
+def run_case(case):
+    m, tr = case["model"], case["train"]
+    family = m["family"]
+    precision, opt_name = tr["precision"], tr["optimizer"]
+    B, T = tr["batch_size"], tr.get("seq_len") or m["block_size"]
+    accum = tr.get("grad_accum_steps", 1)
+    grad_clip = tr.get("grad_clip", 1.0)
+    tracker = Tracker()
+    tracker.set_sub = lambda s: setattr(tracker, "phase", tracker.phase.split(":")[0] + ":" + s)
+
+    ctxs = []
+    if FAKE:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        fake = FakeTensorMode(allow_non_fake_inputs=False)
+        fake.__enter__()
+        ctxs.append(fake)
+        F.scaled_dot_product_attention = sdpa_as_cuda
+        # Fake storages have no values: GradScaler's inf check reads one. Assume finite gradients.
+        torch.amp.GradScaler._maybe_opt_step = lambda self, opt, st, *a, **k: opt.step(*a, **k)
+    tracker.__enter__()
+    dev = "cuda"
+    # Built directly on the device, in its training dtype (pure bf16 builds in bf16 rather than converting).
+    old_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if precision == "bf16" else torch.float32)
+    with torch.device(dev):
+        if family == "gpt2":
+            model = GPT(m, tr.get("attention", "sdpa"), tr.get("checkpointing", False), tracker)
+        else:
+            model = build_llama(m, tr.get("checkpointing", False), tracker)
+    torch.set_default_dtype(old_dtype)
+    model.train()
+
+    # Optimizer as each family's loop builds it. nanoGPT: two groups (weight decay for >=2-D params), fused when
+    # asked; here foreach=True / fused=True are passed explicitly because the optimizer's own auto-choice looks
+    # at type(p) and would take the per-parameter loop for fake tensors.
+    params = [p for p in model.parameters() if p.requires_grad]
+    if family == "gpt2":
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    else:
+        groups = [{"params": params, "weight_decay": 0.0}]
+    if opt_name == "adamw":
+        opt = torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), foreach=True)
+    elif opt_name == "adamw-fused":
+        opt = torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), fused=True)
+    elif opt_name == "sgd":
+        opt = torch.optim.SGD(groups, lr=1e-3, foreach=True)
+    else:
+        opt = torch.optim.SGD(groups, lr=1e-3, momentum=0.9, foreach=True)
+
+    amp_dtype = {"fp16-amp": torch.float16, "bf16-amp": torch.bfloat16}.get(precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=(precision == "fp16-amp"))
+
+    def autocast():
+        if amp_dtype is None:
+            return torch.autocast("cuda", enabled=False)
+        return torch.autocast("cuda", dtype=amp_dtype)
+
+    vocab = m["vocab_size"]
+
+    def get_batch():
+        x = torch.randint(vocab, (B, T), device=dev)
+        y = torch.randint(vocab, (B, T), device=dev)
+        return x, y
+
+    tracker.phase = "init"
+    if family == "gpt2":
+        # nanoGPT train.py: the next batch is fetched while the current step's graph is alive; `logits` and
+        # `loss` stay bound from one micro-step (and step) to the next.
+        X, Y = get_batch()
+        logits = loss = None
+        for step in (1, 2, 3):
+            for micro in range(accum):
+                tracker.phase = f"step{step}:forward"
+                with autocast():
+                    logits, loss = model(X, Y)
+                    loss = loss / accum
+                X, Y = get_batch()
+                tracker.phase = f"step{step}:backward"
+                scaler.scale(loss).backward()
+            tracker.phase = f"step{step}:optimizer"
+            if grad_clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+    else:
+        for step in (1, 2, 3):
+            for micro in range(accum):
+                x, y = get_batch()
+                tracker.phase = f"step{step}:forward"
+                with autocast():
+                    loss = model(input_ids=x, labels=y).loss / accum
+                tracker.phase = f"step{step}:backward"
+                scaler.scale(loss).backward()
+                del loss, x, y
+            tracker.phase = f"step{step}:optimizer"
+            if grad_clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+
+    # Categorise the live storages at the peak.
+    param_ids = {id(p.untyped_storage()) for p in model.parameters()}
+    buffer_ids = {id(b.untyped_storage()) for b in model.buffers()}
+    state_ids = set()
+    for st in opt.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                state_ids.add(id(v.untyped_storage()))
+    cats = {}
+    for key, (nbytes, phase, op) in tracker.peak_snapshot.items():
+        if key in param_ids or key in buffer_ids:
+            c = "weights"
+        elif key in state_ids:
+            c = "optimizer"
+        elif isinstance(key, tuple):
+            c = "hidden:" + op
+        else:
+            c = phase.split(":", 1)[-1] + ":" + op
+        cats[c] = cats.get(c, 0) + nbytes
+    tracker.__exit__(None, None, None)
+    for c in reversed(ctxs):
+        c.__exit__(None, None, None)
+    F.scaled_dot_product_attention = _orig_sdpa
+    n_params = sum(p.numel() for p in model.parameters())
+    return {
+        "n_params": n_params,
+        "peak_allocated_bytes": tracker.peak,
+        "peak_phase": tracker.peak_phase,
+        "peak_op": tracker.peak_op,
+        "step_peaks": tracker.step_peaks,
+        "at_peak": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+        "hidden_allocations": sorted({h["name"] for h in tracker.hidden}),
+    }
+
+
+def main():
+    args = sys.argv[1:]
+    cases = json.load(open(args[0]))
+    only = args[args.index("--only") + 1] if "--only" in args else None
+    out_path = args[1]
+    results = json.load(open(out_path)) if os.path.exists(out_path) else {"records": []}
+    done = {r["name"] for r in results["records"]}
+    for case in cases:
+        if (only and case["name"] != only) or (not only and case["name"] in done):
+            continue
+        measured = run_case(case)
+        rec = {"name": case["name"], "setup": {"model": case["model"], "train": case["train"]},
+               "measured": measured,
+               "method": "fake-cuda" if FAKE else "cuda",
+               "torch_version": torch.__version__,
+               "device": "simulated sm_90 (H100-class) CUDA device, cuBLAS workspace 32 MiB + 128 KiB per thread"
+               if FAKE else torch.cuda.get_device_name()}
+        results["records"] = [r for r in results["records"] if r["name"] != case["name"]] + [rec]
+        print(f"{case['name']:40s} peak {measured['peak_allocated_bytes'] / 2**20:10.2f} MiB at "
+              f"{measured['peak_phase']} ({measured['peak_op']})", flush=True)
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
