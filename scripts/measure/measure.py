@@ -63,6 +63,14 @@ ROUND = 512  # CUDA caching allocator: every block is a multiple of 512 B (kMinB
 CUBLAS_WORKSPACE_SM90 = 4096 * 1024 * 8 + 16 * 1024 * 8
 
 
+TRACE = [] if os.environ.get("VRAMFIT_TRACE") else None
+_labels = {}
+
+
+def id_label(key):
+    return _labels.setdefault(key, len(_labels))
+
+
 def rup(n, m=ROUND):
     return 0 if n == 0 else (n + m - 1) // m * m
 
@@ -89,6 +97,8 @@ class Tracker(TorchDispatchMode):
     def _alloc(self, key, nbytes, op):
         self.records[key] = [nbytes, self.phase, op]
         self.live += nbytes
+        if TRACE is not None:
+            TRACE.append((self.phase, op, nbytes, self.live, id_label(key)))
         step = self.phase.split(":")[0]
         self.step_peaks[step] = max(self.step_peaks.get(step, 0), self.live)
         if self.live > self.peak:
@@ -101,6 +111,8 @@ class Tracker(TorchDispatchMode):
         rec = self.records.pop(key, None)
         if rec is not None:
             self.live -= rec[0]
+            if TRACE is not None:
+                TRACE.append((self.phase, "free " + rec[2] + " from " + rec[1], -rec[0], self.live, id_label(key)))
 
     def hidden_alloc(self, name, nbytes, transient):
         """An allocation a CUDA kernel makes internally; fake kernels never make it."""
@@ -362,8 +374,10 @@ def run_case(case):
     # asked; here foreach=True / fused=True are passed explicitly because the optimizer's own auto-choice looks
     # at type(p) and would take the per-parameter loop for fake tensors.
     params = [p for p in model.parameters() if p.requires_grad]
+    # SGD: torch's defaults (no weight decay), in the same two groups.
+    wd = 0.1 if opt_name.startswith("adamw") else 0.0
     if family == "gpt2":
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": wd},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     else:
         groups = [{"params": params, "weight_decay": 0.0}]
@@ -488,6 +502,10 @@ def main():
               f"{measured['peak_phase']} ({measured['peak_op']})", flush=True)
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)
+        if TRACE is not None:
+            with open(os.environ["VRAMFIT_TRACE"], "w") as f:
+                for ev in TRACE:
+                    f.write("%-22s %-70s %+12d %12d #%d\n" % ev)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,448 @@
+//! The vramfit command line: `vramfit estimate` and `vramfit sweep` over the same core as the web page.
+
+use std::process::ExitCode;
+
+use serde_json::{json, Value};
+use vramfit::input::{hf_config, nanogpt_config, setup_from_value, setup_to_value};
+use vramfit::report::fmt_bytes;
+use vramfit::sweep::{powers_of_two, sweep, Axis};
+use vramfit::{estimate, Error, Setup};
+
+const USAGE: &str = "\
+vramfit: GPU memory of one training step (PyTorch, CUDA), op by op
+
+usage:
+  vramfit estimate [SOURCE] [KNOBS] [--format table|json]
+  vramfit sweep --axis batch_size|block_size [--values 1,2,4 | --from N --to M] [SOURCE] [KNOBS]
+                [--format csv|json]
+
+SOURCE (at most one; without one, the default nanoGPT case: 6 layers, 384 wide, block 512, batch 16,
+vocab 50304, fp16-amp, fused AdamW):
+  --config FILE        setup JSON: {\"model\": {...}, \"train\": {...}, \"device\": {...}}
+  --nanogpt FILE       a nanoGPT config/*.py file (train.py defaults fill the rest)
+  --hf FILE            a Hugging Face config.json (llama, mistral, qwen2)
+
+KNOBS (override the source):
+  --family gpt2|llama  --n-layer N  --n-head N  --n-kv-head N  --n-embd N  --block-size N  --vocab-size N
+  --intermediate-size N  --bias | --no-bias  --tie-embeddings | --no-tie-embeddings  --dropout P
+  --batch-size N  --seq-len N  --precision fp32|fp16-amp|bf16-amp|bf16
+  --optimizer adamw|adamw-fused|sgd|sgd-momentum  --attention sdpa|manual
+  --checkpointing | --no-checkpointing  --grad-accum-steps N  --grad-clip X
+  --gpu-memory-gib X  --compute-capability X.Y
+";
+
+/// The default nanoGPT case (the one that started the project).
+fn default_setup() -> Value {
+    json!({"model": {"family": "gpt2", "n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 512,
+                     "vocab_size": 50304, "bias": false, "dropout": 0.0},
+           "train": {"batch_size": 16, "seq_len": 512, "precision": "fp16-amp", "optimizer": "adamw-fused",
+                     "attention": "sdpa", "checkpointing": false, "grad_accum_steps": 1, "grad_clip": 1.0}})
+}
+
+enum Cli {
+    Help,
+    Estimate {
+        setup: Setup,
+        json: bool,
+        notes: Vec<String>,
+    },
+    Sweep {
+        setup: Setup,
+        axis: Axis,
+        values: Vec<u64>,
+        json: bool,
+    },
+}
+
+fn read(path: &str) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|e| Error::Parse {
+        source: path.to_string(),
+        line: None,
+        message: e.to_string(),
+    })
+}
+
+fn usage_error(message: String) -> Error {
+    Error::Parse {
+        source: "command line".into(),
+        line: None,
+        message,
+    }
+}
+
+/// Parses a flag's number: the message names the flag.
+fn number(flag: &str, v: &str) -> Result<Value, Error> {
+    if let Ok(u) = v.parse::<i64>() {
+        return Ok(u.into());
+    }
+    match v.parse::<f64>() {
+        Ok(f) if f.is_finite() => Ok(json!(f)),
+        _ => Err(Error::invalid(flag, v, "must be a number")),
+    }
+}
+
+fn parse(args: &[String]) -> Result<Cli, Error> {
+    let Some(cmd) = args.first() else {
+        return Ok(Cli::Help);
+    };
+    if matches!(cmd.as_str(), "-h" | "--help" | "help") {
+        return Ok(Cli::Help);
+    }
+    if cmd != "estimate" && cmd != "sweep" {
+        return Err(usage_error(format!(
+            "unknown command {cmd:?}; expected estimate or sweep (see --help)"
+        )));
+    }
+    let mut base: Option<Value> = None;
+    let mut notes = Vec::new();
+    let mut overrides: Vec<(&str, &str, Value)> = Vec::new();
+    let mut format = None;
+    let (mut axis, mut values, mut from, mut to) = (None, None, None, None);
+    let mut i = 1;
+    let next = |i: &mut usize, flag: &str| -> Result<String, Error> {
+        *i += 1;
+        args.get(*i)
+            .cloned()
+            .ok_or_else(|| usage_error(format!("{flag} needs a value")))
+    };
+    while i < args.len() {
+        let flag = args[i].as_str();
+        let set_source = |v: Value, base: &mut Option<Value>| -> Result<(), Error> {
+            if base.is_some() {
+                return Err(usage_error(
+                    "give at most one of --config, --nanogpt, --hf".into(),
+                ));
+            }
+            *base = Some(v);
+            Ok(())
+        };
+        match flag {
+            "-h" | "--help" => return Ok(Cli::Help),
+            "--config" => {
+                let path = next(&mut i, flag)?;
+                let text = read(&path)?;
+                let v: Value = serde_json::from_str(&text).map_err(|e| Error::Parse {
+                    source: path.clone(),
+                    line: Some(e.line()),
+                    message: e.to_string(),
+                })?;
+                set_source(v, &mut base)?;
+            }
+            "--nanogpt" => {
+                let path = next(&mut i, flag)?;
+                let imp = nanogpt_config(&read(&path)?).map_err(|e| match e {
+                    Error::Parse { line, message, .. } => Error::Parse {
+                        source: path.clone(),
+                        line,
+                        message,
+                    },
+                    other => other,
+                })?;
+                for p in &imp.provenance {
+                    notes.push(format!("{} = {} ({})", p.key, p.value, p.source));
+                }
+                notes.extend(imp.notes);
+                set_source(setup_to_value(&imp.setup), &mut base)?;
+            }
+            "--hf" => {
+                let path = next(&mut i, flag)?;
+                let (m, hf_notes) = hf_config(&read(&path)?)?;
+                notes.extend(hf_notes);
+                let mut v = default_setup();
+                v["model"] = json!({"family": "llama", "n_layer": m.n_layer, "n_head": m.n_head,
+                    "n_kv_head": m.n_kv_head, "n_embd": m.n_embd, "block_size": m.block_size,
+                    "vocab_size": m.vocab_size, "intermediate_size": m.intermediate_size,
+                    "tie_embeddings": m.tie_embeddings, "dropout": m.dropout});
+                v["train"]["seq_len"] = m.block_size.min(2048).into();
+                v["train"]["batch_size"] = 1.into();
+                v["train"]["precision"] = "bf16-amp".into();
+                set_source(v, &mut base)?;
+            }
+            "--format" => format = Some(next(&mut i, flag)?),
+            "--axis" => axis = Some(Axis::parse(&next(&mut i, flag)?)?),
+            "--values" => {
+                let text = next(&mut i, flag)?;
+                let parsed: Result<Vec<u64>, Error> = text
+                    .split(',')
+                    .map(|s| {
+                        s.trim()
+                            .parse::<u64>()
+                            .map_err(|_| Error::invalid("--values", s, "must be whole numbers"))
+                    })
+                    .collect();
+                values = Some(parsed?);
+            }
+            "--from" => {
+                from =
+                    Some(next(&mut i, flag)?.parse::<u64>().map_err(|_| {
+                        Error::invalid("--from", &args[i], "must be a whole number")
+                    })?)
+            }
+            "--to" => {
+                to = Some(
+                    next(&mut i, flag)?
+                        .parse::<u64>()
+                        .map_err(|_| Error::invalid("--to", &args[i], "must be a whole number"))?,
+                )
+            }
+            "--bias" | "--no-bias" => {
+                overrides.push(("model", "bias", Value::Bool(flag == "--bias")))
+            }
+            "--tie-embeddings" | "--no-tie-embeddings" => overrides.push((
+                "model",
+                "tie_embeddings",
+                Value::Bool(flag == "--tie-embeddings"),
+            )),
+            "--checkpointing" | "--no-checkpointing" => overrides.push((
+                "train",
+                "checkpointing",
+                Value::Bool(flag == "--checkpointing"),
+            )),
+            _ => {
+                let (section, key, is_str) = match flag {
+                    "--family" => ("model", "family", true),
+                    "--n-layer" => ("model", "n_layer", false),
+                    "--n-head" => ("model", "n_head", false),
+                    "--n-kv-head" => ("model", "n_kv_head", false),
+                    "--n-embd" => ("model", "n_embd", false),
+                    "--block-size" => ("model", "block_size", false),
+                    "--vocab-size" => ("model", "vocab_size", false),
+                    "--intermediate-size" => ("model", "intermediate_size", false),
+                    "--dropout" => ("model", "dropout", false),
+                    "--batch-size" => ("train", "batch_size", false),
+                    "--seq-len" => ("train", "seq_len", false),
+                    "--precision" => ("train", "precision", true),
+                    "--optimizer" => ("train", "optimizer", true),
+                    "--attention" => ("train", "attention", true),
+                    "--grad-accum-steps" => ("train", "grad_accum_steps", false),
+                    "--grad-clip" => ("train", "grad_clip", false),
+                    "--gpu-memory-gib" => ("device", "memory_gib", false),
+                    "--compute-capability" => ("device", "compute_capability", false),
+                    _ => return Err(usage_error(format!("unknown option {flag:?} (see --help)"))),
+                };
+                let raw = next(&mut i, flag)?;
+                let v = if is_str {
+                    Value::String(raw)
+                } else {
+                    number(flag, &raw)?
+                };
+                overrides.push((section, key, v));
+            }
+        }
+        i += 1;
+    }
+    let mut v = base.unwrap_or_else(default_setup);
+    let block_override = overrides.iter().any(|(_, k, _)| *k == "block_size");
+    let seq_override = overrides.iter().any(|(_, k, _)| *k == "seq_len");
+    for (section, key, value) in overrides {
+        if v.get(section).is_none() {
+            v[section] = json!({});
+        }
+        v[section][key] = value;
+    }
+    // A new block size without a sequence length trains at full context.
+    if block_override && !seq_override {
+        if let Some(t) = v.get_mut("train").and_then(Value::as_object_mut) {
+            t.remove("seq_len");
+        }
+    }
+    // Llama fields dropped when switching to gpt2 by flag, and the other way round.
+    if v["model"]["family"] == "gpt2" {
+        if let Some(m) = v["model"].as_object_mut() {
+            for k in ["n_kv_head", "intermediate_size", "tie_embeddings"] {
+                m.remove(k);
+            }
+        }
+    }
+    let setup = setup_from_value(&v)?;
+    if cmd == "estimate" {
+        let json = match format.as_deref() {
+            None | Some("table") => false,
+            Some("json") => true,
+            Some(f) => {
+                return Err(Error::UnknownValue {
+                    field: "--format".into(),
+                    value: f.into(),
+                    allowed: &["table", "json"],
+                })
+            }
+        };
+        return Ok(Cli::Estimate { setup, json, notes });
+    }
+    let axis = axis
+        .ok_or_else(|| usage_error("sweep needs --axis batch_size or --axis block_size".into()))?;
+    let values = match (values, from, to) {
+        (Some(v), None, None) => v,
+        (None, f, t) => {
+            let here = match axis {
+                Axis::BatchSize => setup.train.batch_size,
+                Axis::BlockSize => setup.model.block_size,
+            };
+            powers_of_two(f.unwrap_or(1), t.unwrap_or(here.saturating_mul(4)))
+        }
+        _ => return Err(usage_error("give either --values or --from/--to".into())),
+    };
+    if values.is_empty() || values.len() > 4096 {
+        return Err(Error::invalid(
+            "--values",
+            values.len(),
+            "must list between 1 and 4096 values",
+        ));
+    }
+    let json = match format.as_deref() {
+        None | Some("csv") => false,
+        Some("json") => true,
+        Some(f) => {
+            return Err(Error::UnknownValue {
+                field: "--format".into(),
+                value: f.into(),
+                allowed: &["csv", "json"],
+            })
+        }
+    };
+    Ok(Cli::Sweep {
+        setup,
+        axis,
+        values,
+        json,
+    })
+}
+
+fn print_table(setup: &Setup, r: &vramfit::Report, notes: &[String]) {
+    let m = &setup.model;
+    let t = &setup.train;
+    println!(
+        "vramfit estimate: {} with {} layers, {} wide, {} heads, vocab {}: {:.1}M parameters",
+        m.family.name(),
+        m.n_layer,
+        m.n_embd,
+        m.n_head,
+        m.vocab_size,
+        r.n_params as f64 / 1e6
+    );
+    println!(
+        "batch {} x sequence {}, {}, {}, {} attention{}{}, grad accumulation {}",
+        t.batch_size,
+        t.seq_len,
+        t.precision.name(),
+        t.optimizer.name(),
+        t.attention.name(),
+        if m.dropout > 0.0 {
+            format!(", dropout {}", m.dropout)
+        } else {
+            String::new()
+        },
+        if t.checkpointing {
+            ", activation checkpointing"
+        } else {
+            ""
+        },
+        t.grad_accum_steps
+    );
+    println!();
+    println!(
+        "  peak allocated  {:>10}  ({} B) at {}, op {}",
+        fmt_bytes(r.peak_allocated_bytes),
+        r.peak_allocated_bytes,
+        r.peak_phase,
+        r.peak_op
+    );
+    println!(
+        "  peak reserved   {:>10}  (modelled caching allocator)",
+        fmt_bytes(r.peak_reserved_bytes)
+    );
+    println!(
+        "  on the device   {:>10}  (reserved + CUDA context; range {} to {})",
+        fmt_bytes(r.device_total_bytes),
+        fmt_bytes(r.device_total_range_bytes.0),
+        fmt_bytes(r.device_total_range_bytes.1)
+    );
+    println!();
+    println!("  at the peak:");
+    for (name, bytes, what) in r.components.items() {
+        if bytes > 0 {
+            println!("    {name:<14} {:>10}  {what}", fmt_bytes(bytes));
+        }
+    }
+    println!(
+        "  activations saved per block: {}",
+        fmt_bytes(r.activations_per_block_bytes)
+    );
+    println!();
+    println!("  {}", r.largest_item_sentence(setup));
+    println!();
+    println!("  timeline (highest live bytes in each stage):");
+    for s in &r.timeline {
+        println!(
+            "    step {} {:<10} {:>10}",
+            s.step,
+            s.stage,
+            fmt_bytes(s.peak_bytes)
+        );
+    }
+    for n in r.notes.iter().chain(notes) {
+        println!("  note: {n}");
+    }
+}
+
+fn run(args: &[String]) -> Result<(), Error> {
+    match parse(args)? {
+        Cli::Help => print!("{USAGE}"),
+        Cli::Estimate { setup, json, notes } => {
+            let r = estimate(&setup)?;
+            if json {
+                let mut v = serde_json::to_value(&r).map_err(|e| usage_error(e.to_string()))?;
+                v["setup"] = setup_to_value(&setup);
+                v["source_notes"] = json!(notes);
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print_table(&setup, &r, &notes);
+            }
+        }
+        Cli::Sweep {
+            setup,
+            axis,
+            values,
+            json,
+        } => {
+            let points = sweep(&setup, axis, &values)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({"axis": axis.name(), "points": points}))
+                        .unwrap_or_default()
+                );
+            } else {
+                println!("{},peak_allocated_bytes,peak_reserved_bytes,device_total_bytes,weights_bytes,grads_bytes,optimizer_bytes,activations_bytes,logits_bytes,temporary_bytes", axis.name());
+                for p in points {
+                    let c = &p.components;
+                    println!(
+                        "{},{},{},{},{},{},{},{},{},{}",
+                        p.value,
+                        p.peak_allocated_bytes,
+                        p.peak_reserved_bytes,
+                        p.device_total_bytes,
+                        c.weights_bytes + c.weight_copies_bytes,
+                        c.grads_bytes,
+                        c.optimizer_bytes,
+                        c.activations_bytes,
+                        c.logits_bytes,
+                        c.temporary_bytes + c.workspace_bytes
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

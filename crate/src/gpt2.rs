@@ -1,0 +1,591 @@
+//! nanoGPT's GPT, one micro-step: forward block by block, the loss, backward block by block.
+//!
+//! Each block is `x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))` with a fused QKV Linear, SDPA (or the manual
+//! T x T path), a GELU MLP of width 4C and dropout after the embeddings, on the attention probabilities and on
+//! both residual branches when dropout > 0. The LM head is tied to the token embedding; the loss is
+//! `F.cross_entropy(logits.view(-1, V), targets.view(-1))` inside the model.
+
+use crate::policy::Attention;
+use crate::sim::Category::{self, Activations, Grads, Logits, Temporary};
+use crate::sim::Tensor;
+use crate::tensors::{self as ops, Ctx, LinearSaved, NormSaved, SdpaSaved};
+
+/// The manual attention path's saved tensors.
+struct ManualSaved {
+    q: Tensor,
+    kt: Tensor,
+    mask: Tensor,
+    softmax: Tensor,
+    dropout: Option<(Tensor, Tensor)>,
+    att_cast: Option<Tensor>,
+    v: Tensor,
+}
+
+enum AttnSaved {
+    Sdpa(SdpaSaved),
+    Manual(ManualSaved),
+}
+
+struct BlockSaved {
+    x_in: Tensor,
+    ln1: NormSaved,
+    ln1_out: Option<Tensor>,
+    c_attn: LinearSaved,
+    qkv: Option<Tensor>,
+    attn: AttnSaved,
+    /// The attention output as c_proj saw it (manual: the contiguous copy; sdpa: the kernel output).
+    y: Option<Tensor>,
+    c_proj: LinearSaved,
+    drop1: Option<Tensor>,
+    x_mid: Tensor,
+    ln2: NormSaved,
+    ln2_out: Option<Tensor>,
+    c_fc: LinearSaved,
+    h: Tensor,
+    g: Tensor,
+    mlp_proj: LinearSaved,
+    drop2: Option<Tensor>,
+}
+
+/// What the forward leaves for the loop and the backward.
+pub struct Forward {
+    blocks: Vec<BlockSaved>,
+    idx: Tensor,
+    pos: Tensor,
+    emb_drop: Option<Tensor>,
+    x_last: Tensor,
+    ln_f: NormSaved,
+    ln_f_out: Option<Tensor>,
+    lm_head: LinearSaved,
+    /// The logits: nanoGPT's loop keeps them bound until the next forward returns.
+    pub logits: Tensor,
+    log_softmax: Tensor,
+    nll_input: Option<Tensor>,
+    targets: Tensor,
+}
+
+/// The batch as nanoGPT's `get_batch` puts it on the device: X and Y, int64 B x T each.
+pub fn get_batch(cx: &mut Ctx) -> (Tensor, Tensor) {
+    let x = cx.alloc(cx.n * 8, Activations, "get_batch");
+    let y = cx.alloc(cx.n * 8, Activations, "get_batch");
+    (x, y)
+}
+
+/// `bias` buffers of the manual attention path: `torch.tril(torch.ones(block, block))` per block, in the
+/// model's dtype (registered only when flash attention is not used).
+pub fn buffers_bytes(cx: &Ctx, attention: Attention) -> Vec<u64> {
+    match attention {
+        Attention::Manual => vec![cx.m.block_size * cx.m.block_size * cx.pb; cx.m.n_layer as usize],
+        Attention::Sdpa => vec![],
+    }
+}
+
+/// Parameter tensors of nanoGPT's GPT (tied LM head counted once), as (elements, is_matrix).
+pub fn param_tensors(cx: &Ctx) -> Vec<(u64, bool)> {
+    let m = cx.m;
+    let c = m.n_embd;
+    let mut v = vec![(m.vocab_size * c, true), (m.block_size * c, true)];
+    for _ in 0..m.n_layer {
+        v.push((c, false));
+        if m.bias {
+            v.push((c, false));
+        }
+        for (out_f, in_f) in [(3 * c, c), (c, c)] {
+            v.push((out_f * in_f, true));
+            if m.bias {
+                v.push((out_f, false));
+            }
+        }
+        v.push((c, false));
+        if m.bias {
+            v.push((c, false));
+        }
+        for (out_f, in_f) in [(4 * c, c), (c, 4 * c)] {
+            v.push((out_f * in_f, true));
+            if m.bias {
+                v.push((out_f, false));
+            }
+        }
+    }
+    v.push((c, false));
+    if m.bias {
+        v.push((c, false));
+    }
+    v
+}
+
+fn dropout_on(
+    cx: &mut Ctx,
+    y: Tensor,
+    elems: u64,
+    bytes: u64,
+    cat: Category,
+) -> (Tensor, Option<Tensor>) {
+    if !cx.dropout {
+        return (y, None);
+    }
+    let (out, mask) = ops::dropout_fwd(cx, elems, bytes, cat);
+    cx.free(y);
+    (out, Some(mask))
+}
+
+/// nanoGPT's non-flash attention: `att = (q @ k^T) * scale`, `masked_fill(bias == 0, -inf)`, `softmax`,
+/// dropout, `att @ v`, then `transpose(1, 2).contiguous()`. `matmul` on the non-contiguous head views copies
+/// q, k^T and v (`clone`, saved by `bmm`); softmax is on autocast's fp32 list (input cast, fp32 output saved);
+/// the second `bmm` casts the probabilities back to 2 bytes under autocast (saved).
+fn manual_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
+    let nc = cx.n * cx.m.n_embd;
+    let s = ops::manual_scores_elems(cx);
+    let p = cx.p;
+    let q = cx.alloc(nc * p, Activations, "clone");
+    let kt = cx.alloc(nc * p, Activations, "clone");
+    let scores = cx.alloc(s * p, Temporary, "bmm");
+    let scaled = cx.alloc(s * p, Temporary, "mul");
+    cx.free(scores);
+    let mask = cx.alloc(cx.t * cx.t, Activations, "eq");
+    let filled = cx.alloc(s * p, Temporary, "masked_fill");
+    cx.free(scaled);
+    let sb = if cx.prec.autocast() { 4 } else { p };
+    let cast = cx
+        .prec
+        .autocast()
+        .then(|| cx.alloc(s * 4, Temporary, "_to_copy"));
+    let softmax = cx.alloc(s * sb, Activations, "_softmax");
+    cx.free(filled);
+    if let Some(c) = cast {
+        cx.free(c);
+    }
+    let dropout = cx.dropout.then(|| ops::dropout_fwd(cx, s, sb, Activations));
+    let att_cast = cx
+        .prec
+        .autocast()
+        .then(|| cx.alloc(s * 2, Activations, "_to_copy"));
+    let v = cx.alloc(nc * p, Activations, "clone");
+    let out = cx.alloc(nc * p, Temporary, "bmm");
+    let y = cx.alloc(nc * p, Activations, "clone");
+    cx.free(out);
+    (
+        AttnSaved::Manual(ManualSaved {
+            q,
+            kt,
+            mask,
+            softmax,
+            dropout,
+            att_cast,
+            v,
+        }),
+        y,
+    )
+}
+
+/// Backward of `manual_fwd`, given the gradient of the contiguous output; returns the gradient of qkv (`cat`).
+fn manual_bwd(cx: &mut Ctx, gy: Tensor, saved: ManualSaved) -> Tensor {
+    let nc = cx.n * cx.m.n_embd;
+    let s = ops::manual_scores_elems(cx);
+    let p = cx.p;
+    let sb = if cx.prec.autocast() { 4 } else { p };
+    // view/transpose backward of the contiguous copy, then att @ v: grad of v and of att.
+    let g = cx.alloc(nc * p, Temporary, "clone");
+    cx.free(gy);
+    let gv = cx.alloc(nc * p, Temporary, "bmm");
+    let mut g_att = cx.alloc(s * p, Temporary, "bmm");
+    cx.free(g);
+    cx.free(saved.v);
+    if let Some(c) = saved.att_cast {
+        cx.free(c);
+        let wide = cx.alloc(s * 4, Temporary, "_to_copy");
+        cx.free(g_att);
+        g_att = wide;
+    }
+    if let Some((out, mask)) = saved.dropout {
+        cx.free(out);
+        g_att = ops::dropout_bwd(cx, g_att, true, s, sb, mask);
+    }
+    let g_soft = cx.alloc(s * sb, Temporary, "_softmax_backward_data");
+    cx.free(g_att);
+    cx.free(saved.softmax);
+    let mut g_soft = g_soft;
+    if cx.prec.autocast() {
+        let lp = cx.alloc(s * p, Temporary, "_to_copy");
+        cx.free(g_soft);
+        g_soft = lp;
+    }
+    let g_fill = cx.alloc(s * p, Temporary, "masked_fill");
+    cx.free(g_soft);
+    cx.free(saved.mask);
+    let g_scaled = cx.alloc(s * p, Temporary, "mul");
+    cx.free(g_fill);
+    let gq = cx.alloc(nc * p, Temporary, "bmm");
+    let gk = cx.alloc(nc * p, Temporary, "bmm");
+    cx.free(g_scaled);
+    cx.free(saved.kt);
+    cx.free(saved.q);
+    let gq2 = cx.alloc(nc * p, Temporary, "clone");
+    cx.free(gq);
+    let gk2 = cx.alloc(nc * p, Temporary, "clone");
+    cx.free(gk);
+    let cat = cx.alloc(3 * nc * p, Temporary, "cat");
+    cx.sim.free_all(&[gk2, gv, gq2]);
+    cat
+}
+
+fn block_fwd(cx: &mut Ctx, x_in: Tensor, attention: Attention) -> (BlockSaved, Tensor) {
+    let c = cx.m.n_embd;
+    let nc = cx.n * c;
+    let bias = cx.m.bias;
+    let (r, p) = (cx.r, cx.p);
+    let (ln1_out, ln1) = ops::layer_norm_fwd(cx);
+    let (qkv, c_attn) = ops::linear_fwd(cx, r, c, 3 * c, bias, Activations);
+    let (attn, y, qkv_kept) = match attention {
+        Attention::Sdpa => {
+            let s = ops::sdpa_fwd(cx);
+            (AttnSaved::Sdpa(s), None, Some(qkv))
+        }
+        Attention::Manual => {
+            let (a, y) = manual_fwd(cx);
+            (a, Some(y), None)
+        }
+    };
+    let (a, c_proj) = ops::linear_fwd(cx, p, c, c, bias, Temporary);
+    let (a, drop1) = dropout_on(cx, a, nc, p, Temporary);
+    if qkv_kept.is_none() {
+        // Manual path: q, k, v were copied; the fused QKV output dies with the attention forward.
+        cx.free(qkv);
+    }
+    // ln_1's output is held by the attention call until it returns; under autocast nothing saves it.
+    let ln1_out = if c_attn.input_cast.is_some() {
+        cx.free(ln1_out);
+        None
+    } else {
+        Some(ln1_out)
+    };
+    let x_mid = cx.alloc(nc * r, Activations, "add");
+    cx.free(a);
+    let (ln2_out, ln2) = ops::layer_norm_fwd(cx);
+    let (h, c_fc) = ops::linear_fwd(cx, r, c, 4 * c, bias, Activations);
+    let g = cx.alloc(4 * nc * p, Activations, "gelu");
+    let (o, mlp_proj) = ops::linear_fwd(cx, p, 4 * c, c, bias, Temporary);
+    let (o, drop2) = dropout_on(cx, o, nc, p, Temporary);
+    let ln2_out = if c_fc.input_cast.is_some() {
+        cx.free(ln2_out);
+        None
+    } else {
+        Some(ln2_out)
+    };
+    let x_out = cx.alloc(nc * r, Activations, "add");
+    cx.free(o);
+    let saved = BlockSaved {
+        x_in,
+        ln1,
+        ln1_out,
+        c_attn,
+        qkv: qkv_kept,
+        attn,
+        y,
+        c_proj,
+        drop1,
+        x_mid,
+        ln2,
+        ln2_out,
+        c_fc,
+        h,
+        g,
+        mlp_proj,
+        drop2,
+    };
+    (saved, x_out)
+}
+
+/// Forward and loss of one micro-step. `idx` and `targets` are the batch tensors (held by autograd after).
+pub fn forward(
+    cx: &mut Ctx,
+    idx: Tensor,
+    targets: Tensor,
+    attention: Attention,
+    checkpointing: bool,
+) -> Forward {
+    let c = cx.m.n_embd;
+    let nc = cx.n * c;
+    let pb = cx.pb;
+    let pos = cx.alloc(cx.t * 8, Activations, "arange");
+    let tok = cx.alloc(nc * pb, Temporary, "embedding");
+    let pos_emb = cx.alloc(cx.t * c * pb, Temporary, "embedding");
+    let x0 = cx.alloc(nc * pb, Activations, "add");
+    cx.free(tok);
+    cx.free(pos_emb);
+    let (mut x, emb_drop) = dropout_on(cx, x0, nc, pb, Activations);
+    let mut blocks = Vec::new();
+    for l in 0..cx.m.n_layer {
+        cx.sim.layer(Some(l as u32));
+        let (saved, x_out) = if checkpointing {
+            checkpointed_block_fwd(cx, x, attention)
+        } else {
+            block_fwd(cx, x, attention)
+        };
+        blocks.push(saved);
+        x = x_out;
+    }
+    cx.sim.layer(None);
+    let (ln_f_out, ln_f) = ops::layer_norm_fwd(cx);
+    let step = cx.sim.timeline().last().map_or(1, |t| t.step);
+    cx.sim.stage(step, "loss");
+    let (logits, lm_head) = ops::linear_fwd(cx, cx.r, c, cx.m.vocab_size, false, Logits);
+    let nv = cx.n * cx.m.vocab_size;
+    // cross_entropy = log_softmax + nll_loss. Under autocast (PyTorch 2.15) log_softmax runs in the logits'
+    // 2-byte dtype and nll_loss (autocast fp32 list) gets an fp32 copy of its input, which it saves.
+    let log_softmax = cx.alloc(nv * cx.p, Logits, "_log_softmax");
+    let nll_input = cx
+        .prec
+        .autocast()
+        .then(|| cx.alloc(nv * 4, Logits, "_to_copy"));
+    let ln_f_out = if lm_head.input_cast.is_some() {
+        cx.free(ln_f_out);
+        None
+    } else {
+        Some(ln_f_out)
+    };
+    Forward {
+        blocks,
+        idx,
+        pos,
+        emb_drop,
+        x_last: x,
+        ln_f,
+        ln_f_out,
+        lm_head,
+        logits,
+        log_softmax,
+        nll_input,
+        targets,
+    }
+}
+
+/// Non-reentrant activation checkpointing of a block (`torch.utils.checkpoint(use_reentrant=False)`): the
+/// forward runs with its saved tensors dropped as soon as each op is done; only the block input is kept.
+/// The backward recomputes the block (same allocations as the forward) and then runs its backward.
+fn checkpointed_block_fwd(
+    cx: &mut Ctx,
+    x_in: Tensor,
+    attention: Attention,
+) -> (BlockSaved, Tensor) {
+    let (saved, x_out) = block_fwd(cx, x_in, attention);
+    let x_in = saved.x_in;
+    release_block(cx, saved, false);
+    let x_out_kept = x_out;
+    (recompute_marker(cx, x_in), x_out_kept)
+}
+
+/// Frees every tensor a block saved (used when the checkpointed forward discards them).
+fn release_block(cx: &mut Ctx, s: BlockSaved, free_input: bool) {
+    if free_input {
+        cx.free(s.x_in);
+    }
+    cx.sim.free_all(&s.ln1.stats);
+    for t in [s.ln1_out, s.qkv, s.y, s.drop1, s.ln2_out, s.drop2]
+        .into_iter()
+        .flatten()
+    {
+        cx.free(t);
+    }
+    for l in [&s.c_attn, &s.c_proj, &s.c_fc, &s.mlp_proj] {
+        for t in [l.input_cast, l.weight_cast].into_iter().flatten() {
+            cx.free(t);
+        }
+    }
+    match s.attn {
+        AttnSaved::Sdpa(a) => {
+            cx.sim.free_all(&[a.out, a.lse, a.rng[0], a.rng[1]]);
+        }
+        AttnSaved::Manual(a) => {
+            cx.sim.free_all(&[a.q, a.kt, a.mask, a.softmax, a.v]);
+            if let Some((o, m)) = a.dropout {
+                cx.sim.free_all(&[o, m]);
+            }
+            if let Some(c) = a.att_cast {
+                cx.free(c);
+            }
+        }
+    }
+    cx.sim.free_all(&[s.x_mid, s.h, s.g]);
+    cx.sim.free_all(&s.ln2.stats);
+}
+
+/// A placeholder BlockSaved for a checkpointed block: only `x_in` is real; the rest is recomputed.
+fn recompute_marker(cx: &mut Ctx, x_in: Tensor) -> BlockSaved {
+    // Zero-byte tensors stand in for what the recomputation will produce.
+    let z = cx.alloc(0, Temporary, "checkpoint");
+    let lin = |in_f, out_f| LinearSaved {
+        input_cast: None,
+        weight_cast: None,
+        in_f,
+        out_f,
+        bias: false,
+    };
+    BlockSaved {
+        x_in,
+        ln1: NormSaved {
+            stats: vec![],
+            own: vec![],
+        },
+        ln1_out: None,
+        c_attn: lin(0, 0),
+        qkv: None,
+        attn: AttnSaved::Sdpa(SdpaSaved {
+            out: z,
+            lse: z,
+            rng: [z, z],
+        }),
+        y: None,
+        c_proj: lin(0, 0),
+        drop1: None,
+        x_mid: z,
+        ln2: NormSaved {
+            stats: vec![],
+            own: vec![],
+        },
+        ln2_out: None,
+        c_fc: lin(0, 0),
+        h: z,
+        g: z,
+        mlp_proj: lin(0, 0),
+        drop2: None,
+    }
+}
+
+fn block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
+    let c = cx.m.n_embd;
+    let nc = cx.n * c;
+    let (r, p) = (cx.r, cx.p);
+    let bias = cx.m.bias;
+    // MLP branch. The residual path keeps g_out alive until ln_2's gradient is summed into it.
+    let (g_branch, g_bytes) = match s.drop2 {
+        Some(mask) if r != p => {
+            // The engine casts the fp32 residual gradient to the branch output's dtype first.
+            let g = cx.alloc(nc * p, Temporary, "_to_copy");
+            (ops::dropout_bwd(cx, g, true, nc, p, mask), p)
+        }
+        Some(mask) => (ops::dropout_bwd(cx, g_out, false, nc, p, mask), p),
+        None => (g_out, r),
+    };
+    let shared = s.drop2.is_none();
+    let gh_in = ops::linear_bwd(cx, g_branch, g_bytes, !shared, s.mlp_proj, Some(s.g));
+    let gh = cx.alloc(4 * nc * p, Temporary, "gelu_backward");
+    cx.free(gh_in);
+    cx.free(s.h);
+    let g_ln2 = ops::linear_bwd(cx, gh, p, true, s.c_fc, s.ln2_out);
+    let g_x2 = ops::layer_norm_bwd(cx, g_ln2, s.ln2, s.x_mid, bias);
+    let g_mid = cx.alloc(nc * r, Temporary, "add");
+    cx.free(g_out);
+    cx.free(g_x2);
+    // Attention branch.
+    let (g_branch, g_bytes) = match s.drop1 {
+        Some(mask) if r != p => {
+            // The engine casts the fp32 residual gradient to the branch output's dtype first.
+            let g = cx.alloc(nc * p, Temporary, "_to_copy");
+            (ops::dropout_bwd(cx, g, true, nc, p, mask), p)
+        }
+        Some(mask) => (ops::dropout_bwd(cx, g_mid, false, nc, p, mask), p),
+        None => (g_mid, r),
+    };
+    let shared = s.drop1.is_none();
+    let manual_y = s.y;
+    let gy = ops::linear_bwd(cx, g_branch, g_bytes, !shared, s.c_proj, manual_y);
+    let g_qkv = match s.attn {
+        AttnSaved::Sdpa(a) => {
+            let (dq, dk, dv) = ops::sdpa_bwd(cx);
+            cx.free(gy);
+            if let Some(qkv) = s.qkv {
+                cx.free(qkv);
+            }
+            cx.sim.free_all(&[a.lse, a.out, a.rng[0], a.rng[1]]);
+            let cat = cx.alloc(3 * nc * p, Temporary, "cat");
+            cx.sim.free_all(&[dq, dk, dv]);
+            cat
+        }
+        AttnSaved::Manual(a) => manual_bwd(cx, gy, a),
+    };
+    let g_ln1 = ops::linear_bwd(cx, g_qkv, p, true, s.c_attn, s.ln1_out);
+    let g_x1 = ops::layer_norm_bwd(cx, g_ln1, s.ln1, s.x_in, bias);
+    let g_in = cx.alloc(nc * r, Temporary, "add");
+    cx.free(g_mid);
+    cx.free(g_x1);
+    g_in
+}
+
+/// Backward of one micro-step, from the loss to the embeddings.
+pub fn backward(cx: &mut Ctx, f: Forward, attention: Attention, checkpointing: bool) {
+    let nv = cx.n * cx.m.vocab_size;
+    let c = cx.m.n_embd;
+    let nc = cx.n * c;
+    let r = cx.r;
+    // nll_loss_backward: a dense gradient the size of its input (fp32 under autocast), then its input and the
+    // targets are released.
+    let nll_bytes = if cx.prec.autocast() { 4 } else { cx.p };
+    let g_nll = cx.alloc(nv * nll_bytes, Logits, "nll_loss_backward");
+    if let Some(t) = f.nll_input {
+        cx.free(t);
+    }
+    cx.free(f.targets);
+    let g_ls_in = if cx.prec.autocast() {
+        let g = cx.alloc(nv * cx.p, Logits, "_to_copy");
+        cx.free(g_nll);
+        g
+    } else {
+        g_nll
+    };
+    let g_logits = cx.alloc(nv * cx.p, Logits, "_log_softmax_backward_data");
+    cx.free(g_ls_in);
+    cx.free(f.log_softmax);
+    let lm_had_grads = cx.have_grads;
+    let g_lnf = ops::linear_bwd(cx, g_logits, cx.p, true, f.lm_head, f.ln_f_out);
+    let wte_grad = if lm_had_grads { None } else { cx.grads.pop() };
+    let mut g = ops::layer_norm_bwd(cx, g_lnf, f.ln_f, f.x_last, cx.m.bias);
+    let step = cx.sim.timeline().last().map_or(1, |t| t.step);
+    cx.sim.stage(step, "backward");
+    for (l, s) in f.blocks.into_iter().enumerate().rev() {
+        cx.sim.layer(Some(l as u32));
+        let s = if checkpointing {
+            let x_in = s.x_in;
+            // Recompute: the block's forward again, its output discarded (the stream holds its own copy).
+            let (saved, x_out) = block_fwd(cx, x_in, attention);
+            cx.free(x_out);
+            saved
+        } else {
+            s
+        };
+        g = block_bwd(cx, g, s);
+    }
+    cx.sim.layer(None);
+    let g = match f.emb_drop {
+        Some(mask) => ops::dropout_bwd(cx, g, true, nc, r, mask),
+        None => g,
+    };
+    // tok + pos: the position gradient is summed over the batch, then both embeddings' dense backward.
+    let g_pos = cx.alloc(cx.t * c * r, Temporary, "sum");
+    let wpe = ops::embedding_bwd(cx, cx.t, cx.m.block_size);
+    cx.free(g_pos);
+    cx.free(f.pos);
+    if cx.have_grads {
+        cx.free(wpe);
+    } else {
+        cx.grads.push(wpe);
+    }
+    let dense = ops::embedding_bwd(cx, cx.n, cx.m.vocab_size);
+    cx.free(g);
+    cx.free(f.idx);
+    // The tied weight already has the LM head's gradient: AccumulateGrad adds out of place and swaps.
+    let summed = cx.alloc(
+        cx.m.vocab_size * c * cx.pb,
+        if cx.have_grads { Temporary } else { Grads },
+        "add",
+    );
+    if let Some(old) = wte_grad {
+        cx.free(old);
+    }
+    cx.free(dense);
+    if cx.have_grads {
+        cx.free(summed);
+    } else {
+        cx.grads.push(summed);
+    }
+}

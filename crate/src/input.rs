@@ -1,0 +1,1098 @@
+//! Readers for what people paste: the setup JSON, a nanoGPT `config/*.py` file, a Hugging Face `config.json`.
+//! Each returns a `Setup` (not yet validated) or an error naming the field, value or line.
+
+use crate::error::Error;
+use crate::model::{DeviceConfig, Family, ModelConfig, Setup, TrainConfig};
+use crate::policy::{Attention, Optimizer, Precision};
+use serde_json::{Map, Value};
+
+/// Defaults for training fields the setup JSON leaves out (nanoGPT train.py's on a bf16-capable GPU, except
+/// gradient accumulation, which defaults to 1 rather than train.py's 40).
+pub const DEFAULT_BATCH_SIZE: u64 = 12;
+pub const DEFAULT_PRECISION: Precision = Precision::Bf16Amp;
+pub const DEFAULT_OPTIMIZER: Optimizer = Optimizer::AdamWFused;
+pub const DEFAULT_GRAD_CLIP: f64 = 1.0;
+
+const MODEL_FIELDS: &[&str] = &[
+    "family",
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "n_embd",
+    "block_size",
+    "vocab_size",
+    "bias",
+    "dropout",
+    "intermediate_size",
+    "tie_embeddings",
+];
+const TRAIN_FIELDS: &[&str] = &[
+    "batch_size",
+    "seq_len",
+    "precision",
+    "optimizer",
+    "attention",
+    "checkpointing",
+    "grad_accum_steps",
+    "grad_clip",
+];
+const DEVICE_FIELDS: &[&str] = &["compute_capability", "memory_gib"];
+
+fn object<'a>(v: &'a Value, field: &str) -> Result<&'a Map<String, Value>, Error> {
+    v.as_object()
+        .ok_or_else(|| Error::invalid(field, v, "must be a JSON object"))
+}
+
+fn reject_unknown(obj: &Map<String, Value>, prefix: &str, known: &[&str]) -> Result<(), Error> {
+    match obj.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(Error::UnknownField {
+            field: format!("{prefix}{k}"),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A non-negative integer field; 0 passes here and is rejected by validation with the field's own message.
+fn get_u64(obj: &Map<String, Value>, prefix: &str, key: &str) -> Result<Option<u64>, Error> {
+    let field = format!("{prefix}{key}");
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => {
+            if let Some(u) = n.as_u64() {
+                Ok(Some(u))
+            } else if n.as_i64().is_some() {
+                Err(Error::invalid(&field, n, "must be at least 1"))
+            } else if n
+                .as_f64()
+                .is_some_and(|f| f >= 0.0 && f.fract() == 0.0 && f < 1.8e19)
+            {
+                Ok(Some(n.as_f64().unwrap_or(0.0) as u64))
+            } else if n.as_f64().is_some_and(|f| f >= 1.8e19) {
+                Err(Error::TooLarge {
+                    what: format!("{field} ({n})"),
+                })
+            } else {
+                Err(Error::invalid(&field, n, "must be a whole number"))
+            }
+        }
+        Some(v) => Err(Error::invalid(&field, v, "must be a whole number")),
+    }
+}
+
+fn get_f64(obj: &Map<String, Value>, prefix: &str, key: &str) -> Result<Option<f64>, Error> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => Ok(n.as_f64()),
+        Some(v) => Err(Error::invalid(
+            &format!("{prefix}{key}"),
+            v,
+            "must be a number",
+        )),
+    }
+}
+
+fn get_bool(obj: &Map<String, Value>, prefix: &str, key: &str) -> Result<Option<bool>, Error> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(v) => Err(Error::invalid(
+            &format!("{prefix}{key}"),
+            v,
+            "must be true or false",
+        )),
+    }
+}
+
+fn get_str<'a>(
+    obj: &'a Map<String, Value>,
+    prefix: &str,
+    key: &str,
+) -> Result<Option<&'a str>, Error> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(v) => Err(Error::invalid(
+            &format!("{prefix}{key}"),
+            v,
+            "must be a string",
+        )),
+    }
+}
+
+fn required(v: Option<u64>, field: &str) -> Result<u64, Error> {
+    v.ok_or_else(|| Error::Missing {
+        field: field.to_string(),
+    })
+}
+
+/// Reads the setup JSON (`{"model": {...}, "train": {...}, "device": {...}}`).
+///
+/// # Errors
+/// Malformed JSON (with its line), unknown or missing fields, values of the wrong type.
+pub fn setup_from_json(text: &str) -> Result<Setup, Error> {
+    let v: Value = serde_json::from_str(text).map_err(|e| Error::Parse {
+        source: "setup JSON".into(),
+        line: Some(e.line()),
+        message: e.to_string(),
+    })?;
+    setup_from_value(&v)
+}
+
+/// As `setup_from_json`, from a parsed value.
+///
+/// # Errors
+/// As `setup_from_json`.
+pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
+    let top = object(v, "setup")?;
+    reject_unknown(top, "", &["model", "train", "device"])?;
+    let m = object(
+        top.get("model").ok_or(Error::Missing {
+            field: "model".into(),
+        })?,
+        "model",
+    )?;
+    reject_unknown(m, "model.", MODEL_FIELDS)?;
+    let empty = Map::new();
+    let t = match top.get("train") {
+        Some(t) => object(t, "train")?,
+        None => &empty,
+    };
+    reject_unknown(t, "train.", TRAIN_FIELDS)?;
+    let family = Family::parse(get_str(m, "model.", "family")?.ok_or(Error::Missing {
+        field: "model.family".into(),
+    })?)?;
+    let n_head = required(get_u64(m, "model.", "n_head")?, "model.n_head")?;
+    let n_embd = required(get_u64(m, "model.", "n_embd")?, "model.n_embd")?;
+    let block_size = required(get_u64(m, "model.", "block_size")?, "model.block_size")?;
+    let (n_kv_head, intermediate_size, tie) = match family {
+        Family::Gpt2 => {
+            for k in ["n_kv_head", "intermediate_size", "tie_embeddings"] {
+                if m.contains_key(k) {
+                    return Err(Error::invalid(
+                        &format!("model.{k}"),
+                        &m[k],
+                        "is a llama field; gpt2 has none",
+                    ));
+                }
+            }
+            (n_head, n_embd.saturating_mul(4), true)
+        }
+        Family::Llama => {
+            if m.contains_key("bias") {
+                return Err(Error::invalid(
+                    "model.bias",
+                    &m["bias"],
+                    "is a gpt2 field; llama has no biases",
+                ));
+            }
+            (
+                get_u64(m, "model.", "n_kv_head")?.unwrap_or(n_head),
+                required(
+                    get_u64(m, "model.", "intermediate_size")?,
+                    "model.intermediate_size",
+                )?,
+                get_bool(m, "model.", "tie_embeddings")?.unwrap_or(false),
+            )
+        }
+    };
+    let model = ModelConfig {
+        family,
+        n_layer: required(get_u64(m, "model.", "n_layer")?, "model.n_layer")?,
+        n_head,
+        n_kv_head,
+        n_embd,
+        block_size,
+        vocab_size: required(get_u64(m, "model.", "vocab_size")?, "model.vocab_size")?,
+        bias: get_bool(m, "model.", "bias")?.unwrap_or(false),
+        dropout: get_f64(m, "model.", "dropout")?.unwrap_or(0.0),
+        intermediate_size,
+        tie_embeddings: tie,
+    };
+    let train = TrainConfig {
+        batch_size: get_u64(t, "train.", "batch_size")?.unwrap_or(DEFAULT_BATCH_SIZE),
+        seq_len: get_u64(t, "train.", "seq_len")?.unwrap_or(block_size),
+        precision: match get_str(t, "train.", "precision")? {
+            Some(s) => Precision::parse(s)?,
+            None => DEFAULT_PRECISION,
+        },
+        optimizer: match get_str(t, "train.", "optimizer")? {
+            Some(s) => Optimizer::parse(s)?,
+            None => DEFAULT_OPTIMIZER,
+        },
+        attention: match get_str(t, "train.", "attention")? {
+            Some(s) => Attention::parse(s)?,
+            None => Attention::Sdpa,
+        },
+        checkpointing: get_bool(t, "train.", "checkpointing")?.unwrap_or(false),
+        grad_accum_steps: get_u64(t, "train.", "grad_accum_steps")?.unwrap_or(1),
+        grad_clip: get_f64(t, "train.", "grad_clip")?.unwrap_or(DEFAULT_GRAD_CLIP),
+    };
+    let device = match top.get("device") {
+        None => DeviceConfig::default(),
+        Some(d) => {
+            let d = object(d, "device")?;
+            reject_unknown(d, "device.", DEVICE_FIELDS)?;
+            let mut dev = DeviceConfig::default();
+            if let Some(cc) = get_f64(d, "device.", "compute_capability")? {
+                if !(3.0..=20.0).contains(&cc) {
+                    return Err(Error::invalid(
+                        "device.compute_capability",
+                        cc,
+                        "must be between 3.0 and 20.0",
+                    ));
+                }
+                dev.sm = (cc * 10.0).round() as u32;
+            }
+            if let Some(gib) = get_f64(d, "device.", "memory_gib")? {
+                if !(gib > 0.0 && gib < 1.0e6) {
+                    return Err(Error::invalid(
+                        "device.memory_gib",
+                        gib,
+                        "must be a positive number of GiB",
+                    ));
+                }
+                dev.memory_bytes = (gib * (1u64 << 30) as f64) as u64;
+            }
+            dev
+        }
+    };
+    Ok(Setup {
+        model,
+        train,
+        device,
+    })
+}
+
+/// The setup JSON for a setup (the inverse of `setup_from_value`).
+pub fn setup_to_value(s: &Setup) -> Value {
+    let m = &s.model;
+    let mut model = serde_json::json!({
+        "family": m.family.name(), "n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd,
+        "block_size": m.block_size, "vocab_size": m.vocab_size, "dropout": m.dropout,
+    });
+    if m.family == Family::Gpt2 {
+        model["bias"] = Value::Bool(m.bias);
+    } else {
+        model["n_kv_head"] = m.n_kv_head.into();
+        model["intermediate_size"] = m.intermediate_size.into();
+        model["tie_embeddings"] = Value::Bool(m.tie_embeddings);
+    }
+    let t = &s.train;
+    serde_json::json!({
+        "model": model,
+        "train": {"batch_size": t.batch_size, "seq_len": t.seq_len, "precision": t.precision.name(),
+                  "optimizer": t.optimizer.name(), "attention": t.attention.name(),
+                  "checkpointing": t.checkpointing, "grad_accum_steps": t.grad_accum_steps, "grad_clip": t.grad_clip},
+        "device": {"compute_capability": s.device.sm as f64 / 10.0,
+                   "memory_gib": s.device.memory_bytes as f64 / (1u64 << 30) as f64},
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// nanoGPT config files.
+
+/// A value in a nanoGPT config file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PyValue {
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Bool(bool),
+    None,
+}
+
+/// Where a setting came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Provenance {
+    pub key: &'static str,
+    pub value: String,
+    pub source: String,
+}
+
+/// A nanoGPT config read into a setup, with where each value came from and notes (e.g. compile).
+#[derive(Debug, Clone)]
+pub struct NanoGptImport {
+    pub setup: Setup,
+    pub provenance: Vec<Provenance>,
+    pub notes: Vec<String>,
+}
+
+/// Keys that change memory; an expression the reader cannot evaluate is an error only for these.
+const NANOGPT_MEMORY_KEYS: &[&str] = &[
+    "batch_size",
+    "block_size",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "dropout",
+    "bias",
+    "dtype",
+    "gradient_accumulation_steps",
+    "grad_clip",
+    "dataset",
+    "init_from",
+    "compile",
+];
+
+/// nanoGPT train.py's defaults for the keys that change memory.
+fn nanogpt_default(key: &str) -> PyValue {
+    match key {
+        "batch_size" => PyValue::Int(12),
+        "block_size" => PyValue::Int(1024),
+        "n_layer" => PyValue::Int(12),
+        "n_head" => PyValue::Int(12),
+        "n_embd" => PyValue::Int(768),
+        "dropout" => PyValue::Float(0.0),
+        "bias" => PyValue::Bool(false),
+        "dtype" => PyValue::Str("bfloat16".into()),
+        "gradient_accumulation_steps" => PyValue::Int(40),
+        "grad_clip" => PyValue::Float(1.0),
+        "dataset" => PyValue::Str("openwebtext".into()),
+        "init_from" => PyValue::Str("scratch".into()),
+        "compile" => PyValue::Bool(true),
+        _ => PyValue::None,
+    }
+}
+
+struct Lexer<'a> {
+    chars: Vec<char>,
+    pos: usize,
+    line: usize,
+    src: &'a str,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Tok {
+    Num(PyValue),
+    Str(String),
+    Name(String),
+    Op(&'static str),
+}
+
+impl<'a> Lexer<'a> {
+    fn tokens(src: &'a str, line: usize) -> Result<Vec<Tok>, String> {
+        let mut lx = Lexer {
+            chars: src.chars().collect(),
+            pos: 0,
+            line,
+            src,
+        };
+        let _ = (lx.line, lx.src);
+        let mut out = Vec::new();
+        while lx.pos < lx.chars.len() {
+            let c = lx.chars[lx.pos];
+            if c.is_whitespace() {
+                lx.pos += 1;
+            } else if c == '#' {
+                break;
+            } else if c.is_ascii_digit() || (c == '.' && lx.peek_digit(1)) {
+                out.push(Tok::Num(lx.number()?));
+            } else if c == '\'' || c == '"' {
+                out.push(Tok::Str(lx.string(c)?));
+            } else if c.is_alphabetic() || c == '_' {
+                let start = lx.pos;
+                while lx.pos < lx.chars.len()
+                    && (lx.chars[lx.pos].is_alphanumeric() || lx.chars[lx.pos] == '_')
+                {
+                    lx.pos += 1;
+                }
+                out.push(Tok::Name(lx.chars[start..lx.pos].iter().collect()));
+            } else {
+                let two: String = lx.chars[lx.pos..(lx.pos + 2).min(lx.chars.len())]
+                    .iter()
+                    .collect();
+                let op = match two.as_str() {
+                    "**" => Some("**"),
+                    "//" => Some("//"),
+                    _ => None,
+                };
+                if let Some(op) = op {
+                    out.push(Tok::Op(op));
+                    lx.pos += 2;
+                } else {
+                    let op = match c {
+                        '+' => "+",
+                        '-' => "-",
+                        '*' => "*",
+                        '/' => "/",
+                        '%' => "%",
+                        '(' => "(",
+                        ')' => ")",
+                        '.' => ".",
+                        ',' => ",",
+                        '[' => "[",
+                        ']' => "]",
+                        _ => return Err(format!("unexpected character {c:?}")),
+                    };
+                    out.push(Tok::Op(op));
+                    lx.pos += 1;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn peek_digit(&self, off: usize) -> bool {
+        self.chars
+            .get(self.pos + off)
+            .is_some_and(|c| c.is_ascii_digit())
+    }
+
+    fn number(&mut self) -> Result<PyValue, String> {
+        let start = self.pos;
+        while self.pos < self.chars.len()
+            && (self.chars[self.pos].is_ascii_alphanumeric()
+                || self.chars[self.pos] == '.'
+                || self.chars[self.pos] == '_')
+        {
+            if matches!(self.chars[self.pos], 'e' | 'E')
+                && matches!(self.chars.get(self.pos + 1), Some('-') | Some('+'))
+            {
+                self.pos += 1;
+            }
+            self.pos += 1;
+        }
+        let s: String = self.chars[start..self.pos]
+            .iter()
+            .filter(|c| **c != '_')
+            .collect();
+        if let Ok(i) = s.parse::<i64>() {
+            return Ok(PyValue::Int(i));
+        }
+        s.parse::<f64>()
+            .map(PyValue::Float)
+            .map_err(|_| format!("not a number: {s}"))
+    }
+
+    fn string(&mut self, quote: char) -> Result<String, String> {
+        self.pos += 1;
+        let start = self.pos;
+        while self.pos < self.chars.len() && self.chars[self.pos] != quote {
+            self.pos += 1;
+        }
+        if self.pos >= self.chars.len() {
+            return Err("unterminated string".into());
+        }
+        let s = self.chars[start..self.pos].iter().collect();
+        self.pos += 1;
+        Ok(s)
+    }
+}
+
+struct Parser<'a> {
+    toks: Vec<Tok>,
+    pos: usize,
+    env: &'a std::collections::HashMap<String, PyValue>,
+}
+
+impl Parser<'_> {
+    fn expr(&mut self) -> Result<PyValue, String> {
+        let mut lhs = self.term()?;
+        while let Some(Tok::Op(op @ ("+" | "-"))) = self.toks.get(self.pos).cloned() {
+            self.pos += 1;
+            let rhs = self.term()?;
+            lhs = arith(&lhs, op, &rhs)?;
+        }
+        Ok(lhs)
+    }
+
+    fn term(&mut self) -> Result<PyValue, String> {
+        let mut lhs = self.unary()?;
+        while let Some(Tok::Op(op @ ("*" | "/" | "//" | "%"))) = self.toks.get(self.pos).cloned() {
+            self.pos += 1;
+            let rhs = self.unary()?;
+            lhs = arith(&lhs, op, &rhs)?;
+        }
+        Ok(lhs)
+    }
+
+    fn unary(&mut self) -> Result<PyValue, String> {
+        if let Some(Tok::Op("-")) = self.toks.get(self.pos) {
+            self.pos += 1;
+            let v = self.unary()?;
+            return arith(&PyValue::Int(0), "-", &v);
+        }
+        if let Some(Tok::Op("+")) = self.toks.get(self.pos) {
+            self.pos += 1;
+            return self.unary();
+        }
+        self.power()
+    }
+
+    fn power(&mut self) -> Result<PyValue, String> {
+        let base = self.atom()?;
+        if let Some(Tok::Op("**")) = self.toks.get(self.pos) {
+            self.pos += 1;
+            let exp = self.unary()?;
+            return arith(&base, "**", &exp);
+        }
+        Ok(base)
+    }
+
+    fn atom(&mut self) -> Result<PyValue, String> {
+        let tok = self
+            .toks
+            .get(self.pos)
+            .cloned()
+            .ok_or("expression ends early")?;
+        self.pos += 1;
+        match tok {
+            Tok::Num(v) => Ok(v),
+            Tok::Str(s) => Ok(PyValue::Str(s)),
+            Tok::Name(n) => match n.as_str() {
+                "True" => Ok(PyValue::Bool(true)),
+                "False" => Ok(PyValue::Bool(false)),
+                "None" => Ok(PyValue::None),
+                _ => {
+                    if let Some(Tok::Op("(")) = self.toks.get(self.pos) {
+                        return Err(format!("cannot evaluate a call to {n}()"));
+                    }
+                    self.env
+                        .get(&n)
+                        .cloned()
+                        .ok_or_else(|| format!("unknown name {n}"))
+                }
+            },
+            Tok::Op("(") => {
+                let v = self.expr()?;
+                match self.toks.get(self.pos) {
+                    Some(Tok::Op(")")) => {
+                        self.pos += 1;
+                        Ok(v)
+                    }
+                    _ => Err("missing )".into()),
+                }
+            }
+            Tok::Op(op) => Err(format!("unexpected {op}")),
+        }
+    }
+}
+
+fn as_f64(v: &PyValue) -> Option<f64> {
+    match v {
+        PyValue::Int(i) => Some(*i as f64),
+        PyValue::Float(f) => Some(*f),
+        PyValue::Bool(b) => Some(f64::from(u8::from(*b))),
+        _ => None,
+    }
+}
+
+fn arith(a: &PyValue, op: &str, b: &PyValue) -> Result<PyValue, String> {
+    if let (PyValue::Int(x), PyValue::Int(y)) = (a, b) {
+        let r = match op {
+            "+" => x.checked_add(*y),
+            "-" => x.checked_sub(*y),
+            "*" => x.checked_mul(*y),
+            "//" if *y != 0 => Some(x.div_euclid(*y)),
+            "%" if *y != 0 => Some(x.rem_euclid(*y)),
+            "**" if (0..64).contains(y) => x.checked_pow(*y as u32),
+            "/" if *y != 0 => return Ok(PyValue::Float(*x as f64 / *y as f64)),
+            _ => None,
+        };
+        return r
+            .map(PyValue::Int)
+            .ok_or_else(|| format!("cannot evaluate {x} {op} {y}"));
+    }
+    if let (PyValue::Str(x), "+", PyValue::Str(y)) = (a, op, b) {
+        return Ok(PyValue::Str(format!("{x}{y}")));
+    }
+    let (x, y) = (
+        as_f64(a).ok_or("not a number")?,
+        as_f64(b).ok_or("not a number")?,
+    );
+    let r = match op {
+        "+" => x + y,
+        "-" => x - y,
+        "*" => x * y,
+        "/" => x / y,
+        "//" => (x / y).floor(),
+        "%" => x.rem_euclid(y),
+        "**" => x.powf(y),
+        _ => return Err(format!("unknown operator {op}")),
+    };
+    if r.is_finite() {
+        Ok(PyValue::Float(r))
+    } else {
+        Err(format!("{x} {op} {y} is not finite"))
+    }
+}
+
+/// GPT-2 checkpoints nanoGPT can start from (`init_from`): (n_layer, n_head, n_embd); vocab 50257, block
+/// 1024, bias on (nanoGPT model.py `from_pretrained`).
+fn gpt2_checkpoint(name: &str) -> Option<(u64, u64, u64)> {
+    match name {
+        "gpt2" => Some((12, 12, 768)),
+        "gpt2-medium" => Some((24, 16, 1024)),
+        "gpt2-large" => Some((36, 20, 1280)),
+        "gpt2-xl" => Some((48, 25, 1600)),
+        _ => None,
+    }
+}
+
+/// Character-level datasets with their own vocabulary (their meta.pkl): shakespeare_char has 65 characters.
+fn dataset_vocab(name: &str) -> Option<u64> {
+    match name {
+        "shakespeare_char" => Some(65),
+        _ => None,
+    }
+}
+
+/// Reads a nanoGPT `config/*.py` file as train.py's configurator does (plain assignments executed in order)
+/// and fills every memory-relevant key it does not set with train.py's default.
+///
+/// # Errors
+/// A line that is not an assignment, import or comment; an expression that cannot be evaluated for a key
+/// that changes memory (with its line number); values of the wrong type.
+pub fn nanogpt_config(text: &str) -> Result<NanoGptImport, Error> {
+    let src = "nanoGPT config";
+    let mut env: std::collections::HashMap<String, PyValue> = std::collections::HashMap::new();
+    let mut set_at: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut n_assignments = 0;
+    for (i, raw) in text.lines().enumerate() {
+        let line_no = i + 1;
+        let line = raw.trim();
+        if line.is_empty()
+            || line.starts_with('#')
+            || line.starts_with("import ")
+            || line.starts_with("from ")
+        {
+            continue;
+        }
+        let Some(eq) = find_assignment(line) else {
+            return Err(Error::Parse {
+                source: src.into(),
+                line: Some(line_no),
+                message: format!("not an assignment, import or comment: {line:?}; is this a nanoGPT config file?"),
+            });
+        };
+        let name = line[..eq].trim();
+        if !name.chars().all(|c| c.is_alphanumeric() || c == '_')
+            || name.is_empty()
+            || name.starts_with(|c: char| c.is_ascii_digit())
+        {
+            return Err(Error::Parse {
+                source: src.into(),
+                line: Some(line_no),
+                message: format!("cannot assign to {name:?}"),
+            });
+        }
+        n_assignments += 1;
+        let expr = &line[eq + 1..];
+        let value = Lexer::tokens(expr, line_no).and_then(|toks| {
+            let mut p = Parser {
+                toks,
+                pos: 0,
+                env: &env,
+            };
+            let v = p.expr()?;
+            if p.pos != p.toks.len() {
+                return Err("unexpected text after the expression".into());
+            }
+            Ok(v)
+        });
+        match value {
+            Ok(v) => {
+                env.insert(name.to_string(), v);
+                set_at.insert(name.to_string(), line_no);
+            }
+            Err(msg) if NANOGPT_MEMORY_KEYS.contains(&name) => {
+                return Err(Error::Parse {
+                    source: src.into(),
+                    line: Some(line_no),
+                    message: format!("cannot evaluate {name} = {}: {msg}", expr.trim()),
+                });
+            }
+            Err(_) => {
+                env.remove(name);
+            }
+        }
+    }
+    if n_assignments == 0 {
+        return Err(Error::Parse {
+            source: src.into(),
+            line: None,
+            message: "no assignments found; is this a nanoGPT config file?".into(),
+        });
+    }
+    let mut provenance = Vec::new();
+    let mut get = |key: &'static str| -> PyValue {
+        match env.get(key) {
+            Some(v) => {
+                provenance.push(Provenance {
+                    key,
+                    value: py_display(v),
+                    source: format!("config line {}", set_at[key]),
+                });
+                v.clone()
+            }
+            None => {
+                let v = nanogpt_default(key);
+                provenance.push(Provenance {
+                    key,
+                    value: py_display(&v),
+                    source: "train.py default".into(),
+                });
+                v
+            }
+        }
+    };
+    let int = |key: &str, v: &PyValue| -> Result<u64, Error> {
+        match v {
+            PyValue::Int(i) if *i >= 0 => Ok(*i as u64),
+            PyValue::Int(i) => Err(Error::invalid(key, i, "must be at least 1")),
+            PyValue::Float(f) if f.fract() == 0.0 && *f >= 0.0 && *f < 1.8e19 => Ok(*f as u64),
+            other => Err(Error::invalid(
+                key,
+                py_display(other),
+                "must be a whole number",
+            )),
+        }
+    };
+    let float = |key: &str, v: &PyValue| -> Result<f64, Error> {
+        as_f64(v).ok_or_else(|| Error::invalid(key, py_display(v), "must be a number"))
+    };
+    let batch_size = int("batch_size", &get("batch_size"))?;
+    let mut block_size = int("block_size", &get("block_size"))?;
+    let mut n_layer = int("n_layer", &get("n_layer"))?;
+    let mut n_head = int("n_head", &get("n_head"))?;
+    let mut n_embd = int("n_embd", &get("n_embd"))?;
+    let dropout = float("dropout", &get("dropout"))?;
+    let mut bias = match get("bias") {
+        PyValue::Bool(b) => b,
+        other => {
+            return Err(Error::invalid(
+                "bias",
+                py_display(&other),
+                "must be True or False",
+            ))
+        }
+    };
+    let precision = match get("dtype") {
+        PyValue::Str(s) => match s.as_str() {
+            "float32" => Precision::Fp32,
+            "bfloat16" => Precision::Bf16Amp,
+            "float16" => Precision::Fp16Amp,
+            _ => {
+                return Err(Error::UnknownValue {
+                    field: "dtype".into(),
+                    value: s,
+                    allowed: &["float32", "bfloat16", "float16"],
+                })
+            }
+        },
+        other => {
+            return Err(Error::invalid(
+                "dtype",
+                py_display(&other),
+                "must be a string",
+            ))
+        }
+    };
+    let grad_accum_steps = int(
+        "gradient_accumulation_steps",
+        &get("gradient_accumulation_steps"),
+    )?;
+    let grad_clip = float("grad_clip", &get("grad_clip"))?;
+    let dataset = match get("dataset") {
+        PyValue::Str(s) => s,
+        other => {
+            return Err(Error::invalid(
+                "dataset",
+                py_display(&other),
+                "must be a string",
+            ))
+        }
+    };
+    let init_from = match get("init_from") {
+        PyValue::Str(s) => s,
+        other => {
+            return Err(Error::invalid(
+                "init_from",
+                py_display(&other),
+                "must be a string",
+            ))
+        }
+    };
+    let compile = matches!(get("compile"), PyValue::Bool(true));
+    let mut notes = Vec::new();
+    let mut vocab_size = 50304;
+    let mut vocab_source =
+        "train.py: meta_vocab_size unknown, 50304 (GPT-2's 50257 padded to a multiple of 64)"
+            .to_string();
+    if let Some(v) = dataset_vocab(&dataset) {
+        vocab_size = v;
+        vocab_source = format!("dataset {dataset} (its meta.pkl vocabulary)");
+    }
+    if let Some((l, h, c)) = gpt2_checkpoint(&init_from) {
+        n_layer = l;
+        n_head = h;
+        n_embd = c;
+        bias = true;
+        vocab_size = 50257;
+        vocab_source = format!("checkpoint {init_from}");
+        // train.py crops the checkpoint's 1024 positions to a smaller configured block_size.
+        block_size = block_size.min(1024);
+        notes.push(format!(
+            "init_from = {init_from:?}: n_layer {l}, n_head {h}, n_embd {c}, vocab 50257, bias on"
+        ));
+    } else if init_from != "scratch" {
+        notes.push(format!(
+            "init_from = {init_from:?}: dims taken from the config as for a fresh model"
+        ));
+    }
+    provenance.push(Provenance {
+        key: "vocab_size",
+        value: vocab_size.to_string(),
+        source: vocab_source,
+    });
+    if compile {
+        notes.push(
+            "compile = True: torch.compile is not modelled yet; this estimate is for eager mode"
+                .into(),
+        );
+    }
+    let setup = Setup {
+        model: ModelConfig {
+            family: Family::Gpt2,
+            n_layer,
+            n_head,
+            n_kv_head: n_head,
+            n_embd,
+            block_size,
+            vocab_size,
+            bias,
+            dropout,
+            intermediate_size: n_embd.saturating_mul(4),
+            tie_embeddings: true,
+        },
+        train: TrainConfig {
+            batch_size,
+            seq_len: block_size,
+            precision,
+            optimizer: Optimizer::AdamWFused,
+            attention: Attention::Sdpa,
+            checkpointing: false,
+            grad_accum_steps,
+            grad_clip,
+        },
+        device: DeviceConfig::default(),
+    };
+    notes.push("optimizer: nanoGPT builds fused AdamW on CUDA; attention: flash (SDPA)".into());
+    Ok(NanoGptImport {
+        setup,
+        provenance,
+        notes,
+    })
+}
+
+/// The `=` of a top-level assignment (not `==`, `<=`, `>=`, `!=`), outside strings.
+fn find_assignment(line: &str) -> Option<usize> {
+    let b = line.as_bytes();
+    let mut quote: Option<u8> = None;
+    for i in 0..b.len() {
+        match quote {
+            Some(q) if b[i] == q => quote = None,
+            Some(_) => {}
+            None if b[i] == b'\'' || b[i] == b'"' => quote = Some(b[i]),
+            None if b[i] == b'#' => return None,
+            None if b[i] == b'=' => {
+                let prev = if i > 0 { b[i - 1] } else { b' ' };
+                let next = b.get(i + 1).copied().unwrap_or(b' ');
+                if next != b'=' && !matches!(prev, b'=' | b'<' | b'>' | b'!') {
+                    return Some(i);
+                }
+            }
+            None => {}
+        }
+    }
+    None
+}
+
+fn py_display(v: &PyValue) -> String {
+    match v {
+        PyValue::Int(i) => i.to_string(),
+        PyValue::Float(f) => f.to_string(),
+        PyValue::Str(s) => format!("'{s}'"),
+        PyValue::Bool(true) => "True".into(),
+        PyValue::Bool(false) => "False".into(),
+        PyValue::None => "None".into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Hugging Face config.json.
+
+/// Reads a Llama-style Hugging Face `config.json` (llama, mistral, qwen2) into a model config.
+///
+/// # Errors
+/// Malformed JSON, a missing dimension, or a model type whose architecture is not Llama-like.
+pub fn hf_config(text: &str) -> Result<(ModelConfig, Vec<String>), Error> {
+    let v: Value = serde_json::from_str(text).map_err(|e| Error::Parse {
+        source: "config.json".into(),
+        line: Some(e.line()),
+        message: e.to_string(),
+    })?;
+    let o = object(&v, "config.json")?;
+    let model_type = get_str(o, "", "model_type")?.unwrap_or("llama");
+    let mut notes = Vec::new();
+    match model_type {
+        "llama" => {}
+        "mistral" => notes.push(
+            "mistral: sliding-window attention is not modelled (full causal attention)".into(),
+        ),
+        "qwen2" => notes.push(
+            "qwen2: q/k/v biases are not counted (a few thousand parameters per layer)".into(),
+        ),
+        other => {
+            return Err(Error::UnknownValue {
+                field: "model_type".into(),
+                value: other.into(),
+                allowed: &["llama", "mistral", "qwen2"],
+            })
+        }
+    }
+    let hidden = required(get_u64(o, "", "hidden_size")?, "hidden_size")?;
+    let n_head = required(
+        get_u64(o, "", "num_attention_heads")?,
+        "num_attention_heads",
+    )?;
+    if let Some(hd) = get_u64(o, "", "head_dim")? {
+        if n_head != 0 && hd * n_head != hidden {
+            return Err(Error::NotModelled {
+                what: format!(
+                    "head_dim ({hd}) x num_attention_heads ({n_head}) != hidden_size ({hidden})"
+                ),
+            });
+        }
+    }
+    let m = ModelConfig {
+        family: Family::Llama,
+        n_layer: required(get_u64(o, "", "num_hidden_layers")?, "num_hidden_layers")?,
+        n_head,
+        n_kv_head: get_u64(o, "", "num_key_value_heads")?.unwrap_or(n_head),
+        n_embd: hidden,
+        block_size: get_u64(o, "", "max_position_embeddings")?.unwrap_or(2048),
+        vocab_size: required(get_u64(o, "", "vocab_size")?, "vocab_size")?,
+        bias: false,
+        dropout: get_f64(o, "", "attention_dropout")?.unwrap_or(0.0),
+        intermediate_size: required(get_u64(o, "", "intermediate_size")?, "intermediate_size")?,
+        tie_embeddings: get_bool(o, "", "tie_word_embeddings")?.unwrap_or(false),
+    };
+    Ok((m, notes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FOUNDING: &str = r#"{"model": {"family": "gpt2", "n_layer": 6, "n_head": 6, "n_embd": 384,
+        "block_size": 512, "vocab_size": 50304, "bias": false, "dropout": 0.0},
+        "train": {"batch_size": 16, "seq_len": 512, "precision": "fp16-amp", "optimizer": "adamw-fused",
+        "attention": "sdpa", "checkpointing": false, "grad_accum_steps": 1, "grad_clip": 1.0}}"#;
+
+    #[test]
+    fn reads_the_issue_example_and_round_trips() {
+        let s = setup_from_json(FOUNDING).unwrap();
+        assert_eq!(s.model.n_embd, 384);
+        assert_eq!(s.train.precision, Precision::Fp16Amp);
+        let back = setup_from_value(&setup_to_value(&s)).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn missing_training_fields_take_defaults() {
+        let s = setup_from_json(
+            r#"{"model": {"family": "gpt2", "n_layer": 1, "n_head": 1, "n_embd": 8,
+            "block_size": 16, "vocab_size": 10}}"#,
+        )
+        .unwrap();
+        assert_eq!(s.train.batch_size, DEFAULT_BATCH_SIZE);
+        assert_eq!(s.train.seq_len, 16);
+        assert_eq!(s.train.optimizer, Optimizer::AdamWFused);
+    }
+
+    #[test]
+    fn errors_name_field_and_value() {
+        let with = |field: &str, value: &str| {
+            let mut v: Value = serde_json::from_str(FOUNDING).unwrap();
+            v["model"][field] = serde_json::from_str(value).unwrap();
+            setup_from_value(&v).unwrap_err().to_string()
+        };
+        assert_eq!(
+            with("n_layer", "-1"),
+            "model.n_layer (-1) must be at least 1"
+        );
+        assert_eq!(with("n_layers", "1"), "unknown field \"model.n_layers\"");
+        assert_eq!(
+            with("n_layer", "2.5"),
+            "model.n_layer (2.5) must be a whole number"
+        );
+        assert_eq!(
+            with("family", "\"bert\""),
+            "model.family (\"bert\") is not one of: gpt2, llama"
+        );
+        assert_eq!(with("bias", "1"), "model.bias (1) must be true or false");
+        let e = setup_from_json("{\"model\": \n{").unwrap_err().to_string();
+        assert!(e.starts_with("setup JSON, line 2:"), "{e}");
+    }
+
+    #[test]
+    fn nanogpt_shakespeare_char_config() {
+        let text = "# train a miniature character-level shakespeare model\nout_dir = 'out-shakespeare-char'\n\
+            eval_interval = 250 # keep frequent\nwandb_log = False\ndataset = 'shakespeare_char'\n\
+            gradient_accumulation_steps = 1\nbatch_size = 64\nblock_size = 256\nn_layer = 6\nn_head = 6\n\
+            n_embd = 384\ndropout = 0.2\nlearning_rate = 1e-3\nmax_iters = 5000\nlr_decay_iters = 5000 # make equal to max_iters usually\n\
+            min_lr = 1e-4\nbeta2 = 0.99\nwarmup_iters = 100\n";
+        let imp = nanogpt_config(text).unwrap();
+        let s = imp.setup;
+        assert_eq!(
+            (
+                s.model.vocab_size,
+                s.model.n_layer,
+                s.model.block_size,
+                s.train.batch_size
+            ),
+            (65, 6, 256, 64)
+        );
+        assert_eq!(s.model.dropout, 0.2);
+        assert!(imp
+            .provenance
+            .iter()
+            .any(|p| p.key == "dtype" && p.source == "train.py default"));
+        assert!(imp.notes.iter().any(|n| n.contains("eager mode")));
+    }
+
+    #[test]
+    fn nanogpt_arithmetic_checkpoints_and_errors() {
+        let imp = nanogpt_config("import time\ninit_from = 'gpt2-xl'\nbatch_size = 1\ngradient_accumulation_steps = 5 * 8\nwandb_run_name = 'ft-' + str(time.time())\n").unwrap();
+        assert_eq!(
+            (
+                imp.setup.model.n_layer,
+                imp.setup.model.n_embd,
+                imp.setup.model.vocab_size
+            ),
+            (48, 1600, 50257)
+        );
+        assert!(imp.setup.model.bias);
+        assert_eq!(imp.setup.train.grad_accum_steps, 40);
+        let e = nanogpt_config("n_layer = 6\nn_embd = int(os.environ['W'])\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "nanoGPT config, line 2: cannot evaluate n_embd = int(os.environ['W']): cannot evaluate a call to int()");
+        let e = nanogpt_config("{\"model\": 1}").unwrap_err().to_string();
+        assert!(
+            e.starts_with("nanoGPT config, line 1: not an assignment"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn hf_tinyllama_config() {
+        let text = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 2048, "intermediate_size": 5632,
+            "max_position_embeddings": 2048, "model_type": "llama", "num_attention_heads": 32,
+            "num_hidden_layers": 22, "num_key_value_heads": 4, "rms_norm_eps": 1e-05, "tie_word_embeddings": false,
+            "torch_dtype": "bfloat16", "vocab_size": 32000}"#;
+        let (m, _) = hf_config(text).unwrap();
+        assert_eq!(m.n_params(), 1_100_048_384);
+    }
+}

@@ -1,0 +1,60 @@
+//! vramfit: how many bytes of GPU memory one training step of a transformer needs, and what each byte is for.
+//!
+//! The estimate follows what PyTorch allocates op by op on CUDA (see `tensors`), runs the training loop as
+//! nanoGPT's `train.py` or a plain Hugging Face loop does (see `step`), and reports the peak that
+//! `torch.cuda.max_memory_allocated()` would show. It is checked against measurements in `tests/data/`.
+//!
+//! Reading order: `error`, `model` (setup types), `policy` (precision, optimizer, attention), `input` (JSON and
+//! config-file readers), `sim` (the allocator timeline), `tensors` (per-op byte counts), `gpt2` / `llama` (one
+//! micro-step each), `step` (the run), `report`, `sweep`.
+//!
+//! # Example
+//! ```
+//! let setup = vramfit::input::setup_from_json(r#"{"model": {"family": "gpt2", "n_layer": 6, "n_head": 6,
+//!     "n_embd": 384, "block_size": 512, "vocab_size": 50304, "bias": false},
+//!     "train": {"batch_size": 16, "precision": "fp16-amp", "optimizer": "adamw-fused"}}"#).unwrap();
+//! let report = vramfit::estimate(&setup).unwrap();
+//! assert!(report.peak_allocated_bytes > 5 << 30);
+//! assert_eq!(report.components.total(), report.peak_allocated_bytes);
+//! ```
+
+pub mod error;
+pub mod gpt2;
+pub mod input;
+pub mod llama;
+pub mod model;
+pub mod policy;
+pub mod report;
+pub mod sim;
+pub mod step;
+pub mod sweep;
+pub mod tensors;
+
+pub use error::Error;
+pub use model::{DeviceConfig, Family, ModelConfig, Setup, TrainConfig};
+pub use report::Report;
+
+/// The one front door: validates the setup and estimates one training step's peak memory.
+///
+/// # Errors
+/// An [`Error`] naming the field and value for invalid input, `TooLarge` when byte counts would overflow, and
+/// `NotModelled` for combinations the op models do not cover.
+pub fn estimate(setup: &Setup) -> Result<Report, Error> {
+    setup.validate()?;
+    let sim = step::simulate(setup)?;
+    let per_block = activations_per_block(setup)?;
+    Ok(Report::from_sim(setup, &sim, per_block))
+}
+
+/// Activations saved by one block: the difference a second block makes to the live activations at the end of
+/// the first forward.
+fn activations_per_block(setup: &Setup) -> Result<u64, Error> {
+    let at_end_of_forward = |n_layer: u64| -> Result<u64, Error> {
+        let mut s = setup.clone();
+        s.model.n_layer = n_layer;
+        s.train.checkpointing = false;
+        let sim = step::simulate_first_forward(&s)?;
+        Ok(sim.live_in(sim::Category::Activations))
+    };
+    Ok(at_end_of_forward(2)?.saturating_sub(at_end_of_forward(1)?))
+}

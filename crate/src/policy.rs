@@ -1,0 +1,190 @@
+//! Precision, optimizer and attention policies: which dtype each kind of tensor has, which kernels run.
+
+use crate::error::Error;
+
+/// How the step handles floating-point precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// Everything fp32.
+    Fp32,
+    /// fp32 weights, `torch.autocast(dtype=float16)`, GradScaler.
+    Fp16Amp,
+    /// fp32 weights, `torch.autocast(dtype=bfloat16)`.
+    Bf16Amp,
+    /// Weights, grads and optimizer state in bf16; no autocast.
+    Bf16,
+}
+
+impl Precision {
+    pub const NAMES: &'static [&'static str] = &["fp32", "fp16-amp", "bf16-amp", "bf16"];
+
+    pub fn parse(s: &str) -> Result<Precision, Error> {
+        match s {
+            "fp32" => Ok(Precision::Fp32),
+            "fp16-amp" => Ok(Precision::Fp16Amp),
+            "bf16-amp" => Ok(Precision::Bf16Amp),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(Error::UnknownValue {
+                field: "train.precision".into(),
+                value: s.into(),
+                allowed: Self::NAMES,
+            }),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    /// Bytes per element of parameters, their grads and optimizer state.
+    pub fn param_bytes(self) -> u64 {
+        match self {
+            Precision::Bf16 => 2,
+            _ => 4,
+        }
+    }
+
+    /// Bytes per element of matmul outputs (autocast's lower-precision list: mm, addmm, bmm, SDPA).
+    pub fn matmul_bytes(self) -> u64 {
+        match self {
+            Precision::Fp32 => 4,
+            _ => 2,
+        }
+    }
+
+    /// Whether autocast is on: matmul inputs and weights are cast to 2 bytes on the fly.
+    pub fn autocast(self) -> bool {
+        matches!(self, Precision::Fp16Amp | Precision::Bf16Amp)
+    }
+}
+
+/// The optimizer and its implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Optimizer {
+    /// `torch.optim.AdamW(foreach=True)`, PyTorch's default on CUDA.
+    AdamW,
+    /// `torch.optim.AdamW(fused=True)`, what nanoGPT asks for on CUDA.
+    AdamWFused,
+    /// `torch.optim.SGD` without momentum: no state.
+    Sgd,
+    /// `torch.optim.SGD(momentum=0.9)`: one momentum buffer per parameter.
+    SgdMomentum,
+}
+
+impl Optimizer {
+    pub const NAMES: &'static [&'static str] = &["adamw", "adamw-fused", "sgd", "sgd-momentum"];
+
+    pub fn parse(s: &str) -> Result<Optimizer, Error> {
+        match s {
+            "adamw" => Ok(Optimizer::AdamW),
+            "adamw-fused" => Ok(Optimizer::AdamWFused),
+            "sgd" => Ok(Optimizer::Sgd),
+            "sgd-momentum" => Ok(Optimizer::SgdMomentum),
+            _ => Err(Error::UnknownValue {
+                field: "train.optimizer".into(),
+                value: s.into(),
+                allowed: Self::NAMES,
+            }),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+}
+
+/// How attention is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attention {
+    /// `F.scaled_dot_product_attention(is_causal=True)`: flash or memory-efficient kernels, nothing T x T kept.
+    Sdpa,
+    /// nanoGPT's non-flash path: T x T scores materialised, masked, softmaxed and saved.
+    Manual,
+}
+
+impl Attention {
+    pub const NAMES: &'static [&'static str] = &["sdpa", "manual"];
+
+    pub fn parse(s: &str) -> Result<Attention, Error> {
+        match s {
+            "sdpa" => Ok(Attention::Sdpa),
+            "manual" => Ok(Attention::Manual),
+            _ => Err(Error::UnknownValue {
+                field: "train.attention".into(),
+                value: s.into(),
+                allowed: Self::NAMES,
+            }),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+}
+
+/// The SDPA kernel PyTorch picks on CUDA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SdpaBackend {
+    /// FlashAttention-2: saves output and logsumexp fp32 [B, H, T].
+    Flash,
+    /// Memory-efficient (xformers-style): saves output and logsumexp fp32 [B, H, round32(T)].
+    Efficient,
+}
+
+/// PyTorch 2.15's SDPA choice on CUDA: priority flash, efficient, math, cuDNN
+/// (`torch._C._get_sdp_priority_order()`), each taken when its `can_use_*` check passes.
+///
+/// # Errors
+/// `NotModelled` when neither fused kernel applies and SDPA would fall back to the math path.
+pub fn sdpa_backend(sm: u32, matmul_bytes: u64, head_dim: u64) -> Result<SdpaBackend, Error> {
+    // Flash: fp16/bf16 only, sm_80 or newer, head_dim <= 256 (padded to a multiple of 8 by SDPA).
+    if matmul_bytes == 2 && sm >= 80 && head_dim <= 256 && head_dim % 8 == 0 {
+        return Ok(SdpaBackend::Flash);
+    }
+    // Memory-efficient: any float dtype, sm_50 or newer; the last dimension aligned to 16 bytes.
+    let align = 16 / matmul_bytes;
+    if sm >= 50 && head_dim % align == 0 {
+        return Ok(SdpaBackend::Efficient);
+    }
+    Err(Error::NotModelled {
+        what: format!(
+            "head size {head_dim} sends scaled_dot_product_attention to its math fallback; \
+             use a head size that is a multiple of 8, or attention \"manual\""
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for n in Precision::NAMES {
+            assert_eq!(Precision::parse(n).map(Precision::name), Ok(*n));
+        }
+        for n in Optimizer::NAMES {
+            assert_eq!(Optimizer::parse(n).map(Optimizer::name), Ok(*n));
+        }
+        for n in Attention::NAMES {
+            assert_eq!(Attention::parse(n).map(Attention::name), Ok(*n));
+        }
+    }
+
+    #[test]
+    fn unknown_precision_lists_the_allowed_values() {
+        let e = Precision::parse("fp8").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "train.precision (\"fp8\") is not one of: fp32, fp16-amp, bf16-amp, bf16"
+        );
+    }
+
+    #[test]
+    fn sdpa_picks_flash_for_half_precision_and_efficient_for_fp32() {
+        assert_eq!(sdpa_backend(90, 2, 64), Ok(SdpaBackend::Flash));
+        assert_eq!(sdpa_backend(90, 4, 64), Ok(SdpaBackend::Efficient));
+        assert_eq!(sdpa_backend(75, 2, 64), Ok(SdpaBackend::Efficient));
+        assert!(sdpa_backend(90, 2, 12).is_err());
+    }
+}

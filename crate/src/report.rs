@@ -1,0 +1,227 @@
+//! What a person reads: the peak, what it is made of, when it happens, reserved and on-device totals.
+
+use crate::model::Setup;
+use crate::sim::{Category, Sim};
+use serde::Serialize;
+
+/// Bytes of each component at the peak. They add up to `peak_allocated_bytes`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Components {
+    pub weights_bytes: u64,
+    pub weight_copies_bytes: u64,
+    pub grads_bytes: u64,
+    pub optimizer_bytes: u64,
+    pub activations_bytes: u64,
+    pub logits_bytes: u64,
+    pub temporary_bytes: u64,
+    pub workspace_bytes: u64,
+}
+
+impl Components {
+    fn from_array(a: &[u64; crate::sim::N_CATEGORIES]) -> Components {
+        let at = |c: Category| a[c.index()];
+        Components {
+            weights_bytes: at(Category::Weights),
+            weight_copies_bytes: at(Category::WeightCopies),
+            grads_bytes: at(Category::Grads),
+            optimizer_bytes: at(Category::Optimizer),
+            activations_bytes: at(Category::Activations),
+            logits_bytes: at(Category::Logits),
+            temporary_bytes: at(Category::Temporary),
+            workspace_bytes: at(Category::Workspace),
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.weights_bytes
+            + self.weight_copies_bytes
+            + self.grads_bytes
+            + self.optimizer_bytes
+            + self.activations_bytes
+            + self.logits_bytes
+            + self.temporary_bytes
+            + self.workspace_bytes
+    }
+
+    /// (name, bytes, what it is) for display, largest first.
+    pub fn items(&self) -> Vec<(&'static str, u64, &'static str)> {
+        let mut v = vec![
+            ("weights", self.weights_bytes, "parameters and buffers"),
+            (
+                "weight copies",
+                self.weight_copies_bytes,
+                "autocast's 2-byte copies of the weights",
+            ),
+            ("grads", self.grads_bytes, "parameter .grad"),
+            ("optimizer", self.optimizer_bytes, "optimizer state"),
+            (
+                "activations",
+                self.activations_bytes,
+                "tensors saved for backward, and the batch",
+            ),
+            (
+                "logits",
+                self.logits_bytes,
+                "B x T x vocab: logits, log-softmax, casts, their gradients",
+            ),
+            (
+                "temporary",
+                self.temporary_bytes,
+                "activation gradients and op outputs in flight",
+            ),
+            (
+                "workspace",
+                self.workspace_bytes,
+                "cuBLAS workspaces and kernel scratch",
+            ),
+        ];
+        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v
+    }
+}
+
+/// One point of the timeline: the highest live bytes within a stage of a step.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Stage {
+    pub step: u32,
+    pub stage: &'static str,
+    pub peak_bytes: u64,
+    pub end_bytes: u64,
+}
+
+/// CUDA context and libraries on the device, outside PyTorch's allocator: the part of `nvidia-smi`'s figure that
+/// `max_memory_reserved()` does not see. NOT MEASURED by this project yet (no GPU run has been made): the range
+/// is an assumption covering what NVML-minus-reserved commonly shows for CUDA 12 on recent GPUs (context,
+/// cuBLAS/cuDNN module images loaded lazily). `scripts/measure/measure.py` on a GPU records the real figure.
+pub const CUDA_CONTEXT_BYTES_RANGE: (u64, u64) = (300 << 20, 700 << 20);
+pub const CUDA_CONTEXT_BYTES_TYPICAL: u64 = 500 << 20;
+
+/// The estimate.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Report {
+    pub n_params: u64,
+    /// What `torch.cuda.max_memory_allocated()` reports after a few steps.
+    pub peak_allocated_bytes: u64,
+    /// Modelled `torch.cuda.max_memory_reserved()`: see `Sim::peak_segment_bytes`.
+    pub peak_reserved_bytes: u64,
+    /// Reserved plus the typical CUDA context: what nvidia-smi would show for the process.
+    pub device_total_bytes: u64,
+    pub device_total_range_bytes: (u64, u64),
+    pub peak_phase: String,
+    pub peak_op: &'static str,
+    pub peak_step: u32,
+    pub components: Components,
+    /// Activations saved for backward by one transformer block (forward of step 1, block 0).
+    pub activations_per_block_bytes: u64,
+    /// Highest live bytes in each step (index 0: the model on the device, before training).
+    pub step_peaks_bytes: Vec<u64>,
+    pub timeline: Vec<Stage>,
+    /// Device memory given in the setup (0 when none).
+    pub device_memory_bytes: u64,
+    pub fits: Option<bool>,
+    pub notes: Vec<String>,
+}
+
+impl Report {
+    pub(crate) fn from_sim(setup: &Setup, sim: &Sim, activations_per_block_bytes: u64) -> Report {
+        let peak = sim.peak();
+        let components = Components::from_array(&peak.by_category);
+        // Reserved: the allocator never holds less than the segment footprint of what is live; fragmentation of
+        // cached blocks comes on top and is not modelled.
+        let reserved = sim.peak_segment_bytes().max(peak.bytes);
+        let device_total = reserved + CUDA_CONTEXT_BYTES_TYPICAL;
+        let mem = setup.device.memory_bytes;
+        let mut notes = vec![
+            "eager mode (torch.compile is not modelled yet)".to_string(),
+            "PyTorch 2.15 CUDA ops; peak allocated is checked against measurements (docs/ACCURACY.md)".to_string(),
+            "reserved and device totals are models not yet checked against a GPU".to_string(),
+        ];
+        if setup.train.grad_accum_steps > 1 {
+            notes.push("later micro-steps accumulate into existing .grad in place".to_string());
+        }
+        Report {
+            n_params: setup.model.n_params(),
+            peak_allocated_bytes: peak.bytes,
+            peak_reserved_bytes: reserved,
+            device_total_bytes: device_total,
+            device_total_range_bytes: (
+                reserved + CUDA_CONTEXT_BYTES_RANGE.0,
+                reserved + CUDA_CONTEXT_BYTES_RANGE.1,
+            ),
+            peak_phase: peak.phase.label(),
+            peak_op: peak.op,
+            peak_step: peak.phase.step,
+            components,
+            activations_per_block_bytes,
+            step_peaks_bytes: sim.step_peaks().to_vec(),
+            timeline: sim
+                .timeline()
+                .iter()
+                .map(|t| Stage {
+                    step: t.step,
+                    stage: t.stage,
+                    peak_bytes: t.peak_bytes,
+                    end_bytes: t.end_bytes,
+                })
+                .collect(),
+            device_memory_bytes: mem,
+            fits: (mem > 0).then_some(device_total <= mem),
+            notes,
+        }
+    }
+
+    /// One sentence naming the largest component at the peak and why it is that size.
+    pub fn largest_item_sentence(&self, setup: &Setup) -> String {
+        let (name, bytes, what) = self.components.items()[0];
+        let n = setup.train.batch_size * setup.train.seq_len;
+        let detail = match name {
+            "logits" => format!(
+                "{} x {} tokens x {} vocab, held as logits, log-softmax and their gradients",
+                setup.train.batch_size, setup.train.seq_len, setup.model.vocab_size
+            ),
+            "activations" => format!(
+                "{} blocks x {} saved per block for {} tokens",
+                setup.model.n_layer,
+                fmt_bytes(self.activations_per_block_bytes),
+                n
+            ),
+            "weights" | "grads" | "optimizer" => format!("{} parameters", self.n_params),
+            _ => what.to_string(),
+        };
+        format!(
+            "The largest item at the peak is {name} ({}): {detail}.",
+            fmt_bytes(bytes)
+        )
+    }
+}
+
+/// Bytes for people: GiB/MiB/KiB (powers of 2), three significant digits.
+pub fn fmt_bytes(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    for (unit, size) in UNITS {
+        if bytes >= size {
+            let v = bytes as f64 / size as f64;
+            return if v >= 100.0 {
+                format!("{v:.0} {unit}")
+            } else if v >= 10.0 {
+                format!("{v:.1} {unit}")
+            } else {
+                format!("{v:.2} {unit}")
+            };
+        }
+    }
+    format!("{bytes} B")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_bytes_in_binary_units() {
+        assert_eq!(fmt_bytes(512), "512 B");
+        assert_eq!(fmt_bytes(1536), "1.50 KiB");
+        assert_eq!(fmt_bytes(5 << 30), "5.00 GiB");
+        assert_eq!(fmt_bytes(150 << 20), "150 MiB");
+    }
+}

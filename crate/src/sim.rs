@@ -1,0 +1,300 @@
+//! The allocation timeline of one run: every tensor PyTorch's CUDA caching allocator hands out, in order, with
+//! the moment it is freed. The peak of `live_bytes` over the run is what `torch.cuda.max_memory_allocated()`
+//! reports.
+//!
+//! Every block the caching allocator returns is a multiple of 512 bytes (`kMinBlockSize` in
+//! c10/cuda/CUDACachingAllocator.cpp), and a zero-byte tensor takes no block; `alloc` rounds the same way.
+
+/// What a live byte is for. The report's components are these, summed at the peak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Category {
+    /// Parameters and registered buffers, in their storage dtype.
+    Weights,
+    /// Autocast's low-precision copies of the weights, cached for the forward and saved for backward.
+    WeightCopies,
+    /// `.grad` of every parameter.
+    Grads,
+    /// Optimizer state (AdamW exp_avg / exp_avg_sq / step, SGD momentum buffers).
+    Optimizer,
+    /// Tensors saved for backward (and the batch itself), per block and in the embedding.
+    Activations,
+    /// LM-head output, its casts, log-softmax, and their gradients: everything B x T x vocab.
+    Logits,
+    /// Short-lived buffers: activation gradients, op outputs not saved, foreach temporaries.
+    Temporary,
+    /// Scratch the CUDA libraries allocate through PyTorch: cuBLAS workspaces, attention-backward scratch.
+    Workspace,
+}
+
+pub const N_CATEGORIES: usize = 8;
+
+impl Category {
+    pub const ALL: [Category; N_CATEGORIES] = [
+        Category::Weights,
+        Category::WeightCopies,
+        Category::Grads,
+        Category::Optimizer,
+        Category::Activations,
+        Category::Logits,
+        Category::Temporary,
+        Category::Workspace,
+    ];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The caching allocator's rounding: 512-byte blocks, nothing for an empty tensor.
+pub fn block_bytes(n_bytes: u64) -> u64 {
+    n_bytes.div_ceil(512) * 512
+}
+
+/// A handle to one allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tensor(usize);
+
+#[derive(Debug, Clone)]
+struct Slot {
+    bytes: u64,
+    category: Category,
+    live: bool,
+}
+
+/// Where in the step an allocation happens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Phase {
+    /// 1-based training step.
+    pub step: u32,
+    /// "forward", "loss", "backward", "optimizer".
+    pub stage: &'static str,
+    /// Block index for forward/backward inside the transformer stack, if any.
+    pub layer: Option<u32>,
+}
+
+impl Phase {
+    pub fn label(&self) -> String {
+        match self.layer {
+            Some(l) => format!("step {} {} (block {})", self.step, self.stage, l),
+            None => format!("step {} {}", self.step, self.stage),
+        }
+    }
+}
+
+/// The live bytes of a run at its highest point, with what they were for.
+#[derive(Debug, Clone)]
+pub struct Peak {
+    pub bytes: u64,
+    pub by_category: [u64; N_CATEGORIES],
+    pub phase: Phase,
+    /// The op whose allocation made the peak (PyTorch's name for it).
+    pub op: &'static str,
+}
+
+/// One point of the memory timeline: the highest live bytes within a stage of a step.
+#[derive(Debug, Clone)]
+pub struct TimelinePoint {
+    pub step: u32,
+    pub stage: &'static str,
+    pub peak_bytes: u64,
+    pub end_bytes: u64,
+}
+
+/// The allocator's view of a run.
+#[derive(Debug, Clone)]
+pub struct Sim {
+    slots: Vec<Slot>,
+    live_bytes: u64,
+    by_category: [u64; N_CATEGORIES],
+    phase: Phase,
+    peak: Peak,
+    step_peaks: Vec<u64>,
+    timeline: Vec<TimelinePoint>,
+    /// Live bytes counted in the caching allocator's segment units (see `segment_bytes`), and their peak.
+    live_segment_bytes: u64,
+    peak_segment_bytes: u64,
+}
+
+/// The caching allocator's footprint of one block, for the reserved-memory model: blocks above 1 MiB
+/// (`kSmallSize`) come from the large pool, whose segments are multiples of 2 MiB (`kRoundLarge`), so a large
+/// block is counted as its size rounded up to 2 MiB; small blocks share 2 MiB segments and count as themselves.
+pub fn segment_bytes(bytes: u64) -> u64 {
+    const SMALL: u64 = 1 << 20;
+    const ROUND_LARGE: u64 = 2 << 20;
+    if bytes <= SMALL {
+        bytes
+    } else {
+        bytes.div_ceil(ROUND_LARGE) * ROUND_LARGE
+    }
+}
+
+impl Default for Sim {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sim {
+    pub fn new() -> Sim {
+        let phase = Phase {
+            step: 0,
+            stage: "init",
+            layer: None,
+        };
+        Sim {
+            slots: Vec::new(),
+            live_bytes: 0,
+            by_category: [0; N_CATEGORIES],
+            peak: Peak {
+                bytes: 0,
+                by_category: [0; N_CATEGORIES],
+                phase: phase.clone(),
+                op: "",
+            },
+            phase,
+            step_peaks: Vec::new(),
+            timeline: Vec::new(),
+            live_segment_bytes: 0,
+            peak_segment_bytes: 0,
+        }
+    }
+
+    /// Enters a stage of a step; the timeline gets one point per stage.
+    pub fn stage(&mut self, step: u32, stage: &'static str) {
+        self.phase = Phase {
+            step,
+            stage,
+            layer: None,
+        };
+        self.timeline.push(TimelinePoint {
+            step,
+            stage,
+            peak_bytes: self.live_bytes,
+            end_bytes: self.live_bytes,
+        });
+    }
+
+    pub fn layer(&mut self, layer: Option<u32>) {
+        self.phase.layer = layer;
+    }
+
+    /// Allocates `n_bytes` (rounded to the allocator's block size) for `op`.
+    pub fn alloc(&mut self, n_bytes: u64, category: Category, op: &'static str) -> Tensor {
+        let bytes = block_bytes(n_bytes);
+        self.slots.push(Slot {
+            bytes,
+            category,
+            live: true,
+        });
+        self.live_bytes += bytes;
+        self.by_category[category.index()] += bytes;
+        self.live_segment_bytes += segment_bytes(bytes);
+        self.peak_segment_bytes = self.peak_segment_bytes.max(self.live_segment_bytes);
+        let step = self.phase.step as usize;
+        if self.step_peaks.len() <= step {
+            self.step_peaks.resize(step + 1, 0);
+        }
+        self.step_peaks[step] = self.step_peaks[step].max(self.live_bytes);
+        if let Some(point) = self.timeline.last_mut() {
+            point.peak_bytes = point.peak_bytes.max(self.live_bytes);
+            point.end_bytes = self.live_bytes;
+        }
+        if self.live_bytes > self.peak.bytes {
+            self.peak = Peak {
+                bytes: self.live_bytes,
+                by_category: self.by_category,
+                phase: self.phase.clone(),
+                op,
+            };
+        }
+        Tensor(self.slots.len() - 1)
+    }
+
+    /// Allocates and frees at once: scratch a kernel uses only while it runs.
+    pub fn scratch(&mut self, n_bytes: u64, category: Category, op: &'static str) {
+        let t = self.alloc(n_bytes, category, op);
+        self.free(t);
+    }
+
+    /// Frees a tensor. Freeing twice is a no-op, so callers can release "if still held" safely.
+    pub fn free(&mut self, t: Tensor) {
+        let slot = &mut self.slots[t.0];
+        if slot.live {
+            slot.live = false;
+            self.live_bytes -= slot.bytes;
+            self.by_category[slot.category.index()] -= slot.bytes;
+            self.live_segment_bytes -= segment_bytes(slot.bytes);
+            if let Some(point) = self.timeline.last_mut() {
+                point.end_bytes = self.live_bytes;
+            }
+        }
+    }
+
+    pub fn free_all(&mut self, ts: &[Tensor]) {
+        for &t in ts {
+            self.free(t);
+        }
+    }
+
+    pub fn bytes_of(&self, t: Tensor) -> u64 {
+        self.slots[t.0].bytes
+    }
+
+    pub fn live_bytes(&self) -> u64 {
+        self.live_bytes
+    }
+
+    pub fn peak(&self) -> &Peak {
+        &self.peak
+    }
+
+    /// The highest live bytes within each step (index 0: building the model).
+    pub fn step_peaks(&self) -> &[u64] {
+        &self.step_peaks
+    }
+
+    pub fn timeline(&self) -> &[TimelinePoint] {
+        &self.timeline
+    }
+
+    /// The highest live total in segment units (`segment_bytes`) over the run.
+    pub fn peak_segment_bytes(&self) -> u64 {
+        self.peak_segment_bytes
+    }
+
+    /// Live bytes of one category now.
+    pub fn live_in(&self, category: Category) -> u64 {
+        self.by_category[category.index()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_to_512_byte_blocks() {
+        assert_eq!(block_bytes(0), 0);
+        assert_eq!(block_bytes(1), 512);
+        assert_eq!(block_bytes(512), 512);
+        assert_eq!(block_bytes(513), 1024);
+    }
+
+    #[test]
+    fn peak_is_the_highest_live_total_with_its_breakdown() {
+        let mut sim = Sim::new();
+        sim.stage(1, "forward");
+        let a = sim.alloc(1000, Category::Weights, "a");
+        let b = sim.alloc(2048, Category::Activations, "b");
+        sim.free(b);
+        sim.free(b);
+        let _c = sim.alloc(1024, Category::Temporary, "c");
+        sim.free(a);
+        assert_eq!(sim.peak().bytes, 1024 + 2048);
+        assert_eq!(sim.peak().op, "b");
+        assert_eq!(sim.peak().by_category[Category::Activations.index()], 2048);
+        assert_eq!(sim.live_bytes(), 1024);
+        assert_eq!(sim.timeline()[0].peak_bytes, 3072);
+        assert_eq!(sim.timeline()[0].end_bytes, 1024);
+    }
+}

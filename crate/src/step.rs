@@ -1,0 +1,198 @@
+//! A training run as PyTorch executes it: the model built on the device, then three full steps (step 1
+//! creates the optimizer state; steps 2 and 3 are the steady state), each made of micro-steps (forward,
+//! loss, backward), gradient clipping, the optimizer step and `zero_grad(set_to_none=True)`.
+
+use crate::gpt2;
+use crate::llama;
+use crate::model::{Family, Setup};
+use crate::policy::{Optimizer, Precision};
+use crate::sim::Category::{Optimizer as OptState, Temporary, Weights};
+use crate::sim::{block_bytes, Sim, Tensor};
+use crate::tensors::Ctx;
+use crate::Error;
+
+/// Steps simulated: `max_memory_allocated()` after a few steps is the larger of step 1 and the steady state.
+pub const N_STEPS: u32 = 3;
+
+/// Runs the whole timeline and returns the allocator's record of it.
+///
+/// # Errors
+/// `NotModelled` for a combination the op models do not cover.
+pub fn simulate(setup: &Setup) -> Result<Sim, Error> {
+    let mut sim = Sim::new();
+    let mut cx = Ctx::new(&mut sim, setup)?;
+    let tr = &setup.train;
+    let params = match setup.model.family {
+        Family::Gpt2 => gpt2::param_tensors(&cx),
+        Family::Llama => llama::param_tensors(&cx),
+    };
+    // Weights and buffers, one block each, in the parameter dtype.
+    for &(elems, _) in &params {
+        cx.alloc(elems * cx.pb, Weights, "parameter");
+    }
+    if setup.model.family == Family::Gpt2 {
+        for bytes in gpt2::buffers_bytes(&cx, tr.attention) {
+            cx.alloc(bytes, Weights, "buffer");
+        }
+    }
+    let mut state: Vec<Tensor> = Vec::new();
+    let mut scaler_state = false;
+    match setup.model.family {
+        Family::Gpt2 => {
+            // nanoGPT train.py: X, Y fetched before the loop; `logits` stays bound between micro-steps.
+            let (mut x, mut y) = gpt2::get_batch(&mut cx);
+            let mut prev_logits: Option<Tensor> = None;
+            for step in 1..=N_STEPS {
+                for _ in 0..tr.grad_accum_steps {
+                    cx.sim.stage(step, "forward");
+                    let f = gpt2::forward(&mut cx, x, y, tr.attention, tr.checkpointing);
+                    // `logits, loss = model(X, Y)` rebinds: the previous micro-step's logits die now.
+                    if let Some(old) = prev_logits.replace(f.logits) {
+                        cx.free(old);
+                    }
+                    exit_autocast(&mut cx);
+                    let (nx, ny) = gpt2::get_batch(&mut cx);
+                    x = nx;
+                    y = ny;
+                    cx.sim.stage(step, "loss backward");
+                    grad_scaler(&mut cx, &mut scaler_state);
+                    gpt2::backward(&mut cx, f, tr.attention, tr.checkpointing);
+                    cx.have_grads = true;
+                }
+                optimizer_stage(&mut cx, step, setup, &params, &mut state);
+            }
+        }
+        Family::Llama => {
+            for step in 1..=N_STEPS {
+                for _ in 0..tr.grad_accum_steps {
+                    let (x, y) = llama::get_batch(&mut cx);
+                    cx.sim.stage(step, "forward");
+                    let f = llama::forward(&mut cx, x, tr.checkpointing);
+                    exit_autocast(&mut cx);
+                    cx.sim.stage(step, "loss backward");
+                    grad_scaler(&mut cx, &mut scaler_state);
+                    llama::backward(&mut cx, f);
+                    cx.free(y);
+                    cx.have_grads = true;
+                }
+                optimizer_stage(&mut cx, step, setup, &params, &mut state);
+            }
+        }
+    }
+    Ok(sim)
+}
+
+/// The model on the device and the first forward (with its loss) only: for per-block figures.
+///
+/// # Errors
+/// As `simulate`.
+pub fn simulate_first_forward(setup: &Setup) -> Result<Sim, Error> {
+    let mut sim = Sim::new();
+    let mut cx = Ctx::new(&mut sim, setup)?;
+    let tr = &setup.train;
+    cx.sim.stage(1, "forward");
+    match setup.model.family {
+        Family::Gpt2 => {
+            let (x, y) = gpt2::get_batch(&mut cx);
+            let _ = gpt2::forward(&mut cx, x, y, tr.attention, tr.checkpointing);
+        }
+        Family::Llama => {
+            let (x, _y) = llama::get_batch(&mut cx);
+            let _ = llama::forward(&mut cx, x, tr.checkpointing);
+        }
+    }
+    Ok(sim)
+}
+
+/// Leaving `torch.autocast` clears its cast cache: casts that nothing saved for backward (the biases) go.
+fn exit_autocast(cx: &mut Ctx) {
+    let cache = std::mem::take(&mut cx.autocast_cache);
+    cx.sim.free_all(&cache);
+}
+
+/// GradScaler (fp16-amp): its scale and growth tracker are created on the first `scale(loss)`.
+fn grad_scaler(cx: &mut Ctx, created: &mut bool) {
+    if cx.prec == Precision::Fp16Amp && !*created {
+        *created = true;
+        cx.alloc(4, OptState, "GradScaler");
+        cx.alloc(4, OptState, "GradScaler");
+    }
+}
+
+fn optimizer_stage(
+    cx: &mut Ctx,
+    step: u32,
+    setup: &Setup,
+    params: &[(u64, bool)],
+    state: &mut Vec<Tensor>,
+) {
+    cx.sim.stage(step, "optimizer");
+    let tr = &setup.train;
+    if tr.grad_clip > 0.0 {
+        // clip_grad_norm_: `_foreach_norm` gives one fp32 scalar per parameter, then `stack` and the total norm;
+        // the grads are scaled in place.
+        let norms: Vec<Tensor> = params
+            .iter()
+            .map(|_| cx.alloc(4, Temporary, "_foreach_norm"))
+            .collect();
+        let stacked = cx.alloc(4 * params.len() as u64, Temporary, "stack");
+        cx.free(stacked);
+        cx.sim.free_all(&norms);
+    }
+    let pb = cx.pb;
+    match tr.optimizer {
+        Optimizer::AdamW | Optimizer::AdamWFused => {
+            if state.is_empty() {
+                // Lazy state: exp_avg and exp_avg_sq = zeros_like(p) per parameter; `step` is a device scalar for
+                // the fused kernel and a CPU scalar for foreach (torch/optim/adamw.py `_init_group`).
+                for &(elems, _) in params {
+                    if tr.optimizer == Optimizer::AdamWFused {
+                        state.push(cx.alloc(4, OptState, "zeros"));
+                    }
+                    state.push(cx.alloc(elems * pb, OptState, "zeros_like"));
+                    state.push(cx.alloc(elems * pb, OptState, "zeros_like"));
+                }
+            }
+            if tr.optimizer == Optimizer::AdamW {
+                // _multi_tensor_adamw: the only out-of-place op is `exp_avg_sq_sqrt = _foreach_sqrt(exp_avg_sqs)`,
+                // one tensor per parameter of the group, freed when the group is done. Groups run one after the
+                // other: nanoGPT has a decay group (matrices) and a no-decay group; HF-style loops one group.
+                let groups: Vec<Vec<u64>> = match setup.model.family {
+                    Family::Gpt2 => vec![
+                        params.iter().filter(|p| p.1).map(|p| p.0).collect(),
+                        params.iter().filter(|p| !p.1).map(|p| p.0).collect(),
+                    ],
+                    Family::Llama => vec![params.iter().map(|p| p.0).collect()],
+                };
+                for group in groups {
+                    let tmp: Vec<Tensor> = group
+                        .iter()
+                        .map(|&e| cx.alloc(e * pb, Temporary, "_foreach_sqrt"))
+                        .collect();
+                    cx.sim.free_all(&tmp);
+                }
+            }
+        }
+        Optimizer::SgdMomentum => {
+            if state.is_empty() {
+                // First step: momentum_buffer = clone(grad) per parameter.
+                for &(elems, _) in params {
+                    state.push(cx.alloc(elems * pb, OptState, "clone"));
+                }
+            }
+        }
+        Optimizer::Sgd => {}
+    }
+    // zero_grad(set_to_none=True)
+    let grads = std::mem::take(&mut cx.grads);
+    cx.sim.free_all(&grads);
+    cx.have_grads = false;
+}
+
+/// Bytes of the parameters as allocated (each tensor its own block).
+pub fn weights_block_bytes(params: &[(u64, bool)], bytes_per_elem: u64) -> u64 {
+    params
+        .iter()
+        .map(|&(e, _)| block_bytes(e * bytes_per_elem))
+        .sum()
+}

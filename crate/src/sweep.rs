@@ -1,0 +1,123 @@
+//! Memory over a range of batch sizes or block sizes, and the largest value that fits a device.
+
+use crate::error::Error;
+use crate::model::Setup;
+use crate::report::Components;
+use serde::Serialize;
+
+/// Which knob a sweep varies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Axis {
+    BatchSize,
+    /// `block_size` and the sequence length together (training at full context).
+    BlockSize,
+}
+
+impl Axis {
+    pub fn parse(s: &str) -> Result<Axis, Error> {
+        match s {
+            "batch_size" | "batch" => Ok(Axis::BatchSize),
+            "block_size" | "block" => Ok(Axis::BlockSize),
+            _ => Err(Error::UnknownValue {
+                field: "sweep axis".into(),
+                value: s.into(),
+                allowed: &["batch_size", "block_size"],
+            }),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Axis::BatchSize => "batch_size",
+            Axis::BlockSize => "block_size",
+        }
+    }
+
+    pub fn apply(self, setup: &Setup, value: u64) -> Setup {
+        let mut s = setup.clone();
+        match self {
+            Axis::BatchSize => s.train.batch_size = value,
+            Axis::BlockSize => {
+                s.model.block_size = value;
+                s.train.seq_len = value;
+            }
+        }
+        s
+    }
+}
+
+/// One point of a sweep.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Point {
+    pub value: u64,
+    pub peak_allocated_bytes: u64,
+    pub peak_reserved_bytes: u64,
+    pub device_total_bytes: u64,
+    pub components: Components,
+}
+
+/// Estimates the setup at each value of `axis`.
+///
+/// # Errors
+/// The first value whose setup is invalid, with the value named.
+pub fn sweep(setup: &Setup, axis: Axis, values: &[u64]) -> Result<Vec<Point>, Error> {
+    values
+        .iter()
+        .map(|&v| {
+            let r = crate::estimate(&axis.apply(setup, v))?;
+            Ok(Point {
+                value: v,
+                peak_allocated_bytes: r.peak_allocated_bytes,
+                peak_reserved_bytes: r.peak_reserved_bytes,
+                device_total_bytes: r.device_total_bytes,
+                components: r.components,
+            })
+        })
+        .collect()
+}
+
+/// Powers of two from `lo` to `hi` inclusive (the usual way people step batch and block sizes).
+pub fn powers_of_two(lo: u64, hi: u64) -> Vec<u64> {
+    let mut v = Vec::new();
+    let mut x = lo.max(1).next_power_of_two();
+    while x <= hi {
+        v.push(x);
+        match x.checked_mul(2) {
+            Some(n) => x = n,
+            None => break,
+        }
+    }
+    v
+}
+
+/// The largest value of `axis` (up to `limit`) whose predicted device total fits `budget_bytes`, by bisection
+/// (memory grows with both knobs). `None` when even 1 does not fit.
+///
+/// # Errors
+/// An invalid setup.
+pub fn largest_fitting(
+    setup: &Setup,
+    axis: Axis,
+    budget_bytes: u64,
+    limit: u64,
+) -> Result<Option<u64>, Error> {
+    let fits = |v: u64| -> Result<bool, Error> {
+        Ok(crate::estimate(&axis.apply(setup, v))?.device_total_bytes <= budget_bytes)
+    };
+    if !fits(1)? {
+        return Ok(None);
+    }
+    let (mut lo, mut hi) = (1u64, limit.max(1));
+    if fits(hi)? {
+        return Ok(Some(hi));
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid)? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(Some(lo))
+}

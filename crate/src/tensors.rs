@@ -1,0 +1,468 @@
+//! What each op allocates, saves for backward and frees, in the order PyTorch 2.15 does it on CUDA.
+//!
+//! Each function here is one PyTorch op (or one autograd node) and says, in its comment, which tensors the op
+//! returns, which of them autograd saves, and in which dtype. The orders were read from allocation traces of
+//! `scripts/measure/measure.py` (fake-CUDA method, `VRAMFIT_TRACE=file`), see docs/ACCURACY.md.
+//!
+//! Notation: `n` tokens (batch x sequence), `p` bytes of a matmul output (2 under autocast or in bf16, else 4),
+//! `r` bytes of the residual stream and norm outputs (fp32 under autocast: LayerNorm is on autocast's fp32 list
+//! and `x + f(x)` promotes to fp32), `pb` bytes of parameters and their grads.
+
+use crate::model::{ModelConfig, Setup};
+use crate::policy::{sdpa_backend, Precision, SdpaBackend};
+use crate::sim::{Category, Sim, Tensor};
+use crate::Error;
+
+use Category::{Activations, Grads, Temporary, WeightCopies, Workspace};
+
+/// cuBLAS workspace that PyTorch allocates through its caching allocator, once per (handle, stream): the
+/// forward thread and the autograd engine's device thread each get one. Default `CUBLAS_WORKSPACE_CONFIG` is
+/// ":4096:8:16:8" on sm_90 and newer (4096 KiB x 8 + 16 KiB x 8) and ":4096:2:16:8" before
+/// (aten/src/ATen/cuda/CublasHandlePool.cpp, `getChosenWorkspaceSize`).
+pub fn cublas_workspace_bytes(sm: u32) -> u64 {
+    if sm >= 90 {
+        4096 * 1024 * 8 + 16 * 1024 * 8
+    } else {
+        4096 * 1024 * 2 + 16 * 1024 * 8
+    }
+}
+
+/// The dimensions and dtypes every op needs, with the allocator it records into.
+pub struct Ctx<'a> {
+    pub sim: &'a mut Sim,
+    pub m: &'a ModelConfig,
+    pub prec: Precision,
+    pub b: u64,
+    pub t: u64,
+    pub n: u64,
+    /// Matmul output bytes.
+    pub p: u64,
+    /// Residual / norm output bytes.
+    pub r: u64,
+    /// Parameter and grad bytes.
+    pub pb: u64,
+    pub backend: SdpaBackend,
+    pub dropout: bool,
+    pub sm: u32,
+    /// Parameters have `.grad` already (a later micro-step accumulates into them).
+    pub have_grads: bool,
+    /// `.grad` of every parameter, freed by `zero_grad(set_to_none=True)`.
+    pub grads: Vec<Tensor>,
+    /// Autocast's cast cache entries held only by the cache (bias casts): freed when autocast exits.
+    pub autocast_cache: Vec<Tensor>,
+    /// Whether the forward and backward threads have their cuBLAS workspace yet.
+    pub workspace: [bool; 2],
+}
+
+impl<'a> Ctx<'a> {
+    pub fn new(sim: &'a mut Sim, setup: &'a Setup) -> Result<Ctx<'a>, Error> {
+        let m = &setup.model;
+        let prec = setup.train.precision;
+        let p = prec.matmul_bytes();
+        let backend = sdpa_backend(setup.device.sm, p, m.head_dim())?;
+        Ok(Ctx {
+            sim,
+            m,
+            prec,
+            b: setup.train.batch_size,
+            t: setup.train.seq_len,
+            n: setup.train.batch_size * setup.train.seq_len,
+            p,
+            r: prec.param_bytes(),
+            pb: prec.param_bytes(),
+            backend,
+            dropout: m.dropout > 0.0,
+            sm: setup.device.sm,
+            have_grads: false,
+            grads: Vec::new(),
+            autocast_cache: Vec::new(),
+            workspace: [false, false],
+        })
+    }
+
+    pub fn alloc(&mut self, n_bytes: u64, category: Category, op: &'static str) -> Tensor {
+        self.sim.alloc(n_bytes, category, op)
+    }
+
+    pub fn free(&mut self, t: Tensor) {
+        self.sim.free(t);
+    }
+
+    /// The first matmul on a thread allocates that thread's cuBLAS workspace (kept for the process' life).
+    fn matmul_workspace(&mut self, backward: bool) {
+        let i = usize::from(backward);
+        if !self.workspace[i] {
+            self.workspace[i] = true;
+            let bytes = cublas_workspace_bytes(self.sm);
+            self.sim.alloc(bytes, Workspace, "cublas_workspace");
+        }
+    }
+}
+
+/// What a Linear keeps for its backward.
+pub struct LinearSaved {
+    /// The input as the matmul saw it, when this op made it (autocast's cast of an fp32 input).
+    pub input_cast: Option<Tensor>,
+    /// Autocast's low-precision copy of the weight (cached for the forward, saved for backward).
+    pub weight_cast: Option<Tensor>,
+    pub in_f: u64,
+    pub out_f: u64,
+    pub bias: bool,
+}
+
+/// `F.linear(x, W, b)` on n tokens. Under autocast (`addmm`/`mm` are on the lower-precision list) the bias, the
+/// weight and an fp32 input are each cast to 2 bytes first, in that order; the weight cast is cached by autocast
+/// and saved for the input gradient, the (cast) input is saved for the weight gradient, the bias cast is held
+/// only by the cache. Output: n x out_f in matmul dtype.
+pub fn linear_fwd(
+    cx: &mut Ctx,
+    input_bytes: u64,
+    in_f: u64,
+    out_f: u64,
+    bias: bool,
+    out_category: Category,
+) -> (Tensor, LinearSaved) {
+    let mut saved = LinearSaved {
+        input_cast: None,
+        weight_cast: None,
+        in_f,
+        out_f,
+        bias,
+    };
+    if cx.prec.autocast() {
+        if bias {
+            let c = cx.alloc(out_f * 2, WeightCopies, "_to_copy");
+            cx.autocast_cache.push(c);
+        }
+        saved.weight_cast = Some(cx.alloc(in_f * out_f * 2, WeightCopies, "_to_copy"));
+        if input_bytes == 4 {
+            saved.input_cast = Some(cx.alloc(cx.n * in_f * 2, Activations, "_to_copy"));
+        }
+    }
+    cx.matmul_workspace(false);
+    let y = cx.alloc(
+        cx.n * out_f * cx.p,
+        out_category,
+        if bias { "addmm" } else { "mm" },
+    );
+    (y, saved)
+}
+
+/// A parameter's gradient arriving from its op's backward (`computed`, in matmul dtype) and landing in `.grad`.
+/// AccumulateGrad steals the first gradient of a step when its dtype matches the parameter; under autocast the
+/// gradient of the weight cast first goes through `_to_copy` back to fp32 (ToCopyBackward). A later micro-step
+/// adds into the existing `.grad` in place.
+fn param_grad(cx: &mut Ctx, computed: Tensor, elems: u64) {
+    let converted = if cx.prec.autocast() {
+        let g = cx.alloc(
+            elems * 4,
+            if cx.have_grads { Temporary } else { Grads },
+            "_to_copy",
+        );
+        cx.free(computed);
+        g
+    } else {
+        computed
+    };
+    if cx.have_grads {
+        cx.free(converted);
+    } else {
+        cx.grads.push(converted);
+    }
+}
+
+fn grad_category(cx: &Ctx) -> Category {
+    if cx.prec.autocast() || cx.have_grads {
+        Temporary
+    } else {
+        Grads
+    }
+}
+
+/// Backward of `linear_fwd`: `mm` for the input gradient (n x in_f), `mm` for the weight gradient
+/// (out_f x in_f) and `sum` for the bias gradient, all in matmul dtype; an fp32 gradient arriving from the
+/// residual stream is first cast down to the output's dtype by the autograd engine (`validate_outputs`). Then
+/// the saved cast input and weight copy are released, and the casts' backward (`_to_copy`) brings the input
+/// gradient back to fp32 and the weight gradient to `.grad`.
+///
+/// `release_grad_out` is false when the residual stream still holds the incoming gradient. `saved_input` is
+/// freed after the matmuls when this op held the last reference to it.
+pub fn linear_bwd(
+    cx: &mut Ctx,
+    grad_out: Tensor,
+    grad_out_bytes: u64,
+    release_grad_out: bool,
+    saved: LinearSaved,
+    saved_input: Option<Tensor>,
+) -> Tensor {
+    cx.matmul_workspace(true);
+    let cast = (grad_out_bytes != cx.p)
+        .then(|| cx.alloc(cx.n * saved.out_f * cx.p, Temporary, "_to_copy"));
+    if cast.is_some() && release_grad_out {
+        cx.free(grad_out);
+    }
+    let grad_in = cx.alloc(cx.n * saved.in_f * cx.p, Temporary, "mm");
+    let cat = grad_category(cx);
+    let gw = cx.alloc(saved.out_f * saved.in_f * cx.p, cat, "mm");
+    let gb = saved.bias.then(|| cx.alloc(saved.out_f * cx.p, cat, "sum"));
+    match cast {
+        Some(c) => cx.free(c),
+        None if release_grad_out => cx.free(grad_out),
+        None => {}
+    }
+    if let Some(t) = saved_input {
+        cx.free(t);
+    }
+    if let Some(t) = saved.input_cast {
+        cx.free(t);
+    }
+    if let Some(t) = saved.weight_cast {
+        cx.free(t);
+    }
+    let grad_in = if saved.input_cast.is_some() {
+        let wide = cx.alloc(cx.n * saved.in_f * 4, Temporary, "_to_copy");
+        cx.free(grad_in);
+        wide
+    } else {
+        grad_in
+    };
+    param_grad(cx, gw, saved.out_f * saved.in_f);
+    if let Some(gb) = gb {
+        param_grad(cx, gb, saved.out_f);
+    }
+    grad_in
+}
+
+/// What a LayerNorm / RMSNorm keeps besides its input.
+pub struct NormSaved {
+    pub stats: Vec<Tensor>,
+    /// Tensors of the norm's own making that its backward needs (RMSNorm's normalised x).
+    pub own: Vec<Tensor>,
+}
+
+/// `F.layer_norm` (`native_layer_norm`): output n x C in the input's dtype (fp32 under autocast: layer_norm is
+/// on autocast's fp32 list), mean and rstd fp32 [n]. Saves input, weight, bias, mean, rstd.
+pub fn layer_norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
+    let c = cx.m.n_embd;
+    let out = cx.alloc(cx.n * c * cx.r, Activations, "native_layer_norm");
+    let mean = cx.alloc(cx.n * 4, Activations, "native_layer_norm");
+    let rstd = cx.alloc(cx.n * 4, Activations, "native_layer_norm");
+    (
+        out,
+        NormSaved {
+            stats: vec![mean, rstd],
+            own: vec![],
+        },
+    )
+}
+
+/// `native_layer_norm_backward`: grad input n x C, grad weight and bias [C] (to `.grad`); then the incoming
+/// gradient, the saved input and the statistics are released.
+pub fn layer_norm_bwd(
+    cx: &mut Ctx,
+    grad_out: Tensor,
+    saved: NormSaved,
+    input: Tensor,
+    bias: bool,
+) -> Tensor {
+    let c = cx.m.n_embd;
+    let gi = cx.alloc(cx.n * c * cx.r, Temporary, "native_layer_norm_backward");
+    let cat = if cx.have_grads { Temporary } else { Grads };
+    let gw = cx.alloc(c * cx.pb, cat, "native_layer_norm_backward");
+    let gb = bias.then(|| cx.alloc(c * cx.pb, cat, "native_layer_norm_backward"));
+    cx.free(grad_out);
+    cx.free(input);
+    cx.sim.free_all(&saved.stats);
+    for g in [Some(gw), gb].into_iter().flatten() {
+        if cx.have_grads {
+            cx.free(g);
+        } else {
+            cx.grads.push(g);
+        }
+    }
+    gi
+}
+
+/// HF `LlamaRMSNorm` in PyTorch ops: `x.to(fp32)` (no copy for an fp32 stream), `pow(2)` (temporary),
+/// `mean(-1, keepdim)` [n], `+ eps`, `rsqrt` [n] (saved), `x * rsqrt` n x C fp32 (saved by the weight multiply),
+/// `weight * normed.to(dtype)` n x C. With bf16 weights the normalised x is also cast back to bf16.
+pub fn rms_norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
+    let c = cx.m.n_embd;
+    let wide = cx.n * c * 4;
+    let pow = cx.alloc(wide, Temporary, "pow");
+    let mean = cx.alloc(cx.n * 4, Temporary, "mean");
+    cx.free(pow);
+    let added = cx.alloc(cx.n * 4, Temporary, "add");
+    let rstd = cx.alloc(cx.n * 4, Activations, "rsqrt");
+    cx.free(added);
+    let mut own = vec![];
+    if cx.r == 2 {
+        // bf16 stream: hidden.to(float32) is a real copy, saved by pow and the multiply.
+        own.push(cx.alloc(wide, Activations, "_to_copy"));
+    }
+    let normed = cx.alloc(wide, Activations, "mul");
+    let out = if cx.r == 2 {
+        // normed.to(bf16) is saved by the weight multiply; the fp32 normed dies with the cast.
+        let lp = cx.alloc(cx.n * c * 2, Activations, "_to_copy");
+        cx.free(normed);
+        let o = cx.alloc(cx.n * c * 2, Activations, "mul");
+        own.push(lp);
+        o
+    } else {
+        own.push(normed);
+        cx.alloc(wide, Activations, "mul")
+    };
+    cx.free(mean);
+    (
+        out,
+        NormSaved {
+            stats: vec![rstd],
+            own,
+        },
+    )
+}
+
+/// Backward of `rms_norm_fwd` as autograd runs it: the weight multiply (grad of normed and of weight, a
+/// `sum` to [C]), the `x * rsqrt` multiply, rsqrt's and mean's backward (n x C fp32 temporaries), and the
+/// gradients summed into one n x C fp32 gradient for the stream.
+pub fn rms_norm_bwd(cx: &mut Ctx, grad_out: Tensor, saved: NormSaved, input: Tensor) -> Tensor {
+    let c = cx.m.n_embd;
+    let wide = cx.n * c * 4;
+    // weight * normed: grad of normed (mul) and of weight (mul, then sum to [C]).
+    let g_normed = cx.alloc(wide, Temporary, "mul");
+    let g_w_full = cx.alloc(wide, Temporary, "mul");
+    let cat = if cx.have_grads { Temporary } else { Grads };
+    let gw = cx.alloc(c * cx.pb, cat, "sum");
+    cx.free(g_w_full);
+    cx.free(grad_out);
+    for t in saved.own {
+        cx.free(t);
+    }
+    // x * rsqrt: grad of rsqrt (mul, summed to [n]) and of x (mul).
+    let g_rstd_full = cx.alloc(wide, Temporary, "mul");
+    let g_x1 = cx.alloc(wide, Temporary, "mul");
+    cx.free(g_rstd_full);
+    cx.free(g_normed);
+    cx.sim.free_all(&saved.stats);
+    // rsqrt -> mean (expand / C) -> pow(2) (2 x x): three n x C fp32 temporaries alive together.
+    let g_div = cx.alloc(wide, Temporary, "div");
+    let g_pow = cx.alloc(wide, Temporary, "pow");
+    let g_mul = cx.alloc(wide, Temporary, "mul");
+    let g_x2 = cx.alloc(wide, Temporary, "mul");
+    cx.free(g_mul);
+    cx.free(g_pow);
+    cx.free(g_div);
+    cx.free(input);
+    // The two paths into x are summed by the engine's input buffer (out of place).
+    let gi = cx.alloc(wide, Temporary, "add");
+    cx.free(g_x1);
+    cx.free(g_x2);
+    if cx.have_grads {
+        cx.free(gw);
+    } else {
+        cx.grads.push(gw);
+    }
+    if cx.r == 2 {
+        let lp = cx.alloc(cx.n * c * 2, Temporary, "_to_copy");
+        cx.free(gi);
+        return lp;
+    }
+    gi
+}
+
+/// `nn.Dropout(p)` in training on CUDA with 0 < p < 1: `native_dropout` returns the output (input dtype) and a
+/// bool mask (1 byte per element), and saves the mask.
+pub fn dropout_fwd(cx: &mut Ctx, elems: u64, bytes: u64, category: Category) -> (Tensor, Tensor) {
+    let out = cx.alloc(elems * bytes, category, "native_dropout");
+    let mask = cx.alloc(elems, Activations, "native_dropout");
+    (out, mask)
+}
+
+/// `native_dropout_backward`: grad x mask, a new tensor; then the incoming gradient and the mask are released.
+/// `release_grad_out` is false when another path (the residual stream) still holds the incoming gradient.
+pub fn dropout_bwd(
+    cx: &mut Ctx,
+    grad_out: Tensor,
+    release_grad_out: bool,
+    elems: u64,
+    bytes: u64,
+    mask: Tensor,
+) -> Tensor {
+    let g = cx.alloc(elems * bytes, Temporary, "native_dropout_backward");
+    if release_grad_out {
+        cx.free(grad_out);
+    }
+    cx.free(mask);
+    g
+}
+
+/// What fused attention keeps: output, logsumexp and the two Philox RNG scalars (int64, one block each).
+pub struct SdpaSaved {
+    pub out: Tensor,
+    pub lse: Tensor,
+    pub rng: [Tensor; 2],
+}
+
+/// Logsumexp of the attention kernel: fp32 [B, H, T] for flash; [B, H, round32(T)] for memory-efficient
+/// (`_efficient_attention_forward` pads to its 32-row tile).
+fn lse_bytes(cx: &Ctx) -> u64 {
+    let rows = match cx.backend {
+        SdpaBackend::Flash => cx.t,
+        SdpaBackend::Efficient => cx.t.div_ceil(32) * 32,
+    };
+    cx.b * cx.m.n_head * rows * 4
+}
+
+/// `_scaled_dot_product_{flash,efficient}_attention`: output n x C in matmul dtype (laid out as [B, T, H, hs],
+/// so nanoGPT's `transpose(1, 2).contiguous()` afterwards copies nothing), logsumexp, RNG seed and offset.
+/// Saves q, k, v, output, logsumexp and the RNG state. Nothing T x T exists.
+pub fn sdpa_fwd(cx: &mut Ctx) -> SdpaSaved {
+    let op = match cx.backend {
+        SdpaBackend::Flash => "_scaled_dot_product_flash_attention",
+        SdpaBackend::Efficient => "_scaled_dot_product_efficient_attention",
+    };
+    let out = cx.alloc(cx.n * cx.m.n_embd * cx.p, Activations, op);
+    let lse = cx.alloc(lse_bytes(cx), Activations, op);
+    let rng = [cx.alloc(8, Activations, op), cx.alloc(8, Activations, op)];
+    SdpaSaved { out, lse, rng }
+}
+
+/// Attention backward. Kernel scratch first (FlashAttention-2 `mha_bwd`: `dq_accum` fp32
+/// [B, round128(T), H, round32(hs)] and `softmax_d` fp32 [B, H, round128(T)]; memory-efficient: `delta` fp32
+/// [B, H, T], plus an fp32 grad-q accumulator [B, T, H, hs] for 2-byte inputs), then dq (n x C) and dk, dv
+/// (n x kv_dim) in matmul dtype. Returns (dq, dk, dv).
+pub fn sdpa_bwd(cx: &mut Ctx) -> (Tensor, Tensor, Tensor) {
+    let (b, t, h, hs) = (cx.b, cx.t, cx.m.n_head, cx.m.head_dim());
+    let scratch = match cx.backend {
+        SdpaBackend::Flash => {
+            let t128 = t.div_ceil(128) * 128;
+            b * t128 * h * hs.div_ceil(32) * 32 * 4 + b * h * t128 * 4
+        }
+        SdpaBackend::Efficient => b * h * t * 4 + if cx.p == 4 { 0 } else { b * t * h * hs * 4 },
+    };
+    cx.sim
+        .scratch(scratch, Workspace, "attention_backward_scratch");
+    let op = match cx.backend {
+        SdpaBackend::Flash => "_scaled_dot_product_flash_attention_backward",
+        SdpaBackend::Efficient => "_scaled_dot_product_efficient_attention_backward",
+    };
+    let kv = cx.m.kv_dim();
+    let dq = cx.alloc(cx.n * cx.m.n_embd * cx.p, Temporary, op);
+    let dk = cx.alloc(cx.n * kv * cx.p, Temporary, op);
+    let dv = cx.alloc(cx.n * kv * cx.p, Temporary, op);
+    (dq, dk, dv)
+}
+
+/// `F.embedding` backward on CUDA (`embedding_dense_backward`): sorts the indices first (two int64 buffers of
+/// n, kernel scratch), then allocates the dense gradient rows x C.
+pub fn embedding_bwd(cx: &mut Ctx, n_indices: u64, rows: u64) -> Tensor {
+    cx.sim
+        .scratch(2 * n_indices * 8, Workspace, "embedding_backward_sort");
+    let cat = if cx.have_grads { Temporary } else { Grads };
+    cx.alloc(rows * cx.m.n_embd * cx.pb, cat, "embedding_dense_backward")
+}
+
+/// Attention kind and dims for callers that need them.
+pub fn manual_scores_elems(cx: &Ctx) -> u64 {
+    cx.b * cx.m.n_head * cx.t * cx.t
+}

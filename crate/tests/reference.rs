@@ -1,0 +1,109 @@
+//! Reference tests: every measured training run in `tests/data/*.json` against the estimate.
+//!
+//! Tolerances (issue 2): every config within 5% of the measured peak allocated, the median within 2%.
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+use vramfit::input::setup_from_value;
+
+const TOLERANCE: f64 = 0.05;
+const MEDIAN_TOLERANCE: f64 = 0.02;
+
+fn data_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data")
+}
+
+struct Row {
+    name: String,
+    method: String,
+    measured: u64,
+    predicted: u64,
+    measured_phase: String,
+    predicted_phase: String,
+}
+
+fn rows() -> Vec<Row> {
+    let mut rows = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(data_dir())
+        .expect("tests/data exists")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    for path in files
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+    {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        for rec in v["records"].as_array().expect("records") {
+            let setup =
+                setup_from_value(&rec["setup"]).unwrap_or_else(|e| panic!("{}: {e}", rec["name"]));
+            let report =
+                vramfit::estimate(&setup).unwrap_or_else(|e| panic!("{}: {e}", rec["name"]));
+            rows.push(Row {
+                name: rec["name"].as_str().unwrap().to_string(),
+                method: rec["method"].as_str().unwrap().to_string(),
+                measured: rec["measured"]["peak_allocated_bytes"].as_u64().unwrap(),
+                predicted: report.peak_allocated_bytes,
+                measured_phase: format!(
+                    "{} ({})",
+                    rec["measured"]["peak_phase"].as_str().unwrap(),
+                    rec["measured"]["peak_op"].as_str().unwrap()
+                ),
+                predicted_phase: format!("{} ({})", report.peak_phase, report.peak_op),
+            });
+        }
+    }
+    rows
+}
+
+fn error(r: &Row) -> f64 {
+    (r.predicted as f64 - r.measured as f64) / r.measured as f64
+}
+
+#[test]
+fn every_measured_config_is_within_tolerance() {
+    let rows = rows();
+    assert!(
+        rows.len() >= 40,
+        "expected at least 40 measured configs, found {}",
+        rows.len()
+    );
+    let mut table = String::new();
+    let mut bad = 0;
+    for r in &rows {
+        let e = error(r);
+        let flag = if e.abs() > TOLERANCE {
+            bad += 1;
+            "  <-- over tolerance"
+        } else {
+            ""
+        };
+        table += &format!(
+            "{:32} {:>9} {:>14} {:>14} {:>+7.2}%  measured at {} / predicted at {}{flag}\n",
+            r.name,
+            r.method,
+            r.measured,
+            r.predicted,
+            e * 100.0,
+            r.measured_phase,
+            r.predicted_phase
+        );
+    }
+    let mut errs: Vec<f64> = rows.iter().map(|r| error(r).abs()).collect();
+    errs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = errs[errs.len() / 2];
+    println!("{table}median |error| {:.3}%", median * 100.0);
+    assert!(
+        bad == 0,
+        "{bad} configs over {}%:\n{table}",
+        TOLERANCE * 100.0
+    );
+    assert!(
+        median <= MEDIAN_TOLERANCE,
+        "median |error| {:.3}% over {}%\n{table}",
+        median * 100.0,
+        MEDIAN_TOLERANCE * 100.0
+    );
+}

@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""The reference cases vramfit is checked against: writes scripts/measure/cases.json.
+
+Coverage (issue 2): both families; fp32, fp16-amp, bf16-amp, bf16; adamw, adamw-fused, sgd, sgd-momentum; sdpa
+and manual attention; dropout 0 / 0.1+; checkpointing on/off; batch 1-64; sequence 64-4096; vocab 65-152k;
+1-48 layers; widths 64-4096; the founding case and GPT-2 124M at block 1024.
+"""
+import json
+import os
+
+
+def gpt(name, n_layer, n_head, n_embd, block, vocab, batch, precision, optimizer, attention="sdpa", dropout=0.0,
+        bias=False, ckpt=False, accum=1, clip=1.0, seq=None):
+    return {"name": name,
+            "model": {"family": "gpt2", "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "block_size": block,
+                      "vocab_size": vocab, "bias": bias, "dropout": dropout},
+            "train": {"batch_size": batch, "seq_len": seq or block, "precision": precision, "optimizer": optimizer,
+                      "attention": attention, "checkpointing": ckpt, "grad_accum_steps": accum, "grad_clip": clip}}
+
+
+def llama(name, n_layer, n_head, n_kv, n_embd, inter, vocab, seq, batch, precision, optimizer, tie=False, ckpt=False,
+          accum=1, clip=1.0):
+    return {"name": name,
+            "model": {"family": "llama", "n_layer": n_layer, "n_head": n_head, "n_kv_head": n_kv, "n_embd": n_embd,
+                      "intermediate_size": inter, "block_size": seq, "vocab_size": vocab, "tie_embeddings": tie,
+                      "dropout": 0.0},
+            "train": {"batch_size": batch, "seq_len": seq, "precision": precision, "optimizer": optimizer,
+                      "attention": "sdpa", "checkpointing": ckpt, "grad_accum_steps": accum, "grad_clip": clip}}
+
+
+CASES = [
+    # The case that started the project, and its batch and block sweeps.
+    gpt("nanogpt-30m-founding", 6, 6, 384, 512, 50304, 16, "fp16-amp", "adamw-fused"),
+    gpt("nanogpt-30m-b1", 6, 6, 384, 512, 50304, 1, "fp16-amp", "adamw-fused"),
+    gpt("nanogpt-30m-b4", 6, 6, 384, 512, 50304, 4, "fp16-amp", "adamw-fused"),
+    gpt("nanogpt-30m-b32", 6, 6, 384, 512, 50304, 32, "fp16-amp", "adamw-fused"),
+    gpt("nanogpt-30m-b64", 6, 6, 384, 512, 50304, 64, "fp16-amp", "adamw-fused"),
+    gpt("nanogpt-30m-block64", 6, 6, 384, 64, 50304, 16, "fp16-amp", "adamw-fused"),
+    gpt("nanogpt-30m-block256", 6, 6, 384, 256, 50304, 16, "fp16-amp", "adamw-fused"),
+    gpt("nanogpt-30m-block1024", 6, 6, 384, 1024, 50304, 16, "fp16-amp", "adamw-fused"),
+    gpt("nanogpt-30m-dropout", 6, 6, 384, 512, 50304, 8, "fp16-amp", "adamw-fused", dropout=0.1),
+    gpt("nanogpt-30m-accum4", 6, 6, 384, 512, 50304, 8, "fp16-amp", "adamw-fused", accum=4),
+    gpt("nanogpt-30m-noclip-bf16amp", 6, 6, 384, 512, 50304, 16, "bf16-amp", "adamw-fused", clip=0.0),
+    gpt("nanogpt-30m-fp32-adamw", 6, 6, 384, 512, 50304, 8, "fp32", "adamw"),
+    gpt("nanogpt-30m-sgdm-fp32", 6, 6, 384, 512, 50304, 8, "fp32", "sgd-momentum"),
+    gpt("nanogpt-30m-sgd-bf16amp", 6, 6, 384, 512, 50304, 8, "bf16-amp", "sgd"),
+    gpt("nanogpt-30m-ckpt-fp16", 6, 6, 384, 512, 50304, 16, "fp16-amp", "adamw-fused", ckpt=True),
+    # GPT-2 family as nanoGPT trains it.
+    gpt("gpt2-124m-block1024", 12, 12, 768, 1024, 50304, 12, "bf16-amp", "adamw-fused"),
+    gpt("gpt2-124m-fp32-adamw", 12, 12, 768, 1024, 50304, 4, "fp32", "adamw"),
+    gpt("gpt2-124m-bias-fp16", 12, 12, 768, 1024, 50304, 8, "fp16-amp", "adamw-fused", bias=True),
+    gpt("gpt2-124m-ckpt-fp32", 12, 12, 768, 1024, 50304, 8, "fp32", "adamw-fused", ckpt=True),
+    gpt("gpt2-medium-ckpt", 24, 16, 1024, 1024, 50257, 4, "bf16-amp", "adamw-fused", bias=True, ckpt=True),
+    gpt("gpt2-large-bf16", 36, 20, 1280, 1024, 50257, 2, "bf16", "adamw-fused", bias=True),
+    gpt("gpt2-xl-ckpt-adamw", 48, 25, 1600, 1024, 50257, 1, "bf16-amp", "adamw", bias=True, ckpt=True),
+    # shakespeare-char and small models.
+    gpt("shakespeare-char", 6, 6, 384, 256, 65, 64, "bf16-amp", "adamw-fused", dropout=0.2),
+    gpt("shakespeare-char-manual-fp16", 6, 6, 384, 256, 65, 64, "fp16-amp", "adamw-fused", attention="manual",
+        dropout=0.1),
+    gpt("tiny-1layer-fp32-sgd", 1, 4, 64, 64, 65, 1, "fp32", "sgd"),
+    gpt("small-b64-fp32", 4, 4, 128, 128, 65, 64, "fp32", "adamw", bias=True),
+    gpt("small-bf16-sgdm-dropout", 4, 4, 256, 256, 1024, 16, "bf16", "sgd-momentum", dropout=0.1),
+    # Manual attention (T x T scores saved).
+    gpt("manual-fp32-adamw", 4, 4, 256, 256, 50304, 8, "fp32", "adamw", attention="manual"),
+    gpt("manual-bf16amp", 8, 8, 512, 512, 50304, 4, "bf16-amp", "adamw-fused", attention="manual"),
+    gpt("manual-bf16-dropout", 4, 8, 512, 512, 8192, 4, "bf16", "adamw", attention="manual", dropout=0.1),
+    gpt("manual-long-fp32", 2, 4, 256, 2048, 50304, 1, "fp32", "sgd", attention="manual"),
+    gpt("manual-ckpt-fp16", 4, 4, 256, 512, 50304, 8, "fp16-amp", "adamw-fused", attention="manual", ckpt=True),
+    # Long sequences and wide models.
+    gpt("long-4096-bf16amp", 4, 4, 256, 4096, 50304, 1, "bf16-amp", "adamw-fused"),
+    gpt("wide-4096-bf16amp", 2, 32, 4096, 256, 50304, 2, "bf16-amp", "adamw-fused"),
+    gpt("wide-2048-fp32", 2, 16, 2048, 128, 50304, 4, "fp32", "adamw-fused", bias=True),
+    # Llama family (Hugging Face LlamaForCausalLM).
+    llama("llama-tiny-fp32-mha", 4, 8, 8, 256, 688, 32000, 256, 8, "fp32", "adamw"),
+    llama("llama-tiny-bf16amp-gqa", 4, 8, 2, 256, 688, 32000, 256, 8, "bf16-amp", "adamw-fused"),
+    llama("llama-64wide-fp16amp", 2, 4, 2, 64, 176, 1000, 64, 4, "fp16-amp", "sgd"),
+    llama("llama-small-bf16-fused", 8, 8, 8, 512, 1376, 32000, 512, 4, "bf16", "adamw-fused"),
+    llama("llama-small-fp16amp-sgdm", 4, 8, 8, 512, 1376, 32000, 256, 8, "fp16-amp", "sgd-momentum"),
+    llama("llama-small-bf16-sgd", 4, 8, 4, 512, 1376, 32000, 256, 8, "bf16", "sgd"),
+    llama("llama-adamw-foreach-b16", 4, 8, 4, 512, 1376, 32000, 128, 16, "bf16-amp", "adamw"),
+    llama("llama-accum2", 4, 8, 4, 512, 1376, 32000, 256, 8, "bf16-amp", "adamw-fused", accum=2),
+    llama("llama-ckpt-1024", 8, 16, 4, 1024, 2816, 32000, 1024, 4, "bf16-amp", "adamw-fused", ckpt=True),
+    llama("llama-seq4096", 4, 8, 2, 512, 1376, 32000, 4096, 1, "bf16-amp", "adamw-fused"),
+    llama("tinyllama-1.1b", 22, 32, 4, 2048, 5632, 32000, 2048, 1, "bf16-amp", "adamw-fused"),
+    llama("llama-3.2-1b-tied", 16, 32, 8, 2048, 8192, 128256, 1024, 1, "bf16-amp", "adamw-fused", tie=True),
+    llama("qwen2.5-0.5b-bf16", 24, 14, 2, 896, 4864, 151936, 512, 2, "bf16", "adamw-fused", tie=True),
+    llama("mistral-7b-bf16-ckpt", 32, 32, 8, 4096, 14336, 32000, 512, 1, "bf16", "adamw-fused", ckpt=True),
+]
+
+if __name__ == "__main__":
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cases.json")
+    with open(out, "w") as f:
+        json.dump(CASES, f, indent=1)
+    print(f"{len(CASES)} cases -> {out}")
