@@ -16,7 +16,8 @@ struct ManualSaved {
     kt: Tensor,
     mask: Tensor,
     softmax: Tensor,
-    dropout: Option<(Tensor, Tensor)>,
+    /// (dropout output if saved, mask).
+    dropout: Option<(Option<Tensor>, Tensor)>,
     att_cast: Option<Tensor>,
     v: Tensor,
 }
@@ -131,9 +132,11 @@ fn dropout_on(
 
 /// nanoGPT's non-flash attention: `att = (q @ k^T) * scale`, `masked_fill(bias == 0, -inf)`, `softmax`,
 /// dropout, `att @ v`, then `transpose(1, 2).contiguous()`. `matmul` on the non-contiguous head views copies
-/// q, k^T and v (`clone`, saved by `bmm`); softmax is on autocast's fp32 list (input cast, fp32 output saved);
-/// the second `bmm` casts the probabilities back to 2 bytes under autocast (saved).
-fn manual_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
+/// q, k^T and v (`clone`, saved by `bmm`). Under autocast softmax (fp32 list) runs with `half_to_float` and
+/// returns fp32 directly, dropout runs on the fp32 probabilities, and the second `bmm` saves a 2-byte cast of
+/// them, so the fp32 dropout output dies with the attention call. Without autocast the dropout output is what
+/// `bmm` saves.
+fn manual_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor, Option<Tensor>) {
     let nc = cx.n * cx.m.n_embd;
     let s = ops::manual_scores_elems(cx);
     let p = cx.p;
@@ -146,36 +149,32 @@ fn manual_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
     let filled = cx.alloc(s * p, Temporary, "masked_fill");
     cx.free(scaled);
     let sb = if cx.prec.autocast() { 4 } else { p };
-    let cast = cx
-        .prec
-        .autocast()
-        .then(|| cx.alloc(s * 4, Temporary, "_to_copy"));
     let softmax = cx.alloc(s * sb, Activations, "_softmax");
     cx.free(filled);
-    if let Some(c) = cast {
-        cx.free(c);
-    }
     let dropout = cx.dropout.then(|| ops::dropout_fwd(cx, s, sb, Activations));
     let att_cast = cx
         .prec
         .autocast()
         .then(|| cx.alloc(s * 2, Activations, "_to_copy"));
+    // Under autocast nothing saves the fp32 dropout output: it is freed when the attention call returns.
+    let dead_at_return = match (dropout, att_cast) {
+        (Some((out, _)), Some(_)) => Some(out),
+        _ => None,
+    };
     let v = cx.alloc(nc * p, Activations, "clone");
     let out = cx.alloc(nc * p, Temporary, "bmm");
     let y = cx.alloc(nc * p, Activations, "clone");
     cx.free(out);
-    (
-        AttnSaved::Manual(ManualSaved {
-            q,
-            kt,
-            mask,
-            softmax,
-            dropout,
-            att_cast,
-            v,
-        }),
-        y,
-    )
+    let saved = ManualSaved {
+        q,
+        kt,
+        mask,
+        softmax,
+        dropout: dropout.map(|(o, m)| (dead_at_return.is_none().then_some(o), m)),
+        att_cast,
+        v,
+    };
+    (AttnSaved::Manual(saved), y, dead_at_return)
 }
 
 /// Backward of `manual_fwd`, given the gradient of the contiguous output; returns the gradient of qkv (`cat`).
@@ -198,18 +197,15 @@ fn manual_bwd(cx: &mut Ctx, gy: Tensor, saved: ManualSaved) -> Tensor {
         g_att = wide;
     }
     if let Some((out, mask)) = saved.dropout {
-        cx.free(out);
+        if let Some(out) = out {
+            cx.free(out);
+        }
         g_att = ops::dropout_bwd(cx, g_att, true, s, sb, mask);
     }
-    let g_soft = cx.alloc(s * sb, Temporary, "_softmax_backward_data");
+    // softmax backward returns the gradient in the input's dtype (2 bytes under autocast).
+    let g_soft = cx.alloc(s * p, Temporary, "_softmax_backward_data");
     cx.free(g_att);
     cx.free(saved.softmax);
-    let mut g_soft = g_soft;
-    if cx.prec.autocast() {
-        let lp = cx.alloc(s * p, Temporary, "_to_copy");
-        cx.free(g_soft);
-        g_soft = lp;
-    }
     let g_fill = cx.alloc(s * p, Temporary, "masked_fill");
     cx.free(g_soft);
     cx.free(saved.mask);
@@ -236,21 +232,22 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor, attention: Attention) -> (BlockSaved, T
     let (r, p) = (cx.r, cx.p);
     let (ln1_out, ln1) = ops::layer_norm_fwd(cx);
     let (qkv, c_attn) = ops::linear_fwd(cx, r, c, 3 * c, bias, Activations);
-    let (attn, y, qkv_kept) = match attention {
-        Attention::Sdpa => {
-            let s = ops::sdpa_fwd(cx);
-            (AttnSaved::Sdpa(s), None, Some(qkv))
-        }
+    // SDPA saves q, k, v (views of the fused QKV output); the manual path copies them instead, so the fused
+    // output (and, under autocast, the unsaved fp32 dropout output) die when the attention call returns.
+    let (attn, y, qkv_kept, dead_at_return) = match attention {
+        Attention::Sdpa => (AttnSaved::Sdpa(ops::sdpa_fwd(cx)), None, Some(qkv), None),
         Attention::Manual => {
-            let (a, y) = manual_fwd(cx);
-            (a, Some(y), None)
+            let (a, y, dead) = manual_fwd(cx);
+            (a, Some(y), None, dead)
         }
     };
     let (a, c_proj) = ops::linear_fwd(cx, p, c, c, bias, Temporary);
     let (a, drop1) = dropout_on(cx, a, nc, p, Temporary);
     if qkv_kept.is_none() {
-        // Manual path: q, k, v were copied; the fused QKV output dies with the attention forward.
         cx.free(qkv);
+    }
+    if let Some(t) = dead_at_return {
+        cx.free(t);
     }
     // ln_1's output is held by the attention call until it returns; under autocast nothing saves it.
     let ln1_out = if c_attn.input_cast.is_some() {
@@ -388,8 +385,12 @@ fn release_block(cx: &mut Ctx, s: BlockSaved, free_input: bool) {
         cx.free(t);
     }
     for l in [&s.c_attn, &s.c_proj, &s.c_fc, &s.mlp_proj] {
-        for t in [l.input_cast, l.weight_cast].into_iter().flatten() {
+        if let Some(t) = l.input_cast {
             cx.free(t);
+        }
+        // Weight casts stay in autocast's cache (weights are leaves) until autocast exits.
+        if let Some(t) = l.weight_cast {
+            cx.autocast_cache.push(t);
         }
     }
     match s.attn {
@@ -399,7 +400,10 @@ fn release_block(cx: &mut Ctx, s: BlockSaved, free_input: bool) {
         AttnSaved::Manual(a) => {
             cx.sim.free_all(&[a.q, a.kt, a.mask, a.softmax, a.v]);
             if let Some((o, m)) = a.dropout {
-                cx.sim.free_all(&[o, m]);
+                cx.free(m);
+                if let Some(o) = o {
+                    cx.free(o);
+                }
             }
             if let Some(c) = a.att_cast {
                 cx.free(c);
@@ -546,9 +550,11 @@ pub fn backward(cx: &mut Ctx, f: Forward, attention: Attention, checkpointing: b
         cx.sim.layer(Some(l as u32));
         let s = if checkpointing {
             let x_in = s.x_in;
-            // Recompute: the block's forward again, its output discarded (the stream holds its own copy).
+            // Recompute: the block's forward again under the autocast state of the forward (checkpoint restores
+            // it, and its exit clears the cast cache); its output is discarded.
             let (saved, x_out) = block_fwd(cx, x_in, attention);
             cx.free(x_out);
+            cx.clear_autocast_cache();
             saved
         } else {
             s

@@ -71,6 +71,12 @@ pub fn param_tensors(cx: &Ctx) -> Vec<(u64, bool)> {
     v
 }
 
+/// In a bf16 model, RMSNorm's `hidden.to(float32)` is a real copy and it is the copy that `pow` and the
+/// multiply save: the bf16 residual stream itself is saved by nothing and dies when Python lets go of it.
+fn stream_unsaved(cx: &Ctx) -> bool {
+    cx.r == 2
+}
+
 /// Bytes of the rotated q or k: `q * cos` with an fp32 cos promotes a 2-byte q to fp32 under autocast.
 fn rope_bytes(cx: &Ctx) -> u64 {
     cx.p.max(cx.r)
@@ -168,6 +174,9 @@ fn layer_fwd(cx: &mut Ctx, x_in: Tensor) -> (LayerSaved, Tensor) {
     };
     let x_out = cx.alloc(nc * r, Activations, "add");
     cx.free(d_out);
+    if stream_unsaved(cx) {
+        cx.free(x_mid);
+    }
     let saved = LayerSaved {
         x_in,
         rms1,
@@ -205,8 +214,12 @@ fn release_layer(cx: &mut Ctx, s: LayerSaved) {
         cx.free(t);
     }
     for l in [&s.q, &s.k, &s.v, &s.o, &s.gate, &s.up, &s.down] {
-        for t in [l.input_cast, l.weight_cast].into_iter().flatten() {
+        if let Some(t) = l.input_cast {
             cx.free(t);
+        }
+        // Weight casts stay in autocast's cache (weights are leaves) until autocast exits.
+        if let Some(t) = l.weight_cast {
+            cx.autocast_cache.push(t);
         }
     }
     if let Some((a, b)) = s.kv_repeat {
@@ -335,12 +348,21 @@ pub fn forward(cx: &mut Ctx, input_ids: Tensor, checkpointing: bool) -> Forward 
             release_layer(cx, saved);
             layers.push(None);
         } else {
+            // `hidden_states = decoder_layer(hidden_states)` lets go of the layer input (the embedding output
+            // stays bound to `inputs_embeds` until the forward returns).
+            if stream_unsaved(cx) && l > 0 {
+                cx.free(saved.x_in);
+            }
             layers.push(Some(saved));
         }
         x = x_out;
     }
     cx.sim.layer(None);
     let (hf, rmsf) = ops::rms_norm_fwd(cx);
+    if stream_unsaved(cx) && !checkpointing {
+        cx.free(x);
+        cx.free(x0);
+    }
     let step = cx.sim.timeline().last().map_or(1, |t| t.step);
     cx.sim.stage(step, "loss");
     let v = cx.m.vocab_size;
@@ -408,6 +430,7 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
                 let x_in = inputs.next().expect("one input per checkpointed layer");
                 let (s, x_out) = layer_fwd(cx, x_in);
                 cx.free(x_out);
+                cx.clear_autocast_cache();
                 s
             }
         };

@@ -113,6 +113,17 @@ pub struct Sim {
     /// Live bytes counted in the caching allocator's segment units (see `segment_bytes`), and their peak.
     live_segment_bytes: u64,
     peak_segment_bytes: u64,
+    /// Every allocation and free, when recording (for comparing with a measured trace).
+    events: Option<Vec<Event>>,
+}
+
+/// One allocator event: bytes > 0 allocates, < 0 frees.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub phase: String,
+    pub op: &'static str,
+    pub bytes: i64,
+    pub live_bytes: u64,
 }
 
 /// The caching allocator's footprint of one block, for the reserved-memory model: blocks above 1 MiB
@@ -156,6 +167,7 @@ impl Sim {
             timeline: Vec::new(),
             live_segment_bytes: 0,
             peak_segment_bytes: 0,
+            events: None,
         }
     }
 
@@ -199,6 +211,14 @@ impl Sim {
             point.peak_bytes = point.peak_bytes.max(self.live_bytes);
             point.end_bytes = self.live_bytes;
         }
+        if let Some(ev) = self.events.as_mut() {
+            ev.push(Event {
+                phase: self.phase.label(),
+                op,
+                bytes: bytes as i64,
+                live_bytes: self.live_bytes,
+            });
+        }
         if self.live_bytes > self.peak.bytes {
             self.peak = Peak {
                 bytes: self.live_bytes,
@@ -224,6 +244,14 @@ impl Sim {
             self.live_bytes -= slot.bytes;
             self.by_category[slot.category.index()] -= slot.bytes;
             self.live_segment_bytes -= segment_bytes(slot.bytes);
+            if let Some(ev) = self.events.as_mut() {
+                ev.push(Event {
+                    phase: self.phase.label(),
+                    op: "free",
+                    bytes: -(slot.bytes as i64),
+                    live_bytes: self.live_bytes,
+                });
+            }
             if let Some(point) = self.timeline.last_mut() {
                 point.end_bytes = self.live_bytes;
             }
@@ -255,6 +283,15 @@ impl Sim {
 
     pub fn timeline(&self) -> &[TimelinePoint] {
         &self.timeline
+    }
+
+    /// Starts recording every allocation and free.
+    pub fn record_events(&mut self) {
+        self.events = Some(Vec::new());
+    }
+
+    pub fn events(&self) -> &[Event] {
+        self.events.as_deref().unwrap_or(&[])
     }
 
     /// The highest live total in segment units (`segment_bytes`) over the run.

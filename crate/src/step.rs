@@ -19,7 +19,18 @@ pub const N_STEPS: u32 = 3;
 /// # Errors
 /// `NotModelled` for a combination the op models do not cover.
 pub fn simulate(setup: &Setup) -> Result<Sim, Error> {
+    simulate_recording(setup, false)
+}
+
+/// `simulate`, optionally recording every allocator event (see `Sim::events`).
+///
+/// # Errors
+/// As `simulate`.
+pub fn simulate_recording(setup: &Setup, record: bool) -> Result<Sim, Error> {
     let mut sim = Sim::new();
+    if record {
+        sim.record_events();
+    }
     let mut cx = Ctx::new(&mut sim, setup)?;
     let tr = &setup.train;
     let params = match setup.model.family {
@@ -50,7 +61,7 @@ pub fn simulate(setup: &Setup) -> Result<Sim, Error> {
                     if let Some(old) = prev_logits.replace(f.logits) {
                         cx.free(old);
                     }
-                    exit_autocast(&mut cx);
+                    cx.clear_autocast_cache();
                     let (nx, ny) = gpt2::get_batch(&mut cx);
                     x = nx;
                     y = ny;
@@ -68,7 +79,7 @@ pub fn simulate(setup: &Setup) -> Result<Sim, Error> {
                     let (x, y) = llama::get_batch(&mut cx);
                     cx.sim.stage(step, "forward");
                     let f = llama::forward(&mut cx, x, tr.checkpointing);
-                    exit_autocast(&mut cx);
+                    cx.clear_autocast_cache();
                     cx.sim.stage(step, "loss backward");
                     grad_scaler(&mut cx, &mut scaler_state);
                     llama::backward(&mut cx, f);
@@ -102,12 +113,6 @@ pub fn simulate_first_forward(setup: &Setup) -> Result<Sim, Error> {
         }
     }
     Ok(sim)
-}
-
-/// Leaving `torch.autocast` clears its cast cache: casts that nothing saved for backward (the biases) go.
-fn exit_autocast(cx: &mut Ctx) {
-    let cache = std::mem::take(&mut cx.autocast_cache);
-    cx.sim.free_all(&cache);
 }
 
 /// GradScaler (fp16-amp): its scale and growth tracker are created on the first `scale(loss)`.

@@ -88,6 +88,13 @@ impl<'a> Ctx<'a> {
         self.sim.free(t);
     }
 
+    /// Leaving the outermost `torch.autocast` clears its cast cache: casts that nothing saved for backward
+    /// (bias casts; weight casts of checkpointed blocks) are freed.
+    pub fn clear_autocast_cache(&mut self) {
+        let cache = std::mem::take(&mut self.autocast_cache);
+        self.sim.free_all(&cache);
+    }
+
     /// The first matmul on a thread allocates that thread's cuBLAS workspace (kept for the process' life).
     fn matmul_workspace(&mut self, backward: bool) {
         let i = usize::from(backward);
