@@ -911,6 +911,7 @@ fn find_assignment(line: &str) -> Option<usize> {
 fn py_display(v: &PyValue) -> String {
     match v {
         PyValue::Int(i) => i.to_string(),
+        PyValue::Float(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{f:.1}"),
         PyValue::Float(f) => f.to_string(),
         PyValue::Str(s) => format!("'{s}'"),
         PyValue::Bool(true) => "True".into(),

@@ -189,21 +189,21 @@ impl Setup {
                 ));
             }
         }
-        if m.n_embd % m.n_head != 0 {
+        if !m.n_embd.is_multiple_of(m.n_head) {
             return Err(Error::invalid(
                 "model.n_embd",
                 m.n_embd,
                 format!("must be divisible by model.n_head ({})", m.n_head),
             ));
         }
-        if m.n_head % m.n_kv_head != 0 {
+        if !m.n_head.is_multiple_of(m.n_kv_head) {
             return Err(Error::invalid(
                 "model.n_head",
                 m.n_head,
                 format!("must be divisible by model.n_kv_head ({})", m.n_kv_head),
             ));
         }
-        if m.family == Family::Llama && m.head_dim() % 2 != 0 {
+        if m.family == Family::Llama && !m.head_dim().is_multiple_of(2) {
             return Err(Error::invalid(
                 "model.n_embd",
                 m.n_embd,

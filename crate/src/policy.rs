@@ -138,12 +138,12 @@ pub enum SdpaBackend {
 /// `NotModelled` when neither fused kernel applies and SDPA would fall back to the math path.
 pub fn sdpa_backend(sm: u32, matmul_bytes: u64, head_dim: u64) -> Result<SdpaBackend, Error> {
     // Flash: fp16/bf16 only, sm_80 or newer, head_dim <= 256 (padded to a multiple of 8 by SDPA).
-    if matmul_bytes == 2 && sm >= 80 && head_dim <= 256 && head_dim % 8 == 0 {
+    if matmul_bytes == 2 && sm >= 80 && head_dim <= 256 && head_dim.is_multiple_of(8) {
         return Ok(SdpaBackend::Flash);
     }
     // Memory-efficient: any float dtype, sm_50 or newer; the last dimension aligned to 16 bytes.
     let align = 16 / matmul_bytes;
-    if sm >= 50 && head_dim % align == 0 {
+    if sm >= 50 && head_dim.is_multiple_of(align) {
         return Ok(SdpaBackend::Efficient);
     }
     Err(Error::NotModelled {

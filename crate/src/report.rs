@@ -75,7 +75,7 @@ impl Components {
                 "cuBLAS workspaces and kernel scratch",
             ),
         ];
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|item| std::cmp::Reverse(item.1));
         v
     }
 }

@@ -357,6 +357,9 @@ def run_case(case):
         F.scaled_dot_product_attention = sdpa_as_cuda
         # Fake storages have no values: GradScaler's inf check reads one. Assume finite gradients.
         torch.amp.GradScaler._maybe_opt_step = lambda self, opt, st, *a, **k: opt.step(*a, **k)
+    if not FAKE:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     tracker.__enter__()
     dev = "cuda"
     # Built directly on the device, in its training dtype (pure bf16 builds in bf16 rather than converting).
@@ -469,7 +472,14 @@ def run_case(case):
         c.__exit__(None, None, None)
     F.scaled_dot_product_attention = _orig_sdpa
     n_params = sum(p.numel() for p in model.parameters())
-    return {
+    real = {}
+    if not FAKE:
+        torch.cuda.synchronize()
+        real = {"tracker_peak_bytes": tracker.peak,
+                "max_memory_reserved_bytes": torch.cuda.max_memory_reserved(),
+                "nvml_used_bytes": nvml_used_bytes()}
+        tracker.peak = torch.cuda.max_memory_allocated()
+    return {**real,
         "n_params": n_params,
         "peak_allocated_bytes": tracker.peak,
         "peak_phase": tracker.peak_phase,
@@ -478,6 +488,16 @@ def run_case(case):
         "at_peak": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
         "hidden_allocations": sorted({h["name"] for h in tracker.hidden}),
     }
+
+
+def nvml_used_bytes():
+    """Device memory in use as nvidia-smi reports it (CUDA context + reserved + other processes)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, check=True).stdout
+        return int(out.splitlines()[0]) * 2**20
+    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+        return None
 
 
 def main():

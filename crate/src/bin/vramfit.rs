@@ -1,6 +1,15 @@
 //! The vramfit command line: `vramfit estimate` and `vramfit sweep` over the same core as the web page.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::process::ExitCode;
+
+/// `writeln!` into a String (cannot fail).
+macro_rules! outln {
+    ($out:expr, $($arg:tt)*) => {{
+        let _ = writeln!($out, $($arg)*);
+    }};
+}
 
 use serde_json::{json, Value};
 use vramfit::input::{hf_config, nanogpt_config, setup_from_value, setup_to_value};
@@ -246,12 +255,15 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
             t.remove("seq_len");
         }
     }
-    // Llama fields dropped when switching to gpt2 by flag, and the other way round.
-    if v["model"]["family"] == "gpt2" {
-        if let Some(m) = v["model"].as_object_mut() {
-            for k in ["n_kv_head", "intermediate_size", "tie_embeddings"] {
-                m.remove(k);
-            }
+    // Fields of the other family are dropped when the family is switched by flag.
+    let other_family_fields: &[&str] = if v["model"]["family"] == "gpt2" {
+        &["n_kv_head", "intermediate_size", "tie_embeddings"]
+    } else {
+        &["bias"]
+    };
+    if let Some(m) = v["model"].as_object_mut() {
+        for k in other_family_fields {
+            m.remove(*k);
         }
     }
     let setup = setup_from_value(&v)?;
@@ -308,10 +320,12 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
     })
 }
 
-fn print_table(setup: &Setup, r: &vramfit::Report, notes: &[String]) {
+fn table(setup: &Setup, r: &vramfit::Report, notes: &[String]) -> String {
+    let mut out = String::new();
     let m = &setup.model;
     let t = &setup.train;
-    println!(
+    outln!(
+        out,
         "vramfit estimate: {} with {} layers, {} wide, {} heads, vocab {}: {:.1}M parameters",
         m.family.name(),
         m.n_layer,
@@ -320,7 +334,8 @@ fn print_table(setup: &Setup, r: &vramfit::Report, notes: &[String]) {
         m.vocab_size,
         r.n_params as f64 / 1e6
     );
-    println!(
+    outln!(
+        out,
         "batch {} x sequence {}, {}, {}, {} attention{}{}, grad accumulation {}",
         t.batch_size,
         t.seq_len,
@@ -339,64 +354,75 @@ fn print_table(setup: &Setup, r: &vramfit::Report, notes: &[String]) {
         },
         t.grad_accum_steps
     );
-    println!();
-    println!(
+    out.push('\n');
+    outln!(
+        out,
         "  peak allocated  {:>10}  ({} B) at {}, op {}",
         fmt_bytes(r.peak_allocated_bytes),
         r.peak_allocated_bytes,
         r.peak_phase,
         r.peak_op
     );
-    println!(
+    outln!(
+        out,
         "  peak reserved   {:>10}  (modelled caching allocator)",
         fmt_bytes(r.peak_reserved_bytes)
     );
-    println!(
+    outln!(
+        out,
         "  on the device   {:>10}  (reserved + CUDA context; range {} to {})",
         fmt_bytes(r.device_total_bytes),
         fmt_bytes(r.device_total_range_bytes.0),
         fmt_bytes(r.device_total_range_bytes.1)
     );
-    println!();
-    println!("  at the peak:");
+    out.push('\n');
+    outln!(out, "  at the peak:");
     for (name, bytes, what) in r.components.items() {
         if bytes > 0 {
-            println!("    {name:<14} {:>10}  {what}", fmt_bytes(bytes));
+            outln!(out, "    {name:<14} {:>10}  {what}", fmt_bytes(bytes));
         }
     }
-    println!(
+    outln!(
+        out,
         "  activations saved per block: {}",
         fmt_bytes(r.activations_per_block_bytes)
     );
-    println!();
-    println!("  {}", r.largest_item_sentence(setup));
-    println!();
-    println!("  timeline (highest live bytes in each stage):");
+    out.push('\n');
+    outln!(out, "  {}", r.largest_item_sentence(setup));
+    out.push('\n');
+    outln!(out, "  timeline (highest live bytes in each stage):");
     for s in &r.timeline {
-        println!(
-            "    step {} {:<10} {:>10}",
+        outln!(
+            out,
+            "    step {} {:<14} {:>10}",
             s.step,
             s.stage,
             fmt_bytes(s.peak_bytes)
         );
     }
     for n in r.notes.iter().chain(notes) {
-        println!("  note: {n}");
+        outln!(out, "  note: {n}");
     }
+    out
 }
 
-fn run(args: &[String]) -> Result<(), Error> {
+fn run(args: &[String]) -> Result<String, Error> {
+    let mut out = String::new();
     match parse(args)? {
-        Cli::Help => print!("{USAGE}"),
+        Cli::Help => out.push_str(USAGE),
         Cli::Estimate { setup, json, notes } => {
             let r = estimate(&setup)?;
             if json {
                 let mut v = serde_json::to_value(&r).map_err(|e| usage_error(e.to_string()))?;
                 v["setup"] = setup_to_value(&setup);
                 v["source_notes"] = json!(notes);
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                outln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&v).unwrap_or_default()
+                );
             } else {
-                print_table(&setup, &r, &notes);
+                out.push_str(&table(&setup, &r, &notes));
             }
         }
         Cli::Sweep {
@@ -407,16 +433,18 @@ fn run(args: &[String]) -> Result<(), Error> {
         } => {
             let points = sweep(&setup, axis, &values)?;
             if json {
-                println!(
+                outln!(
+                    out,
                     "{}",
                     serde_json::to_string_pretty(&json!({"axis": axis.name(), "points": points}))
                         .unwrap_or_default()
                 );
             } else {
-                println!("{},peak_allocated_bytes,peak_reserved_bytes,device_total_bytes,weights_bytes,grads_bytes,optimizer_bytes,activations_bytes,logits_bytes,temporary_bytes", axis.name());
+                outln!(out, "{},peak_allocated_bytes,peak_reserved_bytes,device_total_bytes,weights_bytes,grads_bytes,optimizer_bytes,activations_bytes,logits_bytes,temporary_bytes", axis.name());
                 for p in points {
                     let c = &p.components;
-                    println!(
+                    outln!(
+                        out,
                         "{},{},{},{},{},{},{},{},{},{}",
                         p.value,
                         p.peak_allocated_bytes,
@@ -433,13 +461,17 @@ fn run(args: &[String]) -> Result<(), Error> {
             }
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(text) => {
+            // A closed pipe (`vramfit ... | head`) is not an error worth a message.
+            let _ = std::io::stdout().write_all(text.as_bytes());
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(2)

@@ -1,0 +1,262 @@
+//! The command line, driven as a person would: real files, real flags, exit statuses and messages.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+fn fixture(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// Runs vramfit; returns (exit code, stdout, stderr).
+fn vramfit(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vramfit"))
+        .args(args)
+        .output()
+        .expect("vramfit runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json_of(args: &[&str]) -> Value {
+    let (code, out, err) = vramfit(args);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).expect("JSON output")
+}
+
+/// Runs a command that must fail with status 2 and returns its message.
+fn error_of(args: &[&str]) -> String {
+    let (code, out, err) = vramfit(args);
+    assert_eq!(code, 2, "expected exit 2, got {code}; stdout: {out}");
+    assert!(!err.contains("panicked"), "{err}");
+    err.trim().to_string()
+}
+
+#[test]
+fn estimate_json_has_the_documented_fields_and_adds_up() {
+    let v = json_of(&[
+        "estimate",
+        "--config",
+        &fixture("founding.json"),
+        "--format",
+        "json",
+    ]);
+    for key in [
+        "n_params",
+        "peak_allocated_bytes",
+        "peak_reserved_bytes",
+        "device_total_bytes",
+        "peak_phase",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}");
+    }
+    let c = &v["components"];
+    let sum: u64 = c
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|x| x.as_u64().unwrap())
+        .sum();
+    assert_eq!(sum, v["peak_allocated_bytes"].as_u64().unwrap());
+    // 30,135,168 parameters: wte 50304x384 + wpe 512x384 + 6 x 1,769,472 + ln_f 384.
+    assert_eq!(v["n_params"], 30_135_168);
+    // Every parameter tensor here is a whole number of 512-byte blocks.
+    assert_eq!(c["weights_bytes"], 30_135_168 * 4);
+    assert!(v["peak_reserved_bytes"].as_u64() >= v["peak_allocated_bytes"].as_u64());
+}
+
+#[test]
+fn default_run_is_the_founding_case_and_flags_override() {
+    let a = json_of(&["estimate", "--format", "json"]);
+    let b = json_of(&[
+        "estimate",
+        "--config",
+        &fixture("founding.json"),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(a["peak_allocated_bytes"], b["peak_allocated_bytes"]);
+    let c = json_of(&["estimate", "--batch-size", "8", "--format", "json"]);
+    assert!(c["peak_allocated_bytes"].as_u64() < a["peak_allocated_bytes"].as_u64());
+    assert_eq!(c["setup"]["train"]["batch_size"], 8);
+}
+
+#[test]
+fn table_output_names_the_peak_and_the_largest_item() {
+    let (code, out, _) = vramfit(&["estimate"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("peak allocated"), "{out}");
+    assert!(
+        out.contains("The largest item at the peak is logits"),
+        "{out}"
+    );
+    assert!(out.contains("16 x 512 tokens x 50304 vocab"), "{out}");
+}
+
+#[test]
+fn nanogpt_config_files_fill_defaults_and_say_where_values_came_from() {
+    let v = json_of(&[
+        "estimate",
+        "--nanogpt",
+        &fixture("shakespeare_char.py"),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(v["setup"]["model"]["vocab_size"], 65);
+    assert_eq!(v["setup"]["train"]["batch_size"], 64);
+    assert_eq!(v["setup"]["train"]["precision"], "bf16-amp");
+    let notes: Vec<String> = v["source_notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n == "dtype = 'bfloat16' (train.py default)"),
+        "{notes:?}"
+    );
+    assert!(
+        notes
+            .iter()
+            .any(|n| n == "batch_size = 64 (config line 15)"),
+        "{notes:?}"
+    );
+    assert!(notes.iter().any(|n| n.contains("eager mode")), "{notes:?}");
+
+    let v = json_of(&[
+        "estimate",
+        "--nanogpt",
+        &fixture("gpt2_124m.py"),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(v["setup"]["train"]["grad_accum_steps"], 40);
+    // train.py defaults to bias = False: 124,475,904 - 102,144 biases.
+    assert_eq!(v["n_params"], 124_373_760);
+
+    let v = json_of(&[
+        "estimate",
+        "--nanogpt",
+        &fixture("finetune_xl.py"),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(v["setup"]["model"]["n_layer"], 48);
+    assert_eq!(v["setup"]["model"]["vocab_size"], 50257);
+    assert_eq!(v["setup"]["model"]["bias"], true);
+}
+
+#[test]
+fn hf_config_json_reads_a_llama() {
+    let v = json_of(&[
+        "estimate",
+        "--hf",
+        &fixture("tinyllama_config.json"),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(v["n_params"], 1_100_048_384u64);
+    assert_eq!(v["setup"]["model"]["family"], "llama");
+}
+
+#[test]
+fn bad_input_exits_2_with_one_clear_message() {
+    assert_eq!(
+        error_of(&["estimate", "--batch-size", "0"]),
+        "error: train.batch_size (0) must be at least 1"
+    );
+    assert_eq!(
+        error_of(&["estimate", "--batch-size", "-3"]),
+        "error: train.batch_size (-3) must be at least 1"
+    );
+    assert_eq!(
+        error_of(&["estimate", "--n-head", "7"]),
+        "error: model.n_embd (384) must be divisible by model.n_head (7)"
+    );
+    assert_eq!(
+        error_of(&["estimate", "--seq-len", "1024"]),
+        "error: train.seq_len (1024) is longer than model.block_size (512)"
+    );
+    assert_eq!(
+        error_of(&[
+            "estimate",
+            "--family",
+            "llama",
+            "--intermediate-size",
+            "1024",
+            "--n-kv-head",
+            "4"
+        ]),
+        "error: model.n_head (6) must be divisible by model.n_kv_head (4)"
+    );
+    assert_eq!(
+        error_of(&["estimate", "--precision", "fp8"]),
+        "error: train.precision (\"fp8\") is not one of: fp32, fp16-amp, bf16-amp, bf16"
+    );
+    assert!(
+        error_of(&["estimate", "--vocab-size", "100000000000000000"])
+            .starts_with("error: too large to estimate")
+    );
+    assert!(
+        error_of(&["estimate", "--nanogpt", &fixture("bad_not_nanogpt.py")])
+            .contains("line 1: not an assignment")
+    );
+    assert!(
+        error_of(&["estimate", "--config", &fixture("shakespeare_char.py")]).contains("line 1")
+    );
+    assert!(error_of(&["estimate", "--frobnicate"]).contains("unknown option \"--frobnicate\""));
+}
+
+#[test]
+fn unknown_field_in_the_setup_json_is_named() {
+    let dir = std::env::temp_dir().join(format!("vramfit-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("setup.json");
+    std::fs::write(&path, r#"{"model": {"family": "gpt2", "n_layer": 1, "n_head": 1, "n_embd": 8, "block_size": 8, "vocab_size": 8, "colour": "red"}}"#).unwrap();
+    assert_eq!(
+        error_of(&["estimate", "--config", path.to_str().unwrap()]),
+        "error: unknown field \"model.colour\""
+    );
+}
+
+#[test]
+fn sweep_prints_csv_that_grows_with_batch() {
+    let (code, out, err) = vramfit(&["sweep", "--axis", "batch_size", "--values", "1,2,4,8"]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 5);
+    assert!(lines[0].starts_with("batch_size,peak_allocated_bytes"));
+    let peaks: Vec<u64> = lines[1..]
+        .iter()
+        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert!(peaks.windows(2).all(|w| w[0] < w[1]), "{peaks:?}");
+    let v = json_of(&[
+        "sweep",
+        "--axis",
+        "block_size",
+        "--from",
+        "64",
+        "--to",
+        "512",
+        "--format",
+        "json",
+    ]);
+    let values: Vec<u64> = v["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["value"].as_u64().unwrap())
+        .collect();
+    assert_eq!(values, vec![64, 128, 256, 512]);
+}
