@@ -1097,3 +1097,231 @@ mod tests {
         assert_eq!(m.n_params(), 1_100_048_384);
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// URL state: the whole setup as a query string, so that a link reproduces a view.
+
+/// Query keys and where they go in the setup JSON.
+const QUERY_KEYS: &[(&str, &str, QueryKind)] = &[
+    ("family", "model", QueryKind::Str),
+    ("n_layer", "model", QueryKind::Num),
+    ("n_head", "model", QueryKind::Num),
+    ("n_kv_head", "model", QueryKind::Num),
+    ("n_embd", "model", QueryKind::Num),
+    ("block_size", "model", QueryKind::Num),
+    ("vocab_size", "model", QueryKind::Num),
+    ("bias", "model", QueryKind::Bool),
+    ("dropout", "model", QueryKind::Num),
+    ("intermediate_size", "model", QueryKind::Num),
+    ("tie_embeddings", "model", QueryKind::Bool),
+    ("batch_size", "train", QueryKind::Num),
+    ("seq_len", "train", QueryKind::Num),
+    ("precision", "train", QueryKind::Str),
+    ("optimizer", "train", QueryKind::Str),
+    ("attention", "train", QueryKind::Str),
+    ("checkpointing", "train", QueryKind::Bool),
+    ("grad_accum_steps", "train", QueryKind::Num),
+    ("grad_clip", "train", QueryKind::Num),
+    ("memory_gib", "device", QueryKind::Num),
+    ("compute_capability", "device", QueryKind::Num),
+];
+
+#[derive(Clone, Copy)]
+enum QueryKind {
+    Str,
+    Num,
+    Bool,
+}
+
+fn percent_decode(s: &str) -> Result<String, Error> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok());
+                let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
+                match byte {
+                    Some(b) => out.push(b),
+                    None => return Err(Error::invalid("URL", s, "has a malformed %-escape")),
+                }
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|_| Error::invalid("URL", s, "is not UTF-8 after %-decoding"))
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Reads a setup from a URL query (`?family=gpt2&n_layer=6&...`, with or without the `?`). Keys not given take
+/// the same defaults as the setup JSON; `extra` receives keys the page owns (e.g. `gpu`, `plot`) untouched.
+///
+/// # Errors
+/// An unknown key, a malformed escape or number, or any setup error, naming the key and value.
+pub fn setup_from_query(query: &str, extra: &mut Vec<(String, String)>) -> Result<Setup, Error> {
+    let query = query.strip_prefix('?').unwrap_or(query);
+    let mut v = serde_json::json!({"model": {}, "train": {}});
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, raw) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = percent_decode(k)?;
+        let value = percent_decode(raw)?;
+        match QUERY_KEYS.iter().find(|(name, _, _)| *name == key) {
+            Some((name, section, kind)) => {
+                let field = format!("{section}.{name}");
+                let parsed = match kind {
+                    QueryKind::Str => Value::String(value),
+                    QueryKind::Bool => match value.as_str() {
+                        "1" | "true" => Value::Bool(true),
+                        "0" | "false" => Value::Bool(false),
+                        _ => {
+                            return Err(Error::invalid(
+                                &field,
+                                format!("{value:?}"),
+                                "must be 1 or 0",
+                            ))
+                        }
+                    },
+                    QueryKind::Num => {
+                        let n: Value = value
+                            .parse::<u64>()
+                            .map(Value::from)
+                            .or_else(|_| value.parse::<i64>().map(Value::from))
+                            .or_else(|_| match value.parse::<f64>() {
+                                Ok(f) if f.is_finite() => Ok(serde_json::json!(f)),
+                                _ => Err(()),
+                            })
+                            .map_err(|_| {
+                                Error::invalid(&field, format!("{value:?}"), "must be a number")
+                            })?;
+                        n
+                    }
+                };
+                if v.get(*section).is_none() {
+                    v[*section] = serde_json::json!({});
+                }
+                v[*section][*name] = parsed;
+            }
+            None => extra.push((key, value)),
+        }
+    }
+    setup_from_value(&v)
+}
+
+/// The URL query for a setup (without the `?`), every knob spelled out.
+pub fn setup_to_query(s: &Setup) -> String {
+    let v = setup_to_value(s);
+    let mut parts = Vec::new();
+    for (name, section, kind) in QUERY_KEYS {
+        let Some(x) = v.get(*section).and_then(|o| o.get(*name)) else {
+            continue;
+        };
+        let text = match (kind, x) {
+            (QueryKind::Bool, Value::Bool(b)) => if *b { "1" } else { "0" }.to_string(),
+            (_, Value::String(s)) => s.clone(),
+            (_, other) => other.to_string(),
+        };
+        parts.push(format!("{name}={}", percent_encode(&text)));
+    }
+    parts.join("&")
+}
+
+#[cfg(test)]
+mod query_tests {
+    use super::*;
+
+    #[test]
+    fn query_round_trips_every_preset() {
+        for p in crate::presets::MODEL_PRESETS {
+            let s = (p.setup)();
+            let q = setup_to_query(&s);
+            let mut extra = Vec::new();
+            let back = setup_from_query(&q, &mut extra).unwrap_or_else(|e| panic!("{}: {e}", p.id));
+            assert_eq!(back, s, "{}: {q}", p.id);
+            assert!(extra.is_empty());
+        }
+    }
+
+    #[test]
+    fn query_errors_name_the_key() {
+        let mut extra = Vec::new();
+        let e = setup_from_query("family=gpt2&n_layer=abc", &mut extra)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "model.n_layer (\"abc\") must be a number");
+        let e = setup_from_query("family=%ZZ", &mut extra)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "URL (%ZZ) has a malformed %-escape");
+        let s = setup_from_query(
+            "?family=gpt2&n_layer=2&n_head=2&n_embd=64&block_size=64&vocab_size=65&gpu=t4",
+            &mut extra,
+        )
+        .unwrap();
+        assert_eq!(s.model.n_layer, 2);
+        assert_eq!(extra, vec![("gpu".to_string(), "t4".to_string())]);
+    }
+}
+
+/// Training defaults for a model read from a Hugging Face config.json: batch 1 at up to 2048 tokens, bf16
+/// autocast, fused AdamW.
+pub fn hf_setup(m: ModelConfig) -> Setup {
+    let seq = m.block_size.min(2048);
+    Setup {
+        model: m,
+        train: TrainConfig {
+            batch_size: 1,
+            seq_len: seq,
+            precision: Precision::Bf16Amp,
+            optimizer: Optimizer::AdamWFused,
+            attention: Attention::Sdpa,
+            checkpointing: false,
+            grad_accum_steps: 1,
+            grad_clip: DEFAULT_GRAD_CLIP,
+        },
+        device: DeviceConfig::default(),
+    }
+}
+
+/// Reads whatever a person pastes: a setup JSON (has "model"), a Hugging Face config.json, or a nanoGPT
+/// config file. Returns the setup, notes on where values came from, and which kind it was.
+///
+/// # Errors
+/// The reader's error for the kind the text looks like.
+pub fn import_any(text: &str) -> Result<(Setup, Vec<String>, &'static str), Error> {
+    if text.trim_start().starts_with('{') {
+        let v: Value = serde_json::from_str(text).map_err(|e| Error::Parse {
+            source: "pasted JSON".into(),
+            line: Some(e.line()),
+            message: e.to_string(),
+        })?;
+        if v.get("model").is_some() {
+            return Ok((setup_from_value(&v)?, vec![], "setup"));
+        }
+        let (m, notes) = hf_config(text)?;
+        return Ok((hf_setup(m), notes, "hf"));
+    }
+    let imp = nanogpt_config(text)?;
+    let mut notes: Vec<String> = imp
+        .provenance
+        .iter()
+        .map(|p| format!("{} = {} ({})", p.key, p.value, p.source))
+        .collect();
+    notes.extend(imp.notes);
+    Ok((imp.setup, notes, "nanogpt"))
+}

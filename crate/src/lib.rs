@@ -18,17 +18,22 @@
 //! assert_eq!(report.components.total(), report.peak_allocated_bytes);
 //! ```
 
+pub mod advice;
 pub mod error;
 pub mod gpt2;
 pub mod input;
 pub mod llama;
 pub mod model;
+pub mod plot;
 pub mod policy;
+pub mod presets;
 pub mod report;
 pub mod sim;
 pub mod step;
 pub mod sweep;
 pub mod tensors;
+#[cfg(target_arch = "wasm32")]
+pub mod wasm;
 
 pub use error::Error;
 pub use model::{DeviceConfig, Family, ModelConfig, Setup, TrainConfig};
@@ -44,6 +49,16 @@ pub fn estimate(setup: &Setup) -> Result<Report, Error> {
     let sim = step::simulate(setup)?;
     let per_block = activations_per_block(setup)?;
     Ok(Report::from_sim(setup, &sim, per_block))
+}
+
+/// The peak figures only (no per-block breakdown): what sweeps and fit maps need, at a third of the cost.
+///
+/// # Errors
+/// As [`estimate`].
+pub fn estimate_peak(setup: &Setup) -> Result<report::Peaks, Error> {
+    setup.validate()?;
+    let sim = step::simulate(setup)?;
+    Ok(report::Peaks::from_sim(&sim))
 }
 
 /// Activations saved by one block: the difference a second block makes to the live activations at the end of

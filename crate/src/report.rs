@@ -96,6 +96,28 @@ pub struct Stage {
 pub const CUDA_CONTEXT_BYTES_RANGE: (u64, u64) = (300 << 20, 700 << 20);
 pub const CUDA_CONTEXT_BYTES_TYPICAL: u64 = 500 << 20;
 
+/// Peak allocated, reserved and device total of a run, without the breakdown.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Peaks {
+    pub peak_allocated_bytes: u64,
+    pub peak_reserved_bytes: u64,
+    pub device_total_bytes: u64,
+}
+
+impl Peaks {
+    pub(crate) fn from_sim(sim: &Sim) -> Peaks {
+        let allocated = sim.peak().bytes;
+        // Reserved: the allocator never holds less than the segment footprint of what is live; fragmentation of
+        // cached blocks comes on top and is not modelled.
+        let reserved = sim.peak_segment_bytes().max(allocated);
+        Peaks {
+            peak_allocated_bytes: allocated,
+            peak_reserved_bytes: reserved,
+            device_total_bytes: reserved + CUDA_CONTEXT_BYTES_TYPICAL,
+        }
+    }
+}
+
 /// The estimate.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Report {
@@ -126,10 +148,9 @@ impl Report {
     pub(crate) fn from_sim(setup: &Setup, sim: &Sim, activations_per_block_bytes: u64) -> Report {
         let peak = sim.peak();
         let components = Components::from_array(&peak.by_category);
-        // Reserved: the allocator never holds less than the segment footprint of what is live; fragmentation of
-        // cached blocks comes on top and is not modelled.
-        let reserved = sim.peak_segment_bytes().max(peak.bytes);
-        let device_total = reserved + CUDA_CONTEXT_BYTES_TYPICAL;
+        let peaks = Peaks::from_sim(sim);
+        let reserved = peaks.peak_reserved_bytes;
+        let device_total = peaks.device_total_bytes;
         let mem = setup.device.memory_bytes;
         let mut notes = vec![
             "eager mode (torch.compile is not modelled yet)".to_string(),

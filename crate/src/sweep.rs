@@ -64,7 +64,10 @@ pub fn sweep(setup: &Setup, axis: Axis, values: &[u64]) -> Result<Vec<Point>, Er
     values
         .iter()
         .map(|&v| {
-            let r = crate::estimate(&axis.apply(setup, v))?;
+            let s = axis.apply(setup, v);
+            s.validate()?;
+            let sim = crate::step::simulate(&s)?;
+            let r = crate::Report::from_sim(&s, &sim, 0);
             Ok(Point {
                 value: v,
                 peak_allocated_bytes: r.peak_allocated_bytes,
@@ -120,4 +123,70 @@ pub fn largest_fitting(
         }
     }
     Ok(Some(lo))
+}
+
+/// Which (batch, block) pairs fit `budget_bytes` of device memory (predicted device total). Memory grows with
+/// both knobs, so each block row is bisected for its last fitting batch: `blocks x log2(batches)` estimates
+/// rather than `blocks x batches`.
+///
+/// # Errors
+/// An invalid setup for some pair (e.g. a block size the model cannot take), naming the value.
+pub fn fit_map(
+    setup: &Setup,
+    batches: &[u64],
+    blocks: &[u64],
+    budget_bytes: u64,
+) -> Result<crate::plot::FitMap, Error> {
+    let mut fits = Vec::with_capacity(blocks.len());
+    for &block in blocks {
+        let row_setup = Axis::BlockSize.apply(setup, block);
+        let fits_at = |i: usize| -> Result<bool, Error> {
+            Ok(
+                crate::estimate_peak(&Axis::BatchSize.apply(&row_setup, batches[i]))?
+                    .device_total_bytes
+                    <= budget_bytes,
+            )
+        };
+        // Largest index that fits, by bisection over the sorted batch sizes.
+        let (mut lo, mut hi) = (0usize, batches.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if fits_at(mid)? {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        fits.push((0..batches.len()).map(|i| i < lo).collect());
+    }
+    Ok(crate::plot::FitMap {
+        batches: batches.to_vec(),
+        blocks: blocks.to_vec(),
+        fits,
+    })
+}
+
+/// A sweep as CSV: the value, the peaks and the six plotted bands, in bytes.
+pub fn to_csv(axis: Axis, points: &[Point]) -> String {
+    let mut out = format!(
+        "{},peak_allocated_bytes,peak_reserved_bytes,device_total_bytes,weights_bytes,grads_bytes,optimizer_bytes,activations_bytes,logits_bytes,temporary_bytes\n",
+        axis.name()
+    );
+    for p in points {
+        let b = crate::plot::bands(&p.components);
+        out += &format!(
+            "{},{},{},{},{},{},{},{},{},{}\n",
+            p.value,
+            p.peak_allocated_bytes,
+            p.peak_reserved_bytes,
+            p.device_total_bytes,
+            b[0],
+            b[1],
+            b[2],
+            b[3],
+            b[4],
+            b[5]
+        );
+    }
+    out
 }

@@ -157,14 +157,7 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                 let path = next(&mut i, flag)?;
                 let (m, hf_notes) = hf_config(&read(&path)?)?;
                 notes.extend(hf_notes);
-                let mut v = default_setup();
-                v["model"] = json!({"family": "llama", "n_layer": m.n_layer, "n_head": m.n_head,
-                    "n_kv_head": m.n_kv_head, "n_embd": m.n_embd, "block_size": m.block_size,
-                    "vocab_size": m.vocab_size, "intermediate_size": m.intermediate_size,
-                    "tie_embeddings": m.tie_embeddings, "dropout": m.dropout});
-                v["train"]["seq_len"] = m.block_size.min(2048).into();
-                v["train"]["batch_size"] = 1.into();
-                v["train"]["precision"] = "bf16-amp".into();
+                let v = setup_to_value(&vramfit::input::hf_setup(m));
                 set_source(v, &mut base)?;
             }
             "--format" => format = Some(next(&mut i, flag)?),
@@ -440,24 +433,7 @@ fn run(args: &[String]) -> Result<String, Error> {
                         .unwrap_or_default()
                 );
             } else {
-                outln!(out, "{},peak_allocated_bytes,peak_reserved_bytes,device_total_bytes,weights_bytes,grads_bytes,optimizer_bytes,activations_bytes,logits_bytes,temporary_bytes", axis.name());
-                for p in points {
-                    let c = &p.components;
-                    outln!(
-                        out,
-                        "{},{},{},{},{},{},{},{},{},{}",
-                        p.value,
-                        p.peak_allocated_bytes,
-                        p.peak_reserved_bytes,
-                        p.device_total_bytes,
-                        c.weights_bytes + c.weight_copies_bytes,
-                        c.grads_bytes,
-                        c.optimizer_bytes,
-                        c.activations_bytes,
-                        c.logits_bytes,
-                        c.temporary_bytes + c.workspace_bytes
-                    );
-                }
+                out.push_str(&vramfit::sweep::to_csv(axis, &points));
             }
         }
     }

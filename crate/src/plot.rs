@@ -1,0 +1,431 @@
+//! Plots drawn with plotters on any `DrawingBackend`: a canvas in the browser, SVG in tests. The data comes
+//! from `sweep` and `report`; nothing here estimates.
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use crate::report::{Components, Stage};
+use crate::sweep::{Axis, Point};
+
+/// Colours of one theme.
+#[derive(Debug, Clone, Copy)]
+pub struct Theme {
+    pub background: RGBColor,
+    pub text: RGBColor,
+    pub grid: RGBColor,
+    pub capacity: RGBColor,
+    pub fits: RGBColor,
+    pub over: RGBColor,
+    /// weights (incl. autocast copies), grads, optimizer, activations, logits, temporary (incl. workspace).
+    pub components: [RGBColor; 6],
+}
+
+pub const LIGHT: Theme = Theme {
+    background: RGBColor(255, 255, 255),
+    text: RGBColor(30, 30, 36),
+    grid: RGBColor(222, 222, 230),
+    capacity: RGBColor(200, 30, 45),
+    fits: RGBColor(46, 160, 90),
+    over: RGBColor(214, 60, 70),
+    components: [
+        RGBColor(66, 110, 200),
+        RGBColor(120, 90, 190),
+        RGBColor(230, 150, 40),
+        RGBColor(40, 160, 150),
+        RGBColor(220, 80, 120),
+        RGBColor(150, 150, 160),
+    ],
+};
+
+pub const DARK: Theme = Theme {
+    background: RGBColor(24, 26, 32),
+    text: RGBColor(226, 228, 235),
+    grid: RGBColor(58, 62, 74),
+    capacity: RGBColor(255, 95, 100),
+    fits: RGBColor(70, 190, 120),
+    over: RGBColor(230, 80, 90),
+    components: [
+        RGBColor(110, 150, 240),
+        RGBColor(165, 135, 235),
+        RGBColor(245, 175, 70),
+        RGBColor(70, 200, 185),
+        RGBColor(240, 110, 150),
+        RGBColor(150, 152, 165),
+    ],
+};
+
+pub const COMPONENT_NAMES: [&str; 6] = [
+    "weights",
+    "grads",
+    "optimizer",
+    "activations",
+    "logits",
+    "temporary",
+];
+
+/// The six plotted bands of a component breakdown, in bytes.
+pub fn bands(c: &Components) -> [u64; 6] {
+    [
+        c.weights_bytes + c.weight_copies_bytes,
+        c.grads_bytes,
+        c.optimizer_bytes,
+        c.activations_bytes,
+        c.logits_bytes,
+        c.temporary_bytes + c.workspace_bytes,
+    ]
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+fn gib(b: u64) -> f64 {
+    b as f64 / GIB
+}
+
+fn err<E: std::fmt::Debug>(e: E) -> String {
+    format!("plot: {e:?}")
+}
+
+/// Memory against batch or block size: stacked bands by component at each point's peak, the device's capacity
+/// as a line with the region above it shaded, and the current value marked. `scale` is the device pixel ratio
+/// (fonts and strokes grow with it).
+///
+/// # Errors
+/// A backend error, as text.
+pub fn draw_sweep<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    axis: Axis,
+    points: &[Point],
+    capacity_bytes: Option<u64>,
+    current: u64,
+    theme: &Theme,
+    scale: f64,
+) -> Result<(), String> {
+    root.fill(&theme.background).map_err(err)?;
+    if points.is_empty() {
+        return Ok(());
+    }
+    let px = |v: f64| (v * scale).round() as u32;
+    let font = |size: f64| ("sans-serif", size * scale).into_font().color(&theme.text);
+    let x0 = points.first().map_or(1, |p| p.value) as f64;
+    let x1 = points
+        .last()
+        .map_or(2, |p| p.value)
+        .max(points.first().map_or(1, |p| p.value) + 1) as f64;
+    let top = points
+        .iter()
+        .map(|p| gib(p.peak_allocated_bytes))
+        .fold(0.0, f64::max);
+    let cap = capacity_bytes.map(gib);
+    let ymax = (top.max(cap.unwrap_or(0.0)) * 1.12).max(0.5);
+    let mut chart = ChartBuilder::on(root)
+        .margin(px(10.0))
+        .x_label_area_size(px(40.0))
+        .y_label_area_size(px(52.0))
+        .build_cartesian_2d((x0..x1).log_scale(), 0.0..ymax)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc(axis.name())
+        .y_desc("GiB (peak allocated)")
+        .axis_desc_style(font(13.0))
+        .label_style(font(12.0))
+        .light_line_style(theme.grid.mix(0.5))
+        .bold_line_style(theme.grid)
+        .axis_style(theme.text)
+        .x_label_formatter(&|v| format!("{}", v.round() as u64))
+        .y_label_formatter(&|v| format!("{v:.1}"))
+        .draw()
+        .map_err(err)?;
+    if let Some(cap) = cap {
+        if cap < ymax {
+            chart
+                .draw_series(std::iter::once(Rectangle::new(
+                    [(x0, cap), (x1, ymax)],
+                    theme.over.mix(0.12).filled(),
+                )))
+                .map_err(err)?;
+        }
+    }
+    // Bands, drawn from the top of the stack down so that each lower band covers the one above it.
+    let cumulative: Vec<[f64; 6]> = points
+        .iter()
+        .map(|p| {
+            let b = bands(&p.components);
+            let mut acc = [0.0; 6];
+            let mut sum = 0.0;
+            for (i, v) in b.iter().enumerate() {
+                sum += gib(*v);
+                acc[i] = sum;
+            }
+            acc
+        })
+        .collect();
+    for band in (0..6).rev() {
+        let color = theme.components[band];
+        chart
+            .draw_series(AreaSeries::new(
+                points
+                    .iter()
+                    .zip(&cumulative)
+                    .map(|(p, c)| (p.value as f64, c[band])),
+                0.0,
+                color.mix(0.85),
+            ))
+            .map_err(err)?
+            .label(COMPONENT_NAMES[band])
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
+    if let Some(cap) = cap {
+        chart
+            .draw_series(LineSeries::new(
+                [(x0, cap), (x1, cap)],
+                theme.capacity.stroke_width(px(2.0)),
+            ))
+            .map_err(err)?
+            .label("GPU memory")
+            .legend(move |(x, y)| {
+                PathElement::new([(x, y), (x + 12, y)], theme.capacity.stroke_width(2))
+            });
+    }
+    if let Some(p) = points.iter().find(|p| p.value == current) {
+        let y = gib(p.peak_allocated_bytes);
+        chart
+            .draw_series(std::iter::once(Circle::new(
+                (current as f64, y),
+                px(5.0),
+                theme.text.filled(),
+            )))
+            .map_err(err)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(theme.background.mix(0.85))
+        .border_style(theme.grid)
+        .label_font(font(11.0))
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)
+}
+
+/// Which (batch, block) pairs fit: `fits[j][i]` for `blocks[j]`, `batches[i]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FitMap {
+    pub batches: Vec<u64>,
+    pub blocks: Vec<u64>,
+    pub fits: Vec<Vec<bool>>,
+}
+
+/// The fit map as a grid of cells (green fits, red does not), the current pair outlined.
+///
+/// # Errors
+/// A backend error, as text.
+pub fn draw_fit_map<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    map: &FitMap,
+    current: (u64, u64),
+    theme: &Theme,
+    scale: f64,
+) -> Result<(), String> {
+    root.fill(&theme.background).map_err(err)?;
+    let (nx, ny) = (map.batches.len(), map.blocks.len());
+    if nx == 0 || ny == 0 {
+        return Ok(());
+    }
+    let px = |v: f64| (v * scale).round() as u32;
+    let font = |size: f64| ("sans-serif", size * scale).into_font().color(&theme.text);
+    let mut chart = ChartBuilder::on(root)
+        .margin(px(10.0))
+        .x_label_area_size(px(40.0))
+        .y_label_area_size(px(52.0))
+        .build_cartesian_2d(0.0..nx as f64, 0.0..ny as f64)
+        .map_err(err)?;
+    let batches = map.batches.clone();
+    let blocks = map.blocks.clone();
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_desc("batch_size")
+        .y_desc("block_size")
+        .axis_desc_style(font(13.0))
+        .label_style(font(12.0))
+        .axis_style(theme.text)
+        .x_labels(nx.min(12))
+        .y_labels(ny.min(12))
+        .x_label_formatter(&|v| {
+            batches
+                .get(v.floor() as usize)
+                .map_or(String::new(), |b| b.to_string())
+        })
+        .y_label_formatter(&|v| {
+            blocks
+                .get(v.floor() as usize)
+                .map_or(String::new(), |b| b.to_string())
+        })
+        .draw()
+        .map_err(err)?;
+    let cells = (0..ny).flat_map(|j| (0..nx).map(move |i| (i, j)));
+    chart
+        .draw_series(cells.map(|(i, j)| {
+            let color = if map.fits[j][i] {
+                theme.fits
+            } else {
+                theme.over
+            };
+            Rectangle::new(
+                [(i as f64, j as f64), (i as f64 + 1.0, j as f64 + 1.0)],
+                color.mix(0.75).filled(),
+            )
+        }))
+        .map_err(err)?;
+    if let (Some(i), Some(j)) = (
+        map.batches.iter().position(|&b| b == current.0),
+        map.blocks.iter().position(|&b| b == current.1),
+    ) {
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(i as f64, j as f64), (i as f64 + 1.0, j as f64 + 1.0)],
+                theme.text.stroke_width(px(2.0)),
+            )))
+            .map_err(err)?;
+    }
+    root.present().map_err(err)
+}
+
+/// The memory timeline over the simulated steps: the highest live bytes in each stage, as steps.
+///
+/// # Errors
+/// A backend error, as text.
+pub fn draw_timeline<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    stages: &[Stage],
+    capacity_bytes: Option<u64>,
+    theme: &Theme,
+    scale: f64,
+) -> Result<(), String> {
+    root.fill(&theme.background).map_err(err)?;
+    if stages.is_empty() {
+        return Ok(());
+    }
+    let px = |v: f64| (v * scale).round() as u32;
+    let font = |size: f64| ("sans-serif", size * scale).into_font().color(&theme.text);
+    let top = stages.iter().map(|s| gib(s.peak_bytes)).fold(0.0, f64::max);
+    let ymax = (top.max(capacity_bytes.map(gib).unwrap_or(0.0)) * 1.12).max(0.5);
+    let n = stages.len();
+    let mut chart = ChartBuilder::on(root)
+        .margin(px(10.0))
+        .x_label_area_size(px(40.0))
+        .y_label_area_size(px(52.0))
+        .build_cartesian_2d(0.0..n as f64, 0.0..ymax)
+        .map_err(err)?;
+    let short = |stage: &str| {
+        match stage {
+            "forward" => "fwd",
+            "loss backward" => "loss bwd",
+            "backward" => "bwd",
+            "optimizer" => "opt",
+            other => other,
+        }
+        .to_string()
+    };
+    let labels: Vec<String> = stages
+        .iter()
+        .map(|s| format!("{} {}", s.step, short(s.stage)))
+        .collect();
+    chart
+        .configure_mesh()
+        .x_desc("step, stage")
+        .y_desc("GiB live (stage peak)")
+        .axis_desc_style(font(13.0))
+        .label_style(font(11.0))
+        .light_line_style(theme.grid.mix(0.5))
+        .bold_line_style(theme.grid)
+        .axis_style(theme.text)
+        .x_labels(n + 1)
+        .x_label_formatter(&|v| labels.get(v.round() as usize).cloned().unwrap_or_default())
+        .y_label_formatter(&|v| format!("{v:.1}"))
+        .draw()
+        .map_err(err)?;
+    chart
+        .draw_series(stages.iter().enumerate().map(|(i, s)| {
+            Rectangle::new(
+                [(i as f64 + 0.1, 0.0), (i as f64 + 0.9, gib(s.peak_bytes))],
+                theme.components[0].mix(0.8).filled(),
+            )
+        }))
+        .map_err(err)?;
+    if let Some(cap) = capacity_bytes.map(gib) {
+        chart
+            .draw_series(LineSeries::new(
+                [(0.0, cap), (n as f64, cap)],
+                theme.capacity.stroke_width(px(2.0)),
+            ))
+            .map_err(err)?;
+    }
+    root.present().map_err(err)
+}
+
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod tests {
+    use super::*;
+    use crate::presets;
+    use crate::sweep::{powers_of_two, sweep};
+
+    fn svg(draw: impl FnOnce(&DrawingArea<SVGBackend, Shift>) -> Result<(), String>) -> String {
+        let mut out = String::new();
+        {
+            let root = SVGBackend::with_string(&mut out, (640, 360)).into_drawing_area();
+            draw(&root).unwrap();
+        }
+        out
+    }
+
+    fn hex(c: RGBColor) -> String {
+        format!("#{:02X}{:02X}{:02X}", c.0, c.1, c.2)
+    }
+
+    #[test]
+    fn sweep_plot_has_bands_capacity_line_and_axis_names() {
+        let s = presets::founding();
+        let points = sweep(&s, Axis::BatchSize, &powers_of_two(1, 64)).unwrap();
+        let out = svg(|root| {
+            draw_sweep(
+                root,
+                Axis::BatchSize,
+                &points,
+                Some(12 << 30),
+                16,
+                &LIGHT,
+                1.0,
+            )
+        });
+        assert!(out.contains("batch_size"));
+        assert!(out.contains("GPU memory"));
+        assert!(out.contains(&hex(LIGHT.capacity)), "capacity line colour");
+        for c in LIGHT.components {
+            assert!(out.contains(&hex(c)), "band {c:?}");
+        }
+    }
+
+    #[test]
+    fn fit_map_colours_cells_by_fit() {
+        let map = FitMap {
+            batches: vec![1, 2],
+            blocks: vec![64, 128],
+            fits: vec![vec![true, true], vec![true, false]],
+        };
+        let out = svg(|root| draw_fit_map(root, &map, (2, 128), &DARK, 1.0));
+        assert!(out.contains(&hex(DARK.fits)) && out.contains(&hex(DARK.over)));
+        assert!(out.contains("block_size"));
+    }
+
+    #[test]
+    fn timeline_plot_draws_every_stage() {
+        let r = crate::estimate(&presets::founding()).unwrap();
+        let out = svg(|root| draw_timeline(root, &r.timeline, Some(12 << 30), &LIGHT, 2.0));
+        assert!(
+            out.contains("2 loss bwd") && out.contains("3 opt"),
+            "stage labels"
+        );
+    }
+}

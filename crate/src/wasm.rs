@@ -1,0 +1,481 @@
+//! The one boundary with JavaScript. Everything crosses as a URL query string (the page's form state and its
+//! URL are the same string) or as plain JS objects built with `serde_wasm_bindgen`. Every number a person sees
+//! is formatted here; the page does no arithmetic.
+//!
+//! TypeScript view of what JS sees:
+//! ```text
+//! presets(): {models: {id, label}[], gpus: {id, label, memory_gib, compute_capability}[]}
+//! preset_query(id: string): string                         // throws Error(message)
+//! gpu_query(id: string): string                            // "memory_gib=..&compute_capability=.."
+//! normalize_query(query: string): {query, extra: [key, value][]}   // validated, every knob spelled out
+//! estimate(query: string): Estimate                         // see EstimateDto
+//! advice(query: string): {suggestions: {id, change, saving, total, fits, query}[], largest_batch, largest_block}
+//! draw_sweep(canvas, query, axis: "batch_size"|"block_size", dark: bool, scale: number): void
+//! draw_fit_map(canvas, query, dark, scale): {batches: number[], blocks: number[]}
+//! draw_timeline(canvas, query, dark, scale): void
+//! sweep_csv(query, axis): string;  sweep_json(query, axis): string
+//! import_config(text: string): {query, notes: string[], kind: "nanogpt"|"hf"|"setup"}
+//! identify_gpu(description: string): string | undefined     // a GPU preset id, only when unambiguous
+//! bench_estimate(query, n): number; bench_fit_map(query, n): number   // for scripts/bench-web
+//! ```
+
+use plotters::prelude::IntoDrawingArea;
+use plotters_canvas::CanvasBackend;
+use serde::Serialize;
+use wasm_bindgen::prelude::*;
+use web_sys::HtmlCanvasElement;
+
+use crate::advice;
+use crate::input::{self, setup_from_query, setup_to_query};
+use crate::plot::{self, FitMap};
+use crate::presets;
+use crate::report::fmt_bytes;
+use crate::sweep::{self, Axis};
+use crate::{Error, Setup};
+
+fn js_err(e: impl std::fmt::Display) -> JsError {
+    JsError::new(&e.to_string())
+}
+
+fn to_js<T: Serialize>(v: &T) -> Result<JsValue, JsError> {
+    v.serialize(&serde_wasm_bindgen::Serializer::json_compatible())
+        .map_err(js_err)
+}
+
+fn setup_of(query: &str) -> Result<Setup, JsError> {
+    let mut extra = Vec::new();
+    let s = setup_from_query(query, &mut extra).map_err(js_err)?;
+    s.validate().map_err(js_err)?;
+    Ok(s)
+}
+
+#[derive(Serialize)]
+struct PresetDto {
+    id: &'static str,
+    label: &'static str,
+}
+
+#[derive(Serialize)]
+struct GpuDto {
+    id: &'static str,
+    label: &'static str,
+    memory_gib: f64,
+    compute_capability: f64,
+}
+
+#[derive(Serialize)]
+struct PresetsDto {
+    models: Vec<PresetDto>,
+    gpus: Vec<GpuDto>,
+}
+
+#[wasm_bindgen]
+pub fn presets() -> Result<JsValue, JsError> {
+    to_js(&PresetsDto {
+        models: presets::MODEL_PRESETS
+            .iter()
+            .map(|p| PresetDto {
+                id: p.id,
+                label: p.label,
+            })
+            .collect(),
+        gpus: presets::GPU_PRESETS
+            .iter()
+            .map(|g| GpuDto {
+                id: g.id,
+                label: g.label,
+                memory_gib: g.memory_bytes as f64 / (1u64 << 30) as f64,
+                compute_capability: g.sm as f64 / 10.0,
+            })
+            .collect(),
+    })
+}
+
+#[wasm_bindgen]
+pub fn preset_query(id: &str) -> Result<String, JsError> {
+    let s =
+        presets::model_preset(id).ok_or_else(|| JsError::new(&format!("unknown preset {id:?}")))?;
+    Ok(setup_to_query(&s))
+}
+
+#[wasm_bindgen]
+pub fn gpu_query(id: &str) -> Result<String, JsError> {
+    let g = presets::gpu(id).ok_or_else(|| JsError::new(&format!("unknown GPU {id:?}")))?;
+    Ok(format!(
+        "memory_gib={}&compute_capability={}",
+        g.memory_bytes as f64 / (1u64 << 30) as f64,
+        g.sm as f64 / 10.0
+    ))
+}
+
+#[derive(Serialize)]
+struct NormalizedDto {
+    query: String,
+    extra: Vec<(String, String)>,
+}
+
+#[wasm_bindgen]
+pub fn normalize_query(query: &str) -> Result<JsValue, JsError> {
+    let mut extra = Vec::new();
+    let s = setup_from_query(query, &mut extra).map_err(js_err)?;
+    s.validate().map_err(js_err)?;
+    to_js(&NormalizedDto {
+        query: setup_to_query(&s),
+        extra,
+    })
+}
+
+#[derive(Serialize)]
+struct ComponentDto {
+    name: &'static str,
+    what: &'static str,
+    bytes: u64,
+    text: String,
+    /// Width in the stacked bar, as a CSS percentage ("12.3%").
+    width: String,
+}
+
+#[derive(Serialize)]
+struct StageDto {
+    label: String,
+    text: String,
+}
+
+#[derive(Serialize)]
+struct EstimateDto {
+    n_params: String,
+    peak_allocated: String,
+    peak_allocated_bytes: u64,
+    peak_reserved: String,
+    device_total: String,
+    device_range: String,
+    gpu_memory: String,
+    /// "fits", "does not fit" or "" (no GPU memory given).
+    verdict: String,
+    fits: Option<bool>,
+    headroom: String,
+    peak_phase: String,
+    peak_op: &'static str,
+    sentence: String,
+    per_block: String,
+    components: Vec<ComponentDto>,
+    timeline: Vec<StageDto>,
+    notes: Vec<String>,
+}
+
+#[wasm_bindgen]
+pub fn estimate(query: &str) -> Result<JsValue, JsError> {
+    let s = setup_of(query)?;
+    let r = crate::estimate(&s).map_err(js_err)?;
+    let total = r.peak_allocated_bytes.max(1);
+    let components = r
+        .components
+        .items()
+        .into_iter()
+        .filter(|(_, b, _)| *b > 0)
+        .map(|(name, bytes, what)| ComponentDto {
+            name,
+            what,
+            bytes,
+            text: fmt_bytes(bytes),
+            width: format!("{:.2}%", bytes as f64 * 100.0 / total as f64),
+        })
+        .collect();
+    let mem = s.device.memory_bytes;
+    let (verdict, headroom) = match r.fits {
+        Some(true) => (
+            "fits".to_string(),
+            format!("{} to spare", fmt_bytes(mem - r.device_total_bytes)),
+        ),
+        Some(false) => (
+            "does not fit".to_string(),
+            format!("{} over", fmt_bytes(r.device_total_bytes - mem)),
+        ),
+        None => (String::new(), String::new()),
+    };
+    to_js(&EstimateDto {
+        n_params: format!("{:.1}M parameters", r.n_params as f64 / 1e6),
+        peak_allocated: fmt_bytes(r.peak_allocated_bytes),
+        peak_allocated_bytes: r.peak_allocated_bytes,
+        peak_reserved: fmt_bytes(r.peak_reserved_bytes),
+        device_total: fmt_bytes(r.device_total_bytes),
+        device_range: format!(
+            "{} to {}",
+            fmt_bytes(r.device_total_range_bytes.0),
+            fmt_bytes(r.device_total_range_bytes.1)
+        ),
+        gpu_memory: if mem > 0 {
+            fmt_bytes(mem)
+        } else {
+            String::new()
+        },
+        verdict,
+        fits: r.fits,
+        headroom,
+        peak_phase: r.peak_phase.clone(),
+        peak_op: r.peak_op,
+        sentence: r.largest_item_sentence(&s),
+        per_block: fmt_bytes(r.activations_per_block_bytes),
+        components,
+        timeline: r
+            .timeline
+            .iter()
+            .map(|t| StageDto {
+                label: format!("step {} {}", t.step, t.stage),
+                text: fmt_bytes(t.peak_bytes),
+            })
+            .collect(),
+        notes: r.notes.clone(),
+    })
+}
+
+#[derive(Serialize)]
+struct SuggestionDto {
+    id: &'static str,
+    change: String,
+    saving: String,
+    total: String,
+    fits: bool,
+    query: String,
+}
+
+#[derive(Serialize)]
+struct AdviceDto {
+    suggestions: Vec<SuggestionDto>,
+    largest_batch: String,
+    largest_block: String,
+}
+
+#[wasm_bindgen]
+pub fn advice(query: &str) -> Result<JsValue, JsError> {
+    let s = setup_of(query)?;
+    let sug = advice::suggestions(&s).map_err(js_err)?;
+    let (batch, block) = advice::largest_that_fit(&s).map_err(js_err)?;
+    let say = |v: Option<u64>| match (v, s.device.memory_bytes) {
+        (_, 0) => "choose a GPU to see this".to_string(),
+        (Some(v), _) => v.to_string(),
+        (None, _) => "none: even 1 does not fit".to_string(),
+    };
+    to_js(&AdviceDto {
+        suggestions: sug
+            .into_iter()
+            .map(|x| SuggestionDto {
+                id: x.id,
+                change: x.change,
+                saving: fmt_bytes(x.saving_bytes),
+                total: fmt_bytes(x.device_total_bytes),
+                fits: x.fits,
+                query: setup_to_query(&x.setup),
+            })
+            .collect(),
+        largest_batch: say(batch),
+        largest_block: say(block),
+    })
+}
+
+fn axis_of(axis: &str) -> Result<Axis, JsError> {
+    Axis::parse(axis).map_err(js_err)
+}
+
+/// The values a sweep plots: powers of two around the current value (at least 1..=64 for batch, 64..=4096
+/// for block, up to 4x the current value).
+fn sweep_values(s: &Setup, axis: Axis) -> Vec<u64> {
+    match axis {
+        Axis::BatchSize => sweep::powers_of_two(1, s.train.batch_size.saturating_mul(4).max(64)),
+        Axis::BlockSize => {
+            let mut v = sweep::powers_of_two(64, s.model.block_size.saturating_mul(4).max(4096));
+            if !v.contains(&s.model.block_size) {
+                v.push(s.model.block_size);
+                v.sort_unstable();
+            }
+            v
+        }
+    }
+}
+
+fn sweep_points(s: &Setup, axis: Axis) -> Result<Vec<sweep::Point>, Error> {
+    let mut values = sweep_values(s, axis);
+    if axis == Axis::BatchSize && !values.contains(&s.train.batch_size) {
+        values.push(s.train.batch_size);
+        values.sort_unstable();
+    }
+    sweep::sweep(s, axis, &values)
+}
+
+fn canvas_root(
+    canvas: HtmlCanvasElement,
+) -> Result<plotters::drawing::DrawingArea<CanvasBackend, plotters::coord::Shift>, JsError> {
+    Ok(CanvasBackend::with_canvas_object(canvas)
+        .ok_or_else(|| JsError::new("canvas has no 2D context"))?
+        .into_drawing_area())
+}
+
+fn theme(dark: bool) -> &'static plot::Theme {
+    if dark {
+        &plot::DARK
+    } else {
+        &plot::LIGHT
+    }
+}
+
+#[wasm_bindgen]
+pub fn draw_sweep(
+    canvas: HtmlCanvasElement,
+    query: &str,
+    axis: &str,
+    dark: bool,
+    scale: f64,
+) -> Result<(), JsError> {
+    let s = setup_of(query)?;
+    let axis = axis_of(axis)?;
+    let points = sweep_points(&s, axis).map_err(js_err)?;
+    let current = match axis {
+        Axis::BatchSize => s.train.batch_size,
+        Axis::BlockSize => s.model.block_size,
+    };
+    let cap = (s.device.memory_bytes > 0).then_some(s.device.memory_bytes);
+    let root = canvas_root(canvas)?;
+    plot::draw_sweep(
+        &root,
+        axis,
+        &points,
+        cap,
+        current,
+        theme(dark),
+        scale.clamp(0.5, 4.0),
+    )
+    .map_err(js_err)
+}
+
+/// The batch and block values of the page's fit map: powers of two from 1 and from 64, reaching past the
+/// current values.
+fn fit_map_axes(s: &Setup) -> (Vec<u64>, Vec<u64>) {
+    (
+        sweep::powers_of_two(1, s.train.batch_size.saturating_mul(4).max(64)),
+        sweep::powers_of_two(64, s.model.block_size.saturating_mul(4).max(4096)),
+    )
+}
+
+fn page_fit_map(s: &Setup) -> Result<FitMap, Error> {
+    let (batches, blocks) = fit_map_axes(s);
+    let budget = if s.device.memory_bytes > 0 {
+        s.device.memory_bytes
+    } else {
+        u64::MAX
+    };
+    sweep::fit_map(s, &batches, &blocks, budget)
+}
+
+#[derive(Serialize)]
+struct FitMapDto {
+    batches: Vec<u64>,
+    blocks: Vec<u64>,
+}
+
+#[wasm_bindgen]
+pub fn draw_fit_map(
+    canvas: HtmlCanvasElement,
+    query: &str,
+    dark: bool,
+    scale: f64,
+) -> Result<JsValue, JsError> {
+    let s = setup_of(query)?;
+    let map = page_fit_map(&s).map_err(js_err)?;
+    let root = canvas_root(canvas)?;
+    plot::draw_fit_map(
+        &root,
+        &map,
+        (s.train.batch_size, s.model.block_size),
+        theme(dark),
+        scale.clamp(0.5, 4.0),
+    )
+    .map_err(js_err)?;
+    to_js(&FitMapDto {
+        batches: map.batches,
+        blocks: map.blocks,
+    })
+}
+
+#[wasm_bindgen]
+pub fn draw_timeline(
+    canvas: HtmlCanvasElement,
+    query: &str,
+    dark: bool,
+    scale: f64,
+) -> Result<(), JsError> {
+    let s = setup_of(query)?;
+    let r = crate::estimate(&s).map_err(js_err)?;
+    let cap = (s.device.memory_bytes > 0).then_some(s.device.memory_bytes);
+    let root = canvas_root(canvas)?;
+    plot::draw_timeline(&root, &r.timeline, cap, theme(dark), scale.clamp(0.5, 4.0)).map_err(js_err)
+}
+
+#[wasm_bindgen]
+pub fn sweep_csv(query: &str, axis: &str) -> Result<String, JsError> {
+    let s = setup_of(query)?;
+    let axis = axis_of(axis)?;
+    let points = sweep_points(&s, axis).map_err(js_err)?;
+    Ok(sweep::to_csv(axis, &points))
+}
+
+#[wasm_bindgen]
+pub fn sweep_json(query: &str, axis: &str) -> Result<String, JsError> {
+    let s = setup_of(query)?;
+    let axis = axis_of(axis)?;
+    let points = sweep_points(&s, axis).map_err(js_err)?;
+    serde_json::to_string_pretty(&serde_json::json!({"axis": axis.name(), "setup": input::setup_to_value(&s), "points": points}))
+        .map_err(js_err)
+}
+
+#[derive(Serialize)]
+struct ImportDto {
+    query: String,
+    notes: Vec<String>,
+    kind: &'static str,
+}
+
+/// Reads pasted or dropped text: a setup JSON, a Hugging Face config.json, or a nanoGPT config file.
+#[wasm_bindgen]
+pub fn import_config(text: &str) -> Result<JsValue, JsError> {
+    let (setup, notes, kind) = input::import_any(text).map_err(js_err)?;
+    setup.validate().map_err(js_err)?;
+    to_js(&ImportDto {
+        query: setup_to_query(&setup),
+        notes,
+        kind,
+    })
+}
+
+#[wasm_bindgen]
+pub fn identify_gpu(description: &str) -> Option<String> {
+    presets::identify_gpu(description).map(str::to_string)
+}
+
+/// Runs `estimate` n times (for scripts/bench-web); returns the last peak so the work is not optimised away.
+#[wasm_bindgen]
+pub fn bench_estimate(query: &str, n: u32) -> Result<f64, JsError> {
+    let s = setup_of(query)?;
+    let mut last = 0;
+    for _ in 0..n {
+        last = crate::estimate_peak(&s)
+            .map_err(js_err)?
+            .peak_allocated_bytes;
+    }
+    Ok(last as f64)
+}
+
+/// Builds a 64 x 64 fit map n times (batch 1..=64, block 64..=4096 in steps of 64).
+#[wasm_bindgen]
+pub fn bench_fit_map(query: &str, n: u32) -> Result<f64, JsError> {
+    let mut s = setup_of(query)?;
+    s.model.block_size = s.model.block_size.max(4096);
+    let batches: Vec<u64> = (1..=64).collect();
+    let blocks: Vec<u64> = (1..=64).map(|i| i * 64).collect();
+    let mut fitting = 0;
+    for _ in 0..n {
+        let m =
+            sweep::fit_map(&s, &batches, &blocks, s.device.memory_bytes.max(1)).map_err(js_err)?;
+        fitting = m.fits.iter().flatten().filter(|f| **f).count();
+    }
+    Ok(fitting as f64)
+}
