@@ -95,7 +95,8 @@ pub fn suggestions(setup: &Setup) -> Result<Vec<Suggestion>, Error> {
     let mut out = Vec::new();
     for (id, change, s) in candidates {
         let Ok(r) = crate::estimate(&s) else { continue };
-        if r.device_total_bytes < base.device_total_bytes {
+        // Savings under 1 MiB (e.g. GradScaler's two scalars) are not worth a suggestion.
+        if r.device_total_bytes + (1 << 20) <= base.device_total_bytes {
             out.push(Suggestion {
                 id,
                 change,

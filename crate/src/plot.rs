@@ -106,11 +106,10 @@ pub fn draw_sweep<DB: DrawingBackend>(
     }
     let px = |v: f64| (v * scale).round() as u32;
     let font = |size: f64| ("sans-serif", size * scale).into_font().color(&theme.text);
-    let x0 = points.first().map_or(1, |p| p.value) as f64;
-    let x1 = points
-        .last()
-        .map_or(2, |p| p.value)
-        .max(points.first().map_or(1, |p| p.value) + 1) as f64;
+    // The x axis is log2 of the value, so that ticks fall on powers of two (the sizes people try).
+    let lx = |v: u64| (v.max(1) as f64).log2();
+    let x0 = lx(points.first().map_or(1, |p| p.value));
+    let x1 = lx(points.last().map_or(2, |p| p.value)).max(x0 + 1.0);
     let top = points
         .iter()
         .map(|p| gib(p.peak_allocated_bytes))
@@ -121,7 +120,7 @@ pub fn draw_sweep<DB: DrawingBackend>(
         .margin(px(10.0))
         .x_label_area_size(px(40.0))
         .y_label_area_size(px(52.0))
-        .build_cartesian_2d((x0..x1).log_scale(), 0.0..ymax)
+        .build_cartesian_2d(x0..x1, 0.0..ymax)
         .map_err(err)?;
     chart
         .configure_mesh()
@@ -129,10 +128,11 @@ pub fn draw_sweep<DB: DrawingBackend>(
         .y_desc("GiB (peak allocated)")
         .axis_desc_style(font(13.0))
         .label_style(font(12.0))
-        .light_line_style(theme.grid.mix(0.5))
+        .light_line_style(theme.grid.mix(0.3))
         .bold_line_style(theme.grid)
         .axis_style(theme.text)
-        .x_label_formatter(&|v| format!("{}", v.round() as u64))
+        .x_labels((x1 - x0).round() as usize + 1)
+        .x_label_formatter(&|v| format!("{}", 2f64.powf(*v).round() as u64))
         .y_label_formatter(&|v| format!("{v:.1}"))
         .draw()
         .map_err(err)?;
@@ -171,9 +171,7 @@ pub fn draw_sweep<DB: DrawingBackend>(
                 0.0,
                 color.mix(0.85),
             ))
-            .map_err(err)?
-            .label(COMPONENT_NAMES[band])
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+            .map_err(err)?;
     }
     if let Some(cap) = cap {
         chart
@@ -197,15 +195,62 @@ pub fn draw_sweep<DB: DrawingBackend>(
             )))
             .map_err(err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(theme.background.mix(0.85))
-        .border_style(theme.grid)
-        .label_font(font(11.0))
-        .draw()
-        .map_err(err)?;
+    draw_legend(
+        chart.plotting_area().strip_coord_spec(),
+        cap.is_some(),
+        theme,
+        scale,
+    )?;
     root.present().map_err(err)
+}
+
+/// A one-row legend in the plot's top-left corner, laid out on a fixed grid: plotters' own series labels
+/// measure text through the DOM, which the page's Content-Security-Policy forbids.
+fn draw_legend<DB: DrawingBackend>(
+    area: DrawingArea<DB, Shift>,
+    capacity: bool,
+    theme: &Theme,
+    scale: f64,
+) -> Result<(), String> {
+    let s = |v: f64| (v * scale).round() as i32;
+    let font = ("sans-serif", 11.0 * scale).into_font().color(&theme.text);
+    let mut x = s(8.0);
+    let y = s(8.0);
+    let item = |area: &DrawingArea<DB, Shift>,
+                x: i32,
+                color: RGBColor,
+                label: &str,
+                line: bool|
+     -> Result<(), String> {
+        if line {
+            area.draw(&PathElement::new(
+                [(x, y + s(5.0)), (x + s(12.0), y + s(5.0))],
+                color.stroke_width(s(2.0) as u32),
+            ))
+            .map_err(err)?;
+        } else {
+            area.draw(&Rectangle::new(
+                [(x, y), (x + s(10.0), y + s(10.0))],
+                color.filled(),
+            ))
+            .map_err(err)?;
+        }
+        area.draw(&Text::new(
+            label.to_string(),
+            (x + s(15.0), y - s(1.0)),
+            font.clone(),
+        ))
+        .map_err(err)
+    };
+    let step = |label: &str| s(22.0 + 6.2 * label.len() as f64);
+    for (i, name) in COMPONENT_NAMES.iter().enumerate() {
+        item(&area, x, theme.components[i], name, false)?;
+        x += step(name);
+    }
+    if capacity {
+        item(&area, x, theme.capacity, "GPU memory", true)?;
+    }
+    Ok(())
 }
 
 /// Which (batch, block) pairs fit: `fits[j][i]` for `blocks[j]`, `batches[i]`.

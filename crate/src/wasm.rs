@@ -20,9 +20,15 @@
 //! ```
 
 use plotters::prelude::IntoDrawingArea;
+use plotters_backend::{
+    BackendColor, BackendCoord, BackendStyle, BackendTextStyle, DrawingBackend, DrawingErrorKind,
+    FontTransform,
+};
 use plotters_canvas::CanvasBackend;
 use serde::Serialize;
 use wasm_bindgen::prelude::*;
+use wasm_bindgen::JsCast;
+use web_sys::CanvasRenderingContext2d;
 use web_sys::HtmlCanvasElement;
 
 use crate::advice;
@@ -302,12 +308,119 @@ fn sweep_points(s: &Setup, axis: Axis) -> Result<Vec<sweep::Point>, Error> {
     sweep::sweep(s, axis, &values)
 }
 
+/// plotters-canvas with text measured by the canvas itself (`measureText`). plotters' own web font measurement
+/// inserts a `<span style=...>` into the page, which the page's Content-Security-Policy forbids (and which
+/// costs a layout per label).
+struct Canvas {
+    inner: CanvasBackend,
+    context: CanvasRenderingContext2d,
+}
+
+type DrawResult<E> = Result<(), DrawingErrorKind<E>>;
+
+impl DrawingBackend for Canvas {
+    type ErrorType = <CanvasBackend as DrawingBackend>::ErrorType;
+
+    fn get_size(&self) -> (u32, u32) {
+        self.inner.get_size()
+    }
+    fn ensure_prepared(&mut self) -> DrawResult<Self::ErrorType> {
+        self.inner.ensure_prepared()
+    }
+    fn present(&mut self) -> DrawResult<Self::ErrorType> {
+        self.inner.present()
+    }
+    fn draw_pixel(
+        &mut self,
+        point: BackendCoord,
+        color: BackendColor,
+    ) -> DrawResult<Self::ErrorType> {
+        self.inner.draw_pixel(point, color)
+    }
+    fn draw_line<S: BackendStyle>(
+        &mut self,
+        from: BackendCoord,
+        to: BackendCoord,
+        style: &S,
+    ) -> DrawResult<Self::ErrorType> {
+        self.inner.draw_line(from, to, style)
+    }
+    fn draw_rect<S: BackendStyle>(
+        &mut self,
+        upper_left: BackendCoord,
+        bottom_right: BackendCoord,
+        style: &S,
+        fill: bool,
+    ) -> DrawResult<Self::ErrorType> {
+        self.inner.draw_rect(upper_left, bottom_right, style, fill)
+    }
+    fn draw_path<S: BackendStyle, I: IntoIterator<Item = BackendCoord>>(
+        &mut self,
+        path: I,
+        style: &S,
+    ) -> DrawResult<Self::ErrorType> {
+        self.inner.draw_path(path, style)
+    }
+    fn draw_circle<S: BackendStyle>(
+        &mut self,
+        center: BackendCoord,
+        radius: u32,
+        style: &S,
+        fill: bool,
+    ) -> DrawResult<Self::ErrorType> {
+        self.inner.draw_circle(center, radius, style, fill)
+    }
+    fn fill_polygon<S: BackendStyle, I: IntoIterator<Item = BackendCoord>>(
+        &mut self,
+        vert: I,
+        style: &S,
+    ) -> DrawResult<Self::ErrorType> {
+        self.inner.fill_polygon(vert, style)
+    }
+    fn draw_text<S: BackendTextStyle>(
+        &mut self,
+        text: &str,
+        style: &S,
+        pos: BackendCoord,
+    ) -> DrawResult<Self::ErrorType> {
+        self.inner.draw_text(text, style, pos)
+    }
+    fn estimate_text_size<S: BackendTextStyle>(
+        &self,
+        text: &str,
+        style: &S,
+    ) -> Result<(u32, u32), DrawingErrorKind<Self::ErrorType>> {
+        self.context.set_font(&format!(
+            "{} {}px {}",
+            style.style().as_str(),
+            style.size(),
+            style.family().as_str()
+        ));
+        let width = self
+            .context
+            .measure_text(text)
+            .map(|m| m.width())
+            .unwrap_or(style.size() * 0.6 * text.len() as f64);
+        let (w, h) = (width.ceil() as u32, style.size().ceil() as u32);
+        Ok(match style.transform() {
+            FontTransform::Rotate90 | FontTransform::Rotate270 => (h, w),
+            _ => (w, h),
+        })
+    }
+}
+
 fn canvas_root(
     canvas: HtmlCanvasElement,
-) -> Result<plotters::drawing::DrawingArea<CanvasBackend, plotters::coord::Shift>, JsError> {
-    Ok(CanvasBackend::with_canvas_object(canvas)
-        .ok_or_else(|| JsError::new("canvas has no 2D context"))?
-        .into_drawing_area())
+) -> Result<plotters::drawing::DrawingArea<Canvas, plotters::coord::Shift>, JsError> {
+    let no_context = || JsError::new("canvas has no 2D context");
+    let context = canvas
+        .get_context("2d")
+        .ok()
+        .flatten()
+        .and_then(|c| c.dyn_into::<CanvasRenderingContext2d>().ok())
+        .ok_or_else(no_context)?;
+    let inner = CanvasBackend::with_canvas_object(canvas).ok_or_else(no_context)?;
+    Ok(Canvas { inner, context }.into_drawing_area())
 }
 
 fn theme(dark: bool) -> &'static plot::Theme {
@@ -478,4 +591,14 @@ pub fn bench_fit_map(query: &str, n: u32) -> Result<f64, JsError> {
         fitting = m.fits.iter().flatten().filter(|f| **f).count();
     }
     Ok(fitting as f64)
+}
+
+/// Bytes for people (binary units), for numbers the page gets from the browser (WebGPU limits).
+#[wasm_bindgen]
+pub fn format_bytes(bytes: f64) -> String {
+    if bytes.is_finite() && bytes >= 0.0 {
+        fmt_bytes(bytes as u64)
+    } else {
+        "(not given)".to_string()
+    }
 }

@@ -1,3 +1,4 @@
+#![cfg(not(target_arch = "wasm32"))]
 //! The command line, driven as a person would: real files, real flags, exit statuses and messages.
 
 use std::path::PathBuf;

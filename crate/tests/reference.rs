@@ -1,3 +1,4 @@
+#![cfg(not(target_arch = "wasm32"))]
 //! Reference tests: every measured training run in `tests/data/*.json` against the estimate.
 //!
 //! Tolerances (issue 2): every config within 5% of the measured peak allocated, the median within 2%.

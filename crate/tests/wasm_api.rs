@@ -1,0 +1,117 @@
+//! The JavaScript boundary, in a real browser (wasm-bindgen-test in headless Chromium): good input round-trips,
+//! bad input throws an Error carrying the core's message.
+#![cfg(target_arch = "wasm32")]
+
+use wasm_bindgen::JsValue;
+use wasm_bindgen_test::*;
+
+wasm_bindgen_test_configure!(run_in_browser);
+
+fn get(v: &JsValue, key: &str) -> JsValue {
+    js_sys::Reflect::get(v, &JsValue::from_str(key)).unwrap()
+}
+
+fn message(e: JsValue) -> String {
+    get(&e, "message").as_string().unwrap()
+}
+
+/// Calls an export that returns `Result<_, JsError>` and gives back the thrown Error's message.
+macro_rules! check_err {
+    ($call:expr, $expected:expr) => {{
+        let err = $call.err().expect("an error");
+        assert_eq!(message(JsValue::from(err)), $expected);
+    }};
+}
+
+#[wasm_bindgen_test]
+fn preset_query_estimates_the_founding_case() {
+    let q = vramfit::wasm::preset_query("nanogpt-30m").unwrap();
+    assert!(
+        q.contains("n_embd=384") && q.contains("batch_size=16"),
+        "{q}"
+    );
+    let est = vramfit::wasm::estimate(&q).unwrap();
+    let bytes = get(&est, "peak_allocated_bytes").as_f64().unwrap() as u64;
+    let setup = vramfit::presets::founding();
+    assert_eq!(
+        bytes,
+        vramfit::estimate(&setup).unwrap().peak_allocated_bytes
+    );
+    assert_eq!(get(&est, "verdict").as_string().unwrap(), "fits");
+}
+
+#[wasm_bindgen_test]
+fn normalize_query_spells_out_every_knob_and_keeps_page_keys() {
+    let n = vramfit::wasm::normalize_query(
+        "family=gpt2&n_layer=2&n_head=2&n_embd=64&block_size=64&vocab_size=65&gpu=t4",
+    )
+    .unwrap();
+    let q = get(&n, "query").as_string().unwrap();
+    assert!(
+        q.contains("precision=bf16-amp") && q.contains("seq_len=64"),
+        "{q}"
+    );
+    let extra = js_sys::Array::from(&get(&n, "extra"));
+    assert_eq!(extra.length(), 1);
+}
+
+#[wasm_bindgen_test]
+fn bad_input_throws_the_core_message() {
+    check_err!(
+        vramfit::wasm::estimate(
+            "family=gpt2&n_layer=0&n_head=6&n_embd=384&block_size=64&vocab_size=65"
+        ),
+        "model.n_layer (0) must be at least 1"
+    );
+    check_err!(
+        vramfit::wasm::estimate("family=gpt2&n_layer=NaN"),
+        "model.n_layer (\"NaN\") must be a number"
+    );
+    check_err!(
+        vramfit::wasm::estimate("family=gpt2&n_layer=Infinity"),
+        "model.n_layer (\"Infinity\") must be a number"
+    );
+    check_err!(
+        vramfit::wasm::preset_query("nope"),
+        "unknown preset \"nope\""
+    );
+    check_err!(vramfit::wasm::import_config("def f():\n  pass\n"), "nanoGPT config, line 1: not an assignment, import or comment: \"def f():\"; is this a nanoGPT config file?");
+}
+
+#[wasm_bindgen_test]
+fn import_reads_nanogpt_and_hf_configs() {
+    let r = vramfit::wasm::import_config(
+        "dataset = 'shakespeare_char'\nbatch_size = 64\nblock_size = 256\n",
+    )
+    .unwrap();
+    assert_eq!(get(&r, "kind").as_string().unwrap(), "nanogpt");
+    assert!(get(&r, "query")
+        .as_string()
+        .unwrap()
+        .contains("vocab_size=65"));
+    let r = vramfit::wasm::import_config(r#"{"model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32, "num_hidden_layers": 22, "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048}"#).unwrap();
+    assert_eq!(get(&r, "kind").as_string().unwrap(), "hf");
+}
+
+#[wasm_bindgen_test]
+fn drawing_on_a_canvas_puts_pixels_on_it() {
+    let doc = web_sys::window().unwrap().document().unwrap();
+    let canvas: web_sys::HtmlCanvasElement =
+        wasm_bindgen::JsCast::dyn_into(doc.create_element("canvas").unwrap()).unwrap();
+    canvas.set_width(600);
+    canvas.set_height(300);
+    let q = vramfit::wasm::preset_query("nanogpt-30m").unwrap();
+    vramfit::wasm::draw_sweep(canvas.clone(), &q, "batch_size", false, 1.0).unwrap();
+    let ctx: web_sys::CanvasRenderingContext2d =
+        wasm_bindgen::JsCast::dyn_into(canvas.get_context("2d").unwrap().unwrap()).unwrap();
+    let data = ctx.get_image_data(0.0, 0.0, 600.0, 300.0).unwrap().data();
+    let non_white = data
+        .chunks(4)
+        .filter(|p| p[0] < 250 || p[1] < 250 || p[2] < 250)
+        .count();
+    assert!(non_white > 10_000, "{non_white} drawn pixels");
+    check_err!(
+        vramfit::wasm::draw_sweep(canvas, &q, "depth", false, 1.0),
+        "sweep axis (\"depth\") is not one of: batch_size, block_size"
+    );
+}

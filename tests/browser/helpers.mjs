@@ -1,0 +1,79 @@
+// Shared helpers for the browser tests: serve www/ with scripts/serve.py, launch Debian's Chromium through
+// playwright-core, and read canvases back.
+import { spawn, execFileSync } from 'node:child_process';
+import { mkdtempSync, mkdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+export const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+export const ARTIFACTS = join(ROOT, 'target', 'browser');
+mkdirSync(ARTIFACTS, { recursive: true });
+
+const BASE_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage'];
+
+/** Serves `dir` (relative to the repository) on 127.0.0.1:`port`; resolves when the server answers. */
+export async function serve(port, dir = 'www') {
+  const proc = spawn('python3', [join(ROOT, 'scripts', 'serve.py'), '--port', String(port), '--dir', join(ROOT, dir)],
+    { stdio: ['ignore', 'pipe', 'inherit'] });
+  await new Promise((resolve, reject) => {
+    proc.stdout.on('data', (d) => { if (String(d).includes('serving')) resolve(); });
+    proc.on('exit', (code) => reject(new Error(`server exited with ${code}`)));
+  });
+  return { url: `http://127.0.0.1:${port}/`, close: () => proc.kill() };
+}
+
+/** Launches Chromium with a fresh profile; `extraArgs` e.g. ['--enable-unsafe-webgpu']. */
+export async function launch(extraArgs = []) {
+  const userDataDir = mkdtempSync(join(tmpdir(), 'vramfit-chromium-'));
+  return chromium.launchPersistentContext(userDataDir, {
+    executablePath: '/usr/bin/chromium',
+    args: [...BASE_ARGS, ...extraArgs],
+    viewport: { width: 1280, height: 1800 },
+  });
+}
+
+/** Opens the page and waits until the estimator has rendered once. Records every request URL. */
+export async function openPage(context, url) {
+  const page = await context.newPage();
+  const requests = [];
+  const errors = [];
+  page.on('request', (r) => requests.push(r.url()));
+  page.on('pageerror', (e) => errors.push(e.message));
+  page.on('console', (m) => { if (m.type() === 'error') errors.push(m.text()); });
+  await page.goto(url);
+  await page.waitForSelector('body[data-ready=true]', { timeout: 20000 });
+  return { page, requests, errors };
+}
+
+/** A digest of a canvas' pixels and the count of non-background pixels. */
+export async function canvasPixels(page, id) {
+  return page.evaluate((cid) => {
+    const c = document.getElementById(cid);
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    let hash = 0;
+    let drawn = 0;
+    const [r0, g0, b0] = [d[0], d[1], d[2]];
+    for (let i = 0; i < d.length; i += 4) {
+      hash = (hash * 31 + d[i] + 7 * d[i + 1] + 13 * d[i + 2]) >>> 0;
+      if (Math.abs(d[i] - r0) + Math.abs(d[i + 1] - g0) + Math.abs(d[i + 2] - b0) > 30) drawn += 1;
+    }
+    return { hash, drawn, width: c.width, height: c.height };
+  }, id);
+}
+
+/** Sets an input's value as a person would (fill + change) and waits for the next render. */
+export async function setField(page, id, value) {
+  const before = await page.evaluate(() => document.body.dataset.estimated);
+  await page.fill(`#${id}`, String(value));
+  await page.dispatchEvent(`#${id}`, 'change');
+  await page.waitForFunction((b) => document.body.dataset.estimated !== b, before, { timeout: 3000 }).catch(() => {});
+}
+
+/** The native CLI's estimate for the same query, for cross-checking the page. */
+export function cliPeakBytes(args) {
+  const out = execFileSync(join(ROOT, 'target', 'release', 'vramfit'), ['estimate', '--format', 'json', ...args]);
+  return JSON.parse(String(out)).peak_allocated_bytes;
+}

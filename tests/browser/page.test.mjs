@@ -1,0 +1,140 @@
+// End-to-end tests of the page in real headless Chromium (Debian's), driven by playwright-core.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { serve, launch, openPage, canvasPixels, setField, cliPeakBytes, ARTIFACTS } from './helpers.mjs';
+
+const PORT = 8761;
+let server;
+let context;
+
+before(async () => {
+  server = await serve(PORT);
+  context = await launch();
+});
+
+after(async () => {
+  await context?.close();
+  server?.close();
+});
+
+test('the page loads with the default nanoGPT case and its total matches the native estimator', async () => {
+  const { page, errors } = await openPage(context, server.url);
+  const text = await page.textContent('#peak-allocated');
+  assert.match(text, /^\d+(\.\d+)? GiB$/);
+  const bytes = Number(await page.getAttribute('#peak-allocated', 'data-bytes'));
+  // The default: nanoGPT 6x384, block 512, batch 16, vocab 50304, fp16-amp, fused AdamW, on an RTX 4070 (sm_89).
+  assert.equal(bytes, cliPeakBytes(['--compute-capability', '8.9', '--gpu-memory-gib', '12']));
+  assert.equal(await page.inputValue('#n_embd'), '384');
+  assert.match(await page.textContent('#sentence'), /largest item at the peak is logits/);
+  assert.match(await page.textContent('#verdict'), /fits in 12\.0 GiB/);
+  for (const id of ['plot-batch', 'plot-block', 'plot-fitmap', 'plot-timeline']) {
+    const px = await canvasPixels(page, id);
+    assert.ok(px.drawn > 5000, `${id} has ${px.drawn} drawn pixels`);
+  }
+  await page.screenshot({ path: join(ARTIFACTS, 'page.png'), fullPage: true });
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test('changing the batch size changes the total and the plots; the GPU line moves with the GPU', async () => {
+  const { page } = await openPage(context, server.url);
+  const total = await page.textContent('#peak-allocated');
+  const plot = await canvasPixels(page, 'plot-batch');
+  await setField(page, 'batch_size', 8);
+  assert.notEqual(await page.textContent('#peak-allocated'), total);
+  assert.notEqual((await canvasPixels(page, 'plot-batch')).hash, plot.hash);
+  const bytes8 = Number(await page.getAttribute('#peak-allocated', 'data-bytes'));
+  assert.equal(bytes8, cliPeakBytes(['--batch-size', '8', '--compute-capability', '8.9', '--gpu-memory-gib', '12']));
+
+  const before = await canvasPixels(page, 'plot-batch');
+  await page.selectOption('#gpu', 'rtx-4090');
+  await page.waitForFunction(() => document.getElementById('memory_gib').value === '24');
+  assert.notEqual((await canvasPixels(page, 'plot-batch')).hash, before.hash);
+  assert.match(await page.textContent('#verdict'), /24\.0 GiB/);
+  await page.close();
+});
+
+test('bad input shows a message next to the field and keeps the last good view', async () => {
+  const { page } = await openPage(context, server.url);
+  const total = await page.textContent('#peak-allocated');
+  const plot = await canvasPixels(page, 'plot-batch');
+  await setField(page, 'n_head', 7);
+  assert.equal(await page.textContent('.field-error[data-for="n_embd"]'), 'model.n_embd (384) must be divisible by model.n_head (7)');
+  assert.equal(await page.getAttribute('#n_embd', 'aria-invalid'), 'true');
+  assert.equal(await page.textContent('#peak-allocated'), total);
+  assert.equal((await canvasPixels(page, 'plot-batch')).hash, plot.hash);
+  await setField(page, 'batch_size', 0);
+  await setField(page, 'n_head', 6);
+  assert.equal(await page.textContent('.field-error[data-for="batch_size"]'), 'train.batch_size (0) must be at least 1');
+  await setField(page, 'batch_size', 16);
+  assert.equal(await page.textContent('#global-error'), '');
+  assert.equal(await page.textContent('#peak-allocated'), total);
+  await page.close();
+});
+
+test('the URL holds every input: a link reproduces the view, back and forward work', async () => {
+  const { page } = await openPage(context, server.url);
+  await setField(page, 'batch_size', 4);
+  await page.selectOption('#precision', 'bf16-amp');
+  await page.waitForFunction(() => location.search.includes('precision=bf16-amp'));
+  const url = page.url();
+  const total = await page.textContent('#peak-allocated');
+  const bytes = await page.getAttribute('#peak-allocated', 'data-bytes');
+  const { page: copy } = await openPage(context, url);
+  assert.equal(await copy.inputValue('#batch_size'), '4');
+  assert.equal(await copy.inputValue('#precision'), 'bf16-amp');
+  assert.equal(await copy.textContent('#peak-allocated'), total);
+  await copy.close();
+  await page.goBack();
+  await page.waitForFunction(() => document.getElementById('precision').value === 'fp16-amp');
+  // fp16 autocast adds GradScaler's scale and growth tracker: 1 KiB more than bf16.
+  assert.equal(Number(await page.getAttribute('#peak-allocated', 'data-bytes')), Number(bytes) + 1024);
+  await page.goForward();
+  await page.waitForFunction(() => document.getElementById('precision').value === 'bf16-amp');
+  assert.equal(await page.getAttribute('#peak-allocated', 'data-bytes'), bytes);
+  await page.close();
+});
+
+test('pasted nanoGPT and Hugging Face configs fill the form', async () => {
+  const { page } = await openPage(context, server.url);
+  await page.fill('#paste', "# shakespeare\ndataset = 'shakespeare_char'\nbatch_size = 64\nblock_size = 256\nn_layer = 6\nn_head = 6\nn_embd = 384\ndropout = 0.2\n");
+  await page.click('#paste-load');
+  await page.waitForFunction(() => document.getElementById('vocab_size').value === '65');
+  assert.equal(await page.inputValue('#batch_size'), '64');
+  assert.equal(await page.inputValue('#dropout'), '0.2');
+  assert.match(await page.textContent('#import-notes'), /dtype = 'bfloat16' \(train.py default\)/);
+  await page.fill('#paste', JSON.stringify({ model_type: 'llama', hidden_size: 2048, intermediate_size: 5632,
+    num_attention_heads: 32, num_hidden_layers: 22, num_key_value_heads: 4, vocab_size: 32000, max_position_embeddings: 2048 }));
+  await page.click('#paste-load');
+  await page.waitForFunction(() => document.getElementById('family').value === 'llama');
+  assert.equal(await page.inputValue('#n_kv_head'), '4');
+  assert.equal(await page.isVisible('#n_kv_head'), true);
+  await page.fill('#paste', 'def not_a_config(): pass');
+  await page.click('#paste-load');
+  assert.match(await page.textContent('#paste-error'), /line 1: not an assignment/);
+  await page.close();
+});
+
+test('every request the page makes stays on its own origin', async () => {
+  const { page, requests } = await openPage(context, server.url);
+  await page.waitForTimeout(300);
+  assert.ok(requests.length >= 4);
+  const foreign = requests.filter((r) => !r.startsWith(server.url));
+  assert.deepEqual(foreign, []);
+  await page.close();
+});
+
+test('after one visit the page reloads offline from the service worker', async () => {
+  const { page } = await openPage(context, server.url);
+  await page.evaluate(async () => { await navigator.serviceWorker.ready; });
+  await page.reload();
+  await page.waitForSelector('body[data-ready=true]');
+  await context.setOffline(true);
+  const response = await page.reload();
+  assert.ok(response.fromServiceWorker(), 'served by the service worker');
+  await page.waitForSelector('body[data-ready=true]', { timeout: 20000 });
+  assert.match(await page.textContent('#peak-allocated'), /GiB$/);
+  await context.setOffline(false);
+  await page.close();
+});

@@ -1,0 +1,333 @@
+// vramfit's page: DOM work only. The form's state is a URL query string; Rust (pkg/vramfit.js) validates it,
+// estimates, formats every number and draws the plots. Nothing here computes a byte.
+import init, * as vf from './pkg/entry.js';
+
+const $ = (id) => document.getElementById(id);
+const KNOBS = ['family', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'intermediate_size', 'vocab_size', 'block_size',
+  'bias', 'tie_embeddings', 'dropout', 'batch_size', 'seq_len', 'precision', 'optimizer', 'attention',
+  'checkpointing', 'grad_accum_steps', 'grad_clip', 'memory_gib', 'compute_capability'];
+const GPT2_ONLY = ['bias'];
+const LLAMA_ONLY = ['n_kv_head', 'intermediate_size', 'tie_embeddings'];
+const DEFAULT_PRESET = 'nanogpt-30m';
+const DEFAULT_GPU = 'rtx-4070';
+
+let lastGood = null; // the last query that estimated without error
+let userChoseGpu = false;
+
+function dark() {
+  return window.matchMedia('(prefers-color-scheme: dark)').matches;
+}
+
+function el(tag, text, attrs = {}) {
+  const e = document.createElement(tag);
+  if (text !== undefined) e.textContent = text;
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  return e;
+}
+
+// ---- form <-> query ------------------------------------------------------------------------------------------
+function formQuery() {
+  const p = new URLSearchParams();
+  const family = $('family').value;
+  for (const k of KNOBS) {
+    if (family === 'gpt2' && LLAMA_ONLY.includes(k)) continue;
+    if (family === 'llama' && GPT2_ONLY.includes(k)) continue;
+    const input = $(k);
+    if (input.type === 'checkbox') p.set(k, input.checked ? '1' : '0');
+    else if (input.value !== '') p.set(k, input.value);
+  }
+  const gpu = $('gpu').value;
+  if (gpu && gpu !== 'custom') p.set('gpu', gpu);
+  return p.toString();
+}
+
+function applyQuery(query) {
+  const p = new URLSearchParams(query);
+  for (const k of KNOBS) {
+    if (!p.has(k)) continue;
+    const input = $(k);
+    if (input.type === 'checkbox') input.checked = p.get(k) === '1' || p.get(k) === 'true';
+    else input.value = p.get(k);
+  }
+  if (p.has('gpu')) $('gpu').value = p.get('gpu');
+  showFamily();
+  syncSlider();
+}
+
+function showFamily() {
+  const llama = $('family').value === 'llama';
+  document.querySelectorAll('.llama-only').forEach((e) => { e.hidden = !llama; });
+  document.querySelectorAll('.gpt2-only').forEach((e) => { e.hidden = llama; });
+}
+
+// The batch slider moves in powers of two; the number field holds any value.
+function syncSlider() {
+  const b = Number.parseInt($('batch_size').value, 10);
+  if (Number.isFinite(b) && b > 0) $('batch_slider').value = String(Math.round(Math.log2(b)));
+}
+
+// ---- errors next to their field -----------------------------------------------------------------------------
+function clearErrors() {
+  document.querySelectorAll('.field-error').forEach((e) => { e.textContent = ''; });
+  document.querySelectorAll('[aria-invalid]').forEach((e) => e.removeAttribute('aria-invalid'));
+}
+
+function showError(message) {
+  clearErrors();
+  // Rust's messages start with the field they are about ("train.batch_size (0) must be at least 1").
+  const m = /^(?:model|train|device)\.([a-z_]+)/.exec(message);
+  const slot = m && document.querySelector(`.field-error[data-for="${m[1]}"]`);
+  if (slot) {
+    slot.textContent = message;
+    $(m[1]).setAttribute('aria-invalid', 'true');
+  } else {
+    $('global-error').textContent = message;
+  }
+}
+
+// ---- rendering ------------------------------------------------------------------------------------------------
+function sizeCanvas(canvas) {
+  const dpr = window.devicePixelRatio || 1;
+  const r = canvas.getBoundingClientRect();
+  const w = Math.max(320, Math.round(r.width));
+  const h = Math.round(w * 0.5);
+  canvas.width = Math.round(w * dpr);
+  canvas.height = Math.round(h * dpr);
+  canvas.style.height = `${h}px`;
+  return dpr;
+}
+
+function renderEstimate(e) {
+  $('peak-allocated').textContent = e.peak_allocated;
+  $('peak-allocated').dataset.bytes = String(e.peak_allocated_bytes);
+  $('peak-reserved').textContent = e.peak_reserved;
+  $('device-total').textContent = e.device_total;
+  $('device-range').textContent = `range ${e.device_range}`;
+  $('verdict').textContent = e.verdict ? `${e.verdict} in ${e.gpu_memory}` : 'choose a GPU';
+  $('verdict').className = e.fits === true ? 'fits' : (e.fits === false ? 'over' : '');
+  $('headroom').textContent = e.headroom;
+  $('sentence').textContent = e.sentence;
+  $('peak-phase').textContent = e.peak_phase;
+  $('peak-op').textContent = e.peak_op;
+  $('n-params').textContent = e.n_params;
+  $('per-block').textContent = e.per_block;
+  const bar = $('bar');
+  bar.replaceChildren(...e.components.map((c) => {
+    const seg = el('span', '', { title: `${c.name}: ${c.text}`, class: `seg seg-${c.name.replace(' ', '-')}` });
+    seg.style.width = c.width;
+    return seg;
+  }));
+  const body = $('components').tBodies[0];
+  body.replaceChildren(...e.components.map((c) => {
+    const tr = el('tr');
+    const name = el('th', '', { scope: 'row' });
+    name.append(el('span', '', { class: `swatch seg-${c.name.replace(' ', '-')}` }), document.createTextNode(c.name));
+    tr.append(name, el('td', c.text), el('td', c.what));
+    return tr;
+  }));
+  $('notes').replaceChildren(...e.notes.map((n) => el('li', n)));
+}
+
+function renderAdvice(a) {
+  $('largest-batch').textContent = a.largest_batch;
+  $('largest-block').textContent = a.largest_block;
+  $('advice').replaceChildren(...a.suggestions.map((s) => {
+    const li = el('li');
+    li.append(el('span', `${s.change}: saves ${s.saving} (total ${s.total}${s.fits ? ', fits' : ''}). `));
+    const b = el('button', 'Apply', { type: 'button' });
+    b.addEventListener('click', () => { applyQuery(s.query); update(true); });
+    li.append(b);
+    return li;
+  }));
+  if (a.suggestions.length === 0) $('advice').append(el('li', 'Nothing here lowers the peak further.'));
+}
+
+function drawPlots(query) {
+  const isDark = dark();
+  vf.draw_sweep($('plot-batch'), query, 'batch_size', isDark, sizeCanvas($('plot-batch')));
+  vf.draw_sweep($('plot-block'), query, 'block_size', isDark, sizeCanvas($('plot-block')));
+  vf.draw_fit_map($('plot-fitmap'), query, isDark, sizeCanvas($('plot-fitmap')));
+  vf.draw_timeline($('plot-timeline'), query, isDark, sizeCanvas($('plot-timeline')));
+}
+
+// One update: validate and estimate in Rust; on error keep the last good view and say what is wrong.
+function update(push) {
+  const query = formQuery();
+  let est;
+  try {
+    est = vf.estimate(query);
+  } catch (err) {
+    showError(err.message);
+    return false;
+  }
+  clearErrors();
+  renderEstimate(est);
+  try {
+    renderAdvice(vf.advice(query));
+    drawPlots(query);
+  } catch (err) {
+    $('global-error').textContent = err.message;
+  }
+  lastGood = query;
+  const url = `${location.pathname}?${query}`;
+  if (push) history.pushState(null, '', url);
+  else history.replaceState(null, '', url);
+  document.body.dataset.estimated = String(Number(document.body.dataset.estimated || 0) + 1);
+  return true;
+}
+
+let pending = false;
+function scheduleUpdate(push) {
+  if (push) { update(true); return; }
+  if (pending) return;
+  pending = true;
+  requestAnimationFrame(() => { pending = false; update(false); });
+}
+
+// ---- presets, GPU, WebGPU, paste ----------------------------------------------------------------------------
+function fillSelects() {
+  const p = vf.presets();
+  $('preset').replaceChildren(el('option', 'custom (your values)', { value: '' }),
+    ...p.models.map((m) => el('option', m.label, { value: m.id })));
+  $('gpu').replaceChildren(...p.gpus.map((g) => el('option', g.label, { value: g.id })),
+    el('option', 'custom (enter memory)', { value: 'custom' }));
+}
+
+function applyGpu(id) {
+  if (id === 'custom') return;
+  applyQuery(vf.gpu_query(id));
+  $('gpu').value = id;
+}
+
+async function queryWebGpu() {
+  const box = $('webgpu');
+  const say = (text) => box.replaceChildren(el('p', text));
+  if (!('gpu' in navigator)) {
+    say('This browser does not offer WebGPU, which is normal. Browsers never tell a page how much GPU memory there is: choose your GPU above.');
+    return;
+  }
+  let adapter = null;
+  try { adapter = await navigator.gpu.requestAdapter(); } catch (_) { adapter = null; }
+  if (!adapter) {
+    say('WebGPU is present but offered no adapter, which is normal (blocked or no GPU). Choose your GPU above.');
+    return;
+  }
+  const info = adapter.info || {};
+  const dl = el('dl');
+  const row = (k, v) => { dl.append(el('dt', k), el('dd', v || '(not given)')); };
+  row('vendor', info.vendor); row('architecture', info.architecture); row('device', info.device);
+  row('description', info.description);
+  row('maxBufferSize', vf.format_bytes(adapter.limits.maxBufferSize));
+  row('maxStorageBufferBindingSize', vf.format_bytes(adapter.limits.maxStorageBufferBindingSize));
+  const id = vf.identify_gpu(`${info.description || ''} ${info.device || ''}`);
+  const note = id
+    ? el('p', `WebGPU names this GPU; preset "${id}" was selected unless you chose one. The memory size still comes from the preset: browsers do not expose it.`)
+    : el('p', 'WebGPU does not identify one GPU preset here. Browsers do not expose memory size: choose your GPU above.');
+  box.replaceChildren(el('p', 'WebGPU adapter:'), dl, note);
+  box.dataset.adapter = info.architecture || info.vendor || 'unknown';
+  if (id && !userChoseGpu) { applyGpu(id); update(false); }
+}
+
+function loadText(text) {
+  try {
+    const r = vf.import_config(text);
+    $('paste-error').textContent = '';
+    const gpu = $('gpu').value;
+    const keep = new URLSearchParams(formQuery());
+    applyQuery(r.query);
+    // A pasted model keeps the chosen GPU.
+    for (const k of ['memory_gib', 'compute_capability']) if (keep.has(k)) $(k).value = keep.get(k);
+    $('gpu').value = gpu;
+    $('preset').value = '';
+    $('import-notes').replaceChildren(...r.notes.map((n) => el('li', n)));
+    update(true);
+  } catch (err) {
+    $('paste-error').textContent = err.message;
+  }
+}
+
+// ---- exports --------------------------------------------------------------------------------------------------
+function download(name, blob) {
+  const a = el('a', '', { download: name });
+  a.href = URL.createObjectURL(blob);
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+}
+
+function wireExports() {
+  $('export-png').addEventListener('click', () => {
+    for (const id of ['plot-batch', 'plot-block', 'plot-fitmap', 'plot-timeline']) {
+      $(id).toBlob((b) => b && download(`vramfit-${id.slice(5)}.png`, b), 'image/png');
+    }
+  });
+  $('export-csv').addEventListener('click', () => {
+    if (lastGood) download('vramfit-batch-sweep.csv', new Blob([vf.sweep_csv(lastGood, 'batch_size')], { type: 'text/csv' }));
+  });
+  $('export-json').addEventListener('click', () => {
+    if (lastGood) download('vramfit-batch-sweep.json', new Blob([vf.sweep_json(lastGood, 'batch_size')], { type: 'application/json' }));
+  });
+  $('copy-link').addEventListener('click', () => { navigator.clipboard?.writeText(location.href); });
+}
+
+// ---- start ----------------------------------------------------------------------------------------------------
+async function main() {
+  await init();
+  fillSelects();
+  const q = location.search.slice(1);
+  if (q) {
+    applyQuery(q);
+    const p = new URLSearchParams(q);
+    if (p.has('gpu')) userChoseGpu = true;
+    else if (p.has('memory_gib')) $('gpu').value = 'custom';
+  } else {
+    applyQuery(vf.preset_query(DEFAULT_PRESET));
+    applyGpu(DEFAULT_GPU);
+    $('preset').value = DEFAULT_PRESET;
+  }
+  $('form').addEventListener('input', (ev) => {
+    if (ev.target.id === 'paste') return;
+    if (ev.target.id === 'batch_slider') $('batch_size').value = String(2 ** Number(ev.target.value));
+    if (ev.target.id === 'batch_size') syncSlider();
+    if (ev.target.id === 'family') showFamily();
+    if (['memory_gib', 'compute_capability'].includes(ev.target.id)) $('gpu').value = 'custom';
+    scheduleUpdate(false);
+  });
+  $('form').addEventListener('change', (ev) => {
+    if (ev.target.id === 'paste') return;
+    if (ev.target.id === 'preset' && ev.target.value) {
+      const keepGpu = new URLSearchParams(formQuery());
+      applyQuery(vf.preset_query(ev.target.value));
+      if (userChoseGpu) for (const k of ['memory_gib', 'compute_capability']) $(k).value = keepGpu.get(k);
+    }
+    if (ev.target.id === 'gpu') { userChoseGpu = true; applyGpu(ev.target.value); }
+    update(true);
+  });
+  $('form').addEventListener('submit', (ev) => ev.preventDefault());
+  $('paste-load').addEventListener('click', () => loadText($('paste').value));
+  $('paste').addEventListener('dragover', (ev) => ev.preventDefault());
+  $('paste').addEventListener('drop', async (ev) => {
+    ev.preventDefault();
+    const file = ev.dataTransfer.files[0];
+    if (file) { const text = await file.text(); $('paste').value = text; loadText(text); }
+  });
+  window.addEventListener('popstate', () => { applyQuery(location.search.slice(1)); update(false); });
+  window.matchMedia('(prefers-color-scheme: dark)').addEventListener('change', () => lastGood && drawPlots(lastGood));
+  let resizeTimer;
+  window.addEventListener('resize', () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(() => lastGood && drawPlots(lastGood), 150); });
+  wireExports();
+  $('load-status').hidden = true;
+  $('app').hidden = false;
+  if (!update(false)) $('global-error').textContent ||= 'The link holds values vramfit cannot estimate; fix the marked field.';
+  document.body.dataset.ready = 'true';
+  queryWebGpu();
+  if ('serviceWorker' in navigator) navigator.serviceWorker.register('sw.js').catch(() => {});
+}
+
+main().catch((err) => {
+  const s = $('load-status');
+  s.hidden = false;
+  s.textContent = `vramfit could not start: ${err.message || err}`;
+  s.className = 'field-error';
+});
