@@ -320,6 +320,7 @@ async function main() {
   $('load-status').hidden = true;
   $('app').hidden = false;
   if (!update(false)) $('global-error').textContent ||= 'The link holds values vramfit cannot estimate; fix the marked field.';
+  performance.mark('vramfit-first-plot');
   document.body.dataset.ready = 'true';
   queryWebGpu();
   if ('serviceWorker' in navigator) navigator.serviceWorker.register('sw.js').catch(() => {});

@@ -57,7 +57,7 @@ pub fn estimate(setup: &Setup) -> Result<Report, Error> {
 /// As [`estimate`].
 pub fn estimate_peak(setup: &Setup) -> Result<report::Peaks, Error> {
     setup.validate()?;
-    let sim = step::simulate(setup)?;
+    let sim = step::simulate_for_peak(setup)?;
     Ok(report::Peaks::from_sim(&sim))
 }
 

@@ -105,7 +105,11 @@ pub fn draw_sweep<DB: DrawingBackend>(
         return Ok(());
     }
     let px = |v: f64| (v * scale).round() as u32;
-    let font = |size: f64| ("sans-serif", size * scale).into_font().color(&theme.text);
+    let font = |size: f64| {
+        (FontFamily::SansSerif, size * scale)
+            .into_font()
+            .color(&theme.text)
+    };
     // The x axis is log2 of the value, so that ticks fall on powers of two (the sizes people try).
     let lx = |v: u64| (v.max(1) as f64).log2();
     let x0 = lx(points.first().map_or(1, |p| p.value));
@@ -118,6 +122,7 @@ pub fn draw_sweep<DB: DrawingBackend>(
     let ymax = (top.max(cap.unwrap_or(0.0)) * 1.12).max(0.5);
     let mut chart = ChartBuilder::on(root)
         .margin(px(10.0))
+        .margin_right(px(24.0))
         .x_label_area_size(px(40.0))
         .y_label_area_size(px(52.0))
         .build_cartesian_2d(x0..x1, 0.0..ymax)
@@ -167,7 +172,7 @@ pub fn draw_sweep<DB: DrawingBackend>(
                 points
                     .iter()
                     .zip(&cumulative)
-                    .map(|(p, c)| (p.value as f64, c[band])),
+                    .map(|(p, c)| (lx(p.value), c[band])),
                 0.0,
                 color.mix(0.85),
             ))
@@ -189,7 +194,7 @@ pub fn draw_sweep<DB: DrawingBackend>(
         let y = gib(p.peak_allocated_bytes);
         chart
             .draw_series(std::iter::once(Circle::new(
-                (current as f64, y),
+                (lx(current), y),
                 px(5.0),
                 theme.text.filled(),
             )))
@@ -213,7 +218,9 @@ fn draw_legend<DB: DrawingBackend>(
     scale: f64,
 ) -> Result<(), String> {
     let s = |v: f64| (v * scale).round() as i32;
-    let font = ("sans-serif", 11.0 * scale).into_font().color(&theme.text);
+    let font = (FontFamily::SansSerif, 11.0 * scale)
+        .into_font()
+        .color(&theme.text);
     let mut x = s(8.0);
     let y = s(8.0);
     let item = |area: &DrawingArea<DB, Shift>,
@@ -278,9 +285,14 @@ pub fn draw_fit_map<DB: DrawingBackend>(
         return Ok(());
     }
     let px = |v: f64| (v * scale).round() as u32;
-    let font = |size: f64| ("sans-serif", size * scale).into_font().color(&theme.text);
+    let font = |size: f64| {
+        (FontFamily::SansSerif, size * scale)
+            .into_font()
+            .color(&theme.text)
+    };
     let mut chart = ChartBuilder::on(root)
         .margin(px(10.0))
+        .margin_right(px(24.0))
         .x_label_area_size(px(40.0))
         .y_label_area_size(px(52.0))
         .build_cartesian_2d(0.0..nx as f64, 0.0..ny as f64)
@@ -353,12 +365,17 @@ pub fn draw_timeline<DB: DrawingBackend>(
         return Ok(());
     }
     let px = |v: f64| (v * scale).round() as u32;
-    let font = |size: f64| ("sans-serif", size * scale).into_font().color(&theme.text);
+    let font = |size: f64| {
+        (FontFamily::SansSerif, size * scale)
+            .into_font()
+            .color(&theme.text)
+    };
     let top = stages.iter().map(|s| gib(s.peak_bytes)).fold(0.0, f64::max);
     let ymax = (top.max(capacity_bytes.map(gib).unwrap_or(0.0)) * 1.12).max(0.5);
     let n = stages.len();
     let mut chart = ChartBuilder::on(root)
         .margin(px(10.0))
+        .margin_right(px(24.0))
         .x_label_area_size(px(40.0))
         .y_label_area_size(px(52.0))
         .build_cartesian_2d(0.0..n as f64, 0.0..ymax)
@@ -450,6 +467,23 @@ mod tests {
         for c in LIGHT.components {
             assert!(out.contains(&hex(c)), "band {c:?}");
         }
+        // The current point (batch 16 of 1..64 on a log2 axis) sits two thirds of the way along the x axis.
+        let circle = out.split("<circle").nth(1).expect("the current point");
+        let cx: f64 = circle
+            .split("cx=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let first_tick = 10.0 + 52.0; // margin + y label area
+        let frac = (cx - first_tick) / (640.0 - 10.0 - first_tick);
+        assert!(
+            (frac - 4.0 / 6.0).abs() < 0.03,
+            "current point at {frac} of the axis"
+        );
     }
 
     #[test]

@@ -11,15 +11,28 @@ use crate::sim::{block_bytes, Sim, Tensor};
 use crate::tensors::Ctx;
 use crate::Error;
 
-/// Steps simulated: `max_memory_allocated()` after a few steps is the larger of step 1 and the steady state.
+/// Steps simulated for a report: `max_memory_allocated()` after a few steps is the larger of step 1 and the
+/// steady state; three steps show the steady state twice (the measurements ran three).
 pub const N_STEPS: u32 = 3;
+
+/// Steps enough for the peak alone: step 3 starts from the same live set as step 2 (previous logits, optimizer
+/// state, no grads) and repeats it exactly (see `tests::step_three_repeats_step_two`).
+pub const N_STEPS_FOR_PEAK: u32 = 2;
 
 /// Runs the whole timeline and returns the allocator's record of it.
 ///
 /// # Errors
 /// `NotModelled` for a combination the op models do not cover.
 pub fn simulate(setup: &Setup) -> Result<Sim, Error> {
-    simulate_recording(setup, false)
+    run(setup, N_STEPS, false)
+}
+
+/// The run cut to the steps that decide the peak (`N_STEPS_FOR_PEAK`).
+///
+/// # Errors
+/// As `simulate`.
+pub fn simulate_for_peak(setup: &Setup) -> Result<Sim, Error> {
+    run(setup, N_STEPS_FOR_PEAK, false)
 }
 
 /// `simulate`, optionally recording every allocator event (see `Sim::events`).
@@ -27,6 +40,10 @@ pub fn simulate(setup: &Setup) -> Result<Sim, Error> {
 /// # Errors
 /// As `simulate`.
 pub fn simulate_recording(setup: &Setup, record: bool) -> Result<Sim, Error> {
+    run(setup, N_STEPS, record)
+}
+
+fn run(setup: &Setup, n_steps: u32, record: bool) -> Result<Sim, Error> {
     let mut sim = Sim::new();
     if record {
         sim.record_events();
@@ -53,7 +70,7 @@ pub fn simulate_recording(setup: &Setup, record: bool) -> Result<Sim, Error> {
             // nanoGPT train.py: X, Y fetched before the loop; `logits` stays bound between micro-steps.
             let (mut x, mut y) = gpt2::get_batch(&mut cx);
             let mut prev_logits: Option<Tensor> = None;
-            for step in 1..=N_STEPS {
+            for step in 1..=n_steps {
                 for _ in 0..tr.grad_accum_steps {
                     cx.sim.stage(step, "forward");
                     let f = gpt2::forward(&mut cx, x, y, tr.attention, tr.checkpointing);
@@ -74,7 +91,7 @@ pub fn simulate_recording(setup: &Setup, record: bool) -> Result<Sim, Error> {
             }
         }
         Family::Llama => {
-            for step in 1..=N_STEPS {
+            for step in 1..=n_steps {
                 for _ in 0..tr.grad_accum_steps {
                     let (x, y) = llama::get_batch(&mut cx);
                     cx.sim.stage(step, "forward");
@@ -200,4 +217,31 @@ pub fn weights_block_bytes(params: &[(u64, bool)], bytes_per_elem: u64) -> u64 {
         .iter()
         .map(|&(e, _)| block_bytes(e * bytes_per_elem))
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presets::MODEL_PRESETS;
+
+    #[test]
+    fn step_three_repeats_step_two() {
+        for p in MODEL_PRESETS {
+            for checkpointing in [false, true] {
+                let mut s = (p.setup)();
+                s.model.n_layer = s.model.n_layer.min(4);
+                s.train.checkpointing = checkpointing;
+                s.train.grad_accum_steps = 2;
+                let sim = simulate(&s).unwrap();
+                let peaks = sim.step_peaks();
+                assert_eq!(peaks[2], peaks[3], "{}", p.id);
+                assert_eq!(
+                    simulate_for_peak(&s).unwrap().peak().bytes,
+                    sim.peak().bytes,
+                    "{}",
+                    p.id
+                );
+            }
+        }
+    }
 }

@@ -126,8 +126,9 @@ pub fn largest_fitting(
 }
 
 /// Which (batch, block) pairs fit `budget_bytes` of device memory (predicted device total). Memory grows with
-/// both knobs, so each block row is bisected for its last fitting batch: `blocks x log2(batches)` estimates
-/// rather than `blocks x batches`.
+/// both knobs, so with both axes ascending the boundary is a staircase: walking the rows in order, each row's
+/// last fitting batch is at or before the previous row's, which takes about `batches + blocks` estimates rather
+/// than `batches x blocks` (a 64 x 64 map in about 130). Unsorted axes are bisected row by row instead.
 ///
 /// # Errors
 /// An invalid setup for some pair (e.g. a block size the model cannot take), naming the value.
@@ -137,7 +138,11 @@ pub fn fit_map(
     blocks: &[u64],
     budget_bytes: u64,
 ) -> Result<crate::plot::FitMap, Error> {
+    let sorted = |v: &[u64]| v.windows(2).all(|w| w[0] < w[1]);
+    let staircase = sorted(batches) && sorted(blocks);
     let mut fits = Vec::with_capacity(blocks.len());
+    // Number of fitting batches in the previous row (all of them before the first row).
+    let mut n_fit = batches.len();
     for &block in blocks {
         let row_setup = Axis::BlockSize.apply(setup, block);
         let fits_at = |i: usize| -> Result<bool, Error> {
@@ -147,17 +152,23 @@ pub fn fit_map(
                     <= budget_bytes,
             )
         };
-        // Largest index that fits, by bisection over the sorted batch sizes.
-        let (mut lo, mut hi) = (0usize, batches.len());
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            if fits_at(mid)? {
-                lo = mid + 1;
-            } else {
-                hi = mid;
+        if staircase {
+            while n_fit > 0 && !fits_at(n_fit - 1)? {
+                n_fit -= 1;
             }
+        } else {
+            let (mut lo, mut hi) = (0usize, batches.len());
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                if fits_at(mid)? {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+            n_fit = lo;
         }
-        fits.push((0..batches.len()).map(|i| i < lo).collect());
+        fits.push((0..batches.len()).map(|i| i < n_fit).collect());
     }
     Ok(crate::plot::FitMap {
         batches: batches.to_vec(),
@@ -189,4 +200,36 @@ pub fn to_csv(axis: Axis, points: &[Point]) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presets;
+
+    #[test]
+    fn fit_map_matches_estimating_every_cell() {
+        let s = presets::founding();
+        let batches = [1, 2, 4, 8, 16, 32, 64];
+        let blocks = [64, 128, 256, 512, 1024, 2048];
+        let budget = s.device.memory_bytes;
+        let map = fit_map(&s, &batches, &blocks, budget).unwrap();
+        for (j, &block) in blocks.iter().enumerate() {
+            for (i, &batch) in batches.iter().enumerate() {
+                let one = Axis::BatchSize.apply(&Axis::BlockSize.apply(&s, block), batch);
+                let fits = crate::estimate(&one).unwrap().device_total_bytes <= budget;
+                assert_eq!(map.fits[j][i], fits, "batch {batch} block {block}");
+            }
+        }
+        assert!(
+            map.fits[0][0] && !map.fits[5][6],
+            "both kinds of cell occur"
+        );
+        // Unsorted axes take the bisection path and agree.
+        let rev: Vec<u64> = blocks.iter().rev().copied().collect();
+        let map2 = fit_map(&s, &batches, &rev, budget).unwrap();
+        let mut rows = map2.fits.clone();
+        rows.reverse();
+        assert_eq!(rows, map.fits);
+    }
 }

@@ -1,0 +1,54 @@
+//! `cargo bench`: native timings of the estimator (no external harness: median of repeated batches, printed).
+//! Speed is measured here and in scripts/bench-web, never asserted in tests.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use vramfit::presets::{founding, model_preset};
+use vramfit::sweep::{fit_map, powers_of_two, sweep, Axis};
+
+/// Median time per call, over `rounds` rounds of `iters` calls.
+fn time(name: &str, rounds: usize, iters: usize, mut f: impl FnMut()) {
+    let mut per_call: Vec<f64> = (0..rounds)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                f();
+            }
+            t.elapsed().as_secs_f64() / iters as f64
+        })
+        .collect();
+    per_call.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let m = per_call[rounds / 2];
+    let (v, unit) = if m < 1e-3 {
+        (m * 1e6, "µs")
+    } else {
+        (m * 1e3, "ms")
+    };
+    println!("{name:<56} {v:>10.2} {unit}");
+}
+
+fn main() {
+    let s = founding();
+    time("estimate (founding case, full report)", 11, 50, || {
+        black_box(vramfit::estimate(black_box(&s)).unwrap());
+    });
+    time("estimate_peak (founding case)", 11, 200, || {
+        black_box(vramfit::estimate_peak(black_box(&s)).unwrap());
+    });
+    let big = model_preset("mistral-7b").unwrap();
+    time("estimate_peak (Mistral-7B, 32 layers)", 11, 20, || {
+        black_box(vramfit::estimate_peak(black_box(&big)).unwrap());
+    });
+    let values = powers_of_two(1, 64);
+    time("batch sweep, 7 points (founding case)", 11, 10, || {
+        black_box(sweep(&s, Axis::BatchSize, &values).unwrap());
+    });
+    let mut wide = s.clone();
+    wide.model.block_size = 4096;
+    let batches: Vec<u64> = (1..=64).collect();
+    let blocks: Vec<u64> = (1..=64).map(|i| i * 64).collect();
+    time("64 x 64 fit map (founding case, 12 GiB)", 5, 3, || {
+        black_box(fit_map(&wide, &batches, &blocks, 12 << 30).unwrap());
+    });
+}
