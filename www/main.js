@@ -85,6 +85,13 @@ function showError(message) {
   }
 }
 
+// A problem with the link itself: shown next to its field (or on top), without clearing other messages.
+function showLinkError(message) {
+  const m = /^(?:model|train|device)\.([a-z_]+)/.exec(message);
+  const slot = m && document.querySelector(`.field-error[data-for="${m[1]}"]`);
+  (slot || $('global-error')).textContent = `In the link: ${message}`;
+}
+
 // ---- rendering ------------------------------------------------------------------------------------------------
 function sizeCanvas(canvas) {
   const dpr = window.devicePixelRatio || 1;
@@ -150,6 +157,19 @@ function drawPlots(query) {
   vf.draw_timeline($('plot-timeline'), query, isDark, sizeCanvas($('plot-timeline')));
 }
 
+// A panic in Rust aborts the call and reaches JS as a WebAssembly.RuntimeError, not an Error with the core's
+// message: say plainly that it is an internal error, keep the last good view, and let the next input try again.
+function isInternal(err) {
+  return err instanceof WebAssembly.RuntimeError || err?.name === 'RuntimeError';
+}
+
+function showInternal(err) {
+  let detail = '';
+  try { detail = vf.last_panic(); } catch (_) { detail = ''; }
+  clearErrors();
+  $('global-error').textContent = `vramfit hit an internal error (${detail || err.message}). The last good view stays; changing an input tries again.`;
+}
+
 // One update: validate and estimate in Rust; on error keep the last good view and say what is wrong.
 function update(push) {
   const query = formQuery();
@@ -157,7 +177,8 @@ function update(push) {
   try {
     est = vf.estimate(query);
   } catch (err) {
-    showError(err.message);
+    if (isInternal(err)) showInternal(err);
+    else showError(err.message);
     return false;
   }
   clearErrors();
@@ -166,7 +187,8 @@ function update(push) {
     renderAdvice(vf.advice(query));
     drawPlots(query);
   } catch (err) {
-    $('global-error').textContent = err.message;
+    if (isInternal(err)) showInternal(err);
+    else $('global-error').textContent = err.message;
   }
   lastGood = query;
   const url = `${location.pathname}?${query}`;
@@ -275,16 +297,21 @@ function wireExports() {
 async function main() {
   await init();
   fillSelects();
+  // The default case first; a link's values then replace what they name. The link is checked as given, so a
+  // value a select cannot hold (an unknown precision, say) is still reported with the link's own text.
+  applyQuery(vf.preset_query(DEFAULT_PRESET));
+  applyGpu(DEFAULT_GPU);
+  $('preset').value = DEFAULT_PRESET;
   const q = location.search.slice(1);
+  const testPanic = new URLSearchParams(q).has('__test_panic');
+  let linkError = '';
   if (q) {
-    applyQuery(q);
     const p = new URLSearchParams(q);
+    try { vf.normalize_query(q); } catch (err) { linkError = err.message; }
+    applyQuery(q);
+    $('preset').value = '';
     if (p.has('gpu')) userChoseGpu = true;
     else if (p.has('memory_gib')) $('gpu').value = 'custom';
-  } else {
-    applyQuery(vf.preset_query(DEFAULT_PRESET));
-    applyGpu(DEFAULT_GPU);
-    $('preset').value = DEFAULT_PRESET;
   }
   $('form').addEventListener('input', (ev) => {
     if (ev.target.id === 'paste') return;
@@ -320,7 +347,12 @@ async function main() {
   $('load-status').hidden = true;
   $('app').hidden = false;
   if (!update(false)) $('global-error').textContent ||= 'The link holds values vramfit cannot estimate; fix the marked field.';
+  if (linkError) showLinkError(linkError);
   performance.mark('vramfit-first-plot');
+  // Test-only: the browser tests open ?__test_panic to check the internal-error path after a good first view.
+  if (testPanic) {
+    try { vf.__test_panic(); } catch (err) { if (isInternal(err)) showInternal(err); else throw err; }
+  }
   document.body.dataset.ready = 'true';
   queryWebGpu();
   if ('serviceWorker' in navigator) navigator.serviceWorker.register('sw.js').catch(() => {});

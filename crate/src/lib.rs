@@ -20,6 +20,7 @@
 
 pub mod advice;
 pub mod error;
+pub mod fuzzing;
 pub mod gpt2;
 pub mod input;
 pub mod llama;

@@ -148,6 +148,9 @@ pub struct Setup {
     pub device: DeviceConfig,
 }
 
+/// The estimate simulates every block; no trained decoder has more than a few hundred.
+pub const MAX_LAYERS: u64 = 1000;
+
 /// Any byte count must stay far below this, so that every sum the simulation makes fits in a u64.
 pub const MAX_BYTES: u64 = 1 << 56;
 
@@ -172,6 +175,19 @@ impl Setup {
             if value == 0 {
                 return Err(Error::invalid(field, value, "must be at least 1"));
             }
+        }
+        if m.n_layer > MAX_LAYERS {
+            return Err(Error::invalid(
+                "model.n_layer",
+                m.n_layer,
+                format!("must be at most {MAX_LAYERS}"),
+            ));
+        }
+        if m.family == Family::Llama && t.attention == Attention::Manual {
+            return Err(Error::NotModelled {
+                what: "train.attention (\"manual\") is nanoGPT's path; llama trains with SDPA"
+                    .to_string(),
+            });
         }
         if m.family == Family::Llama {
             if m.n_kv_head == 0 {

@@ -71,7 +71,7 @@ fn run(setup: &Setup, n_steps: u32, record: bool) -> Result<Sim, Error> {
             let (mut x, mut y) = gpt2::get_batch(&mut cx);
             let mut prev_logits: Option<Tensor> = None;
             for step in 1..=n_steps {
-                for _ in 0..tr.grad_accum_steps {
+                for _ in 0..simulated_micro_steps(tr.grad_accum_steps) {
                     cx.sim.stage(step, "forward");
                     let f = gpt2::forward(&mut cx, x, y, tr.attention, tr.checkpointing);
                     // `logits, loss = model(X, Y)` rebinds: the previous micro-step's logits die now.
@@ -92,7 +92,7 @@ fn run(setup: &Setup, n_steps: u32, record: bool) -> Result<Sim, Error> {
         }
         Family::Llama => {
             for step in 1..=n_steps {
-                for _ in 0..tr.grad_accum_steps {
+                for _ in 0..simulated_micro_steps(tr.grad_accum_steps) {
                     let (x, y) = llama::get_batch(&mut cx);
                     cx.sim.stage(step, "forward");
                     let f = llama::forward(&mut cx, x, tr.checkpointing);
@@ -108,6 +108,13 @@ fn run(setup: &Setup, n_steps: u32, record: bool) -> Result<Sim, Error> {
         }
     }
     Ok(sim)
+}
+
+/// Micro-steps worth simulating: the first of a step creates `.grad`; every later one starts from the same live
+/// set (grads present, the previous logits bound) and accumulates in place, so it repeats the second exactly
+/// (see `tests::later_micro_steps_repeat_the_second`). This keeps the run bounded for any accumulation count.
+fn simulated_micro_steps(grad_accum_steps: u64) -> u64 {
+    grad_accum_steps.min(2)
 }
 
 /// The model on the device and the first forward (with its loss) only: for per-block figures.
@@ -223,6 +230,57 @@ pub fn weights_block_bytes(params: &[(u64, bool)], bytes_per_elem: u64) -> u64 {
 mod tests {
     use super::*;
     use crate::presets::MODEL_PRESETS;
+
+    #[test]
+    fn later_micro_steps_repeat_the_second() {
+        for id in ["nanogpt-30m", "tinyllama-1.1b"] {
+            let mut s = crate::presets::model_preset(id).unwrap();
+            s.model.n_layer = 2;
+            // Micro-steps simulated in full, without the shortcut: 2, 3 and 7 of them peak alike.
+            let peak_with = |n: u64| run_micro_steps_exactly(&s, n);
+            assert_eq!(peak_with(2), peak_with(3), "{id}");
+            assert_eq!(peak_with(3), peak_with(7), "{id}");
+        }
+    }
+
+    /// The peak of one step with exactly `n` micro-steps (no shortcut), for the test above.
+    fn run_micro_steps_exactly(setup: &Setup, n: u64) -> u64 {
+        let mut sim = Sim::new();
+        let mut cx = Ctx::new(&mut sim, setup).unwrap();
+        let tr = &setup.train;
+        match setup.model.family {
+            Family::Gpt2 => {
+                let (mut x, mut y) = gpt2::get_batch(&mut cx);
+                let mut prev: Option<Tensor> = None;
+                for _ in 0..n {
+                    cx.sim.stage(1, "forward");
+                    let f = gpt2::forward(&mut cx, x, y, tr.attention, tr.checkpointing);
+                    if let Some(old) = prev.replace(f.logits) {
+                        cx.free(old);
+                    }
+                    cx.clear_autocast_cache();
+                    let (nx, ny) = gpt2::get_batch(&mut cx);
+                    x = nx;
+                    y = ny;
+                    gpt2::backward(&mut cx, f, tr.attention, tr.checkpointing);
+                    cx.have_grads = true;
+                }
+            }
+            Family::Llama => {
+                for _ in 0..n {
+                    let (x, y) = llama::get_batch(&mut cx);
+                    cx.sim.stage(1, "forward");
+                    let f = llama::forward(&mut cx, x, tr.checkpointing);
+                    cx.clear_autocast_cache();
+                    llama::backward(&mut cx, f);
+                    cx.free(y);
+                    cx.have_grads = true;
+                }
+            }
+        }
+        drop(cx);
+        sim.peak().bytes
+    }
 
     #[test]
     fn step_three_repeats_step_two() {

@@ -602,3 +602,29 @@ pub fn format_bytes(bytes: f64) -> String {
         "(not given)".to_string()
     }
 }
+
+/// The message of the last panic, kept by the panic hook. A panic aborts the call (the release build uses
+/// `panic = "abort"`, so JS sees a `RuntimeError`); the page then asks for this message and shows it as an
+/// internal error while keeping its last good view.
+static LAST_PANIC: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+#[wasm_bindgen(start)]
+pub fn start() {
+    std::panic::set_hook(Box::new(|info| {
+        if let Ok(mut last) = LAST_PANIC.lock() {
+            *last = info.to_string();
+        }
+    }));
+}
+
+#[wasm_bindgen]
+pub fn last_panic() -> String {
+    LAST_PANIC.lock().map(|m| m.clone()).unwrap_or_default()
+}
+
+/// Test-only: panics on purpose so that the browser tests can check the page's internal-error path. No input a
+/// person gives reaches it; the page calls it only for the `__test_panic` URL parameter.
+#[wasm_bindgen]
+pub fn __test_panic() {
+    panic!("deliberate panic (test-only export)");
+}

@@ -1,0 +1,124 @@
+//! Entry points shared by the fuzz targets (`fuzz/`) and the seed-corpus smoke test (`tests/fuzz_corpus.rs`):
+//! each takes raw bytes and must return without panicking, whatever they hold.
+
+use crate::input;
+use crate::model::{DeviceConfig, Family, ModelConfig, Setup, TrainConfig};
+use crate::policy::{Attention, Optimizer, Precision};
+
+/// Reads bytes as a sequence of fields, padding with zeros when they run out.
+struct Bytes<'a>(&'a [u8]);
+
+impl Bytes<'_> {
+    fn u64(&mut self) -> u64 {
+        let mut b = [0u8; 8];
+        let n = self.0.len().min(8);
+        b[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        // Small values are the interesting ones: the first byte picks a scale.
+        match b[0] % 4 {
+            0 => u64::from(b[1]),
+            1 => u64::from(u16::from_le_bytes([b[1], b[2]])),
+            2 => u64::from(u32::from_le_bytes([b[1], b[2], b[3], b[4]])),
+            _ => u64::from_le_bytes(b),
+        }
+    }
+
+    fn byte(&mut self) -> u8 {
+        let v = self.0.first().copied().unwrap_or(0);
+        self.0 = self.0.get(1..).unwrap_or(&[]);
+        v
+    }
+
+    fn f64(&mut self) -> f64 {
+        f64::from_bits(self.u64())
+    }
+}
+
+/// Builds a setup from bytes and estimates it; the result (Ok or Err) is checked for internal consistency.
+pub fn estimate_from_bytes(data: &[u8]) {
+    let mut b = Bytes(data);
+    let flags = b.byte();
+    let setup = Setup {
+        model: ModelConfig {
+            family: if flags & 1 == 0 {
+                Family::Gpt2
+            } else {
+                Family::Llama
+            },
+            n_layer: b.u64() % 64,
+            n_head: b.u64(),
+            n_kv_head: b.u64(),
+            n_embd: b.u64(),
+            block_size: b.u64(),
+            vocab_size: b.u64(),
+            bias: flags & 2 != 0,
+            dropout: if flags & 4 != 0 { b.f64() } else { 0.0 },
+            intermediate_size: b.u64(),
+            tie_embeddings: flags & 8 != 0,
+        },
+        train: TrainConfig {
+            batch_size: b.u64(),
+            seq_len: b.u64(),
+            precision: [
+                Precision::Fp32,
+                Precision::Fp16Amp,
+                Precision::Bf16Amp,
+                Precision::Bf16,
+            ][usize::from(b.byte() % 4)],
+            optimizer: [
+                Optimizer::AdamW,
+                Optimizer::AdamWFused,
+                Optimizer::Sgd,
+                Optimizer::SgdMomentum,
+            ][usize::from(b.byte() % 4)],
+            attention: if flags & 16 != 0 {
+                Attention::Manual
+            } else {
+                Attention::Sdpa
+            },
+            checkpointing: flags & 32 != 0,
+            grad_accum_steps: b.u64(),
+            grad_clip: if flags & 64 != 0 { b.f64() } else { 1.0 },
+        },
+        device: DeviceConfig {
+            sm: u32::from(b.byte()),
+            memory_bytes: b.u64(),
+        },
+    };
+    if let Ok(r) = crate::estimate(&setup) {
+        assert_eq!(
+            r.components.total(),
+            r.peak_allocated_bytes,
+            "components must add up"
+        );
+        assert!(r.peak_reserved_bytes >= r.peak_allocated_bytes);
+    }
+}
+
+pub fn nanogpt_config(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok(imp) = input::nanogpt_config(text) {
+            let _ = crate::estimate(&imp.setup);
+        }
+    }
+}
+
+pub fn hf_config(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = input::hf_config(text);
+        if let Ok((setup, _, _)) = input::import_any(text) {
+            let _ = crate::estimate(&setup);
+        }
+    }
+}
+
+pub fn url_state(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok(setup) = input::setup_from_query(text, &mut Vec::new()) {
+            let _ = crate::estimate(&setup);
+            // What parses must round-trip.
+            let again = input::setup_from_query(&input::setup_to_query(&setup), &mut Vec::new());
+            assert_eq!(again.as_ref().ok(), Some(&setup), "URL state round trip");
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! Property tests: no input panics the estimator, and physical invariants hold over generated setups.
+#![cfg(not(target_arch = "wasm32"))]
+
+use proptest::prelude::*;
+use vramfit::input::{hf_config, nanogpt_config, setup_from_json, setup_from_query};
+use vramfit::policy::{Attention, Optimizer, Precision};
+use vramfit::{estimate, DeviceConfig, Family, ModelConfig, Setup, TrainConfig};
+
+fn precision() -> impl Strategy<Value = Precision> {
+    prop_oneof![
+        Just(Precision::Fp32),
+        Just(Precision::Fp16Amp),
+        Just(Precision::Bf16Amp),
+        Just(Precision::Bf16)
+    ]
+}
+
+fn optimizer() -> impl Strategy<Value = Optimizer> {
+    prop_oneof![
+        Just(Optimizer::AdamW),
+        Just(Optimizer::AdamWFused),
+        Just(Optimizer::Sgd),
+        Just(Optimizer::SgdMomentum)
+    ]
+}
+
+/// Any values at all, valid or not (sizes from 0 to u64::MAX, floats including NaN and infinities).
+fn any_setup() -> impl Strategy<Value = Setup> {
+    let size = prop_oneof![0u64..4, 1u64..100_000, Just(u64::MAX), any::<u64>()];
+    let float = prop_oneof![
+        Just(f64::NAN),
+        Just(f64::INFINITY),
+        Just(-1.0),
+        0.0f64..1.5,
+        any::<f64>()
+    ];
+    (
+        (
+            any::<bool>(),
+            size.clone(),
+            size.clone(),
+            size.clone(),
+            size.clone(),
+            size.clone(),
+            size.clone(),
+        ),
+        (
+            size.clone(),
+            size.clone(),
+            size.clone(),
+            any::<bool>(),
+            float.clone(),
+        ),
+        (
+            precision(),
+            optimizer(),
+            any::<bool>(),
+            any::<bool>(),
+            float,
+            0u32..120,
+            size,
+        ),
+    )
+        .prop_map(
+            |(
+                (llama, n_layer, n_head, n_kv_head, n_embd, block, vocab),
+                (batch, seq, inter, bias, dropout),
+                (prec, opt, manual, ckpt, clip, sm, accum),
+            )| Setup {
+                model: ModelConfig {
+                    family: if llama { Family::Llama } else { Family::Gpt2 },
+                    n_layer,
+                    n_head,
+                    n_kv_head,
+                    n_embd,
+                    block_size: block,
+                    vocab_size: vocab,
+                    bias,
+                    dropout,
+                    intermediate_size: inter,
+                    tie_embeddings: bias,
+                },
+                train: TrainConfig {
+                    batch_size: batch,
+                    seq_len: seq,
+                    precision: prec,
+                    optimizer: opt,
+                    attention: if manual {
+                        Attention::Manual
+                    } else {
+                        Attention::Sdpa
+                    },
+                    checkpointing: ckpt,
+                    grad_accum_steps: accum,
+                    grad_clip: clip,
+                },
+                device: DeviceConfig {
+                    sm,
+                    memory_bytes: 12 << 30,
+                },
+            },
+        )
+}
+
+/// Small valid setups of both families, quick to estimate.
+fn valid_setup() -> impl Strategy<Value = Setup> {
+    (
+        (
+            any::<bool>(),
+            1u64..4,
+            prop_oneof![Just(1u64), Just(2), Just(4)],
+            prop_oneof![Just(8u64), Just(16), Just(32), Just(64)],
+        ),
+        (
+            3u32..9,
+            16u64..2000,
+            1u64..6,
+            any::<bool>(),
+            prop_oneof![Just(0.0), Just(0.1)],
+        ),
+        (
+            precision(),
+            optimizer(),
+            any::<bool>(),
+            any::<bool>(),
+            1u64..3,
+            any::<bool>(),
+        ),
+    )
+        .prop_map(
+            |(
+                (llama, n_layer, n_head, head_dim),
+                (log_block, vocab, batch, bias, dropout),
+                (prec, opt, manual, ckpt, accum, clip),
+            )| {
+                let n_embd = n_head * head_dim;
+                let block = 1u64 << log_block;
+                Setup {
+                    model: ModelConfig {
+                        family: if llama { Family::Llama } else { Family::Gpt2 },
+                        n_layer,
+                        n_head,
+                        n_kv_head: if llama && n_head >= 2 {
+                            n_head / 2
+                        } else {
+                            n_head
+                        },
+                        n_embd,
+                        block_size: block,
+                        vocab_size: vocab,
+                        bias: bias && !llama,
+                        dropout: if llama { 0.0 } else { dropout },
+                        intermediate_size: if llama { 3 * n_embd } else { 4 * n_embd },
+                        tie_embeddings: !llama || bias,
+                    },
+                    train: TrainConfig {
+                        batch_size: batch,
+                        seq_len: block,
+                        precision: prec,
+                        optimizer: opt,
+                        attention: if manual && !llama {
+                            Attention::Manual
+                        } else {
+                            Attention::Sdpa
+                        },
+                        checkpointing: ckpt,
+                        grad_accum_steps: accum,
+                        grad_clip: if clip { 1.0 } else { 0.0 },
+                    },
+                    device: DeviceConfig::default(),
+                }
+            },
+        )
+}
+
+/// Parameter tensors: gpt2 has wte, wpe, 4 Linear weights and 2 norms per block (+ biases), ln_f; llama has
+/// the embedding, 7 Linear weights and 2 norms per block, the final norm and an untied head.
+fn n_param_tensors(s: &Setup) -> u64 {
+    let m = &s.model;
+    match m.family {
+        Family::Gpt2 => 2 + m.n_layer * if m.bias { 12 } else { 6 } + if m.bias { 2 } else { 1 },
+        Family::Llama => 1 + m.n_layer * 9 + 1 + u64::from(!m.tie_embeddings),
+    }
+}
+
+fn peak(s: &Setup) -> u64 {
+    estimate(s)
+        .unwrap_or_else(|e| panic!("{e}: {s:?}"))
+        .peak_allocated_bytes
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+    #[test]
+    fn estimate_returns_ok_or_err_and_never_panics(s in any_setup()) {
+        if let Ok(r) = estimate(&s) {
+            prop_assert_eq!(r.components.total(), r.peak_allocated_bytes);
+        }
+    }
+
+    #[test]
+    fn readers_never_panic(text in ".{0,400}") {
+        let _ = setup_from_json(&text);
+        let _ = nanogpt_config(&text);
+        let _ = hf_config(&text);
+        let _ = setup_from_query(&text, &mut Vec::new());
+        let _ = vramfit::input::import_any(&text);
+    }
+
+    #[test]
+    fn nanogpt_reader_survives_config_like_text(lines in proptest::collection::vec("[a-z_]{1,12} = [-+*/() 0-9.'a-z_]{0,20}", 0..12)) {
+        let _ = nanogpt_config(&lines.join("\n"));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    #[test]
+    fn total_is_the_sum_of_its_parts_and_reserved_covers_allocated(s in valid_setup()) {
+        let r = estimate(&s).unwrap();
+        prop_assert_eq!(r.components.total(), r.peak_allocated_bytes);
+        prop_assert!(r.peak_reserved_bytes >= r.peak_allocated_bytes);
+        prop_assert!(r.device_total_bytes > r.peak_reserved_bytes);
+    }
+
+    #[test]
+    fn memory_never_decreases_when_batch_sequence_layers_or_width_grow(s in valid_setup()) {
+        let base = peak(&s);
+        let mut t = s.clone();
+        t.train.batch_size += 1;
+        prop_assert!(peak(&t) >= base, "batch");
+        let mut t = s.clone();
+        t.model.block_size *= 2;
+        t.train.seq_len *= 2;
+        prop_assert!(peak(&t) >= base, "sequence");
+        let mut t = s.clone();
+        t.model.n_layer += 1;
+        prop_assert!(peak(&t) >= base, "layers");
+        let mut t = s.clone();
+        t.model.n_embd *= 2;
+        t.model.intermediate_size *= 2;
+        prop_assert!(peak(&t) >= base, "width");
+    }
+
+    /// Checkpointing keeps each block's input for the recompute. In a bf16 Llama nothing else saves the stream, so
+    /// in a one-block model that input can be the one extra tensor alive at the peak: the bound allows exactly it.
+    #[test]
+    fn checkpointing_never_increases_the_peak(s in valid_setup()) {
+        let mut on = s.clone();
+        on.train.checkpointing = true;
+        let mut off = s.clone();
+        off.train.checkpointing = false;
+        let block_input = vramfit::sim::block_bytes(s.train.batch_size * s.train.seq_len * s.model.n_embd * s.train.precision.param_bytes());
+        prop_assert!(peak(&on) <= peak(&off) + block_input, "{} > {}", peak(&on), peak(&off));
+    }
+
+    /// Fused AdamW has no temporaries but keeps each parameter's `step` on the device (one 512-byte block per
+    /// parameter tensor), where foreach keeps it on the CPU: the bound allows exactly those blocks.
+    #[test]
+    fn fused_adamw_never_exceeds_foreach(s in valid_setup()) {
+        let mut fused = s.clone();
+        fused.train.optimizer = Optimizer::AdamWFused;
+        let mut foreach = s.clone();
+        foreach.train.optimizer = Optimizer::AdamW;
+        let steps = 512 * n_param_tensors(&s);
+        prop_assert!(peak(&fused) <= peak(&foreach) + steps);
+    }
+
+    /// bf16 halves every tensor but adds a few small casts (RMSNorm's fp32 copy, the loss' fp32 upcast): when
+    /// tensors are a few 512-byte blocks each, the count of casts can outweigh the halving. With at least 8,192
+    /// values per token-matrix (batch x sequence x width), halving wins.
+    #[test]
+    fn bf16_weights_never_exceed_fp32(s in valid_setup()) {
+        prop_assume!(s.train.batch_size * s.train.seq_len * s.model.n_embd >= 8192);
+        let mut bf16 = s.clone();
+        bf16.train.precision = Precision::Bf16;
+        let mut fp32 = s;
+        fp32.train.precision = Precision::Fp32;
+        prop_assert!(peak(&bf16) <= peak(&fp32));
+    }
+
+    /// With SDPA nothing T x T exists: the same tokens as one long sequence or two short ones save the same
+    /// activations per block, up to per-row statistics (logsumexp, padded to 32 rows for the memory-efficient
+    /// kernel). The manual path saves B x H x T^2 scores and probabilities, so one long sequence saves more.
+    #[test]
+    fn flash_attention_has_no_t_squared_term(s in valid_setup()) {
+        let mut long = s.clone();
+        long.train.attention = Attention::Sdpa;
+        long.train.batch_size = 1;
+        long.train.seq_len = long.model.block_size;
+        let mut short = long.clone();
+        short.train.batch_size = 2;
+        short.train.seq_len = long.model.block_size / 2;
+        let per_block = |s: &Setup| estimate(s).unwrap().activations_per_block_bytes;
+        let (a, b) = (per_block(&long), per_block(&short));
+        let stats = 2 * 4 * 32 * long.model.n_head + 4096;
+        prop_assert!(a.abs_diff(b) <= stats, "one x T saves {} per block, two x T/2 save {}", a, b);
+        // Below 64 positions the T x T tensors are a 512-byte block or two: rounding hides the growth.
+        if s.model.family == Family::Gpt2 && long.model.block_size >= 64 {
+            let mut manual_long = long.clone();
+            manual_long.train.attention = Attention::Manual;
+            let mut manual_short = short.clone();
+            manual_short.train.attention = Attention::Manual;
+            let t = long.model.block_size;
+            let extra = long.model.n_head * t * t / 2; // B x H x T^2 grows by H x T^2 / 2 elements at least
+            prop_assert!(per_block(&manual_long) >= per_block(&manual_short) + extra, "the manual path grows with T^2");
+        }
+    }
+}
