@@ -191,6 +191,7 @@ function update(push) {
     else $('global-error').textContent = err.message;
   }
   lastGood = query;
+  if (!$('embed-panel').hidden) renderSnippets();
   const url = `${location.pathname}?${query}`;
   if (push) history.pushState(null, '', url);
   else history.replaceState(null, '', url);
@@ -291,6 +292,23 @@ function wireExports() {
     if (lastGood) download('vramfit-batch-sweep.json', new Blob([vf.sweep_json(lastGood, 'batch_size')], { type: 'application/json' }));
   });
   $('copy-link').addEventListener('click', () => { navigator.clipboard?.writeText(location.href); });
+  $('embed-open').addEventListener('click', () => {
+    const panel = $('embed-panel');
+    panel.hidden = !panel.hidden;
+    $('embed-open').setAttribute('aria-expanded', String(!panel.hidden));
+    if (!panel.hidden) renderSnippets();
+  });
+  $('copy-element').addEventListener('click', () => navigator.clipboard?.writeText($('snippet-element').textContent));
+  $('copy-iframe').addEventListener('click', () => navigator.clipboard?.writeText($('snippet-iframe').textContent));
+}
+
+// The two embed snippets for the current view (text only: they are shown, never parsed as HTML here).
+function renderSnippets() {
+  if (!lastGood) return;
+  const base = new URL('./', location.href).href;
+  const state = lastGood.replaceAll('&', '&amp;');
+  $('snippet-element').textContent = `<script type="module" src="${base}embed.js"></script>\n<vram-fit state="${state}" plot="batch" show="batch_size,seq_len,precision,gpu"></vram-fit>`;
+  $('snippet-iframe').textContent = `<iframe src="${base}embed.html?${state}&amp;plot=batch" title="vramfit" width="100%" height="640" style="border:0" loading="lazy"></iframe>`;
 }
 
 // ---- start ----------------------------------------------------------------------------------------------------

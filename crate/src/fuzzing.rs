@@ -36,9 +36,22 @@ impl Bytes<'_> {
 
 /// Builds a setup from bytes and estimates it; the result (Ok or Err) is checked for internal consistency.
 pub fn estimate_from_bytes(data: &[u8]) {
+    let setup = setup_from_bytes(data);
+    if let Ok(r) = crate::estimate(&setup) {
+        assert_eq!(
+            r.components.total(),
+            r.peak_allocated_bytes,
+            "components must add up"
+        );
+        assert!(r.peak_reserved_bytes >= r.peak_allocated_bytes);
+    }
+}
+
+/// The setup `estimate_from_bytes` builds from these bytes (to reproduce a fuzzer's finding).
+pub fn setup_from_bytes(data: &[u8]) -> Setup {
     let mut b = Bytes(data);
     let flags = b.byte();
-    let setup = Setup {
+    Setup {
         model: ModelConfig {
             family: if flags & 1 == 0 {
                 Family::Gpt2
@@ -84,14 +97,6 @@ pub fn estimate_from_bytes(data: &[u8]) {
             sm: u32::from(b.byte()),
             memory_bytes: b.u64(),
         },
-    };
-    if let Ok(r) = crate::estimate(&setup) {
-        assert_eq!(
-            r.components.total(),
-            r.peak_allocated_bytes,
-            "components must add up"
-        );
-        assert!(r.peak_reserved_bytes >= r.peak_allocated_bytes);
     }
 }
 

@@ -261,7 +261,9 @@ impl Setup {
         self.check_size()
     }
 
-    /// Rejects setups whose byte counts would not fit: every product below is taken with checked arithmetic.
+    /// Rejects setups whose byte counts would not fit: every product below is taken with checked arithmetic,
+    /// and every tensor the simulation sizes is a product of these factors, so once they pass, its plain
+    /// arithmetic cannot wrap.
     fn check_size(&self) -> Result<(), Error> {
         let m = &self.model;
         let t = &self.train;
@@ -278,24 +280,40 @@ impl Setup {
             .batch_size
             .checked_mul(t.seq_len)
             .ok_or_else(|| too_large("batch_size x seq_len"))?;
-        let width = [m.n_embd * 4, m.intermediate_size, m.vocab_size]
+        let mlp = m
+            .n_embd
+            .checked_mul(4)
+            .ok_or_else(|| too_large("4 x n_embd"))?;
+        let scores = m
+            .n_head
+            .checked_mul(t.seq_len)
+            .ok_or_else(|| too_large("n_head x seq_len"))?;
+        let width = [mlp, m.intermediate_size, m.vocab_size]
             .into_iter()
             .max()
             .unwrap_or(0)
-            .checked_add(
-                m.n_head
-                    .checked_mul(t.seq_len)
-                    .ok_or_else(|| too_large("n_head x seq_len"))?,
-            )
+            .checked_add(scores)
+            .and_then(|w| w.checked_add(128))
             .ok_or_else(|| too_large("layer width"))?;
-        // Per token per layer: at most ~64 values of the widest size, 4 bytes each (generous bound).
+        // Per token per layer: at most ~64 values of the widest size, 4 bytes each (a generous bound).
         let act_bytes = tokens
             .checked_mul(width)
             .and_then(|x| x.checked_mul(256))
             .and_then(|x| x.checked_mul(m.n_layer.max(1) + 8))
             .ok_or_else(|| too_large("activation bytes overflow 64 bits"))?;
+        // nanoGPT's manual path registers a block_size x block_size mask per layer.
+        let mask_bytes = if m.family == Family::Gpt2 && t.attention == Attention::Manual {
+            m.block_size
+                .checked_mul(m.block_size)
+                .and_then(|x| x.checked_mul(4))
+                .and_then(|x| x.checked_mul(m.n_layer))
+                .ok_or_else(|| too_large("the attention mask buffers overflow 64 bits"))?
+        } else {
+            0
+        };
         let total = param_bytes
             .checked_add(act_bytes)
+            .and_then(|x| x.checked_add(mask_bytes))
             .ok_or_else(|| too_large("total bytes overflow 64 bits"))?;
         if total > MAX_BYTES {
             return Err(too_large(&format!(
@@ -356,6 +374,22 @@ mod tests {
         assert_eq!(m.block_params(), 7_087_872);
         assert_eq!(m.n_params(), 38_633_472 + 786_432 + 12 * 7_087_872 + 1_536);
         assert_eq!(m.n_params(), 124_475_904);
+    }
+
+    /// Found by the `estimate` fuzz target (with debug assertions): a manual-attention model with a block size
+    /// of 775M made the mask buffers' byte count wrap. See: fuzz/corpus/estimate/c1e6e118716349c610286d476401c8eea83fca9a
+    #[test]
+    fn huge_manual_attention_mask_is_too_large_not_a_wrap() {
+        let mut s = crate::presets::founding();
+        s.model.block_size = 775_173_236;
+        s.train.seq_len = 52;
+        s.train.attention = Attention::Manual;
+        let e = s.validate().unwrap_err();
+        assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+        // Without the mask it is only huge: the position embedding alone is 1.2 TB of weights.
+        s.train.attention = Attention::Sdpa;
+        let r = crate::estimate(&s).unwrap();
+        assert!(r.components.weights_bytes > 1_190_000_000_000);
     }
 
     #[test]

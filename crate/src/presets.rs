@@ -223,6 +223,21 @@ pub const MODEL_PRESETS: &[ModelPreset] = &[
     },
 ];
 
+/// The preset ids, for error messages listing the allowed values (kept equal to `MODEL_PRESETS` by a test).
+pub const MODEL_IDS: &[&str] = &[
+    "nanogpt-30m",
+    "shakespeare-char",
+    "gpt2",
+    "gpt2-medium",
+    "gpt2-large",
+    "gpt2-xl",
+    "tinyllama-1.1b",
+    "llama-3.2-1b",
+    "llama-2-7b",
+    "mistral-7b",
+    "qwen2.5-0.5b",
+];
+
 pub fn model_preset(id: &str) -> Option<Setup> {
     MODEL_PRESETS
         .iter()
@@ -359,6 +374,29 @@ pub const GPU_PRESETS: &[GpuPreset] = &[
     },
 ];
 
+/// The GPU ids (kept equal to `GPU_PRESETS` by a test).
+pub const GPU_IDS: &[&str] = &[
+    "rtx-3060",
+    "rtx-3090",
+    "rtx-4070",
+    "rtx-4080",
+    "rtx-4090",
+    "a10",
+    "l4",
+    "t4",
+    "v100-16",
+    "v100-32",
+    "a100-40",
+    "a100-80",
+    "h100-80",
+    "h200-141",
+    "mi300x",
+    "apple-m-16",
+    "apple-m-32",
+    "apple-m-64",
+    "apple-m-128",
+];
+
 pub fn gpu_memory_bytes(id: &str) -> Option<u64> {
     GPU_PRESETS
         .iter()
@@ -385,6 +423,14 @@ mod tests {
             Some(16)
         );
         assert!(model_preset("nope").is_none());
+    }
+
+    #[test]
+    fn id_lists_match_the_presets() {
+        let models: Vec<&str> = MODEL_PRESETS.iter().map(|p| p.id).collect();
+        assert_eq!(models, MODEL_IDS);
+        let gpus: Vec<&str> = GPU_PRESETS.iter().map(|g| g.id).collect();
+        assert_eq!(gpus, GPU_IDS);
     }
 
     #[test]

@@ -261,3 +261,20 @@ fn sweep_prints_csv_that_grows_with_batch() {
         .collect();
     assert_eq!(values, vec![64, 128, 256, 512]);
 }
+
+#[test]
+fn presets_and_gpus_by_name_match_the_library() {
+    for p in vramfit::presets::MODEL_PRESETS {
+        let v = json_of(&["estimate", "--preset", p.id, "--format", "json"]);
+        let expected = vramfit::estimate(&(p.setup)())
+            .unwrap()
+            .peak_allocated_bytes;
+        assert_eq!(v["peak_allocated_bytes"], expected, "{}", p.id);
+    }
+    for g in vramfit::presets::GPU_PRESETS {
+        let v = json_of(&["estimate", "--gpu", g.id, "--format", "json"]);
+        assert_eq!(v["device_memory_bytes"], g.memory_bytes, "{}", g.id);
+    }
+    assert!(error_of(&["estimate", "--preset", "gpt5"])
+        .starts_with("error: --preset (\"gpt5\") is not one of: nanogpt-30m,"));
+}

@@ -14,6 +14,9 @@ fn replay(target: &str, run: fn(&[u8])) -> usize {
         .flatten()
     {
         let data = std::fs::read(entry.path()).unwrap();
+        if std::env::var_os("VRAMFIT_FUZZ_VERBOSE").is_some() {
+            eprintln!("{}", entry.path().display());
+        }
         run(&data);
         n += 1;
     }

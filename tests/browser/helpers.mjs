@@ -3,7 +3,7 @@
 import { spawn, execFileSync } from 'node:child_process';
 import { mkdtempSync, mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join, dirname } from 'node:path';
+import { join, dirname, isAbsolute } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 
@@ -14,9 +14,12 @@ mkdirSync(ARTIFACTS, { recursive: true });
 const BASE_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
   '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage'];
 
-/** Serves `dir` (relative to the repository) on 127.0.0.1:`port`; resolves when the server answers. */
-export async function serve(port, dir = 'www') {
-  const proc = spawn('python3', [join(ROOT, 'scripts', 'serve.py'), '--port', String(port), '--dir', join(ROOT, dir)],
+/** Serves `dir` (relative to the repository, or absolute) on 127.0.0.1:`port`; `plain` drops vramfit's headers
+ * (CSP, CORS) to stand in for somebody else's site. Resolves when the server answers. */
+export async function serve(port, dir = 'www', plain = false) {
+  const args = [join(ROOT, 'scripts', 'serve.py'), '--port', String(port), '--dir', isAbsolute(dir) ? dir : join(ROOT, dir)];
+  if (plain) args.push('--plain');
+  const proc = spawn('python3', args,
     { stdio: ['ignore', 'pipe', 'inherit'] });
   await new Promise((resolve, reject) => {
     proc.stdout.on('data', (d) => { if (String(d).includes('serving')) resolve(); });

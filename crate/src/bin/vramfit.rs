@@ -30,6 +30,8 @@ vocab 50304, fp16-amp, fused AdamW):
   --config FILE        setup JSON: {\"model\": {...}, \"train\": {...}, \"device\": {...}}
   --nanogpt FILE       a nanoGPT config/*.py file (train.py defaults fill the rest)
   --hf FILE            a Hugging Face config.json (llama, mistral, qwen2)
+  --preset ID          a named model (nanogpt-30m, shakespeare-char, gpt2, gpt2-medium, gpt2-large, gpt2-xl,
+                       tinyllama-1.1b, llama-3.2-1b, llama-2-7b, mistral-7b, qwen2.5-0.5b)
 
 KNOBS (override the source):
   --family gpt2|llama  --n-layer N  --n-head N  --n-kv-head N  --n-embd N  --block-size N  --vocab-size N
@@ -37,7 +39,7 @@ KNOBS (override the source):
   --batch-size N  --seq-len N  --precision fp32|fp16-amp|bf16-amp|bf16
   --optimizer adamw|adamw-fused|sgd|sgd-momentum  --attention sdpa|manual
   --checkpointing | --no-checkpointing  --grad-accum-steps N  --grad-clip X
-  --gpu-memory-gib X  --compute-capability X.Y
+  --gpu ID (rtx-4070, h100-80, ...)  --gpu-memory-gib X  --compute-capability X.Y
 ";
 
 /// The default nanoGPT case (the one that started the project).
@@ -159,6 +161,30 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                 notes.extend(hf_notes);
                 let v = setup_to_value(&vramfit::input::hf_setup(m));
                 set_source(v, &mut base)?;
+            }
+            "--preset" => {
+                let id = next(&mut i, flag)?;
+                let setup =
+                    vramfit::presets::model_preset(&id).ok_or_else(|| Error::UnknownValue {
+                        field: "--preset".into(),
+                        value: id.clone(),
+                        allowed: vramfit::presets::MODEL_IDS,
+                    })?;
+                set_source(setup_to_value(&setup), &mut base)?;
+            }
+            "--gpu" => {
+                let id = next(&mut i, flag)?;
+                let g = vramfit::presets::gpu(&id).ok_or_else(|| Error::UnknownValue {
+                    field: "--gpu".into(),
+                    value: id.clone(),
+                    allowed: vramfit::presets::GPU_IDS,
+                })?;
+                overrides.push((
+                    "device",
+                    "memory_gib",
+                    json!(g.memory_bytes as f64 / (1u64 << 30) as f64),
+                ));
+                overrides.push(("device", "compute_capability", json!(g.sm as f64 / 10.0)));
             }
             "--format" => format = Some(next(&mut i, flag)?),
             "--axis" => axis = Some(Axis::parse(&next(&mut i, flag)?)?),

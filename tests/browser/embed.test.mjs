@@ -1,0 +1,160 @@
+// The embed: a fixture blog post on one origin, the widget served from another. Two widgets with different
+// presets, a hostile stylesheet, an iframe embed and a widget with a bad config.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { serve, launch, cliPeakBytes, ARTIFACTS } from './helpers.mjs';
+
+const WIDGET_PORT = 8771;
+const BLOG_PORT = 8772;
+let widgetServer;
+let blogServer;
+let context;
+let blogDir;
+
+function blogHtml(widget) {
+  return `<!doctype html><html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,"><title>Training a small GPT on a 12 GB card</title>
+<style>
+* { color: red; font: 30px serif; }
+h1, h2 { text-transform: uppercase; letter-spacing: 4px; }
+pre { background: #222; }
+input, select, canvas, div, span, strong { border: 5px dashed green !important; }
+</style>
+<script type="module" src="${widget}embed.js"></script>
+</head><body>
+<article>
+<h1>Training a small GPT on a 12 GB card</h1>
+<p>Here is what the step costs. Drag the batch size.</p>
+<vram-fit id="one" preset="nanogpt-30m" gpu="rtx-4070" show="batch_size,precision,gpu" plot="batch"></vram-fit>
+<h2>The same for character-level Shakespeare</h2>
+<pre><code>python train.py config/train_shakespeare_char.py</code></pre>
+<vram-fit id="two" preset="shakespeare-char" gpu="t4" show="batch_size" lock="precision" plot="fitmap" theme="dark"></vram-fit>
+<h2>A broken one</h2>
+<vram-fit id="bad" config='{"model": {"family": "gpt2", "n_layer": 0, "n_head": 6, "n_embd": 384, "block_size": 64, "vocab_size": 65}}'></vram-fit>
+<h2>As an iframe</h2>
+<iframe id="frame" title="vramfit" src="${widget}embed.html?preset=gpt2&gpu=rtx-4090&plot=timeline" width="100%" height="300"></iframe>
+<p>The end.</p>
+</article>
+</body></html>`;
+}
+
+before(async () => {
+  widgetServer = await serve(WIDGET_PORT);
+  blogDir = mkdtempSync(join(tmpdir(), 'vramfit-blog-'));
+  // A different origin: the blog on localhost, the widget on 127.0.0.1.
+  writeFileSync(join(blogDir, 'index.html'), blogHtml(`http://127.0.0.1:${WIDGET_PORT}/`));
+  blogServer = await serve(BLOG_PORT, blogDir, true);
+  context = await launch();
+});
+
+after(async () => {
+  await context?.close();
+  widgetServer?.close();
+  blogServer?.close();
+});
+
+async function openBlog() {
+  const page = await context.newPage();
+  const requests = [];
+  const errors = [];
+  page.on('request', (r) => requests.push(r.url()));
+  page.on('pageerror', (e) => errors.push(e.message));
+  await page.addInitScript(() => {
+    window.__heights = [];
+    addEventListener('message', (e) => { if (e.data?.type === 'vramfit:height') window.__heights.push(e.data.height); });
+  });
+  await page.goto(`http://localhost:${BLOG_PORT}/index.html`);
+  await page.waitForFunction(() => ['one', 'two', 'bad'].every((id) => document.getElementById(id).dataset.status), null, { timeout: 20000 });
+  return { page, requests, errors };
+}
+
+const peakOf = (page, id) => page.evaluate((i) => Number(document.getElementById(i).dataset.peakBytes), id);
+
+test('two widgets render on a foreign page and compute their own totals', async () => {
+  const { page, errors } = await openBlog();
+  assert.equal(await peakOf(page, 'one'), cliPeakBytes(['--preset', 'nanogpt-30m']));
+  assert.equal(await peakOf(page, 'two'), cliPeakBytes(['--preset', 'shakespeare-char', '--gpu', 't4']));
+  const text = await page.evaluate(() => document.getElementById('one').shadowRoot.textContent);
+  assert.match(text, /Peak allocated/);
+  assert.match(text, /fits in 12\.0 GiB/);
+  const drawn = await page.evaluate(() => {
+    const c = document.getElementById('two').shadowRoot.querySelector('canvas');
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    let n = 0;
+    for (let i = 0; i < d.length; i += 4) if (d[i] !== d[0] || d[i + 1] !== d[1]) n += 1;
+    return n;
+  });
+  assert.ok(drawn > 5000, `fit map drawn (${drawn} pixels)`);
+  await page.screenshot({ path: join(ARTIFACTS, 'embed.png'), fullPage: true });
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test('changing one widget leaves the other alone', async () => {
+  const { page } = await openBlog();
+  const two = await peakOf(page, 'two');
+  const one = await peakOf(page, 'one');
+  await page.evaluate(() => {
+    const input = document.getElementById('one').shadowRoot.querySelector('input[name=batch_size]');
+    input.value = '4';
+    input.dispatchEvent(new Event('input'));
+  });
+  assert.ok((await peakOf(page, 'one')) < one);
+  assert.equal(await peakOf(page, 'two'), two);
+  assert.equal(await page.evaluate(() => document.getElementById('two').shadowRoot.querySelectorAll('input').length), 1, 'show="batch_size"');
+  await page.close();
+});
+
+test("the host page's hostile CSS changes nothing inside the widget", async () => {
+  const { page } = await openBlog();
+  const style = await page.evaluate(() => {
+    const strong = document.getElementById('one').shadowRoot.querySelector('.totals strong');
+    const input = document.getElementById('one').shadowRoot.querySelector('input');
+    const cs = getComputedStyle(strong);
+    return { color: cs.color, size: cs.fontSize, family: cs.fontFamily, border: getComputedStyle(input).borderTopStyle };
+  });
+  assert.notEqual(style.color, 'rgb(255, 0, 0)');
+  assert.equal(style.size, '18px');
+  assert.doesNotMatch(style.family, /^serif$/);
+  assert.notEqual(style.border, 'dashed');
+  // And the widget's styles do not leak out: the article keeps the host's look.
+  assert.equal(await page.evaluate(() => getComputedStyle(document.querySelector('article p')).color), 'rgb(255, 0, 0)');
+  await page.close();
+});
+
+test('the widget can be used with the keyboard alone', async () => {
+  const { page } = await openBlog();
+  const before = await peakOf(page, 'one');
+  let focused = '';
+  for (let i = 0; i < 10 && focused !== 'batch_size'; i++) {
+    await page.keyboard.press('Tab');
+    focused = await page.evaluate(() => document.getElementById('one').shadowRoot.activeElement?.name || '');
+  }
+  assert.equal(focused, 'batch_size');
+  await page.keyboard.press('ArrowUp');
+  assert.ok((await peakOf(page, 'one')) > before, 'ArrowUp raised the batch and the total');
+  await page.close();
+});
+
+test('every request goes to the widget origin (besides the post itself)', async () => {
+  const { page, requests } = await openBlog();
+  await page.waitForTimeout(300);
+  const others = requests.filter((r) => !r.startsWith(`http://127.0.0.1:${WIDGET_PORT}/`) && r !== `http://localhost:${BLOG_PORT}/index.html`);
+  assert.deepEqual(others, []);
+  await page.close();
+});
+
+test('the iframe embed renders and reports its height; a bad config shows a message, not a blank box', async () => {
+  const { page } = await openBlog();
+  await page.waitForFunction(() => window.__heights.length > 0, null, { timeout: 20000 });
+  const heights = await page.evaluate(() => window.__heights);
+  assert.ok(heights.at(-1) > 200, `height ${heights.at(-1)}`);
+  const frame = page.frame({ url: /embed\.html/ });
+  await frame.waitForFunction(() => document.querySelector('vram-fit')?.dataset.status === 'ok');
+  assert.match(await frame.evaluate(() => document.querySelector('vram-fit').shadowRoot.textContent), /Peak allocated/);
+  const bad = await page.evaluate(() => document.getElementById('bad').shadowRoot.textContent);
+  assert.match(bad, /model\.n_layer \(0\) must be at least 1/);
+  await page.close();
+});

@@ -1,0 +1,250 @@
+// <vram-fit>: vramfit as a custom element for documentation and blog posts.
+//   <script type="module" src="https://HOST/embed.js"></script>
+//   <vram-fit preset="nanogpt-30m" gpu="rtx-4070" show="batch_size,precision" plot="batch"></vram-fit>
+// Attributes: preset | config (setup JSON) | state (the main page's URL query), gpu, show, lock,
+// plot (batch|block|fitmap|timeline|none),
+// theme (light|dark|auto). Everything renders in a shadow root; every number comes from the wasm estimator,
+// loaded once from this script's own origin and shared by every widget on the page.
+
+const ESTIMATOR = new URL('./pkg/entry.js', import.meta.url).href;
+const PAGE = new URL('./', import.meta.url).href;
+let ready = null;
+function estimator() {
+  ready ||= import(ESTIMATOR).then(async (m) => { await m.default(); return m; });
+  return ready;
+}
+
+const KNOBS = {
+  batch_size: ['Batch size', 'number'], seq_len: ['Sequence length', 'number'], block_size: ['Block size', 'number'],
+  n_layer: ['Layers', 'number'], n_embd: ['Width', 'number'], n_head: ['Heads', 'number'], vocab_size: ['Vocabulary', 'number'],
+  precision: ['Precision', ['fp32', 'fp16-amp', 'bf16-amp', 'bf16']],
+  optimizer: ['Optimizer', ['adamw', 'adamw-fused', 'sgd', 'sgd-momentum']],
+  attention: ['Attention', ['sdpa', 'manual']], checkpointing: ['Checkpointing', 'checkbox'],
+  grad_accum_steps: ['Grad accumulation', 'number'], dropout: ['Dropout', 'number'], gpu: ['GPU', 'gpu'],
+};
+const DEFAULT_SHOW = 'batch_size,seq_len,precision,gpu';
+
+const CSS = `
+.root { all: initial; display: block; box-sizing: border-box; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif;
+  color: var(--fg); background: var(--bg); border: 1px solid var(--line); border-radius: 10px; padding: 12px 14px; max-width: 760px; }
+.root * { box-sizing: border-box; font: inherit; color: inherit; letter-spacing: normal; text-transform: none; }
+.light { --bg: #fff; --fg: #1e1e24; --muted: #5b5d6b; --line: #dedee6; --card: #f6f7fa; --fits: #1f7a45; --over: #b8202d; --accent: #426ec8; }
+.dark { --bg: #181a20; --fg: #e2e4eb; --muted: #a3a6b4; --line: #3a3e4a; --card: #22252d; --fits: #46be78; --over: #ff6b74; --accent: #6e96f0; }
+.title { font-weight: 600; margin: 0 0 8px; }
+.inputs { display: flex; flex-wrap: wrap; gap: 8px 14px; margin-bottom: 10px; }
+label { display: flex; flex-direction: column; font-size: 12px; color: var(--muted); }
+input, select { margin-top: 2px; padding: 3px 6px; border: 1px solid var(--line); border-radius: 6px; background: var(--card); color: var(--fg); width: 9em; }
+input[type=checkbox] { width: auto; }
+:focus-visible { outline: 3px solid var(--accent); outline-offset: 1px; }
+.totals { display: flex; flex-wrap: wrap; gap: 8px; }
+.totals div { background: var(--card); border-radius: 8px; padding: 6px 10px; display: flex; flex-direction: column; }
+.totals span { font-size: 12px; color: var(--muted); }
+.totals strong { font-size: 18px; font-weight: 700; }
+.fits { color: var(--fits); } .over { color: var(--over); }
+.bar { display: flex; height: 12px; border-radius: 6px; overflow: hidden; margin: 10px 0 6px; border: 1px solid var(--line); }
+.bar span { display: block; height: 100%; }
+.s-weights, .s-weight-copies { background: #426ec8; } .s-grads { background: #785abe; } .s-optimizer { background: #e69628; }
+.s-activations { background: #28a096; } .s-logits { background: #dc5078; } .s-temporary, .s-workspace { background: #9696a0; }
+.sentence { margin: 4px 0 8px; }
+canvas { width: 100%; display: block; border: 1px solid var(--line); border-radius: 8px; }
+.error { color: var(--over); margin: 6px 0; }
+.error:empty { display: none; }
+.foot { font-size: 12px; color: var(--muted); margin-top: 6px; }
+a { color: var(--accent); }
+`;
+
+let sheet = null;
+function styles() {
+  if (!sheet) { sheet = new CSSStyleSheet(); sheet.replaceSync(CSS); }
+  return sheet;
+}
+
+function el(tag, text, attrs = {}) {
+  const e = document.createElement(tag);
+  if (text !== undefined) e.textContent = text;
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  return e;
+}
+
+class VramFit extends HTMLElement {
+  static get observedAttributes() { return ['preset', 'config', 'state', 'gpu', 'show', 'lock', 'plot', 'theme']; }
+
+  constructor() {
+    super();
+    this.attachShadow({ mode: 'open' }).adoptedStyleSheets = [styles()];
+    this.root = el('div', undefined, { class: 'root light', part: 'root' });
+    this.shadowRoot.append(this.root);
+    this.params = null;
+    this.scheduled = false;
+  }
+
+  connectedCallback() { this.schedule(true); }
+
+  attributeChangedCallback() { if (this.isConnected) this.schedule(true); }
+
+  schedule(rebuild) {
+    this.rebuild ||= rebuild;
+    if (this.scheduled) return;
+    this.scheduled = true;
+    queueMicrotask(() => { this.scheduled = false; this.render(); });
+  }
+
+  async render() {
+    let vf;
+    try { vf = await estimator(); } catch (err) {
+      this.root.replaceChildren(el('p', `vramfit could not load its estimator from ${ESTIMATOR}: ${err.message}`, { class: 'error' }));
+      return;
+    }
+    this.vf = vf;
+    if (this.rebuild) {
+      this.rebuild = false;
+      const err = this.initialState(vf);
+      this.build(vf);
+      if (err) {
+        // Nothing to show but the problem: no empty inputs, no empty plot.
+        this.error.textContent = err;
+        this.heading.textContent = 'vramfit could not read this widget\'s settings';
+        this.root.replaceChildren(this.heading, this.error);
+        this.dataset.status = 'error';
+        return;
+      }
+    }
+    this.update();
+  }
+
+  // The widget's state is a URL query string, as on the main page.
+  initialState(vf) {
+    try {
+      let q;
+      let stateGpu = '';
+      const config = this.getAttribute('config');
+      const state = this.getAttribute('state');
+      if (state !== null) {
+        const n = vf.normalize_query(state);
+        q = n.query;
+        stateGpu = (n.extra.find(([k]) => k === 'gpu') || [])[1] || '';
+      } else if (config) q = vf.import_config(config).query;
+      else q = vf.preset_query(this.getAttribute('preset') || 'nanogpt-30m');
+      this.params = new URLSearchParams(q);
+      const gpu = this.getAttribute('gpu') || stateGpu;
+      if (gpu) {
+        for (const [k, v] of new URLSearchParams(vf.gpu_query(gpu))) this.params.set(k, v);
+        this.params.set('gpu', gpu);
+      }
+      return '';
+    } catch (err) {
+      this.params = null;
+      return `vramfit: ${err.message}`;
+    }
+  }
+
+  build(vf) {
+    const theme = this.getAttribute('theme') || 'auto';
+    const dark = theme === 'dark' || (theme === 'auto' && matchMedia('(prefers-color-scheme: dark)').matches);
+    this.dark = dark;
+    this.root.className = `root ${dark ? 'dark' : 'light'}`;
+    const show = (this.getAttribute('show') ?? DEFAULT_SHOW).split(',').map((s) => s.trim()).filter((s) => s in KNOBS);
+    const lock = new Set((this.getAttribute('lock') || '').split(',').map((s) => s.trim()));
+    this.inputs = el('div', undefined, { class: 'inputs' });
+    for (const key of show) this.inputs.append(this.field(vf, key, lock.has(key)));
+    this.error = el('p', '', { class: 'error', role: 'alert' });
+    this.totals = el('div', undefined, { class: 'totals', 'aria-live': 'polite' });
+    this.bar = el('div', undefined, { class: 'bar', role: 'img', 'aria-label': 'Components at the peak' });
+    this.sentence = el('p', '', { class: 'sentence' });
+    this.plotKind = this.getAttribute('plot') || 'batch';
+    this.canvas = this.plotKind === 'none' ? null : el('canvas', undefined, { role: 'img', 'aria-label': `vramfit plot: ${this.plotKind}` });
+    const link = el('a', 'open in vramfit', { target: '_blank', rel: 'noopener' });
+    this.link = link;
+    const foot = el('p', undefined, { class: 'foot' });
+    foot.append(document.createTextNode('Estimated op by op for PyTorch on CUDA · '), link);
+    this.heading = el('p', '', { class: 'title' });
+    this.root.replaceChildren(this.heading, this.inputs, this.error, this.totals, this.bar, this.sentence, ...(this.canvas ? [this.canvas] : []), foot);
+  }
+
+  field(vf, key, locked) {
+    const [label, kind] = KNOBS[key];
+    const wrap = el('label', label);
+    let input;
+    if (kind === 'gpu') {
+      input = el('select');
+      for (const g of vf.presets().gpus) input.append(el('option', g.label, { value: g.id }));
+      input.value = this.params?.get('gpu') || 'h100-80';
+    } else if (Array.isArray(kind)) {
+      input = el('select');
+      for (const v of kind) input.append(el('option', v, { value: v }));
+      input.value = this.params?.get(key) ?? '';
+    } else if (kind === 'checkbox') {
+      input = el('input', undefined, { type: 'checkbox' });
+      input.checked = this.params?.get(key) === '1';
+    } else {
+      input = el('input', undefined, { type: 'number', min: '0', step: key === 'dropout' ? '0.05' : '1' });
+      input.value = this.params?.get(key) ?? '';
+    }
+    input.name = key;
+    if (locked) input.disabled = true;
+    input.addEventListener('change', () => this.onInput(key, input));
+    input.addEventListener('input', () => { if (kind === 'number') this.onInput(key, input); });
+    wrap.append(input);
+    return wrap;
+  }
+
+  onInput(key, input) {
+    if (!this.params) return;
+    if (key === 'gpu') {
+      for (const [k, v] of new URLSearchParams(this.vf.gpu_query(input.value))) this.params.set(k, v);
+      this.params.set('gpu', input.value);
+    } else if (input.type === 'checkbox') this.params.set(key, input.checked ? '1' : '0');
+    else {
+      this.params.set(key, input.value);
+      if (key === 'block_size') this.params.set('seq_len', input.value);
+    }
+    this.update();
+  }
+
+  update() {
+    if (!this.params) return;
+    const vf = this.vf;
+    const q = this.params.toString();
+    let e;
+    try { e = vf.estimate(q); } catch (err) {
+      this.error.textContent = err.message;
+      this.dataset.status = 'error';
+      return;
+    }
+    this.error.textContent = '';
+    this.heading.textContent = `${this.params.get('family')} · ${e.n_params} · batch ${this.params.get('batch_size')} × ${this.params.get('seq_len')} tokens`;
+    const box = (label, value, cls = '') => { const d = el('div'); d.append(el('span', label), el('strong', value, { class: cls })); return d; };
+    const verdict = e.verdict ? `${e.verdict} in ${e.gpu_memory}` : '';
+    this.totals.replaceChildren(box('Peak allocated', e.peak_allocated), box('On the device', e.device_total),
+      ...(verdict ? [box('Verdict', verdict, e.fits ? 'fits' : 'over')] : []));
+    this.bar.replaceChildren(...e.components.map((c) => {
+      const s = el('span', '', { class: `s-${c.name.replace(' ', '-')}`, title: `${c.name}: ${c.text}` });
+      s.style.width = c.width;
+      return s;
+    }));
+    this.sentence.textContent = e.sentence;
+    this.link.href = `${PAGE}?${q}`;
+    if (this.canvas) this.draw(q);
+    this.dataset.status = 'ok';
+    this.dataset.peakBytes = String(e.peak_allocated_bytes);
+    this.dispatchEvent(new CustomEvent('vramfit:estimate', { detail: { peak_allocated_bytes: e.peak_allocated_bytes } }));
+  }
+
+  draw(q) {
+    const dpr = window.devicePixelRatio || 1;
+    const w = Math.max(280, Math.round(this.canvas.getBoundingClientRect().width || 600));
+    const h = Math.round(w * 0.5);
+    this.canvas.width = Math.round(w * dpr);
+    this.canvas.height = Math.round(h * dpr);
+    this.canvas.style.height = `${h}px`;
+    const vf = this.vf;
+    try {
+      if (this.plotKind === 'block') vf.draw_sweep(this.canvas, q, 'block_size', this.dark, dpr);
+      else if (this.plotKind === 'fitmap') vf.draw_fit_map(this.canvas, q, this.dark, dpr);
+      else if (this.plotKind === 'timeline') vf.draw_timeline(this.canvas, q, this.dark, dpr);
+      else vf.draw_sweep(this.canvas, q, 'batch_size', this.dark, dpr);
+    } catch (err) { this.error.textContent = err.message; }
+  }
+}
+
+if (!customElements.get('vram-fit')) customElements.define('vram-fit', VramFit);
