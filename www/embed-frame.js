@@ -12,11 +12,15 @@ if ([...params.keys()].length > 0) widget.setAttribute('state', params.toString(
 document.body.style.margin = '0';
 document.body.append(widget);
 
+// Report the content height to the parent whenever it changes: on layout changes and after every render.
 let last = 0;
-new ResizeObserver(() => {
-  const height = Math.ceil(document.documentElement.getBoundingClientRect().height);
-  if (height !== last && window.parent !== window) {
+function report() {
+  const height = Math.ceil(document.body.getBoundingClientRect().height);
+  if (height > 0 && height !== last && window.parent !== window) {
     last = height;
     window.parent.postMessage({ type: 'vramfit:height', height }, '*');
   }
-}).observe(document.documentElement);
+}
+new ResizeObserver(report).observe(document.body);
+widget.addEventListener('vramfit:estimate', () => requestAnimationFrame(report));
+window.addEventListener('load', report);
