@@ -377,7 +377,7 @@ fn release_block(cx: &mut Ctx, s: BlockSaved, free_input: bool) {
     if free_input {
         cx.free(s.x_in);
     }
-    cx.sim.free_all(&s.ln1.stats);
+    cx.sim.free_some(&s.ln1.stats);
     for t in [s.ln1_out, s.qkv, s.y, s.drop1, s.ln2_out, s.drop2]
         .into_iter()
         .flatten()
@@ -411,7 +411,7 @@ fn release_block(cx: &mut Ctx, s: BlockSaved, free_input: bool) {
         }
     }
     cx.sim.free_all(&[s.x_mid, s.h, s.g]);
-    cx.sim.free_all(&s.ln2.stats);
+    cx.sim.free_some(&s.ln2.stats);
 }
 
 /// A placeholder BlockSaved for a checkpointed block: only `x_in` is real; the rest is recomputed.
@@ -428,8 +428,8 @@ fn recompute_marker(cx: &mut Ctx, x_in: Tensor) -> BlockSaved {
     BlockSaved {
         x_in,
         ln1: NormSaved {
-            stats: vec![],
-            own: vec![],
+            stats: [None, None],
+            own: [None, None],
         },
         ln1_out: None,
         c_attn: lin(0, 0),
@@ -444,8 +444,8 @@ fn recompute_marker(cx: &mut Ctx, x_in: Tensor) -> BlockSaved {
         drop1: None,
         x_mid: z,
         ln2: NormSaved {
-            stats: vec![],
-            own: vec![],
+            stats: [None, None],
+            own: [None, None],
         },
         ln2_out: None,
         c_fc: lin(0, 0),

@@ -206,10 +206,10 @@ fn layer_fwd(cx: &mut Ctx, x_in: Tensor) -> (LayerSaved, Tensor) {
 
 /// Frees everything a layer saved except its input (a checkpointed forward keeps only the input).
 fn release_layer(cx: &mut Ctx, s: LayerSaved) {
-    cx.sim.free_all(&s.rms1.stats);
-    cx.sim.free_all(&s.rms1.own);
-    cx.sim.free_all(&s.rms2.stats);
-    cx.sim.free_all(&s.rms2.own);
+    cx.sim.free_some(&s.rms1.stats);
+    cx.sim.free_some(&s.rms1.own);
+    cx.sim.free_some(&s.rms2.stats);
+    cx.sim.free_some(&s.rms2.own);
     for t in [s.h, s.h2].into_iter().flatten() {
         cx.free(t);
     }

@@ -153,7 +153,7 @@ impl Sim {
             layer: None,
         };
         Sim {
-            slots: Vec::new(),
+            slots: Vec::with_capacity(4096),
             live_bytes: 0,
             by_category: [0; N_CATEGORIES],
             peak: Peak {
@@ -261,6 +261,12 @@ impl Sim {
     pub fn free_all(&mut self, ts: &[Tensor]) {
         for &t in ts {
             self.free(t);
+        }
+    }
+
+    pub fn free_some(&mut self, ts: &[Option<Tensor>]) {
+        for t in ts.iter().flatten() {
+            self.free(*t);
         }
     }
 

@@ -242,9 +242,9 @@ pub fn linear_bwd(
 
 /// What a LayerNorm / RMSNorm keeps besides its input.
 pub struct NormSaved {
-    pub stats: Vec<Tensor>,
+    pub stats: [Option<Tensor>; 2],
     /// Tensors of the norm's own making that its backward needs (RMSNorm's normalised x).
-    pub own: Vec<Tensor>,
+    pub own: [Option<Tensor>; 2],
 }
 
 /// `F.layer_norm` (`native_layer_norm`): output n x C in the input's dtype (fp32 under autocast: layer_norm is
@@ -257,8 +257,8 @@ pub fn layer_norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
     (
         out,
         NormSaved {
-            stats: vec![mean, rstd],
-            own: vec![],
+            stats: [Some(mean), Some(rstd)],
+            own: [None, None],
         },
     )
 }
@@ -279,7 +279,7 @@ pub fn layer_norm_bwd(
     let gb = bias.then(|| cx.alloc(c * cx.pb, cat, "native_layer_norm_backward"));
     cx.free(grad_out);
     cx.free(input);
-    cx.sim.free_all(&saved.stats);
+    cx.sim.free_some(&saved.stats);
     for g in [Some(gw), gb].into_iter().flatten() {
         if cx.have_grads {
             cx.free(g);
@@ -302,10 +302,10 @@ pub fn rms_norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
     let added = cx.alloc(cx.n * 4, Temporary, "add");
     let rstd = cx.alloc(cx.n * 4, Activations, "rsqrt");
     cx.free(added);
-    let mut own = vec![];
+    let mut own = [None, None];
     if cx.r == 2 {
         // bf16 stream: hidden.to(float32) is a real copy, saved by pow and the multiply.
-        own.push(cx.alloc(wide, Activations, "_to_copy"));
+        own[0] = Some(cx.alloc(wide, Activations, "_to_copy"));
     }
     let normed = cx.alloc(wide, Activations, "mul");
     let out = if cx.r == 2 {
@@ -313,17 +313,17 @@ pub fn rms_norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
         let lp = cx.alloc(cx.n * c * 2, Activations, "_to_copy");
         cx.free(normed);
         let o = cx.alloc(cx.n * c * 2, Activations, "mul");
-        own.push(lp);
+        own[1] = Some(lp);
         o
     } else {
-        own.push(normed);
+        own[1] = Some(normed);
         cx.alloc(wide, Activations, "mul")
     };
     cx.free(mean);
     (
         out,
         NormSaved {
-            stats: vec![rstd],
+            stats: [Some(rstd), None],
             own,
         },
     )
@@ -342,15 +342,13 @@ pub fn rms_norm_bwd(cx: &mut Ctx, grad_out: Tensor, saved: NormSaved, input: Ten
     let gw = cx.alloc(c * cx.pb, cat, "sum");
     cx.free(g_w_full);
     cx.free(grad_out);
-    for t in saved.own {
-        cx.free(t);
-    }
+    cx.sim.free_some(&saved.own);
     // x * rsqrt: grad of rsqrt (mul, summed to [n]) and of x (mul).
     let g_rstd_full = cx.alloc(wide, Temporary, "mul");
     let g_x1 = cx.alloc(wide, Temporary, "mul");
     cx.free(g_rstd_full);
     cx.free(g_normed);
-    cx.sim.free_all(&saved.stats);
+    cx.sim.free_some(&saved.stats);
     // rsqrt -> mean (expand / C) -> pow(2) (2 x x): three n x C fp32 temporaries alive together.
     let g_div = cx.alloc(wide, Temporary, "div");
     let g_pow = cx.alloc(wide, Temporary, "pow");
