@@ -1169,8 +1169,20 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
+/// URL parameters that belong to the page or the widget (which GPU preset is selected, the plot, ...), not to
+/// the setup. Any other unknown key is an error.
+pub const PAGE_KEYS: &[&str] = &[
+    "gpu",
+    "preset",
+    "plot",
+    "show",
+    "lock",
+    "theme",
+    "__test_panic",
+];
+
 /// Reads a setup from a URL query (`?family=gpt2&n_layer=6&...`, with or without the `?`). Keys not given take
-/// the same defaults as the setup JSON; `extra` receives keys the page owns (e.g. `gpu`, `plot`) untouched.
+/// the same defaults as the setup JSON; `extra` receives the `PAGE_KEYS` untouched.
 ///
 /// # Errors
 /// An unknown key, a malformed escape or number, or any setup error, naming the key and value.
@@ -1217,7 +1229,8 @@ pub fn setup_from_query(query: &str, extra: &mut Vec<(String, String)>) -> Resul
                 }
                 v[*section][*name] = parsed;
             }
-            None => extra.push((key, value)),
+            None if PAGE_KEYS.contains(&key.as_str()) => extra.push((key, value)),
+            None => return Err(Error::UnknownField { field: key }),
         }
     }
     setup_from_value(&v)
@@ -1259,6 +1272,10 @@ mod query_tests {
 
     #[test]
     fn query_errors_name_the_key() {
+        let e = setup_from_query("family=gpt2&%3Cimg%20src=x", &mut Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "unknown field \"<img src\"");
         let mut extra = Vec::new();
         let e = setup_from_query("family=gpt2&n_layer=abc", &mut extra)
             .unwrap_err()

@@ -148,7 +148,7 @@ test('every request goes to the widget origin (besides the post itself)', async 
 
 test('the iframe embed renders and reports its height; a bad config shows a message, not a blank box', async () => {
   const { page } = await openBlog();
-  await page.waitForFunction(() => window.__heights.length > 0, null, { timeout: 20000 });
+  await page.waitForFunction(() => window.__heights.some((h) => h > 200), null, { timeout: 20000 });
   const heights = await page.evaluate(() => window.__heights);
   assert.ok(heights.at(-1) > 200, `height ${heights.at(-1)}`);
   const frame = page.frame({ url: /embed\.html/ });
@@ -156,5 +156,31 @@ test('the iframe embed renders and reports its height; a bad config shows a mess
   assert.match(await frame.evaluate(() => document.querySelector('vram-fit').shadowRoot.textContent), /Peak allocated/);
   const bad = await page.evaluate(() => document.getElementById('bad').shadowRoot.textContent);
   assert.match(bad, /model\.n_layer \(0\) must be at least 1/);
+  await page.close();
+});
+
+test('attribute changes re-render, and payloads in widget attributes show as text and never run', async () => {
+  const { page } = await openBlog();
+  const before = await peakOf(page, 'two');
+  await page.evaluate(() => document.getElementById('two').setAttribute('preset', 'gpt2'));
+  await page.waitForFunction((b) => Number(document.getElementById('two').dataset.peakBytes) !== b, before);
+  assert.equal(await peakOf(page, 'two'), cliPeakBytes(['--preset', 'gpt2', '--gpu', 't4']));
+  const payload = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=1</script>';
+  for (const attr of ['preset', 'config', 'state', 'gpu', 'show', 'lock', 'plot', 'theme']) {
+    await page.evaluate(([a, p]) => {
+      const w = document.createElement('vram-fit');
+      w.id = `hostile-${a}`;
+      w.setAttribute(a, p);
+      document.body.append(w);
+    }, [attr, payload]);
+    await page.waitForFunction((a) => document.getElementById(`hostile-${a}`).dataset.status, attr);
+    const inside = await page.evaluate((a) => {
+      const root = document.getElementById(`hostile-${a}`).shadowRoot;
+      return { imgs: root.querySelectorAll('img, script').length, text: root.textContent };
+    }, attr);
+    assert.equal(inside.imgs, 0, attr);
+    if (['preset', 'config', 'state', 'gpu'].includes(attr)) assert.ok(inside.text.includes('<img src'), `${attr}: shown as text: ${inside.text.slice(0, 120)}`);
+  }
+  assert.equal(await page.evaluate(() => window.__pwned), undefined);
   await page.close();
 });
