@@ -456,23 +456,34 @@ fn recompute_marker(cx: &mut Ctx, x_in: Tensor) -> BlockSaved {
     }
 }
 
+/// The gradient entering a residual branch: the residual's own gradient (shared with the skip path, so not
+/// owned), or, with dropout on the branch, `native_dropout_backward` of it, after the engine cast the fp32
+/// residual gradient to the branch output's dtype. Returns (gradient, its bytes per element, owned).
+fn branch_grad(cx: &mut Ctx, g_residual: Tensor, mask: Option<Tensor>) -> (Tensor, u64, bool) {
+    let nc = cx.n * cx.m.n_embd;
+    let (r, p) = (cx.r, cx.p);
+    match mask {
+        Some(mask) if r != p => {
+            let g = cx.alloc(nc * p, Temporary, "_to_copy");
+            (ops::dropout_bwd(cx, g, true, nc, p, mask), p, true)
+        }
+        Some(mask) => (
+            ops::dropout_bwd(cx, g_residual, false, nc, p, mask),
+            p,
+            true,
+        ),
+        None => (g_residual, r, false),
+    }
+}
+
 fn block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
     let c = cx.m.n_embd;
     let nc = cx.n * c;
     let (r, p) = (cx.r, cx.p);
     let bias = cx.m.bias;
     // MLP branch. The residual path keeps g_out alive until ln_2's gradient is summed into it.
-    let (g_branch, g_bytes) = match s.drop2 {
-        Some(mask) if r != p => {
-            // The engine casts the fp32 residual gradient to the branch output's dtype first.
-            let g = cx.alloc(nc * p, Temporary, "_to_copy");
-            (ops::dropout_bwd(cx, g, true, nc, p, mask), p)
-        }
-        Some(mask) => (ops::dropout_bwd(cx, g_out, false, nc, p, mask), p),
-        None => (g_out, r),
-    };
-    let shared = s.drop2.is_none();
-    let gh_in = ops::linear_bwd(cx, g_branch, g_bytes, !shared, s.mlp_proj, Some(s.g));
+    let (g_branch, g_bytes, owned) = branch_grad(cx, g_out, s.drop2);
+    let gh_in = ops::linear_bwd(cx, g_branch, g_bytes, owned, s.mlp_proj, Some(s.g));
     let gh = cx.alloc(4 * nc * p, Temporary, "gelu_backward");
     cx.free(gh_in);
     cx.free(s.h);
@@ -482,18 +493,8 @@ fn block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
     cx.free(g_out);
     cx.free(g_x2);
     // Attention branch.
-    let (g_branch, g_bytes) = match s.drop1 {
-        Some(mask) if r != p => {
-            // The engine casts the fp32 residual gradient to the branch output's dtype first.
-            let g = cx.alloc(nc * p, Temporary, "_to_copy");
-            (ops::dropout_bwd(cx, g, true, nc, p, mask), p)
-        }
-        Some(mask) => (ops::dropout_bwd(cx, g_mid, false, nc, p, mask), p),
-        None => (g_mid, r),
-    };
-    let shared = s.drop1.is_none();
-    let manual_y = s.y;
-    let gy = ops::linear_bwd(cx, g_branch, g_bytes, !shared, s.c_proj, manual_y);
+    let (g_branch, g_bytes, owned) = branch_grad(cx, g_mid, s.drop1);
+    let gy = ops::linear_bwd(cx, g_branch, g_bytes, owned, s.c_proj, s.y);
     let g_qkv = match s.attn {
         AttnSaved::Sdpa(a) => {
             let (dq, dk, dv) = ops::sdpa_bwd(cx);

@@ -6,12 +6,9 @@ use crate::model::{DeviceConfig, Family, ModelConfig, Setup, TrainConfig};
 use crate::policy::{Attention, Optimizer, Precision};
 use serde_json::{Map, Value};
 
-/// Defaults for training fields the setup JSON leaves out (nanoGPT train.py's on a bf16-capable GPU, except
-/// gradient accumulation, which defaults to 1 rather than train.py's 40).
-pub const DEFAULT_BATCH_SIZE: u64 = 12;
-pub const DEFAULT_PRECISION: Precision = Precision::Bf16Amp;
-pub const DEFAULT_OPTIMIZER: Optimizer = Optimizer::AdamWFused;
-pub const DEFAULT_GRAD_CLIP: f64 = 1.0;
+pub use crate::model::{
+    DEFAULT_BATCH_SIZE, DEFAULT_GRAD_CLIP, DEFAULT_OPTIMIZER, DEFAULT_PRECISION,
+};
 
 const MODEL_FIELDS: &[&str] = &[
     "family",
@@ -1301,16 +1298,7 @@ pub fn hf_setup(m: ModelConfig) -> Setup {
     let seq = m.block_size.min(2048);
     Setup {
         model: m,
-        train: TrainConfig {
-            batch_size: 1,
-            seq_len: seq,
-            precision: Precision::Bf16Amp,
-            optimizer: Optimizer::AdamWFused,
-            attention: Attention::Sdpa,
-            checkpointing: false,
-            grad_accum_steps: 1,
-            grad_clip: DEFAULT_GRAD_CLIP,
-        },
+        train: TrainConfig::defaults(1, seq),
         device: DeviceConfig::default(),
     }
 }

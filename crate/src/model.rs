@@ -121,6 +121,29 @@ pub struct TrainConfig {
     pub grad_clip: f64,
 }
 
+/// Defaults for training fields a setup leaves out: nanoGPT train.py's on a bf16-capable GPU, except gradient
+/// accumulation, which defaults to 1 rather than train.py's 40.
+pub const DEFAULT_BATCH_SIZE: u64 = 12;
+pub const DEFAULT_PRECISION: Precision = Precision::Bf16Amp;
+pub const DEFAULT_OPTIMIZER: Optimizer = Optimizer::AdamWFused;
+pub const DEFAULT_GRAD_CLIP: f64 = 1.0;
+
+impl TrainConfig {
+    /// Training at `seq_len` tokens with the defaults above, SDPA, no checkpointing, no accumulation.
+    pub fn defaults(batch_size: u64, seq_len: u64) -> TrainConfig {
+        TrainConfig {
+            batch_size,
+            seq_len,
+            precision: DEFAULT_PRECISION,
+            optimizer: DEFAULT_OPTIMIZER,
+            attention: Attention::Sdpa,
+            checkpointing: false,
+            grad_accum_steps: 1,
+            grad_clip: DEFAULT_GRAD_CLIP,
+        }
+    }
+}
+
 /// The GPU the step runs on, as far as it changes what PyTorch allocates.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceConfig {

@@ -3,7 +3,7 @@
 
 use crate::input;
 use crate::model::{DeviceConfig, Family, ModelConfig, Setup, TrainConfig};
-use crate::policy::{Attention, Optimizer, Precision};
+use crate::policy::Precision;
 
 /// A model preset: an id for URLs and attributes, a label for people, and the setup.
 pub struct ModelPreset {
@@ -28,16 +28,7 @@ fn gpt2(n_layer: u64, n_head: u64, n_embd: u64, block: u64, vocab: u64, bias: bo
             intermediate_size: 4 * n_embd,
             tie_embeddings: true,
         },
-        train: TrainConfig {
-            batch_size: input::DEFAULT_BATCH_SIZE,
-            seq_len: block,
-            precision: Precision::Bf16Amp,
-            optimizer: Optimizer::AdamWFused,
-            attention: Attention::Sdpa,
-            checkpointing: false,
-            grad_accum_steps: 1,
-            grad_clip: input::DEFAULT_GRAD_CLIP,
-        },
+        train: TrainConfig::defaults(input::DEFAULT_BATCH_SIZE, block),
         device: DeviceConfig::default(),
     }
 }

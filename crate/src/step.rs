@@ -64,48 +64,12 @@ fn run(setup: &Setup, n_steps: u32, record: bool) -> Result<Sim, Error> {
         }
     }
     let mut state: Vec<Tensor> = Vec::new();
-    let mut scaler_state = false;
-    match setup.model.family {
-        Family::Gpt2 => {
-            // nanoGPT train.py: X, Y fetched before the loop; `logits` stays bound between micro-steps.
-            let (mut x, mut y) = gpt2::get_batch(&mut cx);
-            let mut prev_logits: Option<Tensor> = None;
-            for step in 1..=n_steps {
-                for _ in 0..simulated_micro_steps(tr.grad_accum_steps) {
-                    cx.sim.stage(step, "forward");
-                    let f = gpt2::forward(&mut cx, x, y, tr.attention, tr.checkpointing);
-                    // `logits, loss = model(X, Y)` rebinds: the previous micro-step's logits die now.
-                    if let Some(old) = prev_logits.replace(f.logits) {
-                        cx.free(old);
-                    }
-                    cx.clear_autocast_cache();
-                    let (nx, ny) = gpt2::get_batch(&mut cx);
-                    x = nx;
-                    y = ny;
-                    cx.sim.stage(step, "loss backward");
-                    grad_scaler(&mut cx, &mut scaler_state);
-                    gpt2::backward(&mut cx, f, tr.attention, tr.checkpointing);
-                    cx.have_grads = true;
-                }
-                optimizer_stage(&mut cx, step, setup, &params, &mut state);
-            }
+    let mut loop_state = Loop::start(&mut cx, setup.model.family);
+    for step in 1..=n_steps {
+        for _ in 0..simulated_micro_steps(tr.grad_accum_steps) {
+            loop_state.micro_step(&mut cx, setup, step);
         }
-        Family::Llama => {
-            for step in 1..=n_steps {
-                for _ in 0..simulated_micro_steps(tr.grad_accum_steps) {
-                    let (x, y) = llama::get_batch(&mut cx);
-                    cx.sim.stage(step, "forward");
-                    let f = llama::forward(&mut cx, x, tr.checkpointing);
-                    cx.clear_autocast_cache();
-                    cx.sim.stage(step, "loss backward");
-                    grad_scaler(&mut cx, &mut scaler_state);
-                    llama::backward(&mut cx, f);
-                    cx.free(y);
-                    cx.have_grads = true;
-                }
-                optimizer_stage(&mut cx, step, setup, &params, &mut state);
-            }
-        }
+        optimizer_stage(&mut cx, step, setup, &params, &mut state);
     }
     Ok(sim)
 }
@@ -139,12 +103,65 @@ pub fn simulate_first_forward(setup: &Setup) -> Result<Sim, Error> {
     Ok(sim)
 }
 
-/// GradScaler (fp16-amp): its scale and growth tracker are created on the first `scale(loss)`.
-fn grad_scaler(cx: &mut Ctx, created: &mut bool) {
-    if cx.prec == Precision::Fp16Amp && !*created {
-        *created = true;
-        cx.alloc(4, OptState, "GradScaler");
-        cx.alloc(4, OptState, "GradScaler");
+/// What the training loop keeps between micro-steps.
+struct Loop {
+    /// nanoGPT train.py: the next X, Y, fetched while the current step's graph is alive.
+    batch: Option<(Tensor, Tensor)>,
+    /// nanoGPT train.py: `logits` stays bound from one micro-step to the next.
+    logits: Option<Tensor>,
+    scaler_created: bool,
+}
+
+impl Loop {
+    fn start(cx: &mut Ctx, family: Family) -> Loop {
+        // nanoGPT fetches the first batch before the loop; the Hugging Face loop fetches inside it.
+        let batch = (family == Family::Gpt2).then(|| gpt2::get_batch(cx));
+        Loop {
+            batch,
+            logits: None,
+            scaler_created: false,
+        }
+    }
+
+    /// One micro-step: forward with the loss, autocast's exit, backward (gradients accumulate into `.grad`).
+    fn micro_step(&mut self, cx: &mut Ctx, setup: &Setup, step: u32) {
+        let tr = &setup.train;
+        match setup.model.family {
+            Family::Gpt2 => {
+                let (x, y) = self.batch.take().unwrap_or_else(|| gpt2::get_batch(cx));
+                cx.sim.stage(step, "forward");
+                let f = gpt2::forward(cx, x, y, tr.attention, tr.checkpointing);
+                // `logits, loss = model(X, Y)` rebinds: the previous micro-step's logits die now.
+                if let Some(old) = self.logits.replace(f.logits) {
+                    cx.free(old);
+                }
+                cx.clear_autocast_cache();
+                self.batch = Some(gpt2::get_batch(cx));
+                cx.sim.stage(step, "loss backward");
+                self.grad_scaler(cx);
+                gpt2::backward(cx, f, tr.attention, tr.checkpointing);
+            }
+            Family::Llama => {
+                let (x, y) = llama::get_batch(cx);
+                cx.sim.stage(step, "forward");
+                let f = llama::forward(cx, x, tr.checkpointing);
+                cx.clear_autocast_cache();
+                cx.sim.stage(step, "loss backward");
+                self.grad_scaler(cx);
+                llama::backward(cx, f);
+                cx.free(y);
+            }
+        }
+        cx.have_grads = true;
+    }
+
+    /// GradScaler (fp16-amp): its scale and growth tracker are created on the first `scale(loss)`.
+    fn grad_scaler(&mut self, cx: &mut Ctx) {
+        if cx.prec == Precision::Fp16Amp && !self.scaler_created {
+            self.scaler_created = true;
+            cx.alloc(4, OptState, "GradScaler");
+            cx.alloc(4, OptState, "GradScaler");
+        }
     }
 }
 
@@ -247,36 +264,9 @@ mod tests {
     fn run_micro_steps_exactly(setup: &Setup, n: u64) -> u64 {
         let mut sim = Sim::new();
         let mut cx = Ctx::new(&mut sim, setup).unwrap();
-        let tr = &setup.train;
-        match setup.model.family {
-            Family::Gpt2 => {
-                let (mut x, mut y) = gpt2::get_batch(&mut cx);
-                let mut prev: Option<Tensor> = None;
-                for _ in 0..n {
-                    cx.sim.stage(1, "forward");
-                    let f = gpt2::forward(&mut cx, x, y, tr.attention, tr.checkpointing);
-                    if let Some(old) = prev.replace(f.logits) {
-                        cx.free(old);
-                    }
-                    cx.clear_autocast_cache();
-                    let (nx, ny) = gpt2::get_batch(&mut cx);
-                    x = nx;
-                    y = ny;
-                    gpt2::backward(&mut cx, f, tr.attention, tr.checkpointing);
-                    cx.have_grads = true;
-                }
-            }
-            Family::Llama => {
-                for _ in 0..n {
-                    let (x, y) = llama::get_batch(&mut cx);
-                    cx.sim.stage(1, "forward");
-                    let f = llama::forward(&mut cx, x, tr.checkpointing);
-                    cx.clear_autocast_cache();
-                    llama::backward(&mut cx, f);
-                    cx.free(y);
-                    cx.have_grads = true;
-                }
-            }
+        let mut lp = Loop::start(&mut cx, setup.model.family);
+        for _ in 0..n {
+            lp.micro_step(&mut cx, setup, 1);
         }
         drop(cx);
         sim.peak().bytes
