@@ -97,8 +97,10 @@ ${table}
   two sweeps, the fit map and the timeline, all drawn with plotters into four canvases.
 - **One estimate** simulates the allocator over three training steps, op by op (thousands of allocation events for a
   6-layer model); its cost grows with the number of layers. The 1 µs target would need a closed-form model, which is
-  exactly what this project does not trust: the timeline is the product. The 64 x 64 fit map bisects each block
-  row for its last fitting batch (64 x 7 estimates rather than 4,096).
+  exactly what this project does not trust: the timeline is the product. The 64 x 64 fit map walks the staircase
+  boundary between fitting and not fitting (about 130 estimates rather than 4,096), so it costs about 130 estimates.
+- **The embed path** downloads \`embed.js\` and the same \`pkg/entry.js\`, JS glue and wasm as the main page: the
+  wasm row plus the embed.js row, nothing else.
 `;
 writeFileSync(join(ROOT, 'docs', 'PERFORMANCE.md'), doc);
 console.log(doc);
