@@ -18,6 +18,14 @@ def gpt(name, n_layer, n_head, n_embd, block, vocab, batch, precision, optimizer
                       "attention": attention, "checkpointing": ckpt, "grad_accum_steps": accum, "grad_clip": clip}}
 
 
+def compiled(case):
+    """The same case under `torch.compile` (nanoGPT train.py's default, `compile = True`)."""
+    case = json.loads(json.dumps(case))
+    case["name"] += "-compiled"
+    case["train"]["compile"] = True
+    return case
+
+
 def llama(name, n_layer, n_head, n_kv, n_embd, inter, vocab, seq, batch, precision, optimizer, tie=False, ckpt=False,
           accum=1, clip=1.0):
     return {"name": name,
@@ -87,8 +95,29 @@ CASES = [
     llama("mistral-7b-bf16-ckpt", 32, 32, 8, 4096, 14336, 32000, 512, 1, "bf16", "adamw-fused", ckpt=True),
 ]
 
+# Compiled (torch.compile, Inductor) nanoGPT cases: measured into tests/data/compiled/ (issue 6).
+COMPILED = [compiled(c) for c in [
+    gpt("nanogpt-30m-founding", 6, 6, 384, 512, 50304, 16, "fp16-amp", "adamw-fused"),
+    gpt("nanogpt-30m-b4", 6, 6, 384, 512, 50304, 4, "fp16-amp", "adamw-fused"),
+    gpt("nanogpt-30m-b32", 6, 6, 384, 512, 50304, 32, "fp16-amp", "adamw-fused"),
+    gpt("nanogpt-30m-block256", 6, 6, 384, 256, 50304, 16, "fp16-amp", "adamw-fused"),
+    gpt("nanogpt-30m-block1024", 6, 6, 384, 1024, 50304, 8, "fp16-amp", "adamw-fused"),
+    gpt("nanogpt-30m-bf16amp", 6, 6, 384, 512, 50304, 16, "bf16-amp", "adamw-fused"),
+    gpt("nanogpt-30m-fp32-adamw", 6, 6, 384, 512, 50304, 8, "fp32", "adamw"),
+    gpt("nanogpt-30m-dropout", 6, 6, 384, 512, 50304, 8, "fp16-amp", "adamw-fused", dropout=0.1),
+    gpt("nanogpt-30m-manual", 6, 6, 384, 512, 50304, 8, "fp16-amp", "adamw-fused", attention="manual"),
+    gpt("nanogpt-30m-sgd-bf16", 6, 6, 384, 512, 50304, 8, "bf16", "sgd"),
+    gpt("shakespeare-char", 6, 6, 384, 256, 65, 64, "bf16-amp", "adamw-fused", dropout=0.2),
+    gpt("gpt2-124m-block1024", 12, 12, 768, 1024, 50304, 8, "bf16-amp", "adamw-fused"),
+    gpt("gpt2-124m-bias-fp16", 12, 12, 768, 1024, 50304, 4, "fp16-amp", "adamw-fused", bias=True),
+    gpt("small-fp32-sgdm", 4, 4, 256, 256, 8192, 16, "fp32", "sgd-momentum"),
+    gpt("wide-2048-bf16amp", 2, 16, 2048, 256, 50304, 4, "bf16-amp", "adamw-fused"),
+    gpt("nanogpt-30m-accum2", 6, 6, 384, 512, 50304, 8, "fp16-amp", "adamw-fused", accum=2),
+]]
+
 if __name__ == "__main__":
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cases.json")
-    with open(out, "w") as f:
-        json.dump(CASES, f, indent=1)
-    print(f"{len(CASES)} cases -> {out}")
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name, cases in (("cases.json", CASES), ("cases-compiled.json", COMPILED)):
+        with open(os.path.join(here, name), "w") as f:
+            json.dump(cases, f, indent=1)
+        print(f"{len(cases)} cases -> {name}")

@@ -60,3 +60,21 @@ CUresult cuDeviceGet(int *d, int o) { *d = o; return 0; }
 CUresult cuCtxGetCurrent(void **c) { *c = 0; return 0; }
 CUresult cuGetErrorString(CUresult e, const char **s) { (void)e; *s = "vramfit stub"; return 0; }
 CUresult cuGetErrorName(CUresult e, const char **s) { (void)e; *s = "VRAMFIT_STUB"; return 0; }
+
+/* Driver functions that Triton's launcher utilities link against (torch.compile without a GPU). Kernels are
+ * never really loaded or launched: measure.py replaces Inductor's kernel runner with a no-op. */
+static char stub_handle[64];
+CUresult cuCtxGetDevice(int *d) { *d = 0; return 0; }
+CUresult cuCtxSetCurrent(void *c) { (void)c; return 0; }
+CUresult cuCtxGetLimit(size_t *v, int l) { (void)l; *v = 0; return 0; }
+CUresult cuCtxSetLimit(int l, size_t v) { (void)l; (void)v; return 0; }
+CUresult cuDeviceGetAttribute(int *v, int a, int d) { (void)a; (void)d; *v = 0; return 0; }
+CUresult cuDevicePrimaryCtxRetain(void **c, int d) { (void)d; *c = stub_handle; return 0; }
+CUresult cuFuncGetAttribute(int *v, int a, void *f) { (void)a; (void)f; *v = 0; return 0; }
+CUresult cuFuncSetAttribute(void *f, int a, int v) { (void)f; (void)a; (void)v; return 0; }
+CUresult cuFuncSetCacheConfig(void *f, int c) { (void)f; (void)c; return 0; }
+CUresult cuModuleGetFunction(void **f, void *m, const char *n) { (void)m; (void)n; *f = stub_handle; return 0; }
+CUresult cuModuleLoadData(void **m, const void *img) { (void)img; *m = stub_handle; return 0; }
+CUresult cuModuleUnload(void *m) { (void)m; return 0; }
+CUresult cuPointerGetAttribute(void *d, int a, unsigned long long p) { (void)d; (void)a; (void)p; return 0; }
+CUresult cuStreamIsCapturing(void *s, int *st) { (void)s; *st = 0; return 0; }

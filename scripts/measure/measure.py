@@ -40,8 +40,10 @@ def ensure_stub():
     cmd = ["gcc", "-shared", "-fPIC", "-O1", *[f"-I{i}" for i in includes], "-Wl,-soname,libcuda.so.1",
            "-o", lib, os.path.join(HERE, "cuda_stub.c")]
     subprocess.run(cmd, check=True)
+    # Triton (torch.compile) links its launcher utilities against libcuda.so found through this variable.
+    os.symlink(lib, os.path.join(out_dir, "libcuda.so"))
     env = dict(os.environ, LD_PRELOAD=lib, LD_LIBRARY_PATH=out_dir + ":" + os.environ.get("LD_LIBRARY_PATH", ""),
-               VRAMFIT_STUB_LOADED="1")
+               VRAMFIT_STUB_LOADED="1", TRITON_LIBCUDA_PATH=out_dir)
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
@@ -212,6 +214,63 @@ def sdpa_as_cuda(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=
 
 
 # --------------------------------------------------------------------------------------------------------------
+# torch.compile without a GPU: Inductor compiles for sm_90 and its generated wrapper runs on fake CUDA tensors.
+# What had to change (each is a no-op for memory):
+#   * Inductor's joint-graph pattern passes and constant folding run real CUDA kernels on small tensors at compile
+#     time: off (the attention-fusion patterns do not apply to nanoGPT's SDPA call, which is already one op).
+#   * Triton kernels compile (ptxas needs no GPU) but never run: the autotuner's run/precompile do nothing.
+#   * The wrapper's helpers that touch raw memory (empty_strided_cuda, reinterpret_tensor, alignment and
+#     stride asserts) become their fake-tensor equivalents, so every buffer the wrapper allocates is a fake
+#     storage the tracker sees, and every `del bufN` / `bufM = bufN  # reuse` is replayed as written.
+#   * The tracker is not an active mode while Dynamo traces (Dynamo would fall back to eager); it is entered
+#     inside each compiled graph's call and around the eager parts of the loop.
+#   * cuDNN attention is disabled so that the fake backend chooser follows CUDA's priority (flash first).
+def prepare_fake_inductor(tracker):
+    import torch._inductor.config as ic
+    import torch._inductor.fx_passes.joint_graph as jg
+    import torch._C._dynamo.guards as guards
+    from torch._inductor import output_code
+    from torch._inductor.runtime import triton_heuristics as th
+    ic.compile_threads = 1
+    ic.force_disable_caches = True  # every run compiles under the settings above, never from an earlier cache
+    ic.pattern_matcher = False
+    ic.joint_graph_constant_folding = False
+    jg.lazy_init = lambda *a, **k: None
+    th.CachingAutotuner.run = lambda self, *a, **k: None
+    th.CachingAutotuner.precompile = lambda self, *a, **k: None
+    guards._empty_strided_cuda = lambda size, stride, dtype: torch.empty_strided(size, stride, dtype=dtype,
+                                                                                  device="cuda")
+    guards._reinterpret_tensor = lambda t, size, stride, offset=0: torch.as_strided(t, size, stride,
+                                                                                    t.storage_offset() + offset)
+    guards.copy_if_misaligned = lambda t: t
+    guards.assert_size_stride = lambda *a, **k: None
+    guards.assert_alignment = lambda *a, **k: None
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    original = output_code.CompiledFxGraph.__call__
+
+    def tracked(self, inputs):
+        with tracker:
+            return original(self, inputs)
+
+    output_code.CompiledFxGraph.__call__ = tracked
+
+
+class Untracked:
+    """Leaves the tracker's mode for a region (Dynamo's entry into a compiled model)."""
+
+    def __init__(self, tracker, active):
+        self.tracker, self.active = tracker, active
+
+    def __enter__(self):
+        if self.active:
+            self.tracker.__exit__(None, None, None)
+
+    def __exit__(self, *exc):
+        if self.active:
+            self.tracker.__enter__()
+
+
+# --------------------------------------------------------------------------------------------------------------
 # nanoGPT's GPT, re-implemented from its published architecture (learned positions, tied LM head, pre-LN,
 # fused QKV, GELU MLP 4x, dropout at embeddings / attention / residuals).
 class LayerNormB(nn.Module):
@@ -344,6 +403,9 @@ def run_case(case):
     precision, opt_name = tr["precision"], tr["optimizer"]
     B, T = tr["batch_size"], tr.get("seq_len") or m["block_size"]
     accum = tr.get("grad_accum_steps", 1)
+    compiled = bool(tr.get("compile", False))
+    if compiled and family != "gpt2":
+        raise SystemExit("compile: only the gpt2 family is measured compiled")
     grad_clip = tr.get("grad_clip", 1.0)
     tracker = Tracker()
     tracker.set_sub = lambda s: setattr(tracker, "phase", tracker.phase.split(":")[0] + ":" + s)
@@ -354,7 +416,10 @@ def run_case(case):
         fake = FakeTensorMode(allow_non_fake_inputs=False)
         fake.__enter__()
         ctxs.append(fake)
-        F.scaled_dot_product_attention = sdpa_as_cuda
+        if compiled:
+            prepare_fake_inductor(tracker)
+        else:
+            F.scaled_dot_product_attention = sdpa_as_cuda
         # Fake storages have no values: GradScaler's inf check reads one. Assume finite gradients.
         torch.amp.GradScaler._maybe_opt_step = lambda self, opt, st, *a, **k: opt.step(*a, **k)
     if not FAKE:
@@ -393,6 +458,14 @@ def run_case(case):
     else:
         opt = torch.optim.SGD(groups, lr=1e-3, momentum=0.9, foreach=True)
 
+    if compiled:
+        # nanoGPT train.py: `model = torch.compile(model)` after building the optimizer. The loss-phase marker is
+        # a Python call Dynamo would break the graph on: a plain no-op instead.
+        import types
+        model.tracker = types.SimpleNamespace(set_sub=lambda s: None)
+        model = torch.compile(model)
+    untracked = Untracked(tracker, compiled)
+
     amp_dtype = {"fp16-amp": torch.float16, "bf16-amp": torch.bfloat16}.get(precision)
     scaler = torch.amp.GradScaler("cuda", enabled=(precision == "fp16-amp"))
 
@@ -417,12 +490,14 @@ def run_case(case):
         for step in (1, 2, 3):
             for micro in range(accum):
                 tracker.phase = f"step{step}:forward"
-                with autocast():
+                with autocast(), untracked:
                     logits, loss = model(X, Y)
+                with autocast():
                     loss = loss / accum
                 X, Y = get_batch()
                 tracker.phase = f"step{step}:backward"
-                scaler.scale(loss).backward()
+                with untracked:
+                    scaler.scale(loss).backward()
             tracker.phase = f"step{step}:optimizer"
             if grad_clip:
                 scaler.unscale_(opt)
