@@ -246,13 +246,18 @@ def prepare_fake_inductor(tracker):
     guards.assert_size_stride = lambda *a, **k: None
     guards.assert_alignment = lambda *a, **k: None
     torch.backends.cuda.enable_cudnn_sdp(False)
-    original = output_code.CompiledFxGraph.__call__
+    _CURRENT["tracker"] = tracker
+    if "call" not in _CURRENT:
+        _CURRENT["call"] = output_code.CompiledFxGraph.__call__
 
-    def tracked(self, inputs):
-        with tracker:
-            return original(self, inputs)
+        def tracked(self, inputs):
+            with _CURRENT["tracker"]:
+                return _CURRENT["call"](self, inputs)
 
-    output_code.CompiledFxGraph.__call__ = tracked
+        output_code.CompiledFxGraph.__call__ = tracked
+
+
+_CURRENT = {}
 
 
 class Untracked:
@@ -417,6 +422,9 @@ def run_case(case):
         fake.__enter__()
         ctxs.append(fake)
         if compiled:
+            # A fresh Dynamo cache for every case: cases share GPT.forward's code object, and Dynamo's
+            # recompile limit would otherwise send later cases to eager mode.
+            torch._dynamo.reset()
             prepare_fake_inductor(tracker)
         else:
             F.scaled_dot_product_attention = sdpa_as_cuda
