@@ -26,6 +26,11 @@ test('the page loads with the default nanoGPT case and its total matches the nat
   // The default: nanoGPT 6x384, block 512, batch 16, vocab 50304, fp16-amp, fused AdamW, on an RTX 4070 (sm_89).
   assert.equal(bytes, cliPeakBytes(['--compute-capability', '8.9', '--gpu-memory-gib', '12']));
   assert.equal(await page.inputValue('#n_embd'), '384');
+  assert.equal(await page.isVisible('#n_kv_head'), false, 'llama-only fields are hidden for gpt2');
+  const formRight = await page.evaluate(() => document.getElementById('form').getBoundingClientRect().right);
+  const resultsLeft = await page.evaluate(() => document.getElementById('results').getBoundingClientRect().left);
+  const widest = await page.evaluate(() => Math.max(...[...document.querySelectorAll('#form select, #form textarea, #form input')].map((e) => e.getBoundingClientRect().right)));
+  assert.ok(widest <= formRight + 1 && formRight <= resultsLeft, 'the form stays in its column');
   assert.match(await page.textContent('#sentence'), /largest item at the peak is logits/);
   assert.match(await page.textContent('#verdict'), /fits in 12\.0 GiB/);
   for (const id of ['plot-batch', 'plot-block', 'plot-fitmap', 'plot-timeline']) {
