@@ -85,33 +85,26 @@ pub fn buffers_bytes(cx: &Ctx, attention: Attention) -> Vec<u64> {
 pub fn param_tensors(cx: &Ctx) -> Vec<(u64, bool)> {
     let m = cx.m;
     let c = m.n_embd;
+    let bias = m.bias;
+    // LayerNorm: weight (+ bias); Linear: out x in weight (+ out bias).
+    let norm =
+        |v: &mut Vec<(u64, bool)>| v.extend(std::iter::repeat_n((c, false), 1 + usize::from(bias)));
+    let linear = |v: &mut Vec<(u64, bool)>, out_f: u64, in_f: u64| {
+        v.push((out_f * in_f, true));
+        if bias {
+            v.push((out_f, false));
+        }
+    };
     let mut v = vec![(m.vocab_size * c, true), (m.block_size * c, true)];
     for _ in 0..m.n_layer {
-        v.push((c, false));
-        if m.bias {
-            v.push((c, false));
-        }
-        for (out_f, in_f) in [(3 * c, c), (c, c)] {
-            v.push((out_f * in_f, true));
-            if m.bias {
-                v.push((out_f, false));
-            }
-        }
-        v.push((c, false));
-        if m.bias {
-            v.push((c, false));
-        }
-        for (out_f, in_f) in [(4 * c, c), (c, 4 * c)] {
-            v.push((out_f * in_f, true));
-            if m.bias {
-                v.push((out_f, false));
-            }
-        }
+        norm(&mut v);
+        linear(&mut v, 3 * c, c);
+        linear(&mut v, c, c);
+        norm(&mut v);
+        linear(&mut v, 4 * c, c);
+        linear(&mut v, c, 4 * c);
     }
-    v.push((c, false));
-    if m.bias {
-        v.push((c, false));
-    }
+    norm(&mut v);
     v
 }
 
@@ -250,12 +243,7 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor, attention: Attention) -> (BlockSaved, T
         cx.free(t);
     }
     // ln_1's output is held by the attention call until it returns; under autocast nothing saves it.
-    let ln1_out = if c_attn.input_cast.is_some() {
-        cx.free(ln1_out);
-        None
-    } else {
-        Some(ln1_out)
-    };
+    let ln1_out = ops::keep_if_saved(cx, ln1_out, &c_attn);
     let x_mid = cx.alloc(nc * r, Activations, "add");
     cx.free(a);
     let (ln2_out, ln2) = ops::layer_norm_fwd(cx);
@@ -263,12 +251,7 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor, attention: Attention) -> (BlockSaved, T
     let g = cx.alloc(4 * nc * p, Activations, "gelu");
     let (o, mlp_proj) = ops::linear_fwd(cx, p, 4 * c, c, bias, Temporary);
     let (o, drop2) = dropout_on(cx, o, nc, p, Temporary);
-    let ln2_out = if c_fc.input_cast.is_some() {
-        cx.free(ln2_out);
-        None
-    } else {
-        Some(ln2_out)
-    };
+    let ln2_out = ops::keep_if_saved(cx, ln2_out, &c_fc);
     let x_out = cx.alloc(nc * r, Activations, "add");
     cx.free(o);
     let saved = BlockSaved {
@@ -335,12 +318,7 @@ pub fn forward(
         .prec
         .autocast()
         .then(|| cx.alloc(nv * 4, Logits, "_to_copy"));
-    let ln_f_out = if lm_head.input_cast.is_some() {
-        cx.free(ln_f_out);
-        None
-    } else {
-        Some(ln_f_out)
-    };
+    let ln_f_out = ops::keep_if_saved(cx, ln_f_out, &lm_head);
     Forward {
         blocks,
         idx,

@@ -152,12 +152,7 @@ fn layer_fwd(cx: &mut Ctx, x_in: Tensor) -> (LayerSaved, Tensor) {
         cx.free(q_rot);
         cx.free(k_rot);
     }
-    let h = if q.input_cast.is_some() {
-        cx.free(h);
-        None
-    } else {
-        Some(h)
-    };
+    let h = ops::keep_if_saved(cx, h, &q);
     let x_mid = cx.alloc(nc * r, Activations, "add");
     cx.free(o_out);
     let (h2, rms2) = ops::rms_norm_fwd(cx);
@@ -166,12 +161,7 @@ fn layer_fwd(cx: &mut Ctx, x_in: Tensor) -> (LayerSaved, Tensor) {
     let (up_out, up) = ops::linear_fwd(cx, r, c, i, false, Activations);
     let prod = cx.alloc(cx.n * i * p, Activations, "mul");
     let (d_out, down) = ops::linear_fwd(cx, p, i, c, false, Temporary);
-    let h2 = if gate.input_cast.is_some() {
-        cx.free(h2);
-        None
-    } else {
-        Some(h2)
-    };
+    let h2 = ops::keep_if_saved(cx, h2, &gate);
     let x_out = cx.alloc(nc * r, Activations, "add");
     cx.free(d_out);
     if stream_unsaved(cx) {
@@ -376,12 +366,7 @@ pub fn forward(cx: &mut Ctx, input_ids: Tensor, checkpointing: bool) -> Forward 
         cx.free(u);
     }
     cx.free(pad);
-    let hf = if lm_head.input_cast.is_some() {
-        cx.free(hf);
-        None
-    } else {
-        Some(hf)
-    };
+    let hf = ops::keep_if_saved(cx, hf, &lm_head);
     cx.free(logits);
     Forward {
         layers,

@@ -77,6 +77,18 @@ pub fn bands(c: &Components) -> [u64; 6] {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
+/// Pixels for a length given in CSS pixels, on a canvas `scale` times denser (the device pixel ratio).
+fn px_at(scale: f64, v: f64) -> u32 {
+    (v * scale).round() as u32
+}
+
+/// The plots' text style at `size` CSS pixels.
+fn font_at(theme: &Theme, scale: f64, size: f64) -> TextStyle<'static> {
+    (FontFamily::SansSerif, size * scale)
+        .into_font()
+        .color(&theme.text)
+}
+
 fn gib(b: u64) -> f64 {
     b as f64 / GIB
 }
@@ -104,12 +116,8 @@ pub fn draw_sweep<DB: DrawingBackend>(
     if points.is_empty() {
         return Ok(());
     }
-    let px = |v: f64| (v * scale).round() as u32;
-    let font = |size: f64| {
-        (FontFamily::SansSerif, size * scale)
-            .into_font()
-            .color(&theme.text)
-    };
+    let px = |v: f64| px_at(scale, v);
+    let font = |size: f64| font_at(theme, scale, size);
     // The x axis is log2 of the value, so that ticks fall on powers of two (the sizes people try).
     let lx = |v: u64| (v.max(1) as f64).log2();
     let x0 = lx(points.first().map_or(1, |p| p.value));
@@ -218,9 +226,7 @@ fn draw_legend<DB: DrawingBackend>(
     scale: f64,
 ) -> Result<(), String> {
     let s = |v: f64| (v * scale).round() as i32;
-    let font = (FontFamily::SansSerif, 11.0 * scale)
-        .into_font()
-        .color(&theme.text);
+    let font = font_at(theme, scale, 11.0);
     let mut x = s(8.0);
     let y = s(8.0);
     let item = |area: &DrawingArea<DB, Shift>,
@@ -284,12 +290,8 @@ pub fn draw_fit_map<DB: DrawingBackend>(
     if nx == 0 || ny == 0 {
         return Ok(());
     }
-    let px = |v: f64| (v * scale).round() as u32;
-    let font = |size: f64| {
-        (FontFamily::SansSerif, size * scale)
-            .into_font()
-            .color(&theme.text)
-    };
+    let px = |v: f64| px_at(scale, v);
+    let font = |size: f64| font_at(theme, scale, size);
     let mut chart = ChartBuilder::on(root)
         .margin(px(10.0))
         .margin_right(px(24.0))
@@ -364,12 +366,8 @@ pub fn draw_timeline<DB: DrawingBackend>(
     if stages.is_empty() {
         return Ok(());
     }
-    let px = |v: f64| (v * scale).round() as u32;
-    let font = |size: f64| {
-        (FontFamily::SansSerif, size * scale)
-            .into_font()
-            .color(&theme.text)
-    };
+    let px = |v: f64| px_at(scale, v);
+    let font = |size: f64| font_at(theme, scale, size);
     let top = stages.iter().map(|s| gib(s.peak_bytes)).fold(0.0, f64::max);
     let ymax = (top.max(capacity_bytes.map(gib).unwrap_or(0.0)) * 1.12).max(0.5);
     let n = stages.len();

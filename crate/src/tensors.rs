@@ -155,6 +155,17 @@ pub fn linear_fwd(
     (y, saved)
 }
 
+/// The input a Linear read, once the caller lets go of it: kept when the Linear saved it itself (no autocast),
+/// freed when the Linear saved its own 2-byte cast instead (autocast), since nothing else holds it then.
+pub fn keep_if_saved(cx: &mut Ctx, input: Tensor, linear: &LinearSaved) -> Option<Tensor> {
+    if linear.input_cast.is_some() {
+        cx.free(input);
+        None
+    } else {
+        Some(input)
+    }
+}
+
 /// A parameter's gradient arriving from its op's backward (`computed`, in matmul dtype) and landing in `.grad`.
 /// AccumulateGrad steals the first gradient of a step when its dtype matches the parameter; under autocast the
 /// gradient of the weight cast first goes through `_to_copy` back to fp32 (ToCopyBackward). A later micro-step
