@@ -80,10 +80,12 @@ impl<'a> Ctx<'a> {
         })
     }
 
+    #[inline]
     pub fn alloc(&mut self, n_bytes: u64, category: Category, op: &'static str) -> Tensor {
         self.sim.alloc(n_bytes, category, op)
     }
 
+    #[inline]
     pub fn free(&mut self, t: Tensor) {
         self.sim.free(t);
     }
