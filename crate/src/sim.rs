@@ -46,6 +46,7 @@ impl Category {
 }
 
 /// The caching allocator's rounding: 512-byte blocks, nothing for an empty tensor.
+#[inline]
 pub fn block_bytes(n_bytes: u64) -> u64 {
     n_bytes.div_ceil(512) * 512
 }
@@ -129,6 +130,7 @@ pub struct Event {
 /// The caching allocator's footprint of one block, for the reserved-memory model: blocks above 1 MiB
 /// (`kSmallSize`) come from the large pool, whose segments are multiples of 2 MiB (`kRoundLarge`), so a large
 /// block is counted as its size rounded up to 2 MiB; small blocks share 2 MiB segments and count as themselves.
+#[inline]
 pub fn segment_bytes(bytes: u64) -> u64 {
     const SMALL: u64 = 1 << 20;
     const ROUND_LARGE: u64 = 2 << 20;
@@ -191,7 +193,7 @@ impl Sim {
     }
 
     /// Allocates `n_bytes` (rounded to the allocator's block size) for `op`.
-    #[inline]
+    #[inline(always)]
     pub fn alloc(&mut self, n_bytes: u64, category: Category, op: &'static str) -> Tensor {
         let bytes = block_bytes(n_bytes);
         self.slots.push(Slot {
@@ -238,7 +240,7 @@ impl Sim {
     }
 
     /// Frees a tensor. Freeing twice is a no-op, so callers can release "if still held" safely.
-    #[inline]
+    #[inline(always)]
     pub fn free(&mut self, t: Tensor) {
         let slot = &mut self.slots[t.0];
         if slot.live {
