@@ -21,6 +21,7 @@ const KNOBS = {
   optimizer: ['Optimizer', ['adamw', 'adamw-fused', 'sgd', 'sgd-momentum']],
   attention: ['Attention', ['sdpa', 'manual']], checkpointing: ['Checkpointing', 'checkbox'],
   grad_accum_steps: ['Grad accumulation', 'number'], dropout: ['Dropout', 'number'], gpu: ['GPU', 'gpu'],
+  zero_grad_set_to_none: ['zero_grad(set_to_none)', 'checkbox'],
 };
 const DEFAULT_SHOW = 'batch_size,seq_len,precision,gpu';
 

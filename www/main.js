@@ -5,7 +5,7 @@ import init, * as vf from './pkg/entry.js';
 const $ = (id) => document.getElementById(id);
 const KNOBS = ['family', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'intermediate_size', 'vocab_size', 'block_size',
   'bias', 'tie_embeddings', 'dropout', 'batch_size', 'seq_len', 'precision', 'optimizer', 'attention',
-  'checkpointing', 'grad_accum_steps', 'grad_clip', 'memory_gib', 'compute_capability'];
+  'checkpointing', 'grad_accum_steps', 'grad_clip', 'zero_grad_set_to_none', 'memory_gib', 'compute_capability'];
 const GPT2_ONLY = ['bias'];
 const LLAMA_ONLY = ['n_kv_head', 'intermediate_size', 'tie_embeddings'];
 const DEFAULT_PRESET = 'nanogpt-30m';

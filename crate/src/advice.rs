@@ -83,6 +83,15 @@ pub fn suggestions(setup: &Setup) -> Result<Vec<Suggestion>, Error> {
             s,
         ));
     }
+    if !t.zero_grad_set_to_none {
+        let mut s = setup.clone();
+        s.train.zero_grad_set_to_none = true;
+        candidates.push((
+            "set-to-none",
+            "free .grad between steps: optimizer.zero_grad(set_to_none=True)".into(),
+            s,
+        ));
+    }
     if t.attention == Attention::Manual {
         let mut s = setup.clone();
         s.train.attention = Attention::Sdpa;

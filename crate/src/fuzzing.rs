@@ -92,6 +92,7 @@ pub fn setup_from_bytes(data: &[u8]) -> Setup {
             checkpointing: flags & 32 != 0,
             grad_accum_steps: b.u64(),
             grad_clip: if flags & 64 != 0 { b.f64() } else { 1.0 },
+            zero_grad_set_to_none: flags & 128 == 0,
         },
         device: DeviceConfig {
             sm: u32::from(b.byte()),

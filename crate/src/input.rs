@@ -32,6 +32,7 @@ const TRAIN_FIELDS: &[&str] = &[
     "checkpointing",
     "grad_accum_steps",
     "grad_clip",
+    "zero_grad_set_to_none",
 ];
 const DEVICE_FIELDS: &[&str] = &["compute_capability", "memory_gib"];
 
@@ -223,6 +224,7 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
         checkpointing: get_bool(t, "train.", "checkpointing")?.unwrap_or(false),
         grad_accum_steps: get_u64(t, "train.", "grad_accum_steps")?.unwrap_or(1),
         grad_clip: get_f64(t, "train.", "grad_clip")?.unwrap_or(DEFAULT_GRAD_CLIP),
+        zero_grad_set_to_none: get_bool(t, "train.", "zero_grad_set_to_none")?.unwrap_or(true),
     };
     let device = match top.get("device") {
         None => DeviceConfig::default(),
@@ -279,7 +281,8 @@ pub fn setup_to_value(s: &Setup) -> Value {
         "model": model,
         "train": {"batch_size": t.batch_size, "seq_len": t.seq_len, "precision": t.precision.name(),
                   "optimizer": t.optimizer.name(), "attention": t.attention.name(),
-                  "checkpointing": t.checkpointing, "grad_accum_steps": t.grad_accum_steps, "grad_clip": t.grad_clip},
+                  "checkpointing": t.checkpointing, "grad_accum_steps": t.grad_accum_steps, "grad_clip": t.grad_clip,
+                  "zero_grad_set_to_none": t.zero_grad_set_to_none},
         "device": {"compute_capability": s.device.sm as f64 / 10.0,
                    "memory_gib": s.device.memory_bytes as f64 / (1u64 << 30) as f64},
     })
@@ -871,6 +874,8 @@ pub fn nanogpt_config(text: &str) -> Result<NanoGptImport, Error> {
             checkpointing: false,
             grad_accum_steps,
             grad_clip,
+            // train.py: optimizer.zero_grad(set_to_none=True)
+            zero_grad_set_to_none: true,
         },
         device: DeviceConfig::default(),
     };
@@ -1119,6 +1124,7 @@ const QUERY_KEYS: &[(&str, &str, QueryKind)] = &[
     ("checkpointing", "train", QueryKind::Bool),
     ("grad_accum_steps", "train", QueryKind::Num),
     ("grad_clip", "train", QueryKind::Num),
+    ("zero_grad_set_to_none", "train", QueryKind::Bool),
     ("memory_gib", "device", QueryKind::Num),
     ("compute_capability", "device", QueryKind::Num),
 ];

@@ -119,6 +119,9 @@ pub struct TrainConfig {
     pub grad_accum_steps: u64,
     /// 0 turns clipping off, as in nanoGPT's train.py.
     pub grad_clip: f64,
+    /// `optimizer.zero_grad(set_to_none=True)` (PyTorch's default) frees `.grad` after each step; false keeps it
+    /// allocated and zeroes it in place, so the next backward accumulates into it.
+    pub zero_grad_set_to_none: bool,
 }
 
 /// Defaults for training fields a setup leaves out: nanoGPT train.py's on a bf16-capable GPU, except gradient
@@ -140,6 +143,7 @@ impl TrainConfig {
             checkpointing: false,
             grad_accum_steps: 1,
             grad_clip: DEFAULT_GRAD_CLIP,
+            zero_grad_set_to_none: true,
         }
     }
 }

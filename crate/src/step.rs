@@ -229,10 +229,14 @@ fn optimizer_stage(
         }
         Optimizer::Sgd => {}
     }
-    // zero_grad(set_to_none=True)
-    let grads = std::mem::take(&mut cx.grads);
-    cx.sim.free_all(&grads);
-    cx.have_grads = false;
+    if tr.zero_grad_set_to_none {
+        // zero_grad(set_to_none=True): every .grad is released; the next backward creates them again.
+        let grads = std::mem::take(&mut cx.grads);
+        cx.sim.free_all(&grads);
+        cx.have_grads = false;
+    }
+    // zero_grad(set_to_none=False) zeroes .grad in place (`_foreach_zero_`): nothing is allocated or freed, and
+    // the next backward accumulates into it (have_grads stays true).
 }
 
 /// Bytes of the parameters as allocated (each tensor its own block).

@@ -278,3 +278,17 @@ fn presets_and_gpus_by_name_match_the_library() {
     assert!(error_of(&["estimate", "--preset", "gpt5"])
         .starts_with("error: --preset (\"gpt5\") is not one of: nanogpt-30m,"));
 }
+
+#[test]
+fn keeping_grads_between_steps_costs_their_size() {
+    let a = json_of(&["estimate", "--format", "json"]);
+    let b = json_of(&["estimate", "--no-set-to-none", "--format", "json"]);
+    // The founding case peaks in the loss backward of step 2: with set_to_none=False every .grad (fp32, one per
+    // parameter tensor) is still allocated there.
+    let grads = b["components"]["grads_bytes"].as_u64().unwrap();
+    assert_eq!(grads, 30_135_168 * 4);
+    assert_eq!(a["components"]["grads_bytes"], 0);
+    assert!(
+        b["peak_allocated_bytes"].as_u64().unwrap() > a["peak_allocated_bytes"].as_u64().unwrap()
+    );
+}

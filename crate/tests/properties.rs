@@ -93,6 +93,7 @@ fn any_setup() -> impl Strategy<Value = Setup> {
                     checkpointing: ckpt,
                     grad_accum_steps: accum,
                     grad_clip: clip,
+                    zero_grad_set_to_none: ckpt ^ manual,
                 },
                 device: DeviceConfig {
                     sm,
@@ -166,6 +167,7 @@ fn valid_setup() -> impl Strategy<Value = Setup> {
                         checkpointing: ckpt,
                         grad_accum_steps: accum,
                         grad_clip: if clip { 1.0 } else { 0.0 },
+                        zero_grad_set_to_none: !(ckpt && clip),
                     },
                     device: DeviceConfig::default(),
                 }
@@ -254,6 +256,16 @@ proptest! {
         off.train.checkpointing = false;
         let block_input = vramfit::sim::block_bytes(s.train.batch_size * s.train.seq_len * s.model.n_embd * s.train.precision.param_bytes());
         prop_assert!(peak(&on) <= peak(&off) + block_input, "{} > {}", peak(&on), peak(&off));
+    }
+
+    /// Freeing .grad between steps (set_to_none=True) never costs memory.
+    #[test]
+    fn set_to_none_never_increases_the_peak(s in valid_setup()) {
+        let mut free = s.clone();
+        free.train.zero_grad_set_to_none = true;
+        let mut keep = s;
+        keep.train.zero_grad_set_to_none = false;
+        prop_assert!(peak(&free) <= peak(&keep));
     }
 
     /// Fused AdamW has no temporaries but keeps each parameter's `step` on the device (one 512-byte block per

@@ -10,12 +10,13 @@ import os
 
 
 def gpt(name, n_layer, n_head, n_embd, block, vocab, batch, precision, optimizer, attention="sdpa", dropout=0.0,
-        bias=False, ckpt=False, accum=1, clip=1.0, seq=None):
+        bias=False, ckpt=False, accum=1, clip=1.0, seq=None, set_to_none=True):
     return {"name": name,
             "model": {"family": "gpt2", "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "block_size": block,
                       "vocab_size": vocab, "bias": bias, "dropout": dropout},
             "train": {"batch_size": batch, "seq_len": seq or block, "precision": precision, "optimizer": optimizer,
-                      "attention": attention, "checkpointing": ckpt, "grad_accum_steps": accum, "grad_clip": clip}}
+                      "attention": attention, "checkpointing": ckpt, "grad_accum_steps": accum, "grad_clip": clip,
+                      **({} if set_to_none else {"zero_grad_set_to_none": False})}}
 
 
 def compiled(case):
@@ -27,13 +28,14 @@ def compiled(case):
 
 
 def llama(name, n_layer, n_head, n_kv, n_embd, inter, vocab, seq, batch, precision, optimizer, tie=False, ckpt=False,
-          accum=1, clip=1.0):
+          accum=1, clip=1.0, set_to_none=True):
     return {"name": name,
             "model": {"family": "llama", "n_layer": n_layer, "n_head": n_head, "n_kv_head": n_kv, "n_embd": n_embd,
                       "intermediate_size": inter, "block_size": seq, "vocab_size": vocab, "tie_embeddings": tie,
                       "dropout": 0.0},
             "train": {"batch_size": batch, "seq_len": seq, "precision": precision, "optimizer": optimizer,
-                      "attention": "sdpa", "checkpointing": ckpt, "grad_accum_steps": accum, "grad_clip": clip}}
+                      "attention": "sdpa", "checkpointing": ckpt, "grad_accum_steps": accum, "grad_clip": clip,
+                      **({} if set_to_none else {"zero_grad_set_to_none": False})}}
 
 
 CASES = [
@@ -92,6 +94,12 @@ CASES = [
     llama("tinyllama-1.1b", 22, 32, 4, 2048, 5632, 32000, 2048, 1, "bf16-amp", "adamw-fused"),
     llama("llama-3.2-1b-tied", 16, 32, 8, 2048, 8192, 128256, 1024, 1, "bf16-amp", "adamw-fused", tie=True),
     llama("qwen2.5-0.5b-bf16", 24, 14, 2, 896, 4864, 151936, 512, 2, "bf16", "adamw-fused", tie=True),
+    # zero_grad(set_to_none=False): gradients stay allocated between steps and are zeroed in place.
+    gpt("nanogpt-30m-keep-grads", 6, 6, 384, 512, 50304, 16, "fp16-amp", "adamw-fused", set_to_none=False),
+    gpt("gpt2-124m-keep-grads-fp32", 12, 12, 768, 1024, 50304, 4, "fp32", "adamw", set_to_none=False),
+    gpt("small-keep-grads-accum2", 4, 4, 256, 256, 65, 32, "bf16-amp", "sgd-momentum", accum=2, set_to_none=False),
+    llama("llama-keep-grads-bf16amp", 4, 8, 4, 512, 1376, 32000, 256, 8, "bf16-amp", "adamw-fused", tie=True,
+          set_to_none=False),
     llama("mistral-7b-bf16-ckpt", 32, 32, 8, 4096, 14336, 32000, 512, 1, "bf16", "adamw-fused", ckpt=True),
 ]
 

@@ -512,7 +512,7 @@ def run_case(case):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             scaler.step(opt)
             scaler.update()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=tr.get("zero_grad_set_to_none", True))
     else:
         for step in (1, 2, 3):
             for micro in range(accum):
@@ -529,7 +529,7 @@ def run_case(case):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             scaler.step(opt)
             scaler.update()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=tr.get("zero_grad_set_to_none", True))
 
     # Categorise the live storages at the peak.
     param_ids = {id(p.untyped_storage()) for p in model.parameters()}

@@ -39,6 +39,7 @@ KNOBS (override the source):
   --batch-size N  --seq-len N  --precision fp32|fp16-amp|bf16-amp|bf16
   --optimizer adamw|adamw-fused|sgd|sgd-momentum  --attention sdpa|manual
   --checkpointing | --no-checkpointing  --grad-accum-steps N  --grad-clip X
+  --set-to-none | --no-set-to-none     (optimizer.zero_grad(set_to_none=...), default set_to_none)
   --gpu ID (rtx-4070, h100-80, ...)  --gpu-memory-gib X  --compute-capability X.Y
 ";
 
@@ -220,6 +221,11 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                 "model",
                 "tie_embeddings",
                 Value::Bool(flag == "--tie-embeddings"),
+            )),
+            "--set-to-none" | "--no-set-to-none" => overrides.push((
+                "train",
+                "zero_grad_set_to_none",
+                Value::Bool(flag == "--set-to-none"),
             )),
             "--checkpointing" | "--no-checkpointing" => overrides.push((
                 "train",
