@@ -258,14 +258,21 @@ proptest! {
         prop_assert!(peak(&on) <= peak(&off) + block_input, "{} > {}", peak(&on), peak(&off));
     }
 
-    /// Freeing .grad between steps (set_to_none=True) never costs memory.
+    /// Freeing .grad between steps (set_to_none=True) never costs memory, but for one thing: when the LM head is
+    /// tied, the embedding's gradient is added to the head's out of place while both are being created (measured:
+    /// AccumulateGrad's `add`), one vocab x width gradient that in-place accumulation into kept grads avoids.
     #[test]
     fn set_to_none_never_increases_the_peak(s in valid_setup()) {
         let mut free = s.clone();
         free.train.zero_grad_set_to_none = true;
-        let mut keep = s;
+        let mut keep = s.clone();
         keep.train.zero_grad_set_to_none = false;
-        prop_assert!(peak(&free) <= peak(&keep));
+        let tied_sum = if s.model.tie_embeddings {
+            vramfit::sim::block_bytes(s.model.vocab_size * s.model.n_embd * s.train.precision.param_bytes())
+        } else {
+            0
+        };
+        prop_assert!(peak(&free) <= peak(&keep) + tied_sum, "{} > {}", peak(&free), peak(&keep));
     }
 
     /// Fused AdamW has no temporaries but keeps each parameter's `step` on the device (one 512-byte block per
