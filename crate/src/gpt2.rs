@@ -48,9 +48,15 @@ struct BlockSaved {
     drop2: Option<Tensor>,
 }
 
+/// A block after the forward: everything it saved, or (checkpointed) only its input.
+enum BlockState {
+    Saved(BlockSaved),
+    Checkpointed(Tensor),
+}
+
 /// What the forward leaves for the loop and the backward.
 pub struct Forward {
-    blocks: Vec<BlockSaved>,
+    blocks: Vec<BlockState>,
     idx: Tensor,
     pos: Tensor,
     emb_drop: Option<Tensor>,
@@ -297,12 +303,12 @@ pub fn forward(
     let mut blocks = Vec::new();
     for l in 0..cx.m.n_layer {
         cx.sim.layer(Some(l as u32));
-        let (saved, x_out) = if checkpointing {
-            checkpointed_block_fwd(cx, x, attention)
+        let (saved, x_out) = block_fwd(cx, x, attention);
+        blocks.push(if checkpointing {
+            checkpoint(cx, saved)
         } else {
-            block_fwd(cx, x, attention)
-        };
-        blocks.push(saved);
+            BlockState::Saved(saved)
+        });
         x = x_out;
     }
     cx.sim.layer(None);
@@ -336,25 +342,16 @@ pub fn forward(
 }
 
 /// Non-reentrant activation checkpointing of a block (`torch.utils.checkpoint(use_reentrant=False)`): the
-/// forward runs with its saved tensors dropped as soon as each op is done; only the block input is kept.
-/// The backward recomputes the block (same allocations as the forward) and then runs its backward.
-fn checkpointed_block_fwd(
-    cx: &mut Ctx,
-    x_in: Tensor,
-    attention: Attention,
-) -> (BlockSaved, Tensor) {
-    let (saved, x_out) = block_fwd(cx, x_in, attention);
+/// forward ran as usual, then its saved tensors are dropped; only the block input is kept. The backward
+/// recomputes the block (same allocations as the forward) and then runs its backward.
+fn checkpoint(cx: &mut Ctx, saved: BlockSaved) -> BlockState {
     let x_in = saved.x_in;
-    release_block(cx, saved, false);
-    let x_out_kept = x_out;
-    (recompute_marker(cx, x_in), x_out_kept)
+    release_block(cx, saved);
+    BlockState::Checkpointed(x_in)
 }
 
-/// Frees every tensor a block saved (used when the checkpointed forward discards them).
-fn release_block(cx: &mut Ctx, s: BlockSaved, free_input: bool) {
-    if free_input {
-        cx.free(s.x_in);
-    }
+/// Frees every tensor a block saved but its input (the checkpointed forward discards them).
+fn release_block(cx: &mut Ctx, s: BlockSaved) {
     cx.sim.free_some(&s.ln1.stats);
     for t in [s.ln1_out, s.qkv, s.y, s.drop1, s.ln2_out, s.drop2]
         .into_iter()
@@ -390,48 +387,6 @@ fn release_block(cx: &mut Ctx, s: BlockSaved, free_input: bool) {
     }
     cx.sim.free_all(&[s.x_mid, s.h, s.g]);
     cx.sim.free_some(&s.ln2.stats);
-}
-
-/// A placeholder BlockSaved for a checkpointed block: only `x_in` is real; the rest is recomputed.
-fn recompute_marker(cx: &mut Ctx, x_in: Tensor) -> BlockSaved {
-    // Zero-byte tensors stand in for what the recomputation will produce.
-    let z = cx.alloc(0, Temporary, "checkpoint");
-    let lin = |in_f, out_f| LinearSaved {
-        input_cast: None,
-        weight_cast: None,
-        in_f,
-        out_f,
-        bias: false,
-    };
-    BlockSaved {
-        x_in,
-        ln1: NormSaved {
-            stats: [None, None],
-            own: [None, None],
-        },
-        ln1_out: None,
-        c_attn: lin(0, 0),
-        qkv: None,
-        attn: AttnSaved::Sdpa(SdpaSaved {
-            out: z,
-            lse: z,
-            rng: [z, z],
-        }),
-        y: None,
-        c_proj: lin(0, 0),
-        drop1: None,
-        x_mid: z,
-        ln2: NormSaved {
-            stats: [None, None],
-            own: [None, None],
-        },
-        ln2_out: None,
-        c_fc: lin(0, 0),
-        h: z,
-        g: z,
-        mlp_proj: lin(0, 0),
-        drop2: None,
-    }
 }
 
 /// The gradient entering a residual branch: the residual's own gradient (shared with the skip path, so not
@@ -496,7 +451,7 @@ fn block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
 }
 
 /// Backward of one micro-step, from the loss to the embeddings.
-pub fn backward(cx: &mut Ctx, f: Forward, attention: Attention, checkpointing: bool) {
+pub fn backward(cx: &mut Ctx, f: Forward, attention: Attention) {
     let nv = cx.n * cx.m.vocab_size;
     let c = cx.m.n_embd;
     let nc = cx.n * c;
@@ -527,16 +482,16 @@ pub fn backward(cx: &mut Ctx, f: Forward, attention: Attention, checkpointing: b
     cx.sim.stage(step, "backward");
     for (l, s) in f.blocks.into_iter().enumerate().rev() {
         cx.sim.layer(Some(l as u32));
-        let s = if checkpointing {
-            let x_in = s.x_in;
-            // Recompute: the block's forward again under the autocast state of the forward (checkpoint restores
-            // it, and its exit clears the cast cache); its output is discarded.
-            let (saved, x_out) = block_fwd(cx, x_in, attention);
-            cx.free(x_out);
-            cx.clear_autocast_cache();
-            saved
-        } else {
-            s
+        let s = match s {
+            BlockState::Saved(s) => s,
+            BlockState::Checkpointed(x_in) => {
+                // Recompute: the block's forward again under the autocast state of the forward (checkpoint
+                // restores it, and its exit clears the cast cache); its output is discarded.
+                let (saved, x_out) = block_fwd(cx, x_in, attention);
+                cx.free(x_out);
+                cx.clear_autocast_cache();
+                saved
+            }
         };
         g = block_bwd(cx, g, s);
     }

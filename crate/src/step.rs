@@ -139,7 +139,7 @@ impl Loop {
                 self.batch = Some(gpt2::get_batch(cx));
                 cx.sim.stage(step, "loss backward");
                 self.grad_scaler(cx);
-                gpt2::backward(cx, f, tr.attention, tr.checkpointing);
+                gpt2::backward(cx, f, tr.attention);
             }
             Family::Llama => {
                 let (x, y) = llama::get_batch(cx);
