@@ -50,7 +50,7 @@ struct BlockSaved {
 
 /// A block after the forward: everything it saved, or (checkpointed) only its input.
 enum BlockState {
-    Saved(BlockSaved),
+    Saved(Box<BlockSaved>),
     Checkpointed(Tensor),
 }
 
@@ -483,7 +483,7 @@ pub fn backward(cx: &mut Ctx, f: Forward, attention: Attention) {
     for (l, s) in f.blocks.into_iter().enumerate().rev() {
         cx.sim.layer(Some(l as u32));
         let s = match s {
-            BlockState::Saved(s) => s,
+            BlockState::Saved(s) => *s,
             BlockState::Checkpointed(x_in) => {
                 // Recompute: the block's forward again under the autocast state of the forward (checkpoint
                 // restores it, and its exit clears the cast cache); its output is discarded.
