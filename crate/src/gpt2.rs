@@ -307,7 +307,7 @@ pub fn forward(
         blocks.push(if checkpointing {
             checkpoint(cx, saved)
         } else {
-            BlockState::Saved(saved)
+            BlockState::Saved(Box::new(saved))
         });
         x = x_out;
     }
