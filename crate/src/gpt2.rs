@@ -422,9 +422,7 @@ fn block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
     cx.free(s.h);
     let g_ln2 = ops::linear_bwd(cx, gh, p, true, s.c_fc, s.ln2_out);
     let g_x2 = ops::layer_norm_bwd(cx, g_ln2, s.ln2, s.x_mid, bias);
-    let g_mid = cx.alloc(nc * r, Temporary, "add");
-    cx.free(g_out);
-    cx.free(g_x2);
+    let g_mid = ops::grad_sum(cx, g_out, g_x2, nc * r);
     // Attention branch.
     let (g_branch, g_bytes, owned) = branch_grad(cx, g_mid, s.drop1);
     let gy = ops::linear_bwd(cx, g_branch, g_bytes, owned, s.c_proj, s.y);
@@ -444,10 +442,7 @@ fn block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
     };
     let g_ln1 = ops::linear_bwd(cx, g_qkv, p, true, s.c_attn, s.ln1_out);
     let g_x1 = ops::layer_norm_bwd(cx, g_ln1, s.ln1, s.x_in, bias);
-    let g_in = cx.alloc(nc * r, Temporary, "add");
-    cx.free(g_mid);
-    cx.free(g_x1);
-    g_in
+    ops::grad_sum(cx, g_mid, g_x1, nc * r)
 }
 
 /// Backward of one micro-step, from the loss to the embeddings.

@@ -107,9 +107,7 @@ fn rope_bwd(cx: &mut Ctx, g: Tensor, width: u64) -> Tensor {
     cx.free(g);
     let g_rot = cx.alloc(cx.n * width * rb, Temporary, "cat");
     cx.free(g2);
-    let sum = cx.alloc(cx.n * width * rb, Temporary, "add");
-    cx.free(g1);
-    cx.free(g_rot);
+    let sum = ops::grad_sum(cx, g1, g_rot, cx.n * width * rb);
     if rb != cx.p {
         let lp = cx.alloc(cx.n * width * cx.p, Temporary, "_to_copy");
         cx.free(sum);
@@ -247,13 +245,9 @@ fn layer_bwd(cx: &mut Ctx, g_out: Tensor, s: LayerSaved) -> Tensor {
     cx.free(g_silu);
     cx.free(s.gate_out);
     let g_h2b = ops::linear_bwd(cx, g_gate, p, true, s.gate, h2_for_up);
-    let g_h2 = cx.alloc(nc * r, Temporary, "add");
-    cx.free(g_h2a);
-    cx.free(g_h2b);
+    let g_h2 = ops::grad_sum(cx, g_h2a, g_h2b, nc * r);
     let g_x2 = ops::rms_norm_bwd(cx, g_h2, s.rms2, s.x_mid);
-    let g_mid = cx.alloc(nc * r, Temporary, "add");
-    cx.free(g_out);
-    cx.free(g_x2);
+    let g_mid = ops::grad_sum(cx, g_out, g_x2, nc * r);
     // Attention.
     let g_att = ops::linear_bwd(cx, g_mid, r, false, s.o, None);
     let (dq, dk, dv) = ops::sdpa_bwd(cx);
@@ -294,18 +288,11 @@ fn layer_bwd(cx: &mut Ctx, g_out: Tensor, s: LayerSaved) -> Tensor {
     let h = s.h;
     let g_hv = ops::linear_bwd(cx, dv, p, true, s.v, None);
     let g_hk = ops::linear_bwd(cx, gk, p, true, s.k, None);
-    let acc = cx.alloc(nc * r, Temporary, "add");
-    cx.free(g_hv);
-    cx.free(g_hk);
+    let acc = ops::grad_sum(cx, g_hv, g_hk, nc * r);
     let g_hq = ops::linear_bwd(cx, gq, p, true, s.q, h);
-    let g_h = cx.alloc(nc * r, Temporary, "add");
-    cx.free(acc);
-    cx.free(g_hq);
+    let g_h = ops::grad_sum(cx, acc, g_hq, nc * r);
     let g_x1 = ops::rms_norm_bwd(cx, g_h, s.rms1, s.x_in);
-    let g_in = cx.alloc(nc * r, Temporary, "add");
-    cx.free(g_mid);
-    cx.free(g_x1);
-    g_in
+    ops::grad_sum(cx, g_mid, g_x1, nc * r)
 }
 
 /// The batch for one micro-step: input_ids and labels, int64 B x T each.

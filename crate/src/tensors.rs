@@ -157,6 +157,15 @@ pub fn linear_fwd(
     (y, saved)
 }
 
+/// Two gradients of the same tensor summed by the autograd engine's input buffer: out of place (a new buffer),
+/// then both addends are released.
+pub fn grad_sum(cx: &mut Ctx, a: Tensor, b: Tensor, n_bytes: u64) -> Tensor {
+    let sum = cx.alloc(n_bytes, Temporary, "add");
+    cx.free(a);
+    cx.free(b);
+    sum
+}
+
 /// The input a Linear read, once the caller lets go of it: kept when the Linear saved it itself (no autocast),
 /// freed when the Linear saved its own 2-byte cast instead (autocast), since nothing else holds it then.
 pub fn keep_if_saved(cx: &mut Ctx, input: Tensor, linear: &LinearSaved) -> Option<Tensor> {
@@ -371,10 +380,8 @@ pub fn rms_norm_bwd(cx: &mut Ctx, grad_out: Tensor, saved: NormSaved, input: Ten
     cx.free(g_pow);
     cx.free(g_div);
     cx.free(input);
-    // The two paths into x are summed by the engine's input buffer (out of place).
-    let gi = cx.alloc(wide, Temporary, "add");
-    cx.free(g_x1);
-    cx.free(g_x2);
+    // The two paths into x are summed by the engine's input buffer.
+    let gi = grad_sum(cx, g_x1, g_x2, wide);
     if cx.have_grads {
         cx.free(gw);
     } else {
