@@ -93,6 +93,7 @@ pub fn setup_from_bytes(data: &[u8]) -> Setup {
             grad_accum_steps: b.u64(),
             grad_clip: if flags & 64 != 0 { b.f64() } else { 1.0 },
             zero_grad_set_to_none: flags & 128 == 0,
+            compile: b.byte() % 2 == 1,
         },
         device: DeviceConfig {
             sm: u32::from(b.byte()),

@@ -33,6 +33,7 @@ const TRAIN_FIELDS: &[&str] = &[
     "grad_accum_steps",
     "grad_clip",
     "zero_grad_set_to_none",
+    "compile",
 ];
 const DEVICE_FIELDS: &[&str] = &["compute_capability", "memory_gib"];
 
@@ -225,6 +226,7 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
         grad_accum_steps: get_u64(t, "train.", "grad_accum_steps")?.unwrap_or(1),
         grad_clip: get_f64(t, "train.", "grad_clip")?.unwrap_or(DEFAULT_GRAD_CLIP),
         zero_grad_set_to_none: get_bool(t, "train.", "zero_grad_set_to_none")?.unwrap_or(true),
+        compile: get_bool(t, "train.", "compile")?.unwrap_or(false),
     };
     let device = match top.get("device") {
         None => DeviceConfig::default(),
@@ -282,7 +284,7 @@ pub fn setup_to_value(s: &Setup) -> Value {
         "train": {"batch_size": t.batch_size, "seq_len": t.seq_len, "precision": t.precision.name(),
                   "optimizer": t.optimizer.name(), "attention": t.attention.name(),
                   "checkpointing": t.checkpointing, "grad_accum_steps": t.grad_accum_steps, "grad_clip": t.grad_clip,
-                  "zero_grad_set_to_none": t.zero_grad_set_to_none},
+                  "zero_grad_set_to_none": t.zero_grad_set_to_none, "compile": t.compile},
         "device": {"compute_capability": s.device.sm as f64 / 10.0,
                    "memory_gib": s.device.memory_bytes as f64 / (1u64 << 30) as f64},
     })
@@ -845,12 +847,6 @@ pub fn nanogpt_config(text: &str) -> Result<NanoGptImport, Error> {
         value: vocab_size.to_string(),
         source: vocab_source,
     });
-    if compile {
-        notes.push(
-            "compile = True: torch.compile is not modelled yet; this estimate is for eager mode"
-                .into(),
-        );
-    }
     let setup = Setup {
         model: ModelConfig {
             family: Family::Gpt2,
@@ -876,6 +872,8 @@ pub fn nanogpt_config(text: &str) -> Result<NanoGptImport, Error> {
             grad_clip,
             // train.py: optimizer.zero_grad(set_to_none=True)
             zero_grad_set_to_none: true,
+            // train.py: `if compile: model = torch.compile(model)`
+            compile,
         },
         device: DeviceConfig::default(),
     };
@@ -1062,7 +1060,14 @@ mod tests {
             .provenance
             .iter()
             .any(|p| p.key == "dtype" && p.source == "train.py default"));
-        assert!(imp.notes.iter().any(|n| n.contains("eager mode")));
+        // train.py compiles by default; the config does not say otherwise.
+        assert!(s.train.compile);
+        assert!(imp
+            .provenance
+            .iter()
+            .any(|p| p.key == "compile" && p.source == "train.py default"));
+        let eager = nanogpt_config("compile = False\n").unwrap();
+        assert!(!eager.setup.train.compile);
     }
 
     #[test]
@@ -1125,6 +1130,7 @@ const QUERY_KEYS: &[(&str, &str, QueryKind)] = &[
     ("grad_accum_steps", "train", QueryKind::Num),
     ("grad_clip", "train", QueryKind::Num),
     ("zero_grad_set_to_none", "train", QueryKind::Bool),
+    ("compile", "train", QueryKind::Bool),
     ("memory_gib", "device", QueryKind::Num),
     ("compute_capability", "device", QueryKind::Num),
 ];

@@ -19,6 +19,7 @@
 //! ```
 
 pub mod advice;
+pub mod compiled;
 pub mod error;
 pub mod fuzzing;
 pub mod gpt2;

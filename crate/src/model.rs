@@ -122,6 +122,8 @@ pub struct TrainConfig {
     /// `optimizer.zero_grad(set_to_none=True)` (PyTorch's default) frees `.grad` after each step; false keeps it
     /// allocated and zeroes it in place, so the next backward accumulates into it.
     pub zero_grad_set_to_none: bool,
+    /// `torch.compile(model)` (Inductor): the step as the compiled graphs allocate it (gpt2 family only).
+    pub compile: bool,
 }
 
 /// Defaults for training fields a setup leaves out: nanoGPT train.py's on a bf16-capable GPU, except gradient
@@ -144,6 +146,7 @@ impl TrainConfig {
             grad_accum_steps: 1,
             grad_clip: DEFAULT_GRAD_CLIP,
             zero_grad_set_to_none: true,
+            compile: false,
         }
     }
 }
@@ -276,6 +279,19 @@ impl Setup {
                     "model.dropout ({}) for llama: HF Llama is measured with attention_dropout 0",
                     m.dropout
                 ),
+            });
+        }
+        if t.compile && m.family == Family::Llama {
+            return Err(Error::NotModelled {
+                what: "train.compile (true) for llama: torch.compile is measured for nanoGPT's GPT only"
+                    .to_string(),
+            });
+        }
+        if t.compile && t.checkpointing {
+            return Err(Error::NotModelled {
+                what: "train.compile (true) with train.checkpointing (true): nanoGPT has no checkpointing, \
+                       and Inductor's recompute under it is not measured"
+                    .to_string(),
             });
         }
         if !t.grad_clip.is_finite() || t.grad_clip < 0.0 {

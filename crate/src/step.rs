@@ -2,6 +2,7 @@
 //! creates the optimizer state; steps 2 and 3 are the steady state), each made of micro-steps (forward,
 //! loss, backward), gradient clipping, the optimizer step and `zero_grad(set_to_none=True)`.
 
+use crate::compiled;
 use crate::gpt2;
 use crate::llama;
 use crate::model::{Family, Setup};
@@ -130,6 +131,18 @@ impl Loop {
             Family::Gpt2 => {
                 let (x, y) = self.batch.take().unwrap_or_else(|| gpt2::get_batch(cx));
                 cx.sim.stage(step, "forward");
+                if tr.compile {
+                    let f = compiled::forward(cx, x, y, tr.attention);
+                    if let Some(old) = self.logits.replace(f.logits) {
+                        cx.free(old);
+                    }
+                    self.batch = Some(gpt2::get_batch(cx));
+                    cx.sim.stage(step, "loss backward");
+                    self.grad_scaler(cx);
+                    compiled::backward(cx, f);
+                    cx.have_grads = true;
+                    return;
+                }
                 let f = gpt2::forward(cx, x, y, tr.attention, tr.checkpointing);
                 // `logits, loss = model(X, Y)` rebinds: the previous micro-step's logits die now.
                 if let Some(old) = self.logits.replace(f.logits) {

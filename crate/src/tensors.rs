@@ -98,7 +98,7 @@ impl<'a> Ctx<'a> {
     }
 
     /// The first matmul on a thread allocates that thread's cuBLAS workspace (kept for the process' life).
-    fn matmul_workspace(&mut self, backward: bool) {
+    pub fn matmul_workspace(&mut self, backward: bool) {
         let i = usize::from(backward);
         if !self.workspace[i] {
             self.workspace[i] = true;

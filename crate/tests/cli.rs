@@ -132,7 +132,12 @@ fn nanogpt_config_files_fill_defaults_and_say_where_values_came_from() {
             .any(|n| n == "batch_size = 64 (config line 15)"),
         "{notes:?}"
     );
-    assert!(notes.iter().any(|n| n.contains("eager mode")), "{notes:?}");
+    // train.py compiles unless the config says otherwise: the estimate is the compiled step.
+    assert!(
+        notes.iter().any(|n| n == "compile = True (train.py default)"),
+        "{notes:?}"
+    );
+    assert_eq!(v["setup"]["train"]["compile"], true);
 
     let v = json_of(&[
         "estimate",

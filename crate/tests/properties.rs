@@ -94,6 +94,7 @@ fn any_setup() -> impl Strategy<Value = Setup> {
                     grad_accum_steps: accum,
                     grad_clip: clip,
                     zero_grad_set_to_none: ckpt ^ manual,
+                    compile: manual && !ckpt,
                 },
                 device: DeviceConfig {
                     sm,
@@ -168,6 +169,7 @@ fn valid_setup() -> impl Strategy<Value = Setup> {
                         grad_accum_steps: accum,
                         grad_clip: if clip { 1.0 } else { 0.0 },
                         zero_grad_set_to_none: !(ckpt && clip),
+                        compile: false,
                     },
                     device: DeviceConfig::default(),
                 }

@@ -121,6 +121,19 @@ COMPILED = [compiled(c) for c in [
     gpt("small-fp32-sgdm", 4, 4, 256, 256, 8192, 16, "fp32", "sgd-momentum"),
     gpt("wide-2048-bf16amp", 2, 16, 2048, 256, 50304, 4, "bf16-amp", "adamw-fused"),
     gpt("nanogpt-30m-accum2", 6, 6, 384, 512, 50304, 8, "fp16-amp", "adamw-fused", accum=2),
+    # Held out: added after the compiled model was written, to check it on shapes and knobs it was not read from.
+    gpt("gpt2-medium-block1024", 24, 16, 1024, 1024, 50304, 2, "bf16-amp", "adamw-fused"),
+    gpt("manual-dropout-bias", 4, 4, 256, 256, 50304, 8, "fp16-amp", "adamw-fused", attention="manual", dropout=0.1,
+        bias=True),
+    gpt("fp32-dropout-bias", 6, 8, 512, 512, 32000, 4, "fp32", "adamw", dropout=0.1, bias=True),
+    gpt("bf16-dropout", 6, 6, 384, 512, 50304, 8, "bf16", "adamw-fused", dropout=0.1),
+    gpt("vocab-50257-block384", 4, 4, 256, 384, 50257, 12, "fp16-amp", "adamw-fused"),
+    gpt("one-layer-sgdm", 1, 8, 512, 1024, 50304, 4, "bf16-amp", "sgd-momentum"),
+    gpt("fp32-sgd-accum4-noclip", 4, 4, 256, 256, 8192, 8, "fp32", "sgd", accum=4, clip=0.0),
+    gpt("foreach-keep-grads", 6, 6, 384, 512, 50304, 8, "fp16-amp", "adamw", set_to_none=False),
+    gpt("seq256-of-block1024", 6, 6, 384, 1024, 50304, 16, "bf16-amp", "adamw-fused", seq=256),
+    gpt("block2048", 4, 4, 256, 2048, 50304, 4, "bf16-amp", "adamw-fused"),
+    gpt("gpt2-8layer-bias-fp16", 8, 12, 768, 512, 50304, 6, "fp16-amp", "adamw-fused", bias=True),
 ]]
 
 if __name__ == "__main__":
