@@ -27,11 +27,7 @@ use crate::tensors::{self as ops, Ctx, SdpaSaved};
 /// Vocabulary rows as Inductor lays out the logits: rows padded to 16 elements when the vocabulary is not a
 /// multiple of 16 (measured: V = 65 gives 80-element rows; 1000 and 50304 are unpadded).
 fn padded_vocab(v: u64) -> u64 {
-    if v % 16 == 0 {
-        v
-    } else {
-        v.div_ceil(16) * 16
-    }
+    v.div_ceil(16) * 16
 }
 
 /// One Linear's weight as the compiled matmul reads it: a 2-byte cast under autocast (saved for backward),
@@ -283,7 +279,12 @@ fn free_opt(cx: &mut Ctx, t: Option<Tensor>) {
     }
 }
 
-fn block_bwd(cx: &mut Ctx, g_out: ResidualGrad, s: Block, pending: &mut Vec<Tensor>) -> ResidualGrad {
+fn block_bwd(
+    cx: &mut Ctx,
+    g_out: ResidualGrad,
+    s: Block,
+    pending: &mut Vec<Tensor>,
+) -> ResidualGrad {
     let c = cx.m.n_embd;
     let nc = cx.n * c;
     let p = cx.p;
@@ -373,7 +374,8 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     // autocast and in fp32, bf16 in pure bf16), then its copy in the matmul dtype for the LM-head matmuls.
     let g_wide = cx.alloc(cx.n * v * cx.r, Logits, "cross_entropy_backward");
     let g_logits = cx.alloc(cx.n * v * p, Logits, "_to_copy");
-    cx.sim.free_all(&[f.ce_stats[0], f.ce_stats[1], g_wide, f.targets]);
+    cx.sim
+        .free_all(&[f.ce_stats[0], f.ce_stats[1], g_wide, f.targets]);
     // The tied weight's LM-head gradient (matmul dtype) waits for the embedding's, to be summed at the end.
     let g_head = cx.alloc(cx.m.vocab_size * c * p, Temporary, "mm");
     cx.free(f.ln_f);
@@ -400,7 +402,11 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     let wpe = cx.alloc(cx.m.block_size * c * cx.pb, cat, "embedding_dense_backward");
     cx.free(g_pos);
     free_opt(cx, f.pos);
-    let dense = cx.alloc(cx.m.vocab_size * c * cx.pb, Temporary, "embedding_dense_backward");
+    let dense = cx.alloc(
+        cx.m.vocab_size * c * cx.pb,
+        Temporary,
+        "embedding_dense_backward",
+    );
     release_residual(cx, g);
     let wte = cx.alloc(cx.m.vocab_size * c * cx.pb, cat, "add");
     cx.sim.free_all(&[dense, g_head, f.idx, f.loss]);

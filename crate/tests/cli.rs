@@ -134,7 +134,9 @@ fn nanogpt_config_files_fill_defaults_and_say_where_values_came_from() {
     );
     // train.py compiles unless the config says otherwise: the estimate is the compiled step.
     assert!(
-        notes.iter().any(|n| n == "compile = True (train.py default)"),
+        notes
+            .iter()
+            .any(|n| n == "compile = True (train.py default)"),
         "{notes:?}"
     );
     assert_eq!(v["setup"]["train"]["compile"], true);
