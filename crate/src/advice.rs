@@ -2,8 +2,9 @@
 //! largest batch and block that fit the device.
 
 use crate::error::Error;
-use crate::model::Setup;
+use crate::model::{Family, Setup};
 use crate::policy::{Attention, Optimizer, Precision};
+use crate::report::fmt_bytes;
 use crate::sweep::{largest_fitting, Axis};
 use serde::Serialize;
 
@@ -92,6 +93,16 @@ pub fn suggestions(setup: &Setup) -> Result<Vec<Suggestion>, Error> {
             s,
         ));
     }
+    if !t.compile && setup.model.family == Family::Gpt2 && !t.checkpointing {
+        let mut s = setup.clone();
+        s.train.compile = true;
+        candidates.push((
+            "compile",
+            "compile the model: model = torch.compile(model) (fused loss, fewer saved tensors)"
+                .into(),
+            s,
+        ));
+    }
     if t.attention == Attention::Manual {
         let mut s = setup.clone();
         s.train.attention = Attention::Sdpa;
@@ -119,6 +130,76 @@ pub fn suggestions(setup: &Setup) -> Result<Vec<Suggestion>, Error> {
     }
     out.sort_by_key(|s| std::cmp::Reverse(s.saving_bytes));
     Ok(out)
+}
+
+/// The same setup estimated eager and under `torch.compile`, side by side.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CompileComparison {
+    pub eager_peak_bytes: u64,
+    pub compiled_peak_bytes: u64,
+    /// Per component at each estimate's peak, eager minus compiled (positive where compile saves), largest
+    /// saving first.
+    pub saving_by_component: Vec<(&'static str, i64)>,
+    /// One sentence for the page, e.g. "torch.compile saves 1.53 GiB here (5.71 GiB -> 4.18 GiB), mostly in the
+    /// logits (1.15 GiB)."
+    pub sentence: String,
+}
+
+/// Eager vs compiled for the setup's model, whichever the setup uses; `None` where compile is not modelled
+/// (llama, checkpointing).
+///
+/// # Errors
+/// An invalid setup.
+pub fn compile_comparison(setup: &Setup) -> Result<Option<CompileComparison>, Error> {
+    setup.validate()?;
+    let mut eager = setup.clone();
+    eager.train.compile = false;
+    let mut compiled = setup.clone();
+    compiled.train.compile = true;
+    let Ok(c) = crate::estimate(&compiled) else {
+        return Ok(None);
+    };
+    let e = crate::estimate(&eager)?;
+    let ce = c.components.items();
+    let mut by: Vec<(&'static str, i64)> = e
+        .components
+        .items()
+        .into_iter()
+        .map(|(name, bytes, _)| {
+            let cb = ce.iter().find(|x| x.0 == name).map_or(0, |x| x.1);
+            (name, bytes as i64 - cb as i64)
+        })
+        .collect();
+    by.sort_by_key(|x| std::cmp::Reverse(x.1));
+    let diff = e.peak_allocated_bytes as i64 - c.peak_allocated_bytes as i64;
+    let both = format!(
+        "eager {} -> compiled {}",
+        fmt_bytes(e.peak_allocated_bytes),
+        fmt_bytes(c.peak_allocated_bytes)
+    );
+    let sentence = if diff > 0 {
+        let (name, bytes) = by[0];
+        format!(
+            "torch.compile saves {} here ({both}), mostly in the {name} ({}).",
+            fmt_bytes(diff as u64),
+            fmt_bytes(bytes.unsigned_abs())
+        )
+    } else {
+        format!(
+            "torch.compile saves nothing here ({both}): {}.",
+            if diff == 0 {
+                "the same peak".to_string()
+            } else {
+                format!("{} more", fmt_bytes(diff.unsigned_abs()))
+            }
+        )
+    };
+    Ok(Some(CompileComparison {
+        eager_peak_bytes: e.peak_allocated_bytes,
+        compiled_peak_bytes: c.peak_allocated_bytes,
+        saving_by_component: by,
+        sentence,
+    }))
 }
 
 /// The largest batch size (up to 4096) and block size (up to 131072, powers of two steps not required) whose
@@ -158,6 +239,58 @@ mod tests {
         }
         // Halving the batch halves the B x T x vocab buffers that dominate this case: the biggest saving.
         assert_eq!(sug[0].id, "smaller-batch");
+        // The founding case is compiled; run eager, compiling is suggested: it drops the log-softmax and the
+        // fp32 copy of the logits (eager 12 bytes per logit at the peak, compiled 8: fp16 logits + fp32 loss
+        // gradient + its fp16 copy).
+        assert!(s.train.compile && sug.iter().all(|x| x.id != "compile"));
+        let mut eager = s.clone();
+        eager.train.compile = false;
+        let sug = suggestions(&eager).unwrap();
+        let compile = sug
+            .iter()
+            .find(|x| x.id == "compile")
+            .expect("compile suggested");
+        assert!(compile.saving_bytes > 1 << 30, "{}", compile.saving_bytes);
+    }
+
+    #[test]
+    fn compile_comparison_names_the_logits_for_the_founding_case() {
+        let s = presets::founding();
+        let c = compile_comparison(&s).unwrap().unwrap();
+        assert_eq!(
+            c.compiled_peak_bytes,
+            crate::estimate(&s).unwrap().peak_allocated_bytes
+        );
+        let mut eager = s.clone();
+        eager.train.compile = false;
+        assert_eq!(
+            c.eager_peak_bytes,
+            crate::estimate(&eager).unwrap().peak_allocated_bytes
+        );
+        assert_eq!(compile_comparison(&eager).unwrap().unwrap(), c);
+        assert!(c.compiled_peak_bytes < c.eager_peak_bytes);
+        // The B x T x vocab buffers: eager holds fp16 logits, fp16 log-softmax, nll_loss's fp32 copy and its fp32
+        // gradient (12 B per logit); compiled holds 8 B per logit. 4 B x 8192 x 50304 = 1.54 GiB.
+        let n_logits = 16 * 512 * 50304_i64;
+        assert_eq!(c.saving_by_component[0].0, "logits");
+        // Compiled also keeps the fused loss's two fp32 per-row statistics (2 x 8192 x 4 B) in the logits.
+        assert_eq!(c.saving_by_component[0].1, 4 * n_logits - 2 * 8192 * 4);
+        assert!(
+            c.sentence.starts_with("torch.compile saves"),
+            "{}",
+            c.sentence
+        );
+        assert!(
+            c.sentence.contains("mostly in the logits"),
+            "{}",
+            c.sentence
+        );
+        // Llama: compile is not modelled, no comparison.
+        let mut l = s.clone();
+        l.model = presets::model_preset("tinyllama-1.1b").unwrap().model;
+        l.train.seq_len = 512;
+        l.train.compile = false;
+        assert_eq!(compile_comparison(&l).unwrap(), None);
     }
 
     #[test]

@@ -372,8 +372,12 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     cx.matmul_workspace(true);
     // Loss backward: softmax - one_hot from the saved logits and statistics, written in fp32 (`r`: fp32 under
     // autocast and in fp32, bf16 in pure bf16), then its copy in the matmul dtype for the LM-head matmuls.
-    let g_wide = cx.alloc(cx.n * v * cx.r, Logits, "cross_entropy_backward");
-    let g_logits = cx.alloc(cx.n * v * p, Logits, "_to_copy");
+    let g_wide = cx.alloc(cx.n * v * cx.r, Logits, "fused cross-entropy backward");
+    let g_logits = cx.alloc(
+        cx.n * v * p,
+        Logits,
+        "fused cross-entropy backward (matmul-dtype copy)",
+    );
     cx.sim
         .free_all(&[f.ce_stats[0], f.ce_stats[1], g_wide, f.targets]);
     // The tied weight's LM-head gradient (matmul dtype) waits for the embedding's, to be summed at the end.

@@ -28,7 +28,11 @@ fn gpt2(n_layer: u64, n_head: u64, n_embd: u64, block: u64, vocab: u64, bias: bo
             intermediate_size: 4 * n_embd,
             tie_embeddings: true,
         },
-        train: TrainConfig::defaults(input::DEFAULT_BATCH_SIZE, block),
+        // nanoGPT's train.py compiles the model by default (`compile = True`).
+        train: TrainConfig {
+            compile: true,
+            ..TrainConfig::defaults(input::DEFAULT_BATCH_SIZE, block)
+        },
         device: DeviceConfig::default(),
     }
 }
@@ -71,7 +75,7 @@ fn llama(d: LlamaDims, seq: u64) -> Setup {
 }
 
 /// The founding case: nanoGPT, 6 layers x 384, block 512, batch 16, vocab 50304, fp16 autocast, fused AdamW,
-/// on a 12 GB RTX 4070 (sm_89).
+/// compiled (train.py's default), on a 12 GB RTX 4070 (sm_89).
 pub fn founding() -> Setup {
     let mut s = with_batch(gpt2(6, 6, 384, 512, 50304, false), 16);
     s.train.precision = Precision::Fp16Amp;

@@ -153,7 +153,12 @@ impl Report {
         let device_total = peaks.device_total_bytes;
         let mem = setup.device.memory_bytes;
         let mut notes = vec![
-            "eager mode (torch.compile is not modelled yet)".to_string(),
+            if setup.train.compile {
+                "torch.compile (Inductor): the compiled step's buffers, measured on fake CUDA (docs/ACCURACY.md)"
+                    .to_string()
+            } else {
+                "eager mode (no torch.compile)".to_string()
+            },
             "PyTorch 2.15 CUDA ops; peak allocated is checked against measurements (docs/ACCURACY.md)".to_string(),
             "reserved and device totals are models not yet checked against a GPU".to_string(),
         ];
@@ -197,8 +202,15 @@ impl Report {
         let n = setup.train.batch_size * setup.train.seq_len;
         let detail = match name {
             "logits" => format!(
-                "{} x {} tokens x {} vocab, held as logits, log-softmax and their gradients",
-                setup.train.batch_size, setup.train.seq_len, setup.model.vocab_size
+                "{} x {} tokens x {} vocab, held as {}",
+                setup.train.batch_size,
+                setup.train.seq_len,
+                setup.model.vocab_size,
+                if setup.train.compile {
+                    "the logits, the fused loss's gradient and its copy in the matmul dtype"
+                } else {
+                    "logits, log-softmax and their gradients"
+                }
             ),
             "activations" => format!(
                 "{} blocks x {} saved per block for {} tokens",

@@ -92,6 +92,10 @@ pub fn simulate_first_forward(setup: &Setup) -> Result<Sim, Error> {
     let tr = &setup.train;
     cx.sim.stage(1, "forward");
     match setup.model.family {
+        Family::Gpt2 if tr.compile => {
+            let (x, y) = gpt2::get_batch(&mut cx);
+            let _ = compiled::forward(&mut cx, x, y, tr.attention);
+        }
         Family::Gpt2 => {
             let (x, y) = gpt2::get_batch(&mut cx);
             let _ = gpt2::forward(&mut cx, x, y, tr.attention, tr.checkpointing);

@@ -26,7 +26,7 @@ usage:
                 [--format csv|json]
 
 SOURCE (at most one; without one, the default nanoGPT case: 6 layers, 384 wide, block 512, batch 16,
-vocab 50304, fp16-amp, fused AdamW):
+vocab 50304, fp16-amp, fused AdamW, torch.compile):
   --config FILE        setup JSON: {\"model\": {...}, \"train\": {...}, \"device\": {...}}
   --nanogpt FILE       a nanoGPT config/*.py file (train.py defaults fill the rest)
   --hf FILE            a Hugging Face config.json (llama, mistral, qwen2)
@@ -40,15 +40,17 @@ KNOBS (override the source):
   --optimizer adamw|adamw-fused|sgd|sgd-momentum  --attention sdpa|manual
   --checkpointing | --no-checkpointing  --grad-accum-steps N  --grad-clip X
   --set-to-none | --no-set-to-none     (optimizer.zero_grad(set_to_none=...), default set_to_none)
+  --compile | --no-compile             (torch.compile(model); gpt2 family; default off, --nanogpt: the file's)
   --gpu ID (rtx-4070, h100-80, ...)  --gpu-memory-gib X  --compute-capability X.Y
 ";
 
-/// The default nanoGPT case (the one that started the project).
+/// The default nanoGPT case (the one that started the project), compiled as train.py does by default.
 fn default_setup() -> Value {
     json!({"model": {"family": "gpt2", "n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 512,
                      "vocab_size": 50304, "bias": false, "dropout": 0.0},
            "train": {"batch_size": 16, "seq_len": 512, "precision": "fp16-amp", "optimizer": "adamw-fused",
-                     "attention": "sdpa", "checkpointing": false, "grad_accum_steps": 1, "grad_clip": 1.0}})
+                     "attention": "sdpa", "checkpointing": false, "grad_accum_steps": 1, "grad_clip": 1.0,
+                     "compile": true}})
 }
 
 enum Cli {
@@ -227,6 +229,9 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                 "zero_grad_set_to_none",
                 Value::Bool(flag == "--set-to-none"),
             )),
+            "--compile" | "--no-compile" => {
+                overrides.push(("train", "compile", Value::Bool(flag == "--compile")))
+            }
             "--checkpointing" | "--no-checkpointing" => overrides.push((
                 "train",
                 "checkpointing",
@@ -361,7 +366,7 @@ fn table(setup: &Setup, r: &vramfit::Report, notes: &[String]) -> String {
     );
     outln!(
         out,
-        "batch {} x sequence {}, {}, {}, {} attention{}{}, grad accumulation {}",
+        "batch {} x sequence {}, {}, {}, {} attention{}{}{}, grad accumulation {}",
         t.batch_size,
         t.seq_len,
         t.precision.name(),
@@ -377,6 +382,7 @@ fn table(setup: &Setup, r: &vramfit::Report, notes: &[String]) -> String {
         } else {
             ""
         },
+        if t.compile { ", torch.compile" } else { "" },
         t.grad_accum_steps
     );
     out.push('\n');
@@ -414,6 +420,9 @@ fn table(setup: &Setup, r: &vramfit::Report, notes: &[String]) -> String {
     );
     out.push('\n');
     outln!(out, "  {}", r.largest_item_sentence(setup));
+    if let Ok(Some(c)) = vramfit::advice::compile_comparison(setup) {
+        outln!(out, "  {}", c.sentence);
+    }
     out.push('\n');
     outln!(out, "  timeline (highest live bytes in each stage):");
     for s in &r.timeline {
