@@ -177,9 +177,8 @@ pub fn fit_map(
     })
 }
 
-/// A sweep as CSV: the value, the peaks and the six plotted bands, in bytes.
-/// The sweep as CSV, one row per value, components as the plots band them (weights with autocast's weight
-/// copies, temporaries with workspaces).
+/// A sweep as CSV: the value, the peaks and the six plotted bands, in bytes (weights with autocast's weight
+/// copies, temporaries with workspaces, as the plots band them).
 pub fn to_csv(axis: Axis, points: &[Point]) -> String {
     let mut out = format!(
         "{},peak_allocated_bytes,peak_reserved_bytes,device_total_bytes,weights_and_copies_bytes,grads_bytes,optimizer_bytes,activations_bytes,logits_bytes,temporary_and_workspace_bytes\n",
