@@ -1,8 +1,8 @@
 // <vram-fit>: vramfit as a custom element for documentation and blog posts.
 //   <script type="module" src="https://HOST/embed.js"></script>
 //   <vram-fit preset="nanogpt-30m" gpu="rtx-4070" show="batch_size,precision" plot="batch"></vram-fit>
-// Attributes: preset | config (setup JSON) | state (the main page's URL query), gpu, show, lock,
-// plot (batch|block|fitmap|timeline|none),
+// Attributes: preset | config (setup JSON) | state (the main page's URL query), gpu, compile (true|false:
+// torch.compile on or off over what the source says), show, lock, plot (batch|block|fitmap|timeline|none),
 // theme (light|dark|auto). Everything renders in a shadow root; every number comes from the wasm estimator,
 // loaded once from this script's own origin and shared by every widget on the page.
 
@@ -21,7 +21,7 @@ const KNOBS = {
   optimizer: ['Optimizer', ['adamw', 'adamw-fused', 'sgd', 'sgd-momentum']],
   attention: ['Attention', ['sdpa', 'manual']], checkpointing: ['Checkpointing', 'checkbox'],
   grad_accum_steps: ['Grad accumulation', 'number'], dropout: ['Dropout', 'number'], gpu: ['GPU', 'gpu'],
-  zero_grad_set_to_none: ['zero_grad(set_to_none)', 'checkbox'],
+  zero_grad_set_to_none: ['zero_grad(set_to_none)', 'checkbox'], compile: ['torch.compile', 'checkbox'],
 };
 const DEFAULT_SHOW = 'batch_size,seq_len,precision,gpu';
 
@@ -68,7 +68,7 @@ function el(tag, text, attrs = {}) {
 }
 
 class VramFit extends HTMLElement {
-  static get observedAttributes() { return ['preset', 'config', 'state', 'gpu', 'show', 'lock', 'plot', 'theme']; }
+  static get observedAttributes() { return ['preset', 'config', 'state', 'gpu', 'compile', 'show', 'lock', 'plot', 'theme']; }
 
   constructor() {
     super();
@@ -127,6 +127,12 @@ class VramFit extends HTMLElement {
       } else if (config) q = vf.import_config(config).query;
       else q = vf.preset_query(this.getAttribute('preset') || 'nanogpt-30m');
       this.params = new URLSearchParams(q);
+      const compile = this.getAttribute('compile');
+      if (compile !== null) {
+        const on = new Map([['true', '1'], ['', '1'], ['false', '0']]).get(compile.trim().toLowerCase());
+        if (on === undefined) throw new Error(`the compile attribute ("${compile}") must be true or false`);
+        this.params.set('compile', on);
+      }
       const gpu = this.getAttribute('gpu') || stateGpu;
       if (gpu) {
         for (const [k, v] of new URLSearchParams(vf.gpu_query(gpu))) this.params.set(k, v);
@@ -152,6 +158,7 @@ class VramFit extends HTMLElement {
     this.totals = el('div', undefined, { class: 'totals', 'aria-live': 'polite' });
     this.bar = el('div', undefined, { class: 'bar', role: 'img', 'aria-label': 'Components at the peak' });
     this.sentence = el('p', '', { class: 'sentence' });
+    this.compare = el('p', '', { class: 'sentence compare' });
     this.plotKind = this.getAttribute('plot') || 'batch';
     this.canvas = this.plotKind === 'none' ? null : el('canvas', undefined, { role: 'img', 'aria-label': `vramfit plot: ${this.plotKind}` });
     const link = el('a', 'open in vramfit', { target: '_blank', rel: 'noopener' });
@@ -159,7 +166,7 @@ class VramFit extends HTMLElement {
     const foot = el('p', undefined, { class: 'foot' });
     foot.append(document.createTextNode('Estimated op by op for PyTorch on CUDA · '), link);
     this.heading = el('p', '', { class: 'title' });
-    this.root.replaceChildren(this.heading, this.inputs, this.error, this.totals, this.bar, this.sentence, ...(this.canvas ? [this.canvas] : []), foot);
+    this.root.replaceChildren(this.heading, this.inputs, this.error, this.totals, this.bar, this.sentence, this.compare, ...(this.canvas ? [this.canvas] : []), foot);
   }
 
   field(vf, key, locked) {
@@ -224,6 +231,8 @@ class VramFit extends HTMLElement {
       return s;
     }));
     this.sentence.textContent = e.sentence;
+    this.compare.textContent = e.compare ? e.compare.sentence : '';
+    this.compare.hidden = !e.compare;
     this.link.href = `${PAGE}?${q}`;
     if (this.canvas) this.draw(q);
     this.dataset.status = 'ok';

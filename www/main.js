@@ -5,8 +5,9 @@ import init, * as vf from './pkg/entry.js';
 const $ = (id) => document.getElementById(id);
 const KNOBS = ['family', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'intermediate_size', 'vocab_size', 'block_size',
   'bias', 'tie_embeddings', 'dropout', 'batch_size', 'seq_len', 'precision', 'optimizer', 'attention',
-  'checkpointing', 'grad_accum_steps', 'grad_clip', 'zero_grad_set_to_none', 'memory_gib', 'compute_capability'];
-const GPT2_ONLY = ['bias'];
+  'compile', 'checkpointing', 'grad_accum_steps', 'grad_clip', 'zero_grad_set_to_none', 'memory_gib',
+  'compute_capability'];
+const GPT2_ONLY = ['bias', 'compile'];
 const LLAMA_ONLY = ['n_kv_head', 'intermediate_size', 'tie_embeddings'];
 const DEFAULT_PRESET = 'nanogpt-30m';
 const DEFAULT_GPU = 'rtx-4070';
@@ -133,6 +134,15 @@ function renderEstimate(e) {
     return tr;
   }));
   $('notes').replaceChildren(...e.notes.map((n) => el('li', n)));
+  // Eager and compiled side by side (nanoGPT's GPT only); the current mode is marked.
+  $('compare').hidden = !e.compare;
+  if (e.compare) {
+    $('compare-eager').textContent = e.compare.eager;
+    $('compare-compiled').textContent = e.compare.compiled;
+    $('compare-sentence').textContent = e.compare.sentence;
+    $('compare-eager-box').classList.toggle('current', e.compare.current === 'eager');
+    $('compare-compiled-box').classList.toggle('current', e.compare.current === 'compiled');
+  }
 }
 
 function renderAdvice(a) {

@@ -167,6 +167,17 @@ struct EstimateDto {
     components: Vec<ComponentDto>,
     timeline: Vec<StageDto>,
     notes: Vec<String>,
+    /// Eager and compiled side by side; absent where compile is not modelled (llama, checkpointing).
+    compare: Option<CompareDto>,
+}
+
+#[derive(Serialize)]
+struct CompareDto {
+    eager: String,
+    compiled: String,
+    /// Which of the two the setup is.
+    current: &'static str,
+    sentence: String,
 }
 
 #[wasm_bindgen]
@@ -232,6 +243,14 @@ pub fn estimate(query: &str) -> Result<JsValue, JsError> {
             })
             .collect(),
         notes: r.notes.clone(),
+        compare: advice::compile_comparison(&s)
+            .map_err(js_err)?
+            .map(|c| CompareDto {
+                eager: fmt_bytes(c.eager_peak_bytes),
+                compiled: fmt_bytes(c.compiled_peak_bytes),
+                current: if s.train.compile { "compiled" } else { "eager" },
+                sentence: c.sentence,
+            }),
     })
 }
 

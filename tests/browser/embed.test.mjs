@@ -31,6 +31,8 @@ input, select, canvas, div, span, strong { border: 5px dashed green !important; 
 <h2>The same for character-level Shakespeare</h2>
 <pre><code>python train.py config/train_shakespeare_char.py</code></pre>
 <vram-fit id="two" preset="shakespeare-char" gpu="t4" show="batch_size" lock="precision" plot="fitmap" theme="dark"></vram-fit>
+<h2>Without torch.compile</h2>
+<vram-fit id="eager" preset="nanogpt-30m" gpu="rtx-4070" compile="false" show="compile,batch_size" plot="none"></vram-fit>
 <h2>A broken one</h2>
 <vram-fit id="bad" config='{"model": {"family": "gpt2", "n_layer": 0, "n_head": 6, "n_embd": 384, "block_size": 64, "vocab_size": 65}}'></vram-fit>
 <h2>As an iframe</h2>
@@ -66,7 +68,7 @@ async function openBlog() {
     addEventListener('message', (e) => { if (e.data?.type === 'vramfit:height') window.__heights.push(e.data.height); });
   });
   await page.goto(`http://localhost:${BLOG_PORT}/index.html`);
-  await page.waitForFunction(() => ['one', 'two', 'bad'].every((id) => document.getElementById(id).dataset.status), null, { timeout: 20000 });
+  await page.waitForFunction(() => ['one', 'two', 'eager', 'bad'].every((id) => document.getElementById(id).dataset.status), null, { timeout: 20000 });
   return { page, requests, errors };
 }
 
@@ -182,5 +184,24 @@ test('attribute changes re-render, and payloads in widget attributes show as tex
     if (['preset', 'config', 'state', 'gpu'].includes(attr)) assert.ok(inside.text.includes('<img src'), `${attr}: shown as text: ${inside.text.slice(0, 120)}`);
   }
   assert.equal(await page.evaluate(() => window.__pwned), undefined);
+  await page.close();
+});
+
+test('the compile attribute and knob switch a widget between eager and compiled', async () => {
+  const { page, errors } = await openBlog();
+  const compiled = cliPeakBytes(['--preset', 'nanogpt-30m']);
+  const eager = cliPeakBytes(['--preset', 'nanogpt-30m', '--no-compile']);
+  assert.ok(eager > compiled, `eager ${eager} vs compiled ${compiled}`);
+  assert.equal(await peakOf(page, 'eager'), eager);
+  const text = () => page.evaluate(() => document.getElementById('eager').shadowRoot.textContent);
+  assert.match(await text(), /torch\.compile saves [\d.]+ GiB here .*mostly in the logits/);
+  // The knob inside the widget turns compile back on.
+  await page.evaluate(() => document.getElementById('eager').shadowRoot.querySelector('input[name=compile]').click());
+  await page.waitForFunction((c) => Number(document.getElementById('eager').dataset.peakBytes) === c, compiled);
+  // A bad attribute value is a message, not a guess.
+  await page.evaluate(() => document.getElementById('eager').setAttribute('compile', 'constructor'));
+  await page.waitForFunction(() => document.getElementById('eager').dataset.status === 'error');
+  assert.match(await text(), /the compile attribute \("constructor"\) must be true or false/);
+  assert.deepEqual(errors, []);
   await page.close();
 });

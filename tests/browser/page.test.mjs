@@ -42,6 +42,35 @@ test('the page loads with the default nanoGPT case and its total matches the nat
   await page.close();
 });
 
+test('eager and compiled side by side; the compile toggle switches the estimate', async () => {
+  const { page, errors } = await openPage(context, server.url);
+  const gpu = ['--compute-capability', '8.9', '--gpu-memory-gib', '12'];
+  // The default case is compiled, as nanoGPT's train.py runs it.
+  assert.equal(await page.isChecked('#compile'), true);
+  assert.equal(await page.isVisible('#compare'), true);
+  assert.match(await page.getAttribute('#compare-compiled-box', 'class'), /current/);
+  const sentence = await page.textContent('#compare-sentence');
+  assert.match(sentence, /^torch\.compile saves [\d.]+ GiB here \(eager [\d.]+ GiB -> compiled [\d.]+ GiB\), mostly in the logits/);
+  assert.equal(await page.textContent('#compare-compiled'), await page.textContent('#peak-allocated'));
+  await page.uncheck('#compile');
+  await page.waitForFunction(() => !new URLSearchParams(location.search).has('compile') || new URLSearchParams(location.search).get('compile') === '0');
+  const eager = Number(await page.getAttribute('#peak-allocated', 'data-bytes'));
+  assert.equal(eager, cliPeakBytes(['--no-compile', ...gpu]));
+  assert.equal(await page.textContent('#compare-eager'), await page.textContent('#peak-allocated'));
+  assert.match(await page.getAttribute('#compare-eager-box', 'class'), /current/);
+  assert.equal(await page.textContent('#compare-sentence'), sentence, 'the comparison does not depend on the mode');
+  // "How to make it fit" offers compile when it is off, and applying it gives the compiled total.
+  const advice = await page.textContent('#advice');
+  assert.match(advice, /torch\.compile\(model\)/);
+  // Llama: compile is not modelled; the toggle and the comparison are hidden.
+  await page.selectOption('#preset', 'tinyllama-1.1b');
+  await page.waitForFunction(() => document.getElementById('family').value === 'llama');
+  assert.equal(await page.isVisible('#compile'), false);
+  assert.equal(await page.isVisible('#compare'), false);
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
 test('changing the batch size changes the total and the plots; the GPU line moves with the GPU', async () => {
   const { page } = await openPage(context, server.url);
   const total = await page.textContent('#peak-allocated');
