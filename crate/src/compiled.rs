@@ -40,11 +40,12 @@ fn weight_cast(cx: &mut Ctx, elems: u64) -> Option<Tensor> {
 
 enum Attn {
     Sdpa(SdpaSaved, Tensor),
-    /// Manual path: q, k, v copies, the scores and probabilities (B x H x T x T), the softmax's two per-row
-    /// statistics, the dropout mask on the probabilities, and the contiguous output.
+    /// Manual path: q, k, v copies, the probabilities (B x H x T x T) with the softmax's two per-row
+    /// statistics, the scores as well under autocast or with dropout, the dropout mask, and the contiguous output.
     Manual {
         qkv: [Tensor; 3],
-        tt: [Tensor; 2],
+        scores: Option<Tensor>,
+        probs: Tensor,
         stats: [Tensor; 2],
         mask: Option<Tensor>,
         y: Tensor,
@@ -111,7 +112,10 @@ fn block_fwd(
             let s = ops::manual_scores_elems(cx);
             let q = cx.alloc(nc * p, Activations, "clone");
             let k = cx.alloc(nc * p, Activations, "clone");
-            let scores = cx.alloc(s * p, Activations, "bmm");
+            // One T x T buffer is saved (the probabilities) in fp32 and pure bf16 without dropout; under autocast
+            // or with dropout the partitioner keeps the scores too (measured: two per block, plus the mask).
+            let scores =
+                (cx.prec.autocast() || cx.dropout).then(|| cx.alloc(s * p, Activations, "bmm"));
             let bht = cx.b * cx.m.n_head * cx.t * 4;
             let stats = [
                 cx.alloc(bht, Activations, "softmax max"),
@@ -120,12 +124,14 @@ fn block_fwd(
             let probs = cx.alloc(s * p, Activations, "softmax");
             let mask = mask(cx, s);
             let v = cx.alloc(nc * p, Activations, "clone");
+            // The fused QKV output is read by the three copies only: released (or handed to a later buffer as
+            // `# reuse`) once they are made.
+            cx.free(qkv);
             let y = cx.alloc(nc * p, Activations, "bmm");
-            // The fused QKV output is read by the three copies only; the wrapper frees it later in the forward.
-            deferred.push(qkv);
             Attn::Manual {
                 qkv: [q, k, v],
-                tt: [scores, probs],
+                scores,
+                probs,
                 stats,
                 mask,
                 y,
@@ -222,7 +228,10 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, attention: Attention)
 }
 
 /// A parameter's gradient as the compiled backward returns it, in the parameter dtype. Under autocast the
-/// weight-gradient matmul writes 2 bytes first and a fused kernel converts it. The first micro-step's
+/// weight-gradient matmul writes 2 bytes first and a pointwise kernel converts it. When that kernel runs is the
+/// scheduler's choice: right after the matmul in most measured configs, all at the end of the graph in a small
+/// one whose weight gradients outweigh its activations (`tiny-vocab-grads-amp`, where this model is ~1% high).
+/// Converting at once is the choice that matched more of them. The first micro-step's
 /// gradients become `.grad` (AccumulateGrad steals them); later micro-steps' are added in place once the
 /// backward graph has returned all of them (`pending`).
 fn param_grad(cx: &mut Ctx, elems: u64, low: bool, pending: &mut Vec<Tensor>) {
@@ -323,7 +332,8 @@ fn block_bwd(
         }
         Attn::Manual {
             qkv,
-            tt,
+            scores,
+            probs,
             stats,
             mask,
             y,
@@ -331,16 +341,17 @@ fn block_bwd(
             let s_elems = ops::manual_scores_elems(cx);
             cx.free(y);
             let g_v = cx.alloc(nc * p, Temporary, "bmm");
-            let g_probs = cx.alloc(s_elems * p, Temporary, "bmm");
             cx.free(g_y);
-            // Softmax (and dropout) backward fused: one kernel from the probabilities' gradient to the scores'.
+            // One fused kernel from the output's gradient to the scores' (bmm backward, dropout, softmax): a single
+            // T x T transient, allocated once the saved scores are released (measured order).
+            free_opt(cx, scores);
             let g_scores = cx.alloc(s_elems * p, Temporary, "softmax_backward");
-            cx.free(g_probs);
-            free_opt(cx, mask);
-            cx.sim.free_all(&[tt[1], stats[0], stats[1]]);
             let g_q = cx.alloc(nc * p, Temporary, "bmm");
             let g_k = cx.alloc(nc * p, Temporary, "bmm");
-            cx.sim.free_all(&[g_scores, tt[0], qkv[0], qkv[1], qkv[2]]);
+            cx.free(g_scores);
+            free_opt(cx, mask);
+            cx.sim
+                .free_all(&[probs, stats[0], stats[1], qkv[0], qkv[1], qkv[2]]);
             let cat = cx.alloc(3 * nc * p, Temporary, "cat");
             cx.sim.free_all(&[g_q, g_k, g_v]);
             cat
@@ -380,8 +391,14 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     );
     cx.sim
         .free_all(&[f.ce_stats[0], f.ce_stats[1], g_wide, f.targets]);
-    // The tied weight's LM-head gradient (matmul dtype) waits for the embedding's, to be summed at the end.
-    let g_head = cx.alloc(cx.m.vocab_size * c * p, Temporary, "mm");
+    // The tied weight's LM-head gradient (matmul dtype) waits for the embedding's, to be summed at the end. When
+    // it is already in the parameter dtype (fp32, pure bf16) the sum lands in its buffer, which becomes `.grad`.
+    let head_is_grad = p == cx.pb;
+    let head_cat = match (head_is_grad, cx.have_grads) {
+        (true, false) => Grads,
+        _ => Temporary,
+    };
+    let g_head = cx.alloc(cx.m.vocab_size * c * p, head_cat, "mm");
     cx.free(f.ln_f);
     let g_lnf = cx.alloc(nc * p, Temporary, "mm");
     cx.free(g_logits);
@@ -399,21 +416,29 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     }
     cx.sim.layer(None);
     free_opt(cx, f.emb_mask);
-    // Embeddings: the position gradient (summed over the batch) and the token rows' dense gradient, then the
-    // tied weight's two gradients summed in the parameter dtype.
+    // Embeddings: the position gradient (summed over the batch), then the token rows' (below).
     let cat = if cx.have_grads { Temporary } else { Grads };
     let g_pos = cx.alloc(cx.t * c * cx.pb, Temporary, "sum");
     let wpe = cx.alloc(cx.m.block_size * c * cx.pb, cat, "embedding_dense_backward");
     cx.free(g_pos);
     free_opt(cx, f.pos);
+    // The token rows' gradient is accumulated in fp32 whatever the dtype (measured: an fp32 V x C buffer in fp32,
+    // autocast and pure bf16 alike), then added to the head's gradient: in place when that is in the parameter
+    // dtype, else into a new buffer in the parameter dtype (autocast: fp16 head gradient, fp32 parameter).
     let dense = cx.alloc(
-        cx.m.vocab_size * c * cx.pb,
+        cx.m.vocab_size * c * 4,
         Temporary,
         "embedding_dense_backward",
     );
     release_residual(cx, g);
-    let wte = cx.alloc(cx.m.vocab_size * c * cx.pb, cat, "add");
-    cx.sim.free_all(&[dense, g_head, f.idx, f.loss]);
+    let wte = if head_is_grad {
+        g_head
+    } else {
+        let sum = cx.alloc(cx.m.vocab_size * c * cx.pb, cat, "add");
+        cx.free(g_head);
+        sum
+    };
+    cx.sim.free_all(&[dense, f.idx, f.loss]);
     for t in [wpe, wte] {
         if cx.have_grads {
             pending.push(t);
