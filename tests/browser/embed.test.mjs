@@ -150,7 +150,7 @@ test('every request goes to the widget origin (besides the post itself)', async 
 
 test('the iframe embed renders and reports its height; a bad config shows a message, not a blank box', async () => {
   const { page } = await openBlog();
-  await page.waitForFunction(() => window.__heights.some((h) => h > 200), null, { timeout: 20000 });
+  await page.waitForFunction(() => window.__heights.some((h) => h > 200), null, { timeout: 60000 });
   const heights = await page.evaluate(() => window.__heights);
   assert.ok(heights.at(-1) > 200, `height ${heights.at(-1)}`);
   const frame = page.frame({ url: /embed\.html/ });
