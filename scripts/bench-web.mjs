@@ -92,9 +92,10 @@ ${table}
 
 - **First plot** is \`performance.mark('vramfit-first-plot')\` in \`www/main.js\`, set after the first estimate and the
   four plots are drawn, relative to navigation start.
-- **Full redraw** is one \`change\` event on the batch field: validation, the estimate with its per-block figures, the
-  advice (each suggested change is estimated, plus the bisections for the largest batch and block that fit), the
-  two sweeps, the fit map and the timeline, all drawn with plotters into four canvases.
+- **Full redraw** is one \`change\` event on the batch field: validation, the estimate with its per-block figures
+  and the eager-vs-compiled comparison (two more estimates), the advice (each suggested change is estimated, plus
+  the bisections for the largest batch and block that fit), the two sweeps, the fit map and the timeline, all drawn
+  with plotters into four canvases. The default case is compiled (nanoGPT's train.py default).
 - **One estimate** simulates the allocator over three training steps, op by op (thousands of allocation events for a
   6-layer model); its cost grows with the number of layers. The 1 µs target would need a closed-form model, which is
   exactly what this project does not trust: the timeline is the product. The 64 x 64 fit map walks the staircase
