@@ -152,9 +152,7 @@ fn block_fwd(
     let proj = cx.alloc(nc * p, Temporary, "mm");
     let x_mid = cx.alloc(nc * r, Activations, "add");
     let mask1 = mask(cx, nc);
-    if cx.dropout && last {
-        deferred.push(proj);
-    } else if cx.dropout {
+    if cx.dropout && !last {
         cx.free(proj);
     } else {
         deferred.push(proj);
@@ -238,9 +236,9 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, attention: Attention)
 /// weight-gradient matmul writes 2 bytes first and a pointwise kernel converts it. When that kernel runs is the
 /// scheduler's choice: right after the matmul in most measured configs, all at the end of the graph in a small
 /// one whose weight gradients outweigh its activations (`tiny-vocab-grads-amp`, where this model is ~1% high).
-/// Converting at once is the choice that matched more of them. The first micro-step's
-/// gradients become `.grad` (AccumulateGrad steals them); later micro-steps' are added in place once the
-/// backward graph has returned all of them (`pending`).
+/// Converting at once is the choice that matched more of them. The first micro-step's gradients become `.grad`
+/// (AccumulateGrad steals them); later micro-steps' are added in place once the backward graph has returned all
+/// of them (`pending`).
 fn param_grad(cx: &mut Ctx, elems: u64, low: bool, pending: &mut Vec<Tensor>) {
     let cat = if cx.have_grads { Temporary } else { Grads };
     let low = (low && cx.prec.autocast()).then(|| cx.alloc(elems * 2, Temporary, "mm"));
