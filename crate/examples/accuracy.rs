@@ -71,7 +71,7 @@ fn tables(dir: &PathBuf) -> Tables {
             }
             writeln!(
                 rows,
-                "| {name} | {} {}x{} v{} | b{} t{} {} {} {}{}{} | {} | {} | {:+.4}% | {} | {} ({}) |",
+                "| {name} | {} {}x{} v{} | b{} t{} {} {} {}{}{}{}{} | {} | {} | {:+.4}% | {} | {} ({}) |",
                 m.family.name(),
                 m.n_layer,
                 m.n_embd,
@@ -83,6 +83,12 @@ fn tables(dir: &PathBuf) -> Tables {
                 t.attention.name(),
                 if m.dropout > 0.0 { format!(" drop{}", m.dropout) } else { String::new() },
                 if t.checkpointing { " ckpt" } else { "" },
+                if t.grad_accum_steps > 1 {
+                    format!(" accum{}", t.grad_accum_steps)
+                } else {
+                    String::new()
+                },
+                if t.zero_grad_set_to_none { "" } else { " keep-grads" },
                 fmt_bytes(measured),
                 fmt_bytes(r.peak_allocated_bytes),
                 e * 100.0,
@@ -233,7 +239,8 @@ runs on fake CUDA tensors, so every buffer it allocates, reuses and frees is rep
 in `scripts/measure/measure.py`). The estimator's model of the compiled step is `crate/src/compiled.rs`. The first\n\
 16 configs were read while writing it; the 11 after `nanogpt-30m-accum2` were measured afterwards and not used to\n\
 write it (held out); the last 6 were measured where the property tests pointed: they corrected the tied\n\
-embedding's gradient sum and the manual path without autocast, and the last shows the model's largest error. Tolerance: 8% per config for GPU records (issue 6), 2% for fake-cuda (a regression check; see `reference.rs`).\n\n";
+embedding's gradient sum and the manual path without autocast, and the last shows the model's largest error.\n\
+Tolerance: 8% per config for GPU records (issue 6), 2% for fake-cuda (a regression check; see `reference.rs`).\n\n";
     out += "| config | model | training | measured | predicted | error | measured at | predicted at (op) |\n|---|---|---|---|---|---|---|---|\n";
     out += &compiled.rows;
     out += "\n### Per component at the peak (MiB): measured / predicted − measured\n\n\
