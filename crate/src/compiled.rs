@@ -309,17 +309,14 @@ fn block_bwd(
     let g_h = cx.alloc(4 * nc * p, Temporary, "gelu_backward");
     free_opt(cx, s.w_mlp);
     cx.free(s.h);
-    linear_grads(cx, 4 * c, c, pending);
-    let g_ln2 = cx.alloc(nc * p, Temporary, "mm");
-    cx.free(g_h);
-    free_opt(cx, s.w_fc);
-    cx.free(s.ln2);
-    norm_grads(cx, pending);
-    let g_mid = residual_grad(cx);
-    cx.free(g_ln2);
-    release_residual(cx, g_out);
-    cx.free(s.stats[1]);
-    cx.free(s.x_mid);
+    let g_mid = into_residual(
+        cx,
+        4 * c,
+        g_h,
+        [s.w_fc, Some(s.ln2), Some(s.stats[1]), Some(s.x_mid)],
+        g_out,
+        pending,
+    );
     free_opt(cx, s.masks[1]);
     // Attention.
     linear_grads(cx, c, c, pending);
@@ -362,18 +359,39 @@ fn block_bwd(
             cat
         }
     };
-    linear_grads(cx, 3 * c, c, pending);
-    let g_ln1 = cx.alloc(nc * p, Temporary, "mm");
-    cx.free(g_qkv);
-    free_opt(cx, s.w_attn);
-    cx.free(s.ln1);
+    into_residual(
+        cx,
+        3 * c,
+        g_qkv,
+        [s.w_attn, Some(s.ln1), Some(s.stats[0]), Some(s.x_in)],
+        g_mid,
+        pending,
+    )
+}
+
+/// The end of a branch's backward: its first Linear (out_f x C) gives its weight gradient and the gradient of
+/// the norm's output; the norm's backward, fused with the residual add, gives the new residual gradient. Frees
+/// the Linear's incoming gradient, then `saved` (weight cast, norm output, norm statistic, norm input) and the
+/// previous residual gradient.
+fn into_residual(
+    cx: &mut Ctx,
+    out_f: u64,
+    g_branch: Tensor,
+    saved: [Option<Tensor>; 4],
+    g_prev: ResidualGrad,
+    pending: &mut Vec<Tensor>,
+) -> ResidualGrad {
+    let nc = cx.n * cx.m.n_embd;
+    linear_grads(cx, out_f, cx.m.n_embd, pending);
+    let g_norm = cx.alloc(nc * cx.p, Temporary, "mm");
+    cx.free(g_branch);
+    cx.sim.free_some(&saved[..2]);
     norm_grads(cx, pending);
-    let g_in = residual_grad(cx);
-    cx.free(g_ln1);
-    release_residual(cx, g_mid);
-    cx.free(s.stats[0]);
-    cx.free(s.x_in);
-    g_in
+    let g = residual_grad(cx);
+    cx.free(g_norm);
+    release_residual(cx, g_prev);
+    cx.sim.free_some(&saved[2..]);
+    g
 }
 
 /// Compiled backward of one micro-step: the fused loss backward, the LM head, the blocks in reverse, the

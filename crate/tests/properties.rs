@@ -187,6 +187,48 @@ fn n_param_tensors(s: &Setup) -> u64 {
     }
 }
 
+/// The same tokens as one long sequence or two short ones save the same activations per block with SDPA, up to
+/// per-row statistics (logsumexp, padded to 32 rows for the memory-efficient kernel). Returns the two setups.
+fn sdpa_saves_no_t_squared(s: &Setup) -> Result<(Setup, Setup), TestCaseError> {
+    let mut long = s.clone();
+    long.train.attention = Attention::Sdpa;
+    long.train.batch_size = 1;
+    long.train.seq_len = long.model.block_size;
+    let mut short = long.clone();
+    short.train.batch_size = 2;
+    short.train.seq_len = long.model.block_size / 2;
+    let per_block = |s: &Setup| estimate(s).unwrap().activations_per_block_bytes;
+    let (a, b) = (per_block(&long), per_block(&short));
+    let stats = 2 * 4 * 32 * long.model.n_head + 4096;
+    prop_assert!(
+        a.abs_diff(b) <= stats,
+        "one x T saves {} per block, two x T/2 save {}",
+        a,
+        b
+    );
+    Ok((long, short))
+}
+
+/// More batch, sequence, layers or width never lowers the peak.
+fn never_decreases_when_the_step_grows(s: &Setup) -> Result<(), TestCaseError> {
+    let base = peak(s);
+    let mut t = s.clone();
+    t.train.batch_size += 1;
+    prop_assert!(peak(&t) >= base, "batch");
+    let mut t = s.clone();
+    t.model.block_size *= 2;
+    t.train.seq_len *= 2;
+    prop_assert!(peak(&t) >= base, "sequence");
+    let mut t = s.clone();
+    t.model.n_layer += 1;
+    prop_assert!(peak(&t) >= base, "layers");
+    let mut t = s.clone();
+    t.model.n_embd *= 2;
+    t.model.intermediate_size *= 2;
+    prop_assert!(peak(&t) >= base, "width");
+    Ok(())
+}
+
 fn peak(s: &Setup) -> u64 {
     estimate(s)
         .unwrap_or_else(|e| panic!("{e}: {s:?}"))
@@ -231,21 +273,7 @@ proptest! {
 
     #[test]
     fn memory_never_decreases_when_batch_sequence_layers_or_width_grow(s in valid_setup()) {
-        let base = peak(&s);
-        let mut t = s.clone();
-        t.train.batch_size += 1;
-        prop_assert!(peak(&t) >= base, "batch");
-        let mut t = s.clone();
-        t.model.block_size *= 2;
-        t.train.seq_len *= 2;
-        prop_assert!(peak(&t) >= base, "sequence");
-        let mut t = s.clone();
-        t.model.n_layer += 1;
-        prop_assert!(peak(&t) >= base, "layers");
-        let mut t = s.clone();
-        t.model.n_embd *= 2;
-        t.model.intermediate_size *= 2;
-        prop_assert!(peak(&t) >= base, "width");
+        never_decreases_when_the_step_grows(&s)?;
     }
 
     /// Checkpointing keeps each block's input for the recompute. In a bf16 Llama nothing else saves the stream, so
@@ -307,17 +335,14 @@ proptest! {
     /// kernel). The manual path saves B x H x T^2 scores and probabilities, so one long sequence saves more.
     #[test]
     fn flash_attention_has_no_t_squared_term(s in valid_setup()) {
-        let mut long = s.clone();
-        long.train.attention = Attention::Sdpa;
-        long.train.batch_size = 1;
-        long.train.seq_len = long.model.block_size;
-        let mut short = long.clone();
-        short.train.batch_size = 2;
-        short.train.seq_len = long.model.block_size / 2;
+        let (long, short) = sdpa_saves_no_t_squared(&s)?;
+        if s.model.family == Family::Gpt2 && !s.train.checkpointing {
+            // Compiled, too.
+            let mut c = s.clone();
+            c.train.compile = true;
+            sdpa_saves_no_t_squared(&c)?;
+        }
         let per_block = |s: &Setup| estimate(s).unwrap().activations_per_block_bytes;
-        let (a, b) = (per_block(&long), per_block(&short));
-        let stats = 2 * 4 * 32 * long.model.n_head + 4096;
-        prop_assert!(a.abs_diff(b) <= stats, "one x T saves {} per block, two x T/2 save {}", a, b);
         // Below 64 positions the T x T tensors are a 512-byte block or two: rounding hides the growth.
         if s.model.family == Family::Gpt2 && long.model.block_size >= 64 {
             let mut manual_long = long.clone();
@@ -350,21 +375,7 @@ proptest! {
         let r = estimate(&s).unwrap();
         prop_assert_eq!(r.components.total(), r.peak_allocated_bytes);
         prop_assert!(r.peak_reserved_bytes >= r.peak_allocated_bytes);
-        let base = r.peak_allocated_bytes;
-        let mut t = s.clone();
-        t.train.batch_size += 1;
-        prop_assert!(peak(&t) >= base, "batch");
-        let mut t = s.clone();
-        t.model.block_size *= 2;
-        t.train.seq_len *= 2;
-        prop_assert!(peak(&t) >= base, "sequence");
-        let mut t = s.clone();
-        t.model.n_layer += 1;
-        prop_assert!(peak(&t) >= base, "layers");
-        let mut t = s.clone();
-        t.model.n_embd *= 2;
-        t.model.intermediate_size *= 2;
-        prop_assert!(peak(&t) >= base, "width");
+        never_decreases_when_the_step_grows(&s)?;
     }
 
     /// Compiling never costs memory when each backward starts without `.grad` (no accumulation, set_to_none):
@@ -398,19 +409,4 @@ proptest! {
         prop_assert!(peak(&s) <= peak(&e) + slack, "compiled {} > eager {}", peak(&s), peak(&e));
     }
 
-    /// With SDPA the compiled forward saves nothing T x T either.
-    #[test]
-    fn compiled_flash_attention_has_no_t_squared_term(s in compiled_setup()) {
-        let mut long = s.clone();
-        long.train.attention = Attention::Sdpa;
-        long.train.batch_size = 1;
-        long.train.seq_len = long.model.block_size;
-        let mut short = long.clone();
-        short.train.batch_size = 2;
-        short.train.seq_len = long.model.block_size / 2;
-        let per_block = |s: &Setup| estimate(s).unwrap().activations_per_block_bytes;
-        let (a, b) = (per_block(&long), per_block(&short));
-        let stats = 2 * 4 * 32 * long.model.n_head + 4096;
-        prop_assert!(a.abs_diff(b) <= stats, "one x T saves {} per block, two x T/2 save {}", a, b);
-    }
 }

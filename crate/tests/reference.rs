@@ -74,24 +74,14 @@ fn error(r: &Row) -> f64 {
     (r.predicted as f64 - r.measured as f64) / r.measured as f64
 }
 
-#[test]
-fn every_measured_config_is_within_tolerance() {
-    let rows = rows(data_dir());
-    assert!(rows.iter().all(|r| !r.name.ends_with("-compiled")));
-    assert!(
-        rows.len() >= 40,
-        "expected at least 40 measured configs, found {}",
-        rows.len()
-    );
+/// The rows as a table, each flagged when over its tolerance (`fake` for fake-cuda records, `gpu` otherwise);
+/// returns the table and how many are over.
+fn judge(rows: &[Row], fake: f64, gpu: f64) -> (String, usize) {
     let mut table = String::new();
     let mut bad = 0;
-    for r in &rows {
+    for r in rows {
         let e = error(r);
-        let limit = if r.method == "fake-cuda" {
-            REPLAY_TOLERANCE
-        } else {
-            TOLERANCE
-        };
+        let limit = if r.method == "fake-cuda" { fake } else { gpu };
         let flag = if e.abs() > limit {
             bad += 1;
             "  <-- over tolerance"
@@ -99,7 +89,7 @@ fn every_measured_config_is_within_tolerance() {
             ""
         };
         table += &format!(
-            "{:32} {:>9} {:>14} {:>14} {:>+7.2}%  measured at {} / predicted at {}{flag}\n",
+            "{:36} {:>9} {:>14} {:>14} {:>+7.3}%  measured at {} / predicted at {}{flag}\n",
             r.name,
             r.method,
             r.measured,
@@ -109,6 +99,19 @@ fn every_measured_config_is_within_tolerance() {
             r.predicted_phase
         );
     }
+    (table, bad)
+}
+
+#[test]
+fn every_measured_config_is_within_tolerance() {
+    let rows = rows(data_dir());
+    assert!(rows.iter().all(|r| !r.name.ends_with("-compiled")));
+    assert!(
+        rows.len() >= 40,
+        "expected at least 40 measured configs, found {}",
+        rows.len()
+    );
+    let (table, bad) = judge(&rows, REPLAY_TOLERANCE, TOLERANCE);
     let mut errs: Vec<f64> = rows.iter().map(|r| error(r).abs()).collect();
     errs.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let median = errs[errs.len() / 2];
@@ -135,32 +138,7 @@ fn every_compiled_config_is_within_tolerance() {
         "expected at least 15 compiled configs, found {}",
         rows.len()
     );
-    let mut table = String::new();
-    let mut bad = 0;
-    for r in &rows {
-        let e = error(r);
-        let limit = if r.method == "fake-cuda" {
-            COMPILED_REPLAY_TOLERANCE
-        } else {
-            COMPILED_TOLERANCE
-        };
-        let flag = if e.abs() > limit {
-            bad += 1;
-            "  <-- over tolerance"
-        } else {
-            ""
-        };
-        table += &format!(
-            "{:36} {:>9} {:>14} {:>14} {:>+7.3}%  measured at {} / predicted at {}{flag}\n",
-            r.name,
-            r.method,
-            r.measured,
-            r.predicted,
-            e * 100.0,
-            r.measured_phase,
-            r.predicted_phase
-        );
-    }
+    let (table, bad) = judge(&rows, COMPILED_REPLAY_TOLERANCE, COMPILED_TOLERANCE);
     println!("{table}");
     assert!(
         bad == 0,
