@@ -193,7 +193,7 @@ impl Sim {
     }
 
     /// Allocates `n_bytes` (rounded to the allocator's block size) for `op`.
-    #[inline(always)]
+    #[inline]
     pub fn alloc(&mut self, n_bytes: u64, category: Category, op: &'static str) -> Tensor {
         let bytes = block_bytes(n_bytes);
         self.slots.push(Slot {
@@ -240,7 +240,7 @@ impl Sim {
     }
 
     /// Frees a tensor. Freeing twice is a no-op, so callers can release "if still held" safely.
-    #[inline(always)]
+    #[inline]
     pub fn free(&mut self, t: Tensor) {
         let slot = &mut self.slots[t.0];
         if slot.live {
