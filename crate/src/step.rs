@@ -1,6 +1,7 @@
 //! A training run as PyTorch executes it: the model built on the device, then three full steps (step 1
 //! creates the optimizer state; steps 2 and 3 are the steady state), each made of micro-steps (forward,
-//! loss, backward), gradient clipping, the optimizer step and `zero_grad(set_to_none=True)`.
+//! loss, backward), gradient clipping, the optimizer step and `zero_grad(set_to_none=True)`. Under
+//! `torch.compile` the micro-step is `compiled`'s (forward and backward graphs); the loop around it is the same.
 
 use crate::compiled;
 use crate::gpt2;
