@@ -238,8 +238,9 @@ Inductor compiles for sm_90, its Triton kernels are built but never launched, an
 runs on fake CUDA tensors, so every buffer it allocates, reuses and frees is replayed (see `prepare_fake_inductor`\n\
 in `scripts/measure/measure.py`). The estimator's model of the compiled step is `crate/src/compiled.rs`. The first\n\
 16 configs were read while writing it; the 11 after `nanogpt-30m-accum2` were measured afterwards and not used to\n\
-write it (held out); the last 6 were measured where the property tests pointed: they corrected the tied\n\
-embedding's gradient sum and the manual path without autocast, and the last shows the model's largest error.\n\
+write it (held out); the 6 after `gpt2-8layer-bias-fp16` were measured where the property tests pointed: they\n\
+corrected the tied embedding's gradient sum and the manual path without autocast, and `tiny-vocab-grads-amp` shows\n\
+the model's largest error; the last 2 (train.py's defaults, GPT-2 large) were held out again.\n\
 Tolerance: 8% per config for GPU records (issue 6), 2% for fake-cuda (a regression check; see `reference.rs`).\n\n";
     out += "| config | model | training | measured | predicted | error | measured at | predicted at (op) |\n|---|---|---|---|---|---|---|---|\n";
     out += &compiled.rows;

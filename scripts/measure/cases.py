@@ -147,6 +147,10 @@ COMPILED = [compiled(c) for c in [
     # at the end of the graph here (one by one as they are made in the larger cases above); the model converts
     # each as it is made, so it is high by about 1% here (also found by the property test).
     gpt("tiny-vocab-grads-amp", 1, 4, 256, 64, 16, 4, "fp16-amp", "adamw-fused", clip=0.0),
+    # Held out, measured after all of the above: train.py's own defaults (GPT-2 124M, batch 12, block 1024, bf16
+    # autocast, fused AdamW, accumulation 40 simulated as its steady state) and GPT-2 large at batch 1.
+    gpt("train-py-defaults", 12, 12, 768, 1024, 50304, 12, "bf16-amp", "adamw-fused", accum=40),
+    gpt("gpt2-large-b1", 36, 20, 1280, 1024, 50304, 1, "bf16-amp", "adamw-fused"),
 ]]
 
 if __name__ == "__main__":
