@@ -7,7 +7,7 @@ const KNOBS = ['family', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'intermedia
   'bias', 'tie_embeddings', 'dropout', 'batch_size', 'seq_len', 'precision', 'optimizer', 'attention',
   'compile', 'checkpointing', 'grad_accum_steps', 'grad_clip', 'zero_grad_set_to_none', 'memory_gib',
   'compute_capability'];
-const GPT2_ONLY = ['bias', 'compile'];
+const GPT2_ONLY = ['bias'];
 const LLAMA_ONLY = ['n_kv_head', 'intermediate_size', 'tie_embeddings'];
 const DEFAULT_PRESET = 'nanogpt-30m';
 const DEFAULT_GPU = 'rtx-4070';
@@ -134,7 +134,7 @@ function renderEstimate(e) {
     return tr;
   }));
   $('notes').replaceChildren(...e.notes.map((n) => el('li', n)));
-  // Eager and compiled side by side (nanoGPT's GPT only); the current mode is marked.
+  // Eager and compiled side by side (absent where compile is not modelled); the current mode is marked.
   $('compare').hidden = !e.compare;
   if (e.compare) {
     $('compare-eager').textContent = e.compare.eager;

@@ -1,5 +1,5 @@
-//! nanoGPT's GPT under `torch.compile` (Inductor, PyTorch 2.15): one micro-step as the generated wrapper code
-//! allocates and frees its buffers.
+//! nanoGPT's GPT and Hugging Face's LlamaForCausalLM under `torch.compile` (Inductor, PyTorch 2.15): one
+//! micro-step as the generated wrapper code allocates and frees its buffers.
 //!
 //! AOTAutograd traces forward and backward into one joint graph and its min-cut partitioner decides what the
 //! forward saves; Inductor fuses element-wise chains (GELU, dropout, residual adds, LayerNorm, the loss) into
@@ -21,7 +21,7 @@
 //!
 //! What it does not follow is Inductor's scheduler: where it hands a dead buffer to a new one (`# reuse`) the
 //! model frees and allocates, and it converts each fp16 weight gradient to fp32 as soon as it is made, where
-//! Inductor sometimes converts them all at the end of the graph. Checked against 33 compiled configs in
+//! Inductor sometimes converts them all at the end of the graph. Checked against the compiled configs in
 //! `tests/data/compiled/` (docs/ACCURACY.md): all within 1.2%, most within 0.01%.
 
 use crate::policy::Attention;
@@ -246,11 +246,7 @@ fn param_grad(cx: &mut Ctx, elems: u64, low: bool, pending: &mut Vec<Tensor>) {
     if let Some(t) = low {
         cx.free(t);
     }
-    if cx.have_grads {
-        pending.push(g);
-    } else {
-        cx.grads.push(g);
-    }
+    land_grad(cx, g, pending);
 }
 
 fn norm_grads(cx: &mut Ctx, pending: &mut Vec<Tensor>) {
@@ -394,81 +390,367 @@ fn into_residual(
     g
 }
 
+/// What the loss and LM-head backward leave: the residual gradient entering the last block, and a tied head's
+/// weight gradient (with whether it is already in the parameter dtype) waiting for the embedding's.
+struct HeadBackward {
+    g: ResidualGrad,
+    tied_head: Option<(Tensor, bool)>,
+}
+
+/// The fused loss backward, the LM head and the final norm. The loss gradient (softmax - one_hot from the saved
+/// logits and row statistics) is written in `wide_bytes`, then copied to the matmul dtype for the head's matmuls;
+/// `release` are the loss's saved tensors. A tied head's weight gradient waits for the embedding's; an untied
+/// one is its own `.grad`.
+#[allow(clippy::too_many_arguments)]
+fn head_backward(
+    cx: &mut Ctx,
+    wide_bytes: u64,
+    release: &[Tensor],
+    head_cast: Option<Tensor>,
+    norm_out: Tensor,
+    norm_stat: Tensor,
+    x_last: Tensor,
+    pending: &mut Vec<Tensor>,
+) -> HeadBackward {
+    let (c, p) = (cx.m.n_embd, cx.p);
+    let n_logits = cx.n * padded_vocab(cx.m.vocab_size);
+    cx.matmul_workspace(true);
+    let g_wide = cx.alloc(
+        n_logits * wide_bytes,
+        Logits,
+        "fused cross-entropy backward",
+    );
+    let g_logits = cx.alloc(
+        n_logits * p,
+        Logits,
+        "fused cross-entropy backward (matmul-dtype copy)",
+    );
+    cx.free(g_wide);
+    cx.sim.free_all(release);
+    let tied_head = if cx.m.tie_embeddings {
+        // Summed with the embedding's at the end: in place when already in the parameter dtype (fp32, pure
+        // bf16), the buffer then being `.grad`.
+        let head_is_grad = p == cx.pb;
+        let cat = if head_is_grad && !cx.have_grads {
+            Grads
+        } else {
+            Temporary
+        };
+        Some((cx.alloc(cx.m.vocab_size * c * p, cat, "mm"), head_is_grad))
+    } else {
+        linear_grads(cx, cx.m.vocab_size, c, pending);
+        None
+    };
+    cx.free(norm_out);
+    let g_norm = cx.alloc(cx.n * c * p, Temporary, "mm");
+    cx.free(g_logits);
+    free_opt(cx, head_cast);
+    norm_grads(cx, pending);
+    let g = residual_grad(cx);
+    cx.sim.free_all(&[g_norm, norm_stat, x_last]);
+    let step = cx.sim.timeline().last().map_or(1, |t| t.step);
+    cx.sim.stage(step, "backward");
+    HeadBackward { g, tied_head }
+}
+
+/// The token embedding's gradient: the rows' gradient accumulated in fp32 whatever the dtype (measured: an fp32
+/// V x C buffer in fp32, autocast and pure bf16 alike), then summed with a tied head's gradient (in place when
+/// that is in the parameter dtype, else into a new buffer) or, untied, converted to the parameter dtype.
+/// Releases the residual gradient; returns the gradient for `.grad`.
+fn embedding_backward(cx: &mut Ctx, tied_head: Option<(Tensor, bool)>, g: ResidualGrad) -> Tensor {
+    let vc = cx.m.vocab_size * cx.m.n_embd;
+    let cat = if cx.have_grads { Temporary } else { Grads };
+    let dense_is_grad = tied_head.is_none() && cx.pb == 4;
+    let dense = cx.alloc(
+        vc * 4,
+        if dense_is_grad { cat } else { Temporary },
+        "embedding_dense_backward",
+    );
+    release_residual(cx, g);
+    match tied_head {
+        Some((head, true)) => {
+            cx.free(dense);
+            head
+        }
+        _ if dense_is_grad => dense,
+        head => {
+            let op = if head.is_some() { "add" } else { "_to_copy" };
+            let grad = cx.alloc(vc * cx.pb, cat, op);
+            cx.free(dense);
+            if let Some((h, _)) = head {
+                cx.free(h);
+            }
+            grad
+        }
+    }
+}
+
+/// A gradient for `.grad` (first micro-step) or for AccumulateGrad once the graph returns (later ones).
+fn land_grad(cx: &mut Ctx, g: Tensor, pending: &mut Vec<Tensor>) {
+    if cx.have_grads {
+        pending.push(g);
+    } else {
+        cx.grads.push(g);
+    }
+}
+
 /// Compiled backward of one micro-step: the fused loss backward, the LM head, the blocks in reverse, the
 /// embeddings. Returns when the whole backward graph has returned (one call: its outputs, the parameter
 /// gradients, exist together before AccumulateGrad takes them).
 pub fn backward(cx: &mut Ctx, f: Forward) {
     let c = cx.m.n_embd;
-    let nc = cx.n * c;
-    let p = cx.p;
-    let v = padded_vocab(cx.m.vocab_size);
     let mut pending = Vec::new();
-    cx.matmul_workspace(true);
-    // Loss backward: softmax - one_hot from the saved logits and statistics, written in fp32 (`r`: fp32 under
-    // autocast and in fp32, bf16 in pure bf16), then its copy in the matmul dtype for the LM-head matmuls.
-    let g_wide = cx.alloc(cx.n * v * cx.r, Logits, "fused cross-entropy backward");
-    let g_logits = cx.alloc(
-        cx.n * v * p,
-        Logits,
-        "fused cross-entropy backward (matmul-dtype copy)",
+    // nanoGPT's loss gradient is in the logits' precision widened to `r` (fp32, but bf16 in pure bf16); the loop
+    // keeps the logits themselves.
+    let HeadBackward { mut g, tied_head } = head_backward(
+        cx,
+        cx.r,
+        &[f.ce_stats[0], f.ce_stats[1], f.targets],
+        f.wte_cast,
+        f.ln_f,
+        f.ln_f_stat,
+        f.x_last,
+        &mut pending,
     );
-    cx.sim
-        .free_all(&[f.ce_stats[0], f.ce_stats[1], g_wide, f.targets]);
-    // The tied weight's LM-head gradient (matmul dtype) waits for the embedding's, to be summed at the end. When
-    // it is already in the parameter dtype (fp32, pure bf16) the sum lands in its buffer, which becomes `.grad`.
-    let head_is_grad = p == cx.pb;
-    let head_cat = match (head_is_grad, cx.have_grads) {
-        (true, false) => Grads,
-        _ => Temporary,
-    };
-    let g_head = cx.alloc(cx.m.vocab_size * c * p, head_cat, "mm");
-    cx.free(f.ln_f);
-    let g_lnf = cx.alloc(nc * p, Temporary, "mm");
-    cx.free(g_logits);
-    free_opt(cx, f.wte_cast);
-    norm_grads(cx, &mut pending);
-    let mut g = residual_grad(cx);
-    cx.free(g_lnf);
-    cx.free(f.ln_f_stat);
-    cx.free(f.x_last);
-    let step = cx.sim.timeline().last().map_or(1, |t| t.step);
-    cx.sim.stage(step, "backward");
     for (l, b) in f.blocks.into_iter().enumerate().rev() {
         cx.sim.layer(Some(l as u32));
         g = block_bwd(cx, g, b, &mut pending);
     }
     cx.sim.layer(None);
     free_opt(cx, f.emb_mask);
-    // Embeddings: the position gradient (summed over the batch), then the token rows' (below).
+    // Embeddings: the position gradient (summed over the batch), then the token rows'.
     let cat = if cx.have_grads { Temporary } else { Grads };
     let g_pos = cx.alloc(cx.t * c * cx.pb, Temporary, "sum");
     let wpe = cx.alloc(cx.m.block_size * c * cx.pb, cat, "embedding_dense_backward");
     cx.free(g_pos);
     free_opt(cx, f.pos);
-    // The token rows' gradient is accumulated in fp32 whatever the dtype (measured: an fp32 V x C buffer in fp32,
-    // autocast and pure bf16 alike), then added to the head's gradient: in place when that is in the parameter
-    // dtype, else into a new buffer in the parameter dtype (autocast: fp16 head gradient, fp32 parameter).
-    let dense = cx.alloc(
-        cx.m.vocab_size * c * 4,
-        Temporary,
-        "embedding_dense_backward",
-    );
-    release_residual(cx, g);
-    let wte = if head_is_grad {
-        g_head
-    } else {
-        let sum = cx.alloc(cx.m.vocab_size * c * cx.pb, cat, "add");
-        cx.free(g_head);
-        sum
-    };
-    cx.sim.free_all(&[dense, f.idx, f.loss]);
-    for t in [wpe, wte] {
-        if cx.have_grads {
-            pending.push(t);
-        } else {
-            cx.grads.push(t);
-        }
-    }
+    land_grad(cx, wpe, &mut pending);
+    let wte = embedding_backward(cx, tied_head, g);
+    cx.sim.free_all(&[f.idx, f.loss]);
+    land_grad(cx, wte, &mut pending);
     // AccumulateGrad: later micro-steps add into `.grad` in place and drop the graph's outputs.
+    cx.sim.free_all(&pending);
+}
+
+// ---- Hugging Face LlamaForCausalLM under torch.compile ---------------------------------------------------------
+//
+// Read from traces as above (autocast, fp32, pure bf16; untied and tied head). Per layer the partitioned forward
+// saves: the layer input and the stream after attention (`r` bytes; the first layer under autocast keeps a
+// `p`-byte buffer there instead), input_layernorm's output, the rotated q, the attention output (`p`), the
+// rotated k and v (kv width, `p`), post_attention_layernorm's output (`p`), the gate and up outputs and their
+// SiLU product (intermediate width, `p`), one fp32 row statistic per norm, the logsumexp and RNG state, and under
+// autocast every weight cast. After the last layer: its output (`r`), the final norm's output (`p`), then the
+// fused loss as in nanoGPT (`p`-byte logits and two row statistics; the shifted labels).
+
+struct LlamaLayer {
+    x_in: Tensor,
+    x_mid: Tensor,
+    stats: [Tensor; 2],
+    h1: Tensor,
+    q_rot: Tensor,
+    k_rot: Tensor,
+    v: Tensor,
+    sdpa: SdpaSaved,
+    h2: Tensor,
+    mlp: [Tensor; 3],
+    /// q, k, v, o, gate, up, down weight casts (autocast).
+    casts: [Option<Tensor>; 7],
+}
+
+pub struct LlamaForward {
+    layers: Vec<LlamaLayer>,
+    input_ids: Tensor,
+    labels: Tensor,
+    x_last: Tensor,
+    stat_f: Tensor,
+    hf: Tensor,
+    head_cast: Option<Tensor>,
+    logits: Tensor,
+    ce_stats: [Tensor; 2],
+    loss: Tensor,
+}
+
+fn llama_layer_fwd(cx: &mut Ctx, x_in: Tensor, first: bool) -> (LlamaLayer, Tensor) {
+    let c = cx.m.n_embd;
+    let kv = cx.m.kv_dim();
+    let i = cx.m.intermediate_size;
+    let nc = cx.n * c;
+    let (r, p) = (cx.r, cx.p);
+    let stat1 = cx.alloc(cx.n * 4, Activations, "rms_norm rsqrt");
+    let h1 = cx.alloc(nc * p, Activations, "rms_norm");
+    cx.matmul_workspace(false);
+    let w_q = weight_cast(cx, c * c);
+    let q = cx.alloc(nc * p, Temporary, "mm");
+    let w_k = weight_cast(cx, kv * c);
+    let w_v = weight_cast(cx, kv * c);
+    let k = cx.alloc(cx.n * kv * p, Temporary, "mm");
+    let v = cx.alloc(cx.n * kv * p, Activations, "mm");
+    // Rotary embedding fused into one kernel each for q and k; the unrotated projections die with it.
+    let k_rot = cx.alloc(cx.n * kv * p, Activations, "rotary");
+    let q_rot = cx.alloc(nc * p, Activations, "rotary");
+    cx.sim.free_all(&[q, k]);
+    let sdpa = ops::sdpa_fwd(cx);
+    let w_o = weight_cast(cx, c * c);
+    let o = cx.alloc(nc * p, Temporary, "mm");
+    // The stream after attention: fp32 under autocast, but the first layer keeps a 2-byte buffer (measured).
+    let x_mid = cx.alloc(nc * if first { p } else { r }, Activations, "add");
+    cx.free(o);
+    let stat2 = cx.alloc(cx.n * 4, Activations, "rms_norm rsqrt");
+    let h2 = cx.alloc(nc * p, Activations, "rms_norm");
+    let w_gate = weight_cast(cx, i * c);
+    let gate = cx.alloc(cx.n * i * p, Activations, "mm");
+    let w_up = weight_cast(cx, i * c);
+    let up = cx.alloc(cx.n * i * p, Activations, "mm");
+    let w_down = weight_cast(cx, c * i);
+    let prod = cx.alloc(cx.n * i * p, Activations, "silu_mul");
+    let down = cx.alloc(nc * p, Temporary, "mm");
+    let x_out = cx.alloc(nc * r, Activations, "add");
+    cx.free(down);
+    let layer = LlamaLayer {
+        x_in,
+        x_mid,
+        stats: [stat1, stat2],
+        h1,
+        q_rot,
+        k_rot,
+        v,
+        sdpa,
+        h2,
+        mlp: [gate, up, prod],
+        casts: [w_q, w_k, w_v, w_o, w_gate, w_up, w_down],
+    };
+    (layer, x_out)
+}
+
+/// Compiled LlamaForCausalLM forward with labels (`input_ids` is the batch; the loop holds the labels).
+pub fn llama_forward(cx: &mut Ctx, input_ids: Tensor) -> LlamaForward {
+    let c = cx.m.n_embd;
+    let nc = cx.n * c;
+    let mut x = cx.alloc(nc * cx.r, Activations, "embedding");
+    let mut layers = Vec::new();
+    for l in 0..cx.m.n_layer {
+        cx.sim.layer(Some(l as u32));
+        let (layer, x_out) = llama_layer_fwd(cx, x, l == 0);
+        layers.push(layer);
+        x = x_out;
+    }
+    cx.sim.layer(None);
+    let stat_f = cx.alloc(cx.n * 4, Activations, "rms_norm rsqrt");
+    let hf = cx.alloc(nc * cx.p, Activations, "rms_norm");
+    let step = cx.sim.timeline().last().map_or(1, |t| t.step);
+    cx.sim.stage(step, "loss");
+    let head_cast = weight_cast(cx, cx.m.vocab_size * c);
+    let logits = cx.alloc(cx.n * padded_vocab(cx.m.vocab_size) * cx.p, Logits, "mm");
+    let ce_stats = [
+        cx.alloc(cx.n * 4, Logits, "amax"),
+        cx.alloc(cx.n * 4, Logits, "logsumexp"),
+    ];
+    // The loss pads and shifts the labels (int64, saved by the fused loss).
+    let shifted = cx.alloc(cx.n * 8, Activations, "constant_pad_nd");
+    let loss = cx.alloc(4, Temporary, "loss");
+    LlamaForward {
+        layers,
+        input_ids,
+        labels: shifted,
+        x_last: x,
+        stat_f,
+        hf,
+        head_cast,
+        logits,
+        ce_stats,
+        loss,
+    }
+}
+
+fn llama_layer_bwd(
+    cx: &mut Ctx,
+    g_out: ResidualGrad,
+    s: LlamaLayer,
+    pending: &mut Vec<Tensor>,
+) -> ResidualGrad {
+    let c = cx.m.n_embd;
+    let kv = cx.m.kv_dim();
+    let i = cx.m.intermediate_size;
+    let nc = cx.n * c;
+    let p = cx.p;
+    let [w_q, w_k, w_v, w_o, w_gate, w_up, w_down] = s.casts;
+    let [gate, up, prod] = s.mlp;
+    // MLP: down_proj's weight gradient reads the product; the SiLU-and-multiply backward is one kernel writing
+    // the gate's and the up projection's gradients.
+    linear_grads(cx, c, i, pending);
+    let g_prod = cx.alloc(cx.n * i * p, Temporary, "mm");
+    cx.free(prod);
+    free_opt(cx, w_down);
+    let g_gate = cx.alloc(cx.n * i * p, Temporary, "silu_mul_backward");
+    cx.sim.free_all(&[gate, up]);
+    linear_grads(cx, i, c, pending);
+    free_opt(cx, w_up);
+    cx.free(g_prod);
+    let g_mid = into_residual(
+        cx,
+        i,
+        g_gate,
+        [w_gate, Some(s.h2), Some(s.stats[1]), Some(s.x_mid)],
+        g_out,
+        pending,
+    );
+    // Attention: o_proj, SDPA backward, rotary backward on dq and dk, then q/k/v projections.
+    linear_grads(cx, c, c, pending);
+    let g_attn = cx.alloc(nc * p, Temporary, "mm");
+    free_opt(cx, w_o);
+    let (dq, dk, dv) = ops::sdpa_bwd(cx);
+    cx.free(g_attn);
+    cx.sim.free_all(&[
+        s.sdpa.out,
+        s.sdpa.lse,
+        s.sdpa.rng[0],
+        s.sdpa.rng[1],
+        s.q_rot,
+        s.k_rot,
+        s.v,
+    ]);
+    let dk_un = cx.alloc(cx.n * kv * p, Temporary, "rotary_backward");
+    cx.free(dk);
+    linear_grads(cx, kv, c, pending);
+    linear_grads(cx, kv, c, pending);
+    cx.sim.free_all(&[dv]);
+    free_opt(cx, w_k);
+    free_opt(cx, w_v);
+    let dq_un = cx.alloc(nc * p, Temporary, "rotary_backward");
+    cx.free(dq);
+    cx.free(dk_un);
+    into_residual(
+        cx,
+        c,
+        dq_un,
+        [w_q, Some(s.h1), Some(s.stats[0]), Some(s.x_in)],
+        g_mid,
+        pending,
+    )
+}
+
+/// Compiled LlamaForCausalLM backward of one micro-step.
+pub fn llama_backward(cx: &mut Ctx, f: LlamaForward) {
+    let mut pending = Vec::new();
+    // HF's loss upcasts the logits (`logits.float()`), so the fused loss's gradient is fp32 in every precision,
+    // pure bf16 included (nanoGPT's stays bf16 there). Nothing outside the graph holds the logits.
+    let HeadBackward { mut g, tied_head } = head_backward(
+        cx,
+        4,
+        &[f.ce_stats[0], f.ce_stats[1], f.labels, f.logits],
+        f.head_cast,
+        f.hf,
+        f.stat_f,
+        f.x_last,
+        &mut pending,
+    );
+    for (l, layer) in f.layers.into_iter().enumerate().rev() {
+        cx.sim.layer(Some(l as u32));
+        g = llama_layer_bwd(cx, g, layer, &mut pending);
+    }
+    cx.sim.layer(None);
+    let emb = embedding_backward(cx, tied_head, g);
+    cx.sim.free_all(&[f.input_ids, f.loss]);
+    land_grad(cx, emb, &mut pending);
     cx.sim.free_all(&pending);
 }

@@ -1248,7 +1248,7 @@ pub fn setup_from_query(query: &str, extra: &mut Vec<(String, String)>) -> Resul
 /// The URL query for a setup (without the `?`), every knob spelled out.
 pub fn setup_to_query(s: &Setup) -> String {
     let v = setup_to_value(s);
-    let mut parts = Vec::new();
+    let mut query = String::new();
     for (name, section, kind) in QUERY_KEYS {
         let Some(x) = v.get(*section).and_then(|o| o.get(*name)) else {
             continue;
@@ -1258,9 +1258,14 @@ pub fn setup_to_query(s: &Setup) -> String {
             (_, Value::String(s)) => s.clone(),
             (_, other) => other.to_string(),
         };
-        parts.push(format!("{name}={}", percent_encode(&text)));
+        if !query.is_empty() {
+            query.push('&');
+        }
+        query.push_str(name);
+        query.push('=');
+        query.push_str(&percent_encode(&text));
     }
-    parts.join("&")
+    query
 }
 
 #[cfg(test)]

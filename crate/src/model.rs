@@ -122,7 +122,7 @@ pub struct TrainConfig {
     /// `optimizer.zero_grad(set_to_none=True)` (PyTorch's default) frees `.grad` after each step; false keeps it
     /// allocated and zeroes it in place, so the next backward accumulates into it.
     pub zero_grad_set_to_none: bool,
-    /// `torch.compile(model)` (Inductor): the step as the compiled graphs allocate it (gpt2 family only).
+    /// `torch.compile(model)` (Inductor): the step as the compiled graphs allocate it.
     pub compile: bool,
 }
 
@@ -281,16 +281,10 @@ impl Setup {
                 ),
             });
         }
-        if t.compile && m.family == Family::Llama {
-            return Err(Error::NotModelled {
-                what: "train.compile (true) for llama: torch.compile is measured for nanoGPT's GPT only"
-                    .to_string(),
-            });
-        }
         if t.compile && t.checkpointing {
             return Err(Error::NotModelled {
-                what: "train.compile (true) with train.checkpointing (true): nanoGPT has no checkpointing, \
-                       and Inductor's recompute under it is not measured"
+                what: "train.compile (true) with train.checkpointing (true): Inductor's recompute under \
+                       activation checkpointing is not measured"
                     .to_string(),
             });
         }

@@ -75,7 +75,7 @@ impl Components {
                 "cuBLAS workspaces and kernel scratch",
             ),
         ];
-        v.sort_by_key(|item| std::cmp::Reverse(item.1));
+        sort_descending(&mut v, |item| item.1);
         v
     }
 }
@@ -228,6 +228,19 @@ impl Report {
     }
 }
 
+/// Sorts a handful of items (components, suggestions), largest key first, stable. An insertion sort: the
+/// standard library's sorts are generic code instantiated once per element type, several KB of wasm each, for
+/// lists of at most a dozen.
+pub fn sort_descending<T>(v: &mut [T], key: impl Fn(&T) -> u64) {
+    for i in 1..v.len() {
+        let mut j = i;
+        while j > 0 && key(&v[j - 1]) < key(&v[j]) {
+            v.swap(j - 1, j);
+            j -= 1;
+        }
+    }
+}
+
 /// Bytes for people: GiB/MiB/KiB (powers of 2), three significant digits.
 pub fn fmt_bytes(bytes: u64) -> String {
     const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
@@ -271,6 +284,18 @@ mod tests {
         eager.train.compile = false;
         let e = crate::estimate(&eager).unwrap().device_total_bytes as f64;
         assert!((e - seen) / seen > 0.25, "eager {e}");
+    }
+
+    #[test]
+    fn sort_descending_is_stable_and_largest_first() {
+        let mut v = [(1, 'a'), (5, 'b'), (3, 'c'), (5, 'd'), (0, 'e'), (3, 'f')];
+        sort_descending(&mut v, |x| x.0);
+        assert_eq!(
+            v,
+            [(5, 'b'), (5, 'd'), (3, 'c'), (3, 'f'), (1, 'a'), (0, 'e')]
+        );
+        let mut empty: [(u64, char); 0] = [];
+        sort_descending(&mut empty, |x| x.0);
     }
 
     #[test]

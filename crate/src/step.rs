@@ -101,6 +101,10 @@ pub fn simulate_first_forward(setup: &Setup) -> Result<Sim, Error> {
             let (x, y) = gpt2::get_batch(&mut cx);
             let _ = gpt2::forward(&mut cx, x, y, tr.attention, tr.checkpointing);
         }
+        Family::Llama if tr.compile => {
+            let (x, _y) = llama::get_batch(&mut cx);
+            let _ = compiled::llama_forward(&mut cx, x);
+        }
         Family::Llama => {
             let (x, _y) = llama::get_batch(&mut cx);
             let _ = llama::forward(&mut cx, x, tr.checkpointing);
@@ -158,6 +162,15 @@ impl Loop {
                 cx.sim.stage(step, "loss backward");
                 self.grad_scaler(cx);
                 gpt2::backward(cx, f, tr.attention);
+            }
+            Family::Llama if tr.compile => {
+                let (x, y) = llama::get_batch(cx);
+                cx.sim.stage(step, "forward");
+                let f = compiled::llama_forward(cx, x);
+                cx.sim.stage(step, "loss backward");
+                self.grad_scaler(cx);
+                compiled::llama_backward(cx, f);
+                cx.free(y);
             }
             Family::Llama => {
                 let (x, y) = llama::get_batch(cx);

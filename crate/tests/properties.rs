@@ -336,7 +336,7 @@ proptest! {
     #[test]
     fn flash_attention_has_no_t_squared_term(s in valid_setup()) {
         let (long, short) = sdpa_saves_no_t_squared(&s)?;
-        if s.model.family == Family::Gpt2 && !s.train.checkpointing {
+        if !s.train.checkpointing {
             // Compiled, too.
             let mut c = s.clone();
             c.train.compile = true;
@@ -358,12 +358,10 @@ proptest! {
 
 /// Valid nanoGPT setups under torch.compile (no checkpointing: not modelled compiled).
 fn compiled_setup() -> impl Strategy<Value = Setup> {
-    valid_setup().prop_filter_map("gpt2 only", |mut s| {
-        (s.model.family == Family::Gpt2).then(|| {
-            s.train.compile = true;
-            s.train.checkpointing = false;
-            s
-        })
+    valid_setup().prop_map(|mut s| {
+        s.train.compile = true;
+        s.train.checkpointing = false;
+        s
     })
 }
 

@@ -151,6 +151,19 @@ COMPILED = [compiled(c) for c in [
     # autocast, fused AdamW, accumulation 40 simulated as its steady state) and GPT-2 large at batch 1.
     gpt("train-py-defaults", 12, 12, 768, 1024, 50304, 12, "bf16-amp", "adamw-fused", accum=40),
     gpt("gpt2-large-b1", 36, 20, 1280, 1024, 50304, 1, "bf16-amp", "adamw-fused"),
+    # Hugging Face LlamaForCausalLM under torch.compile. The first 2 were read (with traces of small variants)
+    # while writing the model; the rest are held out.
+    llama("llama-small-gqa-bf16amp", 4, 8, 2, 512, 1408, 32000, 256, 8, "bf16-amp", "adamw-fused"),
+    llama("llama-fp32-small", 4, 4, 4, 256, 688, 8192, 256, 8, "fp32", "adamw"),
+    llama("llama-8x1024-bf16", 8, 16, 4, 1024, 2816, 32000, 512, 4, "bf16", "adamw-fused"),
+    llama("llama-tied-fp16amp-foreach", 6, 8, 8, 512, 1376, 32000, 512, 4, "fp16-amp", "adamw", tie=True),
+    llama("qwen-like-tied-152k", 4, 14, 2, 896, 4864, 151936, 256, 2, "bf16-amp", "adamw-fused", tie=True),
+    llama("llama-accum2-bf16amp", 4, 8, 2, 512, 1408, 32000, 256, 4, "bf16-amp", "adamw-fused", accum=2),
+    llama("llama-3.2-1b-like-b1", 16, 32, 8, 2048, 8192, 128256, 1024, 1, "bf16-amp", "adamw-fused", tie=True),
+    llama("llama-keep-grads-sgdm", 4, 8, 2, 512, 1408, 32000, 256, 8, "bf16-amp", "sgd-momentum", set_to_none=False),
+    # Measured after llama-8x1024-bf16 corrected the model (pure bf16: HF's loss gradient is fp32): held out again.
+    llama("tinyllama-like-b2", 22, 32, 4, 2048, 5632, 32000, 512, 2, "bf16-amp", "adamw-fused"),
+    llama("llama-bf16-tied-accum3", 6, 12, 4, 768, 2048, 50000, 384, 3, "bf16", "adamw-fused", tie=True, accum=3),
 ]]
 
 if __name__ == "__main__":

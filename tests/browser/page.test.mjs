@@ -62,11 +62,17 @@ test('eager and compiled side by side; the compile toggle switches the estimate'
   // "How to make it fit" offers compile when it is off, and applying it gives the compiled total.
   const advice = await page.textContent('#advice');
   assert.match(advice, /torch\.compile\(model\)/);
-  // Llama: compile is not modelled; the toggle and the comparison are hidden.
+  // A Hugging Face preset is eager (as a plain HF loop runs it), with its compiled figure beside.
   await page.selectOption('#preset', 'tinyllama-1.1b');
   await page.waitForFunction(() => document.getElementById('family').value === 'llama');
-  assert.equal(await page.isVisible('#compile'), false);
-  assert.equal(await page.isVisible('#compare'), false);
+  assert.equal(await page.isChecked('#compile'), false);
+  assert.equal(await page.isVisible('#compare'), true);
+  assert.match(await page.getAttribute('#compare-eager-box', 'class'), /current/);
+  // With checkpointing, compile is not modelled: the comparison goes away and turning compile on says why.
+  await page.check('#checkpointing');
+  await page.waitForFunction(() => document.getElementById('compare').hidden);
+  await page.check('#compile');
+  await page.waitForFunction(() => /train\.compile \(true\) with train\.checkpointing/.test(document.body.textContent));
   assert.deepEqual(errors, []);
   await page.close();
 });

@@ -40,7 +40,7 @@ KNOBS (override the source):
   --optimizer adamw|adamw-fused|sgd|sgd-momentum  --attention sdpa|manual
   --checkpointing | --no-checkpointing  --grad-accum-steps N  --grad-clip X
   --set-to-none | --no-set-to-none     (optimizer.zero_grad(set_to_none=...), default set_to_none)
-  --compile | --no-compile             (torch.compile(model); gpt2 family; default off, --nanogpt: the file's)
+  --compile | --no-compile             (torch.compile(model); default off, --nanogpt: the file's)
   --gpu ID (rtx-4070, h100-80, ...)  --gpu-memory-gib X  --compute-capability X.Y
 ";
 
