@@ -205,16 +205,7 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, attention: Attention)
     let ln_f = cx.alloc(nc * p, Activations, "layer_norm");
     let ln_f_stat = cx.alloc(cx.n * 4, Activations, "layer_norm rstd");
     cx.sim.free_all(&deferred);
-    let step = cx.sim.timeline().last().map_or(1, |t| t.step);
-    cx.sim.stage(step, "loss");
-    let v = padded_vocab(cx.m.vocab_size);
-    let wte_cast = weight_cast(cx, cx.m.vocab_size * c);
-    let logits = cx.alloc(cx.n * v * p, Logits, "mm");
-    // The fused cross-entropy kernel keeps the per-row max and log-sum-exp (fp32 [N]) for its backward.
-    let ce_stats = [
-        cx.alloc(cx.n * 4, Logits, "amax"),
-        cx.alloc(cx.n * 4, Logits, "logsumexp"),
-    ];
+    let (wte_cast, logits, ce_stats) = head_forward(cx);
     let loss = cx.alloc(4, Temporary, "loss");
     Forward {
         blocks,
@@ -230,6 +221,20 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, attention: Attention)
         ce_stats,
         loss,
     }
+}
+
+/// The loss stage of the forward, both families: the LM head's weight cast (autocast), the logits in the matmul
+/// dtype (returned, and saved by the fused loss), and the per-row max and log-sum-exp (fp32 [N]) the fused
+/// cross-entropy keeps for its backward. Returns (cast, logits, statistics).
+fn head_forward(cx: &mut Ctx) -> (Option<Tensor>, Tensor, [Tensor; 2]) {
+    cx.sim.next_stage("loss");
+    let cast = weight_cast(cx, cx.m.vocab_size * cx.m.n_embd);
+    let logits = cx.alloc(cx.n * padded_vocab(cx.m.vocab_size) * cx.p, Logits, "mm");
+    let stats = [
+        cx.alloc(cx.n * 4, Logits, "amax"),
+        cx.alloc(cx.n * 4, Logits, "logsumexp"),
+    ];
+    (cast, logits, stats)
 }
 
 /// A parameter's gradient as the compiled backward returns it, in the parameter dtype. Under autocast the
@@ -283,12 +288,6 @@ fn release_residual(cx: &mut Ctx, g: ResidualGrad) {
     }
 }
 
-fn free_opt(cx: &mut Ctx, t: Option<Tensor>) {
-    if let Some(t) = t {
-        cx.free(t);
-    }
-}
-
 fn block_bwd(
     cx: &mut Ctx,
     g_out: ResidualGrad,
@@ -303,7 +302,7 @@ fn block_bwd(
     linear_grads(cx, c, 4 * c, pending);
     cx.free(s.g);
     let g_h = cx.alloc(4 * nc * p, Temporary, "gelu_backward");
-    free_opt(cx, s.w_mlp);
+    cx.sim.free_some(&[s.w_mlp]);
     cx.free(s.h);
     let g_mid = into_residual(
         cx,
@@ -313,12 +312,11 @@ fn block_bwd(
         g_out,
         pending,
     );
-    free_opt(cx, s.masks[1]);
+    cx.sim.free_some(&[s.masks[1]]);
     // Attention.
     linear_grads(cx, c, c, pending);
     let g_y = cx.alloc(nc * p, Temporary, "mm");
-    free_opt(cx, s.w_proj);
-    free_opt(cx, s.masks[0]);
+    cx.sim.free_some(&[s.w_proj, s.masks[0]]);
     let g_qkv = match s.attn {
         Attn::Sdpa(a, qkv) => {
             let (dq, dk, dv) = ops::sdpa_bwd(cx);
@@ -342,12 +340,12 @@ fn block_bwd(
             cx.free(g_y);
             // One fused kernel from the output's gradient to the scores' (bmm backward, dropout, softmax): a single
             // T x T transient, allocated once the saved scores are released (measured order).
-            free_opt(cx, scores);
+            cx.sim.free_some(&[scores]);
             let g_scores = cx.alloc(s_elems * p, Temporary, "softmax_backward");
             let g_q = cx.alloc(nc * p, Temporary, "bmm");
             let g_k = cx.alloc(nc * p, Temporary, "bmm");
             cx.free(g_scores);
-            free_opt(cx, mask);
+            cx.sim.free_some(&[mask]);
             cx.sim
                 .free_all(&[probs, stats[0], stats[1], qkv[0], qkv[1], qkv[2]]);
             let cat = cx.alloc(3 * nc * p, Temporary, "cat");
@@ -444,12 +442,11 @@ fn head_backward(
     cx.free(norm_out);
     let g_norm = cx.alloc(cx.n * c * p, Temporary, "mm");
     cx.free(g_logits);
-    free_opt(cx, head_cast);
+    cx.sim.free_some(&[head_cast]);
     norm_grads(cx, pending);
     let g = residual_grad(cx);
     cx.sim.free_all(&[g_norm, norm_stat, x_last]);
-    let step = cx.sim.timeline().last().map_or(1, |t| t.step);
-    cx.sim.stage(step, "backward");
+    cx.sim.next_stage("backward");
     HeadBackward { g, tied_head }
 }
 
@@ -517,13 +514,13 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
         g = block_bwd(cx, g, b, &mut pending);
     }
     cx.sim.layer(None);
-    free_opt(cx, f.emb_mask);
+    cx.sim.free_some(&[f.emb_mask]);
     // Embeddings: the position gradient (summed over the batch), then the token rows'.
     let cat = if cx.have_grads { Temporary } else { Grads };
     let g_pos = cx.alloc(cx.t * c * cx.pb, Temporary, "sum");
     let wpe = cx.alloc(cx.m.block_size * c * cx.pb, cat, "embedding_dense_backward");
     cx.free(g_pos);
-    free_opt(cx, f.pos);
+    cx.sim.free_some(&[f.pos]);
     land_grad(cx, wpe, &mut pending);
     let wte = embedding_backward(cx, tied_head, g);
     cx.sim.free_all(&[f.idx, f.loss]);
@@ -637,14 +634,7 @@ pub fn llama_forward(cx: &mut Ctx, input_ids: Tensor) -> LlamaForward {
     cx.sim.layer(None);
     let stat_f = cx.alloc(cx.n * 4, Activations, "rms_norm rsqrt");
     let hf = cx.alloc(nc * cx.p, Activations, "rms_norm");
-    let step = cx.sim.timeline().last().map_or(1, |t| t.step);
-    cx.sim.stage(step, "loss");
-    let head_cast = weight_cast(cx, cx.m.vocab_size * c);
-    let logits = cx.alloc(cx.n * padded_vocab(cx.m.vocab_size) * cx.p, Logits, "mm");
-    let ce_stats = [
-        cx.alloc(cx.n * 4, Logits, "amax"),
-        cx.alloc(cx.n * 4, Logits, "logsumexp"),
-    ];
+    let (head_cast, logits, ce_stats) = head_forward(cx);
     // The loss pads and shifts the labels (int64, saved by the fused loss).
     let shifted = cx.alloc(cx.n * 8, Activations, "constant_pad_nd");
     let loss = cx.alloc(4, Temporary, "loss");
@@ -680,11 +670,11 @@ fn llama_layer_bwd(
     linear_grads(cx, c, i, pending);
     let g_prod = cx.alloc(cx.n * i * p, Temporary, "mm");
     cx.free(prod);
-    free_opt(cx, w_down);
+    cx.sim.free_some(&[w_down]);
     let g_gate = cx.alloc(cx.n * i * p, Temporary, "silu_mul_backward");
     cx.sim.free_all(&[gate, up]);
     linear_grads(cx, i, c, pending);
-    free_opt(cx, w_up);
+    cx.sim.free_some(&[w_up]);
     cx.free(g_prod);
     let g_mid = into_residual(
         cx,
@@ -697,7 +687,7 @@ fn llama_layer_bwd(
     // Attention: o_proj, SDPA backward, rotary backward on dq and dk, then q/k/v projections.
     linear_grads(cx, c, c, pending);
     let g_attn = cx.alloc(nc * p, Temporary, "mm");
-    free_opt(cx, w_o);
+    cx.sim.free_some(&[w_o]);
     let (dq, dk, dv) = ops::sdpa_bwd(cx);
     cx.free(g_attn);
     cx.sim.free_all(&[
@@ -714,8 +704,7 @@ fn llama_layer_bwd(
     linear_grads(cx, kv, c, pending);
     linear_grads(cx, kv, c, pending);
     cx.sim.free_all(&[dv]);
-    free_opt(cx, w_k);
-    free_opt(cx, w_v);
+    cx.sim.free_some(&[w_k, w_v]);
     let dq_un = cx.alloc(nc * p, Temporary, "rotary_backward");
     cx.free(dq);
     cx.free(dk_un);

@@ -313,8 +313,7 @@ pub fn forward(
     }
     cx.sim.layer(None);
     let (ln_f_out, ln_f) = ops::layer_norm_fwd(cx);
-    let step = cx.sim.timeline().last().map_or(1, |t| t.step);
-    cx.sim.stage(step, "loss");
+    cx.sim.next_stage("loss");
     let (logits, lm_head) = ops::linear_fwd(cx, cx.r, c, cx.m.vocab_size, false, Logits);
     let nv = cx.n * cx.m.vocab_size;
     // cross_entropy = log_softmax + nll_loss. Under autocast (PyTorch 2.15) log_softmax runs in the logits'
@@ -473,8 +472,7 @@ pub fn backward(cx: &mut Ctx, f: Forward, attention: Attention) {
     let g_lnf = ops::linear_bwd(cx, g_logits, cx.p, true, f.lm_head, f.ln_f_out);
     let wte_grad = if lm_had_grads { None } else { cx.grads.pop() };
     let mut g = ops::layer_norm_bwd(cx, g_lnf, f.ln_f, f.x_last, cx.m.bias);
-    let step = cx.sim.timeline().last().map_or(1, |t| t.step);
-    cx.sim.stage(step, "backward");
+    cx.sim.next_stage("backward");
     for (l, s) in f.blocks.into_iter().enumerate().rev() {
         cx.sim.layer(Some(l as u32));
         let s = match s {

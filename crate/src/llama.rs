@@ -340,8 +340,7 @@ pub fn forward(cx: &mut Ctx, input_ids: Tensor, checkpointing: bool) -> Forward 
         cx.free(x);
         cx.free(x0);
     }
-    let step = cx.sim.timeline().last().map_or(1, |t| t.step);
-    cx.sim.stage(step, "loss");
+    cx.sim.next_stage("loss");
     let v = cx.m.vocab_size;
     let nv = cx.n * v;
     let (logits, lm_head) = ops::linear_fwd(cx, cx.r, c, v, false, Logits);
@@ -391,8 +390,7 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
         cx.grads.pop()
     };
     let mut g = ops::rms_norm_bwd(cx, g_hf, f.rmsf, f.x_last);
-    let step = cx.sim.timeline().last().map_or(1, |t| t.step);
-    cx.sim.stage(step, "backward");
+    cx.sim.next_stage("backward");
     let mut inputs = f.ckpt_inputs.into_iter().rev();
     for (l, saved) in f.layers.into_iter().enumerate().rev() {
         cx.sim.layer(Some(l as u32));

@@ -188,6 +188,11 @@ impl Sim {
         });
     }
 
+    /// Enters another stage of the step under way (the loss, then the backward through the blocks).
+    pub fn next_stage(&mut self, stage: &'static str) {
+        self.stage(self.phase.step, stage);
+    }
+
     pub fn layer(&mut self, layer: Option<u32>) {
         self.phase.layer = layer;
     }
