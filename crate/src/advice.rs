@@ -4,7 +4,7 @@
 use crate::error::Error;
 use crate::model::Setup;
 use crate::policy::{Attention, Optimizer, Precision};
-use crate::report::fmt_bytes;
+use crate::report::{fmt_bytes, Report};
 use crate::sweep::{largest_fitting, Axis};
 use serde::Serialize;
 
@@ -144,21 +144,27 @@ pub struct CompileComparison {
     pub sentence: String,
 }
 
-/// Eager vs compiled for the setup's model, whichever the setup uses; `None` where compile is not modelled
-/// (with checkpointing).
+/// Eager vs compiled for the setup, given its own estimate (`current`, from [`crate::estimate`]): only the other
+/// mode is estimated. `None` where compile is not modelled (with checkpointing).
 ///
 /// # Errors
 /// An invalid setup.
-pub fn compile_comparison(setup: &Setup) -> Result<Option<CompileComparison>, Error> {
-    setup.validate()?;
-    let mut eager = setup.clone();
-    eager.train.compile = false;
-    let mut compiled = setup.clone();
-    compiled.train.compile = true;
-    let Ok(c) = crate::estimate(&compiled) else {
-        return Ok(None);
+pub fn compile_comparison(
+    setup: &Setup,
+    current: &Report,
+) -> Result<Option<CompileComparison>, Error> {
+    let mut other = setup.clone();
+    other.train.compile = !setup.train.compile;
+    let other = match crate::estimate(&other) {
+        Ok(r) => r,
+        Err(Error::NotModelled { .. }) if !setup.train.compile => return Ok(None),
+        Err(e) => return Err(e),
     };
-    let e = crate::estimate(&eager)?;
+    let (e, c) = if setup.train.compile {
+        (&other, current)
+    } else {
+        (current, &other)
+    };
     let ce = c.components.items();
     // One pass: each component's saving and the largest (a sort or collect here would each be one more
     // generic instantiated in the wasm).
@@ -248,7 +254,8 @@ mod tests {
     #[test]
     fn compile_comparison_names_the_logits_for_the_founding_case() {
         let s = presets::founding();
-        let c = compile_comparison(&s).unwrap().unwrap();
+        let compare = |s: &Setup| compile_comparison(s, &crate::estimate(s).unwrap()).unwrap();
+        let c = compare(&s).unwrap();
         assert_eq!(
             c.compiled_peak_bytes,
             crate::estimate(&s).unwrap().peak_allocated_bytes
@@ -259,7 +266,7 @@ mod tests {
             c.eager_peak_bytes,
             crate::estimate(&eager).unwrap().peak_allocated_bytes
         );
-        assert_eq!(compile_comparison(&eager).unwrap().unwrap(), c);
+        assert_eq!(compare(&eager).unwrap(), c);
         assert!(c.compiled_peak_bytes < c.eager_peak_bytes);
         // The B x T x vocab buffers: eager holds fp16 logits, fp16 log-softmax, nll_loss's fp32 copy and its fp32
         // gradient (12 B per logit); compiled holds 8 B per logit. 4 B x 8192 x 50304 = 1.54 GiB.
@@ -294,9 +301,9 @@ mod tests {
         l.model = presets::model_preset("tinyllama-1.1b").unwrap().model;
         l.train.seq_len = 512;
         l.train.compile = false;
-        assert!(compile_comparison(&l).unwrap().is_some());
+        assert!(compare(&l).is_some());
         l.train.checkpointing = true;
-        assert_eq!(compile_comparison(&l).unwrap(), None);
+        assert_eq!(compare(&l), None);
     }
 
     #[test]

@@ -243,7 +243,7 @@ pub fn estimate(query: &str) -> Result<JsValue, JsError> {
             })
             .collect(),
         notes: r.notes.clone(),
-        compare: advice::compile_comparison(&s)
+        compare: advice::compile_comparison(&s, &r)
             .map_err(js_err)?
             .map(|c| CompareDto {
                 eager: fmt_bytes(c.eager_peak_bytes),

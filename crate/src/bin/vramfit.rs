@@ -420,7 +420,7 @@ fn table(setup: &Setup, r: &vramfit::Report, notes: &[String]) -> String {
     );
     out.push('\n');
     outln!(out, "  {}", r.largest_item_sentence(setup));
-    if let Ok(Some(c)) = vramfit::advice::compile_comparison(setup) {
+    if let Ok(Some(c)) = vramfit::advice::compile_comparison(setup, r) {
         outln!(out, "  {}", c.sentence);
     }
     out.push('\n');
