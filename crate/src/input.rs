@@ -848,19 +848,9 @@ pub fn nanogpt_config(text: &str) -> Result<NanoGptImport, Error> {
         source: vocab_source,
     });
     let setup = Setup {
-        model: ModelConfig {
-            family: Family::Gpt2,
-            n_layer,
-            n_head,
-            n_kv_head: n_head,
-            n_embd,
-            block_size,
-            vocab_size,
-            bias,
-            dropout,
-            intermediate_size: n_embd.saturating_mul(4),
-            tie_embeddings: true,
-        },
+        model: ModelConfig::nanogpt(
+            n_layer, n_head, n_embd, block_size, vocab_size, bias, dropout,
+        ),
         train: TrainConfig {
             batch_size,
             seq_len: block_size,

@@ -56,6 +56,33 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// nanoGPT's GPT: what its architecture fixes (one KV head per head, MLP 4 x n_embd, tied LM head) around
+    /// the dims a config chooses.
+    pub fn nanogpt(
+        n_layer: u64,
+        n_head: u64,
+        n_embd: u64,
+        block_size: u64,
+        vocab_size: u64,
+        bias: bool,
+        dropout: f64,
+    ) -> ModelConfig {
+        ModelConfig {
+            family: Family::Gpt2,
+            n_layer,
+            n_head,
+            n_kv_head: n_head,
+            n_embd,
+            block_size,
+            vocab_size,
+            bias,
+            dropout,
+            // Saturating: a config's n_embd is unchecked here; validation rejects what would not fit.
+            intermediate_size: n_embd.saturating_mul(4),
+            tie_embeddings: true,
+        }
+    }
+
     pub fn head_dim(&self) -> u64 {
         self.n_embd / self.n_head
     }
@@ -388,19 +415,7 @@ mod tests {
     use super::*;
 
     fn gpt2_124m() -> ModelConfig {
-        ModelConfig {
-            family: Family::Gpt2,
-            n_layer: 12,
-            n_head: 12,
-            n_kv_head: 12,
-            n_embd: 768,
-            block_size: 1024,
-            vocab_size: 50304,
-            bias: true,
-            dropout: 0.0,
-            intermediate_size: 3072,
-            tie_embeddings: true,
-        }
+        ModelConfig::nanogpt(12, 12, 768, 1024, 50304, true, 0.0)
     }
 
     #[test]

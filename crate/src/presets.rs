@@ -15,19 +15,7 @@ pub struct ModelPreset {
 /// nanoGPT's GPT trained at full context with bf16 autocast and fused AdamW (train.py's choices on a recent GPU).
 fn gpt2(n_layer: u64, n_head: u64, n_embd: u64, block: u64, vocab: u64, bias: bool) -> Setup {
     Setup {
-        model: ModelConfig {
-            family: Family::Gpt2,
-            n_layer,
-            n_head,
-            n_kv_head: n_head,
-            n_embd,
-            block_size: block,
-            vocab_size: vocab,
-            bias,
-            dropout: 0.0,
-            intermediate_size: 4 * n_embd,
-            tie_embeddings: true,
-        },
+        model: ModelConfig::nanogpt(n_layer, n_head, n_embd, block, vocab, bias, 0.0),
         // nanoGPT's train.py compiles the model by default (`compile = True`).
         train: TrainConfig {
             compile: true,
