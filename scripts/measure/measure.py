@@ -443,7 +443,7 @@ def run_case(case):
             model = GPT(m, tr.get("attention", "sdpa"), tr.get("checkpointing", False), tracker)
         else:
             tracker.compiled = compiled
-        model = build_llama(m, tr.get("checkpointing", False), tracker)
+            model = build_llama(m, tr.get("checkpointing", False), tracker)
     torch.set_default_dtype(old_dtype)
     model.train()
 
