@@ -62,7 +62,8 @@ ROUND = 512  # CUDA caching allocator: every block is a multiple of 512 B (kMinB
 # cuBLAS workspace: one per (handle, stream); the forward thread and the autograd engine's device thread each
 # have their own handle. PyTorch's default CUBLAS_WORKSPACE_CONFIG is ":4096:8:16:8" on sm_90 and newer
 # (4096 KiB x 8 + 16 KiB x 8) and ":4096:2:16:8" before (CUDABlasHandlePool.cpp, getChosenWorkspaceSize).
-CUBLAS_WORKSPACE_SM90 = 4096 * 1024 * 8 + 16 * 1024 * 8
+def cublas_workspace_bytes():
+    return 4096 * 1024 * (8 if torch.cuda.get_device_capability()[0] >= 9 else 2) + 16 * 1024 * 8
 
 
 TRACE = [] if os.environ.get("VRAMFIT_TRACE") else None
@@ -78,9 +79,89 @@ def rup(n, m=ROUND):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The self-check: a hook on FakeTensor's constructor sees every CUDA storage the program's FakeTensorMode creates,
+# independently of the tracker (whose view is the dispatch of ops while it is an active mode). A storage that dies,
+# or is still alive at the end, without the tracker having seen it is memory the figures would miss: the run fails.
+CREATED = {}  # id(storage) -> [where it was created, seen by the tracker]
+IN_OP = threading.local()  # depth of ops the tracker is running, per thread (the autograd engine has its own)
+WATCH = {"mode": None, "created": 0, "unseen": []}
+
+
+def watch_storages(mode, tracker):
+    from torch._subclasses.fake_tensor import FakeTensor
+    WATCH.update(mode=mode, tracker=tracker, created=0, inside_ops={}, unseen=[])
+    CREATED.clear()
+    if "new" in WATCH:
+        return
+    WATCH["new"] = orig = FakeTensor.__new__
+
+    def gone(key):
+        rec = CREATED.pop(key, None)
+        if rec is not None and not rec[1]:
+            if rec[2]:
+                WATCH["inside_ops"][rec[2]] = WATCH["inside_ops"].get(rec[2], 0) + 1
+            else:
+                WATCH["unseen"].append(rec[0])
+
+    def new(cls, fake_mode, elem, device, *args, **kwargs):
+        t = orig(cls, fake_mode, elem, device, *args, **kwargs)
+        if fake_mode is WATCH["mode"] and not WATCH.get("synth") and t.device.type == "cuda":
+            st = t.untyped_storage()
+            key = id(st)
+            if st.nbytes() and key not in CREATED:
+                # Made while an op the tracker dispatched runs (`inside`): its output, tracked when the op returns,
+                # or a temporary of the op's fake implementation (e.g. the meta tensor of uniform_'s
+                # decomposition), which a CUDA kernel never allocates. Made anywhere else: out of the tracker's view.
+                inside = getattr(IN_OP, "name", None) if getattr(IN_OP, "depth", 0) else None
+                WATCH["created"] += 1
+                where = f"{WATCH['tracker'].phase}: {st.nbytes()} B, shape {tuple(t.shape)} {t.dtype}"
+                if os.environ.get("VRAMFIT_SELF_CHECK_STACKS"):
+                    import traceback
+                    where += "\n" + "".join(traceback.format_stack(limit=12))
+                CREATED[key] = [where, False, inside]
+                weakref.finalize(st, gone, key)
+        return t
+
+    FakeTensor.__new__ = new
+    # FakeTensorMode's dispatch cache builds a throwaway output to validate a new cache entry: not the program's.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    info = FakeTensorMode._get_output_info_for_cache_entry
+
+    def output_info(self, *args, **kwargs):
+        WATCH["synth"] = True
+        try:
+            return info(self, *args, **kwargs)
+        finally:
+            WATCH["synth"] = False
+
+    FakeTensorMode._get_output_info_for_cache_entry = output_info
+
+
+def self_check():
+    """The storages created outside the tracker's view (none, or the run fails), and how many were created."""
+    unseen = WATCH["unseen"] + [rec[0] for rec in CREATED.values() if not rec[1] and not rec[2]]
+    if unseen:
+        raise SystemExit(f"self-check failed: {len(unseen)} of {WATCH['created']} CUDA storages were created "
+                         "outside the tracker's view:\n  " + "\n  ".join(unseen[:20]))
+    internal = dict(WATCH["inside_ops"])
+    for rec in CREATED.values():
+        if not rec[1] and rec[2]:
+            internal[rec[2]] = internal.get(rec[2], 0) + 1
+    return {"cuda_storages": WATCH["created"], "tracked": WATCH["created"] - sum(internal.values()),
+            "outside_the_tracker": 0, "fake_implementation_temporaries_by_op": dict(sorted(internal.items()))}
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The memory tracker.
 class Tracker(TorchDispatchMode):
     MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "addmv", "mv"}
+
+    @classmethod
+    def ignore_compile_internals(cls):
+        # torch.compile: Dynamo, AOTAutograd and Inductor run with this mode off (their fake tensors are not the
+        # program's memory) and the compiled artifacts run with it on; everything else of the step (eager ops,
+        # the autograd engine between graphs, the optimizer) is seen as it happens.
+        return True
 
     def __init__(self):
         super().__init__()
@@ -129,6 +210,9 @@ class Tracker(TorchDispatchMode):
             return
         st = t.untyped_storage()
         key = id(st)
+        seen = CREATED.get(key)
+        if seen is not None:
+            seen[1] = True
         if key in self.records:
             return
         nbytes = rup(st.nbytes())
@@ -144,10 +228,15 @@ class Tracker(TorchDispatchMode):
             tid = threading.get_ident()
             if tid not in self.threads_with_workspace:
                 self.threads_with_workspace.add(tid)
-                self.hidden_alloc("cublas_workspace", CUBLAS_WORKSPACE_SM90, transient=False)
+                self.hidden_alloc("cublas_workspace", cublas_workspace_bytes(), transient=False)
         if self.enabled:
             self.before_kernel(name, args)
-        out = func(*args, **kwargs)
+        IN_OP.depth, outer = getattr(IN_OP, "depth", 0) + 1, getattr(IN_OP, "name", None)
+        IN_OP.name = name
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            IN_OP.depth, IN_OP.name = IN_OP.depth - 1, outer
         if self.enabled:
             for t in tree_flatten(out)[0]:
                 self.track(t, name)
@@ -214,28 +303,26 @@ def sdpa_as_cuda(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=
 
 
 # --------------------------------------------------------------------------------------------------------------
-# torch.compile without a GPU: Inductor compiles for sm_90 and its generated wrapper runs on fake CUDA tensors.
-# What had to change (each is a no-op for memory):
-#   * Inductor's joint-graph pattern passes and constant folding run real CUDA kernels on small tensors at compile
-#     time: off (the attention-fusion patterns do not apply to nanoGPT's SDPA call, which is already one op).
+# torch.compile without a GPU: Inductor compiles for the stub's compute capability and its generated wrapper runs on
+# fake CUDA tensors. Inductor's settings are its defaults (pattern passes, joint-graph constant folding, pad_mm
+# included), except what cannot run without a GPU, each a no-op for memory:
 #   * Triton kernels compile (ptxas needs no GPU) but never run: the autotuner's run/precompile do nothing.
 #   * The wrapper's helpers that touch raw memory (empty_strided_cuda, reinterpret_tensor, alignment and
 #     stride asserts) become their fake-tensor equivalents, so every buffer the wrapper allocates is a fake
 #     storage the tracker sees, and every `del bufN` / `bufM = bufN  # reuse` is replayed as written.
-#   * The tracker is not an active mode while Dynamo traces (Dynamo would fall back to eager); it is entered
-#     inside each compiled graph's call and around the eager parts of the loop.
+#   * The backward graph is compiled with the forward (AOTAutograd's force_non_lazy_backward_lowering), while
+#     Dynamo has every mode off: the same graph, compiled earlier.
+#   * The tracker says `ignore_compile_internals`: Dynamo, AOTAutograd and Inductor trace with it off and the
+#     compiled graphs run with it on, as does everything between them (the autograd engine included).
 #   * cuDNN attention is disabled so that the fake backend chooser follows CUDA's priority (flash first).
 def prepare_fake_inductor(tracker):
     import torch._inductor.config as ic
-    import torch._inductor.fx_passes.joint_graph as jg
+    import torch._functorch.config as fc
     import torch._C._dynamo.guards as guards
-    from torch._inductor import output_code
     from torch._inductor.runtime import triton_heuristics as th
     ic.compile_threads = 1
     ic.force_disable_caches = True  # every run compiles under the settings above, never from an earlier cache
-    ic.pattern_matcher = False
-    ic.joint_graph_constant_folding = False
-    jg.lazy_init = lambda *a, **k: None
+    fc.force_non_lazy_backward_lowering = True
     th.CachingAutotuner.run = lambda self, *a, **k: None
     th.CachingAutotuner.precompile = lambda self, *a, **k: None
     guards._empty_strided_cuda = lambda size, stride, dtype: torch.empty_strided(size, stride, dtype=dtype,
@@ -246,33 +333,66 @@ def prepare_fake_inductor(tracker):
     guards.assert_size_stride = lambda *a, **k: None
     guards.assert_alignment = lambda *a, **k: None
     torch.backends.cuda.enable_cudnn_sdp(False)
-    _CURRENT["tracker"] = tracker
-    if "call" not in _CURRENT:
-        _CURRENT["call"] = output_code.CompiledFxGraph.__call__
+    # pad_mm pads a matmul whose sizes are not multiples of 8 (2-byte) or 4 (fp32) elements only when it is
+    # compute-bound and a benchmark on the GPU finds the padded one more than 10% faster. Without a GPU the
+    # benchmark answers equal times: not padded. Each record counts the matmuls decided this way
+    # ("pad_mm_benchmarks"); only vocabulary or widths off those multiples can have any.
+    import torch._inductor.fx_passes.pad_mm as pm
+    PAD_MM["benchmarks"] = 0
 
-        def tracked(self, inputs):
-            with _CURRENT["tracker"]:
-                return _CURRENT["call"](self, inputs)
+    def bench(fn, **kwargs):
+        PAD_MM["benchmarks"] += 1
+        return 1.0
 
-        output_code.CompiledFxGraph.__call__ = tracked
+    pm.get_do_bench = lambda: bench
+    # The pattern passes' initialisation traces its patterns under a FakeTensorMode of its own, but one example
+    # input is `torch.tensor(2.0, device="cuda")` (fuse_attention.py), which copies a real host scalar to the
+    # device below every mode (and a constant-valued fake would be moved by a real copy too). Under a
+    # FakeTensorMode, make a fake CUDA tensor of the same shape and dtype; no value is read from it.
+    if "tensor" not in _ORIG:
+        _ORIG["tensor"] = torch.tensor
+
+        def tensor(data, *args, device=None, requires_grad=False, **kwargs):
+            fake_mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
+            if fake_mode is None or device is None or torch.device(device).type != "cuda":
+                return _ORIG["tensor"](data, *args, device=device, requires_grad=requires_grad, **kwargs)
+            host = _ORIG["tensor"](data, *args, **kwargs)
+            return torch.empty(host.shape, dtype=host.dtype, device=device, requires_grad=requires_grad)
+
+        torch.tensor = tensor
+    # Joint-graph constant folding finds tensors of one uniform value by running the ops of constant subgraphs
+    # on real one-element tensors (UniformValueConstantFolder._deduce_value). It reads only their values, and
+    # the `full` it puts in their place takes its device from the graph: run those one-element ops on the host.
+    if "deduce" not in _ORIG:
+        import torch._inductor.fx_passes.joint_graph as jg
+        _ORIG["deduce"] = jg.UniformValueConstantFolder._deduce_value
+
+        def deduce(self, node):
+            with OnHost():
+                return _ORIG["deduce"](self, node)
+
+        jg.UniformValueConstantFolder._deduce_value = deduce
 
 
-_CURRENT = {}
+_ORIG = {}
+PAD_MM = {"benchmarks": 0}
 
 
-class Untracked:
-    """Leaves the tracker's mode for a region (Dynamo's entry into a compiled model)."""
+class OnHost(TorchDispatchMode):
+    """Runs ops asked for on CUDA on the host instead (compile-time constants only; see prepare_fake_inductor)."""
 
-    def __init__(self, tracker, active):
-        self.tracker, self.active = tracker, active
+    @staticmethod
+    def host(x):
+        if isinstance(x, torch.device) and x.type == "cuda":
+            return torch.device("cpu")
+        if isinstance(x, str) and x.startswith("cuda"):
+            return "cpu"
+        return x
 
-    def __enter__(self):
-        if self.active:
-            self.tracker.__exit__(None, None, None)
-
-    def __exit__(self, *exc):
-        if self.active:
-            self.tracker.__enter__()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        args = [self.host(a) for a in args]
+        kwargs = {k: self.host(v) for k, v in (kwargs or {}).items()}
+        return func(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -421,6 +541,7 @@ def run_case(case):
         fake = FakeTensorMode(allow_non_fake_inputs=False)
         fake.__enter__()
         ctxs.append(fake)
+        watch_storages(fake, tracker)
         if compiled:
             # A fresh Dynamo cache for every case: cases share GPT.forward's code object, and Dynamo's
             # recompile limit would otherwise send later cases to eager mode.
@@ -473,7 +594,6 @@ def run_case(case):
         import types
         model.tracker = types.SimpleNamespace(set_sub=lambda s: None)
         model = torch.compile(model)
-    untracked = Untracked(tracker, compiled)
 
     amp_dtype = {"fp16-amp": torch.float16, "bf16-amp": torch.bfloat16}.get(precision)
     scaler = torch.amp.GradScaler("cuda", enabled=(precision == "fp16-amp"))
@@ -499,14 +619,13 @@ def run_case(case):
         for step in (1, 2, 3):
             for micro in range(accum):
                 tracker.phase = f"step{step}:forward"
-                with autocast(), untracked:
+                with autocast():
                     logits, loss = model(X, Y)
                 with autocast():
                     loss = loss / accum
                 X, Y = get_batch()
                 tracker.phase = f"step{step}:backward"
-                with untracked:
-                    scaler.scale(loss).backward()
+                scaler.scale(loss).backward()
             tracker.phase = f"step{step}:optimizer"
             if grad_clip:
                 scaler.unscale_(opt)
@@ -519,13 +638,12 @@ def run_case(case):
             for micro in range(accum):
                 x, y = get_batch()
                 tracker.phase = f"step{step}:forward"
-                with autocast(), untracked:
+                with autocast():
                     loss = model(input_ids=x, labels=y).loss
                 with autocast():
                     loss = loss / accum
                 tracker.phase = f"step{step}:backward"
-                with untracked:
-                    scaler.scale(loss).backward()
+                scaler.scale(loss).backward()
                 del loss, x, y
             tracker.phase = f"step{step}:optimizer"
             if grad_clip:
@@ -555,6 +673,7 @@ def run_case(case):
             c = phase.split(":", 1)[-1] + ":" + op
         cats[c] = cats.get(c, 0) + nbytes
     tracker.__exit__(None, None, None)
+    checked = self_check() if FAKE else None
     for c in reversed(ctxs):
         c.__exit__(None, None, None)
     F.scaled_dot_product_attention = _orig_sdpa
@@ -574,6 +693,8 @@ def run_case(case):
         "step_peaks": tracker.step_peaks,
         "at_peak": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
         "hidden_allocations": sorted({h["name"] for h in tracker.hidden}),
+        **({"self_check": checked} if checked else {}),
+        **({"pad_mm_benchmark_calls": PAD_MM["benchmarks"]} if compiled and FAKE else {}),
     }
 
 
@@ -597,12 +718,20 @@ def main():
     for case in cases:
         if (only and case["name"] != only) or (not only and case["name"] in done):
             continue
+        # The device a case names (its compute capability) is the one the stub simulates (VRAMFIT_STUB_CC):
+        # sm_90 unless the case says otherwise.
+        cc = case.get("device", {}).get("compute_capability", 9.0)
+        if FAKE and torch.cuda.get_device_capability() != (int(cc), round(cc * 10) % 10):
+            raise SystemExit(f"{case['name']} is for sm_{round(cc * 10)}: run it with VRAMFIT_STUB_CC="
+                             f"{round(cc * 10)} (the stub simulates sm_%d%d)" % torch.cuda.get_device_capability())
         measured = run_case(case)
-        rec = {"name": case["name"], "setup": {"model": case["model"], "train": case["train"]},
+        rec = {"name": case["name"], "setup": {"model": case["model"], "train": case["train"],
+                                               **({"device": case["device"]} if "device" in case else {})},
                "measured": measured,
                "method": "fake-cuda" if FAKE else "cuda",
                "torch_version": torch.__version__,
-               "device": "simulated sm_90 (H100-class) CUDA device, cuBLAS workspace 32 MiB + 128 KiB per thread"
+               "device": "simulated sm_%d%d CUDA device, cuBLAS workspace %d KiB per thread"
+               % (*torch.cuda.get_device_capability(), cublas_workspace_bytes() // 1024)
                if FAKE else torch.cuda.get_device_name()}
         results["records"] = [r for r in results["records"] if r["name"] != case["name"]] + [rec]
         print(f"{case['name']:40s} peak {measured['peak_allocated_bytes'] / 2**20:10.2f} MiB at "
