@@ -57,6 +57,10 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
 FAKE = not os.environ.get("VRAMFIT_REAL_CUDA")
+# The stub-cuda method (stub_cuda.py, measure_stub.py) runs the program as people run it: no dispatch mode.
+TRACK = FAKE or not os.environ.get("VRAMFIT_NO_TRACKER")
+# Called with the step number after each optimizer step's zero_grad (measure_stub.py reads PyTorch's counters).
+STEP_HOOK = [None]
 ROUND = 512  # CUDA caching allocator: every block is a multiple of 512 B (kMinBlockSize)
 
 # cuBLAS workspace: one per (handle, stream); the forward thread and the autograd engine's device thread each
@@ -334,17 +338,18 @@ def prepare_fake_inductor(tracker):
     guards.assert_alignment = lambda *a, **k: None
     torch.backends.cuda.enable_cudnn_sdp(False)
     # pad_mm pads a matmul whose sizes are not multiples of 8 (2-byte) or 4 (fp32) elements only when it is
-    # compute-bound and a benchmark on the GPU finds the padded one more than 10% faster. Without a GPU the
-    # benchmark answers equal times: not padded. Each record counts the matmuls decided this way
-    # ("pad_mm_benchmarks"); only vocabulary or widths off those multiples can have any.
+    # compute-bound and a benchmark on the GPU (on random tensors it makes real) finds the padded one more than
+    # 10% faster. Without a GPU that decision (pad_mm._should_pad, whose only other answers are "no") answers
+    # "not padded", as a benchmark with equal times would. Each record counts the matmuls decided this way
+    # ("pad_mm_decisions"); only vocabulary or widths off those multiples can have any.
     import torch._inductor.fx_passes.pad_mm as pm
-    PAD_MM["benchmarks"] = 0
+    PAD_MM["decisions"] = 0
 
-    def bench(fn, **kwargs):
-        PAD_MM["benchmarks"] += 1
-        return 1.0
+    def should_pad(*args, **kwargs):
+        PAD_MM["decisions"] += 1
+        return False
 
-    pm.get_do_bench = lambda: bench
+    pm._should_pad = should_pad
     # The pattern passes' initialisation traces its patterns under a FakeTensorMode of its own, but one example
     # input is `torch.tensor(2.0, device="cuda")` (fuse_attention.py), which copies a real host scalar to the
     # device below every mode (and a constant-valued fake would be moved by a real copy too). Under a
@@ -375,7 +380,7 @@ def prepare_fake_inductor(tracker):
 
 
 _ORIG = {}
-PAD_MM = {"benchmarks": 0}
+PAD_MM = {"decisions": 0}
 
 
 class OnHost(TorchDispatchMode):
@@ -554,7 +559,8 @@ def run_case(case):
     if not FAKE:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    tracker.__enter__()
+    if TRACK:
+        tracker.__enter__()
     dev = "cuda"
     # Built directly on the device, in its training dtype (pure bf16 builds in bf16 rather than converting).
     old_dtype = torch.get_default_dtype()
@@ -633,6 +639,8 @@ def run_case(case):
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=tr.get("zero_grad_set_to_none", True))
+            if STEP_HOOK[0]:
+                STEP_HOOK[0](step)
     else:
         for step in (1, 2, 3):
             for micro in range(accum):
@@ -652,6 +660,8 @@ def run_case(case):
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=tr.get("zero_grad_set_to_none", True))
+            if STEP_HOOK[0]:
+                STEP_HOOK[0](step)
 
     # Categorise the live storages at the peak.
     param_ids = {id(p.untyped_storage()) for p in model.parameters()}
@@ -672,7 +682,8 @@ def run_case(case):
         else:
             c = phase.split(":", 1)[-1] + ":" + op
         cats[c] = cats.get(c, 0) + nbytes
-    tracker.__exit__(None, None, None)
+    if TRACK:
+        tracker.__exit__(None, None, None)
     checked = self_check() if FAKE else None
     for c in reversed(ctxs):
         c.__exit__(None, None, None)
@@ -694,7 +705,7 @@ def run_case(case):
         "at_peak": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
         "hidden_allocations": sorted({h["name"] for h in tracker.hidden}),
         **({"self_check": checked} if checked else {}),
-        **({"pad_mm_benchmark_calls": PAD_MM["benchmarks"]} if compiled and FAKE else {}),
+        **({"pad_mm_decisions": PAD_MM["decisions"]} if compiled and FAKE else {}),
     }
 
 
@@ -722,8 +733,9 @@ def main():
         # sm_90 unless the case says otherwise.
         cc = case.get("device", {}).get("compute_capability", 9.0)
         if FAKE and torch.cuda.get_device_capability() != (int(cc), round(cc * 10) % 10):
-            raise SystemExit(f"{case['name']} is for sm_{round(cc * 10)}: run it with VRAMFIT_STUB_CC="
-                             f"{round(cc * 10)} (the stub simulates sm_%d%d)" % torch.cuda.get_device_capability())
+            print(f"{case['name']:40s} skipped: it is for sm_{round(cc * 10)}, the stub simulates sm_%d%d (run it "
+                  f"with VRAMFIT_STUB_CC={round(cc * 10)})" % torch.cuda.get_device_capability(), flush=True)
+            continue
         measured = run_case(case)
         rec = {"name": case["name"], "setup": {"model": case["model"], "train": case["train"],
                                                **({"device": case["device"]} if "device" in case else {})},
