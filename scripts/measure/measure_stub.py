@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""The stub-cuda method: each reference case run as people run it, with PyTorch's real CUDA code and its real
+caching allocator, on a GPU that does not exist (stub_cuda.py, stubs/). The figures are PyTorch's own counters:
+torch.cuda.max_memory_allocated(), max_memory_reserved() and memory_stats(), read after each of three steps.
+
+Usage:  measure_stub.py CASES.json OUT.json [--only NAME] [--snapshots DIR] [--redo]
+
+Each case runs in its own process on a device with the case's compute capability (its "device" entry; sm_90
+otherwise), that GPU's SM count and memory (stubs/driver.c). Models, inputs and the training loop are
+measure.py's (nanoGPT's train.py loop, a plain Hugging Face loop), with no dispatch mode or tracker in the way.
+What the method changes in the program, and why each change moves no byte:
+  * cuDNN attention is off (cuDNN cannot be stubbed: cudnnCreate needs the driver's private export table), so
+    SDPA takes PyTorch's next choice, FlashAttention-2 (or memory-efficient attention where flash does not apply).
+    On sm_90 a real run would pick cuDNN first: records say which backend they assume.
+  * Values read back from the device are zeros. GradScaler therefore never skips a step (finite gradients, as in
+    a healthy run), and Hugging Face's packed-sequence check, which reads position_ids back, is answered as a GPU
+    answers it for the plain arange positions the loop passes (not packed) instead of as all-zero positions.
+  * Kernels do not run; autotuning sees every candidate take the same time (its allocations still happen).
+Only this script needs PyTorch; vramfit and its tests never do.
+"""
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+STUB_CACHE = os.path.join(ROOT, ".venv-measure", "stub-cuda")
+
+# The GPU the stub simulates for a compute capability (must agree with stubs/driver.c's dev_defaults).
+GPUS = {"9.0": ("NVIDIA H100 80GB HBM3", 132, 80 << 10), "8.9": ("NVIDIA GeForce RTX 4070", 46, 12 << 10),
+        "8.6": ("NVIDIA GeForce RTX 3090", 82, 24 << 10), "8.0": ("NVIDIA A100-SXM4-80GB", 108, 80 << 10)}
+
+
+def child(case, snapshot_path):
+    import stub_cuda
+    stub_cuda.preload(stub_cuda.build(STUB_CACHE))
+    os.environ["VRAMFIT_REAL_CUDA"] = "1"   # measure.py: real CUDA tensors, PyTorch's counters
+    os.environ["VRAMFIT_NO_TRACKER"] = "1"  # measure.py: no dispatch mode
+    import torch
+    import measure
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        import transformers.masking_utils as mu
+        mu.find_packed_sequence_indices = lambda *a, **k: None
+    except ImportError:
+        pass
+    steps = []
+
+    def after_step(step):
+        torch.cuda.synchronize()
+        st = torch.cuda.memory_stats()
+        steps.append({"step": step,
+                      "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+                      "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+                      "peak_segments": st.get("segment.all.peak", 0),
+                      "allocated_bytes_after": torch.cuda.memory_allocated(),
+                      "reserved_bytes_after": torch.cuda.memory_reserved()})
+        torch.cuda.reset_peak_memory_stats()
+
+    measure.STEP_HOOK[0] = after_step
+    if snapshot_path:
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    out = measure.run_case(case)
+    if snapshot_path:
+        torch.cuda.memory._dump_snapshot(snapshot_path)
+        torch.cuda.memory._record_memory_history(enabled=None)
+    st = torch.cuda.memory_stats()
+    import transformers
+    import triton
+    cc = torch.cuda.get_device_capability()
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "measured": {
+            "peak_allocated_bytes": max(s["peak_allocated_bytes"] for s in steps),
+            "peak_reserved_bytes": max(s["peak_reserved_bytes"] for s in steps),
+            "peak_segments": max(s["peak_segments"] for s in steps),
+            "num_alloc_retries": st.get("num_alloc_retries", 0),
+            "num_ooms": st.get("num_ooms", 0),
+            "num_device_alloc": st.get("num_device_alloc", 0),
+            "steps": steps,
+            "n_params": out["n_params"],
+        },
+        "method": "stub-cuda",
+        "torch_version": torch.__version__,
+        "versions": {"transformers": transformers.__version__, "triton": triton.__version__},
+        "device": {"name": props.name, "compute_capability": f"{cc[0]}.{cc[1]}",
+                   "multiprocessors": props.multi_processor_count, "memory_bytes": props.total_memory},
+        "sdpa_backends": "cuDNN attention off (not stubbable): flash, else memory-efficient, else math",
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+    }
+
+
+def main():
+    args = sys.argv[1:]
+    if args and args[0] == "--child":
+        case = json.loads(args[1])
+        rec = child(case, args[2] if len(args) > 2 and args[2] else None)
+        print("VRAMFIT-RECORD " + json.dumps(rec), flush=True)
+        return
+    cases = json.load(open(args[0]))
+    out_path = args[1]
+    only = args[args.index("--only") + 1] if "--only" in args else None
+    snaps = args[args.index("--snapshots") + 1] if "--snapshots" in args else None
+    redo = "--redo" in args
+    results = json.load(open(out_path)) if os.path.exists(out_path) else {"records": []}
+    done = {r["name"] for r in results["records"]}
+    for case in cases:
+        if only and case["name"] not in only.split(","):
+            continue
+        if not only and not redo and case["name"] in done:
+            continue
+        cc = "%.1f" % case.get("device", {}).get("compute_capability", 9.0)
+        name, sms, mem_mib = GPUS.get(cc, GPUS["9.0"])
+        env = dict(os.environ, VRAMFIT_STUB_CC=cc, VRAMFIT_STUB_SMS=str(sms), VRAMFIT_STUB_MEM_MIB=str(mem_mib),
+                   PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        if "memory_gib" in case.get("device", {}):
+            env["VRAMFIT_STUB_MEM_MIB"] = str(int(case["device"]["memory_gib"] * 1024))
+        snap = os.path.join(snaps, case["name"] + ".pickle") if snaps else ""
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(case), snap],
+                           env=env, capture_output=True, text=True)
+        lines = [l for l in p.stdout.splitlines() if l.startswith("VRAMFIT-RECORD ")]
+        if p.returncode != 0 or not lines:
+            print(f"{case['name']:40s} FAILED (exit {p.returncode})\n{p.stderr[-3000:]}", flush=True)
+            continue
+        rec = {"name": case["name"], "setup": {"model": case["model"], "train": case["train"],
+                                               **({"device": case["device"]} if "device" in case else {})},
+               **json.loads(lines[-1][len("VRAMFIT-RECORD "):])}
+        if snap:
+            subprocess.run(["gzip", "-9f", snap], check=True)
+            rec["snapshot"] = os.path.relpath(snap + ".gz", os.path.dirname(os.path.abspath(out_path)))
+        results["records"] = [r for r in results["records"] if r["name"] != case["name"]] + [rec]
+        m = rec["measured"]
+        print(f"{case['name']:40s} allocated {m['peak_allocated_bytes'] / 2**20:10.2f} MiB  reserved "
+              f"{m['peak_reserved_bytes'] / 2**20:10.2f} MiB  segments {m['peak_segments']}", flush=True)
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
