@@ -105,9 +105,10 @@ def main():
     redo = "--redo" in args
     results = json.load(open(out_path)) if os.path.exists(out_path) else {"records": []}
     done = {r["name"] for r in results["records"]}
+    if only:  # in the order given
+        by_name = {c["name"]: c for c in cases}
+        cases = [by_name[n] for n in only.split(",") if n in by_name]
     for case in cases:
-        if only and case["name"] not in only.split(","):
-            continue
         if not only and not redo and case["name"] in done:
             continue
         cc = "%.1f" % case.get("device", {}).get("compute_capability", 9.0)
