@@ -5,8 +5,9 @@
 //! `torch.cuda.max_memory_allocated()` would show. It is checked against measurements in `tests/data/`.
 //!
 //! Reading order: `error`, `model` (setup types), `policy` (precision, optimizer, attention), `input` (JSON and
-//! config-file readers), `sim` (the allocator timeline), `tensors` (per-op byte counts), `gpt2` / `llama` (one
-//! micro-step each), `step` (the run), `report`, `sweep`.
+//! config-file readers), `allocator` (PyTorch's caching allocator), `sim` (the allocation timeline, which drives
+//! it), `tensors` (per-op byte counts), `gpt2` / `llama` (one micro-step each), `step` (the run), `report`,
+//! `sweep`.
 //!
 //! # Example
 //! ```
@@ -19,6 +20,7 @@
 //! ```
 
 pub mod advice;
+pub mod allocator;
 pub mod compiled;
 pub mod error;
 pub mod fuzzing;

@@ -100,20 +100,32 @@ pub const CUDA_CONTEXT_BYTES_TYPICAL: u64 = 500 << 20;
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 pub struct Peaks {
     pub peak_allocated_bytes: u64,
+    /// The caching allocator's peak reserved memory (see `allocator`).
     pub peak_reserved_bytes: u64,
     pub device_total_bytes: u64,
+    /// The most `cudaMalloc` segments held at once (`memory_stats()["segment.all.peak"]`).
+    pub n_segments: u64,
+    /// Allocations that had to release the allocator's whole cache and retry (`num_alloc_retries`).
+    pub n_alloc_retries: u64,
+    /// Whether an allocation failed within the device's memory (`num_ooms` > 0): the run would stop with
+    /// `torch.OutOfMemoryError`. The figures then go on as if the device were larger.
+    pub oom: bool,
 }
 
 impl Peaks {
     pub(crate) fn from_sim(sim: &Sim) -> Peaks {
         let allocated = sim.peak().bytes;
-        // Reserved: the allocator never holds less than the segment footprint of what is live; fragmentation of
-        // cached blocks comes on top and is not modelled.
-        let reserved = sim.peak_segment_bytes().max(allocated);
+        let stats = sim.allocator().stats();
+        // The allocator holds at least what is live; the floor only matters for a request too large for any
+        // device, which the allocator refuses outright.
+        let reserved = stats.reserved_bytes.peak.max(allocated);
         Peaks {
             peak_allocated_bytes: allocated,
             peak_reserved_bytes: reserved,
             device_total_bytes: reserved + CUDA_CONTEXT_BYTES_TYPICAL,
+            n_segments: stats.segments.peak,
+            n_alloc_retries: stats.n_alloc_retries,
+            oom: stats.n_ooms > 0,
         }
     }
 }
@@ -124,7 +136,7 @@ pub struct Report {
     pub n_params: u64,
     /// What `torch.cuda.max_memory_allocated()` reports after a few steps.
     pub peak_allocated_bytes: u64,
-    /// Modelled `torch.cuda.max_memory_reserved()`: see `Sim::peak_segment_bytes`.
+    /// Modelled `torch.cuda.max_memory_reserved()`: the caching allocator replayed over the run (`allocator`).
     pub peak_reserved_bytes: u64,
     /// Reserved plus the typical CUDA context: what nvidia-smi would show for the process.
     pub device_total_bytes: u64,
@@ -140,6 +152,10 @@ pub struct Report {
     pub timeline: Vec<Stage>,
     /// Device memory given in the setup (0 when none).
     pub device_memory_bytes: u64,
+    /// See `Peaks`: segments at most, allocation retries, and whether the allocator ran out of memory.
+    pub n_segments: u64,
+    pub n_alloc_retries: u64,
+    pub oom: bool,
     pub fits: Option<bool>,
     pub notes: Vec<String>,
 }
@@ -191,7 +207,10 @@ impl Report {
                 })
                 .collect(),
             device_memory_bytes: mem,
-            fits: (mem > 0).then_some(device_total <= mem),
+            n_segments: peaks.n_segments,
+            n_alloc_retries: peaks.n_alloc_retries,
+            oom: peaks.oom,
+            fits: (mem > 0).then_some(!peaks.oom && device_total <= mem),
             notes,
         }
     }

@@ -4,6 +4,10 @@
 //!
 //! Every block the caching allocator returns is a multiple of 512 bytes (`kMinBlockSize` in
 //! c10/cuda/CUDACachingAllocator.cpp), and a zero-byte tensor takes no block; `alloc` rounds the same way.
+//! Every allocation and free also goes to a model of the caching allocator itself (`allocator`), whose segments
+//! are the reserved memory (`torch.cuda.max_memory_reserved()`).
+
+use crate::allocator::{AllocatorConfig, CachingAllocator};
 
 /// What a live byte is for. The report's components are these, summed at the peak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -49,6 +53,16 @@ impl Category {
 #[inline]
 pub fn block_bytes(n_bytes: u64) -> u64 {
     n_bytes.div_ceil(512) * 512
+}
+
+/// What `cudaMalloc` can reserve on a device of `device_memory_bytes` (0: unknown, unlimited) once the CUDA
+/// context and libraries have taken `cuda_context_bytes` outside PyTorch's allocator.
+pub fn allocator_capacity(device_memory_bytes: u64, cuda_context_bytes: u64) -> u64 {
+    if device_memory_bytes == 0 {
+        u64::MAX
+    } else {
+        device_memory_bytes.saturating_sub(cuda_context_bytes)
+    }
 }
 
 /// A handle to one allocation.
@@ -111,9 +125,10 @@ pub struct Sim {
     peak: Peak,
     step_peaks: Vec<u64>,
     timeline: Vec<TimelinePoint>,
-    /// Live bytes counted in the caching allocator's segment units (see `segment_bytes`), and their peak.
-    live_segment_bytes: u64,
-    peak_segment_bytes: u64,
+    /// The caching allocator serving every allocation, by slot index: its segments are the reserved memory.
+    allocator: CachingAllocator,
+    /// Whether allocations go to `allocator` (not for runs read only for their live bytes).
+    replay: bool,
     /// Every allocation and free, when recording (for comparing with a measured trace).
     events: Option<Vec<Event>>,
 }
@@ -127,28 +142,10 @@ pub struct Event {
     pub live_bytes: u64,
 }
 
-/// The caching allocator's footprint of one block, for the reserved-memory model: blocks above 1 MiB
-/// (`kSmallSize`) come from the large pool, whose segments are multiples of 2 MiB (`kRoundLarge`), so a large
-/// block is counted as its size rounded up to 2 MiB; small blocks share 2 MiB segments and count as themselves.
-#[inline]
-pub fn segment_bytes(bytes: u64) -> u64 {
-    const SMALL: u64 = 1 << 20;
-    const ROUND_LARGE: u64 = 2 << 20;
-    if bytes <= SMALL {
-        bytes
-    } else {
-        bytes.div_ceil(ROUND_LARGE) * ROUND_LARGE
-    }
-}
-
-impl Default for Sim {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Sim {
-    pub fn new() -> Sim {
+    /// A timeline whose allocations go to a caching allocator configured as `allocator`, on a device where
+    /// `cudaMalloc` can reserve `capacity_bytes` (`u64::MAX`: unlimited).
+    pub fn new(allocator: AllocatorConfig, capacity_bytes: u64) -> Sim {
         let phase = Phase {
             step: 0,
             stage: "init",
@@ -167,9 +164,18 @@ impl Sim {
             phase,
             step_peaks: Vec::new(),
             timeline: Vec::new(),
-            live_segment_bytes: 0,
-            peak_segment_bytes: 0,
+            allocator: CachingAllocator::new(allocator, capacity_bytes),
+            replay: true,
             events: None,
+        }
+    }
+
+    /// A timeline that only counts live bytes, without replaying the caching allocator (a quarter of the
+    /// cost): for runs read only for what is live, such as the per-block activations.
+    pub fn counting_only() -> Sim {
+        Sim {
+            replay: false,
+            ..Sim::new(AllocatorConfig::default(), u64::MAX)
         }
     }
 
@@ -201,6 +207,7 @@ impl Sim {
     #[inline]
     pub fn alloc(&mut self, n_bytes: u64, category: Category, op: &'static str) -> Tensor {
         let bytes = block_bytes(n_bytes);
+        let id = self.slots.len() as u32;
         self.slots.push(Slot {
             bytes,
             category,
@@ -208,8 +215,10 @@ impl Sim {
         });
         self.live_bytes += bytes;
         self.by_category[category.index()] += bytes;
-        self.live_segment_bytes += segment_bytes(bytes);
-        self.peak_segment_bytes = self.peak_segment_bytes.max(self.live_segment_bytes);
+        // Past the capacity the allocator keeps going (counting the OOM), so the run shows how far it overshoots.
+        if self.replay && bytes > 0 {
+            self.allocator.malloc_overcommitting(id, bytes);
+        }
         let step = self.phase.step as usize;
         if self.step_peaks.len() <= step {
             self.step_peaks.resize(step + 1, 0);
@@ -252,7 +261,9 @@ impl Sim {
             slot.live = false;
             self.live_bytes -= slot.bytes;
             self.by_category[slot.category.index()] -= slot.bytes;
-            self.live_segment_bytes -= segment_bytes(slot.bytes);
+            if self.replay {
+                self.allocator.free(t.0 as u32);
+            }
             if let Some(ev) = self.events.as_mut() {
                 ev.push(Event {
                     phase: self.phase.label(),
@@ -309,9 +320,9 @@ impl Sim {
         self.events.as_deref().unwrap_or(&[])
     }
 
-    /// The highest live total in segment units (`segment_bytes`) over the run.
-    pub fn peak_segment_bytes(&self) -> u64 {
-        self.peak_segment_bytes
+    /// The caching allocator's state after the run: reserved memory, segments, retries, OOMs.
+    pub fn allocator(&self) -> &CachingAllocator {
+        &self.allocator
     }
 
     /// Live bytes of one category now.
@@ -334,7 +345,7 @@ mod tests {
 
     #[test]
     fn peak_is_the_highest_live_total_with_its_breakdown() {
-        let mut sim = Sim::new();
+        let mut sim = Sim::new(AllocatorConfig::default(), u64::MAX);
         sim.stage(1, "forward");
         let a = sim.alloc(1000, Category::Weights, "a");
         let b = sim.alloc(2048, Category::Activations, "b");

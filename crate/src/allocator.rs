@@ -1,0 +1,1254 @@
+//! PyTorch's CUDA caching allocator, replayed: which segments it asks CUDA for, how it splits and merges the
+//! blocks inside them, what it gives back when CUDA says no, and the counters `torch.cuda.memory_stats()` shows.
+//! Its peak reserved bytes are `torch.cuda.max_memory_reserved()`.
+//!
+//! A model of `DeviceCachingAllocator` in c10/cuda/CUDACachingAllocator.cpp (PyTorch 2.15), for one device and one
+//! stream (a training step uses one), with the knobs of `PYTORCH_CUDA_ALLOC_CONF` that change its layout
+//! (c10/cuda/CUDAAllocatorConfig and c10/core/AllocatorConfig). Function names in the comments are the C++ ones.
+//!
+//! Modelled: `round_size` (512-byte blocks), the small (<= 1 MiB) and large pools, `get_allocation_size`,
+//! best-fit `get_free_block` by (size, address) with the `max_split_size` rules, `should_split`, splitting and
+//! `free_block`'s merging with the free neighbours of the same segment, the OOM path of `malloc`
+//! (`garbage_collect_cached_blocks`, `release_available_cached_blocks`, `release_cached_blocks`, one retry, then
+//! an OOM) and `expandable_segments:True` (one growing segment per pool mapped in pages: `map_block`,
+//! `unmap_block`, `find_expandable_block`).
+//!
+//! Not modelled: other streams and their events (`record_stream`), CUDA graph private pools,
+//! `roundup_power2_divisions`, the free-memory callbacks, and fragmentation of the device's own memory under
+//! `cudaMalloc` (a `cudaMalloc` fails here exactly when it would take reserved memory past the capacity).
+//! Addresses are synthetic: each new segment gets a fresh range above the last; only their order matters, and it
+//! breaks ties between free blocks of equal size the way the real (stream, size, address) order does.
+
+/// All sizes are rounded to at least 512 bytes (`kMinBlockSize`).
+pub const MIN_BLOCK_SIZE: u64 = 512;
+/// The largest "small" allocation, 1 MiB (`kSmallSize`): larger requests use the large pool.
+pub const SMALL_SIZE: u64 = 1 << 20;
+/// Small requests are packed in 2 MiB segments (`kSmallBuffer`); also the expandable small pool's page.
+pub const SMALL_BUFFER: u64 = 2 << 20;
+/// Requests between 1 and 10 MiB (`kMinLargeAlloc`) get a 20 MiB segment to share.
+pub const MIN_LARGE_ALLOC: u64 = 10 << 20;
+/// "Large" allocations may be packed in 20 MiB segments (`kLargeBuffer`); also the expandable large pool's page,
+/// and the default `max_non_split_rounding_size`.
+pub const LARGE_BUFFER: u64 = 20 << 20;
+/// Larger requests get a segment of their size rounded up to 2 MiB (`kRoundLarge`).
+pub const ROUND_LARGE: u64 = 2 << 20;
+
+/// Requests above 1 PiB are refused outright (no device has that much; it keeps the arithmetic far from `u64`'s
+/// limit). Not a PyTorch constant.
+const MAX_REQUEST: u64 = 1 << 50;
+/// The virtual address space an expandable segment reserves when the capacity is unlimited: 256 TiB, what the
+/// note [Expandable Segments] says there is.
+const MAX_ADDRESS_SPACE: u64 = 1 << 48;
+/// No block (a null `prev`/`next`).
+const NONE: u32 = u32::MAX;
+
+/// The `PYTORCH_CUDA_ALLOC_CONF` knobs that shape the allocator's layout. `Default` is PyTorch's default.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct AllocatorConfig {
+    /// `expandable_segments:True`: one segment per pool that grows by mapping pages.
+    pub expandable_segments: bool,
+    /// `max_split_size_mb`, in bytes: cached blocks this large are never split (PyTorch requires more than
+    /// 20 MiB). `None`: unlimited (`SIZE_MAX`, the default).
+    pub max_split_size: Option<u64>,
+    /// `garbage_collection_threshold` (0 to 1): before a new segment, release cached segments unused for long
+    /// once reserved memory passes this fraction of the allowed memory. It acts only with a `memory_fraction`,
+    /// as in PyTorch (`set_fraction`).
+    pub garbage_collection_threshold: Option<f64>,
+    /// `torch.cuda.set_per_process_memory_fraction`: reserved memory may not pass this fraction of the capacity.
+    pub memory_fraction: Option<f64>,
+}
+
+/// A request the allocator could not serve even after releasing its cache (PyTorch raises
+/// `torch.OutOfMemoryError`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutOfMemory {
+    /// "Tried to allocate": the segment size it asked CUDA for (`get_allocation_size`).
+    pub tried_to_allocate: u64,
+}
+
+/// A counter with its high-water mark (PyTorch's `Stat`: `current` and `peak`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stat {
+    pub current: u64,
+    pub peak: u64,
+}
+
+impl Stat {
+    fn add(&mut self, n: u64) {
+        self.current += n;
+        self.peak = self.peak.max(self.current);
+    }
+
+    fn sub(&mut self, n: u64) {
+        self.current -= n;
+    }
+}
+
+/// What `torch.cuda.memory_stats()` would show ("all" pools).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AllocatorStats {
+    /// `reserved_bytes.all`: segments (or mapped pages) held from CUDA.
+    pub reserved_bytes: Stat,
+    /// `allocated_bytes.all`: blocks handed out, at their block size (a block too small to split keeps its tail).
+    pub allocated_bytes: Stat,
+    /// `segment.all`: `cudaMalloc`'d segments. Expandable segments do not count here (PyTorch counts them only
+    /// in `reserved_bytes`).
+    pub segments: Stat,
+    /// `num_alloc_retries`: requests that had to release the whole cache and try again.
+    pub n_alloc_retries: u64,
+    /// `num_ooms`: requests that failed.
+    pub n_ooms: u64,
+}
+
+/// One block: a range of a segment, allocated, cached (free and mapped) or, in an expandable segment, unmapped.
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    addr: u64,
+    size: u64,
+    /// The neighbours in the same segment (`NONE` at either end).
+    prev: u32,
+    next: u32,
+    small: bool,
+    allocated: bool,
+    /// Backed by memory; only an expandable segment has unmapped blocks.
+    mapped: bool,
+    expandable: bool,
+    /// The pool's `get_free_block` count when the block was cached (`gc_count_base`).
+    gc_base: u64,
+}
+
+/// A pool's cached blocks (`BlockPool`).
+#[derive(Debug, Clone, Default)]
+struct Pool {
+    /// Free mapped blocks, ordered by (size, address) like `BlockComparatorSize`: (size, address, block).
+    free: Vec<(u64, u64, u32)>,
+    /// Unmapped blocks of expandable segments, ordered by address (`BlockComparatorAddress`): (address, block).
+    unmapped: Vec<(u64, u32)>,
+    /// `get_free_blocks_call_count`, counted only while garbage collection is on.
+    n_get_free_block_calls: u64,
+}
+
+/// The allocator of one device: feed it every allocation and free of a run, in order, and read its counters.
+#[derive(Debug, Clone)]
+pub struct CachingAllocator {
+    config: AllocatorConfig,
+    /// `max_split_size` (`u64::MAX` when unlimited) and whether garbage collection is on, read on every request.
+    max_split_size: u64,
+    gc: bool,
+    capacity: u64,
+    /// The memory `set_per_process_memory_fraction` allows (`allowed_memory_maximum`), if set.
+    allowed_memory_maximum: Option<u64>,
+    blocks: Vec<Block>,
+    /// Slots of `blocks` no longer used, for reuse.
+    spare: Vec<u32>,
+    /// The small pool, then the large one.
+    pools: [Pool; 2],
+    /// The allocated block of each caller id (`NONE` when none).
+    by_id: Vec<u32>,
+    /// Where the next segment's address range starts.
+    next_addr: u64,
+    stats: AllocatorStats,
+}
+
+/// The first entry of a free list at or after (size, address): a branch-free binary search on the size (the
+/// lists are short and their order random, so a plain one's mispredicted branches would cost most of its time),
+/// then a step over equal sizes at lower addresses.
+#[inline(always)]
+fn lower_bound(free: &[(u64, u64, u32)], size: u64, addr: u64) -> usize {
+    let (mut base, mut len) = (0, free.len());
+    if len == 0 {
+        return 0;
+    }
+    while len > 1 {
+        let half = len / 2;
+        base = if free[base + half].0 < size {
+            base + half
+        } else {
+            base
+        };
+        len -= half;
+    }
+    let mut at = base + usize::from(free[base].0 < size);
+    while at < free.len() && free[at].0 == size && free[at].1 < addr {
+        at += 1;
+    }
+    at
+}
+
+/// `round_size` without `roundup_power2_divisions`: at least 512 bytes, in 512-byte steps.
+pub fn round_size(size: u64) -> u64 {
+    size.max(1).div_ceil(MIN_BLOCK_SIZE) * MIN_BLOCK_SIZE
+}
+
+/// `get_allocation_size`: the segment a request gets when no cached block serves it.
+pub fn allocation_size(size: u64) -> u64 {
+    if size <= SMALL_SIZE {
+        SMALL_BUFFER
+    } else if size < MIN_LARGE_ALLOC {
+        LARGE_BUFFER
+    } else {
+        size.div_ceil(ROUND_LARGE) * ROUND_LARGE
+    }
+}
+
+impl CachingAllocator {
+    /// An empty allocator for a device on which `cudaMalloc` can reserve up to `capacity_bytes` (`u64::MAX`:
+    /// unlimited).
+    pub fn new(config: AllocatorConfig, capacity_bytes: u64) -> CachingAllocator {
+        CachingAllocator {
+            config,
+            max_split_size: config.max_split_size.unwrap_or(u64::MAX),
+            gc: config.memory_fraction.is_some()
+                && config.garbage_collection_threshold.is_some_and(|t| t > 0.0),
+            capacity: capacity_bytes,
+            allowed_memory_maximum: config
+                .memory_fraction
+                .map(|f| (f.clamp(0.0, 1.0) * capacity_bytes as f64) as u64),
+            blocks: Vec::with_capacity(256),
+            spare: Vec::new(),
+            pools: [Pool::default(), Pool::default()],
+            by_id: Vec::with_capacity(4096),
+            next_addr: 0,
+            stats: AllocatorStats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &AllocatorConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> &AllocatorStats {
+        &self.stats
+    }
+
+    pub fn reserved_bytes(&self) -> u64 {
+        self.stats.reserved_bytes.current
+    }
+
+    pub fn peak_reserved_bytes(&self) -> u64 {
+        self.stats.reserved_bytes.peak
+    }
+
+    pub fn allocated_bytes(&self) -> u64 {
+        self.stats.allocated_bytes.current
+    }
+
+    pub fn peak_allocated_bytes(&self) -> u64 {
+        self.stats.allocated_bytes.peak
+    }
+
+    /// Allocates `size` bytes for `id` (`malloc`). Ids index a table: use small dense numbers, such as the
+    /// index of the tensor in the caller's own list. A zero-byte request takes no block, as in PyTorch. An id
+    /// still holding a block frees it first.
+    ///
+    /// # Errors
+    /// `OutOfMemory` when the request cannot be served within the capacity even after releasing the cache; the
+    /// allocator is then as PyTorch leaves it (cache released, nothing allocated for `id`).
+    pub fn malloc(&mut self, id: u32, size: u64) -> Result<(), OutOfMemory> {
+        self.allocate(id, size, false)
+    }
+
+    /// `malloc`, except that a request that would fail is counted as an OOM and served anyway: from then on the
+    /// allocator behaves as on a device without a limit (no capacity, no memory fraction). For replaying a
+    /// timeline to its end to learn how far it overshoots. Returns whether the request was an OOM.
+    pub fn malloc_overcommitting(&mut self, id: u32, size: u64) -> bool {
+        self.allocate(id, size, true).is_err()
+    }
+
+    /// Frees the block of `id` (`free`); an id without one is ignored.
+    pub fn free(&mut self, id: u32) {
+        let Some(slot) = self.by_id.get_mut(id as usize) else {
+            return;
+        };
+        let b = std::mem::replace(slot, NONE);
+        if b == NONE {
+            return;
+        }
+        self.blocks[b as usize].allocated = false;
+        self.stats.allocated_bytes.sub(self.blocks[b as usize].size);
+        self.free_block(b);
+    }
+
+    /// Releases every cached segment and unmaps every free page (`torch.cuda.empty_cache()`).
+    pub fn empty_cache(&mut self) {
+        self.release_cached_blocks();
+    }
+
+    fn allocate(&mut self, id: u32, orig_size: u64, overcommit: bool) -> Result<(), OutOfMemory> {
+        self.free(id);
+        if orig_size == 0 {
+            return Ok(());
+        }
+        if orig_size > MAX_REQUEST {
+            self.stats.n_ooms += 1;
+            return Err(OutOfMemory {
+                tried_to_allocate: orig_size,
+            });
+        }
+        let size = round_size(orig_size);
+        let pool = usize::from(size > SMALL_SIZE);
+        let mut found = self.get_free_block(pool, size).map(|(b, at)| (b, Some(at)));
+        let mut oom = None;
+        if found.is_none() {
+            if self.gc {
+                self.garbage_collect_cached_blocks();
+            }
+            let mut new = self.alloc_block(pool, size, true);
+            if new.is_none() && self.release_available_cached_blocks(pool, size) {
+                new = self.alloc_block(pool, size, true);
+            }
+            if new.is_none() {
+                self.release_cached_blocks();
+                self.stats.n_alloc_retries += 1;
+                new = self.alloc_block(pool, size, true);
+            }
+            if new.is_none() {
+                self.stats.n_ooms += 1;
+                oom = Some(OutOfMemory {
+                    tried_to_allocate: allocation_size(size),
+                });
+                if overcommit {
+                    // From here on, as if the device had no limit: the run is past its OOM.
+                    self.capacity = u64::MAX;
+                    self.allowed_memory_maximum = None;
+                    self.gc = false;
+                    new = self.alloc_block(pool, size, false);
+                }
+            }
+            found = new.map(|b| (b, None));
+        }
+        if let Some((b, cached_at)) = found {
+            self.alloc_found_block(b, cached_at, size);
+            if self.by_id.len() <= id as usize {
+                self.by_id.resize(id as usize + 1, NONE);
+            }
+            self.by_id[id as usize] = b;
+        }
+        match oom {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn page_size(small: bool) -> u64 {
+        if small {
+            SMALL_BUFFER
+        } else {
+            LARGE_BUFFER
+        }
+    }
+
+    fn new_block(&mut self, block: Block) -> u32 {
+        match self.spare.pop() {
+            Some(i) => {
+                self.blocks[i as usize] = block;
+                i
+            }
+            None => {
+                self.blocks.push(block);
+                (self.blocks.len() - 1) as u32
+            }
+        }
+    }
+
+    fn insert_free(&mut self, b: u32) {
+        let block = &mut self.blocks[b as usize];
+        let pool = &mut self.pools[usize::from(!block.small)];
+        block.gc_base = pool.n_get_free_block_calls;
+        let at = lower_bound(&pool.free, block.size, block.addr);
+        pool.free.insert(at, (block.size, block.addr, b));
+    }
+
+    fn remove_free(&mut self, b: u32) {
+        let block = &self.blocks[b as usize];
+        let pool = &mut self.pools[usize::from(!block.small)];
+        let at = lower_bound(&pool.free, block.size, block.addr);
+        if pool.free.get(at).is_some_and(|k| k.2 == b) {
+            pool.free.remove(at);
+        }
+    }
+
+    fn insert_unmapped(&mut self, b: u32) {
+        let block = &self.blocks[b as usize];
+        let pool = &mut self.pools[usize::from(!block.small)];
+        let at = pool.unmapped.partition_point(|k| k.0 < block.addr);
+        pool.unmapped.insert(at, (block.addr, b));
+    }
+
+    fn remove_unmapped(&mut self, b: u32) {
+        let block = &self.blocks[b as usize];
+        let pool = &mut self.pools[usize::from(!block.small)];
+        if let Ok(at) = pool.unmapped.binary_search(&(block.addr, b)) {
+            pool.unmapped.remove(at);
+        }
+    }
+
+    /// `get_free_block`: the smallest cached block of at least `size` (lowest address among equals), under the
+    /// `max_split_size` rules, and its place in the pool's list (where `alloc_found_block` takes it out).
+    fn get_free_block(&mut self, pool: usize, size: u64) -> Option<(u32, usize)> {
+        if self.gc {
+            self.pools[pool].n_get_free_block_calls += 1;
+        }
+        let free = &self.pools[pool].free;
+        let mut at = lower_bound(free, size, 0);
+        if at == free.len() {
+            return None;
+        }
+        if self.config.expandable_segments {
+            // A block at the mapped end of an expandable segment can grow into the unmapped space after it: for
+            // best fit it counts at the size it can grow to, so a later block may fit better.
+            let expandable_size = |at: usize| {
+                let b = &self.blocks[free[at].2 as usize];
+                let next = self.blocks.get(b.next as usize);
+                b.size + next.filter(|n| !n.mapped).map_or(0, |n| n.size)
+            };
+            while at + 1 < free.len() && expandable_size(at + 1) < expandable_size(at) {
+                at += 1;
+            }
+        }
+        let (block_size, _, b) = free[at];
+        let max_split = self.max_split_size;
+        // Do not return an oversize block for a request below max_split_size.
+        if size < max_split && block_size >= max_split {
+            return None;
+        }
+        // An oversize block serves a request only within `max_non_split_rounding_size` (kLargeBuffer) of it.
+        if size >= max_split && block_size >= size.saturating_add(LARGE_BUFFER) {
+            return None;
+        }
+        Some((b, at))
+    }
+
+    /// `should_split`: whether the rest of the block after `size` bytes becomes a cached block of its own.
+    fn should_split(&self, b: u32, size: u64) -> bool {
+        let block = &self.blocks[b as usize];
+        let remaining = block.size - size;
+        if block.small || self.config.expandable_segments {
+            remaining >= MIN_BLOCK_SIZE
+        } else {
+            size < self.max_split_size && remaining > SMALL_SIZE
+        }
+    }
+
+    /// `alloc_found_block`: hands out the first `size` bytes of `b` (at `cached_at` in its pool's list if it
+    /// was cached), caching the rest if it is worth splitting.
+    fn alloc_found_block(&mut self, b: u32, cached_at: Option<usize>, size: u64) {
+        let block = self.blocks[b as usize];
+        let pool = usize::from(!block.small);
+        if !self.should_split(b, size) {
+            if let Some(at) = cached_at {
+                self.pools[pool].free.remove(at);
+            }
+        } else {
+            let rest = Block {
+                addr: block.addr + size,
+                size: block.size - size,
+                prev: b,
+                gc_base: self.pools[pool].n_get_free_block_calls,
+                ..block
+            };
+            let r = self.new_block(rest);
+            if let Some(next) = self.blocks.get_mut(block.next as usize) {
+                next.prev = r;
+            }
+            self.blocks[b as usize].next = r;
+            self.blocks[b as usize].size = size;
+            let free = &mut self.pools[pool].free;
+            match cached_at {
+                // The rest sorts before the block it came from: shift only the entries in between.
+                Some(at) => {
+                    let to = lower_bound(&free[..at], rest.size, rest.addr);
+                    free.copy_within(to..at, to + 1);
+                    free[to] = (rest.size, rest.addr, r);
+                }
+                None => self.insert_free(r),
+            }
+        }
+        let block = &mut self.blocks[b as usize];
+        block.allocated = true;
+        self.stats.allocated_bytes.add(block.size);
+    }
+
+    /// `free_block`: merges the freed block `b` with its free neighbours and caches it. The list entry of a
+    /// merged neighbour is reused: the merged block sorts after it, so only the entries in between shift.
+    fn free_block(&mut self, b: u32) {
+        let Block {
+            prev, next, small, ..
+        } = self.blocks[b as usize];
+        let pool = usize::from(!small);
+        let mut reuse: Option<usize> = None;
+        for src in [prev, next] {
+            let blocks: &mut [Block] = &mut self.blocks;
+            let Some(&s) = blocks.get(src as usize) else {
+                continue;
+            };
+            if s.allocated || !s.mapped {
+                continue;
+            }
+            let free = &mut self.pools[pool].free;
+            let at = lower_bound(free, s.size, s.addr);
+            match reuse {
+                None => reuse = Some(at),
+                Some(r) => {
+                    free.remove(at);
+                    reuse = Some(if at < r { r - 1 } else { r });
+                }
+            }
+            let d = &mut blocks[b as usize];
+            d.size += s.size;
+            let link = if src == prev {
+                d.addr = s.addr;
+                d.prev = s.prev;
+                s.prev
+            } else {
+                d.next = s.next;
+                s.next
+            };
+            if let Some(n) = blocks.get_mut(link as usize) {
+                if src == prev {
+                    n.next = b;
+                } else {
+                    n.prev = b;
+                }
+            }
+            self.spare.push(src);
+        }
+        let Some(r) = reuse else {
+            self.insert_free(b);
+            return;
+        };
+        let block = &mut self.blocks[b as usize];
+        block.gc_base = self.pools[pool].n_get_free_block_calls;
+        let free = &mut self.pools[pool].free;
+        let to = r + 1 + lower_bound(&free[r + 1..], block.size, block.addr);
+        free.copy_within(r + 1..to, r);
+        free[to - 1] = (block.size, block.addr, b);
+    }
+
+    /// `try_merge_blocks`: `dst` (out of every pool list) absorbs its neighbour `src` if that is free and of the
+    /// same kind.
+    fn try_merge_blocks(&mut self, dst: u32, src: u32) {
+        let Some(&s) = self.blocks.get(src as usize) else {
+            return;
+        };
+        if s.allocated || s.mapped != self.blocks[dst as usize].mapped {
+            return;
+        }
+        if s.mapped {
+            self.remove_free(src);
+        } else {
+            self.remove_unmapped(src);
+        }
+        let d = &mut self.blocks[dst as usize];
+        d.size += s.size;
+        let relink = if d.prev == src {
+            d.addr = s.addr;
+            d.prev = s.prev;
+            self.blocks.get_mut(s.prev as usize).map(|p| &mut p.next)
+        } else {
+            d.next = s.next;
+            self.blocks.get_mut(s.next as usize).map(|n| &mut n.prev)
+        };
+        if let Some(link) = relink {
+            *link = dst;
+        }
+        self.spare.push(src);
+    }
+
+    /// `alloc_block`: new memory from CUDA for a request of `size` bytes in `pool` (a segment, or pages of an
+    /// expandable one), or `None` when it does not fit (`limited`) in the allowed memory.
+    fn alloc_block(&mut self, pool: usize, size: u64, limited: bool) -> Option<u32> {
+        let alloc_size = allocation_size(size);
+        let reserved = self.stats.reserved_bytes.current;
+        if let Some(max) = self.allowed_memory_maximum {
+            if limited && reserved + alloc_size > max {
+                return None;
+            }
+        }
+        if self.config.expandable_segments {
+            return self.try_allocate_expandable_block(pool, size, limited);
+        }
+        if limited && reserved + alloc_size > self.capacity {
+            return None;
+        }
+        let addr = self.next_addr;
+        self.next_addr = addr.saturating_add(alloc_size);
+        self.stats.segments.add(1);
+        self.stats.reserved_bytes.add(alloc_size);
+        Some(self.new_block(Block {
+            addr,
+            size: alloc_size,
+            prev: NONE,
+            next: NONE,
+            small: pool == 0,
+            allocated: false,
+            mapped: true,
+            expandable: false,
+            gc_base: 0,
+        }))
+    }
+
+    /// `try_allocate_expandable_block`: maps enough pages at the lowest address with room for `size` bytes and
+    /// returns the free block covering them, out of the pool.
+    fn try_allocate_expandable_block(
+        &mut self,
+        pool: usize,
+        size: u64,
+        limited: bool,
+    ) -> Option<u32> {
+        let mut c = self.find_expandable_block(pool, size);
+        if !self.blocks[c as usize].mapped {
+            let n = self.blocks[c as usize].size.min(size);
+            if !self.map_block(c, n, limited) {
+                return None;
+            }
+        }
+        while self.blocks[c as usize].size < size {
+            // Free then unmapped: map some of the unmapped block, which merges with the free one before it.
+            let remaining = size - self.blocks[c as usize].size;
+            let next = self.blocks[c as usize].next;
+            let n = self.blocks.get(next as usize)?.size.min(remaining);
+            if !self.map_block(next, n, limited) {
+                return None;
+            }
+            c = next;
+        }
+        self.remove_free(c);
+        Some(c)
+    }
+
+    /// `find_expandable_block`: the lowest-addressed run of free and unmapped blocks with room for `size` bytes,
+    /// starting at an unmapped block or the free block just before it; a new segment if none has room.
+    fn find_expandable_block(&mut self, pool: usize, size: u64) -> u32 {
+        let allocatable = |b: u32| self.blocks.get(b as usize).is_some_and(|b| !b.allocated);
+        for &(_, u) in &self.pools[pool].unmapped {
+            let prev = self.blocks[u as usize].prev;
+            let start = if allocatable(prev) { prev } else { u };
+            let (mut b, mut bytes) = (start, 0);
+            while bytes < size && allocatable(b) {
+                bytes += self.blocks[b as usize].size;
+                b = self.blocks[b as usize].next;
+            }
+            if bytes >= size {
+                return start;
+            }
+        }
+        // A new segment reserves address space for 1 1/8 of the device's memory, in pages.
+        let small = pool == 0;
+        let page = Self::page_size(small);
+        let space = (self.capacity.min(MAX_ADDRESS_SPACE) / 8 * 9).max(size);
+        let addr = self.next_addr.div_ceil(page).saturating_mul(page);
+        let space = space.div_ceil(page) * page;
+        self.next_addr = addr.saturating_add(space);
+        let b = self.new_block(Block {
+            addr,
+            size: space,
+            prev: NONE,
+            next: NONE,
+            small,
+            allocated: false,
+            mapped: false,
+            expandable: true,
+            gc_base: 0,
+        });
+        self.insert_unmapped(b);
+        b
+    }
+
+    /// `map_block`: backs the first pages of unmapped block `b` covering `size` bytes with memory and caches
+    /// them, merged with a free neighbour; the rest stays unmapped.
+    fn map_block(&mut self, b: u32, size: u64, limited: bool) -> bool {
+        let block = self.blocks[b as usize];
+        let page = Self::page_size(block.small);
+        let mapped = ((block.addr + size).div_ceil(page) - block.addr / page) * page;
+        if mapped == 0 || (limited && self.stats.reserved_bytes.current + mapped > self.capacity) {
+            return false;
+        }
+        self.remove_unmapped(b);
+        self.blocks[b as usize].mapped = true;
+        if mapped < block.size {
+            let rest = self.new_block(Block {
+                addr: block.addr + mapped,
+                size: block.size - mapped,
+                prev: b,
+                ..block
+            });
+            if let Some(next) = self.blocks.get_mut(block.next as usize) {
+                next.prev = rest;
+            }
+            self.blocks[b as usize].next = rest;
+            self.blocks[b as usize].size = mapped;
+            self.insert_unmapped(rest);
+        }
+        let (prev, next) = (self.blocks[b as usize].prev, self.blocks[b as usize].next);
+        self.try_merge_blocks(b, prev);
+        self.try_merge_blocks(b, next);
+        self.insert_free(b);
+        self.stats.reserved_bytes.add(mapped);
+        true
+    }
+
+    /// `unmap_block`: gives back the whole pages inside free block `b`; the partial pages at either end stay
+    /// cached as free blocks.
+    fn unmap_block(&mut self, b: u32) {
+        let block = self.blocks[b as usize];
+        let page = Self::page_size(block.small);
+        let (begin, end) = (block.addr.div_ceil(page), (block.addr + block.size) / page);
+        if begin >= end {
+            return;
+        }
+        self.remove_free(b);
+        let (start, unmapped) = (begin * page, (end - begin) * page);
+        let before = start - block.addr;
+        if before > 0 {
+            let free = self.new_block(Block {
+                size: before,
+                next: b,
+                ..block
+            });
+            if let Some(prev) = self.blocks.get_mut(block.prev as usize) {
+                prev.next = free;
+            }
+            self.blocks[b as usize].prev = free;
+            self.insert_free(free);
+        }
+        let after = block.size - before - unmapped;
+        if after > 0 {
+            let free = self.new_block(Block {
+                addr: start + unmapped,
+                size: after,
+                prev: b,
+                ..block
+            });
+            if let Some(next) = self.blocks.get_mut(block.next as usize) {
+                next.prev = free;
+            }
+            self.blocks[b as usize].next = free;
+            self.insert_free(free);
+        }
+        let d = &mut self.blocks[b as usize];
+        (d.addr, d.size, d.mapped) = (start, unmapped, false);
+        let (prev, next) = (d.prev, d.next);
+        self.try_merge_blocks(b, prev);
+        self.try_merge_blocks(b, next);
+        self.insert_unmapped(b);
+        self.stats.reserved_bytes.sub(unmapped);
+    }
+
+    fn is_split(&self, b: u32) -> bool {
+        let block = &self.blocks[b as usize];
+        block.prev != NONE || block.next != NONE
+    }
+
+    /// `release_block`: `cudaFree` of a whole cached segment.
+    fn release_block(&mut self, b: u32) {
+        self.remove_free(b);
+        self.stats.segments.sub(1);
+        self.stats.reserved_bytes.sub(self.blocks[b as usize].size);
+        self.spare.push(b);
+    }
+
+    /// `release_available_cached_blocks`: with a `max_split_size`, frees the smallest oversize cached segment
+    /// that covers the request, or else the largest ones until they add up to it.
+    fn release_available_cached_blocks(&mut self, pool: usize, size: u64) -> bool {
+        let Some(max_split) = self.config.max_split_size else {
+            return false;
+        };
+        if self.config.expandable_segments {
+            // PyTorch would `cudaFree` a mapped range here (an internal assertion); not modelled.
+            return false;
+        }
+        let key = size.max(max_split);
+        let free = &self.pools[pool].free;
+        let at = lower_bound(free, key, 0);
+        if at < free.len() {
+            let b = free[at].2;
+            if self.is_split(b) {
+                return false;
+            }
+            self.release_block(b);
+            return true;
+        }
+        let mut released = 0;
+        let mut at = free.len();
+        while released < key && at > 0 {
+            let (block_size, _, b) = self.pools[pool].free[at - 1];
+            if block_size < max_split || self.is_split(b) {
+                break;
+            }
+            released += block_size;
+            self.release_block(b);
+            at -= 1;
+        }
+        released >= key
+    }
+
+    /// `release_cached_blocks`: frees every cached segment, large pool first, and unmaps the free pages of
+    /// expandable segments (dropping a segment left with nothing mapped).
+    fn release_cached_blocks(&mut self) {
+        for pool in [1, 0] {
+            let cached: Vec<u32> = self.pools[pool].free.iter().map(|k| k.2).collect();
+            for b in cached {
+                if self.blocks[b as usize].expandable {
+                    self.unmap_block(b);
+                    if !self.blocks[b as usize].mapped && !self.is_split(b) {
+                        self.remove_unmapped(b);
+                        self.spare.push(b);
+                    }
+                } else if !self.is_split(b) {
+                    self.release_block(b);
+                }
+            }
+        }
+    }
+
+    /// `garbage_collect_cached_blocks`: once reserved memory passes the threshold, frees whole cached large
+    /// segments unused for at least the average age (in `get_free_block` calls), until enough is reclaimed.
+    fn garbage_collect_cached_blocks(&mut self) {
+        let (Some(threshold), Some(allowed)) = (
+            self.config.garbage_collection_threshold,
+            self.allowed_memory_maximum,
+        ) else {
+            return;
+        };
+        let gc_threshold = (threshold * allowed as f64) as u64;
+        let reserved = self.stats.reserved_bytes.current;
+        if reserved <= gc_threshold {
+            return;
+        }
+        let target = reserved - gc_threshold;
+        let calls = self.pools[1].n_get_free_block_calls;
+        let age = |a: &Self, b: u32| calls - a.blocks[b as usize].gc_base;
+        let freeable = |a: &Self| -> Vec<u32> {
+            let free = a.pools[1].free.iter().map(|k| k.2);
+            free.filter(|&b| !a.is_split(b) && !a.blocks[b as usize].expandable)
+                .collect()
+        };
+        let candidates = freeable(self);
+        let mut total_age: u64 = candidates.iter().map(|&b| age(self, b)).sum();
+        let mut n_freeable = candidates.len() as u64;
+        let (mut reclaimed, mut freed) = (0, true);
+        while reclaimed < target && freed && n_freeable > 0 {
+            let age_threshold = total_age as f64 / n_freeable as f64;
+            freed = false;
+            for b in freeable(self) {
+                let a = age(self, b);
+                if a as f64 >= age_threshold {
+                    freed = true;
+                    reclaimed += self.blocks[b as usize].size;
+                    total_age -= a;
+                    n_freeable -= 1;
+                    self.release_block(b);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn default_allocator() -> CachingAllocator {
+        CachingAllocator::new(AllocatorConfig::default(), u64::MAX)
+    }
+
+    fn expandable() -> AllocatorConfig {
+        AllocatorConfig {
+            expandable_segments: true,
+            ..AllocatorConfig::default()
+        }
+    }
+
+    #[test]
+    fn rounds_requests_and_sizes_segments_as_pytorch() {
+        assert_eq!(round_size(1), 512);
+        assert_eq!(round_size(512), 512);
+        assert_eq!(round_size(513), 1024);
+        assert_eq!(allocation_size(512), 2 * MIB);
+        assert_eq!(allocation_size(MIB), 2 * MIB);
+        assert_eq!(allocation_size(MIB + 512), 20 * MIB);
+        assert_eq!(allocation_size(10 * MIB - 512), 20 * MIB);
+        assert_eq!(allocation_size(10 * MIB), 10 * MIB);
+        assert_eq!(allocation_size(11 * MIB), 12 * MIB);
+    }
+
+    #[test]
+    fn two_six_mib_tensors_share_one_20_mib_segment() {
+        let mut a = default_allocator();
+        a.malloc(0, 6 * MIB).unwrap();
+        a.malloc(1, 6 * MIB).unwrap();
+        assert_eq!(a.reserved_bytes(), 20 * MIB);
+        assert_eq!(a.stats().segments.current, 1);
+        assert_eq!(a.allocated_bytes(), 12 * MIB);
+        // A third does not fit in the 8 MiB left: a second segment.
+        a.malloc(2, 9 * MIB).unwrap();
+        assert_eq!(a.reserved_bytes(), 40 * MIB);
+    }
+
+    #[test]
+    fn a_request_just_above_1_mib_takes_a_20_mib_segment() {
+        let mut a = default_allocator();
+        a.malloc(0, MIB + 512).unwrap();
+        assert_eq!(a.reserved_bytes(), 20 * MIB);
+        assert_eq!(a.allocated_bytes(), MIB + 512);
+        // 1 MiB exactly is small: a 2 MiB segment of the small pool.
+        a.malloc(1, MIB).unwrap();
+        assert_eq!(a.reserved_bytes(), 22 * MIB);
+    }
+
+    #[test]
+    fn small_tensors_share_2_mib_segments() {
+        let mut a = default_allocator();
+        for id in 0..4 {
+            a.malloc(id, 512 * 1024).unwrap();
+        }
+        assert_eq!(a.reserved_bytes(), 2 * MIB);
+        a.malloc(4, 1).unwrap();
+        assert_eq!(a.reserved_bytes(), 4 * MIB);
+        assert_eq!(a.stats().segments.current, 2);
+        assert_eq!(a.allocated_bytes(), 2 * MIB + 512);
+    }
+
+    #[test]
+    fn a_large_remainder_of_one_mib_or_less_stays_with_the_block() {
+        let mut a = default_allocator();
+        // 12 MiB segment for 11.5 MiB: the 0.5 MiB rest is not split off, so it counts as allocated.
+        a.malloc(0, 11 * MIB + MIB / 2).unwrap();
+        assert_eq!(a.reserved_bytes(), 12 * MIB);
+        assert_eq!(a.allocated_bytes(), 12 * MIB);
+        a.free(0);
+        assert_eq!(a.allocated_bytes(), 0);
+        assert_eq!(a.reserved_bytes(), 12 * MIB);
+    }
+
+    #[test]
+    fn freeing_the_middle_block_and_asking_for_more_makes_a_new_segment() {
+        let mut a = default_allocator();
+        for id in 0..3 {
+            a.malloc(id, 6 * MIB).unwrap();
+        }
+        assert_eq!(a.reserved_bytes(), 20 * MIB);
+        // Free: 2 MiB at the end, then the middle 6 MiB; they are not adjacent, so they do not merge.
+        a.free(1);
+        a.malloc(3, 7 * MIB).unwrap();
+        assert_eq!(a.reserved_bytes(), 40 * MIB);
+        assert_eq!(a.stats().segments.current, 2);
+        // Freeing the last block merges the middle and the tail: 14 MiB fits without a new segment.
+        a.free(2);
+        a.malloc(4, 14 * MIB).unwrap();
+        assert_eq!(a.reserved_bytes(), 40 * MIB);
+    }
+
+    #[test]
+    fn best_fit_prefers_the_smallest_block_then_the_lowest_address() {
+        let mut a = default_allocator();
+        // Segments of 12 MiB (addresses 0..12), 20 MiB (12..32) and 12 MiB (32..44).
+        a.malloc(0, 12 * MIB).unwrap();
+        a.malloc(1, 20 * MIB).unwrap();
+        a.malloc(2, 12 * MIB).unwrap();
+        a.free(2);
+        a.free(1);
+        a.free(0);
+        // 11 MiB: the 12 MiB blocks fit best, the lower one first; the 20 MiB one is left alone.
+        a.malloc(3, 11 * MIB).unwrap();
+        a.malloc(4, 11 * MIB).unwrap();
+        a.malloc(5, 11 * MIB).unwrap();
+        assert_eq!(a.reserved_bytes(), 44 * MIB);
+        assert_eq!(a.blocks[a.by_id[3] as usize].addr, 0);
+        assert_eq!(a.blocks[a.by_id[4] as usize].addr, 32 * MIB);
+        assert_eq!(a.blocks[a.by_id[5] as usize].addr, 12 * MIB);
+    }
+
+    #[test]
+    fn segments_never_merge_across_each_other() {
+        let mut a = default_allocator();
+        a.malloc(0, 12 * MIB).unwrap();
+        a.malloc(1, 12 * MIB).unwrap();
+        a.free(0);
+        a.free(1);
+        a.malloc(2, 24 * MIB).unwrap();
+        assert_eq!(a.reserved_bytes(), 48 * MIB);
+        assert_eq!(a.stats().segments.peak, 3);
+    }
+
+    #[test]
+    fn under_a_small_capacity_the_retry_frees_cached_segments() {
+        let mut a = CachingAllocator::new(AllocatorConfig::default(), 64 * MIB);
+        a.malloc(0, 40 * MIB).unwrap();
+        a.free(0);
+        // No cached block fits 42 MiB, and 40 + 42 > 64: release the cache, retry, succeed.
+        a.malloc(1, 42 * MIB).unwrap();
+        assert_eq!(a.stats().n_alloc_retries, 1);
+        assert_eq!(a.stats().n_ooms, 0);
+        assert_eq!(a.reserved_bytes(), 42 * MIB);
+        assert_eq!(a.peak_reserved_bytes(), 42 * MIB);
+        assert_eq!(a.stats().segments.current, 1);
+        // With 42 MiB in use, 30 MiB more cannot fit even with an empty cache.
+        a.malloc(2, 30 * MIB).unwrap_err();
+        assert_eq!(a.stats().n_alloc_retries, 2);
+        assert_eq!(a.stats().n_ooms, 1);
+    }
+
+    #[test]
+    fn an_oom_leaves_nothing_allocated_unless_overcommitting() {
+        let mut a = CachingAllocator::new(AllocatorConfig::default(), 30 * MIB);
+        a.malloc(0, 20 * MIB).unwrap();
+        assert_eq!(
+            a.malloc(1, 20 * MIB),
+            Err(OutOfMemory {
+                tried_to_allocate: 20 * MIB
+            })
+        );
+        assert_eq!(a.allocated_bytes(), 20 * MIB);
+        a.free(1);
+        assert!(a.malloc_overcommitting(2, 20 * MIB));
+        assert_eq!(a.reserved_bytes(), 40 * MIB);
+        assert_eq!(a.stats().n_ooms, 2);
+        assert_eq!(a.stats().n_alloc_retries, 2);
+    }
+
+    #[test]
+    fn max_split_size_keeps_oversize_blocks_whole() {
+        let config = AllocatorConfig {
+            max_split_size: Some(64 * MIB),
+            ..AllocatorConfig::default()
+        };
+        let mut a = CachingAllocator::new(config, u64::MAX);
+        a.malloc(0, 100 * MIB).unwrap();
+        a.free(0);
+        // Below max_split_size: never an oversize block.
+        a.malloc(1, 30 * MIB).unwrap();
+        assert_eq!(a.reserved_bytes(), 130 * MIB);
+        // Oversize, within 20 MiB of the cached block: takes it whole.
+        a.malloc(2, 81 * MIB).unwrap();
+        assert_eq!(a.reserved_bytes(), 130 * MIB);
+        assert_eq!(a.allocated_bytes(), 130 * MIB);
+        a.free(2);
+        // Oversize but 20 MiB or more below it: a new segment.
+        a.malloc(3, 80 * MIB).unwrap();
+        assert_eq!(a.reserved_bytes(), 210 * MIB);
+    }
+
+    #[test]
+    fn with_max_split_size_an_oom_first_frees_just_enough_oversize_segments() {
+        let config = AllocatorConfig {
+            max_split_size: Some(32 * MIB),
+            ..AllocatorConfig::default()
+        };
+        let mut a = CachingAllocator::new(config, 200 * MIB);
+        for (id, mib) in [(0, 40), (1, 50), (2, 60)] {
+            a.malloc(id, mib * MIB).unwrap();
+        }
+        a.malloc(3, 10 * MIB).unwrap();
+        for id in 0..3 {
+            a.free(id);
+        }
+        // 150 + 10 reserved, 100 more needed: the largest oversize blocks (60, then 50) go, without a retry.
+        a.malloc(4, 100 * MIB).unwrap();
+        assert_eq!(a.stats().n_alloc_retries, 0);
+        assert_eq!(a.reserved_bytes(), 150 * MIB);
+        assert_eq!(a.stats().segments.current, 3);
+    }
+
+    #[test]
+    fn expandable_segments_grow_one_segment_in_20_mib_pages() {
+        let mut a = CachingAllocator::new(expandable(), 80 << 30);
+        a.malloc(0, 6 * MIB).unwrap();
+        assert_eq!(a.reserved_bytes(), 20 * MIB);
+        a.malloc(1, 30 * MIB).unwrap();
+        // 36 MiB in one segment: two pages.
+        assert_eq!(a.reserved_bytes(), 40 * MIB);
+        a.malloc(2, 100).unwrap();
+        assert_eq!(a.reserved_bytes(), 40 * MIB + 2 * MIB);
+        assert_eq!(a.stats().segments.peak, 0);
+        a.free(1);
+        a.free(0);
+        a.empty_cache();
+        assert_eq!(a.reserved_bytes(), 2 * MIB);
+        a.free(2);
+        a.empty_cache();
+        assert_eq!(a.reserved_bytes(), 0);
+        assert!(a
+            .pools
+            .iter()
+            .all(|p| p.free.is_empty() && p.unmapped.is_empty()));
+    }
+
+    /// Growing tensors with a hole left behind each time: each no longer fits the holes of separate segments,
+    /// but in one expandable segment the hole and the new pages merge.
+    #[test]
+    fn expandable_segments_reserve_less_in_a_fragmenting_pattern() {
+        let pattern = |config| {
+            let mut a = CachingAllocator::new(config, u64::MAX);
+            let mut id = 0;
+            for step in 1..=8u64 {
+                a.malloc(id, step * 11 * MIB).unwrap();
+                a.malloc(id + 1, 2 * MIB).unwrap();
+                a.free(id);
+                id += 2;
+            }
+            a.peak_reserved_bytes()
+        };
+        let plain = pattern(AllocatorConfig::default());
+        let grown = pattern(expandable());
+        // Plain: segments of 12, 22, ..., 88 MiB plus the 20 MiB ones of the 2 MiB tensors.
+        assert_eq!(plain, (12 + 22 + 34 + 44 + 56 + 66 + 78 + 88 + 20) * MIB);
+        assert!(grown < plain / 2, "{grown} vs {plain}");
+    }
+
+    #[test]
+    fn expandable_blocks_split_any_remainder_of_512_bytes() {
+        let mut a = CachingAllocator::new(expandable(), u64::MAX);
+        a.malloc(0, 19 * MIB + MIB / 2).unwrap();
+        assert_eq!(a.allocated_bytes(), 19 * MIB + MIB / 2);
+        a.malloc(1, MIB / 2 + 512).unwrap();
+        // 0.5 MiB + 512 is small: the small pool's own segment.
+        assert_eq!(a.reserved_bytes(), 22 * MIB);
+    }
+
+    #[test]
+    fn an_expandable_segment_out_of_room_unmaps_free_pages_and_retries() {
+        let mut a = CachingAllocator::new(expandable(), 100 * MIB);
+        a.malloc(0, 60 * MIB).unwrap();
+        a.malloc(1, 15 * MIB).unwrap();
+        assert_eq!(a.reserved_bytes(), 80 * MIB);
+        a.free(0);
+        // 40 MiB fits in the free 60 MiB at the start.
+        a.malloc(2, 40 * MIB).unwrap();
+        assert_eq!(a.stats().n_alloc_retries, 0);
+        // 30 MiB more: the free 20 MiB at 40..60 is too small, and growing the free 5 MiB at 75..80 maps two
+        // pages (80 + 40 > 100): the free page at 40..60 goes back and the mapping is retried.
+        a.malloc(3, 30 * MIB).unwrap();
+        assert_eq!(a.stats().n_alloc_retries, 1);
+        assert!(a.reserved_bytes() <= 100 * MIB);
+    }
+
+    #[test]
+    fn garbage_collection_releases_old_cached_segments_before_growing() {
+        let config = AllocatorConfig {
+            garbage_collection_threshold: Some(0.5),
+            memory_fraction: Some(1.0),
+            ..AllocatorConfig::default()
+        };
+        let mut a = CachingAllocator::new(config, 100 * MIB);
+        a.malloc(0, 40 * MIB).unwrap();
+        a.free(0);
+        a.malloc(1, 44 * MIB).unwrap();
+        assert_eq!(a.reserved_bytes(), 84 * MIB);
+        // Reserved 84 MiB > 50: the cached 40 MiB segment is collected before the next one, with no retry.
+        a.malloc(2, 46 * MIB).unwrap();
+        assert_eq!(a.reserved_bytes(), 90 * MIB);
+        assert_eq!(a.stats().n_alloc_retries, 0);
+    }
+
+    /// Walks every live block: the links agree, the pool lists hold exactly the free and unmapped blocks, and
+    /// the counters equal the sums of what the blocks say.
+    fn check_invariants(a: &CachingAllocator) {
+        let spare: std::collections::HashSet<u32> = a.spare.iter().copied().collect();
+        let (mut mapped, mut allocated, mut n_free, mut n_unmapped) = (0, 0, 0, 0);
+        for (i, b) in a.blocks.iter().enumerate() {
+            let i = i as u32;
+            if spare.contains(&i) {
+                continue;
+            }
+            if let Some(n) = a.blocks.get(b.next as usize) {
+                assert_eq!(n.prev, i);
+                assert_eq!(n.addr, b.addr + b.size);
+                assert!(
+                    b.mapped != n.mapped || b.allocated || n.allocated,
+                    "unmerged neighbours"
+                );
+            }
+            if let Some(p) = a.blocks.get(b.prev as usize) {
+                assert_eq!(p.next, i);
+            }
+            let pool = &a.pools[usize::from(!b.small)];
+            if b.mapped {
+                mapped += b.size;
+            }
+            if b.allocated {
+                allocated += b.size;
+            } else if b.mapped {
+                n_free += 1;
+                assert!(pool.free.binary_search(&(b.size, b.addr, i)).is_ok());
+            } else {
+                n_unmapped += 1;
+                assert!(pool.unmapped.binary_search(&(b.addr, i)).is_ok());
+            }
+        }
+        assert_eq!(mapped, a.reserved_bytes());
+        assert_eq!(allocated, a.allocated_bytes());
+        assert_eq!(n_free, a.pools[0].free.len() + a.pools[1].free.len());
+        assert_eq!(
+            n_unmapped,
+            a.pools[0].unmapped.len() + a.pools[1].unmapped.len()
+        );
+        for pool in &a.pools {
+            assert!(pool.free.windows(2).all(|w| w[0] < w[1]));
+        }
+    }
+
+    #[test]
+    fn random_traffic_keeps_the_blocks_consistent() {
+        let configs = [
+            AllocatorConfig::default(),
+            expandable(),
+            AllocatorConfig {
+                max_split_size: Some(40 * MIB),
+                garbage_collection_threshold: Some(0.6),
+                memory_fraction: Some(0.9),
+                ..AllocatorConfig::default()
+            },
+        ];
+        for config in configs {
+            let mut a = CachingAllocator::new(config, 600 * MIB);
+            let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+            let mut live: Vec<u32> = Vec::new();
+            for id in 0..3000u32 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if x.is_multiple_of(2) && !live.is_empty() {
+                    let k = (x >> 8) as usize % live.len();
+                    a.free(live.swap_remove(k));
+                } else {
+                    // Mostly small and mid-sized tensors, some large ones.
+                    let size = match x % 7 {
+                        0..=2 => (x >> 20) % (1 << 20),
+                        3..=5 => (x >> 20) % (16 << 20),
+                        _ => (x >> 20) % (90 << 20),
+                    };
+                    if a.malloc_overcommitting(id, size) {
+                        assert!(a.stats().n_ooms > 0);
+                    }
+                    live.push(id);
+                }
+                if id.is_multiple_of(97) {
+                    check_invariants(&a);
+                }
+            }
+            for id in live {
+                a.free(id);
+            }
+            check_invariants(&a);
+            assert_eq!(a.allocated_bytes(), 0);
+            a.empty_cache();
+            check_invariants(&a);
+            assert_eq!(a.reserved_bytes(), 0, "{config:?}");
+        }
+    }
+
+    #[test]
+    fn ids_without_a_block_and_zero_bytes_are_no_ops() {
+        let mut a = default_allocator();
+        a.free(7);
+        a.malloc(3, 0).unwrap();
+        a.free(3);
+        assert_eq!(a.reserved_bytes(), 0);
+        a.malloc(3, u64::MAX).unwrap_err();
+        assert_eq!(a.reserved_bytes(), 0);
+    }
+}
