@@ -111,7 +111,7 @@ fn block_fwd(
     let stat1 = cx.alloc(cx.n * 4, Activations, "layer_norm rstd");
     let ln1 = cx.alloc(nc * p, Activations, "layer_norm");
     let w_attn = weight_cast(cx, 3 * c * c);
-    cx.matmul_workspace(false);
+    cx.matmul_workspace();
     let qkv = cx.alloc(3 * nc * p, Activations, "mm");
     let attn = match attention {
         Attention::Sdpa => Attn::Sdpa(ops::sdpa_fwd(cx), qkv),
@@ -412,7 +412,7 @@ fn head_backward(
 ) -> HeadBackward {
     let (c, p) = (cx.m.n_embd, cx.p);
     let n_logits = cx.n * padded_vocab(cx.m.vocab_size);
-    cx.matmul_workspace(true);
+    cx.matmul_workspace();
     let g_wide = cx.alloc(
         n_logits * wide_bytes,
         Logits,
@@ -575,7 +575,7 @@ fn llama_layer_fwd(cx: &mut Ctx, x_in: Tensor, first: bool) -> (LlamaLayer, Tens
     let (r, p) = (cx.r, cx.p);
     let stat1 = cx.alloc(cx.n * 4, Activations, "rms_norm rsqrt");
     let h1 = cx.alloc(nc * p, Activations, "rms_norm");
-    cx.matmul_workspace(false);
+    cx.matmul_workspace();
     let w_q = weight_cast(cx, c * c);
     let q = cx.alloc(nc * p, Temporary, "mm");
     let w_k = weight_cast(cx, kv * c);

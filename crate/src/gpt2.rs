@@ -142,6 +142,7 @@ fn manual_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor, Option<Tensor>) {
     let q = cx.alloc(nc * p, Activations, "clone");
     let kt = cx.alloc(nc * p, Activations, "clone");
     let scores = cx.alloc(s * p, Temporary, "bmm");
+    cx.matmul_workspace();
     let scaled = cx.alloc(s * p, Temporary, "mul");
     cx.free(scores);
     let mask = cx.alloc(cx.t * cx.t, Activations, "eq");
@@ -162,6 +163,7 @@ fn manual_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor, Option<Tensor>) {
     };
     let v = cx.alloc(nc * p, Activations, "clone");
     let out = cx.alloc(nc * p, Temporary, "bmm");
+    cx.matmul_workspace();
     let y = cx.alloc(nc * p, Activations, "clone");
     cx.free(out);
     let saved = ManualSaved {
@@ -186,7 +188,9 @@ fn manual_bwd(cx: &mut Ctx, gy: Tensor, saved: ManualSaved) -> Tensor {
     let g = cx.alloc(nc * p, Temporary, "clone");
     cx.free(gy);
     let gv = cx.alloc(nc * p, Temporary, "bmm");
+    cx.matmul_workspace();
     let mut g_att = cx.alloc(s * p, Temporary, "bmm");
+    cx.matmul_workspace();
     cx.free(g);
     cx.free(saved.v);
     if let Some(c) = saved.att_cast {
@@ -211,7 +215,9 @@ fn manual_bwd(cx: &mut Ctx, gy: Tensor, saved: ManualSaved) -> Tensor {
     let g_scaled = cx.alloc(s * p, Temporary, "mul");
     cx.free(g_fill);
     let gq = cx.alloc(nc * p, Temporary, "bmm");
+    cx.matmul_workspace();
     let gk = cx.alloc(nc * p, Temporary, "bmm");
+    cx.matmul_workspace();
     cx.free(g_scaled);
     cx.free(saved.kt);
     cx.free(saved.q);
@@ -506,19 +512,28 @@ pub fn backward(cx: &mut Ctx, f: Forward, attention: Attention) {
     let dense = ops::embedding_bwd(cx, cx.n, cx.m.vocab_size);
     cx.free(g);
     cx.free(f.idx);
-    // The tied weight already has the LM head's gradient: AccumulateGrad adds out of place and swaps.
-    let summed = cx.alloc(
-        cx.m.vocab_size * c * cx.pb,
-        if cx.have_grads { Temporary } else { Grads },
-        "add",
-    );
-    if let Some(old) = wte_grad {
-        cx.free(old);
-    }
-    cx.free(dense);
-    if cx.have_grads {
-        cx.free(summed);
-    } else {
-        cx.grads.push(summed);
+    match wte_grad {
+        // The tied weight's two gradients (the LM head's, then the embedding's) meet in the autograd engine's
+        // input buffer. Under autocast the head's arrives as the fresh fp32 output of the weight cast's backward,
+        // and the buffer adds the embedding's into it in place (`InputBuffer::accumulate`): no new buffer, as the
+        // stub-cuda method (PyTorch's own engine and allocator) shows; fake tensors add out of place there, so
+        // fake-cuda records differ. Without autocast the head's gradient is mm's transposed output and the sum
+        // is out of place (a new V x C buffer; stub-cuda `wide-2048-fp32`).
+        Some(head) if cx.prec.autocast() => {
+            cx.free(dense);
+            cx.grads.push(head);
+        }
+        Some(head) => {
+            let summed = cx.alloc(cx.m.vocab_size * c * cx.pb, Grads, "add");
+            cx.free(head);
+            cx.free(dense);
+            cx.grads.push(summed);
+        }
+        // A later micro-step: `.grad` exists; AccumulateGrad adds the sum out of place and swaps.
+        None => {
+            let summed = cx.alloc(cx.m.vocab_size * c * cx.pb, Temporary, "add");
+            cx.free(dense);
+            cx.free(summed);
+        }
     }
 }

@@ -412,10 +412,15 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     cx.free(g);
     cx.free(f.input_ids);
     match head_grad {
-        Some(old) => {
-            // Tied head: AccumulateGrad adds the embedding's gradient to the head's out of place.
+        // Tied head: under autocast the engine's input buffer adds the embedding's gradient into the head's in
+        // place; without autocast out of place (see gpt2.rs).
+        Some(head) if cx.prec.autocast() => {
+            cx.free(dense);
+            cx.grads.push(head);
+        }
+        Some(head) => {
             let summed = cx.alloc(cx.m.vocab_size * cx.m.n_embd * cx.pb, Grads, "add");
-            cx.free(old);
+            cx.free(head);
             cx.free(dense);
             cx.grads.push(summed);
         }
