@@ -117,7 +117,9 @@ def main():
                    PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
         if "memory_gib" in case.get("device", {}):
             env["VRAMFIT_STUB_MEM_MIB"] = str(int(case["device"]["memory_gib"] * 1024))
-        snap = os.path.join(snaps, case["name"] + ".pickle") if snaps else ""
+        snap = os.path.join(os.path.abspath(snaps), case["name"] + ".pickle") if snaps else ""
+        if snaps:
+            os.makedirs(snaps, exist_ok=True)
         p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(case), snap],
                            env=env, capture_output=True, text=True)
         lines = [l for l in p.stdout.splitlines() if l.startswith("VRAMFIT-RECORD ")]
