@@ -51,11 +51,11 @@ static void dev_defaults(int major, int minor) {
 static void init(void) {
   const char *cc = getenv("VRAMFIT_STUB_CC");
   D.major = 9; D.minor = 0;
+  /* "9.0", "12.0", or the digits alone: "90", "89", "100", "120" (the last digit is the minor version). */
   if (cc && cc[0] >= '0' && cc[0] <= '9') {
-    D.major = cc[0] - '0';
-    const char *m = cc + 1;
-    if (*m == '.') m++;
-    D.minor = (*m >= '0' && *m <= '9') ? *m - '0' : 0;
+    const char *dot = strchr(cc, '.');
+    if (dot) { D.major = atoi(cc); D.minor = atoi(dot + 1); }
+    else { int v = atoi(cc); D.major = v / 10; D.minor = v % 10; }
   }
   dev_defaults(D.major, D.minor);
   const char *s = getenv("VRAMFIT_STUB_SMS");
