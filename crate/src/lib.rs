@@ -62,7 +62,7 @@ pub fn estimate(setup: &Setup) -> Result<Report, Error> {
 pub fn estimate_peak(setup: &Setup) -> Result<report::Peaks, Error> {
     setup.validate()?;
     let sim = step::simulate_for_peak(setup)?;
-    Ok(report::Peaks::from_sim(&sim))
+    Ok(report::Peaks::from_sim(&sim, setup.device.sm))
 }
 
 /// Activations saved by one block: the difference a second block makes to the live activations at the end of
