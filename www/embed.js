@@ -2,8 +2,8 @@
 //   <script type="module" src="https://HOST/embed.js"></script>
 //   <vram-fit preset="nanogpt-30m" gpu="rtx-4070" show="batch_size,precision" plot="batch"></vram-fit>
 // Attributes: preset | config (setup JSON) | state (the main page's URL query), gpu, compile (true|false:
-// torch.compile on or off over what the source says), show, lock, plot (batch|block|fitmap|timeline|none),
-// theme (light|dark|auto). Everything renders in a shadow root; every number comes from the wasm estimator,
+// torch.compile on or off over what the source says), alloc-conf (PYTORCH_CUDA_ALLOC_CONF, e.g.
+// "expandable_segments:True"), show, lock, plot (batch|block|fitmap|timeline|none), theme (light|dark|auto). Everything renders in a shadow root; every number comes from the wasm estimator,
 // loaded once from this script's own origin and shared by every widget on the page.
 
 const ESTIMATOR = new URL('./pkg/entry.js', import.meta.url).href;
@@ -22,6 +22,7 @@ const KNOBS = {
   attention: ['Attention', ['sdpa', 'manual']], checkpointing: ['Checkpointing', 'checkbox'],
   grad_accum_steps: ['Grad accumulation', 'number'], dropout: ['Dropout', 'number'], gpu: ['GPU', 'gpu'],
   zero_grad_set_to_none: ['zero_grad(set_to_none)', 'checkbox'], compile: ['torch.compile', 'checkbox'],
+  alloc_conf: ['PYTORCH_CUDA_ALLOC_CONF', 'text'],
 };
 const DEFAULT_SHOW = 'batch_size,seq_len,precision,gpu';
 
@@ -68,7 +69,7 @@ function el(tag, text, attrs = {}) {
 }
 
 class VramFit extends HTMLElement {
-  static get observedAttributes() { return ['preset', 'config', 'state', 'gpu', 'compile', 'show', 'lock', 'plot', 'theme']; }
+  static get observedAttributes() { return ['preset', 'config', 'state', 'gpu', 'compile', 'alloc-conf', 'show', 'lock', 'plot', 'theme']; }
 
   constructor() {
     super();
@@ -133,6 +134,12 @@ class VramFit extends HTMLElement {
         if (on === undefined) throw new Error(`the compile attribute ("${compile}") must be true or false`);
         this.params.set('compile', on);
       }
+      const allocConf = this.getAttribute('alloc-conf');
+      if (allocConf !== null) {
+        // Checked here (by the core) so that a value PyTorch refuses is the widget's message, not a guess.
+        this.params.set('alloc_conf', allocConf);
+        this.params = new URLSearchParams(vf.normalize_query(this.params.toString()).query);
+      }
       const gpu = this.getAttribute('gpu') || stateGpu;
       if (gpu) {
         for (const [k, v] of new URLSearchParams(vf.gpu_query(gpu))) this.params.set(k, v);
@@ -184,6 +191,9 @@ class VramFit extends HTMLElement {
     } else if (kind === 'checkbox') {
       input = el('input', undefined, { type: 'checkbox' });
       input.checked = this.params?.get(key) === '1';
+    } else if (kind === 'text') {
+      input = el('input', undefined, { type: 'text', spellcheck: 'false', autocapitalize: 'off' });
+      input.value = this.params?.get(key) ?? '';
     } else {
       input = el('input', undefined, { type: 'number', min: '0', step: key === 'dropout' ? '0.05' : '1' });
       input.value = this.params?.get(key) ?? '';
@@ -191,7 +201,7 @@ class VramFit extends HTMLElement {
     input.name = key;
     if (locked) input.disabled = true;
     input.addEventListener('change', () => this.onInput(key, input));
-    input.addEventListener('input', () => { if (kind === 'number') this.onInput(key, input); });
+    input.addEventListener('input', () => { if (kind === 'number' || kind === 'text') this.onInput(key, input); });
     wrap.append(input);
     return wrap;
   }

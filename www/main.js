@@ -5,7 +5,7 @@ import init, * as vf from './pkg/entry.js';
 const $ = (id) => document.getElementById(id);
 const KNOBS = ['family', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'intermediate_size', 'vocab_size', 'block_size',
   'bias', 'tie_embeddings', 'dropout', 'batch_size', 'seq_len', 'precision', 'optimizer', 'attention',
-  'compile', 'checkpointing', 'grad_accum_steps', 'grad_clip', 'zero_grad_set_to_none', 'memory_gib',
+  'compile', 'checkpointing', 'grad_accum_steps', 'grad_clip', 'zero_grad_set_to_none', 'alloc_conf', 'memory_gib',
   'compute_capability'];
 const GPT2_ONLY = ['bias'];
 const LLAMA_ONLY = ['n_kv_head', 'intermediate_size', 'tie_embeddings'];
@@ -109,6 +109,7 @@ function renderEstimate(e) {
   $('peak-allocated').textContent = e.peak_allocated;
   $('peak-allocated').dataset.bytes = String(e.peak_allocated_bytes);
   $('peak-reserved').textContent = e.peak_reserved;
+  $('peak-reserved').dataset.bytes = String(e.peak_reserved_bytes);
   $('device-total').textContent = e.device_total;
   $('device-range').textContent = `range ${e.device_range}`;
   $('verdict').textContent = e.verdict ? `${e.verdict} in ${e.gpu_memory}` : 'choose a GPU';
@@ -367,7 +368,8 @@ async function main() {
     const file = ev.dataTransfer.files[0];
     if (file) { const text = await file.text(); $('paste').value = text; loadText(text); }
   });
-  window.addEventListener('popstate', () => { applyQuery(location.search.slice(1)); update(false); });
+  // The page's own URLs leave out an empty PYTORCH_CUDA_ALLOC_CONF (PyTorch's defaults): clear the field first.
+  window.addEventListener('popstate', () => { $('alloc_conf').value = ''; applyQuery(location.search.slice(1)); update(false); });
   window.matchMedia('(prefers-color-scheme: dark)').addEventListener('change', () => lastGood && drawPlots(lastGood));
   let resizeTimer;
   window.addEventListener('resize', () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(() => lastGood && drawPlots(lastGood), 150); });

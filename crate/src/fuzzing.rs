@@ -1,6 +1,7 @@
 //! Entry points shared by the fuzz targets (`fuzz/`) and the seed-corpus smoke test (`tests/fuzz_corpus.rs`):
 //! each takes raw bytes and must return without panicking, whatever they hold.
 
+use crate::allocator::AllocatorConfig;
 use crate::input;
 use crate::model::{DeviceConfig, Family, ModelConfig, Setup, TrainConfig};
 use crate::policy::{Attention, Optimizer, Precision};
@@ -51,7 +52,7 @@ pub fn estimate_from_bytes(data: &[u8]) {
 pub fn setup_from_bytes(data: &[u8]) -> Setup {
     let mut b = Bytes(data);
     let flags = b.byte();
-    Setup {
+    let mut setup = Setup {
         model: ModelConfig {
             family: if flags & 1 == 0 {
                 Family::Gpt2
@@ -94,12 +95,24 @@ pub fn setup_from_bytes(data: &[u8]) -> Setup {
             grad_clip: if flags & 64 != 0 { b.f64() } else { 1.0 },
             zero_grad_set_to_none: flags & 128 == 0,
             compile: b.byte() % 2 == 1,
+            alloc_conf: AllocatorConfig::default(),
         },
         device: DeviceConfig {
             sm: u32::from(b.byte()),
             memory_bytes: b.u64(),
         },
+    };
+    // PYTORCH_CUDA_ALLOC_CONF from the bytes after the device (earlier corpus entries keep their meaning).
+    let alloc = b.byte();
+    let c = &mut setup.train.alloc_conf;
+    c.expandable_segments = alloc & 1 != 0;
+    if alloc & 2 != 0 {
+        c.max_split_size = Some(b.u64());
     }
+    if alloc & 4 != 0 {
+        c.garbage_collection_threshold = Some(b.f64());
+    }
+    setup
 }
 
 pub fn nanogpt_config(data: &[u8]) {

@@ -2,7 +2,9 @@
 //! Each returns a `Setup` (not yet validated) or an error naming the field, value or line.
 
 use crate::error::Error;
-use crate::model::{DeviceConfig, Family, ModelConfig, Setup, TrainConfig};
+use crate::model::{
+    alloc_conf_string, parse_alloc_conf, DeviceConfig, Family, ModelConfig, Setup, TrainConfig,
+};
 use crate::policy::{Attention, Optimizer, Precision};
 use serde_json::{Map, Value};
 
@@ -34,6 +36,7 @@ const TRAIN_FIELDS: &[&str] = &[
     "grad_clip",
     "zero_grad_set_to_none",
     "compile",
+    "alloc_conf",
 ];
 const DEVICE_FIELDS: &[&str] = &["compute_capability", "memory_gib"];
 
@@ -227,6 +230,8 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
         grad_clip: get_f64(t, "train.", "grad_clip")?.unwrap_or(DEFAULT_GRAD_CLIP),
         zero_grad_set_to_none: get_bool(t, "train.", "zero_grad_set_to_none")?.unwrap_or(true),
         compile: get_bool(t, "train.", "compile")?.unwrap_or(false),
+        // PYTORCH_CUDA_ALLOC_CONF as the environment variable is written.
+        alloc_conf: parse_alloc_conf(get_str(t, "train.", "alloc_conf")?.unwrap_or(""))?,
     };
     let device = match top.get("device") {
         None => DeviceConfig::default(),
@@ -284,7 +289,8 @@ pub fn setup_to_value(s: &Setup) -> Value {
         "train": {"batch_size": t.batch_size, "seq_len": t.seq_len, "precision": t.precision.name(),
                   "optimizer": t.optimizer.name(), "attention": t.attention.name(),
                   "checkpointing": t.checkpointing, "grad_accum_steps": t.grad_accum_steps, "grad_clip": t.grad_clip,
-                  "zero_grad_set_to_none": t.zero_grad_set_to_none, "compile": t.compile},
+                  "zero_grad_set_to_none": t.zero_grad_set_to_none, "compile": t.compile,
+                  "alloc_conf": alloc_conf_string(&t.alloc_conf)},
         "device": {"compute_capability": s.device.sm as f64 / 10.0,
                    "memory_gib": s.device.memory_bytes as f64 / (1u64 << 30) as f64},
     })
@@ -864,6 +870,8 @@ pub fn nanogpt_config(text: &str) -> Result<NanoGptImport, Error> {
             zero_grad_set_to_none: true,
             // train.py: `if compile: model = torch.compile(model)`
             compile,
+            // PYTORCH_CUDA_ALLOC_CONF is the environment's, not the config file's.
+            alloc_conf: Default::default(),
         },
         device: DeviceConfig::default(),
     };
@@ -1121,6 +1129,7 @@ const QUERY_KEYS: &[(&str, &str, QueryKind)] = &[
     ("grad_clip", "train", QueryKind::Num),
     ("zero_grad_set_to_none", "train", QueryKind::Bool),
     ("compile", "train", QueryKind::Bool),
+    ("alloc_conf", "train", QueryKind::Str),
     ("memory_gib", "device", QueryKind::Num),
     ("compute_capability", "device", QueryKind::Num),
 ];
@@ -1272,6 +1281,36 @@ mod query_tests {
             assert_eq!(back, s, "{}: {q}", p.id);
             assert!(extra.is_empty());
         }
+    }
+
+    /// PYTORCH_CUDA_ALLOC_CONF in the URL: `alloc_conf=` with the variable's text, %-encoded; spelled out (empty
+    /// for PyTorch's defaults) so that a preset's query resets it.
+    #[test]
+    fn query_carries_the_allocator_configuration() {
+        let base = "family=gpt2&n_layer=2&n_head=2&n_embd=64&block_size=64&vocab_size=65";
+        let s = setup_from_query(
+            &format!("{base}&alloc_conf=expandable_segments%3ATrue%2Cmax_split_size_mb%3A128"),
+            &mut Vec::new(),
+        )
+        .unwrap();
+        assert!(s.train.alloc_conf.expandable_segments);
+        assert_eq!(s.train.alloc_conf.max_split_size, Some(128 << 20));
+        let q = setup_to_query(&s);
+        assert!(
+            q.contains("&alloc_conf=expandable_segments%3ATrue%2Cmax_split_size_mb%3A128&"),
+            "{q}"
+        );
+        assert_eq!(setup_from_query(&q, &mut Vec::new()).unwrap(), s);
+        let plain = setup_from_query(base, &mut Vec::new()).unwrap();
+        assert_eq!(plain.train.alloc_conf, Default::default());
+        assert!(setup_to_query(&plain).contains("&alloc_conf=&"));
+        assert_eq!(
+            setup_from_query(&format!("{base}&alloc_conf=max_split_size_mb:4"), &mut Vec::new())
+                .unwrap_err()
+                .to_string(),
+            "train.alloc_conf (\"max_split_size_mb:4\") max_split_size_mb (4) must be at least 20: PyTorch's \
+             minimum, the 20 MiB segments the large pool shares"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! What is being trained and how: the setup a person describes, its validation and its parameter count.
 
+use crate::allocator::AllocatorConfig;
 use crate::error::Error;
 use crate::policy::{Attention, Optimizer, Precision};
 
@@ -151,6 +152,9 @@ pub struct TrainConfig {
     pub zero_grad_set_to_none: bool,
     /// `torch.compile(model)` (Inductor): the step as the compiled graphs allocate it.
     pub compile: bool,
+    /// `PYTORCH_CUDA_ALLOC_CONF`'s knobs for the caching allocator (`expandable_segments`, `max_split_size_mb`,
+    /// `garbage_collection_threshold`); PyTorch's defaults unless set. Read with [`parse_alloc_conf`].
+    pub alloc_conf: AllocatorConfig,
 }
 
 /// Defaults for training fields a setup leaves out: nanoGPT train.py's on a bf16-capable GPU, except gradient
@@ -174,8 +178,178 @@ impl TrainConfig {
             grad_clip: DEFAULT_GRAD_CLIP,
             zero_grad_set_to_none: true,
             compile: false,
+            alloc_conf: AllocatorConfig::default(),
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// PYTORCH_CUDA_ALLOC_CONF
+
+/// PyTorch's smallest `max_split_size_mb`, 20: the size of the large pool's shared segments (`kLargeBuffer`,
+/// 20 MiB). `AcceleratorAllocatorConfig::parseMaxSplitSize` (c10/core/AllocatorConfig.cpp) rejects smaller
+/// values with "max_split_size_mb too small, must be >= 20"; torch 2.15 accepts 20 itself.
+pub const MIN_MAX_SPLIT_SIZE_MB: u64 = 20;
+
+/// The largest `max_split_size_mb` accepted: 2^40 MiB (1 EiB) is beyond any device, and the byte count stays
+/// far from `u64`'s limit. PyTorch clamps larger values to `SIZE_MAX` / 1 MiB; any value this large acts as
+/// "unlimited" on every device.
+pub const MAX_MAX_SPLIT_SIZE_MB: u64 = 1 << 40;
+
+/// The `PYTORCH_CUDA_ALLOC_CONF` options vramfit models.
+pub const ALLOC_CONF_OPTIONS: &[&str] = &[
+    "expandable_segments",
+    "max_split_size_mb",
+    "garbage_collection_threshold",
+];
+
+/// Options PyTorch's allocator config knows that vramfit does not model (c10/core/AllocatorConfig.cpp and
+/// c10/cuda/CUDAAllocatorConfig.cpp): named as such rather than as unknown.
+const ALLOC_CONF_NOT_MODELLED: &[&str] = &[
+    "max_non_split_rounding_mb",
+    "roundup_power2_divisions",
+    "backend",
+    "release_lock_on_cudamalloc",
+    "pinned_use_cuda_host_register",
+    "pinned_num_register_threads",
+    "pinned_use_background_threads",
+    "pinned_reserve_segment_size_mb",
+    "graph_capture_record_stream_reuse",
+];
+
+const MIB: u64 = 1 << 20;
+
+/// Reads `PYTORCH_CUDA_ALLOC_CONF` as PyTorch writes it: `option:value` pairs separated by commas, spaces
+/// ignored, a trailing comma allowed, a later value of an option replacing an earlier one; `""` is PyTorch's
+/// defaults. The options are `expandable_segments` (`True` or `False`), `max_split_size_mb` (a whole number of
+/// MiB, at least 20) and `garbage_collection_threshold` (strictly between 0 and 1).
+///
+/// # Errors
+/// One [`Error`] naming `train.alloc_conf` and the whole text, saying which option or value is wrong: an
+/// unknown option, one vramfit does not model, a missing or malformed value, or a value PyTorch refuses.
+///
+/// # Example
+/// ```
+/// let c = vramfit::model::parse_alloc_conf("expandable_segments:True,max_split_size_mb:128").unwrap();
+/// assert!(c.expandable_segments);
+/// assert_eq!(c.max_split_size, Some(128 << 20));
+/// assert_eq!(vramfit::model::alloc_conf_string(&c), "expandable_segments:True,max_split_size_mb:128");
+/// ```
+pub fn parse_alloc_conf(text: &str) -> Result<AllocatorConfig, Error> {
+    let bad = |reason: String| Error::invalid("train.alloc_conf", format!("{text:?}"), reason);
+    // PyTorch's tokenizer drops spaces wherever they are.
+    let compact: String = text.chars().filter(|c| *c != ' ').collect();
+    let mut config = AllocatorConfig::default();
+    if compact.is_empty() {
+        return Ok(config);
+    }
+    let body = compact.strip_suffix(',').unwrap_or(&compact);
+    for option in body.split(',') {
+        if option.is_empty() {
+            return Err(bad("has an empty option (two commas in a row)".into()));
+        }
+        let (key, value) = option.split_once(':').unwrap_or((option, ""));
+        if !ALLOC_CONF_OPTIONS.contains(&key) {
+            return Err(bad(if ALLOC_CONF_NOT_MODELLED.contains(&key) {
+                format!(
+                    "sets {key}, which vramfit does not model; it models {}",
+                    ALLOC_CONF_OPTIONS.join(", ")
+                )
+            } else {
+                format!(
+                    "has an unknown option {key:?}; the options are {}",
+                    ALLOC_CONF_OPTIONS.join(", ")
+                )
+            }));
+        }
+        if value.is_empty() {
+            return Err(bad(format!("gives {key} no value (write {key}:VALUE)")));
+        }
+        if value.contains(':') {
+            return Err(bad(format!("gives {key} more than one value ({value:?})")));
+        }
+        match key {
+            "expandable_segments" => {
+                config.expandable_segments = match value {
+                    "True" => true,
+                    "False" => false,
+                    _ => {
+                        return Err(bad(format!(
+                            "expandable_segments must be True or False, not {value:?}"
+                        )))
+                    }
+                }
+            }
+            "max_split_size_mb" => {
+                let mb: u64 = value.parse().map_err(|_| {
+                    bad(format!(
+                        "max_split_size_mb must be a whole number of MiB, not {value:?}"
+                    ))
+                })?;
+                config.max_split_size = Some(mb.min(MAX_MAX_SPLIT_SIZE_MB) * MIB);
+            }
+            _ => {
+                // garbage_collection_threshold: checked below.
+                config.garbage_collection_threshold =
+                    Some(value.parse().map_err(|_| {
+                        bad(format!(
+                            "garbage_collection_threshold must be a number between 0 and 1, not {value:?}"
+                        ))
+                    })?);
+            }
+        }
+    }
+    check_alloc_conf(&config).map_err(bad)?;
+    Ok(config)
+}
+
+/// `PYTORCH_CUDA_ALLOC_CONF` for a configuration, as [`parse_alloc_conf`] reads it: only what differs from
+/// PyTorch's defaults, in the order expandable_segments, max_split_size_mb, garbage_collection_threshold; `""`
+/// for the defaults. `set_per_process_memory_fraction` is not part of it.
+pub fn alloc_conf_string(c: &AllocatorConfig) -> String {
+    let mut parts = Vec::new();
+    if c.expandable_segments {
+        parts.push("expandable_segments:True".to_string());
+    }
+    if let Some(bytes) = c.max_split_size {
+        parts.push(format!("max_split_size_mb:{}", bytes / MIB));
+    }
+    if let Some(t) = c.garbage_collection_threshold {
+        parts.push(format!("garbage_collection_threshold:{t}"));
+    }
+    parts.join(",")
+}
+
+/// The ranges PyTorch enforces, for a configuration however it was made; the reason names the option.
+fn check_alloc_conf(c: &AllocatorConfig) -> Result<(), String> {
+    if let Some(bytes) = c.max_split_size {
+        let mb = bytes / MIB;
+        if bytes % MIB != 0 || mb > MAX_MAX_SPLIT_SIZE_MB {
+            return Err(format!(
+                "max_split_size_mb must be a whole number of MiB up to {MAX_MAX_SPLIT_SIZE_MB} (the size is {bytes} bytes)"
+            ));
+        }
+        if mb < MIN_MAX_SPLIT_SIZE_MB {
+            return Err(format!(
+                "max_split_size_mb ({mb}) must be at least {MIN_MAX_SPLIT_SIZE_MB}: PyTorch's minimum, the 20 MiB \
+                 segments the large pool shares"
+            ));
+        }
+    }
+    if let Some(t) = c.garbage_collection_threshold {
+        // NaN fails too.
+        if !(t > 0.0 && t < 1.0) {
+            return Err(format!(
+                "garbage_collection_threshold ({t}) must be between 0 and 1, both excluded, as PyTorch requires"
+            ));
+        }
+    }
+    if let Some(f) = c.memory_fraction {
+        if !(f > 0.0 && f <= 1.0) {
+            return Err(format!("memory_fraction ({f}) must be in (0, 1]"));
+        }
+    }
+    Ok(())
 }
 
 /// The GPU the step runs on, as far as it changes what PyTorch allocates.
@@ -322,6 +496,13 @@ impl Setup {
                 "must be 0 (off) or a positive number",
             ));
         }
+        check_alloc_conf(&t.alloc_conf).map_err(|reason| {
+            Error::invalid(
+                "train.alloc_conf",
+                format!("{:?}", alloc_conf_string(&t.alloc_conf)),
+                reason,
+            )
+        })?;
         self.check_size()
     }
 
@@ -442,6 +623,172 @@ mod tests {
         s.train.attention = Attention::Sdpa;
         let r = crate::estimate(&s).unwrap();
         assert!(r.components.weights_bytes > 1_190_000_000_000);
+    }
+
+    /// The messages a person sees for PYTORCH_CUDA_ALLOC_CONF, one per kind of mistake.
+    #[test]
+    fn alloc_conf_errors_name_the_field_the_text_and_the_option() {
+        let check = |text: &str, expect: &str| {
+            let e = parse_alloc_conf(text).unwrap_err();
+            assert!(matches!(e, Error::Invalid { .. }), "{text}: {e:?}");
+            assert_eq!(e.to_string(), expect, "{text}");
+        };
+        check(
+            "expandible_segments:True",
+            "train.alloc_conf (\"expandible_segments:True\") has an unknown option \"expandible_segments\"; \
+             the options are expandable_segments, max_split_size_mb, garbage_collection_threshold",
+        );
+        check(
+            "roundup_power2_divisions:4",
+            "train.alloc_conf (\"roundup_power2_divisions:4\") sets roundup_power2_divisions, which vramfit \
+             does not model; it models expandable_segments, max_split_size_mb, garbage_collection_threshold",
+        );
+        check(
+            "expandable_segments:true",
+            "train.alloc_conf (\"expandable_segments:true\") expandable_segments must be True or False, not \"true\"",
+        );
+        check(
+            "expandable_segments",
+            "train.alloc_conf (\"expandable_segments\") gives expandable_segments no value \
+             (write expandable_segments:VALUE)",
+        );
+        check(
+            "max_split_size_mb:128:256",
+            "train.alloc_conf (\"max_split_size_mb:128:256\") gives max_split_size_mb more than one value \
+             (\"128:256\")",
+        );
+        check(
+            "max_split_size_mb:12.5",
+            "train.alloc_conf (\"max_split_size_mb:12.5\") max_split_size_mb must be a whole number of MiB, \
+             not \"12.5\"",
+        );
+        check(
+            "max_split_size_mb:19",
+            "train.alloc_conf (\"max_split_size_mb:19\") max_split_size_mb (19) must be at least 20: PyTorch's \
+             minimum, the 20 MiB segments the large pool shares",
+        );
+        check(
+            "garbage_collection_threshold:1.0",
+            "train.alloc_conf (\"garbage_collection_threshold:1.0\") garbage_collection_threshold (1) must be \
+             between 0 and 1, both excluded, as PyTorch requires",
+        );
+        check(
+            "garbage_collection_threshold:0",
+            "train.alloc_conf (\"garbage_collection_threshold:0\") garbage_collection_threshold (0) must be \
+             between 0 and 1, both excluded, as PyTorch requires",
+        );
+        check(
+            "garbage_collection_threshold:NaN",
+            "train.alloc_conf (\"garbage_collection_threshold:NaN\") garbage_collection_threshold (NaN) must be \
+             between 0 and 1, both excluded, as PyTorch requires",
+        );
+        check(
+            "garbage_collection_threshold:high",
+            "train.alloc_conf (\"garbage_collection_threshold:high\") garbage_collection_threshold must be a \
+             number between 0 and 1, not \"high\"",
+        );
+        check(
+            "expandable_segments:True,,max_split_size_mb:128",
+            "train.alloc_conf (\"expandable_segments:True,,max_split_size_mb:128\") has an empty option (two \
+             commas in a row)",
+        );
+    }
+
+    #[test]
+    fn alloc_conf_reads_pytorch_syntax_and_defaults() {
+        // Unset or empty: PyTorch's defaults.
+        assert_eq!(parse_alloc_conf("").unwrap(), AllocatorConfig::default());
+        assert_eq!(parse_alloc_conf("  ").unwrap(), AllocatorConfig::default());
+        assert_eq!(
+            TrainConfig::defaults(1, 64).alloc_conf,
+            AllocatorConfig::default()
+        );
+        let c = parse_alloc_conf(
+            "expandable_segments:True,max_split_size_mb:128,garbage_collection_threshold:0.8",
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            AllocatorConfig {
+                expandable_segments: true,
+                max_split_size: Some(128 << 20),
+                garbage_collection_threshold: Some(0.8),
+                memory_fraction: None,
+            }
+        );
+        // Spaces anywhere and a trailing comma, as PyTorch's tokenizer allows; a later value replaces an earlier.
+        let c = parse_alloc_conf(
+            " expandable_segments : True , expandable_segments:False, max_split_size_mb:20,",
+        )
+        .unwrap();
+        assert!(!c.expandable_segments);
+        // 20 is PyTorch's minimum, accepted (torch 2.15: "must be >= 20").
+        assert_eq!(c.max_split_size, Some(20 << 20));
+        // Values too large for any device act as "unlimited" and stay within u64.
+        let c = parse_alloc_conf("max_split_size_mb:18446744073709551615").unwrap();
+        assert_eq!(c.max_split_size, Some(MAX_MAX_SPLIT_SIZE_MB << 20));
+    }
+
+    #[test]
+    fn alloc_conf_round_trips() {
+        for text in [
+            "",
+            "expandable_segments:True",
+            "max_split_size_mb:128",
+            "garbage_collection_threshold:0.8",
+            "expandable_segments:True,max_split_size_mb:512,garbage_collection_threshold:0.6",
+            "max_split_size_mb:20,garbage_collection_threshold:0.000001",
+        ] {
+            let c = parse_alloc_conf(text).unwrap();
+            assert_eq!(alloc_conf_string(&c), text);
+            assert_eq!(
+                parse_alloc_conf(&alloc_conf_string(&c)).unwrap(),
+                c,
+                "{text}"
+            );
+        }
+        // What is spelled out is the canonical form: defaults dropped, PyTorch's order.
+        let c = parse_alloc_conf("garbage_collection_threshold:0.5, expandable_segments:False")
+            .unwrap();
+        assert_eq!(alloc_conf_string(&c), "garbage_collection_threshold:0.5");
+        // Through the setup JSON: a string, as the environment variable is written; left out, the defaults.
+        let mut s = crate::presets::founding();
+        s.train.alloc_conf = c;
+        let v = crate::input::setup_to_value(&s);
+        assert_eq!(v["train"]["alloc_conf"], "garbage_collection_threshold:0.5");
+        assert_eq!(crate::input::setup_from_value(&v).unwrap(), s);
+        let mut v = v;
+        v["train"].as_object_mut().unwrap().remove("alloc_conf");
+        assert_eq!(
+            crate::input::setup_from_value(&v).unwrap().train.alloc_conf,
+            AllocatorConfig::default()
+        );
+        v["train"]["alloc_conf"] = serde_json::json!(true);
+        assert_eq!(
+            crate::input::setup_from_value(&v).unwrap_err().to_string(),
+            "train.alloc_conf (true) must be a string"
+        );
+    }
+
+    /// A configuration built in code is held to PyTorch's ranges by `Setup::validate`.
+    #[test]
+    fn validate_checks_the_allocator_configuration() {
+        let mut s = crate::presets::founding();
+        s.train.alloc_conf.max_split_size = Some(8 << 20);
+        assert_eq!(
+            s.validate().unwrap_err().to_string(),
+            "train.alloc_conf (\"max_split_size_mb:8\") max_split_size_mb (8) must be at least 20: PyTorch's \
+             minimum, the 20 MiB segments the large pool shares"
+        );
+        s.train.alloc_conf.max_split_size = Some((64 << 20) + 1);
+        assert!(s.validate().is_err());
+        s.train.alloc_conf.max_split_size = None;
+        s.train.alloc_conf.garbage_collection_threshold = Some(f64::INFINITY);
+        assert!(s.validate().unwrap_err().to_string().starts_with(
+            "train.alloc_conf (\"garbage_collection_threshold:inf\") garbage_collection_threshold (inf)"
+        ));
+        s.train.alloc_conf.garbage_collection_threshold = Some(0.5);
+        s.validate().unwrap();
     }
 
     #[test]

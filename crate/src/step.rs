@@ -3,7 +3,6 @@
 //! loss, backward), gradient clipping, the optimizer step and `zero_grad(set_to_none=True)`. Under
 //! `torch.compile` the micro-step is `compiled`'s (forward and backward graphs); the loop around it is the same.
 
-use crate::allocator::AllocatorConfig;
 use crate::compiled;
 use crate::gpt2;
 use crate::llama;
@@ -46,11 +45,12 @@ pub fn simulate_recording(setup: &Setup, record: bool) -> Result<Sim, Error> {
     run(setup, N_STEPS, record)
 }
 
-/// An empty timeline for the setup: PyTorch's default allocator settings, on the setup's device.
+/// An empty timeline for the setup: the allocator configured by its `PYTORCH_CUDA_ALLOC_CONF`
+/// (`train.alloc_conf`), on the setup's device.
 fn new_sim(setup: &Setup) -> Sim {
     // The CUDA context's share of the device is not subtracted yet (0): it is not measured.
     let capacity = allocator_capacity(setup.device.memory_bytes, 0);
-    Sim::new(AllocatorConfig::default(), capacity)
+    Sim::new(setup.train.alloc_conf, capacity)
 }
 
 fn run(setup: &Setup, n_steps: u32, record: bool) -> Result<Sim, Error> {

@@ -153,6 +153,7 @@ struct EstimateDto {
     peak_allocated: String,
     peak_allocated_bytes: u64,
     peak_reserved: String,
+    peak_reserved_bytes: u64,
     device_total: String,
     device_range: String,
     gpu_memory: String,
@@ -215,6 +216,7 @@ pub fn estimate(query: &str) -> Result<JsValue, JsError> {
         peak_allocated: fmt_bytes(r.peak_allocated_bytes),
         peak_allocated_bytes: r.peak_allocated_bytes,
         peak_reserved: fmt_bytes(r.peak_reserved_bytes),
+        peak_reserved_bytes: r.peak_reserved_bytes,
         device_total: fmt_bytes(r.device_total_bytes),
         device_range: format!(
             "{} to {}",

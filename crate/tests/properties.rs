@@ -95,6 +95,7 @@ fn any_setup() -> impl Strategy<Value = Setup> {
                     grad_clip: clip,
                     zero_grad_set_to_none: ckpt ^ manual,
                     compile: manual && !ckpt,
+                    alloc_conf: Default::default(),
                 },
                 device: DeviceConfig {
                     sm,
@@ -170,6 +171,7 @@ fn valid_setup() -> impl Strategy<Value = Setup> {
                         grad_clip: if clip { 1.0 } else { 0.0 },
                         zero_grad_set_to_none: !(ckpt && clip),
                         compile: false,
+                        alloc_conf: Default::default(),
                     },
                     device: DeviceConfig::default(),
                 }

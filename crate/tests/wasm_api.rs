@@ -78,6 +78,34 @@ fn bad_input_throws_the_core_message() {
     check_err!(vramfit::wasm::import_config("def f():\n  pass\n"), "nanoGPT config, line 1: not an assignment, import or comment: \"def f():\"; is this a nanoGPT config file?");
 }
 
+/// PYTORCH_CUDA_ALLOC_CONF crosses as `alloc_conf=` in the query: normalized to PyTorch's spelling, read from a
+/// pasted setup JSON, and a value PyTorch refuses throws the core's message.
+#[wasm_bindgen_test]
+fn alloc_conf_crosses_in_the_query() {
+    let base = "family=gpt2&n_layer=2&n_head=2&n_embd=64&block_size=64&vocab_size=65";
+    let n = vramfit::wasm::normalize_query(&format!(
+        "{base}&alloc_conf=garbage_collection_threshold%3A0.8%2C%20expandable_segments%3ATrue"
+    ))
+    .unwrap();
+    let q = get(&n, "query").as_string().unwrap();
+    assert!(
+        q.contains("&alloc_conf=expandable_segments%3ATrue%2Cgarbage_collection_threshold%3A0.8&"),
+        "{q}"
+    );
+    let r = vramfit::wasm::import_config(
+        r#"{"model": {"family": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "vocab_size": 65}, "train": {"alloc_conf": "max_split_size_mb:256"}}"#,
+    )
+    .unwrap();
+    assert!(get(&r, "query")
+        .as_string()
+        .unwrap()
+        .contains("alloc_conf=max_split_size_mb%3A256"));
+    check_err!(
+        vramfit::wasm::estimate(&format!("{base}&alloc_conf=expandable_segments%3A1")),
+        "train.alloc_conf (\"expandable_segments:1\") expandable_segments must be True or False, not \"1\""
+    );
+}
+
 #[wasm_bindgen_test]
 fn import_reads_nanogpt_and_hf_configs() {
     let r = vramfit::wasm::import_config(

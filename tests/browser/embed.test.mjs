@@ -168,7 +168,7 @@ test('attribute changes re-render, and payloads in widget attributes show as tex
   await page.waitForFunction((b) => Number(document.getElementById('two').dataset.peakBytes) !== b, before);
   assert.equal(await peakOf(page, 'two'), cliPeakBytes(['--preset', 'gpt2', '--gpu', 't4']));
   const payload = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=1</script>';
-  for (const attr of ['preset', 'config', 'state', 'gpu', 'compile', 'show', 'lock', 'plot', 'theme']) {
+  for (const attr of ['preset', 'config', 'state', 'gpu', 'compile', 'alloc-conf', 'show', 'lock', 'plot', 'theme']) {
     await page.evaluate(([a, p]) => {
       const w = document.createElement('vram-fit');
       w.id = `hostile-${a}`;
@@ -181,7 +181,7 @@ test('attribute changes re-render, and payloads in widget attributes show as tex
       return { imgs: root.querySelectorAll('img, script').length, text: root.textContent };
     }, attr);
     assert.equal(inside.imgs, 0, attr);
-    if (['preset', 'config', 'state', 'gpu', 'compile'].includes(attr)) assert.ok(inside.text.includes('<img src'), `${attr}: shown as text: ${inside.text.slice(0, 120)}`);
+    if (['preset', 'config', 'state', 'gpu', 'compile', 'alloc-conf'].includes(attr)) assert.ok(inside.text.includes('<img src'), `${attr}: shown as text: ${inside.text.slice(0, 120)}`);
   }
   assert.equal(await page.evaluate(() => window.__pwned), undefined);
   await page.close();

@@ -13,6 +13,7 @@ macro_rules! outln {
 
 use serde_json::{json, Value};
 use vramfit::input::{hf_config, nanogpt_config, setup_from_value, setup_to_value};
+use vramfit::model::alloc_conf_string;
 use vramfit::report::fmt_bytes;
 use vramfit::sweep::{powers_of_two, sweep, Axis};
 use vramfit::{estimate, Error, Setup};
@@ -41,6 +42,8 @@ KNOBS (override the source):
   --checkpointing | --no-checkpointing  --grad-accum-steps N  --grad-clip X
   --set-to-none | --no-set-to-none     (optimizer.zero_grad(set_to_none=...), default set_to_none)
   --compile | --no-compile             (torch.compile(model); default off, --nanogpt: the file's)
+  --alloc-conf TEXT    PYTORCH_CUDA_ALLOC_CONF as PyTorch reads it, e.g. expandable_segments:True or
+                       max_split_size_mb:128,garbage_collection_threshold:0.8 (default: PyTorch's defaults)
   --gpu ID (rtx-4070, h100-80, ...)  --gpu-memory-gib X  --compute-capability X.Y
 ";
 
@@ -255,6 +258,7 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                     "--attention" => ("train", "attention", true),
                     "--grad-accum-steps" => ("train", "grad_accum_steps", false),
                     "--grad-clip" => ("train", "grad_clip", false),
+                    "--alloc-conf" => ("train", "alloc_conf", true),
                     "--gpu-memory-gib" => ("device", "memory_gib", false),
                     "--compute-capability" => ("device", "compute_capability", false),
                     _ => return Err(usage_error(format!("unknown option {flag:?} (see --help)"))),
@@ -366,7 +370,7 @@ fn table(setup: &Setup, r: &vramfit::Report, notes: &[String]) -> String {
     );
     outln!(
         out,
-        "batch {} x sequence {}, {}, {}, {} attention{}{}{}, grad accumulation {}",
+        "batch {} x sequence {}, {}, {}, {} attention{}{}{}, grad accumulation {}{}",
         t.batch_size,
         t.seq_len,
         t.precision.name(),
@@ -383,7 +387,11 @@ fn table(setup: &Setup, r: &vramfit::Report, notes: &[String]) -> String {
             ""
         },
         if t.compile { ", torch.compile" } else { "" },
-        t.grad_accum_steps
+        t.grad_accum_steps,
+        match alloc_conf_string(&t.alloc_conf) {
+            conf if conf.is_empty() => String::new(),
+            conf => format!(", PYTORCH_CUDA_ALLOC_CONF={conf}"),
+        }
     );
     out.push('\n');
     outln!(
