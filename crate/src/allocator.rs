@@ -122,8 +122,9 @@ struct Block {
 struct Pool {
     /// Free mapped blocks, ordered by (size, address) like `BlockComparatorSize`: (size, address, block).
     free: Vec<(u64, u64, u32)>,
-    /// Unmapped blocks of expandable segments, ordered by address (`BlockComparatorAddress`): (address, block).
-    unmapped: Vec<(u64, u32)>,
+    /// Unmapped blocks of expandable segments, ordered by address (`BlockComparatorAddress`): (0, address,
+    /// block), the free list's shape so that both share one search.
+    unmapped: Vec<(u64, u64, u32)>,
     /// `get_free_blocks_call_count`, counted only while garbage collection is on.
     n_get_free_block_calls: u64,
 }
@@ -153,7 +154,7 @@ pub struct CachingAllocator {
 /// The first entry of a free list at or after (size, address): a branch-free binary search on the size (the
 /// lists are short and their order random, so a plain one's mispredicted branches would cost most of its time),
 /// then a step over equal sizes at lower addresses.
-#[inline(always)]
+#[inline]
 fn lower_bound(free: &[(u64, u64, u32)], size: u64, addr: u64) -> usize {
     let (mut base, mut len) = (0, free.len());
     if len == 0 {
@@ -371,14 +372,15 @@ impl CachingAllocator {
     fn insert_unmapped(&mut self, b: u32) {
         let block = &self.blocks[b as usize];
         let pool = &mut self.pools[usize::from(!block.small)];
-        let at = pool.unmapped.partition_point(|k| k.0 < block.addr);
-        pool.unmapped.insert(at, (block.addr, b));
+        let at = lower_bound(&pool.unmapped, 0, block.addr);
+        pool.unmapped.insert(at, (0, block.addr, b));
     }
 
     fn remove_unmapped(&mut self, b: u32) {
         let block = &self.blocks[b as usize];
         let pool = &mut self.pools[usize::from(!block.small)];
-        if let Ok(at) = pool.unmapped.binary_search(&(block.addr, b)) {
+        let at = lower_bound(&pool.unmapped, 0, block.addr);
+        if pool.unmapped.get(at).is_some_and(|k| k.2 == b) {
             pool.unmapped.remove(at);
         }
     }
@@ -621,7 +623,7 @@ impl CachingAllocator {
     /// starting at an unmapped block or the free block just before it; a new segment if none has room.
     fn find_expandable_block(&mut self, pool: usize, size: u64) -> u32 {
         let allocatable = |b: u32| self.blocks.get(b as usize).is_some_and(|b| !b.allocated);
-        for &(_, u) in &self.pools[pool].unmapped {
+        for &(_, _, u) in &self.pools[pool].unmapped {
             let prev = self.blocks[u as usize].prev;
             let start = if allocatable(prev) { prev } else { u };
             let (mut b, mut bytes) = (start, 0);
@@ -1176,7 +1178,7 @@ mod tests {
                 assert!(pool.free.binary_search(&(b.size, b.addr, i)).is_ok());
             } else {
                 n_unmapped += 1;
-                assert!(pool.unmapped.binary_search(&(b.addr, i)).is_ok());
+                assert!(pool.unmapped.binary_search(&(0, b.addr, i)).is_ok());
             }
         }
         assert_eq!(mapped, a.reserved_bytes());
