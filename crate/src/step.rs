@@ -48,8 +48,12 @@ pub fn simulate_recording(setup: &Setup, record: bool) -> Result<Sim, Error> {
 /// An empty timeline for the setup: the allocator configured by its `PYTORCH_CUDA_ALLOC_CONF`
 /// (`train.alloc_conf`), on the setup's device.
 fn new_sim(setup: &Setup) -> Sim {
-    // The CUDA context's share of the device is not subtracted yet (0): it is not measured.
-    let capacity = allocator_capacity(setup.device.memory_bytes, 0);
+    // What cudaMalloc can have: the device's memory less the CUDA context, which the driver took first
+    // (`report::cuda_context_bytes`). A setup fits when the allocator serves every request within it.
+    let capacity = allocator_capacity(
+        setup.device.memory_bytes,
+        crate::report::cuda_context_bytes(setup.device.sm),
+    );
     Sim::new(setup.train.alloc_conf, capacity)
 }
 
