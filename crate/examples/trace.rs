@@ -10,6 +10,9 @@ fn main() {
     setup.validate().unwrap_or_else(|e| panic!("{e}"));
     let sim = vramfit::step::simulate_recording(&setup, true).unwrap_or_else(|e| panic!("{e}"));
     for e in sim.events() {
-        println!("{}\t{}\t{:+}\t{}", e.phase, e.op, e.bytes, e.live_bytes);
+        println!(
+            "{}\t{}\t{:+}\t{}\t{}",
+            e.phase, e.op, e.bytes, e.live_bytes, e.reserved_bytes
+        );
     }
 }

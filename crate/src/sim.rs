@@ -140,6 +140,8 @@ pub struct Event {
     pub op: &'static str,
     pub bytes: i64,
     pub live_bytes: u64,
+    /// The caching allocator's reserved bytes after the event.
+    pub reserved_bytes: u64,
 }
 
 impl Sim {
@@ -234,6 +236,7 @@ impl Sim {
                 op,
                 bytes: bytes as i64,
                 live_bytes: self.live_bytes,
+                reserved_bytes: self.allocator.reserved_bytes(),
             });
         }
         if self.live_bytes > self.peak.bytes {
@@ -270,6 +273,7 @@ impl Sim {
                     op: "free",
                     bytes: -(slot.bytes as i64),
                     live_bytes: self.live_bytes,
+                    reserved_bytes: self.allocator.reserved_bytes(),
                 });
             }
             if let Some(point) = self.timeline.last_mut() {

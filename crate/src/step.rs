@@ -68,15 +68,18 @@ fn run(setup: &Setup, n_steps: u32, record: bool) -> Result<Sim, Error> {
         Family::Gpt2 => gpt2::param_tensors(&cx),
         Family::Llama => llama::param_tensors(&cx),
     };
-    // Weights and buffers, one block each, in the parameter dtype.
-    for &(elems, _) in &params {
-        cx.alloc(elems * cx.pb, Weights, "parameter");
-    }
+    // Weights and buffers, one block each, in the parameter dtype, in the order the constructor makes them (built
+    // directly on the device, as the reference runs are).
+    let weights: Vec<Tensor> = params
+        .iter()
+        .map(|&(elems, _)| cx.alloc(elems * cx.pb, Weights, "parameter"))
+        .collect();
     if setup.model.family == Family::Gpt2 {
         for bytes in gpt2::buffers_bytes(&cx, tr.attention) {
             cx.alloc(bytes, Weights, "buffer");
         }
     }
+    tie_head(&mut cx, setup, weights[0]);
     let mut state: Vec<Tensor> = Vec::new();
     let mut loop_state = Loop::start(&mut cx, setup.model.family);
     for step in 1..=n_steps {
@@ -86,6 +89,27 @@ fn run(setup: &Setup, n_steps: u32, record: bool) -> Result<Sim, Error> {
         optimizer_stage(&mut cx, step, setup, &params, &mut state);
     }
     Ok(sim)
+}
+
+/// A tied LM head is built with a weight of its own, last, and tying then lets one of the two V x C weights go:
+/// the allocator caches that block, and later activations are carved from it. nanoGPT's
+/// `self.wte.weight = self.lm_head.weight` drops the embedding's first weight (`embedding`); Hugging Face's
+/// `tie_weights` drops the head's own. Both show in the stub-cuda memory snapshots of `nanogpt-30m-b4` and
+/// `llama-3.2-1b-tied` (a V x C alloc after the final norm, then the free of the embedding's, resp. the head's).
+fn tie_head(cx: &mut Ctx, setup: &Setup, embedding: Tensor) {
+    let m = &setup.model;
+    let tied = match m.family {
+        Family::Gpt2 => true,
+        Family::Llama => m.tie_embeddings,
+    };
+    if !tied {
+        return;
+    }
+    let head = cx.alloc(m.vocab_size * m.n_embd * cx.pb, Weights, "parameter");
+    cx.free(match m.family {
+        Family::Gpt2 => embedding,
+        Family::Llama => head,
+    });
 }
 
 /// Micro-steps worth simulating: the first of a step creates `.grad`; every later one starts from the same live
