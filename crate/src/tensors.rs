@@ -203,8 +203,8 @@ fn grad_category(cx: &Ctx) -> Category {
     }
 }
 
-/// Backward of `linear_fwd`: `mm` for the input gradient (n x in_f), `mm` for the weight gradient
-/// (out_f x in_f) and `sum` for the bias gradient, all in matmul dtype; an fp32 gradient arriving from the
+/// Backward of `linear_fwd`: `mm` for the weight gradient (out_f x in_f), `mm` for the input gradient
+/// (n x in_f) and `sum` for the bias gradient, all in matmul dtype; an fp32 gradient arriving from the
 /// residual stream is first cast down to the output's dtype by the autograd engine (`validate_outputs`). Then
 /// the saved cast input and weight copy are released, and the casts' backward (`_to_copy`) brings the input
 /// gradient back to fp32 and the weight gradient to `.grad`.
@@ -224,10 +224,12 @@ pub fn linear_bwd(
     if cast.is_some() && release_grad_out {
         cx.free(grad_out);
     }
-    let grad_in = cx.alloc(cx.n * saved.in_f * cx.p, Temporary, "mm");
-    cx.matmul_workspace();
+    // `MmBackward0` computes the weight's gradient (`mat2`) before the input's (`self`): the stub-cuda snapshots of
+    // nanogpt-30m-b4 and llama-3.2-1b-tied show the out_f x in_f mm first in every block.
     let cat = grad_category(cx);
     let gw = cx.alloc(saved.out_f * saved.in_f * cx.p, cat, "mm");
+    cx.matmul_workspace();
+    let grad_in = cx.alloc(cx.n * saved.in_f * cx.p, Temporary, "mm");
     cx.matmul_workspace();
     let gb = saved.bias.then(|| cx.alloc(saved.out_f * cx.p, cat, "sum"));
     match cast {
