@@ -63,11 +63,12 @@ TRACK = FAKE or not os.environ.get("VRAMFIT_NO_TRACKER")
 STEP_HOOK = [None]
 ROUND = 512  # CUDA caching allocator: every block is a multiple of 512 B (kMinBlockSize)
 
-# cuBLAS workspace: one per (handle, stream); the forward thread and the autograd engine's device thread each
-# have their own handle. PyTorch's default CUBLAS_WORKSPACE_CONFIG is ":4096:8:16:8" on sm_90 and newer
-# (4096 KiB x 8 + 16 KiB x 8) and ":4096:2:16:8" before (CUDABlasHandlePool.cpp, getChosenWorkspaceSize).
+# cuBLAS workspace: PyTorch 2.15 takes it from the caching allocator inside each GEMM, after the GEMM's output
+# exists, and returns it when the GEMM is done (it persists only with TORCH_CUBLAS_WORKSPACE_CACHE=1). Sizes from
+# the stub-cuda method's memory snapshots (as crate/src/tensors.rs, cublas_workspace_bytes): 32 MiB on sm_90,
+# 8 MiB + 128 KiB on sm_89.
 def cublas_workspace_bytes():
-    return 4096 * 1024 * (8 if torch.cuda.get_device_capability()[0] >= 9 else 2) + 16 * 1024 * 8
+    return 32 << 20 if torch.cuda.get_device_capability()[0] >= 9 else (8 << 20) + (128 << 10)
 
 
 TRACE = [] if os.environ.get("VRAMFIT_TRACE") else None
@@ -177,7 +178,6 @@ class Tracker(TorchDispatchMode):
         self.records = {}  # id(storage) -> [bytes, phase, op]
         self.peak_snapshot = {}
         self.step_peaks = {}
-        self.threads_with_workspace = set()
         self.hidden = []
         self.enabled = True
 
@@ -228,11 +228,6 @@ class Tracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        if self.enabled and name in self.MATMULS:
-            tid = threading.get_ident()
-            if tid not in self.threads_with_workspace:
-                self.threads_with_workspace.add(tid)
-                self.hidden_alloc("cublas_workspace", cublas_workspace_bytes(), transient=False)
         if self.enabled:
             self.before_kernel(name, args)
         IN_OP.depth, outer = getattr(IN_OP, "depth", 0) + 1, getattr(IN_OP, "name", None)
@@ -244,6 +239,8 @@ class Tracker(TorchDispatchMode):
         if self.enabled:
             for t in tree_flatten(out)[0]:
                 self.track(t, name)
+            if name in self.MATMULS:
+                self.hidden_alloc("cublas_workspace", cublas_workspace_bytes(), transient=True)
         return out
 
     def before_kernel(self, name, args):
@@ -742,7 +739,7 @@ def main():
                "measured": measured,
                "method": "fake-cuda" if FAKE else "cuda",
                "torch_version": torch.__version__,
-               "device": "simulated sm_%d%d CUDA device, cuBLAS workspace %d KiB per thread"
+               "device": "simulated sm_%d%d CUDA device, cuBLAS workspace %d KiB per GEMM"
                % (*torch.cuda.get_device_capability(), cublas_workspace_bytes() // 1024)
                if FAKE else torch.cuda.get_device_name()}
         results["records"] = [r for r in results["records"] if r["name"] != case["name"]] + [rec]
