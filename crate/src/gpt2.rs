@@ -254,6 +254,15 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor, attention: Attention) -> (BlockSaved, T
     if let Some(t) = dead_at_return {
         cx.free(t);
     }
+    if !cx.saving {
+        // Unsaved (checkpointed forward), what attention would keep dies when the attention call returns (stub-cuda
+        // snapshot of gpt2-xl-ckpt-adamw: the fused QKV output, then SDPA's output, right after c_proj).
+        cx.free(qkv);
+        release_attention(cx, &attn);
+        if let Some(t) = y {
+            cx.free(t);
+        }
+    }
     // ln_1's output is held by the attention call until it returns; under autocast nothing saves it.
     let ln1_out = ops::keep_if_saved(cx, ln1_out, &c_attn);
     let x_mid = cx.alloc(nc * r, Activations, "add");
@@ -261,11 +270,15 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor, attention: Attention) -> (BlockSaved, T
     let (ln2_out, ln2) = ops::layer_norm_fwd(cx);
     let (h, c_fc) = ops::linear_fwd(cx, r, c, 4 * c, bias, Activations);
     let g = cx.alloc(4 * nc * p, Activations, "gelu");
+    cx.drop_unsaved(h);
     let (o, mlp_proj) = ops::linear_fwd(cx, p, 4 * c, c, bias, Temporary);
     let (o, drop2) = dropout_on(cx, o, nc, p, Temporary);
+    cx.drop_unsaved(g);
     let ln2_out = ops::keep_if_saved(cx, ln2_out, &c_fc);
     let x_out = cx.alloc(nc * r, Activations, "add");
     cx.free(o);
+    // Unsaved, the residual after attention dies once the block returns.
+    cx.drop_unsaved(x_mid);
     let saved = BlockSaved {
         x_in,
         ln1,
@@ -309,7 +322,9 @@ pub fn forward(
     let mut blocks = Vec::new();
     for l in 0..cx.m.n_layer {
         cx.sim.layer(Some(l as u32));
+        cx.saving = !checkpointing;
         let (saved, x_out) = block_fwd(cx, x, attention);
+        cx.saving = true;
         blocks.push(if checkpointing {
             checkpoint(cx, saved)
         } else {
@@ -355,6 +370,27 @@ fn checkpoint(cx: &mut Ctx, saved: BlockSaved) -> BlockState {
     BlockState::Checkpointed(x_in)
 }
 
+/// Frees what attention saved for its backward.
+fn release_attention(cx: &mut Ctx, attn: &AttnSaved) {
+    match attn {
+        AttnSaved::Sdpa(a) => {
+            cx.sim.free_all(&[a.out, a.lse, a.rng[0], a.rng[1]]);
+        }
+        AttnSaved::Manual(a) => {
+            cx.sim.free_all(&[a.q, a.kt, a.mask, a.softmax, a.v]);
+            if let Some((o, m)) = a.dropout {
+                cx.free(m);
+                if let Some(o) = o {
+                    cx.free(o);
+                }
+            }
+            if let Some(c) = a.att_cast {
+                cx.free(c);
+            }
+        }
+    }
+}
+
 /// Frees every tensor a block saved but its input (the checkpointed forward discards them).
 fn release_block(cx: &mut Ctx, s: BlockSaved) {
     cx.sim.free_some(&s.ln1.stats);
@@ -373,23 +409,7 @@ fn release_block(cx: &mut Ctx, s: BlockSaved) {
             cx.autocast_cache.push(t);
         }
     }
-    match s.attn {
-        AttnSaved::Sdpa(a) => {
-            cx.sim.free_all(&[a.out, a.lse, a.rng[0], a.rng[1]]);
-        }
-        AttnSaved::Manual(a) => {
-            cx.sim.free_all(&[a.q, a.kt, a.mask, a.softmax, a.v]);
-            if let Some((o, m)) = a.dropout {
-                cx.free(m);
-                if let Some(o) = o {
-                    cx.free(o);
-                }
-            }
-            if let Some(c) = a.att_cast {
-                cx.free(c);
-            }
-        }
-    }
+    release_attention(cx, &s.attn);
     cx.sim.free_all(&[s.x_mid, s.h, s.g]);
     cx.sim.free_some(&s.ln2.stats);
 }

@@ -131,10 +131,12 @@ fn layer_fwd(cx: &mut Ctx, x_in: Tensor) -> (LayerSaved, Tensor) {
     let k_rot = rope_fwd(cx, kv);
     cx.free(q_out);
     cx.free(k_out);
-    // SDPA is on autocast's lower-precision list: the fp32 rotated q and k are cast (and the casts saved).
+    // SDPA is on autocast's lower-precision list: the fp32 rotated q and k are cast (and the casts saved). The
+    // autocast wrapper's casts are arguments of one C++ call, evaluated last to first: k's cast comes before q's
+    // (stub-cuda snapshots of llama-3.2-1b-tied and llama-ckpt-1024).
     let (q_att, k_att) = if rope_bytes(cx) != p {
-        let qa = cx.alloc(nc * p, Activations, "_to_copy");
         let ka = cx.alloc(cx.n * kv * p, Activations, "_to_copy");
+        let qa = cx.alloc(nc * p, Activations, "_to_copy");
         (qa, ka)
     } else {
         (q_rot, k_rot)
@@ -145,10 +147,23 @@ fn layer_fwd(cx: &mut Ctx, x_in: Tensor) -> (LayerSaved, Tensor) {
         (kr, vr)
     });
     let sdpa = ops::sdpa_fwd(cx);
+    // Unsaved (checkpointed forward), the inputs SDPA made for itself die with it; what the attention call holds
+    // (its output, the rotated q and k, v) dies when it returns (stub-cuda snapshot of llama-ckpt-1024).
+    if q_att != q_rot {
+        cx.drop_unsaved(q_att);
+        cx.drop_unsaved(k_att);
+    }
+    if let Some((a, b)) = kv_repeat {
+        cx.drop_unsaved(a);
+        cx.drop_unsaved(b);
+    }
     let (o_out, o) = ops::linear_fwd(cx, p, c, c, false, Temporary);
     if q_att != q_rot {
         cx.free(q_rot);
         cx.free(k_rot);
+    }
+    for t in [sdpa.out, q_att, k_att, v_out] {
+        cx.drop_unsaved(t);
     }
     let h = ops::keep_if_saved(cx, h, &q);
     let x_mid = cx.alloc(nc * r, Activations, "add");
@@ -156,13 +171,17 @@ fn layer_fwd(cx: &mut Ctx, x_in: Tensor) -> (LayerSaved, Tensor) {
     let (h2, rms2) = ops::rms_norm_fwd(cx);
     let (gate_out, gate) = ops::linear_fwd(cx, r, c, i, false, Activations);
     let silu = cx.alloc(cx.n * i * p, Activations, "silu");
+    cx.drop_unsaved(gate_out);
     let (up_out, up) = ops::linear_fwd(cx, r, c, i, false, Activations);
     let prod = cx.alloc(cx.n * i * p, Activations, "mul");
+    cx.drop_unsaved(silu);
+    cx.drop_unsaved(up_out);
     let (d_out, down) = ops::linear_fwd(cx, p, i, c, false, Temporary);
+    cx.drop_unsaved(prod);
     let h2 = ops::keep_if_saved(cx, h2, &gate);
     let x_out = cx.alloc(nc * r, Activations, "add");
     cx.free(d_out);
-    if stream_unsaved(cx) {
+    if stream_unsaved(cx) || !cx.saving {
         cx.free(x_mid);
     }
     let saved = LayerSaved {
@@ -319,7 +338,9 @@ pub fn forward(cx: &mut Ctx, input_ids: Tensor, checkpointing: bool) -> Forward 
     let mut ckpt_inputs = Vec::new();
     for l in 0..cx.m.n_layer {
         cx.sim.layer(Some(l as u32));
+        cx.saving = !checkpointing;
         let (saved, x_out) = layer_fwd(cx, x);
+        cx.saving = true;
         if checkpointing {
             ckpt_inputs.push(saved.x_in);
             release_layer(cx, saved);

@@ -58,6 +58,10 @@ pub struct Ctx<'a> {
     pub grads: Vec<Tensor>,
     /// Autocast's cast cache entries held only by the cache (bias casts): freed when autocast exits.
     pub autocast_cache: Vec<Tensor>,
+    /// Whether ops keep what their backward needs. Off in a checkpointed block's first forward
+    /// (`torch.utils.checkpoint(use_reentrant=False)` hands every tensor an op saves to a pack hook that keeps
+    /// only a handle): there each tensor dies as soon as the forward itself lets go of it.
+    pub saving: bool,
 }
 
 impl<'a> Ctx<'a> {
@@ -82,6 +86,7 @@ impl<'a> Ctx<'a> {
             have_grads: false,
             grads: Vec::new(),
             autocast_cache: Vec::new(),
+            saving: true,
         })
     }
 
@@ -100,6 +105,13 @@ impl<'a> Ctx<'a> {
     pub fn clear_autocast_cache(&mut self) {
         let cache = std::mem::take(&mut self.autocast_cache);
         self.sim.free_all(&cache);
+    }
+
+    /// Frees `t` where only a saved-for-backward reference would have kept it alive (see `saving`).
+    pub fn drop_unsaved(&mut self, t: Tensor) {
+        if !self.saving {
+            self.free(t);
+        }
     }
 
     /// A cuBLAS GEMM runs (its output already allocated): its workspace comes and goes with it.
@@ -166,6 +178,11 @@ pub fn linear_fwd(
     } else {
         cx.matmul_workspace();
     }
+    // Unsaved, the cast input dies with the matmul (stub-cuda snapshot of llama-ckpt-1024: each 2-byte input
+    // cast is freed right after its GEMM's workspace).
+    if let Some(t) = saved.input_cast {
+        cx.drop_unsaved(t);
+    }
     (y, saved)
 }
 
@@ -181,7 +198,7 @@ pub fn grad_sum(cx: &mut Ctx, a: Tensor, b: Tensor, n_bytes: u64) -> Tensor {
 /// The input a Linear read, once the caller lets go of it: kept when the Linear saved it itself (no autocast),
 /// freed when the Linear saved its own 2-byte cast instead (autocast), since nothing else holds it then.
 pub fn keep_if_saved(cx: &mut Ctx, input: Tensor, linear: &LinearSaved) -> Option<Tensor> {
-    if linear.input_cast.is_some() {
+    if linear.input_cast.is_some() || !cx.saving {
         cx.free(input);
         None
     } else {
@@ -291,6 +308,8 @@ pub fn layer_norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
     let out = cx.alloc(cx.n * c * cx.r, Activations, "native_layer_norm");
     let mean = cx.alloc(cx.n * 4, Activations, "native_layer_norm");
     let rstd = cx.alloc(cx.n * 4, Activations, "native_layer_norm");
+    cx.drop_unsaved(mean);
+    cx.drop_unsaved(rstd);
     (
         out,
         NormSaved {
@@ -356,6 +375,10 @@ pub fn rms_norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
         own[1] = Some(normed);
         cx.alloc(wide, Activations, "mul")
     };
+    // Unsaved (checkpointed forward), the normalised x and rstd die with the weight multiply.
+    for t in own.into_iter().flatten().chain([rstd]) {
+        cx.drop_unsaved(t);
+    }
     cx.free(mean);
     (
         out,
@@ -415,6 +438,7 @@ pub fn rms_norm_bwd(cx: &mut Ctx, grad_out: Tensor, saved: NormSaved, input: Ten
 pub fn dropout_fwd(cx: &mut Ctx, elems: u64, bytes: u64, category: Category) -> (Tensor, Tensor) {
     let out = cx.alloc(elems * bytes, category, "native_dropout");
     let mask = cx.alloc(elems, Activations, "native_dropout");
+    cx.drop_unsaved(mask);
     (out, mask)
 }
 
@@ -464,6 +488,9 @@ pub fn sdpa_fwd(cx: &mut Ctx) -> SdpaSaved {
     let out = cx.alloc(cx.n * cx.m.n_embd * cx.p, Activations, op);
     let lse = cx.alloc(lse_bytes(cx), Activations, op);
     let rng = [cx.alloc(8, Activations, op), cx.alloc(8, Activations, op)];
+    for t in [lse, rng[0], rng[1]] {
+        cx.drop_unsaved(t);
+    }
     SdpaSaved { out, lse, rng }
 }
 
