@@ -166,7 +166,7 @@ pub struct CompileComparison {
     pub compiled_peak_bytes: u64,
     /// The component where compiling saves most (eager minus compiled, each at its own peak), and how much.
     pub largest_saving: (&'static str, i64),
-    /// One sentence for the page, e.g. "torch.compile saves 1.53 GiB here (5.71 GiB -> 4.18 GiB), mostly in the
+    /// One sentence for the page, e.g. "torch.compile saves 2.30 GiB here (5.65 GiB -> 3.35 GiB), mostly in the
     /// logits (1.15 GiB)."
     pub sentence: String,
 }

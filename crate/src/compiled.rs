@@ -6,7 +6,9 @@
 //! Triton kernels whose intermediates never exist, and the wrapper frees each buffer after its last reader.
 //! Everything here was read from allocation traces of `scripts/measure/measure.py` in compile mode
 //! (`VRAMFIT_TRACE=file`, sizes chosen so that every shape has a distinct byte count), for autocast fp16/bf16,
-//! fp32 and pure bf16, SDPA and manual attention, with and without dropout and bias.
+//! fp32 and pure bf16, SDPA and manual attention, with and without dropout and bias, and (issue 11) re-read with
+//! Inductor's default settings (pattern passes and joint-graph constant folding on) and the whole step tracked,
+//! the autograd engine's allocations between the compiled graphs included.
 //!
 //! What the partitioned forward saves, per block (`p` bytes of a matmul output, `r` bytes of the residual):
 //! the residual stream before the block and between its branches (`r`: fp32 under autocast, since the adds
@@ -17,15 +19,21 @@
 //! autograd saves the same and more (fp32 norm outputs, their 2-byte casts); the difference is what compile
 //! buys in the blocks. The larger gain is the loss: the LM head's backward is one fused kernel that computes
 //! softmax - one_hot from the saved fp16 logits and two per-row statistics, so no log-softmax and no fp32 copy
-//! of the logits are ever saved.
+//! of the logits are ever saved, and (pattern passes on) it writes that gradient in the matmul dtype. What it
+//! costs is outside the graphs: the logits are a differentiable output of the compiled forward whose gradient
+//! nobody uses, so the autograd engine hands the compiled backward a zeros tensor of their shape (see
+//! `head_backward`). At the start of the backward, then, compile holds three logit-sized buffers of the matmul
+//! dtype (the logits, those zeros and the loss gradient) where eager holds 12 bytes per logit.
+//!
+//! Every GEMM takes its cuBLAS workspace when it runs and returns it after (`mm`), as in eager mode.
 //!
 //! What it does not follow is Inductor's scheduler: where it hands a dead buffer to a new one (`# reuse`) the
 //! model frees and allocates, and it converts each fp16 weight gradient to fp32 as soon as it is made, where
 //! Inductor sometimes converts them all at the end of the graph. Checked against the compiled configs in
-//! `tests/data/compiled/` (docs/ACCURACY.md): all within 1.2%, most within 0.01%.
+//! `tests/data/compiled/` (docs/ACCURACY.md).
 
 use crate::policy::Attention;
-use crate::sim::Category::{Activations, Grads, Logits, Temporary, WeightCopies};
+use crate::sim::Category::{self, Activations, Grads, Logits, Temporary, WeightCopies};
 use crate::sim::Tensor;
 use crate::tensors::{self as ops, Ctx, SdpaSaved};
 
@@ -35,6 +43,14 @@ use crate::tensors::{self as ops, Ctx, SdpaSaved};
 /// three, an upper bound of 15 columns per row that stays under 0.1% of the peak in every measured config.
 fn padded_vocab(v: u64) -> u64 {
     v.div_ceil(16) * 16
+}
+
+/// A GEMM's output (an `extern_kernels.mm`/`bmm`/`addmm` buffer of the wrapper), then the cuBLAS workspace the GEMM
+/// takes and returns while it runs (`Ctx::matmul_workspace`).
+fn mm(cx: &mut Ctx, bytes: u64, cat: Category, op: &'static str) -> Tensor {
+    let t = cx.alloc(bytes, cat, op);
+    cx.matmul_workspace();
+    t
 }
 
 /// One Linear's weight as the compiled matmul reads it: a 2-byte cast under autocast (saved for backward),
@@ -111,8 +127,7 @@ fn block_fwd(
     let stat1 = cx.alloc(cx.n * 4, Activations, "layer_norm rstd");
     let ln1 = cx.alloc(nc * p, Activations, "layer_norm");
     let w_attn = weight_cast(cx, 3 * c * c);
-    cx.matmul_workspace();
-    let qkv = cx.alloc(3 * nc * p, Activations, "mm");
+    let qkv = mm(cx, 3 * nc * p, Activations, "mm");
     let attn = match attention {
         Attention::Sdpa => Attn::Sdpa(ops::sdpa_fwd(cx), qkv),
         Attention::Manual => {
@@ -122,7 +137,7 @@ fn block_fwd(
             // One T x T buffer is saved (the probabilities) in fp32 and pure bf16 without dropout; under autocast
             // or with dropout the partitioner keeps the scores too (measured: two per block, plus the mask).
             let scores =
-                (cx.prec.autocast() || cx.dropout).then(|| cx.alloc(s * p, Activations, "bmm"));
+                (cx.prec.autocast() || cx.dropout).then(|| mm(cx, s * p, Activations, "bmm"));
             let bht = cx.b * cx.m.n_head * cx.t * 4;
             let stats = [
                 cx.alloc(bht, Activations, "softmax max"),
@@ -134,7 +149,7 @@ fn block_fwd(
             // The fused QKV output is read by the three copies only: released (or handed to a later buffer as
             // `# reuse`) once they are made.
             cx.free(qkv);
-            let y = cx.alloc(nc * p, Activations, "bmm");
+            let y = mm(cx, nc * p, Activations, "bmm");
             Attn::Manual {
                 qkv: [q, k, v],
                 scores,
@@ -149,7 +164,7 @@ fn block_fwd(
     // c_proj's output, read by the fused residual-add kernel. Without dropout the wrapper releases it at the
     // end of the forward; with dropout it hands the buffer on to the next block (`# reuse`), so it is free for
     // the rest of the forward (measured: only the last block's is released at the end).
-    let proj = cx.alloc(nc * p, Temporary, "mm");
+    let proj = mm(cx, nc * p, Temporary, "mm");
     let x_mid = cx.alloc(nc * r, Activations, "add");
     let mask1 = mask(cx, nc);
     if cx.dropout && !last {
@@ -160,10 +175,12 @@ fn block_fwd(
     let ln2 = cx.alloc(nc * p, Activations, "layer_norm");
     let stat2 = cx.alloc(cx.n * 4, Activations, "layer_norm rstd");
     let w_fc = weight_cast(cx, 4 * c * c);
-    let h = cx.alloc(4 * nc * p, Activations, "mm");
+    let h = mm(cx, 4 * nc * p, Activations, "mm");
     let w_mlp = weight_cast(cx, 4 * c * c);
     let g = cx.alloc(4 * nc * p, Activations, "gelu");
     let mask2 = mask(cx, nc);
+    // The MLP's second GEMM; its output is read by the fused residual add and layer norm of the next block.
+    cx.matmul_workspace();
     Block {
         x_in,
         stats: [stat1, stat2],
@@ -229,7 +246,12 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, attention: Attention)
 fn head_forward(cx: &mut Ctx) -> (Option<Tensor>, Tensor, [Tensor; 2]) {
     cx.sim.next_stage("loss");
     let cast = weight_cast(cx, cx.m.vocab_size * cx.m.n_embd);
-    let logits = cx.alloc(cx.n * padded_vocab(cx.m.vocab_size) * cx.p, Logits, "mm");
+    let logits = mm(
+        cx,
+        cx.n * padded_vocab(cx.m.vocab_size) * cx.p,
+        Logits,
+        "mm",
+    );
     let stats = [
         cx.alloc(cx.n * 4, Logits, "amax"),
         cx.alloc(cx.n * 4, Logits, "logsumexp"),
@@ -244,13 +266,19 @@ fn head_forward(cx: &mut Ctx) -> (Option<Tensor>, Tensor, [Tensor; 2]) {
 /// Converting at once is the choice that matched more of them. The first micro-step's gradients become `.grad`
 /// (AccumulateGrad steals them); later micro-steps' are added in place once the backward graph has returned all
 /// of them (`pending`).
-fn param_grad(cx: &mut Ctx, elems: u64, low: bool, pending: &mut Vec<Tensor>) {
+/// `matmul`: a Linear's weight gradient (a GEMM); otherwise a norm's or bias's (a reduction kernel).
+fn param_grad(cx: &mut Ctx, elems: u64, matmul: bool, pending: &mut Vec<Tensor>) {
     let cat = if cx.have_grads { Temporary } else { Grads };
-    let low = (low && cx.prec.autocast()).then(|| cx.alloc(elems * 2, Temporary, "mm"));
-    let g = cx.alloc(elems * cx.pb, cat, "mm");
-    if let Some(t) = low {
-        cx.free(t);
-    }
+    let g = if matmul && cx.prec.autocast() {
+        let low = mm(cx, elems * 2, Temporary, "mm");
+        let g = cx.alloc(elems * cx.pb, cat, "_to_copy");
+        cx.free(low);
+        g
+    } else if matmul {
+        mm(cx, elems * cx.pb, cat, "mm")
+    } else {
+        cx.alloc(elems * cx.pb, cat, "sum")
+    };
     land_grad(cx, g, pending);
 }
 
@@ -299,9 +327,19 @@ fn block_bwd(
     let p = cx.p;
     // MLP: c_proj's weight gradient reads the GELU output; the GELU backward is fused into one kernel that
     // writes the fc output's gradient; then c_fc's weight gradient and the input gradient of ln_2.
-    linear_grads(cx, c, 4 * c, pending);
-    cx.free(s.g);
-    let g_h = cx.alloc(4 * nc * p, Temporary, "gelu_backward");
+    // (The fc output's gradient is the GEMM's output, turned into the GELU backward in place.) With a bias and
+    // without autocast the wrapper runs that GEMM before the weight gradient's, so the GELU output and the fc
+    // output's gradient are alive together (read from the trace of `narrow-128-fp32-bias`).
+    let g_h = if cx.m.bias && !cx.prec.autocast() {
+        let g_h = mm(cx, 4 * nc * p, Temporary, "mm");
+        linear_grads(cx, c, 4 * c, pending);
+        cx.free(s.g);
+        g_h
+    } else {
+        linear_grads(cx, c, 4 * c, pending);
+        cx.free(s.g);
+        mm(cx, 4 * nc * p, Temporary, "mm")
+    };
     cx.sim.free_some(&[s.w_mlp]);
     cx.free(s.h);
     let g_mid = into_residual(
@@ -315,7 +353,7 @@ fn block_bwd(
     cx.sim.free_some(&[s.masks[1]]);
     // Attention.
     linear_grads(cx, c, c, pending);
-    let g_y = cx.alloc(nc * p, Temporary, "mm");
+    let g_y = mm(cx, nc * p, Temporary, "mm");
     cx.sim.free_some(&[s.w_proj, s.masks[0]]);
     let g_qkv = match s.attn {
         Attn::Sdpa(a, qkv) => {
@@ -336,14 +374,14 @@ fn block_bwd(
         } => {
             let s_elems = ops::manual_scores_elems(cx);
             cx.free(y);
-            let g_v = cx.alloc(nc * p, Temporary, "bmm");
+            let g_v = mm(cx, nc * p, Temporary, "bmm");
             cx.free(g_y);
             // One fused kernel from the output's gradient to the scores' (bmm backward, dropout, softmax): a single
             // T x T transient, allocated once the saved scores are released (measured order).
             cx.sim.free_some(&[scores]);
             let g_scores = cx.alloc(s_elems * p, Temporary, "softmax_backward");
-            let g_q = cx.alloc(nc * p, Temporary, "bmm");
-            let g_k = cx.alloc(nc * p, Temporary, "bmm");
+            let g_q = mm(cx, nc * p, Temporary, "bmm");
+            let g_k = mm(cx, nc * p, Temporary, "bmm");
             cx.free(g_scores);
             cx.sim.free_some(&[mask]);
             cx.sim
@@ -377,7 +415,7 @@ fn into_residual(
 ) -> ResidualGrad {
     let nc = cx.n * cx.m.n_embd;
     linear_grads(cx, out_f, cx.m.n_embd, pending);
-    let g_norm = cx.alloc(nc * cx.p, Temporary, "mm");
+    let g_norm = mm(cx, nc * cx.p, Temporary, "mm");
     cx.free(g_branch);
     cx.sim.free_some(&saved[..2]);
     norm_grads(cx, pending);
@@ -388,21 +426,47 @@ fn into_residual(
     g
 }
 
-/// What the loss and LM-head backward leave: the residual gradient entering the last block, and a tied head's
-/// weight gradient (with whether it is already in the parameter dtype) waiting for the embedding's.
-struct HeadBackward {
-    g: ResidualGrad,
-    tied_head: Option<(Tensor, bool)>,
+/// A tied LM head's weight gradient as the backward holds it until the embedding's is ready.
+enum TiedHead {
+    /// Under autocast: the head's weight-gradient matmul runs at once, in the matmul dtype; the sum with the
+    /// embedding's (fp32) gradient is a separate kernel at the end.
+    Made(Tensor),
+    /// fp32 and pure bf16: the pattern passes fuse the matmul with that sum into one `addmm` at the end of the
+    /// graph, so its inputs, the loss gradient and the final norm's output, stay alive until then.
+    Deferred { g_logits: Tensor, norm_out: Tensor },
 }
 
-/// The fused loss backward, the LM head and the final norm. The loss gradient (softmax - one_hot from the saved
-/// logits and row statistics) is written in `wide_bytes`, then copied to the matmul dtype for the head's matmuls;
-/// `release` are the loss's saved tensors. A tied head's weight gradient waits for the embedding's; an untied
-/// one is its own `.grad`.
+/// What the loss and LM-head backward leave: the residual gradient entering the last block, and a tied head's
+/// weight gradient (or what it will be made from) waiting for the embedding's.
+struct HeadBackward {
+    g: ResidualGrad,
+    tied_head: Option<TiedHead>,
+    early: Option<EarlyEmbeddingGrads>,
+}
+
+/// nanoGPT with a sequence shorter than the block: the position embedding's gradient is then an index-put into a
+/// zeroed block_size x C fp32 buffer rather than a sum over the batch, and Inductor schedules the zero-fill of
+/// both embeddings' fp32 gradient buffers right after the fused loss kernel (read from the wrapper of
+/// `grads-dominate-accum3-fp16`: both `empty_strided_cuda` calls come before the head's first matmul; with the
+/// sequence equal to the block, as in the founding case, the token embedding's comes at the end). They live
+/// through the whole backward.
+struct EarlyEmbeddingGrads {
+    wte: Tensor,
+    wpe: Tensor,
+}
+
+/// The fused loss backward, the LM head and the final norm.
+///
+/// The compiled forward returns `logits` as a differentiable output whose gradient nobody uses, so before the
+/// compiled backward runs the autograd engine materialises a zeros tensor of the logits' shape and dtype for it
+/// (`aten.zeros` in the traces; the compiled backward adds it and frees it once read). The loss gradient,
+/// softmax - one_hot from the saved logits and row statistics, is then written by one kernel directly in the
+/// matmul dtype: with Inductor's pattern passes on (its default) no fp32 N x V gradient exists, nanoGPT's and
+/// HF's (`logits.float()`) alike. `release` are the loss's saved tensors.
 #[allow(clippy::too_many_arguments)]
 fn head_backward(
     cx: &mut Ctx,
-    wide_bytes: u64,
+    early_embedding_grads: bool,
     release: &[Tensor],
     head_cast: Option<Tensor>,
     norm_out: Tensor,
@@ -411,72 +475,120 @@ fn head_backward(
     pending: &mut Vec<Tensor>,
 ) -> HeadBackward {
     let (c, p) = (cx.m.n_embd, cx.p);
-    let n_logits = cx.n * padded_vocab(cx.m.vocab_size);
-    cx.matmul_workspace();
-    let g_wide = cx.alloc(
-        n_logits * wide_bytes,
+    let v = cx.m.vocab_size;
+    let zeros = cx.alloc(
+        cx.n * v * p,
+        Logits,
+        "zeros (unused gradient of the returned logits)",
+    );
+    let g_logits = cx.alloc(
+        cx.n * padded_vocab(v) * p,
         Logits,
         "fused cross-entropy backward",
     );
-    let g_logits = cx.alloc(
-        n_logits * p,
-        Logits,
-        "fused cross-entropy backward (matmul-dtype copy)",
-    );
-    cx.free(g_wide);
     cx.sim.free_all(release);
-    let tied_head = if cx.m.tie_embeddings {
-        // Summed with the embedding's at the end: in place when already in the parameter dtype (fp32, pure
-        // bf16), the buffer then being `.grad`.
-        let head_is_grad = p == cx.pb;
-        let cat = if head_is_grad && !cx.have_grads {
-            Grads
-        } else {
-            Temporary
-        };
-        Some((cx.alloc(cx.m.vocab_size * c * p, cat, "mm"), head_is_grad))
+    cx.free(zeros);
+    let early = early_embedding_grads.then(|| {
+        let cat = if cx.have_grads { Temporary } else { Grads };
+        let wpe_cat = if cx.pb == 4 { cat } else { Temporary };
+        EarlyEmbeddingGrads {
+            wte: cx.alloc(v * c * 4, Temporary, "embedding_dense_backward"),
+            wpe: cx.alloc(cx.m.block_size * c * 4, wpe_cat, "embedding_dense_backward"),
+        }
+    });
+    let autocast = cx.prec.autocast();
+    // The head's weight gradient: in the matmul dtype, converted to the parameter dtype (autocast) only once the
+    // input gradient is made and the loss gradient and the weight cast are released (measured order).
+    let mut low_head = None;
+    let tied_head = if cx.m.tie_embeddings && !autocast {
+        None
+    } else if cx.m.tie_embeddings {
+        Some(TiedHead::Made(mm(cx, v * c * p, Temporary, "mm")))
     } else {
-        linear_grads(cx, cx.m.vocab_size, c, pending);
+        if autocast {
+            low_head = Some(mm(cx, v * c * p, Temporary, "mm"));
+        } else {
+            param_grad(cx, v * c, false, pending);
+        }
         None
     };
-    cx.free(norm_out);
-    let g_norm = cx.alloc(cx.n * c * p, Temporary, "mm");
-    cx.free(g_logits);
+    let deferred = cx.m.tie_embeddings && !autocast;
+    if !deferred {
+        cx.free(norm_out);
+    }
+    let g_norm = mm(cx, cx.n * c * p, Temporary, "mm");
+    if !deferred {
+        cx.free(g_logits);
+    }
     cx.sim.free_some(&[head_cast]);
+    if let Some(low) = low_head {
+        let cat = if cx.have_grads { Temporary } else { Grads };
+        let g = cx.alloc(v * c * cx.pb, cat, "_to_copy");
+        cx.free(low);
+        land_grad(cx, g, pending);
+    }
     norm_grads(cx, pending);
     let g = residual_grad(cx);
     cx.sim.free_all(&[g_norm, norm_stat, x_last]);
     cx.sim.next_stage("backward");
-    HeadBackward { g, tied_head }
+    let tied_head = if deferred {
+        Some(TiedHead::Deferred { g_logits, norm_out })
+    } else {
+        tied_head
+    };
+    HeadBackward {
+        g,
+        tied_head,
+        early,
+    }
 }
 
 /// The token embedding's gradient: the rows' gradient accumulated in fp32 whatever the dtype (measured: an fp32
-/// V x C buffer in fp32, autocast and pure bf16 alike), then summed with a tied head's gradient (in place when
-/// that is in the parameter dtype, else into a new buffer) or, untied, converted to the parameter dtype.
+/// V x C buffer in fp32, autocast and pure bf16 alike), then summed with a tied head's gradient or, untied,
+/// converted to the parameter dtype. A deferred head (fp32, pure bf16) is one `addmm` into a new buffer that
+/// reads the embedding's gradient (converted first in pure bf16) and the kept loss gradient and norm output.
 /// Releases the residual gradient; returns the gradient for `.grad`.
-fn embedding_backward(cx: &mut Ctx, tied_head: Option<(Tensor, bool)>, g: ResidualGrad) -> Tensor {
+fn embedding_backward(
+    cx: &mut Ctx,
+    tied_head: Option<TiedHead>,
+    g: ResidualGrad,
+    early_dense: Option<Tensor>,
+) -> Tensor {
     let vc = cx.m.vocab_size * cx.m.n_embd;
     let cat = if cx.have_grads { Temporary } else { Grads };
     let dense_is_grad = tied_head.is_none() && cx.pb == 4;
-    let dense = cx.alloc(
-        vc * 4,
-        if dense_is_grad { cat } else { Temporary },
-        "embedding_dense_backward",
-    );
+    let dense = early_dense.unwrap_or_else(|| {
+        cx.alloc(
+            vc * 4,
+            if dense_is_grad { cat } else { Temporary },
+            "embedding_dense_backward",
+        )
+    });
     release_residual(cx, g);
     match tied_head {
-        Some((head, true)) => {
-            cx.free(dense);
-            head
+        Some(TiedHead::Deferred { g_logits, norm_out }) => {
+            let converted = (cx.pb != 4).then(|| {
+                let t = cx.alloc(vc * cx.pb, Temporary, "_to_copy");
+                cx.free(dense);
+                t
+            });
+            let grad = mm(cx, vc * cx.pb, cat, "addmm");
+            cx.free(g_logits);
+            match converted {
+                Some(t) => cx.free(t),
+                None => cx.free(dense),
+            }
+            cx.free(norm_out);
+            grad
         }
         _ if dense_is_grad => dense,
         head => {
             let op = if head.is_some() { "add" } else { "_to_copy" };
             let grad = cx.alloc(vc * cx.pb, cat, op);
-            cx.free(dense);
-            if let Some((h, _)) = head {
+            if let Some(TiedHead::Made(h)) = head {
                 cx.free(h);
             }
+            cx.free(dense);
             grad
         }
     }
@@ -497,11 +609,14 @@ fn land_grad(cx: &mut Ctx, g: Tensor, pending: &mut Vec<Tensor>) {
 pub fn backward(cx: &mut Ctx, f: Forward) {
     let c = cx.m.n_embd;
     let mut pending = Vec::new();
-    // nanoGPT's loss gradient is in the logits' precision widened to `r` (fp32, but bf16 in pure bf16); the loop
-    // keeps the logits themselves.
-    let HeadBackward { mut g, tied_head } = head_backward(
+    // The loop keeps the logits themselves (`logits, loss = model(X, Y)`).
+    let HeadBackward {
+        mut g,
+        tied_head,
+        early,
+    } = head_backward(
         cx,
-        cx.r,
+        cx.t < cx.m.block_size,
         &[f.ce_stats[0], f.ce_stats[1], f.targets],
         f.wte_cast,
         f.ln_f,
@@ -518,11 +633,23 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     // Embeddings: the position gradient (summed over the batch), then the token rows'.
     let cat = if cx.have_grads { Temporary } else { Grads };
     let g_pos = cx.alloc(cx.t * c * cx.pb, Temporary, "sum");
-    let wpe = cx.alloc(cx.m.block_size * c * cx.pb, cat, "embedding_dense_backward");
+    let (wpe, early_wte) = match early {
+        // Already zero-filled in fp32; converted to the parameter dtype when that is not fp32.
+        Some(e) if cx.pb == 4 => (e.wpe, Some(e.wte)),
+        Some(e) => {
+            let wpe = cx.alloc(cx.m.block_size * c * cx.pb, cat, "_to_copy");
+            cx.free(e.wpe);
+            (wpe, Some(e.wte))
+        }
+        None => (
+            cx.alloc(cx.m.block_size * c * cx.pb, cat, "embedding_dense_backward"),
+            None,
+        ),
+    };
     cx.free(g_pos);
     cx.sim.free_some(&[f.pos]);
     land_grad(cx, wpe, &mut pending);
-    let wte = embedding_backward(cx, tied_head, g);
+    let wte = embedding_backward(cx, tied_head, g, early_wte);
     cx.sim.free_all(&[f.idx, f.loss]);
     land_grad(cx, wte, &mut pending);
     // AccumulateGrad: later micro-steps add into `.grad` in place and drop the graph's outputs.
@@ -575,32 +702,31 @@ fn llama_layer_fwd(cx: &mut Ctx, x_in: Tensor, first: bool) -> (LlamaLayer, Tens
     let (r, p) = (cx.r, cx.p);
     let stat1 = cx.alloc(cx.n * 4, Activations, "rms_norm rsqrt");
     let h1 = cx.alloc(nc * p, Activations, "rms_norm");
-    cx.matmul_workspace();
     let w_q = weight_cast(cx, c * c);
-    let q = cx.alloc(nc * p, Temporary, "mm");
+    let q = mm(cx, nc * p, Temporary, "mm");
     let w_k = weight_cast(cx, kv * c);
     let w_v = weight_cast(cx, kv * c);
-    let k = cx.alloc(cx.n * kv * p, Temporary, "mm");
-    let v = cx.alloc(cx.n * kv * p, Activations, "mm");
+    let k = mm(cx, cx.n * kv * p, Temporary, "mm");
+    let v = mm(cx, cx.n * kv * p, Activations, "mm");
     // Rotary embedding fused into one kernel each for q and k; the unrotated projections die with it.
     let k_rot = cx.alloc(cx.n * kv * p, Activations, "rotary");
     let q_rot = cx.alloc(nc * p, Activations, "rotary");
     cx.sim.free_all(&[q, k]);
     let sdpa = ops::sdpa_fwd(cx);
     let w_o = weight_cast(cx, c * c);
-    let o = cx.alloc(nc * p, Temporary, "mm");
+    let o = mm(cx, nc * p, Temporary, "mm");
     // The stream after attention: fp32 under autocast, but the first layer keeps a 2-byte buffer (measured).
     let x_mid = cx.alloc(nc * if first { p } else { r }, Activations, "add");
     cx.free(o);
     let stat2 = cx.alloc(cx.n * 4, Activations, "rms_norm rsqrt");
     let h2 = cx.alloc(nc * p, Activations, "rms_norm");
     let w_gate = weight_cast(cx, i * c);
-    let gate = cx.alloc(cx.n * i * p, Activations, "mm");
+    let gate = mm(cx, cx.n * i * p, Activations, "mm");
     let w_up = weight_cast(cx, i * c);
-    let up = cx.alloc(cx.n * i * p, Activations, "mm");
+    let up = mm(cx, cx.n * i * p, Activations, "mm");
     let w_down = weight_cast(cx, c * i);
     let prod = cx.alloc(cx.n * i * p, Activations, "silu_mul");
-    let down = cx.alloc(nc * p, Temporary, "mm");
+    let down = mm(cx, nc * p, Temporary, "mm");
     let x_out = cx.alloc(nc * r, Activations, "add");
     cx.free(down);
     let layer = LlamaLayer {
@@ -668,7 +794,7 @@ fn llama_layer_bwd(
     // MLP: down_proj's weight gradient reads the product; the SiLU-and-multiply backward is one kernel writing
     // the gate's and the up projection's gradients.
     linear_grads(cx, c, i, pending);
-    let g_prod = cx.alloc(cx.n * i * p, Temporary, "mm");
+    let g_prod = mm(cx, cx.n * i * p, Temporary, "mm");
     cx.free(prod);
     cx.sim.free_some(&[w_down]);
     let g_gate = cx.alloc(cx.n * i * p, Temporary, "silu_mul_backward");
@@ -686,7 +812,7 @@ fn llama_layer_bwd(
     );
     // Attention: o_proj, SDPA backward, rotary backward on dq and dk, then q/k/v projections.
     linear_grads(cx, c, c, pending);
-    let g_attn = cx.alloc(nc * p, Temporary, "mm");
+    let g_attn = mm(cx, nc * p, Temporary, "mm");
     cx.sim.free_some(&[w_o]);
     let (dq, dk, dv) = ops::sdpa_bwd(cx);
     cx.free(g_attn);
@@ -721,11 +847,13 @@ fn llama_layer_bwd(
 /// Compiled LlamaForCausalLM backward of one micro-step.
 pub fn llama_backward(cx: &mut Ctx, f: LlamaForward) {
     let mut pending = Vec::new();
-    // HF's loss upcasts the logits (`logits.float()`), so the fused loss's gradient is fp32 in every precision,
-    // pure bf16 included (nanoGPT's stays bf16 there). Nothing outside the graph holds the logits.
-    let HeadBackward { mut g, tied_head } = head_backward(
+    // HF's loss upcasts the logits (`logits.float()`), but the fused loss backward writes its gradient in the
+    // logits' dtype all the same (measured, pattern passes on). Nothing outside the graph holds the logits.
+    let HeadBackward {
+        mut g, tied_head, ..
+    } = head_backward(
         cx,
-        4,
+        false,
         &[f.ce_stats[0], f.ce_stats[1], f.labels, f.logits],
         f.head_cast,
         f.hf,
@@ -738,7 +866,7 @@ pub fn llama_backward(cx: &mut Ctx, f: LlamaForward) {
         g = llama_layer_bwd(cx, g, layer, &mut pending);
     }
     cx.sim.layer(None);
-    let emb = embedding_backward(cx, tied_head, g);
+    let emb = embedding_backward(cx, tied_head, g, None);
     cx.sim.free_all(&[f.input_ids, f.loss]);
     land_grad(cx, emb, &mut pending);
     cx.sim.free_all(&pending);

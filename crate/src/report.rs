@@ -260,7 +260,8 @@ impl Report {
                 setup.train.seq_len,
                 setup.model.vocab_size,
                 if setup.train.compile {
-                    "the logits, the fused loss's gradient and its copy in the matmul dtype"
+                    "the logits, the zeros the autograd engine makes for their unused gradient and \
+                     the fused loss's gradient"
                 } else {
                     "logits, log-softmax and their gradients"
                 }

@@ -378,11 +378,13 @@ proptest! {
         never_decreases_when_the_step_grows(&s)?;
     }
 
-    /// Compiling never costs memory when each backward starts without `.grad` (no accumulation, set_to_none):
-    /// per block the compiled forward saves a subset
-    /// of what eager autograd saves (no fp32 norm outputs, no separate 2-byte casts of them), and the fused loss
-    /// holds 8 bytes per logit where eager holds 12 (autocast) or the same two buffers plus the log-softmax (fp32,
-    /// bf16). When `.grad` exists it can: the compiled backward returns every gradient at once before
+    /// Compiling never costs memory when each backward starts without `.grad` (no accumulation, set_to_none),
+    /// beyond one logit-sized buffer: per block the compiled forward saves a subset of what eager autograd saves
+    /// (no fp32 norm outputs, no separate 2-byte casts of them), and at the loss the compiled step holds three
+    /// logit-sized buffers of the matmul dtype (the logits, the zeros the autograd engine makes for their unused
+    /// gradient, the fused loss's gradient: issue 11), 6 bytes per logit where eager holds 12 under autocast, but
+    /// 12 in fp32 (eager: logits, log-softmax, their gradient) and 6 in pure bf16, where the zeros can put
+    /// compile above eager when the logits dominate. When `.grad` exists it can: the compiled backward returns every gradient at once before
     /// AccumulateGrad adds them into `.grad`, one whole extra set where eager adds each as it is made (measured:
     /// `grads-dominate-accum2-compiled`, where this property's shrinking first found it).
     #[test]
@@ -397,7 +399,7 @@ proptest! {
         let mut e = s.clone();
         e.train.compile = false;
         // In small models a few blocks can go the other way: the fused loss's two fp32 per-row statistics, and
-        // the logits' rows padded to 16 columns (logits, loss gradient and its copy: at most 3 x 4 bytes).
+        // the logits' rows padded to 16 columns (the logits and the loss gradient, at most 2 x 4 bytes; 3 kept).
         let n = s.train.batch_size * s.train.seq_len;
         let pad = s.model.vocab_size.div_ceil(16) * 16 - s.model.vocab_size;
         let block = vramfit::sim::block_bytes;
@@ -405,7 +407,9 @@ proptest! {
         // the fp16 weight gradients at the end of the graph; the model converts each at once): measured 1.2%
         // high on `tiny-vocab-grads-amp-compiled`.
         let model_error = peak(&s) / 64;
-        let slack = 3 * block(n * pad * 4) + 2 * block(n * 4) + 4 * 512 + model_error;
+        // The engine's zeros for the logits' unused gradient (at most 4 bytes per logit).
+        let zeros = block(n * s.model.vocab_size * 4);
+        let slack = 3 * block(n * pad * 4) + 2 * block(n * 4) + 4 * 512 + model_error + zeros;
         prop_assert!(peak(&s) <= peak(&e) + slack, "compiled {} > eager {}", peak(&s), peak(&e));
     }
 

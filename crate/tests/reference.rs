@@ -16,10 +16,10 @@ const MEDIAN_TOLERANCE: f64 = 0.02;
 /// 512 B, plus the same stated kernel scratch), so any difference above this is a modelling regression.
 const REPLAY_TOLERANCE: f64 = 0.001;
 const COMPILED_TOLERANCE: f64 = 0.08;
-/// Compiled fake-CUDA records replay Inductor's wrapper; the compiled model follows its buffer plan block by block
-/// but not Inductor's scheduler: not every `# reuse` of a buffer, nor when each fp16 weight gradient is converted
-/// to fp32 (`tiny-vocab-grads-amp-compiled`: 1.2% high). So it is held to a looser regression bound than the eager
-/// op-by-op model; configs whose peak is the loss or the saved activations agree to 0.1%.
+/// Compiled fake-CUDA records replay Inductor's wrapper (with Inductor's default passes, the whole step tracked:
+/// issue 11); the compiled model follows its buffer plan block by block but not Inductor's scheduler: not every
+/// `# reuse` of a buffer, nor when each fp16 weight gradient is converted to fp32. Issue 11 holds every record to
+/// 2%, the eager model's standard; configs whose peak is the loss or the saved activations agree to 0.1%.
 const COMPILED_REPLAY_TOLERANCE: f64 = 0.02;
 
 fn data_dir() -> PathBuf {
@@ -153,8 +153,8 @@ fn every_measured_config_is_within_tolerance() {
 fn every_compiled_config_is_within_tolerance() {
     let rows = rows(data_dir().join("compiled"));
     assert!(
-        rows.len() >= 15,
-        "expected at least 15 compiled configs, found {}",
+        rows.len() >= 60,
+        "expected at least 60 compiled configs (issue 11), found {}",
         rows.len()
     );
     let (table, bad) = judge(&rows, COMPILED_REPLAY_TOLERANCE, COMPILED_TOLERANCE);
