@@ -15,4 +15,11 @@ fn main() {
             e.phase, e.op, e.bytes, e.live_bytes, e.reserved_bytes
         );
     }
+    let a = sim.allocator().stats();
+    eprintln!(
+        "peak live {} allocator peak allocated {} peak reserved {}",
+        sim.peak().bytes,
+        a.allocated_bytes.peak,
+        a.reserved_bytes.peak
+    );
 }

@@ -256,6 +256,35 @@ impl CachingAllocator {
         self.allocate(id, size, true).is_err()
     }
 
+    /// `malloc_overcommitting(id, size)` and `free(id)` at once: scratch a kernel holds only while it runs (cuBLAS
+    /// workspaces). A cached block that serves it is split and merged back unchanged, so that case only counts
+    /// the request (`get_free_block`'s count, the allocated peak, the block's `gc_count_base`); any other goes the
+    /// whole way. `id` must hold no block. Returns whether the request was an OOM.
+    pub fn scratch_overcommitting(&mut self, id: u32, size: u64) -> bool {
+        if size > 0 && size <= MAX_REQUEST {
+            let size = round_size(size);
+            let pool = usize::from(size > SMALL_SIZE);
+            if let Some((b, _)) = self.get_free_block(pool, size) {
+                let held = if self.should_split(b, size) {
+                    size
+                } else {
+                    self.blocks[b as usize].size
+                };
+                let allocated = &mut self.stats.allocated_bytes;
+                allocated.peak = allocated.peak.max(allocated.current + held);
+                self.blocks[b as usize].gc_base = self.pools[pool].n_get_free_block_calls;
+                return false;
+            }
+            // The whole way searches again: this search does not count.
+            if self.gc {
+                self.pools[pool].n_get_free_block_calls -= 1;
+            }
+        }
+        let oom = self.malloc_overcommitting(id, size);
+        self.free(id);
+        oom
+    }
+
     /// Frees the block of `id` (`free`); an id without one is ignored.
     pub fn free(&mut self, id: u32) {
         let Some(slot) = self.by_id.get_mut(id as usize) else {
@@ -1240,6 +1269,81 @@ mod tests {
             a.empty_cache();
             check_invariants(&a);
             assert_eq!(a.reserved_bytes(), 0, "{config:?}");
+        }
+    }
+
+    /// Everything `scratch_overcommitting` may leave different from `malloc_overcommitting` + `free`: the blocks
+    /// by address, both pools' lists in order, the counters.
+    fn state(a: &CachingAllocator) -> impl PartialEq + std::fmt::Debug {
+        let spare: std::collections::HashSet<u32> = a.spare.iter().copied().collect();
+        let mut blocks: Vec<_> = (0..a.blocks.len() as u32)
+            .filter(|i| !spare.contains(i))
+            .map(|i| {
+                let b = &a.blocks[i as usize];
+                (b.addr, b.size, b.small, b.allocated, b.mapped, b.gc_base)
+            })
+            .collect();
+        blocks.sort_unstable();
+        let lists: Vec<Vec<(u64, u64)>> = a
+            .pools
+            .iter()
+            .flat_map(|p| [&p.free, &p.unmapped])
+            .map(|l| l.iter().map(|e| (e.0, e.1)).collect())
+            .collect();
+        let counts: Vec<u64> = a.pools.iter().map(|p| p.n_get_free_block_calls).collect();
+        (blocks, lists, counts, a.stats, a.capacity, a.next_addr)
+    }
+
+    #[test]
+    fn scratch_is_malloc_then_free() {
+        let configs = [
+            AllocatorConfig::default(),
+            expandable(),
+            AllocatorConfig {
+                max_split_size: Some(40 * MIB),
+                garbage_collection_threshold: Some(0.6),
+                memory_fraction: Some(0.9),
+                ..AllocatorConfig::default()
+            },
+        ];
+        for config in configs {
+            let (mut fast, mut plain) = (
+                CachingAllocator::new(config, 600 * MIB),
+                CachingAllocator::new(config, 600 * MIB),
+            );
+            let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+            let mut live: Vec<u32> = Vec::new();
+            for id in 0..4000u32 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let size = match x % 7 {
+                    0..=2 => (x >> 20) % (1 << 20),
+                    3..=5 => (x >> 20) % (16 << 20),
+                    _ => (x >> 20) % (90 << 20),
+                };
+                match (x >> 8) % 3 {
+                    0 if !live.is_empty() => {
+                        let k = (x >> 12) as usize % live.len();
+                        let t = live.swap_remove(k);
+                        fast.free(t);
+                        plain.free(t);
+                    }
+                    1 => {
+                        let oom = plain.malloc_overcommitting(id, size);
+                        plain.free(id);
+                        assert_eq!(fast.scratch_overcommitting(id, size), oom);
+                    }
+                    _ => {
+                        assert_eq!(
+                            fast.malloc_overcommitting(id, size),
+                            plain.malloc_overcommitting(id, size)
+                        );
+                        live.push(id);
+                    }
+                }
+                assert_eq!(state(&fast), state(&plain), "{config:?} at {id}");
+            }
         }
     }
 

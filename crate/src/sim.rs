@@ -250,10 +250,19 @@ impl Sim {
         Tensor(self.slots.len() - 1)
     }
 
-    /// Allocates and frees at once: scratch a kernel uses only while it runs.
+    /// Allocates and frees at once: scratch a kernel uses only while it runs. The allocator takes it in one call
+    /// (`CachingAllocator::scratch_overcommitting`), which skips the split and merge a cached block would see.
     pub fn scratch(&mut self, n_bytes: u64, category: Category, op: &'static str) {
+        let replay = self.replay;
+        let bytes = block_bytes(n_bytes);
+        if replay && bytes > 0 {
+            self.allocator
+                .scratch_overcommitting(self.slots.len() as u32, bytes);
+        }
+        self.replay = false;
         let t = self.alloc(n_bytes, category, op);
         self.free(t);
+        self.replay = replay;
     }
 
     /// Frees a tensor. Freeing twice is a no-op, so callers can release "if still held" safely.
