@@ -268,7 +268,10 @@ Two differences from the fake-cuda method, found with this one and now in the es
 taken from the allocator for each GEMM and returned after it (32 MiB on sm_90, 8 MiB + 128 KiB before), so it\n\
 counts only inside a GEMM; and under autocast the tied embedding's two gradients are summed in place.\n\n",
     );
-    for (title, file) in [("Eager", "measured.json"), ("torch.compile", "compiled.json")] {
+    for (title, file) in [
+        ("Eager", "measured.json"),
+        ("torch.compile", "compiled.json"),
+    ] {
         let (rows, ea, er) = stub_table(&dir.join("stub-cuda").join(file));
         if rows.is_empty() {
             continue;

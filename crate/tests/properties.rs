@@ -279,7 +279,9 @@ proptest! {
     }
 
     /// Checkpointing keeps each block's input for the recompute. In a bf16 Llama nothing else saves the stream, so
-    /// in a one-block model that input can be the one extra tensor alive at the peak: the bound allows exactly it.
+    /// in a one-block model that input can be the one extra tensor alive at the peak. And the recompute runs its
+    /// GEMMs (each with its cuBLAS workspace) in the backward, while the gradient of the block's output is alive:
+    /// in a tiny model whose peak is a workspace, that gradient is the other extra tensor. The bound allows both.
     #[test]
     fn checkpointing_never_increases_the_peak(s in valid_setup()) {
         let mut on = s.clone();
@@ -287,7 +289,7 @@ proptest! {
         let mut off = s.clone();
         off.train.checkpointing = false;
         let block_input = vramfit::sim::block_bytes(s.train.batch_size * s.train.seq_len * s.model.n_embd * s.train.precision.param_bytes());
-        prop_assert!(peak(&on) <= peak(&off) + block_input, "{} > {}", peak(&on), peak(&off));
+        prop_assert!(peak(&on) <= peak(&off) + 2 * block_input, "{} > {}", peak(&on), peak(&off));
     }
 
     /// Freeing .grad between steps (set_to_none=True) never costs memory, but for one thing: when the LM head is
