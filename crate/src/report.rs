@@ -317,12 +317,14 @@ pub fn fmt_bytes(bytes: u64) -> String {
 mod tests {
     use super::*;
 
-    /// Issue 6's target: the founding case as its user ran it (compiled, RTX 4070) showed about 4,464 MiB in
-    /// nvidia-smi. Predicted: the modelled reserved memory plus the GeForce CUDA context (256 MiB, see
-    /// `cuda_context_bytes`), within 10%.
+    /// The founding case as its user ran it (compiled, gradient accumulation 4, RTX 4070) showed about 4,464 MiB
+    /// in nvidia-smi. Predicted: the modelled reserved memory plus the GeForce CUDA context (256 MiB, a published
+    /// figure, see `cuda_context_bytes`). Issue 11 asks for 3%; the prediction sits at -3.0% (the context is not
+    /// measured, and is not tuned to this one case), so this guards issue 6's 10%.
     #[test]
     fn founding_case_device_total_is_within_ten_percent_of_what_its_user_saw() {
-        let s = crate::presets::founding();
+        let mut s = crate::presets::founding();
+        s.train.grad_accum_steps = 4;
         assert!(s.train.compile && s.device.sm == 89);
         let r = crate::estimate(&s).unwrap();
         let seen = 4464.0 * (1u64 << 20) as f64;
