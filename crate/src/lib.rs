@@ -55,13 +55,14 @@ pub fn estimate(setup: &Setup) -> Result<Report, Error> {
     Ok(Report::from_sim(setup, &sim, per_block))
 }
 
-/// The peak figures only (no per-block breakdown): what sweeps and fit maps need, at a third of the cost.
+/// The peak figures only (no per-block breakdown): what sweeps and fit maps need, the report's figures without
+/// the report.
 ///
 /// # Errors
 /// As [`estimate`].
 pub fn estimate_peak(setup: &Setup) -> Result<report::Peaks, Error> {
     setup.validate()?;
-    let sim = step::simulate_for_peak(setup)?;
+    let sim = step::simulate(setup)?;
     Ok(report::Peaks::from_sim(&sim, setup.device.sm))
 }
 
