@@ -253,13 +253,14 @@ fn judge_stub(file: &str, min_records: usize) -> (String, usize, usize) {
     (table, bad_a, bad_r)
 }
 #[test]
-fn stub_cuda_eager_records_allocated() {
-    let (table, bad_a, _) = judge_stub("measured.json", 50);
+fn stub_cuda_eager_records_allocated_and_reserved() {
+    let (table, bad_a, bad_r) = judge_stub("measured.json", 50);
     println!("{table}");
     assert!(
-        bad_a == 0,
-        "{bad_a} allocated over {}%:\n{table}",
+        bad_a == 0 && bad_r == 0,
+        "{bad_a} allocated over {}%, {bad_r} reserved over {}%:\n{table}",
         STUB_ALLOCATED_TOLERANCE * 100.0,
+        STUB_RESERVED_TOLERANCE * 100.0
     );
 }
 
