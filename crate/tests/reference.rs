@@ -177,7 +177,12 @@ const STUB_RESERVED_TOLERANCE: f64 = 0.03;
 /// Compiled runs of tiny models peak in step 1, inside Inductor's first call: its autotuner benchmarks kernels on
 /// clones of their arguments, which the estimate does not model; for these the steady state (steps 2 and 3) is
 /// checked instead, and step 1 must indeed be the higher.
-const STEP1_AUTOTUNING: &[&str] = &["manual-bf16-long-compiled", "tiny-vocab-grads-amp-compiled"];
+const STEP1_AUTOTUNING: &[&str] = &[
+    "manual-bf16-long-compiled",
+    "tiny-vocab-grads-amp-compiled",
+    "small-bf16-sgdm-dropout-compiled",
+    "llama-64wide-fp16amp-compiled",
+];
 /// Known disagreements between the two methods not yet explained: the estimate follows the fake-cuda replay
 /// (within 0.1% of it) and PyTorch's own allocator holds less. Each must still be within 15%.
 const UNEXPLAINED: &[(&str, &str)] = &[(
@@ -266,7 +271,7 @@ fn stub_cuda_eager_records_allocated_and_reserved() {
 
 #[test]
 fn stub_cuda_compiled_records_allocated() {
-    let (table, bad_a, _) = judge_stub("compiled.json", 2);
+    let (table, bad_a, _) = judge_stub("compiled.json", 60);
     println!("{table}");
     assert!(
         bad_a == 0,
