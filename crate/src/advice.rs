@@ -93,7 +93,7 @@ pub fn suggestions(setup: &Setup) -> Result<Vec<Suggestion>, Error> {
             s,
         ));
     }
-    if !t.compile && !t.checkpointing {
+    if !t.compile {
         let mut s = setup.clone();
         s.train.compile = true;
         candidates.push((
@@ -172,7 +172,7 @@ pub struct CompileComparison {
 }
 
 /// Eager vs compiled for the setup, given its own estimate (`current`, from [`crate::estimate`]): only the other
-/// mode is estimated. `None` where compile is not modelled (with checkpointing).
+/// mode is estimated. `None` where the other mode is not modelled.
 ///
 /// # Errors
 /// An invalid setup.
@@ -390,14 +390,17 @@ mod tests {
             "{}",
             c.sentence
         );
-        // With checkpointing compile is not modelled: no comparison.
+        // With checkpointing too (compiled, each block is recomputed in the backward graph), both families.
         let mut l = s.clone();
         l.model = presets::model_preset("tinyllama-1.1b").unwrap().model;
         l.train.seq_len = 512;
         l.train.compile = false;
         assert!(compare(&l).is_some());
         l.train.checkpointing = true;
-        assert_eq!(compare(&l), None);
+        assert!(compare(&l).is_some());
+        let mut g = s.clone();
+        g.train.checkpointing = true;
+        assert!(compare(&g).is_some());
     }
 
     #[test]

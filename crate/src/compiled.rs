@@ -27,6 +27,15 @@
 //!
 //! Every GEMM takes its cuBLAS workspace when it runs and returns it after (`mm`), as in eager mode.
 //!
+//! With activation checkpointing (nanoGPT's `torch.utils.checkpoint(block, x, use_reentrant=False)` per block,
+//! HF's `gradient_checkpointing_enable(use_reentrant=False)`) the partitioner saves only each block's input
+//! (`Saved::Input`); the last block's output is not saved either, and the final norm keeps two row statistics.
+//! The backward graph recomputes each block right before its backward, the last one between the head's matmuls
+//! and the final norm's backward (`block_recompute`, `llama_backward`); recomputed residual dropouts keep fp32
+//! random values. Read from `VRAMFIT_TRACE` traces of 2-layer variants (64 and 96 wide, vocab 1000: nanoGPT
+//! fp16-amp with and without dropout, pure bf16; Llama bf16-amp and pure bf16) and, for the dropout buffers, of
+//! `shakespeare-char-ckpt-compiled`.
+//!
 //! What it does not follow is Inductor's scheduler: where it hands a dead buffer to a new one (`# reuse`) the
 //! model frees and allocates, and it converts each fp16 weight gradient to fp32 as soon as it is made, where
 //! Inductor sometimes converts them all at the end of the graph. Checked against the compiled configs in
@@ -94,14 +103,16 @@ struct Block {
 /// What the compiled forward leaves: the saved tensors, and the logits it returns (also saved: the fused loss
 /// backward reads them).
 pub struct Forward {
-    blocks: Vec<Block>,
+    attention: Attention,
+    blocks: Vec<Saved<Block>>,
     idx: Tensor,
     targets: Tensor,
     pos: Option<Tensor>,
     emb_mask: Option<Tensor>,
-    x_last: Tensor,
+    /// The last block's output; `None` when checkpointed (recomputed in the backward).
+    x_last: Option<Tensor>,
     ln_f: Tensor,
-    ln_f_stat: Tensor,
+    ln_f_stat: [Option<Tensor>; 2],
     wte_cast: Option<Tensor>,
     pub logits: Tensor,
     ce_stats: [Tensor; 2],
@@ -114,12 +125,27 @@ fn mask(cx: &mut Ctx, elems: u64) -> Option<Tensor> {
         .then(|| cx.alloc(elems, Activations, "native_dropout"))
 }
 
+/// A residual dropout's mask. Recomputed in the backward graph of a checkpointed block, the dropout draws its
+/// random numbers from the forward's Philox seed and offset (AOTAutograd functionalises the random op so that
+/// the recompute reproduces it) and keeps them as fp32 [N, C] values rather than a bool mask (trace of
+/// `shakespeare-char-ckpt-compiled`: two fp32 N x C buffers per block in the recompute, live through the
+/// block's MLP backward, and no 1-byte mask).
+fn residual_mask(cx: &mut Ctx, elems: u64, recompute: bool) -> Option<Tensor> {
+    if recompute {
+        cx.dropout
+            .then(|| cx.alloc(elems * 4, Activations, "philox_rand"))
+    } else {
+        mask(cx, elems)
+    }
+}
+
 fn block_fwd(
     cx: &mut Ctx,
     x_in: Tensor,
     attention: Attention,
     last: bool,
     deferred: &mut Vec<Tensor>,
+    recompute: bool,
 ) -> Block {
     let c = cx.m.n_embd;
     let nc = cx.n * c;
@@ -166,7 +192,7 @@ fn block_fwd(
     // the rest of the forward (measured: only the last block's is released at the end).
     let proj = mm(cx, nc * p, Temporary, "mm");
     let x_mid = cx.alloc(nc * r, Activations, "add");
-    let mask1 = mask(cx, nc);
+    let mask1 = residual_mask(cx, nc, recompute);
     if cx.dropout && !last {
         cx.free(proj);
     } else {
@@ -178,7 +204,7 @@ fn block_fwd(
     let h = mm(cx, 4 * nc * p, Activations, "mm");
     let w_mlp = weight_cast(cx, 4 * c * c);
     let g = cx.alloc(4 * nc * p, Activations, "gelu");
-    let mask2 = mask(cx, nc);
+    let mask2 = residual_mask(cx, nc, recompute);
     // The MLP's second GEMM; its output is read by the fused residual add and layer norm of the next block.
     cx.matmul_workspace();
     Block {
@@ -200,7 +226,13 @@ fn block_fwd(
 
 /// Compiled forward and loss. `idx` and `targets` are the batch (saved: the embedding and loss backward read
 /// them).
-pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, attention: Attention) -> Forward {
+pub fn forward(
+    cx: &mut Ctx,
+    idx: Tensor,
+    targets: Tensor,
+    attention: Attention,
+    checkpointing: bool,
+) -> Forward {
     let c = cx.m.n_embd;
     let nc = cx.n * c;
     let (r, p, pb) = (cx.r, cx.p, cx.pb);
@@ -214,23 +246,42 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, attention: Attention)
     let mut x = x0;
     for l in 0..cx.m.n_layer {
         cx.sim.layer(Some(l as u32));
-        let b = block_fwd(cx, x, attention, l + 1 == cx.m.n_layer, &mut deferred);
-        x = cx.alloc(nc * r, Activations, "add");
-        blocks.push(b);
+        let last = l + 1 == cx.m.n_layer;
+        if checkpointing {
+            let mut transient = Vec::new();
+            let b = block_fwd(cx, x, attention, last, &mut transient, false);
+            x = cx.alloc(nc * r, Activations, "add");
+            cx.sim.free_all(&transient);
+            blocks.push(Saved::Input(discard_block(cx, b)));
+        } else {
+            let b = block_fwd(cx, x, attention, last, &mut deferred, false);
+            x = cx.alloc(nc * r, Activations, "add");
+            blocks.push(Saved::All(b));
+        }
     }
     cx.sim.layer(None);
     let ln_f = cx.alloc(nc * p, Activations, "layer_norm");
-    let ln_f_stat = cx.alloc(cx.n * 4, Activations, "layer_norm rstd");
+    let ln_f_stat = final_norm_stats(cx, checkpointing, "layer_norm");
     cx.sim.free_all(&deferred);
+    // Checkpointed, the last block's output is a recomputable node the partitioner does not save: ln_f's backward
+    // waits for the last block's recompute (trace of the 2-layer fp16-amp variant: the forward hands that buffer
+    // on, the backward allocates it again after the head's matmuls).
+    let x_last = if checkpointing {
+        cx.free(x);
+        None
+    } else {
+        Some(x)
+    };
     let (wte_cast, logits, ce_stats) = head_forward(cx);
     let loss = cx.alloc(4, Temporary, "loss");
     Forward {
+        attention,
         blocks,
         idx,
         targets,
         pos,
         emb_mask,
-        x_last: x,
+        x_last,
         ln_f,
         ln_f_stat,
         wte_cast,
@@ -238,6 +289,69 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, attention: Attention)
         ce_stats,
         loss,
     }
+}
+
+/// What the forward keeps of a block: everything its backward reads, or, checkpointed
+/// (`torch.utils.checkpoint(use_reentrant=False)` per block, HF's `gradient_checkpointing_enable`), only its
+/// input. Under torch.compile AOTAutograd's partitioner sees the checkpoint regions' nodes tagged "recompute":
+/// the partitioned forward saves none of them, only the regions' inputs, and the backward graph runs each
+/// block's forward again right before its backward (traces of 2-layer variants, nanoGPT fp16-amp and pure bf16,
+/// Llama bf16-amp and pure bf16: the backward allocates the block's norm outputs, statistics, weight casts, QKV,
+/// SDPA output with its logsumexp and RNG state and the MLP's intermediates again, then its gradients).
+enum Saved<B> {
+    All(B),
+    Input(Tensor),
+}
+
+/// The final norm's saved statistics: one row statistic, or (checkpointed, its input not saved) two: the
+/// partitioner keeps both the mean and rstd of LayerNorm (two fp32 [N] buffers in the 2-layer fp16-amp trace).
+fn final_norm_stats(cx: &mut Ctx, checkpointing: bool, op: &'static str) -> [Option<Tensor>; 2] {
+    let a = cx.alloc(cx.n * 4, Activations, op);
+    let b = (checkpointing && cx.m.family == crate::model::Family::Gpt2)
+        .then(|| cx.alloc(cx.n * 4, Activations, op));
+    [Some(a), b]
+}
+
+/// A checkpointed block's forward run again in the backward graph: what it saves as in an uncheckpointed
+/// forward, its output projection's transient, and (for the last block, whose output the final norm's backward
+/// reads) the block's output, returned. Earlier blocks' outputs are not needed again and are not made.
+fn block_recompute(
+    cx: &mut Ctx,
+    x_in: Tensor,
+    attention: Attention,
+    last: bool,
+) -> (Block, Option<Tensor>) {
+    let mut transient = Vec::new();
+    let b = block_fwd(cx, x_in, attention, last, &mut transient, true);
+    let x_out = last.then(|| cx.alloc(cx.n * cx.m.n_embd * cx.r, Activations, "add"));
+    cx.sim.free_all(&transient);
+    (b, x_out)
+}
+
+/// A checkpointed block's forward keeps nothing but its input: everything else dies when the block is done
+/// (in the traces Inductor hands those buffers to the next block, `# reuse`).
+fn discard_block(cx: &mut Ctx, b: Block) -> Tensor {
+    cx.sim.free_all(&b.stats);
+    cx.sim.free_all(&[b.ln1, b.x_mid, b.ln2, b.h, b.g]);
+    cx.sim
+        .free_some(&[b.w_attn, b.w_proj, b.w_fc, b.w_mlp, b.masks[0], b.masks[1]]);
+    match b.attn {
+        Attn::Sdpa(a, qkv) => cx.sim.free_all(&[a.out, a.lse, a.rng[0], a.rng[1], qkv]),
+        Attn::Manual {
+            qkv,
+            scores,
+            probs,
+            stats,
+            mask,
+            y,
+        } => {
+            cx.sim.free_all(&qkv);
+            cx.sim.free_all(&stats);
+            cx.sim.free_all(&[probs, y]);
+            cx.sim.free_some(&[scores, mask]);
+        }
+    }
+    b.x_in
 }
 
 /// The loss stage of the forward, both families: the LM head's weight cast (autocast), the logits in the matmul
@@ -462,7 +576,9 @@ struct EarlyEmbeddingGrads {
 /// (`aten.zeros` in the traces; the compiled backward adds it and frees it once read). The loss gradient,
 /// softmax - one_hot from the saved logits and row statistics, is then written by one kernel directly in the
 /// matmul dtype: with Inductor's pattern passes on (its default) no fp32 N x V gradient exists, nanoGPT's and
-/// HF's (`logits.float()`) alike. `release` are the loss's saved tensors.
+/// HF's (`logits.float()`) alike. `release` are the loss's saved tensors. `recompute` runs once the head's
+/// matmuls are done and before the final norm's backward: checkpointed, it recomputes the last block, whose
+/// output (returned) that backward reads.
 #[allow(clippy::too_many_arguments)]
 fn head_backward(
     cx: &mut Ctx,
@@ -470,8 +586,9 @@ fn head_backward(
     release: &[Tensor],
     head_cast: Option<Tensor>,
     norm_out: Tensor,
-    norm_stat: Tensor,
-    x_last: Tensor,
+    norm_stat: [Option<Tensor>; 2],
+    x_last: Option<Tensor>,
+    recompute: impl FnOnce(&mut Ctx) -> Option<Tensor>,
     pending: &mut Vec<Tensor>,
 ) -> HeadBackward {
     let (c, p) = (cx.m.n_embd, cx.p);
@@ -527,9 +644,12 @@ fn head_backward(
         cx.free(low);
         land_grad(cx, g, pending);
     }
+    let recomputed = recompute(cx);
     norm_grads(cx, pending);
     let g = residual_grad(cx);
-    cx.sim.free_all(&[g_norm, norm_stat, x_last]);
+    cx.free(g_norm);
+    cx.sim.free_some(&norm_stat);
+    cx.sim.free_some(&[x_last, recomputed]);
     cx.sim.next_stage("backward");
     let tied_head = if deferred {
         Some(TiedHead::Deferred { g_logits, norm_out })
@@ -609,6 +729,23 @@ fn land_grad(cx: &mut Ctx, g: Tensor, pending: &mut Vec<Tensor>) {
 pub fn backward(cx: &mut Ctx, f: Forward) {
     let c = cx.m.n_embd;
     let mut pending = Vec::new();
+    let attention = f.attention;
+    let mut blocks = f.blocks;
+    // Checkpointed: the last block's forward runs again before the final norm's backward.
+    let mut last = None;
+    let recompute = |cx: &mut Ctx| match blocks.pop() {
+        Some(Saved::Input(x_in)) => {
+            cx.sim.layer(Some(blocks.len() as u32));
+            let (b, x_out) = block_recompute(cx, x_in, attention, true);
+            last = Some(Saved::All(b));
+            cx.sim.layer(None);
+            x_out
+        }
+        other => {
+            last = other;
+            None
+        }
+    };
     // The loop keeps the logits themselves (`logits, loss = model(X, Y)`).
     let HeadBackward {
         mut g,
@@ -622,10 +759,16 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
         f.ln_f,
         f.ln_f_stat,
         f.x_last,
+        recompute,
         &mut pending,
     );
-    for (l, b) in f.blocks.into_iter().enumerate().rev() {
+    blocks.extend(last);
+    for (l, b) in blocks.into_iter().enumerate().rev() {
         cx.sim.layer(Some(l as u32));
+        let b = match b {
+            Saved::All(b) => b,
+            Saved::Input(x_in) => block_recompute(cx, x_in, attention, false).0,
+        };
         g = block_bwd(cx, g, b, &mut pending);
     }
     cx.sim.layer(None);
@@ -682,11 +825,11 @@ struct LlamaLayer {
 }
 
 pub struct LlamaForward {
-    layers: Vec<LlamaLayer>,
+    layers: Vec<Saved<LlamaLayer>>,
     input_ids: Tensor,
     labels: Tensor,
-    x_last: Tensor,
-    stat_f: Tensor,
+    x_last: Option<Tensor>,
+    stat_f: [Option<Tensor>; 2],
     hf: Tensor,
     head_cast: Option<Tensor>,
     logits: Tensor,
@@ -745,8 +888,20 @@ fn llama_layer_fwd(cx: &mut Ctx, x_in: Tensor, first: bool) -> (LlamaLayer, Tens
     (layer, x_out)
 }
 
+/// A checkpointed layer's forward keeps only its input (as nanoGPT's blocks, `discard_block`).
+fn discard_layer(cx: &mut Ctx, l: LlamaLayer) -> Tensor {
+    cx.sim.free_all(&l.stats);
+    cx.sim
+        .free_all(&[l.x_mid, l.h1, l.q_rot, l.k_rot, l.v, l.h2]);
+    cx.sim
+        .free_all(&[l.sdpa.out, l.sdpa.lse, l.sdpa.rng[0], l.sdpa.rng[1]]);
+    cx.sim.free_all(&l.mlp);
+    cx.sim.free_some(&l.casts);
+    l.x_in
+}
+
 /// Compiled LlamaForCausalLM forward with labels (`input_ids` is the batch; the loop holds the labels).
-pub fn llama_forward(cx: &mut Ctx, input_ids: Tensor) -> LlamaForward {
+pub fn llama_forward(cx: &mut Ctx, input_ids: Tensor, checkpointing: bool) -> LlamaForward {
     let c = cx.m.n_embd;
     let nc = cx.n * c;
     let mut x = cx.alloc(nc * cx.r, Activations, "embedding");
@@ -754,12 +909,23 @@ pub fn llama_forward(cx: &mut Ctx, input_ids: Tensor) -> LlamaForward {
     for l in 0..cx.m.n_layer {
         cx.sim.layer(Some(l as u32));
         let (layer, x_out) = llama_layer_fwd(cx, x, l == 0);
-        layers.push(layer);
+        layers.push(if checkpointing {
+            Saved::Input(discard_layer(cx, layer))
+        } else {
+            Saved::All(layer)
+        });
         x = x_out;
     }
     cx.sim.layer(None);
-    let stat_f = cx.alloc(cx.n * 4, Activations, "rms_norm rsqrt");
+    let stat_f = final_norm_stats(cx, checkpointing, "rms_norm rsqrt");
     let hf = cx.alloc(nc * cx.p, Activations, "rms_norm");
+    // Checkpointed, the last layer's output is recomputed for the final norm's backward (as nanoGPT's).
+    let x_last = if checkpointing {
+        cx.free(x);
+        None
+    } else {
+        Some(x)
+    };
     let (head_cast, logits, ce_stats) = head_forward(cx);
     // The loss pads and shifts the labels (int64, saved by the fused loss).
     let shifted = cx.alloc(cx.n * 8, Activations, "constant_pad_nd");
@@ -768,7 +934,7 @@ pub fn llama_forward(cx: &mut Ctx, input_ids: Tensor) -> LlamaForward {
         layers,
         input_ids,
         labels: shifted,
-        x_last: x,
+        x_last,
         stat_f,
         hf,
         head_cast,
@@ -849,6 +1015,23 @@ pub fn llama_backward(cx: &mut Ctx, f: LlamaForward) {
     let mut pending = Vec::new();
     // HF's loss upcasts the logits (`logits.float()`), but the fused loss backward writes its gradient in the
     // logits' dtype all the same (measured, pattern passes on). Nothing outside the graph holds the logits.
+    let mut layers = f.layers;
+    // Checkpointed: the last layer's forward runs again before the final norm's backward.
+    let mut last = None;
+    let recompute = |cx: &mut Ctx| match layers.pop() {
+        Some(Saved::Input(x_in)) => {
+            let l = layers.len();
+            cx.sim.layer(Some(l as u32));
+            let (layer, x_out) = llama_layer_fwd(cx, x_in, l == 0);
+            last = Some(Saved::All(layer));
+            cx.sim.layer(None);
+            Some(x_out)
+        }
+        other => {
+            last = other;
+            None
+        }
+    };
     let HeadBackward {
         mut g, tied_head, ..
     } = head_backward(
@@ -859,10 +1042,21 @@ pub fn llama_backward(cx: &mut Ctx, f: LlamaForward) {
         f.hf,
         f.stat_f,
         f.x_last,
+        recompute,
         &mut pending,
     );
-    for (l, layer) in f.layers.into_iter().enumerate().rev() {
+    layers.extend(last);
+    for (l, layer) in layers.into_iter().enumerate().rev() {
         cx.sim.layer(Some(l as u32));
+        let layer = match layer {
+            Saved::All(layer) => layer,
+            Saved::Input(x_in) => {
+                // An earlier layer's output is not needed again: the recompute's last add is dead code.
+                let (layer, x_out) = llama_layer_fwd(cx, x_in, l == 0);
+                cx.free(x_out);
+                layer
+            }
+        };
         g = llama_layer_bwd(cx, g, layer, &mut pending);
     }
     cx.sim.layer(None);

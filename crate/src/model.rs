@@ -482,13 +482,6 @@ impl Setup {
                 ),
             });
         }
-        if t.compile && t.checkpointing {
-            return Err(Error::NotModelled {
-                what: "train.compile (true) with train.checkpointing (true): Inductor's recompute under \
-                       activation checkpointing is not measured"
-                    .to_string(),
-            });
-        }
         if !t.grad_clip.is_finite() || t.grad_clip < 0.0 {
             return Err(Error::invalid(
                 "train.grad_clip",

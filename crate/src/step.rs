@@ -122,7 +122,7 @@ pub fn simulate_first_forward(setup: &Setup) -> Result<Sim, Error> {
     match setup.model.family {
         Family::Gpt2 if tr.compile => {
             let (x, y) = gpt2::get_batch(&mut cx);
-            let _ = compiled::forward(&mut cx, x, y, tr.attention);
+            let _ = compiled::forward(&mut cx, x, y, tr.attention, tr.checkpointing);
         }
         Family::Gpt2 => {
             let (x, y) = gpt2::get_batch(&mut cx);
@@ -130,7 +130,7 @@ pub fn simulate_first_forward(setup: &Setup) -> Result<Sim, Error> {
         }
         Family::Llama if tr.compile => {
             let (x, _y) = llama::get_batch(&mut cx);
-            let _ = compiled::llama_forward(&mut cx, x);
+            let _ = compiled::llama_forward(&mut cx, x, tr.checkpointing);
         }
         Family::Llama => {
             let (x, _y) = llama::get_batch(&mut cx);
@@ -168,7 +168,7 @@ impl Loop {
                 let (x, y) = self.batch.take().unwrap_or_else(|| gpt2::get_batch(cx));
                 cx.sim.stage(step, "forward");
                 if tr.compile {
-                    let f = compiled::forward(cx, x, y, tr.attention);
+                    let f = compiled::forward(cx, x, y, tr.attention, tr.checkpointing);
                     if let Some(old) = self.logits.replace(f.logits) {
                         cx.free(old);
                     }
@@ -193,7 +193,7 @@ impl Loop {
             Family::Llama if tr.compile => {
                 let (x, y) = llama::get_batch(cx);
                 cx.sim.stage(step, "forward");
-                let f = compiled::llama_forward(cx, x);
+                let f = compiled::llama_forward(cx, x, tr.checkpointing);
                 cx.sim.stage(step, "loss backward");
                 self.grad_scaler(cx);
                 compiled::llama_backward(cx, f);

@@ -168,7 +168,7 @@ struct EstimateDto {
     components: Vec<ComponentDto>,
     timeline: Vec<StageDto>,
     notes: Vec<String>,
-    /// Eager and compiled side by side; absent where compile is not modelled (llama, checkpointing).
+    /// Eager and compiled side by side; absent where the other mode is not modelled.
     compare: Option<CompareDto>,
 }
 

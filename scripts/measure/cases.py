@@ -193,6 +193,22 @@ COMPILED = [compiled(c) for c in [
     llama("llama-adamw-foreach-b16", 4, 8, 4, 512, 1376, 32000, 128, 16, "bf16-amp", "adamw"),
     llama("llama-fp16amp-sgdm-accum2", 4, 8, 8, 512, 1376, 32000, 256, 8, "fp16-amp", "sgd-momentum", accum=2),
     llama("qwen-like-bf16-152k", 4, 14, 2, 896, 4864, 151936, 512, 2, "bf16", "adamw-fused", tie=True),
+    # Issue 11's last item: torch.compile with activation checkpointing (nanoGPT's blocks each in
+    # torch.utils.checkpoint(use_reentrant=False), HF's gradient_checkpointing_enable(use_reentrant=False)). The model
+    # was written from traces of tiny variants (2 layers, vocab 1000) and of shakespeare-char-ckpt (its recomputed
+    # dropouts); the rest were held out.
+    gpt("nanogpt-30m-ckpt-fp16amp", 6, 6, 384, 512, 50304, 16, "fp16-amp", "adamw-fused", ckpt=True),
+    gpt("gpt-8x512-ckpt-bf16-accum2", 8, 8, 512, 512, 50304, 8, "bf16", "adamw-fused", ckpt=True, accum=2),
+    gpt("gpt2-124m-ckpt-bf16amp-dropout", 12, 12, 768, 1024, 50304, 4, "bf16-amp", "adamw-fused", ckpt=True,
+        dropout=0.1),
+    llama("llama-small-ckpt-bf16amp", 4, 8, 2, 512, 1408, 32000, 256, 8, "bf16-amp", "adamw-fused", ckpt=True),
+    llama("llama-ckpt-bf16-tied-accum2", 6, 8, 4, 768, 2048, 32000, 512, 4, "bf16", "adamw-fused", tie=True,
+          ckpt=True, accum=2),
+    llama("llama-ckpt-fp16amp-accum2", 4, 8, 8, 512, 1376, 32000, 256, 8, "fp16-amp", "adamw-fused", ckpt=True,
+          accum=2),
+    # Small vocabularies, where the peak is a block's recompute and backward rather than the loss.
+    gpt("shakespeare-char-ckpt", 6, 6, 384, 256, 65, 64, "fp16-amp", "adamw-fused", dropout=0.2, ckpt=True),
+    llama("llama-ckpt-seq2048-vocab8192", 4, 8, 2, 512, 1408, 8192, 2048, 2, "bf16-amp", "adamw-fused", ckpt=True),
 ]]
 
 if __name__ == "__main__":

@@ -225,8 +225,31 @@ class Tracker(TorchDispatchMode):
         self._alloc(key, nbytes, op)
         weakref.finalize(st, self._free, key)
 
+    # torch.compile with checkpointing and dropout: the compiled graphs run SDPA's random kernel under a saved
+    # generator state, so that the backward's recompute draws the forward's numbers
+    # (`graphsafe_run_with_rng_state(op, *args, rng_state=...)`, a higher-order operator). It allocates nothing
+    # itself; its outputs are the op's. The op goes through the tracker like any other; the generator state is
+    # set around it as PyTorch's CUDA implementation does, and skipped on fake tensors as PyTorch's own fake
+    # implementation does (torch/_prims/rng_prims.py), which changes no allocation.
+    supports_higher_order_operators = True
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            if func.name() != "graphsafe_run_with_rng_state":
+                return NotImplemented
+            op, *rest = args
+            kwargs = dict(kwargs)
+            rng_state = kwargs.pop("rng_state", None)
+            if FAKE or rng_state is None:
+                return self.__torch_dispatch__(op, types, tuple(rest), kwargs)
+            gen = torch.cuda.default_generators[rng_state.device.index]
+            saved = gen.graphsafe_get_state()
+            gen.graphsafe_set_state(rng_state)
+            try:
+                return self.__torch_dispatch__(op, types, tuple(rest), kwargs)
+            finally:
+                gen.graphsafe_set_state(saved)
         name = func.overloadpacket.__name__
         if self.enabled:
             self.before_kernel(name, args)

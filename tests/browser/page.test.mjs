@@ -68,11 +68,16 @@ test('eager and compiled side by side; the compile toggle switches the estimate'
   assert.equal(await page.isChecked('#compile'), false);
   assert.equal(await page.isVisible('#compare'), true);
   assert.match(await page.getAttribute('#compare-eager-box', 'class'), /current/);
-  // With checkpointing, compile is not modelled: the comparison goes away and turning compile on says why.
+  // With checkpointing, compile is modelled too (each block recomputed in the backward graph): the comparison
+  // stays, and turning compile on gives its compiled figure.
+  const eagerNoCkpt = await page.textContent('#peak-allocated');
   await page.check('#checkpointing');
-  await page.waitForFunction(() => document.getElementById('compare').hidden);
+  await page.waitForFunction((t) => document.getElementById('peak-allocated').textContent !== t, eagerNoCkpt);
+  assert.equal(await page.isVisible('#compare'), true);
+  const compiledCkpt = await page.textContent('#compare-compiled');
   await page.check('#compile');
-  await page.waitForFunction(() => /train\.compile \(true\) with train\.checkpointing/.test(document.body.textContent));
+  await page.waitForFunction(() => /current/.test(document.getElementById('compare-compiled-box').className));
+  assert.equal(await page.textContent('#peak-allocated'), compiledCkpt);
   assert.deepEqual(errors, []);
   await page.close();
 });
