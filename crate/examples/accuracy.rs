@@ -2,7 +2,7 @@
 //! against the estimate, with per-component differences and, for compiled configs, the eager estimate beside. Run by `scripts/accuracy`; `scripts/test` checks the committed file is current.
 
 use std::fmt::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use vramfit::input::setup_from_value;
@@ -197,7 +197,7 @@ NVML's figure beside `max_memory_reserved()`).\n",
 
 /// The stub-cuda records of one file (PyTorch's own caching allocator): allocated and reserved, measured against
 /// predicted; returns the table rows, the |errors| of allocated and of reserved.
-fn stub_table(path: &PathBuf) -> (String, Vec<f64>, Vec<f64>) {
+fn stub_table(path: &Path) -> (String, Vec<f64>, Vec<f64>) {
     let Ok(text) = std::fs::read_to_string(path) else {
         return (String::new(), Vec::new(), Vec::new());
     };
@@ -253,7 +253,7 @@ fn stub_summary(ea: &[f64], er: &[f64]) -> String {
     )
 }
 
-fn stub_section(dir: &PathBuf) -> String {
+fn stub_section(dir: &Path) -> String {
     let mut out = String::from(
         "\n## PyTorch's own caching allocator (method `stub-cuda`)\n\n\
 Records in `tests/data/stub-cuda/`: every reference case run as people run it, with PyTorch's real CUDA code and its\n\
