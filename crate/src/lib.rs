@@ -66,6 +66,19 @@ pub fn estimate_peak(setup: &Setup) -> Result<report::Peaks, Error> {
     Ok(report::Peaks::from_sim(&sim, setup.device.sm))
 }
 
+/// Whether the setup fits `budget_bytes` of device memory: `estimate_peak(setup)?.device_total_bytes <=
+/// budget_bytes`, answered sooner when it does not, since the run stops once reserved memory alone is past the
+/// budget (what the fit map asks for each cell).
+///
+/// # Errors
+/// As [`estimate`].
+pub fn fits(setup: &Setup, budget_bytes: u64) -> Result<bool, Error> {
+    setup.validate()?;
+    let context = report::cuda_context_bytes(setup.device.sm);
+    let sim = step::simulate_within(setup, budget_bytes.saturating_sub(context))?;
+    Ok(report::Peaks::from_sim(&sim, setup.device.sm).device_total_bytes <= budget_bytes)
+}
+
 /// Activations saved by one block: the difference a second block makes to the live activations at the end of
 /// the first forward.
 fn activations_per_block(setup: &Setup) -> Result<u64, Error> {

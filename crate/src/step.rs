@@ -25,7 +25,16 @@ pub const N_STEPS: u32 = 3;
 /// # Errors
 /// `NotModelled` for a combination the op models do not cover.
 pub fn simulate(setup: &Setup) -> Result<Sim, Error> {
-    run(setup, N_STEPS, false)
+    run(setup, N_STEPS, false, u64::MAX)
+}
+
+/// `simulate`, stopped after the micro-step or optimizer stage in which the allocator's peak reserved memory
+/// passes `reserved_limit`: the rest could only add to it (for a yes-or-no fit).
+///
+/// # Errors
+/// As `simulate`.
+pub fn simulate_within(setup: &Setup, reserved_limit: u64) -> Result<Sim, Error> {
+    run(setup, N_STEPS, false, reserved_limit)
 }
 
 /// `simulate`, optionally recording every allocator event (see `Sim::events`).
@@ -33,7 +42,7 @@ pub fn simulate(setup: &Setup) -> Result<Sim, Error> {
 /// # Errors
 /// As `simulate`.
 pub fn simulate_recording(setup: &Setup, record: bool) -> Result<Sim, Error> {
-    run(setup, N_STEPS, record)
+    run(setup, N_STEPS, record, u64::MAX)
 }
 
 /// An empty timeline for the setup: the allocator configured by its `PYTORCH_CUDA_ALLOC_CONF`
@@ -48,7 +57,7 @@ fn new_sim(setup: &Setup) -> Sim {
     Sim::new(setup.train.alloc_conf, capacity)
 }
 
-fn run(setup: &Setup, n_steps: u32, record: bool) -> Result<Sim, Error> {
+fn run(setup: &Setup, n_steps: u32, record: bool, reserved_limit: u64) -> Result<Sim, Error> {
     let mut sim = new_sim(setup);
     if record {
         sim.record_events();
@@ -73,11 +82,18 @@ fn run(setup: &Setup, n_steps: u32, record: bool) -> Result<Sim, Error> {
     tie_head(&mut cx, setup, weights[0]);
     let mut state: Vec<Tensor> = Vec::new();
     let mut loop_state = Loop::start(&mut cx, setup.model.family);
-    for step in 1..=n_steps {
+    let over = |cx: &Ctx| cx.sim.allocator().peak_reserved_bytes() > reserved_limit;
+    'steps: for step in 1..=n_steps {
         for _ in 0..simulated_micro_steps(tr.grad_accum_steps) {
             loop_state.micro_step(&mut cx, setup, step);
+            if over(&cx) {
+                break 'steps;
+            }
         }
         optimizer_stage(&mut cx, step, setup, &params, &mut state);
+        if over(&cx) {
+            break;
+        }
     }
     Ok(sim)
 }
@@ -353,6 +369,24 @@ mod tests {
                 report.device_total_bytes,
             );
             assert_eq!(got, want, "{}", p.id);
+        }
+    }
+
+    /// `fits` stops a run once its reserved memory is past the budget, and says what the full run says.
+    #[test]
+    fn fits_is_the_full_runs_verdict() {
+        for p in MODEL_PRESETS {
+            let mut s = (p.setup)();
+            s.model.n_layer = s.model.n_layer.min(4);
+            let total = crate::estimate_peak(&s).unwrap().device_total_bytes;
+            for budget in [0, total / 2, total - 1, total, total + 1, 2 * total] {
+                assert_eq!(
+                    crate::fits(&s, budget).unwrap(),
+                    total <= budget,
+                    "{} {budget}",
+                    p.id
+                );
+            }
         }
     }
 

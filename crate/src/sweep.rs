@@ -146,11 +146,7 @@ pub fn fit_map(
     for &block in blocks {
         let row_setup = Axis::BlockSize.apply(setup, block);
         let fits_at = |i: usize| -> Result<bool, Error> {
-            Ok(
-                crate::estimate_peak(&Axis::BatchSize.apply(&row_setup, batches[i]))?
-                    .device_total_bytes
-                    <= budget_bytes,
-            )
+            crate::fits(&Axis::BatchSize.apply(&row_setup, batches[i]), budget_bytes)
         };
         if staircase {
             while n_fit > 0 && !fits_at(n_fit - 1)? {
