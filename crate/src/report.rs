@@ -189,7 +189,8 @@ impl Report {
         let mem = setup.device.memory_bytes;
         let mut notes = vec![
             if setup.train.compile {
-                "torch.compile (Inductor): the compiled step's buffers, measured on fake CUDA (docs/ACCURACY.md)"
+                "torch.compile (Inductor, default passes): the compiled step's buffers, checked against PyTorch's own \
+                 allocator (docs/ACCURACY.md)"
                     .to_string()
             } else {
                 "eager mode (no torch.compile)".to_string()
