@@ -1222,9 +1222,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn random_traffic_keeps_the_blocks_consistent() {
-        let configs = [
+    /// The defaults, expandable segments, and max_split_size with garbage collection: the random-traffic tests'
+    /// configurations.
+    fn traffic_configs() -> [AllocatorConfig; 3] {
+        [
             AllocatorConfig::default(),
             expandable(),
             AllocatorConfig {
@@ -1233,7 +1234,12 @@ mod tests {
                 memory_fraction: Some(0.9),
                 ..AllocatorConfig::default()
             },
-        ];
+        ]
+    }
+
+    #[test]
+    fn random_traffic_keeps_the_blocks_consistent() {
+        let configs = traffic_configs();
         for config in configs {
             let mut a = CachingAllocator::new(config, 600 * MIB);
             let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -1296,16 +1302,7 @@ mod tests {
 
     #[test]
     fn scratch_is_malloc_then_free() {
-        let configs = [
-            AllocatorConfig::default(),
-            expandable(),
-            AllocatorConfig {
-                max_split_size: Some(40 * MIB),
-                garbage_collection_threshold: Some(0.6),
-                memory_fraction: Some(0.9),
-                ..AllocatorConfig::default()
-            },
-        ];
+        let configs = traffic_configs();
         for config in configs {
             let (mut fast, mut plain) = (
                 CachingAllocator::new(config, 600 * MIB),
