@@ -104,9 +104,9 @@ pub fn largest_fitting(
     budget_bytes: u64,
     limit: u64,
 ) -> Result<Option<u64>, Error> {
-    let fits = |v: u64| -> Result<bool, Error> {
-        Ok(crate::estimate(&axis.apply(setup, v))?.device_total_bytes <= budget_bytes)
-    };
+    // `crate::fits`: the same verdict as the estimate's device total (tested on every preset), without the
+    // per-block figures, and stopping a run once it is over the budget.
+    let fits = |v: u64| -> Result<bool, Error> { crate::fits(&axis.apply(setup, v), budget_bytes) };
     if !fits(1)? {
         return Ok(None);
     }
