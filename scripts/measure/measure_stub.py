@@ -27,10 +27,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 STUB_CACHE = os.path.join(ROOT, ".venv-measure", "stub-cuda")
 
-# The GPU the stub simulates for a compute capability (must agree with stubs/driver.c's dev_defaults).
-GPUS = {"9.0": ("NVIDIA H100 80GB HBM3", 132, 80 << 10), "8.9": ("NVIDIA GeForce RTX 4070", 46, 12 << 10),
-        "8.6": ("NVIDIA GeForce RTX 3090", 82, 24 << 10), "8.0": ("NVIDIA A100-SXM4-80GB", 108, 80 << 10)}
-
 
 def child(case, snapshot_path):
     import stub_cuda
@@ -112,9 +108,10 @@ def main():
         if not only and not redo and case["name"] in done:
             continue
         cc = "%.1f" % case.get("device", {}).get("compute_capability", 9.0)
-        name, sms, mem_mib = GPUS.get(cc, GPUS["9.0"])
-        env = dict(os.environ, VRAMFIT_STUB_CC=cc, VRAMFIT_STUB_SMS=str(sms), VRAMFIT_STUB_MEM_MIB=str(mem_mib),
-                   PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        # The stub simulates the GPU people train on at that capability (SMs, memory: stubs/driver.c,
+        # dev_defaults); the case may name another memory size.
+        env = {k: v for k, v in os.environ.items() if k not in ("VRAMFIT_STUB_SMS", "VRAMFIT_STUB_MEM_MIB")}
+        env.update(VRAMFIT_STUB_CC=cc, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
         if "memory_gib" in case.get("device", {}):
             env["VRAMFIT_STUB_MEM_MIB"] = str(int(case["device"]["memory_gib"] * 1024))
         snap = os.path.join(os.path.abspath(snaps), case["name"] + ".pickle") if snaps else ""

@@ -103,15 +103,16 @@ def unversioned_imports_of(objs, soname):
     return names
 
 
-def mentioned(objs, prefix_re):
-    """Names matching prefix_re that appear as strings in the binaries (functions looked up with dlsym)."""
+def mentioned(objs):
+    """Driver (`cu...`) and NVML (`nvml...`) names that appear as strings in torch's CUDA libraries and Triton's
+    (functions looked up by name with dlsym or cudaGetDriverEntryPoint), read in one pass over the binaries."""
     names = set()
     for o in objs:
         base = os.path.basename(o)
         if not (base.startswith(("libc10_cuda", "libtorch_cuda", "libtorch_python", "libcaffe2_nvrtc"))
                 or "triton" in o):
             continue
-        names |= {m.decode() for m in re.findall(prefix_re.encode(), open(o, "rb").read())}
+        names |= {m.decode() for m in re.findall(rb"\b(?:cu|nvml)[A-Z][A-Za-z0-9_]+\b", open(o, "rb").read())}
     return names
 
 
@@ -162,10 +163,11 @@ def build(soname, names_fn, names_data):
 def main():
     objs = shared_objects()
     by_version = imports_by_version(objs)
-    driver_lookups = mentioned(objs, r"\b(cu[A-Z][A-Za-z0-9_]+)\b") & (driver_api_names() | mentioned(objs, r"\bcu[A-Z]\w+_v\d\b"))
-    nvml_lookups = mentioned(objs, r"\b(nvml[A-Z][A-Za-z0-9_]+)\b")
+    names = mentioned(objs)
+    # A driver name counts when cuda.h declares it or it is a versioned entry point (cuFoo_v2) cuda.h renames to.
+    driver_lookups = {n for n in names if n.startswith("cu") and (n in driver_api_names() or re.search(r"_v\d$", n))}
+    nvml_lookups = {n for n in names if n.startswith("nvml")}
     cuda_imports = unversioned_imports_of(objs, "libcuda.so.1")
-    want = {}
     for soname, (_, _, real) in LIBS.items():
         if real:
             ex = exports(os.path.join(CU, "lib", real))
@@ -175,7 +177,6 @@ def main():
             fns, data = driver_api_names() | driver_lookups | cuda_imports, set()
         else:
             fns, data = nvml_lookups, set()
-        want[soname] = fns | data
         build(soname, fns, data)
     # Triton links its launcher against "libcuda.so" in the directory TRITON_LIBCUDA_PATH names.
     link = os.path.join(OUT, "libcuda.so")
