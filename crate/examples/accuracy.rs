@@ -274,7 +274,23 @@ fn stub_summary(ea: &[f64], er: &[f64]) -> String {
     )
 }
 
-fn stub_section(dir: &Path) -> String {
+/// The stub-cuda tables of both files, each read and estimated once: (title, rows, |errors| allocated, reserved).
+type StubTables = Vec<(&'static str, String, Vec<f64>, Vec<f64>)>;
+
+fn stub_tables(dir: &Path) -> StubTables {
+    [
+        ("Eager", "measured.json"),
+        ("torch.compile", "compiled.json"),
+    ]
+    .into_iter()
+    .map(|(title, file)| {
+        let (rows, ea, er) = stub_table(&dir.join("stub-cuda").join(file));
+        (title, rows, ea, er)
+    })
+    .collect()
+}
+
+fn stub_section(tables: &StubTables) -> String {
     let mut out = String::from(
         "\n## PyTorch's own caching allocator (method `stub-cuda`)\n\n\
 Records in `tests/data/stub-cuda/`: every reference case run as people run it, with PyTorch's real CUDA code and its\n\
@@ -294,17 +310,13 @@ with its own weight and then free one of the two. Tiny compiled models peak in s
 and 3) is compared and marked. Compiled reserved figures depend on whether Inductor's caches are cold (the first run\n\
 of a script autotunes) or warm; see `tests/data/stub-cuda/README.md`.\n\n",
     );
-    for (title, file) in [
-        ("Eager", "measured.json"),
-        ("torch.compile", "compiled.json"),
-    ] {
-        let (rows, ea, er) = stub_table(&dir.join("stub-cuda").join(file));
+    for (title, rows, ea, er) in tables {
         if rows.is_empty() {
             continue;
         }
-        writeln!(out, "### {title}: {}\n", stub_summary(&ea, &er)).unwrap();
+        writeln!(out, "### {title}: {}\n", stub_summary(ea, er)).unwrap();
         out += "| config | sm | allocated measured (MiB) | predicted | error | reserved measured | predicted | error | segments |\n|---|---|---|---|---|---|---|---|---|\n";
-        out += &rows;
+        out += rows;
         out += "\n";
     }
     out
@@ -323,12 +335,9 @@ fn main() {
     )
     .unwrap();
     out += "Against PyTorch's own caching allocator (method `stub-cuda`, the reference; tables at the end):\n\n";
-    for (title, file) in [
-        ("Eager", "measured.json"),
-        ("torch.compile", "compiled.json"),
-    ] {
-        let (_, ea, er) = stub_table(&dir.join("stub-cuda").join(file));
-        writeln!(out, "- {title}: {}", stub_summary(&ea, &er)).unwrap();
+    let stub = stub_tables(&dir);
+    for (title, _, ea, er) in &stub {
+        writeln!(out, "- {title}: {}", stub_summary(ea, er)).unwrap();
     }
     out += "\nAgainst the fake-cuda replay (the op-by-op cross-check):\n\n";
     writeln!(out, "- Eager: {}", summary(&eager, 0.05).trim_end()).unwrap();
@@ -389,7 +398,7 @@ Tolerance: 8% per config for GPU records (issue 6), 2% for fake-cuda (a regressi
     out += "\n### Eager vs compiled, both predicted\n\n\
 | config | eager | compiled | difference | |\n|---|---|---|---|---|\n";
     out += &compiled.versus;
-    out += &stub_section(&dir);
+    out += &stub_section(&stub);
     out += &founding_on_the_device();
     print!("{out}");
 }
