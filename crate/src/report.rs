@@ -157,7 +157,7 @@ pub struct Report {
     pub peak_allocated_bytes: u64,
     /// Modelled `torch.cuda.max_memory_reserved()`: the caching allocator replayed over the run (`allocator`).
     pub peak_reserved_bytes: u64,
-    /// Reserved plus the typical CUDA context: what nvidia-smi would show for the process.
+    /// Reserved plus the device's CUDA context (`cuda_context_bytes`): what nvidia-smi would show for the process.
     pub device_total_bytes: u64,
     pub device_total_range_bytes: (u64, u64),
     pub peak_phase: String,
