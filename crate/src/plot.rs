@@ -1,11 +1,12 @@
 //! Plots drawn with plotters on any `DrawingBackend`: a canvas in the browser, SVG in tests. The data comes
-//! from `sweep` and `report`; nothing here estimates.
+//! from `sweep` (points, bands, the fit map) and `report` (the timeline); nothing here estimates, and neither of
+//! them knows this module.
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::report::{Components, Stage};
-use crate::sweep::{Axis, Point};
+use crate::report::Stage;
+use crate::sweep::{bands, Axis, FitMap, Point};
 
 /// Colours of one theme.
 #[derive(Debug, Clone, Copy)]
@@ -54,6 +55,7 @@ pub const DARK: Theme = Theme {
     ],
 };
 
+/// The legend's names of the six bands (`sweep::bands`), in their order.
 pub const COMPONENT_NAMES: [&str; 6] = [
     "weights",
     "grads",
@@ -62,18 +64,6 @@ pub const COMPONENT_NAMES: [&str; 6] = [
     "logits",
     "temporary",
 ];
-
-/// The six plotted bands of a component breakdown, in bytes.
-pub fn bands(c: &Components) -> [u64; 6] {
-    [
-        c.weights_bytes + c.weight_copies_bytes,
-        c.grads_bytes,
-        c.optimizer_bytes,
-        c.activations_bytes,
-        c.logits_bytes,
-        c.temporary_bytes + c.workspace_bytes,
-    ]
-}
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -264,14 +254,6 @@ fn draw_legend<DB: DrawingBackend>(
         item(&area, x, theme.capacity, "GPU memory", true)?;
     }
     Ok(())
-}
-
-/// Which (batch, block) pairs fit: `fits[j][i]` for `blocks[j]`, `batches[i]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FitMap {
-    pub batches: Vec<u64>,
-    pub blocks: Vec<u64>,
-    pub fits: Vec<Vec<bool>>,
 }
 
 /// The fit map as a grid of cells (green fits, red does not), the current pair outlined.

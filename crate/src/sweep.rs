@@ -1,4 +1,5 @@
-//! Memory over a range of batch sizes or block sizes, and the largest value that fits a device.
+//! Memory over a range of batch sizes or block sizes, the fit map over both, and the largest value that fits a
+//! device: data only (`plot` draws it).
 
 use crate::error::Error;
 use crate::model::Setup;
@@ -54,6 +55,27 @@ pub struct Point {
     pub peak_reserved_bytes: u64,
     pub device_total_bytes: u64,
     pub components: Components,
+}
+
+/// The six bands a sweep is plotted and exported in, in bytes: weights with autocast's weight copies, grads,
+/// optimizer state, activations, logits, temporaries with workspaces.
+pub fn bands(c: &Components) -> [u64; 6] {
+    [
+        c.weights_bytes + c.weight_copies_bytes,
+        c.grads_bytes,
+        c.optimizer_bytes,
+        c.activations_bytes,
+        c.logits_bytes,
+        c.temporary_bytes + c.workspace_bytes,
+    ]
+}
+
+/// Which (batch, block) pairs fit: `fits[j][i]` for `blocks[j]`, `batches[i]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FitMap {
+    pub batches: Vec<u64>,
+    pub blocks: Vec<u64>,
+    pub fits: Vec<Vec<bool>>,
 }
 
 /// Estimates the setup at each value of `axis`.
@@ -137,7 +159,7 @@ pub fn fit_map(
     batches: &[u64],
     blocks: &[u64],
     budget_bytes: u64,
-) -> Result<crate::plot::FitMap, Error> {
+) -> Result<FitMap, Error> {
     let sorted = |v: &[u64]| v.windows(2).all(|w| w[0] < w[1]);
     let staircase = sorted(batches) && sorted(blocks);
     let mut fits = Vec::with_capacity(blocks.len());
@@ -166,7 +188,7 @@ pub fn fit_map(
         }
         fits.push((0..batches.len()).map(|i| i < n_fit).collect());
     }
-    Ok(crate::plot::FitMap {
+    Ok(FitMap {
         batches: batches.to_vec(),
         blocks: blocks.to_vec(),
         fits,
@@ -181,7 +203,7 @@ pub fn to_csv(axis: Axis, points: &[Point]) -> String {
         axis.name()
     );
     for p in points {
-        let b = crate::plot::bands(&p.components);
+        let b = bands(&p.components);
         out += &format!(
             "{},{},{},{},{},{},{},{},{},{}\n",
             p.value,

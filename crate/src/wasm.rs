@@ -33,10 +33,10 @@ use web_sys::HtmlCanvasElement;
 
 use crate::advice;
 use crate::input::{self, setup_from_query, setup_to_query};
-use crate::plot::{self, FitMap};
+use crate::plot;
 use crate::presets;
 use crate::report::fmt_bytes;
-use crate::sweep::{self, Axis};
+use crate::sweep::{self, Axis, FitMap};
 use crate::{Error, Setup};
 
 fn js_err(e: impl std::fmt::Display) -> JsError {
