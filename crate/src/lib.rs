@@ -6,8 +6,8 @@
 //!
 //! Reading order: `error`, `model` (setup types), `policy` (precision, optimizer, attention), `input` (JSON and
 //! config-file readers), `allocator` (PyTorch's caching allocator), `sim` (the allocation timeline, which drives
-//! it), `tensors` (per-op byte counts), `gpt2` / `llama` (one micro-step each), `step` (the run), `report`,
-//! `sweep`.
+//! it), `tensors` (per-op byte counts), `arch` (what a model is made of), `eager` / `compiled` (one micro-step
+//! of any described model), `step` (the run), `report`, `sweep`.
 //!
 //! # Example
 //! ```
@@ -21,12 +21,12 @@
 
 pub mod advice;
 pub mod allocator;
+pub mod arch;
 pub mod compiled;
+pub mod eager;
 pub mod error;
 pub mod fuzzing;
-pub mod gpt2;
 pub mod input;
-pub mod llama;
 pub mod model;
 pub mod plot;
 pub mod policy;

@@ -3,9 +3,9 @@
 //! loss, backward), gradient clipping, the optimizer step and `zero_grad(set_to_none=True)`. Under
 //! `torch.compile` the micro-step is `compiled`'s (forward and backward graphs); the loop around it is the same.
 
+use crate::arch::Program;
 use crate::compiled;
-use crate::gpt2;
-use crate::llama;
+use crate::eager;
 use crate::model::{Family, Setup};
 use crate::policy::{Optimizer, Precision};
 use crate::sim::Category::{Optimizer as OptState, Temporary, Weights};
@@ -64,24 +64,19 @@ fn run(setup: &Setup, n_steps: u32, record: bool, reserved_limit: u64) -> Result
     }
     let mut cx = Ctx::new(&mut sim, setup)?;
     let tr = &setup.train;
-    let params = match setup.model.family {
-        Family::Gpt2 => gpt2::param_tensors(&cx),
-        Family::Llama => llama::param_tensors(&cx),
-    };
+    let params = cx.arch.param_tensors(&setup.model);
     // Weights and buffers, one block each, in the parameter dtype, in the order the constructor makes them (built
     // directly on the device, as the reference runs are).
     let weights: Vec<Tensor> = params
         .iter()
         .map(|&(elems, _)| cx.alloc(elems * cx.pb, Weights, "parameter"))
         .collect();
-    if setup.model.family == Family::Gpt2 {
-        for bytes in gpt2::buffers_bytes(&cx, tr.attention) {
-            cx.alloc(bytes, Weights, "buffer");
-        }
+    for bytes in cx.arch.buffers_bytes(&setup.model, cx.pb) {
+        cx.alloc(bytes, Weights, "buffer");
     }
     tie_head(&mut cx, setup, weights[0]);
     let mut state: Vec<Tensor> = Vec::new();
-    let mut loop_state = Loop::start(&mut cx, setup.model.family);
+    let mut loop_state = Loop::start(&mut cx);
     let over = |cx: &Ctx| cx.sim.allocator().peak_reserved_bytes() > reserved_limit;
     'steps: for step in 1..=n_steps {
         for _ in 0..simulated_micro_steps(tr.grad_accum_steps) {
@@ -105,17 +100,13 @@ fn run(setup: &Setup, n_steps: u32, record: bool, reserved_limit: u64) -> Result
 /// `llama-3.2-1b-tied` (a V x C alloc after the final norm, then the free of the embedding's, resp. the head's).
 fn tie_head(cx: &mut Ctx, setup: &Setup, embedding: Tensor) {
     let m = &setup.model;
-    let tied = match m.family {
-        Family::Gpt2 => true,
-        Family::Llama => m.tie_embeddings,
-    };
-    if !tied {
+    if !cx.arch.tied_head {
         return;
     }
     let head = cx.alloc(m.vocab_size * m.n_embd * cx.pb, Weights, "parameter");
-    cx.free(match m.family {
-        Family::Gpt2 => embedding,
-        Family::Llama => head,
+    cx.free(match cx.arch.program {
+        Program::NanoGpt => embedding,
+        Program::HfLoop => head,
     });
 }
 
@@ -135,22 +126,16 @@ pub fn simulate_first_forward(setup: &Setup) -> Result<Sim, Error> {
     let mut cx = Ctx::new(&mut sim, setup)?;
     let tr = &setup.train;
     cx.sim.stage(1, "forward");
+    let (x, y) = eager::get_batch(&mut cx);
     match setup.model.family {
         Family::Gpt2 if tr.compile => {
-            let (x, y) = gpt2::get_batch(&mut cx);
             let _ = compiled::forward(&mut cx, x, y, tr.attention, tr.checkpointing);
         }
-        Family::Gpt2 => {
-            let (x, y) = gpt2::get_batch(&mut cx);
-            let _ = gpt2::forward(&mut cx, x, y, tr.attention, tr.checkpointing);
-        }
         Family::Llama if tr.compile => {
-            let (x, _y) = llama::get_batch(&mut cx);
             let _ = compiled::llama_forward(&mut cx, x, tr.checkpointing);
         }
-        Family::Llama => {
-            let (x, _y) = llama::get_batch(&mut cx);
-            let _ = llama::forward(&mut cx, x, tr.checkpointing);
+        _ => {
+            let _ = eager::forward(&mut cx, x, y, tr.checkpointing);
         }
     }
     Ok(sim)
@@ -166,9 +151,9 @@ struct Loop {
 }
 
 impl Loop {
-    fn start(cx: &mut Ctx, family: Family) -> Loop {
+    fn start(cx: &mut Ctx) -> Loop {
         // nanoGPT fetches the first batch before the loop; the Hugging Face loop fetches inside it.
-        let batch = (family == Family::Gpt2).then(|| gpt2::get_batch(cx));
+        let batch = (cx.arch.program == Program::NanoGpt).then(|| eager::get_batch(cx));
         Loop {
             batch,
             logits: None,
@@ -179,35 +164,21 @@ impl Loop {
     /// One micro-step: forward with the loss, autocast's exit, backward (gradients accumulate into `.grad`).
     fn micro_step(&mut self, cx: &mut Ctx, setup: &Setup, step: u32) {
         let tr = &setup.train;
-        match setup.model.family {
-            Family::Gpt2 => {
-                let (x, y) = self.batch.take().unwrap_or_else(|| gpt2::get_batch(cx));
+        match (cx.arch.program, tr.compile) {
+            (Program::NanoGpt, true) => {
+                let (x, y) = self.batch.take().unwrap_or_else(|| eager::get_batch(cx));
                 cx.sim.stage(step, "forward");
-                if tr.compile {
-                    let f = compiled::forward(cx, x, y, tr.attention, tr.checkpointing);
-                    if let Some(old) = self.logits.replace(f.logits) {
-                        cx.free(old);
-                    }
-                    self.batch = Some(gpt2::get_batch(cx));
-                    cx.sim.stage(step, "loss backward");
-                    self.grad_scaler(cx);
-                    compiled::backward(cx, f);
-                    cx.have_grads = true;
-                    return;
-                }
-                let f = gpt2::forward(cx, x, y, tr.attention, tr.checkpointing);
-                // `logits, loss = model(X, Y)` rebinds: the previous micro-step's logits die now.
+                let f = compiled::forward(cx, x, y, tr.attention, tr.checkpointing);
                 if let Some(old) = self.logits.replace(f.logits) {
                     cx.free(old);
                 }
-                cx.clear_autocast_cache();
-                self.batch = Some(gpt2::get_batch(cx));
+                self.batch = Some(eager::get_batch(cx));
                 cx.sim.stage(step, "loss backward");
                 self.grad_scaler(cx);
-                gpt2::backward(cx, f, tr.attention);
+                compiled::backward(cx, f);
             }
-            Family::Llama if tr.compile => {
-                let (x, y) = llama::get_batch(cx);
+            (Program::HfLoop, true) => {
+                let (x, y) = eager::get_batch(cx);
                 cx.sim.stage(step, "forward");
                 let f = compiled::llama_forward(cx, x, tr.checkpointing);
                 cx.sim.stage(step, "loss backward");
@@ -215,15 +186,25 @@ impl Loop {
                 compiled::llama_backward(cx, f);
                 cx.free(y);
             }
-            Family::Llama => {
-                let (x, y) = llama::get_batch(cx);
+            (program, false) => {
+                let (x, y) = self.batch.take().unwrap_or_else(|| eager::get_batch(cx));
                 cx.sim.stage(step, "forward");
-                let f = llama::forward(cx, x, tr.checkpointing);
+                let mut f = eager::forward(cx, x, y, tr.checkpointing);
+                // nanoGPT's `logits, loss = model(X, Y)` rebinds: the previous micro-step's logits die now.
+                if let Some(old) = f.logits.take().and_then(|l| self.logits.replace(l)) {
+                    cx.free(old);
+                }
                 cx.clear_autocast_cache();
+                if program == Program::NanoGpt {
+                    self.batch = Some(eager::get_batch(cx));
+                }
                 cx.sim.stage(step, "loss backward");
                 self.grad_scaler(cx);
-                llama::backward(cx, f);
-                cx.free(y);
+                eager::backward(cx, f);
+                // The HF loop's batch dies with the step (the loss held its own shifted copy of the labels).
+                if program == Program::HfLoop {
+                    cx.free(y);
+                }
             }
         }
         cx.have_grads = true;
@@ -277,12 +258,12 @@ fn optimizer_stage(
                 // _multi_tensor_adamw: the only out-of-place op is `exp_avg_sq_sqrt = _foreach_sqrt(exp_avg_sqs)`,
                 // one tensor per parameter of the group, freed when the group is done. Groups run one after the
                 // other: nanoGPT has a decay group (matrices) and a no-decay group; HF-style loops one group.
-                let groups: Vec<Vec<u64>> = match setup.model.family {
-                    Family::Gpt2 => vec![
+                let groups: Vec<Vec<u64>> = match cx.arch.program {
+                    Program::NanoGpt => vec![
                         params.iter().filter(|p| p.1).map(|p| p.0).collect(),
                         params.iter().filter(|p| !p.1).map(|p| p.0).collect(),
                     ],
-                    Family::Llama => vec![params.iter().map(|p| p.0).collect()],
+                    Program::HfLoop => vec![params.iter().map(|p| p.0).collect()],
                 };
                 for group in groups {
                     let tmp: Vec<Tensor> = group
@@ -342,7 +323,7 @@ mod tests {
     fn run_micro_steps_exactly(setup: &Setup, n: u64) -> u64 {
         let mut sim = Sim::counting_only();
         let mut cx = Ctx::new(&mut sim, setup).unwrap();
-        let mut lp = Loop::start(&mut cx, setup.model.family);
+        let mut lp = Loop::start(&mut cx);
         for _ in 0..n {
             lp.micro_step(&mut cx, setup, 1);
         }

@@ -8,6 +8,7 @@
 //! `r` bytes of the residual stream and norm outputs (fp32 under autocast: LayerNorm is on autocast's fp32 list
 //! and `x + f(x)` promotes to fp32), `pb` bytes of parameters and their grads.
 
+use crate::arch::Arch;
 use crate::model::{ModelConfig, Setup};
 use crate::policy::{sdpa_backend, Precision, SdpaBackend};
 use crate::sim::{Category, Sim, Tensor};
@@ -39,6 +40,8 @@ pub fn cublas_workspace_bytes(sm: u32) -> u64 {
 pub struct Ctx<'a> {
     pub sim: &'a mut Sim,
     pub m: &'a ModelConfig,
+    /// What the model is made of (`arch`), for the executors.
+    pub arch: Arch,
     pub prec: Precision,
     pub b: u64,
     pub t: u64,
@@ -73,6 +76,7 @@ impl<'a> Ctx<'a> {
         Ok(Ctx {
             sim,
             m,
+            arch: Arch::of(m, setup.train.attention),
             prec,
             b: setup.train.batch_size,
             t: setup.train.seq_len,

@@ -1,0 +1,212 @@
+//! What a decoder is made of, as data: the description the executors walk (`eager`, and `compiled` under
+//! `torch.compile`). A family is a description, not code: nanoGPT's GPT and Hugging Face's Llama differ here in
+//! a handful of fields, and each field's effect on memory lives in one place of the executor.
+//!
+//! Every field names a choice the model's source code makes (nanoGPT's `model.py`, transformers'
+//! `modeling_llama.py`) or the training program makes around it (nanoGPT's `train.py`, a plain Hugging Face loop).
+
+use crate::model::{Family, ModelConfig};
+use crate::policy::Attention;
+
+/// Where token positions come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Positions {
+    /// A learned `block_size x C` embedding added to the token embedding (`wpe`), then dropout (nanoGPT).
+    Learned,
+    /// Rotary embeddings applied to q and k in every layer; cos and sin computed once per forward in fp32 and
+    /// cast to the stream's dtype (HF `LlamaRotaryEmbedding`).
+    Rotary,
+}
+
+/// The normalisation layers (every norm of the model is of this kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Norm {
+    /// `F.layer_norm` (`native_layer_norm`, one fused op), with or without a bias. Saves its input.
+    LayerNorm { bias: bool },
+    /// HF `LlamaRMSNorm` in PyTorch ops: fp32 `pow`, `mean`, `rsqrt`, `x * rsqrt`, `weight * normed.to(dtype)`.
+    /// Saves its fp32 view of the input, so a 2-byte residual stream itself is saved by nothing.
+    RmsNorm,
+}
+
+/// How the attention's inputs are projected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qkv {
+    /// One `C -> 3C` Linear whose output is split into q, k, v views (nanoGPT's `c_attn`).
+    Fused,
+    /// Separate q, k and v Linears (`q_proj`, `k_proj`, `v_proj`), k and v of `kv_dim` (grouped-query).
+    Separate,
+}
+
+/// The attention kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Core {
+    /// `F.scaled_dot_product_attention(is_causal=True)`: a fused kernel chosen by PyTorch (`policy::sdpa_backend`).
+    Sdpa,
+    /// nanoGPT's non-flash path: `q @ k^T`, scale, causal `masked_fill`, softmax, dropout, `@ v`.
+    Manual,
+}
+
+/// The MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mlp {
+    /// `proj(gelu(fc(x)))` of width `intermediate_size`, then dropout (nanoGPT's `MLP`).
+    Gelu,
+    /// `down(silu(gate(x)) * up(x))` of width `intermediate_size` (HF `LlamaMLP`, SwiGLU).
+    SwiGlu,
+}
+
+/// The loss as the model's forward computes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loss {
+    /// nanoGPT: `F.cross_entropy(logits.view(-1, V), targets.view(-1))` on the logits as they are.
+    CrossEntropy,
+    /// HF `ForCausalLMLoss`: `logits.float()`, labels padded and shifted (`clone`), `cross_entropy` in fp32.
+    HfCausalLm,
+}
+
+/// The training program around the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Program {
+    /// nanoGPT's `train.py`: the next batch is fetched while the step's graph is alive, `logits` stays bound
+    /// until the next forward returns, AdamW has a decay group (matrices) and a no-decay group.
+    NanoGpt,
+    /// A plain Hugging Face loop: `model(input_ids, labels=labels).loss.backward()`, the batch fetched inside the
+    /// loop, one optimizer group.
+    HfLoop,
+}
+
+/// A decoder, as the executors need it. The dimensions stay in `ModelConfig`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arch {
+    pub positions: Positions,
+    pub norm: Norm,
+    pub qkv: Qkv,
+    pub core: Core,
+    /// Biases in the attention's and the MLP's Linears.
+    pub linear_bias: bool,
+    pub mlp: Mlp,
+    /// Dropout after the embeddings, on the attention probabilities (manual core) and on both residual branches
+    /// (nanoGPT's `nn.Dropout` modules, active when dropout > 0).
+    pub dropout: bool,
+    /// The LM head shares the token embedding's weight.
+    pub tied_head: bool,
+    pub loss: Loss,
+    pub program: Program,
+}
+
+impl Arch {
+    /// The description of a model as its config gives it, with the attention kind the training asks for.
+    pub fn of(m: &ModelConfig, attention: Attention) -> Arch {
+        match m.family {
+            Family::Gpt2 => Arch {
+                positions: Positions::Learned,
+                norm: Norm::LayerNorm { bias: m.bias },
+                qkv: Qkv::Fused,
+                core: match attention {
+                    Attention::Sdpa => Core::Sdpa,
+                    Attention::Manual => Core::Manual,
+                },
+                linear_bias: m.bias,
+                mlp: Mlp::Gelu,
+                dropout: m.dropout > 0.0,
+                tied_head: true,
+                loss: Loss::CrossEntropy,
+                program: Program::NanoGpt,
+            },
+            Family::Llama => Arch {
+                positions: Positions::Rotary,
+                norm: Norm::RmsNorm,
+                qkv: Qkv::Separate,
+                core: Core::Sdpa,
+                linear_bias: false,
+                mlp: Mlp::SwiGlu,
+                dropout: false,
+                tied_head: m.tie_embeddings,
+                loss: Loss::HfCausalLm,
+                program: Program::HfLoop,
+            },
+        }
+    }
+
+    /// Whether the norms save their input. RMSNorm saves its fp32 view instead, which for a 2-byte stream
+    /// (`residual_bytes` = 2) is a copy: the stream itself then dies when the forward lets go of it.
+    pub fn norm_saves_input(&self, residual_bytes: u64) -> bool {
+        match self.norm {
+            Norm::LayerNorm { .. } => true,
+            Norm::RmsNorm => residual_bytes != 2,
+        }
+    }
+
+    /// Parameter tensors in the order the model's constructor creates them (a tied head counted once), as
+    /// (elements, is_matrix).
+    pub fn param_tensors(&self, m: &ModelConfig) -> Vec<(u64, bool)> {
+        let c = m.n_embd;
+        let kv = m.kv_dim();
+        let i = m.intermediate_size;
+        let bias = self.linear_bias;
+        let norm_bias = matches!(self.norm, Norm::LayerNorm { bias: true });
+        let norm = |v: &mut Vec<(u64, bool)>| {
+            v.extend(std::iter::repeat_n((c, false), 1 + usize::from(norm_bias)));
+        };
+        // Linear: out x in weight (+ out bias).
+        let linear = |v: &mut Vec<(u64, bool)>, out_f: u64, in_f: u64| {
+            v.push((out_f * in_f, true));
+            if bias {
+                v.push((out_f, false));
+            }
+        };
+        let mut v = vec![(m.vocab_size * c, true)];
+        if self.positions == Positions::Learned {
+            v.push((m.block_size * c, true));
+        }
+        for _ in 0..m.n_layer {
+            // nanoGPT's Block makes ln_1, attn, ln_2, mlp; HF's decoder layer makes attn, mlp, then both norms.
+            let norms_first = self.program == Program::NanoGpt;
+            if norms_first {
+                norm(&mut v);
+            }
+            match self.qkv {
+                Qkv::Fused => linear(&mut v, 3 * c, c),
+                Qkv::Separate => {
+                    linear(&mut v, c, c);
+                    linear(&mut v, kv, c);
+                    linear(&mut v, kv, c);
+                }
+            }
+            linear(&mut v, c, c);
+            if norms_first {
+                norm(&mut v);
+            }
+            match self.mlp {
+                Mlp::Gelu => {
+                    linear(&mut v, i, c);
+                    linear(&mut v, c, i);
+                }
+                Mlp::SwiGlu => {
+                    linear(&mut v, i, c);
+                    linear(&mut v, i, c);
+                    linear(&mut v, c, i);
+                }
+            }
+            if !norms_first {
+                norm(&mut v);
+                norm(&mut v);
+            }
+        }
+        norm(&mut v);
+        if !self.tied_head {
+            v.push((m.vocab_size * c, true));
+        }
+        v
+    }
+
+    /// Buffers registered on the device besides the parameters, in bytes at `param_bytes` per element: the
+    /// manual path's causal mask, `torch.tril(torch.ones(block, block))` per layer in the model's dtype
+    /// (registered only when flash attention is not used).
+    pub fn buffers_bytes(&self, m: &ModelConfig, param_bytes: u64) -> Vec<u64> {
+        match self.core {
+            Core::Manual => vec![m.block_size * m.block_size * param_bytes; m.n_layer as usize],
+            Core::Sdpa => vec![],
+        }
+    }
+}
