@@ -228,151 +228,349 @@ pub fn model_preset(id: &str) -> Option<Setup> {
         .map(|p| (p.setup)())
 }
 
-/// A GPU preset: memory as marketed (GB = 10^9 bytes for NVIDIA/AMD cards as sold; see `memory_bytes`).
+/// A GPU preset: an id for URLs, the CLI and attributes, a label for people (the memory as sold), and what the
+/// estimate needs to know of the device. Every figure names its source beside it.
 pub struct GpuPreset {
     pub id: &'static str,
     pub label: &'static str,
-    /// Device memory in bytes as the driver reports total memory (binary GiB for datacenter parts).
+    /// Device memory in bytes as the driver reports total memory (binary GiB for datacenter parts). Written as
+    /// the label's "N GB" read as N GiB, which is what the HBM parts' drivers report to within 0.6% (an H100
+    /// 80 GB reports 79.6 GiB, an H200 140.4 GiB, a B200 179.1 GiB); GDDR parts that ship with ECC on (A10, L4,
+    /// T4, L40S) report 1/16 less (an L40S 44.5 GiB), which these figures do not take off.
     pub memory_bytes: u64,
-    /// Compute capability x 10, for kernel choices (flash attention needs sm_80).
+    /// Compute capability x 10, for kernel choices (flash attention needs sm_80). AMD and Apple parts take an
+    /// NVIDIA generation with the same kernels available as a stand-in (see each entry).
     pub sm: u32,
+    /// Streaming multiprocessors (for AMD: compute units) of the device PyTorch sees, from the vendor's figures;
+    /// `None` where the preset stands for several chips. Shown to people; the estimate does not use it.
+    pub sms: Option<u32>,
+    pub vendor: Vendor,
+}
+
+/// Who makes a GPU: what its `sms` count and whether its `sm` is its own compute capability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vendor {
+    Nvidia,
+    /// ROCm builds of PyTorch run CUDA code through HIP; `sm` is a stand-in.
+    Amd,
+    /// PyTorch's MPS backend; `sm` is a stand-in.
+    Apple,
+}
+
+impl Vendor {
+    /// What `GpuPreset::sms` counts, in the plural.
+    pub fn sm_name(self) -> &'static str {
+        match self {
+            Vendor::Nvidia => "SMs",
+            Vendor::Amd => "compute units",
+            Vendor::Apple => "GPU cores",
+        }
+    }
+
+    /// Whether `GpuPreset::sm` is the part's own compute capability rather than a stand-in.
+    pub fn has_compute_capability(self) -> bool {
+        self == Vendor::Nvidia
+    }
 }
 
 const GIB: u64 = 1 << 30;
 
+// SM counts: NVIDIA's GeForce and RTX spec pages list CUDA cores, not SMs; Ampere (GA10x), Ada and Blackwell
+// (GB20x) SMs hold 128 FP32 CUDA cores each, Turing and Volta SMs 64 (the architecture whitepapers), so the SM
+// count is the core count divided by that. Where a whitepaper states the SMs of the very product, it is named.
 pub const GPU_PRESETS: &[GpuPreset] = &[
     GpuPreset {
         id: "rtx-3060",
         label: "RTX 3060 12 GB",
         memory_bytes: 12 * GIB,
         sm: 86,
+        // GeForce RTX 3060 spec page: 3,584 CUDA cores / 128 = 28 SMs.
+        sms: Some(28),
+        vendor: Vendor::Nvidia,
+    },
+    GpuPreset {
+        id: "rtx-3080",
+        label: "RTX 3080 10 GB",
+        // GeForce RTX 3080 spec page: 10 GB GDDR6X (a 12 GB model came later; this is the 10 GB one).
+        memory_bytes: 10 * GIB,
+        // CUDA GPUs list (developer.nvidia.com/cuda-gpus): GeForce RTX 3080, 8.6.
+        sm: 86,
+        // NVIDIA Ampere GA102 GPU Architecture whitepaper: RTX 3080, 68 SMs (8,704 CUDA cores).
+        sms: Some(68),
+        vendor: Vendor::Nvidia,
     },
     GpuPreset {
         id: "rtx-3090",
         label: "RTX 3090 24 GB",
         memory_bytes: 24 * GIB,
         sm: 86,
+        // NVIDIA Ampere GA102 GPU Architecture whitepaper: RTX 3090, 82 SMs (10,496 CUDA cores).
+        sms: Some(82),
+        vendor: Vendor::Nvidia,
+    },
+    GpuPreset {
+        id: "rtx-4060-ti-16",
+        label: "RTX 4060 Ti 16 GB",
+        // GeForce RTX 4060 Ti spec page: 16 GB or 8 GB GDDR6; this is the 16 GB one.
+        memory_bytes: 16 * GIB,
+        // CUDA GPUs list: GeForce RTX 4060 Ti, 8.9.
+        sm: 89,
+        // GeForce RTX 4060 Ti spec page: 4,352 CUDA cores / 128 = 34 SMs.
+        sms: Some(34),
+        vendor: Vendor::Nvidia,
     },
     GpuPreset {
         id: "rtx-4070",
         label: "RTX 4070 12 GB",
         memory_bytes: 12 * GIB,
         sm: 89,
+        // GeForce RTX 4070 spec page: 5,888 CUDA cores / 128 = 46 SMs.
+        sms: Some(46),
+        vendor: Vendor::Nvidia,
     },
     GpuPreset {
         id: "rtx-4080",
         label: "RTX 4080 16 GB",
         memory_bytes: 16 * GIB,
         sm: 89,
+        // NVIDIA Ada GPU Architecture whitepaper: RTX 4080 (16 GB), 76 SMs (9,728 CUDA cores).
+        sms: Some(76),
+        vendor: Vendor::Nvidia,
     },
     GpuPreset {
         id: "rtx-4090",
         label: "RTX 4090 24 GB",
         memory_bytes: 24 * GIB,
         sm: 89,
+        // NVIDIA Ada GPU Architecture whitepaper: RTX 4090, 128 SMs (16,384 CUDA cores).
+        sms: Some(128),
+        vendor: Vendor::Nvidia,
+    },
+    GpuPreset {
+        id: "rtx-5090",
+        label: "RTX 5090 32 GB",
+        // GeForce RTX 5090 spec page: 32 GB GDDR7.
+        memory_bytes: 32 * GIB,
+        // CUDA GPUs list: GeForce RTX 5090, 12.0.
+        sm: 120,
+        // NVIDIA RTX Blackwell GPU Architecture whitepaper: RTX 5090, 170 SMs (21,760 CUDA cores).
+        sms: Some(170),
+        vendor: Vendor::Nvidia,
     },
     GpuPreset {
         id: "a10",
         label: "A10 24 GB",
         memory_bytes: 24 * GIB,
         sm: 86,
+        // NVIDIA A10 data sheet: 72 RT cores, one per SM: 72 SMs (9,216 CUDA cores / 128).
+        sms: Some(72),
+        vendor: Vendor::Nvidia,
+    },
+    GpuPreset {
+        id: "rtx-a6000",
+        label: "RTX A6000 48 GB",
+        // NVIDIA RTX A6000 data sheet: 48 GB GDDR6 with ECC (ECC off by default on this workstation card).
+        memory_bytes: 48 * GIB,
+        // CUDA GPUs list: NVIDIA RTX A6000, 8.6.
+        sm: 86,
+        // NVIDIA RTX A6000 data sheet: 10,752 CUDA cores / 128 = 84 SMs (84 RT cores).
+        sms: Some(84),
+        vendor: Vendor::Nvidia,
     },
     GpuPreset {
         id: "l4",
         label: "L4 24 GB",
         memory_bytes: 24 * GIB,
         sm: 89,
+        // 58 SMs (7,424 CUDA cores / 128): the NVIDIA L4 data sheet gives no SM or core count; this is CUDA's
+        // multi_processor_count on an L4 as Inductor's traces record it (cc 89).
+        sms: Some(58),
+        vendor: Vendor::Nvidia,
+    },
+    GpuPreset {
+        id: "l40s",
+        label: "L40S 48 GB",
+        // NVIDIA L40S data sheet: 48 GB GDDR6 with ECC (on by default: the driver then reports about 44.5 GiB).
+        memory_bytes: 48 * GIB,
+        // CUDA GPUs list: NVIDIA L40S, 8.9.
+        sm: 89,
+        // NVIDIA L40S data sheet: 18,176 CUDA cores / 128 = 142 SMs (142 RT cores).
+        sms: Some(142),
+        vendor: Vendor::Nvidia,
     },
     GpuPreset {
         id: "t4",
         label: "T4 16 GB",
         memory_bytes: 16 * GIB,
         sm: 75,
+        // NVIDIA T4 data sheet: 2,560 CUDA cores / 64 (Turing) = 40 SMs (320 Tensor Cores, 8 per SM).
+        sms: Some(40),
+        vendor: Vendor::Nvidia,
     },
     GpuPreset {
         id: "v100-16",
         label: "V100 16 GB",
         memory_bytes: 16 * GIB,
         sm: 70,
+        // NVIDIA V100 data sheet: 5,120 CUDA cores / 64 (Volta) = 80 SMs, as the Volta whitepaper states.
+        sms: Some(80),
+        vendor: Vendor::Nvidia,
     },
     GpuPreset {
         id: "v100-32",
         label: "V100 32 GB",
         memory_bytes: 32 * GIB,
         sm: 70,
+        // As the 16 GB V100: 80 SMs.
+        sms: Some(80),
+        vendor: Vendor::Nvidia,
     },
     GpuPreset {
         id: "a100-40",
         label: "A100 40 GB",
         memory_bytes: 40 * GIB,
         sm: 80,
+        // NVIDIA A100 Tensor Core GPU Architecture whitepaper: A100, 108 SMs.
+        sms: Some(108),
+        vendor: Vendor::Nvidia,
     },
     GpuPreset {
         id: "a100-80",
         label: "A100 80 GB",
         memory_bytes: 80 * GIB,
         sm: 80,
+        // As the 40 GB A100: 108 SMs (the 80 GB A100 data sheet changes memory only).
+        sms: Some(108),
+        vendor: Vendor::Nvidia,
     },
     GpuPreset {
         id: "h100-80",
         label: "H100 80 GB",
         memory_bytes: 80 * GIB,
         sm: 90,
+        // NVIDIA H100 Tensor Core GPU Architecture whitepaper: H100 SXM5, 132 SMs (the H100 PCIe card, also 80 GB,
+        // has 114).
+        sms: Some(132),
+        vendor: Vendor::Nvidia,
+    },
+    GpuPreset {
+        id: "h100-nvl",
+        label: "H100 NVL 94 GB",
+        // NVIDIA H100 data sheet: H100 NVL, 94 GB HBM3 (per GPU; a pair is sold bridged as 188 GB).
+        memory_bytes: 94 * GIB,
+        // CUDA GPUs list: NVIDIA H100, 9.0.
+        sm: 90,
+        // 132 SMs (16,896 CUDA cores / 128): NVIDIA's data sheets give no SM count for the NVL; the March 2023 H100
+        // data sheet gave a bridged NVL pair twice the SXM5's FP64 and FP32 peaks, the SXM5's 132 SMs each
+        // (the NVL is the same GH100 configuration with its sixth HBM3 stack enabled).
+        sms: Some(132),
+        vendor: Vendor::Nvidia,
     },
     GpuPreset {
         id: "h200-141",
         label: "H200 141 GB",
         memory_bytes: 141 * GIB,
         sm: 90,
+        // NVIDIA H200 data sheet: the H100 SXM5's compute (same peaks) with more memory: 132 SMs.
+        sms: Some(132),
+        vendor: Vendor::Nvidia,
+    },
+    GpuPreset {
+        id: "b200",
+        label: "B200 180 GB",
+        // NVIDIA DGX B200 data sheet: 1,440 GB total GPU memory for 8 B200s = 180 GB each (the driver reports
+        // 179.1 GiB; the B200 was first announced with 192 GB).
+        memory_bytes: 180 * GIB,
+        // CUDA GPUs list: NVIDIA B200, 10.0.
+        sm: 100,
+        // 148 SMs (74 on each of its two dies): no NVIDIA data sheet lists B200 SMs; this is CUDA's
+        // multi_processor_count on a B200, as Inductor's traces record it (cc 100).
+        sms: Some(148),
+        vendor: Vendor::Nvidia,
+    },
+    GpuPreset {
+        id: "mi250",
+        label: "MI250 GCD 64 GB (2 per card)",
+        // AMD Instinct MI250 data sheet: 128 GB HBM2e on two graphics compute dies (GCDs), 64 GB each. ROCm and
+        // PyTorch see each GCD as a device of its own (torch.cuda.device_count() is 2 per MI250), and one
+        // training process uses one GCD: this preset is one GCD.
+        memory_bytes: 64 * GIB,
+        // A stand-in, as for the MI300X: the NVIDIA generation an AMD part is matched with (CDNA 2 with the A100,
+        // sm_80: bf16, flash attention through AOTriton), datacenter class for the context.
+        sm: 80,
+        // AMD Instinct MI250 data sheet: 208 compute units per card; AMD's MI250 microarchitecture page
+        // (rocm.docs.amd.com): 104 active CUs per GCD.
+        sms: Some(104),
+        vendor: Vendor::Amd,
     },
     GpuPreset {
         id: "mi300x",
         label: "MI300X 192 GB",
         memory_bytes: 192 * GIB,
         sm: 90,
+        // AMD Instinct MI300X data sheet: 304 compute units (one device to PyTorch).
+        sms: Some(304),
+        vendor: Vendor::Amd,
     },
     GpuPreset {
         id: "apple-m-16",
         label: "Apple M-series, 16 GB unified memory",
         memory_bytes: 16 * GIB,
         sm: 80,
+        // Apple M-series chips have from 7 to 80 GPU cores: no one figure.
+        sms: None,
+        vendor: Vendor::Apple,
     },
     GpuPreset {
         id: "apple-m-32",
         label: "Apple M-series, 32 GB unified memory",
         memory_bytes: 32 * GIB,
         sm: 80,
+        sms: None,
+        vendor: Vendor::Apple,
     },
     GpuPreset {
         id: "apple-m-64",
         label: "Apple M-series, 64 GB unified memory",
         memory_bytes: 64 * GIB,
         sm: 80,
+        sms: None,
+        vendor: Vendor::Apple,
     },
     GpuPreset {
         id: "apple-m-128",
         label: "Apple M-series, 128 GB unified memory",
         memory_bytes: 128 * GIB,
         sm: 80,
+        sms: None,
+        vendor: Vendor::Apple,
     },
 ];
 
 /// The GPU ids (kept equal to `GPU_PRESETS` by a test).
 pub const GPU_IDS: &[&str] = &[
     "rtx-3060",
+    "rtx-3080",
     "rtx-3090",
+    "rtx-4060-ti-16",
     "rtx-4070",
     "rtx-4080",
     "rtx-4090",
+    "rtx-5090",
     "a10",
+    "rtx-a6000",
     "l4",
+    "l40s",
     "t4",
     "v100-16",
     "v100-32",
     "a100-40",
     "a100-80",
     "h100-80",
+    "h100-nvl",
     "h200-141",
+    "b200",
+    "mi250",
     "mi300x",
     "apple-m-16",
     "apple-m-32",
@@ -389,6 +587,17 @@ pub fn gpu_memory_bytes(id: &str) -> Option<u64> {
 
 pub fn gpu(id: &str) -> Option<&'static GpuPreset> {
     GPU_PRESETS.iter().find(|g| g.id == id)
+}
+
+/// The GPU preset with exactly this memory and compute capability, when only one has them (12 GiB and sm_89:
+/// rtx-4070; 24 GiB and sm_86 could be an RTX 3090 or an A10: `None`). For showing which GPU a setup that names
+/// no GPU is on.
+pub fn gpu_with(memory_bytes: u64, sm: u32) -> Option<&'static GpuPreset> {
+    let mut matching = GPU_PRESETS
+        .iter()
+        .filter(|g| g.memory_bytes == memory_bytes && g.sm == sm);
+    let first = matching.next()?;
+    matching.next().is_none().then_some(first)
 }
 
 #[cfg(test)]
@@ -440,7 +649,8 @@ mod tests {
 }
 
 /// The GPU preset a WebGPU adapter description names, when exactly one preset matches ("NVIDIA GeForce RTX 4070"
-/// -> rtx-4070). Cards sold with several memory sizes (A100, V100, Apple M-series) are not guessed.
+/// -> rtx-4070). Cards sold with several memory sizes (A100, V100, RTX 3080, RTX 4060 Ti, Apple M-series) are not
+/// guessed; neither is the MI250X (not the MI250: 110 CUs per GCD).
 pub fn identify_gpu(description: &str) -> Option<&'static str> {
     let d = description.to_ascii_lowercase();
     let words: Vec<&str> = d
@@ -461,12 +671,24 @@ pub fn identify_gpu(description: &str) -> Option<&'static str> {
         "rtx-4080"
     } else if rtx("4090") {
         "rtx-4090"
+    } else if rtx("5090") {
+        "rtx-5090"
+    } else if has("rtx") && has("a6000") {
+        "rtx-a6000"
+    } else if has("h100") && has("nvl") {
+        "h100-nvl"
     } else if has("h100") {
         "h100-80"
     } else if has("h200") {
         "h200-141"
+    } else if has("b200") {
+        "b200"
+    } else if has("mi250") && !has("mi250x") {
+        "mi250"
     } else if has("mi300x") {
         "mi300x"
+    } else if has("l40s") {
+        "l40s"
     } else if has("l4") {
         "l4"
     } else if has("t4") {
@@ -491,5 +713,74 @@ mod identify_tests {
         assert_eq!(identify_gpu("NVIDIA A100-SXM4-40GB"), None);
         assert_eq!(identify_gpu("SwiftShader Device (Subzero)"), None);
         assert_eq!(identify_gpu("Apple M2 Max"), None);
+        assert_eq!(identify_gpu("NVIDIA GeForce RTX 5090"), Some("rtx-5090"));
+        assert_eq!(identify_gpu("NVIDIA GeForce RTX 5090 Laptop GPU"), None);
+        assert_eq!(identify_gpu("NVIDIA GeForce RTX 4060 Ti"), None);
+        assert_eq!(identify_gpu("NVIDIA GeForce RTX 3080"), None);
+        assert_eq!(identify_gpu("NVIDIA RTX A6000"), Some("rtx-a6000"));
+        assert_eq!(identify_gpu("NVIDIA RTX 6000 Ada Generation"), None);
+        assert_eq!(identify_gpu("NVIDIA L40S"), Some("l40s"));
+        assert_eq!(identify_gpu("NVIDIA L4"), Some("l4"));
+        assert_eq!(identify_gpu("NVIDIA H100 NVL"), Some("h100-nvl"));
+        assert_eq!(identify_gpu("NVIDIA B200"), Some("b200"));
+        assert_eq!(identify_gpu("NVIDIA GB200"), None);
+        assert_eq!(identify_gpu("AMD Instinct MI250"), Some("mi250"));
+        assert_eq!(identify_gpu("AMD Instinct MI250X"), None);
+    }
+}
+
+#[cfg(test)]
+mod gpu_tests {
+    use super::*;
+
+    /// Every label names the memory the preset holds ("RTX 4070 12 GB": 12 GiB, the convention of
+    /// `memory_bytes`), and every part that is one chip has its SM (or CU) count.
+    #[test]
+    fn labels_name_the_memory_and_single_chips_have_sm_counts() {
+        for g in GPU_PRESETS {
+            assert_eq!(g.memory_bytes % GIB, 0, "{}", g.id);
+            let gb = format!(" {} GB", g.memory_bytes / GIB);
+            assert!(
+                g.label.contains(&gb),
+                "{}: {:?} lacks {gb:?}",
+                g.id,
+                g.label
+            );
+            assert_eq!(g.sms.is_none(), g.id.starts_with("apple-"), "{}", g.id);
+            assert!(g.sms.is_none_or(|n| (20..=400).contains(&n)), "{}", g.id);
+            assert_eq!(
+                gpu(g.id).map(|x| x.label),
+                Some(g.label),
+                "{}: ids are unique",
+                g.id
+            );
+        }
+        // Spot checks against the sources named in the table.
+        let sms = |id: &str| gpu(id).and_then(|g| g.sms);
+        assert_eq!(sms("rtx-4070"), Some(46));
+        assert_eq!(sms("h100-80"), Some(132));
+        assert_eq!(sms("b200"), Some(148));
+        assert_eq!(sms("mi250"), Some(104));
+        assert_eq!(gpu("mi250").map(|g| g.memory_bytes), Some(64 * GIB));
+        assert_eq!(
+            gpu("b200").map(|g| (g.sm, g.memory_bytes)),
+            Some((100, 180 * GIB))
+        );
+        assert_eq!(gpu("rtx-5090").map(|g| g.sm), Some(120));
+    }
+
+    #[test]
+    fn a_device_names_its_gpu_only_when_one_preset_has_it() {
+        let id = |gib: u64, sm: u32| gpu_with(gib * GIB, sm).map(|g| g.id);
+        assert_eq!(id(12, 89), Some("rtx-4070"));
+        assert_eq!(id(80, 90), Some("h100-80"));
+        assert_eq!(id(24, 86), None, "an RTX 3090 or an A10");
+        assert_eq!(id(16, 89), None, "an RTX 4080 or an RTX 4060 Ti 16 GB");
+        assert_eq!(id(13, 89), None);
+        // The presets' own devices.
+        assert_eq!(
+            gpu_with(founding().device.memory_bytes, founding().device.sm).map(|g| g.id),
+            Some("rtx-4070")
+        );
     }
 }

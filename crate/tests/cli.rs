@@ -410,3 +410,78 @@ fn alloc_conf_flag_sets_the_caching_allocator_knobs() {
             .contains("expandable_segments must be True or False")
     );
 }
+
+/// A model preset keeps the GPU given with it, whichever flag comes first: `--preset llama-2-7b --gpu rtx-4070`
+/// is a 12 GiB sm_89 device, not the preset's own 80 GiB sm_90 one. See: issue 12, item 4.
+#[test]
+fn a_model_preset_keeps_the_gpu_given() {
+    let rtx_4070 = vramfit::presets::gpu("rtx-4070").unwrap();
+    let mut expected = vramfit::presets::model_preset("llama-2-7b").unwrap();
+    expected.device.memory_bytes = rtx_4070.memory_bytes;
+    expected.device.sm = rtx_4070.sm;
+    let expected = vramfit::estimate(&expected).unwrap();
+    for args in [
+        ["--preset", "llama-2-7b", "--gpu", "rtx-4070"],
+        ["--gpu", "rtx-4070", "--preset", "llama-2-7b"],
+    ] {
+        let v = json_of(&[&["estimate"], &args[..], &["--format", "json"]].concat());
+        assert_eq!(v["device_memory_bytes"], 12u64 << 30, "{args:?}");
+        assert_eq!(v["setup"]["device"]["compute_capability"], 8.9, "{args:?}");
+        assert_eq!(v["setup"]["device"]["memory_gib"], 12.0, "{args:?}");
+        assert_eq!(
+            v["peak_allocated_bytes"], expected.peak_allocated_bytes,
+            "{args:?}"
+        );
+        assert_eq!(
+            v["device_total_bytes"], expected.device_total_bytes,
+            "{args:?}"
+        );
+        assert_eq!(
+            v["fits"], false,
+            "{args:?}: 7B parameters do not train in 12 GiB"
+        );
+    }
+    // Without --gpu the preset's own device stands.
+    let own = json_of(&["estimate", "--preset", "llama-2-7b", "--format", "json"]);
+    assert_eq!(own["device_memory_bytes"], 80u64 << 30);
+}
+
+/// `vramfit gpus` lists every GPU preset with its memory, compute capability and SM (or CU) count.
+#[test]
+fn gpus_lists_every_preset_with_its_sm_count() {
+    let (code, table, err) = vramfit(&["gpus"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    assert_eq!(rows.len(), vramfit::presets::GPU_PRESETS.len());
+    for (row, g) in rows.iter().zip(vramfit::presets::GPU_PRESETS) {
+        assert!(row.starts_with(&format!("{} ", g.id)), "{row}");
+        assert!(row.ends_with(g.label), "{row}");
+    }
+    let words = |id: &str| {
+        let row = rows
+            .iter()
+            .find(|r| r.starts_with(&format!("{id} ")))
+            .unwrap();
+        row.split_whitespace().collect::<Vec<_>>().join(" ")
+    };
+    assert_eq!(
+        words("rtx-4070"),
+        "rtx-4070 12.0 GiB 8.9 46 SMs RTX 4070 12 GB"
+    );
+    assert_eq!(
+        words("mi250"),
+        "mi250 64.0 GiB 8.0 (stand-in) 104 compute units MI250 GCD 64 GB (2 per card)"
+    );
+    let v = json_of(&["gpus", "--format", "json"]);
+    let gpus = v["gpus"].as_array().unwrap();
+    assert_eq!(gpus.len(), vramfit::presets::GPU_PRESETS.len());
+    let b200 = gpus.iter().find(|g| g["id"] == "b200").unwrap();
+    assert_eq!(b200["sms"], 148);
+    assert_eq!(b200["compute_capability"], 10.0);
+    assert_eq!(b200["memory_bytes"], 180u64 << 30);
+    assert!(error_of(&["gpus", "--format", "csv"])
+        .starts_with("error: --format (\"csv\") is not one of"));
+    // --gpu refuses an unknown id, listing the presets.
+    assert!(error_of(&["estimate", "--gpu", "rtx-9090"])
+        .starts_with("error: --gpu (\"rtx-9090\") is not one of: rtx-3060, rtx-3080,"));
+}

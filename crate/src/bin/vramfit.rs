@@ -1,4 +1,5 @@
-//! The vramfit command line: `vramfit estimate` and `vramfit sweep` over the same core as the web page.
+//! The vramfit command line: `vramfit estimate` and `vramfit sweep` over the same core as the web page, and
+//! `vramfit gpus`, the GPU presets.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -25,6 +26,7 @@ usage:
   vramfit estimate [SOURCE] [KNOBS] [--format table|json]
   vramfit sweep --axis batch_size|block_size [--values 1,2,4 | --from N --to M] [SOURCE] [KNOBS]
                 [--format csv|json]
+  vramfit gpus [--format table|json]     the GPU presets --gpu takes: memory, compute capability, SMs
 
 SOURCE (at most one; without one, the default nanoGPT case: 6 layers, 384 wide, block 512, batch 16,
 vocab 50304, fp16-amp, fused AdamW, torch.compile):
@@ -44,7 +46,9 @@ KNOBS (override the source):
   --compile | --no-compile             (torch.compile(model); default off, --nanogpt: the file's)
   --alloc-conf TEXT    PYTORCH_CUDA_ALLOC_CONF as PyTorch reads it, e.g. expandable_segments:True or
                        max_split_size_mb:128,garbage_collection_threshold:0.8 (default: PyTorch's defaults)
-  --gpu ID (rtx-4070, h100-80, ...)  --gpu-memory-gib X  --compute-capability X.Y
+  --gpu ID             a GPU preset (rtx-4070, h100-80, ...: see vramfit gpus): its memory and compute
+                       capability, whatever the SOURCE says (a preset or a config keeps the GPU given)
+  --gpu-memory-gib X  --compute-capability X.Y
 ";
 
 /// The default nanoGPT case (the one that started the project), compiled as train.py does by default.
@@ -58,6 +62,9 @@ fn default_setup() -> Value {
 
 enum Cli {
     Help,
+    Gpus {
+        json: bool,
+    },
     Estimate {
         setup: Setup,
         json: bool,
@@ -105,9 +112,12 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
     if matches!(cmd.as_str(), "-h" | "--help" | "help") {
         return Ok(Cli::Help);
     }
+    if cmd == "gpus" {
+        return parse_gpus(&args[1..]);
+    }
     if cmd != "estimate" && cmd != "sweep" {
         return Err(usage_error(format!(
-            "unknown command {cmd:?}; expected estimate or sweep (see --help)"
+            "unknown command {cmd:?}; expected estimate, sweep or gpus (see --help)"
         )));
     }
     let mut base: Option<Value> = None;
@@ -354,6 +364,78 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
     })
 }
 
+/// `vramfit gpus [--format table|json]`.
+fn parse_gpus(args: &[String]) -> Result<Cli, Error> {
+    match args {
+        [] => Ok(Cli::Gpus { json: false }),
+        [flag] if matches!(flag.as_str(), "-h" | "--help") => Ok(Cli::Help),
+        [flag, f] if flag == "--format" => match f.as_str() {
+            "table" => Ok(Cli::Gpus { json: false }),
+            "json" => Ok(Cli::Gpus { json: true }),
+            _ => Err(Error::UnknownValue {
+                field: "--format".into(),
+                value: f.clone(),
+                allowed: &["table", "json"],
+            }),
+        },
+        [other, ..] => Err(usage_error(format!(
+            "gpus takes only --format table|json, not {other:?}"
+        ))),
+    }
+}
+
+/// The GPU presets, one a line: id, memory, compute capability (marked where it stands in for an AMD or Apple
+/// part), SMs (AMD: compute units) and the label.
+fn gpus_table() -> String {
+    let mut out = String::new();
+    outln!(
+        out,
+        "{:<16} {:>9}  {:<18}  {:<17}  label",
+        "id",
+        "memory",
+        "compute capability",
+        "SMs"
+    );
+    for g in vramfit::presets::GPU_PRESETS {
+        let cc = format!(
+            "{:.1}{}",
+            g.sm as f64 / 10.0,
+            if g.vendor.has_compute_capability() {
+                ""
+            } else {
+                " (stand-in)"
+            }
+        );
+        let sms = match g.sms {
+            Some(n) => format!("{n} {}", g.vendor.sm_name()),
+            None => "varies".to_string(),
+        };
+        outln!(
+            out,
+            "{:<16} {:>9}  {:<18}  {:<17}  {}",
+            g.id,
+            fmt_bytes(g.memory_bytes),
+            cc,
+            sms,
+            g.label
+        );
+    }
+    out
+}
+
+fn gpus_json() -> Value {
+    let gpus: Vec<Value> = vramfit::presets::GPU_PRESETS
+        .iter()
+        .map(|g| {
+            json!({"id": g.id, "label": g.label, "memory_bytes": g.memory_bytes,
+                   "compute_capability": g.sm as f64 / 10.0,
+                   "compute_capability_is_stand_in": !g.vendor.has_compute_capability(),
+                   "sms": g.sms, "sms_are": g.vendor.sm_name()})
+        })
+        .collect();
+    json!({ "gpus": gpus })
+}
+
 fn table(setup: &Setup, r: &vramfit::Report, notes: &[String]) -> String {
     let mut out = String::new();
     let m = &setup.model;
@@ -452,6 +534,12 @@ fn run(args: &[String]) -> Result<String, Error> {
     let mut out = String::new();
     match parse(args)? {
         Cli::Help => out.push_str(USAGE),
+        Cli::Gpus { json: false } => out.push_str(&gpus_table()),
+        Cli::Gpus { json: true } => outln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&gpus_json()).unwrap_or_default()
+        ),
         Cli::Estimate { setup, json, notes } => {
             let r = estimate(&setup)?;
             if json {
