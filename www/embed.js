@@ -1,7 +1,8 @@
 // <vram-fit>: vramfit as a custom element for documentation and blog posts.
 //   <script type="module" src="https://HOST/embed.js"></script>
 //   <vram-fit preset="nanogpt-30m" gpu="rtx-4070" show="batch_size,precision" plot="batch"></vram-fit>
-// Attributes: preset | config (setup JSON) | state (the main page's URL query), gpu, compile (true|false:
+// Attributes: preset | config (setup JSON) | state (the main page's URL query), gpu (a GPU preset id; without
+// one, the source's own device, shown as the GPU preset that has it), compile (true|false:
 // torch.compile on or off over what the source says), alloc-conf (PYTORCH_CUDA_ALLOC_CONF, e.g.
 // "expandable_segments:True"), show, lock, plot (batch|block|fitmap|timeline|none), theme (light|dark|auto). Everything renders in a shadow root; every number comes from the wasm estimator,
 // loaded once from this script's own origin and shared by every widget on the page.
@@ -25,6 +26,7 @@ const KNOBS = {
   alloc_conf: ['PYTORCH_CUDA_ALLOC_CONF', 'text'],
 };
 const DEFAULT_SHOW = 'batch_size,seq_len,precision,gpu';
+const DEVICE_KEYS = ['memory_gib', 'compute_capability'];
 
 const CSS = `
 .root { all: initial; display: block; box-sizing: border-box; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif;
@@ -78,11 +80,17 @@ class VramFit extends HTMLElement {
     this.shadowRoot.append(this.root);
     this.params = null;
     this.scheduled = false;
+    this.chosenGpu = ''; // the GPU a person picked in this widget: a new preset or config keeps it
+    this.ownDevice = []; // the source's own device, for "as configured"
   }
 
   connectedCallback() { this.schedule(true); }
 
-  attributeChangedCallback() { if (this.isConnected) this.schedule(true); }
+  attributeChangedCallback(name) {
+    // The host naming a GPU (or a whole state) replaces the person's pick; a new model keeps it.
+    if (name === 'gpu' || name === 'state') this.chosenGpu = '';
+    if (this.isConnected) this.schedule(true);
+  }
 
   schedule(rebuild) {
     this.rebuild ||= rebuild;
@@ -140,10 +148,17 @@ class VramFit extends HTMLElement {
         this.params.set('alloc_conf', allocConf);
         this.params = new URLSearchParams(vf.normalize_query(this.params.toString()).query);
       }
-      const gpu = this.getAttribute('gpu') || stateGpu;
+      // The GPU: the person's pick, else the gpu attribute, else the state's; a model source (preset, config)
+      // never replaces it. Without one the source's own device stands, named when one GPU preset has it.
+      this.ownDevice = DEVICE_KEYS.map((k) => [k, this.params.get(k)]);
+      const gpu = this.chosenGpu || this.getAttribute('gpu') || stateGpu;
       if (gpu) {
         for (const [k, v] of new URLSearchParams(vf.gpu_query(gpu))) this.params.set(k, v);
         this.params.set('gpu', gpu);
+      } else {
+        this.params.delete('gpu');
+        const own = vf.gpu_of_query(this.params.toString());
+        if (own) this.params.set('gpu', own);
       }
       return '';
     } catch (err) {
@@ -182,8 +197,10 @@ class VramFit extends HTMLElement {
     let input;
     if (kind === 'gpu') {
       input = el('select');
+      // A device no GPU preset names (a config's own memory, say) is offered as it came.
+      if (!this.params?.get('gpu')) input.append(el('option', 'as configured', { value: '' }));
       for (const g of vf.presets().gpus) input.append(el('option', g.label, { value: g.id }));
-      input.value = this.params?.get('gpu') || 'h100-80';
+      input.value = this.params?.get('gpu') || '';
     } else if (Array.isArray(kind)) {
       input = el('select');
       for (const v of kind) input.append(el('option', v, { value: v }));
@@ -209,8 +226,14 @@ class VramFit extends HTMLElement {
   onInput(key, input) {
     if (!this.params) return;
     if (key === 'gpu') {
-      for (const [k, v] of new URLSearchParams(this.vf.gpu_query(input.value))) this.params.set(k, v);
-      this.params.set('gpu', input.value);
+      this.chosenGpu = input.value;
+      if (input.value) {
+        for (const [k, v] of new URLSearchParams(this.vf.gpu_query(input.value))) this.params.set(k, v);
+        this.params.set('gpu', input.value);
+      } else {
+        for (const [k, v] of this.ownDevice) if (v !== null) this.params.set(k, v);
+        this.params.delete('gpu');
+      }
     } else if (input.type === 'checkbox') this.params.set(key, input.checked ? '1' : '0');
     else {
       this.params.set(key, input.value);

@@ -11,9 +11,12 @@ const GPT2_ONLY = ['bias'];
 const LLAMA_ONLY = ['n_kv_head', 'intermediate_size', 'tie_embeddings'];
 const DEFAULT_PRESET = 'nanogpt-30m';
 const DEFAULT_GPU = 'rtx-4070';
+// The device's fields: they follow the GPU select, and nothing but the GPU (or a person typing) changes them.
+const DEVICE_KEYS = ['memory_gib', 'compute_capability'];
 
 let lastGood = null; // the last query that estimated without error
-let userChoseGpu = false;
+let userChoseGpu = false; // for WebGPU's guess, which never overrides a person's choice
+const gpuDetails = new Map(); // GPU preset id -> "46 SMs, compute capability 8.9"
 
 function dark() {
   return window.matchMedia('(prefers-color-scheme: dark)').matches;
@@ -53,6 +56,19 @@ function applyQuery(query) {
   if (p.has('gpu')) $('gpu').value = p.get('gpu');
   showFamily();
   syncSlider();
+}
+
+// A model (a preset or a pasted config) keeps the GPU: a preset's own device and a pasted setup's "device" are
+// left out, so the selected GPU, or the memory and compute capability typed in, stay what the estimate uses.
+// See: issue 12 (RTX 4070 selected, Llama-2-7B chosen: the list said RTX 4070, the estimate used 80 GiB).
+function applyModel(query) {
+  const p = new URLSearchParams(query);
+  for (const k of [...DEVICE_KEYS, 'gpu']) p.delete(k);
+  applyQuery(p.toString());
+}
+
+function showGpuDetail() {
+  $('gpu-detail').textContent = gpuDetails.get($('gpu').value) || '';
 }
 
 function showFamily() {
@@ -183,6 +199,7 @@ function showInternal(err) {
 
 // One update: validate and estimate in Rust; on error keep the last good view and say what is wrong.
 function update(push) {
+  showGpuDetail();
   const query = formQuery();
   let est;
   try {
@@ -225,6 +242,7 @@ function fillSelects() {
     ...p.models.map((m) => el('option', m.label, { value: m.id })));
   $('gpu').replaceChildren(...p.gpus.map((g) => el('option', g.label, { value: g.id })),
     el('option', 'custom (enter memory)', { value: 'custom' }));
+  for (const g of p.gpus) gpuDetails.set(g.id, g.detail);
 }
 
 function applyGpu(id) {
@@ -266,12 +284,7 @@ function loadText(text) {
   try {
     const r = vf.import_config(text);
     $('paste-error').textContent = '';
-    const gpu = $('gpu').value;
-    const keep = new URLSearchParams(formQuery());
-    applyQuery(r.query);
-    // A pasted model keeps the chosen GPU.
-    for (const k of ['memory_gib', 'compute_capability']) if (keep.has(k)) $(k).value = keep.get(k);
-    $('gpu').value = gpu;
+    applyModel(r.query);
     $('preset').value = '';
     $('import-notes').replaceChildren(...r.notes.map((n) => el('li', n)));
     update(true);
@@ -339,24 +352,25 @@ async function main() {
     try { vf.normalize_query(q); } catch (err) { linkError = err.message; }
     applyQuery(q);
     $('preset').value = '';
-    if (p.has('gpu')) userChoseGpu = true;
-    else if (p.has('memory_gib')) $('gpu').value = 'custom';
+    if (p.has('gpu')) {
+      // The link's GPU is the device, as in the widget: its memory and compute capability, over any the link
+      // also holds (links written before issue 12's fix could hold another GPU's).
+      userChoseGpu = true;
+      if (gpuDetails.has(p.get('gpu'))) applyGpu(p.get('gpu'));
+      else $('gpu').value = 'custom';
+    } else if (p.has('memory_gib')) $('gpu').value = 'custom';
   }
   $('form').addEventListener('input', (ev) => {
     if (ev.target.id === 'paste') return;
     if (ev.target.id === 'batch_slider') $('batch_size').value = String(2 ** Number(ev.target.value));
     if (ev.target.id === 'batch_size') syncSlider();
     if (ev.target.id === 'family') showFamily();
-    if (['memory_gib', 'compute_capability'].includes(ev.target.id)) $('gpu').value = 'custom';
+    if (DEVICE_KEYS.includes(ev.target.id)) $('gpu').value = 'custom';
     scheduleUpdate(false);
   });
   $('form').addEventListener('change', (ev) => {
     if (ev.target.id === 'paste') return;
-    if (ev.target.id === 'preset' && ev.target.value) {
-      const keepGpu = new URLSearchParams(formQuery());
-      applyQuery(vf.preset_query(ev.target.value));
-      if (userChoseGpu) for (const k of ['memory_gib', 'compute_capability']) $(k).value = keepGpu.get(k);
-    }
+    if (ev.target.id === 'preset' && ev.target.value) applyModel(vf.preset_query(ev.target.value));
     if (ev.target.id === 'gpu') { userChoseGpu = true; applyGpu(ev.target.value); }
     update(true);
   });

@@ -4,9 +4,10 @@
 //!
 //! TypeScript view of what JS sees:
 //! ```text
-//! presets(): {models: {id, label}[], gpus: {id, label, memory_gib, compute_capability}[]}
-//! preset_query(id: string): string                         // throws Error(message)
+//! presets(): {models: {id, label}[], gpus: {id, label, memory_gib, compute_capability, sms, detail}[]}
+//! preset_query(id: string): string                         // throws Error(message); the preset's own device
 //! gpu_query(id: string): string                            // "memory_gib=..&compute_capability=.."
+//! gpu_of_query(query: string): string | undefined          // the GPU preset with the query's device, if one
 //! normalize_query(query: string): {query, extra: [key, value][]}   // validated, every knob spelled out
 //! estimate(query: string): Estimate                         // see EstimateDto
 //! advice(query: string): {suggestions: {id, change, saving, total, fits, query}[], largest_batch, largest_block}
@@ -67,6 +68,23 @@ struct GpuDto {
     label: &'static str,
     memory_gib: f64,
     compute_capability: f64,
+    /// Streaming multiprocessors (AMD: compute units); absent where the preset stands for several chips.
+    sms: Option<u32>,
+    /// For people: "46 SMs, compute capability 8.9".
+    detail: String,
+}
+
+fn gpu_detail(g: &presets::GpuPreset) -> String {
+    let units = match g.sms {
+        Some(n) => format!("{n} {}", g.vendor.sm_name()),
+        None => format!("{} vary by chip", g.vendor.sm_name()),
+    };
+    let cc = g.sm as f64 / 10.0;
+    if g.vendor.has_compute_capability() {
+        format!("{units}, compute capability {cc:.1}")
+    } else {
+        format!("{units}; compute capability {cc:.1} stands in for its kernels")
+    }
 }
 
 #[derive(Serialize)]
@@ -92,11 +110,16 @@ pub fn presets() -> Result<JsValue, JsError> {
                 label: g.label,
                 memory_gib: g.memory_bytes as f64 / (1u64 << 30) as f64,
                 compute_capability: g.sm as f64 / 10.0,
+                sms: g.sms,
+                detail: gpu_detail(g),
             })
             .collect(),
     })
 }
 
+/// The preset's setup as a query, with the preset's own device (an RTX 4070 for nanogpt-30m, an 80 GiB sm_90
+/// device for the others), for a view that has no GPU yet. A view that has one keeps it: the page applies only
+/// the model and training keys, the widget its `gpu`.
 #[wasm_bindgen]
 pub fn preset_query(id: &str) -> Result<String, JsError> {
     let s =
@@ -112,6 +135,14 @@ pub fn gpu_query(id: &str) -> Result<String, JsError> {
         g.memory_bytes as f64 / (1u64 << 30) as f64,
         g.sm as f64 / 10.0
     ))
+}
+
+/// The GPU preset whose memory and compute capability the query's device has, when exactly one has them (see
+/// `presets::gpu_with`); nothing for a query that does not read.
+#[wasm_bindgen]
+pub fn gpu_of_query(query: &str) -> Option<String> {
+    let s = setup_from_query(query, &mut Vec::new()).ok()?;
+    presets::gpu_with(s.device.memory_bytes, s.device.sm).map(|g| g.id.to_string())
 }
 
 #[derive(Serialize)]

@@ -1,0 +1,189 @@
+// The GPU a person chose is the device, whatever model they pick next: on the page (presets, links) and in the
+// widget. See: issue 12, item 4 (RTX 4070 selected, Llama-2-7B chosen: the list said "RTX 4070 12 GB" while the
+// estimate used 80 GiB and compute capability 9.0). Also the GPU presets issue 12 added, with their SM counts.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { serve, launch, openPage, cliPeakBytes } from './helpers.mjs';
+
+const PAGE_PORT = 8791;
+const BLOG_PORT = 8792;
+let server;
+let blogServer;
+let context;
+
+const TINY = '{"model": {"family": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "vocab_size": 65}, "device": {"memory_gib": 13, "compute_capability": 8.9}}';
+
+before(async () => {
+  server = await serve(PAGE_PORT);
+  const blogDir = mkdtempSync(join(tmpdir(), 'vramfit-gpu-blog-'));
+  const widget = `http://127.0.0.1:${PAGE_PORT}/`;
+  writeFileSync(join(blogDir, 'index.html'), `<!doctype html><html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,"><title>GPUs</title>
+<script type="module" src="${widget}embed.js"></script></head><body>
+<vram-fit id="own" preset="nanogpt-30m" show="gpu,batch_size" plot="none"></vram-fit>
+<vram-fit id="seven" preset="llama-2-7b" gpu="rtx-4070" show="gpu" plot="none"></vram-fit>
+<vram-fit id="cfg" config='${TINY}' show="gpu" plot="none"></vram-fit>
+</body></html>`);
+  blogServer = await serve(BLOG_PORT, blogDir, true);
+  context = await launch();
+});
+
+after(async () => {
+  await context?.close();
+  server?.close();
+  blogServer?.close();
+});
+
+const value = (page, id) => page.inputValue(`#${id}`);
+const selectedLabel = (page) => page.$eval('#gpu', (s) => s.selectedOptions[0]?.textContent);
+const urlParam = (page, key) => page.evaluate((k) => new URLSearchParams(location.search).get(k), key);
+const peak = async (page) => Number(await page.getAttribute('#peak-allocated', 'data-bytes'));
+
+/** Everything the page says about the device is the RTX 4070's, with Llama-2-7B loaded. */
+async function assertLlama7bOnRtx4070(page) {
+  assert.equal(await value(page, 'family'), 'llama');
+  assert.equal(await value(page, 'n_embd'), '4096');
+  assert.equal(await value(page, 'gpu'), 'rtx-4070');
+  assert.equal(await selectedLabel(page), 'RTX 4070 12 GB');
+  assert.equal(await value(page, 'memory_gib'), '12');
+  assert.equal(await value(page, 'compute_capability'), '8.9');
+  assert.equal(await page.textContent('#verdict'), 'does not fit in 12.0 GiB');
+  assert.equal(await page.textContent('#gpu-detail'), '46 SMs, compute capability 8.9');
+  assert.equal(await urlParam(page, 'gpu'), 'rtx-4070');
+  assert.equal(await urlParam(page, 'memory_gib'), '12');
+  assert.equal(await urlParam(page, 'compute_capability'), '8.9');
+  assert.equal(await peak(page), cliPeakBytes(['--preset', 'llama-2-7b', '--gpu', 'rtx-4070']));
+}
+
+test('RTX 4070 selected, then Llama-2-7B: the GPU list, the memory and the verdict all stay the RTX 4070', async () => {
+  const { page, errors } = await openPage(context, server.url);
+  // A person picks another card, then the RTX 4070, then the model.
+  await page.selectOption('#gpu', 'rtx-4090');
+  await page.waitForFunction(() => document.getElementById('memory_gib').value === '24');
+  await page.selectOption('#gpu', 'rtx-4070');
+  await page.waitForFunction(() => document.getElementById('memory_gib').value === '12');
+  await page.selectOption('#preset', 'llama-2-7b');
+  await page.waitForFunction(() => document.getElementById('family').value === 'llama');
+  await assertLlama7bOnRtx4070(page);
+  // Back and forward through history keep the pair too.
+  await page.goBack();
+  await page.waitForFunction(() => document.getElementById('family').value === 'gpt2');
+  await page.goForward();
+  await page.waitForFunction(() => document.getElementById('family').value === 'llama');
+  await assertLlama7bOnRtx4070(page);
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test('the default RTX 4070, never touched, is kept by a preset as well; so is any other GPU', async () => {
+  const { page, errors } = await openPage(context, server.url);
+  assert.equal(await value(page, 'gpu'), 'rtx-4070');
+  await page.selectOption('#preset', 'llama-2-7b');
+  await page.waitForFunction(() => document.getElementById('family').value === 'llama');
+  await assertLlama7bOnRtx4070(page);
+  await page.selectOption('#gpu', 'h100-nvl');
+  await page.waitForFunction(() => document.getElementById('memory_gib').value === '94');
+  await page.selectOption('#preset', 'gpt2');
+  await page.waitForFunction(() => document.getElementById('family').value === 'gpt2');
+  assert.equal(await value(page, 'gpu'), 'h100-nvl');
+  assert.equal(await value(page, 'memory_gib'), '94');
+  assert.equal(await value(page, 'compute_capability'), '9');
+  assert.match(await page.textContent('#verdict'), / in 94\.0 GiB$/);
+  assert.equal(await peak(page), cliPeakBytes(['--preset', 'gpt2', '--gpu', 'h100-nvl']));
+  // A typed memory is kept the same way.
+  await page.fill('#memory_gib', '20');
+  await page.dispatchEvent('#memory_gib', 'input');
+  await page.waitForFunction(() => document.getElementById('gpu').value === 'custom');
+  await page.selectOption('#preset', 'tinyllama-1.1b');
+  await page.waitForFunction(() => document.getElementById('family').value === 'llama');
+  assert.equal(await value(page, 'memory_gib'), '20');
+  assert.equal(await value(page, 'gpu'), 'custom');
+  assert.match(await page.textContent('#verdict'), / in 20\.0 GiB$/);
+  assert.equal(await page.textContent('#gpu-detail'), '');
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test('a link\'s GPU is the device, even where an older link also holds another memory', async () => {
+  const { page, errors } = await openPage(context, `${server.url}?gpu=rtx-4070&memory_gib=80&compute_capability=9`);
+  assert.equal(await value(page, 'gpu'), 'rtx-4070');
+  assert.equal(await value(page, 'memory_gib'), '12');
+  assert.equal(await value(page, 'compute_capability'), '8.9');
+  assert.match(await page.textContent('#verdict'), / in 12\.0 GiB$/);
+  await page.close();
+  const second = await openPage(context, `${server.url}?gpu=rtx-5090`);
+  assert.equal(await value(second.page, 'memory_gib'), '32');
+  assert.equal(await value(second.page, 'compute_capability'), '12');
+  assert.equal(await second.page.textContent('#gpu-detail'), '170 SMs, compute capability 12.0');
+  assert.deepEqual([...errors, ...second.errors], []);
+  await second.page.close();
+});
+
+test('the GPU list holds the new presets, each with its memory and SM count', async () => {
+  const { page, errors } = await openPage(context, server.url);
+  const ids = await page.$$eval('#gpu option', (os) => os.map((o) => o.value));
+  for (const id of ['rtx-5090', 'rtx-4060-ti-16', 'rtx-3080', 'rtx-a6000', 'l40s', 'h100-nvl', 'b200', 'mi250']) {
+    assert.ok(ids.includes(id), `${id} in ${ids}`);
+  }
+  const cases = [
+    ['b200', '180', '10', '148 SMs, compute capability 10.0', '180 GiB'],
+    ['l40s', '48', '8.9', '142 SMs, compute capability 8.9', '48.0 GiB'],
+    ['mi250', '64', '8', '104 compute units; compute capability 8.0 stands in for its kernels', '64.0 GiB'],
+  ];
+  for (const [id, gib, cc, detail, memory] of cases) {
+    await page.selectOption('#gpu', id);
+    await page.waitForFunction((g) => document.getElementById('memory_gib').value === g, gib);
+    assert.equal(await value(page, 'compute_capability'), cc, id);
+    assert.equal(await page.textContent('#gpu-detail'), detail, id);
+    assert.ok((await page.textContent('#verdict')).endsWith(` in ${memory}`), id);
+  }
+  assert.match(await selectedLabel(page), /^MI250 .*64 GB/);
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test('the widget shows the GPU its estimate uses and keeps a GPU picked in it when the host changes the model', async () => {
+  const page = await context.newPage();
+  const errors = [];
+  page.on('pageerror', (e) => errors.push(e.message));
+  await page.goto(`http://localhost:${BLOG_PORT}/index.html`);
+  await page.waitForFunction(() => ['own', 'seven', 'cfg'].every((id) => document.getElementById(id).dataset.status), null, { timeout: 20000 });
+  const gpuOf = (id) => page.evaluate((i) => document.getElementById(i).shadowRoot.querySelector('select[name=gpu]').value, id);
+  const textOf = (id) => page.evaluate((i) => document.getElementById(i).shadowRoot.textContent, id);
+  const peakOf = (id) => page.evaluate((i) => Number(document.getElementById(i).dataset.peakBytes), id);
+  const pick = (id, gpu) => page.evaluate(([i, g]) => {
+    const s = document.getElementById(i).shadowRoot.querySelector('select[name=gpu]');
+    s.value = g;
+    s.dispatchEvent(new Event('change'));
+  }, [id, gpu]);
+  // No gpu attribute: the preset's own device (the RTX 4070 for nanogpt-30m), and the list says so.
+  assert.equal(await gpuOf('own'), 'rtx-4070');
+  assert.match(await textOf('own'), /fits in 12\.0 GiB/);
+  // A preset with a gpu attribute: that GPU.
+  assert.equal(await gpuOf('seven'), 'rtx-4070');
+  assert.match(await textOf('seven'), /does not fit in 12\.0 GiB/);
+  assert.equal(await peakOf('seven'), cliPeakBytes(['--preset', 'llama-2-7b', '--gpu', 'rtx-4070']));
+  // A config's own device that no preset has: "as configured", and it can be chosen again.
+  assert.equal(await gpuOf('cfg'), '');
+  assert.match(await textOf('cfg'), /fits in 13\.0 GiB/);
+  await pick('cfg', 'rtx-4090');
+  await page.waitForFunction(() => /in 24\.0 GiB/.test(document.getElementById('cfg').shadowRoot.textContent));
+  await pick('cfg', '');
+  await page.waitForFunction(() => /in 13\.0 GiB/.test(document.getElementById('cfg').shadowRoot.textContent));
+  // A person picks the RTX 4090 in a widget, then the host changes its model: the RTX 4090 stays.
+  await pick('own', 'rtx-4090');
+  await page.waitForFunction(() => /in 24\.0 GiB/.test(document.getElementById('own').shadowRoot.textContent));
+  await page.evaluate(() => document.getElementById('own').setAttribute('preset', 'gpt2'));
+  await page.waitForFunction((p) => Number(document.getElementById('own').dataset.peakBytes) === p,
+    cliPeakBytes(['--preset', 'gpt2', '--gpu', 'rtx-4090']));
+  assert.equal(await gpuOf('own'), 'rtx-4090');
+  assert.match(await textOf('own'), /in 24\.0 GiB/);
+  // The host naming a GPU replaces the pick.
+  await page.evaluate(() => document.getElementById('own').setAttribute('gpu', 't4'));
+  await page.waitForFunction(() => /in 16\.0 GiB/.test(document.getElementById('own').shadowRoot.textContent));
+  assert.equal(await gpuOf('own'), 't4');
+  assert.deepEqual(errors, []);
+  await page.close();
+});
