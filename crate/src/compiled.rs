@@ -1,5 +1,6 @@
-//! nanoGPT's GPT and Hugging Face's LlamaForCausalLM under `torch.compile` (Inductor, PyTorch 2.15): one
-//! micro-step as the generated wrapper code allocates and frees its buffers.
+//! One micro-step under `torch.compile` (Inductor, PyTorch 2.15) for any model `arch::Arch` describes, as the
+//! generated wrapper code allocates and frees its buffers: nanoGPT's GPT and Hugging Face's LlamaForCausalLM
+//! are two descriptions walked by the same code (norm, attention layout, MLP, positions, loss).
 //!
 //! AOTAutograd traces forward and backward into one joint graph and its min-cut partitioner decides what the
 //! forward saves; Inductor fuses element-wise chains (GELU, dropout, residual adds, LayerNorm, the loss) into
@@ -25,6 +26,15 @@
 //! `head_backward`). At the start of the backward, then, compile holds three logit-sized buffers of the matmul
 //! dtype (the logits, those zeros and the loss gradient) where eager holds 12 bytes per logit.
 //!
+//! For HF Llama (autocast, fp32, pure bf16; untied and tied head) the partitioned forward saves per layer the
+//! layer input and the stream after attention (`r` bytes; the first layer under autocast keeps a `p`-byte buffer
+//! there instead), input_layernorm's output, the rotated q, the attention output (`p`), the rotated k and v (kv
+//! width, `p`), post_attention_layernorm's output (`p`), the gate and up outputs and their SiLU product
+//! (intermediate width, `p`), one fp32 row statistic per norm, the logsumexp and RNG state, and under autocast
+//! every weight cast. After the last layer: its output (`r`), the final norm's output (`p`), then the fused loss
+//! as in nanoGPT (`p`-byte logits and two row statistics; the shifted labels). HF's loss upcasts the logits
+//! (`logits.float()`), but the fused loss backward writes its gradient in the logits' dtype all the same.
+//!
 //! Every GEMM takes its cuBLAS workspace when it runs and returns it after (`mm`), as in eager mode.
 //!
 //! With activation checkpointing (nanoGPT's `torch.utils.checkpoint(block, x, use_reentrant=False)` per block,
@@ -41,7 +51,7 @@
 //! Inductor sometimes converts them all at the end of the graph. Checked against the compiled configs in
 //! `tests/data/compiled/` (docs/ACCURACY.md).
 
-use crate::policy::Attention;
+use crate::arch::{Core, Mlp, Norm, Positions, Program, Qkv};
 use crate::sim::Category::{self, Activations, Grads, Logits, Temporary, WeightCopies};
 use crate::sim::Tensor;
 use crate::tensors::{self as ops, Ctx, SdpaSaved};
@@ -70,7 +80,38 @@ fn weight_cast(cx: &mut Ctx, elems: u64) -> Option<Tensor> {
         .then(|| cx.alloc(elems * 2, WeightCopies, "_to_copy"))
 }
 
-enum Attn {
+/// A norm as the partitioned forward saves it: its output in the matmul dtype (the fused norm kernel writes it
+/// directly) and one fp32 per-row statistic.
+struct NormOut {
+    stat: Tensor,
+    out: Tensor,
+}
+
+fn norm_op(cx: &Ctx) -> (&'static str, &'static str) {
+    match cx.arch.norm {
+        Norm::LayerNorm { .. } => ("layer_norm rstd", "layer_norm"),
+        Norm::RmsNorm => ("rms_norm rsqrt", "rms_norm"),
+    }
+}
+
+/// A block's norm. `fused_after_branch`: the norm after the attention branch, which Inductor fuses with the
+/// residual add (and dropout); for LayerNorm that kernel's output buffer comes before its statistic (measured),
+/// everywhere else the statistic comes first.
+fn norm_fwd(cx: &mut Ctx, fused_after_branch: bool) -> NormOut {
+    let nc = cx.n * cx.m.n_embd;
+    let (stat_op, op) = norm_op(cx);
+    if fused_after_branch && matches!(cx.arch.norm, Norm::LayerNorm { .. }) {
+        let out = cx.alloc(nc * cx.p, Activations, op);
+        let stat = cx.alloc(cx.n * 4, Activations, stat_op);
+        NormOut { stat, out }
+    } else {
+        let stat = cx.alloc(cx.n * 4, Activations, stat_op);
+        let out = cx.alloc(nc * cx.p, Activations, op);
+        NormOut { stat, out }
+    }
+}
+
+enum CoreSaved {
     Sdpa(SdpaSaved, Tensor),
     /// Manual path: q, k, v copies, the probabilities (B x H x T x T) with the softmax's two per-row
     /// statistics, the scores as well under autocast or with dropout, the dropout mask, and the contiguous output.
@@ -84,44 +125,81 @@ enum Attn {
     },
 }
 
-struct Block {
-    x_in: Tensor,
-    stats: [Tensor; 2],
-    ln1: Tensor,
-    w_attn: Option<Tensor>,
-    attn: Attn,
-    w_proj: Option<Tensor>,
-    x_mid: Tensor,
-    masks: [Option<Tensor>; 2],
-    ln2: Tensor,
-    w_fc: Option<Tensor>,
-    h: Tensor,
-    w_mlp: Option<Tensor>,
-    g: Tensor,
+/// What the attention saves.
+enum Attn {
+    /// nanoGPT's: the fused QKV weight cast, the kernel's saved tensors, the output projection's weight cast.
+    Fused {
+        w_attn: Option<Tensor>,
+        core: CoreSaved,
+        w_proj: Option<Tensor>,
+    },
+    /// HF Llama's: the rotated q and k, v (kv width), SDPA's saved tensors, the q/k/v/o weight casts.
+    Separate {
+        q_rot: Tensor,
+        k_rot: Tensor,
+        v: Tensor,
+        sdpa: SdpaSaved,
+        casts: [Option<Tensor>; 4],
+    },
 }
 
-/// What the compiled forward leaves: the saved tensors, and the logits it returns (also saved: the fused loss
-/// backward reads them).
+/// What the MLP saves.
+enum MlpSaved {
+    /// fc's output and GELU's, with both weight casts.
+    Gelu {
+        w_fc: Option<Tensor>,
+        h: Tensor,
+        w_mlp: Option<Tensor>,
+        g: Tensor,
+    },
+    /// The gate and up outputs and their SiLU product, with the three weight casts.
+    SwiGlu {
+        out: [Tensor; 3],
+        casts: [Option<Tensor>; 3],
+    },
+}
+
+struct Block {
+    x_in: Tensor,
+    norm1: NormOut,
+    attn: Attn,
+    x_mid: Tensor,
+    masks: [Option<Tensor>; 2],
+    norm2: NormOut,
+    mlp: MlpSaved,
+}
+
+/// What the compiled forward leaves: the saved tensors, and the logits (saved: the fused loss backward reads
+/// them; nanoGPT's loop also keeps them bound).
 pub struct Forward {
-    attention: Attention,
     blocks: Vec<Saved<Block>>,
     idx: Tensor,
+    /// The targets the fused loss saved: the batch's (nanoGPT), or the padded and shifted labels (HF).
     targets: Tensor,
     pos: Option<Tensor>,
     emb_mask: Option<Tensor>,
     /// The last block's output; `None` when checkpointed (recomputed in the backward).
     x_last: Option<Tensor>,
-    ln_f: Tensor,
-    ln_f_stat: [Option<Tensor>; 2],
-    wte_cast: Option<Tensor>,
-    pub logits: Tensor,
+    norm_f: Tensor,
+    norm_f_stats: [Option<Tensor>; 2],
+    head_cast: Option<Tensor>,
+    logits: Tensor,
     ce_stats: [Tensor; 2],
     loss: Tensor,
 }
 
+impl Forward {
+    /// The logits when the training program keeps them bound after the step (nanoGPT's `logits, loss =
+    /// model(X, Y)`); the Hugging Face loop lets only the loss hold them.
+    pub fn returned_logits(&self, cx: &Ctx) -> Option<Tensor> {
+        (cx.arch.program == Program::NanoGpt).then_some(self.logits)
+    }
+}
+
 fn mask(cx: &mut Ctx, elems: u64) -> Option<Tensor> {
     // Dropout under Inductor: Philox random numbers in the kernel, the keep-mask saved as bool (1 byte).
-    cx.dropout
+    cx.arch
+        .dropout
         .then(|| cx.alloc(elems, Activations, "native_dropout"))
 }
 
@@ -132,38 +210,40 @@ fn mask(cx: &mut Ctx, elems: u64) -> Option<Tensor> {
 /// block's MLP backward, and no 1-byte mask).
 fn residual_mask(cx: &mut Ctx, elems: u64, recompute: bool) -> Option<Tensor> {
     if recompute {
-        cx.dropout
+        cx.arch
+            .dropout
             .then(|| cx.alloc(elems * 4, Activations, "philox_rand"))
     } else {
         mask(cx, elems)
     }
 }
 
-fn block_fwd(
+/// nanoGPT's attention on ln_1's output: the fused QKV GEMM, the kernel, the output projection, and the stream
+/// after the branch (`x_mid`, with the residual dropout's mask). The projection's output is read by the fused
+/// residual-add kernel: without dropout the wrapper releases it at the end of the forward (`deferred`); with
+/// dropout it hands the buffer on to the next block (`# reuse`), so it is free for the rest of the forward
+/// (measured: only the last block's is released at the end).
+fn fused_attn_fwd(
     cx: &mut Ctx,
-    x_in: Tensor,
-    attention: Attention,
     last: bool,
     deferred: &mut Vec<Tensor>,
     recompute: bool,
-) -> Block {
+) -> (Attn, Tensor, Option<Tensor>) {
     let c = cx.m.n_embd;
     let nc = cx.n * c;
     let (r, p) = (cx.r, cx.p);
-    let stat1 = cx.alloc(cx.n * 4, Activations, "layer_norm rstd");
-    let ln1 = cx.alloc(nc * p, Activations, "layer_norm");
     let w_attn = weight_cast(cx, 3 * c * c);
     let qkv = mm(cx, 3 * nc * p, Activations, "mm");
-    let attn = match attention {
-        Attention::Sdpa => Attn::Sdpa(ops::sdpa_fwd(cx), qkv),
-        Attention::Manual => {
+    let core = match cx.arch.core {
+        Core::Sdpa => CoreSaved::Sdpa(ops::sdpa_fwd(cx), qkv),
+        Core::Manual => {
             let s = ops::manual_scores_elems(cx);
             let q = cx.alloc(nc * p, Activations, "clone");
             let k = cx.alloc(nc * p, Activations, "clone");
             // One T x T buffer is saved (the probabilities) in fp32 and pure bf16 without dropout; under autocast
             // or with dropout the partitioner keeps the scores too (measured: two per block, plus the mask).
             let scores =
-                (cx.prec.autocast() || cx.dropout).then(|| mm(cx, s * p, Activations, "bmm"));
+                (cx.prec.autocast() || cx.arch.dropout).then(|| mm(cx, s * p, Activations, "bmm"));
             let bht = cx.b * cx.m.n_head * cx.t * 4;
             let stats = [
                 cx.alloc(bht, Activations, "softmax max"),
@@ -176,7 +256,7 @@ fn block_fwd(
             // `# reuse`) once they are made.
             cx.free(qkv);
             let y = mm(cx, nc * p, Activations, "bmm");
-            Attn::Manual {
+            CoreSaved::Manual {
                 qkv: [q, k, v],
                 scores,
                 probs,
@@ -187,104 +267,200 @@ fn block_fwd(
         }
     };
     let w_proj = weight_cast(cx, c * c);
-    // c_proj's output, read by the fused residual-add kernel. Without dropout the wrapper releases it at the
-    // end of the forward; with dropout it hands the buffer on to the next block (`# reuse`), so it is free for
-    // the rest of the forward (measured: only the last block's is released at the end).
     let proj = mm(cx, nc * p, Temporary, "mm");
     let x_mid = cx.alloc(nc * r, Activations, "add");
     let mask1 = residual_mask(cx, nc, recompute);
-    if cx.dropout && !last {
+    if cx.arch.dropout && !last {
         cx.free(proj);
     } else {
         deferred.push(proj);
     }
-    let ln2 = cx.alloc(nc * p, Activations, "layer_norm");
-    let stat2 = cx.alloc(cx.n * 4, Activations, "layer_norm rstd");
-    let w_fc = weight_cast(cx, 4 * c * c);
-    let h = mm(cx, 4 * nc * p, Activations, "mm");
-    let w_mlp = weight_cast(cx, 4 * c * c);
-    let g = cx.alloc(4 * nc * p, Activations, "gelu");
-    let mask2 = residual_mask(cx, nc, recompute);
-    // The MLP's second GEMM; its output is read by the fused residual add and layer norm of the next block.
-    cx.matmul_workspace();
-    Block {
-        x_in,
-        stats: [stat1, stat2],
-        ln1,
+    let attn = Attn::Fused {
         w_attn,
-        attn,
+        core,
         w_proj,
-        x_mid,
-        masks: [mask1, mask2],
-        ln2,
-        w_fc,
-        h,
-        w_mlp,
-        g,
+    };
+    (attn, x_mid, mask1)
+}
+
+/// HF Llama's attention on input_layernorm's output: q, k, v GEMMs, rotary fused into one kernel each for q and
+/// k (the unrotated projections die with it), SDPA, o_proj, and the stream after the branch: fp32 under
+/// autocast, but the first layer keeps a 2-byte buffer there (measured).
+fn separate_attn_fwd(cx: &mut Ctx, first: bool) -> (Attn, Tensor, Option<Tensor>) {
+    let c = cx.m.n_embd;
+    let kv = cx.m.kv_dim();
+    let nc = cx.n * c;
+    let (r, p) = (cx.r, cx.p);
+    let w_q = weight_cast(cx, c * c);
+    let q = mm(cx, nc * p, Temporary, "mm");
+    let w_k = weight_cast(cx, kv * c);
+    let w_v = weight_cast(cx, kv * c);
+    let k = mm(cx, cx.n * kv * p, Temporary, "mm");
+    let v = mm(cx, cx.n * kv * p, Activations, "mm");
+    let k_rot = cx.alloc(cx.n * kv * p, Activations, "rotary");
+    let q_rot = cx.alloc(nc * p, Activations, "rotary");
+    cx.sim.free_all(&[q, k]);
+    let sdpa = ops::sdpa_fwd(cx);
+    let w_o = weight_cast(cx, c * c);
+    let o = mm(cx, nc * p, Temporary, "mm");
+    let x_mid = cx.alloc(nc * if first { p } else { r }, Activations, "add");
+    cx.free(o);
+    let attn = Attn::Separate {
+        q_rot,
+        k_rot,
+        v,
+        sdpa,
+        casts: [w_q, w_k, w_v, w_o],
+    };
+    (attn, x_mid, None)
+}
+
+/// The MLP on the second norm's output and the residual add after it. `want_out`: whether the block's output is
+/// made (a recomputed block's is dead code unless the final norm's backward reads it). GELU: the second GEMM's
+/// output is read by the fused residual add and the next block's norm, and the add's buffer comes after it
+/// (measured); SwiGLU: down_proj's output, the add, then the GEMM's output is released.
+fn mlp_fwd(
+    cx: &mut Ctx,
+    recompute: bool,
+    want_out: bool,
+) -> (MlpSaved, Option<Tensor>, Option<Tensor>) {
+    let c = cx.m.n_embd;
+    let i = cx.m.intermediate_size;
+    let nc = cx.n * c;
+    let (r, p) = (cx.r, cx.p);
+    match cx.arch.mlp {
+        Mlp::Gelu => {
+            let w_fc = weight_cast(cx, i * c);
+            let h = mm(cx, cx.n * i * p, Activations, "mm");
+            let w_mlp = weight_cast(cx, c * i);
+            let g = cx.alloc(cx.n * i * p, Activations, "gelu");
+            let mask2 = residual_mask(cx, nc, recompute);
+            cx.matmul_workspace();
+            let x_out = want_out.then(|| cx.alloc(nc * r, Activations, "add"));
+            let saved = MlpSaved::Gelu { w_fc, h, w_mlp, g };
+            (saved, mask2, x_out)
+        }
+        Mlp::SwiGlu => {
+            let w_gate = weight_cast(cx, i * c);
+            let gate = mm(cx, cx.n * i * p, Activations, "mm");
+            let w_up = weight_cast(cx, i * c);
+            let up = mm(cx, cx.n * i * p, Activations, "mm");
+            let w_down = weight_cast(cx, c * i);
+            let prod = cx.alloc(cx.n * i * p, Activations, "silu_mul");
+            let down = mm(cx, nc * p, Temporary, "mm");
+            let x_out = cx.alloc(nc * r, Activations, "add");
+            cx.free(down);
+            let x_out = if want_out {
+                Some(x_out)
+            } else {
+                cx.free(x_out);
+                None
+            };
+            let saved = MlpSaved::SwiGlu {
+                out: [gate, up, prod],
+                casts: [w_gate, w_up, w_down],
+            };
+            (saved, None, x_out)
+        }
     }
 }
 
-/// Compiled forward and loss. `idx` and `targets` are the batch (saved: the embedding and loss backward read
-/// them).
-pub fn forward(
+/// One block's compiled forward: (what it saves, its output if `want_out`). Buffers the wrapper releases only at
+/// the end of the forward go to `deferred`.
+fn block_fwd(
     cx: &mut Ctx,
-    idx: Tensor,
-    targets: Tensor,
-    attention: Attention,
-    checkpointing: bool,
-) -> Forward {
+    x_in: Tensor,
+    (first, last): (bool, bool),
+    deferred: &mut Vec<Tensor>,
+    recompute: bool,
+    want_out: bool,
+) -> (Block, Option<Tensor>) {
+    let norm1 = norm_fwd(cx, false);
+    let (attn, x_mid, mask1) = match cx.arch.qkv {
+        Qkv::Fused => fused_attn_fwd(cx, last, deferred, recompute),
+        Qkv::Separate => separate_attn_fwd(cx, first),
+    };
+    let norm2 = norm_fwd(cx, true);
+    let (mlp, mask2, x_out) = mlp_fwd(cx, recompute, want_out);
+    let block = Block {
+        x_in,
+        norm1,
+        attn,
+        x_mid,
+        masks: [mask1, mask2],
+        norm2,
+        mlp,
+    };
+    (block, x_out)
+}
+
+/// Compiled forward and loss. `idx` and `targets` are the batch (saved: the embedding and loss backward read
+/// them; the HF loss saves its own shifted copy of the labels).
+pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) -> Forward {
     let c = cx.m.n_embd;
     let nc = cx.n * c;
-    let (r, p, pb) = (cx.r, cx.p, cx.pb);
-    // The position embedding rows (T x C, parameter dtype) are saved when no dropout follows; the residual
-    // stream starts as tok + pos in `r` bytes.
-    let pos = (!cx.dropout).then(|| cx.alloc(cx.t * c * pb, Activations, "embedding"));
-    let x0 = cx.alloc(nc * r, Activations, "add");
-    let emb_mask = mask(cx, nc);
+    let (r, pb) = (cx.r, cx.pb);
+    let (pos, x0) = match cx.arch.positions {
+        // The position embedding rows (T x C, parameter dtype) are saved when no dropout follows; the residual
+        // stream starts as tok + pos in `r` bytes.
+        Positions::Learned => {
+            let pos = (!cx.arch.dropout).then(|| cx.alloc(cx.t * c * pb, Activations, "embedding"));
+            (pos, cx.alloc(nc * r, Activations, "add"))
+        }
+        // Rotary cos and sin are computed inside the attention kernels' prologue: no buffer.
+        Positions::Rotary => (None, cx.alloc(nc * r, Activations, "embedding")),
+    };
+    let emb_mask = match cx.arch.positions {
+        Positions::Learned => mask(cx, nc),
+        Positions::Rotary => None,
+    };
     let mut deferred = Vec::new();
     let mut blocks = Vec::new();
     let mut x = x0;
     for l in 0..cx.m.n_layer {
         cx.sim.layer(Some(l as u32));
-        let last = l + 1 == cx.m.n_layer;
+        let place = (l == 0, l + 1 == cx.m.n_layer);
         if checkpointing {
             let mut transient = Vec::new();
-            let b = block_fwd(cx, x, attention, last, &mut transient, false);
-            x = cx.alloc(nc * r, Activations, "add");
+            let (b, x_out) = block_fwd(cx, x, place, &mut transient, false, true);
             cx.sim.free_all(&transient);
             blocks.push(Saved::Input(discard_block(cx, b)));
+            x = x_out.expect("wanted");
         } else {
-            let b = block_fwd(cx, x, attention, last, &mut deferred, false);
-            x = cx.alloc(nc * r, Activations, "add");
+            let (b, x_out) = block_fwd(cx, x, place, &mut deferred, false, true);
             blocks.push(Saved::All(b));
+            x = x_out.expect("wanted");
         }
     }
     cx.sim.layer(None);
-    let ln_f = cx.alloc(nc * p, Activations, "layer_norm");
-    let ln_f_stat = final_norm_stats(cx, checkpointing, "layer_norm");
+    let (norm_f, norm_f_stats) = final_norm(cx, checkpointing);
     cx.sim.free_all(&deferred);
-    // Checkpointed, the last block's output is a recomputable node the partitioner does not save: ln_f's backward
-    // waits for the last block's recompute (trace of the 2-layer fp16-amp variant: the forward hands that buffer
-    // on, the backward allocates it again after the head's matmuls).
+    // Checkpointed, the last block's output is a recomputable node the partitioner does not save: the final
+    // norm's backward waits for the last block's recompute (trace of the 2-layer fp16-amp variant: the forward
+    // hands that buffer on, the backward allocates it again after the head's matmuls).
     let x_last = if checkpointing {
         cx.free(x);
         None
     } else {
         Some(x)
     };
-    let (wte_cast, logits, ce_stats) = head_forward(cx);
+    let (head_cast, logits, ce_stats) = head_forward(cx);
+    let targets = match cx.arch.program {
+        Program::NanoGpt => targets,
+        // HF's loss pads and shifts the labels (int64, saved by the fused loss).
+        Program::HfLoop => cx.alloc(cx.n * 8, Activations, "constant_pad_nd"),
+    };
     let loss = cx.alloc(4, Temporary, "loss");
     Forward {
-        attention,
         blocks,
         idx,
         targets,
         pos,
         emb_mask,
         x_last,
-        ln_f,
-        ln_f_stat,
-        wte_cast,
+        norm_f,
+        norm_f_stats,
+        head_cast,
         logits,
         ce_stats,
         loss,
@@ -303,27 +479,32 @@ enum Saved<B> {
     Input(Tensor),
 }
 
-/// The final norm's saved statistics: one row statistic, or (checkpointed, its input not saved) two: the
-/// partitioner keeps both the mean and rstd of LayerNorm (two fp32 [N] buffers in the 2-layer fp16-amp trace).
-fn final_norm_stats(cx: &mut Ctx, checkpointing: bool, op: &'static str) -> [Option<Tensor>; 2] {
-    let a = cx.alloc(cx.n * 4, Activations, op);
-    let b = (checkpointing && cx.m.family == crate::model::Family::Gpt2)
-        .then(|| cx.alloc(cx.n * 4, Activations, op));
-    [Some(a), b]
+/// The final norm's output (matmul dtype) and saved statistics: one row statistic, or, for a checkpointed
+/// LayerNorm (its input not saved), two: the partitioner keeps both the mean and rstd (two fp32 [N] buffers in
+/// the 2-layer fp16-amp trace). LayerNorm's output buffer comes first, RMSNorm's statistic (measured).
+fn final_norm(cx: &mut Ctx, checkpointing: bool) -> (Tensor, [Option<Tensor>; 2]) {
+    let nc = cx.n * cx.m.n_embd;
+    let (stat_op, op) = norm_op(cx);
+    let layer_norm = matches!(cx.arch.norm, Norm::LayerNorm { .. });
+    if layer_norm {
+        let out = cx.alloc(nc * cx.p, Activations, op);
+        let a = cx.alloc(cx.n * 4, Activations, op);
+        let b = checkpointing.then(|| cx.alloc(cx.n * 4, Activations, op));
+        (out, [Some(a), b])
+    } else {
+        let a = cx.alloc(cx.n * 4, Activations, stat_op);
+        let out = cx.alloc(nc * cx.p, Activations, op);
+        (out, [Some(a), None])
+    }
 }
 
 /// A checkpointed block's forward run again in the backward graph: what it saves as in an uncheckpointed
 /// forward, its output projection's transient, and (for the last block, whose output the final norm's backward
-/// reads) the block's output, returned. Earlier blocks' outputs are not needed again and are not made.
-fn block_recompute(
-    cx: &mut Ctx,
-    x_in: Tensor,
-    attention: Attention,
-    last: bool,
-) -> (Block, Option<Tensor>) {
+/// reads) the block's output, returned. Earlier blocks' outputs are not needed again.
+fn block_recompute(cx: &mut Ctx, x_in: Tensor, l: u64) -> (Block, Option<Tensor>) {
+    let last = l + 1 == cx.m.n_layer;
     let mut transient = Vec::new();
-    let b = block_fwd(cx, x_in, attention, last, &mut transient, true);
-    let x_out = last.then(|| cx.alloc(cx.n * cx.m.n_embd * cx.r, Activations, "add"));
+    let (b, x_out) = block_fwd(cx, x_in, (l == 0, last), &mut transient, true, last);
     cx.sim.free_all(&transient);
     (b, x_out)
 }
@@ -331,31 +512,63 @@ fn block_recompute(
 /// A checkpointed block's forward keeps nothing but its input: everything else dies when the block is done
 /// (in the traces Inductor hands those buffers to the next block, `# reuse`).
 fn discard_block(cx: &mut Ctx, b: Block) -> Tensor {
-    cx.sim.free_all(&b.stats);
-    cx.sim.free_all(&[b.ln1, b.x_mid, b.ln2, b.h, b.g]);
-    cx.sim
-        .free_some(&[b.w_attn, b.w_proj, b.w_fc, b.w_mlp, b.masks[0], b.masks[1]]);
+    cx.sim.free_all(&[b.norm1.stat, b.norm2.stat]);
+    cx.sim.free_all(&[b.norm1.out, b.x_mid, b.norm2.out]);
+    cx.sim.free_some(&b.masks);
     match b.attn {
-        Attn::Sdpa(a, qkv) => cx.sim.free_all(&[a.out, a.lse, a.rng[0], a.rng[1], qkv]),
-        Attn::Manual {
-            qkv,
-            scores,
-            probs,
-            stats,
-            mask,
-            y,
+        Attn::Fused {
+            w_attn,
+            core,
+            w_proj,
         } => {
-            cx.sim.free_all(&qkv);
-            cx.sim.free_all(&stats);
-            cx.sim.free_all(&[probs, y]);
-            cx.sim.free_some(&[scores, mask]);
+            cx.sim.free_some(&[w_attn, w_proj]);
+            match core {
+                CoreSaved::Sdpa(a, qkv) => {
+                    cx.sim.free_all(&[a.out, a.lse, a.rng[0], a.rng[1], qkv]);
+                }
+                CoreSaved::Manual {
+                    qkv,
+                    scores,
+                    probs,
+                    stats,
+                    mask,
+                    y,
+                } => {
+                    cx.sim.free_all(&qkv);
+                    cx.sim.free_all(&stats);
+                    cx.sim.free_all(&[probs, y]);
+                    cx.sim.free_some(&[scores, mask]);
+                }
+            }
+        }
+        Attn::Separate {
+            q_rot,
+            k_rot,
+            v,
+            sdpa,
+            casts,
+        } => {
+            cx.sim.free_all(&[q_rot, k_rot, v]);
+            cx.sim
+                .free_all(&[sdpa.out, sdpa.lse, sdpa.rng[0], sdpa.rng[1]]);
+            cx.sim.free_some(&casts);
+        }
+    }
+    match b.mlp {
+        MlpSaved::Gelu { w_fc, h, w_mlp, g } => {
+            cx.sim.free_all(&[h, g]);
+            cx.sim.free_some(&[w_fc, w_mlp]);
+        }
+        MlpSaved::SwiGlu { out, casts } => {
+            cx.sim.free_all(&out);
+            cx.sim.free_some(&casts);
         }
     }
     b.x_in
 }
 
-/// The loss stage of the forward, both families: the LM head's weight cast (autocast), the logits in the matmul
-/// dtype (returned, and saved by the fused loss), and the per-row max and log-sum-exp (fp32 [N]) the fused
+/// The loss stage of the forward: the LM head's weight cast (autocast), the logits in the matmul dtype
+/// (returned, and saved by the fused loss), and the per-row max and log-sum-exp (fp32 [N]) the fused
 /// cross-entropy keeps for its backward. Returns (cast, logits, statistics).
 fn head_forward(cx: &mut Ctx) -> (Option<Tensor>, Tensor, [Tensor; 2]) {
     cx.sim.next_stage("loss");
@@ -398,14 +611,15 @@ fn param_grad(cx: &mut Ctx, elems: u64, matmul: bool, pending: &mut Vec<Tensor>)
 
 fn norm_grads(cx: &mut Ctx, pending: &mut Vec<Tensor>) {
     let c = cx.m.n_embd;
-    for _ in 0..1 + u64::from(cx.m.bias) {
+    let bias = matches!(cx.arch.norm, Norm::LayerNorm { bias: true });
+    for _ in 0..1 + u64::from(bias) {
         param_grad(cx, c, false, pending);
     }
 }
 
 fn linear_grads(cx: &mut Ctx, out_f: u64, in_f: u64, pending: &mut Vec<Tensor>) {
     param_grad(cx, out_f * in_f, true, pending);
-    if cx.m.bias {
+    if cx.arch.linear_bias {
         param_grad(cx, out_f, false, pending);
     }
 }
@@ -436,83 +650,164 @@ fn block_bwd(
     s: Block,
     pending: &mut Vec<Tensor>,
 ) -> ResidualGrad {
-    let c = cx.m.n_embd;
-    let nc = cx.n * c;
-    let p = cx.p;
-    // MLP: c_proj's weight gradient reads the GELU output; the GELU backward is fused into one kernel that
-    // writes the fc output's gradient; then c_fc's weight gradient and the input gradient of ln_2.
-    // (The fc output's gradient is the GEMM's output, turned into the GELU backward in place.) With a bias and
-    // without autocast the wrapper runs that GEMM before the weight gradient's, so the GELU output and the fc
-    // output's gradient are alive together (read from the trace of `narrow-128-fp32-bias`).
-    let g_h = if cx.m.bias && !cx.prec.autocast() {
-        let g_h = mm(cx, 4 * nc * p, Temporary, "mm");
-        linear_grads(cx, c, 4 * c, pending);
-        cx.free(s.g);
-        g_h
-    } else {
-        linear_grads(cx, c, 4 * c, pending);
-        cx.free(s.g);
-        mm(cx, 4 * nc * p, Temporary, "mm")
-    };
-    cx.sim.free_some(&[s.w_mlp]);
-    cx.free(s.h);
+    let (g_branch, out_f, w_in) = mlp_bwd(cx, s.mlp, pending);
     let g_mid = into_residual(
         cx,
-        4 * c,
-        g_h,
-        [s.w_fc, Some(s.ln2), Some(s.stats[1]), Some(s.x_mid)],
+        out_f,
+        g_branch,
+        [w_in, Some(s.norm2.out), Some(s.norm2.stat), Some(s.x_mid)],
         g_out,
         pending,
     );
     cx.sim.free_some(&[s.masks[1]]);
-    // Attention.
-    linear_grads(cx, c, c, pending);
-    let g_y = mm(cx, nc * p, Temporary, "mm");
-    cx.sim.free_some(&[s.w_proj, s.masks[0]]);
-    let g_qkv = match s.attn {
-        Attn::Sdpa(a, qkv) => {
-            let (dq, dk, dv) = ops::sdpa_bwd(cx);
-            cx.free(g_y);
-            cx.sim.free_all(&[a.out, a.lse, a.rng[0], a.rng[1], qkv]);
-            let cat = cx.alloc(3 * nc * p, Temporary, "cat");
-            cx.sim.free_all(&[dq, dk, dv]);
-            cat
-        }
-        Attn::Manual {
-            qkv,
-            scores,
-            probs,
-            stats,
-            mask,
-            y,
-        } => {
-            let s_elems = ops::manual_scores_elems(cx);
-            cx.free(y);
-            let g_v = mm(cx, nc * p, Temporary, "bmm");
-            cx.free(g_y);
-            // One fused kernel from the output's gradient to the scores' (bmm backward, dropout, softmax): a single
-            // T x T transient, allocated once the saved scores are released (measured order).
-            cx.sim.free_some(&[scores]);
-            let g_scores = cx.alloc(s_elems * p, Temporary, "softmax_backward");
-            let g_q = mm(cx, nc * p, Temporary, "bmm");
-            let g_k = mm(cx, nc * p, Temporary, "bmm");
-            cx.free(g_scores);
-            cx.sim.free_some(&[mask]);
-            cx.sim
-                .free_all(&[probs, stats[0], stats[1], qkv[0], qkv[1], qkv[2]]);
-            let cat = cx.alloc(3 * nc * p, Temporary, "cat");
-            cx.sim.free_all(&[g_q, g_k, g_v]);
-            cat
-        }
-    };
+    let (g_branch, out_f, w_in) = attn_bwd(cx, s.attn, s.masks[0], pending);
     into_residual(
         cx,
-        3 * c,
-        g_qkv,
-        [s.w_attn, Some(s.ln1), Some(s.stats[0]), Some(s.x_in)],
+        out_f,
+        g_branch,
+        [w_in, Some(s.norm1.out), Some(s.norm1.stat), Some(s.x_in)],
         g_mid,
         pending,
     )
+}
+
+/// The MLP's backward down to its first Linear: returns (the gradient of that Linear's output, its output
+/// features, its weight cast) for `into_residual`.
+fn mlp_bwd(cx: &mut Ctx, s: MlpSaved, pending: &mut Vec<Tensor>) -> (Tensor, u64, Option<Tensor>) {
+    let c = cx.m.n_embd;
+    let i = cx.m.intermediate_size;
+    let p = cx.p;
+    match s {
+        // c_proj's weight gradient reads the GELU output; the GELU backward is fused into one kernel that writes
+        // the fc output's gradient (the GEMM's output, turned into the GELU backward in place). With a bias and
+        // without autocast the wrapper runs that GEMM before the weight gradient's, so the GELU output and the
+        // fc output's gradient are alive together (read from the trace of `narrow-128-fp32-bias`).
+        MlpSaved::Gelu { w_fc, h, w_mlp, g } => {
+            let g_h = if cx.arch.linear_bias && !cx.prec.autocast() {
+                let g_h = mm(cx, cx.n * i * p, Temporary, "mm");
+                linear_grads(cx, c, i, pending);
+                cx.free(g);
+                g_h
+            } else {
+                linear_grads(cx, c, i, pending);
+                cx.free(g);
+                mm(cx, cx.n * i * p, Temporary, "mm")
+            };
+            cx.sim.free_some(&[w_mlp]);
+            cx.free(h);
+            (g_h, i, w_fc)
+        }
+        // down_proj's weight gradient reads the product; the SiLU-and-multiply backward is one kernel writing
+        // the gate's and the up projection's gradients.
+        MlpSaved::SwiGlu {
+            out: [gate, up, prod],
+            casts: [w_gate, w_up, w_down],
+        } => {
+            linear_grads(cx, c, i, pending);
+            let g_prod = mm(cx, cx.n * i * p, Temporary, "mm");
+            cx.free(prod);
+            cx.sim.free_some(&[w_down]);
+            let g_gate = cx.alloc(cx.n * i * p, Temporary, "silu_mul_backward");
+            cx.sim.free_all(&[gate, up]);
+            linear_grads(cx, i, c, pending);
+            cx.sim.free_some(&[w_up]);
+            cx.free(g_prod);
+            (g_gate, i, w_gate)
+        }
+    }
+}
+
+/// The attention's backward down to its first Linear (as `mlp_bwd`): the output projection, the kernel's
+/// backward and, for separate projections, rotary's backward and the k and v Linears.
+fn attn_bwd(
+    cx: &mut Ctx,
+    a: Attn,
+    mask: Option<Tensor>,
+    pending: &mut Vec<Tensor>,
+) -> (Tensor, u64, Option<Tensor>) {
+    let c = cx.m.n_embd;
+    let nc = cx.n * c;
+    let p = cx.p;
+    linear_grads(cx, c, c, pending);
+    let g_y = mm(cx, nc * p, Temporary, "mm");
+    match a {
+        Attn::Fused {
+            w_attn,
+            core,
+            w_proj,
+        } => {
+            cx.sim.free_some(&[w_proj, mask]);
+            let g_qkv = match core {
+                CoreSaved::Sdpa(a, qkv) => {
+                    let (dq, dk, dv) = ops::sdpa_bwd(cx);
+                    cx.free(g_y);
+                    cx.sim.free_all(&[a.out, a.lse, a.rng[0], a.rng[1], qkv]);
+                    let cat = cx.alloc(3 * nc * p, Temporary, "cat");
+                    cx.sim.free_all(&[dq, dk, dv]);
+                    cat
+                }
+                CoreSaved::Manual {
+                    qkv,
+                    scores,
+                    probs,
+                    stats,
+                    mask,
+                    y,
+                } => {
+                    let s_elems = ops::manual_scores_elems(cx);
+                    cx.free(y);
+                    let g_v = mm(cx, nc * p, Temporary, "bmm");
+                    cx.free(g_y);
+                    // One fused kernel from the output's gradient to the scores' (bmm backward, dropout,
+                    // softmax): a single T x T transient, allocated once the saved scores are released
+                    // (measured order).
+                    cx.sim.free_some(&[scores]);
+                    let g_scores = cx.alloc(s_elems * p, Temporary, "softmax_backward");
+                    let g_q = mm(cx, nc * p, Temporary, "bmm");
+                    let g_k = mm(cx, nc * p, Temporary, "bmm");
+                    cx.free(g_scores);
+                    cx.sim.free_some(&[mask]);
+                    cx.sim
+                        .free_all(&[probs, stats[0], stats[1], qkv[0], qkv[1], qkv[2]]);
+                    let cat = cx.alloc(3 * nc * p, Temporary, "cat");
+                    cx.sim.free_all(&[g_q, g_k, g_v]);
+                    cat
+                }
+            };
+            (g_qkv, 3 * c, w_attn)
+        }
+        Attn::Separate {
+            q_rot,
+            k_rot,
+            v,
+            sdpa,
+            casts: [w_q, w_k, w_v, w_o],
+        } => {
+            let kv = cx.m.kv_dim();
+            cx.sim.free_some(&[w_o]);
+            let (dq, dk, dv) = ops::sdpa_bwd(cx);
+            cx.free(g_y);
+            cx.sim.free_all(&[
+                sdpa.out,
+                sdpa.lse,
+                sdpa.rng[0],
+                sdpa.rng[1],
+                q_rot,
+                k_rot,
+                v,
+            ]);
+            let dk_un = cx.alloc(cx.n * kv * p, Temporary, "rotary_backward");
+            cx.free(dk);
+            linear_grads(cx, kv, c, pending);
+            linear_grads(cx, kv, c, pending);
+            cx.sim.free_all(&[dv]);
+            cx.sim.free_some(&[w_k, w_v]);
+            let dq_un = cx.alloc(nc * p, Temporary, "rotary_backward");
+            cx.free(dq);
+            cx.free(dk_un);
+            (dq_un, c, w_q)
+        }
+    }
 }
 
 /// The end of a branch's backward: its first Linear (out_f x C) gives its weight gradient and the gradient of
@@ -617,9 +912,9 @@ fn head_backward(
     // The head's weight gradient: in the matmul dtype, converted to the parameter dtype (autocast) only once the
     // input gradient is made and the loss gradient and the weight cast are released (measured order).
     let mut low_head = None;
-    let tied_head = if cx.m.tie_embeddings && !autocast {
+    let tied_head = if cx.arch.tied_head && !autocast {
         None
-    } else if cx.m.tie_embeddings {
+    } else if cx.arch.tied_head {
         Some(TiedHead::Made(mm(cx, v * c * p, Temporary, "mm")))
     } else {
         if autocast {
@@ -629,7 +924,7 @@ fn head_backward(
         }
         None
     };
-    let deferred = cx.m.tie_embeddings && !autocast;
+    let deferred = cx.arch.tied_head && !autocast;
     if !deferred {
         cx.free(norm_out);
     }
@@ -729,14 +1024,14 @@ fn land_grad(cx: &mut Ctx, g: Tensor, pending: &mut Vec<Tensor>) {
 pub fn backward(cx: &mut Ctx, f: Forward) {
     let c = cx.m.n_embd;
     let mut pending = Vec::new();
-    let attention = f.attention;
     let mut blocks = f.blocks;
     // Checkpointed: the last block's forward runs again before the final norm's backward.
     let mut last = None;
     let recompute = |cx: &mut Ctx| match blocks.pop() {
         Some(Saved::Input(x_in)) => {
-            cx.sim.layer(Some(blocks.len() as u32));
-            let (b, x_out) = block_recompute(cx, x_in, attention, true);
+            let l = blocks.len() as u64;
+            cx.sim.layer(Some(l as u32));
+            let (b, x_out) = block_recompute(cx, x_in, l);
             last = Some(Saved::All(b));
             cx.sim.layer(None);
             x_out
@@ -746,18 +1041,23 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
             None
         }
     };
-    // The loop keeps the logits themselves (`logits, loss = model(X, Y)`).
+    let learned = cx.arch.positions == Positions::Learned;
+    // The loss's saved tensors; nanoGPT's loop keeps the logits themselves (`logits, loss = model(X, Y)`).
+    let mut release = vec![f.ce_stats[0], f.ce_stats[1], f.targets];
+    if cx.arch.program == Program::HfLoop {
+        release.push(f.logits);
+    }
     let HeadBackward {
         mut g,
         tied_head,
         early,
     } = head_backward(
         cx,
-        cx.t < cx.m.block_size,
-        &[f.ce_stats[0], f.ce_stats[1], f.targets],
-        f.wte_cast,
-        f.ln_f,
-        f.ln_f_stat,
+        learned && cx.t < cx.m.block_size,
+        &release,
+        f.head_cast,
+        f.norm_f,
+        f.norm_f_stats,
         f.x_last,
         recompute,
         &mut pending,
@@ -767,301 +1067,38 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
         cx.sim.layer(Some(l as u32));
         let b = match b {
             Saved::All(b) => b,
-            Saved::Input(x_in) => block_recompute(cx, x_in, attention, false).0,
+            Saved::Input(x_in) => block_recompute(cx, x_in, l as u64).0,
         };
         g = block_bwd(cx, g, b, &mut pending);
     }
     cx.sim.layer(None);
     cx.sim.free_some(&[f.emb_mask]);
-    // Embeddings: the position gradient (summed over the batch), then the token rows'.
-    let cat = if cx.have_grads { Temporary } else { Grads };
-    let g_pos = cx.alloc(cx.t * c * cx.pb, Temporary, "sum");
-    let (wpe, early_wte) = match early {
-        // Already zero-filled in fp32; converted to the parameter dtype when that is not fp32.
-        Some(e) if cx.pb == 4 => (e.wpe, Some(e.wte)),
-        Some(e) => {
-            let wpe = cx.alloc(cx.m.block_size * c * cx.pb, cat, "_to_copy");
-            cx.free(e.wpe);
-            (wpe, Some(e.wte))
-        }
-        None => (
-            cx.alloc(cx.m.block_size * c * cx.pb, cat, "embedding_dense_backward"),
-            None,
-        ),
-    };
-    cx.free(g_pos);
-    cx.sim.free_some(&[f.pos]);
-    land_grad(cx, wpe, &mut pending);
+    let mut early_wte = None;
+    if learned {
+        // Embeddings: the position gradient (summed over the batch), then the token rows'.
+        let cat = if cx.have_grads { Temporary } else { Grads };
+        let g_pos = cx.alloc(cx.t * c * cx.pb, Temporary, "sum");
+        let wpe = match early {
+            // Already zero-filled in fp32; converted to the parameter dtype when that is not fp32.
+            Some(e) if cx.pb == 4 => {
+                early_wte = Some(e.wte);
+                e.wpe
+            }
+            Some(e) => {
+                early_wte = Some(e.wte);
+                let wpe = cx.alloc(cx.m.block_size * c * cx.pb, cat, "_to_copy");
+                cx.free(e.wpe);
+                wpe
+            }
+            None => cx.alloc(cx.m.block_size * c * cx.pb, cat, "embedding_dense_backward"),
+        };
+        cx.free(g_pos);
+        cx.sim.free_some(&[f.pos]);
+        land_grad(cx, wpe, &mut pending);
+    }
     let wte = embedding_backward(cx, tied_head, g, early_wte);
     cx.sim.free_all(&[f.idx, f.loss]);
     land_grad(cx, wte, &mut pending);
     // AccumulateGrad: later micro-steps add into `.grad` in place and drop the graph's outputs.
-    cx.sim.free_all(&pending);
-}
-
-// ---- Hugging Face LlamaForCausalLM under torch.compile ---------------------------------------------------------
-//
-// Read from traces as above (autocast, fp32, pure bf16; untied and tied head). Per layer the partitioned forward
-// saves: the layer input and the stream after attention (`r` bytes; the first layer under autocast keeps a
-// `p`-byte buffer there instead), input_layernorm's output, the rotated q, the attention output (`p`), the
-// rotated k and v (kv width, `p`), post_attention_layernorm's output (`p`), the gate and up outputs and their
-// SiLU product (intermediate width, `p`), one fp32 row statistic per norm, the logsumexp and RNG state, and under
-// autocast every weight cast. After the last layer: its output (`r`), the final norm's output (`p`), then the
-// fused loss as in nanoGPT (`p`-byte logits and two row statistics; the shifted labels).
-
-struct LlamaLayer {
-    x_in: Tensor,
-    x_mid: Tensor,
-    stats: [Tensor; 2],
-    h1: Tensor,
-    q_rot: Tensor,
-    k_rot: Tensor,
-    v: Tensor,
-    sdpa: SdpaSaved,
-    h2: Tensor,
-    mlp: [Tensor; 3],
-    /// q, k, v, o, gate, up, down weight casts (autocast).
-    casts: [Option<Tensor>; 7],
-}
-
-pub struct LlamaForward {
-    layers: Vec<Saved<LlamaLayer>>,
-    input_ids: Tensor,
-    labels: Tensor,
-    x_last: Option<Tensor>,
-    stat_f: [Option<Tensor>; 2],
-    hf: Tensor,
-    head_cast: Option<Tensor>,
-    logits: Tensor,
-    ce_stats: [Tensor; 2],
-    loss: Tensor,
-}
-
-fn llama_layer_fwd(cx: &mut Ctx, x_in: Tensor, first: bool) -> (LlamaLayer, Tensor) {
-    let c = cx.m.n_embd;
-    let kv = cx.m.kv_dim();
-    let i = cx.m.intermediate_size;
-    let nc = cx.n * c;
-    let (r, p) = (cx.r, cx.p);
-    let stat1 = cx.alloc(cx.n * 4, Activations, "rms_norm rsqrt");
-    let h1 = cx.alloc(nc * p, Activations, "rms_norm");
-    let w_q = weight_cast(cx, c * c);
-    let q = mm(cx, nc * p, Temporary, "mm");
-    let w_k = weight_cast(cx, kv * c);
-    let w_v = weight_cast(cx, kv * c);
-    let k = mm(cx, cx.n * kv * p, Temporary, "mm");
-    let v = mm(cx, cx.n * kv * p, Activations, "mm");
-    // Rotary embedding fused into one kernel each for q and k; the unrotated projections die with it.
-    let k_rot = cx.alloc(cx.n * kv * p, Activations, "rotary");
-    let q_rot = cx.alloc(nc * p, Activations, "rotary");
-    cx.sim.free_all(&[q, k]);
-    let sdpa = ops::sdpa_fwd(cx);
-    let w_o = weight_cast(cx, c * c);
-    let o = mm(cx, nc * p, Temporary, "mm");
-    // The stream after attention: fp32 under autocast, but the first layer keeps a 2-byte buffer (measured).
-    let x_mid = cx.alloc(nc * if first { p } else { r }, Activations, "add");
-    cx.free(o);
-    let stat2 = cx.alloc(cx.n * 4, Activations, "rms_norm rsqrt");
-    let h2 = cx.alloc(nc * p, Activations, "rms_norm");
-    let w_gate = weight_cast(cx, i * c);
-    let gate = mm(cx, cx.n * i * p, Activations, "mm");
-    let w_up = weight_cast(cx, i * c);
-    let up = mm(cx, cx.n * i * p, Activations, "mm");
-    let w_down = weight_cast(cx, c * i);
-    let prod = cx.alloc(cx.n * i * p, Activations, "silu_mul");
-    let down = mm(cx, nc * p, Temporary, "mm");
-    let x_out = cx.alloc(nc * r, Activations, "add");
-    cx.free(down);
-    let layer = LlamaLayer {
-        x_in,
-        x_mid,
-        stats: [stat1, stat2],
-        h1,
-        q_rot,
-        k_rot,
-        v,
-        sdpa,
-        h2,
-        mlp: [gate, up, prod],
-        casts: [w_q, w_k, w_v, w_o, w_gate, w_up, w_down],
-    };
-    (layer, x_out)
-}
-
-/// A checkpointed layer's forward keeps only its input (as nanoGPT's blocks, `discard_block`).
-fn discard_layer(cx: &mut Ctx, l: LlamaLayer) -> Tensor {
-    cx.sim.free_all(&l.stats);
-    cx.sim
-        .free_all(&[l.x_mid, l.h1, l.q_rot, l.k_rot, l.v, l.h2]);
-    cx.sim
-        .free_all(&[l.sdpa.out, l.sdpa.lse, l.sdpa.rng[0], l.sdpa.rng[1]]);
-    cx.sim.free_all(&l.mlp);
-    cx.sim.free_some(&l.casts);
-    l.x_in
-}
-
-/// Compiled LlamaForCausalLM forward with labels (`input_ids` is the batch; the loop holds the labels).
-pub fn llama_forward(cx: &mut Ctx, input_ids: Tensor, checkpointing: bool) -> LlamaForward {
-    let c = cx.m.n_embd;
-    let nc = cx.n * c;
-    let mut x = cx.alloc(nc * cx.r, Activations, "embedding");
-    let mut layers = Vec::new();
-    for l in 0..cx.m.n_layer {
-        cx.sim.layer(Some(l as u32));
-        let (layer, x_out) = llama_layer_fwd(cx, x, l == 0);
-        layers.push(if checkpointing {
-            Saved::Input(discard_layer(cx, layer))
-        } else {
-            Saved::All(layer)
-        });
-        x = x_out;
-    }
-    cx.sim.layer(None);
-    let stat_f = final_norm_stats(cx, checkpointing, "rms_norm rsqrt");
-    let hf = cx.alloc(nc * cx.p, Activations, "rms_norm");
-    // Checkpointed, the last layer's output is recomputed for the final norm's backward (as nanoGPT's).
-    let x_last = if checkpointing {
-        cx.free(x);
-        None
-    } else {
-        Some(x)
-    };
-    let (head_cast, logits, ce_stats) = head_forward(cx);
-    // The loss pads and shifts the labels (int64, saved by the fused loss).
-    let shifted = cx.alloc(cx.n * 8, Activations, "constant_pad_nd");
-    let loss = cx.alloc(4, Temporary, "loss");
-    LlamaForward {
-        layers,
-        input_ids,
-        labels: shifted,
-        x_last,
-        stat_f,
-        hf,
-        head_cast,
-        logits,
-        ce_stats,
-        loss,
-    }
-}
-
-fn llama_layer_bwd(
-    cx: &mut Ctx,
-    g_out: ResidualGrad,
-    s: LlamaLayer,
-    pending: &mut Vec<Tensor>,
-) -> ResidualGrad {
-    let c = cx.m.n_embd;
-    let kv = cx.m.kv_dim();
-    let i = cx.m.intermediate_size;
-    let nc = cx.n * c;
-    let p = cx.p;
-    let [w_q, w_k, w_v, w_o, w_gate, w_up, w_down] = s.casts;
-    let [gate, up, prod] = s.mlp;
-    // MLP: down_proj's weight gradient reads the product; the SiLU-and-multiply backward is one kernel writing
-    // the gate's and the up projection's gradients.
-    linear_grads(cx, c, i, pending);
-    let g_prod = mm(cx, cx.n * i * p, Temporary, "mm");
-    cx.free(prod);
-    cx.sim.free_some(&[w_down]);
-    let g_gate = cx.alloc(cx.n * i * p, Temporary, "silu_mul_backward");
-    cx.sim.free_all(&[gate, up]);
-    linear_grads(cx, i, c, pending);
-    cx.sim.free_some(&[w_up]);
-    cx.free(g_prod);
-    let g_mid = into_residual(
-        cx,
-        i,
-        g_gate,
-        [w_gate, Some(s.h2), Some(s.stats[1]), Some(s.x_mid)],
-        g_out,
-        pending,
-    );
-    // Attention: o_proj, SDPA backward, rotary backward on dq and dk, then q/k/v projections.
-    linear_grads(cx, c, c, pending);
-    let g_attn = mm(cx, nc * p, Temporary, "mm");
-    cx.sim.free_some(&[w_o]);
-    let (dq, dk, dv) = ops::sdpa_bwd(cx);
-    cx.free(g_attn);
-    cx.sim.free_all(&[
-        s.sdpa.out,
-        s.sdpa.lse,
-        s.sdpa.rng[0],
-        s.sdpa.rng[1],
-        s.q_rot,
-        s.k_rot,
-        s.v,
-    ]);
-    let dk_un = cx.alloc(cx.n * kv * p, Temporary, "rotary_backward");
-    cx.free(dk);
-    linear_grads(cx, kv, c, pending);
-    linear_grads(cx, kv, c, pending);
-    cx.sim.free_all(&[dv]);
-    cx.sim.free_some(&[w_k, w_v]);
-    let dq_un = cx.alloc(nc * p, Temporary, "rotary_backward");
-    cx.free(dq);
-    cx.free(dk_un);
-    into_residual(
-        cx,
-        c,
-        dq_un,
-        [w_q, Some(s.h1), Some(s.stats[0]), Some(s.x_in)],
-        g_mid,
-        pending,
-    )
-}
-
-/// Compiled LlamaForCausalLM backward of one micro-step.
-pub fn llama_backward(cx: &mut Ctx, f: LlamaForward) {
-    let mut pending = Vec::new();
-    // HF's loss upcasts the logits (`logits.float()`), but the fused loss backward writes its gradient in the
-    // logits' dtype all the same (measured, pattern passes on). Nothing outside the graph holds the logits.
-    let mut layers = f.layers;
-    // Checkpointed: the last layer's forward runs again before the final norm's backward.
-    let mut last = None;
-    let recompute = |cx: &mut Ctx| match layers.pop() {
-        Some(Saved::Input(x_in)) => {
-            let l = layers.len();
-            cx.sim.layer(Some(l as u32));
-            let (layer, x_out) = llama_layer_fwd(cx, x_in, l == 0);
-            last = Some(Saved::All(layer));
-            cx.sim.layer(None);
-            Some(x_out)
-        }
-        other => {
-            last = other;
-            None
-        }
-    };
-    let HeadBackward {
-        mut g, tied_head, ..
-    } = head_backward(
-        cx,
-        false,
-        &[f.ce_stats[0], f.ce_stats[1], f.labels, f.logits],
-        f.head_cast,
-        f.hf,
-        f.stat_f,
-        f.x_last,
-        recompute,
-        &mut pending,
-    );
-    layers.extend(last);
-    for (l, layer) in layers.into_iter().enumerate().rev() {
-        cx.sim.layer(Some(l as u32));
-        let layer = match layer {
-            Saved::All(layer) => layer,
-            Saved::Input(x_in) => {
-                // An earlier layer's output is not needed again: the recompute's last add is dead code.
-                let (layer, x_out) = llama_layer_fwd(cx, x_in, l == 0);
-                cx.free(x_out);
-                layer
-            }
-        };
-        g = llama_layer_bwd(cx, g, layer, &mut pending);
-    }
-    cx.sim.layer(None);
-    let emb = embedding_backward(cx, tied_head, g, None);
-    cx.sim.free_all(&[f.input_ids, f.loss]);
-    land_grad(cx, emb, &mut pending);
     cx.sim.free_all(&pending);
 }

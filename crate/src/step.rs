@@ -6,7 +6,7 @@
 use crate::arch::Program;
 use crate::compiled;
 use crate::eager;
-use crate::model::{Family, Setup};
+use crate::model::Setup;
 use crate::policy::{Optimizer, Precision};
 use crate::sim::Category::{Optimizer as OptState, Temporary, Weights};
 use crate::sim::{allocator_capacity, block_bytes, Sim, Tensor};
@@ -127,18 +127,18 @@ pub fn simulate_first_forward(setup: &Setup) -> Result<Sim, Error> {
     let tr = &setup.train;
     cx.sim.stage(1, "forward");
     let (x, y) = eager::get_batch(&mut cx);
-    match setup.model.family {
-        Family::Gpt2 if tr.compile => {
-            let _ = compiled::forward(&mut cx, x, y, tr.attention, tr.checkpointing);
-        }
-        Family::Llama if tr.compile => {
-            let _ = compiled::llama_forward(&mut cx, x, tr.checkpointing);
-        }
-        _ => {
-            let _ = eager::forward(&mut cx, x, y, tr.checkpointing);
-        }
+    if tr.compile {
+        let _ = compiled::forward(&mut cx, x, y, tr.checkpointing);
+    } else {
+        let _ = eager::forward(&mut cx, x, y, tr.checkpointing);
     }
     Ok(sim)
+}
+
+/// A forward's saved state, for the backward of the same mode.
+enum Pass {
+    Eager(eager::Forward),
+    Compiled(compiled::Forward),
 }
 
 /// What the training loop keeps between micro-steps.
@@ -164,48 +164,40 @@ impl Loop {
     /// One micro-step: forward with the loss, autocast's exit, backward (gradients accumulate into `.grad`).
     fn micro_step(&mut self, cx: &mut Ctx, setup: &Setup, step: u32) {
         let tr = &setup.train;
-        match (cx.arch.program, tr.compile) {
-            (Program::NanoGpt, true) => {
-                let (x, y) = self.batch.take().unwrap_or_else(|| eager::get_batch(cx));
-                cx.sim.stage(step, "forward");
-                let f = compiled::forward(cx, x, y, tr.attention, tr.checkpointing);
-                if let Some(old) = self.logits.replace(f.logits) {
-                    cx.free(old);
-                }
-                self.batch = Some(eager::get_batch(cx));
-                cx.sim.stage(step, "loss backward");
-                self.grad_scaler(cx);
-                compiled::backward(cx, f);
+        let program = cx.arch.program;
+        let (x, y) = self.batch.take().unwrap_or_else(|| eager::get_batch(cx));
+        cx.sim.stage(step, "forward");
+        // nanoGPT's `logits, loss = model(X, Y)` rebinds: the previous micro-step's logits die once the forward
+        // returns. Leaving eager autocast clears its cast cache.
+        let returned = |lp: &mut Loop, cx: &mut Ctx, logits: Option<Tensor>| {
+            if let Some(old) = logits.and_then(|l| lp.logits.replace(l)) {
+                cx.free(old);
             }
-            (Program::HfLoop, true) => {
-                let (x, y) = eager::get_batch(cx);
-                cx.sim.stage(step, "forward");
-                let f = compiled::llama_forward(cx, x, tr.checkpointing);
-                cx.sim.stage(step, "loss backward");
-                self.grad_scaler(cx);
-                compiled::llama_backward(cx, f);
-                cx.free(y);
-            }
-            (program, false) => {
-                let (x, y) = self.batch.take().unwrap_or_else(|| eager::get_batch(cx));
-                cx.sim.stage(step, "forward");
-                let mut f = eager::forward(cx, x, y, tr.checkpointing);
-                // nanoGPT's `logits, loss = model(X, Y)` rebinds: the previous micro-step's logits die now.
-                if let Some(old) = f.logits.take().and_then(|l| self.logits.replace(l)) {
-                    cx.free(old);
-                }
-                cx.clear_autocast_cache();
-                if program == Program::NanoGpt {
-                    self.batch = Some(eager::get_batch(cx));
-                }
-                cx.sim.stage(step, "loss backward");
-                self.grad_scaler(cx);
-                eager::backward(cx, f);
-                // The HF loop's batch dies with the step (the loss held its own shifted copy of the labels).
-                if program == Program::HfLoop {
-                    cx.free(y);
-                }
-            }
+        };
+        let f = if tr.compile {
+            let f = compiled::forward(cx, x, y, tr.checkpointing);
+            let logits = f.returned_logits(cx);
+            returned(self, cx, logits);
+            Pass::Compiled(f)
+        } else {
+            let mut f = eager::forward(cx, x, y, tr.checkpointing);
+            returned(self, cx, f.logits.take());
+            cx.clear_autocast_cache();
+            Pass::Eager(f)
+        };
+        // nanoGPT fetches the next batch while the step's graph is alive.
+        if program == Program::NanoGpt {
+            self.batch = Some(eager::get_batch(cx));
+        }
+        cx.sim.stage(step, "loss backward");
+        self.grad_scaler(cx);
+        match f {
+            Pass::Compiled(f) => compiled::backward(cx, f),
+            Pass::Eager(f) => eager::backward(cx, f),
+        }
+        // The HF loop's batch dies with the step (the loss held its own shifted copy of the labels).
+        if program == Program::HfLoop {
+            cx.free(y);
         }
         cx.have_grads = true;
     }
