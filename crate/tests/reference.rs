@@ -173,16 +173,6 @@ fn every_compiled_config_is_within_tolerance() {
 const STUB_ALLOCATED_TOLERANCE: f64 = 0.02;
 const STUB_RESERVED_TOLERANCE: f64 = 0.03;
 
-/// Stub-cuda records whose allocated figure the estimate does not reach, each with what the measurement shows.
-/// Compiled runs of tiny models peak in step 1, inside Inductor's first call: its autotuner benchmarks kernels on
-/// clones of their arguments, which the estimate does not model; for these the steady state (steps 2 and 3) is
-/// checked instead, and step 1 must indeed be the higher.
-const STEP1_AUTOTUNING: &[&str] = &[
-    "manual-bf16-long-compiled",
-    "tiny-vocab-grads-amp-compiled",
-    "small-bf16-sgdm-dropout-compiled",
-    "llama-64wide-fp16amp-compiled",
-];
 /// Known disagreements between the two methods not yet explained: the estimate follows the fake-cuda replay
 /// (within 0.1% of it) and PyTorch's own allocator holds less. Each must still be within 15%.
 const UNEXPLAINED: &[(&str, &str)] = &[(
@@ -190,8 +180,33 @@ const UNEXPLAINED: &[(&str, &str)] = &[(
     "pure bf16, accumulation 2, 2 x 512 wide, 16 tokens: 13.5 MB less than the fake-cuda replay in steps 2-3",
 )];
 
-/// The stub-cuda records (`tests/data/stub-cuda/*.json`): measured allocated (the steady state for the records of
-/// `STEP1_AUTOTUNING`) and reserved against the estimate's.
+/// Compiled records whose reserved memory the allocator model does not reach within 3%, each with what the
+/// memory snapshots show (each must still be within 10%). Compiled records are re-runs with Inductor's caches
+/// warm (see tests/data/stub-cuda/README.md).
+const RESERVED_KNOWN: &[(&str, &str)] = &[
+    (
+        "llama-3.2-1b-like-b1-compiled",
+        "Inductor hands dead backward buffers to new ones (`# reuse`) where the model frees and allocates",
+    ),
+    (
+        "qwen-like-tied-152k-compiled",
+        "Inductor hands dead backward buffers to new ones (`# reuse`) where the model frees and allocates",
+    ),
+    (
+        "llama-ckpt-bf16-tied-accum2-compiled",
+        "checkpointed recompute inside the compiled backward: its buffers' order is not traced at this size",
+    ),
+    (
+        "shakespeare-char-ckpt-compiled",
+        "checkpointed recompute inside the compiled backward: its buffers' order is not traced at this size",
+    ),
+    (
+        "tiny-vocab-grads-amp-compiled",
+        "50 MiB measured, 48 modelled: one 2 MiB small-pool segment",
+    ),
+];
+
+/// The stub-cuda records (`tests/data/stub-cuda/*.json`): measured allocated and reserved against the estimate's.
 fn stub_rows(file: &str) -> Vec<(String, [u64; 4])> {
     let path = data_dir().join("stub-cuda").join(file);
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -205,14 +220,7 @@ fn stub_rows(file: &str) -> Vec<(String, [u64; 4])> {
             let setup = setup_from_value(&rec["setup"]).unwrap_or_else(|e| panic!("{name}: {e}"));
             let report = vramfit::estimate(&setup).unwrap_or_else(|e| panic!("{name}: {e}"));
             let m = &rec["measured"];
-            let mut allocated = m["peak_allocated_bytes"].as_u64().unwrap();
-            if STEP1_AUTOTUNING.contains(&name) {
-                let steps = m["steps"].as_array().unwrap();
-                let step = |i: usize| steps[i]["peak_allocated_bytes"].as_u64().unwrap();
-                let steady = step(1).max(step(2));
-                assert!(step(0) > steady, "{name}: step 1 is not the peak any more");
-                allocated = steady;
-            }
+            let allocated = m["peak_allocated_bytes"].as_u64().unwrap();
             (
                 name.to_string(),
                 [
@@ -243,7 +251,13 @@ fn judge_stub(file: &str, min_records: usize) -> (String, usize, usize) {
             Some(_) => ea.abs() > 0.15,
             None => ea.abs() > STUB_ALLOCATED_TOLERANCE,
         };
-        let over_r = er.abs() > STUB_RESERVED_TOLERANCE;
+        let reserved_known = RESERVED_KNOWN.iter().find(|(n, _)| n == name);
+        let over_r = match (known, reserved_known) {
+            // The allocated figure is already off: reserved follows it.
+            (Some(_), _) => er.abs() > 0.25,
+            (None, Some(_)) => er.abs() > 0.10,
+            (None, None) => er.abs() > STUB_RESERVED_TOLERANCE,
+        };
         bad_a += over_a as usize;
         bad_r += over_r as usize;
         table += &format!(
@@ -252,7 +266,10 @@ fn judge_stub(file: &str, min_records: usize) -> (String, usize, usize) {
             if over_a { " !" } else { "  " },
             er * 100.0,
             if over_r { " !" } else { "  " },
-            known.map(|(_, why)| format!("  (unexplained: {why})")).unwrap_or_default(),
+            known
+                .map(|(_, why)| format!("  (unexplained: {why})"))
+                .or(reserved_known.map(|(_, why)| format!("  (reserved: {why})")))
+                .unwrap_or_default(),
         );
     }
     (table, bad_a, bad_r)
@@ -270,12 +287,13 @@ fn stub_cuda_eager_records_allocated_and_reserved() {
 }
 
 #[test]
-fn stub_cuda_compiled_records_allocated() {
-    let (table, bad_a, _) = judge_stub("compiled.json", 60);
+fn stub_cuda_compiled_records_allocated_and_reserved() {
+    let (table, bad_a, bad_r) = judge_stub("compiled.json", 60);
     println!("{table}");
     assert!(
-        bad_a == 0,
-        "{bad_a} allocated over {}%:\n{table}",
+        bad_a == 0 && bad_r == 0,
+        "{bad_a} allocated over {}%, {bad_r} reserved over {}%:\n{table}",
         STUB_ALLOCATED_TOLERANCE * 100.0,
+        STUB_RESERVED_TOLERANCE * 100.0
     );
 }
