@@ -12,6 +12,10 @@ Two methods, written into every record:
 
 Usage:  measure.py CASES.json OUT.json [--only NAME]     (see scripts/measure/cases.py for the case list)
 
+A case's model is nanoGPT's GPT ({"family": "gpt2", ...}), HF Llama from vramfit's own keys ({"family": "llama",
+...}), or any decoder Hugging Face builds from its config.json ({"hf": {"model_type": ..., ...}}: build_hf,
+cases-hf.json). VRAMFIT_TRACE=FILE writes every allocation and free of the run (phase, op, bytes, live bytes).
+
 Only this script needs PyTorch; vramfit and its tests never do.
 """
 import json
@@ -305,6 +309,17 @@ def sdpa_as_cuda(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=
         q, k, v = (x.to(dt) if x.is_floating_point() else x for x in (q, k, v))
         if attn_mask is not None and attn_mask.is_floating_point():
             attn_mask = attn_mask.to(dt)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        # at::scaled_dot_product_attention (attention.cpp, convert_boolean_attn_mask) turns a boolean mask into an
+        # additive one in the query's dtype before any backend runs. What it allocates (stub-cuda memory snapshot,
+        # torch 2.15): a 0-dim 0.0 and a 0-dim -inf in that dtype (where's scalar operand, made on the device),
+        # then the additive mask at the mask's full broadcast shape (a batch-expanded 1 x 1 x T x S mask becomes
+        # B x 1 x T x S); the two scalars are freed when it is made. Hugging Face passes a boolean mask when it
+        # cannot use is_causal (a sliding window no longer than the sequence).
+        zero = torch.scalar_tensor(0.0, dtype=q.dtype, device=attn_mask.device)
+        neg_inf = torch.scalar_tensor(-math.inf, dtype=q.dtype, device=attn_mask.device)
+        attn_mask = torch.where(attn_mask, zero, neg_inf)
+        del zero, neg_inf
     params = SDPAParams(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa)
     order = [torch._C._SDPBackend(b) for b in torch._C._get_sdp_priority_order()]
     for backend in order:
@@ -317,6 +332,14 @@ def sdpa_as_cuda(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=
                 rep = q.shape[1] // k.shape[1]
                 k = k.repeat_interleave(rep, dim=1)
                 v = v.repeat_interleave(rep, dim=1)
+            if attn_mask is not None:
+                # attention.cpp, preprocess_mask: the kernel needs every stride but the last a multiple of 8
+                # elements and a dense last dim; otherwise pad_bias copies the mask with its last dim padded to a
+                # multiple of 8 (and slices the view back). Then it is expanded to B x H x T x S (a view).
+                if attn_mask.stride(-1) != 1 or any(st % 8 for st in attn_mask.stride()[:-1]):
+                    n = attn_mask.shape[-1]
+                    attn_mask = F.pad(attn_mask, (0, 8 - n % 8))[..., :n]
+                attn_mask = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
             out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, attn_mask, True, dropout_p,
                                                                          is_causal, scale=scale)
             return out[0]
@@ -547,13 +570,115 @@ def build_llama(m, checkpointing, tracker):
     return model
 
 
+# Any decoder Hugging Face builds from its config.json: a case's model is {"hf": {...config.json fields, with
+# "model_type"...}}. The config is AutoConfig.for_model(model_type, **fields) with use_cache off; the model is
+# AutoModelForCausalLM.from_config(cfg, attn_implementation=...), built directly on the device in the training
+# dtype exactly as build_llama builds Llama (the dtype is passed to from_config, so a config.json's own
+# "torch_dtype"/"dtype" does not decide it: the training precision does), with the same fake-tensor patches of
+# masking_utils, gradient checkpointing the same way and the same loss-phase marker (on the output embedding,
+# which gpt_neox calls embed_out). train.attention "sdpa" (default) is HF's sdpa attention; "manual" or "eager"
+# is HF's eager attention (matmul, softmax in fp32, matmul).
+# Config fields that say nothing about the model (PretrainedConfig's generic ones), left out of the record.
+HF_CONFIG_NOISE = {"_name_or_path", "architectures", "chunk_size_feed_forward", "id2label", "label2id",
+                   "is_encoder_decoder", "output_attentions", "output_hidden_states", "problem_type", "return_dict",
+                   "transformers_version"}
+
+
+def hf_attn_implementation(attention):
+    return "eager" if attention in ("manual", "eager") else "sdpa"
+
+
+def build_hf(fields, attention, checkpointing, tracker):
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if FAKE:
+        # As build_llama: not tracing, not packed (see there).
+        import transformers.masking_utils as mu
+        mu.is_tracing = lambda *a, **k: False
+        mu.find_packed_sequence_indices = lambda *a, **k: None
+    fields = dict(fields)
+    model_type = fields.pop("model_type")
+    fields["use_cache"] = False
+    cfg = AutoConfig.for_model(model_type, **fields)
+    build_tensor = torch.tensor
+    if FAKE:
+        # Some models make a buffer from a host value: Gemma's embedding scale is
+        # `nn.Buffer(torch.tensor(sqrt(hidden_size)))` under the device context, a real host-to-device copy below
+        # every mode, which the no-GPU stub cannot do. Under FakeTensorMode such a tensor becomes a fake CUDA
+        # tensor of the same shape and dtype (one 512 B block, as the real copy's); no value is read from it.
+        def build_tensor(data, *args, device=None, requires_grad=False, **kwargs):
+            import torch.utils._device as device_ctx  # the `with torch.device(...)` the model is built under
+            dev = torch.device(device if device is not None else device_ctx.CURRENT_DEVICE or "cpu")
+            if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None or dev.type != "cuda":
+                return orig_tensor(data, *args, device=device, requires_grad=requires_grad, **kwargs)
+            host = orig_tensor(data, *args, device="cpu", **kwargs)
+            return torch.empty(host.shape, dtype=host.dtype, device=dev, requires_grad=requires_grad)
+    orig_tensor, torch.tensor = torch.tensor, build_tensor
+    try:
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=hf_attn_implementation(attention),
+                                                 dtype=torch.get_default_dtype())
+    finally:
+        torch.tensor = orig_tensor
+    moe_patch = patch_moe_routing(model)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not getattr(tracker, "compiled", False):
+        model.get_output_embeddings().register_forward_pre_hook(lambda *a: tracker.set_sub("loss"))
+    resolved = {k: v for k, v in model.config.to_dict().items() if k not in HF_CONFIG_NOISE}
+    resolved["dtype"] = str(resolved.get("dtype")).replace("torch.", "")
+    model.vramfit_hf = {"transformers_version": transformers.__version__,
+                        "model_class": type(model).__name__,
+                        "attn_implementation": model.config._attn_implementation,
+                        **({"moe_routing": moe_patch} if moe_patch else {}),
+                        "config": resolved}
+    return model
+
+
+# Mixture of experts (mixtral, qwen2_moe, olmoe): which experts a token goes to depends on the data, and on the
+# stub-cuda device no kernel runs (the router's top-k indices are never computed; copies to the host read zeros).
+# The routing is therefore forced: balanced, each expert getting tokens * top_k / n_experts of the token-expert
+# pairs. Each router (`*TopKRouter`, the same in the three families in transformers 5.24) runs as it is (its
+# linear, fp32 softmax and top-k allocate as they do) and its top-k indices are then overwritten in place with
+# pair p -> expert p % n_experts (the k experts of a token are distinct when k <= n_experts). The overwrite goes
+# through `.data`, so no byte is allocated and autograd's saved copy of those indices (top-k's backward) is not
+# version-bumped. With transformers 5.24's default experts implementation on CUDA, `grouped_mm`, no allocation
+# depends on the routing anyway: every one of the tokens * top_k pairs is gathered into one buffer sorted by
+# expert, the grouped GEMMs read the per-expert offsets on the device, and the expert weights' gradients are
+# dense; VRAMFIT_MOE_ROUTING=router (the router's own choice) measures the same bytes. Only the `eager` experts
+# implementation (a Python loop over the experts hit, sized by `nonzero`/`where`) depends on the routing; it is
+# not what a CUDA run uses by default, and on the stub device it would see no expert hit at all.
+def patch_moe_routing(model):
+    if os.environ.get("VRAMFIT_MOE_ROUTING") == "router":
+        return None
+    routers = [mod for mod in model.modules()
+               if type(mod).__name__.endswith("TopKRouter") and hasattr(mod, "num_experts") and hasattr(mod, "top_k")]
+    if not routers:
+        return None
+
+    def balanced(router):
+        route = router.forward
+
+        def forward(hidden_states):
+            logits, scores, indices = route(hidden_states)
+            flat = indices.data.view(-1)
+            torch.arange(flat.numel(), out=flat)
+            flat.remainder_(router.num_experts)
+            return logits, scores, indices
+        return forward
+
+    for router in routers:
+        router.forward = balanced(router)
+    return {"routing": "balanced: token-expert pair p goes to expert p % n_experts (router patched)",
+            "routers": len(routers), "experts_implementation": model.config._experts_implementation}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # One run: build, then three training steps as the family's loop runs them.
 def run_case(case):
     m, tr = case["model"], case["train"]
-    family = m["family"]
+    family = m["family"] if "family" in m else "hf"
     precision, opt_name = tr["precision"], tr["optimizer"]
-    B, T = tr["batch_size"], tr.get("seq_len") or m["block_size"]
+    B, T = tr["batch_size"], tr.get("seq_len") or m.get("block_size") or m["hf"]["max_position_embeddings"]
     accum = tr.get("grad_accum_steps", 1)
     compiled = bool(tr.get("compile", False))
     grad_clip = tr.get("grad_clip", 1.0)
@@ -588,6 +713,10 @@ def run_case(case):
     with torch.device(dev):
         if family == "gpt2":
             model = GPT(m, tr.get("attention", "sdpa"), tr.get("checkpointing", False), tracker)
+        elif family == "hf":
+            tracker.compiled = compiled
+            model = build_hf(m["hf"], tr.get("attention", "sdpa"), tr.get("checkpointing", False), tracker)
+            hf_info = model.vramfit_hf
         else:
             tracker.compiled = compiled
             model = build_llama(m, tr.get("checkpointing", False), tracker)
@@ -629,7 +758,7 @@ def run_case(case):
             return torch.autocast("cuda", enabled=False)
         return torch.autocast("cuda", dtype=amp_dtype)
 
-    vocab = m["vocab_size"]
+    vocab = m["vocab_size"] if family != "hf" else hf_info["config"]["vocab_size"]
 
     def get_batch():
         x = torch.randint(vocab, (B, T), device=dev)
@@ -726,6 +855,8 @@ def run_case(case):
         "hidden_allocations": sorted({h["name"] for h in tracker.hidden}),
         **({"self_check": checked} if checked else {}),
         **({"pad_mm_decisions": PAD_MM["decisions"]} if compiled and FAKE else {}),
+        # Popped into the record by main() and measure_stub.py: what Hugging Face built, as it resolved it.
+        **({"hf": hf_info} if family == "hf" else {}),
     }
 
 
@@ -757,6 +888,7 @@ def main():
                   f"with VRAMFIT_STUB_CC={round(cc * 10)})" % torch.cuda.get_device_capability(), flush=True)
             continue
         measured = run_case(case)
+        hf = measured.pop("hf", None)
         rec = {"name": case["name"], "setup": {"model": case["model"], "train": case["train"],
                                                **({"device": case["device"]} if "device" in case else {})},
                "measured": measured,
@@ -765,6 +897,9 @@ def main():
                "device": "simulated sm_%d%d CUDA device, cuBLAS workspace %d KiB per GEMM"
                % (*torch.cuda.get_device_capability(), cublas_workspace_bytes() // 1024)
                if FAKE else torch.cuda.get_device_name()}
+        if hf:
+            rec["versions"] = {"transformers": hf.pop("transformers_version")}
+            rec["hf"] = hf
         results["records"] = [r for r in results["records"] if r["name"] != case["name"]] + [rec]
         print(f"{case['name']:40s} peak {measured['peak_allocated_bytes'] / 2**20:10.2f} MiB at "
               f"{measured['peak_phase']} ({measured['peak_op']})", flush=True)
