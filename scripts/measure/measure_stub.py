@@ -3,7 +3,11 @@
 caching allocator, on a GPU that does not exist (stub_cuda.py, stubs/). The figures are PyTorch's own counters:
 torch.cuda.max_memory_allocated(), max_memory_reserved() and memory_stats(), read after each of three steps.
 
-Usage:  measure_stub.py CASES.json OUT.json [--only NAME] [--snapshots DIR] [--redo]
+Usage:  measure_stub.py CASES.json OUT.json [--only NAME] [--snapshots DIR] [--redo] [--rerun]
+
+--rerun (compiled cases): each case runs twice with an Inductor cache of its own, first cold, then again with
+that cache warm; the record is the second run's, with the first run's peaks kept as `first_run` (the first run of
+a script autotunes kernels on copies of their arguments; see tests/data/stub-cuda/README.md).
 
 Each case runs in its own process on a device with the case's compute capability (its "device" entry; sm_90
 otherwise), that GPU's SM count and memory (stubs/driver.c). Models, inputs and the training loop are
@@ -22,8 +26,10 @@ Only this script needs PyTorch; vramfit and its tests never do.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -106,6 +112,7 @@ def main():
     only = args[args.index("--only") + 1] if "--only" in args else None
     snaps = args[args.index("--snapshots") + 1] if "--snapshots" in args else None
     redo = "--redo" in args
+    rerun = "--rerun" in args
     results = json.load(open(out_path)) if os.path.exists(out_path) else {"records": []}
     done = {r["name"] for r in results["records"]}
     if only:  # in the order given
@@ -124,15 +131,34 @@ def main():
         snap = os.path.join(os.path.abspath(snaps), case["name"] + ".pickle") if snaps else ""
         if snaps:
             os.makedirs(snaps, exist_ok=True)
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(case), snap],
-                           env=env, capture_output=True, text=True)
-        lines = [l for l in p.stdout.splitlines() if l.startswith("VRAMFIT-RECORD ")]
+        first = None
+        runs = 2 if rerun else 1
+        if rerun:
+            env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="vramfit-inductor-")
+        for i in range(runs):
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(case),
+                                snap if i == runs - 1 else ""], env=env, capture_output=True, text=True)
+            lines = [l for l in p.stdout.splitlines() if l.startswith("VRAMFIT-RECORD ")]
+            if p.returncode != 0 or not lines:
+                break
+            if i < runs - 1:
+                m = json.loads(lines[-1][len("VRAMFIT-RECORD "):])["measured"]
+                first = {"note": "the case's first run, Inductor's caches cold (it compiles and autotunes)",
+                         "peak_allocated_bytes": m["peak_allocated_bytes"],
+                         "peak_reserved_bytes": m["peak_reserved_bytes"],
+                         "steps": [{k: st[k] for k in ("step", "peak_allocated_bytes", "peak_reserved_bytes")}
+                                   for st in m["steps"]]}
+        if rerun:
+            shutil.rmtree(env["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
         if p.returncode != 0 or not lines:
             print(f"{case['name']:40s} FAILED (exit {p.returncode})\n{p.stderr[-3000:]}", flush=True)
             continue
         rec = {"name": case["name"], "setup": {"model": case["model"], "train": case["train"],
                                                **({"device": case["device"]} if "device" in case else {})},
                **json.loads(lines[-1][len("VRAMFIT-RECORD "):])}
+        if first:
+            rec["inductor_caches"] = "warm: a re-run, Inductor's caches holding this case's graphs from its first run"
+            rec["first_run"] = first
         if snap:
             subprocess.run(["gzip", "-9f", snap], check=True)
             rec["snapshot"] = os.path.relpath(snap + ".gz", os.path.dirname(os.path.abspath(out_path)))
