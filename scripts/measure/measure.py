@@ -10,7 +10,7 @@ Two methods, written into every record:
                  Allocations that CUDA kernels make internally (which fake kernels never make) are added as
                  explicit "hidden" allocations, each named below with its source.
 
-Usage:  measure.py CASES.json OUT.json [--only NAME]     (see scripts/measure/cases.py for the case list)
+Usage:  measure.py CASES.json OUT.json [--only NAME] [--eager-only]     (see scripts/measure/cases.py for the case list)
 
 A case's model is nanoGPT's GPT ({"family": "gpt2", ...}), HF Llama from vramfit's own keys ({"family": "llama",
 ...}), or any decoder Hugging Face builds from its config.json ({"hf": {"model_type": ..., ...}}: build_hf,
@@ -874,6 +874,8 @@ def main():
     args = sys.argv[1:]
     cases = json.load(open(args[0]))
     only = args[args.index("--only") + 1] if "--only" in args else None
+    if "--eager-only" in args:  # cases-hf.json mixes both; its fake-cuda cross-check is eager
+        cases = [c for c in cases if not c["train"].get("compile")]
     out_path = args[1]
     results = json.load(open(out_path)) if os.path.exists(out_path) else {"records": []}
     done = {r["name"] for r in results["records"]}

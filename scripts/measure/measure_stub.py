@@ -5,9 +5,10 @@ torch.cuda.max_memory_allocated(), max_memory_reserved() and memory_stats(), rea
 
 Usage:  measure_stub.py CASES.json OUT.json [--only NAME] [--snapshots DIR] [--redo] [--rerun]
 
---rerun (compiled cases): each case runs twice with an Inductor cache of its own, first cold, then again with
-that cache warm; the record is the second run's, with the first run's peaks kept as `first_run` (the first run of
-a script autotunes kernels on copies of their arguments; see tests/data/stub-cuda/README.md).
+--rerun (compiled cases; eager cases run once): each case runs twice with an Inductor cache of its own, first
+cold, then again with that cache warm; the record is the second run's, with the first run's peaks kept as
+`first_run` (the first run of a script autotunes kernels on copies of their arguments; see
+tests/data/stub-cuda/README.md).
 
 Each case runs in its own process on a device with the case's compute capability (its "device" entry; sm_90
 otherwise), that GPU's SM count and memory (stubs/driver.c). Models, inputs and the training loop are
@@ -132,6 +133,7 @@ def main():
         if snaps:
             os.makedirs(snaps, exist_ok=True)
         first = None
+        rerun = "--rerun" in args and bool(case["train"].get("compile"))  # eager cases run once
         runs = 2 if rerun else 1
         if rerun:
             env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="vramfit-inductor-")
