@@ -4,11 +4,12 @@ import init, * as vf from './pkg/entry.js';
 
 const $ = (id) => document.getElementById(id);
 const KNOBS = ['family', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'intermediate_size', 'vocab_size', 'block_size',
-  'bias', 'tie_embeddings', 'dropout', 'batch_size', 'seq_len', 'precision', 'optimizer', 'attention',
+  'bias', 'tie_embeddings', 'sliding_window', 'dropout', 'batch_size', 'seq_len', 'precision', 'optimizer', 'attention',
   'compile', 'checkpointing', 'grad_accum_steps', 'grad_clip', 'zero_grad_set_to_none', 'alloc_conf', 'memory_gib',
   'compute_capability'];
 const GPT2_ONLY = ['bias'];
-const LLAMA_ONLY = ['n_kv_head', 'intermediate_size', 'tie_embeddings'];
+// Fields of the Hugging Face families (llama, mistral, qwen2): the class "llama-only" in index.html.
+const LLAMA_ONLY = ['n_kv_head', 'intermediate_size', 'tie_embeddings', 'sliding_window'];
 const DEFAULT_PRESET = 'nanogpt-30m';
 const DEFAULT_GPU = 'rtx-4070';
 // The device's fields: they follow the GPU select, and nothing but the GPU (or a person typing) changes them.
@@ -35,7 +36,7 @@ function formQuery() {
   const family = $('family').value;
   for (const k of KNOBS) {
     if (family === 'gpt2' && LLAMA_ONLY.includes(k)) continue;
-    if (family === 'llama' && GPT2_ONLY.includes(k)) continue;
+    if (family !== 'gpt2' && GPT2_ONLY.includes(k)) continue;
     const input = $(k);
     if (input.type === 'checkbox') p.set(k, input.checked ? '1' : '0');
     else if (input.value !== '') p.set(k, input.value);
@@ -72,7 +73,7 @@ function showGpuDetail() {
 }
 
 function showFamily() {
-  const llama = $('family').value === 'llama';
+  const llama = $('family').value !== 'gpt2';
   document.querySelectorAll('.llama-only').forEach((e) => { e.hidden = !llama; });
   document.querySelectorAll('.gpt2-only').forEach((e) => { e.hidden = llama; });
 }

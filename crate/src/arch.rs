@@ -82,7 +82,9 @@ pub struct Arch {
     pub norm: Norm,
     pub qkv: Qkv,
     pub core: Core,
-    /// Biases in the attention's and the MLP's Linears.
+    /// Biases in the q, k and v projections (nanoGPT's fused `c_attn` with `bias`; Qwen2's q/k/v_proj).
+    pub qkv_bias: bool,
+    /// Biases in the attention's output projection and the MLP's Linears.
     pub linear_bias: bool,
     pub mlp: Mlp,
     /// Dropout after the embeddings, on the attention probabilities (manual core) and on both residual branches
@@ -106,6 +108,7 @@ impl Arch {
                     Attention::Sdpa => Core::Sdpa,
                     Attention::Manual => Core::Manual,
                 },
+                qkv_bias: m.bias,
                 linear_bias: m.bias,
                 mlp: Mlp::Gelu,
                 dropout: m.dropout > 0.0,
@@ -113,11 +116,15 @@ impl Arch {
                 loss: Loss::CrossEntropy,
                 program: Program::NanoGpt,
             },
-            Family::Llama => Arch {
+            // Mistral's layers are Llama's; its sliding window changes nothing while the sequence is shorter
+            // than the window (`Setup::validate` refuses longer ones). Qwen2 adds q/k/v biases (`Qwen2Attention`:
+            // `bias=True` on q_proj, k_proj, v_proj, not on o_proj).
+            Family::Llama | Family::Mistral | Family::Qwen2 => Arch {
                 positions: Positions::Rotary,
                 norm: Norm::RmsNorm,
                 qkv: Qkv::Separate,
                 core: Core::Sdpa,
+                qkv_bias: m.family == Family::Qwen2,
                 linear_bias: false,
                 mlp: Mlp::SwiGlu,
                 dropout: false,
@@ -143,13 +150,13 @@ impl Arch {
         let c = m.n_embd;
         let kv = m.kv_dim();
         let i = m.intermediate_size;
-        let bias = self.linear_bias;
+        let (qkv_bias, bias) = (self.qkv_bias, self.linear_bias);
         let norm_bias = matches!(self.norm, Norm::LayerNorm { bias: true });
         let norm = |v: &mut Vec<(u64, bool)>| {
             v.extend(std::iter::repeat_n((c, false), 1 + usize::from(norm_bias)));
         };
         // Linear: out x in weight (+ out bias).
-        let linear = |v: &mut Vec<(u64, bool)>, out_f: u64, in_f: u64| {
+        let linear = |v: &mut Vec<(u64, bool)>, out_f: u64, in_f: u64, bias: bool| {
             v.push((out_f * in_f, true));
             if bias {
                 v.push((out_f, false));
@@ -166,26 +173,26 @@ impl Arch {
                 norm(&mut v);
             }
             match self.qkv {
-                Qkv::Fused => linear(&mut v, 3 * c, c),
+                Qkv::Fused => linear(&mut v, 3 * c, c, qkv_bias),
                 Qkv::Separate => {
-                    linear(&mut v, c, c);
-                    linear(&mut v, kv, c);
-                    linear(&mut v, kv, c);
+                    linear(&mut v, c, c, qkv_bias);
+                    linear(&mut v, kv, c, qkv_bias);
+                    linear(&mut v, kv, c, qkv_bias);
                 }
             }
-            linear(&mut v, c, c);
+            linear(&mut v, c, c, bias);
             if norms_first {
                 norm(&mut v);
             }
             match self.mlp {
                 Mlp::Gelu => {
-                    linear(&mut v, i, c);
-                    linear(&mut v, c, i);
+                    linear(&mut v, i, c, bias);
+                    linear(&mut v, c, i, bias);
                 }
                 Mlp::SwiGlu => {
-                    linear(&mut v, i, c);
-                    linear(&mut v, i, c);
-                    linear(&mut v, c, i);
+                    linear(&mut v, i, c, bias);
+                    linear(&mut v, i, c, bias);
+                    linear(&mut v, c, i, bias);
                 }
             }
             if !norms_first {

@@ -617,9 +617,10 @@ fn norm_grads(cx: &mut Ctx, pending: &mut Vec<Tensor>) {
     }
 }
 
-fn linear_grads(cx: &mut Ctx, out_f: u64, in_f: u64, pending: &mut Vec<Tensor>) {
+/// A Linear's weight gradient and, with `bias`, its bias's.
+fn linear_grads(cx: &mut Ctx, out_f: u64, in_f: u64, bias: bool, pending: &mut Vec<Tensor>) {
     param_grad(cx, out_f * in_f, true, pending);
-    if cx.arch.linear_bias {
+    if bias {
         param_grad(cx, out_f, false, pending);
     }
 }
@@ -653,7 +654,7 @@ fn block_bwd(
     let (g_branch, out_f, w_in) = mlp_bwd(cx, s.mlp, pending);
     let g_mid = into_residual(
         cx,
-        out_f,
+        (out_f, cx.arch.linear_bias),
         g_branch,
         [w_in, Some(s.norm2.out), Some(s.norm2.stat), Some(s.x_mid)],
         g_out,
@@ -663,7 +664,7 @@ fn block_bwd(
     let (g_branch, out_f, w_in) = attn_bwd(cx, s.attn, s.masks[0], pending);
     into_residual(
         cx,
-        out_f,
+        (out_f, cx.arch.qkv_bias),
         g_branch,
         [w_in, Some(s.norm1.out), Some(s.norm1.stat), Some(s.x_in)],
         g_mid,
@@ -685,11 +686,11 @@ fn mlp_bwd(cx: &mut Ctx, s: MlpSaved, pending: &mut Vec<Tensor>) -> (Tensor, u64
         MlpSaved::Gelu { w_fc, h, w_mlp, g } => {
             let g_h = if cx.arch.linear_bias && !cx.prec.autocast() {
                 let g_h = mm(cx, cx.n * i * p, Temporary, "mm");
-                linear_grads(cx, c, i, pending);
+                linear_grads(cx, c, i, cx.arch.linear_bias, pending);
                 cx.free(g);
                 g_h
             } else {
-                linear_grads(cx, c, i, pending);
+                linear_grads(cx, c, i, cx.arch.linear_bias, pending);
                 cx.free(g);
                 mm(cx, cx.n * i * p, Temporary, "mm")
             };
@@ -703,13 +704,13 @@ fn mlp_bwd(cx: &mut Ctx, s: MlpSaved, pending: &mut Vec<Tensor>) -> (Tensor, u64
             out: [gate, up, prod],
             casts: [w_gate, w_up, w_down],
         } => {
-            linear_grads(cx, c, i, pending);
+            linear_grads(cx, c, i, cx.arch.linear_bias, pending);
             let g_prod = mm(cx, cx.n * i * p, Temporary, "mm");
             cx.free(prod);
             cx.sim.free_some(&[w_down]);
             let g_gate = cx.alloc(cx.n * i * p, Temporary, "silu_mul_backward");
             cx.sim.free_all(&[gate, up]);
-            linear_grads(cx, i, c, pending);
+            linear_grads(cx, i, c, cx.arch.linear_bias, pending);
             cx.sim.free_some(&[w_up]);
             cx.free(g_prod);
             (g_gate, i, w_gate)
@@ -728,7 +729,7 @@ fn attn_bwd(
     let c = cx.m.n_embd;
     let nc = cx.n * c;
     let p = cx.p;
-    linear_grads(cx, c, c, pending);
+    linear_grads(cx, c, c, cx.arch.linear_bias, pending);
     let g_y = mm(cx, nc * p, Temporary, "mm");
     match a {
         Attn::Fused {
@@ -798,8 +799,8 @@ fn attn_bwd(
             ]);
             let dk_un = cx.alloc(cx.n * kv * p, Temporary, "rotary_backward");
             cx.free(dk);
-            linear_grads(cx, kv, c, pending);
-            linear_grads(cx, kv, c, pending);
+            linear_grads(cx, kv, c, cx.arch.qkv_bias, pending);
+            linear_grads(cx, kv, c, cx.arch.qkv_bias, pending);
             cx.sim.free_all(&[dv]);
             cx.sim.free_some(&[w_k, w_v]);
             let dq_un = cx.alloc(nc * p, Temporary, "rotary_backward");
@@ -810,20 +811,20 @@ fn attn_bwd(
     }
 }
 
-/// The end of a branch's backward: its first Linear (out_f x C) gives its weight gradient and the gradient of
+/// The end of a branch's backward: its first Linear (out_f x C, with or without a bias) gives its weight gradient and the gradient of
 /// the norm's output; the norm's backward, fused with the residual add, gives the new residual gradient. Frees
 /// the Linear's incoming gradient, then `saved` (weight cast, norm output, norm statistic, norm input) and the
 /// previous residual gradient.
 fn into_residual(
     cx: &mut Ctx,
-    out_f: u64,
+    (out_f, bias): (u64, bool),
     g_branch: Tensor,
     saved: [Option<Tensor>; 4],
     g_prev: ResidualGrad,
     pending: &mut Vec<Tensor>,
 ) -> ResidualGrad {
     let nc = cx.n * cx.m.n_embd;
-    linear_grads(cx, out_f, cx.m.n_embd, pending);
+    linear_grads(cx, out_f, cx.m.n_embd, bias, pending);
     let g_norm = mm(cx, nc * cx.p, Temporary, "mm");
     cx.free(g_branch);
     cx.sim.free_some(&saved[..2]);

@@ -386,7 +386,7 @@ fn fused_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
     let nc = cx.n * c;
     let bias = cx.arch.linear_bias;
     let (r, p) = (cx.r, cx.p);
-    let (qkv, c_attn) = ops::linear_fwd(cx, r, c, 3 * c, bias, Activations);
+    let (qkv, c_attn) = ops::linear_fwd(cx, r, c, 3 * c, cx.arch.qkv_bias, Activations);
     // SDPA saves q, k, v (views of the fused QKV output); the manual path copies them instead, so the fused
     // output (and, under autocast, the unsaved fp32 dropout output) die when the attention call returns.
     let (core, y, qkv_kept, dead_at_return) = match cx.arch.core {
@@ -429,10 +429,10 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
     let kv = cx.m.kv_dim();
     let nc = cx.n * c;
     let (r, p) = (cx.r, cx.p);
-    let bias = cx.arch.linear_bias;
-    let (q_out, q) = ops::linear_fwd(cx, r, c, c, bias, Temporary);
-    let (k_out, k) = ops::linear_fwd(cx, r, c, kv, bias, Temporary);
-    let (v_out, v) = ops::linear_fwd(cx, r, c, kv, bias, Activations);
+    let (bias, qkv_bias) = (cx.arch.linear_bias, cx.arch.qkv_bias);
+    let (q_out, q) = ops::linear_fwd(cx, r, c, c, qkv_bias, Temporary);
+    let (k_out, k) = ops::linear_fwd(cx, r, c, kv, qkv_bias, Temporary);
+    let (v_out, v) = ops::linear_fwd(cx, r, c, kv, qkv_bias, Activations);
     let q_rot = rope_fwd(cx, c);
     let k_rot = rope_fwd(cx, kv);
     cx.free(q_out);

@@ -69,6 +69,7 @@ pub fn setup_from_bytes(data: &[u8]) -> Setup {
             dropout: if flags & 4 != 0 { b.f64() } else { 0.0 },
             intermediate_size: b.u64(),
             tie_embeddings: flags & 8 != 0,
+            sliding_window: 0,
         },
         train: TrainConfig {
             batch_size: b.u64(),
@@ -111,6 +112,14 @@ pub fn setup_from_bytes(data: &[u8]) -> Setup {
     }
     if alloc & 4 != 0 {
         c.garbage_collection_threshold = Some(b.f64());
+    }
+    // Hugging Face families and the sliding window from the bytes after that.
+    let hf = b.byte();
+    if setup.model.family != Family::Gpt2 {
+        setup.model.family = [Family::Llama, Family::Mistral, Family::Qwen2][usize::from(hf % 3)];
+    }
+    if hf & 4 != 0 {
+        setup.model.sliding_window = b.u64();
     }
     setup
 }

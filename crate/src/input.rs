@@ -24,6 +24,7 @@ const MODEL_FIELDS: &[&str] = &[
     "dropout",
     "intermediate_size",
     "tie_embeddings",
+    "sliding_window",
 ];
 const TRAIN_FIELDS: &[&str] = &[
     "batch_size",
@@ -168,23 +169,31 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
     let block_size = required(get_u64(m, "model.", "block_size")?, "model.block_size")?;
     let (n_kv_head, intermediate_size, tie) = match family {
         Family::Gpt2 => {
-            for k in ["n_kv_head", "intermediate_size", "tie_embeddings"] {
+            for k in [
+                "n_kv_head",
+                "intermediate_size",
+                "tie_embeddings",
+                "sliding_window",
+            ] {
                 if m.contains_key(k) {
                     return Err(Error::invalid(
                         &format!("model.{k}"),
                         &m[k],
-                        "is a llama field; gpt2 has none",
+                        "is a Hugging Face field; gpt2 has none",
                     ));
                 }
             }
             (n_head, n_embd.saturating_mul(4), true)
         }
-        Family::Llama => {
+        hf => {
             if m.contains_key("bias") {
                 return Err(Error::invalid(
                     "model.bias",
                     &m["bias"],
-                    "is a gpt2 field; llama has no biases",
+                    format!(
+                        "is a gpt2 field; {} has its own biases (qwen2: q, k and v; llama and mistral: none)",
+                        hf.name()
+                    ),
                 ));
             }
             (
@@ -209,6 +218,7 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
         dropout: get_f64(m, "model.", "dropout")?.unwrap_or(0.0),
         intermediate_size,
         tie_embeddings: tie,
+        sliding_window: get_u64(m, "model.", "sliding_window")?.unwrap_or(0),
     };
     let train = TrainConfig {
         batch_size: get_u64(t, "train.", "batch_size")?.unwrap_or(DEFAULT_BATCH_SIZE),
@@ -282,6 +292,9 @@ pub fn setup_to_value(s: &Setup) -> Value {
         model["n_kv_head"] = m.n_kv_head.into();
         model["intermediate_size"] = m.intermediate_size.into();
         model["tie_embeddings"] = Value::Bool(m.tie_embeddings);
+        if m.sliding_window > 0 {
+            model["sliding_window"] = m.sliding_window.into();
+        }
     }
     let t = &s.train;
     serde_json::json!({
@@ -921,10 +934,10 @@ fn py_display(v: &PyValue) -> String {
 // ---------------------------------------------------------------------------------------------------------
 // Hugging Face config.json.
 
-/// Reads a Llama-style Hugging Face `config.json` (llama, mistral, qwen2) into a model config.
+/// Reads a Hugging Face `config.json` of a family vramfit models (llama, mistral, qwen2) into a model config.
 ///
 /// # Errors
-/// Malformed JSON, a missing dimension, or a model type whose architecture is not Llama-like.
+/// Malformed JSON, a missing dimension, or a `model_type` vramfit does not model (named in the message).
 pub fn hf_config(text: &str) -> Result<(ModelConfig, Vec<String>), Error> {
     let v: Value = serde_json::from_str(text).map_err(|e| Error::Parse {
         source: "config.json".into(),
@@ -934,14 +947,10 @@ pub fn hf_config(text: &str) -> Result<(ModelConfig, Vec<String>), Error> {
     let o = object(&v, "config.json")?;
     let model_type = get_str(o, "", "model_type")?.unwrap_or("llama");
     let mut notes = Vec::new();
-    match model_type {
-        "llama" => {}
-        "mistral" => notes.push(
-            "mistral: sliding-window attention is not modelled (full causal attention)".into(),
-        ),
-        "qwen2" => notes.push(
-            "qwen2: q/k/v biases are not counted (a few thousand parameters per layer)".into(),
-        ),
+    let family = match model_type {
+        "llama" => Family::Llama,
+        "mistral" => Family::Mistral,
+        "qwen2" => Family::Qwen2,
         other => {
             return Err(Error::UnknownValue {
                 field: "model_type".into(),
@@ -949,7 +958,7 @@ pub fn hf_config(text: &str) -> Result<(ModelConfig, Vec<String>), Error> {
                 allowed: &["llama", "mistral", "qwen2"],
             })
         }
-    }
+    };
     let hidden = required(get_u64(o, "", "hidden_size")?, "hidden_size")?;
     let n_head = required(
         get_u64(o, "", "num_attention_heads")?,
@@ -964,8 +973,36 @@ pub fn hf_config(text: &str) -> Result<(ModelConfig, Vec<String>), Error> {
             });
         }
     }
+    // Mistral: `sliding_window` (null in later versions: full attention). Qwen2: only with `use_sliding_window`,
+    // and then on the layers from `max_window_layers` on.
+    let window = |key: &str| -> Result<u64, Error> {
+        Ok(match o.get(key) {
+            None | Some(Value::Null) => 0,
+            Some(_) => get_u64(o, "", key)?.unwrap_or(0),
+        })
+    };
+    let sliding_window = match family {
+        Family::Mistral => window("sliding_window")?,
+        Family::Qwen2 if get_bool(o, "", "use_sliding_window")?.unwrap_or(false) => {
+            let layers = get_u64(o, "", "num_hidden_layers")?.unwrap_or(0);
+            if get_u64(o, "", "max_window_layers")?.is_some_and(|l| l < layers) {
+                return Err(Error::NotModelled {
+                    what: "qwen2 with use_sliding_window on some layers only (max_window_layers)"
+                        .into(),
+                });
+            }
+            window("sliding_window")?
+        }
+        _ => 0,
+    };
+    if sliding_window > 0 {
+        notes.push(format!(
+            "{model_type}: sliding window of {sliding_window} tokens: sequences shorter than it attend as full \
+             causal attention does"
+        ));
+    }
     let m = ModelConfig {
-        family: Family::Llama,
+        family,
         n_layer: required(get_u64(o, "", "num_hidden_layers")?, "num_hidden_layers")?,
         n_head,
         n_kv_head: get_u64(o, "", "num_key_value_heads")?.unwrap_or(n_head),
@@ -976,6 +1013,7 @@ pub fn hf_config(text: &str) -> Result<(ModelConfig, Vec<String>), Error> {
         dropout: get_f64(o, "", "attention_dropout")?.unwrap_or(0.0),
         intermediate_size: required(get_u64(o, "", "intermediate_size")?, "intermediate_size")?,
         tie_embeddings: get_bool(o, "", "tie_word_embeddings")?.unwrap_or(false),
+        sliding_window,
     };
     Ok((m, notes))
 }
@@ -1028,7 +1066,7 @@ mod tests {
         );
         assert_eq!(
             with("family", "\"bert\""),
-            "model.family (\"bert\") is not one of: gpt2, llama"
+            "model.family (\"bert\") is not one of: gpt2, llama, mistral, qwen2"
         );
         assert_eq!(with("bias", "1"), "model.bias (1) must be true or false");
         let e = setup_from_json("{\"model\": \n{").unwrap_err().to_string();
@@ -1101,6 +1139,56 @@ mod tests {
         let (m, _) = hf_config(text).unwrap();
         assert_eq!(m.n_params(), 1_100_048_384);
     }
+
+    /// Mistral-7B-v0.1's and Qwen2.5-0.5B's config.json (abridged to the fields read): the family, the sliding
+    /// window, the biases in the parameter count, and the sliding window's limit.
+    #[test]
+    fn hf_mistral_and_qwen2_configs() {
+        let mistral = r#"{"architectures": ["MistralForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+            "max_position_embeddings": 32768, "model_type": "mistral", "num_attention_heads": 32,
+            "num_hidden_layers": 32, "num_key_value_heads": 8, "sliding_window": 4096,
+            "tie_word_embeddings": false, "vocab_size": 32000}"#;
+        let (m, notes) = hf_config(mistral).unwrap();
+        assert_eq!((m.family, m.sliding_window), (Family::Mistral, 4096));
+        assert_eq!(m.n_params(), 7_241_732_096);
+        assert!(notes[0].contains("4096"), "{notes:?}");
+        let mut s = hf_setup(m);
+        assert_eq!(s.train.seq_len, 2048);
+        s.validate().unwrap();
+        s.train.seq_len = 4096;
+        s.model.block_size = 32768;
+        let e = crate::estimate(&s).unwrap_err().to_string();
+        assert!(e.contains("model.sliding_window (4096)"), "{e}");
+        // The window survives the URL state.
+        s.train.seq_len = 2048;
+        let q = setup_to_query(&s);
+        assert!(
+            q.contains("family=mistral") && q.contains("sliding_window=4096"),
+            "{q}"
+        );
+        assert_eq!(setup_from_query(&q, &mut Vec::new()).unwrap(), s);
+        // v0.2 and later: no window.
+        let (m, _) = hf_config(&mistral.replace("4096,\n", "null,\n")).unwrap();
+        assert_eq!(m.sliding_window, 0);
+
+        let qwen = r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 896, "intermediate_size": 4864,
+            "max_position_embeddings": 32768, "max_window_layers": 24, "model_type": "qwen2",
+            "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2, "sliding_window": 32768,
+            "tie_word_embeddings": true, "use_sliding_window": false, "vocab_size": 151936}"#;
+        let (q, _) = hf_config(qwen).unwrap();
+        assert_eq!((q.family, q.sliding_window), (Family::Qwen2, 0));
+        assert_eq!(q.n_params(), 494_032_768);
+        // Round trip through the setup JSON and the URL query.
+        let s = hf_setup(q);
+        assert_eq!(setup_from_value(&setup_to_value(&s)).unwrap(), s);
+        let e = hf_config(r#"{"model_type": "gemma", "hidden_size": 8}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model_type (\"gemma\") is not one of: llama, mistral, qwen2"),
+            "{e}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1119,6 +1207,7 @@ const QUERY_KEYS: &[(&str, &str, QueryKind)] = &[
     ("dropout", "model", QueryKind::Num),
     ("intermediate_size", "model", QueryKind::Num),
     ("tie_embeddings", "model", QueryKind::Bool),
+    ("sliding_window", "model", QueryKind::Num),
     ("batch_size", "train", QueryKind::Num),
     ("seq_len", "train", QueryKind::Num),
     ("precision", "train", QueryKind::Str),

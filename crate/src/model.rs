@@ -4,22 +4,29 @@ use crate::allocator::AllocatorConfig;
 use crate::error::Error;
 use crate::policy::{Attention, Optimizer, Precision};
 
-/// Decoder-only architectures vramfit models op by op.
+/// Decoder-only architectures vramfit models op by op: each is a description (`arch::Arch::of`), walked by one
+/// eager and one compiled executor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     /// nanoGPT's GPT: learned positions, tied LM head, pre-LN LayerNorm blocks, fused QKV, GELU MLP (4x).
     Gpt2,
     /// Hugging Face `LlamaForCausalLM`: RMSNorm, rotary, grouped-query attention, SwiGLU MLP.
     Llama,
+    /// Hugging Face `MistralForCausalLM`: Llama's layers with sliding-window attention (`sliding_window`).
+    Mistral,
+    /// Hugging Face `Qwen2ForCausalLM`: Llama's layers with biases on the q, k and v projections.
+    Qwen2,
 }
 
 impl Family {
-    pub const NAMES: &'static [&'static str] = &["gpt2", "llama"];
+    pub const NAMES: &'static [&'static str] = &["gpt2", "llama", "mistral", "qwen2"];
 
     pub fn parse(s: &str) -> Result<Family, Error> {
         match s {
             "gpt2" => Ok(Family::Gpt2),
             "llama" => Ok(Family::Llama),
+            "mistral" => Ok(Family::Mistral),
+            "qwen2" => Ok(Family::Qwen2),
             _ => Err(Error::UnknownValue {
                 field: "model.family".into(),
                 value: s.into(),
@@ -32,7 +39,14 @@ impl Family {
         match self {
             Family::Gpt2 => "gpt2",
             Family::Llama => "llama",
+            Family::Mistral => "mistral",
+            Family::Qwen2 => "qwen2",
         }
+    }
+
+    /// Hugging Face's decoder layout (RMSNorm, rotary, separate q/k/v, SwiGLU): every family but nanoGPT's.
+    pub fn is_hf(self) -> bool {
+        self != Family::Gpt2
     }
 }
 
@@ -54,6 +68,9 @@ pub struct ModelConfig {
     pub intermediate_size: u64,
     /// LM head shares the token embedding (always for gpt2).
     pub tie_embeddings: bool,
+    /// Sliding-window attention span in tokens (Mistral's `sliding_window`; Qwen2's when `use_sliding_window`);
+    /// 0 for full causal attention.
+    pub sliding_window: u64,
 }
 
 impl ModelConfig {
@@ -81,6 +98,7 @@ impl ModelConfig {
             // Saturating: a config's n_embd is unchecked here; validation rejects what would not fit.
             intermediate_size: n_embd.saturating_mul(4),
             tie_embeddings: true,
+            sliding_window: 0,
         }
     }
 
@@ -94,44 +112,22 @@ impl ModelConfig {
 
     /// Parameters in one transformer block.
     pub fn block_params(&self) -> u64 {
-        let c = self.n_embd;
-        match self.family {
-            Family::Gpt2 => {
-                let b = u64::from(self.bias);
-                // ln_1, ln_2: weight (+ bias); c_attn 3C x C (+3C); attn c_proj C x C (+C);
-                // c_fc 4C x C (+4C); mlp c_proj C x 4C (+C).
-                2 * (c + b * c)
-                    + (3 * c * c + b * 3 * c)
-                    + (c * c + b * c)
-                    + (4 * c * c + b * 4 * c)
-                    + (4 * c * c + b * c)
-            }
-            Family::Llama => {
-                let kv = self.kv_dim();
-                let i = self.intermediate_size;
-                // input/post-attention RMSNorm weights; q, k, v, o projections; gate, up, down (no biases).
-                2 * c + c * c + 2 * kv * c + c * c + 3 * i * c
-            }
-        }
+        let arch = crate::arch::Arch::of(self, Attention::Sdpa);
+        let mut one = self.clone();
+        one.n_layer = 1;
+        let with = arch.param_tensors(&one).iter().map(|p| p.0).sum::<u64>();
+        one.n_layer = 0;
+        with - arch.param_tensors(&one).iter().map(|p| p.0).sum::<u64>()
     }
 
-    /// Every parameter, each counted once (a tied LM head is the embedding).
+    /// Every parameter, each counted once (a tied LM head is the embedding), as the model's constructor makes
+    /// them (`arch::Arch::param_tensors`).
     pub fn n_params(&self) -> u64 {
-        let c = self.n_embd;
-        let embeddings = match self.family {
-            Family::Gpt2 => self.vocab_size * c + self.block_size * c,
-            Family::Llama => self.vocab_size * c,
-        };
-        let final_norm = match self.family {
-            Family::Gpt2 => c + u64::from(self.bias) * c,
-            Family::Llama => c,
-        };
-        let head = if self.tie_embeddings {
-            0
-        } else {
-            self.vocab_size * c
-        };
-        embeddings + self.n_layer * self.block_params() + final_norm + head
+        crate::arch::Arch::of(self, Attention::Sdpa)
+            .param_tensors(self)
+            .iter()
+            .map(|p| p.0)
+            .sum()
     }
 }
 
@@ -414,13 +410,15 @@ impl Setup {
                 format!("must be at most {MAX_LAYERS}"),
             ));
         }
-        if m.family == Family::Llama && t.attention == Attention::Manual {
+        if m.family.is_hf() && t.attention == Attention::Manual {
             return Err(Error::NotModelled {
-                what: "train.attention (\"manual\") is nanoGPT's path; llama trains with SDPA"
-                    .to_string(),
+                what: format!(
+                    "train.attention (\"manual\") is nanoGPT's path; {} trains with SDPA",
+                    m.family.name()
+                ),
             });
         }
-        if m.family == Family::Llama {
+        if m.family.is_hf() {
             if m.n_kv_head == 0 {
                 return Err(Error::invalid(
                     "model.n_kv_head",
@@ -450,7 +448,7 @@ impl Setup {
                 format!("must be divisible by model.n_kv_head ({})", m.n_kv_head),
             ));
         }
-        if m.family == Family::Llama && !m.head_dim().is_multiple_of(2) {
+        if m.family.is_hf() && !m.head_dim().is_multiple_of(2) {
             return Err(Error::invalid(
                 "model.n_embd",
                 m.n_embd,
@@ -474,13 +472,33 @@ impl Setup {
                 "must be in [0, 1)",
             ));
         }
-        if m.family == Family::Llama && m.dropout != 0.0 {
+        if m.family.is_hf() && m.dropout != 0.0 {
             return Err(Error::NotModelled {
                 what: format!(
-                    "model.dropout ({}) for llama: HF Llama is measured with attention_dropout 0",
-                    m.dropout
+                    "model.dropout ({}) for {}: Hugging Face models are measured with attention_dropout 0",
+                    m.dropout,
+                    m.family.name()
                 ),
             });
+        }
+        // transformers 5 (`masking_utils._ignore_causal_mask_sdpa`) keeps SDPA's `is_causal=True` only while the
+        // sequence is shorter than the window; from there on it passes an explicit sliding-window mask, which
+        // rules out the flash kernel. Not measured yet.
+        if m.sliding_window > 0 && t.seq_len >= m.sliding_window {
+            return Err(Error::NotModelled {
+                what: format!(
+                    "train.seq_len ({}) at or past model.sliding_window ({}): sliding-window attention with an \
+                     explicit mask (shorter sequences attend exactly as full causal attention)",
+                    t.seq_len, m.sliding_window
+                ),
+            });
+        }
+        if m.family == Family::Gpt2 && m.sliding_window != 0 {
+            return Err(Error::invalid(
+                "model.sliding_window",
+                m.sliding_window,
+                "is a Hugging Face field; gpt2 has none",
+            ));
         }
         if !t.grad_clip.is_finite() || t.grad_clip < 0.0 {
             return Err(Error::invalid(
@@ -567,11 +585,12 @@ fn checked_params(m: &ModelConfig) -> Option<u64> {
     let cc = c.checked_mul(c)?;
     let block = match m.family {
         Family::Gpt2 => cc.checked_mul(12)?.checked_add(c.checked_mul(13)?)?,
-        Family::Llama => cc
+        // Llama's layer; the q/k/v biases of Qwen2 (c + 2 kv_dim <= 3c) bound from above.
+        Family::Llama | Family::Mistral | Family::Qwen2 => cc
             .checked_mul(2)?
             .checked_add(m.kv_dim().checked_mul(c)?.checked_mul(2)?)?
             .checked_add(m.intermediate_size.checked_mul(c)?.checked_mul(3)?)?
-            .checked_add(c.checked_mul(2)?)?,
+            .checked_add(c.checked_mul(5)?)?,
     };
     let emb = m
         .vocab_size
@@ -800,7 +819,23 @@ mod tests {
             dropout: 0.0,
             intermediate_size: 5632,
             tie_embeddings: false,
+            sliding_window: 0,
         };
         assert_eq!(m.n_params(), 1_100_048_384);
+        // Qwen2's layers are Llama's with q, k and v biases: Qwen2.5-1.5B's config.json (28 layers, 1536 wide, 12
+        // heads, 2 KV heads, 8960 MLP, vocab 151936, tied) gives its published 1,543,714,304.
+        let q = ModelConfig {
+            family: Family::Qwen2,
+            n_layer: 28,
+            n_head: 12,
+            n_kv_head: 2,
+            n_embd: 1536,
+            block_size: 32768,
+            vocab_size: 151936,
+            intermediate_size: 8960,
+            tie_embeddings: true,
+            ..m
+        };
+        assert_eq!(q.n_params(), 1_543_714_304);
     }
 }

@@ -34,6 +34,15 @@ impl Axis {
         }
     }
 
+    /// The largest value the model takes on this axis: a sliding-window model is estimated only below its
+    /// window (`Setup::validate`), so a block sweep stops there.
+    pub fn limit(self, setup: &Setup) -> u64 {
+        match (self, setup.model.sliding_window) {
+            (Axis::BlockSize, w) if w > 0 => w - 1,
+            _ => u64::MAX,
+        }
+    }
+
     pub fn apply(self, setup: &Setup, value: u64) -> Setup {
         let mut s = setup.clone();
         match self {
@@ -132,7 +141,7 @@ pub fn largest_fitting(
     if !fits(1)? {
         return Ok(None);
     }
-    let (mut lo, mut hi) = (1u64, limit.max(1));
+    let (mut lo, mut hi) = (1u64, limit.min(axis.limit(setup)).max(1));
     if fits(hi)? {
         return Ok(Some(hi));
     }
@@ -225,6 +234,23 @@ pub fn to_csv(axis: Axis, points: &[Point]) -> String {
 mod tests {
     use super::*;
     use crate::presets;
+
+    /// A sliding-window model is estimated below its window only: the largest block that fits stops there.
+    #[test]
+    fn block_axis_stops_below_a_sliding_window() {
+        let mut s = presets::model_preset("mistral-7b").unwrap();
+        s.model.n_layer = 2;
+        s.model.sliding_window = 1024;
+        s.train.seq_len = 512;
+        assert_eq!(Axis::BlockSize.limit(&s), 1023);
+        assert_eq!(Axis::BatchSize.limit(&s), u64::MAX);
+        let huge = u64::MAX / 4;
+        assert_eq!(
+            largest_fitting(&s, Axis::BlockSize, huge, 131_072).unwrap(),
+            Some(1023)
+        );
+        assert!(crate::estimate(&Axis::BlockSize.apply(&s, 1024)).is_err());
+    }
 
     #[test]
     fn fit_map_matches_estimating_every_cell() {

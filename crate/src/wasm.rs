@@ -346,6 +346,7 @@ fn sweep_values(s: &Setup, axis: Axis) -> Vec<u64> {
                 v.push(s.model.block_size);
                 v.sort_unstable();
             }
+            v.retain(|&b| b <= axis.limit(s));
             v
         }
     }
@@ -515,9 +516,11 @@ pub fn draw_sweep(
 /// The batch and block values of the page's fit map: powers of two from 1 and from 64, reaching past the
 /// current values.
 fn fit_map_axes(s: &Setup) -> (Vec<u64>, Vec<u64>) {
+    let mut blocks = sweep::powers_of_two(64, s.model.block_size.saturating_mul(4).max(4096));
+    blocks.retain(|&b| b <= Axis::BlockSize.limit(s));
     (
         sweep::powers_of_two(1, s.train.batch_size.saturating_mul(4).max(64)),
-        sweep::powers_of_two(64, s.model.block_size.saturating_mul(4).max(4096)),
+        blocks,
     )
 }
 

@@ -233,6 +233,35 @@ fn hf_config_json_reads_a_llama() {
     assert_eq!(v["setup"]["model"]["family"], "llama");
 }
 
+/// Qwen2.5-0.5B's config.json: the qwen2 family, its q/k/v biases in the published parameter count, and the
+/// same estimate as the preset; a model type vramfit does not model is one message and exit 2.
+#[test]
+fn hf_config_json_reads_a_qwen2_and_names_an_unknown_model_type() {
+    let v = json_of(&[
+        "estimate",
+        "--hf",
+        &fixture("qwen2.5-0.5b_config.json"),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(v["n_params"], 494_032_768u64);
+    assert_eq!(v["setup"]["model"]["family"], "qwen2");
+    let preset = json_of(&["estimate", "--preset", "qwen2.5-0.5b", "--format", "json"]);
+    assert_eq!(v["peak_allocated_bytes"], preset["peak_allocated_bytes"]);
+    let dir = std::env::temp_dir().join(format!("vramfit-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let gemma = dir.join("config.json");
+    std::fs::write(
+        &gemma,
+        r#"{"model_type": "gemma2", "hidden_size": 2304, "num_attention_heads": 8}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        error_of(&["estimate", "--hf", gemma.to_str().unwrap()]),
+        "error: model_type (\"gemma2\") is not one of: llama, mistral, qwen2"
+    );
+}
+
 #[test]
 fn bad_input_exits_2_with_one_clear_message() {
     assert_eq!(

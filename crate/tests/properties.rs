@@ -68,7 +68,11 @@ fn any_setup() -> impl Strategy<Value = Setup> {
                 (prec, opt, manual, ckpt, clip, sm, accum),
             )| Setup {
                 model: ModelConfig {
-                    family: if llama { Family::Llama } else { Family::Gpt2 },
+                    family: match (llama, bias) {
+                        (false, _) => Family::Gpt2,
+                        (true, false) => Family::Llama,
+                        (true, true) => Family::Qwen2,
+                    },
                     n_layer,
                     n_head,
                     n_kv_head,
@@ -79,6 +83,7 @@ fn any_setup() -> impl Strategy<Value = Setup> {
                     dropout,
                     intermediate_size: inter,
                     tie_embeddings: bias,
+                    sliding_window: 0,
                 },
                 train: TrainConfig {
                     batch_size: batch,
@@ -140,7 +145,11 @@ fn valid_setup() -> impl Strategy<Value = Setup> {
                 let block = 1u64 << log_block;
                 Setup {
                     model: ModelConfig {
-                        family: if llama { Family::Llama } else { Family::Gpt2 },
+                        family: match (llama, bias) {
+                            (false, _) => Family::Gpt2,
+                            (true, false) => Family::Mistral,
+                            (true, true) => Family::Qwen2,
+                        },
                         n_layer,
                         n_head,
                         n_kv_head: if llama && n_head >= 2 {
@@ -155,6 +164,7 @@ fn valid_setup() -> impl Strategy<Value = Setup> {
                         dropout: if llama { 0.0 } else { dropout },
                         intermediate_size: if llama { 3 * n_embd } else { 4 * n_embd },
                         tie_embeddings: !llama || bias,
+                        sliding_window: 0,
                     },
                     train: TrainConfig {
                         batch_size: batch,
@@ -179,13 +189,15 @@ fn valid_setup() -> impl Strategy<Value = Setup> {
         )
 }
 
-/// Parameter tensors: gpt2 has wte, wpe, 4 Linear weights and 2 norms per block (+ biases), ln_f; llama has
-/// the embedding, 7 Linear weights and 2 norms per block, the final norm and an untied head.
+/// Parameter tensors: gpt2 has wte, wpe, 4 Linear weights and 2 norms per block (+ biases), ln_f; llama and
+/// mistral have the embedding, 7 Linear weights and 2 norms per block, the final norm and an untied head; qwen2
+/// adds the q, k and v biases.
 fn n_param_tensors(s: &Setup) -> u64 {
     let m = &s.model;
     match m.family {
         Family::Gpt2 => 2 + m.n_layer * if m.bias { 12 } else { 6 } + if m.bias { 2 } else { 1 },
-        Family::Llama => 1 + m.n_layer * 9 + 1 + u64::from(!m.tie_embeddings),
+        Family::Llama | Family::Mistral => 1 + m.n_layer * 9 + 1 + u64::from(!m.tie_embeddings),
+        Family::Qwen2 => 1 + m.n_layer * 12 + 1 + u64::from(!m.tie_embeddings),
     }
 }
 

@@ -37,8 +37,9 @@ vocab 50304, fp16-amp, fused AdamW, torch.compile):
                        tinyllama-1.1b, llama-3.2-1b, llama-2-7b, mistral-7b, qwen2.5-0.5b)
 
 KNOBS (override the source):
-  --family gpt2|llama  --n-layer N  --n-head N  --n-kv-head N  --n-embd N  --block-size N  --vocab-size N
-  --intermediate-size N  --bias | --no-bias  --tie-embeddings | --no-tie-embeddings  --dropout P
+  --family gpt2|llama|mistral|qwen2  --n-layer N  --n-head N  --n-kv-head N  --n-embd N  --block-size N  --vocab-size N
+  --intermediate-size N  --bias | --no-bias  --tie-embeddings | --no-tie-embeddings  --sliding-window N
+  --dropout P
   --batch-size N  --seq-len N  --precision fp32|fp16-amp|bf16-amp|bf16
   --optimizer adamw|adamw-fused|sgd|sgd-momentum  --attention sdpa|manual
   --checkpointing | --no-checkpointing  --grad-accum-steps N  --grad-clip X
@@ -260,6 +261,7 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                     "--block-size" => ("model", "block_size", false),
                     "--vocab-size" => ("model", "vocab_size", false),
                     "--intermediate-size" => ("model", "intermediate_size", false),
+                    "--sliding-window" => ("model", "sliding_window", false),
                     "--dropout" => ("model", "dropout", false),
                     "--batch-size" => ("train", "batch_size", false),
                     "--seq-len" => ("train", "seq_len", false),
@@ -301,7 +303,12 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
     }
     // Fields of the other family are dropped when the family is switched by flag.
     let other_family_fields: &[&str] = if v["model"]["family"] == "gpt2" {
-        &["n_kv_head", "intermediate_size", "tie_embeddings"]
+        &[
+            "n_kv_head",
+            "intermediate_size",
+            "tie_embeddings",
+            "sliding_window",
+        ]
     } else {
         &["bias"]
     };

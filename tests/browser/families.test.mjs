@@ -1,0 +1,99 @@
+// The Hugging Face families on the page (issue 12): mistral and qwen2 beside llama in the family list, their
+// fields (KV heads, MLP width, tied embeddings, sliding window) shown for each, the sliding window in the URL,
+// its limit as one message, and every estimate equal to the native CLI's.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { serve, launch, openPage, setField, cliPeakBytes } from './helpers.mjs';
+
+const PORT = 8801;
+const WIDGET_PORT = 8802;
+const BLOG_PORT = 8803;
+let server;
+let widgetServer;
+let blogServer;
+let context;
+
+before(async () => {
+  server = await serve(PORT);
+  widgetServer = await serve(WIDGET_PORT);
+  const blogDir = mkdtempSync(join(tmpdir(), 'vramfit-blog-families-'));
+  writeFileSync(join(blogDir, 'index.html'), `<!doctype html><html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,"><title>Qwen</title>
+<script type="module" src="http://127.0.0.1:${WIDGET_PORT}/embed.js"></script></head><body>
+<vram-fit id="qwen" preset="qwen2.5-0.5b" gpu="rtx-4070" show="sliding_window,seq_len" plot="none"></vram-fit>
+</body></html>`);
+  blogServer = await serve(BLOG_PORT, blogDir, true);
+  context = await launch();
+});
+
+after(async () => {
+  await context?.close();
+  server?.close();
+  widgetServer?.close();
+  blogServer?.close();
+});
+
+const peak = async (page) => Number(await page.getAttribute('#peak-allocated', 'data-bytes'));
+const shown = async (page, id) => page.evaluate((i) => !document.getElementById(i).closest('.field').hidden, id);
+
+test('the qwen2 preset estimates as the CLI does, with the Hugging Face fields shown', async () => {
+  const { page, errors } = await openPage(context, server.url);
+  await page.selectOption('#preset', 'qwen2.5-0.5b');
+  await page.waitForFunction(() => document.getElementById('family').value === 'qwen2');
+  for (const id of ['n_kv_head', 'intermediate_size', 'tie_embeddings', 'sliding_window']) {
+    assert.ok(await shown(page, id), `${id} is shown for qwen2`);
+  }
+  assert.ok(!(await shown(page, 'bias')), 'gpt2\'s bias checkbox is hidden');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('family') === 'qwen2');
+  const gpu = ['--compute-capability', '8.9', '--gpu-memory-gib', '12'];
+  assert.equal(await peak(page), cliPeakBytes(['--preset', 'qwen2.5-0.5b', ...gpu]));
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test('a mistral with a sliding window: in the URL, the same estimate below it, one message at it', async () => {
+  const query = 'family=mistral&n_layer=2&n_head=8&n_kv_head=2&n_embd=512&intermediate_size=1024&vocab_size=32000'
+    + '&block_size=4096&tie_embeddings=0&sliding_window=1024&batch_size=2&seq_len=512&compile=0';
+  const { page, errors } = await openPage(context, `${server.url}?${query}`);
+  assert.equal(await page.inputValue('#family'), 'mistral');
+  assert.equal(await page.inputValue('#sliding_window'), '1024');
+  const args = ['--family', 'mistral', '--n-layer', '2', '--n-head', '8', '--n-kv-head', '2', '--n-embd', '512',
+    '--intermediate-size', '1024', '--vocab-size', '32000', '--block-size', '4096', '--no-tie-embeddings',
+    '--sliding-window', '1024', '--batch-size', '2', '--seq-len', '512', '--no-compile',
+    '--compute-capability', '9.0', '--gpu-memory-gib', '80'];
+  const below = await peak(page);
+  assert.equal(below, cliPeakBytes(args));
+  // Below the window, Mistral attends as Llama does.
+  const llama = args.map((a) => (a === 'mistral' ? 'llama' : a)).filter((a, i, all) => a !== '--sliding-window' && all[i - 1] !== '--sliding-window');
+  assert.equal(below, cliPeakBytes(llama));
+  await setField(page, 'seq_len', '2048');
+  await page.waitForFunction(() => document.getElementById('global-error').textContent.includes('sliding_window'));
+  const message = await page.textContent('#global-error');
+  assert.match(message, /train\.seq_len \(2048\) at or past model\.sliding_window \(1024\)/);
+  await setField(page, 'seq_len', '512');
+  await page.waitForFunction(() => document.getElementById('global-error').textContent === '');
+  assert.equal(await peak(page), below);
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test('the widget shows the sliding window as a knob and says when a sequence reaches it', async () => {
+  const page = await context.newPage();
+  await page.goto(blogServer.url);
+  const peakOf = () => page.evaluate(() => Number(document.getElementById('qwen').dataset.peakBytes));
+  await page.waitForFunction(() => Number(document.getElementById('qwen').dataset.peakBytes) > 0);
+  assert.equal(await peakOf(), cliPeakBytes(['--preset', 'qwen2.5-0.5b', '--gpu', 'rtx-4070']));
+  const set = (name, value) => page.evaluate(([n, v]) => {
+    const input = document.getElementById('qwen').shadowRoot.querySelector(`input[name=${n}]`);
+    input.value = v;
+    input.dispatchEvent(new Event('input'));
+  }, [name, value]);
+  await set('sliding_window', '1024');
+  await page.waitForFunction(() => document.getElementById('qwen').shadowRoot.textContent.includes('sliding_window (1024)'));
+  await set('seq_len', '1000');
+  await page.waitForFunction(() => !document.getElementById('qwen').shadowRoot.textContent.includes('sliding_window (1024)'));
+  assert.equal(await peakOf(), cliPeakBytes(['--preset', 'qwen2.5-0.5b', '--gpu', 'rtx-4070', '--sliding-window', '1024', '--seq-len', '1000']));
+  await page.close();
+});
