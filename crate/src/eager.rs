@@ -468,6 +468,13 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
         cx.free(q_rot);
         cx.free(k_rot);
     }
+    // With K/V repeated for the memory-efficient kernel, the kernel saved the repeats: k and v themselves die
+    // when the attention call returns (fake-cuda trace of qwen2-256-untied-fp32-sgd: the rotated k, then v_proj's
+    // output, freed right after o_proj).
+    if kv_repeat.is_some() {
+        cx.free(k_att);
+        cx.free(v_out);
+    }
     for t in [sdpa.out, q_att, k_att, v_out] {
         cx.drop_unsaved(t);
     }

@@ -154,72 +154,21 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
         })?,
         "model",
     )?;
-    reject_unknown(m, "model.", MODEL_FIELDS)?;
     let empty = Map::new();
     let t = match top.get("train") {
         Some(t) => object(t, "train")?,
         None => &empty,
     };
     reject_unknown(t, "train.", TRAIN_FIELDS)?;
-    let family = Family::parse(get_str(m, "model.", "family")?.ok_or(Error::Missing {
-        field: "model.family".into(),
-    })?)?;
-    let n_head = required(get_u64(m, "model.", "n_head")?, "model.n_head")?;
-    let n_embd = required(get_u64(m, "model.", "n_embd")?, "model.n_embd")?;
-    let block_size = required(get_u64(m, "model.", "block_size")?, "model.block_size")?;
-    let (n_kv_head, intermediate_size, tie) = match family {
-        Family::Gpt2 => {
-            for k in [
-                "n_kv_head",
-                "intermediate_size",
-                "tie_embeddings",
-                "sliding_window",
-            ] {
-                if m.contains_key(k) {
-                    return Err(Error::invalid(
-                        &format!("model.{k}"),
-                        &m[k],
-                        "is a Hugging Face field; gpt2 has none",
-                    ));
-                }
-            }
-            (n_head, n_embd.saturating_mul(4), true)
+    // `"model": {"hf": {...config.json...}}`: a Hugging Face config as it is published.
+    let model = match m.get("hf") {
+        Some(hf) => {
+            reject_unknown(m, "model.", &["hf"])?;
+            hf_config_object(object(hf, "model.hf")?)?.0
         }
-        hf => {
-            if m.contains_key("bias") {
-                return Err(Error::invalid(
-                    "model.bias",
-                    &m["bias"],
-                    format!(
-                        "is a gpt2 field; {} has its own biases (qwen2: q, k and v; llama and mistral: none)",
-                        hf.name()
-                    ),
-                ));
-            }
-            (
-                get_u64(m, "model.", "n_kv_head")?.unwrap_or(n_head),
-                required(
-                    get_u64(m, "model.", "intermediate_size")?,
-                    "model.intermediate_size",
-                )?,
-                get_bool(m, "model.", "tie_embeddings")?.unwrap_or(false),
-            )
-        }
+        None => model_fields(m)?,
     };
-    let model = ModelConfig {
-        family,
-        n_layer: required(get_u64(m, "model.", "n_layer")?, "model.n_layer")?,
-        n_head,
-        n_kv_head,
-        n_embd,
-        block_size,
-        vocab_size: required(get_u64(m, "model.", "vocab_size")?, "model.vocab_size")?,
-        bias: get_bool(m, "model.", "bias")?.unwrap_or(false),
-        dropout: get_f64(m, "model.", "dropout")?.unwrap_or(0.0),
-        intermediate_size,
-        tie_embeddings: tie,
-        sliding_window: get_u64(m, "model.", "sliding_window")?.unwrap_or(0),
-    };
+    let block_size = model.block_size;
     let train = TrainConfig {
         batch_size: get_u64(t, "train.", "batch_size")?.unwrap_or(DEFAULT_BATCH_SIZE),
         seq_len: get_u64(t, "train.", "seq_len")?.unwrap_or(block_size),
@@ -276,6 +225,70 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
         model,
         train,
         device,
+    })
+}
+
+/// The setup JSON's own model fields (`MODEL_FIELDS`).
+fn model_fields(m: &Map<String, Value>) -> Result<ModelConfig, Error> {
+    reject_unknown(m, "model.", MODEL_FIELDS)?;
+    let family = Family::parse(get_str(m, "model.", "family")?.ok_or(Error::Missing {
+        field: "model.family".into(),
+    })?)?;
+    let n_head = required(get_u64(m, "model.", "n_head")?, "model.n_head")?;
+    let n_embd = required(get_u64(m, "model.", "n_embd")?, "model.n_embd")?;
+    let block_size = required(get_u64(m, "model.", "block_size")?, "model.block_size")?;
+    let (n_kv_head, intermediate_size, tie) = match family {
+        Family::Gpt2 => {
+            for k in [
+                "n_kv_head",
+                "intermediate_size",
+                "tie_embeddings",
+                "sliding_window",
+            ] {
+                if m.contains_key(k) {
+                    return Err(Error::invalid(
+                        &format!("model.{k}"),
+                        &m[k],
+                        "is a Hugging Face field; gpt2 has none",
+                    ));
+                }
+            }
+            (n_head, n_embd.saturating_mul(4), true)
+        }
+        hf => {
+            if m.contains_key("bias") {
+                return Err(Error::invalid(
+                    "model.bias",
+                    &m["bias"],
+                    format!(
+                        "is a gpt2 field; {} has its own biases (qwen2: q, k and v; llama and mistral: none)",
+                        hf.name()
+                    ),
+                ));
+            }
+            (
+                get_u64(m, "model.", "n_kv_head")?.unwrap_or(n_head),
+                required(
+                    get_u64(m, "model.", "intermediate_size")?,
+                    "model.intermediate_size",
+                )?,
+                get_bool(m, "model.", "tie_embeddings")?.unwrap_or(false),
+            )
+        }
+    };
+    Ok(ModelConfig {
+        family,
+        n_layer: required(get_u64(m, "model.", "n_layer")?, "model.n_layer")?,
+        n_head,
+        n_kv_head,
+        n_embd,
+        block_size,
+        vocab_size: required(get_u64(m, "model.", "vocab_size")?, "model.vocab_size")?,
+        bias: get_bool(m, "model.", "bias")?.unwrap_or(false),
+        dropout: get_f64(m, "model.", "dropout")?.unwrap_or(0.0),
+        intermediate_size,
+        tie_embeddings: tie,
+        sliding_window: get_u64(m, "model.", "sliding_window")?.unwrap_or(0),
     })
 }
 
@@ -944,7 +957,14 @@ pub fn hf_config(text: &str) -> Result<(ModelConfig, Vec<String>), Error> {
         line: Some(e.line()),
         message: e.to_string(),
     })?;
-    let o = object(&v, "config.json")?;
+    hf_config_object(object(&v, "config.json")?)
+}
+
+/// `hf_config` on a parsed config.json (also the setup JSON's `"model": {"hf": ...}`).
+///
+/// # Errors
+/// As `hf_config`.
+pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<String>), Error> {
     let model_type = get_str(o, "", "model_type")?.unwrap_or("llama");
     let mut notes = Vec::new();
     let family = match model_type {
