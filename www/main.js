@@ -4,12 +4,12 @@ import init, * as vf from './pkg/entry.js';
 
 const $ = (id) => document.getElementById(id);
 const KNOBS = ['family', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'intermediate_size', 'vocab_size', 'block_size',
-  'bias', 'tie_embeddings', 'sliding_window', 'dropout', 'batch_size', 'seq_len', 'precision', 'optimizer', 'attention',
+  'bias', 'tie_embeddings', 'head_dim', 'sliding_window', 'dropout', 'batch_size', 'seq_len', 'precision', 'optimizer', 'attention',
   'compile', 'checkpointing', 'grad_accum_steps', 'grad_clip', 'zero_grad_set_to_none', 'alloc_conf', 'memory_gib',
   'compute_capability'];
 const GPT2_ONLY = ['bias'];
-// Fields of the Hugging Face families (llama, mistral, qwen2): the class "llama-only" in index.html.
-const LLAMA_ONLY = ['n_kv_head', 'intermediate_size', 'tie_embeddings', 'sliding_window'];
+// Fields of the Hugging Face families (llama, mistral, qwen2, qwen3): the class "llama-only" in index.html.
+const LLAMA_ONLY = ['n_kv_head', 'intermediate_size', 'tie_embeddings', 'head_dim', 'sliding_window'];
 const DEFAULT_PRESET = 'nanogpt-30m';
 const DEFAULT_GPU = 'rtx-4070';
 // The device's fields: they follow the GPU select, and nothing but the GPU (or a person typing) changes them.

@@ -82,6 +82,8 @@ pub struct Arch {
     pub norm: Norm,
     pub qkv: Qkv,
     pub core: Core,
+    /// An RMSNorm over each head of q and of k, before rotary (Qwen3's `q_norm`, `k_norm`).
+    pub qk_norm: bool,
     /// Biases in the q, k and v projections (nanoGPT's fused `c_attn` with `bias`; Qwen2's q/k/v_proj).
     pub qkv_bias: bool,
     /// Biases in the attention's output projection and the MLP's Linears.
@@ -108,6 +110,7 @@ impl Arch {
                     Attention::Sdpa => Core::Sdpa,
                     Attention::Manual => Core::Manual,
                 },
+                qk_norm: false,
                 qkv_bias: m.bias,
                 linear_bias: m.bias,
                 mlp: Mlp::Gelu,
@@ -118,12 +121,14 @@ impl Arch {
             },
             // Mistral's layers are Llama's; its sliding window changes nothing while the sequence is shorter
             // than the window (`Setup::validate` refuses longer ones). Qwen2 adds q/k/v biases (`Qwen2Attention`:
-            // `bias=True` on q_proj, k_proj, v_proj, not on o_proj).
-            Family::Llama | Family::Mistral | Family::Qwen2 => Arch {
+            // `bias=True` on q_proj, k_proj, v_proj, not on o_proj); Qwen3 an RMSNorm on every head of q and k
+            // (`Qwen3Attention.q_norm`, `k_norm`, over head_dim) and no biases.
+            Family::Llama | Family::Mistral | Family::Qwen2 | Family::Qwen3 => Arch {
                 positions: Positions::Rotary,
                 norm: Norm::RmsNorm,
                 qkv: Qkv::Separate,
                 core: Core::Sdpa,
+                qk_norm: m.family == Family::Qwen3,
                 qkv_bias: m.family == Family::Qwen2,
                 linear_bias: false,
                 mlp: Mlp::SwiGlu,
@@ -148,7 +153,7 @@ impl Arch {
     /// (elements, is_matrix).
     pub fn param_tensors(&self, m: &ModelConfig) -> Vec<(u64, bool)> {
         let c = m.n_embd;
-        let kv = m.kv_dim();
+        let (q, kv) = (m.q_dim(), m.kv_dim());
         let i = m.intermediate_size;
         let (qkv_bias, bias) = (self.qkv_bias, self.linear_bias);
         let norm_bias = matches!(self.norm, Norm::LayerNorm { bias: true });
@@ -175,12 +180,15 @@ impl Arch {
             match self.qkv {
                 Qkv::Fused => linear(&mut v, 3 * c, c, qkv_bias),
                 Qkv::Separate => {
-                    linear(&mut v, c, c, qkv_bias);
+                    linear(&mut v, q, c, qkv_bias);
                     linear(&mut v, kv, c, qkv_bias);
                     linear(&mut v, kv, c, qkv_bias);
                 }
             }
-            linear(&mut v, c, c, bias);
+            linear(&mut v, c, q, bias);
+            if self.qk_norm {
+                v.extend([(m.head_dim(), false), (m.head_dim(), false)]);
+            }
             if norms_first {
                 norm(&mut v);
             }

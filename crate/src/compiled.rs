@@ -288,20 +288,20 @@ fn fused_attn_fwd(
 /// autocast, but the first layer keeps a 2-byte buffer there (measured).
 fn separate_attn_fwd(cx: &mut Ctx, first: bool) -> (Attn, Tensor, Option<Tensor>) {
     let c = cx.m.n_embd;
-    let kv = cx.m.kv_dim();
+    let (qd, kv) = (cx.m.q_dim(), cx.m.kv_dim());
     let nc = cx.n * c;
     let (r, p) = (cx.r, cx.p);
-    let w_q = weight_cast(cx, c * c);
-    let q = mm(cx, nc * p, Temporary, "mm");
+    let w_q = weight_cast(cx, qd * c);
+    let q = mm(cx, cx.n * qd * p, Temporary, "mm");
     let w_k = weight_cast(cx, kv * c);
     let w_v = weight_cast(cx, kv * c);
     let k = mm(cx, cx.n * kv * p, Temporary, "mm");
     let v = mm(cx, cx.n * kv * p, Activations, "mm");
     let k_rot = cx.alloc(cx.n * kv * p, Activations, "rotary");
-    let q_rot = cx.alloc(nc * p, Activations, "rotary");
+    let q_rot = cx.alloc(cx.n * qd * p, Activations, "rotary");
     cx.sim.free_all(&[q, k]);
     let sdpa = ops::sdpa_fwd(cx);
-    let w_o = weight_cast(cx, c * c);
+    let w_o = weight_cast(cx, c * qd);
     let o = mm(cx, nc * p, Temporary, "mm");
     let x_mid = cx.alloc(nc * if first { p } else { r }, Activations, "add");
     cx.free(o);
@@ -727,10 +727,11 @@ fn attn_bwd(
     pending: &mut Vec<Tensor>,
 ) -> (Tensor, u64, Option<Tensor>) {
     let c = cx.m.n_embd;
-    let nc = cx.n * c;
+    let (qd, nc) = (cx.m.q_dim(), cx.n * c);
     let p = cx.p;
-    linear_grads(cx, c, c, cx.arch.linear_bias, pending);
-    let g_y = mm(cx, nc * p, Temporary, "mm");
+    // The output projection (C x q_dim): its weight gradient, then the gradient of the attention output.
+    linear_grads(cx, c, qd, cx.arch.linear_bias, pending);
+    let g_y = mm(cx, cx.n * qd * p, Temporary, "mm");
     match a {
         Attn::Fused {
             w_attn,
@@ -803,10 +804,10 @@ fn attn_bwd(
             linear_grads(cx, kv, c, cx.arch.qkv_bias, pending);
             cx.sim.free_all(&[dv]);
             cx.sim.free_some(&[w_k, w_v]);
-            let dq_un = cx.alloc(nc * p, Temporary, "rotary_backward");
+            let dq_un = cx.alloc(cx.n * qd * p, Temporary, "rotary_backward");
             cx.free(dq);
             cx.free(dk_un);
-            (dq_un, c, w_q)
+            (dq_un, qd, w_q)
         }
     }
 }

@@ -54,6 +54,9 @@ struct SeparateSaved {
     q: LinearSaved,
     k: LinearSaved,
     v: LinearSaved,
+    /// Qwen3's head-wise norms of q and k.
+    q_norm: Option<QkNorm>,
+    k_norm: Option<QkNorm>,
     v_out: Tensor,
     /// q and k as SDPA saved them (autocast's casts of the rotated fp32 q and k, or the rotated tensors).
     q_att: Tensor,
@@ -337,13 +340,13 @@ fn rope_bytes(cx: &Ctx) -> u64 {
     cx.p.max(cx.r)
 }
 
-/// `q * cos + rotate_half(q) * sin` on `width` features: mul, neg (half), cat, mul, add. Each multiply saves
-/// only cos or sin; q itself is not saved.
-fn rope_fwd(cx: &mut Ctx, width: u64) -> Tensor {
+/// `q * cos + rotate_half(q) * sin` on `width` features of `in_bytes`: mul, neg (half), cat (rotate_half in the
+/// input's dtype), mul, add. Each multiply saves only cos or sin; q itself is not saved.
+fn rope_fwd(cx: &mut Ctx, width: u64, in_bytes: u64) -> Tensor {
     let rb = rope_bytes(cx);
     let m1 = cx.alloc(cx.n * width * rb, Temporary, "mul");
-    let neg = cx.alloc(cx.n * width / 2 * cx.p, Temporary, "neg");
-    let cat = cx.alloc(cx.n * width * cx.p, Temporary, "cat");
+    let neg = cx.alloc(cx.n * width / 2 * in_bytes, Temporary, "neg");
+    let cat = cx.alloc(cx.n * width * in_bytes, Temporary, "cat");
     cx.free(neg);
     let m2 = cx.alloc(cx.n * width * rb, Temporary, "mul");
     cx.free(cat);
@@ -354,8 +357,8 @@ fn rope_fwd(cx: &mut Ctx, width: u64) -> Tensor {
 }
 
 /// Backward of `rope_fwd`: both products' gradients, rotate_half's (slice/neg/cat), summed, then cast back to
-/// the projection output's dtype.
-fn rope_bwd(cx: &mut Ctx, g: Tensor, width: u64) -> Tensor {
+/// the input's dtype (`in_bytes`).
+fn rope_bwd(cx: &mut Ctx, g: Tensor, width: u64, in_bytes: u64) -> Tensor {
     let rb = rope_bytes(cx);
     let g1 = cx.alloc(cx.n * width * rb, Temporary, "mul");
     let g2 = cx.alloc(cx.n * width * rb, Temporary, "mul");
@@ -363,13 +366,45 @@ fn rope_bwd(cx: &mut Ctx, g: Tensor, width: u64) -> Tensor {
     let g_rot = cx.alloc(cx.n * width * rb, Temporary, "cat");
     cx.free(g2);
     let sum = ops::grad_sum(cx, g1, g_rot, cx.n * width * rb);
-    if rb != cx.p {
-        let lp = cx.alloc(cx.n * width * cx.p, Temporary, "_to_copy");
+    if rb != in_bytes {
+        let lp = cx.alloc(cx.n * width * in_bytes, Temporary, "_to_copy");
         cx.free(sum);
         lp
     } else {
         sum
     }
+}
+
+/// A head-wise RMSNorm of q or k (Qwen3): what it saved, its input (kept when saved), its output.
+struct QkNorm {
+    saved: NormSaved,
+    input: Tensor,
+    out: Tensor,
+    out_bytes: u64,
+}
+
+/// The head-wise RMSNorm on a projection's output (`width` = heads x head_dim, in the matmul dtype).
+fn qk_norm_fwd(cx: &mut Ctx, input: Tensor, width: u64) -> QkNorm {
+    let hd = cx.m.head_dim();
+    let rows = cx.n * width / hd;
+    let p = cx.p;
+    let (out, saved) = ops::rms_norm_fwd_on(cx, rows, hd, p);
+    // A 2-byte input was copied to fp32 (and the copy saved): the projection output itself dies here.
+    if p == 2 {
+        cx.free(input);
+    }
+    QkNorm {
+        saved,
+        input,
+        out,
+        out_bytes: p.max(cx.pb),
+    }
+}
+
+fn qk_norm_bwd(cx: &mut Ctx, g: Tensor, n: QkNorm, width: u64) -> Tensor {
+    let hd = cx.m.head_dim();
+    let rows = cx.n * width / hd;
+    ops::rms_norm_bwd_on(cx, g, n.saved, n.input, (rows, hd, cx.p))
 }
 
 /// The attention branch on the first norm's output, through the output projection (and the residual dropout):
@@ -426,30 +461,36 @@ fn fused_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
 
 fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
     let c = cx.m.n_embd;
-    let kv = cx.m.kv_dim();
-    let nc = cx.n * c;
+    let (qd, kv) = (cx.m.q_dim(), cx.m.kv_dim());
     let (r, p) = (cx.r, cx.p);
     let (bias, qkv_bias) = (cx.arch.linear_bias, cx.arch.qkv_bias);
-    let (q_out, q) = ops::linear_fwd(cx, r, c, c, qkv_bias, Temporary);
+    let (q_out, q) = ops::linear_fwd(cx, r, c, qd, qkv_bias, Temporary);
+    // Qwen3: each projection goes through its head-wise RMSNorm right away (q's before k's projection); rotary
+    // then reads the norm's output, in the wider of the weight's and the projection's dtype (fp32 under
+    // autocast: fake-cuda trace of a qwen3 bf16-amp case), and the projection output dies with the norm unless
+    // the norm saved it (an fp32 projection).
+    let q_norm = cx.arch.qk_norm.then(|| qk_norm_fwd(cx, q_out, qd));
     let (k_out, k) = ops::linear_fwd(cx, r, c, kv, qkv_bias, Temporary);
+    let k_norm = cx.arch.qk_norm.then(|| qk_norm_fwd(cx, k_out, kv));
     let (v_out, v) = ops::linear_fwd(cx, r, c, kv, qkv_bias, Activations);
-    let q_rot = rope_fwd(cx, c);
-    let k_rot = rope_fwd(cx, kv);
-    cx.free(q_out);
-    cx.free(k_out);
-    // SDPA is on autocast's lower-precision list: the fp32 rotated q and k are cast (and the casts saved). The
-    // autocast wrapper's casts are arguments of one C++ call, evaluated last to first: k's cast comes before q's
-    // (stub-cuda snapshots of llama-3.2-1b-tied and llama-ckpt-1024).
+    let (q_in, k_in, in_bytes) = match (&q_norm, &k_norm) {
+        (Some(qn), Some(kn)) => (qn.out, kn.out, qn.out_bytes),
+        _ => (q_out, k_out, p),
+    };
+    let q_rot = rope_fwd(cx, qd, in_bytes);
+    let k_rot = rope_fwd(cx, kv, in_bytes);
+    cx.free(q_in);
+    cx.free(k_in);
     let (q_att, k_att) = if rope_bytes(cx) != p {
         let ka = cx.alloc(cx.n * kv * p, Activations, "_to_copy");
-        let qa = cx.alloc(nc * p, Activations, "_to_copy");
+        let qa = cx.alloc(cx.n * qd * p, Activations, "_to_copy");
         (qa, ka)
     } else {
         (q_rot, k_rot)
     };
-    let kv_repeat = (cx.backend == crate::policy::SdpaBackend::Efficient && kv != c).then(|| {
-        let kr = cx.alloc(nc * p, Activations, "repeat_interleave");
-        let vr = cx.alloc(nc * p, Activations, "repeat_interleave");
+    let kv_repeat = (cx.backend == crate::policy::SdpaBackend::Efficient && kv != qd).then(|| {
+        let kr = cx.alloc(cx.n * qd * p, Activations, "repeat_interleave");
+        let vr = cx.alloc(cx.n * qd * p, Activations, "repeat_interleave");
         (kr, vr)
     });
     let sdpa = ops::sdpa_fwd(cx);
@@ -463,7 +504,7 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
         cx.drop_unsaved(a);
         cx.drop_unsaved(b);
     }
-    let (o_out, o) = ops::linear_fwd(cx, p, c, c, bias, Temporary);
+    let (o_out, o) = ops::linear_fwd(cx, p, qd, c, bias, Temporary);
     if q_att != q_rot {
         cx.free(q_rot);
         cx.free(k_rot);
@@ -482,6 +523,8 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
         q,
         k,
         v,
+        q_norm,
+        k_norm,
         v_out,
         q_att,
         k_att,
@@ -525,8 +568,7 @@ fn attn_bwd(cx: &mut Ctx, g_mid: Tensor, a: AttnSaved, norm_out: Option<Tensor>)
             ops::linear_bwd(cx, g_qkv, p, true, c_attn, norm_out)
         }
         AttnSaved::Separate(s) => {
-            let c = cx.m.n_embd;
-            let kv = cx.m.kv_dim();
+            let (qd, kv) = (cx.m.q_dim(), cx.m.kv_dim());
             let r = cx.r;
             let (g_branch, g_bytes, owned) = branch_grad(cx, g_mid, None);
             let g_att = ops::linear_bwd(cx, g_branch, g_bytes, owned, s.o, None);
@@ -554,7 +596,7 @@ fn attn_bwd(cx: &mut Ctx, g_mid: Tensor, a: AttnSaved, norm_out: Option<Tensor>)
             };
             let (dq, dk) = if rope_bytes(cx) != p {
                 // ToCopyBackward of SDPA's input casts: back to fp32.
-                let dq32 = cx.alloc(nc * 4, Temporary, "_to_copy");
+                let dq32 = cx.alloc(cx.n * qd * 4, Temporary, "_to_copy");
                 cx.free(dq);
                 let dk32 = cx.alloc(cx.n * kv * 4, Temporary, "_to_copy");
                 cx.free(dk);
@@ -562,8 +604,19 @@ fn attn_bwd(cx: &mut Ctx, g_mid: Tensor, a: AttnSaved, norm_out: Option<Tensor>)
             } else {
                 (dq, dk)
             };
-            let gk = rope_bwd(cx, dk, kv);
-            let gq = rope_bwd(cx, dq, c);
+            let in_bytes = s.q_norm.as_ref().map_or(p, |n| n.out_bytes);
+            let gk = rope_bwd(cx, dk, kv, in_bytes);
+            let gq = rope_bwd(cx, dq, qd, in_bytes);
+            // Qwen3: back through the head-wise norms (k's first, as the engine reaches it), to the
+            // projections' dtype.
+            let gk = match s.k_norm {
+                Some(n) => qk_norm_bwd(cx, gk, n, kv),
+                None => gk,
+            };
+            let gq = match s.q_norm {
+                Some(n) => qk_norm_bwd(cx, gq, n, qd),
+                None => gq,
+            };
             let g_hv = ops::linear_bwd(cx, dv, p, true, s.v, None);
             let g_hk = ops::linear_bwd(cx, gk, p, true, s.k, None);
             let acc = ops::grad_sum(cx, g_hv, g_hk, nc * r);
@@ -745,6 +798,11 @@ fn release_block(cx: &mut Ctx, s: BlockSaved) {
         AttnSaved::Separate(a) => {
             if let Some((x, y)) = a.kv_repeat {
                 cx.sim.free_all(&[x, y]);
+            }
+            for n in [&a.q_norm, &a.k_norm].into_iter().flatten() {
+                cx.sim.free_some(&n.saved.stats);
+                cx.sim.free_some(&n.saved.own);
+                cx.free(n.input);
             }
             cx.sim.free_all(&[a.v_out, a.q_att, a.k_att]);
             let sd = &a.sdpa;

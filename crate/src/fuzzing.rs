@@ -69,6 +69,7 @@ pub fn setup_from_bytes(data: &[u8]) -> Setup {
             dropout: if flags & 4 != 0 { b.f64() } else { 0.0 },
             intermediate_size: b.u64(),
             tie_embeddings: flags & 8 != 0,
+            head_dim: 0,
             sliding_window: 0,
         },
         train: TrainConfig {
@@ -116,10 +117,14 @@ pub fn setup_from_bytes(data: &[u8]) -> Setup {
     // Hugging Face families and the sliding window from the bytes after that.
     let hf = b.byte();
     if setup.model.family != Family::Gpt2 {
-        setup.model.family = [Family::Llama, Family::Mistral, Family::Qwen2][usize::from(hf % 3)];
+        setup.model.family =
+            [Family::Llama, Family::Mistral, Family::Qwen2, Family::Qwen3][usize::from(hf % 4)];
     }
     if hf & 4 != 0 {
         setup.model.sliding_window = b.u64();
+    }
+    if hf & 8 != 0 {
+        setup.model.head_dim = b.u64();
     }
     setup
 }

@@ -24,6 +24,7 @@ const MODEL_FIELDS: &[&str] = &[
     "dropout",
     "intermediate_size",
     "tie_embeddings",
+    "head_dim",
     "sliding_window",
 ];
 const TRAIN_FIELDS: &[&str] = &[
@@ -261,7 +262,7 @@ fn model_fields(m: &Map<String, Value>) -> Result<ModelConfig, Error> {
                     "model.bias",
                     &m["bias"],
                     format!(
-                        "is a gpt2 field; {} has its own biases (qwen2: q, k and v; llama and mistral: none)",
+                        "is a gpt2 field; {} has its own biases (qwen2: q, k and v; llama, mistral, qwen3: none)",
                         hf.name()
                     ),
                 ));
@@ -288,6 +289,7 @@ fn model_fields(m: &Map<String, Value>) -> Result<ModelConfig, Error> {
         dropout: get_f64(m, "model.", "dropout")?.unwrap_or(0.0),
         intermediate_size,
         tie_embeddings: tie,
+        head_dim: get_u64(m, "model.", "head_dim")?.unwrap_or(0),
         sliding_window: get_u64(m, "model.", "sliding_window")?.unwrap_or(0),
     })
 }
@@ -305,6 +307,9 @@ pub fn setup_to_value(s: &Setup) -> Value {
         model["n_kv_head"] = m.n_kv_head.into();
         model["intermediate_size"] = m.intermediate_size.into();
         model["tie_embeddings"] = Value::Bool(m.tie_embeddings);
+        if m.head_dim > 0 {
+            model["head_dim"] = m.head_dim.into();
+        }
         if m.sliding_window > 0 {
             model["sliding_window"] = m.sliding_window.into();
         }
@@ -947,7 +952,7 @@ fn py_display(v: &PyValue) -> String {
 // ---------------------------------------------------------------------------------------------------------
 // Hugging Face config.json.
 
-/// Reads a Hugging Face `config.json` of a family vramfit models (llama, mistral, qwen2) into a model config.
+/// Reads a Hugging Face `config.json` of a family vramfit models (llama, mistral, qwen2, qwen3) into a model config.
 ///
 /// # Errors
 /// Malformed JSON, a missing dimension, or a `model_type` vramfit does not model (named in the message).
@@ -971,11 +976,12 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
         "llama" => Family::Llama,
         "mistral" => Family::Mistral,
         "qwen2" => Family::Qwen2,
+        "qwen3" => Family::Qwen3,
         other => {
             return Err(Error::UnknownValue {
                 field: "model_type".into(),
                 value: other.into(),
-                allowed: &["llama", "mistral", "qwen2"],
+                allowed: &["llama", "mistral", "qwen2", "qwen3"],
             })
         }
     };
@@ -984,15 +990,12 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
         get_u64(o, "", "num_attention_heads")?,
         "num_attention_heads",
     )?;
-    if let Some(hd) = get_u64(o, "", "head_dim")? {
-        if n_head != 0 && hd * n_head != hidden {
-            return Err(Error::NotModelled {
-                what: format!(
-                    "head_dim ({hd}) x num_attention_heads ({n_head}) != hidden_size ({hidden})"
-                ),
-            });
-        }
-    }
+    // Qwen3 and Gemma give a head size of their own (q_dim = heads x head_dim, not hidden_size); kept only when
+    // it differs from hidden_size / heads.
+    let head_dim = match get_u64(o, "", "head_dim")? {
+        Some(hd) if n_head == 0 || hd.checked_mul(n_head) != Some(hidden) => hd,
+        _ => 0,
+    };
     // Mistral: `sliding_window` (null in later versions: full attention). Qwen2: only with `use_sliding_window`,
     // and then on the layers from `max_window_layers` on.
     let window = |key: &str| -> Result<u64, Error> {
@@ -1003,7 +1006,9 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
     };
     let sliding_window = match family {
         Family::Mistral => window("sliding_window")?,
-        Family::Qwen2 if get_bool(o, "", "use_sliding_window")?.unwrap_or(false) => {
+        Family::Qwen2 | Family::Qwen3
+            if get_bool(o, "", "use_sliding_window")?.unwrap_or(false) =>
+        {
             let layers = get_u64(o, "", "num_hidden_layers")?.unwrap_or(0);
             if get_u64(o, "", "max_window_layers")?.is_some_and(|l| l < layers) {
                 return Err(Error::NotModelled {
@@ -1033,6 +1038,7 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
         dropout: get_f64(o, "", "attention_dropout")?.unwrap_or(0.0),
         intermediate_size: required(get_u64(o, "", "intermediate_size")?, "intermediate_size")?,
         tie_embeddings: get_bool(o, "", "tie_word_embeddings")?.unwrap_or(false),
+        head_dim,
         sliding_window,
     };
     Ok((m, notes))
@@ -1086,7 +1092,7 @@ mod tests {
         );
         assert_eq!(
             with("family", "\"bert\""),
-            "model.family (\"bert\") is not one of: gpt2, llama, mistral, qwen2"
+            "model.family (\"bert\") is not one of: gpt2, llama, mistral, qwen2, qwen3"
         );
         assert_eq!(with("bias", "1"), "model.bias (1) must be true or false");
         let e = setup_from_json("{\"model\": \n{").unwrap_err().to_string();
@@ -1201,11 +1207,24 @@ mod tests {
         // Round trip through the setup JSON and the URL query.
         let s = hf_setup(q);
         assert_eq!(setup_from_value(&setup_to_value(&s)).unwrap(), s);
+        // Qwen3-0.6B's config.json (abridged): a head size of its own (16 x 128 = 2048 queries on a 1024 stream),
+        // q/k norms, and its published 596,049,920 parameters (751,632,384 with the untied count of the tied
+        // embedding).
+        let qwen3 = r#"{"architectures": ["Qwen3ForCausalLM"], "head_dim": 128, "hidden_size": 1024,
+            "intermediate_size": 3072, "max_position_embeddings": 40960, "model_type": "qwen3",
+            "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8,
+            "tie_word_embeddings": true, "use_sliding_window": false, "vocab_size": 151936}"#;
+        let (q3, _) = hf_config(qwen3).unwrap();
+        assert_eq!(
+            (q3.family, q3.head_dim(), q3.q_dim()),
+            (Family::Qwen3, 128, 2048)
+        );
+        assert_eq!(q3.n_params(), 596_049_920);
         let e = hf_config(r#"{"model_type": "gemma", "hidden_size": 8}"#)
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("model_type (\"gemma\") is not one of: llama, mistral, qwen2"),
+            e.contains("model_type (\"gemma\") is not one of: llama, mistral, qwen2, qwen3"),
             "{e}"
         );
     }
@@ -1227,6 +1246,7 @@ const QUERY_KEYS: &[(&str, &str, QueryKind)] = &[
     ("dropout", "model", QueryKind::Num),
     ("intermediate_size", "model", QueryKind::Num),
     ("tie_embeddings", "model", QueryKind::Bool),
+    ("head_dim", "model", QueryKind::Num),
     ("sliding_window", "model", QueryKind::Num),
     ("batch_size", "train", QueryKind::Num),
     ("seq_len", "train", QueryKind::Num),

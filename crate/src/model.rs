@@ -16,10 +16,13 @@ pub enum Family {
     Mistral,
     /// Hugging Face `Qwen2ForCausalLM`: Llama's layers with biases on the q, k and v projections.
     Qwen2,
+    /// Hugging Face `Qwen3ForCausalLM`: Llama's layers with an RMSNorm on each head of q and k, and a head size
+    /// of its own (`head_dim`).
+    Qwen3,
 }
 
 impl Family {
-    pub const NAMES: &'static [&'static str] = &["gpt2", "llama", "mistral", "qwen2"];
+    pub const NAMES: &'static [&'static str] = &["gpt2", "llama", "mistral", "qwen2", "qwen3"];
 
     pub fn parse(s: &str) -> Result<Family, Error> {
         match s {
@@ -27,6 +30,7 @@ impl Family {
             "llama" => Ok(Family::Llama),
             "mistral" => Ok(Family::Mistral),
             "qwen2" => Ok(Family::Qwen2),
+            "qwen3" => Ok(Family::Qwen3),
             _ => Err(Error::UnknownValue {
                 field: "model.family".into(),
                 value: s.into(),
@@ -41,6 +45,7 @@ impl Family {
             Family::Llama => "llama",
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
         }
     }
 
@@ -68,6 +73,8 @@ pub struct ModelConfig {
     pub intermediate_size: u64,
     /// LM head shares the token embedding (always for gpt2).
     pub tie_embeddings: bool,
+    /// Attention head size when the config gives one that is not `n_embd / n_head` (HF `head_dim`); 0 otherwise.
+    pub head_dim: u64,
     /// Sliding-window attention span in tokens (Mistral's `sliding_window`; Qwen2's when `use_sliding_window`);
     /// 0 for full causal attention.
     pub sliding_window: u64,
@@ -98,12 +105,24 @@ impl ModelConfig {
             // Saturating: a config's n_embd is unchecked here; validation rejects what would not fit.
             intermediate_size: n_embd.saturating_mul(4),
             tie_embeddings: true,
+            head_dim: 0,
             sliding_window: 0,
         }
     }
 
+    /// Attention head size: `head_dim` when the config gives one, else `n_embd / n_head`.
     pub fn head_dim(&self) -> u64 {
-        self.n_embd / self.n_head
+        if self.head_dim > 0 {
+            self.head_dim
+        } else {
+            self.n_embd / self.n_head
+        }
+    }
+
+    /// Width of the queries and of the attention output: `n_head x head_dim` (`n_embd` unless the config gives
+    /// a head size of its own, as Qwen3 and Gemma do).
+    pub fn q_dim(&self) -> u64 {
+        self.head_dim() * self.n_head
     }
 
     pub fn kv_dim(&self) -> u64 {
@@ -410,6 +429,11 @@ impl Setup {
                 format!("must be at most {MAX_LAYERS}"),
             ));
         }
+        if m.family == Family::Qwen3 && t.compile {
+            return Err(Error::NotModelled {
+                what: "torch.compile of qwen3 (its q/k norms under Inductor are not traced yet); eager is".into(),
+            });
+        }
         if m.family.is_hf() && t.attention == Attention::Manual {
             return Err(Error::NotModelled {
                 what: format!(
@@ -434,7 +458,7 @@ impl Setup {
                 ));
             }
         }
-        if !m.n_embd.is_multiple_of(m.n_head) {
+        if m.head_dim == 0 && !m.n_embd.is_multiple_of(m.n_head) {
             return Err(Error::invalid(
                 "model.n_embd",
                 m.n_embd,
@@ -493,6 +517,13 @@ impl Setup {
                 ),
             });
         }
+        if m.family == Family::Gpt2 && m.head_dim != 0 {
+            return Err(Error::invalid(
+                "model.head_dim",
+                m.head_dim,
+                "is a Hugging Face field; gpt2's head size is n_embd / n_head",
+            ));
+        }
         if m.family == Family::Gpt2 && m.sliding_window != 0 {
             return Err(Error::invalid(
                 "model.sliding_window",
@@ -544,7 +575,11 @@ impl Setup {
             .n_head
             .checked_mul(t.seq_len)
             .ok_or_else(|| too_large("n_head x seq_len"))?;
-        let width = [mlp, m.intermediate_size, m.vocab_size]
+        let q_dim = m
+            .head_dim()
+            .checked_mul(m.n_head)
+            .ok_or_else(|| too_large("head_dim x n_head"))?;
+        let width = [mlp, m.intermediate_size, m.vocab_size, q_dim]
             .into_iter()
             .max()
             .unwrap_or(0)
@@ -585,12 +620,20 @@ fn checked_params(m: &ModelConfig) -> Option<u64> {
     let cc = c.checked_mul(c)?;
     let block = match m.family {
         Family::Gpt2 => cc.checked_mul(12)?.checked_add(c.checked_mul(13)?)?,
-        // Llama's layer; the q/k/v biases of Qwen2 (c + 2 kv_dim <= 3c) bound from above.
-        Family::Llama | Family::Mistral | Family::Qwen2 => cc
-            .checked_mul(2)?
-            .checked_add(m.kv_dim().checked_mul(c)?.checked_mul(2)?)?
-            .checked_add(m.intermediate_size.checked_mul(c)?.checked_mul(3)?)?
-            .checked_add(c.checked_mul(5)?)?,
+        // Llama's layer (q and o of q_dim x C, k and v of kv_dim x C, three MLP matrices, two norms), with
+        // Qwen2's q/k/v biases (q_dim + 2 kv_dim) counted as a bound from above.
+        Family::Llama | Family::Mistral | Family::Qwen2 | Family::Qwen3 => {
+            let q = m.head_dim().checked_mul(m.n_head)?;
+            let kv = m.head_dim().checked_mul(m.n_kv_head)?;
+            q.checked_mul(c)?
+                .checked_mul(2)?
+                .checked_add(kv.checked_mul(c)?.checked_mul(2)?)?
+                .checked_add(m.intermediate_size.checked_mul(c)?.checked_mul(3)?)?
+                .checked_add(c.checked_mul(2)?)?
+                .checked_add(q.checked_add(kv.checked_mul(2)?)?)?
+                // Qwen3's q and k norms: head_dim each.
+                .checked_add(m.head_dim().checked_mul(2)?)?
+        }
     };
     let emb = m
         .vocab_size
@@ -819,6 +862,7 @@ mod tests {
             dropout: 0.0,
             intermediate_size: 5632,
             tie_embeddings: false,
+            head_dim: 0,
             sliding_window: 0,
         };
         assert_eq!(m.n_params(), 1_100_048_384);

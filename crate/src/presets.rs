@@ -56,6 +56,7 @@ fn hf(family: Family, d: LlamaDims, seq: u64) -> Setup {
         dropout: 0.0,
         intermediate_size: d.inter,
         tie_embeddings: d.tie,
+        head_dim: 0,
         sliding_window: 0,
     };
     let mut s = input::hf_setup(model);

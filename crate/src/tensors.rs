@@ -350,29 +350,38 @@ pub fn layer_norm_bwd(
     gi
 }
 
-/// HF `LlamaRMSNorm` in PyTorch ops: `x.to(fp32)` (no copy for an fp32 stream), `pow(2)` (temporary),
-/// `mean(-1, keepdim)` [n], `+ eps`, `rsqrt` [n] (saved), `x * rsqrt` n x C fp32 (saved by the weight multiply),
-/// `weight * normed.to(dtype)` n x C. With bf16 weights the normalised x is also cast back to bf16.
+/// HF `LlamaRMSNorm` in PyTorch ops on the residual stream (n rows of C, in the stream's dtype): see
+/// `rms_norm_fwd_on`.
 pub fn rms_norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
-    let c = cx.m.n_embd;
-    let wide = cx.n * c * 4;
+    let (n, c, r) = (cx.n, cx.m.n_embd, cx.r);
+    rms_norm_fwd_on(cx, n, c, r)
+}
+
+/// HF's RMSNorm (`LlamaRMSNorm`, Qwen3's q/k norms) in PyTorch ops on `rows` rows of `width` in `in_bytes`:
+/// `x.to(fp32)` (a copy only for a 2-byte input, then saved by `pow` and the multiply), `pow(2)` (temporary),
+/// `mean(-1, keepdim)` [rows], `+ eps`, `rsqrt` [rows] (saved), `x * rsqrt` rows x width fp32 (saved by the
+/// weight multiply), `weight * normed.to(input dtype)`: for a 2-byte input the normalised x is cast back first
+/// (the cast saved, the fp32 one freed), and the product takes the wider of the weight's and the input's dtype
+/// (fp32 for a 2-byte input under autocast, whose weights are fp32). Returns the output and what it saved.
+pub fn rms_norm_fwd_on(cx: &mut Ctx, rows: u64, width: u64, in_bytes: u64) -> (Tensor, NormSaved) {
+    let wide = rows * width * 4;
     let pow = cx.alloc(wide, Temporary, "pow");
-    let mean = cx.alloc(cx.n * 4, Temporary, "mean");
+    let mean = cx.alloc(rows * 4, Temporary, "mean");
     cx.free(pow);
-    let added = cx.alloc(cx.n * 4, Temporary, "add");
-    let rstd = cx.alloc(cx.n * 4, Activations, "rsqrt");
+    let added = cx.alloc(rows * 4, Temporary, "add");
+    let rstd = cx.alloc(rows * 4, Activations, "rsqrt");
     cx.free(added);
     let mut own = [None, None];
-    if cx.r == 2 {
-        // bf16 stream: hidden.to(float32) is a real copy, saved by pow and the multiply.
+    if in_bytes == 2 {
+        // A 2-byte input: x.to(float32) is a real copy, saved by pow and the multiply.
         own[0] = Some(cx.alloc(wide, Activations, "_to_copy"));
     }
     let normed = cx.alloc(wide, Activations, "mul");
-    let out = if cx.r == 2 {
-        // normed.to(bf16) is saved by the weight multiply; the fp32 normed dies with the cast.
-        let lp = cx.alloc(cx.n * c * 2, Activations, "_to_copy");
+    let out = if in_bytes == 2 {
+        // normed.to(2 bytes) is saved by the weight multiply; the fp32 normed dies with the cast.
+        let lp = cx.alloc(rows * width * 2, Activations, "_to_copy");
         cx.free(normed);
-        let o = cx.alloc(cx.n * c * 2, Activations, "mul");
+        let o = cx.alloc(rows * width * in_bytes.max(cx.pb), Activations, "mul");
         own[1] = Some(lp);
         o
     } else {
@@ -393,27 +402,38 @@ pub fn rms_norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
     )
 }
 
-/// Backward of `rms_norm_fwd` as autograd runs it: the weight multiply (grad of normed and of weight, a
-/// `sum` to [C]), the `x * rsqrt` multiply, rsqrt's and mean's backward (n x C fp32 temporaries), and the
-/// gradients summed into one n x C fp32 gradient for the stream.
+/// Backward of `rms_norm_fwd` (the residual stream's norm): see `rms_norm_bwd_on`.
 pub fn rms_norm_bwd(cx: &mut Ctx, grad_out: Tensor, saved: NormSaved, input: Tensor) -> Tensor {
-    let c = cx.m.n_embd;
-    let wide = cx.n * c * 4;
-    // weight * normed: grad of normed (mul) and of weight (mul, then sum to [C]).
+    let (n, c, r) = (cx.n, cx.m.n_embd, cx.r);
+    rms_norm_bwd_on(cx, grad_out, saved, input, (n, c, r))
+}
+
+/// Backward of `rms_norm_fwd_on` as autograd runs it: the weight multiply (grad of normed and of weight, a
+/// `sum` to [width]), the `x * rsqrt` multiply, rsqrt's and mean's backward (rows x width fp32 temporaries), and
+/// the gradients summed into one fp32 gradient of the input, cast back to a 2-byte input's dtype.
+pub fn rms_norm_bwd_on(
+    cx: &mut Ctx,
+    grad_out: Tensor,
+    saved: NormSaved,
+    input: Tensor,
+    (rows, width, in_bytes): (u64, u64, u64),
+) -> Tensor {
+    let wide = rows * width * 4;
+    // weight * normed: grad of normed (mul) and of weight (mul, then sum to [width]).
     let g_normed = cx.alloc(wide, Temporary, "mul");
     let g_w_full = cx.alloc(wide, Temporary, "mul");
     let cat = if cx.have_grads { Temporary } else { Grads };
-    let gw = cx.alloc(c * cx.pb, cat, "sum");
+    let gw = cx.alloc(width * cx.pb, cat, "sum");
     cx.free(g_w_full);
     cx.free(grad_out);
     cx.sim.free_some(&saved.own);
-    // x * rsqrt: grad of rsqrt (mul, summed to [n]) and of x (mul).
+    // x * rsqrt: grad of rsqrt (mul, summed to [rows]) and of x (mul).
     let g_rstd_full = cx.alloc(wide, Temporary, "mul");
     let g_x1 = cx.alloc(wide, Temporary, "mul");
     cx.free(g_rstd_full);
     cx.free(g_normed);
     cx.sim.free_some(&saved.stats);
-    // rsqrt -> mean (expand / C) -> pow(2) (2 x x): three n x C fp32 temporaries alive together.
+    // rsqrt -> mean (expand / width) -> pow(2) (2 x x): three rows x width fp32 temporaries alive together.
     let g_div = cx.alloc(wide, Temporary, "div");
     let g_pow = cx.alloc(wide, Temporary, "pow");
     let g_mul = cx.alloc(wide, Temporary, "mul");
@@ -429,8 +449,8 @@ pub fn rms_norm_bwd(cx: &mut Ctx, grad_out: Tensor, saved: NormSaved, input: Ten
     } else {
         cx.grads.push(gw);
     }
-    if cx.r == 2 {
-        let lp = cx.alloc(cx.n * c * 2, Temporary, "_to_copy");
+    if in_bytes == 2 {
+        let lp = cx.alloc(rows * width * 2, Temporary, "_to_copy");
         cx.free(gi);
         return lp;
     }
@@ -481,7 +501,7 @@ fn lse_bytes(cx: &Ctx) -> u64 {
     cx.b * cx.m.n_head * rows * 4
 }
 
-/// `_scaled_dot_product_{flash,efficient}_attention`: output n x C in matmul dtype (laid out as [B, T, H, hs],
+/// `_scaled_dot_product_{flash,efficient}_attention`: output n x q_dim in matmul dtype (laid out as [B, T, H, hs],
 /// so nanoGPT's `transpose(1, 2).contiguous()` afterwards copies nothing), logsumexp, RNG seed and offset.
 /// Saves q, k, v, output, logsumexp and the RNG state. Nothing T x T exists.
 pub fn sdpa_fwd(cx: &mut Ctx) -> SdpaSaved {
@@ -489,7 +509,7 @@ pub fn sdpa_fwd(cx: &mut Ctx) -> SdpaSaved {
         SdpaBackend::Flash => "_scaled_dot_product_flash_attention",
         SdpaBackend::Efficient => "_scaled_dot_product_efficient_attention",
     };
-    let out = cx.alloc(cx.n * cx.m.n_embd * cx.p, Activations, op);
+    let out = cx.alloc(cx.n * cx.m.q_dim() * cx.p, Activations, op);
     let lse = cx.alloc(lse_bytes(cx), Activations, op);
     let rng = [cx.alloc(8, Activations, op), cx.alloc(8, Activations, op)];
     for t in [lse, rng[0], rng[1]] {
@@ -518,7 +538,7 @@ pub fn sdpa_bwd(cx: &mut Ctx) -> (Tensor, Tensor, Tensor) {
         SdpaBackend::Efficient => "_scaled_dot_product_efficient_attention_backward",
     };
     let kv = cx.m.kv_dim();
-    let dq = cx.alloc(cx.n * cx.m.n_embd * cx.p, Temporary, op);
+    let dq = cx.alloc(cx.n * cx.m.q_dim() * cx.p, Temporary, op);
     let dk = cx.alloc(cx.n * kv * cx.p, Temporary, op);
     let dv = cx.alloc(cx.n * kv * cx.p, Temporary, op);
     (dq, dk, dv)

@@ -83,6 +83,7 @@ fn any_setup() -> impl Strategy<Value = Setup> {
                     dropout,
                     intermediate_size: inter,
                     tie_embeddings: bias,
+                    head_dim: 0,
                     sliding_window: 0,
                 },
                 train: TrainConfig {
@@ -164,6 +165,7 @@ fn valid_setup() -> impl Strategy<Value = Setup> {
                         dropout: if llama { 0.0 } else { dropout },
                         intermediate_size: if llama { 3 * n_embd } else { 4 * n_embd },
                         tie_embeddings: !llama || bias,
+                        head_dim: 0,
                         sliding_window: 0,
                     },
                     train: TrainConfig {
@@ -198,6 +200,7 @@ fn n_param_tensors(s: &Setup) -> u64 {
         Family::Gpt2 => 2 + m.n_layer * if m.bias { 12 } else { 6 } + if m.bias { 2 } else { 1 },
         Family::Llama | Family::Mistral => 1 + m.n_layer * 9 + 1 + u64::from(!m.tie_embeddings),
         Family::Qwen2 => 1 + m.n_layer * 12 + 1 + u64::from(!m.tie_embeddings),
+        Family::Qwen3 => 1 + m.n_layer * 11 + 1 + u64::from(!m.tie_embeddings),
     }
 }
 

@@ -97,3 +97,21 @@ test('the widget shows the sliding window as a knob and says when a sequence rea
   assert.equal(await peakOf(), cliPeakBytes(['--preset', 'qwen2.5-0.5b', '--gpu', 'rtx-4070', '--sliding-window', '1024', '--seq-len', '1000']));
   await page.close();
 });
+
+test('a qwen3 link with a head size of its own estimates as the CLI does', async () => {
+  const query = 'family=qwen3&n_layer=2&n_head=8&n_kv_head=4&n_embd=512&head_dim=128&intermediate_size=1536'
+    + '&vocab_size=32000&block_size=1024&tie_embeddings=1&batch_size=2&seq_len=512&compile=0';
+  const { page, errors } = await openPage(context, `${server.url}?${query}`);
+  assert.equal(await page.inputValue('#family'), 'qwen3');
+  assert.equal(await page.inputValue('#head_dim'), '128');
+  assert.ok(await shown(page, 'head_dim'));
+  const args = ['--family', 'qwen3', '--n-layer', '2', '--n-head', '8', '--n-kv-head', '4', '--n-embd', '512',
+    '--head-dim', '128', '--intermediate-size', '1536', '--vocab-size', '32000', '--block-size', '1024',
+    '--tie-embeddings', '--batch-size', '2', '--seq-len', '512', '--no-compile',
+    '--compute-capability', '9.0', '--gpu-memory-gib', '80'];
+  assert.equal(await peak(page), cliPeakBytes(args));
+  // A head size of its own changes the estimate (queries 8 x 128 = 1024 wide on a 512 stream).
+  assert.notEqual(await peak(page), cliPeakBytes(args.map((a) => (a === '128' ? '64' : a))));
+  assert.deepEqual(errors, []);
+  await page.close();
+});

@@ -37,9 +37,9 @@ vocab 50304, fp16-amp, fused AdamW, torch.compile):
                        tinyllama-1.1b, llama-3.2-1b, llama-2-7b, mistral-7b, qwen2.5-0.5b)
 
 KNOBS (override the source):
-  --family gpt2|llama|mistral|qwen2  --n-layer N  --n-head N  --n-kv-head N  --n-embd N  --block-size N  --vocab-size N
-  --intermediate-size N  --bias | --no-bias  --tie-embeddings | --no-tie-embeddings  --sliding-window N
-  --dropout P
+  --family gpt2|llama|mistral|qwen2|qwen3  --n-layer N  --n-head N  --n-kv-head N  --n-embd N  --block-size N  --vocab-size N
+  --intermediate-size N  --bias | --no-bias  --tie-embeddings | --no-tie-embeddings  --head-dim N
+  --sliding-window N  --dropout P
   --batch-size N  --seq-len N  --precision fp32|fp16-amp|bf16-amp|bf16
   --optimizer adamw|adamw-fused|sgd|sgd-momentum  --attention sdpa|manual
   --checkpointing | --no-checkpointing  --grad-accum-steps N  --grad-clip X
@@ -262,6 +262,7 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                     "--vocab-size" => ("model", "vocab_size", false),
                     "--intermediate-size" => ("model", "intermediate_size", false),
                     "--sliding-window" => ("model", "sliding_window", false),
+                    "--head-dim" => ("model", "head_dim", false),
                     "--dropout" => ("model", "dropout", false),
                     "--batch-size" => ("train", "batch_size", false),
                     "--seq-len" => ("train", "seq_len", false),
