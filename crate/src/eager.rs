@@ -33,7 +33,9 @@ enum CoreSaved {
     Manual(ManualSaved),
 }
 
-/// What the attention keeps for its backward.
+/// What the attention keeps for its backward. The variants differ in size, but every block's state is boxed
+/// (`BlockState::Saved`), so the enum is never moved around by value in bulk.
+#[allow(clippy::large_enum_variant)]
 enum AttnSaved {
     /// One QKV Linear, q/k/v views of its output.
     Fused {
