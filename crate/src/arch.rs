@@ -26,6 +26,9 @@ pub enum Norm {
     /// HF `LlamaRMSNorm` in PyTorch ops: fp32 `pow`, `mean`, `rsqrt`, `x * rsqrt`, `weight * normed.to(dtype)`.
     /// Saves its fp32 view of the input, so a 2-byte residual stream itself is saved by nothing.
     RmsNorm,
+    /// HF `GemmaRMSNorm`: the same statistics on `x.float()`, then `normed * (1 + weight.float())` in fp32 and
+    /// `.type_as(x)`: it saves the fp32 normalised x (where Llama's saves its cast back).
+    GemmaRmsNorm,
 }
 
 /// How the attention's inputs are projected.
@@ -53,6 +56,8 @@ pub enum Mlp {
     Gelu,
     /// `down(silu(gate(x)) * up(x))` of width `intermediate_size` (HF `LlamaMLP`, SwiGLU).
     SwiGlu,
+    /// `down(gelu_tanh(gate(x)) * up(x))` (HF `GemmaMLP`, GeGLU): SwiGLU's tensors, GELU's op.
+    GeGlu,
 }
 
 /// The loss as the model's forward computes it.
@@ -84,6 +89,8 @@ pub struct Arch {
     pub core: Core,
     /// An RMSNorm over each head of q and of k, before rotary (Qwen3's `q_norm`, `k_norm`).
     pub qk_norm: bool,
+    /// The token embeddings are multiplied by sqrt(hidden_size) (Gemma's normalizer): a second N x C tensor.
+    pub embed_scale: bool,
     /// Biases in the q, k and v projections (nanoGPT's fused `c_attn` with `bias`; Qwen2's q/k/v_proj).
     pub qkv_bias: bool,
     /// Biases in the attention's output projection and the MLP's Linears.
@@ -111,6 +118,7 @@ impl Arch {
                     Attention::Manual => Core::Manual,
                 },
                 qk_norm: false,
+                embed_scale: false,
                 qkv_bias: m.bias,
                 linear_bias: m.bias,
                 mlp: Mlp::Gelu,
@@ -123,20 +131,32 @@ impl Arch {
             // than the window (`Setup::validate` refuses longer ones). Qwen2 adds q/k/v biases (`Qwen2Attention`:
             // `bias=True` on q_proj, k_proj, v_proj, not on o_proj); Qwen3 an RMSNorm on every head of q and k
             // (`Qwen3Attention.q_norm`, `k_norm`, over head_dim) and no biases.
-            Family::Llama | Family::Mistral | Family::Qwen2 | Family::Qwen3 => Arch {
-                positions: Positions::Rotary,
-                norm: Norm::RmsNorm,
-                qkv: Qkv::Separate,
-                core: Core::Sdpa,
-                qk_norm: m.family == Family::Qwen3,
-                qkv_bias: m.family == Family::Qwen2,
-                linear_bias: false,
-                mlp: Mlp::SwiGlu,
-                dropout: false,
-                tied_head: m.tie_embeddings,
-                loss: Loss::HfCausalLm,
-                program: Program::HfLoop,
-            },
+            // Gemma: scaled embeddings, its own RMSNorm, GeGLU (`GemmaForCausalLM`).
+            Family::Llama | Family::Mistral | Family::Qwen2 | Family::Qwen3 | Family::Gemma => {
+                Arch {
+                    positions: Positions::Rotary,
+                    norm: if m.family == Family::Gemma {
+                        Norm::GemmaRmsNorm
+                    } else {
+                        Norm::RmsNorm
+                    },
+                    qkv: Qkv::Separate,
+                    core: Core::Sdpa,
+                    qk_norm: m.family == Family::Qwen3,
+                    embed_scale: m.family == Family::Gemma,
+                    qkv_bias: m.family == Family::Qwen2,
+                    linear_bias: false,
+                    mlp: if m.family == Family::Gemma {
+                        Mlp::GeGlu
+                    } else {
+                        Mlp::SwiGlu
+                    },
+                    dropout: false,
+                    tied_head: m.tie_embeddings,
+                    loss: Loss::HfCausalLm,
+                    program: Program::HfLoop,
+                }
+            }
         }
     }
 
@@ -145,7 +165,7 @@ impl Arch {
     pub fn norm_saves_input(&self, residual_bytes: u64) -> bool {
         match self.norm {
             Norm::LayerNorm { .. } => true,
-            Norm::RmsNorm => residual_bytes != 2,
+            Norm::RmsNorm | Norm::GemmaRmsNorm => residual_bytes != 2,
         }
     }
 
@@ -197,7 +217,7 @@ impl Arch {
                     linear(&mut v, i, c, bias);
                     linear(&mut v, c, i, bias);
                 }
-                Mlp::SwiGlu => {
+                Mlp::SwiGlu | Mlp::GeGlu => {
                     linear(&mut v, i, c, bias);
                     linear(&mut v, i, c, bias);
                     linear(&mut v, c, i, bias);

@@ -90,7 +90,8 @@ struct NormOut {
 fn norm_op(cx: &Ctx) -> (&'static str, &'static str) {
     match cx.arch.norm {
         Norm::LayerNorm { .. } => ("layer_norm rstd", "layer_norm"),
-        Norm::RmsNorm => ("rms_norm rsqrt", "rms_norm"),
+        // Gemma is refused under torch.compile (`Setup::validate`): its norm would be traced as RMSNorm's.
+        Norm::RmsNorm | Norm::GemmaRmsNorm => ("rms_norm rsqrt", "rms_norm"),
     }
 }
 
@@ -340,7 +341,8 @@ fn mlp_fwd(
             let saved = MlpSaved::Gelu { w_fc, h, w_mlp, g };
             (saved, mask2, x_out)
         }
-        Mlp::SwiGlu => {
+        // GeGLU (Gemma, refused under torch.compile for now) would be SwiGLU's buffers.
+        Mlp::SwiGlu | Mlp::GeGlu => {
             let w_gate = weight_cast(cx, i * c);
             let gate = mm(cx, cx.n * i * p, Activations, "mm");
             let w_up = weight_cast(cx, i * c);

@@ -179,13 +179,16 @@ fn norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
     match cx.arch.norm {
         Norm::LayerNorm { .. } => ops::layer_norm_fwd(cx),
         Norm::RmsNorm => ops::rms_norm_fwd(cx),
+        Norm::GemmaRmsNorm => ops::gemma_rms_norm_fwd(cx),
     }
 }
 
 fn norm_bwd(cx: &mut Ctx, grad_out: Tensor, saved: NormSaved, input: Tensor) -> Tensor {
     match cx.arch.norm {
         Norm::LayerNorm { bias } => ops::layer_norm_bwd(cx, grad_out, saved, input, bias),
-        Norm::RmsNorm => ops::rms_norm_bwd(cx, grad_out, saved, input),
+        // Gemma's backward runs the same statistics' backward as Llama's (fake-cuda trace of a gemma bf16-amp
+        // case: the same N x C fp32 temporaries, a [C] more for `1 + weight`).
+        Norm::RmsNorm | Norm::GemmaRmsNorm => ops::rms_norm_bwd(cx, grad_out, saved, input),
     }
 }
 
@@ -654,9 +657,14 @@ fn mlp_fwd(cx: &mut Ctx) -> (MlpSaved, Tensor) {
             };
             (saved, o)
         }
-        Mlp::SwiGlu => {
+        Mlp::SwiGlu | Mlp::GeGlu => {
+            let act = if cx.arch.mlp == Mlp::GeGlu {
+                "gelu"
+            } else {
+                "silu"
+            };
             let (gate_out, gate) = ops::linear_fwd(cx, r, c, i, bias, Activations);
-            let silu = cx.alloc(cx.n * i * p, Activations, "silu");
+            let silu = cx.alloc(cx.n * i * p, Activations, act);
             cx.drop_unsaved(gate_out);
             let (up_out, up) = ops::linear_fwd(cx, r, c, i, bias, Activations);
             let prod = cx.alloc(cx.n * i * p, Activations, "mul");
@@ -716,7 +724,12 @@ fn mlp_bwd(cx: &mut Ctx, g_out: Tensor, s: MlpSaved, norm_out: Option<Tensor>) -
             cx.free(up_out);
             let g_a = ops::linear_bwd(cx, g_up, p, true, up, None);
             cx.free(silu);
-            let g_gate = cx.alloc(cx.n * i * p, Temporary, "silu_backward");
+            let act_bwd = if cx.arch.mlp == Mlp::GeGlu {
+                "gelu_backward"
+            } else {
+                "silu_backward"
+            };
+            let g_gate = cx.alloc(cx.n * i * p, Temporary, act_bwd);
             cx.free(g_silu);
             cx.free(gate_out);
             let g_b = ops::linear_bwd(cx, g_gate, p, true, gate, norm_out);
@@ -872,7 +885,13 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
         }
         Positions::Rotary => {
             let hs = cx.m.head_dim();
-            let x0 = cx.alloc(nc * pb, Activations, "embedding");
+            let mut x0 = cx.alloc(nc * pb, Activations, "embedding");
+            if cx.arch.embed_scale {
+                // `hidden_states * normalizer` (a constant tensor): a new N x C, the embedding's output dies.
+                let scaled = cx.alloc(nc * pb, Activations, "mul");
+                cx.free(x0);
+                x0 = scaled;
+            }
             // inv_freq @ positions in fp32, cat, cos / sin (times attention_scaling), cast to the stream dtype.
             let freqs = cx.alloc(cx.t * hs / 2 * 4, Temporary, "mul");
             let emb = cx.alloc(cx.t * hs * 4, Temporary, "cat");

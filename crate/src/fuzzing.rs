@@ -117,8 +117,13 @@ pub fn setup_from_bytes(data: &[u8]) -> Setup {
     // Hugging Face families and the sliding window from the bytes after that.
     let hf = b.byte();
     if setup.model.family != Family::Gpt2 {
-        setup.model.family =
-            [Family::Llama, Family::Mistral, Family::Qwen2, Family::Qwen3][usize::from(hf % 4)];
+        setup.model.family = [
+            Family::Llama,
+            Family::Mistral,
+            Family::Qwen2,
+            Family::Qwen3,
+            Family::Gemma,
+        ][usize::from(hf % 5)];
     }
     if hf & 4 != 0 {
         setup.model.sliding_window = b.u64();

@@ -952,7 +952,8 @@ fn py_display(v: &PyValue) -> String {
 // ---------------------------------------------------------------------------------------------------------
 // Hugging Face config.json.
 
-/// Reads a Hugging Face `config.json` of a family vramfit models (llama, mistral, qwen2, qwen3) into a model config.
+/// Reads a Hugging Face `config.json` of a family vramfit models (llama, mistral, qwen2, qwen3, gemma) into a
+/// model config.
 ///
 /// # Errors
 /// Malformed JSON, a missing dimension, or a `model_type` vramfit does not model (named in the message).
@@ -977,11 +978,12 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
         "mistral" => Family::Mistral,
         "qwen2" => Family::Qwen2,
         "qwen3" => Family::Qwen3,
+        "gemma" => Family::Gemma,
         other => {
             return Err(Error::UnknownValue {
                 field: "model_type".into(),
                 value: other.into(),
-                allowed: &["llama", "mistral", "qwen2", "qwen3"],
+                allowed: &["llama", "mistral", "qwen2", "qwen3", "gemma"],
             })
         }
     };
@@ -1037,7 +1039,8 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
         bias: false,
         dropout: get_f64(o, "", "attention_dropout")?.unwrap_or(0.0),
         intermediate_size: required(get_u64(o, "", "intermediate_size")?, "intermediate_size")?,
-        tie_embeddings: get_bool(o, "", "tie_word_embeddings")?.unwrap_or(false),
+        // Gemma ties its head unless the config says otherwise (`GemmaConfig(tie_word_embeddings=True)`).
+        tie_embeddings: get_bool(o, "", "tie_word_embeddings")?.unwrap_or(family == Family::Gemma),
         head_dim,
         sliding_window,
     };
@@ -1092,7 +1095,7 @@ mod tests {
         );
         assert_eq!(
             with("family", "\"bert\""),
-            "model.family (\"bert\") is not one of: gpt2, llama, mistral, qwen2, qwen3"
+            "model.family (\"bert\") is not one of: gpt2, llama, mistral, qwen2, qwen3, gemma"
         );
         assert_eq!(with("bias", "1"), "model.bias (1) must be true or false");
         let e = setup_from_json("{\"model\": \n{").unwrap_err().to_string();
@@ -1220,11 +1223,24 @@ mod tests {
             (Family::Qwen3, 128, 2048)
         );
         assert_eq!(q3.n_params(), 596_049_920);
-        let e = hf_config(r#"{"model_type": "gemma", "hidden_size": 8}"#)
+        // Gemma-2B's config.json (abridged): MQA with head_dim 256, tied by default; its published 2,506,172,416.
+        let gemma = r#"{"architectures": ["GemmaForCausalLM"], "head_dim": 256, "hidden_act": "gelu",
+            "hidden_size": 2048, "intermediate_size": 16384, "max_position_embeddings": 8192,
+            "model_type": "gemma", "num_attention_heads": 8, "num_hidden_layers": 18, "num_key_value_heads": 1,
+            "vocab_size": 256000}"#;
+        let (g, _) = hf_config(gemma).unwrap();
+        assert_eq!(
+            (g.family, g.head_dim(), g.tie_embeddings),
+            (Family::Gemma, 256, true)
+        );
+        assert_eq!(g.n_params(), 2_506_172_416);
+        let e = hf_config(r#"{"model_type": "gemma2", "hidden_size": 8}"#)
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("model_type (\"gemma\") is not one of: llama, mistral, qwen2, qwen3"),
+            e.contains(
+                "model_type (\"gemma2\") is not one of: llama, mistral, qwen2, qwen3, gemma"
+            ),
             "{e}"
         );
     }

@@ -19,10 +19,14 @@ pub enum Family {
     /// Hugging Face `Qwen3ForCausalLM`: Llama's layers with an RMSNorm on each head of q and k, and a head size
     /// of its own (`head_dim`).
     Qwen3,
+    /// Hugging Face `GemmaForCausalLM`: Llama's layers with the embeddings scaled by sqrt(hidden_size), an
+    /// RMSNorm computed in fp32 with a `1 + weight` scale, a GELU-gated MLP (GeGLU) and a head size of its own.
+    Gemma,
 }
 
 impl Family {
-    pub const NAMES: &'static [&'static str] = &["gpt2", "llama", "mistral", "qwen2", "qwen3"];
+    pub const NAMES: &'static [&'static str] =
+        &["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma"];
 
     pub fn parse(s: &str) -> Result<Family, Error> {
         match s {
@@ -31,6 +35,7 @@ impl Family {
             "mistral" => Ok(Family::Mistral),
             "qwen2" => Ok(Family::Qwen2),
             "qwen3" => Ok(Family::Qwen3),
+            "gemma" => Ok(Family::Gemma),
             _ => Err(Error::UnknownValue {
                 field: "model.family".into(),
                 value: s.into(),
@@ -46,6 +51,7 @@ impl Family {
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::Gemma => "gemma",
         }
     }
 
@@ -429,9 +435,12 @@ impl Setup {
                 format!("must be at most {MAX_LAYERS}"),
             ));
         }
-        if m.family == Family::Qwen3 && t.compile {
+        if matches!(m.family, Family::Qwen3 | Family::Gemma) && t.compile {
             return Err(Error::NotModelled {
-                what: "torch.compile of qwen3 (its q/k norms under Inductor are not traced yet); eager is".into(),
+                what: format!(
+                    "torch.compile of {} (not traced under Inductor yet); eager is",
+                    m.family.name()
+                ),
             });
         }
         if m.family.is_hf() && t.attention == Attention::Manual {
@@ -622,7 +631,7 @@ fn checked_params(m: &ModelConfig) -> Option<u64> {
         Family::Gpt2 => cc.checked_mul(12)?.checked_add(c.checked_mul(13)?)?,
         // Llama's layer (q and o of q_dim x C, k and v of kv_dim x C, three MLP matrices, two norms), with
         // Qwen2's q/k/v biases (q_dim + 2 kv_dim) counted as a bound from above.
-        Family::Llama | Family::Mistral | Family::Qwen2 | Family::Qwen3 => {
+        Family::Llama | Family::Mistral | Family::Qwen2 | Family::Qwen3 | Family::Gemma => {
             let q = m.head_dim().checked_mul(m.n_head)?;
             let kv = m.head_dim().checked_mul(m.n_kv_head)?;
             q.checked_mul(c)?

@@ -402,6 +402,44 @@ pub fn rms_norm_fwd_on(cx: &mut Ctx, rows: u64, width: u64, in_bytes: u64) -> (T
     )
 }
 
+/// HF `GemmaRMSNorm` on the residual stream: `x.float()` (a copy for a 2-byte stream, saved), `pow(2)`
+/// (temporary), `mean` and `+ eps` [n] (each freed as soon as read), `rsqrt` [n] (saved), `x * rsqrt` n x C fp32
+/// (saved), `1 + weight.float()` [C] (saved), their product n x C fp32 and, for a 2-byte stream, `.type_as(x)`
+/// (the fp32 product then dies). Order from the fake-cuda trace of a gemma bf16-amp case.
+pub fn gemma_rms_norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
+    let (n, c, r) = (cx.n, cx.m.n_embd, cx.r);
+    let wide = n * c * 4;
+    let copy = (r == 2).then(|| cx.alloc(wide, Activations, "_to_copy"));
+    let pow = cx.alloc(wide, Temporary, "pow");
+    let mean = cx.alloc(n * 4, Temporary, "mean");
+    cx.free(pow);
+    let added = cx.alloc(n * 4, Temporary, "add");
+    cx.free(mean);
+    let rstd = cx.alloc(n * 4, Activations, "rsqrt");
+    cx.free(added);
+    let normed = cx.alloc(wide, Activations, "mul");
+    let scale = cx.alloc(c * 4, Activations, "add");
+    let mut out = cx.alloc(wide, Activations, "mul");
+    if r == 2 {
+        let lp = cx.alloc(n * c * 2, Activations, "_to_copy");
+        cx.free(out);
+        out = lp;
+    }
+    for t in [copy, Some(normed), Some(rstd), Some(scale)]
+        .into_iter()
+        .flatten()
+    {
+        cx.drop_unsaved(t);
+    }
+    (
+        out,
+        NormSaved {
+            stats: [Some(rstd), Some(scale)],
+            own: [copy, Some(normed)],
+        },
+    )
+}
+
 /// Backward of `rms_norm_fwd` (the residual stream's norm): see `rms_norm_bwd_on`.
 pub fn rms_norm_bwd(cx: &mut Ctx, grad_out: Tensor, saved: NormSaved, input: Tensor) -> Tensor {
     let (n, c, r) = (cx.n, cx.m.n_embd, cx.r);

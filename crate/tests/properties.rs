@@ -198,7 +198,9 @@ fn n_param_tensors(s: &Setup) -> u64 {
     let m = &s.model;
     match m.family {
         Family::Gpt2 => 2 + m.n_layer * if m.bias { 12 } else { 6 } + if m.bias { 2 } else { 1 },
-        Family::Llama | Family::Mistral => 1 + m.n_layer * 9 + 1 + u64::from(!m.tie_embeddings),
+        Family::Llama | Family::Mistral | Family::Gemma => {
+            1 + m.n_layer * 9 + 1 + u64::from(!m.tie_embeddings)
+        }
         Family::Qwen2 => 1 + m.n_layer * 12 + 1 + u64::from(!m.tie_embeddings),
         Family::Qwen3 => 1 + m.n_layer * 11 + 1 + u64::from(!m.tie_embeddings),
     }

@@ -37,7 +37,7 @@ vocab 50304, fp16-amp, fused AdamW, torch.compile):
                        tinyllama-1.1b, llama-3.2-1b, llama-2-7b, mistral-7b, qwen2.5-0.5b)
 
 KNOBS (override the source):
-  --family gpt2|llama|mistral|qwen2|qwen3  --n-layer N  --n-head N  --n-kv-head N  --n-embd N  --block-size N  --vocab-size N
+  --family gpt2|llama|mistral|qwen2|qwen3|gemma  --n-layer N  --n-head N  --n-kv-head N  --n-embd N  --block-size N  --vocab-size N
   --intermediate-size N  --bias | --no-bias  --tie-embeddings | --no-tie-embeddings  --head-dim N
   --sliding-window N  --dropout P
   --batch-size N  --seq-len N  --precision fp32|fp16-amp|bf16-amp|bf16
