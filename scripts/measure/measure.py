@@ -288,6 +288,13 @@ class Tracker(TorchDispatchMode):
             b, t, h, d = q.shape
             extra = 0 if q.dtype == torch.float32 else b * t * h * d * 4
             self.hidden_alloc("efficient_bwd_delta", b * h * t * 4 + extra, transient=True)
+            k, v = args[2], args[3]
+            if k.shape[2] != h:
+                # Grouped-query K/V: the gradients of K and V are computed for every query head into scratch
+                # [B, T, H, hs] each, then summed over each group into the K/V-sized gradients (stub-cuda memory
+                # snapshot of qwen3-256-hd64-untied-fp32-sgd: two full-head buffers beside the outputs).
+                self.hidden_alloc("efficient_bwd_gqa_dkv", b * t * h * (k.shape[3] + v.shape[3]) * k.element_size(),
+                                  transient=True)
         elif name == "embedding_dense_backward":
             # embedding_dense_backward_cuda sorts the indices: sorted_indices and orig_indices (int64 each).
             idx = args[1]
@@ -328,10 +335,9 @@ def sdpa_as_cuda(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=
                                                                      scale=scale)
             return out[0]
         if backend == torch._C._SDPBackend.EFFICIENT_ATTENTION and can_use_efficient_attention(params):
-            if enable_gqa and k.shape[1] != q.shape[1]:
-                rep = q.shape[1] // k.shape[1]
-                k = k.repeat_interleave(rep, dim=1)
-                v = v.repeat_interleave(rep, dim=1)
+            # Grouped-query K/V go in as they are: torch 2.15's memory-efficient kernel takes fewer K/V heads
+            # (stub-cuda memory snapshot of qwen3-256-hd64-untied-fp32-sgd: the call allocates its output,
+            # logsumexp and the two philox scalars only, no repeat of K or V; its backward, below).
             if attn_mask is not None:
                 # attention.cpp, preprocess_mask: the kernel needs every stride but the last a multiple of 8
                 # elements and a dense last dim; otherwise pad_bias copies the mask with its last dim padded to a
