@@ -63,8 +63,6 @@ struct SeparateSaved {
     /// q and k as SDPA saved them (autocast's casts of the rotated fp32 q and k, or the rotated tensors).
     q_att: Tensor,
     k_att: Tensor,
-    /// K/V repeated to all heads for the memory-efficient kernel, which has no GQA support.
-    kv_repeat: Option<(Tensor, Tensor)>,
     sdpa: SdpaSaved,
     o: LinearSaved,
 }
@@ -493,11 +491,9 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
     } else {
         (q_rot, k_rot)
     };
-    let kv_repeat = (cx.backend == crate::policy::SdpaBackend::Efficient && kv != qd).then(|| {
-        let kr = cx.alloc(cx.n * qd * p, Activations, "repeat_interleave");
-        let vr = cx.alloc(cx.n * qd * p, Activations, "repeat_interleave");
-        (kr, vr)
-    });
+    // Grouped-query K/V reach the kernel unrepeated: transformers passes `enable_gqa=True` and PyTorch 2.15's
+    // flash and memory-efficient kernels take K/V at their own head count (stub-cuda records
+    // qwen2-256-untied-fp32-sgd and qwen3-256-hd64-untied-fp32-sgd, memory-efficient in fp32: exact).
     let sdpa = ops::sdpa_fwd(cx);
     // Unsaved (checkpointed forward), the inputs SDPA made for itself die with it; what the attention call holds
     // (its output, the rotated q and k, v) dies when it returns (stub-cuda snapshot of llama-ckpt-1024).
@@ -505,21 +501,10 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
         cx.drop_unsaved(q_att);
         cx.drop_unsaved(k_att);
     }
-    if let Some((a, b)) = kv_repeat {
-        cx.drop_unsaved(a);
-        cx.drop_unsaved(b);
-    }
     let (o_out, o) = ops::linear_fwd(cx, p, qd, c, bias, Temporary);
     if q_att != q_rot {
         cx.free(q_rot);
         cx.free(k_rot);
-    }
-    // With K/V repeated for the memory-efficient kernel, the kernel saved the repeats: k and v themselves die
-    // when the attention call returns (fake-cuda trace of qwen2-256-untied-fp32-sgd: the rotated k, then v_proj's
-    // output, freed right after o_proj).
-    if kv_repeat.is_some() {
-        cx.free(k_att);
-        cx.free(v_out);
     }
     for t in [sdpa.out, q_att, k_att, v_out] {
         cx.drop_unsaved(t);
@@ -533,7 +518,6 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
         v_out,
         q_att,
         k_att,
-        kv_repeat,
         sdpa,
         o,
     };
@@ -588,17 +572,6 @@ fn attn_bwd(cx: &mut Ctx, g_mid: Tensor, a: AttnSaved, norm_out: Option<Tensor>)
                 s.sdpa.rng[0],
                 s.sdpa.rng[1],
             ]);
-            let (dk, dv) = match s.kv_repeat {
-                Some((kr, vr)) => {
-                    // repeat_interleave's backward sums the repeated heads back to the KV heads.
-                    cx.sim.free_all(&[kr, vr]);
-                    let dk2 = cx.alloc(cx.n * kv * p, Temporary, "sum");
-                    let dv2 = cx.alloc(cx.n * kv * p, Temporary, "sum");
-                    cx.sim.free_all(&[dk, dv]);
-                    (dk2, dv2)
-                }
-                None => (dk, dv),
-            };
             let (dq, dk) = if rope_bytes(cx) != p {
                 // ToCopyBackward of SDPA's input casts: back to fp32.
                 let dq32 = cx.alloc(cx.n * qd * 4, Temporary, "_to_copy");
@@ -811,9 +784,6 @@ fn release_block(cx: &mut Ctx, s: BlockSaved) {
             linears.extend([c_attn, c_proj]);
         }
         AttnSaved::Separate(a) => {
-            if let Some((x, y)) = a.kv_repeat {
-                cx.sim.free_all(&[x, y]);
-            }
             for n in [&a.q_norm, &a.k_norm].into_iter().flatten() {
                 cx.sim.free_some(&n.saved.stats);
                 cx.sim.free_some(&n.saved.own);

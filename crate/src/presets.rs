@@ -211,6 +211,86 @@ pub const MODEL_PRESETS: &[ModelPreset] = &[
             )
         },
     },
+    ModelPreset {
+        id: "llama-3.1-8b",
+        label: "Llama-3.1-8B (32x4096, GQA 32/8, vocab 128256, seq 2048)",
+        setup: || {
+            hf(
+                Family::Llama,
+                LlamaDims {
+                    n_layer: 32,
+                    n_head: 32,
+                    n_kv: 8,
+                    n_embd: 4096,
+                    inter: 14336,
+                    vocab: 128256,
+                    max_pos: 131072,
+                    tie: false,
+                },
+                2048,
+            )
+        },
+    },
+    ModelPreset {
+        id: "llama-3.1-70b",
+        label: "Llama-3.1-70B (80x8192, GQA 64/8, vocab 128256, seq 2048)",
+        setup: || {
+            hf(
+                Family::Llama,
+                LlamaDims {
+                    n_layer: 80,
+                    n_head: 64,
+                    n_kv: 8,
+                    n_embd: 8192,
+                    inter: 28672,
+                    vocab: 128256,
+                    max_pos: 131072,
+                    tie: false,
+                },
+                2048,
+            )
+        },
+    },
+    ModelPreset {
+        id: "qwen2.5-1.5b",
+        label: "Qwen2.5-1.5B (28x1536, GQA 12/2, vocab 151936, tied, seq 2048)",
+        setup: || {
+            hf(
+                Family::Qwen2,
+                LlamaDims {
+                    n_layer: 28,
+                    n_head: 12,
+                    n_kv: 2,
+                    n_embd: 1536,
+                    inter: 8960,
+                    vocab: 151936,
+                    max_pos: 32768,
+                    tie: true,
+                },
+                2048,
+            )
+        },
+    },
+    ModelPreset {
+        id: "qwen2.5-7b",
+        label: "Qwen2.5-7B (28x3584, GQA 28/4, vocab 152064, seq 2048)",
+        setup: || {
+            hf(
+                Family::Qwen2,
+                LlamaDims {
+                    n_layer: 28,
+                    n_head: 28,
+                    n_kv: 4,
+                    n_embd: 3584,
+                    inter: 18944,
+                    vocab: 152064,
+                    max_pos: 32768,
+                    tie: false,
+                },
+                2048,
+            )
+        },
+    },
 ];
 
 /// The preset ids, for error messages listing the allowed values (kept equal to `MODEL_PRESETS` by a test).
@@ -226,6 +306,10 @@ pub const MODEL_IDS: &[&str] = &[
     "llama-2-7b",
     "mistral-7b",
     "qwen2.5-0.5b",
+    "llama-3.1-8b",
+    "llama-3.1-70b",
+    "qwen2.5-1.5b",
+    "qwen2.5-7b",
 ];
 
 pub fn model_preset(id: &str) -> Option<Setup> {
@@ -652,6 +736,16 @@ mod tests {
             model_preset("llama-3.2-1b").unwrap().model.n_params(),
             1_235_814_400
         );
+        // Published: Llama-3.1-8B 8,030,261,248; Llama-3.1-70B 70,553,706,496; Qwen2.5-1.5B 1,543,714,304;
+        // Qwen2.5-7B 7,615,616,512.
+        for (id, n) in [
+            ("llama-3.1-8b", 8_030_261_248),
+            ("llama-3.1-70b", 70_553_706_496),
+            ("qwen2.5-1.5b", 1_543_714_304),
+            ("qwen2.5-7b", 7_615_616_512),
+        ] {
+            assert_eq!(model_preset(id).unwrap().model.n_params(), n, "{id}");
+        }
     }
 }
 

@@ -34,7 +34,8 @@ vocab 50304, fp16-amp, fused AdamW, torch.compile):
   --nanogpt FILE       a nanoGPT config/*.py file (train.py defaults fill the rest)
   --hf FILE            a Hugging Face config.json (llama, mistral, qwen2)
   --preset ID          a named model (nanogpt-30m, shakespeare-char, gpt2, gpt2-medium, gpt2-large, gpt2-xl,
-                       tinyllama-1.1b, llama-3.2-1b, llama-2-7b, mistral-7b, qwen2.5-0.5b)
+                       tinyllama-1.1b, llama-3.2-1b, llama-2-7b, mistral-7b, qwen2.5-0.5b, llama-3.1-8b,
+                       llama-3.1-70b, qwen2.5-1.5b, qwen2.5-7b)
 
 KNOBS (override the source):
   --family gpt2|llama|mistral|qwen2|qwen3|gemma  --n-layer N  --n-head N  --n-kv-head N  --n-embd N  --block-size N  --vocab-size N
