@@ -182,7 +182,11 @@ for the process in nvidia-smi.\n\n\
 The CUDA context is not measured by this project: {} is the published figure for an RTX 3090 under CUDA 12.8 with\n\
 lazy loading (see `cuda_context_bytes` in `crate/src/report.rs` for the sources); the observation leaves {} above\n\
 the modelled reserved memory for it. A GPU session settles it (`VRAMFIT_REAL_CUDA=1 scripts/measure/run` records\n\
-NVML's figure beside `max_memory_reserved()`).\n",
+NVML's figure beside `max_memory_reserved()`).\n\n\
+nanoGPT's `train.py` also evaluates before its first step (`estimate_loss()` at iteration 0, compiled, under\n\
+`torch.no_grad()`). PyTorch's own allocator then holds 4,188 MiB for this run instead of 4,048 MiB\n\
+(`tests/data/stub-cuda/seed-run-eval.json`, `scripts/measure/seed_run_eval.py`): with the published 256 MiB context\n\
+that is 4,444 MiB, 0.4% under what its user saw. The estimate does not model that evaluation pass yet.\n",
         mib(r.peak_allocated_bytes),
         mib(r.peak_reserved_bytes),
         mib(cuda_context_bytes(89)),
