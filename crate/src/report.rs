@@ -320,10 +320,12 @@ mod tests {
 
     /// The founding case as its user ran it (compiled, gradient accumulation 4, RTX 4070) showed about 4,464 MiB
     /// in nvidia-smi. Predicted: the modelled reserved memory plus the GeForce CUDA context (256 MiB, a published
-    /// figure, see `cuda_context_bytes`). Issue 11 asks for 3%; the prediction sits at -3.0% (the context is not
-    /// measured, and is not tuned to this one case), so this guards issue 6's 10%.
+    /// figure, see `cuda_context_bytes`, not tuned to this case): issue 11 asks for 3%, and the prediction sits at
+    /// -3.0%. The rest is train.py's evaluation before the first step, which the estimate does not model: on
+    /// PyTorch's own allocator it reserves 140 MiB more (tests/data/stub-cuda/seed-run-eval.json), which would put
+    /// the prediction at -0.4%.
     #[test]
-    fn founding_case_device_total_is_within_ten_percent_of_what_its_user_saw() {
+    fn founding_case_device_total_is_within_three_percent_of_what_its_user_saw() {
         let mut s = crate::presets::founding();
         s.train.grad_accum_steps = 4;
         assert!(s.train.compile && s.device.sm == 89);
@@ -331,7 +333,7 @@ mod tests {
         let seen = 4464.0 * (1u64 << 20) as f64;
         let err = (r.device_total_bytes as f64 - seen) / seen;
         assert!(
-            err.abs() <= 0.10,
+            err.abs() <= 0.03,
             "predicted {} vs 4464 MiB: {:+.1}%",
             r.device_total_bytes >> 20,
             err * 100.0
