@@ -45,7 +45,9 @@ pub enum Qkv {
 pub enum Core {
     /// `F.scaled_dot_product_attention(is_causal=True)`: a fused kernel chosen by PyTorch (`policy::sdpa_backend`).
     Sdpa,
-    /// nanoGPT's non-flash path: `q @ k^T`, scale, causal `masked_fill`, softmax, dropout, `@ v`.
+    /// The attention written out in PyTorch ops: nanoGPT's non-flash path (`q @ k^T`, scale, causal
+    /// `masked_fill`, softmax, dropout, `@ v`), or Hugging Face's `attn_implementation="eager"` (`q @ k^T`,
+    /// scale, `+ causal_mask`, fp32 softmax, `@ v`).
     Manual,
 }
 
@@ -141,7 +143,11 @@ impl Arch {
                         Norm::RmsNorm
                     },
                     qkv: Qkv::Separate,
-                    core: Core::Sdpa,
+                    // `attention: manual` is transformers' `attn_implementation="eager"` for these.
+                    core: match attention {
+                        Attention::Sdpa => Core::Sdpa,
+                        Attention::Manual => Core::Manual,
+                    },
                     qk_norm: m.family == Family::Qwen3,
                     embed_scale: m.family == Family::Gemma,
                     qkv_bias: m.family == Family::Qwen2,
@@ -236,12 +242,15 @@ impl Arch {
     }
 
     /// Buffers registered on the device besides the parameters, in bytes at `param_bytes` per element: the
-    /// manual path's causal mask, `torch.tril(torch.ones(block, block))` per layer in the model's dtype
+    /// manual path's causal mask of nanoGPT, `torch.tril(torch.ones(block, block))` per layer in the model's dtype
     /// (registered only when flash attention is not used).
     pub fn buffers_bytes(&self, m: &ModelConfig, param_bytes: u64) -> Vec<u64> {
-        match self.core {
-            Core::Manual => vec![m.block_size * m.block_size * param_bytes; m.n_layer as usize],
-            Core::Sdpa => vec![],
+        match (self.qkv, self.core) {
+            (Qkv::Fused, Core::Manual) => {
+                vec![m.block_size * m.block_size * param_bytes; m.n_layer as usize]
+            }
+            // Hugging Face models build their mask in each forward (`masking_utils`), no buffer.
+            _ => vec![],
         }
     }
 }

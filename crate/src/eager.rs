@@ -63,8 +63,25 @@ struct SeparateSaved {
     /// q and k as SDPA saved them (autocast's casts of the rotated fp32 q and k, or the rotated tensors).
     q_att: Tensor,
     k_att: Tensor,
-    sdpa: SdpaSaved,
+    core: SeparateCore,
     o: LinearSaved,
+}
+
+/// The kernel of a Hugging Face attention: SDPA, or `attn_implementation="eager"` (`Core::Manual`).
+enum SeparateCore {
+    Sdpa(SdpaSaved),
+    Eager(HfEager),
+}
+
+/// What HF's `eager_attention_forward` keeps: q and k as the first matmul saved them, the fp32 softmax, its
+/// 2-byte copy for the second matmul, v as that matmul saved it, and the contiguous output o_proj reads.
+struct HfEager {
+    q_m: Tensor,
+    k_m: Tensor,
+    softmax: Tensor,
+    attn_lp: Option<Tensor>,
+    v_m: Tensor,
+    y: Tensor,
 }
 
 impl AttnSaved {
@@ -131,6 +148,8 @@ pub struct Forward {
     pos: Option<Tensor>,
     /// Rotary: cos and sin.
     cos_sin: Option<[Tensor; 2]>,
+    /// HF eager attention's causal mask, when checkpointed blocks still need it.
+    mask: Option<Tensor>,
     emb_drop: Option<Tensor>,
     x_last: Tensor,
     norm_f: NormSaved,
@@ -410,6 +429,138 @@ fn qk_norm_bwd(cx: &mut Ctx, g: Tensor, n: QkNorm, width: u64) -> Tensor {
     ops::rms_norm_bwd_on(cx, g, n.saved, n.input, (rows, hd, cx.p))
 }
 
+/// HF's `eager_attention_forward` on the rotated q and k (`rope_bytes`) and v (matmul dtype): `repeat_kv` for
+/// grouped-query heads (a copy of k in its dtype, and of v), `q @ k^T` (autocast casts both to 2 bytes; `bmm`
+/// needs a contiguous q, so q is copied, and k too when it was not repeated), `* scaling`, `+ causal_mask`
+/// (promoted to the mask's dtype, the stream's), `softmax(dtype=float32)` (saved), its 2-byte copy for the second
+/// matmul (autocast's cast, or `.to(query.dtype)` in pure bf16; saved), `@ v` (v made contiguous, saved), then
+/// `transpose(1, 2).contiguous()` (saved by o_proj). Order from the fake-cuda traces of llama-manual-512-gqa
+/// (bf16-amp) and llama-manual-256 (fp32).
+fn hf_eager_fwd(cx: &mut Ctx, q_rot: Tensor, k_rot: Tensor, v_out: Tensor) -> (HfEager, Tensor) {
+    let (qd, kv) = (cx.m.q_dim(), cx.m.kv_dim());
+    let (n, p, rb) = (cx.n, cx.p, rope_bytes(cx));
+    let s = ops::manual_scores_elems(cx);
+    let gqa = kv != qd;
+    let _ = (q_rot, k_rot, v_out);
+    let k_rep = gqa.then(|| cx.alloc(n * qd * rb, Temporary, "clone"));
+    let v_rep = gqa.then(|| cx.alloc(n * qd * p, Activations, "clone"));
+    let (q_m, k_m) = if cx.prec.autocast() {
+        let q_c = cx.alloc(n * qd * p, Temporary, "_to_copy");
+        let k_c = cx.alloc(n * qd * p, Activations, "_to_copy");
+        let q_m = cx.alloc(n * qd * p, Activations, "clone");
+        let k_m = if gqa {
+            k_c
+        } else {
+            let k_m = cx.alloc(n * qd * p, Activations, "clone");
+            cx.free(k_c);
+            k_m
+        };
+        let scores = cx.alloc(s * p, Temporary, "bmm");
+        cx.matmul_workspace();
+        cx.free(q_c);
+        (q_m, (k_m, scores))
+    } else {
+        let q_m = cx.alloc(n * qd * rb, Activations, "clone");
+        let k_m = match k_rep {
+            Some(k) => k,
+            None => cx.alloc(n * qd * rb, Activations, "clone"),
+        };
+        let scores = cx.alloc(s * p, Temporary, "bmm");
+        cx.matmul_workspace();
+        (q_m, (k_m, scores))
+    };
+    let (k_m, scores) = k_m;
+    let scaled = cx.alloc(s * p, Temporary, "mul");
+    cx.free(scores);
+    let masked = cx.alloc(s * p.max(cx.r), Temporary, "add");
+    cx.free(scaled);
+    let softmax = cx.alloc(s * 4, Activations, "_softmax");
+    cx.free(masked);
+    let attn_lp = (cx.prec.autocast() || rb != 4).then(|| cx.alloc(s * p, Activations, "_to_copy"));
+    let v_m = match v_rep {
+        Some(v) => v,
+        None => cx.alloc(n * qd * p, Activations, "clone"),
+    };
+    let out = cx.alloc(n * qd * p, Temporary, "bmm");
+    cx.matmul_workspace();
+    let y = cx.alloc(n * qd * p, Activations, "clone");
+    cx.free(out);
+    // The fp32 repeat of k under autocast: its 2-byte cast is what the matmul saved.
+    if cx.prec.autocast() {
+        if let Some(k) = k_rep {
+            cx.free(k);
+        }
+    }
+    let e = HfEager {
+        q_m,
+        k_m,
+        softmax,
+        attn_lp,
+        v_m,
+        y,
+    };
+    (e, y)
+}
+
+/// Backward of `hf_eager_fwd` from the gradient of the contiguous output: the copy's and the transpose's
+/// backward (a contiguous gradient), the second matmul's two gradients, back to fp32 for the softmax backward,
+/// back to the scores' dtype, the scaling, the first matmul's two gradients, autocast's casts back to fp32 and
+/// `repeat_kv`'s sums over the repeated heads. Returns (dq, dk, dv) in the dtypes rotary and v_proj produced.
+fn hf_eager_bwd(cx: &mut Ctx, g_y: Tensor, e: HfEager) -> (Tensor, Tensor, Tensor) {
+    let (qd, kv) = (cx.m.q_dim(), cx.m.kv_dim());
+    let (n, p, rb) = (cx.n, cx.p, rope_bytes(cx));
+    let s = ops::manual_scores_elems(cx);
+    let g = cx.alloc(n * qd * p, Temporary, "clone");
+    cx.free(g_y);
+    let g_v = cx.alloc(n * qd * p, Temporary, "bmm");
+    cx.matmul_workspace();
+    let mut g_attn = cx.alloc(s * p, Temporary, "bmm");
+    cx.matmul_workspace();
+    cx.free(g);
+    cx.free(e.v_m);
+    if let Some(lp) = e.attn_lp {
+        cx.free(lp);
+        let wide = cx.alloc(s * 4, Temporary, "_to_copy");
+        cx.free(g_attn);
+        g_attn = wide;
+    }
+    let g_soft = cx.alloc(s * 4, Temporary, "_softmax_backward_data");
+    cx.free(g_attn);
+    cx.free(e.softmax);
+    let g_masked = if p.max(cx.r) != p {
+        let lp = cx.alloc(s * p, Temporary, "_to_copy");
+        cx.free(g_soft);
+        lp
+    } else {
+        g_soft
+    };
+    let g_scores = cx.alloc(s * p, Temporary, "mul");
+    cx.free(g_masked);
+    let g_q = cx.alloc(n * qd * p, Temporary, "bmm");
+    cx.matmul_workspace();
+    let g_k = cx.alloc(n * qd * p, Temporary, "bmm");
+    cx.matmul_workspace();
+    cx.free(g_scores);
+    cx.sim.free_all(&[e.k_m, e.q_m]);
+    let (dq, dk_full) = if cx.prec.autocast() {
+        let dq = cx.alloc(n * qd * rb, Temporary, "_to_copy");
+        cx.free(g_q);
+        let dk = cx.alloc(n * qd * rb, Temporary, "_to_copy");
+        cx.free(g_k);
+        (dq, dk)
+    } else {
+        (g_q, g_k)
+    };
+    if kv == qd {
+        return (dq, dk_full, g_v);
+    }
+    let dv = cx.alloc(n * kv * p, Temporary, "sum");
+    cx.free(g_v);
+    let dk = cx.alloc(n * kv * rb, Temporary, "sum");
+    cx.free(dk_full);
+    (dq, dk, dv)
+}
+
 /// The attention branch on the first norm's output, through the output projection (and the residual dropout):
 /// returns what it saved and the branch output.
 fn attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
@@ -484,6 +635,31 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
     let k_rot = rope_fwd(cx, kv, in_bytes);
     cx.free(q_in);
     cx.free(k_in);
+    if cx.arch.core == Core::Manual {
+        let (e, y) = hf_eager_fwd(cx, q_rot, k_rot, v_out);
+        let (o_out, o) = ops::linear_fwd(cx, p, qd, c, bias, Temporary);
+        // The rotated q and k and v_proj's output: the matmuls saved copies of them.
+        cx.sim.free_all(&[q_rot, k_rot, v_out]);
+        for t in [e.q_m, e.k_m, e.softmax, e.v_m, y] {
+            cx.drop_unsaved(t);
+        }
+        if let Some(t) = e.attn_lp {
+            cx.drop_unsaved(t);
+        }
+        let saved = SeparateSaved {
+            q,
+            k,
+            v,
+            q_norm,
+            k_norm,
+            v_out,
+            q_att: q_rot,
+            k_att: k_rot,
+            core: SeparateCore::Eager(e),
+            o,
+        };
+        return (AttnSaved::Separate(saved), o_out);
+    }
     let (q_att, k_att) = if rope_bytes(cx) != p {
         let ka = cx.alloc(cx.n * kv * p, Activations, "_to_copy");
         let qa = cx.alloc(cx.n * qd * p, Activations, "_to_copy");
@@ -518,7 +694,7 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
         v_out,
         q_att,
         k_att,
-        sdpa,
+        core: SeparateCore::Sdpa(sdpa),
         o,
     };
     (AttnSaved::Separate(saved), o_out)
@@ -560,19 +736,30 @@ fn attn_bwd(cx: &mut Ctx, g_mid: Tensor, a: AttnSaved, norm_out: Option<Tensor>)
             let (qd, kv) = (cx.m.q_dim(), cx.m.kv_dim());
             let r = cx.r;
             let (g_branch, g_bytes, owned) = branch_grad(cx, g_mid, None);
-            let g_att = ops::linear_bwd(cx, g_branch, g_bytes, owned, s.o, None);
-            let (dq, dk, dv) = ops::sdpa_bwd(cx);
-            cx.free(g_att);
-            cx.sim.free_all(&[
-                s.q_att,
-                s.k_att,
-                s.v_out,
-                s.sdpa.out,
-                s.sdpa.lse,
-                s.sdpa.rng[0],
-                s.sdpa.rng[1],
-            ]);
-            let (dq, dk) = if rope_bytes(cx) != p {
+            let (dq, dk, dv, cast_back) = match s.core {
+                SeparateCore::Sdpa(sdpa) => {
+                    let g_att = ops::linear_bwd(cx, g_branch, g_bytes, owned, s.o, None);
+                    let (dq, dk, dv) = ops::sdpa_bwd(cx);
+                    cx.free(g_att);
+                    cx.sim.free_all(&[
+                        s.q_att,
+                        s.k_att,
+                        s.v_out,
+                        sdpa.out,
+                        sdpa.lse,
+                        sdpa.rng[0],
+                        sdpa.rng[1],
+                    ]);
+                    (dq, dk, dv, true)
+                }
+                SeparateCore::Eager(e) => {
+                    let y = e.y;
+                    let g_y = ops::linear_bwd(cx, g_branch, g_bytes, owned, s.o, Some(y));
+                    let (dq, dk, dv) = hf_eager_bwd(cx, g_y, e);
+                    (dq, dk, dv, false)
+                }
+            };
+            let (dq, dk) = if cast_back && rope_bytes(cx) != p {
                 // ToCopyBackward of SDPA's input casts: back to fp32.
                 let dq32 = cx.alloc(cx.n * qd * 4, Temporary, "_to_copy");
                 cx.free(dq);
@@ -790,8 +977,13 @@ fn release_block(cx: &mut Ctx, s: BlockSaved) {
                 cx.free(n.input);
             }
             cx.sim.free_all(&[a.v_out, a.q_att, a.k_att]);
-            let sd = &a.sdpa;
-            cx.sim.free_all(&[sd.out, sd.lse, sd.rng[0], sd.rng[1]]);
+            match &a.core {
+                SeparateCore::Sdpa(sd) => cx.sim.free_all(&[sd.out, sd.lse, sd.rng[0], sd.rng[1]]),
+                SeparateCore::Eager(e) => {
+                    cx.sim.free_all(&[e.q_m, e.k_m, e.softmax, e.v_m, e.y]);
+                    cx.sim.free_some(&[e.attn_lp]);
+                }
+            }
             linears.extend([&a.q, &a.k, &a.v, &a.o]);
         }
     }
@@ -871,6 +1063,16 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
             (x0, None, Some([cos, sin]))
         }
     };
+    // HF eager attention: the causal mask, built once per forward from a T x T bool, [B, 1, T, T] in the
+    // embeddings' dtype (`masking_utils.eager_mask`). A checkpointed block's recompute needs it again, so then it
+    // lives until the backward is done.
+    let mask =
+        (cx.arch.positions == Positions::Rotary && cx.arch.core == Core::Manual).then(|| {
+            let le = cx.alloc(cx.t * cx.t, Temporary, "le");
+            let m = cx.alloc(cx.b * cx.t * cx.t * pb, Activations, "where");
+            cx.free(le);
+            m
+        });
     let (mut x, emb_drop) = dropout_on(cx, x0, nc, pb, Activations);
     let stream_saved = cx.arch.norm_saves_input(cx.r);
     let mut blocks = Vec::new();
@@ -896,6 +1098,13 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
         x = x_out;
     }
     cx.sim.layer(None);
+    let mask = match mask {
+        Some(m) if !checkpointing => {
+            cx.free(m);
+            None
+        }
+        other => other,
+    };
     let (norm_f_out, norm_f) = norm_fwd(cx);
     if !stream_saved && !checkpointing {
         cx.free(x);
@@ -941,6 +1150,7 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
         idx,
         pos,
         cos_sin,
+        mask,
         emb_drop,
         x_last: x,
         norm_f,
@@ -1026,6 +1236,7 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     if let Some(cs) = f.cos_sin {
         cx.sim.free_all(&cs);
     }
+    cx.sim.free_some(&[f.mask]);
     let g = match f.emb_drop {
         Some(mask) => ops::dropout_bwd(cx, g, true, nc, r, mask),
         None => g,

@@ -115,3 +115,20 @@ test('a qwen3 link with a head size of its own estimates as the CLI does', async
   assert.deepEqual(errors, []);
   await page.close();
 });
+
+test('a llama with Hugging Face eager attention (attention manual) estimates as the CLI does', async () => {
+  const query = 'family=llama&n_layer=2&n_head=8&n_kv_head=2&n_embd=512&intermediate_size=1408&vocab_size=32000'
+    + '&block_size=2048&tie_embeddings=0&batch_size=2&seq_len=512&attention=manual&compile=0';
+  const { page, errors } = await openPage(context, `${server.url}?${query}`);
+  assert.equal(await page.inputValue('#attention'), 'manual');
+  const args = ['--family', 'llama', '--n-layer', '2', '--n-head', '8', '--n-kv-head', '2', '--n-embd', '512',
+    '--intermediate-size', '1408', '--vocab-size', '32000', '--block-size', '2048', '--no-tie-embeddings',
+    '--batch-size', '2', '--seq-len', '512', '--attention', 'manual', '--no-compile',
+    '--compute-capability', '9.0', '--gpu-memory-gib', '80'];
+  const manual = await peak(page);
+  assert.equal(manual, cliPeakBytes(args));
+  // The T x T scores it keeps cost more than SDPA.
+  assert.ok(manual > cliPeakBytes(args.map((a) => (a === 'manual' ? 'sdpa' : a))));
+  assert.deepEqual(errors, []);
+  await page.close();
+});
