@@ -93,6 +93,16 @@ pub struct Arch {
     pub qk_norm: bool,
     /// The token embeddings are multiplied by sqrt(hidden_size) (Gemma's normalizer): a second N x C tensor.
     pub embed_scale: bool,
+    /// A norm on each branch's output before the residual add, besides the one before the branch (Gemma 2's
+    /// `post_attention_layernorm` and `post_feedforward_layernorm`).
+    pub post_norms: bool,
+    /// Eager attention soft-caps its scores (`tanh(scores / cap) * cap`, Gemma 2's `attn_logit_softcapping`).
+    pub attn_softcap: bool,
+    /// The logits are soft-capped the same way before the loss (`final_logit_softcapping`).
+    pub logit_softcap: bool,
+    /// The model builds a sliding-window mask beside the causal one every forward (Gemma 2's alternating layers);
+    /// for eager attention its layers cost what full layers cost.
+    pub sliding_mask: bool,
     /// Biases in the q, k and v projections (nanoGPT's fused `c_attn` with `bias`; Qwen2's q/k/v_proj).
     pub qkv_bias: bool,
     /// Biases in the attention's output projection and the MLP's Linears.
@@ -121,6 +131,10 @@ impl Arch {
                 },
                 qk_norm: false,
                 embed_scale: false,
+                post_norms: false,
+                attn_softcap: false,
+                logit_softcap: false,
+                sliding_mask: false,
                 qkv_bias: m.bias,
                 linear_bias: m.bias,
                 mlp: Mlp::Gelu,
@@ -133,11 +147,19 @@ impl Arch {
             // than the window (`Setup::validate` refuses longer ones). Qwen2 adds q/k/v biases (`Qwen2Attention`:
             // `bias=True` on q_proj, k_proj, v_proj, not on o_proj); Qwen3 an RMSNorm on every head of q and k
             // (`Qwen3Attention.q_norm`, `k_norm`, over head_dim) and no biases.
-            // Gemma: scaled embeddings, its own RMSNorm, GeGLU (`GemmaForCausalLM`).
-            Family::Llama | Family::Mistral | Family::Qwen2 | Family::Qwen3 | Family::Gemma => {
+            // Gemma: scaled embeddings, its own RMSNorm, GeGLU (`GemmaForCausalLM`); Gemma 2 adds a norm after
+            // each branch, soft-capped attention scores and logits, and a sliding-window mask.
+            Family::Llama
+            | Family::Mistral
+            | Family::Qwen2
+            | Family::Qwen3
+            | Family::Gemma
+            | Family::Gemma2 => {
+                let gemma = matches!(m.family, Family::Gemma | Family::Gemma2);
+                let gemma2 = m.family == Family::Gemma2;
                 Arch {
                     positions: Positions::Rotary,
-                    norm: if m.family == Family::Gemma {
+                    norm: if gemma {
                         Norm::GemmaRmsNorm
                     } else {
                         Norm::RmsNorm
@@ -149,14 +171,14 @@ impl Arch {
                         Attention::Manual => Core::Manual,
                     },
                     qk_norm: m.family == Family::Qwen3,
-                    embed_scale: m.family == Family::Gemma,
+                    embed_scale: gemma,
+                    post_norms: gemma2,
+                    attn_softcap: gemma2,
+                    logit_softcap: gemma2,
+                    sliding_mask: gemma2,
                     qkv_bias: m.family == Family::Qwen2,
                     linear_bias: false,
-                    mlp: if m.family == Family::Gemma {
-                        Mlp::GeGlu
-                    } else {
-                        Mlp::SwiGlu
-                    },
+                    mlp: if gemma { Mlp::GeGlu } else { Mlp::SwiGlu },
                     dropout: false,
                     tied_head: m.tie_embeddings,
                     loss: Loss::HfCausalLm,
@@ -230,8 +252,10 @@ impl Arch {
                 }
             }
             if !norms_first {
-                norm(&mut v);
-                norm(&mut v);
+                // input_layernorm, post_attention_layernorm (and Gemma 2's pre_ and post_feedforward_layernorm).
+                for _ in 0..if self.post_norms { 4 } else { 2 } {
+                    norm(&mut v);
+                }
             }
         }
         norm(&mut v);

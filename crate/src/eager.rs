@@ -78,6 +78,8 @@ enum SeparateCore {
 struct HfEager {
     q_m: Tensor,
     k_m: Tensor,
+    /// Gemma 2's soft-capped scores: tanh's output.
+    softcap: Option<Tensor>,
     softmax: Tensor,
     attn_lp: Option<Tensor>,
     v_m: Tensor,
@@ -123,7 +125,16 @@ impl MlpSaved {
     }
 }
 
+/// Gemma 2's norm on a branch's output: what it saved, and the branch output when the norm saved it itself
+/// (an fp32 branch; a 2-byte one is copied to fp32 and dies).
+struct PostNorm {
+    saved: NormSaved,
+    input: Option<Tensor>,
+}
+
 struct BlockSaved {
+    post1: Option<PostNorm>,
+    post2: Option<PostNorm>,
     x_in: Tensor,
     norm1: NormSaved,
     norm1_out: Option<Tensor>,
@@ -148,8 +159,10 @@ pub struct Forward {
     pos: Option<Tensor>,
     /// Rotary: cos and sin.
     cos_sin: Option<[Tensor; 2]>,
-    /// HF eager attention's causal mask, when checkpointed blocks still need it.
-    mask: Option<Tensor>,
+    /// HF eager attention's masks, when checkpointed blocks still need them.
+    masks: Vec<Tensor>,
+    /// Gemma 2's soft-capped logits: tanh's output.
+    logit_tanh: Option<Tensor>,
     emb_drop: Option<Tensor>,
     x_last: Tensor,
     norm_f: NormSaved,
@@ -426,7 +439,7 @@ fn qk_norm_fwd(cx: &mut Ctx, input: Tensor, width: u64) -> QkNorm {
 fn qk_norm_bwd(cx: &mut Ctx, g: Tensor, n: QkNorm, width: u64) -> Tensor {
     let hd = cx.m.head_dim();
     let rows = cx.n * width / hd;
-    ops::rms_norm_bwd_on(cx, g, n.saved, n.input, (rows, hd, cx.p))
+    ops::rms_norm_bwd_on(cx, g, n.saved, Some(n.input), (rows, hd, cx.p))
 }
 
 /// HF's `eager_attention_forward` on the rotated q and k (`rope_bytes`) and v (matmul dtype): `repeat_kv` for
@@ -470,8 +483,17 @@ fn hf_eager_fwd(cx: &mut Ctx, q_rot: Tensor, k_rot: Tensor, v_out: Tensor) -> (H
         (q_m, (k_m, scores))
     };
     let (k_m, scores) = k_m;
-    let scaled = cx.alloc(s * p, Temporary, "mul");
+    let mut scaled = cx.alloc(s * p, Temporary, "mul");
     cx.free(scores);
+    // Gemma 2: `tanh(scores / cap) * cap`; tanh's output is saved (trace of gemma2-512-hd256-win256-bf16amp).
+    let softcap = cx.arch.attn_softcap.then(|| {
+        let d = cx.alloc(s * p, Temporary, "div");
+        cx.free(scaled);
+        let t = cx.alloc(s * p, Activations, "tanh");
+        cx.free(d);
+        scaled = cx.alloc(s * p, Temporary, "mul");
+        t
+    });
     let masked = cx.alloc(s * p.max(cx.r), Temporary, "add");
     cx.free(scaled);
     let softmax = cx.alloc(s * 4, Activations, "_softmax");
@@ -494,6 +516,7 @@ fn hf_eager_fwd(cx: &mut Ctx, q_rot: Tensor, k_rot: Tensor, v_out: Tensor) -> (H
     let e = HfEager {
         q_m,
         k_m,
+        softcap,
         softmax,
         attn_lp,
         v_m,
@@ -534,6 +557,18 @@ fn hf_eager_bwd(cx: &mut Ctx, g_y: Tensor, e: HfEager) -> (Tensor, Tensor, Tenso
     } else {
         g_soft
     };
+    let mut g_masked = g_masked;
+    if let Some(t) = e.softcap {
+        // * cap, tanh's backward (from its saved output), / cap.
+        for op in ["mul", "tanh_backward", "div"] {
+            let g = cx.alloc(s * p, Temporary, op);
+            cx.free(g_masked);
+            if op == "tanh_backward" {
+                cx.free(t);
+            }
+            g_masked = g;
+        }
+    }
     let g_scores = cx.alloc(s * p, Temporary, "mul");
     cx.free(g_masked);
     let g_q = cx.alloc(n * qd * p, Temporary, "bmm");
@@ -640,7 +675,10 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
         let (o_out, o) = ops::linear_fwd(cx, p, qd, c, bias, Temporary);
         // The rotated q and k and v_proj's output: the matmuls saved copies of them.
         cx.sim.free_all(&[q_rot, k_rot, v_out]);
-        for t in [e.q_m, e.k_m, e.softmax, e.v_m, y] {
+        for t in [e.q_m, e.k_m, e.softmax, e.v_m, y]
+            .into_iter()
+            .chain(e.softcap)
+        {
             cx.drop_unsaved(t);
         }
         if let Some(t) = e.attn_lp {
@@ -702,7 +740,13 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
 
 /// Backward of the attention branch from the residual gradient `g_mid` (which the skip path still holds) to the
 /// first norm's output; `norm_out` is that output when the input Linear did not save a cast of its own.
-fn attn_bwd(cx: &mut Ctx, g_mid: Tensor, a: AttnSaved, norm_out: Option<Tensor>) -> Tensor {
+fn attn_bwd(
+    cx: &mut Ctx,
+    g_mid: Tensor,
+    a: AttnSaved,
+    norm_out: Option<Tensor>,
+    post: Option<(Tensor, u64)>,
+) -> Tensor {
     let nc = cx.n * cx.m.n_embd;
     let p = cx.p;
     match a {
@@ -735,7 +779,10 @@ fn attn_bwd(cx: &mut Ctx, g_mid: Tensor, a: AttnSaved, norm_out: Option<Tensor>)
         AttnSaved::Separate(s) => {
             let (qd, kv) = (cx.m.q_dim(), cx.m.kv_dim());
             let r = cx.r;
-            let (g_branch, g_bytes, owned) = branch_grad(cx, g_mid, None);
+            let (g_branch, g_bytes, owned) = match post {
+                Some((g, bytes)) => (g, bytes, true),
+                None => branch_grad(cx, g_mid, None),
+            };
             let (dq, dk, dv, cast_back) = match s.core {
                 SeparateCore::Sdpa(sdpa) => {
                     let g_att = ops::linear_bwd(cx, g_branch, g_bytes, owned, s.o, None);
@@ -848,7 +895,13 @@ fn mlp_fwd(cx: &mut Ctx) -> (MlpSaved, Tensor) {
 
 /// Backward of the MLP branch from the residual gradient `g_out` (held by the skip path) to the second norm's
 /// output.
-fn mlp_bwd(cx: &mut Ctx, g_out: Tensor, s: MlpSaved, norm_out: Option<Tensor>) -> Tensor {
+fn mlp_bwd(
+    cx: &mut Ctx,
+    g_out: Tensor,
+    s: MlpSaved,
+    norm_out: Option<Tensor>,
+    post: Option<(Tensor, u64)>,
+) -> Tensor {
     let nc = cx.n * cx.m.n_embd;
     let i = cx.m.intermediate_size;
     let (r, p) = (cx.r, cx.p);
@@ -876,7 +929,10 @@ fn mlp_bwd(cx: &mut Ctx, g_out: Tensor, s: MlpSaved, norm_out: Option<Tensor>) -
             prod,
             down,
         } => {
-            let (g_branch, g_bytes, owned) = branch_grad(cx, g_out, None);
+            let (g_branch, g_bytes, owned) = match post {
+                Some((g, bytes)) => (g, bytes, true),
+                None => branch_grad(cx, g_out, None),
+            };
             let g_prod = ops::linear_bwd(cx, g_branch, g_bytes, owned, down, Some(prod));
             let g_silu = cx.alloc(cx.n * i * p, Temporary, "mul");
             let g_up = cx.alloc(cx.n * i * p, Temporary, "mul");
@@ -901,6 +957,37 @@ fn mlp_bwd(cx: &mut Ctx, g_out: Tensor, s: MlpSaved, norm_out: Option<Tensor>) -
 // ---------------------------------------------------------------------------------------------------------
 // Blocks
 
+/// Gemma 2's norm on a branch output (the matmul dtype): `GemmaRMSNorm`, whose output takes the input's dtype.
+/// Returns the normed output (or the branch output itself without post-norms) and what it saved.
+fn post_norm_fwd(cx: &mut Ctx, branch: Tensor) -> (Tensor, Option<PostNorm>) {
+    if !cx.arch.post_norms {
+        return (branch, None);
+    }
+    let p = cx.p;
+    let (out, saved) = ops::gemma_rms_norm_fwd_on(cx, p);
+    // A 2-byte branch output was copied to fp32 (saved): it dies here (fake-cuda trace of a gemma2 bf16-amp
+    // case: o_proj's output freed right after the norm's cast back).
+    let input = if p == 2 {
+        cx.free(branch);
+        None
+    } else {
+        cx.drop_unsaved(branch);
+        Some(branch)
+    };
+    (out, Some(PostNorm { saved, input }))
+}
+
+/// Backward of `post_norm_fwd` from the residual gradient (held by the skip path): the gradient cast to the
+/// norm output's dtype, then the norm's backward to the branch output's. Returns (gradient, its bytes).
+fn post_norm_bwd(cx: &mut Ctx, g_residual: Tensor, n: PostNorm) -> (Tensor, u64) {
+    let (nc, p, r) = (cx.n * cx.m.n_embd, cx.p, cx.r);
+    let g = cx.alloc(nc * p, Temporary, if r != p { "_to_copy" } else { "clone" });
+    let _ = g_residual;
+    // A 2-byte input's fp32 copy is in the norm's own saved tensors.
+    let gi = ops::rms_norm_bwd_on(cx, g, n.saved, n.input, (cx.n, cx.m.n_embd, p));
+    (gi, p)
+}
+
 fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
     let nc = cx.n * cx.m.n_embd;
     let r = cx.r;
@@ -908,11 +995,13 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
     let (attn, a) = attn_fwd(cx);
     // The norm's output is held by the attention call until it returns; under autocast nothing saves it.
     let norm1_out = ops::keep_if_saved(cx, norm1_out, attn.input_linear());
+    let (a, post1) = post_norm_fwd(cx, a);
     let x_mid = cx.alloc(nc * r, Activations, "add");
     cx.free(a);
     let (norm2_out, norm2) = norm_fwd(cx);
     let (mlp, o) = mlp_fwd(cx);
     let norm2_out = ops::keep_if_saved(cx, norm2_out, mlp.input_linear());
+    let (o, post2) = post_norm_fwd(cx, o);
     let x_out = cx.alloc(nc * r, Activations, "add");
     cx.free(o);
     // The residual after attention dies once the block returns unless the second norm saved it.
@@ -920,6 +1009,8 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
         cx.free(x_mid);
     }
     let saved = BlockSaved {
+        post1,
+        post2,
         x_in,
         norm1,
         norm1_out,
@@ -935,10 +1026,12 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
 fn block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
     let nc_r = cx.n * cx.m.n_embd * cx.r;
     // MLP branch. The residual path keeps g_out alive until the norm's gradient is summed into it.
-    let g_n2 = mlp_bwd(cx, g_out, s.mlp, s.norm2_out);
+    let post = s.post2.map(|n| post_norm_bwd(cx, g_out, n));
+    let g_n2 = mlp_bwd(cx, g_out, s.mlp, s.norm2_out, post);
     let g_x2 = norm_bwd(cx, g_n2, s.norm2, s.x_mid);
     let g_mid = ops::grad_sum(cx, g_out, g_x2, nc_r);
-    let g_n1 = attn_bwd(cx, g_mid, s.attn, s.norm1_out);
+    let post = s.post1.map(|n| post_norm_bwd(cx, g_mid, n));
+    let g_n1 = attn_bwd(cx, g_mid, s.attn, s.norm1_out, post);
     let g_x1 = norm_bwd(cx, g_n1, s.norm1, s.x_in);
     ops::grad_sum(cx, g_mid, g_x1, nc_r)
 }
@@ -950,6 +1043,11 @@ fn release_block(cx: &mut Ctx, s: BlockSaved) {
     for n in [&s.norm1, &s.norm2] {
         cx.sim.free_some(&n.stats);
         cx.sim.free_some(&n.own);
+    }
+    for n in [&s.post1, &s.post2].into_iter().flatten() {
+        cx.sim.free_some(&n.saved.stats);
+        cx.sim.free_some(&n.saved.own);
+        cx.sim.free_some(&[n.input]);
     }
     for t in [s.norm1_out, s.norm2_out].into_iter().flatten() {
         cx.free(t);
@@ -981,6 +1079,7 @@ fn release_block(cx: &mut Ctx, s: BlockSaved) {
                 SeparateCore::Sdpa(sd) => cx.sim.free_all(&[sd.out, sd.lse, sd.rng[0], sd.rng[1]]),
                 SeparateCore::Eager(e) => {
                     cx.sim.free_all(&[e.q_m, e.k_m, e.softmax, e.v_m, e.y]);
+                    cx.sim.free_some(&[e.softcap]);
                     cx.sim.free_some(&[e.attn_lp]);
                 }
             }
@@ -1066,13 +1165,21 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
     // HF eager attention: the causal mask, built once per forward from a T x T bool, [B, 1, T, T] in the
     // embeddings' dtype (`masking_utils.eager_mask`). A checkpointed block's recompute needs it again, so then it
     // lives until the backward is done.
-    let mask =
-        (cx.arch.positions == Positions::Rotary && cx.arch.core == Core::Manual).then(|| {
-            let le = cx.alloc(cx.t * cx.t, Temporary, "le");
-            let m = cx.alloc(cx.b * cx.t * cx.t * pb, Activations, "where");
-            cx.free(le);
-            m
-        });
+    // Gemma 2 builds a sliding-window mask beside it, the same size (its window only changes values).
+    let n_masks = 1 + usize::from(cx.arch.sliding_mask);
+    let masks: Vec<Tensor> =
+        if cx.arch.positions == Positions::Rotary && cx.arch.core == Core::Manual {
+            (0..n_masks)
+                .map(|_| {
+                    let le = cx.alloc(cx.t * cx.t, Temporary, "le");
+                    let m = cx.alloc(cx.b * cx.t * cx.t * pb, Activations, "where");
+                    cx.free(le);
+                    m
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
     let (mut x, emb_drop) = dropout_on(cx, x0, nc, pb, Activations);
     let stream_saved = cx.arch.norm_saves_input(cx.r);
     let mut blocks = Vec::new();
@@ -1098,12 +1205,11 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
         x = x_out;
     }
     cx.sim.layer(None);
-    let mask = match mask {
-        Some(m) if !checkpointing => {
-            cx.free(m);
-            None
-        }
-        other => other,
+    let masks = if checkpointing {
+        masks
+    } else {
+        cx.sim.free_all(&masks);
+        Vec::new()
     };
     let (norm_f_out, norm_f) = norm_fwd(cx);
     if !stream_saved && !checkpointing {
@@ -1113,7 +1219,16 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
     cx.sim.next_stage("loss");
     let v = cx.m.vocab_size;
     let nv = cx.n * v;
-    let (logits, lm_head) = ops::linear_fwd(cx, cx.r, c, v, false, Logits);
+    let (mut logits, lm_head) = ops::linear_fwd(cx, cx.r, c, v, false, Logits);
+    // Gemma 2: `tanh(logits / cap) * cap` in the logits' dtype; tanh's output is saved.
+    let logit_tanh = cx.arch.logit_softcap.then(|| {
+        let d = cx.alloc(nv * cx.p, Logits, "div");
+        cx.free(logits);
+        let t = cx.alloc(nv * cx.p, Logits, "tanh");
+        cx.free(d);
+        logits = cx.alloc(nv * cx.p, Logits, "mul");
+        t
+    });
     let (log_softmax, nll_input, targets) = match cx.arch.loss {
         // Under autocast (PyTorch 2.15) log_softmax runs in the logits' 2-byte dtype and nll_loss (autocast fp32
         // list) gets an fp32 copy of its input, which it saves.
@@ -1150,7 +1265,8 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
         idx,
         pos,
         cos_sin,
-        mask,
+        masks,
+        logit_tanh,
         emb_drop,
         x_last: x,
         norm_f,
@@ -1207,6 +1323,18 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
             }
         }
     };
+    // Gemma 2's soft-capped logits: * cap, tanh's backward (from its saved output), / cap.
+    let mut g_logits = g_logits;
+    if let Some(t) = f.logit_tanh {
+        for op in ["mul", "tanh_backward", "div"] {
+            let g = cx.alloc(nv * cx.p, Logits, op);
+            cx.free(g_logits);
+            if op == "tanh_backward" {
+                cx.free(t);
+            }
+            g_logits = g;
+        }
+    }
     let head_had_grads = cx.have_grads;
     let g_norm_f = ops::linear_bwd(cx, g_logits, cx.p, true, f.lm_head, f.norm_f_out);
     // A tied head's first gradient of the step went to `.grad` last; take it back to meet the embedding's.
@@ -1236,7 +1364,7 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     if let Some(cs) = f.cos_sin {
         cx.sim.free_all(&cs);
     }
-    cx.sim.free_some(&[f.mask]);
+    cx.sim.free_all(&f.masks);
     let g = match f.emb_drop {
         Some(mask) => ops::dropout_bwd(cx, g, true, nc, r, mask),
         None => g,

@@ -123,7 +123,8 @@ pub fn setup_from_bytes(data: &[u8]) -> Setup {
             Family::Qwen2,
             Family::Qwen3,
             Family::Gemma,
-        ][usize::from(hf % 5)];
+            Family::Gemma2,
+        ][usize::from(hf % 6)];
     }
     if hf & 4 != 0 {
         setup.model.sliding_window = b.u64();

@@ -979,11 +979,12 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
         "qwen2" => Family::Qwen2,
         "qwen3" => Family::Qwen3,
         "gemma" => Family::Gemma,
+        "gemma2" => Family::Gemma2,
         other => {
             return Err(Error::UnknownValue {
                 field: "model_type".into(),
                 value: other.into(),
-                allowed: &["llama", "mistral", "qwen2", "qwen3", "gemma"],
+                allowed: &["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"],
             })
         }
     };
@@ -1022,6 +1023,13 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
         }
         _ => 0,
     };
+    if family == Family::Gemma2 {
+        notes.push(
+            "gemma2: eager attention (soft-capped scores), every other layer with a sliding window, which costs \
+             what a full layer costs there"
+                .into(),
+        );
+    }
     if sliding_window > 0 {
         notes.push(format!(
             "{model_type}: sliding window of {sliding_window} tokens: sequences shorter than it attend as full \
@@ -1040,7 +1048,8 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
         dropout: get_f64(o, "", "attention_dropout")?.unwrap_or(0.0),
         intermediate_size: required(get_u64(o, "", "intermediate_size")?, "intermediate_size")?,
         // Gemma ties its head unless the config says otherwise (`GemmaConfig(tie_word_embeddings=True)`).
-        tie_embeddings: get_bool(o, "", "tie_word_embeddings")?.unwrap_or(family == Family::Gemma),
+        tie_embeddings: get_bool(o, "", "tie_word_embeddings")?
+            .unwrap_or(matches!(family, Family::Gemma | Family::Gemma2)),
         head_dim,
         sliding_window,
     };
@@ -1095,7 +1104,7 @@ mod tests {
         );
         assert_eq!(
             with("family", "\"bert\""),
-            "model.family (\"bert\") is not one of: gpt2, llama, mistral, qwen2, qwen3, gemma"
+            "model.family (\"bert\") is not one of: gpt2, llama, mistral, qwen2, qwen3, gemma, gemma2"
         );
         assert_eq!(with("bias", "1"), "model.bias (1) must be true or false");
         let e = setup_from_json("{\"model\": \n{").unwrap_err().to_string();
@@ -1234,12 +1243,21 @@ mod tests {
             (Family::Gemma, 256, true)
         );
         assert_eq!(g.n_params(), 2_506_172_416);
-        let e = hf_config(r#"{"model_type": "gemma2", "hidden_size": 8}"#)
+        // Gemma-2-2B's config.json (abridged): four norms a layer; its published 2,614,341,888; eager attention.
+        let gemma2 = r#"{"architectures": ["Gemma2ForCausalLM"], "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0, "head_dim": 256, "hidden_size": 2304, "intermediate_size": 9216,
+            "max_position_embeddings": 8192, "model_type": "gemma2", "num_attention_heads": 8,
+            "num_hidden_layers": 26, "num_key_value_heads": 4, "sliding_window": 4096, "vocab_size": 256000}"#;
+        let (g2, _) = hf_config(gemma2).unwrap();
+        assert_eq!((g2.family, g2.sliding_window), (Family::Gemma2, 0));
+        assert_eq!(g2.n_params(), 2_614_341_888);
+        assert_eq!(hf_setup(g2).train.attention, Attention::Manual);
+        let e = hf_config(r#"{"model_type": "phi3", "hidden_size": 8}"#)
             .unwrap_err()
             .to_string();
         assert!(
             e.contains(
-                "model_type (\"gemma2\") is not one of: llama, mistral, qwen2, qwen3, gemma"
+                "model_type (\"phi3\") is not one of: llama, mistral, qwen2, qwen3, gemma, gemma2"
             ),
             "{e}"
         );
@@ -1487,9 +1505,14 @@ mod query_tests {
 /// autocast, fused AdamW.
 pub fn hf_setup(m: ModelConfig) -> Setup {
     let seq = m.block_size.min(2048);
+    let mut train = TrainConfig::defaults(1, seq);
+    // Gemma 2 soft-caps its attention scores: transformers runs it with eager attention.
+    if m.family == Family::Gemma2 {
+        train.attention = Attention::Manual;
+    }
     Setup {
         model: m,
-        train: TrainConfig::defaults(1, seq),
+        train,
         device: DeviceConfig::default(),
     }
 }

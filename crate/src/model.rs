@@ -22,11 +22,15 @@ pub enum Family {
     /// Hugging Face `GemmaForCausalLM`: Llama's layers with the embeddings scaled by sqrt(hidden_size), an
     /// RMSNorm computed in fp32 with a `1 + weight` scale, a GELU-gated MLP (GeGLU) and a head size of its own.
     Gemma,
+    /// Hugging Face `Gemma2ForCausalLM`: Gemma's layers with a norm after each branch as well as before it,
+    /// eager attention with soft-capped scores, and soft-capped logits.
+    Gemma2,
 }
 
 impl Family {
-    pub const NAMES: &'static [&'static str] =
-        &["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma"];
+    pub const NAMES: &'static [&'static str] = &[
+        "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+    ];
 
     pub fn parse(s: &str) -> Result<Family, Error> {
         match s {
@@ -36,6 +40,7 @@ impl Family {
             "qwen2" => Ok(Family::Qwen2),
             "qwen3" => Ok(Family::Qwen3),
             "gemma" => Ok(Family::Gemma),
+            "gemma2" => Ok(Family::Gemma2),
             _ => Err(Error::UnknownValue {
                 field: "model.family".into(),
                 value: s.into(),
@@ -52,6 +57,7 @@ impl Family {
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
             Family::Gemma => "gemma",
+            Family::Gemma2 => "gemma2",
         }
     }
 
@@ -435,7 +441,14 @@ impl Setup {
                 format!("must be at most {MAX_LAYERS}"),
             ));
         }
-        if matches!(m.family, Family::Qwen3 | Family::Gemma) && t.compile {
+        if m.family == Family::Gemma2 && t.attention != Attention::Manual {
+            return Err(Error::NotModelled {
+                what: "gemma2 with train.attention \"sdpa\": Gemma 2 soft-caps its attention scores, which SDPA \
+                       cannot; it trains with attention \"manual\" (transformers' eager attention)"
+                    .into(),
+            });
+        }
+        if matches!(m.family, Family::Qwen3 | Family::Gemma | Family::Gemma2) && t.compile {
             return Err(Error::NotModelled {
                 what: format!(
                     "torch.compile of {} (not traced under Inductor yet); eager is",
@@ -632,7 +645,12 @@ fn checked_params(m: &ModelConfig) -> Option<u64> {
         Family::Gpt2 => cc.checked_mul(12)?.checked_add(c.checked_mul(13)?)?,
         // Llama's layer (q and o of q_dim x C, k and v of kv_dim x C, three MLP matrices, two norms), with
         // Qwen2's q/k/v biases (q_dim + 2 kv_dim) counted as a bound from above.
-        Family::Llama | Family::Mistral | Family::Qwen2 | Family::Qwen3 | Family::Gemma => {
+        Family::Llama
+        | Family::Mistral
+        | Family::Qwen2
+        | Family::Qwen3
+        | Family::Gemma
+        | Family::Gemma2 => {
             let q = m.head_dim().checked_mul(m.n_head)?;
             let kv = m.head_dim().checked_mul(m.n_kv_head)?;
             q.checked_mul(c)?
@@ -641,8 +659,9 @@ fn checked_params(m: &ModelConfig) -> Option<u64> {
                 .checked_add(m.intermediate_size.checked_mul(c)?.checked_mul(3)?)?
                 .checked_add(c.checked_mul(2)?)?
                 .checked_add(q.checked_add(kv.checked_mul(2)?)?)?
-                // Qwen3's q and k norms: head_dim each.
+                // Qwen3's q and k norms (head_dim each), Gemma 2's two more norms (C each).
                 .checked_add(m.head_dim().checked_mul(2)?)?
+                .checked_add(c.checked_mul(2)?)?
         }
     };
     let emb = m

@@ -108,7 +108,8 @@ impl Attention {
     pub fn parse(s: &str) -> Result<Attention, Error> {
         match s {
             "sdpa" => Ok(Attention::Sdpa),
-            "manual" => Ok(Attention::Manual),
+            // transformers' name for the same ops on a Hugging Face model.
+            "manual" | "eager" => Ok(Attention::Manual),
             _ => Err(Error::UnknownValue {
                 field: "train.attention".into(),
                 value: s.into(),

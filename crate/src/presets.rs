@@ -291,6 +291,29 @@ pub const MODEL_PRESETS: &[ModelPreset] = &[
             )
         },
     },
+    ModelPreset {
+        id: "gemma-2-2b",
+        label:
+            "Gemma-2-2B (26x2304, GQA 8/4, head 256, vocab 256000, tied, eager attention, seq 2048)",
+        setup: || {
+            let mut s = hf(
+                Family::Gemma2,
+                LlamaDims {
+                    n_layer: 26,
+                    n_head: 8,
+                    n_kv: 4,
+                    n_embd: 2304,
+                    inter: 9216,
+                    vocab: 256000,
+                    max_pos: 8192,
+                    tie: true,
+                },
+                2048,
+            );
+            s.model.head_dim = 256;
+            s
+        },
+    },
 ];
 
 /// The preset ids, for error messages listing the allowed values (kept equal to `MODEL_PRESETS` by a test).
@@ -310,6 +333,7 @@ pub const MODEL_IDS: &[&str] = &[
     "llama-3.1-70b",
     "qwen2.5-1.5b",
     "qwen2.5-7b",
+    "gemma-2-2b",
 ];
 
 pub fn model_preset(id: &str) -> Option<Setup> {
@@ -737,12 +761,13 @@ mod tests {
             1_235_814_400
         );
         // Published: Llama-3.1-8B 8,030,261,248; Llama-3.1-70B 70,553,706,496; Qwen2.5-1.5B 1,543,714,304;
-        // Qwen2.5-7B 7,615,616,512.
+        // Qwen2.5-7B 7,615,616,512; Gemma-2-2B 2,614,341,888.
         for (id, n) in [
             ("llama-3.1-8b", 8_030_261_248),
             ("llama-3.1-70b", 70_553_706_496),
             ("qwen2.5-1.5b", 1_543_714_304),
             ("qwen2.5-7b", 7_615_616_512),
+            ("gemma-2-2b", 2_614_341_888),
         ] {
             assert_eq!(model_preset(id).unwrap().model.n_params(), n, "{id}");
         }

@@ -407,7 +407,14 @@ pub fn rms_norm_fwd_on(cx: &mut Ctx, rows: u64, width: u64, in_bytes: u64) -> (T
 /// (saved), `1 + weight.float()` [C] (saved), their product n x C fp32 and, for a 2-byte stream, `.type_as(x)`
 /// (the fp32 product then dies). Order from the fake-cuda trace of a gemma bf16-amp case.
 pub fn gemma_rms_norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
-    let (n, c, r) = (cx.n, cx.m.n_embd, cx.r);
+    let r = cx.r;
+    gemma_rms_norm_fwd_on(cx, r)
+}
+
+/// `gemma_rms_norm_fwd` on n x C in `r` bytes: the residual stream, or (Gemma 2's post-norms) a branch output in
+/// the matmul dtype; the output takes the input's dtype.
+pub fn gemma_rms_norm_fwd_on(cx: &mut Ctx, r: u64) -> (Tensor, NormSaved) {
+    let (n, c) = (cx.n, cx.m.n_embd);
     let wide = n * c * 4;
     let copy = (r == 2).then(|| cx.alloc(wide, Activations, "_to_copy"));
     let pow = cx.alloc(wide, Temporary, "pow");
@@ -443,17 +450,17 @@ pub fn gemma_rms_norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
 /// Backward of `rms_norm_fwd` (the residual stream's norm): see `rms_norm_bwd_on`.
 pub fn rms_norm_bwd(cx: &mut Ctx, grad_out: Tensor, saved: NormSaved, input: Tensor) -> Tensor {
     let (n, c, r) = (cx.n, cx.m.n_embd, cx.r);
-    rms_norm_bwd_on(cx, grad_out, saved, input, (n, c, r))
+    rms_norm_bwd_on(cx, grad_out, saved, Some(input), (n, c, r))
 }
 
-/// Backward of `rms_norm_fwd_on` as autograd runs it: the weight multiply (grad of normed and of weight, a
+/// Backward of `rms_norm_fwd_on` as autograd runs it (`input`: the norm's input when it saved it itself): the weight multiply (grad of normed and of weight, a
 /// `sum` to [width]), the `x * rsqrt` multiply, rsqrt's and mean's backward (rows x width fp32 temporaries), and
 /// the gradients summed into one fp32 gradient of the input, cast back to a 2-byte input's dtype.
 pub fn rms_norm_bwd_on(
     cx: &mut Ctx,
     grad_out: Tensor,
     saved: NormSaved,
-    input: Tensor,
+    input: Option<Tensor>,
     (rows, width, in_bytes): (u64, u64, u64),
 ) -> Tensor {
     let wide = rows * width * 4;
@@ -479,7 +486,7 @@ pub fn rms_norm_bwd_on(
     cx.free(g_mul);
     cx.free(g_pow);
     cx.free(g_div);
-    cx.free(input);
+    cx.sim.free_some(&[input]);
     // The two paths into x are summed by the engine's input buffer.
     let gi = grad_sum(cx, g_x1, g_x2, wide);
     if cx.have_grads {

@@ -253,12 +253,12 @@ fn hf_config_json_reads_a_qwen2_and_names_an_unknown_model_type() {
     let gemma = dir.join("config.json");
     std::fs::write(
         &gemma,
-        r#"{"model_type": "gemma2", "hidden_size": 2304, "num_attention_heads": 8}"#,
+        r#"{"model_type": "phi3", "hidden_size": 3072, "num_attention_heads": 32}"#,
     )
     .unwrap();
     assert_eq!(
         error_of(&["estimate", "--hf", gemma.to_str().unwrap()]),
-        "error: model_type (\"gemma2\") is not one of: llama, mistral, qwen2, qwen3, gemma"
+        "error: model_type (\"phi3\") is not one of: llama, mistral, qwen2, qwen3, gemma, gemma2"
     );
 }
 

@@ -132,3 +132,18 @@ test('a llama with Hugging Face eager attention (attention manual) estimates as 
   assert.deepEqual(errors, []);
   await page.close();
 });
+
+test('the Gemma-2-2B preset trains with eager attention and estimates as the CLI does', async () => {
+  const { page, errors } = await openPage(context, server.url);
+  await page.selectOption('#preset', 'gemma-2-2b');
+  await page.waitForFunction(() => document.getElementById('family').value === 'gemma2');
+  assert.equal(await page.inputValue('#attention'), 'manual');
+  assert.equal(await page.inputValue('#head_dim'), '256');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('family') === 'gemma2');
+  assert.equal(await peak(page), cliPeakBytes(['--preset', 'gemma-2-2b', '--compute-capability', '8.9', '--gpu-memory-gib', '12']));
+  // SDPA cannot soft-cap: one message, next to the attention field.
+  await page.selectOption('#attention', 'sdpa');
+  await page.waitForFunction(() => document.getElementById('global-error').textContent.includes('soft-caps'));
+  assert.deepEqual(errors, []);
+  await page.close();
+});
