@@ -63,8 +63,16 @@ struct SeparateSaved {
     /// q and k as SDPA saved them (autocast's casts of the rotated fp32 q and k, or the rotated tensors).
     q_att: Tensor,
     k_att: Tensor,
+    /// A sliding window the sequence reaches: transformers passes SDPA an explicit mask, so it repeats K and V
+    /// itself (v's repeat is saved) and aten makes the mask additive (saved); memory-efficient kernel.
+    window: Option<Windowed>,
     core: SeparateCore,
     o: LinearSaved,
+}
+
+struct Windowed {
+    v_rep: Option<Tensor>,
+    bias: Tensor,
 }
 
 /// The kernel of a Hugging Face attention: SDPA, or `attn_implementation="eager"` (`Core::Manual`).
@@ -596,6 +604,22 @@ fn hf_eager_bwd(cx: &mut Ctx, g_y: Tensor, e: HfEager) -> (Tensor, Tensor, Tenso
     (dq, dk, dv)
 }
 
+/// Whether a sliding window is within reach of the sequence: transformers 5 then builds an explicit mask
+/// (`masking_utils._ignore_causal_mask_sdpa`: kv_length >= window).
+fn windowed(cx: &Ctx) -> bool {
+    cx.m.sliding_window > 0 && cx.t >= cx.m.sliding_window
+}
+
+/// The SDPA kernel: PyTorch's choice (`policy::sdpa_backend`), but memory-efficient with an explicit mask,
+/// which flash does not take.
+fn sdpa_backend_of(cx: &Ctx, masked: bool) -> crate::policy::SdpaBackend {
+    if masked {
+        crate::policy::SdpaBackend::Efficient
+    } else {
+        cx.backend
+    }
+}
+
 /// The attention branch on the first norm's output, through the output projection (and the residual dropout):
 /// returns what it saved and the branch output.
 fn attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
@@ -693,22 +717,55 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
             v_out,
             q_att: q_rot,
             k_att: k_rot,
+            window: None,
             core: SeparateCore::Eager(e),
             o,
         };
         return (AttnSaved::Separate(saved), o_out);
     }
+    // A sliding window the sequence reaches (transformers 5: kv_length >= window): an explicit mask, so
+    // `repeat_kv` copies k (in its dtype, temporary) and v (saved) to all heads, and aten turns the bool mask
+    // into an additive one in q's dtype, [B, 1, T, T], saved by the memory-efficient kernel (fake-cuda trace of
+    // mistral-512-win128-bf16amp).
+    let masked = windowed(cx);
+    let gqa = kv != qd;
+    let k_rep = (masked && gqa).then(|| cx.alloc(cx.n * qd * rope_bytes(cx), Temporary, "clone"));
+    let v_rep = (masked && gqa).then(|| cx.alloc(cx.n * qd * p, Activations, "clone"));
+    let kw = if k_rep.is_some() { qd } else { kv };
     let (q_att, k_att) = if rope_bytes(cx) != p {
-        let ka = cx.alloc(cx.n * kv * p, Activations, "_to_copy");
+        let ka = cx.alloc(cx.n * kw * p, Activations, "_to_copy");
         let qa = cx.alloc(cx.n * qd * p, Activations, "_to_copy");
         (qa, ka)
     } else {
-        (q_rot, k_rot)
+        (q_rot, k_rep.unwrap_or(k_rot))
     };
-    // Grouped-query K/V reach the kernel unrepeated: transformers passes `enable_gqa=True` and PyTorch 2.15's
-    // flash and memory-efficient kernels take K/V at their own head count (stub-cuda records
+    let window = masked.then(|| {
+        let scalars = [
+            cx.alloc(4, Temporary, "scalar_tensor"),
+            cx.alloc(4, Temporary, "scalar_tensor"),
+        ];
+        let bias = cx.alloc(cx.b * cx.t * cx.t * p, Activations, "where");
+        cx.sim.free_all(&scalars);
+        Windowed { v_rep, bias }
+    });
+    // Grouped-query K/V otherwise reach the kernel unrepeated: transformers passes `enable_gqa=True` and PyTorch
+    // 2.15's flash and memory-efficient kernels take K/V at their own head count (stub-cuda records
     // qwen2-256-untied-fp32-sgd and qwen3-256-hd64-untied-fp32-sgd, memory-efficient in fp32: exact).
-    let sdpa = ops::sdpa_fwd(cx);
+    let sdpa = ops::sdpa_fwd_with(cx, sdpa_backend_of(cx, masked));
+    if let Some(k) = k_rep {
+        if k != k_att {
+            cx.free(k);
+        }
+        cx.free(k_rot);
+    }
+    if let Some(w) = &window {
+        if w.v_rep.is_some() {
+            cx.free(v_out);
+        }
+        for t in [Some(w.bias), w.v_rep].into_iter().flatten() {
+            cx.drop_unsaved(t);
+        }
+    }
     // Unsaved (checkpointed forward), the inputs SDPA made for itself die with it; what the attention call holds
     // (its output, the rotated q and k, v) dies when it returns (stub-cuda snapshot of llama-ckpt-1024).
     if q_att != q_rot {
@@ -732,6 +789,7 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
         v_out,
         q_att,
         k_att,
+        window,
         core: SeparateCore::Sdpa(sdpa),
         o,
     };
@@ -786,7 +844,10 @@ fn attn_bwd(
             let (dq, dk, dv, cast_back) = match s.core {
                 SeparateCore::Sdpa(sdpa) => {
                     let g_att = ops::linear_bwd(cx, g_branch, g_bytes, owned, s.o, None);
-                    let (dq, dk, dv) = ops::sdpa_bwd(cx);
+                    let masked = s.window.is_some();
+                    let repeated = s.window.as_ref().and_then(|w| w.v_rep);
+                    let kw = if repeated.is_some() { qd } else { kv };
+                    let (dq, dk, dv) = ops::sdpa_bwd_with(cx, sdpa_backend_of(cx, masked), kw);
                     cx.free(g_att);
                     cx.sim.free_all(&[
                         s.q_att,
@@ -797,7 +858,30 @@ fn attn_bwd(
                         sdpa.rng[0],
                         sdpa.rng[1],
                     ]);
-                    (dq, dk, dv, true)
+                    if let Some(w) = &s.window {
+                        cx.sim.free_some(&[w.v_rep, Some(w.bias)]);
+                    }
+                    let (dq, dk) = if rope_bytes(cx) != p {
+                        // ToCopyBackward of SDPA's input casts: back to fp32.
+                        let dq32 = cx.alloc(cx.n * qd * 4, Temporary, "_to_copy");
+                        cx.free(dq);
+                        let dk32 = cx.alloc(cx.n * kw * 4, Temporary, "_to_copy");
+                        cx.free(dk);
+                        (dq32, dk32)
+                    } else {
+                        (dq, dk)
+                    };
+                    // repeat_kv's backward: the repeated heads summed back to the KV heads.
+                    let (dk, dv) = if repeated.is_some() {
+                        let dv2 = cx.alloc(cx.n * kv * p, Temporary, "sum");
+                        cx.free(dv);
+                        let dk2 = cx.alloc(cx.n * kv * rope_bytes(cx), Temporary, "sum");
+                        cx.free(dk);
+                        (dk2, dv2)
+                    } else {
+                        (dk, dv)
+                    };
+                    (dq, dk, dv, false)
                 }
                 SeparateCore::Eager(e) => {
                     let y = e.y;
@@ -1075,6 +1159,9 @@ fn release_block(cx: &mut Ctx, s: BlockSaved) {
                 cx.free(n.input);
             }
             cx.sim.free_all(&[a.v_out, a.q_att, a.k_att]);
+            if let Some(w) = &a.window {
+                cx.sim.free_some(&[w.v_rep, Some(w.bias)]);
+            }
             match &a.core {
                 SeparateCore::Sdpa(sd) => cx.sim.free_all(&[sd.out, sd.lse, sd.rng[0], sd.rng[1]]),
                 SeparateCore::Eager(e) => {

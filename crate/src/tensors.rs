@@ -538,8 +538,8 @@ pub struct SdpaSaved {
 
 /// Logsumexp of the attention kernel: fp32 [B, H, T] for flash; [B, H, round32(T)] for memory-efficient
 /// (`_efficient_attention_forward` pads to its 32-row tile).
-fn lse_bytes(cx: &Ctx) -> u64 {
-    let rows = match cx.backend {
+fn lse_bytes(cx: &Ctx, backend: SdpaBackend) -> u64 {
+    let rows = match backend {
         SdpaBackend::Flash => cx.t,
         SdpaBackend::Efficient => cx.t.div_ceil(32) * 32,
     };
@@ -550,12 +550,18 @@ fn lse_bytes(cx: &Ctx) -> u64 {
 /// so nanoGPT's `transpose(1, 2).contiguous()` afterwards copies nothing), logsumexp, RNG seed and offset.
 /// Saves q, k, v, output, logsumexp and the RNG state. Nothing T x T exists.
 pub fn sdpa_fwd(cx: &mut Ctx) -> SdpaSaved {
-    let op = match cx.backend {
+    let backend = cx.backend;
+    sdpa_fwd_with(cx, backend)
+}
+
+/// `sdpa_fwd` on a given kernel (an explicit mask rules flash out: memory-efficient).
+pub fn sdpa_fwd_with(cx: &mut Ctx, backend: SdpaBackend) -> SdpaSaved {
+    let op = match backend {
         SdpaBackend::Flash => "_scaled_dot_product_flash_attention",
         SdpaBackend::Efficient => "_scaled_dot_product_efficient_attention",
     };
     let out = cx.alloc(cx.n * cx.m.q_dim() * cx.p, Activations, op);
-    let lse = cx.alloc(lse_bytes(cx), Activations, op);
+    let lse = cx.alloc(lse_bytes(cx, backend), Activations, op);
     let rng = [cx.alloc(8, Activations, op), cx.alloc(8, Activations, op)];
     for t in [lse, rng[0], rng[1]] {
         cx.drop_unsaved(t);
@@ -568,8 +574,14 @@ pub fn sdpa_fwd(cx: &mut Ctx) -> SdpaSaved {
 /// [B, H, T], plus an fp32 grad-q accumulator [B, T, H, hs] for 2-byte inputs), then dq (n x C) and dk, dv
 /// (n x kv_dim) in matmul dtype. Returns (dq, dk, dv).
 pub fn sdpa_bwd(cx: &mut Ctx) -> (Tensor, Tensor, Tensor) {
+    let (backend, kv) = (cx.backend, cx.m.kv_dim());
+    sdpa_bwd_with(cx, backend, kv)
+}
+
+/// `sdpa_bwd` on a given kernel, with k and v `kv_width` wide (all heads when the model repeated them).
+pub fn sdpa_bwd_with(cx: &mut Ctx, backend: SdpaBackend, kv: u64) -> (Tensor, Tensor, Tensor) {
     let (b, t, h, hs) = (cx.b, cx.t, cx.m.n_head, cx.m.head_dim());
-    let scratch = match cx.backend {
+    let scratch = match backend {
         SdpaBackend::Flash => {
             let t128 = t.div_ceil(128) * 128;
             b * t128 * h * hs.div_ceil(32) * 32 * 4 + b * h * t128 * 4
@@ -578,11 +590,10 @@ pub fn sdpa_bwd(cx: &mut Ctx) -> (Tensor, Tensor, Tensor) {
     };
     cx.sim
         .scratch(scratch, Workspace, "attention_backward_scratch");
-    let op = match cx.backend {
+    let op = match backend {
         SdpaBackend::Flash => "_scaled_dot_product_flash_attention_backward",
         SdpaBackend::Efficient => "_scaled_dot_product_efficient_attention_backward",
     };
-    let kv = cx.m.kv_dim();
     let dq = cx.alloc(cx.n * cx.m.q_dim() * cx.p, Temporary, op);
     let dk = cx.alloc(cx.n * kv * cx.p, Temporary, op);
     let dv = cx.alloc(cx.n * kv * cx.p, Temporary, op);

@@ -53,7 +53,7 @@ test('the qwen2 preset estimates as the CLI does, with the Hugging Face fields s
   await page.close();
 });
 
-test('a mistral with a sliding window: in the URL, the same estimate below it, one message at it', async () => {
+test('a mistral with a sliding window: in the URL, Llama\'s estimate below it, its explicit mask at it', async () => {
   const query = 'family=mistral&n_layer=2&n_head=8&n_kv_head=2&n_embd=512&intermediate_size=1024&vocab_size=32000'
     + '&block_size=4096&tie_embeddings=0&sliding_window=1024&batch_size=2&seq_len=512&compile=0';
   const { page, errors } = await openPage(context, `${server.url}?${query}`);
@@ -68,18 +68,26 @@ test('a mistral with a sliding window: in the URL, the same estimate below it, o
   // Below the window, Mistral attends as Llama does.
   const llama = args.map((a) => (a === 'mistral' ? 'llama' : a)).filter((a, i, all) => a !== '--sliding-window' && all[i - 1] !== '--sliding-window');
   assert.equal(below, cliPeakBytes(llama));
+  // At the window transformers passes an explicit mask: memory-efficient attention, K/V repeated; more memory
+  // than the same model without a window.
   await setField(page, 'seq_len', '2048');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('seq_len') === '2048');
+  const at = args.slice();
+  at[at.indexOf('--seq-len') + 1] = '2048';
+  assert.equal(await peak(page), cliPeakBytes(at));
+  const noWindow = llama.slice();
+  noWindow[noWindow.indexOf('--seq-len') + 1] = '2048';
+  assert.ok(await peak(page) > cliPeakBytes(noWindow));
+  // Under torch.compile it is not traced yet: one message.
+  await page.check('#compile');
+  await page.dispatchEvent('#compile', 'change');
   await page.waitForFunction(() => document.getElementById('global-error').textContent.includes('sliding_window'));
-  const message = await page.textContent('#global-error');
-  assert.match(message, /train\.seq_len \(2048\) at or past model\.sliding_window \(1024\)/);
-  await setField(page, 'seq_len', '512');
-  await page.waitForFunction(() => document.getElementById('global-error').textContent === '');
-  assert.equal(await peak(page), below);
+  assert.match(await page.textContent('#global-error'), /train\.seq_len \(2048\) at or past model\.sliding_window \(1024\)/);
   assert.deepEqual(errors, []);
   await page.close();
 });
 
-test('the widget shows the sliding window as a knob and says when a sequence reaches it', async () => {
+test('the widget shows the sliding window as a knob, and its cost once the sequence reaches it', async () => {
   const page = await context.newPage();
   await page.goto(blogServer.url);
   const peakOf = () => page.evaluate(() => Number(document.getElementById('qwen').dataset.peakBytes));
@@ -90,10 +98,13 @@ test('the widget shows the sliding window as a knob and says when a sequence rea
     input.value = v;
     input.dispatchEvent(new Event('input'));
   }, [name, value]);
+  const full = await peakOf();
   await set('sliding_window', '1024');
-  await page.waitForFunction(() => document.getElementById('qwen').shadowRoot.textContent.includes('sliding_window (1024)'));
+  await page.waitForFunction((f) => Number(document.getElementById('qwen').dataset.peakBytes) !== f, full);
+  assert.equal(await peakOf(), cliPeakBytes(['--preset', 'qwen2.5-0.5b', '--gpu', 'rtx-4070', '--sliding-window', '1024']));
+  assert.ok(await peakOf() > full, 'the window reached: an explicit mask and repeated K/V');
   await set('seq_len', '1000');
-  await page.waitForFunction(() => !document.getElementById('qwen').shadowRoot.textContent.includes('sliding_window (1024)'));
+  await page.waitForFunction((f) => Number(document.getElementById('qwen').dataset.peakBytes) < f, full);
   assert.equal(await peakOf(), cliPeakBytes(['--preset', 'qwen2.5-0.5b', '--gpu', 'rtx-4070', '--sliding-window', '1024', '--seq-len', '1000']));
   await page.close();
 });
