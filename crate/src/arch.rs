@@ -103,6 +103,11 @@ pub struct Arch {
     /// The model builds a sliding-window mask beside the causal one every forward (Gemma 2's alternating layers);
     /// for eager attention its layers cost what full layers cost.
     pub sliding_mask: bool,
+    /// Every `n`th layer attends globally, the others through the sliding window (Gemma 3: 6); 0: every layer
+    /// through the window, if the model has one.
+    pub global_every: u64,
+    /// A second rotary table for the sliding layers (Gemma 3's local base frequency).
+    pub dual_rope: bool,
     /// Biases in the q, k and v projections (nanoGPT's fused `c_attn` with `bias`; Qwen2's q/k/v_proj).
     pub qkv_bias: bool,
     /// Biases in the attention's output projection and the MLP's Linears.
@@ -135,6 +140,8 @@ impl Arch {
                 attn_softcap: false,
                 logit_softcap: false,
                 sliding_mask: false,
+                global_every: 0,
+                dual_rope: false,
                 qkv_bias: m.bias,
                 linear_bias: m.bias,
                 mlp: Mlp::Gelu,
@@ -154,9 +161,11 @@ impl Arch {
             | Family::Qwen2
             | Family::Qwen3
             | Family::Gemma
-            | Family::Gemma2 => {
-                let gemma = matches!(m.family, Family::Gemma | Family::Gemma2);
+            | Family::Gemma2
+            | Family::Gemma3 => {
+                let gemma = matches!(m.family, Family::Gemma | Family::Gemma2 | Family::Gemma3);
                 let gemma2 = m.family == Family::Gemma2;
+                let gemma3 = m.family == Family::Gemma3;
                 Arch {
                     positions: Positions::Rotary,
                     norm: if gemma {
@@ -170,12 +179,14 @@ impl Arch {
                         Attention::Sdpa => Core::Sdpa,
                         Attention::Manual => Core::Manual,
                     },
-                    qk_norm: m.family == Family::Qwen3,
+                    qk_norm: m.family == Family::Qwen3 || gemma3,
                     embed_scale: gemma,
-                    post_norms: gemma2,
+                    post_norms: gemma2 || gemma3,
                     attn_softcap: gemma2,
                     logit_softcap: gemma2,
                     sliding_mask: gemma2,
+                    global_every: if gemma3 { 6 } else { 0 },
+                    dual_rope: gemma3,
                     qkv_bias: m.family == Family::Qwen2,
                     linear_bias: false,
                     mlp: if gemma { Mlp::GeGlu } else { Mlp::SwiGlu },
@@ -186,6 +197,11 @@ impl Arch {
                 }
             }
         }
+    }
+
+    /// Whether layer `l` attends through the sliding window (all but every `global_every`th).
+    pub fn layer_slides(&self, l: u64) -> bool {
+        self.global_every == 0 || !(l + 1).is_multiple_of(self.global_every)
     }
 
     /// Whether the norms save their input. RMSNorm saves its fp32 view instead, which for a 2-byte stream

@@ -72,6 +72,8 @@ struct SeparateSaved {
 
 struct Windowed {
     v_rep: Option<Tensor>,
+    /// K and V reach the kernel at all heads (copies, or views with one KV head).
+    repeated: bool,
     bias: Tensor,
 }
 
@@ -431,7 +433,13 @@ fn qk_norm_fwd(cx: &mut Ctx, input: Tensor, width: u64) -> QkNorm {
     let hd = cx.m.head_dim();
     let rows = cx.n * width / hd;
     let p = cx.p;
-    let (out, saved) = ops::rms_norm_fwd_on(cx, rows, hd, p);
+    // Gemma 3's are GemmaRMSNorms: fp32 inside, the output back in the projection's dtype (`.type_as`).
+    let gemma = cx.arch.norm == Norm::GemmaRmsNorm;
+    let (out, saved) = if gemma {
+        ops::gemma_rms_norm_fwd_rows(cx, rows, hd, p)
+    } else {
+        ops::rms_norm_fwd_on(cx, rows, hd, p)
+    };
     // A 2-byte input was copied to fp32 (and the copy saved): the projection output itself dies here.
     if p == 2 {
         cx.free(input);
@@ -440,7 +448,7 @@ fn qk_norm_fwd(cx: &mut Ctx, input: Tensor, width: u64) -> QkNorm {
         saved,
         input,
         out,
-        out_bytes: p.max(cx.pb),
+        out_bytes: if gemma { p } else { p.max(cx.pb) },
     }
 }
 
@@ -607,6 +615,11 @@ fn hf_eager_bwd(cx: &mut Ctx, g_y: Tensor, e: HfEager) -> (Tensor, Tensor, Tenso
 /// Whether a sliding window is within reach of the sequence: transformers 5 then builds an explicit mask
 /// (`masking_utils._ignore_causal_mask_sdpa`: kv_length >= window).
 fn windowed(cx: &Ctx) -> bool {
+    window_reached(cx) && cx.sliding_layer
+}
+
+/// Whether the sequence reaches the model's sliding window (some layer then gets an explicit mask).
+fn window_reached(cx: &Ctx) -> bool {
     cx.m.sliding_window > 0 && cx.t >= cx.m.sliding_window
 }
 
@@ -728,10 +741,13 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
     // into an additive one in q's dtype, [B, 1, T, T], saved by the memory-efficient kernel (fake-cuda trace of
     // mistral-512-win128-bf16amp).
     let masked = windowed(cx);
-    let gqa = kv != qd;
-    let k_rep = (masked && gqa).then(|| cx.alloc(cx.n * qd * rope_bytes(cx), Temporary, "clone"));
-    let v_rep = (masked && gqa).then(|| cx.alloc(cx.n * qd * p, Activations, "clone"));
-    let kw = if k_rep.is_some() { qd } else { kv };
+    let repeat = masked && kv != qd;
+    // With one KV head `repeat_kv`'s reshape of the expanded k and v is a view: no copies, and v_proj's output
+    // is what the kernel saves (fake-cuda trace of gemma3-512-hd256-win256-bf16amp), but k's cast is full size.
+    let copies = repeat && cx.m.n_kv_head > 1;
+    let k_rep = copies.then(|| cx.alloc(cx.n * qd * rope_bytes(cx), Temporary, "clone"));
+    let v_rep = copies.then(|| cx.alloc(cx.n * qd * p, Activations, "clone"));
+    let kw = if repeat { qd } else { kv };
     let (q_att, k_att) = if rope_bytes(cx) != p {
         let ka = cx.alloc(cx.n * kw * p, Activations, "_to_copy");
         let qa = cx.alloc(cx.n * qd * p, Activations, "_to_copy");
@@ -746,7 +762,11 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
         ];
         let bias = cx.alloc(cx.b * cx.t * cx.t * p, Activations, "where");
         cx.sim.free_all(&scalars);
-        Windowed { v_rep, bias }
+        Windowed {
+            v_rep,
+            repeated: repeat,
+            bias,
+        }
     });
     // Grouped-query K/V otherwise reach the kernel unrepeated: transformers passes `enable_gqa=True` and PyTorch
     // 2.15's flash and memory-efficient kernels take K/V at their own head count (stub-cuda records
@@ -845,8 +865,8 @@ fn attn_bwd(
                 SeparateCore::Sdpa(sdpa) => {
                     let g_att = ops::linear_bwd(cx, g_branch, g_bytes, owned, s.o, None);
                     let masked = s.window.is_some();
-                    let repeated = s.window.as_ref().and_then(|w| w.v_rep);
-                    let kw = if repeated.is_some() { qd } else { kv };
+                    let repeated = s.window.as_ref().is_some_and(|w| w.repeated);
+                    let kw = if repeated { qd } else { kv };
                     let (dq, dk, dv) = ops::sdpa_bwd_with(cx, sdpa_backend_of(cx, masked), kw);
                     cx.free(g_att);
                     cx.sim.free_all(&[
@@ -872,7 +892,7 @@ fn attn_bwd(
                         (dq, dk)
                     };
                     // repeat_kv's backward: the repeated heads summed back to the KV heads.
-                    let (dk, dv) = if repeated.is_some() {
+                    let (dk, dv) = if repeated {
                         let dv2 = cx.alloc(cx.n * kv * p, Temporary, "sum");
                         cx.free(dv);
                         let dk2 = cx.alloc(cx.n * kv * rope_bytes(cx), Temporary, "sum");
@@ -1246,6 +1266,15 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
             let cos = cx.alloc(cx.t * hs * cx.r, Activations, "mul");
             let sin = cx.alloc(cx.t * hs * cx.r, Activations, "mul");
             cx.sim.free_all(&[freqs, emb]);
+            // Gemma 3: the sliding layers' own table (local base frequency), the same sizes.
+            if cx.arch.dual_rope {
+                let freqs = cx.alloc(cx.t * hs / 2 * 4, Temporary, "mul");
+                let emb = cx.alloc(cx.t * hs * 4, Temporary, "cat");
+                let cos2 = cx.alloc(cx.t * hs * cx.r, Activations, "mul");
+                let sin2 = cx.alloc(cx.t * hs * cx.r, Activations, "mul");
+                cx.sim.free_all(&[freqs, emb]);
+                cx.rope_tables.extend([cos2, sin2]);
+            }
             (x0, None, Some([cos, sin]))
         }
     };
@@ -1254,25 +1283,31 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
     // lives until the backward is done.
     // Gemma 2 builds a sliding-window mask beside it, the same size (its window only changes values).
     let n_masks = 1 + usize::from(cx.arch.sliding_mask);
-    let masks: Vec<Tensor> =
-        if cx.arch.positions == Positions::Rotary && cx.arch.core == Core::Manual {
-            (0..n_masks)
-                .map(|_| {
-                    let le = cx.alloc(cx.t * cx.t, Temporary, "le");
-                    let m = cx.alloc(cx.b * cx.t * cx.t * pb, Activations, "where");
-                    cx.free(le);
-                    m
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
+    let masks: Vec<Tensor> = if cx.arch.positions != Positions::Rotary {
+        Vec::new()
+    } else if cx.arch.core == Core::Manual {
+        (0..n_masks)
+            .map(|_| {
+                let le = cx.alloc(cx.t * cx.t, Temporary, "le");
+                let m = cx.alloc(cx.b * cx.t * cx.t * pb, Activations, "where");
+                cx.free(le);
+                m
+            })
+            .collect()
+    } else if window_reached(cx) {
+        // SDPA with a sliding window the sequence reaches: the bool [1, 1, T, T] mask, kept through the forward
+        // (fake-cuda trace of mistral-512-win128-bf16amp).
+        vec![cx.alloc(cx.t * cx.t, Activations, "bitwise_and")]
+    } else {
+        Vec::new()
+    };
     let (mut x, emb_drop) = dropout_on(cx, x0, nc, pb, Activations);
     let stream_saved = cx.arch.norm_saves_input(cx.r);
     let mut blocks = Vec::new();
     for l in 0..cx.m.n_layer {
         cx.sim.layer(Some(l as u32));
         cx.saving = !checkpointing;
+        cx.sliding_layer = cx.arch.layer_slides(l);
         let (saved, x_out) = block_fwd(cx, x);
         cx.saving = true;
         blocks.push(if checkpointing {
@@ -1434,6 +1469,7 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     cx.sim.next_stage("backward");
     for (l, s) in f.blocks.into_iter().enumerate().rev() {
         cx.sim.layer(Some(l as u32));
+        cx.sliding_layer = cx.arch.layer_slides(l as u64);
         let s = match s {
             BlockState::Saved(s) => *s,
             BlockState::Checkpointed(x_in) => {
@@ -1451,6 +1487,8 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     if let Some(cs) = f.cos_sin {
         cx.sim.free_all(&cs);
     }
+    let tables = std::mem::take(&mut cx.rope_tables);
+    cx.sim.free_all(&tables);
     cx.sim.free_all(&f.masks);
     let g = match f.emb_drop {
         Some(mask) => ops::dropout_bwd(cx, g, true, nc, r, mask),

@@ -124,7 +124,8 @@ pub fn setup_from_bytes(data: &[u8]) -> Setup {
             Family::Qwen3,
             Family::Gemma,
             Family::Gemma2,
-        ][usize::from(hf % 6)];
+            Family::Gemma3,
+        ][usize::from(hf % 7)];
     }
     if hf & 4 != 0 {
         setup.model.sliding_window = b.u64();

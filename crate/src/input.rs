@@ -980,11 +980,20 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
         "qwen3" => Family::Qwen3,
         "gemma" => Family::Gemma,
         "gemma2" => Family::Gemma2,
+        "gemma3_text" => Family::Gemma3,
         other => {
             return Err(Error::UnknownValue {
                 field: "model_type".into(),
                 value: other.into(),
-                allowed: &["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"],
+                allowed: &[
+                    "llama",
+                    "mistral",
+                    "qwen2",
+                    "qwen3",
+                    "gemma",
+                    "gemma2",
+                    "gemma3_text",
+                ],
             })
         }
     };
@@ -1009,6 +1018,15 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
     };
     let sliding_window = match family {
         Family::Mistral => window("sliding_window")?,
+        // Gemma 3: five sliding layers for every global one (`sliding_window_pattern` 6; `Arch::layer_slides`).
+        Family::Gemma3 => {
+            if get_u64(o, "", "sliding_window_pattern")?.is_some_and(|p| p != 6) {
+                return Err(Error::NotModelled {
+                    what: "gemma3_text with a sliding_window_pattern other than 6".into(),
+                });
+            }
+            window("sliding_window")?
+        }
         Family::Qwen2 | Family::Qwen3
             if get_bool(o, "", "use_sliding_window")?.unwrap_or(false) =>
         {
@@ -1048,8 +1066,10 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
         dropout: get_f64(o, "", "attention_dropout")?.unwrap_or(0.0),
         intermediate_size: required(get_u64(o, "", "intermediate_size")?, "intermediate_size")?,
         // Gemma ties its head unless the config says otherwise (`GemmaConfig(tie_word_embeddings=True)`).
-        tie_embeddings: get_bool(o, "", "tie_word_embeddings")?
-            .unwrap_or(matches!(family, Family::Gemma | Family::Gemma2)),
+        tie_embeddings: get_bool(o, "", "tie_word_embeddings")?.unwrap_or(matches!(
+            family,
+            Family::Gemma | Family::Gemma2 | Family::Gemma3
+        )),
         head_dim,
         sliding_window,
     };
@@ -1104,7 +1124,7 @@ mod tests {
         );
         assert_eq!(
             with("family", "\"bert\""),
-            "model.family (\"bert\") is not one of: gpt2, llama, mistral, qwen2, qwen3, gemma, gemma2"
+            "model.family (\"bert\") is not one of: gpt2, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3"
         );
         assert_eq!(with("bias", "1"), "model.bias (1) must be true or false");
         let e = setup_from_json("{\"model\": \n{").unwrap_err().to_string();
@@ -1265,7 +1285,7 @@ mod tests {
             .to_string();
         assert!(
             e.contains(
-                "model_type (\"phi3\") is not one of: llama, mistral, qwen2, qwen3, gemma, gemma2"
+                "model_type (\"phi3\") is not one of: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text"
             ),
             "{e}"
         );

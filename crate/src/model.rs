@@ -25,11 +25,15 @@ pub enum Family {
     /// Hugging Face `Gemma2ForCausalLM`: Gemma's layers with a norm after each branch as well as before it,
     /// eager attention with soft-capped scores, and soft-capped logits.
     Gemma2,
+    /// Hugging Face `Gemma3ForCausalLM` (`model_type` gemma3_text): Gemma 2's four norms a layer, Gemma-style
+    /// RMSNorms on each head of q and k, SDPA, and five sliding-window layers for every global one, each kind with
+    /// its rotary table.
+    Gemma3,
 }
 
 impl Family {
     pub const NAMES: &'static [&'static str] = &[
-        "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+        "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
     ];
 
     pub fn parse(s: &str) -> Result<Family, Error> {
@@ -41,6 +45,7 @@ impl Family {
             "qwen3" => Ok(Family::Qwen3),
             "gemma" => Ok(Family::Gemma),
             "gemma2" => Ok(Family::Gemma2),
+            "gemma3" => Ok(Family::Gemma3),
             _ => Err(Error::UnknownValue {
                 field: "model.family".into(),
                 value: s.into(),
@@ -58,6 +63,7 @@ impl Family {
             Family::Qwen3 => "qwen3",
             Family::Gemma => "gemma",
             Family::Gemma2 => "gemma2",
+            Family::Gemma3 => "gemma3",
         }
     }
 
@@ -448,7 +454,11 @@ impl Setup {
                     .into(),
             });
         }
-        if matches!(m.family, Family::Qwen3 | Family::Gemma | Family::Gemma2) && t.compile {
+        if matches!(
+            m.family,
+            Family::Qwen3 | Family::Gemma | Family::Gemma2 | Family::Gemma3
+        ) && t.compile
+        {
             return Err(Error::NotModelled {
                 what: format!(
                     "torch.compile of {} (not traced under Inductor yet); eager is",
@@ -650,7 +660,8 @@ fn checked_params(m: &ModelConfig) -> Option<u64> {
         | Family::Qwen2
         | Family::Qwen3
         | Family::Gemma
-        | Family::Gemma2 => {
+        | Family::Gemma2
+        | Family::Gemma3 => {
             let q = m.head_dim().checked_mul(m.n_head)?;
             let kv = m.head_dim().checked_mul(m.n_kv_head)?;
             q.checked_mul(c)?

@@ -314,6 +314,29 @@ pub const MODEL_PRESETS: &[ModelPreset] = &[
             s
         },
     },
+    ModelPreset {
+        id: "gemma-3-1b",
+        label: "Gemma-3-1B (26x1152, MQA 4/1, head 256, vocab 262144, tied, window 512, seq 2048)",
+        setup: || {
+            let mut s = hf(
+                Family::Gemma3,
+                LlamaDims {
+                    n_layer: 26,
+                    n_head: 4,
+                    n_kv: 1,
+                    n_embd: 1152,
+                    inter: 6912,
+                    vocab: 262144,
+                    max_pos: 32768,
+                    tie: true,
+                },
+                2048,
+            );
+            s.model.head_dim = 256;
+            s.model.sliding_window = 512;
+            s
+        },
+    },
 ];
 
 /// The preset ids, for error messages listing the allowed values (kept equal to `MODEL_PRESETS` by a test).
@@ -334,6 +357,7 @@ pub const MODEL_IDS: &[&str] = &[
     "qwen2.5-1.5b",
     "qwen2.5-7b",
     "gemma-2-2b",
+    "gemma-3-1b",
 ];
 
 pub fn model_preset(id: &str) -> Option<Setup> {
@@ -761,13 +785,14 @@ mod tests {
             1_235_814_400
         );
         // Published: Llama-3.1-8B 8,030,261,248; Llama-3.1-70B 70,553,706,496; Qwen2.5-1.5B 1,543,714,304;
-        // Qwen2.5-7B 7,615,616,512; Gemma-2-2B 2,614,341,888.
+        // Qwen2.5-7B 7,615,616,512; Gemma-2-2B 2,614,341,888; Gemma-3-1B 999,885,952.
         for (id, n) in [
             ("llama-3.1-8b", 8_030_261_248),
             ("llama-3.1-70b", 70_553_706_496),
             ("qwen2.5-1.5b", 1_543_714_304),
             ("qwen2.5-7b", 7_615_616_512),
             ("gemma-2-2b", 2_614_341_888),
+            ("gemma-3-1b", 999_885_952),
         ] {
             assert_eq!(model_preset(id).unwrap().model.n_params(), n, "{id}");
         }

@@ -65,6 +65,11 @@ pub struct Ctx<'a> {
     /// (`torch.utils.checkpoint(use_reentrant=False)` hands every tensor an op saves to a pack hook that keeps
     /// only a handle): there each tensor dies as soon as the forward itself lets go of it.
     pub saving: bool,
+    /// Whether the current layer attends through the model's sliding window (every layer, but Gemma 3's global
+    /// ones: `Arch::layer_slides`).
+    pub sliding_layer: bool,
+    /// Rotary tables beyond the first (Gemma 3's sliding layers'), freed with it after the backward.
+    pub rope_tables: Vec<Tensor>,
 }
 
 impl<'a> Ctx<'a> {
@@ -91,6 +96,8 @@ impl<'a> Ctx<'a> {
             grads: Vec::new(),
             autocast_cache: Vec::new(),
             saving: true,
+            sliding_layer: true,
+            rope_tables: Vec::new(),
         })
     }
 
@@ -415,6 +422,11 @@ pub fn gemma_rms_norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
 /// the matmul dtype; the output takes the input's dtype.
 pub fn gemma_rms_norm_fwd_on(cx: &mut Ctx, r: u64) -> (Tensor, NormSaved) {
     let (n, c) = (cx.n, cx.m.n_embd);
+    gemma_rms_norm_fwd_rows(cx, n, c, r)
+}
+
+/// `GemmaRMSNorm` on `n` rows of `c` in `r` bytes (Gemma 3's q/k norms: a row per head).
+pub fn gemma_rms_norm_fwd_rows(cx: &mut Ctx, n: u64, c: u64, r: u64) -> (Tensor, NormSaved) {
     let wide = n * c * 4;
     let copy = (r == 2).then(|| cx.alloc(wide, Activations, "_to_copy"));
     let pow = cx.alloc(wide, Temporary, "pow");

@@ -158,3 +158,15 @@ test('the Gemma-2-2B preset trains with eager attention and estimates as the CLI
   assert.deepEqual(errors, []);
   await page.close();
 });
+
+test('the Gemma-3-1B preset: its window, head size and estimate as the CLI gives them', async () => {
+  const { page, errors } = await openPage(context, server.url);
+  await page.selectOption('#preset', 'gemma-3-1b');
+  await page.waitForFunction(() => document.getElementById('family').value === 'gemma3');
+  assert.equal(await page.inputValue('#sliding_window'), '512');
+  assert.equal(await page.inputValue('#head_dim'), '256');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('family') === 'gemma3');
+  assert.equal(await peak(page), cliPeakBytes(['--preset', 'gemma-3-1b', '--compute-capability', '8.9', '--gpu-memory-gib', '12']));
+  assert.deepEqual(errors, []);
+  await page.close();
+});
