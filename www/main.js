@@ -8,7 +8,7 @@ const KNOBS = ['family', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'intermedia
   'compile', 'checkpointing', 'grad_accum_steps', 'grad_clip', 'zero_grad_set_to_none', 'alloc_conf', 'memory_gib',
   'compute_capability'];
 const GPT2_ONLY = ['bias'];
-// Fields of the Hugging Face families (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3): the class "llama-only" in index.html.
+// Fields of the Hugging Face families (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, olmo2): the class "llama-only" in index.html.
 const LLAMA_ONLY = ['n_kv_head', 'intermediate_size', 'tie_embeddings', 'head_dim', 'sliding_window'];
 const DEFAULT_PRESET = 'nanogpt-30m';
 const DEFAULT_GPU = 'rtx-4070';

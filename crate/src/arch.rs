@@ -29,6 +29,9 @@ pub enum Norm {
     /// HF `GemmaRMSNorm`: the same statistics on `x.float()`, then `normed * (1 + weight.float())` in fp32 and
     /// `.type_as(x)`: it saves the fp32 normalised x (where Llama's saves its cast back).
     GemmaRmsNorm,
+    /// HF `Olmo2RMSNorm`: Llama's statistics, then `(weight * normed).to(input dtype)` (the fp32 normalised x
+    /// saved).
+    Olmo2RmsNorm,
 }
 
 /// How the attention's inputs are projected.
@@ -108,6 +111,13 @@ pub struct Arch {
     pub global_every: u64,
     /// A second rotary table for the sliding layers (Gemma 3's local base frequency).
     pub dual_rope: bool,
+    /// A norm before each branch (every family but OLMo 2, whose branches read the residual stream itself).
+    pub pre_norms: bool,
+    /// The q and k norms span the whole projection (OLMo 2) rather than each head (Qwen 3, Gemma 3).
+    pub qk_norm_full: bool,
+    /// Rotary runs in fp32 whatever the dtype and casts q and k back to theirs (OLMo 2's
+    /// `apply_rotary_pos_emb`: `q_embed.to(q_type)`), so SDPA gets them in their own dtype.
+    pub rope_fp32: bool,
     /// Biases in the q, k and v projections (nanoGPT's fused `c_attn` with `bias`; Qwen2's q/k/v_proj).
     pub qkv_bias: bool,
     /// Biases in the attention's output projection and the MLP's Linears.
@@ -142,6 +152,9 @@ impl Arch {
                 sliding_mask: false,
                 global_every: 0,
                 dual_rope: false,
+                pre_norms: true,
+                qk_norm_full: false,
+                rope_fp32: false,
                 qkv_bias: m.bias,
                 linear_bias: m.bias,
                 mlp: Mlp::Gelu,
@@ -162,14 +175,18 @@ impl Arch {
             | Family::Qwen3
             | Family::Gemma
             | Family::Gemma2
-            | Family::Gemma3 => {
+            | Family::Gemma3
+            | Family::Olmo2 => {
                 let gemma = matches!(m.family, Family::Gemma | Family::Gemma2 | Family::Gemma3);
                 let gemma2 = m.family == Family::Gemma2;
                 let gemma3 = m.family == Family::Gemma3;
+                let olmo2 = m.family == Family::Olmo2;
                 Arch {
                     positions: Positions::Rotary,
                     norm: if gemma {
                         Norm::GemmaRmsNorm
+                    } else if olmo2 {
+                        Norm::Olmo2RmsNorm
                     } else {
                         Norm::RmsNorm
                     },
@@ -179,14 +196,17 @@ impl Arch {
                         Attention::Sdpa => Core::Sdpa,
                         Attention::Manual => Core::Manual,
                     },
-                    qk_norm: m.family == Family::Qwen3 || gemma3,
+                    qk_norm: m.family == Family::Qwen3 || gemma3 || olmo2,
                     embed_scale: gemma,
-                    post_norms: gemma2 || gemma3,
+                    post_norms: gemma2 || gemma3 || olmo2,
                     attn_softcap: gemma2,
                     logit_softcap: gemma2,
                     sliding_mask: gemma2,
                     global_every: if gemma3 { 6 } else { 0 },
                     dual_rope: gemma3,
+                    pre_norms: !olmo2,
+                    qk_norm_full: olmo2,
+                    rope_fp32: olmo2,
                     qkv_bias: m.family == Family::Qwen2,
                     linear_bias: false,
                     mlp: if gemma { Mlp::GeGlu } else { Mlp::SwiGlu },
@@ -209,7 +229,7 @@ impl Arch {
     pub fn norm_saves_input(&self, residual_bytes: u64) -> bool {
         match self.norm {
             Norm::LayerNorm { .. } => true,
-            Norm::RmsNorm | Norm::GemmaRmsNorm => residual_bytes != 2,
+            Norm::RmsNorm | Norm::GemmaRmsNorm | Norm::Olmo2RmsNorm => residual_bytes != 2,
         }
     }
 
@@ -251,7 +271,12 @@ impl Arch {
             }
             linear(&mut v, c, q, bias);
             if self.qk_norm {
-                v.extend([(m.head_dim(), false), (m.head_dim(), false)]);
+                let (qn, kn) = if self.qk_norm_full {
+                    (q, kv)
+                } else {
+                    (m.head_dim(), m.head_dim())
+                };
+                v.extend([(qn, false), (kn, false)]);
             }
             if norms_first {
                 norm(&mut v);
@@ -268,8 +293,10 @@ impl Arch {
                 }
             }
             if !norms_first {
-                // input_layernorm, post_attention_layernorm (and Gemma 2's pre_ and post_feedforward_layernorm).
-                for _ in 0..if self.post_norms { 4 } else { 2 } {
+                // input_layernorm, post_attention_layernorm (and Gemma 2's pre_ and post_feedforward_layernorm;
+                // OLMo 2 has the two post-norms only).
+                let n_norms = 2 * (u64::from(self.pre_norms) + u64::from(self.post_norms)).max(1);
+                for _ in 0..n_norms {
                     norm(&mut v);
                 }
             }

@@ -91,7 +91,7 @@ fn norm_op(cx: &Ctx) -> (&'static str, &'static str) {
     match cx.arch.norm {
         Norm::LayerNorm { .. } => ("layer_norm rstd", "layer_norm"),
         // Gemma is refused under torch.compile (`Setup::validate`): its norm would be traced as RMSNorm's.
-        Norm::RmsNorm | Norm::GemmaRmsNorm => ("rms_norm rsqrt", "rms_norm"),
+        Norm::RmsNorm | Norm::GemmaRmsNorm | Norm::Olmo2RmsNorm => ("rms_norm rsqrt", "rms_norm"),
     }
 }
 

@@ -220,6 +220,10 @@ fn norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
         Norm::LayerNorm { .. } => ops::layer_norm_fwd(cx),
         Norm::RmsNorm => ops::rms_norm_fwd(cx),
         Norm::GemmaRmsNorm => ops::gemma_rms_norm_fwd(cx),
+        Norm::Olmo2RmsNorm => {
+            let (n, c, r) = (cx.n, cx.m.n_embd, cx.r);
+            ops::fp32_rms_norm_fwd(cx, n, c, r, false)
+        }
     }
 }
 
@@ -229,6 +233,10 @@ fn norm_bwd(cx: &mut Ctx, grad_out: Tensor, saved: NormSaved, input: Tensor) -> 
         // Gemma's backward runs the same statistics' backward as Llama's (fake-cuda trace of a gemma bf16-amp
         // case: the same N x C fp32 temporaries, a [C] more for `1 + weight`).
         Norm::RmsNorm | Norm::GemmaRmsNorm => ops::rms_norm_bwd(cx, grad_out, saved, input),
+        Norm::Olmo2RmsNorm => {
+            let dims = (cx.n, cx.m.n_embd, cx.r);
+            ops::olmo2_rms_norm_bwd(cx, grad_out, true, saved, Some(input), dims)
+        }
     }
 }
 
@@ -382,7 +390,11 @@ fn release_core(cx: &mut Ctx, core: &CoreSaved) {
 
 /// Bytes of the rotated q or k: `q * cos` with an fp32 cos promotes a 2-byte q to fp32 under autocast.
 fn rope_bytes(cx: &Ctx) -> u64 {
-    cx.p.max(cx.r)
+    if cx.arch.rope_fp32 {
+        4
+    } else {
+        cx.p.max(cx.r)
+    }
 }
 
 /// `q * cos + rotate_half(q) * sin` on `width` features of `in_bytes`: mul, neg (half), cat (rotate_half in the
@@ -430,15 +442,15 @@ struct QkNorm {
 
 /// The head-wise RMSNorm on a projection's output (`width` = heads x head_dim, in the matmul dtype).
 fn qk_norm_fwd(cx: &mut Ctx, input: Tensor, width: u64) -> QkNorm {
-    let hd = cx.m.head_dim();
-    let rows = cx.n * width / hd;
+    let (rows, cols) = qk_norm_shape(cx, width);
     let p = cx.p;
-    // Gemma 3's are GemmaRMSNorms: fp32 inside, the output back in the projection's dtype (`.type_as`).
+    // Gemma 3's are GemmaRMSNorms and OLMo 2's its own: fp32 inside, the output back in the projection's dtype.
     let gemma = cx.arch.norm == Norm::GemmaRmsNorm;
-    let (out, saved) = if gemma {
-        ops::gemma_rms_norm_fwd_rows(cx, rows, hd, p)
+    let fp32_inside = gemma || cx.arch.norm == Norm::Olmo2RmsNorm;
+    let (out, saved) = if fp32_inside {
+        ops::fp32_rms_norm_fwd(cx, rows, cols, p, gemma)
     } else {
-        ops::rms_norm_fwd_on(cx, rows, hd, p)
+        ops::rms_norm_fwd_on(cx, rows, cols, p)
     };
     // A 2-byte input was copied to fp32 (and the copy saved): the projection output itself dies here.
     if p == 2 {
@@ -448,14 +460,28 @@ fn qk_norm_fwd(cx: &mut Ctx, input: Tensor, width: u64) -> QkNorm {
         saved,
         input,
         out,
-        out_bytes: if gemma { p } else { p.max(cx.pb) },
+        out_bytes: if fp32_inside { p } else { p.max(cx.pb) },
     }
 }
 
 fn qk_norm_bwd(cx: &mut Ctx, g: Tensor, n: QkNorm, width: u64) -> Tensor {
-    let hd = cx.m.head_dim();
-    let rows = cx.n * width / hd;
-    ops::rms_norm_bwd_on(cx, g, n.saved, Some(n.input), (rows, hd, cx.p))
+    let (rows, cols) = qk_norm_shape(cx, width);
+    let dims = (rows, cols, cx.p);
+    if cx.arch.norm == Norm::Olmo2RmsNorm {
+        ops::olmo2_rms_norm_bwd(cx, g, true, n.saved, Some(n.input), dims)
+    } else {
+        ops::rms_norm_bwd_on(cx, g, n.saved, Some(n.input), dims)
+    }
+}
+
+/// Rows and width of a q or k norm: a row per head (Qwen 3, Gemma 3), or per token (OLMo 2).
+fn qk_norm_shape(cx: &Ctx, width: u64) -> (u64, u64) {
+    if cx.arch.qk_norm_full {
+        (cx.n, width)
+    } else {
+        let hd = cx.m.head_dim();
+        (cx.n * width / hd, hd)
+    }
 }
 
 /// HF's `eager_attention_forward` on the rotated q and k (`rope_bytes`) and v (matmul dtype): `repeat_kv` for
@@ -703,8 +729,16 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
         (Some(qn), Some(kn)) => (qn.out, kn.out, qn.out_bytes),
         _ => (q_out, k_out, p),
     };
-    let q_rot = rope_fwd(cx, qd, in_bytes);
-    let k_rot = rope_fwd(cx, kv, in_bytes);
+    let mut q_rot = rope_fwd(cx, qd, in_bytes);
+    let mut k_rot = rope_fwd(cx, kv, in_bytes);
+    // OLMo 2: back to q's and k's dtype before the kernel (stub-cuda snapshot of olmo2-768-tied-bf16: q's cast,
+    // k's cast, then the fp32 rotated q and k freed).
+    if cx.arch.rope_fp32 && rope_bytes(cx) != in_bytes {
+        let qb = cx.alloc(cx.n * qd * in_bytes, Activations, "_to_copy");
+        let kb = cx.alloc(cx.n * kv * in_bytes, Activations, "_to_copy");
+        cx.sim.free_all(&[q_rot, k_rot]);
+        (q_rot, k_rot) = (qb, kb);
+    }
     cx.free(q_in);
     cx.free(k_in);
     if cx.arch.core == Core::Manual {
@@ -748,7 +782,7 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
     let k_rep = copies.then(|| cx.alloc(cx.n * qd * rope_bytes(cx), Temporary, "clone"));
     let v_rep = copies.then(|| cx.alloc(cx.n * qd * p, Activations, "clone"));
     let kw = if repeat { qd } else { kv };
-    let (q_att, k_att) = if rope_bytes(cx) != p {
+    let (q_att, k_att) = if !cx.arch.rope_fp32 && rope_bytes(cx) != p {
         let ka = cx.alloc(cx.n * kw * p, Activations, "_to_copy");
         let qa = cx.alloc(cx.n * qd * p, Activations, "_to_copy");
         (qa, ka)
@@ -1067,8 +1101,9 @@ fn post_norm_fwd(cx: &mut Ctx, branch: Tensor) -> (Tensor, Option<PostNorm>) {
     if !cx.arch.post_norms {
         return (branch, None);
     }
-    let p = cx.p;
-    let (out, saved) = ops::gemma_rms_norm_fwd_on(cx, p);
+    let (n, c, p) = (cx.n, cx.m.n_embd, cx.p);
+    let one_plus = cx.arch.norm == Norm::GemmaRmsNorm;
+    let (out, saved) = ops::fp32_rms_norm_fwd(cx, n, c, p, one_plus);
     // A 2-byte branch output was copied to fp32 (saved): it dies here (fake-cuda trace of a gemma2 bf16-amp
     // case: o_proj's output freed right after the norm's cast back).
     let input = if p == 2 {
@@ -1085,31 +1120,69 @@ fn post_norm_fwd(cx: &mut Ctx, branch: Tensor) -> (Tensor, Option<PostNorm>) {
 /// norm output's dtype, then the norm's backward to the branch output's. Returns (gradient, its bytes).
 fn post_norm_bwd(cx: &mut Ctx, g_residual: Tensor, n: PostNorm) -> (Tensor, u64) {
     let (nc, p, r) = (cx.n * cx.m.n_embd, cx.p, cx.r);
-    let g = cx.alloc(nc * p, Temporary, if r != p { "_to_copy" } else { "clone" });
-    let _ = g_residual;
+    // The residual gradient in the norm output's dtype: a cast of our own, or the residual's gradient itself,
+    // which the skip path still holds (not released here).
+    let (g, owned) = if r != p {
+        (cx.alloc(nc * p, Temporary, "_to_copy"), true)
+    } else {
+        (g_residual, false)
+    };
     // A 2-byte input's fp32 copy is in the norm's own saved tensors.
-    let gi = ops::rms_norm_bwd_on(cx, g, n.saved, n.input, (cx.n, cx.m.n_embd, p));
+    let dims = (cx.n, cx.m.n_embd, p);
+    let gi = if cx.arch.norm == Norm::Olmo2RmsNorm {
+        ops::olmo2_rms_norm_bwd(cx, g, owned, n.saved, n.input, dims)
+    } else {
+        ops::rms_norm_bwd_keeping(cx, g, owned, n.saved, n.input, dims)
+    };
     (gi, p)
 }
 
 fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
     let nc = cx.n * cx.m.n_embd;
     let r = cx.r;
-    let (norm1_out, norm1) = norm_fwd(cx);
+    let pre = cx.arch.pre_norms;
+    let (norm1_out, norm1) = if pre {
+        norm_fwd(cx)
+    } else {
+        (x_in, NormSaved::none())
+    };
     let (attn, a) = attn_fwd(cx);
     // The norm's output is held by the attention call until it returns; under autocast nothing saves it.
-    let norm1_out = ops::keep_if_saved(cx, norm1_out, attn.input_linear());
+    // Without pre-norms (OLMo 2) the branch read the residual stream itself, which its Linears saved unless they
+    // saved casts of it.
+    let norm1_out = if pre {
+        ops::keep_if_saved(cx, norm1_out, attn.input_linear())
+    } else {
+        attn.input_linear().input_cast.is_none().then_some(x_in)
+    };
     let (a, post1) = post_norm_fwd(cx, a);
     let x_mid = cx.alloc(nc * r, Activations, "add");
     cx.free(a);
-    let (norm2_out, norm2) = norm_fwd(cx);
+    if !pre && norm1_out.is_none() && !cx.first_block {
+        cx.free(x_in);
+    }
+    let (norm2_out, norm2) = if pre {
+        norm_fwd(cx)
+    } else {
+        (x_mid, NormSaved::none())
+    };
     let (mlp, o) = mlp_fwd(cx);
-    let norm2_out = ops::keep_if_saved(cx, norm2_out, mlp.input_linear());
+    let norm2_out = if pre {
+        ops::keep_if_saved(cx, norm2_out, mlp.input_linear())
+    } else {
+        mlp.input_linear().input_cast.is_none().then_some(x_mid)
+    };
     let (o, post2) = post_norm_fwd(cx, o);
     let x_out = cx.alloc(nc * r, Activations, "add");
     cx.free(o);
-    // The residual after attention dies once the block returns unless the second norm saved it.
-    if !cx.arch.norm_saves_input(r) || !cx.saving {
+    // The residual after attention dies once the block returns unless the second norm (or, without pre-norms,
+    // the MLP's Linears) saved it.
+    let x_mid_saved = if pre {
+        cx.arch.norm_saves_input(r)
+    } else {
+        norm2_out.is_some()
+    };
+    if !x_mid_saved || !cx.saving {
         cx.free(x_mid);
     }
     let saved = BlockSaved {
@@ -1132,11 +1205,20 @@ fn block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
     // MLP branch. The residual path keeps g_out alive until the norm's gradient is summed into it.
     let post = s.post2.map(|n| post_norm_bwd(cx, g_out, n));
     let g_n2 = mlp_bwd(cx, g_out, s.mlp, s.norm2_out, post);
-    let g_x2 = norm_bwd(cx, g_n2, s.norm2, s.x_mid);
+    let pre = cx.arch.pre_norms;
+    let g_x2 = if pre {
+        norm_bwd(cx, g_n2, s.norm2, s.x_mid)
+    } else {
+        g_n2
+    };
     let g_mid = ops::grad_sum(cx, g_out, g_x2, nc_r);
     let post = s.post1.map(|n| post_norm_bwd(cx, g_mid, n));
     let g_n1 = attn_bwd(cx, g_mid, s.attn, s.norm1_out, post);
-    let g_x1 = norm_bwd(cx, g_n1, s.norm1, s.x_in);
+    let g_x1 = if pre {
+        norm_bwd(cx, g_n1, s.norm1, s.x_in)
+    } else {
+        g_n1
+    };
     ops::grad_sum(cx, g_mid, g_x1, nc_r)
 }
 
@@ -1302,12 +1384,20 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
         Vec::new()
     };
     let (mut x, emb_drop) = dropout_on(cx, x0, nc, pb, Activations);
-    let stream_saved = cx.arch.norm_saves_input(cx.r);
+    // Whether something in each block saves its input: the first norm, or without pre-norms (OLMo 2) the
+    // branch's Linears when they saved no cast of it. The final norm saves the last block's output by its own rule.
+    let final_saves = cx.arch.norm_saves_input(cx.r);
+    let stream_saved = if cx.arch.pre_norms {
+        final_saves
+    } else {
+        !cx.prec.autocast()
+    };
     let mut blocks = Vec::new();
     for l in 0..cx.m.n_layer {
         cx.sim.layer(Some(l as u32));
         cx.saving = !checkpointing;
         cx.sliding_layer = cx.arch.layer_slides(l);
+        cx.first_block = l == 0;
         let (saved, x_out) = block_fwd(cx, x);
         cx.saving = true;
         blocks.push(if checkpointing {
@@ -1334,9 +1424,13 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
         Vec::new()
     };
     let (norm_f_out, norm_f) = norm_fwd(cx);
-    if !stream_saved && !checkpointing {
-        cx.free(x);
-        cx.free(x0);
+    if !checkpointing {
+        if !final_saves {
+            cx.free(x);
+        }
+        if !stream_saved {
+            cx.free(x0);
+        }
     }
     cx.sim.next_stage("loss");
     let v = cx.m.vocab_size;

@@ -125,7 +125,8 @@ pub fn setup_from_bytes(data: &[u8]) -> Setup {
             Family::Gemma,
             Family::Gemma2,
             Family::Gemma3,
-        ][usize::from(hf % 7)];
+            Family::Olmo2,
+        ][usize::from(hf % 8)];
     }
     if hf & 4 != 0 {
         setup.model.sliding_window = b.u64();

@@ -981,6 +981,7 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
         "gemma" => Family::Gemma,
         "gemma2" => Family::Gemma2,
         "gemma3_text" => Family::Gemma3,
+        "olmo2" => Family::Olmo2,
         other => {
             return Err(Error::UnknownValue {
                 field: "model_type".into(),
@@ -993,6 +994,7 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
                     "gemma",
                     "gemma2",
                     "gemma3_text",
+                    "olmo2",
                 ],
             })
         }
@@ -1124,7 +1126,7 @@ mod tests {
         );
         assert_eq!(
             with("family", "\"bert\""),
-            "model.family (\"bert\") is not one of: gpt2, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3"
+            "model.family (\"bert\") is not one of: gpt2, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, olmo2"
         );
         assert_eq!(with("bias", "1"), "model.bias (1) must be true or false");
         let e = setup_from_json("{\"model\": \n{").unwrap_err().to_string();
@@ -1280,12 +1282,21 @@ mod tests {
         assert_eq!((g2.family, g2.sliding_window), (Family::Gemma2, 0));
         assert_eq!(g2.n_params(), 2_614_341_888);
         assert_eq!(hf_setup(g2).train.attention, Attention::Manual);
+        // OLMo-2-0425-1B's config.json (abridged): no pre-norms, full-width q/k norms; its published
+        // 1,484,916,736 parameters.
+        let olmo2 = r#"{"architectures": ["Olmo2ForCausalLM"], "hidden_size": 2048, "intermediate_size": 8192,
+            "max_position_embeddings": 4096, "model_type": "olmo2", "num_attention_heads": 16,
+            "num_hidden_layers": 16, "num_key_value_heads": 16, "tie_word_embeddings": false,
+            "vocab_size": 100352}"#;
+        let (o2, _) = hf_config(olmo2).unwrap();
+        assert_eq!(o2.family, Family::Olmo2);
+        assert_eq!(o2.n_params(), 1_484_916_736);
         let e = hf_config(r#"{"model_type": "phi3", "hidden_size": 8}"#)
             .unwrap_err()
             .to_string();
         assert!(
             e.contains(
-                "model_type (\"phi3\") is not one of: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text"
+                "model_type (\"phi3\") is not one of: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, olmo2"
             ),
             "{e}"
         );

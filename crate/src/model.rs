@@ -29,11 +29,14 @@ pub enum Family {
     /// RMSNorms on each head of q and k, SDPA, and five sliding-window layers for every global one, each kind with
     /// its rotary table.
     Gemma3,
+    /// Hugging Face `Olmo2ForCausalLM`: Llama's layers with the norms after each branch instead of before it, and
+    /// RMSNorms over the whole q and k projections.
+    Olmo2,
 }
 
 impl Family {
     pub const NAMES: &'static [&'static str] = &[
-        "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
+        "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo2",
     ];
 
     pub fn parse(s: &str) -> Result<Family, Error> {
@@ -46,6 +49,7 @@ impl Family {
             "gemma" => Ok(Family::Gemma),
             "gemma2" => Ok(Family::Gemma2),
             "gemma3" => Ok(Family::Gemma3),
+            "olmo2" => Ok(Family::Olmo2),
             _ => Err(Error::UnknownValue {
                 field: "model.family".into(),
                 value: s.into(),
@@ -64,6 +68,7 @@ impl Family {
             Family::Gemma => "gemma",
             Family::Gemma2 => "gemma2",
             Family::Gemma3 => "gemma3",
+            Family::Olmo2 => "olmo2",
         }
     }
 
@@ -456,7 +461,7 @@ impl Setup {
         }
         if matches!(
             m.family,
-            Family::Qwen3 | Family::Gemma | Family::Gemma2 | Family::Gemma3
+            Family::Qwen3 | Family::Gemma | Family::Gemma2 | Family::Gemma3 | Family::Olmo2
         ) && t.compile
         {
             return Err(Error::NotModelled {
@@ -661,7 +666,8 @@ fn checked_params(m: &ModelConfig) -> Option<u64> {
         | Family::Qwen3
         | Family::Gemma
         | Family::Gemma2
-        | Family::Gemma3 => {
+        | Family::Gemma3
+        | Family::Olmo2 => {
             let q = m.head_dim().checked_mul(m.n_head)?;
             let kv = m.head_dim().checked_mul(m.n_kv_head)?;
             q.checked_mul(c)?
@@ -670,8 +676,9 @@ fn checked_params(m: &ModelConfig) -> Option<u64> {
                 .checked_add(m.intermediate_size.checked_mul(c)?.checked_mul(3)?)?
                 .checked_add(c.checked_mul(2)?)?
                 .checked_add(q.checked_add(kv.checked_mul(2)?)?)?
-                // Qwen3's q and k norms (head_dim each), Gemma 2's two more norms (C each).
+                // Qwen3's q and k norms (head_dim each), OLMo 2's (q_dim + kv_dim), Gemma 2's two more norms.
                 .checked_add(m.head_dim().checked_mul(2)?)?
+                .checked_add(q.checked_add(kv)?)?
                 .checked_add(c.checked_mul(2)?)?
         }
     };

@@ -70,6 +70,8 @@ pub struct Ctx<'a> {
     pub sliding_layer: bool,
     /// Rotary tables beyond the first (Gemma 3's sliding layers'), freed with it after the backward.
     pub rope_tables: Vec<Tensor>,
+    /// The first block's input is the embeddings' output, which the model keeps bound through the forward.
+    pub first_block: bool,
 }
 
 impl<'a> Ctx<'a> {
@@ -98,6 +100,7 @@ impl<'a> Ctx<'a> {
             saving: true,
             sliding_layer: true,
             rope_tables: Vec::new(),
+            first_block: false,
         })
     }
 
@@ -312,6 +315,16 @@ pub struct NormSaved {
     pub own: [Option<Tensor>; 2],
 }
 
+impl NormSaved {
+    /// No norm (OLMo 2 has none before its branches).
+    pub fn none() -> NormSaved {
+        NormSaved {
+            stats: [None, None],
+            own: [None, None],
+        }
+    }
+}
+
 /// `F.layer_norm` (`native_layer_norm`): output n x C in the input's dtype (fp32 under autocast: layer_norm is
 /// on autocast's fp32 list), mean and rstd fp32 [n]. Saves input, weight, bias, mean, rstd.
 pub fn layer_norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
@@ -427,6 +440,18 @@ pub fn gemma_rms_norm_fwd_on(cx: &mut Ctx, r: u64) -> (Tensor, NormSaved) {
 
 /// `GemmaRMSNorm` on `n` rows of `c` in `r` bytes (Gemma 3's q/k norms: a row per head).
 pub fn gemma_rms_norm_fwd_rows(cx: &mut Ctx, n: u64, c: u64, r: u64) -> (Tensor, NormSaved) {
+    fp32_rms_norm_fwd(cx, n, c, r, true)
+}
+
+/// An RMSNorm computed in fp32 and cast back to its input's dtype at the end: Gemma's (`one_plus`: the weight
+/// as `1 + weight`, a [C] fp32 buffer, saved) and OLMo 2's (`(weight * normed).to(input dtype)`).
+pub fn fp32_rms_norm_fwd(
+    cx: &mut Ctx,
+    n: u64,
+    c: u64,
+    r: u64,
+    one_plus: bool,
+) -> (Tensor, NormSaved) {
     let wide = n * c * 4;
     let copy = (r == 2).then(|| cx.alloc(wide, Activations, "_to_copy"));
     let pow = cx.alloc(wide, Temporary, "pow");
@@ -437,14 +462,14 @@ pub fn gemma_rms_norm_fwd_rows(cx: &mut Ctx, n: u64, c: u64, r: u64) -> (Tensor,
     let rstd = cx.alloc(n * 4, Activations, "rsqrt");
     cx.free(added);
     let normed = cx.alloc(wide, Activations, "mul");
-    let scale = cx.alloc(c * 4, Activations, "add");
+    let scale = one_plus.then(|| cx.alloc(c * 4, Activations, "add"));
     let mut out = cx.alloc(wide, Activations, "mul");
     if r == 2 {
         let lp = cx.alloc(n * c * 2, Activations, "_to_copy");
         cx.free(out);
         out = lp;
     }
-    for t in [copy, Some(normed), Some(rstd), Some(scale)]
+    for t in [copy, Some(normed), Some(rstd), scale]
         .into_iter()
         .flatten()
     {
@@ -453,7 +478,7 @@ pub fn gemma_rms_norm_fwd_rows(cx: &mut Ctx, n: u64, c: u64, r: u64) -> (Tensor,
     (
         out,
         NormSaved {
-            stats: [Some(rstd), Some(scale)],
+            stats: [Some(rstd), scale],
             own: [copy, Some(normed)],
         },
     )
@@ -475,14 +500,78 @@ pub fn rms_norm_bwd_on(
     input: Option<Tensor>,
     (rows, width, in_bytes): (u64, u64, u64),
 ) -> Tensor {
+    rms_norm_bwd_from(
+        cx,
+        grad_out,
+        true,
+        saved,
+        input,
+        (rows, width, in_bytes),
+        false,
+    )
+}
+
+/// `rms_norm_bwd_on` that releases the incoming gradient only when `release_grad_out` (a residual gradient
+/// the skip path still holds is not).
+pub fn rms_norm_bwd_keeping(
+    cx: &mut Ctx,
+    grad_out: Tensor,
+    release_grad_out: bool,
+    saved: NormSaved,
+    input: Option<Tensor>,
+    dims: (u64, u64, u64),
+) -> Tensor {
+    rms_norm_bwd_from(cx, grad_out, release_grad_out, saved, input, dims, false)
+}
+
+/// Backward of OLMo 2's norm (`fp32_rms_norm_fwd` without `one_plus`): the gradient of its cast back first
+/// returns to fp32, and with 2-byte weights the weight's gradient is reduced through an fp32 buffer twice the
+/// activation's size (stub-cuda snapshot of olmo2-768-tied-bf16: a 2 x N x C x 4 transient beside the two
+/// products); then as `rms_norm_bwd_on`.
+pub fn olmo2_rms_norm_bwd(
+    cx: &mut Ctx,
+    grad_out: Tensor,
+    release_grad_out: bool,
+    saved: NormSaved,
+    input: Option<Tensor>,
+    (rows, width, in_bytes): (u64, u64, u64),
+) -> Tensor {
+    let (g, release) = if in_bytes == 2 {
+        let g32 = cx.alloc(rows * width * 4, Temporary, "_to_copy");
+        if release_grad_out {
+            cx.free(grad_out);
+        }
+        (g32, true)
+    } else {
+        (grad_out, release_grad_out)
+    };
+    let bf16_weight = cx.pb == 2;
+    let dims = (rows, width, in_bytes);
+    rms_norm_bwd_from(cx, g, release, saved, input, dims, bf16_weight)
+}
+
+fn rms_norm_bwd_from(
+    cx: &mut Ctx,
+    grad_out: Tensor,
+    release_grad_out: bool,
+    saved: NormSaved,
+    input: Option<Tensor>,
+    (rows, width, in_bytes): (u64, u64, u64),
+    olmo2_bf16: bool,
+) -> Tensor {
     let wide = rows * width * 4;
     // weight * normed: grad of normed (mul) and of weight (mul, then sum to [width]).
     let g_normed = cx.alloc(wide, Temporary, "mul");
     let g_w_full = cx.alloc(wide, Temporary, "mul");
+    if olmo2_bf16 {
+        cx.sim.scratch(2 * wide, Temporary, "sum");
+    }
     let cat = if cx.have_grads { Temporary } else { Grads };
     let gw = cx.alloc(width * cx.pb, cat, "sum");
     cx.free(g_w_full);
-    cx.free(grad_out);
+    if release_grad_out {
+        cx.free(grad_out);
+    }
     cx.sim.free_some(&saved.own);
     // x * rsqrt: grad of rsqrt (mul, summed to [rows]) and of x (mul).
     let g_rstd_full = cx.alloc(wide, Temporary, "mul");
@@ -500,7 +589,14 @@ pub fn rms_norm_bwd_on(
     cx.free(g_div);
     cx.sim.free_some(&[input]);
     // The two paths into x are summed by the engine's input buffer.
-    let gi = grad_sum(cx, g_x1, g_x2, wide);
+    // OLMo 2's with 2-byte weights: the engine adds the second path into the first in place (stub-cuda snapshot
+    // of olmo2-768-tied-bf16: no new N x C buffer there; with fp32 weights the records match the new buffer).
+    let gi = if olmo2_bf16 {
+        cx.free(g_x2);
+        g_x1
+    } else {
+        grad_sum(cx, g_x1, g_x2, wide)
+    };
     if cx.have_grads {
         cx.free(gw);
     } else {

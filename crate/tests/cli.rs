@@ -258,7 +258,7 @@ fn hf_config_json_reads_a_qwen2_and_names_an_unknown_model_type() {
     .unwrap();
     assert_eq!(
         error_of(&["estimate", "--hf", gemma.to_str().unwrap()]),
-        "error: model_type (\"phi3\") is not one of: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text"
+        "error: model_type (\"phi3\") is not one of: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, olmo2"
     );
 }
 

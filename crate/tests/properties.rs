@@ -204,6 +204,7 @@ fn n_param_tensors(s: &Setup) -> u64 {
         Family::Qwen2 => 1 + m.n_layer * 12 + 1 + u64::from(!m.tie_embeddings),
         Family::Qwen3 | Family::Gemma2 => 1 + m.n_layer * 11 + 1 + u64::from(!m.tie_embeddings),
         Family::Gemma3 => 1 + m.n_layer * 13 + 1 + u64::from(!m.tie_embeddings),
+        Family::Olmo2 => 1 + m.n_layer * 11 + 1 + u64::from(!m.tie_embeddings),
     }
 }
 

@@ -32,13 +32,14 @@ SOURCE (at most one; without one, the default nanoGPT case: 6 layers, 384 wide, 
 vocab 50304, fp16-amp, fused AdamW, torch.compile):
   --config FILE        setup JSON: {\"model\": {...}, \"train\": {...}, \"device\": {...}}
   --nanogpt FILE       a nanoGPT config/*.py file (train.py defaults fill the rest)
-  --hf FILE            a Hugging Face config.json (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text)
+  --hf FILE            a Hugging Face config.json (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text,
+                       olmo2)
   --preset ID          a named model (nanogpt-30m, shakespeare-char, gpt2, gpt2-medium, gpt2-large, gpt2-xl,
                        tinyllama-1.1b, llama-3.2-1b, llama-2-7b, mistral-7b, qwen2.5-0.5b, llama-3.1-8b,
                        llama-3.1-70b, qwen2.5-1.5b, qwen2.5-7b, gemma-2-2b, gemma-3-1b)
 
 KNOBS (override the source):
-  --family gpt2|llama|mistral|qwen2|qwen3|gemma|gemma2|gemma3
+  --family gpt2|llama|mistral|qwen2|qwen3|gemma|gemma2|gemma3|olmo2
   --n-layer N  --n-head N  --n-kv-head N  --n-embd N  --block-size N  --vocab-size N
   --intermediate-size N  --bias | --no-bias  --tie-embeddings | --no-tie-embeddings  --head-dim N
   --sliding-window N  --dropout P
