@@ -41,15 +41,30 @@
 //! HF's `gradient_checkpointing_enable(use_reentrant=False)`) the partitioner saves only each block's input
 //! (`Saved::Input`); the last block's output is not saved either, and the final norm keeps two row statistics.
 //! The backward graph recomputes each block right before its backward, the last one between the head's matmuls
-//! and the final norm's backward (`block_recompute`, `llama_backward`); recomputed residual dropouts keep fp32
+//! and the final norm's backward (`block_recompute`, `head_backward`); recomputed residual dropouts keep fp32
 //! random values. Read from `VRAMFIT_TRACE` traces of 2-layer variants (64 and 96 wide, vocab 1000: nanoGPT
 //! fp16-amp with and without dropout, pure bf16; Llama bf16-amp and pure bf16) and, for the dropout buffers, of
 //! `shakespeare-char-ckpt-compiled`.
 //!
-//! What it does not follow is Inductor's scheduler: where it hands a dead buffer to a new one (`# reuse`) the
-//! model frees and allocates, and it converts each fp16 weight gradient to fp32 as soon as it is made, where
-//! Inductor sometimes converts them all at the end of the graph. Checked against the compiled configs in
-//! `tests/data/compiled/` (docs/ACCURACY.md).
+//! The backward follows the wrapper's order and in-place writes, checked with PyTorch's own allocator on the stub
+//! (tests/data/stub-cuda/): each Linear's weight-gradient GEMM, input-gradient GEMM, then the conversion of the
+//! weight gradient (`linear_bwd`); the residual gradient written over itself by every norm's backward (over the
+//! last block's saved output by a final RMSNorm's), SwiGLU's up-projection gradient over the saved up output,
+//! and each of Llama's q, k and v projections with its own input gradient (wrappers of
+//! `llama-3.2-1b-like-b1-compiled`, `qwen-like-tied-152k-compiled`, the founding case and the bias cases). The
+//! caching allocator, replayed, is only as right as this order: with each residual gradient new and each
+//! conversion before the input gradient it reserved 5% too much on the first of those cases and 5% too little on
+//! the second. A checkpointed Llama block's first run, whose tensors die with it, makes two buffers fewer
+//! (`separate_attn_fwd`, `mlp_fwd`).
+//!
+//! What it does not follow is the rest of Inductor's scheduler. Where the wrapper hands a dead buffer to a new
+//! one of the same dtype and size (`bufM = bufN  # reuse`, its memory planning) the model frees and allocates,
+//! which the caching allocator mostly serves from the same block; a checkpointed backward interleaves each
+//! block's recompute with the previous block's gradients (`shakespeare-char-ckpt`) and, for Llama, runs the
+//! attention's weight gradients after all its input gradients (`llama-ckpt-fp16amp-accum2`), where the model
+//! keeps the order above; and in small graphs whose weight gradients outweigh their activations Inductor moves
+//! the conversions to the end (`tiny-vocab-grads-amp`). Checked against the compiled configs in
+//! `tests/data/compiled/` and `tests/data/stub-cuda/` (docs/ACCURACY.md).
 
 use crate::arch::{Core, Mlp, Norm, Positions, Program, Qkv};
 use crate::sim::Category::{self, Activations, Grads, Logits, Temporary, WeightCopies};
@@ -164,7 +179,9 @@ struct Block {
     x_in: Tensor,
     norm1: NormOut,
     attn: Attn,
-    x_mid: Tensor,
+    /// The stream after the attention branch; `None` in a checkpointed block's first run (see
+    /// `separate_attn_fwd`).
+    x_mid: Option<Tensor>,
     masks: [Option<Tensor>; 2],
     norm2: NormOut,
     mlp: MlpSaved,
@@ -286,8 +303,14 @@ fn fused_attn_fwd(
 
 /// HF Llama's attention on input_layernorm's output: q, k, v GEMMs, rotary fused into one kernel each for q and
 /// k (the unrotated projections die with it), SDPA, o_proj, and the stream after the branch: fp32 under
-/// autocast, but the first layer keeps a 2-byte buffer there (measured).
-fn separate_attn_fwd(cx: &mut Ctx, first: bool) -> (Attn, Tensor, Option<Tensor>) {
+/// autocast, but the first layer keeps a 2-byte buffer there (measured). A checkpointed block's first run
+/// (`discarded`) never materializes that stream: one kernel computes the next norm from the block input and
+/// o_proj's output (wrappers of the forwards of `llama-ckpt-seq2048-vocab8192` and `llama-ckpt-bf16-tied-accum2`).
+fn separate_attn_fwd(
+    cx: &mut Ctx,
+    first: bool,
+    discarded: bool,
+) -> (Attn, Option<Tensor>, Option<Tensor>) {
     let c = cx.m.n_embd;
     let (qd, kv) = (cx.m.q_dim(), cx.m.kv_dim());
     let nc = cx.n * c;
@@ -304,7 +327,7 @@ fn separate_attn_fwd(cx: &mut Ctx, first: bool) -> (Attn, Tensor, Option<Tensor>
     let sdpa = ops::sdpa_fwd(cx);
     let w_o = weight_cast(cx, c * qd);
     let o = mm(cx, nc * p, Temporary, "mm");
-    let x_mid = cx.alloc(nc * if first { p } else { r }, Activations, "add");
+    let x_mid = (!discarded).then(|| cx.alloc(nc * if first { p } else { r }, Activations, "add"));
     cx.free(o);
     let attn = Attn::Separate {
         q_rot,
@@ -319,11 +342,14 @@ fn separate_attn_fwd(cx: &mut Ctx, first: bool) -> (Attn, Tensor, Option<Tensor>
 /// The MLP on the second norm's output and the residual add after it. `want_out`: whether the block's output is
 /// made (a recomputed block's is dead code unless the final norm's backward reads it). GELU: the second GEMM's
 /// output is read by the fused residual add and the next block's norm, and the add's buffer comes after it
-/// (measured); SwiGLU: down_proj's output, the add, then the GEMM's output is released.
+/// (measured); SwiGLU: down_proj's output, the add, then the GEMM's output is released. In a checkpointed block's
+/// first run (`discarded`) SwiGLU's product is written over the gate output, which dies with it (the wrappers of
+/// `separate_attn_fwd`).
 fn mlp_fwd(
     cx: &mut Ctx,
     recompute: bool,
     want_out: bool,
+    discarded: bool,
 ) -> (MlpSaved, Option<Tensor>, Option<Tensor>) {
     let c = cx.m.n_embd;
     let i = cx.m.intermediate_size;
@@ -348,7 +374,11 @@ fn mlp_fwd(
             let w_up = weight_cast(cx, i * c);
             let up = mm(cx, cx.n * i * p, Activations, "mm");
             let w_down = weight_cast(cx, c * i);
-            let prod = cx.alloc(cx.n * i * p, Activations, "silu_mul");
+            let prod = if discarded {
+                gate
+            } else {
+                cx.alloc(cx.n * i * p, Activations, "silu_mul")
+            };
             let down = mm(cx, nc * p, Temporary, "mm");
             let x_out = cx.alloc(nc * r, Activations, "add");
             cx.free(down);
@@ -368,7 +398,8 @@ fn mlp_fwd(
 }
 
 /// One block's compiled forward: (what it saves, its output if `want_out`). Buffers the wrapper releases only at
-/// the end of the forward go to `deferred`.
+/// the end of the forward go to `deferred`. `discarded`: a checkpointed block's first run, whose tensors die with
+/// the block.
 fn block_fwd(
     cx: &mut Ctx,
     x_in: Tensor,
@@ -376,14 +407,18 @@ fn block_fwd(
     deferred: &mut Vec<Tensor>,
     recompute: bool,
     want_out: bool,
+    discarded: bool,
 ) -> (Block, Option<Tensor>) {
     let norm1 = norm_fwd(cx, false);
     let (attn, x_mid, mask1) = match cx.arch.qkv {
-        Qkv::Fused => fused_attn_fwd(cx, last, deferred, recompute),
-        Qkv::Separate => separate_attn_fwd(cx, first),
+        Qkv::Fused => {
+            let (attn, x_mid, mask1) = fused_attn_fwd(cx, last, deferred, recompute);
+            (attn, Some(x_mid), mask1)
+        }
+        Qkv::Separate => separate_attn_fwd(cx, first, discarded),
     };
     let norm2 = norm_fwd(cx, true);
-    let (mlp, mask2, x_out) = mlp_fwd(cx, recompute, want_out);
+    let (mlp, mask2, x_out) = mlp_fwd(cx, recompute, want_out, discarded);
     let block = Block {
         x_in,
         norm1,
@@ -424,12 +459,12 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
         let place = (l == 0, l + 1 == cx.m.n_layer);
         if checkpointing {
             let mut transient = Vec::new();
-            let (b, x_out) = block_fwd(cx, x, place, &mut transient, false, true);
+            let (b, x_out) = block_fwd(cx, x, place, &mut transient, false, true, true);
             cx.sim.free_all(&transient);
             blocks.push(Saved::Input(discard_block(cx, b)));
             x = x_out.expect("wanted");
         } else {
-            let (b, x_out) = block_fwd(cx, x, place, &mut deferred, false, true);
+            let (b, x_out) = block_fwd(cx, x, place, &mut deferred, false, true, false);
             blocks.push(Saved::All(b));
             x = x_out.expect("wanted");
         }
@@ -506,7 +541,7 @@ fn final_norm(cx: &mut Ctx, checkpointing: bool) -> (Tensor, [Option<Tensor>; 2]
 fn block_recompute(cx: &mut Ctx, x_in: Tensor, l: u64) -> (Block, Option<Tensor>) {
     let last = l + 1 == cx.m.n_layer;
     let mut transient = Vec::new();
-    let (b, x_out) = block_fwd(cx, x_in, (l == 0, last), &mut transient, true, last);
+    let (b, x_out) = block_fwd(cx, x_in, (l == 0, last), &mut transient, true, last, false);
     cx.sim.free_all(&transient);
     (b, x_out)
 }
@@ -515,7 +550,8 @@ fn block_recompute(cx: &mut Ctx, x_in: Tensor, l: u64) -> (Block, Option<Tensor>
 /// (in the traces Inductor hands those buffers to the next block, `# reuse`).
 fn discard_block(cx: &mut Ctx, b: Block) -> Tensor {
     cx.sim.free_all(&[b.norm1.stat, b.norm2.stat]);
-    cx.sim.free_all(&[b.norm1.out, b.x_mid, b.norm2.out]);
+    cx.sim.free_all(&[b.norm1.out, b.norm2.out]);
+    cx.sim.free_some(&[b.x_mid]);
     cx.sim.free_some(&b.masks);
     match b.attn {
         Attn::Fused {
@@ -588,159 +624,238 @@ fn head_forward(cx: &mut Ctx) -> (Option<Tensor>, Tensor, [Tensor; 2]) {
     (cast, logits, stats)
 }
 
-/// A parameter's gradient as the compiled backward returns it, in the parameter dtype. Under autocast the
-/// weight-gradient matmul writes 2 bytes first and a pointwise kernel converts it. When that kernel runs is the
-/// scheduler's choice: right after the matmul in most measured configs, all at the end of the graph in a small
-/// one whose weight gradients outweigh its activations (`tiny-vocab-grads-amp`, where this model is ~1% high).
-/// Converting at once is the choice that matched more of them. The first micro-step's gradients become `.grad`
-/// (AccumulateGrad steals them); later micro-steps' are added in place once the backward graph has returned all
-/// of them (`pending`).
-/// `matmul`: a Linear's weight gradient (a GEMM); otherwise a norm's or bias's (a reduction kernel).
-fn param_grad(cx: &mut Ctx, elems: u64, matmul: bool, pending: &mut Vec<Tensor>) {
-    let cat = if cx.have_grads { Temporary } else { Grads };
-    let g = if matmul && cx.prec.autocast() {
-        let low = mm(cx, elems * 2, Temporary, "mm");
-        let g = cx.alloc(elems * cx.pb, cat, "_to_copy");
-        cx.free(low);
-        g
-    } else if matmul {
-        mm(cx, elems * cx.pb, cat, "mm")
+/// What a gradient the graph returns counts as: `.grad` itself in the first micro-step; later ones are added
+/// into `.grad` and dropped.
+fn grad_category(cx: &Ctx) -> Category {
+    if cx.have_grads {
+        Temporary
     } else {
-        cx.alloc(elems * cx.pb, cat, "sum")
-    };
+        Grads
+    }
+}
+
+/// A gradient for `.grad` (first micro-step) or for AccumulateGrad once the graph returns (later ones).
+fn land_grad(cx: &mut Ctx, g: Tensor, pending: &mut Vec<Tensor>) {
+    if cx.have_grads {
+        pending.push(g);
+    } else {
+        cx.grads.push(g);
+    }
+}
+
+/// A norm's or a bias's gradient: a reduction kernel writes it in the parameter dtype.
+fn reduce_grad(cx: &mut Ctx, elems: u64, pending: &mut Vec<Tensor>) {
+    let cat = grad_category(cx);
+    let g = cx.alloc(elems * cx.pb, cat, "sum");
     land_grad(cx, g, pending);
 }
 
 fn norm_grads(cx: &mut Ctx, pending: &mut Vec<Tensor>) {
-    let c = cx.m.n_embd;
     let bias = matches!(cx.arch.norm, Norm::LayerNorm { bias: true });
     for _ in 0..1 + u64::from(bias) {
-        param_grad(cx, c, false, pending);
+        reduce_grad(cx, cx.m.n_embd, pending);
     }
 }
 
-/// A Linear's weight gradient and, with `bias`, its bias's.
-fn linear_grads(cx: &mut Ctx, out_f: u64, in_f: u64, bias: bool, pending: &mut Vec<Tensor>) {
-    param_grad(cx, out_f * in_f, true, pending);
+/// A Linear's backward (weight `out_f` x `in_f`) as the wrapper runs it: without a bias the weight gradient's
+/// GEMM, the input gradient's GEMM, then (autocast) the conversion of the weight gradient; with one the input
+/// gradient's GEMM first, then the weight gradient's, the bias's reduction and the conversion (wrappers of
+/// `llama-3.2-1b-like-b1`, the founding case, `gpt2-124m-bias-fp16` and `narrow-128-fp32-bias`). `x`: saved
+/// tensors the weight gradient's GEMM reads last; `w`: the weight cast the input gradient's GEMM reads. Returns
+/// the input gradient (N x `in_f`, matmul dtype).
+fn linear_bwd(
+    cx: &mut Ctx,
+    (out_f, in_f): (u64, u64),
+    bias: bool,
+    x: &[Option<Tensor>],
+    w: Option<Tensor>,
+    pending: &mut Vec<Tensor>,
+) -> Tensor {
+    let g_in = bias.then(|| input_grad(cx, in_f, w));
+    let low = weight_grad(cx, out_f * in_f, x, pending);
+    let g_in = g_in.unwrap_or_else(|| input_grad(cx, in_f, w));
     if bias {
-        param_grad(cx, out_f, false, pending);
+        reduce_grad(cx, out_f, pending);
+    }
+    convert_grad(cx, out_f * in_f, low, pending);
+    g_in
+}
+
+/// A Linear's input-gradient GEMM; then its weight cast is released.
+fn input_grad(cx: &mut Ctx, in_f: u64, w: Option<Tensor>) -> Tensor {
+    let g = mm(cx, cx.n * in_f * cx.p, Temporary, "mm");
+    cx.sim.free_some(&[w]);
+    g
+}
+
+/// A Linear's weight-gradient GEMM (`elems`); then the saved tensors `x` it read last are released. Under
+/// autocast it writes the matmul dtype, returned for `convert_grad`; otherwise the gradient itself, landed.
+fn weight_grad(
+    cx: &mut Ctx,
+    elems: u64,
+    x: &[Option<Tensor>],
+    pending: &mut Vec<Tensor>,
+) -> Option<Tensor> {
+    let low = if cx.prec.autocast() {
+        Some(mm(cx, elems * cx.p, Temporary, "mm"))
+    } else {
+        let cat = grad_category(cx);
+        let g = mm(cx, elems * cx.pb, cat, "mm");
+        land_grad(cx, g, pending);
+        None
+    };
+    cx.sim.free_some(x);
+    low
+}
+
+/// The pointwise kernel converting a 2-byte weight gradient (`elems`) to the parameter dtype.
+fn convert_grad(cx: &mut Ctx, elems: u64, low: Option<Tensor>, pending: &mut Vec<Tensor>) {
+    if let Some(low) = low {
+        let cat = grad_category(cx);
+        let g = cx.alloc(elems * cx.pb, cat, "_to_copy");
+        cx.free(low);
+        land_grad(cx, g, pending);
     }
 }
 
-/// The residual gradient in `r` bytes and, under autocast, the 2-byte copy the matmuls read.
+/// The residual gradient in `r` bytes, which every norm's backward writes over itself (`buf23 = buf7  # reuse`
+/// in every wrapper), and, under autocast, the 2-byte copy the matmuls read, new at each norm.
 struct ResidualGrad {
     wide: Tensor,
     low: Option<Tensor>,
 }
 
-fn residual_grad(cx: &mut Ctx) -> ResidualGrad {
-    let nc = cx.n * cx.m.n_embd;
-    let wide = cx.alloc(nc * cx.r, Temporary, "layer_norm_backward");
-    let low = (cx.r != cx.p).then(|| cx.alloc(nc * cx.p, Temporary, "_to_copy"));
-    ResidualGrad { wide, low }
-}
-
-fn release_residual(cx: &mut Ctx, g: ResidualGrad) {
-    cx.free(g.wide);
-    if let Some(t) = g.low {
+/// The 2-byte copy's last reader has run. (Without one the matmuls read the residual gradient itself, which
+/// lives on.)
+fn release_low(cx: &mut Ctx, g: &mut ResidualGrad) {
+    if let Some(t) = g.low.take() {
         cx.free(t);
     }
 }
 
+fn release_residual(cx: &mut Ctx, mut g: ResidualGrad) {
+    release_low(cx, &mut g);
+    cx.free(g.wide);
+}
+
+/// A norm's backward, fused with the residual add: the residual gradient is written over itself, under autocast
+/// with a new 2-byte copy; it reads the gradients of the norm's output (`grads`, one per Linear reading it), the
+/// saved statistic and input. RMSNorm's weight gradient is reduced before that kernel, LayerNorm's after it
+/// (wrappers of `llama-3.2-1b-like-b1` and the founding case).
+fn into_residual(
+    cx: &mut Ctx,
+    grads: Vec<Tensor>,
+    (stat, x): (Tensor, Option<Tensor>),
+    g: ResidualGrad,
+    pending: &mut Vec<Tensor>,
+) -> ResidualGrad {
+    let nc = cx.n * cx.m.n_embd;
+    let layer_norm = matches!(cx.arch.norm, Norm::LayerNorm { .. });
+    if !layer_norm {
+        norm_grads(cx, pending);
+    }
+    let low = (cx.r != cx.p).then(|| cx.alloc(nc * cx.p, Temporary, "_to_copy"));
+    cx.sim.free_some(&[x]);
+    cx.sim.free_all(&grads);
+    cx.free(stat);
+    if layer_norm {
+        norm_grads(cx, pending);
+    }
+    ResidualGrad { wide: g.wide, low }
+}
+
 fn block_bwd(
     cx: &mut Ctx,
-    g_out: ResidualGrad,
+    mut g: ResidualGrad,
     s: Block,
     pending: &mut Vec<Tensor>,
 ) -> ResidualGrad {
-    let (g_branch, out_f, w_in) = mlp_bwd(cx, s.mlp, pending);
-    let g_mid = into_residual(
-        cx,
-        (out_f, cx.arch.linear_bias),
-        g_branch,
-        [w_in, Some(s.norm2.out), Some(s.norm2.stat), Some(s.x_mid)],
-        g_out,
-        pending,
-    );
+    let grads = mlp_bwd(cx, s.mlp, s.norm2.out, &mut g, pending);
+    let mut g = into_residual(cx, grads, (s.norm2.stat, s.x_mid), g, pending);
     cx.sim.free_some(&[s.masks[1]]);
-    let (g_branch, out_f, w_in) = attn_bwd(cx, s.attn, s.masks[0], pending);
-    into_residual(
-        cx,
-        (out_f, cx.arch.qkv_bias),
-        g_branch,
-        [w_in, Some(s.norm1.out), Some(s.norm1.stat), Some(s.x_in)],
-        g_mid,
-        pending,
-    )
+    let grads = attn_bwd(cx, s.attn, s.masks[0], s.norm1.out, &mut g, pending);
+    into_residual(cx, grads, (s.norm1.stat, Some(s.x_in)), g, pending)
 }
 
-/// The MLP's backward down to its first Linear: returns (the gradient of that Linear's output, its output
-/// features, its weight cast) for `into_residual`.
-fn mlp_bwd(cx: &mut Ctx, s: MlpSaved, pending: &mut Vec<Tensor>) -> (Tensor, u64, Option<Tensor>) {
+/// The MLP's backward, entering with the residual gradient `g`: returns the gradients of the norm's output, one
+/// per Linear reading it.
+fn mlp_bwd(
+    cx: &mut Ctx,
+    s: MlpSaved,
+    norm_out: Tensor,
+    g: &mut ResidualGrad,
+    pending: &mut Vec<Tensor>,
+) -> Vec<Tensor> {
     let c = cx.m.n_embd;
     let i = cx.m.intermediate_size;
-    let p = cx.p;
+    let bias = cx.arch.linear_bias;
     match s {
-        // c_proj's weight gradient reads the GELU output; the GELU backward is fused into one kernel that writes
-        // the fc output's gradient (the GEMM's output, turned into the GELU backward in place). With a bias and
-        // without autocast the wrapper runs that GEMM before the weight gradient's, so the GELU output and the
-        // fc output's gradient are alive together (read from the trace of `narrow-128-fp32-bias`).
-        MlpSaved::Gelu { w_fc, h, w_mlp, g } => {
-            let g_h = if cx.arch.linear_bias && !cx.prec.autocast() {
-                let g_h = mm(cx, cx.n * i * p, Temporary, "mm");
-                linear_grads(cx, c, i, cx.arch.linear_bias, pending);
-                cx.free(g);
-                g_h
-            } else {
-                linear_grads(cx, c, i, cx.arch.linear_bias, pending);
-                cx.free(g);
-                mm(cx, cx.n * i * p, Temporary, "mm")
-            };
-            cx.sim.free_some(&[w_mlp]);
+        // c_proj's weight gradient reads the GELU output; the GELU backward then writes the fc output's gradient
+        // over c_proj's input gradient (`buf14 = buf12  # reuse`), reading the saved fc output.
+        MlpSaved::Gelu {
+            w_fc,
+            h,
+            w_mlp,
+            g: gelu,
+        } => {
+            let g_h = linear_bwd(cx, (c, i), bias, &[Some(gelu)], w_mlp, pending);
+            release_low(cx, g);
             cx.free(h);
-            (g_h, i, w_fc)
+            let g_in = linear_bwd(cx, (i, c), bias, &[Some(norm_out)], w_fc, pending);
+            cx.free(g_h);
+            vec![g_in]
         }
-        // down_proj's weight gradient reads the product; the SiLU-and-multiply backward is one kernel writing
-        // the gate's and the up projection's gradients.
+        // down_proj's weight gradient reads the product; the SiLU-and-multiply backward writes the gate's
+        // gradient into a new buffer and the up projection's over the saved up output, which dies with it
+        // (`buf16 = mm_110  # reuse`).
         MlpSaved::SwiGlu {
             out: [gate, up, prod],
             casts: [w_gate, w_up, w_down],
         } => {
-            linear_grads(cx, c, i, cx.arch.linear_bias, pending);
-            let g_prod = mm(cx, cx.n * i * p, Temporary, "mm");
-            cx.free(prod);
-            cx.sim.free_some(&[w_down]);
-            let g_gate = cx.alloc(cx.n * i * p, Temporary, "silu_mul_backward");
-            cx.sim.free_all(&[gate, up]);
-            linear_grads(cx, i, c, cx.arch.linear_bias, pending);
-            cx.sim.free_some(&[w_up]);
-            cx.free(g_prod);
-            (g_gate, i, w_gate)
+            let g_prod = linear_bwd(cx, (c, i), bias, &[Some(prod)], w_down, pending);
+            release_low(cx, g);
+            let g_gate = cx.alloc(cx.n * i * cx.p, Temporary, "silu_mul_backward");
+            let g_up = up;
+            cx.sim.free_all(&[g_prod, gate]);
+            let g_in1 = linear_bwd(cx, (i, c), bias, &[], w_gate, pending);
+            cx.free(g_gate);
+            let g_in2 = linear_bwd(cx, (i, c), bias, &[Some(norm_out)], w_up, pending);
+            cx.free(g_up);
+            vec![g_in1, g_in2]
         }
     }
 }
 
-/// The attention's backward down to its first Linear (as `mlp_bwd`): the output projection, the kernel's
-/// backward and, for separate projections, rotary's backward and the k and v Linears.
+/// The attention's backward (as `mlp_bwd`): the output projection, the kernel's backward and the projections
+/// of q, k and v, for separate ones with rotary's backward between, each with its input gradient (v first, then
+/// k and q: wrapper of `llama-3.2-1b-like-b1`).
 fn attn_bwd(
     cx: &mut Ctx,
     a: Attn,
     mask: Option<Tensor>,
+    norm_out: Tensor,
+    g: &mut ResidualGrad,
     pending: &mut Vec<Tensor>,
-) -> (Tensor, u64, Option<Tensor>) {
+) -> Vec<Tensor> {
     let c = cx.m.n_embd;
     let (qd, nc) = (cx.m.q_dim(), cx.n * c);
     let p = cx.p;
-    // The output projection (C x q_dim): its weight gradient, then the gradient of the attention output.
-    linear_grads(cx, c, qd, cx.arch.linear_bias, pending);
-    let g_y = mm(cx, cx.n * qd * p, Temporary, "mm");
+    let (bias, qkv_bias) = (cx.arch.linear_bias, cx.arch.qkv_bias);
     match a {
         Attn::Fused {
             w_attn,
             core,
             w_proj,
         } => {
-            cx.sim.free_some(&[w_proj, mask]);
+            // The output projection's weight gradient reads the attention output (the manual path's contiguous
+            // copy; SDPA's output is read again by its backward).
+            let y = match &core {
+                CoreSaved::Manual { y, .. } => Some(*y),
+                CoreSaved::Sdpa(..) => None,
+            };
+            let g_y = linear_bwd(cx, (c, qd), bias, &[y], w_proj, pending);
+            release_low(cx, g);
+            cx.sim.free_some(&[mask]);
             let g_qkv = match core {
                 CoreSaved::Sdpa(a, qkv) => {
                     let (dq, dk, dv) = ops::sdpa_bwd(cx);
@@ -756,10 +871,9 @@ fn attn_bwd(
                     probs,
                     stats,
                     mask,
-                    y,
+                    y: _,
                 } => {
                     let s_elems = ops::manual_scores_elems(cx);
-                    cx.free(y);
                     let g_v = mm(cx, nc * p, Temporary, "bmm");
                     cx.free(g_y);
                     // One fused kernel from the output's gradient to the scores' (bmm backward, dropout,
@@ -778,7 +892,9 @@ fn attn_bwd(
                     cat
                 }
             };
-            (g_qkv, 3 * c, w_attn)
+            let g_in = linear_bwd(cx, (3 * c, c), qkv_bias, &[Some(norm_out)], w_attn, pending);
+            cx.free(g_qkv);
+            vec![g_in]
         }
         Attn::Separate {
             q_rot,
@@ -788,57 +904,33 @@ fn attn_bwd(
             casts: [w_q, w_k, w_v, w_o],
         } => {
             let kv = cx.m.kv_dim();
-            cx.sim.free_some(&[w_o]);
+            let g_o = linear_bwd(cx, (c, qd), bias, &[], w_o, pending);
+            release_low(cx, g);
             let (dq, dk, dv) = ops::sdpa_bwd(cx);
-            cx.free(g_y);
+            cx.free(g_o);
             cx.sim.free_all(&[
+                q_rot,
+                k_rot,
                 sdpa.out,
                 sdpa.lse,
                 sdpa.rng[0],
                 sdpa.rng[1],
-                q_rot,
-                k_rot,
                 v,
             ]);
+            let g_v = linear_bwd(cx, (kv, c), qkv_bias, &[], w_v, pending);
+            cx.free(dv);
             let dk_un = cx.alloc(cx.n * kv * p, Temporary, "rotary_backward");
             cx.free(dk);
-            linear_grads(cx, kv, c, cx.arch.qkv_bias, pending);
-            linear_grads(cx, kv, c, cx.arch.qkv_bias, pending);
-            cx.sim.free_all(&[dv]);
-            cx.sim.free_some(&[w_k, w_v]);
+            let g_k = linear_bwd(cx, (kv, c), qkv_bias, &[], w_k, pending);
+            cx.free(dk_un);
             let dq_un = cx.alloc(cx.n * qd * p, Temporary, "rotary_backward");
             cx.free(dq);
-            cx.free(dk_un);
-            (dq_un, qd, w_q)
+            let g_q = linear_bwd(cx, (qd, c), qkv_bias, &[Some(norm_out)], w_q, pending);
+            cx.free(dq_un);
+            vec![g_v, g_k, g_q]
         }
     }
 }
-
-/// The end of a branch's backward: its first Linear (out_f x C, with or without a bias) gives its weight gradient and the gradient of
-/// the norm's output; the norm's backward, fused with the residual add, gives the new residual gradient. Frees
-/// the Linear's incoming gradient, then `saved` (weight cast, norm output, norm statistic, norm input) and the
-/// previous residual gradient.
-fn into_residual(
-    cx: &mut Ctx,
-    (out_f, bias): (u64, bool),
-    g_branch: Tensor,
-    saved: [Option<Tensor>; 4],
-    g_prev: ResidualGrad,
-    pending: &mut Vec<Tensor>,
-) -> ResidualGrad {
-    let nc = cx.n * cx.m.n_embd;
-    linear_grads(cx, out_f, cx.m.n_embd, bias, pending);
-    let g_norm = mm(cx, nc * cx.p, Temporary, "mm");
-    cx.free(g_branch);
-    cx.sim.free_some(&saved[..2]);
-    norm_grads(cx, pending);
-    let g = residual_grad(cx);
-    cx.free(g_norm);
-    release_residual(cx, g_prev);
-    cx.sim.free_some(&saved[2..]);
-    g
-}
-
 /// A tied LM head's weight gradient as the backward holds it until the embedding's is ready.
 enum TiedHead {
     /// Under autocast: the head's weight-gradient matmul runs at once, in the matmul dtype; the sum with the
@@ -857,12 +949,13 @@ struct HeadBackward {
     early: Option<EarlyEmbeddingGrads>,
 }
 
-/// nanoGPT with a sequence shorter than the block: the position embedding's gradient is then an index-put into a
-/// zeroed block_size x C fp32 buffer rather than a sum over the batch, and Inductor schedules the zero-fill of
-/// both embeddings' fp32 gradient buffers right after the fused loss kernel (read from the wrapper of
+/// nanoGPT with a sequence shorter than the block, under autocast: the position embedding's gradient is then an
+/// index-put into a zeroed block_size x C fp32 buffer rather than a sum over the batch, and Inductor schedules the
+/// zero-fill of both embeddings' fp32 gradient buffers right after the fused loss kernel (read from the wrapper of
 /// `grads-dominate-accum3-fp16`: both `empty_strided_cuda` calls come before the head's first matmul; with the
 /// sequence equal to the block, as in the founding case, the token embedding's comes at the end). They live
-/// through the whole backward.
+/// through the whole backward. In fp32 and pure bf16 both come at the end of the graph (wrappers of
+/// `grads-dominate-accum2` and `grads-dominate-accum2-bf16`).
 struct EarlyEmbeddingGrads {
     wte: Tensor,
     wpe: Tensor,
@@ -877,7 +970,9 @@ struct EarlyEmbeddingGrads {
 /// matmul dtype: with Inductor's pattern passes on (its default) no fp32 N x V gradient exists, nanoGPT's and
 /// HF's (`logits.float()`) alike. `release` are the loss's saved tensors. `recompute` runs once the head's
 /// matmuls are done and before the final norm's backward: checkpointed, it recomputes the last block, whose
-/// output (returned) that backward reads.
+/// output (returned) that backward reads. The final RMSNorm's backward writes the residual gradient over the
+/// last block's output, which dies with it (`buf7 = add_112  # reuse`); LayerNorm's reads its saved input after
+/// that kernel, so its gradient is new memory.
 #[allow(clippy::too_many_arguments)]
 fn head_backward(
     cx: &mut Ctx,
@@ -890,7 +985,7 @@ fn head_backward(
     recompute: impl FnOnce(&mut Ctx) -> Option<Tensor>,
     pending: &mut Vec<Tensor>,
 ) -> HeadBackward {
-    let (c, p) = (cx.m.n_embd, cx.p);
+    let (c, p, r) = (cx.m.n_embd, cx.p, cx.r);
     let v = cx.m.vocab_size;
     let zeros = cx.alloc(
         cx.n * v * p,
@@ -905,8 +1000,11 @@ fn head_backward(
     cx.sim.free_all(release);
     cx.free(zeros);
     let early = early_embedding_grads.then(|| {
-        let cat = if cx.have_grads { Temporary } else { Grads };
-        let wpe_cat = if cx.pb == 4 { cat } else { Temporary };
+        let wpe_cat = if cx.pb == 4 {
+            grad_category(cx)
+        } else {
+            Temporary
+        };
         EarlyEmbeddingGrads {
             wte: cx.alloc(v * c * 4, Temporary, "embedding_dense_backward"),
             wpe: cx.alloc(cx.m.block_size * c * 4, wpe_cat, "embedding_dense_backward"),
@@ -921,11 +1019,7 @@ fn head_backward(
     } else if cx.arch.tied_head {
         Some(TiedHead::Made(mm(cx, v * c * p, Temporary, "mm")))
     } else {
-        if autocast {
-            low_head = Some(mm(cx, v * c * p, Temporary, "mm"));
-        } else {
-            param_grad(cx, v * c, false, pending);
-        }
+        low_head = weight_grad(cx, v * c, &[], pending);
         None
     };
     let deferred = cx.arch.tied_head && !autocast;
@@ -937,18 +1031,26 @@ fn head_backward(
         cx.free(g_logits);
     }
     cx.sim.free_some(&[head_cast]);
-    if let Some(low) = low_head {
-        let cat = if cx.have_grads { Temporary } else { Grads };
-        let g = cx.alloc(v * c * cx.pb, cat, "_to_copy");
-        cx.free(low);
-        land_grad(cx, g, pending);
-    }
+    convert_grad(cx, v * c, low_head, pending);
     let recomputed = recompute(cx);
-    norm_grads(cx, pending);
-    let g = residual_grad(cx);
+    let layer_norm = matches!(cx.arch.norm, Norm::LayerNorm { .. });
+    if !layer_norm {
+        norm_grads(cx, pending);
+    }
+    let nc = cx.n * c;
+    let stream = x_last.or(recomputed);
+    let wide = match stream {
+        Some(x) if !layer_norm => x,
+        _ => cx.alloc(nc * r, Temporary, "layer_norm_backward"),
+    };
+    let low = (r != p).then(|| cx.alloc(nc * p, Temporary, "_to_copy"));
     cx.free(g_norm);
     cx.sim.free_some(&norm_stat);
-    cx.sim.free_some(&[x_last, recomputed]);
+    if layer_norm {
+        cx.sim.free_some(&[stream]);
+        norm_grads(cx, pending);
+    }
+    let g = ResidualGrad { wide, low };
     cx.sim.next_stage("backward");
     let tied_head = if deferred {
         Some(TiedHead::Deferred { g_logits, norm_out })
@@ -974,7 +1076,7 @@ fn embedding_backward(
     early_dense: Option<Tensor>,
 ) -> Tensor {
     let vc = cx.m.vocab_size * cx.m.n_embd;
-    let cat = if cx.have_grads { Temporary } else { Grads };
+    let cat = grad_category(cx);
     let dense_is_grad = tied_head.is_none() && cx.pb == 4;
     let dense = early_dense.unwrap_or_else(|| {
         cx.alloc(
@@ -1013,15 +1115,6 @@ fn embedding_backward(
     }
 }
 
-/// A gradient for `.grad` (first micro-step) or for AccumulateGrad once the graph returns (later ones).
-fn land_grad(cx: &mut Ctx, g: Tensor, pending: &mut Vec<Tensor>) {
-    if cx.have_grads {
-        pending.push(g);
-    } else {
-        cx.grads.push(g);
-    }
-}
-
 /// Compiled backward of one micro-step: the fused loss backward, the LM head, the blocks in reverse, the
 /// embeddings. Returns when the whole backward graph has returned (one call: its outputs, the parameter
 /// gradients, exist together before AccumulateGrad takes them).
@@ -1057,7 +1150,7 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
         early,
     } = head_backward(
         cx,
-        learned && cx.t < cx.m.block_size,
+        learned && cx.t < cx.m.block_size && cx.prec.autocast(),
         &release,
         f.head_cast,
         f.norm_f,
@@ -1080,7 +1173,7 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     let mut early_wte = None;
     if learned {
         // Embeddings: the position gradient (summed over the batch), then the token rows'.
-        let cat = if cx.have_grads { Temporary } else { Grads };
+        let cat = grad_category(cx);
         let g_pos = cx.alloc(cx.t * c * cx.pb, Temporary, "sum");
         let wpe = match early {
             // Already zero-filled in fp32; converted to the parameter dtype when that is not fp32.
