@@ -1137,41 +1137,42 @@ fn post_norm_bwd(cx: &mut Ctx, g_residual: Tensor, n: PostNorm) -> (Tensor, u64)
     (gi, p)
 }
 
+/// What a branch reads: its pre-norm's output, or, without pre-norms (OLMo 2), the residual stream itself.
+fn branch_input(cx: &mut Ctx, stream: Tensor) -> (Tensor, NormSaved) {
+    if cx.arch.pre_norms {
+        norm_fwd(cx)
+    } else {
+        (stream, NormSaved::none())
+    }
+}
+
+/// The branch input once the branch's first Linear ran: a norm's output is held by the branch call until it
+/// returns, and under autocast nothing saves it (`keep_if_saved`); the residual stream (no pre-norms) lives on,
+/// saved by the Linears unless they saved casts of it.
+fn branch_input_kept(cx: &mut Ctx, input: Tensor, first: &LinearSaved) -> Option<Tensor> {
+    if cx.arch.pre_norms {
+        ops::keep_if_saved(cx, input, first)
+    } else {
+        first.input_cast.is_none().then_some(input)
+    }
+}
+
 fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
     let nc = cx.n * cx.m.n_embd;
     let r = cx.r;
     let pre = cx.arch.pre_norms;
-    let (norm1_out, norm1) = if pre {
-        norm_fwd(cx)
-    } else {
-        (x_in, NormSaved::none())
-    };
+    let (norm1_out, norm1) = branch_input(cx, x_in);
     let (attn, a) = attn_fwd(cx);
-    // The norm's output is held by the attention call until it returns; under autocast nothing saves it.
-    // Without pre-norms (OLMo 2) the branch read the residual stream itself, which its Linears saved unless they
-    // saved casts of it.
-    let norm1_out = if pre {
-        ops::keep_if_saved(cx, norm1_out, attn.input_linear())
-    } else {
-        attn.input_linear().input_cast.is_none().then_some(x_in)
-    };
+    let norm1_out = branch_input_kept(cx, norm1_out, attn.input_linear());
     let (a, post1) = post_norm_fwd(cx, a);
     let x_mid = cx.alloc(nc * r, Activations, "add");
     cx.free(a);
     if !pre && norm1_out.is_none() && !cx.first_block {
         cx.free(x_in);
     }
-    let (norm2_out, norm2) = if pre {
-        norm_fwd(cx)
-    } else {
-        (x_mid, NormSaved::none())
-    };
+    let (norm2_out, norm2) = branch_input(cx, x_mid);
     let (mlp, o) = mlp_fwd(cx);
-    let norm2_out = if pre {
-        ops::keep_if_saved(cx, norm2_out, mlp.input_linear())
-    } else {
-        mlp.input_linear().input_cast.is_none().then_some(x_mid)
-    };
+    let norm2_out = branch_input_kept(cx, norm2_out, mlp.input_linear());
     let (o, post2) = post_norm_fwd(cx, o);
     let x_out = cx.alloc(nc * r, Activations, "add");
     cx.free(o);

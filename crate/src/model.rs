@@ -660,14 +660,7 @@ fn checked_params(m: &ModelConfig) -> Option<u64> {
         Family::Gpt2 => cc.checked_mul(12)?.checked_add(c.checked_mul(13)?)?,
         // Llama's layer (q and o of q_dim x C, k and v of kv_dim x C, three MLP matrices, two norms), with
         // Qwen2's q/k/v biases (q_dim + 2 kv_dim) counted as a bound from above.
-        Family::Llama
-        | Family::Mistral
-        | Family::Qwen2
-        | Family::Qwen3
-        | Family::Gemma
-        | Family::Gemma2
-        | Family::Gemma3
-        | Family::Olmo2 => {
+        _ => {
             let q = m.head_dim().checked_mul(m.n_head)?;
             let kv = m.head_dim().checked_mul(m.n_kv_head)?;
             q.checked_mul(c)?
