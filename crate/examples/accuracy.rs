@@ -180,7 +180,7 @@ for the process in nvidia-smi.\n\n\
 | CUDA context (GeForce-class figure) | {} (published figures span {} to {}) |\n\
 | on the device (reserved + context) | {} ({:+.1}% against 4,464 MiB) |\n\n\
 The CUDA context is not measured by this project: {} is the published figure for an RTX 3090 under CUDA 12.8 with\n\
-lazy loading (see `cuda_context_bytes` in `crate/src/report.rs` for the sources); the observation leaves {} above\n\
+lazy loading (see `cuda_context_bytes` in `crate/src/describe/model.rs` for the sources); the observation leaves {} above\n\
 the modelled reserved memory for it. A GPU session settles it (`VRAMFIT_REAL_CUDA=1 scripts/measure/run` records\n\
 NVML's figure beside `max_memory_reserved()`).\n\n\
 nanoGPT's `train.py` also evaluates before its first step (`estimate_loss()` at iteration 0, compiled, under\n\
@@ -386,7 +386,7 @@ records were re-measured so for issue 11; its changes to the model were read fro
 the 20 configs added for it (from the seed run, accumulation 4 on sm_89, on) were held out. One re-measured record,\n\
 `grads-dominate-accum3-fp16`, came out 6% low; its wrapper showed the early zero-fill of the embedding gradients when\n\
 the sequence is shorter than the block, which the model now follows. The estimator's model of the compiled step is\n\
-`crate/src/compiled.rs`. nanoGPT: the first 16 configs were read while writing it; the 11 after `nanogpt-30m-accum2`\n\
+`crate/src/run/compiled.rs`. nanoGPT: the first 16 configs were read while writing it; the 11 after `nanogpt-30m-accum2`\n\
 were measured afterwards and not used to write it (held out); the 6 after `gpt2-8layer-bias-fp16` were measured\n\
 where the property tests pointed (they corrected the tied embedding's gradient sum and the manual path without\n\
 autocast; `tiny-vocab-grads-amp` shows the model's largest error); the next 2 (train.py's defaults, GPT-2 large)\n\

@@ -19,25 +19,20 @@
 //! assert_eq!(report.components.total(), report.peak_allocated_bytes);
 //! ```
 
-pub mod advice;
-pub mod allocator;
-pub mod arch;
-pub mod compiled;
-pub mod eager;
+// The files are grouped by role (ARCHITECTURE.md); every module keeps its path at the crate root.
+pub mod describe;
 pub mod error;
 pub mod fuzzing;
-pub mod input;
-pub mod model;
-pub mod plot;
-pub mod policy;
-pub mod presets;
-pub mod report;
-pub mod sim;
-pub mod step;
-pub mod sweep;
-pub mod tensors;
+pub mod read;
+pub mod run;
+pub mod show;
+
+pub use describe::{arch, model, policy, presets};
+pub use read::input;
+pub use run::{allocator, compiled, eager, sim, step, tensors};
 #[cfg(target_arch = "wasm32")]
-pub mod wasm;
+pub use show::wasm;
+pub use show::{advice, plot, report, sweep};
 
 pub use error::Error;
 pub use model::{DeviceConfig, Family, ModelConfig, Setup, TrainConfig};

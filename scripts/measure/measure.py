@@ -69,7 +69,7 @@ ROUND = 512  # CUDA caching allocator: every block is a multiple of 512 B (kMinB
 
 # cuBLAS workspace: PyTorch 2.15 takes it from the caching allocator inside each GEMM, after the GEMM's output
 # exists, and returns it when the GEMM is done (it persists only with TORCH_CUBLAS_WORKSPACE_CACHE=1). Sizes from
-# the stub-cuda method's memory snapshots (as crate/src/tensors.rs, cublas_workspace_bytes): 32 MiB on sm_90,
+# the stub-cuda method's memory snapshots (as crate/src/run/tensors.rs, cublas_workspace_bytes): 32 MiB on sm_90,
 # 8 MiB + 128 KiB on sm_89.
 def cublas_workspace_bytes():
     return 32 << 20 if torch.cuda.get_device_capability()[0] >= 9 else (8 << 20) + (128 << 10)

@@ -49,10 +49,10 @@ pub fn simulate_recording(setup: &Setup, record: bool) -> Result<Sim, Error> {
 /// (`train.alloc_conf`), on the setup's device.
 fn new_sim(setup: &Setup) -> Sim {
     // What cudaMalloc can have: the device's memory less the CUDA context, which the driver took first
-    // (`report::cuda_context_bytes`). A setup fits when the allocator serves every request within it.
+    // (`model::cuda_context_bytes`). A setup fits when the allocator serves every request within it.
     let capacity = allocator_capacity(
         setup.device.memory_bytes,
-        crate::report::cuda_context_bytes(setup.device.sm),
+        crate::model::cuda_context_bytes(setup.device.sm),
     );
     Sim::new(setup.train.alloc_conf, capacity)
 }

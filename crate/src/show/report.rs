@@ -89,30 +89,12 @@ pub struct Stage {
     pub end_bytes: u64,
 }
 
-/// CUDA context and libraries on the device, outside PyTorch's allocator: the part of `nvidia-smi`'s figure that
-/// `max_memory_reserved()` does not see (driver structures, the per-SM local-memory reservation, kernel images
-/// loaded lazily as kernels are first used: lazy loading is the default since CUDA 12.2 and what PyTorch's CUDA 13
-/// wheels run under). Not measured by this project (no GPU has been lent to it); published figures for a process
-/// after its first CUDA op, with lazy loading:
-/// - 256 MiB, an RTX 3090 under torch 2.7.1 + CUDA 12.8, driver 610 (invoke-ai/InvokeAI issue 9413, 2026);
-/// - "around 400MB" with CUDA >= 11.7 and lazy loading (PyTorch maintainer, pytorch/pytorch issue 109888, 2023;
-///   "~300MB" in issue 107667);
-/// - ~616 MiB on a datacenter GPU of an 8-GPU node (LMCache issue 4019, 2026).
-///
-/// The range spans them. GeForce-class parts (sm_86, sm_89, sm_120) take the RTX 3090's figure; datacenter parts
-/// (sm_80, sm_90, sm_100: more SMs, so a larger local-memory reservation) the maintainer's 400 MB. A training step
-/// loads more kernel images than a first op (cuBLAS, Triton): not counted, one reason the range is wide.
-pub const CUDA_CONTEXT_BYTES_RANGE: (u64, u64) = (256 << 20, 616 << 20);
-pub const CUDA_CONTEXT_BYTES_GEFORCE: u64 = 256 << 20;
-pub const CUDA_CONTEXT_BYTES_DATACENTER: u64 = 400_000_000;
-
-/// The CUDA context for a GPU of compute capability `sm` (see `CUDA_CONTEXT_BYTES_RANGE`).
-pub fn cuda_context_bytes(sm: u32) -> u64 {
-    match sm {
-        86 | 89 | 120 => CUDA_CONTEXT_BYTES_GEFORCE,
-        _ => CUDA_CONTEXT_BYTES_DATACENTER,
-    }
-}
+/// The CUDA context beside the allocator's memory: a fact of the device (`describe::model`), re-exported here
+/// where the report adds it to the device total.
+pub use crate::model::{
+    cuda_context_bytes, CUDA_CONTEXT_BYTES_DATACENTER, CUDA_CONTEXT_BYTES_GEFORCE,
+    CUDA_CONTEXT_BYTES_RANGE,
+};
 
 /// Peak allocated, reserved and device total of a run, without the breakdown.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]

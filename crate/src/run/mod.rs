@@ -1,0 +1,10 @@
+//! The training step replayed: the caching allocator (`allocator`), the allocation timeline (`sim`), one function
+//! per op (`tensors`), the eager and compiled executors that walk a description (`eager`, `compiled`), and the
+//! training loop around them (`step`).
+
+pub mod allocator;
+pub mod compiled;
+pub mod eager;
+pub mod sim;
+pub mod step;
+pub mod tensors;
