@@ -315,27 +315,58 @@ fn manual_fwd(cx: &mut Ctx) -> (CoreSaved, Tensor, Option<Tensor>) {
     (CoreSaved::Manual(saved), y, dead_at_return)
 }
 
+/// The backward both hand-written attentions (nanoGPT's and Hugging Face's eager one) begin with: the
+/// transpose's backward as a contiguous copy of the output's gradient (`clone`, `out_elems` long), then
+/// `att @ v`'s two gradients (`bmm`s: of v, `out_elems`, and of the weights, one score matrix), freeing the
+/// copy and the saved v. Where autocast saved the weights in 2 bytes (`att_cast`), that copy is freed and
+/// their gradient widened back to fp32 (`_to_copy`). Returns (grad of v, grad of the weights).
+fn att_v_bwd(
+    cx: &mut Ctx,
+    g_y: Tensor,
+    out_elems: u64,
+    v: Tensor,
+    att_cast: Option<Tensor>,
+) -> (Tensor, Tensor) {
+    let (p, s) = (cx.p, ops::manual_scores_elems(cx));
+    let g = cx.alloc(out_elems * p, Temporary, "clone");
+    cx.free(g_y);
+    let g_v = cx.alloc(out_elems * p, Temporary, "bmm");
+    cx.matmul_workspace();
+    let mut g_att = cx.alloc(s * p, Temporary, "bmm");
+    cx.matmul_workspace();
+    cx.free(g);
+    cx.free(v);
+    if let Some(c) = att_cast {
+        cx.free(c);
+        let wide = cx.alloc(s * 4, Temporary, "_to_copy");
+        cx.free(g_att);
+        g_att = wide;
+    }
+    (g_v, g_att)
+}
+
+/// The backward both hand-written attentions end with: the scaling's (`mul`, one score matrix, freeing the
+/// incoming gradient), then `q @ k^T`'s two gradients (`bmm`s, `qk_elems` each), freeing the scaled one.
+/// Returns (grad of q, grad of k).
+fn qk_bwd(cx: &mut Ctx, g_scores: Tensor, qk_elems: u64) -> (Tensor, Tensor) {
+    let (p, s) = (cx.p, ops::manual_scores_elems(cx));
+    let g_scaled = cx.alloc(s * p, Temporary, "mul");
+    cx.free(g_scores);
+    let g_q = cx.alloc(qk_elems * p, Temporary, "bmm");
+    cx.matmul_workspace();
+    let g_k = cx.alloc(qk_elems * p, Temporary, "bmm");
+    cx.matmul_workspace();
+    cx.free(g_scaled);
+    (g_q, g_k)
+}
+
 /// Backward of `manual_fwd`, given the gradient of the contiguous output; returns the gradient of qkv (`cat`).
 fn manual_bwd(cx: &mut Ctx, gy: Tensor, saved: ManualSaved) -> Tensor {
     let nc = cx.n * cx.m.n_embd;
     let s = ops::manual_scores_elems(cx);
     let p = cx.p;
     let sb = if cx.prec.autocast() { 4 } else { p };
-    // view/transpose backward of the contiguous copy, then att @ v: grad of v and of att.
-    let g = cx.alloc(nc * p, Temporary, "clone");
-    cx.free(gy);
-    let gv = cx.alloc(nc * p, Temporary, "bmm");
-    cx.matmul_workspace();
-    let mut g_att = cx.alloc(s * p, Temporary, "bmm");
-    cx.matmul_workspace();
-    cx.free(g);
-    cx.free(saved.v);
-    if let Some(c) = saved.att_cast {
-        cx.free(c);
-        let wide = cx.alloc(s * 4, Temporary, "_to_copy");
-        cx.free(g_att);
-        g_att = wide;
-    }
+    let (gv, mut g_att) = att_v_bwd(cx, gy, nc, saved.v, saved.att_cast);
     if let Some((out, mask)) = saved.dropout {
         if let Some(out) = out {
             cx.free(out);
@@ -349,13 +380,7 @@ fn manual_bwd(cx: &mut Ctx, gy: Tensor, saved: ManualSaved) -> Tensor {
     let g_fill = cx.alloc(s * p, Temporary, "masked_fill");
     cx.free(g_soft);
     cx.free(saved.mask);
-    let g_scaled = cx.alloc(s * p, Temporary, "mul");
-    cx.free(g_fill);
-    let gq = cx.alloc(nc * p, Temporary, "bmm");
-    cx.matmul_workspace();
-    let gk = cx.alloc(nc * p, Temporary, "bmm");
-    cx.matmul_workspace();
-    cx.free(g_scaled);
+    let (gq, gk) = qk_bwd(cx, g_fill, nc);
     cx.free(saved.kt);
     cx.free(saved.q);
     let gq2 = cx.alloc(nc * p, Temporary, "clone");
@@ -575,20 +600,7 @@ fn hf_eager_bwd(cx: &mut Ctx, g_y: Tensor, e: HfEager) -> (Tensor, Tensor, Tenso
     let (qd, kv) = (cx.m.q_dim(), cx.m.kv_dim());
     let (n, p, rb) = (cx.n, cx.p, rope_bytes(cx));
     let s = ops::manual_scores_elems(cx);
-    let g = cx.alloc(n * qd * p, Temporary, "clone");
-    cx.free(g_y);
-    let g_v = cx.alloc(n * qd * p, Temporary, "bmm");
-    cx.matmul_workspace();
-    let mut g_attn = cx.alloc(s * p, Temporary, "bmm");
-    cx.matmul_workspace();
-    cx.free(g);
-    cx.free(e.v_m);
-    if let Some(lp) = e.attn_lp {
-        cx.free(lp);
-        let wide = cx.alloc(s * 4, Temporary, "_to_copy");
-        cx.free(g_attn);
-        g_attn = wide;
-    }
+    let (g_v, g_attn) = att_v_bwd(cx, g_y, n * qd, e.v_m, e.attn_lp);
     let g_soft = cx.alloc(s * 4, Temporary, "_softmax_backward_data");
     cx.free(g_attn);
     cx.free(e.softmax);
@@ -611,13 +623,7 @@ fn hf_eager_bwd(cx: &mut Ctx, g_y: Tensor, e: HfEager) -> (Tensor, Tensor, Tenso
             g_masked = g;
         }
     }
-    let g_scores = cx.alloc(s * p, Temporary, "mul");
-    cx.free(g_masked);
-    let g_q = cx.alloc(n * qd * p, Temporary, "bmm");
-    cx.matmul_workspace();
-    let g_k = cx.alloc(n * qd * p, Temporary, "bmm");
-    cx.matmul_workspace();
-    cx.free(g_scores);
+    let (g_q, g_k) = qk_bwd(cx, g_masked, n * qd);
     cx.sim.free_all(&[e.k_m, e.q_m]);
     let (dq, dk_full) = if cx.prec.autocast() {
         let dq = cx.alloc(n * qd * rb, Temporary, "_to_copy");
