@@ -3,10 +3,8 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { serve, launch, openPage, canvasPixels, setField, ROOT } from './helpers.mjs';
+import { serve, serveBlogPost, launch, openPage, canvasPixels, setField, ROOT } from './helpers.mjs';
 
 const PAGE_PORT = 8781;
 const WIDGET_PORT = 8782;
@@ -29,15 +27,9 @@ const reservedOf = async (page) => Number(await page.getAttribute('#peak-reserve
 before(async () => {
   server = await serve(PAGE_PORT);
   widgetServer = await serve(WIDGET_PORT);
-  const blogDir = mkdtempSync(join(tmpdir(), 'vramfit-blog-alloc-'));
-  const widget = `http://127.0.0.1:${WIDGET_PORT}/`;
-  writeFileSync(join(blogDir, 'index.html'), `<!doctype html><html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,"><title>Fragmentation</title>
-<script type="module" src="${widget}embed.js"></script></head><body>
-<vram-fit id="plain" preset="nanogpt-30m" gpu="rtx-4070" show="alloc_conf,batch_size" plot="none"></vram-fit>
+  blogServer = await serveBlogPost(BLOG_PORT, 'Fragmentation', `http://127.0.0.1:${WIDGET_PORT}/`, `<vram-fit id="plain" preset="nanogpt-30m" gpu="rtx-4070" show="alloc_conf,batch_size" plot="none"></vram-fit>
 <vram-fit id="expandable" preset="nanogpt-30m" gpu="rtx-4070" alloc-conf="expandable_segments:True" show="alloc_conf,batch_size" plot="none"></vram-fit>
-<vram-fit id="refused" preset="nanogpt-30m" alloc-conf="max_split_size_mb:8" plot="none"></vram-fit>
-</body></html>`);
-  blogServer = await serve(BLOG_PORT, blogDir, true);
+<vram-fit id="refused" preset="nanogpt-30m" alloc-conf="max_split_size_mb:8" plot="none"></vram-fit>`);
   context = await launch();
 });
 

@@ -3,10 +3,7 @@
 // its limit as one message, and every estimate equal to the native CLI's.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { serve, launch, openPage, setField, cliPeakBytes } from './helpers.mjs';
+import { serve, serveBlogPost, launch, openPage, setField, cliPeakBytes } from './helpers.mjs';
 
 const PORT = 8801;
 const WIDGET_PORT = 8802;
@@ -19,12 +16,7 @@ let context;
 before(async () => {
   server = await serve(PORT);
   widgetServer = await serve(WIDGET_PORT);
-  const blogDir = mkdtempSync(join(tmpdir(), 'vramfit-blog-families-'));
-  writeFileSync(join(blogDir, 'index.html'), `<!doctype html><html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,"><title>Qwen</title>
-<script type="module" src="http://127.0.0.1:${WIDGET_PORT}/embed.js"></script></head><body>
-<vram-fit id="qwen" preset="qwen2.5-0.5b" gpu="rtx-4070" show="sliding_window,seq_len" plot="none"></vram-fit>
-</body></html>`);
-  blogServer = await serve(BLOG_PORT, blogDir, true);
+  blogServer = await serveBlogPost(BLOG_PORT, 'Qwen', `http://127.0.0.1:${WIDGET_PORT}/`, `<vram-fit id="qwen" preset="qwen2.5-0.5b" gpu="rtx-4070" show="sliding_window,seq_len" plot="none"></vram-fit>`);
   context = await launch();
 });
 

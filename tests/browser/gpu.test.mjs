@@ -3,10 +3,7 @@
 // estimate used 80 GiB and compute capability 9.0). Also the GPU presets issue 12 added, with their SM counts.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { serve, launch, openPage, cliPeakBytes } from './helpers.mjs';
+import { serve, serveBlogPost, launch, openPage, cliPeakBytes } from './helpers.mjs';
 
 const PAGE_PORT = 8791;
 const BLOG_PORT = 8792;
@@ -18,15 +15,9 @@ const TINY = '{"model": {"family": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 
 
 before(async () => {
   server = await serve(PAGE_PORT);
-  const blogDir = mkdtempSync(join(tmpdir(), 'vramfit-gpu-blog-'));
-  const widget = `http://127.0.0.1:${PAGE_PORT}/`;
-  writeFileSync(join(blogDir, 'index.html'), `<!doctype html><html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,"><title>GPUs</title>
-<script type="module" src="${widget}embed.js"></script></head><body>
-<vram-fit id="own" preset="nanogpt-30m" show="gpu,batch_size" plot="none"></vram-fit>
+  blogServer = await serveBlogPost(BLOG_PORT, 'GPUs', `http://127.0.0.1:${PAGE_PORT}/`, `<vram-fit id="own" preset="nanogpt-30m" show="gpu,batch_size" plot="none"></vram-fit>
 <vram-fit id="seven" preset="llama-2-7b" gpu="rtx-4070" show="gpu" plot="none"></vram-fit>
-<vram-fit id="cfg" config='${TINY}' show="gpu" plot="none"></vram-fit>
-</body></html>`);
-  blogServer = await serve(BLOG_PORT, blogDir, true);
+<vram-fit id="cfg" config='${TINY}' show="gpu" plot="none"></vram-fit>`);
   context = await launch();
 });
 

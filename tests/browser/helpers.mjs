@@ -1,7 +1,7 @@
 // Shared helpers for the browser tests: serve www/ with scripts/serve.py, launch Debian's Chromium through
 // playwright-core, and read canvases back.
 import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, mkdirSync } from 'node:fs';
+import { mkdtempSync, mkdirSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname, isAbsolute } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -26,6 +26,17 @@ export async function serve(port, dir = 'www', plain = false) {
     proc.on('exit', (code) => reject(new Error(`server exited with ${code}`)));
   });
   return { url: `http://127.0.0.1:${port}/`, close: () => proc.kill() };
+}
+
+/** Serves a stand-in blog post on somebody else's site (127.0.0.1:`port`, no vramfit headers): a page titled
+ * `title` that loads the widget's embed.js from `widget` (a base URL) and holds `body` (its <vram-fit> tags). */
+export async function serveBlogPost(port, title, widget, body) {
+  const dir = mkdtempSync(join(tmpdir(), 'vramfit-blog-'));
+  writeFileSync(join(dir, 'index.html'), `<!doctype html><html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,"><title>${title}</title>
+<script type="module" src="${widget}embed.js"></script></head><body>
+${body}
+</body></html>`);
+  return serve(port, dir, true);
 }
 
 /** Launches Chromium with a fresh profile; `extraArgs` e.g. ['--enable-unsafe-webgpu']. */
