@@ -2,9 +2,7 @@
 // widget's alloc-conf attribute and the "expandable segments" advice, each checked against the native CLI.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
-import { join } from 'node:path';
-import { serve, serveBlogPost, launch, openPage, canvasPixels, setField, ROOT } from './helpers.mjs';
+import { serve, serveBlogPost, launch, openPage, canvasPixels, setField, cliEstimate } from './helpers.mjs';
 
 const PAGE_PORT = 8781;
 const WIDGET_PORT = 8782;
@@ -15,12 +13,6 @@ let server;
 let widgetServer;
 let blogServer;
 let context;
-
-/** The native CLI's JSON estimate (allocated and reserved bytes) for the same setup. */
-function cli(args) {
-  const out = execFileSync(join(ROOT, 'target', 'release', 'vramfit'), ['estimate', '--format', 'json', ...args]);
-  return JSON.parse(String(out));
-}
 
 const reservedOf = async (page) => Number(await page.getAttribute('#peak-reserved', 'data-bytes'));
 
@@ -44,12 +36,12 @@ test('the page knob changes the reserved figure as the CLI does and goes into th
   const { page, errors } = await openPage(context, server.url);
   assert.equal(await page.inputValue('#alloc_conf'), '', 'PyTorch defaults: the field is empty');
   assert.ok(!new URL(page.url()).searchParams.has('alloc_conf'), 'an empty knob stays out of the URL');
-  const plain = cli(GPU);
+  const plain = cliEstimate(GPU);
   assert.equal(await reservedOf(page), plain.peak_reserved_bytes);
   const allocated = await page.getAttribute('#peak-allocated', 'data-bytes');
   await setField(page, 'alloc_conf', 'expandable_segments:True');
   await page.waitForFunction(() => new URLSearchParams(location.search).get('alloc_conf') === 'expandable_segments:True');
-  const expandable = cli([...GPU, '--alloc-conf', 'expandable_segments:True']);
+  const expandable = cliEstimate([...GPU, '--alloc-conf', 'expandable_segments:True']);
   assert.ok(expandable.peak_reserved_bytes < plain.peak_reserved_bytes, 'expandable segments reserve less here');
   assert.equal(await reservedOf(page), expandable.peak_reserved_bytes);
   assert.equal(await page.getAttribute('#peak-allocated', 'data-bytes'), allocated, 'allocated does not change');
@@ -97,8 +89,8 @@ test('a value PyTorch refuses shows its message next to the field and keeps the 
 
 test('where the allocator fragments, the advice suggests expandable segments with what they save', async () => {
   const { page } = await openPage(context, server.url);
-  const plain = cli(GPU);
-  const expandable = cli([...GPU, '--alloc-conf', 'expandable_segments:True']);
+  const plain = cliEstimate(GPU);
+  const expandable = cliEstimate([...GPU, '--alloc-conf', 'expandable_segments:True']);
   // The default case: the compiled step's reserved memory is well above what it allocates.
   assert.ok(plain.peak_reserved_bytes - plain.peak_allocated_bytes > plain.peak_allocated_bytes / 20);
   const item = page.locator('#advice li', { hasText: 'PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True' });
@@ -122,8 +114,8 @@ test('where the allocator fragments, the advice suggests expandable segments wit
   await page.fill('#alloc_conf', '');
   await page.uncheck('#compile');
   await page.waitForFunction(() => new URLSearchParams(location.search).get('compile') === '0' && !location.search.includes('alloc_conf'));
-  const eager = cli([...GPU, '--no-compile']);
-  const eagerExpandable = cli([...GPU, '--no-compile', '--alloc-conf', 'expandable_segments:True']);
+  const eager = cliEstimate([...GPU, '--no-compile']);
+  const eagerExpandable = cliEstimate([...GPU, '--no-compile', '--alloc-conf', 'expandable_segments:True']);
   assert.ok(eagerExpandable.device_total_bytes >= eager.device_total_bytes, 'no saving for the eager case');
   assert.equal(await page.locator('#advice li', { hasText: 'PYTORCH_CUDA_ALLOC_CONF' }).count(), 0);
   await page.close();

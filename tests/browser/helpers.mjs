@@ -86,8 +86,13 @@ export async function setField(page, id, value) {
   await page.waitForFunction((b) => document.body.dataset.estimated !== b, before, { timeout: 3000 }).catch(() => {});
 }
 
-/** The native CLI's estimate for the same query, for cross-checking the page. */
-export function cliPeakBytes(args) {
+/** The native CLI's JSON estimate (allocated and reserved bytes, ...) for the same query. */
+export function cliEstimate(args) {
   const out = execFileSync(join(ROOT, 'target', 'release', 'vramfit'), ['estimate', '--format', 'json', ...args]);
-  return JSON.parse(String(out)).peak_allocated_bytes;
+  return JSON.parse(String(out));
+}
+
+/** The native CLI's peak allocated bytes for the same query, for cross-checking the page. */
+export function cliPeakBytes(args) {
+  return cliEstimate(args).peak_allocated_bytes;
 }
