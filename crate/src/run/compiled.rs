@@ -562,7 +562,8 @@ fn discard_block(cx: &mut Ctx, b: Block) -> Tensor {
             cx.sim.free_some(&[w_attn, w_proj]);
             match core {
                 CoreSaved::Sdpa(a, qkv) => {
-                    cx.sim.free_all(&[a.out, a.lse, a.rng[0], a.rng[1], qkv]);
+                    cx.sim.free_all(&a.tensors());
+                    cx.free(qkv);
                 }
                 CoreSaved::Manual {
                     qkv,
@@ -587,8 +588,7 @@ fn discard_block(cx: &mut Ctx, b: Block) -> Tensor {
             casts,
         } => {
             cx.sim.free_all(&[q_rot, k_rot, v]);
-            cx.sim
-                .free_all(&[sdpa.out, sdpa.lse, sdpa.rng[0], sdpa.rng[1]]);
+            cx.sim.free_all(&sdpa.tensors());
             cx.sim.free_some(&casts);
         }
     }
@@ -860,7 +860,8 @@ fn attn_bwd(
                 CoreSaved::Sdpa(a, qkv) => {
                     let (dq, dk, dv) = ops::sdpa_bwd(cx);
                     cx.free(g_y);
-                    cx.sim.free_all(&[a.out, a.lse, a.rng[0], a.rng[1], qkv]);
+                    cx.sim.free_all(&a.tensors());
+                    cx.free(qkv);
                     let cat = cx.alloc(3 * nc * p, Temporary, "cat");
                     cx.sim.free_all(&[dq, dk, dv]);
                     cat
@@ -908,15 +909,9 @@ fn attn_bwd(
             release_low(cx, g);
             let (dq, dk, dv) = ops::sdpa_bwd(cx);
             cx.free(g_o);
-            cx.sim.free_all(&[
-                q_rot,
-                k_rot,
-                sdpa.out,
-                sdpa.lse,
-                sdpa.rng[0],
-                sdpa.rng[1],
-                v,
-            ]);
+            cx.sim.free_all(&[q_rot, k_rot]);
+            cx.sim.free_all(&sdpa.tensors());
+            cx.free(v);
             let g_v = linear_bwd(cx, (kv, c), qkv_bias, &[], w_v, pending);
             cx.free(dv);
             let dk_un = cx.alloc(cx.n * kv * p, Temporary, "rotary_backward");

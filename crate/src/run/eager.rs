@@ -396,7 +396,7 @@ fn manual_bwd(cx: &mut Ctx, gy: Tensor, saved: ManualSaved) -> Tensor {
 fn release_core(cx: &mut Ctx, core: &CoreSaved) {
     match core {
         CoreSaved::Sdpa(a) => {
-            cx.sim.free_all(&[a.out, a.lse, a.rng[0], a.rng[1]]);
+            cx.sim.free_all(&a.tensors());
         }
         CoreSaved::Manual(a) => {
             cx.sim.free_all(&[a.q, a.kt, a.mask, a.softmax, a.v]);
@@ -909,15 +909,8 @@ fn attn_bwd(
                     let kw = if repeated { qd } else { kv };
                     let (dq, dk, dv) = ops::sdpa_bwd_with(cx, sdpa_backend_of(cx, masked), kw);
                     cx.free(g_att);
-                    cx.sim.free_all(&[
-                        s.q_att,
-                        s.k_att,
-                        s.v_out,
-                        sdpa.out,
-                        sdpa.lse,
-                        sdpa.rng[0],
-                        sdpa.rng[1],
-                    ]);
+                    cx.sim.free_all(&[s.q_att, s.k_att, s.v_out]);
+                    cx.sim.free_all(&sdpa.tensors());
                     if let Some(w) = &s.window {
                         cx.sim.free_some(&[w.v_rep, Some(w.bias)]);
                     }
@@ -1272,7 +1265,7 @@ fn release_block(cx: &mut Ctx, s: BlockSaved) {
                 cx.sim.free_some(&[w.v_rep, Some(w.bias)]);
             }
             match &a.core {
-                SeparateCore::Sdpa(sd) => cx.sim.free_all(&[sd.out, sd.lse, sd.rng[0], sd.rng[1]]),
+                SeparateCore::Sdpa(sd) => cx.sim.free_all(&sd.tensors()),
                 SeparateCore::Eager(e) => {
                     cx.sim.free_all(&[e.q_m, e.k_m, e.softmax, e.v_m, e.y]);
                     cx.sim.free_some(&[e.softcap]);

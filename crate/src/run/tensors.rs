@@ -644,6 +644,13 @@ pub struct SdpaSaved {
     pub rng: [Tensor; 2],
 }
 
+impl SdpaSaved {
+    /// Every tensor it holds (output, logsumexp, the two RNG scalars), for releasing them together.
+    pub fn tensors(&self) -> [Tensor; 4] {
+        [self.out, self.lse, self.rng[0], self.rng[1]]
+    }
+}
+
 /// Logsumexp of the attention kernel: fp32 [B, H, T] for flash; [B, H, round32(T)] for memory-efficient
 /// (`_efficient_attention_forward` pads to its 32-row tile).
 fn lse_bytes(cx: &Ctx, backend: SdpaBackend) -> u64 {
