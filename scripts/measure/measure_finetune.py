@@ -1,0 +1,430 @@
+#!/usr/bin/env python3
+"""Fine-tuning (issue 13): LoRA and QLoRA as peft and bitsandbytes apply them, measured for vramfit's reference data.
+
+Usage:  measure_finetune.py CASES.json OUT.json [--only N1,N2] [--method stub-cuda|fake-cuda] [--snapshots DIR]
+                            [--trace DIR] [--redo]
+
+Each case (scripts/measure/cases-finetune.json) is a Hugging Face decoder built from config.json fields
+(measure.py's build_hf: AutoConfig.for_model, AutoModelForCausalLM.from_config) with the base in its dtype, wrapped
+by peft.get_peft_model with the case's LoraConfig, and trained with the plain Hugging Face loop of the HF cases
+(three steps of model(input_ids, labels).loss, autocast as the case says, GradScaler for fp16-amp, gradient
+clipping at 1.0, zero_grad(set_to_none=True)), the optimizer over the trainable parameters only.
+
+Methods (each record names its own):
+  * "stub-cuda" (the reference, default): PyTorch's real CUDA code and caching allocator on the stub GPU of
+    stub_cuda.py / stubs/ (tests/data/stub-cuda/README.md), no dispatch mode; PyTorch's own counters after each
+    step (max_memory_allocated, max_memory_reserved, memory_stats' segments), as measure_stub.py records them.
+    bitsandbytes' CUDA library (libbitsandbytes_cuda132.so) links the stub runtime and cuBLAS: its kernels are
+    no-ops and everything it allocates goes through PyTorch, so 4-bit/8-bit weights, their quantization state and
+    8-bit optimizer state are measured, not derived. Paged optimizers' state (parameters of >= 1e5 elements) is
+    CUDA managed memory, outside PyTorch's counters: stubs/bnb_extra.c hands it out from host mappings and counts
+    it (`managed_bytes` in the record).
+  * "fake-cuda" (cross-check): measure.py's method (FakeTensorMode on device cuda, its dispatch-mode tracker with
+    512-byte blocks and its hidden allocations). bitsandbytes runs through its torch.library fake registrations.
+    --trace DIR writes every allocation and free of each case (phase, op, bytes, live bytes, storage id).
+
+Case fields: "model": {"hf": {...config.json...}}; "train": batch_size, seq_len, precision ("fp32", "bf16-amp",
+"fp16-amp", or "bf16": everything bf16, adapters included, the model cast after peft wrapped it), base_dtype
+("fp32", "bf16", "fp16"; default fp32, bf16 for precision bf16 and for quantized bases), optimizer ("adamw",
+"adamw8bit", "paged_adamw8bit", "paged_adamw", "adafactor", "lion", "lion8bit", "sgd", "sgd-momentum"),
+checkpointing; "lora": LoraConfig's fields; "quant" (optional): {"bits": 4, "quant_type": "nf4"|"fp4",
+"double_quant": bool, "compute_dtype": "bf16"} or {"bits": 8, "threshold": 6.0}.
+Quantized bases are built as transformers' bitsandbytes loading leaves them: every nn.Linear of the decoder (not
+the output head) replaced by bnb.nn.Linear4bit / Linear8bitLt holding the bf16 weight, moved to the device (which
+quantizes it), then peft.prepare_model_for_kbit_training (norms, embeddings and head upcast to fp32, checkpointing
+with use_reentrant False, which is its only effect on the loop) before get_peft_model.
+Only this script needs PyTorch, peft and bitsandbytes; vramfit and its tests never do.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import types
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+STUB_CACHE = os.path.join(ROOT, ".venv-measure", "stub-cuda")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def build_managed_stub():
+    """stubs/bnb_extra.c -> a library defining cudaMallocManaged (see there); built once per source version."""
+    import hashlib
+    src = os.path.join(HERE, "stubs", "bnb_extra.c")
+    tag = hashlib.sha256(open(src, "rb").read()).hexdigest()[:12]
+    out = os.path.join(STUB_CACHE, "bnb-extra-" + tag, "libvramfit_bnb_extra.so")
+    if not os.path.exists(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", out, src], check=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The child: one case in its own process.
+def child(case, method, snapshot_path, trace_path):
+    import ctypes
+    managed = None
+    if method == "stub-cuda":
+        import stub_cuda
+        managed = ctypes.CDLL(build_managed_stub(), mode=ctypes.RTLD_GLOBAL)  # before the stubs: its symbols win
+        for f in ("vramfit_managed_bytes", "vramfit_managed_peak", "vramfit_managed_count"):
+            getattr(managed, f).restype = ctypes.c_size_t
+        stub_cuda.preload(stub_cuda.build(STUB_CACHE))
+        os.environ["VRAMFIT_REAL_CUDA"] = "1"
+        os.environ["VRAMFIT_NO_TRACKER"] = "1"
+    elif trace_path:
+        os.environ["VRAMFIT_TRACE"] = trace_path
+    import torch
+    import measure
+    import transformers
+    import peft
+    import accelerate
+    import bitsandbytes as bnb
+    if method == "stub-cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        import transformers.masking_utils as mu
+        mu.find_packed_sequence_indices = lambda *a, **k: None
+    steps = []
+
+    def after_step(step, tracker):
+        if method == "stub-cuda":
+            torch.cuda.synchronize()
+            st = torch.cuda.memory_stats()
+            steps.append({"step": step,
+                          "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+                          "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+                          "peak_segments": st.get("segment.all.peak", 0),
+                          "allocated_bytes_after": torch.cuda.memory_allocated(),
+                          "reserved_bytes_after": torch.cuda.memory_reserved(),
+                          **({"managed_bytes_after": managed.vramfit_managed_bytes()} if managed else {})})
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            steps.append({"step": step, "peak_allocated_bytes": tracker.step_peaks.get(f"step{step}", 0),
+                          "allocated_bytes_after": tracker.live})
+
+    if snapshot_path:
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    out = run_case(case, method, after_step, torch, measure, peft, bnb)
+    if snapshot_path:
+        torch.cuda.memory._dump_snapshot(snapshot_path)
+        torch.cuda.memory._record_memory_history(enabled=None)
+    if trace_path and measure.TRACE is not None:
+        with open(trace_path, "w") as f:
+            for ev in measure.TRACE:
+                f.write("%-22s %-70s %+12d %12d #%d\n" % ev)
+    measured = {"peak_allocated_bytes": max(s["peak_allocated_bytes"] for s in steps)}
+    if method == "stub-cuda":
+        st = torch.cuda.memory_stats()
+        measured.update(peak_reserved_bytes=max(s["peak_reserved_bytes"] for s in steps),
+                        peak_segments=max(s["peak_segments"] for s in steps),
+                        num_alloc_retries=st.get("num_alloc_retries", 0), num_ooms=st.get("num_ooms", 0),
+                        managed_bytes=managed.vramfit_managed_peak(),
+                        managed_allocations=managed.vramfit_managed_count())
+    else:
+        measured.update(peak_phase=out.pop("peak_phase"), peak_op=out.pop("peak_op"),
+                        at_peak=out.pop("at_peak"), hidden_allocations=out.pop("hidden_allocations"))
+    measured["allocated_bytes_before_step1"] = out.pop("allocated_before")
+    measured["steps"] = steps
+    cc = torch.cuda.get_device_capability()
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "measured": measured,
+        "method": method,
+        "torch_version": torch.__version__,
+        "versions": {"transformers": transformers.__version__, "peft": peft.__version__,
+                     "bitsandbytes": bnb.__version__, "accelerate": accelerate.__version__},
+        "device": {"name": props.name, "compute_capability": f"{cc[0]}.{cc[1]}",
+                   "multiprocessors": props.multi_processor_count, "memory_bytes": props.total_memory}
+        if method == "stub-cuda" else "simulated sm_%d%d CUDA device, cuBLAS workspace %d KiB per GEMM"
+        % (*cc, measure.cublas_workspace_bytes() // 1024),
+        "sdpa_backends": "cuDNN attention off (not stubbable): flash, else memory-efficient, else math",
+        **out,
+    }
+
+
+def quantize_linears(model, q, torch, bnb):
+    """Every nn.Linear of the decoder but the output head -> bnb Linear4bit / Linear8bitLt holding its weight (on the
+    host), as transformers' bitsandbytes integration does (lm_head is left out there too). Moved to the device later,
+    which quantizes."""
+    head = model.get_output_embeddings()
+    names = [n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and mod is not head]
+    for name in names:
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        old = getattr(parent, name.rsplit(".", 1)[-1])
+        bias = old.bias is not None
+        if q["bits"] == 4:
+            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=bias,
+                                    compute_dtype=getattr(torch, DTYPES[q.get("compute_dtype", "bf16")]),
+                                    compress_statistics=q.get("double_quant", False),
+                                    quant_type=q.get("quant_type", "nf4"), device="cpu")
+            new.weight = bnb.nn.Params4bit(old.weight.data.to("cpu"), requires_grad=False,
+                                           compress_statistics=q.get("double_quant", False),
+                                           quant_type=q.get("quant_type", "nf4"), module=new)
+        else:
+            new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=bias, has_fp16_weights=False,
+                                      threshold=q.get("threshold", 6.0), device="cpu")
+            new.weight = bnb.nn.Int8Params(old.weight.data.to("cpu"), requires_grad=False, has_fp16_weights=False)
+        if bias:
+            new.bias = torch.nn.Parameter(old.bias.data.to("cpu"), requires_grad=False)
+        setattr(parent, name.rsplit(".", 1)[-1], new)
+    return len(names)
+
+
+def make_optimizer(name, params, torch, bnb):
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=2e-4, foreach=True)
+    if name == "adamw8bit":
+        return bnb.optim.AdamW8bit(params, lr=2e-4)
+    if name == "paged_adamw8bit":
+        return bnb.optim.PagedAdamW8bit(params, lr=2e-4)
+    if name == "paged_adamw":
+        return bnb.optim.PagedAdamW(params, lr=2e-4)
+    if name == "adafactor":
+        return torch.optim.Adafactor(params, lr=1e-2, foreach=True)
+    if name == "lion":
+        return bnb.optim.Lion(params, lr=1e-4)
+    if name == "lion8bit":
+        return bnb.optim.Lion8bit(params, lr=1e-4)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, foreach=True)
+    if name == "sgd-momentum":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True)
+    raise ValueError(name)
+
+
+def param_summary(model, torch):
+    """Trainable and frozen parameters: counts (a 4-bit weight counts its logical elements) and bytes by dtype."""
+    out = {"trainable": 0, "total": 0, "trainable_bytes": {}, "frozen_bytes": {}, "quantized_weights": {}}
+    for n, p in model.named_parameters():
+        cls = type(p).__name__
+        logical = p.numel()
+        if cls == "Params4bit" and getattr(p, "quant_state", None) is not None:
+            logical = p.quant_state.shape.numel()
+        out["total"] += logical
+        key = "trainable_bytes" if p.requires_grad else "frozen_bytes"
+        dt = str(p.dtype).replace("torch.", "")
+        out[key][dt] = out[key].get(dt, 0) + p.numel() * p.element_size()
+        if p.requires_grad:
+            out["trainable"] += logical
+        if cls in ("Params4bit", "Int8Params"):
+            q = out["quantized_weights"].setdefault(cls, {"count": 0, "elements": 0, "storage_bytes": 0})
+            q["count"] += 1
+            q["elements"] += logical
+            q["storage_bytes"] += p.numel() * p.element_size()
+    return out
+
+
+def quant_state_summary(model, torch):
+    """One example of each quantized weight's storage: shapes and dtypes of what bitsandbytes keeps beside it."""
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if type(w).__name__ == "Params4bit" and w.quant_state is not None:
+            qs = w.quant_state
+            d = {"module": type(mod).__name__, "logical_shape": list(qs.shape), "packed": [list(w.shape), str(w.dtype)],
+                 "blocksize": qs.blocksize, "quant_type": qs.quant_type, "dtype": str(qs.dtype),
+                 "absmax": [list(qs.absmax.shape), str(qs.absmax.dtype)], "code": [list(qs.code.shape)]}
+            if qs.nested:
+                d["nested"] = {"absmax": [list(qs.state2.absmax.shape), str(qs.state2.absmax.dtype)],
+                               "blocksize": qs.state2.blocksize, "code": [list(qs.state2.code.shape)],
+                               "offset": [list(qs.offset.shape), str(qs.offset.dtype), str(qs.offset.device)]}
+            return d
+        if type(w).__name__ == "Int8Params":
+            scb = getattr(w, "SCB", None)
+            return {"module": type(mod).__name__, "weight": [list(w.shape), str(w.dtype)],
+                    "SCB": [list(scb.shape), str(scb.dtype)] if scb is not None else None,
+                    "threshold": mod.state.threshold}
+    return None
+
+
+def optimizer_state_summary(opt, torch):
+    """Optimizer state by key: tensors, elements and bytes on the device (and paged host-side managed tensors)."""
+    out = {}
+    for st in opt.state.values():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                e = out.setdefault(k, {"tensors": 0, "bytes": 0, "dtypes": []})
+                e["tensors"] += 1
+                e["bytes"] += v.numel() * v.element_size()
+                dt = str(v.dtype).replace("torch.", "") + ("/paged" if getattr(v, "is_paged", False) else "")
+                if dt not in e["dtypes"]:
+                    e["dtypes"].append(dt)
+    return out
+
+
+def run_case(case, method, after_step, torch, measure, peft, bnb):
+    m, tr, lc, q = case["model"], case["train"], case["lora"], case.get("quant")
+    precision, opt_name = tr["precision"], tr["optimizer"]
+    B, T = tr["batch_size"], tr["seq_len"]
+    ckpt = bool(tr.get("checkpointing", False))
+    base_dtype = tr.get("base_dtype", "bf16" if (precision == "bf16" or q) else "fp32")
+    fake = method == "fake-cuda"
+    if fake:
+        tracker = measure.Tracker()
+        tracker.set_sub = lambda s: setattr(tracker, "phase", tracker.phase.split(":")[0] + ":" + s)
+        tracker.compiled = False
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        mode.__enter__()
+        measure.watch_storages(mode, tracker)
+        measure.F.scaled_dot_product_attention = measure.sdpa_as_cuda
+        torch.amp.GradScaler._maybe_opt_step = lambda self, opt, st, *a, **k: opt.step(*a, **k)
+        tracker.__enter__()
+    else:
+        tracker = types.SimpleNamespace(compiled=False, set_sub=lambda s: None)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    # The base in its dtype: on the device, or (quantized) on the host first, as a checkpoint is loaded.
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, DTYPES[base_dtype]))
+    with torch.device("cpu" if q else "cuda"):
+        model = measure.build_hf(m["hf"], tr.get("attention", "sdpa"), False, tracker)
+    torch.set_default_dtype(old)
+    hf_info = model.vramfit_hf
+    n_quant = 0
+    if q:
+        n_quant = quantize_linears(model, q, torch, bnb)
+        model = model.to("cuda")  # quantizes every Params4bit / Int8Params on the way
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt,
+                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif ckpt:
+        # transformers 5.24 also calls enable_input_require_grads() here (every input_ids model).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = peft.LoraConfig(task_type="CAUSAL_LM", **lc)
+    model = peft.get_peft_model(model, lora)
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)  # pure bf16: adapters too
+    model.train()
+    params_info = param_summary(model, torch)
+    qinfo = quant_state_summary(model, torch) if q else None
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(opt_name, params, torch, bnb)
+    amp_dtype = {"fp16-amp": torch.float16, "bf16-amp": torch.bfloat16}.get(precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=(precision == "fp16-amp"))
+    vocab = hf_info["config"]["vocab_size"]
+
+    def autocast():
+        if amp_dtype is None:
+            return torch.autocast("cuda", enabled=False)
+        return torch.autocast("cuda", dtype=amp_dtype)
+
+    allocated_before = tracker.live if fake else torch.cuda.memory_allocated()
+    if not fake:
+        torch.cuda.reset_peak_memory_stats()
+    for step in (1, 2, 3):
+        x = torch.randint(vocab, (B, T), device="cuda")
+        y = torch.randint(vocab, (B, T), device="cuda")
+        tracker.phase = f"step{step}:forward"
+        with autocast():
+            loss = model(input_ids=x, labels=y).loss
+        tracker.phase = f"step{step}:backward"
+        scaler.scale(loss).backward()
+        del loss, x, y
+        tracker.phase = f"step{step}:optimizer"
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        after_step(step, tracker)
+
+    out = {"allocated_before": allocated_before}
+    if fake:
+        param_ids = {id(p.untyped_storage()) for p in model.parameters()}
+        state_ids = {id(v.untyped_storage()) for st in opt.state.values() for v in st.values()
+                     if isinstance(v, torch.Tensor)}
+        cats = {}
+        for key, (nbytes, phase, op) in tracker.peak_snapshot.items():
+            c = ("weights" if key in param_ids else "optimizer" if key in state_ids else
+                 "hidden:" + op if isinstance(key, tuple) else phase.split(":", 1)[-1] + ":" + op)
+            cats[c] = cats.get(c, 0) + nbytes
+        tracker.__exit__(None, None, None)
+        out.update(peak_phase=tracker.peak_phase, peak_op=tracker.peak_op,
+                   at_peak=dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+                   hidden_allocations=sorted({h["name"] for h in tracker.hidden}))
+    lcd = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora.to_dict().items()}
+    lcd = {k: v for k, v in lcd.items() if v not in (None, {}, []) or k in ("modules_to_save",)}
+    base_layers = sum(1 for mod in model.modules() if isinstance(mod, peft.tuners.lora.LoraLayer))
+    out.update({
+        "params": params_info,
+        "lora_config": json.loads(json.dumps(lcd, default=str)),
+        "lora_layers": base_layers,
+        "base_dtype": base_dtype,
+        **({"quantized_linears": n_quant, "quant_state": qinfo} if q else {}),
+        "optimizer": {"class": type(opt).__module__ + "." + type(opt).__name__,
+                      "state": optimizer_state_summary(opt, torch)},
+        "hf": {k: v for k, v in hf_info.items() if k != "transformers_version"},
+    })
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+def fake_env():
+    """measure.py's no-GPU stub (cuda_stub.c) preloaded for the fake-cuda method, as measure.ensure_stub does."""
+    import importlib.util
+    site = os.path.dirname(os.path.dirname(importlib.util.find_spec("torch").origin))
+    out_dir = tempfile.mkdtemp(prefix="vramfit-stub-")
+    lib = os.path.join(out_dir, "libcuda.so.1")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-I" + os.path.join(site, "nvidia", "cu13", "include"),
+                    "-I" + os.path.join(site, "triton", "backends", "nvidia", "include"), "-Wl,-soname,libcuda.so.1",
+                    "-o", lib, os.path.join(HERE, "cuda_stub.c")], check=True)
+    os.symlink(lib, os.path.join(out_dir, "libcuda.so"))
+    return {"LD_PRELOAD": lib, "LD_LIBRARY_PATH": out_dir + ":" + os.environ.get("LD_LIBRARY_PATH", ""),
+            "VRAMFIT_STUB_LOADED": "1", "TRITON_LIBCUDA_PATH": out_dir}
+
+
+def main():
+    args = sys.argv[1:]
+    if args and args[0] == "--child":
+        rec = child(json.loads(args[1]), args[2], args[3] or None, args[4] or None)
+        print("VRAMFIT-RECORD " + json.dumps(rec), flush=True)
+        return
+    cases = json.load(open(args[0]))
+    out_path = args[1]
+    only = args[args.index("--only") + 1] if "--only" in args else None
+    method = args[args.index("--method") + 1] if "--method" in args else "stub-cuda"
+    snaps = args[args.index("--snapshots") + 1] if "--snapshots" in args else None
+    traces = args[args.index("--trace") + 1] if "--trace" in args else None
+    redo = "--redo" in args
+    results = json.load(open(out_path)) if os.path.exists(out_path) else {"records": []}
+    done = {r["name"] for r in results["records"]}
+    if only:
+        by_name = {c["name"]: c for c in cases}
+        cases = [by_name[n] for n in only.split(",") if n in by_name]
+    env = {k: v for k, v in os.environ.items() if k not in ("VRAMFIT_STUB_SMS", "VRAMFIT_STUB_MEM_MIB")}
+    env.update(VRAMFIT_STUB_CC="9.0", PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if method == "fake-cuda":
+        env.update(fake_env())
+    for case in cases:
+        if not only and not redo and case["name"] in done:
+            continue
+        snap = os.path.join(os.path.abspath(snaps), case["name"] + ".pickle") if snaps else ""
+        trace = os.path.join(os.path.abspath(traces), case["name"] + ".trace") if traces else ""
+        for d in (snaps, traces):
+            if d:
+                os.makedirs(d, exist_ok=True)
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(case), method, snap,
+                            trace], env=env, capture_output=True, text=True)
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("VRAMFIT-RECORD ")]
+        if p.returncode != 0 or not lines:
+            print(f"{case['name']:44s} FAILED (exit {p.returncode})\n{p.stderr[-3000:]}", flush=True)
+            continue
+        rec = {"name": case["name"], "setup": {k: case[k] for k in ("model", "train", "lora", "quant") if k in case},
+               **json.loads(lines[-1][len("VRAMFIT-RECORD "):])}
+        if snap:
+            subprocess.run(["gzip", "-9f", snap], check=True)
+            rec["snapshot"] = os.path.relpath(snap + ".gz", os.path.dirname(os.path.abspath(out_path)))
+        results["records"] = [r for r in results["records"] if r["name"] != case["name"]] + [rec]
+        mm = rec["measured"]
+        print(f"{case['name']:44s} allocated {mm['peak_allocated_bytes'] / 2**20:9.2f} MiB"
+              + (f"  reserved {mm['peak_reserved_bytes'] / 2**20:9.2f} MiB  managed "
+                 f"{mm['managed_bytes'] / 2**20:7.2f} MiB" if "peak_reserved_bytes" in mm else
+                 f"  at {mm['peak_phase']} ({mm['peak_op']})"), flush=True)
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
