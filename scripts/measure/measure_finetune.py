@@ -3,6 +3,7 @@
 
 Usage:  measure_finetune.py CASES.json OUT.json [--only N1,N2] [--method stub-cuda|fake-cuda] [--snapshots DIR]
                             [--trace DIR] [--redo]
+        measure_finetune.py --probe OUT.json        (what autograd keeps per Linear kind: see probe())
 
 Each case (scripts/measure/cases-finetune.json) is a Hugging Face decoder built from config.json fields
 (measure.py's build_hf: AutoConfig.for_model, AutoModelForCausalLM.from_config) with the base in its dtype, wrapped
@@ -218,6 +219,8 @@ def param_summary(model, torch):
 def quant_state_summary(model, torch):
     """One example of each quantized weight's storage: shapes and dtypes of what bitsandbytes keeps beside it."""
     for mod in model.modules():
+        if not type(mod).__module__.startswith("bitsandbytes"):
+            continue  # peft's wrappers forward .weight to the base layer
         w = getattr(mod, "weight", None)
         if type(w).__name__ == "Params4bit" and w.quant_state is not None:
             qs = w.quant_state
@@ -361,6 +364,143 @@ def run_case(case, method, after_step, torch, measure, peft, bnb):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# --probe OUT.json: what autograd keeps for one Linear of each kind (frozen base, LoRA adapter, 4-bit and 8-bit
+# bases), on the stub device. Each scenario runs one forward and backward of a layer on an input that needs a
+# gradient (as inside a network): the tensors autograd saves (torch.autograd.graph.saved_tensors_hooks: shape,
+# dtype, bytes, and whether each is the input, a parameter, the output or new), the grad_fn nodes, and PyTorch's
+# counters: bytes kept alive by the graph after the forward (beyond the input and output), the forward's and the
+# backward's peaks above what was live before each. bitsandbytes' MatMul4Bit keeps its packed weight as a ctx
+# attribute (not save_for_backward): the hooks do not see it, the counters do (it is a parameter: no new byte).
+PROBE = [
+    # name, base ("linear", "nf4", "nf4-dq", "int8"), base dtype, adapter (None or (r, dropout, dtype)), autocast,
+    # input dtype
+    ("frozen-linear-bf16", "linear", "bf16", None, None, "bf16"),
+    ("frozen-linear-fp32", "linear", "fp32", None, None, "fp32"),
+    ("frozen-linear-fp32-autocast-bf16", "linear", "fp32", None, "bf16", "fp32"),
+    ("frozen-linear-bf16-autocast-bf16-input-fp32", "linear", "bf16", None, "bf16", "fp32"),
+    ("lora-r16-nodrop-bf16base-fp32adapter-autocast", "linear", "bf16", (16, 0.0, "fp32"), "bf16", "bf16"),
+    ("lora-r16-drop05-bf16base-fp32adapter-autocast", "linear", "bf16", (16, 0.05, "fp32"), "bf16", "bf16"),
+    ("lora-r16-nodrop-bf16base-fp32adapter-no-autocast", "linear", "bf16", (16, 0.0, "fp32"), None, "bf16"),
+    ("lora-r16-drop05-pure-bf16", "linear", "bf16", (16, 0.05, "bf16"), None, "bf16"),
+    ("lora-r16-nodrop-pure-bf16", "linear", "bf16", (16, 0.0, "bf16"), None, "bf16"),
+    ("lora-r16-drop05-fp32", "linear", "fp32", (16, 0.05, "fp32"), None, "fp32"),
+    ("lora-r16-drop05-fp16base-fp32adapter-autocast-fp16", "linear", "fp16", (16, 0.05, "fp32"), "fp16", "fp16"),
+    ("frozen-nf4", "nf4", "bf16", None, "bf16", "bf16"),
+    ("frozen-nf4-dq", "nf4-dq", "bf16", None, "bf16", "bf16"),
+    ("frozen-nf4-dq-input-fp32", "nf4-dq", "bf16", None, "bf16", "fp32"),
+    ("qlora-nf4-dq-r16-drop05", "nf4-dq", "bf16", (16, 0.05, "fp32"), "bf16", "bf16"),
+    ("qlora-nf4-dq-r16-nodrop", "nf4-dq", "bf16", (16, 0.0, "fp32"), "bf16", "bf16"),
+    ("frozen-int8", "int8", "bf16", None, "bf16", "bf16"),
+    ("lora-int8-r16-drop05", "int8", "bf16", (16, 0.05, "fp32"), "bf16", "bf16"),
+]
+
+
+def probe(out_path):
+    import ctypes  # noqa: F401
+    import stub_cuda
+    stub_cuda.preload(stub_cuda.build(STUB_CACHE))
+    import torch
+    import peft
+    import bitsandbytes as bnb
+    B, T, K, N = 4, 512, 512, 1536
+    dt = {k: getattr(torch, v) for k, v in DTYPES.items()}
+    records = []
+    for name, base, bdt, adapter, ac, xdt in PROBE:
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(K, N, bias=False, dtype=dt[bdt])
+        if base.startswith("nf4"):
+            layer = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                                      compress_statistics=base == "nf4-dq", device="cpu")
+            layer.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=base == "nf4-dq", module=layer)
+        elif base == "int8":
+            layer = bnb.nn.Linear8bitLt(K, N, bias=False, has_fp16_weights=False, threshold=6.0, device="cpu")
+            layer.weight = bnb.nn.Int8Params(lin.weight.data, requires_grad=False, has_fp16_weights=False)
+        else:
+            layer = lin
+        holder = torch.nn.Sequential()
+        holder.add_module("proj", layer)
+        holder = holder.to("cuda")
+        for p in holder.parameters():
+            p.requires_grad_(False)
+        if adapter:
+            r, drop, adt = adapter
+            holder = peft.get_peft_model(holder, peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=drop,
+                                                                 target_modules=["proj"]))
+            if adt == "bf16":
+                holder = holder.to(torch.bfloat16)
+        holder.train()
+        params = {p.untyped_storage().data_ptr() for p in holder.parameters()}
+        x0 = torch.randn(B, T, K, device="cuda", dtype=dt[xdt], requires_grad=True)
+        x = x0 * 1.0  # an input produced by an upstream op, needing a gradient
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        saved = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cuda", dtype=dt[ac] if ac else torch.float32, enabled=bool(ac)):
+                y = holder(x)
+        fwd_peak = torch.cuda.max_memory_allocated() - before
+        after = torch.cuda.memory_allocated()
+        ystore = y.untyped_storage().data_ptr()
+        out_bytes = (y.untyped_storage().nbytes() + 511) // 512 * 512
+        kinds, seen = [], set()
+        for t in saved:
+            ptr = t.untyped_storage().data_ptr()
+            kind = ("input" if ptr == x.untyped_storage().data_ptr() else "parameter" if ptr in params else
+                    "output" if ptr == ystore else "new")
+            if (ptr, tuple(t.shape), t.dtype) in seen:
+                continue
+            seen.add((ptr, tuple(t.shape), t.dtype))
+            kinds.append({"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
+                          "bytes": t.untyped_storage().nbytes() if t.device.type == "cuda" else 0,
+                          "device": t.device.type, "is": kind})
+        nodes, stack, visited = [], [y.grad_fn], set()
+        while stack:
+            f = stack.pop()
+            if f is None or f in visited:
+                continue
+            visited.add(f)
+            nodes.append(type(f).__name__ if type(f).__name__ not in ("BackwardCFunction",) else str(f.name()))
+            stack.extend(g for g, _ in f.next_functions)
+        del saved
+        g = torch.ones_like(y)
+        torch.cuda.synchronize()
+        before_bwd = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        y.backward(g)
+        torch.cuda.synchronize()
+        bwd_peak = torch.cuda.max_memory_allocated() - before_bwd
+        grads = {n: [list(p.grad.shape), str(p.grad.dtype).replace("torch.", "")]
+                 for n, p in holder.named_parameters() if p.grad is not None}
+        rec = {"name": name, "base": base, "base_dtype": bdt, "adapter": adapter, "autocast": ac, "input_dtype": xdt,
+               "shape": {"B": B, "T": T, "in": K, "out": N},
+               "output": [list(y.shape), str(y.dtype).replace("torch.", ""), out_bytes],
+               "saved": kinds, "grad_fn_nodes": nodes,
+               "kept_after_forward_bytes": after - before - out_bytes,
+               "forward_peak_above_before_bytes": fwd_peak,
+               "backward_peak_above_before_bytes": bwd_peak,
+               "input_grad": [list(x0.grad.shape), str(x0.grad.dtype).replace("torch.", "")] if x0.grad is not None
+               else None,
+               "param_grads": grads}
+        records.append(rec)
+        print(f"{name:50s} kept {rec['kept_after_forward_bytes'] / 2**20:7.3f} MiB  fwd peak "
+              f"{fwd_peak / 2**20:7.3f}  bwd peak {bwd_peak / 2**20:7.3f}  saved "
+              + ", ".join(f"{k['is']}:{k['dtype']}{k['shape']}" for k in kinds), flush=True)
+        del holder, x, x0, y, g, layer, lin
+        torch.cuda.empty_cache()
+    json.dump({"method": "stub-cuda", "torch_version": torch.__version__,
+               "versions": {"peft": peft.__version__, "bitsandbytes": bnb.__version__},
+               "note": "one Linear per scenario, input [B, T, in] needing a gradient; bytes are PyTorch's counters "
+                       "(512-byte blocks) on the stub device",
+               "records": records}, open(out_path, "w"), indent=1)
+
+
+# --------------------------------------------------------------------------------------------------------------
 def fake_env():
     """measure.py's no-GPU stub (cuda_stub.c) preloaded for the fake-cuda method, as measure.ensure_stub does."""
     import importlib.util
@@ -377,6 +517,9 @@ def fake_env():
 
 def main():
     args = sys.argv[1:]
+    if args and args[0] == "--probe":
+        sys.path.insert(0, HERE)
+        return probe(args[1])
     if args and args[0] == "--child":
         rec = child(json.loads(args[1]), args[2], args[3] or None, args[4] or None)
         print("VRAMFIT-RECORD " + json.dumps(rec), flush=True)
