@@ -20,9 +20,12 @@ Methods (each record names its own):
     8-bit optimizer state are measured, not derived. Paged optimizers' state (parameters of >= 1e5 elements) is
     CUDA managed memory, outside PyTorch's counters: stubs/bnb_extra.c hands it out from host mappings and counts
     it (`managed_bytes` in the record).
-  * "fake-cuda" (cross-check): measure.py's method (FakeTensorMode on device cuda, its dispatch-mode tracker with
-    512-byte blocks and its hidden allocations). bitsandbytes runs through its torch.library fake registrations.
-    --trace DIR writes every allocation and free of each case (phase, op, bytes, live bytes, storage id).
+  * "fake-cuda" (cross-check, NOT WORKING YET): measure.py's method (FakeTensorMode on device cuda, its
+    dispatch-mode tracker with 512-byte blocks and its hidden allocations); bitsandbytes would run through its
+    torch.library fake registrations. It fails in get_peft_model: peft moves each new adapter with Module.to, which
+    swaps fake parameters in place (torch.utils.swap_tensors), and swap_tensors refuses a tensor with a weak
+    reference ("Cannot swap t1 because it has weakref associated with it"). --trace DIR would write every
+    allocation and free of each case.
 
 Case fields: "model": {"hf": {...config.json...}}; "train": batch_size, seq_len, precision ("fp32", "bf16-amp",
 "fp16-amp", or "bf16": everything bf16, adapters included, the model cast after peft wrapped it), base_dtype
