@@ -594,7 +594,7 @@ def hf_attn_implementation(attention):
     return "eager" if attention in ("manual", "eager") else "sdpa"
 
 
-def build_hf(fields, attention, checkpointing, tracker):
+def build_hf(fields, attention, checkpointing, tracker, moe_routing=None):
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
     if FAKE:
@@ -625,7 +625,7 @@ def build_hf(fields, attention, checkpointing, tracker):
                                                  dtype=torch.get_default_dtype())
     finally:
         torch.tensor = orig_tensor
-    moe_patch = patch_moe_routing(model)
+    moe_patch = patch_moe_routing(model, moe_routing)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not getattr(tracker, "compiled", False):
@@ -642,24 +642,54 @@ def build_hf(fields, attention, checkpointing, tracker):
 
 # Mixture of experts (mixtral, qwen2_moe, olmoe): which experts a token goes to depends on the data, and on the
 # stub-cuda device no kernel runs (the router's top-k indices are never computed; copies to the host read zeros).
-# The routing is therefore forced: balanced, each expert getting tokens * top_k / n_experts of the token-expert
-# pairs. Each router (`*TopKRouter`, the same in the three families in transformers 5.24) runs as it is (its
-# linear, fp32 softmax and top-k allocate as they do) and its top-k indices are then overwritten in place with
-# pair p -> expert p % n_experts (the k experts of a token are distinct when k <= n_experts). The overwrite goes
-# through `.data`, so no byte is allocated and autograd's saved copy of those indices (top-k's backward) is not
-# version-bumped. With transformers 5.24's default experts implementation on CUDA, `grouped_mm`, no allocation
-# depends on the routing anyway: every one of the tokens * top_k pairs is gathered into one buffer sorted by
-# expert, the grouped GEMMs read the per-expert offsets on the device, and the expert weights' gradients are
-# dense; VRAMFIT_MOE_ROUTING=router (the router's own choice) measures the same bytes. Only the `eager` experts
-# implementation (a Python loop over the experts hit, sized by `nonzero`/`where`) depends on the routing; it is
-# not what a CUDA run uses by default, and on the stub device it would see no expert hit at all.
-def patch_moe_routing(model):
+# The routing is therefore forced. Each router (`*TopKRouter`, the same in the three families in transformers 5.24)
+# runs as it is (its linear, fp32 softmax and top-k allocate as they do) and its top-k indices [N, k] are then
+# overwritten in place. The overwrite goes through `.data`, so no device byte is allocated and autograd's saved
+# copy of those indices (top-k's backward) is not version-bumped.
+#   * balanced (the default): token-expert pair p (p = token * k + slot) -> expert p % n_experts; every expert gets
+#     N * k / E pairs (the k experts of a token are distinct when k <= E).
+#   * a case's `"moe_routing": {"busiest_expert_fraction": f}` (k/E <= f <= 1): expert 0 receives round(f * N) of
+#     the N tokens, and the other S - round(f * N) token-expert pairs (S = N * k) are shared evenly by experts
+#     1..E-1 (each gets floor(rest / (E-1)), the lowest-numbered rest % (E-1) one more). f = k/E is balanced, f = 1
+#     sends every token to expert 0. Pairs are assigned by writing the expert ids in ascending order, each repeated
+#     by its count, into the [k, N] transpose of the indices (slot j of token t is position j * N + t), which keeps
+#     a token's k experts distinct because no expert gets more than N pairs. The ids are built on the host and
+#     copied into the indices (a host-to-device copy_, no device allocation). Fake tensors carry no values and the
+#     stub device computes none, so both methods measure the same bytes as balanced routing unless some allocation's
+#     size is computed from the routing on the host (see tests/data/hf/README.md, "Routing imbalance").
+# With transformers 5.24's default experts implementation on CUDA, `grouped_mm`, every one of the S pairs is
+# gathered into one buffer sorted by expert, the grouped GEMMs take per-expert offsets (bf16: CUTLASS, on the
+# device; other dtypes: `_grouped_mm_fallback` reads them to the host and runs one mm per non-empty expert, each
+# taking the cuBLAS workspace on a GPU, which neither method sees) and the expert weights' gradients are dense;
+# VRAMFIT_MOE_ROUTING=router (the router's own choice, no patch) measures the same bytes. Only the `eager` experts implementation (a Python loop over the experts hit, sized by
+# `nonzero`/`where`) depends on the routing; it is not what a CUDA run uses by default, and on the stub device it
+# would see no expert hit at all.
+def moe_expert_counts(n_tokens, top_k, n_experts, busiest_expert_fraction):
+    """Token-expert pairs per expert under `busiest_expert_fraction` (see above); sums to n_tokens * top_k."""
+    f = float(busiest_expert_fraction)
+    if not (top_k / n_experts - 1e-9 <= f <= 1.0):
+        raise SystemExit(f"busiest_expert_fraction {f} is outside [top_k/n_experts, 1] = [{top_k / n_experts}, 1]")
+    busiest = min(n_tokens, round(f * n_tokens))
+    rest = n_tokens * top_k - busiest
+    if n_experts == 1:
+        return [busiest]
+    base, extra = divmod(rest, n_experts - 1)
+    counts = [busiest] + [base + (1 if e < extra else 0) for e in range(n_experts - 1)]
+    assert max(counts) <= n_tokens and sum(counts) == n_tokens * top_k, counts
+    return counts
+
+
+def patch_moe_routing(model, moe_routing=None):
     if os.environ.get("VRAMFIT_MOE_ROUTING") == "router":
         return None
     routers = [mod for mod in model.modules()
                if type(mod).__name__.endswith("TopKRouter") and hasattr(mod, "num_experts") and hasattr(mod, "top_k")]
     if not routers:
         return None
+    fraction = (moe_routing or {}).get("busiest_expert_fraction")
+    unknown = set(moe_routing or {}) - {"busiest_expert_fraction"}
+    if unknown:
+        raise SystemExit(f"moe_routing: unknown fields {sorted(unknown)}")
 
     def balanced(router):
         route = router.forward
@@ -672,9 +702,35 @@ def patch_moe_routing(model):
             return logits, scores, indices
         return forward
 
+    counts_seen = {}
+
+    def imbalanced(router):
+        route = router.forward
+
+        def forward(hidden_states):
+            logits, scores, indices = route(hidden_states)
+            n, k = indices.shape
+            counts = moe_expert_counts(n, k, router.num_experts, fraction)
+            counts_seen[f"tokens {n}, top_k {k}, experts {router.num_experts}"] = counts
+            ids = torch.empty(n * k, dtype=indices.dtype, device="cpu")
+            start = 0
+            for e, c in enumerate(counts):
+                ids[start:start + c].fill_(e)
+                start += c
+            # slot j of token t <- position j * n + t of the ascending id list
+            indices.data.copy_(ids.view(k, n).t().contiguous())
+            return logits, scores, indices
+        return forward
+
     for router in routers:
-        router.forward = balanced(router)
-    return {"routing": "balanced: token-expert pair p goes to expert p % n_experts (router patched)",
+        router.forward = (balanced if fraction is None else imbalanced)(router)
+    if fraction is None:
+        return {"routing": "balanced: token-expert pair p goes to expert p % n_experts (router patched)",
+                "routers": len(routers), "experts_implementation": model.config._experts_implementation}
+    return {"routing": f"imbalanced: expert 0 receives round({fraction} * tokens) of the tokens, the other "
+                       "token-expert pairs are shared evenly by the other experts (router patched)",
+            "busiest_expert_fraction": fraction,
+            "pairs_per_expert": counts_seen,  # filled in by the first forward, before the record is written
             "routers": len(routers), "experts_implementation": model.config._experts_implementation}
 
 
@@ -721,7 +777,8 @@ def run_case(case):
             model = GPT(m, tr.get("attention", "sdpa"), tr.get("checkpointing", False), tracker)
         elif family == "hf":
             tracker.compiled = compiled
-            model = build_hf(m["hf"], tr.get("attention", "sdpa"), tr.get("checkpointing", False), tracker)
+            model = build_hf(m["hf"], tr.get("attention", "sdpa"), tr.get("checkpointing", False), tracker,
+                             case.get("moe_routing"))
             hf_info = model.vramfit_hf
         else:
             tracker.compiled = compiled
