@@ -24,7 +24,8 @@ const KNOBS = {
   grad_accum_steps: ['Grad accumulation', 'number'], dropout: ['Dropout', 'number'], gpu: ['GPU', 'gpu'],
   zero_grad_set_to_none: ['zero_grad(set_to_none)', 'checkbox'], compile: ['torch.compile', 'checkbox'],
   alloc_conf: ['PYTORCH_CUDA_ALLOC_CONF', 'text'], sliding_window: ['Sliding window', 'number'],
-  head_dim: ['Head size', 'number'],
+  head_dim: ['Head size', 'number'], rotary_dims: ['Rotary dims per head', 'number'],
+  parallel_residual: ['Parallel residual', 'checkbox'],
 };
 const DEFAULT_SHOW = 'batch_size,seq_len,precision,gpu';
 const DEVICE_KEYS = ['memory_gib', 'compute_capability'];

@@ -4,12 +4,21 @@ import init, * as vf from './pkg/entry.js';
 
 const $ = (id) => document.getElementById(id);
 const KNOBS = ['family', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'intermediate_size', 'vocab_size', 'block_size',
-  'bias', 'tie_embeddings', 'head_dim', 'sliding_window', 'dropout', 'batch_size', 'seq_len', 'precision', 'optimizer', 'attention',
+  'bias', 'tie_embeddings', 'head_dim', 'sliding_window', 'rotary_dims', 'parallel_residual', 'dropout', 'batch_size', 'seq_len', 'precision', 'optimizer', 'attention',
   'compile', 'checkpointing', 'grad_accum_steps', 'grad_clip', 'zero_grad_set_to_none', 'alloc_conf', 'memory_gib',
   'compute_capability'];
-const GPT2_ONLY = ['bias'];
-// Fields of the Hugging Face families (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, olmo2): the class "llama-only" in index.html.
-const LLAMA_ONLY = ['n_kv_head', 'intermediate_size', 'tie_embeddings', 'head_dim', 'sliding_window'];
+// Fields some families have: index.html's `data-families` on each field's box lists them ("hf": every family
+// but gpt2). The others' fields are hidden and left out of the query.
+function fieldFamilies(k) {
+  const box = $(k).closest('[data-families]');
+  return box ? box.dataset.families.split(' ') : null;
+}
+function fieldApplies(k, family) {
+  const fams = fieldFamilies(k);
+  return !fams || fams.includes(family) || (fams.includes('hf') && family !== 'gpt2');
+}
+// Model fields a setup may leave out (their default is 0, or off).
+const OPTIONAL_MODEL_KNOBS = ['bias', 'head_dim', 'sliding_window', 'rotary_dims', 'parallel_residual'];
 const DEFAULT_PRESET = 'nanogpt-30m';
 const DEFAULT_GPU = 'rtx-4070';
 // The device's fields: they follow the GPU select, and nothing but the GPU (or a person typing) changes them.
@@ -35,8 +44,7 @@ function formQuery() {
   const p = new URLSearchParams();
   const family = $('family').value;
   for (const k of KNOBS) {
-    if (family === 'gpt2' && LLAMA_ONLY.includes(k)) continue;
-    if (family !== 'gpt2' && GPT2_ONLY.includes(k)) continue;
+    if (!fieldApplies(k, family)) continue;
     const input = $(k);
     if (input.type === 'checkbox') p.set(k, input.checked ? '1' : '0');
     else if (input.value !== '') p.set(k, input.value);
@@ -65,6 +73,13 @@ function applyQuery(query) {
 function applyModel(query) {
   const p = new URLSearchParams(query);
   for (const k of [...DEVICE_KEYS, 'gpu']) p.delete(k);
+  // A model also replaces the optional fields of the families: one its query leaves out takes its default, so
+  // Gemma 3's window or Pythia's rotary dims do not stay behind for the next preset.
+  for (const k of OPTIONAL_MODEL_KNOBS) {
+    if (p.has(k)) continue;
+    if ($(k).type === 'checkbox') $(k).checked = false;
+    else $(k).value = '';
+  }
   applyQuery(p.toString());
 }
 
@@ -73,9 +88,10 @@ function showGpuDetail() {
 }
 
 function showFamily() {
-  const llama = $('family').value !== 'gpt2';
-  document.querySelectorAll('.llama-only').forEach((e) => { e.hidden = !llama; });
-  document.querySelectorAll('.gpt2-only').forEach((e) => { e.hidden = llama; });
+  const family = $('family').value;
+  document.querySelectorAll('[data-families]').forEach((e) => {
+    e.hidden = !fieldApplies(e.querySelector('input, select').id, family);
+  });
 }
 
 // The batch slider moves in powers of two; the number field holds any value.

@@ -71,6 +71,8 @@ pub fn setup_from_bytes(data: &[u8]) -> Setup {
             tie_embeddings: flags & 8 != 0,
             head_dim: 0,
             sliding_window: 0,
+            rotary_dims: 0,
+            parallel_residual: false,
         },
         train: TrainConfig {
             batch_size: b.u64(),

@@ -250,15 +250,26 @@ fn hf_config_json_reads_a_qwen2_and_names_an_unknown_model_type() {
     assert_eq!(v["peak_allocated_bytes"], preset["peak_allocated_bytes"]);
     let dir = std::env::temp_dir().join(format!("vramfit-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let gemma = dir.join("config.json");
+    let config = dir.join("config.json");
     std::fs::write(
-        &gemma,
-        r#"{"model_type": "phi3", "hidden_size": 3072, "num_attention_heads": 32}"#,
+        &config,
+        r#"{"model_type": "bert", "hidden_size": 768, "num_attention_heads": 12}"#,
     )
     .unwrap();
     assert_eq!(
-        error_of(&["estimate", "--hf", gemma.to_str().unwrap()]),
-        "error: model_type (\"phi3\") is not one of: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, olmo2"
+        error_of(&["estimate", "--hf", config.to_str().unwrap()]),
+        "error: model_type (\"bert\") is not one of: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, olmo2, \
+         phi3, gpt_neox"
+    );
+    // A field the family needs and the file lacks is named.
+    std::fs::write(
+        &config,
+        r#"{"model_type": "gpt_neox", "hidden_size": 768, "num_attention_heads": 12}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        error_of(&["estimate", "--hf", config.to_str().unwrap()]),
+        "error: missing required field \"num_hidden_layers\""
     );
 }
 

@@ -342,7 +342,9 @@ fn stub_cuda_hf_family_records() {
                 && !line.contains("model_type (\"gemma\")")
                 && !line.contains("model_type (\"gemma2\")")
                 && !line.contains("model_type (\"gemma3_text\")")
-                && !line.contains("model_type (\"olmo2\")"),
+                && !line.contains("model_type (\"olmo2\")")
+                && !line.contains("model_type (\"phi3\")")
+                && !line.contains("model_type (\"gpt_neox\")"),
             "{line}"
         );
     }

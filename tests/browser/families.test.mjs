@@ -1,6 +1,7 @@
-// The Hugging Face families on the page (issue 12): mistral and qwen2 beside llama in the family list, their
-// fields (KV heads, MLP width, tied embeddings, sliding window) shown for each, the sliding window in the URL,
-// its limit as one message, and every estimate equal to the native CLI's.
+// The Hugging Face families on the page (issue 12): mistral, qwen2, ..., phi3 and gpt_neox beside llama in the
+// family list, their fields (KV heads, MLP width, tied embeddings, sliding window, rotary dims, parallel residual)
+// shown for the families that have them, in the URL, their limits as one message, and every estimate equal to the
+// native CLI's.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { serve, serveBlogPost, launch, openPage, setField, cliPeakBytes } from './helpers.mjs';
@@ -16,7 +17,8 @@ let context;
 before(async () => {
   server = await serve(PORT);
   widgetServer = await serve(WIDGET_PORT);
-  blogServer = await serveBlogPost(BLOG_PORT, 'Qwen', `http://127.0.0.1:${WIDGET_PORT}/`, `<vram-fit id="qwen" preset="qwen2.5-0.5b" gpu="rtx-4070" show="sliding_window,seq_len" plot="none"></vram-fit>`);
+  blogServer = await serveBlogPost(BLOG_PORT, 'Qwen', `http://127.0.0.1:${WIDGET_PORT}/`, `<vram-fit id="qwen" preset="qwen2.5-0.5b" gpu="rtx-4070" show="sliding_window,seq_len" plot="none"></vram-fit>`
+    + `<vram-fit id="pythia" preset="pythia-160m" gpu="rtx-4070" show="rotary_dims,parallel_residual" plot="none"></vram-fit>`);
   context = await launch();
 });
 
@@ -160,5 +162,80 @@ test('the Gemma-3-1B preset: its window, head size and estimate as the CLI gives
   await page.waitForFunction(() => new URLSearchParams(location.search).get('family') === 'gemma3');
   assert.equal(await peak(page), cliPeakBytes(['--preset', 'gemma-3-1b', '--compute-capability', '8.9', '--gpu-memory-gib', '12']));
   assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test('Pythia (gpt_neox): rotary dims, parallel residual and biases on the form, in the URL and as the CLI', async () => {
+  const { page, errors } = await openPage(context, server.url);
+  await page.selectOption('#preset', 'pythia-160m');
+  await page.waitForFunction(() => document.getElementById('family').value === 'gpt_neox');
+  assert.equal(await page.inputValue('#rotary_dims'), '16');
+  assert.ok(await page.isChecked('#parallel_residual'));
+  assert.ok(await page.isChecked('#bias'));
+  for (const id of ['rotary_dims', 'parallel_residual', 'bias', 'n_kv_head']) assert.ok(await shown(page, id), id);
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('parallel_residual') === '1');
+  const gpu = ['--compute-capability', '8.9', '--gpu-memory-gib', '12'];
+  assert.equal(await peak(page), cliPeakBytes(['--preset', 'pythia-160m', ...gpu]));
+  // Sequential branches: the CLI's --no-parallel-residual, and a different timeline.
+  const parallel = await peak(page);
+  await page.uncheck('#parallel_residual');
+  await page.dispatchEvent('#parallel_residual', 'change');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('parallel_residual') === '0');
+  assert.equal(await peak(page), cliPeakBytes(['--preset', 'pythia-160m', '--no-parallel-residual', ...gpu]));
+  assert.notEqual(await peak(page), parallel);
+  // An odd rotary width: one message naming the field.
+  await setField(page, 'rotary_dims', '15');
+  await page.waitForFunction(() => document.body.textContent.includes('model.rotary_dims (15)'));
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test('Phi-3-mini after Pythia: the packed family, without Pythia\'s rotary dims left behind', async () => {
+  const { page, errors } = await openPage(context, server.url);
+  await page.selectOption('#preset', 'pythia-1b');
+  await page.waitForFunction(() => document.getElementById('rotary_dims').value === '64');
+  await page.selectOption('#preset', 'phi-3-mini');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('family') === 'phi3');
+  assert.equal(await page.inputValue('#rotary_dims'), '');
+  assert.ok(await shown(page, 'rotary_dims'));
+  assert.ok(!(await shown(page, 'parallel_residual')));
+  assert.ok(!(await shown(page, 'bias')));
+  assert.equal(await page.inputValue('#sliding_window'), '2047');
+  assert.equal(await peak(page), cliPeakBytes(['--preset', 'phi-3-mini', '--compute-capability', '8.9', '--gpu-memory-gib', '12']));
+  // And Gemma 3's window does not stay behind for Llama.
+  await page.selectOption('#preset', 'gemma-3-1b');
+  await page.waitForFunction(() => document.getElementById('sliding_window').value === '512');
+  await page.selectOption('#preset', 'llama-2-7b');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('family') === 'llama');
+  assert.equal(await page.inputValue('#sliding_window'), '');
+  assert.equal(await page.inputValue('#head_dim'), '');
+  assert.equal(await peak(page), cliPeakBytes(['--preset', 'llama-2-7b', '--compute-capability', '8.9', '--gpu-memory-gib', '12']));
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test('the widget takes rotary dims and the parallel residual as knobs', async () => {
+  const page = await context.newPage();
+  await page.goto(blogServer.url);
+  const peakOf = () => page.evaluate(() => Number(document.getElementById('pythia').dataset.peakBytes));
+  await page.waitForFunction(() => Number(document.getElementById('pythia').dataset.peakBytes) > 0);
+  const base = ['--preset', 'pythia-160m', '--gpu', 'rtx-4070'];
+  assert.equal(await peakOf(), cliPeakBytes(base));
+  const first = await peakOf();
+  await page.evaluate(() => {
+    const input = document.getElementById('pythia').shadowRoot.querySelector('input[name=parallel_residual]');
+    input.checked = false;
+    input.dispatchEvent(new Event('change'));
+  });
+  await page.waitForFunction((f) => Number(document.getElementById('pythia').dataset.peakBytes) !== f, first);
+  assert.equal(await peakOf(), cliPeakBytes([...base, '--no-parallel-residual']));
+  const sequential = await peakOf();
+  await page.evaluate(() => {
+    const input = document.getElementById('pythia').shadowRoot.querySelector('input[name=rotary_dims]');
+    input.value = '64';
+    input.dispatchEvent(new Event('input'));
+  });
+  await page.waitForFunction((f) => Number(document.getElementById('pythia').dataset.peakBytes) !== f, sequential);
+  assert.equal(await peakOf(), cliPeakBytes([...base, '--no-parallel-residual', '--rotary-dims', '64']));
   await page.close();
 });

@@ -33,16 +33,19 @@ vocab 50304, fp16-amp, fused AdamW, torch.compile):
   --config FILE        setup JSON: {\"model\": {...}, \"train\": {...}, \"device\": {...}}
   --nanogpt FILE       a nanoGPT config/*.py file (train.py defaults fill the rest)
   --hf FILE            a Hugging Face config.json (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text,
-                       olmo2)
+                       olmo2, phi3, gpt_neox)
   --preset ID          a named model (nanogpt-30m, shakespeare-char, gpt2, gpt2-medium, gpt2-large, gpt2-xl,
                        tinyllama-1.1b, llama-3.2-1b, llama-2-7b, mistral-7b, qwen2.5-0.5b, llama-3.1-8b,
-                       llama-3.1-70b, qwen2.5-1.5b, qwen2.5-7b, gemma-2-2b, gemma-3-1b)
+                       llama-3.1-70b, qwen2.5-1.5b, qwen2.5-7b, gemma-2-2b, gemma-3-1b, phi-3-mini,
+                       pythia-160m, pythia-1b)
 
 KNOBS (override the source):
-  --family gpt2|llama|mistral|qwen2|qwen3|gemma|gemma2|gemma3|olmo2
+  --family gpt2|llama|mistral|qwen2|qwen3|gemma|gemma2|gemma3|olmo2|phi3|gpt_neox
   --n-layer N  --n-head N  --n-kv-head N  --n-embd N  --block-size N  --vocab-size N
   --intermediate-size N  --bias | --no-bias  --tie-embeddings | --no-tie-embeddings  --head-dim N
   --sliding-window N  --dropout P
+  --rotary-dims N      rotary dimensions per head (phi3, gpt_neox; 0: the whole head)
+  --parallel-residual | --no-parallel-residual   (gpt_neox's use_parallel_residual)
   --batch-size N  --seq-len N  --precision fp32|fp16-amp|bf16-amp|bf16
   --optimizer adamw|adamw-fused|sgd|sgd-momentum  --attention sdpa|manual
   --checkpointing | --no-checkpointing  --grad-accum-steps N  --grad-clip X
@@ -236,6 +239,11 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
             "--bias" | "--no-bias" => {
                 overrides.push(("model", "bias", Value::Bool(flag == "--bias")))
             }
+            "--parallel-residual" | "--no-parallel-residual" => overrides.push((
+                "model",
+                "parallel_residual",
+                Value::Bool(flag == "--parallel-residual"),
+            )),
             "--tie-embeddings" | "--no-tie-embeddings" => overrides.push((
                 "model",
                 "tie_embeddings",
@@ -266,6 +274,7 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                     "--intermediate-size" => ("model", "intermediate_size", false),
                     "--sliding-window" => ("model", "sliding_window", false),
                     "--head-dim" => ("model", "head_dim", false),
+                    "--rotary-dims" => ("model", "rotary_dims", false),
                     "--dropout" => ("model", "dropout", false),
                     "--batch-size" => ("train", "batch_size", false),
                     "--seq-len" => ("train", "seq_len", false),
@@ -305,16 +314,19 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
             t.remove("seq_len");
         }
     }
-    // Fields of the other family are dropped when the family is switched by flag.
-    let other_family_fields: &[&str] = if v["model"]["family"] == "gpt2" {
-        &[
+    // Fields of the other families are dropped when the family is switched by flag.
+    let other_family_fields: &[&str] = match v["model"]["family"].as_str() {
+        Some("gpt2") => &[
             "n_kv_head",
             "intermediate_size",
             "tie_embeddings",
             "sliding_window",
-        ]
-    } else {
-        &["bias"]
+            "rotary_dims",
+            "parallel_residual",
+        ],
+        Some("gpt_neox") => &[],
+        Some("phi3") => &["bias", "parallel_residual"],
+        _ => &["bias", "rotary_dims", "parallel_residual"],
     };
     if let Some(m) = v["model"].as_object_mut() {
         for k in other_family_fields {

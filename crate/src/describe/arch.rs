@@ -41,6 +41,39 @@ pub enum Qkv {
     Fused,
     /// Separate q, k and v Linears (`q_proj`, `k_proj`, `v_proj`), k and v of `kv_dim` (grouped-query).
     Separate,
+    /// One Linear to q, k and v one after the other (`q_dim + 2 kv_dim` features, Phi-3's `qkv_proj`), sliced into
+    /// q, k and v views: the output stays whole while SDPA holds the v view, and the backward places the three
+    /// gradients into its width with `slice_backward`, summing as it goes.
+    PackedSlices,
+    /// One Linear to `[q_h, k_h, v_h]` per head (GPT-NeoX's `query_key_value`), viewed as heads and chunked: the
+    /// output stays whole as above, and the backward concatenates the three gradients per head (`cat`) and copies
+    /// them back to token-major order (`clone`).
+    PackedHeads,
+}
+
+/// How rotary embeddings are applied to q and k.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotaryCat {
+    /// `q * cos + rotate_half(q) * sin` on the whole head (Llama): the result keeps q's token-major layout.
+    Whole,
+    /// On the first `rotary_dims` of each head, then `cat([rotated, rest], -1)` (Phi-3: q's concatenation
+    /// before k's rotation): the concatenation makes a new full-width q and k in the rotary dtype, head-major, so
+    /// SDPA's output is head-major too and `transpose(1, 2).contiguous()` copies it.
+    Each,
+    /// As `Each`, with q and k both rotated before either is concatenated (GPT-NeoX's `apply_rotary_pos_emb`).
+    Both,
+}
+
+/// Where each layer creates its norms' parameters, relative to its attention and MLP (the order of the
+/// parameters on the device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormParams {
+    /// nanoGPT's Block: ln_1, attn, ln_2, mlp.
+    Interleaved,
+    /// Hugging Face's decoder layers: attn, mlp, then the norms.
+    After,
+    /// GPT-NeoX's layer: both norms, then attention and MLP.
+    Before,
 }
 
 /// The attention kernel.
@@ -120,9 +153,22 @@ pub struct Arch {
     pub rope_fp32: bool,
     /// Biases in the q, k and v projections (nanoGPT's fused `c_attn` with `bias`; Qwen2's q/k/v_proj).
     pub qkv_bias: bool,
-    /// Biases in the attention's output projection and the MLP's Linears.
+    /// A bias in the attention's output projection.
     pub linear_bias: bool,
+    /// Biases in the MLP's Linears.
+    pub mlp_bias: bool,
     pub mlp: Mlp,
+    /// SwiGLU's gate and up projections are one Linear (`gate_up_proj`, 2 x `intermediate_size`) whose output is
+    /// chunked: it stays whole while either half is saved, and its gradient is their `cat` (Phi-3).
+    pub packed_gate_up: bool,
+    pub rotary_cat: RotaryCat,
+    /// Both branches read the layer's input and are added to it together (GPT-NeoX's parallel residual):
+    /// `x + (mlp(norm_2(x)) + attn(norm_1(x)))`.
+    pub parallel_residual: bool,
+    pub norm_params: NormParams,
+    /// The attention creates its output projection before its input projection (Phi-3's `o_proj`, then
+    /// `qkv_proj`).
+    pub o_first: bool,
     /// Dropout after the embeddings, on the attention probabilities (manual core) and on both residual branches
     /// (nanoGPT's `nn.Dropout` modules, active when dropout > 0).
     pub dropout: bool,
@@ -157,7 +203,13 @@ impl Arch {
                 rope_fp32: false,
                 qkv_bias: m.bias,
                 linear_bias: m.bias,
+                mlp_bias: m.bias,
                 mlp: Mlp::Gelu,
+                packed_gate_up: false,
+                rotary_cat: RotaryCat::Whole,
+                parallel_residual: false,
+                norm_params: NormParams::Interleaved,
+                o_first: false,
                 dropout: m.dropout > 0.0,
                 tied_head: true,
                 loss: Loss::CrossEntropy,
@@ -209,13 +261,54 @@ impl Arch {
                     rope_fp32: olmo2,
                     qkv_bias: m.family == Family::Qwen2,
                     linear_bias: false,
+                    mlp_bias: false,
                     mlp: if gemma { Mlp::GeGlu } else { Mlp::SwiGlu },
+                    packed_gate_up: false,
+                    rotary_cat: RotaryCat::Whole,
+                    parallel_residual: false,
+                    norm_params: NormParams::After,
+                    o_first: false,
                     dropout: false,
                     tied_head: m.tie_embeddings,
                     loss: Loss::HfCausalLm,
                     program: Program::HfLoop,
                 }
             }
+            // Phi-3: Llama's layers with the packed projections and rotary through the partial-rotary
+            // concatenation (`modeling_phi3.py`), no biases.
+            Family::Phi3 => Arch {
+                qkv: Qkv::PackedSlices,
+                packed_gate_up: true,
+                rotary_cat: RotaryCat::Each,
+                o_first: true,
+                ..Arch::of(
+                    &ModelConfig {
+                        family: Family::Llama,
+                        ..m.clone()
+                    },
+                    attention,
+                )
+            },
+            // GPT-NeoX (`modeling_gpt_neox.py`): LayerNorms with biases, `query_key_value` and `dense` with
+            // biases when `attention_bias` (`model.bias`), a GELU MLP whose Linears always have biases.
+            Family::GptNeox => Arch {
+                norm: Norm::LayerNorm { bias: true },
+                qkv: Qkv::PackedHeads,
+                qkv_bias: m.bias,
+                linear_bias: m.bias,
+                mlp_bias: true,
+                mlp: Mlp::Gelu,
+                rotary_cat: RotaryCat::Both,
+                parallel_residual: m.parallel_residual,
+                norm_params: NormParams::Before,
+                ..Arch::of(
+                    &ModelConfig {
+                        family: Family::Llama,
+                        ..m.clone()
+                    },
+                    attention,
+                )
+            },
         }
     }
 
@@ -239,7 +332,7 @@ impl Arch {
         let c = m.n_embd;
         let (q, kv) = (m.q_dim(), m.kv_dim());
         let i = m.intermediate_size;
-        let (qkv_bias, bias) = (self.qkv_bias, self.linear_bias);
+        let (qkv_bias, bias, mlp_bias) = (self.qkv_bias, self.linear_bias, self.mlp_bias);
         let norm_bias = matches!(self.norm, Norm::LayerNorm { bias: true });
         let norm = |v: &mut Vec<(u64, bool)>| {
             v.extend(std::iter::repeat_n((c, false), 1 + usize::from(norm_bias)));
@@ -255,21 +348,34 @@ impl Arch {
         if self.positions == Positions::Learned {
             v.push((m.block_size * c, true));
         }
+        // HF's decoder layers: input_layernorm, post_attention_layernorm (and Gemma 2's pre_ and
+        // post_feedforward_layernorm; OLMo 2 has the two post-norms only).
+        let n_norms = 2 * (u64::from(self.pre_norms) + u64::from(self.post_norms)).max(1);
         for _ in 0..m.n_layer {
-            // nanoGPT's Block makes ln_1, attn, ln_2, mlp; HF's decoder layer makes attn, mlp, then both norms.
-            let norms_first = self.program == Program::NanoGpt;
-            if norms_first {
+            let interleaved = self.norm_params == NormParams::Interleaved;
+            if interleaved {
                 norm(&mut v);
+            }
+            if self.norm_params == NormParams::Before {
+                for _ in 0..n_norms {
+                    norm(&mut v);
+                }
+            }
+            if self.o_first {
+                linear(&mut v, c, q, bias);
             }
             match self.qkv {
                 Qkv::Fused => linear(&mut v, 3 * c, c, qkv_bias),
+                Qkv::PackedSlices | Qkv::PackedHeads => linear(&mut v, q + 2 * kv, c, qkv_bias),
                 Qkv::Separate => {
                     linear(&mut v, q, c, qkv_bias);
                     linear(&mut v, kv, c, qkv_bias);
                     linear(&mut v, kv, c, qkv_bias);
                 }
             }
-            linear(&mut v, c, q, bias);
+            if !self.o_first {
+                linear(&mut v, c, q, bias);
+            }
             if self.qk_norm {
                 let (qn, kn) = if self.qk_norm_full {
                     (q, kv)
@@ -278,24 +384,25 @@ impl Arch {
                 };
                 v.extend([(qn, false), (kn, false)]);
             }
-            if norms_first {
+            if interleaved {
                 norm(&mut v);
             }
             match self.mlp {
                 Mlp::Gelu => {
-                    linear(&mut v, i, c, bias);
-                    linear(&mut v, c, i, bias);
+                    linear(&mut v, i, c, mlp_bias);
+                    linear(&mut v, c, i, mlp_bias);
+                }
+                Mlp::SwiGlu | Mlp::GeGlu if self.packed_gate_up => {
+                    linear(&mut v, 2 * i, c, mlp_bias);
+                    linear(&mut v, c, i, mlp_bias);
                 }
                 Mlp::SwiGlu | Mlp::GeGlu => {
-                    linear(&mut v, i, c, bias);
-                    linear(&mut v, i, c, bias);
-                    linear(&mut v, c, i, bias);
+                    linear(&mut v, i, c, mlp_bias);
+                    linear(&mut v, i, c, mlp_bias);
+                    linear(&mut v, c, i, mlp_bias);
                 }
             }
-            if !norms_first {
-                // input_layernorm, post_attention_layernorm (and Gemma 2's pre_ and post_feedforward_layernorm;
-                // OLMo 2 has the two post-norms only).
-                let n_norms = 2 * (u64::from(self.pre_norms) + u64::from(self.post_norms)).max(1);
+            if self.norm_params == NormParams::After {
                 for _ in 0..n_norms {
                     norm(&mut v);
                 }

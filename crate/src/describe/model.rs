@@ -32,11 +32,20 @@ pub enum Family {
     /// Hugging Face `Olmo2ForCausalLM`: Llama's layers with the norms after each branch instead of before it, and
     /// RMSNorms over the whole q and k projections.
     Olmo2,
+    /// Hugging Face `Phi3ForCausalLM`: Llama's layers with one packed q/k/v projection (`qkv_proj`), one packed
+    /// gate/up projection (`gate_up_proj`) and rotary through the partial-rotary concatenation
+    /// (`partial_rotary_factor`, `rotary_dims`).
+    Phi3,
+    /// Hugging Face `GPTNeoXForCausalLM` (Pythia): LayerNorms with biases, one packed q/k/v projection laid out per
+    /// head (`query_key_value`), rotary on part of each head (`rotary_pct`), a GELU MLP with biases, and the
+    /// attention and MLP branches read the same input when `use_parallel_residual` (`parallel_residual`).
+    GptNeox,
 }
 
 impl Family {
     pub const NAMES: &'static [&'static str] = &[
-        "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo2",
+        "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo2", "phi3",
+        "gpt_neox",
     ];
 
     pub fn parse(s: &str) -> Result<Family, Error> {
@@ -50,6 +59,8 @@ impl Family {
             "gemma2" => Ok(Family::Gemma2),
             "gemma3" => Ok(Family::Gemma3),
             "olmo2" => Ok(Family::Olmo2),
+            "phi3" => Ok(Family::Phi3),
+            "gpt_neox" => Ok(Family::GptNeox),
             _ => Err(Error::UnknownValue {
                 field: "model.family".into(),
                 value: s.into(),
@@ -69,10 +80,12 @@ impl Family {
             Family::Gemma2 => "gemma2",
             Family::Gemma3 => "gemma3",
             Family::Olmo2 => "olmo2",
+            Family::Phi3 => "phi3",
+            Family::GptNeox => "gpt_neox",
         }
     }
 
-    /// Hugging Face's decoder layout (RMSNorm, rotary, separate q/k/v, SwiGLU): every family but nanoGPT's.
+    /// A Hugging Face model (rotary, grouped-query heads, `intermediate_size`): every family but nanoGPT's.
     pub fn is_hf(self) -> bool {
         self != Family::Gpt2
     }
@@ -101,6 +114,12 @@ pub struct ModelConfig {
     /// Sliding-window attention span in tokens (Mistral's `sliding_window`; Qwen2's when `use_sliding_window`);
     /// 0 for full causal attention.
     pub sliding_window: u64,
+    /// Rotary dimensions per head when only part of each head is rotated (Phi-3's `partial_rotary_factor`,
+    /// GPT-NeoX's `rotary_pct`, times the head size); 0: the whole head.
+    pub rotary_dims: u64,
+    /// The attention and the MLP both read the layer's input and their outputs are added to it together
+    /// (GPT-NeoX's `use_parallel_residual`); otherwise the MLP reads the stream after the attention's add.
+    pub parallel_residual: bool,
 }
 
 impl ModelConfig {
@@ -130,6 +149,17 @@ impl ModelConfig {
             tie_embeddings: true,
             head_dim: 0,
             sliding_window: 0,
+            rotary_dims: 0,
+            parallel_residual: false,
+        }
+    }
+
+    /// Rotary dimensions per head: `rotary_dims`, or the whole head.
+    pub fn rotary_dims(&self) -> u64 {
+        if self.rotary_dims > 0 {
+            self.rotary_dims
+        } else {
+            self.head_dim()
         }
     }
 
@@ -486,7 +516,13 @@ impl Setup {
         }
         if matches!(
             m.family,
-            Family::Qwen3 | Family::Gemma | Family::Gemma2 | Family::Gemma3 | Family::Olmo2
+            Family::Qwen3
+                | Family::Gemma
+                | Family::Gemma2
+                | Family::Gemma3
+                | Family::Olmo2
+                | Family::Phi3
+                | Family::GptNeox
         ) && t.compile
         {
             return Err(Error::NotModelled {
@@ -585,6 +621,36 @@ impl Setup {
                 "model.head_dim",
                 m.head_dim,
                 "is a Hugging Face field; gpt2's head size is n_embd / n_head",
+            ));
+        }
+        if m.rotary_dims != 0 && !matches!(m.family, Family::Phi3 | Family::GptNeox) {
+            return Err(Error::invalid(
+                "model.rotary_dims",
+                m.rotary_dims,
+                format!(
+                    "is a field of phi3 and gpt_neox (partial rotary); {} rotates whole heads",
+                    m.family.name()
+                ),
+            ));
+        }
+        if m.rotary_dims > m.head_dim() || !m.rotary_dims.is_multiple_of(2) {
+            return Err(Error::invalid(
+                "model.rotary_dims",
+                m.rotary_dims,
+                format!(
+                    "must be even and at most the head size ({}); 0 rotates the whole head",
+                    m.head_dim()
+                ),
+            ));
+        }
+        if m.parallel_residual && m.family != Family::GptNeox {
+            return Err(Error::invalid(
+                "model.parallel_residual",
+                m.parallel_residual,
+                format!(
+                    "is a field of gpt_neox; {} adds its branches in turn",
+                    m.family.name()
+                ),
             ));
         }
         if m.family == Family::Gpt2 && m.sliding_window != 0 {
@@ -929,6 +995,8 @@ mod tests {
             tie_embeddings: false,
             head_dim: 0,
             sliding_window: 0,
+            rotary_dims: 0,
+            parallel_residual: false,
         };
         assert_eq!(m.n_params(), 1_100_048_384);
         // Qwen2's layers are Llama's with q, k and v biases: Qwen2.5-1.5B's config.json (28 layers, 1536 wide, 12

@@ -58,6 +58,8 @@ fn hf(family: Family, d: LlamaDims, seq: u64) -> Setup {
         tie_embeddings: d.tie,
         head_dim: 0,
         sliding_window: 0,
+        rotary_dims: 0,
+        parallel_residual: false,
     };
     let mut s = input::hf_setup(model);
     s.train.seq_len = seq;
@@ -337,7 +339,63 @@ pub const MODEL_PRESETS: &[ModelPreset] = &[
             s
         },
     },
+    ModelPreset {
+        id: "phi-3-mini",
+        label: "Phi-3-mini-4k (32x3072, 32 heads, packed q/k/v and gate/up, vocab 32064, window 2047, seq 2048)",
+        setup: || {
+            let mut s = hf(
+                Family::Phi3,
+                LlamaDims {
+                    n_layer: 32,
+                    n_head: 32,
+                    n_kv: 32,
+                    n_embd: 3072,
+                    inter: 8192,
+                    vocab: 32064,
+                    max_pos: 4096,
+                    tie: false,
+                },
+                2048,
+            );
+            // Phi-3-mini-4k-instruct's config.json: "sliding_window": 2047, which a 2,048-token sequence reaches.
+            s.model.sliding_window = 2047;
+            s
+        },
+    },
+    ModelPreset {
+        id: "pythia-160m",
+        label: "Pythia-160M (GPT-NeoX, 12x768, 12 heads, rotary 16 of 64, parallel residual, seq 2048)",
+        setup: || pythia(12, 12, 768),
+    },
+    ModelPreset {
+        id: "pythia-1b",
+        label: "Pythia-1B (GPT-NeoX, 16x2048, 8 heads, rotary 64 of 256, parallel residual, seq 2048)",
+        setup: || pythia(16, 8, 2048),
+    },
 ];
+
+/// A Pythia model (EleutherAI's config.json files): GPT-NeoX with `rotary_pct` 0.25, parallel residual,
+/// attention biases, MLP 4x, vocab 50304, untied, 2,048 positions.
+fn pythia(n_layer: u64, n_head: u64, n_embd: u64) -> Setup {
+    let mut s = hf(
+        Family::GptNeox,
+        LlamaDims {
+            n_layer,
+            n_head,
+            n_kv: n_head,
+            n_embd,
+            inter: 4 * n_embd,
+            vocab: 50304,
+            max_pos: 2048,
+            tie: false,
+        },
+        2048,
+    );
+    s.model.rotary_dims = n_embd / n_head / 4;
+    s.model.parallel_residual = true;
+    s.model.bias = true;
+    s
+}
 
 /// The preset ids, for error messages listing the allowed values (kept equal to `MODEL_PRESETS` by a test).
 pub const MODEL_IDS: &[&str] = &[
@@ -358,6 +416,9 @@ pub const MODEL_IDS: &[&str] = &[
     "qwen2.5-7b",
     "gemma-2-2b",
     "gemma-3-1b",
+    "phi-3-mini",
+    "pythia-160m",
+    "pythia-1b",
 ];
 
 pub fn model_preset(id: &str) -> Option<Setup> {
@@ -785,7 +846,8 @@ mod tests {
             1_235_814_400
         );
         // Published: Llama-3.1-8B 8,030,261,248; Llama-3.1-70B 70,553,706,496; Qwen2.5-1.5B 1,543,714,304;
-        // Qwen2.5-7B 7,615,616,512; Gemma-2-2B 2,614,341,888; Gemma-3-1B 999,885,952.
+        // Qwen2.5-7B 7,615,616,512; Gemma-2-2B 2,614,341,888; Gemma-3-1B 999,885,952; Phi-3-mini 3,821,079,552;
+        // Pythia-160M 162,322,944 and Pythia-1B 1,011,781,632 (the Pythia paper's totals).
         for (id, n) in [
             ("llama-3.1-8b", 8_030_261_248),
             ("llama-3.1-70b", 70_553_706_496),
@@ -793,6 +855,9 @@ mod tests {
             ("qwen2.5-7b", 7_615_616_512),
             ("gemma-2-2b", 2_614_341_888),
             ("gemma-3-1b", 999_885_952),
+            ("phi-3-mini", 3_821_079_552),
+            ("pythia-160m", 162_322_944),
+            ("pythia-1b", 1_011_781_632),
         ] {
             assert_eq!(model_preset(id).unwrap().model.n_params(), n, "{id}");
         }

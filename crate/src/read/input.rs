@@ -26,6 +26,8 @@ const MODEL_FIELDS: &[&str] = &[
     "tie_embeddings",
     "head_dim",
     "sliding_window",
+    "rotary_dims",
+    "parallel_residual",
 ];
 const TRAIN_FIELDS: &[&str] = &[
     "batch_size",
@@ -245,6 +247,8 @@ fn model_fields(m: &Map<String, Value>) -> Result<ModelConfig, Error> {
                 "intermediate_size",
                 "tie_embeddings",
                 "sliding_window",
+                "rotary_dims",
+                "parallel_residual",
             ] {
                 if m.contains_key(k) {
                     return Err(Error::invalid(
@@ -257,12 +261,12 @@ fn model_fields(m: &Map<String, Value>) -> Result<ModelConfig, Error> {
             (n_head, n_embd.saturating_mul(4), true)
         }
         hf => {
-            if m.contains_key("bias") {
+            if m.contains_key("bias") && hf != Family::GptNeox {
                 return Err(Error::invalid(
                     "model.bias",
                     &m["bias"],
                     format!(
-                        "is a gpt2 field; {} has its own biases (qwen2: q, k and v; llama, mistral, qwen3: none)",
+                        "is a gpt2 and gpt_neox field; {} has its own biases (qwen2: q, k and v; the others: none)",
                         hf.name()
                     ),
                 ));
@@ -277,6 +281,8 @@ fn model_fields(m: &Map<String, Value>) -> Result<ModelConfig, Error> {
             )
         }
     };
+    let neox = family == Family::GptNeox;
+    let head_dim = get_u64(m, "model.", "head_dim")?.unwrap_or(0);
     Ok(ModelConfig {
         family,
         n_layer: required(get_u64(m, "model.", "n_layer")?, "model.n_layer")?,
@@ -285,12 +291,20 @@ fn model_fields(m: &Map<String, Value>) -> Result<ModelConfig, Error> {
         n_embd,
         block_size,
         vocab_size: required(get_u64(m, "model.", "vocab_size")?, "model.vocab_size")?,
-        bias: get_bool(m, "model.", "bias")?.unwrap_or(false),
+        // GPT-NeoX's `attention_bias` defaults to true, as its rotary to a quarter of each head and its residual
+        // to parallel branches (`GPTNeoXConfig`: rotary_pct 0.25, use_parallel_residual True).
+        bias: get_bool(m, "model.", "bias")?.unwrap_or(neox),
         dropout: get_f64(m, "model.", "dropout")?.unwrap_or(0.0),
         intermediate_size,
         tie_embeddings: tie,
-        head_dim: get_u64(m, "model.", "head_dim")?.unwrap_or(0),
+        head_dim,
         sliding_window: get_u64(m, "model.", "sliding_window")?.unwrap_or(0),
+        rotary_dims: match get_u64(m, "model.", "rotary_dims")? {
+            Some(d) => d,
+            None if neox => neox_rotary_dims(head_dim, n_embd, n_head, 0.25),
+            None => 0,
+        },
+        parallel_residual: get_bool(m, "model.", "parallel_residual")?.unwrap_or(neox),
     })
 }
 
@@ -312,6 +326,13 @@ pub fn setup_to_value(s: &Setup) -> Value {
         }
         if m.sliding_window > 0 {
             model["sliding_window"] = m.sliding_window.into();
+        }
+        if m.rotary_dims > 0 {
+            model["rotary_dims"] = m.rotary_dims.into();
+        }
+        if m.family == Family::GptNeox {
+            model["bias"] = Value::Bool(m.bias);
+            model["parallel_residual"] = Value::Bool(m.parallel_residual);
         }
     }
     let t = &s.train;
@@ -982,6 +1003,8 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
         "gemma2" => Family::Gemma2,
         "gemma3_text" => Family::Gemma3,
         "olmo2" => Family::Olmo2,
+        "phi3" => Family::Phi3,
+        "gpt_neox" => Family::GptNeox,
         other => {
             return Err(Error::UnknownValue {
                 field: "model_type".into(),
@@ -995,6 +1018,8 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
                     "gemma2",
                     "gemma3_text",
                     "olmo2",
+                    "phi3",
+                    "gpt_neox",
                 ],
             })
         }
@@ -1019,7 +1044,7 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
         })
     };
     let sliding_window = match family {
-        Family::Mistral => window("sliding_window")?,
+        Family::Mistral | Family::Phi3 => window("sliding_window")?,
         // Gemma 3: five sliding layers for every global one (`sliding_window_pattern` 6; `Arch::layer_slides`).
         Family::Gemma3 => {
             if get_u64(o, "", "sliding_window_pattern")?.is_some_and(|p| p != 6) {
@@ -1056,6 +1081,47 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
              causal attention does"
         ));
     }
+    // The MLP's activation as the families measured use it: another one (GPT-NeoX's "gelu_new", say) is a chain
+    // of PyTorch ops with buffers of its own.
+    let act = get_str(o, "", "hidden_act")?;
+    let expected_act = match family {
+        Family::GptNeox => Some("gelu"),
+        Family::Phi3 => Some("silu"),
+        _ => None,
+    };
+    if let (Some(a), Some(e)) = (act, expected_act) {
+        if a != e {
+            return Err(Error::NotModelled {
+                what: format!("{model_type} with hidden_act \"{a}\" (vramfit models \"{e}\")"),
+            });
+        }
+    }
+    // Partial rotary: Phi-3's `partial_rotary_factor` (default 1), GPT-NeoX's `rotary_pct` (default 0.25), or
+    // transformers 5's `rope_parameters.partial_rotary_factor`; HF takes `int(head_size * factor)` dimensions.
+    let factor = match o.get("rope_parameters") {
+        Some(Value::Object(rp)) => get_f64(rp, "rope_parameters.", "partial_rotary_factor")?,
+        _ => None,
+    };
+    let factor = match family {
+        Family::GptNeox => get_f64(o, "", "rotary_pct")?.or(factor).unwrap_or(0.25),
+        Family::Phi3 => get_f64(o, "", "partial_rotary_factor")?
+            .or(factor)
+            .unwrap_or(1.0),
+        _ => 1.0,
+    };
+    if !(factor > 0.0 && factor <= 1.0) {
+        return Err(Error::invalid(
+            if family == Family::GptNeox {
+                "rotary_pct"
+            } else {
+                "partial_rotary_factor"
+            },
+            factor,
+            "must be in (0, 1]",
+        ));
+    }
+    let rotary_dims = neox_rotary_dims(head_dim, hidden, n_head, factor);
+    let neox = family == Family::GptNeox;
     let m = ModelConfig {
         family,
         n_layer: required(get_u64(o, "", "num_hidden_layers")?, "num_hidden_layers")?,
@@ -1064,7 +1130,7 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
         n_embd: hidden,
         block_size: get_u64(o, "", "max_position_embeddings")?.unwrap_or(2048),
         vocab_size: required(get_u64(o, "", "vocab_size")?, "vocab_size")?,
-        bias: false,
+        bias: neox && get_bool(o, "", "attention_bias")?.unwrap_or(true),
         dropout: get_f64(o, "", "attention_dropout")?.unwrap_or(0.0),
         intermediate_size: required(get_u64(o, "", "intermediate_size")?, "intermediate_size")?,
         // Gemma ties its head unless the config says otherwise (`GemmaConfig(tie_word_embeddings=True)`).
@@ -1074,8 +1140,25 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
         )),
         head_dim,
         sliding_window,
+        rotary_dims,
+        parallel_residual: neox && get_bool(o, "", "use_parallel_residual")?.unwrap_or(true),
     };
     Ok((m, notes))
+}
+
+/// Rotary dimensions per head for a rotated fraction `factor` of it, as transformers takes them
+/// (`int(head_size * factor)`); 0 (the whole head) when that is all of it. `head_dim` 0: `n_embd / n_head`.
+fn neox_rotary_dims(head_dim: u64, n_embd: u64, n_head: u64, factor: f64) -> u64 {
+    let hd = if head_dim > 0 {
+        head_dim
+    } else {
+        n_embd.checked_div(n_head).unwrap_or(0)
+    };
+    if !(0.0..1.0).contains(&factor) {
+        return 0;
+    }
+    // In [0, hd): the float-to-int cast cannot overflow.
+    (hd as f64 * factor) as u64
 }
 
 #[cfg(test)]
@@ -1126,7 +1209,8 @@ mod tests {
         );
         assert_eq!(
             with("family", "\"bert\""),
-            "model.family (\"bert\") is not one of: gpt2, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, olmo2"
+            "model.family (\"bert\") is not one of: gpt2, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, olmo2, \
+             phi3, gpt_neox"
         );
         assert_eq!(with("bias", "1"), "model.bias (1) must be true or false");
         let e = setup_from_json("{\"model\": \n{").unwrap_err().to_string();
@@ -1291,12 +1375,49 @@ mod tests {
         let (o2, _) = hf_config(olmo2).unwrap();
         assert_eq!(o2.family, Family::Olmo2);
         assert_eq!(o2.n_params(), 1_484_916_736);
-        let e = hf_config(r#"{"model_type": "phi3", "hidden_size": 8}"#)
+        // Phi-3-mini-4k-instruct's config.json (abridged): packed projections; its published 3,821,079,552.
+        let phi3 = r#"{"architectures": ["Phi3ForCausalLM"], "hidden_act": "silu", "hidden_size": 3072,
+            "intermediate_size": 8192, "max_position_embeddings": 4096, "model_type": "phi3",
+            "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32, "sliding_window": 2047,
+            "tie_word_embeddings": false, "vocab_size": 32064}"#;
+        let (p3, _) = hf_config(phi3).unwrap();
+        assert_eq!(
+            (p3.family, p3.sliding_window, p3.rotary_dims),
+            (Family::Phi3, 2047, 0)
+        );
+        assert_eq!(p3.n_params(), 3_821_079_552);
+        // Pythia-160M and 1B (GPT-NeoX): a quarter of each head rotated, parallel residual, biases; the Pythia
+        // paper's 162,322,944 and 1,011,781,632 parameters.
+        let pythia = |hidden: u64, layers: u64, heads: u64| {
+            format!(
+                r#"{{"architectures": ["GPTNeoXForCausalLM"], "hidden_act": "gelu", "hidden_size": {hidden},
+                "intermediate_size": {}, "max_position_embeddings": 2048, "model_type": "gpt_neox",
+                "num_attention_heads": {heads}, "num_hidden_layers": {layers}, "rotary_pct": 0.25,
+                "use_parallel_residual": true, "vocab_size": 50304}}"#,
+                4 * hidden
+            )
+        };
+        let (p160, _) = hf_config(&pythia(768, 12, 12)).unwrap();
+        assert_eq!((p160.family, p160.rotary_dims), (Family::GptNeox, 16));
+        assert!(p160.parallel_residual && p160.bias && !p160.tie_embeddings);
+        assert_eq!(p160.n_params(), 162_322_944);
+        let (p1b, _) = hf_config(&pythia(2048, 16, 8)).unwrap();
+        assert_eq!((p1b.rotary_dims, p1b.n_params()), (64, 1_011_781_632));
+        let e = hf_config(&pythia(768, 12, 12).replace("\"gelu\"", "\"gelu_new\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gpt_neox with hidden_act \"gelu_new\""), "{e}");
+        let e = hf_config(&pythia(768, 12, 12).replace("0.25", "0"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rotary_pct (0) must be in (0, 1]"), "{e}");
+        let e = hf_config(r#"{"model_type": "bert", "hidden_size": 8}"#)
             .unwrap_err()
             .to_string();
         assert!(
             e.contains(
-                "model_type (\"phi3\") is not one of: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, olmo2"
+                "model_type (\"bert\") is not one of: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, olmo2, \
+                 phi3, gpt_neox"
             ),
             "{e}"
         );
@@ -1321,6 +1442,8 @@ const QUERY_KEYS: &[(&str, &str, QueryKind)] = &[
     ("tie_embeddings", "model", QueryKind::Bool),
     ("head_dim", "model", QueryKind::Num),
     ("sliding_window", "model", QueryKind::Num),
+    ("rotary_dims", "model", QueryKind::Num),
+    ("parallel_residual", "model", QueryKind::Bool),
     ("batch_size", "train", QueryKind::Num),
     ("seq_len", "train", QueryKind::Num),
     ("precision", "train", QueryKind::Str),

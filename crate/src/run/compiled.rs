@@ -415,7 +415,11 @@ fn block_fwd(
             let (attn, x_mid, mask1) = fused_attn_fwd(cx, last, deferred, recompute);
             (attn, Some(x_mid), mask1)
         }
-        Qkv::Separate => separate_attn_fwd(cx, first, discarded),
+        // Packed projections are refused under torch.compile (`Setup::validate`); their views walk the
+        // separate layout's path until their wrappers are read.
+        Qkv::Separate | Qkv::PackedSlices | Qkv::PackedHeads => {
+            separate_attn_fwd(cx, first, discarded)
+        }
     };
     let norm2 = norm_fwd(cx, true);
     let (mlp, mask2, x_out) = mlp_fwd(cx, recompute, want_out, discarded);

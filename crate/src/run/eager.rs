@@ -8,7 +8,7 @@
 //! `LlamaAttention` (separate q/k/v Linears, rotary on q and k, grouped-query SDPA); the two MLPs are GELU and
 //! SwiGLU.
 
-use crate::arch::{Core, Loss, Mlp, Norm, Positions, Program, Qkv};
+use crate::arch::{Core, Loss, Mlp, Norm, Positions, Program, Qkv, RotaryCat};
 use crate::sim::Category::{self, Activations, Grads, Logits, Temporary};
 use crate::sim::Tensor;
 use crate::tensors::{self as ops, Ctx, LinearSaved, NormSaved, SdpaSaved};
@@ -53,9 +53,10 @@ enum AttnSaved {
 }
 
 struct SeparateSaved {
+    /// q's Linear, or the packed q/k/v Linear (then `k` and `v` are None and `v_out` is its output).
     q: LinearSaved,
-    k: LinearSaved,
-    v: LinearSaved,
+    k: Option<LinearSaved>,
+    v: Option<LinearSaved>,
     /// Qwen3's head-wise norms of q and k.
     q_norm: Option<QkNorm>,
     k_norm: Option<QkNorm>,
@@ -67,6 +68,8 @@ struct SeparateSaved {
     /// itself (v's repeat is saved) and aten makes the mask additive (saved); memory-efficient kernel.
     window: Option<Windowed>,
     core: SeparateCore,
+    /// The contiguous copy of a head-major SDPA output that o_proj read and saved (`RotaryCat::Each`/`Both`).
+    y_copy: Option<Tensor>,
     o: LinearSaved,
 }
 
@@ -124,6 +127,14 @@ enum MlpSaved {
         prod: Tensor,
         down: LinearSaved,
     },
+    /// SwiGLU (or GeGLU) with one `gate_up_proj`: its output holds both halves.
+    Packed {
+        gate_up: LinearSaved,
+        gu: Tensor,
+        act: Tensor,
+        prod: Tensor,
+        down: LinearSaved,
+    },
 }
 
 impl MlpSaved {
@@ -131,6 +142,7 @@ impl MlpSaved {
         match self {
             MlpSaved::Gelu { fc, .. } => fc,
             MlpSaved::SwiGlu { gate, .. } => gate,
+            MlpSaved::Packed { gate_up, .. } => gate_up,
         }
     }
 }
@@ -149,7 +161,8 @@ struct BlockSaved {
     norm1: NormSaved,
     norm1_out: Option<Tensor>,
     attn: AttnSaved,
-    x_mid: Tensor,
+    /// The stream after the attention's add (None with a parallel residual, whose branches both read `x_in`).
+    x_mid: Option<Tensor>,
     norm2: NormSaved,
     norm2_out: Option<Tensor>,
     mlp: MlpSaved,
@@ -227,16 +240,18 @@ fn norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
     }
 }
 
-fn norm_bwd(cx: &mut Ctx, grad_out: Tensor, saved: NormSaved, input: Tensor) -> Tensor {
+/// A norm's backward; `input` is its saved input when the norm holds the last reference to it (a parallel
+/// residual's second norm shares it with the first, which frees it).
+fn norm_bwd(cx: &mut Ctx, grad_out: Tensor, saved: NormSaved, input: Option<Tensor>) -> Tensor {
+    let dims = (cx.n, cx.m.n_embd, cx.r);
     match cx.arch.norm {
         Norm::LayerNorm { bias } => ops::layer_norm_bwd(cx, grad_out, saved, input, bias),
         // Gemma's backward runs the same statistics' backward as Llama's (fake-cuda trace of a gemma bf16-amp
         // case: the same N x C fp32 temporaries, a [C] more for `1 + weight`).
-        Norm::RmsNorm | Norm::GemmaRmsNorm => ops::rms_norm_bwd(cx, grad_out, saved, input),
-        Norm::Olmo2RmsNorm => {
-            let dims = (cx.n, cx.m.n_embd, cx.r);
-            ops::olmo2_rms_norm_bwd(cx, grad_out, true, saved, Some(input), dims)
+        Norm::RmsNorm | Norm::GemmaRmsNorm => {
+            ops::rms_norm_bwd_on(cx, grad_out, saved, input, dims)
         }
+        Norm::Olmo2RmsNorm => ops::olmo2_rms_norm_bwd(cx, grad_out, true, saved, input, dims),
     }
 }
 
@@ -457,6 +472,91 @@ fn rope_bwd(cx: &mut Ctx, g: Tensor, width: u64, in_bytes: u64) -> Tensor {
     }
 }
 
+/// Rotary on q (`qd` features) and k (`kv`) read in `in_bytes`: on whole heads, or on the first
+/// `rotary_dims` of each head followed by the concatenation with the rest (`RotaryCat`), which makes full-width
+/// q and k in the rotary dtype (fake-cuda traces of phi3-512-untied-bf16amp and neox-512-bf16amp: `cat`,
+/// N x width x 4 under autocast, the rotated part freed).
+fn rotary_fwd(cx: &mut Ctx, qd: u64, kv: u64, in_bytes: u64) -> (Tensor, Tensor) {
+    let part = |cx: &Ctx, width: u64| width / cx.m.head_dim() * cx.m.rotary_dims();
+    let cat = |cx: &mut Ctx, rotated: Tensor, width: u64| {
+        let out = cx.alloc(cx.n * width * rope_bytes(cx), Activations, "cat");
+        cx.free(rotated);
+        out
+    };
+    match cx.arch.rotary_cat {
+        RotaryCat::Whole => (rope_fwd(cx, qd, in_bytes), rope_fwd(cx, kv, in_bytes)),
+        RotaryCat::Each => {
+            let q = rope_fwd(cx, part(cx, qd), in_bytes);
+            let q = cat(cx, q, qd);
+            let k = rope_fwd(cx, part(cx, kv), in_bytes);
+            (q, cat(cx, k, kv))
+        }
+        RotaryCat::Both => {
+            let q = rope_fwd(cx, part(cx, qd), in_bytes);
+            let k = rope_fwd(cx, part(cx, kv), in_bytes);
+            let q = cat(cx, q, qd);
+            (q, cat(cx, k, kv))
+        }
+    }
+}
+
+/// Backward of `rotary_fwd` for q or k (`g`: the gradient of the rotated full-width tensor): the whole-head
+/// rotary's, or, after a concatenation, its backward: the rest's gradient slice cast to the input's dtype
+/// (`_to_copy`), the rotary backward on the rotated slice, both placed into the head's width
+/// (`slice_backward`) and summed (`add`); the result is head-major, so `view` to the projection's token-major
+/// layout copies it (`clone`; traces as in `rotary_fwd`).
+fn rotary_bwd(cx: &mut Ctx, g: Tensor, width: u64, in_bytes: u64) -> Tensor {
+    if cx.arch.rotary_cat == RotaryCat::Whole {
+        return rope_bwd(cx, g, width, in_bytes);
+    }
+    let full = cx.n * width * in_bytes;
+    let rot = width / cx.m.head_dim() * cx.m.rotary_dims();
+    let rest = (rot < width && rope_bytes(cx) != in_bytes)
+        .then(|| cx.alloc(cx.n * (width - rot) * in_bytes, Temporary, "_to_copy"));
+    let g_rot = rope_bwd(cx, g, rot, in_bytes);
+    let placed = cx.alloc(full, Temporary, "slice_backward");
+    let placed_rest = (rot < width).then(|| cx.alloc(full, Temporary, "slice_backward"));
+    let sum = cx.alloc(full, Temporary, "add");
+    cx.sim
+        .free_some(&[Some(placed), placed_rest, Some(g_rot), rest]);
+    sum
+}
+
+/// The head-major gradient of q or k back in the projection's token-major layout, where the packed q/k/v
+/// slices place them one by one (`Qkv::PackedSlices`, after a rotary concatenation).
+fn token_major(cx: &mut Ctx, g: Tensor, width: u64, bytes: u64) -> Tensor {
+    if cx.arch.rotary_cat == RotaryCat::Whole || cx.arch.qkv != Qkv::PackedSlices {
+        return g;
+    }
+    let c = cx.alloc(cx.n * width * bytes, Temporary, "clone");
+    cx.free(g);
+    c
+}
+
+/// The gradient of a packed q/k/v projection's output from q's, k's and v's (`Qkv::PackedSlices`: each placed
+/// into the packed width with `slice_backward` and summed, v's first, as the engine reaches them: fake-cuda trace
+/// of phi3-512-untied-bf16amp; `Qkv::PackedHeads`: concatenated per head, then copied to token-major order:
+/// trace of neox-512-bf16amp).
+fn packed_qkv_bwd(cx: &mut Ctx, gq: Tensor, gk: Tensor, gv: Tensor) -> Tensor {
+    let width = cx.m.q_dim() + 2 * cx.m.kv_dim();
+    let full = cx.n * width * cx.p;
+    if cx.arch.qkv == Qkv::PackedHeads {
+        let cat = cx.alloc(full, Temporary, "cat");
+        cx.sim.free_all(&[gk, gq, gv]);
+        let c = cx.alloc(full, Temporary, "clone");
+        cx.free(cat);
+        return c;
+    }
+    let sv = cx.alloc(full, Temporary, "slice_backward");
+    cx.free(gv);
+    let sk = cx.alloc(full, Temporary, "slice_backward");
+    cx.free(gk);
+    let acc = ops::grad_sum(cx, sv, sk, full);
+    let sq = cx.alloc(full, Temporary, "slice_backward");
+    cx.free(gq);
+    ops::grad_sum(cx, acc, sq, full)
+}
+
 /// A head-wise RMSNorm of q or k (Qwen3): what it saved, its input (kept when saved), its output.
 struct QkNorm {
     saved: NormSaved,
@@ -670,7 +770,7 @@ fn sdpa_backend_of(cx: &Ctx, masked: bool) -> crate::policy::SdpaBackend {
 fn attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
     match cx.arch.qkv {
         Qkv::Fused => fused_attn_fwd(cx),
-        Qkv::Separate => separate_attn_fwd(cx),
+        Qkv::Separate | Qkv::PackedSlices | Qkv::PackedHeads => separate_attn_fwd(cx),
     }
 }
 
@@ -721,7 +821,15 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
     let c = cx.m.n_embd;
     let (qd, kv) = (cx.m.q_dim(), cx.m.kv_dim());
     let (r, p) = (cx.r, cx.p);
-    let (bias, qkv_bias) = (cx.arch.linear_bias, cx.arch.qkv_bias);
+    let qkv_bias = cx.arch.qkv_bias;
+    // A packed q/k/v projection (Phi-3, GPT-NeoX): one output whose q, k and v are views; it stays whole while
+    // SDPA holds the v view (fake-cuda traces of phi3-512-untied-bf16amp and neox-512-bf16amp).
+    let packed = cx.arch.qkv != Qkv::Separate;
+    if packed {
+        let (qkv_out, qkv) = ops::linear_fwd(cx, r, c, qd + 2 * kv, qkv_bias, Activations);
+        let (q_rot, k_rot) = rotary_fwd(cx, qd, kv, p);
+        return attn_core_fwd(cx, (qkv, None, None), None, qkv_out, q_rot, k_rot);
+    }
     let (q_out, q) = ops::linear_fwd(cx, r, c, qd, qkv_bias, Temporary);
     // Qwen3: each projection goes through its head-wise RMSNorm right away (q's before k's projection); rotary
     // then reads the norm's output, in the wider of the weight's and the projection's dtype (fp32 under
@@ -735,8 +843,7 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
         (Some(qn), Some(kn)) => (qn.out, kn.out, qn.out_bytes),
         _ => (q_out, k_out, p),
     };
-    let mut q_rot = rope_fwd(cx, qd, in_bytes);
-    let mut k_rot = rope_fwd(cx, kv, in_bytes);
+    let (mut q_rot, mut k_rot) = rotary_fwd(cx, qd, kv, in_bytes);
     // OLMo 2: back to q's and k's dtype before the kernel (stub-cuda snapshot of olmo2-768-tied-bf16: q's cast,
     // k's cast, then the fp32 rotated q and k freed).
     if cx.arch.rope_fp32 && rope_bytes(cx) != in_bytes {
@@ -747,6 +854,31 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
     }
     cx.free(q_in);
     cx.free(k_in);
+    attn_core_fwd(
+        cx,
+        (q, Some(k), Some(v)),
+        Some((q_norm, k_norm)),
+        v_out,
+        q_rot,
+        k_rot,
+    )
+}
+
+/// The attention from the rotated q and k and v's projection output (`v_out`) through o_proj: HF's eager
+/// attention or SDPA (with an explicit sliding-window mask when the sequence reaches the window).
+fn attn_core_fwd(
+    cx: &mut Ctx,
+    (q, k, v): (LinearSaved, Option<LinearSaved>, Option<LinearSaved>),
+    qk_norms: Option<(Option<QkNorm>, Option<QkNorm>)>,
+    v_out: Tensor,
+    q_rot: Tensor,
+    k_rot: Tensor,
+) -> (AttnSaved, Tensor) {
+    let c = cx.m.n_embd;
+    let (qd, kv) = (cx.m.q_dim(), cx.m.kv_dim());
+    let p = cx.p;
+    let bias = cx.arch.linear_bias;
+    let (q_norm, k_norm) = qk_norms.unwrap_or((None, None));
     if cx.arch.core == Core::Manual {
         let (e, y) = hf_eager_fwd(cx, q_rot, k_rot, v_out);
         let (o_out, o) = ops::linear_fwd(cx, p, qd, c, bias, Temporary);
@@ -772,6 +904,7 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
             k_att: k_rot,
             window: None,
             core: SeparateCore::Eager(e),
+            y_copy: None,
             o,
         };
         return (AttnSaved::Separate(saved), o_out);
@@ -832,12 +965,16 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
         cx.drop_unsaved(q_att);
         cx.drop_unsaved(k_att);
     }
+    // After a rotary concatenation q reached SDPA head-major, so its output is head-major and
+    // `transpose(1, 2).contiguous()` copies it; o_proj saves the copy.
+    let y_copy = (cx.arch.rotary_cat != RotaryCat::Whole)
+        .then(|| cx.alloc(cx.n * qd * p, Activations, "clone"));
     let (o_out, o) = ops::linear_fwd(cx, p, qd, c, bias, Temporary);
     if q_att != q_rot {
         cx.free(q_rot);
         cx.free(k_rot);
     }
-    for t in [sdpa.out, q_att, k_att, v_out] {
+    for t in [sdpa.out, q_att, k_att, v_out].into_iter().chain(y_copy) {
         cx.drop_unsaved(t);
     }
     let saved = SeparateSaved {
@@ -851,10 +988,15 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
         k_att,
         window,
         core: SeparateCore::Sdpa(sdpa),
+        y_copy,
         o,
     };
     (AttnSaved::Separate(saved), o_out)
 }
+
+/// The gradient a branch starts from when the block hands it one (a post-norm's, or a parallel residual's
+/// shared cast): (gradient, bytes per element, whether the branch frees it).
+type Given = Option<(Tensor, u64, bool)>;
 
 /// Backward of the attention branch from the residual gradient `g_mid` (which the skip path still holds) to the
 /// first norm's output; `norm_out` is that output when the input Linear did not save a cast of its own.
@@ -863,7 +1005,7 @@ fn attn_bwd(
     g_mid: Tensor,
     a: AttnSaved,
     norm_out: Option<Tensor>,
-    post: Option<(Tensor, u64)>,
+    given: Given,
 ) -> Tensor {
     let nc = cx.n * cx.m.n_embd;
     let p = cx.p;
@@ -876,7 +1018,10 @@ fn attn_bwd(
             c_proj,
             drop,
         } => {
-            let (g_branch, g_bytes, owned) = branch_grad(cx, g_mid, drop);
+            let (g_branch, g_bytes, owned) = match given {
+                Some(g) => g,
+                None => branch_grad(cx, g_mid, drop),
+            };
             let gy = ops::linear_bwd(cx, g_branch, g_bytes, owned, c_proj, y);
             let g_qkv = match core {
                 CoreSaved::Sdpa(a) => {
@@ -897,13 +1042,13 @@ fn attn_bwd(
         AttnSaved::Separate(s) => {
             let (qd, kv) = (cx.m.q_dim(), cx.m.kv_dim());
             let r = cx.r;
-            let (g_branch, g_bytes, owned) = match post {
-                Some((g, bytes)) => (g, bytes, true),
+            let (g_branch, g_bytes, owned) = match given {
+                Some(g) => g,
                 None => branch_grad(cx, g_mid, None),
             };
             let (dq, dk, dv, cast_back) = match s.core {
                 SeparateCore::Sdpa(sdpa) => {
-                    let g_att = ops::linear_bwd(cx, g_branch, g_bytes, owned, s.o, None);
+                    let g_att = ops::linear_bwd(cx, g_branch, g_bytes, owned, s.o, s.y_copy);
                     let masked = s.window.is_some();
                     let repeated = s.window.as_ref().is_some_and(|w| w.repeated);
                     let kw = if repeated { qd } else { kv };
@@ -954,8 +1099,15 @@ fn attn_bwd(
                 (dq, dk)
             };
             let in_bytes = s.q_norm.as_ref().map_or(p, |n| n.out_bytes);
-            let gk = rope_bwd(cx, dk, kv, in_bytes);
-            let gq = rope_bwd(cx, dq, qd, in_bytes);
+            let gk = rotary_bwd(cx, dk, kv, in_bytes);
+            let gq = rotary_bwd(cx, dq, qd, in_bytes);
+            let (Some(k), Some(v)) = (s.k, s.v) else {
+                // One packed projection: the three gradients assembled into its output's, one backward.
+                let gk = token_major(cx, gk, kv, in_bytes);
+                let gq = token_major(cx, gq, qd, in_bytes);
+                let g_qkv = packed_qkv_bwd(cx, gq, gk, dv);
+                return ops::linear_bwd(cx, g_qkv, p, true, s.q, norm_out);
+            };
             // Qwen3: back through the head-wise norms (k's first, as the engine reaches it), to the
             // projections' dtype.
             let gk = match s.k_norm {
@@ -966,8 +1118,8 @@ fn attn_bwd(
                 Some(n) => qk_norm_bwd(cx, gq, n, qd),
                 None => gq,
             };
-            let g_hv = ops::linear_bwd(cx, dv, p, true, s.v, None);
-            let g_hk = ops::linear_bwd(cx, gk, p, true, s.k, None);
+            let g_hv = ops::linear_bwd(cx, dv, p, true, v, None);
+            let g_hk = ops::linear_bwd(cx, gk, p, true, k, None);
             let acc = ops::grad_sum(cx, g_hv, g_hk, nc * r);
             let g_hq = ops::linear_bwd(cx, gq, p, true, s.q, norm_out);
             ops::grad_sum(cx, acc, g_hq, nc * r)
@@ -983,7 +1135,7 @@ fn mlp_fwd(cx: &mut Ctx) -> (MlpSaved, Tensor) {
     let c = cx.m.n_embd;
     let i = cx.m.intermediate_size;
     let (r, p) = (cx.r, cx.p);
-    let bias = cx.arch.linear_bias;
+    let bias = cx.arch.mlp_bias;
     match cx.arch.mlp {
         Mlp::Gelu => {
             let (h, fc) = ops::linear_fwd(cx, r, c, i, bias, Activations);
@@ -1007,6 +1159,26 @@ fn mlp_fwd(cx: &mut Ctx) -> (MlpSaved, Tensor) {
             } else {
                 "silu"
             };
+            if cx.arch.packed_gate_up {
+                // Phi-3's `gate_up_proj`: one output chunked into gate and up; the activation saves the gate
+                // half and the product the up half, so it stays whole (fake-cuda trace of
+                // phi3-512-untied-bf16amp).
+                let (gu, gate_up) = ops::linear_fwd(cx, r, c, 2 * i, bias, Activations);
+                let a = cx.alloc(cx.n * i * p, Activations, act);
+                let prod = cx.alloc(cx.n * i * p, Activations, "mul");
+                cx.drop_unsaved(a);
+                cx.drop_unsaved(gu);
+                let (d_out, down) = ops::linear_fwd(cx, p, i, c, bias, Temporary);
+                cx.drop_unsaved(prod);
+                let saved = MlpSaved::Packed {
+                    gate_up,
+                    gu,
+                    act: a,
+                    prod,
+                    down,
+                };
+                return (saved, d_out);
+            }
             let (gate_out, gate) = ops::linear_fwd(cx, r, c, i, bias, Activations);
             let silu = cx.alloc(cx.n * i * p, Activations, act);
             cx.drop_unsaved(gate_out);
@@ -1037,7 +1209,7 @@ fn mlp_bwd(
     g_out: Tensor,
     s: MlpSaved,
     norm_out: Option<Tensor>,
-    post: Option<(Tensor, u64)>,
+    given: Given,
 ) -> Tensor {
     let nc = cx.n * cx.m.n_embd;
     let i = cx.m.intermediate_size;
@@ -1050,7 +1222,10 @@ fn mlp_bwd(
             proj,
             drop,
         } => {
-            let (g_branch, g_bytes, owned) = branch_grad(cx, g_out, drop);
+            let (g_branch, g_bytes, owned) = match given {
+                Some(g) => g,
+                None => branch_grad(cx, g_out, drop),
+            };
             let gh_in = ops::linear_bwd(cx, g_branch, g_bytes, owned, proj, Some(g));
             let gh = cx.alloc(cx.n * i * p, Temporary, "gelu_backward");
             cx.free(gh_in);
@@ -1066,8 +1241,8 @@ fn mlp_bwd(
             prod,
             down,
         } => {
-            let (g_branch, g_bytes, owned) = match post {
-                Some((g, bytes)) => (g, bytes, true),
+            let (g_branch, g_bytes, owned) = match given {
+                Some(g) => g,
                 None => branch_grad(cx, g_out, None),
             };
             let g_prod = ops::linear_bwd(cx, g_branch, g_bytes, owned, down, Some(prod));
@@ -1077,17 +1252,47 @@ fn mlp_bwd(
             cx.free(up_out);
             let g_a = ops::linear_bwd(cx, g_up, p, true, up, None);
             cx.free(silu);
-            let act_bwd = if cx.arch.mlp == Mlp::GeGlu {
-                "gelu_backward"
-            } else {
-                "silu_backward"
-            };
-            let g_gate = cx.alloc(cx.n * i * p, Temporary, act_bwd);
+            let g_gate = cx.alloc(cx.n * i * p, Temporary, act_bwd_name(cx));
             cx.free(g_silu);
             cx.free(gate_out);
             let g_b = ops::linear_bwd(cx, g_gate, p, true, gate, norm_out);
             ops::grad_sum(cx, g_a, g_b, nc * r)
         }
+        // The product's two gradients, the activation's backward, then chunk's backward concatenates the halves'
+        // gradients into one for `gate_up_proj` (fake-cuda trace of phi3-512-untied-bf16amp).
+        MlpSaved::Packed {
+            gate_up,
+            gu,
+            act,
+            prod,
+            down,
+        } => {
+            let (g_branch, g_bytes, owned) = match given {
+                Some(g) => g,
+                None => branch_grad(cx, g_out, None),
+            };
+            let g_prod = ops::linear_bwd(cx, g_branch, g_bytes, owned, down, Some(prod));
+            let g_act = cx.alloc(cx.n * i * p, Temporary, "mul");
+            let g_up = cx.alloc(cx.n * i * p, Temporary, "mul");
+            cx.free(g_prod);
+            cx.free(act);
+            let g_gate = cx.alloc(cx.n * i * p, Temporary, act_bwd_name(cx));
+            cx.free(g_act);
+            cx.free(gu);
+            let g_gu = cx.alloc(cx.n * 2 * i * p, Temporary, "cat");
+            cx.free(g_gate);
+            cx.free(g_up);
+            ops::linear_bwd(cx, g_gu, p, true, gate_up, norm_out)
+        }
+    }
+}
+
+/// The gated MLP's activation backward op.
+fn act_bwd_name(cx: &Ctx) -> &'static str {
+    if cx.arch.mlp == Mlp::GeGlu {
+        "gelu_backward"
+    } else {
+        "silu_backward"
     }
 }
 
@@ -1163,6 +1368,29 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
     let (norm1_out, norm1) = branch_input(cx, x_in);
     let (attn, a) = attn_fwd(cx);
     let norm1_out = branch_input_kept(cx, norm1_out, attn.input_linear());
+    if cx.arch.parallel_residual {
+        // GPT-NeoX: the second norm reads the layer input too; `mlp_out + attn_out` in the branches' dtype, then
+        // `+ x` in the stream's (fake-cuda trace of neox-512-bf16amp: 2 MiB bf16, then 4 MiB fp32).
+        let (norm2_out, norm2) = branch_input(cx, x_in);
+        let (mlp, o) = mlp_fwd(cx);
+        let norm2_out = branch_input_kept(cx, norm2_out, mlp.input_linear());
+        let branches = cx.alloc(nc * cx.p, Temporary, "add");
+        let x_out = cx.alloc(nc * r, Activations, "add");
+        cx.sim.free_all(&[branches, a, o]);
+        let saved = BlockSaved {
+            post1: None,
+            post2: None,
+            x_in,
+            norm1,
+            norm1_out,
+            attn,
+            x_mid: None,
+            norm2,
+            norm2_out,
+            mlp,
+        };
+        return (saved, x_out);
+    }
     let (a, post1) = post_norm_fwd(cx, a);
     let x_mid = cx.alloc(nc * r, Activations, "add");
     cx.free(a);
@@ -1192,7 +1420,7 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
         norm1,
         norm1_out,
         attn,
-        x_mid,
+        x_mid: Some(x_mid),
         norm2,
         norm2_out,
         mlp,
@@ -1202,8 +1430,14 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
 
 fn block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
     let nc_r = cx.n * cx.m.n_embd * cx.r;
+    if cx.arch.parallel_residual {
+        return parallel_block_bwd(cx, g_out, s);
+    }
     // MLP branch. The residual path keeps g_out alive until the norm's gradient is summed into it.
-    let post = s.post2.map(|n| post_norm_bwd(cx, g_out, n));
+    let post = s
+        .post2
+        .map(|n| post_norm_bwd(cx, g_out, n))
+        .map(|(g, bytes)| (g, bytes, true));
     let g_n2 = mlp_bwd(cx, g_out, s.mlp, s.norm2_out, post);
     let pre = cx.arch.pre_norms;
     let g_x2 = if pre {
@@ -1212,14 +1446,51 @@ fn block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
         g_n2
     };
     let g_mid = ops::grad_sum(cx, g_out, g_x2, nc_r);
-    let post = s.post1.map(|n| post_norm_bwd(cx, g_mid, n));
+    let post = s
+        .post1
+        .map(|n| post_norm_bwd(cx, g_mid, n))
+        .map(|(g, bytes)| (g, bytes, true));
     let g_n1 = attn_bwd(cx, g_mid, s.attn, s.norm1_out, post);
     let g_x1 = if pre {
-        norm_bwd(cx, g_n1, s.norm1, s.x_in)
+        norm_bwd(cx, g_n1, s.norm1, Some(s.x_in))
     } else {
         g_n1
     };
     ops::grad_sum(cx, g_mid, g_x1, nc_r)
+}
+
+/// Backward of a parallel-residual block (fake-cuda trace of neox-512-bf16amp): the engine casts the residual
+/// gradient once to the branches' dtype (the sum `mlp_out + attn_out` is one node; fp32 branches share the
+/// residual gradient itself); the MLP branch runs first (created last), its norm's gradient is summed with the
+/// residual's (which then dies unless the attention still reads it), then the attention branch and the first
+/// norm, whose backward frees the layer input both norms saved.
+fn parallel_block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
+    let nc = cx.n * cx.m.n_embd;
+    let (r, p) = (cx.r, cx.p);
+    let cast = (r != p).then(|| cx.alloc(nc * p, Temporary, "_to_copy"));
+    let (g_branch, g_bytes) = cast.map_or((g_out, r), |c| (c, p));
+    let g_n2 = mlp_bwd(
+        cx,
+        g_out,
+        s.mlp,
+        s.norm2_out,
+        Some((g_branch, g_bytes, false)),
+    );
+    let g_x2 = norm_bwd(cx, g_n2, s.norm2, None);
+    let acc = cx.alloc(nc * r, Temporary, "add");
+    cx.free(g_x2);
+    if cast.is_some() {
+        cx.free(g_out);
+    }
+    let g_n1 = attn_bwd(
+        cx,
+        g_out,
+        s.attn,
+        s.norm1_out,
+        Some((g_branch, g_bytes, true)),
+    );
+    let g_x1 = norm_bwd(cx, g_n1, s.norm1, Some(s.x_in));
+    ops::grad_sum(cx, acc, g_x1, nc * r)
 }
 
 /// Frees what a block saved, but its input (non-reentrant checkpointing's first forward already let go of
@@ -1261,6 +1532,7 @@ fn release_block(cx: &mut Ctx, s: BlockSaved) {
                 cx.free(n.input);
             }
             cx.sim.free_all(&[a.v_out, a.q_att, a.k_att]);
+            cx.sim.free_some(&[a.y_copy]);
             if let Some(w) = &a.window {
                 cx.sim.free_some(&[w.v_rep, Some(w.bias)]);
             }
@@ -1272,7 +1544,9 @@ fn release_block(cx: &mut Ctx, s: BlockSaved) {
                     cx.sim.free_some(&[e.attn_lp]);
                 }
             }
-            linears.extend([&a.q, &a.k, &a.v, &a.o]);
+            linears.push(&a.q);
+            linears.extend(a.k.iter().chain(a.v.iter()));
+            linears.push(&a.o);
         }
     }
     match &s.mlp {
@@ -1302,8 +1576,18 @@ fn release_block(cx: &mut Ctx, s: BlockSaved) {
             cx.sim.free_all(&[*gate_out, *silu, *up_out, *prod]);
             linears.extend([gate, up, down]);
         }
+        MlpSaved::Packed {
+            gate_up,
+            gu,
+            act,
+            prod,
+            down,
+        } => {
+            cx.sim.free_all(&[*gu, *act, *prod]);
+            linears.extend([gate_up, down]);
+        }
     }
-    cx.free(s.x_mid);
+    cx.sim.free_some(&[s.x_mid]);
     for l in linears {
         if let Some(t) = l.input_cast {
             cx.free(t);
@@ -1334,7 +1618,8 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
             (x0, Some(pos), None)
         }
         Positions::Rotary => {
-            let hs = cx.m.head_dim();
+            // The tables span the rotated dimensions of a head (all of it but for partial rotary).
+            let hs = cx.m.rotary_dims();
             let mut x0 = cx.alloc(nc * pb, Activations, "embedding");
             if cx.arch.embed_scale {
                 // `hidden_states * normalizer` (a constant tensor): a new N x C, the embedding's output dies.
@@ -1559,7 +1844,7 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     } else {
         cx.grads.pop()
     };
-    let mut g = norm_bwd(cx, g_norm_f, f.norm_f, f.x_last);
+    let mut g = norm_bwd(cx, g_norm_f, f.norm_f, Some(f.x_last));
     cx.sim.next_stage("backward");
     for (l, s) in f.blocks.into_iter().enumerate().rev() {
         cx.sim.layer(Some(l as u32));

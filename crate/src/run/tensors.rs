@@ -349,7 +349,7 @@ pub fn layer_norm_bwd(
     cx: &mut Ctx,
     grad_out: Tensor,
     saved: NormSaved,
-    input: Tensor,
+    input: Option<Tensor>,
     bias: bool,
 ) -> Tensor {
     let c = cx.m.n_embd;
@@ -358,7 +358,7 @@ pub fn layer_norm_bwd(
     let gw = cx.alloc(c * cx.pb, cat, "native_layer_norm_backward");
     let gb = bias.then(|| cx.alloc(c * cx.pb, cat, "native_layer_norm_backward"));
     cx.free(grad_out);
-    cx.free(input);
+    cx.sim.free_some(&[input]);
     cx.sim.free_some(&saved.stats);
     for g in [Some(gw), gb].into_iter().flatten() {
         if cx.have_grads {
