@@ -100,26 +100,6 @@ pub struct AllocatorStats {
     pub n_ooms: u64,
 }
 
-/// One block of a `Layout`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct LayoutBlock {
-    addr: u64,
-    size: u64,
-    /// small, allocated, mapped, expandable.
-    flags: [bool; 4],
-    /// The owner's key, for an allocated block.
-    owner: Option<u64>,
-}
-
-/// The allocator's state up to block indices (`CachingAllocator::layout`): compare two for equality.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Layout {
-    blocks: Vec<LayoutBlock>,
-    next_addr: u64,
-    capacity: u64,
-    allowed_memory_maximum: Option<u64>,
-}
-
 /// One block: a range of a segment, allocated, cached (free and mapped) or, in an expandable segment, unmapped.
 #[derive(Debug, Clone, Copy)]
 struct Block {
@@ -316,56 +296,6 @@ impl CachingAllocator {
         self.blocks[b as usize].allocated = false;
         self.stats.allocated_bytes.sub(self.blocks[b as usize].size);
         self.free_block(b);
-    }
-
-    /// Everything that decides what the allocator does next, with each allocated block's owner named by
-    /// `owner_key` (called with the caller's id): every block by address (size, pool, allocated, mapped,
-    /// expandable, owner), where the next segment goes, and the limits. Two allocators with equal layouts, fed
-    /// the same requests with the owners renamed alike, make the same choices and reach the same counters (block
-    /// indices, the only thing left out, decide nothing). `None` with garbage collection on: its ages depend on
-    /// the whole history.
-    pub fn layout(&self, owner_key: impl Fn(u32) -> u64) -> Option<Layout> {
-        if self.gc {
-            return None;
-        }
-        let mut owner = vec![NONE; self.blocks.len()];
-        for (id, &b) in self.by_id.iter().enumerate() {
-            if b != NONE {
-                owner[b as usize] = id as u32;
-            }
-        }
-        let mut unused = vec![false; self.blocks.len()];
-        for &b in &self.spare {
-            unused[b as usize] = true;
-        }
-        let mut blocks: Vec<LayoutBlock> = self
-            .blocks
-            .iter()
-            .zip(owner)
-            .zip(unused)
-            .filter(|(_, unused)| !unused)
-            .map(|((b, o), _)| LayoutBlock {
-                addr: b.addr,
-                size: b.size,
-                flags: [b.small, b.allocated, b.mapped, b.expandable],
-                owner: (o != NONE).then(|| owner_key(o)),
-            })
-            .collect();
-        blocks.sort_unstable_by_key(|b| b.addr);
-        Some(Layout {
-            blocks,
-            next_addr: self.next_addr,
-            capacity: self.capacity,
-            allowed_memory_maximum: self.allowed_memory_maximum,
-        })
-    }
-
-    /// Counts again the retries and OOMs made since `before` (a copy of `stats()`): for a stretch of the run
-    /// that repeats one already replayed from an equal `layout`, whose other counters it cannot move (it goes
-    /// through the same values and ends where it started).
-    pub fn count_repeat_of(&mut self, before: &AllocatorStats) {
-        self.stats.n_alloc_retries += self.stats.n_alloc_retries - before.n_alloc_retries;
-        self.stats.n_ooms += self.stats.n_ooms - before.n_ooms;
     }
 
     /// Releases every cached segment and unmaps every free page (`torch.cuda.empty_cache()`).

@@ -7,7 +7,7 @@
 //! Every allocation and free also goes to a model of the caching allocator itself (`allocator`), whose segments
 //! are the reserved memory (`torch.cuda.max_memory_reserved()`).
 
-use crate::allocator::{AllocatorConfig, AllocatorStats, CachingAllocator, Layout};
+use crate::allocator::{AllocatorConfig, CachingAllocator};
 
 /// What a live byte is for. The report's components are these, summed at the peak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -131,31 +131,6 @@ pub struct Sim {
     replay: bool,
     /// Every allocation and free, when recording (for comparing with a measured trace).
     events: Option<Vec<Event>>,
-    /// The highest live bytes an allocation reached since `mark_step` (0: none yet).
-    stretch_max: u64,
-    /// Set by `mark_step` until the next `stage`, which then records what came before it in `before_stage`.
-    stage_pending: bool,
-    /// See `StepMark::before_stage`.
-    before_stage: Option<(u64, u64)>,
-    /// Steps added by `repeat_step` rather than replayed.
-    n_repeated_steps: u32,
-}
-
-/// Where a step of the run started (`Sim::mark_step`): enough to tell whether the next step repeats it and, if
-/// so, to add that repeat without replaying it (`Sim::repeat_step`).
-#[derive(Debug, Clone)]
-pub struct StepMark {
-    /// The step that starts here.
-    step: u32,
-    /// The caching allocator's layout, the loop's own tensors named by their role.
-    layout: Layout,
-    stats: AllocatorStats,
-    /// Timeline points before this step's first stage.
-    timeline_len: usize,
-    /// Before the step's first stage, the previous stage goes on (the Hugging Face loop fetches its batch
-    /// there): the highest live bytes an allocation reached then (0: none), and the live bytes when the first
-    /// stage began. Set when it begins.
-    before_stage: Option<(u64, u64)>,
 }
 
 /// One allocator event: bytes > 0 allocates, < 0 frees.
@@ -194,10 +169,6 @@ impl Sim {
             allocator: CachingAllocator::new(allocator, capacity_bytes),
             replay: true,
             events: None,
-            stretch_max: 0,
-            stage_pending: false,
-            before_stage: None,
-            n_repeated_steps: 0,
         }
     }
 
@@ -212,10 +183,6 @@ impl Sim {
 
     /// Enters a stage of a step; the timeline gets one point per stage.
     pub fn stage(&mut self, step: u32, stage: &'static str) {
-        if self.stage_pending {
-            self.stage_pending = false;
-            self.before_stage = Some((self.stretch_max, self.live_bytes));
-        }
         self.phase = Phase {
             step,
             stage,
@@ -249,7 +216,6 @@ impl Sim {
             live: true,
         });
         self.live_bytes += bytes;
-        self.stretch_max = self.stretch_max.max(self.live_bytes);
         self.by_category[category.index()] += bytes;
         // Past the capacity the allocator keeps going (counting the OOM), so the run shows how far it overshoots.
         if self.replay && bytes > 0 {
@@ -356,85 +322,6 @@ impl Sim {
 
     pub fn timeline(&self) -> &[TimelinePoint] {
         &self.timeline
-    }
-
-    /// Marks the start of `step` of a run, before anything of it is allocated, with the tensors the training loop
-    /// carries into it (`roles`, in a fixed order: a later step's are named alike); every other live tensor is
-    /// named by itself. `None` when the run records its events or does not replay the allocator, which a
-    /// repeat could not stand for, or when the allocator's layout cannot be compared (`CachingAllocator::layout`).
-    pub fn mark_step(&mut self, step: u32, roles: &[Option<Tensor>]) -> Option<StepMark> {
-        if self.events.is_some() || !self.replay {
-            return None;
-        }
-        let layout = self.layout(roles)?;
-        self.stretch_max = 0;
-        self.stage_pending = true;
-        self.before_stage = None;
-        Some(StepMark {
-            step,
-            layout,
-            stats: *self.allocator.stats(),
-            timeline_len: self.timeline.len(),
-            before_stage: None,
-        })
-    }
-
-    fn layout(&self, roles: &[Option<Tensor>]) -> Option<Layout> {
-        // Role k is named u64::MAX - k, above every slot index (a u32).
-        let key = |id: u32| {
-            roles
-                .iter()
-                .position(|r| r.is_some_and(|t| t.0 == id as usize))
-                .map_or(u64::from(id), |k| u64::MAX - k as u64)
-        };
-        self.allocator.layout(key)
-    }
-
-    /// Whether the step starting now, with the loop carrying `roles` into it, repeats the step that started at
-    /// `mark` (just finished): the allocator is in the same layout, every long-lived tensor in the same place
-    /// and each role's tensor where the last one's was. The training loop then makes the same requests with the
-    /// new tensors for the old ones (`step::tests::step_three_repeats_step_two`), so the allocator, deterministic,
-    /// makes the same choices and ends in the same layout again.
-    pub fn repeats(&mut self, mark: &mut StepMark, roles: &[Option<Tensor>]) -> bool {
-        mark.before_stage = self.before_stage.take();
-        mark.before_stage.is_some()
-            && self.phase.step == mark.step
-            && self.layout(roles).as_ref() == Some(&mark.layout)
-    }
-
-    /// Adds the step after `mark`'s as its repeat (once `repeats` said so): the timeline points and the step's
-    /// peak again, one step later, and the allocator's retries and OOMs again. The peak, the allocator's peaks and
-    /// everything live are what the repeat would leave them: it goes through the same live bytes and layouts
-    /// (ties do not move the peak) and ends where it started.
-    pub fn repeat_step(&mut self, mark: &StepMark) {
-        let (before_max, stage_start_bytes) = mark.before_stage.unwrap_or((0, self.live_bytes));
-        let step = mark.step as usize;
-        self.step_peaks
-            .resize(self.step_peaks.len().max(step + 2), 0);
-        self.step_peaks[step + 1] = self.step_peaks[step];
-        let repeated: Vec<TimelinePoint> = self.timeline[mark.timeline_len..]
-            .iter()
-            .map(|p| TimelinePoint {
-                step: p.step + 1,
-                ..p.clone()
-            })
-            .collect();
-        // What the repeat does before its first stage goes to the stage under way (this step's last), and to
-        // this step's peak, as this step's own did to the step before.
-        if let Some(point) = self.timeline.last_mut() {
-            point.peak_bytes = point.peak_bytes.max(before_max);
-            point.end_bytes = stage_start_bytes;
-        }
-        self.step_peaks[step] = self.step_peaks[step].max(before_max);
-        self.timeline.extend(repeated);
-        self.allocator.count_repeat_of(&mark.stats);
-        self.phase.step += 1;
-        self.n_repeated_steps += 1;
-    }
-
-    /// Steps added as repeats (`repeat_step`) rather than replayed.
-    pub fn n_repeated_steps(&self) -> u32 {
-        self.n_repeated_steps
     }
 
     /// Starts recording every allocation and free.

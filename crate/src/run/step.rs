@@ -20,22 +20,12 @@ use crate::Error;
 /// 15,218 MiB reserved after two steps, 15,464 MiB after three), so peak-only estimates run all three too.
 pub const N_STEPS: u32 = 3;
 
-/// Runs the whole timeline and returns the allocator's record of it. The last step is not replayed when it
-/// would repeat the one before exactly (`Sim::repeats`): the same figures as `simulate_full`
-/// (`tests/repeat.rs`).
+/// Runs the whole timeline and returns the allocator's record of it.
 ///
 /// # Errors
 /// `NotModelled` for a combination the op models do not cover.
 pub fn simulate(setup: &Setup) -> Result<Sim, Error> {
-    run(setup, N_STEPS, false, u64::MAX, true)
-}
-
-/// `simulate` replaying every step, the last one included: what `simulate` must equal.
-///
-/// # Errors
-/// As `simulate`.
-pub fn simulate_full(setup: &Setup) -> Result<Sim, Error> {
-    run(setup, N_STEPS, false, u64::MAX, false)
+    run(setup, N_STEPS, false, u64::MAX)
 }
 
 /// `simulate`, stopped after the micro-step or optimizer stage in which the allocator's peak reserved memory
@@ -44,15 +34,15 @@ pub fn simulate_full(setup: &Setup) -> Result<Sim, Error> {
 /// # Errors
 /// As `simulate`.
 pub fn simulate_within(setup: &Setup, reserved_limit: u64) -> Result<Sim, Error> {
-    run(setup, N_STEPS, false, reserved_limit, true)
+    run(setup, N_STEPS, false, reserved_limit)
 }
 
-/// `simulate_full`, optionally recording every allocator event (see `Sim::events`).
+/// `simulate`, optionally recording every allocator event (see `Sim::events`).
 ///
 /// # Errors
 /// As `simulate`.
 pub fn simulate_recording(setup: &Setup, record: bool) -> Result<Sim, Error> {
-    run(setup, N_STEPS, record, u64::MAX, false)
+    run(setup, N_STEPS, record, u64::MAX)
 }
 
 /// An empty timeline for the setup: the allocator configured by its `PYTORCH_CUDA_ALLOC_CONF`
@@ -67,15 +57,7 @@ fn new_sim(setup: &Setup) -> Sim {
     Sim::new(setup.train.alloc_conf, capacity)
 }
 
-/// The run: `n_steps` steps; with `shortcut`, the last one added as a repeat of the one before when it would be
-/// one (`Sim::repeats`).
-fn run(
-    setup: &Setup,
-    n_steps: u32,
-    record: bool,
-    reserved_limit: u64,
-    shortcut: bool,
-) -> Result<Sim, Error> {
+fn run(setup: &Setup, n_steps: u32, record: bool, reserved_limit: u64) -> Result<Sim, Error> {
     let mut sim = new_sim(setup);
     if record {
         sim.record_events();
@@ -96,20 +78,7 @@ fn run(
     let mut state: Vec<Tensor> = Vec::new();
     let mut loop_state = Loop::start(&mut cx);
     let over = |cx: &Ctx| cx.sim.allocator().peak_reserved_bytes() > reserved_limit;
-    let mut mark = None;
     'steps: for step in 1..=n_steps {
-        if shortcut && step == n_steps {
-            let roles = loop_state.roles();
-            if let Some(m) = mark.as_mut() {
-                if cx.sim.repeats(m, &roles) {
-                    cx.sim.repeat_step(m);
-                    break;
-                }
-            }
-        }
-        if shortcut && step + 1 == n_steps {
-            mark = cx.sim.mark_step(step, &loop_state.roles());
-        }
         for _ in 0..simulated_micro_steps(tr.grad_accum_steps) {
             loop_state.micro_step(&mut cx, setup, step);
             if over(&cx) {
@@ -190,12 +159,6 @@ impl Loop {
             logits: None,
             scaler_created: false,
         }
-    }
-
-    /// The tensors the loop carries from one step into the next, in a fixed order (`Sim::mark_step`'s roles).
-    fn roles(&self) -> [Option<Tensor>; 3] {
-        let (x, y) = self.batch.unzip();
-        [x, y, self.logits]
     }
 
     /// One micro-step: forward with the loss, autocast's exit, backward (gradients accumulate into `.grad`).
