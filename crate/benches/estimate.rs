@@ -40,6 +40,10 @@ fn main() {
     time("estimate_peak (Mistral-7B, 32 layers)", 11, 20, || {
         black_box(vramfit::estimate_peak(black_box(&big)).unwrap());
     });
+    let deep = model_preset("llama-3.1-70b").unwrap();
+    time("estimate_peak (Llama-3.1-70B, 80 layers)", 11, 5, || {
+        black_box(vramfit::estimate_peak(black_box(&deep)).unwrap());
+    });
     let values = powers_of_two(1, 64);
     time("batch sweep, 7 points (founding case)", 11, 10, || {
         black_box(sweep(&s, Axis::BatchSize, &values).unwrap());
