@@ -167,6 +167,7 @@ def build_shadow():
 
 
 MIB = 1 << 20
+MESHES = {}  # fake-cuda: meshes built before the fake mode
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -180,7 +181,12 @@ def child(case, method, snapshot_path):
         os.environ["VRAMFIT_REAL_CUDA"] = "1"
         os.environ["VRAMFIT_NO_TRACKER"] = "1"
     else:
-        os.environ["VRAMFIT_STUB_LOADED"] = "1"  # ensured by main() (LD_PRELOAD of measure.py's cuda_stub)
+        # Fake tensors, but the stub-cuda libraries underneath (measure.py's small cuda_stub.c has no events,
+        # which FSDP2's streams need): nothing is allocated on the stub device, the runtime answers the queries.
+        import stub_cuda
+        ctypes.CDLL(build_shadow(), mode=ctypes.RTLD_GLOBAL)
+        stub_cuda.preload(stub_cuda.build(STUB_CACHE))
+        os.environ["VRAMFIT_STUB_LOADED"] = "1"
     import torch
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -200,6 +206,12 @@ def child(case, method, snapshot_path):
     steps = []
     fake_ctx = None
     if method == "fake-cuda":
+        # DeviceMesh reads a tensor back when it is built: build the meshes before the fake mode.
+        from torch.distributed.device_mesh import init_device_mesh
+        tp = par.get("tp_size", W)
+        MESHES["1d"] = init_device_mesh("cuda", (W,))
+        if par["strategy"] == "tp-fsdp2":
+            MESHES["2d"] = init_device_mesh("cuda", (W // tp, tp), mesh_dim_names=("dp", "tp"))
         from torch._subclasses.fake_tensor import FakeTensorMode
         fake_ctx = FakeTensorMode(allow_non_fake_inputs=True)
         fake_ctx.__enter__()
@@ -340,10 +352,10 @@ def run_case(case, method, after_step, torch, measure):
         assert family == "llama", "TP plans are written for Llama's module names"
         tp = par.get("tp_size", W)
         if strategy == "tp":
-            mesh = init_device_mesh("cuda", (tp,), mesh_dim_names=("tp",))
+            mesh = MESHES.get("1d") or init_device_mesh("cuda", (tp,), mesh_dim_names=("tp",))
             tp_mesh = mesh
         else:
-            mesh = init_device_mesh("cuda", (W // tp, tp), mesh_dim_names=("dp", "tp"))
+            mesh = MESHES.get("2d") or init_device_mesh("cuda", (W // tp, tp), mesh_dim_names=("dp", "tp"))
             tp_mesh, dp_mesh = mesh["tp"], mesh["dp"]
         info.update(tp_size=tp, dp_size=W // tp, tp_plan=par.get("plan", "basic"))
 
@@ -398,6 +410,8 @@ def run_case(case, method, after_step, torch, measure):
         kw = {"reshard_after_forward": par.get("reshard_after_forward", True)}
         if dp_mesh is not None:
             kw["mesh"] = dp_mesh
+        elif "1d" in MESHES:
+            kw["mesh"] = MESHES["1d"]
         mp = par.get("mp_policy")
         dt = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}
         if mp:
@@ -518,6 +532,8 @@ def run_case(case, method, after_step, torch, measure):
         opt.step()
         opt.zero_grad(set_to_none=True)
         after_step(step, {"grad_bytes_before_zero_grad": gb, "optimizer_state_bytes": state_bytes()})
+        if fmt is not None and hasattr(fmt, "reset_mod_stats"):
+            fmt.reset_mod_stats()  # FSDPMemTracker refuses a second iteration otherwise
 
     if fmt is not None:
         fmt.__exit__(None, None, None)
@@ -591,8 +607,6 @@ def main():
     done = {r["name"] for r in results["records"]}
     todo = [c for c in cases if (only is None or c["name"] in only) and (redo or only or c["name"] not in done)]
     env = dict(os.environ, PYTHONPATH=HERE + ":" + os.environ.get("PYTHONPATH", ""))
-    if method == "fake-cuda":
-        env.update(stub_env_fake())
     failures = []
     for c in todo:
         snap = os.path.join(snaps, c["name"] + ".pickle") if snaps else ""
