@@ -25,7 +25,9 @@ const KNOBS = {
   zero_grad_set_to_none: ['zero_grad(set_to_none)', 'checkbox'], compile: ['torch.compile', 'checkbox'],
   alloc_conf: ['PYTORCH_CUDA_ALLOC_CONF', 'text'], sliding_window: ['Sliding window', 'number'],
   head_dim: ['Head size', 'number'], rotary_dims: ['Rotary dims per head', 'number'],
-  parallel_residual: ['Parallel residual', 'checkbox'],
+  parallel_residual: ['Parallel residual', 'checkbox'], n_experts: ['Experts', 'number'],
+  experts_per_token: ['Experts per token', 'number'], shared_expert_size: ['Shared expert width', 'number'],
+  norm_topk_prob: ['Renormalise top-k', 'checkbox'],
 };
 const DEFAULT_SHOW = 'batch_size,seq_len,precision,gpu';
 const DEVICE_KEYS = ['memory_gib', 'compute_capability'];

@@ -73,6 +73,10 @@ pub fn setup_from_bytes(data: &[u8]) -> Setup {
             sliding_window: 0,
             rotary_dims: 0,
             parallel_residual: false,
+            n_experts: 0,
+            experts_per_token: 0,
+            shared_expert_size: 0,
+            norm_topk_prob: false,
         },
         train: TrainConfig {
             batch_size: b.u64(),
@@ -135,6 +139,27 @@ pub fn setup_from_bytes(data: &[u8]) -> Setup {
     }
     if hf & 8 != 0 {
         setup.model.head_dim = b.u64();
+    }
+    // The families after those (packed projections, parallel residual, mixtures of experts) from one more byte,
+    // with their fields (earlier corpus entries, which end before it, keep their meaning).
+    let more = b.byte();
+    if setup.model.family != Family::Gpt2 && more & 1 != 0 {
+        setup.model.family = [
+            Family::Phi3,
+            Family::GptNeox,
+            Family::Mixtral,
+            Family::Qwen2Moe,
+            Family::Olmoe,
+        ][usize::from((more >> 1) % 5)];
+        let m = &mut setup.model;
+        m.rotary_dims = if more & 16 != 0 { b.u64() } else { 0 };
+        m.parallel_residual = more & 32 != 0;
+        if m.family.is_moe() {
+            m.n_experts = b.u64();
+            m.experts_per_token = b.u64();
+            m.shared_expert_size = if more & 64 != 0 { b.u64() } else { 0 };
+            m.norm_topk_prob = more & 128 != 0;
+        }
     }
     setup
 }

@@ -29,7 +29,7 @@ pub mod show;
 
 pub use describe::{arch, model, policy, presets};
 pub use read::input;
-pub use run::{allocator, compiled, eager, sim, step, tensors};
+pub use run::{allocator, compiled, eager, moe, sim, step, tensors};
 #[cfg(target_arch = "wasm32")]
 pub use show::wasm;
 pub use show::{advice, plot, report, sweep};

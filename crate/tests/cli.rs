@@ -259,7 +259,7 @@ fn hf_config_json_reads_a_qwen2_and_names_an_unknown_model_type() {
     assert_eq!(
         error_of(&["estimate", "--hf", config.to_str().unwrap()]),
         "error: model_type (\"bert\") is not one of: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, olmo2, \
-         phi3, gpt_neox"
+         phi3, gpt_neox, mixtral, qwen2_moe, olmoe"
     );
     // A field the family needs and the file lacks is named.
     std::fs::write(

@@ -87,6 +87,10 @@ fn any_setup() -> impl Strategy<Value = Setup> {
                     sliding_window: 0,
                     rotary_dims: 0,
                     parallel_residual: false,
+                    n_experts: 0,
+                    experts_per_token: 0,
+                    shared_expert_size: 0,
+                    norm_topk_prob: false,
                 },
                 train: TrainConfig {
                     batch_size: batch,
@@ -121,6 +125,8 @@ fn valid_setup() -> impl Strategy<Value = Setup> {
             1u64..4,
             prop_oneof![Just(1u64), Just(2), Just(4)],
             prop_oneof![Just(8u64), Just(16), Just(32), Just(64)],
+            // A Hugging Face model's mixture of experts: 1 mixtral, 2 qwen2_moe, 3 olmoe, else dense.
+            0u64..8,
         ),
         (
             3u32..9,
@@ -140,21 +146,26 @@ fn valid_setup() -> impl Strategy<Value = Setup> {
     )
         .prop_map(
             |(
-                (llama, n_layer, n_head, head_dim),
+                (llama, n_layer, n_head, head_dim, moe),
                 (log_block, vocab, batch, bias, dropout),
                 (prec, opt, manual, ckpt, accum, clip),
             )| {
                 let n_embd = n_head * head_dim;
+                let moe_family = llama && (1..4).contains(&moe);
+                let neox = llama && bias && manual && !moe_family;
                 let block = 1u64 << log_block;
                 Setup {
                     model: ModelConfig {
                         // `manual` picks nanoGPT's manual attention, or the packed-projection families.
-                        family: match (llama, bias, manual) {
-                            (false, _, _) => Family::Gpt2,
-                            (true, false, false) => Family::Mistral,
-                            (true, true, false) => Family::Qwen2,
-                            (true, false, true) => Family::Phi3,
-                            (true, true, true) => Family::GptNeox,
+                        family: match (llama, bias, manual, moe) {
+                            (false, _, _, _) => Family::Gpt2,
+                            (true, _, _, 1) => Family::Mixtral,
+                            (true, _, _, 2) => Family::Qwen2Moe,
+                            (true, _, _, 3) => Family::Olmoe,
+                            (true, false, false, _) => Family::Mistral,
+                            (true, true, false, _) => Family::Qwen2,
+                            (true, false, true, _) => Family::Phi3,
+                            (true, true, true, _) => Family::GptNeox,
                         },
                         n_layer,
                         n_head,
@@ -166,19 +177,21 @@ fn valid_setup() -> impl Strategy<Value = Setup> {
                         n_embd,
                         block_size: block,
                         vocab_size: vocab,
-                        bias: bias && (!llama || manual),
+                        bias: bias && (!llama || neox),
                         dropout: if llama { 0.0 } else { dropout },
                         intermediate_size: if llama { 3 * n_embd } else { 4 * n_embd },
                         tie_embeddings: !llama || bias,
                         head_dim: 0,
                         sliding_window: 0,
                         // GPT-NeoX: a quarter of each head rotated (Pythia's), parallel branches.
-                        rotary_dims: if llama && bias && manual {
-                            head_dim / 4
-                        } else {
-                            0
-                        },
-                        parallel_residual: llama && bias && manual,
+                        rotary_dims: if neox { head_dim / 4 } else { 0 },
+                        parallel_residual: neox,
+                        // Four experts, two per token (one with accumulation 2), Qwen2-MoE's shared expert as
+                        // wide as the stream.
+                        n_experts: if moe_family { 4 } else { 0 },
+                        experts_per_token: if moe_family { 3 - accum } else { 0 },
+                        shared_expert_size: if llama && moe == 2 { n_embd } else { 0 },
+                        norm_topk_prob: llama && moe == 3 && clip,
                     },
                     train: TrainConfig {
                         batch_size: batch,
@@ -223,6 +236,11 @@ fn n_param_tensors(s: &Setup) -> u64 {
         Family::GptNeox => {
             1 + m.n_layer * (10 + 2 * u64::from(m.bias)) + 2 + u64::from(!m.tie_embeddings)
         }
+        // q, k, v, o, the router and the experts' two 3-D weights, two norms (OLMoE: and its q/k norms; Qwen2-MoE:
+        // and q/k/v biases, the shared expert's three Linears and its gate).
+        Family::Mixtral => 1 + m.n_layer * 9 + 1 + u64::from(!m.tie_embeddings),
+        Family::Olmoe => 1 + m.n_layer * 11 + 1 + u64::from(!m.tie_embeddings),
+        Family::Qwen2Moe => 1 + m.n_layer * 16 + 1 + u64::from(!m.tie_embeddings),
     }
 }
 
@@ -421,12 +439,15 @@ fn compiled_setup() -> impl Strategy<Value = Setup> {
 fn compilable(mut s: Setup) -> Setup {
     let m = &mut s.model;
     m.family = match m.family {
-        Family::Phi3 => Family::Mistral,
-        Family::GptNeox => Family::Qwen2,
+        Family::Phi3 | Family::Mixtral => Family::Mistral,
+        Family::GptNeox | Family::Qwen2Moe => Family::Qwen2,
+        Family::Olmoe => Family::Llama,
         f => f,
     };
     if m.family.is_hf() {
         (m.bias, m.rotary_dims, m.parallel_residual) = (false, 0, false);
+        (m.n_experts, m.experts_per_token) = (0, 0);
+        (m.shared_expert_size, m.norm_topk_prob) = (0, false);
     }
     s
 }

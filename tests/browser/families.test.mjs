@@ -18,7 +18,8 @@ before(async () => {
   server = await serve(PORT);
   widgetServer = await serve(WIDGET_PORT);
   blogServer = await serveBlogPost(BLOG_PORT, 'Qwen', `http://127.0.0.1:${WIDGET_PORT}/`, `<vram-fit id="qwen" preset="qwen2.5-0.5b" gpu="rtx-4070" show="sliding_window,seq_len" plot="none"></vram-fit>`
-    + `<vram-fit id="pythia" preset="pythia-160m" gpu="rtx-4070" show="rotary_dims,parallel_residual" plot="none"></vram-fit>`);
+    + `<vram-fit id="pythia" preset="pythia-160m" gpu="rtx-4070" show="rotary_dims,parallel_residual" plot="none"></vram-fit>`
+    + `<vram-fit id="olmoe" preset="olmoe-1b-7b" gpu="h100-80" show="n_experts,experts_per_token" plot="none"></vram-fit>`);
   context = await launch();
 });
 
@@ -237,5 +238,67 @@ test('the widget takes rotary dims and the parallel residual as knobs', async ()
   });
   await page.waitForFunction((f) => Number(document.getElementById('pythia').dataset.peakBytes) !== f, sequential);
   assert.equal(await peakOf(), cliPeakBytes([...base, '--no-parallel-residual', '--rotary-dims', '64']));
+  await page.close();
+});
+
+test('OLMoE-1B-7B: the experts on the form, in the URL and as the CLI', async () => {
+  const { page, errors } = await openPage(context, server.url);
+  await page.selectOption('#preset', 'olmoe-1b-7b');
+  await page.waitForFunction(() => document.getElementById('family').value === 'olmoe');
+  assert.equal(await page.inputValue('#n_experts'), '64');
+  assert.equal(await page.inputValue('#experts_per_token'), '8');
+  for (const id of ['n_experts', 'experts_per_token', 'norm_topk_prob']) assert.ok(await shown(page, id), id);
+  assert.ok(!(await shown(page, 'shared_expert_size')), 'only qwen2_moe has a shared expert');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('n_experts') === '64');
+  const gpu = ['--compute-capability', '8.9', '--gpu-memory-gib', '12'];
+  assert.equal(await peak(page), cliPeakBytes(['--preset', 'olmoe-1b-7b', ...gpu]));
+  // More experts per token: more token-expert pairs, more memory, as the CLI says.
+  const eight = await peak(page);
+  await setField(page, 'experts_per_token', '16');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('experts_per_token') === '16');
+  assert.equal(await peak(page), cliPeakBytes(['--preset', 'olmoe-1b-7b', '--experts-per-token', '16', ...gpu]));
+  assert.ok(await peak(page) > eight);
+  // More per token than there are experts: one message naming the field.
+  await setField(page, 'experts_per_token', '65');
+  await page.waitForFunction(() => document.body.textContent.includes('model.experts_per_token (65)'));
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test('a qwen2_moe link with a shared expert estimates as the CLI does', async () => {
+  const query = 'family=qwen2_moe&n_layer=2&n_head=4&n_kv_head=2&n_embd=256&intermediate_size=256&vocab_size=8192'
+    + '&block_size=4096&tie_embeddings=0&n_experts=8&experts_per_token=2&shared_expert_size=512&norm_topk_prob=1'
+    + '&batch_size=4&seq_len=256&compile=0';
+  const { page, errors } = await openPage(context, `${server.url}?${query}`);
+  assert.equal(await page.inputValue('#shared_expert_size'), '512');
+  assert.ok(await page.isChecked('#norm_topk_prob'));
+  const args = ['--family', 'qwen2_moe', '--n-layer', '2', '--n-head', '4', '--n-kv-head', '2', '--n-embd', '256',
+    '--intermediate-size', '256', '--vocab-size', '8192', '--block-size', '4096', '--no-tie-embeddings',
+    '--n-experts', '8', '--experts-per-token', '2', '--shared-expert-size', '512', '--norm-topk-prob',
+    '--batch-size', '4', '--seq-len', '256', '--no-compile', '--compute-capability', '9.0', '--gpu-memory-gib', '80'];
+  assert.equal(await peak(page), cliPeakBytes(args));
+  // Under torch.compile: one message.
+  await page.check('#compile');
+  await page.dispatchEvent('#compile', 'change');
+  await page.waitForFunction(() => document.getElementById('global-error').textContent.includes('qwen2_moe'));
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test('the widget takes the experts as knobs', async () => {
+  const page = await context.newPage();
+  await page.goto(blogServer.url);
+  const peakOf = () => page.evaluate(() => Number(document.getElementById('olmoe').dataset.peakBytes));
+  await page.waitForFunction(() => Number(document.getElementById('olmoe').dataset.peakBytes) > 0);
+  const base = ['--preset', 'olmoe-1b-7b', '--gpu', 'h100-80'];
+  assert.equal(await peakOf(), cliPeakBytes(base));
+  const first = await peakOf();
+  await page.evaluate(() => {
+    const input = document.getElementById('olmoe').shadowRoot.querySelector('input[name=n_experts]');
+    input.value = '32';
+    input.dispatchEvent(new Event('input'));
+  });
+  await page.waitForFunction((f) => Number(document.getElementById('olmoe').dataset.peakBytes) !== f, first);
+  assert.equal(await peakOf(), cliPeakBytes([...base, '--n-experts', '32']));
   await page.close();
 });

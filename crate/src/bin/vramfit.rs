@@ -33,19 +33,22 @@ vocab 50304, fp16-amp, fused AdamW, torch.compile):
   --config FILE        setup JSON: {\"model\": {...}, \"train\": {...}, \"device\": {...}}
   --nanogpt FILE       a nanoGPT config/*.py file (train.py defaults fill the rest)
   --hf FILE            a Hugging Face config.json (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text,
-                       olmo2, phi3, gpt_neox)
+                       olmo2, phi3, gpt_neox, mixtral, qwen2_moe, olmoe)
   --preset ID          a named model (nanogpt-30m, shakespeare-char, gpt2, gpt2-medium, gpt2-large, gpt2-xl,
                        tinyllama-1.1b, llama-3.2-1b, llama-2-7b, mistral-7b, qwen2.5-0.5b, llama-3.1-8b,
                        llama-3.1-70b, qwen2.5-1.5b, qwen2.5-7b, gemma-2-2b, gemma-3-1b, phi-3-mini,
-                       pythia-160m, pythia-1b)
+                       mixtral-8x7b, olmoe-1b-7b, pythia-160m, pythia-1b)
 
 KNOBS (override the source):
-  --family gpt2|llama|mistral|qwen2|qwen3|gemma|gemma2|gemma3|olmo2|phi3|gpt_neox
+  --family gpt2|llama|mistral|qwen2|qwen3|gemma|gemma2|gemma3|olmo2|phi3|gpt_neox|mixtral|qwen2_moe|olmoe
   --n-layer N  --n-head N  --n-kv-head N  --n-embd N  --block-size N  --vocab-size N
   --intermediate-size N  --bias | --no-bias  --tie-embeddings | --no-tie-embeddings  --head-dim N
   --sliding-window N  --dropout P
   --rotary-dims N      rotary dimensions per head (phi3, gpt_neox; 0: the whole head)
   --parallel-residual | --no-parallel-residual   (gpt_neox's use_parallel_residual)
+  --n-experts N  --experts-per-token K   (mixtral, qwen2_moe, olmoe; intermediate-size is an expert's width)
+  --shared-expert-size N                 (qwen2_moe's shared_expert_intermediate_size)
+  --norm-topk-prob | --no-norm-topk-prob (qwen2_moe, olmoe)
   --batch-size N  --seq-len N  --precision fp32|fp16-amp|bf16-amp|bf16
   --optimizer adamw|adamw-fused|sgd|sgd-momentum  --attention sdpa|manual
   --checkpointing | --no-checkpointing  --grad-accum-steps N  --grad-clip X
@@ -244,6 +247,11 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                 "parallel_residual",
                 Value::Bool(flag == "--parallel-residual"),
             )),
+            "--norm-topk-prob" | "--no-norm-topk-prob" => overrides.push((
+                "model",
+                "norm_topk_prob",
+                Value::Bool(flag == "--norm-topk-prob"),
+            )),
             "--tie-embeddings" | "--no-tie-embeddings" => overrides.push((
                 "model",
                 "tie_embeddings",
@@ -275,6 +283,9 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                     "--sliding-window" => ("model", "sliding_window", false),
                     "--head-dim" => ("model", "head_dim", false),
                     "--rotary-dims" => ("model", "rotary_dims", false),
+                    "--n-experts" => ("model", "n_experts", false),
+                    "--experts-per-token" => ("model", "experts_per_token", false),
+                    "--shared-expert-size" => ("model", "shared_expert_size", false),
                     "--dropout" => ("model", "dropout", false),
                     "--batch-size" => ("train", "batch_size", false),
                     "--seq-len" => ("train", "seq_len", false),
@@ -315,8 +326,15 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
         }
     }
     // Fields of the other families are dropped when the family is switched by flag.
-    let other_family_fields: &[&str] = match v["model"]["family"].as_str() {
-        Some("gpt2") => &[
+    const MOE: [&str; 4] = [
+        "n_experts",
+        "experts_per_token",
+        "shared_expert_size",
+        "norm_topk_prob",
+    ];
+    let family = v["model"]["family"].as_str().unwrap_or("");
+    let mut other_family_fields: Vec<&str> = match family {
+        "gpt2" => vec![
             "n_kv_head",
             "intermediate_size",
             "tie_embeddings",
@@ -324,12 +342,18 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
             "rotary_dims",
             "parallel_residual",
         ],
-        Some("gpt_neox") => &[],
-        Some("phi3") => &["bias", "parallel_residual"],
-        _ => &["bias", "rotary_dims", "parallel_residual"],
+        "gpt_neox" => vec![],
+        "phi3" => vec!["bias", "parallel_residual"],
+        _ => vec!["bias", "rotary_dims", "parallel_residual"],
     };
+    match family {
+        "mixtral" => other_family_fields.extend(&MOE[2..]),
+        "olmoe" => other_family_fields.push(MOE[2]),
+        "qwen2_moe" => {}
+        _ => other_family_fields.extend(MOE),
+    }
     if let Some(m) = v["model"].as_object_mut() {
-        for k in other_family_fields {
+        for k in &other_family_fields {
             m.remove(*k);
         }
     }

@@ -96,6 +96,24 @@ pub enum Mlp {
     SwiGlu,
     /// `down(gelu_tanh(gate(x)) * up(x))` (HF `GemmaMLP`, GeGLU): SwiGLU's tensors, GELU's op.
     GeGlu,
+    /// A mixture of SwiGLU experts (`n_experts`, `experts_per_token` in `ModelConfig`) as transformers 5 runs it
+    /// by default (`grouped_mm`): a router Linear, fp32 softmax and top-k, the token-expert pairs sorted by expert
+    /// and gathered, two grouped GEMMs in the expert weights' dtype, the weighted outputs scattered back and summed
+    /// (tests/data/hf/README.md, "What the eager MoE block allocates"). Routing is assumed balanced; with
+    /// `grouped_mm` no allocation depends on it (measured: imbalanced routing moves no byte).
+    Moe(Moe),
+}
+
+/// What a mixture-of-experts block does beyond the routed experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Moe {
+    /// The routing weights stay the fp32 top-k values (Mixtral), rather than a cast back to the router's dtype
+    /// (Qwen2-MoE, OLMoE): under pure bf16 the weighted expert outputs are then fp32.
+    pub scores_fp32: bool,
+    /// The top-k values are renormalised (`sum`, and autograd's `clone` before the in-place `div_`).
+    pub renorm: bool,
+    /// Qwen2-MoE's shared expert (a SwiGLU MLP of `shared_expert_size`) and its sigmoid gate (a C -> 1 Linear).
+    pub shared_expert: bool,
 }
 
 /// The loss as the model's forward computes it.
@@ -228,11 +246,16 @@ impl Arch {
             | Family::Gemma
             | Family::Gemma2
             | Family::Gemma3
-            | Family::Olmo2 => {
+            | Family::Olmo2
+            | Family::Mixtral
+            | Family::Qwen2Moe
+            | Family::Olmoe => {
                 let gemma = matches!(m.family, Family::Gemma | Family::Gemma2 | Family::Gemma3);
                 let gemma2 = m.family == Family::Gemma2;
                 let gemma3 = m.family == Family::Gemma3;
                 let olmo2 = m.family == Family::Olmo2;
+                // OLMoE: Llama's layers (pre-norms, Llama's rotary) with OLMo 2's whole-projection q/k norms.
+                let olmoe = m.family == Family::Olmoe;
                 Arch {
                     positions: Positions::Rotary,
                     norm: if gemma {
@@ -248,7 +271,7 @@ impl Arch {
                         Attention::Sdpa => Core::Sdpa,
                         Attention::Manual => Core::Manual,
                     },
-                    qk_norm: m.family == Family::Qwen3 || gemma3 || olmo2,
+                    qk_norm: m.family == Family::Qwen3 || gemma3 || olmo2 || olmoe,
                     embed_scale: gemma,
                     post_norms: gemma2 || gemma3 || olmo2,
                     attn_softcap: gemma2,
@@ -257,12 +280,22 @@ impl Arch {
                     global_every: if gemma3 { 6 } else { 0 },
                     dual_rope: gemma3,
                     pre_norms: !olmo2,
-                    qk_norm_full: olmo2,
+                    qk_norm_full: olmo2 || olmoe,
                     rope_fp32: olmo2,
-                    qkv_bias: m.family == Family::Qwen2,
+                    qkv_bias: matches!(m.family, Family::Qwen2 | Family::Qwen2Moe),
                     linear_bias: false,
                     mlp_bias: false,
-                    mlp: if gemma { Mlp::GeGlu } else { Mlp::SwiGlu },
+                    mlp: if m.family.is_moe() {
+                        Mlp::Moe(Moe {
+                            scores_fp32: m.family == Family::Mixtral,
+                            renorm: m.family == Family::Mixtral || m.norm_topk_prob,
+                            shared_expert: m.shared_expert_size > 0,
+                        })
+                    } else if gemma {
+                        Mlp::GeGlu
+                    } else {
+                        Mlp::SwiGlu
+                    },
                     packed_gate_up: false,
                     rotary_cat: RotaryCat::Whole,
                     parallel_residual: false,
@@ -391,6 +424,22 @@ impl Arch {
                 Mlp::Gelu => {
                     linear(&mut v, i, c, mlp_bias);
                     linear(&mut v, c, i, mlp_bias);
+                }
+                Mlp::Moe(moe) => {
+                    // The router (`gate`, experts x C), then the experts' `gate_up_proj` [E, 2I, C] and
+                    // `down_proj` [E, C, I] (init trace of mixtral-256-e4top2-bf16amp); Qwen2-MoE's shared expert
+                    // (gate, up, down) and its C -> 1 gate.
+                    let e = m.n_experts;
+                    v.push((e * c, true));
+                    v.push((e * 2 * i * c, true));
+                    v.push((e * c * i, true));
+                    if moe.shared_expert {
+                        let s = m.shared_expert_size;
+                        linear(&mut v, s, c, false);
+                        linear(&mut v, s, c, false);
+                        linear(&mut v, c, s, false);
+                        linear(&mut v, 1, c, false);
+                    }
                 }
                 Mlp::SwiGlu | Mlp::GeGlu if self.packed_gate_up => {
                     linear(&mut v, 2 * i, c, mlp_bias);

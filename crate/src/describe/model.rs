@@ -40,12 +40,33 @@ pub enum Family {
     /// head (`query_key_value`), rotary on part of each head (`rotary_pct`), a GELU MLP with biases, and the
     /// attention and MLP branches read the same input when `use_parallel_residual` (`parallel_residual`).
     GptNeox,
+    /// Hugging Face `MixtralForCausalLM`: Mistral's layers with a mixture of SwiGLU experts in place of the MLP
+    /// (`num_local_experts`, `num_experts_per_tok`), routed in fp32 and renormalised over the chosen experts.
+    Mixtral,
+    /// Hugging Face `Qwen2MoeForCausalLM`: Qwen2's layers with a mixture of experts (`num_experts`,
+    /// `moe_intermediate_size`) beside a gated shared expert (`shared_expert_intermediate_size`).
+    Qwen2Moe,
+    /// Hugging Face `OlmoeForCausalLM`: Llama's layers with RMSNorms over the whole q and k projections and a
+    /// mixture of experts.
+    Olmoe,
 }
 
 impl Family {
     pub const NAMES: &'static [&'static str] = &[
-        "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo2", "phi3",
+        "gpt2",
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "olmo2",
+        "phi3",
         "gpt_neox",
+        "mixtral",
+        "qwen2_moe",
+        "olmoe",
     ];
 
     pub fn parse(s: &str) -> Result<Family, Error> {
@@ -61,6 +82,9 @@ impl Family {
             "olmo2" => Ok(Family::Olmo2),
             "phi3" => Ok(Family::Phi3),
             "gpt_neox" => Ok(Family::GptNeox),
+            "mixtral" => Ok(Family::Mixtral),
+            "qwen2_moe" => Ok(Family::Qwen2Moe),
+            "olmoe" => Ok(Family::Olmoe),
             _ => Err(Error::UnknownValue {
                 field: "model.family".into(),
                 value: s.into(),
@@ -82,12 +106,20 @@ impl Family {
             Family::Olmo2 => "olmo2",
             Family::Phi3 => "phi3",
             Family::GptNeox => "gpt_neox",
+            Family::Mixtral => "mixtral",
+            Family::Qwen2Moe => "qwen2_moe",
+            Family::Olmoe => "olmoe",
         }
     }
 
     /// A Hugging Face model (rotary, grouped-query heads, `intermediate_size`): every family but nanoGPT's.
     pub fn is_hf(self) -> bool {
         self != Family::Gpt2
+    }
+
+    /// A mixture-of-experts family.
+    pub fn is_moe(self) -> bool {
+        matches!(self, Family::Mixtral | Family::Qwen2Moe | Family::Olmoe)
     }
 }
 
@@ -120,6 +152,15 @@ pub struct ModelConfig {
     /// The attention and the MLP both read the layer's input and their outputs are added to it together
     /// (GPT-NeoX's `use_parallel_residual`); otherwise the MLP reads the stream after the attention's add.
     pub parallel_residual: bool,
+    /// Experts in each layer's mixture (`num_local_experts`, `num_experts`); 0: a dense MLP. Each expert is a SwiGLU
+    /// MLP of width `intermediate_size` (Qwen2-MoE's `moe_intermediate_size`).
+    pub n_experts: u64,
+    /// Experts each token is routed to (`num_experts_per_tok`).
+    pub experts_per_token: u64,
+    /// Qwen2-MoE's shared expert width (`shared_expert_intermediate_size`); 0: none.
+    pub shared_expert_size: u64,
+    /// The routing weights are renormalised over the chosen experts (`norm_topk_prob`; Mixtral always does).
+    pub norm_topk_prob: bool,
 }
 
 impl ModelConfig {
@@ -151,6 +192,10 @@ impl ModelConfig {
             sliding_window: 0,
             rotary_dims: 0,
             parallel_residual: false,
+            n_experts: 0,
+            experts_per_token: 0,
+            shared_expert_size: 0,
+            norm_topk_prob: false,
         }
     }
 
@@ -523,6 +568,9 @@ impl Setup {
                 | Family::Olmo2
                 | Family::Phi3
                 | Family::GptNeox
+                | Family::Mixtral
+                | Family::Qwen2Moe
+                | Family::Olmoe
         ) && t.compile
         {
             return Err(Error::NotModelled {
@@ -643,6 +691,59 @@ impl Setup {
                 ),
             ));
         }
+        if m.family.is_moe() {
+            if m.n_experts == 0 {
+                return Err(Error::invalid(
+                    "model.n_experts",
+                    m.n_experts,
+                    "must be at least 1",
+                ));
+            }
+            if m.experts_per_token == 0 || m.experts_per_token > m.n_experts {
+                return Err(Error::invalid(
+                    "model.experts_per_token",
+                    m.experts_per_token,
+                    format!("must be from 1 to model.n_experts ({})", m.n_experts),
+                ));
+            }
+        } else {
+            for (field, v) in [
+                ("model.n_experts", m.n_experts),
+                ("model.experts_per_token", m.experts_per_token),
+            ] {
+                if v != 0 {
+                    return Err(Error::invalid(
+                        field,
+                        v,
+                        format!(
+                            "is a field of the mixture-of-experts families (mixtral, qwen2_moe, olmoe); {} has a \
+                             dense MLP",
+                            m.family.name()
+                        ),
+                    ));
+                }
+            }
+        }
+        if m.shared_expert_size != 0 && m.family != Family::Qwen2Moe {
+            return Err(Error::invalid(
+                "model.shared_expert_size",
+                m.shared_expert_size,
+                format!(
+                    "is a field of qwen2_moe; {} has no shared expert",
+                    m.family.name()
+                ),
+            ));
+        }
+        if m.norm_topk_prob && !matches!(m.family, Family::Qwen2Moe | Family::Olmoe) {
+            return Err(Error::invalid(
+                "model.norm_topk_prob",
+                m.norm_topk_prob,
+                format!(
+                    "is a field of qwen2_moe and olmoe (mixtral always renormalises); {} has none",
+                    m.family.name()
+                ),
+            ));
+        }
         if m.parallel_residual && m.family != Family::GptNeox {
             return Err(Error::invalid(
                 "model.parallel_residual",
@@ -708,7 +809,14 @@ impl Setup {
             .head_dim()
             .checked_mul(m.n_head)
             .ok_or_else(|| too_large("head_dim x n_head"))?;
-        let width = [mlp, m.intermediate_size, m.vocab_size, q_dim]
+        // A mixture of experts holds k copies of each token: [N k, 2 I] for the experts' first GEMM.
+        let experts = m
+            .intermediate_size
+            .checked_mul(2)
+            .and_then(|x| x.checked_mul(m.experts_per_token.max(1)))
+            .and_then(|x| x.checked_add(m.n_experts))
+            .ok_or_else(|| too_large("experts_per_token x intermediate_size"))?;
+        let width = [mlp, experts, m.shared_expert_size, m.vocab_size, q_dim]
             .into_iter()
             .max()
             .unwrap_or(0)
@@ -757,7 +865,17 @@ fn checked_params(m: &ModelConfig) -> Option<u64> {
             q.checked_mul(c)?
                 .checked_mul(2)?
                 .checked_add(kv.checked_mul(c)?.checked_mul(2)?)?
-                .checked_add(m.intermediate_size.checked_mul(c)?.checked_mul(3)?)?
+                .checked_add(
+                    m.intermediate_size
+                        .checked_mul(c)?
+                        .checked_mul(3)?
+                        .checked_mul(m.n_experts.max(1))?,
+                )?
+                // The MLP's biases (GPT-NeoX), the router (experts x C) and Qwen2-MoE's shared expert and gate.
+                .checked_add(m.intermediate_size.checked_add(c)?)?
+                .checked_add(m.n_experts.checked_mul(c)?)?
+                .checked_add(m.shared_expert_size.checked_mul(c)?.checked_mul(3)?)?
+                .checked_add(c)?
                 .checked_add(c.checked_mul(2)?)?
                 .checked_add(q.checked_add(kv.checked_mul(2)?)?)?
                 // Qwen3's q and k norms (head_dim each), OLMo 2's (q_dim + kv_dim), Gemma 2's two more norms.
@@ -997,6 +1115,10 @@ mod tests {
             sliding_window: 0,
             rotary_dims: 0,
             parallel_residual: false,
+            n_experts: 0,
+            experts_per_token: 0,
+            shared_expert_size: 0,
+            norm_topk_prob: false,
         };
         assert_eq!(m.n_params(), 1_100_048_384);
         // Qwen2's layers are Llama's with q, k and v biases: Qwen2.5-1.5B's config.json (28 layers, 1536 wide, 12

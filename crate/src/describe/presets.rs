@@ -60,6 +60,10 @@ fn hf(family: Family, d: LlamaDims, seq: u64) -> Setup {
         sliding_window: 0,
         rotary_dims: 0,
         parallel_residual: false,
+        n_experts: 0,
+        experts_per_token: 0,
+        shared_expert_size: 0,
+        norm_topk_prob: false,
     };
     let mut s = input::hf_setup(model);
     s.train.seq_len = seq;
@@ -363,6 +367,50 @@ pub const MODEL_PRESETS: &[ModelPreset] = &[
         },
     },
     ModelPreset {
+        id: "mixtral-8x7b",
+        label: "Mixtral-8x7B (32x4096, GQA 32/8, 8 experts of 14336, 2 per token, vocab 32000, seq 2048)",
+        setup: || {
+            let mut s = hf(
+                Family::Mixtral,
+                LlamaDims {
+                    n_layer: 32,
+                    n_head: 32,
+                    n_kv: 8,
+                    n_embd: 4096,
+                    inter: 14336,
+                    vocab: 32000,
+                    max_pos: 32768,
+                    tie: false,
+                },
+                2048,
+            );
+            (s.model.n_experts, s.model.experts_per_token) = (8, 2);
+            s
+        },
+    },
+    ModelPreset {
+        id: "olmoe-1b-7b",
+        label: "OLMoE-1B-7B (16x2048, 16 heads, 64 experts of 1024, 8 per token, vocab 50304, seq 2048)",
+        setup: || {
+            let mut s = hf(
+                Family::Olmoe,
+                LlamaDims {
+                    n_layer: 16,
+                    n_head: 16,
+                    n_kv: 16,
+                    n_embd: 2048,
+                    inter: 1024,
+                    vocab: 50304,
+                    max_pos: 4096,
+                    tie: false,
+                },
+                2048,
+            );
+            (s.model.n_experts, s.model.experts_per_token) = (64, 8);
+            s
+        },
+    },
+    ModelPreset {
         id: "pythia-160m",
         label: "Pythia-160M (GPT-NeoX, 12x768, 12 heads, rotary 16 of 64, parallel residual, seq 2048)",
         setup: || pythia(12, 12, 768),
@@ -417,6 +465,8 @@ pub const MODEL_IDS: &[&str] = &[
     "gemma-2-2b",
     "gemma-3-1b",
     "phi-3-mini",
+    "mixtral-8x7b",
+    "olmoe-1b-7b",
     "pythia-160m",
     "pythia-1b",
 ];
@@ -847,7 +897,8 @@ mod tests {
         );
         // Published: Llama-3.1-8B 8,030,261,248; Llama-3.1-70B 70,553,706,496; Qwen2.5-1.5B 1,543,714,304;
         // Qwen2.5-7B 7,615,616,512; Gemma-2-2B 2,614,341,888; Gemma-3-1B 999,885,952; Phi-3-mini 3,821,079,552;
-        // Pythia-160M 162,322,944 and Pythia-1B 1,011,781,632 (the Pythia paper's totals).
+        // Pythia-160M 162,322,944 and Pythia-1B 1,011,781,632 (the Pythia paper's totals); Mixtral-8x7B
+        // 46,702,792,704; OLMoE-1B-7B 6,919,161,856 (their model cards).
         for (id, n) in [
             ("llama-3.1-8b", 8_030_261_248),
             ("llama-3.1-70b", 70_553_706_496),
@@ -857,6 +908,8 @@ mod tests {
             ("gemma-3-1b", 999_885_952),
             ("phi-3-mini", 3_821_079_552),
             ("pythia-160m", 162_322_944),
+            ("mixtral-8x7b", 46_702_792_704),
+            ("olmoe-1b-7b", 6_919_161_856),
             ("pythia-1b", 1_011_781_632),
         ] {
             assert_eq!(model_preset(id).unwrap().model.n_params(), n, "{id}");

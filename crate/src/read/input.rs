@@ -28,6 +28,10 @@ const MODEL_FIELDS: &[&str] = &[
     "sliding_window",
     "rotary_dims",
     "parallel_residual",
+    "n_experts",
+    "experts_per_token",
+    "shared_expert_size",
+    "norm_topk_prob",
 ];
 const TRAIN_FIELDS: &[&str] = &[
     "batch_size",
@@ -249,6 +253,10 @@ fn model_fields(m: &Map<String, Value>) -> Result<ModelConfig, Error> {
                 "sliding_window",
                 "rotary_dims",
                 "parallel_residual",
+                "n_experts",
+                "experts_per_token",
+                "shared_expert_size",
+                "norm_topk_prob",
             ] {
                 if m.contains_key(k) {
                     return Err(Error::invalid(
@@ -305,6 +313,10 @@ fn model_fields(m: &Map<String, Value>) -> Result<ModelConfig, Error> {
             None => 0,
         },
         parallel_residual: get_bool(m, "model.", "parallel_residual")?.unwrap_or(neox),
+        n_experts: get_u64(m, "model.", "n_experts")?.unwrap_or(0),
+        experts_per_token: get_u64(m, "model.", "experts_per_token")?.unwrap_or(0),
+        shared_expert_size: get_u64(m, "model.", "shared_expert_size")?.unwrap_or(0),
+        norm_topk_prob: get_bool(m, "model.", "norm_topk_prob")?.unwrap_or(false),
     })
 }
 
@@ -333,6 +345,16 @@ pub fn setup_to_value(s: &Setup) -> Value {
         if m.family == Family::GptNeox {
             model["bias"] = Value::Bool(m.bias);
             model["parallel_residual"] = Value::Bool(m.parallel_residual);
+        }
+        if m.family.is_moe() {
+            model["n_experts"] = m.n_experts.into();
+            model["experts_per_token"] = m.experts_per_token.into();
+        }
+        if m.shared_expert_size > 0 {
+            model["shared_expert_size"] = m.shared_expert_size.into();
+        }
+        if m.norm_topk_prob {
+            model["norm_topk_prob"] = Value::Bool(true);
         }
     }
     let t = &s.train;
@@ -1005,6 +1027,9 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
         "olmo2" => Family::Olmo2,
         "phi3" => Family::Phi3,
         "gpt_neox" => Family::GptNeox,
+        "mixtral" => Family::Mixtral,
+        "qwen2_moe" => Family::Qwen2Moe,
+        "olmoe" => Family::Olmoe,
         other => {
             return Err(Error::UnknownValue {
                 field: "model_type".into(),
@@ -1020,6 +1045,9 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
                     "olmo2",
                     "phi3",
                     "gpt_neox",
+                    "mixtral",
+                    "qwen2_moe",
+                    "olmoe",
                 ],
             })
         }
@@ -1044,7 +1072,7 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
         })
     };
     let sliding_window = match family {
-        Family::Mistral | Family::Phi3 => window("sliding_window")?,
+        Family::Mistral | Family::Phi3 | Family::Mixtral => window("sliding_window")?,
         // Gemma 3: five sliding layers for every global one (`sliding_window_pattern` 6; `Arch::layer_slides`).
         Family::Gemma3 => {
             if get_u64(o, "", "sliding_window_pattern")?.is_some_and(|p| p != 6) {
@@ -1054,7 +1082,7 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
             }
             window("sliding_window")?
         }
-        Family::Qwen2 | Family::Qwen3
+        Family::Qwen2 | Family::Qwen3 | Family::Qwen2Moe
             if get_bool(o, "", "use_sliding_window")?.unwrap_or(false) =>
         {
             let layers = get_u64(o, "", "num_hidden_layers")?.unwrap_or(0);
@@ -1122,6 +1150,7 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
     }
     let rotary_dims = neox_rotary_dims(head_dim, hidden, n_head, factor);
     let neox = family == Family::GptNeox;
+    let moe = hf_moe(o, family)?;
     let m = ModelConfig {
         family,
         n_layer: required(get_u64(o, "", "num_hidden_layers")?, "num_hidden_layers")?,
@@ -1132,7 +1161,13 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
         vocab_size: required(get_u64(o, "", "vocab_size")?, "vocab_size")?,
         bias: neox && get_bool(o, "", "attention_bias")?.unwrap_or(true),
         dropout: get_f64(o, "", "attention_dropout")?.unwrap_or(0.0),
-        intermediate_size: required(get_u64(o, "", "intermediate_size")?, "intermediate_size")?,
+        // Qwen2-MoE's experts have their own width (`moe_intermediate_size`, default 1408 in
+        // `Qwen2MoeConfig`); its `intermediate_size` is for dense layers, which it has none of by default.
+        intermediate_size: if family == Family::Qwen2Moe {
+            get_u64(o, "", "moe_intermediate_size")?.unwrap_or(1408)
+        } else {
+            required(get_u64(o, "", "intermediate_size")?, "intermediate_size")?
+        },
         // Gemma ties its head unless the config says otherwise (`GemmaConfig(tie_word_embeddings=True)`).
         tie_embeddings: get_bool(o, "", "tie_word_embeddings")?.unwrap_or(matches!(
             family,
@@ -1142,8 +1177,66 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
         sliding_window,
         rotary_dims,
         parallel_residual: neox && get_bool(o, "", "use_parallel_residual")?.unwrap_or(true),
+        n_experts: moe.0,
+        experts_per_token: moe.1,
+        shared_expert_size: moe.2,
+        norm_topk_prob: moe.3,
     };
+    if m.n_experts > 0 {
+        notes.push(format!(
+            "{model_type}: {} experts, {} per token, routing assumed balanced (with transformers' default \
+             grouped_mm experts no allocation depends on it: measured)",
+            m.n_experts, m.experts_per_token
+        ));
+    }
     Ok((m, notes))
+}
+
+/// A mixture-of-experts config's (experts, experts per token, shared expert width, norm_topk_prob), with
+/// transformers' defaults where the file is silent (`MixtralConfig`: 8 experts, 2 per token; `Qwen2MoeConfig`: 60,
+/// 4, shared 5632; `OlmoeConfig`: 64, 8); what vramfit does not model is refused by name. Zeros for dense families.
+fn hf_moe(o: &Map<String, Value>, family: Family) -> Result<(u64, u64, u64, bool), Error> {
+    let (experts_key, experts, per_token) = match family {
+        Family::Mixtral => ("num_local_experts", 8, 2),
+        Family::Qwen2Moe => ("num_experts", 60, 4),
+        Family::Olmoe => ("num_experts", 64, 8),
+        _ => return Ok((0, 0, 0, false)),
+    };
+    let refuse = |what: String| Err(Error::NotModelled { what });
+    if get_bool(o, "", "output_router_logits")?.unwrap_or(false) {
+        return refuse(format!(
+            "{} with output_router_logits (the router's auxiliary loss; off by default)",
+            family.name()
+        ));
+    }
+    if get_f64(o, "", "router_jitter_noise")?.is_some_and(|j| j != 0.0) {
+        return refuse(
+            "mixtral with router_jitter_noise (random noise on the router's input)".into(),
+        );
+    }
+    if family == Family::Qwen2Moe {
+        let sparse_step = get_u64(o, "", "decoder_sparse_step")?.unwrap_or(1);
+        let dense_layers =
+            matches!(o.get("mlp_only_layers"), Some(Value::Array(a)) if !a.is_empty());
+        if sparse_step != 1 || dense_layers {
+            return refuse(
+                "qwen2_moe with dense layers among the sparse ones (decoder_sparse_step, mlp_only_layers)".into(),
+            );
+        }
+    }
+    if family == Family::Olmoe && !matches!(o.get("clip_qkv"), None | Some(Value::Null)) {
+        return refuse("olmoe with clip_qkv (q, k and v clamped after the projections)".into());
+    }
+    Ok((
+        get_u64(o, "", experts_key)?.unwrap_or(experts),
+        get_u64(o, "", "num_experts_per_tok")?.unwrap_or(per_token),
+        if family == Family::Qwen2Moe {
+            get_u64(o, "", "shared_expert_intermediate_size")?.unwrap_or(5632)
+        } else {
+            0
+        },
+        family != Family::Mixtral && get_bool(o, "", "norm_topk_prob")?.unwrap_or(false),
+    ))
 }
 
 /// Rotary dimensions per head for a rotated fraction `factor` of it, as transformers takes them
@@ -1210,7 +1303,7 @@ mod tests {
         assert_eq!(
             with("family", "\"bert\""),
             "model.family (\"bert\") is not one of: gpt2, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, olmo2, \
-             phi3, gpt_neox"
+             phi3, gpt_neox, mixtral, qwen2_moe, olmoe"
         );
         assert_eq!(with("bias", "1"), "model.bias (1) must be true or false");
         let e = setup_from_json("{\"model\": \n{").unwrap_err().to_string();
@@ -1411,13 +1504,56 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("rotary_pct (0) must be in (0, 1]"), "{e}");
+        // Mixtral-8x7B's config.json (abridged): 8 experts, 2 per token; its published 46,702,792,704.
+        let mixtral = r#"{"architectures": ["MixtralForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+            "max_position_embeddings": 32768, "model_type": "mixtral", "num_attention_heads": 32,
+            "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+            "output_router_logits": false, "router_aux_loss_coef": 0.02, "sliding_window": null,
+            "tie_word_embeddings": false, "vocab_size": 32000}"#;
+        let (mx, notes) = hf_config(mixtral).unwrap();
+        assert_eq!(
+            (mx.family, mx.n_experts, mx.experts_per_token),
+            (Family::Mixtral, 8, 2)
+        );
+        assert_eq!(mx.n_params(), 46_702_792_704);
+        assert!(
+            notes.iter().any(|n| n.contains("routing assumed balanced")),
+            "{notes:?}"
+        );
+        // Its auxiliary loss is not modelled: one message naming it.
+        let e = hf_config(&mixtral.replace(
+            "\"output_router_logits\": false",
+            "\"output_router_logits\": true",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("mixtral with output_router_logits"), "{e}");
+        // Qwen1.5-MoE-A2.7B (qwen2_moe): 60 experts of 1408, 4 per token, a shared expert of 5632 with its gate,
+        // q/k/v biases; its published 14,315,784,192.
+        let qmoe = r#"{"architectures": ["Qwen2MoeForCausalLM"], "decoder_sparse_step": 1, "hidden_size": 2048,
+            "intermediate_size": 5632, "max_position_embeddings": 8192, "model_type": "qwen2_moe",
+            "moe_intermediate_size": 1408, "norm_topk_prob": false, "num_attention_heads": 16, "num_experts": 60,
+            "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 16,
+            "shared_expert_intermediate_size": 5632, "tie_word_embeddings": false, "use_sliding_window": false,
+            "vocab_size": 151936}"#;
+        let (q, _) = hf_config(qmoe).unwrap();
+        assert_eq!(
+            (q.intermediate_size, q.shared_expert_size, q.n_experts),
+            (1408, 5632, 60)
+        );
+        assert_eq!(q.n_params(), 14_315_784_192);
+        let e =
+            hf_config(&qmoe.replace("\"decoder_sparse_step\": 1", "\"decoder_sparse_step\": 2"))
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("decoder_sparse_step"), "{e}");
         let e = hf_config(r#"{"model_type": "bert", "hidden_size": 8}"#)
             .unwrap_err()
             .to_string();
         assert!(
             e.contains(
                 "model_type (\"bert\") is not one of: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, olmo2, \
-                 phi3, gpt_neox"
+                 phi3, gpt_neox, mixtral, qwen2_moe, olmoe"
             ),
             "{e}"
         );
@@ -1444,6 +1580,10 @@ const QUERY_KEYS: &[(&str, &str, QueryKind)] = &[
     ("sliding_window", "model", QueryKind::Num),
     ("rotary_dims", "model", QueryKind::Num),
     ("parallel_residual", "model", QueryKind::Bool),
+    ("n_experts", "model", QueryKind::Num),
+    ("experts_per_token", "model", QueryKind::Num),
+    ("shared_expert_size", "model", QueryKind::Num),
+    ("norm_topk_prob", "model", QueryKind::Bool),
     ("batch_size", "train", QueryKind::Num),
     ("seq_len", "train", QueryKind::Num),
     ("precision", "train", QueryKind::Str),

@@ -368,7 +368,8 @@ fn mlp_fwd(
             (saved, mask2, x_out)
         }
         // GeGLU (Gemma, refused under torch.compile for now) would be SwiGLU's buffers.
-        Mlp::SwiGlu | Mlp::GeGlu => {
+        // Mixtures of experts are refused under torch.compile (`Setup::validate`).
+        Mlp::SwiGlu | Mlp::GeGlu | Mlp::Moe(_) => {
             let w_gate = weight_cast(cx, i * c);
             let gate = mm(cx, cx.n * i * p, Activations, "mm");
             let w_up = weight_cast(cx, i * c);

@@ -110,7 +110,7 @@ impl AttnSaved {
 }
 
 /// What the MLP keeps for its backward.
-enum MlpSaved {
+pub(crate) enum MlpSaved {
     Gelu {
         fc: LinearSaved,
         h: Tensor,
@@ -127,6 +127,8 @@ enum MlpSaved {
         prod: Tensor,
         down: LinearSaved,
     },
+    /// A mixture of experts (`moe`).
+    Moe(Box<crate::moe::MoeSaved>),
     /// SwiGLU (or GeGLU) with one `gate_up_proj`: its output holds both halves.
     Packed {
         gate_up: LinearSaved,
@@ -143,6 +145,7 @@ impl MlpSaved {
             MlpSaved::Gelu { fc, .. } => fc,
             MlpSaved::SwiGlu { gate, .. } => gate,
             MlpSaved::Packed { gate_up, .. } => gate_up,
+            MlpSaved::Moe(m) => m.input_linear(),
         }
     }
 }
@@ -1179,27 +1182,80 @@ fn mlp_fwd(cx: &mut Ctx) -> (MlpSaved, Tensor) {
                 };
                 return (saved, d_out);
             }
-            let (gate_out, gate) = ops::linear_fwd(cx, r, c, i, bias, Activations);
-            let silu = cx.alloc(cx.n * i * p, Activations, act);
-            cx.drop_unsaved(gate_out);
-            let (up_out, up) = ops::linear_fwd(cx, r, c, i, bias, Activations);
-            let prod = cx.alloc(cx.n * i * p, Activations, "mul");
-            cx.drop_unsaved(silu);
-            cx.drop_unsaved(up_out);
-            let (d_out, down) = ops::linear_fwd(cx, p, i, c, bias, Temporary);
-            cx.drop_unsaved(prod);
-            let saved = MlpSaved::SwiGlu {
-                gate,
-                gate_out,
-                silu,
-                up,
-                up_out,
-                prod,
-                down,
-            };
-            (saved, d_out)
+            swiglu_fwd(cx, i, bias)
+        }
+        Mlp::Moe(moe) => {
+            let (saved, out) = crate::moe::moe_fwd(cx, moe);
+            (MlpSaved::Moe(Box::new(saved)), out)
         }
     }
+}
+
+/// SwiGLU (or GeGLU) of width `i` on the norm's output: `down(act(gate(x)) * up(x))` (Llama's MLP, also
+/// Qwen2-MoE's shared expert).
+pub(crate) fn swiglu_fwd(cx: &mut Ctx, i: u64, bias: bool) -> (MlpSaved, Tensor) {
+    let (c, r, p) = (cx.m.n_embd, cx.r, cx.p);
+    let act = if cx.arch.mlp == Mlp::GeGlu {
+        "gelu"
+    } else {
+        "silu"
+    };
+    let (gate_out, gate) = ops::linear_fwd(cx, r, c, i, bias, Activations);
+    let silu = cx.alloc(cx.n * i * p, Activations, act);
+    cx.drop_unsaved(gate_out);
+    let (up_out, up) = ops::linear_fwd(cx, r, c, i, bias, Activations);
+    let prod = cx.alloc(cx.n * i * p, Activations, "mul");
+    cx.drop_unsaved(silu);
+    cx.drop_unsaved(up_out);
+    let (d_out, down) = ops::linear_fwd(cx, p, i, c, bias, Temporary);
+    cx.drop_unsaved(prod);
+    let saved = MlpSaved::SwiGlu {
+        gate,
+        gate_out,
+        silu,
+        up,
+        up_out,
+        prod,
+        down,
+    };
+    (saved, d_out)
+}
+
+/// Backward of `swiglu_fwd` (width `i`) from the gradient of its output `(gradient, bytes, owned)` to its input
+/// (`norm_out`: the input, when the gate Linear saved no cast of it).
+pub(crate) fn swiglu_bwd(
+    cx: &mut Ctx,
+    (g_branch, g_bytes, owned): (Tensor, u64, bool),
+    s: MlpSaved,
+    norm_out: Option<Tensor>,
+    i: u64,
+) -> Tensor {
+    let MlpSaved::SwiGlu {
+        gate,
+        gate_out,
+        silu,
+        up,
+        up_out,
+        prod,
+        down,
+    } = s
+    else {
+        // Only `swiglu_fwd`'s state reaches here.
+        return g_branch;
+    };
+    let (nc, r, p) = (cx.n * cx.m.n_embd, cx.r, cx.p);
+    let g_prod = ops::linear_bwd(cx, g_branch, g_bytes, owned, down, Some(prod));
+    let g_silu = cx.alloc(cx.n * i * p, Temporary, "mul");
+    let g_up = cx.alloc(cx.n * i * p, Temporary, "mul");
+    cx.free(g_prod);
+    cx.free(up_out);
+    let g_a = ops::linear_bwd(cx, g_up, p, true, up, None);
+    cx.free(silu);
+    let g_gate = cx.alloc(cx.n * i * p, Temporary, act_bwd_name(cx));
+    cx.free(g_silu);
+    cx.free(gate_out);
+    let g_b = ops::linear_bwd(cx, g_gate, p, true, gate, norm_out);
+    ops::grad_sum(cx, g_a, g_b, nc * r)
 }
 
 /// Backward of the MLP branch from the residual gradient `g_out` (held by the skip path) to the second norm's
@@ -1211,9 +1267,8 @@ fn mlp_bwd(
     norm_out: Option<Tensor>,
     given: Given,
 ) -> Tensor {
-    let nc = cx.n * cx.m.n_embd;
     let i = cx.m.intermediate_size;
-    let (r, p) = (cx.r, cx.p);
+    let p = cx.p;
     match s {
         MlpSaved::Gelu {
             fc,
@@ -1232,31 +1287,17 @@ fn mlp_bwd(
             cx.free(h);
             ops::linear_bwd(cx, gh, p, true, fc, norm_out)
         }
-        MlpSaved::SwiGlu {
-            gate,
-            gate_out,
-            silu,
-            up,
-            up_out,
-            prod,
-            down,
-        } => {
-            let (g_branch, g_bytes, owned) = match given {
+        s @ MlpSaved::SwiGlu { .. } => {
+            let g = match given {
                 Some(g) => g,
                 None => branch_grad(cx, g_out, None),
             };
-            let g_prod = ops::linear_bwd(cx, g_branch, g_bytes, owned, down, Some(prod));
-            let g_silu = cx.alloc(cx.n * i * p, Temporary, "mul");
-            let g_up = cx.alloc(cx.n * i * p, Temporary, "mul");
-            cx.free(g_prod);
-            cx.free(up_out);
-            let g_a = ops::linear_bwd(cx, g_up, p, true, up, None);
-            cx.free(silu);
-            let g_gate = cx.alloc(cx.n * i * p, Temporary, act_bwd_name(cx));
-            cx.free(g_silu);
-            cx.free(gate_out);
-            let g_b = ops::linear_bwd(cx, g_gate, p, true, gate, norm_out);
-            ops::grad_sum(cx, g_a, g_b, nc * r)
+            swiglu_bwd(cx, g, s, norm_out, i)
+        }
+        // The MoE block's output is in the experts' dtype: the residual gradient reaches it as it is.
+        MlpSaved::Moe(s) => {
+            let g = given.unwrap_or((g_out, cx.r, false));
+            crate::moe::moe_bwd(cx, g, *s, norm_out)
         }
         // The product's two gradients, the activation's backward, then chunk's backward concatenates the halves'
         // gradients into one for `gate_up_proj` (fake-cuda trace of phi3-512-untied-bf16amp).
@@ -1288,7 +1329,7 @@ fn mlp_bwd(
 }
 
 /// The gated MLP's activation backward op.
-fn act_bwd_name(cx: &Ctx) -> &'static str {
+pub(crate) fn act_bwd_name(cx: &Ctx) -> &'static str {
     if cx.arch.mlp == Mlp::GeGlu {
         "gelu_backward"
     } else {
@@ -1585,6 +1626,10 @@ fn release_block(cx: &mut Ctx, s: BlockSaved) {
         } => {
             cx.sim.free_all(&[*gu, *act, *prod]);
             linears.extend([gate_up, down]);
+        }
+        MlpSaved::Moe(m) => {
+            m.release(cx);
+            linears.extend(m.linears());
         }
     }
     cx.sim.free_some(&[s.x_mid]);

@@ -1,10 +1,12 @@
 //! The training step replayed: the caching allocator (`allocator`), the allocation timeline (`sim`), one function
-//! per op (`tensors`), the eager and compiled executors that walk a description (`eager`, `compiled`), and the
+//! per op (`tensors`), the eager and compiled executors that walk a description (`eager`, with the mixture-of-experts block in
+//! `moe`; `compiled`), and the
 //! training loop around them (`step`).
 
 pub mod allocator;
 pub mod compiled;
 pub mod eager;
+pub mod moe;
 pub mod sim;
 pub mod step;
 pub mod tensors;
