@@ -27,7 +27,7 @@ const KNOBS = {
   head_dim: ['Head size', 'number'], rotary_dims: ['Rotary dims per head', 'number'],
   parallel_residual: ['Parallel residual', 'checkbox'], n_experts: ['Experts', 'number'],
   experts_per_token: ['Experts per token', 'number'], shared_expert_size: ['Shared expert width', 'number'],
-  norm_topk_prob: ['Renormalise top-k', 'checkbox'],
+  norm_topk_prob: ['Renormalise top-k', 'checkbox'], router_aux_loss: ['Router aux loss', 'checkbox'],
 };
 const DEFAULT_SHOW = 'batch_size,seq_len,precision,gpu';
 const DEVICE_KEYS = ['memory_gib', 'compute_capability'];

@@ -5,7 +5,7 @@ import init, * as vf from './pkg/entry.js';
 const $ = (id) => document.getElementById(id);
 const KNOBS = ['family', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'intermediate_size', 'vocab_size', 'block_size',
   'bias', 'tie_embeddings', 'head_dim', 'sliding_window', 'rotary_dims', 'parallel_residual', 'n_experts',
-  'experts_per_token', 'shared_expert_size', 'norm_topk_prob', 'dropout', 'batch_size', 'seq_len', 'precision', 'optimizer', 'attention',
+  'experts_per_token', 'shared_expert_size', 'norm_topk_prob', 'router_aux_loss', 'dropout', 'batch_size', 'seq_len', 'precision', 'optimizer', 'attention',
   'compile', 'checkpointing', 'grad_accum_steps', 'grad_clip', 'zero_grad_set_to_none', 'alloc_conf', 'memory_gib',
   'compute_capability'];
 // Fields some families have: index.html's `data-families` on each field's box lists them ("hf": every family
@@ -20,7 +20,7 @@ function fieldApplies(k, family) {
 }
 // Model fields a setup may leave out (their default is 0, or off).
 const OPTIONAL_MODEL_KNOBS = ['bias', 'head_dim', 'sliding_window', 'rotary_dims', 'parallel_residual', 'n_experts',
-  'experts_per_token', 'shared_expert_size', 'norm_topk_prob'];
+  'experts_per_token', 'shared_expert_size', 'norm_topk_prob', 'router_aux_loss'];
 const DEFAULT_PRESET = 'nanogpt-30m';
 const DEFAULT_GPU = 'rtx-4070';
 // The device's fields: they follow the GPU select, and nothing but the GPU (or a person typing) changes them.

@@ -77,6 +77,7 @@ pub fn setup_from_bytes(data: &[u8]) -> Setup {
             experts_per_token: 0,
             shared_expert_size: 0,
             norm_topk_prob: false,
+            router_aux_loss: false,
         },
         train: TrainConfig {
             batch_size: b.u64(),
@@ -159,6 +160,7 @@ pub fn setup_from_bytes(data: &[u8]) -> Setup {
             m.experts_per_token = b.u64();
             m.shared_expert_size = if more & 64 != 0 { b.u64() } else { 0 };
             m.norm_topk_prob = more & 128 != 0;
+            m.router_aux_loss = m.shared_expert_size % 2 == 1;
         }
     }
     setup

@@ -91,6 +91,7 @@ fn any_setup() -> impl Strategy<Value = Setup> {
                     experts_per_token: 0,
                     shared_expert_size: 0,
                     norm_topk_prob: false,
+                    router_aux_loss: false,
                 },
                 train: TrainConfig {
                     batch_size: batch,
@@ -192,6 +193,7 @@ fn valid_setup() -> impl Strategy<Value = Setup> {
                         experts_per_token: if moe_family { 3 - accum } else { 0 },
                         shared_expert_size: if llama && moe == 2 { n_embd } else { 0 },
                         norm_topk_prob: llama && moe == 3 && clip,
+                        router_aux_loss: moe_family && ckpt,
                     },
                     train: TrainConfig {
                         batch_size: batch,
@@ -447,7 +449,7 @@ fn compilable(mut s: Setup) -> Setup {
     if m.family.is_hf() {
         (m.bias, m.rotary_dims, m.parallel_residual) = (false, 0, false);
         (m.n_experts, m.experts_per_token) = (0, 0);
-        (m.shared_expert_size, m.norm_topk_prob) = (0, false);
+        (m.shared_expert_size, m.norm_topk_prob, m.router_aux_loss) = (0, false, false);
     }
     s
 }

@@ -277,6 +277,13 @@ test('a qwen2_moe link with a shared expert estimates as the CLI does', async ()
     '--n-experts', '8', '--experts-per-token', '2', '--shared-expert-size', '512', '--norm-topk-prob',
     '--batch-size', '4', '--seq-len', '256', '--no-compile', '--compute-capability', '9.0', '--gpu-memory-gib', '80'];
   assert.equal(await peak(page), cliPeakBytes(args));
+  // The router's auxiliary loss keeps every layer's router logits to the end of the loss.
+  const without = await peak(page);
+  await page.check('#router_aux_loss');
+  await page.dispatchEvent('#router_aux_loss', 'change');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('router_aux_loss') === '1');
+  assert.equal(await peak(page), cliPeakBytes([...args, '--router-aux-loss']));
+  assert.ok(await peak(page) >= without);
   // Under torch.compile: one message.
   await page.check('#compile');
   await page.dispatchEvent('#compile', 'change');

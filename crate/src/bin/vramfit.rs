@@ -49,6 +49,7 @@ KNOBS (override the source):
   --n-experts N  --experts-per-token K   (mixtral, qwen2_moe, olmoe; intermediate-size is an expert's width)
   --shared-expert-size N                 (qwen2_moe's shared_expert_intermediate_size)
   --norm-topk-prob | --no-norm-topk-prob (qwen2_moe, olmoe)
+  --router-aux-loss | --no-router-aux-loss (output_router_logits: the router's load-balancing loss)
   --batch-size N  --seq-len N  --precision fp32|fp16-amp|bf16-amp|bf16
   --optimizer adamw|adamw-fused|sgd|sgd-momentum  --attention sdpa|manual
   --checkpointing | --no-checkpointing  --grad-accum-steps N  --grad-clip X
@@ -247,6 +248,11 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                 "parallel_residual",
                 Value::Bool(flag == "--parallel-residual"),
             )),
+            "--router-aux-loss" | "--no-router-aux-loss" => overrides.push((
+                "model",
+                "router_aux_loss",
+                Value::Bool(flag == "--router-aux-loss"),
+            )),
             "--norm-topk-prob" | "--no-norm-topk-prob" => overrides.push((
                 "model",
                 "norm_topk_prob",
@@ -326,7 +332,8 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
         }
     }
     // Fields of the other families are dropped when the family is switched by flag.
-    const MOE: [&str; 4] = [
+    const MOE: [&str; 5] = [
+        "router_aux_loss",
         "n_experts",
         "experts_per_token",
         "shared_expert_size",
@@ -347,8 +354,8 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
         _ => vec!["bias", "rotary_dims", "parallel_residual"],
     };
     match family {
-        "mixtral" => other_family_fields.extend(&MOE[2..]),
-        "olmoe" => other_family_fields.push(MOE[2]),
+        "mixtral" => other_family_fields.extend(&MOE[3..]),
+        "olmoe" => other_family_fields.push(MOE[3]),
         "qwen2_moe" => {}
         _ => other_family_fields.extend(MOE),
     }

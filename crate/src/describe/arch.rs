@@ -114,6 +114,9 @@ pub struct Moe {
     pub renorm: bool,
     /// Qwen2-MoE's shared expert (a SwiGLU MLP of `shared_expert_size`) and its sigmoid gate (a C -> 1 Linear).
     pub shared_expert: bool,
+    /// The router's auxiliary (load-balancing) loss is added to the loss (`output_router_logits`): each layer's
+    /// router logits live to the end of the loss, which takes their softmax again.
+    pub aux_loss: bool,
 }
 
 /// The loss as the model's forward computes it.
@@ -290,6 +293,7 @@ impl Arch {
                             scores_fp32: m.family == Family::Mixtral,
                             renorm: m.family == Family::Mixtral || m.norm_topk_prob,
                             shared_expert: m.shared_expert_size > 0,
+                            aux_loss: m.router_aux_loss,
                         })
                     } else if gemma {
                         Mlp::GeGlu

@@ -161,6 +161,8 @@ pub struct ModelConfig {
     pub shared_expert_size: u64,
     /// The routing weights are renormalised over the chosen experts (`norm_topk_prob`; Mixtral always does).
     pub norm_topk_prob: bool,
+    /// The router's auxiliary load-balancing loss is trained (`output_router_logits`; off by default).
+    pub router_aux_loss: bool,
 }
 
 impl ModelConfig {
@@ -196,6 +198,7 @@ impl ModelConfig {
             experts_per_token: 0,
             shared_expert_size: 0,
             norm_topk_prob: false,
+            router_aux_loss: false,
         }
     }
 
@@ -724,6 +727,16 @@ impl Setup {
                 }
             }
         }
+        if m.router_aux_loss && !m.family.is_moe() {
+            return Err(Error::invalid(
+                "model.router_aux_loss",
+                m.router_aux_loss,
+                format!(
+                    "is a field of the mixture-of-experts families; {} has no router",
+                    m.family.name()
+                ),
+            ));
+        }
         if m.shared_expert_size != 0 && m.family != Family::Qwen2Moe {
             return Err(Error::invalid(
                 "model.shared_expert_size",
@@ -1119,6 +1132,7 @@ mod tests {
             experts_per_token: 0,
             shared_expert_size: 0,
             norm_topk_prob: false,
+            router_aux_loss: false,
         };
         assert_eq!(m.n_params(), 1_100_048_384);
         // Qwen2's layers are Llama's with q, k and v biases: Qwen2.5-1.5B's config.json (28 layers, 1536 wide, 12

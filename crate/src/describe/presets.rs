@@ -64,6 +64,7 @@ fn hf(family: Family, d: LlamaDims, seq: u64) -> Setup {
         experts_per_token: 0,
         shared_expert_size: 0,
         norm_topk_prob: false,
+        router_aux_loss: false,
     };
     let mut s = input::hf_setup(model);
     s.train.seq_len = seq;

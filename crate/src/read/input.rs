@@ -32,6 +32,7 @@ const MODEL_FIELDS: &[&str] = &[
     "experts_per_token",
     "shared_expert_size",
     "norm_topk_prob",
+    "router_aux_loss",
 ];
 const TRAIN_FIELDS: &[&str] = &[
     "batch_size",
@@ -257,6 +258,7 @@ fn model_fields(m: &Map<String, Value>) -> Result<ModelConfig, Error> {
                 "experts_per_token",
                 "shared_expert_size",
                 "norm_topk_prob",
+                "router_aux_loss",
             ] {
                 if m.contains_key(k) {
                     return Err(Error::invalid(
@@ -317,6 +319,7 @@ fn model_fields(m: &Map<String, Value>) -> Result<ModelConfig, Error> {
         experts_per_token: get_u64(m, "model.", "experts_per_token")?.unwrap_or(0),
         shared_expert_size: get_u64(m, "model.", "shared_expert_size")?.unwrap_or(0),
         norm_topk_prob: get_bool(m, "model.", "norm_topk_prob")?.unwrap_or(false),
+        router_aux_loss: get_bool(m, "model.", "router_aux_loss")?.unwrap_or(false),
     })
 }
 
@@ -355,6 +358,9 @@ pub fn setup_to_value(s: &Setup) -> Value {
         }
         if m.norm_topk_prob {
             model["norm_topk_prob"] = Value::Bool(true);
+        }
+        if m.router_aux_loss {
+            model["router_aux_loss"] = Value::Bool(true);
         }
     }
     let t = &s.train;
@@ -1181,6 +1187,7 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
         experts_per_token: moe.1,
         shared_expert_size: moe.2,
         norm_topk_prob: moe.3,
+        router_aux_loss: moe.4,
     };
     if m.n_experts > 0 {
         notes.push(format!(
@@ -1192,23 +1199,18 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
     Ok((m, notes))
 }
 
-/// A mixture-of-experts config's (experts, experts per token, shared expert width, norm_topk_prob), with
+/// A mixture-of-experts config's (experts, experts per token, shared expert width, norm_topk_prob, the router's
+/// auxiliary loss), with
 /// transformers' defaults where the file is silent (`MixtralConfig`: 8 experts, 2 per token; `Qwen2MoeConfig`: 60,
 /// 4, shared 5632; `OlmoeConfig`: 64, 8); what vramfit does not model is refused by name. Zeros for dense families.
-fn hf_moe(o: &Map<String, Value>, family: Family) -> Result<(u64, u64, u64, bool), Error> {
+fn hf_moe(o: &Map<String, Value>, family: Family) -> Result<(u64, u64, u64, bool, bool), Error> {
     let (experts_key, experts, per_token) = match family {
         Family::Mixtral => ("num_local_experts", 8, 2),
         Family::Qwen2Moe => ("num_experts", 60, 4),
         Family::Olmoe => ("num_experts", 64, 8),
-        _ => return Ok((0, 0, 0, false)),
+        _ => return Ok((0, 0, 0, false, false)),
     };
     let refuse = |what: String| Err(Error::NotModelled { what });
-    if get_bool(o, "", "output_router_logits")?.unwrap_or(false) {
-        return refuse(format!(
-            "{} with output_router_logits (the router's auxiliary loss; off by default)",
-            family.name()
-        ));
-    }
     if get_f64(o, "", "router_jitter_noise")?.is_some_and(|j| j != 0.0) {
         return refuse(
             "mixtral with router_jitter_noise (random noise on the router's input)".into(),
@@ -1236,6 +1238,7 @@ fn hf_moe(o: &Map<String, Value>, family: Family) -> Result<(u64, u64, u64, bool
             0
         },
         family != Family::Mixtral && get_bool(o, "", "norm_topk_prob")?.unwrap_or(false),
+        get_bool(o, "", "output_router_logits")?.unwrap_or(false),
     ))
 }
 
@@ -1520,14 +1523,14 @@ mod tests {
             notes.iter().any(|n| n.contains("routing assumed balanced")),
             "{notes:?}"
         );
-        // Its auxiliary loss is not modelled: one message naming it.
-        let e = hf_config(&mixtral.replace(
+        // With its auxiliary loss trained.
+        assert!(!mx.router_aux_loss);
+        let (mx, _) = hf_config(&mixtral.replace(
             "\"output_router_logits\": false",
             "\"output_router_logits\": true",
         ))
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("mixtral with output_router_logits"), "{e}");
+        .unwrap();
+        assert!(mx.router_aux_loss);
         // Qwen1.5-MoE-A2.7B (qwen2_moe): 60 experts of 1408, 4 per token, a shared expert of 5632 with its gate,
         // q/k/v biases; its published 14,315,784,192.
         let qmoe = r#"{"architectures": ["Qwen2MoeForCausalLM"], "decoder_sparse_step": 1, "hidden_size": 2048,
@@ -1584,6 +1587,7 @@ const QUERY_KEYS: &[(&str, &str, QueryKind)] = &[
     ("experts_per_token", "model", QueryKind::Num),
     ("shared_expert_size", "model", QueryKind::Num),
     ("norm_topk_prob", "model", QueryKind::Bool),
+    ("router_aux_loss", "model", QueryKind::Bool),
     ("batch_size", "train", QueryKind::Num),
     ("seq_len", "train", QueryKind::Num),
     ("precision", "train", QueryKind::Str),

@@ -202,6 +202,8 @@ pub struct Forward {
     nll_input: Option<Tensor>,
     /// The targets the loss holds: the batch's (nanoGPT), or the shifted copy of the labels (HF).
     targets: Tensor,
+    /// The router auxiliary loss's saved softmax per MoE layer.
+    aux_softmax: Vec<Tensor>,
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1798,6 +1800,23 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
             (log_softmax, None, labels)
         }
     };
+    // Mixtures of experts with `output_router_logits`: transformers' `load_balancing_loss_func` after the
+    // cross-entropy, per MoE layer: the softmax of its router logits in fp32 (saved), top-k, the experts' counts
+    // (`_to_copy` of the ids to int32, `histc`); the top-k and the logits die at the loss's end (fake-cuda trace of
+    // mixtral-256-e8top2-aux-fp16amp; its 512-byte scalar arithmetic is left out).
+    let router_logits = std::mem::take(&mut cx.router_logits);
+    let (e, k) = (cx.m.n_experts, cx.m.experts_per_token);
+    let mut aux_softmax = Vec::new();
+    let mut aux_topk = Vec::new();
+    for _ in &router_logits {
+        aux_softmax.push(cx.alloc(cx.n * e * 4, Activations, "_softmax"));
+        aux_topk.push(cx.alloc(cx.n * k * 4, Temporary, "topk"));
+        aux_topk.push(cx.alloc(cx.n * k * 8, Temporary, "topk"));
+        let ids = cx.alloc(cx.n * k * 4, Temporary, "_to_copy");
+        let histc = cx.alloc(e * 4, Temporary, "histc");
+        cx.sim.free_all(&[ids, histc]);
+    }
+    cx.sim.free_all(&aux_topk);
     let norm_f_out = ops::keep_if_saved(cx, norm_f_out, &lm_head);
     let logits = match cx.arch.program {
         Program::NanoGpt => Some(logits),
@@ -1806,6 +1825,7 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
             None
         }
     };
+    cx.sim.free_all(&router_logits);
     Forward {
         blocks,
         idx,
@@ -1822,11 +1842,23 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
         log_softmax,
         nll_input,
         targets,
+        aux_softmax,
     }
 }
 
 /// Backward of one micro-step, from the loss to the embeddings.
 pub fn backward(cx: &mut Ctx, f: Forward) {
+    // The auxiliary loss's backward runs first (created last): its softmax backward per MoE layer, in the router
+    // logits' dtype, held until that layer's router backward.
+    for &s in &f.aux_softmax {
+        let g = cx.alloc(
+            cx.n * cx.m.n_experts * cx.p,
+            Temporary,
+            "_softmax_backward_data",
+        );
+        cx.aux_grads.push(g);
+        cx.free(s);
+    }
     let v = cx.m.vocab_size;
     let nv = cx.n * v;
     let c = cx.m.n_embd;
@@ -1901,6 +1933,9 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
                 // restores it, and its exit clears the cast cache); its output is discarded.
                 let (saved, x_out) = block_fwd(cx, x_in);
                 cx.free(x_out);
+                // The recompute's router logits are part of its discarded output.
+                let recomputed = std::mem::take(&mut cx.router_logits);
+                cx.sim.free_all(&recomputed);
                 cx.clear_autocast_cache();
                 saved
             }

@@ -140,9 +140,14 @@ pub fn moe_fwd(cx: &mut Ctx, moe: Moe) -> (MoeSaved, Tensor) {
     let unsorted = cx.alloc(s * c * q, Temporary, "index");
     cx.free(weighted);
     let mut out = cx.alloc(n * c * q, Temporary, "sum");
-    // Step 19: what the block held to its end.
-    cx.sim
-        .free_all(&[sorted, ids32, histc, unsorted, logits, scores]);
+    // Step 19: what the block held to its end. With the auxiliary loss the model returns the router logits: they
+    // live to the end of the loss.
+    cx.sim.free_all(&[sorted, ids32, histc, unsorted, scores]);
+    if moe.aux_loss {
+        cx.router_logits.push(logits);
+    } else {
+        cx.free(logits);
+    }
     if !cx.saving {
         cx.sim
             .free_all(&[perm, token_of, inverse, softmax, topk_idx]);
@@ -312,11 +317,29 @@ pub fn moe_bwd(
     let zeros = cx.alloc(n * e * 4, Temporary, "new_zeros");
     let scattered = cx.alloc(n * e * 4, Temporary, "scatter");
     cx.sim.free_all(&[zeros, g_values, sv.topk_idx]);
-    let g_logits = cx.alloc(n * e * 4, Temporary, "_softmax_backward_data");
+    let mut g_logits = cx.alloc(n * e * 4, Temporary, "_softmax_backward_data");
     cx.sim.free_all(&[scattered, sv.softmax]);
+    let mut g_logits_bytes = 4;
+    // The auxiliary loss's gradient of the same logits meets this one in the logits' dtype (fake-cuda trace of
+    // mixtral-256-e8top2-aux-fp16amp: `_to_copy`, then `add`).
+    if sv.moe.aux_loss {
+        if let Some(aux) = cx.aux_grads.pop() {
+            let cast = (r != 4).then(|| cx.alloc(n * e * r, Temporary, "_to_copy"));
+            if cast.is_some() {
+                cx.free(g_logits);
+            }
+            let sum = cx.alloc(n * e * r, Temporary, "add");
+            cx.free(aux);
+            match cast {
+                Some(c) => cx.free(c),
+                None => cx.free(g_logits),
+            }
+            (g_logits, g_logits_bytes) = (sum, r);
+        }
+    }
     // Step 11: the router Linear (the last to read the input, but for Qwen2-MoE's shared expert).
     let router_input = if shared_mlp.is_some() { None } else { norm_out };
-    let g_x_router = ops::linear_bwd(cx, g_logits, 4, true, sv.router, router_input);
+    let g_x_router = ops::linear_bwd(cx, g_logits, g_logits_bytes, true, sv.router, router_input);
     // Step 12: the input's gradients summed (the shared gate's and the shared expert's too).
     let mut g_x = ops::grad_sum(cx, g_x_experts, g_x_router, n * c * x);
     if let Some(g_gate_x) = gate_in {

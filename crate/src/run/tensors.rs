@@ -72,6 +72,11 @@ pub struct Ctx<'a> {
     pub rope_tables: Vec<Tensor>,
     /// The first block's input is the embeddings' output, which the model keeps bound through the forward.
     pub first_block: bool,
+    /// Mixtures of experts with the router's auxiliary loss: each MoE layer's router logits, kept from its forward
+    /// to the end of the loss (the model returns them), in layer order.
+    pub router_logits: Vec<Tensor>,
+    /// The auxiliary loss's gradients of those logits, from the loss's backward to each layer's router backward.
+    pub aux_grads: Vec<Tensor>,
 }
 
 impl<'a> Ctx<'a> {
@@ -101,6 +106,8 @@ impl<'a> Ctx<'a> {
             sliding_layer: true,
             rope_tables: Vec::new(),
             first_block: false,
+            router_logits: Vec::new(),
+            aux_grads: Vec::new(),
         })
     }
 
