@@ -69,15 +69,7 @@ pub fn setup_from_bytes(data: &[u8]) -> Setup {
             dropout: if flags & 4 != 0 { b.f64() } else { 0.0 },
             intermediate_size: b.u64(),
             tie_embeddings: flags & 8 != 0,
-            head_dim: 0,
-            sliding_window: 0,
-            rotary_dims: 0,
-            parallel_residual: false,
-            n_experts: 0,
-            experts_per_token: 0,
-            shared_expert_size: 0,
-            norm_topk_prob: false,
-            router_aux_loss: false,
+            ..ModelConfig::default()
         },
         train: TrainConfig {
             batch_size: b.u64(),

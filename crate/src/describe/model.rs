@@ -165,6 +165,35 @@ pub struct ModelConfig {
     pub router_aux_loss: bool,
 }
 
+/// A model with none of the optional architecture fields: full heads, no sliding window, whole-head rotary,
+/// sequential branches, a dense MLP: constructors and literals name what they set and take the rest from here.
+impl Default for ModelConfig {
+    fn default() -> ModelConfig {
+        ModelConfig {
+            family: Family::Gpt2,
+            n_layer: 0,
+            n_head: 0,
+            n_kv_head: 0,
+            n_embd: 0,
+            block_size: 0,
+            vocab_size: 0,
+            bias: false,
+            dropout: 0.0,
+            intermediate_size: 0,
+            tie_embeddings: false,
+            head_dim: 0,
+            sliding_window: 0,
+            rotary_dims: 0,
+            parallel_residual: false,
+            n_experts: 0,
+            experts_per_token: 0,
+            shared_expert_size: 0,
+            norm_topk_prob: false,
+            router_aux_loss: false,
+        }
+    }
+}
+
 impl ModelConfig {
     /// nanoGPT's GPT: what its architecture fixes (one KV head per head, MLP 4 x n_embd, tied LM head) around
     /// the dims a config chooses.
@@ -190,15 +219,7 @@ impl ModelConfig {
             // Saturating: a config's n_embd is unchecked here; validation rejects what would not fit.
             intermediate_size: n_embd.saturating_mul(4),
             tie_embeddings: true,
-            head_dim: 0,
-            sliding_window: 0,
-            rotary_dims: 0,
-            parallel_residual: false,
-            n_experts: 0,
-            experts_per_token: 0,
-            shared_expert_size: 0,
-            norm_topk_prob: false,
-            router_aux_loss: false,
+            ..ModelConfig::default()
         }
     }
 
@@ -1124,15 +1145,7 @@ mod tests {
             dropout: 0.0,
             intermediate_size: 5632,
             tie_embeddings: false,
-            head_dim: 0,
-            sliding_window: 0,
-            rotary_dims: 0,
-            parallel_residual: false,
-            n_experts: 0,
-            experts_per_token: 0,
-            shared_expert_size: 0,
-            norm_topk_prob: false,
-            router_aux_loss: false,
+            ..ModelConfig::default()
         };
         assert_eq!(m.n_params(), 1_100_048_384);
         // Qwen2's layers are Llama's with q, k and v biases: Qwen2.5-1.5B's config.json (28 layers, 1536 wide, 12

@@ -56,15 +56,7 @@ fn hf(family: Family, d: LlamaDims, seq: u64) -> Setup {
         dropout: 0.0,
         intermediate_size: d.inter,
         tie_embeddings: d.tie,
-        head_dim: 0,
-        sliding_window: 0,
-        rotary_dims: 0,
-        parallel_residual: false,
-        n_experts: 0,
-        experts_per_token: 0,
-        shared_expert_size: 0,
-        norm_topk_prob: false,
-        router_aux_loss: false,
+        ..ModelConfig::default()
     };
     let mut s = input::hf_setup(model);
     s.train.seq_len = seq;

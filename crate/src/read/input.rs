@@ -12,19 +12,23 @@ pub use crate::model::{
     DEFAULT_BATCH_SIZE, DEFAULT_GRAD_CLIP, DEFAULT_OPTIMIZER, DEFAULT_PRECISION,
 };
 
+/// The setup JSON's model fields every family has.
 const MODEL_FIELDS: &[&str] = &[
     "family",
     "n_layer",
     "n_head",
-    "n_kv_head",
     "n_embd",
     "block_size",
     "vocab_size",
     "bias",
     "dropout",
+    "head_dim",
+];
+/// The model fields of the Hugging Face families only (gpt2 refuses each by name).
+const HF_FIELDS: &[&str] = &[
+    "n_kv_head",
     "intermediate_size",
     "tie_embeddings",
-    "head_dim",
     "sliding_window",
     "rotary_dims",
     "parallel_residual",
@@ -236,9 +240,16 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
     })
 }
 
-/// The setup JSON's own model fields (`MODEL_FIELDS`).
+/// The setup JSON's own model fields (`MODEL_FIELDS`, `HF_FIELDS`).
 fn model_fields(m: &Map<String, Value>) -> Result<ModelConfig, Error> {
-    reject_unknown(m, "model.", MODEL_FIELDS)?;
+    if let Some(k) = m
+        .keys()
+        .find(|k| !MODEL_FIELDS.contains(&k.as_str()) && !HF_FIELDS.contains(&k.as_str()))
+    {
+        return Err(Error::UnknownField {
+            field: format!("model.{k}"),
+        });
+    }
     let family = Family::parse(get_str(m, "model.", "family")?.ok_or(Error::Missing {
         field: "model.family".into(),
     })?)?;
@@ -247,19 +258,7 @@ fn model_fields(m: &Map<String, Value>) -> Result<ModelConfig, Error> {
     let block_size = required(get_u64(m, "model.", "block_size")?, "model.block_size")?;
     let (n_kv_head, intermediate_size, tie) = match family {
         Family::Gpt2 => {
-            for k in [
-                "n_kv_head",
-                "intermediate_size",
-                "tie_embeddings",
-                "sliding_window",
-                "rotary_dims",
-                "parallel_residual",
-                "n_experts",
-                "experts_per_token",
-                "shared_expert_size",
-                "norm_topk_prob",
-                "router_aux_loss",
-            ] {
+            for &k in HF_FIELDS {
                 if m.contains_key(k) {
                     return Err(Error::invalid(
                         &format!("model.{k}"),

@@ -1159,17 +1159,12 @@ fn mlp_fwd(cx: &mut Ctx) -> (MlpSaved, Tensor) {
             (saved, o)
         }
         Mlp::SwiGlu | Mlp::GeGlu => {
-            let act = if cx.arch.mlp == Mlp::GeGlu {
-                "gelu"
-            } else {
-                "silu"
-            };
             if cx.arch.packed_gate_up {
                 // Phi-3's `gate_up_proj`: one output chunked into gate and up; the activation saves the gate
                 // half and the product the up half, so it stays whole (fake-cuda trace of
                 // phi3-512-untied-bf16amp).
                 let (gu, gate_up) = ops::linear_fwd(cx, r, c, 2 * i, bias, Activations);
-                let a = cx.alloc(cx.n * i * p, Activations, act);
+                let a = cx.alloc(cx.n * i * p, Activations, act_name(cx));
                 let prod = cx.alloc(cx.n * i * p, Activations, "mul");
                 cx.drop_unsaved(a);
                 cx.drop_unsaved(gu);
@@ -1197,13 +1192,8 @@ fn mlp_fwd(cx: &mut Ctx) -> (MlpSaved, Tensor) {
 /// Qwen2-MoE's shared expert).
 pub(crate) fn swiglu_fwd(cx: &mut Ctx, i: u64, bias: bool) -> (MlpSaved, Tensor) {
     let (c, r, p) = (cx.m.n_embd, cx.r, cx.p);
-    let act = if cx.arch.mlp == Mlp::GeGlu {
-        "gelu"
-    } else {
-        "silu"
-    };
     let (gate_out, gate) = ops::linear_fwd(cx, r, c, i, bias, Activations);
-    let silu = cx.alloc(cx.n * i * p, Activations, act);
+    let silu = cx.alloc(cx.n * i * p, Activations, act_name(cx));
     cx.drop_unsaved(gate_out);
     let (up_out, up) = ops::linear_fwd(cx, r, c, i, bias, Activations);
     let prod = cx.alloc(cx.n * i * p, Activations, "mul");
@@ -1327,6 +1317,15 @@ fn mlp_bwd(
             cx.free(g_up);
             ops::linear_bwd(cx, g_gu, p, true, gate_up, norm_out)
         }
+    }
+}
+
+/// The gated MLP's activation op.
+fn act_name(cx: &Ctx) -> &'static str {
+    if cx.arch.mlp == Mlp::GeGlu {
+        "gelu"
+    } else {
+        "silu"
     }
 }
 
