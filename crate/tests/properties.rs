@@ -104,6 +104,8 @@ fn any_setup() -> impl Strategy<Value = Setup> {
                     zero_grad_set_to_none: ckpt ^ manual,
                     compile: manual && !ckpt,
                     alloc_conf: Default::default(),
+                    lora: None,
+                    base_dtype: None,
                 },
                 device: DeviceConfig {
                     sm,
@@ -196,6 +198,8 @@ fn valid_setup() -> impl Strategy<Value = Setup> {
                         zero_grad_set_to_none: !(ckpt && clip),
                         compile: false,
                         alloc_conf: Default::default(),
+                        lora: None,
+                        base_dtype: None,
                     },
                     device: DeviceConfig::default(),
                 }

@@ -2,6 +2,7 @@
 //! Each returns a `Setup` (not yet validated) or an error naming the field, value or line.
 
 use crate::error::Error;
+use crate::finetune::{BaseDtype, LoraConfig, Targets};
 use crate::model::{
     alloc_conf_string, parse_alloc_conf, DeviceConfig, Family, ModelConfig, Setup, TrainConfig,
 };
@@ -41,7 +42,10 @@ const TRAIN_FIELDS: &[&str] = &[
     "zero_grad_set_to_none",
     "compile",
     "alloc_conf",
+    "lora",
+    "base_dtype",
 ];
+const LORA_FIELDS: &[&str] = &["r", "alpha", "dropout", "target_modules", "modules_to_save"];
 const DEVICE_FIELDS: &[&str] = &["compute_capability", "memory_gib"];
 
 fn object<'a>(v: &'a Value, field: &str) -> Result<&'a Map<String, Value>, Error> {
@@ -194,6 +198,14 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
         compile: get_bool(t, "train.", "compile")?.unwrap_or(false),
         // PYTORCH_CUDA_ALLOC_CONF as the environment variable is written.
         alloc_conf: parse_alloc_conf(get_str(t, "train.", "alloc_conf")?.unwrap_or(""))?,
+        lora: match t.get("lora") {
+            None | Some(Value::Null) => None,
+            Some(l) => Some(lora_fields(object(l, "train.lora")?)?),
+        },
+        base_dtype: match get_str(t, "train.", "base_dtype")? {
+            Some(s) => Some(BaseDtype::parse(s)?),
+            None => None,
+        },
     };
     let device = match top.get("device") {
         None => DeviceConfig::default(),
@@ -228,6 +240,58 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
         model,
         train,
         device,
+    })
+}
+
+/// A list of names, or one name (`"all-linear"`), as peft takes `target_modules` and `modules_to_save`.
+fn names<'a>(v: &'a Value, field: &str) -> Result<Vec<&'a str>, Error> {
+    match v {
+        Value::String(s) => Ok(vec![s.as_str()]),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .ok_or_else(|| Error::invalid(field, x, "must be a module name (a string)"))
+            })
+            .collect(),
+        _ => Err(Error::invalid(
+            field,
+            v,
+            "must be a module name or a list of them",
+        )),
+    }
+}
+
+/// `train.lora` (`LORA_FIELDS`), with peft's `LoraConfig` defaults for what it leaves out: r 8, alpha 8,
+/// dropout 0, and for these families `target_modules` q_proj and v_proj (peft's
+/// `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
+fn lora_fields(l: &Map<String, Value>) -> Result<LoraConfig, Error> {
+    reject_unknown(l, "train.lora.", LORA_FIELDS)?;
+    let r = get_u64(l, "train.lora.", "r")?.unwrap_or(8);
+    let mut c = LoraConfig {
+        r,
+        alpha: get_f64(l, "train.lora.", "alpha")?.unwrap_or(8.0),
+        dropout: get_f64(l, "train.lora.", "dropout")?.unwrap_or(0.0),
+        targets: match l.get("target_modules") {
+            None | Some(Value::Null) => Targets::parse(["q_proj", "v_proj"])?,
+            Some(v) => Targets::parse(names(v, "train.lora.target_modules")?)?,
+        },
+        save_head: false,
+        save_embed: false,
+    };
+    if let Some(v) = l.get("modules_to_save").filter(|v| !v.is_null()) {
+        c.set_modules_to_save(names(v, "train.lora.modules_to_save")?)?;
+    }
+    Ok(c)
+}
+
+/// `train.lora` as the setup JSON writes it.
+pub fn lora_to_value(l: &LoraConfig) -> Value {
+    let targets = l.targets.names();
+    serde_json::json!({
+        "r": l.r, "alpha": l.alpha, "dropout": l.dropout,
+        "target_modules": if targets == ["all-linear"] { Value::from("all-linear") } else { Value::from(targets) },
+        "modules_to_save": l.modules_to_save(),
     })
 }
 
@@ -336,7 +400,7 @@ pub fn setup_to_value(s: &Setup) -> Value {
         }
     }
     let t = &s.train;
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "model": model,
         "train": {"batch_size": t.batch_size, "seq_len": t.seq_len, "precision": t.precision.name(),
                   "optimizer": t.optimizer.name(), "attention": t.attention.name(),
@@ -345,7 +409,14 @@ pub fn setup_to_value(s: &Setup) -> Value {
                   "alloc_conf": alloc_conf_string(&t.alloc_conf)},
         "device": {"compute_capability": s.device.sm as f64 / 10.0,
                    "memory_gib": s.device.memory_bytes as f64 / (1u64 << 30) as f64},
-    })
+    });
+    if let Some(l) = &t.lora {
+        v["train"]["lora"] = lora_to_value(l);
+    }
+    if let Some(d) = t.base_dtype {
+        v["train"]["base_dtype"] = d.name().into();
+    }
+    v
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -924,6 +995,8 @@ pub fn nanogpt_config(text: &str) -> Result<NanoGptImport, Error> {
             compile,
             // PYTORCH_CUDA_ALLOC_CONF is the environment's, not the config file's.
             alloc_conf: Default::default(),
+            lora: None,
+            base_dtype: None,
         },
         device: DeviceConfig::default(),
     };

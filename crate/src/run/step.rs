@@ -6,6 +6,7 @@
 use crate::arch::Program;
 use crate::compiled;
 use crate::eager;
+use crate::finetune::{LoraConfig, Role};
 use crate::model::Setup;
 use crate::policy::{Optimizer, Precision};
 use crate::sim::Category::{Optimizer as OptState, Temporary, Weights};
@@ -75,6 +76,18 @@ fn run(setup: &Setup, n_steps: u32, record: bool, reserved_limit: u64) -> Result
         cx.alloc(bytes, Weights, "buffer");
     }
     tie_head(&mut cx, setup, weights[0]);
+    let trained: Vec<Param> = match &tr.lora {
+        None => params
+            .iter()
+            .map(|&(elems, matrix)| Param {
+                elems,
+                matrix,
+                bytes: cx.pb,
+            })
+            .collect(),
+        Some(lora) => lora_params(&mut cx, setup, lora),
+    };
+    let params = trained;
     let mut state: Vec<Tensor> = Vec::new();
     let mut loop_state = Loop::start(&mut cx);
     let over = |cx: &Ctx| cx.sim.allocator().peak_reserved_bytes() > reserved_limit;
@@ -212,11 +225,86 @@ impl Loop {
     }
 }
 
+/// A trained parameter: elements, whether it is a matrix (nanoGPT's decay group), bytes per element (its
+/// gradient and AdamW's state take its dtype).
+#[derive(Debug, Clone, Copy)]
+pub struct Param {
+    pub elems: u64,
+    pub matrix: bool,
+    pub bytes: u64,
+}
+
+/// What `peft.get_peft_model` adds to the device after the base model, and the parameters it leaves trainable,
+/// in `model.parameters()` order (tests/data/finetune/README.md). For each adapted Linear, layer by layer in
+/// module order (q, k, v, o, gate, up, down), `update_layer` makes A (`r x in`) and B (`out x r`) and moves them
+/// to the base weight's device in its dtype (`_move_adapter_to_device_of_base_layer`); with a 2-byte base,
+/// `_cast_adapter_dtype` (`autocast_adapter_dtype=True`) then makes an fp32 copy of each and frees the 2-byte
+/// one, module by module. `modules_to_save` deep-copies the head or the embedding (base dtype). Pure bf16 casts
+/// the whole PeftModel to bf16 afterwards: each fp32 adapter gets a bf16 copy and is freed.
+fn lora_params(cx: &mut Ctx, setup: &Setup, lora: &LoraConfig) -> Vec<Param> {
+    let m = &setup.model;
+    let (c, qd, kv, i) = (m.n_embd, m.q_dim(), m.kv_dim(), m.intermediate_size);
+    let shape = |role: Role| match role {
+        Role::Q => (c, qd),
+        Role::K | Role::V => (c, kv),
+        Role::O => (qd, c),
+        Role::Gate | Role::Up => (c, i),
+        Role::Down => (i, c),
+    };
+    let pb = cx.pb;
+    let mut adapters: Vec<(u64, Tensor)> = Vec::new();
+    for _ in 0..m.n_layer {
+        for role in Role::ALL.into_iter().filter(|r| lora.targets.has(*r)) {
+            let (in_f, out_f) = shape(role);
+            for elems in [lora.r * in_f, out_f * lora.r] {
+                adapters.push((elems, cx.alloc(elems * pb, Weights, "parameter")));
+            }
+        }
+    }
+    let table = m.vocab_size * c;
+    if lora.save_embed {
+        cx.alloc(table * pb, Weights, "parameter");
+    }
+    if lora.save_head {
+        cx.alloc(table * pb, Weights, "parameter");
+    }
+    if pb != 4 {
+        for a in adapters.iter_mut() {
+            let wide = cx.alloc(a.0 * 4, Weights, "_to_copy");
+            cx.free(a.1);
+            a.1 = wide;
+        }
+    }
+    if cx.ab != 4 {
+        for a in adapters.iter_mut() {
+            let narrow = cx.alloc(a.0 * cx.ab, Weights, "_to_copy");
+            cx.free(a.1);
+            a.1 = narrow;
+        }
+    }
+    let copy = |elems| Param {
+        elems,
+        matrix: true,
+        bytes: pb,
+    };
+    let ab = cx.ab;
+    lora.save_embed
+        .then(|| copy(table))
+        .into_iter()
+        .chain(adapters.iter().map(|&(elems, _)| Param {
+            elems,
+            matrix: true,
+            bytes: ab,
+        }))
+        .chain(lora.save_head.then(|| copy(table)))
+        .collect()
+}
+
 fn optimizer_stage(
     cx: &mut Ctx,
     step: u32,
     setup: &Setup,
-    params: &[(u64, bool)],
+    params: &[Param],
     state: &mut Vec<Tensor>,
 ) {
     cx.sim.stage(step, "optimizer");
@@ -232,35 +320,35 @@ fn optimizer_stage(
         cx.free(stacked);
         cx.sim.free_all(&norms);
     }
-    let pb = cx.pb;
     match tr.optimizer {
         Optimizer::AdamW | Optimizer::AdamWFused => {
             if state.is_empty() {
                 // Lazy state: exp_avg and exp_avg_sq = zeros_like(p) per parameter; `step` is a device scalar for
                 // the fused kernel and a CPU scalar for foreach (torch/optim/adamw.py `_init_group`).
-                for &(elems, _) in params {
+                for p in params {
                     if tr.optimizer == Optimizer::AdamWFused {
                         state.push(cx.alloc(4, OptState, "zeros"));
                     }
-                    state.push(cx.alloc(elems * pb, OptState, "zeros_like"));
-                    state.push(cx.alloc(elems * pb, OptState, "zeros_like"));
+                    state.push(cx.alloc(p.elems * p.bytes, OptState, "zeros_like"));
+                    state.push(cx.alloc(p.elems * p.bytes, OptState, "zeros_like"));
                 }
             }
             if tr.optimizer == Optimizer::AdamW {
                 // _multi_tensor_adamw: the only out-of-place op is `exp_avg_sq_sqrt = _foreach_sqrt(exp_avg_sqs)`,
                 // one tensor per parameter of the group, freed when the group is done. Groups run one after the
                 // other: nanoGPT has a decay group (matrices) and a no-decay group; HF-style loops one group.
+                let bytes = |p: &Param| p.elems * p.bytes;
                 let groups: Vec<Vec<u64>> = match cx.arch.program {
                     Program::NanoGpt => vec![
-                        params.iter().filter(|p| p.1).map(|p| p.0).collect(),
-                        params.iter().filter(|p| !p.1).map(|p| p.0).collect(),
+                        params.iter().filter(|p| p.matrix).map(bytes).collect(),
+                        params.iter().filter(|p| !p.matrix).map(bytes).collect(),
                     ],
-                    Program::HfLoop => vec![params.iter().map(|p| p.0).collect()],
+                    Program::HfLoop => vec![params.iter().map(bytes).collect()],
                 };
                 for group in groups {
                     let tmp: Vec<Tensor> = group
                         .iter()
-                        .map(|&e| cx.alloc(e * pb, Temporary, "_foreach_sqrt"))
+                        .map(|&b| cx.alloc(b, Temporary, "_foreach_sqrt"))
                         .collect();
                     cx.sim.free_all(&tmp);
                 }
@@ -269,8 +357,8 @@ fn optimizer_stage(
         Optimizer::SgdMomentum => {
             if state.is_empty() {
                 // First step: momentum_buffer = clone(grad) per parameter.
-                for &(elems, _) in params {
-                    state.push(cx.alloc(elems * pb, OptState, "clone"));
+                for p in params {
+                    state.push(cx.alloc(p.elems * p.bytes, OptState, "clone"));
                 }
             }
         }
