@@ -432,10 +432,6 @@ fn finetune_records_allocated_and_reserved() {
 /// Fine-tuning records vramfit refuses (`Error::NotModelled` or an unknown value), with the reason in the
 /// table the test prints.
 const FINETUNE_NOT_MODELLED: &[&str] = &[
-    "llama-lora-r16-all-bf16amp-adamw8bit",
-    "llama-lora-r128-all-bf16amp-paged-adamw8bit",
-    "llama-lora-r16-all-bf16amp-adafactor",
-    "llama-lora-r16-all-bf16amp-lion",
     "qwen2-qlora-nf4-dq-r64-all-ckpt-paged-adamw8bit",
     "mistral-qlora-nf4-r64-all-ckpt",
     "mistral-qlora-fp4-dq-r16-all",

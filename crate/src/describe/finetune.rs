@@ -272,6 +272,13 @@ pub fn check(setup: &Setup) -> Result<(), Error> {
         }
     }
     let Some(l) = &t.lora else {
+        if t.optimizer == crate::policy::Optimizer::Adafactor {
+            return Err(Error::NotModelled {
+                what: "train.optimizer \"adafactor\" without train.lora: its factored state needs every \
+                       parameter's shape, which vramfit keeps for LoRA's adapters only"
+                    .into(),
+            });
+        }
         return Ok(());
     };
     if l.r == 0 || l.r > m.n_embd {

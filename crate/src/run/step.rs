@@ -83,6 +83,7 @@ fn run(setup: &Setup, n_steps: u32, record: bool, reserved_limit: u64) -> Result
                 elems,
                 matrix,
                 bytes: cx.pb,
+                rows: 0,
             })
             .collect(),
         Some(lora) => lora_params(&mut cx, setup, lora),
@@ -232,6 +233,8 @@ pub struct Param {
     pub elems: u64,
     pub matrix: bool,
     pub bytes: u64,
+    /// The first dimension (Adafactor factors a matrix into rows and columns); 0 when not known.
+    pub rows: u64,
 }
 
 /// What `peft.get_peft_model` adds to the device after the base model, and the parameters it leaves trainable,
@@ -252,12 +255,14 @@ fn lora_params(cx: &mut Ctx, setup: &Setup, lora: &LoraConfig) -> Vec<Param> {
         Role::Down => (i, c),
     };
     let pb = cx.pb;
-    let mut adapters: Vec<(u64, Tensor)> = Vec::new();
+    // (elements, rows, tensor) of each adapter.
+    let mut adapters: Vec<(u64, u64, Tensor)> = Vec::new();
     for _ in 0..m.n_layer {
         for role in Role::ALL.into_iter().filter(|r| lora.targets.has(*r)) {
             let (in_f, out_f) = shape(role);
-            for elems in [lora.r * in_f, out_f * lora.r] {
-                adapters.push((elems, cx.alloc(elems * pb, Weights, "parameter")));
+            for (rows, cols) in [(lora.r, in_f), (out_f, lora.r)] {
+                let t = cx.alloc(rows * cols * pb, Weights, "parameter");
+                adapters.push((rows * cols, rows, t));
             }
         }
     }
@@ -271,33 +276,60 @@ fn lora_params(cx: &mut Ctx, setup: &Setup, lora: &LoraConfig) -> Vec<Param> {
     if pb != 4 {
         for a in adapters.iter_mut() {
             let wide = cx.alloc(a.0 * 4, Weights, "_to_copy");
-            cx.free(a.1);
-            a.1 = wide;
+            cx.free(a.2);
+            a.2 = wide;
         }
     }
     if cx.ab != 4 {
         for a in adapters.iter_mut() {
             let narrow = cx.alloc(a.0 * cx.ab, Weights, "_to_copy");
-            cx.free(a.1);
-            a.1 = narrow;
+            cx.free(a.2);
+            a.2 = narrow;
         }
     }
     let copy = |elems| Param {
         elems,
         matrix: true,
         bytes: pb,
+        rows: m.vocab_size,
     };
     let ab = cx.ab;
     lora.save_embed
         .then(|| copy(table))
         .into_iter()
-        .chain(adapters.iter().map(|&(elems, _)| Param {
+        .chain(adapters.iter().map(|&(elems, rows, _)| Param {
             elems,
             matrix: true,
             bytes: ab,
+            rows,
         }))
         .chain(lora.save_head.then(|| copy(table)))
         .collect()
+}
+
+/// bitsandbytes' blockwise state for one parameter of `elems` elements (`Optimizer2State.init_state` /
+/// `Optimizer1State.init_state`, 0.50.2): at least 4096 elements (`min_8bit_size`), each state uint8 of its
+/// shape and an fp32 absmax per 256-element block, states first; below, fp32 states. Paged, a uint8 state of at
+/// least 1e5 elements is CUDA managed memory (`get_state_buffer` -> `F.get_paged`), which PyTorch's allocator
+/// never sees: the estimate, like `max_memory_allocated()`, does not count it (on a real GPU it lives on the
+/// device until memory runs short; nvidia-smi counts it).
+fn bnb_state(cx: &mut Ctx, elems: u64, n_states: u64, paged: bool) -> Vec<Tensor> {
+    let mut v = Vec::new();
+    if elems < 4096 {
+        for _ in 0..n_states {
+            v.push(cx.alloc(elems * 4, OptState, "zeros_like"));
+        }
+        return v;
+    }
+    if !(paged && elems >= 100_000) {
+        for _ in 0..n_states {
+            v.push(cx.alloc(elems, OptState, "zeros_like"));
+        }
+    }
+    for _ in 0..n_states {
+        v.push(cx.alloc(elems.div_ceil(256) * 4, OptState, "zeros"));
+    }
+    v
 }
 
 fn optimizer_stage(
@@ -363,6 +395,55 @@ fn optimizer_stage(
             }
         }
         Optimizer::Sgd => {}
+        Optimizer::AdamW8bit | Optimizer::PagedAdamW8bit | Optimizer::Lion8bit => {
+            if state.is_empty() {
+                let paged = tr.optimizer == Optimizer::PagedAdamW8bit;
+                let n_states = if tr.optimizer == Optimizer::Lion8bit {
+                    1
+                } else {
+                    2
+                };
+                // The 256-entry fp32 quantization maps (`name2qmap`, dynamic and unsigned dynamic for Adam's second
+                // moment), moved to the device once and shared by every parameter's state.
+                for _ in 0..n_states {
+                    state.push(cx.alloc(256 * 4, OptState, "qmap"));
+                }
+                for p in params {
+                    state.extend(bnb_state(cx, p.elems, n_states, paged));
+                }
+            }
+            // bitsandbytes' blockwise 8-bit update kernels work in place: no temporaries.
+        }
+        Optimizer::Lion => {
+            if state.is_empty() {
+                // bitsandbytes' 32-bit state is fp32 whatever the parameter's dtype (`init_state`).
+                for p in params {
+                    state.push(cx.alloc(p.elems * 4, OptState, "zeros_like"));
+                }
+            }
+        }
+        Optimizer::Adafactor => {
+            if state.is_empty() {
+                // `_init_group`: a matrix's `row_var` [rows, 1] and `col_var` [1, cols] (`grad.new_zeros`, the
+                // gradient's dtype); anything else a full `variance`; `step` a host scalar.
+                for p in params {
+                    if p.rows > 1 && p.elems / p.rows > 1 {
+                        state.push(cx.alloc(p.rows * p.bytes, OptState, "new_zeros"));
+                        state.push(cx.alloc(p.elems / p.rows * p.bytes, OptState, "new_zeros"));
+                    } else {
+                        state.push(cx.alloc(p.elems * p.bytes, OptState, "zeros_like"));
+                    }
+                }
+            }
+            // `_multi_tensor_adafactor`: the squared gradients and each matrix's variance estimate (row x col),
+            // full-size per parameter, alive until the group is done (tests/data/finetune/README.md).
+            let tmp: Vec<Tensor> = params
+                .iter()
+                .flat_map(|p| [p.elems * p.bytes, p.elems * p.bytes])
+                .map(|b| cx.alloc(b, Temporary, "_foreach_mul"))
+                .collect();
+            cx.sim.free_all(&tmp);
+        }
     }
     if tr.zero_grad_set_to_none {
         // zero_grad(set_to_none=True): every .grad is released; the next backward creates them again.
