@@ -102,6 +102,7 @@ pub fn setup_from_bytes(data: &[u8]) -> Setup {
             alloc_conf: AllocatorConfig::default(),
             lora: None,
             base_dtype: None,
+            quantization: None,
         },
         device: DeviceConfig {
             sm: u32::from(b.byte()),

@@ -106,6 +106,7 @@ fn any_setup() -> impl Strategy<Value = Setup> {
                     alloc_conf: Default::default(),
                     lora: None,
                     base_dtype: None,
+                    quantization: None,
                 },
                 device: DeviceConfig {
                     sm,
@@ -200,6 +201,7 @@ fn valid_setup() -> impl Strategy<Value = Setup> {
                         alloc_conf: Default::default(),
                         lora: None,
                         base_dtype: None,
+                        quantization: None,
                     },
                     device: DeviceConfig::default(),
                 }

@@ -2,7 +2,7 @@
 
 use crate::allocator::AllocatorConfig;
 use crate::error::Error;
-use crate::finetune::{BaseDtype, LoraConfig};
+use crate::finetune::{BaseDtype, LoraConfig, Quantization};
 use crate::policy::{Attention, Optimizer, Precision};
 
 /// Decoder-only architectures vramfit models op by op: each is a description (`arch::Arch::of`), walked by one
@@ -229,6 +229,8 @@ pub struct TrainConfig {
     pub lora: Option<LoraConfig>,
     /// The dtype the frozen base is loaded in, with LoRA; None: the precision's own (fp32, or bf16 for pure bf16).
     pub base_dtype: Option<BaseDtype>,
+    /// The base's Linears quantized by bitsandbytes (QLoRA, 8-bit bases); None: not quantized.
+    pub quantization: Option<Quantization>,
 }
 
 /// Defaults for training fields a setup leaves out: nanoGPT train.py's on a bf16-capable GPU, except gradient
@@ -255,6 +257,7 @@ impl TrainConfig {
             alloc_conf: AllocatorConfig::default(),
             lora: None,
             base_dtype: None,
+            quantization: None,
         }
     }
 }

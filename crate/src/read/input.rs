@@ -2,7 +2,7 @@
 //! Each returns a `Setup` (not yet validated) or an error naming the field, value or line.
 
 use crate::error::Error;
-use crate::finetune::{BaseDtype, LoraConfig, Targets};
+use crate::finetune::{BaseDtype, LoraConfig, Quantization, Targets};
 use crate::model::{
     alloc_conf_string, parse_alloc_conf, DeviceConfig, Family, ModelConfig, Setup, TrainConfig,
 };
@@ -44,6 +44,8 @@ const TRAIN_FIELDS: &[&str] = &[
     "alloc_conf",
     "lora",
     "base_dtype",
+    "quantization",
+    "double_quant",
 ];
 const LORA_FIELDS: &[&str] = &["r", "alpha", "dropout", "target_modules", "modules_to_save"];
 const DEVICE_FIELDS: &[&str] = &["compute_capability", "memory_gib"];
@@ -204,6 +206,20 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
         },
         base_dtype: match get_str(t, "train.", "base_dtype")? {
             Some(s) => Some(BaseDtype::parse(s)?),
+            None => None,
+        },
+        quantization: match get_str(t, "train.", "quantization")? {
+            None if get_bool(t, "train.", "double_quant")? == Some(true) => {
+                return Err(Error::invalid(
+                    "train.double_quant",
+                    true,
+                    "needs train.quantization \"nf4\" or \"fp4\"",
+                ))
+            }
+            Some(s) => Some(Quantization::parse(
+                s,
+                get_bool(t, "train.", "double_quant")?.unwrap_or(false),
+            )?),
             None => None,
         },
     };
@@ -415,6 +431,10 @@ pub fn setup_to_value(s: &Setup) -> Value {
     }
     if let Some(d) = t.base_dtype {
         v["train"]["base_dtype"] = d.name().into();
+    }
+    if let Some(q) = t.quantization {
+        v["train"]["quantization"] = q.name().into();
+        v["train"]["double_quant"] = q.double_quant().into();
     }
     v
 }
@@ -997,6 +1017,7 @@ pub fn nanogpt_config(text: &str) -> Result<NanoGptImport, Error> {
             alloc_conf: Default::default(),
             lora: None,
             base_dtype: None,
+            quantization: None,
         },
         device: DeviceConfig::default(),
     };
@@ -1250,6 +1271,32 @@ mod tests {
         assert_eq!(s.train.precision, Precision::Fp16Amp);
         let back = setup_from_value(&setup_to_value(&s)).unwrap();
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn lora_fields_round_trip_and_take_peft_defaults() {
+        let v = serde_json::json!({"model": {"family": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 2,
+            "n_embd": 256, "block_size": 128, "vocab_size": 1000, "intermediate_size": 512},
+            "train": {"lora": {"r": 16, "target_modules": "all-linear", "modules_to_save": ["lm_head"]},
+                      "base_dtype": "bf16"}});
+        let s = setup_from_value(&v).unwrap();
+        let l = s.train.lora.as_ref().unwrap();
+        assert_eq!((l.r, l.alpha, l.dropout), (16, 8.0, 0.0));
+        assert!(l.save_head && !l.save_embed);
+        assert_eq!(s.train.base_dtype, Some(BaseDtype::Bf16));
+        assert_eq!(setup_from_value(&setup_to_value(&s)).unwrap(), s);
+        let mut bad = v.clone();
+        bad["train"]["lora"]["rank"] = 8.into();
+        assert_eq!(
+            setup_from_value(&bad).unwrap_err().to_string(),
+            "unknown field \"train.lora.rank\""
+        );
+        bad = v.clone();
+        bad["train"]["double_quant"] = true.into();
+        assert!(setup_from_value(&bad)
+            .unwrap_err()
+            .to_string()
+            .starts_with("train.double_quant (true) needs train.quantization"));
     }
 
     #[test]

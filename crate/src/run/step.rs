@@ -6,7 +6,7 @@
 use crate::arch::Program;
 use crate::compiled;
 use crate::eager;
-use crate::finetune::{LoraConfig, Role};
+use crate::finetune::LoraConfig;
 use crate::model::Setup;
 use crate::policy::{Optimizer, Precision};
 use crate::sim::Category::{Optimizer as OptState, Temporary, Weights};
@@ -246,27 +246,17 @@ pub struct Param {
 /// the whole PeftModel to bf16 afterwards: each fp32 adapter gets a bf16 copy and is freed.
 fn lora_params(cx: &mut Ctx, setup: &Setup, lora: &LoraConfig) -> Vec<Param> {
     let m = &setup.model;
-    let (c, qd, kv, i) = (m.n_embd, m.q_dim(), m.kv_dim(), m.intermediate_size);
-    let shape = |role: Role| match role {
-        Role::Q => (c, qd),
-        Role::K | Role::V => (c, kv),
-        Role::O => (qd, c),
-        Role::Gate | Role::Up => (c, i),
-        Role::Down => (i, c),
-    };
     let pb = cx.pb;
     // (elements, rows, tensor) of each adapter.
-    let mut adapters: Vec<(u64, u64, Tensor)> = Vec::new();
-    for _ in 0..m.n_layer {
-        for role in Role::ALL.into_iter().filter(|r| lora.targets.has(*r)) {
-            let (in_f, out_f) = shape(role);
-            for (rows, cols) in [(lora.r, in_f), (out_f, lora.r)] {
-                let t = cx.alloc(rows * cols * pb, Weights, "parameter");
-                adapters.push((rows * cols, rows, t));
-            }
-        }
-    }
-    let table = m.vocab_size * c;
+    let adapters: Vec<(u64, u64, Tensor)> = crate::finetune::adapter_shapes(m, lora)
+        .into_iter()
+        .map(|(rows, cols)| {
+            let t = cx.alloc(rows * cols * pb, Weights, "parameter");
+            (rows * cols, rows, t)
+        })
+        .collect();
+    let mut adapters = adapters;
+    let table = m.vocab_size * m.n_embd;
     if lora.save_embed {
         cx.alloc(table * pb, Weights, "parameter");
     }
