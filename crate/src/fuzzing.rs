@@ -97,6 +97,9 @@ pub fn setup_from_bytes(data: &[u8]) -> Setup {
             zero_grad_set_to_none: flags & 128 == 0,
             compile: b.byte() % 2 == 1,
             alloc_conf: AllocatorConfig::default(),
+            lora: None,
+            base_dtype: None,
+            quantization: None,
         },
         device: DeviceConfig {
             sm: u32::from(b.byte()),

@@ -27,7 +27,7 @@ pub mod read;
 pub mod run;
 pub mod show;
 
-pub use describe::{arch, model, policy, presets};
+pub use describe::{arch, finetune, model, policy, presets};
 pub use read::input;
 pub use run::{allocator, compiled, eager, moe, sim, step, tensors};
 #[cfg(target_arch = "wasm32")]

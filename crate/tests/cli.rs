@@ -525,3 +525,99 @@ fn gpus_lists_every_preset_with_its_sm_count() {
     assert!(error_of(&["estimate", "--gpu", "rtx-9090"])
         .starts_with("error: --gpu (\"rtx-9090\") is not one of: rtx-3060, rtx-3080,"));
 }
+
+/// Issue 13's check: LoRA on a preset, from the command line. The frozen bf16 base with fp32 adapters needs far
+/// less than training every parameter (no .grad, no AdamW state for 8B parameters), and the report says what is
+/// trained.
+#[test]
+fn lora_on_a_preset_freezes_the_base() {
+    let common = [
+        "estimate",
+        "--preset",
+        "llama-3.1-8b",
+        "--batch-size",
+        "1",
+        "--seq-len",
+        "1024",
+        "--format",
+        "json",
+    ];
+    let full = json_of(&common);
+    let lora_args: Vec<&str> = common
+        .iter()
+        .copied()
+        .chain(["--lora", "r=16,targets=all-linear", "--base-dtype", "bf16"])
+        .collect();
+    let lora = json_of(&lora_args);
+    let peak = |v: &Value| v["peak_allocated_bytes"].as_u64().unwrap();
+    // Full fine-tune: fp32 weights, fp32 grads and two AdamW states, 16 bytes per parameter; LoRA: the bf16
+    // base (2 bytes per parameter) and 41.9M fp32 adapters (4 bytes each), whose .grad and state are small.
+    let n = full["n_params"].as_u64().unwrap();
+    assert!(peak(&full) > 16 * n, "{}", peak(&full));
+    assert!(peak(&lora) < peak(&full) / 4, "{}", peak(&lora));
+    let weights = lora["components"]["weights_bytes"].as_u64().unwrap();
+    let adapters = 41_943_040 * 4;
+    assert!(
+        weights >= 2 * n + adapters && weights < 2 * n + adapters + (64 << 20),
+        "{weights}"
+    );
+    // The same run as a table (without `--format json`).
+    let table_args: Vec<&str> = lora_args
+        .iter()
+        .copied()
+        .filter(|a| *a != "--format" && *a != "json")
+        .collect();
+    let (code, table, err) = vramfit(&table_args);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        table.contains("LoRA (peft): r=16 on all-linear; 41943040 trainable parameters"),
+        "{table}"
+    );
+}
+
+#[test]
+fn lora_flags_name_what_is_wrong() {
+    let e = error_of(&["estimate", "--preset", "llama-3.2-1b", "--lora", "r=0"]);
+    assert!(
+        e.contains("train.lora.r (0) must be between 1 and model.n_embd"),
+        "{e}"
+    );
+    let e = error_of(&["estimate", "--preset", "llama-3.2-1b", "--lora", "rank=8"]);
+    assert!(
+        e.contains("--lora (\"rank=8\") has an unknown key \"rank\""),
+        "{e}"
+    );
+    let e = error_of(&[
+        "estimate",
+        "--preset",
+        "llama-3.2-1b",
+        "--lora",
+        "r=8,targets=qkv",
+    ]);
+    assert!(e.contains("train.lora.target_modules (\"qkv\")"), "{e}");
+    let e = error_of(&["estimate", "--preset", "gpt2", "--lora", "r=8"]);
+    assert!(e.contains("not modelled: train.lora on gpt2"), "{e}");
+    let e = error_of(&[
+        "estimate",
+        "--preset",
+        "llama-3.2-1b",
+        "--lora",
+        "r=8",
+        "--quantization",
+        "nf4",
+        "--base-dtype",
+        "bf16",
+    ]);
+    assert!(e.contains("not modelled: train.quantization (nf4)"), "{e}");
+    let e = error_of(&[
+        "estimate",
+        "--preset",
+        "llama-3.2-1b",
+        "--base-dtype",
+        "bf16",
+    ]);
+    assert!(
+        e.contains("train.base_dtype (bf16) without train.lora"),
+        "{e}"
+    );
+}

@@ -109,6 +109,9 @@ fn any_setup() -> impl Strategy<Value = Setup> {
                     zero_grad_set_to_none: ckpt ^ manual,
                     compile: manual && !ckpt,
                     alloc_conf: Default::default(),
+                    lora: None,
+                    base_dtype: None,
+                    quantization: None,
                 },
                 device: DeviceConfig {
                     sm,
@@ -211,6 +214,9 @@ fn valid_setup() -> impl Strategy<Value = Setup> {
                         zero_grad_set_to_none: !(ckpt && clip),
                         compile: false,
                         alloc_conf: Default::default(),
+                        lora: None,
+                        base_dtype: None,
+                        quantization: None,
                     },
                     device: DeviceConfig::default(),
                 }

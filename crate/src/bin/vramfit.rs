@@ -51,16 +51,59 @@ KNOBS (override the source):
   --norm-topk-prob | --no-norm-topk-prob (qwen2_moe, olmoe)
   --router-aux-loss | --no-router-aux-loss (output_router_logits: the router's load-balancing loss)
   --batch-size N  --seq-len N  --precision fp32|fp16-amp|bf16-amp|bf16
-  --optimizer adamw|adamw-fused|sgd|sgd-momentum  --attention sdpa|manual
+  --optimizer adamw|adamw-fused|sgd|sgd-momentum|adamw8bit|paged-adamw8bit|adafactor|lion|lion8bit
+  --attention sdpa|manual
   --checkpointing | --no-checkpointing  --grad-accum-steps N  --grad-clip X
   --set-to-none | --no-set-to-none     (optimizer.zero_grad(set_to_none=...), default set_to_none)
   --compile | --no-compile             (torch.compile(model); default off, --nanogpt: the file's)
   --alloc-conf TEXT    PYTORCH_CUDA_ALLOC_CONF as PyTorch reads it, e.g. expandable_segments:True or
                        max_split_size_mb:128,garbage_collection_threshold:0.8 (default: PyTorch's defaults)
+  --lora SPEC          LoRA as peft applies it, e.g. r=16 or r=16,alpha=32,dropout=0.05,targets=q_proj+v_proj,
+                       save=lm_head (targets: all-linear or module names joined by +; peft's defaults: alpha 8,
+                       dropout 0, q_proj+v_proj); the base is frozen. --no-lora trains every parameter
+  --base-dtype fp32|bf16|fp16   the frozen base's dtype under LoRA (adapters stay fp32 under autocast)
+  --quantization nf4|fp4|int8  --double-quant   a bitsandbytes base (QLoRA; not modelled yet: refused)
   --gpu ID             a GPU preset (rtx-4070, h100-80, ...: see vramfit gpus): its memory and compute
                        capability, whatever the SOURCE says (a preset or a config keeps the GPU given)
   --gpu-memory-gib X  --compute-capability X.Y
 ";
+
+/// `--lora r=16,alpha=32,dropout=0.05,targets=q_proj+v_proj,save=lm_head` as the setup JSON's `train.lora`:
+/// comma-separated `key=value` pairs; `targets` and `save` list module names joined by `+` (`targets=all-linear`).
+fn lora_spec(spec: &str) -> Result<Value, Error> {
+    let bad = |reason: String| Error::invalid("--lora", format!("{spec:?}"), reason);
+    let mut o = serde_json::Map::new();
+    for part in spec.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| bad(format!("has {part:?}, not key=value (r=16,alpha=32,...)")))?;
+        let num = |v: &str| {
+            v.parse::<f64>()
+                .map(Value::from)
+                .map_err(|_| bad(format!("{k} must be a number, not {v:?}")))
+        };
+        let list = |v: &str| Value::from(v.split('+').collect::<Vec<_>>());
+        let (key, value) = match k {
+            "r" => (
+                "r",
+                v.parse::<u64>()
+                    .map(Value::from)
+                    .map_err(|_| bad(format!("r must be a whole number, not {v:?}")))?,
+            ),
+            "alpha" => ("alpha", num(v)?),
+            "dropout" => ("dropout", num(v)?),
+            "targets" => ("target_modules", list(v)),
+            "save" => ("modules_to_save", list(v)),
+            _ => {
+                return Err(bad(format!(
+                    "has an unknown key {k:?}; the keys are r, alpha, dropout, targets, save"
+                )))
+            }
+        };
+        o.insert(key.into(), value);
+    }
+    Ok(Value::Object(o))
+}
 
 /// The default nanoGPT case (the one that started the project), compiled as train.py does by default.
 fn default_setup() -> Value {
@@ -271,6 +314,16 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
             "--compile" | "--no-compile" => {
                 overrides.push(("train", "compile", Value::Bool(flag == "--compile")))
             }
+            "--lora" => {
+                let spec = next(&mut i, flag)?;
+                overrides.push(("train", "lora", lora_spec(&spec)?));
+            }
+            "--no-lora" => overrides.push(("train", "lora", Value::Null)),
+            "--double-quant" | "--no-double-quant" => overrides.push((
+                "train",
+                "double_quant",
+                Value::Bool(flag == "--double-quant"),
+            )),
             "--checkpointing" | "--no-checkpointing" => overrides.push((
                 "train",
                 "checkpointing",
@@ -301,6 +354,8 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                     "--grad-accum-steps" => ("train", "grad_accum_steps", false),
                     "--grad-clip" => ("train", "grad_clip", false),
                     "--alloc-conf" => ("train", "alloc_conf", true),
+                    "--base-dtype" => ("train", "base_dtype", true),
+                    "--quantization" => ("train", "quantization", true),
                     "--gpu-memory-gib" => ("device", "memory_gib", false),
                     "--compute-capability" => ("device", "compute_capability", false),
                     _ => return Err(usage_error(format!("unknown option {flag:?} (see --help)"))),

@@ -2,6 +2,7 @@
 //! dtypes, optimizers and kernels (`policy`), named models and GPUs (`presets`).
 
 pub mod arch;
+pub mod finetune;
 pub mod model;
 pub mod policy;
 pub mod presets;

@@ -2,6 +2,7 @@
 
 use crate::allocator::AllocatorConfig;
 use crate::error::Error;
+use crate::finetune::{BaseDtype, LoraConfig, Quantization};
 use crate::policy::{Attention, Optimizer, Precision};
 
 /// Decoder-only architectures vramfit models op by op: each is a description (`arch::Arch::of`), walked by one
@@ -292,6 +293,13 @@ pub struct TrainConfig {
     /// `PYTORCH_CUDA_ALLOC_CONF`'s knobs for the caching allocator (`expandable_segments`, `max_split_size_mb`,
     /// `garbage_collection_threshold`); PyTorch's defaults unless set. Read with [`parse_alloc_conf`].
     pub alloc_conf: AllocatorConfig,
+    /// LoRA as peft applies it (`finetune::LoraConfig`): the base frozen, adapters trained. None: every
+    /// parameter trained.
+    pub lora: Option<LoraConfig>,
+    /// The dtype the frozen base is loaded in, with LoRA; None: the precision's own (fp32, or bf16 for pure bf16).
+    pub base_dtype: Option<BaseDtype>,
+    /// The base's Linears quantized by bitsandbytes (QLoRA, 8-bit bases); None: not quantized.
+    pub quantization: Option<Quantization>,
 }
 
 /// Defaults for training fields a setup leaves out: nanoGPT train.py's on a bf16-capable GPU, except gradient
@@ -316,6 +324,9 @@ impl TrainConfig {
             zero_grad_set_to_none: true,
             compile: false,
             alloc_conf: AllocatorConfig::default(),
+            lora: None,
+            base_dtype: None,
+            quantization: None,
         }
     }
 }
@@ -809,6 +820,7 @@ impl Setup {
                 reason,
             )
         })?;
+        crate::finetune::check(self)?;
         self.check_size()
     }
 

@@ -69,10 +69,32 @@ pub enum Optimizer {
     Sgd,
     /// `torch.optim.SGD(momentum=0.9)`: one momentum buffer per parameter.
     SgdMomentum,
+    /// bitsandbytes `AdamW8bit` (blockwise): two uint8 states of the parameter's shape and two fp32 absmax per 256
+    /// elements for parameters of at least 4096 elements (`min_8bit_size`), fp32 states below.
+    AdamW8bit,
+    /// bitsandbytes `PagedAdamW8bit`: `AdamW8bit` with the uint8 states of parameters of at least 1e5 elements in
+    /// CUDA managed memory, outside PyTorch's allocator (not counted here: see `step::optimizer_stage`).
+    PagedAdamW8bit,
+    /// `torch.optim.Adafactor(foreach=True)`: factored second moments (a row and a column vector per matrix).
+    Adafactor,
+    /// bitsandbytes `Lion` (32-bit): one fp32 state of the parameter's shape.
+    Lion,
+    /// bitsandbytes `Lion8bit`: one uint8 state and an fp32 absmax per 256 elements (fp32 below 4096 elements).
+    Lion8bit,
 }
 
 impl Optimizer {
-    pub const NAMES: &'static [&'static str] = &["adamw", "adamw-fused", "sgd", "sgd-momentum"];
+    pub const NAMES: &'static [&'static str] = &[
+        "adamw",
+        "adamw-fused",
+        "sgd",
+        "sgd-momentum",
+        "adamw8bit",
+        "paged-adamw8bit",
+        "adafactor",
+        "lion",
+        "lion8bit",
+    ];
 
     pub fn parse(s: &str) -> Result<Optimizer, Error> {
         match s {
@@ -80,6 +102,14 @@ impl Optimizer {
             "adamw-fused" => Ok(Optimizer::AdamWFused),
             "sgd" => Ok(Optimizer::Sgd),
             "sgd-momentum" => Ok(Optimizer::SgdMomentum),
+            "adamw8bit" => Ok(Optimizer::AdamW8bit),
+            // transformers' `optim` name.
+            "paged-adamw8bit" | "paged_adamw8bit" | "paged_adamw_8bit" => {
+                Ok(Optimizer::PagedAdamW8bit)
+            }
+            "adafactor" => Ok(Optimizer::Adafactor),
+            "lion" => Ok(Optimizer::Lion),
+            "lion8bit" => Ok(Optimizer::Lion8bit),
             _ => Err(Error::UnknownValue {
                 field: "train.optimizer".into(),
                 value: s.into(),

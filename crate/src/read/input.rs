@@ -2,6 +2,7 @@
 //! Each returns a `Setup` (not yet validated) or an error naming the field, value or line.
 
 use crate::error::Error;
+use crate::finetune::{BaseDtype, LoraConfig, Quantization, Targets};
 use crate::model::{
     alloc_conf_string, parse_alloc_conf, DeviceConfig, Family, ModelConfig, Setup, TrainConfig,
 };
@@ -50,7 +51,12 @@ const TRAIN_FIELDS: &[&str] = &[
     "zero_grad_set_to_none",
     "compile",
     "alloc_conf",
+    "lora",
+    "base_dtype",
+    "quantization",
+    "double_quant",
 ];
+const LORA_FIELDS: &[&str] = &["r", "alpha", "dropout", "target_modules", "modules_to_save"];
 const DEVICE_FIELDS: &[&str] = &["compute_capability", "memory_gib"];
 
 fn object<'a>(v: &'a Value, field: &str) -> Result<&'a Map<String, Value>, Error> {
@@ -203,6 +209,28 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
         compile: get_bool(t, "train.", "compile")?.unwrap_or(false),
         // PYTORCH_CUDA_ALLOC_CONF as the environment variable is written.
         alloc_conf: parse_alloc_conf(get_str(t, "train.", "alloc_conf")?.unwrap_or(""))?,
+        lora: match t.get("lora") {
+            None | Some(Value::Null) => None,
+            Some(l) => Some(lora_fields(object(l, "train.lora")?)?),
+        },
+        base_dtype: match get_str(t, "train.", "base_dtype")? {
+            Some(s) => Some(BaseDtype::parse(s)?),
+            None => None,
+        },
+        quantization: match get_str(t, "train.", "quantization")? {
+            None if get_bool(t, "train.", "double_quant")? == Some(true) => {
+                return Err(Error::invalid(
+                    "train.double_quant",
+                    true,
+                    "needs train.quantization \"nf4\" or \"fp4\"",
+                ))
+            }
+            Some(s) => Some(Quantization::parse(
+                s,
+                get_bool(t, "train.", "double_quant")?.unwrap_or(false),
+            )?),
+            None => None,
+        },
     };
     let device = match top.get("device") {
         None => DeviceConfig::default(),
@@ -237,6 +265,58 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
         model,
         train,
         device,
+    })
+}
+
+/// A list of names, or one name (`"all-linear"`), as peft takes `target_modules` and `modules_to_save`.
+fn names<'a>(v: &'a Value, field: &str) -> Result<Vec<&'a str>, Error> {
+    match v {
+        Value::String(s) => Ok(vec![s.as_str()]),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .ok_or_else(|| Error::invalid(field, x, "must be a module name (a string)"))
+            })
+            .collect(),
+        _ => Err(Error::invalid(
+            field,
+            v,
+            "must be a module name or a list of them",
+        )),
+    }
+}
+
+/// `train.lora` (`LORA_FIELDS`), with peft's `LoraConfig` defaults for what it leaves out: r 8, alpha 8,
+/// dropout 0, and for these families `target_modules` q_proj and v_proj (peft's
+/// `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
+fn lora_fields(l: &Map<String, Value>) -> Result<LoraConfig, Error> {
+    reject_unknown(l, "train.lora.", LORA_FIELDS)?;
+    let r = get_u64(l, "train.lora.", "r")?.unwrap_or(8);
+    let mut c = LoraConfig {
+        r,
+        alpha: get_f64(l, "train.lora.", "alpha")?.unwrap_or(8.0),
+        dropout: get_f64(l, "train.lora.", "dropout")?.unwrap_or(0.0),
+        targets: match l.get("target_modules") {
+            None | Some(Value::Null) => Targets::parse(["q_proj", "v_proj"])?,
+            Some(v) => Targets::parse(names(v, "train.lora.target_modules")?)?,
+        },
+        save_head: false,
+        save_embed: false,
+    };
+    if let Some(v) = l.get("modules_to_save").filter(|v| !v.is_null()) {
+        c.set_modules_to_save(names(v, "train.lora.modules_to_save")?)?;
+    }
+    Ok(c)
+}
+
+/// `train.lora` as the setup JSON writes it.
+pub fn lora_to_value(l: &LoraConfig) -> Value {
+    let targets = l.targets.names();
+    serde_json::json!({
+        "r": l.r, "alpha": l.alpha, "dropout": l.dropout,
+        "target_modules": if targets == ["all-linear"] { Value::from("all-linear") } else { Value::from(targets) },
+        "modules_to_save": l.modules_to_save(),
     })
 }
 
@@ -363,7 +443,7 @@ pub fn setup_to_value(s: &Setup) -> Value {
         }
     }
     let t = &s.train;
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "model": model,
         "train": {"batch_size": t.batch_size, "seq_len": t.seq_len, "precision": t.precision.name(),
                   "optimizer": t.optimizer.name(), "attention": t.attention.name(),
@@ -372,7 +452,18 @@ pub fn setup_to_value(s: &Setup) -> Value {
                   "alloc_conf": alloc_conf_string(&t.alloc_conf)},
         "device": {"compute_capability": s.device.sm as f64 / 10.0,
                    "memory_gib": s.device.memory_bytes as f64 / (1u64 << 30) as f64},
-    })
+    });
+    if let Some(l) = &t.lora {
+        v["train"]["lora"] = lora_to_value(l);
+    }
+    if let Some(d) = t.base_dtype {
+        v["train"]["base_dtype"] = d.name().into();
+    }
+    if let Some(q) = t.quantization {
+        v["train"]["quantization"] = q.name().into();
+        v["train"]["double_quant"] = q.double_quant().into();
+    }
+    v
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -951,6 +1042,9 @@ pub fn nanogpt_config(text: &str) -> Result<NanoGptImport, Error> {
             compile,
             // PYTORCH_CUDA_ALLOC_CONF is the environment's, not the config file's.
             alloc_conf: Default::default(),
+            lora: None,
+            base_dtype: None,
+            quantization: None,
         },
         device: DeviceConfig::default(),
     };
@@ -1272,6 +1366,32 @@ mod tests {
         assert_eq!(s.train.precision, Precision::Fp16Amp);
         let back = setup_from_value(&setup_to_value(&s)).unwrap();
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn lora_fields_round_trip_and_take_peft_defaults() {
+        let v = serde_json::json!({"model": {"family": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 2,
+            "n_embd": 256, "block_size": 128, "vocab_size": 1000, "intermediate_size": 512},
+            "train": {"lora": {"r": 16, "target_modules": "all-linear", "modules_to_save": ["lm_head"]},
+                      "base_dtype": "bf16"}});
+        let s = setup_from_value(&v).unwrap();
+        let l = s.train.lora.as_ref().unwrap();
+        assert_eq!((l.r, l.alpha, l.dropout), (16, 8.0, 0.0));
+        assert!(l.save_head && !l.save_embed);
+        assert_eq!(s.train.base_dtype, Some(BaseDtype::Bf16));
+        assert_eq!(setup_from_value(&setup_to_value(&s)).unwrap(), s);
+        let mut bad = v.clone();
+        bad["train"]["lora"]["rank"] = 8.into();
+        assert_eq!(
+            setup_from_value(&bad).unwrap_err().to_string(),
+            "unknown field \"train.lora.rank\""
+        );
+        bad = v.clone();
+        bad["train"]["double_quant"] = true.into();
+        assert!(setup_from_value(&bad)
+            .unwrap_err()
+            .to_string()
+            .starts_with("train.double_quant (true) needs train.quantization"));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! SwiGLU.
 
 use crate::arch::{Core, Loss, Mlp, Norm, Positions, Program, Qkv, RotaryCat};
+use crate::finetune::Role;
 use crate::sim::Category::{self, Activations, Grads, Logits, Temporary};
 use crate::sim::Tensor;
 use crate::tensors::{self as ops, Ctx, LinearSaved, NormSaved, SdpaSaved};
@@ -100,11 +101,14 @@ struct HfEager {
 }
 
 impl AttnSaved {
-    /// The Linear that reads the norm's output first.
-    fn input_linear(&self) -> &LinearSaved {
+    /// Whether a Linear reading the norm's output holds it (they agree but under LoRA, where an adapter may).
+    fn holds_input(&self) -> bool {
         match self {
-            AttnSaved::Fused { c_attn, .. } => c_attn,
-            AttnSaved::Separate(s) => &s.q,
+            AttnSaved::Fused { c_attn, .. } => c_attn.holds_input(),
+            AttnSaved::Separate(s) => [Some(&s.q), s.k.as_ref(), s.v.as_ref()]
+                .into_iter()
+                .flatten()
+                .any(LinearSaved::holds_input),
         }
     }
 }
@@ -140,12 +144,13 @@ pub(crate) enum MlpSaved {
 }
 
 impl MlpSaved {
-    fn input_linear(&self) -> &LinearSaved {
+    /// As `AttnSaved::holds_input`.
+    fn holds_input(&self) -> bool {
         match self {
-            MlpSaved::Gelu { fc, .. } => fc,
-            MlpSaved::SwiGlu { gate, .. } => gate,
-            MlpSaved::Packed { gate_up, .. } => gate_up,
-            MlpSaved::Moe(m) => m.input_linear(),
+            MlpSaved::Gelu { fc, .. } => fc.holds_input(),
+            MlpSaved::SwiGlu { gate, up, .. } => gate.holds_input() || up.holds_input(),
+            MlpSaved::Packed { gate_up, .. } => gate_up.holds_input(),
+            MlpSaved::Moe(m) => m.holds_input(),
         }
     }
 }
@@ -835,15 +840,15 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
         let (q_rot, k_rot) = rotary_fwd(cx, qd, kv, p);
         return attn_core_fwd(cx, (qkv, None, None), None, qkv_out, q_rot, k_rot);
     }
-    let (q_out, q) = ops::linear_fwd(cx, r, c, qd, qkv_bias, Temporary);
+    let (q_out, q) = ops::proj_fwd(cx, Role::Q, r, (c, qd), qkv_bias, Temporary);
     // Qwen3: each projection goes through its head-wise RMSNorm right away (q's before k's projection); rotary
     // then reads the norm's output, in the wider of the weight's and the projection's dtype (fp32 under
     // autocast: fake-cuda trace of a qwen3 bf16-amp case), and the projection output dies with the norm unless
     // the norm saved it (an fp32 projection).
     let q_norm = cx.arch.qk_norm.then(|| qk_norm_fwd(cx, q_out, qd));
-    let (k_out, k) = ops::linear_fwd(cx, r, c, kv, qkv_bias, Temporary);
+    let (k_out, k) = ops::proj_fwd(cx, Role::K, r, (c, kv), qkv_bias, Temporary);
     let k_norm = cx.arch.qk_norm.then(|| qk_norm_fwd(cx, k_out, kv));
-    let (v_out, v) = ops::linear_fwd(cx, r, c, kv, qkv_bias, Activations);
+    let (v_out, v) = ops::proj_fwd(cx, Role::V, r, (c, kv), qkv_bias, Activations);
     let (q_in, k_in, in_bytes) = match (&q_norm, &k_norm) {
         (Some(qn), Some(kn)) => (qn.out, kn.out, qn.out_bytes),
         _ => (q_out, k_out, p),
@@ -886,9 +891,13 @@ fn attn_core_fwd(
     let (q_norm, k_norm) = qk_norms.unwrap_or((None, None));
     if cx.arch.core == Core::Manual {
         let (e, y) = hf_eager_fwd(cx, q_rot, k_rot, v_out);
-        let (o_out, o) = ops::linear_fwd(cx, p, qd, c, bias, Temporary);
-        // The rotated q and k and v_proj's output: the matmuls saved copies of them.
+        let (o_out, o) = ops::proj_fwd(cx, Role::O, p, (qd, c), bias, Temporary);
+        // The rotated q and k and v_proj's output: the matmuls saved copies of them. The contiguous output is
+        // saved by o_proj only, unless it is frozen (LoRA's base).
         cx.sim.free_all(&[q_rot, k_rot, v_out]);
+        if !o.holds_input() {
+            cx.free(y);
+        }
         for t in [e.q_m, e.k_m, e.softmax, e.v_m, y]
             .into_iter()
             .chain(e.softcap)
@@ -974,7 +983,7 @@ fn attn_core_fwd(
     // `transpose(1, 2).contiguous()` copies it; o_proj saves the copy.
     let y_copy = (cx.arch.rotary_cat != RotaryCat::Whole)
         .then(|| cx.alloc(cx.n * qd * p, Activations, "clone"));
-    let (o_out, o) = ops::linear_fwd(cx, p, qd, c, bias, Temporary);
+    let (o_out, o) = ops::proj_fwd(cx, Role::O, p, (qd, c), bias, Temporary);
     if q_att != q_rot {
         cx.free(q_rot);
         cx.free(k_rot);
@@ -1192,15 +1201,16 @@ fn mlp_fwd(cx: &mut Ctx) -> (MlpSaved, Tensor) {
 /// Qwen2-MoE's shared expert).
 pub(crate) fn swiglu_fwd(cx: &mut Ctx, i: u64, bias: bool) -> (MlpSaved, Tensor) {
     let (c, r, p) = (cx.m.n_embd, cx.r, cx.p);
-    let (gate_out, gate) = ops::linear_fwd(cx, r, c, i, bias, Activations);
+    let (gate_out, gate) = ops::proj_fwd(cx, Role::Gate, r, (c, i), bias, Activations);
     let silu = cx.alloc(cx.n * i * p, Activations, act_name(cx));
     cx.drop_unsaved(gate_out);
-    let (up_out, up) = ops::linear_fwd(cx, r, c, i, bias, Activations);
+    let (up_out, up) = ops::proj_fwd(cx, Role::Up, r, (c, i), bias, Activations);
     let prod = cx.alloc(cx.n * i * p, Activations, "mul");
     cx.drop_unsaved(silu);
     cx.drop_unsaved(up_out);
-    let (d_out, down) = ops::linear_fwd(cx, p, i, c, bias, Temporary);
-    cx.drop_unsaved(prod);
+    let (d_out, down) = ops::proj_fwd(cx, Role::Down, p, (i, c), bias, Temporary);
+    // Saved by the down projection only, unless it is frozen (LoRA's base; its adapter keeps a copy).
+    ops::keep_if_saved(cx, prod, &down);
     let saved = MlpSaved::SwiGlu {
         gate,
         gate_out,
@@ -1395,11 +1405,11 @@ fn branch_input(cx: &mut Ctx, stream: Tensor) -> (Tensor, NormSaved) {
 /// The branch input once the branch's first Linear ran: a norm's output is held by the branch call until it
 /// returns, and under autocast nothing saves it (`keep_if_saved`); the residual stream (no pre-norms) lives on,
 /// saved by the Linears unless they saved casts of it.
-fn branch_input_kept(cx: &mut Ctx, input: Tensor, first: &LinearSaved) -> Option<Tensor> {
+fn branch_input_kept(cx: &mut Ctx, input: Tensor, holds: bool) -> Option<Tensor> {
     if cx.arch.pre_norms {
-        ops::keep_if_saved(cx, input, first)
+        ops::keep_if(cx, input, holds)
     } else {
-        first.input_cast.is_none().then_some(input)
+        holds.then_some(input)
     }
 }
 
@@ -1409,13 +1419,13 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
     let pre = cx.arch.pre_norms;
     let (norm1_out, norm1) = branch_input(cx, x_in);
     let (attn, a) = attn_fwd(cx);
-    let norm1_out = branch_input_kept(cx, norm1_out, attn.input_linear());
+    let norm1_out = branch_input_kept(cx, norm1_out, attn.holds_input());
     if cx.arch.parallel_residual {
         // GPT-NeoX: the second norm reads the layer input too; `mlp_out + attn_out` in the branches' dtype, then
         // `+ x` in the stream's (fake-cuda trace of neox-512-bf16amp: 2 MiB bf16, then 4 MiB fp32).
         let (norm2_out, norm2) = branch_input(cx, x_in);
         let (mlp, o) = mlp_fwd(cx);
-        let norm2_out = branch_input_kept(cx, norm2_out, mlp.input_linear());
+        let norm2_out = branch_input_kept(cx, norm2_out, mlp.holds_input());
         let branches = cx.alloc(nc * cx.p, Temporary, "add");
         let x_out = cx.alloc(nc * r, Activations, "add");
         cx.sim.free_all(&[branches, a, o]);
@@ -1441,7 +1451,7 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
     }
     let (norm2_out, norm2) = branch_input(cx, x_mid);
     let (mlp, o) = mlp_fwd(cx);
-    let norm2_out = branch_input_kept(cx, norm2_out, mlp.input_linear());
+    let norm2_out = branch_input_kept(cx, norm2_out, mlp.holds_input());
     let (o, post2) = post_norm_fwd(cx, o);
     let x_out = cx.alloc(nc * r, Activations, "add");
     cx.free(o);
@@ -1634,7 +1644,8 @@ fn release_block(cx: &mut Ctx, s: BlockSaved) {
         }
     }
     cx.sim.free_some(&[s.x_mid]);
-    for l in linears {
+    for l in linears.iter().flat_map(|l| l.parts()) {
+        cx.sim.free_some(&l.adapter_tensors());
         if let Some(t) = l.input_cast {
             cx.free(t);
         }
@@ -1766,7 +1777,7 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
     cx.sim.next_stage("loss");
     let v = cx.m.vocab_size;
     let nv = cx.n * v;
-    let (mut logits, lm_head) = ops::linear_fwd(cx, cx.r, c, v, false, Logits);
+    let (mut logits, lm_head) = head_fwd(cx, c, v);
     // Gemma 2: `tanh(logits / cap) * cap` in the logits' dtype; tanh's output is saved.
     let logit_tanh = cx.arch.logit_softcap.then(|| {
         let d = cx.alloc(nv * cx.p, Logits, "div");
@@ -1845,6 +1856,19 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
     }
 }
 
+/// The LM head: trained, or under LoRA frozen unless `modules_to_save` holds `lm_head` (then its trainable copy
+/// in the base dtype runs, and saves its input).
+fn head_fwd(cx: &mut Ctx, c: u64, v: u64) -> (Tensor, LinearSaved) {
+    let Some(lora) = cx.lora else {
+        return ops::linear_fwd(cx, cx.r, c, v, false, Logits);
+    };
+    let w = ops::Weight {
+        bytes: cx.pb,
+        trainable: lora.save_head,
+    };
+    ops::linear_fwd_as(cx, cx.r, c, v, false, Logits, w)
+}
+
 /// Backward of one micro-step, from the loss to the embeddings.
 pub fn backward(cx: &mut Ctx, f: Forward) {
     // The auxiliary loss's backward runs first (created last): its softmax backward per MoE layer, in the router
@@ -1915,7 +1939,7 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     let head_had_grads = cx.have_grads;
     let g_norm_f = ops::linear_bwd(cx, g_logits, cx.p, true, f.lm_head, f.norm_f_out);
     // A tied head's first gradient of the step went to `.grad` last; take it back to meet the embedding's.
-    let head_grad = if head_had_grads || !cx.arch.tied_head {
+    let head_grad = if head_had_grads || !cx.arch.tied_head || cx.base_frozen() {
         None
     } else {
         cx.grads.pop()
@@ -1963,6 +1987,13 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
         } else {
             cx.grads.push(wpe);
         }
+    }
+    if cx.base_frozen() && !cx.lora.is_some_and(|l| l.save_embed) {
+        // LoRA's frozen embedding: no dense gradient. The stream's gradient (the embedding output's, when
+        // checkpointing's `enable_input_require_grads` made it require one) dies with the graph.
+        cx.free(g);
+        cx.free(f.idx);
+        return;
     }
     let dense = ops::embedding_bwd(cx, cx.n, v);
     cx.free(g);

@@ -354,15 +354,14 @@ pub fn moe_bwd(
 }
 
 impl MoeSaved {
-    /// The Linear that reads the block's input first (Qwen2-MoE's shared expert's gate projection, or the router).
-    pub fn input_linear(&self) -> &LinearSaved {
-        match &self.shared {
-            Some(Shared {
-                mlp: MlpSaved::SwiGlu { gate, .. },
-                ..
-            }) => gate,
-            _ => &self.router,
-        }
+    /// Whether a Linear reading the block's input holds it until its backward (the router; Qwen2-MoE's shared
+    /// expert's gate and up projections and its gate): as `LinearSaved::holds_input`.
+    pub fn holds_input(&self) -> bool {
+        let shared = self.shared.as_ref().is_some_and(|sh| {
+            sh.gate.holds_input()
+                || matches!(&sh.mlp, MlpSaved::SwiGlu { gate, up, .. } if gate.holds_input() || up.holds_input())
+        });
+        self.router.holds_input() || shared
     }
 
     /// Frees what the block saved (a checkpointed block after its forward).

@@ -6,6 +6,7 @@
 use crate::arch::Program;
 use crate::compiled;
 use crate::eager;
+use crate::finetune::LoraConfig;
 use crate::model::Setup;
 use crate::policy::{Optimizer, Precision};
 use crate::sim::Category::{Optimizer as OptState, Temporary, Weights};
@@ -75,6 +76,19 @@ fn run(setup: &Setup, n_steps: u32, record: bool, reserved_limit: u64) -> Result
         cx.alloc(bytes, Weights, "buffer");
     }
     tie_head(&mut cx, setup, weights[0]);
+    let trained: Vec<Param> = match &tr.lora {
+        None => params
+            .iter()
+            .map(|&(elems, matrix)| Param {
+                elems,
+                matrix,
+                bytes: cx.pb,
+                rows: 0,
+            })
+            .collect(),
+        Some(lora) => lora_params(&mut cx, setup, lora),
+    };
+    let params = trained;
     let mut state: Vec<Tensor> = Vec::new();
     let mut loop_state = Loop::start(&mut cx);
     let over = |cx: &Ctx| cx.sim.allocator().peak_reserved_bytes() > reserved_limit;
@@ -212,11 +226,107 @@ impl Loop {
     }
 }
 
+/// A trained parameter: elements, whether it is a matrix (nanoGPT's decay group), bytes per element (its
+/// gradient and AdamW's state take its dtype).
+#[derive(Debug, Clone, Copy)]
+pub struct Param {
+    pub elems: u64,
+    pub matrix: bool,
+    pub bytes: u64,
+    /// The first dimension (Adafactor factors a matrix into rows and columns); 0 when not known.
+    pub rows: u64,
+}
+
+/// What `peft.get_peft_model` adds to the device after the base model, and the parameters it leaves trainable,
+/// in `model.parameters()` order (tests/data/finetune/README.md). For each adapted Linear, layer by layer in
+/// module order (q, k, v, o, gate, up, down), `update_layer` makes A (`r x in`) and B (`out x r`) and moves them
+/// to the base weight's device in its dtype (`_move_adapter_to_device_of_base_layer`); with a 2-byte base,
+/// `_cast_adapter_dtype` (`autocast_adapter_dtype=True`) then makes an fp32 copy of each and frees the 2-byte
+/// one, module by module. `modules_to_save` deep-copies the head or the embedding (base dtype). Pure bf16 casts
+/// the whole PeftModel to bf16 afterwards: each fp32 adapter gets a bf16 copy and is freed.
+fn lora_params(cx: &mut Ctx, setup: &Setup, lora: &LoraConfig) -> Vec<Param> {
+    let m = &setup.model;
+    let pb = cx.pb;
+    // (elements, rows, tensor) of each adapter.
+    let adapters: Vec<(u64, u64, Tensor)> = crate::finetune::adapter_shapes(m, lora)
+        .into_iter()
+        .map(|(rows, cols)| {
+            let t = cx.alloc(rows * cols * pb, Weights, "parameter");
+            (rows * cols, rows, t)
+        })
+        .collect();
+    let mut adapters = adapters;
+    let table = m.vocab_size * m.n_embd;
+    if lora.save_embed {
+        cx.alloc(table * pb, Weights, "parameter");
+    }
+    if lora.save_head {
+        cx.alloc(table * pb, Weights, "parameter");
+    }
+    if pb != 4 {
+        for a in adapters.iter_mut() {
+            let wide = cx.alloc(a.0 * 4, Weights, "_to_copy");
+            cx.free(a.2);
+            a.2 = wide;
+        }
+    }
+    if cx.ab != 4 {
+        for a in adapters.iter_mut() {
+            let narrow = cx.alloc(a.0 * cx.ab, Weights, "_to_copy");
+            cx.free(a.2);
+            a.2 = narrow;
+        }
+    }
+    let copy = |elems| Param {
+        elems,
+        matrix: true,
+        bytes: pb,
+        rows: m.vocab_size,
+    };
+    let ab = cx.ab;
+    lora.save_embed
+        .then(|| copy(table))
+        .into_iter()
+        .chain(adapters.iter().map(|&(elems, rows, _)| Param {
+            elems,
+            matrix: true,
+            bytes: ab,
+            rows,
+        }))
+        .chain(lora.save_head.then(|| copy(table)))
+        .collect()
+}
+
+/// bitsandbytes' blockwise state for one parameter of `elems` elements (`Optimizer2State.init_state` /
+/// `Optimizer1State.init_state`, 0.50.2): at least 4096 elements (`min_8bit_size`), each state uint8 of its
+/// shape and an fp32 absmax per 256-element block, states first; below, fp32 states. Paged, a uint8 state of at
+/// least 1e5 elements is CUDA managed memory (`get_state_buffer` -> `F.get_paged`), which PyTorch's allocator
+/// never sees: the estimate, like `max_memory_allocated()`, does not count it (on a real GPU it lives on the
+/// device until memory runs short; nvidia-smi counts it).
+fn bnb_state(cx: &mut Ctx, elems: u64, n_states: u64, paged: bool) -> Vec<Tensor> {
+    let mut v = Vec::new();
+    if elems < 4096 {
+        for _ in 0..n_states {
+            v.push(cx.alloc(elems * 4, OptState, "zeros_like"));
+        }
+        return v;
+    }
+    if !(paged && elems >= 100_000) {
+        for _ in 0..n_states {
+            v.push(cx.alloc(elems, OptState, "zeros_like"));
+        }
+    }
+    for _ in 0..n_states {
+        v.push(cx.alloc(elems.div_ceil(256) * 4, OptState, "zeros"));
+    }
+    v
+}
+
 fn optimizer_stage(
     cx: &mut Ctx,
     step: u32,
     setup: &Setup,
-    params: &[(u64, bool)],
+    params: &[Param],
     state: &mut Vec<Tensor>,
 ) {
     cx.sim.stage(step, "optimizer");
@@ -232,35 +342,35 @@ fn optimizer_stage(
         cx.free(stacked);
         cx.sim.free_all(&norms);
     }
-    let pb = cx.pb;
     match tr.optimizer {
         Optimizer::AdamW | Optimizer::AdamWFused => {
             if state.is_empty() {
                 // Lazy state: exp_avg and exp_avg_sq = zeros_like(p) per parameter; `step` is a device scalar for
                 // the fused kernel and a CPU scalar for foreach (torch/optim/adamw.py `_init_group`).
-                for &(elems, _) in params {
+                for p in params {
                     if tr.optimizer == Optimizer::AdamWFused {
                         state.push(cx.alloc(4, OptState, "zeros"));
                     }
-                    state.push(cx.alloc(elems * pb, OptState, "zeros_like"));
-                    state.push(cx.alloc(elems * pb, OptState, "zeros_like"));
+                    state.push(cx.alloc(p.elems * p.bytes, OptState, "zeros_like"));
+                    state.push(cx.alloc(p.elems * p.bytes, OptState, "zeros_like"));
                 }
             }
             if tr.optimizer == Optimizer::AdamW {
                 // _multi_tensor_adamw: the only out-of-place op is `exp_avg_sq_sqrt = _foreach_sqrt(exp_avg_sqs)`,
                 // one tensor per parameter of the group, freed when the group is done. Groups run one after the
                 // other: nanoGPT has a decay group (matrices) and a no-decay group; HF-style loops one group.
+                let bytes = |p: &Param| p.elems * p.bytes;
                 let groups: Vec<Vec<u64>> = match cx.arch.program {
                     Program::NanoGpt => vec![
-                        params.iter().filter(|p| p.1).map(|p| p.0).collect(),
-                        params.iter().filter(|p| !p.1).map(|p| p.0).collect(),
+                        params.iter().filter(|p| p.matrix).map(bytes).collect(),
+                        params.iter().filter(|p| !p.matrix).map(bytes).collect(),
                     ],
-                    Program::HfLoop => vec![params.iter().map(|p| p.0).collect()],
+                    Program::HfLoop => vec![params.iter().map(bytes).collect()],
                 };
                 for group in groups {
                     let tmp: Vec<Tensor> = group
                         .iter()
-                        .map(|&e| cx.alloc(e * pb, Temporary, "_foreach_sqrt"))
+                        .map(|&b| cx.alloc(b, Temporary, "_foreach_sqrt"))
                         .collect();
                     cx.sim.free_all(&tmp);
                 }
@@ -269,12 +379,61 @@ fn optimizer_stage(
         Optimizer::SgdMomentum => {
             if state.is_empty() {
                 // First step: momentum_buffer = clone(grad) per parameter.
-                for &(elems, _) in params {
-                    state.push(cx.alloc(elems * pb, OptState, "clone"));
+                for p in params {
+                    state.push(cx.alloc(p.elems * p.bytes, OptState, "clone"));
                 }
             }
         }
         Optimizer::Sgd => {}
+        Optimizer::AdamW8bit | Optimizer::PagedAdamW8bit | Optimizer::Lion8bit => {
+            if state.is_empty() {
+                let paged = tr.optimizer == Optimizer::PagedAdamW8bit;
+                let n_states = if tr.optimizer == Optimizer::Lion8bit {
+                    1
+                } else {
+                    2
+                };
+                // The 256-entry fp32 quantization maps (`name2qmap`, dynamic and unsigned dynamic for Adam's second
+                // moment), moved to the device once and shared by every parameter's state.
+                for _ in 0..n_states {
+                    state.push(cx.alloc(256 * 4, OptState, "qmap"));
+                }
+                for p in params {
+                    state.extend(bnb_state(cx, p.elems, n_states, paged));
+                }
+            }
+            // bitsandbytes' blockwise 8-bit update kernels work in place: no temporaries.
+        }
+        Optimizer::Lion => {
+            if state.is_empty() {
+                // bitsandbytes' 32-bit state is fp32 whatever the parameter's dtype (`init_state`).
+                for p in params {
+                    state.push(cx.alloc(p.elems * 4, OptState, "zeros_like"));
+                }
+            }
+        }
+        Optimizer::Adafactor => {
+            if state.is_empty() {
+                // `_init_group`: a matrix's `row_var` [rows, 1] and `col_var` [1, cols] (`grad.new_zeros`, the
+                // gradient's dtype); anything else a full `variance`; `step` a host scalar.
+                for p in params {
+                    if p.rows > 1 && p.elems / p.rows > 1 {
+                        state.push(cx.alloc(p.rows * p.bytes, OptState, "new_zeros"));
+                        state.push(cx.alloc(p.elems / p.rows * p.bytes, OptState, "new_zeros"));
+                    } else {
+                        state.push(cx.alloc(p.elems * p.bytes, OptState, "zeros_like"));
+                    }
+                }
+            }
+            // `_multi_tensor_adafactor`: the squared gradients and each matrix's variance estimate (row x col),
+            // full-size per parameter, alive until the group is done (tests/data/finetune/README.md).
+            let tmp: Vec<Tensor> = params
+                .iter()
+                .flat_map(|p| [p.elems * p.bytes, p.elems * p.bytes])
+                .map(|b| cx.alloc(b, Temporary, "_foreach_mul"))
+                .collect();
+            cx.sim.free_all(&tmp);
+        }
     }
     if tr.zero_grad_set_to_none {
         // zero_grad(set_to_none=True): every .grad is released; the next backward creates them again.

@@ -9,6 +9,7 @@
 //! and `x + f(x)` promotes to fp32), `pb` bytes of parameters and their grads.
 
 use crate::arch::Arch;
+use crate::finetune::{self, LoraConfig, Role};
 use crate::model::{ModelConfig, Setup};
 use crate::policy::{sdpa_backend, Precision, SdpaBackend};
 use crate::sim::{Category, Sim, Tensor};
@@ -77,6 +78,10 @@ pub struct Ctx<'a> {
     pub router_logits: Vec<Tensor>,
     /// The auxiliary loss's gradients of those logits, from the loss's backward to each layer's router backward.
     pub aux_grads: Vec<Tensor>,
+    /// LoRA (`train.lora`): the base's parameters are frozen and the adapted Linears carry adapters.
+    pub lora: Option<&'a LoraConfig>,
+    /// Bytes per element of LoRA's adapters (fp32, or bf16 under pure bf16).
+    pub ab: u64,
 }
 
 impl<'a> Ctx<'a> {
@@ -85,6 +90,9 @@ impl<'a> Ctx<'a> {
         let prec = setup.train.precision;
         let p = prec.matmul_bytes();
         let backend = sdpa_backend(setup.device.sm, p, m.head_dim())?;
+        // The base's dtype: the precision's own, or `train.base_dtype` under LoRA; the embeddings, the norms and
+        // so the residual stream take it (a bf16 base under bf16 autocast runs a bf16 stream).
+        let wb = finetune::base_bytes(setup);
         Ok(Ctx {
             sim,
             m,
@@ -94,8 +102,8 @@ impl<'a> Ctx<'a> {
             t: setup.train.seq_len,
             n: setup.train.batch_size * setup.train.seq_len,
             p,
-            r: prec.param_bytes(),
-            pb: prec.param_bytes(),
+            r: wb,
+            pb: wb,
             backend,
             dropout: m.dropout > 0.0,
             sm: setup.device.sm,
@@ -108,6 +116,8 @@ impl<'a> Ctx<'a> {
             first_block: false,
             router_logits: Vec::new(),
             aux_grads: Vec::new(),
+            lora: setup.train.lora.as_ref(),
+            ab: finetune::adapter_bytes(prec),
         })
     }
 
@@ -126,6 +136,11 @@ impl<'a> Ctx<'a> {
     pub fn clear_autocast_cache(&mut self) {
         let cache = std::mem::take(&mut self.autocast_cache);
         self.sim.free_all(&cache);
+    }
+
+    /// Whether the base model's parameters are frozen (LoRA): norms, embeddings and base Linears get no gradient.
+    pub fn base_frozen(&self) -> bool {
+        self.lora.is_some()
     }
 
     /// Frees `t` where only a saved-for-backward reference would have kept it alive (see `saving`).
@@ -158,6 +173,47 @@ pub struct LinearSaved {
     pub in_f: u64,
     pub out_f: u64,
     pub bias: bool,
+    /// The weight needs no gradient (a base Linear under LoRA): the input is not saved, no weight gradient.
+    pub frozen: bool,
+    /// Autocast cast the input to 2 bytes (saved in `input_cast` unless the Linear is frozen): the input's
+    /// gradient comes back through `ToCopyBackward0` in 4 bytes.
+    pub input_was_cast: bool,
+    /// The LoRA adapter on this Linear (peft's `lora.Linear`), when it has one.
+    pub adapter: Option<Box<AdapterSaved>>,
+}
+
+impl LinearSaved {
+    /// Whether this Linear (or its adapter) holds its input tensor itself until its backward: a trainable
+    /// weight's gradient needs the input as it came (no autocast cast), and an adapter that made no copy of its
+    /// input saved it as it came.
+    pub fn holds_input(&self) -> bool {
+        let own = !self.frozen && self.input_cast.is_none();
+        own || self.adapter.as_ref().is_some_and(|a| a.holds_x)
+    }
+
+    /// Every Linear this one is made of (itself, and its adapter's A and B), for releasing them together.
+    pub fn parts(&self) -> Vec<&LinearSaved> {
+        let mut v = vec![self];
+        if let Some(a) = &self.adapter {
+            v.extend([&a.a, &a.b]);
+        }
+        v
+    }
+
+    /// Tensors an adapter keeps that are not a Linear's own casts (for releasing a checkpointed block).
+    pub fn adapter_tensors(&self) -> Vec<Option<Tensor>> {
+        match &self.adapter {
+            Some(a) => vec![a.a_input, a.mask, Some(a.a_out)],
+            None => vec![],
+        }
+    }
+}
+
+/// The weight a Linear multiplies by: its dtype and whether it is trained.
+#[derive(Debug, Clone, Copy)]
+pub struct Weight {
+    pub bytes: u64,
+    pub trainable: bool,
 }
 
 /// `F.linear(x, W, b)` on n tokens. Under autocast (`addmm`/`mm` are on the lower-precision list) the bias, the
@@ -172,20 +228,46 @@ pub fn linear_fwd(
     bias: bool,
     out_category: Category,
 ) -> (Tensor, LinearSaved) {
+    let w = Weight {
+        bytes: cx.pb,
+        trainable: true,
+    };
+    linear_fwd_as(cx, input_bytes, in_f, out_f, bias, out_category, w)
+}
+
+/// `linear_fwd` for a weight of its own dtype, trained or frozen. Autocast casts only a 4-byte weight (a bf16
+/// weight under bf16 autocast is saved as itself: `tests/data/finetune/README.md`, frozen base Linear). A frozen
+/// weight's `MmBackward0` saves only the weight (or its cast) for the input's gradient: the input is not saved,
+/// and an fp32 input's 2-byte cast dies with the matmul (`saved-per-linear.json`).
+pub fn linear_fwd_as(
+    cx: &mut Ctx,
+    input_bytes: u64,
+    in_f: u64,
+    out_f: u64,
+    bias: bool,
+    out_category: Category,
+    w: Weight,
+) -> (Tensor, LinearSaved) {
     let mut saved = LinearSaved {
         input_cast: None,
         weight_cast: None,
         in_f,
         out_f,
         bias,
+        frozen: !w.trainable,
+        input_was_cast: false,
+        adapter: None,
     };
     if cx.prec.autocast() {
-        if bias {
-            let c = cx.alloc(out_f * 2, WeightCopies, "_to_copy");
-            cx.autocast_cache.push(c);
+        if w.bytes == 4 {
+            if bias {
+                let c = cx.alloc(out_f * 2, WeightCopies, "_to_copy");
+                cx.autocast_cache.push(c);
+            }
+            saved.weight_cast = Some(cx.alloc(in_f * out_f * 2, WeightCopies, "_to_copy"));
         }
-        saved.weight_cast = Some(cx.alloc(in_f * out_f * 2, WeightCopies, "_to_copy"));
         if input_bytes == 4 {
+            saved.input_was_cast = true;
             saved.input_cast = Some(cx.alloc(cx.n * in_f * 2, Activations, "_to_copy"));
         }
     }
@@ -200,11 +282,175 @@ pub fn linear_fwd(
         cx.matmul_workspace();
     }
     // Unsaved, the cast input dies with the matmul (stub-cuda snapshot of llama-ckpt-1024: each 2-byte input
-    // cast is freed right after its GEMM's workspace).
+    // cast is freed right after its GEMM's workspace); a frozen weight never saves it.
     if let Some(t) = saved.input_cast {
-        cx.drop_unsaved(t);
+        if saved.frozen {
+            cx.free(t);
+            saved.input_cast = None;
+        } else {
+            cx.drop_unsaved(t);
+        }
     }
     (y, saved)
+}
+
+/// What peft's `lora.Linear` keeps besides its base Linear's (`tests/data/finetune/README.md`, LoRA adapter).
+pub struct AdapterSaved {
+    /// `_cast_input_dtype` copied the input (its dtype differs from the adapter's).
+    copied: bool,
+    /// The dropout mask (`lora_dropout` > 0).
+    mask: Option<Tensor>,
+    /// A's input when A saved it itself (no autocast cast) and it is the adapter's own tensor (the dropout output
+    /// or the dtype copy).
+    a_input: Option<Tensor>,
+    /// A saved the Linear's input itself (no copy, no dropout, no cast: pure bf16 or fp32 without dropout).
+    pub holds_x: bool,
+    a: LinearSaved,
+    /// A's output, saved by B as its input.
+    a_out: Tensor,
+    b: LinearSaved,
+}
+
+/// A projection of a decoder layer: a plain Linear, or under LoRA the frozen base Linear and, when `role` is
+/// adapted, its adapter (`adapter_fwd`).
+pub fn proj_fwd(
+    cx: &mut Ctx,
+    role: Role,
+    input_bytes: u64,
+    (in_f, out_f): (u64, u64),
+    bias: bool,
+    out_category: Category,
+) -> (Tensor, LinearSaved) {
+    let Some(lora) = cx.lora else {
+        return linear_fwd(cx, input_bytes, in_f, out_f, bias, out_category);
+    };
+    let base = Weight {
+        bytes: cx.pb,
+        trainable: false,
+    };
+    let (y, mut saved) = linear_fwd_as(cx, input_bytes, in_f, out_f, bias, out_category, base);
+    if !lora.targets.has(role) {
+        return (y, saved);
+    }
+    let (out, adapter) = adapter_fwd(cx, lora, input_bytes, (in_f, out_f), y, out_category);
+    saved.adapter = Some(Box::new(adapter));
+    (out, saved)
+}
+
+/// peft 0.21.2's `lora.Linear.forward` after the base Linear: `x = _cast_input_dtype(x, A's dtype)` (a copy when
+/// the dtypes differ, alive until the forward returns), `dropout(x)` (`native_dropout`: output and a bool mask,
+/// the mask saved; `nn.Identity` at 0), A (`K -> r`) and B (`r -> N`) as trainable Linears in the adapter's
+/// dtype (under autocast each saves its 2-byte weight cast, A its 2-byte input cast, B A's output), `* scaling`
+/// (a new tensor) and `result + ...` (a new tensor; the base output dies). Returns the sum and what it saved.
+fn adapter_fwd(
+    cx: &mut Ctx,
+    lora: &LoraConfig,
+    xb: u64,
+    (k, n_out): (u64, u64),
+    base_y: Tensor,
+    out_category: Category,
+) -> (Tensor, AdapterSaved) {
+    let (ab, p, nk) = (cx.ab, cx.p, cx.n * k);
+    let copy = (xb != ab).then(|| cx.alloc(nk * ab, Temporary, "_to_copy"));
+    let dropped = (lora.dropout > 0.0).then(|| ops_dropout(cx, nk, ab));
+    let trainable = Weight {
+        bytes: ab,
+        trainable: true,
+    };
+    let (a_out, a) = linear_fwd_as(cx, ab, k, lora.r, false, Activations, trainable);
+    // A saved its own 2-byte cast (autocast) or the input as it came: then the dropout output or the copy, or x.
+    let a_holds = a.input_cast.is_none() && cx.saving;
+    let a_own_input = dropped.map(|(o, _)| o).or(copy);
+    let (a_input, holds_x) = if a_holds {
+        (a_own_input, a_own_input.is_none())
+    } else {
+        // The dropout output was a temporary of the call (freed when A returns).
+        if let Some((o, _)) = dropped {
+            cx.free(o);
+        }
+        (None, false)
+    };
+    let (b_out, b) = linear_fwd_as(cx, p, lora.r, n_out, false, Temporary, trainable);
+    let scaled = cx.alloc(cx.n * n_out * p, Temporary, "mul");
+    cx.free(b_out);
+    let out = cx.alloc(cx.n * n_out * p, out_category, "add");
+    cx.free(scaled);
+    cx.free(base_y);
+    // peft's `x` (the dtype copy) is bound until the forward returns, unless A saved it.
+    if let Some(c) = copy {
+        if a_input != Some(c) {
+            cx.free(c);
+        }
+    }
+    cx.drop_unsaved(a_out);
+    let saved = AdapterSaved {
+        copied: copy.is_some(),
+        mask: dropped.map(|(_, m)| m),
+        a_input,
+        holds_x,
+        a,
+        a_out,
+        b,
+    };
+    (out, saved)
+}
+
+fn ops_dropout(cx: &mut Ctx, elems: u64, bytes: u64) -> (Tensor, Tensor) {
+    dropout_fwd(cx, elems, bytes, Temporary)
+}
+
+/// Backward of an adapted Linear (`proj_fwd`): `AddBackward0` hands the output's gradient to both branches;
+/// the adapter's nodes were made after the base's matmul, so the engine runs them first: `* scaling`'s (a new
+/// tensor), B's and A's backward (their weight gradients to `.grad` in the adapter's dtype, A's input gradient
+/// back to 4 bytes through its cast), dropout's, `_cast_input_dtype`'s (back to x's dtype); then the base's
+/// input gradient, and the two summed by the engine's input buffer.
+fn adapted_bwd(
+    cx: &mut Ctx,
+    grad_out: Tensor,
+    grad_out_bytes: u64,
+    release_grad_out: bool,
+    mut saved: LinearSaved,
+    saved_input: Option<Tensor>,
+    xb: u64,
+) -> Tensor {
+    let Some(ad) = saved.adapter.take() else {
+        return linear_bwd(
+            cx,
+            grad_out,
+            grad_out_bytes,
+            release_grad_out,
+            saved,
+            saved_input,
+        );
+    };
+    let ad = *ad;
+    let p = cx.p;
+    let n_out = saved.out_f;
+    let nk = cx.n * saved.in_f;
+    // The engine casts the incoming gradient once to the sum's dtype; both branches read it.
+    let (g, g_owned) = if grad_out_bytes != p {
+        let c = cx.alloc(cx.n * n_out * p, Temporary, "_to_copy");
+        if release_grad_out {
+            cx.free(grad_out);
+        }
+        (c, true)
+    } else {
+        (grad_out, release_grad_out)
+    };
+    let g_scaled = cx.alloc(cx.n * n_out * p, Temporary, "mul");
+    let g_a_out = linear_bwd(cx, g_scaled, p, true, ad.b, Some(ad.a_out));
+    let mut g_x = linear_bwd(cx, g_a_out, p, true, ad.a, ad.a_input);
+    // A's input gradient is in the adapter's dtype: through its cast's backward under autocast, else the matmul's.
+    if let Some(mask) = ad.mask {
+        g_x = dropout_bwd(cx, g_x, true, nk, cx.ab, mask);
+    }
+    if ad.copied {
+        let c = cx.alloc(nk * xb, Temporary, "_to_copy");
+        cx.free(g_x);
+        g_x = c;
+    }
+    let g_base = linear_bwd(cx, g, p, g_owned, saved, saved_input);
+    grad_sum(cx, g_base, g_x, nk * xb)
 }
 
 /// Two gradients of the same tensor summed by the autograd engine's input buffer: out of place (a new buffer),
@@ -219,7 +465,12 @@ pub fn grad_sum(cx: &mut Ctx, a: Tensor, b: Tensor, n_bytes: u64) -> Tensor {
 /// The input a Linear read, once the caller lets go of it: kept when the Linear saved it itself (no autocast),
 /// freed when the Linear saved its own 2-byte cast instead (autocast), since nothing else holds it then.
 pub fn keep_if_saved(cx: &mut Ctx, input: Tensor, linear: &LinearSaved) -> Option<Tensor> {
-    if linear.input_cast.is_some() || !cx.saving {
+    keep_if(cx, input, linear.holds_input())
+}
+
+/// `keep_if_saved` for an input several Linears read: kept when any of them holds it (`holds`).
+pub fn keep_if(cx: &mut Ctx, input: Tensor, holds: bool) -> Option<Tensor> {
+    if !holds || !cx.saving {
         cx.free(input);
         None
     } else {
@@ -229,10 +480,10 @@ pub fn keep_if_saved(cx: &mut Ctx, input: Tensor, linear: &LinearSaved) -> Optio
 
 /// A parameter's gradient arriving from its op's backward (`computed`, in matmul dtype) and landing in `.grad`.
 /// AccumulateGrad steals the first gradient of a step when its dtype matches the parameter; under autocast the
-/// gradient of the weight cast first goes through `_to_copy` back to fp32 (ToCopyBackward). A later micro-step
-/// adds into the existing `.grad` in place.
-fn param_grad(cx: &mut Ctx, computed: Tensor, elems: u64) {
-    let converted = if cx.prec.autocast() {
+/// gradient of the weight cast (`cast`) first goes through `_to_copy` back to fp32 (ToCopyBackward). A later
+/// micro-step adds into the existing `.grad` in place.
+fn param_grad(cx: &mut Ctx, computed: Tensor, elems: u64, cast: bool) {
+    let converted = if cast {
         let g = cx.alloc(
             elems * 4,
             if cx.have_grads { Temporary } else { Grads },
@@ -250,8 +501,8 @@ fn param_grad(cx: &mut Ctx, computed: Tensor, elems: u64) {
     }
 }
 
-fn grad_category(cx: &Ctx) -> Category {
-    if cx.prec.autocast() || cx.have_grads {
+fn grad_category(cx: &Ctx, cast: bool) -> Category {
+    if cast || cx.have_grads {
         Temporary
     } else {
         Grads
@@ -262,7 +513,8 @@ fn grad_category(cx: &Ctx) -> Category {
 /// (n x in_f) and `sum` for the bias gradient, all in matmul dtype; an fp32 gradient arriving from the
 /// residual stream is first cast down to the output's dtype by the autograd engine (`validate_outputs`). Then
 /// the saved cast input and weight copy are released, and the casts' backward (`_to_copy`) brings the input
-/// gradient back to fp32 and the weight gradient to `.grad`.
+/// gradient back to fp32 and the weight gradient to `.grad`. A frozen weight gets no gradient (only the input's
+/// `mm`); an adapted Linear runs its adapter's backward first (`adapted_bwd`).
 ///
 /// `release_grad_out` is false when the residual stream still holds the incoming gradient. `saved_input` is
 /// freed after the matmuls when this op held the last reference to it.
@@ -274,6 +526,18 @@ pub fn linear_bwd(
     saved: LinearSaved,
     saved_input: Option<Tensor>,
 ) -> Tensor {
+    if saved.adapter.is_some() {
+        let xb = if saved.input_was_cast { 4 } else { cx.p };
+        return adapted_bwd(
+            cx,
+            grad_out,
+            grad_out_bytes,
+            release_grad_out,
+            saved,
+            saved_input,
+            xb,
+        );
+    }
     let cast = (grad_out_bytes != cx.p)
         .then(|| cx.alloc(cx.n * saved.out_f * cx.p, Temporary, "_to_copy"));
     if cast.is_some() && release_grad_out {
@@ -281,12 +545,16 @@ pub fn linear_bwd(
     }
     // `MmBackward0` computes the weight's gradient (`mat2`) before the input's (`self`): the stub-cuda snapshots of
     // nanogpt-30m-b4 and llama-3.2-1b-tied show the out_f x in_f mm first in every block.
-    let cat = grad_category(cx);
-    let gw = cx.alloc(saved.out_f * saved.in_f * cx.p, cat, "mm");
-    cx.matmul_workspace();
+    let params_cast = saved.weight_cast.is_some();
+    let cat = grad_category(cx, params_cast);
+    let gw = (!saved.frozen).then(|| {
+        let g = cx.alloc(saved.out_f * saved.in_f * cx.p, cat, "mm");
+        cx.matmul_workspace();
+        g
+    });
     let grad_in = cx.alloc(cx.n * saved.in_f * cx.p, Temporary, "mm");
     cx.matmul_workspace();
-    let gb = saved.bias.then(|| cx.alloc(saved.out_f * cx.p, cat, "sum"));
+    let gb = (saved.bias && !saved.frozen).then(|| cx.alloc(saved.out_f * cx.p, cat, "sum"));
     match cast {
         Some(c) => cx.free(c),
         None if release_grad_out => cx.free(grad_out),
@@ -301,16 +569,18 @@ pub fn linear_bwd(
     if let Some(t) = saved.weight_cast {
         cx.free(t);
     }
-    let grad_in = if saved.input_cast.is_some() {
+    let grad_in = if saved.input_was_cast {
         let wide = cx.alloc(cx.n * saved.in_f * 4, Temporary, "_to_copy");
         cx.free(grad_in);
         wide
     } else {
         grad_in
     };
-    param_grad(cx, gw, saved.out_f * saved.in_f);
+    if let Some(gw) = gw {
+        param_grad(cx, gw, saved.out_f * saved.in_f, params_cast);
+    }
     if let Some(gb) = gb {
-        param_grad(cx, gb, saved.out_f);
+        param_grad(cx, gb, saved.out_f, params_cast);
     }
     grad_in
 }
@@ -362,12 +632,13 @@ pub fn layer_norm_bwd(
     let c = cx.m.n_embd;
     let gi = cx.alloc(cx.n * c * cx.r, Temporary, "native_layer_norm_backward");
     let cat = if cx.have_grads { Temporary } else { Grads };
-    let gw = cx.alloc(c * cx.pb, cat, "native_layer_norm_backward");
-    let gb = bias.then(|| cx.alloc(c * cx.pb, cat, "native_layer_norm_backward"));
+    let trained = !cx.base_frozen();
+    let gw = trained.then(|| cx.alloc(c * cx.pb, cat, "native_layer_norm_backward"));
+    let gb = (bias && trained).then(|| cx.alloc(c * cx.pb, cat, "native_layer_norm_backward"));
     cx.free(grad_out);
     cx.sim.free_some(&[input]);
     cx.sim.free_some(&saved.stats);
-    for g in [Some(gw), gb].into_iter().flatten() {
+    for g in [gw, gb].into_iter().flatten() {
         if cx.have_grads {
             cx.free(g);
         } else {
@@ -409,11 +680,22 @@ pub fn rms_norm_fwd_on(cx: &mut Ctx, rows: u64, width: u64, in_bytes: u64) -> (T
         let lp = cx.alloc(rows * width * 2, Activations, "_to_copy");
         cx.free(normed);
         let o = cx.alloc(rows * width * in_bytes.max(cx.pb), Activations, "mul");
-        own[1] = Some(lp);
+        // A frozen weight (LoRA's base) needs no gradient: the multiply saves only the weight, and the cast dies
+        // (stub-cuda snapshot of llama-lora-r16-all-bf16amp: only the fp32 copy and rsqrt live at the peak).
+        if cx.base_frozen() {
+            cx.free(lp);
+        } else {
+            own[1] = Some(lp);
+        }
         o
     } else {
-        own[1] = Some(normed);
-        cx.alloc(wide, Activations, "mul")
+        let o = cx.alloc(wide, Activations, "mul");
+        if cx.base_frozen() {
+            cx.free(normed);
+        } else {
+            own[1] = Some(normed);
+        }
+        o
     };
     // Unsaved (checkpointed forward), the normalised x and rstd die with the weight multiply.
     for t in own.into_iter().flatten().chain([rstd]) {
@@ -476,17 +758,21 @@ pub fn fp32_rms_norm_fwd(
         cx.free(out);
         out = lp;
     }
-    for t in [copy, Some(normed), Some(rstd), scale]
-        .into_iter()
-        .flatten()
-    {
+    // A frozen weight (LoRA's base): the product saves only the scale, so the normalised x dies.
+    let normed = if cx.base_frozen() {
+        cx.free(normed);
+        None
+    } else {
+        Some(normed)
+    };
+    for t in [copy, normed, Some(rstd), scale].into_iter().flatten() {
         cx.drop_unsaved(t);
     }
     (
         out,
         NormSaved {
             stats: [Some(rstd), scale],
-            own: [copy, Some(normed)],
+            own: [copy, normed],
         },
     )
 }
@@ -567,15 +853,19 @@ fn rms_norm_bwd_from(
     olmo2_bf16: bool,
 ) -> Tensor {
     let wide = rows * width * 4;
-    // weight * normed: grad of normed (mul) and of weight (mul, then sum to [width]).
+    // weight * normed: grad of normed (mul) and of weight (mul, then sum to [width]); a frozen weight (LoRA's
+    // base) gets none.
     let g_normed = cx.alloc(wide, Temporary, "mul");
-    let g_w_full = cx.alloc(wide, Temporary, "mul");
-    if olmo2_bf16 {
-        cx.sim.scratch(2 * wide, Temporary, "sum");
-    }
-    let cat = if cx.have_grads { Temporary } else { Grads };
-    let gw = cx.alloc(width * cx.pb, cat, "sum");
-    cx.free(g_w_full);
+    let gw = (!cx.base_frozen()).then(|| {
+        let g_w_full = cx.alloc(wide, Temporary, "mul");
+        if olmo2_bf16 {
+            cx.sim.scratch(2 * wide, Temporary, "sum");
+        }
+        let cat = if cx.have_grads { Temporary } else { Grads };
+        let gw = cx.alloc(width * cx.pb, cat, "sum");
+        cx.free(g_w_full);
+        gw
+    });
     if release_grad_out {
         cx.free(grad_out);
     }
@@ -604,10 +894,12 @@ fn rms_norm_bwd_from(
     } else {
         grad_sum(cx, g_x1, g_x2, wide)
     };
-    if cx.have_grads {
-        cx.free(gw);
-    } else {
-        cx.grads.push(gw);
+    if let Some(gw) = gw {
+        if cx.have_grads {
+            cx.free(gw);
+        } else {
+            cx.grads.push(gw);
+        }
     }
     if in_bytes == 2 {
         let lp = cx.alloc(rows * width * 2, Temporary, "_to_copy");

@@ -198,6 +198,34 @@ impl Report {
                     .to_string(),
             );
         }
+        if let Some(l) = &setup.train.lora {
+            let trainable = crate::finetune::trainable_params(&setup.model, l);
+            let total = setup.model.n_params() + trainable;
+            notes.push(format!(
+                "LoRA (peft): r={} on {}{}; {} trainable parameters of {} ({:.2}%): only they have .grad and \
+                 optimizer state; the base is frozen in {}",
+                l.r,
+                l.targets.names().join(", "),
+                match l.modules_to_save().as_slice() {
+                    [] => String::new(),
+                    m => format!(", trainable copies of {}", m.join(", ")),
+                },
+                trainable,
+                total,
+                100.0 * trainable as f64 / total as f64,
+                match crate::finetune::base_bytes(setup) {
+                    4 => "fp32",
+                    _ => setup.train.base_dtype.map_or("bf16", |d| d.name()),
+                },
+            ));
+        }
+        if setup.train.optimizer == crate::policy::Optimizer::PagedAdamW8bit {
+            notes.push(
+                "paged AdamW8bit: the 8-bit states of parameters of 1e5 elements or more are CUDA managed memory, \
+                 which PyTorch's counters (and this estimate) do not include; on a GPU with room they stay on it"
+                    .to_string(),
+            );
+        }
         Report {
             n_params: setup.model.n_params(),
             peak_allocated_bytes: peak.bytes,

@@ -1,0 +1,474 @@
+//! Fine-tuning on one GPU (issue 13), as data: LoRA as peft applies it (`LoraConfig`), the dtype the frozen base
+//! is loaded in (`base_dtype`), and which of these combinations vramfit models.
+//!
+//! Facts from `tests/data/finetune/README.md` (peft 0.21.2, transformers 5.24, PyTorch 2.15, measured with
+//! PyTorch's own allocator on the stubbed device): `get_peft_model` freezes every base parameter (no `.grad`, no
+//! optimizer state) and adds two trainable Linears per adapted module, A (`r x in`) and B (`out x r`), in fp32
+//! whatever the base dtype (`autocast_adapter_dtype=True`, peft's default); precision `bf16` (pure) casts the
+//! whole model, adapters included, to bf16. `modules_to_save` adds a trainable copy of a module in the base
+//! dtype, the frozen original kept.
+
+use crate::error::Error;
+use crate::model::{Family, ModelConfig, Setup};
+use crate::policy::Precision;
+
+/// The Linears of a Hugging Face decoder layer that LoRA can adapt, by the module names peft's
+/// `target_modules` matches (the suffix of each module's qualified name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Role {
+    pub const ALL: [Role; 7] = [
+        Role::Q,
+        Role::K,
+        Role::V,
+        Role::O,
+        Role::Gate,
+        Role::Up,
+        Role::Down,
+    ];
+    pub const NAMES: &'static [&'static str] = &[
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// Which Linears carry an adapter: a set of `Role`s. peft's `"all-linear"` is every Linear but the output
+/// layer (the records' resolved configs list the seven names of a Llama layer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Targets(u8);
+
+impl Targets {
+    pub const ALL_LINEAR: Targets = Targets(0x7f);
+
+    /// `target_modules` as peft takes it: `"all-linear"`, or module names.
+    ///
+    /// # Errors
+    /// A name that is not a Linear of these decoder layers (peft raises "Target modules ... not found in the
+    /// base model"), or an empty list.
+    pub fn parse<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Targets, Error> {
+        let mut bits = 0u8;
+        for n in names {
+            if n == "all-linear" {
+                bits |= Self::ALL_LINEAR.0;
+                continue;
+            }
+            match Role::ALL.iter().find(|r| r.name() == n) {
+                Some(r) => bits |= r.bit(),
+                None => {
+                    return Err(Error::invalid(
+                        "train.lora.target_modules",
+                        format!("{n:?}"),
+                        format!(
+                            "is not a Linear of a Hugging Face decoder layer vramfit adapts; use \"all-linear\" \
+                             or some of {}",
+                            Role::NAMES.join(", ")
+                        ),
+                    ))
+                }
+            }
+        }
+        if bits == 0 {
+            return Err(Error::invalid(
+                "train.lora.target_modules",
+                "[]",
+                "names no module; use \"all-linear\" or module names such as q_proj, v_proj",
+            ));
+        }
+        Ok(Targets(bits))
+    }
+
+    pub fn has(self, r: Role) -> bool {
+        self.0 & r.bit() != 0
+    }
+
+    /// The names, `["all-linear"]` for every Linear.
+    pub fn names(self) -> Vec<&'static str> {
+        if self == Self::ALL_LINEAR {
+            return vec!["all-linear"];
+        }
+        Role::ALL
+            .iter()
+            .filter(|r| self.has(**r))
+            .map(|r| r.name())
+            .collect()
+    }
+}
+
+/// peft's `LoraConfig`, as far as it moves bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    /// The rank: A is `r x in`, B is `out x r`.
+    pub r: u64,
+    /// `lora_alpha`: the scaling `alpha / r` multiplies B's output (a Python scalar: no tensor).
+    pub alpha: f64,
+    /// `lora_dropout`: above 0, every adapted Linear makes and keeps a dropped-out copy of its input's mask.
+    pub dropout: f64,
+    pub targets: Targets,
+    /// `modules_to_save` holds `lm_head`: a trainable copy of the head in the base dtype.
+    pub save_head: bool,
+    /// `modules_to_save` holds `embed_tokens`: a trainable copy of the embedding in the base dtype.
+    pub save_embed: bool,
+}
+
+impl LoraConfig {
+    pub const MODULES_TO_SAVE: &'static [&'static str] = &["lm_head", "embed_tokens"];
+
+    /// A config with peft's usual choices: `lora_alpha` = 2r, dropout 0.05, every Linear.
+    pub fn with_rank(r: u64) -> LoraConfig {
+        LoraConfig {
+            r,
+            alpha: 2.0 * r as f64,
+            dropout: 0.05,
+            targets: Targets::ALL_LINEAR,
+            save_head: false,
+            save_embed: false,
+        }
+    }
+
+    /// `modules_to_save` as names.
+    pub fn modules_to_save(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.save_head {
+            v.push("lm_head");
+        }
+        if self.save_embed {
+            v.push("embed_tokens");
+        }
+        v
+    }
+
+    /// Reads `modules_to_save` names.
+    ///
+    /// # Errors
+    /// A module vramfit does not model as trainable (only the head and the embedding are).
+    pub fn set_modules_to_save<'a>(
+        &mut self,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), Error> {
+        for n in names {
+            match n {
+                "lm_head" => self.save_head = true,
+                "embed_tokens" => self.save_embed = true,
+                _ => {
+                    return Err(Error::invalid(
+                        "train.lora.modules_to_save",
+                        format!("{n:?}"),
+                        "is not modelled; vramfit trains copies of lm_head and embed_tokens",
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The adapters peft adds, as (rows, cols), in the order it creates them: layer by layer, each adapted Linear
+/// in module order (q, k, v, o, gate, up, down), A (`r x in`) then B (`out x r`).
+pub fn adapter_shapes(m: &ModelConfig, lora: &LoraConfig) -> Vec<(u64, u64)> {
+    let (c, qd, kv, i) = (m.n_embd, m.q_dim(), m.kv_dim(), m.intermediate_size);
+    let shape = |role: Role| match role {
+        Role::Q => (c, qd),
+        Role::K | Role::V => (c, kv),
+        Role::O => (qd, c),
+        Role::Gate | Role::Up => (c, i),
+        Role::Down => (i, c),
+    };
+    let mut v = Vec::new();
+    for _ in 0..m.n_layer {
+        for role in Role::ALL.into_iter().filter(|r| lora.targets.has(*r)) {
+            let (in_f, out_f) = shape(role);
+            v.extend([(lora.r, in_f), (out_f, lora.r)]);
+        }
+    }
+    v
+}
+
+/// Trainable parameters under LoRA: the adapters and the `modules_to_save` copies.
+pub fn trainable_params(m: &ModelConfig, lora: &LoraConfig) -> u64 {
+    let table = m.vocab_size * m.n_embd;
+    adapter_shapes(m, lora)
+        .iter()
+        .map(|(r, c)| r * c)
+        .sum::<u64>()
+        + table * (u64::from(lora.save_head) + u64::from(lora.save_embed))
+}
+
+/// The dtype the frozen base model is loaded in (`torch_dtype` / `dtype` of `from_pretrained`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseDtype {
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+impl BaseDtype {
+    pub const NAMES: &'static [&'static str] = &["fp32", "bf16", "fp16"];
+
+    pub fn parse(s: &str) -> Result<BaseDtype, Error> {
+        match s {
+            "fp32" => Ok(BaseDtype::Fp32),
+            "bf16" => Ok(BaseDtype::Bf16),
+            "fp16" => Ok(BaseDtype::Fp16),
+            _ => Err(Error::UnknownValue {
+                field: "train.base_dtype".into(),
+                value: s.into(),
+                allowed: Self::NAMES,
+            }),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    pub fn bytes(self) -> u64 {
+        match self {
+            BaseDtype::Fp32 => 4,
+            BaseDtype::Bf16 | BaseDtype::Fp16 => 2,
+        }
+    }
+}
+
+/// The base's Linears quantized by bitsandbytes (transformers' `BitsAndBytesConfig`): `Linear4bit` (NF4 or FP4,
+/// `bnb_4bit_use_double_quant`) or `Linear8bitLt` (`load_in_8bit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantization {
+    Nf4 { double_quant: bool },
+    Fp4 { double_quant: bool },
+    Int8,
+}
+
+impl Quantization {
+    pub const NAMES: &'static [&'static str] = &["nf4", "fp4", "int8"];
+
+    /// `train.quantization` with `train.double_quant` (4-bit only).
+    ///
+    /// # Errors
+    /// An unknown name, or double quantization asked of an 8-bit base.
+    pub fn parse(s: &str, double_quant: bool) -> Result<Quantization, Error> {
+        match s {
+            "nf4" => Ok(Quantization::Nf4 { double_quant }),
+            "fp4" => Ok(Quantization::Fp4 { double_quant }),
+            "int8" if double_quant => Err(Error::invalid(
+                "train.double_quant",
+                true,
+                "applies to 4-bit bases (nf4, fp4); int8 has none",
+            )),
+            "int8" => Ok(Quantization::Int8),
+            _ => Err(Error::UnknownValue {
+                field: "train.quantization".into(),
+                value: s.into(),
+                allowed: Self::NAMES,
+            }),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Quantization::Nf4 { .. } => "nf4",
+            Quantization::Fp4 { .. } => "fp4",
+            Quantization::Int8 => "int8",
+        }
+    }
+
+    pub fn double_quant(self) -> bool {
+        matches!(
+            self,
+            Quantization::Nf4 { double_quant: true } | Quantization::Fp4 { double_quant: true }
+        )
+    }
+}
+
+/// Bytes per element of the base model's weights: `base_dtype` when set, bf16 under pure bf16, else fp32 (the
+/// four precisions' own meaning).
+pub fn base_bytes(setup: &Setup) -> u64 {
+    match setup.train.base_dtype {
+        Some(d) => d.bytes(),
+        None => setup.train.precision.param_bytes(),
+    }
+}
+
+/// Bytes per element of LoRA's adapters, their gradients and (AdamW, SGD) optimizer state: fp32 (peft's
+/// `autocast_adapter_dtype`), bf16 under pure bf16 (the whole PeftModel cast after wrapping).
+pub fn adapter_bytes(precision: Precision) -> u64 {
+    precision.param_bytes()
+}
+
+/// The fine-tuning combinations vramfit models; every other one is refused by name.
+///
+/// # Errors
+/// An invalid LoRA field (rank, dropout), a base dtype that contradicts the precision, or `NotModelled` for a
+/// family, `torch.compile` or a tied head with a trainable copy, which were not measured.
+pub fn check(setup: &Setup) -> Result<(), Error> {
+    let t = &setup.train;
+    let m = &setup.model;
+    if let Some(q) = t.quantization {
+        // What a quantized base changes in the step is read (tests/data/finetune/README.md: Linear4bit and
+        // Linear8bitLt) but not yet walked by the executor: prepare_model_for_kbit_training makes the embeddings,
+        // norms and head fp32, so the residual stream is fp32, and Linear4bit returns its input's dtype (fp32
+        // gate/up outputs, SiLU in fp32), where the eager executor has every Linear return the matmul dtype.
+        return Err(Error::NotModelled {
+            what: format!(
+                "train.quantization ({}{}): QLoRA and 8-bit bases are not modelled yet (their fp32 residual \
+                 stream and fp32 Linear outputs after prepare_model_for_kbit_training); LoRA on a bf16 base is",
+                q.name(),
+                if q.double_quant() { " with double_quant" } else { "" }
+            ),
+        });
+    }
+    if let Some(d) = t.base_dtype {
+        let Some(_) = &t.lora else {
+            return Err(Error::NotModelled {
+                what: format!(
+                    "train.base_dtype ({}) without train.lora: a base in {} with every parameter trained is not \
+                     measured; set train.lora, or train.precision \"bf16\" for bf16 weights throughout",
+                    d.name(),
+                    d.name()
+                ),
+            });
+        };
+        let ok = match (t.precision, d) {
+            (_, BaseDtype::Fp32) => t.precision != Precision::Bf16,
+            (Precision::Bf16Amp | Precision::Bf16, BaseDtype::Bf16) => true,
+            (Precision::Fp16Amp, BaseDtype::Fp16) => true,
+            _ => false,
+        };
+        if !ok {
+            return Err(Error::NotModelled {
+                what: format!(
+                    "train.base_dtype ({}) with train.precision ({}): vramfit models an fp32 base under fp32 or \
+                     either autocast, a bf16 base under bf16-amp or bf16, an fp16 base under fp16-amp",
+                    d.name(),
+                    t.precision.name()
+                ),
+            });
+        }
+    }
+    let Some(l) = &t.lora else {
+        if t.optimizer == crate::policy::Optimizer::Adafactor {
+            return Err(Error::NotModelled {
+                what: "train.optimizer \"adafactor\" without train.lora: its factored state needs every \
+                       parameter's shape, which vramfit keeps for LoRA's adapters only"
+                    .into(),
+            });
+        }
+        return Ok(());
+    };
+    if l.r == 0 || l.r > m.n_embd {
+        return Err(Error::invalid(
+            "train.lora.r",
+            l.r,
+            format!("must be between 1 and model.n_embd ({})", m.n_embd),
+        ));
+    }
+    if !(0.0..1.0).contains(&l.dropout) {
+        return Err(Error::invalid(
+            "train.lora.dropout",
+            l.dropout,
+            "must be in [0, 1)",
+        ));
+    }
+    if !l.alpha.is_finite() {
+        return Err(Error::invalid(
+            "train.lora.alpha",
+            l.alpha,
+            "must be a number",
+        ));
+    }
+    // Families whose Linears and norms the LoRA executor walks: separate q/k/v, unpacked gated MLP, a norm
+    // before each branch.
+    let modelled = matches!(
+        m.family,
+        Family::Llama
+            | Family::Mistral
+            | Family::Qwen2
+            | Family::Qwen3
+            | Family::Gemma
+            | Family::Gemma2
+            | Family::Gemma3
+    );
+    if !modelled {
+        return Err(Error::NotModelled {
+            what: format!(
+                "train.lora on {}: LoRA is modelled for Hugging Face families with separate q/k/v and gate/up \
+                 projections and pre-norms (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3)",
+                m.family.name()
+            ),
+        });
+    }
+    if t.compile {
+        return Err(Error::NotModelled {
+            what: "train.lora with torch.compile (train.compile): peft's adapters under Inductor are not traced; \
+                   eager is modelled"
+                .into(),
+        });
+    }
+    if m.tie_embeddings && (l.save_head || l.save_embed) {
+        return Err(Error::NotModelled {
+            what: "train.lora.modules_to_save with a tied head (model.tie_embeddings): a trainable copy of a \
+                   shared weight was not measured; untied models are"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_read_peft_names_and_all_linear() {
+        let t = Targets::parse(["q_proj", "v_proj"]).unwrap();
+        assert!(t.has(Role::Q) && t.has(Role::V) && !t.has(Role::K));
+        assert_eq!(t.names(), ["q_proj", "v_proj"]);
+        assert_eq!(Targets::parse(["all-linear"]).unwrap(), Targets::ALL_LINEAR);
+        assert_eq!(Targets::ALL_LINEAR.names(), ["all-linear"]);
+        let e = Targets::parse(["lm_head"]).unwrap_err().to_string();
+        assert!(
+            e.starts_with("train.lora.target_modules (\"lm_head\")"),
+            "{e}"
+        );
+        assert!(Targets::parse([]).is_err());
+    }
+
+    /// tests/data/finetune/stub-cuda.json, llama-lora-r16-all-bf16amp: 622,592 trainable parameters (4 layers,
+    /// 512 wide, GQA 8/4 (kv 256), MLP 1536, r 16): per layer 16 x (1024 + 768 + 768 + 1024 + 2048 + 2048 + 2048).
+    #[test]
+    fn adapter_count_is_peft_s() {
+        let mut m = crate::presets::model_preset("llama-3.2-1b").unwrap().model;
+        (
+            m.n_layer,
+            m.n_embd,
+            m.n_head,
+            m.n_kv_head,
+            m.intermediate_size,
+            m.head_dim,
+        ) = (4, 512, 8, 4, 1536, 0);
+        let l = LoraConfig::with_rank(16);
+        assert_eq!(trainable_params(&m, &l), 622_592);
+        assert_eq!(adapter_shapes(&m, &l).len(), 4 * 7 * 2);
+    }
+}
