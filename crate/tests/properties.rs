@@ -108,6 +108,7 @@ fn any_setup() -> impl Strategy<Value = Setup> {
                     zero_grad_set_to_none: ckpt ^ manual,
                     compile: manual && !ckpt,
                     alloc_conf: Default::default(),
+                    parallel: Default::default(),
                 },
                 device: DeviceConfig {
                     sm,
@@ -209,6 +210,7 @@ fn valid_setup() -> impl Strategy<Value = Setup> {
                         zero_grad_set_to_none: !(ckpt && clip),
                         compile: false,
                         alloc_conf: Default::default(),
+                        parallel: Default::default(),
                     },
                     device: DeviceConfig::default(),
                 }

@@ -5,6 +5,7 @@ use crate::error::Error;
 use crate::model::{
     alloc_conf_string, parse_alloc_conf, DeviceConfig, Family, ModelConfig, Setup, TrainConfig,
 };
+use crate::parallel::{Dtype, Parallel, Strategy};
 use crate::policy::{Attention, Optimizer, Precision};
 use serde_json::{Map, Value};
 
@@ -45,6 +46,19 @@ const TRAIN_FIELDS: &[&str] = &[
     "zero_grad_set_to_none",
     "compile",
     "alloc_conf",
+    "parallel",
+];
+/// `train.parallel`'s fields: PyTorch's argument names (`mixed_precision` is FSDP2's `mp_policy`).
+const PARALLEL_FIELDS: &[&str] = &[
+    "strategy",
+    "gpus",
+    "tp",
+    "bucket_cap_mb",
+    "gradient_as_bucket_view",
+    "static_graph",
+    "reshard_after_forward",
+    "mixed_precision",
+    "offload",
 ];
 const DEVICE_FIELDS: &[&str] = &["compute_capability", "memory_gib"];
 
@@ -198,6 +212,10 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
         compile: get_bool(t, "train.", "compile")?.unwrap_or(false),
         // PYTORCH_CUDA_ALLOC_CONF as the environment variable is written.
         alloc_conf: parse_alloc_conf(get_str(t, "train.", "alloc_conf")?.unwrap_or(""))?,
+        parallel: match t.get("parallel") {
+            None | Some(Value::Null) => Parallel::single(),
+            Some(p) => parallel_fields(object(p, "train.parallel")?)?,
+        },
     };
     let device = match top.get("device") {
         None => DeviceConfig::default(),
@@ -233,6 +251,88 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
         train,
         device,
     })
+}
+
+/// `train.parallel` (`PARALLEL_FIELDS`): a strategy's fields under another strategy are refused by
+/// `Parallel::validate`, each naming itself.
+fn parallel_fields(p: &Map<String, Value>) -> Result<Parallel, Error> {
+    const PRE: &str = "train.parallel.";
+    reject_unknown(p, PRE, PARALLEL_FIELDS)?;
+    let (strategy, zero_reshard) =
+        Strategy::parse(get_str(p, PRE, "strategy")?.ok_or(Error::Missing {
+            field: "train.parallel.strategy".into(),
+        })?)?;
+    let reshard = get_bool(p, PRE, "reshard_after_forward")?;
+    if let (Some(z), Some(r)) = (zero_reshard, reshard) {
+        if z != r {
+            return Err(Error::invalid(
+                "train.parallel.reshard_after_forward",
+                r,
+                format!(
+                    "contradicts train.parallel.strategy {:?}, which means reshard_after_forward {z}",
+                    get_str(p, PRE, "strategy")?.unwrap_or("")
+                ),
+            ));
+        }
+    }
+    let mut out = Parallel::new(strategy, get_u64(p, PRE, "gpus")?.unwrap_or(1));
+    out.tp = get_u64(p, PRE, "tp")?.unwrap_or(1);
+    out.bucket_cap_mb = get_u64(p, PRE, "bucket_cap_mb")?;
+    out.gradient_as_bucket_view = get_bool(p, PRE, "gradient_as_bucket_view")?.unwrap_or(false);
+    out.static_graph = get_bool(p, PRE, "static_graph")?.unwrap_or(false);
+    out.reshard_after_forward = reshard.or(zero_reshard).unwrap_or(true);
+    out.offload = get_bool(p, PRE, "offload")?.unwrap_or(false);
+    if let Some(mp) = p.get("mixed_precision").filter(|v| !v.is_null()) {
+        let mp = object(mp, "train.parallel.mixed_precision")?;
+        let pre = "train.parallel.mixed_precision.";
+        reject_unknown(mp, pre, &["param_dtype", "reduce_dtype"])?;
+        let dtype = |k: &str| -> Result<Option<Dtype>, Error> {
+            get_str(mp, pre, k)?
+                .map(|s| Dtype::parse(&format!("{pre}{k}"), s))
+                .transpose()
+        };
+        out.param_dtype = dtype("param_dtype")?;
+        out.reduce_dtype = dtype("reduce_dtype")?;
+    }
+    Ok(out)
+}
+
+/// `train.parallel` as `parallel_fields` reads it: the strategy, the GPUs and what differs from PyTorch's
+/// defaults; `None` on one GPU (the setup JSON then has no `parallel`).
+fn parallel_to_value(p: &Parallel) -> Option<Value> {
+    if p.is_single() {
+        return None;
+    }
+    let mut v = serde_json::json!({"strategy": p.strategy.name(), "gpus": p.gpus});
+    if p.tp != 1 {
+        v["tp"] = p.tp.into();
+    }
+    if let Some(mb) = p.bucket_cap_mb {
+        v["bucket_cap_mb"] = mb.into();
+    }
+    if p.gradient_as_bucket_view {
+        v["gradient_as_bucket_view"] = true.into();
+    }
+    if p.static_graph {
+        v["static_graph"] = true.into();
+    }
+    if p.strategy == Strategy::Fsdp {
+        v["reshard_after_forward"] = p.reshard_after_forward.into();
+    }
+    if p.param_dtype.is_some() || p.reduce_dtype.is_some() {
+        let mut mp = serde_json::json!({});
+        if let Some(d) = p.param_dtype {
+            mp["param_dtype"] = d.name().into();
+        }
+        if let Some(d) = p.reduce_dtype {
+            mp["reduce_dtype"] = d.name().into();
+        }
+        v["mixed_precision"] = mp;
+    }
+    if p.offload {
+        v["offload"] = true.into();
+    }
+    Some(v)
 }
 
 /// The setup JSON's own model fields (`MODEL_FIELDS`).
@@ -358,7 +458,7 @@ pub fn setup_to_value(s: &Setup) -> Value {
         }
     }
     let t = &s.train;
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "model": model,
         "train": {"batch_size": t.batch_size, "seq_len": t.seq_len, "precision": t.precision.name(),
                   "optimizer": t.optimizer.name(), "attention": t.attention.name(),
@@ -367,7 +467,11 @@ pub fn setup_to_value(s: &Setup) -> Value {
                   "alloc_conf": alloc_conf_string(&t.alloc_conf)},
         "device": {"compute_capability": s.device.sm as f64 / 10.0,
                    "memory_gib": s.device.memory_bytes as f64 / (1u64 << 30) as f64},
-    })
+    });
+    if let Some(p) = parallel_to_value(&t.parallel) {
+        v["train"]["parallel"] = p;
+    }
+    v
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -946,6 +1050,7 @@ pub fn nanogpt_config(text: &str) -> Result<NanoGptImport, Error> {
             compile,
             // PYTORCH_CUDA_ALLOC_CONF is the environment's, not the config file's.
             alloc_conf: Default::default(),
+            parallel: Default::default(),
         },
         device: DeviceConfig::default(),
     };

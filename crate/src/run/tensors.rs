@@ -72,6 +72,8 @@ pub struct Ctx<'a> {
     pub rope_tables: Vec<Tensor>,
     /// The first block's input is the embeddings' output, which the model keeps bound through the forward.
     pub first_block: bool,
+    /// FSDP2's state when the model is sharded (`distributed`): its hooks run around each block.
+    pub fsdp: Option<Box<crate::distributed::Fsdp>>,
 }
 
 impl<'a> Ctx<'a> {
@@ -101,6 +103,7 @@ impl<'a> Ctx<'a> {
             sliding_layer: true,
             rope_tables: Vec::new(),
             first_block: false,
+            fsdp: None,
         })
     }
 
