@@ -4,6 +4,7 @@
 use crate::allocator::AllocatorConfig;
 use crate::input;
 use crate::model::{DeviceConfig, Family, ModelConfig, Setup, TrainConfig};
+use crate::parallel::{Dtype, Strategy};
 use crate::policy::{Attention, Optimizer, Precision};
 
 /// Reads bytes as a sequence of fields, padding with zeros when they run out.
@@ -100,6 +101,7 @@ pub fn setup_from_bytes(data: &[u8]) -> Setup {
             lora: None,
             base_dtype: None,
             quantization: None,
+            parallel: Default::default(),
         },
         device: DeviceConfig {
             sm: u32::from(b.byte()),
@@ -156,6 +158,31 @@ pub fn setup_from_bytes(data: &[u8]) -> Setup {
             m.shared_expert_size = if more & 64 != 0 { b.u64() } else { 0 };
             m.norm_topk_prob = more & 128 != 0;
             m.router_aux_loss = m.shared_expert_size % 2 == 1;
+        }
+    }
+    // More than one GPU from the byte after that, with its fields (earlier entries keep their meaning).
+    let par = b.byte();
+    if par & 3 != 0 {
+        let p = &mut setup.train.parallel;
+        p.strategy = [Strategy::Ddp, Strategy::Fsdp, Strategy::Single][usize::from(par & 3) - 1];
+        p.gpus = b.u64();
+        p.tp = if par & 4 != 0 { b.u64() } else { 1 };
+        p.bucket_cap_mb = (par & 8 != 0).then(|| b.u64());
+        p.gradient_as_bucket_view = par & 16 != 0;
+        p.reshard_after_forward = par & 32 == 0;
+        p.offload = par & 64 != 0;
+        if par & 128 != 0 {
+            let d = b.byte();
+            let dtype = |x: u8| {
+                [
+                    None,
+                    Some(Dtype::Fp32),
+                    Some(Dtype::Bf16),
+                    Some(Dtype::Fp16),
+                ][usize::from(x % 4)]
+            };
+            p.param_dtype = dtype(d);
+            p.reduce_dtype = dtype(d >> 2);
         }
     }
     setup

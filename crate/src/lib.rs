@@ -27,9 +27,9 @@ pub mod read;
 pub mod run;
 pub mod show;
 
-pub use describe::{arch, finetune, model, policy, presets};
+pub use describe::{arch, finetune, model, parallel, policy, presets};
 pub use read::input;
-pub use run::{allocator, compiled, eager, moe, sim, step, tensors};
+pub use run::{allocator, compiled, distributed, eager, moe, sim, step, tensors};
 #[cfg(target_arch = "wasm32")]
 pub use show::wasm;
 pub use show::{advice, plot, report, sweep};

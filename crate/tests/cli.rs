@@ -621,3 +621,70 @@ fn lora_flags_name_what_is_wrong() {
         "{e}"
     );
 }
+
+/// Issue 14's "done when": the 70B preset sharded with FSDP2 over eight H100s, per GPU with its breakdown; the
+/// same flags give the setup JSON's `train.parallel`, and sharding over more GPUs holds less per GPU.
+#[test]
+fn parallel_flags_give_the_per_gpu_peak() {
+    let args = [
+        "estimate",
+        "--preset",
+        "llama-3.1-70b",
+        "--parallel",
+        "fsdp",
+        "--gpus",
+        "8",
+        "--gpu",
+        "h100-80",
+    ];
+    let (code, out, err) = vramfit(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("FSDP2 fully_shard per block and on the root on 8 GPUs (ZeRO-3): every figure below is per GPU"),
+        "{out}"
+    );
+    assert!(
+        out.contains("at the peak:") && out.contains("optimizer"),
+        "{out}"
+    );
+    let per_gpu = |gpus: &str, extra: &[&str]| -> u64 {
+        let mut a = vec![
+            "estimate",
+            "--preset",
+            "llama-3.1-8b",
+            "--parallel",
+            "fsdp",
+            "--gpus",
+            gpus,
+            "--format",
+            "json",
+        ];
+        a.extend(extra);
+        json_of(&a)["peak_allocated_bytes"].as_u64().unwrap()
+    };
+    assert!(per_gpu("64", &[]) < per_gpu("8", &[]));
+    // ZeRO-2 keeps the gathered blocks from the forward to the backward: more per GPU than ZeRO-3.
+    assert!(per_gpu("8", &["--no-reshard-after-forward"]) > per_gpu("8", &[]));
+    assert!(
+        per_gpu(
+            "8",
+            &[
+                "--precision",
+                "fp32",
+                "--param-dtype",
+                "bf16",
+                "--reduce-dtype",
+                "fp32"
+            ]
+        ) < per_gpu("8", &["--precision", "fp32"])
+    );
+    assert_eq!(
+        error_of(&["estimate", "--parallel", "zero1", "--gpus", "8"]),
+        "error: not modelled: train.parallel.strategy \"zero1\" (optimizer state sharded alone: PyTorch's \
+         ZeroRedundancyOptimizer over DDP); zero2 and zero3 are, as fsdp"
+    );
+    assert_eq!(
+        error_of(&["estimate", "--parallel", "ddp", "--gpus", "8", "--offload"]),
+        "error: train.parallel.offload (true) is a field of fsdp; the strategy is ddp"
+    );
+}

@@ -112,6 +112,7 @@ fn any_setup() -> impl Strategy<Value = Setup> {
                     lora: None,
                     base_dtype: None,
                     quantization: None,
+                    parallel: Default::default(),
                 },
                 device: DeviceConfig {
                     sm,
@@ -217,6 +218,7 @@ fn valid_setup() -> impl Strategy<Value = Setup> {
                         lora: None,
                         base_dtype: None,
                         quantization: None,
+                        parallel: Default::default(),
                     },
                     device: DeviceConfig::default(),
                 }

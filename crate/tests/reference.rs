@@ -486,3 +486,126 @@ const FINETUNE_NOT_MODELLED: &[&str] = &[
     "llama-int8-r16-all-ckpt-lion8bit",
     "llama-qlora-nf4-dq-r16-all",
 ];
+
+/// Issue 14's standard for the multi-GPU records (`tests/data/parallel/stub-cuda.json`, rank 0 of DDP and FSDP2
+/// on PyTorch's own allocator with a fake process group): peak allocated within 5% on every record.
+const PARALLEL_ALLOCATED_TOLERANCE: f64 = 0.05;
+
+/// A multi-GPU record's case (`scripts/measure/cases-parallel.json`) as a setup: measure_parallel.py's loop is
+/// AdamW (foreach) with clipping at 1.0 around the family's own loop; its `parallel` arguments are PyTorch's, which
+/// `train.parallel` takes under the same names (`world_size` is `gpus`, `tp_size` is `tp`, `mp_policy` is
+/// `mixed_precision`, `cpu_offload` is `offload`; a TP plan alone runs without a data-parallel wrapper). The
+/// measured rank must be 0, the one the estimate is for, unless `rank` says otherwise.
+fn parallel_setup(case: &Value) -> (Value, u64) {
+    let mut train = case["train"].clone();
+    let rank = train["rank"].as_u64().unwrap_or(0);
+    let t = train.as_object_mut().unwrap();
+    t.remove("rank");
+    t.insert("optimizer".into(), "adamw".into());
+    t.insert("grad_clip".into(), 1.0.into());
+    let p = &case["parallel"];
+    let w = p["world_size"].as_u64().unwrap();
+    let tp = p["tp_size"].as_u64().unwrap_or(1);
+    let mut par = serde_json::json!({"gpus": w});
+    let strategy = p["strategy"].as_str().unwrap();
+    par["strategy"] = match strategy {
+        "ddp" => "ddp",
+        "fsdp2" | "tp-fsdp2" => "fsdp",
+        "tp" => "single",
+        other => panic!("unknown strategy {other}"),
+    }
+    .into();
+    if strategy.starts_with("tp") {
+        par["tp"] = (if strategy == "tp" { w } else { tp }).into();
+    }
+    for (from, to) in [
+        ("bucket_cap_mb", "bucket_cap_mb"),
+        ("gradient_as_bucket_view", "gradient_as_bucket_view"),
+        ("static_graph", "static_graph"),
+        ("reshard_after_forward", "reshard_after_forward"),
+        ("mp_policy", "mixed_precision"),
+        ("cpu_offload", "offload"),
+    ] {
+        if let Some(v) = p.get(from) {
+            par[to] = v.clone();
+        }
+    }
+    t.insert("parallel".into(), par);
+    (
+        serde_json::json!({"model": case["model"], "train": train}),
+        rank,
+    )
+}
+
+/// DDP records whose reserved memory is not within the stub standard (3%), with what is known.
+const PARALLEL_RESERVED_KNOWN: &[(&str, &str)] = &[(
+    "gpt-ddp-w2-static",
+    "static_graph=True: the same allocated bytes as gpt-ddp-w2 and 64 MiB more reserved on PyTorch's allocator; \
+     not found which allocation takes the new segment (the model gives static_graph's allocations as the \
+     default's, so gpt-ddp-w2's reserved)",
+)];
+
+/// Every multi-GPU record: allocated within 5%; reserved within the stub standard (3%) for DDP, and printed only for
+/// FSDP2, whose all-gather and reduce-scatter buffers come from pools of their own streams where the allocator
+/// model has one stream.
+/// Records of what is not modelled yet (tensor parallelism) are listed by name with the reason, and must be
+/// exactly those.
+#[test]
+fn parallel_records_allocated() {
+    let path = data_dir().join("parallel/stub-cuda.json");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let (mut table, mut bad, mut n, mut unmodelled) = (String::new(), 0, 0, Vec::new());
+    for rec in v["records"].as_array().expect("records") {
+        let name = rec["name"].as_str().unwrap();
+        assert_eq!(rec["method"], "stub-cuda", "{name}");
+        let (setup, rank) = parallel_setup(&rec["case"]);
+        let report = setup_from_value(&setup).and_then(|s| vramfit::estimate(&s));
+        let report = match report {
+            Ok(r) => r,
+            Err(e @ vramfit::Error::NotModelled { .. }) => {
+                unmodelled.push(format!("{name}: {e}"));
+                continue;
+            }
+            Err(e) => panic!("{name}: {e}"),
+        };
+        n += 1;
+        let m = &rec["measured"];
+        let (ma, mr) = (
+            m["peak_allocated_bytes"].as_u64().unwrap(),
+            m["peak_reserved_bytes"].as_u64().unwrap(),
+        );
+        let (pa, pr) = (report.peak_allocated_bytes, report.peak_reserved_bytes);
+        let rel = |p: u64, m: u64| (p as f64 - m as f64) / m as f64;
+        // The estimate is rank 0's, which holds the most; another rank's record is held to the same tolerance.
+        let over = rel(pa, ma).abs() > PARALLEL_ALLOCATED_TOLERANCE;
+        // DDP's buffers share the default stream with everything else: reserved is held to the stub standard.
+        let reserved_known = PARALLEL_RESERVED_KNOWN.iter().find(|(n, _)| *n == name);
+        let over_r = setup["train"]["parallel"]["strategy"] == "ddp"
+            && reserved_known.is_none()
+            && rel(pr, mr).abs() > STUB_RESERVED_TOLERANCE;
+        bad += usize::from(over) + usize::from(over_r);
+        table += &format!(
+            "{name:30} rank {rank:>2} allocated {ma:>11} {pa:>11} {:>+7.2}%{}  reserved {mr:>11} {pr:>11} {:>+7.2}%{}  \
+             at {} ({}){}\n",
+            rel(pa, ma) * 100.0,
+            if over { " !" } else { "  " },
+            rel(pr, mr) * 100.0,
+            if over_r { " !" } else { "  " },
+            report.peak_phase,
+            report.peak_op,
+            reserved_known
+                .map(|(_, why)| format!("  (reserved: {why})"))
+                .unwrap_or_default(),
+        );
+    }
+    println!("{table}\nnot modelled yet:\n{}", unmodelled.join("\n"));
+    assert!(n >= 27, "expected the 27 DDP and FSDP2 records, found {n}");
+    assert!(
+        bad == 0,
+        "{bad} multi-GPU records over {}% allocated:\n{table}",
+        PARALLEL_ALLOCATED_TOLERANCE * 100.0
+    );
+    for line in &unmodelled {
+        assert!(line.contains("tensor parallelism"), "{line}");
+    }
+}

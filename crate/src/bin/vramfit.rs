@@ -15,6 +15,7 @@ macro_rules! outln {
 use serde_json::{json, Value};
 use vramfit::input::{hf_config, nanogpt_config, setup_from_value, setup_to_value};
 use vramfit::model::alloc_conf_string;
+use vramfit::parallel::Strategy;
 use vramfit::report::fmt_bytes;
 use vramfit::sweep::{powers_of_two, sweep, Axis};
 use vramfit::{estimate, Error, Setup};
@@ -66,6 +67,16 @@ KNOBS (override the source):
   --gpu ID             a GPU preset (rtx-4070, h100-80, ...: see vramfit gpus): its memory and compute
                        capability, whatever the SOURCE says (a preset or a config keeps the GPU given)
   --gpu-memory-gib X  --compute-capability X.Y
+
+MORE THAN ONE GPU (every figure is then per GPU, for rank 0; the batch is per GPU):
+  --parallel ddp|fsdp|zero2|zero3|single
+                       DistributedDataParallel, or FSDP2's fully_shard on each block and the root; zero3 is
+                       fsdp, zero2 is fsdp with --no-reshard-after-forward (zero1 is not modelled)
+  --gpus N             GPUs in the job (world_size)
+  --tp N               tensor-parallel degree (not modelled yet beyond 1)
+  --bucket-cap-mb N  --gradient-as-bucket-view | --no-gradient-as-bucket-view  --static-graph   (ddp)
+  --reshard-after-forward | --no-reshard-after-forward  --param-dtype bf16|fp32  --reduce-dtype bf16|fp32
+  --offload | --no-offload                                                                      (fsdp)
 ";
 
 /// `--lora r=16,alpha=32,dropout=0.05,targets=q_proj+v_proj,save=lm_head` as the setup JSON's `train.lora`:
@@ -177,6 +188,8 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
     let mut base: Option<Value> = None;
     let mut notes = Vec::new();
     let mut overrides: Vec<(&str, &str, Value)> = Vec::new();
+    // `train.parallel`'s fields (`mixed_precision`'s as "mixed_precision.KEY").
+    let mut parallel: Vec<(&str, Value)> = Vec::new();
     let mut format = None;
     let (mut axis, mut values, mut from, mut to) = (None, None, None, None);
     let mut i = 1;
@@ -324,6 +337,36 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                 "double_quant",
                 Value::Bool(flag == "--double-quant"),
             )),
+            "--gradient-as-bucket-view" | "--no-gradient-as-bucket-view" => parallel.push((
+                "gradient_as_bucket_view",
+                Value::Bool(flag == "--gradient-as-bucket-view"),
+            )),
+            "--static-graph" => parallel.push(("static_graph", Value::Bool(true))),
+            "--reshard-after-forward" | "--no-reshard-after-forward" => parallel.push((
+                "reshard_after_forward",
+                Value::Bool(flag == "--reshard-after-forward"),
+            )),
+            "--offload" | "--no-offload" => {
+                parallel.push(("offload", Value::Bool(flag == "--offload")))
+            }
+            "--parallel" => parallel.push(("strategy", Value::String(next(&mut i, flag)?))),
+            "--param-dtype" => parallel.push((
+                "mixed_precision.param_dtype",
+                Value::String(next(&mut i, flag)?),
+            )),
+            "--reduce-dtype" => parallel.push((
+                "mixed_precision.reduce_dtype",
+                Value::String(next(&mut i, flag)?),
+            )),
+            "--gpus" | "--tp" | "--bucket-cap-mb" => {
+                let raw = next(&mut i, flag)?;
+                let key = match flag {
+                    "--gpus" => "gpus",
+                    "--tp" => "tp",
+                    _ => "bucket_cap_mb",
+                };
+                parallel.push((key, number(flag, &raw)?));
+            }
             "--checkpointing" | "--no-checkpointing" => overrides.push((
                 "train",
                 "checkpointing",
@@ -379,6 +422,26 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
             v[section] = json!({});
         }
         v[section][key] = value;
+    }
+    if !parallel.is_empty() {
+        if v.get("train").is_none() {
+            v["train"] = json!({});
+        }
+        let p = &mut v["train"]["parallel"];
+        if !p.is_object() {
+            *p = json!({});
+        }
+        for (key, value) in parallel {
+            match key.strip_prefix("mixed_precision.") {
+                Some(k) => {
+                    if !p["mixed_precision"].is_object() {
+                        p["mixed_precision"] = json!({});
+                    }
+                    p["mixed_precision"][k] = value;
+                }
+                None => p[key] = value,
+            }
+        }
     }
     // A new block size without a sequence length trains at full context.
     if block_override && !seq_override {
@@ -584,6 +647,19 @@ fn table(setup: &Setup, r: &vramfit::Report, notes: &[String]) -> String {
             conf => format!(", PYTORCH_CUDA_ALLOC_CONF={conf}"),
         }
     );
+    let p = &t.parallel;
+    if !p.is_single() {
+        outln!(
+            out,
+            "{} on {} GPUs{}: every figure below is per GPU (rank 0)",
+            match p.strategy {
+                Strategy::Ddp => "DistributedDataParallel",
+                _ => "FSDP2 fully_shard per block and on the root",
+            },
+            p.gpus,
+            p.zero_name().map(|z| format!(" ({z})")).unwrap_or_default()
+        );
+    }
     out.push('\n');
     outln!(
         out,

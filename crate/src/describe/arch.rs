@@ -366,24 +366,36 @@ impl Arch {
     /// Parameter tensors in the order the model's constructor creates them (a tied head counted once), as
     /// (elements, is_matrix).
     pub fn param_tensors(&self, m: &ModelConfig) -> Vec<(u64, bool)> {
+        self.param_shapes(m)
+            .into_iter()
+            .map(|(elems, matrix, _)| (elems, matrix))
+            .collect()
+    }
+
+    /// `param_tensors` with each parameter's first dimension (its rows: what FSDP2 shards, `Shard(0)`), as
+    /// (elements, is a matrix, rows).
+    pub fn param_shapes(&self, m: &ModelConfig) -> Vec<(u64, bool, u64)> {
         let c = m.n_embd;
         let (q, kv) = (m.q_dim(), m.kv_dim());
         let i = m.intermediate_size;
         let (qkv_bias, bias, mlp_bias) = (self.qkv_bias, self.linear_bias, self.mlp_bias);
         let norm_bias = matches!(self.norm, Norm::LayerNorm { bias: true });
-        let norm = |v: &mut Vec<(u64, bool)>| {
-            v.extend(std::iter::repeat_n((c, false), 1 + usize::from(norm_bias)));
+        let norm = |v: &mut Vec<(u64, bool, u64)>| {
+            v.extend(std::iter::repeat_n(
+                (c, false, c),
+                1 + usize::from(norm_bias),
+            ));
         };
         // Linear: out x in weight (+ out bias).
-        let linear = |v: &mut Vec<(u64, bool)>, out_f: u64, in_f: u64, bias: bool| {
-            v.push((out_f * in_f, true));
+        let linear = |v: &mut Vec<(u64, bool, u64)>, out_f: u64, in_f: u64, bias: bool| {
+            v.push((out_f * in_f, true, out_f));
             if bias {
-                v.push((out_f, false));
+                v.push((out_f, false, out_f));
             }
         };
-        let mut v = vec![(m.vocab_size * c, true)];
+        let mut v = vec![(m.vocab_size * c, true, m.vocab_size)];
         if self.positions == Positions::Learned {
-            v.push((m.block_size * c, true));
+            v.push((m.block_size * c, true, m.block_size));
         }
         // HF's decoder layers: input_layernorm, post_attention_layernorm (and Gemma 2's pre_ and
         // post_feedforward_layernorm; OLMo 2 has the two post-norms only).
@@ -419,7 +431,7 @@ impl Arch {
                 } else {
                     (m.head_dim(), m.head_dim())
                 };
-                v.extend([(qn, false), (kn, false)]);
+                v.extend([(qn, false, qn), (kn, false, kn)]);
             }
             if interleaved {
                 norm(&mut v);
@@ -434,9 +446,9 @@ impl Arch {
                     // `down_proj` [E, C, I] (init trace of mixtral-256-e4top2-bf16amp); Qwen2-MoE's shared expert
                     // (gate, up, down) and its C -> 1 gate.
                     let e = m.n_experts;
-                    v.push((e * c, true));
-                    v.push((e * 2 * i * c, true));
-                    v.push((e * c * i, true));
+                    v.push((e * c, true, e));
+                    v.push((e * 2 * i * c, true, e));
+                    v.push((e * c * i, true, e));
                     if moe.shared_expert {
                         let s = m.shared_expert_size;
                         linear(&mut v, s, c, false);
@@ -463,7 +475,7 @@ impl Arch {
         }
         norm(&mut v);
         if !self.tied_head {
-            v.push((m.vocab_size * c, true));
+            v.push((m.vocab_size * c, true, m.vocab_size));
         }
         v
     }

@@ -3,6 +3,7 @@
 use crate::allocator::AllocatorConfig;
 use crate::error::Error;
 use crate::finetune::{BaseDtype, LoraConfig, Quantization};
+use crate::parallel::Parallel;
 use crate::policy::{Attention, Optimizer, Precision};
 
 /// Decoder-only architectures vramfit models op by op: each is a description (`arch::Arch::of`), walked by one
@@ -300,6 +301,8 @@ pub struct TrainConfig {
     pub base_dtype: Option<BaseDtype>,
     /// The base's Linears quantized by bitsandbytes (QLoRA, 8-bit bases); None: not quantized.
     pub quantization: Option<Quantization>,
+    /// More than one GPU (`train.parallel`): DDP or FSDP2, per GPU; one GPU by default.
+    pub parallel: Parallel,
 }
 
 /// Defaults for training fields a setup leaves out: nanoGPT train.py's on a bf16-capable GPU, except gradient
@@ -327,6 +330,7 @@ impl TrainConfig {
             lora: None,
             base_dtype: None,
             quantization: None,
+            parallel: Parallel::single(),
         }
     }
 }
@@ -821,6 +825,15 @@ impl Setup {
             )
         })?;
         crate::finetune::check(self)?;
+        t.parallel.validate(t.precision, t.compile)?;
+        if t.lora.is_some() && t.parallel.strategy != crate::parallel::Strategy::Single {
+            return Err(Error::NotModelled {
+                what: format!(
+                    "train.lora with train.parallel.strategy {:?}: fine-tuning was measured on one GPU only",
+                    t.parallel.strategy.name()
+                ),
+            });
+        }
         self.check_size()
     }
 
@@ -889,6 +902,26 @@ impl Setup {
             .checked_add(act_bytes)
             .and_then(|x| x.checked_add(mask_bytes))
             .ok_or_else(|| too_large("total bytes overflow 64 bits"))?;
+        // FSDP gathers each parameter padded to a multiple of the GPU count: its rows rounded up, times the GPUs.
+        if !t.parallel.is_single() {
+            let arch = crate::arch::Arch::of(m, t.attention);
+            let mut padded: u64 = 0;
+            for (elems, _, rows) in arch.param_shapes(m) {
+                let cols = elems / rows.max(1);
+                padded = rows
+                    .div_ceil(t.parallel.gpus)
+                    .checked_mul(t.parallel.gpus)
+                    .and_then(|r| r.checked_mul(cols))
+                    .and_then(|e| e.checked_mul(32))
+                    .and_then(|b| b.checked_add(padded))
+                    .ok_or_else(|| too_large("the gathered parameters overflow 64 bits"))?;
+            }
+            if padded > MAX_BYTES {
+                return Err(too_large(&format!(
+                    "the gathered parameters need on the order of {padded} bytes, beyond any device"
+                )));
+            }
+        }
         if total > MAX_BYTES {
             return Err(too_large(&format!(
                 "the step needs on the order of {total} bytes, beyond any device"

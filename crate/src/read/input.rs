@@ -6,6 +6,7 @@ use crate::finetune::{BaseDtype, LoraConfig, Quantization, Targets};
 use crate::model::{
     alloc_conf_string, parse_alloc_conf, DeviceConfig, Family, ModelConfig, Setup, TrainConfig,
 };
+use crate::parallel::{Dtype, Parallel, Strategy};
 use crate::policy::{Attention, Optimizer, Precision};
 use serde_json::{Map, Value};
 
@@ -55,6 +56,19 @@ const TRAIN_FIELDS: &[&str] = &[
     "base_dtype",
     "quantization",
     "double_quant",
+    "parallel",
+];
+/// `train.parallel`'s fields: PyTorch's argument names (`mixed_precision` is FSDP2's `mp_policy`).
+const PARALLEL_FIELDS: &[&str] = &[
+    "strategy",
+    "gpus",
+    "tp",
+    "bucket_cap_mb",
+    "gradient_as_bucket_view",
+    "static_graph",
+    "reshard_after_forward",
+    "mixed_precision",
+    "offload",
 ];
 const LORA_FIELDS: &[&str] = &["r", "alpha", "dropout", "target_modules", "modules_to_save"];
 const DEVICE_FIELDS: &[&str] = &["compute_capability", "memory_gib"];
@@ -231,6 +245,10 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
             )?),
             None => None,
         },
+        parallel: match t.get("parallel") {
+            None | Some(Value::Null) => Parallel::single(),
+            Some(p) => parallel_fields(object(p, "train.parallel")?)?,
+        },
     };
     let device = match top.get("device") {
         None => DeviceConfig::default(),
@@ -321,6 +339,90 @@ pub fn lora_to_value(l: &LoraConfig) -> Value {
 }
 
 /// The setup JSON's own model fields (`MODEL_FIELDS`, `HF_FIELDS`).
+/// `train.parallel` (`PARALLEL_FIELDS`): a strategy's fields under another strategy are refused by
+/// `Parallel::validate`, each naming itself.
+fn parallel_fields(p: &Map<String, Value>) -> Result<Parallel, Error> {
+    const PRE: &str = "train.parallel.";
+    reject_unknown(p, PRE, PARALLEL_FIELDS)?;
+    let (strategy, zero_reshard) =
+        Strategy::parse(get_str(p, PRE, "strategy")?.ok_or(Error::Missing {
+            field: "train.parallel.strategy".into(),
+        })?)?;
+    let reshard = get_bool(p, PRE, "reshard_after_forward")?;
+    if let (Some(z), Some(r)) = (zero_reshard, reshard) {
+        if z != r {
+            return Err(Error::invalid(
+                "train.parallel.reshard_after_forward",
+                r,
+                format!(
+                    "contradicts train.parallel.strategy {:?}, which means reshard_after_forward {z}",
+                    get_str(p, PRE, "strategy")?.unwrap_or("")
+                ),
+            ));
+        }
+    }
+    let mut out = Parallel::new(strategy, get_u64(p, PRE, "gpus")?.unwrap_or(1));
+    out.tp = get_u64(p, PRE, "tp")?.unwrap_or(1);
+    out.bucket_cap_mb = get_u64(p, PRE, "bucket_cap_mb")?;
+    out.gradient_as_bucket_view = get_bool(p, PRE, "gradient_as_bucket_view")?.unwrap_or(false);
+    out.static_graph = get_bool(p, PRE, "static_graph")?.unwrap_or(false);
+    out.reshard_after_forward = reshard.or(zero_reshard).unwrap_or(true);
+    out.offload = get_bool(p, PRE, "offload")?.unwrap_or(false);
+    if let Some(mp) = p.get("mixed_precision").filter(|v| !v.is_null()) {
+        let mp = object(mp, "train.parallel.mixed_precision")?;
+        let pre = "train.parallel.mixed_precision.";
+        reject_unknown(mp, pre, &["param_dtype", "reduce_dtype"])?;
+        let dtype = |k: &str| -> Result<Option<Dtype>, Error> {
+            get_str(mp, pre, k)?
+                .map(|s| Dtype::parse(&format!("{pre}{k}"), s))
+                .transpose()
+        };
+        out.param_dtype = dtype("param_dtype")?;
+        out.reduce_dtype = dtype("reduce_dtype")?;
+    }
+    Ok(out)
+}
+
+/// `train.parallel` as `parallel_fields` reads it: the strategy, the GPUs and what differs from PyTorch's
+/// defaults (FSDP's `reshard_after_forward` always); `None` for one plain GPU (the setup JSON then has no
+/// `parallel`, as before it existed).
+fn parallel_to_value(p: &Parallel) -> Option<Value> {
+    if *p == Parallel::single() {
+        return None;
+    }
+    let mut v = serde_json::json!({"strategy": p.strategy.name(), "gpus": p.gpus});
+    if p.tp != 1 {
+        v["tp"] = p.tp.into();
+    }
+    if let Some(mb) = p.bucket_cap_mb {
+        v["bucket_cap_mb"] = mb.into();
+    }
+    if p.gradient_as_bucket_view {
+        v["gradient_as_bucket_view"] = true.into();
+    }
+    if p.static_graph {
+        v["static_graph"] = true.into();
+    }
+    if p.strategy == Strategy::Fsdp || !p.reshard_after_forward {
+        v["reshard_after_forward"] = p.reshard_after_forward.into();
+    }
+    if p.param_dtype.is_some() || p.reduce_dtype.is_some() {
+        let mut mp = serde_json::json!({});
+        if let Some(d) = p.param_dtype {
+            mp["param_dtype"] = d.name().into();
+        }
+        if let Some(d) = p.reduce_dtype {
+            mp["reduce_dtype"] = d.name().into();
+        }
+        v["mixed_precision"] = mp;
+    }
+    if p.offload {
+        v["offload"] = true.into();
+    }
+    Some(v)
+}
+
+/// The setup JSON's own model fields (`MODEL_FIELDS`).
 fn model_fields(m: &Map<String, Value>) -> Result<ModelConfig, Error> {
     if let Some(k) = m
         .keys()
@@ -462,6 +564,9 @@ pub fn setup_to_value(s: &Setup) -> Value {
     if let Some(q) = t.quantization {
         v["train"]["quantization"] = q.name().into();
         v["train"]["double_quant"] = q.double_quant().into();
+    }
+    if let Some(p) = parallel_to_value(&t.parallel) {
+        v["train"]["parallel"] = p;
     }
     v
 }
@@ -1045,6 +1150,7 @@ pub fn nanogpt_config(text: &str) -> Result<NanoGptImport, Error> {
             lora: None,
             base_dtype: None,
             quantization: None,
+            parallel: Default::default(),
         },
         device: DeviceConfig::default(),
     };
@@ -1789,68 +1895,115 @@ pub fn setup_from_query(query: &str, extra: &mut Vec<(String, String)>) -> Resul
         let (k, raw) = pair.split_once('=').unwrap_or((pair, ""));
         let key = percent_decode(k)?;
         let value = percent_decode(raw)?;
-        match QUERY_KEYS.iter().find(|(name, _, _)| *name == key) {
-            Some((name, section, kind)) => {
-                let field = format!("{section}.{name}");
-                let parsed = match kind {
-                    QueryKind::Str => Value::String(value),
-                    QueryKind::Bool => match value.as_str() {
-                        "1" | "true" => Value::Bool(true),
-                        "0" | "false" => Value::Bool(false),
-                        _ => {
-                            return Err(Error::invalid(
-                                &field,
-                                format!("{value:?}"),
-                                "must be 1 or 0",
-                            ))
-                        }
-                    },
-                    QueryKind::Num => {
-                        let n: Value = value
-                            .parse::<u64>()
-                            .map(Value::from)
-                            .or_else(|_| value.parse::<i64>().map(Value::from))
-                            .or_else(|_| match value.parse::<f64>() {
-                                Ok(f) if f.is_finite() => Ok(serde_json::json!(f)),
-                                _ => Err(()),
-                            })
-                            .map_err(|_| {
-                                Error::invalid(&field, format!("{value:?}"), "must be a number")
-                            })?;
-                        n
-                    }
-                };
-                if v.get(*section).is_none() {
-                    v[*section] = serde_json::json!({});
-                }
-                v[*section][*name] = parsed;
+        if let Some((name, section, kind)) = QUERY_KEYS.iter().find(|(name, _, _)| *name == key) {
+            let parsed = query_value(&format!("{section}.{name}"), *kind, value)?;
+            if v.get(*section).is_none() {
+                v[*section] = serde_json::json!({});
             }
-            None if PAGE_KEYS.contains(&key.as_str()) => extra.push((key, value)),
-            None => return Err(Error::UnknownField { field: key }),
+            v[*section][*name] = parsed;
+        } else if let Some((_, path, kind)) = PARALLEL_QUERY_KEYS.iter().find(|(n, _, _)| *n == key)
+        {
+            let parsed = query_value(&format!("train.parallel.{path}"), *kind, value)?;
+            let mut at = &mut v["train"]["parallel"];
+            for part in path.split('.') {
+                if !at.is_object() {
+                    *at = serde_json::json!({});
+                }
+                at = &mut at[part];
+            }
+            *at = parsed;
+        } else if PAGE_KEYS.contains(&key.as_str()) {
+            extra.push((key, value));
+        } else {
+            return Err(Error::UnknownField { field: key });
         }
     }
     setup_from_value(&v)
 }
 
-/// The URL query for a setup (without the `?`), every knob spelled out.
+/// `train.parallel` in the URL: (query key, path under `train.parallel`, kind); absent on one GPU.
+const PARALLEL_QUERY_KEYS: &[(&str, &str, QueryKind)] = &[
+    ("parallel", "strategy", QueryKind::Str),
+    ("gpus", "gpus", QueryKind::Num),
+    ("tp", "tp", QueryKind::Num),
+    ("bucket_cap_mb", "bucket_cap_mb", QueryKind::Num),
+    (
+        "gradient_as_bucket_view",
+        "gradient_as_bucket_view",
+        QueryKind::Bool,
+    ),
+    ("static_graph", "static_graph", QueryKind::Bool),
+    (
+        "reshard_after_forward",
+        "reshard_after_forward",
+        QueryKind::Bool,
+    ),
+    ("param_dtype", "mixed_precision.param_dtype", QueryKind::Str),
+    (
+        "reduce_dtype",
+        "mixed_precision.reduce_dtype",
+        QueryKind::Str,
+    ),
+    ("offload", "offload", QueryKind::Bool),
+];
+
+/// A query value as the setup JSON holds it; `field` names it in errors.
+fn query_value(field: &str, kind: QueryKind, value: String) -> Result<Value, Error> {
+    Ok(match kind {
+        QueryKind::Str => Value::String(value),
+        QueryKind::Bool => match value.as_str() {
+            "1" | "true" => Value::Bool(true),
+            "0" | "false" => Value::Bool(false),
+            _ => {
+                return Err(Error::invalid(
+                    field,
+                    format!("{value:?}"),
+                    "must be 1 or 0",
+                ))
+            }
+        },
+        QueryKind::Num => value
+            .parse::<u64>()
+            .map(Value::from)
+            .or_else(|_| value.parse::<i64>().map(Value::from))
+            .or_else(|_| match value.parse::<f64>() {
+                Ok(f) if f.is_finite() => Ok(serde_json::json!(f)),
+                _ => Err(()),
+            })
+            .map_err(|_| Error::invalid(field, format!("{value:?}"), "must be a number"))?,
+    })
+}
+
+/// The URL query for a setup (without the `?`), every knob spelled out; `train.parallel`'s keys only beyond one
+/// GPU, each only where the setup JSON writes it.
 pub fn setup_to_query(s: &Setup) -> String {
     let v = setup_to_value(s);
     let mut query = String::new();
-    for (name, section, kind) in QUERY_KEYS {
-        let Some(x) = v.get(*section).and_then(|o| o.get(*name)) else {
-            continue;
-        };
-        let text = match (kind, x) {
-            (QueryKind::Bool, Value::Bool(b)) => if *b { "1" } else { "0" }.to_string(),
-            (_, Value::String(s)) => s.clone(),
-            (_, other) => other.to_string(),
-        };
+    let text = |kind: &QueryKind, x: &Value| match (kind, x) {
+        (QueryKind::Bool, Value::Bool(b)) => if *b { "1" } else { "0" }.to_string(),
+        (_, Value::String(s)) => s.clone(),
+        (_, other) => other.to_string(),
+    };
+    let mut push = |name: &str, t: String| {
         if !query.is_empty() {
             query.push('&');
         }
         query.push_str(name);
         query.push('=');
-        query.push_str(&percent_encode(&text));
+        query.push_str(&percent_encode(&t));
+    };
+    for (name, section, kind) in QUERY_KEYS {
+        if let Some(x) = v.get(*section).and_then(|o| o.get(*name)) {
+            push(name, text(kind, x));
+        }
+    }
+    if let Some(p) = v["train"].get("parallel") {
+        for (name, path, kind) in PARALLEL_QUERY_KEYS {
+            let x = path.split('.').try_fold(p, |at, part| at.get(part));
+            if let Some(x) = x {
+                push(name, text(kind, x));
+            }
+        }
     }
     query
 }
@@ -1858,6 +2011,40 @@ pub fn setup_to_query(s: &Setup) -> String {
 #[cfg(test)]
 mod query_tests {
     use super::*;
+
+    /// `train.parallel` in the URL: PyTorch's argument names as keys (`parallel` for the strategy), absent on
+    /// one GPU, and back.
+    #[test]
+    fn query_carries_the_parallel_setup() {
+        let base = "family=gpt2&n_layer=2&n_head=2&n_embd=64&block_size=64&vocab_size=65";
+        let s = setup_from_query(
+            &format!(
+                "{base}&parallel=zero2&gpus=8&param_dtype=bf16&reduce_dtype=fp32&precision=fp32"
+            ),
+            &mut Vec::new(),
+        )
+        .unwrap();
+        let p = &s.train.parallel;
+        assert_eq!(p.strategy, crate::parallel::Strategy::Fsdp);
+        assert_eq!((p.gpus, p.reshard_after_forward), (8, false));
+        assert_eq!(p.param_dtype, Some(crate::parallel::Dtype::Bf16));
+        let q = setup_to_query(&s);
+        assert!(
+            q.ends_with(
+                "&parallel=fsdp&gpus=8&reshard_after_forward=0&param_dtype=bf16&reduce_dtype=fp32"
+            ),
+            "{q}"
+        );
+        assert_eq!(setup_from_query(&q, &mut Vec::new()).unwrap(), s);
+        let one = setup_from_query(base, &mut Vec::new()).unwrap();
+        assert!(!setup_to_query(&one).contains("gpus="));
+        assert_eq!(
+            setup_from_query(&format!("{base}&parallel=ddp&gpus=two"), &mut Vec::new())
+                .unwrap_err()
+                .to_string(),
+            "train.parallel.gpus (\"two\") must be a number"
+        );
+    }
 
     #[test]
     fn query_round_trips_every_preset() {

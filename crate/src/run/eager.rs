@@ -1740,7 +1740,9 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
         cx.saving = !checkpointing;
         cx.sliding_layer = cx.arch.layer_slides(l);
         cx.first_block = l == 0;
+        crate::distributed::pre_forward(cx, l);
         let (saved, x_out) = block_fwd(cx, x);
+        crate::distributed::post_forward(cx, l);
         cx.saving = true;
         blocks.push(if checkpointing {
             // Non-reentrant checkpointing (`use_reentrant=False`): the forward ran as usual, keeping only the
@@ -1949,6 +1951,7 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     for (l, s) in f.blocks.into_iter().enumerate().rev() {
         cx.sim.layer(Some(l as u32));
         cx.sliding_layer = cx.arch.layer_slides(l as u64);
+        crate::distributed::pre_backward(cx, l as u64);
         let s = match s {
             BlockState::Saved(s) => *s,
             BlockState::Checkpointed(x_in) => {
@@ -1964,6 +1967,7 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
             }
         };
         g = block_bwd(cx, g, s);
+        crate::distributed::post_backward(cx, l as u64);
     }
     cx.sim.layer(None);
     if let Some(cs) = f.cos_sin {

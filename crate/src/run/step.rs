@@ -5,9 +5,11 @@
 
 use crate::arch::Program;
 use crate::compiled;
+use crate::distributed;
 use crate::eager;
 use crate::finetune::LoraConfig;
 use crate::model::Setup;
+use crate::parallel::Strategy;
 use crate::policy::{Optimizer, Precision};
 use crate::sim::Category::{Optimizer as OptState, Temporary, Weights};
 use crate::sim::{allocator_capacity, block_bytes, Sim, Tensor};
@@ -63,43 +65,87 @@ fn run(setup: &Setup, n_steps: u32, record: bool, reserved_limit: u64) -> Result
     if record {
         sim.record_events();
     }
-    let mut cx = Ctx::new(&mut sim, setup)?;
+    // FSDP's mixed precision computes in its param_dtype; one GPU and DDP run the setup as given.
+    let exec = distributed::compute_setup(setup);
+    let mut cx = Ctx::new(&mut sim, &exec)?;
     let tr = &setup.train;
     let params = cx.arch.param_tensors(&setup.model);
-    // Weights and buffers, one block each, in the parameter dtype, in the order the constructor makes them (built
-    // directly on the device, as the reference runs are).
-    let weights: Vec<Tensor> = params
-        .iter()
-        .map(|&(elems, _)| cx.alloc(elems * cx.pb, Weights, "parameter"))
-        .collect();
-    for bytes in cx.arch.buffers_bytes(&setup.model, cx.pb) {
-        cx.alloc(bytes, Weights, "buffer");
-    }
-    tie_head(&mut cx, setup, weights[0]);
-    let trained: Vec<Param> = match &tr.lora {
-        None => params
-            .iter()
-            .map(|&(elems, matrix)| Param {
+    // The parameters' own dtype (FSDP's sharded parameters and optimizer state keep it under mixed precision).
+    let own_pb = tr.precision.param_bytes();
+    let mut ddp = None;
+    let opt_params: Vec<Param> = if distributed::strategy(setup) == Strategy::Fsdp {
+        let f = distributed::Fsdp::build(&mut cx, setup, own_pb);
+        for bytes in cx.arch.buffers_bytes(&setup.model, own_pb) {
+            cx.alloc(bytes, Weights, "buffer");
+        }
+        let opt = f.optimizer_params(&cx, setup);
+        cx.fsdp = Some(Box::new(f));
+        opt.into_iter()
+            .map(|(elems, matrix)| Param {
                 elems,
                 matrix,
-                bytes: cx.pb,
+                bytes: own_pb,
                 rows: 0,
             })
-            .collect(),
-        Some(lora) => lora_params(&mut cx, setup, lora),
+            .collect()
+    } else {
+        // Weights and buffers, one block each, in the parameter dtype, in the order the constructor makes them
+        // (built directly on the device, as the reference runs are).
+        let weights: Vec<Tensor> = params
+            .iter()
+            .map(|&(elems, _)| cx.alloc(elems * cx.pb, Weights, "parameter"))
+            .collect();
+        for bytes in cx.arch.buffers_bytes(&setup.model, cx.pb) {
+            cx.alloc(bytes, Weights, "buffer");
+        }
+        tie_head(&mut cx, setup, weights[0]);
+        let trained: Vec<Param> = match &tr.lora {
+            None => params
+                .iter()
+                .map(|&(elems, matrix)| Param {
+                    elems,
+                    matrix,
+                    bytes: cx.pb,
+                    rows: 0,
+                })
+                .collect(),
+            Some(lora) => lora_params(&mut cx, setup, lora),
+        };
+        if distributed::strategy(setup) == Strategy::Ddp {
+            let bytes: Vec<u64> = params.iter().map(|p| p.0 * cx.pb).collect();
+            ddp = Some(distributed::Ddp::build(&mut cx, &bytes, &tr.parallel));
+        }
+        trained
     };
-    let params = trained;
     let mut state: Vec<Tensor> = Vec::new();
     let mut loop_state = Loop::start(&mut cx);
+    loop_state.ddp = ddp;
     let over = |cx: &Ctx| cx.sim.allocator().peak_reserved_bytes() > reserved_limit;
     'steps: for step in 1..=n_steps {
-        for _ in 0..simulated_micro_steps(tr.grad_accum_steps) {
+        let n_micro = simulated_micro_steps(tr.grad_accum_steps);
+        for micro in 0..n_micro {
+            // Gradient sync (DDP's `no_sync()` / `require_backward_grad_sync`, FSDP's
+            // `set_requires_gradient_sync`) on the last micro-step only, as nanoGPT and the HF loops do.
+            loop_state.sync = micro + 1 == n_micro;
             loop_state.micro_step(&mut cx, setup, step);
             if over(&cx) {
                 break 'steps;
             }
         }
-        optimizer_stage(&mut cx, step, setup, &params, &mut state);
+        // Under FSDP the optimizer steps on the sharded parameters, whose state is in their own dtype.
+        let compute_pb = cx.pb;
+        cx.pb = own_pb;
+        if let Some(f) = cx.fsdp.as_mut() {
+            let sharded = std::mem::take(&mut f.sharded_grads);
+            cx.grads.extend(sharded);
+        }
+        optimizer_stage(&mut cx, step, setup, &opt_params, &mut state);
+        cx.pb = compute_pb;
+        if tr.zero_grad_set_to_none {
+            if let Some(f) = cx.fsdp.as_mut() {
+                f.grads_released();
+            }
+        }
         if over(&cx) {
             break;
         }
@@ -137,7 +183,8 @@ fn simulated_micro_steps(grad_accum_steps: u64) -> u64 {
 /// As `simulate`.
 pub fn simulate_first_forward(setup: &Setup) -> Result<Sim, Error> {
     let mut sim = Sim::counting_only();
-    let mut cx = Ctx::new(&mut sim, setup)?;
+    let exec = distributed::compute_setup(setup);
+    let mut cx = Ctx::new(&mut sim, &exec)?;
     let tr = &setup.train;
     cx.sim.stage(1, "forward");
     let (x, y) = eager::get_batch(&mut cx);
@@ -162,6 +209,10 @@ struct Loop {
     /// nanoGPT train.py: `logits` stays bound from one micro-step to the next.
     logits: Option<Tensor>,
     scaler_created: bool,
+    /// DDP's buckets, when the model is wrapped in it.
+    ddp: Option<distributed::Ddp>,
+    /// Whether this micro-step's backward synchronises gradients across GPUs.
+    sync: bool,
 }
 
 impl Loop {
@@ -172,6 +223,8 @@ impl Loop {
             batch,
             logits: None,
             scaler_created: false,
+            ddp: None,
+            sync: true,
         }
     }
 
@@ -181,6 +234,13 @@ impl Loop {
         let program = cx.arch.program;
         let (x, y) = self.batch.take().unwrap_or_else(|| eager::get_batch(cx));
         cx.sim.stage(step, "forward");
+        if let Some(d) = self.ddp.as_mut() {
+            d.pre_forward(cx, step);
+        }
+        if let Some(f) = cx.fsdp.as_mut() {
+            f.sync = self.sync;
+        }
+        distributed::root_pre_forward(cx);
         // nanoGPT's `logits, loss = model(X, Y)` rebinds: the previous micro-step's logits die once the forward
         // returns. Leaving eager autocast clears its cast cache.
         let returned = |lp: &mut Loop, cx: &mut Ctx, logits: Option<Tensor>| {
@@ -195,6 +255,7 @@ impl Loop {
             Pass::Compiled(f)
         } else {
             let mut f = eager::forward(cx, x, y, tr.checkpointing);
+            distributed::root_post_forward(cx);
             returned(self, cx, f.logits.take());
             cx.clear_autocast_cache();
             Pass::Eager(f)
@@ -205,15 +266,21 @@ impl Loop {
         }
         cx.sim.stage(step, "loss backward");
         self.grad_scaler(cx);
+        distributed::root_pre_backward(cx);
         match f {
             Pass::Compiled(f) => compiled::backward(cx, f),
             Pass::Eager(f) => eager::backward(cx, f),
+        }
+        distributed::root_post_backward(cx);
+        if let (Some(d), true) = (self.ddp.as_mut(), self.sync) {
+            d.post_backward(cx);
         }
         // The HF loop's batch dies with the step (the loss held its own shifted copy of the labels).
         if program == Program::HfLoop {
             cx.free(y);
         }
-        cx.have_grads = true;
+        // Under FSDP `.grad` of the unsharded parameters outlives the backward only without gradient sync.
+        cx.have_grads = cx.fsdp.as_ref().is_none_or(|f| f.unsharded_grads_kept());
     }
 
     /// GradScaler (fp16-amp): its scale and growth tracker are created on the first `scale(loss)`.

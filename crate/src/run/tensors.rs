@@ -82,6 +82,8 @@ pub struct Ctx<'a> {
     pub lora: Option<&'a LoraConfig>,
     /// Bytes per element of LoRA's adapters (fp32, or bf16 under pure bf16).
     pub ab: u64,
+    /// FSDP2's state when the model is sharded (`distributed`): its hooks run around each block.
+    pub fsdp: Option<Box<crate::distributed::Fsdp>>,
 }
 
 impl<'a> Ctx<'a> {
@@ -118,6 +120,7 @@ impl<'a> Ctx<'a> {
             aux_grads: Vec::new(),
             lora: setup.train.lora.as_ref(),
             ab: finetune::adapter_bytes(prec),
+            fsdp: None,
         })
     }
 

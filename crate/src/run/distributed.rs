@@ -1,0 +1,568 @@
+//! What a data-parallel wrapper adds to one GPU's step, on rank 0 (the rank that holds the most): DDP's gradient
+//! buckets, and FSDP2's sharded state with the per-block all-gathers and reduce-scatters. Every size and moment
+//! here is read from tests/data/parallel (PyTorch 2.15's own allocator on the stub GPU with a fake process group;
+//! its README gives each buffer with the op that allocates it).
+//!
+//! Collectives themselves allocate nothing in PyTorch's counters (NCCL's buffers and communicators are its own
+//! `cudaMalloc`s, outside `max_memory_allocated()` and not modelled).
+//!
+//! The allocator model has one stream. FSDP2 takes its all-gather buffers from the all-gather stream's pool and its
+//! reduce-scatter outputs from the reduce-scatter stream's pool, each with its own segments; the model serves
+//! them from the one pool, so its reserved memory for FSDP is a floor (allocated is exact in kind).
+
+use crate::model::Setup;
+use crate::parallel::{Parallel, Strategy};
+use crate::sim::Category::{Grads, Temporary, Weights};
+use crate::sim::{block_bytes, Tensor};
+use crate::tensors::Ctx;
+
+/// `torch.nn.parallel.DistributedDataParallel`'s `broadcast_bucket_size`, 250 MiB (`int(250 * 1024 * 1024)` in
+/// its constructor): `_sync_module_states` flattens the parameters into groups of up to this size for the
+/// broadcast from rank 0 (`_broadcast_coalesced`), one transient buffer at a time.
+pub const DDP_BROADCAST_BUCKET_BYTES: u64 = 250 << 20;
+
+/// `torch.distributed._DEFAULT_FIRST_BUCKET_BYTES`: with `bucket_cap_mb` left at its default, the rebuilt
+/// buckets' first one closes at 1 MiB (the records' `first_bucket_bytes`).
+pub const DDP_FIRST_BUCKET_BYTES: u64 = 1 << 20;
+
+/// DDP's default `bucket_cap_mb`, 25 (the records' `bucket_cap_bytes` 26,214,400).
+pub const DDP_DEFAULT_BUCKET_CAP_MB: u64 = 25;
+
+/// The buckets DDP's reducer rebuilds after the first iteration, in bytes, from the parameters' bytes in the
+/// order their gradients became ready in the first synchronised backward: a bucket closes after the parameter
+/// that takes it to its cap (so buckets overshoot the cap, and a parameter larger than the cap is a bucket of its
+/// own); the first bucket's cap is 1 MiB when `bucket_cap_mb` is the default (`_DEFAULT_FIRST_BUCKET_BYTES`).
+/// Measured: gpt-ddp-w2 2,360,832 / 26,357,760 / 25,165,824; gpt-ddp-w8-bucket5; llama-ddp-w2.
+pub fn ddp_bucket_bytes(ready: &[u64], bucket_cap_mb: Option<u64>) -> Vec<u64> {
+    let cap = bucket_cap_mb.unwrap_or(DDP_DEFAULT_BUCKET_CAP_MB) << 20;
+    let mut limit = if bucket_cap_mb.is_none() {
+        DDP_FIRST_BUCKET_BYTES
+    } else {
+        cap
+    };
+    let mut out = Vec::new();
+    let mut open = 0;
+    for &b in ready {
+        open += b;
+        if open >= limit {
+            out.push(open);
+            open = 0;
+            limit = cap;
+        }
+    }
+    if open > 0 {
+        out.push(open);
+    }
+    out
+}
+
+/// The parameters' bytes (`params`, in the order the model makes them) in the order their gradients landed
+/// (`landed`: each gradient's block, as the simulation allocated it): each landed gradient is matched to the
+/// parameter of its size nearest the end of the list (the backward makes them ready roughly in reverse), and
+/// parameters no gradient matched follow in reverse order.
+fn ready_order(params: &[u64], landed: &[u64]) -> Vec<u64> {
+    let mut used = vec![false; params.len()];
+    let mut out = Vec::with_capacity(params.len());
+    for &l in landed {
+        if let Some(i) = (0..params.len())
+            .rev()
+            .find(|&i| !used[i] && block_bytes(params[i]) == l)
+        {
+            used[i] = true;
+            out.push(params[i]);
+        }
+    }
+    out.extend(
+        (0..params.len())
+            .rev()
+            .filter(|&i| !used[i])
+            .map(|i| params[i]),
+    );
+    out
+}
+
+/// DDP's state on the device.
+pub struct Ddp {
+    buckets: Vec<Tensor>,
+    /// Each parameter's bytes, in the order the model makes them.
+    params: Vec<u64>,
+    bucket_cap_mb: Option<u64>,
+    /// The rebuilt buckets' sizes (`ddp_bucket_bytes`), once the first synchronised backward has shown the
+    /// order gradients become ready in; made at the next forward.
+    rebuilt: Option<Vec<u64>>,
+    rebuild_pending: bool,
+    gradient_as_bucket_view: bool,
+}
+
+impl Ddp {
+    /// The wrapper's constructor on a model already on the device (`params`: bytes of each parameter, in the
+    /// order the model makes them): `_sync_module_states` flattens them for the broadcast (transient, in groups of
+    /// `DDP_BROADCAST_BUCKET_BYTES`), then the reducer allocates its buckets. The first assignment has no cap
+    /// (`find_unused_parameters=False` or `static_graph`: `compute_bucket_size_limits`), so one flat bucket per
+    /// dtype holds every parameter (records' `bucket_sizes`: 53,884,416 B, the GPT's whole fp32 parameters).
+    pub fn build(cx: &mut Ctx, params: &[u64], p: &Parallel) -> Ddp {
+        let mut group = 0;
+        for (i, &b) in params.iter().enumerate() {
+            group += b;
+            let next = params.get(i + 1).copied().unwrap_or(0);
+            if next == 0 || group + next > DDP_BROADCAST_BUCKET_BYTES {
+                cx.sim.scratch(group, Temporary, "flatten_dense_tensors");
+                group = 0;
+            }
+        }
+        let total: u64 = params.iter().sum();
+        let bucket = cx.alloc(total, Grads, "ddp_bucket");
+        Ddp {
+            buckets: vec![bucket],
+            params: params.to_vec(),
+            bucket_cap_mb: p.bucket_cap_mb,
+            rebuilt: None,
+            // static_graph keeps the first assignment (records: has_rebuilt_buckets 0 after three steps).
+            rebuild_pending: !p.static_graph,
+            gradient_as_bucket_view: p.gradient_as_bucket_view,
+        }
+    }
+
+    /// DDP's forward after a synchronised backward: the reducer rebuilds its buckets once (`_rebuild_buckets`),
+    /// dropping the old ones before making the new (`initialize_buckets` clears them first).
+    pub fn pre_forward(&mut self, cx: &mut Ctx, step: u32) {
+        if step < 2 || !self.rebuild_pending {
+            return;
+        }
+        if let Some(sizes) = self.rebuilt.take() {
+            self.rebuild_pending = false;
+            let old = std::mem::take(&mut self.buckets);
+            cx.sim.free_all(&old);
+            self.buckets = sizes
+                .iter()
+                .map(|&b| cx.alloc(b, Grads, "ddp_bucket"))
+                .collect();
+        }
+    }
+
+    /// The end of a backward that synchronised: with `gradient_as_bucket_view` each `.grad` the step created is
+    /// replaced by its view into the bucket once copied there, and autograd's tensor is freed; later micro-steps
+    /// accumulate into the views. The model frees them at the end of the backward, where the reducer frees each
+    /// as its gradient is ready (the measured peaks, at the loss, do not tell the two apart: gpt-ddp-w2-gav is
+    /// 1.1 MiB under gpt-ddp-w2). Without it the gradients stay tensors of their own: nothing changes here.
+    pub fn post_backward(&mut self, cx: &mut Ctx) {
+        if self.rebuild_pending && self.rebuilt.is_none() {
+            let landed: Vec<u64> = cx.grads.iter().map(|&t| cx.sim.bytes_of(t)).collect();
+            let ready = ready_order(&self.params, &landed);
+            self.rebuilt = Some(ddp_bucket_bytes(&ready, self.bucket_cap_mb));
+        }
+        if self.gradient_as_bucket_view {
+            let grads = std::mem::take(&mut cx.grads);
+            cx.sim.free_all(&grads);
+        }
+    }
+}
+
+/// One `fully_shard` group: a block, or the root (the parameters outside the blocks).
+struct Group {
+    /// Each parameter's padded shard, in elements: its rows chunked over the GPUs, rounded up
+    /// (`ceil(rows / W) * cols`: rank 0 holds the largest chunk, `torch.chunk`).
+    shards: Vec<u64>,
+    /// The gathered parameters, while unsharded (one tensor per parameter).
+    unsharded: Vec<Tensor>,
+    /// The all-gather output of a prefetch, until the group's own pre-backward copies it out.
+    prefetched: Option<Tensor>,
+    /// Unsharded gradients kept through micro-steps without gradient sync.
+    kept_grads: Vec<Tensor>,
+}
+
+impl Group {
+    fn shard_elems(&self) -> u64 {
+        self.shards.iter().sum()
+    }
+}
+
+/// FSDP2's state on the device for the run.
+pub struct Fsdp {
+    gpus: u64,
+    /// Blocks 0..n_layer, then the root.
+    groups: Vec<Group>,
+    /// Bytes of the all-gathered parameters (`param_dtype`), of the sharded ones (the model's dtype) and of
+    /// the reduce-scatter (`reduce_dtype`, else `param_dtype`).
+    gather_bytes: u64,
+    shard_bytes: u64,
+    reduce_bytes: u64,
+    reshard_after_forward: bool,
+    offload: bool,
+    /// Whether this micro-step's backward reduce-scatters (`set_requires_gradient_sync`).
+    pub sync: bool,
+    /// Where the current block's unsharded gradients begin in `cx.grads`.
+    mark: usize,
+    /// The last reduce-scatter input, held until the next group's post-backward.
+    rs_input: Option<Tensor>,
+    /// Sharded gradients (reduce-scatter outputs, or their casts), until `zero_grad`.
+    pub sharded_grads: Vec<Tensor>,
+    /// Whether sharded gradients exist (a later reduce-scatter adds into them).
+    have_sharded_grads: bool,
+}
+
+/// The parameters as `fully_shard` groups them (each block, then the root) with each one's (elements, rows).
+fn groups_of(cx: &Ctx, setup: &Setup) -> Vec<Vec<(u64, u64)>> {
+    let m = &setup.model;
+    let shapes = cx.arch.param_shapes(m);
+    let mut zero = m.clone();
+    zero.n_layer = 0;
+    let n_root = cx.arch.param_shapes(&zero).len();
+    let n_block = (shapes.len() - n_root) / m.n_layer.max(1) as usize;
+    // The blocks follow the embeddings; the final norm and an untied head follow the blocks.
+    let n_before = usize::from(cx.arch.positions == crate::arch::Positions::Learned) + 1;
+    let mut out: Vec<Vec<(u64, u64)>> = (0..m.n_layer as usize)
+        .map(|l| {
+            shapes[n_before + l * n_block..n_before + (l + 1) * n_block]
+                .iter()
+                .map(|s| (s.0, s.2))
+                .collect()
+        })
+        .collect();
+    let blocks_end = n_before + m.n_layer as usize * n_block;
+    out.push(
+        shapes[..n_before]
+            .iter()
+            .chain(&shapes[blocks_end..])
+            .map(|s| (s.0, s.2))
+            .collect(),
+    );
+    out
+}
+
+impl Fsdp {
+    /// `fully_shard` on each block, then the root, on the meta device, then `to_empty`: each parameter's padded
+    /// shard is allocated on the device in the model's dtype (none with CPU offload: they live on the host).
+    pub fn build(cx: &mut Ctx, setup: &Setup, shard_bytes: u64) -> Fsdp {
+        let p = &setup.train.parallel;
+        let w = p.gpus;
+        let groups: Vec<Group> = groups_of(cx, setup)
+            .into_iter()
+            .map(|params| Group {
+                shards: params
+                    .iter()
+                    .map(|&(elems, rows)| rows.div_ceil(w) * (elems / rows.max(1)))
+                    .collect(),
+                unsharded: Vec::new(),
+                prefetched: None,
+                kept_grads: Vec::new(),
+            })
+            .collect();
+        if !p.offload {
+            for g in &groups {
+                for &s in &g.shards {
+                    cx.alloc(s * shard_bytes, Weights, "parameter (shard)");
+                }
+            }
+        }
+        let gather_bytes = cx.pb;
+        Fsdp {
+            gpus: w,
+            groups,
+            gather_bytes,
+            shard_bytes,
+            reduce_bytes: p.reduce_dtype.map_or(gather_bytes, |d| d.bytes()),
+            reshard_after_forward: p.reshard_after_forward,
+            offload: p.offload,
+            sync: true,
+            mark: 0,
+            rs_input: None,
+            sharded_grads: Vec::new(),
+            have_sharded_grads: false,
+        }
+    }
+
+    /// Each parameter's shard in elements, in the order the model makes them (as `param_tensors`), for the
+    /// optimizer state (`zeros_like` of the local shard); none with CPU offload (the optimizer steps on the host).
+    pub fn optimizer_params(&self, cx: &Ctx, setup: &Setup) -> Vec<(u64, bool)> {
+        if self.offload {
+            return Vec::new();
+        }
+        cx.arch
+            .param_shapes(&setup.model)
+            .iter()
+            .map(|&(elems, matrix, rows)| {
+                (rows.div_ceil(self.gpus) * (elems / rows.max(1)), matrix)
+            })
+            .collect()
+    }
+
+    fn root(&self) -> usize {
+        self.groups.len() - 1
+    }
+
+    /// The all-gather's start (`foreach_all_gather`): the copy-in of this rank's shards in `param_dtype` (S_g),
+    /// then the flat output for every rank's (W x S_g); the copy-in goes once the all-gather is issued.
+    fn all_gather(&mut self, cx: &mut Ctx, g: usize) -> Tensor {
+        let s = self.groups[g].shard_elems();
+        let copy_in = cx.alloc(s * self.gather_bytes, Temporary, "all_gather_copy_in");
+        let out = cx.alloc(self.gpus * s * self.gather_bytes, Weights, "all_gather");
+        cx.free(copy_in);
+        out
+    }
+
+    /// Unshards group `g` (`wait_for_unshard`): one tensor per parameter, its padded full size in
+    /// `param_dtype`, into which the flat output is copied (`split_with_sizes_copy`); then the output is freed.
+    fn unshard(&mut self, cx: &mut Ctx, g: usize) {
+        if !self.groups[g].unsharded.is_empty() {
+            return;
+        }
+        let out = match self.groups[g].prefetched.take() {
+            Some(t) => t,
+            None => self.all_gather(cx, g),
+        };
+        let (w, b) = (self.gpus, self.gather_bytes);
+        let params: Vec<Tensor> = self.groups[g]
+            .shards
+            .iter()
+            .map(|&s| cx.alloc(w * s * b, Weights, "split_with_sizes_copy"))
+            .collect();
+        self.groups[g].unsharded = params;
+        cx.free(out);
+    }
+
+    fn reshard(&mut self, cx: &mut Ctx, g: usize) {
+        let params = std::mem::take(&mut self.groups[g].unsharded);
+        cx.sim.free_all(&params);
+    }
+
+    /// Backward prefetch: the next group's all-gather is issued while this one computes.
+    fn prefetch(&mut self, cx: &mut Ctx, g: usize) {
+        if self.groups[g].unsharded.is_empty() && self.groups[g].prefetched.is_none() {
+            let out = self.all_gather(cx, g);
+            self.groups[g].prefetched = Some(out);
+        }
+    }
+
+    /// The group's post-backward: without gradient sync its unsharded gradients stay; with it they are copied
+    /// into the reduce-scatter input (W x S_g in `reduce_dtype`, after the previous group's input is let go)
+    /// and freed, and the reduce-scatter output (S_g in `reduce_dtype`) becomes the sharded gradients (views when
+    /// the dtypes agree; else cast per parameter; added into earlier ones; or copied to the host with offload).
+    /// The parameters are resharded either way.
+    fn post_backward(&mut self, cx: &mut Ctx, g: usize, grads: Vec<Tensor>) {
+        self.reshard(cx, g);
+        if !self.sync {
+            if self.upcasts_kept_grads() {
+                // `FSDPParam.to_accumulated_grad_if_needed`: with a reduce dtype other than the gradients', each
+                // unsharded gradient is kept upcast to it (`unsharded_accumulated_grad`) and `.grad` let go; a
+                // later micro-step's new gradient is added into it and freed (llama-fsdp-w8-mp-accum2: +109.6 MiB
+                // over one micro-step, the fp32 size of every parameter).
+                for t in grads {
+                    let bytes = cx.sim.bytes_of(t) / self.gather_bytes * self.reduce_bytes;
+                    let up = cx.alloc(bytes, Grads, "_to_copy");
+                    cx.free(t);
+                    self.groups[g].kept_grads.push(up);
+                }
+            } else {
+                self.groups[g].kept_grads.extend(grads);
+            }
+            return;
+        }
+        let mut grads = grads;
+        grads.append(&mut self.groups[g].kept_grads);
+        let s = self.groups[g].shard_elems();
+        if let Some(t) = self.rs_input.take() {
+            cx.free(t);
+        }
+        let input = cx.alloc(
+            self.gpus * s * self.reduce_bytes,
+            Temporary,
+            "reduce_scatter_input",
+        );
+        cx.sim.free_all(&grads);
+        self.rs_input = Some(input);
+        let out = cx.alloc(s * self.reduce_bytes, Grads, "reduce_scatter");
+        if self.offload || self.have_sharded_grads {
+            cx.free(out);
+        } else if self.reduce_bytes != self.shard_bytes {
+            for &p in &self.groups[g].shards {
+                let cast = cx.alloc(p * self.shard_bytes, Grads, "_to_copy");
+                self.sharded_grads.push(cast);
+            }
+            cx.free(out);
+        } else {
+            self.sharded_grads.push(out);
+        }
+    }
+
+    /// Whether gradients kept without sync are upcast to the reduce dtype (else they stay `.grad` and later
+    /// micro-steps add into them in place).
+    fn upcasts_kept_grads(&self) -> bool {
+        self.reduce_bytes != self.gather_bytes
+    }
+
+    /// Whether `.grad` of the unsharded parameters is still there for the next micro-step to add into: only
+    /// after a backward without sync that kept them as they are.
+    pub fn unsharded_grads_kept(&self) -> bool {
+        !self.sync && !self.upcasts_kept_grads()
+    }
+
+    /// The end of a micro-step's backward.
+    fn end_backward(&mut self) {
+        if self.sync {
+            self.have_sharded_grads = true;
+        }
+    }
+
+    /// `zero_grad(set_to_none=True)` freed the sharded gradients.
+    pub fn grads_released(&mut self) {
+        self.have_sharded_grads = false;
+    }
+}
+
+// The hooks FSDP2 runs around each block (`cx.sim.layer` marks them in the executors) and around the root's
+// forward and backward; each is nothing without FSDP.
+
+/// Before block `l`'s forward: unshard it.
+pub fn pre_forward(cx: &mut Ctx, l: u64) {
+    if let Some(mut f) = cx.fsdp.take() {
+        f.unshard(cx, l as usize);
+        cx.fsdp = Some(f);
+    }
+}
+
+/// After block `l`'s forward: reshard it with `reshard_after_forward`.
+pub fn post_forward(cx: &mut Ctx, l: u64) {
+    if let Some(mut f) = cx.fsdp.take() {
+        if f.reshard_after_forward {
+            f.reshard(cx, l as usize);
+        }
+        cx.fsdp = Some(f);
+    }
+}
+
+/// Before block `l`'s backward (and its recompute, when checkpointed): unshard it, unless kept from the forward
+/// or prefetched, and prefetch the block before it.
+pub fn pre_backward(cx: &mut Ctx, l: u64) {
+    if let Some(mut f) = cx.fsdp.take() {
+        f.unshard(cx, l as usize);
+        if l > 0 {
+            f.prefetch(cx, l as usize - 1);
+        }
+        f.mark = cx.grads.len();
+        cx.fsdp = Some(f);
+    }
+}
+
+/// After block `l`'s backward: the gradients it made go to its post-backward.
+pub fn post_backward(cx: &mut Ctx, l: u64) {
+    if let Some(mut f) = cx.fsdp.take() {
+        let grads = cx.grads.split_off(f.mark.min(cx.grads.len()));
+        f.post_backward(cx, l as usize, grads);
+        cx.fsdp = Some(f);
+    }
+}
+
+/// The root's pre-forward (the model's call): unshard the root's parameters.
+pub fn root_pre_forward(cx: &mut Ctx) {
+    if let Some(mut f) = cx.fsdp.take() {
+        let root = f.root();
+        f.unshard(cx, root);
+        cx.fsdp = Some(f);
+    }
+}
+
+/// The model's call returns: the root reshards with `reshard_after_forward` (given to the root as well).
+pub fn root_post_forward(cx: &mut Ctx) {
+    if let Some(mut f) = cx.fsdp.take() {
+        if f.reshard_after_forward {
+            let root = f.root();
+            f.reshard(cx, root);
+        }
+        cx.fsdp = Some(f);
+    }
+}
+
+/// The backward starts from the root's outputs: the root is unsharded again and the last block prefetched.
+pub fn root_pre_backward(cx: &mut Ctx) {
+    if let Some(mut f) = cx.fsdp.take() {
+        let root = f.root();
+        f.unshard(cx, root);
+        if root > 0 {
+            f.prefetch(cx, root - 1);
+        }
+        cx.fsdp = Some(f);
+    }
+}
+
+/// The end of the backward (`_root_post_backward_final_callback`): the root's post-backward with the gradients
+/// left (the head's, the final norm's, the embeddings'), then its reduce-scatter input is let go.
+pub fn root_post_backward(cx: &mut Ctx) {
+    if let Some(mut f) = cx.fsdp.take() {
+        let grads = std::mem::take(&mut cx.grads);
+        let root = f.root();
+        f.post_backward(cx, root, grads);
+        if let Some(t) = f.rs_input.take() {
+            cx.free(t);
+        }
+        f.end_backward();
+        cx.fsdp = Some(f);
+    }
+}
+
+/// The setup the executors run: FSDP's `param_dtype` makes the step compute in it (no autocast), as pure bf16
+/// does; everything else as given.
+pub fn compute_setup(setup: &Setup) -> Setup {
+    let mut s = setup.clone();
+    s.train.precision = setup
+        .train
+        .parallel
+        .compute_precision(setup.train.precision);
+    s
+}
+
+/// Whether the setup runs under a wrapper that changes the step (not one GPU).
+pub fn strategy(setup: &Setup) -> Strategy {
+    setup.train.parallel.strategy
+}
+
+#[cfg(test)]
+mod tests {
+
+    /// The rebuilt bucket sizes the records' reducer logged (`rebuilt_bucket_sizes`), from the order the
+    /// simulated backward makes the gradients ready in: the buckets step 2 allocates.
+    #[test]
+    fn ddp_buckets_are_the_records() {
+        let buckets = |json: serde_json::Value| -> Vec<i64> {
+            let s = crate::input::setup_from_value(&json).unwrap();
+            let sim = crate::step::simulate_recording(&s, true).unwrap();
+            sim.events()
+                .iter()
+                .filter(|e| e.op == "ddp_bucket" && e.phase.starts_with("step 2"))
+                .map(|e| e.bytes)
+                .collect()
+        };
+        let gpt = |par: serde_json::Value| {
+            serde_json::json!({"model": {"family": "gpt2", "n_layer": 4, "n_head": 6, "n_embd": 384,
+                "vocab_size": 16384, "block_size": 256, "bias": false},
+                "train": {"batch_size": 1, "seq_len": 64, "precision": "bf16-amp", "parallel": par}})
+        };
+        let blocks = |v: &[i64]| -> Vec<i64> { v.iter().map(|b| (b + 511) / 512 * 512).collect() };
+        assert_eq!(
+            buckets(gpt(serde_json::json!({"strategy": "ddp", "gpus": 2}))),
+            blocks(&[2_360_832, 26_357_760, 25_165_824])
+        );
+        assert_eq!(
+            buckets(gpt(
+                serde_json::json!({"strategy": "ddp", "gpus": 8, "bucket_cap_mb": 5})
+            )),
+            blocks(&[5_311_488, 6_489_600, 7_080_960, 7_080_960, 27_921_408])
+        );
+        // static_graph keeps the first assignment: no rebuild.
+        assert_eq!(
+            buckets(gpt(
+                serde_json::json!({"strategy": "ddp", "gpus": 2, "static_graph": true})
+            )),
+            Vec::<i64>::new()
+        );
+        let llama = serde_json::json!({"model": {"family": "llama", "n_layer": 4, "n_head": 8, "n_kv_head": 4,
+            "n_embd": 512, "intermediate_size": 1376, "vocab_size": 16384, "block_size": 256,
+            "tie_embeddings": false},
+            "train": {"batch_size": 1, "seq_len": 64, "precision": "bf16-amp", "grad_accum_steps": 2,
+                      "parallel": {"strategy": "ddp", "gpus": 2}}});
+        assert_eq!(
+            buckets(llama),
+            blocks(&[33_554_432, 28_846_080, 51_126_272])
+        );
+    }
+}
