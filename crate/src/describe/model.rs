@@ -516,8 +516,7 @@ impl Setup {
         }
         if matches!(
             m.family,
-            Family::Qwen3
-                | Family::Gemma
+            Family::Gemma
                 | Family::Gemma2
                 | Family::Gemma3
                 | Family::Olmo2

@@ -35,6 +35,11 @@
 //! as in nanoGPT (`p`-byte logits and two row statistics; the shifted labels). HF's loss upcasts the logits
 //! (`logits.float()`), but the fused loss backward writes its gradient in the logits' dtype all the same.
 //!
+//! With q/k norms (Qwen 3's RMSNorm over each head of q and k before rotary) the forward saves, besides, the q and
+//! k projections and one fp32 statistic per head and token for each, and the backward runs each norm's backward in
+//! rotary's kernel, with an fp32 buffer of the projection's width for the norm weight's gradient
+//! (`qwen3-512-hd128-tied-bf16amp-compiled`: the estimate equals the fake-cuda replay of its wrapper to the byte).
+//!
 //! Every GEMM takes its cuBLAS workspace when it runs and returns it after (`mm`), as in eager mode.
 //!
 //! With activation checkpointing (nanoGPT's `torch.utils.checkpoint(block, x, use_reentrant=False)` per block,
@@ -149,14 +154,27 @@ enum Attn {
         core: CoreSaved,
         w_proj: Option<Tensor>,
     },
-    /// HF Llama's: the rotated q and k, v (kv width), SDPA's saved tensors, the q/k/v/o weight casts.
+    /// HF Llama's: the rotated q and k, v (kv width), SDPA's saved tensors, the q/k/v/o weight casts, and with
+    /// q/k norms what their backward reads.
     Separate {
         q_rot: Tensor,
         k_rot: Tensor,
         v: Tensor,
         sdpa: SdpaSaved,
         casts: [Option<Tensor>; 4],
+        qk_norm: Option<QkNorm>,
     },
+}
+
+/// What q/k norms (an RMSNorm over each head of q and k before rotary, Qwen 3's `q_norm` and `k_norm`) leave
+/// saved: the projections themselves (their norm's backward reads them; Llama's die once rotated) and one fp32
+/// statistic per head and token (`rsqrt`, [B, T, heads, 1]). Wrapper of `qwen3-512-hd128-tied-bf16amp-compiled`:
+/// `mm`, `rsqrt` and the rotated copy of q, then k's, among the forward's outputs.
+struct QkNorm {
+    q: Tensor,
+    q_stat: Tensor,
+    k: Tensor,
+    k_stat: Tensor,
 }
 
 /// What the MLP saves.
@@ -316,14 +334,42 @@ fn separate_attn_fwd(
     let nc = cx.n * c;
     let (r, p) = (cx.r, cx.p);
     let w_q = weight_cast(cx, qd * c);
-    let q = mm(cx, cx.n * qd * p, Temporary, "mm");
-    let w_k = weight_cast(cx, kv * c);
-    let w_v = weight_cast(cx, kv * c);
-    let k = mm(cx, cx.n * kv * p, Temporary, "mm");
-    let v = mm(cx, cx.n * kv * p, Activations, "mm");
-    let k_rot = cx.alloc(cx.n * kv * p, Activations, "rotary");
-    let q_rot = cx.alloc(cx.n * qd * p, Activations, "rotary");
-    cx.sim.free_all(&[q, k]);
+    let (q_rot, k_rot, v, w_k, w_v, qk_norm);
+    if cx.arch.qk_norm {
+        // Each of q and k is normalised and rotated by one kernel as soon as its GEMM is done (its statistic,
+        // then its rotated copy), v's GEMM last.
+        // One statistic per head and token, or per token for a norm over the whole projection (OLMo 2's).
+        let (h, kvh) = if cx.arch.qk_norm_full {
+            (1, 1)
+        } else {
+            (cx.m.n_head, cx.m.n_kv_head)
+        };
+        let q = mm(cx, cx.n * qd * p, Activations, "mm");
+        let q_stat = cx.alloc(cx.n * h * 4, Activations, "rms_norm rsqrt");
+        q_rot = cx.alloc(cx.n * qd * p, Activations, "rotary");
+        w_k = weight_cast(cx, kv * c);
+        let k = mm(cx, cx.n * kv * p, Activations, "mm");
+        let k_stat = cx.alloc(cx.n * kvh * 4, Activations, "rms_norm rsqrt");
+        k_rot = cx.alloc(cx.n * kv * p, Activations, "rotary");
+        w_v = weight_cast(cx, kv * c);
+        v = mm(cx, cx.n * kv * p, Activations, "mm");
+        qk_norm = Some(QkNorm {
+            q,
+            q_stat,
+            k,
+            k_stat,
+        });
+    } else {
+        let q = mm(cx, cx.n * qd * p, Temporary, "mm");
+        w_k = weight_cast(cx, kv * c);
+        w_v = weight_cast(cx, kv * c);
+        let k = mm(cx, cx.n * kv * p, Temporary, "mm");
+        v = mm(cx, cx.n * kv * p, Activations, "mm");
+        k_rot = cx.alloc(cx.n * kv * p, Activations, "rotary");
+        q_rot = cx.alloc(cx.n * qd * p, Activations, "rotary");
+        cx.sim.free_all(&[q, k]);
+        qk_norm = None;
+    }
     let sdpa = ops::sdpa_fwd(cx);
     let w_o = weight_cast(cx, c * qd);
     let o = mm(cx, nc * p, Temporary, "mm");
@@ -335,6 +381,7 @@ fn separate_attn_fwd(
         v,
         sdpa,
         casts: [w_q, w_k, w_v, w_o],
+        qk_norm,
     };
     (attn, x_mid, None)
 }
@@ -590,10 +637,14 @@ fn discard_block(cx: &mut Ctx, b: Block) -> Tensor {
             v,
             sdpa,
             casts,
+            qk_norm,
         } => {
             cx.sim.free_all(&[q_rot, k_rot, v]);
             cx.sim.free_all(&sdpa.tensors());
             cx.sim.free_some(&casts);
+            if let Some(n) = qk_norm {
+                cx.sim.free_all(&[n.q, n.q_stat, n.k, n.k_stat]);
+            }
         }
     }
     match b.mlp {
@@ -907,6 +958,7 @@ fn attn_bwd(
             v,
             sdpa,
             casts: [w_q, w_k, w_v, w_o],
+            qk_norm,
         } => {
             let kv = cx.m.kv_dim();
             let g_o = linear_bwd(cx, (c, qd), bias, &[], w_o, pending);
@@ -918,11 +970,15 @@ fn attn_bwd(
             cx.free(v);
             let g_v = linear_bwd(cx, (kv, c), qkv_bias, &[], w_v, pending);
             cx.free(dv);
-            let dk_un = cx.alloc(cx.n * kv * p, Temporary, "rotary_backward");
+            let (q_saved, k_saved) = match qk_norm {
+                Some(n) => (Some((n.q, n.q_stat)), Some((n.k, n.k_stat))),
+                None => (None, None),
+            };
+            let dk_un = rotary_bwd(cx, kv, k_saved, pending);
             cx.free(dk);
             let g_k = linear_bwd(cx, (kv, c), qkv_bias, &[], w_k, pending);
             cx.free(dk_un);
-            let dq_un = cx.alloc(cx.n * qd * p, Temporary, "rotary_backward");
+            let dq_un = rotary_bwd(cx, qd, q_saved, pending);
             cx.free(dq);
             let g_q = linear_bwd(cx, (qd, c), qkv_bias, &[Some(norm_out)], w_q, pending);
             cx.free(dq_un);
@@ -930,6 +986,35 @@ fn attn_bwd(
         }
     }
 }
+/// Rotary's backward for q or k (`width` features per token): the gradient of the unrotated projection, in the
+/// matmul dtype. With a q/k norm the same kernel runs the norm's backward, reading the saved projection and
+/// statistic (released after it) and writing, besides, the fp32 product of the gradient and the normalised input
+/// that the norm weight's gradient (one head's width) is reduced from (wrapper of
+/// `qwen3-512-hd128-tied-bf16amp-compiled`: an fp32 [B, T, heads, head_dim] buffer per projection; the split
+/// reduction's partial sums, under 64 KiB, are left out). The norm weight spans one head, or the whole projection
+/// (OLMo 2's; `qk_norm_full`).
+fn rotary_bwd(
+    cx: &mut Ctx,
+    width: u64,
+    norm: Option<(Tensor, Tensor)>,
+    pending: &mut Vec<Tensor>,
+) -> Tensor {
+    let Some((x, stat)) = norm else {
+        return cx.alloc(cx.n * width * cx.p, Temporary, "rotary_backward");
+    };
+    let prod = cx.alloc(cx.n * width * 4, Temporary, "rms_norm_backward");
+    let g = cx.alloc(cx.n * width * cx.p, Temporary, "rotary_backward");
+    cx.sim.free_all(&[x, stat]);
+    let weight = if cx.arch.qk_norm_full {
+        width
+    } else {
+        cx.m.head_dim()
+    };
+    reduce_grad(cx, weight, pending);
+    cx.free(prod);
+    g
+}
+
 /// A tied LM head's weight gradient as the backward holds it until the embedding's is ready.
 enum TiedHead {
     /// Under autocast: the head's weight-gradient matmul runs at once, in the matmul dtype; the sum with the
