@@ -35,6 +35,10 @@
 //! as in nanoGPT (`p`-byte logits and two row statistics; the shifted labels). HF's loss upcasts the logits
 //! (`logits.float()`), but the fused loss backward writes its gradient in the logits' dtype all the same.
 //!
+//! Gemma's layers (its RMSNorm, GeGLU, multi-query attention with 256-wide heads) save Llama's buffers; its scaled
+//! embeddings are a new fp32 tensor, and the first layer then saves the fp32 stream after attention as the others
+//! do (`gemma-512-hd256-mqa-bf16amp-compiled`: the estimate equals the fake-cuda replay of its wrapper).
+//!
 //! With q/k norms (Qwen 3's RMSNorm over each head of q and k before rotary) the forward saves, besides, the q and
 //! k projections and one fp32 statistic per head and token for each, and the backward runs each norm's backward in
 //! rotary's kernel, with an fp32 buffer of the projection's width for the norm weight's gradient
@@ -110,7 +114,8 @@ struct NormOut {
 fn norm_op(cx: &Ctx) -> (&'static str, &'static str) {
     match cx.arch.norm {
         Norm::LayerNorm { .. } => ("layer_norm rstd", "layer_norm"),
-        // Gemma is refused under torch.compile (`Setup::validate`): its norm would be traced as RMSNorm's.
+        // Gemma's `(1 + weight)` and OLMo 2's order of the cast are in the same fused kernel: the same buffers
+        // (wrapper of `gemma-512-hd256-mqa-bf16amp-compiled`).
         Norm::RmsNorm | Norm::GemmaRmsNorm | Norm::Olmo2RmsNorm => ("rms_norm rsqrt", "rms_norm"),
     }
 }
@@ -321,7 +326,8 @@ fn fused_attn_fwd(
 
 /// HF Llama's attention on input_layernorm's output: q, k, v GEMMs, rotary fused into one kernel each for q and
 /// k (the unrotated projections die with it), SDPA, o_proj, and the stream after the branch: fp32 under
-/// autocast, but the first layer keeps a 2-byte buffer there (measured). A checkpointed block's first run
+/// autocast, but the first layer of unscaled embeddings keeps a 2-byte buffer there (measured). A checkpointed
+/// block's first run
 /// (`discarded`) never materializes that stream: one kernel computes the next norm from the block input and
 /// o_proj's output (wrappers of the forwards of `llama-ckpt-seq2048-vocab8192` and `llama-ckpt-bf16-tied-accum2`).
 fn separate_attn_fwd(
@@ -373,7 +379,12 @@ fn separate_attn_fwd(
     let sdpa = ops::sdpa_fwd(cx);
     let w_o = weight_cast(cx, c * qd);
     let o = mm(cx, nc * p, Temporary, "mm");
-    let x_mid = (!discarded).then(|| cx.alloc(nc * if first { p } else { r }, Activations, "add"));
+    // The first layer's 2-byte buffer: its input is the embedding's rows, which the backward can gather again;
+    // scaled embeddings (Gemma's normalizer) are a new fp32 tensor, and there the first layer saves the fp32
+    // stream as every other (wrappers of `gemma-512-hd256-mqa-bf16amp-compiled` and
+    // `gemma3-512-hd256-win256-bf16amp-compiled`).
+    let low = first && !cx.arch.embed_scale;
+    let x_mid = (!discarded).then(|| cx.alloc(nc * if low { p } else { r }, Activations, "add"));
     cx.free(o);
     let attn = Attn::Separate {
         q_rot,
@@ -414,7 +425,8 @@ fn mlp_fwd(
             let saved = MlpSaved::Gelu { w_fc, h, w_mlp, g };
             (saved, mask2, x_out)
         }
-        // GeGLU (Gemma, refused under torch.compile for now) would be SwiGLU's buffers.
+        // GeGLU: SwiGLU's buffers, the tanh GELU in the product's kernel (wrapper of
+        // `gemma-512-hd256-mqa-bf16amp-compiled`: gate, up and their product saved).
         Mlp::SwiGlu | Mlp::GeGlu => {
             let w_gate = weight_cast(cx, i * c);
             let gate = mm(cx, cx.n * i * p, Activations, "mm");
