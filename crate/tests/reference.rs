@@ -325,7 +325,6 @@ fn stub_cuda_compiled_records_allocated_and_reserved() {
 /// The compiled records of `hf.json` that `Setup::validate` still refuses under torch.compile, each for the reason
 /// its error gives (a family, an attention kind or a window not traced under Inductor yet).
 const HF_COMPILED_NOT_MODELLED: &[&str] = &[
-    "mistral-512-win128-bf16amp-compiled",
     "gemma2-512-hd256-win256-bf16amp-compiled",
     "gemma3-512-hd256-win256-bf16amp-compiled",
     "phi3-512-untied-bf16amp-compiled",

@@ -44,6 +44,11 @@
 //! rotary's kernel, with an fp32 buffer of the projection's width for the norm weight's gradient
 //! (`qwen3-512-hd128-tied-bf16amp-compiled`: the estimate equals the fake-cuda replay of its wrapper to the byte).
 //!
+//! A sliding window the sequence reaches (Mistral's) sends the sliding layers through an explicit mask: one
+//! additive [B, 1, T, T] mask per forward, memory-efficient attention, k (and v, where KV heads are shared) saved
+//! repeated to every head, v's gradient summed back (`mistral-512-win128-bf16amp-compiled`: the estimate equals
+//! the fake-cuda replay of its wrapper, reserved exact).
+//!
 //! Every GEMM takes its cuBLAS workspace when it runs and returns it after (`mm`), as in eager mode.
 //!
 //! With activation checkpointing (nanoGPT's `torch.utils.checkpoint(block, x, use_reentrant=False)` per block,
@@ -76,6 +81,7 @@
 //! `tests/data/compiled/` and `tests/data/stub-cuda/` (docs/ACCURACY.md).
 
 use crate::arch::{Core, Mlp, Norm, Positions, Program, Qkv};
+use crate::policy::SdpaBackend;
 use crate::sim::Category::{self, Activations, Grads, Logits, Temporary, WeightCopies};
 use crate::sim::Tensor;
 use crate::tensors::{self as ops, Ctx, SdpaSaved};
@@ -168,6 +174,8 @@ enum Attn {
         sdpa: SdpaSaved,
         casts: [Option<Tensor>; 4],
         qk_norm: Option<QkNorm>,
+        /// Through the sliding-window mask: memory-efficient attention on k and v repeated to every head.
+        masked: bool,
     },
 }
 
@@ -210,6 +218,12 @@ struct Block {
     mlp: MlpSaved,
 }
 
+/// Whether the sequence reaches the model's sliding window: transformers 5 then passes SDPA an explicit mask
+/// (`masking_utils._ignore_causal_mask_sdpa`: kv_length >= window) in the layers that slide.
+fn window_reached(cx: &Ctx) -> bool {
+    cx.m.sliding_window > 0 && cx.t >= cx.m.sliding_window
+}
+
 /// What the compiled forward leaves: the saved tensors, and the logits (saved: the fused loss backward reads
 /// them; nanoGPT's loop also keeps them bound).
 pub struct Forward {
@@ -219,6 +233,8 @@ pub struct Forward {
     targets: Tensor,
     pos: Option<Tensor>,
     emb_mask: Option<Tensor>,
+    /// The sliding-window mask of the masked layers (`separate_attn_fwd`).
+    window_mask: Option<Tensor>,
     /// The last block's output; `None` when checkpointed (recomputed in the backward).
     x_last: Option<Tensor>,
     norm_f: Tensor,
@@ -334,11 +350,19 @@ fn separate_attn_fwd(
     cx: &mut Ctx,
     first: bool,
     discarded: bool,
+    window: Option<&mut Option<Tensor>>,
 ) -> (Attn, Option<Tensor>, Option<Tensor>) {
     let c = cx.m.n_embd;
     let (qd, kv) = (cx.m.q_dim(), cx.m.kv_dim());
     let nc = cx.n * c;
     let (r, p) = (cx.r, cx.p);
+    // Through an explicit sliding-window mask transformers repeats k and v to every head (`repeat_kv`): k's
+    // repeat is written by its rotary kernel at the full width; v's is a copy when each KV head serves several
+    // heads, a stride-0 view of the projection when one serves all, nothing when none is shared (wrappers of
+    // `mistral-512-win128-bf16amp-compiled`, 2 of 8 heads, and `gemma3-512-hd256-win256-bf16amp-compiled`, 1 of 4).
+    let masked = window.is_some();
+    let k_width = if masked { qd } else { kv };
+    let copy_v = masked && cx.m.n_kv_head > 1 && cx.m.n_kv_head < cx.m.n_head;
     let w_q = weight_cast(cx, qd * c);
     let (q_rot, k_rot, v, w_k, w_v, qk_norm);
     if cx.arch.qk_norm {
@@ -356,9 +380,16 @@ fn separate_attn_fwd(
         w_k = weight_cast(cx, kv * c);
         let k = mm(cx, cx.n * kv * p, Activations, "mm");
         let k_stat = cx.alloc(cx.n * kvh * 4, Activations, "rms_norm rsqrt");
-        k_rot = cx.alloc(cx.n * kv * p, Activations, "rotary");
+        k_rot = cx.alloc(cx.n * k_width * p, Activations, "rotary");
         w_v = weight_cast(cx, kv * c);
-        v = mm(cx, cx.n * kv * p, Activations, "mm");
+        let v_proj = mm(cx, cx.n * kv * p, Activations, "mm");
+        v = if copy_v {
+            let v_rep = cx.alloc(cx.n * qd * p, Activations, "repeat_kv");
+            cx.free(v_proj);
+            v_rep
+        } else {
+            v_proj
+        };
         qk_norm = Some(QkNorm {
             q,
             q_stat,
@@ -370,13 +401,32 @@ fn separate_attn_fwd(
         w_k = weight_cast(cx, kv * c);
         w_v = weight_cast(cx, kv * c);
         let k = mm(cx, cx.n * kv * p, Temporary, "mm");
-        v = mm(cx, cx.n * kv * p, Activations, "mm");
-        k_rot = cx.alloc(cx.n * kv * p, Activations, "rotary");
+        let v_proj = mm(cx, cx.n * kv * p, Activations, "mm");
+        let v_rep = copy_v.then(|| cx.alloc(cx.n * qd * p, Activations, "repeat_kv"));
+        k_rot = cx.alloc(cx.n * k_width * p, Activations, "rotary");
         q_rot = cx.alloc(cx.n * qd * p, Activations, "rotary");
         cx.sim.free_all(&[q, k]);
+        v = match v_rep {
+            Some(t) => {
+                cx.free(v_proj);
+                t
+            }
+            None => v_proj,
+        };
         qk_norm = None;
     }
-    let sdpa = ops::sdpa_fwd(cx);
+    // The mask: built once per forward, at the first layer that needs it, as an additive [B, 1, T, T] tensor in
+    // the query's dtype (the boolean mask and its conversion fused into one kernel), which every masked layer's
+    // memory-efficient kernel and its backward read; it lives until the backward is done.
+    let sdpa = match window {
+        Some(slot) => {
+            if slot.is_none() {
+                *slot = Some(cx.alloc(cx.b * cx.t * cx.t * p, Activations, "sliding-window mask"));
+            }
+            ops::sdpa_fwd_with(cx, SdpaBackend::Efficient)
+        }
+        None => ops::sdpa_fwd(cx),
+    };
     let w_o = weight_cast(cx, c * qd);
     let o = mm(cx, nc * p, Temporary, "mm");
     // The first layer's 2-byte buffer: its input is the embedding's rows, which the backward can gather again;
@@ -393,6 +443,7 @@ fn separate_attn_fwd(
         sdpa,
         casts: [w_q, w_k, w_v, w_o],
         qk_norm,
+        masked,
     };
     (attn, x_mid, None)
 }
@@ -458,7 +509,8 @@ fn mlp_fwd(
 
 /// One block's compiled forward: (what it saves, its output if `want_out`). Buffers the wrapper releases only at
 /// the end of the forward go to `deferred`. `discarded`: a checkpointed block's first run, whose tensors die with
-/// the block.
+/// the block. `window`: the forward's sliding-window mask, when this layer attends through it.
+#[allow(clippy::too_many_arguments)]
 fn block_fwd(
     cx: &mut Ctx,
     x_in: Tensor,
@@ -467,6 +519,7 @@ fn block_fwd(
     recompute: bool,
     want_out: bool,
     discarded: bool,
+    window: Option<&mut Option<Tensor>>,
 ) -> (Block, Option<Tensor>) {
     let norm1 = norm_fwd(cx, false);
     let (attn, x_mid, mask1) = match cx.arch.qkv {
@@ -477,7 +530,7 @@ fn block_fwd(
         // Packed projections are refused under torch.compile (`Setup::validate`); their views walk the
         // separate layout's path until their wrappers are read.
         Qkv::Separate | Qkv::PackedSlices | Qkv::PackedHeads => {
-            separate_attn_fwd(cx, first, discarded)
+            separate_attn_fwd(cx, first, discarded, window)
         }
     };
     let norm2 = norm_fwd(cx, true);
@@ -516,18 +569,22 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
     };
     let mut deferred = Vec::new();
     let mut blocks = Vec::new();
+    let mut window_mask = None;
     let mut x = x0;
     for l in 0..cx.m.n_layer {
         cx.sim.layer(Some(l as u32));
         let place = (l == 0, l + 1 == cx.m.n_layer);
         if checkpointing {
             let mut transient = Vec::new();
-            let (b, x_out) = block_fwd(cx, x, place, &mut transient, false, true, true);
+            let (b, x_out) = block_fwd(cx, x, place, &mut transient, false, true, true, None);
             cx.sim.free_all(&transient);
             blocks.push(Saved::Input(discard_block(cx, b)));
             x = x_out.expect("wanted");
         } else {
-            let (b, x_out) = block_fwd(cx, x, place, &mut deferred, false, true, false);
+            // Checkpointed blocks with a window are refused (`Setup::validate`): not measured.
+            let masked = window_reached(cx) && cx.arch.layer_slides(l);
+            let window = masked.then_some(&mut window_mask);
+            let (b, x_out) = block_fwd(cx, x, place, &mut deferred, false, true, false, window);
             blocks.push(Saved::All(b));
             x = x_out.expect("wanted");
         }
@@ -557,6 +614,7 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
         targets,
         pos,
         emb_mask,
+        window_mask,
         x_last,
         norm_f,
         norm_f_stats,
@@ -604,7 +662,16 @@ fn final_norm(cx: &mut Ctx, checkpointing: bool) -> (Tensor, [Option<Tensor>; 2]
 fn block_recompute(cx: &mut Ctx, x_in: Tensor, l: u64) -> (Block, Option<Tensor>) {
     let last = l + 1 == cx.m.n_layer;
     let mut transient = Vec::new();
-    let (b, x_out) = block_fwd(cx, x_in, (l == 0, last), &mut transient, true, last, false);
+    let (b, x_out) = block_fwd(
+        cx,
+        x_in,
+        (l == 0, last),
+        &mut transient,
+        true,
+        last,
+        false,
+        None,
+    );
     cx.sim.free_all(&transient);
     (b, x_out)
 }
@@ -650,6 +717,7 @@ fn discard_block(cx: &mut Ctx, b: Block) -> Tensor {
             sdpa,
             casts,
             qk_norm,
+            masked: _,
         } => {
             cx.sim.free_all(&[q_rot, k_rot, v]);
             cx.sim.free_all(&sdpa.tensors());
@@ -971,15 +1039,27 @@ fn attn_bwd(
             sdpa,
             casts: [w_q, w_k, w_v, w_o],
             qk_norm,
+            masked,
         } => {
             let kv = cx.m.kv_dim();
             let g_o = linear_bwd(cx, (c, qd), bias, &[], w_o, pending);
             release_low(cx, g);
-            let (dq, dk, dv) = ops::sdpa_bwd(cx);
+            let (dq, dk, mut dv) = if masked {
+                ops::sdpa_bwd_with(cx, SdpaBackend::Efficient, qd)
+            } else {
+                ops::sdpa_bwd(cx)
+            };
             cx.free(g_o);
             cx.sim.free_all(&[q_rot, k_rot]);
             cx.sim.free_all(&sdpa.tensors());
             cx.free(v);
+            if masked && kv < qd {
+                // The repeat's backward: v's gradient summed over the heads sharing each KV head (k's is summed
+                // in rotary's backward kernel).
+                let summed = cx.alloc(cx.n * kv * p, Temporary, "sum (repeat_kv backward)");
+                cx.free(dv);
+                dv = summed;
+            }
             let g_v = linear_bwd(cx, (kv, c), qkv_bias, &[], w_v, pending);
             cx.free(dv);
             let (q_saved, k_saved) = match qk_norm {
@@ -1265,7 +1345,7 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
         g = block_bwd(cx, g, b, &mut pending);
     }
     cx.sim.layer(None);
-    cx.sim.free_some(&[f.emb_mask]);
+    cx.sim.free_some(&[f.emb_mask, f.window_mask]);
     let mut early_wte = None;
     if learned {
         // Embeddings: the position gradient (summed over the batch), then the token rows'.
