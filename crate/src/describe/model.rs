@@ -516,7 +516,7 @@ impl Setup {
         }
         if matches!(
             m.family,
-            Family::Gemma2 | Family::Gemma3 | Family::Olmo2 | Family::Phi3 | Family::GptNeox
+            Family::Gemma2 | Family::Olmo2 | Family::Phi3 | Family::GptNeox
         ) && t.compile
         {
             return Err(Error::NotModelled {

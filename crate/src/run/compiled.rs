@@ -44,6 +44,10 @@
 //! rotary's kernel, with an fp32 buffer of the projection's width for the norm weight's gradient
 //! (`qwen3-512-hd128-tied-bf16amp-compiled`: the estimate equals the fake-cuda replay of its wrapper to the byte).
 //!
+//! Norms after the branches (Gemma 3's, besides the ones before them) keep each branch's output and a row
+//! statistic (`post_norm_fwd`); with them, q/k norms, scaled embeddings and the sliding window,
+//! `gemma3-512-hd256-win256-bf16amp-compiled` is estimated to the byte of the fake-cuda replay of its wrapper.
+//!
 //! A sliding window the sequence reaches (Mistral's) sends the sliding layers through an explicit mask: one
 //! additive [B, 1, T, T] mask per forward, memory-efficient attention, k (and v, where KV heads are shared) saved
 //! repeated to every head, v's gradient summed back (`mistral-512-win128-bf16amp-compiled`: the estimate equals
@@ -120,8 +124,8 @@ struct NormOut {
 fn norm_op(cx: &Ctx) -> (&'static str, &'static str) {
     match cx.arch.norm {
         Norm::LayerNorm { .. } => ("layer_norm rstd", "layer_norm"),
-        // Gemma's `(1 + weight)` and OLMo 2's order of the cast are in the same fused kernel: the same buffers
-        // (wrapper of `gemma-512-hd256-mqa-bf16amp-compiled`).
+        // Gemma's `(1 + weight)` is in the same fused kernel: the same buffers (wrapper of
+        // `gemma-512-hd256-mqa-bf16amp-compiled`). OLMo 2 is refused under torch.compile (`Setup::validate`).
         Norm::RmsNorm | Norm::GemmaRmsNorm | Norm::Olmo2RmsNorm => ("rms_norm rsqrt", "rms_norm"),
     }
 }
@@ -216,6 +220,8 @@ struct Block {
     masks: [Option<Tensor>; 2],
     norm2: NormOut,
     mlp: MlpSaved,
+    /// Each branch's post-norm (attention's, MLP's), if the model has them.
+    post: [Option<PostNorm>; 2],
 }
 
 /// Whether the sequence reaches the model's sliding window: transformers 5 then passes SDPA an explicit mask
@@ -351,7 +357,7 @@ fn separate_attn_fwd(
     first: bool,
     discarded: bool,
     window: Option<&mut Option<Tensor>>,
-) -> (Attn, Option<Tensor>, Option<Tensor>) {
+) -> (Attn, Option<Tensor>, Option<Tensor>, Option<PostNorm>) {
     let c = cx.m.n_embd;
     let (qd, kv) = (cx.m.q_dim(), cx.m.kv_dim());
     let nc = cx.n * c;
@@ -429,13 +435,16 @@ fn separate_attn_fwd(
     };
     let w_o = weight_cast(cx, c * qd);
     let o = mm(cx, nc * p, Temporary, "mm");
+    let post = post_norm_fwd(cx, o);
     // The first layer's 2-byte buffer: its input is the embedding's rows, which the backward can gather again;
     // scaled embeddings (Gemma's normalizer) are a new fp32 tensor, and there the first layer saves the fp32
     // stream as every other (wrappers of `gemma-512-hd256-mqa-bf16amp-compiled` and
     // `gemma3-512-hd256-win256-bf16amp-compiled`).
     let low = first && !cx.arch.embed_scale;
     let x_mid = (!discarded).then(|| cx.alloc(nc * if low { p } else { r }, Activations, "add"));
-    cx.free(o);
+    if post.is_none() {
+        cx.free(o);
+    }
     let attn = Attn::Separate {
         q_rot,
         k_rot,
@@ -445,7 +454,42 @@ fn separate_attn_fwd(
         qk_norm,
         masked,
     };
-    (attn, x_mid, None)
+    (attn, x_mid, None, post)
+}
+
+/// A norm on a branch's output before the residual add (Gemma 2's and 3's `post_attention_layernorm` and
+/// `post_feedforward_layernorm`, OLMo 2's): the partitioned forward saves the branch's output (the GEMM's, in the
+/// matmul dtype) and the norm's fp32 row statistic, and the norm's output lives only in the residual add's kernel
+/// (wrapper of `gemma3-512-hd256-win256-bf16amp-compiled`: o_proj's and down_proj's outputs and a [B, T, 1]
+/// `rsqrt` each among the forward's outputs).
+struct PostNorm {
+    out: Tensor,
+    stat: Tensor,
+}
+
+fn post_norm_fwd(cx: &mut Ctx, out: Tensor) -> Option<PostNorm> {
+    cx.arch.post_norms.then(|| PostNorm {
+        out,
+        stat: cx.alloc(cx.n * 4, Activations, "rms_norm rsqrt"),
+    })
+}
+
+/// A post-norm's backward, entering with the residual gradient: the reduction of its weight's gradient, then one
+/// kernel writing the branch output's gradient (matmul dtype) from the residual gradient, the saved output and
+/// statistic (released after it). That gradient is what the branch's matmuls read: it takes the place of the
+/// residual gradient's 2-byte copy, released with it.
+fn post_norm_bwd(
+    cx: &mut Ctx,
+    post: Option<PostNorm>,
+    g: &mut ResidualGrad,
+    pending: &mut Vec<Tensor>,
+) {
+    let Some(post) = post else { return };
+    norm_grads(cx, pending);
+    let g_out = cx.alloc(cx.n * cx.m.n_embd * cx.p, Temporary, "rms_norm_backward");
+    release_low(cx, g);
+    cx.sim.free_all(&[post.out, post.stat]);
+    g.low = Some(g_out);
 }
 
 /// The MLP on the second norm's output and the residual add after it. `want_out`: whether the block's output is
@@ -459,7 +503,7 @@ fn mlp_fwd(
     recompute: bool,
     want_out: bool,
     discarded: bool,
-) -> (MlpSaved, Option<Tensor>, Option<Tensor>) {
+) -> (MlpSaved, Option<Tensor>, Option<Tensor>, Option<PostNorm>) {
     let c = cx.m.n_embd;
     let i = cx.m.intermediate_size;
     let nc = cx.n * c;
@@ -474,7 +518,7 @@ fn mlp_fwd(
             cx.matmul_workspace();
             let x_out = want_out.then(|| cx.alloc(nc * r, Activations, "add"));
             let saved = MlpSaved::Gelu { w_fc, h, w_mlp, g };
-            (saved, mask2, x_out)
+            (saved, mask2, x_out, None)
         }
         // GeGLU: SwiGLU's buffers, the tanh GELU in the product's kernel (wrapper of
         // `gemma-512-hd256-mqa-bf16amp-compiled`: gate, up and their product saved).
@@ -490,8 +534,11 @@ fn mlp_fwd(
                 cx.alloc(cx.n * i * p, Activations, "silu_mul")
             };
             let down = mm(cx, nc * p, Temporary, "mm");
+            let post = post_norm_fwd(cx, down);
             let x_out = cx.alloc(nc * r, Activations, "add");
-            cx.free(down);
+            if post.is_none() {
+                cx.free(down);
+            }
             let x_out = if want_out {
                 Some(x_out)
             } else {
@@ -502,7 +549,7 @@ fn mlp_fwd(
                 out: [gate, up, prod],
                 casts: [w_gate, w_up, w_down],
             };
-            (saved, None, x_out)
+            (saved, None, x_out, post)
         }
     }
 }
@@ -522,10 +569,10 @@ fn block_fwd(
     window: Option<&mut Option<Tensor>>,
 ) -> (Block, Option<Tensor>) {
     let norm1 = norm_fwd(cx, false);
-    let (attn, x_mid, mask1) = match cx.arch.qkv {
+    let (attn, x_mid, mask1, post1) = match cx.arch.qkv {
         Qkv::Fused => {
             let (attn, x_mid, mask1) = fused_attn_fwd(cx, last, deferred, recompute);
-            (attn, Some(x_mid), mask1)
+            (attn, Some(x_mid), mask1, None)
         }
         // Packed projections are refused under torch.compile (`Setup::validate`); their views walk the
         // separate layout's path until their wrappers are read.
@@ -534,7 +581,7 @@ fn block_fwd(
         }
     };
     let norm2 = norm_fwd(cx, true);
-    let (mlp, mask2, x_out) = mlp_fwd(cx, recompute, want_out, discarded);
+    let (mlp, mask2, x_out, post2) = mlp_fwd(cx, recompute, want_out, discarded);
     let block = Block {
         x_in,
         norm1,
@@ -543,6 +590,7 @@ fn block_fwd(
         masks: [mask1, mask2],
         norm2,
         mlp,
+        post: [post1, post2],
     };
     (block, x_out)
 }
@@ -680,6 +728,9 @@ fn block_recompute(cx: &mut Ctx, x_in: Tensor, l: u64) -> (Block, Option<Tensor>
 /// (in the traces Inductor hands those buffers to the next block, `# reuse`).
 fn discard_block(cx: &mut Ctx, b: Block) -> Tensor {
     cx.sim.free_all(&[b.norm1.stat, b.norm2.stat]);
+    for p in b.post.into_iter().flatten() {
+        cx.sim.free_all(&[p.out, p.stat]);
+    }
     cx.sim.free_all(&[b.norm1.out, b.norm2.out]);
     cx.sim.free_some(&[b.x_mid]);
     cx.sim.free_some(&b.masks);
@@ -905,9 +956,12 @@ fn block_bwd(
     s: Block,
     pending: &mut Vec<Tensor>,
 ) -> ResidualGrad {
+    let [post1, post2] = s.post;
+    post_norm_bwd(cx, post2, &mut g, pending);
     let grads = mlp_bwd(cx, s.mlp, s.norm2.out, &mut g, pending);
     let mut g = into_residual(cx, grads, (s.norm2.stat, s.x_mid), g, pending);
     cx.sim.free_some(&[s.masks[1]]);
+    post_norm_bwd(cx, post1, &mut g, pending);
     let grads = attn_bwd(cx, s.attn, s.masks[0], s.norm1.out, &mut g, pending);
     into_residual(cx, grads, (s.norm1.stat, Some(s.x_in)), g, pending)
 }
