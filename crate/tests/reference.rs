@@ -328,7 +328,6 @@ const HF_COMPILED_NOT_MODELLED: &[&str] = &[
     "gemma2-512-hd256-win256-bf16amp-compiled",
     "phi3-512-untied-bf16amp-compiled",
     "neox-512-bf16amp-compiled",
-    "olmo2-512-untied-bf16amp-compiled",
 ];
 
 /// The Hugging Face families measured from their config.json (`tests/data/stub-cuda/hf.json`, built with
