@@ -326,7 +326,6 @@ fn stub_cuda_compiled_records_allocated_and_reserved() {
 /// its error gives (a family, an attention kind or a window not traced under Inductor yet).
 const HF_COMPILED_NOT_MODELLED: &[&str] = &[
     "gemma2-512-hd256-win256-bf16amp-compiled",
-    "phi3-512-untied-bf16amp-compiled",
     "neox-512-bf16amp-compiled",
 ];
 

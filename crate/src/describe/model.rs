@@ -514,7 +514,7 @@ impl Setup {
                     .into(),
             });
         }
-        if matches!(m.family, Family::Gemma2 | Family::Phi3 | Family::GptNeox) && t.compile {
+        if matches!(m.family, Family::Gemma2 | Family::GptNeox) && t.compile {
             return Err(Error::NotModelled {
                 what: format!(
                     "torch.compile of {} (not traced under Inductor yet); eager is",

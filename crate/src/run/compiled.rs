@@ -56,7 +56,11 @@
 //! additive [B, 1, T, T] mask per forward, memory-efficient attention, k (and v, where KV heads are shared) saved
 //! repeated to every head, v's gradient summed back (`mistral-512-win128-bf16amp-compiled`).
 //!
-//! Each of these five records (issue 12) is estimated 3-4 KiB below the peak of the fake-cuda replay of its
+//! Phi-3's packed projections are saved whole (q/k/v: SDPA reads v as a view of it; gate/up), each with one weight
+//! cast, and their backward writes one packed gradient for one Linear backward; rotary on part of each head stays
+//! inside the rotary kernel (`phi3-512-untied-bf16amp-compiled`).
+//!
+//! Each of these six records (issue 12) is estimated 3-4 KiB below the peak of the fake-cuda replay of its
 //! wrapper (`measure.py` in compile mode; a few 512-byte blocks), and within 1.4% allocated and 1.2% reserved of
 //! PyTorch's own allocator on the stub (`hf.json`; the replay itself is 0.2-1.4% below those peaks).
 //!
@@ -214,6 +218,12 @@ enum MlpSaved {
     SwiGlu {
         out: [Tensor; 3],
         casts: [Option<Tensor>; 3],
+    },
+    /// The packed gate/up output and the product, with the two weight casts.
+    PackedGlu {
+        gate_up: Tensor,
+        prod: Tensor,
+        casts: [Option<Tensor>; 2],
     },
 }
 
@@ -377,9 +387,19 @@ fn separate_attn_fwd(
     let masked = window.is_some();
     let k_width = if masked { qd } else { kv };
     let copy_v = masked && cx.m.n_kv_head > 1 && cx.m.n_kv_head < cx.m.n_head;
-    let w_q = weight_cast(cx, qd * c);
+    // One packed q/k/v projection (Phi-3's `qkv_proj`): its output is saved whole, since SDPA reads v as a view
+    // of it; q and k are rotated out of it (k first), and the rotary's concatenation on part of each head is
+    // inside that kernel (wrapper of `phi3-512-untied-bf16amp-compiled`: no other buffer, and SDPA's output is read
+    // by o_proj as it is).
+    let packed = cx.arch.qkv == Qkv::PackedSlices;
+    let w_q = weight_cast(cx, if packed { (qd + 2 * kv) * c } else { qd * c });
     let (q_rot, k_rot, v, w_k, w_v, qk_norm);
-    if cx.arch.qk_norm {
+    if packed {
+        let qkv = mm(cx, cx.n * (qd + 2 * kv) * p, Activations, "mm");
+        k_rot = cx.alloc(cx.n * k_width * p, Activations, "rotary");
+        q_rot = cx.alloc(cx.n * qd * p, Activations, "rotary");
+        (w_k, w_v, v, qk_norm) = (None, None, qkv, None);
+    } else if cx.arch.qk_norm {
         // Each of q and k is normalised and rotated by one kernel as soon as its GEMM is done (its statistic,
         // then its rotated copy), v's GEMM last.
         // One statistic per head and token, or per token for a norm over the whole projection (OLMo 2's).
@@ -528,6 +548,32 @@ fn mlp_fwd(
             let saved = MlpSaved::Gelu { w_fc, h, w_mlp, g };
             (saved, mask2, x_out, None)
         }
+        // One packed gate/up projection (Phi-3's `gate_up_proj`): its output is saved whole, the product beside it
+        // (wrapper of `phi3-512-untied-bf16amp-compiled`).
+        Mlp::SwiGlu | Mlp::GeGlu if cx.arch.packed_gate_up => {
+            let w_gate_up = weight_cast(cx, 2 * i * c);
+            let gate_up = mm(cx, cx.n * 2 * i * p, Activations, "mm");
+            let w_down = weight_cast(cx, c * i);
+            let prod = cx.alloc(cx.n * i * p, Activations, "silu_mul");
+            let down = mm(cx, nc * p, Temporary, "mm");
+            let post = post_norm_fwd(cx, down);
+            let x_out = cx.alloc(nc * r, Activations, "add");
+            if post.is_none() {
+                cx.free(down);
+            }
+            let x_out = if want_out {
+                Some(x_out)
+            } else {
+                cx.free(x_out);
+                None
+            };
+            let saved = MlpSaved::PackedGlu {
+                gate_up,
+                prod,
+                casts: [w_gate_up, w_down],
+            };
+            (saved, None, x_out, post)
+        }
         // GeGLU: SwiGLU's buffers, the tanh GELU in the product's kernel (wrapper of
         // `gemma-512-hd256-mqa-bf16amp-compiled`: gate, up and their product saved).
         Mlp::SwiGlu | Mlp::GeGlu => {
@@ -593,8 +639,8 @@ fn block_fwd(
             let (attn, x_mid, mask1) = fused_attn_fwd(cx, last, deferred, recompute);
             (attn, Some(x_mid), mask1, None)
         }
-        // Packed projections are refused under torch.compile (`Setup::validate`); their views walk the
-        // separate layout's path until their wrappers are read.
+        // GPT-NeoX's per-head packing is refused under torch.compile (`Setup::validate`); it walks Phi-3's path
+        // until its wrapper is read.
         Qkv::Separate | Qkv::PackedSlices | Qkv::PackedHeads => {
             separate_attn_fwd(cx, first, discarded, window)
         }
@@ -811,6 +857,14 @@ fn discard_block(cx: &mut Ctx, b: Block) -> Tensor {
         }
         MlpSaved::SwiGlu { out, casts } => {
             cx.sim.free_all(&out);
+            cx.sim.free_some(&casts);
+        }
+        MlpSaved::PackedGlu {
+            gate_up,
+            prod,
+            casts,
+        } => {
+            cx.sim.free_all(&[gate_up, prod]);
             cx.sim.free_some(&casts);
         }
     }
@@ -1059,6 +1113,22 @@ fn mlp_bwd(
             cx.free(g_up);
             vec![g_in1, g_in2]
         }
+        // The product's backward writes both halves' gradients into one new [N, 2I] buffer (the packed
+        // projection's), then the saved output dies; one Linear backward (wrapper of
+        // `phi3-512-untied-bf16amp-compiled`).
+        MlpSaved::PackedGlu {
+            gate_up,
+            prod,
+            casts: [w_gate_up, w_down],
+        } => {
+            let g_prod = linear_bwd(cx, (c, i), bias, &[Some(prod)], w_down, pending);
+            release_low(cx, g);
+            let g_gate_up = cx.alloc(cx.n * 2 * i * cx.p, Temporary, "silu_mul_backward");
+            cx.sim.free_all(&[g_prod, gate_up]);
+            let g_in = linear_bwd(cx, (2 * i, c), bias, &[norm_out], w_gate_up, pending);
+            cx.free(g_gate_up);
+            vec![g_in]
+        }
     }
 }
 
@@ -1154,6 +1224,19 @@ fn attn_bwd(
             cx.sim.free_all(&[q_rot, k_rot]);
             cx.sim.free_all(&sdpa.tensors());
             cx.free(v);
+            if cx.arch.qkv == Qkv::PackedSlices {
+                // Rotary's backward for k, then q; one kernel places the three gradients into the packed width,
+                // read by one Linear backward (wrapper of `phi3-512-untied-bf16amp-compiled`).
+                let dk_un = rotary_bwd(cx, kv, None, pending);
+                cx.free(dk);
+                let dq_un = rotary_bwd(cx, qd, None, pending);
+                cx.free(dq);
+                let g_qkv = cx.alloc(cx.n * (qd + 2 * kv) * p, Temporary, "slice_backward");
+                cx.sim.free_all(&[dv, dk_un, dq_un]);
+                let g_in = linear_bwd(cx, (qd + 2 * kv, c), qkv_bias, &[norm_out], w_q, pending);
+                cx.free(g_qkv);
+                return vec![g_in];
+            }
             if masked && kv < qd {
                 // The repeat's backward: v's gradient summed over the heads sharing each KV head (k's is summed
                 // in rotary's backward kernel).
