@@ -444,12 +444,12 @@ fn compiled_setup() -> impl Strategy<Value = Setup> {
     })
 }
 
-/// The setup with a family torch.compile is modelled for: the packed-projection families (refused under
-/// compile) become their separate-projection neighbours (Phi-3 Mistral's layers, GPT-NeoX Qwen2's biases).
+/// The setup with a family torch.compile is modelled for: GPT-NeoX (refused under compile) becomes its
+/// separate-projection neighbour with biases, Qwen2.
 fn compilable(mut s: Setup) -> Setup {
     let m = &mut s.model;
     m.family = match m.family {
-        Family::Phi3 | Family::Mixtral => Family::Mistral,
+        Family::Mixtral => Family::Mistral,
         Family::GptNeox | Family::Qwen2Moe => Family::Qwen2,
         Family::Olmoe => Family::Llama,
         f => f,

@@ -364,6 +364,13 @@ fn stub_cuda_compiled_records_allocated_and_reserved() {
     assert_stub_tolerances(&table, bad_a, bad_r);
 }
 
+/// The compiled records of `hf.json` that `Setup::validate` still refuses under torch.compile, each for the reason
+/// its error gives (a family, an attention kind or a window not traced under Inductor yet).
+const HF_COMPILED_NOT_MODELLED: &[&str] = &[
+    "gemma2-512-hd256-win256-bf16amp-compiled",
+    "neox-512-bf16amp-compiled",
+];
+
 /// The Hugging Face families measured from their config.json (`tests/data/stub-cuda/hf.json`, built with
 /// `AutoModelForCausalLM.from_config`): the families vramfit models are held to the same standard as the
 /// reference records; the others are listed, and must be exactly the ones not modelled yet.
@@ -373,6 +380,16 @@ fn stub_cuda_hf_family_records() {
     let (table, bad_a, bad_r) = judge_stub_rows(rows, "hf.json", 5);
     println!("{table}\nnot modelled yet:\n{}", unmodelled.join("\n"));
     assert_stub_tolerances(&table, bad_a, bad_r);
+    // The compiled records refused are exactly the listed ones.
+    let mut refused: Vec<&str> = unmodelled
+        .iter()
+        .filter_map(|l| l.split(": ").next())
+        .filter(|n| n.ends_with("-compiled") && !n.contains("moe") && !n.starts_with("mixtral"))
+        .collect();
+    refused.sort_unstable();
+    let mut listed = HF_COMPILED_NOT_MODELLED.to_vec();
+    listed.sort_unstable();
+    assert_eq!(refused, listed, "compiled records refused vs listed");
     // Every record of a modelled family estimates, but HF's eager attention and a sliding window the
     // sequence reaches, which are refused with their reason.
     for line in &unmodelled {

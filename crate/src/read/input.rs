@@ -1622,16 +1622,20 @@ mod tests {
         s.validate().unwrap();
         s.train.seq_len = 4096;
         s.model.block_size = 32768;
-        // At the window: an explicit mask, estimated in eager mode (more than without the window), refused
-        // under torch.compile with the reason.
+        // At the window: an explicit mask, estimated in eager mode and under torch.compile (more than without
+        // the window), refused under torch.compile with checkpointing, with the reason.
         let with_window = crate::estimate(&s).unwrap().peak_allocated_bytes;
         let mut full = s.clone();
         full.model.sliding_window = 0;
         assert!(with_window > crate::estimate(&full).unwrap().peak_allocated_bytes);
         s.train.compile = true;
+        full.train.compile = true;
+        let with_window = crate::estimate(&s).unwrap().peak_allocated_bytes;
+        assert!(with_window > crate::estimate(&full).unwrap().peak_allocated_bytes);
+        s.train.checkpointing = true;
         let e = crate::estimate(&s).unwrap_err().to_string();
         assert!(e.contains("model.sliding_window (4096)"), "{e}");
-        s.train.compile = false;
+        (s.train.compile, s.train.checkpointing) = (false, false);
         // The window survives the URL state.
         s.train.seq_len = 2048;
         let q = setup_to_query(&s);

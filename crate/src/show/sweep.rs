@@ -34,11 +34,13 @@ impl Axis {
         }
     }
 
-    /// The largest value the model takes on this axis: under torch.compile a sliding-window model is estimated
-    /// only below its window (`Setup::validate`), so a block sweep stops there.
+    /// The largest value the model takes on this axis: under torch.compile with activation checkpointing a
+    /// sliding-window model is estimated only below its window (`Setup::validate`), so a block sweep stops there.
     pub fn limit(self, setup: &Setup) -> u64 {
         match (self, setup.model.sliding_window) {
-            (Axis::BlockSize, w) if w > 0 && setup.train.compile => w - 1,
+            (Axis::BlockSize, w) if w > 0 && setup.train.compile && setup.train.checkpointing => {
+                w - 1
+            }
             _ => u64::MAX,
         }
     }
@@ -235,8 +237,9 @@ mod tests {
     use super::*;
     use crate::presets;
 
-    /// Under torch.compile a sliding-window model is estimated below its window only: the largest block that
-    /// fits stops there (eager mode goes on).
+    /// Under torch.compile with activation checkpointing a sliding-window model is estimated below its window
+    /// only: the largest block that fits stops there (eager mode goes on, and so does compile without
+    /// checkpointing).
     #[test]
     fn block_axis_stops_below_a_sliding_window() {
         let mut s = presets::model_preset("mistral-7b").unwrap();
@@ -244,6 +247,10 @@ mod tests {
         s.model.sliding_window = 1024;
         s.train.seq_len = 512;
         s.train.compile = true;
+        s.train.checkpointing = false;
+        assert_eq!(Axis::BlockSize.limit(&s), u64::MAX);
+        assert!(crate::estimate(&Axis::BlockSize.apply(&s, 1024)).is_ok());
+        s.train.checkpointing = true;
         assert_eq!(Axis::BlockSize.limit(&s), 1023);
         assert_eq!(Axis::BatchSize.limit(&s), u64::MAX);
         let huge = u64::MAX / 4;
