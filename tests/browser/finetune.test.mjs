@@ -83,12 +83,22 @@ test('LoRA on a llama preset: each knob in the URL and the estimate the CLI\'s',
   const now = await peak(page);
   assert.equal(now, cliPeakBytes(qv));
 
+  // QLoRA: a 4-bit NF4 base with double quantization.
+  await select(page, 'quantization', 'nf4');
+  await check(page, 'double_quant');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('double_quant') === '1');
+  assert.equal(new URLSearchParams(new URL(page.url()).search).get('quantization'), 'nf4');
+  const qlora = await peak(page);
+  assert.equal(qlora, cliPeakBytes([...qv, '--quantization', 'nf4', '--double-quant']));
+  assert.match(await page.textContent('#notes'), /4-bit NF4 with double quantization/);
+
   // The link reproduces the view.
   const again = await openPage(context, page.url());
   assert.equal(await again.page.inputValue('#lora_target_modules'), 'q_proj,v_proj');
   assert.equal(await again.page.inputValue('#lora_modules_to_save'), 'lm_head');
   assert.ok(await again.page.isChecked('#lora'));
-  assert.equal(await peak(again.page), now);
+  assert.equal(await again.page.inputValue('#quantization'), 'nf4');
+  assert.equal(await peak(again.page), qlora);
   await again.page.close();
 
   // Another preset resets the switch.
