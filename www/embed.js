@@ -4,7 +4,8 @@
 // Attributes: preset | config (setup JSON) | state (the main page's URL query), gpu (a GPU preset id; without
 // one, the source's own device, shown as the GPU preset that has it), compile (true|false:
 // torch.compile on or off over what the source says), alloc-conf (PYTORCH_CUDA_ALLOC_CONF, e.g.
-// "expandable_segments:True"), show, lock, plot (batch|block|fitmap|timeline|none), theme (light|dark|auto). Everything renders in a shadow root; every number comes from the wasm estimator,
+// "expandable_segments:True"), show (knobs to offer, by URL key: batch_size, precision, optimizer, lora, lora_r,
+// lora_target_modules, base_dtype, quantization, ...), lock, plot (batch|block|fitmap|timeline|none), theme (light|dark|auto). Everything renders in a shadow root; every number comes from the wasm estimator,
 // loaded once from this script's own origin and shared by every widget on the page.
 
 const ESTIMATOR = new URL('./pkg/entry.js', import.meta.url).href;
@@ -19,7 +20,8 @@ const KNOBS = {
   batch_size: ['Batch size', 'number'], seq_len: ['Sequence length', 'number'], block_size: ['Block size', 'number'],
   n_layer: ['Layers', 'number'], n_embd: ['Width', 'number'], n_head: ['Heads', 'number'], vocab_size: ['Vocabulary', 'number'],
   precision: ['Precision', ['fp32', 'fp16-amp', 'bf16-amp', 'bf16']],
-  optimizer: ['Optimizer', ['adamw', 'adamw-fused', 'sgd', 'sgd-momentum']],
+  optimizer: ['Optimizer', ['adamw', 'adamw-fused', 'sgd', 'sgd-momentum', 'adamw8bit', 'paged-adamw8bit', 'adafactor',
+    'lion', 'lion8bit']],
   attention: ['Attention', ['sdpa', 'manual']], checkpointing: ['Checkpointing', 'checkbox'],
   grad_accum_steps: ['Grad accumulation', 'number'], dropout: ['Dropout', 'number'], gpu: ['GPU', 'gpu'],
   zero_grad_set_to_none: ['zero_grad(set_to_none)', 'checkbox'], compile: ['torch.compile', 'checkbox'],
@@ -28,6 +30,10 @@ const KNOBS = {
   parallel_residual: ['Parallel residual', 'checkbox'], n_experts: ['Experts', 'number'],
   experts_per_token: ['Experts per token', 'number'], shared_expert_size: ['Shared expert width', 'number'],
   norm_topk_prob: ['Renormalise top-k', 'checkbox'], router_aux_loss: ['Router aux loss', 'checkbox'],
+  lora: ['LoRA', 'checkbox'], lora_r: ['LoRA rank', 'number'], lora_alpha: ['LoRA alpha', 'number'],
+  lora_dropout: ['LoRA dropout', 'number'], lora_target_modules: ['LoRA targets', 'text'],
+  lora_modules_to_save: ['Modules to save', 'text'], base_dtype: ['Base dtype', ['', 'fp32', 'bf16', 'fp16']],
+  quantization: ['Quantized base', ['', 'nf4', 'fp4', 'int8']], double_quant: ['Double quant', 'checkbox'],
 };
 const DEFAULT_SHOW = 'batch_size,seq_len,precision,gpu';
 const DEVICE_KEYS = ['memory_gib', 'compute_capability'];
@@ -207,7 +213,7 @@ class VramFit extends HTMLElement {
       input.value = this.params?.get('gpu') || '';
     } else if (Array.isArray(kind)) {
       input = el('select');
-      for (const v of kind) input.append(el('option', v, { value: v }));
+      for (const v of kind) input.append(el('option', v || 'none', { value: v }));
       input.value = this.params?.get(key) ?? '';
     } else if (kind === 'checkbox') {
       input = el('input', undefined, { type: 'checkbox' });
@@ -216,7 +222,7 @@ class VramFit extends HTMLElement {
       input = el('input', undefined, { type: 'text', spellcheck: 'false', autocapitalize: 'off' });
       input.value = this.params?.get(key) ?? '';
     } else {
-      input = el('input', undefined, { type: 'number', min: '0', step: key === 'dropout' ? '0.05' : '1' });
+      input = el('input', undefined, { type: 'number', min: '0', step: key.endsWith('dropout') ? '0.05' : '1' });
       input.value = this.params?.get(key) ?? '';
     }
     input.name = key;

@@ -6,8 +6,9 @@ const $ = (id) => document.getElementById(id);
 const KNOBS = ['family', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'intermediate_size', 'vocab_size', 'block_size',
   'bias', 'tie_embeddings', 'head_dim', 'sliding_window', 'rotary_dims', 'parallel_residual', 'n_experts',
   'experts_per_token', 'shared_expert_size', 'norm_topk_prob', 'router_aux_loss', 'dropout', 'batch_size', 'seq_len', 'precision', 'optimizer', 'attention',
-  'compile', 'checkpointing', 'grad_accum_steps', 'grad_clip', 'zero_grad_set_to_none', 'alloc_conf', 'memory_gib',
-  'compute_capability'];
+  'compile', 'checkpointing', 'grad_accum_steps', 'grad_clip', 'zero_grad_set_to_none', 'alloc_conf', 'lora', 'lora_r',
+  'lora_alpha', 'lora_dropout', 'lora_target_modules', 'lora_modules_to_save', 'base_dtype', 'quantization',
+  'double_quant', 'memory_gib', 'compute_capability'];
 // Fields some families have: index.html's `data-families` on each field's box lists them ("hf": every family
 // but gpt2). The others' fields are hidden and left out of the query.
 function fieldFamilies(k) {
@@ -103,6 +104,15 @@ function syncSlider() {
 }
 
 // ---- errors next to their field -----------------------------------------------------------------------------
+// The form field a core message is about: it starts with the field ("train.batch_size (0) must be at least 1";
+// "train.lora.r (0) ..." is the field lora_r).
+function errorField(message) {
+  const m = /^(?:model|train|device)\.([a-z_]+)(?:\.([a-z_]+))?/.exec(message);
+  if (!m) return null;
+  const id = m[2] ? `${m[1]}_${m[2]}` : m[1];
+  return document.querySelector(`.field-error[data-for="${id}"]`) ? id : null;
+}
+
 function clearErrors() {
   document.querySelectorAll('.field-error').forEach((e) => { e.textContent = ''; });
   document.querySelectorAll('[aria-invalid]').forEach((e) => e.removeAttribute('aria-invalid'));
@@ -111,11 +121,10 @@ function clearErrors() {
 function showError(message) {
   clearErrors();
   // Rust's messages start with the field they are about ("train.batch_size (0) must be at least 1").
-  const m = /^(?:model|train|device)\.([a-z_]+)/.exec(message);
-  const slot = m && document.querySelector(`.field-error[data-for="${m[1]}"]`);
-  if (slot) {
-    slot.textContent = message;
-    $(m[1]).setAttribute('aria-invalid', 'true');
+  const id = errorField(message);
+  if (id) {
+    document.querySelector(`.field-error[data-for="${id}"]`).textContent = message;
+    $(id).setAttribute('aria-invalid', 'true');
   } else {
     $('global-error').textContent = message;
   }
@@ -123,8 +132,8 @@ function showError(message) {
 
 // A problem with the link itself: shown next to its field (or on top), without clearing other messages.
 function showLinkError(message) {
-  const m = /^(?:model|train|device)\.([a-z_]+)/.exec(message);
-  const slot = m && document.querySelector(`.field-error[data-for="${m[1]}"]`);
+  const id = errorField(message);
+  const slot = id && document.querySelector(`.field-error[data-for="${id}"]`);
   (slot || $('global-error')).textContent = `In the link: ${message}`;
 }
 

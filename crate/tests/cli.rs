@@ -575,6 +575,52 @@ fn lora_on_a_preset_freezes_the_base() {
     );
 }
 
+/// Issue 13's "done when": `vramfit estimate --preset llama-3.1-8b --lora r=16 --quantization nf4` gives a
+/// breakdown with the 4-bit weights, the adapters, their optimizer state and the activations. Weights: the
+/// 224 decoder Linears (6,979,321,856 elements) packed two to a byte with an fp32 absmax per 64 (0.5625 bytes
+/// each), the embedding, head and norms in fp32 (prepare_model_for_kbit_training), and peft's fp32 adapters on
+/// q_proj and v_proj (r 16: 6,815,744 parameters); AdamW's two fp32 states over the adapters only.
+#[test]
+fn qlora_on_the_8b_preset_keeps_4bit_weights() {
+    let args = [
+        "estimate",
+        "--preset",
+        "llama-3.1-8b",
+        "--lora",
+        "r=16",
+        "--quantization",
+        "nf4",
+        "--format",
+        "json",
+    ];
+    let v = json_of(&args);
+    let c = &v["components"];
+    let get = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("{k}: {c}"));
+    let linears: u64 = 32 * 4096 * (4096 + 1024 + 1024 + 4096 + 3 * 14336);
+    assert_eq!(linears, 6_979_321_856);
+    let adapters: u64 = 32 * 16 * (4096 + 4096 + 4096 + 1024);
+    assert_eq!(adapters, 6_815_744);
+    let fp32 = (2 * 128_256 * 4096 + 65 * 4096) * 4;
+    let weights = linears / 2 + linears / 64 * 4 + fp32 + adapters * 4;
+    let w = get("weights_bytes");
+    assert!(
+        w >= weights && w < weights + (16 << 20),
+        "{w} for {weights}"
+    );
+    let state = get("optimizer_bytes");
+    assert!(
+        state >= 2 * 4 * adapters && state < 2 * 4 * adapters + (16 << 20),
+        "{state}"
+    );
+    assert!(get("activations_bytes") > 0);
+    // Far below the bf16 base's 2 bytes per Linear weight.
+    assert!(w < 2 * linears, "{w}");
+    let table: Vec<&str> = args[..7].to_vec();
+    let (code, out, err) = vramfit(&table);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("4-bit NF4"), "{out}");
+}
+
 #[test]
 fn lora_flags_name_what_is_wrong() {
     let e = error_of(&["estimate", "--preset", "llama-3.2-1b", "--lora", "r=0"]);
@@ -604,11 +650,22 @@ fn lora_flags_name_what_is_wrong() {
         "--lora",
         "r=8",
         "--quantization",
-        "nf4",
+        "int8",
         "--base-dtype",
         "bf16",
     ]);
-    assert!(e.contains("not modelled: train.quantization (nf4)"), "{e}");
+    assert!(e.contains("not modelled: train.quantization (int8)"), "{e}");
+    let e = error_of(&[
+        "estimate",
+        "--preset",
+        "llama-3.2-1b",
+        "--quantization",
+        "nf4",
+    ]);
+    assert!(
+        e.contains("not modelled: train.quantization (nf4) without train.lora"),
+        "{e}"
+    );
     let e = error_of(&[
         "estimate",
         "--preset",

@@ -299,11 +299,62 @@ impl Quantization {
             Quantization::Nf4 { double_quant: true } | Quantization::Fp4 { double_quant: true }
         )
     }
+
+    /// How the report names it: "4-bit NF4 with double quantization", "8-bit (LLM.int8)".
+    pub fn describe(self) -> String {
+        match self {
+            Quantization::Int8 => "8-bit (LLM.int8)".into(),
+            q => format!(
+                "4-bit {}{}",
+                q.name().to_uppercase(),
+                if q.double_quant() {
+                    " with double quantization"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
+}
+
+/// Elements per quantization block of bitsandbytes' 4-bit weights (`Params4bit.blocksize`, 64 in 0.50.2: the
+/// records' `quant_state.blocksize`).
+const BLOCK_4BIT: u64 = 64;
+/// Blocks of absmax per block of the double quantization's second level (`quant_state.state2.blocksize`, 256).
+const BLOCK_NESTED: u64 = 256;
+
+/// The tensors bitsandbytes keeps on the device for one 4-bit Linear weight of `elems` elements, in bytes, in the
+/// order `quantize_4bit` makes them (tests/data/finetune/README.md, Linear4bit storage; the records'
+/// `quant_state`): the packed weight uint8 [(elems+1)/2]; without double quantization the absmax fp32 per block
+/// of 64; with it the absmax quantized to uint8 per block, its own absmax fp32 per 256 of those, the 256-entry
+/// fp32 code of that level and the fp32 `offset` scalar; and the 16-entry fp32 code table of NF4 or FP4.
+pub fn linear4bit_tensors(elems: u64, double_quant: bool) -> Vec<u64> {
+    let blocks = elems.div_ceil(BLOCK_4BIT);
+    let mut v = vec![elems.div_ceil(2)];
+    if double_quant {
+        v.extend([blocks, blocks.div_ceil(BLOCK_NESTED) * 4, 256 * 4, 4]);
+    } else {
+        v.push(blocks * 4);
+    }
+    v.push(16 * 4);
+    v
+}
+
+/// The fp32 temporaries `dequantize_4bit` makes before the weight itself under double quantization: the absmax
+/// dequantized from uint8 (fp32 per block) and `absmax + offset` (fp32 per block); none without.
+pub fn dequant_absmax_bytes(elems: u64, double_quant: bool) -> Option<u64> {
+    double_quant.then(|| elems.div_ceil(BLOCK_4BIT) * 4)
 }
 
 /// Bytes per element of the base model's weights: `base_dtype` when set, bf16 under pure bf16, else fp32 (the
 /// four precisions' own meaning).
+///
+/// A quantized base is fp32 in every parameter that is not a quantized Linear weight: peft's
+/// `prepare_model_for_kbit_training` casts every fp16 or bf16 parameter left (embeddings, norms, head) to fp32.
 pub fn base_bytes(setup: &Setup) -> u64 {
+    if setup.train.quantization.is_some() {
+        return 4;
+    }
     match setup.train.base_dtype {
         Some(d) => d.bytes(),
         None => setup.train.precision.param_bytes(),
@@ -325,18 +376,45 @@ pub fn check(setup: &Setup) -> Result<(), Error> {
     let t = &setup.train;
     let m = &setup.model;
     if let Some(q) = t.quantization {
-        // What a quantized base changes in the step is read (tests/data/finetune/README.md: Linear4bit and
-        // Linear8bitLt) but not yet walked by the executor: prepare_model_for_kbit_training makes the embeddings,
-        // norms and head fp32, so the residual stream is fp32, and Linear4bit returns its input's dtype (fp32
-        // gate/up outputs, SiLU in fp32), where the eager executor has every Linear return the matmul dtype.
-        return Err(Error::NotModelled {
-            what: format!(
-                "train.quantization ({}{}): QLoRA and 8-bit bases are not modelled yet (their fp32 residual \
-                 stream and fp32 Linear outputs after prepare_model_for_kbit_training); LoRA on a bf16 base is",
-                q.name(),
-                if q.double_quant() { " with double_quant" } else { "" }
-            ),
-        });
+        // Linear8bitLt is read (tests/data/finetune/README.md) but not walked: its forward goes through fp16 and
+        // an int8 copy of the input, and its output dtype under autocast was not pinned by the records.
+        if q == Quantization::Int8 {
+            return Err(Error::NotModelled {
+                what: "train.quantization (int8): 8-bit bases (Linear8bitLt) are not modelled yet (their fp16 \
+                       and int8 copies of each input); 4-bit bases (nf4, fp4) are"
+                    .into(),
+            });
+        }
+        if t.lora.is_none() {
+            return Err(Error::NotModelled {
+                what: format!(
+                    "train.quantization ({}) without train.lora: a quantized base cannot be trained itself; \
+                     set train.lora (QLoRA)",
+                    q.name()
+                ),
+            });
+        }
+        // HF's eager attention on an fp32 v (a 4-bit base's Linear on the fp32 stream) is not walked; SDPA is.
+        if t.attention == crate::policy::Attention::Manual {
+            return Err(Error::NotModelled {
+                what: format!(
+                    "train.quantization ({}) with train.attention \"manual\": QLoRA is modelled with SDPA, as it \
+                     was measured",
+                    q.name()
+                ),
+            });
+        }
+        // bitsandbytes computes in bf16 (`bnb_4bit_compute_dtype`), and every record ran bf16 autocast.
+        if t.precision != Precision::Bf16Amp {
+            return Err(Error::NotModelled {
+                what: format!(
+                    "train.quantization ({}) with train.precision ({}): QLoRA is modelled under bf16-amp (compute \
+                     dtype bf16), as it was measured",
+                    q.name(),
+                    t.precision.name()
+                ),
+            });
+        }
     }
     if let Some(d) = t.base_dtype {
         let Some(_) = &t.lora else {

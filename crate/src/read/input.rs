@@ -1828,15 +1828,36 @@ const QUERY_KEYS: &[(&str, &str, QueryKind)] = &[
     ("zero_grad_set_to_none", "train", QueryKind::Bool),
     ("compile", "train", QueryKind::Bool),
     ("alloc_conf", "train", QueryKind::Str),
+    // Fine-tuning: `lora=1` turns LoRA on (`lora=0` off, its fields then ignored: the page keeps them filled);
+    // `lora_*` are `train.lora`'s fields (module lists comma-separated); the base's dtype and quantization are
+    // empty for none.
+    ("lora", "train", QueryKind::Lora),
+    ("lora_r", LORA_SECTION, QueryKind::Num),
+    ("lora_alpha", LORA_SECTION, QueryKind::Num),
+    ("lora_dropout", LORA_SECTION, QueryKind::Num),
+    ("lora_target_modules", LORA_SECTION, QueryKind::List),
+    ("lora_modules_to_save", LORA_SECTION, QueryKind::List),
+    ("base_dtype", "train", QueryKind::OptStr),
+    ("quantization", "train", QueryKind::OptStr),
+    ("double_quant", "train", QueryKind::Bool),
     ("memory_gib", "device", QueryKind::Num),
     ("compute_capability", "device", QueryKind::Num),
 ];
 
+/// The query keys that fill `train.lora` (named `lora_` + the field).
+const LORA_SECTION: &str = "train.lora";
+
 #[derive(Clone, Copy)]
 enum QueryKind {
     Str,
+    /// A string whose empty value means the field is not set (`base_dtype=`, `quantization=`).
+    OptStr,
     Num,
     Bool,
+    /// Comma-separated names (`lora_target_modules=q_proj,v_proj`), possibly none.
+    List,
+    /// `lora=1|0`: whether `train.lora` is set.
+    Lora,
 }
 
 fn percent_decode(s: &str) -> Result<String, Error> {
@@ -1895,16 +1916,33 @@ pub const PAGE_KEYS: &[&str] = &[
 pub fn setup_from_query(query: &str, extra: &mut Vec<(String, String)>) -> Result<Setup, Error> {
     let query = query.strip_prefix('?').unwrap_or(query);
     let mut v = serde_json::json!({"model": {}, "train": {}});
+    // `train.lora`'s fields as they come, and the `lora` switch (absent: on when a `lora_` field is given).
+    let mut lora = Map::new();
+    let mut lora_on: Option<bool> = None;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, raw) = pair.split_once('=').unwrap_or((pair, ""));
         let key = percent_decode(k)?;
         let value = percent_decode(raw)?;
         if let Some((name, section, kind)) = QUERY_KEYS.iter().find(|(name, _, _)| *name == key) {
-            let parsed = query_value(&format!("{section}.{name}"), *kind, value)?;
-            if v.get(*section).is_none() {
-                v[*section] = serde_json::json!({});
+            let short = if *section == LORA_SECTION {
+                &name["lora_".len()..]
+            } else {
+                name
+            };
+            if matches!(kind, QueryKind::OptStr) && value.is_empty() {
+                continue;
             }
-            v[*section][*name] = parsed;
+            let parsed = query_value(&format!("{section}.{short}"), *kind, value)?;
+            if let QueryKind::Lora = kind {
+                lora_on = parsed.as_bool();
+            } else if *section == LORA_SECTION {
+                lora.insert(short.to_string(), parsed);
+            } else {
+                if v.get(*section).is_none() {
+                    v[*section] = serde_json::json!({});
+                }
+                v[*section][*name] = parsed;
+            }
         } else if let Some((_, path, kind)) = PARALLEL_QUERY_KEYS.iter().find(|(n, _, _)| *n == key)
         {
             let parsed = query_value(&format!("train.parallel.{path}"), *kind, value)?;
@@ -1921,6 +1959,9 @@ pub fn setup_from_query(query: &str, extra: &mut Vec<(String, String)>) -> Resul
         } else {
             return Err(Error::UnknownField { field: key });
         }
+    }
+    if lora_on.unwrap_or(!lora.is_empty()) {
+        v["train"]["lora"] = Value::Object(lora);
     }
     setup_from_value(&v)
 }
@@ -1954,8 +1995,16 @@ const PARALLEL_QUERY_KEYS: &[(&str, &str, QueryKind)] = &[
 /// A query value as the setup JSON holds it; `field` names it in errors.
 fn query_value(field: &str, kind: QueryKind, value: String) -> Result<Value, Error> {
     Ok(match kind {
-        QueryKind::Str => Value::String(value),
-        QueryKind::Bool => match value.as_str() {
+        QueryKind::Str | QueryKind::OptStr => Value::String(value),
+        QueryKind::List => Value::Array(
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(Value::from)
+                .collect(),
+        ),
+        QueryKind::Bool | QueryKind::Lora => match value.as_str() {
             "1" | "true" => Value::Bool(true),
             "0" | "false" => Value::Bool(false),
             _ => {
@@ -1983,11 +2032,6 @@ fn query_value(field: &str, kind: QueryKind, value: String) -> Result<Value, Err
 pub fn setup_to_query(s: &Setup) -> String {
     let v = setup_to_value(s);
     let mut query = String::new();
-    let text = |kind: &QueryKind, x: &Value| match (kind, x) {
-        (QueryKind::Bool, Value::Bool(b)) => if *b { "1" } else { "0" }.to_string(),
-        (_, Value::String(s)) => s.clone(),
-        (_, other) => other.to_string(),
-    };
     let mut push = |name: &str, t: String| {
         if !query.is_empty() {
             query.push('&');
@@ -1996,20 +2040,46 @@ pub fn setup_to_query(s: &Setup) -> String {
         query.push('=');
         query.push_str(&percent_encode(&t));
     };
+    let lora = v["train"].get("lora");
     for (name, section, kind) in QUERY_KEYS {
-        if let Some(x) = v.get(*section).and_then(|o| o.get(*name)) {
-            push(name, text(kind, x));
-        }
+        let x = if *section == LORA_SECTION {
+            lora.and_then(|l| l.get(&name["lora_".len()..]))
+        } else {
+            v.get(*section).and_then(|o| o.get(*name))
+        };
+        let text = match (kind, x) {
+            (QueryKind::Lora, _) => if lora.is_some() { "1" } else { "0" }.to_string(),
+            // Spelled out empty, so that a preset's query resets them.
+            (QueryKind::OptStr, None) => String::new(),
+            (QueryKind::Bool, None) if *name == "double_quant" => "0".to_string(),
+            (_, None) => continue,
+            (kind, Some(x)) => query_text(*kind, x),
+        };
+        push(name, text);
     }
     if let Some(p) = v["train"].get("parallel") {
         for (name, path, kind) in PARALLEL_QUERY_KEYS {
             let x = path.split('.').try_fold(p, |at, part| at.get(part));
             if let Some(x) = x {
-                push(name, text(kind, x));
+                push(name, query_text(*kind, x));
             }
         }
     }
     query
+}
+
+/// A setup JSON value as the URL spells it.
+fn query_text(kind: QueryKind, x: &Value) -> String {
+    match (kind, x) {
+        (QueryKind::Bool, Value::Bool(b)) => if *b { "1" } else { "0" }.to_string(),
+        (QueryKind::List, Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(","),
+        (_, Value::String(s)) => s.clone(),
+        (_, other) => other.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -2089,6 +2159,70 @@ mod query_tests {
                 .to_string(),
             "train.alloc_conf (\"max_split_size_mb:4\") max_split_size_mb (4) must be at least 20: PyTorch's \
              minimum, the 20 MiB segments the large pool shares"
+        );
+    }
+
+    /// Fine-tuning in the URL: `lora=1` with `train.lora`'s fields as `lora_*` (module lists comma-separated),
+    /// `base_dtype`, `quantization` and `double_quant`; `lora=0` drops the LoRA fields the page keeps filled.
+    #[test]
+    fn query_carries_lora_and_the_base() {
+        let base = "family=llama&n_layer=2&n_head=4&n_kv_head=2&n_embd=256&intermediate_size=512&block_size=128\
+                    &vocab_size=1000&precision=bf16-amp";
+        let q = format!(
+            "{base}&lora=1&lora_r=16&lora_alpha=32&lora_dropout=0.05&lora_target_modules=q_proj%2Cv_proj\
+             &lora_modules_to_save=lm_head&base_dtype=bf16&quantization=nf4&double_quant=1"
+        );
+        let s = setup_from_query(&q, &mut Vec::new()).unwrap();
+        let l = s.train.lora.as_ref().unwrap();
+        assert_eq!((l.r, l.alpha, l.dropout), (16, 32.0, 0.05));
+        assert_eq!(l.targets.names(), ["q_proj", "v_proj"]);
+        assert!(l.save_head && !l.save_embed);
+        assert_eq!(s.train.base_dtype, Some(BaseDtype::Bf16));
+        assert_eq!(
+            s.train.quantization,
+            Some(crate::finetune::Quantization::Nf4 { double_quant: true })
+        );
+        let back = setup_to_query(&s);
+        assert!(
+            back.contains("&lora=1&lora_r=16&lora_alpha=32.0&lora_dropout=0.05\
+                           &lora_target_modules=q_proj%2Cv_proj&lora_modules_to_save=lm_head&base_dtype=bf16\
+                           &quantization=nf4&double_quant=1&"),
+            "{back}"
+        );
+        assert_eq!(setup_from_query(&back, &mut Vec::new()).unwrap(), s);
+        // peft's defaults for what the link leaves out; all-linear and no modules to save.
+        let s = setup_from_query(
+            &format!("{base}&lora=1&lora_target_modules=all-linear&lora_modules_to_save="),
+            &mut Vec::new(),
+        )
+        .unwrap();
+        let l = s.train.lora.as_ref().unwrap();
+        assert_eq!((l.r, l.targets), (8, Targets::ALL_LINEAR));
+        assert_eq!(
+            setup_from_query(&setup_to_query(&s), &mut Vec::new()).unwrap(),
+            s
+        );
+        // Off: the fields are ignored, and the query says so (a preset's query resets the page's switch).
+        let off = setup_from_query(&format!("{base}&lora=0&lora_r=16"), &mut Vec::new()).unwrap();
+        assert_eq!(off.train.lora, None);
+        let q = setup_to_query(&off);
+        assert!(
+            q.contains("&lora=0&base_dtype=&quantization=&double_quant=0&")
+                && !q.contains("lora_r"),
+            "{q}"
+        );
+        assert_eq!(
+            setup_from_query(&format!("{base}&lora=1&lora_r=x"), &mut Vec::new())
+                .unwrap_err()
+                .to_string(),
+            "train.lora.r (\"x\") must be a number"
+        );
+        assert_eq!(
+            setup_from_query(&format!("{base}&lora=1&lora_target_modules=lm_head"), &mut Vec::new())
+                .unwrap_err()
+                .to_string(),
+            "train.lora.target_modules (\"lm_head\") is not a Linear of a Hugging Face decoder layer vramfit \
+             adapts; use \"all-linear\" or some of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
         );
     }
 

@@ -849,9 +849,11 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
     let (k_out, k) = ops::proj_fwd(cx, Role::K, r, (c, kv), qkv_bias, Temporary);
     let k_norm = cx.arch.qk_norm.then(|| qk_norm_fwd(cx, k_out, kv));
     let (v_out, v) = ops::proj_fwd(cx, Role::V, r, (c, kv), qkv_bias, Activations);
+    // Without norms rotary reads the projections' outputs in their dtype (fp32 from a 4-bit base's Linear on
+    // the fp32 stream).
     let (q_in, k_in, in_bytes) = match (&q_norm, &k_norm) {
         (Some(qn), Some(kn)) => (qn.out, kn.out, qn.out_bytes),
-        _ => (q_out, k_out, p),
+        _ => (q_out, k_out, q.out_bytes),
     };
     let (mut q_rot, mut k_rot) = rotary_fwd(cx, qd, kv, in_bytes);
     // OLMo 2: back to q's and k's dtype before the kernel (stub-cuda snapshot of olmo2-768-tied-bf16: q's cast,
@@ -958,6 +960,12 @@ fn attn_core_fwd(
     // Grouped-query K/V otherwise reach the kernel unrepeated: transformers passes `enable_gqa=True` and PyTorch
     // 2.15's flash and memory-efficient kernels take K/V at their own head count (stub-cuda records
     // qwen2-256-untied-fp32-sgd and qwen3-256-hd64-untied-fp32-sgd, memory-efficient in fp32: exact).
+    // v from a 4-bit base's Linear on the fp32 stream is fp32: autocast casts it for the kernel, which saves the
+    // cast; the fp32 output lives until the attention module returns.
+    let v_cast = v
+        .as_ref()
+        .filter(|v| v.out_bytes != p)
+        .map(|_| cx.alloc(cx.n * kv * p, Activations, "_to_copy"));
     let sdpa = ops::sdpa_fwd_with(cx, sdpa_backend_of(cx, masked));
     if let Some(k) = k_rep {
         if k != k_att {
@@ -988,6 +996,13 @@ fn attn_core_fwd(
         cx.free(q_rot);
         cx.free(k_rot);
     }
+    let v_out = match v_cast {
+        Some(cast) => {
+            cx.free(v_out);
+            cast
+        }
+        None => v_out,
+    };
     for t in [sdpa.out, q_att, k_att, v_out].into_iter().chain(y_copy) {
         cx.drop_unsaved(t);
     }
@@ -1056,6 +1071,7 @@ fn attn_bwd(
         AttnSaved::Separate(s) => {
             let (qd, kv) = (cx.m.q_dim(), cx.m.kv_dim());
             let r = cx.r;
+            let q_out_bytes = s.q.out_bytes;
             let (g_branch, g_bytes, owned) = match given {
                 Some(g) => g,
                 None => branch_grad(cx, g_mid, None),
@@ -1066,7 +1082,13 @@ fn attn_bwd(
                     let masked = s.window.is_some();
                     let repeated = s.window.as_ref().is_some_and(|w| w.repeated);
                     let kw = if repeated { qd } else { kv };
-                    let (dq, dk, dv) = ops::sdpa_bwd_with(cx, sdpa_backend_of(cx, masked), kw);
+                    let (dq, dk, mut dv) = ops::sdpa_bwd_with(cx, sdpa_backend_of(cx, masked), kw);
+                    // ToCopyBackward of v's cast (an fp32 v from a 4-bit base): back to fp32.
+                    if let Some(vb) = s.v.as_ref().map(|v| v.out_bytes).filter(|b| *b != p) {
+                        let wide = cx.alloc(cx.n * kv * vb, Temporary, "_to_copy");
+                        cx.free(dv);
+                        dv = wide;
+                    }
                     cx.free(g_att);
                     cx.sim.free_all(&[s.q_att, s.k_att, s.v_out]);
                     cx.sim.free_all(&sdpa.tensors());
@@ -1112,7 +1134,9 @@ fn attn_bwd(
             } else {
                 (dq, dk)
             };
-            let in_bytes = s.q_norm.as_ref().map_or(p, |n| n.out_bytes);
+            let in_bytes = s.q_norm.as_ref().map_or(q_out_bytes, |n| n.out_bytes);
+            // The gradients reach the projections in their outputs' dtypes (rotary's input dtype without norms).
+            let qk_bytes = if s.q_norm.is_some() { p } else { in_bytes };
             let gk = rotary_bwd(cx, dk, kv, in_bytes);
             let gq = rotary_bwd(cx, dq, qd, in_bytes);
             let (Some(k), Some(v)) = (s.k, s.v) else {
@@ -1132,10 +1156,11 @@ fn attn_bwd(
                 Some(n) => qk_norm_bwd(cx, gq, n, qd),
                 None => gq,
             };
-            let g_hv = ops::linear_bwd(cx, dv, p, true, v, None);
-            let g_hk = ops::linear_bwd(cx, gk, p, true, k, None);
+            let v_bytes = v.out_bytes;
+            let g_hv = ops::linear_bwd(cx, dv, v_bytes, true, v, None);
+            let g_hk = ops::linear_bwd(cx, gk, qk_bytes, true, k, None);
             let acc = ops::grad_sum(cx, g_hv, g_hk, nc * r);
-            let g_hq = ops::linear_bwd(cx, gq, p, true, s.q, norm_out);
+            let g_hq = ops::linear_bwd(cx, gq, qk_bytes, true, s.q, norm_out);
             ops::grad_sum(cx, acc, g_hq, nc * r)
         }
     }
@@ -1200,15 +1225,19 @@ fn mlp_fwd(cx: &mut Ctx) -> (MlpSaved, Tensor) {
 /// SwiGLU (or GeGLU) of width `i` on the norm's output: `down(act(gate(x)) * up(x))` (Llama's MLP, also
 /// Qwen2-MoE's shared expert).
 pub(crate) fn swiglu_fwd(cx: &mut Ctx, i: u64, bias: bool) -> (MlpSaved, Tensor) {
-    let (c, r, p) = (cx.m.n_embd, cx.r, cx.p);
+    let (c, r) = (cx.m.n_embd, cx.r);
+    // The activation and the product in the projections' output dtype (fp32 from a 4-bit base's Linears on the
+    // fp32 stream: the QLoRA snapshot's SiLU is fp32).
     let (gate_out, gate) = ops::proj_fwd(cx, Role::Gate, r, (c, i), bias, Activations);
-    let silu = cx.alloc(cx.n * i * p, Activations, act_name(cx));
+    let gb = gate.out_bytes;
+    let silu = cx.alloc(cx.n * i * gb, Activations, act_name(cx));
     cx.drop_unsaved(gate_out);
     let (up_out, up) = ops::proj_fwd(cx, Role::Up, r, (c, i), bias, Activations);
-    let prod = cx.alloc(cx.n * i * p, Activations, "mul");
+    let pb = gb.max(up.out_bytes);
+    let prod = cx.alloc(cx.n * i * pb, Activations, "mul");
     cx.drop_unsaved(silu);
     cx.drop_unsaved(up_out);
-    let (d_out, down) = ops::proj_fwd(cx, Role::Down, p, (i, c), bias, Temporary);
+    let (d_out, down) = ops::proj_fwd(cx, Role::Down, pb, (i, c), bias, Temporary);
     // Saved by the down projection only, unless it is frozen (LoRA's base; its adapter keeps a copy).
     ops::keep_if_saved(cx, prod, &down);
     let saved = MlpSaved::SwiGlu {
@@ -1245,18 +1274,19 @@ pub(crate) fn swiglu_bwd(
         // Only `swiglu_fwd`'s state reaches here.
         return g_branch;
     };
-    let (nc, r, p) = (cx.n * cx.m.n_embd, cx.r, cx.p);
+    let (nc, r) = (cx.n * cx.m.n_embd, cx.r);
+    let (gb, ub) = (gate.out_bytes, up.out_bytes);
     let g_prod = ops::linear_bwd(cx, g_branch, g_bytes, owned, down, Some(prod));
-    let g_silu = cx.alloc(cx.n * i * p, Temporary, "mul");
-    let g_up = cx.alloc(cx.n * i * p, Temporary, "mul");
+    let g_silu = cx.alloc(cx.n * i * gb, Temporary, "mul");
+    let g_up = cx.alloc(cx.n * i * ub, Temporary, "mul");
     cx.free(g_prod);
     cx.free(up_out);
-    let g_a = ops::linear_bwd(cx, g_up, p, true, up, None);
+    let g_a = ops::linear_bwd(cx, g_up, ub, true, up, None);
     cx.free(silu);
-    let g_gate = cx.alloc(cx.n * i * p, Temporary, act_bwd_name(cx));
+    let g_gate = cx.alloc(cx.n * i * gb, Temporary, act_bwd_name(cx));
     cx.free(g_silu);
     cx.free(gate_out);
-    let g_b = ops::linear_bwd(cx, g_gate, p, true, gate, norm_out);
+    let g_b = ops::linear_bwd(cx, g_gate, gb, true, gate, norm_out);
     ops::grad_sum(cx, g_a, g_b, nc * r)
 }
 

@@ -91,14 +91,19 @@ fn run(setup: &Setup, n_steps: u32, record: bool, reserved_limit: u64) -> Result
     } else {
         // Weights and buffers, one block each, in the parameter dtype, in the order the constructor makes them
         // (built directly on the device, as the reference runs are).
-        let weights: Vec<Tensor> = params
-            .iter()
-            .map(|&(elems, _)| cx.alloc(elems * cx.pb, Weights, "parameter"))
-            .collect();
-        for bytes in cx.arch.buffers_bytes(&setup.model, cx.pb) {
-            cx.alloc(bytes, Weights, "buffer");
+        match tr.quantization {
+            Some(q) => quantized_base(&mut cx, setup, &params, q.double_quant()),
+            None => {
+                let weights: Vec<Tensor> = params
+                    .iter()
+                    .map(|&(elems, _)| cx.alloc(elems * cx.pb, Weights, "parameter"))
+                    .collect();
+                for bytes in cx.arch.buffers_bytes(&setup.model, cx.pb) {
+                    cx.alloc(bytes, Weights, "buffer");
+                }
+                tie_head(&mut cx, setup, weights[0]);
+            }
         }
-        tie_head(&mut cx, setup, weights[0]);
         let trained: Vec<Param> = match &tr.lora {
             None => params
                 .iter()
@@ -151,6 +156,36 @@ fn run(setup: &Setup, n_steps: u32, record: bool, reserved_limit: u64) -> Result
         }
     }
     Ok(sim)
+}
+
+/// A 4-bit base as transformers' bitsandbytes loading and peft leave it (tests/data/finetune/README.md, quantized
+/// bases): the model, built on the host in `train.base_dtype` (bf16 unless given), moved to the device in module
+/// order, each parameter in turn (a tied head is the embedding: nothing of its own); a decoder Linear's weight
+/// (every matrix but the embedding and the head) arrives as its bf16 copy, which `Params4bit` quantizes
+/// (`finetune::linear4bit_tensors`) and lets go. Then `prepare_model_for_kbit_training` casts every other fp16 or
+/// bf16 parameter to fp32, one by one (a new tensor, the old one freed).
+fn quantized_base(cx: &mut Ctx, setup: &Setup, params: &[(u64, bool)], double_quant: bool) {
+    let loaded = setup.train.base_dtype.map_or(2, |d| d.bytes());
+    let (last, tied) = (params.len().saturating_sub(1), cx.arch.tied_head);
+    let quantized = |i: usize, matrix: bool| matrix && i != 0 && (tied || i != last);
+    let mut rest = Vec::new();
+    for (i, &(elems, matrix)) in params.iter().enumerate() {
+        if quantized(i, matrix) {
+            let bf16 = cx.alloc(elems * 2, Temporary, "_to_copy");
+            for bytes in crate::finetune::linear4bit_tensors(elems, double_quant) {
+                cx.alloc(bytes, Weights, "quantize_4bit");
+            }
+            cx.free(bf16);
+        } else {
+            rest.push((elems, cx.alloc(elems * loaded, Weights, "parameter")));
+        }
+    }
+    if loaded != 4 {
+        for (elems, t) in rest {
+            cx.alloc(elems * 4, Weights, "_to_copy");
+            cx.free(t);
+        }
+    }
 }
 
 /// A tied LM head is built with a weight of its own, last, and tying then lets one of the two V x C weights go:

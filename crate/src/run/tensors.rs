@@ -84,6 +84,8 @@ pub struct Ctx<'a> {
     pub ab: u64,
     /// FSDP2's state when the model is sharded (`distributed`): its hooks run around each block.
     pub fsdp: Option<Box<crate::distributed::Fsdp>>,
+    /// QLoRA: the base's Linears are bitsandbytes' `Linear4bit` (`train.quantization`).
+    pub quant: Option<finetune::Quantization>,
 }
 
 impl<'a> Ctx<'a> {
@@ -121,6 +123,7 @@ impl<'a> Ctx<'a> {
             lora: setup.train.lora.as_ref(),
             ab: finetune::adapter_bytes(prec),
             fsdp: None,
+            quant: setup.train.quantization,
         })
     }
 
@@ -183,6 +186,10 @@ pub struct LinearSaved {
     pub input_was_cast: bool,
     /// The LoRA adapter on this Linear (peft's `lora.Linear`), when it has one.
     pub adapter: Option<Box<AdapterSaved>>,
+    /// Bytes per element of the output: the matmul dtype, or a `Linear4bit`'s input dtype (it casts back).
+    pub out_bytes: u64,
+    /// A 4-bit weight (`Linear4bit`): the backward dequantizes it again; with double quantization or not.
+    pub dequant: Option<bool>,
 }
 
 impl LinearSaved {
@@ -260,6 +267,8 @@ pub fn linear_fwd_as(
         frozen: !w.trainable,
         input_was_cast: false,
         adapter: None,
+        out_bytes: cx.p,
+        dequant: None,
     };
     if cx.prec.autocast() {
         if w.bytes == 4 {
@@ -331,13 +340,112 @@ pub fn proj_fwd(
         bytes: cx.pb,
         trainable: false,
     };
-    let (y, mut saved) = linear_fwd_as(cx, input_bytes, in_f, out_f, bias, out_category, base);
+    let (y, mut saved) = match cx.quant {
+        Some(q) => linear4bit_fwd(
+            cx,
+            input_bytes,
+            (in_f, out_f, bias),
+            out_category,
+            q.double_quant(),
+        ),
+        None => linear_fwd_as(cx, input_bytes, in_f, out_f, bias, out_category, base),
+    };
     if !lora.targets.has(role) {
         return (y, saved);
     }
-    let (out, adapter) = adapter_fwd(cx, lora, input_bytes, (in_f, out_f), y, out_category);
+    let base_bytes = saved.out_bytes;
+    let (out, adapter) = adapter_fwd(
+        cx,
+        lora,
+        input_bytes,
+        (in_f, out_f),
+        (y, base_bytes),
+        out_category,
+    );
     saved.adapter = Some(Box::new(adapter));
+    // `result + lora_B(...)`: the sum takes the wider dtype (an fp32 `Linear4bit` output stays fp32).
+    saved.out_bytes = base_bytes.max(cx.p);
     (out, saved)
+}
+
+/// bitsandbytes 0.50.2's `Linear4bit.forward` on n tokens (tests/data/finetune/README.md, Linear4bit): the input
+/// cast to the compute dtype (bf16; an fp32 input, after prepare_model_for_kbit_training's fp32 norms, makes an
+/// n x in copy), `MatMul4Bit`: for n above 1536 tokens `dequantize_4bit` (under double quantization the absmax
+/// dequantized and offset, fp32 per block of 64, then the weight, bf16 out x in) and `F.linear` (the GEMM and
+/// cuBLAS's workspace), all transient; then the output cast back to the input's dtype (n x out fp32 for an fp32
+/// input, the bf16 result freed). Nothing is saved: the packed weight is a parameter, the input not kept. Up to
+/// 1536 tokens bnb's fused kernel writes the output only. A bias (fp32 after prepare_model_for_kbit_training)
+/// is cast to the compute dtype first, transient, and the GEMM takes it (cuBLASLt's `addmm`).
+pub fn linear4bit_fwd(
+    cx: &mut Ctx,
+    input_bytes: u64,
+    (in_f, out_f, bias): (u64, u64, bool),
+    out_category: Category,
+    double_quant: bool,
+) -> (Tensor, LinearSaved) {
+    let p = cx.p;
+    let bias_cast = bias.then(|| cx.alloc(out_f * p, Temporary, "_to_copy"));
+    let cast = (input_bytes != p).then(|| cx.alloc(cx.n * in_f * p, Temporary, "_to_copy"));
+    let dequant =
+        (cx.n > BNB_FUSED_MAX_TOKENS).then(|| dequantize_4bit(cx, in_f * out_f, double_quant));
+    let wide = input_bytes != p;
+    let y = cx.alloc(
+        cx.n * out_f * p,
+        if wide { Temporary } else { out_category },
+        "mm",
+    );
+    match (dequant.is_some(), bias) {
+        (true, true) => cx.addmm_workspace(),
+        (true, false) => cx.matmul_workspace(),
+        _ => {}
+    }
+    if let Some(w) = dequant {
+        cx.free(w);
+    }
+    if let Some(b) = bias_cast {
+        cx.free(b);
+    }
+    let out = if wide {
+        let o = cx.alloc(cx.n * out_f * input_bytes, out_category, "_to_copy");
+        cx.free(y);
+        o
+    } else {
+        y
+    };
+    if let Some(c) = cast {
+        cx.free(c);
+    }
+    let saved = LinearSaved {
+        input_cast: None,
+        weight_cast: None,
+        in_f,
+        out_f,
+        bias,
+        frozen: true,
+        input_was_cast: wide,
+        adapter: None,
+        out_bytes: input_bytes,
+        dequant: Some(double_quant),
+    };
+    (out, saved)
+}
+
+/// Up to this many tokens (rows of the input) bitsandbytes' `gemm_4bit` runs its fused kernel on the packed weight;
+/// above, it dequantizes the weight and calls `F.linear` (tests/data/finetune/README.md, Linear4bit forward).
+const BNB_FUSED_MAX_TOKENS: u64 = 1536;
+
+/// `dequantize_4bit` of a weight of `elems` elements: the fp32 absmax temporaries of double quantization (made
+/// and freed first), then the bf16 weight, returned (the caller frees it after its GEMM).
+fn dequantize_4bit(cx: &mut Ctx, elems: u64, double_quant: bool) -> Tensor {
+    if let Some(bytes) = finetune::dequant_absmax_bytes(elems, double_quant) {
+        let absmax = cx.alloc(bytes, Temporary, "dequantize_blockwise");
+        let offset = cx.alloc(bytes, Temporary, "add");
+        cx.free(absmax);
+        let w = cx.alloc(elems * 2, Temporary, "dequantize_4bit");
+        cx.free(offset);
+        return w;
+    }
+    cx.alloc(elems * 2, Temporary, "dequantize_4bit")
 }
 
 /// peft 0.21.2's `lora.Linear.forward` after the base Linear: `x = _cast_input_dtype(x, A's dtype)` (a copy when
@@ -350,7 +458,7 @@ fn adapter_fwd(
     lora: &LoraConfig,
     xb: u64,
     (k, n_out): (u64, u64),
-    base_y: Tensor,
+    (base_y, base_bytes): (Tensor, u64),
     out_category: Category,
 ) -> (Tensor, AdapterSaved) {
     let (ab, p, nk) = (cx.ab, cx.p, cx.n * k);
@@ -376,7 +484,7 @@ fn adapter_fwd(
     let (b_out, b) = linear_fwd_as(cx, p, lora.r, n_out, false, Temporary, trainable);
     let scaled = cx.alloc(cx.n * n_out * p, Temporary, "mul");
     cx.free(b_out);
-    let out = cx.alloc(cx.n * n_out * p, out_category, "add");
+    let out = cx.alloc(cx.n * n_out * p.max(base_bytes), out_category, "add");
     cx.free(scaled);
     cx.free(base_y);
     // peft's `x` (the dtype copy) is bound until the forward returns, unless A saved it.
@@ -555,8 +663,15 @@ pub fn linear_bwd(
         cx.matmul_workspace();
         g
     });
+    // `MatMul4BitBackward`: the weight dequantized again for the input's gradient, freed after its GEMM.
+    let dequant = saved
+        .dequant
+        .map(|dq| dequantize_4bit(cx, saved.in_f * saved.out_f, dq));
     let grad_in = cx.alloc(cx.n * saved.in_f * cx.p, Temporary, "mm");
     cx.matmul_workspace();
+    if let Some(w) = dequant {
+        cx.free(w);
+    }
     let gb = (saved.bias && !saved.frozen).then(|| cx.alloc(saved.out_f * cx.p, cat, "sum"));
     match cast {
         Some(c) => cx.free(c),

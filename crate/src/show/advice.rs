@@ -133,6 +133,19 @@ pub fn suggestions(setup: &Setup) -> Result<Vec<Suggestion>, Error> {
             s,
         ));
     }
+    // Fine-tuning: peft's LoRA (r 16 on every Linear) freezes the base: no gradient and no optimizer state for
+    // it. Families, precisions or compile LoRA is not modelled for are refused by the estimate and not offered.
+    if t.lora.is_none() {
+        let mut s = setup.clone();
+        s.train.lora = Some(crate::finetune::LoraConfig::with_rank(16));
+        candidates.push((
+            "lora",
+            "fine-tune with LoRA (peft, r 16 on every Linear): the base frozen, no gradients or optimizer state \
+             for it"
+                .into(),
+            s,
+        ));
+    }
     let mut out = Vec::new();
     for (id, change, s) in candidates {
         let Ok(r) = crate::estimate(&s) else { continue };
@@ -246,6 +259,32 @@ pub fn largest_that_fit(setup: &Setup) -> Result<(Option<u64>, Option<u64>), Err
 mod tests {
     use super::*;
     use crate::presets;
+
+    /// Full fine-tuning of a Llama: LoRA is offered with what it saves: at least the base's AdamW state (8 bytes
+    /// per parameter, alive at every steady-state peak) less the bf16 copy of each frozen fp32 weight that
+    /// autocast keeps for its backward (2 bytes); nanoGPT's gpt2, which LoRA is not modelled for, is not offered
+    /// it, nor is a setup that already has it.
+    #[test]
+    fn lora_is_suggested_where_it_is_modelled() {
+        let s = presets::model_preset("llama-3.2-1b").unwrap();
+        let n = s.model.n_params();
+        let sug = suggestions(&s).unwrap();
+        let lora = sug.iter().find(|x| x.id == "lora").expect("LoRA suggested");
+        assert!(
+            lora.saving_bytes > 6 * n,
+            "{} for {n} parameters",
+            lora.saving_bytes
+        );
+        assert_eq!(lora.setup.train.lora.as_ref().map(|l| l.r), Some(16));
+        assert!(suggestions(&lora.setup)
+            .unwrap()
+            .iter()
+            .all(|x| x.id != "lora"));
+        assert!(suggestions(&presets::founding())
+            .unwrap()
+            .iter()
+            .all(|x| x.id != "lora"));
+    }
 
     #[test]
     fn founding_case_suggestions_are_real_savings() {

@@ -249,9 +249,14 @@ impl Report {
                 trainable,
                 total,
                 100.0 * trainable as f64 / total as f64,
-                match crate::finetune::base_bytes(setup) {
-                    4 => "fp32",
-                    _ => setup.train.base_dtype.map_or("bf16", |d| d.name()),
+                match (setup.train.quantization, crate::finetune::base_bytes(setup)) {
+                    (Some(q), _) => format!(
+                        "{} (bitsandbytes Linears; embeddings, norms and head fp32 after \
+                         prepare_model_for_kbit_training)",
+                        q.describe()
+                    ),
+                    (None, 4) => "fp32".into(),
+                    _ => setup.train.base_dtype.map_or("bf16", |d| d.name()).into(),
                 },
             ));
         }

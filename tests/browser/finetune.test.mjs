@@ -1,0 +1,155 @@
+// Fine-tuning on the page and in the widget (issue 13): LoRA (rank, alpha, dropout, target modules, modules to
+// save), the frozen base's dtype, a bitsandbytes base and the memory-saving optimizers, each in the URL, and
+// every estimate equal to the native CLI's.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { serve, serveBlogPost, launch, openPage, setField, cliPeakBytes } from './helpers.mjs';
+
+const PORT = 8811;
+const WIDGET_PORT = 8812;
+const BLOG_PORT = 8813;
+let server;
+let widgetServer;
+let blogServer;
+let context;
+
+before(async () => {
+  server = await serve(PORT);
+  widgetServer = await serve(WIDGET_PORT);
+  blogServer = await serveBlogPost(BLOG_PORT, 'LoRA', `http://127.0.0.1:${WIDGET_PORT}/`,
+    '<vram-fit id="lora" preset="llama-3.2-1b" gpu="rtx-4070" show="lora,lora_r,optimizer,quantization" plot="none"></vram-fit>');
+  context = await launch();
+});
+
+after(async () => {
+  await context?.close();
+  server?.close();
+  widgetServer?.close();
+  blogServer?.close();
+});
+
+const peak = async (page) => Number(await page.getAttribute('#peak-allocated', 'data-bytes'));
+const param = (page, k) => page.evaluate((key) => new URLSearchParams(location.search).get(key), k);
+const GPU = ['--compute-capability', '8.9', '--gpu-memory-gib', '12'];
+
+async function check(page, id) {
+  const before = await page.evaluate(() => document.body.dataset.estimated);
+  await page.check(`#${id}`);
+  await page.dispatchEvent(`#${id}`, 'change');
+  await page.waitForFunction((b) => document.body.dataset.estimated !== b, before, { timeout: 3000 }).catch(() => {});
+}
+
+async function select(page, id, value) {
+  const before = await page.evaluate(() => document.body.dataset.estimated);
+  await page.selectOption(`#${id}`, value);
+  await page.waitForFunction((b) => document.body.dataset.estimated !== b, before, { timeout: 3000 }).catch(() => {});
+}
+
+test('LoRA on a llama preset: each knob in the URL and the estimate the CLI\'s', async () => {
+  const { page, errors } = await openPage(context, server.url);
+  // nanoGPT's default: LoRA is not offered for gpt2.
+  assert.ok(await page.evaluate(() => document.getElementById('finetune').hidden), 'no fine-tuning for gpt2');
+  // TinyLlama: a Llama with an untied head (a trainable copy of a tied one was not measured).
+  await page.selectOption('#preset', 'tinyllama-1.1b');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('family') === 'llama');
+  assert.ok(!(await page.evaluate(() => document.getElementById('finetune').hidden)), 'fine-tuning for llama');
+  assert.equal(await param(page, 'lora'), '0');
+  const full = await peak(page);
+  assert.equal(full, cliPeakBytes(['--preset', 'tinyllama-1.1b', ...GPU]));
+
+  // The form's defaults: r 16, alpha 32, dropout 0.05, all-linear.
+  await check(page, 'lora');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('lora') === '1');
+  assert.equal(await param(page, 'lora_r'), '16');
+  assert.equal(await param(page, 'lora_target_modules'), 'all-linear');
+  const lora = ['--preset', 'tinyllama-1.1b', '--lora', 'r=16,alpha=32,dropout=0.05,targets=all-linear', ...GPU];
+  assert.equal(await peak(page), cliPeakBytes(lora));
+  assert.ok(await peak(page) < full, 'a frozen base needs less than full fine-tuning');
+
+  await select(page, 'base_dtype', 'bf16');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('base_dtype') === 'bf16');
+  assert.equal(await peak(page), cliPeakBytes([...lora, '--base-dtype', 'bf16']));
+
+  await select(page, 'optimizer', 'adamw8bit');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('optimizer') === 'adamw8bit');
+  assert.equal(await peak(page), cliPeakBytes([...lora, '--base-dtype', 'bf16', '--optimizer', 'adamw8bit']));
+
+  await setField(page, 'lora_target_modules', 'q_proj,v_proj');
+  await setField(page, 'lora_modules_to_save', 'lm_head');
+  await setField(page, 'lora_r', '64');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('lora_r') === '64');
+  const qv = ['--preset', 'tinyllama-1.1b', '--lora', 'r=64,alpha=32,dropout=0.05,targets=q_proj+v_proj,save=lm_head',
+    '--base-dtype', 'bf16', '--optimizer', 'adamw8bit', ...GPU];
+  const now = await peak(page);
+  assert.equal(now, cliPeakBytes(qv));
+
+  // QLoRA: a 4-bit NF4 base with double quantization.
+  await select(page, 'quantization', 'nf4');
+  await check(page, 'double_quant');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('double_quant') === '1');
+  assert.equal(new URLSearchParams(new URL(page.url()).search).get('quantization'), 'nf4');
+  const qlora = await peak(page);
+  assert.equal(qlora, cliPeakBytes([...qv, '--quantization', 'nf4', '--double-quant']));
+  assert.match(await page.textContent('#notes'), /4-bit NF4 with double quantization/);
+
+  // The link reproduces the view.
+  const again = await openPage(context, page.url());
+  assert.equal(await again.page.inputValue('#lora_target_modules'), 'q_proj,v_proj');
+  assert.equal(await again.page.inputValue('#lora_modules_to_save'), 'lm_head');
+  assert.ok(await again.page.isChecked('#lora'));
+  assert.equal(await again.page.inputValue('#quantization'), 'nf4');
+  assert.equal(await peak(again.page), qlora);
+  await again.page.close();
+
+  // Another preset resets the switch.
+  await page.selectOption('#preset', 'qwen2.5-0.5b');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('family') === 'qwen2');
+  assert.ok(!(await page.isChecked('#lora')));
+  assert.equal(await param(page, 'base_dtype'), null);
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test('a bad LoRA field is named next to it', async () => {
+  const { page, errors } = await openPage(context, `${server.url}?${new URLSearchParams({
+    family: 'llama', n_layer: '2', n_head: '4', n_kv_head: '2', n_embd: '256', intermediate_size: '512',
+    vocab_size: '1000', block_size: '128', seq_len: '128', batch_size: '2', precision: 'bf16-amp', lora: '1', lora_r: '8',
+  })}`);
+  assert.ok(await page.isChecked('#lora'));
+  await setField(page, 'lora_r', '0');
+  await page.waitForFunction(() => document.querySelector('.field-error[data-for="lora_r"]').textContent !== '');
+  assert.match(await page.textContent('.field-error[data-for="lora_r"]'), /^train\.lora\.r \(0\) must be between 1 and model\.n_embd \(256\)/);
+  assert.equal(await page.getAttribute('#lora_r', 'aria-invalid'), 'true');
+  await setField(page, 'lora_r', '8');
+  await setField(page, 'lora_target_modules', 'lm_head');
+  await page.waitForFunction(() => document.querySelector('.field-error[data-for="lora_target_modules"]').textContent !== '');
+  assert.match(await page.textContent('.field-error[data-for="lora_target_modules"]'), /is not a Linear of a Hugging Face decoder layer/);
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test('the widget takes LoRA and the optimizers as knobs', async () => {
+  const page = await context.newPage();
+  await page.goto(blogServer.url);
+  const peakOf = () => page.evaluate(() => Number(document.getElementById('lora').dataset.peakBytes));
+  await page.waitForFunction(() => Number(document.getElementById('lora').dataset.peakBytes) > 0);
+  const base = ['--preset', 'llama-3.2-1b', '--gpu', 'rtx-4070'];
+  assert.equal(await peakOf(), cliPeakBytes(base));
+  const change = async (name, set) => {
+    const first = await peakOf();
+    await page.evaluate(([n, v]) => {
+      const input = document.getElementById('lora').shadowRoot.querySelector(`[name=${n}]`);
+      if (input.type === 'checkbox') input.checked = v; else input.value = v;
+      input.dispatchEvent(new Event('change'));
+    }, [name, set]);
+    await page.waitForFunction((f) => Number(document.getElementById('lora').dataset.peakBytes) !== f, first);
+  };
+  // peft's defaults for what the state leaves out: r 8, q_proj and v_proj.
+  await change('lora', true);
+  assert.equal(await peakOf(), cliPeakBytes([...base, '--lora', 'r=8']));
+  await change('lora_r', '32');
+  assert.equal(await peakOf(), cliPeakBytes([...base, '--lora', 'r=32']));
+  await change('optimizer', 'lion8bit');
+  assert.equal(await peakOf(), cliPeakBytes([...base, '--lora', 'r=32', '--optimizer', 'lion8bit']));
+  await page.close();
+});
