@@ -28,11 +28,11 @@ pub mod run;
 pub mod show;
 
 pub use describe::{arch, model, policy, presets};
-pub use read::input;
+pub use read::{input, pickle, snapshot};
 pub use run::{allocator, compiled, eager, moe, sim, step, tensors};
 #[cfg(target_arch = "wasm32")]
 pub use show::wasm;
-pub use show::{advice, plot, report, sweep};
+pub use show::{advice, compare, plot, report, sweep, trace};
 
 pub use error::Error;
 pub use model::{DeviceConfig, Family, ModelConfig, Setup, TrainConfig};
