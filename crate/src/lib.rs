@@ -30,8 +30,10 @@ pub mod show;
 pub use describe::{arch, model, policy, presets};
 pub use read::{input, pickle, snapshot};
 pub use run::{allocator, compiled, eager, moe, sim, step, tensors};
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", not(feature = "snapshot-module")))]
 pub use show::wasm;
+#[cfg(all(target_arch = "wasm32", feature = "snapshot-module"))]
+pub use show::wasm_snapshot;
 pub use show::{advice, compare, plot, report, sweep, trace};
 
 pub use error::Error;

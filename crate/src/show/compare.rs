@@ -31,19 +31,25 @@ pub fn difference_percent(predicted: u64, measured: u64) -> f64 {
 
 impl Comparison {
     pub fn new(measured: Measured, predicted: &Report) -> Comparison {
+        Comparison::from_peaks(
+            measured,
+            predicted.peak_allocated_bytes,
+            predicted.peak_reserved_bytes,
+        )
+    }
+
+    /// From the predicted peaks alone (the page's snapshot module has no estimator: the page hands them over).
+    pub fn from_peaks(measured: Measured, allocated: u64, reserved: u64) -> Comparison {
         Comparison {
             measured_peak_allocated_bytes: measured.peak_allocated_bytes,
             measured_peak_reserved_bytes: measured.peak_reserved_bytes,
-            predicted_peak_allocated_bytes: predicted.peak_allocated_bytes,
-            predicted_peak_reserved_bytes: predicted.peak_reserved_bytes,
+            predicted_peak_allocated_bytes: allocated,
+            predicted_peak_reserved_bytes: reserved,
             allocated_difference_percent: difference_percent(
-                predicted.peak_allocated_bytes,
+                allocated,
                 measured.peak_allocated_bytes,
             ),
-            reserved_difference_percent: difference_percent(
-                predicted.peak_reserved_bytes,
-                measured.peak_reserved_bytes,
-            ),
+            reserved_difference_percent: difference_percent(reserved, measured.peak_reserved_bytes),
             measured,
         }
     }

@@ -7,5 +7,7 @@ pub mod plot;
 pub mod report;
 pub mod sweep;
 pub mod trace;
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", not(feature = "snapshot-module")))]
 pub mod wasm;
+#[cfg(all(target_arch = "wasm32", feature = "snapshot-module"))]
+pub mod wasm_snapshot;
