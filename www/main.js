@@ -28,6 +28,7 @@ const DEFAULT_GPU = 'rtx-4070';
 const DEVICE_KEYS = ['memory_gib', 'compute_capability'];
 
 let lastGood = null; // the last query that estimated without error
+let lastEstimate = null; // its estimate (the predicted peaks a dropped snapshot is compared with)
 let userChoseGpu = false; // for WebGPU's guess, which never overrides a person's choice
 const gpuDetails = new Map(); // GPU preset id -> "46 SMs, compute capability 8.9"
 
@@ -239,6 +240,7 @@ function update(push) {
   }
   clearErrors();
   renderEstimate(est);
+  lastEstimate = est;
   try {
     renderAdvice(vf.advice(query));
     drawPlots(query);
@@ -321,6 +323,112 @@ function loadText(text) {
   }
 }
 
+// ---- a measured snapshot beside the estimate ------------------------------------------------------------------
+// The reader is a wasm module of its own, loaded in a worker when the first file comes (the page's first load does
+// not carry it); the worker reads the file in chunks (the progress bar) and parses it off this thread, so the page
+// stays usable however large the file. Every number shown is formatted in Rust.
+let snapshotWorker = null;
+
+function worker() {
+  snapshotWorker ||= new Worker(new URL('./snapshot-worker.js', import.meta.url), { type: 'module' });
+  return snapshotWorker;
+}
+
+// The predicted timeline as a PyTorch memory snapshot, written by the snapshot module in the worker.
+function predictedSnapshot(query) {
+  const w = worker();
+  w.onmessage = (ev) => {
+    if (ev.data.error) $('global-error').textContent = ev.data.error;
+    else download('vramfit-predicted.pickle', new Blob([ev.data.predicted], { type: 'application/octet-stream' }));
+  };
+  w.onerror = (ev) => {
+    $('global-error').textContent = `The snapshot writer could not start (${ev.message || 'worker error'}).`;
+    snapshotWorker = null;
+  };
+  w.postMessage({ predictQuery: query });
+}
+
+function renderSnapshot(r) {
+  $('snap-measured-allocated').textContent = r.measured_allocated;
+  $('snap-predicted-allocated').textContent = r.predicted_allocated;
+  $('snap-allocated-difference').textContent = r.allocated_difference;
+  $('snap-measured-reserved').textContent = r.measured_reserved;
+  $('snap-predicted-reserved').textContent = r.predicted_reserved;
+  $('snap-reserved-difference').textContent = r.reserved_difference;
+  $('snapshot-summary').textContent = `${r.events} events recorded; the allocated peak is at event ${r.peak_event}.`;
+  $('snapshot-origins').tBodies[0].replaceChildren(...r.by_origin.map((o) => {
+    const tr = el('tr');
+    tr.append(el('th', o.origin, { scope: 'row' }), el('td', o.bytes), el('td', String(o.n_blocks)));
+    return tr;
+  }));
+  $('snapshot-blocks').tBodies[0].replaceChildren(...r.blocks.map((b) => {
+    const tr = el('tr');
+    tr.append(el('td', b.bytes), el('td', b.component ? `${b.origin} (${b.component})` : b.origin),
+      el('td', b.frames || '(no frames recorded)'));
+    return tr;
+  }));
+  $('snapshot-result').hidden = false;
+}
+
+function readSnapshot(file) {
+  if (!file) return;
+  $('snapshot-error').textContent = '';
+  if (!lastEstimate) {
+    $('snapshot-error').textContent = 'Fix the setup above first: the snapshot is compared with its estimate.';
+    return;
+  }
+  const progress = $('snapshot-progress');
+  progress.hidden = false;
+  progress.removeAttribute('value');
+  $('snapshot-status').textContent = `Reading ${file.name}…`;
+  worker().onmessage = (ev) => {
+    const m = ev.data;
+    if (m.progress !== undefined) {
+      progress.max = m.total;
+      progress.value = m.progress;
+      return;
+    }
+    if (m.reading) {
+      progress.removeAttribute('value');
+      $('snapshot-status').textContent = `Reading the trace of ${file.name}…`;
+      return;
+    }
+    progress.hidden = true;
+    $('snapshot-status').textContent = '';
+    if (m.error) {
+      $('snapshot-result').hidden = true;
+      $('snapshot-error').textContent = `${file.name}: ${m.error}`;
+    } else {
+      renderSnapshot(m.result);
+      $('snapshot-status').textContent = `${file.name}: read.`;
+    }
+    document.body.dataset.snapshotsRead = String(Number(document.body.dataset.snapshotsRead || 0) + 1);
+  };
+  snapshotWorker.onerror = (ev) => {
+    progress.hidden = true;
+    $('snapshot-error').textContent = `The snapshot reader could not start (${ev.message || 'worker error'}).`;
+    snapshotWorker = null;
+    document.body.dataset.snapshotsRead = String(Number(document.body.dataset.snapshotsRead || 0) + 1);
+  };
+  snapshotWorker.postMessage({
+    file,
+    predictedAllocated: lastEstimate.peak_allocated_bytes,
+    predictedReserved: lastEstimate.peak_reserved_bytes,
+  });
+}
+
+function wireSnapshot() {
+  $('snapshot-file').addEventListener('change', (ev) => readSnapshot(ev.target.files[0]));
+  const drop = $('snapshot-drop');
+  drop.addEventListener('dragover', (ev) => { ev.preventDefault(); drop.classList.add('over'); });
+  drop.addEventListener('dragleave', () => drop.classList.remove('over'));
+  drop.addEventListener('drop', (ev) => {
+    ev.preventDefault();
+    drop.classList.remove('over');
+    readSnapshot(ev.dataTransfer.files[0]);
+  });
+}
+
 // ---- exports --------------------------------------------------------------------------------------------------
 function download(name, blob) {
   const a = el('a', '', { download: name });
@@ -343,6 +451,7 @@ function wireExports() {
   $('export-json').addEventListener('click', () => {
     if (lastGood) download('vramfit-batch-sweep.json', new Blob([vf.sweep_json(lastGood, 'batch_size')], { type: 'application/json' }));
   });
+  $('export-snapshot').addEventListener('click', () => { if (lastGood) predictedSnapshot(lastGood); });
   $('copy-link').addEventListener('click', () => { navigator.clipboard?.writeText(location.href); });
   $('embed-open').addEventListener('click', () => {
     const panel = $('embed-panel');
@@ -416,6 +525,7 @@ async function main() {
   let resizeTimer;
   window.addEventListener('resize', () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(() => lastGood && drawPlots(lastGood), 150); });
   wireExports();
+  wireSnapshot();
   $('load-status').hidden = true;
   $('app').hidden = false;
   if (!update(false)) $('global-error').textContent ||= 'The link holds values vramfit cannot estimate; fix the marked field.';

@@ -215,3 +215,21 @@ pub fn url_state(data: &[u8]) {
         }
     }
 }
+
+/// The memory-snapshot reader (gzip, pickle, the trace replay) on any bytes: an `Error` or a consistent result.
+pub fn snapshot(data: &[u8]) {
+    if let Ok(m) = crate::snapshot::read_snapshot(data) {
+        assert!(m.timeline.len() <= crate::snapshot::MAX_TIMELINE_POINTS);
+        assert!(m.blocks_at_peak.len() as u64 <= m.n_blocks_at_peak);
+        assert!(m.peak_allocated_bytes >= m.initial_allocated_bytes);
+        assert!(m.peak_reserved_bytes >= m.initial_reserved_bytes);
+        // A malformed trace (a block freed twice, an address allocated twice) may make the counters and the live
+        // set disagree; what holds whatever the trace says: every live block is counted once, largest first.
+        let n: u64 = m.by_origin.iter().map(|o| o.n_blocks).sum();
+        assert_eq!(n, m.n_blocks_at_peak);
+        assert!(m
+            .blocks_at_peak
+            .windows(2)
+            .all(|w| w[0].bytes >= w[1].bytes));
+    }
+}

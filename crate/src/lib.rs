@@ -28,11 +28,13 @@ pub mod run;
 pub mod show;
 
 pub use describe::{arch, finetune, model, parallel, policy, presets};
-pub use read::input;
+pub use read::{input, pickle, snapshot};
 pub use run::{allocator, compiled, distributed, eager, moe, sim, step, tensors};
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", not(feature = "snapshot-module")))]
 pub use show::wasm;
-pub use show::{advice, plot, report, sweep};
+#[cfg(all(target_arch = "wasm32", feature = "snapshot-module"))]
+pub use show::wasm_snapshot;
+pub use show::{advice, compare, plot, report, sweep, trace};
 
 pub use error::Error;
 pub use model::{DeviceConfig, Family, ModelConfig, Setup, TrainConfig};

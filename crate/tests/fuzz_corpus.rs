@@ -29,4 +29,5 @@ fn seed_corpus_replays_without_a_panic() {
     assert!(replay("nanogpt_config", vramfit::fuzzing::nanogpt_config) >= 3);
     assert!(replay("hf_config", vramfit::fuzzing::hf_config) >= 2);
     assert!(replay("url_state", vramfit::fuzzing::url_state) >= 2);
+    assert!(replay("snapshot", vramfit::fuzzing::snapshot) >= 4);
 }

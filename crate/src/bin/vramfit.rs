@@ -1,5 +1,5 @@
-//! The vramfit command line: `vramfit estimate` and `vramfit sweep` over the same core as the web page, and
-//! `vramfit gpus`, the GPU presets.
+//! The vramfit command line: `vramfit estimate`, `vramfit sweep` and `vramfit compare` (a PyTorch memory
+//! snapshot beside the estimate) over the same core as the web page, and `vramfit gpus`, the GPU presets.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -24,7 +24,12 @@ const USAGE: &str = "\
 vramfit: GPU memory of one training step (PyTorch, CUDA), op by op
 
 usage:
-  vramfit estimate [SOURCE] [KNOBS] [--format table|json]
+  vramfit estimate [SOURCE] [KNOBS] [--format table|json|snapshot]
+                snapshot: the predicted allocation timeline as a PyTorch memory snapshot (a pickle for
+                `python -m torch.cuda._memory_viz trace_plot` or https://pytorch.org/memory_viz)
+  vramfit compare --snapshot FILE [SOURCE] [KNOBS] [--format table|json]
+                a snapshot of your run (torch.cuda.memory._dump_snapshot(), gzip'd or not) beside the
+                estimate for the setup given: both peaks, the difference, the largest blocks at the peak
   vramfit sweep --axis batch_size|block_size [--values 1,2,4 | --from N --to M] [SOURCE] [KNOBS]
                 [--format csv|json]
   vramfit gpus [--format table|json]     the GPU presets --gpu takes: memory, compute capability, SMs
@@ -126,6 +131,13 @@ fn default_setup() -> Value {
                      "compile": true}})
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum EstimateFormat {
+    Table,
+    Json,
+    Snapshot,
+}
+
 enum Cli {
     Help,
     Gpus {
@@ -133,8 +145,14 @@ enum Cli {
     },
     Estimate {
         setup: Setup,
-        json: bool,
+        format: EstimateFormat,
         notes: Vec<String>,
+    },
+    Compare {
+        setup: Setup,
+        json: bool,
+        snapshot: Vec<u8>,
+        path: String,
     },
     Sweep {
         setup: Setup,
@@ -150,6 +168,26 @@ fn read(path: &str) -> Result<String, Error> {
         line: None,
         message: e.to_string(),
     })
+}
+
+/// A snapshot file's bytes, refused before reading when it is past what the reader takes.
+fn read_snapshot_file(path: &str) -> Result<Vec<u8>, Error> {
+    let io = |e: std::io::Error| Error::Parse {
+        source: path.to_string(),
+        line: None,
+        message: e.to_string(),
+    };
+    let len = std::fs::metadata(path).map_err(io)?.len();
+    if len > vramfit::snapshot::MAX_SNAPSHOT_BYTES {
+        return Err(Error::TooLarge {
+            what: format!(
+                "{path} is {} MiB, past the {} MiB a snapshot may have",
+                len >> 20,
+                vramfit::snapshot::MAX_SNAPSHOT_BYTES >> 20
+            ),
+        });
+    }
+    std::fs::read(path).map_err(io)
 }
 
 fn usage_error(message: String) -> Error {
@@ -181,11 +219,12 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
     if cmd == "gpus" {
         return parse_gpus(&args[1..]);
     }
-    if cmd != "estimate" && cmd != "sweep" {
+    if !matches!(cmd.as_str(), "estimate" | "sweep" | "compare") {
         return Err(usage_error(format!(
-            "unknown command {cmd:?}; expected estimate, sweep or gpus (see --help)"
+            "unknown command {cmd:?}; expected estimate, sweep, compare or gpus (see --help)"
         )));
     }
+    let mut snapshot: Option<(String, Vec<u8>)> = None;
     let mut base: Option<Value> = None;
     let mut notes = Vec::new();
     let mut overrides: Vec<(&str, &str, Value)> = Vec::new();
@@ -271,6 +310,10 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                 overrides.push(("device", "compute_capability", json!(g.sm as f64 / 10.0)));
             }
             "--format" => format = Some(next(&mut i, flag)?),
+            "--snapshot" if cmd == "compare" => {
+                let path = next(&mut i, flag)?;
+                snapshot = Some((path.clone(), read_snapshot_file(&path)?));
+            }
             "--axis" => axis = Some(Axis::parse(&next(&mut i, flag)?)?),
             "--values" => {
                 let text = next(&mut i, flag)?;
@@ -485,6 +528,25 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
     }
     let setup = setup_from_value(&v)?;
     if cmd == "estimate" {
+        let format = match format.as_deref() {
+            None | Some("table") => EstimateFormat::Table,
+            Some("json") => EstimateFormat::Json,
+            Some("snapshot") => EstimateFormat::Snapshot,
+            Some(f) => {
+                return Err(Error::UnknownValue {
+                    field: "--format".into(),
+                    value: f.into(),
+                    allowed: &["table", "json", "snapshot"],
+                })
+            }
+        };
+        return Ok(Cli::Estimate {
+            setup,
+            format,
+            notes,
+        });
+    }
+    if cmd == "compare" {
         let json = match format.as_deref() {
             None | Some("table") => false,
             Some("json") => true,
@@ -496,7 +558,15 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                 })
             }
         };
-        return Ok(Cli::Estimate { setup, json, notes });
+        let (path, snapshot) = snapshot.ok_or_else(|| {
+            usage_error("compare needs --snapshot FILE (torch.cuda.memory._dump_snapshot())".into())
+        })?;
+        return Ok(Cli::Compare {
+            setup,
+            json,
+            snapshot,
+            path,
+        });
     }
     let axis = axis
         .ok_or_else(|| usage_error("sweep needs --axis batch_size or --axis block_size".into()))?;
@@ -716,7 +786,106 @@ fn table(setup: &Setup, r: &vramfit::Report, notes: &[String]) -> String {
     out
 }
 
-fn run(args: &[String]) -> Result<String, Error> {
+/// The comparison as a table: both peaks with the difference, the measured blocks at the peak by origin, the
+/// largest blocks with their top frames.
+fn compare_table(path: &str, c: &vramfit::compare::Comparison) -> String {
+    use vramfit::compare::Comparison;
+    let mut out = String::new();
+    let m = &c.measured;
+    outln!(
+        out,
+        "vramfit compare: {path} (device {}, {} events) beside the estimate",
+        m.device,
+        m.n_events
+    );
+    out.push('\n');
+    outln!(
+        out,
+        "  {:<15} {:>12} {:>12} {:>10}",
+        "",
+        "measured",
+        "predicted",
+        "difference"
+    );
+    for (what, measured, predicted, d) in [
+        (
+            "peak allocated",
+            c.measured_peak_allocated_bytes,
+            c.predicted_peak_allocated_bytes,
+            c.allocated_difference_percent,
+        ),
+        (
+            "peak reserved",
+            c.measured_peak_reserved_bytes,
+            c.predicted_peak_reserved_bytes,
+            c.reserved_difference_percent,
+        ),
+    ] {
+        outln!(
+            out,
+            "  {what:<15} {:>12} {:>12} {:>10}",
+            fmt_bytes(measured),
+            fmt_bytes(predicted),
+            Comparison::fmt_percent(d)
+        );
+    }
+    if m.initial_allocated_bytes > 0 || m.initial_reserved_bytes > 0 {
+        outln!(
+            out,
+            "  (the history began with {} allocated and {} reserved already)",
+            fmt_bytes(m.initial_allocated_bytes),
+            fmt_bytes(m.initial_reserved_bytes)
+        );
+    }
+    out.push('\n');
+    outln!(
+        out,
+        "  measured at the peak (event {}), {} blocks, by what their frames say:",
+        m.peak_event,
+        m.n_blocks_at_peak
+    );
+    for o in &m.by_origin {
+        outln!(
+            out,
+            "    {:<40} {:>10}  {} blocks",
+            o.origin,
+            fmt_bytes(o.bytes),
+            o.n_blocks
+        );
+    }
+    out.push('\n');
+    outln!(out, "  largest blocks at the peak:");
+    for b in m.blocks_at_peak.iter().take(10) {
+        let frames: Vec<String> = b
+            .frames
+            .iter()
+            .map(|f| {
+                let file = f.filename.rsplit('/').next().unwrap_or(&f.filename);
+                format!("{} ({file}:{})", f.name, f.line)
+            })
+            .collect();
+        outln!(
+            out,
+            "    {:>10}  {:<30}  {}",
+            fmt_bytes(b.bytes),
+            b.origin,
+            if frames.is_empty() {
+                "(no frames recorded)".to_string()
+            } else {
+                frames.join(" < ")
+            }
+        );
+    }
+    if m.expandable_segments {
+        outln!(
+            out,
+            "  note: expandable segments: block sizes are the requests rounded to 512 bytes"
+        );
+    }
+    out
+}
+
+fn run(args: &[String]) -> Result<Vec<u8>, Error> {
     let mut out = String::new();
     match parse(args)? {
         Cli::Help => out.push_str(USAGE),
@@ -726,9 +895,44 @@ fn run(args: &[String]) -> Result<String, Error> {
             "{}",
             serde_json::to_string_pretty(&gpus_json()).unwrap_or_default()
         ),
-        Cli::Estimate { setup, json, notes } => {
+        Cli::Estimate {
+            setup,
+            format: EstimateFormat::Snapshot,
+            ..
+        } => return vramfit::trace::predicted_snapshot(&setup),
+        Cli::Compare {
+            setup,
+            json,
+            snapshot,
+            path,
+        } => {
+            let measured = vramfit::snapshot::read_snapshot(&snapshot).map_err(|e| match e {
+                Error::Parse { message, .. } => Error::Parse {
+                    source: path.clone(),
+                    line: None,
+                    message,
+                },
+                e => e,
+            })?;
             let r = estimate(&setup)?;
+            let c = vramfit::compare::Comparison::new(measured, &r);
             if json {
+                outln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&c).unwrap_or_default()
+                );
+            } else {
+                out.push_str(&compare_table(&path, &c));
+            }
+        }
+        Cli::Estimate {
+            setup,
+            format,
+            notes,
+        } => {
+            let r = estimate(&setup)?;
+            if format == EstimateFormat::Json {
                 let mut v = serde_json::to_value(&r).map_err(|e| usage_error(e.to_string()))?;
                 v["setup"] = setup_to_value(&setup);
                 v["source_notes"] = json!(notes);
@@ -760,15 +964,15 @@ fn run(args: &[String]) -> Result<String, Error> {
             }
         }
     }
-    Ok(out)
+    Ok(out.into_bytes())
 }
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(&args) {
-        Ok(text) => {
+        Ok(bytes) => {
             // A closed pipe (`vramfit ... | head`) is not an error worth a message.
-            let _ = std::io::stdout().write_all(text.as_bytes());
+            let _ = std::io::stdout().write_all(&bytes);
             ExitCode::SUCCESS
         }
         Err(e) => {

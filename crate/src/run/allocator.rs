@@ -100,6 +100,33 @@ pub struct AllocatorStats {
     pub n_ooms: u64,
 }
 
+/// What a traced allocator did (`CachingAllocator::record_trace`), as PyTorch's device trace names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TraceAction {
+    /// A new segment from `cudaMalloc`.
+    SegmentAlloc,
+    /// A cached segment given back (`cudaFree`).
+    SegmentFree,
+    /// Pages of an expandable segment mapped.
+    SegmentMap,
+    /// Pages of an expandable segment unmapped.
+    SegmentUnmap,
+    /// A block handed to the caller `id`.
+    Alloc,
+    /// The block of caller `id` freed.
+    Free,
+}
+
+/// One traced event: where and how large (a block's or a segment's size), and for whom.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceEntry {
+    pub action: TraceAction,
+    pub addr: u64,
+    pub size: u64,
+    /// The caller's id (`malloc`'s); 0 for segment events.
+    pub id: u32,
+}
+
 /// One block: a range of a segment, allocated, cached (free and mapped) or, in an expandable segment, unmapped.
 #[derive(Debug, Clone, Copy)]
 struct Block {
@@ -149,6 +176,8 @@ pub struct CachingAllocator {
     /// Where the next segment's address range starts.
     next_addr: u64,
     stats: AllocatorStats,
+    /// Every block and segment event, when traced.
+    trace: Option<Vec<TraceEntry>>,
 }
 
 /// The first entry of a free list at or after (size, address): a branch-free binary search on both at once
@@ -210,6 +239,28 @@ impl CachingAllocator {
             by_id: Vec::with_capacity(4096),
             next_addr: 0,
             stats: AllocatorStats::default(),
+            trace: None,
+        }
+    }
+
+    /// Starts recording where every block and segment goes (`trace`).
+    pub fn record_trace(&mut self) {
+        self.trace = Some(Vec::new());
+    }
+
+    /// The events recorded since `record_trace` (empty when not recording).
+    pub fn trace(&self) -> &[TraceEntry] {
+        self.trace.as_deref().unwrap_or(&[])
+    }
+
+    fn traced(&mut self, action: TraceAction, addr: u64, size: u64, id: u32) {
+        if let Some(t) = self.trace.as_mut() {
+            t.push(TraceEntry {
+                action,
+                addr,
+                size,
+                id,
+            });
         }
     }
 
@@ -272,6 +323,9 @@ impl CachingAllocator {
                 let allocated = &mut self.stats.allocated_bytes;
                 allocated.peak = allocated.peak.max(allocated.current + held);
                 self.blocks[b as usize].gc_base = self.pools[pool].n_get_free_block_calls;
+                let addr = self.blocks[b as usize].addr;
+                self.traced(TraceAction::Alloc, addr, held, id);
+                self.traced(TraceAction::Free, addr, held, id);
                 return false;
             }
             // The whole way searches again: this search does not count.
@@ -295,6 +349,8 @@ impl CachingAllocator {
         }
         self.blocks[b as usize].allocated = false;
         self.stats.allocated_bytes.sub(self.blocks[b as usize].size);
+        let Block { addr, size, .. } = self.blocks[b as usize];
+        self.traced(TraceAction::Free, addr, size, id);
         self.free_block(b);
     }
 
@@ -348,6 +404,8 @@ impl CachingAllocator {
         }
         if let Some((b, cached_at)) = found {
             self.alloc_found_block(b, cached_at, size);
+            let Block { addr, size, .. } = self.blocks[b as usize];
+            self.traced(TraceAction::Alloc, addr, size, id);
             if self.by_id.len() <= id as usize {
                 self.by_id.resize(id as usize + 1, NONE);
             }
@@ -605,6 +663,7 @@ impl CachingAllocator {
         self.next_addr = addr.saturating_add(alloc_size);
         self.stats.segments.add(1);
         self.stats.reserved_bytes.add(alloc_size);
+        self.traced(TraceAction::SegmentAlloc, addr, alloc_size, 0);
         Some(self.new_block(Block {
             addr,
             size: alloc_size,
@@ -715,6 +774,7 @@ impl CachingAllocator {
         self.try_merge_blocks(b, next);
         self.insert_free(b);
         self.stats.reserved_bytes.add(mapped);
+        self.traced(TraceAction::SegmentMap, block.addr / page * page, mapped, 0);
         true
     }
 
@@ -763,6 +823,7 @@ impl CachingAllocator {
         self.try_merge_blocks(b, next);
         self.insert_unmapped(b);
         self.stats.reserved_bytes.sub(unmapped);
+        self.traced(TraceAction::SegmentUnmap, start, unmapped, 0);
     }
 
     fn is_split(&self, b: u32) -> bool {
@@ -775,6 +836,8 @@ impl CachingAllocator {
         self.remove_free(b);
         self.stats.segments.sub(1);
         self.stats.reserved_bytes.sub(self.blocks[b as usize].size);
+        let Block { addr, size, .. } = self.blocks[b as usize];
+        self.traced(TraceAction::SegmentFree, addr, size, 0);
         self.spare.push(b);
     }
 

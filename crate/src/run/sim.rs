@@ -136,6 +136,9 @@ pub struct Sim {
 /// One allocator event: bytes > 0 allocates, < 0 frees.
 #[derive(Debug, Clone)]
 pub struct Event {
+    /// The tensor allocated or freed (its `Tensor` index; the caching allocator's caller id).
+    pub id: u32,
+    pub category: Category,
     pub phase: String,
     pub op: &'static str,
     pub bytes: i64,
@@ -232,6 +235,8 @@ impl Sim {
         }
         if let Some(ev) = self.events.as_mut() {
             ev.push(Event {
+                id,
+                category,
                 phase: self.phase.label(),
                 op,
                 bytes: bytes as i64,
@@ -278,6 +283,8 @@ impl Sim {
             }
             if let Some(ev) = self.events.as_mut() {
                 ev.push(Event {
+                    id: t.0 as u32,
+                    category: slot.category,
                     phase: self.phase.label(),
                     op: "free",
                     bytes: -(slot.bytes as i64),
@@ -324,9 +331,10 @@ impl Sim {
         &self.timeline
     }
 
-    /// Starts recording every allocation and free.
+    /// Starts recording every allocation and free, and where the caching allocator puts each block.
     pub fn record_events(&mut self) {
         self.events = Some(Vec::new());
+        self.allocator.record_trace();
     }
 
     pub fn events(&self) -> &[Event] {

@@ -1,8 +1,13 @@
-//! What a person sees: the report, sweeps and the fit map, the advice, the plots, and the page's boundary.
+//! What a person sees: the report, sweeps and the fit map, the advice, the plots, a measured snapshot beside the
+//! estimate (`compare`), the predicted timeline as a snapshot (`trace`), and the page's boundary.
 
 pub mod advice;
+pub mod compare;
 pub mod plot;
 pub mod report;
 pub mod sweep;
-#[cfg(target_arch = "wasm32")]
+pub mod trace;
+#[cfg(all(target_arch = "wasm32", not(feature = "snapshot-module")))]
 pub mod wasm;
+#[cfg(all(target_arch = "wasm32", feature = "snapshot-module"))]
+pub mod wasm_snapshot;

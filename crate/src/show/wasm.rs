@@ -19,6 +19,8 @@
 //! identify_gpu(description: string): string | undefined     // a GPU preset id, only when unambiguous
 //! bench_estimate(query, n): number; bench_fit_map(query, n): number   // for scripts/bench-web
 //! ```
+//! The memory-snapshot reader and writer are a module of their own (`wasm_snapshot`), loaded when a file is
+//! dropped or a predicted snapshot asked for, so that the first load does not carry them.
 
 use plotters::prelude::IntoDrawingArea;
 use plotters_backend::{

@@ -1,0 +1,38 @@
+// Reads a dropped PyTorch memory snapshot off the page's thread, or writes the predicted one: loads the snapshot
+// module (pkg/snapshot/, a wasm build holding only the snapshot reader and writer) on first use, reads the file in chunks with progress, and hands back what
+// Rust formatted. Nothing here computes a byte; the file never leaves the browser.
+import init, * as snap from './pkg/snapshot/entry.js';
+
+let ready = null;
+
+self.onmessage = async (ev) => {
+  const { file, predictedAllocated, predictedReserved, predictQuery } = ev.data;
+  try {
+    ready ||= init();
+    await ready;
+    if (predictQuery !== undefined) {
+      const bytes = snap.predicted_snapshot(predictQuery);
+      self.postMessage({ predicted: bytes }, [bytes.buffer]);
+      return;
+    }
+    // Refused before reading: the reader's limit, in Rust's words.
+    snap.check_snapshot_size(file.size);
+    const parts = [];
+    let loaded = 0;
+    const reader = file.stream().getReader();
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      parts.push(value);
+      loaded += value.length;
+      self.postMessage({ progress: loaded, total: file.size });
+    }
+    self.postMessage({ reading: true });
+    const bytes = new Uint8Array(await new Blob(parts).arrayBuffer());
+    const result = snap.compare_snapshot(bytes, predictedAllocated, predictedReserved);
+    self.postMessage({ result });
+  } catch (err) {
+    const internal = err instanceof WebAssembly.RuntimeError;
+    self.postMessage({ error: internal ? `the snapshot reader hit an internal error (${err.message})` : (err.message || String(err)) });
+  }
+};
