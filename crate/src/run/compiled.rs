@@ -495,6 +495,23 @@ struct PostNorm {
     stat: Tensor,
 }
 
+/// The MLP's end: the down projection's output through the post-norm (if any) into the residual add; the add's
+/// output is kept when the block's output is wanted. Returns (block output, post-norm).
+fn mlp_out(cx: &mut Ctx, down: Tensor, want_out: bool) -> (Option<Tensor>, Option<PostNorm>) {
+    let post = post_norm_fwd(cx, down);
+    let x_out = cx.alloc(cx.n * cx.m.n_embd * cx.r, Activations, "add");
+    if post.is_none() {
+        cx.free(down);
+    }
+    let x_out = if want_out {
+        Some(x_out)
+    } else {
+        cx.free(x_out);
+        None
+    };
+    (x_out, post)
+}
+
 fn post_norm_fwd(cx: &mut Ctx, out: Tensor) -> Option<PostNorm> {
     cx.arch.post_norms.then(|| PostNorm {
         out,
@@ -556,17 +573,7 @@ fn mlp_fwd(
             let w_down = weight_cast(cx, c * i);
             let prod = cx.alloc(cx.n * i * p, Activations, "silu_mul");
             let down = mm(cx, nc * p, Temporary, "mm");
-            let post = post_norm_fwd(cx, down);
-            let x_out = cx.alloc(nc * r, Activations, "add");
-            if post.is_none() {
-                cx.free(down);
-            }
-            let x_out = if want_out {
-                Some(x_out)
-            } else {
-                cx.free(x_out);
-                None
-            };
+            let (x_out, post) = mlp_out(cx, down, want_out);
             let saved = MlpSaved::PackedGlu {
                 gate_up,
                 prod,
@@ -589,17 +596,7 @@ fn mlp_fwd(
                 cx.alloc(cx.n * i * p, Activations, "silu_mul")
             };
             let down = mm(cx, nc * p, Temporary, "mm");
-            let post = post_norm_fwd(cx, down);
-            let x_out = cx.alloc(nc * r, Activations, "add");
-            if post.is_none() {
-                cx.free(down);
-            }
-            let x_out = if want_out {
-                Some(x_out)
-            } else {
-                cx.free(x_out);
-                None
-            };
+            let (x_out, post) = mlp_out(cx, down, want_out);
             let saved = MlpSaved::SwiGlu {
                 out: [gate, up, prod],
                 casts: [w_gate, w_up, w_down],
