@@ -150,6 +150,9 @@ test('every request goes to the widget origin (besides the post itself)', async 
 
 test('the iframe embed renders and reports its height; a bad config shows a message, not a blank box', async () => {
   const { page } = await openBlog();
+  // Chromium throttles rendering in a cross-origin iframe below the fold (no animation frames, no resize
+  // observations), so the frame reports its height once a reader scrolls to it, as a person would.
+  await page.locator('#frame').scrollIntoViewIfNeeded();
   await page.waitForFunction(() => window.__heights.some((h) => h > 200), null, { timeout: 60000 });
   const heights = await page.evaluate(() => window.__heights);
   assert.ok(heights.at(-1) > 200, `height ${heights.at(-1)}`);
