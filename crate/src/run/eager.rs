@@ -145,13 +145,58 @@ pub(crate) enum MlpSaved {
 
 impl MlpSaved {
     /// As `AttnSaved::holds_input`.
-    fn holds_input(&self) -> bool {
+    pub(crate) fn holds_input(&self) -> bool {
         match self {
             MlpSaved::Gelu { fc, .. } => fc.holds_input(),
             MlpSaved::SwiGlu { gate, up, .. } => gate.holds_input() || up.holds_input(),
             MlpSaved::Packed { gate_up, .. } => gate_up.holds_input(),
             MlpSaved::Moe(m) => m.holds_input(),
         }
+    }
+
+    /// Frees what the MLP saved and returns its Linears in the order they ran (for their autocast casts).
+    pub(crate) fn release(&self, cx: &mut Ctx) -> Vec<&LinearSaved> {
+        let mut linears: Vec<&LinearSaved> = Vec::new();
+        match self {
+            MlpSaved::Gelu {
+                fc,
+                h,
+                g,
+                proj,
+                drop,
+                ..
+            } => {
+                cx.sim.free_all(&[*h, *g]);
+                if let Some(t) = drop {
+                    cx.free(*t);
+                }
+                linears.extend([fc, proj]);
+            }
+            MlpSaved::SwiGlu {
+                gate,
+                gate_out,
+                silu,
+                up,
+                up_out,
+                prod,
+                down,
+            } => {
+                cx.sim.free_all(&[*gate_out, *silu, *up_out, *prod]);
+                linears.extend([gate, up, down]);
+            }
+            MlpSaved::Packed {
+                gate_up,
+                gu,
+                act,
+                prod,
+                down,
+            } => {
+                cx.sim.free_all(&[*gu, *act, *prod]);
+                linears.extend([gate_up, down]);
+            }
+            MlpSaved::Moe(m) => linears.extend(m.release(cx)),
+        }
+        linears
     }
 }
 
@@ -1631,48 +1676,7 @@ fn release_block(cx: &mut Ctx, s: BlockSaved) {
             linears.push(&a.o);
         }
     }
-    match &s.mlp {
-        MlpSaved::Gelu {
-            fc,
-            h,
-            g,
-            proj,
-            drop,
-            ..
-        } => {
-            cx.sim.free_all(&[*h, *g]);
-            if let Some(t) = drop {
-                cx.free(*t);
-            }
-            linears.extend([fc, proj]);
-        }
-        MlpSaved::SwiGlu {
-            gate,
-            gate_out,
-            silu,
-            up,
-            up_out,
-            prod,
-            down,
-        } => {
-            cx.sim.free_all(&[*gate_out, *silu, *up_out, *prod]);
-            linears.extend([gate, up, down]);
-        }
-        MlpSaved::Packed {
-            gate_up,
-            gu,
-            act,
-            prod,
-            down,
-        } => {
-            cx.sim.free_all(&[*gu, *act, *prod]);
-            linears.extend([gate_up, down]);
-        }
-        MlpSaved::Moe(m) => {
-            m.release(cx);
-            linears.extend(m.linears());
-        }
-    }
+    linears.extend(s.mlp.release(cx));
     cx.sim.free_some(&[s.x_mid]);
     for l in linears.iter().flat_map(|l| l.parts()) {
         cx.sim.free_some(&l.adapter_tensors());

@@ -357,15 +357,16 @@ impl MoeSaved {
     /// Whether a Linear reading the block's input holds it until its backward (the router; Qwen2-MoE's shared
     /// expert's gate and up projections and its gate): as `LinearSaved::holds_input`.
     pub fn holds_input(&self) -> bool {
-        let shared = self.shared.as_ref().is_some_and(|sh| {
-            sh.gate.holds_input()
-                || matches!(&sh.mlp, MlpSaved::SwiGlu { gate, up, .. } if gate.holds_input() || up.holds_input())
-        });
+        let shared = self
+            .shared
+            .as_ref()
+            .is_some_and(|sh| sh.gate.holds_input() || sh.mlp.holds_input());
         self.router.holds_input() || shared
     }
 
-    /// Frees what the block saved (a checkpointed block after its forward).
-    pub fn release(&self, cx: &mut Ctx) {
+    /// Frees what the block saved (a checkpointed block after its forward) and returns its Linears in the order
+    /// they ran (for their autocast casts).
+    pub fn release(&self, cx: &mut Ctx) -> Vec<&LinearSaved> {
         cx.sim.free_all(&[
             self.softmax,
             self.topk_idx,
@@ -383,33 +384,15 @@ impl MoeSaved {
         if let Some([a, b]) = self.renorm {
             cx.sim.free_all(&[a, b]);
         }
+        let mut linears = Vec::new();
         if let Some(sh) = &self.shared {
             cx.sim.free_all(&[sh.out, sh.sigmoid]);
-            if let MlpSaved::SwiGlu {
-                gate_out,
-                silu,
-                up_out,
-                prod,
-                ..
-            } = &sh.mlp
-            {
-                cx.sim.free_all(&[*gate_out, *silu, *up_out, *prod]);
-            }
+            linears.extend(sh.mlp.release(cx));
         }
-    }
-
-    /// Its Linears in the order they ran (for their autocast casts).
-    pub fn linears(&self) -> Vec<&LinearSaved> {
-        let mut v = Vec::new();
+        linears.push(&self.router);
         if let Some(sh) = &self.shared {
-            if let MlpSaved::SwiGlu { gate, up, down, .. } = &sh.mlp {
-                v.extend([gate, up, down]);
-            }
+            linears.push(&sh.gate);
         }
-        v.push(&self.router);
-        if let Some(sh) = &self.shared {
-            v.push(&sh.gate);
-        }
-        v
+        linears
     }
 }
