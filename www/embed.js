@@ -5,7 +5,8 @@
 // one, the source's own device, shown as the GPU preset that has it), compile (true|false:
 // torch.compile on or off over what the source says), alloc-conf (PYTORCH_CUDA_ALLOC_CONF, e.g.
 // "expandable_segments:True"), show (knobs to offer, by URL key: batch_size, precision, optimizer, lora, lora_r,
-// lora_target_modules, base_dtype, quantization, ...), lock, plot (batch|block|fitmap|timeline|none), theme (light|dark|auto). Everything renders in a shadow root; every number comes from the wasm estimator,
+// lora_target_modules, base_dtype, quantization, parallel, gpus, offload, ...), lock, plot
+// (batch|block|fitmap|timeline|gpus|none), theme (light|dark|auto). Everything renders in a shadow root; every number comes from the wasm estimator,
 // loaded once from this script's own origin and shared by every widget on the page.
 
 const ESTIMATOR = new URL('./pkg/entry.js', import.meta.url).href;
@@ -34,7 +35,17 @@ const KNOBS = {
   lora_dropout: ['LoRA dropout', 'number'], lora_target_modules: ['LoRA targets', 'text'],
   lora_modules_to_save: ['Modules to save', 'text'], base_dtype: ['Base dtype', ['', 'fp32', 'bf16', 'fp16']],
   quantization: ['Quantized base', ['', 'nf4', 'fp4', 'int8']], double_quant: ['Double quant', 'checkbox'],
+  parallel: ['Strategy', ['single', 'ddp', 'fsdp', 'zero2', 'zero3']], gpus: ['GPUs', 'number'],
+  reshard_after_forward: ['Reshard after forward', 'checkbox'], param_dtype: ['FSDP param_dtype', ['', 'bf16', 'fp32']],
+  reduce_dtype: ['FSDP reduce_dtype', ['', 'fp32', 'bf16']], offload: ['CPU offload', 'checkbox'],
+  bucket_cap_mb: ['bucket_cap_mb', 'number'], gradient_as_bucket_view: ['gradient_as_bucket_view', 'checkbox'],
+  static_graph: ['static_graph', 'checkbox'],
 };
+// `train.parallel`'s keys besides the strategy (`parallel`): none on one GPU; a new strategy keeps only the GPUs.
+const PARALLEL_KEYS = ['gpus', 'reshard_after_forward', 'param_dtype', 'reduce_dtype', 'offload', 'bucket_cap_mb',
+  'gradient_as_bucket_view', 'static_graph'];
+// Selects whose empty choice means "leave the key out" (the core has no empty value for them).
+const OMIT_EMPTY = ['param_dtype', 'reduce_dtype'];
 const DEFAULT_SHOW = 'batch_size,seq_len,precision,gpu';
 const DEVICE_KEYS = ['memory_gib', 'compute_capability'];
 
@@ -214,10 +225,12 @@ class VramFit extends HTMLElement {
     } else if (Array.isArray(kind)) {
       input = el('select');
       for (const v of kind) input.append(el('option', v || 'none', { value: v }));
-      input.value = this.params?.get(key) ?? '';
+      input.value = this.params?.get(key) ?? (key === 'parallel' ? 'single' : '');
     } else if (kind === 'checkbox') {
       input = el('input', undefined, { type: 'checkbox' });
-      input.checked = this.params?.get(key) === '1';
+      // FSDP2 reshards after forward unless told otherwise (zero2 is the one that does not).
+      const dflt = key === 'reshard_after_forward' && this.params?.get('parallel') !== 'zero2' ? '1' : '0';
+      input.checked = (this.params?.get(key) ?? dflt) === '1';
     } else if (kind === 'text') {
       input = el('input', undefined, { type: 'text', spellcheck: 'false', autocapitalize: 'off' });
       input.value = this.params?.get(key) ?? '';
@@ -244,7 +257,19 @@ class VramFit extends HTMLElement {
         for (const [k, v] of this.ownDevice) if (v !== null) this.params.set(k, v);
         this.params.delete('gpu');
       }
+    } else if (key === 'parallel') {
+      const gpus = this.params.get('gpus') || '8';
+      for (const k of ['parallel', ...PARALLEL_KEYS]) this.params.delete(k);
+      if (input.value !== 'single') { this.params.set('parallel', input.value); this.params.set('gpus', gpus); }
+      // The strategy's other fields show their new (default) values.
+      this.build(this.vf);
+    } else if (PARALLEL_KEYS.includes(key) && !this.params.has('parallel')) {
+      // A multi-GPU field on one GPU: the strategy comes first (said once, next to the inputs).
+      this.error.textContent = 'vramfit: choose a strategy (ddp or fsdp) for more than one GPU first';
+      this.dataset.status = 'error';
+      return;
     } else if (input.type === 'checkbox') this.params.set(key, input.checked ? '1' : '0');
+    else if (OMIT_EMPTY.includes(key) && input.value === '') this.params.delete(key);
     else {
       this.params.set(key, input.value);
       if (key === 'block_size') this.params.set('seq_len', input.value);
@@ -266,14 +291,15 @@ class VramFit extends HTMLElement {
     this.heading.textContent = `${this.params.get('family')} · ${e.n_params} · batch ${this.params.get('batch_size')} × ${this.params.get('seq_len')} tokens`;
     const box = (label, value, cls = '') => { const d = el('div'); d.append(el('span', label), el('strong', value, { class: cls })); return d; };
     const verdict = e.verdict ? `${e.verdict} in ${e.gpu_memory}` : '';
-    this.totals.replaceChildren(box('Peak allocated', e.peak_allocated), box('On the device', e.device_total),
+    const per = e.scope ? ' per GPU' : '';
+    this.totals.replaceChildren(box(`Peak allocated${per}`, e.peak_allocated), box(`On the device${per}`, e.device_total),
       ...(verdict ? [box('Verdict', verdict, e.fits ? 'fits' : 'over')] : []));
     this.bar.replaceChildren(...e.components.map((c) => {
       const s = el('span', '', { class: `s-${c.name.replace(' ', '-')}`, title: `${c.name}: ${c.text}` });
       s.style.width = c.width;
       return s;
     }));
-    this.sentence.textContent = e.sentence;
+    this.sentence.textContent = e.scope ? `${e.sentence} Every figure is ${e.scope}.` : e.sentence;
     this.compare.textContent = e.compare ? e.compare.sentence : '';
     this.compare.hidden = !e.compare;
     this.link.href = `${PAGE}?${q}`;
@@ -295,6 +321,13 @@ class VramFit extends HTMLElement {
       if (this.plotKind === 'block') vf.draw_sweep(this.canvas, q, 'block_size', this.dark, dpr);
       else if (this.plotKind === 'fitmap') vf.draw_fit_map(this.canvas, q, this.dark, dpr);
       else if (this.plotKind === 'timeline') vf.draw_timeline(this.canvas, q, this.dark, dpr);
+      else if (this.plotKind === 'gpus') {
+        // The advice under the plot replaces the eager/compiled sentence, which the GPU plot's notes cover.
+        const plan = vf.draw_gpus(this.canvas, q, this.dark, dpr);
+        this.compare.textContent = plan.advice;
+        this.compare.hidden = false;
+        this.dataset.gpuAdvice = plan.advice;
+      }
       else vf.draw_sweep(this.canvas, q, 'batch_size', this.dark, dpr);
     } catch (err) { this.error.textContent = err.message; }
   }

@@ -22,6 +22,13 @@ function fieldApplies(k, family) {
 // Model fields a setup may leave out (their default is 0, or off).
 const OPTIONAL_MODEL_KNOBS = ['bias', 'head_dim', 'sliding_window', 'rotary_dims', 'parallel_residual', 'n_experts',
   'experts_per_token', 'shared_expert_size', 'norm_topk_prob', 'router_aux_loss'];
+// More than one GPU (`train.parallel`): the strategy select is `parallel`; each other field's box says in
+// `data-strategies` which strategies have it. One GPU leaves them all out of the query.
+const PARALLEL_KNOBS = ['gpus', 'reshard_after_forward', 'param_dtype', 'reduce_dtype', 'offload', 'bucket_cap_mb',
+  'gradient_as_bucket_view', 'static_graph'];
+// Their values on one GPU (and for a query that has no `parallel`): PyTorch's defaults, 8 GPUs when one is chosen.
+const PARALLEL_DEFAULTS = { parallel: 'single', gpus: '8', reshard_after_forward: true, param_dtype: '', reduce_dtype: '',
+  offload: false, bucket_cap_mb: '', gradient_as_bucket_view: false, static_graph: false };
 const DEFAULT_PRESET = 'nanogpt-30m';
 const DEFAULT_GPU = 'rtx-4070';
 // The device's fields: they follow the GPU select, and nothing but the GPU (or a person typing) changes them.
@@ -43,6 +50,24 @@ function el(tag, text, attrs = {}) {
   return e;
 }
 
+function strategyApplies(k, strategy) {
+  const box = $(k).closest('[data-strategies]');
+  return !box || box.dataset.strategies.split(' ').includes(strategy);
+}
+
+function showStrategy() {
+  const strategy = $('parallel').value;
+  document.querySelectorAll('[data-strategies]').forEach((e) => {
+    e.hidden = !strategyApplies(e.querySelector('input, select').id, strategy);
+  });
+}
+
+function setField(k, v) {
+  const input = $(k);
+  if (input.type === 'checkbox') input.checked = v === true || v === '1' || v === 'true';
+  else input.value = String(v);
+}
+
 // ---- form <-> query ------------------------------------------------------------------------------------------
 function formQuery() {
   const p = new URLSearchParams();
@@ -53,12 +78,24 @@ function formQuery() {
     if (input.type === 'checkbox') p.set(k, input.checked ? '1' : '0');
     else if (input.value !== '') p.set(k, input.value);
   }
+  const strategy = $('parallel').value;
+  if (strategy !== 'single') {
+    p.set('parallel', strategy);
+    for (const k of PARALLEL_KNOBS) {
+      if (!strategyApplies(k, strategy)) continue;
+      const input = $(k);
+      if (input.type === 'checkbox') p.set(k, input.checked ? '1' : '0');
+      else if (input.value !== '') p.set(k, input.value);
+    }
+  }
   const gpu = $('gpu').value;
   if (gpu && gpu !== 'custom') p.set('gpu', gpu);
   return p.toString();
 }
 
-function applyQuery(query) {
+// `keepParallel`: a model (a preset, a pasted config) keeps the GPUs group as it is, as it keeps the GPU; any
+// other query says the whole setup, so one without `parallel` is one GPU.
+function applyQuery(query, keepParallel = false) {
   const p = new URLSearchParams(query);
   for (const k of KNOBS) {
     if (!p.has(k)) continue;
@@ -66,8 +103,19 @@ function applyQuery(query) {
     if (input.type === 'checkbox') input.checked = p.get(k) === '1' || p.get(k) === 'true';
     else input.value = p.get(k);
   }
+  if (p.has('parallel') || !keepParallel) {
+    for (const [k, v] of Object.entries(PARALLEL_DEFAULTS)) setField(k, p.has(k) ? p.get(k) : v);
+    // The ZeRO names (and the records' `fsdp2`) are FSDP2 in the select: zero3 reshards after forward, zero2
+    // does not (`parallel::Strategy::parse`).
+    const zero = { zero3: true, zero2: false, fsdp2: null }[p.get('parallel')];
+    if (zero !== undefined) {
+      $('parallel').value = 'fsdp';
+      if (zero !== null && !p.has('reshard_after_forward')) $('reshard_after_forward').checked = zero;
+    }
+  }
   if (p.has('gpu')) $('gpu').value = p.get('gpu');
   showFamily();
+  showStrategy();
   syncSlider();
 }
 
@@ -84,7 +132,7 @@ function applyModel(query) {
     if ($(k).type === 'checkbox') $(k).checked = false;
     else $(k).value = '';
   }
-  applyQuery(p.toString());
+  applyQuery(p.toString(), true);
 }
 
 function showGpuDetail() {
@@ -106,11 +154,15 @@ function syncSlider() {
 
 // ---- errors next to their field -----------------------------------------------------------------------------
 // The form field a core message is about: it starts with the field ("train.batch_size (0) must be at least 1";
-// "train.lora.r (0) ..." is the field lora_r).
+// "train.lora.r (0) ..." is the field lora_r; "train.parallel.mixed_precision.param_dtype" is param_dtype and
+// "train.parallel.strategy" the strategy select, `parallel`).
 function errorField(message) {
-  const m = /^(?:model|train|device)\.([a-z_]+)(?:\.([a-z_]+))?/.exec(message);
+  const m = /^(?:not modelled: )?(?:model|train|device)\.([a-z_]+)((?:\.[a-z_]+)*)/.exec(message);
   if (!m) return null;
-  const id = m[2] ? `${m[1]}_${m[2]}` : m[1];
+  const rest = m[2].split('.').filter(Boolean);
+  let id;
+  if (m[1] === 'parallel') id = rest.length === 0 || rest[rest.length - 1] === 'strategy' ? 'parallel' : rest[rest.length - 1];
+  else id = rest.length ? `${m[1]}_${rest[0]}` : m[1];
   return document.querySelector(`.field-error[data-for="${id}"]`) ? id : null;
 }
 
@@ -160,6 +212,8 @@ function renderEstimate(e) {
   $('verdict').textContent = e.verdict ? `${e.verdict} in ${e.gpu_memory}` : 'choose a GPU';
   $('verdict').className = e.fits === true ? 'fits' : (e.fits === false ? 'over' : '');
   $('headroom').textContent = e.headroom;
+  $('scope').textContent = e.scope ? `Every figure is ${e.scope}; the batch is per GPU.` : '';
+  $('scope').hidden = !e.scope;
   $('sentence').textContent = e.sentence;
   $('peak-phase').textContent = e.peak_phase;
   $('peak-op').textContent = e.peak_op;
@@ -197,9 +251,7 @@ function renderAdvice(a) {
   $('advice').replaceChildren(...a.suggestions.map((s) => {
     const li = el('li');
     li.append(el('span', `${s.change}: saves ${s.saving} (total ${s.total}${s.fits ? ', fits' : ''}). `));
-    const b = el('button', 'Apply', { type: 'button' });
-    b.addEventListener('click', () => { applyQuery(s.query); update(true); });
-    li.append(b);
+    li.append(applyButton(s.query));
     return li;
   }));
   if (a.suggestions.length === 0) $('advice').append(el('li', 'Nothing here lowers the peak further.'));
@@ -211,6 +263,50 @@ function drawPlots(query) {
   vf.draw_sweep($('plot-block'), query, 'block_size', isDark, sizeCanvas($('plot-block')));
   vf.draw_fit_map($('plot-fitmap'), query, isDark, sizeCanvas($('plot-fitmap')));
   vf.draw_timeline($('plot-timeline'), query, isDark, sizeCanvas($('plot-timeline')));
+  if ($('gpus-section').open) drawGpus(query);
+}
+
+// The GPU plan costs a few dozen estimates: made when its section is open, when the setup is on several GPUs,
+// or when it does not fit one (then its advice joins "How to make it fit").
+function gpusWanted(est) {
+  return $('gpus-section').open || $('parallel').value !== 'single' || est.fits === false;
+}
+
+function drawGpus(query) {
+  renderGpuPlan(vf.draw_gpus($('plot-gpus'), query, dark(), sizeCanvas($('plot-gpus'))));
+}
+
+function applyButton(query, label = 'Apply') {
+  const b = el('button', label, { type: 'button' });
+  b.addEventListener('click', () => { applyQuery(query); update(true); });
+  return b;
+}
+
+// The fewest GPUs per strategy, and the advice: also the last item of "How to make it fit" when it changes
+// the setup.
+function renderGpuPlan(plan) {
+  $('gpu-advice').replaceChildren(document.createTextNode(`${plan.advice} `),
+    ...(plan.advised_query ? [applyButton(plan.advised_query)] : []));
+  $('gpu-plan').tBodies[0].replaceChildren(...plan.rows.map((r) => {
+    const tr = el('tr', undefined, { 'data-way': r.id });
+    tr.append(el('th', r.label, { scope: 'row' }));
+    if (r.error) {
+      tr.append(el('td', r.error, { colspan: '3' }));
+      return tr;
+    }
+    const per = r.host ? `${r.per_gpu}, and ${r.host} of pinned host memory` : r.per_gpu;
+    tr.append(el('td', r.fewest || 'choose a GPU'), el('td', per));
+    const apply = el('td');
+    if (r.query) apply.append(applyButton(r.query, `Use ${r.fewest}`));
+    tr.append(apply);
+    return tr;
+  }));
+  $('gpu-notes').replaceChildren(...plan.notes.map((n) => el('li', n)));
+  if (plan.advised_query) {
+    const li = el('li', undefined, { 'data-id': 'gpus' });
+    li.append(el('span', `${plan.advice} `), applyButton(plan.advised_query));
+    $('advice').append(li);
+  }
 }
 
 // A panic in Rust aborts the call and reaches JS as a WebAssembly.RuntimeError, not an Error with the core's
@@ -244,6 +340,7 @@ function update(push) {
   try {
     renderAdvice(vf.advice(query));
     drawPlots(query);
+    if (!$('gpus-section').open && gpusWanted(est)) drawGpus(query);
   } catch (err) {
     if (isInternal(err)) showInternal(err);
     else $('global-error').textContent = err.message;
@@ -441,7 +538,7 @@ function download(name, blob) {
 
 function wireExports() {
   $('export-png').addEventListener('click', () => {
-    for (const id of ['plot-batch', 'plot-block', 'plot-fitmap', 'plot-timeline']) {
+    for (const id of ['plot-batch', 'plot-block', 'plot-fitmap', 'plot-timeline', 'plot-gpus']) {
       $(id).toBlob((b) => b && download(`vramfit-${id.slice(5)}.png`, b), 'image/png');
     }
   });
@@ -502,6 +599,7 @@ async function main() {
     if (ev.target.id === 'batch_slider') $('batch_size').value = String(2 ** Number(ev.target.value));
     if (ev.target.id === 'batch_size') syncSlider();
     if (ev.target.id === 'family') showFamily();
+    if (ev.target.id === 'parallel') showStrategy();
     if (DEVICE_KEYS.includes(ev.target.id)) $('gpu').value = 'custom';
     scheduleUpdate(false);
   });
@@ -524,6 +622,7 @@ async function main() {
   window.matchMedia('(prefers-color-scheme: dark)').addEventListener('change', () => lastGood && drawPlots(lastGood));
   let resizeTimer;
   window.addEventListener('resize', () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(() => lastGood && drawPlots(lastGood), 150); });
+  $('gpus-section').addEventListener('toggle', () => { if ($('gpus-section').open && lastGood) drawGpus(lastGood); });
   wireExports();
   wireSnapshot();
   $('load-status').hidden = true;

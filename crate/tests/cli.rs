@@ -745,3 +745,59 @@ fn parallel_flags_give_the_per_gpu_peak() {
         "error: train.parallel.offload (true) is a field of fsdp; the strategy is ddp"
     );
 }
+
+/// `vramfit strategies`: per strategy the memory per GPU on 1 to 64 GPUs and the fewest that fit; the advised
+/// setup's flags give that figure through `estimate`, and one fewer GPU does not fit.
+#[test]
+fn strategies_finds_the_fewest_gpus_and_the_flags_reproduce_them() {
+    let base = ["--preset", "llama-3.2-1b", "--gpu", "rtx-4070"];
+    let v = json_of(&[&["strategies", "--format", "json"][..], &base].concat());
+    let rows = v["strategies"].as_array().unwrap();
+    let ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["ddp", "zero2", "zero3", "zero3-offload"]);
+    let budget = v["gpu_memory_bytes"].as_u64().unwrap();
+    assert!(v["one_gpu_device_total_bytes"].as_u64().unwrap() > budget);
+    let z3 = &rows[2];
+    let n = z3["fewest_gpus"].as_u64().unwrap();
+    let total = z3["fewest_device_total_bytes"].as_u64().unwrap();
+    assert!(total <= budget);
+    let on = |gpus: u64| {
+        let g = gpus.to_string();
+        let args = [
+            &["estimate", "--format", "json"][..],
+            &base,
+            &[
+                "--precision",
+                "fp32",
+                "--parallel",
+                "fsdp",
+                "--gpus",
+                &g,
+                "--param-dtype",
+                "bf16",
+                "--reduce-dtype",
+                "fp32",
+            ],
+        ]
+        .concat();
+        json_of(&args)["device_total_bytes"].as_u64().unwrap()
+    };
+    assert_eq!(on(n), total);
+    assert!(on(n - 1) > budget, "{} GPUs fit too", n - 1);
+    // The text: a row per strategy, the advice and the flags that give it.
+    let (code, text, err) = vramfit(&[&["strategies"][..], &base].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains(&format!(
+            "The fewest 12.0 GiB GPUs that fit: {n} with FSDP2, ZeRO-3"
+        )),
+        "{text}"
+    );
+    assert!(text.contains(&format!(
+        "flags: --precision fp32 --parallel fsdp --gpus {n} --param-dtype bf16"
+    )));
+    assert_eq!(
+        error_of(&["strategies", "--format", "csv"]),
+        "error: --format (\"csv\") is not one of: table, json"
+    );
+}

@@ -143,3 +143,45 @@ fn drawing_on_a_canvas_puts_pixels_on_it() {
         "sweep axis (\"depth\") is not one of: batch_size, block_size"
     );
 }
+
+/// The GPU plan crosses as plain objects: a row per strategy with its fewest GPUs and a query that estimates to
+/// the figure shown; a bad query throws the core's message.
+#[wasm_bindgen_test]
+fn gpu_plan_rows_carry_their_setup() {
+    let doc = web_sys::window().unwrap().document().unwrap();
+    let canvas: web_sys::HtmlCanvasElement =
+        wasm_bindgen::JsCast::dyn_into(doc.create_element("canvas").unwrap()).unwrap();
+    canvas.set_width(600);
+    canvas.set_height(300);
+    let q = format!(
+        "{}&{}",
+        vramfit::wasm::preset_query("llama-3.2-1b").unwrap(),
+        vramfit::wasm::gpu_query("rtx-4070").unwrap()
+    );
+    let plan = vramfit::wasm::draw_gpus(canvas.clone(), &q, true, 1.0).unwrap();
+    let rows = js_sys::Array::from(&get(&plan, "rows"));
+    assert_eq!(rows.length(), 4);
+    let z3 = rows.get(2);
+    assert_eq!(get(&z3, "id").as_string().unwrap(), "zero3");
+    let fewest = get(&z3, "fewest").as_string().unwrap();
+    assert!(fewest.parse::<u64>().unwrap() > 1, "{fewest}");
+    let e = vramfit::wasm::estimate(&get(&z3, "query").as_string().unwrap()).unwrap();
+    assert_eq!(get(&e, "device_total"), get(&z3, "per_gpu"));
+    assert!(get(&e, "scope")
+        .as_string()
+        .unwrap()
+        .starts_with(&format!("per GPU: rank 0 of {fewest}, FSDP2 (ZeRO-3)")));
+    assert!(get(&plan, "advice")
+        .as_string()
+        .unwrap()
+        .starts_with("The fewest"));
+    check_err!(
+        vramfit::wasm::draw_gpus(
+            canvas,
+            &q.replace("batch_size=1&", "batch_size=0&"),
+            false,
+            1.0
+        ),
+        "train.batch_size (0) must be at least 1"
+    );
+}

@@ -32,6 +32,10 @@ usage:
                 estimate for the setup given: both peaks, the difference, the largest blocks at the peak
   vramfit sweep --axis batch_size|block_size [--values 1,2,4 | --from N --to M] [SOURCE] [KNOBS]
                 [--format csv|json]
+  vramfit strategies [SOURCE] [KNOBS] [--format table|json]
+                how many GPUs of the device's kind, and with which strategy: memory per GPU on 1 to 64
+                GPUs under DDP, ZeRO-2, ZeRO-3 and ZeRO-3 with CPU offload (FSDP2), the fewest that fit
+                each (searched up to 4096), and the cheapest that fits
   vramfit gpus [--format table|json]     the GPU presets --gpu takes: memory, compute capability, SMs
 
 SOURCE (at most one; without one, the default nanoGPT case: 6 layers, 384 wide, block 512, batch 16,
@@ -160,6 +164,10 @@ enum Cli {
         values: Vec<u64>,
         json: bool,
     },
+    Strategies {
+        setup: Setup,
+        json: bool,
+    },
 }
 
 fn read(path: &str) -> Result<String, Error> {
@@ -219,9 +227,12 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
     if cmd == "gpus" {
         return parse_gpus(&args[1..]);
     }
-    if !matches!(cmd.as_str(), "estimate" | "sweep" | "compare") {
+    if !matches!(
+        cmd.as_str(),
+        "estimate" | "sweep" | "compare" | "strategies"
+    ) {
         return Err(usage_error(format!(
-            "unknown command {cmd:?}; expected estimate, sweep, compare or gpus (see --help)"
+            "unknown command {cmd:?}; expected estimate, sweep, compare, strategies or gpus (see --help)"
         )));
     }
     let mut snapshot: Option<(String, Vec<u8>)> = None;
@@ -546,6 +557,20 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
             notes,
         });
     }
+    if cmd == "strategies" {
+        let json = match format.as_deref() {
+            None | Some("table") => false,
+            Some("json") => true,
+            Some(f) => {
+                return Err(Error::UnknownValue {
+                    field: "--format".into(),
+                    value: f.into(),
+                    allowed: &["table", "json"],
+                })
+            }
+        };
+        return Ok(Cli::Strategies { setup, json });
+    }
     if cmd == "compare" {
         let json = match format.as_deref() {
             None | Some("table") => false,
@@ -604,6 +629,109 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
         axis,
         values,
         json,
+    })
+}
+
+/// `vramfit strategies` as text: per way, the memory per GPU at each plotted count and the fewest that fit.
+fn strategies_table(setup: &Setup, plan: &vramfit::gpus::Plan) -> String {
+    use vramfit::gpus::PLOTTED_GPUS;
+    let m = &setup.model;
+    let mut out = format!(
+        "vramfit strategies: {} with {} layers, {} wide; batch {} x sequence {} per GPU, {}\n\
+         on the device per GPU (rank 0), against {} of GPU memory\n\n",
+        m.family.name(),
+        m.n_layer,
+        m.n_embd,
+        setup.train.batch_size,
+        setup.train.seq_len,
+        setup.train.precision.name(),
+        fmt_bytes(plan.budget_bytes)
+    );
+    let mut head = format!("  {:48}", "GPUs");
+    for w in PLOTTED_GPUS {
+        head += &format!("{w:>10}");
+    }
+    out += &format!("{head}   fewest that fit\n");
+    if let Some(t) = plan.one_gpu_bytes {
+        out += &format!("  {:48}{:>10}\n", "one GPU, as given", fmt_bytes(t));
+    }
+    for r in &plan.rows {
+        let mut line = format!("  {:48}", r.way.label());
+        if let Some(e) = &r.error {
+            out += &format!("{line}{e}\n");
+            continue;
+        }
+        for (_, t) in &r.points {
+            line += &format!("{:>10}", fmt_bytes(*t));
+        }
+        let fewest = match (&r.fewest, plan.budget_bytes) {
+            (_, 0) => "(no GPU memory given)".to_string(),
+            (Some(f), _) => format!("{} ({})", f.gpus, fmt_bytes(f.device_total_bytes)),
+            (None, _) => format!("none up to {}", vramfit::gpus::MAX_GPUS_SEARCHED),
+        };
+        out += &format!("{line}   {fewest}\n");
+    }
+    out += &format!("\n  {}\n", plan.advice);
+    if let Some(s) = &plan.advised {
+        out += &format!("  {}\n", flags_of_parallel(s));
+    }
+    for n in &plan.notes {
+        out += &format!("  note: {n}\n");
+    }
+    out
+}
+
+/// The flags that give `s`'s multi-GPU setup (and its precision), for the advice.
+fn flags_of_parallel(s: &Setup) -> String {
+    let p = &s.train.parallel;
+    let mut f = format!(
+        "flags: --precision {} --parallel {} --gpus {}",
+        s.train.precision.name(),
+        if p.strategy == Strategy::Fsdp && !p.reshard_after_forward {
+            "zero2"
+        } else {
+            p.strategy.name()
+        },
+        p.gpus
+    );
+    if let Some(d) = p.param_dtype {
+        f += &format!(" --param-dtype {}", d.name());
+    }
+    if let Some(d) = p.reduce_dtype {
+        f += &format!(" --reduce-dtype {}", d.name());
+    }
+    if p.offload {
+        f += " --offload";
+    }
+    if !s.train.compile {
+        f += " --no-compile";
+    }
+    f
+}
+
+fn strategies_json(plan: &vramfit::gpus::Plan) -> Value {
+    let rows: Vec<Value> = plan
+        .rows
+        .iter()
+        .map(|r| {
+            json!({
+                "id": r.way.id(),
+                "label": r.way.label(),
+                "per_gpu_device_total_bytes": r.points.iter().map(|(w, t)| json!({"gpus": w, "bytes": t})).collect::<Vec<_>>(),
+                "fewest_gpus": r.fewest.as_ref().map(|f| f.gpus),
+                "fewest_device_total_bytes": r.fewest.as_ref().map(|f| f.device_total_bytes),
+                "setup": r.fewest.as_ref().map(|f| setup_to_value(&f.setup)),
+                "error": r.error,
+            })
+        })
+        .collect();
+    json!({
+        "gpu_memory_bytes": plan.budget_bytes,
+        "one_gpu_device_total_bytes": plan.one_gpu_bytes,
+        "strategies": rows,
+        "advice": plan.advice,
+        "advised_setup": plan.advised.as_ref().map(setup_to_value),
+        "notes": plan.notes,
     })
 }
 
@@ -943,6 +1071,18 @@ fn run(args: &[String]) -> Result<Vec<u8>, Error> {
                 );
             } else {
                 out.push_str(&table(&setup, &r, &notes));
+            }
+        }
+        Cli::Strategies { setup, json } => {
+            let plan = vramfit::gpus::plan(&setup)?;
+            if json {
+                outln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&strategies_json(&plan)).unwrap_or_default()
+                );
+            } else {
+                out.push_str(&strategies_table(&setup, &plan));
             }
         }
         Cli::Sweep {

@@ -3,6 +3,7 @@
 
 pub mod advice;
 pub mod compare;
+pub mod gpus;
 pub mod plot;
 pub mod report;
 pub mod sweep;

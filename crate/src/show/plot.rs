@@ -5,6 +5,7 @@
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
+use crate::gpus::{Plan, Way, PLOTTED_GPUS};
 use crate::report::Stage;
 use crate::sweep::{bands, Axis, FitMap, Point};
 
@@ -215,16 +216,29 @@ fn draw_legend<DB: DrawingBackend>(
     theme: &Theme,
     scale: f64,
 ) -> Result<(), String> {
+    let mut items: Vec<(&str, RGBColor, bool)> = COMPONENT_NAMES
+        .iter()
+        .zip(theme.components)
+        .map(|(name, color)| (*name, color, false))
+        .collect();
+    if capacity {
+        items.push(("GPU memory", theme.capacity, true));
+    }
+    draw_legend_items(area, &items, theme, scale)
+}
+
+/// A legend of (label, colour, drawn as a line rather than a swatch) items in one row from the top-left.
+fn draw_legend_items<DB: DrawingBackend>(
+    area: DrawingArea<DB, Shift>,
+    items: &[(&str, RGBColor, bool)],
+    theme: &Theme,
+    scale: f64,
+) -> Result<(), String> {
     let s = |v: f64| (v * scale).round() as i32;
     let font = font_at(theme, scale, 11.0);
     let mut x = s(8.0);
     let y = s(8.0);
-    let item = |area: &DrawingArea<DB, Shift>,
-                x: i32,
-                color: RGBColor,
-                label: &str,
-                line: bool|
-     -> Result<(), String> {
+    for &(label, color, line) in items {
         if line {
             area.draw(&PathElement::new(
                 [(x, y + s(5.0)), (x + s(12.0), y + s(5.0))],
@@ -243,17 +257,152 @@ fn draw_legend<DB: DrawingBackend>(
             (x + s(15.0), y - s(1.0)),
             font.clone(),
         ))
-        .map_err(err)
-    };
-    let step = |label: &str| s(22.0 + 6.2 * label.len() as f64);
-    for (i, name) in COMPONENT_NAMES.iter().enumerate() {
-        item(&area, x, theme.components[i], name, false)?;
-        x += step(name);
-    }
-    if capacity {
-        item(&area, x, theme.capacity, "GPU memory", true)?;
+        .map_err(err)?;
+        x += s(22.0 + 6.2 * label.len() as f64);
     }
     Ok(())
+}
+
+/// The short names of `gpus::Way`s in the legend.
+fn way_name(w: Way) -> &'static str {
+    match w {
+        Way::Ddp => "DDP",
+        Way::Zero2 => "ZeRO-2",
+        Way::Zero3 => "ZeRO-3",
+        Way::Zero3Offload => "ZeRO-3 + offload",
+    }
+}
+
+/// Memory per GPU (on the device) against the number of GPUs, one line per way (both axes in powers of two,
+/// since the values span from a few GiB to the whole model's state), the setup on one GPU as a dot at 1, the
+/// device's memory as a line, and `current` (GPUs, bytes) marked.
+///
+/// # Errors
+/// A backend error, as text.
+pub fn draw_gpus<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    plan: &Plan,
+    current: Option<(u64, u64)>,
+    theme: &Theme,
+    scale: f64,
+) -> Result<(), String> {
+    root.fill(&theme.background).map_err(err)?;
+    let values: Vec<u64> = plan
+        .rows
+        .iter()
+        .flat_map(|r| r.points.iter().map(|p| p.1))
+        .chain(plan.one_gpu_bytes)
+        .chain((plan.budget_bytes > 0).then_some(plan.budget_bytes))
+        .filter(|&b| b > 0)
+        .collect();
+    let (Some(&lo), Some(&hi)) = (values.iter().min(), values.iter().max()) else {
+        return Ok(());
+    };
+    let px = |v: f64| px_at(scale, v);
+    let font = |size: f64| font_at(theme, scale, size);
+    let lx = |v: u64| (v.max(1) as f64).log2();
+    // GiB on a log2 axis where the values span more than a factor of 8 (DDP's whole model beside ZeRO-3's
+    // shards), else on a linear one from 0, whose ticks fall on round GiB.
+    let log = gib(hi) > 8.0 * gib(lo);
+    let ly = move |b: u64| {
+        if log {
+            gib(b.max(1)).log2()
+        } else {
+            gib(b)
+        }
+    };
+    let (x0, x1) = (0.0, lx(PLOTTED_GPUS[PLOTTED_GPUS.len() - 1]));
+    let (y0, y1) = if log {
+        (ly(lo) - 0.3, ly(hi) + 0.3)
+    } else {
+        (0.0, (gib(hi) * 1.12).max(0.5))
+    };
+    let mut chart = ChartBuilder::on(root)
+        .margin(px(10.0))
+        .margin_top(px(28.0))
+        .margin_right(px(24.0))
+        .x_label_area_size(px(40.0))
+        .y_label_area_size(px(52.0))
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("GPUs")
+        .y_desc("GiB per GPU (on the device)")
+        .axis_desc_style(font(13.0))
+        .label_style(font(12.0))
+        .light_line_style(theme.grid.mix(0.3))
+        .bold_line_style(theme.grid)
+        .axis_style(theme.text)
+        .x_labels(PLOTTED_GPUS.len())
+        .x_label_formatter(&|v| format!("{}", 2f64.powf(*v).round() as u64))
+        .y_label_formatter(&|v| {
+            let g = if log { 2f64.powf(*v) } else { *v };
+            if g >= 10.0 {
+                format!("{g:.0}")
+            } else {
+                format!("{g:.1}")
+            }
+        })
+        .draw()
+        .map_err(err)?;
+    let cap = (plan.budget_bytes > 0).then(|| ly(plan.budget_bytes));
+    if let Some(cap) = cap {
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(x0, cap), (x1, y1)],
+                theme.over.mix(0.12).filled(),
+            )))
+            .map_err(err)?;
+        chart
+            .draw_series(LineSeries::new(
+                [(x0, cap), (x1, cap)],
+                theme.capacity.stroke_width(px(2.0)),
+            ))
+            .map_err(err)?;
+    }
+    let mut legend: Vec<(&str, RGBColor, bool)> = Vec::new();
+    for (i, r) in plan.rows.iter().enumerate() {
+        if r.points.is_empty() {
+            continue;
+        }
+        let color = theme.components[i % theme.components.len()];
+        let pts: Vec<(f64, f64)> = r.points.iter().map(|&(w, b)| (lx(w), ly(b))).collect();
+        chart
+            .draw_series(LineSeries::new(
+                pts.iter().copied(),
+                color.stroke_width(px(2.0)),
+            ))
+            .map_err(err)?;
+        chart
+            .draw_series(pts.iter().map(|&p| Circle::new(p, px(3.0), color.filled())))
+            .map_err(err)?;
+        legend.push((way_name(r.way), color, true));
+    }
+    if let Some(one) = plan.one_gpu_bytes {
+        chart
+            .draw_series(std::iter::once(Circle::new(
+                (0.0, ly(one)),
+                px(5.0),
+                theme.text.filled(),
+            )))
+            .map_err(err)?;
+        legend.push(("one GPU", theme.text, false));
+    }
+    if let Some((w, b)) = current {
+        chart
+            .draw_series(std::iter::once(Circle::new(
+                (lx(w), ly(b)),
+                px(7.0),
+                theme.text.stroke_width(px(2.0)),
+            )))
+            .map_err(err)?;
+    }
+    if cap.is_some() {
+        legend.push(("GPU memory", theme.capacity, true));
+    }
+    draw_legend_items(root.clone(), &legend, theme, scale)?;
+    root.present().map_err(err)
 }
 
 /// The fit map as a grid of cells (green fits, red does not), the current pair outlined.
@@ -486,5 +635,34 @@ mod tests {
             out.contains("2 loss bwd") && out.contains("3 opt"),
             "stage labels"
         );
+    }
+
+    /// The GPU plot: a line of the way's colour per modelled way with a dot per count, the one-GPU dot, the
+    /// capacity line; a way without figures draws nothing and is left out of the legend.
+    #[test]
+    fn gpus_plot_draws_a_line_per_way() {
+        let mut s = presets::model_preset("llama-3.2-1b").unwrap();
+        s.device.memory_bytes = 12 << 30;
+        let mut plan = crate::gpus::plan(&s).unwrap();
+        plan.rows[3].points.clear();
+        let out = svg(|root| {
+            draw_gpus(
+                root,
+                &plan,
+                Some((8, plan.rows[2].points[3].1)),
+                &LIGHT,
+                1.0,
+            )
+        });
+        for (i, name) in ["DDP", "ZeRO-2", "ZeRO-3"].iter().enumerate() {
+            assert!(out.contains(name), "{name}");
+            assert!(out.contains(&hex(LIGHT.components[i])), "{name}'s colour");
+        }
+        assert!(!out.contains("offload") && !out.contains(&hex(LIGHT.components[3])));
+        assert!(
+            out.contains("one GPU") && out.contains("GPU memory") && out.contains("GiB per GPU")
+        );
+        // A dot per plotted count on three lines, the one-GPU dot and the current point's ring.
+        assert_eq!(out.matches("<circle").count(), 3 * PLOTTED_GPUS.len() + 2);
     }
 }

@@ -14,6 +14,7 @@
 //! draw_sweep(canvas, query, axis: "batch_size"|"block_size", dark: bool, scale: number): void
 //! draw_fit_map(canvas, query, dark, scale): {batches: number[], blocks: number[]}
 //! draw_timeline(canvas, query, dark, scale): void
+//! draw_gpus(canvas, query, dark, scale): GpuPlan             // see GpuPlanDto; draws memory per GPU against GPUs
 //! sweep_csv(query, axis): string;  sweep_json(query, axis): string
 //! import_config(text: string): {query, notes: string[], kind: "nanogpt"|"hf"|"setup"}
 //! identify_gpu(description: string): string | undefined     // a GPU preset id, only when unambiguous
@@ -35,6 +36,7 @@ use web_sys::CanvasRenderingContext2d;
 use web_sys::HtmlCanvasElement;
 
 use crate::advice;
+use crate::gpus;
 use crate::input::{self, setup_from_query, setup_to_query};
 use crate::plot;
 use crate::presets;
@@ -198,6 +200,8 @@ struct EstimateDto {
     peak_op: &'static str,
     sentence: String,
     per_block: String,
+    /// "" on one GPU; else what every figure is, e.g. "per GPU: rank 0 of 8, FSDP2 (ZeRO-3)".
+    scope: String,
     components: Vec<ComponentDto>,
     timeline: Vec<StageDto>,
     notes: Vec<String>,
@@ -268,6 +272,7 @@ pub fn estimate(query: &str) -> Result<JsValue, JsError> {
         peak_op: r.peak_op,
         sentence: r.largest_item_sentence(&s),
         per_block: fmt_bytes(r.activations_per_block_bytes),
+        scope: scope(&s),
         components,
         timeline: r
             .timeline
@@ -287,6 +292,22 @@ pub fn estimate(query: &str) -> Result<JsValue, JsError> {
                 sentence: c.sentence,
             }),
     })
+}
+
+/// What the figures are for, beyond one GPU.
+fn scope(s: &Setup) -> String {
+    let p = &s.train.parallel;
+    if p.is_single() {
+        return String::new();
+    }
+    let name = match p.zero_name() {
+        Some(z) => format!(
+            "FSDP2 ({z}{})",
+            if p.offload { ", CPU offload" } else { "" }
+        ),
+        None => "DDP".to_string(),
+    };
+    format!("per GPU: rank 0 of {}, {name}", p.gpus)
 }
 
 #[derive(Serialize)]
@@ -578,6 +599,105 @@ pub fn draw_timeline(
     let cap = (s.device.memory_bytes > 0).then_some(s.device.memory_bytes);
     let root = canvas_root(canvas)?;
     plot::draw_timeline(&root, &r.timeline, cap, theme(dark), scale.clamp(0.5, 4.0)).map_err(js_err)
+}
+
+#[derive(Serialize)]
+struct GpuRowDto {
+    id: &'static str,
+    label: &'static str,
+    /// "12", or "none up to 4096", or "" (no GPU memory given, or not modelled: see `error`).
+    fewest: String,
+    /// On the device per GPU at the fewest, e.g. "71.2 GiB"; "" where none.
+    per_gpu: String,
+    /// Host memory each GPU's process pins under CPU offload, e.g. "526 GiB"; "" otherwise.
+    host: String,
+    /// The setup on the fewest GPUs, for "apply"; "" where none.
+    query: String,
+    /// Why the row has no figures, where it has none.
+    error: String,
+}
+
+#[derive(Serialize)]
+struct GpuPlanDto {
+    rows: Vec<GpuRowDto>,
+    /// The setup on one GPU, on the device ("" where not modelled).
+    one_gpu: String,
+    advice: String,
+    /// The advised setup ("" where nothing is advised).
+    advised_query: String,
+    notes: Vec<String>,
+}
+
+/// Memory per GPU against the number of GPUs for each strategy (`gpus::plan`), drawn; returns the table of the
+/// fewest GPUs that fit each and the advice.
+#[wasm_bindgen]
+pub fn draw_gpus(
+    canvas: HtmlCanvasElement,
+    query: &str,
+    dark: bool,
+    scale: f64,
+) -> Result<JsValue, JsError> {
+    let s = setup_of(query)?;
+    let plan = gpus::plan(&s).map_err(js_err)?;
+    let p = &s.train.parallel;
+    let current = if p.is_single() {
+        None
+    } else {
+        let way = match (p.strategy, p.reshard_after_forward, p.offload) {
+            (crate::parallel::Strategy::Ddp, ..) => gpus::Way::Ddp,
+            (_, false, _) => gpus::Way::Zero2,
+            (_, true, false) => gpus::Way::Zero3,
+            (_, true, true) => gpus::Way::Zero3Offload,
+        };
+        plan.rows
+            .iter()
+            .find(|r| r.way == way)
+            .and_then(|r| r.points.iter().find(|pt| pt.0 == p.gpus))
+            .copied()
+    };
+    let root = canvas_root(canvas)?;
+    plot::draw_gpus(&root, &plan, current, theme(dark), scale.clamp(0.5, 4.0)).map_err(js_err)?;
+    let rows = plan
+        .rows
+        .iter()
+        .map(|r| {
+            let (fewest, per_gpu, host, query) = match (&r.fewest, plan.budget_bytes, &r.error) {
+                (_, _, Some(_)) | (_, 0, _) => Default::default(),
+                (Some(f), ..) => (
+                    f.gpus.to_string(),
+                    fmt_bytes(f.device_total_bytes),
+                    f.host_bytes.map(fmt_bytes).unwrap_or_default(),
+                    setup_to_query(&f.setup),
+                ),
+                (None, ..) => (
+                    format!("none up to {}", gpus::MAX_GPUS_SEARCHED),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                ),
+            };
+            GpuRowDto {
+                id: r.way.id(),
+                label: r.way.label(),
+                fewest,
+                per_gpu,
+                host,
+                query,
+                error: r.error.clone().unwrap_or_default(),
+            }
+        })
+        .collect();
+    to_js(&GpuPlanDto {
+        rows,
+        one_gpu: plan.one_gpu_bytes.map(fmt_bytes).unwrap_or_default(),
+        advice: plan.advice,
+        advised_query: plan
+            .advised
+            .as_ref()
+            .map(setup_to_query)
+            .unwrap_or_default(),
+        notes: plan.notes,
+    })
 }
 
 #[wasm_bindgen]
