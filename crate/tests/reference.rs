@@ -434,13 +434,6 @@ fn finetune_setup(rec: &Value) -> Value {
         );
     }
     if let Some(q) = quant {
-        // These runs were not checkpointed, whatever the case says: measure_finetune.py quantizes the Linears
-        // itself, so the model lacks `is_loaded_in_4bit` / `is_loaded_in_8bit` (which transformers' quantized
-        // loading sets), and peft 0.21.2's prepare_model_for_kbit_training enables gradient checkpointing only
-        // for a model loaded in k-bit. The peaks agree: llama-qlora-nf4-dq-r16-all-ckpt-paged-adamw8bit 1227.38
-        // MiB against 1230.89 without checkpointing, the gap AdamW8bit's smaller state, where checkpointing took
-        // 228 MiB off the bf16 LoRA (1085.5 -> 857.3).
-        train.insert("checkpointing".into(), false.into());
         let name = match q["bits"].as_u64() {
             Some(8) => "int8".to_string(),
             _ => q["quant_type"].as_str().unwrap().to_string(),
