@@ -455,7 +455,7 @@ fn finetune_records_allocated_and_reserved() {
     let path = data_dir().join("finetune/stub-cuda.json");
     let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let recs = v["records"].as_array().unwrap();
-    assert_eq!(recs.len(), 30);
+    assert_eq!(recs.len(), 33);
     let rel = |p: u64, m: u64| (p as f64 - m as f64) / m as f64;
     let (mut table, mut bad, mut refused) = (String::new(), 0, Vec::new());
     for rec in recs {
@@ -492,12 +492,8 @@ fn finetune_records_allocated_and_reserved() {
 }
 
 /// Fine-tuning records vramfit refuses (`Error::NotModelled` or an unknown value), with the reason in the
-/// table the test prints.
-/// The 8-bit bases (Linear8bitLt) are not walked yet.
-const FINETUNE_NOT_MODELLED: &[&str] = &[
-    "llama-int8-r16-qv-bf16amp",
-    "llama-int8-r16-all-ckpt-lion8bit",
-];
+/// table the test prints: none.
+const FINETUNE_NOT_MODELLED: &[&str] = &[];
 
 /// Issue 14's standard for the multi-GPU records (`tests/data/parallel/stub-cuda.json`, rank 0 of DDP and FSDP2
 /// on PyTorch's own allocator with a fake process group): peak allocated within 5% on every record.
