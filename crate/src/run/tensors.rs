@@ -1368,3 +1368,48 @@ pub fn embedding_bwd(cx: &mut Ctx, n_indices: u64, rows: u64) -> Tensor {
 pub fn manual_scores_elems(cx: &Ctx) -> u64 {
     cx.b * cx.m.n_head * cx.t * cx.t
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::allocator::AllocatorConfig;
+
+    /// tests/data/finetune/saved-per-linear.json, `frozen-int8`: a `Linear8bitLt` of 512 inputs and 1536 outputs
+    /// on a bf16 input [4, 512, 512] that needs a gradient (M = 2048), sm_90. Forward peak above what was live:
+    /// A16 2 MiB and the row scales 8 KiB, the int8 input 1 MiB, then (abs and the outlier mask gone) the int32
+    /// product 12 MiB, its fp16 dequantization 6 MiB and the bf16 output 6 MiB = 25 MiB + 8 KiB. Backward peak
+    /// above what was live: the dequantized weight 1.5 MiB bf16, the input's gradient 2 MiB and cuBLAS's 32 MiB
+    /// workspace = 35.5 MiB. The input outlives the op (held, not saved).
+    #[test]
+    fn linear8bit_matches_the_probe() {
+        let mut setup = crate::presets::model_preset("llama-3.2-1b").unwrap();
+        (setup.train.batch_size, setup.train.seq_len) = (4, 512);
+        setup.train.precision = Precision::Bf16Amp;
+        setup.train.lora = Some(LoraConfig::with_rank(16));
+        setup.train.quantization = Some(Quantization::Int8);
+        setup.device.sm = 90;
+        let mut sim = Sim::new(AllocatorConfig::default(), u64::MAX);
+        let mut cx = Ctx::new(&mut sim, &setup).unwrap();
+        let n = cx.n;
+        assert_eq!(n, 2048);
+        let x = cx.alloc(n * 512 * 2, Activations, "x");
+        let before = cx.sim.live_bytes();
+        let (y, saved) = linear8bit_fwd(&mut cx, (x, 2), (512, 1536, false), Activations, true);
+        assert_eq!(cx.sim.peak().bytes - before, 25 * (1 << 20) + 8192);
+        assert_eq!(cx.sim.bytes_of(y), 6 << 20);
+        assert_eq!(saved.out_bytes, 2);
+        cx.free(x);
+        assert_eq!(cx.sim.live_bytes(), before + (6 << 20), "x is held");
+        let g = cx.alloc(n * 1536 * 2, Temporary, "ones_like");
+        let before_bwd = cx.sim.live_bytes();
+        let gi = linear8bit_bwd(&mut cx, g, 2, true, saved);
+        assert_eq!(cx.sim.peak().bytes - before_bwd, 35 * (1 << 20) + (1 << 19));
+        assert_eq!(cx.sim.bytes_of(gi), 2 << 20);
+        cx.release_graph_holds();
+        assert_eq!(
+            cx.sim.live_bytes(),
+            (6 << 20) + (2 << 20),
+            "y and the input's gradient"
+        );
+    }
+}
