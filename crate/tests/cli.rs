@@ -621,6 +621,41 @@ fn qlora_on_the_8b_preset_keeps_4bit_weights() {
     assert!(out.contains("4-bit NF4"), "{out}");
 }
 
+/// An 8-bit base (`--quantization int8`, bitsandbytes `Linear8bitLt`): one byte per decoder Linear weight plus
+/// an fp32 scale per output row (`SCB`), the rest fp32 after prepare_model_for_kbit_training, peft's fp32
+/// adapters; the table names the base. Row scales: 32 layers x (4096 + 1024 + 1024 + 4096 + 2 x 14336 + 4096).
+#[test]
+fn int8_base_on_the_8b_preset_keeps_one_byte_per_weight() {
+    let args = [
+        "estimate",
+        "--preset",
+        "llama-3.1-8b",
+        "--lora",
+        "r=16",
+        "--quantization",
+        "int8",
+        "--format",
+        "json",
+    ];
+    let v = json_of(&args);
+    let c = &v["components"];
+    let get = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("{k}: {c}"));
+    let linears: u64 = 32 * 4096 * (4096 + 1024 + 1024 + 4096 + 3 * 14336);
+    let rows: u64 = 32 * (4096 + 1024 + 1024 + 4096 + 2 * 14336 + 4096);
+    assert_eq!(rows, 1_376_256);
+    let adapters: u64 = 32 * 16 * (4096 + 4096 + 4096 + 1024);
+    let fp32 = (2 * 128_256 * 4096 + 65 * 4096) * 4;
+    let weights = linears + rows * 4 + fp32 + adapters * 4;
+    let w = get("weights_bytes");
+    assert!(
+        w >= weights && w < weights + (16 << 20),
+        "{w} for {weights}"
+    );
+    let (code, out, err) = vramfit(&args[..7]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("8-bit (LLM.int8)"), "{out}");
+}
+
 #[test]
 fn lora_flags_name_what_is_wrong() {
     let e = error_of(&["estimate", "--preset", "llama-3.2-1b", "--lora", "r=0"]);
@@ -651,10 +686,16 @@ fn lora_flags_name_what_is_wrong() {
         "r=8",
         "--quantization",
         "int8",
-        "--base-dtype",
-        "bf16",
+        "--precision",
+        "fp32",
     ]);
-    assert!(e.contains("not modelled: train.quantization (int8)"), "{e}");
+    assert!(
+        e.contains(
+            "not modelled: train.quantization (int8) with train.precision (fp32): an 8-bit base is modelled \
+             under bf16-amp or fp16-amp"
+        ),
+        "{e}"
+    );
     let e = error_of(&[
         "estimate",
         "--preset",

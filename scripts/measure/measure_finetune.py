@@ -35,8 +35,10 @@ checkpointing; "lora": LoraConfig's fields; "quant" (optional): {"bits": 4, "qua
 "double_quant": bool, "compute_dtype": "bf16"} or {"bits": 8, "threshold": 6.0}.
 Quantized bases are built as transformers' bitsandbytes loading leaves them: every nn.Linear of the decoder (not
 the output head) replaced by bnb.nn.Linear4bit / Linear8bitLt holding the bf16 weight, moved to the device (which
-quantizes it), then peft.prepare_model_for_kbit_training (norms, embeddings and head upcast to fp32, checkpointing
-with use_reentrant False, which is its only effect on the loop) before get_peft_model.
+quantizes it), marked is_loaded_in_4bit / is_loaded_in_8bit as transformers' quantizer marks a loaded model (peft
+reads the flags: checkpointing in prepare_model_for_kbit_training, its bnb LoRA layers in get_peft_model), then
+peft.prepare_model_for_kbit_training (norms, embeddings and head upcast to fp32; checkpointing with use_reentrant
+False and input gradients when the case asks) before get_peft_model.
 Only this script needs PyTorch, peft and bitsandbytes; vramfit and its tests never do.
 """
 import json
@@ -292,6 +294,13 @@ def run_case(case, method, after_step, torch, measure, peft, bnb):
     if q:
         n_quant = quantize_linears(model, q, torch, bnb)
         model = model.to("cuda")  # quantizes every Params4bit / Int8Params on the way
+        # What transformers' bitsandbytes quantizer sets once the weights are loaded
+        # (Bnb4BitHfQuantizer/Bnb8BitHfQuantizer._process_model_after_weight_loading). Two library paths read it:
+        # prepare_model_for_kbit_training enables gradient checkpointing (and input gradients) only for a model
+        # loaded in k-bit, and peft's LoRA dispatch wraps a bnb Linear in its own lora.bnb.Linear4bit /
+        # Linear8bitLt (no cast of x to the adapters' dtype under autocast; 4-bit clones the base output) only
+        # when the model says so, else in the generic lora.Linear. Before this line both ran the wrong path.
+        setattr(model, "is_loaded_in_4bit" if q["bits"] == 4 else "is_loaded_in_8bit", True)
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt,
                                                      gradient_checkpointing_kwargs={"use_reentrant": False})
     elif ckpt:
@@ -426,6 +435,8 @@ def probe(out_path):
         holder = holder.to("cuda")
         for p in holder.parameters():
             p.requires_grad_(False)
+        if base != "linear":  # as transformers' quantized loading marks the model (see run_case): peft's bnb layers
+            setattr(holder, "is_loaded_in_8bit" if base == "int8" else "is_loaded_in_4bit", True)
         if adapter:
             r, drop, adt = adapter
             holder = peft.get_peft_model(holder, peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=drop,

@@ -72,8 +72,9 @@ KNOBS (override the source):
                        save=lm_head (targets: all-linear or module names joined by +; peft's defaults: alpha 8,
                        dropout 0, q_proj+v_proj); the base is frozen. --no-lora trains every parameter
   --base-dtype fp32|bf16|fp16   the frozen base's dtype under LoRA (adapters stay fp32 under autocast)
-  --quantization nf4|fp4|int8  --double-quant   a bitsandbytes base under LoRA (QLoRA: 4-bit Linears, the rest
-                       fp32 after prepare_model_for_kbit_training; bf16-amp; int8 not modelled yet: refused)
+  --quantization nf4|fp4|int8  --double-quant   a bitsandbytes base under LoRA (QLoRA: 4-bit Linears under
+                       bf16-amp; int8: LLM.int8 Linears under bf16-amp or fp16-amp; the rest fp32 after
+                       prepare_model_for_kbit_training)
   --gpu ID             a GPU preset (rtx-4070, h100-80, ...: see vramfit gpus): its memory and compute
                        capability, whatever the SOURCE says (a preset or a config keeps the GPU given)
   --gpu-memory-gib X  --compute-capability X.Y

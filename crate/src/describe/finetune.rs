@@ -340,6 +340,30 @@ pub fn linear4bit_tensors(elems: u64, double_quant: bool) -> Vec<u64> {
     v
 }
 
+/// The tensors bitsandbytes keeps on the device for one `Linear8bitLt` weight (`Int8Params`, `has_fp16_weights=False`)
+/// of `elems` elements in `rows` output rows, in bytes, in the order `int8_vectorwise_quant` makes them (0.50.2,
+/// `backends/cuda/ops.py`; the stub-cuda snapshot of `llama-int8-r16-qv-bf16amp` and the records' `quant_state`):
+/// the row scales `SCB` fp32 [rows], then the int8 weight `CB` [rows, cols] (the parameter's data).
+pub fn int8_tensors(elems: u64, rows: u64) -> Vec<u64> {
+    vec![rows * 4, elems]
+}
+
+/// What LLM.int8()'s outlier columns would add at most to an 8-bit base's step, in bytes: the measurements ran
+/// on a stub GPU whose activations read as zeros, so no input column reached `llm_int8_threshold` (6.0) and the
+/// estimate is the no-outlier case. On real activations `MatMul8bitLt` copies each outlier column of its input
+/// (`subA`, n x outliers in the input's dtype) and keeps it in `ctx.tensors` until the graph is freed, like the
+/// input itself; the weight columns it dequantizes and the extra GEMM's output are transient. The bound takes every
+/// column as an outlier: one more copy of every 8-bit Linear's input (each projection its own, q/k/v of the same
+/// input included), for `tokens` tokens of a pre-norm decoder whose stream is fp32 after
+/// prepare_model_for_kbit_training (q, k, v, gate and up read the fp32 norm outputs, down the fp32 product of
+/// their fp32 outputs) and whose attention output reaches o_proj in the compute dtype (`compute_bytes`). Real
+/// runs see a handful of outlier features in large models (the LLM.int8() paper), far below this.
+pub fn int8_outlier_bound_bytes(m: &ModelConfig, tokens: u64, compute_bytes: u64) -> u64 {
+    let c = m.n_embd;
+    let per_layer = (5 * c + m.intermediate_size) * 4 + m.q_dim() * compute_bytes;
+    m.n_layer * tokens * per_layer
+}
+
 /// The fp32 temporaries `dequantize_4bit` makes before the weight itself under double quantization: the absmax
 /// dequantized from uint8 (fp32 per block) and `absmax + offset` (fp32 per block); none without.
 pub fn dequant_absmax_bytes(elems: u64, double_quant: bool) -> Option<u64> {
@@ -376,15 +400,6 @@ pub fn check(setup: &Setup) -> Result<(), Error> {
     let t = &setup.train;
     let m = &setup.model;
     if let Some(q) = t.quantization {
-        // Linear8bitLt is read (tests/data/finetune/README.md) but not walked: its forward goes through fp16 and
-        // an int8 copy of the input, and its output dtype under autocast was not pinned by the records.
-        if q == Quantization::Int8 {
-            return Err(Error::NotModelled {
-                what: "train.quantization (int8): 8-bit bases (Linear8bitLt) are not modelled yet (their fp16 \
-                       and int8 copies of each input); 4-bit bases (nf4, fp4) are"
-                    .into(),
-            });
-        }
         if t.lora.is_none() {
             return Err(Error::NotModelled {
                 what: format!(
@@ -404,14 +419,23 @@ pub fn check(setup: &Setup) -> Result<(), Error> {
                 ),
             });
         }
-        // bitsandbytes computes in bf16 (`bnb_4bit_compute_dtype`), and every record ran bf16 autocast.
-        if t.precision != Precision::Bf16Amp {
+        // A 4-bit base computes in bf16 (`bnb_4bit_compute_dtype`) and its records ran bf16 autocast; an 8-bit
+        // base computes in fp16 whatever the autocast dtype, and was measured under both autocasts.
+        let measured = match q {
+            Quantization::Int8 => matches!(t.precision, Precision::Bf16Amp | Precision::Fp16Amp),
+            _ => t.precision == Precision::Bf16Amp,
+        };
+        if !measured {
             return Err(Error::NotModelled {
                 what: format!(
-                    "train.quantization ({}) with train.precision ({}): QLoRA is modelled under bf16-amp (compute \
-                     dtype bf16), as it was measured",
+                    "train.quantization ({}) with train.precision ({}): {}, as it was measured",
                     q.name(),
-                    t.precision.name()
+                    t.precision.name(),
+                    match q {
+                        Quantization::Int8 =>
+                            "an 8-bit base is modelled under bf16-amp or fp16-amp",
+                        _ => "QLoRA is modelled under bf16-amp (compute dtype bf16)",
+                    }
                 ),
             });
         }
@@ -530,6 +554,22 @@ mod tests {
             "{e}"
         );
         assert!(Targets::parse([]).is_err());
+    }
+
+    /// llama's 4 layers of the records (512 wide, q 512, MLP 1536) at 2048 tokens under bf16 autocast: per layer
+    /// (5 x 512 + 1536) x 4 + 512 x 2 = 17,408 bytes a token, 142,606,336 in all (136 MiB).
+    #[test]
+    fn int8_outliers_at_most_copy_every_input() {
+        let mut m = crate::presets::model_preset("llama-3.2-1b").unwrap().model;
+        (
+            m.n_layer,
+            m.n_embd,
+            m.n_head,
+            m.n_kv_head,
+            m.intermediate_size,
+            m.head_dim,
+        ) = (4, 512, 8, 4, 1536, 0);
+        assert_eq!(int8_outlier_bound_bytes(&m, 2048, 2), 142_606_336);
     }
 
     /// tests/data/finetune/stub-cuda.json, llama-lora-r16-all-bf16amp: 622,592 trainable parameters (4 layers,

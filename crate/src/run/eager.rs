@@ -820,12 +820,12 @@ fn sdpa_backend_of(cx: &Ctx, masked: bool) -> crate::policy::SdpaBackend {
     }
 }
 
-/// The attention branch on the first norm's output, through the output projection (and the residual dropout):
-/// returns what it saved and the branch output.
-fn attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
+/// The attention branch on `input` (the first norm's output, or the stream itself without pre-norms), through the
+/// output projection (and the residual dropout): returns what it saved and the branch output.
+fn attn_fwd(cx: &mut Ctx, input: Tensor) -> (AttnSaved, Tensor) {
     match cx.arch.qkv {
         Qkv::Fused => fused_attn_fwd(cx),
-        Qkv::Separate | Qkv::PackedSlices | Qkv::PackedHeads => separate_attn_fwd(cx),
+        Qkv::Separate | Qkv::PackedSlices | Qkv::PackedHeads => separate_attn_fwd(cx, input),
     }
 }
 
@@ -872,7 +872,7 @@ fn fused_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
     (saved, a)
 }
 
-fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
+fn separate_attn_fwd(cx: &mut Ctx, input: Tensor) -> (AttnSaved, Tensor) {
     let c = cx.m.n_embd;
     let (qd, kv) = (cx.m.q_dim(), cx.m.kv_dim());
     let (r, p) = (cx.r, cx.p);
@@ -885,15 +885,15 @@ fn separate_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
         let (q_rot, k_rot) = rotary_fwd(cx, qd, kv, p);
         return attn_core_fwd(cx, (qkv, None, None), None, qkv_out, q_rot, k_rot);
     }
-    let (q_out, q) = ops::proj_fwd(cx, Role::Q, r, (c, qd), qkv_bias, Temporary);
+    let (q_out, q) = ops::proj_fwd(cx, Role::Q, (input, r), (c, qd), qkv_bias, Temporary);
     // Qwen3: each projection goes through its head-wise RMSNorm right away (q's before k's projection); rotary
     // then reads the norm's output, in the wider of the weight's and the projection's dtype (fp32 under
     // autocast: fake-cuda trace of a qwen3 bf16-amp case), and the projection output dies with the norm unless
     // the norm saved it (an fp32 projection).
     let q_norm = cx.arch.qk_norm.then(|| qk_norm_fwd(cx, q_out, qd));
-    let (k_out, k) = ops::proj_fwd(cx, Role::K, r, (c, kv), qkv_bias, Temporary);
+    let (k_out, k) = ops::proj_fwd(cx, Role::K, (input, r), (c, kv), qkv_bias, Temporary);
     let k_norm = cx.arch.qk_norm.then(|| qk_norm_fwd(cx, k_out, kv));
-    let (v_out, v) = ops::proj_fwd(cx, Role::V, r, (c, kv), qkv_bias, Activations);
+    let (v_out, v) = ops::proj_fwd(cx, Role::V, (input, r), (c, kv), qkv_bias, Activations);
     // Without norms rotary reads the projections' outputs in their dtype (fp32 from a 4-bit base's Linear on
     // the fp32 stream).
     let (q_in, k_in, in_bytes) = match (&q_norm, &k_norm) {
@@ -938,7 +938,7 @@ fn attn_core_fwd(
     let (q_norm, k_norm) = qk_norms.unwrap_or((None, None));
     if cx.arch.core == Core::Manual {
         let (e, y) = hf_eager_fwd(cx, q_rot, k_rot, v_out);
-        let (o_out, o) = ops::proj_fwd(cx, Role::O, p, (qd, c), bias, Temporary);
+        let (o_out, o) = ops::proj_fwd(cx, Role::O, (y, p), (qd, c), bias, Temporary);
         // The rotated q and k and v_proj's output: the matmuls saved copies of them. The contiguous output is
         // saved by o_proj only, unless it is frozen (LoRA's base).
         cx.sim.free_all(&[q_rot, k_rot, v_out]);
@@ -1036,7 +1036,8 @@ fn attn_core_fwd(
     // `transpose(1, 2).contiguous()` copies it; o_proj saves the copy.
     let y_copy = (cx.arch.rotary_cat != RotaryCat::Whole)
         .then(|| cx.alloc(cx.n * qd * p, Activations, "clone"));
-    let (o_out, o) = ops::proj_fwd(cx, Role::O, p, (qd, c), bias, Temporary);
+    let o_in = y_copy.unwrap_or(sdpa.out);
+    let (o_out, o) = ops::proj_fwd(cx, Role::O, (o_in, p), (qd, c), bias, Temporary);
     if q_att != q_rot {
         cx.free(q_rot);
         cx.free(k_rot);
@@ -1215,7 +1216,8 @@ fn attn_bwd(
 // MLP
 
 /// The MLP branch on the second norm's output, through the down projection (and the residual dropout).
-fn mlp_fwd(cx: &mut Ctx) -> (MlpSaved, Tensor) {
+/// The MLP branch on `input` (the second norm's output, or the stream itself without pre-norms).
+fn mlp_fwd(cx: &mut Ctx, input: Tensor) -> (MlpSaved, Tensor) {
     let c = cx.m.n_embd;
     let i = cx.m.intermediate_size;
     let (r, p) = (cx.r, cx.p);
@@ -1258,31 +1260,31 @@ fn mlp_fwd(cx: &mut Ctx) -> (MlpSaved, Tensor) {
                 };
                 return (saved, d_out);
             }
-            swiglu_fwd(cx, i, bias)
+            swiglu_fwd(cx, input, i, bias)
         }
         Mlp::Moe(moe) => {
-            let (saved, out) = crate::moe::moe_fwd(cx, moe);
+            let (saved, out) = crate::moe::moe_fwd(cx, moe, input);
             (MlpSaved::Moe(Box::new(saved)), out)
         }
     }
 }
 
-/// SwiGLU (or GeGLU) of width `i` on the norm's output: `down(act(gate(x)) * up(x))` (Llama's MLP, also
+/// SwiGLU (or GeGLU) of width `i` on the norm's output `input`: `down(act(gate(x)) * up(x))` (Llama's MLP, also
 /// Qwen2-MoE's shared expert).
-pub(crate) fn swiglu_fwd(cx: &mut Ctx, i: u64, bias: bool) -> (MlpSaved, Tensor) {
+pub(crate) fn swiglu_fwd(cx: &mut Ctx, input: Tensor, i: u64, bias: bool) -> (MlpSaved, Tensor) {
     let (c, r) = (cx.m.n_embd, cx.r);
     // The activation and the product in the projections' output dtype (fp32 from a 4-bit base's Linears on the
     // fp32 stream: the QLoRA snapshot's SiLU is fp32).
-    let (gate_out, gate) = ops::proj_fwd(cx, Role::Gate, r, (c, i), bias, Activations);
+    let (gate_out, gate) = ops::proj_fwd(cx, Role::Gate, (input, r), (c, i), bias, Activations);
     let gb = gate.out_bytes;
     let silu = cx.alloc(cx.n * i * gb, Activations, act_name(cx));
     cx.drop_unsaved(gate_out);
-    let (up_out, up) = ops::proj_fwd(cx, Role::Up, r, (c, i), bias, Activations);
+    let (up_out, up) = ops::proj_fwd(cx, Role::Up, (input, r), (c, i), bias, Activations);
     let pb = gb.max(up.out_bytes);
     let prod = cx.alloc(cx.n * i * pb, Activations, "mul");
     cx.drop_unsaved(silu);
     cx.drop_unsaved(up_out);
-    let (d_out, down) = ops::proj_fwd(cx, Role::Down, pb, (i, c), bias, Temporary);
+    let (d_out, down) = ops::proj_fwd(cx, Role::Down, (prod, pb), (i, c), bias, Temporary);
     // Saved by the down projection only, unless it is frozen (LoRA's base; its adapter keeps a copy).
     ops::keep_if_saved(cx, prod, &down);
     let saved = MlpSaved::SwiGlu {
@@ -1493,13 +1495,13 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
     let r = cx.r;
     let pre = cx.arch.pre_norms;
     let (norm1_out, norm1) = branch_input(cx, x_in);
-    let (attn, a) = attn_fwd(cx);
+    let (attn, a) = attn_fwd(cx, norm1_out);
     let norm1_out = branch_input_kept(cx, norm1_out, attn.holds_input());
     if cx.arch.parallel_residual {
         // GPT-NeoX: the second norm reads the layer input too; `mlp_out + attn_out` in the branches' dtype, then
         // `+ x` in the stream's (fake-cuda trace of neox-512-bf16amp: 2 MiB bf16, then 4 MiB fp32).
         let (norm2_out, norm2) = branch_input(cx, x_in);
-        let (mlp, o) = mlp_fwd(cx);
+        let (mlp, o) = mlp_fwd(cx, norm2_out);
         let norm2_out = branch_input_kept(cx, norm2_out, mlp.holds_input());
         let branches = cx.alloc(nc * cx.p, Temporary, "add");
         let x_out = cx.alloc(nc * r, Activations, "add");
@@ -1525,7 +1527,7 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
         cx.free(x_in);
     }
     let (norm2_out, norm2) = branch_input(cx, x_mid);
-    let (mlp, o) = mlp_fwd(cx);
+    let (mlp, o) = mlp_fwd(cx, norm2_out);
     let norm2_out = branch_input_kept(cx, norm2_out, mlp.holds_input());
     let (o, post2) = post_norm_fwd(cx, o);
     let x_out = cx.alloc(nc * r, Activations, "add");
@@ -1769,8 +1771,14 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
         !cx.prec.autocast()
     };
     let mut blocks = Vec::new();
+    // The embedding's output needs a gradient when the embedding is trained, or when checkpointing made it need
+    // one (`enable_input_require_grads`); under LoRA every later block's input does (the first block's adapters
+    // feed the stream).
+    let embedding_grad =
+        !cx.base_frozen() || cx.lora.is_some_and(|l| l.save_embed) || checkpointing;
     for l in 0..cx.m.n_layer {
         cx.sim.layer(Some(l as u32));
+        cx.block_input_grad = l > 0 || embedding_grad;
         cx.saving = !checkpointing;
         cx.sliding_layer = cx.arch.layer_slides(l);
         cx.first_block = l == 0;
@@ -1990,9 +1998,17 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
             BlockState::Saved(s) => *s,
             BlockState::Checkpointed(x_in) => {
                 // Recompute: the block's forward again under the autocast state of the forward (checkpoint
-                // restores it, and its exit clears the cast cache); its output is discarded.
+                // restores it, and its exit clears the cast cache); its output is discarded, and with it the
+                // recompute's graph and what its nodes held (`graph_holds`). Checkpointing made every block's
+                // input need a gradient.
+                cx.block_input_grad = true;
+                let outer = std::mem::take(&mut cx.graph_holds);
                 let (saved, x_out) = block_fwd(cx, x_in);
                 cx.free(x_out);
+                let recomputed = std::mem::replace(&mut cx.graph_holds, outer);
+                for t in recomputed {
+                    cx.sim.release_hold(t);
+                }
                 // The recompute's router logits are part of its discarded output.
                 let recomputed = std::mem::take(&mut cx.router_logits);
                 cx.sim.free_all(&recomputed);
@@ -2031,6 +2047,7 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
         // checkpointing's `enable_input_require_grads` made it require one) dies with the graph.
         cx.free(g);
         cx.free(f.idx);
+        cx.release_graph_holds();
         return;
     }
     let dense = ops::embedding_bwd(cx, cx.n, v);
@@ -2064,4 +2081,5 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
         None if cx.have_grads => cx.free(dense),
         None => cx.grads.push(dense),
     }
+    cx.release_graph_holds();
 }

@@ -79,9 +79,9 @@ fn expert_grad(cx: &mut Ctx, g: Tensor) {
     }
 }
 
-/// The MoE block on the norm's output: (Qwen2-MoE: the shared expert), the router, the experts, (the shared
-/// expert's gate and the sum). Returns what it saved and the block's output.
-pub fn moe_fwd(cx: &mut Ctx, moe: Moe) -> (MoeSaved, Tensor) {
+/// The MoE block on the norm's output `input`: (Qwen2-MoE: the shared expert), the router, the experts, (the
+/// shared expert's gate and the sum). Returns what it saved and the block's output.
+pub fn moe_fwd(cx: &mut Ctx, moe: Moe, input: Tensor) -> (MoeSaved, Tensor) {
     let (n, c, i) = (cx.n, cx.m.n_embd, cx.m.intermediate_size);
     let (e, k) = (cx.m.n_experts, cx.m.experts_per_token);
     let s = n * k;
@@ -89,7 +89,7 @@ pub fn moe_fwd(cx: &mut Ctx, moe: Moe) -> (MoeSaved, Tensor) {
     // Qwen2-MoE runs its shared expert first: Llama's MLP of its own width on the same input.
     let shared = moe
         .shared_expert
-        .then(|| swiglu_fwd(cx, cx.m.shared_expert_size, false));
+        .then(|| swiglu_fwd(cx, input, cx.m.shared_expert_size, false));
     // Router (steps 1-6): the Linear (autocast's casts saved), the logits to fp32, softmax and top-k.
     let (logits, router) = ops::linear_fwd(cx, x, c, e, false, Temporary);
     let logits32 = (r != 4).then(|| cx.alloc(n * e * 4, Temporary, "_to_copy"));

@@ -74,6 +74,10 @@ struct Slot {
     bytes: u64,
     category: Category,
     live: bool,
+    /// Held by a reference outside the owners that free it (`Sim::hold`): a free waits for `release_hold`.
+    held: bool,
+    /// Freed by its owner while held: `release_hold` frees it.
+    let_go: bool,
 }
 
 /// Where in the step an allocation happens.
@@ -217,6 +221,8 @@ impl Sim {
             bytes,
             category,
             live: true,
+            held: false,
+            let_go: false,
         });
         self.live_bytes += bytes;
         self.by_category[category.index()] += bytes;
@@ -270,10 +276,15 @@ impl Sim {
         self.replay = replay;
     }
 
-    /// Frees a tensor. Freeing twice is a no-op, so callers can release "if still held" safely.
+    /// Frees a tensor. Freeing twice is a no-op, so callers can release "if still held" safely. A held tensor
+    /// (`hold`) is only marked let go: its memory returns at `release_hold`.
     #[inline]
     pub fn free(&mut self, t: Tensor) {
         let slot = &mut self.slots[t.0];
+        if slot.held {
+            slot.let_go = true;
+            return;
+        }
         if slot.live {
             slot.live = false;
             self.live_bytes -= slot.bytes;
@@ -295,6 +306,31 @@ impl Sim {
             if let Some(point) = self.timeline.last_mut() {
                 point.end_bytes = self.live_bytes;
             }
+        }
+    }
+
+    /// A reference the tensor's owners do not see keeps it alive: a Python autograd Function that stores a tensor
+    /// on its `ctx` instead of saving it for backward (bitsandbytes' `MatMul8bitLt` keeps its input in
+    /// `ctx.tensors`) holds it until the graph node itself is freed, whatever autograd's saved-tensor rules and
+    /// checkpointing's pack hooks do. Frees of a held tensor wait for `release_hold`.
+    pub fn hold(&mut self, t: Tensor) {
+        let slot = &mut self.slots[t.0];
+        if slot.live {
+            slot.held = true;
+        }
+    }
+
+    /// The outside reference of `hold` goes (the graph node died): the tensor is freed if its owners let go of it
+    /// meanwhile.
+    pub fn release_hold(&mut self, t: Tensor) {
+        let slot = &mut self.slots[t.0];
+        if !slot.held {
+            return;
+        }
+        slot.held = false;
+        if slot.let_go {
+            slot.let_go = false;
+            self.free(t);
         }
     }
 
@@ -380,5 +416,24 @@ mod tests {
         assert_eq!(sim.live_bytes(), 1024);
         assert_eq!(sim.timeline()[0].peak_bytes, 3072);
         assert_eq!(sim.timeline()[0].end_bytes, 1024);
+    }
+
+    /// A held tensor outlives its owner's free until the hold goes; one its owner still holds outlives the hold.
+    #[test]
+    fn a_held_tensor_is_freed_by_the_later_of_its_owner_and_the_hold() {
+        let mut sim = Sim::new(AllocatorConfig::default(), u64::MAX);
+        sim.stage(1, "forward");
+        let a = sim.alloc(4096, Category::Activations, "a");
+        let b = sim.alloc(1024, Category::Activations, "b");
+        sim.hold(a);
+        sim.hold(b);
+        sim.free(a);
+        assert_eq!(sim.live_bytes(), 4096 + 1024);
+        sim.release_hold(a);
+        sim.release_hold(b);
+        assert_eq!(sim.live_bytes(), 1024);
+        sim.free(b);
+        sim.release_hold(b);
+        assert_eq!(sim.live_bytes(), 0);
     }
 }

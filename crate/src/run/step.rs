@@ -7,7 +7,7 @@ use crate::arch::Program;
 use crate::compiled;
 use crate::distributed;
 use crate::eager;
-use crate::finetune::LoraConfig;
+use crate::finetune::{LoraConfig, Quantization};
 use crate::model::Setup;
 use crate::parallel::Strategy;
 use crate::policy::{Optimizer, Precision};
@@ -92,7 +92,7 @@ fn run(setup: &Setup, n_steps: u32, record: bool, reserved_limit: u64) -> Result
         // Weights and buffers, one block each, in the parameter dtype, in the order the constructor makes them
         // (built directly on the device, as the reference runs are).
         match tr.quantization {
-            Some(q) => quantized_base(&mut cx, setup, &params, q.double_quant()),
+            Some(q) => quantized_base(&mut cx, setup, q),
             None => {
                 let weights: Vec<Tensor> = params
                     .iter()
@@ -158,24 +158,36 @@ fn run(setup: &Setup, n_steps: u32, record: bool, reserved_limit: u64) -> Result
     Ok(sim)
 }
 
-/// A 4-bit base as transformers' bitsandbytes loading and peft leave it (tests/data/finetune/README.md, quantized
-/// bases): the model, built on the host in `train.base_dtype` (bf16 unless given), moved to the device in module
-/// order, each parameter in turn (a tied head is the embedding: nothing of its own); a decoder Linear's weight
-/// (every matrix but the embedding and the head) arrives as its bf16 copy, which `Params4bit` quantizes
-/// (`finetune::linear4bit_tensors`) and lets go. Then `prepare_model_for_kbit_training` casts every other fp16 or
-/// bf16 parameter to fp32, one by one (a new tensor, the old one freed).
-fn quantized_base(cx: &mut Ctx, setup: &Setup, params: &[(u64, bool)], double_quant: bool) {
+/// A quantized base as transformers' bitsandbytes loading and peft leave it (tests/data/finetune/README.md,
+/// quantized bases): the model, built on the host in `train.base_dtype` (bf16 unless given), moved to the device
+/// in module order, each parameter in turn (a tied head is the embedding: nothing of its own); a decoder Linear's
+/// weight (every matrix but the embedding and the head) arrives as a 2-byte copy, which bitsandbytes quantizes
+/// and lets go: `Params4bit` into `finetune::linear4bit_tensors`, `Int8Params` into `finetune::int8_tensors`
+/// (its copy is fp16: `B.contiguous().to(device, float16)`). Then `prepare_model_for_kbit_training` casts every
+/// other fp16 or bf16 parameter to fp32, one by one (a new tensor, the old one freed).
+fn quantized_base(cx: &mut Ctx, setup: &Setup, q: Quantization) {
+    let params = cx.arch.param_shapes(&setup.model);
     let loaded = setup.train.base_dtype.map_or(2, |d| d.bytes());
     let (last, tied) = (params.len().saturating_sub(1), cx.arch.tied_head);
     let quantized = |i: usize, matrix: bool| matrix && i != 0 && (tied || i != last);
     let mut rest = Vec::new();
-    for (i, &(elems, matrix)) in params.iter().enumerate() {
+    for (i, &(elems, matrix, rows)) in params.iter().enumerate() {
         if quantized(i, matrix) {
-            let bf16 = cx.alloc(elems * 2, Temporary, "_to_copy");
-            for bytes in crate::finetune::linear4bit_tensors(elems, double_quant) {
-                cx.alloc(bytes, Weights, "quantize_4bit");
+            let copy = cx.alloc(elems * 2, Temporary, "_to_copy");
+            let (tensors, op) = match q {
+                Quantization::Int8 => (
+                    crate::finetune::int8_tensors(elems, rows),
+                    "int8_vectorwise_quant",
+                ),
+                _ => (
+                    crate::finetune::linear4bit_tensors(elems, q.double_quant()),
+                    "quantize_4bit",
+                ),
+            };
+            for bytes in tensors {
+                cx.alloc(bytes, Weights, op);
             }
-            cx.free(bf16);
+            cx.free(copy);
         } else {
             rest.push((elems, cx.alloc(elems * loaded, Weights, "parameter")));
         }

@@ -260,6 +260,19 @@ impl Report {
                 },
             ));
         }
+        if setup.train.quantization == Some(crate::finetune::Quantization::Int8) {
+            let bound = crate::finetune::int8_outlier_bound_bytes(
+                &setup.model,
+                setup.train.batch_size * setup.train.seq_len,
+                setup.train.precision.matmul_bytes(),
+            );
+            notes.push(format!(
+                "8-bit base: the estimate has no LLM.int8 outlier columns (inputs with |x| >= 6.0); real \
+                 activations add their columns of each 8-bit Linear's input, kept until the backward: a few \
+                 columns in practice, at most {:.1} GiB if every column were one",
+                bound as f64 / (1u64 << 30) as f64
+            ));
+        }
         if setup.train.optimizer == crate::policy::Optimizer::PagedAdamW8bit {
             notes.push(
                 "paged AdamW8bit: the 8-bit states of parameters of 1e5 elements or more are CUDA managed memory, \
