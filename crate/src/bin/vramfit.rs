@@ -735,9 +735,14 @@ fn table(setup: &Setup, r: &vramfit::Report, notes: &[String]) -> String {
         outln!(
             out,
             "{} on {} GPUs{}: every figure below is per GPU (rank 0)",
-            match p.strategy {
-                Strategy::Ddp => "DistributedDataParallel",
-                _ => "FSDP2 fully_shard per block and on the root",
+            match (p.strategy, p.tp_name()) {
+                (Strategy::Ddp, _) => "DistributedDataParallel".to_string(),
+                (Strategy::Fsdp, None) => "FSDP2 fully_shard per block and on the root".to_string(),
+                (Strategy::Fsdp, Some(tp)) => format!(
+                    "FSDP2 fully_shard per block and on the root (dp {}) with {tp}",
+                    p.dp()
+                ),
+                (Strategy::Single, tp) => tp.unwrap_or_default(),
             },
             p.gpus,
             p.zero_name().map(|z| format!(" ({z})")).unwrap_or_default()

@@ -180,8 +180,24 @@ impl Parallel {
         }
     }
 
+    /// One GPU: no data-parallel wrapper and no tensor parallelism.
     pub fn is_single(&self) -> bool {
-        self.strategy == Strategy::Single
+        self.strategy == Strategy::Single && self.tp == 1
+    }
+
+    /// Tensor parallelism as a person would name it (`None` without it): the degree and the plan.
+    pub fn tp_name(&self) -> Option<String> {
+        (self.tp > 1).then(|| {
+            format!(
+                "tensor parallel over {} ({})",
+                self.tp,
+                if self.sequence_parallel {
+                    "sequence parallel, loss_parallel"
+                } else {
+                    "plan basic"
+                }
+            )
+        })
     }
 
     /// The ZeRO stage a person would call this, if any.
