@@ -24,10 +24,10 @@ const OPTIONAL_MODEL_KNOBS = ['bias', 'head_dim', 'sliding_window', 'rotary_dims
   'experts_per_token', 'shared_expert_size', 'norm_topk_prob', 'router_aux_loss'];
 // More than one GPU (`train.parallel`): the strategy select is `parallel`; each other field's box says in
 // `data-strategies` which strategies have it. One GPU leaves them all out of the query.
-const PARALLEL_KNOBS = ['gpus', 'reshard_after_forward', 'param_dtype', 'reduce_dtype', 'offload', 'bucket_cap_mb',
+const PARALLEL_KNOBS = ['gpus', 'tp', 'sequence_parallel', 'reshard_after_forward', 'param_dtype', 'reduce_dtype', 'offload', 'bucket_cap_mb',
   'gradient_as_bucket_view', 'static_graph'];
 // Their values on one GPU (and for a query that has no `parallel`): PyTorch's defaults, 8 GPUs when one is chosen.
-const PARALLEL_DEFAULTS = { parallel: 'single', gpus: '8', reshard_after_forward: true, param_dtype: '', reduce_dtype: '',
+const PARALLEL_DEFAULTS = { parallel: 'single', gpus: '8', tp: '1', sequence_parallel: false, reshard_after_forward: true, param_dtype: '', reduce_dtype: '',
   offload: false, bucket_cap_mb: '', gradient_as_bucket_view: false, static_graph: false };
 const DEFAULT_PRESET = 'nanogpt-30m';
 const DEFAULT_GPU = 'rtx-4070';
@@ -79,7 +79,8 @@ function formQuery() {
     else if (input.value !== '') p.set(k, input.value);
   }
   const strategy = $('parallel').value;
-  if (strategy !== 'single') {
+  // One GPU has no `parallel` keys; tensor parallelism alone is strategy single with its tp (GPUs: tp).
+  if (strategy !== 'single' || !['', '1'].includes($('tp').value)) {
     p.set('parallel', strategy);
     for (const k of PARALLEL_KNOBS) {
       if (!strategyApplies(k, strategy)) continue;

@@ -495,14 +495,16 @@ fn finetune_records_allocated_and_reserved() {
 /// table the test prints: none.
 const FINETUNE_NOT_MODELLED: &[&str] = &[];
 
-/// Issue 14's standard for the multi-GPU records (`tests/data/parallel/stub-cuda.json`, rank 0 of DDP and FSDP2
-/// on PyTorch's own allocator with a fake process group): peak allocated within 5% on every record.
+/// Issue 14's standard for the multi-GPU records (`tests/data/parallel/stub-cuda.json`, rank 0 of DDP, FSDP2,
+/// tensor parallelism and TP x FSDP2 on PyTorch's own allocator with a fake process group): peak allocated within
+/// 5% on every record.
 const PARALLEL_ALLOCATED_TOLERANCE: f64 = 0.05;
 
 /// A multi-GPU record's case (`scripts/measure/cases-parallel.json`) as a setup: measure_parallel.py's loop is
 /// AdamW (foreach) with clipping at 1.0 around the family's own loop; its `parallel` arguments are PyTorch's, which
 /// `train.parallel` takes under the same names (`world_size` is `gpus`, `tp_size` is `tp`, `mp_policy` is
-/// `mixed_precision`, `cpu_offload` is `offload`; a TP plan alone runs without a data-parallel wrapper). The
+/// `mixed_precision`, `cpu_offload` is `offload`; a TP plan alone runs without a data-parallel wrapper; plan
+/// `sp` is `sequence_parallel`). The
 /// measured rank must be 0, the one the estimate is for, unless `rank` says otherwise.
 fn parallel_setup(case: &Value) -> (Value, u64) {
     let mut train = case["train"].clone();
@@ -525,6 +527,9 @@ fn parallel_setup(case: &Value) -> (Value, u64) {
     .into();
     if strategy.starts_with("tp") {
         par["tp"] = (if strategy == "tp" { w } else { tp }).into();
+        if p["plan"] == "sp" {
+            par["sequence_parallel"] = true.into();
+        }
     }
     for (from, to) in [
         ("bucket_cap_mb", "bucket_cap_mb"),
@@ -545,37 +550,42 @@ fn parallel_setup(case: &Value) -> (Value, u64) {
     )
 }
 
-/// DDP records whose reserved memory is not within the stub standard (3%), with what is known.
-const PARALLEL_RESERVED_KNOWN: &[(&str, &str)] = &[(
+/// DDP and tensor-parallel records whose reserved memory is not within the stub standard (3%), with what is
+/// known.
+const PARALLEL_RESERVED_KNOWN: &[(&str, &str)] = &[
+    (
+        "llama-tp4",
+        "allocated exact (-0.00%), 55 MiB less reserved than PyTorch's allocator; llama-tp2 is exact in both: \
+         not found which transient takes the extra segment at tp 4 (the model all-reduces each branch input's \
+         gradient once, after the sum, where PyTorch all-reduces each colwise Linear's)",
+    ),
+    (
+        "llama-tp4-sp",
+        "allocated exact (-0.02%), reserved 8 MiB (+3.2%) above PyTorch's allocator; llama-tp2-sp is exact in \
+         both: not found which segment differs",
+    ),
+    (
     "gpt-ddp-w2-static",
     "static_graph=True: the same allocated bytes as gpt-ddp-w2 and 64 MiB more reserved on PyTorch's allocator; \
      not found which allocation takes the new segment (the model gives static_graph's allocations as the \
      default's, so gpt-ddp-w2's reserved)",
 )];
 
-/// Every multi-GPU record: allocated within 5%; reserved within the stub standard (3%) for DDP, and printed only for
-/// FSDP2, whose all-gather and reduce-scatter buffers come from pools of their own streams where the allocator
-/// model has one stream.
-/// Records of what is not modelled yet (tensor parallelism) are listed by name with the reason, and must be
-/// exactly those.
+/// Every multi-GPU record is modelled: allocated within 5%; reserved within the stub standard (3%) for DDP and
+/// tensor parallelism alone, and printed only for FSDP2 (with or without TP), whose all-gather and reduce-scatter
+/// buffers come from pools of their own streams where the allocator model has one stream.
 #[test]
 fn parallel_records_allocated() {
     let path = data_dir().join("parallel/stub-cuda.json");
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let (mut table, mut bad, mut n, mut unmodelled) = (String::new(), 0, 0, Vec::new());
+    let (mut table, mut bad, mut n) = (String::new(), 0, 0);
     for rec in v["records"].as_array().expect("records") {
         let name = rec["name"].as_str().unwrap();
         assert_eq!(rec["method"], "stub-cuda", "{name}");
         let (setup, rank) = parallel_setup(&rec["case"]);
-        let report = setup_from_value(&setup).and_then(|s| vramfit::estimate(&s));
-        let report = match report {
-            Ok(r) => r,
-            Err(e @ vramfit::Error::NotModelled { .. }) => {
-                unmodelled.push(format!("{name}: {e}"));
-                continue;
-            }
-            Err(e) => panic!("{name}: {e}"),
-        };
+        let report = setup_from_value(&setup)
+            .and_then(|s| vramfit::estimate(&s))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         n += 1;
         let m = &rec["measured"];
         let (ma, mr) = (
@@ -588,9 +598,12 @@ fn parallel_records_allocated() {
         let over = rel(pa, ma).abs() > PARALLEL_ALLOCATED_TOLERANCE;
         // DDP's buffers share the default stream with everything else: reserved is held to the stub standard.
         let reserved_known = PARALLEL_RESERVED_KNOWN.iter().find(|(n, _)| *n == name);
-        let over_r = setup["train"]["parallel"]["strategy"] == "ddp"
-            && reserved_known.is_none()
-            && rel(pr, mr).abs() > STUB_RESERVED_TOLERANCE;
+        let one_stream = matches!(
+            setup["train"]["parallel"]["strategy"].as_str(),
+            Some("ddp" | "single")
+        );
+        let over_r =
+            one_stream && reserved_known.is_none() && rel(pr, mr).abs() > STUB_RESERVED_TOLERANCE;
         bad += usize::from(over) + usize::from(over_r);
         table += &format!(
             "{name:30} rank {rank:>2} allocated {ma:>11} {pa:>11} {:>+7.2}%{}  reserved {mr:>11} {pr:>11} {:>+7.2}%{}  \
@@ -606,14 +619,14 @@ fn parallel_records_allocated() {
                 .unwrap_or_default(),
         );
     }
-    println!("{table}\nnot modelled yet:\n{}", unmodelled.join("\n"));
-    assert!(n >= 27, "expected the 27 DDP and FSDP2 records, found {n}");
+    println!("{table}");
+    assert!(
+        n >= 36,
+        "expected the 36 DDP, FSDP2, TP and TP x FSDP2 records, found {n}"
+    );
     assert!(
         bad == 0,
         "{bad} multi-GPU records over {}% allocated:\n{table}",
         PARALLEL_ALLOCATED_TOLERANCE * 100.0
     );
-    for line in &unmodelled {
-        assert!(line.contains("tensor parallelism"), "{line}");
-    }
 }

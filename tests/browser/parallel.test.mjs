@@ -111,6 +111,35 @@ test('the GPUs group: each strategy\'s fields, the URL, the CLI\'s figures and e
   assert.deepEqual(errors, []);
 });
 
+test('tensor parallelism: alone and under FSDP2, sequence parallel, each the CLI\'s', async () => {
+  const { page, errors } = await openPage(context, server.url);
+  await waitRender(page, () => page.selectOption('#preset', 'llama-3.2-1b'));
+  const base = ['--preset', 'llama-3.2-1b', '--gpu', 'rtx-4070'];
+  // tp 2 alone: strategy single, GPUs = tp.
+  await setField(page, 'tp', 2);
+  assert.equal(await param(page, 'parallel'), 'single');
+  assert.equal(await param(page, 'tp'), '2');
+  assert.equal(await param(page, 'gpus'), null);
+  assert.equal(await peak(page), cliPeakBytes([...base, '--tp', '2']));
+  assert.match(await page.textContent('#scope'), /rank 0 of 2, tensor parallel over 2 \(plan basic\)/);
+  await toggle(page, 'sequence_parallel', true);
+  assert.equal(await peak(page), cliPeakBytes([...base, '--tp', '2', '--sequence-parallel']));
+  // Under FSDP2 on 8 GPUs (data parallel 4 x tp 2), in fp32 with its bf16 policy.
+  await select(page, 'precision', 'fp32');
+  await select(page, 'parallel', 'fsdp');
+  await setField(page, 'gpus', 8);
+  assert.equal(await peak(page), cliPeakBytes([...base, '--precision', 'fp32', '--parallel', 'fsdp', '--gpus', '8',
+    '--tp', '2', '--sequence-parallel']));
+  // A degree that does not divide the heads: the message at the field.
+  await setField(page, 'tp', 3);
+  assert.match(await page.textContent('.field-error[data-for="tp"]'), /^train\.parallel\.tp \(3\)/);
+  // Back to tp 1 and one GPU: no `parallel` in the URL.
+  await setField(page, 'tp', 1);
+  await select(page, 'parallel', 'single');
+  assert.equal(await param(page, 'parallel'), null);
+  assert.deepEqual(errors, []);
+});
+
 test('a link in ZeRO terms opens as FSDP2 with its arguments; back restores them', async () => {
   const q = 'preset=&family=llama&n_layer=4&n_head=8&n_kv_head=4&n_embd=512&intermediate_size=1376&vocab_size=16384'
     + '&block_size=256&batch_size=4&seq_len=256&precision=fp32&optimizer=adamw&compile=0&parallel=zero2&gpus=4';

@@ -84,7 +84,11 @@ MORE THAN ONE GPU (every figure is then per GPU, for rank 0; the batch is per GP
                        DistributedDataParallel, or FSDP2's fully_shard on each block and the root; zero3 is
                        fsdp, zero2 is fsdp with --no-reshard-after-forward (zero1 is not modelled)
   --gpus N             GPUs in the job (world_size)
-  --tp N               tensor-parallel degree (not modelled yet beyond 1)
+  --tp N               tensor parallelism over N GPUs (DTensor: q/k/v/gate/up ColwiseParallel, o/down
+                       RowwiseParallel, embedding, norms and head replicated; llama-shaped families): alone
+                       (--gpus defaults to N) or with --parallel fsdp (FSDP2 over dp = gpus / N; ddp refused)
+  --sequence-parallel | --no-sequence-parallel   with --tp: torchtitan's sequence parallel (norms on a
+                       sequence shard, embedding and head sharded on the vocabulary, loss_parallel)
   --bucket-cap-mb N  --gradient-as-bucket-view | --no-gradient-as-bucket-view  --static-graph   (ddp)
   --reshard-after-forward | --no-reshard-after-forward  --param-dtype bf16|fp32  --reduce-dtype bf16|fp32
   --offload | --no-offload                                                                      (fsdp)
@@ -398,6 +402,10 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                 Value::Bool(flag == "--gradient-as-bucket-view"),
             )),
             "--static-graph" => parallel.push(("static_graph", Value::Bool(true))),
+            "--sequence-parallel" | "--no-sequence-parallel" => parallel.push((
+                "sequence_parallel",
+                Value::Bool(flag == "--sequence-parallel"),
+            )),
             "--reshard-after-forward" | "--no-reshard-after-forward" => parallel.push((
                 "reshard_after_forward",
                 Value::Bool(flag == "--reshard-after-forward"),
@@ -497,6 +505,10 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                 }
                 None => p[key] = value,
             }
+        }
+        // `--tp N` alone is tensor parallelism without a data-parallel wrapper.
+        if p.get("strategy").is_none() && p.get("tp").is_some() {
+            p["strategy"] = json!("single");
         }
     }
     // A new block size without a sequence length trains at full context.
@@ -852,9 +864,14 @@ fn table(setup: &Setup, r: &vramfit::Report, notes: &[String]) -> String {
         outln!(
             out,
             "{} on {} GPUs{}: every figure below is per GPU (rank 0)",
-            match p.strategy {
-                Strategy::Ddp => "DistributedDataParallel",
-                _ => "FSDP2 fully_shard per block and on the root",
+            match (p.strategy, p.tp_name()) {
+                (Strategy::Ddp, _) => "DistributedDataParallel".to_string(),
+                (Strategy::Fsdp, None) => "FSDP2 fully_shard per block and on the root".to_string(),
+                (Strategy::Fsdp, Some(tp)) => format!(
+                    "FSDP2 fully_shard per block and on the root (dp {}) with {tp}",
+                    p.dp()
+                ),
+                (Strategy::Single, tp) => tp.unwrap_or_default(),
             },
             p.gpus,
             p.zero_name().map(|z| format!(" ({z})")).unwrap_or_default()

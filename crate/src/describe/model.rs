@@ -825,6 +825,7 @@ impl Setup {
         })?;
         crate::finetune::check(self)?;
         t.parallel.validate(t.precision, t.compile)?;
+        t.parallel.check_model(m, t)?;
         if t.lora.is_some() && t.parallel.strategy != crate::parallel::Strategy::Single {
             return Err(Error::NotModelled {
                 what: format!(

@@ -10,9 +10,20 @@
 //!   `reshard_after_forward: false` (the gathered parameters stay from the forward to the backward, as ZeRO-2 keeps
 //!   whole parameters; gradients and optimizer state sharded). `zero1` (only the optimizer state sharded: PyTorch's
 //!   `ZeroRedundancyOptimizer` over DDP) is not modelled and is refused by name.
+//! - `tp` (tensor parallelism, DTensor's `parallelize_module` on every decoder layer): plan basic, the common
+//!   recipe (q/k/v/gate/up `ColwiseParallel`, o/down `RowwiseParallel`; embedding, norms and head replicated), or
+//!   with `sequence_parallel` torchtitan's Llama recipe: norms `SequenceParallel` (the residual stream sharded on
+//!   the sequence), attention and MLP inputs all-gathered (`PrepareModuleInput`), o/down reduce-scattering to the
+//!   sequence shard, the embedding `RowwiseParallel` and the head `ColwiseParallel` sharded on the vocabulary, the
+//!   loss under `loss_parallel()`. Alone (`strategy` single, `gpus` = `tp`) or under FSDP2 on a (dp, tp) mesh
+//!   (`strategy` fsdp, dp = `gpus` / `tp`): FSDP shards each GPU's tensor-parallel piece over dp. What one GPU
+//!   holds of the model is `Parallel::tp_local`: the same description with a GPU's share of the heads, the MLP
+//!   width (and the vocabulary with sequence parallel); `run/distributed.rs` adds what DTensor allocates.
 
+use crate::arch::{Arch, Mlp, Qkv};
 use crate::error::Error;
-use crate::policy::Precision;
+use crate::model::{Family, ModelConfig, TrainConfig};
+use crate::policy::{Attention, Precision};
 
 /// How the step is spread over GPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,8 +125,10 @@ pub struct Parallel {
     pub strategy: Strategy,
     /// GPUs in the job (`world_size`); the batch is per GPU.
     pub gpus: u64,
-    /// Tensor-parallel degree (1: none). Not modelled beyond 1 yet.
+    /// Tensor-parallel degree (1: none): the GPUs each layer's Linears are split over (the tp mesh dimension).
     pub tp: u64,
+    /// Sequence parallel with tensor parallelism (torchtitan's recipe, see the module's doc); false: plan basic.
+    pub sequence_parallel: bool,
     /// DDP's `bucket_cap_mb`; `None` is PyTorch's default (25 MiB, and a first bucket of 1 MiB).
     pub bucket_cap_mb: Option<u64>,
     /// DDP's `gradient_as_bucket_view`.
@@ -147,6 +160,7 @@ impl Parallel {
             strategy: Strategy::Single,
             gpus: 1,
             tp: 1,
+            sequence_parallel: false,
             bucket_cap_mb: None,
             gradient_as_bucket_view: false,
             static_graph: false,
@@ -166,8 +180,24 @@ impl Parallel {
         }
     }
 
+    /// One GPU: no data-parallel wrapper and no tensor parallelism.
     pub fn is_single(&self) -> bool {
-        self.strategy == Strategy::Single
+        self.strategy == Strategy::Single && self.tp == 1
+    }
+
+    /// Tensor parallelism as a person would name it (`None` without it): the degree and the plan.
+    pub fn tp_name(&self) -> Option<String> {
+        (self.tp > 1).then(|| {
+            format!(
+                "tensor parallel over {} ({})",
+                self.tp,
+                if self.sequence_parallel {
+                    "sequence parallel, loss_parallel"
+                } else {
+                    "plan basic"
+                }
+            )
+        })
     }
 
     /// The ZeRO stage a person would call this, if any.
@@ -186,6 +216,125 @@ impl Parallel {
             (Strategy::Fsdp, Some(Dtype::Bf16)) => Precision::Bf16,
             _ => precision,
         }
+    }
+
+    /// Data-parallel GPUs: the ones FSDP shards over (`gpus` / `tp`, the dp mesh dimension).
+    pub fn dp(&self) -> u64 {
+        self.gpus / self.tp.max(1)
+    }
+
+    /// What one GPU holds of the model under tensor parallelism, as a model of its own (`tp` 1: the model):
+    /// `ColwiseParallel` gives each GPU `n_head / tp` query heads and `n_kv_head / tp` key/value heads of the same
+    /// head size, and `intermediate_size / tp` of the MLP (q/k/v/gate/up `Shard(0)`, o/down `Shard(1)`: [C, q/tp],
+    /// [C, I/tp]); with sequence parallel the embedding and head hold `vocab_size / tp` rows (`Shard(0)`), and the
+    /// logits `vocab_size / tp` columns. Everything else (norms, the hidden width, the sequence the attention
+    /// sees) is the model's. `check_model` has made every division exact.
+    pub fn tp_local(&self, m: &ModelConfig) -> ModelConfig {
+        if self.tp <= 1 {
+            return m.clone();
+        }
+        let t = self.tp;
+        ModelConfig {
+            n_head: m.n_head / t,
+            n_kv_head: m.n_kv_head / t,
+            head_dim: m.head_dim(),
+            intermediate_size: m.intermediate_size / t,
+            vocab_size: if self.sequence_parallel {
+                m.vocab_size / t
+            } else {
+                m.vocab_size
+            },
+            ..m.clone()
+        }
+    }
+
+    /// Tensor parallelism against the model and the training: the families whose layers the plan maps onto
+    /// (separate q/k/v and gate/up Linears, norms within a head), and the dimensions it divides.
+    ///
+    /// # Errors
+    /// `NotModelled` naming a family or a combination; `Invalid` naming a dimension `tp` does not divide.
+    pub fn check_model(&self, m: &ModelConfig, t: &TrainConfig) -> Result<(), Error> {
+        if self.tp <= 1 {
+            return Ok(());
+        }
+        let tp = self.tp;
+        let family = m.family.name();
+        let refuse = |why: &str| {
+            Err(Error::NotModelled {
+                what: format!(
+                    "train.parallel.tp ({tp}) with model.family {family:?}: {why}; tensor parallelism is \
+                     modelled for llama-shaped layers (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3)"
+                ),
+            })
+        };
+        let arch = Arch::of(m, Attention::Sdpa);
+        if m.family == Family::Gpt2 {
+            return refuse(
+                "nanoGPT's fused c_attn projects q, k and v in one Linear, which ColwiseParallel would split by \
+                 its full width (q, k and v mixed across GPUs), not by head",
+            );
+        }
+        if arch.qkv != Qkv::Separate || arch.packed_gate_up {
+            return refuse(
+                "its packed q/k/v (or gate/up) projection would be split by its full width by ColwiseParallel, \
+                 not by head",
+            );
+        }
+        if matches!(arch.mlp, Mlp::Moe(_)) {
+            return refuse("its experts are split by expert parallelism, not by this plan");
+        }
+        if arch.qk_norm_full {
+            return refuse(
+                "its q and k norms span the whole projection, whose statistics would then span every GPU",
+            );
+        }
+        if t.lora.is_some() || t.quantization.is_some() {
+            return Err(Error::NotModelled {
+                what: format!(
+                    "train.lora or train.quantization with train.parallel.tp ({tp}): fine-tuning was measured on \
+                     one GPU only"
+                ),
+            });
+        }
+        let divides = |field: &str, value: u64, why: &str| {
+            if value.is_multiple_of(tp) {
+                Ok(())
+            } else {
+                Err(Error::invalid(
+                    field,
+                    value,
+                    format!("must be a multiple of train.parallel.tp ({tp}): {why}"),
+                ))
+            }
+        };
+        divides(
+            "model.n_head",
+            m.n_head,
+            "each GPU computes n_head / tp heads",
+        )?;
+        divides(
+            "model.n_kv_head",
+            m.n_kv_head,
+            "each GPU holds n_kv_head / tp key/value heads",
+        )?;
+        divides(
+            "model.intermediate_size",
+            m.intermediate_size,
+            "each GPU holds intermediate_size / tp of the MLP",
+        )?;
+        if self.sequence_parallel {
+            divides(
+                "model.vocab_size",
+                m.vocab_size,
+                "sequence parallel shards the embedding and the head on the vocabulary",
+            )?;
+            divides(
+                "train.seq_len",
+                t.seq_len,
+                "sequence parallel shards the residual stream on the sequence",
+            )?;
+        }
+        Ok(())
     }
 
     /// Checks the fields against each other and the training setup; the message names the field and value.
@@ -223,10 +372,35 @@ impl Parallel {
                 ),
             ));
         }
-        if self.tp > 1 {
+        if self.sequence_parallel && self.tp == 1 {
+            return Err(Error::invalid(
+                &f("sequence_parallel"),
+                true,
+                "shards the sequence over the tensor-parallel GPUs: it needs train.parallel.tp beyond 1",
+            ));
+        }
+        if self.tp > 1 && self.strategy == Strategy::Ddp {
             return Err(Error::NotModelled {
                 what: format!(
-                    "train.parallel.tp ({}): tensor parallelism (measured in tests/data/parallel, not modelled yet)",
+                    "train.parallel.strategy \"ddp\" with train.parallel.tp ({}): DistributedDataParallel over \
+                     tensor-parallel (DTensor) parameters is not measured; fsdp with tp is (FSDP2 on a (dp, tp) mesh)",
+                    self.tp
+                ),
+            });
+        }
+        if self.tp > 1 && self.offload {
+            return Err(Error::NotModelled {
+                what: format!(
+                    "train.parallel.offload with train.parallel.tp ({}): CPU offload was measured without tensor \
+                     parallelism only",
+                    self.tp
+                ),
+            });
+        }
+        if self.tp > 1 && compile {
+            return Err(Error::NotModelled {
+                what: format!(
+                    "torch.compile with train.parallel.tp ({}) (not measured yet); eager is",
                     self.tp
                 ),
             });
@@ -336,6 +510,9 @@ mod tests {
             json!({"strategy": "ddp", "gpus": 8, "bucket_cap_mb": 5, "gradient_as_bucket_view": true}),
             json!({"strategy": "fsdp", "gpus": 64, "reshard_after_forward": false,
                    "mixed_precision": {"param_dtype": "bf16", "reduce_dtype": "fp32"}, "offload": true}),
+            json!({"strategy": "fsdp", "gpus": 8, "tp": 2, "sequence_parallel": true,
+                   "reshard_after_forward": true}),
+            json!({"strategy": "single", "gpus": 2, "tp": 2}),
         ] {
             let s = with(par.clone()).unwrap();
             let v = setup_to_value(&s);
@@ -388,7 +565,26 @@ mod tests {
             e(json!({"strategy": "fsdp", "gpus": 8, "tp": 3})),
             "train.parallel.tp (3) must be at least 1 and divide train.parallel.gpus (8)"
         );
-        assert!(e(json!({"strategy": "fsdp", "gpus": 8, "tp": 2})).contains("tensor parallelism"));
+        assert_eq!(
+            e(json!({"strategy": "ddp", "gpus": 8, "tp": 2})),
+            "not modelled: train.parallel.strategy \"ddp\" with train.parallel.tp (2): DistributedDataParallel \
+             over tensor-parallel (DTensor) parameters is not measured; fsdp with tp is (FSDP2 on a (dp, tp) mesh)"
+        );
+        assert_eq!(
+            e(json!({"strategy": "fsdp", "gpus": 8, "sequence_parallel": true})),
+            "train.parallel.sequence_parallel (true) shards the sequence over the tensor-parallel GPUs: it needs \
+             train.parallel.tp beyond 1"
+        );
+        // 4 heads, 1000 tokens of vocabulary (see `with`): tp 8 divides neither heads nor, with sp, the vocabulary.
+        assert_eq!(
+            e(json!({"strategy": "single", "gpus": 8, "tp": 8})),
+            "model.n_head (4) must be a multiple of train.parallel.tp (8): each GPU computes n_head / tp heads"
+        );
+        assert_eq!(
+            e(json!({"strategy": "single", "gpus": 8, "tp": 8, "sequence_parallel": true})),
+            "model.n_head (4) must be a multiple of train.parallel.tp (8): each GPU computes n_head / tp heads"
+        );
+        assert!(with(json!({"strategy": "fsdp", "gpus": 8, "tp": 2})).is_ok());
         assert_eq!(
             e(json!({"strategy": "fsdp", "gpus": 8, "mixed_precision": {"param_dtype": "fp8"}})),
             "train.parallel.mixed_precision.param_dtype (\"fp8\") is not one of: fp32, bf16, fp16"
@@ -397,6 +593,106 @@ mod tests {
             e(json!({"strategy": "fsdp", "gpus": 8, "buckets": 2})),
             "unknown field \"train.parallel.buckets\""
         );
+    }
+
+    /// What `tp_local` leaves one GPU, against the records' `params.local_numel` (tests/data/parallel, Llama with
+    /// 4 layers, hidden 512, 8 heads / 4 KV heads of 64, intermediate 1376, vocab 16384, untied). By hand, tp 2:
+    /// q 256 x 512 + k, v 128 x 512 each + o 512 x 256 = 393,216; gate, up 688 x 512 and down 512 x 688 =
+    /// 1,056,768; two norms 1,024: 1,451,008 a layer, x 4 = 5,804,032; + the final norm 512 + embedding and head
+    /// 2 x 16384 x 512 = 16,777,216: 22,581,760 (llama-tp2, 90,327,040 B in fp32). Sequence parallel halves the
+    /// embedding and head: 14,193,152 (llama-tp2-sp). Under FSDP2 on dp 2 each GPU holds half of that (every dim
+    /// 0 is even): 11,290,880 (llama-tp2-fsdp2) and 7,096,576 (llama-tp2-sp-fsdp2-mp).
+    #[test]
+    fn tp_local_parameters_are_the_records() {
+        let m = crate::model::ModelConfig {
+            family: crate::model::Family::Llama,
+            n_layer: 4,
+            n_head: 8,
+            n_kv_head: 4,
+            n_embd: 512,
+            block_size: 256,
+            vocab_size: 16384,
+            intermediate_size: 1376,
+            ..Default::default()
+        };
+        let local = |tp: u64, sp: bool| {
+            let p = Parallel {
+                tp,
+                sequence_parallel: sp,
+                ..Parallel::new(Strategy::Single, tp)
+            };
+            let l = p.tp_local(&m);
+            Arch::of(&l, Attention::Sdpa).param_shapes(&l)
+        };
+        let sum = |v: &[(u64, bool, u64)]| v.iter().map(|x| x.0).sum::<u64>();
+        let per_dp = |v: &[(u64, bool, u64)], dp: u64| {
+            v.iter()
+                .map(|&(e, _, rows)| rows.div_ceil(dp) * (e / rows))
+                .sum::<u64>()
+        };
+        assert_eq!(sum(&local(2, false)), 22_581_760);
+        assert_eq!(sum(&local(2, false)) * 4, 90_327_040);
+        assert_eq!(sum(&local(2, true)), 14_193_152);
+        assert_eq!(sum(&local(4, false)), 19_681_792);
+        assert_eq!(sum(&local(4, true)), 7_098_880);
+        assert_eq!(per_dp(&local(2, false), 2), 11_290_880);
+        assert_eq!(per_dp(&local(2, true), 2), 7_096_576);
+        // The plan shards 7 tensors a layer (q, k, v, o, gate, up, down): the records' `dtensor_params` 28.
+        let whole = Arch::of(&m, Attention::Sdpa).param_shapes(&m);
+        let sharded = whole
+            .iter()
+            .zip(&local(2, false))
+            .filter(|(w, l)| w.0 != l.0)
+            .count();
+        assert_eq!(sharded, 28);
+    }
+
+    /// Families the plan does not map onto are refused by name, with the reason.
+    #[test]
+    fn tp_refuses_families_by_name() {
+        let e = |family: &str| {
+            let mut model = json!({"family": family, "n_layer": 2, "n_head": 4, "n_embd": 256,
+                "vocab_size": 1024, "block_size": 64});
+            if family != "gpt2" {
+                model["intermediate_size"] = 512.into();
+            }
+            if family == "mixtral" {
+                model["n_experts"] = 4.into();
+                model["experts_per_token"] = 2.into();
+            }
+            let s = setup_from_value(&json!({"model": model,
+                "train": {"precision": "bf16-amp", "parallel": {"strategy": "single", "tp": 2},
+                    "attention": if family == "gemma2" { "manual" } else { "sdpa" }}}));
+            s.and_then(|s| s.validate()).map_err(|e| e.to_string())
+        };
+        assert!(e("gpt2").unwrap_err().contains("nanoGPT's fused c_attn"));
+        assert!(e("phi3").unwrap_err().contains("packed q/k/v"));
+        assert!(e("gpt_neox").unwrap_err().contains("packed q/k/v"));
+        assert!(e("mixtral").unwrap_err().contains("expert parallelism"));
+        assert!(e("olmo2")
+            .unwrap_err()
+            .contains("span the whole projection"));
+        for ok in [
+            "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
+        ] {
+            assert_eq!(e(ok), Ok(()), "{ok}");
+        }
+    }
+
+    /// Tensor parallelism holds less per GPU than one GPU, and sequence parallel less than plan basic; the
+    /// components add up.
+    #[test]
+    fn tensor_parallel_holds_less() {
+        let peak = |par: serde_json::Value| crate::estimate(&with(par).unwrap()).unwrap();
+        let one = peak(json!({"strategy": "single"}));
+        let basic = peak(json!({"strategy": "single", "tp": 2}));
+        let sp = peak(json!({"strategy": "single", "tp": 2, "sequence_parallel": true}));
+        let fsdp = peak(json!({"strategy": "fsdp", "gpus": 4, "tp": 2, "sequence_parallel": true}));
+        assert!(basic.peak_allocated_bytes < one.peak_allocated_bytes);
+        assert!(sp.peak_allocated_bytes < basic.peak_allocated_bytes);
+        for r in [&basic, &sp, &fsdp] {
+            assert_eq!(r.components.total(), r.peak_allocated_bytes);
+        }
     }
 
     /// Sharding never adds: FSDP on more GPUs holds no more per GPU, and below DDP's and one GPU's.

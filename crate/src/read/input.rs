@@ -63,6 +63,7 @@ const PARALLEL_FIELDS: &[&str] = &[
     "strategy",
     "gpus",
     "tp",
+    "sequence_parallel",
     "bucket_cap_mb",
     "gradient_as_bucket_view",
     "static_graph",
@@ -361,8 +362,11 @@ fn parallel_fields(p: &Map<String, Value>) -> Result<Parallel, Error> {
             ));
         }
     }
-    let mut out = Parallel::new(strategy, get_u64(p, PRE, "gpus")?.unwrap_or(1));
-    out.tp = get_u64(p, PRE, "tp")?.unwrap_or(1);
+    // Without `gpus`, the job is one copy: `tp` GPUs (1 without tensor parallelism).
+    let tp = get_u64(p, PRE, "tp")?.unwrap_or(1);
+    let mut out = Parallel::new(strategy, get_u64(p, PRE, "gpus")?.unwrap_or(tp));
+    out.tp = tp;
+    out.sequence_parallel = get_bool(p, PRE, "sequence_parallel")?.unwrap_or(false);
     out.bucket_cap_mb = get_u64(p, PRE, "bucket_cap_mb")?;
     out.gradient_as_bucket_view = get_bool(p, PRE, "gradient_as_bucket_view")?.unwrap_or(false);
     out.static_graph = get_bool(p, PRE, "static_graph")?.unwrap_or(false);
@@ -393,6 +397,9 @@ fn parallel_to_value(p: &Parallel) -> Option<Value> {
     let mut v = serde_json::json!({"strategy": p.strategy.name(), "gpus": p.gpus});
     if p.tp != 1 {
         v["tp"] = p.tp.into();
+    }
+    if p.sequence_parallel {
+        v["sequence_parallel"] = true.into();
     }
     if let Some(mb) = p.bucket_cap_mb {
         v["bucket_cap_mb"] = mb.into();
@@ -1971,6 +1978,7 @@ const PARALLEL_QUERY_KEYS: &[(&str, &str, QueryKind)] = &[
     ("parallel", "strategy", QueryKind::Str),
     ("gpus", "gpus", QueryKind::Num),
     ("tp", "tp", QueryKind::Num),
+    ("sequence_parallel", "sequence_parallel", QueryKind::Bool),
     ("bucket_cap_mb", "bucket_cap_mb", QueryKind::Num),
     (
         "gradient_as_bucket_view",
@@ -2112,6 +2120,22 @@ mod query_tests {
         assert_eq!(setup_from_query(&q, &mut Vec::new()).unwrap(), s);
         let one = setup_from_query(base, &mut Vec::new()).unwrap();
         assert!(!setup_to_query(&one).contains("gpus="));
+        // Tensor parallelism (with sequence parallel) under FSDP2: `tp` and `sequence_parallel`.
+        let llama = "family=llama&n_layer=2&n_head=4&n_kv_head=2&n_embd=64&intermediate_size=128&block_size=64\
+                     &vocab_size=64";
+        let tp = setup_from_query(
+            &format!("{llama}&parallel=fsdp&gpus=8&tp=2&sequence_parallel=1"),
+            &mut Vec::new(),
+        )
+        .unwrap();
+        let p = &tp.train.parallel;
+        assert_eq!((p.gpus, p.tp, p.sequence_parallel, p.dp()), (8, 2, true, 4));
+        let q = setup_to_query(&tp);
+        assert!(
+            q.ends_with("&parallel=fsdp&gpus=8&tp=2&sequence_parallel=1&reshard_after_forward=1"),
+            "{q}"
+        );
+        assert_eq!(setup_from_query(&q, &mut Vec::new()).unwrap(), tp);
         assert_eq!(
             setup_from_query(&format!("{base}&parallel=ddp&gpus=two"), &mut Vec::new())
                 .unwrap_err()

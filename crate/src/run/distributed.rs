@@ -12,7 +12,7 @@
 
 use crate::model::Setup;
 use crate::parallel::{Parallel, Strategy};
-use crate::sim::Category::{Grads, Temporary, Weights};
+use crate::sim::Category::{self, Activations, Grads, Logits, Temporary, Weights};
 use crate::sim::{block_bytes, Tensor};
 use crate::tensors::Ctx;
 
@@ -235,7 +235,8 @@ impl Fsdp {
     /// shard is allocated on the device in the model's dtype (none with CPU offload: they live on the host).
     pub fn build(cx: &mut Ctx, setup: &Setup, shard_bytes: u64) -> Fsdp {
         let p = &setup.train.parallel;
-        let w = p.gpus;
+        // FSDP shards over the data-parallel GPUs; with tensor parallelism each holds a tensor-parallel piece.
+        let w = p.dp();
         let groups: Vec<Group> = groups_of(cx, setup)
             .into_iter()
             .map(|params| Group {
@@ -500,14 +501,235 @@ pub fn root_post_backward(cx: &mut Ctx) {
     }
 }
 
+// Tensor parallelism: what DTensor allocates around one GPU's share of each layer (tests/data/parallel/README.md,
+// "What tensor parallelism allocates"; the op orders from the stub-cuda snapshots of llama-tp2, llama-tp2-sp and
+// llama-tp2-sp-fsdp2-mp). The executors walk `Parallel::tp_local`'s model, whose Linears are already one GPU's
+// shards; these hooks add the redistributions between them, and are nothing without tensor parallelism.
+// Collectives are functional (`_functional_collectives`): each returns a new tensor and its input is let go;
+// on the sequence dimension (1, after the batch) the gathered chunks are laid out again by a `cat`.
+
+/// An all-gather on the sequence: the flat output of every GPU's shard (`all_gather_into_tensor`), re-laid along
+/// the sequence (`cat`), the flat one freed. `shard` is one GPU's bytes.
+fn all_gather_seq(cx: &mut Ctx, shard: u64, category: Category) -> Tensor {
+    let full = shard * cx.tp;
+    let flat = cx.alloc(full, category, "all_gather_into_tensor");
+    let out = cx.alloc(full, category, "cat");
+    cx.free(flat);
+    out
+}
+
+/// A reduce-scatter on the sequence of `input` (`full` bytes): the chunks re-laid for the collective (`cat`),
+/// then this GPU's shard (`reduce_scatter_tensor`); the copy and the input are let go.
+fn reduce_scatter_seq(cx: &mut Ctx, input: Tensor, full: u64, category: Category) -> Tensor {
+    let laid = cx.alloc(full, Temporary, "cat");
+    let out = cx.alloc(full / cx.tp, category, "reduce_scatter_tensor");
+    cx.free(laid);
+    cx.free(input);
+    out
+}
+
+/// An all-reduce of a `Partial` tensor to `Replicate`: a new tensor of the same size (`all_reduce`), the partial
+/// one let go.
+fn all_reduce(cx: &mut Ctx, input: Tensor, category: Category) -> Tensor {
+    let out = cx.alloc(cx.sim.bytes_of(input), category, "all_reduce");
+    cx.free(input);
+    out
+}
+
+/// What the colwise Linears of a branch (or, under sequence parallel, the head) read: under sequence parallel the
+/// norm's sequence shard all-gathered (`PrepareModuleInput` to `Replicate`; the LM head's `ColwiseParallel` from
+/// `Shard(1)`), a new N x C tensor in the norm's dtype, with the shard the module holds until it returns;
+/// otherwise the norm's output itself.
+pub fn tp_gather_input(cx: &mut Ctx, norm_out: Tensor) -> (Tensor, Option<Tensor>) {
+    if !cx.sp {
+        return (norm_out, None);
+    }
+    let shard = cx.ns * cx.m.n_embd * cx.r;
+    (all_gather_seq(cx, shard, Activations), Some(norm_out))
+}
+
+/// A branch's output (o_proj's, down_proj's: `RowwiseParallel`, a `Partial` sum of every GPU's): all-reduced to
+/// the full N x C (plan basic), or reduce-scattered to this GPU's sequence shard (sequence parallel).
+pub fn tp_branch_output(cx: &mut Ctx, out: Tensor) -> Tensor {
+    if cx.tp == 1 {
+        return out;
+    }
+    if cx.sp {
+        let full = cx.n * cx.m.n_embd * cx.p;
+        return reduce_scatter_seq(cx, out, full, Temporary);
+    }
+    all_reduce(cx, out, Temporary)
+}
+
+/// The gradient entering a branch from the residual stream, under sequence parallel: the backward of the
+/// output's reduce-scatter is an all-gather, of the gradient in the branch output's dtype (the residual add's
+/// backward casts it first, on the shard). `given` is what the block already hands the branch (a post-norm's
+/// gradient); plan basic and one GPU keep it.
+pub fn tp_branch_grad(
+    cx: &mut Ctx,
+    g_residual: Tensor,
+    given: Option<(Tensor, u64, bool)>,
+) -> Option<(Tensor, u64, bool)> {
+    if !cx.sp {
+        return given;
+    }
+    let (g, bytes, owned) = given.unwrap_or((g_residual, cx.r, false));
+    let p = cx.p;
+    let shard = cx.ns * cx.m.n_embd;
+    let cast = (bytes != p).then(|| cx.alloc(shard * p, Temporary, "_to_copy"));
+    if cast.is_some() && owned {
+        cx.free(g);
+    }
+    let gathered = all_gather_seq(cx, shard * p, Temporary);
+    match cast {
+        Some(c) => cx.free(c),
+        None if owned => cx.free(g),
+        None => {}
+    }
+    Some((gathered, p, true))
+}
+
+/// The gradient of a branch's input (its colwise Linears', summed), `Partial` over the GPUs: all-reduced (plan
+/// basic; PyTorch all-reduces each Linear's before the sum, a transient of the same size), or reduce-scattered to
+/// the stream's sequence shard (sequence parallel: `PrepareModuleInput`'s backward).
+pub fn tp_input_grad(cx: &mut Ctx, g: Tensor) -> Tensor {
+    if cx.tp == 1 {
+        return g;
+    }
+    if cx.sp {
+        return tp_head_input_grad(cx, g);
+    }
+    all_reduce(cx, g, Temporary)
+}
+
+/// The gradient of the LM head's input under sequence parallel (`ColwiseParallel` from `Shard(1)`): reduce-scattered
+/// to the final norm's sequence shard. A replicated head (plan basic) has a gradient of its own on every GPU.
+pub fn tp_head_input_grad(cx: &mut Ctx, g: Tensor) -> Tensor {
+    if !cx.sp {
+        return g;
+    }
+    let full = cx.n * cx.m.n_embd * cx.r;
+    reduce_scatter_seq(cx, g, full, Temporary)
+}
+
+/// Sequence parallel's embedding (`RowwiseParallel` on the vocabulary, output `Shard(1)`), before the lookup:
+/// the tokens outside this GPU's rows as a mask (`bitwise_or` of two comparisons, a byte a token) and the ids
+/// shifted into its rows (`sub`, int64).
+pub fn tp_embedding_begin(cx: &mut Ctx) -> Option<[Tensor; 2]> {
+    cx.sp.then(|| {
+        let mask = cx.alloc(cx.n, Temporary, "bitwise_or");
+        let ids = cx.alloc(cx.n * 8, Temporary, "sub");
+        [mask, ids]
+    })
+}
+
+/// After the lookup (`out`, N x C, a `Partial` with the masked rows zeroed): the temporaries go and the output is
+/// reduce-scattered to this GPU's sequence shard of the residual stream.
+pub fn tp_embedding_end(cx: &mut Ctx, out: Tensor, begun: Option<[Tensor; 2]>) -> Tensor {
+    let Some([mask, ids]) = begun else {
+        return out;
+    };
+    cx.free(ids);
+    cx.free(mask);
+    let full = cx.n * cx.m.n_embd * cx.pb;
+    reduce_scatter_seq(cx, out, full, Activations)
+}
+
+/// The embedding's gradient from the stream under sequence parallel: the reduce-scatter's backward, an
+/// all-gather of the shard's gradient to N x C before the dense backward over this GPU's rows.
+pub fn tp_embedding_grad(cx: &mut Ctx, g: Tensor) -> Tensor {
+    if !cx.sp {
+        return g;
+    }
+    let shard = cx.ns * cx.m.n_embd * cx.r;
+    let out = all_gather_seq(cx, shard, Temporary);
+    cx.free(g);
+    out
+}
+
+/// What `loss_parallel()`'s cross-entropy keeps from its forward for the backward.
+pub struct LossParallel {
+    /// The log-probabilities in the logits' dtype.
+    log_probs: Tensor,
+    /// nll_loss's fp32 copy of them under autocast (nll_loss is on autocast's fp32 list).
+    nll_input: Option<Tensor>,
+}
+
+/// `F.cross_entropy` under `loss_parallel()` on logits sharded on the vocabulary (`nv`: N x V/tp elements in
+/// `cx.p`): its log-softmax works in fp32 (a copy of 2-byte logits), the max and the sum of exponentials
+/// all-reduced over the GPUs ([N] fp32 each), `x - max`, `exp` (freed once summed), `- log(sum)`, the result cast
+/// back to the logits' dtype (saved); then nll_loss, on an fp32 copy under autocast (saved). The masked targets
+/// are the targets' own (`targets`, kept by the caller). Stub-cuda snapshots of llama-tp2-sp (bf16-amp) and
+/// llama-tp2-sp-fsdp2-mp (bf16 without autocast).
+pub fn loss_parallel_fwd(cx: &mut Ctx, nv: u64) -> LossParallel {
+    let (n, p) = (cx.n, cx.p);
+    let copy = (p != 4).then(|| cx.alloc(nv * 4, Logits, "_to_copy"));
+    let amax = cx.alloc(n * 4, Temporary, "amax");
+    let max = all_reduce(cx, amax, Temporary);
+    let shifted = cx.alloc(nv * 4, Logits, "sub");
+    let exp = cx.alloc(nv * 4, Logits, "exp");
+    let sum = cx.alloc(n * 4, Temporary, "sum");
+    cx.free(exp);
+    let sum = all_reduce(cx, sum, Temporary);
+    let log = cx.alloc(n * 4, Temporary, "log");
+    cx.free(sum);
+    let lp32 = cx.alloc(nv * 4, Logits, "sub");
+    let log_probs = if p != 4 {
+        let lp = cx.alloc(nv * p, Logits, "_to_copy");
+        cx.free(lp32);
+        lp
+    } else {
+        lp32
+    };
+    cx.sim.free_some(&[copy]);
+    cx.sim.free_all(&[shifted, log, max]);
+    let nll_input = cx
+        .prec
+        .autocast()
+        .then(|| cx.alloc(nv * 4, Logits, "_to_copy"));
+    LossParallel {
+        log_probs,
+        nll_input,
+    }
+}
+
+/// The masked targets `loss_parallel`'s nll_loss works on: the ids shifted into this GPU's vocabulary rows
+/// (int64, one per token).
+pub fn loss_parallel_targets(cx: &mut Ctx) -> Tensor {
+    cx.alloc(cx.n * 8, Activations, "sub")
+}
+
+/// `loss_parallel`'s joint nll_loss and log-softmax backward, in the dtype nll_loss saw (fp32 under autocast, else
+/// the logits'): the gradient buffer, `exp` of the saved log-probabilities, `+`, `*` (the gradient), then the
+/// saved tensors go; under autocast the gradient is cast back to the logits' dtype. Returns the logits' gradient.
+pub fn loss_parallel_bwd(cx: &mut Ctx, nv: u64, l: LossParallel, targets: Tensor) -> Tensor {
+    let b = if l.nll_input.is_some() { 4 } else { cx.p };
+    let grad = cx.alloc(nv * b, Logits, "empty_strided");
+    let exp = cx.alloc(nv * b, Logits, "exp");
+    let add = cx.alloc(nv * b, Logits, "add");
+    cx.free(exp);
+    let mut g = cx.alloc(nv * b, Logits, "mul");
+    cx.free(add);
+    cx.free(grad);
+    cx.sim.free_some(&[l.nll_input]);
+    cx.free(targets);
+    if b != cx.p {
+        let cast = cx.alloc(nv * cx.p, Logits, "_to_copy");
+        cx.free(g);
+        g = cast;
+    }
+    cx.free(l.log_probs);
+    g
+}
+
 /// The setup the executors run: FSDP's `param_dtype` makes the step compute in it (no autocast), as pure bf16
-/// does; everything else as given.
+/// does; under tensor parallelism the model is one GPU's share of it (`Parallel::tp_local`); everything else
+/// as given.
 pub fn compute_setup(setup: &Setup) -> Setup {
     let mut s = setup.clone();
-    s.train.precision = setup
-        .train
-        .parallel
-        .compute_precision(setup.train.precision);
+    let p = &setup.train.parallel;
+    s.train.precision = p.compute_precision(setup.train.precision);
+    s.model = p.tp_local(&setup.model);
     s
 }
 

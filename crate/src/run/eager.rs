@@ -9,6 +9,7 @@
 //! SwiGLU.
 
 use crate::arch::{Core, Loss, Mlp, Norm, Positions, Program, Qkv, RotaryCat};
+use crate::distributed;
 use crate::finetune::Role;
 use crate::sim::Category::{self, Activations, Grads, Logits, Temporary};
 use crate::sim::Tensor;
@@ -247,7 +248,11 @@ pub struct Forward {
     /// The logits, when the program keeps them bound after the forward (nanoGPT's loop, until the next forward
     /// returns).
     pub logits: Option<Tensor>,
-    log_softmax: Tensor,
+    /// The logits the loop keeps bound until its backward is done (sequence parallel's loss is the loop's).
+    bound_logits: Option<Tensor>,
+    log_softmax: Option<Tensor>,
+    /// Sequence parallel: what `loss_parallel`'s cross-entropy saved (in place of `log_softmax`, `nll_input`).
+    parallel_loss: Option<Box<distributed::LossParallel>>,
     /// Cross-entropy under autocast: nll_loss's fp32 copy of its input.
     nll_input: Option<Tensor>,
     /// The targets the loss holds: the batch's (nanoGPT), or the shifted copy of the labels (HF).
@@ -289,7 +294,7 @@ fn norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
         Norm::RmsNorm => ops::rms_norm_fwd(cx),
         Norm::GemmaRmsNorm => ops::gemma_rms_norm_fwd(cx),
         Norm::Olmo2RmsNorm => {
-            let (n, c, r) = (cx.n, cx.m.n_embd, cx.r);
+            let (n, c, r) = (cx.ns, cx.m.n_embd, cx.r);
             ops::fp32_rms_norm_fwd(cx, n, c, r, false)
         }
     }
@@ -298,7 +303,7 @@ fn norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
 /// A norm's backward; `input` is its saved input when the norm holds the last reference to it (a parallel
 /// residual's second norm shares it with the first, which frees it).
 fn norm_bwd(cx: &mut Ctx, grad_out: Tensor, saved: NormSaved, input: Option<Tensor>) -> Tensor {
-    let dims = (cx.n, cx.m.n_embd, cx.r);
+    let dims = (cx.ns, cx.m.n_embd, cx.r);
     match cx.arch.norm {
         Norm::LayerNorm { bias } => ops::layer_norm_bwd(cx, grad_out, saved, input, bias),
         // Gemma's backward runs the same statistics' backward as Llama's (fake-cuda trace of a gemma bf16-amp
@@ -314,7 +319,7 @@ fn norm_bwd(cx: &mut Ctx, grad_out: Tensor, saved: NormSaved, input: Option<Tens
 /// owned), or, with dropout on the branch, `native_dropout_backward` of it, after the engine cast the fp32
 /// residual gradient to the branch output's dtype. Returns (gradient, its bytes per element, owned).
 fn branch_grad(cx: &mut Ctx, g_residual: Tensor, mask: Option<Tensor>) -> (Tensor, u64, bool) {
-    let nc = cx.n * cx.m.n_embd;
+    let nc = cx.ns * cx.m.n_embd;
     let (r, p) = (cx.r, cx.p);
     match mask {
         Some(mask) if r != p => {
@@ -1434,7 +1439,7 @@ fn post_norm_fwd(cx: &mut Ctx, branch: Tensor) -> (Tensor, Option<PostNorm>) {
     if !cx.arch.post_norms {
         return (branch, None);
     }
-    let (n, c, p) = (cx.n, cx.m.n_embd, cx.p);
+    let (n, c, p) = (cx.ns, cx.m.n_embd, cx.p);
     let one_plus = cx.arch.norm == Norm::GemmaRmsNorm;
     let (out, saved) = ops::fp32_rms_norm_fwd(cx, n, c, p, one_plus);
     // A 2-byte branch output was copied to fp32 (saved): it dies here (fake-cuda trace of a gemma2 bf16-amp
@@ -1452,7 +1457,7 @@ fn post_norm_fwd(cx: &mut Ctx, branch: Tensor) -> (Tensor, Option<PostNorm>) {
 /// Backward of `post_norm_fwd` from the residual gradient (held by the skip path): the gradient cast to the
 /// norm output's dtype, then the norm's backward to the branch output's. Returns (gradient, its bytes).
 fn post_norm_bwd(cx: &mut Ctx, g_residual: Tensor, n: PostNorm) -> (Tensor, u64) {
-    let (nc, p, r) = (cx.n * cx.m.n_embd, cx.p, cx.r);
+    let (nc, p, r) = (cx.ns * cx.m.n_embd, cx.p, cx.r);
     // The residual gradient in the norm output's dtype: a cast of our own, or the residual's gradient itself,
     // which the skip path still holds (not released here).
     let (g, owned) = if r != p {
@@ -1461,7 +1466,7 @@ fn post_norm_bwd(cx: &mut Ctx, g_residual: Tensor, n: PostNorm) -> (Tensor, u64)
         (g_residual, false)
     };
     // A 2-byte input's fp32 copy is in the norm's own saved tensors.
-    let dims = (cx.n, cx.m.n_embd, p);
+    let dims = (cx.ns, cx.m.n_embd, p);
     let gi = if cx.arch.norm == Norm::Olmo2RmsNorm {
         ops::olmo2_rms_norm_bwd(cx, g, owned, n.saved, n.input, dims)
     } else {
@@ -1491,12 +1496,17 @@ fn branch_input_kept(cx: &mut Ctx, input: Tensor, holds: bool) -> Option<Tensor>
 }
 
 fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
-    let nc = cx.n * cx.m.n_embd;
+    let nc = cx.ns * cx.m.n_embd;
     let r = cx.r;
     let pre = cx.arch.pre_norms;
     let (norm1_out, norm1) = branch_input(cx, x_in);
+    // Tensor parallelism: the Linears read the norm's output all-gathered under sequence parallel; the shard
+    // goes when the branch returns.
+    let (norm1_out, shard1) = distributed::tp_gather_input(cx, norm1_out);
     let (attn, a) = attn_fwd(cx, norm1_out);
     let norm1_out = branch_input_kept(cx, norm1_out, attn.holds_input());
+    cx.sim.free_some(&[shard1]);
+    let a = distributed::tp_branch_output(cx, a);
     if cx.arch.parallel_residual {
         // GPT-NeoX: the second norm reads the layer input too; `mlp_out + attn_out` in the branches' dtype, then
         // `+ x` in the stream's (fake-cuda trace of neox-512-bf16amp: 2 MiB bf16, then 4 MiB fp32).
@@ -1527,8 +1537,11 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
         cx.free(x_in);
     }
     let (norm2_out, norm2) = branch_input(cx, x_mid);
+    let (norm2_out, shard2) = distributed::tp_gather_input(cx, norm2_out);
     let (mlp, o) = mlp_fwd(cx, norm2_out);
     let norm2_out = branch_input_kept(cx, norm2_out, mlp.holds_input());
+    cx.sim.free_some(&[shard2]);
+    let o = distributed::tp_branch_output(cx, o);
     let (o, post2) = post_norm_fwd(cx, o);
     let x_out = cx.alloc(nc * r, Activations, "add");
     cx.free(o);
@@ -1558,7 +1571,7 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
 }
 
 fn block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
-    let nc_r = cx.n * cx.m.n_embd * cx.r;
+    let nc_r = cx.ns * cx.m.n_embd * cx.r;
     if cx.arch.parallel_residual {
         return parallel_block_bwd(cx, g_out, s);
     }
@@ -1567,7 +1580,9 @@ fn block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
         .post2
         .map(|n| post_norm_bwd(cx, g_out, n))
         .map(|(g, bytes)| (g, bytes, true));
+    let post = distributed::tp_branch_grad(cx, g_out, post);
     let g_n2 = mlp_bwd(cx, g_out, s.mlp, s.norm2_out, post);
+    let g_n2 = distributed::tp_input_grad(cx, g_n2);
     let pre = cx.arch.pre_norms;
     let g_x2 = if pre {
         norm_bwd(cx, g_n2, s.norm2, s.x_mid)
@@ -1579,7 +1594,9 @@ fn block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
         .post1
         .map(|n| post_norm_bwd(cx, g_mid, n))
         .map(|(g, bytes)| (g, bytes, true));
+    let post = distributed::tp_branch_grad(cx, g_mid, post);
     let g_n1 = attn_bwd(cx, g_mid, s.attn, s.norm1_out, post);
+    let g_n1 = distributed::tp_input_grad(cx, g_n1);
     let g_x1 = if pre {
         norm_bwd(cx, g_n1, s.norm1, Some(s.x_in))
     } else {
@@ -1594,7 +1611,7 @@ fn block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
 /// residual's (which then dies unless the attention still reads it), then the attention branch and the first
 /// norm, whose backward frees the layer input both norms saved.
 fn parallel_block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
-    let nc = cx.n * cx.m.n_embd;
+    let nc = cx.ns * cx.m.n_embd;
     let (r, p) = (cx.r, cx.p);
     let cast = (r != p).then(|| cx.alloc(nc * p, Temporary, "_to_copy"));
     let (g_branch, g_bytes) = cast.map_or((g_out, r), |c| (c, p));
@@ -1699,6 +1716,8 @@ fn release_block(cx: &mut Ctx, s: BlockSaved) {
 pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) -> Forward {
     let c = cx.m.n_embd;
     let nc = cx.n * c;
+    // The residual stream's elements (a sequence shard of them under sequence parallel).
+    let ncs = cx.ns * c;
     let pb = cx.pb;
     let (x0, pos, cos_sin) = match cx.arch.positions {
         Positions::Learned => {
@@ -1713,10 +1732,13 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
         Positions::Rotary => {
             // The tables span the rotated dimensions of a head (all of it but for partial rotary).
             let hs = cx.m.rotary_dims();
-            let mut x0 = cx.alloc(nc * pb, Activations, "embedding");
+            // Sequence parallel: the lookup in this GPU's vocabulary rows, reduce-scattered to its sequence shard.
+            let begun = distributed::tp_embedding_begin(cx);
+            let x0 = cx.alloc(nc * pb, Activations, "embedding");
+            let mut x0 = distributed::tp_embedding_end(cx, x0, begun);
             if cx.arch.embed_scale {
                 // `hidden_states * normalizer` (a constant tensor): a new N x C, the embedding's output dies.
-                let scaled = cx.alloc(nc * pb, Activations, "mul");
+                let scaled = cx.alloc(ncs * pb, Activations, "mul");
                 cx.free(x0);
                 x0 = scaled;
             }
@@ -1761,7 +1783,7 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
     } else {
         Vec::new()
     };
-    let (mut x, emb_drop) = dropout_on(cx, x0, nc, pb, Activations);
+    let (mut x, emb_drop) = dropout_on(cx, x0, ncs, pb, Activations);
     // Whether something in each block saves its input: the first norm, or without pre-norms (OLMo 2) the
     // branch's Linears when they saved no cast of it. The final norm saves the last block's output by its own rule.
     let final_saves = cx.arch.norm_saves_input(cx.r);
@@ -1821,7 +1843,20 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
     cx.sim.next_stage("loss");
     let v = cx.m.vocab_size;
     let nv = cx.n * v;
+    // Sequence parallel: the head reads the final norm's output all-gathered; the model returns its sharded
+    // logits there, letting go of the shard and (unless the head saved it) the gathered input.
+    let (norm_f_out, norm_f_shard) = distributed::tp_gather_input(cx, norm_f_out);
     let (mut logits, lm_head) = head_fwd(cx, c, v);
+    let head_input_kept = norm_f_shard.map(|shard| {
+        let kept = ops::keep_if_saved(cx, norm_f_out, &lm_head);
+        cx.free(shard);
+        kept
+    });
+    if cx.sp {
+        // The model's call returns before the loss (the loop's): under FSDP the root reshards here, and its
+        // post-forward after the loss (`step`) finds nothing left to free.
+        distributed::root_post_forward(cx);
+    }
     // Gemma 2: `tanh(logits / cap) * cap` in the logits' dtype; tanh's output is saved.
     let logit_tanh = cx.arch.logit_softcap.then(|| {
         let d = cx.alloc(nv * cx.p, Logits, "div");
@@ -1831,7 +1866,13 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
         logits = cx.alloc(nv * cx.p, Logits, "mul");
         t
     });
+    // Sequence parallel: the loop's `F.cross_entropy` under `loss_parallel()` on the vocabulary-sharded logits,
+    // which the loop keeps bound until the backward is done (measure_parallel.py).
+    let parallel_loss = cx
+        .sp
+        .then(|| Box::new(distributed::loss_parallel_fwd(cx, nv)));
     let (log_softmax, nll_input, targets) = match cx.arch.loss {
+        _ if cx.sp => (None, None, distributed::loss_parallel_targets(cx)),
         // Under autocast (PyTorch 2.15) log_softmax runs in the logits' 2-byte dtype and nll_loss (autocast fp32
         // list) gets an fp32 copy of its input, which it saves.
         Loss::CrossEntropy => {
@@ -1840,7 +1881,7 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
                 .prec
                 .autocast()
                 .then(|| cx.alloc(nv * 4, Logits, "_to_copy"));
-            (log_softmax, nll_input, targets)
+            (Some(log_softmax), nll_input, targets)
         }
         Loss::HfCausalLm => {
             let upcast = (cx.p != 4).then(|| cx.alloc(nv * 4, Logits, "_to_copy"));
@@ -1851,7 +1892,7 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
                 cx.free(u);
             }
             cx.free(pad);
-            (log_softmax, None, labels)
+            (Some(log_softmax), None, labels)
         }
     };
     // Mixtures of experts with `output_router_logits`: transformers' `load_balancing_loss_func` after the
@@ -1871,12 +1912,16 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
         cx.sim.free_all(&[ids, histc]);
     }
     cx.sim.free_all(&aux_topk);
-    let norm_f_out = ops::keep_if_saved(cx, norm_f_out, &lm_head);
-    let logits = match cx.arch.program {
-        Program::NanoGpt => Some(logits),
+    let norm_f_out = match head_input_kept {
+        Some(kept) => kept,
+        None => ops::keep_if_saved(cx, norm_f_out, &lm_head),
+    };
+    let (logits, bound_logits) = match cx.arch.program {
+        _ if cx.sp => (None, Some(logits)),
+        Program::NanoGpt => (Some(logits), None),
         Program::HfLoop => {
             cx.free(logits);
-            None
+            (None, None)
         }
     };
     cx.sim.free_all(&router_logits);
@@ -1893,7 +1938,9 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
         norm_f_out,
         lm_head,
         logits,
+        bound_logits,
         log_softmax,
+        parallel_loss,
         nll_input,
         targets,
         aux_softmax,
@@ -1915,6 +1962,7 @@ fn head_fwd(cx: &mut Ctx, c: u64, v: u64) -> (Tensor, LinearSaved) {
 
 /// Backward of one micro-step, from the loss to the embeddings.
 pub fn backward(cx: &mut Ctx, f: Forward) {
+    let bound_logits = f.bound_logits;
     // The auxiliary loss's backward runs first (created last): its softmax backward per MoE layer, in the router
     // logits' dtype, held until that layer's router backward.
     for &s in &f.aux_softmax {
@@ -1929,42 +1977,45 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     let v = cx.m.vocab_size;
     let nv = cx.n * v;
     let c = cx.m.n_embd;
-    let nc = cx.n * c;
     let r = cx.r;
-    let g_logits = match cx.arch.loss {
-        Loss::CrossEntropy => {
-            // nll_loss_backward: a dense gradient the size of its input (fp32 under autocast), then its input and
-            // the targets are released.
-            let nll_bytes = if cx.prec.autocast() { 4 } else { cx.p };
-            let g_nll = cx.alloc(nv * nll_bytes, Logits, "nll_loss_backward");
-            if let Some(t) = f.nll_input {
-                cx.free(t);
+    let g_logits = if let Some(l) = f.parallel_loss {
+        distributed::loss_parallel_bwd(cx, nv, *l, f.targets)
+    } else {
+        match cx.arch.loss {
+            Loss::CrossEntropy => {
+                // nll_loss_backward: a dense gradient the size of its input (fp32 under autocast), then its input and
+                // the targets are released.
+                let nll_bytes = if cx.prec.autocast() { 4 } else { cx.p };
+                let g_nll = cx.alloc(nv * nll_bytes, Logits, "nll_loss_backward");
+                if let Some(t) = f.nll_input {
+                    cx.free(t);
+                }
+                cx.free(f.targets);
+                let g_ls_in = if cx.prec.autocast() {
+                    let g = cx.alloc(nv * cx.p, Logits, "_to_copy");
+                    cx.free(g_nll);
+                    g
+                } else {
+                    g_nll
+                };
+                let g_logits = cx.alloc(nv * cx.p, Logits, "_log_softmax_backward_data");
+                cx.free(g_ls_in);
+                cx.sim.free_some(&[f.log_softmax]);
+                g_logits
             }
-            cx.free(f.targets);
-            let g_ls_in = if cx.prec.autocast() {
-                let g = cx.alloc(nv * cx.p, Logits, "_to_copy");
+            Loss::HfCausalLm => {
+                let g_nll = cx.alloc(nv * 4, Logits, "nll_loss_backward");
+                cx.free(f.targets);
+                let g_ls = cx.alloc(nv * 4, Logits, "_log_softmax_backward_data");
                 cx.free(g_nll);
-                g
-            } else {
-                g_nll
-            };
-            let g_logits = cx.alloc(nv * cx.p, Logits, "_log_softmax_backward_data");
-            cx.free(g_ls_in);
-            cx.free(f.log_softmax);
-            g_logits
-        }
-        Loss::HfCausalLm => {
-            let g_nll = cx.alloc(nv * 4, Logits, "nll_loss_backward");
-            cx.free(f.targets);
-            let g_ls = cx.alloc(nv * 4, Logits, "_log_softmax_backward_data");
-            cx.free(g_nll);
-            cx.free(f.log_softmax);
-            if cx.p != 4 {
-                let g = cx.alloc(nv * cx.p, Logits, "_to_copy");
-                cx.free(g_ls);
-                g
-            } else {
-                g_ls
+                cx.sim.free_some(&[f.log_softmax]);
+                if cx.p != 4 {
+                    let g = cx.alloc(nv * cx.p, Logits, "_to_copy");
+                    cx.free(g_ls);
+                    g
+                } else {
+                    g_ls
+                }
             }
         }
     };
@@ -1982,6 +2033,7 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     }
     let head_had_grads = cx.have_grads;
     let g_norm_f = ops::linear_bwd(cx, g_logits, cx.p, true, f.lm_head, f.norm_f_out);
+    let g_norm_f = distributed::tp_head_input_grad(cx, g_norm_f);
     // A tied head's first gradient of the step went to `.grad` last; take it back to meet the embedding's.
     let head_grad = if head_had_grads || !cx.arch.tied_head || cx.base_frozen() {
         None
@@ -2027,9 +2079,10 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     cx.sim.free_all(&tables);
     cx.sim.free_all(&f.masks);
     let g = match f.emb_drop {
-        Some(mask) => ops::dropout_bwd(cx, g, true, nc, r, mask),
+        Some(mask) => ops::dropout_bwd(cx, g, true, cx.ns * c, r, mask),
         None => g,
     };
+    let g = distributed::tp_embedding_grad(cx, g);
     if let Some(pos) = f.pos {
         // tok + pos: the position gradient is summed over the batch, then both embeddings' dense backward.
         let g_pos = cx.alloc(cx.t * c * r, Temporary, "sum");
@@ -2048,6 +2101,7 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
         cx.free(g);
         cx.free(f.idx);
         cx.release_graph_holds();
+        cx.sim.free_some(&[bound_logits]);
         return;
     }
     let dense = ops::embedding_bwd(cx, cx.n, v);
@@ -2081,5 +2135,7 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
         None if cx.have_grads => cx.free(dense),
         None => cx.grads.push(dense),
     }
+    // The loop's `del loss, logits` once the backward is done (8-bit Linears' held inputs with them).
     cx.release_graph_holds();
+    cx.sim.free_some(&[bound_logits]);
 }

@@ -69,23 +69,34 @@ fn run(setup: &Setup, n_steps: u32, record: bool, reserved_limit: u64) -> Result
     let exec = distributed::compute_setup(setup);
     let mut cx = Ctx::new(&mut sim, &exec)?;
     let tr = &setup.train;
-    let params = cx.arch.param_tensors(&setup.model);
+    // The model as one GPU holds it (under tensor parallelism its share: `compute_setup`).
+    let params = cx.arch.param_tensors(&exec.model);
+    // A parameter the tensor-parallel plan shards is smaller on one GPU than in the model.
+    let tp_sharded: Vec<bool> = cx
+        .arch
+        .param_tensors(&setup.model)
+        .iter()
+        .zip(&params)
+        .map(|(whole, local)| whole.0 != local.0)
+        .collect();
     // The parameters' own dtype (FSDP's sharded parameters and optimizer state keep it under mixed precision).
     let own_pb = tr.precision.param_bytes();
     let mut ddp = None;
     let opt_params: Vec<Param> = if distributed::strategy(setup) == Strategy::Fsdp {
-        let f = distributed::Fsdp::build(&mut cx, setup, own_pb);
-        for bytes in cx.arch.buffers_bytes(&setup.model, own_pb) {
+        let f = distributed::Fsdp::build(&mut cx, &exec, own_pb);
+        for bytes in cx.arch.buffers_bytes(&exec.model, own_pb) {
             cx.alloc(bytes, Weights, "buffer");
         }
-        let opt = f.optimizer_params(&cx, setup);
+        let opt = f.optimizer_params(&cx, &exec);
         cx.fsdp = Some(Box::new(f));
         opt.into_iter()
-            .map(|(elems, matrix)| Param {
+            .zip(&tp_sharded)
+            .map(|((elems, matrix), &tp_sharded)| Param {
                 elems,
                 matrix,
                 bytes: own_pb,
                 rows: 0,
+                tp_sharded,
             })
             .collect()
     } else {
@@ -98,20 +109,22 @@ fn run(setup: &Setup, n_steps: u32, record: bool, reserved_limit: u64) -> Result
                     .iter()
                     .map(|&(elems, _)| cx.alloc(elems * cx.pb, Weights, "parameter"))
                     .collect();
-                for bytes in cx.arch.buffers_bytes(&setup.model, cx.pb) {
+                for bytes in cx.arch.buffers_bytes(&exec.model, cx.pb) {
                     cx.alloc(bytes, Weights, "buffer");
                 }
-                tie_head(&mut cx, setup, weights[0]);
+                tie_head(&mut cx, &exec, weights[0]);
             }
         }
         let trained: Vec<Param> = match &tr.lora {
             None => params
                 .iter()
-                .map(|&(elems, matrix)| Param {
+                .zip(&tp_sharded)
+                .map(|(&(elems, matrix), &tp_sharded)| Param {
                     elems,
                     matrix,
                     bytes: cx.pb,
                     rows: 0,
+                    tp_sharded,
                 })
                 .collect(),
             Some(lora) => lora_params(&mut cx, setup, lora),
@@ -245,7 +258,8 @@ pub fn simulate_first_forward(setup: &Setup) -> Result<Sim, Error> {
 
 /// A forward's saved state, for the backward of the same mode.
 enum Pass {
-    Eager(eager::Forward),
+    /// Boxed: an eager forward's saved state is the larger (clippy's large_enum_variant); one per micro-step.
+    Eager(Box<eager::Forward>),
     Compiled(compiled::Forward),
 }
 
@@ -305,7 +319,7 @@ impl Loop {
             distributed::root_post_forward(cx);
             returned(self, cx, f.logits.take());
             cx.clear_autocast_cache();
-            Pass::Eager(f)
+            Pass::Eager(Box::new(f))
         };
         // nanoGPT fetches the next batch while the step's graph is alive.
         if program == Program::NanoGpt {
@@ -316,7 +330,7 @@ impl Loop {
         distributed::root_pre_backward(cx);
         match f {
             Pass::Compiled(f) => compiled::backward(cx, f),
-            Pass::Eager(f) => eager::backward(cx, f),
+            Pass::Eager(f) => eager::backward(cx, *f),
         }
         distributed::root_post_backward(cx);
         if let (Some(d), true) = (self.ddp.as_mut(), self.sync) {
@@ -349,6 +363,10 @@ pub struct Param {
     pub bytes: u64,
     /// The first dimension (Adafactor factors a matrix into rows and columns); 0 when not known.
     pub rows: u64,
+    /// Sharded by the tensor-parallel plan (a DTensor on the tp mesh): foreach ops refuse to mix it with the
+    /// others, so the optimizer steps the two kinds as groups of their own (measure_parallel.py splits each group
+    /// by mesh, in the order the first parameter's kind comes).
+    pub tp_sharded: bool,
 }
 
 /// What `peft.get_peft_model` adds to the device after the base model, and the parameters it leaves trainable,
@@ -396,6 +414,7 @@ fn lora_params(cx: &mut Ctx, setup: &Setup, lora: &LoraConfig) -> Vec<Param> {
         matrix: true,
         bytes: pb,
         rows: m.vocab_size,
+        tp_sharded: false,
     };
     let ab = cx.ab;
     lora.save_embed
@@ -406,6 +425,7 @@ fn lora_params(cx: &mut Ctx, setup: &Setup, lora: &LoraConfig) -> Vec<Param> {
             matrix: true,
             bytes: ab,
             rows,
+            tp_sharded: false,
         }))
         .chain(lora.save_head.then(|| copy(table)))
         .collect()
@@ -479,7 +499,18 @@ fn optimizer_stage(
                         params.iter().filter(|p| p.matrix).map(bytes).collect(),
                         params.iter().filter(|p| !p.matrix).map(bytes).collect(),
                     ],
-                    Program::HfLoop => vec![params.iter().map(bytes).collect()],
+                    // With tensor parallelism the one group splits in two by kind (`Param::tp_sharded`).
+                    Program::HfLoop => {
+                        let first = params.first().is_some_and(|p| p.tp_sharded);
+                        let of = |kind: bool| -> Vec<u64> {
+                            params
+                                .iter()
+                                .filter(|p| p.tp_sharded == kind)
+                                .map(bytes)
+                                .collect()
+                        };
+                        vec![of(first), of(!first)]
+                    }
                 };
                 for group in groups {
                     let tmp: Vec<Tensor> = group

@@ -46,7 +46,16 @@ pub struct Ctx<'a> {
     pub prec: Precision,
     pub b: u64,
     pub t: u64,
+    /// Tokens a matmul sees: batch x sequence.
     pub n: u64,
+    /// Rows of the residual stream (embeddings, norms, residual adds): `n`, or `n / tp` under sequence
+    /// parallel, whose stream is sharded on the sequence (`distributed`'s tensor-parallel hooks move between the
+    /// two).
+    pub ns: u64,
+    /// Tensor-parallel degree (1: none) and whether sequence parallel is on; the model (`m`) is then one GPU's
+    /// share of it (`Parallel::tp_local`).
+    pub tp: u64,
+    pub sp: bool,
     /// Matmul output bytes.
     pub p: u64,
     /// Residual / norm output bytes.
@@ -100,6 +109,7 @@ pub struct Ctx<'a> {
 impl<'a> Ctx<'a> {
     pub fn new(sim: &'a mut Sim, setup: &'a Setup) -> Result<Ctx<'a>, Error> {
         let m = &setup.model;
+        let par = &setup.train.parallel;
         let prec = setup.train.precision;
         let p = prec.matmul_bytes();
         let backend = sdpa_backend(setup.device.sm, p, m.head_dim())?;
@@ -114,6 +124,13 @@ impl<'a> Ctx<'a> {
             b: setup.train.batch_size,
             t: setup.train.seq_len,
             n: setup.train.batch_size * setup.train.seq_len,
+            ns: if par.sequence_parallel {
+                setup.train.batch_size * setup.train.seq_len / par.tp
+            } else {
+                setup.train.batch_size * setup.train.seq_len
+            },
+            tp: par.tp.max(1),
+            sp: par.sequence_parallel,
             p,
             r: wb,
             pb: wb,
@@ -947,9 +964,9 @@ impl NormSaved {
 /// on autocast's fp32 list), mean and rstd fp32 [n]. Saves input, weight, bias, mean, rstd.
 pub fn layer_norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
     let c = cx.m.n_embd;
-    let out = cx.alloc(cx.n * c * cx.r, Activations, "native_layer_norm");
-    let mean = cx.alloc(cx.n * 4, Activations, "native_layer_norm");
-    let rstd = cx.alloc(cx.n * 4, Activations, "native_layer_norm");
+    let out = cx.alloc(cx.ns * c * cx.r, Activations, "native_layer_norm");
+    let mean = cx.alloc(cx.ns * 4, Activations, "native_layer_norm");
+    let rstd = cx.alloc(cx.ns * 4, Activations, "native_layer_norm");
     cx.drop_unsaved(mean);
     cx.drop_unsaved(rstd);
     (
@@ -971,7 +988,7 @@ pub fn layer_norm_bwd(
     bias: bool,
 ) -> Tensor {
     let c = cx.m.n_embd;
-    let gi = cx.alloc(cx.n * c * cx.r, Temporary, "native_layer_norm_backward");
+    let gi = cx.alloc(cx.ns * c * cx.r, Temporary, "native_layer_norm_backward");
     let cat = if cx.have_grads { Temporary } else { Grads };
     let trained = !cx.base_frozen();
     let gw = trained.then(|| cx.alloc(c * cx.pb, cat, "native_layer_norm_backward"));
@@ -992,7 +1009,7 @@ pub fn layer_norm_bwd(
 /// HF `LlamaRMSNorm` in PyTorch ops on the residual stream (n rows of C, in the stream's dtype): see
 /// `rms_norm_fwd_on`.
 pub fn rms_norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
-    let (n, c, r) = (cx.n, cx.m.n_embd, cx.r);
+    let (n, c, r) = (cx.ns, cx.m.n_embd, cx.r);
     rms_norm_fwd_on(cx, n, c, r)
 }
 
@@ -1064,7 +1081,7 @@ pub fn gemma_rms_norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
 /// `gemma_rms_norm_fwd` on n x C in `r` bytes: the residual stream, or (Gemma 2's post-norms) a branch output in
 /// the matmul dtype; the output takes the input's dtype.
 pub fn gemma_rms_norm_fwd_on(cx: &mut Ctx, r: u64) -> (Tensor, NormSaved) {
-    let (n, c) = (cx.n, cx.m.n_embd);
+    let (n, c) = (cx.ns, cx.m.n_embd);
     gemma_rms_norm_fwd_rows(cx, n, c, r)
 }
 
@@ -1120,7 +1137,7 @@ pub fn fp32_rms_norm_fwd(
 
 /// Backward of `rms_norm_fwd` (the residual stream's norm): see `rms_norm_bwd_on`.
 pub fn rms_norm_bwd(cx: &mut Ctx, grad_out: Tensor, saved: NormSaved, input: Tensor) -> Tensor {
-    let (n, c, r) = (cx.n, cx.m.n_embd, cx.r);
+    let (n, c, r) = (cx.ns, cx.m.n_embd, cx.r);
     rms_norm_bwd_on(cx, grad_out, saved, Some(input), (n, c, r))
 }
 

@@ -123,6 +123,11 @@ pub fn base(setup: &Setup) -> Base {
             fsdp.reduce_dtype.map_or("fp32", Dtype::name)
         ));
     }
+    if let Some(t) = p.tp_name() {
+        notes.push(format!(
+            "data parallel only: the setup's {t} is left out of these rows (its figure is the estimate above)"
+        ));
+    }
     if setup.train.compile {
         s.train.compile = false;
         notes.push(

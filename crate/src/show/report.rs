@@ -134,17 +134,23 @@ impl Peaks {
 /// What a multi-GPU estimate is and is not (nothing on one GPU).
 fn parallel_notes(p: &crate::parallel::Parallel) -> Vec<String> {
     use crate::parallel::Strategy;
+    if p.is_single() {
+        return Vec::new();
+    }
+    let tp = p.tp_name().map(|t| format!(", {t}")).unwrap_or_default();
     let what = match p.strategy {
-        Strategy::Single => return Vec::new(),
+        Strategy::Single => p.tp_name().unwrap_or_default(),
         Strategy::Ddp => "DDP".to_string(),
-        Strategy::Fsdp => format!(
-            "FSDP2 ({}{}{})",
-            p.zero_name().unwrap_or(""),
-            p.param_dtype
-                .map(|d| format!(", parameters gathered in {}", d.name()))
-                .unwrap_or_default(),
-            if p.offload { ", CPU offload" } else { "" }
-        ),
+        Strategy::Fsdp => {
+            format!(
+                "FSDP2 ({}{}{})",
+                p.zero_name().unwrap_or(""),
+                p.param_dtype
+                    .map(|d| format!(", parameters gathered in {}", d.name()))
+                    .unwrap_or_default(),
+                if p.offload { ", CPU offload" } else { "" }
+            ) + &tp
+        }
     };
     let mut notes = vec![
         format!(

@@ -300,13 +300,21 @@ fn scope(s: &Setup) -> String {
     if p.is_single() {
         return String::new();
     }
-    let name = match p.zero_name() {
-        Some(z) => format!(
+    let mut name = match (p.strategy, p.zero_name()) {
+        (_, Some(z)) => format!(
             "FSDP2 ({z}{})",
             if p.offload { ", CPU offload" } else { "" }
         ),
-        None => "DDP".to_string(),
+        (crate::parallel::Strategy::Ddp, _) => "DDP".to_string(),
+        _ => String::new(),
     };
+    if let Some(t) = p.tp_name() {
+        name = if name.is_empty() {
+            t
+        } else {
+            format!("{name}, {t}")
+        };
+    }
     format!("per GPU: rank 0 of {}, {name}", p.gpus)
 }
 
@@ -640,7 +648,8 @@ pub fn draw_gpus(
     let s = setup_of(query)?;
     let plan = gpus::plan(&s).map_err(js_err)?;
     let p = &s.train.parallel;
-    let current = if p.is_single() {
+    // The plan's rows are data parallel only: a tensor-parallel setup is on none of their lines.
+    let current = if p.is_single() || p.tp > 1 {
         None
     } else {
         let way = match (p.strategy, p.reshard_after_forward, p.offload) {
