@@ -795,7 +795,7 @@ fn strategies_finds_the_fewest_gpus_and_the_flags_reproduce_them() {
     let v = json_of(&[&["strategies", "--format", "json"][..], &base].concat());
     let rows = v["strategies"].as_array().unwrap();
     let ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, ["ddp", "zero2", "zero3", "zero3-offload"]);
+    assert_eq!(ids, ["ddp", "zero2", "zero3", "zero3-tp", "zero3-offload"]);
     let budget = v["gpu_memory_bytes"].as_u64().unwrap();
     assert!(v["one_gpu_device_total_bytes"].as_u64().unwrap() > budget);
     let z3 = &rows[2];

@@ -160,7 +160,7 @@ fn gpu_plan_rows_carry_their_setup() {
     );
     let plan = vramfit::wasm::draw_gpus(canvas.clone(), &q, true, 1.0).unwrap();
     let rows = js_sys::Array::from(&get(&plan, "rows"));
-    assert_eq!(rows.length(), 4);
+    assert_eq!(rows.length(), 5);
     let z3 = rows.get(2);
     assert_eq!(get(&z3, "id").as_string().unwrap(), "zero3");
     let fewest = get(&z3, "fewest").as_string().unwrap();

@@ -194,8 +194,8 @@ test('the GPU plan: a line per strategy, the fewest GPUs the CLI finds, the advi
   await toggle(page, 'lora', true);
   await select(page, 'parallel', 'single');
   const errs = await page.evaluate(() => [...document.querySelectorAll('#gpu-plan td[colspan]')].map((td) => td.textContent));
-  assert.equal(errs.length, 4);
-  for (const e of errs) assert.match(e, /^not modelled: train\.lora with train\.parallel\.strategy/);
+  assert.equal(errs.length, 5);
+  for (const e of errs) assert.match(e, /^not modelled: train\.lora (or train\.quantization )?with train\.parallel\./);
   assert.deepEqual(errors, []);
 });
 

@@ -34,7 +34,8 @@ usage:
                 [--format csv|json]
   vramfit strategies [SOURCE] [KNOBS] [--format table|json]
                 how many GPUs of the device's kind, and with which strategy: memory per GPU on 1 to 64
-                GPUs under DDP, ZeRO-2, ZeRO-3 and ZeRO-3 with CPU offload (FSDP2), the fewest that fit
+                GPUs under DDP, ZeRO-2, ZeRO-3, ZeRO-3 x tensor parallel and ZeRO-3 with CPU offload
+                (FSDP2), the fewest that fit
                 each (searched up to 4096), and the cheapest that fits
   vramfit gpus [--format table|json]     the GPU presets --gpu takes: memory, compute capability, SMs
 
@@ -660,22 +661,25 @@ fn strategies_table(setup: &Setup, plan: &vramfit::gpus::Plan) -> String {
         setup.train.precision.name(),
         fmt_bytes(plan.budget_bytes)
     );
-    let mut head = format!("  {:48}", "GPUs");
+    let mut head = format!("  {:56}", "GPUs");
     for w in PLOTTED_GPUS {
         head += &format!("{w:>10}");
     }
     out += &format!("{head}   fewest that fit\n");
     if let Some(t) = plan.one_gpu_bytes {
-        out += &format!("  {:48}{:>10}\n", "one GPU, as given", fmt_bytes(t));
+        out += &format!("  {:56}{:>10}\n", "one GPU, as given", fmt_bytes(t));
     }
     for r in &plan.rows {
-        let mut line = format!("  {:48}", r.way.label());
+        let mut line = format!("  {:56}", r.label);
         if let Some(e) = &r.error {
             out += &format!("{line}{e}\n");
             continue;
         }
-        for (_, t) in &r.points {
-            line += &format!("{:>10}", fmt_bytes(*t));
+        for w in PLOTTED_GPUS {
+            match r.points.iter().find(|p| p.0 == w) {
+                Some((_, t)) => line += &format!("{:>10}", fmt_bytes(*t)),
+                None => line += &format!("{:>10}", "-"),
+            }
         }
         let fewest = match (&r.fewest, plan.budget_bytes) {
             (_, 0) => "(no GPU memory given)".to_string(),
@@ -707,6 +711,12 @@ fn flags_of_parallel(s: &Setup) -> String {
         },
         p.gpus
     );
+    if p.tp > 1 {
+        f += &format!(" --tp {}", p.tp);
+    }
+    if p.sequence_parallel {
+        f += " --sequence-parallel";
+    }
     if let Some(d) = p.param_dtype {
         f += &format!(" --param-dtype {}", d.name());
     }
@@ -729,7 +739,7 @@ fn strategies_json(plan: &vramfit::gpus::Plan) -> Value {
         .map(|r| {
             json!({
                 "id": r.way.id(),
-                "label": r.way.label(),
+                "label": r.label,
                 "per_gpu_device_total_bytes": r.points.iter().map(|(w, t)| json!({"gpus": w, "bytes": t})).collect::<Vec<_>>(),
                 "fewest_gpus": r.fewest.as_ref().map(|f| f.gpus),
                 "fewest_device_total_bytes": r.fewest.as_ref().map(|f| f.device_total_bytes),

@@ -30,29 +30,55 @@ pub enum Way {
     Zero2,
     /// FSDP2 (`fully_shard` per block and on the root, defaults).
     Zero3,
+    /// FSDP2 over the data-parallel dimension of a (dp, tp) mesh, tensor parallel (DTensor `parallelize_module`,
+    /// sequence parallel where the model allows it) over the other: the usual recipe for the largest models.
+    Zero3Tp,
     /// FSDP2 with `offload_policy=CPUOffloadPolicy()`: sharded state on the host.
     Zero3Offload,
 }
 
 impl Way {
     /// In the order of advice: least traffic first.
-    pub const ALL: [Way; 4] = [Way::Ddp, Way::Zero2, Way::Zero3, Way::Zero3Offload];
+    pub const ALL: [Way; 5] = [
+        Way::Ddp,
+        Way::Zero2,
+        Way::Zero3,
+        Way::Zero3Tp,
+        Way::Zero3Offload,
+    ];
 
     pub fn id(self) -> &'static str {
         match self {
             Way::Ddp => "ddp",
             Way::Zero2 => "zero2",
             Way::Zero3 => "zero3",
+            Way::Zero3Tp => "zero3-tp",
             Way::Zero3Offload => "zero3-offload",
         }
     }
 
-    pub fn label(self) -> &'static str {
+    /// The way's name for people; the tensor-parallel one names its degree and plan (`base`'s).
+    pub fn label(self, base: &Base) -> String {
         match self {
-            Way::Ddp => "DDP",
-            Way::Zero2 => "FSDP2, ZeRO-2 (reshard_after_forward=False)",
-            Way::Zero3 => "FSDP2, ZeRO-3",
-            Way::Zero3Offload => "FSDP2, ZeRO-3 with CPU offload",
+            Way::Ddp => "DDP".into(),
+            Way::Zero2 => "FSDP2, ZeRO-2 (reshard_after_forward=False)".into(),
+            Way::Zero3 => "FSDP2, ZeRO-3".into(),
+            Way::Zero3Tp => match base.tp {
+                Some((t, true)) => {
+                    format!("FSDP2, ZeRO-3 x tensor parallel {t} (sequence parallel)")
+                }
+                Some((t, false)) => format!("FSDP2, ZeRO-3 x tensor parallel {t}"),
+                None => "FSDP2, ZeRO-3 x tensor parallel".into(),
+            },
+            Way::Zero3Offload => "FSDP2, ZeRO-3 with CPU offload".into(),
+        }
+    }
+
+    /// The GPU counts this way takes are multiples of this (the tensor-parallel degree; else 1).
+    pub fn unit(self, base: &Base) -> u64 {
+        match (self, base.tp) {
+            (Way::Zero3Tp, Some((t, _))) => t,
+            _ => 1,
         }
     }
 
@@ -68,6 +94,10 @@ impl Way {
         p.gpus = gpus;
         p.reshard_after_forward = self != Way::Zero2;
         p.offload = self == Way::Zero3Offload;
+        if let (Way::Zero3Tp, Some((t, sp))) = (self, base.tp) {
+            p.tp = t;
+            p.sequence_parallel = sp;
+        }
         if self != Way::Ddp && base.bf16_mixed {
             s.train.precision = Precision::Fp32;
         }
@@ -84,6 +114,11 @@ pub struct Base {
     ddp: Parallel,
     fsdp: Parallel,
     bf16_mixed: bool,
+    /// The tensor-parallel degree and whether sequence parallel, for `Way::Zero3Tp`: the setup's own, else the
+    /// largest of 8 (a node), 4, 2 the model takes, with sequence parallel where it can (torchtitan's default).
+    pub tp: Option<(u64, bool)>,
+    /// Why no degree was found (the message for the smallest one tried), where none was.
+    tp_error: Option<String>,
     /// What the figures assume that the setup did not say, for people.
     pub notes: Vec<String>,
 }
@@ -125,7 +160,7 @@ pub fn base(setup: &Setup) -> Base {
     }
     if let Some(t) = p.tp_name() {
         notes.push(format!(
-            "data parallel only: the setup's {t} is left out of these rows (its figure is the estimate above)"
+            "the setup's {t} is kept in the tensor-parallel row only; the other rows are data parallel"
         ));
     }
     if setup.train.compile {
@@ -136,13 +171,32 @@ pub fn base(setup: &Setup) -> Base {
         );
     }
     s.train.parallel = Parallel::single();
-    Base {
+    let mut b = Base {
         setup: s,
         ddp,
         fsdp,
         bf16_mixed,
+        tp: None,
+        tp_error: None,
         notes,
+    };
+    let degrees: &[u64] = if p.tp > 1 { &[p.tp] } else { &[8, 4, 2] };
+    'found: for &t in degrees {
+        for sp in [true, false] {
+            b.tp = Some((t, sp));
+            match Way::Zero3Tp.apply(&b, t).validate() {
+                Ok(()) => break 'found,
+                Err(e) => {
+                    b.tp = None;
+                    b.tp_error = Some(e.to_string());
+                }
+            }
+        }
     }
+    if b.tp.is_some() {
+        b.tp_error = None;
+    }
+    b
 }
 
 /// The fewest GPUs that fit, for one way.
@@ -189,6 +243,8 @@ pub fn offload_host_bytes(setup: &Setup) -> Option<u64> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
     pub way: Way,
+    /// `Way::label`.
+    pub label: String,
     /// (GPUs, on the device per GPU) at each plotted count; empty where the way is not modelled.
     pub points: Vec<(u64, u64)>,
     /// `None`: no memory given, or none fits up to [`MAX_GPUS_SEARCHED`] (see `Plan::budget_bytes`).
@@ -217,23 +273,42 @@ fn total(s: &Setup) -> Result<u64, Error> {
     Ok(crate::estimate_peak(s)?.device_total_bytes)
 }
 
-/// The fewest GPUs in `lo + 1 ..= hi` that fit `budget`, given that `lo` does not and `hi` does (by bisection:
-/// per-GPU memory does not grow with the GPU count, `parallel::tests::more_gpus_hold_less`).
-fn bisect(base: &Base, way: Way, mut lo: u64, mut hi: u64, budget: u64) -> Result<u64, Error> {
+/// The fewest GPUs among the multiples of the way's unit in `lo + unit ..= hi` that fit `budget`, given that
+/// `lo` does not and `hi` does (by bisection: per-GPU memory does not grow with the GPU count,
+/// `parallel::tests::more_gpus_hold_less`).
+fn bisect(base: &Base, way: Way, lo: u64, hi: u64, budget: u64) -> Result<u64, Error> {
+    let u = way.unit(base);
+    let (mut lo, mut hi) = (lo / u, hi / u);
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
-        if crate::fits(&way.apply(base, mid), budget)? {
+        if crate::fits(&way.apply(base, mid * u), budget)? {
             hi = mid;
         } else {
             lo = mid;
         }
     }
-    Ok(hi)
+    Ok(hi * u)
 }
 
 fn row(base: &Base, way: Way, budget: u64) -> Result<Row, Error> {
-    // FSDP2 on one GPU is what CPU offload alone does for a model too large for it: counts start at 1.
-    let counts = &PLOTTED_GPUS[..];
+    if way == Way::Zero3Tp && base.tp.is_none() {
+        return Err(Error::NotModelled {
+            what: base
+                .tp_error
+                .clone()
+                .unwrap_or_default()
+                .trim_start_matches("not modelled: ")
+                .to_string(),
+        });
+    }
+    // FSDP2 on one GPU is what CPU offload alone does for a model too large for it: counts start at 1; the
+    // tensor-parallel way's at its degree.
+    let unit = way.unit(base);
+    let counts: Vec<u64> = PLOTTED_GPUS
+        .iter()
+        .copied()
+        .filter(|w| w % unit == 0)
+        .collect();
     // DDP replicates: nothing it allocates depends on the GPU count (measured: gpt-ddp-w8-bucket5 holds what
     // gpt-ddp-w2-gav does, tests/data/parallel/README.md; modelled: `ddp_does_not_depend_on_the_gpu_count`), so
     // one estimate stands for every count.
@@ -289,6 +364,7 @@ fn row(base: &Base, way: Way, budget: u64) -> Result<Row, Error> {
     };
     Ok(Row {
         way,
+        label: way.label(base),
         points,
         fewest,
         error: None,
@@ -315,6 +391,7 @@ pub fn plan(setup: &Setup) -> Result<Plan, Error> {
                 e @ (Error::NotModelled { .. } | Error::Invalid { .. } | Error::TooLarge { .. }),
             ) => Row {
                 way,
+                label: way.label(&base),
                 points: Vec::new(),
                 fewest: None,
                 error: Some(e.to_string()),
@@ -359,7 +436,7 @@ pub fn plan(setup: &Setup) -> Result<Plan, Error> {
             let mut a = format!(
                 "The fewest {mem} GPUs that fit: {} with {} ({} per GPU).",
                 f.gpus,
-                way.label(),
+                way.label(&base),
                 fmt_bytes(f.device_total_bytes)
             );
             if let Some((_, o)) = off.filter(|(_, o)| o.gpus < f.gpus) {
@@ -427,8 +504,8 @@ mod tests {
 
     /// Llama-3.1-70B with bf16 autocast and checkpointing on H100 80 GB: one GPU and DDP never fit, nor ZeRO-2,
     /// whose gathered bf16 parameters (2 x 70.6B bytes) stay from the forward to the backward; the other FSDP2
-    /// rows run its bf16 policy on fp32 parameters; the fewest GPUs found fit and one fewer does not, and the
-    /// advice is the row with the fewest (ties go to the row with less traffic).
+    /// rows run its bf16 policy on fp32 parameters; the fewest GPUs found fit and one step fewer (one GPU, or one
+    /// tensor-parallel group of 8) does not, and the advice is the row with the fewest GPUs without offload.
     #[test]
     fn fewest_gpus_are_the_boundary_for_llama_70b() {
         let mut s = llama_70b_on("h100-80");
@@ -451,30 +528,41 @@ mod tests {
             assert_eq!(f.setup.train.parallel.param_dtype, Some(Dtype::Bf16));
             assert_eq!(f.setup.train.parallel.reduce_dtype, Some(Dtype::Fp32));
             assert_eq!(f.setup.train.parallel.gpus, f.gpus);
+            let unit = r.way.unit(&b);
+            assert_eq!(f.setup.train.parallel.tp, unit);
+            assert_eq!(f.gpus % unit, 0);
             assert!(f.device_total_bytes <= budget);
             assert_eq!(
                 f.device_total_bytes,
                 crate::estimate(&f.setup).unwrap().device_total_bytes
             );
             assert!(
-                f.gpus == 1 || !crate::fits(&r.way.apply(&b, f.gpus - 1), budget).unwrap(),
+                f.gpus == unit || !crate::fits(&r.way.apply(&b, f.gpus - unit), budget).unwrap(),
                 "{:?}: {} GPUs fit too",
                 r.way,
-                f.gpus - 1
+                f.gpus - unit
             );
         }
-        // ZeRO-3 is advised (ZeRO-2 fits nowhere); CPU offload, which needs far fewer GPUs here, is named beside
-        // it with the host memory it pins.
+        // Tensor parallel 8 with sequence parallel (Llama-3.1-70B: 64 heads, 8 KV heads, 28672, 128256 and 2048
+        // all divide by 8) on dp x 8 GPUs; the fewer of it and ZeRO-3 alone is advised (ZeRO-2 fits nowhere); CPU
+        // offload, which needs far fewer GPUs here, is named beside it with the host memory it pins.
+        assert_eq!(b.tp, Some((8, true)));
         let z3 = p.rows[2].fewest.as_ref().unwrap();
-        let off = p.rows[3].fewest.as_ref().unwrap();
-        assert!(off.gpus < z3.gpus);
-        assert_eq!(p.advised.as_ref(), Some(&z3.setup));
+        let tp = p.rows[3].fewest.as_ref().unwrap();
+        let off = p.rows[4].fewest.as_ref().unwrap();
+        let (best, label) = if tp.gpus < z3.gpus {
+            (tp, &p.rows[3].label)
+        } else {
+            (z3, &p.rows[2].label)
+        };
+        assert!(off.gpus < best.gpus);
+        assert_eq!(p.advised.as_ref(), Some(&best.setup));
         let host = off.host_bytes.unwrap();
         assert!(
             p.advice.starts_with(&format!(
-                "The fewest 79.6 GiB GPUs that fit: {} with FSDP2, ZeRO-3 ({} per GPU). Fewer: ",
-                z3.gpus,
-                fmt_bytes(z3.device_total_bytes)
+                "The fewest 79.6 GiB GPUs that fit: {} with {label} ({} per GPU). Fewer: ",
+                best.gpus,
+                fmt_bytes(best.device_total_bytes)
             )) && p
                 .advice
                 .contains(&format!("can pin {} of host memory", fmt_bytes(host))),
@@ -494,8 +582,13 @@ mod tests {
         assert!(one <= p.budget_bytes);
         assert!(p.advised.is_none() && p.advice.starts_with("It fits on one"));
         assert!(p.notes.iter().any(|n| n.starts_with("eager figures")));
-        // fp16 autocast stays autocast under every way (FSDP2's fp16 policy is not modelled).
-        for r in &p.rows {
+        // nanoGPT's fused c_attn takes no tensor parallelism: that row says why.
+        let tp = &p.rows[3];
+        assert_eq!(tp.way, Way::Zero3Tp);
+        assert!(tp.points.is_empty());
+        assert!(tp.error.as_deref().unwrap().contains("fused c_attn"));
+        // fp16 autocast stays autocast under every other way (FSDP2's fp16 policy is not modelled).
+        for r in p.rows.iter().filter(|r| r.way != Way::Zero3Tp) {
             assert_eq!(r.points.len(), PLOTTED_GPUS.len(), "{:?}", r.way);
             let f = r.fewest.as_ref().unwrap();
             assert_eq!((f.gpus, f.setup.train.precision), (1, Precision::Fp16Amp));

@@ -269,6 +269,7 @@ fn way_name(w: Way) -> &'static str {
         Way::Ddp => "DDP",
         Way::Zero2 => "ZeRO-2",
         Way::Zero3 => "ZeRO-3",
+        Way::Zero3Tp => "ZeRO-3 x TP",
         Way::Zero3Offload => "ZeRO-3 + offload",
     }
 }
@@ -644,7 +645,7 @@ mod tests {
         let mut s = presets::model_preset("llama-3.2-1b").unwrap();
         s.device.memory_bytes = 12 << 30;
         let mut plan = crate::gpus::plan(&s).unwrap();
-        plan.rows[3].points.clear();
+        plan.rows[4].points.clear();
         let out = svg(|root| {
             draw_gpus(
                 root,
@@ -654,15 +655,23 @@ mod tests {
                 1.0,
             )
         });
-        for (i, name) in ["DDP", "ZeRO-2", "ZeRO-3"].iter().enumerate() {
+        for (i, name) in ["DDP", "ZeRO-2", "ZeRO-3", "ZeRO-3 x TP"]
+            .iter()
+            .enumerate()
+        {
             assert!(out.contains(name), "{name}");
             assert!(out.contains(&hex(LIGHT.components[i])), "{name}'s colour");
         }
-        assert!(!out.contains("offload") && !out.contains(&hex(LIGHT.components[3])));
+        assert!(!out.contains("offload") && !out.contains(&hex(LIGHT.components[4])));
         assert!(
             out.contains("one GPU") && out.contains("GPU memory") && out.contains("GiB per GPU")
         );
-        // A dot per plotted count on three lines, the one-GPU dot and the current point's ring.
-        assert_eq!(out.matches("<circle").count(), 3 * PLOTTED_GPUS.len() + 2);
+        // A dot per plotted count on three lines and on the tensor-parallel one from its degree (8: 8, 16, 32,
+        // 64), the one-GPU dot and the current point's ring.
+        assert_eq!(plan.rows[3].points.len(), 4);
+        assert_eq!(
+            out.matches("<circle").count(),
+            3 * PLOTTED_GPUS.len() + 4 + 2
+        );
     }
 }

@@ -612,7 +612,7 @@ pub fn draw_timeline(
 #[derive(Serialize)]
 struct GpuRowDto {
     id: &'static str,
-    label: &'static str,
+    label: String,
     /// "12", or "none up to 4096", or "" (no GPU memory given, or not modelled: see `error`).
     fewest: String,
     /// On the device per GPU at the fewest, e.g. "71.2 GiB"; "" where none.
@@ -687,7 +687,7 @@ pub fn draw_gpus(
             };
             GpuRowDto {
                 id: r.way.id(),
-                label: r.way.label(),
+                label: r.label.clone(),
                 fewest,
                 per_gpu,
                 host,
