@@ -8,6 +8,13 @@ use serde_json::Value;
 use vramfit::input::setup_from_value;
 use vramfit::report::fmt_bytes;
 
+#[path = "../tests/support/records.rs"]
+mod records;
+use records::{
+    ParallelRow, Row, FINETUNE_NOT_MODELLED, FINETUNE_TOLERANCE, PARALLEL_ALLOCATED_TOLERANCE,
+    PARALLEL_RESERVED_KNOWN, STUB_ALLOCATED_TOLERANCE, STUB_RESERVED_TOLERANCE,
+};
+
 fn mib(b: i64) -> String {
     format!("{:.2}", b as f64 / (1 << 20) as f64)
 }
@@ -255,24 +262,166 @@ fn stub_table(path: &Path) -> (String, Vec<f64>, Vec<f64>) {
     (rows, ea, er)
 }
 
+/// How many of the |errors| are within the tolerance, their median and their maximum.
+fn stats(v: &[f64], tol: f64) -> String {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let within = s.iter().filter(|e| **e <= tol).count();
+    format!(
+        "{within}/{} within {}%, {}",
+        s.len(),
+        tol * 100.0,
+        median_max(&s)
+    )
+}
+
+/// The median and the maximum of sorted |errors|.
+fn median_max(sorted: &[f64]) -> String {
+    format!(
+        "median {:.2}%, max {:.2}%",
+        sorted.get(sorted.len() / 2).copied().unwrap_or(0.0) * 100.0,
+        sorted.last().copied().unwrap_or(0.0) * 100.0
+    )
+}
+
 fn stub_summary(ea: &[f64], er: &[f64]) -> String {
-    let stats = |v: &[f64], tol: f64| {
-        let mut s = v.to_vec();
-        s.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let within = s.iter().filter(|e| **e <= tol).count();
-        format!(
-            "{within}/{} within {}%, median {:.2}%, max {:.2}%",
-            s.len(),
-            tol * 100.0,
-            s.get(s.len() / 2).copied().unwrap_or(0.0) * 100.0,
-            s.last().copied().unwrap_or(0.0) * 100.0
-        )
-    };
     format!(
         "allocated {}; reserved {}",
-        stats(ea, 0.02),
-        stats(er, 0.03)
+        stats(ea, STUB_ALLOCATED_TOLERANCE),
+        stats(er, STUB_RESERVED_TOLERANCE)
     )
+}
+
+/// A row's figures as table cells: allocated measured, predicted, error; reserved measured, predicted, error
+/// (MiB); `reserved_note` follows the reserved error; the predicted peak's phase and op.
+fn row_cells(r: &Row, reserved_note: &str) -> String {
+    let (ea, er) = r.errors();
+    format!(
+        "{} | {} | {:+.2}% | {} | {} | {:+.2}%{reserved_note} | {} ({})",
+        mib(r.measured_allocated as i64),
+        mib(r.predicted_allocated as i64),
+        ea * 100.0,
+        mib(r.measured_reserved as i64),
+        mib(r.predicted_reserved as i64),
+        er * 100.0,
+        r.peak_phase,
+        r.peak_op
+    )
+}
+
+/// The fine-tuning records (issue 13): the summary line and the section.
+fn finetune_section(rows: &[(String, Result<Row, vramfit::Error>)]) -> (String, String) {
+    let (mut ea, mut er, mut table, mut refused) =
+        (Vec::new(), Vec::new(), String::new(), String::new());
+    for (name, row) in rows {
+        match row {
+            Ok(r) => {
+                let (a, e) = r.errors();
+                ea.push(a.abs());
+                er.push(e.abs());
+                writeln!(table, "| {name} | {} |", row_cells(r, "")).unwrap();
+            }
+            Err(e) => writeln!(refused, "- `{name}`: {e}").unwrap(),
+        }
+    }
+    let summary = format!(
+        "allocated {}; reserved {}",
+        stats(&ea, FINETUNE_TOLERANCE),
+        stats(&er, FINETUNE_TOLERANCE)
+    );
+    let mut out = format!(
+        "\n## Fine-tuning: LoRA, QLoRA, 8-bit bases and optimizers (method `stub-cuda`)\n\n\
+Records in `tests/data/finetune/stub-cuda.json` (issue 13): peft's LoRA on fp32, bf16 and fp16 bases, under fp32,\n\
+autocast and pure bf16, with and without checkpointing; QLoRA on bitsandbytes' 4-bit bases (NF4, FP4, double\n\
+quantization) and LoRA on its 8-bit bases (`Linear8bitLt`, no outlier columns: the stub's activations read as\n\
+zeros); the optimizers people pick to save memory (torch's AdamW, Adafactor and SGD, bitsandbytes' 8-bit and paged\n\
+AdamW, Lion and 8-bit Lion). Measured with PyTorch's own caching allocator on the stubbed sm_90 GPU, with\n\
+transformers, peft and bitsandbytes running unchanged (bitsandbytes' kernels are no-ops, its buffers real\n\
+allocations); paged optimizers' managed memory is outside PyTorch's counters and so outside these figures (see\n\
+`tests/data/finetune/README.md`). Issue 13's standard: allocated and reserved within {}%, on every record.\n\n\
+### {summary}\n\n\
+| config | allocated measured (MiB) | predicted | error | reserved measured | predicted | error | predicted at (op) |\n\
+|---|---|---|---|---|---|---|---|\n",
+        FINETUNE_TOLERANCE * 100.0
+    );
+    out += &table;
+    if refused.is_empty() {
+        assert!(FINETUNE_NOT_MODELLED.is_empty());
+        out += "\nEvery record is modelled; none is refused.\n";
+    } else {
+        writeln!(out, "\nRefused (not modelled yet):\n\n{refused}").unwrap();
+    }
+    (summary, out)
+}
+
+/// The multi-GPU records (issue 14): the summary line and the section.
+fn parallel_section(rows: &[ParallelRow]) -> (String, String) {
+    let (mut ea, mut er_one, mut er_floor) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut table, mut n_under) = (String::new(), 0);
+    for p in rows {
+        let (a, e) = p.row.errors();
+        ea.push(a.abs());
+        let known = PARALLEL_RESERVED_KNOWN
+            .iter()
+            .any(|(n, _)| *n == p.row.name);
+        let note = if !p.one_stream {
+            er_floor.push(e.abs());
+            n_under += usize::from(p.row.predicted_reserved <= p.row.measured_reserved);
+            " (floor)"
+        } else {
+            er_one.push(e.abs());
+            if known {
+                " (known, below)"
+            } else {
+                ""
+            }
+        };
+        writeln!(
+            table,
+            "| {} | {} | {} | {} | {} |",
+            p.row.name,
+            p.strategy,
+            p.n_gpus,
+            p.rank,
+            row_cells(&p.row, note)
+        )
+        .unwrap();
+    }
+    er_floor.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let summary = format!(
+        "allocated {}; reserved, DDP and tensor parallelism alone: {} ({} known, below); reserved, FSDP2 (alone or \
+         with TP; a floor, one stream modelled): {n_under}/{} at or under the measured figure, {}",
+        stats(&ea, PARALLEL_ALLOCATED_TOLERANCE),
+        stats(&er_one, STUB_RESERVED_TOLERANCE),
+        PARALLEL_RESERVED_KNOWN.len(),
+        er_floor.len(),
+        median_max(&er_floor)
+    );
+    let mut out = format!(
+        "\n## More than one GPU: DDP, FSDP2, tensor parallel, TP x FSDP2 (method `stub-cuda`)\n\n\
+Records in `tests/data/parallel/stub-cuda.json` (issue 14): nanoGPT's GPT and Hugging Face's Llama under\n\
+`DistributedDataParallel` (buckets, `gradient_as_bucket_view`, `static_graph`, accumulation with and without sync),\n\
+FSDP2's `fully_shard` (reshard after forward or not, `MixedPrecisionPolicy`, CPU offload, accumulation), tensor\n\
+parallelism (plan basic and torchtitan's sequence parallel) and TP x FSDP2 on a (dp, tp) mesh. One process per case\n\
+plays one rank on PyTorch's own caching allocator with a fake process group (its collectives write nothing, but\n\
+every buffer they read or write is allocated by PyTorch as with NCCL); NCCL's own buffers and the CUDA context are\n\
+not in these figures (see `tests/data/parallel/README.md`). Figures are per GPU, for the measured rank; the\n\
+estimate is rank 0's, which holds the most. Issue 14's standard: allocated within {}% on every record; reserved\n\
+within the stub standard ({}%) where every buffer shares the default stream (DDP, tensor parallelism alone). Under\n\
+FSDP2 the all-gather and reduce-scatter buffers come from the pools of their own streams and the allocator model has\n\
+one stream, so its reserved figure is a floor: shown, not judged.\n\n\
+### {summary}\n\n\
+| config | strategy | GPUs | rank | allocated measured (MiB) | predicted | error | reserved measured | predicted | error | predicted at (op) |\n\
+|---|---|---|---|---|---|---|---|---|---|---|\n",
+        PARALLEL_ALLOCATED_TOLERANCE * 100.0,
+        STUB_RESERVED_TOLERANCE * 100.0
+    );
+    out += &table;
+    out += "\nKnown exceptions (reserved, one stream), with what is known:\n\n";
+    for (name, why) in PARALLEL_RESERVED_KNOWN {
+        writeln!(out, "- `{name}`: {why}.").unwrap();
+    }
+    (summary, out)
 }
 
 /// The stub-cuda tables of both files, each read and estimated once: (title, rows, |errors| allocated, reserved).
@@ -329,14 +478,17 @@ listed with their cause in `crate/tests/reference.rs`.\n\n",
 
 fn main() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data");
+    let (finetune_summary, finetune) = finetune_section(&records::finetune_rows(&dir));
+    let (parallel_summary, parallel) = parallel_section(&records::parallel_rows(&dir));
     let eager = tables(&dir);
     let compiled = tables(&dir.join("compiled"));
     let mut out = String::new();
     writeln!(out, "# Accuracy: predicted vs measured\n").unwrap();
     writeln!(
         out,
-        "Generated by `scripts/accuracy` from `tests/data/*.json`, `tests/data/compiled/*.json` and\n\
-`tests/data/stub-cuda/*.json`; do not edit by hand.\n"
+        "Generated by `scripts/accuracy` from `tests/data/*.json`, `tests/data/compiled/*.json`,\n\
+`tests/data/stub-cuda/*.json`, `tests/data/finetune/stub-cuda.json` and `tests/data/parallel/stub-cuda.json`; do not\n\
+edit by hand.\n"
     )
     .unwrap();
     out += "Against PyTorch's own caching allocator (method `stub-cuda`, the reference; tables at the end):\n\n";
@@ -344,6 +496,16 @@ fn main() {
     for (title, _, ea, er) in &stub {
         writeln!(out, "- {title}: {}", stub_summary(ea, er)).unwrap();
     }
+    writeln!(
+        out,
+        "- Fine-tuning (LoRA, QLoRA, 8-bit bases and optimizers): {finetune_summary}"
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "- More than one GPU (DDP, FSDP2, tensor parallel, TP x FSDP2): {parallel_summary}"
+    )
+    .unwrap();
     out += "\nAgainst the fake-cuda replay (the op-by-op cross-check):\n\n";
     writeln!(out, "- Eager: {}", summary(&eager, 0.05).trim_end()).unwrap();
     writeln!(
@@ -404,6 +566,8 @@ Tolerance: 8% per config for GPU records (issue 6), 2% for fake-cuda (a regressi
 | config | eager | compiled | difference | |\n|---|---|---|---|---|\n";
     out += &compiled.versus;
     out += &stub_section(&stub);
+    out += &finetune;
+    out += &parallel;
     out += &founding_on_the_device();
     print!("{out}");
 }

@@ -10,6 +10,13 @@ use std::path::PathBuf;
 use serde_json::Value;
 use vramfit::input::setup_from_value;
 
+#[path = "support/records.rs"]
+mod records;
+use records::{
+    FINETUNE_NOT_MODELLED, FINETUNE_TOLERANCE, PARALLEL_ALLOCATED_TOLERANCE,
+    PARALLEL_RESERVED_KNOWN, STUB_ALLOCATED_TOLERANCE, STUB_RESERVED_TOLERANCE,
+};
+
 const TOLERANCE: f64 = 0.05;
 const MEDIAN_TOLERANCE: f64 = 0.02;
 /// Records made by the fake-CUDA method replay the very allocations the estimator models (op outputs rounded to
@@ -167,11 +174,6 @@ fn every_compiled_config_is_within_tolerance() {
         COMPILED_REPLAY_TOLERANCE * 100.0
     );
 }
-
-/// Issue 10's standard for the stub-cuda method (PyTorch's own caching allocator on a stubbed device): peak
-/// allocated within 2% and peak reserved within 3% of PyTorch's counters, on every record.
-const STUB_ALLOCATED_TOLERANCE: f64 = 0.02;
-const STUB_RESERVED_TOLERANCE: f64 = 0.03;
 
 /// Disagreements between the two methods: the estimate follows the fake-cuda replay (within 0.1% of it) and
 /// PyTorch's own allocator holds less, each with its cause as far as it is found. Each must still be within 15%.
@@ -412,76 +414,34 @@ fn stub_cuda_hf_family_records() {
     }
 }
 
-/// Issue 13's standard for fine-tuning: peak allocated and peak reserved within 5% of PyTorch's counters.
-const FINETUNE_TOLERANCE: f64 = 0.05;
-
-/// A fine-tuning record's setup as the setup JSON reads it: the record keeps peft's `LoraConfig` beside `train`
-/// (`lora`: r, lora_alpha, lora_dropout, target_modules, modules_to_save) and bitsandbytes' quantization
-/// (`quant`); the setup JSON has them under `train.lora` and `train.quantization`.
-fn finetune_setup(rec: &Value) -> Value {
-    let mut s = rec["setup"].clone();
-    let setup = s.as_object_mut().unwrap();
-    let lora = setup.remove("lora");
-    let quant = setup.remove("quant");
-    let train = setup["train"].as_object_mut().unwrap();
-    if let Some(l) = lora {
-        train.insert(
-            "lora".into(),
-            serde_json::json!({
-                "r": l["r"], "alpha": l["lora_alpha"], "dropout": l["lora_dropout"],
-                "target_modules": l["target_modules"], "modules_to_save": l["modules_to_save"],
-            }),
-        );
-    }
-    if let Some(q) = quant {
-        let name = match q["bits"].as_u64() {
-            Some(8) => "int8".to_string(),
-            _ => q["quant_type"].as_str().unwrap().to_string(),
-        };
-        train.insert("quantization".into(), name.into());
-        if q["double_quant"] == true {
-            train.insert("double_quant".into(), true.into());
-        }
-    }
-    s
-}
-
 /// The fine-tuning records (`tests/data/finetune/stub-cuda.json`, issue 13): LoRA, QLoRA, 8-bit bases and the
 /// optimizers people pick to save memory, measured with PyTorch's own allocator. Every record is held to 5%
 /// allocated and reserved; those vramfit refuses are listed by name with the refusal, and must be exactly
 /// `FINETUNE_NOT_MODELLED`.
 #[test]
 fn finetune_records_allocated_and_reserved() {
-    let path = data_dir().join("finetune/stub-cuda.json");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let recs = v["records"].as_array().unwrap();
-    assert_eq!(recs.len(), 33);
-    let rel = |p: u64, m: u64| (p as f64 - m as f64) / m as f64;
+    let rows = records::finetune_rows(&data_dir());
+    assert_eq!(rows.len(), 33);
     let (mut table, mut bad, mut refused) = (String::new(), 0, Vec::new());
-    for rec in recs {
-        let name = rec["name"].as_str().unwrap();
-        assert_eq!(rec["method"], "stub-cuda", "{name}");
-        let report = setup_from_value(&finetune_setup(rec)).and_then(|s| vramfit::estimate(&s));
-        let report = match report {
+    for (name, row) in &rows {
+        let r = match row {
             Ok(r) => r,
             Err(e) => {
-                refused.push(name.to_string());
+                refused.push(name.as_str());
                 table += &format!("{name:50} refused: {e}\n");
                 continue;
             }
         };
-        let m = &rec["measured"];
-        let (ma, mr) = (
-            m["peak_allocated_bytes"].as_u64().unwrap(),
-            m["peak_reserved_bytes"].as_u64().unwrap(),
-        );
-        let (pa, pr) = (report.peak_allocated_bytes, report.peak_reserved_bytes);
-        let (ea, er) = (rel(pa, ma), rel(pr, mr));
+        let (ea, er) = r.errors();
         let over = ea.abs() > FINETUNE_TOLERANCE || er.abs() > FINETUNE_TOLERANCE;
         bad += usize::from(over);
         table += &format!(
-            "{name:50} allocated {ma:>11} {pa:>11} {:>+7.2}%  reserved {mr:>11} {pr:>11} {:>+7.2}%{}\n",
+            "{name:50} allocated {:>11} {:>11} {:>+7.2}%  reserved {:>11} {:>11} {:>+7.2}%{}\n",
+            r.measured_allocated,
+            r.predicted_allocated,
             ea * 100.0,
+            r.measured_reserved,
+            r.predicted_reserved,
             er * 100.0,
             if over { "  <-- over tolerance" } else { "" }
         );
@@ -491,129 +451,37 @@ fn finetune_records_allocated_and_reserved() {
     assert_eq!(refused, FINETUNE_NOT_MODELLED, "\n{table}");
 }
 
-/// Fine-tuning records vramfit refuses (`Error::NotModelled` or an unknown value), with the reason in the
-/// table the test prints: none.
-const FINETUNE_NOT_MODELLED: &[&str] = &[];
-
-/// Issue 14's standard for the multi-GPU records (`tests/data/parallel/stub-cuda.json`, rank 0 of DDP, FSDP2,
-/// tensor parallelism and TP x FSDP2 on PyTorch's own allocator with a fake process group): peak allocated within
-/// 5% on every record.
-const PARALLEL_ALLOCATED_TOLERANCE: f64 = 0.05;
-
-/// A multi-GPU record's case (`scripts/measure/cases-parallel.json`) as a setup: measure_parallel.py's loop is
-/// AdamW (foreach) with clipping at 1.0 around the family's own loop; its `parallel` arguments are PyTorch's, which
-/// `train.parallel` takes under the same names (`world_size` is `gpus`, `tp_size` is `tp`, `mp_policy` is
-/// `mixed_precision`, `cpu_offload` is `offload`; a TP plan alone runs without a data-parallel wrapper; plan
-/// `sp` is `sequence_parallel`). The
-/// measured rank must be 0, the one the estimate is for, unless `rank` says otherwise.
-fn parallel_setup(case: &Value) -> (Value, u64) {
-    let mut train = case["train"].clone();
-    let rank = train["rank"].as_u64().unwrap_or(0);
-    let t = train.as_object_mut().unwrap();
-    t.remove("rank");
-    t.insert("optimizer".into(), "adamw".into());
-    t.insert("grad_clip".into(), 1.0.into());
-    let p = &case["parallel"];
-    let w = p["world_size"].as_u64().unwrap();
-    let tp = p["tp_size"].as_u64().unwrap_or(1);
-    let mut par = serde_json::json!({"gpus": w});
-    let strategy = p["strategy"].as_str().unwrap();
-    par["strategy"] = match strategy {
-        "ddp" => "ddp",
-        "fsdp2" | "tp-fsdp2" => "fsdp",
-        "tp" => "single",
-        other => panic!("unknown strategy {other}"),
-    }
-    .into();
-    if strategy.starts_with("tp") {
-        par["tp"] = (if strategy == "tp" { w } else { tp }).into();
-        if p["plan"] == "sp" {
-            par["sequence_parallel"] = true.into();
-        }
-    }
-    for (from, to) in [
-        ("bucket_cap_mb", "bucket_cap_mb"),
-        ("gradient_as_bucket_view", "gradient_as_bucket_view"),
-        ("static_graph", "static_graph"),
-        ("reshard_after_forward", "reshard_after_forward"),
-        ("mp_policy", "mixed_precision"),
-        ("cpu_offload", "offload"),
-    ] {
-        if let Some(v) = p.get(from) {
-            par[to] = v.clone();
-        }
-    }
-    t.insert("parallel".into(), par);
-    (
-        serde_json::json!({"model": case["model"], "train": train}),
-        rank,
-    )
-}
-
-/// DDP and tensor-parallel records whose reserved memory is not within the stub standard (3%), with what is
-/// known.
-const PARALLEL_RESERVED_KNOWN: &[(&str, &str)] = &[
-    (
-        "llama-tp4",
-        "allocated exact (-0.00%), 55 MiB less reserved than PyTorch's allocator; llama-tp2 is exact in both: \
-         not found which transient takes the extra segment at tp 4 (the model all-reduces each branch input's \
-         gradient once, after the sum, where PyTorch all-reduces each colwise Linear's)",
-    ),
-    (
-        "llama-tp4-sp",
-        "allocated exact (-0.02%), reserved 8 MiB (+3.2%) above PyTorch's allocator; llama-tp2-sp is exact in \
-         both: not found which segment differs",
-    ),
-    (
-    "gpt-ddp-w2-static",
-    "static_graph=True: the same allocated bytes as gpt-ddp-w2 and 64 MiB more reserved on PyTorch's allocator; \
-     not found which allocation takes the new segment (the model gives static_graph's allocations as the \
-     default's, so gpt-ddp-w2's reserved)",
-)];
-
 /// Every multi-GPU record is modelled: allocated within 5%; reserved within the stub standard (3%) for DDP and
 /// tensor parallelism alone, and printed only for FSDP2 (with or without TP), whose all-gather and reduce-scatter
 /// buffers come from pools of their own streams where the allocator model has one stream.
 #[test]
 fn parallel_records_allocated() {
-    let path = data_dir().join("parallel/stub-cuda.json");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let (mut table, mut bad, mut n) = (String::new(), 0, 0);
-    for rec in v["records"].as_array().expect("records") {
-        let name = rec["name"].as_str().unwrap();
-        assert_eq!(rec["method"], "stub-cuda", "{name}");
-        let (setup, rank) = parallel_setup(&rec["case"]);
-        let report = setup_from_value(&setup)
-            .and_then(|s| vramfit::estimate(&s))
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        n += 1;
-        let m = &rec["measured"];
-        let (ma, mr) = (
-            m["peak_allocated_bytes"].as_u64().unwrap(),
-            m["peak_reserved_bytes"].as_u64().unwrap(),
-        );
-        let (pa, pr) = (report.peak_allocated_bytes, report.peak_reserved_bytes);
-        let rel = |p: u64, m: u64| (p as f64 - m as f64) / m as f64;
+    let rows = records::parallel_rows(&data_dir());
+    let (mut table, mut bad) = (String::new(), 0);
+    for p in &rows {
+        let (r, name, rank) = (&p.row, &p.row.name, p.rank);
+        let (ea, er) = r.errors();
         // The estimate is rank 0's, which holds the most; another rank's record is held to the same tolerance.
-        let over = rel(pa, ma).abs() > PARALLEL_ALLOCATED_TOLERANCE;
+        let over = ea.abs() > PARALLEL_ALLOCATED_TOLERANCE;
         // DDP's buffers share the default stream with everything else: reserved is held to the stub standard.
-        let reserved_known = PARALLEL_RESERVED_KNOWN.iter().find(|(n, _)| *n == name);
-        let one_stream = matches!(
-            setup["train"]["parallel"]["strategy"].as_str(),
-            Some("ddp" | "single")
-        );
-        let over_r =
-            one_stream && reserved_known.is_none() && rel(pr, mr).abs() > STUB_RESERVED_TOLERANCE;
+        let reserved_known = PARALLEL_RESERVED_KNOWN.iter().find(|(n, _)| n == name);
+        let over_r = p.one_stream && reserved_known.is_none() && er.abs() > STUB_RESERVED_TOLERANCE;
         bad += usize::from(over) + usize::from(over_r);
         table += &format!(
-            "{name:30} rank {rank:>2} allocated {ma:>11} {pa:>11} {:>+7.2}%{}  reserved {mr:>11} {pr:>11} {:>+7.2}%{}  \
+            "{name:30} {:8} {:>2} GPUs rank {rank:>2} allocated {:>11} {:>11} {:>+7.2}%{}  reserved {:>11} {:>11} {:>+7.2}%{}  \
              at {} ({}){}\n",
-            rel(pa, ma) * 100.0,
+            p.strategy,
+            p.n_gpus,
+            r.measured_allocated,
+            r.predicted_allocated,
+            ea * 100.0,
             if over { " !" } else { "  " },
-            rel(pr, mr) * 100.0,
+            r.measured_reserved,
+            r.predicted_reserved,
+            er * 100.0,
             if over_r { " !" } else { "  " },
-            report.peak_phase,
-            report.peak_op,
+            r.peak_phase,
+            r.peak_op,
             reserved_known
                 .map(|(_, why)| format!("  (reserved: {why})"))
                 .unwrap_or_default(),
@@ -621,8 +489,9 @@ fn parallel_records_allocated() {
     }
     println!("{table}");
     assert!(
-        n >= 36,
-        "expected the 36 DDP, FSDP2, TP and TP x FSDP2 records, found {n}"
+        rows.len() >= 36,
+        "expected the 36 DDP, FSDP2, TP and TP x FSDP2 records, found {}",
+        rows.len()
     );
     assert!(
         bad == 0,
