@@ -212,6 +212,28 @@ fn usage_error(message: String) -> Error {
     }
 }
 
+/// The on/off flags: `--NAME` sets the field true, `--no-NAME` false (`--static-graph` has no `--no-` form: it
+/// is off unless given). (flag name, section of the setup JSON or `parallel` for `train.parallel`, field).
+const SWITCHES: &[(&str, &str, &str)] = &[
+    ("bias", "model", "bias"),
+    ("parallel-residual", "model", "parallel_residual"),
+    ("router-aux-loss", "model", "router_aux_loss"),
+    ("norm-topk-prob", "model", "norm_topk_prob"),
+    ("tie-embeddings", "model", "tie_embeddings"),
+    ("set-to-none", "train", "zero_grad_set_to_none"),
+    ("compile", "train", "compile"),
+    ("checkpointing", "train", "checkpointing"),
+    ("double-quant", "train", "double_quant"),
+    (
+        "gradient-as-bucket-view",
+        "parallel",
+        "gradient_as_bucket_view",
+    ),
+    ("sequence-parallel", "parallel", "sequence_parallel"),
+    ("reshard-after-forward", "parallel", "reshard_after_forward"),
+    ("offload", "parallel", "offload"),
+];
+
 /// Parses a flag's number: the message names the flag.
 fn number(flag: &str, v: &str) -> Result<Value, Error> {
     if let Ok(u) = v.parse::<i64>() {
@@ -267,6 +289,23 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
             *base = Some(v);
             Ok(())
         };
+        // A switch and its `--no-` form (`--compile` / `--no-compile`), from `SWITCHES`.
+        let switch = flag.strip_prefix("--").and_then(|f| {
+            let (name, on) = f.strip_prefix("no-").map_or((f, true), |n| (n, false));
+            SWITCHES
+                .iter()
+                .find(|s| s.0 == name)
+                .map(|s| (s.1, s.2, on))
+        });
+        match (flag, switch) {
+            (_, Some(("parallel", key, on))) => parallel.push((key, Value::Bool(on))),
+            (_, Some((section, key, on))) => overrides.push((section, key, Value::Bool(on))),
+            _ => {}
+        }
+        if switch.is_some() {
+            i += 1;
+            continue;
+        }
         match flag {
             "-h" | "--help" => return Ok(Cli::Help),
             "--config" => {
@@ -357,63 +396,12 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                         .map_err(|_| Error::invalid("--to", &args[i], "must be a whole number"))?,
                 )
             }
-            "--bias" | "--no-bias" => {
-                overrides.push(("model", "bias", Value::Bool(flag == "--bias")))
-            }
-            "--parallel-residual" | "--no-parallel-residual" => overrides.push((
-                "model",
-                "parallel_residual",
-                Value::Bool(flag == "--parallel-residual"),
-            )),
-            "--router-aux-loss" | "--no-router-aux-loss" => overrides.push((
-                "model",
-                "router_aux_loss",
-                Value::Bool(flag == "--router-aux-loss"),
-            )),
-            "--norm-topk-prob" | "--no-norm-topk-prob" => overrides.push((
-                "model",
-                "norm_topk_prob",
-                Value::Bool(flag == "--norm-topk-prob"),
-            )),
-            "--tie-embeddings" | "--no-tie-embeddings" => overrides.push((
-                "model",
-                "tie_embeddings",
-                Value::Bool(flag == "--tie-embeddings"),
-            )),
-            "--set-to-none" | "--no-set-to-none" => overrides.push((
-                "train",
-                "zero_grad_set_to_none",
-                Value::Bool(flag == "--set-to-none"),
-            )),
-            "--compile" | "--no-compile" => {
-                overrides.push(("train", "compile", Value::Bool(flag == "--compile")))
-            }
             "--lora" => {
                 let spec = next(&mut i, flag)?;
                 overrides.push(("train", "lora", lora_spec(&spec)?));
             }
             "--no-lora" => overrides.push(("train", "lora", Value::Null)),
-            "--double-quant" | "--no-double-quant" => overrides.push((
-                "train",
-                "double_quant",
-                Value::Bool(flag == "--double-quant"),
-            )),
-            "--gradient-as-bucket-view" | "--no-gradient-as-bucket-view" => parallel.push((
-                "gradient_as_bucket_view",
-                Value::Bool(flag == "--gradient-as-bucket-view"),
-            )),
             "--static-graph" => parallel.push(("static_graph", Value::Bool(true))),
-            "--sequence-parallel" | "--no-sequence-parallel" => parallel.push((
-                "sequence_parallel",
-                Value::Bool(flag == "--sequence-parallel"),
-            )),
-            "--reshard-after-forward" | "--no-reshard-after-forward" => parallel.push((
-                "reshard_after_forward",
-                Value::Bool(flag == "--reshard-after-forward"),
-            )),
-            "--offload" | "--no-offload" => {
-                parallel.push(("offload", Value::Bool(flag == "--offload")))
-            }
             "--parallel" => parallel.push(("strategy", Value::String(next(&mut i, flag)?))),
             "--param-dtype" => parallel.push((
                 "mixed_precision.param_dtype",
@@ -432,11 +420,6 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                 };
                 parallel.push((key, number(flag, &raw)?));
             }
-            "--checkpointing" | "--no-checkpointing" => overrides.push((
-                "train",
-                "checkpointing",
-                Value::Bool(flag == "--checkpointing"),
-            )),
             _ => {
                 let (section, key, is_str) = match flag {
                     "--family" => ("model", "family", true),
