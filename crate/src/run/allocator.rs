@@ -144,14 +144,181 @@ struct Block {
     gc_base: u64,
 }
 
+/// Every block, by number (`NONE` is none): `blocks[b]`. Indexing by the `u32` number stays inline at
+/// opt-level "z", where `Vec`'s own indexing is a call, and the allocator indexes blocks on every step.
+#[derive(Debug, Clone)]
+struct Blocks(Vec<Block>);
+
+impl std::ops::Index<u32> for Blocks {
+    type Output = Block;
+
+    #[inline(always)]
+    fn index(&self, b: u32) -> &Block {
+        &self.0.as_slice()[b as usize]
+    }
+}
+
+impl std::ops::IndexMut<u32> for Blocks {
+    #[inline(always)]
+    fn index_mut(&mut self, b: u32) -> &mut Block {
+        &mut self.0.as_mut_slice()[b as usize]
+    }
+}
+
+impl Blocks {
+    /// Block `b`, or `None` for `NONE`.
+    #[inline(always)]
+    fn get(&self, b: u32) -> Option<&Block> {
+        self.0.as_slice().get(b as usize)
+    }
+
+    #[inline(always)]
+    fn get_mut(&mut self, b: u32) -> Option<&mut Block> {
+        self.0.as_mut_slice().get_mut(b as usize)
+    }
+}
+
+/// An entry of a pool's list: (size, address, block).
+type Entry = (u64, u64, u32);
+
+/// Where an entry sits in a `BlockList`: its chunk and its index there. The end of the list is the chunk past
+/// the last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cursor {
+    chunk: usize,
+    at: usize,
+}
+
+/// The most entries a `BlockList` chunk holds before it is split in two.
+const CHUNK: usize = 64;
+
+/// A pool's list of blocks in (size, address) order, as a sorted run of chunks of at most `CHUNK` entries. A
+/// shallow model caches a few dozen blocks: one chunk, a plain sorted vector. A deep one caches thousands (an
+/// 80-layer model about 1,660 in the large pool), where one vector moved most of itself on every insertion and
+/// removal, so the cost grew with the square of the depth. Every chunk holds at least one entry, except a lone
+/// chunk, which is empty when the list is.
+#[derive(Debug, Clone, Default)]
+struct BlockList {
+    chunks: Vec<Vec<Entry>>,
+}
+
+impl BlockList {
+    /// The first entry at or after (size, address), or an end (no entry).
+    #[inline(always)]
+    fn lower_bound(&self, size: u64, addr: u64) -> Cursor {
+        let chunks = self.chunks.as_slice();
+        // The first chunk whose last entry is at or after the key; within it, the entry.
+        let chunk = match chunks {
+            [] | [_] => 0,
+            _ => first_chunk_reaching(chunks, size, addr),
+        };
+        let at = match chunks.get(chunk) {
+            Some(c) => lower_bound(c, size, addr),
+            None => 0,
+        };
+        Cursor { chunk, at }
+    }
+
+    #[inline(always)]
+    fn get(&self, c: Cursor) -> Option<Entry> {
+        self.chunks.get(c.chunk).and_then(|v| v.get(c.at)).copied()
+    }
+
+    /// The entry after the entry at `c`, or an end.
+    fn next(&self, c: Cursor) -> Cursor {
+        match self.chunks.get(c.chunk) {
+            Some(v) if c.at + 1 < v.len() => Cursor {
+                chunk: c.chunk,
+                at: c.at + 1,
+            },
+            _ => Cursor {
+                chunk: c.chunk + 1,
+                at: 0,
+            },
+        }
+    }
+
+    fn last(&self) -> Option<Entry> {
+        self.chunks.last().and_then(|c| c.last()).copied()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.chunks.iter().flatten()
+    }
+
+    fn insert(&mut self, e: Entry) {
+        let c = self.lower_bound(e.0, e.1);
+        // Past the last chunk: at the end of the last one.
+        let n_chunks = self.chunks.len();
+        let (chunk, at) = match self.chunks.last() {
+            None => {
+                self.chunks.push(Vec::with_capacity(CHUNK));
+                (0, 0)
+            }
+            Some(last) if c.chunk == n_chunks => (n_chunks - 1, last.len()),
+            Some(_) => (c.chunk, c.at),
+        };
+        let v = &mut self.chunks.as_mut_slice()[chunk];
+        v.insert(at, e);
+        if v.len() > CHUNK {
+            let mut tail = Vec::with_capacity(CHUNK);
+            tail.extend_from_slice(&v[CHUNK / 2..]);
+            v.truncate(CHUNK / 2);
+            self.chunks.insert(chunk + 1, tail);
+        }
+    }
+
+    /// Removes the entry at `c` (which must be one).
+    fn remove(&mut self, c: Cursor) {
+        let v = &mut self.chunks.as_mut_slice()[c.chunk];
+        v.remove(c.at);
+        if v.is_empty() && self.chunks.len() > 1 {
+            self.chunks.remove(c.chunk);
+        }
+    }
+
+    /// Removes the entry of block `b` at (size, address), if there is one.
+    fn remove_block(&mut self, size: u64, addr: u64, b: u32) {
+        let c = self.lower_bound(size, addr);
+        if self.get(c).is_some_and(|k| k.2 == b) {
+            self.remove(c);
+        }
+    }
+
+    /// Replaces the entry at `c` by `e`, which may sort elsewhere. Where `e` stays within the chunk, only the
+    /// entries in between move.
+    fn replace(&mut self, c: Cursor, e: Entry) {
+        let (first, last) = (c.chunk == 0, c.chunk + 1 == self.chunks.len());
+        let v = self.chunks.as_mut_slice()[c.chunk].as_mut_slice();
+        let (before, after) = v.split_at(c.at);
+        if (e.0, e.1) < (after[0].0, after[0].1) {
+            let to = lower_bound(before, e.0, e.1);
+            if to > 0 || first {
+                v.copy_within(to..c.at, to + 1);
+                v[to] = e;
+                return;
+            }
+        } else {
+            let to = c.at + lower_bound(&after[1..], e.0, e.1);
+            if to + 1 < v.len() || last {
+                v.copy_within(c.at + 1..to + 1, c.at);
+                v[to] = e;
+                return;
+            }
+        }
+        self.remove(c);
+        self.insert(e);
+    }
+}
+
 /// A pool's cached blocks (`BlockPool`).
 #[derive(Debug, Clone, Default)]
 struct Pool {
-    /// Free mapped blocks, ordered by (size, address) like `BlockComparatorSize`: (size, address, block).
-    free: Vec<(u64, u64, u32)>,
+    /// Free mapped blocks, ordered by (size, address) like `BlockComparatorSize`.
+    free: BlockList,
     /// Unmapped blocks of expandable segments, ordered by address (`BlockComparatorAddress`): (0, address,
     /// block), the free list's shape so that both share one search.
-    unmapped: Vec<(u64, u64, u32)>,
+    unmapped: BlockList,
     /// `get_free_blocks_call_count`, counted only while garbage collection is on.
     n_get_free_block_calls: u64,
 }
@@ -166,7 +333,7 @@ pub struct CachingAllocator {
     capacity: u64,
     /// The memory `set_per_process_memory_fraction` allows (`allowed_memory_maximum`), if set.
     allowed_memory_maximum: Option<u64>,
-    blocks: Vec<Block>,
+    blocks: Blocks,
     /// Slots of `blocks` no longer used, for reuse.
     spare: Vec<u32>,
     /// The small pool, then the large one.
@@ -204,6 +371,25 @@ fn lower_bound(free: &[(u64, u64, u32)], size: u64, addr: u64) -> usize {
     base + usize::from(key(&free[base]) < target)
 }
 
+/// The first of two or more non-empty chunks whose last entry is at or after (size, address), or their count:
+/// `lower_bound`'s search over the chunks' last entries.
+fn first_chunk_reaching(chunks: &[Vec<Entry>], size: u64, addr: u64) -> usize {
+    let target = (u128::from(size) << 64) | u128::from(addr);
+    let below = |c: &Vec<Entry>| match c.as_slice() {
+        [.., e] => ((u128::from(e.0) << 64) | u128::from(e.1)) < target,
+        [] => false,
+    };
+    let (mut base, mut len) = (0, chunks.len());
+    while len > 1 {
+        let half = len / 2;
+        if below(&chunks[base + half - 1]) {
+            base += half;
+        }
+        len -= half;
+    }
+    base + usize::from(below(&chunks[base]))
+}
+
 /// `round_size` without `roundup_power2_divisions`: at least 512 bytes, in 512-byte steps.
 pub fn round_size(size: u64) -> u64 {
     size.max(1).div_ceil(MIN_BLOCK_SIZE) * MIN_BLOCK_SIZE
@@ -233,7 +419,7 @@ impl CachingAllocator {
             allowed_memory_maximum: config
                 .memory_fraction
                 .map(|f| (f.clamp(0.0, 1.0) * capacity_bytes as f64) as u64),
-            blocks: Vec::with_capacity(256),
+            blocks: Blocks(Vec::with_capacity(256)),
             spare: Vec::new(),
             pools: [Pool::default(), Pool::default()],
             by_id: Vec::with_capacity(4096),
@@ -253,7 +439,14 @@ impl CachingAllocator {
         self.trace.as_deref().unwrap_or(&[])
     }
 
+    #[inline(always)]
     fn traced(&mut self, action: TraceAction, addr: u64, size: u64, id: u32) {
+        if self.trace.is_some() {
+            self.push_trace(action, addr, size, id);
+        }
+    }
+
+    fn push_trace(&mut self, action: TraceAction, addr: u64, size: u64, id: u32) {
         if let Some(t) = self.trace.as_mut() {
             t.push(TraceEntry {
                 action,
@@ -318,12 +511,12 @@ impl CachingAllocator {
                 let held = if self.should_split(b, size) {
                     size
                 } else {
-                    self.blocks[b as usize].size
+                    self.blocks[b].size
                 };
                 let allocated = &mut self.stats.allocated_bytes;
                 allocated.peak = allocated.peak.max(allocated.current + held);
-                self.blocks[b as usize].gc_base = self.pools[pool].n_get_free_block_calls;
-                let addr = self.blocks[b as usize].addr;
+                self.blocks[b].gc_base = self.pools[pool].n_get_free_block_calls;
+                let addr = self.blocks[b].addr;
                 self.traced(TraceAction::Alloc, addr, held, id);
                 self.traced(TraceAction::Free, addr, held, id);
                 return false;
@@ -347,9 +540,9 @@ impl CachingAllocator {
         if b == NONE {
             return;
         }
-        self.blocks[b as usize].allocated = false;
-        self.stats.allocated_bytes.sub(self.blocks[b as usize].size);
-        let Block { addr, size, .. } = self.blocks[b as usize];
+        self.blocks[b].allocated = false;
+        self.stats.allocated_bytes.sub(self.blocks[b].size);
+        let Block { addr, size, .. } = self.blocks[b];
         self.traced(TraceAction::Free, addr, size, id);
         self.free_block(b);
     }
@@ -404,7 +597,7 @@ impl CachingAllocator {
         }
         if let Some((b, cached_at)) = found {
             self.alloc_found_block(b, cached_at, size);
-            let Block { addr, size, .. } = self.blocks[b as usize];
+            let Block { addr, size, .. } = self.blocks[b];
             self.traced(TraceAction::Alloc, addr, size, id);
             if self.by_id.len() <= id as usize {
                 self.by_id.resize(id as usize + 1, NONE);
@@ -428,73 +621,68 @@ impl CachingAllocator {
     fn new_block(&mut self, block: Block) -> u32 {
         match self.spare.pop() {
             Some(i) => {
-                self.blocks[i as usize] = block;
+                self.blocks[i] = block;
                 i
             }
             None => {
-                self.blocks.push(block);
-                (self.blocks.len() - 1) as u32
+                self.blocks.0.push(block);
+                (self.blocks.0.len() - 1) as u32
             }
         }
     }
 
     fn insert_free(&mut self, b: u32) {
-        let block = &mut self.blocks[b as usize];
+        let block = &mut self.blocks[b];
         let pool = &mut self.pools[usize::from(!block.small)];
         block.gc_base = pool.n_get_free_block_calls;
-        let at = lower_bound(&pool.free, block.size, block.addr);
-        pool.free.insert(at, (block.size, block.addr, b));
+        pool.free.insert((block.size, block.addr, b));
     }
 
     fn remove_free(&mut self, b: u32) {
-        let block = &self.blocks[b as usize];
+        let block = &self.blocks[b];
         let pool = &mut self.pools[usize::from(!block.small)];
-        let at = lower_bound(&pool.free, block.size, block.addr);
-        if pool.free.get(at).is_some_and(|k| k.2 == b) {
-            pool.free.remove(at);
-        }
+        pool.free.remove_block(block.size, block.addr, b);
     }
 
     fn insert_unmapped(&mut self, b: u32) {
-        let block = &self.blocks[b as usize];
+        let block = &self.blocks[b];
         let pool = &mut self.pools[usize::from(!block.small)];
-        let at = lower_bound(&pool.unmapped, 0, block.addr);
-        pool.unmapped.insert(at, (0, block.addr, b));
+        pool.unmapped.insert((0, block.addr, b));
     }
 
     fn remove_unmapped(&mut self, b: u32) {
-        let block = &self.blocks[b as usize];
+        let block = &self.blocks[b];
         let pool = &mut self.pools[usize::from(!block.small)];
-        let at = lower_bound(&pool.unmapped, 0, block.addr);
-        if pool.unmapped.get(at).is_some_and(|k| k.2 == b) {
-            pool.unmapped.remove(at);
-        }
+        pool.unmapped.remove_block(0, block.addr, b);
     }
 
     /// `get_free_block`: the smallest cached block of at least `size` (lowest address among equals), under the
     /// `max_split_size` rules, and its place in the pool's list (where `alloc_found_block` takes it out).
-    fn get_free_block(&mut self, pool: usize, size: u64) -> Option<(u32, usize)> {
+    fn get_free_block(&mut self, pool: usize, size: u64) -> Option<(u32, Cursor)> {
         if self.gc {
             self.pools[pool].n_get_free_block_calls += 1;
         }
         let free = &self.pools[pool].free;
-        let mut at = lower_bound(free, size, 0);
-        if at == free.len() {
-            return None;
-        }
+        let mut at = free.lower_bound(size, 0);
+        let (mut block_size, _, mut b) = free.get(at)?;
         if self.config.expandable_segments {
             // A block at the mapped end of an expandable segment can grow into the unmapped space after it: for
             // best fit it counts at the size it can grow to, so a later block may fit better.
-            let expandable_size = |at: usize| {
-                let b = &self.blocks[free[at].2 as usize];
-                let next = self.blocks.get(b.next as usize);
+            let expandable_size = |b: u32| {
+                let b = &self.blocks[b];
+                let next = self.blocks.get(b.next);
                 b.size + next.filter(|n| !n.mapped).map_or(0, |n| n.size)
             };
-            while at + 1 < free.len() && expandable_size(at + 1) < expandable_size(at) {
-                at += 1;
+            loop {
+                let next = free.next(at);
+                match free.get(next) {
+                    Some(e) if expandable_size(e.2) < expandable_size(b) => {
+                        (at, block_size, b) = (next, e.0, e.2);
+                    }
+                    _ => break,
+                }
             }
         }
-        let (block_size, _, b) = free[at];
         let max_split = self.max_split_size;
         // Do not return an oversize block for a request below max_split_size.
         if size < max_split && block_size >= max_split {
@@ -509,7 +697,7 @@ impl CachingAllocator {
 
     /// `should_split`: whether the rest of the block after `size` bytes becomes a cached block of its own.
     fn should_split(&self, b: u32, size: u64) -> bool {
-        let block = &self.blocks[b as usize];
+        let block = &self.blocks[b];
         let remaining = block.size - size;
         if block.small || self.config.expandable_segments {
             remaining >= MIN_BLOCK_SIZE
@@ -520,8 +708,8 @@ impl CachingAllocator {
 
     /// `alloc_found_block`: hands out the first `size` bytes of `b` (at `cached_at` in its pool's list if it
     /// was cached), caching the rest if it is worth splitting.
-    fn alloc_found_block(&mut self, b: u32, cached_at: Option<usize>, size: u64) {
-        let block = self.blocks[b as usize];
+    fn alloc_found_block(&mut self, b: u32, cached_at: Option<Cursor>, size: u64) {
+        let block = self.blocks[b];
         let pool = usize::from(!block.small);
         if !self.should_split(b, size) {
             if let Some(at) = cached_at {
@@ -536,53 +724,44 @@ impl CachingAllocator {
                 ..block
             };
             let r = self.new_block(rest);
-            if let Some(next) = self.blocks.get_mut(block.next as usize) {
+            if let Some(next) = self.blocks.get_mut(block.next) {
                 next.prev = r;
             }
-            self.blocks[b as usize].next = r;
-            self.blocks[b as usize].size = size;
-            let free = &mut self.pools[pool].free;
+            self.blocks[b].next = r;
+            self.blocks[b].size = size;
             match cached_at {
-                // The rest sorts before the block it came from: shift only the entries in between.
-                Some(at) => {
-                    let to = lower_bound(&free[..at], rest.size, rest.addr);
-                    free.copy_within(to..at, to + 1);
-                    free[to] = (rest.size, rest.addr, r);
-                }
+                // The rest takes the place of the block it came from (it sorts before it).
+                Some(at) => self.pools[pool].free.replace(at, (rest.size, rest.addr, r)),
                 None => self.insert_free(r),
             }
         }
-        let block = &mut self.blocks[b as usize];
+        let block = &mut self.blocks[b];
         block.allocated = true;
         self.stats.allocated_bytes.add(block.size);
     }
 
-    /// `free_block`: merges the freed block `b` with its free neighbours and caches it. The list entry of a
-    /// merged neighbour is reused: the merged block sorts after it, so only the entries in between shift.
+    /// `free_block`: merges the freed block `b` with its free neighbours and caches it. The list entry of the
+    /// first merged neighbour is reused: the merged block sorts after it, so only the entries in between shift.
     fn free_block(&mut self, b: u32) {
         let Block {
             prev, next, small, ..
-        } = self.blocks[b as usize];
+        } = self.blocks[b];
         let pool = usize::from(!small);
-        let mut reuse: Option<usize> = None;
+        // The first merged neighbour's (size, address).
+        let mut reuse: Option<(u64, u64)> = None;
         for src in [prev, next] {
-            let blocks: &mut [Block] = &mut self.blocks;
-            let Some(&s) = blocks.get(src as usize) else {
+            let blocks = &mut self.blocks;
+            let Some(&s) = blocks.get(src) else {
                 continue;
             };
             if s.allocated || !s.mapped {
                 continue;
             }
-            let free = &mut self.pools[pool].free;
-            let at = lower_bound(free, s.size, s.addr);
             match reuse {
-                None => reuse = Some(at),
-                Some(r) => {
-                    free.remove(at);
-                    reuse = Some(if at < r { r - 1 } else { r });
-                }
+                None => reuse = Some((s.size, s.addr)),
+                Some(_) => self.pools[pool].free.remove_block(s.size, s.addr, src),
             }
-            let d = &mut blocks[b as usize];
+            let d = &mut blocks[b];
             d.size += s.size;
             let link = if src == prev {
                 d.addr = s.addr;
@@ -592,7 +771,7 @@ impl CachingAllocator {
                 d.next = s.next;
                 s.next
             };
-            if let Some(n) = blocks.get_mut(link as usize) {
+            if let Some(n) = blocks.get_mut(link) {
                 if src == prev {
                     n.next = b;
                 } else {
@@ -601,25 +780,24 @@ impl CachingAllocator {
             }
             self.spare.push(src);
         }
-        let Some(r) = reuse else {
+        let Some((size, addr)) = reuse else {
             self.insert_free(b);
             return;
         };
-        let block = &mut self.blocks[b as usize];
+        let block = &mut self.blocks[b];
         block.gc_base = self.pools[pool].n_get_free_block_calls;
         let free = &mut self.pools[pool].free;
-        let to = r + 1 + lower_bound(&free[r + 1..], block.size, block.addr);
-        free.copy_within(r + 1..to, r);
-        free[to - 1] = (block.size, block.addr, b);
+        let at = free.lower_bound(size, addr);
+        free.replace(at, (block.size, block.addr, b));
     }
 
     /// `try_merge_blocks`: `dst` (out of every pool list) absorbs its neighbour `src` if that is free and of the
     /// same kind.
     fn try_merge_blocks(&mut self, dst: u32, src: u32) {
-        let Some(&s) = self.blocks.get(src as usize) else {
+        let Some(&s) = self.blocks.get(src) else {
             return;
         };
-        if s.allocated || s.mapped != self.blocks[dst as usize].mapped {
+        if s.allocated || s.mapped != self.blocks[dst].mapped {
             return;
         }
         if s.mapped {
@@ -627,15 +805,15 @@ impl CachingAllocator {
         } else {
             self.remove_unmapped(src);
         }
-        let d = &mut self.blocks[dst as usize];
+        let d = &mut self.blocks[dst];
         d.size += s.size;
         let relink = if d.prev == src {
             d.addr = s.addr;
             d.prev = s.prev;
-            self.blocks.get_mut(s.prev as usize).map(|p| &mut p.next)
+            self.blocks.get_mut(s.prev).map(|p| &mut p.next)
         } else {
             d.next = s.next;
-            self.blocks.get_mut(s.next as usize).map(|n| &mut n.prev)
+            self.blocks.get_mut(s.next).map(|n| &mut n.prev)
         };
         if let Some(link) = relink {
             *link = dst;
@@ -686,17 +864,17 @@ impl CachingAllocator {
         limited: bool,
     ) -> Option<u32> {
         let mut c = self.find_expandable_block(pool, size);
-        if !self.blocks[c as usize].mapped {
-            let n = self.blocks[c as usize].size.min(size);
+        if !self.blocks[c].mapped {
+            let n = self.blocks[c].size.min(size);
             if !self.map_block(c, n, limited) {
                 return None;
             }
         }
-        while self.blocks[c as usize].size < size {
+        while self.blocks[c].size < size {
             // Free then unmapped: map some of the unmapped block, which merges with the free one before it.
-            let remaining = size - self.blocks[c as usize].size;
-            let next = self.blocks[c as usize].next;
-            let n = self.blocks.get(next as usize)?.size.min(remaining);
+            let remaining = size - self.blocks[c].size;
+            let next = self.blocks[c].next;
+            let n = self.blocks.get(next)?.size.min(remaining);
             if !self.map_block(next, n, limited) {
                 return None;
             }
@@ -709,14 +887,14 @@ impl CachingAllocator {
     /// `find_expandable_block`: the lowest-addressed run of free and unmapped blocks with room for `size` bytes,
     /// starting at an unmapped block or the free block just before it; a new segment if none has room.
     fn find_expandable_block(&mut self, pool: usize, size: u64) -> u32 {
-        let allocatable = |b: u32| self.blocks.get(b as usize).is_some_and(|b| !b.allocated);
-        for &(_, _, u) in &self.pools[pool].unmapped {
-            let prev = self.blocks[u as usize].prev;
+        let allocatable = |b: u32| self.blocks.get(b).is_some_and(|b| !b.allocated);
+        for &(_, _, u) in self.pools[pool].unmapped.iter() {
+            let prev = self.blocks[u].prev;
             let start = if allocatable(prev) { prev } else { u };
             let (mut b, mut bytes) = (start, 0);
             while bytes < size && allocatable(b) {
-                bytes += self.blocks[b as usize].size;
-                b = self.blocks[b as usize].next;
+                bytes += self.blocks[b].size;
+                b = self.blocks[b].next;
             }
             if bytes >= size {
                 return start;
@@ -747,14 +925,14 @@ impl CachingAllocator {
     /// `map_block`: backs the first pages of unmapped block `b` covering `size` bytes with memory and caches
     /// them, merged with a free neighbour; the rest stays unmapped.
     fn map_block(&mut self, b: u32, size: u64, limited: bool) -> bool {
-        let block = self.blocks[b as usize];
+        let block = self.blocks[b];
         let page = Self::page_size(block.small);
         let mapped = ((block.addr + size).div_ceil(page) - block.addr / page) * page;
         if mapped == 0 || (limited && self.stats.reserved_bytes.current + mapped > self.capacity) {
             return false;
         }
         self.remove_unmapped(b);
-        self.blocks[b as usize].mapped = true;
+        self.blocks[b].mapped = true;
         if mapped < block.size {
             let rest = self.new_block(Block {
                 addr: block.addr + mapped,
@@ -762,14 +940,14 @@ impl CachingAllocator {
                 prev: b,
                 ..block
             });
-            if let Some(next) = self.blocks.get_mut(block.next as usize) {
+            if let Some(next) = self.blocks.get_mut(block.next) {
                 next.prev = rest;
             }
-            self.blocks[b as usize].next = rest;
-            self.blocks[b as usize].size = mapped;
+            self.blocks[b].next = rest;
+            self.blocks[b].size = mapped;
             self.insert_unmapped(rest);
         }
-        let (prev, next) = (self.blocks[b as usize].prev, self.blocks[b as usize].next);
+        let (prev, next) = (self.blocks[b].prev, self.blocks[b].next);
         self.try_merge_blocks(b, prev);
         self.try_merge_blocks(b, next);
         self.insert_free(b);
@@ -781,7 +959,7 @@ impl CachingAllocator {
     /// `unmap_block`: gives back the whole pages inside free block `b`; the partial pages at either end stay
     /// cached as free blocks.
     fn unmap_block(&mut self, b: u32) {
-        let block = self.blocks[b as usize];
+        let block = self.blocks[b];
         let page = Self::page_size(block.small);
         let (begin, end) = (block.addr.div_ceil(page), (block.addr + block.size) / page);
         if begin >= end {
@@ -796,10 +974,10 @@ impl CachingAllocator {
                 next: b,
                 ..block
             });
-            if let Some(prev) = self.blocks.get_mut(block.prev as usize) {
+            if let Some(prev) = self.blocks.get_mut(block.prev) {
                 prev.next = free;
             }
-            self.blocks[b as usize].prev = free;
+            self.blocks[b].prev = free;
             self.insert_free(free);
         }
         let after = block.size - before - unmapped;
@@ -810,13 +988,13 @@ impl CachingAllocator {
                 prev: b,
                 ..block
             });
-            if let Some(next) = self.blocks.get_mut(block.next as usize) {
+            if let Some(next) = self.blocks.get_mut(block.next) {
                 next.prev = free;
             }
-            self.blocks[b as usize].next = free;
+            self.blocks[b].next = free;
             self.insert_free(free);
         }
-        let d = &mut self.blocks[b as usize];
+        let d = &mut self.blocks[b];
         (d.addr, d.size, d.mapped) = (start, unmapped, false);
         let (prev, next) = (d.prev, d.next);
         self.try_merge_blocks(b, prev);
@@ -827,7 +1005,7 @@ impl CachingAllocator {
     }
 
     fn is_split(&self, b: u32) -> bool {
-        let block = &self.blocks[b as usize];
+        let block = &self.blocks[b];
         block.prev != NONE || block.next != NONE
     }
 
@@ -835,8 +1013,8 @@ impl CachingAllocator {
     fn release_block(&mut self, b: u32) {
         self.remove_free(b);
         self.stats.segments.sub(1);
-        self.stats.reserved_bytes.sub(self.blocks[b as usize].size);
-        let Block { addr, size, .. } = self.blocks[b as usize];
+        self.stats.reserved_bytes.sub(self.blocks[b].size);
+        let Block { addr, size, .. } = self.blocks[b];
         self.traced(TraceAction::SegmentFree, addr, size, 0);
         self.spare.push(b);
     }
@@ -853,9 +1031,7 @@ impl CachingAllocator {
         }
         let key = size.max(max_split);
         let free = &self.pools[pool].free;
-        let at = lower_bound(free, key, 0);
-        if at < free.len() {
-            let b = free[at].2;
+        if let Some((_, _, b)) = free.get(free.lower_bound(key, 0)) {
             if self.is_split(b) {
                 return false;
             }
@@ -863,15 +1039,16 @@ impl CachingAllocator {
             return true;
         }
         let mut released = 0;
-        let mut at = free.len();
-        while released < key && at > 0 {
-            let (block_size, _, b) = self.pools[pool].free[at - 1];
+        while released < key {
+            // The largest cached block (releasing it takes it out of the list).
+            let Some((block_size, _, b)) = self.pools[pool].free.last() else {
+                break;
+            };
             if block_size < max_split || self.is_split(b) {
                 break;
             }
             released += block_size;
             self.release_block(b);
-            at -= 1;
         }
         released >= key
     }
@@ -882,9 +1059,9 @@ impl CachingAllocator {
         for pool in [1, 0] {
             let cached: Vec<u32> = self.pools[pool].free.iter().map(|k| k.2).collect();
             for b in cached {
-                if self.blocks[b as usize].expandable {
+                if self.blocks[b].expandable {
                     self.unmap_block(b);
-                    if !self.blocks[b as usize].mapped && !self.is_split(b) {
+                    if !self.blocks[b].mapped && !self.is_split(b) {
                         self.remove_unmapped(b);
                         self.spare.push(b);
                     }
@@ -911,10 +1088,10 @@ impl CachingAllocator {
         }
         let target = reserved - gc_threshold;
         let calls = self.pools[1].n_get_free_block_calls;
-        let age = |a: &Self, b: u32| calls - a.blocks[b as usize].gc_base;
+        let age = |a: &Self, b: u32| calls - a.blocks[b].gc_base;
         let freeable = |a: &Self| -> Vec<u32> {
             let free = a.pools[1].free.iter().map(|k| k.2);
-            free.filter(|&b| !a.is_split(b) && !a.blocks[b as usize].expandable)
+            free.filter(|&b| !a.is_split(b) && !a.blocks[b].expandable)
                 .collect()
         };
         let candidates = freeable(self);
@@ -928,7 +1105,7 @@ impl CachingAllocator {
                 let a = age(self, b);
                 if a as f64 >= age_threshold {
                     freed = true;
-                    reclaimed += self.blocks[b as usize].size;
+                    reclaimed += self.blocks[b].size;
                     total_age -= a;
                     n_freeable -= 1;
                     self.release_block(b);
@@ -1050,9 +1227,9 @@ mod tests {
         a.malloc(4, 11 * MIB).unwrap();
         a.malloc(5, 11 * MIB).unwrap();
         assert_eq!(a.reserved_bytes(), 44 * MIB);
-        assert_eq!(a.blocks[a.by_id[3] as usize].addr, 0);
-        assert_eq!(a.blocks[a.by_id[4] as usize].addr, 32 * MIB);
-        assert_eq!(a.blocks[a.by_id[5] as usize].addr, 12 * MIB);
+        assert_eq!(a.blocks[a.by_id[3]].addr, 0);
+        assert_eq!(a.blocks[a.by_id[4]].addr, 32 * MIB);
+        assert_eq!(a.blocks[a.by_id[5]].addr, 12 * MIB);
     }
 
     #[test]
@@ -1167,7 +1344,7 @@ mod tests {
         assert!(a
             .pools
             .iter()
-            .all(|p| p.free.is_empty() && p.unmapped.is_empty()));
+            .all(|p| p.free.iter().chain(p.unmapped.iter()).next().is_none()));
     }
 
     /// Growing tensors with a hole left behind each time: each no longer fits the holes of separate segments,
@@ -1242,12 +1419,12 @@ mod tests {
     fn check_invariants(a: &CachingAllocator) {
         let spare: std::collections::HashSet<u32> = a.spare.iter().copied().collect();
         let (mut mapped, mut allocated, mut n_free, mut n_unmapped) = (0, 0, 0, 0);
-        for (i, b) in a.blocks.iter().enumerate() {
+        for (i, b) in a.blocks.0.iter().enumerate() {
             let i = i as u32;
             if spare.contains(&i) {
                 continue;
             }
-            if let Some(n) = a.blocks.get(b.next as usize) {
+            if let Some(n) = a.blocks.get(b.next) {
                 assert_eq!(n.prev, i);
                 assert_eq!(n.addr, b.addr + b.size);
                 assert!(
@@ -1255,7 +1432,7 @@ mod tests {
                     "unmerged neighbours"
                 );
             }
-            if let Some(p) = a.blocks.get(b.prev as usize) {
+            if let Some(p) = a.blocks.get(b.prev) {
                 assert_eq!(p.next, i);
             }
             let pool = &a.pools[usize::from(!b.small)];
@@ -1266,21 +1443,25 @@ mod tests {
                 allocated += b.size;
             } else if b.mapped {
                 n_free += 1;
-                assert!(pool.free.binary_search(&(b.size, b.addr, i)).is_ok());
+                assert!(pool.free.iter().any(|e| *e == (b.size, b.addr, i)));
             } else {
                 n_unmapped += 1;
-                assert!(pool.unmapped.binary_search(&(0, b.addr, i)).is_ok());
+                assert!(pool.unmapped.iter().any(|e| *e == (0, b.addr, i)));
             }
         }
         assert_eq!(mapped, a.reserved_bytes());
         assert_eq!(allocated, a.allocated_bytes());
-        assert_eq!(n_free, a.pools[0].free.len() + a.pools[1].free.len());
-        assert_eq!(
-            n_unmapped,
-            a.pools[0].unmapped.len() + a.pools[1].unmapped.len()
-        );
+        let count =
+            |f: fn(&Pool) -> &BlockList| a.pools.iter().map(|p| f(p).iter().count()).sum::<usize>();
+        assert_eq!(n_free, count(|p| &p.free));
+        assert_eq!(n_unmapped, count(|p| &p.unmapped));
         for pool in &a.pools {
-            assert!(pool.free.windows(2).all(|w| w[0] < w[1]));
+            for list in [&pool.free, &pool.unmapped] {
+                let entries: Vec<Entry> = list.iter().copied().collect();
+                assert!(entries.windows(2).all(|w| w[0] < w[1]));
+                assert!(list.chunks.iter().all(|c| c.len() <= CHUNK));
+                assert!(list.chunks.len() < 2 || list.chunks.iter().all(|c| !c.is_empty()));
+            }
         }
     }
 
@@ -1344,10 +1525,10 @@ mod tests {
     /// by address, both pools' lists in order, the counters.
     fn state(a: &CachingAllocator) -> impl PartialEq + std::fmt::Debug {
         let spare: std::collections::HashSet<u32> = a.spare.iter().copied().collect();
-        let mut blocks: Vec<_> = (0..a.blocks.len() as u32)
+        let mut blocks: Vec<_> = (0..a.blocks.0.len() as u32)
             .filter(|i| !spare.contains(i))
             .map(|i| {
-                let b = &a.blocks[i as usize];
+                let b = &a.blocks[i];
                 (b.addr, b.size, b.small, b.allocated, b.mapped, b.gc_base)
             })
             .collect();
@@ -1404,6 +1585,65 @@ mod tests {
                 assert_eq!(state(&fast), state(&plain), "{config:?} at {id}");
             }
         }
+    }
+
+    /// A `BlockList` of thousands of entries (many chunks, splitting and emptying) answers every search, step,
+    /// replacement and removal as one sorted vector does.
+    #[test]
+    fn a_long_block_list_behaves_as_one_sorted_vector() {
+        let (mut list, mut plain) = (BlockList::default(), Vec::<Entry>::new());
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next_addr = 0;
+        for round in 0..40_000u32 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Few sizes (as a deep model's cached blocks), fresh addresses; the list grows, then mostly shrinks.
+            let size = (x >> 40) % 12 * 512;
+            let grow = if round < 20_000 { 3 } else { 1 };
+            match (x >> 8) % 5 {
+                k if k < grow || plain.is_empty() => {
+                    next_addr += 512;
+                    let e = (size, next_addr, round);
+                    list.insert(e);
+                    plain.insert(plain.partition_point(|p| *p < e), e);
+                }
+                3 => {
+                    // Replace the first entry at or after a key by one with a new size (either direction).
+                    let c = list.lower_bound(size, x % next_addr);
+                    let at = plain.partition_point(|p| (p.0, p.1) < (size, x % next_addr));
+                    assert_eq!(list.get(c), plain.get(at).copied());
+                    if at < plain.len() {
+                        let old = plain.remove(at);
+                        let e = ((x >> 20) % 12 * 512, old.1, old.2);
+                        list.replace(c, e);
+                        plain.insert(plain.partition_point(|p| *p < e), e);
+                    }
+                }
+                _ => {
+                    let at = (x >> 16) as usize % plain.len();
+                    let e = plain.remove(at);
+                    list.remove_block(e.0, e.1, e.2);
+                }
+            }
+            if round % 97 == 0 {
+                assert!(list.iter().copied().eq(plain.iter().copied()));
+                assert_eq!(list.last(), plain.last().copied());
+                // Walking from a search visits the rest in order.
+                let (mut c, at) = (
+                    list.lower_bound(size, 0),
+                    plain.partition_point(|p| p.0 < size),
+                );
+                for want in &plain[at..] {
+                    assert_eq!(list.get(c), Some(*want));
+                    c = list.next(c);
+                }
+                assert_eq!(list.get(c), None);
+                assert!(list.chunks.iter().all(|c| c.len() <= CHUNK));
+                assert!(list.chunks.len() < 2 || list.chunks.iter().all(|c| !c.is_empty()));
+            }
+        }
+        assert!(list.chunks.len() > 1);
     }
 
     #[test]
