@@ -368,10 +368,7 @@ fn stub_cuda_compiled_records_allocated_and_reserved() {
 
 /// The compiled records of `hf.json` that `Setup::validate` still refuses under torch.compile, each for the reason
 /// its error gives (a family, an attention kind or a window not traced under Inductor yet).
-const HF_COMPILED_NOT_MODELLED: &[&str] = &[
-    "gemma2-512-hd256-win256-bf16amp-compiled",
-    "neox-512-bf16amp-compiled",
-];
+const HF_COMPILED_NOT_MODELLED: &[&str] = &["neox-512-bf16amp-compiled"];
 
 /// The Hugging Face families measured from their config.json (`tests/data/stub-cuda/hf.json`, built with
 /// `AutoModelForCausalLM.from_config`): the families vramfit models are held to the same standard as the

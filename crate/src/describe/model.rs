@@ -600,7 +600,7 @@ impl Setup {
         }
         if matches!(
             m.family,
-            Family::Gemma2 | Family::GptNeox | Family::Mixtral | Family::Qwen2Moe | Family::Olmoe
+            Family::GptNeox | Family::Mixtral | Family::Qwen2Moe | Family::Olmoe
         ) && t.compile
         {
             return Err(Error::NotModelled {
@@ -617,14 +617,25 @@ impl Setup {
                     .into(),
             });
         }
+        // Hugging Face's eager attention under torch.compile is traced for separate q/k/v projections without q/k
+        // norms (Llama's, Gemma 2's layers), without activation checkpointing.
         if m.family.is_hf() && t.attention == Attention::Manual && t.compile {
-            return Err(Error::NotModelled {
-                what: format!(
-                    "torch.compile of {}'s eager attention (train.attention \"manual\"; not traced under Inductor \
-                     yet); sdpa is",
-                    m.family.name()
-                ),
-            });
+            let arch = crate::arch::Arch::of(m, t.attention);
+            let traced = arch.qkv == crate::arch::Qkv::Separate && !arch.qk_norm;
+            if !traced || t.checkpointing {
+                return Err(Error::NotModelled {
+                    what: format!(
+                        "torch.compile of {}'s eager attention (train.attention \"manual\"){}: not traced under \
+                         Inductor yet; sdpa is",
+                        m.family.name(),
+                        if traced {
+                            " with train.checkpointing"
+                        } else {
+                            ""
+                        }
+                    ),
+                });
+            }
         }
         if m.family.is_hf() {
             if m.n_kv_head == 0 {

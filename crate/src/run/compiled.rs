@@ -60,6 +60,16 @@
 //! cast, and their backward writes one packed gradient for one Linear backward; rotary on part of each head stays
 //! inside the rotary kernel (`phi3-512-untied-bf16amp-compiled`).
 //!
+//! Hugging Face's eager attention (`attn_implementation="eager"`, train.attention "manual") on separate q/k/v
+//! projections saves, besides rotated q, k and v repeated to every head, the T x T probabilities in the matmul
+//! dtype and either the fp32 probabilities or the raw scores with two row statistics (`EagerSaved`: the first
+//! layer the statistics, every later one the fp32 probabilities, in both wrappers read), and the attention
+//! output's contiguous transpose (`llama-manual-512-gqa-bf16amp-compiled`). Gemma 2 adds soft-capped scores (the
+//! raw scores saved in every layer) and soft-capped logits (a second logit-sized buffer, `head_forward`); its
+//! sliding window is applied inside the softmax kernel, no mask tensor
+//! (`gemma2-512-hd256-win256-bf16amp-compiled`). Both estimate the fake-cuda replay of their wrappers to the
+//! MiB shown. With q/k norms, packed projections or activation checkpointing it is refused (not traced).
+//!
 //! Each of these six records (issue 12) is estimated 3-4 KiB below the peak of the fake-cuda replay of its
 //! wrapper (`measure.py` in compile mode; a few 512-byte blocks), and within 1.4% allocated and 1.2% reserved of
 //! PyTorch's own allocator on the stub (`hf.json`; the replay itself is 0.2-1.4% below those peaks).
@@ -186,12 +196,48 @@ enum Attn {
         q_rot: Tensor,
         k_rot: Tensor,
         v: Tensor,
-        sdpa: SdpaSaved,
+        core: SeparateCore,
         casts: [Option<Tensor>; 4],
         qk_norm: Option<QkNorm>,
-        /// Through the sliding-window mask: memory-efficient attention on k and v repeated to every head.
-        masked: bool,
     },
+}
+
+/// The kernel of a separate-projection attention, as the partitioned forward saves it.
+enum SeparateCore {
+    /// SDPA's saved tensors; `masked`: through the sliding-window mask (memory-efficient attention on k and v
+    /// repeated to every head).
+    Sdpa { saved: SdpaSaved, masked: bool },
+    /// Hugging Face's eager attention (`eager_attention_forward`: `q @ k^T`, scale, soft-cap, `+ mask`, fp32
+    /// softmax cast back, `@ v`), where k and v are repeated to every head (`k_rot` and `v` are then q's width).
+    Eager(EagerSaved),
+}
+
+/// What the partitioned forward saves of Hugging Face's eager attention (wrappers of
+/// `llama-manual-512-gqa-bf16amp-compiled` and `gemma2-512-hd256-win256-bf16amp-compiled`, 4 layers each):
+/// the probabilities in the matmul dtype (the `@ v` backward reads them) and, for the softmax's backward, either
+/// the fp32 probabilities or the raw scores (the `q @ k^T` output, matmul dtype) with the softmax's two fp32
+/// row statistics (max and sum, [B, H, T]), from which its backward kernel recomputes the probabilities. In
+/// both wrappers the first layer keeps the statistics and every later layer the fp32 probabilities (the min-cut
+/// partitioner's choice; what decides it, beyond the layer's place, was not traced, so deeper models follow
+/// the same rule unmeasured). Soft-capped scores (Gemma 2's `tanh(s / cap) * cap`) keep the raw scores in every
+/// layer: the tanh's backward reads them. The attention output's head-to-token transpose is a contiguous copy,
+/// saved for o_proj's weight gradient. In fp32 one probability tensor serves both.
+struct EagerSaved {
+    scores: Option<Tensor>,
+    stats: Option<[Tensor; 2]>,
+    probs32: Option<Tensor>,
+    probs: Tensor,
+    y: Tensor,
+}
+
+impl EagerSaved {
+    fn release(self, cx: &mut Ctx) {
+        cx.sim.free_some(&[self.scores, self.probs32]);
+        if let Some(stats) = self.stats {
+            cx.sim.free_all(&stats);
+        }
+        cx.sim.free_all(&[self.probs, self.y]);
+    }
 }
 
 /// What q/k norms (an RMSNorm over each head of q and k before rotary, Qwen 3's `q_norm` and `k_norm`) leave
@@ -265,6 +311,8 @@ pub struct Forward {
     norm_f_stats: [Option<Tensor>; 2],
     head_cast: Option<Tensor>,
     logits: Tensor,
+    /// The head's GEMM output when the logits are soft-capped (saved for the cap's backward).
+    raw_logits: Option<Tensor>,
     ce_stats: [Tensor; 2],
     loss: Tensor,
 }
@@ -385,8 +433,15 @@ fn separate_attn_fwd(
     // heads, a stride-0 view of the projection when one serves all, nothing when none is shared (wrappers of
     // `mistral-512-win128-bf16amp-compiled`, 2 of 8 heads, and `gemma3-512-hd256-win256-bf16amp-compiled`, 1 of 4).
     let masked = window.is_some();
-    let k_width = if masked { qd } else { kv };
-    let copy_v = masked && cx.m.n_kv_head > 1 && cx.m.n_kv_head < cx.m.n_head;
+    // HF's eager attention repeats k and v to every head too, and its `@` reads them head-major: k's repeat is
+    // written by its rotary kernel (saved), v's is always a copy (saved), and the scores' GEMM reads a transposed
+    // copy of rotated k, written over q's projection, which dies with that GEMM (wrapper of
+    // `llama-manual-512-gqa-bf16amp-compiled`).
+    // Traced on separate projections without q/k norms; the others are refused (`Setup::validate`) and walk SDPA's.
+    let eager = cx.arch.core == Core::Manual && cx.arch.qkv == Qkv::Separate && !cx.arch.qk_norm;
+    let k_width = if masked || eager { qd } else { kv };
+    let copy_v = (masked && cx.m.n_kv_head > 1 && cx.m.n_kv_head < cx.m.n_head) || eager;
+    let mut k_t = None;
     // One packed q/k/v projection (Phi-3's `qkv_proj`): its output is saved whole, since SDPA reads v as a view
     // of it; q and k are rotated out of it (k first), and the rotary's concatenation on part of each head is
     // inside that kernel (wrapper of `phi3-512-untied-bf16amp-compiled`: no other buffer, and SDPA's output is read
@@ -436,32 +491,52 @@ fn separate_attn_fwd(
         w_v = weight_cast(cx, kv * c);
         let k = mm(cx, cx.n * kv * p, Temporary, "mm");
         let v_proj = mm(cx, cx.n * kv * p, Activations, "mm");
-        let v_rep = copy_v.then(|| cx.alloc(cx.n * qd * p, Activations, "repeat_kv"));
-        k_rot = cx.alloc(cx.n * k_width * p, Activations, "rotary");
-        q_rot = cx.alloc(cx.n * qd * p, Activations, "rotary");
-        cx.sim.free_all(&[q, k]);
-        v = match v_rep {
-            Some(t) => {
-                cx.free(v_proj);
-                t
-            }
-            None => v_proj,
-        };
         qk_norm = None;
+        if eager {
+            // q rotated, then k rotated into its transposed copy (over q's projection) and its saved repeat; v's
+            // repeat comes after the softmax (`eager_core_fwd`).
+            q_rot = cx.alloc(cx.n * qd * p, Activations, "rotary");
+            cx.free(q);
+            k_t = Some(cx.alloc(cx.n * qd * p, Temporary, "rotary (k transposed)"));
+            k_rot = cx.alloc(cx.n * qd * p, Activations, "rotary");
+            cx.free(k);
+            v = v_proj;
+        } else {
+            let v_rep = copy_v.then(|| cx.alloc(cx.n * qd * p, Activations, "repeat_kv"));
+            k_rot = cx.alloc(cx.n * k_width * p, Activations, "rotary");
+            q_rot = cx.alloc(cx.n * qd * p, Activations, "rotary");
+            cx.sim.free_all(&[q, k]);
+            v = match v_rep {
+                Some(t) => {
+                    cx.free(v_proj);
+                    t
+                }
+                None => v_proj,
+            };
+        }
     }
     // The mask: built once per forward, at the first layer that needs it, as an additive [B, 1, T, T] tensor in
     // the query's dtype (the boolean mask and its conversion fused into one kernel), which every masked layer's
     // memory-efficient kernel and its backward read; it lives until the backward is done.
-    let sdpa = match window {
-        Some(slot) => {
+    let (core, v, w_o) = match (k_t, window) {
+        (Some(k_t), _) => {
+            let (saved, v_rep, w_o) = eager_core_fwd(cx, first, k_t, v);
+            (SeparateCore::Eager(saved), v_rep, w_o)
+        }
+        (None, Some(slot)) => {
             if slot.is_none() {
                 *slot = Some(cx.alloc(cx.b * cx.t * cx.t * p, Activations, "sliding-window mask"));
             }
-            ops::sdpa_fwd_with(cx, SdpaBackend::Efficient)
+            let saved = ops::sdpa_fwd_with(cx, SdpaBackend::Efficient);
+            let w_o = weight_cast(cx, c * qd);
+            (SeparateCore::Sdpa { saved, masked }, v, w_o)
         }
-        None => ops::sdpa_fwd(cx),
+        (None, None) => {
+            let saved = ops::sdpa_fwd(cx);
+            let w_o = weight_cast(cx, c * qd);
+            (SeparateCore::Sdpa { saved, masked }, v, w_o)
+        }
     };
-    let w_o = weight_cast(cx, c * qd);
     let o = mm(cx, nc * p, Temporary, "mm");
     let post = post_norm_fwd(cx, o);
     // The first layer's 2-byte buffer: its input is the embedding's rows, which the backward can gather again;
@@ -477,12 +552,62 @@ fn separate_attn_fwd(
         q_rot,
         k_rot,
         v,
-        sdpa,
+        core,
         casts: [w_q, w_k, w_v, w_o],
         qk_norm,
-        masked,
     };
     (attn, x_mid, None, post)
+}
+
+/// HF's eager attention core (see `EagerSaved`), from the scores' GEMM to the attention output's contiguous
+/// transpose: the scores (B x H x T x T), one softmax kernel writing the row statistics (first layer) or the
+/// fp32 probabilities (later layers) and the probabilities in the matmul dtype, v repeated to every head over
+/// k's transposed copy (`k_t`, which dies there) with the projection released, the `@ v` GEMM, o_proj's weight
+/// cast, then the transpose (the GEMM's output dies with it). Any sliding window is applied inside the softmax
+/// kernel from indices: no mask tensor (wrapper of `gemma2-512-hd256-win256-bf16amp-compiled`). Returns (what is
+/// saved, v's repeat, o_proj's weight cast).
+fn eager_core_fwd(
+    cx: &mut Ctx,
+    first: bool,
+    k_t: Tensor,
+    v_proj: Tensor,
+) -> (EagerSaved, Tensor, Option<Tensor>) {
+    let (s, p) = (ops::manual_scores_elems(cx), cx.p);
+    let nq = cx.n * cx.m.q_dim();
+    let bht = cx.b * cx.m.n_head * cx.t * 4;
+    let scores = mm(cx, s * p, Activations, "bmm");
+    let (stats, probs32) = if first {
+        let stats = [
+            cx.alloc(bht, Activations, "softmax max"),
+            cx.alloc(bht, Activations, "softmax sum"),
+        ];
+        (Some(stats), None)
+    } else {
+        // In fp32 the probabilities are already the matmul dtype: one tensor.
+        let probs32 = (p != 4).then(|| cx.alloc(s * 4, Activations, "softmax"));
+        (None, probs32)
+    };
+    let probs = cx.alloc(s * p, Activations, "softmax");
+    let scores = if first || cx.arch.attn_softcap {
+        Some(scores)
+    } else {
+        cx.free(scores);
+        None
+    };
+    let v_rep = cx.alloc(nq * p, Activations, "repeat_kv");
+    cx.sim.free_all(&[k_t, v_proj]);
+    let y_heads = mm(cx, nq * p, Temporary, "bmm");
+    let w_o = weight_cast(cx, cx.m.n_embd * cx.m.q_dim());
+    let y = cx.alloc(nq * p, Activations, "clone (transpose)");
+    cx.free(y_heads);
+    let saved = EagerSaved {
+        scores,
+        stats,
+        probs32,
+        probs,
+        y,
+    };
+    (saved, v_rep, w_o)
 }
 
 /// A norm on a branch's output before the residual add (Gemma 2's and 3's `post_attention_layernorm` and
@@ -718,7 +843,7 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
     } else {
         Some(x)
     };
-    let (head_cast, logits, ce_stats) = head_forward(cx);
+    let (head_cast, logits, raw_logits, ce_stats) = head_forward(cx);
     let targets = match cx.arch.program {
         Program::NanoGpt => targets,
         // HF's loss pads and shifts the labels (int64, saved by the fused loss).
@@ -737,6 +862,7 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
         norm_f_stats,
         head_cast,
         logits,
+        raw_logits,
         ce_stats,
         loss,
     }
@@ -835,13 +961,15 @@ fn discard_block(cx: &mut Ctx, b: Block) -> Tensor {
             q_rot,
             k_rot,
             v,
-            sdpa,
+            core,
             casts,
             qk_norm,
-            masked: _,
         } => {
             cx.sim.free_all(&[q_rot, k_rot, v]);
-            cx.sim.free_all(&sdpa.tensors());
+            match core {
+                SeparateCore::Sdpa { saved, .. } => cx.sim.free_all(&saved.tensors()),
+                SeparateCore::Eager(e) => e.release(cx),
+            }
             cx.sim.free_some(&casts);
             if let Some(n) = qk_norm {
                 cx.sim.free_all(&[n.q, n.q_stat, n.k, n.k_stat]);
@@ -872,20 +1000,25 @@ fn discard_block(cx: &mut Ctx, b: Block) -> Tensor {
 /// The loss stage of the forward: the LM head's weight cast (autocast), the logits in the matmul dtype
 /// (returned, and saved by the fused loss), and the per-row max and log-sum-exp (fp32 [N]) the fused
 /// cross-entropy keeps for its backward. Returns (cast, logits, statistics).
-fn head_forward(cx: &mut Ctx) -> (Option<Tensor>, Tensor, [Tensor; 2]) {
+/// Soft-capped logits (Gemma 2's `final_logit_softcapping`) are a second buffer of the same size, written by
+/// the cap's kernel: the model returns them and the loss reads them, and the GEMM's output is saved too, for
+/// the tanh's backward (wrapper of `gemma2-512-hd256-win256-bf16amp-compiled`). Returns (cast, logits, the
+/// GEMM's output when capped, statistics).
+fn head_forward(cx: &mut Ctx) -> (Option<Tensor>, Tensor, Option<Tensor>, [Tensor; 2]) {
     cx.sim.next_stage("loss");
     let cast = weight_cast(cx, cx.m.vocab_size * cx.m.n_embd);
-    let logits = mm(
-        cx,
-        cx.n * padded_vocab(cx.m.vocab_size) * cx.p,
-        Logits,
-        "mm",
-    );
+    let bytes = cx.n * padded_vocab(cx.m.vocab_size) * cx.p;
+    let mut logits = mm(cx, bytes, Logits, "mm");
+    let mut raw = None;
+    if cx.arch.logit_softcap {
+        raw = Some(logits);
+        logits = cx.alloc(bytes, Logits, "tanh (final logit soft-cap)");
+    }
     let stats = [
         cx.alloc(cx.n * 4, Logits, "amax"),
         cx.alloc(cx.n * 4, Logits, "logsumexp"),
     ];
-    (cast, logits, stats)
+    (cast, logits, raw, stats)
 }
 
 /// What a gradient the graph returns counts as: `.grad` itself in the first micro-step; later ones are added
@@ -1205,23 +1338,33 @@ fn attn_bwd(
             q_rot,
             k_rot,
             v,
-            sdpa,
+            core,
             casts: [w_q, w_k, w_v, w_o],
             qk_norm,
-            masked,
         } => {
             let kv = cx.m.kv_dim();
-            let g_o = linear_bwd(cx, (c, qd), bias, &[], w_o, pending);
-            release_low(cx, g);
-            let (dq, dk, mut dv) = if masked {
-                ops::sdpa_bwd_with(cx, SdpaBackend::Efficient, qd)
-            } else {
-                ops::sdpa_bwd(cx)
+            let (dq, dk, mut dv, repeated) = match core {
+                SeparateCore::Sdpa { saved, masked } => {
+                    let g_o = linear_bwd(cx, (c, qd), bias, &[], w_o, pending);
+                    release_low(cx, g);
+                    let (dq, dk, dv) = if masked {
+                        ops::sdpa_bwd_with(cx, SdpaBackend::Efficient, qd)
+                    } else {
+                        ops::sdpa_bwd(cx)
+                    };
+                    cx.free(g_o);
+                    cx.sim.free_all(&[q_rot, k_rot]);
+                    cx.sim.free_all(&saved.tensors());
+                    cx.free(v);
+                    (dq, dk, dv, masked)
+                }
+                SeparateCore::Eager(e) => {
+                    let g_o = linear_bwd(cx, (c, qd), bias, &[Some(e.y)], w_o, pending);
+                    release_low(cx, g);
+                    let (dq, dk, dv) = eager_core_bwd(cx, e, g_o, [q_rot, k_rot, v]);
+                    (dq, dk, dv, true)
+                }
             };
-            cx.free(g_o);
-            cx.sim.free_all(&[q_rot, k_rot]);
-            cx.sim.free_all(&sdpa.tensors());
-            cx.free(v);
             if cx.arch.qkv == Qkv::PackedSlices {
                 // Rotary's backward for k, then q; one kernel places the three gradients into the packed width,
                 // read by one Linear backward (wrapper of `phi3-512-untied-bf16amp-compiled`).
@@ -1235,7 +1378,7 @@ fn attn_bwd(
                 cx.free(g_qkv);
                 return vec![g_in];
             }
-            if masked && kv < qd {
+            if repeated && kv < qd {
                 // The repeat's backward: v's gradient summed over the heads sharing each KV head (k's is summed
                 // in rotary's backward kernel).
                 let summed = cx.alloc(cx.n * kv * p, Temporary, "sum (repeat_kv backward)");
@@ -1260,6 +1403,37 @@ fn attn_bwd(
         }
     }
 }
+/// HF's eager attention core backward, entering with o_proj's input gradient `g_o`: its head-major copy (`g_o`
+/// dies), v's gradient (probabilities^T @ g; the probabilities die), the probabilities' gradient (g @ v^T, B x H x
+/// T x T; v's repeat dies), which the softmax's (and a soft-cap's) backward kernel overwrites with the scores'
+/// gradient, releasing what it read (fp32 probabilities, or scores and statistics), then q's and k's gradients
+/// (GEMMs with k and q, which die), at q's width (wrapper of `llama-manual-512-gqa-bf16amp-compiled`). Returns
+/// (dq, dk, dv), k and v still repeated to every head.
+fn eager_core_bwd(
+    cx: &mut Ctx,
+    e: EagerSaved,
+    g_o: Tensor,
+    [q_rot, k_rot, v]: [Tensor; 3],
+) -> (Tensor, Tensor, Tensor) {
+    let (s, p) = (ops::manual_scores_elems(cx), cx.p);
+    let nq = cx.n * cx.m.q_dim();
+    let g = cx.alloc(nq * p, Temporary, "clone (transpose backward)");
+    cx.free(g_o);
+    let dv = mm(cx, nq * p, Temporary, "bmm");
+    cx.free(e.probs);
+    let g_s = mm(cx, s * p, Temporary, "bmm");
+    cx.free(v);
+    cx.sim.free_some(&[e.scores, e.probs32]);
+    if let Some(stats) = e.stats {
+        cx.sim.free_all(&stats);
+    }
+    let dk = mm(cx, nq * p, Temporary, "bmm");
+    cx.free(q_rot);
+    let dq = mm(cx, nq * p, Temporary, "bmm");
+    cx.sim.free_all(&[k_rot, g_s, g]);
+    (dq, dk, dv)
+}
+
 /// Rotary's backward for q or k (`width` features per token): the gradient of the unrotated projection, in the
 /// matmul dtype. With a q/k norm the same kernel runs the norm's backward, reading the saved projection and
 /// statistic (released after it) and writing, besides, the fp32 product of the gradient and the normalised input
@@ -1504,6 +1678,7 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     if cx.arch.program == Program::HfLoop {
         release.push(f.logits);
     }
+    release.extend(f.raw_logits);
     let HeadBackward {
         mut g,
         tied_head,
