@@ -544,11 +544,25 @@ fn parallel_setup(case: &Value) -> (Value, u64) {
         }
     }
     t.insert("parallel".into(), par);
+    // peft's LoraConfig, as the fine-tuning records carry it (`finetune_setup`); `base_dtype` is the setup's own.
+    if let Some(l) = case.get("lora") {
+        t.insert(
+            "lora".into(),
+            serde_json::json!({"r": l["r"], "alpha": l["lora_alpha"], "dropout": l["lora_dropout"],
+                               "target_modules": l["target_modules"]}),
+        );
+    }
     (
         serde_json::json!({"model": case["model"], "train": train}),
         rank,
     )
 }
+
+/// Multi-GPU records vramfit refuses (`Error::NotModelled`), by name; the test prints the refusal.
+/// llama-lora-fsdp-w8-mp is LoRA under FSDP2's MixedPrecisionPolicy (no autocast, a bf16 base with fp32
+/// adapters gathered in bf16): measured to show that autocast holds as much for LoRA (351.96 MiB, against
+/// 354.89 MiB for llama-lora-fsdp-w8 under autocast), which is why the GPU plan keeps LoRA under autocast.
+const PARALLEL_NOT_MODELLED: &[&str] = &["llama-lora-fsdp-w8-mp"];
 
 /// DDP and tensor-parallel records whose reserved memory is not within the stub standard (3%), with what is
 /// known.
@@ -579,13 +593,20 @@ fn parallel_records_allocated() {
     let path = data_dir().join("parallel/stub-cuda.json");
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let (mut table, mut bad, mut n) = (String::new(), 0, 0);
+    let mut refused = Vec::new();
     for rec in v["records"].as_array().expect("records") {
         let name = rec["name"].as_str().unwrap();
         assert_eq!(rec["method"], "stub-cuda", "{name}");
         let (setup, rank) = parallel_setup(&rec["case"]);
-        let report = setup_from_value(&setup)
-            .and_then(|s| vramfit::estimate(&s))
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let report = match setup_from_value(&setup).and_then(|s| vramfit::estimate(&s)) {
+            Ok(r) => r,
+            Err(e @ vramfit::Error::NotModelled { .. }) => {
+                table += &format!("{name:30} refused: {e}\n");
+                refused.push(name);
+                continue;
+            }
+            Err(e) => panic!("{name}: {e}"),
+        };
         n += 1;
         let m = &rec["measured"];
         let (ma, mr) = (
@@ -621,9 +642,10 @@ fn parallel_records_allocated() {
     }
     println!("{table}");
     assert!(
-        n >= 36,
-        "expected the 36 DDP, FSDP2, TP and TP x FSDP2 records, found {n}"
+        n >= 54,
+        "expected the 54 modelled DDP, FSDP2 (under autocast, and with LoRA), TP and TP x FSDP2 records, found {n}"
     );
+    assert_eq!(refused, PARALLEL_NOT_MODELLED, "\n{table}");
     assert!(
         bad == 0,
         "{bad} multi-GPU records over {}% allocated:\n{table}",
