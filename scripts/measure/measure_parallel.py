@@ -36,8 +36,14 @@ Methods (each record names its own):
 
 Case fields: "model": measure.py's nanoGPT GPT ({"family": "gpt2", n_layer, n_head, n_embd, vocab_size, block_size,
 bias, dropout}) or Llama ({"family": "llama", ... n_kv_head, intermediate_size, tie_embeddings}); "train":
-batch_size (per GPU), seq_len, precision ("fp32" or "bf16-amp"; FSDP2 with mp_policy runs without autocast),
-grad_accum_steps, rank; "parallel": {"strategy": "ddp" | "fsdp2" | "tp" | "tp-fsdp2", "world_size": W, ...}:
+batch_size (per GPU), seq_len, precision ("fp32" or "bf16-amp"; FSDP2 with mp_policy runs without autocast, FSDP2
+under "bf16-amp" autocasts fp32 parameters),
+grad_accum_steps, rank, checkpointing, base_dtype ("fp32" | "bf16": the dtype the model is built in); "lora"
+(optional, Llama only): peft's LoraConfig fields (r, lora_alpha, lora_dropout, target_modules), applied with
+peft.get_peft_model after the model is built (on the meta device for FSDP2) and before DDP / fully_shard, as
+measure_finetune.py does (fp32 adapters; AdamW over the trainable parameters); FSDP2 shards each of the PeftModel's
+decoder layers (frozen base and adapters in one group), then the PeftModel;
+"parallel": {"strategy": "ddp" | "fsdp2" | "tp" | "tp-fsdp2", "world_size": W, ...}:
   ddp:   bucket_cap_mb (None = default 25 with a 1 MiB first bucket), gradient_as_bucket_view, static_graph,
          accumulation as the family's loop does it (gpt2: nanoGPT's model.require_backward_grad_sync = last
          micro-step; llama: `with model.no_sync()` for all but the last micro-step).
