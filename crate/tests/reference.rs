@@ -486,8 +486,8 @@ fn parallel_records_allocated() {
     }
     println!("{table}");
     assert!(
-        rows.len() >= 36,
-        "expected the 36 DDP, FSDP2, TP and TP x FSDP2 records, found {}",
+        rows.len() >= 54,
+        "expected the 54 modelled DDP, FSDP2, TP, TP x FSDP2 and LoRA records, found {}",
         rows.len()
     );
     assert!(

@@ -36,8 +36,14 @@ Methods (each record names its own):
 
 Case fields: "model": measure.py's nanoGPT GPT ({"family": "gpt2", n_layer, n_head, n_embd, vocab_size, block_size,
 bias, dropout}) or Llama ({"family": "llama", ... n_kv_head, intermediate_size, tie_embeddings}); "train":
-batch_size (per GPU), seq_len, precision ("fp32" or "bf16-amp"; FSDP2 with mp_policy runs without autocast),
-grad_accum_steps, rank; "parallel": {"strategy": "ddp" | "fsdp2" | "tp" | "tp-fsdp2", "world_size": W, ...}:
+batch_size (per GPU), seq_len, precision ("fp32" or "bf16-amp"; FSDP2 with mp_policy runs without autocast, FSDP2
+under "bf16-amp" autocasts fp32 parameters),
+grad_accum_steps, rank, checkpointing, base_dtype ("fp32" | "bf16": the dtype the model is built in); "lora"
+(optional, Llama only): peft's LoraConfig fields (r, lora_alpha, lora_dropout, target_modules), applied with
+peft.get_peft_model after the model is built (on the meta device for FSDP2) and before DDP / fully_shard, as
+measure_finetune.py does (fp32 adapters; AdamW over the trainable parameters); FSDP2 shards each of the PeftModel's
+decoder layers (frozen base and adapters in one group), then the PeftModel;
+"parallel": {"strategy": "ddp" | "fsdp2" | "tp" | "tp-fsdp2", "world_size": W, ...}:
   ddp:   bucket_cap_mb (None = default 25 with a 1 MiB first bucket), gradient_as_bucket_view, static_graph,
          accumulation as the family's loop does it (gpt2: nanoGPT's model.require_backward_grad_sync = last
          micro-step; llama: `with model.no_sync()` for all but the last micro-step).
@@ -336,11 +342,29 @@ def run_case(case, method, after_step, torch, measure):
         def set_sub(self, s):
             pass
 
+    lc = case.get("lora")
+    base_dtype = tr.get("base_dtype", "fp32")
+
     def build(device):
+        # The base in its dtype (fine-tuning: measure_finetune.py's convention), then peft's adapters on it.
+        old = torch.get_default_dtype()
+        torch.set_default_dtype({"fp32": torch.float32, "bf16": torch.bfloat16}[base_dtype])
         with torch.device(device):
             if family == "gpt2":
-                return measure.GPT(m, tr.get("attention", "sdpa"), tr.get("checkpointing", False), NoTracker())
-            return measure.build_llama(m, tr.get("checkpointing", False), NoTracker())
+                model = measure.GPT(m, tr.get("attention", "sdpa"), tr.get("checkpointing", False), NoTracker())
+            else:
+                model = measure.build_llama(m, tr.get("checkpointing", False), NoTracker())
+        torch.set_default_dtype(old)
+        if lc:
+            import peft
+            assert family == "llama", "LoRA cases are Hugging Face models"
+            model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **lc))
+        return model
+
+    def blocks_of(model):
+        if family == "gpt2":
+            return model.h
+        return (model.base_model.model if lc else model).model.layers
 
     if not fake:
         torch.cuda.empty_cache()
@@ -419,8 +443,7 @@ def run_case(case, method, after_step, torch, measure):
                                                    reduce_dtype=dt[mp.get("reduce_dtype")])
         if par.get("cpu_offload"):
             kw["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
-        blocks = model.h if family == "gpt2" else model.model.layers
-        for b in blocks:
+        for b in blocks_of(model):
             fully_shard(b, **kw)
         fully_shard(model, **kw)
         model.to_empty(device="cpu" if par.get("cpu_offload") else "cuda")
@@ -450,8 +473,11 @@ def run_case(case, method, after_step, torch, measure):
 
     # Per-GPU sizes of what the strategy holds, from the tensors themselves.
     local_param_bytes = nbytes(params, torch)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     info["params"] = {"total": n_params_full, "local_numel": sum(local(p, torch).numel() for p in params),
                       "local_bytes": local_param_bytes,
+                      "frozen_local_numel": sum(local(p, torch).numel() for p in frozen),
+                      "frozen_local_bytes": nbytes(frozen, torch),
                       "dtensor_params": sum(isinstance(p, DTensor) for p in params),
                       "plain_params": sum(not isinstance(p, DTensor) for p in params)}
     if strategy == "tp" or strategy == "tp-fsdp2":
@@ -540,6 +566,12 @@ def run_case(case, method, after_step, torch, measure):
     if strategy in ("fsdp2", "tp-fsdp2"):
         info["fsdp_groups"] = fsdp_groups(model, torch)  # after step 1: dtypes are set at FSDP's lazy init
     out = {"parallel": info, "allocated_before": allocated_before}
+    if lc:
+        import peft
+        out["lora"] = {"config": lc, "base_dtype": base_dtype, "peft": peft.__version__,
+                       "lora_layers": sum(1 for mod in model.modules() if isinstance(mod, peft.tuners.lora.LoraLayer)),
+                       "trainable_dtypes": sorted({str(p.dtype) for p in params}),
+                       "frozen_dtypes": sorted({str(p.dtype) for p in frozen})}
     if ddp is not None:
         ld = ddp._get_ddp_logging_data()
         info["ddp_logging"] = {k: ld.get(k) for k in ("bucket_sizes", "rebuilt_bucket_sizes", "has_rebuilt_buckets",
@@ -563,7 +595,10 @@ def fsdp_groups(model, torch):
         if pg is None:
             continue
         fps = pg.fsdp_params
-        out.append({"module": name or "<root>", "n_params": len(fps),
+        trained = [fp for fp in fps if fp.sharded_param.requires_grad]
+        out.append({"module": name or "<root>", "n_params": len(fps), "n_trainable": len(trained),
+                    "trainable_padded_sharded_numel": sum(fp.padded_sharded_param_size.numel() for fp in trained),
+                    "orig_dtypes": sorted({str(fp.orig_dtype) for fp in fps}),
                     "unsharded_numel": sum(fp._orig_size.numel() for fp in fps),
                     "padded_sharded_numel": sum(fp.padded_sharded_param_size.numel() for fp in fps),
                     "sharded_numel": sum(fp._sharded_param_data.numel() for fp in fps)

@@ -190,12 +190,14 @@ test('the GPU plan: a line per strategy, the fewest GPUs the CLI finds, the advi
   const px = await canvasPixels(page, 'plot-gpus');
   assert.ok(px.drawn > 2000, `GPU plot drawn (${px.drawn} pixels)`);
   assert.match(await page.textContent('#gpu-plan tr[data-way="zero3-offload"] td:nth-child(3)'), /GiB of pinned host memory/);
-  // LoRA with DDP or FSDP2 is not modelled: each row says so.
-  await toggle(page, 'lora', true);
+  // A QLoRA base (bitsandbytes 4-bit) on several GPUs is not modelled: each row says so.
   await select(page, 'parallel', 'single');
+  await select(page, 'precision', 'bf16-amp');
+  await toggle(page, 'lora', true);
+  await select(page, 'quantization', 'nf4');
   const errs = await page.evaluate(() => [...document.querySelectorAll('#gpu-plan td[colspan]')].map((td) => td.textContent));
   assert.equal(errs.length, 5);
-  for (const e of errs) assert.match(e, /^not modelled: train\.lora (or train\.quantization )?with train\.parallel\./);
+  for (const e of errs) assert.match(e, /^not modelled: train\.(lora or train\.)?quantization (\(nf4\) )?with train\.parallel\./);
   assert.deepEqual(errors, []);
 });
 

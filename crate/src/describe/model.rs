@@ -837,14 +837,7 @@ impl Setup {
         crate::finetune::check(self)?;
         t.parallel.validate(t.precision, t.compile)?;
         t.parallel.check_model(m, t)?;
-        if t.lora.is_some() && t.parallel.strategy != crate::parallel::Strategy::Single {
-            return Err(Error::NotModelled {
-                what: format!(
-                    "train.lora with train.parallel.strategy {:?}: fine-tuning was measured on one GPU only",
-                    t.parallel.strategy.name()
-                ),
-            });
-        }
+        crate::finetune::check_parallel(self)?;
         self.check_size()
     }
 

@@ -83,19 +83,28 @@ fn run(setup: &Setup, n_steps: u32, record: bool, reserved_limit: u64) -> Result
     let own_pb = tr.precision.param_bytes();
     let mut ddp = None;
     let opt_params: Vec<Param> = if distributed::strategy(setup) == Strategy::Fsdp {
-        let f = distributed::Fsdp::build(&mut cx, &exec, own_pb);
+        // Under LoRA the sharded base keeps the base's dtype and the adapters theirs (fp32 under autocast).
+        let (own, adapter_own) = match tr.lora {
+            Some(_) => (
+                crate::finetune::base_bytes(setup),
+                crate::finetune::adapter_bytes(tr.precision),
+            ),
+            None => (own_pb, own_pb),
+        };
+        let f = distributed::Fsdp::build(&mut cx, &exec, own, adapter_own);
         for bytes in cx.arch.buffers_bytes(&exec.model, own_pb) {
             cx.alloc(bytes, Weights, "buffer");
         }
-        let opt = f.optimizer_params(&cx, &exec);
+        let opt = f.optimizer_params(&cx);
         cx.fsdp = Some(Box::new(f));
+        // A tensor-parallel plan shards only base parameters (LoRA with tensor parallelism is refused).
         opt.into_iter()
-            .zip(&tp_sharded)
-            .map(|((elems, matrix), &tp_sharded)| Param {
+            .zip(tp_sharded.iter().chain(std::iter::repeat(&false)))
+            .map(|((elems, matrix, bytes, rows), &tp_sharded)| Param {
                 elems,
                 matrix,
-                bytes: own_pb,
-                rows: 0,
+                bytes,
+                rows: if tr.lora.is_some() { rows } else { 0 },
                 tp_sharded,
             })
             .collect()
@@ -130,8 +139,19 @@ fn run(setup: &Setup, n_steps: u32, record: bool, reserved_limit: u64) -> Result
             Some(lora) => lora_params(&mut cx, setup, lora),
         };
         if distributed::strategy(setup) == Strategy::Ddp {
-            let bytes: Vec<u64> = params.iter().map(|p| p.0 * cx.pb).collect();
-            ddp = Some(distributed::Ddp::build(&mut cx, &bytes, &tr.parallel));
+            // `_sync_module_states` broadcasts every parameter, frozen or not; the reducer's buckets hold the
+            // trained ones (a LoRA model's adapters).
+            let mut states: Vec<(u64, u64)> = params.iter().map(|p| (p.0 * cx.pb, cx.pb)).collect();
+            if tr.lora.is_some() {
+                states.extend(trained.iter().map(|p| (p.elems * p.bytes, p.bytes)));
+            }
+            let buckets: Vec<u64> = trained.iter().map(|p| p.elems * p.bytes).collect();
+            ddp = Some(distributed::Ddp::build(
+                &mut cx,
+                &states,
+                &buckets,
+                &tr.parallel,
+            ));
         }
         trained
     };
