@@ -1427,7 +1427,8 @@ fn head_backward(
 /// The token embedding's gradient: the rows' gradient accumulated in fp32 whatever the dtype (measured: an fp32
 /// V x C buffer in fp32, autocast and pure bf16 alike), then summed with a tied head's gradient or, untied,
 /// converted to the parameter dtype. A deferred head (fp32, pure bf16) is one `addmm` into a new buffer that
-/// reads the embedding's gradient (converted first in pure bf16) and the kept loss gradient and norm output.
+/// reads the embedding's gradient (converted first in pure bf16) and the kept loss gradient and norm output; in pure
+/// bf16 it runs through cuBLASLt, with its 1 MiB workspace instead of cuBLAS's.
 /// Releases the residual gradient; returns the gradient for `.grad`.
 fn embedding_backward(
     cx: &mut Ctx,
@@ -1453,7 +1454,10 @@ fn embedding_backward(
                 cx.free(dense);
                 t
             });
-            let grad = mm(cx, vc * cx.pb, cat, "addmm");
+            // The addmm adds the (converted) embedding gradient, a 2-D matrix in the parameter dtype: cuBLASLt
+            // in pure bf16, cuBLAS in fp32.
+            let grad = cx.alloc(vc * cx.pb, cat, "addmm");
+            cx.addmm_matrix_workspace(cx.pb);
             cx.free(g_logits);
             match converted {
                 Some(t) => cx.free(t),
