@@ -456,8 +456,9 @@ device with its compute capability, SM count and memory. Known limits: cuDNN att
 memory-efficient attention instead), values read back are zeros (GradScaler never skips a step), autotuning sees\n\
 equal timings. Issue 10's standard: allocated within 2%, reserved within 3%, on every record.\n\n\
 Differences from the fake-cuda method, found with this one and now in the estimator: the cuBLAS workspace is taken\n\
-from the allocator for each GEMM and returned after it (32 MiB on sm_90, 8 MiB + 128 KiB before; cuBLASLt's 1 MiB\n\
-for a Linear with bias), so it counts only inside a GEMM; under autocast the tied embedding's two gradients are\n\
+from the allocator for each GEMM and returned after it (32 MiB on sm_90, 8 MiB + 128 KiB before; cuBLASLt's 1 MiB,\n\
+on every architecture, for an `addmm` with a bias, or with a 2-D matrix in fp16 or bf16: 126 GEMMs probed in\n\
+`tests/data/stub-cuda/blas_workspace.json`), so it counts only inside a GEMM; under autocast the tied embedding's two gradients are\n\
 summed in place; a Linear's weight gradient comes before its input gradient; the reference runs build a tied head\n\
 with its own weight and then free one of the two. Compiled records are re-runs, Inductor's caches warm: a script's\n\
 first run of a new shape also autotunes kernels on copies of their arguments, which can leave the allocator holding\n\
@@ -521,7 +522,9 @@ dispatcher runs the whole training loop (CUDA autocast lists, SDPA backend choic
 optimizers, the autograd engine's device thread) on `FakeTensorMode` tensors on device `cuda`; every new storage is\n\
 counted, rounded up to 512 B, and freed when its last reference dies. Allocations that CUDA kernels make\n\
 internally, which fake kernels never make, are added explicitly and identically in the harness and the estimator:\n\
-the cuBLAS workspace of each GEMM (32 MiB on sm_90, 8 MiB + 128 KiB before), FlashAttention-2 backward's `dq_accum` and\n\
+the cuBLAS workspace of each GEMM (32 MiB on sm_90, 8 MiB + 128 KiB before) or, for an `addmm` that ATen sends\n\
+through cuBLASLt (a bias in any dtype, a 2-D matrix in fp16 or bf16), cuBLASLt's 1 MiB instead, which GEMM takes\n\
+which found with PyTorch's own allocator (`tests/data/stub-cuda/blas_workspace.json`), FlashAttention-2 backward's `dq_accum` and\n\
 `softmax_d`, memory-efficient attention backward's `delta`, and embedding backward's index sort buffers.\n\
 See `scripts/measure/measure.py`.\n\n\
 Because the estimator follows the same op-by-op allocations, fake-cuda records agree to within a few KiB. That\n\

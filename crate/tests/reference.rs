@@ -175,16 +175,18 @@ fn every_compiled_config_is_within_tolerance() {
     );
 }
 
-/// Disagreements between the two methods: the estimate follows the fake-cuda replay (within 0.1% of it) and
-/// PyTorch's own allocator holds less, each with its cause as far as it is found. Each must still be within 15%.
-const UNEXPLAINED: &[(&str, &str)] = &[(
+/// Records whose allocated figure the estimate does not reach within the stub standard (2%), each with its cause;
+/// each must still be within `ALLOCATED_KNOWN_TOLERANCE`, and its reserved figure is judged as any other's.
+const ALLOCATED_KNOWN: &[(&str, &str)] = &[(
     "grads-dominate-accum2-bf16-compiled",
-    "pure bf16, accumulation 2, 2 x 512 wide, 16 tokens, peak at the tied head's gradient: that bf16 `addmm` at \
-     the end of the backward runs through cuBLASLt with its 1 MiB workspace on a real run (stub-cuda snapshots: a \
-     1 MiB block at the addmm, here and in llama-ckpt-bf16-tied-accum2), where the fake-cuda method charges it the \
-     32 MiB cuBLAS workspace of every GEMM and the model follows it; with 1 MiB the model is within 2% allocated \
-     and 0% reserved here, but 11% under this case's fake-cuda record",
+    "-2.01%: PyTorch's max_memory_allocated counts whole blocks, and a large-pool block the allocator does not split \
+     (a tail of 1 MiB or less stays with it) counts with its tail, where the estimate counts the bytes requested \
+     (rounded to 512 B); the allocator model's own block-level peak (Allocator::peak_allocated_bytes) is -0.05% \
+     here, and the fake-cuda record, which counts requests as the estimate does, is within 0.06%. (The cuBLASLt \
+     workspace once named here is modelled now: the tied head's bf16 addmm at the end of the backward takes \
+     cuBLASLt's 1 MiB, not cuBLAS's 32, in the fake-cuda harness and in the model; see CUBLASLT_WORKSPACE_BYTES)",
 )];
+const ALLOCATED_KNOWN_TOLERANCE: f64 = 0.03;
 
 /// Compiled records whose reserved memory the allocator model does not reach within 3%, each with what the
 /// memory snapshots show (each must still be within 10%). Compiled records are re-runs with Inductor's caches
@@ -238,14 +240,17 @@ const RESERVED_KNOWN: &[(&str, &str)] = &[
          buffers to the next (`# reuse`) and the backward interleaves each block's recompute with the previous \
          block's weight gradients; the model frees and allocates in its own order, so PyTorch's allocator needs \
          new 48 MiB segments for the recomputed fc and GELU outputs (backward wrapper lines 2356-2359 and 2561) \
-         and 24 to 48 MiB more in steps 2 and 3 (lines 2375, 2400, 2561), where the model reuses freed ones",
+         and 24 to 48 MiB more in steps 2 and 3 (lines 2375, 2400, 2561), where the model reuses freed ones. No \
+         GEMM of this step takes cuBLASLt's workspace (the fake-cuda tracker, which tells the two apart, charges \
+         only cuBLAS's), so the workspaces are not the cause",
     ),
     (
         "tiny-vocab-grads-amp-compiled",
         "50 MiB measured, 48 modelled: one 2 MiB small-pool segment. In this one-layer graph Inductor moves the \
          three fp32 weight-gradient conversions (0.75, 1 and 1 MiB) to the end of the backward, where the 2-byte \
          gradients are still alive (wrapper lines 1398-1408); the model converts each after its GEMMs, and the \
-         real run's last conversion needs a ninth small segment",
+         real run's last conversion needs a ninth small segment. No GEMM here takes cuBLASLt's workspace (the \
+         fake-cuda record, re-measured with the tracker that tells the two apart, is unchanged)",
     ),
 ];
 
@@ -313,17 +318,15 @@ fn judge_stub_rows(
     let (mut table, mut bad_a, mut bad_r) = (String::new(), 0, 0);
     for (name, [ma, pa, mr, pr]) in &rows {
         let (ea, er) = (rel(*pa, *ma), rel(*pr, *mr));
-        let known = UNEXPLAINED.iter().find(|(n, _)| n == name);
+        let known = ALLOCATED_KNOWN.iter().find(|(n, _)| n == name);
         let over_a = match known {
-            Some(_) => ea.abs() > 0.15,
+            Some(_) => ea.abs() > ALLOCATED_KNOWN_TOLERANCE,
             None => ea.abs() > STUB_ALLOCATED_TOLERANCE,
         };
         let reserved_known = RESERVED_KNOWN.iter().find(|(n, _)| n == name);
-        let over_r = match (known, reserved_known) {
-            // The allocated figure is already off: reserved follows it.
-            (Some(_), _) => er.abs() > 0.25,
-            (None, Some(_)) => er.abs() > 0.10,
-            (None, None) => er.abs() > STUB_RESERVED_TOLERANCE,
+        let over_r = match reserved_known {
+            Some(_) => er.abs() > 0.10,
+            None => er.abs() > STUB_RESERVED_TOLERANCE,
         };
         bad_a += over_a as usize;
         bad_r += over_r as usize;
@@ -334,7 +337,7 @@ fn judge_stub_rows(
             er * 100.0,
             if over_r { " !" } else { "  " },
             known
-                .map(|(_, why)| format!("  (unexplained: {why})"))
+                .map(|(_, why)| format!("  (allocated: {why})"))
                 .or(reserved_known.map(|(_, why)| format!("  (reserved: {why})")))
                 .unwrap_or_default(),
         );

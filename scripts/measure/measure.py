@@ -75,6 +75,34 @@ def cublas_workspace_bytes():
     return 32 << 20 if torch.cuda.get_device_capability()[0] >= 9 else (8 << 20) + (128 << 10)
 
 
+# cuBLASLt workspace: an `addmm` that ATen sends through cuBLASLt (addmm_out_cuda_impl's Lt path) takes
+# CUBLASLT_WORKSPACE_SIZE, 1024 KiB by default on every architecture, from the caching allocator instead of the cuBLAS
+# workspace, and returns it when the GEMM is done, as the cuBLAS one. Which addmm takes it, found with the stub-cuda
+# method (PyTorch's own allocator, torch 2.15, sm_80, sm_89 and sm_90 alike; scripts/measure/probe_blas_workspace.py,
+# tests/data/stub-cuda/blas_workspace.json): a bias (1-D, or 2-D with one row) with beta 1, in fp32, fp16 or bf16;
+# a 2-D matrix in fp16 or bf16, whatever beta; never in place (`addmm_`, `out=self`), never with a non-contiguous
+# self, never a 2-D matrix in fp32. Every other GEMM takes the cuBLAS workspace.
+CUBLASLT_WORKSPACE_BYTES = 1 << 20
+
+
+def takes_cublaslt(args, kwargs):
+    """Whether an aten.addmm call runs through cuBLASLt (see CUBLASLT_WORKSPACE_BYTES)."""
+    self_, mat1, mat2 = args[:3]
+    beta = kwargs.get("beta", args[3] if len(args) > 3 else 1)
+    out = kwargs.get("out")
+    if out is not None and out.untyped_storage()._cdata == self_.untyped_storage()._cdata:
+        return False  # result is self: in place (addmm_ is its own op, `addmm_`, and takes cuBLAS's)
+    if min(*mat1.shape, *mat2.shape) <= 1 or not self_.is_contiguous():
+        return False
+    dtype = mat1.dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    bias = self_.dim() == 1 or (self_.dim() == 2 and self_.shape[0] == 1)
+    if bias:
+        return beta == 1 and self_.shape[-1] == mat2.shape[1]
+    return self_.dim() == 2 and dtype in (torch.float16, torch.bfloat16)
+
+
 TRACE = [] if os.environ.get("VRAMFIT_TRACE") else None
 _labels = {}
 
@@ -266,7 +294,9 @@ class Tracker(TorchDispatchMode):
         if self.enabled:
             for t in tree_flatten(out)[0]:
                 self.track(t, name)
-            if name in self.MATMULS:
+            if name == "addmm" and takes_cublaslt(args, kwargs):
+                self.hidden_alloc("cublaslt_workspace", CUBLASLT_WORKSPACE_BYTES, transient=True)
+            elif name in self.MATMULS:
                 self.hidden_alloc("cublas_workspace", cublas_workspace_bytes(), transient=True)
         return out
 

@@ -127,6 +127,28 @@ fn mm(cx: &mut Ctx, bytes: u64, cat: Category, op: &'static str) -> Tensor {
     t
 }
 
+/// A Linear's forward GEMM: its output, then the workspace the GEMM takes. With a bias Inductor calls `addmm` with
+/// the 1-D bias, which runs through cuBLASLt and takes its 1 MiB workspace (`ops::CUBLASLT_WORKSPACE_BYTES`), for
+/// every Linear in fp16 and bf16 (autocast or pure), but in fp32 for the first Linear of a branch only: an output
+/// projection's bias (`out_proj`) is then added by the fused residual-add kernel after a plain `mm`, which takes
+/// cuBLAS's. Traces of the fake-cuda tracker (which tells the two apart, `takes_cublaslt`):
+/// `narrow-128-fp32-bias-compiled`, 8 addmm and 9 mm per forward (4 layers, the head); `gpt2-124m-bias-fp16-compiled`,
+/// 48 addmm and the head's mm; the same narrow model in pure bf16 and in bf16-amp, 16 addmm and 1 mm.
+fn linear_workspace(cx: &mut Ctx, bias: bool, out_proj: bool) {
+    if bias && (cx.p == 2 || !out_proj) {
+        cx.addmm_workspace();
+    } else {
+        cx.matmul_workspace();
+    }
+}
+
+/// `mm` for a Linear of the forward (`linear_workspace`).
+fn linear_mm(cx: &mut Ctx, bytes: u64, cat: Category, (bias, out_proj): (bool, bool)) -> Tensor {
+    let t = cx.alloc(bytes, cat, "mm");
+    linear_workspace(cx, bias, out_proj);
+    t
+}
+
 /// One Linear's weight as the compiled matmul reads it: a 2-byte cast under autocast (saved for backward),
 /// the parameter itself otherwise.
 fn weight_cast(cx: &mut Ctx, elems: u64) -> Option<Tensor> {
@@ -362,7 +384,7 @@ fn fused_attn_fwd(
     let nc = cx.n * c;
     let (r, p) = (cx.r, cx.p);
     let w_attn = weight_cast(cx, 3 * c * c);
-    let qkv = mm(cx, 3 * nc * p, Activations, "mm");
+    let qkv = linear_mm(cx, 3 * nc * p, Activations, (cx.arch.qkv_bias, false));
     let core = match cx.arch.core {
         Core::Sdpa => CoreSaved::Sdpa(ops::sdpa_fwd(cx), qkv),
         Core::Manual => {
@@ -396,7 +418,7 @@ fn fused_attn_fwd(
         }
     };
     let w_proj = weight_cast(cx, c * c);
-    let proj = mm(cx, nc * p, Temporary, "mm");
+    let proj = linear_mm(cx, nc * p, Temporary, (cx.arch.linear_bias, true));
     let x_mid = cx.alloc(nc * r, Activations, "add");
     let mask1 = residual_mask(cx, nc, recompute);
     if cx.arch.dropout && !last {
@@ -680,12 +702,13 @@ fn mlp_fwd(
     let (r, p) = (cx.r, cx.p);
     match cx.arch.mlp {
         Mlp::Gelu => {
+            let bias = cx.arch.linear_bias;
             let w_fc = weight_cast(cx, i * c);
-            let h = mm(cx, cx.n * i * p, Activations, "mm");
+            let h = linear_mm(cx, cx.n * i * p, Activations, (bias, false));
             let w_mlp = weight_cast(cx, c * i);
             let g = cx.alloc(cx.n * i * p, Activations, "gelu");
             let mask2 = residual_mask(cx, nc, recompute);
-            cx.matmul_workspace();
+            linear_workspace(cx, bias, true);
             let x_out = want_out.then(|| cx.alloc(nc * r, Activations, "add"));
             let saved = MlpSaved::Gelu { w_fc, h, w_mlp, g };
             (saved, mask2, x_out, None)
@@ -1601,7 +1624,8 @@ fn head_backward(
 /// The token embedding's gradient: the rows' gradient accumulated in fp32 whatever the dtype (measured: an fp32
 /// V x C buffer in fp32, autocast and pure bf16 alike), then summed with a tied head's gradient or, untied,
 /// converted to the parameter dtype. A deferred head (fp32, pure bf16) is one `addmm` into a new buffer that
-/// reads the embedding's gradient (converted first in pure bf16) and the kept loss gradient and norm output.
+/// reads the embedding's gradient (converted first in pure bf16) and the kept loss gradient and norm output; in pure
+/// bf16 it runs through cuBLASLt, with its 1 MiB workspace instead of cuBLAS's.
 /// Releases the residual gradient; returns the gradient for `.grad`.
 fn embedding_backward(
     cx: &mut Ctx,
@@ -1627,7 +1651,10 @@ fn embedding_backward(
                 cx.free(dense);
                 t
             });
-            let grad = mm(cx, vc * cx.pb, cat, "addmm");
+            // The addmm adds the (converted) embedding gradient, a 2-D matrix in the parameter dtype: cuBLASLt
+            // in pure bf16, cuBLAS in fp32.
+            let grad = cx.alloc(vc * cx.pb, cat, "addmm");
+            cx.addmm_matrix_workspace(cx.pb);
             cx.free(g_logits);
             match converted {
                 Some(t) => cx.free(t),

@@ -17,10 +17,14 @@ use crate::Error;
 
 use Category::{Activations, Grads, Temporary, WeightCopies, Workspace};
 
-/// The cuBLASLt workspace `addmm` takes for a Linear with bias (`addmm_out_cuda_impl` uses cuBLASLt's
-/// `gemm_and_bias` for a 1-D bias, and `allocateCUDABlasWorkspace` gives it `CUBLASLT_WORKSPACE_SIZE`, 1024 KiB by
-/// default): 1,048,576 B per addmm in the stub-cuda snapshots of gpt2-124m-bias-fp16 and wide-2048-fp32 (sm_90)
-/// and of a one-layer model with bias on sm_89 (fp16-amp), sm_86 (bf16-amp) and sm_80 (fp32).
+/// The cuBLASLt workspace an `addmm` takes when ATen sends it through cuBLASLt (`addmm_out_cuda_impl`'s Lt path,
+/// `allocateCUDABlasWorkspace` of `CUBLASLT_WORKSPACE_SIZE`, 1024 KiB by default on every architecture): taken from
+/// the caching allocator inside the call and returned after it, as the cuBLAS workspace. Which addmm: a bias (1-D,
+/// as a Linear with bias, beta 1) in any float dtype, and a 2-D matrix (Inductor's fused `mm + add`) in fp16 or bf16
+/// only; in place or with a non-contiguous matrix, and a 2-D matrix in fp32, take cuBLAS's. PyTorch's own allocator
+/// on the stub device (torch 2.15; sm_80, sm_89 and sm_90 alike), 126 calls:
+/// `tests/data/stub-cuda/blas_workspace.json` (`scripts/measure/probe_blas_workspace.py`); also the 1,048,576 B per
+/// addmm of the stub-cuda snapshots of gpt2-124m-bias-fp16 and wide-2048-fp32 (sm_90).
 pub const CUBLASLT_WORKSPACE_BYTES: u64 = 1 << 20;
 
 /// cuBLAS workspace that PyTorch 2.15 takes from its caching allocator for each GEMM
@@ -223,6 +227,16 @@ impl<'a> Ctx<'a> {
     pub fn addmm_workspace(&mut self) {
         self.sim
             .scratch(CUBLASLT_WORKSPACE_BYTES, Workspace, "cublaslt_workspace");
+    }
+
+    /// An `addmm` whose added operand is a 2-D matrix of `elem_bytes` per element (its output already allocated):
+    /// cuBLASLt's workspace in fp16 or bf16, cuBLAS's in fp32 (`CUBLASLT_WORKSPACE_BYTES`).
+    pub fn addmm_matrix_workspace(&mut self, elem_bytes: u64) {
+        if elem_bytes == 2 {
+            self.addmm_workspace();
+        } else {
+            self.matmul_workspace();
+        }
     }
 }
 
