@@ -842,3 +842,38 @@ fn strategies_finds_the_fewest_gpus_and_the_flags_reproduce_them() {
         "error: --format (\"csv\") is not one of: table, json"
     );
 }
+
+/// `--finetune full|lora|qlora`: the recipes by name give the same setup as their flags spelled out, and an unknown
+/// one names the three.
+#[test]
+fn finetune_names_the_usual_recipes() {
+    let peak = |args: &[&str]| {
+        json_of(
+            &[
+                &["estimate", "--format", "json", "--preset", "llama-3.2-1b"][..],
+                args,
+            ]
+            .concat(),
+        )["peak_allocated_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    let lora = ["--lora", "r=16,alpha=32,dropout=0.05,targets=all-linear"];
+    assert_eq!(peak(&["--finetune", "lora"]), peak(&lora));
+    assert_eq!(
+        peak(&["--finetune", "qlora"]),
+        peak(
+            &[
+                &lora[..],
+                &["--quantization", "nf4", "--double-quant", "--checkpointing"]
+            ]
+            .concat()
+        )
+    );
+    assert_eq!(peak(&["--finetune", "full"]), peak(&[]));
+    assert!(peak(&["--finetune", "qlora"]) < peak(&["--finetune", "lora"]));
+    assert_eq!(
+        error_of(&["estimate", "--finetune", "dora"]),
+        "error: --finetune (\"dora\") is not one of: full, lora, qlora"
+    );
+}

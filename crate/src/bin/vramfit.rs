@@ -72,6 +72,9 @@ KNOBS (override the source):
   --lora SPEC          LoRA as peft applies it, e.g. r=16 or r=16,alpha=32,dropout=0.05,targets=q_proj+v_proj,
                        save=lm_head (targets: all-linear or module names joined by +; peft's defaults: alpha 8,
                        dropout 0, q_proj+v_proj); the base is frozen. --no-lora trains every parameter
+  --finetune full|lora|qlora    the usual recipes by name: lora is r=16,alpha=32,dropout=0.05,targets=all-linear;
+                       qlora the same over a 4-bit NF4 base with double quantization and checkpointing on
+                       (prepare_model_for_kbit_training's default); full trains every parameter
   --base-dtype fp32|bf16|fp16   the frozen base's dtype under LoRA (adapters stay fp32 under autocast)
   --quantization nf4|fp4|int8  --double-quant   a bitsandbytes base under LoRA (QLoRA: 4-bit Linears under
                        bf16-amp; int8: LLM.int8 Linears under bf16-amp or fp16-amp; the rest fp32 after
@@ -401,6 +404,33 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                 overrides.push(("train", "lora", lora_spec(&spec)?));
             }
             "--no-lora" => overrides.push(("train", "lora", Value::Null)),
+            // The usual recipes by name (issue 13): LoRA as the page sets it up (r 16, alpha 32, dropout 0.05, every
+            // Linear), QLoRA the same over a 4-bit NF4 base with double quantization (the QLoRA paper's), full
+            // fine-tuning every parameter trained.
+            "--finetune" => {
+                let method = next(&mut i, flag)?;
+                let lora = || lora_spec("r=16,alpha=32,dropout=0.05,targets=all-linear");
+                let (l, q, dq) = match method.as_str() {
+                    "full" => (Value::Null, Value::Null, false),
+                    "lora" => (lora()?, Value::Null, false),
+                    "qlora" => (lora()?, Value::String("nf4".into()), true),
+                    _ => {
+                        return Err(Error::UnknownValue {
+                            field: "--finetune".into(),
+                            value: method,
+                            allowed: &["full", "lora", "qlora"],
+                        })
+                    }
+                };
+                overrides.push(("train", "lora", l));
+                overrides.push(("train", "quantization", q));
+                overrides.push(("train", "double_quant", Value::Bool(dq)));
+                if dq {
+                    // peft's prepare_model_for_kbit_training turns gradient checkpointing on by default
+                    // (use_gradient_checkpointing=True), as the QLoRA recipe runs it.
+                    overrides.push(("train", "checkpointing", Value::Bool(true)));
+                }
+            }
             "--static-graph" => parallel.push(("static_graph", Value::Bool(true))),
             "--parallel" => parallel.push(("strategy", Value::String(next(&mut i, flag)?))),
             "--param-dtype" => parallel.push((
