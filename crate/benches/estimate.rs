@@ -4,6 +4,8 @@
 use std::hint::black_box;
 use std::time::Instant;
 
+use vramfit::model::Setup;
+use vramfit::page::Page;
 use vramfit::presets::{founding, model_preset};
 use vramfit::sweep::{fit_map, powers_of_two, sweep, Axis};
 
@@ -28,6 +30,25 @@ fn time(name: &str, rounds: usize, iters: usize, mut f: impl FnMut()) {
     println!("{name:<56} {v:>10.2} {unit}");
 }
 
+/// Every estimate of the page's full redraw for one setup, without the drawing: what `www/main.js` asks the wasm
+/// for after an input change (the estimate and comparison; then the advice, both sweeps, the fit map and the
+/// timeline, up to the first that fails, as the page stops there).
+fn page_redraw(s: &Setup) {
+    let mut p = Page::new(s.clone());
+    let r = p.estimate().unwrap();
+    black_box(p.compile_comparison(&r).unwrap());
+    let mut rest = || -> Result<(), vramfit::Error> {
+        black_box(p.suggestions()?);
+        black_box(p.largest_that_fit()?);
+        black_box(p.sweep(Axis::BatchSize)?);
+        black_box(p.sweep(Axis::BlockSize)?);
+        black_box(p.fit_map()?);
+        black_box(p.estimate()?);
+        Ok(())
+    };
+    let _ = black_box(rest());
+}
+
 fn main() {
     let s = founding();
     time("estimate (founding case, full report)", 11, 50, || {
@@ -47,6 +68,12 @@ fn main() {
     let values = powers_of_two(1, 64);
     time("batch sweep, 7 points (founding case)", 11, 10, || {
         black_box(sweep(&s, Axis::BatchSize, &values).unwrap());
+    });
+    time("page redraw's estimates (founding case)", 5, 3, || {
+        page_redraw(black_box(&s))
+    });
+    time("page redraw's estimates (Llama-3.1-70B)", 3, 1, || {
+        page_redraw(black_box(&deep))
     });
     let mut wide = s.clone();
     wide.model.block_size = 4096;

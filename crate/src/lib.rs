@@ -34,7 +34,7 @@ pub use run::{allocator, compiled, distributed, eager, moe, sim, step, tensors};
 pub use show::wasm;
 #[cfg(all(target_arch = "wasm32", feature = "snapshot-module"))]
 pub use show::wasm_snapshot;
-pub use show::{advice, compare, gpus, plot, report, sweep, trace};
+pub use show::{advice, compare, estimates, gpus, page, plot, report, sweep, trace};
 
 pub use error::Error;
 pub use model::{DeviceConfig, Family, ModelConfig, Setup, TrainConfig};
@@ -78,7 +78,7 @@ pub fn fits(setup: &Setup, budget_bytes: u64) -> Result<bool, Error> {
 
 /// Activations saved by one block: the difference a second block makes to the live activations at the end of
 /// the first forward.
-fn activations_per_block(setup: &Setup) -> Result<u64, Error> {
+pub(crate) fn activations_per_block(setup: &Setup) -> Result<u64, Error> {
     let at_end_of_forward = |n_layer: u64| -> Result<u64, Error> {
         let mut s = setup.clone();
         s.model.n_layer = n_layer;

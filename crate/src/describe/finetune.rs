@@ -306,7 +306,7 @@ impl Quantization {
             Quantization::Int8 => "8-bit (LLM.int8)".into(),
             q => format!(
                 "4-bit {}{}",
-                q.name().to_uppercase(),
+                q.name().to_ascii_uppercase(),
                 if q.double_quant() {
                     " with double quantization"
                 } else {

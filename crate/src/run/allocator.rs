@@ -618,6 +618,7 @@ impl CachingAllocator {
         }
     }
 
+    #[inline(always)]
     fn new_block(&mut self, block: Block) -> u32 {
         match self.spare.pop() {
             Some(i) => {
@@ -696,6 +697,7 @@ impl CachingAllocator {
     }
 
     /// `should_split`: whether the rest of the block after `size` bytes becomes a cached block of its own.
+    #[inline(always)]
     fn should_split(&self, b: u32, size: u64) -> bool {
         let block = &self.blocks[b];
         let remaining = block.size - size;

@@ -133,6 +133,8 @@ pub struct Sim {
     allocator: CachingAllocator,
     /// Whether allocations go to `allocator` (not for runs read only for their live bytes).
     replay: bool,
+    /// Reserved memory past which the allocator is no longer replayed (`stop_replay_above`).
+    replay_limit: u64,
     /// Every allocation and free, when recording (for comparing with a measured trace).
     events: Option<Vec<Event>>,
 }
@@ -175,6 +177,7 @@ impl Sim {
             timeline: Vec::new(),
             allocator: CachingAllocator::new(allocator, capacity_bytes),
             replay: true,
+            replay_limit: u64::MAX,
             events: None,
         }
     }
@@ -229,6 +232,7 @@ impl Sim {
         // Past the capacity the allocator keeps going (counting the OOM), so the run shows how far it overshoots.
         if self.replay && bytes > 0 {
             self.allocator.malloc_overcommitting(id, bytes);
+            self.check_replay_limit();
         }
         let step = self.phase.step as usize;
         if self.step_peaks.len() <= step {
@@ -274,6 +278,24 @@ impl Sim {
         let t = self.alloc(n_bytes, category, op);
         self.free(t);
         self.replay = replay;
+        if replay {
+            self.check_replay_limit();
+        }
+    }
+
+    /// Stops replaying the caching allocator once its peak reserved memory passes `reserved_bytes`: for a run
+    /// that only asks whether it stays within that much, the answer is then known (no), and the rest of the run
+    /// only counts live bytes. The allocator's figures stay as they were at that moment.
+    pub fn stop_replay_above(&mut self, reserved_bytes: u64) {
+        self.replay_limit = reserved_bytes;
+        self.check_replay_limit();
+    }
+
+    #[inline]
+    fn check_replay_limit(&mut self) {
+        if self.allocator.peak_reserved_bytes() > self.replay_limit {
+            self.replay = false;
+        }
     }
 
     /// Frees a tensor. Freeing twice is a no-op, so callers can release "if still held" safely. A held tensor

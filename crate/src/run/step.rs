@@ -32,7 +32,8 @@ pub fn simulate(setup: &Setup) -> Result<Sim, Error> {
 }
 
 /// `simulate`, stopped after the micro-step or optimizer stage in which the allocator's peak reserved memory
-/// passes `reserved_limit`: the rest could only add to it (for a yes-or-no fit).
+/// passes `reserved_limit`, and no longer replaying the allocator from the allocation that passes it: the rest
+/// could only add to it (for a yes-or-no fit).
 ///
 /// # Errors
 /// As `simulate`.
@@ -65,6 +66,7 @@ fn run(setup: &Setup, n_steps: u32, record: bool, reserved_limit: u64) -> Result
     if record {
         sim.record_events();
     }
+    sim.stop_replay_above(reserved_limit);
     // FSDP's mixed precision computes in its param_dtype; one GPU and DDP run the setup as given.
     let exec = distributed::compute_setup(setup);
     let mut cx = Ctx::new(&mut sim, &exec)?;

@@ -2,10 +2,11 @@
 //! largest batch and block that fit the device.
 
 use crate::error::Error;
+use crate::estimates::Estimates;
 use crate::model::{alloc_conf_string, Setup};
 use crate::policy::{Attention, Optimizer, Precision};
 use crate::report::{fmt_bytes, Report};
-use crate::sweep::{largest_fitting, Axis};
+use crate::sweep::{largest_fitting_with, Axis};
 use serde::Serialize;
 
 /// One suggested change and its effect.
@@ -31,7 +32,21 @@ pub struct Suggestion {
 /// # Errors
 /// An invalid setup.
 pub fn suggestions(setup: &Setup) -> Result<Vec<Suggestion>, Error> {
-    let base = crate::estimate(setup)?;
+    suggestions_with(&mut Estimates::new(), setup)
+}
+
+/// [`suggestions`], their estimates shared through `known`. Only the peaks and the device total of each are
+/// read, never the per-block figure (which a setup that simulates always has).
+///
+/// # Errors
+/// As [`suggestions`].
+pub fn suggestions_with(known: &mut Estimates, setup: &Setup) -> Result<Vec<Suggestion>, Error> {
+    let base = known.report(setup)?;
+    let (base_allocated, base_reserved, base_total) = (
+        base.peak_allocated_bytes,
+        base.peak_reserved_bytes,
+        base.device_total_bytes,
+    );
     let budget = setup.device.memory_bytes;
     let mut candidates: Vec<(&'static str, String, Setup)> = Vec::new();
     let t = &setup.train;
@@ -105,11 +120,9 @@ pub fn suggestions(setup: &Setup) -> Result<Vec<Suggestion>, Error> {
     }
     // Fragmentation: the caching allocator holds much more than is live at the peak. Expandable segments map
     // pages into one growing segment per pool instead of caching whole segments of fixed sizes.
-    let fragmentation = base
-        .peak_reserved_bytes
-        .saturating_sub(base.peak_allocated_bytes);
+    let fragmentation = base_reserved.saturating_sub(base_allocated);
     if !t.alloc_conf.expandable_segments
-        && fragmentation >= fragmentation_worth_advice(base.peak_allocated_bytes)
+        && fragmentation >= fragmentation_worth_advice(base_allocated)
     {
         let mut s = setup.clone();
         s.train.alloc_conf.expandable_segments = true;
@@ -148,15 +161,15 @@ pub fn suggestions(setup: &Setup) -> Result<Vec<Suggestion>, Error> {
     }
     let mut out = Vec::new();
     for (id, change, s) in candidates {
-        let Ok(r) = crate::estimate(&s) else { continue };
+        let Ok(r) = known.report(&s) else { continue };
         // Savings under 1 MiB (e.g. GradScaler's two scalars) are not worth a suggestion.
-        if r.device_total_bytes + (1 << 20) <= base.device_total_bytes {
+        if r.device_total_bytes + (1 << 20) <= base_total {
             out.push(Suggestion {
                 id,
                 change,
                 peak_allocated_bytes: r.peak_allocated_bytes,
                 device_total_bytes: r.device_total_bytes,
-                saving_bytes: base.device_total_bytes - r.device_total_bytes,
+                saving_bytes: base_total - r.device_total_bytes,
                 fits: budget > 0 && r.device_total_bytes <= budget,
                 setup: s,
             });
@@ -193,17 +206,29 @@ pub fn compile_comparison(
     setup: &Setup,
     current: &Report,
 ) -> Result<Option<CompileComparison>, Error> {
+    compile_comparison_with(&mut Estimates::new(), setup, current)
+}
+
+/// [`compile_comparison`], the other mode's estimate shared through `known`.
+///
+/// # Errors
+/// As [`compile_comparison`].
+pub fn compile_comparison_with(
+    known: &mut Estimates,
+    setup: &Setup,
+    current: &Report,
+) -> Result<Option<CompileComparison>, Error> {
     let mut other = setup.clone();
     other.train.compile = !setup.train.compile;
-    let other = match crate::estimate(&other) {
+    let other = match known.report(&other) {
         Ok(r) => r,
         Err(Error::NotModelled { .. }) if !setup.train.compile => return Ok(None),
         Err(e) => return Err(e),
     };
     let (e, c) = if setup.train.compile {
-        (&other, current)
+        (other, current)
     } else {
-        (current, &other)
+        (current, other)
     };
     let ce = c.components.items();
     // One pass: each component's saving and the largest (a sort or collect here would each be one more
@@ -246,12 +271,23 @@ pub fn compile_comparison(
 /// # Errors
 /// An invalid setup.
 pub fn largest_that_fit(setup: &Setup) -> Result<(Option<u64>, Option<u64>), Error> {
+    largest_that_fit_with(&mut Estimates::new(), setup)
+}
+
+/// [`largest_that_fit`], its estimates shared through `known`.
+///
+/// # Errors
+/// As [`largest_that_fit`].
+pub fn largest_that_fit_with(
+    known: &mut Estimates,
+    setup: &Setup,
+) -> Result<(Option<u64>, Option<u64>), Error> {
     let budget = setup.device.memory_bytes;
     if budget == 0 {
         return Ok((None, None));
     }
-    let batch = largest_fitting(setup, Axis::BatchSize, budget, 4096)?;
-    let block = largest_fitting(setup, Axis::BlockSize, budget, 131_072)?;
+    let batch = largest_fitting_with(known, setup, Axis::BatchSize, budget, 4096)?;
+    let block = largest_fitting_with(known, setup, Axis::BlockSize, budget, 131_072)?;
     Ok((batch, block))
 }
 

@@ -1,9 +1,12 @@
 //! What a person sees: the report, sweeps and the fit map, the advice, the plots, a measured snapshot beside the
-//! estimate (`compare`), the predicted timeline as a snapshot (`trace`), and the page's boundary.
+//! estimate (`compare`), the predicted timeline as a snapshot (`trace`), the page's figures for one setup with
+//! their estimates shared (`page`, `estimates`), and the page's boundary.
 
 pub mod advice;
 pub mod compare;
+pub mod estimates;
 pub mod gpus;
+pub mod page;
 pub mod plot;
 pub mod report;
 pub mod sweep;

@@ -2,6 +2,7 @@
 //! device: data only (`plot` draws it).
 
 use crate::error::Error;
+use crate::estimates::Estimates;
 use crate::model::Setup;
 use crate::report::Components;
 use serde::Serialize;
@@ -94,19 +95,29 @@ pub struct FitMap {
 /// # Errors
 /// The first value whose setup is invalid, with the value named.
 pub fn sweep(setup: &Setup, axis: Axis, values: &[u64]) -> Result<Vec<Point>, Error> {
+    sweep_with(&mut Estimates::new(), setup, axis, values)
+}
+
+/// [`sweep`], its estimates shared through `known`.
+///
+/// # Errors
+/// As [`sweep`].
+pub fn sweep_with(
+    known: &mut Estimates,
+    setup: &Setup,
+    axis: Axis,
+    values: &[u64],
+) -> Result<Vec<Point>, Error> {
     values
         .iter()
         .map(|&v| {
-            let s = axis.apply(setup, v);
-            s.validate()?;
-            let sim = crate::step::simulate(&s)?;
-            let r = crate::Report::from_sim(&s, &sim, 0);
+            let r = known.report(&axis.apply(setup, v))?;
             Ok(Point {
                 value: v,
                 peak_allocated_bytes: r.peak_allocated_bytes,
                 peak_reserved_bytes: r.peak_reserved_bytes,
                 device_total_bytes: r.device_total_bytes,
-                components: r.components,
+                components: r.components.clone(),
             })
         })
         .collect()
@@ -137,9 +148,24 @@ pub fn largest_fitting(
     budget_bytes: u64,
     limit: u64,
 ) -> Result<Option<u64>, Error> {
+    largest_fitting_with(&mut Estimates::new(), setup, axis, budget_bytes, limit)
+}
+
+/// [`largest_fitting`], its estimates shared through `known`.
+///
+/// # Errors
+/// As [`largest_fitting`].
+pub fn largest_fitting_with(
+    known: &mut Estimates,
+    setup: &Setup,
+    axis: Axis,
+    budget_bytes: u64,
+    limit: u64,
+) -> Result<Option<u64>, Error> {
     // `crate::fits`: the same verdict as the estimate's device total (tested on every preset), without the
     // per-block figures, and stopping a run once it is over the budget.
-    let fits = |v: u64| -> Result<bool, Error> { crate::fits(&axis.apply(setup, v), budget_bytes) };
+    let mut fits =
+        |v: u64| -> Result<bool, Error> { known.fits(&axis.apply(setup, v), budget_bytes) };
     if !fits(1)? {
         return Ok(None);
     }
@@ -171,6 +197,20 @@ pub fn fit_map(
     blocks: &[u64],
     budget_bytes: u64,
 ) -> Result<FitMap, Error> {
+    fit_map_with(&mut Estimates::new(), setup, batches, blocks, budget_bytes)
+}
+
+/// [`fit_map`], its estimates shared through `known`.
+///
+/// # Errors
+/// As [`fit_map`].
+pub fn fit_map_with(
+    known: &mut Estimates,
+    setup: &Setup,
+    batches: &[u64],
+    blocks: &[u64],
+    budget_bytes: u64,
+) -> Result<FitMap, Error> {
     let sorted = |v: &[u64]| v.windows(2).all(|w| w[0] < w[1]);
     let staircase = sorted(batches) && sorted(blocks);
     let mut fits = Vec::with_capacity(blocks.len());
@@ -178,8 +218,8 @@ pub fn fit_map(
     let mut n_fit = batches.len();
     for &block in blocks {
         let row_setup = Axis::BlockSize.apply(setup, block);
-        let fits_at = |i: usize| -> Result<bool, Error> {
-            crate::fits(&Axis::BatchSize.apply(&row_setup, batches[i]), budget_bytes)
+        let mut fits_at = |i: usize| -> Result<bool, Error> {
+            known.fits(&Axis::BatchSize.apply(&row_setup, batches[i]), budget_bytes)
         };
         if staircase {
             while n_fit > 0 && !fits_at(n_fit - 1)? {

@@ -35,14 +35,14 @@ use wasm_bindgen::JsCast;
 use web_sys::CanvasRenderingContext2d;
 use web_sys::HtmlCanvasElement;
 
-use crate::advice;
 use crate::gpus;
 use crate::input::{self, setup_from_query, setup_to_query};
+use crate::page::Page;
 use crate::plot;
 use crate::presets;
 use crate::report::fmt_bytes;
-use crate::sweep::{self, Axis, FitMap};
-use crate::{Error, Setup};
+use crate::sweep::{self, Axis};
+use crate::Setup;
 
 fn js_err(e: impl std::fmt::Display) -> JsError {
     JsError::new(&e.to_string())
@@ -58,6 +58,37 @@ fn setup_of(query: &str) -> Result<Setup, JsError> {
     let s = setup_from_query(query, &mut extra).map_err(js_err)?;
     s.validate().map_err(js_err)?;
     Ok(s)
+}
+
+thread_local! {
+    /// The view of the last query asked about, with the estimates made for it: one redraw asks for the estimate,
+    /// the advice, both sweeps, the fit map and the timeline of one query in separate calls, and they share
+    /// their estimates (`page`). A new query starts afresh.
+    static PAGE: std::cell::RefCell<Option<Held>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A query's view, out of `PAGE` while a call uses it (`Held::of`, then `keep`): a panic aborts the call, and
+/// then leaves no view behind rather than one still borrowed.
+struct Held {
+    query: String,
+    page: Page,
+}
+
+impl Held {
+    /// The held view if it is `query`'s, else a new one.
+    fn of(query: &str) -> Result<Held, JsError> {
+        match PAGE.with(|p| p.borrow_mut().take()) {
+            Some(held) if held.query == query => Ok(held),
+            _ => Ok(Held {
+                query: query.to_string(),
+                page: Page::new(setup_of(query)?),
+            }),
+        }
+    }
+
+    fn keep(self) {
+        PAGE.with(|p| *p.borrow_mut() = Some(self));
+    }
 }
 
 #[derive(Serialize)]
@@ -220,8 +251,14 @@ struct CompareDto {
 
 #[wasm_bindgen]
 pub fn estimate(query: &str) -> Result<JsValue, JsError> {
-    let s = setup_of(query)?;
-    let r = crate::estimate(&s).map_err(js_err)?;
+    let mut held = Held::of(query)?;
+    let p = &mut held.page;
+    let got = p
+        .estimate()
+        .and_then(|r| Ok((p.compile_comparison(&r)?, r)));
+    let s = p.setup().clone();
+    held.keep();
+    let (compare, r) = got.map_err(js_err)?;
     let total = r.peak_allocated_bytes.max(1);
     let components = r
         .components
@@ -283,14 +320,12 @@ pub fn estimate(query: &str) -> Result<JsValue, JsError> {
             })
             .collect(),
         notes: r.notes.clone(),
-        compare: advice::compile_comparison(&s, &r)
-            .map_err(js_err)?
-            .map(|c| CompareDto {
-                eager: fmt_bytes(c.eager_peak_bytes),
-                compiled: fmt_bytes(c.compiled_peak_bytes),
-                current: if s.train.compile { "compiled" } else { "eager" },
-                sentence: c.sentence,
-            }),
+        compare: compare.map(|c| CompareDto {
+            eager: fmt_bytes(c.eager_peak_bytes),
+            compiled: fmt_bytes(c.compiled_peak_bytes),
+            current: if s.train.compile { "compiled" } else { "eager" },
+            sentence: c.sentence,
+        }),
     })
 }
 
@@ -337,10 +372,15 @@ struct AdviceDto {
 
 #[wasm_bindgen]
 pub fn advice(query: &str) -> Result<JsValue, JsError> {
-    let s = setup_of(query)?;
-    let sug = advice::suggestions(&s).map_err(js_err)?;
-    let (batch, block) = advice::largest_that_fit(&s).map_err(js_err)?;
-    let say = |v: Option<u64>| match (v, s.device.memory_bytes) {
+    let mut held = Held::of(query)?;
+    let p = &mut held.page;
+    let got = p
+        .suggestions()
+        .and_then(|sug| Ok((sug, p.largest_that_fit()?)));
+    let memory_bytes = p.setup().device.memory_bytes;
+    held.keep();
+    let (sug, (batch, block)) = got.map_err(js_err)?;
+    let say = |v: Option<u64>| match (v, memory_bytes) {
         (_, 0) => "choose a GPU to see this".to_string(),
         (Some(v), _) => v.to_string(),
         (None, _) => "none: even 1 does not fit".to_string(),
@@ -360,36 +400,6 @@ pub fn advice(query: &str) -> Result<JsValue, JsError> {
         largest_batch: say(batch),
         largest_block: say(block),
     })
-}
-
-fn axis_of(axis: &str) -> Result<Axis, JsError> {
-    Axis::parse(axis).map_err(js_err)
-}
-
-/// The values a sweep plots: powers of two around the current value (at least 1..=64 for batch, 64..=4096
-/// for block, up to 4x the current value).
-fn sweep_values(s: &Setup, axis: Axis) -> Vec<u64> {
-    match axis {
-        Axis::BatchSize => sweep::powers_of_two(1, s.train.batch_size.saturating_mul(4).max(64)),
-        Axis::BlockSize => {
-            let mut v = sweep::powers_of_two(64, s.model.block_size.saturating_mul(4).max(4096));
-            if !v.contains(&s.model.block_size) {
-                v.push(s.model.block_size);
-                v.sort_unstable();
-            }
-            v.retain(|&b| b <= axis.limit(s));
-            v
-        }
-    }
-}
-
-fn sweep_points(s: &Setup, axis: Axis) -> Result<Vec<sweep::Point>, Error> {
-    let mut values = sweep_values(s, axis);
-    if axis == Axis::BatchSize && !values.contains(&s.train.batch_size) {
-        values.push(s.train.batch_size);
-        values.sort_unstable();
-    }
-    sweep::sweep(s, axis, &values)
 }
 
 /// plotters-canvas with text measured by the canvas itself (`measureText`). plotters' own web font measurement
@@ -515,6 +525,17 @@ fn theme(dark: bool) -> &'static plot::Theme {
     }
 }
 
+/// The query's setup and its sweep along `axis` as the page plots it (the query's errors first, then the
+/// axis's).
+fn sweep_points(query: &str, axis: &str) -> Result<(Setup, Axis, Vec<sweep::Point>), JsError> {
+    let mut held = Held::of(query)?;
+    let got = Axis::parse(axis).and_then(|axis| Ok((axis, held.page.sweep(axis)?)));
+    let s = held.page.setup().clone();
+    held.keep();
+    let (axis, points) = got.map_err(js_err)?;
+    Ok((s, axis, points))
+}
+
 #[wasm_bindgen]
 pub fn draw_sweep(
     canvas: HtmlCanvasElement,
@@ -523,9 +544,7 @@ pub fn draw_sweep(
     dark: bool,
     scale: f64,
 ) -> Result<(), JsError> {
-    let s = setup_of(query)?;
-    let axis = axis_of(axis)?;
-    let points = sweep_points(&s, axis).map_err(js_err)?;
+    let (s, axis, points) = sweep_points(query, axis)?;
     let current = match axis {
         Axis::BatchSize => s.train.batch_size,
         Axis::BlockSize => s.model.block_size,
@@ -544,27 +563,6 @@ pub fn draw_sweep(
     .map_err(js_err)
 }
 
-/// The batch and block values of the page's fit map: powers of two from 1 and from 64, reaching past the
-/// current values.
-fn fit_map_axes(s: &Setup) -> (Vec<u64>, Vec<u64>) {
-    let mut blocks = sweep::powers_of_two(64, s.model.block_size.saturating_mul(4).max(4096));
-    blocks.retain(|&b| b <= Axis::BlockSize.limit(s));
-    (
-        sweep::powers_of_two(1, s.train.batch_size.saturating_mul(4).max(64)),
-        blocks,
-    )
-}
-
-fn page_fit_map(s: &Setup) -> Result<FitMap, Error> {
-    let (batches, blocks) = fit_map_axes(s);
-    let budget = if s.device.memory_bytes > 0 {
-        s.device.memory_bytes
-    } else {
-        u64::MAX
-    };
-    sweep::fit_map(s, &batches, &blocks, budget)
-}
-
 #[derive(Serialize)]
 struct FitMapDto {
     batches: Vec<u64>,
@@ -578,8 +576,11 @@ pub fn draw_fit_map(
     dark: bool,
     scale: f64,
 ) -> Result<JsValue, JsError> {
-    let s = setup_of(query)?;
-    let map = page_fit_map(&s).map_err(js_err)?;
+    let mut held = Held::of(query)?;
+    let got = held.page.fit_map();
+    let s = held.page.setup().clone();
+    held.keep();
+    let map = got.map_err(js_err)?;
     let root = canvas_root(canvas)?;
     plot::draw_fit_map(
         &root,
@@ -602,8 +603,11 @@ pub fn draw_timeline(
     dark: bool,
     scale: f64,
 ) -> Result<(), JsError> {
-    let s = setup_of(query)?;
-    let r = crate::estimate(&s).map_err(js_err)?;
+    let mut held = Held::of(query)?;
+    let got = held.page.estimate();
+    let s = held.page.setup().clone();
+    held.keep();
+    let r = got.map_err(js_err)?;
     let cap = (s.device.memory_bytes > 0).then_some(s.device.memory_bytes);
     let root = canvas_root(canvas)?;
     plot::draw_timeline(&root, &r.timeline, cap, theme(dark), scale.clamp(0.5, 4.0)).map_err(js_err)
@@ -711,17 +715,13 @@ pub fn draw_gpus(
 
 #[wasm_bindgen]
 pub fn sweep_csv(query: &str, axis: &str) -> Result<String, JsError> {
-    let s = setup_of(query)?;
-    let axis = axis_of(axis)?;
-    let points = sweep_points(&s, axis).map_err(js_err)?;
+    let (_, axis, points) = sweep_points(query, axis)?;
     Ok(sweep::to_csv(axis, &points))
 }
 
 #[wasm_bindgen]
 pub fn sweep_json(query: &str, axis: &str) -> Result<String, JsError> {
-    let s = setup_of(query)?;
-    let axis = axis_of(axis)?;
-    let points = sweep_points(&s, axis).map_err(js_err)?;
+    let (s, axis, points) = sweep_points(query, axis)?;
     serde_json::to_string_pretty(&serde_json::json!({"axis": axis.name(), "setup": input::setup_to_value(&s), "points": points}))
         .map_err(js_err)
 }
