@@ -99,11 +99,13 @@ ${table}
 - **Full redraw** is one \`change\` event on the batch field: validation, the estimate with its per-block figures
   and the eager-vs-compiled comparison (two more estimates), the advice (each suggested change is estimated, plus
   the bisections for the largest batch and block that fit), the two sweeps, the fit map and the timeline, all drawn
-  with plotters into four canvases. The default case is compiled (nanoGPT's train.py default).
+  with plotters into four canvases; the calls of one redraw share their estimates (\`page::Page\`: each setup is
+  simulated once per query). The default case is compiled (nanoGPT's train.py default).
 - **One estimate** simulates the allocator over three training steps, op by op (thousands of allocation events for a
-  6-layer model); its cost grows with the number of layers. The 1 µs target would need a closed-form model, which is
-  exactly what this project does not trust: the timeline is the product. The 64 x 64 fit map walks the staircase
-  boundary between fitting and not fitting (about 130 estimates rather than 4,096), so it costs about 130 estimates.
+  6-layer model); its cost grows in proportion to the number of layers. The 1 µs target would need a closed-form
+  model, which is exactly what this project does not trust: the timeline is the product. The 64 x 64 fit map walks
+  the staircase boundary between fitting and not fitting (about 130 estimates rather than 4,096), so it costs about
+  130 estimates.
 - **The embed path** downloads \`embed.js\` and the same \`pkg/entry.js\`, JS glue and wasm as the main page: the
   wasm row plus the embed.js row, nothing else.
 `;

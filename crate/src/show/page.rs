@@ -109,6 +109,14 @@ pub fn sweep_values(s: &Setup, axis: Axis) -> Vec<u64> {
                 v.sort_unstable();
             }
             v.retain(|&b| b <= axis.limit(s));
+            // A block so long that a size passes what vramfit counts (`Error::TooLarge`: Llama-3.1-70B's 131072
+            // times 4) is left out rather than failing the whole sweep: the plot stops at the longest it can say.
+            v.retain(|&b| {
+                !matches!(
+                    axis.apply(s, b).validate(),
+                    Err(crate::Error::TooLarge { .. })
+                )
+            });
             v
         }
     }
@@ -119,6 +127,13 @@ pub fn sweep_values(s: &Setup, axis: Axis) -> Vec<u64> {
 pub fn fit_map_axes(s: &Setup) -> (Vec<u64>, Vec<u64>) {
     let mut blocks = sweep::powers_of_two(64, s.model.block_size.saturating_mul(4).max(4096));
     blocks.retain(|&b| b <= Axis::BlockSize.limit(s));
+    // As the block sweep: past what vramfit counts, the map stops.
+    blocks.retain(|&b| {
+        !matches!(
+            Axis::BlockSize.apply(s, b).validate(),
+            Err(crate::Error::TooLarge { .. })
+        )
+    });
     (
         sweep::powers_of_two(1, s.train.batch_size.saturating_mul(4).max(64)),
         blocks,
@@ -132,7 +147,7 @@ mod tests {
 
     /// The page's figures, asked for in the page's order through one view, are those of `advice` and `sweep`
     /// asked one by one: for the founding case, eager, on a GPU without memory, a Llama, and the 70B preset
-    /// (whose block sweep reaches sizes no device holds: the error too).
+    /// (whose block sweep stops where a size passes what vramfit counts).
     #[test]
     fn the_views_figures_are_the_plain_functions() {
         let mut eager = presets::founding();
@@ -173,5 +188,24 @@ mod tests {
             );
             assert_eq!(page.estimate(), crate::estimate(&s));
         }
+    }
+
+    /// Llama-3.1-70B's block of 131072: the block sweep and the fit map stop where a size passes what vramfit
+    /// counts (four times the block is too large) instead of failing, and reach the block itself.
+    #[test]
+    fn block_axes_stop_at_what_vramfit_counts() {
+        let s = crate::presets::model_preset("llama-3.1-70b").unwrap();
+        let too_large = Axis::BlockSize.apply(&s, 4 * s.model.block_size).validate();
+        assert!(
+            matches!(too_large, Err(Error::TooLarge { .. })),
+            "{too_large:?}"
+        );
+        let v = sweep_values(&s, Axis::BlockSize);
+        assert!(v.contains(&s.model.block_size) && v.iter().all(|&b| b <= 2 * s.model.block_size));
+        for b in &v {
+            Axis::BlockSize.apply(&s, *b).validate().unwrap();
+        }
+        let (_, blocks) = fit_map_axes(&s);
+        assert!(!blocks.is_empty() && blocks.iter().all(|b| v.contains(b)));
     }
 }
