@@ -585,31 +585,11 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
         });
     }
     if cmd == "strategies" {
-        let json = match format.as_deref() {
-            None | Some("table") => false,
-            Some("json") => true,
-            Some(f) => {
-                return Err(Error::UnknownValue {
-                    field: "--format".into(),
-                    value: f.into(),
-                    allowed: &["table", "json"],
-                })
-            }
-        };
+        let json = wants_json(format.as_deref())?;
         return Ok(Cli::Strategies { setup, json });
     }
     if cmd == "compare" {
-        let json = match format.as_deref() {
-            None | Some("table") => false,
-            Some("json") => true,
-            Some(f) => {
-                return Err(Error::UnknownValue {
-                    field: "--format".into(),
-                    value: f.into(),
-                    allowed: &["table", "json"],
-                })
-            }
-        };
+        let json = wants_json(format.as_deref())?;
         let (path, snapshot) = snapshot.ok_or_else(|| {
             usage_error("compare needs --snapshot FILE (torch.cuda.memory._dump_snapshot())".into())
         })?;
@@ -771,20 +751,27 @@ fn strategies_json(plan: &vramfit::gpus::Plan) -> Value {
     })
 }
 
+/// `--format table|json` (table when absent): whether JSON was asked for.
+fn wants_json(format: Option<&str>) -> Result<bool, Error> {
+    match format {
+        None | Some("table") => Ok(false),
+        Some("json") => Ok(true),
+        Some(f) => Err(Error::UnknownValue {
+            field: "--format".into(),
+            value: f.into(),
+            allowed: &["table", "json"],
+        }),
+    }
+}
+
 /// `vramfit gpus [--format table|json]`.
 fn parse_gpus(args: &[String]) -> Result<Cli, Error> {
     match args {
         [] => Ok(Cli::Gpus { json: false }),
         [flag] if matches!(flag.as_str(), "-h" | "--help") => Ok(Cli::Help),
-        [flag, f] if flag == "--format" => match f.as_str() {
-            "table" => Ok(Cli::Gpus { json: false }),
-            "json" => Ok(Cli::Gpus { json: true }),
-            _ => Err(Error::UnknownValue {
-                field: "--format".into(),
-                value: f.clone(),
-                allowed: &["table", "json"],
-            }),
-        },
+        [flag, f] if flag == "--format" => Ok(Cli::Gpus {
+            json: wants_json(Some(f))?,
+        }),
         [other, ..] => Err(usage_error(format!(
             "gpus takes only --format table|json, not {other:?}"
         ))),

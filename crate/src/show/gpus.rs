@@ -74,6 +74,19 @@ impl Way {
         }
     }
 
+    /// The data-parallel way a setup's `train.parallel` is, if it is one of the plan's rows without tensor
+    /// parallelism (one GPU, and tensor-parallel setups, are none: the degree is the plan's choice there).
+    pub fn of(p: &Parallel) -> Option<Way> {
+        match (p.strategy, p.tp, p.reshard_after_forward, p.offload) {
+            (_, tp, ..) if tp > 1 => None,
+            (Strategy::Single, ..) => None,
+            (Strategy::Ddp, ..) => Some(Way::Ddp),
+            (Strategy::Fsdp, _, false, _) => Some(Way::Zero2),
+            (Strategy::Fsdp, _, true, false) => Some(Way::Zero3),
+            (Strategy::Fsdp, _, true, true) => Some(Way::Zero3Offload),
+        }
+    }
+
     /// The GPU counts this way takes are multiples of this (the tensor-parallel degree; else 1).
     pub fn unit(self, base: &Base) -> u64 {
         match (self, base.tp) {
@@ -674,5 +687,21 @@ mod tests {
         s.train.parallel.offload = false;
         s.train.optimizer = Optimizer::AdamW;
         assert_eq!(offload_host_bytes(&s), None);
+    }
+
+    /// The row a setup's own strategy is on: each way's setup maps back to it; one GPU and a tensor-parallel
+    /// setup are on none.
+    #[test]
+    fn a_setup_names_its_row() {
+        let b = base(&presets::model_preset("llama-3.2-1b").unwrap());
+        for way in Way::ALL {
+            let expected = (way != Way::Zero3Tp).then_some(way);
+            assert_eq!(
+                Way::of(&way.apply(&b, 8).train.parallel),
+                expected,
+                "{way:?}"
+            );
+        }
+        assert_eq!(Way::of(&Parallel::single()), None);
     }
 }

@@ -652,22 +652,13 @@ pub fn draw_gpus(
     let s = setup_of(query)?;
     let plan = gpus::plan(&s).map_err(js_err)?;
     let p = &s.train.parallel;
-    // The plan's rows are data parallel only: a tensor-parallel setup is on none of their lines.
-    let current = if p.is_single() || p.tp > 1 {
-        None
-    } else {
-        let way = match (p.strategy, p.reshard_after_forward, p.offload) {
-            (crate::parallel::Strategy::Ddp, ..) => gpus::Way::Ddp,
-            (_, false, _) => gpus::Way::Zero2,
-            (_, true, false) => gpus::Way::Zero3,
-            (_, true, true) => gpus::Way::Zero3Offload,
-        };
+    let current = gpus::Way::of(p).and_then(|way| {
         plan.rows
             .iter()
             .find(|r| r.way == way)
             .and_then(|r| r.points.iter().find(|pt| pt.0 == p.gpus))
             .copied()
-    };
+    });
     let root = canvas_root(canvas)?;
     plot::draw_gpus(&root, &plan, current, theme(dark), scale.clamp(0.5, 4.0)).map_err(js_err)?;
     let rows = plan
