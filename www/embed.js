@@ -6,7 +6,7 @@
 // torch.compile on or off over what the source says), alloc-conf (PYTORCH_CUDA_ALLOC_CONF, e.g.
 // "expandable_segments:True"), show (knobs to offer, by URL key: batch_size, precision, optimizer, lora, lora_r,
 // lora_target_modules, base_dtype, quantization, parallel, gpus, offload, ...), lock, plot
-// (batch|block|fitmap|timeline|gpus|none), theme (light|dark|auto). Everything renders in a shadow root; every number comes from the wasm estimator,
+// (batch|block|fitmap|timeline|gpus|finetune|none: finetune is a table of full fine-tuning, LoRA and QLoRA), theme (light|dark|auto). Everything renders in a shadow root; every number comes from the wasm estimator,
 // loaded once from this script's own origin and shared by every widget on the page.
 
 const ESTIMATOR = new URL('./pkg/entry.js', import.meta.url).href;
@@ -69,12 +69,14 @@ input[type=checkbox] { width: auto; }
 .fits { color: var(--fits); } .over { color: var(--over); }
 .bar { display: flex; height: 12px; border-radius: 6px; overflow: hidden; margin: 10px 0 6px; border: 1px solid var(--line); }
 .bar span { display: block; height: 100%; }
-.s-weights, .s-weight-copies { background: #426ec8; } .s-grads { background: #785abe; } .s-optimizer { background: #e69628; }
+.s-weights, .s-weight-copies, .s-4-bit-weights, .s-int8-weights, .s-quantized-weights { background: #426ec8; } .s-adapters { background: #426ec866; } .s-grads { background: #785abe; } .s-optimizer { background: #e69628; }
 .s-activations { background: #28a096; } .s-logits { background: #dc5078; } .s-temporary, .s-workspace { background: #9696a0; }
 .sentence { margin: 4px 0 8px; }
 canvas { width: 100%; display: block; border: 1px solid var(--line); border-radius: 8px; }
 .error { color: var(--over); margin: 6px 0; }
 .error:empty { display: none; }
+.methods { border-collapse: collapse; width: 100%; font-size: 13px; margin: 4px 0; }
+.methods th, .methods td { text-align: left; padding: 2px 6px; border-bottom: 1px solid var(--line); }
 .foot { font-size: 12px; color: var(--muted); margin-top: 6px; }
 a { color: var(--accent); }
 `;
@@ -204,13 +206,15 @@ class VramFit extends HTMLElement {
     this.sentence = el('p', '', { class: 'sentence' });
     this.compare = el('p', '', { class: 'sentence compare' });
     this.plotKind = this.getAttribute('plot') || 'batch';
-    this.canvas = this.plotKind === 'none' ? null : el('canvas', undefined, { role: 'img', 'aria-label': `vramfit plot: ${this.plotKind}` });
+    this.canvas = ['none', 'finetune'].includes(this.plotKind) ? null : el('canvas', undefined, { role: 'img', 'aria-label': `vramfit plot: ${this.plotKind}` });
+    this.methods = this.plotKind === 'finetune' ? el('table', undefined, { class: 'methods' }) : null;
     const link = el('a', 'open in vramfit', { target: '_blank', rel: 'noopener' });
     this.link = link;
     const foot = el('p', undefined, { class: 'foot' });
     foot.append(document.createTextNode('Estimated op by op for PyTorch on CUDA · '), link);
     this.heading = el('p', '', { class: 'title' });
-    this.root.replaceChildren(this.heading, this.inputs, this.error, this.totals, this.bar, this.sentence, this.compare, ...(this.canvas ? [this.canvas] : []), foot);
+    this.root.replaceChildren(this.heading, this.inputs, this.error, this.totals, this.bar, this.sentence, this.compare, ...(this.canvas ? [this.canvas] : []),
+      ...(this.methods ? [this.methods] : []), foot);
   }
 
   field(vf, key, locked) {
@@ -307,9 +311,29 @@ class VramFit extends HTMLElement {
     this.compare.hidden = !e.compare;
     this.link.href = `${PAGE}?${q}`;
     if (this.canvas) this.draw(q);
+    if (this.methods) this.showMethods(q);
     this.dataset.status = 'ok';
     this.dataset.peakBytes = String(e.peak_allocated_bytes);
     this.dispatchEvent(new CustomEvent('vramfit:estimate', { detail: { peak_allocated_bytes: e.peak_allocated_bytes } }));
+  }
+
+  // Full fine-tuning, LoRA and QLoRA on this GPU, with the advice under them in place of the eager/compiled line.
+  showMethods(q) {
+    try {
+      const m = this.vf.finetune_methods(q);
+      const head = el('tr');
+      for (const h of ['Recipe', 'On the device', 'Largest batch']) head.append(el('th', h));
+      this.methods.replaceChildren(head, ...m.rows.map((r) => {
+        const tr = el('tr', undefined, { 'data-method': r.id });
+        tr.append(el('th', r.label));
+        if (r.error) tr.append(el('td', 'not modelled', { title: r.error, colspan: '2' }));
+        else tr.append(el('td', `${r.device_total} (${r.verdict || 'no GPU'})`, { class: r.verdict === 'fits' ? 'fits' : r.verdict ? 'over' : '' }), el('td', r.largest_batch));
+        return tr;
+      }));
+      this.compare.textContent = m.advice;
+      this.compare.hidden = false;
+      this.dataset.methodsAdvice = m.advice;
+    } catch (err) { this.error.textContent = err.message; }
   }
 
   draw(q) {

@@ -273,6 +273,38 @@ function gpusWanted(est) {
   return $('gpus-section').open || $('parallel').value !== 'single' || est.fits === false;
 }
 
+// Full fine-tuning, LoRA and QLoRA side by side: a few estimates and three bisections, made when the section is
+// open, when the setup fine-tunes with LoRA, or when it does not fit (for the families LoRA is modelled for).
+function methodsWanted(est) {
+  return $('methods-section').open || $('lora').checked || (est.fits === false && !$('finetune').hidden);
+}
+
+function showMethods(query) {
+  const m = vf.finetune_methods(query);
+  $('methods-advice').replaceChildren(document.createTextNode(`${m.advice} `),
+    ...(m.advised_query ? [applyButton(m.advised_query)] : []));
+  $('methods').tBodies[0].replaceChildren(...m.rows.map((r) => {
+    const tr = el('tr', undefined, { 'data-method': r.id, ...(r.current ? { 'aria-current': 'true' } : {}) });
+    const label = r.label[0].toUpperCase() + r.label.slice(1);
+    tr.append(el('th', r.current ? `${label} (this setup)` : label, { scope: 'row' }));
+    if (r.error) {
+      tr.append(el('td', r.error, { colspan: '5' }));
+      return tr;
+    }
+    const apply = el('td');
+    if (!r.current) apply.append(applyButton(r.query, `Use ${r.label}`));
+    tr.append(el('td', r.trainable), el('td', r.device_total), el('td', r.verdict, { class: r.verdict === 'fits' ? 'fits' : r.verdict ? 'over' : '' }),
+      el('td', r.largest_batch), apply);
+    return tr;
+  }));
+  $('advice').querySelector('li[data-id="methods"]')?.remove();
+  if (m.advised_query) {
+    const li = el('li', undefined, { 'data-id': 'methods' });
+    li.append(el('span', `${m.advice} `), applyButton(m.advised_query));
+    $('advice').append(li);
+  }
+}
+
 function drawGpus(query) {
   renderGpuPlan(vf.draw_gpus($('plot-gpus'), query, dark(), sizeCanvas($('plot-gpus'))));
 }
@@ -303,6 +335,7 @@ function renderGpuPlan(plan) {
     return tr;
   }));
   $('gpu-notes').replaceChildren(...plan.notes.map((n) => el('li', n)));
+  $('advice').querySelector('li[data-id="gpus"]')?.remove();
   if (plan.advised_query) {
     const li = el('li', undefined, { 'data-id': 'gpus' });
     li.append(el('span', `${plan.advice} `), applyButton(plan.advised_query));
@@ -342,6 +375,7 @@ function update(push) {
     renderAdvice(vf.advice(query));
     drawPlots(query);
     if (!$('gpus-section').open && gpusWanted(est)) drawGpus(query);
+    if (methodsWanted(est)) showMethods(query);
   } catch (err) {
     if (isInternal(err)) showInternal(err);
     else $('global-error').textContent = err.message;
@@ -624,6 +658,7 @@ async function main() {
   let resizeTimer;
   window.addEventListener('resize', () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(() => lastGood && drawPlots(lastGood), 150); });
   $('gpus-section').addEventListener('toggle', () => { if ($('gpus-section').open && lastGood) drawGpus(lastGood); });
+  $('methods-section').addEventListener('toggle', () => { if ($('methods-section').open && lastGood) showMethods(lastGood); });
   wireExports();
   wireSnapshot();
   $('load-status').hidden = true;

@@ -34,7 +34,7 @@ pub use run::{allocator, compiled, distributed, eager, moe, sim, step, tensors};
 pub use show::wasm;
 #[cfg(all(target_arch = "wasm32", feature = "snapshot-module"))]
 pub use show::wasm_snapshot;
-pub use show::{advice, compare, estimates, gpus, page, plot, report, sweep, trace};
+pub use show::{advice, compare, estimates, gpus, methods, page, plot, report, sweep, trace};
 
 pub use error::Error;
 pub use model::{DeviceConfig, Family, ModelConfig, Setup, TrainConfig};

@@ -555,11 +555,16 @@ fn lora_on_a_preset_freezes_the_base() {
     let n = full["n_params"].as_u64().unwrap();
     assert!(peak(&full) > 16 * n, "{}", peak(&full));
     assert!(peak(&lora) < peak(&full) / 4, "{}", peak(&lora));
+    // The breakdown keeps the frozen base and the adapters apart: 512-byte blocks, 448 adapters.
     let weights = lora["components"]["weights_bytes"].as_u64().unwrap();
-    let adapters = 41_943_040 * 4;
     assert!(
-        weights >= 2 * n + adapters && weights < 2 * n + adapters + (64 << 20),
+        weights >= 2 * n && weights < 2 * n + (64 << 20),
         "{weights}"
+    );
+    let adapters = lora["components"]["adapters_bytes"].as_u64().unwrap();
+    assert!(
+        (41_943_040 * 4..41_943_040 * 4 + 448 * 512).contains(&adapters),
+        "{adapters}"
     );
     // The same run as a table (without `--format json`).
     let table_args: Vec<&str> = lora_args
@@ -576,7 +581,8 @@ fn lora_on_a_preset_freezes_the_base() {
 }
 
 /// Issue 13's "done when": `vramfit estimate --preset llama-3.1-8b --lora r=16 --quantization nf4` gives a
-/// breakdown with the 4-bit weights, the adapters, their optimizer state and the activations. Weights: the
+/// breakdown with the 4-bit weights, the adapters, their optimizer state and the activations, each its own
+/// component. Weights: the
 /// 224 decoder Linears (6,979,321,856 elements) packed two to a byte with an fp32 absmax per 64 (0.5625 bytes
 /// each), the embedding, head and norms in fp32 (prepare_model_for_kbit_training), and peft's fp32 adapters on
 /// q_proj and v_proj (r 16: 6,815,744 parameters); AdamW's two fp32 states over the adapters only.
@@ -601,12 +607,14 @@ fn qlora_on_the_8b_preset_keeps_4bit_weights() {
     let adapters: u64 = 32 * 16 * (4096 + 4096 + 4096 + 1024);
     assert_eq!(adapters, 6_815_744);
     let fp32 = (2 * 128_256 * 4096 + 65 * 4096) * 4;
-    let weights = linears / 2 + linears / 64 * 4 + fp32 + adapters * 4;
+    // Each in its own component: the 4-bit weights, the fp32 rest, the adapters (512-byte blocks).
+    let packed = linears / 2 + linears / 64 * 4;
+    let q = get("quantized_weights_bytes");
+    assert!(q >= packed && q < packed + (1 << 20), "{q} for {packed}");
     let w = get("weights_bytes");
-    assert!(
-        w >= weights && w < weights + (16 << 20),
-        "{w} for {weights}"
-    );
+    assert!(w >= fp32 && w < fp32 + (16 << 20), "{w} for {fp32}");
+    let a = get("adapters_bytes");
+    assert!(a >= adapters * 4 && a < adapters * 4 + 128 * 512, "{a}");
     let state = get("optimizer_bytes");
     assert!(
         state >= 2 * 4 * adapters && state < 2 * 4 * adapters + (16 << 20),
@@ -614,11 +622,14 @@ fn qlora_on_the_8b_preset_keeps_4bit_weights() {
     );
     assert!(get("activations_bytes") > 0);
     // Far below the bf16 base's 2 bytes per Linear weight.
-    assert!(w < 2 * linears, "{w}");
+    assert!(q < linears, "{q}");
     let table: Vec<&str> = args[..7].to_vec();
     let (code, out, err) = vramfit(&table);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("4-bit NF4"), "{out}");
+    for name in ["4-bit weights", "adapters", "optimizer", "activations"] {
+        assert!(out.contains(&format!("\n    {name} ")), "{name}: {out}");
+    }
 }
 
 /// An 8-bit base (`--quantization int8`, bitsandbytes `Linear8bitLt`): one byte per decoder Linear weight plus
@@ -645,15 +656,17 @@ fn int8_base_on_the_8b_preset_keeps_one_byte_per_weight() {
     assert_eq!(rows, 1_376_256);
     let adapters: u64 = 32 * 16 * (4096 + 4096 + 4096 + 1024);
     let fp32 = (2 * 128_256 * 4096 + 65 * 4096) * 4;
-    let weights = linears + rows * 4 + fp32 + adapters * 4;
+    let int8 = linears + rows * 4;
+    let q = get("quantized_weights_bytes");
+    assert!(q >= int8 && q < int8 + (1 << 20), "{q} for {int8}");
     let w = get("weights_bytes");
-    assert!(
-        w >= weights && w < weights + (16 << 20),
-        "{w} for {weights}"
-    );
+    assert!(w >= fp32 && w < fp32 + (16 << 20), "{w} for {fp32}");
+    let a = get("adapters_bytes");
+    assert!(a >= adapters * 4 && a < adapters * 4 + 128 * 512, "{a}");
     let (code, out, err) = vramfit(&args[..7]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("8-bit (LLM.int8)"), "{out}");
+    assert!(out.contains("\n    int8 weights "), "{out}");
 }
 
 #[test]
@@ -843,7 +856,8 @@ fn strategies_finds_the_fewest_gpus_and_the_flags_reproduce_them() {
     );
 }
 
-/// `--finetune full|lora|qlora`: the recipes by name give the same setup as their flags spelled out, and an unknown
+/// `--finetune full|lora|qlora`: the recipes by name give the same setup as their flags spelled out (LoRA's base
+/// in the precision's bf16, QLoRA's precision and checkpointing), a later flag changes the recipe, and an unknown
 /// one names the three.
 #[test]
 fn finetune_names_the_usual_recipes() {
@@ -859,21 +873,98 @@ fn finetune_names_the_usual_recipes() {
             .unwrap()
     };
     let lora = ["--lora", "r=16,alpha=32,dropout=0.05,targets=all-linear"];
-    assert_eq!(peak(&["--finetune", "lora"]), peak(&lora));
     assert_eq!(
-        peak(&["--finetune", "qlora"]),
-        peak(
-            &[
-                &lora[..],
-                &["--quantization", "nf4", "--double-quant", "--checkpointing"]
-            ]
-            .concat()
-        )
+        peak(&["--finetune", "lora"]),
+        peak(&[&lora[..], &["--base-dtype", "bf16"]].concat())
+    );
+    assert_ne!(peak(&["--finetune", "lora"]), peak(&lora));
+    let qlora = [
+        &lora[..],
+        &["--quantization", "nf4", "--double-quant", "--checkpointing"],
+    ]
+    .concat();
+    assert_eq!(peak(&["--finetune", "qlora"]), peak(&qlora));
+    // The source's own setting is replaced (fp32 given before the recipe), a later flag's kept.
+    assert_eq!(
+        peak(&["--precision", "fp32", "--finetune", "qlora"]),
+        peak(&qlora)
+    );
+    assert_eq!(
+        peak(&["--finetune", "qlora", "--no-checkpointing"]),
+        peak(&[&qlora[..], &["--no-checkpointing"]].concat())
+    );
+    assert!(peak(&["--finetune", "qlora", "--no-checkpointing"]) > peak(&qlora));
+    assert_eq!(
+        peak(&["--finetune", "qlora", "--lora", "r=64"]),
+        peak(&[
+            "--lora",
+            "r=64",
+            "--quantization",
+            "nf4",
+            "--double-quant",
+            "--checkpointing"
+        ])
     );
     assert_eq!(peak(&["--finetune", "full"]), peak(&[]));
     assert!(peak(&["--finetune", "qlora"]) < peak(&["--finetune", "lora"]));
     assert_eq!(
         error_of(&["estimate", "--finetune", "dora"]),
         "error: --finetune (\"dora\") is not one of: full, lora, qlora"
+    );
+}
+
+/// `vramfit finetune`: full fine-tuning, LoRA and QLoRA side by side, each row the estimate of its recipe by name
+/// (`estimate --finetune M`), and the advice's flags give the advised setup.
+#[test]
+fn finetune_sets_the_three_recipes_side_by_side() {
+    let base = [
+        "--preset",
+        "llama-3.1-8b",
+        "--gpu",
+        "rtx-4090",
+        "--batch-size",
+        "1",
+        "--seq-len",
+        "2048",
+    ];
+    let m = json_of(&[&["finetune", "--format", "json"][..], &base[..]].concat());
+    let rows = m["methods"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    for (row, name) in rows.iter().zip(["full", "lora", "qlora"]) {
+        assert_eq!(row["method"], name);
+        let e = json_of(
+            &[
+                &["estimate", "--format", "json", "--finetune", name][..],
+                &base[..],
+            ]
+            .concat(),
+        );
+        assert_eq!(row["device_total_bytes"], e["device_total_bytes"], "{name}");
+        assert_eq!(row["fits"], e["fits"], "{name}");
+    }
+    assert_eq!(rows[0]["fits"], false);
+    assert_eq!(rows[2]["fits"], true);
+    let largest = rows[2]["largest_batch"].as_u64().unwrap();
+    assert!(largest >= 1);
+    let at = |b: u64| {
+        let b = b.to_string();
+        json_of(
+            &[
+                &["estimate", "--format", "json", "--finetune", "qlora"][..],
+                &base[..],
+                &["--batch-size", &b][..],
+            ]
+            .concat(),
+        )["fits"]
+            .as_bool()
+            .unwrap()
+    };
+    assert!(at(largest) && !at(largest + 1));
+    let (code, text, err) = vramfit(&[&["finetune"][..], &base[..]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains("QLoRA fits in 24.0 GiB at batch 1"), "{text}");
+    assert!(
+        text.contains("flags: --finetune qlora --batch-size 1\n"),
+        "{text}"
     );
 }

@@ -3,7 +3,9 @@
 // every estimate equal to the native CLI's.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { serve, serveBlogPost, launch, openPage, setField, cliPeakBytes } from './helpers.mjs';
+import { execFileSync } from 'node:child_process';
+import { join } from 'node:path';
+import { ROOT, serve, serveBlogPost, launch, openPage, setField, cliEstimate, cliPeakBytes } from './helpers.mjs';
 
 const PORT = 8811;
 const WIDGET_PORT = 8812;
@@ -17,7 +19,8 @@ before(async () => {
   server = await serve(PORT);
   widgetServer = await serve(WIDGET_PORT);
   blogServer = await serveBlogPost(BLOG_PORT, 'LoRA', `http://127.0.0.1:${WIDGET_PORT}/`,
-    '<vram-fit id="lora" preset="llama-3.2-1b" gpu="rtx-4070" show="lora,lora_r,optimizer,quantization" plot="none"></vram-fit>');
+    '<vram-fit id="lora" preset="llama-3.2-1b" gpu="rtx-4070" show="lora,lora_r,optimizer,quantization" plot="none"></vram-fit>'
+    + '<vram-fit id="recipes" preset="llama-3.1-8b" gpu="rtx-4090" show="batch_size" plot="finetune"></vram-fit>');
   context = await launch();
 });
 
@@ -151,5 +154,97 @@ test('the widget takes LoRA and the optimizers as knobs', async () => {
   assert.equal(await peakOf(), cliPeakBytes([...base, '--lora', 'r=32']));
   await change('optimizer', 'lion8bit');
   assert.equal(await peakOf(), cliPeakBytes([...base, '--lora', 'r=32', '--optimizer', 'lion8bit']));
+  await page.close();
+});
+
+async function waitRender(page, action) {
+  const before = await page.evaluate(() => document.body.dataset.estimated);
+  await action();
+  await page.waitForFunction((b) => document.body.dataset.estimated !== b, before, { timeout: 10000 }).catch(() => {});
+}
+
+// `report::fmt_bytes`: powers of two, three significant digits.
+function fmtBytes(b) {
+  for (const [unit, size] of [['GiB', 2 ** 30], ['MiB', 2 ** 20], ['KiB', 2 ** 10]]) {
+    if (b >= size) {
+      const v = b / size;
+      return `${v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(1) : v.toFixed(2)} ${unit}`;
+    }
+  }
+  return `${b} B`;
+}
+
+function cliFinetune(args) {
+  const out = execFileSync(join(ROOT, 'target', 'release', 'vramfit'), ['finetune', '--format', 'json', ...args]);
+  return JSON.parse(String(out));
+}
+
+test('full fine-tuning, LoRA and QLoRA side by side: the CLI\'s figures, the advice applied, the 4-bit weights named', async () => {
+  const { page, errors } = await openPage(context, server.url);
+  await page.selectOption('#preset', 'llama-3.1-8b');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('n_layer') === '32');
+  await select(page, 'gpu', 'rtx-4090');
+  await setField(page, 'batch_size', '1');
+  await setField(page, 'seq_len', '2048');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('seq_len') === '2048');
+  // Full fine-tuning does not fit a 24 GB card: the comparison is made without opening its section.
+  await page.waitForFunction(() => document.querySelectorAll('#methods tbody tr').length === 3);
+  const cli = cliFinetune(['--preset', 'llama-3.1-8b', '--gpu', 'rtx-4090', '--batch-size', '1', '--seq-len', '2048']);
+  const rows = await page.$$eval('#methods tbody tr', (trs) => trs.map((tr) => ({
+    id: tr.dataset.method, current: tr.getAttribute('aria-current') === 'true',
+    cells: [...tr.querySelectorAll('td')].map((td) => td.textContent),
+  })));
+  assert.deepEqual(rows.map((r) => r.id), ['full', 'lora', 'qlora']);
+  assert.ok(rows[0].current && !rows[2].current);
+  for (const [i, r] of rows.entries()) {
+    const c = cli.methods[i];
+    assert.equal(r.cells[2], c.fits ? 'fits' : 'does not fit', r.id);
+    assert.equal(r.cells[3], c.largest_batch === null ? 'none: even 1 does not fit' : String(c.largest_batch), r.id);
+  }
+  assert.equal(await page.textContent('#methods-advice'), `${cli.advice} Apply`);
+  // The advice joins "How to make it fit"; applying it gives the CLI's QLoRA.
+  const item = page.locator('#advice li[data-id="methods"]');
+  assert.match(await item.textContent(), /^QLoRA fits in 24\.0 GiB at batch 1/);
+  await waitRender(page, () => item.locator('button').click());
+  assert.equal(await param(page, 'quantization'), 'nf4');
+  assert.equal(await param(page, 'checkpointing'), '1');
+  const qlora = ['--preset', 'llama-3.1-8b', '--gpu', 'rtx-4090', '--batch-size', '1', '--seq-len', '2048', '--finetune', 'qlora'];
+  assert.equal(await peak(page), cliPeakBytes(qlora));
+  // The breakdown names the 4-bit weights and the adapters, each the CLI's.
+  const est = cliEstimate(qlora);
+  const names = await page.$$eval('#components tbody th', (ths) => ths.map((th) => th.textContent));
+  assert.ok(names.includes('4-bit weights') && names.includes('adapters'), names.join(', '));
+  const bytesOf = async (name) => page.$$eval('#components tbody tr', (trs, n) =>
+    trs.find((tr) => tr.querySelector('th').textContent === n).querySelector('td').textContent, name);
+  assert.equal(await bytesOf('4-bit weights'), fmtBytes(est.components.quantized_weights_bytes));
+  assert.equal(await bytesOf('adapters'), fmtBytes(est.components.adapters_bytes));
+  // Now the current row is QLoRA's, with no button.
+  await page.waitForFunction(() => document.querySelector('#methods tr[data-method="qlora"]')?.getAttribute('aria-current') === 'true');
+  assert.equal(await page.locator('#methods tr[data-method="qlora"] button').count(), 0);
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test('the comparison on nanoGPT\'s GPT says why LoRA and QLoRA are not estimated', async () => {
+  const { page, errors } = await openPage(context, server.url);
+  assert.equal(await page.evaluate(() => document.querySelectorAll('#methods tbody tr').length), 0, 'not made unasked');
+  await page.click('#methods-section summary');
+  await page.waitForFunction(() => document.querySelectorAll('#methods tbody tr').length === 3);
+  assert.match(await page.textContent('#methods tr[data-method="lora"] td'), /LoRA is modelled for Hugging Face families/);
+  assert.match(await page.textContent('#methods-advice'), /^Full fine-tuning fits in/);
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test('the widget sets the three recipes side by side with plot="finetune"', async () => {
+  const page = await context.newPage();
+  await page.goto(blogServer.url);
+  await page.waitForFunction(() => document.getElementById('recipes').dataset.methodsAdvice);
+  const cli = cliFinetune(['--preset', 'llama-3.1-8b', '--gpu', 'rtx-4090']);
+  assert.equal(await page.evaluate(() => document.getElementById('recipes').dataset.methodsAdvice), cli.advice);
+  const rows = await page.evaluate(() => [...document.getElementById('recipes').shadowRoot
+    .querySelectorAll('tr[data-method]')].map((tr) => [tr.dataset.method, tr.querySelectorAll('td')[1]?.textContent]));
+  assert.deepEqual(rows, cli.methods.map((m) => [m.method, m.largest_batch === null ? 'none: even 1 does not fit' : String(m.largest_batch)]));
+  assert.equal(await page.evaluate(() => document.getElementById('recipes').shadowRoot.querySelector('canvas')), null);
   await page.close();
 });

@@ -37,6 +37,9 @@ usage:
                 GPUs under DDP, ZeRO-2, ZeRO-3, ZeRO-3 x tensor parallel and ZeRO-3 with CPU offload
                 (FSDP2), the fewest that fit
                 each (searched up to 4096), and the cheapest that fits
+  vramfit finetune [SOURCE] [KNOBS] [--format table|json]
+                full fine-tuning, LoRA and QLoRA (the --finetune recipes) side by side on the device: each
+                one's memory at the batch given, whether it fits, the largest batch that fits, and which to run
   vramfit gpus [--format table|json]     the GPU presets --gpu takes: memory, compute capability, SMs
 
 SOURCE (at most one; without one, the default nanoGPT case: 6 layers, 384 wide, block 512, batch 16,
@@ -72,9 +75,11 @@ KNOBS (override the source):
   --lora SPEC          LoRA as peft applies it, e.g. r=16 or r=16,alpha=32,dropout=0.05,targets=q_proj+v_proj,
                        save=lm_head (targets: all-linear or module names joined by +; peft's defaults: alpha 8,
                        dropout 0, q_proj+v_proj); the base is frozen. --no-lora trains every parameter
-  --finetune full|lora|qlora    the usual recipes by name: lora is r=16,alpha=32,dropout=0.05,targets=all-linear;
-                       qlora the same over a 4-bit NF4 base with double quantization and checkpointing on
-                       (prepare_model_for_kbit_training's default); full trains every parameter
+  --finetune full|lora|qlora    the usual recipes by name (the setup JSON's train.finetune.method): lora is
+                       r=16,alpha=32,dropout=0.05,targets=all-linear over a base loaded in the precision's
+                       2-byte dtype (bf16 under bf16-amp); qlora the same over a 4-bit NF4 base with double
+                       quantization, bf16-amp and checkpointing on (prepare_model_for_kbit_training's default);
+                       full trains every parameter. Later flags (--lora, --base-dtype, ...) change the recipe
   --base-dtype fp32|bf16|fp16   the frozen base's dtype under LoRA (adapters stay fp32 under autocast)
   --quantization nf4|fp4|int8  --double-quant   a bitsandbytes base under LoRA (QLoRA: 4-bit Linears under
                        bf16-amp; int8: LLM.int8 Linears under bf16-amp or fp16-amp; the rest fp32 after
@@ -173,6 +178,10 @@ enum Cli {
         values: Vec<u64>,
         json: bool,
     },
+    Finetune {
+        setup: Setup,
+        json: bool,
+    },
     Strategies {
         setup: Setup,
         json: bool,
@@ -260,10 +269,10 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
     }
     if !matches!(
         cmd.as_str(),
-        "estimate" | "sweep" | "compare" | "strategies"
+        "estimate" | "sweep" | "compare" | "strategies" | "finetune"
     ) {
         return Err(usage_error(format!(
-            "unknown command {cmd:?}; expected estimate, sweep, compare, strategies or gpus (see --help)"
+            "unknown command {cmd:?}; expected estimate, sweep, compare, strategies, finetune or gpus (see --help)"
         )));
     }
     let mut snapshot: Option<(String, Vec<u8>)> = None;
@@ -407,29 +416,19 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
             // The usual recipes by name (issue 13): LoRA as the page sets it up (r 16, alpha 32, dropout 0.05, every
             // Linear), QLoRA the same over a 4-bit NF4 base with double quantization (the QLoRA paper's), full
             // fine-tuning every parameter trained.
+            // The usual recipes by name (issue 13; `finetune::Method`, the setup JSON's `train.finetune`): the
+            // source's own fine-tuning fields are cleared, so the recipe's apply unless a later flag sets them.
             "--finetune" => {
                 let method = next(&mut i, flag)?;
-                let lora = || lora_spec("r=16,alpha=32,dropout=0.05,targets=all-linear");
-                let (l, q, dq) = match method.as_str() {
-                    "full" => (Value::Null, Value::Null, false),
-                    "lora" => (lora()?, Value::Null, false),
-                    "qlora" => (lora()?, Value::String("nf4".into()), true),
-                    _ => {
-                        return Err(Error::UnknownValue {
-                            field: "--finetune".into(),
-                            value: method,
-                            allowed: &["full", "lora", "qlora"],
-                        })
-                    }
-                };
-                overrides.push(("train", "lora", l));
-                overrides.push(("train", "quantization", q));
-                overrides.push(("train", "double_quant", Value::Bool(dq)));
-                if dq {
-                    // peft's prepare_model_for_kbit_training turns gradient checkpointing on by default
-                    // (use_gradient_checkpointing=True), as the QLoRA recipe runs it.
-                    overrides.push(("train", "checkpointing", Value::Bool(true)));
+                let m = vramfit::finetune::Method::parse(&method, "--finetune")?;
+                let mut cleared = vec!["lora", "base_dtype", "quantization", "double_quant"];
+                if m == vramfit::finetune::Method::Qlora {
+                    cleared.extend(["precision", "checkpointing"]);
                 }
+                for key in cleared {
+                    overrides.push(("train", key, Value::Null));
+                }
+                overrides.push(("train", "finetune", json!({ "method": m.name() })));
             }
             "--static-graph" => parallel.push(("static_graph", Value::Bool(true))),
             "--parallel" => parallel.push(("strategy", Value::String(next(&mut i, flag)?))),
@@ -587,6 +586,10 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
     if cmd == "strategies" {
         let json = wants_json(format.as_deref())?;
         return Ok(Cli::Strategies { setup, json });
+    }
+    if cmd == "finetune" {
+        let json = wants_json(format.as_deref())?;
+        return Ok(Cli::Finetune { setup, json });
     }
     if cmd == "compare" {
         let json = wants_json(format.as_deref())?;
@@ -751,6 +754,103 @@ fn strategies_json(plan: &vramfit::gpus::Plan) -> Value {
     })
 }
 
+/// `vramfit finetune` as text: per recipe, its trained parameters, memory on the device, the verdict at the
+/// batch given and the largest batch that fits; then the advice and the flags that give it.
+fn methods_table(setup: &Setup, m: &vramfit::methods::Methods) -> String {
+    let md = &setup.model;
+    let mut out = format!(
+        "vramfit finetune: {} with {} layers, {} wide; batch {} x sequence {}, against {} of GPU memory\n\n",
+        md.family.name(),
+        md.n_layer,
+        md.n_embd,
+        setup.train.batch_size,
+        setup.train.seq_len,
+        fmt_bytes(setup.device.memory_bytes)
+    );
+    out += &format!(
+        "  {:18}{:>12}{:>16}{:>16}{:>16}\n",
+        "recipe", "trained", "on the device", "at this batch", "largest batch"
+    );
+    for r in &m.rows {
+        let name = vramfit::methods::label(r.method);
+        if let Some(e) = &r.error {
+            out += &format!("  {name:18}{e}\n");
+            continue;
+        }
+        let verdict = match r.fits {
+            Some(true) => "fits",
+            Some(false) => "does not fit",
+            None => "-",
+        };
+        let largest = match (r.fits, r.largest_batch) {
+            (None, _) => "-".to_string(),
+            (_, Some(b)) => b.to_string(),
+            (_, None) => "none".to_string(),
+        };
+        out += &format!(
+            "  {name:18}{:>12}{:>16}{verdict:>16}{largest:>16}\n",
+            format!("{:.1}M", r.trainable_params as f64 / 1e6),
+            fmt_bytes(r.device_total_bytes)
+        );
+    }
+    out += &format!("\n  {}\n", m.advice);
+    if let Some(s) = &m.advised {
+        let method = vramfit::finetune::Method::of(s);
+        out += &format!(
+            "  flags: --finetune {} --batch-size {}",
+            method.name(),
+            s.train.batch_size
+        );
+        // The setup's own adapters, where they are not the recipe's.
+        if let Some(l) = s
+            .train
+            .lora
+            .as_ref()
+            .filter(|l| **l != vramfit::finetune::Method::adapters())
+        {
+            let save = l.modules_to_save();
+            out += &format!(
+                " --lora r={},alpha={},dropout={},targets={}{}",
+                l.r,
+                l.alpha,
+                l.dropout,
+                l.targets.names().join("+"),
+                if save.is_empty() {
+                    String::new()
+                } else {
+                    format!(",save={}", save.join("+"))
+                }
+            );
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn methods_json(m: &vramfit::methods::Methods) -> Value {
+    let rows: Vec<Value> = m
+        .rows
+        .iter()
+        .map(|r| {
+            json!({
+                "method": r.method.name(),
+                "error": r.error,
+                "trainable_params": r.trainable_params,
+                "peak_allocated_bytes": r.error.is_none().then_some(r.peak_allocated_bytes),
+                "device_total_bytes": r.error.is_none().then_some(r.device_total_bytes),
+                "fits": r.fits,
+                "largest_batch": r.largest_batch,
+                "setup": setup_to_value(&r.setup),
+            })
+        })
+        .collect();
+    json!({
+        "methods": rows,
+        "advice": m.advice,
+        "advised_setup": m.advised.as_ref().map(setup_to_value),
+    })
+}
+
 /// `--format table|json` (table when absent): whether JSON was asked for.
 fn wants_json(format: Option<&str>) -> Result<bool, Error> {
     match format {
@@ -910,7 +1010,7 @@ fn table(setup: &Setup, r: &vramfit::Report, notes: &[String]) -> String {
     );
     out.push('\n');
     outln!(out, "  at the peak:");
-    for (name, bytes, what) in r.components.items() {
+    for (name, bytes, what) in r.components.items_for(setup.train.quantization) {
         if bytes > 0 {
             outln!(out, "    {name:<14} {:>10}  {what}", fmt_bytes(bytes));
         }
@@ -1099,6 +1199,18 @@ fn run(args: &[String]) -> Result<Vec<u8>, Error> {
                 );
             } else {
                 out.push_str(&table(&setup, &r, &notes));
+            }
+        }
+        Cli::Finetune { setup, json } => {
+            let m = vramfit::methods::compare(&setup)?;
+            if json {
+                outln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&methods_json(&m)).unwrap_or_default()
+                );
+            } else {
+                out.push_str(&methods_table(&setup, &m));
             }
         }
         Cli::Strategies { setup, json } => {

@@ -215,6 +215,103 @@ pub fn trainable_params(m: &ModelConfig, lora: &LoraConfig) -> u64 {
         + table * (u64::from(lora.save_head) + u64::from(lora.save_embed))
 }
 
+/// The usual fine-tuning recipes by name: `train.finetune.method` in the setup JSON, `--finetune` on the command
+/// line, and the page's side-by-side comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Every parameter trained, in the setup's precision.
+    Full,
+    /// peft's LoRA over a frozen base loaded in the autocast dtype (`torch_dtype=torch.bfloat16` under bf16
+    /// autocast, the Hugging Face fine-tuning scripts' usual load), adapters fp32.
+    Lora,
+    /// LoRA over a bitsandbytes base: 4-bit NF4 with double quantization and bf16 compute (the QLoRA paper's
+    /// `BitsAndBytesConfig`), through `prepare_model_for_kbit_training`, which turns gradient checkpointing on.
+    Qlora,
+}
+
+impl Method {
+    pub const NAMES: &'static [&'static str] = &["full", "lora", "qlora"];
+    pub const ALL: [Method; 3] = [Method::Full, Method::Lora, Method::Qlora];
+
+    /// # Errors
+    /// A name not in [`Method::NAMES`], reported as `field`.
+    pub fn parse(s: &str, field: &str) -> Result<Method, Error> {
+        match s {
+            "full" => Ok(Method::Full),
+            "lora" => Ok(Method::Lora),
+            "qlora" => Ok(Method::Qlora),
+            _ => Err(Error::UnknownValue {
+                field: field.into(),
+                value: s.into(),
+                allowed: Self::NAMES,
+            }),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    /// The recipe a setup follows: a quantized base is QLoRA, adapters alone LoRA, neither full fine-tuning.
+    pub fn of(setup: &Setup) -> Method {
+        match (&setup.train.lora, setup.train.quantization) {
+            (Some(_), Some(_)) => Method::Qlora,
+            (Some(_), None) => Method::Lora,
+            (None, _) => Method::Full,
+        }
+    }
+
+    /// The recipe's adapters: r 16, alpha 32, dropout 0.05 on every Linear (`LoraConfig::with_rank(16)`).
+    pub fn adapters() -> LoraConfig {
+        LoraConfig::with_rank(16)
+    }
+
+    /// The base's dtype the LoRA recipe loads under `precision`: the autocast (or pure) 2-byte dtype, fp32
+    /// under fp32.
+    pub fn lora_base_dtype(precision: Precision) -> Option<BaseDtype> {
+        match precision {
+            Precision::Bf16Amp | Precision::Bf16 => Some(BaseDtype::Bf16),
+            Precision::Fp16Amp => Some(BaseDtype::Fp16),
+            Precision::Fp32 => None,
+        }
+    }
+
+    /// `setup` turned into this recipe for a side-by-side comparison: the setup's own adapters (and base
+    /// dtype, quantization) where it already has them, the recipe's otherwise. LoRA and QLoRA run eager (peft
+    /// under torch.compile is not modelled); QLoRA under bf16 autocast with checkpointing, as the recipe runs.
+    pub fn apply(self, setup: &Setup) -> Setup {
+        let mut s = setup.clone();
+        let t = &mut s.train;
+        let own = Method::of(setup);
+        match self {
+            Method::Full => {
+                t.lora = None;
+                t.quantization = None;
+                t.base_dtype = None;
+            }
+            Method::Lora => {
+                if own != Method::Lora {
+                    t.lora = Some(t.lora.clone().unwrap_or_else(Method::adapters));
+                    t.quantization = None;
+                    t.base_dtype = Method::lora_base_dtype(t.precision);
+                }
+                t.compile = false;
+            }
+            Method::Qlora => {
+                if own != Method::Qlora {
+                    t.lora = Some(t.lora.clone().unwrap_or_else(Method::adapters));
+                    t.quantization = Some(Quantization::Nf4 { double_quant: true });
+                    t.base_dtype = None;
+                    t.precision = Precision::Bf16Amp;
+                    t.checkpointing = true;
+                }
+                t.compile = false;
+            }
+        }
+        s
+    }
+}
+
 /// The dtype the frozen base model is loaded in (`torch_dtype` / `dtype` of `from_pretrained`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BaseDtype {

@@ -2,7 +2,7 @@
 //! Each returns a `Setup` (not yet validated) or an error naming the field, value or line.
 
 use crate::error::Error;
-use crate::finetune::{BaseDtype, LoraConfig, Quantization, Targets};
+use crate::finetune::{BaseDtype, LoraConfig, Method, Quantization, Targets};
 use crate::model::{
     alloc_conf_string, parse_alloc_conf, DeviceConfig, Family, ModelConfig, Setup, TrainConfig,
 };
@@ -57,6 +57,19 @@ const TRAIN_FIELDS: &[&str] = &[
     "quantization",
     "double_quant",
     "parallel",
+    "finetune",
+];
+/// `train.finetune`'s fields: a recipe by name (`finetune::Method`) and what it lets one change.
+const FINETUNE_FIELDS: &[&str] = &[
+    "method",
+    "r",
+    "alpha",
+    "dropout",
+    "targets",
+    "modules_to_save",
+    "base_dtype",
+    "quant",
+    "double_quant",
 ];
 /// `train.parallel`'s fields: PyTorch's argument names (`mixed_precision` is FSDP2's `mp_policy`).
 const PARALLEL_FIELDS: &[&str] = &[
@@ -193,6 +206,14 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
         None => &empty,
     };
     reject_unknown(t, "train.", TRAIN_FIELDS)?;
+    let expanded;
+    let t = match t.get("finetune") {
+        None | Some(Value::Null) => t,
+        Some(f) => {
+            expanded = finetune_recipe(t, object(f, "train.finetune")?)?;
+            &expanded
+        }
+    };
     // `"model": {"hf": {...config.json...}}`: a Hugging Face config as it is published.
     let model = match m.get("hf") {
         Some(hf) => {
@@ -285,6 +306,113 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
         train,
         device,
     })
+}
+
+/// `train.finetune` (`FINETUNE_FIELDS`) written out as the fields it stands for, over `train` without it:
+/// `train.lora` (the recipe's r 16, alpha 32, dropout 0.05, every Linear, unless given), `train.base_dtype`
+/// (LoRA: the precision's 2-byte dtype, `Method::lora_base_dtype`), and for QLoRA `train.quantization` (nf4),
+/// `train.double_quant` (on for 4-bit), `train.precision` bf16-amp and `train.checkpointing` on. What `train`
+/// itself sets (not null) (`lora`, `base_dtype`, `quantization`, `double_quant`, `precision`, `checkpointing`) wins over
+/// the recipe, so the command line's `--finetune` can be followed by `--lora` or `--no-checkpointing`.
+fn finetune_recipe(
+    t: &Map<String, Value>,
+    f: &Map<String, Value>,
+) -> Result<Map<String, Value>, Error> {
+    const P: &str = "train.finetune.";
+    reject_unknown(f, P, FINETUNE_FIELDS)?;
+    let method = match get_str(f, P, "method")? {
+        Some(m) => Method::parse(m, "train.finetune.method")?,
+        None => {
+            return Err(Error::Missing {
+                field: "train.finetune.method".into(),
+            })
+        }
+    };
+    let mut out = t.clone();
+    out.remove("finetune");
+    // A field `train` sets wins; a null one (the command line's way of clearing it) does not.
+    let mut set = |key: &str, v: Value| {
+        if out.get(key).is_none_or(Value::is_null) {
+            out.insert(key.to_string(), v);
+        }
+    };
+    if method == Method::Full {
+        if let Some(k) = f.keys().find(|k| *k != "method") {
+            return Err(Error::invalid(
+                &format!("{P}{k}"),
+                &f[k],
+                "applies to method \"lora\" or \"qlora\", not \"full\"",
+            ));
+        }
+        set("lora", Value::Null);
+        return Ok(out);
+    }
+    let recipe = Method::adapters();
+    let r = get_u64(f, P, "r")?.unwrap_or(recipe.r);
+    if r == 0 {
+        return Err(Error::invalid("train.finetune.r", r, "must be at least 1"));
+    }
+    let dropout = get_f64(f, P, "dropout")?.unwrap_or(recipe.dropout);
+    if !(0.0..1.0).contains(&dropout) {
+        return Err(Error::invalid(
+            "train.finetune.dropout",
+            dropout,
+            "must be in [0, 1)",
+        ));
+    }
+    let mut lora = lora_to_value(&recipe);
+    lora["r"] = r.into();
+    lora["alpha"] = get_f64(f, P, "alpha")?.unwrap_or(2.0 * r as f64).into();
+    lora["dropout"] = dropout.into();
+    if let Some(v) = f.get("targets").filter(|v| !v.is_null()) {
+        Targets::parse(names(v, "train.finetune.targets")?)?;
+        lora["target_modules"] = v.clone();
+    }
+    if let Some(v) = f.get("modules_to_save").filter(|v| !v.is_null()) {
+        lora["modules_to_save"] = v.clone();
+    }
+    set("lora", lora);
+    let base = get_str(f, P, "base_dtype")?;
+    let quant = get_str(f, P, "quant")?;
+    let double_quant = get_bool(f, P, "double_quant")?;
+    if method == Method::Lora {
+        if let Some((k, v)) = [
+            ("quant", quant.map(Value::from)),
+            ("double_quant", double_quant.map(Value::from)),
+        ]
+        .into_iter()
+        .find_map(|(k, v)| v.map(|v| (k, v)))
+        {
+            return Err(Error::invalid(
+                &format!("{P}{k}"),
+                v,
+                "applies to method \"qlora\" (a quantized base), not \"lora\"",
+            ));
+        }
+        let precision = match get_str(t, "train.", "precision")? {
+            Some(s) => Precision::parse(s)?,
+            None => DEFAULT_PRECISION,
+        };
+        if let Some(d) = base
+            .map(String::from)
+            .or(Method::lora_base_dtype(precision).map(|d| d.name().to_string()))
+        {
+            set("base_dtype", d.into());
+        }
+        return Ok(out);
+    }
+    let quant = quant.unwrap_or("nf4");
+    set("quantization", quant.into());
+    set(
+        "double_quant",
+        double_quant.unwrap_or(quant != "int8").into(),
+    );
+    if let Some(d) = base {
+        set("base_dtype", d.into());
+    }
+    set("precision", "bf16-amp".into());
+    set("checkpointing", true.into());
+    Ok(out)
 }
 
 /// A list of names, or one name (`"all-linear"`), as peft takes `target_modules` and `modules_to_save`.
@@ -1479,6 +1607,86 @@ mod tests {
         assert_eq!(s.train.precision, Precision::Fp16Amp);
         let back = setup_from_value(&setup_to_value(&s)).unwrap();
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn finetune_names_a_recipe_and_writes_out_as_its_fields() {
+        let model = serde_json::json!({"family": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 2,
+            "n_embd": 256, "block_size": 128, "vocab_size": 1000, "intermediate_size": 512});
+        let with =
+            |train: Value| setup_from_value(&serde_json::json!({"model": model, "train": train}));
+        // LoRA: the recipe's adapters over a base in the precision's 2-byte dtype.
+        let lora = with(serde_json::json!({"finetune": {"method": "lora"}})).unwrap();
+        let long = with(
+            serde_json::json!({"base_dtype": "bf16", "lora": {"r": 16, "alpha": 32,
+            "dropout": 0.05, "target_modules": "all-linear"}}),
+        )
+        .unwrap();
+        assert_eq!(lora, long);
+        let fp16 = with(
+            serde_json::json!({"precision": "fp16-amp", "finetune": {"method": "lora", "r": 8,
+            "targets": ["q_proj", "v_proj"]}}),
+        )
+        .unwrap();
+        assert_eq!(fp16.train.base_dtype, Some(BaseDtype::Fp16));
+        let l = fp16.train.lora.as_ref().unwrap();
+        assert_eq!(
+            (l.r, l.alpha, l.targets.names()),
+            (8, 16.0, vec!["q_proj", "v_proj"])
+        );
+        // QLoRA: NF4 with double quantization, bf16 autocast, checkpointing; int8 has no double quantization.
+        let q = with(serde_json::json!({"precision": "fp32", "finetune": {"method": "qlora"}}))
+            .unwrap();
+        assert_eq!(
+            q.train.quantization,
+            Some(Quantization::Nf4 { double_quant: true })
+        );
+        assert_eq!(
+            q.train.precision,
+            Precision::Fp32,
+            "train's own precision wins over the recipe"
+        );
+        let q =
+            with(serde_json::json!({"finetune": {"method": "qlora", "quant": "int8"}})).unwrap();
+        assert_eq!(q.train.quantization, Some(Quantization::Int8));
+        assert!(q.train.checkpointing);
+        let no_ckpt =
+            with(serde_json::json!({"checkpointing": false, "finetune": {"method": "qlora"}}))
+                .unwrap();
+        assert!(!no_ckpt.train.checkpointing);
+        // Full: nothing frozen; it takes no adapter field.
+        let full = with(serde_json::json!({"finetune": {"method": "full"}})).unwrap();
+        assert_eq!(full, with(serde_json::json!({})).unwrap());
+        // Each mistake names its field.
+        let err = |train: Value| with(train).unwrap_err().to_string();
+        assert_eq!(
+            err(serde_json::json!({"finetune": {"method": "full", "r": 8}})),
+            "train.finetune.r (8) applies to method \"lora\" or \"qlora\", not \"full\""
+        );
+        assert_eq!(
+            err(serde_json::json!({"finetune": {"method": "lora", "quant": "nf4"}})),
+            "train.finetune.quant (\"nf4\") applies to method \"qlora\" (a quantized base), not \"lora\""
+        );
+        assert_eq!(
+            err(serde_json::json!({"finetune": {"method": "dora"}})),
+            "train.finetune.method (\"dora\") is not one of: full, lora, qlora"
+        );
+        assert_eq!(
+            err(serde_json::json!({"finetune": {"r": 8}})),
+            "missing required field \"train.finetune.method\""
+        );
+        assert_eq!(
+            err(serde_json::json!({"finetune": {"method": "lora", "rank": 8}})),
+            "unknown field \"train.finetune.rank\""
+        );
+        assert_eq!(
+            err(serde_json::json!({"finetune": {"method": "lora", "r": 0}})),
+            "train.finetune.r (0) must be at least 1"
+        );
+        assert_eq!(
+            err(serde_json::json!({"finetune": {"method": "qlora", "quant": "nf3"}})),
+            "train.quantization (\"nf3\") is not one of: nf4, fp4, int8"
+        );
     }
 
     #[test]

@@ -70,6 +70,8 @@ fn category_name<S: serde::Serializer>(c: &Option<Category>, s: S) -> Result<S::
 pub fn component_name(c: Category) -> &'static str {
     match c {
         Category::Weights => "weights",
+        Category::QuantizedWeights => "quantized weights",
+        Category::Adapters => "adapters",
         Category::WeightCopies => "weight copies",
         Category::Grads => "grads",
         Category::Optimizer => "optimizer",

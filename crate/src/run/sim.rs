@@ -12,8 +12,14 @@ use crate::allocator::{AllocatorConfig, CachingAllocator};
 /// What a live byte is for. The report's components are these, summed at the peak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Category {
-    /// Parameters and registered buffers, in their storage dtype.
+    /// Parameters and registered buffers, in their storage dtype (under LoRA: the frozen base, less what the
+    /// next two name).
     Weights,
+    /// A bitsandbytes base's quantized Linear weights with their quantization state (`Params4bit`'s packed
+    /// 4-bit weight and absmax, `Int8Params`' int8 weight and row scales): frozen, never given a `.grad`.
+    QuantizedWeights,
+    /// What peft adds and trains: each adapted Linear's LoRA A and B, and `modules_to_save`'s trained copies.
+    Adapters,
     /// Autocast's low-precision copies of the weights, cached for the forward and saved for backward.
     WeightCopies,
     /// `.grad` of every parameter.
@@ -30,11 +36,13 @@ pub enum Category {
     Workspace,
 }
 
-pub const N_CATEGORIES: usize = 8;
+pub const N_CATEGORIES: usize = 10;
 
 impl Category {
     pub const ALL: [Category; N_CATEGORIES] = [
         Category::Weights,
+        Category::QuantizedWeights,
+        Category::Adapters,
         Category::WeightCopies,
         Category::Grads,
         Category::Optimizer,

@@ -11,7 +11,7 @@ use crate::finetune::{LoraConfig, Quantization};
 use crate::model::Setup;
 use crate::parallel::Strategy;
 use crate::policy::{Optimizer, Precision};
-use crate::sim::Category::{Optimizer as OptState, Temporary, Weights};
+use crate::sim::Category::{Adapters, Optimizer as OptState, QuantizedWeights, Temporary, Weights};
 use crate::sim::{allocator_capacity, block_bytes, Sim, Tensor};
 use crate::tensors::Ctx;
 use crate::Error;
@@ -220,7 +220,7 @@ fn quantized_base(cx: &mut Ctx, setup: &Setup, q: Quantization) {
                 ),
             };
             for bytes in tensors {
-                cx.alloc(bytes, Weights, op);
+                cx.alloc(bytes, QuantizedWeights, op);
             }
             cx.free(copy);
         } else {
@@ -405,28 +405,28 @@ fn lora_params(cx: &mut Ctx, setup: &Setup, lora: &LoraConfig) -> Vec<Param> {
     let adapters: Vec<(u64, u64, Tensor)> = crate::finetune::adapter_shapes(m, lora)
         .into_iter()
         .map(|(rows, cols)| {
-            let t = cx.alloc(rows * cols * pb, Weights, "parameter");
+            let t = cx.alloc(rows * cols * pb, Adapters, "parameter");
             (rows * cols, rows, t)
         })
         .collect();
     let mut adapters = adapters;
     let table = m.vocab_size * m.n_embd;
     if lora.save_embed {
-        cx.alloc(table * pb, Weights, "parameter");
+        cx.alloc(table * pb, Adapters, "parameter");
     }
     if lora.save_head {
-        cx.alloc(table * pb, Weights, "parameter");
+        cx.alloc(table * pb, Adapters, "parameter");
     }
     if pb != 4 {
         for a in adapters.iter_mut() {
-            let wide = cx.alloc(a.0 * 4, Weights, "_to_copy");
+            let wide = cx.alloc(a.0 * 4, Adapters, "_to_copy");
             cx.free(a.2);
             a.2 = wide;
         }
     }
     if cx.ab != 4 {
         for a in adapters.iter_mut() {
-            let narrow = cx.alloc(a.0 * cx.ab, Weights, "_to_copy");
+            let narrow = cx.alloc(a.0 * cx.ab, Adapters, "_to_copy");
             cx.free(a.2);
             a.2 = narrow;
         }

@@ -146,16 +146,18 @@ pub fn suggestions_with(known: &mut Estimates, setup: &Setup) -> Result<Vec<Sugg
             s,
         ));
     }
-    // Fine-tuning: peft's LoRA (r 16 on every Linear) freezes the base: no gradient and no optimizer state for
-    // it. Families, precisions or compile LoRA is not modelled for are refused by the estimate and not offered.
+    // Fine-tuning: peft's LoRA (r 16 on every Linear, `finetune::Method::Lora`) freezes the base, loaded in the
+    // precision's 2-byte dtype: no gradient and no optimizer state for it. Families, precisions or compile LoRA
+    // is not modelled for are refused by the estimate and not offered. QLoRA is in `methods`' comparison.
     if t.lora.is_none() {
-        let mut s = setup.clone();
-        s.train.lora = Some(crate::finetune::LoraConfig::with_rank(16));
+        let s = crate::finetune::Method::Lora.apply(setup);
+        let base = s.train.base_dtype.map_or("fp32", |d| d.name());
         candidates.push((
             "lora",
-            "fine-tune with LoRA (peft, r 16 on every Linear): the base frozen, no gradients or optimizer state \
-             for it"
-                .into(),
+            format!(
+                "fine-tune with LoRA (peft, r 16 on every Linear): the base frozen in {base}, no gradients or \
+                 optimizer state for it"
+            ),
             s,
         ));
     }
@@ -297,8 +299,8 @@ mod tests {
     use crate::presets;
 
     /// Full fine-tuning of a Llama: LoRA is offered with what it saves: at least the base's AdamW state (8 bytes
-    /// per parameter, alive at every steady-state peak) less the bf16 copy of each frozen fp32 weight that
-    /// autocast keeps for its backward (2 bytes); nanoGPT's gpt2, which LoRA is not modelled for, is not offered
+    /// per parameter, alive at every steady-state peak; the base is loaded in bf16, so there is no fp32 weight
+    /// and no autocast copy of it to set against that); nanoGPT's gpt2, which LoRA is not modelled for, is not offered
     /// it, nor is a setup that already has it.
     #[test]
     fn lora_is_suggested_where_it_is_modelled() {
@@ -312,6 +314,10 @@ mod tests {
             lora.saving_bytes
         );
         assert_eq!(lora.setup.train.lora.as_ref().map(|l| l.r), Some(16));
+        assert_eq!(
+            lora.setup.train.base_dtype,
+            Some(crate::finetune::BaseDtype::Bf16)
+        );
         assert!(suggestions(&lora.setup)
             .unwrap()
             .iter()

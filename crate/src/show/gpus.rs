@@ -10,6 +10,7 @@
 use serde::Serialize;
 
 use crate::error::Error;
+use crate::estimates::Estimates;
 use crate::model::Setup;
 use crate::parallel::{Dtype, Parallel, Strategy};
 use crate::policy::{Optimizer, Precision};
@@ -292,20 +293,26 @@ pub struct Plan {
 }
 
 /// The setup on the device, per GPU.
-fn total(s: &Setup) -> Result<u64, Error> {
-    s.validate()?;
-    Ok(crate::estimate_peak(s)?.device_total_bytes)
+fn total(known: &mut Estimates, s: &Setup) -> Result<u64, Error> {
+    Ok(known.report(s)?.device_total_bytes)
 }
 
 /// The fewest GPUs among the multiples of the way's unit in `lo + unit ..= hi` that fit `budget`, given that
 /// `lo` does not and `hi` does (by bisection: per-GPU memory does not grow with the GPU count,
 /// `parallel::tests::more_gpus_hold_less`).
-fn bisect(base: &Base, way: Way, lo: u64, hi: u64, budget: u64) -> Result<u64, Error> {
+fn bisect(
+    known: &mut Estimates,
+    base: &Base,
+    way: Way,
+    lo: u64,
+    hi: u64,
+    budget: u64,
+) -> Result<u64, Error> {
     let u = way.unit(base);
     let (mut lo, mut hi) = (lo / u, hi / u);
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
-        if crate::fits(&way.apply(base, mid * u), budget)? {
+        if known.fits(&way.apply(base, mid * u), budget)? {
             hi = mid;
         } else {
             lo = mid;
@@ -314,7 +321,7 @@ fn bisect(base: &Base, way: Way, lo: u64, hi: u64, budget: u64) -> Result<u64, E
     Ok(hi * u)
 }
 
-fn row(base: &Base, way: Way, budget: u64) -> Result<Row, Error> {
+fn row(known: &mut Estimates, base: &Base, way: Way, budget: u64) -> Result<Row, Error> {
     if way == Way::Zero3Tp && base.tp.is_none() {
         return Err(Error::NotModelled {
             what: base
@@ -337,12 +344,12 @@ fn row(base: &Base, way: Way, budget: u64) -> Result<Row, Error> {
     // gpt-ddp-w2-gav does, tests/data/parallel/README.md; modelled: `ddp_does_not_depend_on_the_gpu_count`), so
     // one estimate stands for every count.
     let points: Vec<(u64, u64)> = if way == Way::Ddp {
-        let t = total(&way.apply(base, 1))?;
+        let t = total(known, &way.apply(base, 1))?;
         counts.iter().map(|&w| (w, t)).collect()
     } else {
         counts
             .iter()
-            .map(|&w| Ok((w, total(&way.apply(base, w))?)))
+            .map(|&w| Ok((w, total(known, &way.apply(base, w))?)))
             .collect::<Result<_, Error>>()?
     };
     let fewest = if budget == 0 {
@@ -351,7 +358,7 @@ fn row(base: &Base, way: Way, budget: u64) -> Result<Row, Error> {
         let gpus = if i == 0 || way == Way::Ddp {
             points[i].0
         } else {
-            bisect(base, way, points[i - 1].0, points[i].0, budget)?
+            bisect(known, base, way, points[i - 1].0, points[i].0, budget)?
         };
         Some(gpus)
     } else if way == Way::Ddp {
@@ -362,8 +369,8 @@ fn row(base: &Base, way: Way, budget: u64) -> Result<Row, Error> {
         let mut found = None;
         while prev < MAX_GPUS_SEARCHED {
             let w = prev * 2;
-            if crate::fits(&way.apply(base, w), budget)? {
-                found = Some(bisect(base, way, prev, w, budget)?);
+            if known.fits(&way.apply(base, w), budget)? {
+                found = Some(bisect(known, base, way, prev, w, budget)?);
                 break;
             }
             prev = w;
@@ -375,7 +382,7 @@ fn row(base: &Base, way: Way, budget: u64) -> Result<Row, Error> {
             let setup = way.apply(base, gpus);
             let device_total_bytes = match points.iter().find(|p| p.0 == gpus) {
                 Some(p) => p.1,
-                None => total(&setup)?,
+                None => total(known, &setup)?,
             };
             Some(Fit {
                 gpus,
@@ -401,15 +408,23 @@ fn row(base: &Base, way: Way, budget: u64) -> Result<Row, Error> {
 /// An invalid setup. A way that is not modelled for it (LoRA with DDP or FSDP2, say) is a row with its reason,
 /// not an error.
 pub fn plan(setup: &Setup) -> Result<Plan, Error> {
+    plan_with(&mut Estimates::new(), setup)
+}
+
+/// [`plan`], its estimates shared through `known` (the page's: its one-GPU figure is the page's estimate).
+///
+/// # Errors
+/// As [`plan`].
+pub fn plan_with(known: &mut Estimates, setup: &Setup) -> Result<Plan, Error> {
     setup.validate()?;
     let budget = setup.device.memory_bytes;
     let base = base(setup);
     let mut one = setup.clone();
     one.train.parallel = Parallel::single();
-    let one_gpu_bytes = total(&one).ok();
+    let one_gpu_bytes = total(known, &one).ok();
     let mut rows = Vec::new();
     for way in Way::ALL {
-        rows.push(match row(&base, way, budget) {
+        rows.push(match row(known, &base, way, budget) {
             Ok(r) => r,
             Err(
                 e @ (Error::NotModelled { .. } | Error::Invalid { .. } | Error::TooLarge { .. }),

@@ -6,6 +6,7 @@ pub mod advice;
 pub mod compare;
 pub mod estimates;
 pub mod gpus;
+pub mod methods;
 pub mod page;
 pub mod plot;
 pub mod report;

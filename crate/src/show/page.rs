@@ -1,5 +1,6 @@
 //! The page's figures for one setup: the estimate and the eager-vs-compiled comparison, the advice with the
-//! largest batch and block that fit, the two sweeps and the fit map over the values the page plots. They ask
+//! largest batch and block that fit, the two sweeps and the fit map over the values the page plots, the GPU
+//! plan and full fine-tuning vs LoRA vs QLoRA. They ask
 //! for the same setups many times over (the current one in the estimate, the advice, both sweeps and the
 //! timeline; the sweeps' points again as the fit map's cells and the bisections' steps), so they share one
 //! [`Estimates`]: each setup is simulated once, and every figure is the one the functions of `advice` and
@@ -8,6 +9,8 @@
 use crate::advice::{self, CompileComparison, Suggestion};
 use crate::error::Error;
 use crate::estimates::Estimates;
+use crate::gpus::{self, Plan};
+use crate::methods::{self, Methods};
 use crate::model::Setup;
 use crate::report::Report;
 use crate::sweep::{self, Axis, FitMap, Point};
@@ -49,6 +52,22 @@ impl Page {
         current: &Report,
     ) -> Result<Option<CompileComparison>, Error> {
         advice::compile_comparison_with(&mut self.known, &self.setup, current)
+    }
+
+    /// [`gpus::plan`]: how many GPUs, with which strategy.
+    ///
+    /// # Errors
+    /// As [`gpus::plan`].
+    pub fn gpu_plan(&mut self) -> Result<Plan, Error> {
+        gpus::plan_with(&mut self.known, &self.setup)
+    }
+
+    /// [`methods::compare`]: full fine-tuning, LoRA and QLoRA side by side.
+    ///
+    /// # Errors
+    /// As [`methods::compare`].
+    pub fn methods(&mut self) -> Result<Methods, Error> {
+        methods::compare_with(&mut self.known, &self.setup)
     }
 
     /// [`advice::suggestions`].
@@ -145,8 +164,8 @@ mod tests {
     use super::*;
     use crate::presets;
 
-    /// The page's figures, asked for in the page's order through one view, are those of `advice` and `sweep`
-    /// asked one by one: for the founding case, eager, on a GPU without memory, a Llama, and the 70B preset
+    /// The page's figures, asked for in the page's order through one view, are those of `advice`, `sweep`,
+    /// `gpus` and `methods` asked one by one: for the founding case, eager, on a GPU without memory, a Llama, and the 70B preset
     /// (whose block sweep stops where a size passes what vramfit counts).
     #[test]
     fn the_views_figures_are_the_plain_functions() {
@@ -186,6 +205,8 @@ mod tests {
                 page.fit_map(),
                 sweep::fit_map(&s, &batches, &blocks, budget)
             );
+            assert_eq!(page.gpu_plan(), gpus::plan(&s));
+            assert_eq!(page.methods(), methods::compare(&s));
             assert_eq!(page.estimate(), crate::estimate(&s));
         }
     }

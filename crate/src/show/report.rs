@@ -1,5 +1,6 @@
 //! What a person reads: the peak, what it is made of, when it happens, reserved and on-device totals.
 
+use crate::finetune::Quantization;
 use crate::model::Setup;
 use crate::sim::{Category, Sim};
 use serde::Serialize;
@@ -8,6 +9,10 @@ use serde::Serialize;
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Components {
     pub weights_bytes: u64,
+    /// A bitsandbytes base's packed Linear weights and quantization state (0 without one).
+    pub quantized_weights_bytes: u64,
+    /// LoRA's trained adapters and `modules_to_save` copies (0 without LoRA).
+    pub adapters_bytes: u64,
     pub weight_copies_bytes: u64,
     pub grads_bytes: u64,
     pub optimizer_bytes: u64,
@@ -22,6 +27,8 @@ impl Components {
         let at = |c: Category| a[c.index()];
         Components {
             weights_bytes: at(Category::Weights),
+            quantized_weights_bytes: at(Category::QuantizedWeights),
+            adapters_bytes: at(Category::Adapters),
             weight_copies_bytes: at(Category::WeightCopies),
             grads_bytes: at(Category::Grads),
             optimizer_bytes: at(Category::Optimizer),
@@ -34,6 +41,8 @@ impl Components {
 
     pub fn total(&self) -> u64 {
         self.weights_bytes
+            + self.quantized_weights_bytes
+            + self.adapters_bytes
             + self.weight_copies_bytes
             + self.grads_bytes
             + self.optimizer_bytes
@@ -43,10 +52,31 @@ impl Components {
             + self.workspace_bytes
     }
 
-    /// (name, bytes, what it is) for display, largest first.
+    /// (name, bytes, what it is) for display, largest first. The quantized base is "quantized weights" here;
+    /// [`Components::items_for`] names its kind.
     pub fn items(&self) -> Vec<(&'static str, u64, &'static str)> {
+        self.items_for(None)
+    }
+
+    /// [`Components::items`] for a setup whose base is quantized by `quant` ("4-bit weights", "int8 weights").
+    pub fn items_for(&self, quant: Option<Quantization>) -> Vec<(&'static str, u64, &'static str)> {
+        let quantized = match quant {
+            Some(Quantization::Int8) => "int8 weights",
+            Some(_) => "4-bit weights",
+            None => "quantized weights",
+        };
         let mut v = vec![
             ("weights", self.weights_bytes, "parameters and buffers"),
+            (
+                quantized,
+                self.quantized_weights_bytes,
+                "the frozen base's bitsandbytes Linears: packed weights and quantization state",
+            ),
+            (
+                "adapters",
+                self.adapters_bytes,
+                "LoRA's trained A and B matrices (and modules_to_save copies)",
+            ),
             (
                 "weight copies",
                 self.weight_copies_bytes,
@@ -322,7 +352,7 @@ impl Report {
 
     /// One sentence naming the largest component at the peak and why it is that size.
     pub fn largest_item_sentence(&self, setup: &Setup) -> String {
-        let (name, bytes, what) = self.components.items()[0];
+        let (name, bytes, what) = self.components.items_for(setup.train.quantization)[0];
         let n = setup.train.batch_size * setup.train.seq_len;
         let detail = match name {
             "logits" => format!(
@@ -342,6 +372,22 @@ impl Report {
                 setup.model.n_layer,
                 fmt_bytes(self.activations_per_block_bytes),
                 n
+            ),
+            "weights" if setup.train.lora.is_some() => format!(
+                "the frozen base{}",
+                if setup.train.quantization.is_some() {
+                    "'s embeddings, norms and head (fp32 after prepare_model_for_kbit_training)"
+                } else {
+                    ""
+                }
+            ),
+            "grads" | "optimizer" if setup.train.lora.is_some() => format!(
+                "{} trainable parameters (the adapters)",
+                setup
+                    .train
+                    .lora
+                    .as_ref()
+                    .map_or(0, |l| crate::finetune::trainable_params(&setup.model, l))
             ),
             "weights" | "grads" | "optimizer" => format!("{} parameters", self.n_params),
             _ => what.to_string(),
@@ -433,5 +479,47 @@ mod tests {
         assert_eq!(fmt_bytes(1536), "1.50 KiB");
         assert_eq!(fmt_bytes(5 << 30), "5.00 GiB");
         assert_eq!(fmt_bytes(150 << 20), "150 MiB");
+    }
+}
+
+#[cfg(test)]
+mod finetune_breakdown {
+    use crate::finetune::{linear4bit_tensors, Method};
+    use crate::sim::block_bytes;
+
+    /// QLoRA's breakdown names the 4-bit weights and the adapters apart from the rest of the weights, each the
+    /// bytes its tensors take: per decoder Linear (q, k, v, o, gate, up, down) `Params4bit`'s packed weight and
+    /// quantization state; per adapted Linear A (`r x in`) and B (`out x r`) in fp32.
+    #[test]
+    fn qlora_breakdown_names_the_four_bit_weights_and_the_adapters() {
+        let full = crate::presets::model_preset("llama-3.2-1b").unwrap();
+        let s = Method::Qlora.apply(&full);
+        let m = &s.model;
+        let (c, qd, kv, i) = (m.n_embd, m.q_dim(), m.kv_dim(), m.intermediate_size);
+        let linears = [(c, qd), (c, kv), (c, kv), (qd, c), (c, i), (c, i), (i, c)];
+        let four_bit: u64 = linears
+            .iter()
+            .flat_map(|(a, b)| linear4bit_tensors(a * b, true))
+            .map(block_bytes)
+            .sum::<u64>()
+            * m.n_layer;
+        let adapters: u64 = linears
+            .iter()
+            .map(|(a, b)| block_bytes(16 * a * 4) + block_bytes(b * 16 * 4))
+            .sum::<u64>()
+            * m.n_layer;
+        let r = crate::estimate(&s).unwrap();
+        let k = &r.components;
+        assert_eq!(k.quantized_weights_bytes, four_bit);
+        assert_eq!(k.adapters_bytes, adapters);
+        assert_eq!(k.total(), r.peak_allocated_bytes);
+        let items = k.items_for(s.train.quantization);
+        let named = |n: &str| items.iter().find(|x| x.0 == n).map(|x| x.1);
+        assert_eq!(named("4-bit weights"), Some(four_bit));
+        assert_eq!(named("adapters"), Some(adapters));
+        assert_eq!(named("quantized weights"), None);
+        // Full fine-tuning has neither.
+        let f = crate::estimate(&Method::Full.apply(&s)).unwrap().components;
+        assert_eq!((f.quantized_weights_bytes, f.adapters_bytes), (0, 0));
     }
 }

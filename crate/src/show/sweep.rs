@@ -69,11 +69,12 @@ pub struct Point {
     pub components: Components,
 }
 
-/// The six bands a sweep is plotted and exported in, in bytes: weights with autocast's weight copies, grads,
+/// The six bands a sweep is plotted and exported in, in bytes: weights with a quantized base's weights, LoRA's
+/// adapters and autocast's weight copies, grads,
 /// optimizer state, activations, logits, temporaries with workspaces.
 pub fn bands(c: &Components) -> [u64; 6] {
     [
-        c.weights_bytes + c.weight_copies_bytes,
+        c.weights_bytes + c.quantized_weights_bytes + c.adapters_bytes + c.weight_copies_bytes,
         c.grads_bytes,
         c.optimizer_bytes,
         c.activations_bytes,

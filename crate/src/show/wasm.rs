@@ -15,6 +15,7 @@
 //! draw_fit_map(canvas, query, dark, scale): {batches: number[], blocks: number[]}
 //! draw_timeline(canvas, query, dark, scale): void
 //! draw_gpus(canvas, query, dark, scale): GpuPlan             // see GpuPlanDto; draws memory per GPU against GPUs
+//! finetune_methods(query): Methods                          // see MethodsDto: full, LoRA, QLoRA side by side
 //! sweep_csv(query, axis): string;  sweep_json(query, axis): string
 //! import_config(text: string): {query, notes: string[], kind: "nanogpt"|"hf"|"setup"}
 //! identify_gpu(description: string): string | undefined     // a GPU preset id, only when unambiguous
@@ -37,6 +38,7 @@ use web_sys::HtmlCanvasElement;
 
 use crate::gpus;
 use crate::input::{self, setup_from_query, setup_to_query};
+use crate::methods;
 use crate::page::Page;
 use crate::plot;
 use crate::presets;
@@ -262,7 +264,7 @@ pub fn estimate(query: &str) -> Result<JsValue, JsError> {
     let total = r.peak_allocated_bytes.max(1);
     let components = r
         .components
-        .items()
+        .items_for(s.train.quantization)
         .into_iter()
         .filter(|(_, b, _)| *b > 0)
         .map(|(name, bytes, what)| ComponentDto {
@@ -399,6 +401,77 @@ pub fn advice(query: &str) -> Result<JsValue, JsError> {
             .collect(),
         largest_batch: say(batch),
         largest_block: say(block),
+    })
+}
+
+#[derive(Serialize)]
+struct MethodRowDto {
+    /// "full", "lora", "qlora".
+    id: &'static str,
+    label: &'static str,
+    /// Why the recipe is not estimated; the other fields are then empty.
+    error: String,
+    peak_allocated: String,
+    device_total: String,
+    trainable: String,
+    /// "fits", "does not fit" or "" without a GPU.
+    verdict: String,
+    largest_batch: String,
+    /// The recipe's setup, to apply.
+    query: String,
+    current: bool,
+}
+
+#[derive(Serialize)]
+struct MethodsDto {
+    rows: Vec<MethodRowDto>,
+    advice: String,
+    /// The advised setup ("" where nothing changes).
+    advised_query: String,
+}
+
+/// Full fine-tuning, LoRA and QLoRA side by side (`methods::compare`) with the advice.
+#[wasm_bindgen]
+pub fn finetune_methods(query: &str) -> Result<JsValue, JsError> {
+    let mut held = Held::of(query)?;
+    let got = held.page.methods();
+    let current = crate::finetune::Method::of(held.page.setup());
+    let memory_bytes = held.page.setup().device.memory_bytes;
+    held.keep();
+    let m = got.map_err(js_err)?;
+    let rows = m
+        .rows
+        .iter()
+        .map(|r| {
+            let ok = r.error.is_none();
+            let text = |b: u64| if ok { fmt_bytes(b) } else { String::new() };
+            MethodRowDto {
+                id: r.method.name(),
+                label: methods::label(r.method),
+                error: r.error.clone().unwrap_or_default(),
+                peak_allocated: text(r.peak_allocated_bytes),
+                device_total: text(r.device_total_bytes),
+                trainable: format!("{:.1}M", r.trainable_params as f64 / 1e6),
+                verdict: match r.fits {
+                    Some(true) => "fits".into(),
+                    Some(false) => "does not fit".into(),
+                    None => String::new(),
+                },
+                largest_batch: match (ok, memory_bytes, r.largest_batch) {
+                    (false, ..) => String::new(),
+                    (_, 0, _) => "choose a GPU".into(),
+                    (_, _, Some(b)) => b.to_string(),
+                    (_, _, None) => "none: even 1 does not fit".into(),
+                },
+                query: setup_to_query(&r.setup),
+                current: r.method == current,
+            }
+        })
+        .collect();
+    to_js(&MethodsDto {
+        rows,
+        advice: m.advice,
+        advised_query: m.advised.as_ref().map(setup_to_query).unwrap_or_default(),
     })
 }
 
@@ -649,8 +722,11 @@ pub fn draw_gpus(
     dark: bool,
     scale: f64,
 ) -> Result<JsValue, JsError> {
-    let s = setup_of(query)?;
-    let plan = gpus::plan(&s).map_err(js_err)?;
+    let mut held = Held::of(query)?;
+    let got = held.page.gpu_plan();
+    let s = held.page.setup().clone();
+    held.keep();
+    let plan = got.map_err(js_err)?;
     let p = &s.train.parallel;
     let current = gpus::Way::of(p).and_then(|way| {
         plan.rows
