@@ -1,39 +1,23 @@
 // PYTORCH_CUDA_ALLOC_CONF as a knob (issue 10, item 5): the page's field, its place in the URL, its messages, the
 // widget's alloc-conf attribute and the "expandable segments" advice, each checked against the native CLI.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { serve, serveBlogPost, launch, openPage, canvasPixels, setField, cliEstimate } from './helpers.mjs';
+import { setUp, openPage, canvasPixels, setField, cliEstimate } from './helpers.mjs';
 
 const PAGE_PORT = 8781;
 const WIDGET_PORT = 8782;
 const BLOG_PORT = 8783;
 // The page's default view: the founding nanoGPT case on an RTX 4070.
 const GPU = ['--compute-capability', '8.9', '--gpu-memory-gib', '12'];
-let server;
-let widgetServer;
-let blogServer;
-let context;
 
 const reservedOf = async (page) => Number(await page.getAttribute('#peak-reserved', 'data-bytes'));
 
-before(async () => {
-  server = await serve(PAGE_PORT);
-  widgetServer = await serve(WIDGET_PORT);
-  blogServer = await serveBlogPost(BLOG_PORT, 'Fragmentation', `http://127.0.0.1:${WIDGET_PORT}/`, `<vram-fit id="plain" preset="nanogpt-30m" gpu="rtx-4070" show="alloc_conf,batch_size" plot="none"></vram-fit>
+const env = setUp({ port: PAGE_PORT, widgetPort: WIDGET_PORT, blogPort: BLOG_PORT, blog: { title: 'Fragmentation', body: `<vram-fit id="plain" preset="nanogpt-30m" gpu="rtx-4070" show="alloc_conf,batch_size" plot="none"></vram-fit>
 <vram-fit id="expandable" preset="nanogpt-30m" gpu="rtx-4070" alloc-conf="expandable_segments:True" show="alloc_conf,batch_size" plot="none"></vram-fit>
-<vram-fit id="refused" preset="nanogpt-30m" alloc-conf="max_split_size_mb:8" plot="none"></vram-fit>`);
-  context = await launch();
-});
-
-after(async () => {
-  await context?.close();
-  server?.close();
-  widgetServer?.close();
-  blogServer?.close();
-});
+<vram-fit id="refused" preset="nanogpt-30m" alloc-conf="max_split_size_mb:8" plot="none"></vram-fit>` } });
 
 test('the page knob changes the reserved figure as the CLI does and goes into the URL', async () => {
-  const { page, errors } = await openPage(context, server.url);
+  const { page, errors } = await openPage(env.context, env.server.url);
   assert.equal(await page.inputValue('#alloc_conf'), '', 'PyTorch defaults: the field is empty');
   assert.ok(!new URL(page.url()).searchParams.has('alloc_conf'), 'an empty knob stays out of the URL');
   const plain = cliEstimate(GPU);
@@ -46,7 +30,7 @@ test('the page knob changes the reserved figure as the CLI does and goes into th
   assert.equal(await reservedOf(page), expandable.peak_reserved_bytes);
   assert.equal(await page.getAttribute('#peak-allocated', 'data-bytes'), allocated, 'allocated does not change');
   // The link reproduces the view; back goes to PyTorch's defaults and empties the field.
-  const { page: copy } = await openPage(context, page.url());
+  const { page: copy } = await openPage(env.context, page.url());
   assert.equal(await copy.inputValue('#alloc_conf'), 'expandable_segments:True');
   assert.equal(await reservedOf(copy), expandable.peak_reserved_bytes);
   await copy.close();
@@ -62,7 +46,7 @@ test('the page knob changes the reserved figure as the CLI does and goes into th
 });
 
 test('a value PyTorch refuses shows its message next to the field and keeps the last good view', async () => {
-  const { page } = await openPage(context, server.url);
+  const { page } = await openPage(env.context, env.server.url);
   await setField(page, 'alloc_conf', 'max_split_size_mb:256');
   await page.waitForFunction(() => location.search.includes('alloc_conf=max_split_size_mb'));
   const reserved = await page.textContent('#peak-reserved');
@@ -81,14 +65,14 @@ test('a value PyTorch refuses shows its message next to the field and keeps the 
   assert.equal(await page.textContent('.field-error[data-for="alloc_conf"]'), '');
   assert.equal(await page.getAttribute('#alloc_conf', 'aria-invalid'), null);
   // A bad value in a link is reported against the field too.
-  const { page: linked } = await openPage(context, `${server.url}?alloc_conf=expandable_segments%3Ayes`);
+  const { page: linked } = await openPage(env.context, `${env.server.url}?alloc_conf=expandable_segments%3Ayes`);
   assert.match(await linked.textContent('.field-error[data-for="alloc_conf"]'), /train\.alloc_conf \("expandable_segments:yes"\) expandable_segments must be True or False/);
   await linked.close();
   await page.close();
 });
 
 test('where the allocator fragments, the advice suggests expandable segments with what they save', async () => {
-  const { page } = await openPage(context, server.url);
+  const { page } = await openPage(env.context, env.server.url);
   const plain = cliEstimate(GPU);
   const expandable = cliEstimate([...GPU, '--alloc-conf', 'expandable_segments:True']);
   // The default case: the compiled step's reserved memory is well above what it allocates.
@@ -122,7 +106,7 @@ test('where the allocator fragments, the advice suggests expandable segments wit
 });
 
 test('the widget takes an alloc-conf attribute and an alloc_conf knob; a refused value is its message', async () => {
-  const page = await context.newPage();
+  const page = await env.context.newPage();
   const errors = [];
   page.on('pageerror', (e) => errors.push(e.message));
   await page.goto(`http://localhost:${BLOG_PORT}/index.html`);

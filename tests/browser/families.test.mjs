@@ -2,39 +2,23 @@
 // family list, their fields (KV heads, MLP width, tied embeddings, sliding window, rotary dims, parallel residual)
 // shown for the families that have them, in the URL, their limits as one message, and every estimate equal to the
 // native CLI's.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { serve, serveBlogPost, launch, openPage, setField, cliPeakBytes } from './helpers.mjs';
+import { setUp, openPage, setField, cliPeakBytes } from './helpers.mjs';
 
 const PORT = 8801;
 const WIDGET_PORT = 8802;
 const BLOG_PORT = 8803;
-let server;
-let widgetServer;
-let blogServer;
-let context;
 
-before(async () => {
-  server = await serve(PORT);
-  widgetServer = await serve(WIDGET_PORT);
-  blogServer = await serveBlogPost(BLOG_PORT, 'Qwen', `http://127.0.0.1:${WIDGET_PORT}/`, `<vram-fit id="qwen" preset="qwen2.5-0.5b" gpu="rtx-4070" show="sliding_window,seq_len" plot="none"></vram-fit>`
+const env = setUp({ port: PORT, widgetPort: WIDGET_PORT, blogPort: BLOG_PORT, blog: { title: 'Qwen', body: `<vram-fit id="qwen" preset="qwen2.5-0.5b" gpu="rtx-4070" show="sliding_window,seq_len" plot="none"></vram-fit>`
     + `<vram-fit id="pythia" preset="pythia-160m" gpu="rtx-4070" show="rotary_dims,parallel_residual" plot="none"></vram-fit>`
-    + `<vram-fit id="olmoe" preset="olmoe-1b-7b" gpu="h100-80" show="n_experts,experts_per_token" plot="none"></vram-fit>`);
-  context = await launch();
-});
-
-after(async () => {
-  await context?.close();
-  server?.close();
-  widgetServer?.close();
-  blogServer?.close();
-});
+    + `<vram-fit id="olmoe" preset="olmoe-1b-7b" gpu="h100-80" show="n_experts,experts_per_token" plot="none"></vram-fit>` } });
 
 const peak = async (page) => Number(await page.getAttribute('#peak-allocated', 'data-bytes'));
 const shown = async (page, id) => page.evaluate((i) => !document.getElementById(i).closest('.field').hidden, id);
 
 test('the qwen2 preset estimates as the CLI does, with the Hugging Face fields shown', async () => {
-  const { page, errors } = await openPage(context, server.url);
+  const { page, errors } = await openPage(env.context, env.server.url);
   await page.selectOption('#preset', 'qwen2.5-0.5b');
   await page.waitForFunction(() => document.getElementById('family').value === 'qwen2');
   for (const id of ['n_kv_head', 'intermediate_size', 'tie_embeddings', 'sliding_window']) {
@@ -51,7 +35,7 @@ test('the qwen2 preset estimates as the CLI does, with the Hugging Face fields s
 test('a mistral with a sliding window: in the URL, Llama\'s estimate below it, its explicit mask at it', async () => {
   const query = 'family=mistral&n_layer=2&n_head=8&n_kv_head=2&n_embd=512&intermediate_size=1024&vocab_size=32000'
     + '&block_size=4096&tie_embeddings=0&sliding_window=1024&batch_size=2&seq_len=512&compile=0';
-  const { page, errors } = await openPage(context, `${server.url}?${query}`);
+  const { page, errors } = await openPage(env.context, `${env.server.url}?${query}`);
   assert.equal(await page.inputValue('#family'), 'mistral');
   assert.equal(await page.inputValue('#sliding_window'), '1024');
   const args = ['--family', 'mistral', '--n-layer', '2', '--n-head', '8', '--n-kv-head', '2', '--n-embd', '512',
@@ -84,8 +68,8 @@ test('a mistral with a sliding window: in the URL, Llama\'s estimate below it, i
 });
 
 test('the widget shows the sliding window as a knob, and its cost once the sequence reaches it', async () => {
-  const page = await context.newPage();
-  await page.goto(blogServer.url);
+  const page = await env.context.newPage();
+  await page.goto(env.blogServer.url);
   const peakOf = () => page.evaluate(() => Number(document.getElementById('qwen').dataset.peakBytes));
   await page.waitForFunction(() => Number(document.getElementById('qwen').dataset.peakBytes) > 0);
   assert.equal(await peakOf(), cliPeakBytes(['--preset', 'qwen2.5-0.5b', '--gpu', 'rtx-4070']));
@@ -108,7 +92,7 @@ test('the widget shows the sliding window as a knob, and its cost once the seque
 test('a qwen3 link with a head size of its own estimates as the CLI does', async () => {
   const query = 'family=qwen3&n_layer=2&n_head=8&n_kv_head=4&n_embd=512&head_dim=128&intermediate_size=1536'
     + '&vocab_size=32000&block_size=1024&tie_embeddings=1&batch_size=2&seq_len=512&compile=0';
-  const { page, errors } = await openPage(context, `${server.url}?${query}`);
+  const { page, errors } = await openPage(env.context, `${env.server.url}?${query}`);
   assert.equal(await page.inputValue('#family'), 'qwen3');
   assert.equal(await page.inputValue('#head_dim'), '128');
   assert.ok(await shown(page, 'head_dim'));
@@ -126,7 +110,7 @@ test('a qwen3 link with a head size of its own estimates as the CLI does', async
 test('a llama with Hugging Face eager attention (attention manual) estimates as the CLI does', async () => {
   const query = 'family=llama&n_layer=2&n_head=8&n_kv_head=2&n_embd=512&intermediate_size=1408&vocab_size=32000'
     + '&block_size=2048&tie_embeddings=0&batch_size=2&seq_len=512&attention=manual&compile=0';
-  const { page, errors } = await openPage(context, `${server.url}?${query}`);
+  const { page, errors } = await openPage(env.context, `${env.server.url}?${query}`);
   assert.equal(await page.inputValue('#attention'), 'manual');
   const args = ['--family', 'llama', '--n-layer', '2', '--n-head', '8', '--n-kv-head', '2', '--n-embd', '512',
     '--intermediate-size', '1408', '--vocab-size', '32000', '--block-size', '2048', '--no-tie-embeddings',
@@ -141,7 +125,7 @@ test('a llama with Hugging Face eager attention (attention manual) estimates as 
 });
 
 test('the Gemma-2-2B preset trains with eager attention and estimates as the CLI does', async () => {
-  const { page, errors } = await openPage(context, server.url);
+  const { page, errors } = await openPage(env.context, env.server.url);
   await page.selectOption('#preset', 'gemma-2-2b');
   await page.waitForFunction(() => document.getElementById('family').value === 'gemma2');
   assert.equal(await page.inputValue('#attention'), 'manual');
@@ -156,7 +140,7 @@ test('the Gemma-2-2B preset trains with eager attention and estimates as the CLI
 });
 
 test('the Gemma-3-1B preset: its window, head size and estimate as the CLI gives them', async () => {
-  const { page, errors } = await openPage(context, server.url);
+  const { page, errors } = await openPage(env.context, env.server.url);
   await page.selectOption('#preset', 'gemma-3-1b');
   await page.waitForFunction(() => document.getElementById('family').value === 'gemma3');
   assert.equal(await page.inputValue('#sliding_window'), '512');
@@ -168,7 +152,7 @@ test('the Gemma-3-1B preset: its window, head size and estimate as the CLI gives
 });
 
 test('Pythia (gpt_neox): rotary dims, parallel residual and biases on the form, in the URL and as the CLI', async () => {
-  const { page, errors } = await openPage(context, server.url);
+  const { page, errors } = await openPage(env.context, env.server.url);
   await page.selectOption('#preset', 'pythia-160m');
   await page.waitForFunction(() => document.getElementById('family').value === 'gpt_neox');
   assert.equal(await page.inputValue('#rotary_dims'), '16');
@@ -193,7 +177,7 @@ test('Pythia (gpt_neox): rotary dims, parallel residual and biases on the form, 
 });
 
 test('Phi-3-mini after Pythia: the packed family, without Pythia\'s rotary dims left behind', async () => {
-  const { page, errors } = await openPage(context, server.url);
+  const { page, errors } = await openPage(env.context, env.server.url);
   await page.selectOption('#preset', 'pythia-1b');
   await page.waitForFunction(() => document.getElementById('rotary_dims').value === '64');
   await page.selectOption('#preset', 'phi-3-mini');
@@ -217,8 +201,8 @@ test('Phi-3-mini after Pythia: the packed family, without Pythia\'s rotary dims 
 });
 
 test('the widget takes rotary dims and the parallel residual as knobs', async () => {
-  const page = await context.newPage();
-  await page.goto(blogServer.url);
+  const page = await env.context.newPage();
+  await page.goto(env.blogServer.url);
   const peakOf = () => page.evaluate(() => Number(document.getElementById('pythia').dataset.peakBytes));
   await page.waitForFunction(() => Number(document.getElementById('pythia').dataset.peakBytes) > 0);
   const base = ['--preset', 'pythia-160m', '--gpu', 'rtx-4070'];
@@ -243,7 +227,7 @@ test('the widget takes rotary dims and the parallel residual as knobs', async ()
 });
 
 test('OLMoE-1B-7B: the experts on the form, in the URL and as the CLI', async () => {
-  const { page, errors } = await openPage(context, server.url);
+  const { page, errors } = await openPage(env.context, env.server.url);
   await page.selectOption('#preset', 'olmoe-1b-7b');
   await page.waitForFunction(() => document.getElementById('family').value === 'olmoe');
   assert.equal(await page.inputValue('#n_experts'), '64');
@@ -270,7 +254,7 @@ test('a qwen2_moe link with a shared expert estimates as the CLI does', async ()
   const query = 'family=qwen2_moe&n_layer=2&n_head=4&n_kv_head=2&n_embd=256&intermediate_size=256&vocab_size=8192'
     + '&block_size=4096&tie_embeddings=0&n_experts=8&experts_per_token=2&shared_expert_size=512&norm_topk_prob=1'
     + '&batch_size=4&seq_len=256&compile=0';
-  const { page, errors } = await openPage(context, `${server.url}?${query}`);
+  const { page, errors } = await openPage(env.context, `${env.server.url}?${query}`);
   assert.equal(await page.inputValue('#shared_expert_size'), '512');
   assert.ok(await page.isChecked('#norm_topk_prob'));
   const args = ['--family', 'qwen2_moe', '--n-layer', '2', '--n-head', '4', '--n-kv-head', '2', '--n-embd', '256',
@@ -294,8 +278,8 @@ test('a qwen2_moe link with a shared expert estimates as the CLI does', async ()
 });
 
 test('the widget takes the experts as knobs', async () => {
-  const page = await context.newPage();
-  await page.goto(blogServer.url);
+  const page = await env.context.newPage();
+  await page.goto(env.blogServer.url);
   const peakOf = () => page.evaluate(() => Number(document.getElementById('olmoe').dataset.peakBytes));
   await page.waitForFunction(() => Number(document.getElementById('olmoe').dataset.peakBytes) > 0);
   const base = ['--preset', 'olmoe-1b-7b', '--gpu', 'h100-80'];

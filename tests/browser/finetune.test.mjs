@@ -1,55 +1,31 @@
 // Fine-tuning on the page and in the widget (issue 13): LoRA (rank, alpha, dropout, target modules, modules to
 // save), the frozen base's dtype, a bitsandbytes base and the memory-saving optimizers, each in the URL, and
 // every estimate equal to the native CLI's.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
-import { ROOT, serve, serveBlogPost, launch, openPage, setField, cliEstimate, cliPeakBytes } from './helpers.mjs';
+import { ROOT, setUp, waitRender, openPage, setField, cliEstimate, cliPeakBytes } from './helpers.mjs';
 
 const PORT = 8811;
 const WIDGET_PORT = 8812;
 const BLOG_PORT = 8813;
-let server;
-let widgetServer;
-let blogServer;
-let context;
 
-before(async () => {
-  server = await serve(PORT);
-  widgetServer = await serve(WIDGET_PORT);
-  blogServer = await serveBlogPost(BLOG_PORT, 'LoRA', `http://127.0.0.1:${WIDGET_PORT}/`,
-    '<vram-fit id="lora" preset="llama-3.2-1b" gpu="rtx-4070" show="lora,lora_r,optimizer,quantization" plot="none"></vram-fit>'
-    + '<vram-fit id="recipes" preset="llama-3.1-8b" gpu="rtx-4090" show="batch_size" plot="finetune"></vram-fit>');
-  context = await launch();
-});
-
-after(async () => {
-  await context?.close();
-  server?.close();
-  widgetServer?.close();
-  blogServer?.close();
-});
+const env = setUp({ port: PORT, widgetPort: WIDGET_PORT, blogPort: BLOG_PORT, blog: { title: 'LoRA', body: '<vram-fit id="lora" preset="llama-3.2-1b" gpu="rtx-4070" show="lora,lora_r,optimizer,quantization" plot="none"></vram-fit>'
+    + '<vram-fit id="recipes" preset="llama-3.1-8b" gpu="rtx-4090" show="batch_size" plot="finetune"></vram-fit>' } });
 
 const peak = async (page) => Number(await page.getAttribute('#peak-allocated', 'data-bytes'));
 const param = (page, k) => page.evaluate((key) => new URLSearchParams(location.search).get(key), k);
 const GPU = ['--compute-capability', '8.9', '--gpu-memory-gib', '12'];
 
-async function check(page, id) {
-  const before = await page.evaluate(() => document.body.dataset.estimated);
+const check = (page, id) => waitRender(page, async () => {
   await page.check(`#${id}`);
   await page.dispatchEvent(`#${id}`, 'change');
-  await page.waitForFunction((b) => document.body.dataset.estimated !== b, before, { timeout: 3000 }).catch(() => {});
-}
-
-async function select(page, id, value) {
-  const before = await page.evaluate(() => document.body.dataset.estimated);
-  await page.selectOption(`#${id}`, value);
-  await page.waitForFunction((b) => document.body.dataset.estimated !== b, before, { timeout: 3000 }).catch(() => {});
-}
+}, 3000);
+const select = (page, id, value) => waitRender(page, () => page.selectOption(`#${id}`, value), 3000);
 
 test('LoRA on a llama preset: each knob in the URL and the estimate the CLI\'s', async () => {
-  const { page, errors } = await openPage(context, server.url);
+  const { page, errors } = await openPage(env.context, env.server.url);
   // nanoGPT's default: LoRA is not offered for gpt2.
   assert.ok(await page.evaluate(() => document.getElementById('finetune').hidden), 'no fine-tuning for gpt2');
   // TinyLlama: a Llama with an untied head (a trainable copy of a tied one was not measured).
@@ -96,7 +72,7 @@ test('LoRA on a llama preset: each knob in the URL and the estimate the CLI\'s',
   assert.match(await page.textContent('#notes'), /4-bit NF4 with double quantization/);
 
   // The link reproduces the view.
-  const again = await openPage(context, page.url());
+  const again = await openPage(env.context, page.url());
   assert.equal(await again.page.inputValue('#lora_target_modules'), 'q_proj,v_proj');
   assert.equal(await again.page.inputValue('#lora_modules_to_save'), 'lm_head');
   assert.ok(await again.page.isChecked('#lora'));
@@ -114,7 +90,7 @@ test('LoRA on a llama preset: each knob in the URL and the estimate the CLI\'s',
 });
 
 test('a bad LoRA field is named next to it', async () => {
-  const { page, errors } = await openPage(context, `${server.url}?${new URLSearchParams({
+  const { page, errors } = await openPage(env.context, `${env.server.url}?${new URLSearchParams({
     family: 'llama', n_layer: '2', n_head: '4', n_kv_head: '2', n_embd: '256', intermediate_size: '512',
     vocab_size: '1000', block_size: '128', seq_len: '128', batch_size: '2', precision: 'bf16-amp', lora: '1', lora_r: '8',
   })}`);
@@ -132,8 +108,8 @@ test('a bad LoRA field is named next to it', async () => {
 });
 
 test('the widget takes LoRA and the optimizers as knobs', async () => {
-  const page = await context.newPage();
-  await page.goto(blogServer.url);
+  const page = await env.context.newPage();
+  await page.goto(env.blogServer.url);
   const peakOf = () => page.evaluate(() => Number(document.getElementById('lora').dataset.peakBytes));
   await page.waitForFunction(() => Number(document.getElementById('lora').dataset.peakBytes) > 0);
   const base = ['--preset', 'llama-3.2-1b', '--gpu', 'rtx-4070'];
@@ -157,12 +133,6 @@ test('the widget takes LoRA and the optimizers as knobs', async () => {
   await page.close();
 });
 
-async function waitRender(page, action) {
-  const before = await page.evaluate(() => document.body.dataset.estimated);
-  await action();
-  await page.waitForFunction((b) => document.body.dataset.estimated !== b, before, { timeout: 10000 }).catch(() => {});
-}
-
 // `report::fmt_bytes`: powers of two, three significant digits.
 function fmtBytes(b) {
   for (const [unit, size] of [['GiB', 2 ** 30], ['MiB', 2 ** 20], ['KiB', 2 ** 10]]) {
@@ -180,7 +150,7 @@ function cliFinetune(args) {
 }
 
 test('full fine-tuning, LoRA and QLoRA side by side: the CLI\'s figures, the advice applied, the 4-bit weights named', async () => {
-  const { page, errors } = await openPage(context, server.url);
+  const { page, errors } = await openPage(env.context, env.server.url);
   await page.selectOption('#preset', 'llama-3.1-8b');
   await page.waitForFunction(() => new URLSearchParams(location.search).get('n_layer') === '32');
   await select(page, 'gpu', 'rtx-4090');
@@ -226,7 +196,7 @@ test('full fine-tuning, LoRA and QLoRA side by side: the CLI\'s figures, the adv
 });
 
 test('the comparison on nanoGPT\'s GPT says why LoRA and QLoRA are not estimated', async () => {
-  const { page, errors } = await openPage(context, server.url);
+  const { page, errors } = await openPage(env.context, env.server.url);
   assert.equal(await page.evaluate(() => document.querySelectorAll('#methods tbody tr').length), 0, 'not made unasked');
   await page.click('#methods-section summary');
   await page.waitForFunction(() => document.querySelectorAll('#methods tbody tr').length === 3);
@@ -237,8 +207,8 @@ test('the comparison on nanoGPT\'s GPT says why LoRA and QLoRA are not estimated
 });
 
 test('the widget sets the three recipes side by side with plot="finetune"', async () => {
-  const page = await context.newPage();
-  await page.goto(blogServer.url);
+  const page = await env.context.newPage();
+  await page.goto(env.blogServer.url);
   await page.waitForFunction(() => document.getElementById('recipes').dataset.methodsAdvice);
   const cli = cliFinetune(['--preset', 'llama-3.1-8b', '--gpu', 'rtx-4090']);
   assert.equal(await page.evaluate(() => document.getElementById('recipes').dataset.methodsAdvice), cli.advice);

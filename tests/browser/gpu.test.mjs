@@ -1,31 +1,18 @@
 // The GPU a person chose is the device, whatever model they pick next: on the page (presets, links) and in the
 // widget. See: issue 12, item 4 (RTX 4070 selected, Llama-2-7B chosen: the list said "RTX 4070 12 GB" while the
 // estimate used 80 GiB and compute capability 9.0). Also the GPU presets issue 12 added, with their SM counts.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { serve, serveBlogPost, launch, openPage, cliPeakBytes } from './helpers.mjs';
+import { setUp, openPage, cliPeakBytes } from './helpers.mjs';
 
 const PAGE_PORT = 8791;
 const BLOG_PORT = 8792;
-let server;
-let blogServer;
-let context;
 
 const TINY = '{"model": {"family": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "vocab_size": 65}, "device": {"memory_gib": 13, "compute_capability": 8.9}}';
 
-before(async () => {
-  server = await serve(PAGE_PORT);
-  blogServer = await serveBlogPost(BLOG_PORT, 'GPUs', `http://127.0.0.1:${PAGE_PORT}/`, `<vram-fit id="own" preset="nanogpt-30m" show="gpu,batch_size" plot="none"></vram-fit>
+const env = setUp({ port: PAGE_PORT, blogPort: BLOG_PORT, blog: { title: 'GPUs', body: `<vram-fit id="own" preset="nanogpt-30m" show="gpu,batch_size" plot="none"></vram-fit>
 <vram-fit id="seven" preset="llama-2-7b" gpu="rtx-4070" show="gpu" plot="none"></vram-fit>
-<vram-fit id="cfg" config='${TINY}' show="gpu" plot="none"></vram-fit>`);
-  context = await launch();
-});
-
-after(async () => {
-  await context?.close();
-  server?.close();
-  blogServer?.close();
-});
+<vram-fit id="cfg" config='${TINY}' show="gpu" plot="none"></vram-fit>` } });
 
 const value = (page, id) => page.inputValue(`#${id}`);
 const selectedLabel = (page) => page.$eval('#gpu', (s) => s.selectedOptions[0]?.textContent);
@@ -49,7 +36,7 @@ async function assertLlama7bOnRtx4070(page) {
 }
 
 test('RTX 4070 selected, then Llama-2-7B: the GPU list, the memory and the verdict all stay the RTX 4070', async () => {
-  const { page, errors } = await openPage(context, server.url);
+  const { page, errors } = await openPage(env.context, env.server.url);
   // A person picks another card, then the RTX 4070, then the model.
   await page.selectOption('#gpu', 'rtx-4090');
   await page.waitForFunction(() => document.getElementById('memory_gib').value === '24');
@@ -69,7 +56,7 @@ test('RTX 4070 selected, then Llama-2-7B: the GPU list, the memory and the verdi
 });
 
 test('the default RTX 4070, never touched, is kept by a preset as well; so is any other GPU', async () => {
-  const { page, errors } = await openPage(context, server.url);
+  const { page, errors } = await openPage(env.context, env.server.url);
   assert.equal(await value(page, 'gpu'), 'rtx-4070');
   await page.selectOption('#preset', 'llama-2-7b');
   await page.waitForFunction(() => document.getElementById('family').value === 'llama');
@@ -98,13 +85,13 @@ test('the default RTX 4070, never touched, is kept by a preset as well; so is an
 });
 
 test('a link\'s GPU is the device, even where an older link also holds another memory', async () => {
-  const { page, errors } = await openPage(context, `${server.url}?gpu=rtx-4070&memory_gib=80&compute_capability=9`);
+  const { page, errors } = await openPage(env.context, `${env.server.url}?gpu=rtx-4070&memory_gib=80&compute_capability=9`);
   assert.equal(await value(page, 'gpu'), 'rtx-4070');
   assert.equal(await value(page, 'memory_gib'), '12');
   assert.equal(await value(page, 'compute_capability'), '8.9');
   assert.match(await page.textContent('#verdict'), / in 12\.0 GiB$/);
   await page.close();
-  const second = await openPage(context, `${server.url}?gpu=rtx-5090`);
+  const second = await openPage(env.context, `${env.server.url}?gpu=rtx-5090`);
   assert.equal(await value(second.page, 'memory_gib'), '32');
   assert.equal(await value(second.page, 'compute_capability'), '12');
   assert.equal(await second.page.textContent('#gpu-detail'), '170 SMs, compute capability 12.0');
@@ -113,7 +100,7 @@ test('a link\'s GPU is the device, even where an older link also holds another m
 });
 
 test('the GPU list holds the new presets, each with its memory and SM count', async () => {
-  const { page, errors } = await openPage(context, server.url);
+  const { page, errors } = await openPage(env.context, env.server.url);
   const ids = await page.$$eval('#gpu option', (os) => os.map((o) => o.value));
   for (const id of ['rtx-5090', 'rtx-4060-ti-16', 'rtx-3080', 'rtx-a6000', 'l40s', 'h100-nvl', 'b200', 'mi250']) {
     assert.ok(ids.includes(id), `${id} in ${ids}`);
@@ -137,7 +124,7 @@ test('the GPU list holds the new presets, each with its memory and SM count', as
 });
 
 test('the widget shows the GPU its estimate uses and keeps a GPU picked in it when the host changes the model', async () => {
-  const page = await context.newPage();
+  const page = await env.context.newPage();
   const errors = [];
   page.on('pageerror', (e) => errors.push(e.message));
   await page.goto(`http://localhost:${BLOG_PORT}/index.html`);

@@ -5,6 +5,7 @@ import { mkdtempSync, mkdirSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname, isAbsolute } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { before, after } from 'node:test';
 import { chromium } from 'playwright-core';
 
 export const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -95,4 +96,35 @@ export function cliEstimate(args) {
 /** The native CLI's peak allocated bytes for the same query, for cross-checking the page. */
 export function cliPeakBytes(args) {
   return cliEstimate(args).peak_allocated_bytes;
+}
+
+/** A test file's set-up, made before its first test and closed after its last (node:test's `before`/`after`):
+ * the page served on `port`; with `blog` (`{ title, body }`: the post's `<vram-fit>` tags), the widget's
+ * origin on `widgetPort` (the page's own origin when not given) and a stand-in blog post on `blogPort` that
+ * loads embed.js from it; one Chromium. The returned object's `server`, `widgetServer`, `blogServer` and
+ * `context` are set once `before` has run. */
+export function setUp({ port, widgetPort, blogPort, blog }) {
+  const env = {};
+  before(async () => {
+    env.server = await serve(port);
+    if (blog) {
+      if (widgetPort) env.widgetServer = await serve(widgetPort);
+      env.blogServer = await serveBlogPost(blogPort, blog.title, `http://127.0.0.1:${widgetPort ?? port}/`, blog.body);
+    }
+    env.context = await launch();
+  });
+  after(async () => {
+    await env.context?.close();
+    env.server?.close();
+    env.widgetServer?.close();
+    env.blogServer?.close();
+  });
+  return env;
+}
+
+/** Runs `action` (a change a person makes) and waits for the page's next render. */
+export async function waitRender(page, action, timeout = 10000) {
+  const before = await page.evaluate(() => document.body.dataset.estimated);
+  await action();
+  await page.waitForFunction((b) => document.body.dataset.estimated !== b, before, { timeout }).catch(() => {});
 }

@@ -1,25 +1,15 @@
 // End-to-end tests of the page in real headless Chromium (Debian's), driven by playwright-core.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { serve, launch, openPage, canvasPixels, setField, cliPeakBytes, ARTIFACTS } from './helpers.mjs';
+import { setUp, openPage, canvasPixels, setField, cliPeakBytes, ARTIFACTS } from './helpers.mjs';
 
 const PORT = 8761;
-let server;
-let context;
 
-before(async () => {
-  server = await serve(PORT);
-  context = await launch();
-});
-
-after(async () => {
-  await context?.close();
-  server?.close();
-});
+const env = setUp({ port: PORT });
 
 test('the page loads with the default nanoGPT case and its total matches the native estimator', async () => {
-  const { page, errors } = await openPage(context, server.url);
+  const { page, errors } = await openPage(env.context, env.server.url);
   const text = await page.textContent('#peak-allocated');
   assert.match(text, /^\d+(\.\d+)? GiB$/);
   const bytes = Number(await page.getAttribute('#peak-allocated', 'data-bytes'));
@@ -43,7 +33,7 @@ test('the page loads with the default nanoGPT case and its total matches the nat
 });
 
 test('eager and compiled side by side; the compile toggle switches the estimate', async () => {
-  const { page, errors } = await openPage(context, server.url);
+  const { page, errors } = await openPage(env.context, env.server.url);
   const gpu = ['--compute-capability', '8.9', '--gpu-memory-gib', '12'];
   // The default case is compiled, as nanoGPT's train.py runs it.
   assert.equal(await page.isChecked('#compile'), true);
@@ -83,7 +73,7 @@ test('eager and compiled side by side; the compile toggle switches the estimate'
 });
 
 test('changing the batch size changes the total and the plots; the GPU line moves with the GPU', async () => {
-  const { page } = await openPage(context, server.url);
+  const { page } = await openPage(env.context, env.server.url);
   const total = await page.textContent('#peak-allocated');
   const plot = await canvasPixels(page, 'plot-batch');
   await setField(page, 'batch_size', 8);
@@ -101,7 +91,7 @@ test('changing the batch size changes the total and the plots; the GPU line move
 });
 
 test('bad input shows a message next to the field and keeps the last good view', async () => {
-  const { page } = await openPage(context, server.url);
+  const { page } = await openPage(env.context, env.server.url);
   const total = await page.textContent('#peak-allocated');
   const plot = await canvasPixels(page, 'plot-batch');
   await setField(page, 'n_head', 7);
@@ -119,14 +109,14 @@ test('bad input shows a message next to the field and keeps the last good view',
 });
 
 test('the URL holds every input: a link reproduces the view, back and forward work', async () => {
-  const { page } = await openPage(context, server.url);
+  const { page } = await openPage(env.context, env.server.url);
   await setField(page, 'batch_size', 4);
   await page.selectOption('#precision', 'bf16-amp');
   await page.waitForFunction(() => location.search.includes('precision=bf16-amp'));
   const url = page.url();
   const total = await page.textContent('#peak-allocated');
   const bytes = await page.getAttribute('#peak-allocated', 'data-bytes');
-  const { page: copy } = await openPage(context, url);
+  const { page: copy } = await openPage(env.context, url);
   assert.equal(await copy.inputValue('#batch_size'), '4');
   assert.equal(await copy.inputValue('#precision'), 'bf16-amp');
   assert.equal(await copy.textContent('#peak-allocated'), total);
@@ -142,7 +132,7 @@ test('the URL holds every input: a link reproduces the view, back and forward wo
 });
 
 test('pasted nanoGPT and Hugging Face configs fill the form', async () => {
-  const { page } = await openPage(context, server.url);
+  const { page } = await openPage(env.context, env.server.url);
   await page.fill('#paste', "# shakespeare\ndataset = 'shakespeare_char'\nbatch_size = 64\nblock_size = 256\nn_layer = 6\nn_head = 6\nn_embd = 384\ndropout = 0.2\n");
   await page.click('#paste-load');
   await page.waitForFunction(() => document.getElementById('vocab_size').value === '65');
@@ -162,24 +152,24 @@ test('pasted nanoGPT and Hugging Face configs fill the form', async () => {
 });
 
 test('every request the page makes stays on its own origin', async () => {
-  const { page, requests } = await openPage(context, server.url);
+  const { page, requests } = await openPage(env.context, env.server.url);
   await page.waitForTimeout(300);
   assert.ok(requests.length >= 4);
-  const foreign = requests.filter((r) => !r.startsWith(server.url));
+  const foreign = requests.filter((r) => !r.startsWith(env.server.url));
   assert.deepEqual(foreign, []);
   await page.close();
 });
 
 test('after one visit the page reloads offline from the service worker', async () => {
-  const { page } = await openPage(context, server.url);
+  const { page } = await openPage(env.context, env.server.url);
   await page.evaluate(async () => { await navigator.serviceWorker.ready; });
   await page.reload();
   await page.waitForSelector('body[data-ready=true]');
-  await context.setOffline(true);
+  await env.context.setOffline(true);
   const response = await page.reload();
   assert.ok(response.fromServiceWorker(), 'served by the service worker');
   await page.waitForSelector('body[data-ready=true]', { timeout: 20000 });
   assert.match(await page.textContent('#peak-allocated'), /GiB$/);
-  await context.setOffline(false);
+  await env.context.setOffline(false);
   await page.close();
 });

@@ -2,44 +2,21 @@
 // strategy's own arguments, shown only under their strategy), every value in the URL, every estimate equal to the
 // native CLI's, the per-GPU scope said, errors next to their field, and the plan: memory per GPU against the GPU
 // count, the fewest GPUs that fit per strategy (equal to `vramfit strategies`) and the advice, with "apply".
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
-import { ROOT, serve, serveBlogPost, launch, openPage, setField, cliPeakBytes, canvasPixels } from './helpers.mjs';
+import { ROOT, setUp, waitRender, openPage, setField, cliPeakBytes, canvasPixels } from './helpers.mjs';
 
 const PORT = 8821;
 const WIDGET_PORT = 8822;
 const BLOG_PORT = 8823;
-let server;
-let widgetServer;
-let blogServer;
-let context;
 
-before(async () => {
-  server = await serve(PORT);
-  widgetServer = await serve(WIDGET_PORT);
-  blogServer = await serveBlogPost(BLOG_PORT, 'FSDP', `http://127.0.0.1:${WIDGET_PORT}/`,
-    '<vram-fit id="fsdp" preset="llama-3.2-1b" gpu="rtx-4070" show="parallel,gpus,offload,checkpointing" plot="gpus"></vram-fit>');
-  context = await launch();
-});
-
-after(async () => {
-  await context?.close();
-  server?.close();
-  widgetServer?.close();
-  blogServer?.close();
-});
+const env = setUp({ port: PORT, widgetPort: WIDGET_PORT, blogPort: BLOG_PORT, blog: { title: 'FSDP', body: '<vram-fit id="fsdp" preset="llama-3.2-1b" gpu="rtx-4070" show="parallel,gpus,offload,checkpointing" plot="gpus"></vram-fit>' } });
 
 const peak = async (page) => Number(await page.getAttribute('#peak-allocated', 'data-bytes'));
 const param = (page, k) => page.evaluate((key) => new URLSearchParams(location.search).get(key), k);
 const hidden = (page, id) => page.evaluate((i) => document.getElementById(i).closest('.field').hidden, id);
-
-async function waitRender(page, action) {
-  const before = await page.evaluate(() => document.body.dataset.estimated);
-  await action();
-  await page.waitForFunction((b) => document.body.dataset.estimated !== b, before, { timeout: 10000 }).catch(() => {});
-}
 
 const select = (page, id, value) => waitRender(page, () => page.selectOption(`#${id}`, value));
 const toggle = (page, id, on) => waitRender(page, async () => {
@@ -53,7 +30,7 @@ function cliStrategies(args) {
 }
 
 test('the GPUs group: each strategy\'s fields, the URL, the CLI\'s figures and errors at their field', async () => {
-  const { page, errors } = await openPage(context, server.url);
+  const { page, errors } = await openPage(env.context, env.server.url);
   // One GPU: no strategy fields, nothing of `parallel` in the URL, the GPU plan not made (it fits one GPU).
   assert.equal(await page.inputValue('#parallel'), 'single');
   for (const id of ['gpus', 'offload', 'bucket_cap_mb']) assert.ok(await hidden(page, id), id);
@@ -112,7 +89,7 @@ test('the GPUs group: each strategy\'s fields, the URL, the CLI\'s figures and e
 });
 
 test('tensor parallelism: alone and under FSDP2, sequence parallel, each the CLI\'s', async () => {
-  const { page, errors } = await openPage(context, server.url);
+  const { page, errors } = await openPage(env.context, env.server.url);
   await waitRender(page, () => page.selectOption('#preset', 'llama-3.2-1b'));
   const base = ['--preset', 'llama-3.2-1b', '--gpu', 'rtx-4070'];
   // tp 2 alone: strategy single, GPUs = tp.
@@ -143,7 +120,7 @@ test('tensor parallelism: alone and under FSDP2, sequence parallel, each the CLI
 test('a link in ZeRO terms opens as FSDP2 with its arguments; back restores them', async () => {
   const q = 'preset=&family=llama&n_layer=4&n_head=8&n_kv_head=4&n_embd=512&intermediate_size=1376&vocab_size=16384'
     + '&block_size=256&batch_size=4&seq_len=256&precision=fp32&optimizer=adamw&compile=0&parallel=zero2&gpus=4';
-  const { page, errors } = await openPage(context, `${server.url}?${q.replace('preset=&', '')}`);
+  const { page, errors } = await openPage(env.context, `${env.server.url}?${q.replace('preset=&', '')}`);
   assert.equal(await page.inputValue('#parallel'), 'fsdp');
   assert.equal(await page.inputValue('#gpus'), '4');
   assert.ok(!(await page.isChecked('#reshard_after_forward')), 'zero2 is reshard_after_forward=False');
@@ -158,7 +135,7 @@ test('a link in ZeRO terms opens as FSDP2 with its arguments; back restores them
 });
 
 test('the GPU plan: a line per strategy, the fewest GPUs the CLI finds, the advice with apply', async () => {
-  const { page, errors } = await openPage(context, server.url);
+  const { page, errors } = await openPage(env.context, env.server.url);
   // Llama-3.2-1B with bf16 autocast does not fit an RTX 4070 (12 GB): the plan is made and advised.
   await waitRender(page, () => page.selectOption('#preset', 'llama-3.2-1b'));
   assert.equal(await page.textContent('#verdict'), 'does not fit in 12.0 GiB');
@@ -202,10 +179,10 @@ test('the GPU plan: a line per strategy, the fewest GPUs the CLI finds, the advi
 });
 
 test('the widget: strategy and GPU count as attributes and inputs, the GPU plot and its advice', async () => {
-  const page = await context.newPage();
+  const page = await env.context.newPage();
   const errors = [];
   page.on('pageerror', (e) => errors.push(e.message));
-  await page.goto(blogServer.url);
+  await page.goto(env.blogServer.url);
   const w = page.locator('#fsdp');
   await page.waitForFunction(() => document.getElementById('fsdp').dataset.status === 'ok', null, { timeout: 20000 });
   const cli = cliStrategies(['--preset', 'llama-3.2-1b', '--gpu', 'rtx-4070']);
