@@ -3,7 +3,8 @@
 //   <vram-fit preset="nanogpt-30m" gpu="rtx-4070" show="batch_size,precision" plot="batch"></vram-fit>
 // Attributes: preset | config (setup JSON) | state (the main page's URL query), gpu (a GPU preset id; without
 // one, the source's own device, shown as the GPU preset that has it), compile (true|false:
-// torch.compile on or off over what the source says), alloc-conf (PYTORCH_CUDA_ALLOC_CONF, e.g.
+// torch.compile on or off over what the source says), finetune (full|lora|qlora: the recipe `vramfit
+// --finetune` names, over the source), alloc-conf (PYTORCH_CUDA_ALLOC_CONF, e.g.
 // "expandable_segments:True"), show (knobs to offer, by URL key: batch_size, precision, optimizer, lora, lora_r,
 // lora_target_modules, base_dtype, quantization, parallel, gpus, offload, ...), lock, plot
 // (batch|block|fitmap|timeline|gpus|finetune|none: finetune is a table of full fine-tuning, LoRA and QLoRA), theme (light|dark|auto). Everything renders in a shadow root; every number comes from the wasm estimator,
@@ -95,7 +96,7 @@ function el(tag, text, attrs = {}) {
 }
 
 class VramFit extends HTMLElement {
-  static get observedAttributes() { return ['preset', 'config', 'state', 'gpu', 'compile', 'alloc-conf', 'show', 'lock', 'plot', 'theme']; }
+  static get observedAttributes() { return ['preset', 'config', 'state', 'gpu', 'compile', 'finetune', 'alloc-conf', 'show', 'lock', 'plot', 'theme']; }
 
   constructor() {
     super();
@@ -166,6 +167,8 @@ class VramFit extends HTMLElement {
         if (on === undefined) throw new Error(`the compile attribute ("${compile}") must be true or false`);
         this.params.set('compile', on);
       }
+      const finetune = this.getAttribute('finetune');
+      if (finetune !== null) this.params = new URLSearchParams(vf.finetune_query(this.params.toString(), finetune.trim()));
       const allocConf = this.getAttribute('alloc-conf');
       if (allocConf !== null) {
         // Checked here (by the core) so that a value PyTorch refuses is the widget's message, not a guess.

@@ -185,3 +185,30 @@ fn gpu_plan_rows_carry_their_setup() {
         "train.batch_size (0) must be at least 1"
     );
 }
+
+/// Full fine-tuning, LoRA and QLoRA side by side across the boundary: each row's query is its recipe
+/// (`finetune_query`), estimated to the row's figure; a wrong recipe name throws the core's message.
+#[wasm_bindgen_test]
+fn finetune_methods_rows_are_their_recipes() {
+    let q = format!(
+        "{}&{}",
+        vramfit::wasm::preset_query("llama-3.2-1b").unwrap(),
+        vramfit::wasm::gpu_query("rtx-4070").unwrap()
+    );
+    let m = vramfit::wasm::finetune_methods(&q).unwrap();
+    let rows = js_sys::Array::from(&get(&m, "rows"));
+    assert_eq!(rows.length(), 3);
+    for (i, id) in ["full", "lora", "qlora"].into_iter().enumerate() {
+        let r = rows.get(i as u32);
+        assert_eq!(get(&r, "id").as_string().unwrap(), id);
+        let query = get(&r, "query").as_string().unwrap();
+        assert_eq!(query, vramfit::wasm::finetune_query(&q, id).unwrap());
+        let e = vramfit::wasm::estimate(&query).unwrap();
+        assert_eq!(get(&e, "device_total"), get(&r, "device_total"), "{id}");
+    }
+    assert!(get(&rows.get(0), "current").as_bool().unwrap());
+    check_err!(
+        vramfit::wasm::finetune_query(&q, "dora"),
+        "finetune (\"dora\") is not one of: full, lora, qlora"
+    );
+}

@@ -12,7 +12,9 @@ const WIDGET_PORT = 8812;
 const BLOG_PORT = 8813;
 
 const env = setUp({ port: PORT, widgetPort: WIDGET_PORT, blogPort: BLOG_PORT, blog: { title: 'LoRA', body: '<vram-fit id="lora" preset="llama-3.2-1b" gpu="rtx-4070" show="lora,lora_r,optimizer,quantization" plot="none"></vram-fit>'
-    + '<vram-fit id="recipes" preset="llama-3.1-8b" gpu="rtx-4090" show="batch_size" plot="finetune"></vram-fit>' } });
+    + '<vram-fit id="recipes" preset="llama-3.1-8b" gpu="rtx-4090" show="batch_size" plot="finetune"></vram-fit>'
+    + '<vram-fit id="qlora" preset="llama-3.1-8b" gpu="rtx-4070" finetune="qlora" plot="none"></vram-fit>'
+    + '<vram-fit id="dora" preset="llama-3.1-8b" finetune="dora" plot="none"></vram-fit>' } });
 
 const peak = async (page) => Number(await page.getAttribute('#peak-allocated', 'data-bytes'));
 const param = (page, k) => page.evaluate((key) => new URLSearchParams(location.search).get(key), k);
@@ -216,5 +218,17 @@ test('the widget sets the three recipes side by side with plot="finetune"', asyn
     .querySelectorAll('tr[data-method]')].map((tr) => [tr.dataset.method, tr.querySelectorAll('td')[1]?.textContent]));
   assert.deepEqual(rows, cli.methods.map((m) => [m.method, m.largest_batch === null ? 'none: even 1 does not fit' : String(m.largest_batch)]));
   assert.equal(await page.evaluate(() => document.getElementById('recipes').shadowRoot.querySelector('canvas')), null);
+  await page.close();
+});
+
+test('the widget\'s finetune attribute is the CLI\'s --finetune; a wrong one is named', async () => {
+  const page = await env.context.newPage();
+  await page.goto(env.blogServer.url);
+  await page.waitForFunction(() => Number(document.getElementById('qlora').dataset.peakBytes) > 0);
+  assert.equal(await page.evaluate(() => Number(document.getElementById('qlora').dataset.peakBytes)),
+    cliPeakBytes(['--preset', 'llama-3.1-8b', '--gpu', 'rtx-4070', '--finetune', 'qlora']));
+  await page.waitForFunction(() => document.getElementById('dora').dataset.status === 'error');
+  assert.equal(await page.evaluate(() => document.getElementById('dora').shadowRoot.querySelector('.error').textContent),
+    'vramfit: finetune ("dora") is not one of: full, lora, qlora');
   await page.close();
 });

@@ -16,6 +16,7 @@
 //! draw_timeline(canvas, query, dark, scale): void
 //! draw_gpus(canvas, query, dark, scale): GpuPlan             // see GpuPlanDto; draws memory per GPU against GPUs
 //! finetune_methods(query): Methods                          // see MethodsDto: full, LoRA, QLoRA side by side
+//! finetune_query(query, method: "full"|"lora"|"qlora"): string   // the setup as that recipe (Method::apply)
 //! sweep_csv(query, axis): string;  sweep_json(query, axis): string
 //! import_config(text: string): {query, notes: string[], kind: "nanogpt"|"hf"|"setup"}
 //! identify_gpu(description: string): string | undefined     // a GPU preset id, only when unambiguous
@@ -428,6 +429,14 @@ struct MethodsDto {
     advice: String,
     /// The advised setup ("" where nothing changes).
     advised_query: String,
+}
+
+/// `query`'s setup turned into a fine-tuning recipe (`finetune::Method::apply`): the widget's `finetune`
+/// attribute.
+#[wasm_bindgen]
+pub fn finetune_query(query: &str, method: &str) -> Result<String, JsError> {
+    let m = crate::finetune::Method::parse(method, "finetune").map_err(js_err)?;
+    Ok(setup_to_query(&m.apply(&setup_of(query)?)))
 }
 
 /// Full fine-tuning, LoRA and QLoRA side by side (`methods::compare`) with the advice.
