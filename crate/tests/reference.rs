@@ -385,18 +385,8 @@ fn stub_cuda_compiled_records_allocated_and_reserved() {
 /// The compiled records of `hf.json` that `Setup::validate` still refuses under torch.compile, each for the reason
 /// its error gives (a family, an attention kind or a window not traced under Inductor yet).
 ///
-/// GPT-NeoX (issue 12), from the stub-cuda re-run of `neox-512-bf16amp-compiled` (reproducing its record to the
-/// byte) and its wrappers (torch 2.15): per layer the forward saves the stream (the first layer's fp32; the second's
-/// is written over the MLP output's bf16 buffer, `buf31 = reinterpret_tensor(buf30, ...)`, why not read), one pair of fp32 row statistics shared by both
-/// norms (parallel branches read the same input; one kernel writes ln_1's and ln_2's outputs), both norm outputs,
-/// the whole packed q/k/v output (6 MiB: SDPA reads v as a view of it), k rotated to bf16 and q rotated through
-/// an fp32 buffer (4 MiB, handed from layer to layer) then cast, SDPA's output and statistics, a contiguous copy of
-/// the output transposed to token order (2 MiB; q is head-major, so flash attention's output is too), fc's and
-/// GELU's outputs and the four weight casts; there is no stream after attention. Lifting the refusal walks the
-/// separate-projection path, which saves v alone, no transposed copy and a stream after attention: -1.26%
-/// allocated (1,151,314,432 B against 1,165,981,184) by errors that partly cancel (+4 and +2 MiB a layer missing,
-/// 2 to 4 MiB a layer extra), so it stays refused until that forward and the parallel backward are modelled.
-const HF_COMPILED_NOT_MODELLED: &[&str] = &["neox-512-bf16amp-compiled"];
+/// (None since issue 12: `neox-512-bf16amp-compiled` is modelled, `compiled::neox_block_fwd`.)
+const HF_COMPILED_NOT_MODELLED: &[&str] = &[];
 
 /// The Hugging Face families measured from their config.json (`tests/data/stub-cuda/hf.json`, built with
 /// `AutoModelForCausalLM.from_config`): the families vramfit models are held to the same standard as the
