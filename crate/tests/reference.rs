@@ -257,8 +257,8 @@ const RESERVED_KNOWN: &[(&str, &str)] = &[
          topological sorts and keeps the lowest; for this backward graph it kept LPMF, least peak memory first \
          (5,079,576 B estimated against the default order's 5,390,872; TORCH_LOGS=+torch._inductor.memory, caches \
          off; the forward kept its order), which runs every fp32 weight-gradient conversion after the last GEMM, \
-         smallest first (wrapper lines 1398-1408), zero-fills both embeddings' fp32 gradients right after the loss \
-         kernel, and hands the 256 KiB residual gradient to attn.c_proj's fp32 gradient (`buf25 = \
+         smallest first (wrapper lines 1398-1408), zero-fills both embeddings' fp32 gradients right after the head's \
+         weight-gradient GEMM, and hands the 256 KiB residual gradient to attn.c_proj's fp32 gradient (`buf25 = \
          reinterpret_tensor(buf38, ...)  # reuse`). The model with the conversions last, smallest first, and the \
          early embedding buffers (tried, not kept) gives 46.04 MiB allocated (-0.01%) and still 48 MiB reserved: the \
          rest is the wrapper's buffer reuse, which the model frees and allocates. Modelling it means running LPMF's \
