@@ -598,11 +598,17 @@ impl Setup {
                     .into(),
             });
         }
-        if matches!(
-            m.family,
-            Family::GptNeox | Family::Mixtral | Family::Qwen2Moe | Family::Olmoe
-        ) && t.compile
+        if m.family == Family::GptNeox
+            && t.compile
+            && !(m.parallel_residual && t.precision.autocast() && !t.checkpointing)
         {
+            return Err(Error::NotModelled {
+                what: "torch.compile of gpt_neox is traced with parallel branches (use_parallel_residual) under \
+                       autocast (fp16-amp, bf16-amp), without train.checkpointing; eager is"
+                    .into(),
+            });
+        }
+        if matches!(m.family, Family::Mixtral | Family::Qwen2Moe | Family::Olmoe) && t.compile {
             return Err(Error::NotModelled {
                 what: format!(
                     "torch.compile of {} (not traced under Inductor yet); eager is",
@@ -1010,6 +1016,35 @@ mod tests {
         s.train.attention = Attention::Sdpa;
         let r = crate::estimate(&s).unwrap();
         assert!(r.components.weights_bytes > 1_190_000_000_000);
+    }
+
+    /// torch.compile of GPT-NeoX is estimated as traced (parallel branches under autocast, no checkpointing) and
+    /// refused otherwise, with what is traced named.
+    #[test]
+    fn compiled_gpt_neox_is_estimated_where_traced() {
+        let mut s = crate::presets::model_preset("pythia-160m").expect("preset");
+        s.train.compile = true;
+        s.train.precision = Precision::Bf16Amp;
+        s.train.checkpointing = false;
+        assert!(crate::estimate(&s).is_ok());
+        let refused = |s: &Setup| {
+            let e = s.validate().unwrap_err();
+            assert!(matches!(e, Error::NotModelled { .. }), "{e}");
+            assert!(
+                e.to_string()
+                    .contains("torch.compile of gpt_neox is traced"),
+                "{e}"
+            );
+        };
+        let mut fp32 = s.clone();
+        fp32.train.precision = Precision::Fp32;
+        refused(&fp32);
+        let mut ckpt = s.clone();
+        ckpt.train.checkpointing = true;
+        refused(&ckpt);
+        let mut sequential = s.clone();
+        sequential.model.parallel_residual = false;
+        refused(&sequential);
     }
 
     /// The messages a person sees for PYTORCH_CUDA_ALLOC_CONF, one per kind of mistake.

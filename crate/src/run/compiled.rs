@@ -60,6 +60,13 @@
 //! cast, and their backward writes one packed gradient for one Linear backward; rotary on part of each head stays
 //! inside the rotary kernel (`phi3-512-untied-bf16amp-compiled`).
 //!
+//! GPT-NeoX's layers (parallel branches, q/k/v packed per head, partial rotary, biases) save the packed q/k/v
+//! output whole, the rotated q and k, SDPA's tensors and a contiguous token-order copy of its output, both norm
+//! outputs with one shared pair of row statistics, fc's and GELU's outputs, and no stream between the branches;
+//! both branches' backward read one 2-byte copy of the residual gradient (`neox_block_fwd`, `neox_block_bwd`:
+//! the stub-cuda re-run of `neox-512-bf16amp-compiled`, its wrappers and memory snapshot; traced under autocast
+//! without checkpointing, the rest refused).
+//!
 //! Hugging Face's eager attention (`attn_implementation="eager"`, train.attention "manual") on separate q/k/v
 //! projections saves, besides rotated q, k and v repeated to every head, the T x T probabilities in the matmul
 //! dtype and either the fp32 probabilities or the raw scores with two row statistics (`EagerSaved`: the first
@@ -221,6 +228,9 @@ enum Attn {
         core: SeparateCore,
         casts: [Option<Tensor>; 4],
         qk_norm: Option<QkNorm>,
+        /// GPT-NeoX's attention output made contiguous in token order (`neox_block_fwd`), which o_proj's weight
+        /// gradient reads.
+        y_t: Option<Tensor>,
     },
 }
 
@@ -577,6 +587,7 @@ fn separate_attn_fwd(
         core,
         casts: [w_q, w_k, w_v, w_o],
         qk_norm,
+        y_t: None,
     };
     (attn, x_mid, None, post)
 }
@@ -768,6 +779,9 @@ fn block_fwd(
     discarded: bool,
     window: Option<&mut Option<Tensor>>,
 ) -> (Block, Option<Tensor>) {
+    if cx.arch.parallel_residual {
+        return neox_block_fwd(cx, x_in, first, want_out);
+    }
     let pre = cx.arch.pre_norms;
     // Without a norm before the branches the matmuls read the stream: under autocast its 2-byte cast, which is
     // what the partitioned forward saves (the fp32 stream is not: no norm's backward reads it, and each one lives
@@ -785,8 +799,7 @@ fn block_fwd(
             let (attn, x_mid, mask1) = fused_attn_fwd(cx, last, deferred, recompute);
             (attn, Some(x_mid), mask1, None)
         }
-        // GPT-NeoX's per-head packing is refused under torch.compile (`Setup::validate`); it walks Phi-3's path
-        // until its wrapper is read.
+        // GPT-NeoX's per-head packing comes with parallel branches: `neox_block_fwd`.
         Qkv::Separate | Qkv::PackedSlices | Qkv::PackedHeads => {
             separate_attn_fwd(cx, first, discarded, window)
         }
@@ -808,6 +821,89 @@ fn block_fwd(
         norm2,
         mlp,
         post: [post1, post2],
+    };
+    (block, x_out)
+}
+
+/// GPT-NeoX's layer (parallel branches, `use_parallel_residual`: `x + attn(ln_1(x)) + mlp(ln_2(x))`, q/k/v packed
+/// per head, rotary on part of each head, biases everywhere), as the forward wrapper of
+/// `neox-512-bf16amp-compiled` allocates it (torch 2.15, transformers 5.24; rotary on a quarter of each head).
+/// One kernel normalises the stream for both branches: one pair of fp32 row statistics (mean and rstd, shared)
+/// and both norm outputs. The packed q/k/v output is saved whole (SDPA reads v as a view of it). The rotary kernel
+/// writes k rotated in the matmul dtype and q rotated in fp32 (the rotated part, computed with fp32 cos and sin,
+/// concatenated with the part left as it is, promotes it), which a second kernel casts; both rotated copies are
+/// saved and the fp32 one dies. q comes out head-major, so flash attention's output is head-major too and the
+/// transpose to token order before o_proj is a contiguous copy, saved for o_proj's weight gradient. There is no
+/// stream after attention: the next stream is written once, after the MLP, in `r` bytes, except after the first
+/// layer, whose output the wrapper keeps as the branches' sum in the matmul dtype (the stream is recomputed from
+/// the saved embedding output; `buf31 = reinterpret_tensor(buf30, ...)`, mlp's output buffer).
+fn neox_block_fwd(
+    cx: &mut Ctx,
+    x_in: Tensor,
+    first: bool,
+    want_out: bool,
+) -> (Block, Option<Tensor>) {
+    let c = cx.m.n_embd;
+    let (qd, kv, i) = (cx.m.q_dim(), cx.m.kv_dim(), cx.m.intermediate_size);
+    let nc = cx.n * c;
+    let (r, p) = (cx.r, cx.p);
+    let (stat_op, op) = norm_op(cx);
+    let mean = cx.alloc(cx.n * 4, Activations, stat_op);
+    let rstd = cx.alloc(cx.n * 4, Activations, stat_op);
+    let ln1 = cx.alloc(nc * p, Activations, op);
+    let ln2 = cx.alloc(nc * p, Activations, op);
+    let w_qkv = weight_cast(cx, (qd + 2 * kv) * c);
+    let qkv = linear_mm(
+        cx,
+        cx.n * (qd + 2 * kv) * p,
+        Activations,
+        (cx.arch.qkv_bias, false),
+    );
+    let q32 = cx.alloc(cx.n * qd * 4, Temporary, "rotary (fp32)");
+    let k_rot = cx.alloc(cx.n * kv * p, Activations, "rotary");
+    let q_rot = cx.alloc(cx.n * qd * p, Activations, "_to_copy");
+    cx.free(q32);
+    let saved = ops::sdpa_fwd(cx);
+    let y_t = cx.alloc(cx.n * qd * p, Activations, "clone (transpose)");
+    let w_o = weight_cast(cx, c * qd);
+    let bias = cx.arch.linear_bias;
+    let o = linear_mm(cx, nc * p, Temporary, (bias, true));
+    let w_fc = weight_cast(cx, i * c);
+    let h = linear_mm(cx, cx.n * i * p, Activations, (bias, false));
+    let g = cx.alloc(cx.n * i * p, Activations, "gelu");
+    let w_mlp = weight_cast(cx, c * i);
+    let down = linear_mm(cx, nc * p, Temporary, (bias, true));
+    cx.free(down);
+    let low = first && cx.m.n_layer > 1;
+    let x_out = want_out.then(|| cx.alloc(nc * if low { p } else { r }, Activations, "add"));
+    cx.free(o);
+    let attn = Attn::Separate {
+        q_rot,
+        k_rot,
+        v: qkv,
+        core: SeparateCore::Sdpa {
+            saved,
+            masked: false,
+        },
+        casts: [w_qkv, None, None, w_o],
+        qk_norm: None,
+        y_t: Some(y_t),
+    };
+    let block = Block {
+        x_in,
+        norm1: Some(NormOut {
+            stat: mean,
+            out: ln1,
+        }),
+        attn,
+        x_mid: None,
+        masks: [None, None],
+        norm2: Some(NormOut {
+            stat: rstd,
+            out: ln2,
+        }),
+        mlp: MlpSaved::Gelu { w_fc, h, w_mlp, g },
+        post: [None, None],
     };
     (block, x_out)
 }
@@ -987,8 +1083,10 @@ fn discard_block(cx: &mut Ctx, b: Block) -> Tensor {
             core,
             casts,
             qk_norm,
+            y_t,
         } => {
             cx.sim.free_all(&[q_rot, k_rot, v]);
+            cx.sim.free_some(&[y_t]);
             match core {
                 SeparateCore::Sdpa { saved, .. } => cx.sim.free_all(&saved.tensors()),
                 SeparateCore::Eager(e) => e.release(cx),
@@ -1209,6 +1307,9 @@ fn block_bwd(
     s: Block,
     pending: &mut Vec<Tensor>,
 ) -> ResidualGrad {
+    if cx.arch.parallel_residual {
+        return neox_block_bwd(cx, g, s, pending);
+    }
     let [post1, post2] = s.post;
     post_norm_bwd(cx, post2, &mut g, pending);
     let (stat2, in2, x2) = norm_parts(s.norm2, s.x_mid);
@@ -1219,6 +1320,80 @@ fn block_bwd(
     let (stat1, in1, x1) = norm_parts(s.norm1, Some(s.x_in));
     let grads = attn_bwd(cx, s.attn, s.masks[0], in1, &mut g, pending);
     into_residual(cx, grads, (stat1, x1), g, pending)
+}
+
+/// GPT-NeoX's layer backward (`neox_block_fwd`), in the order of the backward wrapper of
+/// `neox-512-bf16amp-compiled`: both branches read the same 2-byte copy of the residual gradient. The MLP first
+/// (its down projection's input gradient, weight gradient, bias and conversion; GELU's backward over that
+/// gradient; fc's the same way, the bias of o_proj reduced with the down projection's, the same sum), then
+/// o_proj's input gradient, SDPA's backward, rotary's backward for q and k, one kernel packing the q/k/v
+/// gradients per head, the packed projection's input gradient, then one kernel for both norms' backward and the
+/// residual add (the residual gradient written over itself, a new 2-byte copy) with their four parameter
+/// reductions, and last the weight gradients of o_proj (the old copy's last reader) and of the packed projection.
+fn neox_block_bwd(
+    cx: &mut Ctx,
+    g: ResidualGrad,
+    s: Block,
+    pending: &mut Vec<Tensor>,
+) -> ResidualGrad {
+    let c = cx.m.n_embd;
+    let (qd, kv, i) = (cx.m.q_dim(), cx.m.kv_dim(), cx.m.intermediate_size);
+    let (bias, qkv_bias) = (cx.arch.linear_bias, cx.arch.qkv_bias);
+    let (Some(n1), Some(n2)) = (s.norm1, s.norm2) else {
+        unreachable!("GPT-NeoX's layers have both norms")
+    };
+    let MlpSaved::Gelu {
+        w_fc,
+        h,
+        w_mlp,
+        g: gelu,
+    } = s.mlp
+    else {
+        unreachable!("GPT-NeoX's MLP is GELU")
+    };
+    let Attn::Separate {
+        q_rot,
+        k_rot,
+        v: qkv,
+        core: SeparateCore::Sdpa { saved, .. },
+        casts: [w_qkv, _, _, w_o],
+        y_t,
+        ..
+    } = s.attn
+    else {
+        unreachable!("GPT-NeoX's attention is SDPA on one packed projection")
+    };
+    let g_h = linear_bwd(cx, (c, i), bias, &[Some(gelu)], w_mlp, pending);
+    if bias {
+        reduce_grad(cx, c, pending);
+    }
+    cx.free(h);
+    let g_ln2 = linear_bwd(cx, (i, c), bias, &[Some(n2.out)], w_fc, pending);
+    cx.free(g_h);
+    let g_o = input_grad(cx, qd, w_o);
+    let (dq, dk, dv) = ops::sdpa_bwd(cx);
+    cx.free(g_o);
+    cx.sim.free_all(&saved.tensors());
+    cx.sim.free_all(&[q_rot, k_rot, qkv]);
+    let dq_un = rotary_bwd(cx, qd, None, pending);
+    let dk_un = rotary_bwd(cx, kv, None, pending);
+    let g_qkv = cx.alloc(cx.n * (qd + 2 * kv) * cx.p, Temporary, "cat (per head)");
+    cx.sim.free_all(&[dq, dk, dv, dq_un, dk_un]);
+    let g_ln1 = input_grad(cx, c, w_qkv);
+    let low = (cx.r != cx.p).then(|| cx.alloc(cx.n * c * cx.p, Temporary, "_to_copy"));
+    cx.sim.free_all(&[g_ln1, g_ln2, s.x_in, n1.stat, n2.stat]);
+    norm_grads(cx, pending);
+    norm_grads(cx, pending);
+    let low_o = weight_grad(cx, c * qd, &[y_t], pending);
+    convert_grad(cx, c * qd, low_o, pending);
+    cx.sim.free_some(&[g.low]);
+    let low_qkv = weight_grad(cx, (qd + 2 * kv) * c, &[Some(n1.out)], pending);
+    if qkv_bias {
+        reduce_grad(cx, qd + 2 * kv, pending);
+    }
+    convert_grad(cx, (qd + 2 * kv) * c, low_qkv, pending);
+    cx.free(g_qkv);
+    ResidualGrad { wide: g.wide, low }
 }
 
 /// The MLP's backward, entering with the residual gradient `g`: returns the gradients of the norm's output, one
@@ -1364,6 +1539,7 @@ fn attn_bwd(
             core,
             casts: [w_q, w_k, w_v, w_o],
             qk_norm,
+            y_t: _,
         } => {
             let kv = cx.m.kv_dim();
             let (dq, dk, mut dv, repeated) = match core {
