@@ -2,9 +2,19 @@
 //! blocks inside them, what it gives back when CUDA says no, and the counters `torch.cuda.memory_stats()` shows.
 //! Its peak reserved bytes are `torch.cuda.max_memory_reserved()`.
 //!
-//! A model of `DeviceCachingAllocator` in c10/cuda/CUDACachingAllocator.cpp (PyTorch 2.15), for one device and one
-//! stream (a training step uses one), with the knobs of `PYTORCH_CUDA_ALLOC_CONF` that change its layout
-//! (c10/cuda/CUDAAllocatorConfig and c10/core/AllocatorConfig). Function names in the comments are the C++ ones.
+//! A model of `DeviceCachingAllocator` in c10/cuda/CUDACachingAllocator.cpp (PyTorch 2.15), for one device and its
+//! streams, with the knobs of `PYTORCH_CUDA_ALLOC_CONF` that change its layout (c10/cuda/CUDAAllocatorConfig and
+//! c10/core/AllocatorConfig). Function names in the comments are the C++ ones.
+//!
+//! Streams: every request is made on a stream (`malloc_on`; `malloc` is the default stream's), and every block
+//! belongs to the stream its segment was allocated on. PyTorch orders each pool by (stream, size, address) and
+//! searches it from (stream, size), so a cached block serves only its own stream and a new segment is its
+//! stream's; here each pool keeps a free list (and, with expandable segments, an unmapped list and a segment) per
+//! stream. A one-GPU step runs on the default stream alone; FSDP2 allocates its all-gather buffers on the
+//! all-gather copy-in stream and its reduce-scatter outputs on the reduce-scatter stream (`distributed.rs`), which
+//! is why its reserved memory exceeds what one pool would hold. The release paths (`release_cached_blocks`, the
+//! garbage collection) go over every stream's blocks; `release_available_cached_blocks` over the request's
+//! stream's, as PyTorch's.
 //!
 //! Modelled: `round_size` (512-byte blocks), the small (<= 1 MiB) and large pools, `get_allocation_size`,
 //! best-fit `get_free_block` by (size, address) with the `max_split_size` rules, `should_split`, splitting and
@@ -13,7 +23,9 @@
 //! an OOM) and `expandable_segments:True` (one growing segment per pool mapped in pages: `map_block`,
 //! `unmap_block`, `find_expandable_block`).
 //!
-//! Not modelled: other streams and their events (`record_stream`), CUDA graph private pools,
+//! Not modelled: events of cross-stream uses (`record_stream`: a block freed while another stream may still use it
+//! is cached only once that stream's event completes; FSDP2 holds its buffers with references and events instead,
+//! and the stubbed GPU of the records completes events at once), CUDA graph private pools,
 //! `roundup_power2_divisions`, the free-memory callbacks, and fragmentation of the device's own memory under
 //! `cudaMalloc` (a `cudaMalloc` fails here exactly when it would take reserved memory past the capacity).
 //! Addresses are synthetic: each new segment gets a fresh range above the last; only their order matters, and it

@@ -6,9 +6,15 @@
 //! Collectives themselves allocate nothing in PyTorch's counters (NCCL's buffers and communicators are its own
 //! `cudaMalloc`s, outside `max_memory_allocated()` and not modelled).
 //!
-//! The allocator model has one stream. FSDP2 takes its all-gather buffers from the all-gather stream's pool and its
-//! reduce-scatter outputs from the reduce-scatter stream's pool, each with its own segments; the model serves
-//! them from the one pool, so its reserved memory for FSDP is a floor (allocated is exact in kind).
+//! Streams (`_fsdp_collectives.py`, `_fsdp_param_group.py`): FSDP2 allocates an all-gather's inputs and flat output
+//! on the all-gather copy-in stream (`ALL_GATHER_COPY_IN`) and a reduce-scatter's output, with the sharded
+//! gradients' casts, on the reduce-scatter stream (`REDUCE_SCATTER`); the unsharded parameters (copy-out), the
+//! reduce-scatter input and everything else are the default stream's. The caching allocator keeps a pool per
+//! stream, so these buffers take segments of their own (llama-fsdp-w8's snapshot: 78 MiB on the copy-in stream,
+//! 20 MiB on the reduce-scatter stream, 588 MiB on the default one; the model gives the same). FSDP2 calls no
+//! `record_stream`: it bounds cross-stream reuse by holding references until an event (the forward's all-gather
+//! output until the next unshard, the reduce-scatter input until the next post-backward), and those holds are
+//! modelled as frees at the moments the references go. Not modelled: HSDP's all-reduce stream (no HSDP here).
 
 use crate::allocator::Stream;
 use crate::model::Setup;
@@ -360,15 +366,8 @@ impl Fsdp {
                 kept_grads: Vec::new(),
             })
             .collect();
-        if !p.offload {
-            for g in &groups {
-                for s in &g.shards {
-                    cx.alloc(s.elems * s.own, Weights, "parameter (shard)");
-                }
-            }
-        }
         let grad_bytes = if cx.lora.is_some() { cx.ab } else { cx.pb };
-        Fsdp {
+        let f = Fsdp {
             gpus: w,
             groups,
             grad_bytes,
@@ -381,7 +380,41 @@ impl Fsdp {
             sharded_grads: Vec::new(),
             have_sharded_grads: false,
             held_output: None,
+        };
+        if !p.offload {
+            f.allocate_shards(cx);
         }
+        f
+    }
+
+    /// `to_empty` on the sharded model: each parameter's padded shard in its own dtype, in the order
+    /// `nn.Module._apply` visits them (a module's children before its own parameters: the model's parameter
+    /// order, the embeddings first, the blocks, then the final norm and head). A head tied to the embedding is the
+    /// same parameter met again from `lm_head`: its shard is made a second time and the first one freed
+    /// (gpt-fsdp-w2's snapshot: wte's 12,582,912-byte shard first, a second one after ln_f's, the first freed).
+    fn allocate_shards(&self, cx: &mut Ctx) {
+        let mut first = None;
+        for s in self.shards_in_model_order(cx) {
+            let t = cx.alloc(s.elems * s.own, Weights, "parameter (shard)");
+            first.get_or_insert(t);
+        }
+        if let (Some(t), true) = (first, cx.arch.tied_head) {
+            let bytes = cx.sim.bytes_of(t);
+            cx.alloc(bytes, Weights, "parameter (shard)");
+            cx.free(t);
+        }
+    }
+
+    /// Every parameter's shard in the order the model makes them (`model.parameters()`: the root's embeddings,
+    /// the blocks', then the root's final norm and head).
+    fn shards_in_model_order<'a>(&'a self, cx: &Ctx) -> impl Iterator<Item = &'a Shard> {
+        let root = &self.groups[self.root()];
+        let n_before = usize::from(cx.arch.positions == crate::arch::Positions::Learned) + 1;
+        let (before, after) = root.shards.split_at(n_before.min(root.shards.len()));
+        before
+            .iter()
+            .chain(self.groups[..self.root()].iter().flat_map(|g| &g.shards))
+            .chain(after)
     }
 
     /// The trained parameters' shards, in the order the model makes them (`model.parameters()`: the blocks'
@@ -392,13 +425,7 @@ impl Fsdp {
         if self.offload {
             return Vec::new();
         }
-        let root = &self.groups[self.root()];
-        let n_before = usize::from(cx.arch.positions == crate::arch::Positions::Learned) + 1;
-        let (before, after) = root.shards.split_at(n_before.min(root.shards.len()));
-        before
-            .iter()
-            .chain(self.groups[..self.root()].iter().flat_map(|g| &g.shards))
-            .chain(after)
+        self.shards_in_model_order(cx)
             .filter(|s| s.trained)
             .map(|s| (s.elems, s.matrix, s.own, s.rows))
             .collect()
