@@ -59,9 +59,10 @@ pub const PARALLEL_RESERVED_KNOWN: &[(&str, &str)] = &[
          (measure_parallel.py --snapshots): FSDP2's streams hold what the model gives them (copy-in stream 20 + 34 \
          MiB, reduce-scatter stream 2 MiB); the default stream has one 32 MiB segment more. In block 3's forward \
          the model puts a 2.8 MB bf16 cast (`_to_copy`) into the 32 MiB segment the cuBLAS workspace had used, so \
-         the head's workspace at the loss needs a new one; PyTorch's allocator found a 2.8 MB hole elsewhere. The \
-         runs differ before that only in small-pool allocations (PyTorch makes a few more of 8 B to 64 KiB); \
-         llama-lora-fsdp-w2, -noreshard and -ckpt are within 1%",
+         the head's workspace at the loss needs a new one; PyTorch's allocator put it into a 5.1 MiB hole of \
+         another 32 MiB segment, where the model holds a 2.0 MiB block of the blocks' forward (the same blocks \
+         in another place: a one-GPU LoRA layout difference, not a stream's). llama-lora-fsdp-w2, -noreshard \
+         and -ckpt are within 1%",
     ),
 ];
 
