@@ -356,26 +356,16 @@ allocations); paged optimizers' managed memory is outside PyTorch's counters and
 
 /// The multi-GPU records (issue 14): the summary line and the section.
 fn parallel_section(rows: &[ParallelRow]) -> (String, String) {
-    let (mut ea, mut er_one, mut er_floor) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut table, mut n_under) = (String::new(), 0);
+    let (mut ea, mut er) = (Vec::new(), Vec::new());
+    let mut table = String::new();
     for p in rows {
         let (a, e) = p.row.errors();
         ea.push(a.abs());
+        er.push(e.abs());
         let known = PARALLEL_RESERVED_KNOWN
             .iter()
             .any(|(n, _)| *n == p.row.name);
-        let note = if !p.one_stream {
-            er_floor.push(e.abs());
-            n_under += usize::from(p.row.predicted_reserved <= p.row.measured_reserved);
-            " (floor)"
-        } else {
-            er_one.push(e.abs());
-            if known {
-                " (known, below)"
-            } else {
-                ""
-            }
-        };
+        let note = if known { " (known, below)" } else { "" };
         writeln!(
             table,
             "| {} | {} | {} | {} | {} |",
@@ -387,15 +377,11 @@ fn parallel_section(rows: &[ParallelRow]) -> (String, String) {
         )
         .unwrap();
     }
-    er_floor.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let summary = format!(
-        "allocated {}; reserved, DDP and tensor parallelism alone: {} ({} known, below); reserved, FSDP2 (alone or \
-         with TP; a floor, one stream modelled): {n_under}/{} at or under the measured figure, {}",
+        "allocated {}; reserved {} ({} known, below)",
         stats(&ea, PARALLEL_ALLOCATED_TOLERANCE),
-        stats(&er_one, STUB_RESERVED_TOLERANCE),
+        stats(&er, STUB_RESERVED_TOLERANCE),
         PARALLEL_RESERVED_KNOWN.len(),
-        er_floor.len(),
-        median_max(&er_floor)
     );
     let mut out = format!(
         "\n## More than one GPU: DDP, FSDP2, tensor parallel, TP x FSDP2 (method `stub-cuda`)\n\n\
@@ -407,9 +393,9 @@ plays one rank on PyTorch's own caching allocator with a fake process group (its
 every buffer they read or write is allocated by PyTorch as with NCCL); NCCL's own buffers and the CUDA context are\n\
 not in these figures (see `tests/data/parallel/README.md`). Figures are per GPU, for the measured rank; the\n\
 estimate is rank 0's, which holds the most. Issue 14's standard: allocated within {}% on every record; reserved\n\
-within the stub standard ({}%) where every buffer shares the default stream (DDP, tensor parallelism alone). Under\n\
-FSDP2 the all-gather and reduce-scatter buffers come from the pools of their own streams and the allocator model has\n\
-one stream, so its reserved figure is a floor: shown, not judged.\n\n\
+within the stub standard ({}%). Under FSDP2 the all-gather buffers come from the pool of the all-gather copy-in\n\
+stream and the reduce-scatter outputs from the reduce-scatter stream's, each with its own segments; the allocator\n\
+model keeps a pool per stream as PyTorch's does.\n\n\
 ### {summary}\n\n\
 | config | strategy | GPUs | rank | allocated measured (MiB) | predicted | error | reserved measured | predicted | error | predicted at (op) |\n\
 |---|---|---|---|---|---|---|---|---|---|---|\n",
@@ -417,7 +403,7 @@ one stream, so its reserved figure is a floor: shown, not judged.\n\n\
         STUB_RESERVED_TOLERANCE * 100.0
     );
     out += &table;
-    out += "\nKnown exceptions (reserved, one stream), with what is known:\n\n";
+    out += "\nKnown exceptions (reserved), with what is known:\n\n";
     for (name, why) in PARALLEL_RESERVED_KNOWN {
         writeln!(out, "- `{name}`: {why}.").unwrap();
     }

@@ -2,9 +2,19 @@
 //! blocks inside them, what it gives back when CUDA says no, and the counters `torch.cuda.memory_stats()` shows.
 //! Its peak reserved bytes are `torch.cuda.max_memory_reserved()`.
 //!
-//! A model of `DeviceCachingAllocator` in c10/cuda/CUDACachingAllocator.cpp (PyTorch 2.15), for one device and one
-//! stream (a training step uses one), with the knobs of `PYTORCH_CUDA_ALLOC_CONF` that change its layout
-//! (c10/cuda/CUDAAllocatorConfig and c10/core/AllocatorConfig). Function names in the comments are the C++ ones.
+//! A model of `DeviceCachingAllocator` in c10/cuda/CUDACachingAllocator.cpp (PyTorch 2.15), for one device and its
+//! streams, with the knobs of `PYTORCH_CUDA_ALLOC_CONF` that change its layout (c10/cuda/CUDAAllocatorConfig and
+//! c10/core/AllocatorConfig). Function names in the comments are the C++ ones.
+//!
+//! Streams: every request is made on a stream (`malloc_on`; `malloc` is the default stream's), and every block
+//! belongs to the stream its segment was allocated on. PyTorch orders each pool by (stream, size, address) and
+//! searches it from (stream, size), so a cached block serves only its own stream and a new segment is its
+//! stream's; here each pool keeps a free list (and, with expandable segments, an unmapped list and a segment) per
+//! stream. A one-GPU step runs on the default stream alone; FSDP2 allocates its all-gather buffers on the
+//! all-gather copy-in stream and its reduce-scatter outputs on the reduce-scatter stream (`distributed.rs`), which
+//! is why its reserved memory exceeds what one pool would hold. The release paths (`release_cached_blocks`, the
+//! garbage collection) go over every stream's blocks; `release_available_cached_blocks` over the request's
+//! stream's, as PyTorch's.
 //!
 //! Modelled: `round_size` (512-byte blocks), the small (<= 1 MiB) and large pools, `get_allocation_size`,
 //! best-fit `get_free_block` by (size, address) with the `max_split_size` rules, `should_split`, splitting and
@@ -13,7 +23,9 @@
 //! an OOM) and `expandable_segments:True` (one growing segment per pool mapped in pages: `map_block`,
 //! `unmap_block`, `find_expandable_block`).
 //!
-//! Not modelled: other streams and their events (`record_stream`), CUDA graph private pools,
+//! Not modelled: events of cross-stream uses (`record_stream`: a block freed while another stream may still use it
+//! is cached only once that stream's event completes; FSDP2 holds its buffers with references and events instead,
+//! and the stubbed GPU of the records completes events at once), CUDA graph private pools,
 //! `roundup_power2_divisions`, the free-memory callbacks, and fragmentation of the device's own memory under
 //! `cudaMalloc` (a `cudaMalloc` fails here exactly when it would take reserved memory past the capacity).
 //! Addresses are synthetic: each new segment gets a fresh range above the last; only their order matters, and it
@@ -41,6 +53,40 @@ const MAX_REQUEST: u64 = 1 << 50;
 const MAX_ADDRESS_SPACE: u64 = 1 << 48;
 /// No block (a null `prev`/`next`).
 const NONE: u32 = u32::MAX;
+
+/// How many streams the allocator tells apart: the default stream and FSDP2's all-gather copy-in, all-gather,
+/// reduce-scatter and all-reduce streams (`FSDPCommContext.lazy_init`) fit.
+pub const N_STREAMS: usize = 5;
+
+/// A CUDA stream, by its number (0: the default stream). A block belongs to the stream its segment was
+/// allocated on (`Block::stream`, the stream current at `malloc`): PyTorch's pools order and search their blocks
+/// by (stream, size, address), so a request only gets a cached block of its own stream, and a freed block
+/// merges only with its own segment's neighbours. A block freed after a use on another stream (`record_stream`)
+/// waits for that stream's event before it is cached again; nothing here records one (FSDP2 holds its buffers
+/// with references and events instead), so every free is cached at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Stream(u8);
+
+impl Stream {
+    /// The default stream (the null stream, the current one unless a program says otherwise).
+    pub const DEFAULT: Stream = Stream(0);
+
+    /// Stream number `n`, checked at compile time when used in a constant: `n` must be below `N_STREAMS`.
+    pub const fn nth(n: u8) -> Stream {
+        assert!((n as usize) < N_STREAMS, "stream number out of range");
+        Stream(n)
+    }
+
+    /// The stream's number.
+    pub fn number(self) -> u8 {
+        self.0
+    }
+
+    #[inline(always)]
+    fn index(self) -> usize {
+        usize::from(self.0)
+    }
+}
 
 /// The `PYTORCH_CUDA_ALLOC_CONF` knobs that shape the allocator's layout. `Default` is PyTorch's default.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -125,6 +171,8 @@ pub struct TraceEntry {
     pub size: u64,
     /// The caller's id (`malloc`'s); 0 for segment events.
     pub id: u32,
+    /// The stream of the block or segment.
+    pub stream: Stream,
 }
 
 /// One block: a range of a segment, allocated, cached (free and mapped) or, in an expandable segment, unmapped.
@@ -140,6 +188,8 @@ struct Block {
     /// Backed by memory; only an expandable segment has unmapped blocks.
     mapped: bool,
     expandable: bool,
+    /// The stream the block's segment was allocated on (`stream`): only requests on that stream get it.
+    stream: Stream,
     /// The pool's `get_free_block` count when the block was cached (`gc_count_base`).
     gc_base: u64,
 }
@@ -311,14 +361,15 @@ impl BlockList {
     }
 }
 
-/// A pool's cached blocks (`BlockPool`).
+/// A pool's cached blocks (`BlockPool`). PyTorch keeps one set per pool ordered by (stream, size, address) and
+/// searches it from (stream, size): here each stream has its own list, indexed by the stream's number.
 #[derive(Debug, Clone, Default)]
 struct Pool {
-    /// Free mapped blocks, ordered by (size, address) like `BlockComparatorSize`.
-    free: BlockList,
-    /// Unmapped blocks of expandable segments, ordered by address (`BlockComparatorAddress`): (0, address,
-    /// block), the free list's shape so that both share one search.
-    unmapped: BlockList,
+    /// Free mapped blocks of each stream, ordered by (size, address) like `BlockComparatorSize`.
+    free: [BlockList; N_STREAMS],
+    /// Unmapped blocks of expandable segments of each stream, ordered by address (`BlockComparatorAddress`):
+    /// (0, address, block), the free list's shape so that both share one search.
+    unmapped: [BlockList; N_STREAMS],
     /// `get_free_blocks_call_count`, counted only while garbage collection is on.
     n_get_free_block_calls: u64,
 }
@@ -440,19 +491,20 @@ impl CachingAllocator {
     }
 
     #[inline(always)]
-    fn traced(&mut self, action: TraceAction, addr: u64, size: u64, id: u32) {
+    fn traced(&mut self, action: TraceAction, addr: u64, size: u64, id: u32, stream: Stream) {
         if self.trace.is_some() {
-            self.push_trace(action, addr, size, id);
+            self.push_trace(action, addr, size, id, stream);
         }
     }
 
-    fn push_trace(&mut self, action: TraceAction, addr: u64, size: u64, id: u32) {
+    fn push_trace(&mut self, action: TraceAction, addr: u64, size: u64, id: u32, stream: Stream) {
         if let Some(t) = self.trace.as_mut() {
             t.push(TraceEntry {
                 action,
                 addr,
                 size,
                 id,
+                stream,
             });
         }
     }
@@ -489,25 +541,34 @@ impl CachingAllocator {
     /// `OutOfMemory` when the request cannot be served within the capacity even after releasing the cache; the
     /// allocator is then as PyTorch leaves it (cache released, nothing allocated for `id`).
     pub fn malloc(&mut self, id: u32, size: u64) -> Result<(), OutOfMemory> {
-        self.allocate(id, size, false)
+        self.allocate(id, size, Stream::DEFAULT, false)
+    }
+
+    /// `malloc` on `stream` (the stream current at the request): the block comes from that stream's cached
+    /// blocks or a new segment of its own.
+    ///
+    /// # Errors
+    /// As `malloc`.
+    pub fn malloc_on(&mut self, id: u32, size: u64, stream: Stream) -> Result<(), OutOfMemory> {
+        self.allocate(id, size, stream, false)
     }
 
     /// `malloc`, except that a request that would fail is counted as an OOM and served anyway: from then on the
     /// allocator behaves as on a device without a limit (no capacity, no memory fraction). For replaying a
     /// timeline to its end to learn how far it overshoots. Returns whether the request was an OOM.
-    pub fn malloc_overcommitting(&mut self, id: u32, size: u64) -> bool {
-        self.allocate(id, size, true).is_err()
+    pub fn malloc_overcommitting(&mut self, id: u32, size: u64, stream: Stream) -> bool {
+        self.allocate(id, size, stream, true).is_err()
     }
 
     /// `malloc_overcommitting(id, size)` and `free(id)` at once: scratch a kernel holds only while it runs (cuBLAS
     /// workspaces). A cached block that serves it is split and merged back unchanged, so that case only counts
     /// the request (`get_free_block`'s count, the allocated peak, the block's `gc_count_base`); any other goes the
     /// whole way. `id` must hold no block. Returns whether the request was an OOM.
-    pub fn scratch_overcommitting(&mut self, id: u32, size: u64) -> bool {
+    pub fn scratch_overcommitting(&mut self, id: u32, size: u64, stream: Stream) -> bool {
         if size > 0 && size <= MAX_REQUEST {
             let size = round_size(size);
             let pool = usize::from(size > SMALL_SIZE);
-            if let Some((b, _)) = self.get_free_block(pool, size) {
+            if let Some((b, _)) = self.get_free_block(pool, stream, size) {
                 let held = if self.should_split(b, size) {
                     size
                 } else {
@@ -517,8 +578,8 @@ impl CachingAllocator {
                 allocated.peak = allocated.peak.max(allocated.current + held);
                 self.blocks[b].gc_base = self.pools[pool].n_get_free_block_calls;
                 let addr = self.blocks[b].addr;
-                self.traced(TraceAction::Alloc, addr, held, id);
-                self.traced(TraceAction::Free, addr, held, id);
+                self.traced(TraceAction::Alloc, addr, held, id, stream);
+                self.traced(TraceAction::Free, addr, held, id, stream);
                 return false;
             }
             // The whole way searches again: this search does not count.
@@ -526,7 +587,7 @@ impl CachingAllocator {
                 self.pools[pool].n_get_free_block_calls -= 1;
             }
         }
-        let oom = self.malloc_overcommitting(id, size);
+        let oom = self.malloc_overcommitting(id, size, stream);
         self.free(id);
         oom
     }
@@ -542,8 +603,10 @@ impl CachingAllocator {
         }
         self.blocks[b].allocated = false;
         self.stats.allocated_bytes.sub(self.blocks[b].size);
-        let Block { addr, size, .. } = self.blocks[b];
-        self.traced(TraceAction::Free, addr, size, id);
+        let Block {
+            addr, size, stream, ..
+        } = self.blocks[b];
+        self.traced(TraceAction::Free, addr, size, id, stream);
         self.free_block(b);
     }
 
@@ -552,7 +615,13 @@ impl CachingAllocator {
         self.release_cached_blocks();
     }
 
-    fn allocate(&mut self, id: u32, orig_size: u64, overcommit: bool) -> Result<(), OutOfMemory> {
+    fn allocate(
+        &mut self,
+        id: u32,
+        orig_size: u64,
+        stream: Stream,
+        overcommit: bool,
+    ) -> Result<(), OutOfMemory> {
         self.free(id);
         if orig_size == 0 {
             return Ok(());
@@ -565,20 +634,22 @@ impl CachingAllocator {
         }
         let size = round_size(orig_size);
         let pool = usize::from(size > SMALL_SIZE);
-        let mut found = self.get_free_block(pool, size).map(|(b, at)| (b, Some(at)));
+        let mut found = self
+            .get_free_block(pool, stream, size)
+            .map(|(b, at)| (b, Some(at)));
         let mut oom = None;
         if found.is_none() {
             if self.gc {
                 self.garbage_collect_cached_blocks();
             }
-            let mut new = self.alloc_block(pool, size, true);
-            if new.is_none() && self.release_available_cached_blocks(pool, size) {
-                new = self.alloc_block(pool, size, true);
+            let mut new = self.alloc_block(pool, stream, size, true);
+            if new.is_none() && self.release_available_cached_blocks(pool, stream, size) {
+                new = self.alloc_block(pool, stream, size, true);
             }
             if new.is_none() {
                 self.release_cached_blocks();
                 self.stats.n_alloc_retries += 1;
-                new = self.alloc_block(pool, size, true);
+                new = self.alloc_block(pool, stream, size, true);
             }
             if new.is_none() {
                 self.stats.n_ooms += 1;
@@ -590,7 +661,7 @@ impl CachingAllocator {
                     self.capacity = u64::MAX;
                     self.allowed_memory_maximum = None;
                     self.gc = false;
-                    new = self.alloc_block(pool, size, false);
+                    new = self.alloc_block(pool, stream, size, false);
                 }
             }
             found = new.map(|b| (b, None));
@@ -598,7 +669,7 @@ impl CachingAllocator {
         if let Some((b, cached_at)) = found {
             self.alloc_found_block(b, cached_at, size);
             let Block { addr, size, .. } = self.blocks[b];
-            self.traced(TraceAction::Alloc, addr, size, id);
+            self.traced(TraceAction::Alloc, addr, size, id, self.blocks[b].stream);
             if self.by_id.len() <= id as usize {
                 self.by_id.resize(id as usize + 1, NONE);
             }
@@ -636,34 +707,35 @@ impl CachingAllocator {
         let block = &mut self.blocks[b];
         let pool = &mut self.pools[usize::from(!block.small)];
         block.gc_base = pool.n_get_free_block_calls;
-        pool.free.insert((block.size, block.addr, b));
+        pool.free[block.stream.index()].insert((block.size, block.addr, b));
     }
 
     fn remove_free(&mut self, b: u32) {
         let block = &self.blocks[b];
         let pool = &mut self.pools[usize::from(!block.small)];
-        pool.free.remove_block(block.size, block.addr, b);
+        pool.free[block.stream.index()].remove_block(block.size, block.addr, b);
     }
 
     fn insert_unmapped(&mut self, b: u32) {
         let block = &self.blocks[b];
         let pool = &mut self.pools[usize::from(!block.small)];
-        pool.unmapped.insert((0, block.addr, b));
+        pool.unmapped[block.stream.index()].insert((0, block.addr, b));
     }
 
     fn remove_unmapped(&mut self, b: u32) {
         let block = &self.blocks[b];
         let pool = &mut self.pools[usize::from(!block.small)];
-        pool.unmapped.remove_block(0, block.addr, b);
+        pool.unmapped[block.stream.index()].remove_block(0, block.addr, b);
     }
 
-    /// `get_free_block`: the smallest cached block of at least `size` (lowest address among equals), under the
-    /// `max_split_size` rules, and its place in the pool's list (where `alloc_found_block` takes it out).
-    fn get_free_block(&mut self, pool: usize, size: u64) -> Option<(u32, Cursor)> {
+    /// `get_free_block`: the smallest cached block of `stream` of at least `size` (lowest address among equals),
+    /// under the `max_split_size` rules, and its place in the pool's list (where `alloc_found_block` takes it
+    /// out).
+    fn get_free_block(&mut self, pool: usize, stream: Stream, size: u64) -> Option<(u32, Cursor)> {
         if self.gc {
             self.pools[pool].n_get_free_block_calls += 1;
         }
-        let free = &self.pools[pool].free;
+        let free = &self.pools[pool].free[stream.index()];
         let mut at = free.lower_bound(size, 0);
         let (mut block_size, _, mut b) = free.get(at)?;
         if self.config.expandable_segments {
@@ -715,7 +787,7 @@ impl CachingAllocator {
         let pool = usize::from(!block.small);
         if !self.should_split(b, size) {
             if let Some(at) = cached_at {
-                self.pools[pool].free.remove(at);
+                self.pools[pool].free[block.stream.index()].remove(at);
             }
         } else {
             let rest = Block {
@@ -733,7 +805,10 @@ impl CachingAllocator {
             self.blocks[b].size = size;
             match cached_at {
                 // The rest takes the place of the block it came from (it sorts before it).
-                Some(at) => self.pools[pool].free.replace(at, (rest.size, rest.addr, r)),
+                Some(at) => {
+                    let free = &mut self.pools[pool].free[block.stream.index()];
+                    free.replace(at, (rest.size, rest.addr, r));
+                }
                 None => self.insert_free(r),
             }
         }
@@ -746,9 +821,13 @@ impl CachingAllocator {
     /// first merged neighbour is reused: the merged block sorts after it, so only the entries in between shift.
     fn free_block(&mut self, b: u32) {
         let Block {
-            prev, next, small, ..
+            prev,
+            next,
+            small,
+            stream,
+            ..
         } = self.blocks[b];
-        let pool = usize::from(!small);
+        let (pool, si) = (usize::from(!small), stream.index());
         // The first merged neighbour's (size, address).
         let mut reuse: Option<(u64, u64)> = None;
         for src in [prev, next] {
@@ -761,7 +840,7 @@ impl CachingAllocator {
             }
             match reuse {
                 None => reuse = Some((s.size, s.addr)),
-                Some(_) => self.pools[pool].free.remove_block(s.size, s.addr, src),
+                Some(_) => self.pools[pool].free[si].remove_block(s.size, s.addr, src),
             }
             let d = &mut blocks[b];
             d.size += s.size;
@@ -788,7 +867,7 @@ impl CachingAllocator {
         };
         let block = &mut self.blocks[b];
         block.gc_base = self.pools[pool].n_get_free_block_calls;
-        let free = &mut self.pools[pool].free;
+        let free = &mut self.pools[pool].free[si];
         let at = free.lower_bound(size, addr);
         free.replace(at, (block.size, block.addr, b));
     }
@@ -825,7 +904,13 @@ impl CachingAllocator {
 
     /// `alloc_block`: new memory from CUDA for a request of `size` bytes in `pool` (a segment, or pages of an
     /// expandable one), or `None` when it does not fit (`limited`) in the allowed memory.
-    fn alloc_block(&mut self, pool: usize, size: u64, limited: bool) -> Option<u32> {
+    fn alloc_block(
+        &mut self,
+        pool: usize,
+        stream: Stream,
+        size: u64,
+        limited: bool,
+    ) -> Option<u32> {
         let alloc_size = allocation_size(size);
         let reserved = self.stats.reserved_bytes.current;
         if let Some(max) = self.allowed_memory_maximum {
@@ -834,7 +919,7 @@ impl CachingAllocator {
             }
         }
         if self.config.expandable_segments {
-            return self.try_allocate_expandable_block(pool, size, limited);
+            return self.try_allocate_expandable_block(pool, stream, size, limited);
         }
         if limited && reserved + alloc_size > self.capacity {
             return None;
@@ -843,7 +928,7 @@ impl CachingAllocator {
         self.next_addr = addr.saturating_add(alloc_size);
         self.stats.segments.add(1);
         self.stats.reserved_bytes.add(alloc_size);
-        self.traced(TraceAction::SegmentAlloc, addr, alloc_size, 0);
+        self.traced(TraceAction::SegmentAlloc, addr, alloc_size, 0, stream);
         Some(self.new_block(Block {
             addr,
             size: alloc_size,
@@ -853,6 +938,7 @@ impl CachingAllocator {
             allocated: false,
             mapped: true,
             expandable: false,
+            stream,
             gc_base: 0,
         }))
     }
@@ -862,10 +948,11 @@ impl CachingAllocator {
     fn try_allocate_expandable_block(
         &mut self,
         pool: usize,
+        stream: Stream,
         size: u64,
         limited: bool,
     ) -> Option<u32> {
-        let mut c = self.find_expandable_block(pool, size);
+        let mut c = self.find_expandable_block(pool, stream, size);
         if !self.blocks[c].mapped {
             let n = self.blocks[c].size.min(size);
             if !self.map_block(c, n, limited) {
@@ -886,11 +973,12 @@ impl CachingAllocator {
         Some(c)
     }
 
-    /// `find_expandable_block`: the lowest-addressed run of free and unmapped blocks with room for `size` bytes,
-    /// starting at an unmapped block or the free block just before it; a new segment if none has room.
-    fn find_expandable_block(&mut self, pool: usize, size: u64) -> u32 {
+    /// `find_expandable_block`: the lowest-addressed run of free and unmapped blocks of `stream` with room for
+    /// `size` bytes, starting at an unmapped block or the free block just before it; a new segment of the stream
+    /// if none has room.
+    fn find_expandable_block(&mut self, pool: usize, stream: Stream, size: u64) -> u32 {
         let allocatable = |b: u32| self.blocks.get(b).is_some_and(|b| !b.allocated);
-        for &(_, _, u) in self.pools[pool].unmapped.iter() {
+        for &(_, _, u) in self.pools[pool].unmapped[stream.index()].iter() {
             let prev = self.blocks[u].prev;
             let start = if allocatable(prev) { prev } else { u };
             let (mut b, mut bytes) = (start, 0);
@@ -918,6 +1006,7 @@ impl CachingAllocator {
             allocated: false,
             mapped: false,
             expandable: true,
+            stream,
             gc_base: 0,
         });
         self.insert_unmapped(b);
@@ -954,7 +1043,13 @@ impl CachingAllocator {
         self.try_merge_blocks(b, next);
         self.insert_free(b);
         self.stats.reserved_bytes.add(mapped);
-        self.traced(TraceAction::SegmentMap, block.addr / page * page, mapped, 0);
+        self.traced(
+            TraceAction::SegmentMap,
+            block.addr / page * page,
+            mapped,
+            0,
+            block.stream,
+        );
         true
     }
 
@@ -1003,7 +1098,7 @@ impl CachingAllocator {
         self.try_merge_blocks(b, next);
         self.insert_unmapped(b);
         self.stats.reserved_bytes.sub(unmapped);
-        self.traced(TraceAction::SegmentUnmap, start, unmapped, 0);
+        self.traced(TraceAction::SegmentUnmap, start, unmapped, 0, block.stream);
     }
 
     fn is_split(&self, b: u32) -> bool {
@@ -1016,14 +1111,16 @@ impl CachingAllocator {
         self.remove_free(b);
         self.stats.segments.sub(1);
         self.stats.reserved_bytes.sub(self.blocks[b].size);
-        let Block { addr, size, .. } = self.blocks[b];
-        self.traced(TraceAction::SegmentFree, addr, size, 0);
+        let Block {
+            addr, size, stream, ..
+        } = self.blocks[b];
+        self.traced(TraceAction::SegmentFree, addr, size, 0, stream);
         self.spare.push(b);
     }
 
-    /// `release_available_cached_blocks`: with a `max_split_size`, frees the smallest oversize cached segment
-    /// that covers the request, or else the largest ones until they add up to it.
-    fn release_available_cached_blocks(&mut self, pool: usize, size: u64) -> bool {
+    /// `release_available_cached_blocks`: with a `max_split_size`, frees the smallest oversize cached segment of
+    /// the request's stream that covers the request, or else the stream's largest ones until they add up to it.
+    fn release_available_cached_blocks(&mut self, pool: usize, stream: Stream, size: u64) -> bool {
         let Some(max_split) = self.config.max_split_size else {
             return false;
         };
@@ -1032,7 +1129,7 @@ impl CachingAllocator {
             return false;
         }
         let key = size.max(max_split);
-        let free = &self.pools[pool].free;
+        let free = &self.pools[pool].free[stream.index()];
         if let Some((_, _, b)) = free.get(free.lower_bound(key, 0)) {
             if self.is_split(b) {
                 return false;
@@ -1043,7 +1140,7 @@ impl CachingAllocator {
         let mut released = 0;
         while released < key {
             // The largest cached block (releasing it takes it out of the list).
-            let Some((block_size, _, b)) = self.pools[pool].free.last() else {
+            let Some((block_size, _, b)) = self.pools[pool].free[stream.index()].last() else {
                 break;
             };
             if block_size < max_split || self.is_split(b) {
@@ -1059,7 +1156,11 @@ impl CachingAllocator {
     /// expandable segments (dropping a segment left with nothing mapped).
     fn release_cached_blocks(&mut self) {
         for pool in [1, 0] {
-            let cached: Vec<u32> = self.pools[pool].free.iter().map(|k| k.2).collect();
+            let cached: Vec<u32> = self.pools[pool]
+                .free
+                .iter()
+                .flat_map(|f| f.iter().map(|k| k.2))
+                .collect();
             for b in cached {
                 if self.blocks[b].expandable {
                     self.unmap_block(b);
@@ -1092,7 +1193,7 @@ impl CachingAllocator {
         let calls = self.pools[1].n_get_free_block_calls;
         let age = |a: &Self, b: u32| calls - a.blocks[b].gc_base;
         let freeable = |a: &Self| -> Vec<u32> {
-            let free = a.pools[1].free.iter().map(|k| k.2);
+            let free = a.pools[1].free.iter().flat_map(|f| f.iter().map(|k| k.2));
             free.filter(|&b| !a.is_split(b) && !a.blocks[b].expandable)
                 .collect()
         };
@@ -1246,6 +1347,66 @@ mod tests {
         assert_eq!(a.stats().segments.peak, 3);
     }
 
+    /// A block cached by one stream serves only that stream: a request of the same size on another stream takes
+    /// a segment of its own, and the first stream's next request reuses its own block.
+    #[test]
+    fn cached_blocks_serve_only_their_own_stream() {
+        let (s1, s3) = (Stream::nth(1), Stream::nth(3));
+        let mut a = default_allocator();
+        a.malloc_on(0, 64 * MIB, s1).unwrap();
+        a.free(0);
+        a.malloc(1, 64 * MIB).unwrap();
+        assert_eq!(a.reserved_bytes(), 128 * MIB);
+        a.malloc_on(2, 64 * MIB, s1).unwrap();
+        assert_eq!(a.reserved_bytes(), 128 * MIB);
+        // Small blocks too: a 2 MiB segment per stream.
+        a.malloc_on(3, 4096, s3).unwrap();
+        a.malloc(4, 4096).unwrap();
+        a.malloc_on(5, 4096, s3).unwrap();
+        assert_eq!(a.reserved_bytes(), 128 * MIB + 4 * MIB);
+        assert_eq!(a.stats().segments.current, 4);
+        // Every stream's cached segments go back on `empty_cache`.
+        for id in 1..6 {
+            a.free(id);
+        }
+        a.empty_cache();
+        assert_eq!(a.reserved_bytes(), 0);
+    }
+
+    /// FSDP2's forward all-gathers, as in llama-fsdp-w8's snapshot: the root's 64 MiB output (a 66 MiB segment of
+    /// the copy-in stream) is still alive when block 0's 11.1 MiB one is allocated, which takes a 12 MiB segment
+    /// of its own; from then on the outputs alternate between the two segments. The default stream's segments are
+    /// not used for them.
+    #[test]
+    fn alternating_buffers_on_a_side_stream_keep_two_segments() {
+        let s1 = Stream::nth(1);
+        let mut a = default_allocator();
+        a.malloc_on(0, 67_110_912, s1).unwrap();
+        a.malloc_on(1, 11_603_968, s1).unwrap();
+        a.free(0);
+        for id in 2..8 {
+            a.malloc_on(id, 11_603_968, s1).unwrap();
+            a.free(id - 1);
+        }
+        assert_eq!(a.reserved_bytes(), 78 * MIB);
+        assert_eq!(a.stats().segments.current, 2);
+    }
+
+    /// With expandable segments each stream grows a segment of its own.
+    #[test]
+    fn expandable_segments_are_per_stream() {
+        let mut a = CachingAllocator::new(expandable(), 80 << 30);
+        a.malloc(0, 6 * MIB).unwrap();
+        a.malloc_on(1, 6 * MIB, Stream::nth(1)).unwrap();
+        assert_eq!(a.reserved_bytes(), 40 * MIB);
+        a.free(0);
+        a.malloc_on(2, 6 * MIB, Stream::nth(1)).unwrap();
+        assert_eq!(a.reserved_bytes(), 40 * MIB);
+        a.malloc(3, 12 * MIB).unwrap();
+        assert_eq!(a.reserved_bytes(), 40 * MIB);
+        check_invariants(&a);
+    }
+
     #[test]
     fn under_a_small_capacity_the_retry_frees_cached_segments() {
         let mut a = CachingAllocator::new(AllocatorConfig::default(), 64 * MIB);
@@ -1276,7 +1437,7 @@ mod tests {
         );
         assert_eq!(a.allocated_bytes(), 20 * MIB);
         a.free(1);
-        assert!(a.malloc_overcommitting(2, 20 * MIB));
+        assert!(a.malloc_overcommitting(2, 20 * MIB, Stream::DEFAULT));
         assert_eq!(a.reserved_bytes(), 40 * MIB);
         assert_eq!(a.stats().n_ooms, 2);
         assert_eq!(a.stats().n_alloc_retries, 2);
@@ -1343,10 +1504,11 @@ mod tests {
         a.free(2);
         a.empty_cache();
         assert_eq!(a.reserved_bytes(), 0);
-        assert!(a
-            .pools
+        assert!(a.pools.iter().all(|p| p
+            .free
             .iter()
-            .all(|p| p.free.iter().chain(p.unmapped.iter()).next().is_none()));
+            .chain(&p.unmapped)
+            .all(|l| l.iter().next().is_none())));
     }
 
     /// Growing tensors with a hole left behind each time: each no longer fits the holes of separate segments,
@@ -1445,25 +1607,39 @@ mod tests {
                 allocated += b.size;
             } else if b.mapped {
                 n_free += 1;
-                assert!(pool.free.iter().any(|e| *e == (b.size, b.addr, i)));
+                let free = &pool.free[b.stream.index()];
+                assert!(free.iter().any(|e| *e == (b.size, b.addr, i)));
             } else {
                 n_unmapped += 1;
-                assert!(pool.unmapped.iter().any(|e| *e == (0, b.addr, i)));
+                let unmapped = &pool.unmapped[b.stream.index()];
+                assert!(unmapped.iter().any(|e| *e == (0, b.addr, i)));
             }
         }
         assert_eq!(mapped, a.reserved_bytes());
         assert_eq!(allocated, a.allocated_bytes());
-        let count =
-            |f: fn(&Pool) -> &BlockList| a.pools.iter().map(|p| f(p).iter().count()).sum::<usize>();
+        let count = |f: fn(&Pool) -> &[BlockList; N_STREAMS]| {
+            let lists = a.pools.iter().flat_map(|p| f(p).iter());
+            lists.map(|l| l.iter().count()).sum::<usize>()
+        };
         assert_eq!(n_free, count(|p| &p.free));
         assert_eq!(n_unmapped, count(|p| &p.unmapped));
         for pool in &a.pools {
-            for list in [&pool.free, &pool.unmapped] {
+            for list in pool.free.iter().chain(&pool.unmapped) {
                 let entries: Vec<Entry> = list.iter().copied().collect();
                 assert!(entries.windows(2).all(|w| w[0] < w[1]));
                 assert!(list.chunks.iter().all(|c| c.len() <= CHUNK));
                 assert!(list.chunks.len() < 2 || list.chunks.iter().all(|c| !c.is_empty()));
             }
+        }
+    }
+
+    /// The stream of a random-traffic request: mostly the default one, some on two others, so that every
+    /// invariant holds across streams too.
+    fn stream_of(x: u64) -> Stream {
+        match (x >> 40) % 4 {
+            0 => Stream::nth(1),
+            1 => Stream::nth(3),
+            _ => Stream::DEFAULT,
         }
     }
 
@@ -1503,7 +1679,7 @@ mod tests {
                         3..=5 => (x >> 20) % (16 << 20),
                         _ => (x >> 20) % (90 << 20),
                     };
-                    if a.malloc_overcommitting(id, size) {
+                    if a.malloc_overcommitting(id, size, stream_of(x)) {
                         assert!(a.stats().n_ooms > 0);
                     }
                     live.push(id);
@@ -1531,14 +1707,22 @@ mod tests {
             .filter(|i| !spare.contains(i))
             .map(|i| {
                 let b = &a.blocks[i];
-                (b.addr, b.size, b.small, b.allocated, b.mapped, b.gc_base)
+                (
+                    b.addr,
+                    b.size,
+                    b.small,
+                    b.allocated,
+                    b.mapped,
+                    b.stream,
+                    b.gc_base,
+                )
             })
             .collect();
         blocks.sort_unstable();
         let lists: Vec<Vec<(u64, u64)>> = a
             .pools
             .iter()
-            .flat_map(|p| [&p.free, &p.unmapped])
+            .flat_map(|p| p.free.iter().chain(&p.unmapped))
             .map(|l| l.iter().map(|e| (e.0, e.1)).collect())
             .collect();
         let counts: Vec<u64> = a.pools.iter().map(|p| p.n_get_free_block_calls).collect();
@@ -1572,14 +1756,14 @@ mod tests {
                         plain.free(t);
                     }
                     1 => {
-                        let oom = plain.malloc_overcommitting(id, size);
+                        let oom = plain.malloc_overcommitting(id, size, stream_of(x));
                         plain.free(id);
-                        assert_eq!(fast.scratch_overcommitting(id, size), oom);
+                        assert_eq!(fast.scratch_overcommitting(id, size, stream_of(x)), oom);
                     }
                     _ => {
                         assert_eq!(
-                            fast.malloc_overcommitting(id, size),
-                            plain.malloc_overcommitting(id, size)
+                            fast.malloc_overcommitting(id, size, stream_of(x)),
+                            plain.malloc_overcommitting(id, size, stream_of(x))
                         );
                         live.push(id);
                     }

@@ -6,10 +6,17 @@
 //! Collectives themselves allocate nothing in PyTorch's counters (NCCL's buffers and communicators are its own
 //! `cudaMalloc`s, outside `max_memory_allocated()` and not modelled).
 //!
-//! The allocator model has one stream. FSDP2 takes its all-gather buffers from the all-gather stream's pool and its
-//! reduce-scatter outputs from the reduce-scatter stream's pool, each with its own segments; the model serves
-//! them from the one pool, so its reserved memory for FSDP is a floor (allocated is exact in kind).
+//! Streams (`_fsdp_collectives.py`, `_fsdp_param_group.py`): FSDP2 allocates an all-gather's inputs and flat output
+//! on the all-gather copy-in stream (`ALL_GATHER_COPY_IN`) and a reduce-scatter's output, with the sharded
+//! gradients' casts, on the reduce-scatter stream (`REDUCE_SCATTER`); the unsharded parameters (copy-out), the
+//! reduce-scatter input and everything else are the default stream's. The caching allocator keeps a pool per
+//! stream, so these buffers take segments of their own (llama-fsdp-w8's snapshot: 78 MiB on the copy-in stream,
+//! 20 MiB on the reduce-scatter stream, 588 MiB on the default one; the model gives the same). FSDP2 calls no
+//! `record_stream`: it bounds cross-stream reuse by holding references until an event (the forward's all-gather
+//! output until the next unshard, the reduce-scatter input until the next post-backward), and those holds are
+//! modelled as frees at the moments the references go. Not modelled: HSDP's all-reduce stream (no HSDP here).
 
+use crate::allocator::Stream;
 use crate::model::Setup;
 use crate::parallel::{Parallel, Strategy};
 use crate::sim::Category::{self, Activations, Grads, Logits, Temporary, Weights};
@@ -24,6 +31,17 @@ pub const DDP_BROADCAST_BUCKET_BYTES: u64 = 250 << 20;
 /// `torch.distributed._DEFAULT_FIRST_BUCKET_BYTES`: with `bucket_cap_mb` left at its default, the rebuilt
 /// buckets' first one closes at 1 MiB (the records' `first_bucket_bytes`).
 pub const DDP_FIRST_BUCKET_BYTES: u64 = 1 << 20;
+
+/// FSDP2's all-gather copy-in stream (`FSDPCommContext.all_gather_copy_in_stream`, the first of the four streams
+/// its `lazy_init` creates: copy-in, all-gather, reduce-scatter, all-reduce). An all-gather issued from a pre-forward
+/// or pre-backward (`get_all_gather_streams`, implicit prefetching) makes its inputs' copies and its flat output
+/// here (`foreach_all_gather`). The all-gather stream itself allocates nothing (the collective writes the output
+/// in place), nor does the all-reduce stream without HSDP (not modelled).
+pub const ALL_GATHER_COPY_IN: Stream = Stream::nth(1);
+
+/// FSDP2's reduce-scatter stream (`FSDPCommContext.reduce_scatter_stream`, the third): the reduce-scatter output
+/// and what `foreach_reduce` makes of it (the sharded gradients' casts) are allocated here.
+pub const REDUCE_SCATTER: Stream = Stream::nth(3);
 
 /// DDP's default `bucket_cap_mb`, 25 (the records' `bucket_cap_bytes` 26,214,400).
 pub const DDP_DEFAULT_BUCKET_CAP_MB: u64 = 25;
@@ -267,6 +285,9 @@ pub struct Fsdp {
     pub sharded_grads: Vec<Tensor>,
     /// Whether sharded gradients exist (a later reduce-scatter adds into them).
     have_sharded_grads: bool,
+    /// The last forward all-gather's output, kept until the next group's all-gather is issued
+    /// (`FSDPCommContext.all_gather_state`, so that the next copy-in cannot write into it while it is read).
+    held_output: Option<Tensor>,
 }
 
 /// A parameter before sharding: (elements, is a matrix, rows, bytes per element of its own dtype and of its
@@ -345,15 +366,8 @@ impl Fsdp {
                 kept_grads: Vec::new(),
             })
             .collect();
-        if !p.offload {
-            for g in &groups {
-                for s in &g.shards {
-                    cx.alloc(s.elems * s.own, Weights, "parameter (shard)");
-                }
-            }
-        }
         let grad_bytes = if cx.lora.is_some() { cx.ab } else { cx.pb };
-        Fsdp {
+        let f = Fsdp {
             gpus: w,
             groups,
             grad_bytes,
@@ -365,7 +379,42 @@ impl Fsdp {
             rs_input: None,
             sharded_grads: Vec::new(),
             have_sharded_grads: false,
+            held_output: None,
+        };
+        if !p.offload {
+            f.allocate_shards(cx);
         }
+        f
+    }
+
+    /// `to_empty` on the sharded model: each parameter's padded shard in its own dtype, in the order
+    /// `nn.Module._apply` visits them (a module's children before its own parameters: the model's parameter
+    /// order, the embeddings first, the blocks, then the final norm and head). A head tied to the embedding is the
+    /// same parameter met again from `lm_head`: its shard is made a second time and the first one freed
+    /// (gpt-fsdp-w2's snapshot: wte's 12,582,912-byte shard first, a second one after ln_f's, the first freed).
+    fn allocate_shards(&self, cx: &mut Ctx) {
+        let mut first = None;
+        for s in self.shards_in_model_order(cx) {
+            let t = cx.alloc(s.elems * s.own, Weights, "parameter (shard)");
+            first.get_or_insert(t);
+        }
+        if let (Some(t), true) = (first, cx.arch.tied_head) {
+            let bytes = cx.sim.bytes_of(t);
+            cx.alloc(bytes, Weights, "parameter (shard)");
+            cx.free(t);
+        }
+    }
+
+    /// Every parameter's shard in the order the model makes them (`model.parameters()`: the root's embeddings,
+    /// the blocks', then the root's final norm and head).
+    fn shards_in_model_order<'a>(&'a self, cx: &Ctx) -> impl Iterator<Item = &'a Shard> {
+        let root = &self.groups[self.root()];
+        let n_before = usize::from(cx.arch.positions == crate::arch::Positions::Learned) + 1;
+        let (before, after) = root.shards.split_at(n_before.min(root.shards.len()));
+        before
+            .iter()
+            .chain(self.groups[..self.root()].iter().flat_map(|g| &g.shards))
+            .chain(after)
     }
 
     /// The trained parameters' shards, in the order the model makes them (`model.parameters()`: the blocks'
@@ -376,13 +425,7 @@ impl Fsdp {
         if self.offload {
             return Vec::new();
         }
-        let root = &self.groups[self.root()];
-        let n_before = usize::from(cx.arch.positions == crate::arch::Positions::Learned) + 1;
-        let (before, after) = root.shards.split_at(n_before.min(root.shards.len()));
-        before
-            .iter()
-            .chain(self.groups[..self.root()].iter().flat_map(|g| &g.shards))
-            .chain(after)
+        self.shards_in_model_order(cx)
             .filter(|s| s.trained)
             .map(|s| (s.elems, s.matrix, s.own, s.rows))
             .collect()
@@ -392,19 +435,54 @@ impl Fsdp {
         self.groups.len() - 1
     }
 
-    /// The all-gather's start (`foreach_all_gather`): the copy-in of this rank's shards in `param_dtype` (S_g),
-    /// then the flat output for every rank's (W x S_g); the copy-in goes once the all-gather is issued.
+    /// The all-gather's start (`foreach_all_gather`), on the copy-in stream: this rank's shards as the
+    /// all-gather reads them (`_get_param_all_gather_inputs`), then the flat output for every rank's (W x S_g),
+    /// into which they are copied; the inputs go once the copy is issued. A shard already on the device in its
+    /// gathered dtype is read where it is (no copy, as in the fp32 records: one allocation per all-gather on the
+    /// stream); shards cast to `param_dtype` go through one flat buffer (the foreach-copy fast path, S_g in
+    /// `param_dtype`); with CPU offload each shard is copied to the device first (`.to(device)`), then cast.
     fn all_gather(&mut self, cx: &mut Ctx, g: usize) -> Tensor {
-        let s = self.groups[g].gather_bytes();
-        let copy_in = cx.alloc(s, Temporary, "all_gather_copy_in");
-        let out = cx.alloc(self.gpus * s, Weights, "all_gather");
-        cx.free(copy_in);
+        let before = cx.sim.set_stream(ALL_GATHER_COPY_IN);
+        let mut inputs = Vec::new();
+        if self.offload {
+            for sh in &self.groups[g].shards {
+                let on_device = cx.alloc(sh.elems * sh.own, Temporary, "_to_copy");
+                if sh.gather != sh.own {
+                    inputs.push(cx.alloc(sh.elems * sh.gather, Temporary, "_to_copy"));
+                    cx.free(on_device);
+                } else {
+                    inputs.push(on_device);
+                }
+            }
+        } else {
+            let cast: u64 = self.groups[g]
+                .shards
+                .iter()
+                .filter(|sh| sh.gather != sh.own)
+                .map(|sh| sh.elems * sh.gather)
+                .sum();
+            if cast > 0 {
+                inputs.push(cx.alloc(cast, Temporary, "all_gather_copy_in"));
+            }
+        }
+        let out = cx.alloc(
+            self.gpus * self.groups[g].gather_bytes(),
+            Weights,
+            "all_gather",
+        );
+        cx.sim.free_all(&inputs);
+        cx.sim.set_stream(before);
         out
     }
 
     /// Unshards group `g` (`wait_for_unshard`): one tensor per parameter, its padded full size in
-    /// `param_dtype`, into which the flat output is copied (`split_with_sizes_copy`); then the output is freed.
-    fn unshard(&mut self, cx: &mut Ctx, g: usize) {
+    /// `param_dtype`, on the default stream, into which the flat output is copied (`split_with_sizes_copy`);
+    /// then the output is freed. In the forward (`forward`) the output is kept instead until the next group's
+    /// unshard has issued its all-gather, and that one lets the previous output go before its copy-out
+    /// (`AllGatherState`, `release_all_gather_state_for_comm_reuse`): two outputs are alive at once on the
+    /// copy-in stream (llama-fsdp-w8's snapshot: the root's 64 MiB output is freed after block 0's 11.1 MiB one
+    /// is allocated, in a 12 MiB segment of its own beside the root's 66 MiB one).
+    fn unshard(&mut self, cx: &mut Ctx, g: usize, forward: bool) {
         if !self.groups[g].unsharded.is_empty() {
             return;
         }
@@ -412,6 +490,9 @@ impl Fsdp {
             Some(t) => t,
             None => self.all_gather(cx, g),
         };
+        if forward {
+            self.release_held_output(cx);
+        }
         let w = self.gpus;
         let params: Vec<Tensor> = self.groups[g]
             .shards
@@ -419,7 +500,19 @@ impl Fsdp {
             .map(|s| cx.alloc(w * s.elems * s.gather, Weights, "split_with_sizes_copy"))
             .collect();
         self.groups[g].unsharded = params;
-        cx.free(out);
+        if forward {
+            self.held_output = Some(out);
+        } else {
+            cx.free(out);
+        }
+    }
+
+    /// Lets the all-gather output kept from the forward go (the next forward unshard, or the root's
+    /// post-forward: "the last FSDP state flush[es] the reference").
+    fn release_held_output(&mut self, cx: &mut Ctx) {
+        if let Some(t) = self.held_output.take() {
+            cx.free(t);
+        }
     }
 
     fn reshard(&mut self, cx: &mut Ctx, g: usize) {
@@ -477,23 +570,51 @@ impl Fsdp {
         );
         cx.sim.free_all(&grads);
         self.rs_input = Some(input);
+        let before = cx.sim.set_stream(REDUCE_SCATTER);
         let out = cx.alloc(s * self.reduce_bytes, Grads, "reduce_scatter");
-        let trained: Vec<Shard> = self.groups[g]
-            .shards
-            .iter()
-            .filter(|s| s.trained)
-            .copied()
-            .collect();
         if self.offload || self.have_sharded_grads {
             cx.free(out);
-        } else if trained.iter().any(|p| p.own != self.reduce_bytes) {
-            for p in &trained {
-                let cast = cx.alloc(p.elems * p.own, Grads, "_to_copy");
-                self.sharded_grads.push(cast);
-            }
-            cx.free(out);
         } else {
+            self.sharded_grads_of(cx, g, out);
+        }
+        cx.sim.set_stream(before);
+    }
+
+    /// The sharded gradients made of the reduce-scatter output `out` (`_cast_and_view_sharded_grads`, on the
+    /// reduce-scatter stream): the trained parameters in runs of one dtype, each run a view of the output, or one
+    /// flat cast of it where the parameters' dtype is not the reduce dtype. When the casts outweigh the views the
+    /// uncast runs are copied too (`copy_uncast`), so that the output can go; otherwise the views keep it.
+    fn sharded_grads_of(&mut self, cx: &mut Ctx, g: usize, out: Tensor) {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for sh in self.groups[g].shards.iter().filter(|sh| sh.trained) {
+            match runs.last_mut() {
+                Some(run) if run.0 == sh.own => run.1 += sh.elems,
+                _ => runs.push((sh.own, sh.elems)),
+            }
+        }
+        let total: u64 = runs.iter().map(|r| r.1).sum();
+        let cast: u64 = runs
+            .iter()
+            .filter(|r| r.0 != self.reduce_bytes)
+            .map(|r| r.1)
+            .sum();
+        let copy_uncast = cast > total - cast;
+        let mut viewed = false;
+        for &(own, elems) in &runs {
+            if own != self.reduce_bytes {
+                let t = cx.alloc(elems * own, Grads, "_to_copy");
+                self.sharded_grads.push(t);
+            } else if copy_uncast {
+                let t = cx.alloc(elems * own, Grads, "clone");
+                self.sharded_grads.push(t);
+            } else {
+                viewed = true;
+            }
+        }
+        if viewed {
             self.sharded_grads.push(out);
+        } else {
+            cx.free(out);
         }
     }
 
@@ -528,7 +649,7 @@ impl Fsdp {
 /// Before block `l`'s forward: unshard it.
 pub fn pre_forward(cx: &mut Ctx, l: u64) {
     if let Some(mut f) = cx.fsdp.take() {
-        f.unshard(cx, l as usize);
+        f.unshard(cx, l as usize, true);
         cx.fsdp = Some(f);
     }
 }
@@ -547,7 +668,7 @@ pub fn post_forward(cx: &mut Ctx, l: u64) {
 /// or prefetched, and prefetch the block before it.
 pub fn pre_backward(cx: &mut Ctx, l: u64) {
     if let Some(mut f) = cx.fsdp.take() {
-        f.unshard(cx, l as usize);
+        f.unshard(cx, l as usize, false);
         if l > 0 {
             f.prefetch(cx, l as usize - 1);
         }
@@ -569,18 +690,20 @@ pub fn post_backward(cx: &mut Ctx, l: u64) {
 pub fn root_pre_forward(cx: &mut Ctx) {
     if let Some(mut f) = cx.fsdp.take() {
         let root = f.root();
-        f.unshard(cx, root);
+        f.unshard(cx, root, true);
         cx.fsdp = Some(f);
     }
 }
 
-/// The model's call returns: the root reshards with `reshard_after_forward` (given to the root as well).
+/// The model's call returns: the root reshards with `reshard_after_forward` (given to the root as well), then
+/// lets the last all-gather output kept for overlap go.
 pub fn root_post_forward(cx: &mut Ctx) {
     if let Some(mut f) = cx.fsdp.take() {
         if f.reshard_after_forward {
             let root = f.root();
             f.reshard(cx, root);
         }
+        f.release_held_output(cx);
         cx.fsdp = Some(f);
     }
 }
@@ -589,7 +712,7 @@ pub fn root_post_forward(cx: &mut Ctx) {
 pub fn root_pre_backward(cx: &mut Ctx) {
     if let Some(mut f) = cx.fsdp.take() {
         let root = f.root();
-        f.unshard(cx, root);
+        f.unshard(cx, root, false);
         if root > 0 {
             f.prefetch(cx, root - 1);
         }
@@ -607,6 +730,7 @@ pub fn root_post_backward(cx: &mut Ctx) {
         if let Some(t) = f.rs_input.take() {
             cx.free(t);
         }
+        f.release_held_output(cx);
         f.end_backward();
         cx.fsdp = Some(f);
     }

@@ -7,7 +7,7 @@
 //! Every allocation and free also goes to a model of the caching allocator itself (`allocator`), whose segments
 //! are the reserved memory (`torch.cuda.max_memory_reserved()`).
 
-use crate::allocator::{AllocatorConfig, CachingAllocator};
+use crate::allocator::{AllocatorConfig, CachingAllocator, Stream};
 
 /// What a live byte is for. The report's components are these, summed at the peak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -143,6 +143,8 @@ pub struct Sim {
     replay: bool,
     /// Reserved memory past which the allocator is no longer replayed (`stop_replay_above`).
     replay_limit: u64,
+    /// The stream allocations are made on (`torch.cuda.stream(...)`'s current stream; `set_stream`).
+    stream: Stream,
     /// Every allocation and free, when recording (for comparing with a measured trace).
     events: Option<Vec<Event>>,
 }
@@ -186,6 +188,7 @@ impl Sim {
             allocator: CachingAllocator::new(allocator, capacity_bytes),
             replay: true,
             replay_limit: u64::MAX,
+            stream: Stream::DEFAULT,
             events: None,
         }
     }
@@ -223,7 +226,13 @@ impl Sim {
         self.phase.layer = layer;
     }
 
-    /// Allocates `n_bytes` (rounded to the allocator's block size) for `op`.
+    /// Makes `stream` the current stream (`with torch.cuda.stream(stream):`): the allocations that follow take
+    /// their blocks from its pool. Returns the stream that was current, for the caller to put back.
+    pub fn set_stream(&mut self, stream: Stream) -> Stream {
+        std::mem::replace(&mut self.stream, stream)
+    }
+
+    /// Allocates `n_bytes` (rounded to the allocator's block size) for `op`, on the current stream.
     #[inline]
     pub fn alloc(&mut self, n_bytes: u64, category: Category, op: &'static str) -> Tensor {
         let bytes = block_bytes(n_bytes);
@@ -239,7 +248,7 @@ impl Sim {
         self.by_category[category.index()] += bytes;
         // Past the capacity the allocator keeps going (counting the OOM), so the run shows how far it overshoots.
         if self.replay && bytes > 0 {
-            self.allocator.malloc_overcommitting(id, bytes);
+            self.allocator.malloc_overcommitting(id, bytes, self.stream);
             self.check_replay_limit();
         }
         let step = self.phase.step as usize;
@@ -280,7 +289,7 @@ impl Sim {
         let bytes = block_bytes(n_bytes);
         if replay && bytes > 0 {
             self.allocator
-                .scratch_overcommitting(self.slots.len() as u32, bytes);
+                .scratch_overcommitting(self.slots.len() as u32, bytes, self.stream);
         }
         self.replay = false;
         let t = self.alloc(n_bytes, category, op);

@@ -182,7 +182,7 @@ fn parallel_notes(p: &crate::parallel::Parallel) -> Vec<String> {
             ) + &tp
         }
     };
-    let mut notes = vec![
+    vec![
         format!(
             "per GPU on {} GPUs with {what}: rank 0, which holds the most; the batch is per GPU",
             p.gpus
@@ -190,16 +190,7 @@ fn parallel_notes(p: &crate::parallel::Parallel) -> Vec<String> {
         "not counted: NCCL's own buffers and communicators (cudaMalloc'd outside PyTorch's allocator, hundreds of \
          MiB per communicator on a real machine)"
             .to_string(),
-    ];
-    if p.strategy == Strategy::Fsdp {
-        notes.push(
-            "peak reserved is a floor under FSDP2: its all-gather and reduce-scatter streams keep block pools of \
-             their own, which the allocator model (one stream) shares (measured 5% to 27% more reserved in \
-             tests/data/parallel)"
-                .to_string(),
-        );
-    }
-    notes
+    ]
 }
 
 /// The estimate.

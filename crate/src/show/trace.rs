@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::allocator::TraceAction;
+use crate::allocator::{TraceAction, TraceEntry};
 use crate::error::Error;
 use crate::model::Setup;
 use crate::pickle::{encode, Py};
@@ -48,15 +48,15 @@ pub fn predicted_snapshot(setup: &Setup) -> Result<Vec<u8>, Error> {
     let mut trace = Vec::new();
     // The state after the run, for `segments`: segment address -> (size, expandable); block address -> (size,
     // caller id).
-    let mut segments: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut segments: BTreeMap<u64, (u64, u8)> = BTreeMap::new();
     let mut blocks: BTreeMap<u64, (u64, u32)> = BTreeMap::new();
     let expandable = setup.train.alloc_conf.expandable_segments;
-    let entry = |action: &str, addr: u64, size: u64, time: usize, frames: Py| {
+    let entry = |action: &str, t: &TraceEntry, size: u64, time: usize, frames: Py| {
         Py::dict([
             ("action", Py::str(action)),
-            ("addr", Py::Int(addr as i64)),
+            ("addr", Py::Int(t.addr as i64)),
             ("size", Py::Int(size as i64)),
-            ("stream", Py::Int(0)),
+            ("stream", Py::Int(i64::from(t.stream.number()))),
             ("time_us", Py::Int(time as i64)),
             ("compile_context", Py::str("N/A")),
             ("user_metadata", Py::str("")),
@@ -72,8 +72,8 @@ pub fn predicted_snapshot(setup: &Setup) -> Result<Vec<u8>, Error> {
                 } else {
                     "segment_map"
                 };
-                trace.push(entry(name, t.addr, t.size, i, Py::List(vec![])));
-                segments.insert(t.addr, t.size);
+                trace.push(entry(name, t, t.size, i, Py::List(vec![])));
+                segments.insert(t.addr, (t.size, t.stream.number()));
             }
             TraceAction::SegmentFree | TraceAction::SegmentUnmap => {
                 let name = if t.action == TraceAction::SegmentFree {
@@ -81,25 +81,25 @@ pub fn predicted_snapshot(setup: &Setup) -> Result<Vec<u8>, Error> {
                 } else {
                     "segment_unmap"
                 };
-                trace.push(entry(name, t.addr, t.size, i, Py::List(vec![])));
+                trace.push(entry(name, t, t.size, i, Py::List(vec![])));
                 segments.remove(&t.addr);
             }
             TraceAction::Alloc => {
                 let size = requested(t.id, t.size);
-                trace.push(entry("alloc", t.addr, size, i, frames_of(t.id)));
+                trace.push(entry("alloc", t, size, i, frames_of(t.id)));
                 blocks.insert(t.addr, (t.size, t.id));
             }
             TraceAction::Free => {
                 let size = requested(t.id, t.size);
-                trace.push(entry("free_requested", t.addr, size, i, frames_of(t.id)));
-                trace.push(entry("free_completed", t.addr, size, i, frames_of(t.id)));
+                trace.push(entry("free_requested", t, size, i, frames_of(t.id)));
+                trace.push(entry("free_completed", t, size, i, frames_of(t.id)));
                 blocks.remove(&t.addr);
             }
         }
     }
     let mut segment_list = Vec::new();
     if !expandable {
-        for (&addr, &size) in &segments {
+        for (&addr, &(size, stream)) in &segments {
             let end = addr.saturating_add(size);
             let mut list = Vec::new();
             let (mut at, mut allocated) = (addr, 0u64);
@@ -121,7 +121,7 @@ pub fn predicted_snapshot(setup: &Setup) -> Result<Vec<u8>, Error> {
                 ("allocated_size", Py::Int(allocated as i64)),
                 ("active_size", Py::Int(allocated as i64)),
                 ("requested_size", Py::Int(allocated as i64)),
-                ("stream", Py::Int(0)),
+                ("stream", Py::Int(i64::from(stream))),
                 (
                     "segment_type",
                     Py::str(if size <= 2 << 20 { "small" } else { "large" }),

@@ -22,9 +22,9 @@ pub const FINETUNE_NOT_MODELLED: &[&str] = &[];
 
 /// Issue 14's standard for the multi-GPU records (`tests/data/parallel/stub-cuda.json`, rank 0 of DDP, FSDP2,
 /// tensor parallelism and TP x FSDP2 on PyTorch's own allocator with a fake process group): peak allocated within
-/// 5% on every record. Reserved is held to the stub standard (`STUB_RESERVED_TOLERANCE`) where everything shares
-/// one stream (DDP, tensor parallelism alone); under FSDP2 the all-gather and reduce-scatter buffers come from the
-/// pools of their own streams, where the allocator model has one stream, so its reserved figure is a floor.
+/// 5% on every record. Reserved is held to the stub standard (`STUB_RESERVED_TOLERANCE`) on every record but the
+/// known ones: under FSDP2 too, since the allocator model keeps a pool per stream (the all-gather copy-in and
+/// reduce-scatter streams' buffers in segments of their own, as on PyTorch's allocator).
 pub const PARALLEL_ALLOCATED_TOLERANCE: f64 = 0.05;
 
 /// Multi-GPU records vramfit refuses (`Error::NotModelled`), by name. llama-lora-fsdp-w8-mp is LoRA under FSDP2's
@@ -52,6 +52,17 @@ pub const PARALLEL_RESERVED_KNOWN: &[(&str, &str)] = &[
         "static_graph=True: the same allocated bytes as gpt-ddp-w2 and 64 MiB more reserved on PyTorch's allocator; \
          not found which allocation takes the new segment (the model gives static_graph's allocations as the \
          default's, so gpt-ddp-w2's reserved)",
+    ),
+    (
+        "llama-lora-fsdp-w8",
+        "32 MiB (+6.5%) above PyTorch's allocator, allocated -0.58%. From the record's snapshot \
+         (measure_parallel.py --snapshots): FSDP2's streams hold what the model gives them (copy-in stream 20 + 34 \
+         MiB, reduce-scatter stream 2 MiB); the default stream has one 32 MiB segment more. In block 3's forward \
+         the model puts a 2.8 MB bf16 cast (`_to_copy`) into the 32 MiB segment the cuBLAS workspace had used, so \
+         the head's workspace at the loss needs a new one; PyTorch's allocator put it into a 5.1 MiB hole of \
+         another 32 MiB segment, where the model holds a 2.0 MiB block of the blocks' forward (the same blocks \
+         in another place: a one-GPU LoRA layout difference, not a stream's). llama-lora-fsdp-w2, -noreshard \
+         and -ckpt are within 1%",
     ),
 ];
 
@@ -214,9 +225,6 @@ pub struct ParallelRow {
     pub n_gpus: u64,
     /// The measured rank (the estimate is rank 0's, which holds the most).
     pub rank: u64,
-    /// Whether every buffer shares the default stream (DDP, tensor parallelism alone), so that the allocator
-    /// model's reserved figure is held to the stub standard; under FSDP2 it is a floor.
-    pub one_stream: bool,
 }
 
 /// The multi-GPU records (issue 14: DDP, FSDP2, tensor parallelism, TP x FSDP2, LoRA with DDP and FSDP2), in file
@@ -245,10 +253,6 @@ pub fn parallel_rows(data_dir: &Path) -> Vec<ParallelRow> {
                 strategy: case["parallel"]["strategy"].as_str().unwrap().to_string(),
                 n_gpus: case["parallel"]["world_size"].as_u64().unwrap(),
                 rank,
-                one_stream: matches!(
-                    setup["train"]["parallel"]["strategy"].as_str(),
-                    Some("ddp" | "single")
-                ),
             })
         })
         .collect()
