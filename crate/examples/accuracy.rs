@@ -435,6 +435,12 @@ fn stub_tables(dir: &Path) -> StubTables {
             "Hugging Face families from config.json (eager and compiled)",
             "hf.json",
         ),
+        (
+            "Hugging Face attn_implementation=\"flash_attention_2\" (flash-attn 2.8.3.post2), with each case's SDPA \
+twin (derived: flash-attn's Python and transformers run for real on the stub device; the CUDA extension replaced \
+by allocations read from flash_api.cpp)",
+            "flash.json",
+        ),
     ]
     .into_iter()
     .map(|(title, file)| {
