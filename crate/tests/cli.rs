@@ -1010,6 +1010,12 @@ fn attention_flash_attention_2_is_an_attention_kind() {
         "flash_attention_2",
     ]);
     assert!(table.contains("flash_attention_2 attention"), "{table}");
+    assert!(
+        table.contains(
+            "flash_attention_2: flash-attn 2.8's tensors as its CUDA extension allocates them"
+        ),
+        "{table}"
+    );
     let compiled = error_of(&[
         "estimate",
         "--config",
