@@ -1038,6 +1038,28 @@ fn attention_flash_attention_2_is_an_attention_kind() {
         "fp32",
     ]);
     assert!(fp32.contains("fp16 and bf16 only"), "{fp32}");
+    // LoRA was measured with it (tests/data/finetune/flash.json), a 4-bit base was not.
+    let lora = ["--lora", "r=16", "--attention", "flash_attention_2"];
+    let with_lora = json_of(
+        &[
+            &["estimate", "--config", &config, "--format", "json"][..],
+            &lora,
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        with_lora["setup"]["train"]["attention"],
+        "flash_attention_2"
+    );
+    let qlora = error_of(
+        &[
+            &["estimate", "--config", &config][..],
+            &lora,
+            &["--quantization", "nf4"],
+        ]
+        .concat(),
+    );
+    assert!(qlora.contains("with a quantized base"), "{qlora}");
     let unknown = error_of(&["estimate", "--attention", "flash_attention_3"]);
     assert!(unknown.contains("flash_attention_2"), "{unknown}");
 }

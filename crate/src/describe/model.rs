@@ -505,8 +505,9 @@ fn check_alloc_conf(c: &AllocatorConfig) -> Result<(), String> {
 }
 
 /// Hugging Face's `flash_attention_2` (the flash-attn package) is modelled where it was measured
-/// (`tests/data/stub-cuda/flash.json`): eager, one GPU, full training of Llama, Mistral and Qwen2 in fp16/bf16,
-/// heads a multiple of 8 wide. Everything else is refused by name.
+/// (`tests/data/stub-cuda/flash.json`, `tests/data/finetune/flash.json`): eager, one GPU, full training or LoRA
+/// (no quantized base) of Llama, Mistral and Qwen2 in fp16/bf16, heads a multiple of 8 wide. Everything else is
+/// refused by name.
 fn check_flash_attention_2(s: &Setup) -> Result<(), Error> {
     let (m, t) = (&s.model, &s.train);
     let refuse = |what: String| {
@@ -546,8 +547,8 @@ fn check_flash_attention_2(s: &Setup) -> Result<(), Error> {
     if !t.parallel.is_single() {
         return refuse("with train.parallel (measured on one GPU only)".into());
     }
-    if t.lora.is_some() || t.quantization.is_some() {
-        return refuse("with fine-tuning (measured with full training only)".into());
+    if t.quantization.is_some() {
+        return refuse("with a quantized base (measured with full training and LoRA only)".into());
     }
     Ok(())
 }
