@@ -24,7 +24,7 @@ const KNOBS = {
   precision: ['Precision', ['fp32', 'fp16-amp', 'bf16-amp', 'bf16']],
   optimizer: ['Optimizer', ['adamw', 'adamw-fused', 'sgd', 'sgd-momentum', 'adamw8bit', 'paged-adamw8bit', 'adafactor',
     'lion', 'lion8bit']],
-  attention: ['Attention', ['sdpa', 'manual']], checkpointing: ['Checkpointing', 'checkbox'],
+  attention: ['Attention', ['sdpa', 'manual', 'flash_attention_2']], checkpointing: ['Checkpointing', 'checkbox'],
   grad_accum_steps: ['Grad accumulation', 'number'], dropout: ['Dropout', 'number'], gpu: ['GPU', 'gpu'],
   zero_grad_set_to_none: ['zero_grad(set_to_none)', 'checkbox'], compile: ['torch.compile', 'checkbox'],
   alloc_conf: ['PYTORCH_CUDA_ALLOC_CONF', 'text'], sliding_window: ['Sliding window', 'number'],

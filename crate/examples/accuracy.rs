@@ -216,7 +216,10 @@ fn stub_table(path: &Path) -> (String, Vec<f64>, Vec<f64>) {
     let (mut rows, mut ea, mut er) = (String::new(), Vec::new(), Vec::new());
     let mut unmodelled = Vec::new();
     for rec in v["records"].as_array().unwrap() {
-        let Ok(r) = setup_from_value(&rec["setup"]).and_then(|s| vramfit::estimate(&s)) else {
+        // `finetune_setup`: a fine-tuning record's LoraConfig moved into `train`; other setups unchanged.
+        let Ok(r) =
+            setup_from_value(&records::finetune_setup(rec)).and_then(|s| vramfit::estimate(&s))
+        else {
             // A family or combination not modelled yet (hf.json): listed under the table.
             unmodelled.push(rec["name"].as_str().unwrap().to_string());
             continue;
@@ -420,6 +423,18 @@ fn stub_tables(dir: &Path) -> StubTables {
         (
             "Hugging Face families from config.json (eager and compiled)",
             "hf.json",
+        ),
+        (
+            "Hugging Face attn_implementation=\"flash_attention_2\" (flash-attn 2.8.3.post2), with each case's SDPA \
+twin (derived: flash-attn's Python and transformers run for real on the stub device; the CUDA extension replaced \
+by allocations read from flash_api.cpp)",
+            "flash.json",
+        ),
+        (
+            "peft's LoRA with attn_implementation=\"flash_attention_2\" (tests/data/finetune/flash.json; derived: \
+flash-attn's Python, transformers and peft run for real on the stub device; the CUDA extension replaced by \
+allocations read from flash_api.cpp)",
+            "../finetune/flash.json",
         ),
     ]
     .into_iter()

@@ -968,3 +968,98 @@ fn finetune_sets_the_three_recipes_side_by_side() {
         "{text}"
     );
 }
+
+/// Issue 12: `--attention flash_attention_2` (Hugging Face's flash-attn package) reaches the estimate: the
+/// setup the CLI echoes names it, its figure is the core's for that setup, and the setups it was not measured for
+/// are refused by name.
+#[test]
+fn attention_flash_attention_2_is_an_attention_kind() {
+    let config = fixture("llama-gqa-v2k.json");
+    let args = |attention: &'static str| {
+        vec![
+            "estimate".to_string(),
+            "--config".into(),
+            config.clone(),
+            "--attention".into(),
+            attention.into(),
+            "--format".into(),
+            "json".into(),
+        ]
+    };
+    let run = |a: Vec<String>| json_of(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let flash = run(args("flash_attention_2"));
+    assert_eq!(flash["setup"]["train"]["attention"], "flash_attention_2");
+    let setup = vramfit::input::setup_from_value(&flash["setup"]).unwrap();
+    let core = vramfit::estimate(&setup).unwrap();
+    assert_eq!(
+        flash["peak_allocated_bytes"].as_u64(),
+        Some(core.peak_allocated_bytes)
+    );
+    // One GPU, 4 layers: SDPA's RNG seed and offset are two 8-byte tensors, flash-attn's rng_state one of 16 B:
+    // the one block saved by the block whose backward holds the peak is the difference.
+    let sdpa = run(args("sdpa"));
+    assert_eq!(
+        sdpa["peak_allocated_bytes"].as_u64().unwrap() - core.peak_allocated_bytes,
+        512
+    );
+    let (_, table, _) = vramfit(&[
+        "estimate",
+        "--config",
+        &config,
+        "--attention",
+        "flash_attention_2",
+    ]);
+    assert!(table.contains("flash_attention_2 attention"), "{table}");
+    assert!(
+        table.contains(
+            "flash_attention_2: flash-attn 2.8's tensors as its CUDA extension allocates them"
+        ),
+        "{table}"
+    );
+    let compiled = error_of(&[
+        "estimate",
+        "--config",
+        &config,
+        "--attention",
+        "flash_attention_2",
+        "--compile",
+    ]);
+    assert!(
+        compiled.contains("\"flash_attention_2\" with train.compile"),
+        "{compiled}"
+    );
+    let fp32 = error_of(&[
+        "estimate",
+        "--config",
+        &config,
+        "--attention",
+        "flash_attention_2",
+        "--precision",
+        "fp32",
+    ]);
+    assert!(fp32.contains("fp16 and bf16 only"), "{fp32}");
+    // LoRA was measured with it (tests/data/finetune/flash.json), a 4-bit base was not.
+    let lora = ["--lora", "r=16", "--attention", "flash_attention_2"];
+    let with_lora = json_of(
+        &[
+            &["estimate", "--config", &config, "--format", "json"][..],
+            &lora,
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        with_lora["setup"]["train"]["attention"],
+        "flash_attention_2"
+    );
+    let qlora = error_of(
+        &[
+            &["estimate", "--config", &config][..],
+            &lora,
+            &["--quantization", "nf4"],
+        ]
+        .concat(),
+    );
+    assert!(qlora.contains("with a quantized base"), "{qlora}");
+    let unknown = error_of(&["estimate", "--attention", "flash_attention_3"]);
+    assert!(unknown.contains("flash_attention_2"), "{unknown}");
+}

@@ -613,7 +613,8 @@ def build_llama(m, checkpointing, tracker):
 # "torch_dtype"/"dtype" does not decide it: the training precision does), with the same fake-tensor patches of
 # masking_utils, gradient checkpointing the same way and the same loss-phase marker (on the output embedding,
 # which gpt_neox calls embed_out). train.attention "sdpa" (default) is HF's sdpa attention; "manual" or "eager"
-# is HF's eager attention (matmul, softmax in fp32, matmul).
+# is HF's eager attention (matmul, softmax in fp32, matmul); "flash_attention_2" is HF's flash_attention_2, the
+# flash-attn package (stub-cuda method only: fake_flash_attn.py stands in for its CUDA extension).
 # Config fields that say nothing about the model (PretrainedConfig's generic ones), left out of the record.
 HF_CONFIG_NOISE = {"_name_or_path", "architectures", "chunk_size_feed_forward", "id2label", "label2id",
                    "is_encoder_decoder", "output_attentions", "output_hidden_states", "problem_type", "return_dict",
@@ -621,6 +622,8 @@ HF_CONFIG_NOISE = {"_name_or_path", "architectures", "chunk_size_feed_forward", 
 
 
 def hf_attn_implementation(attention):
+    if attention == "flash_attention_2":
+        return "flash_attention_2"
     return "eager" if attention in ("manual", "eager") else "sdpa"
 
 

@@ -79,6 +79,10 @@ def child(case, method, snapshot_path, trace_path):
         stub_cuda.preload(stub_cuda.build(STUB_CACHE))
         os.environ["VRAMFIT_REAL_CUDA"] = "1"
         os.environ["VRAMFIT_NO_TRACKER"] = "1"
+        if case["train"].get("attention") == "flash_attention_2":
+            # HF's flash_attention_2: the flash-attn package, its CUDA extension replaced (fake_flash_attn.py)
+            import fake_flash_attn
+            case["_flash_attn_version"] = fake_flash_attn.install()
     elif trace_path:
         os.environ["VRAMFIT_TRACE"] = trace_path
     import torch
@@ -139,7 +143,10 @@ def child(case, method, snapshot_path, trace_path):
         "method": method,
         "torch_version": torch.__version__,
         "versions": {"transformers": transformers.__version__, "peft": peft.__version__,
-                     "bitsandbytes": bnb.__version__, "accelerate": accelerate.__version__},
+                     "bitsandbytes": bnb.__version__, "accelerate": accelerate.__version__,
+                     **({"flash_attn": case["_flash_attn_version"]} if "_flash_attn_version" in case else {})},
+        **({"derived": __import__("fake_flash_attn").DERIVED,
+            "flash_attn_calls": dict(__import__("fake_flash_attn").CALLS)} if "_flash_attn_version" in case else {}),
         "device": {"name": props.name, "compute_capability": f"{cc[0]}.{cc[1]}",
                    "multiprocessors": props.multi_processor_count, "memory_bytes": props.total_memory}
         if method == "stub-cuda" else "simulated sm_%d%d CUDA device, cuBLAS workspace %d KiB per GEMM"

@@ -42,6 +42,10 @@ def child(case, snapshot_path):
     stub_cuda.preload(stub_cuda.build(STUB_CACHE))
     os.environ["VRAMFIT_REAL_CUDA"] = "1"   # measure.py: real CUDA tensors, PyTorch's counters
     os.environ["VRAMFIT_NO_TRACKER"] = "1"  # measure.py: no dispatch mode
+    flash = case["train"].get("attention") == "flash_attention_2"
+    if flash:  # HF's flash_attention_2: the flash-attn package, its CUDA extension replaced (fake_flash_attn.py)
+        import fake_flash_attn
+        flash_version = fake_flash_attn.install()
     import torch
     import measure
     torch.backends.cuda.enable_cudnn_sdp(False)
@@ -91,7 +95,9 @@ def child(case, snapshot_path):
         },
         "method": "stub-cuda",
         "torch_version": torch.__version__,
-        "versions": {"transformers": transformers.__version__, "triton": triton.__version__},
+        "versions": {"transformers": transformers.__version__, "triton": triton.__version__,
+                     **({"flash_attn": flash_version} if flash else {})},
+        **({"derived": fake_flash_attn.DERIVED, "flash_attn_calls": dict(fake_flash_attn.CALLS)} if flash else {}),
         "device": {"name": props.name, "compute_capability": f"{cc[0]}.{cc[1]}",
                    "multiprocessors": props.multi_processor_count, "memory_bytes": props.total_memory},
         "sdpa_backends": "cuDNN attention off (not stubbable): flash, else memory-efficient, else math",

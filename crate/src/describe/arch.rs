@@ -146,6 +146,10 @@ pub struct Arch {
     pub norm: Norm,
     pub qkv: Qkv,
     pub core: Core,
+    /// The SDPA-shaped core runs the flash-attn package's `FlashAttnFunc` (HF's `flash_attention_2`) instead of
+    /// `F.scaled_dot_product_attention`: its own outputs, saved tensors and backward scratch
+    /// (`tensors::flash_attn_fwd`, `flash_attn_bwd`), the sliding window inside the kernel (no mask).
+    pub flash_attn: bool,
     /// An RMSNorm over each head of q and of k, before rotary (Qwen3's `q_norm`, `k_norm`).
     pub qk_norm: bool,
     /// The token embeddings are multiplied by sqrt(hidden_size) (Gemma's normalizer): a second N x C tensor.
@@ -208,9 +212,10 @@ impl Arch {
                 norm: Norm::LayerNorm { bias: m.bias },
                 qkv: Qkv::Fused,
                 core: match attention {
-                    Attention::Sdpa => Core::Sdpa,
+                    Attention::Sdpa | Attention::FlashAttention2 => Core::Sdpa,
                     Attention::Manual => Core::Manual,
                 },
+                flash_attn: attention == Attention::FlashAttention2,
                 qk_norm: false,
                 embed_scale: false,
                 post_norms: false,
@@ -271,9 +276,10 @@ impl Arch {
                     qkv: Qkv::Separate,
                     // `attention: manual` is transformers' `attn_implementation="eager"` for these.
                     core: match attention {
-                        Attention::Sdpa => Core::Sdpa,
+                        Attention::Sdpa | Attention::FlashAttention2 => Core::Sdpa,
                         Attention::Manual => Core::Manual,
                     },
+                    flash_attn: attention == Attention::FlashAttention2,
                     qk_norm: m.family == Family::Qwen3 || gemma3 || olmo2 || olmoe,
                     embed_scale: gemma,
                     post_norms: gemma2 || gemma3 || olmo2,

@@ -504,6 +504,55 @@ fn check_alloc_conf(c: &AllocatorConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// Hugging Face's `flash_attention_2` (the flash-attn package) is modelled where it was measured
+/// (`tests/data/stub-cuda/flash.json`, `tests/data/finetune/flash.json`): eager, one GPU, full training or LoRA
+/// (no quantized base) of Llama, Mistral and Qwen2 in fp16/bf16, heads a multiple of 8 wide. Everything else is
+/// refused by name.
+fn check_flash_attention_2(s: &Setup) -> Result<(), Error> {
+    let (m, t) = (&s.model, &s.train);
+    let refuse = |what: String| {
+        Err(Error::NotModelled {
+            what: format!("train.attention \"flash_attention_2\" {what}"),
+        })
+    };
+    if !matches!(m.family, Family::Llama | Family::Mistral | Family::Qwen2) {
+        return refuse(format!(
+            "with {} (measured with llama, mistral and qwen2 only)",
+            m.family.name()
+        ));
+    }
+    if t.precision == crate::policy::Precision::Fp32 {
+        // flash_api.cpp: "FlashAttention only support fp16 and bf16 data type"; transformers casts fp32
+        // inputs only under autocast.
+        return refuse(
+            "with train.precision \"fp32\" (flash-attn takes fp16 and bf16 only)".into(),
+        );
+    }
+    if s.device.sm < 80 {
+        return refuse(format!(
+            "on compute capability {}.{} (flash-attn 2 needs sm_80 or newer)",
+            s.device.sm / 10,
+            s.device.sm % 10
+        ));
+    }
+    if t.compile {
+        return refuse("with train.compile (not measured under torch.compile)".into());
+    }
+    if !m.head_dim().is_multiple_of(8) {
+        return refuse(format!(
+            "with heads {} wide (FlashAttnFunc pads them to a multiple of 8: not modelled)",
+            m.head_dim()
+        ));
+    }
+    if !t.parallel.is_single() {
+        return refuse("with train.parallel (measured on one GPU only)".into());
+    }
+    if t.quantization.is_some() {
+        return refuse("with a quantized base (measured with full training and LoRA only)".into());
+    }
+    Ok(())
+}
+
 /// The GPU the step runs on, as far as it changes what PyTorch allocates.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceConfig {
@@ -590,6 +639,9 @@ impl Setup {
                 m.n_layer,
                 format!("must be at most {MAX_LAYERS}"),
             ));
+        }
+        if t.attention == Attention::FlashAttention2 {
+            check_flash_attention_2(self)?;
         }
         if m.family == Family::Gemma2 && t.attention != Attention::Manual {
             return Err(Error::NotModelled {

@@ -130,16 +130,21 @@ pub enum Attention {
     Sdpa,
     /// nanoGPT's non-flash path: T x T scores materialised, masked, softmaxed and saved.
     Manual,
+    /// Hugging Face's `attn_implementation="flash_attention_2"`: the flash-attn package (2.8) instead of SDPA,
+    /// its `FlashAttnFunc` and CUDA extension (`flash_api.cpp`), which save and allocate other tensors than
+    /// PyTorch's own flash kernel (`tensors::flash_attn_fwd`, `flash_attn_bwd`).
+    FlashAttention2,
 }
 
 impl Attention {
-    pub const NAMES: &'static [&'static str] = &["sdpa", "manual"];
+    pub const NAMES: &'static [&'static str] = &["sdpa", "manual", "flash_attention_2"];
 
     pub fn parse(s: &str) -> Result<Attention, Error> {
         match s {
             "sdpa" => Ok(Attention::Sdpa),
             // transformers' name for the same ops on a Hugging Face model.
             "manual" | "eager" => Ok(Attention::Manual),
+            "flash_attention_2" => Ok(Attention::FlashAttention2),
             _ => Err(Error::UnknownValue {
                 field: "train.attention".into(),
                 value: s.into(),

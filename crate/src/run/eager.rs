@@ -82,10 +82,13 @@ struct Windowed {
     bias: Tensor,
 }
 
-/// The kernel of a Hugging Face attention: SDPA, or `attn_implementation="eager"` (`Core::Manual`).
+/// The kernel of a Hugging Face attention: SDPA, `attn_implementation="eager"` (`Core::Manual`) or
+/// `"flash_attention_2"` (`Arch::flash_attn`).
 enum SeparateCore {
     Sdpa(SdpaSaved),
     Eager(HfEager),
+    /// The flash-attn package's `FlashAttnFunc` (HF's `flash_attention_2`).
+    Flash(ops::FlashSaved),
 }
 
 /// What HF's `eager_attention_forward` keeps: q and k as the first matmul saved them, the fp32 softmax, its
@@ -979,7 +982,8 @@ fn attn_core_fwd(
     // `repeat_kv` copies k (in its dtype, temporary) and v (saved) to all heads, and aten turns the bool mask
     // into an additive one in q's dtype, [B, 1, T, T], saved by the memory-efficient kernel (fake-cuda trace of
     // mistral-512-win128-bf16amp).
-    let masked = windowed(cx);
+    // flash-attn takes the window as a kernel argument (`window_size`): no mask, no repeat.
+    let masked = windowed(cx) && !cx.arch.flash_attn;
     let repeat = masked && kv != qd;
     // With one KV head `repeat_kv`'s reshape of the expanded k and v is a view: no copies, and v_proj's output
     // is what the kernel saves (fake-cuda trace of gemma3-512-hd256-win256-bf16amp), but k's cast is full size.
@@ -987,7 +991,14 @@ fn attn_core_fwd(
     let k_rep = copies.then(|| cx.alloc(cx.n * qd * rope_bytes(cx), Temporary, "clone"));
     let v_rep = copies.then(|| cx.alloc(cx.n * qd * p, Activations, "clone"));
     let kw = if repeat { qd } else { kv };
-    let (q_att, k_att) = if !cx.arch.rope_fp32 && rope_bytes(cx) != p {
+    let (q_att, k_att) = if !cx.arch.rope_fp32 && rope_bytes(cx) != p && cx.arch.flash_attn {
+        // flash_attention_2 under autocast: the rotated q and k are fp32 and flash-attn's op is not on
+        // autocast's list; transformers' `fa_peft_integration_check` casts q, then k (v is already 2-byte)
+        // to the autocast dtype, and FlashAttnFunc saves the casts.
+        let qa = cx.alloc(cx.n * qd * p, Activations, "_to_copy");
+        let ka = cx.alloc(cx.n * kw * p, Activations, "_to_copy");
+        (qa, ka)
+    } else if !cx.arch.rope_fp32 && rope_bytes(cx) != p {
         let ka = cx.alloc(cx.n * kw * p, Activations, "_to_copy");
         let qa = cx.alloc(cx.n * qd * p, Activations, "_to_copy");
         (qa, ka)
@@ -1016,7 +1027,15 @@ fn attn_core_fwd(
         .as_ref()
         .filter(|v| v.out_bytes != p)
         .map(|_| cx.alloc(cx.n * kv * p, Activations, "_to_copy"));
-    let sdpa = ops::sdpa_fwd_with(cx, sdpa_backend_of(cx, masked));
+    let (core, core_out) = if cx.arch.flash_attn {
+        let f = ops::flash_attn_fwd(cx);
+        let out = f.out;
+        (SeparateCore::Flash(f), out)
+    } else {
+        let sdpa = ops::sdpa_fwd_with(cx, sdpa_backend_of(cx, masked));
+        let out = sdpa.out;
+        (SeparateCore::Sdpa(sdpa), out)
+    };
     if let Some(k) = k_rep {
         if k != k_att {
             cx.free(k);
@@ -1041,7 +1060,7 @@ fn attn_core_fwd(
     // `transpose(1, 2).contiguous()` copies it; o_proj saves the copy.
     let y_copy = (cx.arch.rotary_cat != RotaryCat::Whole)
         .then(|| cx.alloc(cx.n * qd * p, Activations, "clone"));
-    let o_in = y_copy.unwrap_or(sdpa.out);
+    let o_in = y_copy.unwrap_or(core_out);
     let (o_out, o) = ops::proj_fwd(cx, Role::O, (o_in, p), (qd, c), bias, Temporary);
     if q_att != q_rot {
         cx.free(q_rot);
@@ -1054,7 +1073,7 @@ fn attn_core_fwd(
         }
         None => v_out,
     };
-    for t in [sdpa.out, q_att, k_att, v_out].into_iter().chain(y_copy) {
+    for t in [core_out, q_att, k_att, v_out].into_iter().chain(y_copy) {
         cx.drop_unsaved(t);
     }
     let saved = SeparateSaved {
@@ -1067,7 +1086,7 @@ fn attn_core_fwd(
         q_att,
         k_att,
         window,
-        core: SeparateCore::Sdpa(sdpa),
+        core,
         y_copy,
         o,
     };
@@ -1165,6 +1184,25 @@ fn attn_bwd(
                         (dk2, dv2)
                     } else {
                         (dk, dv)
+                    };
+                    (dq, dk, dv, false)
+                }
+                SeparateCore::Flash(f) => {
+                    let g_att = ops::linear_bwd(cx, g_branch, g_bytes, owned, s.o, s.y_copy);
+                    let (dq, dk, dv) = ops::flash_attn_bwd(cx);
+                    cx.free(g_att);
+                    cx.sim.free_all(&[s.q_att, s.k_att, s.v_out]);
+                    cx.sim.free_all(&f.tensors());
+                    // ToCopyBackward of transformers' casts of q and k: back to fp32; k's cast was made last,
+                    // so the engine runs its backward first.
+                    let (dq, dk) = if rope_bytes(cx) != p {
+                        let dk32 = cx.alloc(cx.n * kv * 4, Temporary, "_to_copy");
+                        cx.free(dk);
+                        let dq32 = cx.alloc(cx.n * qd * 4, Temporary, "_to_copy");
+                        cx.free(dq);
+                        (dq32, dk32)
+                    } else {
+                        (dq, dk)
                     };
                     (dq, dk, dv, false)
                 }
@@ -1684,6 +1722,7 @@ fn release_block(cx: &mut Ctx, s: BlockSaved) {
             }
             match &a.core {
                 SeparateCore::Sdpa(sd) => cx.sim.free_all(&sd.tensors()),
+                SeparateCore::Flash(f) => cx.sim.free_all(&f.tensors()),
                 SeparateCore::Eager(e) => {
                     cx.sim.free_all(&[e.q_m, e.k_m, e.softmax, e.v_m, e.y]);
                     cx.sim.free_some(&[e.softcap]);
@@ -1776,7 +1815,7 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
                 m
             })
             .collect()
-    } else if window_reached(cx) {
+    } else if window_reached(cx) && !cx.arch.flash_attn {
         // SDPA with a sliding window the sequence reaches: the bool [1, 1, T, T] mask, kept through the forward
         // (fake-cuda trace of mistral-512-win128-bf16amp).
         vec![cx.alloc(cx.t * cx.t, Activations, "bitwise_and")]

@@ -1386,6 +1386,68 @@ pub fn sdpa_bwd_with(cx: &mut Ctx, backend: SdpaBackend, kv: u64) -> (Tensor, Te
     (dq, dk, dv)
 }
 
+/// What the flash-attn package's `FlashAttnFunc` saves besides its inputs (HF's `flash_attention_2`).
+pub struct FlashSaved {
+    pub out: Tensor,
+    pub lse: Tensor,
+    pub rng: Tensor,
+}
+
+impl FlashSaved {
+    /// Every tensor it holds (output, logsumexp, RNG state), for releasing them together.
+    pub fn tensors(&self) -> [Tensor; 3] {
+        [self.out, self.lse, self.rng]
+    }
+}
+
+/// flash-attn 2.8's forward (`FlashAttnFunc.forward` -> `flash_attn_2_cuda.fwd`, csrc/flash_attn/flash_api.cpp
+/// `mha_fwd`) on q, k, v as [B, T, heads, hs] with hs a multiple of 8 (no padding in Python): `out =
+/// torch::empty_like(q)` (n x q_dim in q's dtype), `softmax_lse` fp32 [B, H, T], `p` empty (no dropout softmax
+/// returned), `rng_state` int64 [2] (16 B). `ctx.save_for_backward(q, k, v, out_padded, softmax_lse, rng_state)`.
+/// Not counted: the fp32 split-KV accumulators (`set_params_splitkv`) that mha_fwd allocates and frees when
+/// B x H x ceil(T / 64) is below 0.8 x 2 x the GPU's SMs and the keys span several blocks (small batches of short
+/// sequences; temporary in the forward).
+pub fn flash_attn_fwd(cx: &mut Ctx) -> FlashSaved {
+    let op = "flash_attn::_flash_attn_forward";
+    let out = cx.alloc(cx.n * cx.m.q_dim() * cx.p, Activations, op);
+    let lse = cx.alloc(cx.b * cx.m.n_head * cx.t * 4, Activations, op);
+    let rng = cx.alloc(2 * 8, Activations, op);
+    for t in [lse, rng] {
+        cx.drop_unsaved(t);
+    }
+    FlashSaved { out, lse, rng }
+}
+
+/// flash-attn 2.8's backward (`FlashAttnFunc.backward` -> `flash_attn_2_cuda.bwd`, flash_api.cpp `mha_bwd`):
+/// Python allocates dq, dk, dv (`torch.empty_like` of q, k, v: n x q_dim, n x kv_dim, n x kv_dim in the inputs'
+/// dtype) before the call; mha_bwd then allocates `softmax_d` fp32 [B, H, round128(T)] (returned, dropped by
+/// Python when the op returns), `dq_accum` fp32 [B, round128(T), H, round(hs, 32; 64 above 128)], and for grouped
+/// or multi-query heads `dk_expanded`, `dv_expanded` [B, T, H, hs] in the inputs' dtype, summed into dk, dv over
+/// each group; its locals die at return. Returns (dq, dk, dv).
+pub fn flash_attn_bwd(cx: &mut Ctx) -> (Tensor, Tensor, Tensor) {
+    let (b, t, h, hs) = (cx.b, cx.t, cx.m.n_head, cx.m.head_dim());
+    let (qd, kv, p) = (cx.m.q_dim(), cx.m.kv_dim(), cx.p);
+    let op = "flash_attn::_flash_attn_backward";
+    let dq = cx.alloc(cx.n * qd * p, Temporary, "empty_like");
+    let dk = cx.alloc(cx.n * kv * p, Temporary, "empty_like");
+    let dv = cx.alloc(cx.n * kv * p, Temporary, "empty_like");
+    let t128 = t.div_ceil(128) * 128;
+    let hs_rounded = hs.next_multiple_of(if hs <= 128 { 32 } else { 64 });
+    let softmax_d = cx.alloc(b * h * t128 * 4, Workspace, op);
+    let dq_accum = cx.alloc(b * t128 * h * hs_rounded * 4, Workspace, op);
+    let expanded = (kv != qd).then(|| {
+        [
+            cx.alloc(b * t * h * hs * p, Workspace, op),
+            cx.alloc(b * t * h * hs * p, Workspace, op),
+        ]
+    });
+    if let Some([dk_e, dv_e]) = expanded {
+        cx.sim.free_all(&[dv_e, dk_e]);
+    }
+    cx.sim.free_all(&[dq_accum, softmax_d]);
+    (dq, dk, dv)
+}
+
 /// `F.embedding` backward on CUDA (`embedding_dense_backward`): sorts the indices first (two int64 buffers of
 /// n, kernel scratch), then allocates the dense gradient rows x C.
 pub fn embedding_bwd(cx: &mut Ctx, n_indices: u64, rows: u64) -> Tensor {
@@ -1442,5 +1504,35 @@ mod tests {
             (6 << 20) + (2 << 20),
             "y and the input's gradient"
         );
+    }
+
+    /// flash-attn's forward and backward on Llama-3.2-1B's attention (32 heads of 64, 8 KV heads), batch 2 x
+    /// 300 tokens, bf16. Forward: out 2 x 300 x 2048 x 2 B = 2,457,600 B, softmax_lse 2 x 32 x 300 x 4 B =
+    /// 76,800 B, rng_state 16 B (each in 512 B blocks). Backward, above what was live: dq 2,457,600 B, dk and dv
+    /// 2 x 300 x 512 x 2 B = 614,400 B each, then softmax_d 2 x 32 x 384 x 4 B = 98,304 B, dq_accum 2 x 384 x 32 x
+    /// 64 x 4 B = 6,291,456 B and (grouped heads) dk_expanded, dv_expanded 2,457,600 B each: 14,991,360 B at the
+    /// peak; afterwards only dq, dk, dv.
+    #[test]
+    fn flash_attn_allocates_what_flash_api_does() {
+        let mut setup = crate::presets::model_preset("llama-3.2-1b").unwrap();
+        (setup.train.batch_size, setup.train.seq_len) = (2, 300);
+        setup.train.precision = Precision::Bf16;
+        setup.train.attention = crate::policy::Attention::FlashAttention2;
+        let mut sim = Sim::new(AllocatorConfig::default(), u64::MAX);
+        let mut cx = Ctx::new(&mut sim, &setup).unwrap();
+        assert!(cx.arch.flash_attn);
+        let f = flash_attn_fwd(&mut cx);
+        assert_eq!(cx.sim.bytes_of(f.out), 2_457_600);
+        assert_eq!(cx.sim.bytes_of(f.lse), 76_800);
+        assert_eq!(cx.sim.live_bytes(), 2_457_600 + 76_800 + 512);
+        cx.sim.free_all(&f.tensors());
+        let before = cx.sim.live_bytes();
+        let (dq, dk, dv) = flash_attn_bwd(&mut cx);
+        assert_eq!(
+            cx.sim.peak().bytes - before,
+            2_457_600 + 2 * 614_400 + 98_304 + 6_291_456 + 2 * 2_457_600
+        );
+        assert_eq!(cx.sim.live_bytes() - before, 2_457_600 + 2 * 614_400);
+        cx.sim.free_all(&[dq, dk, dv]);
     }
 }

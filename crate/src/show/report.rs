@@ -261,6 +261,14 @@ impl Report {
                     .to_string(),
             );
         }
+        if setup.train.attention == crate::policy::Attention::FlashAttention2 {
+            notes.push(
+                "flash_attention_2: flash-attn 2.8's tensors as its CUDA extension allocates them \
+                 (csrc/flash_attn/flash_api.cpp; measured on a stub device with the extension replaced by those \
+                 allocations, not on a GPU); the fp32 split-KV accumulators of small batches are not counted"
+                    .to_string(),
+            );
+        }
         if let Some(l) = &setup.train.lora {
             let trainable = crate::finetune::trainable_params(&setup.model, l);
             let total = setup.model.n_params() + trainable;
