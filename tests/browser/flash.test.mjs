@@ -1,43 +1,22 @@
 // Hugging Face's attn_implementation="flash_attention_2" (the flash-attn package; issue 12) on the page and in the
 // widget: the attention select carries it into the URL, every estimate equals the native CLI's for that setting,
 // and a combination it was not measured for is named next to the select.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { serve, serveBlogPost, launch, openPage, cliPeakBytes } from './helpers.mjs';
+import { setUp, waitRender, openPage, cliPeakBytes } from './helpers.mjs';
 
 const PORT = 8841;
 const WIDGET_PORT = 8842;
 const BLOG_PORT = 8843;
-let server;
-let widgetServer;
-let blogServer;
-let context;
-
-before(async () => {
-  server = await serve(PORT);
-  widgetServer = await serve(WIDGET_PORT);
-  blogServer = await serveBlogPost(BLOG_PORT, 'flash-attn', `http://127.0.0.1:${WIDGET_PORT}/`,
-    '<vram-fit id="fa" preset="qwen2.5-0.5b" gpu="rtx-4090" show="attention,batch_size" plot="none"></vram-fit>');
-  context = await launch();
-});
-
-after(async () => {
-  await context?.close();
-  server?.close();
-  widgetServer?.close();
-  blogServer?.close();
-});
+const env = setUp({ port: PORT, widgetPort: WIDGET_PORT, blogPort: BLOG_PORT, blog: { title: 'flash-attn',
+  body: '<vram-fit id="fa" preset="qwen2.5-0.5b" gpu="rtx-4090" show="attention,batch_size" plot="none"></vram-fit>' } });
 
 const peak = async (page) => Number(await page.getAttribute('#peak-allocated', 'data-bytes'));
 
-async function select(page, id, value) {
-  const before = await page.evaluate(() => document.body.dataset.estimated);
-  await page.selectOption(`#${id}`, value);
-  await page.waitForFunction((b) => document.body.dataset.estimated !== b, before, { timeout: 10000 }).catch(() => {});
-}
+const select = (page, id, value) => waitRender(page, () => page.selectOption(`#${id}`, value));
 
 test('the page\'s attention select takes flash_attention_2: in the URL, the CLI\'s estimate, refusals named', async () => {
-  const { page, errors } = await openPage(context, server.url);
+  const { page, errors } = await openPage(env.context, env.server.url);
   await page.selectOption('#preset', 'qwen2.5-0.5b');
   await page.waitForFunction(() => new URLSearchParams(location.search).get('family') === 'qwen2');
   await select(page, 'gpu', 'rtx-4090');
@@ -53,7 +32,7 @@ test('the page\'s attention select takes flash_attention_2: in the URL, the CLI\
   assert.notEqual(flash, sdpa, 'flash-attn saves other tensors than SDPA');
 
   // The link reproduces the view.
-  const again = await openPage(context, page.url());
+  const again = await openPage(env.context, page.url());
   assert.equal(await again.page.inputValue('#attention'), 'flash_attention_2');
   assert.equal(await peak(again.page), flash);
   await again.page.close();
@@ -71,8 +50,8 @@ test('the page\'s attention select takes flash_attention_2: in the URL, the CLI\
 });
 
 test('the widget offers flash_attention_2 as an attention knob', async () => {
-  const page = await context.newPage();
-  await page.goto(blogServer.url);
+  const page = await env.context.newPage();
+  await page.goto(env.blogServer.url);
   const peakOf = () => page.evaluate(() => Number(document.getElementById('fa').dataset.peakBytes));
   await page.waitForFunction(() => Number(document.getElementById('fa').dataset.peakBytes) > 0);
   const base = ['--preset', 'qwen2.5-0.5b', '--gpu', 'rtx-4090'];
