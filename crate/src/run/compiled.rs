@@ -2079,16 +2079,20 @@ fn grouped_mm_fallback_bwd(
     g_in
 }
 
-/// The mixture of experts on the second norm's output, as the forward wrapper of
-/// `mixtral-256-e4top2-bf16amp-compiled` allocates it (torch 2.15, transformers 5.24, bf16-amp: fp32 expert
-/// weights, so the experts run through `grouped_mm_fallback`): the router's weight cast and GEMM (its bf16 logits
-/// saved), the fp32 softmax (a temporary: the backward recomputes it from the logits), top-k (values fp32 and
-/// ids saved), the sort of the pairs by expert (sorted ids a temporary, the permutation saved), each pair's
-/// token and the inverse permutation (int64 [S], saved), the pairs' inputs gathered in fp32 [S, C] (the norm
-/// recomputed in the gather's kernel), the ids cast to int32 for `histc` and the offsets (`cumsum` over the
-/// histogram, in place), then the experts: gate_up [S, 2I], the SiLU product [S, I] in one kernel, down [S, C],
-/// all fp32 and saved, and the pairs' scores [S]. The scatter back (scores times down, summed over each token's k
-/// pairs) is fused with the residual add and the next norm: no [S, C] or [N, C] buffer of it exists.
+/// The mixture of experts on the second norm's output, as the forward wrappers of the three compiled MoE records
+/// allocate it (`mixtral-256-e4top2-bf16amp-compiled`, `qwen2moe-256-e8top2-shared-gqa-bf16amp-compiled`,
+/// `olmoe-256-e8top2-bf16amp-compiled`; torch 2.15, transformers 5.24, bf16-amp: fp32 expert weights, so the
+/// experts run through `grouped_mm_fallback`): Qwen2-MoE's shared expert first (Llama's SwiGLU, its output
+/// saved), the router's weight cast and GEMM, the fp32 softmax (Mixtral saves the bf16 logits and the backward
+/// recomputes the softmax; the others save the softmax and not the logits), top-k (the fp32 values saved where a
+/// renormalisation reads them, the ids saved), the sort of the pairs by expert (sorted ids a temporary, the
+/// permutation saved), each pair's token and the inverse permutation (int64 [S], saved), the pairs' inputs
+/// gathered in fp32 [S, C] (the norm recomputed in the gather's kernel), the ids cast to int32 for `histc` and the
+/// offsets (`cumsum` over the histogram, in place), then the experts: gate_up [S, 2I], the SiLU product [S, I] in
+/// one kernel, down [S, C], all fp32 and saved, and the pairs' scores [S] (fp32 for Mixtral, whose routing
+/// weights stay fp32; the matmul dtype otherwise); Qwen2-MoE's shared-expert gate last. The scatter back (scores
+/// times down, summed over each token's k pairs) is fused with the residual add and the next norm: no [S, C] or
+/// [N, C] buffer of it exists.
 fn moe_fwd(cx: &mut Ctx, moe: crate::arch::Moe) -> MoeSaved {
     let (n, c, i) = (cx.n, cx.m.n_embd, cx.m.intermediate_size);
     let (e, k) = (cx.m.n_experts, cx.m.experts_per_token);
@@ -2106,11 +2110,16 @@ fn moe_fwd(cx: &mut Ctx, moe: crate::arch::Moe) -> MoeSaved {
         ([gate, up, prod], [w_gate, w_up, w_down], down)
     });
     let router_cast = weight_cast(cx, e * c);
-    let logits = mm(cx, n * e * cx.p, Activations, "mm");
-    let softmax = cx.alloc(n * e * 4, Activations, "_softmax");
+    let softmax_saved = !moe.scores_fp32;
+    let (logits_cat, softmax_cat) = if softmax_saved {
+        (Temporary, Activations)
+    } else {
+        (Activations, Temporary)
+    };
+    let logits = mm(cx, n * e * cx.p, logits_cat, "mm");
+    let softmax = cx.alloc(n * e * 4, softmax_cat, "_softmax");
     let values = cx.alloc(n * k * 4, Activations, "topk");
     let ids = cx.alloc(s * 8, Activations, "topk");
-    let softmax_saved = !moe.scores_fp32;
     let logits = if softmax_saved {
         cx.free(logits);
         softmax
@@ -2174,15 +2183,16 @@ fn moe_fwd(cx: &mut Ctx, moe: crate::arch::Moe) -> MoeSaved {
     }
 }
 
-/// The mixture of experts' backward, in the order of the backward wrapper of `mixtral-256-e4top2-bf16amp-compiled`,
-/// entering with the fp32 residual gradient (no 2-byte copy: nothing of the experts reads one): the gradient of
-/// the scattered pairs [S, C] fp32 (`index_put` into zeros, one kernel) and of the pairs' scores [S]; down's
-/// output gradient (times the scores) [S, C]; down's backward (its input gradient [S, I], its dense weight
-/// gradient [E, I, C], both fp32); the SiLU product's backward into one [S, 2I] buffer; gate_up's backward
-/// (input gradient [S, C], weight gradient [E, C, 2I]); the pairs' inputs summed back to the tokens [N, C] fp32;
-/// the top-k scatter [N, E] fp32 (the renormalisation's backward in its kernel), the softmax recomputed [N, E]
-/// fp32, its backward cast to the matmul dtype [N, E]; then the router's Linear backward. Returns the gradients
-/// of the norm's output (the experts' in fp32, the router's in the matmul dtype), which the norm's backward reads.
+/// The mixture of experts' backward, in the order of the backward wrappers of the three records, entering with the
+/// fp32 residual gradient (no 2-byte copy: nothing of the experts reads one; Qwen2-MoE's shared expert does, and
+/// its gate's backward comes first): the gradient of the scattered pairs [S, C] fp32 (`index_put` into zeros, one
+/// kernel) and of the pairs' scores [S]; down's output gradient (times the scores) [S, C]; down's backward (its
+/// input gradient [S, I], its dense weight gradient [E, I, C], both fp32); the SiLU product's backward into one
+/// [S, 2I] buffer; gate_up's backward (input gradient [S, C], weight gradient [E, C, 2I]); the pairs' inputs
+/// summed back to the tokens [N, C] fp32; the top-k scatter [N, E] fp32 (the renormalisation's backward in its
+/// kernel), Mixtral's softmax recomputed [N, E] fp32, the softmax's backward cast to the matmul dtype [N, E]; then
+/// the router's Linear backward (and Qwen2-MoE's shared expert's SwiGLU backward). Returns the gradients of the
+/// norm's output (the experts' in fp32, the Linears' in the matmul dtype), which the norm's backward reads.
 fn moe_bwd(
     cx: &mut Ctx,
     m: MoeSaved,
