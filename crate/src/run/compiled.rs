@@ -81,10 +81,11 @@
 //! `mixtral-256-e4top2-bf16amp-compiled`, `qwen2moe-256-e8top2-shared-gqa-bf16amp-compiled` and
 //! `olmoe-256-e8top2-bf16amp-compiled`. Routing: those records force balanced routing (pair p to expert p mod E,
 //! `measure.py` `patch_moe_routing`), which makes the sort and the offsets the same in every layer, and Inductor
-//! computes them once; the model computes them per layer, as real routing does (a few int64 [S] buffers). The
-//! expert buffers are [S, ...] and the weight gradients dense whatever the routing, so only the per-expert GEMMs'
-//! cuBLAS workspace (taken once per op in the model; the stub's offsets read zeros and run none) depends on it.
-//! Other precisions, checkpointing and the auxiliary loss are refused (not traced).
+//! computes them once; the model computes them per layer, as real routing does (a few int64 [S] buffers: the
+//! 55 KiB, +0.03%, each record is estimated above PyTorch's allocator on the stub, whose reserved it puts 0.8-0.9%
+//! below). The expert buffers are [S, ...] and the weight gradients dense whatever the routing, so only the
+//! per-expert GEMMs' cuBLAS workspace (taken once per op in the model; the stub's offsets read zeros and run none)
+//! depends on it. Other precisions, checkpointing and the auxiliary loss are refused (not traced).
 //!
 //! Hugging Face's eager attention (`attn_implementation="eager"`, train.attention "manual") on separate q/k/v
 //! projections saves, besides rotated q, k and v repeated to every head, the T x T probabilities in the matmul
