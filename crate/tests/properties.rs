@@ -560,6 +560,34 @@ fn compilable(mut s: Setup) -> Setup {
     s
 }
 
+/// Valid mixture-of-experts setups under torch.compile where it is modelled: bf16-amp, no checkpointing, no
+/// auxiliary loss.
+fn compiled_moe_setup() -> impl Strategy<Value = Setup> {
+    valid_setup()
+        .prop_filter("a mixture of experts", |s| s.model.family.is_moe())
+        .prop_map(|mut s| {
+            s.train.compile = true;
+            s.train.precision = Precision::Bf16Amp;
+            s.train.checkpointing = false;
+            s.model.router_aux_loss = false;
+            s
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// The compiled mixture of experts (`compiled::moe_fwd`) estimates, its parts sum to its peak, and a larger
+    /// step never needs less.
+    #[test]
+    fn compiled_moe_total_is_the_sum_of_its_parts_and_grows_with_the_model(s in compiled_moe_setup()) {
+        let r = estimate(&s).unwrap();
+        prop_assert_eq!(r.components.total(), r.peak_allocated_bytes);
+        prop_assert!(r.peak_reserved_bytes >= r.peak_allocated_bytes);
+        never_decreases_when_the_step_grows(&s)?;
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 

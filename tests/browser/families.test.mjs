@@ -269,7 +269,7 @@ test('a qwen2_moe link with a shared expert estimates as the CLI does', async ()
   await page.waitForFunction(() => new URLSearchParams(location.search).get('router_aux_loss') === '1');
   assert.equal(await peak(page), cliPeakBytes([...args, '--router-aux-loss']));
   assert.ok(await peak(page) >= without);
-  // Under torch.compile: one message.
+  // Under torch.compile with the auxiliary loss: one message (compiled MoE is traced without it).
   await page.check('#compile');
   await page.dispatchEvent('#compile', 'change');
   await page.waitForFunction(() => document.getElementById('global-error').textContent.includes('qwen2_moe'));

@@ -660,10 +660,17 @@ impl Setup {
                     .into(),
             });
         }
-        if matches!(m.family, Family::Mixtral | Family::Qwen2Moe | Family::Olmoe) && t.compile {
+        // Compiled mixtures of experts are modelled from the wrappers of bf16-amp runs without checkpointing (fp32
+        // expert weights through transformers' `grouped_mm_fallback`; `compiled::moe_fwd`). Pure bf16 weights take
+        // `torch._grouped_mm` instead; fp32, fp16-amp and the auxiliary loss were not traced.
+        if m.family.is_moe()
+            && t.compile
+            && (t.precision != Precision::Bf16Amp || t.checkpointing || m.router_aux_loss)
+        {
             return Err(Error::NotModelled {
                 what: format!(
-                    "torch.compile of {} (not traced under Inductor yet); eager is",
+                    "torch.compile of {} is traced under bf16-amp without train.checkpointing or \
+                     model.router_aux_loss (the experts through transformers' grouped_mm_fallback); eager is",
                     m.family.name()
                 ),
             });
@@ -1097,6 +1104,43 @@ mod tests {
         let mut sequential = s.clone();
         sequential.model.parallel_residual = false;
         refused(&sequential);
+    }
+
+    /// torch.compile of the mixtures of experts is estimated as traced (bf16-amp, no checkpointing, no auxiliary
+    /// loss) and refused otherwise, with what is traced named.
+    #[test]
+    fn compiled_moe_is_estimated_where_traced() {
+        for id in ["mixtral-8x7b", "olmoe-1b-7b"] {
+            let mut s = crate::presets::model_preset(id).expect("preset");
+            s.train.compile = true;
+            s.train.precision = Precision::Bf16Amp;
+            s.train.checkpointing = false;
+            s.model.router_aux_loss = false;
+            assert!(crate::estimate(&s).is_ok(), "{id}");
+            let refused = |s: &Setup| {
+                let e = s.validate().unwrap_err();
+                assert!(matches!(e, Error::NotModelled { .. }), "{e}");
+                let family = s.model.family.name();
+                assert!(
+                    e.to_string().contains(&format!(
+                        "torch.compile of {family} is traced under bf16-amp without train.checkpointing or \
+                         model.router_aux_loss"
+                    )),
+                    "{e}"
+                );
+            };
+            for precision in [Precision::Fp32, Precision::Fp16Amp, Precision::Bf16] {
+                let mut other = s.clone();
+                other.train.precision = precision;
+                refused(&other);
+            }
+            let mut ckpt = s.clone();
+            ckpt.train.checkpointing = true;
+            refused(&ckpt);
+            let mut aux = s.clone();
+            aux.model.router_aux_loss = true;
+            refused(&aux);
+        }
     }
 
     /// The messages a person sees for PYTORCH_CUDA_ALLOC_CONF, one per kind of mistake.

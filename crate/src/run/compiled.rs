@@ -67,6 +67,26 @@
 //! the stub-cuda re-run of `neox-512-bf16amp-compiled`, its wrappers and memory snapshot; traced under autocast
 //! without checkpointing, the rest refused).
 //!
+//! Mixtures of experts (Mixtral, Qwen2-MoE, OLMoE) under bf16-amp run their experts through transformers' custom
+//! op `transformers::grouped_mm_fallback` (Dynamo takes it whenever the expert weights are not bf16), opaque to
+//! Inductor: one `torch.zeros` output, one GEMM per expert with tokens. Per layer the partitioned forward saves
+//! the router's logits (Mixtral; the backward recomputes the softmax) or its fp32 softmax (the others), the top-k
+//! values (with a renormalisation) and ids, the sort's permutation, each pair's token and the inverse permutation,
+//! the pairs' inputs gathered in fp32 [S, C], the offsets, the experts' fp32 outputs (gate_up [S, 2I], the SiLU
+//! product [S, I], down [S, C]) and the pairs' scores; the scatter back is fused with the residual add and the
+//! next norm, so no [S, C] or [N, C] buffer of it exists. Its backward reads the fp32 residual gradient itself
+//! (no 2-byte copy is made for it), and the custom op's backward allocates the input's gradient and the dense fp32
+//! weight gradient (`moe_fwd`, `moe_bwd`; Qwen2-MoE's shared expert is Llama's SwiGLU, its output saved for the
+//! gate). Read from the wrappers and memory snapshots of the stub-cuda re-runs of
+//! `mixtral-256-e4top2-bf16amp-compiled`, `qwen2moe-256-e8top2-shared-gqa-bf16amp-compiled` and
+//! `olmoe-256-e8top2-bf16amp-compiled`. Routing: those records force balanced routing (pair p to expert p mod E,
+//! `measure.py` `patch_moe_routing`), which makes the sort and the offsets the same in every layer, and Inductor
+//! computes them once; the model computes them per layer, as real routing does (a few int64 [S] buffers: the
+//! 55 KiB, +0.03%, each record is estimated above PyTorch's allocator on the stub, whose reserved it puts 0.8-0.9%
+//! below). The expert buffers are [S, ...] and the weight gradients dense whatever the routing, so only the
+//! per-expert GEMMs' cuBLAS workspace (taken once per op in the model; the stub's offsets read zeros and run none)
+//! depends on it. Other precisions, checkpointing and the auxiliary loss are refused (not traced).
+//!
 //! Hugging Face's eager attention (`attn_implementation="eager"`, train.attention "manual") on separate q/k/v
 //! projections saves, besides rotated q, k and v repeated to every head, the T x T probabilities in the matmul
 //! dtype and either the fp32 probabilities or the raw scores with two row statistics (`EagerSaved`: the first
@@ -303,6 +323,8 @@ enum MlpSaved {
         prod: Tensor,
         casts: [Option<Tensor>; 2],
     },
+    /// A mixture of experts (`moe_fwd`).
+    Moe(MoeSaved),
 }
 
 struct Block {
@@ -740,10 +762,20 @@ fn mlp_fwd(
             };
             (saved, None, x_out, post)
         }
+        Mlp::Moe(moe) => {
+            let saved = moe_fwd(cx, moe);
+            let x_out = cx.alloc(nc * r, Activations, "add");
+            let x_out = if want_out {
+                Some(x_out)
+            } else {
+                cx.free(x_out);
+                None
+            };
+            (MlpSaved::Moe(saved), None, x_out, None)
+        }
         // GeGLU: SwiGLU's buffers, the tanh GELU in the product's kernel (wrapper of
-        // `gemma-512-hd256-mqa-bf16amp-compiled`: gate, up and their product saved). Mixtures of experts are
-        // refused under torch.compile (`Setup::validate`).
-        Mlp::SwiGlu | Mlp::GeGlu | Mlp::Moe(_) => {
+        // `gemma-512-hd256-mqa-bf16amp-compiled`: gate, up and their product saved).
+        Mlp::SwiGlu | Mlp::GeGlu => {
             let w_gate = weight_cast(cx, i * c);
             let gate = mm(cx, cx.n * i * p, Activations, "mm");
             let w_up = weight_cast(cx, i * c);
@@ -1114,6 +1146,7 @@ fn discard_block(cx: &mut Ctx, b: Block) -> Tensor {
             cx.sim.free_all(&[gate_up, prod]);
             cx.sim.free_some(&casts);
         }
+        MlpSaved::Moe(m) => m.release(cx),
     }
     b.x_in
 }
@@ -1257,14 +1290,14 @@ fn release_residual(cx: &mut Ctx, mut g: ResidualGrad) {
 }
 
 /// A norm's backward, fused with the residual add: the residual gradient is written over itself, under autocast
-/// with a new 2-byte copy; it reads the gradients of the norm's output (`grads`, one per Linear reading it), the
+/// with a new 2-byte copy (`low`: when a matmul reads it next); it reads the gradients of the norm's output (`grads`, one per Linear reading it), the
 /// saved statistic and input. RMSNorm's weight gradient is reduced before that kernel, LayerNorm's after it
 /// (wrappers of `llama-3.2-1b-like-b1` and the founding case).
 fn into_residual(
     cx: &mut Ctx,
     grads: Vec<Tensor>,
     (stat, x): (Option<Tensor>, Option<Tensor>),
-    g: ResidualGrad,
+    (g, low): (ResidualGrad, bool),
     pending: &mut Vec<Tensor>,
 ) -> ResidualGrad {
     let Some(stat) = stat else {
@@ -1279,7 +1312,7 @@ fn into_residual(
     if !layer_norm {
         norm_grads(cx, pending);
     }
-    let low = (cx.r != cx.p).then(|| cx.alloc(nc * cx.p, Temporary, "_to_copy"));
+    let low = (cx.r != cx.p && low).then(|| cx.alloc(nc * cx.p, Temporary, "_to_copy"));
     cx.sim.free_some(&[x]);
     cx.sim.free_all(&grads);
     cx.free(stat);
@@ -1314,12 +1347,14 @@ fn block_bwd(
     post_norm_bwd(cx, post2, &mut g, pending);
     let (stat2, in2, x2) = norm_parts(s.norm2, s.x_mid);
     let grads = mlp_bwd(cx, s.mlp, in2, &mut g, pending);
-    let mut g = into_residual(cx, grads, (stat2, x2), g, pending);
+    let mut g = into_residual(cx, grads, (stat2, x2), (g, true), pending);
     cx.sim.free_some(&[s.masks[1]]);
     post_norm_bwd(cx, post1, &mut g, pending);
     let (stat1, in1, x1) = norm_parts(s.norm1, Some(s.x_in));
     let grads = attn_bwd(cx, s.attn, s.masks[0], in1, &mut g, pending);
-    into_residual(cx, grads, (stat1, x1), g, pending)
+    // A mixture of experts reads the fp32 residual gradient itself: no 2-byte copy is made for it (`moe_bwd`).
+    let low = !moe_reads_wide(cx);
+    into_residual(cx, grads, (stat1, x1), (g, low), pending)
 }
 
 /// GPT-NeoX's layer backward (`neox_block_fwd`), in the order of the backward wrapper of
@@ -1427,21 +1462,7 @@ fn mlp_bwd(
         // down_proj's weight gradient reads the product; the SiLU-and-multiply backward writes the gate's
         // gradient into a new buffer and the up projection's over the saved up output, which dies with it
         // (`buf16 = mm_110  # reuse`).
-        MlpSaved::SwiGlu {
-            out: [gate, up, prod],
-            casts: [w_gate, w_up, w_down],
-        } => {
-            let g_prod = linear_bwd(cx, (c, i), bias, &[Some(prod)], w_down, pending);
-            release_low(cx, g);
-            let g_gate = cx.alloc(cx.n * i * cx.p, Temporary, "silu_mul_backward");
-            let g_up = up;
-            cx.sim.free_all(&[g_prod, gate]);
-            let g_in1 = linear_bwd(cx, (i, c), bias, &[], w_gate, pending);
-            cx.free(g_gate);
-            let g_in2 = linear_bwd(cx, (i, c), bias, &[norm_out], w_up, pending);
-            cx.free(g_up);
-            vec![g_in1, g_in2]
-        }
+        MlpSaved::SwiGlu { out, casts } => swiglu_bwd(cx, (out, casts), i, norm_out, g, pending),
         // The product's backward writes both halves' gradients into one new [N, 2I] buffer (the packed
         // projection's), then the saved output dies; one Linear backward (wrapper of
         // `phi3-512-untied-bf16amp-compiled`).
@@ -1458,7 +1479,31 @@ fn mlp_bwd(
             cx.free(g_gate_up);
             vec![g_in]
         }
+        MlpSaved::Moe(m) => moe_bwd(cx, m, norm_out, g, pending),
     }
+}
+
+/// SwiGLU's backward (`mlp_bwd`), `i` wide (Qwen2-MoE's shared expert: `moe_bwd`).
+fn swiglu_bwd(
+    cx: &mut Ctx,
+    ([gate, up, prod], [w_gate, w_up, w_down]): ([Tensor; 3], [Option<Tensor>; 3]),
+    i: u64,
+    norm_out: Option<Tensor>,
+    g: &mut ResidualGrad,
+    pending: &mut Vec<Tensor>,
+) -> Vec<Tensor> {
+    let c = cx.m.n_embd;
+    let bias = cx.arch.linear_bias;
+    let g_prod = linear_bwd(cx, (c, i), bias, &[Some(prod)], w_down, pending);
+    release_low(cx, g);
+    let g_gate = cx.alloc(cx.n * i * cx.p, Temporary, "silu_mul_backward");
+    let g_up = up;
+    cx.sim.free_all(&[g_prod, gate]);
+    let g_in1 = linear_bwd(cx, (i, c), bias, &[], w_gate, pending);
+    cx.free(g_gate);
+    let g_in2 = linear_bwd(cx, (i, c), bias, &[norm_out], w_up, pending);
+    cx.free(g_up);
+    vec![g_in1, g_in2]
 }
 
 /// The attention's backward (as `mlp_bwd`): the output projection, the kernel's backward and the projections
@@ -1776,7 +1821,8 @@ fn head_backward(
     };
     // The 2-byte copy is for the matmuls of the last block's MLP; without a norm before its branches a post-norm's
     // backward reads the residual gradient itself (wrapper of `olmo2-512-untied-bf16amp-compiled`).
-    let low = (r != p && cx.arch.pre_norms).then(|| cx.alloc(nc * p, Temporary, "_to_copy"));
+    let low = (r != p && cx.arch.pre_norms && !moe_reads_wide(cx))
+        .then(|| cx.alloc(nc * p, Temporary, "_to_copy"));
     cx.free(g_norm);
     cx.sim.free_some(&norm_stat);
     if layer_norm {
@@ -1936,4 +1982,275 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     land_grad(cx, wte, &mut pending);
     // AccumulateGrad: later micro-steps add into `.grad` in place and drop the graph's outputs.
     cx.sim.free_all(&pending);
+}
+
+/// Whether the MLP is a mixture of experts that reads only the fp32 residual gradient (no shared expert, whose
+/// matmuls read a 2-byte gradient): the norm's backward before it then writes no 2-byte copy (`moe_bwd`).
+fn moe_reads_wide(cx: &Ctx) -> bool {
+    matches!(cx.arch.mlp, Mlp::Moe(m) if !m.shared_expert)
+}
+
+/// What the compiled mixture of experts saves (`moe_fwd`). N tokens, C width, I expert width, E experts, k experts
+/// per token, S = N k token-expert pairs.
+struct MoeSaved {
+    /// The router's weight cast, and either its logits [N, E] in the matmul dtype (Mixtral's: the backward
+    /// recomputes the fp32 softmax from them) or the fp32 softmax itself (the others').
+    router_cast: Option<Tensor>,
+    logits: Tensor,
+    softmax_saved: bool,
+    /// The top-k values [N, k] fp32 (with a renormalisation) and expert ids [N, k] int64.
+    values: Option<Tensor>,
+    ids: Tensor,
+    /// The sort's permutation, each pair's token (`// k`), the inverse permutation (int64 [S] each).
+    perm: Tensor,
+    token_of: Tensor,
+    inverse: Tensor,
+    /// The pairs' inputs [S, C] and scores [S] (fp32), the expert offsets [E].
+    x_pairs: Tensor,
+    scores_pairs: Tensor,
+    offsets: Tensor,
+    /// The experts' outputs (fp32): gate_up [S, 2I], the SiLU product [S, I], down [S, C].
+    gate_up: Tensor,
+    prod: Tensor,
+    down: Tensor,
+    shared: Option<SharedExpert>,
+}
+
+/// Qwen2-MoE's shared expert as the compiled forward saves it: its SwiGLU's tensors (gate, up, product; weight
+/// casts), its output [N, C] (the gate's `mul` backward reads it) and the gate's logit [N, 1] (matmul dtype).
+struct SharedExpert {
+    out: [Tensor; 3],
+    casts: [Option<Tensor>; 3],
+    down: Tensor,
+    gate: Tensor,
+}
+
+impl MoeSaved {
+    fn release(self, cx: &mut Ctx) {
+        if let Some(sh) = self.shared {
+            cx.sim.free_all(&sh.out);
+            cx.sim.free_some(&sh.casts);
+            cx.sim.free_all(&[sh.down, sh.gate]);
+        }
+        cx.sim.free_some(&[self.router_cast, self.values]);
+        cx.sim.free_all(&[
+            self.logits,
+            self.ids,
+            self.perm,
+            self.token_of,
+            self.inverse,
+            self.x_pairs,
+            self.scores_pairs,
+            self.offsets,
+            self.gate_up,
+            self.prod,
+            self.down,
+        ]);
+    }
+}
+
+/// `transformers::grouped_mm_fallback` (transformers' custom op, what Dynamo runs when the expert weights are not
+/// bf16, so under autocast): its output is one `torch.zeros` [S, `out_f`] in the weights' dtype, then one
+/// `torch.mm(..., out=)` per expert with tokens, each taking the cuBLAS workspace (on the stub the offsets read
+/// zeros and no GEMM runs; the model takes the workspace once, as a GEMM's). Opaque to Inductor: its output is a
+/// buffer of the wrapper.
+fn grouped_mm_fallback(cx: &mut Ctx, out_f: u64) -> Tensor {
+    let s = cx.n * cx.m.experts_per_token;
+    mm(cx, s * out_f * cx.pb, Activations, "grouped_mm_fallback")
+}
+
+/// Its backward (`transformers::grouped_mm_fallback_backward`): `zeros_like` of the input [S, `in_f`], then of the
+/// weight [E, `in_f`, `out_f`] (dense whatever the routing: the parameter's `.grad`), then per expert the two
+/// GEMMs. Returns the input's gradient; the weight's is landed.
+fn grouped_mm_fallback_bwd(
+    cx: &mut Ctx,
+    (in_f, out_f): (u64, u64),
+    pending: &mut Vec<Tensor>,
+) -> Tensor {
+    let s = cx.n * cx.m.experts_per_token;
+    let g_in = cx.alloc(s * in_f * cx.pb, Temporary, "grouped_mm_fallback_backward");
+    let cat = grad_category(cx);
+    let g_w = cx.alloc(
+        cx.m.n_experts * in_f * out_f * cx.pb,
+        cat,
+        "grouped_mm_fallback_backward",
+    );
+    cx.matmul_workspace();
+    land_grad(cx, g_w, pending);
+    g_in
+}
+
+/// The mixture of experts on the second norm's output, as the forward wrappers of the three compiled MoE records
+/// allocate it (`mixtral-256-e4top2-bf16amp-compiled`, `qwen2moe-256-e8top2-shared-gqa-bf16amp-compiled`,
+/// `olmoe-256-e8top2-bf16amp-compiled`; torch 2.15, transformers 5.24, bf16-amp: fp32 expert weights, so the
+/// experts run through `grouped_mm_fallback`): Qwen2-MoE's shared expert first (Llama's SwiGLU, its output
+/// saved), the router's weight cast and GEMM, the fp32 softmax (Mixtral saves the bf16 logits and the backward
+/// recomputes the softmax; the others save the softmax and not the logits), top-k (the fp32 values saved where a
+/// renormalisation reads them, the ids saved), the sort of the pairs by expert (sorted ids a temporary, the
+/// permutation saved), each pair's token and the inverse permutation (int64 [S], saved), the pairs' inputs
+/// gathered in fp32 [S, C] (the norm recomputed in the gather's kernel), the ids cast to int32 for `histc` and the
+/// offsets (`cumsum` over the histogram, in place), then the experts: gate_up [S, 2I], the SiLU product [S, I] in
+/// one kernel, down [S, C], all fp32 and saved, and the pairs' scores [S] (fp32 for Mixtral, whose routing
+/// weights stay fp32; the matmul dtype otherwise); Qwen2-MoE's shared-expert gate last. The scatter back (scores
+/// times down, summed over each token's k pairs) is fused with the residual add and the next norm: no [S, C] or
+/// [N, C] buffer of it exists.
+fn moe_fwd(cx: &mut Ctx, moe: crate::arch::Moe) -> MoeSaved {
+    let (n, c, i) = (cx.n, cx.m.n_embd, cx.m.intermediate_size);
+    let (e, k) = (cx.m.n_experts, cx.m.experts_per_token);
+    let s = n * k;
+    let nc = n * c;
+    let shared = moe.shared_expert.then(|| {
+        let w = cx.m.shared_expert_size;
+        let w_gate = weight_cast(cx, w * c);
+        let gate = mm(cx, n * w * cx.p, Activations, "mm");
+        let w_up = weight_cast(cx, w * c);
+        let up = mm(cx, n * w * cx.p, Activations, "mm");
+        let prod = cx.alloc(n * w * cx.p, Activations, "silu_mul");
+        let w_down = weight_cast(cx, c * w);
+        let down = mm(cx, nc * cx.p, Activations, "mm");
+        ([gate, up, prod], [w_gate, w_up, w_down], down)
+    });
+    let router_cast = weight_cast(cx, e * c);
+    let softmax_saved = !moe.scores_fp32;
+    let (logits_cat, softmax_cat) = if softmax_saved {
+        (Temporary, Activations)
+    } else {
+        (Activations, Temporary)
+    };
+    let logits = mm(cx, n * e * cx.p, logits_cat, "mm");
+    let softmax = cx.alloc(n * e * 4, softmax_cat, "_softmax");
+    let values = cx.alloc(n * k * 4, Activations, "topk");
+    let ids = cx.alloc(s * 8, Activations, "topk");
+    let logits = if softmax_saved {
+        cx.free(logits);
+        softmax
+    } else {
+        cx.free(softmax);
+        logits
+    };
+    let sorted = cx.alloc(s * 8, Temporary, "sort");
+    let perm = cx.alloc(s * 8, Activations, "sort");
+    let inverse = cx.alloc(s * 8, Activations, "index_put");
+    let token_of = cx.alloc(s * 8, Activations, "floor_divide");
+    let x_pairs = cx.alloc(s * c * 4, Activations, "index");
+    let ids32 = cx.alloc(s * 4, Temporary, "_to_copy");
+    let offsets = cx.alloc(e * 4, Activations, "histc");
+    cx.free(ids32);
+    let gate_up = grouped_mm_fallback(cx, 2 * i);
+    let prod = cx.alloc(s * i * cx.pb, Activations, "silu_mul");
+    let down = grouped_mm_fallback(cx, c);
+    let scores_pairs = cx.alloc(
+        s * if moe.scores_fp32 { 4 } else { cx.p },
+        Activations,
+        "index",
+    );
+    cx.free(sorted);
+    // The top-k values are saved for the renormalisation's backward; without one (OLMoE's) they die once the
+    // pairs' scores are gathered.
+    let values = if moe.renorm {
+        Some(values)
+    } else {
+        cx.free(values);
+        None
+    };
+    // Qwen2-MoE: the shared expert's gate, a C -> 1 Linear (its weight cast dies at once; its logit is saved).
+    let shared = shared.map(|(out, casts, down)| {
+        let w = weight_cast(cx, c);
+        let gate = mm(cx, n * cx.p, Activations, "mm");
+        cx.sim.free_some(&[w]);
+        SharedExpert {
+            out,
+            casts,
+            down,
+            gate,
+        }
+    });
+    MoeSaved {
+        router_cast,
+        logits,
+        softmax_saved,
+        shared,
+        values,
+        ids,
+        perm,
+        token_of,
+        inverse,
+        x_pairs,
+        scores_pairs,
+        offsets,
+        gate_up,
+        prod,
+        down,
+    }
+}
+
+/// The mixture of experts' backward, in the order of the backward wrappers of the three records, entering with the
+/// fp32 residual gradient (no 2-byte copy: nothing of the experts reads one; Qwen2-MoE's shared expert does, and
+/// its gate's backward comes first): the gradient of the scattered pairs [S, C] fp32 (`index_put` into zeros, one
+/// kernel) and of the pairs' scores [S]; down's output gradient (times the scores) [S, C]; down's backward (its
+/// input gradient [S, I], its dense weight gradient [E, I, C], both fp32); the SiLU product's backward into one
+/// [S, 2I] buffer; gate_up's backward (input gradient [S, C], weight gradient [E, C, 2I]); the pairs' inputs
+/// summed back to the tokens [N, C] fp32; the top-k scatter [N, E] fp32 (the renormalisation's backward in its
+/// kernel), Mixtral's softmax recomputed [N, E] fp32, the softmax's backward cast to the matmul dtype [N, E]; then
+/// the router's Linear backward (and Qwen2-MoE's shared expert's SwiGLU backward). Returns the gradients of the
+/// norm's output (the experts' in fp32, the Linears' in the matmul dtype), which the norm's backward reads.
+fn moe_bwd(
+    cx: &mut Ctx,
+    m: MoeSaved,
+    norm_out: Option<Tensor>,
+    g: &mut ResidualGrad,
+    pending: &mut Vec<Tensor>,
+) -> Vec<Tensor> {
+    let (n, c, i) = (cx.n, cx.m.n_embd, cx.m.intermediate_size);
+    let (e, k) = (cx.m.n_experts, cx.m.experts_per_token);
+    let s = n * k;
+    let mut m = m;
+    // Qwen2-MoE: the residual gradient's 2-byte copy is the shared expert's output gradient (times the gate's
+    // sigmoid), written with the gate logit's gradient [N, 1] by the norm's backward kernel; the gate's weight
+    // gradient, then its conversion (its input gradient, an outer product, is in the norm's next kernel).
+    let shared = m.shared.take().map(|sh| {
+        let g_gate = cx.alloc(n * cx.p, Temporary, "sigmoid_backward");
+        cx.sim.free_all(&[sh.down, sh.gate]);
+        let low = weight_grad(cx, c, &[], pending);
+        convert_grad(cx, c, low, pending);
+        (sh.out, sh.casts, g_gate)
+    });
+    if shared.is_none() {
+        release_low(cx, g);
+    }
+    let g_pairs = cx.alloc(s * c * 4, Temporary, "index_put");
+    let p_scores = if m.softmax_saved { cx.p } else { 4 };
+    let g_scores = cx.alloc(s * p_scores, Temporary, "index_put");
+    let g_down = cx.alloc(s * c * cx.pb, Temporary, "mul");
+    cx.sim.free_all(&[g_pairs, m.down, m.scores_pairs]);
+    let g_prod = grouped_mm_fallback_bwd(cx, (i, c), pending);
+    cx.sim.free_all(&[m.prod, g_down]);
+    let g_gate_up = cx.alloc(s * 2 * i * cx.pb, Temporary, "silu_mul_backward");
+    cx.sim.free_all(&[g_prod, m.gate_up]);
+    let g_x_pairs = grouped_mm_fallback_bwd(cx, (c, 2 * i), pending);
+    cx.sim.free_all(&[m.x_pairs, m.offsets, g_gate_up]);
+    let g_x = cx.alloc(n * c * 4, Temporary, "index_put");
+    cx.sim.free_all(&[g_x_pairs, m.token_of, m.perm, m.inverse]);
+    let scattered = cx.alloc(n * e * 4, Temporary, "scatter");
+    cx.sim.free_some(&[m.values]);
+    cx.sim.free_all(&[m.ids, g_scores]);
+    let softmax = (!m.softmax_saved).then(|| cx.alloc(n * e * 4, Temporary, "_softmax"));
+    let g_logits = cx.alloc(n * e * cx.p, Temporary, "_softmax_backward_data");
+    cx.sim
+        .free_some(&[Some(scattered), softmax, Some(m.logits)]);
+    let Some((out, casts, g_gate)) = shared else {
+        let g_router = linear_bwd(cx, (e, c), false, &[norm_out], m.router_cast, pending);
+        cx.free(g_logits);
+        return vec![g_x, g_router];
+    };
+    // The shared expert's SwiGLU backward after the router's (the last to read the norm's output), then the
+    // norm's input gradients summed into one fp32 [N, C] buffer, which its weight's reduction reads.
+    let g_router = linear_bwd(cx, (e, c), false, &[], m.router_cast, pending);
+    cx.free(g_logits);
+    let width = cx.m.shared_expert_size;
+    let mut grads = swiglu_bwd(cx, (out, casts), width, norm_out, g, pending);
+    let sum = cx.alloc(n * c * 4, Temporary, "add");
+    grads.extend([g_x, g_router, g_gate]);
+    grads.push(sum);
+    grads
 }
