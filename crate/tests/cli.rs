@@ -967,6 +967,19 @@ fn finetune_sets_the_three_recipes_side_by_side() {
         text.contains("flags: --finetune qlora --batch-size 1\n"),
         "{text}"
     );
+    // On a 12 GB card none fits at batch 1: QLoRA with a shorter sequence, and the flags that give it.
+    let small = [&base[..2], &["--gpu", "rtx-4070"][..], &base[4..]].concat();
+    let m = json_of(&[&["finetune", "--format", "json"][..], &small[..]].concat());
+    let seq = m["advised_setup"]["train"]["seq_len"].as_u64().unwrap();
+    assert!(seq < 2048, "{seq}");
+    let (code, text, err) = vramfit(&[&["finetune"][..], &small[..]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains(&format!(
+            "flags: --finetune qlora --batch-size 1 --seq-len {seq}\n"
+        )),
+        "{text}"
+    );
 }
 
 /// Issue 12: `--attention flash_attention_2` (Hugging Face's flash-attn package) reaches the estimate: the

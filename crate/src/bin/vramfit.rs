@@ -802,6 +802,9 @@ fn methods_table(setup: &Setup, m: &vramfit::methods::Methods) -> String {
             method.name(),
             s.train.batch_size
         );
+        if s.train.seq_len != setup.train.seq_len {
+            out += &format!(" --seq-len {}", s.train.seq_len);
+        }
         // The setup's own adapters, where they are not the recipe's.
         if let Some(l) = s
             .train

@@ -95,7 +95,7 @@ pub fn compare_with(known: &mut Estimates, setup: &Setup) -> Result<Methods, Err
         }
         rows.push(row);
     }
-    let (advice, advised) = advise(setup, &rows);
+    let (advice, advised) = advise(known, setup, &rows)?;
     Ok(Methods {
         rows,
         advice,
@@ -112,11 +112,15 @@ pub fn label(m: Method) -> &'static str {
     }
 }
 
-fn advise(setup: &Setup, rows: &[Row]) -> (String, Option<Setup>) {
+fn advise(
+    known: &mut Estimates,
+    setup: &Setup,
+    rows: &[Row],
+) -> Result<(String, Option<Setup>), Error> {
     let current = Method::of(setup);
     let batch = setup.train.batch_size;
     if setup.device.memory_bytes == 0 {
-        return ("Choose a GPU to see which of them fits.".into(), None);
+        return Ok(("Choose a GPU to see which of them fits.".into(), None));
     }
     let gpu = fmt_bytes(setup.device.memory_bytes);
     let modelled: Vec<&Row> = rows.iter().filter(|r| r.error.is_none()).collect();
@@ -139,14 +143,14 @@ fn advise(setup: &Setup, rows: &[Row]) -> (String, Option<Setup>) {
             text.push_str(&format!(" So {verb} {}.", others.join(" and ")));
         }
         let advised = (r.method != current).then(|| r.setup.clone());
-        return (text, advised);
+        return Ok((text, advised));
     }
     // None fits at this batch: the recipe with the largest batch that fits, at that batch.
     let best = modelled
         .iter()
         .filter_map(|r| r.largest_batch.map(|b| (r, b)))
         .max_by_key(|(_, b)| *b);
-    match best {
+    Ok(match best {
         Some((r, b)) => {
             let mut s = r.setup.clone();
             s.train.batch_size = b;
@@ -162,18 +166,60 @@ fn advise(setup: &Setup, rows: &[Row]) -> (String, Option<Setup>) {
             "Fine-tuning recipes are not modelled for this setup (see each row).".into(),
             None,
         ),
-        None => (
-            format!(
-                "None of {} fits in {gpu}, even at batch 1: a shorter sequence, a larger GPU or several GPUs.",
-                modelled
-                    .iter()
-                    .map(|r| label(r.method))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            None,
-        ),
+        None => {
+            let names = modelled
+                .iter()
+                .map(|r| label(r.method))
+                .collect::<Vec<_>>()
+                .join(", ");
+            // The recipe that needs least, at batch 1 with the longest sequence that fits (bisection: memory
+            // grows with the sequence).
+            let least = modelled.iter().min_by_key(|r| r.device_total_bytes);
+            match least.map(|r| shortest_fit(known, &r.setup)).transpose()?.flatten() {
+                Some(s) => (
+                    format!(
+                        "None of {names} fits in {gpu}, even at batch 1; {} does at batch 1 with sequences of up \
+                         to {} tokens (of {}).",
+                        label(Method::of(&s)),
+                        s.train.seq_len,
+                        setup.train.seq_len
+                    ),
+                    Some(s),
+                ),
+                None => (
+                    format!(
+                        "None of {names} fits in {gpu}, even at batch 1 with the shortest sequence: a larger GPU \
+                         or several GPUs."
+                    ),
+                    None,
+                ),
+            }
+        }
+    })
+}
+
+/// `setup` at batch 1 with the longest sequence (up to its own) that fits its device, if any does.
+fn shortest_fit(known: &mut Estimates, setup: &Setup) -> Result<Option<Setup>, Error> {
+    let budget = setup.device.memory_bytes;
+    let at = |t: u64| {
+        let mut s = setup.clone();
+        s.train.batch_size = 1;
+        s.train.seq_len = t;
+        s
+    };
+    if !known.fits(&at(1), budget)? {
+        return Ok(None);
     }
+    let (mut lo, mut hi) = (1, setup.train.seq_len);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if known.fits(&at(mid), budget)? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(Some(at(lo)))
 }
 
 fn capitalised(s: &str) -> String {
@@ -290,5 +336,34 @@ mod tests {
             format!("None of them fits in 24.0 GiB at batch 64; QLoRA does at batch {b}.")
         );
         assert_eq!(m.advised.as_ref().map(|a| a.train.batch_size), Some(b));
+    }
+
+    /// Llama-3.1-8B at batch 1 x 2048 on a 12 GB card: no recipe fits even at batch 1; the advice is the recipe
+    /// that needs least (QLoRA) with the longest sequence that fits: that one fits, one token more does not.
+    #[test]
+    fn where_none_fits_batch_1_the_longest_sequence_is_advised() {
+        let mut s = on("llama-3.1-8b", "rtx-4070");
+        s.train.batch_size = 1;
+        s.train.seq_len = 2048;
+        let m = compare(&s).unwrap();
+        assert!(m.rows.iter().all(|r| r.largest_batch.is_none()));
+        let a = m.advised.expect("a shorter sequence is advised");
+        assert_eq!(Method::of(&a), Method::Qlora);
+        assert_eq!(a.train.batch_size, 1);
+        let t = a.train.seq_len;
+        assert!(t > 1 && t < 2048, "{t}");
+        let fits = |t: u64| {
+            let mut x = a.clone();
+            x.train.seq_len = t;
+            crate::estimate(&x).unwrap().fits
+        };
+        assert_eq!((fits(t), fits(t + 1)), (Some(true), Some(false)));
+        assert_eq!(
+            m.advice,
+            format!(
+                "None of full fine-tuning, LoRA, QLoRA fits in 12.0 GiB, even at batch 1; QLoRA does at batch 1 \
+                 with sequences of up to {t} tokens (of 2048)."
+            )
+        );
     }
 }
