@@ -193,6 +193,16 @@ test('full fine-tuning, LoRA and QLoRA side by side: the CLI\'s figures, the adv
   // Now the current row is QLoRA's, with no button.
   await page.waitForFunction(() => document.querySelector('#methods tr[data-method="qlora"]')?.getAttribute('aria-current') === 'true');
   assert.equal(await page.locator('#methods tr[data-method="qlora"] button').count(), 0);
+  // On a 12 GB card nothing fits at batch 1: the advice is QLoRA with the CLI's longest sequence, and applies.
+  await select(page, 'gpu', 'rtx-4070');
+  const small = cliFinetune(['--preset', 'llama-3.1-8b', '--gpu', 'rtx-4070', '--batch-size', '1', '--seq-len', '2048']);
+  const seq = small.advised_setup.train.seq_len;
+  assert.ok(seq < 2048, String(seq));
+  await page.waitForFunction(() => document.querySelector('#advice li[data-id="methods"]'));
+  assert.equal(await page.textContent('#advice li[data-id="methods"] span'), `${small.advice} `);
+  await waitRender(page, () => page.locator('#advice li[data-id="methods"] button').click());
+  assert.equal(await param(page, 'seq_len'), String(seq));
+  assert.match(await page.textContent('#verdict'), /^fits in /);
   assert.deepEqual(errors, []);
   await page.close();
 });
