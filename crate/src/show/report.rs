@@ -65,8 +65,15 @@ impl Components {
             Some(_) => "4-bit weights",
             None => "quantized weights",
         };
+        // Under LoRA (adapters present) the weights are the frozen base; beside a quantized base, its rest.
+        let lora = self.adapters_bytes > 0;
+        let weights = match (quant, lora) {
+            (Some(_), _) => "the frozen base's other parameters: embeddings, norms, head (fp32 after prepare_model_for_kbit_training)",
+            (None, true) => "the frozen base's parameters and buffers",
+            (None, false) => "parameters and buffers",
+        };
         let mut v = vec![
-            ("weights", self.weights_bytes, "parameters and buffers"),
+            ("weights", self.weights_bytes, weights),
             (
                 quantized,
                 self.quantized_weights_bytes,
@@ -82,8 +89,24 @@ impl Components {
                 self.weight_copies_bytes,
                 "autocast's 2-byte copies of the weights",
             ),
-            ("grads", self.grads_bytes, "parameter .grad"),
-            ("optimizer", self.optimizer_bytes, "optimizer state"),
+            (
+                "grads",
+                self.grads_bytes,
+                if lora {
+                    "the trained parameters' .grad"
+                } else {
+                    "parameter .grad"
+                },
+            ),
+            (
+                "optimizer",
+                self.optimizer_bytes,
+                if lora {
+                    "the trained parameters' optimizer state"
+                } else {
+                    "optimizer state"
+                },
+            ),
             (
                 "activations",
                 self.activations_bytes,
@@ -517,8 +540,22 @@ mod finetune_breakdown {
         assert_eq!(named("4-bit weights"), Some(four_bit));
         assert_eq!(named("adapters"), Some(adapters));
         assert_eq!(named("quantized weights"), None);
-        // Full fine-tuning has neither.
+        // Each says what it holds under QLoRA: the weights the base's unquantized rest, the state the adapters'.
+        fn what(items: &[(&'static str, u64, &'static str)], n: &str) -> Option<&'static str> {
+            items.iter().find(|x| x.0 == n).map(|x| x.2)
+        }
+        assert!(what(&items, "weights")
+            .unwrap()
+            .starts_with("the frozen base's other parameters"));
+        assert_eq!(
+            what(&items, "optimizer"),
+            Some("the trained parameters' optimizer state")
+        );
+        // Full fine-tuning has neither, and its weights are all the parameters.
         let f = crate::estimate(&Method::Full.apply(&s)).unwrap().components;
         assert_eq!((f.quantized_weights_bytes, f.adapters_bytes), (0, 0));
+        let fi = f.items_for(None);
+        assert_eq!(what(&fi, "weights"), Some("parameters and buffers"));
+        assert_eq!(what(&fi, "optimizer"), Some("optimizer state"));
     }
 }
