@@ -297,12 +297,7 @@ function showMethods(query) {
       el('td', r.largest_batch), apply);
     return tr;
   }));
-  $('advice').querySelector('li[data-id="methods"]')?.remove();
-  if (m.advised_query) {
-    const li = el('li', undefined, { 'data-id': 'methods' });
-    li.append(el('span', `${m.advice} `), applyButton(m.advised_query));
-    $('advice').append(li);
-  }
+  adviseItem('methods', m.advice, m.advised_query);
 }
 
 function drawGpus(query) {
@@ -313,6 +308,16 @@ function applyButton(query, label = 'Apply') {
   const b = el('button', label, { type: 'button' });
   b.addEventListener('click', () => { applyQuery(query); update(true); });
   return b;
+}
+
+// A section's advice as the last item of "How to make it fit" (replacing its earlier one), where it changes the
+// setup.
+function adviseItem(id, advice, query) {
+  $('advice').querySelector(`li[data-id="${id}"]`)?.remove();
+  if (!query) return;
+  const li = el('li', undefined, { 'data-id': id });
+  li.append(el('span', `${advice} `), applyButton(query));
+  $('advice').append(li);
 }
 
 // The fewest GPUs per strategy, and the advice: also the last item of "How to make it fit" when it changes
@@ -335,12 +340,7 @@ function renderGpuPlan(plan) {
     return tr;
   }));
   $('gpu-notes').replaceChildren(...plan.notes.map((n) => el('li', n)));
-  $('advice').querySelector('li[data-id="gpus"]')?.remove();
-  if (plan.advised_query) {
-    const li = el('li', undefined, { 'data-id': 'gpus' });
-    li.append(el('span', `${plan.advice} `), applyButton(plan.advised_query));
-    $('advice').append(li);
-  }
+  adviseItem('gpus', plan.advice, plan.advised_query);
 }
 
 // A panic in Rust aborts the call and reaches JS as a WebAssembly.RuntimeError, not an Error with the core's

@@ -232,6 +232,9 @@ pub enum Method {
 impl Method {
     pub const NAMES: &'static [&'static str] = &["full", "lora", "qlora"];
     pub const ALL: [Method; 3] = [Method::Full, Method::Lora, Method::Qlora];
+    /// QLoRA's base and compute: NF4 with double quantization under bf16 autocast (with checkpointing).
+    pub const QLORA_QUANT: Quantization = Quantization::Nf4 { double_quant: true };
+    pub const QLORA_PRECISION: Precision = Precision::Bf16Amp;
 
     /// # Errors
     /// A name not in [`Method::NAMES`], reported as `field`.
@@ -300,9 +303,9 @@ impl Method {
             Method::Qlora => {
                 if own != Method::Qlora {
                     t.lora = Some(t.lora.clone().unwrap_or_else(Method::adapters));
-                    t.quantization = Some(Quantization::Nf4 { double_quant: true });
+                    t.quantization = Some(Method::QLORA_QUANT);
                     t.base_dtype = None;
-                    t.precision = Precision::Bf16Amp;
+                    t.precision = Method::QLORA_PRECISION;
                     t.checkpointing = true;
                 }
                 t.compile = false;

@@ -401,7 +401,7 @@ fn finetune_recipe(
         }
         return Ok(out);
     }
-    let quant = quant.unwrap_or("nf4");
+    let quant = quant.unwrap_or(Method::QLORA_QUANT.name());
     set("quantization", quant.into());
     set(
         "double_quant",
@@ -410,7 +410,7 @@ fn finetune_recipe(
     if let Some(d) = base {
         set("base_dtype", d.into());
     }
-    set("precision", "bf16-amp".into());
+    set("precision", Method::QLORA_PRECISION.name().into());
     set("checkpointing", true.into());
     Ok(out)
 }

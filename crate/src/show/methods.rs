@@ -9,7 +9,7 @@ use crate::estimates::Estimates;
 use crate::finetune::{trainable_params, Method};
 use crate::model::Setup;
 use crate::report::fmt_bytes;
-use crate::sweep::{largest_fitting_with, Axis};
+use crate::sweep::{largest_fitting_with, largest_in, Axis};
 
 /// The largest batch searched for each recipe (the advice's limit for the batch, `advice::largest_that_fit`).
 pub const MAX_BATCH_SEARCHED: u64 = 4096;
@@ -82,7 +82,7 @@ pub fn compare_with(known: &mut Estimates, setup: &Setup) -> Result<Methods, Err
                 row.peak_allocated_bytes = r.peak_allocated_bytes;
                 row.device_total_bytes = r.device_total_bytes;
                 if budget > 0 {
-                    row.fits = Some(!r.oom && r.device_total_bytes <= budget);
+                    row.fits = r.fits;
                     row.largest_batch = largest_fitting_with(
                         known,
                         &s,
@@ -175,7 +175,7 @@ fn advise(
             // The recipe that needs least, at batch 1 with the longest sequence that fits (bisection: memory
             // grows with the sequence).
             let least = modelled.iter().min_by_key(|r| r.device_total_bytes);
-            match least.map(|r| shortest_fit(known, &r.setup)).transpose()?.flatten() {
+            match least.map(|r| longest_sequence_that_fits(known, &r.setup)).transpose()?.flatten() {
                 Some(s) => (
                     format!(
                         "None of {names} fits in {gpu}, even at batch 1; {} does at batch 1 with sequences of up \
@@ -199,27 +199,18 @@ fn advise(
 }
 
 /// `setup` at batch 1 with the longest sequence (up to its own) that fits its device, if any does.
-fn shortest_fit(known: &mut Estimates, setup: &Setup) -> Result<Option<Setup>, Error> {
-    let budget = setup.device.memory_bytes;
+fn longest_sequence_that_fits(
+    known: &mut Estimates,
+    setup: &Setup,
+) -> Result<Option<Setup>, Error> {
     let at = |t: u64| {
         let mut s = setup.clone();
         s.train.batch_size = 1;
         s.train.seq_len = t;
         s
     };
-    if !known.fits(&at(1), budget)? {
-        return Ok(None);
-    }
-    let (mut lo, mut hi) = (1, setup.train.seq_len);
-    while hi - lo > 1 {
-        let mid = lo + (hi - lo) / 2;
-        if known.fits(&at(mid), budget)? {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    Ok(Some(at(lo)))
+    let budget = setup.device.memory_bytes;
+    Ok(largest_in(setup.train.seq_len, |t| known.fits(&at(t), budget))?.map(at))
 }
 
 fn capitalised(s: &str) -> String {

@@ -165,12 +165,24 @@ pub fn largest_fitting_with(
 ) -> Result<Option<u64>, Error> {
     // `crate::fits`: the same verdict as the estimate's device total (tested on every preset), without the
     // per-block figures, and stopping a run once it is over the budget.
-    let mut fits =
-        |v: u64| -> Result<bool, Error> { known.fits(&axis.apply(setup, v), budget_bytes) };
+    largest_in(limit.min(axis.limit(setup)).max(1), |v| {
+        known.fits(&axis.apply(setup, v), budget_bytes)
+    })
+}
+
+/// The largest value in `1..=hi` for which `fits` holds, given that it holds up to some value and not past it
+/// (memory grows with the value); `None` where it fails at 1. By bisection.
+///
+/// # Errors
+/// The first error `fits` returns.
+pub fn largest_in(
+    hi: u64,
+    mut fits: impl FnMut(u64) -> Result<bool, Error>,
+) -> Result<Option<u64>, Error> {
     if !fits(1)? {
         return Ok(None);
     }
-    let (mut lo, mut hi) = (1u64, limit.min(axis.limit(setup)).max(1));
+    let (mut lo, mut hi) = (1u64, hi.max(1));
     if fits(hi)? {
         return Ok(Some(hi));
     }
