@@ -1215,6 +1215,69 @@ pub fn olmo2_rms_norm_bwd(
     rms_norm_bwd_from(cx, g, release, saved, input, dims, bf16_weight)
 }
 
+/// Streaming multiprocessors and resident threads per SM of the device PyTorch sees at compute capability `sm`,
+/// as the stub-cuda device reports them (stubs/driver.c, `dev_defaults`: an RTX 4070 at sm_89, an RTX 3090 at
+/// sm_86, an A100 at sm_80, an H100 SXM otherwise; threads per SM from the CUDA programming guide's table).
+fn device_sms_threads(sm: u32) -> (u64, u64) {
+    match sm {
+        89 => (46, 1536),
+        86 => (82, 1536),
+        80 => (108, 2048),
+        _ => (132, 2048),
+    }
+}
+
+/// The global-memory scratch of PyTorch's CUDA reduction kernel (`gpu_reduce_kernel`,
+/// aten/src/ATen/native/cuda/Reduce.cuh, torch 2.15) when it sums a contiguous `rows` x `width` tensor over its
+/// rows into `width` outputs (a broadcast weight's gradient reduced by autograd's `sum_to`): `(buffer,
+/// semaphores)` bytes, allocated after the output and freed when the kernel returns (semaphores first), or `None`
+/// when one block reduces each output. The launch configuration `setReduceConfig` picks, restated: the outputs
+/// are the fastest dimension, so each thread reads `vec` adjacent outputs (4, 2 or 1: the largest dividing
+/// `width`); a block is `bw` lanes over outputs by `bh` warps over rows (powers of two, at most 512 / vec threads,
+/// `bw` at most 32); the rows are split across the warps when each then still sums at least min(16 bh, 256) of
+/// them; and across `ctas` blocks, through the global buffer, when each warp would sum at least 256 rows and the
+/// output blocks `gx` do not fill the GPU: ctas = clamp(ceil(target / gx), ceil(v / 256), ceil(v / 16)) with v
+/// the rows per warp and target = SMs x (threads per SM / threads per block). The buffer holds one fp32 partial
+/// per output, block and lane (4 width ctas bw vec bytes), the semaphores one int per output block.
+/// (stub-cuda snapshot of mixtral-256-v1k-e8top4-i1024-bf16amp: the final norm's weight gradient, 2048 x 256
+/// fp32 on sm_90, takes 4 MiB and 8 B.)
+pub fn column_sum_scratch(rows: u64, width: u64, sm: u32) -> Option<(u64, u64)> {
+    let (sms, threads_per_sm) = device_sms_threads(sm);
+    let floor_pow2 = |x: u64| {
+        if x <= 1 {
+            1
+        } else {
+            1u64 << (63 - x.leading_zeros())
+        }
+    };
+    let vec = [4, 2, 1].into_iter().find(|v| width.is_multiple_of(*v)).unwrap_or(1);
+    let max_threads = 512 / vec;
+    let cap = |d: u64| {
+        if d < max_threads {
+            floor_pow2(d)
+        } else {
+            max_threads
+        }
+    };
+    let (d0, d1) = (cap(width / vec), cap(rows));
+    let bh = d1.min(max_threads / d0.min(32));
+    let bw = d0.min(max_threads / bh);
+    let split_warps = rows >= (bh * 16).min(256);
+    if !split_warps {
+        return None;
+    }
+    let per_warp = rows.div_ceil(bh);
+    let gx = (width / vec).div_ceil(bw);
+    let target = sms * (threads_per_sm / (bw * bh));
+    if per_warp < 256 || gx > target {
+        return None;
+    }
+    let ctas = target
+        .div_ceil(gx)
+        .clamp(per_warp.div_ceil(256), per_warp.div_ceil(16));
+    (ctas > 1).then_some((4 * width * ctas * bw * vec, 4 * gx))
+}
+
 fn rms_norm_bwd_from(
     cx: &mut Ctx,
     grad_out: Tensor,
@@ -1235,6 +1298,13 @@ fn rms_norm_bwd_from(
         }
         let cat = if cx.have_grads { Temporary } else { Grads };
         let gw = cx.alloc(width * cx.pb, cat, "sum");
+        if !olmo2_bf16 {
+            if let Some((buffer, semaphores)) = column_sum_scratch(rows, width, cx.sm) {
+                let b = cx.alloc(buffer, Temporary, "sum");
+                let s = cx.alloc(semaphores, Temporary, "sum");
+                cx.sim.free_all(&[s, b]);
+            }
+        }
         cx.free(g_w_full);
         gw
     });
@@ -1466,6 +1536,24 @@ pub fn manual_scores_elems(cx: &Ctx) -> u64 {
 mod tests {
     use super::*;
     use crate::allocator::AllocatorConfig;
+
+    /// The CUDA reduction's global scratch, by hand from `setReduceConfig`: 2048 x 256 fp32 on sm_90 (132 SMs,
+    /// 2048 threads each): vec 4, a block of 32 x 4 threads, 512 rows per warp, 2 output blocks, target 132 x 16
+    /// = 2112 blocks, ctas = clamp(1056, 2, 32) = 32: 4 x 256 x 32 x 32 x 4 = 4 MiB and 2 semaphores, as the
+    /// stub-cuda snapshot of mixtral-256-v1k-e8top4-i1024-bf16amp shows. Under 256 rows per warp one block sums
+    /// each output (no scratch); at 2048 outputs of 2048 rows, 16 output blocks: ctas = clamp(132, 2, 32) = 32.
+    #[test]
+    fn column_sum_scratch_follows_the_reduce_config() {
+        assert_eq!(column_sum_scratch(2048, 256, 90), Some((4 << 20, 8)));
+        assert_eq!(column_sum_scratch(512, 256, 90), None);
+        assert_eq!(column_sum_scratch(2048, 2048, 90), Some((32 << 20, 64)));
+        // An RTX 4070 (46 SMs x 1536 threads: 12 blocks of 128 each): 2048 x 4096, 32 output blocks, ctas =
+        // clamp(ceil(552 / 32) = 18, 2, 32) = 18.
+        assert_eq!(
+            column_sum_scratch(2048, 4096, 89),
+            Some((4 * 4096 * 18 * 32 * 4, 128))
+        );
+    }
 
     /// tests/data/finetune/saved-per-linear.json, `frozen-int8`: a `Linear8bitLt` of 512 inputs and 1536 outputs
     /// on a bf16 input [4, 512, 512] that needs a gradient (M = 2048), sm_90. Forward peak above what was live:
