@@ -192,6 +192,8 @@ def main():
         env.update(VRAMFIT_STUB_CC=cc, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
         if "memory_gib" in case.get("device", {}):
             env["VRAMFIT_STUB_MEM_MIB"] = str(int(case["device"]["memory_gib"] * 1024))
+        if "sms" in case.get("device", {}):  # the estimate's device.sms
+            env["VRAMFIT_STUB_SMS"] = str(case["device"]["sms"])
         snap = os.path.join(os.path.abspath(snaps), case["name"] + ".pickle") if snaps else ""
         if snaps:
             os.makedirs(snaps, exist_ok=True)

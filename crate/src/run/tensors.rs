@@ -69,6 +69,8 @@ pub struct Ctx<'a> {
     pub backend: SdpaBackend,
     pub dropout: bool,
     pub sm: u32,
+    /// The device's SM count (`DeviceConfig::sms`), for flash attention's split-KV choice.
+    pub sms: u32,
     /// Parameters have `.grad` already (a later micro-step accumulates into them).
     pub have_grads: bool,
     /// `.grad` of every parameter, freed by `zero_grad(set_to_none=True)`.
@@ -141,6 +143,7 @@ impl<'a> Ctx<'a> {
             backend,
             dropout: m.dropout > 0.0,
             sm: setup.device.sm,
+            sms: setup.device.sms,
             have_grads: false,
             grads: Vec::new(),
             autocast_cache: Vec::new(),
@@ -1418,11 +1421,78 @@ pub fn sdpa_fwd_with(cx: &mut Ctx, backend: SdpaBackend) -> SdpaSaved {
     };
     let out = cx.alloc(cx.n * cx.m.q_dim() * cx.p, Activations, op);
     let lse = cx.alloc(lse_bytes(cx, backend), Activations, op);
+    let accum = match backend {
+        SdpaBackend::Flash => flash_splitkv(cx, op),
+        SdpaBackend::Efficient => None,
+    };
     let rng = [cx.alloc(8, Activations, op), cx.alloc(8, Activations, op)];
+    for t in accum.into_iter().flatten() {
+        cx.sim.free(t);
+    }
     for t in [lse, rng[0], rng[1]] {
         cx.drop_unsaved(t);
     }
     SdpaSaved { out, lse, rng }
+}
+
+/// Flash attention's split-KV accumulators (`set_params_splitkv`, called by `mha_fwd` right after it allocates
+/// `softmax_lse`, in PyTorch's aten/src/ATen/native/transformers/cuda/flash_attn/flash_api.cpp and in flash-attn
+/// 2.8's csrc/flash_attn/flash_api.cpp alike). Without dropout, when the forward's grid of B x H x ceil(T / 64)
+/// row blocks would leave the GPU underused, the keys are split into `flash_num_splits` parts that write partial
+/// results in fp32: `softmax_lse_accum` [splits, B, H, T] and `out_accum` [splits, B, H, T, head size rounded up
+/// to 32 (64 above 128)]. They are locals of `mha_fwd`, freed when it returns (after its RNG-state tensors): the
+/// caller frees the returned pair there. `None` when the keys are not split.
+pub fn flash_splitkv(cx: &mut Ctx, op: &'static str) -> Option<[Tensor; 2]> {
+    if cx.dropout {
+        return None; // "SplitKV is not implemented for dropout"
+    }
+    let (b, h, t) = (cx.b, cx.m.n_head, cx.t);
+    let hs = cx.m.head_dim().next_multiple_of(8);
+    // The key block of the split kernels (`run_mha_fwd_splitkv_dispatch`): 256 keys for heads up to 64 wide,
+    // 128 up to 128, else 64.
+    let block_n = match hs {
+        0..=64 => 256,
+        65..=128 => 128,
+        _ => 64,
+    };
+    let splits = flash_num_splits(
+        b * h * t.div_ceil(64),
+        u64::from(cx.sms),
+        t.div_ceil(block_n),
+    );
+    if splits <= 1 {
+        return None;
+    }
+    let hs_rounded = hs.next_multiple_of(if hs <= 128 { 32 } else { 64 });
+    let lse_accum = cx.alloc(splits * b * h * t * 4, Workspace, op);
+    let out_accum = cx.alloc(splits * b * h * t * hs_rounded * 4, Workspace, op);
+    Some([lse_accum, out_accum])
+}
+
+/// `num_splits_heuristic` of flash_api.cpp for `rows` = B x H x row blocks on a GPU of `sms` SMs (the kernels run
+/// 128-thread blocks, two per SM: the heuristic is given 2 x the SM count) with `n_blocks` key blocks: one split
+/// when the rows nearly fill the SMs (at least 0.8 x 2 x SMs); else, over the split counts up to 128, the SMs and
+/// the key blocks (skipping counts that leave the blocks per split unchanged), the efficiency of each is its waves
+/// over the waves rounded up, and the smallest count within 85% of the best is chosen. In single precision as the
+/// C++ computes it.
+pub fn flash_num_splits(rows: u64, sms: u64, n_blocks: u64) -> u64 {
+    let slots = 2 * sms;
+    if rows as f32 >= 0.8f32 * slots as f32 {
+        return 1;
+    }
+    let max_splits = 128.min(slots).min(n_blocks);
+    let eligible = |s: u64| s == 1 || n_blocks.div_ceil(s) != n_blocks.div_ceil(s - 1);
+    let efficiency = |s: u64| {
+        let waves = (rows * s) as f32 / slots as f32;
+        waves / waves.ceil()
+    };
+    let best = (1..=max_splits)
+        .filter(|&s| eligible(s))
+        .map(efficiency)
+        .fold(0f32, f32::max);
+    (1..=max_splits)
+        .find(|&s| eligible(s) && f64::from(efficiency(s)) >= 0.85 * f64::from(best))
+        .unwrap_or(1)
 }
 
 /// Attention backward. Kernel scratch first (FlashAttention-2 `mha_bwd`: `dq_accum` fp32
@@ -1473,15 +1543,17 @@ impl FlashSaved {
 /// flash-attn 2.8's forward (`FlashAttnFunc.forward` -> `flash_attn_2_cuda.fwd`, csrc/flash_attn/flash_api.cpp
 /// `mha_fwd`) on q, k, v as [B, T, heads, hs] with hs a multiple of 8 (no padding in Python): `out =
 /// torch::empty_like(q)` (n x q_dim in q's dtype), `softmax_lse` fp32 [B, H, T], `p` empty (no dropout softmax
-/// returned), `rng_state` int64 [2] (16 B). `ctx.save_for_backward(q, k, v, out_padded, softmax_lse, rng_state)`.
-/// Not counted: the fp32 split-KV accumulators (`set_params_splitkv`) that mha_fwd allocates and frees when
-/// B x H x ceil(T / 64) is below 0.8 x 2 x the GPU's SMs and the keys span several blocks (small batches of short
-/// sequences; temporary in the forward).
+/// returned), the split-KV accumulators of a small grid (`flash_splitkv`, freed at return), `rng_state` int64 [2]
+/// (16 B). `ctx.save_for_backward(q, k, v, out_padded, softmax_lse, rng_state)`.
 pub fn flash_attn_fwd(cx: &mut Ctx) -> FlashSaved {
     let op = "flash_attn::_flash_attn_forward";
     let out = cx.alloc(cx.n * cx.m.q_dim() * cx.p, Activations, op);
     let lse = cx.alloc(cx.b * cx.m.n_head * cx.t * 4, Activations, op);
+    let accum = flash_splitkv(cx, op);
     let rng = cx.alloc(2 * 8, Activations, op);
+    for t in accum.into_iter().flatten() {
+        cx.sim.free(t);
+    }
     for t in [lse, rng] {
         cx.drop_unsaved(t);
     }
@@ -1592,6 +1664,56 @@ mod tests {
             (6 << 20) + (2 << 20),
             "y and the input's gradient"
         );
+    }
+
+    /// flash_api.cpp's own example (its comment on `num_splits_heuristic`): 48 row blocks on 108 slots (54 SMs)
+    /// take 2 splits (efficiency 96 / 108 = 0.89) rather than 3 (0.67), although 9 would fill the waves exactly:
+    /// 2 is the smallest within 85% of the best. 211 row blocks on 264 slots: 1 to 4 splits run at 0.80 of their
+    /// waves, 5 at 0.999, so 5. A grid of at least 0.8 x the slots (212 >= 211.2), or keys in one block: 1.
+    #[test]
+    fn num_splits_follows_flash_api() {
+        assert_eq!(flash_num_splits(48, 54, 64), 2);
+        assert_eq!(flash_num_splits(211, 132, 64), 5);
+        assert_eq!(flash_num_splits(212, 132, 64), 1);
+        assert_eq!(flash_num_splits(48, 54, 1), 1);
+        assert_eq!(
+            flash_num_splits(48, 0, 64),
+            1,
+            "no SMs: never divides by them"
+        );
+    }
+
+    /// Split-KV on the attention of the stub record gemma-512-hd256-mqa-bf16amp (4 heads of 256, batch 4 x 512,
+    /// bf16, an H100's 132 SMs): 4 x 4 x 8 = 128 row blocks against 264 slots, 8 key blocks of 64: 2 splits, so
+    /// `softmax_lse_accum` 2 x 4 x 4 x 512 x 4 B = 64 KiB and `out_accum` 2 x 4 x 4 x 512 x 256 x 4 B = 16 MiB
+    /// above the output (4 MiB), the logsumexp (32 KiB) and the two RNG tensors (512 B blocks), freed when the op
+    /// returns. On 16 SMs (32 slots) the grid fills them: no split. With dropout: never.
+    #[test]
+    fn flash_forward_splits_the_keys_of_a_small_grid() {
+        let peak_above = |sms: u32, dropout: bool| {
+            let mut setup = crate::presets::model_preset("gemma-3-1b").unwrap();
+            (setup.train.batch_size, setup.train.seq_len) = (4, 512);
+            setup.train.precision = Precision::Bf16;
+            setup.device.sms = sms;
+            let mut sim = Sim::new(AllocatorConfig::default(), u64::MAX);
+            let mut cx = Ctx::new(&mut sim, &setup).unwrap();
+            assert_eq!((cx.m.n_head, cx.m.head_dim()), (4, 256));
+            assert_eq!(cx.backend, SdpaBackend::Flash);
+            cx.dropout = dropout;
+            let before = cx.sim.live_bytes();
+            let saved = sdpa_fwd(&mut cx);
+            let after = cx.sim.live_bytes() - before;
+            cx.sim
+                .free_all(&[saved.out, saved.lse, saved.rng[0], saved.rng[1]]);
+            (cx.sim.peak().bytes - before, after)
+        };
+        let kept = (4 << 20) + (32 << 10) + 2 * 512;
+        assert_eq!(
+            peak_above(132, false),
+            (kept + (64 << 10) + (16 << 20), kept)
+        );
+        assert_eq!(peak_above(16, false), (kept, kept));
+        assert_eq!(peak_above(132, true), (kept, kept));
     }
 
     /// flash-attn's forward and backward on Llama-3.2-1B's attention (32 heads of 64, 8 KV heads), batch 2 x
