@@ -1218,15 +1218,13 @@ pub fn olmo2_rms_norm_bwd(
     rms_norm_bwd_from(cx, g, release, saved, input, dims, bf16_weight)
 }
 
-/// Streaming multiprocessors and resident threads per SM of the device PyTorch sees at compute capability `sm`,
-/// as the stub-cuda device reports them (stubs/driver.c, `dev_defaults`: an RTX 4070 at sm_89, an RTX 3090 at
-/// sm_86, an A100 at sm_80, an H100 SXM otherwise; threads per SM from the CUDA programming guide's table).
-fn device_sms_threads(sm: u32) -> (u64, u64) {
+/// Resident threads per SM at compute capability `sm` (the CUDA programming guide's table of compute
+/// capabilities: 1536 on sm_86, sm_87 and sm_89, 1024 on sm_75, 2048 on the others here).
+fn threads_per_sm(sm: u32) -> u64 {
     match sm {
-        89 => (46, 1536),
-        86 => (82, 1536),
-        80 => (108, 2048),
-        _ => (132, 2048),
+        86 | 87 | 89 | 120 => 1536,
+        75 => 1024,
+        _ => 2048,
     }
 }
 
@@ -1241,11 +1239,12 @@ fn device_sms_threads(sm: u32) -> (u64, u64) {
 /// them; and across `ctas` blocks, through the global buffer, when each warp would sum at least 256 rows and the
 /// output blocks `gx` do not fill the GPU: ctas = clamp(ceil(target / gx), ceil(v / 256), ceil(v / 16)) with v
 /// the rows per warp and target = SMs x (threads per SM / threads per block). The buffer holds one fp32 partial
-/// per output, block and lane (4 width ctas bw vec bytes), the semaphores one int per output block.
+/// per output, block and lane (4 width ctas bw vec bytes), the semaphores one int per output block. `sms`: the
+/// device's SMs (`DeviceConfig::sms`), `sm`: its compute capability.
 /// (stub-cuda snapshot of mixtral-256-v1k-e8top4-i1024-bf16amp: the final norm's weight gradient, 2048 x 256
 /// fp32 on sm_90, takes 4 MiB and 8 B.)
-pub fn column_sum_scratch(rows: u64, width: u64, sm: u32) -> Option<(u64, u64)> {
-    let (sms, threads_per_sm) = device_sms_threads(sm);
+pub fn column_sum_scratch(rows: u64, width: u64, sms: u64, sm: u32) -> Option<(u64, u64)> {
+    let threads_per_sm = threads_per_sm(sm);
     let floor_pow2 = |x: u64| {
         if x <= 1 {
             1
@@ -1253,7 +1252,10 @@ pub fn column_sum_scratch(rows: u64, width: u64, sm: u32) -> Option<(u64, u64)> 
             1u64 << (63 - x.leading_zeros())
         }
     };
-    let vec = [4, 2, 1].into_iter().find(|v| width.is_multiple_of(*v)).unwrap_or(1);
+    let vec = [4, 2, 1]
+        .into_iter()
+        .find(|v| width.is_multiple_of(*v))
+        .unwrap_or(1);
     let max_threads = 512 / vec;
     let cap = |d: u64| {
         if d < max_threads {
@@ -1302,7 +1304,9 @@ fn rms_norm_bwd_from(
         let cat = if cx.have_grads { Temporary } else { Grads };
         let gw = cx.alloc(width * cx.pb, cat, "sum");
         if !olmo2_bf16 {
-            if let Some((buffer, semaphores)) = column_sum_scratch(rows, width, cx.sm) {
+            if let Some((buffer, semaphores)) =
+                column_sum_scratch(rows, width, u64::from(cx.sms), cx.sm)
+            {
                 let b = cx.alloc(buffer, Temporary, "sum");
                 let s = cx.alloc(semaphores, Temporary, "sum");
                 cx.sim.free_all(&[s, b]);
@@ -1616,13 +1620,16 @@ mod tests {
     /// each output (no scratch); at 2048 outputs of 2048 rows, 16 output blocks: ctas = clamp(132, 2, 32) = 32.
     #[test]
     fn column_sum_scratch_follows_the_reduce_config() {
-        assert_eq!(column_sum_scratch(2048, 256, 90), Some((4 << 20, 8)));
-        assert_eq!(column_sum_scratch(512, 256, 90), None);
-        assert_eq!(column_sum_scratch(2048, 2048, 90), Some((32 << 20, 64)));
+        assert_eq!(column_sum_scratch(2048, 256, 132, 90), Some((4 << 20, 8)));
+        assert_eq!(column_sum_scratch(512, 256, 132, 90), None);
+        assert_eq!(
+            column_sum_scratch(2048, 2048, 132, 90),
+            Some((32 << 20, 64))
+        );
         // An RTX 4070 (46 SMs x 1536 threads: 12 blocks of 128 each): 2048 x 4096, 32 output blocks, ctas =
         // clamp(ceil(552 / 32) = 18, 2, 32) = 18.
         assert_eq!(
-            column_sum_scratch(2048, 4096, 89),
+            column_sum_scratch(2048, 4096, 46, 89),
             Some((4 * 4096 * 18 * 32 * 4, 128))
         );
     }
