@@ -248,7 +248,9 @@ const RESERVED_KNOWN: &[(&str, &str)] = &[
          weight gradients, and PyTorch's allocator needs new 48 MiB segments for the recomputed fc and GELU outputs \
          (backward wrapper lines 2356-2359 and 2561) and 24 to 48 MiB more in steps 2 and 3 (lines 2375, 2400, \
          2561), where the model reuses freed ones. No GEMM of this step takes cuBLASLt's workspace (the fake-cuda \
-         tracker, which tells the two apart, charges only cuBLAS's), so the workspaces are not the cause",
+         tracker, which tells the two apart, charges only cuBLAS's), so the workspaces are not the cause. With the \
+         wrapper's reuse rule replayed (compiled.rs `INDUCTOR_BUFFER_REUSE`, off) the model gives 602, 684 and 684 \
+         MiB for steps 1 to 3 (measured 650, 678, 758): the block structure above is what is left",
     ),
     (
         "tiny-vocab-grads-amp-compiled",
@@ -263,7 +265,8 @@ const RESERVED_KNOWN: &[(&str, &str)] = &[
          early embedding buffers (tried, not kept) gives 46.04 MiB allocated (-0.01%) and still 48 MiB reserved: the \
          rest is the wrapper's buffer reuse, which the model frees and allocates. Modelling it means running LPMF's \
          choice on the model's own graph. No GEMM here takes cuBLASLt's workspace (the fake-cuda record, re-measured \
-         with the tracker that tells the two apart, is unchanged)",
+         with the tracker that tells the two apart, is unchanged). The reuse rule replayed alone (compiled.rs \
+         `INDUCTOR_BUFFER_REUSE`) leaves 48 MiB: LPMF's order is needed first",
     ),
 ];
 

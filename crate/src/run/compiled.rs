@@ -1022,12 +1022,16 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
     f
 }
 
-/// Whether the wrapper's buffer reuse is replayed (`Sim::begin_graph`, `plan_reuse`). Off: the rule is
-/// Inductor's, but it pairs each dead buffer with the next allocation of its key in the model's order, and that
-/// order does not yet follow Inductor's kernels closely enough for the caching allocator's replay to gain from
-/// it. Measured over the 73 stub-cuda compiled records (issue 10): reserved within 3% 70/73 with it (median
-/// 0.11%) against 71/73 (0.09%) without; llama-3.2-1b-like-b1 within 0.01% either way, qwen-like-tied-152k
-/// from -0.09% to +5.6%, shakespeare-char-ckpt from -7.7% to -9.8%, tiny-vocab-grads-amp unchanged (-4.0%).
+/// Whether the wrapper's buffer reuse is replayed (`Sim::begin_graph`, `plan_reuse`). The rule is Inductor's,
+/// but it pairs each dead buffer with the next allocation of its key in the model's order, which follows
+/// Inductor's kernels block by block but not everywhere (a checkpointed nanoGPT block's first run holds its
+/// buffers to the block's end and keeps dropout masks; the checkpointed backward does not interleave each
+/// recompute with the previous block's weight gradients; LPMF's order is not run). Measured over the 73 stub-cuda
+/// compiled records (issue 10), on, against off: allocated within 2% 73/73 (median 0.37%) against 72/73 (0.39%);
+/// reserved within 3% 71/73 either way, median 0.08% against 0.09%; but shakespeare-char-ckpt's reserved goes from
+/// -7.7% to -9.8% (its steps 1 and 2 come closer, 602 and 684 MiB against 650 and 678 measured, where off gives
+/// 586 and 668; neither grows in step 3 as PyTorch's allocator does, to 758) and tiny-vocab-grads-amp stays at
+/// -4.0% (48 MiB against 50). Off until those two come closer.
 const INDUCTOR_BUFFER_REUSE: bool = false;
 
 /// A compiled graph starts (`INDUCTOR_BUFFER_REUSE`).
