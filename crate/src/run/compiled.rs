@@ -128,15 +128,15 @@
 //! `qwen-like-tied-152k-compiled`: down_proj's output is freed after the next input_layernorm's, which cannot take
 //! its block).
 //!
-//! What it does not follow is the rest of Inductor's scheduler. Where the wrapper hands a dead buffer to a new
-//! one of the same dtype and size (`bufM = bufN  # reuse`, its memory planning) the model frees and allocates,
-//! which the caching allocator mostly serves from the same block (the rule itself is `Sim::begin_graph`'s, with
-//! each buffer's dtype width and the extern kernels marked here, but off: `INDUCTOR_BUFFER_REUSE`); a checkpointed backward interleaves each
-//! block's recompute with the previous block's gradients (`shakespeare-char-ckpt`) and, for Llama, runs the
-//! attention's weight gradients after all its input gradients (`llama-ckpt-fp16amp-accum2`), where the model
-//! keeps the order above; and in small graphs whose weight gradients outweigh their activations Inductor moves
-//! the conversions to the end (`tiny-vocab-grads-amp`). Checked against the compiled configs in
-//! `tests/data/compiled/` and `tests/data/stub-cuda/` (docs/ACCURACY.md).
+//! What it does not follow is the rest of Inductor's scheduler. Where the wrapper hands a dead buffer to a new one of
+//! the same dtype and size (`bufM = bufN # reuse`, its memory planning) the model frees and allocates, which the
+//! caching allocator mostly serves from the same block (the rule itself is `Sim::begin_graph`'s, with each buffer's
+//! dtype width and the extern kernels marked here, but off: `INDUCTOR_BUFFER_REUSE`); a checkpointed backward
+//! interleaves each block's recompute with the previous block's gradients (`shakespeare-char-ckpt`) and, for Llama,
+//! runs the attention's weight gradients after all its input gradients (`llama-ckpt-fp16amp-accum2`), where the model
+//! keeps the order above; and in small graphs whose weight gradients outweigh their activations Inductor moves the
+//! conversions to the end (`tiny-vocab-grads-amp`). Checked against the compiled configs in `tests/data/compiled/`
+//! and `tests/data/stub-cuda/` (docs/ACCURACY.md).
 
 use crate::arch::{Core, Mlp, Norm, Positions, Program, Qkv};
 use crate::policy::SdpaBackend;
@@ -441,6 +441,7 @@ fn fused_attn_fwd(
     last: bool,
     deferred: &mut Vec<Tensor>,
     recompute: bool,
+    discarded: bool,
 ) -> (Attn, Tensor, Option<Tensor>) {
     let c = cx.m.n_embd;
     let nc = cx.n * c;
@@ -482,7 +483,9 @@ fn fused_attn_fwd(
     let w_proj = weight_cast(cx, c * c);
     let proj = linear_mm(cx, nc * p, p, Temporary, (cx.arch.linear_bias, true));
     let x_mid = alloc_as(cx, nc * r, cx.r, Activations, "add");
-    let mask1 = residual_mask(cx, nc, recompute);
+    let mask1 = (!discarded)
+        .then(|| residual_mask(cx, nc, recompute))
+        .flatten();
     if cx.arch.dropout && !last {
         cx.free(proj);
     } else {
@@ -797,8 +800,17 @@ fn mlp_fwd(
             let w_fc = weight_cast(cx, i * c);
             let h = linear_mm(cx, cx.n * i * p, p, Activations, (bias, false));
             let w_mlp = weight_cast(cx, c * i);
-            let g = alloc_as(cx, cx.n * i * p, p, Activations, "gelu");
-            let mask2 = residual_mask(cx, nc, recompute);
+            // In a checkpointed block's first run fc's output dies with GELU, which is written over it, and no
+            // dropout mask is kept: the kernels draw from the Philox seed (wrapper of the forward of
+            // `shakespeare-char-ckpt-compiled`: `buf28 = buf27  # reuse`, no bool buffer).
+            let g = if discarded {
+                h
+            } else {
+                alloc_as(cx, cx.n * i * p, p, Activations, "gelu")
+            };
+            let mask2 = (!discarded)
+                .then(|| residual_mask(cx, nc, recompute))
+                .flatten();
             linear_workspace(cx, bias, true);
             let x_out = want_out.then(|| alloc_as(cx, nc * r, cx.r, Activations, "add"));
             let saved = MlpSaved::Gelu { w_fc, h, w_mlp, g };
@@ -889,7 +901,7 @@ fn block_fwd(
     let norm1 = pre.then(|| norm_fwd(cx, false));
     let (attn, x_mid, mask1, post1) = match cx.arch.qkv {
         Qkv::Fused => {
-            let (attn, x_mid, mask1) = fused_attn_fwd(cx, last, deferred, recompute);
+            let (attn, x_mid, mask1) = fused_attn_fwd(cx, last, deferred, recompute, discarded);
             (attn, Some(x_mid), mask1, None)
         }
         // GPT-NeoX's per-head packing comes with parallel branches: `neox_block_fwd`.
@@ -1024,14 +1036,13 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
 
 /// Whether the wrapper's buffer reuse is replayed (`Sim::begin_graph`, `plan_reuse`). The rule is Inductor's,
 /// but it pairs each dead buffer with the next allocation of its key in the model's order, which follows
-/// Inductor's kernels block by block but not everywhere (a checkpointed nanoGPT block's first run holds its
-/// buffers to the block's end and keeps dropout masks; the checkpointed backward does not interleave each
-/// recompute with the previous block's weight gradients; LPMF's order is not run). Measured over the 73 stub-cuda
-/// compiled records (issue 10), on, against off: allocated within 2% 73/73 (median 0.37%) against 72/73 (0.39%);
-/// reserved within 3% 71/73 either way, median 0.08% against 0.09%; but shakespeare-char-ckpt's reserved goes from
-/// -7.7% to -9.8% (its steps 1 and 2 come closer, 602 and 684 MiB against 650 and 678 measured, where off gives
-/// 586 and 668; neither grows in step 3 as PyTorch's allocator does, to 758) and tiny-vocab-grads-amp stays at
-/// -4.0% (48 MiB against 50). Off until those two come closer.
+/// Inductor's kernels block by block but not everywhere (a checkpointed block's first run holds its buffers to
+/// the block's end; the checkpointed backward does not interleave each recompute with the previous block's
+/// weight gradients; LPMF's order is not run). Measured over the 73 stub-cuda compiled records (issue 10), on,
+/// against off: allocated within 2% 73/73 (median 0.37%) against 72/73 (0.39%); reserved within 3% 71/73 either
+/// way, median 0.05% against 0.08%; but shakespeare-char-ckpt's reserved goes from -6.6% to -8.7% (steps 1 to 3:
+/// 610, 692, 692 MiB on, 594, 676, 708 off, 650, 678, 758 measured: neither grows in step 3 as PyTorch's
+/// allocator does) and tiny-vocab-grads-amp stays at -4.0% (48 MiB against 50). Off until those two come closer.
 const INDUCTOR_BUFFER_REUSE: bool = false;
 
 /// A compiled graph starts (`INDUCTOR_BUFFER_REUSE`).

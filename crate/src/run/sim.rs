@@ -176,7 +176,8 @@ struct Graph {
 
 #[derive(Debug, Clone)]
 enum GraphOp {
-    /// An allocation: the bytes the buffer asks for and its elements' width (Inductor's reuse key), whether the wrapper allocates it
+    /// An allocation: the bytes the buffer asks for and its elements' width (Inductor's reuse key), whether the
+    /// wrapper allocates it
     /// (`AllocateLine`; not an extern kernel's own output).
     Alloc {
         id: u32,
@@ -635,8 +636,8 @@ struct Reuse {
 /// Inductor's buffer reuse (PyTorch 2.15, torch/_inductor/codegen/wrapper.py), over one graph's allocations and
 /// frees in the wrapper's order:
 /// - a buffer the graph allocated, once dead (`FreeIfNotReusedLine`), goes on a pool under its reuse key
-///   (`buffer_reuse_key`: device, dtype, storage size, ...; here the bytes it asks for and its elements' width); the graph's inputs are
-///   freed but never pooled (`codegen_free`: `InputBuffer` and `DonatedBuffer` get a plain `FreeLine`), unless
+///   (`buffer_reuse_key`: device, dtype, storage size, ...; here the bytes it asks for and its elements'
+///   width); the graph's inputs are freed but never pooled (`codegen_free`: `InputBuffer` and `DonatedBuffer` get a plain `FreeLine`), unless
 ///   a kernel wrote over one in place (`adopt`);
 /// - a later allocation the wrapper makes (`AllocateLine`) with that key takes the buffer last pooled under it
 ///   (`MemoryPlanningState.pop`: last freed first), so the dead buffer stays allocated until then and its free is
