@@ -194,19 +194,22 @@ const ALLOCATED_KNOWN_TOLERANCE: f64 = 0.03;
 const RESERVED_KNOWN: &[(&str, &str)] = &[
     (
         "shakespeare-char-ckpt-compiled",
-        "checkpointed, fp16-amp with dropout: 758 MiB reserved, 700 modelled. Inductor kept its own order for both \
+        "checkpointed, fp16-amp with dropout: 758 MiB reserved, 708 modelled. Inductor kept its own order for both \
          graphs (reorder_for_peak_memory's estimates: forward 296,093,800 B against LPMF's 297,323,368, backward \
          507,501,856 against 1,390,956,952), so the difference is its memory planning: a buffer the wrapper frees is \
          handed to the next allocation of the same dtype and size, last freed first (`# reuse`), and stays \
          allocated until then. In the checkpointed forward the QKV output, the weight casts and the fc output \
          (GELU written over it) pass from block to block, attention's output becomes ln_2's, the block's output is \
          written over the stream after attention, and no dropout mask exists (the kernels draw from the seed); the \
-         model holds a block's buffers until the block ends (step 1 forward: 496 MiB reserved modelled, 416 \
-         measured). The backward reuses as much, interleaving each block's recompute with the previous block's \
-         weight gradients, and PyTorch's allocator needs new 48 MiB segments for the recomputed fc and GELU outputs \
-         (backward wrapper lines 2356-2359 and 2561) and 24 to 48 MiB more in steps 2 and 3 (lines 2375, 2400, \
+         model (which writes GELU over fc's output and keeps no mask there) holds a block's buffers until the block \
+         ends (step 1 forward: 496 MiB reserved modelled before those two, 416 measured). The backward reuses as \
+         much, interleaving each block's recompute with the previous block's weight gradients, and PyTorch's \
+         allocator needs new 48 MiB segments for the recomputed fc and GELU outputs (backward wrapper lines \
+         2356-2359 and 2561) and 24 to 48 MiB more in steps 2 and 3 (lines 2375, 2400, \
          2561), where the model reuses freed ones. No GEMM of this step takes cuBLASLt's workspace (the fake-cuda \
-         tracker, which tells the two apart, charges only cuBLAS's), so the workspaces are not the cause",
+         tracker, which tells the two apart, charges only cuBLAS's), so the workspaces are not the cause. Steps 1 to \
+         3: 594, 676, 708 MiB modelled, 650, 678, 758 measured; with the wrapper's reuse rule replayed (compiled.rs \
+         `INDUCTOR_BUFFER_REUSE`, off) 610, 692, 692: the block structure above is what is left",
     ),
     (
         "tiny-vocab-grads-amp-compiled",
@@ -221,7 +224,8 @@ const RESERVED_KNOWN: &[(&str, &str)] = &[
          early embedding buffers (tried, not kept) gives 46.04 MiB allocated (-0.01%) and still 48 MiB reserved: the \
          rest is the wrapper's buffer reuse, which the model frees and allocates. Modelling it means running LPMF's \
          choice on the model's own graph. No GEMM here takes cuBLASLt's workspace (the fake-cuda record, re-measured \
-         with the tracker that tells the two apart, is unchanged)",
+         with the tracker that tells the two apart, is unchanged). The reuse rule replayed alone (compiled.rs \
+         `INDUCTOR_BUFFER_REUSE`) leaves 48 MiB: LPMF's order is needed first",
     ),
 ];
 

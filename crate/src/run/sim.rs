@@ -86,6 +86,15 @@ struct Slot {
     held: bool,
     /// Freed by its owner while held: `release_hold` frees it.
     let_go: bool,
+    /// The caching allocator's caller id of the block this tensor lives in: its own index, or, for a buffer
+    /// Inductor's wrapper handed a dead one to (`# reuse`), that buffer's block.
+    block: u32,
+    /// Allocated in the compiled graph under way (`Sim::begin_graph`) and not yet freed there.
+    pending: bool,
+    /// Freed in the compiled graph under way, not yet replayed.
+    doomed: bool,
+    /// The bytes asked for and the elements' width (`alloc_typed`): Inductor's reuse key.
+    key: (u64, u64),
 }
 
 /// Where in the step an allocation happens.
@@ -147,6 +156,43 @@ pub struct Sim {
     stream: Stream,
     /// Every allocation and free, when recording (for comparing with a measured trace).
     events: Option<Vec<Event>>,
+    /// The compiled graph under way, whose allocations wait for its memory plan (`begin_graph`).
+    graph: Option<Graph>,
+    /// Allocations made now are an extern kernel's own outputs, which the wrapper never plans (`set_extern`).
+    extern_outputs: bool,
+    /// Buffers whose last reader is a fused kernel not yet made (`free_after_next_kernel`).
+    read_by_next_kernel: Vec<Tensor>,
+}
+
+/// One compiled graph's allocations and frees, held back until the graph ends (`Sim::begin_graph`).
+#[derive(Debug, Clone)]
+struct Graph {
+    /// The first tensor index allocated in the graph: older tensors are its inputs.
+    first: usize,
+    /// Inputs the graph wrote over in place (`adopt`): its own buffers from then on.
+    adopted: std::collections::HashSet<u32>,
+    ops: Vec<GraphOp>,
+}
+
+#[derive(Debug, Clone)]
+enum GraphOp {
+    /// An allocation: the bytes the buffer asks for and its elements' width (Inductor's reuse key), whether the
+    /// wrapper allocates it
+    /// (`AllocateLine`; not an extern kernel's own output).
+    Alloc {
+        id: u32,
+        key: (u64, u64),
+        op: &'static str,
+        planned: bool,
+    },
+    Free(u32),
+    Scratch {
+        n_bytes: u64,
+        category: Category,
+        op: &'static str,
+    },
+    Stage(u32, &'static str),
+    Layer(Option<u32>),
 }
 
 /// One allocator event: bytes > 0 allocates, < 0 frees.
@@ -190,6 +236,9 @@ impl Sim {
             replay_limit: u64::MAX,
             stream: Stream::DEFAULT,
             events: None,
+            graph: None,
+            extern_outputs: false,
+            read_by_next_kernel: Vec::new(),
         }
     }
 
@@ -204,6 +253,10 @@ impl Sim {
 
     /// Enters a stage of a step; the timeline gets one point per stage.
     pub fn stage(&mut self, step: u32, stage: &'static str) {
+        if let Some(g) = self.graph.as_mut() {
+            g.ops.push(GraphOp::Stage(step, stage));
+            return;
+        }
         self.phase = Phase {
             step,
             stage,
@@ -223,6 +276,10 @@ impl Sim {
     }
 
     pub fn layer(&mut self, layer: Option<u32>) {
+        if let Some(g) = self.graph.as_mut() {
+            g.ops.push(GraphOp::Layer(layer));
+            return;
+        }
         self.phase.layer = layer;
     }
 
@@ -235,15 +292,62 @@ impl Sim {
     /// Allocates `n_bytes` (rounded to the allocator's block size) for `op`, on the current stream.
     #[inline]
     pub fn alloc(&mut self, n_bytes: u64, category: Category, op: &'static str) -> Tensor {
+        self.alloc_typed(n_bytes, 0, category, op)
+    }
+
+    /// `alloc` of a buffer of `width`-byte elements (0: not said). In a compiled graph the width stands for the
+    /// dtype of Inductor's reuse key (`plan_reuse`).
+    #[inline]
+    pub fn alloc_typed(
+        &mut self,
+        n_bytes: u64,
+        width: u64,
+        category: Category,
+        op: &'static str,
+    ) -> Tensor {
         let bytes = block_bytes(n_bytes);
         let id = self.slots.len() as u32;
+        let in_graph = self.graph.is_some();
         self.slots.push(Slot {
             bytes,
             category,
-            live: true,
+            live: false,
             held: false,
             let_go: false,
+            block: id,
+            pending: in_graph,
+            doomed: false,
+            key: (n_bytes, width),
         });
+        if let Some(g) = self.graph.as_mut() {
+            g.ops.push(GraphOp::Alloc {
+                id,
+                key: (n_bytes, width),
+                op,
+                planned: !self.extern_outputs,
+            });
+        } else {
+            self.commit_alloc(id, None, op);
+        }
+        Tensor(id as usize)
+    }
+
+    /// Makes slot `id` live: in a new block, or in the block of `reused` (a dead buffer the wrapper hands it).
+    fn commit_alloc(&mut self, id: u32, reused: Option<u32>, op: &'static str) {
+        let slot = &mut self.slots[id as usize];
+        slot.live = true;
+        slot.pending = false;
+        let (bytes, category) = (slot.bytes, slot.category);
+        if let Some(old) = reused {
+            // The block passes from the dead buffer to the new one: nothing is allocated or freed.
+            let old_slot = &mut self.slots[old as usize];
+            old_slot.live = false;
+            let (block, old_category) = (old_slot.block, old_slot.category);
+            self.slots[id as usize].block = block;
+            self.by_category[old_category.index()] -= bytes;
+            self.by_category[category.index()] += bytes;
+            return;
+        }
         self.live_bytes += bytes;
         self.by_category[category.index()] += bytes;
         // Past the capacity the allocator keeps going (counting the OOM), so the run shows how far it overshoots.
@@ -279,12 +383,19 @@ impl Sim {
                 op,
             };
         }
-        Tensor(self.slots.len() - 1)
     }
 
     /// Allocates and frees at once: scratch a kernel uses only while it runs. The allocator takes it in one call
     /// (`CachingAllocator::scratch_overcommitting`), which skips the split and merge a cached block would see.
     pub fn scratch(&mut self, n_bytes: u64, category: Category, op: &'static str) {
+        if let Some(g) = self.graph.as_mut() {
+            g.ops.push(GraphOp::Scratch {
+                n_bytes,
+                category,
+                op,
+            });
+            return;
+        }
         let replay = self.replay;
         let bytes = block_bytes(n_bytes);
         if replay && bytes > 0 {
@@ -297,6 +408,82 @@ impl Sim {
         self.replay = replay;
         if replay {
             self.check_replay_limit();
+        }
+    }
+
+    /// A compiled graph starts: Inductor's generated wrapper runs it, and its memory planning
+    /// (`PythonWrapperCodegen.memory_plan_reuse` in torch/_inductor/codegen/wrapper.py, on by default as
+    /// `config.allow_buffer_reuse`) decides which buffers are really freed. Until `end_graph` the graph's
+    /// allocations and frees are held back; there they are planned (`plan_reuse`) and replayed.
+    pub fn begin_graph(&mut self) {
+        debug_assert!(self.graph.is_none(), "graphs do not nest");
+        self.graph = Some(Graph {
+            first: self.slots.len(),
+            adopted: std::collections::HashSet::new(),
+            ops: Vec::new(),
+        });
+    }
+
+    /// The graph under way writes a kernel's output over input `t`, which dies there (a saved tensor donated to
+    /// the backward, `codegen_inplace_reuse`): the buffer is the graph's from then on, and pooled when it dies.
+    pub fn adopt(&mut self, t: Tensor) {
+        if let Some(g) = self.graph.as_mut() {
+            g.adopted.insert(t.0 as u32);
+        }
+    }
+
+    /// Allocations from now on are (`true`) or are not an extern kernel's own outputs: a fallback op such as
+    /// SDPA's allocates its outputs itself (`MultiOutput`, no `AllocateLine`), so the wrapper never hands them a
+    /// dead buffer, though once dead they can be handed on.
+    pub fn set_extern(&mut self, extern_outputs: bool) {
+        self.extern_outputs = extern_outputs;
+    }
+
+    /// `t`'s last reader is the next fused kernel (a residual add fused with the next norm): it dies once that
+    /// kernel's outputs are allocated (`next_kernel_made`), so none of them can take its block.
+    pub fn free_after_next_kernel(&mut self, t: Tensor) {
+        self.read_by_next_kernel.push(t);
+    }
+
+    /// The fused kernel of `free_after_next_kernel` has its outputs: what it read last dies.
+    pub fn next_kernel_made(&mut self) {
+        for t in std::mem::take(&mut self.read_by_next_kernel) {
+            self.free(t);
+        }
+    }
+
+    /// The compiled graph has returned: its buffers' reuse is planned and everything it did is replayed, a
+    /// reused buffer's free and its successor's allocation becoming one block passed on.
+    pub fn end_graph(&mut self) {
+        self.next_kernel_made();
+        let Some(g) = self.graph.take() else {
+            return;
+        };
+        let reuse = plan_reuse(&g, |id| {
+            let slot = &self.slots[id as usize];
+            (slot.bytes, slot.key)
+        });
+        for op in g.ops {
+            match op {
+                GraphOp::Alloc { id, op, .. } => {
+                    let old = reuse.of.get(&id).copied();
+                    self.commit_alloc(id, old, op);
+                }
+                GraphOp::Free(id) => {
+                    if !reuse.handed_on.contains(&id) {
+                        self.free(Tensor(id as usize));
+                    } else {
+                        self.slots[id as usize].doomed = false;
+                    }
+                }
+                GraphOp::Scratch {
+                    n_bytes,
+                    category,
+                    op,
+                } => self.scratch(n_bytes, category, op),
+                GraphOp::Stage(step, stage) => self.stage(step, stage),
+                GraphOp::Layer(layer) => self.layer(layer),
+            }
         }
     }
 
@@ -320,6 +507,16 @@ impl Sim {
     #[inline]
     pub fn free(&mut self, t: Tensor) {
         let slot = &mut self.slots[t.0];
+        if self.graph.is_some() {
+            if slot.pending || (slot.live && !slot.doomed) {
+                slot.pending = false;
+                slot.doomed = true;
+                if let Some(g) = self.graph.as_mut() {
+                    g.ops.push(GraphOp::Free(t.0 as u32));
+                }
+            }
+            return;
+        }
         if slot.held {
             slot.let_go = true;
             return;
@@ -328,12 +525,14 @@ impl Sim {
             slot.live = false;
             self.live_bytes -= slot.bytes;
             self.by_category[slot.category.index()] -= slot.bytes;
+            slot.doomed = false;
+            let block = slot.block;
             if self.replay {
-                self.allocator.free(t.0 as u32);
+                self.allocator.free(block);
             }
             if let Some(ev) = self.events.as_mut() {
                 ev.push(Event {
-                    id: t.0 as u32,
+                    id: block,
                     category: slot.category,
                     phase: self.phase.label(),
                     op: "free",
@@ -427,6 +626,88 @@ impl Sim {
     }
 }
 
+/// Which of a graph's allocations take a dead buffer's block (`of`: new tensor -> the dead one), and the
+/// dead buffers so handed on (`handed_on`), whose free never happens.
+struct Reuse {
+    of: std::collections::HashMap<u32, u32>,
+    handed_on: std::collections::HashSet<u32>,
+}
+
+/// Inductor's buffer reuse (PyTorch 2.15, torch/_inductor/codegen/wrapper.py), over one graph's allocations and
+/// frees in the wrapper's order:
+/// - a buffer the graph allocated, once dead (`FreeIfNotReusedLine`), goes on a pool under its reuse key
+///   (`buffer_reuse_key`: device, dtype, storage size, ...; here the bytes it asks for and its elements'
+///   width); the graph's inputs are freed but never pooled (`codegen_free`: `InputBuffer` and `DonatedBuffer` get a plain `FreeLine`), unless
+///   a kernel wrote over one in place (`adopt`);
+/// - a later allocation the wrapper makes (`AllocateLine`) with that key takes the buffer last pooled under it
+///   (`MemoryPlanningState.pop`: last freed first), so the dead buffer stays allocated until then and its free is
+///   never emitted (`# reuse`);
+/// - unless the two lines are not of adjacent scheduler nodes and holding the buffer that long would raise the
+///   graph's estimated peak (`AllocateLine.should_reuse_buffer`: its size plus the estimated peak of the nodes
+///   strictly between them, `EfficientPeakEstimate.peak_between`, must not pass the estimated peak of the whole
+///   graph); then it stays pooled and the allocation is new. A reuse raises the estimate between the two by the
+///   buffer's size (`update_peak_between`).
+///
+/// The estimate is the graph's live bytes at each scheduler node (torch/_inductor/memory.py
+/// `estimate_peak_memory`: each buffer from the node that makes it through its last reader). Here each
+/// allocation is one node and the frees that follow it belong to it; the live bytes are the graph's own
+/// (inputs included until freed: a constant offset on both sides of the comparison), without the cuBLAS
+/// scratch, which Inductor does not see.
+fn plan_reuse(g: &Graph, slot_of: impl Fn(u32) -> (u64, (u64, u64))) -> Reuse {
+    let bytes_of = |id| slot_of(id).0;
+    use std::collections::{HashMap, HashSet};
+    // Live bytes at each node (node 0: the graph's entry, before any allocation).
+    let mut mem: Vec<i64> = vec![0];
+    let mut cur: i64 = 0;
+    for op in &g.ops {
+        match *op {
+            GraphOp::Alloc { id, .. } => {
+                cur += bytes_of(id) as i64;
+                mem.push(cur);
+            }
+            GraphOp::Free(id) => cur -= bytes_of(id) as i64,
+            _ => {}
+        }
+    }
+    let overall = mem.iter().copied().max().unwrap_or(0);
+    let mut pool: HashMap<(u64, u64), Vec<(usize, u32)>> = HashMap::new();
+    let mut reuse = Reuse {
+        of: HashMap::new(),
+        handed_on: HashSet::new(),
+    };
+    let mut node = 0usize;
+    for op in &g.ops {
+        match *op {
+            GraphOp::Alloc {
+                id, key, planned, ..
+            } => {
+                node += 1;
+                if !planned {
+                    continue;
+                }
+                let Some(&(k, old)) = pool.get(&key).and_then(|s| s.last()) else {
+                    continue;
+                };
+                let size = bytes_of(id) as i64;
+                let between = mem[k + 1..node].iter().copied().max();
+                if k + 1 == node || size + between.unwrap_or(0) <= overall {
+                    pool.get_mut(&key).map(Vec::pop);
+                    reuse.of.insert(id, old);
+                    reuse.handed_on.insert(old);
+                    for m in &mut mem[k + 1..node] {
+                        *m += size;
+                    }
+                }
+            }
+            GraphOp::Free(id) if (id as usize) >= g.first || g.adopted.contains(&id) => {
+                pool.entry(slot_of(id).1).or_default().push((node, id));
+            }
+            _ => {}
+        }
+    }
+    reuse
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,5 +755,71 @@ mod tests {
         sim.free(b);
         sim.release_hold(b);
         assert_eq!(sim.live_bytes(), 0);
+    }
+
+    /// Inductor's buffer reuse within one compiled graph: a dead buffer is handed to the next allocation of the
+    /// same bytes and width, last freed first, so its block is never freed; an input of the graph, an extern
+    /// kernel's output slot, another width or another size gets a block of its own.
+    #[test]
+    fn a_graph_hands_dead_buffers_to_later_ones_of_the_same_key() {
+        let mut sim = Sim::new(AllocatorConfig::default(), u64::MAX);
+        sim.stage(1, "forward");
+        let input = sim.alloc_typed(4096, 4, Category::Activations, "input");
+        sim.begin_graph();
+        let a = sim.alloc_typed(4096, 4, Category::Activations, "a");
+        let b = sim.alloc_typed(4096, 4, Category::Activations, "b");
+        sim.free(input);
+        sim.free(a);
+        sim.free(b);
+        // Last freed first: c takes b's block, d takes a's; the input's block is not pooled.
+        let c = sim.alloc_typed(4096, 4, Category::Temporary, "c");
+        let d = sim.alloc_typed(4096, 4, Category::Temporary, "d");
+        let e = sim.alloc_typed(4096, 4, Category::Temporary, "e");
+        // Freed, then asked for by an extern kernel's output and by a buffer of another width: both new.
+        sim.free(c);
+        sim.set_extern(true);
+        let f = sim.alloc_typed(4096, 4, Category::Temporary, "f");
+        sim.set_extern(false);
+        let g = sim.alloc_typed(4096, 2, Category::Temporary, "g");
+        sim.end_graph();
+        assert_eq!(sim.slots[c.0].block, b.0 as u32);
+        assert_eq!(sim.slots[d.0].block, a.0 as u32);
+        assert_eq!(sim.slots[e.0].block, e.0 as u32);
+        assert_eq!(sim.slots[f.0].block, f.0 as u32);
+        assert_eq!(sim.slots[g.0].block, g.0 as u32);
+        // Live at the graph's peak: a and b (input freed), then c, d on their blocks and e: 3 blocks, never 4
+        // graph buffers at once; f and g come after c's block is back in the pool, unclaimed: freed.
+        assert_eq!(sim.peak().bytes, 4 * 4096);
+        assert_eq!(sim.live_bytes(), 4 * 4096);
+        let s = sim.allocator().stats();
+        assert_eq!(s.allocated_bytes.current, 4 * 4096);
+        sim.free_all(&[d, e, f, g]);
+        assert_eq!(sim.live_bytes(), 0);
+        assert_eq!(sim.allocator().stats().allocated_bytes.current, 0);
+    }
+
+    /// A dead buffer is not held for a later allocation when holding it would raise the graph's estimated peak
+    /// (`AllocateLine.should_reuse_buffer`), unless the two are adjacent nodes.
+    #[test]
+    fn a_reuse_that_would_raise_the_graphs_peak_is_not_made() {
+        let mut sim = Sim::new(AllocatorConfig::default(), u64::MAX);
+        sim.stage(1, "forward");
+        sim.begin_graph();
+        let a = sim.alloc_typed(1 << 20, 4, Category::Activations, "a");
+        sim.free(a);
+        // The graph's peak (2 MiB) comes between a's death and the next 1 MiB buffer: holding a would make it 3.
+        let big = sim.alloc_typed(2 << 20, 4, Category::Activations, "big");
+        sim.free(big);
+        let b = sim.alloc_typed(1 << 20, 4, Category::Activations, "b");
+        // Adjacent: freed after b's node, asked for by the next one.
+        sim.free(b);
+        let c = sim.alloc_typed(1 << 20, 4, Category::Activations, "c");
+        sim.end_graph();
+        assert_eq!(sim.slots[b.0].block, b.0 as u32, "a not held past the peak");
+        assert_eq!(
+            sim.slots[c.0].block, b.0 as u32,
+            "adjacent: always handed on"
+        );
+        assert_eq!(sim.peak().bytes, 2 << 20);
     }
 }
