@@ -142,6 +142,10 @@ pub struct Ddp {
     rebuilt: Option<Vec<u64>>,
     rebuild_pending: bool,
     gradient_as_bucket_view: bool,
+    /// `static_graph=True` before its first backward: the forward's outputs go through `_DDPSink`, which clones
+    /// them; that backward enqueues the delayed all-reduce and sets `_static_graph_delay_allreduce_enqueued`,
+    /// after which outputs pass unchanged.
+    sink_pending: bool,
 }
 
 impl Ddp {
@@ -178,7 +182,19 @@ impl Ddp {
             // static_graph keeps the first assignment (records: has_rebuilt_buckets 0 after three steps).
             rebuild_pending: !p.static_graph,
             gradient_as_bucket_view: p.gradient_as_bucket_view,
+            sink_pending: p.static_graph,
         }
+    }
+
+    /// Whether this forward's outputs are cloned by `_DDPSink` (`Ctx::ddp_sink_clone`). The first backward
+    /// after it, with gradient sync or not (`_DDPSink.backward` does not look), ends it: `backward_done`.
+    pub fn sink_clones(&self) -> bool {
+        self.sink_pending
+    }
+
+    /// A backward through `_DDPSink` ran: later forwards' outputs are not cloned.
+    pub fn backward_done(&mut self) {
+        self.sink_pending = false;
     }
 
     /// DDP's forward after a synchronised backward: the reducer rebuilds its buckets once (`_rebuild_buckets`),
@@ -1041,5 +1057,65 @@ mod tests {
             buckets(llama),
             blocks(&[33_554_432, 28_846_080, 51_126_272])
         );
+    }
+
+    /// `static_graph=True`: `_DDPSink` clones the model's outputs in the first forward only (gpt-ddp-w2-static's
+    /// snapshot: the bf16 logits, 8 x 256 x 16384 x 2 = 67,108,864 B, cloned after the loss), then lets the
+    /// model's go; the default DDP clones nothing.
+    #[test]
+    fn static_graph_clones_the_first_forwards_logits() {
+        let clones = |static_graph: bool| -> Vec<(String, i64)> {
+            let json = serde_json::json!({"model": {"family": "gpt2", "n_layer": 4, "n_head": 6, "n_embd": 384,
+                "vocab_size": 16384, "block_size": 256, "bias": false},
+                "train": {"batch_size": 8, "seq_len": 256, "precision": "bf16-amp",
+                          "parallel": {"strategy": "ddp", "gpus": 2, "static_graph": static_graph}}});
+            let s = crate::input::setup_from_value(&json).unwrap();
+            let sim = crate::step::simulate_recording(&s, true).unwrap();
+            sim.events()
+                .iter()
+                .filter(|e| e.op == "clone")
+                .map(|e| (e.phase.clone(), e.bytes))
+                .collect()
+        };
+        let c = clones(true);
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert!(c[0].0.starts_with("step 1 loss"), "{c:?}");
+        assert_eq!(c[0].1, 8 * 256 * 16384 * 2);
+        assert!(clones(false).is_empty());
+    }
+
+    /// Tensor parallelism alone builds the whole model, then shards it (`parallelize_module`): at tp 4 the
+    /// Llama of the records (hidden 512, 8 / 4 heads of 64, intermediate 1376, 4 layers) allocates 2 x 4 layers
+    /// rowwise weights' chunks (o_proj 512 x 128 and down_proj 512 x 344, fp32: 4 chunks each) and one shard per
+    /// sharded parameter (q, k, v, o, gate, up, down: 7 a layer), and frees each full parameter.
+    #[test]
+    fn tensor_parallel_shards_the_whole_model_built_on_the_device() {
+        let json = serde_json::json!({"model": {"family": "llama", "n_layer": 4, "n_head": 8, "n_kv_head": 4,
+            "n_embd": 512, "intermediate_size": 1376, "vocab_size": 16384, "block_size": 256,
+            "tie_embeddings": false},
+            "train": {"batch_size": 4, "seq_len": 256, "precision": "bf16-amp",
+                      "parallel": {"strategy": "single", "gpus": 4, "tp": 4}}});
+        let s = crate::input::setup_from_value(&json).unwrap();
+        let sim = crate::step::simulate_recording(&s, true).unwrap();
+        let init: Vec<_> = sim
+            .events()
+            .iter()
+            .filter(|e| e.phase.starts_with("step 0"))
+            .collect();
+        let chunks: Vec<i64> = init
+            .iter()
+            .filter(|e| e.op == "clone" && e.bytes > 0)
+            .map(|e| e.bytes)
+            .collect();
+        let o = 512 * 128 * 4;
+        let down = 512 * 344 * 4;
+        assert_eq!(chunks.len(), 4 * 2 * 4);
+        assert_eq!(chunks[..4], [o; 4]);
+        assert_eq!(chunks[4..8], [down; 4]);
+        let shards = init.iter().filter(|e| e.op == "_shard_tensor").count();
+        assert_eq!(shards, 4 * 7);
+        // The full parameters are freed: q_proj's 512 x 512 fp32 among them.
+        let full_freed = init.iter().filter(|e| e.bytes == -(512 * 512 * 4)).count();
+        assert_eq!(full_freed, 4 * 2);
     }
 }

@@ -1537,7 +1537,14 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
     let nc = cx.ns * cx.m.n_embd;
     let r = cx.r;
     let pre = cx.arch.pre_norms;
+    // The first block of a LoRA model whose input needs no gradient (`block_input_grad`): the first norm's weight
+    // is frozen too, so autograd records nothing there and the norm's fp32 copy and statistics die in its forward
+    // (stub-cuda snapshot of llama-lora-fsdp-w8: block 0's `hidden_states.to(float32)` copy is freed at the next
+    // line's rebinding; block 1's is held).
+    let saving = cx.saving;
+    cx.saving = saving && cx.block_input_grad;
     let (norm1_out, norm1) = branch_input(cx, x_in);
+    cx.saving = saving;
     // Tensor parallelism: the Linears read the norm's output all-gathered under sequence parallel; the shard
     // goes when the branch returns.
     let (norm1_out, shard1) = distributed::tp_gather_input(cx, norm1_out);
@@ -1955,6 +1962,18 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
         Some(kept) => kept,
         None => ops::keep_if_saved(cx, norm_f_out, &lm_head),
     };
+    // DDP with `static_graph=True`, until its first backward (`_static_graph_delay_allreduce_enqueued`): the
+    // wrapper's `_post_forward` passes the model's outputs through `_DDPSink`, whose forward clones every output
+    // tensor (`_ddp_sink_clone`, True by default): a new logits tensor while the model's is alive, then the model's
+    // is let go (gpt-ddp-w2-static's snapshot: a 64 MiB `clone` under `_DDPSink.forward` after the loss, the
+    // logits' free after it; the loss's 512-byte clone too, not modelled as the loss itself is not). The loss was
+    // computed from the model's logits inside the forward, so nothing it saved changes.
+    if cx.ddp_sink_clone {
+        let bytes = cx.sim.bytes_of(logits);
+        let clone = cx.alloc(bytes, Logits, "clone");
+        cx.free(logits);
+        logits = clone;
+    }
     let (logits, bound_logits) = match cx.arch.program {
         _ if cx.sp => (None, Some(logits)),
         Program::NanoGpt => (Some(logits), None),
