@@ -1118,4 +1118,40 @@ mod tests {
         let full_freed = init.iter().filter(|e| e.bytes == -(512 * 512 * 4)).count();
         assert_eq!(full_freed, 4 * 2);
     }
+
+    /// Sequence parallel alone: the embedding's gradient is the whole 16384 x 512 fp32 table (Replicate), and
+    /// each AdamW (foreach) step shards it three times (one copy for `_foreach_lerp_`, two for `_foreach_addcmul_`) into
+    /// this GPU's 4096 rows; under FSDP2 (TP x FSDP2) neither.
+    #[test]
+    fn sequence_parallel_embedding_gradient_is_replicated() {
+        let run = |strategy: &str, gpus: u64| {
+            let json = serde_json::json!({"model": {"family": "llama", "n_layer": 4, "n_head": 8,
+                "n_kv_head": 4, "n_embd": 512, "intermediate_size": 1376, "vocab_size": 16384,
+                "block_size": 256, "tie_embeddings": false},
+                "train": {"batch_size": 4, "seq_len": 256, "precision": "bf16-amp", "optimizer": "adamw",
+                          "parallel": {"strategy": strategy, "gpus": gpus, "tp": 4,
+                                       "sequence_parallel": true}}});
+            let s = crate::input::setup_from_value(&json).unwrap();
+            let sim = crate::step::simulate_recording(&s, true).unwrap();
+            let grads: Vec<i64> = sim
+                .events()
+                .iter()
+                .filter(|e| e.op == "embedding_dense_backward" && e.phase.starts_with("step 1"))
+                .map(|e| e.bytes)
+                .collect();
+            let copies: Vec<i64> = sim
+                .events()
+                .iter()
+                .filter(|e| e.op == "_replicate_to_shard" && e.phase.starts_with("step 1"))
+                .map(|e| e.bytes)
+                .collect();
+            (grads, copies)
+        };
+        let (grads, copies) = run("single", 4);
+        assert_eq!(grads, [16384 * 512 * 4]);
+        assert_eq!(copies, [4096 * 512 * 4; 3]);
+        let (grads, copies) = run("fsdp", 8);
+        assert_eq!(grads, [4096 * 512 * 4]);
+        assert!(copies.is_empty());
+    }
 }

@@ -2162,7 +2162,16 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
         cx.sim.free_some(&[bound_logits]);
         return;
     }
-    let dense = ops::embedding_bwd(cx, cx.n, v);
+    // Sequence parallel without FSDP: the vocabulary-sharded embedding's backward runs on the all-gathered
+    // gradient and the replicated ids, and DTensor's strategy for `embedding_dense_backward` gives a Replicate
+    // gradient of the whole table (num_weights V, fp32: stub-cuda snapshots of llama-tp4-sp and llama-tp2-sp,
+    // 33,554,432 B at both tp), which the optimizer shards as it reads it (`step::optimizer_stage`).
+    let rows = if cx.sp && cx.fsdp.is_none() {
+        v * cx.tp
+    } else {
+        v
+    };
+    let dense = ops::embedding_bwd(cx, cx.n, rows);
     cx.free(g);
     cx.free(f.idx);
     match head_grad {

@@ -591,7 +591,29 @@ fn optimizer_stage(
                         vec![of(first), of(!first)]
                     }
                 };
-                for group in groups {
+                // Sequence parallel without FSDP: the embedding's gradient is Replicate (the whole table, see
+                // `eager::backward`) where its parameter and state are Shard(0), so each foreach op that reads
+                // the gradients redistributes it (`_replicate_to_shard`: a copy of this GPU's rows, freed after
+                // the op): one for `_foreach_lerp_(exp_avgs, grads)`, two for `_foreach_addcmul_(exp_avg_sqs,
+                // grads, grads)`, before `_foreach_sqrt` (stub-cuda snapshots of llama-tp4-sp, llama-tp2-sp). The
+                // embedding is the first parameter, so in the HF loop's first group.
+                let p = &tr.parallel;
+                let replicated_embedding = (p.sequence_parallel
+                    && p.tp > 1
+                    && p.strategy != Strategy::Fsdp
+                    && cx.arch.program == Program::HfLoop)
+                    .then(|| params.first().filter(|e| e.tp_sharded).map(bytes))
+                    .flatten();
+                for (i, group) in groups.into_iter().enumerate() {
+                    if let Some(shard) = replicated_embedding.filter(|_| i == 0) {
+                        let lerp = cx.alloc(shard, Temporary, "_replicate_to_shard");
+                        cx.free(lerp);
+                        let addcmul = [
+                            cx.alloc(shard, Temporary, "_replicate_to_shard"),
+                            cx.alloc(shard, Temporary, "_replicate_to_shard"),
+                        ];
+                        cx.sim.free_all(&addcmul);
+                    }
                     let tmp: Vec<Tensor> = group
                         .iter()
                         .map(|&b| cx.alloc(b, Temporary, "_foreach_sqrt"))
