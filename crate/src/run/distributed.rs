@@ -840,17 +840,38 @@ pub fn tp_branch_grad(
     Some((gathered, p, true))
 }
 
-/// The gradient of a branch's input (its colwise Linears', summed), `Partial` over the GPUs: all-reduced (plan
-/// basic; PyTorch all-reduces each Linear's before the sum, a transient of the same size), or reduce-scattered to
-/// the stream's sequence shard (sequence parallel: `PrepareModuleInput`'s backward).
-pub fn tp_input_grad(cx: &mut Ctx, g: Tensor) -> Tensor {
-    if cx.tp == 1 {
+/// Plan basic: the gradient of one colwise Linear's input (`ColwiseParallel`, input `Replicate`), `Partial` over
+/// the GPUs, is all-reduced as it leaves the Linear (the backward of the input's redistribution): a new tensor of
+/// its size, the partial one let go (stub-cuda snapshot of llama-tp4: per block, an fp32 all-reduce after each of
+/// up's and gate's input gradients, then v's, k's and q's). Nothing under sequence parallel (its Linears read the
+/// gathered input; `tp_input_grad` reduce-scatters the sum) or on one GPU.
+pub fn tp_colwise_input_grad(cx: &mut Ctx, g: Tensor) -> Tensor {
+    if cx.tp == 1 || cx.sp {
         return g;
     }
-    if cx.sp {
-        return tp_head_input_grad(cx, g);
-    }
     all_reduce(cx, g, Temporary)
+}
+
+/// The sum of a branch input's gradients, `acc` so far and `g` (`n_bytes` each): on one GPU and under sequence
+/// parallel a new tensor (`ops::grad_sum`); under plan basic the all-reduced gradients are fresh tensors nothing
+/// else holds, so autograd's input buffer adds each later one into the first in place and lets it go (the
+/// snapshot of llama-tp4: no `add` between the all-reduces, each freed after the next Linear's).
+pub fn tp_grad_sum(cx: &mut Ctx, acc: Tensor, g: Tensor, n_bytes: u64) -> Tensor {
+    if cx.tp == 1 || cx.sp {
+        return crate::tensors::grad_sum(cx, acc, g, n_bytes);
+    }
+    cx.free(g);
+    acc
+}
+
+/// The gradient of a branch's input (its colwise Linears', summed) under sequence parallel: reduce-scattered to
+/// the stream's sequence shard (`PrepareModuleInput`'s backward). Plan basic all-reduced each Linear's already
+/// (`tp_colwise_input_grad`); one GPU has nothing to do.
+pub fn tp_input_grad(cx: &mut Ctx, g: Tensor) -> Tensor {
+    if cx.tp == 1 || !cx.sp {
+        return g;
+    }
+    tp_head_input_grad(cx, g)
 }
 
 /// The gradient of the LM head's input under sequence parallel (`ColwiseParallel` from `Shard(1)`): reduce-scattered
@@ -1117,6 +1138,22 @@ mod tests {
         // The full parameters are freed: q_proj's 512 x 512 fp32 among them.
         let full_freed = init.iter().filter(|e| e.bytes == -(512 * 512 * 4)).count();
         assert_eq!(full_freed, 4 * 2);
+        // Plan basic's backward all-reduces each colwise Linear's input gradient (fp32, 4 x 256 x 512 x 4 B):
+        // up's and gate's, then v's, k's and q's, five a block, each summed in place into the first (no `add`
+        // among a branch's all-reduces).
+        let block3: Vec<_> = sim
+            .events()
+            .iter()
+            .filter(|e| e.phase == "step 1 backward (block 3)" && e.bytes > 0)
+            .collect();
+        let at: Vec<usize> = (0..block3.len())
+            .filter(|&i| block3[i].op == "all_reduce")
+            .collect();
+        assert_eq!(at.len(), 5);
+        assert!(at.iter().all(|&i| block3[i].bytes == 4 * 256 * 512 * 4));
+        for (from, to) in [(at[0], at[1]), (at[2], at[4])] {
+            assert!(block3[from..to].iter().all(|e| e.op != "add"));
+        }
     }
 
     /// Sequence parallel alone: the embedding's gradient is the whole 16384 x 512 fp32 table (Replicate), and

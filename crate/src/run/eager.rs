@@ -1247,10 +1247,13 @@ fn attn_bwd(
             };
             let v_bytes = v.out_bytes;
             let g_hv = ops::linear_bwd(cx, dv, v_bytes, true, v, None);
+            let g_hv = distributed::tp_colwise_input_grad(cx, g_hv);
             let g_hk = ops::linear_bwd(cx, gk, qk_bytes, true, k, None);
-            let acc = ops::grad_sum(cx, g_hv, g_hk, nc * r);
+            let g_hk = distributed::tp_colwise_input_grad(cx, g_hk);
+            let acc = distributed::tp_grad_sum(cx, g_hv, g_hk, nc * r);
             let g_hq = ops::linear_bwd(cx, gq, qk_bytes, true, s.q, norm_out);
-            ops::grad_sum(cx, acc, g_hq, nc * r)
+            let g_hq = distributed::tp_colwise_input_grad(cx, g_hq);
+            distributed::tp_grad_sum(cx, acc, g_hq, nc * r)
         }
     }
 }
@@ -1372,12 +1375,14 @@ pub(crate) fn swiglu_bwd(
     cx.free(g_prod);
     cx.free(up_out);
     let g_a = ops::linear_bwd(cx, g_up, ub, true, up, None);
+    let g_a = distributed::tp_colwise_input_grad(cx, g_a);
     cx.free(silu);
     let g_gate = cx.alloc(cx.n * i * gb, Temporary, act_bwd_name(cx));
     cx.free(g_silu);
     cx.free(gate_out);
     let g_b = ops::linear_bwd(cx, g_gate, gb, true, gate, norm_out);
-    ops::grad_sum(cx, g_a, g_b, nc * r)
+    let g_b = distributed::tp_colwise_input_grad(cx, g_b);
+    distributed::tp_grad_sum(cx, g_a, g_b, nc * r)
 }
 
 /// Backward of the MLP branch from the residual gradient `g_out` (held by the skip path) to the second norm's
