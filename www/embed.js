@@ -26,6 +26,7 @@ const KNOBS = {
     'lion', 'lion8bit']],
   attention: ['Attention', ['sdpa', 'manual', 'flash_attention_2']], checkpointing: ['Checkpointing', 'checkbox'],
   grad_accum_steps: ['Grad accumulation', 'number'], dropout: ['Dropout', 'number'], gpu: ['GPU', 'gpu'],
+  sms: ['SMs', 'number'],
   zero_grad_set_to_none: ['zero_grad(set_to_none)', 'checkbox'], compile: ['torch.compile', 'checkbox'],
   alloc_conf: ['PYTORCH_CUDA_ALLOC_CONF', 'text'], sliding_window: ['Sliding window', 'number'],
   head_dim: ['Head size', 'number'], rotary_dims: ['Rotary dims per head', 'number'],
@@ -49,7 +50,7 @@ const PARALLEL_KEYS = ['gpus', 'tp', 'sequence_parallel', 'reshard_after_forward
 // Selects whose empty choice means "leave the key out" (the core has no empty value for them).
 const OMIT_EMPTY = ['param_dtype', 'reduce_dtype'];
 const DEFAULT_SHOW = 'batch_size,seq_len,precision,gpu';
-const DEVICE_KEYS = ['memory_gib', 'compute_capability'];
+const DEVICE_KEYS = ['memory_gib', 'compute_capability', 'sms'];
 
 const CSS = `
 .root { all: initial; display: block; box-sizing: border-box; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif;
@@ -281,6 +282,8 @@ class VramFit extends HTMLElement {
     else {
       this.params.set(key, input.value);
       if (key === 'block_size') this.params.set('seq_len', input.value);
+      // Another SM count is no longer the preset's device.
+      if (key === 'sms') { this.params.delete('gpu'); this.chosenGpu = ''; }
     }
     // Tensor parallelism alone is strategy single with its tp.
     if (['tp', 'sequence_parallel'].includes(key) && !this.params.has('parallel')) this.params.set('parallel', 'single');
@@ -317,6 +320,7 @@ class VramFit extends HTMLElement {
     if (this.methods) this.showMethods(q);
     this.dataset.status = 'ok';
     this.dataset.peakBytes = String(e.peak_allocated_bytes);
+    this.dataset.reservedBytes = String(e.peak_reserved_bytes);
     this.dispatchEvent(new CustomEvent('vramfit:estimate', { detail: { peak_allocated_bytes: e.peak_allocated_bytes } }));
   }
 

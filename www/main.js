@@ -8,7 +8,7 @@ const KNOBS = ['family', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'intermedia
   'experts_per_token', 'shared_expert_size', 'norm_topk_prob', 'router_aux_loss', 'dropout', 'batch_size', 'seq_len', 'precision', 'optimizer', 'attention',
   'compile', 'checkpointing', 'grad_accum_steps', 'grad_clip', 'zero_grad_set_to_none', 'alloc_conf', 'lora', 'lora_r',
   'lora_alpha', 'lora_dropout', 'lora_target_modules', 'lora_modules_to_save', 'base_dtype', 'quantization',
-  'double_quant', 'memory_gib', 'compute_capability'];
+  'double_quant', 'memory_gib', 'compute_capability', 'sms'];
 // Fields some families have: index.html's `data-families` on each field's box lists them ("hf": every family
 // but gpt2). The others' fields are hidden and left out of the query.
 function fieldFamilies(k) {
@@ -32,7 +32,7 @@ const PARALLEL_DEFAULTS = { parallel: 'single', gpus: '8', tp: '1', sequence_par
 const DEFAULT_PRESET = 'nanogpt-30m';
 const DEFAULT_GPU = 'rtx-4070';
 // The device's fields: they follow the GPU select, and nothing but the GPU (or a person typing) changes them.
-const DEVICE_KEYS = ['memory_gib', 'compute_capability'];
+const DEVICE_KEYS = ['memory_gib', 'compute_capability', 'sms'];
 
 let lastGood = null; // the last query that estimated without error
 let lastEstimate = null; // its estimate (the predicted peaks a dropped snapshot is compared with)
@@ -628,6 +628,12 @@ async function main() {
       if (gpuDetails.has(p.get('gpu'))) applyGpu(p.get('gpu'));
       else $('gpu').value = 'custom';
     } else if (p.has('memory_gib')) $('gpu').value = 'custom';
+    // A device given without its SM count (links from before the field): the count the core takes for it.
+    if (!p.has('gpu') && !p.has('sms') && (p.has('memory_gib') || p.has('compute_capability'))) {
+      const form = new URLSearchParams(formQuery());
+      form.delete('sms');
+      try { $('sms').value = new URLSearchParams(vf.normalize_query(form.toString()).query).get('sms') || ''; } catch { /* reported below */ }
+    }
   }
   $('form').addEventListener('input', (ev) => {
     if (ev.target.id === 'paste') return;

@@ -103,9 +103,9 @@ pub fn setup_from_bytes(data: &[u8]) -> Setup {
             quantization: None,
             parallel: Default::default(),
         },
-        device: DeviceConfig {
-            sm: u32::from(b.byte()),
-            memory_bytes: b.u64(),
+        device: {
+            let sm = u32::from(b.byte());
+            DeviceConfig::new(sm, b.u64())
         },
     };
     // PYTORCH_CUDA_ALLOC_CONF from the bytes after the device (earlier corpus entries keep their meaning).

@@ -114,10 +114,7 @@ fn any_setup() -> impl Strategy<Value = Setup> {
                     quantization: None,
                     parallel: Default::default(),
                 },
-                device: DeviceConfig {
-                    sm,
-                    memory_bytes: 12 << 30,
-                },
+                device: DeviceConfig::new(sm, 12 << 30),
             },
         )
 }

@@ -192,48 +192,6 @@ const ALLOCATED_KNOWN_TOLERANCE: f64 = 0.03;
 /// memory snapshots show (each must still be within 10%). Compiled records are re-runs with Inductor's caches
 /// warm (see tests/data/stub-cuda/README.md).
 const RESERVED_KNOWN: &[(&str, &str)] = &[
-    // Mixture-of-experts records (eager; allocated within 2% on every one): reserved, each within 10%.
-    (
-        "mixtral-384-e8top2-tied-bf16",
-        "pure bf16: 306 MiB reserved, 276 modelled. Step 2's first GEMM needs a new 32 MiB segment for its cuBLAS \
-         workspace on PyTorch's allocator (stub-cuda snapshot: alloc 607, after the step-1 optimizer's 20 MiB \
-         segment), where the model finds a free one; the large-pool requests before it are the same sizes in the \
-         same order, the difference is in which free blocks the 1.5 MiB fp32 norm copies split. Not found yet",
-    ),
-    (
-        "mixtral-384-e8top2-tied-bf16-busiest100",
-        "the same bytes as mixtral-384-e8top2-tied-bf16 (routing moves no byte)",
-    ),
-    (
-        "olmoe-256-v1k-e8top4-i1024-bf16",
-        "pure bf16: 322 MiB reserved, 306 modelled: in step 2's MoE backward PyTorch's allocator takes a new 16 MiB \
-         segment for the up half's gradient (stub-cuda snapshot: alloc 940, right after the down GEMM's gradients) \
-         where the model reuses a freed block; the allocations before it match the fake-cuda trace in size and order",
-    ),
-    (
-        "olmoe-256-v1k-e8top4-i1024-bf16-busiest100",
-        "the same bytes as olmoe-256-v1k-e8top4-i1024-bf16",
-    ),
-    (
-        "mixtral-256-v1k-e8top4-i1024-bf16amp",
-        "-3.8%: the experts run in fp32 (grouped_mm's fallback), whose per-expert GEMMs take the cuBLAS workspace on a \
-         GPU; the model charges it (allocated +1.5%, the 8 MiB tests/data/hf/README.md derives), the stub cannot \
-         (its offsets read zeros, so no GEMM runs). With that workspace left out the model gives -0.35% reserved and \
-         the record's allocated bytes",
-    ),
-    (
-        "mixtral-256-v1k-e8top4-i1024-bf16amp-busiest100",
-        "the same bytes as mixtral-256-v1k-e8top4-i1024-bf16amp",
-    ),
-    (
-        "olmoe-384-e16top4-tied-fp16amp",
-        "+4.7%: fp32 experts as above, the workspace charged by the model and not seen by the stub; without it the \
-         model's reserved is the record's to the byte",
-    ),
-    (
-        "mixtral-256-e4top2-ckpt-bf16amp",
-        "+3.0%: checkpointed fp32 experts, the workspace as above; without it -0.60%",
-    ),
     (
         "shakespeare-char-ckpt-compiled",
         "checkpointed, fp16-amp with dropout: 758 MiB reserved, 700 modelled. Inductor kept its own order for both \

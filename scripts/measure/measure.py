@@ -712,6 +712,12 @@ def moe_expert_counts(n_tokens, top_k, n_experts, busiest_expert_fraction):
     return counts
 
 
+# The forced routing's token-expert pairs per expert, by (pairs S, experts E), as each patched router last set them:
+# what the expert offsets (the cumulative sum of these counts) hold on a GPU. measure_stub.py answers the host read
+# of those offsets with them (aten's _grouped_mm fallback reads them back to run one GEMM per expert).
+MOE_COUNTS = {}
+
+
 def patch_moe_routing(model, moe_routing=None):
     if os.environ.get("VRAMFIT_MOE_ROUTING") == "router":
         return None
@@ -732,6 +738,8 @@ def patch_moe_routing(model, moe_routing=None):
             flat = indices.data.view(-1)
             torch.arange(flat.numel(), out=flat)
             flat.remainder_(router.num_experts)
+            s, e = flat.numel(), router.num_experts
+            MOE_COUNTS[(s, e)] = [s // e + (1 if i < s % e else 0) for i in range(e)]
             return logits, scores, indices
         return forward
 
@@ -745,6 +753,7 @@ def patch_moe_routing(model, moe_routing=None):
             n, k = indices.shape
             counts = moe_expert_counts(n, k, router.num_experts, fraction)
             counts_seen[f"tokens {n}, top_k {k}, experts {router.num_experts}"] = counts
+            MOE_COUNTS[(n * k, router.num_experts)] = counts
             ids = torch.empty(n * k, dtype=indices.dtype, device="cpu")
             start = 0
             for e, c in enumerate(counts):

@@ -22,6 +22,16 @@ What the method changes in the program, and why each change moves no byte:
   * Values read back from the device are zeros. GradScaler therefore never skips a step (finite gradients, as in
     a healthy run), and Hugging Face's packed-sequence check, which reads position_ids back, is answered as a GPU
     answers it for the plain arange positions the loop passes (not packed) instead of as all-zero positions.
+    One more read is answered as a GPU answers it: the per-expert offsets of a mixture-of-experts layer (the
+    record's `moe_offsets_readback`). transformers' `grouped_mm` experts pass them to
+    torch.nn.functional.grouped_mm, whose CUDA kernel for any dtype but bf16 (aten's `_grouped_mm_fallback`: the
+    fp32 experts under autocast) reads them to the host and runs one mm per expert with tokens, each GEMM taking
+    (and returning) the cuBLAS workspace; read as zeros, every expert looked empty and no GEMM ran. Under the
+    forced routing (measure.py, patch_moe_routing) the offsets are known on the host: the cumulative sum of the
+    pairs per expert the patch wrote. A wrapper around torch.nn.functional.grouped_mm hands that sum to the stub
+    runtime for the offsets tensor's device address (stubs/cudart.c, stub_set_readback); the device-to-host copy
+    of exactly that range then returns it, in the forward and in the backward's grouped GEMMs (the same saved
+    tensor). The wrapper only calls through (no allocation of its own); the table is cleared after each step.
   * Kernels do not run; autotuning sees every candidate take the same time (its allocations still happen).
 Only this script needs PyTorch; vramfit and its tests never do.
 """
@@ -49,6 +59,7 @@ def child(case, snapshot_path):
     import torch
     import measure
     torch.backends.cuda.enable_cudnn_sdp(False)
+    readback = moe_offsets_readback(torch, measure)
     try:
         import transformers.masking_utils as mu
         mu.find_packed_sequence_indices = lambda *a, **k: None
@@ -66,6 +77,7 @@ def child(case, snapshot_path):
                       "allocated_bytes_after": torch.cuda.memory_allocated(),
                       "reserved_bytes_after": torch.cuda.memory_reserved()})
         torch.cuda.reset_peak_memory_stats()
+        readback.clear()
 
     measure.STEP_HOOK[0] = after_step
     if snapshot_path:
@@ -104,7 +116,52 @@ def child(case, snapshot_path):
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         # Hugging Face cases ({"hf": config.json}): the class, attention implementation and resolved config.
         **({"hf": hf} if hf else {}),
+        **({"moe_offsets_readback": readback.record()} if readback.calls else {}),
     }
+
+
+class moe_offsets_readback:
+    """Wraps torch.nn.functional.grouped_mm so that the host read of its offsets returns what a GPU holds there
+    under the forced routing (see the module's docstring)."""
+
+    def __init__(self, torch, measure):
+        import ctypes
+        self.lib = ctypes.CDLL("libcudart.so.13")  # the stub, already loaded under that soname
+        self.lib.stub_set_readback.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        self.lib.stub_readbacks_answered.restype = ctypes.c_long
+        self.calls, self.set, self.unknown = 0, 0, set()
+        grouped_mm = getattr(torch.nn.functional, "grouped_mm", None)
+        if grouped_mm is None:
+            return
+
+        def wrapped(mat_a, mat_b, *args, offs=None, **kwargs):
+            self.calls += 1
+            if offs is not None and offs.dtype == torch.int32 and offs.dim() == 1 and offs.is_contiguous():
+                counts = measure.MOE_COUNTS.get((mat_a.shape[0], offs.numel()))
+                if counts is None:  # the router's own choice (VRAMFIT_MOE_ROUTING=router): unknown on the host
+                    self.unknown.add((mat_a.shape[0], offs.numel()))
+                else:
+                    ends, total = [], 0
+                    for c in counts:
+                        total += c
+                        ends.append(total)
+                    host = (ctypes.c_int32 * len(ends))(*ends)
+                    if self.lib.stub_set_readback(offs.data_ptr(), ctypes.sizeof(host), host) != 0:
+                        raise SystemExit("stub_set_readback: offsets too long or the table full")
+                    self.set += 1
+            return grouped_mm(mat_a, mat_b, *args, offs=offs, **kwargs)
+
+        torch.nn.functional.grouped_mm = wrapped
+
+    def clear(self):
+        self.lib.stub_clear_readbacks()
+
+    def record(self):
+        return {"what": "the host read of each grouped GEMM's per-expert offsets returns the cumulative pairs per "
+                        "expert of the forced routing, as a GPU's offsets hold (measure_stub.py, stubs/cudart.c)",
+                "grouped_mm_calls": self.calls, "offsets_set": self.set,
+                "reads_answered": self.lib.stub_readbacks_answered(),
+                **({"offsets_unknown": sorted(self.unknown)} if self.unknown else {})}
 
 
 def main():
@@ -135,6 +192,8 @@ def main():
         env.update(VRAMFIT_STUB_CC=cc, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
         if "memory_gib" in case.get("device", {}):
             env["VRAMFIT_STUB_MEM_MIB"] = str(int(case["device"]["memory_gib"] * 1024))
+        if "sms" in case.get("device", {}):  # the estimate's device.sms
+            env["VRAMFIT_STUB_SMS"] = str(case["device"]["sms"])
         snap = os.path.join(os.path.abspath(snaps), case["name"] + ".pickle") if snaps else ""
         if snaps:
             os.makedirs(snaps, exist_ok=True)

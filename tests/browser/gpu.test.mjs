@@ -3,16 +3,23 @@
 // estimate used 80 GiB and compute capability 9.0). Also the GPU presets issue 12 added, with their SM counts.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { setUp, openPage, cliPeakBytes } from './helpers.mjs';
+import { setUp, openPage, cliPeakBytes, cliEstimate, setField } from './helpers.mjs';
 
 const PAGE_PORT = 8791;
 const BLOG_PORT = 8792;
 
 const TINY = '{"model": {"family": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "vocab_size": 65}, "device": {"memory_gib": 13, "compute_capability": 8.9}}';
 
+// One layer of one 256-wide head at batch 2 x 2048 in bf16: 64 row blocks, which flash attention's forward splits
+// on 132 SMs (fp32 accumulators) and not on 8, so reserved memory moves (crate/tests/cli.rs has the same case).
+const SPLIT_QUERY = 'family=gpt2&n_layer=1&n_head=1&n_embd=256&block_size=2048&seq_len=2048&batch_size=2&vocab_size=65&precision=bf16&compile=0';
+const SPLIT_ARGS = ['--preset', 'nanogpt-30m', '--n-layer', '1', '--n-head', '1', '--n-embd', '256', '--block-size', '2048',
+  '--batch-size', '2', '--vocab-size', '65', '--precision', 'bf16', '--no-compile'];
+
 const env = setUp({ port: PAGE_PORT, blogPort: BLOG_PORT, blog: { title: 'GPUs', body: `<vram-fit id="own" preset="nanogpt-30m" show="gpu,batch_size" plot="none"></vram-fit>
 <vram-fit id="seven" preset="llama-2-7b" gpu="rtx-4070" show="gpu" plot="none"></vram-fit>
-<vram-fit id="cfg" config='${TINY}' show="gpu" plot="none"></vram-fit>` } });
+<vram-fit id="cfg" config='${TINY}' show="gpu" plot="none"></vram-fit>
+<vram-fit id="sm" state="${SPLIT_QUERY}&memory_gib=12&compute_capability=8.9&sms=8" show="gpu,sms" plot="none"></vram-fit>` } });
 
 const value = (page, id) => page.inputValue(`#${id}`);
 const selectedLabel = (page) => page.$eval('#gpu', (s) => s.selectedOptions[0]?.textContent);
@@ -164,6 +171,59 @@ test('the widget shows the GPU its estimate uses and keeps a GPU picked in it wh
   // (A T4 16 GB reports 15 GiB with ECC on: presets.rs names the source.)
   await page.waitForFunction(() => /in 15\.0 GiB/.test(document.getElementById('own').shadowRoot.textContent));
   assert.equal(await gpuOf('own'), 't4');
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test('the SM count: a GPU gives it, a person can type another, and it moves the estimate as the CLI\'s --sms does', async () => {
+  const reserved = async (page) => Number(await page.getAttribute('#peak-reserved', 'data-bytes'));
+  const cliReserved = (args) => cliEstimate(args).peak_reserved_bytes;
+  const { page, errors } = await openPage(env.context, `${env.server.url}?${SPLIT_QUERY}`);
+  assert.equal(await value(page, 'gpu'), 'rtx-4070');
+  assert.equal(await value(page, 'sms'), '46');
+  assert.equal(await reserved(page), cliReserved([...SPLIT_ARGS, '--sms', '46']));
+  await setField(page, 'sms', '8');
+  assert.equal(await value(page, 'gpu'), 'custom');
+  assert.equal(await urlParam(page, 'sms'), '8');
+  const eight = await reserved(page);
+  assert.equal(eight, cliReserved([...SPLIT_ARGS, '--sms', '8']));
+  await setField(page, 'sms', '132');
+  assert.equal(await reserved(page), cliReserved([...SPLIT_ARGS, '--sms', '132']));
+  assert.notEqual(await reserved(page), eight);
+  await page.selectOption('#gpu', 'h100-80');
+  await page.waitForFunction(() => document.getElementById('sms').value === '132');
+  assert.equal(await urlParam(page, 'sms'), '132');
+  // A count that is not one: named at the field.
+  await setField(page, 'sms', '0');
+  await page.waitForFunction(() => document.querySelector('.field-error[data-for="sms"]').textContent !== '');
+  assert.match(await page.textContent('.field-error[data-for="sms"]'), /device\.sms \(0\) must be a whole number of SMs/);
+  assert.deepEqual(errors, []);
+  await page.close();
+  // A link from before the field: the count the core takes for its device (80 GiB at 8.6: an RTX 3090's 82).
+  const old = await openPage(env.context, `${env.server.url}?memory_gib=80&compute_capability=8.6`);
+  assert.equal(await value(old.page, 'sms'), '82');
+  assert.equal(await value(old.page, 'gpu'), 'custom');
+  assert.deepEqual(old.errors, []);
+  await old.page.close();
+});
+
+test('the widget takes the SM count from its state and its field', async () => {
+  const page = await env.context.newPage();
+  const errors = [];
+  page.on('pageerror', (e) => errors.push(e.message));
+  await page.goto(`http://localhost:${BLOG_PORT}/index.html`);
+  await page.waitForFunction(() => document.getElementById('sm').dataset.status, null, { timeout: 20000 });
+  const reservedOf = () => page.evaluate(() => Number(document.getElementById('sm').dataset.reservedBytes));
+  const smsField = () => page.evaluate(() => document.getElementById('sm').shadowRoot.querySelector('input[name=sms]').value);
+  assert.equal(await smsField(), '8');
+  assert.equal(await reservedOf(), cliEstimate([...SPLIT_ARGS, '--sms', '8']).peak_reserved_bytes);
+  await page.evaluate(() => {
+    const i = document.getElementById('sm').shadowRoot.querySelector('input[name=sms]');
+    i.value = '132';
+    i.dispatchEvent(new Event('change'));
+  });
+  const expected = cliEstimate([...SPLIT_ARGS, '--sms', '132']).peak_reserved_bytes;
+  await page.waitForFunction((r) => Number(document.getElementById('sm').dataset.reservedBytes) === r, expected);
   assert.deepEqual(errors, []);
   await page.close();
 });

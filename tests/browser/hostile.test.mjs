@@ -6,7 +6,7 @@ import { serve, launch, openPage, canvasPixels, setField } from './helpers.mjs';
 
 const KEYS = ['family', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'intermediate_size', 'vocab_size', 'block_size',
   'bias', 'tie_embeddings', 'dropout', 'batch_size', 'seq_len', 'precision', 'optimizer', 'attention',
-  'checkpointing', 'grad_accum_steps', 'grad_clip', 'zero_grad_set_to_none', 'alloc_conf', 'memory_gib', 'compute_capability', 'gpu',
+  'checkpointing', 'grad_accum_steps', 'grad_clip', 'zero_grad_set_to_none', 'alloc_conf', 'memory_gib', 'compute_capability', 'sms', 'gpu',
   'preset', 'plot'];
 const PAYLOADS = ['<img src=x onerror="window.__pwned=1">', '"><script>window.__pwned=1</script>',
   "javascript:window.__pwned=1", '<svg onload="window.__pwned=1">'];

@@ -85,9 +85,13 @@ KNOBS (override the source):
   --quantization nf4|fp4|int8  --double-quant   a bitsandbytes base under LoRA (QLoRA: 4-bit Linears under
                        bf16-amp; int8: LLM.int8 Linears under bf16-amp or fp16-amp; the rest fp32 after
                        prepare_model_for_kbit_training)
-  --gpu ID             a GPU preset (rtx-4070, h100-80, ...: see vramfit gpus): its memory and compute
-                       capability, whatever the SOURCE says (a preset or a config keeps the GPU given)
+  --gpu ID             a GPU preset (rtx-4070, h100-80, ...: see vramfit gpus): its memory, compute
+                       capability and SM count, whatever the SOURCE says (a preset or a config keeps the GPU
+                       given)
   --gpu-memory-gib X  --compute-capability X.Y
+  --sms N              streaming multiprocessors (flash attention splits the keys of a small grid across
+                       them); default: the GPU preset with that memory and capability, else 108 at 8.0, 82 at
+                       8.6, 46 at 8.9, 132 otherwise
 
 MORE THAN ONE GPU (every figure is then per GPU, for rank 0; the batch is per GPU):
   --parallel ddp|fsdp|zero2|zero3|single
@@ -377,6 +381,7 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                     json!(g.memory_bytes as f64 / (1u64 << 30) as f64),
                 ));
                 overrides.push(("device", "compute_capability", json!(g.sm as f64 / 10.0)));
+                overrides.push(("device", "sms", json!(g.device().sms)));
             }
             "--format" => format = Some(next(&mut i, flag)?),
             "--snapshot" if cmd == "compare" => {
@@ -479,6 +484,7 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                     "--quantization" => ("train", "quantization", true),
                     "--gpu-memory-gib" => ("device", "memory_gib", false),
                     "--compute-capability" => ("device", "compute_capability", false),
+                    "--sms" => ("device", "sms", false),
                     _ => return Err(usage_error(format!("unknown option {flag:?} (see --help)"))),
                 };
                 let raw = next(&mut i, flag)?;
@@ -495,6 +501,16 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
     let mut v = base.unwrap_or_else(default_setup);
     let block_override = overrides.iter().any(|(_, k, _)| *k == "block_size");
     let seq_override = overrides.iter().any(|(_, k, _)| *k == "seq_len");
+    // A new memory or capability without an SM count: the count follows them (`device.sms` left out).
+    let device_override = overrides
+        .iter()
+        .any(|(s, k, _)| *s == "device" && *k != "sms");
+    let sms_override = overrides.iter().any(|(_, k, _)| *k == "sms");
+    if device_override && !sms_override {
+        if let Some(d) = v.get_mut("device").and_then(Value::as_object_mut) {
+            d.remove("sms");
+        }
+    }
     for (section, key, value) in overrides {
         if v.get(section).is_none() {
             v[section] = json!({});

@@ -560,15 +560,40 @@ pub struct DeviceConfig {
     pub sm: u32,
     /// Memory of the device, for "does it fit"; 0 when not given.
     pub memory_bytes: u64,
+    /// Streaming multiprocessors (`cudaDeviceProp::multiProcessorCount`): flash attention's forward splits the
+    /// keys of a small grid across them, with fp32 accumulators (`tensors::flash_splitkv`).
+    pub sms: u32,
+}
+
+impl DeviceConfig {
+    /// A device of compute capability `sm` (x 10) with `memory_bytes`, and the SM count of the GPU the reference
+    /// measurements simulate at that capability (`default_sms`).
+    pub fn new(sm: u32, memory_bytes: u64) -> Self {
+        DeviceConfig {
+            sm,
+            memory_bytes,
+            sms: default_sms(sm),
+        }
+    }
 }
 
 impl Default for DeviceConfig {
     fn default() -> Self {
         // The reference data was produced for an sm_90 (H100-class) device.
-        DeviceConfig {
-            sm: 90,
-            memory_bytes: 80 * (1 << 30),
-        }
+        DeviceConfig::new(90, 80 * (1 << 30))
+    }
+}
+
+/// The SM count assumed where only the compute capability is given: that of the GPU the stub-cuda measurements
+/// simulate at that capability (scripts/measure/stubs/driver.c, `dev_defaults`, from NVIDIA's data sheets): sm_80
+/// an A100 (108 SMs), sm_86 an RTX 3090 (82), sm_89 an RTX 4070 (46), any other an H100 SXM (132). A GPU preset
+/// gives its own count.
+pub fn default_sms(sm: u32) -> u32 {
+    match sm {
+        80 => 108,
+        86 => 82,
+        89 => 46,
+        _ => 132,
     }
 }
 

@@ -68,10 +68,7 @@ fn hf(family: Family, d: LlamaDims, seq: u64) -> Setup {
 pub fn founding() -> Setup {
     let mut s = with_batch(gpt2(6, 6, 384, 512, 50304, false), 16);
     s.train.precision = Precision::Fp16Amp;
-    s.device = DeviceConfig {
-        sm: 89,
-        memory_bytes: gpu_memory_bytes("rtx-4070").unwrap_or(0),
-    };
+    s.device = gpu("rtx-4070").map_or(DeviceConfig::new(89, 0), GpuPreset::device);
     s
 }
 
@@ -484,9 +481,22 @@ pub struct GpuPreset {
     /// NVIDIA generation with the same kernels available as a stand-in (see each entry).
     pub sm: u32,
     /// Streaming multiprocessors (for AMD: compute units) of the device PyTorch sees, from the vendor's figures;
-    /// `None` where the preset stands for several chips. Shown to people; the estimate does not use it.
+    /// `None` where the preset stands for several chips (the estimate then takes `model::default_sms`).
     pub sms: Option<u32>,
     pub vendor: Vendor,
+}
+
+impl GpuPreset {
+    /// The device as the estimate sees it: memory, compute capability and SM count.
+    pub fn device(&self) -> DeviceConfig {
+        DeviceConfig {
+            sm: self.sm,
+            memory_bytes: self.memory_bytes,
+            sms: self
+                .sms
+                .unwrap_or_else(|| crate::model::default_sms(self.sm)),
+        }
+    }
 }
 
 /// Who makes a GPU: what its `sms` count and whether its `sm` is its own compute capability.
@@ -845,7 +855,7 @@ pub fn gpu(id: &str) -> Option<&'static GpuPreset> {
 
 /// The GPU preset with exactly this memory and compute capability, when only one has them (12 GiB and sm_89:
 /// rtx-4070; 24 GiB and sm_86 could be an RTX 3090 or an A10: `None`). For showing which GPU a setup that names
-/// no GPU is on.
+/// no GPU is on, and for the SM count of a device given without one.
 pub fn gpu_with(memory_bytes: u64, sm: u32) -> Option<&'static GpuPreset> {
     let mut matching = GPU_PRESETS
         .iter()

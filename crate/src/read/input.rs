@@ -85,7 +85,7 @@ const PARALLEL_FIELDS: &[&str] = &[
     "offload",
 ];
 const LORA_FIELDS: &[&str] = &["r", "alpha", "dropout", "target_modules", "modules_to_save"];
-const DEVICE_FIELDS: &[&str] = &["compute_capability", "memory_gib"];
+const DEVICE_FIELDS: &[&str] = &["compute_capability", "memory_gib", "sms"];
 
 fn object<'a>(v: &'a Value, field: &str) -> Result<&'a Map<String, Value>, Error> {
     v.as_object()
@@ -298,6 +298,20 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
                 }
                 dev.memory_bytes = (gib * (1u64 << 30) as f64) as u64;
             }
+            // Without a count: the GPU preset with this memory and capability, if one alone has them, else
+            // `model::default_sms` (the reference measurements' device at that capability).
+            dev.sms = match get_f64(d, "device.", "sms")? {
+                Some(n) if n.fract() == 0.0 && (1.0..=100_000.0).contains(&n) => n as u32,
+                Some(n) => {
+                    return Err(Error::invalid(
+                        "device.sms",
+                        n,
+                        "must be a whole number of SMs from 1 to 100000",
+                    ))
+                }
+                None => crate::presets::gpu_with(dev.memory_bytes, dev.sm)
+                    .map_or(crate::model::default_sms(dev.sm), |g| g.device().sms),
+            };
             dev
         }
     };
@@ -688,7 +702,8 @@ pub fn setup_to_value(s: &Setup) -> Value {
                   "zero_grad_set_to_none": t.zero_grad_set_to_none, "compile": t.compile,
                   "alloc_conf": alloc_conf_string(&t.alloc_conf)},
         "device": {"compute_capability": s.device.sm as f64 / 10.0,
-                   "memory_gib": s.device.memory_bytes as f64 / (1u64 << 30) as f64},
+                   "memory_gib": s.device.memory_bytes as f64 / (1u64 << 30) as f64,
+                   "sms": s.device.sms},
     });
     if let Some(l) = &t.lora {
         v["train"]["lora"] = lora_to_value(l);
@@ -2057,6 +2072,7 @@ const QUERY_KEYS: &[(&str, &str, QueryKind)] = &[
     ("double_quant", "train", QueryKind::Bool),
     ("memory_gib", "device", QueryKind::Num),
     ("compute_capability", "device", QueryKind::Num),
+    ("sms", "device", QueryKind::Num),
 ];
 
 /// The query keys that fill `train.lora` (named `lora_` + the field).

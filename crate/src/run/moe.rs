@@ -58,7 +58,8 @@ fn dtypes(cx: &Ctx, moe: Moe) -> (u64, u64, u64, u64, u64) {
 /// `aten::_grouped_mm`'s own allocations beside its output: with bf16 operands a CUTLASS grouped GEMM takes a
 /// 60 E-byte argument buffer and a 67,584-byte workspace (stub-cuda snapshots of `_grouped_mm` alone, E = 4..64);
 /// in any other dtype the fallback runs one cuBLAS GEMM per expert with tokens, each taking the cuBLAS workspace
-/// (which neither measurement method sees: the stub's offsets read zeros, fake kernels never run the loop).
+/// and returning it (the stub-cuda records see them: `measure_stub.py` answers the fallback's host read of the
+/// offsets with the forced routing's; fake kernels never run the loop). One workspace stands for them all.
 fn grouped_mm_internals(cx: &mut Ctx, w: u64) {
     if w == 2 {
         let args = cx.alloc(60 * cx.m.n_experts, Temporary, "_grouped_mm");
@@ -240,10 +241,13 @@ pub fn moe_bwd(
         }
         g_owned = true;
     }
+    // `index_backward` writes the gradient into its `new_zeros` in place (`index_put_` with accumulate: no
+    // buffer of its own; stub-cuda snapshot of mixtral-256-v1k-e8top4-i1024-bf16amp, step 1, block 1: the clone
+    // and the zeros are the only [S, C] buffers). Its sort of the indices takes a few [S] int64 buffers and CUB's
+    // scratch, all under 1 MiB and freed at once (small pool; not modelled).
     let expanded = (k >= 2).then(|| cx.alloc(s * c * q, Temporary, "clone"));
-    let zeros = cx.alloc(s * c * q, Temporary, "new_zeros");
-    let g_weighted = cx.alloc(s * c * q, Temporary, "index_put");
-    cx.sim.free_some(&[Some(zeros), expanded, Some(sv.inverse)]);
+    let g_weighted = cx.alloc(s * c * q, Temporary, "new_zeros");
+    cx.sim.free_some(&[expanded, Some(sv.inverse)]);
     if g_owned {
         cx.free(g_q);
     }
@@ -286,14 +290,12 @@ pub fn moe_bwd(
     grouped_mm_internals(cx, w);
     expert_grad(cx, gw_gate_up);
     cx.sim.free_all(&[g_gate_up, sv.offsets, sv.x_pairs]);
-    // Step 8: the scores' gather backward.
-    let zeros = cx.alloc(s * p, Temporary, "new_zeros");
-    let g_topk = cx.alloc(s * p, Temporary, "index_put");
-    cx.sim.free_all(&[zeros, g_scores, sv.perm]);
-    // Step 9: the inputs' gather backward, the k copies of each token summed.
-    let zeros = cx.alloc(n * c * x, Temporary, "new_zeros");
-    let g_x_experts = cx.alloc(n * c * x, Temporary, "index_put");
-    cx.sim.free_all(&[zeros, g_x_pairs, sv.token_of]);
+    // Step 8: the scores' gather backward (in place into its zeros, as step 3).
+    let g_topk = cx.alloc(s * p, Temporary, "new_zeros");
+    cx.sim.free_all(&[g_scores, sv.perm]);
+    // Step 9: the inputs' gather backward, the k copies of each token summed (in place into its zeros).
+    let g_x_experts = cx.alloc(n * c * x, Temporary, "new_zeros");
+    cx.sim.free_all(&[g_x_pairs, sv.token_of]);
     // Step 10: back to fp32, the renormalisation's division backward, top-k's scatter, softmax's backward.
     let mut g_values = g_topk;
     if p != 4 {

@@ -69,6 +69,8 @@ pub struct Ctx<'a> {
     pub backend: SdpaBackend,
     pub dropout: bool,
     pub sm: u32,
+    /// The device's SM count (`DeviceConfig::sms`), for flash attention's split-KV choice.
+    pub sms: u32,
     /// Parameters have `.grad` already (a later micro-step accumulates into them).
     pub have_grads: bool,
     /// `.grad` of every parameter, freed by `zero_grad(set_to_none=True)`.
@@ -144,6 +146,7 @@ impl<'a> Ctx<'a> {
             backend,
             dropout: m.dropout > 0.0,
             sm: setup.device.sm,
+            sms: setup.device.sms,
             have_grads: false,
             grads: Vec::new(),
             autocast_cache: Vec::new(),
@@ -1221,6 +1224,71 @@ pub fn olmo2_rms_norm_bwd(
     rms_norm_bwd_from(cx, g, release, saved, input, dims, bf16_weight)
 }
 
+/// Resident threads per SM at compute capability `sm` (the CUDA programming guide's table of compute
+/// capabilities: 1536 on sm_86, sm_87 and sm_89, 1024 on sm_75, 2048 on the others here).
+fn threads_per_sm(sm: u32) -> u64 {
+    match sm {
+        86 | 87 | 89 | 120 => 1536,
+        75 => 1024,
+        _ => 2048,
+    }
+}
+
+/// The global-memory scratch of PyTorch's CUDA reduction kernel (`gpu_reduce_kernel`,
+/// aten/src/ATen/native/cuda/Reduce.cuh, torch 2.15) when it sums a contiguous `rows` x `width` tensor over its
+/// rows into `width` outputs (a broadcast weight's gradient reduced by autograd's `sum_to`): `(buffer,
+/// semaphores)` bytes, allocated after the output and freed when the kernel returns (semaphores first), or `None`
+/// when one block reduces each output. The launch configuration `setReduceConfig` picks, restated: the outputs
+/// are the fastest dimension, so each thread reads `vec` adjacent outputs (4, 2 or 1: the largest dividing
+/// `width`); a block is `bw` lanes over outputs by `bh` warps over rows (powers of two, at most 512 / vec threads,
+/// `bw` at most 32); the rows are split across the warps when each then still sums at least min(16 bh, 256) of
+/// them; and across `ctas` blocks, through the global buffer, when each warp would sum at least 256 rows and the
+/// output blocks `gx` do not fill the GPU: ctas = clamp(ceil(target / gx), ceil(v / 256), ceil(v / 16)) with v
+/// the rows per warp and target = SMs x (threads per SM / threads per block). The buffer holds one fp32 partial
+/// per output, block and lane (4 width ctas bw vec bytes), the semaphores one int per output block. `sms`: the
+/// device's SMs (`DeviceConfig::sms`), `sm`: its compute capability.
+/// (stub-cuda snapshot of mixtral-256-v1k-e8top4-i1024-bf16amp: the final norm's weight gradient, 2048 x 256
+/// fp32 on sm_90, takes 4 MiB and 8 B.)
+pub fn column_sum_scratch(rows: u64, width: u64, sms: u64, sm: u32) -> Option<(u64, u64)> {
+    let threads_per_sm = threads_per_sm(sm);
+    let floor_pow2 = |x: u64| {
+        if x <= 1 {
+            1
+        } else {
+            1u64 << (63 - x.leading_zeros())
+        }
+    };
+    let vec = [4, 2, 1]
+        .into_iter()
+        .find(|v| width.is_multiple_of(*v))
+        .unwrap_or(1);
+    let max_threads = 512 / vec;
+    let cap = |d: u64| {
+        if d < max_threads {
+            floor_pow2(d)
+        } else {
+            max_threads
+        }
+    };
+    let (d0, d1) = (cap(width / vec), cap(rows));
+    let bh = d1.min(max_threads / d0.min(32));
+    let bw = d0.min(max_threads / bh);
+    let split_warps = rows >= (bh * 16).min(256);
+    if !split_warps {
+        return None;
+    }
+    let per_warp = rows.div_ceil(bh);
+    let gx = (width / vec).div_ceil(bw);
+    let target = sms * (threads_per_sm / (bw * bh));
+    if per_warp < 256 || gx > target {
+        return None;
+    }
+    let ctas = target
+        .div_ceil(gx)
+        .clamp(per_warp.div_ceil(256), per_warp.div_ceil(16));
+    (ctas > 1).then_some((4 * width * ctas * bw * vec, 4 * gx))
+}
+
 fn rms_norm_bwd_from(
     cx: &mut Ctx,
     grad_out: Tensor,
@@ -1241,6 +1309,15 @@ fn rms_norm_bwd_from(
         }
         let cat = if cx.have_grads { Temporary } else { Grads };
         let gw = cx.alloc(width * cx.pb, cat, "sum");
+        if !olmo2_bf16 {
+            if let Some((buffer, semaphores)) =
+                column_sum_scratch(rows, width, u64::from(cx.sms), cx.sm)
+            {
+                let b = cx.alloc(buffer, Temporary, "sum");
+                let s = cx.alloc(semaphores, Temporary, "sum");
+                cx.sim.free_all(&[s, b]);
+            }
+        }
         cx.free(g_w_full);
         gw
     });
@@ -1354,11 +1431,78 @@ pub fn sdpa_fwd_with(cx: &mut Ctx, backend: SdpaBackend) -> SdpaSaved {
     };
     let out = cx.alloc(cx.n * cx.m.q_dim() * cx.p, Activations, op);
     let lse = cx.alloc(lse_bytes(cx, backend), Activations, op);
+    let accum = match backend {
+        SdpaBackend::Flash => flash_splitkv(cx, op),
+        SdpaBackend::Efficient => None,
+    };
     let rng = [cx.alloc(8, Activations, op), cx.alloc(8, Activations, op)];
+    for t in accum.into_iter().flatten() {
+        cx.sim.free(t);
+    }
     for t in [lse, rng[0], rng[1]] {
         cx.drop_unsaved(t);
     }
     SdpaSaved { out, lse, rng }
+}
+
+/// Flash attention's split-KV accumulators (`set_params_splitkv`, called by `mha_fwd` right after it allocates
+/// `softmax_lse`, in PyTorch's aten/src/ATen/native/transformers/cuda/flash_attn/flash_api.cpp and in flash-attn
+/// 2.8's csrc/flash_attn/flash_api.cpp alike). Without dropout, when the forward's grid of B x H x ceil(T / 64)
+/// row blocks would leave the GPU underused, the keys are split into `flash_num_splits` parts that write partial
+/// results in fp32: `softmax_lse_accum` [splits, B, H, T] and `out_accum` [splits, B, H, T, head size rounded up
+/// to 32 (64 above 128)]. They are locals of `mha_fwd`, freed when it returns (after its RNG-state tensors): the
+/// caller frees the returned pair there. `None` when the keys are not split.
+pub fn flash_splitkv(cx: &mut Ctx, op: &'static str) -> Option<[Tensor; 2]> {
+    if cx.dropout {
+        return None; // "SplitKV is not implemented for dropout"
+    }
+    let (b, h, t) = (cx.b, cx.m.n_head, cx.t);
+    let hs = cx.m.head_dim().next_multiple_of(8);
+    // The key block of the split kernels (`run_mha_fwd_splitkv_dispatch`): 256 keys for heads up to 64 wide,
+    // 128 up to 128, else 64.
+    let block_n = match hs {
+        0..=64 => 256,
+        65..=128 => 128,
+        _ => 64,
+    };
+    let splits = flash_num_splits(
+        b * h * t.div_ceil(64),
+        u64::from(cx.sms),
+        t.div_ceil(block_n),
+    );
+    if splits <= 1 {
+        return None;
+    }
+    let hs_rounded = hs.next_multiple_of(if hs <= 128 { 32 } else { 64 });
+    let lse_accum = cx.alloc(splits * b * h * t * 4, Workspace, op);
+    let out_accum = cx.alloc(splits * b * h * t * hs_rounded * 4, Workspace, op);
+    Some([lse_accum, out_accum])
+}
+
+/// `num_splits_heuristic` of flash_api.cpp for `rows` = B x H x row blocks on a GPU of `sms` SMs (the kernels run
+/// 128-thread blocks, two per SM: the heuristic is given 2 x the SM count) with `n_blocks` key blocks: one split
+/// when the rows nearly fill the SMs (at least 0.8 x 2 x SMs); else, over the split counts up to 128, the SMs and
+/// the key blocks (skipping counts that leave the blocks per split unchanged), the efficiency of each is its waves
+/// over the waves rounded up, and the smallest count within 85% of the best is chosen. In single precision as the
+/// C++ computes it.
+pub fn flash_num_splits(rows: u64, sms: u64, n_blocks: u64) -> u64 {
+    let slots = 2 * sms;
+    if rows as f32 >= 0.8f32 * slots as f32 {
+        return 1;
+    }
+    let max_splits = 128.min(slots).min(n_blocks);
+    let eligible = |s: u64| s == 1 || n_blocks.div_ceil(s) != n_blocks.div_ceil(s - 1);
+    let efficiency = |s: u64| {
+        let waves = (rows * s) as f32 / slots as f32;
+        waves / waves.ceil()
+    };
+    let best = (1..=max_splits)
+        .filter(|&s| eligible(s))
+        .map(efficiency)
+        .fold(0f32, f32::max);
+    (1..=max_splits)
+        .find(|&s| eligible(s) && f64::from(efficiency(s)) >= 0.85 * f64::from(best))
+        .unwrap_or(1)
 }
 
 /// Attention backward. Kernel scratch first (FlashAttention-2 `mha_bwd`: `dq_accum` fp32
@@ -1409,15 +1553,17 @@ impl FlashSaved {
 /// flash-attn 2.8's forward (`FlashAttnFunc.forward` -> `flash_attn_2_cuda.fwd`, csrc/flash_attn/flash_api.cpp
 /// `mha_fwd`) on q, k, v as [B, T, heads, hs] with hs a multiple of 8 (no padding in Python): `out =
 /// torch::empty_like(q)` (n x q_dim in q's dtype), `softmax_lse` fp32 [B, H, T], `p` empty (no dropout softmax
-/// returned), `rng_state` int64 [2] (16 B). `ctx.save_for_backward(q, k, v, out_padded, softmax_lse, rng_state)`.
-/// Not counted: the fp32 split-KV accumulators (`set_params_splitkv`) that mha_fwd allocates and frees when
-/// B x H x ceil(T / 64) is below 0.8 x 2 x the GPU's SMs and the keys span several blocks (small batches of short
-/// sequences; temporary in the forward).
+/// returned), the split-KV accumulators of a small grid (`flash_splitkv`, freed at return), `rng_state` int64 [2]
+/// (16 B). `ctx.save_for_backward(q, k, v, out_padded, softmax_lse, rng_state)`.
 pub fn flash_attn_fwd(cx: &mut Ctx) -> FlashSaved {
     let op = "flash_attn::_flash_attn_forward";
     let out = cx.alloc(cx.n * cx.m.q_dim() * cx.p, Activations, op);
     let lse = cx.alloc(cx.b * cx.m.n_head * cx.t * 4, Activations, op);
+    let accum = flash_splitkv(cx, op);
     let rng = cx.alloc(2 * 8, Activations, op);
+    for t in accum.into_iter().flatten() {
+        cx.sim.free(t);
+    }
     for t in [lse, rng] {
         cx.drop_unsaved(t);
     }
@@ -1500,6 +1646,27 @@ mod tests {
         }
     }
 
+    /// The CUDA reduction's global scratch, by hand from `setReduceConfig`: 2048 x 256 fp32 on sm_90 (132 SMs,
+    /// 2048 threads each): vec 4, a block of 32 x 4 threads, 512 rows per warp, 2 output blocks, target 132 x 16
+    /// = 2112 blocks, ctas = clamp(1056, 2, 32) = 32: 4 x 256 x 32 x 32 x 4 = 4 MiB and 2 semaphores, as the
+    /// stub-cuda snapshot of mixtral-256-v1k-e8top4-i1024-bf16amp shows. Under 256 rows per warp one block sums
+    /// each output (no scratch); at 2048 outputs of 2048 rows, 16 output blocks: ctas = clamp(132, 2, 32) = 32.
+    #[test]
+    fn column_sum_scratch_follows_the_reduce_config() {
+        assert_eq!(column_sum_scratch(2048, 256, 132, 90), Some((4 << 20, 8)));
+        assert_eq!(column_sum_scratch(512, 256, 132, 90), None);
+        assert_eq!(
+            column_sum_scratch(2048, 2048, 132, 90),
+            Some((32 << 20, 64))
+        );
+        // An RTX 4070 (46 SMs x 1536 threads: 12 blocks of 128 each): 2048 x 4096, 32 output blocks, ctas =
+        // clamp(ceil(552 / 32) = 18, 2, 32) = 18.
+        assert_eq!(
+            column_sum_scratch(2048, 4096, 46, 89),
+            Some((4 * 4096 * 18 * 32 * 4, 128))
+        );
+    }
+
     /// tests/data/finetune/saved-per-linear.json, `frozen-int8`: a `Linear8bitLt` of 512 inputs and 1536 outputs
     /// on a bf16 input [4, 512, 512] that needs a gradient (M = 2048), sm_90. Forward peak above what was live:
     /// A16 2 MiB and the row scales 8 KiB, the int8 input 1 MiB, then (abs and the outlier mask gone) the int32
@@ -1537,6 +1704,56 @@ mod tests {
             (6 << 20) + (2 << 20),
             "y and the input's gradient"
         );
+    }
+
+    /// flash_api.cpp's own example (its comment on `num_splits_heuristic`): 48 row blocks on 108 slots (54 SMs)
+    /// take 2 splits (efficiency 96 / 108 = 0.89) rather than 3 (0.67), although 9 would fill the waves exactly:
+    /// 2 is the smallest within 85% of the best. 211 row blocks on 264 slots: 1 to 4 splits run at 0.80 of their
+    /// waves, 5 at 0.999, so 5. A grid of at least 0.8 x the slots (212 >= 211.2), or keys in one block: 1.
+    #[test]
+    fn num_splits_follows_flash_api() {
+        assert_eq!(flash_num_splits(48, 54, 64), 2);
+        assert_eq!(flash_num_splits(211, 132, 64), 5);
+        assert_eq!(flash_num_splits(212, 132, 64), 1);
+        assert_eq!(flash_num_splits(48, 54, 1), 1);
+        assert_eq!(
+            flash_num_splits(48, 0, 64),
+            1,
+            "no SMs: never divides by them"
+        );
+    }
+
+    /// Split-KV on the attention of the stub record gemma-512-hd256-mqa-bf16amp (4 heads of 256, batch 4 x 512,
+    /// bf16, an H100's 132 SMs): 4 x 4 x 8 = 128 row blocks against 264 slots, 8 key blocks of 64: 2 splits, so
+    /// `softmax_lse_accum` 2 x 4 x 4 x 512 x 4 B = 64 KiB and `out_accum` 2 x 4 x 4 x 512 x 256 x 4 B = 16 MiB
+    /// above the output (4 MiB), the logsumexp (32 KiB) and the two RNG tensors (512 B blocks), freed when the op
+    /// returns. On 16 SMs (32 slots) the grid fills them: no split. With dropout: never.
+    #[test]
+    fn flash_forward_splits_the_keys_of_a_small_grid() {
+        let peak_above = |sms: u32, dropout: bool| {
+            let mut setup = crate::presets::model_preset("gemma-3-1b").unwrap();
+            (setup.train.batch_size, setup.train.seq_len) = (4, 512);
+            setup.train.precision = Precision::Bf16;
+            setup.device.sms = sms;
+            let mut sim = Sim::new(AllocatorConfig::default(), u64::MAX);
+            let mut cx = Ctx::new(&mut sim, &setup).unwrap();
+            assert_eq!((cx.m.n_head, cx.m.head_dim()), (4, 256));
+            assert_eq!(cx.backend, SdpaBackend::Flash);
+            cx.dropout = dropout;
+            let before = cx.sim.live_bytes();
+            let saved = sdpa_fwd(&mut cx);
+            let after = cx.sim.live_bytes() - before;
+            cx.sim
+                .free_all(&[saved.out, saved.lse, saved.rng[0], saved.rng[1]]);
+            (cx.sim.peak().bytes - before, after)
+        };
+        let kept = (4 << 20) + (32 << 10) + 2 * 512;
+        assert_eq!(
+            peak_above(132, false),
+            (kept + (64 << 10) + (16 << 20), kept)
+        );
+        assert_eq!(peak_above(16, false), (kept, kept));
+        assert_eq!(peak_above(132, true), (kept, kept));
     }
 
     /// flash-attn's forward and backward on Llama-3.2-1B's attention (32 heads of 64, 8 KV heads), batch 2 x

@@ -366,10 +366,7 @@ mod tests {
     fn expandable_segments_are_suggested_where_they_save() {
         let mut s = presets::founding();
         let gpu = presets::gpu("rtx-4070").unwrap();
-        s.device = crate::DeviceConfig {
-            sm: gpu.sm,
-            memory_bytes: gpu.memory_bytes,
-        };
+        s.device = gpu.device();
         let base = crate::estimate(&s).unwrap();
         assert!(
             base.peak_reserved_bytes - base.peak_allocated_bytes > base.peak_allocated_bytes / 20

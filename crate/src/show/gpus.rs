@@ -522,8 +522,7 @@ mod tests {
     fn llama_70b_on(gpu: &str) -> Setup {
         let mut s = presets::model_preset("llama-3.1-70b").unwrap();
         let g = presets::gpu(gpu).unwrap();
-        s.device.memory_bytes = g.memory_bytes;
-        s.device.sm = g.sm;
+        s.device = g.device();
         s
     }
 

@@ -229,8 +229,7 @@ mod tests {
     fn on(model: &str, gpu: &str) -> Setup {
         let mut s = presets::model_preset(model).unwrap();
         let g = presets::GPU_PRESETS.iter().find(|g| g.id == gpu).unwrap();
-        s.device.memory_bytes = g.memory_bytes;
-        s.device.sm = g.sm;
+        s.device = g.device();
         s
     }
 

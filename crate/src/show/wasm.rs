@@ -169,18 +169,21 @@ pub fn preset_query(id: &str) -> Result<String, JsError> {
 pub fn gpu_query(id: &str) -> Result<String, JsError> {
     let g = presets::gpu(id).ok_or_else(|| JsError::new(&format!("unknown GPU {id:?}")))?;
     Ok(format!(
-        "memory_gib={}&compute_capability={}",
+        "memory_gib={}&compute_capability={}&sms={}",
         g.memory_bytes as f64 / (1u64 << 30) as f64,
-        g.sm as f64 / 10.0
+        g.sm as f64 / 10.0,
+        g.device().sms
     ))
 }
 
 /// The GPU preset whose memory and compute capability the query's device has, when exactly one has them (see
-/// `presets::gpu_with`); nothing for a query that does not read.
+/// `presets::gpu_with`), and its SM count; nothing for a query that does not read.
 #[wasm_bindgen]
 pub fn gpu_of_query(query: &str) -> Option<String> {
     let s = setup_from_query(query, &mut Vec::new()).ok()?;
-    presets::gpu_with(s.device.memory_bytes, s.device.sm).map(|g| g.id.to_string())
+    presets::gpu_with(s.device.memory_bytes, s.device.sm)
+        .filter(|g| g.device().sms == s.device.sms)
+        .map(|g| g.id.to_string())
 }
 
 #[derive(Serialize)]

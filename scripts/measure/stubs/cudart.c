@@ -5,8 +5,8 @@
  * Memory: cudaMalloc hands out fresh 2 MiB-aligned addresses from the driver stub's reservation and counts the
  * bytes against the device's memory (cudaErrorMemoryAllocation when full, as a real device answers); cudaFree
  * gives them back. Kernels (<<<>>> launches through __cudaGetKernel / __cudaLaunchKernel, cudaLaunchKernel) do
- * nothing. Copies to the host write zeros; copies to the device do nothing. Streams and events are handles that
- * are always complete. */
+ * nothing. Copies to the host write zeros (but for the few ranges the harness sets, stub_set_readback); copies to
+ * the device do nothing. Streams and events are handles that are always complete. */
 #define _GNU_SOURCE
 #include <cuda_runtime_api.h>
 #include <pthread.h>
@@ -119,11 +119,54 @@ cudaError_t cudaPointerGetAttributes(struct cudaPointerAttributes *a, const void
   return cudaSuccess;
 }
 
+/* Values the harness knows a GPU would read back: a device range (address and length, matched exactly) and the
+ * bytes its kernel would have written there. measure_stub.py sets them for the per-expert offsets of a
+ * mixture-of-experts layer under forced routing (the cumulative token counts the router patch fixes), so that
+ * aten's _grouped_mm fallback, which reads the offsets to the host, runs one GEMM per expert as on a GPU;
+ * stub_clear_readbacks forgets them all (after each training step). Nothing else is ever answered. */
+#define STUB_READBACKS 1024
+#define STUB_READBACK_BYTES 1024
+static struct { uintptr_t addr; size_t n; unsigned char bytes[STUB_READBACK_BYTES]; } readbacks[STUB_READBACKS];
+static int n_readbacks;
+static long n_answered;
+static pthread_mutex_t readback_lock = PTHREAD_MUTEX_INITIALIZER;
+/* Returns 0, or -1 when the range is too long or the table is full (the harness then stops). */
+int stub_set_readback(const void *dev, size_t n, const void *host) {
+  if (n == 0 || n > STUB_READBACK_BYTES) return -1;
+  int r = -1;
+  pthread_mutex_lock(&readback_lock);
+  int i = 0;
+  while (i < n_readbacks && readbacks[i].addr != (uintptr_t)dev) i++;
+  if (i < STUB_READBACKS) {
+    if (i == n_readbacks) n_readbacks++;
+    readbacks[i].addr = (uintptr_t)dev; readbacks[i].n = n; memcpy(readbacks[i].bytes, host, n);
+    r = 0;
+  }
+  pthread_mutex_unlock(&readback_lock);
+  return r;
+}
+/* How many device-to-host reads were answered from the table so far. */
+long stub_readbacks_answered(void) { return n_answered; }
+void stub_clear_readbacks(void) {
+  pthread_mutex_lock(&readback_lock);
+  n_readbacks = 0;
+  pthread_mutex_unlock(&readback_lock);
+}
+
 /* Copies: a host destination receives zeros (what a fresh device would hold is unknown; zero is the documented
- * choice of this method); anything written to the device is dropped. */
+ * choice of this method) but for the ranges set above; anything written to the device is dropped. */
 static void to_host(void *dst, const void *src, size_t n) {
-  (void)src;
-  if (dst && n && !stub_is_device_ptr(dst)) memset(dst, 0, n);
+  if (!dst || !n || stub_is_device_ptr(dst)) return;
+  int known = 0;
+  pthread_mutex_lock(&readback_lock);
+  for (int i = 0; i < n_readbacks && !known; i++)
+    if (readbacks[i].addr == (uintptr_t)src && readbacks[i].n == n) {
+      memcpy(dst, readbacks[i].bytes, n);
+      known = 1;
+      n_answered++;
+    }
+  pthread_mutex_unlock(&readback_lock);
+  if (!known) memset(dst, 0, n);
 }
 static void copy(void *dst, const void *src, size_t n) {
   if (!dst || !n || stub_is_device_ptr(dst)) return;
