@@ -380,11 +380,14 @@ fn parallel_section(rows: &[ParallelRow]) -> (String, String) {
         )
         .unwrap();
     }
+    let known = match PARALLEL_RESERVED_KNOWN.len() {
+        0 => String::new(),
+        n => format!(" ({n} known, below)"),
+    };
     let summary = format!(
-        "allocated {}; reserved {} ({} known, below)",
+        "allocated {}; reserved {}{known}",
         stats(&ea, PARALLEL_ALLOCATED_TOLERANCE),
         stats(&er, STUB_RESERVED_TOLERANCE),
-        PARALLEL_RESERVED_KNOWN.len(),
     );
     let mut out = format!(
         "\n## More than one GPU: DDP, FSDP2, tensor parallel, TP x FSDP2 (method `stub-cuda`)\n\n\
@@ -406,7 +409,9 @@ model keeps a pool per stream as PyTorch's does.\n\n\
         STUB_RESERVED_TOLERANCE * 100.0
     );
     out += &table;
-    out += "\nKnown exceptions (reserved), with what is known:\n\n";
+    if !PARALLEL_RESERVED_KNOWN.is_empty() {
+        out += "\nKnown exceptions (reserved), with what is known:\n\n";
+    }
     for (name, why) in PARALLEL_RESERVED_KNOWN {
         writeln!(out, "- `{name}`: {why}.").unwrap();
     }

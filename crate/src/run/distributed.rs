@@ -142,6 +142,10 @@ pub struct Ddp {
     rebuilt: Option<Vec<u64>>,
     rebuild_pending: bool,
     gradient_as_bucket_view: bool,
+    /// `static_graph=True` before its first backward: the forward's outputs go through `_DDPSink`, which clones
+    /// them; that backward enqueues the delayed all-reduce and sets `_static_graph_delay_allreduce_enqueued`,
+    /// after which outputs pass unchanged.
+    sink_pending: bool,
 }
 
 impl Ddp {
@@ -178,7 +182,19 @@ impl Ddp {
             // static_graph keeps the first assignment (records: has_rebuilt_buckets 0 after three steps).
             rebuild_pending: !p.static_graph,
             gradient_as_bucket_view: p.gradient_as_bucket_view,
+            sink_pending: p.static_graph,
         }
+    }
+
+    /// Whether this forward's outputs are cloned by `_DDPSink` (`Ctx::ddp_sink_clone`). The first backward
+    /// after it, with gradient sync or not (`_DDPSink.backward` does not look), ends it: `backward_done`.
+    pub fn sink_clones(&self) -> bool {
+        self.sink_pending
+    }
+
+    /// A backward through `_DDPSink` ran: later forwards' outputs are not cloned.
+    pub fn backward_done(&mut self) {
+        self.sink_pending = false;
     }
 
     /// DDP's forward after a synchronised backward: the reducer rebuilds its buckets once (`_rebuild_buckets`),
@@ -824,17 +840,38 @@ pub fn tp_branch_grad(
     Some((gathered, p, true))
 }
 
-/// The gradient of a branch's input (its colwise Linears', summed), `Partial` over the GPUs: all-reduced (plan
-/// basic; PyTorch all-reduces each Linear's before the sum, a transient of the same size), or reduce-scattered to
-/// the stream's sequence shard (sequence parallel: `PrepareModuleInput`'s backward).
-pub fn tp_input_grad(cx: &mut Ctx, g: Tensor) -> Tensor {
-    if cx.tp == 1 {
+/// Plan basic: the gradient of one colwise Linear's input (`ColwiseParallel`, input `Replicate`), `Partial` over
+/// the GPUs, is all-reduced as it leaves the Linear (the backward of the input's redistribution): a new tensor of
+/// its size, the partial one let go (stub-cuda snapshot of llama-tp4: per block, an fp32 all-reduce after each of
+/// up's and gate's input gradients, then v's, k's and q's). Nothing under sequence parallel (its Linears read the
+/// gathered input; `tp_input_grad` reduce-scatters the sum) or on one GPU.
+pub fn tp_colwise_input_grad(cx: &mut Ctx, g: Tensor) -> Tensor {
+    if cx.tp == 1 || cx.sp {
         return g;
     }
-    if cx.sp {
-        return tp_head_input_grad(cx, g);
-    }
     all_reduce(cx, g, Temporary)
+}
+
+/// The sum of a branch input's gradients, `acc` so far and `g` (`n_bytes` each): on one GPU and under sequence
+/// parallel a new tensor (`ops::grad_sum`); under plan basic the all-reduced gradients are fresh tensors nothing
+/// else holds, so autograd's input buffer adds each later one into the first in place and lets it go (the
+/// snapshot of llama-tp4: no `add` between the all-reduces, each freed after the next Linear's).
+pub fn tp_grad_sum(cx: &mut Ctx, acc: Tensor, g: Tensor, n_bytes: u64) -> Tensor {
+    if cx.tp == 1 || cx.sp {
+        return crate::tensors::grad_sum(cx, acc, g, n_bytes);
+    }
+    cx.free(g);
+    acc
+}
+
+/// The gradient of a branch's input (its colwise Linears', summed) under sequence parallel: reduce-scattered to
+/// the stream's sequence shard (`PrepareModuleInput`'s backward). Plan basic all-reduced each Linear's already
+/// (`tp_colwise_input_grad`); one GPU has nothing to do.
+pub fn tp_input_grad(cx: &mut Ctx, g: Tensor) -> Tensor {
+    if cx.tp == 1 || !cx.sp {
+        return g;
+    }
+    tp_head_input_grad(cx, g)
 }
 
 /// The gradient of the LM head's input under sequence parallel (`ColwiseParallel` from `Shard(1)`): reduce-scattered
@@ -1041,5 +1078,117 @@ mod tests {
             buckets(llama),
             blocks(&[33_554_432, 28_846_080, 51_126_272])
         );
+    }
+
+    /// `static_graph=True`: `_DDPSink` clones the model's outputs in the first forward only (gpt-ddp-w2-static's
+    /// snapshot: the bf16 logits, 8 x 256 x 16384 x 2 = 67,108,864 B, cloned after the loss), then lets the
+    /// model's go; the default DDP clones nothing.
+    #[test]
+    fn static_graph_clones_the_first_forwards_logits() {
+        let clones = |static_graph: bool| -> Vec<(String, i64)> {
+            let json = serde_json::json!({"model": {"family": "gpt2", "n_layer": 4, "n_head": 6, "n_embd": 384,
+                "vocab_size": 16384, "block_size": 256, "bias": false},
+                "train": {"batch_size": 8, "seq_len": 256, "precision": "bf16-amp",
+                          "parallel": {"strategy": "ddp", "gpus": 2, "static_graph": static_graph}}});
+            let s = crate::input::setup_from_value(&json).unwrap();
+            let sim = crate::step::simulate_recording(&s, true).unwrap();
+            sim.events()
+                .iter()
+                .filter(|e| e.op == "clone")
+                .map(|e| (e.phase.clone(), e.bytes))
+                .collect()
+        };
+        let c = clones(true);
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert!(c[0].0.starts_with("step 1 loss"), "{c:?}");
+        assert_eq!(c[0].1, 8 * 256 * 16384 * 2);
+        assert!(clones(false).is_empty());
+    }
+
+    /// Tensor parallelism alone builds the whole model, then shards it (`parallelize_module`): at tp 4 the
+    /// Llama of the records (hidden 512, 8 / 4 heads of 64, intermediate 1376, 4 layers) allocates 2 x 4 layers
+    /// rowwise weights' chunks (o_proj 512 x 128 and down_proj 512 x 344, fp32: 4 chunks each) and one shard per
+    /// sharded parameter (q, k, v, o, gate, up, down: 7 a layer), and frees each full parameter.
+    #[test]
+    fn tensor_parallel_shards_the_whole_model_built_on_the_device() {
+        let json = serde_json::json!({"model": {"family": "llama", "n_layer": 4, "n_head": 8, "n_kv_head": 4,
+            "n_embd": 512, "intermediate_size": 1376, "vocab_size": 16384, "block_size": 256,
+            "tie_embeddings": false},
+            "train": {"batch_size": 4, "seq_len": 256, "precision": "bf16-amp",
+                      "parallel": {"strategy": "single", "gpus": 4, "tp": 4}}});
+        let s = crate::input::setup_from_value(&json).unwrap();
+        let sim = crate::step::simulate_recording(&s, true).unwrap();
+        let init: Vec<_> = sim
+            .events()
+            .iter()
+            .filter(|e| e.phase.starts_with("step 0"))
+            .collect();
+        let chunks: Vec<i64> = init
+            .iter()
+            .filter(|e| e.op == "clone" && e.bytes > 0)
+            .map(|e| e.bytes)
+            .collect();
+        let o = 512 * 128 * 4;
+        let down = 512 * 344 * 4;
+        assert_eq!(chunks.len(), 4 * 2 * 4);
+        assert_eq!(chunks[..4], [o; 4]);
+        assert_eq!(chunks[4..8], [down; 4]);
+        let shards = init.iter().filter(|e| e.op == "_shard_tensor").count();
+        assert_eq!(shards, 4 * 7);
+        // The full parameters are freed: q_proj's 512 x 512 fp32 among them.
+        let full_freed = init.iter().filter(|e| e.bytes == -(512 * 512 * 4)).count();
+        assert_eq!(full_freed, 4 * 2);
+        // Plan basic's backward all-reduces each colwise Linear's input gradient (fp32, 4 x 256 x 512 x 4 B):
+        // up's and gate's, then v's, k's and q's, five a block, each summed in place into the first (no `add`
+        // among a branch's all-reduces).
+        let block3: Vec<_> = sim
+            .events()
+            .iter()
+            .filter(|e| e.phase == "step 1 backward (block 3)" && e.bytes > 0)
+            .collect();
+        let at: Vec<usize> = (0..block3.len())
+            .filter(|&i| block3[i].op == "all_reduce")
+            .collect();
+        assert_eq!(at.len(), 5);
+        assert!(at.iter().all(|&i| block3[i].bytes == 4 * 256 * 512 * 4));
+        for (from, to) in [(at[0], at[1]), (at[2], at[4])] {
+            assert!(block3[from..to].iter().all(|e| e.op != "add"));
+        }
+    }
+
+    /// Sequence parallel alone: the embedding's gradient is the whole 16384 x 512 fp32 table (Replicate), and
+    /// each AdamW (foreach) step shards it three times (one copy for `_foreach_lerp_`, two for `_foreach_addcmul_`) into
+    /// this GPU's 4096 rows; under FSDP2 (TP x FSDP2) neither.
+    #[test]
+    fn sequence_parallel_embedding_gradient_is_replicated() {
+        let run = |strategy: &str, gpus: u64| {
+            let json = serde_json::json!({"model": {"family": "llama", "n_layer": 4, "n_head": 8,
+                "n_kv_head": 4, "n_embd": 512, "intermediate_size": 1376, "vocab_size": 16384,
+                "block_size": 256, "tie_embeddings": false},
+                "train": {"batch_size": 4, "seq_len": 256, "precision": "bf16-amp", "optimizer": "adamw",
+                          "parallel": {"strategy": strategy, "gpus": gpus, "tp": 4,
+                                       "sequence_parallel": true}}});
+            let s = crate::input::setup_from_value(&json).unwrap();
+            let sim = crate::step::simulate_recording(&s, true).unwrap();
+            let grads: Vec<i64> = sim
+                .events()
+                .iter()
+                .filter(|e| e.op == "embedding_dense_backward" && e.phase.starts_with("step 1"))
+                .map(|e| e.bytes)
+                .collect();
+            let copies: Vec<i64> = sim
+                .events()
+                .iter()
+                .filter(|e| e.op == "_replicate_to_shard" && e.phase.starts_with("step 1"))
+                .map(|e| e.bytes)
+                .collect();
+            (grads, copies)
+        };
+        let (grads, copies) = run("single", 4);
+        assert_eq!(grads, [16384 * 512 * 4]);
+        assert_eq!(copies, [4096 * 512 * 4; 3]);
+        let (grads, copies) = run("fsdp", 8);
+        assert_eq!(grads, [4096 * 512 * 4]);
+        assert!(copies.is_empty());
     }
 }

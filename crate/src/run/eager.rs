@@ -1247,10 +1247,13 @@ fn attn_bwd(
             };
             let v_bytes = v.out_bytes;
             let g_hv = ops::linear_bwd(cx, dv, v_bytes, true, v, None);
+            let g_hv = distributed::tp_colwise_input_grad(cx, g_hv);
             let g_hk = ops::linear_bwd(cx, gk, qk_bytes, true, k, None);
-            let acc = ops::grad_sum(cx, g_hv, g_hk, nc * r);
+            let g_hk = distributed::tp_colwise_input_grad(cx, g_hk);
+            let acc = distributed::tp_grad_sum(cx, g_hv, g_hk, nc * r);
             let g_hq = ops::linear_bwd(cx, gq, qk_bytes, true, s.q, norm_out);
-            ops::grad_sum(cx, acc, g_hq, nc * r)
+            let g_hq = distributed::tp_colwise_input_grad(cx, g_hq);
+            distributed::tp_grad_sum(cx, acc, g_hq, nc * r)
         }
     }
 }
@@ -1372,12 +1375,14 @@ pub(crate) fn swiglu_bwd(
     cx.free(g_prod);
     cx.free(up_out);
     let g_a = ops::linear_bwd(cx, g_up, ub, true, up, None);
+    let g_a = distributed::tp_colwise_input_grad(cx, g_a);
     cx.free(silu);
     let g_gate = cx.alloc(cx.n * i * gb, Temporary, act_bwd_name(cx));
     cx.free(g_silu);
     cx.free(gate_out);
     let g_b = ops::linear_bwd(cx, g_gate, gb, true, gate, norm_out);
-    ops::grad_sum(cx, g_a, g_b, nc * r)
+    let g_b = distributed::tp_colwise_input_grad(cx, g_b);
+    distributed::tp_grad_sum(cx, g_a, g_b, nc * r)
 }
 
 /// Backward of the MLP branch from the residual gradient `g_out` (held by the skip path) to the second norm's
@@ -1537,7 +1542,14 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
     let nc = cx.ns * cx.m.n_embd;
     let r = cx.r;
     let pre = cx.arch.pre_norms;
+    // The first block of a LoRA model whose input needs no gradient (`block_input_grad`): the first norm's weight
+    // is frozen too, so autograd records nothing there and the norm's fp32 copy and statistics die in its forward
+    // (stub-cuda snapshot of llama-lora-fsdp-w8: block 0's `hidden_states.to(float32)` copy is freed at the next
+    // line's rebinding; block 1's is held).
+    let saving = cx.saving;
+    cx.saving = saving && cx.block_input_grad;
     let (norm1_out, norm1) = branch_input(cx, x_in);
+    cx.saving = saving;
     // Tensor parallelism: the Linears read the norm's output all-gathered under sequence parallel; the shard
     // goes when the branch returns.
     let (norm1_out, shard1) = distributed::tp_gather_input(cx, norm1_out);
@@ -1955,6 +1967,18 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
         Some(kept) => kept,
         None => ops::keep_if_saved(cx, norm_f_out, &lm_head),
     };
+    // DDP with `static_graph=True`, until its first backward (`_static_graph_delay_allreduce_enqueued`): the
+    // wrapper's `_post_forward` passes the model's outputs through `_DDPSink`, whose forward clones every output
+    // tensor (`_ddp_sink_clone`, True by default): a new logits tensor while the model's is alive, then the model's
+    // is let go (gpt-ddp-w2-static's snapshot: a 64 MiB `clone` under `_DDPSink.forward` after the loss, the
+    // logits' free after it; the loss's 512-byte clone too, not modelled as the loss itself is not). The loss was
+    // computed from the model's logits inside the forward, so nothing it saved changes.
+    if cx.ddp_sink_clone {
+        let bytes = cx.sim.bytes_of(logits);
+        let clone = cx.alloc(bytes, Logits, "clone");
+        cx.free(logits);
+        logits = clone;
+    }
     let (logits, bound_logits) = match cx.arch.program {
         _ if cx.sp => (None, Some(logits)),
         Program::NanoGpt => (Some(logits), None),
@@ -2143,7 +2167,16 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
         cx.sim.free_some(&[bound_logits]);
         return;
     }
-    let dense = ops::embedding_bwd(cx, cx.n, v);
+    // Sequence parallel without FSDP: the vocabulary-sharded embedding's backward runs on the all-gathered
+    // gradient and the replicated ids, and DTensor's strategy for `embedding_dense_backward` gives a Replicate
+    // gradient of the whole table (num_weights V, fp32: stub-cuda snapshots of llama-tp4-sp and llama-tp2-sp,
+    // 33,554,432 B at both tp), which the optimizer shards as it reads it (`step::optimizer_stage`).
+    let rows = if cx.sp && cx.fsdp.is_none() {
+        v * cx.tp
+    } else {
+        v
+    };
+    let dense = ops::embedding_bwd(cx, cx.n, rows);
     cx.free(g);
     cx.free(f.idx);
     match head_grad {

@@ -115,6 +115,7 @@ fn run(setup: &Setup, n_steps: u32, record: bool, reserved_limit: u64) -> Result
         // (built directly on the device, as the reference runs are).
         match tr.quantization {
             Some(q) => quantized_base(&mut cx, setup, q),
+            None if tr.parallel.tp > 1 => tp_parallelized(&mut cx, setup, &exec),
             None => {
                 let weights: Vec<Tensor> = params
                     .iter()
@@ -235,6 +236,57 @@ fn quantized_base(cx: &mut Ctx, setup: &Setup, q: Quantization) {
     }
 }
 
+/// Tensor parallelism without FSDP, as the reference runs build it (and PyTorch's tensor-parallel tutorial):
+/// the whole model on the device (`setup`'s parameters, each in full, and its buffers), then
+/// `parallelize_module` on each block, then on the root (sequence parallel's embedding and head), each plan's
+/// Linears in module order. Each parameter the plan shards is replaced by `distribute_tensor`'s local shard
+/// (stub-cuda snapshots of llama-tp4 and llama-tp4-sp, `torch.distributed.tensor.placement_types`): on dim 0
+/// (`ColwiseParallel`'s weights and biases, `RowwiseParallel`'s embedding on the vocabulary) `_shard_tensor`
+/// copies this GPU's chunk (`empty_strided`) and the full parameter is freed; on dim 1 (`RowwiseParallel`'s
+/// Linear weight) `_split_tensor_helper` first makes every GPU's chunk contiguous (`tp` copies of the shard's
+/// size), `_shard_tensor` copies this GPU's, the chunks are freed, then the full parameter. The full parameters'
+/// blocks stay cached in the allocator, where the step's activations later take them (the reserved memory the
+/// records measure: the same model with its shards made directly reserves 52 MiB less at tp 4). Replicated
+/// parameters (norms, plan basic's embedding and head) stay as built.
+fn tp_parallelized(cx: &mut Ctx, setup: &Setup, exec: &Setup) {
+    let whole = cx.arch.param_shapes(&setup.model);
+    let local = cx.arch.param_shapes(&exec.model);
+    let full: Vec<Tensor> = whole
+        .iter()
+        .map(|&(elems, _, _)| cx.alloc(elems * cx.pb, Weights, "parameter"))
+        .collect();
+    for bytes in cx.arch.buffers_bytes(&setup.model, cx.pb) {
+        cx.alloc(bytes, Weights, "buffer");
+    }
+    tie_head(cx, setup, full[0]);
+    // The blocks' parameters follow the embeddings; the final norm and an untied head follow the blocks.
+    let n_before = usize::from(cx.arch.positions == crate::arch::Positions::Learned) + 1;
+    let mut zero = setup.model.clone();
+    zero.n_layer = 0;
+    let blocks_end = whole.len() - (cx.arch.param_shapes(&zero).len() - n_before);
+    let order = (n_before..blocks_end)
+        .chain(0..n_before)
+        .chain(blocks_end..whole.len());
+    let tp = setup.train.parallel.tp;
+    for i in order {
+        let ((elems, _, rows), (local_elems, _, local_rows)) = (whole[i], local[i]);
+        if local_elems == elems {
+            continue;
+        }
+        let bytes = local_elems * cx.pb;
+        let chunks: Vec<Tensor> = if local_rows == rows {
+            (0..tp)
+                .map(|_| cx.alloc(bytes, Temporary, "clone"))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        cx.alloc(bytes, Weights, "_shard_tensor");
+        cx.sim.free_all(&chunks);
+        cx.free(full[i]);
+    }
+}
+
 /// A tied LM head is built with a weight of its own, last, and tying then lets one of the two V x C weights go:
 /// the allocator caches that block, and later activations are carved from it. nanoGPT's
 /// `self.wte.weight = self.lm_head.weight` drops the embedding's first weight (`embedding`); Hugging Face's
@@ -319,6 +371,7 @@ impl Loop {
         cx.sim.stage(step, "forward");
         if let Some(d) = self.ddp.as_mut() {
             d.pre_forward(cx, step);
+            cx.ddp_sink_clone = d.sink_clones();
         }
         if let Some(f) = cx.fsdp.as_mut() {
             f.sync = self.sync;
@@ -355,8 +408,12 @@ impl Loop {
             Pass::Eager(f) => eager::backward(cx, *f),
         }
         distributed::root_post_backward(cx);
-        if let (Some(d), true) = (self.ddp.as_mut(), self.sync) {
-            d.post_backward(cx);
+        if let Some(d) = self.ddp.as_mut() {
+            d.backward_done();
+            cx.ddp_sink_clone = false;
+            if self.sync {
+                d.post_backward(cx);
+            }
         }
         // The HF loop's batch dies with the step (the loss held its own shifted copy of the labels).
         if program == Program::HfLoop {
@@ -534,7 +591,29 @@ fn optimizer_stage(
                         vec![of(first), of(!first)]
                     }
                 };
-                for group in groups {
+                // Sequence parallel without FSDP: the embedding's gradient is Replicate (the whole table, see
+                // `eager::backward`) where its parameter and state are Shard(0), so each foreach op that reads
+                // the gradients redistributes it (`_replicate_to_shard`: a copy of this GPU's rows, freed after
+                // the op): one for `_foreach_lerp_(exp_avgs, grads)`, two for `_foreach_addcmul_(exp_avg_sqs,
+                // grads, grads)`, before `_foreach_sqrt` (stub-cuda snapshots of llama-tp4-sp, llama-tp2-sp). The
+                // embedding is the first parameter, so in the HF loop's first group.
+                let p = &tr.parallel;
+                let replicated_embedding = (p.sequence_parallel
+                    && p.tp > 1
+                    && p.strategy != Strategy::Fsdp
+                    && cx.arch.program == Program::HfLoop)
+                    .then(|| params.first().filter(|e| e.tp_sharded).map(bytes))
+                    .flatten();
+                for (i, group) in groups.into_iter().enumerate() {
+                    if let Some(shard) = replicated_embedding.filter(|_| i == 0) {
+                        let lerp = cx.alloc(shard, Temporary, "_replicate_to_shard");
+                        cx.free(lerp);
+                        let addcmul = [
+                            cx.alloc(shard, Temporary, "_replicate_to_shard"),
+                            cx.alloc(shard, Temporary, "_replicate_to_shard"),
+                        ];
+                        cx.sim.free_all(&addcmul);
+                    }
                     let tmp: Vec<Tensor> = group
                         .iter()
                         .map(|&b| cx.alloc(b, Temporary, "_foreach_sqrt"))

@@ -110,6 +110,9 @@ pub struct Ctx<'a> {
     /// let go when the graph they belong to is freed: the micro-step's after its backward, a checkpointed block's
     /// recompute when the recompute ends.
     pub graph_holds: Vec<Tensor>,
+    /// Whether the model's outputs pass through DDP's `_DDPSink` in this forward, which clones each of them
+    /// (`static_graph=True`, until its first backward: `DistributedDataParallel._post_forward`).
+    pub ddp_sink_clone: bool,
 }
 
 impl<'a> Ctx<'a> {
@@ -159,6 +162,7 @@ impl<'a> Ctx<'a> {
             quant: setup.train.quantization,
             block_input_grad: true,
             graph_holds: Vec::new(),
+            ddp_sink_clone: false,
         })
     }
 
@@ -1038,17 +1042,19 @@ pub fn rms_norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
 /// (fp32 for a 2-byte input under autocast, whose weights are fp32). Returns the output and what it saved.
 pub fn rms_norm_fwd_on(cx: &mut Ctx, rows: u64, width: u64, in_bytes: u64) -> (Tensor, NormSaved) {
     let wide = rows * width * 4;
+    let mut own = [None, None];
+    if in_bytes == 2 {
+        // A 2-byte input: x.to(float32) is a real copy, made first (`hidden_states.to(torch.float32)`, the line
+        // before `pow`; stub-cuda snapshot of llama-lora-fsdp-w8: the 2 MiB copy, then pow's 2 MiB), saved by
+        // pow and the multiply.
+        own[0] = Some(cx.alloc(wide, Activations, "_to_copy"));
+    }
     let pow = cx.alloc(wide, Temporary, "pow");
     let mean = cx.alloc(rows * 4, Temporary, "mean");
     cx.free(pow);
     let added = cx.alloc(rows * 4, Temporary, "add");
     let rstd = cx.alloc(rows * 4, Activations, "rsqrt");
     cx.free(added);
-    let mut own = [None, None];
-    if in_bytes == 2 {
-        // A 2-byte input: x.to(float32) is a real copy, saved by pow and the multiply.
-        own[0] = Some(cx.alloc(wide, Activations, "_to_copy"));
-    }
     let normed = cx.alloc(wide, Activations, "mul");
     let out = if in_bytes == 2 {
         // normed.to(2 bytes) is saved by the weight multiply; the fp32 normed dies with the cast.
@@ -1612,6 +1618,33 @@ pub fn manual_scores_elems(cx: &Ctx) -> u64 {
 mod tests {
     use super::*;
     use crate::allocator::AllocatorConfig;
+
+    /// HF's `LlamaRMSNorm` on a bf16 stream [4, 256, 512] (stub-cuda snapshot of llama-lora-fsdp-w8, block 0):
+    /// `hidden_states.to(float32)` (2 MiB) comes before `pow` (2 MiB, freed after `mean`). Saving (a block whose
+    /// input needs a gradient), the copy and rsqrt stay; not saving (block 0 of a LoRA model: nothing upstream
+    /// needs a gradient and the weight is frozen), the forward leaves only its 1 MiB bf16 output.
+    #[test]
+    fn rms_norm_copies_to_fp32_first_and_saves_nothing_without_grad() {
+        let mut setup = crate::presets::model_preset("llama-3.2-1b").unwrap();
+        (setup.train.batch_size, setup.train.seq_len) = (4, 256);
+        setup.train.precision = Precision::Bf16;
+        setup.train.lora = Some(LoraConfig::with_rank(16));
+        for saving in [true, false] {
+            let mut sim = Sim::new(AllocatorConfig::default(), u64::MAX);
+            sim.record_events();
+            let mut cx = Ctx::new(&mut sim, &setup).unwrap();
+            cx.saving = saving;
+            let (out, _) = rms_norm_fwd_on(&mut cx, 1024, 512, 2);
+            let live = cx.sim.live_bytes();
+            let out_bytes = cx.sim.bytes_of(out);
+            let ops: Vec<&str> = sim.events().iter().take(2).map(|e| e.op).collect();
+            assert_eq!(ops, ["_to_copy", "pow"]);
+            assert_eq!(sim.events()[0].bytes, 2 << 20);
+            assert_eq!(out_bytes, 1 << 20);
+            let kept = if saving { (2 << 20) + 4096 } else { 0 };
+            assert_eq!(live, out_bytes + kept, "saving {saving}");
+        }
+    }
 
     /// The CUDA reduction's global scratch, by hand from `setReduceConfig`: 2048 x 256 fp32 on sm_90 (132 SMs,
     /// 2048 threads each): vec 4, a block of 32 x 4 threads, 512 rows per warp, 2 output blocks, target 132 x 16

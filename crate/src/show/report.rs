@@ -205,7 +205,7 @@ fn parallel_notes(p: &crate::parallel::Parallel) -> Vec<String> {
             ) + &tp
         }
     };
-    vec![
+    let mut notes = vec![
         format!(
             "per GPU on {} GPUs with {what}: rank 0, which holds the most; the batch is per GPU",
             p.gpus
@@ -213,7 +213,17 @@ fn parallel_notes(p: &crate::parallel::Parallel) -> Vec<String> {
         "not counted: NCCL's own buffers and communicators (cudaMalloc'd outside PyTorch's allocator, hundreds of \
          MiB per communicator on a real machine)"
             .to_string(),
-    ]
+    ];
+    if p.strategy == Strategy::Single && p.tp > 1 {
+        notes.push(
+            "tensor parallel alone: the whole model is built on each GPU, then parallelize_module shards it (as \
+             PyTorch's tensor-parallel tutorial and the measured runs do), so the full parameters pass through \
+             the GPU and their blocks stay cached; a model built on the meta device and materialised sharded \
+             (torchtitan) skips that"
+                .to_string(),
+        );
+    }
+    notes
 }
 
 /// The estimate.
@@ -557,5 +567,31 @@ mod finetune_breakdown {
         let fi = f.items_for(None);
         assert_eq!(what(&fi, "weights"), Some("parameters and buffers"));
         assert_eq!(what(&fi, "optimizer"), Some("optimizer state"));
+    }
+}
+
+#[cfg(test)]
+mod parallel_notes_tests {
+    use super::parallel_notes;
+    use crate::parallel::{Parallel, Strategy};
+
+    /// Tensor parallelism alone says that the whole model passes through the GPU before it is sharded; under
+    /// FSDP2 (built on the meta device) it does not.
+    #[test]
+    fn tensor_parallel_alone_notes_the_whole_model_build() {
+        let mut p = Parallel {
+            gpus: 4,
+            tp: 4,
+            ..Parallel::default()
+        };
+        let says = |p: &Parallel| {
+            parallel_notes(p)
+                .iter()
+                .any(|n| n.contains("whole model is built on each GPU"))
+        };
+        assert!(says(&p));
+        p.strategy = Strategy::Fsdp;
+        p.gpus = 8;
+        assert!(!says(&p));
     }
 }

@@ -35,36 +35,7 @@ pub const PARALLEL_NOT_MODELLED: &[&str] = &["llama-lora-fsdp-w8-mp"];
 
 /// DDP and tensor-parallel records whose reserved memory is not within the stub standard (3%), with what is
 /// known.
-pub const PARALLEL_RESERVED_KNOWN: &[(&str, &str)] = &[
-    (
-        "llama-tp4",
-        "allocated exact (-0.00%), 55 MiB less reserved than PyTorch's allocator; llama-tp2 is exact in both: \
-         not found which transient takes the extra segment at tp 4 (the model all-reduces each branch input's \
-         gradient once, after the sum, where PyTorch all-reduces each colwise Linear's)",
-    ),
-    (
-        "llama-tp4-sp",
-        "allocated exact (-0.02%), reserved 8 MiB (+3.2%) above PyTorch's allocator; llama-tp2-sp is exact in \
-         both: not found which segment differs",
-    ),
-    (
-        "gpt-ddp-w2-static",
-        "static_graph=True: the same allocated bytes as gpt-ddp-w2 and 64 MiB more reserved on PyTorch's allocator; \
-         not found which allocation takes the new segment (the model gives static_graph's allocations as the \
-         default's, so gpt-ddp-w2's reserved)",
-    ),
-    (
-        "llama-lora-fsdp-w8",
-        "32 MiB (+6.5%) above PyTorch's allocator, allocated -0.58%. From the record's snapshot \
-         (measure_parallel.py --snapshots): FSDP2's streams hold what the model gives them (copy-in stream 20 + 34 \
-         MiB, reduce-scatter stream 2 MiB); the default stream has one 32 MiB segment more. In block 3's forward \
-         the model puts a 2.8 MB bf16 cast (`_to_copy`) into the 32 MiB segment the cuBLAS workspace had used, so \
-         the head's workspace at the loss needs a new one; PyTorch's allocator put it into a 5.1 MiB hole of \
-         another 32 MiB segment, where the model holds a 2.0 MiB block of the blocks' forward (the same blocks \
-         in another place: a one-GPU LoRA layout difference, not a stream's). llama-lora-fsdp-w2, -noreshard \
-         and -ckpt are within 1%",
-    ),
-];
+pub const PARALLEL_RESERVED_KNOWN: &[(&str, &str)] = &[];
 
 /// One record against its estimate.
 pub struct Row {
