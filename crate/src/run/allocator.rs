@@ -258,6 +258,8 @@ struct BlockList {
     /// reads this one array instead of a heap vector per step (it was a fifth of a deep model's estimate). A
     /// lone chunk is searched directly, and its key is not kept.
     lasts: Vec<u128>,
+    /// The chunk the last search of several chunks ended in: tried first by the next one.
+    finger: std::cell::Cell<usize>,
 }
 
 /// An entry's place in the (size, address) order as one number.
@@ -274,7 +276,21 @@ impl BlockList {
         // The first chunk whose last entry is at or after the key; within it, the entry.
         let chunk = match chunks {
             [] | [_] => 0,
-            _ => first_reaching(self.lasts.as_slice(), key(size, addr)),
+            _ => {
+                let (lasts, target, f) =
+                    (self.lasts.as_slice(), key(size, addr), self.finger.get());
+                let hit = match lasts.get(f) {
+                    Some(&l) => l >= target && (f == 0 || lasts[f - 1] < target),
+                    None => false,
+                };
+                if hit {
+                    f
+                } else {
+                    let c = first_reaching(lasts, target);
+                    self.finger.set(c);
+                    c
+                }
+            }
         };
         let at = match chunks.get(chunk) {
             Some(c) => lower_bound(c, size, addr),
@@ -1889,6 +1905,56 @@ mod tests {
             }
         }
         assert!(list.chunks.len() > 1);
+    }
+
+    /// The chunk a search starts from (`BlockList::finger`, left by the search before) never changes an answer:
+    /// searches in ascending, descending, repeated and scattered order, between insertions and removals that
+    /// split chunks, empty them and renumber the rest (so the finger points at a chunk that moved, or past the
+    /// last), each find what a search of one sorted vector finds.
+    #[test]
+    fn a_search_from_a_stale_finger_finds_what_a_sorted_vector_finds() {
+        let (mut list, mut plain) = (BlockList::default(), Vec::<Entry>::new());
+        let found = |list: &BlockList, size: u64, addr: u64| list.get(list.lower_bound(size, addr));
+        let want = |plain: &[Entry], size: u64, addr: u64| {
+            plain.iter().find(|p| (p.0, p.1) >= (size, addr)).copied()
+        };
+        let (mut x, mut most_chunks): (u64, usize) = (0x2545_F491_4F6C_DD1D, 0);
+        for round in 0..600u32 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Grow to a few hundred entries of a few sizes, then shrink and grow again.
+            let e = ((x >> 40) % 9 * 512, u64::from(round) * 512, round);
+            if (round / 150) % 2 == 0 || plain.is_empty() {
+                list.insert(e);
+                plain.insert(plain.partition_point(|p| *p < e), e);
+            } else {
+                let r = plain.remove((x >> 20) as usize % plain.len());
+                list.remove_block(r.0, r.1, r.2);
+            }
+            let n = plain.len() as u64;
+            let probes: Vec<(u64, u64)> = match round % 4 {
+                // Every size from the smallest up, then down, each from address 0 (`get_free_block`'s search).
+                0 => (0..10).map(|s| (s * 512, 0)).collect(),
+                1 => (0..10).rev().map(|s| (s * 512, 0)).collect(),
+                // Every entry's own key, in order, then one past it (a block's removal, a walk).
+                2 => plain
+                    .iter()
+                    .flat_map(|p| [(p.0, p.1), (p.0, p.1 + 1)])
+                    .collect(),
+                // The same scattered key three times over.
+                _ => [((x >> 8) % 10 * 512, (x >> 16) % (n * 512 + 1)); 3].to_vec(),
+            };
+            for (size, addr) in probes {
+                assert_eq!(
+                    found(&list, size, addr),
+                    want(&plain, size, addr),
+                    "{round}"
+                );
+            }
+            most_chunks = most_chunks.max(list.chunks.len());
+        }
+        assert!(most_chunks > 4, "{most_chunks}");
     }
 
     /// A list that splits into chunks, shrinks back to one and splits again keeps each chunk's key (which a
