@@ -258,8 +258,13 @@ struct BlockList {
     /// reads this one array instead of a heap vector per step (it was a fifth of a deep model's estimate). A
     /// lone chunk is searched directly, and its key is not kept.
     lasts: Vec<u128>,
-    /// The chunk the last search of several chunks ended in: tried first by the next one.
+    /// Where the last search that missed its fingers ended: the chunk (with several) and the index within the
+    /// chunk. Consecutive searches of a list mostly land there again (a request, then the split of the block it
+    /// took; a freed block, then its neighbour's merge), so a search tries them first: a place is the answer
+    /// exactly when its key reaches the target and the key before it does not, two comparisons. A stale
+    /// finger (the chunks split, emptied or renumbered since, the index left in another chunk) costs only those.
     finger: std::cell::Cell<usize>,
+    at_finger: std::cell::Cell<usize>,
 }
 
 /// An entry's place in the (size, address) order as one number.
@@ -276,6 +281,7 @@ impl BlockList {
         // The first chunk whose last entry is at or after the key; within it, the entry.
         let chunk = match chunks {
             [] | [_] => 0,
+            // The finger's chunk if it is the first whose last key reaches the target, else a search.
             _ => {
                 let (lasts, target, f) =
                     (self.lasts.as_slice(), key(size, addr), self.finger.get());
@@ -293,7 +299,22 @@ impl BlockList {
             }
         };
         let at = match chunks.get(chunk) {
-            Some(c) => lower_bound(c, size, addr),
+            // The same within the chunk.
+            Some(c) => {
+                let (target, f) = (key(size, addr), self.at_finger.get());
+                let k = |e: &Entry| key(e.0, e.1);
+                let hit = match c.get(f) {
+                    Some(e) => k(e) >= target && (f == 0 || k(&c[f - 1]) < target),
+                    None => false,
+                };
+                if hit {
+                    f
+                } else {
+                    let at = lower_bound(c, size, addr);
+                    self.at_finger.set(at);
+                    at
+                }
+            }
             None => 0,
         };
         Cursor { chunk, at }
@@ -1907,10 +1928,10 @@ mod tests {
         assert!(list.chunks.len() > 1);
     }
 
-    /// The chunk a search starts from (`BlockList::finger`, left by the search before) never changes an answer:
-    /// searches in ascending, descending, repeated and scattered order, between insertions and removals that
-    /// split chunks, empty them and renumber the rest (so the finger points at a chunk that moved, or past the
-    /// last), each find what a search of one sorted vector finds.
+    /// The chunk and index a search tries first (`BlockList::finger`, `at_finger`, left by a search before)
+    /// never change an answer: searches in ascending, descending, repeated and scattered order, between
+    /// insertions and removals that split chunks, empty them and renumber the rest (so a finger points at a
+    /// chunk that moved, or past the last), each find what a search of one sorted vector finds.
     #[test]
     fn a_search_from_a_stale_finger_finds_what_a_sorted_vector_finds() {
         let (mut list, mut plain) = (BlockList::default(), Vec::<Entry>::new());
