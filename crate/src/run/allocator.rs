@@ -416,13 +416,18 @@ impl BlockList {
     }
 
     /// Replaces the entry at `c` by `e`, which may sort elsewhere. Where `e` stays within the chunk, only the
-    /// entries in between move.
+    /// entries in between move; where it sorts in the same place (a split's remainder still above the entry
+    /// before it), nothing is searched or moved.
     fn replace(&mut self, c: Cursor, e: Entry) {
         let (first, last) = (c.chunk == 0, c.chunk + 1 == self.chunks.len());
         let v = self.chunks.as_mut_slice()[c.chunk].as_mut_slice();
         let (before, after) = v.split_at(c.at);
+        let k = key(e.0, e.1);
         if (e.0, e.1) < (after[0].0, after[0].1) {
-            let to = lower_bound(before, e.0, e.1);
+            let to = match before.last() {
+                Some(b) if key(b.0, b.1) >= k => lower_bound(before, e.0, e.1),
+                _ => c.at,
+            };
             if to > 0 || first {
                 let new_last = c.at + 1 == v.len();
                 v.copy_within(to..c.at, to + 1);
@@ -433,7 +438,10 @@ impl BlockList {
                 return;
             }
         } else {
-            let to = c.at + lower_bound(&after[1..], e.0, e.1);
+            let to = match after.get(1) {
+                Some(n) if key(n.0, n.1) < k => c.at + lower_bound(&after[1..], e.0, e.1),
+                _ => c.at,
+            };
             if to + 1 < v.len() || last {
                 let new_last = to + 1 == v.len();
                 v.copy_within(c.at + 1..to + 1, c.at);
