@@ -258,6 +258,13 @@ struct BlockList {
     /// reads this one array instead of a heap vector per step (it was a fifth of a deep model's estimate). A
     /// lone chunk is searched directly, and its key is not kept.
     lasts: Vec<u128>,
+    /// Where the last search that missed its fingers ended: the chunk (with several) and the index within the
+    /// chunk. Consecutive searches of a list mostly land there again (a request, then the split of the block it
+    /// took; a freed block, then its neighbour's merge), so a search tries them first: a place is the answer
+    /// exactly when its key reaches the target and the key before it does not, two comparisons. A stale
+    /// finger (the chunks split, emptied or renumbered since, the index left in another chunk) costs only those.
+    finger: std::cell::Cell<usize>,
+    at_finger: std::cell::Cell<usize>,
 }
 
 /// An entry's place in the (size, address) order as one number.
@@ -274,10 +281,40 @@ impl BlockList {
         // The first chunk whose last entry is at or after the key; within it, the entry.
         let chunk = match chunks {
             [] | [_] => 0,
-            _ => first_reaching(self.lasts.as_slice(), key(size, addr)),
+            // The finger's chunk if it is the first whose last key reaches the target, else a search.
+            _ => {
+                let (lasts, target, f) =
+                    (self.lasts.as_slice(), key(size, addr), self.finger.get());
+                let hit = match lasts.get(f) {
+                    Some(&l) => l >= target && (f == 0 || lasts[f - 1] < target),
+                    None => false,
+                };
+                if hit {
+                    f
+                } else {
+                    let c = first_reaching(lasts, target);
+                    self.finger.set(c);
+                    c
+                }
+            }
         };
         let at = match chunks.get(chunk) {
-            Some(c) => lower_bound(c, size, addr),
+            // The same within the chunk.
+            Some(c) => {
+                let (target, f) = (key(size, addr), self.at_finger.get());
+                let k = |e: &Entry| key(e.0, e.1);
+                let hit = match c.get(f) {
+                    Some(e) => k(e) >= target && (f == 0 || k(&c[f - 1]) < target),
+                    None => false,
+                };
+                if hit {
+                    f
+                } else {
+                    let at = lower_bound(c, size, addr);
+                    self.at_finger.set(at);
+                    at
+                }
+            }
             None => 0,
         };
         Cursor { chunk, at }
@@ -379,13 +416,18 @@ impl BlockList {
     }
 
     /// Replaces the entry at `c` by `e`, which may sort elsewhere. Where `e` stays within the chunk, only the
-    /// entries in between move.
+    /// entries in between move; where it sorts in the same place (a split's remainder still above the entry
+    /// before it), nothing is searched or moved.
     fn replace(&mut self, c: Cursor, e: Entry) {
         let (first, last) = (c.chunk == 0, c.chunk + 1 == self.chunks.len());
         let v = self.chunks.as_mut_slice()[c.chunk].as_mut_slice();
         let (before, after) = v.split_at(c.at);
+        let k = key(e.0, e.1);
         if (e.0, e.1) < (after[0].0, after[0].1) {
-            let to = lower_bound(before, e.0, e.1);
+            let to = match before.last() {
+                Some(b) if key(b.0, b.1) >= k => lower_bound(before, e.0, e.1),
+                _ => c.at,
+            };
             if to > 0 || first {
                 let new_last = c.at + 1 == v.len();
                 v.copy_within(to..c.at, to + 1);
@@ -396,7 +438,10 @@ impl BlockList {
                 return;
             }
         } else {
-            let to = c.at + lower_bound(&after[1..], e.0, e.1);
+            let to = match after.get(1) {
+                Some(n) if key(n.0, n.1) < k => c.at + lower_bound(&after[1..], e.0, e.1),
+                _ => c.at,
+            };
             if to + 1 < v.len() || last {
                 let new_last = to + 1 == v.len();
                 v.copy_within(c.at + 1..to + 1, c.at);
@@ -1889,6 +1934,56 @@ mod tests {
             }
         }
         assert!(list.chunks.len() > 1);
+    }
+
+    /// The chunk and index a search tries first (`BlockList::finger`, `at_finger`, left by a search before)
+    /// never change an answer: searches in ascending, descending, repeated and scattered order, between
+    /// insertions and removals that split chunks, empty them and renumber the rest (so a finger points at a
+    /// chunk that moved, or past the last), each find what a search of one sorted vector finds.
+    #[test]
+    fn a_search_from_a_stale_finger_finds_what_a_sorted_vector_finds() {
+        let (mut list, mut plain) = (BlockList::default(), Vec::<Entry>::new());
+        let found = |list: &BlockList, size: u64, addr: u64| list.get(list.lower_bound(size, addr));
+        let want = |plain: &[Entry], size: u64, addr: u64| {
+            plain.iter().find(|p| (p.0, p.1) >= (size, addr)).copied()
+        };
+        let (mut x, mut most_chunks): (u64, usize) = (0x2545_F491_4F6C_DD1D, 0);
+        for round in 0..600u32 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Grow to a few hundred entries of a few sizes, then shrink and grow again.
+            let e = ((x >> 40) % 9 * 512, u64::from(round) * 512, round);
+            if (round / 150) % 2 == 0 || plain.is_empty() {
+                list.insert(e);
+                plain.insert(plain.partition_point(|p| *p < e), e);
+            } else {
+                let r = plain.remove((x >> 20) as usize % plain.len());
+                list.remove_block(r.0, r.1, r.2);
+            }
+            let n = plain.len() as u64;
+            let probes: Vec<(u64, u64)> = match round % 4 {
+                // Every size from the smallest up, then down, each from address 0 (`get_free_block`'s search).
+                0 => (0..10).map(|s| (s * 512, 0)).collect(),
+                1 => (0..10).rev().map(|s| (s * 512, 0)).collect(),
+                // Every entry's own key, in order, then one past it (a block's removal, a walk).
+                2 => plain
+                    .iter()
+                    .flat_map(|p| [(p.0, p.1), (p.0, p.1 + 1)])
+                    .collect(),
+                // The same scattered key three times over.
+                _ => [((x >> 8) % 10 * 512, (x >> 16) % (n * 512 + 1)); 3].to_vec(),
+            };
+            for (size, addr) in probes {
+                assert_eq!(
+                    found(&list, size, addr),
+                    want(&plain, size, addr),
+                    "{round}"
+                );
+            }
+            most_chunks = most_chunks.max(list.chunks.len());
+        }
+        assert!(most_chunks > 4, "{most_chunks}");
     }
 
     /// A list that splits into chunks, shrinks back to one and splits again keeps each chunk's key (which a
