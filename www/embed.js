@@ -42,11 +42,12 @@ const KNOBS = {
   reduce_dtype: ['FSDP reduce_dtype', ['', 'fp32', 'bf16']], offload: ['CPU offload', 'checkbox'],
   bucket_cap_mb: ['bucket_cap_mb', 'number'], gradient_as_bucket_view: ['gradient_as_bucket_view', 'checkbox'],
   static_graph: ['static_graph', 'checkbox'], tp: ['Tensor parallel', 'number'],
+  init_on_device: ['Built on each GPU first (tp alone)', 'checkbox'],
   sequence_parallel: ['Sequence parallel', 'checkbox'],
 };
 // `train.parallel`'s keys besides the strategy (`parallel`): none on one GPU; a new strategy keeps only the GPUs.
 const PARALLEL_KEYS = ['gpus', 'tp', 'sequence_parallel', 'reshard_after_forward', 'param_dtype', 'reduce_dtype', 'offload', 'bucket_cap_mb',
-  'gradient_as_bucket_view', 'static_graph'];
+  'gradient_as_bucket_view', 'static_graph', 'init_on_device'];
 // Selects whose empty choice means "leave the key out" (the core has no empty value for them).
 const OMIT_EMPTY = ['param_dtype', 'reduce_dtype'];
 const DEFAULT_SHOW = 'batch_size,seq_len,precision,gpu';
@@ -272,7 +273,7 @@ class VramFit extends HTMLElement {
       if (input.value !== 'single') { this.params.set('parallel', input.value); this.params.set('gpus', gpus); }
       // The strategy's other fields show their new (default) values.
       this.build(this.vf);
-    } else if (PARALLEL_KEYS.includes(key) && !this.params.has('parallel') && !['tp', 'sequence_parallel'].includes(key)) {
+    } else if (PARALLEL_KEYS.includes(key) && !this.params.has('parallel') && !['tp', 'sequence_parallel', 'init_on_device'].includes(key)) {
       // A multi-GPU field on one GPU: the strategy comes first (said once, next to the inputs).
       this.error.textContent = 'vramfit: choose a strategy (ddp or fsdp) for more than one GPU first';
       this.dataset.status = 'error';
@@ -286,7 +287,7 @@ class VramFit extends HTMLElement {
       if (key === 'sms') { this.params.delete('gpu'); this.chosenGpu = ''; }
     }
     // Tensor parallelism alone is strategy single with its tp.
-    if (['tp', 'sequence_parallel'].includes(key) && !this.params.has('parallel')) this.params.set('parallel', 'single');
+    if (['tp', 'sequence_parallel', 'init_on_device'].includes(key) && !this.params.has('parallel')) this.params.set('parallel', 'single');
     this.update();
   }
 

@@ -25,10 +25,10 @@ const OPTIONAL_MODEL_KNOBS = ['bias', 'head_dim', 'sliding_window', 'rotary_dims
 // More than one GPU (`train.parallel`): the strategy select is `parallel`; each other field's box says in
 // `data-strategies` which strategies have it. One GPU leaves them all out of the query.
 const PARALLEL_KNOBS = ['gpus', 'tp', 'sequence_parallel', 'reshard_after_forward', 'param_dtype', 'reduce_dtype', 'offload', 'bucket_cap_mb',
-  'gradient_as_bucket_view', 'static_graph'];
+  'gradient_as_bucket_view', 'static_graph', 'init_on_device'];
 // Their values on one GPU (and for a query that has no `parallel`): PyTorch's defaults, 8 GPUs when one is chosen.
 const PARALLEL_DEFAULTS = { parallel: 'single', gpus: '8', tp: '1', sequence_parallel: false, reshard_after_forward: true, param_dtype: '', reduce_dtype: '',
-  offload: false, bucket_cap_mb: '', gradient_as_bucket_view: false, static_graph: false };
+  offload: false, bucket_cap_mb: '', gradient_as_bucket_view: false, static_graph: false, init_on_device: false };
 const DEFAULT_PRESET = 'nanogpt-30m';
 const DEFAULT_GPU = 'rtx-4070';
 // The device's fields: they follow the GPU select, and nothing but the GPU (or a person typing) changes them.

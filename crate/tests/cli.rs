@@ -1149,6 +1149,11 @@ fn the_sm_count_follows_the_gpu_and_moves_flash_attention() {
         e.contains("device.sms") && e.contains("whole number of SMs"),
         "{e}"
     );
+    let e = error_of(&["estimate", "--init-on-device"]);
+    assert!(
+        e.contains("train.parallel.init_on_device (true) applies to tensor parallelism alone"),
+        "{e}"
+    );
     let e = error_of(&["estimate", "--sms", "2.5"]);
     assert!(e.contains("device.sms (2.5)"), "{e}");
 }

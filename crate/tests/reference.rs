@@ -13,7 +13,7 @@ use vramfit::input::setup_from_value;
 #[path = "support/records.rs"]
 mod records;
 use records::{
-    FINETUNE_NOT_MODELLED, FINETUNE_TOLERANCE, PARALLEL_ALLOCATED_TOLERANCE, PARALLEL_NOT_MODELLED,
+    FINETUNE_NOT_MODELLED, PARALLEL_ALLOCATED_TOLERANCE, PARALLEL_NOT_MODELLED,
     PARALLEL_RESERVED_KNOWN, STUB_ALLOCATED_TOLERANCE, STUB_RESERVED_TOLERANCE,
 };
 
@@ -429,8 +429,8 @@ fn finetune_flash_attention_2_records() {
 }
 
 /// The fine-tuning records (`tests/data/finetune/stub-cuda.json`, issue 13): LoRA, QLoRA, 8-bit bases and the
-/// optimizers people pick to save memory, measured with PyTorch's own allocator. Every record is held to 5%
-/// allocated and reserved; those vramfit refuses are listed by name with the refusal, and must be exactly
+/// optimizers people pick to save memory, measured with PyTorch's own allocator. Every record is held to issue
+/// 10's standard (2% allocated, 3% reserved; issue 13 asked for 5%); those vramfit refuses are listed by name with the refusal, and must be exactly
 /// `FINETUNE_NOT_MODELLED`.
 #[test]
 fn finetune_records_allocated_and_reserved() {
@@ -447,7 +447,7 @@ fn finetune_records_allocated_and_reserved() {
             }
         };
         let (ea, er) = r.errors();
-        let over = ea.abs() > FINETUNE_TOLERANCE || er.abs() > FINETUNE_TOLERANCE;
+        let over = ea.abs() > STUB_ALLOCATED_TOLERANCE || er.abs() > STUB_RESERVED_TOLERANCE;
         bad += usize::from(over);
         table += &format!(
             "{name:50} allocated {:>11} {:>11} {:>+7.2}%  reserved {:>11} {:>11} {:>+7.2}%{}\n",
@@ -461,11 +461,14 @@ fn finetune_records_allocated_and_reserved() {
         );
     }
     println!("{table}");
-    assert!(bad == 0, "{bad} fine-tuning records over 5%:\n{table}");
+    assert!(
+        bad == 0,
+        "{bad} fine-tuning records over 2% allocated or 3% reserved:\n{table}"
+    );
     assert_eq!(refused, FINETUNE_NOT_MODELLED, "\n{table}");
 }
 
-/// Every multi-GPU record is modelled: allocated within 5%; reserved within the stub standard (3%), FSDP2's
+/// Every multi-GPU record is modelled: allocated within 2% and reserved within 3% (the stub standard), FSDP2's
 /// records included (the all-gather and reduce-scatter buffers in their streams' own pools), but the known ones.
 #[test]
 fn parallel_records_allocated() {

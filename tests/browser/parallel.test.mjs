@@ -6,7 +6,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
-import { ROOT, setUp, waitRender, openPage, setField, cliPeakBytes, canvasPixels } from './helpers.mjs';
+import { ROOT, setUp, waitRender, openPage, setField, cliPeakBytes, cliEstimate, canvasPixels } from './helpers.mjs';
 
 const PORT = 8821;
 const WIDGET_PORT = 8822;
@@ -15,6 +15,7 @@ const BLOG_PORT = 8823;
 const env = setUp({ port: PORT, widgetPort: WIDGET_PORT, blogPort: BLOG_PORT, blog: { title: 'FSDP', body: '<vram-fit id="fsdp" preset="llama-3.2-1b" gpu="rtx-4070" show="parallel,gpus,offload,checkpointing" plot="gpus"></vram-fit>' } });
 
 const peak = async (page) => Number(await page.getAttribute('#peak-allocated', 'data-bytes'));
+const reserved = async (page) => Number(await page.getAttribute('#peak-reserved', 'data-bytes'));
 const param = (page, k) => page.evaluate((key) => new URLSearchParams(location.search).get(key), k);
 const hidden = (page, id) => page.evaluate((i) => document.getElementById(i).closest('.field').hidden, id);
 
@@ -99,6 +100,16 @@ test('tensor parallelism: alone and under FSDP2, sequence parallel, each the CLI
   assert.equal(await param(page, 'gpus'), null);
   assert.equal(await peak(page), cliPeakBytes([...base, '--tp', '2']));
   assert.match(await page.textContent('#scope'), /rank 0 of 2, tensor parallel over 2 \(plan basic\)/);
+  // Built whole on each GPU before parallelize_module shards it (pytorch/examples' way): the full parameters'
+  // blocks stay cached, so reserved memory is the CLI's --init-on-device figure, not the meta-device default's.
+  assert.equal(await hidden(page, 'init_on_device'), false);
+  await toggle(page, 'init_on_device', true);
+  assert.equal(await param(page, 'init_on_device'), '1');
+  const onDevice = await reserved(page);
+  assert.equal(onDevice, cliEstimate([...base, '--tp', '2', '--init-on-device']).peak_reserved_bytes);
+  assert.notEqual(onDevice, cliEstimate([...base, '--tp', '2']).peak_reserved_bytes);
+  await toggle(page, 'init_on_device', false);
+  assert.equal(await reserved(page), cliEstimate([...base, '--tp', '2']).peak_reserved_bytes);
   await toggle(page, 'sequence_parallel', true);
   assert.equal(await peak(page), cliPeakBytes([...base, '--tp', '2', '--sequence-parallel']));
   // Under FSDP2 on 8 GPUs (data parallel 4 x tp 2), in fp32 with its bf16 policy.

@@ -103,6 +103,9 @@ MORE THAN ONE GPU (every figure is then per GPU, for rank 0; the batch is per GP
                        (--gpus defaults to N) or with --parallel fsdp (FSDP2 over dp = gpus / N; ddp refused)
   --sequence-parallel | --no-sequence-parallel   with --tp: torchtitan's sequence parallel (norms on a
                        sequence shard, embedding and head sharded on the vocabulary, loss_parallel)
+  --init-on-device     with --tp alone: the whole model is built on each GPU, then parallelize_module shards
+                       it (pytorch/examples' tensor_parallelism); default: built on the meta device and
+                       materialised as each GPU's shards (torchtitan)
   --bucket-cap-mb N  --gradient-as-bucket-view | --no-gradient-as-bucket-view  --static-graph   (ddp)
   --reshard-after-forward | --no-reshard-after-forward  --param-dtype bf16|fp32  --reduce-dtype bf16|fp32
   --offload | --no-offload                                                                      (fsdp)
@@ -437,6 +440,7 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                 overrides.push(("train", "finetune", json!({ "method": m.name() })));
             }
             "--static-graph" => parallel.push(("static_graph", Value::Bool(true))),
+            "--init-on-device" => parallel.push(("init_on_device", Value::Bool(true))),
             "--parallel" => parallel.push(("strategy", Value::String(next(&mut i, flag)?))),
             "--param-dtype" => parallel.push((
                 "mixed_precision.param_dtype",
@@ -536,8 +540,11 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                 None => p[key] = value,
             }
         }
-        // `--tp N` alone is tensor parallelism without a data-parallel wrapper.
-        if p.get("strategy").is_none() && p.get("tp").is_some() {
+        // `--tp N` alone is tensor parallelism without a data-parallel wrapper (`--init-on-device` says how it is
+        // built: alone, it is refused by name).
+        if p.get("strategy").is_none()
+            && (p.get("tp").is_some() || p.get("init_on_device").is_some())
+        {
             p["strategy"] = json!("single");
         }
     }

@@ -133,7 +133,7 @@ pub struct Parallel {
     pub bucket_cap_mb: Option<u64>,
     /// DDP's `gradient_as_bucket_view`.
     pub gradient_as_bucket_view: bool,
-    /// DDP's `static_graph` (allocates as the default; kept so that a setup says what it runs).
+    /// DDP's `static_graph` (its first forward's outputs pass through `_DDPSink`, which clones them).
     pub static_graph: bool,
     /// FSDP2's `reshard_after_forward`, given to every `fully_shard` call, the root's included.
     pub reshard_after_forward: bool,
@@ -145,6 +145,11 @@ pub struct Parallel {
     pub reduce_dtype: Option<Dtype>,
     /// FSDP2's `offload_policy=CPUOffloadPolicy()`: sharded parameters, gradients and optimizer state on the host.
     pub offload: bool,
+    /// Tensor parallelism alone: the whole model is built on the GPU and `parallelize_module` then shards it (the
+    /// tensor_parallelism example of pytorch/examples, and the measured records: `step::tp_parallelized`);
+    /// false: built on the meta device and materialised as this GPU's shards (torchtitan's way, what a model too
+    /// large for one GPU needs).
+    pub init_on_device: bool,
 }
 
 impl Default for Parallel {
@@ -168,6 +173,7 @@ impl Parallel {
             param_dtype: None,
             reduce_dtype: None,
             offload: false,
+            init_on_device: false,
         }
     }
 
@@ -387,6 +393,14 @@ impl Parallel {
                     self.tp
                 ),
             });
+        }
+        if self.init_on_device && !(self.tp > 1 && self.strategy == Strategy::Single) {
+            return Err(Error::invalid(
+                &f("init_on_device"),
+                true,
+                "applies to tensor parallelism alone (train.parallel.tp beyond 1, strategy single): DDP always \
+                 builds the whole model on each GPU, FSDP2 materialises its shards (to_empty)",
+            ));
         }
         if self.tp > 1 && self.offload {
             return Err(Error::NotModelled {

@@ -83,6 +83,7 @@ const PARALLEL_FIELDS: &[&str] = &[
     "reshard_after_forward",
     "mixed_precision",
     "offload",
+    "init_on_device",
 ];
 const LORA_FIELDS: &[&str] = &["r", "alpha", "dropout", "target_modules", "modules_to_save"];
 const DEVICE_FIELDS: &[&str] = &["compute_capability", "memory_gib", "sms"];
@@ -514,6 +515,7 @@ fn parallel_fields(p: &Map<String, Value>) -> Result<Parallel, Error> {
     out.static_graph = get_bool(p, PRE, "static_graph")?.unwrap_or(false);
     out.reshard_after_forward = reshard.or(zero_reshard).unwrap_or(true);
     out.offload = get_bool(p, PRE, "offload")?.unwrap_or(false);
+    out.init_on_device = get_bool(p, PRE, "init_on_device")?.unwrap_or(false);
     if let Some(mp) = p.get("mixed_precision").filter(|v| !v.is_null()) {
         let mp = object(mp, "train.parallel.mixed_precision")?;
         let pre = "train.parallel.mixed_precision.";
@@ -551,6 +553,9 @@ fn parallel_to_value(p: &Parallel) -> Option<Value> {
     }
     if p.static_graph {
         v["static_graph"] = true.into();
+    }
+    if p.init_on_device {
+        v["init_on_device"] = true.into();
     }
     if p.strategy == Strategy::Fsdp || !p.reshard_after_forward {
         v["reshard_after_forward"] = p.reshard_after_forward.into();
@@ -2210,6 +2215,7 @@ const PARALLEL_QUERY_KEYS: &[(&str, &str, QueryKind)] = &[
         QueryKind::Bool,
     ),
     ("static_graph", "static_graph", QueryKind::Bool),
+    ("init_on_device", "init_on_device", QueryKind::Bool),
     (
         "reshard_after_forward",
         "reshard_after_forward",

@@ -1115,7 +1115,8 @@ mod tests {
             "n_embd": 512, "intermediate_size": 1376, "vocab_size": 16384, "block_size": 256,
             "tie_embeddings": false},
             "train": {"batch_size": 4, "seq_len": 256, "precision": "bf16-amp",
-                      "parallel": {"strategy": "single", "gpus": 4, "tp": 4}}});
+                      "parallel": {"strategy": "single", "gpus": 4, "tp": 4,
+                                   "init_on_device": true}}});
         let s = crate::input::setup_from_value(&json).unwrap();
         let sim = crate::step::simulate_recording(&s, true).unwrap();
         let init: Vec<_> = sim
@@ -1154,6 +1155,50 @@ mod tests {
         for (from, to) in [(at[0], at[1]), (at[2], at[4])] {
             assert!(block3[from..to].iter().all(|e| e.op != "add"));
         }
+        // Built on the meta device (the default): only this GPU's shards are ever allocated.
+        let mut meta = s.clone();
+        meta.train.parallel.init_on_device = false;
+        let sim = crate::step::simulate_recording(&meta, true).unwrap();
+        let init: Vec<_> = sim
+            .events()
+            .iter()
+            .filter(|e| e.phase.starts_with("step 0"))
+            .collect();
+        assert!(init.iter().all(|e| e.bytes > 0 && e.op != "_shard_tensor"));
+        assert!(
+            !init.iter().any(|e| e.bytes == 512 * 512 * 4),
+            "no full q_proj"
+        );
+        assert!(
+            init.iter().any(|e| e.bytes == 128 * 512 * 4),
+            "q_proj's shard"
+        );
+    }
+
+    /// Llama-3.1-70B over tp 8 on one node: built whole on each GPU its fp32 parameters (70.6B x 4 B, 263 GiB)
+    /// pass through the GPU, so the peak is at init; built on the meta device the peak is a training step's
+    /// (179 GiB: fp32 shards with a replicated 128256 x 8192 embedding and head, AdamW's state, activations),
+    /// lower, and above an eighth of the weights.
+    #[test]
+    fn a_model_too_large_for_one_gpu_is_built_on_the_meta_device_by_default() {
+        let mut s = crate::presets::model_preset("llama-3.1-70b").unwrap();
+        s.train.parallel = crate::parallel::Parallel {
+            gpus: 8,
+            tp: 8,
+            ..Default::default()
+        };
+        let meta = crate::estimate(&s).unwrap();
+        s.train.parallel.init_on_device = true;
+        let device = crate::estimate(&s).unwrap();
+        assert_eq!(device.peak_phase, "step 0 init");
+        assert!(device.peak_allocated_bytes >= 70_553_706_496 * 4);
+        assert!(
+            !meta.peak_phase.starts_with("step 0"),
+            "{}",
+            meta.peak_phase
+        );
+        assert!(meta.peak_allocated_bytes < device.peak_allocated_bytes);
+        assert!(meta.peak_allocated_bytes > 70_553_706_496 * 4 / 8);
     }
 
     /// Sequence parallel alone: the embedding's gradient is the whole 16384 x 512 fp32 table (Replicate), and

@@ -115,7 +115,7 @@ fn run(setup: &Setup, n_steps: u32, record: bool, reserved_limit: u64) -> Result
         // (built directly on the device, as the reference runs are).
         match tr.quantization {
             Some(q) => quantized_base(&mut cx, setup, q),
-            None if tr.parallel.tp > 1 => tp_parallelized(&mut cx, setup, &exec),
+            None if tr.parallel.init_on_device => tp_parallelized(&mut cx, setup, &exec),
             None => {
                 let weights: Vec<Tensor> = params
                     .iter()

@@ -215,13 +215,17 @@ fn parallel_notes(p: &crate::parallel::Parallel) -> Vec<String> {
             .to_string(),
     ];
     if p.strategy == Strategy::Single && p.tp > 1 {
-        notes.push(
-            "tensor parallel alone: the whole model is built on each GPU, then parallelize_module shards it (as \
-             PyTorch's tensor-parallel tutorial and the measured runs do), so the full parameters pass through \
-             the GPU and their blocks stay cached; a model built on the meta device and materialised sharded \
-             (torchtitan) skips that"
-                .to_string(),
-        );
+        notes.push(if p.init_on_device {
+            "tensor parallel alone, built on the GPU: the whole model is made on each GPU, then \
+             parallelize_module shards it (pytorch/examples' tensor_parallelism, the measured runs), so the full \
+             parameters pass through the GPU and their blocks stay cached"
+                .to_string()
+        } else {
+            "tensor parallel alone, built on the meta device and materialised as each GPU's shards (torchtitan); \
+             init_on_device counts the whole model built on the GPU first, as pytorch/examples' \
+             tensor_parallelism does"
+                .to_string()
+        });
     }
     notes
 }
@@ -575,23 +579,22 @@ mod parallel_notes_tests {
     use super::parallel_notes;
     use crate::parallel::{Parallel, Strategy};
 
-    /// Tensor parallelism alone says that the whole model passes through the GPU before it is sharded; under
-    /// FSDP2 (built on the meta device) it does not.
+    /// Tensor parallelism alone says how the model was built: on the meta device (the default), or whole on each
+    /// GPU first (`init_on_device`); under FSDP2 (built on the meta device, materialised by to_empty) neither.
     #[test]
-    fn tensor_parallel_alone_notes_the_whole_model_build() {
+    fn tensor_parallel_alone_notes_how_the_model_is_built() {
         let mut p = Parallel {
             gpus: 4,
             tp: 4,
             ..Parallel::default()
         };
-        let says = |p: &Parallel| {
-            parallel_notes(p)
-                .iter()
-                .any(|n| n.contains("whole model is built on each GPU"))
-        };
-        assert!(says(&p));
+        let says = |p: &Parallel, what: &str| parallel_notes(p).iter().any(|n| n.contains(what));
+        assert!(says(&p, "built on the meta device"));
+        p.init_on_device = true;
+        assert!(says(&p, "whole model is made on each GPU"));
+        p.init_on_device = false;
         p.strategy = Strategy::Fsdp;
         p.gpus = 8;
-        assert!(!says(&p));
+        assert!(!says(&p, "meta device") && !says(&p, "whole model"));
     }
 }
