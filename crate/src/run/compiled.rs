@@ -643,15 +643,8 @@ fn separate_attn_fwd(
     // stream as every other (wrappers of `gemma-512-hd256-mqa-bf16amp-compiled` and
     // `gemma3-512-hd256-win256-bf16amp-compiled`).
     let low = first && !cx.arch.embed_scale && cx.arch.pre_norms;
-    let x_mid = (!discarded).then(|| {
-        alloc_as(
-            cx,
-            nc * if low { p } else { r },
-            if low { p } else { r },
-            Activations,
-            "add",
-        )
-    });
+    let width = if low { p } else { r };
+    let x_mid = (!discarded).then(|| alloc_as(cx, nc * width, width, Activations, "add"));
     // o_proj's output is read last by the residual add, which Inductor fuses with the next norm.
     if post.is_none() {
         cx.sim.free_after_next_kernel(o);
@@ -984,15 +977,8 @@ fn neox_block_fwd(
     let down = linear_mm(cx, nc * p, p, Temporary, (bias, true));
     cx.free(down);
     let low = first && cx.m.n_layer > 1;
-    let x_out = want_out.then(|| {
-        alloc_as(
-            cx,
-            nc * if low { p } else { r },
-            if low { p } else { r },
-            Activations,
-            "add",
-        )
-    });
+    let width = if low { p } else { r };
+    let x_out = want_out.then(|| alloc_as(cx, nc * width, width, Activations, "add"));
     cx.free(o);
     let attn = Attn::Separate {
         q_rot,
