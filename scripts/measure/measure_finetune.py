@@ -99,16 +99,8 @@ def child(case, method, snapshot_path, trace_path):
 
     def after_step(step, tracker):
         if method == "stub-cuda":
-            torch.cuda.synchronize()
-            st = torch.cuda.memory_stats()
-            steps.append({"step": step,
-                          "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
-                          "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
-                          "peak_segments": st.get("segment.all.peak", 0),
-                          "allocated_bytes_after": torch.cuda.memory_allocated(),
-                          "reserved_bytes_after": torch.cuda.memory_reserved(),
+            steps.append({"step": step, **stub_cuda.step_stats(torch),
                           **({"managed_bytes_after": managed.vramfit_managed_bytes()} if managed else {})})
-            torch.cuda.reset_peak_memory_stats()
         else:
             steps.append({"step": step, "peak_allocated_bytes": tracker.step_peaks.get(f"step{step}", 0),
                           "allocated_bytes_after": tracker.live})

@@ -227,16 +227,7 @@ def child(case, method, snapshot_path):
 
     def after_step(step, extra):
         if method == "stub-cuda":
-            torch.cuda.synchronize()
-            st = torch.cuda.memory_stats()
-            steps.append({"step": step,
-                          "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
-                          "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
-                          "peak_segments": st.get("segment.all.peak", 0),
-                          "allocated_bytes_after": torch.cuda.memory_allocated(),
-                          "reserved_bytes_after": torch.cuda.memory_reserved(),
-                          **extra})
-            torch.cuda.reset_peak_memory_stats()
+            steps.append({"step": step, **stub_cuda.step_stats(torch), **extra})
         else:
             steps.append({"step": step, **extra})
 

@@ -29,3 +29,17 @@ def preload(stub_dir):
     for name in ORDER:
         ctypes.CDLL(os.path.join(stub_dir, name), mode=ctypes.RTLD_GLOBAL)
     os.environ["TRITON_LIBCUDA_PATH"] = stub_dir
+
+
+def step_stats(torch):
+    """PyTorch's allocator counters at the end of a training step (after a synchronize): the step's peaks, the
+    most segments held, what stays allocated and reserved; then the peaks are reset for the next step."""
+    torch.cuda.synchronize()
+    st = torch.cuda.memory_stats()
+    stats = {"peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+             "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+             "peak_segments": st.get("segment.all.peak", 0),
+             "allocated_bytes_after": torch.cuda.memory_allocated(),
+             "reserved_bytes_after": torch.cuda.memory_reserved()}
+    torch.cuda.reset_peak_memory_stats()
+    return stats
