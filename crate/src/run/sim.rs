@@ -311,7 +311,7 @@ impl Sim {
         self.slots.push(Slot {
             bytes,
             category,
-            live: false,
+            live: !in_graph,
             held: false,
             let_go: false,
             block: id,
@@ -327,12 +327,13 @@ impl Sim {
                 planned: !self.extern_outputs,
             });
         } else {
-            self.commit_alloc(id, None, op);
+            self.account_alloc(id, bytes, category, op);
         }
         Tensor(id as usize)
     }
 
-    /// Makes slot `id` live: in a new block, or in the block of `reused` (a dead buffer the wrapper hands it).
+    /// A compiled graph's allocation replayed (`end_graph`): slot `id` becomes live in a new block, or in the
+    /// block of `reused` (a dead buffer the wrapper hands it).
     fn commit_alloc(&mut self, id: u32, reused: Option<u32>, op: &'static str) {
         let slot = &mut self.slots[id as usize];
         slot.live = true;
@@ -348,6 +349,13 @@ impl Sim {
             self.by_category[category.index()] += bytes;
             return;
         }
+        self.account_alloc(id, bytes, category, op);
+    }
+
+    /// Live slot `id` (`bytes` of `category`) in a block of its own: the counters, the caching allocator, the
+    /// step's and the stage's peaks, the event. Inline: the path of every allocation outside a compiled graph.
+    #[inline]
+    fn account_alloc(&mut self, id: u32, bytes: u64, category: Category, op: &'static str) {
         self.live_bytes += bytes;
         self.by_category[category.index()] += bytes;
         // Past the capacity the allocator keeps going (counting the OOM), so the run shows how far it overshoots.
