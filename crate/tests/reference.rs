@@ -396,6 +396,51 @@ fn stub_cuda_hf_family_records() {
     }
 }
 
+/// The ground truth of a mixture of experts ran its per-expert GEMMs: every stub-cuda record whose experts are not
+/// bf16 (they then run through aten's `_grouped_mm` fallback eagerly, or transformers' custom op
+/// `grouped_mm_fallback` under torch.compile, both of which read the offsets to the host and run one GEMM per
+/// expert with tokens) had every offsets read answered with the forced routing's offsets
+/// (`moe_offsets_readback`); read as the stub's zeros, no GEMM would have run and no cuBLAS workspace been taken.
+/// Pure bf16 records run CUTLASS's grouped GEMM, which keeps the offsets on the device: nothing to answer.
+#[test]
+fn stub_cuda_moe_records_ran_their_expert_gemms() {
+    let path = data_dir().join("stub-cuda").join("hf.json");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut checked = [0usize; 2]; // eager, compiled
+    for rec in v["records"].as_array().expect("records") {
+        let name = rec["name"].as_str().unwrap();
+        let hf = &rec["setup"]["model"]["hf"];
+        if hf.get("num_local_experts").is_none() && hf.get("num_experts").is_none() {
+            continue;
+        }
+        let readback = &rec["moe_offsets_readback"];
+        if rec["setup"]["train"]["precision"] == "bf16" {
+            assert!(readback.is_null(), "{name}: bf16 experts read no offsets");
+            continue;
+        }
+        let count = |k: &str| readback[k].as_u64().unwrap_or(0);
+        assert!(
+            count("offsets_set") > 0
+                && count("offsets_set") == count("grouped_mm_calls")
+                && count("reads_answered") >= count("offsets_set")
+                && readback.get("offsets_unknown").is_none(),
+            "{name}: {readback}"
+        );
+        let compiled = rec["setup"]["train"]["compile"] == true;
+        if compiled {
+            // Each custom op reads its offsets once (`offs.tolist()`).
+            assert_eq!(
+                count("custom_op_calls"),
+                count("grouped_mm_calls"),
+                "{name}"
+            );
+            assert_eq!(count("reads_answered"), count("offsets_set"), "{name}");
+        }
+        checked[usize::from(compiled)] += 1;
+    }
+    assert!(checked[0] >= 18 && checked[1] >= 3, "{checked:?}");
+}
+
 /// Hugging Face's `attn_implementation="flash_attention_2"` (issue 12; `tests/data/stub-cuda/flash.json`): the
 /// flash-attn package's Python and transformers run for real on the stub device, the CUDA extension replaced by
 /// the allocations of flash_api.cpp (`scripts/measure/fake_flash_attn.py`). Held to the stub standard; the record

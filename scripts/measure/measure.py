@@ -716,6 +716,22 @@ def moe_expert_counts(n_tokens, top_k, n_experts, busiest_expert_fraction):
 # what the expert offsets (the cumulative sum of these counts) hold on a GPU. measure_stub.py answers the host read
 # of those offsets with them (aten's _grouped_mm fallback reads them back to run one GEMM per expert).
 MOE_COUNTS = {}
+MOE_BALANCED = [False]  # patch_moe_routing forced balanced routing (pair p to expert p % E)
+
+
+def moe_counts(s, e):
+    """The pairs per expert of the forced routing for S pairs over E experts, or None where unknown. Under
+    torch.compile Dynamo applies the patched router's write to MOE_COUNTS after the compiled graph has run, so in
+    the first forward the experts read their offsets before it: balanced routing's counts follow from (S, E)."""
+    counts = MOE_COUNTS.get((s, e))
+    if counts is None and MOE_BALANCED[0]:
+        counts = balanced_counts(s, e)
+    return counts
+
+
+def balanced_counts(s, e):
+    """Pair p to expert p % E: the pairs each expert gets."""
+    return [s // e + (1 if i < s % e else 0) for i in range(e)]
 
 
 def patch_moe_routing(model, moe_routing=None):
@@ -739,7 +755,7 @@ def patch_moe_routing(model, moe_routing=None):
             torch.arange(flat.numel(), out=flat)
             flat.remainder_(router.num_experts)
             s, e = flat.numel(), router.num_experts
-            MOE_COUNTS[(s, e)] = [s // e + (1 if i < s % e else 0) for i in range(e)]
+            MOE_COUNTS[(s, e)] = balanced_counts(s, e)
             return logits, scores, indices
         return forward
 
@@ -766,6 +782,7 @@ def patch_moe_routing(model, moe_routing=None):
 
     for router in routers:
         router.forward = (balanced if fraction is None else imbalanced)(router)
+    MOE_BALANCED[0] = fraction is None
     if fraction is None:
         return {"routing": "balanced: token-expert pair p goes to expert p % n_experts (router patched)",
                 "routers": len(routers), "experts_implementation": model.config._experts_implementation}

@@ -31,7 +31,10 @@ What the method changes in the program, and why each change moves no byte:
     pairs per expert the patch wrote. A wrapper around torch.nn.functional.grouped_mm hands that sum to the stub
     runtime for the offsets tensor's device address (stubs/cudart.c, stub_set_readback); the device-to-host copy
     of exactly that range then returns it, in the forward and in the backward's grouped GEMMs (the same saved
-    tensor). The wrapper only calls through (no allocation of its own); the table is cleared after each step.
+    tensor). Under torch.compile the experts run through transformers' custom ops instead
+    (`transformers::grouped_mm_fallback` and its backward), which read the offsets with `offs.tolist()`: each op's
+    CUDA kernel is re-registered behind one that answers that read the same way. The wrappers only call through
+    (no allocation of their own); the table is cleared after each step.
   * Kernels do not run; autotuning sees every candidate take the same time (its allocations still happen).
 Only this script needs PyTorch; vramfit and its tests never do.
 """
@@ -122,28 +125,59 @@ class moe_offsets_readback:
         self.lib.stub_set_readback.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         self.lib.stub_readbacks_answered.restype = ctypes.c_long
         self.calls, self.set, self.unknown = 0, 0, set()
+        self.op_calls = 0
+
+        def answer(rows, offs):
+            """Hands the stub the offsets a GPU holds at `offs` for `rows` pairs, as `offs`'s dtype."""
+            if offs is None or offs.dim() != 1 or not offs.is_contiguous():
+                return
+            ctype = {torch.int32: ctypes.c_int32, torch.int64: ctypes.c_int64}.get(offs.dtype)
+            if ctype is None:
+                return
+            counts = measure.moe_counts(rows, offs.numel())
+            if counts is None:  # the router's own choice (VRAMFIT_MOE_ROUTING=router): unknown on the host
+                self.unknown.add((rows, offs.numel()))
+                return
+            ends, total = [], 0
+            for c in counts:
+                total += c
+                ends.append(total)
+            host = (ctype * len(ends))(*ends)
+            if self.lib.stub_set_readback(offs.data_ptr(), ctypes.sizeof(host), host) != 0:
+                raise SystemExit("stub_set_readback: offsets too long or the table full")
+            self.set += 1
+
         grouped_mm = getattr(torch.nn.functional, "grouped_mm", None)
-        if grouped_mm is None:
+        if grouped_mm is not None:
+            def wrapped(mat_a, mat_b, *args, offs=None, **kwargs):
+                self.calls += 1
+                if offs is not None and offs.dtype == torch.int32:
+                    answer(mat_a.shape[0], offs)
+                return grouped_mm(mat_a, mat_b, *args, offs=offs, **kwargs)
+
+            torch.nn.functional.grouped_mm = wrapped
+
+        # Under torch.compile transformers runs fp32 experts through its custom ops
+        # `transformers::grouped_mm_fallback` and `..._backward`, opaque to Inductor: each reads the offsets with
+        # `offs.tolist()` (one device-to-host copy of the whole tensor) and runs one mm per non-empty expert. The
+        # wrapper above never sees them (the compiled wrapper calls the op), so each op's CUDA kernel is
+        # re-registered as the same function behind one that answers that read first. Nothing is allocated here.
+        try:
+            from transformers.integrations import moe as hf_moe
+        except ImportError:
             return
+        for name, impl in (("grouped_mm_fallback", getattr(hf_moe, "_grouped_mm_fallback", None)),
+                           ("grouped_mm_fallback_backward", getattr(hf_moe, "_grouped_mm_fallback_bwd", None))):
+            if impl is None or not hasattr(torch.ops.transformers, name):
+                continue
 
-        def wrapped(mat_a, mat_b, *args, offs=None, **kwargs):
-            self.calls += 1
-            if offs is not None and offs.dtype == torch.int32 and offs.dim() == 1 and offs.is_contiguous():
-                counts = measure.MOE_COUNTS.get((mat_a.shape[0], offs.numel()))
-                if counts is None:  # the router's own choice (VRAMFIT_MOE_ROUTING=router): unknown on the host
-                    self.unknown.add((mat_a.shape[0], offs.numel()))
-                else:
-                    ends, total = [], 0
-                    for c in counts:
-                        total += c
-                        ends.append(total)
-                    host = (ctypes.c_int32 * len(ends))(*ends)
-                    if self.lib.stub_set_readback(offs.data_ptr(), ctypes.sizeof(host), host) != 0:
-                        raise SystemExit("stub_set_readback: offsets too long or the table full")
-                    self.set += 1
-            return grouped_mm(mat_a, mat_b, *args, offs=offs, **kwargs)
+            def kernel(input, weight, offs, *rest, _impl=impl):
+                self.calls += 1
+                self.op_calls += 1
+                answer(input.shape[0], offs)
+                return _impl(input, weight, offs, *rest)
 
-        torch.nn.functional.grouped_mm = wrapped
+            torch.library.register_kernel(f"transformers::{name}", "cuda", kernel)
 
     def clear(self):
         self.lib.stub_clear_readbacks()
@@ -152,6 +186,7 @@ class moe_offsets_readback:
         return {"what": "the host read of each grouped GEMM's per-expert offsets returns the cumulative pairs per "
                         "expert of the forced routing, as a GPU's offsets hold (measure_stub.py, stubs/cudart.c)",
                 "grouped_mm_calls": self.calls, "offsets_set": self.set,
+                **({"custom_op_calls": self.op_calls} if self.op_calls else {}),
                 "reads_answered": self.lib.stub_readbacks_answered(),
                 **({"offsets_unknown": sorted(self.unknown)} if self.unknown else {})}
 

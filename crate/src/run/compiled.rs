@@ -84,8 +84,8 @@
 //! computes them once; the model computes them per layer, as real routing does (a few int64 [S] buffers: the
 //! 55 KiB, +0.03%, each record is estimated above PyTorch's allocator on the stub, whose reserved it puts 0.8-0.9%
 //! below). The expert buffers are [S, ...] and the weight gradients dense whatever the routing, so only the
-//! per-expert GEMMs' cuBLAS workspace (taken once per op in the model; the stub's offsets read zeros and run none)
-//! depends on it. Other precisions, checkpointing and the auxiliary loss are refused (not traced).
+//! per-expert GEMMs' cuBLAS workspace (taken once per op in the model; on the stub every GEMM runs, its offsets
+//! answered as a GPU holds them, and no figure moved for it: tests/data/stub-cuda/README.md) depends on it. Other precisions, checkpointing and the auxiliary loss are refused (not traced).
 //!
 //! Hugging Face's eager attention (`attn_implementation="eager"`, train.attention "manual") on separate q/k/v
 //! projections saves, besides rotated q, k and v repeated to every head, the T x T probabilities in the matmul
@@ -2190,9 +2190,8 @@ impl MoeSaved {
 
 /// `transformers::grouped_mm_fallback` (transformers' custom op, what Dynamo runs when the expert weights are not
 /// bf16, so under autocast): its output is one `torch.zeros` [S, `out_f`] in the weights' dtype, then one
-/// `torch.mm(..., out=)` per expert with tokens, each taking the cuBLAS workspace (on the stub the offsets read
-/// zeros and no GEMM runs; the model takes the workspace once, as a GEMM's). Opaque to Inductor: its output is a
-/// buffer of the wrapper.
+/// `torch.mm(..., out=)` per expert with tokens, each taking the cuBLAS workspace (the model takes it once, as a
+/// GEMM's). Opaque to Inductor: its output is a buffer of the wrapper.
 fn grouped_mm_fallback(cx: &mut Ctx, out_f: u64) -> Tensor {
     let s = cx.n * cx.m.experts_per_token;
     extern_kernel(cx, |cx| {
