@@ -393,7 +393,8 @@ fn parallel_section(rows: &[ParallelRow]) -> (String, String) {
     );
     let mut out = format!(
         "\n## More than one GPU: DDP, FSDP2, tensor parallel, TP x FSDP2 (method `stub-cuda`)\n\n\
-Records in `tests/data/parallel/stub-cuda.json` (issue 14): nanoGPT's GPT and Hugging Face's Llama under\n\
+Records in `tests/data/parallel/stub-cuda.json` (issue 14) and, at the presets' published size (`preset-` records:\n\
+Llama-3.1-8B under FSDP2 on 8 GPUs, Llama-3.2-1B under DDP on 4), `tests/data/parallel/presets.json`: nanoGPT's GPT and Hugging Face's Llama under\n\
 `DistributedDataParallel` (buckets, `gradient_as_bucket_view`, `static_graph`, accumulation with and without sync),\n\
 FSDP2's `fully_shard` (reshard after forward or not, `MixedPrecisionPolicy`, CPU offload, accumulation), tensor\n\
 parallelism (plan basic and torchtitan's sequence parallel) and TP x FSDP2 on a (dp, tp) mesh. One process per case\n\
@@ -427,6 +428,16 @@ fn stub_tables(dir: &Path) -> StubTables {
     [
         ("Eager", "measured.json"),
         ("torch.compile", "compiled.json"),
+        (
+            "The presets at their published size: full training from each model's config.json \
+(tests/data/stub-cuda/presets.json; cases in scripts/measure/cases-presets.json)",
+            "presets.json",
+        ),
+        (
+            "The presets at their published size: LoRA and QLoRA as peft and bitsandbytes apply them \
+(tests/data/finetune/presets.json; cases in scripts/measure/cases-finetune-presets.json)",
+            "../finetune/presets.json",
+        ),
         (
             "Hugging Face families from config.json (eager and compiled)",
             "hf.json",

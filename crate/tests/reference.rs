@@ -441,6 +441,22 @@ fn stub_cuda_moe_records_ran_their_expert_gemms() {
     assert!(checked[0] >= 18 && checked[1] >= 3, "{checked:?}");
 }
 
+/// The models people pick, at their published size (`tests/data/stub-cuda/presets.json`: full training of
+/// Llama-3.2-1B, Qwen2.5-0.5B, Gemma-2-2B, Phi-3-mini, Pythia-1B and OLMoE-1B-7B from their config.json; and
+/// `tests/data/finetune/presets.json`: LoRA on Llama-3.1-8B and Mistral-7B, QLoRA on Qwen2.5-1.5B), measured with
+/// PyTorch's own allocator on a stub GPU large enough to hold them: held to the stub standard like the small
+/// records the model was read from.
+#[test]
+fn preset_scale_records() {
+    for (file, min) in [("presets.json", 6), ("../finetune/presets.json", 3)] {
+        let (rows, unmodelled) = stub_rows_of(file, false);
+        assert!(unmodelled.is_empty());
+        let (table, bad_a, bad_r) = judge_stub_rows(rows, file, min);
+        println!("{table}");
+        assert_stub_tolerances(&table, bad_a, bad_r);
+    }
+}
+
 /// Hugging Face's `attn_implementation="flash_attention_2"` (issue 12; `tests/data/stub-cuda/flash.json`): the
 /// flash-attn package's Python and transformers run for real on the stub device, the CUDA extension replaced by
 /// the allocations of flash_api.cpp (`scripts/measure/fake_flash_attn.py`). Held to the stub standard; the record

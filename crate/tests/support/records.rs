@@ -204,7 +204,11 @@ pub struct ParallelRow {
 /// order, but those in `PARALLEL_NOT_MODELLED`, which must be refused (`Error::NotModelled`); every other one is
 /// modelled (an estimate's error panics with the record's name).
 pub fn parallel_rows(data_dir: &Path) -> Vec<ParallelRow> {
-    stub_records(&data_dir.join("parallel/stub-cuda.json"))
+    let mut records = stub_records(&data_dir.join("parallel/stub-cuda.json"));
+    // The presets at their published size (`scripts/measure/cases-parallel-presets.json`), held to the same
+    // standard.
+    records.extend(stub_records(&data_dir.join("parallel/presets.json")));
+    records
         .iter()
         .filter_map(|rec| {
             let name = rec["name"].as_str().unwrap();
