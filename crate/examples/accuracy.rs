@@ -496,9 +496,43 @@ listed with their cause in `crate/tests/reference.rs`.\n\n",
     out
 }
 
+/// "Does it fit?": the least memory each case of `tests/data/stub-cuda/fit.json` runs in, PyTorch's allocator
+/// against the model's (`records::fit_rows`). Returns the summary line and the section.
+fn fit_section(rows: &[records::FitRow]) -> (String, String) {
+    let errors: Vec<f64> = rows.iter().map(|r| r.error().abs()).collect();
+    let summary = format!(
+        "the least memory a case runs in {}",
+        stats(&errors, STUB_RESERVED_TOLERANCE)
+    );
+    let mut out = format!(
+        "\n## Does it fit? The least memory a run needs (method `stub-cuda`)\n\n\
+Records in `tests/data/stub-cuda/fit.json` (`scripts/measure/measure_fit.py`): for each case, the stub device's\n\
+memory (what `cudaMalloc` may take, no CUDA context) bisected to the MiB to the least on which PyTorch's caching\n\
+allocator runs the three steps, its release-and-retry path included, and the allocator model bisected the same\n\
+way. The page's and the CLI's verdict is the model's: the device's memory less its CUDA context must hold it.\n\n\
+### {summary}\n\n\
+| config | least measured (MiB) | fails at | model's least | error | reserved with room |\n|---|---|---|---|---|---|\n"
+    );
+    for r in rows {
+        writeln!(
+            out,
+            "| {} | {} | {} | {} | {:+.2}% | {} |",
+            r.name,
+            r.least_mib,
+            r.most_failing_mib,
+            r.model_least_mib,
+            r.error() * 100.0,
+            r.unlimited_reserved_mib
+        )
+        .unwrap();
+    }
+    (summary, out)
+}
+
 fn main() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data");
     let (finetune_summary, finetune) = finetune_section(&records::finetune_rows(&dir));
+    let (fit_summary, fit) = fit_section(&records::fit_rows(&dir));
     let (parallel_summary, parallel) = parallel_section(&records::parallel_rows(&dir));
     let eager = tables(&dir);
     let compiled = tables(&dir.join("compiled"));
@@ -526,6 +560,7 @@ edit by hand.\n"
         "- More than one GPU (DDP, FSDP2, tensor parallel, TP x FSDP2): {parallel_summary}"
     )
     .unwrap();
+    writeln!(out, "- Does it fit: {fit_summary}").unwrap();
     out += "\nAgainst the fake-cuda replay (the op-by-op cross-check):\n\n";
     writeln!(out, "- Eager: {}", summary(&eager, 0.05).trim_end()).unwrap();
     writeln!(
@@ -590,6 +625,7 @@ Tolerance: 8% per config for GPU records (issue 6), 2% for fake-cuda (a regressi
     out += &stub_section(&stub);
     out += &finetune;
     out += &parallel;
+    out += &fit;
     out += &founding_on_the_device();
     print!("{out}");
 }

@@ -457,6 +457,36 @@ fn preset_scale_records() {
     }
 }
 
+/// "Does it fit?" where PyTorch decides it (`tests/data/stub-cuda/fit.json`, `scripts/measure/measure_fit.py`):
+/// for each case, the least device memory on which PyTorch's own caching allocator runs its three steps, the
+/// release-and-retry path included, bisected to the MiB on the stub GPU, against the least capacity on which the
+/// allocator model serves every request (`records::fit_rows`). Held to the reserved standard (3%): the verdict on
+/// the page and in the CLI is this model's.
+#[test]
+fn least_memory_that_fits() {
+    let rows = records::fit_rows(&data_dir());
+    assert!(rows.len() >= 10, "{} records", rows.len());
+    let (mut table, mut bad) = (String::new(), 0);
+    for r in &rows {
+        assert!(r.most_failing_mib < r.least_mib, "{}", r.name);
+        let over = r.error().abs() > STUB_RESERVED_TOLERANCE;
+        bad += usize::from(over);
+        table += &format!(
+            "{:45} least measured {:>7} MiB (fails at {:>7}; {:>7} reserved with room), model {:>7} MiB \
+             {:>+7.2}%{}\n",
+            r.name,
+            r.least_mib,
+            r.most_failing_mib,
+            r.unlimited_reserved_mib,
+            r.model_least_mib,
+            r.error() * 100.0,
+            if over { " !" } else { "" }
+        );
+    }
+    println!("{table}");
+    assert_eq!(bad, 0, "\n{table}");
+}
+
 /// Hugging Face's `attn_implementation="flash_attention_2"` (issue 12; `tests/data/stub-cuda/flash.json`): the
 /// flash-attn package's Python and transformers run for real on the stub device, the CUDA extension replaced by
 /// the allocations of flash_api.cpp (`scripts/measure/fake_flash_attn.py`). Held to the stub standard; the record

@@ -234,3 +234,70 @@ pub fn parallel_rows(data_dir: &Path) -> Vec<ParallelRow> {
         })
         .collect()
 }
+
+/// One record of `tests/data/stub-cuda/fit.json` (`scripts/measure/measure_fit.py`): the least memory `cudaMalloc`
+/// may take (whole MiB) on which PyTorch's allocator ran the case, the most on which it raised
+/// `torch.OutOfMemoryError`, and the least on which the allocator model serves every request.
+pub struct FitRow {
+    pub name: String,
+    pub least_mib: u64,
+    pub most_failing_mib: u64,
+    /// The case's peak reserved on a device with room (MiB, rounded up).
+    pub unlimited_reserved_mib: u64,
+    pub model_least_mib: u64,
+}
+
+impl FitRow {
+    /// The model's least memory against the measured one, relative.
+    pub fn error(&self) -> f64 {
+        (self.model_least_mib as f64 - self.least_mib as f64) / self.least_mib as f64
+    }
+}
+
+/// Whether the allocator model serves every request of the setup's three steps when `cudaMalloc` may take `mib`
+/// MiB: the device's memory is that plus its CUDA context, as the estimate takes it (`sim::allocator_capacity`).
+fn model_runs_in(setup: &vramfit::model::Setup, mib: u64) -> bool {
+    let mut s = setup.clone();
+    s.device.memory_bytes = (mib << 20) + vramfit::model::cuda_context_bytes(s.device.sm);
+    !vramfit::estimate_peak(&s).unwrap().oom
+}
+
+/// The least whole MiB in which the allocator model runs the setup, by bisection between `lo` (fails) and `hi`
+/// (runs).
+fn model_least_mib(setup: &vramfit::model::Setup, mut lo: u64, mut hi: u64) -> u64 {
+    assert!(model_runs_in(setup, hi) && !model_runs_in(setup, lo));
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if model_runs_in(setup, mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    hi
+}
+
+/// The records of `tests/data/stub-cuda/fit.json`, in file order, each with the allocator model's least memory.
+pub fn fit_rows(data_dir: &Path) -> Vec<FitRow> {
+    stub_records(&data_dir.join("stub-cuda/fit.json"))
+        .iter()
+        .map(|rec| {
+            let name = rec["name"].as_str().unwrap().to_string();
+            let setup =
+                setup_from_value(&finetune_setup(rec)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let least_mib = rec["least_mib"].as_u64().unwrap();
+            let unlimited_reserved_mib = rec["unlimited"]["peak_reserved_bytes"]
+                .as_u64()
+                .unwrap()
+                .div_ceil(1 << 20);
+            let hi = 4 * unlimited_reserved_mib.max(least_mib) + 64;
+            FitRow {
+                model_least_mib: model_least_mib(&setup, 1, hi),
+                least_mib,
+                most_failing_mib: rec["most_failing_mib"].as_u64().unwrap(),
+                unlimited_reserved_mib,
+                name,
+            }
+        })
+        .collect()
+}
