@@ -305,16 +305,37 @@ fn norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
 
 /// A norm's backward; `input` is its saved input when the norm holds the last reference to it (a parallel
 /// residual's second norm shares it with the first, which frees it).
-fn norm_bwd(cx: &mut Ctx, grad_out: Tensor, saved: NormSaved, input: Option<Tensor>) -> Tensor {
+///
+/// `into`: the residual gradient the input's buffer already holds (a block's norm; not the final norm, whose
+/// input gradient starts the residual gradient), which the input's gradients are added into in place
+/// (`ops::grad_add_into`). Returns the input's gradient (`into` itself when given).
+fn norm_bwd(
+    cx: &mut Ctx,
+    grad_out: Tensor,
+    saved: NormSaved,
+    input: Option<Tensor>,
+    into: Option<Tensor>,
+) -> Tensor {
     let dims = (cx.ns, cx.m.n_embd, cx.r);
     match cx.arch.norm {
-        Norm::LayerNorm { bias } => ops::layer_norm_bwd(cx, grad_out, saved, input, bias),
+        Norm::LayerNorm { bias } => ops::layer_norm_bwd(cx, grad_out, saved, input, bias, into),
         // Gemma's backward runs the same statistics' backward as Llama's (fake-cuda trace of a gemma bf16-amp
         // case: the same N x C fp32 temporaries, a [C] more for `1 + weight`).
         Norm::RmsNorm | Norm::GemmaRmsNorm => {
-            ops::rms_norm_bwd_on(cx, grad_out, saved, input, dims)
+            // Sequence parallel's norms run on DTensors (`SequenceParallel` makes their input one).
+            let buffer = ops::InputBuffer {
+                holds: into,
+                dtensor: cx.sp,
+            };
+            ops::rms_norm_bwd_on(cx, grad_out, saved, input, dims, buffer)
         }
-        Norm::Olmo2RmsNorm => ops::olmo2_rms_norm_bwd(cx, grad_out, true, saved, input, dims),
+        Norm::Olmo2RmsNorm => {
+            let g = ops::olmo2_rms_norm_bwd(cx, grad_out, true, saved, input, dims);
+            match into {
+                Some(acc) => ops::grad_add_into(cx, acc, g),
+                None => g,
+            }
+        }
     }
 }
 
@@ -516,17 +537,38 @@ fn rope_fwd(cx: &mut Ctx, width: u64, in_bytes: u64) -> Tensor {
     out
 }
 
-/// Backward of `rope_fwd`: both products' gradients, rotate_half's (slice/neg/cat), summed, then cast back to
-/// the input's dtype (`in_bytes`).
+/// Backward of `rope_fwd` as the engine runs it (stub-cuda snapshots of llama-tiny-fp32-mha and
+/// llama-tiny-bf16amp-gqa): `rotate_half(q) * sin`'s gradient (cast back to q's dtype when an fp32 sin promoted
+/// the product), rotate_half's (`neg` of one half, each half placed into a zeros tensor of q's shape by
+/// `slice_backward`, the second added into the first in place), then `q * cos`'s (cast likewise), which is added
+/// into the same buffer in place once the incoming gradient is released. With `rope_fp32` q was cast to fp32
+/// first: the whole backward runs in fp32 and the sum is cast back to the input's dtype (`in_bytes`) at the end.
 fn rope_bwd(cx: &mut Ctx, g: Tensor, width: u64, in_bytes: u64) -> Tensor {
     let rb = rope_bytes(cx);
-    let g1 = cx.alloc(cx.n * width * rb, Temporary, "mul");
-    let g2 = cx.alloc(cx.n * width * rb, Temporary, "mul");
+    // The dtype rotate_half and the products' gradients come back in: q's own, or fp32 after `rope_fp32`'s cast.
+    let qb = if cx.arch.rope_fp32 { rb } else { in_bytes };
+    let full = cx.n * width * qb;
+    let product_grad = |cx: &mut Ctx| {
+        let g = cx.alloc(cx.n * width * rb, Temporary, "mul");
+        if rb != qb {
+            let cast = cx.alloc(full, Temporary, "_to_copy");
+            cx.free(g);
+            cast
+        } else {
+            g
+        }
+    };
+    let g_sin = product_grad(cx);
+    let neg = cx.alloc(cx.n * width / 2 * qb, Temporary, "neg");
+    let placed = cx.alloc(full, Temporary, "slice_backward");
+    cx.free(neg);
+    let placed_other = cx.alloc(full, Temporary, "slice_backward");
+    cx.free(g_sin);
+    let acc = ops::grad_add_into(cx, placed, placed_other);
+    let g_cos = product_grad(cx);
     cx.free(g);
-    let g_rot = cx.alloc(cx.n * width * rb, Temporary, "cat");
-    cx.free(g2);
-    let sum = ops::grad_sum(cx, g1, g_rot, cx.n * width * rb);
-    if rb != in_bytes {
+    let sum = ops::grad_add_into(cx, acc, g_cos);
+    if qb != in_bytes {
         let lp = cx.alloc(cx.n * width * in_bytes, Temporary, "_to_copy");
         cx.free(sum);
         lp
@@ -658,7 +700,7 @@ fn qk_norm_bwd(cx: &mut Ctx, g: Tensor, n: QkNorm, width: u64) -> Tensor {
     if cx.arch.norm == Norm::Olmo2RmsNorm {
         ops::olmo2_rms_norm_bwd(cx, g, true, n.saved, Some(n.input), dims)
     } else {
-        ops::rms_norm_bwd_on(cx, g, n.saved, Some(n.input), dims)
+        ops::rms_norm_bwd_on(cx, g, n.saved, Some(n.input), dims, Default::default())
     }
 }
 
@@ -1246,14 +1288,16 @@ fn attn_bwd(
                 None => gq,
             };
             let v_bytes = v.out_bytes;
+            // v's input gradient reaches the norm output's buffer first.
+            let v_fresh = v.input_grad_fresh();
             let g_hv = ops::linear_bwd(cx, dv, v_bytes, true, v, None);
             let g_hv = distributed::tp_colwise_input_grad(cx, g_hv);
             let g_hk = ops::linear_bwd(cx, gk, qk_bytes, true, k, None);
             let g_hk = distributed::tp_colwise_input_grad(cx, g_hk);
-            let acc = distributed::tp_grad_sum(cx, g_hv, g_hk, nc * r);
+            let acc = distributed::tp_grad_sum(cx, (g_hv, v_fresh), g_hk, nc * r);
             let g_hq = ops::linear_bwd(cx, gq, qk_bytes, true, s.q, norm_out);
             let g_hq = distributed::tp_colwise_input_grad(cx, g_hq);
-            distributed::tp_grad_sum(cx, acc, g_hq, nc * r)
+            distributed::tp_grad_sum(cx, (acc, true), g_hq, nc * r)
         }
     }
 }
@@ -1369,20 +1413,25 @@ pub(crate) fn swiglu_bwd(
     };
     let (nc, r) = (cx.n * cx.m.n_embd, cx.r);
     let (gb, ub) = (gate.out_bytes, up.out_bytes);
+    // up's input gradient reaches the norm output's buffer first.
+    let up_fresh = up.input_grad_fresh();
     let g_prod = ops::linear_bwd(cx, g_branch, g_bytes, owned, down, Some(prod));
     let g_silu = cx.alloc(cx.n * i * gb, Temporary, "mul");
     let g_up = cx.alloc(cx.n * i * ub, Temporary, "mul");
     cx.free(g_prod);
+    // The product saved the activation (`self`) and up's output (`other`), nothing else the activation: both go
+    // when its backward is done, in that order (stub-cuda snapshots of llama-tiny-fp32-mha and
+    // llama-3.2-1b-tied: two N x I frees before up's backward).
+    cx.free(silu);
     cx.free(up_out);
     let g_a = ops::linear_bwd(cx, g_up, ub, true, up, None);
     let g_a = distributed::tp_colwise_input_grad(cx, g_a);
-    cx.free(silu);
     let g_gate = cx.alloc(cx.n * i * gb, Temporary, act_bwd_name(cx));
     cx.free(g_silu);
     cx.free(gate_out);
     let g_b = ops::linear_bwd(cx, g_gate, gb, true, gate, norm_out);
     let g_b = distributed::tp_colwise_input_grad(cx, g_b);
-    distributed::tp_grad_sum(cx, g_a, g_b, nc * r)
+    distributed::tp_grad_sum(cx, (g_a, up_fresh), g_b, nc * r)
 }
 
 /// Backward of the MLP branch from the residual gradient `g_out` (held by the skip path) to the second norm's
@@ -1621,7 +1670,6 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
 }
 
 fn block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
-    let nc_r = cx.ns * cx.m.n_embd * cx.r;
     if cx.arch.parallel_residual {
         return parallel_block_bwd(cx, g_out, s);
     }
@@ -1633,13 +1681,13 @@ fn block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
     let post = distributed::tp_branch_grad(cx, g_out, post);
     let g_n2 = mlp_bwd(cx, g_out, s.mlp, s.norm2_out, post);
     let g_n2 = distributed::tp_input_grad(cx, g_n2);
-    let pre = cx.arch.pre_norms;
-    let g_x2 = if pre {
-        norm_bwd(cx, g_n2, s.norm2, s.x_mid)
+    // The skip path's gradient reached the residual's buffer first and is the buffer's alone once the branch
+    // has run: the norm's input gradients (or, without pre-norms, the branch's) are added into it in place.
+    let g_mid = if cx.arch.pre_norms {
+        norm_bwd(cx, g_n2, s.norm2, s.x_mid, Some(g_out))
     } else {
-        g_n2
+        ops::grad_add_into(cx, g_out, g_n2)
     };
-    let g_mid = ops::grad_sum(cx, g_out, g_x2, nc_r);
     let post = s
         .post1
         .map(|n| post_norm_bwd(cx, g_mid, n))
@@ -1647,12 +1695,11 @@ fn block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
     let post = distributed::tp_branch_grad(cx, g_mid, post);
     let g_n1 = attn_bwd(cx, g_mid, s.attn, s.norm1_out, post);
     let g_n1 = distributed::tp_input_grad(cx, g_n1);
-    let g_x1 = if pre {
-        norm_bwd(cx, g_n1, s.norm1, Some(s.x_in))
+    if cx.arch.pre_norms {
+        norm_bwd(cx, g_n1, s.norm1, Some(s.x_in), Some(g_mid))
     } else {
-        g_n1
-    };
-    ops::grad_sum(cx, g_mid, g_x1, nc_r)
+        ops::grad_add_into(cx, g_mid, g_n1)
+    }
 }
 
 /// Backward of a parallel-residual block (fake-cuda trace of neox-512-bf16amp): the engine casts the residual
@@ -1672,7 +1719,7 @@ fn parallel_block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
         s.norm2_out,
         Some((g_branch, g_bytes, false)),
     );
-    let g_x2 = norm_bwd(cx, g_n2, s.norm2, None);
+    let g_x2 = norm_bwd(cx, g_n2, s.norm2, None, None);
     let acc = cx.alloc(nc * r, Temporary, "add");
     cx.free(g_x2);
     if cast.is_some() {
@@ -1685,7 +1732,7 @@ fn parallel_block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
         s.norm1_out,
         Some((g_branch, g_bytes, true)),
     );
-    let g_x1 = norm_bwd(cx, g_n1, s.norm1, Some(s.x_in));
+    let g_x1 = norm_bwd(cx, g_n1, s.norm1, Some(s.x_in), None);
     ops::grad_sum(cx, acc, g_x1, nc * r)
 }
 
@@ -2103,7 +2150,7 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     } else {
         cx.grads.pop()
     };
-    let mut g = norm_bwd(cx, g_norm_f, f.norm_f, Some(f.x_last));
+    let mut g = norm_bwd(cx, g_norm_f, f.norm_f, Some(f.x_last), None);
     cx.sim.next_stage("backward");
     for (l, s) in f.blocks.into_iter().enumerate().rev() {
         cx.sim.layer(Some(l as u32));
