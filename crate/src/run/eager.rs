@@ -1362,6 +1362,50 @@ fn mlp_fwd(cx: &mut Ctx, input: Tensor) -> (MlpSaved, Tensor) {
 /// SwiGLU (or GeGLU) of width `i` on the norm's output `input`: `down(act(gate(x)) * up(x))` (Llama's MLP, also
 /// Qwen2-MoE's shared expert).
 pub(crate) fn swiglu_fwd(cx: &mut Ctx, input: Tensor, i: u64, bias: bool) -> (MlpSaved, Tensor) {
+    let c = cx.m.n_embd;
+    let head = swiglu_head_fwd(cx, input, i, bias);
+    let (prod, pb) = (head.prod, head.prod_bytes);
+    let (d_out, down) = ops::proj_fwd(cx, Role::Down, (prod, pb), (i, c), bias, Temporary);
+    // Saved by the down projection only, unless it is frozen (LoRA's base; its adapter keeps a copy).
+    ops::keep_if_saved(cx, prod, &down);
+    (head.with_down(down), d_out)
+}
+
+/// `swiglu_fwd` in a checkpointed block's recompute, which stops once the down projection has saved its
+/// inputs, before its matmul (`Ctx::recompute_stop`): no output.
+fn swiglu_fwd_stopped(cx: &mut Ctx, input: Tensor, i: u64, bias: bool) -> MlpSaved {
+    let c = cx.m.n_embd;
+    let head = swiglu_head_fwd(cx, input, i, bias);
+    let down = ops::linear_fwd_packed(cx, head.prod_bytes, i, c, bias);
+    head.with_down(down)
+}
+
+/// SwiGLU up to the down projection's input: the gate and up projections, the activation and the product.
+struct SwiGluHead {
+    gate: LinearSaved,
+    gate_out: Tensor,
+    silu: Tensor,
+    up: LinearSaved,
+    up_out: Tensor,
+    prod: Tensor,
+    prod_bytes: u64,
+}
+
+impl SwiGluHead {
+    fn with_down(self, down: LinearSaved) -> MlpSaved {
+        MlpSaved::SwiGlu {
+            gate: self.gate,
+            gate_out: self.gate_out,
+            silu: self.silu,
+            up: self.up,
+            up_out: self.up_out,
+            prod: self.prod,
+            down,
+        }
+    }
+}
+
+fn swiglu_head_fwd(cx: &mut Ctx, input: Tensor, i: u64, bias: bool) -> SwiGluHead {
     let (c, r) = (cx.m.n_embd, cx.r);
     // The activation and the product in the projections' output dtype (fp32 from a 4-bit base's Linears on the
     // fp32 stream: the QLoRA snapshot's SiLU is fp32).
@@ -1370,23 +1414,19 @@ pub(crate) fn swiglu_fwd(cx: &mut Ctx, input: Tensor, i: u64, bias: bool) -> (Ml
     let silu = cx.alloc(cx.n * i * gb, Activations, act_name(cx));
     cx.drop_unsaved(gate_out);
     let (up_out, up) = ops::proj_fwd(cx, Role::Up, (input, r), (c, i), bias, Activations);
-    let pb = gb.max(up.out_bytes);
-    let prod = cx.alloc(cx.n * i * pb, Activations, "mul");
+    let prod_bytes = gb.max(up.out_bytes);
+    let prod = cx.alloc(cx.n * i * prod_bytes, Activations, "mul");
     cx.drop_unsaved(silu);
     cx.drop_unsaved(up_out);
-    let (d_out, down) = ops::proj_fwd(cx, Role::Down, (prod, pb), (i, c), bias, Temporary);
-    // Saved by the down projection only, unless it is frozen (LoRA's base; its adapter keeps a copy).
-    ops::keep_if_saved(cx, prod, &down);
-    let saved = MlpSaved::SwiGlu {
+    SwiGluHead {
         gate,
         gate_out,
         silu,
         up,
         up_out,
         prod,
-        down,
-    };
-    (saved, d_out)
+        prod_bytes,
+    }
 }
 
 /// Backward of `swiglu_fwd` (width `i`) from the gradient of its output `(gradient, bytes, owned)` to its input
@@ -1587,7 +1627,9 @@ fn branch_input_kept(cx: &mut Ctx, input: Tensor, holds: bool) -> Option<Tensor>
     }
 }
 
-fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
+/// One block's forward: what it saved, and its output (none when a recompute stopped before it,
+/// `Ctx::recompute_stop`).
+fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Option<Tensor>) {
     let nc = cx.ns * cx.m.n_embd;
     let r = cx.r;
     let pre = cx.arch.pre_norms;
@@ -1627,7 +1669,7 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
             norm2_out,
             mlp,
         };
-        return (saved, x_out);
+        return (saved, Some(x_out));
     }
     let (a, post1) = post_norm_fwd(cx, a);
     let x_mid = cx.alloc(nc * r, Activations, "add");
@@ -1637,13 +1679,32 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
     }
     let (norm2_out, norm2) = branch_input(cx, x_mid);
     let (norm2_out, shard2) = distributed::tp_gather_input(cx, norm2_out);
-    let (mlp, o) = mlp_fwd(cx, norm2_out);
+    // A recompute stops at the down projection when it is the block's last op to save a tensor (a plain
+    // Linear, no norm after the branch).
+    let stops = cx.recompute_stop
+        && matches!(cx.arch.mlp, Mlp::SwiGlu | Mlp::GeGlu)
+        && !cx.arch.packed_gate_up
+        && !cx.arch.post_norms
+        && cx.lora.is_none();
+    let (mlp, o) = if stops {
+        let i = cx.m.intermediate_size;
+        (swiglu_fwd_stopped(cx, norm2_out, i, cx.arch.mlp_bias), None)
+    } else {
+        let (mlp, o) = mlp_fwd(cx, norm2_out);
+        (mlp, Some(o))
+    };
     let norm2_out = branch_input_kept(cx, norm2_out, mlp.holds_input());
     cx.sim.free_some(&[shard2]);
-    let o = distributed::tp_branch_output(cx, o);
-    let (o, post2) = post_norm_fwd(cx, o);
-    let x_out = cx.alloc(nc * r, Activations, "add");
-    cx.free(o);
+    let (x_out, post2) = match o {
+        Some(o) => {
+            let o = distributed::tp_branch_output(cx, o);
+            let (o, post2) = post_norm_fwd(cx, o);
+            let x_out = cx.alloc(nc * r, Activations, "add");
+            cx.free(o);
+            (Some(x_out), post2)
+        }
+        None => (None, None),
+    };
     // The residual after attention dies once the block returns unless the second norm (or, without pre-norms,
     // the MLP's Linears) saved it.
     let x_mid_saved = if pre {
@@ -1920,7 +1981,10 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
             }
             BlockState::Saved(Box::new(saved))
         });
-        x = x_out;
+        // The forward is no recompute: every block returns its output.
+        if let Some(x_out) = x_out {
+            x = x_out;
+        }
     }
     cx.sim.layer(None);
     let masks = if checkpointing {
@@ -2165,8 +2229,10 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
                 // input need a gradient.
                 cx.block_input_grad = true;
                 let outer = std::mem::take(&mut cx.graph_holds);
+                cx.recompute_stop = true;
                 let (saved, x_out) = block_fwd(cx, x_in);
-                cx.free(x_out);
+                cx.recompute_stop = false;
+                cx.sim.free_some(&[x_out]);
                 let recomputed = std::mem::replace(&mut cx.graph_holds, outer);
                 for t in recomputed {
                     cx.sim.release_hold(t);

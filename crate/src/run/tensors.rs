@@ -81,6 +81,12 @@ pub struct Ctx<'a> {
     /// (`torch.utils.checkpoint(use_reentrant=False)` hands every tensor an op saves to a pack hook that keeps
     /// only a handle): there each tensor dies as soon as the forward itself lets go of it.
     pub saving: bool,
+    /// A checkpointed block's recompute in the backward (`use_reentrant=False`, early stop on, PyTorch's
+    /// default): it stops as soon as it has packed again as many saved tensors as the first forward did
+    /// (`_StopRecomputationError` from the pack hook), so what follows the block's last saving op never runs
+    /// (stub-cuda snapshot of llama-sdpa-2048-gqa-v2k-ckpt-bf16: each recompute ends with SwiGLU's product, the
+    /// down projection's matmul never recomputed).
+    pub recompute_stop: bool,
     /// Whether the current layer attends through the model's sliding window (every layer, but Gemma 3's global
     /// ones: `Arch::layer_slides`).
     pub sliding_layer: bool,
@@ -151,6 +157,7 @@ impl<'a> Ctx<'a> {
             grads: Vec::new(),
             autocast_cache: Vec::new(),
             saving: true,
+            recompute_stop: false,
             sliding_layer: true,
             rope_tables: Vec::new(),
             first_block: false,
@@ -347,6 +354,56 @@ pub fn linear_fwd_as(
     out_category: Category,
     w: Weight,
 ) -> (Tensor, LinearSaved) {
+    let mut saved = linear_casts(cx, input_bytes, in_f, out_f, bias, w);
+    let y = cx.alloc(
+        cx.n * out_f * cx.p,
+        out_category,
+        if bias { "addmm" } else { "mm" },
+    );
+    if bias {
+        cx.addmm_workspace();
+    } else {
+        cx.matmul_workspace();
+    }
+    // Unsaved, the cast input dies with the matmul (stub-cuda snapshot of llama-ckpt-1024: each 2-byte input
+    // cast is freed right after its GEMM's workspace); a frozen weight never saves it.
+    if let Some(t) = saved.input_cast {
+        if saved.frozen {
+            cx.free(t);
+            saved.input_cast = None;
+        } else {
+            cx.drop_unsaved(t);
+        }
+    }
+    (y, saved)
+}
+
+/// A trained Linear's forward up to the point where autograd saves its inputs, before the matmul runs
+/// (`VariableType` sets a node's saved inputs before it calls the kernel): autocast's casts, no output. Where
+/// a checkpointed block's recompute stops, having repacked its last saved tensor (`Ctx::recompute_stop`).
+pub fn linear_fwd_packed(
+    cx: &mut Ctx,
+    input_bytes: u64,
+    in_f: u64,
+    out_f: u64,
+    bias: bool,
+) -> LinearSaved {
+    let w = Weight {
+        bytes: cx.pb,
+        trainable: true,
+    };
+    linear_casts(cx, input_bytes, in_f, out_f, bias, w)
+}
+
+/// What `linear_fwd_as` allocates before its matmul: autocast's bias, weight and input casts.
+fn linear_casts(
+    cx: &mut Ctx,
+    input_bytes: u64,
+    in_f: u64,
+    out_f: u64,
+    bias: bool,
+    w: Weight,
+) -> LinearSaved {
     let mut saved = LinearSaved {
         input_cast: None,
         weight_cast: None,
@@ -373,27 +430,7 @@ pub fn linear_fwd_as(
             saved.input_cast = Some(cx.alloc(cx.n * in_f * 2, Activations, "_to_copy"));
         }
     }
-    let y = cx.alloc(
-        cx.n * out_f * cx.p,
-        out_category,
-        if bias { "addmm" } else { "mm" },
-    );
-    if bias {
-        cx.addmm_workspace();
-    } else {
-        cx.matmul_workspace();
-    }
-    // Unsaved, the cast input dies with the matmul (stub-cuda snapshot of llama-ckpt-1024: each 2-byte input
-    // cast is freed right after its GEMM's workspace); a frozen weight never saves it.
-    if let Some(t) = saved.input_cast {
-        if saved.frozen {
-            cx.free(t);
-            saved.input_cast = None;
-        } else {
-            cx.drop_unsaved(t);
-        }
-    }
-    (y, saved)
+    saved
 }
 
 /// What peft's `lora.Linear` keeps besides its base Linear's (`tests/data/finetune/README.md`, LoRA adapter).
