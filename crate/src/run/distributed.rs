@@ -852,12 +852,21 @@ pub fn tp_colwise_input_grad(cx: &mut Ctx, g: Tensor) -> Tensor {
     all_reduce(cx, g, Temporary)
 }
 
-/// The sum of a branch input's gradients, `acc` so far and `g` (`n_bytes` each): on one GPU and under sequence
+/// The sum of a branch input's gradients, `acc` so far (`acc_fresh`: a tensor the input buffer holds alone, see
+/// `ops::grad_accumulate`) and `g` (`n_bytes` each): on one GPU as `ops::grad_accumulate`; under sequence
 /// parallel a new tensor (`ops::grad_sum`); under plan basic the all-reduced gradients are fresh tensors nothing
 /// else holds, so autograd's input buffer adds each later one into the first in place and lets it go (the
 /// snapshot of llama-tp4: no `add` between the all-reduces, each freed after the next Linear's).
-pub fn tp_grad_sum(cx: &mut Ctx, acc: Tensor, g: Tensor, n_bytes: u64) -> Tensor {
-    if cx.tp == 1 || cx.sp {
+pub fn tp_grad_sum(
+    cx: &mut Ctx,
+    (acc, acc_fresh): (Tensor, bool),
+    g: Tensor,
+    n_bytes: u64,
+) -> Tensor {
+    if cx.tp == 1 {
+        return crate::tensors::grad_accumulate(cx, (acc, acc_fresh), g, n_bytes);
+    }
+    if cx.sp {
         return crate::tensors::grad_sum(cx, acc, g, n_bytes);
     }
     cx.free(g);

@@ -305,16 +305,37 @@ fn norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
 
 /// A norm's backward; `input` is its saved input when the norm holds the last reference to it (a parallel
 /// residual's second norm shares it with the first, which frees it).
-fn norm_bwd(cx: &mut Ctx, grad_out: Tensor, saved: NormSaved, input: Option<Tensor>) -> Tensor {
+///
+/// `into`: the residual gradient the input's buffer already holds (a block's norm; not the final norm, whose
+/// input gradient starts the residual gradient), which the input's gradients are added into in place
+/// (`ops::grad_add_into`). Returns the input's gradient (`into` itself when given).
+fn norm_bwd(
+    cx: &mut Ctx,
+    grad_out: Tensor,
+    saved: NormSaved,
+    input: Option<Tensor>,
+    into: Option<Tensor>,
+) -> Tensor {
     let dims = (cx.ns, cx.m.n_embd, cx.r);
     match cx.arch.norm {
-        Norm::LayerNorm { bias } => ops::layer_norm_bwd(cx, grad_out, saved, input, bias),
+        Norm::LayerNorm { bias } => ops::layer_norm_bwd(cx, grad_out, saved, input, bias, into),
         // Gemma's backward runs the same statistics' backward as Llama's (fake-cuda trace of a gemma bf16-amp
         // case: the same N x C fp32 temporaries, a [C] more for `1 + weight`).
         Norm::RmsNorm | Norm::GemmaRmsNorm => {
-            ops::rms_norm_bwd_on(cx, grad_out, saved, input, dims)
+            // Sequence parallel's norms run on DTensors (`SequenceParallel` makes their input one).
+            let buffer = ops::InputBuffer {
+                holds: into,
+                dtensor: cx.sp,
+            };
+            ops::rms_norm_bwd_on(cx, grad_out, saved, input, dims, buffer)
         }
-        Norm::Olmo2RmsNorm => ops::olmo2_rms_norm_bwd(cx, grad_out, true, saved, input, dims),
+        Norm::Olmo2RmsNorm => {
+            let g = ops::olmo2_rms_norm_bwd(cx, grad_out, true, saved, input, dims);
+            match into {
+                Some(acc) => ops::grad_add_into(cx, acc, g),
+                None => g,
+            }
+        }
     }
 }
 
@@ -516,17 +537,38 @@ fn rope_fwd(cx: &mut Ctx, width: u64, in_bytes: u64) -> Tensor {
     out
 }
 
-/// Backward of `rope_fwd`: both products' gradients, rotate_half's (slice/neg/cat), summed, then cast back to
-/// the input's dtype (`in_bytes`).
+/// Backward of `rope_fwd` as the engine runs it (stub-cuda snapshots of llama-tiny-fp32-mha and
+/// llama-tiny-bf16amp-gqa): `rotate_half(q) * sin`'s gradient (cast back to q's dtype when an fp32 sin promoted
+/// the product), rotate_half's (`neg` of one half, each half placed into a zeros tensor of q's shape by
+/// `slice_backward`, the second added into the first in place), then `q * cos`'s (cast likewise), which is added
+/// into the same buffer in place once the incoming gradient is released. With `rope_fp32` q was cast to fp32
+/// first: the whole backward runs in fp32 and the sum is cast back to the input's dtype (`in_bytes`) at the end.
 fn rope_bwd(cx: &mut Ctx, g: Tensor, width: u64, in_bytes: u64) -> Tensor {
     let rb = rope_bytes(cx);
-    let g1 = cx.alloc(cx.n * width * rb, Temporary, "mul");
-    let g2 = cx.alloc(cx.n * width * rb, Temporary, "mul");
+    // The dtype rotate_half and the products' gradients come back in: q's own, or fp32 after `rope_fp32`'s cast.
+    let qb = if cx.arch.rope_fp32 { rb } else { in_bytes };
+    let full = cx.n * width * qb;
+    let product_grad = |cx: &mut Ctx| {
+        let g = cx.alloc(cx.n * width * rb, Temporary, "mul");
+        if rb != qb {
+            let cast = cx.alloc(full, Temporary, "_to_copy");
+            cx.free(g);
+            cast
+        } else {
+            g
+        }
+    };
+    let g_sin = product_grad(cx);
+    let neg = cx.alloc(cx.n * width / 2 * qb, Temporary, "neg");
+    let placed = cx.alloc(full, Temporary, "slice_backward");
+    cx.free(neg);
+    let placed_other = cx.alloc(full, Temporary, "slice_backward");
+    cx.free(g_sin);
+    let acc = ops::grad_add_into(cx, placed, placed_other);
+    let g_cos = product_grad(cx);
     cx.free(g);
-    let g_rot = cx.alloc(cx.n * width * rb, Temporary, "cat");
-    cx.free(g2);
-    let sum = ops::grad_sum(cx, g1, g_rot, cx.n * width * rb);
-    if rb != in_bytes {
+    let sum = ops::grad_add_into(cx, acc, g_cos);
+    if qb != in_bytes {
         let lp = cx.alloc(cx.n * width * in_bytes, Temporary, "_to_copy");
         cx.free(sum);
         lp
@@ -658,7 +700,7 @@ fn qk_norm_bwd(cx: &mut Ctx, g: Tensor, n: QkNorm, width: u64) -> Tensor {
     if cx.arch.norm == Norm::Olmo2RmsNorm {
         ops::olmo2_rms_norm_bwd(cx, g, true, n.saved, Some(n.input), dims)
     } else {
-        ops::rms_norm_bwd_on(cx, g, n.saved, Some(n.input), dims)
+        ops::rms_norm_bwd_on(cx, g, n.saved, Some(n.input), dims, Default::default())
     }
 }
 
@@ -1246,14 +1288,16 @@ fn attn_bwd(
                 None => gq,
             };
             let v_bytes = v.out_bytes;
+            // v's input gradient reaches the norm output's buffer first.
+            let v_fresh = v.input_grad_fresh();
             let g_hv = ops::linear_bwd(cx, dv, v_bytes, true, v, None);
             let g_hv = distributed::tp_colwise_input_grad(cx, g_hv);
             let g_hk = ops::linear_bwd(cx, gk, qk_bytes, true, k, None);
             let g_hk = distributed::tp_colwise_input_grad(cx, g_hk);
-            let acc = distributed::tp_grad_sum(cx, g_hv, g_hk, nc * r);
+            let acc = distributed::tp_grad_sum(cx, (g_hv, v_fresh), g_hk, nc * r);
             let g_hq = ops::linear_bwd(cx, gq, qk_bytes, true, s.q, norm_out);
             let g_hq = distributed::tp_colwise_input_grad(cx, g_hq);
-            distributed::tp_grad_sum(cx, acc, g_hq, nc * r)
+            distributed::tp_grad_sum(cx, (acc, true), g_hq, nc * r)
         }
     }
 }
@@ -1318,6 +1362,50 @@ fn mlp_fwd(cx: &mut Ctx, input: Tensor) -> (MlpSaved, Tensor) {
 /// SwiGLU (or GeGLU) of width `i` on the norm's output `input`: `down(act(gate(x)) * up(x))` (Llama's MLP, also
 /// Qwen2-MoE's shared expert).
 pub(crate) fn swiglu_fwd(cx: &mut Ctx, input: Tensor, i: u64, bias: bool) -> (MlpSaved, Tensor) {
+    let c = cx.m.n_embd;
+    let head = swiglu_head_fwd(cx, input, i, bias);
+    let (prod, pb) = (head.prod, head.prod_bytes);
+    let (d_out, down) = ops::proj_fwd(cx, Role::Down, (prod, pb), (i, c), bias, Temporary);
+    // Saved by the down projection only, unless it is frozen (LoRA's base; its adapter keeps a copy).
+    ops::keep_if_saved(cx, prod, &down);
+    (head.with_down(down), d_out)
+}
+
+/// `swiglu_fwd` in a checkpointed block's recompute, which stops once the down projection has saved its
+/// inputs, before its matmul (`Ctx::recompute_stop`): no output.
+fn swiglu_fwd_stopped(cx: &mut Ctx, input: Tensor, i: u64, bias: bool) -> MlpSaved {
+    let c = cx.m.n_embd;
+    let head = swiglu_head_fwd(cx, input, i, bias);
+    let down = ops::linear_fwd_packed(cx, head.prod_bytes, i, c, bias);
+    head.with_down(down)
+}
+
+/// SwiGLU up to the down projection's input: the gate and up projections, the activation and the product.
+struct SwiGluHead {
+    gate: LinearSaved,
+    gate_out: Tensor,
+    silu: Tensor,
+    up: LinearSaved,
+    up_out: Tensor,
+    prod: Tensor,
+    prod_bytes: u64,
+}
+
+impl SwiGluHead {
+    fn with_down(self, down: LinearSaved) -> MlpSaved {
+        MlpSaved::SwiGlu {
+            gate: self.gate,
+            gate_out: self.gate_out,
+            silu: self.silu,
+            up: self.up,
+            up_out: self.up_out,
+            prod: self.prod,
+            down,
+        }
+    }
+}
+
+fn swiglu_head_fwd(cx: &mut Ctx, input: Tensor, i: u64, bias: bool) -> SwiGluHead {
     let (c, r) = (cx.m.n_embd, cx.r);
     // The activation and the product in the projections' output dtype (fp32 from a 4-bit base's Linears on the
     // fp32 stream: the QLoRA snapshot's SiLU is fp32).
@@ -1326,23 +1414,19 @@ pub(crate) fn swiglu_fwd(cx: &mut Ctx, input: Tensor, i: u64, bias: bool) -> (Ml
     let silu = cx.alloc(cx.n * i * gb, Activations, act_name(cx));
     cx.drop_unsaved(gate_out);
     let (up_out, up) = ops::proj_fwd(cx, Role::Up, (input, r), (c, i), bias, Activations);
-    let pb = gb.max(up.out_bytes);
-    let prod = cx.alloc(cx.n * i * pb, Activations, "mul");
+    let prod_bytes = gb.max(up.out_bytes);
+    let prod = cx.alloc(cx.n * i * prod_bytes, Activations, "mul");
     cx.drop_unsaved(silu);
     cx.drop_unsaved(up_out);
-    let (d_out, down) = ops::proj_fwd(cx, Role::Down, (prod, pb), (i, c), bias, Temporary);
-    // Saved by the down projection only, unless it is frozen (LoRA's base; its adapter keeps a copy).
-    ops::keep_if_saved(cx, prod, &down);
-    let saved = MlpSaved::SwiGlu {
+    SwiGluHead {
         gate,
         gate_out,
         silu,
         up,
         up_out,
         prod,
-        down,
-    };
-    (saved, d_out)
+        prod_bytes,
+    }
 }
 
 /// Backward of `swiglu_fwd` (width `i`) from the gradient of its output `(gradient, bytes, owned)` to its input
@@ -1369,20 +1453,25 @@ pub(crate) fn swiglu_bwd(
     };
     let (nc, r) = (cx.n * cx.m.n_embd, cx.r);
     let (gb, ub) = (gate.out_bytes, up.out_bytes);
+    // up's input gradient reaches the norm output's buffer first.
+    let up_fresh = up.input_grad_fresh();
     let g_prod = ops::linear_bwd(cx, g_branch, g_bytes, owned, down, Some(prod));
     let g_silu = cx.alloc(cx.n * i * gb, Temporary, "mul");
     let g_up = cx.alloc(cx.n * i * ub, Temporary, "mul");
     cx.free(g_prod);
+    // The product saved the activation (`self`) and up's output (`other`), nothing else the activation: both go
+    // when its backward is done, in that order (stub-cuda snapshots of llama-tiny-fp32-mha and
+    // llama-3.2-1b-tied: two N x I frees before up's backward).
+    cx.free(silu);
     cx.free(up_out);
     let g_a = ops::linear_bwd(cx, g_up, ub, true, up, None);
     let g_a = distributed::tp_colwise_input_grad(cx, g_a);
-    cx.free(silu);
     let g_gate = cx.alloc(cx.n * i * gb, Temporary, act_bwd_name(cx));
     cx.free(g_silu);
     cx.free(gate_out);
     let g_b = ops::linear_bwd(cx, g_gate, gb, true, gate, norm_out);
     let g_b = distributed::tp_colwise_input_grad(cx, g_b);
-    distributed::tp_grad_sum(cx, g_a, g_b, nc * r)
+    distributed::tp_grad_sum(cx, (g_a, up_fresh), g_b, nc * r)
 }
 
 /// Backward of the MLP branch from the residual gradient `g_out` (held by the skip path) to the second norm's
@@ -1538,7 +1627,9 @@ fn branch_input_kept(cx: &mut Ctx, input: Tensor, holds: bool) -> Option<Tensor>
     }
 }
 
-fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
+/// One block's forward: what it saved, and its output (none when a recompute stopped before it,
+/// `Ctx::recompute_stop`).
+fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Option<Tensor>) {
     let nc = cx.ns * cx.m.n_embd;
     let r = cx.r;
     let pre = cx.arch.pre_norms;
@@ -1578,7 +1669,7 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
             norm2_out,
             mlp,
         };
-        return (saved, x_out);
+        return (saved, Some(x_out));
     }
     let (a, post1) = post_norm_fwd(cx, a);
     let x_mid = cx.alloc(nc * r, Activations, "add");
@@ -1588,13 +1679,32 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
     }
     let (norm2_out, norm2) = branch_input(cx, x_mid);
     let (norm2_out, shard2) = distributed::tp_gather_input(cx, norm2_out);
-    let (mlp, o) = mlp_fwd(cx, norm2_out);
+    // A recompute stops at the down projection when it is the block's last op to save a tensor (a plain
+    // Linear, no norm after the branch).
+    let stops = cx.recompute_stop
+        && matches!(cx.arch.mlp, Mlp::SwiGlu | Mlp::GeGlu)
+        && !cx.arch.packed_gate_up
+        && !cx.arch.post_norms
+        && cx.lora.is_none();
+    let (mlp, o) = if stops {
+        let i = cx.m.intermediate_size;
+        (swiglu_fwd_stopped(cx, norm2_out, i, cx.arch.mlp_bias), None)
+    } else {
+        let (mlp, o) = mlp_fwd(cx, norm2_out);
+        (mlp, Some(o))
+    };
     let norm2_out = branch_input_kept(cx, norm2_out, mlp.holds_input());
     cx.sim.free_some(&[shard2]);
-    let o = distributed::tp_branch_output(cx, o);
-    let (o, post2) = post_norm_fwd(cx, o);
-    let x_out = cx.alloc(nc * r, Activations, "add");
-    cx.free(o);
+    let (x_out, post2) = match o {
+        Some(o) => {
+            let o = distributed::tp_branch_output(cx, o);
+            let (o, post2) = post_norm_fwd(cx, o);
+            let x_out = cx.alloc(nc * r, Activations, "add");
+            cx.free(o);
+            (Some(x_out), post2)
+        }
+        None => (None, None),
+    };
     // The residual after attention dies once the block returns unless the second norm (or, without pre-norms,
     // the MLP's Linears) saved it.
     let x_mid_saved = if pre {
@@ -1621,7 +1731,6 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Tensor) {
 }
 
 fn block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
-    let nc_r = cx.ns * cx.m.n_embd * cx.r;
     if cx.arch.parallel_residual {
         return parallel_block_bwd(cx, g_out, s);
     }
@@ -1633,13 +1742,13 @@ fn block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
     let post = distributed::tp_branch_grad(cx, g_out, post);
     let g_n2 = mlp_bwd(cx, g_out, s.mlp, s.norm2_out, post);
     let g_n2 = distributed::tp_input_grad(cx, g_n2);
-    let pre = cx.arch.pre_norms;
-    let g_x2 = if pre {
-        norm_bwd(cx, g_n2, s.norm2, s.x_mid)
+    // The skip path's gradient reached the residual's buffer first and is the buffer's alone once the branch
+    // has run: the norm's input gradients (or, without pre-norms, the branch's) are added into it in place.
+    let g_mid = if cx.arch.pre_norms {
+        norm_bwd(cx, g_n2, s.norm2, s.x_mid, Some(g_out))
     } else {
-        g_n2
+        ops::grad_add_into(cx, g_out, g_n2)
     };
-    let g_mid = ops::grad_sum(cx, g_out, g_x2, nc_r);
     let post = s
         .post1
         .map(|n| post_norm_bwd(cx, g_mid, n))
@@ -1647,12 +1756,11 @@ fn block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
     let post = distributed::tp_branch_grad(cx, g_mid, post);
     let g_n1 = attn_bwd(cx, g_mid, s.attn, s.norm1_out, post);
     let g_n1 = distributed::tp_input_grad(cx, g_n1);
-    let g_x1 = if pre {
-        norm_bwd(cx, g_n1, s.norm1, Some(s.x_in))
+    if cx.arch.pre_norms {
+        norm_bwd(cx, g_n1, s.norm1, Some(s.x_in), Some(g_mid))
     } else {
-        g_n1
-    };
-    ops::grad_sum(cx, g_mid, g_x1, nc_r)
+        ops::grad_add_into(cx, g_mid, g_n1)
+    }
 }
 
 /// Backward of a parallel-residual block (fake-cuda trace of neox-512-bf16amp): the engine casts the residual
@@ -1672,7 +1780,7 @@ fn parallel_block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
         s.norm2_out,
         Some((g_branch, g_bytes, false)),
     );
-    let g_x2 = norm_bwd(cx, g_n2, s.norm2, None);
+    let g_x2 = norm_bwd(cx, g_n2, s.norm2, None, None);
     let acc = cx.alloc(nc * r, Temporary, "add");
     cx.free(g_x2);
     if cast.is_some() {
@@ -1685,7 +1793,7 @@ fn parallel_block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
         s.norm1_out,
         Some((g_branch, g_bytes, true)),
     );
-    let g_x1 = norm_bwd(cx, g_n1, s.norm1, Some(s.x_in));
+    let g_x1 = norm_bwd(cx, g_n1, s.norm1, Some(s.x_in), None);
     ops::grad_sum(cx, acc, g_x1, nc * r)
 }
 
@@ -1873,7 +1981,10 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
             }
             BlockState::Saved(Box::new(saved))
         });
-        x = x_out;
+        // The forward is no recompute: every block returns its output.
+        if let Some(x_out) = x_out {
+            x = x_out;
+        }
     }
     cx.sim.layer(None);
     let masks = if checkpointing {
@@ -2103,7 +2214,7 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     } else {
         cx.grads.pop()
     };
-    let mut g = norm_bwd(cx, g_norm_f, f.norm_f, Some(f.x_last));
+    let mut g = norm_bwd(cx, g_norm_f, f.norm_f, Some(f.x_last), None);
     cx.sim.next_stage("backward");
     for (l, s) in f.blocks.into_iter().enumerate().rev() {
         cx.sim.layer(Some(l as u32));
@@ -2118,8 +2229,10 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
                 // input need a gradient.
                 cx.block_input_grad = true;
                 let outer = std::mem::take(&mut cx.graph_holds);
+                cx.recompute_stop = true;
                 let (saved, x_out) = block_fwd(cx, x_in);
-                cx.free(x_out);
+                cx.recompute_stop = false;
+                cx.sim.free_some(&[x_out]);
                 let recomputed = std::mem::replace(&mut cx.graph_holds, outer);
                 for t in recomputed {
                     cx.sim.release_hold(t);

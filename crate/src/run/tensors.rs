@@ -81,6 +81,12 @@ pub struct Ctx<'a> {
     /// (`torch.utils.checkpoint(use_reentrant=False)` hands every tensor an op saves to a pack hook that keeps
     /// only a handle): there each tensor dies as soon as the forward itself lets go of it.
     pub saving: bool,
+    /// A checkpointed block's recompute in the backward (`use_reentrant=False`, early stop on, PyTorch's
+    /// default): it stops as soon as it has packed again as many saved tensors as the first forward did
+    /// (`_StopRecomputationError` from the pack hook), so what follows the block's last saving op never runs
+    /// (stub-cuda snapshot of llama-sdpa-2048-gqa-v2k-ckpt-bf16: each recompute ends with SwiGLU's product, the
+    /// down projection's matmul never recomputed).
+    pub recompute_stop: bool,
     /// Whether the current layer attends through the model's sliding window (every layer, but Gemma 3's global
     /// ones: `Arch::layer_slides`).
     pub sliding_layer: bool,
@@ -151,6 +157,7 @@ impl<'a> Ctx<'a> {
             grads: Vec::new(),
             autocast_cache: Vec::new(),
             saving: true,
+            recompute_stop: false,
             sliding_layer: true,
             rope_tables: Vec::new(),
             first_block: false,
@@ -281,6 +288,15 @@ impl LinearSaved {
         own || self.adapter.as_ref().is_some_and(|a| a.holds_x)
     }
 
+    /// Whether the input gradient this Linear's backward returns is a tensor of its own that autograd's input
+    /// buffer may add a later gradient into in place (`grad_accumulate`): the fp32 output of the input cast's
+    /// backward (`ToCopyBackward0`) under autocast. Without a cast it is a view of `mm`'s output (the 3-D input
+    /// was reshaped for the matmul), and a view keeps its base. An adapted or quantized Linear's is taken as out
+    /// of place (not measured).
+    pub fn input_grad_fresh(&self) -> bool {
+        self.input_was_cast && self.adapter.is_none() && self.quant.is_none()
+    }
+
     /// Every Linear this one is made of (itself, and its adapter's A and B), for releasing them together.
     pub fn parts(&self) -> Vec<&LinearSaved> {
         let mut v = vec![self];
@@ -338,6 +354,56 @@ pub fn linear_fwd_as(
     out_category: Category,
     w: Weight,
 ) -> (Tensor, LinearSaved) {
+    let mut saved = linear_casts(cx, input_bytes, in_f, out_f, bias, w);
+    let y = cx.alloc(
+        cx.n * out_f * cx.p,
+        out_category,
+        if bias { "addmm" } else { "mm" },
+    );
+    if bias {
+        cx.addmm_workspace();
+    } else {
+        cx.matmul_workspace();
+    }
+    // Unsaved, the cast input dies with the matmul (stub-cuda snapshot of llama-ckpt-1024: each 2-byte input
+    // cast is freed right after its GEMM's workspace); a frozen weight never saves it.
+    if let Some(t) = saved.input_cast {
+        if saved.frozen {
+            cx.free(t);
+            saved.input_cast = None;
+        } else {
+            cx.drop_unsaved(t);
+        }
+    }
+    (y, saved)
+}
+
+/// A trained Linear's forward up to the point where autograd saves its inputs, before the matmul runs
+/// (`VariableType` sets a node's saved inputs before it calls the kernel): autocast's casts, no output. Where
+/// a checkpointed block's recompute stops, having repacked its last saved tensor (`Ctx::recompute_stop`).
+pub fn linear_fwd_packed(
+    cx: &mut Ctx,
+    input_bytes: u64,
+    in_f: u64,
+    out_f: u64,
+    bias: bool,
+) -> LinearSaved {
+    let w = Weight {
+        bytes: cx.pb,
+        trainable: true,
+    };
+    linear_casts(cx, input_bytes, in_f, out_f, bias, w)
+}
+
+/// What `linear_fwd_as` allocates before its matmul: autocast's bias, weight and input casts.
+fn linear_casts(
+    cx: &mut Ctx,
+    input_bytes: u64,
+    in_f: u64,
+    out_f: u64,
+    bias: bool,
+    w: Weight,
+) -> LinearSaved {
     let mut saved = LinearSaved {
         input_cast: None,
         weight_cast: None,
@@ -364,27 +430,7 @@ pub fn linear_fwd_as(
             saved.input_cast = Some(cx.alloc(cx.n * in_f * 2, Activations, "_to_copy"));
         }
     }
-    let y = cx.alloc(
-        cx.n * out_f * cx.p,
-        out_category,
-        if bias { "addmm" } else { "mm" },
-    );
-    if bias {
-        cx.addmm_workspace();
-    } else {
-        cx.matmul_workspace();
-    }
-    // Unsaved, the cast input dies with the matmul (stub-cuda snapshot of llama-ckpt-1024: each 2-byte input
-    // cast is freed right after its GEMM's workspace); a frozen weight never saves it.
-    if let Some(t) = saved.input_cast {
-        if saved.frozen {
-            cx.free(t);
-            saved.input_cast = None;
-        } else {
-            cx.drop_unsaved(t);
-        }
-    }
-    (y, saved)
+    saved
 }
 
 /// What peft's `lora.Linear` keeps besides its base Linear's (`tests/data/finetune/README.md`, LoRA adapter).
@@ -823,12 +869,57 @@ fn adapted_bwd(
 }
 
 /// Two gradients of the same tensor summed by the autograd engine's input buffer: out of place (a new buffer),
-/// then both addends are released.
+/// then both addends are released. The buffer adds out of place when the gradient it holds (`a`, the first to
+/// arrive) is not its alone: a view (a Linear's input gradient on a 3-D input is a view of `mm`'s output, and the
+/// view keeps its base), or a tensor another node still reads; else it adds in place (`grad_add_into`).
 pub fn grad_sum(cx: &mut Ctx, a: Tensor, b: Tensor, n_bytes: u64) -> Tensor {
     let sum = cx.alloc(n_bytes, Temporary, "add");
     cx.free(a);
     cx.free(b);
     sum
+}
+
+/// A gradient `g` added into the gradient `acc` the autograd engine's input buffer already holds, when the buffer
+/// holds the only reference to `acc` and its storage and `acc` is dense (`InputBuffer::accumulate` and
+/// `can_accumulate_inplace`, torch/csrc/autograd/input_buffer.cpp, torch 2.15; GradMode is off in a backward that
+/// builds no graph): `acc.add_(g)`, no new buffer; `g` dies once added. The residual stream's gradient is such a
+/// buffer: the final norm's first path makes it, and every block's norms add into it (stub-cuda snapshots of
+/// llama-tiny-fp32-mha and llama-tiny-bf16amp-gqa: no `add` in any block's residual, the norms' input gradients
+/// freed as they arrive, one N x C block carrying the residual gradient through the whole backward).
+pub fn grad_add_into(cx: &mut Ctx, acc: Tensor, g: Tensor) -> Tensor {
+    cx.free(g);
+    acc
+}
+
+/// A gradient `g` reaching the input buffer that holds `acc` (`n_bytes` each): added into `acc` in place when
+/// the buffer holds it alone and it is no view (`acc_fresh`: `grad_add_into`), else summed out of place
+/// (`grad_sum`). The result is the buffer's alone either way, so a third gradient is added into it in place
+/// (stub-cuda snapshots of llama-tiny-fp32-mha: one `add` for q, k and v's input gradients, none for
+/// llama-tiny-bf16amp-gqa's, whose first is v's cast back to fp32).
+pub fn grad_accumulate(
+    cx: &mut Ctx,
+    (acc, acc_fresh): (Tensor, bool),
+    g: Tensor,
+    n_bytes: u64,
+) -> Tensor {
+    if acc_fresh {
+        grad_add_into(cx, acc, g)
+    } else {
+        grad_sum(cx, acc, g, n_bytes)
+    }
+}
+
+/// The autograd engine's input buffer a norm's input gradient lands in (`InputBuffer::accumulate`).
+#[derive(Clone, Copy, Default)]
+pub struct InputBuffer {
+    /// The gradient it already holds alone (the residual stream's, a block's norms): what lands is added into it
+    /// in place (`grad_add_into`).
+    pub holds: Option<Tensor>,
+    /// The norm runs on DTensors (sequence parallel's norms on the residual stream): a tensor subclass, which the
+    /// buffer never adds into in place, so the norm's two paths are summed out of place before `from_local`'s
+    /// backward hands the local sum to the stream's buffer (stub-cuda record of llama-tp4-sp: the final norm's
+    /// `add` is at its peak).
+    pub dtensor: bool,
 }
 
 /// The input a Linear read, once the caller lets go of it: kept when the Linear saved it itself (no autocast),
@@ -967,8 +1058,12 @@ pub fn linear_bwd(
 /// What a LayerNorm / RMSNorm keeps besides its input.
 pub struct NormSaved {
     pub stats: [Option<Tensor>; 2],
-    /// Tensors of the norm's own making that its backward needs (RMSNorm's normalised x).
+    /// Tensors of the norm's own making that its backward needs: an RMSNorm's fp32 copy of a 2-byte input
+    /// (saved by `pow` and `x * rsqrt`) and the normalised x (saved by the weight multiply).
     pub own: [Option<Tensor>; 2],
+    /// Llama's RMSNorm on a 2-byte input with 2-byte weights: the weight multiply ran in 2 bytes on the
+    /// normalised x cast down, so its gradients are 2-byte and the cast's backward brings x's back to fp32.
+    pub lp_product: bool,
 }
 
 impl NormSaved {
@@ -977,6 +1072,7 @@ impl NormSaved {
         NormSaved {
             stats: [None, None],
             own: [None, None],
+            lp_product: false,
         }
     }
 }
@@ -995,18 +1091,23 @@ pub fn layer_norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
         NormSaved {
             stats: [Some(mean), Some(rstd)],
             own: [None, None],
+            lp_product: false,
         },
     )
 }
 
 /// `native_layer_norm_backward`: grad input n x C, grad weight and bias [C] (to `.grad`); then the incoming
 /// gradient, the saved input and the statistics are released.
+///
+/// `into`: the residual gradient the input's buffer already holds, which the input gradient is added into in
+/// place (`grad_add_into`) once the node has released what it read.
 pub fn layer_norm_bwd(
     cx: &mut Ctx,
     grad_out: Tensor,
     saved: NormSaved,
     input: Option<Tensor>,
     bias: bool,
+    into: Option<Tensor>,
 ) -> Tensor {
     let c = cx.m.n_embd;
     let gi = cx.alloc(cx.ns * c * cx.r, Temporary, "native_layer_norm_backward");
@@ -1017,6 +1118,10 @@ pub fn layer_norm_bwd(
     cx.free(grad_out);
     cx.sim.free_some(&[input]);
     cx.sim.free_some(&saved.stats);
+    let gi = match into {
+        Some(acc) => grad_add_into(cx, acc, gi),
+        None => gi,
+    };
     for g in [gw, gb].into_iter().flatten() {
         if cx.have_grads {
             cx.free(g);
@@ -1056,18 +1161,31 @@ pub fn rms_norm_fwd_on(cx: &mut Ctx, rows: u64, width: u64, in_bytes: u64) -> (T
     let rstd = cx.alloc(rows * 4, Activations, "rsqrt");
     cx.free(added);
     let normed = cx.alloc(wide, Activations, "mul");
+    // `hidden_states = hidden_states * rsqrt(...)` rebinds the fp32 copy: unsaved (a checkpointed forward, or
+    // a first block whose input needs no gradient), it dies here, before the cast back (stub-cuda snapshot of
+    // llama-lora-r16-all-bf16amp, block 0).
+    if !cx.saving {
+        if let Some(copy) = own[0].take() {
+            cx.free(copy);
+        }
+    }
     let out = if in_bytes == 2 {
         // normed.to(2 bytes) is saved by the weight multiply; the fp32 normed dies with the cast.
+        // The fp32 normed is the function's local until it returns, after the multiply (stub-cuda snapshot of
+        // llama-sdpa-2048-gqa-v2k-ckpt-bf16).
         let lp = cx.alloc(rows * width * 2, Activations, "_to_copy");
-        cx.free(normed);
         let o = cx.alloc(rows * width * in_bytes.max(cx.pb), Activations, "mul");
         // A frozen weight (LoRA's base) needs no gradient: the multiply saves only the weight, and the cast dies
-        // (stub-cuda snapshot of llama-lora-r16-all-bf16amp: only the fp32 copy and rsqrt live at the peak).
+        // with the expression (stub-cuda snapshot of llama-lora-r16-all-bf16amp: only the fp32 copy and rsqrt
+        // live at the peak).
         if cx.base_frozen() {
             cx.free(lp);
         } else {
             own[1] = Some(lp);
         }
+        // The fp32 normed is the function's local until it returns (stub-cuda snapshot of
+        // llama-sdpa-2048-gqa-v2k-ckpt-bf16: freed after the multiply).
+        cx.free(normed);
         o
     } else {
         let o = cx.alloc(wide, Activations, "mul");
@@ -1088,6 +1206,7 @@ pub fn rms_norm_fwd_on(cx: &mut Ctx, rows: u64, width: u64, in_bytes: u64) -> (T
         NormSaved {
             stats: [Some(rstd), None],
             own,
+            lp_product: in_bytes == 2 && cx.pb == 2,
         },
     )
 }
@@ -1154,6 +1273,7 @@ pub fn fp32_rms_norm_fwd(
         NormSaved {
             stats: [Some(rstd), scale],
             own: [copy, normed],
+            lp_product: false,
         },
     )
 }
@@ -1161,27 +1281,36 @@ pub fn fp32_rms_norm_fwd(
 /// Backward of `rms_norm_fwd` (the residual stream's norm): see `rms_norm_bwd_on`.
 pub fn rms_norm_bwd(cx: &mut Ctx, grad_out: Tensor, saved: NormSaved, input: Tensor) -> Tensor {
     let (n, c, r) = (cx.ns, cx.m.n_embd, cx.r);
-    rms_norm_bwd_on(cx, grad_out, saved, Some(input), (n, c, r))
+    rms_norm_bwd_on(
+        cx,
+        grad_out,
+        saved,
+        Some(input),
+        (n, c, r),
+        InputBuffer::default(),
+    )
 }
 
 /// Backward of `rms_norm_fwd_on` as autograd runs it (`input`: the norm's input when it saved it itself): the weight multiply (grad of normed and of weight, a
 /// `sum` to [width]), the `x * rsqrt` multiply, rsqrt's and mean's backward (rows x width fp32 temporaries), and
-/// the gradients summed into one fp32 gradient of the input, cast back to a 2-byte input's dtype.
+/// the gradients summed into one fp32 gradient of the input, cast back to a 2-byte input's dtype, in the input's
+/// `buffer`.
 pub fn rms_norm_bwd_on(
     cx: &mut Ctx,
     grad_out: Tensor,
     saved: NormSaved,
     input: Option<Tensor>,
     (rows, width, in_bytes): (u64, u64, u64),
+    buffer: InputBuffer,
 ) -> Tensor {
     rms_norm_bwd_from(
         cx,
-        grad_out,
-        true,
+        (grad_out, true),
         saved,
         input,
         (rows, width, in_bytes),
         false,
+        buffer,
     )
 }
 
@@ -1195,7 +1324,15 @@ pub fn rms_norm_bwd_keeping(
     input: Option<Tensor>,
     dims: (u64, u64, u64),
 ) -> Tensor {
-    rms_norm_bwd_from(cx, grad_out, release_grad_out, saved, input, dims, false)
+    rms_norm_bwd_from(
+        cx,
+        (grad_out, release_grad_out),
+        saved,
+        input,
+        dims,
+        false,
+        InputBuffer::default(),
+    )
 }
 
 /// Backward of OLMo 2's norm (`fp32_rms_norm_fwd` without `one_plus`): the gradient of its cast back first
@@ -1221,7 +1358,8 @@ pub fn olmo2_rms_norm_bwd(
     };
     let bf16_weight = cx.pb == 2;
     let dims = (rows, width, in_bytes);
-    rms_norm_bwd_from(cx, g, release, saved, input, dims, bf16_weight)
+    let buffer = InputBuffer::default();
+    rms_norm_bwd_from(cx, (g, release), saved, input, dims, bf16_weight, buffer)
 }
 
 /// Resident threads per SM at compute capability `sm` (the CUDA programming guide's table of compute
@@ -1291,19 +1429,24 @@ pub fn column_sum_scratch(rows: u64, width: u64, sms: u64, sm: u32) -> Option<(u
 
 fn rms_norm_bwd_from(
     cx: &mut Ctx,
-    grad_out: Tensor,
-    release_grad_out: bool,
+    (grad_out, release_grad_out): (Tensor, bool),
     saved: NormSaved,
     input: Option<Tensor>,
     (rows, width, in_bytes): (u64, u64, u64),
     olmo2_bf16: bool,
+    buffer: InputBuffer,
 ) -> Tensor {
     let wide = rows * width * 4;
-    // weight * normed: grad of normed (mul) and of weight (mul, then sum to [width]); a frozen weight (LoRA's
-    // base) gets none.
-    let g_normed = cx.alloc(wide, Temporary, "mul");
+    // weight * normed: grad of normed (mul) and of weight (mul, then sum to [width]), in the product's dtype; a
+    // frozen weight (LoRA's base) gets none.
+    let product = if saved.lp_product {
+        rows * width * 2
+    } else {
+        wide
+    };
+    let g_normed = cx.alloc(product, Temporary, "mul");
     let gw = (!cx.base_frozen()).then(|| {
-        let g_w_full = cx.alloc(wide, Temporary, "mul");
+        let g_w_full = cx.alloc(product, Temporary, "mul");
         if olmo2_bf16 {
             cx.sim.scratch(2 * wide, Temporary, "sum");
         }
@@ -1324,12 +1467,30 @@ fn rms_norm_bwd_from(
     if release_grad_out {
         cx.free(grad_out);
     }
-    cx.sim.free_some(&saved.own);
+    // The weight multiply's saved normalised x goes with its node; the fp32 copy of a 2-byte input lives on
+    // until `pow`'s backward (stub-cuda snapshot of llama-small-bf16-sgd).
+    let [copy, normed] = saved.own;
+    cx.sim.free_some(&[normed]);
+    let g_normed = if saved.lp_product {
+        // The cast down's backward (`ToCopyBackward0`): the 2-byte gradient back to fp32.
+        let g = cx.alloc(wide, Temporary, "_to_copy");
+        cx.free(g_normed);
+        g
+    } else {
+        g_normed
+    };
     // x * rsqrt: grad of rsqrt (mul, summed to [rows]) and of x (mul).
     let g_rstd_full = cx.alloc(wide, Temporary, "mul");
     let g_x1 = cx.alloc(wide, Temporary, "mul");
     cx.free(g_rstd_full);
     cx.free(g_normed);
+    // An fp32 input (`x.to(float32)` returns x itself) has both paths' gradients go straight to x's buffer: into
+    // a residual gradient it already holds, each is added in place as it arrives (the first here, before
+    // rsqrt's backward runs; stub-cuda snapshots of llama-tiny-fp32-mha and llama-tiny-bf16amp-gqa).
+    let absorbed = match buffer.holds {
+        Some(acc) if in_bytes != 2 && !buffer.dtensor => Some(grad_add_into(cx, acc, g_x1)),
+        _ => None,
+    };
     cx.sim.free_some(&saved.stats);
     // rsqrt -> mean (expand / width) -> pow(2) (2 x x): three rows x width fp32 temporaries alive together.
     let g_div = cx.alloc(wide, Temporary, "div");
@@ -1339,36 +1500,51 @@ fn rms_norm_bwd_from(
     cx.free(g_mul);
     cx.free(g_pow);
     cx.free(g_div);
-    cx.sim.free_some(&[input]);
-    // The two paths into x are summed by the engine's input buffer.
-    // OLMo 2's with 2-byte weights: the engine adds the second path into the first in place (stub-cuda snapshot
-    // of olmo2-768-tied-bf16: no new N x C buffer there; with fp32 weights the records match the new buffer).
-    let gi = if olmo2_bf16 {
-        cx.free(g_x2);
-        g_x1
-    } else {
-        grad_sum(cx, g_x1, g_x2, wide)
-    };
-    if let Some(gw) = gw {
-        if cx.have_grads {
-            cx.free(gw);
-        } else {
-            cx.grads.push(gw);
+    cx.sim.free_some(&[input, copy]);
+    let push_weight_grad = |cx: &mut Ctx| {
+        if let Some(gw) = gw {
+            if cx.have_grads {
+                cx.free(gw);
+            } else {
+                cx.grads.push(gw);
+            }
         }
+    };
+    if let Some(acc) = absorbed {
+        let acc = grad_add_into(cx, acc, g_x2);
+        push_weight_grad(cx);
+        return acc;
     }
-    if in_bytes == 2 {
+    // The two paths into x meet in one buffer (x's own, or for a 2-byte input the buffer of `x.to(float32)`'s
+    // backward), which holds the first, a fresh product, alone: the second is added into it in place (stub-cuda
+    // snapshots of llama-small-bf16-sgd, the final norm of llama-tiny-fp32-mha, olmo2-768-tied-bf16), unless
+    // the norm runs on DTensors.
+    let gi = if buffer.dtensor {
+        grad_sum(cx, g_x1, g_x2, wide)
+    } else {
+        grad_add_into(cx, g_x1, g_x2)
+    };
+    push_weight_grad(cx);
+    let gi = if in_bytes == 2 {
+        // `x.to(float32)`'s backward casts the fp32 sum back; the cast is what reaches the input's buffer.
         let lp = cx.alloc(rows * width * 2, Temporary, "_to_copy");
         cx.free(gi);
-        return lp;
+        lp
+    } else {
+        gi
+    };
+    match buffer.holds {
+        Some(acc) => grad_add_into(cx, acc, gi),
+        None => gi,
     }
-    gi
 }
 
 /// `nn.Dropout(p)` in training on CUDA with 0 < p < 1: `native_dropout` returns the output (input dtype) and a
-/// bool mask (1 byte per element), and saves the mask.
+/// bool mask (1 byte per element), and saves the mask. The CUDA kernel allocates the mask first (stub-cuda
+/// snapshot of llama-lora-r16-all-bf16amp: each adapter's N x in_f bool mask, then its fp32 output).
 pub fn dropout_fwd(cx: &mut Ctx, elems: u64, bytes: u64, category: Category) -> (Tensor, Tensor) {
-    let out = cx.alloc(elems * bytes, category, "native_dropout");
     let mask = cx.alloc(elems, Activations, "native_dropout");
+    let out = cx.alloc(elems * bytes, category, "native_dropout");
     cx.drop_unsaved(mask);
     (out, mask)
 }
@@ -1643,6 +1819,43 @@ mod tests {
             assert_eq!(out_bytes, 1 << 20);
             let kept = if saving { (2 << 20) + 4096 } else { 0 };
             assert_eq!(live, out_bytes + kept, "saving {saving}");
+        }
+    }
+
+    /// Autograd's input buffer on the residual stream (stub-cuda snapshots of llama-tiny-fp32-mha and
+    /// llama-tiny-bf16amp-gqa): an fp32 RMSNorm's two input-gradient paths (`x * rsqrt`'s, then `pow`'s) are
+    /// added in place into the residual gradient the buffer holds, each freed as it arrives: no N x C `add`, and
+    /// after the backward only that gradient and the weight's [C] fp32 gradient (2 KiB) are live. A norm on
+    /// DTensors (sequence parallel) sums its two paths out of place first: one N x C `add`, the same end state.
+    #[test]
+    fn rms_norm_input_gradients_add_into_the_residual_gradient_in_place() {
+        let mut setup = crate::presets::model_preset("llama-3.2-1b").unwrap();
+        (setup.train.batch_size, setup.train.seq_len) = (4, 256);
+        setup.train.precision = Precision::Fp32;
+        let (rows, width) = (1024, 512);
+        let wide = rows * width * 4;
+        for dtensor in [false, true] {
+            let mut sim = Sim::new(AllocatorConfig::default(), u64::MAX);
+            sim.record_events();
+            let mut cx = Ctx::new(&mut sim, &setup).unwrap();
+            let x = cx.alloc(wide, Activations, "residual add");
+            let (out, saved) = rms_norm_fwd_on(&mut cx, rows, width, 4);
+            cx.free(out);
+            let residual = cx.alloc(wide, Temporary, "residual");
+            let grad_out = cx.alloc(wide, Temporary, "mm");
+            let buffer = InputBuffer {
+                holds: Some(residual),
+                dtensor,
+            };
+            let g = rms_norm_bwd_on(&mut cx, grad_out, saved, Some(x), (rows, width, 4), buffer);
+            assert_eq!(g, residual);
+            assert_eq!(cx.sim.live_bytes(), wide + 2048, "dtensor {dtensor}");
+            let adds = sim
+                .events()
+                .iter()
+                .filter(|e| e.op == "add" && e.bytes == wide as i64)
+                .count();
+            assert_eq!(adds, usize::from(dtensor));
         }
     }
 
