@@ -429,6 +429,11 @@ fn stub_tables(dir: &Path) -> StubTables {
         ("Eager", "measured.json"),
         ("torch.compile", "compiled.json"),
         (
+            "PYTORCH_CUDA_ALLOC_CONF: expandable_segments and max_split_size_mb (tests/data/stub-cuda/alloc-conf.json; \
+cases in scripts/measure/cases-alloc-conf.json)",
+            "alloc-conf.json",
+        ),
+        (
             "The presets at their published size: full training from each model's config.json \
 (tests/data/stub-cuda/presets.json; cases in scripts/measure/cases-presets.json)",
             "presets.json",

@@ -457,6 +457,17 @@ fn preset_scale_records() {
     }
 }
 
+/// `PYTORCH_CUDA_ALLOC_CONF` (`tests/data/stub-cuda/alloc-conf.json`, cases in `scripts/measure/cases-alloc-conf.json`):
+/// reference cases re-run with `expandable_segments:True` (eager and compiled) and `max_split_size_mb`, the
+/// variable set for PyTorch's own allocator as the setup's `train.alloc_conf` sets it for the model. Held to the
+/// stub standard.
+#[test]
+fn stub_cuda_alloc_conf_records() {
+    let (table, bad_a, bad_r) = judge_stub("alloc-conf.json", 13);
+    println!("{table}");
+    assert_stub_tolerances(&table, bad_a, bad_r);
+}
+
 /// "Does it fit?" where PyTorch decides it (`tests/data/stub-cuda/fit.json`, `scripts/measure/measure_fit.py`):
 /// for each case, the least device memory on which PyTorch's own caching allocator runs its three steps, the
 /// release-and-retry path included, bisected to the MiB on the stub GPU, against the least capacity on which the

@@ -38,6 +38,9 @@ def probe(case, mem_mib):
                PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if "sms" in dev:
         env["VRAMFIT_STUB_SMS"] = str(dev["sms"])
+    env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    if case["train"].get("alloc_conf"):  # the setup's train.alloc_conf, as the variable PyTorch reads
+        env["PYTORCH_CUDA_ALLOC_CONF"] = case["train"]["alloc_conf"]
     if mem_mib is not None:
         env["VRAMFIT_STUB_MEM_MIB"] = str(mem_mib)
     elif "memory_gib" in dev:

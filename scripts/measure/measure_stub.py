@@ -221,6 +221,9 @@ def main():
             env["VRAMFIT_STUB_MEM_MIB"] = str(int(case["device"]["memory_gib"] * 1024))
         if "sms" in case.get("device", {}):  # the estimate's device.sms
             env["VRAMFIT_STUB_SMS"] = str(case["device"]["sms"])
+        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+        if case["train"].get("alloc_conf"):  # the setup's train.alloc_conf, as the variable PyTorch reads
+            env["PYTORCH_CUDA_ALLOC_CONF"] = case["train"]["alloc_conf"]
         snap = os.path.join(os.path.abspath(snaps), case["name"] + ".pickle") if snaps else ""
         if snaps:
             os.makedirs(snaps, exist_ok=True)
