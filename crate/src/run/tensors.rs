@@ -1505,13 +1505,10 @@ pub fn flash_num_splits(rows: u64, sms: u64, n_blocks: u64) -> u64 {
         .unwrap_or(1)
 }
 
-/// Attention backward: dq (n x C) and dk, dv (n x kv_dim) in matmul dtype, and the kernel's scratch.
-/// FlashAttention-2's `mha_bwd` (aten/src/ATen/native/transformers/cuda/flash_attn/flash_api.cpp) allocates dq, dk
-/// and dv first (`empty_like`), then `softmax_d` fp32 [B, H, round128(T)] and `dq_accum` fp32
-/// [B, round128(T), H, round32(hs)], its locals, freed when it returns (memory snapshot of the stub-cuda run of
-/// `shakespeare-char-ckpt-compiled`: three 12 MiB outputs, then 384 KiB and 24 MiB, freed last first).
-/// Memory-efficient attention's scratch comes first: `delta` fp32 [B, H, T], plus an fp32 grad-q accumulator
-/// [B, T, H, hs] for 2-byte inputs. Returns (dq, dk, dv).
+/// Attention backward. Kernel scratch first (FlashAttention-2 `mha_bwd`: `dq_accum` fp32
+/// [B, round128(T), H, round32(hs)] and `softmax_d` fp32 [B, H, round128(T)]; memory-efficient: `delta` fp32
+/// [B, H, T], plus an fp32 grad-q accumulator [B, T, H, hs] for 2-byte inputs), then dq (n x C) and dk, dv
+/// (n x kv_dim) in matmul dtype. Returns (dq, dk, dv).
 pub fn sdpa_bwd(cx: &mut Ctx) -> (Tensor, Tensor, Tensor) {
     let (backend, kv) = (cx.backend, cx.m.kv_dim());
     sdpa_bwd_with(cx, backend, kv)
@@ -1520,28 +1517,22 @@ pub fn sdpa_bwd(cx: &mut Ctx) -> (Tensor, Tensor, Tensor) {
 /// `sdpa_bwd` on a given kernel, with k and v `kv_width` wide (all heads when the model repeated them).
 pub fn sdpa_bwd_with(cx: &mut Ctx, backend: SdpaBackend, kv: u64) -> (Tensor, Tensor, Tensor) {
     let (b, t, h, hs) = (cx.b, cx.t, cx.m.n_head, cx.m.head_dim());
+    let scratch = match backend {
+        SdpaBackend::Flash => {
+            let t128 = t.div_ceil(128) * 128;
+            b * t128 * h * hs.div_ceil(32) * 32 * 4 + b * h * t128 * 4
+        }
+        SdpaBackend::Efficient => b * h * t * 4 + if cx.p == 4 { 0 } else { b * t * h * hs * 4 },
+    };
+    cx.sim
+        .scratch(scratch, Workspace, "attention_backward_scratch");
     let op = match backend {
         SdpaBackend::Flash => "_scaled_dot_product_flash_attention_backward",
         SdpaBackend::Efficient => "_scaled_dot_product_efficient_attention_backward",
     };
-    if backend == SdpaBackend::Efficient {
-        let scratch = b * h * t * 4 + if cx.p == 4 { 0 } else { b * t * h * hs * 4 };
-        cx.sim
-            .scratch(scratch, Workspace, "attention_backward_scratch");
-    }
     let dq = cx.alloc(cx.n * cx.m.q_dim() * cx.p, Temporary, op);
     let dk = cx.alloc(cx.n * kv * cx.p, Temporary, op);
     let dv = cx.alloc(cx.n * kv * cx.p, Temporary, op);
-    if backend == SdpaBackend::Flash {
-        let t128 = t.div_ceil(128) * 128;
-        let softmax_d = cx.alloc(b * h * t128 * 4, Workspace, "attention_backward_scratch");
-        let dq_accum = cx.alloc(
-            b * t128 * h * hs.div_ceil(32) * 32 * 4,
-            Workspace,
-            "attention_backward_scratch",
-        );
-        cx.sim.free_all(&[dq_accum, softmax_d]);
-    }
     (dq, dk, dv)
 }
 
