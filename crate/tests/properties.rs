@@ -273,23 +273,43 @@ fn sdpa_saves_no_t_squared(s: &Setup) -> Result<(Setup, Setup), TestCaseError> {
     Ok((long, short))
 }
 
-/// More batch, sequence, layers or width never lowers the peak.
+/// What Inductor's buffer reuse can move a compiled peak by against the op model's order (`t`: the larger of two
+/// steps compared). The wrapper holds a dead buffer for a later one of its size when its estimate of the graph's
+/// peak allows (`Sim::begin_graph`), and that estimate leaves out the cuBLAS workspace each GEMM takes while it
+/// runs: a hold accepted in one step and refused in the other moves the live bytes at a GEMM by that buffer. One
+/// hold: the largest buffer a block or the loss makes, N x max(intermediate, 3 x n_embd, padded vocabulary) in
+/// fp32. Nothing for eager.
+fn reuse_slack(t: &Setup) -> u64 {
+    if !t.train.compile {
+        return 0;
+    }
+    let n = t.train.batch_size * t.train.seq_len;
+    let m = &t.model;
+    let widest = m
+        .intermediate_size
+        .max(3 * m.n_embd)
+        .max(m.vocab_size.div_ceil(16) * 16);
+    vramfit::sim::block_bytes(n * widest * 4)
+}
+
+/// More batch, sequence, layers or width never lowers the peak (compiled: by more than `reuse_slack`).
 fn never_decreases_when_the_step_grows(s: &Setup) -> Result<(), TestCaseError> {
     let base = peak(s);
+    let grows = |t: &Setup| peak(t) + reuse_slack(t) >= base;
     let mut t = s.clone();
     t.train.batch_size += 1;
-    prop_assert!(peak(&t) >= base, "batch");
+    prop_assert!(grows(&t), "batch");
     let mut t = s.clone();
     t.model.block_size *= 2;
     t.train.seq_len *= 2;
-    prop_assert!(peak(&t) >= base, "sequence");
+    prop_assert!(grows(&t), "sequence");
     let mut t = s.clone();
     t.model.n_layer += 1;
-    prop_assert!(peak(&t) >= base, "layers");
+    prop_assert!(grows(&t), "layers");
     let mut t = s.clone();
     t.model.n_embd *= 2;
     t.model.intermediate_size *= 2;
-    prop_assert!(peak(&t) >= base, "width");
+    prop_assert!(grows(&t), "width");
     Ok(())
 }
 
@@ -460,10 +480,11 @@ fn compile_slack(s: &Setup, compiled: u64) -> u64 {
     let zeros = block(n * s.model.vocab_size * 4);
     // Checkpointed with dropout, the compiled backward recomputes each residual dropout from the forward's Philox
     // seed and keeps its random values, fp32 N x C, for the dropout's backward (it compares them with p again),
-    // where eager's recompute keeps the 1-byte mask: two per block, alive through the recomputed block's backward
-    // (backward wrapper of `shakespeare-char-ckpt-compiled`, torch 2.15: the recomputed block's two dropout kernels
-    // each store `tl.rand`'s fp32 values as they are, [64, 256, 384], in `buf20` and `buf31`, which its
-    // dropout-backward kernels compare with p again). The model has them (`compiled::residual_mask`); this bound lacked them.
+    // where eager's recompute keeps the 1-byte mask: the attention dropout's, alive through the recomputed block's
+    // backward, and the last block's MLP dropout's, until the final norm's backward (backward wrapper of
+    // `shakespeare-char-ckpt-compiled`, torch 2.15: the last block's two dropout kernels each store `tl.rand`'s
+    // fp32 values as they are, [64, 256, 384], in `buf20` and `buf31`). The model has them
+    // (`compiled::residual_mask`); this bound lacked them.
     let nc = n * s.model.n_embd;
     let random = if s.train.checkpointing && s.model.dropout > 0.0 {
         2 * (block(nc * 4) - block(nc))
@@ -475,8 +496,11 @@ fn compile_slack(s: &Setup, compiled: u64) -> u64 {
 
 /// The case `compile_never_increases_the_peak_when_grads_start_empty` failed on before its slack counted the
 /// recomputed dropouts' fp32 random values: one gpt2 block (4 heads of 64, with biases), vocab 16, pure bf16,
-/// dropout 0.1, checkpointing, batch 2 x 256, AdamW. Compiled 46,244,864 B against eager 45,324,800 B; the
-/// excess is those random values (without dropout compiled stays within the other allowances).
+/// dropout 0.1, checkpointing, batch 2 x 256, AdamW. Compiled 45,722,624 B against eager 45,324,800 B; the
+/// excess is the attention dropout's random values over eager's 1-byte mask, alive through the recomputed block's
+/// backward (without dropout compiled stays within the other allowances). Before the block followed the wrapper
+/// of `shakespeare-char-ckpt-compiled` (issue 10: the MLP dropout's values die at the final norm's backward, and
+/// the wrapper's buffer reuse is replayed) it was 46,244,864 B, both dropouts' values.
 #[test]
 fn compile_with_checkpointed_dropout_keeps_fp32_random_values() {
     let s = Setup {
@@ -515,14 +539,14 @@ fn compile_with_checkpointed_dropout_keeps_fp32_random_values() {
     };
     let (s, e) = grads_start_empty(s);
     let (on, off) = (peak(&s), peak(&e));
-    assert_eq!((on, off), (46_244_864, 45_324_800));
+    assert_eq!((on, off), (45_722_624, 45_324_800));
     let nc = s.train.batch_size * s.train.seq_len * s.model.n_embd;
-    let random = 2 * (vramfit::sim::block_bytes(nc * 4) - vramfit::sim::block_bytes(nc));
+    let random = vramfit::sim::block_bytes(nc * 4) - vramfit::sim::block_bytes(nc);
     let slack = compile_slack(&s, on);
     assert!(on <= off + slack, "compiled {on} > eager {off} + {slack}");
     assert!(
-        on > off + slack - random,
-        "the random values are what it needs"
+        on >= off + random,
+        "one dropout's random values are what it needs"
     );
     // Without dropout nothing is left for them to explain.
     let (mut s0, mut e0) = (s.clone(), e.clone());
@@ -610,7 +634,8 @@ proptest! {
     /// the earlier blocks' saved tensors. Extra: the final norm's second row statistic (its input is not saved),
     /// the block input and output-gradient allowance of the eager property above, and with dropout the recomputed
     /// residual dropouts' fp32 random values where the uncheckpointed step keeps 1-byte masks (two N x C fp32
-    /// buffers, measured: `shakespeare-char-ckpt-compiled`).
+    /// buffers, measured: `shakespeare-char-ckpt-compiled`), and one buffer Inductor's reuse may hold where the
+    /// other order frees it (`reuse_slack`).
     #[test]
     fn compiled_checkpointing_never_increases_the_peak(s in compiled_setup()) {
         let mut on = s.clone();
@@ -621,7 +646,12 @@ proptest! {
         let block_input = vramfit::sim::block_bytes(n * s.model.n_embd * s.train.precision.param_bytes());
         let stat = vramfit::sim::block_bytes(n * 4);
         let random = if s.model.dropout > 0.0 { 2 * vramfit::sim::block_bytes(n * s.model.n_embd * 4) } else { 0 };
-        prop_assert!(peak(&on) <= peak(&off) + 2 * block_input + stat + random, "{} > {}", peak(&on), peak(&off));
+        prop_assert!(
+            peak(&on) <= peak(&off) + 2 * block_input + stat + random + reuse_slack(&on),
+            "{} > {}",
+            peak(&on),
+            peak(&off)
+        );
     }
 
     /// See the doc of `compiled_checkpointing_never_increases_the_peak` for what compile saves; what the

@@ -128,15 +128,30 @@
 //! `qwen-like-tied-152k-compiled`: down_proj's output is freed after the next input_layernorm's, which cannot take
 //! its block).
 //!
-//! What it does not follow is the rest of Inductor's scheduler. Where the wrapper hands a dead buffer to a new one of
-//! the same dtype and size (`bufM = bufN # reuse`, its memory planning) the model frees and allocates, which the
-//! caching allocator mostly serves from the same block (the rule itself is `Sim::begin_graph`'s, with each buffer's
-//! dtype width and the extern kernels marked here, but off: `INDUCTOR_BUFFER_REUSE`); a checkpointed backward
-//! interleaves each block's recompute with the previous block's gradients (`shakespeare-char-ckpt`) and, for Llama,
-//! runs the attention's weight gradients after all its input gradients (`llama-ckpt-fp16amp-accum2`), where the model
-//! keeps the order above; and in small graphs whose weight gradients outweigh their activations Inductor moves the
-//! conversions to the end (`tiny-vocab-grads-amp`). Checked against the compiled configs in `tests/data/compiled/`
-//! and `tests/data/stub-cuda/` (docs/ACCURACY.md).
+//! Where the wrapper hands a dead buffer to a new one of the same dtype and size (`bufM = bufN  # reuse`, its memory
+//! planning) the dead buffer stays allocated until then: the model replays that rule (`Sim::begin_graph`, with
+//! each buffer's dtype width and the extern kernels marked here; `INDUCTOR_BUFFER_REUSE`, measured there).
+//!
+//! Checkpointed nanoGPT blocks (`gelu_block`) follow the wrappers of `shakespeare-char-ckpt-compiled` (issue 10;
+//! fp16-amp with dropout, its memory snapshot) and `gpt-8x512-ckpt-bf16-accum2-compiled` (pure bf16): the first run
+//! frees each buffer after its last reader and keeps one stream buffer per block (`gelu_block_discarded`); the
+//! backward runs each block again interleaved with its own MLP backward, GELU's output made after c_proj's input
+//! gradient (`gelu_block_backward`), the last block whole with c_proj's output (`gelu_block_recompute_last`).
+//! With the reuse replayed, the caching allocator then needs a new 48 MiB segment for a recomputed GELU output in
+//! step 3, as PyTorch's does (steps 1 to 3: 666, 692, 740 MiB reserved modelled, 650, 678, 758 measured).
+//!
+//! What it does not follow is the rest of Inductor's scheduler: for Llama a checkpointed backward runs the
+//! attention's weight gradients after all its input gradients (`llama-ckpt-fp16amp-accum2`), where the model keeps
+//! the order above; in small graphs whose weight gradients outweigh their activations Inductor moves the conversions
+//! to the end (`tiny-vocab-grads-amp`); and the reuse's estimated-peak check reads the model's live bytes, where
+//! Inductor's `estimate_peak_memory` also counts a kernel's output written in place over its dying input as a
+//! buffer of its own, and buffers its kernels later fuse away (logged from its planner on
+//! `shakespeare-char-ckpt-compiled`: the backward's estimated peak, 507,501,856 B, is at block 4's GELU backward,
+//! where the gradient written over c_proj's input gradient counts beside it; each ln_1 backward counts a 24 MiB
+//! fp32 buffer the wrapper never allocates). Of the 48 MiB buffers the wrapper hands on there (fc's and GELU's
+//! outputs and gradients), the model's check refuses two Inductor's accepts (the forward's fc output of block 4,
+//! `buf131 = buf106  # reuse`, and one of block 2 in the backward) and agrees on the rest, refusals included.
+//! Checked against the compiled configs in `tests/data/compiled/` and `tests/data/stub-cuda/` (docs/ACCURACY.md).
 
 use crate::arch::{Core, Mlp, Norm, Positions, Program, Qkv};
 use crate::policy::SdpaBackend;
@@ -419,8 +434,8 @@ fn mask(cx: &mut Ctx, elems: u64) -> Option<Tensor> {
 /// A residual dropout's mask. Recomputed in the backward graph of a checkpointed block, the dropout draws its
 /// random numbers from the forward's Philox seed and offset (AOTAutograd functionalises the random op so that
 /// the recompute reproduces it) and keeps them as fp32 [N, C] values rather than a bool mask (trace of
-/// `shakespeare-char-ckpt-compiled`: two fp32 N x C buffers per block in the recompute, live through the
-/// block's MLP backward, and no 1-byte mask).
+/// `shakespeare-char-ckpt-compiled`: no 1-byte mask; the attention dropout's values beside the stream after
+/// attention, the last block's MLP dropout's beside its output, `gelu_block_backward`).
 fn residual_mask(cx: &mut Ctx, elems: u64, recompute: bool) -> Option<Tensor> {
     if recompute {
         cx.arch
@@ -1020,16 +1035,17 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
     f
 }
 
-/// Whether the wrapper's buffer reuse is replayed (`Sim::begin_graph`, `plan_reuse`). The rule is Inductor's,
-/// but it pairs each dead buffer with the next allocation of its key in the model's order, which follows
-/// Inductor's kernels block by block but not everywhere (a checkpointed block's first run holds its buffers to
-/// the block's end; the checkpointed backward does not interleave each recompute with the previous block's
-/// weight gradients; LPMF's order is not run). Measured over the 73 stub-cuda compiled records (issue 10), on,
-/// against off: allocated within 2% 73/73 (median 0.37%) against 72/73 (0.39%); reserved within 3% 71/73 either
-/// way, median 0.05% against 0.08%; but shakespeare-char-ckpt's reserved goes from -6.6% to -8.7% (steps 1 to 3:
-/// 610, 692, 692 MiB on, 594, 676, 708 off, 650, 678, 758 measured: neither grows in step 3 as PyTorch's
-/// allocator does) and tiny-vocab-grads-amp stays at -4.0% (48 MiB against 50). Off until those two come closer.
-const INDUCTOR_BUFFER_REUSE: bool = false;
+/// Whether the wrapper's buffer reuse is replayed (`Sim::begin_graph`, `plan_reuse`): Inductor's memory planning,
+/// on in every `torch.compile` (`config.allow_buffer_reuse`). The rule is Inductor's, but it pairs each dead buffer
+/// with the next allocation of its key in the model's order, which follows Inductor's kernels block by block but
+/// not everywhere (LPMF's order is not run), and its estimated-peak check uses the model's live bytes, not
+/// Inductor's `estimate_peak_memory`. Measured over the 73 stub-cuda compiled records (issue 10), on against off:
+/// allocated within 2% 73/73 (median 0.37%) against 72/73 (0.39%); reserved within 3% 72/73 (median 0.05%)
+/// against 71/73 (0.10%). The checkpointed nanoGPT blocks (`gelu_block_discarded`, `gelu_block_backward`) follow
+/// the wrapper only with it on: `shakespeare-char-ckpt-compiled`'s reserved is -2.4% on, -9.8% off (steps 1 to 3:
+/// 666, 692, 740 MiB modelled, 650, 678, 758 measured). `tiny-vocab-grads-amp` stays at -4.0% (48 MiB against 50)
+/// either way: LPMF's order is needed first.
+const INDUCTOR_BUFFER_REUSE: bool = true;
 
 /// A compiled graph starts (`INDUCTOR_BUFFER_REUSE`).
 fn begin_graph(cx: &mut Ctx) {
@@ -1065,7 +1081,10 @@ fn forward_graph(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool
     for l in 0..cx.m.n_layer {
         cx.sim.layer(Some(l as u32));
         let place = (l == 0, l + 1 == cx.m.n_layer);
-        if checkpointing {
+        if checkpointing && gelu_block(cx) {
+            blocks.push(Saved::Input(x));
+            x = gelu_block_discarded(cx);
+        } else if checkpointing {
             let mut transient = Vec::new();
             let (b, x_out) = block_fwd(cx, x, place, &mut transient, false, true, true, None);
             cx.sim.free_all(&transient);
@@ -1170,6 +1189,62 @@ fn block_recompute(cx: &mut Ctx, x_in: Tensor, l: u64) -> (Block, Option<Tensor>
     cx.sim.next_kernel_made();
     cx.sim.free_all(&transient);
     (b, x_out)
+}
+
+/// Whether the blocks are nanoGPT's (LayerNorm before each branch, the fused QKV projection, SDPA, the GELU MLP),
+/// whose checkpointed runs follow the wrappers of `shakespeare-char-ckpt-compiled` (`gelu_block_discarded`).
+fn gelu_block(cx: &Ctx) -> bool {
+    let a = &cx.arch;
+    a.qkv == Qkv::Fused
+        && a.core == Core::Sdpa
+        && a.mlp == Mlp::Gelu
+        && a.pre_norms
+        && !a.post_norms
+        && !a.parallel_residual
+        && matches!(a.norm, Norm::LayerNorm { .. })
+}
+
+/// A checkpointed nanoGPT block's first run, whose tensors all die in it (`gelu_block`), as the forward wrapper of
+/// `shakespeare-char-ckpt-compiled` allocates and frees it: each buffer dies after its last reader, and nothing is
+/// made for the backward. The norms write no statistic (nothing saves one), and no dropout mask exists (the
+/// kernels draw from the Philox seed). The stream after attention and the block's output are one fp32 buffer,
+/// written twice (`buf58 = buf47  # reuse`), the next block's input. Each weight cast dies after its GEMM, ln_1's
+/// output after the QKV GEMM, SDPA's output after the output projection's, ln_2's after fc's, fc's output
+/// (GELU written over it, `buf28 = buf27  # reuse`) after c_proj's. The output projection's and c_proj's outputs
+/// are read last by the kernel that writes the block's output, fused with the next norm: they die once its
+/// output exists (`del buf46` after the next ln_1's buffer). Returns the block's output.
+fn gelu_block_discarded(cx: &mut Ctx) -> Tensor {
+    let c = cx.m.n_embd;
+    let i = cx.m.intermediate_size;
+    let nc = cx.n * c;
+    let (r, p) = (cx.r, cx.p);
+    let bias = cx.arch.linear_bias;
+    let (_, norm) = norm_op(cx);
+    let ln_1 = alloc_as(cx, nc * p, p, Activations, norm);
+    cx.sim.next_kernel_made();
+    let w_attn = weight_cast(cx, 3 * c * c);
+    let qkv = linear_mm(cx, 3 * nc * p, p, Activations, (cx.arch.qkv_bias, false));
+    cx.sim.free_some(&[w_attn]);
+    cx.free(ln_1);
+    let a = extern_kernel(cx, ops::sdpa_fwd);
+    cx.sim.free_all(&[a.lse, a.rng[0], a.rng[1], qkv]);
+    let w_proj = weight_cast(cx, c * c);
+    let proj = linear_mm(cx, nc * p, p, Temporary, (bias, true));
+    cx.sim.free_some(&[w_proj]);
+    cx.free(a.out);
+    let x_out = alloc_as(cx, nc * r, r, Activations, "add");
+    let ln_2 = alloc_as(cx, nc * p, p, Activations, norm);
+    let w_fc = weight_cast(cx, i * c);
+    let h = linear_mm(cx, cx.n * i * p, p, Activations, (bias, false));
+    cx.sim.free_some(&[w_fc]);
+    cx.free(ln_2);
+    let w_mlp = weight_cast(cx, c * i);
+    let out = linear_mm(cx, nc * p, p, Temporary, (bias, true));
+    cx.sim.free_some(&[w_mlp]);
+    cx.free(h);
+    cx.sim.free_after_next_kernel(proj);
+    cx.sim.free_after_next_kernel(out);
+    x_out
 }
 
 /// A checkpointed block's forward keeps nothing but its input: everything else dies when the block is done
@@ -1873,7 +1948,7 @@ fn head_backward(
     norm_out: Tensor,
     norm_stat: [Option<Tensor>; 2],
     x_last: Option<Tensor>,
-    recompute: impl FnOnce(&mut Ctx) -> Option<Tensor>,
+    recompute: impl FnOnce(&mut Ctx) -> (Option<Tensor>, Vec<Tensor>),
     pending: &mut Vec<Tensor>,
 ) -> HeadBackward {
     let (c, p, r) = (cx.m.n_embd, cx.p, cx.r);
@@ -1935,7 +2010,7 @@ fn head_backward(
     }
     cx.sim.free_some(&[head_cast]);
     convert_grad(cx, v * c, low_head, pending);
-    let recomputed = recompute(cx);
+    let (recomputed, read_last) = recompute(cx);
     let layer_norm = matches!(cx.arch.norm, Norm::LayerNorm { .. });
     if !layer_norm {
         norm_grads(cx, pending);
@@ -1951,6 +2026,8 @@ fn head_backward(
     };
     // The 2-byte copy is for the matmuls of the last block's MLP; without a norm before its branches a post-norm's
     // backward reads the residual gradient itself (wrapper of `olmo2-512-untied-bf16amp-compiled`).
+    // What the last block's recompute left for this kernel alone dies as it runs; the copy may take its buffer.
+    cx.sim.free_all(&read_last);
     let low = (r != p && cx.arch.pre_norms && !moe_reads_wide(cx))
         .then(|| alloc_as(cx, nc * p, p, Temporary, "_to_copy"));
     cx.free(g_norm);
@@ -2039,18 +2116,27 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     let mut blocks = f.blocks;
     // Checkpointed: the last block's forward runs again before the final norm's backward.
     let mut last = None;
+    let mut last_mean = None;
     let recompute = |cx: &mut Ctx| match blocks.pop() {
+        Some(Saved::Input(x_in)) if gelu_block(cx) => {
+            cx.sim.layer(Some(blocks.len() as u32));
+            let r = gelu_block_recompute_last(cx, x_in);
+            last = Some(Saved::All(r.block));
+            last_mean = Some(r.mean_1);
+            cx.sim.layer(None);
+            (Some(r.x_out), r.read_last)
+        }
         Some(Saved::Input(x_in)) => {
             let l = blocks.len() as u64;
             cx.sim.layer(Some(l as u32));
             let (b, x_out) = block_recompute(cx, x_in, l);
             last = Some(Saved::All(b));
             cx.sim.layer(None);
-            x_out
+            (x_out, Vec::new())
         }
         other => {
             last = other;
-            None
+            (None, Vec::new())
         }
     };
     let learned = cx.arch.positions == Positions::Learned;
@@ -2078,11 +2164,18 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     blocks.extend(last);
     for (l, b) in blocks.into_iter().enumerate().rev() {
         cx.sim.layer(Some(l as u32));
-        let b = match b {
-            Saved::All(b) => b,
-            Saved::Input(x_in) => block_recompute(cx, x_in, l as u64).0,
+        g = match b {
+            Saved::All(b) => {
+                let g = block_bwd(cx, g, b, &mut pending);
+                cx.sim.free_some(&[last_mean.take()]);
+                g
+            }
+            Saved::Input(x_in) if gelu_block(cx) => gelu_block_backward(cx, x_in, g, &mut pending),
+            Saved::Input(x_in) => {
+                let b = block_recompute(cx, x_in, l as u64).0;
+                block_bwd(cx, g, b, &mut pending)
+            }
         };
-        g = block_bwd(cx, g, b, &mut pending);
     }
     cx.sim.layer(None);
     cx.sim.free_some(&[f.emb_mask, f.window_mask]);
@@ -2121,6 +2214,159 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     cx.sim.end_graph();
     // AccumulateGrad: later micro-steps add into `.grad` in place and drop the graph's outputs.
     cx.sim.free_all(&pending);
+}
+
+/// A checkpointed nanoGPT block (`gelu_block`) other than the last, run again and differentiated as the backward
+/// wrappers of `shakespeare-char-ckpt-compiled` (fp16-amp, dropout) and `gpt-8x512-ckpt-bf16-accum2-compiled`
+/// (pure bf16) run it: Inductor schedules each recomputed node just before its first reader, so the MLP's
+/// recompute is interleaved with its backward. ln_1 keeps both its statistics (mean and rstd); the stream after
+/// attention is made in fp32 (`r` bytes) unless the stream is in the matmul dtype without dropout (then the
+/// kernels recompute it), with the attention dropout's fp32 random values beside it. c_proj's forward is not run
+/// (the block's output is dead code); its input gradient is computed from fc's output before GELU's output exists:
+/// c_proj's input-gradient GEMM, then GELU's output (a new buffer: the only one of the recompute made after a
+/// gradient), GELU's backward written over that gradient (fc's output dies), c_proj's weight gradient, then fc's
+/// Linear backward (`buf94`, `buf91`, `buf96 = buf94  # reuse`, `buf92`, `buf97`, `buf98` in the wrapper of the
+/// first; `buf76`, `buf74`, `buf77`, `buf75`, `buf78`, `buf79` in the second). The attention's backward follows as in
+/// an uncheckpointed block (`attn_bwd`).
+fn gelu_block_backward(
+    cx: &mut Ctx,
+    x_in: Tensor,
+    g: ResidualGrad,
+    pending: &mut Vec<Tensor>,
+) -> ResidualGrad {
+    let c = cx.m.n_embd;
+    let i = cx.m.intermediate_size;
+    let nc = cx.n * c;
+    let (r, p) = (cx.r, cx.p);
+    let bias = cx.arch.linear_bias;
+    let (stat_op, _) = norm_op(cx);
+    let mean_1 = alloc_as(cx, cx.n * 4, 4, Activations, stat_op);
+    let norm1 = norm_fwd(cx, false);
+    let w_attn = weight_cast(cx, 3 * c * c);
+    let qkv = linear_mm(cx, 3 * nc * p, p, Activations, (cx.arch.qkv_bias, false));
+    let a = extern_kernel(cx, ops::sdpa_fwd);
+    let w_proj = weight_cast(cx, c * c);
+    let proj = linear_mm(cx, nc * p, p, Temporary, (bias, true));
+    let x_mid = (r != p || cx.arch.dropout).then(|| alloc_as(cx, nc * r, r, Activations, "add"));
+    let mask = residual_mask(cx, nc, true);
+    let norm2 = norm_fwd(cx, true);
+    cx.free(proj);
+    let w_fc = weight_cast(cx, i * c);
+    let h = linear_mm(cx, cx.n * i * p, p, Activations, (bias, false));
+    let mut g = g;
+    // c_proj's input gradient, then GELU's output; GELU's backward writes fc's output gradient over the first.
+    let w_mlp = weight_cast(cx, c * i);
+    let g_h = input_grad(cx, i, w_mlp);
+    let gelu = alloc_as(cx, cx.n * i * p, p, Activations, "gelu");
+    cx.free(h);
+    let low = weight_grad(cx, c * i, &[Some(gelu)], pending);
+    release_low(cx, &mut g);
+    if bias {
+        reduce_grad(cx, c, pending);
+    }
+    convert_grad(cx, c * i, low, pending);
+    let g_in = linear_bwd(cx, (i, c), bias, &[Some(norm2.out)], w_fc, pending);
+    cx.free(g_h);
+    let mut g = into_residual(
+        cx,
+        vec![g_in],
+        (Some(norm2.stat), x_mid),
+        (g, true),
+        pending,
+    );
+    let attn = Attn::Fused {
+        w_attn,
+        core: CoreSaved::Sdpa(a, qkv),
+        w_proj,
+    };
+    let grads = attn_bwd(cx, attn, mask, Some(norm1.out), &mut g, pending);
+    cx.free(mean_1);
+    into_residual(
+        cx,
+        grads,
+        (Some(norm1.stat), Some(x_in)),
+        (g, true),
+        pending,
+    )
+}
+
+/// The last checkpointed nanoGPT block run again in the backward graph (`gelu_block_recompute_last`).
+struct LastRecompute {
+    /// What its backward reads, for `block_bwd`.
+    block: Block,
+    /// ln_1's second statistic (the recompute keeps mean and rstd), released after the block's backward.
+    mean_1: Tensor,
+    /// The block's output, which the final norm's backward reads.
+    x_out: Tensor,
+    /// What that backward's kernel reads last: c_proj's output (its 2-byte gradient copy is written over it, `buf37
+    /// = buf30  # reuse`) and the MLP dropout's fp32 random values.
+    read_last: Vec<Tensor>,
+}
+
+/// The last checkpointed nanoGPT block (`gelu_block`) run again between the head's matmuls and the final norm's
+/// backward, as the backward wrapper of `shakespeare-char-ckpt-compiled` runs it: the whole block, its output
+/// included (the final norm's backward reads it). Against an uncheckpointed block's forward: ln_1 keeps both
+/// statistics, the stream after attention, ln_2's statistic, the attention dropout's fp32 random values and ln_2's
+/// output come in that order (`buf20`, `buf22`, `buf24`, `buf26`), c_proj's weight cast before fc's, GELU's
+/// output is a new buffer, c_proj's output is a buffer of its own (`buf30`) followed by the block's output and the
+/// MLP dropout's random values (`buf31`, `buf32`), and the output projection's output dies there.
+fn gelu_block_recompute_last(cx: &mut Ctx, x_in: Tensor) -> LastRecompute {
+    let c = cx.m.n_embd;
+    let i = cx.m.intermediate_size;
+    let nc = cx.n * c;
+    let (r, p) = (cx.r, cx.p);
+    let bias = cx.arch.linear_bias;
+    let (stat_op, _) = norm_op(cx);
+    let mean_1 = alloc_as(cx, cx.n * 4, 4, Activations, stat_op);
+    let norm1 = norm_fwd(cx, false);
+    let w_attn = weight_cast(cx, 3 * c * c);
+    let qkv = linear_mm(cx, 3 * nc * p, p, Activations, (cx.arch.qkv_bias, false));
+    let a = extern_kernel(cx, ops::sdpa_fwd);
+    let w_proj = weight_cast(cx, c * c);
+    let proj = linear_mm(cx, nc * p, p, Temporary, (bias, true));
+    let x_mid = alloc_as(cx, nc * r, r, Activations, "add");
+    let stat_2 = alloc_as(cx, cx.n * 4, 4, Activations, stat_op);
+    let mask1 = residual_mask(cx, nc, true);
+    let out_2 = alloc_as(cx, nc * p, p, Activations, norm_op(cx).1);
+    cx.sim.next_kernel_made();
+    let w_mlp = weight_cast(cx, c * i);
+    let w_fc = weight_cast(cx, i * c);
+    let h = linear_mm(cx, cx.n * i * p, p, Activations, (bias, false));
+    let gelu = alloc_as(cx, cx.n * i * p, p, Activations, "gelu");
+    let out = linear_mm(cx, nc * p, p, Temporary, (bias, true));
+    let x_out = alloc_as(cx, nc * r, r, Activations, "add");
+    let mask2 = residual_mask(cx, nc, true);
+    cx.free(proj);
+    let mut read_last = vec![out];
+    read_last.extend(mask2);
+    let block = Block {
+        x_in,
+        norm1: Some(norm1),
+        attn: Attn::Fused {
+            w_attn,
+            core: CoreSaved::Sdpa(a, qkv),
+            w_proj,
+        },
+        x_mid: Some(x_mid),
+        masks: [mask1, None],
+        norm2: Some(NormOut {
+            stat: stat_2,
+            out: out_2,
+        }),
+        mlp: MlpSaved::Gelu {
+            w_fc,
+            h,
+            w_mlp,
+            g: gelu,
+        },
+        post: [None, None],
+    };
+    LastRecompute {
+        block,
+        mean_1,
+        x_out,
+        read_last,
+    }
 }
 
 /// Whether the MLP is a mixture of experts that reads only the fp32 residual gradient (no shared expert, whose

@@ -170,7 +170,7 @@ struct Graph {
     /// The first tensor index allocated in the graph: older tensors are its inputs.
     first: usize,
     /// Inputs the graph wrote over in place (`adopt`): its own buffers from then on.
-    adopted: std::collections::HashSet<u32>,
+    adopted: Vec<u32>,
     ops: Vec<GraphOp>,
 }
 
@@ -427,7 +427,7 @@ impl Sim {
         debug_assert!(self.graph.is_none(), "graphs do not nest");
         self.graph = Some(Graph {
             first: self.slots.len(),
-            adopted: std::collections::HashSet::new(),
+            adopted: Vec::new(),
             ops: Vec::new(),
         });
     }
@@ -436,7 +436,7 @@ impl Sim {
     /// the backward, `codegen_inplace_reuse`): the buffer is the graph's from then on, and pooled when it dies.
     pub fn adopt(&mut self, t: Tensor) {
         if let Some(g) = self.graph.as_mut() {
-            g.adopted.insert(t.0 as u32);
+            g.adopted.push(t.0 as u32);
         }
     }
 
@@ -474,11 +474,11 @@ impl Sim {
         for op in g.ops {
             match op {
                 GraphOp::Alloc { id, op, .. } => {
-                    let old = reuse.of.get(&id).copied();
+                    let old = reuse.of(id, g.first);
                     self.commit_alloc(id, old, op);
                 }
                 GraphOp::Free(id) => {
-                    if !reuse.handed_on.contains(&id) {
+                    if !reuse.handed_on(id, g.first) {
                         self.free(Tensor(id as usize));
                     } else {
                         self.slots[id as usize].doomed = false;
@@ -635,10 +635,28 @@ impl Sim {
 }
 
 /// Which of a graph's allocations take a dead buffer's block (`of`: new tensor -> the dead one), and the
-/// dead buffers so handed on (`handed_on`), whose free never happens.
+/// dead buffers so handed on (`handed_on`), whose free never happens. Indexed from the graph's first tensor
+/// (`Graph::first`; `NONE`: a block of its own); an adopted input handed on is listed apart.
 struct Reuse {
-    of: std::collections::HashMap<u32, u32>,
-    handed_on: std::collections::HashSet<u32>,
+    of: Vec<u32>,
+    handed_on: Vec<bool>,
+    handed_on_inputs: Vec<u32>,
+}
+
+impl Reuse {
+    const NONE: u32 = u32::MAX;
+
+    fn of(&self, id: u32, first: usize) -> Option<u32> {
+        let old = self.of.get(id as usize - first).copied();
+        old.filter(|&old| old != Self::NONE)
+    }
+
+    fn handed_on(&self, id: u32, first: usize) -> bool {
+        match (id as usize).checked_sub(first) {
+            Some(i) => self.handed_on.get(i).copied().unwrap_or(false),
+            None => self.handed_on_inputs.binary_search(&id).is_ok(),
+        }
+    }
 }
 
 /// Inductor's buffer reuse (PyTorch 2.15, torch/_inductor/codegen/wrapper.py), over one graph's allocations and
@@ -663,7 +681,6 @@ struct Reuse {
 /// scratch, which Inductor does not see.
 fn plan_reuse(g: &Graph, slot_of: impl Fn(u32) -> (u64, (u64, u64))) -> Reuse {
     let bytes_of = |id| slot_of(id).0;
-    use std::collections::{HashMap, HashSet};
     // Live bytes at each node (node 0: the graph's entry, before any allocation).
     let mut mem: Vec<i64> = vec![0];
     let mut cur: i64 = 0;
@@ -678,10 +695,23 @@ fn plan_reuse(g: &Graph, slot_of: impl Fn(u32) -> (u64, (u64, u64))) -> Reuse {
         }
     }
     let overall = mem.iter().copied().max().unwrap_or(0);
-    let mut pool: HashMap<(u64, u64), Vec<(usize, u32)>> = HashMap::new();
+    let mut adopted = g.adopted.clone();
+    adopted.sort_unstable();
+    // Few keys per graph: an ordered map costs less than hashing each key.
+    let mut pool: std::collections::BTreeMap<(u64, u64), Vec<(usize, u32)>> = Default::default();
+    let n_tensors = g
+        .ops
+        .iter()
+        .filter_map(|op| match *op {
+            GraphOp::Alloc { id, .. } => Some(id as usize + 1 - g.first),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0);
     let mut reuse = Reuse {
-        of: HashMap::new(),
-        handed_on: HashSet::new(),
+        of: vec![Reuse::NONE; n_tensors],
+        handed_on: vec![false; n_tensors],
+        handed_on_inputs: Vec::new(),
     };
     let mut node = 0usize;
     for op in &g.ops {
@@ -700,19 +730,23 @@ fn plan_reuse(g: &Graph, slot_of: impl Fn(u32) -> (u64, (u64, u64))) -> Reuse {
                 let between = mem[k + 1..node].iter().copied().max();
                 if k + 1 == node || size + between.unwrap_or(0) <= overall {
                     pool.get_mut(&key).map(Vec::pop);
-                    reuse.of.insert(id, old);
-                    reuse.handed_on.insert(old);
+                    reuse.of[id as usize - g.first] = old;
+                    match (old as usize).checked_sub(g.first) {
+                        Some(i) => reuse.handed_on[i] = true,
+                        None => reuse.handed_on_inputs.push(old),
+                    }
                     for m in &mut mem[k + 1..node] {
                         *m += size;
                     }
                 }
             }
-            GraphOp::Free(id) if (id as usize) >= g.first || g.adopted.contains(&id) => {
+            GraphOp::Free(id) if (id as usize) >= g.first || adopted.binary_search(&id).is_ok() => {
                 pool.entry(slot_of(id).1).or_default().push((node, id));
             }
             _ => {}
         }
     }
+    reuse.handed_on_inputs.sort_unstable();
     reuse
 }
 
