@@ -294,7 +294,11 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
                     return Err(Error::invalid(
                         "device.memory_gib",
                         gib,
-                        "must be a positive number of GiB",
+                        if gib > 0.0 {
+                            "must be less than 1000000 GiB"
+                        } else {
+                            "must be a positive number of GiB"
+                        },
                     ));
                 }
                 dev.memory_bytes = (gib * (1u64 << 30) as f64) as u64;

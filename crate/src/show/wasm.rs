@@ -280,15 +280,8 @@ pub fn estimate(query: &str) -> Result<JsValue, JsError> {
         })
         .collect();
     let mem = s.device.memory_bytes;
-    let (verdict, headroom) = match r.fits {
-        Some(true) => (
-            "fits".to_string(),
-            format!("{} to spare", fmt_bytes(mem - r.device_total_bytes)),
-        ),
-        Some(false) => (
-            "does not fit".to_string(),
-            format!("{} over", fmt_bytes(r.device_total_bytes - mem)),
-        ),
+    let (verdict, headroom) = match r.verdict() {
+        Some((verdict, margin)) => (verdict.to_string(), margin),
         None => (String::new(), String::new()),
     };
     to_js(&EstimateDto {
