@@ -251,3 +251,48 @@ fn the_table_says_whether_the_step_fits_the_gpu() {
         "{out}"
     );
 }
+
+/// A config.json's `attention_bias` or `mlp_bias` on a Llama was dropped without a word (the same estimate as
+/// without the biases), and one without `model_type` was read as Llama without saying so.
+#[test]
+fn config_json_fields_vramfit_does_not_model_are_named() {
+    let llama = r#""hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 1000,
+        "intermediate_size": 512, "max_position_embeddings": 256"#;
+    let path = file(
+        "attention-bias.json",
+        &format!(r#"{{"model_type": "llama", {llama}, "attention_bias": true}}"#),
+    );
+    assert_eq!(
+        error_of(&["estimate", "--hf", &path]),
+        "error: not modelled: llama with attention_bias (true): biases on the attention Linears"
+    );
+    let path = file(
+        "mlp-bias.json",
+        &format!(r#"{{"model_type": "olmo2", {llama}, "mlp_bias": true}}"#),
+    );
+    assert_eq!(
+        error_of(&["estimate", "--hf", &path]),
+        "error: not modelled: olmo2 with mlp_bias (true): biases on the MLP Linears"
+    );
+    // Written out false, as Llama 3's config.json has them: read as before.
+    let path = file(
+        "no-bias.json",
+        &format!(
+            r#"{{"model_type": "llama", {llama}, "attention_bias": false, "mlp_bias": false}}"#
+        ),
+    );
+    let (code, out, err) = vramfit(&["estimate", "--hf", &path]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("config.json gives no model_type"), "{out}");
+    let path = file("no-type.json", &format!("{{{llama}}}"));
+    let (code, out, err) = vramfit(&["estimate", "--hf", &path]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("vramfit estimate: llama with 2 layers"),
+        "{out}"
+    );
+    assert!(
+        out.contains("  note: config.json gives no model_type: read as llama\n"),
+        "{out}"
+    );
+}

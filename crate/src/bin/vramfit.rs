@@ -35,8 +35,7 @@ usage:
   vramfit strategies [SOURCE] [KNOBS] [--format table|json]
                 how many GPUs of the device's kind, and with which strategy: memory per GPU on 1 to 64
                 GPUs under DDP, ZeRO-2, ZeRO-3, ZeRO-3 x tensor parallel and ZeRO-3 with CPU offload
-                (FSDP2), the fewest that fit
-                each (searched up to 4096), and the cheapest that fits
+                (FSDP2), the fewest that fit each (searched up to 4096), and the cheapest that fits
   vramfit finetune [SOURCE] [KNOBS] [--format table|json]
                 full fine-tuning, LoRA and QLoRA (the --finetune recipes) side by side on the device: each
                 one's memory at the batch given, whether it fits, the largest batch that fits, and which to run
@@ -881,6 +880,7 @@ fn methods_table(setup: &Setup, m: &vramfit::methods::Methods) -> String {
         };
         let largest = match (r.fits, r.largest_batch) {
             (None, _) => "-".to_string(),
+            (_, Some(b)) if b >= vramfit::methods::MAX_BATCH_SEARCHED => format!("{b} or more"),
             (_, Some(b)) => b.to_string(),
             (_, None) => "none".to_string(),
         };

@@ -1378,8 +1378,14 @@ pub fn hf_config(text: &str) -> Result<(ModelConfig, Vec<String>), Error> {
 /// # Errors
 /// As `hf_config`.
 pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<String>), Error> {
-    let model_type = get_str(o, "", "model_type")?.unwrap_or("llama");
     let mut notes = Vec::new();
+    let model_type = match get_str(o, "", "model_type")? {
+        Some(t) => t,
+        None => {
+            notes.push("config.json gives no model_type: read as llama".to_string());
+            "llama"
+        }
+    };
     let family = match model_type {
         "llama" => Family::Llama,
         "mistral" => Family::Mistral,
@@ -1416,6 +1422,17 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
             })
         }
     };
+    // Biases transformers adds to the attention's or the MLP's Linears where the config asks: vramfit's description
+    // of these families has none there (GPT-NeoX's are its own fields), and they were not measured.
+    if family != Family::GptNeox {
+        for (key, on) in [("attention_bias", "attention"), ("mlp_bias", "MLP")] {
+            if get_bool(o, "", key)? == Some(true) {
+                return Err(Error::NotModelled {
+                    what: format!("{model_type} with {key} (true): biases on the {on} Linears"),
+                });
+            }
+        }
+    }
     let hidden = required(get_u64(o, "", "hidden_size")?, "hidden_size")?;
     let n_head = required(
         get_u64(o, "", "num_attention_heads")?,
