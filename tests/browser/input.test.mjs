@@ -118,3 +118,16 @@ test('plots are not blanked by an error', async () => {
   assert.ok((await canvasPixels(page, 'plot-batch')).drawn > 5000);
   await page.close();
 });
+
+// A setup JSON pasted with a device of its own: the page keeps the GPU selected (issue 12) and now says so; the
+// pasted device was dropped without a word.
+test('a pasted setup\'s own device is said to be left out', async () => {
+  const { page, errors } = await openPage(env.context, env.server.url);
+  await page.fill('#paste', '{"model": {"family": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "vocab_size": 100}, "device": {"memory_gib": 8}}');
+  await page.click('#paste-load');
+  await page.waitForFunction(() => document.getElementById('n_layer').value === '2');
+  assert.match(await page.textContent('#import-notes'), /^the pasted setup's "device" is not used here: the GPU selected above stays/);
+  assert.match(await page.textContent('#verdict'), /in 12\.0 GiB$/);
+  assert.deepEqual(errors, []);
+  await page.close();
+});

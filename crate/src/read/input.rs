@@ -1641,6 +1641,22 @@ mod tests {
         "train": {"batch_size": 16, "seq_len": 512, "precision": "fp16-amp", "optimizer": "adamw-fused",
         "attention": "sdpa", "checkpointing": false, "grad_accum_steps": 1, "grad_clip": 1.0}}"#;
 
+    /// A setup JSON pasted on the page with a device of its own: the page keeps its GPU (issue 12), and the pasted
+    /// device was dropped without a word ("fits in 12.0 GiB" under a pasted 8 GiB device).
+    #[test]
+    fn a_pasted_setups_device_is_said_to_be_left_out() {
+        let with = r#"{"model": {"family": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64,
+            "vocab_size": 100}, "device": {"memory_gib": 8}}"#;
+        let (s, notes, kind) = import_any(with).unwrap();
+        assert_eq!(kind, "setup");
+        assert_eq!(s.device.memory_bytes, 8 << 30);
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].starts_with("the pasted setup's \"device\" is not used here"));
+        let without = r#"{"model": {"family": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64,
+            "vocab_size": 100}}"#;
+        assert_eq!(import_any(without).unwrap().1, Vec::<String>::new());
+    }
+
     #[test]
     fn reads_the_issue_example_and_round_trips() {
         let s = setup_from_json(FOUNDING).unwrap();
@@ -2555,7 +2571,17 @@ pub fn import_any(text: &str) -> Result<(Setup, Vec<String>, &'static str), Erro
             message: e.to_string(),
         })?;
         if v.get("model").is_some() {
-            return Ok((setup_from_value(&v)?, vec![], "setup"));
+            // The page keeps the GPU selected when a model comes in (issue 12): a pasted setup's own device is
+            // read, checked and left out, which the person is told.
+            let notes = match v.get("device") {
+                Some(d) if !d.is_null() => vec![
+                    "the pasted setup's \"device\" is not used here: the GPU selected above stays (choose it, or \
+                     type its memory, to estimate against another)"
+                        .to_string(),
+                ],
+                _ => vec![],
+            };
+            return Ok((setup_from_value(&v)?, notes, "setup"));
         }
         let (m, notes) = hf_config(text)?;
         return Ok((hf_setup(m), notes, "hf"));
