@@ -76,6 +76,9 @@ input[type=checkbox] { width: auto; }
 .s-activations { background: #28a096; } .s-logits { background: #dc5078; } .s-temporary, .s-workspace { background: #9696a0; }
 .sentence { margin: 4px 0 8px; }
 canvas { width: 100%; display: block; border: 1px solid var(--line); border-radius: 8px; }
+[hidden] { display: none !important; }
+/* The figures of the last setup that could be estimated while the inputs hold an error: greyed. */
+.stale .totals, .stale .bar, .stale .sentence, .stale canvas, .stale .methods { opacity: 0.35; filter: grayscale(1); }
 .error { color: var(--over); margin: 6px 0; }
 .error:empty { display: none; }
 .methods { border-collapse: collapse; width: 100%; font-size: 13px; margin: 4px 0; }
@@ -218,6 +221,7 @@ class VramFit extends HTMLElement {
     const foot = el('p', undefined, { class: 'foot' });
     foot.append(document.createTextNode('Estimated op by op for PyTorch on CUDA · '), link);
     this.heading = el('p', '', { class: 'title' });
+    this.estimated = false;
     this.root.replaceChildren(this.heading, this.inputs, this.error, this.totals, this.bar, this.sentence, this.compare, ...(this.canvas ? [this.canvas] : []),
       ...(this.methods ? [this.methods] : []), foot);
   }
@@ -299,8 +303,18 @@ class VramFit extends HTMLElement {
     try { e = vf.estimate(q); } catch (err) {
       this.error.textContent = err.message;
       this.dataset.status = 'error';
+      // Never estimated (a recipe the model does not have, say): the message and the inputs, no empty figures or
+      // plot. Estimated before: those figures are greyed, since they are no longer the inputs'.
+      if (!this.estimated) {
+        this.heading.textContent = 'vramfit could not estimate this setup';
+        this.showFigures(false);
+      }
+      this.root.classList.toggle('stale', Boolean(this.estimated));
       return;
     }
+    this.estimated = true;
+    this.showFigures(true);
+    this.root.classList.remove('stale');
     this.error.textContent = '';
     this.heading.textContent = `${this.params.get('family')} · ${e.n_params} · batch ${this.params.get('batch_size')} × ${this.params.get('seq_len')} tokens`;
     const box = (label, value, cls = '') => { const d = el('div'); d.append(el('span', label), el('strong', value, { class: cls })); return d; };
@@ -323,6 +337,10 @@ class VramFit extends HTMLElement {
     this.dataset.peakBytes = String(e.peak_allocated_bytes);
     this.dataset.reservedBytes = String(e.peak_reserved_bytes);
     this.dispatchEvent(new CustomEvent('vramfit:estimate', { detail: { peak_allocated_bytes: e.peak_allocated_bytes } }));
+  }
+
+  showFigures(on) {
+    for (const e of [this.totals, this.bar, this.sentence, this.compare, this.canvas, this.methods]) if (e) e.hidden = !on;
   }
 
   // Full fine-tuning, LoRA and QLoRA on this GPU, with the advice under them in place of the eager/compiled line.

@@ -19,6 +19,11 @@ function fieldApplies(k, family) {
   const fams = fieldFamilies(k);
   return !fams || fams.includes(family) || (fams.includes('hf') && family !== 'gpt2');
 }
+// Fields that must hold a value: one left empty is sent empty, so that the core names it
+// ("train.batch_size (\"\") must be a number") instead of the page estimating a default nobody sees (an empty batch
+// size was batch 12, an empty memory 80 GiB). The other fields' empty box says its default (the placeholder).
+const NEED_VALUE = ['n_layer', 'n_head', 'n_embd', 'intermediate_size', 'vocab_size', 'block_size', 'dropout', 'batch_size',
+  'grad_accum_steps', 'grad_clip', 'n_experts', 'experts_per_token', 'memory_gib', 'compute_capability'];
 // Model fields a setup may leave out (their default is 0, or off).
 const OPTIONAL_MODEL_KNOBS = ['bias', 'head_dim', 'sliding_window', 'rotary_dims', 'parallel_residual', 'n_experts',
   'experts_per_token', 'shared_expert_size', 'norm_topk_prob', 'router_aux_loss'];
@@ -76,7 +81,7 @@ function formQuery() {
     if (!fieldApplies(k, family)) continue;
     const input = $(k);
     if (input.type === 'checkbox') p.set(k, input.checked ? '1' : '0');
-    else if (input.value !== '') p.set(k, input.value);
+    else if (input.value !== '' || NEED_VALUE.includes(k)) p.set(k, input.value);
   }
   const strategy = $('parallel').value;
   // One GPU has no `parallel` keys; tensor parallelism alone is strategy single with its tp (GPUs: tp).
@@ -366,9 +371,12 @@ function update(push) {
   } catch (err) {
     if (isInternal(err)) showInternal(err);
     else showError(err.message);
+    // The figures below are the last setup that could be estimated, not the form's: greyed until it is fixed.
+    $('results').dataset.stale = 'true';
     return false;
   }
   clearErrors();
+  delete $('results').dataset.stale;
   renderEstimate(est);
   lastEstimate = est;
   try {

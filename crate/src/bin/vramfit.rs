@@ -35,8 +35,7 @@ usage:
   vramfit strategies [SOURCE] [KNOBS] [--format table|json]
                 how many GPUs of the device's kind, and with which strategy: memory per GPU on 1 to 64
                 GPUs under DDP, ZeRO-2, ZeRO-3, ZeRO-3 x tensor parallel and ZeRO-3 with CPU offload
-                (FSDP2), the fewest that fit
-                each (searched up to 4096), and the cheapest that fits
+                (FSDP2), the fewest that fit each (searched up to 4096), and the cheapest that fits
   vramfit finetune [SOURCE] [KNOBS] [--format table|json]
                 full fine-tuning, LoRA and QLoRA (the --finetune recipes) side by side on the device: each
                 one's memory at the batch given, whether it fits, the largest batch that fits, and which to run
@@ -510,9 +509,38 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
         .iter()
         .any(|(s, k, _)| *s == "device" && *k != "sms");
     let sms_override = overrides.iter().any(|(_, k, _)| *k == "sms");
+    // The flags below are written into the setup JSON: a file whose top level or section is not an object is
+    // refused here with the reader's own message (serde_json's indexing would panic on it).
+    check_shape(&v)?;
     if device_override && !sms_override {
         if let Some(d) = v.get_mut("device").and_then(Value::as_object_mut) {
             d.remove("sms");
+        }
+    }
+    let model_flags = overrides
+        .iter()
+        .any(|(s, k, _)| *s == "model" && *k != "family");
+    let family_flag = overrides
+        .iter()
+        .find(|(s, k, _)| *s == "model" && *k == "family")
+        .and_then(|(_, _, f)| f.as_str().map(str::to_string));
+    // A setup JSON whose model is a config.json (`"model": {"hf": {...}}`) takes model flags as its fields.
+    if (model_flags || family_flag.is_some()) && v["model"].get("hf").is_some() {
+        let hf = v["model"]["hf"].as_object().ok_or_else(|| {
+            Error::invalid("model.hf", &v["model"]["hf"], "must be a JSON object")
+        })?;
+        let (m, hf_notes) = vramfit::input::hf_config_object(hf)?;
+        notes.extend(hf_notes);
+        v["model"] = setup_to_value(&vramfit::input::hf_setup(m))["model"].take();
+    }
+    // A family switched by flag drops the source's fields of the other families (a gpt2 source's bias under
+    // --family llama). Only the source's: the flags are written after, so one that names a field the family does
+    // not have is refused by name ("model.n_experts (8) is a field of the mixture-of-experts families").
+    if let Some(family) = &family_flag {
+        if let Some(m) = v["model"].as_object_mut() {
+            for k in other_family_fields(family) {
+                m.remove(k);
+            }
         }
     }
     for (section, key, value) in overrides {
@@ -547,44 +575,27 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
         {
             p["strategy"] = json!("single");
         }
+        // Any other of these flags with no strategy, in the flags or the source: the flag is named.
+        if p.get("strategy").is_none() {
+            let key = p
+                .as_object()
+                .and_then(|o| o.keys().next().cloned())
+                .unwrap_or_default();
+            let key = if key == "mixed_precision" {
+                "param_dtype or --reduce_dtype".to_string()
+            } else {
+                key
+            };
+            return Err(usage_error(format!(
+                "--{} needs --parallel ddp|fsdp (or --tp N)",
+                key.replace('_', "-")
+            )));
+        }
     }
     // A new block size without a sequence length trains at full context.
     if block_override && !seq_override {
         if let Some(t) = v.get_mut("train").and_then(Value::as_object_mut) {
             t.remove("seq_len");
-        }
-    }
-    // Fields of the other families are dropped when the family is switched by flag.
-    const MOE: [&str; 5] = [
-        "router_aux_loss",
-        "n_experts",
-        "experts_per_token",
-        "shared_expert_size",
-        "norm_topk_prob",
-    ];
-    let family = v["model"]["family"].as_str().unwrap_or("");
-    let mut other_family_fields: Vec<&str> = match family {
-        "gpt2" => vec![
-            "n_kv_head",
-            "intermediate_size",
-            "tie_embeddings",
-            "sliding_window",
-            "rotary_dims",
-            "parallel_residual",
-        ],
-        "gpt_neox" => vec![],
-        "phi3" => vec!["bias", "parallel_residual"],
-        _ => vec!["bias", "rotary_dims", "parallel_residual"],
-    };
-    match family {
-        "mixtral" => other_family_fields.extend(&MOE[3..]),
-        "olmoe" => other_family_fields.push(MOE[3]),
-        "qwen2_moe" => {}
-        _ => other_family_fields.extend(MOE),
-    }
-    if let Some(m) = v["model"].as_object_mut() {
-        for k in &other_family_fields {
-            m.remove(*k);
         }
     }
     let setup = setup_from_value(&v)?;
@@ -636,7 +647,18 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                 Axis::BatchSize => setup.train.batch_size,
                 Axis::BlockSize => setup.model.block_size,
             };
-            powers_of_two(f.unwrap_or(1), t.unwrap_or(here.saturating_mul(4)))
+            let (from, to) = (f.unwrap_or(1), t.unwrap_or(here.saturating_mul(4)));
+            if from == 0 {
+                return Err(Error::invalid("--from", from, "must be at least 1"));
+            }
+            if from > to {
+                return Err(Error::invalid(
+                    "--from",
+                    from,
+                    format!("must be at most --to ({to})"),
+                ));
+            }
+            powers_of_two(from, to)
         }
         _ => return Err(usage_error("give either --values or --from/--to".into())),
     };
@@ -664,6 +686,56 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
         values,
         json,
     })
+}
+
+/// The model fields a family does not have (of the others), which a family switched by flag drops from the
+/// source.
+fn other_family_fields(family: &str) -> Vec<&'static str> {
+    const MOE: [&str; 5] = [
+        "router_aux_loss",
+        "n_experts",
+        "experts_per_token",
+        "shared_expert_size",
+        "norm_topk_prob",
+    ];
+    let mut fields: Vec<&str> = match family {
+        "gpt2" => vec![
+            "n_kv_head",
+            "intermediate_size",
+            "tie_embeddings",
+            "head_dim",
+            "sliding_window",
+            "rotary_dims",
+            "parallel_residual",
+        ],
+        "gpt_neox" => vec![],
+        "phi3" => vec!["bias", "parallel_residual"],
+        _ => vec!["bias", "rotary_dims", "parallel_residual"],
+    };
+    match family {
+        "mixtral" => fields.extend(&MOE[3..]),
+        "olmoe" => fields.push(MOE[3]),
+        "qwen2_moe" => {}
+        _ => fields.extend(MOE),
+    }
+    fields
+}
+
+/// The setup JSON as the flags need it: an object whose `model`, `train`, `device` and `train.parallel`, where
+/// present, are objects too.
+fn check_shape(v: &Value) -> Result<(), Error> {
+    let not_object = |field: &str, v: &Value| Error::invalid(field, v, "must be a JSON object");
+    let top = v.as_object().ok_or_else(|| not_object("setup", v))?;
+    for section in ["model", "train", "device"] {
+        match top.get(section) {
+            None | Some(Value::Object(_)) => {}
+            Some(other) => return Err(not_object(section, other)),
+        }
+    }
+    match v.get("train").and_then(|t| t.get("parallel")) {
+        None | Some(Value::Object(_)) => Ok(()),
+        Some(other) => Err(not_object("train.parallel", other)),
+    }
 }
 
 /// `vramfit strategies` as text: per way, the memory per GPU at each plotted count and the fewest that fit.
@@ -808,6 +880,7 @@ fn methods_table(setup: &Setup, m: &vramfit::methods::Methods) -> String {
         };
         let largest = match (r.fits, r.largest_batch) {
             (None, _) => "-".to_string(),
+            (_, Some(b)) if b >= vramfit::methods::MAX_BATCH_SEARCHED => format!("{b} or more"),
             (_, Some(b)) => b.to_string(),
             (_, None) => "none".to_string(),
         };
@@ -1035,6 +1108,13 @@ fn table(setup: &Setup, r: &vramfit::Report, notes: &[String]) -> String {
         fmt_bytes(r.device_total_range_bytes.0),
         fmt_bytes(r.device_total_range_bytes.1)
     );
+    if let Some((verdict, margin)) = r.verdict() {
+        outln!(
+            out,
+            "  GPU memory      {:>10}  {verdict}: {margin}",
+            fmt_bytes(r.device_memory_bytes)
+        );
+    }
     out.push('\n');
     outln!(out, "  at the peak:");
     for (name, bytes, what) in r.components.items_for(setup.train.quantization) {

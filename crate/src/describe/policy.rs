@@ -182,6 +182,17 @@ pub fn sdpa_backend(sm: u32, matmul_bytes: u64, head_dim: u64) -> Result<SdpaBac
     if sm >= 50 && head_dim.is_multiple_of(align) {
         return Ok(SdpaBackend::Efficient);
     }
+    // Below sm_50 no head size helps: the message names the compute capability, not the head size.
+    if sm < 50 {
+        return Err(Error::NotModelled {
+            what: format!(
+                "compute capability {}.{} has neither of scaled_dot_product_attention's fused kernels (flash: 8.0 \
+                 and newer, memory-efficient: 5.0 and newer), so it takes its math fallback; use attention \"manual\"",
+                sm / 10,
+                sm % 10
+            ),
+        });
+    }
     Err(Error::NotModelled {
         what: format!(
             "head size {head_dim} sends scaled_dot_product_attention to its math fallback; \
@@ -222,5 +233,12 @@ mod tests {
         assert_eq!(sdpa_backend(90, 4, 64), Ok(SdpaBackend::Efficient));
         assert_eq!(sdpa_backend(75, 2, 64), Ok(SdpaBackend::Efficient));
         assert!(sdpa_backend(90, 2, 12).is_err());
+        // sm_3x: the compute capability is what sends SDPA to its math path, and the message says so (it named
+        // the head size, 64, a multiple of 8).
+        let e = sdpa_backend(37, 2, 64).unwrap_err().to_string();
+        assert!(
+            e.starts_with("not modelled: compute capability 3.7 has neither"),
+            "{e}"
+        );
     }
 }

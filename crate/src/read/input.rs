@@ -294,7 +294,11 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
                     return Err(Error::invalid(
                         "device.memory_gib",
                         gib,
-                        "must be a positive number of GiB",
+                        if gib > 0.0 {
+                            "must be less than 1000000 GiB"
+                        } else {
+                            "must be a positive number of GiB"
+                        },
                     ));
                 }
                 dev.memory_bytes = (gib * (1u64 << 30) as f64) as u64;
@@ -1374,8 +1378,14 @@ pub fn hf_config(text: &str) -> Result<(ModelConfig, Vec<String>), Error> {
 /// # Errors
 /// As `hf_config`.
 pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<String>), Error> {
-    let model_type = get_str(o, "", "model_type")?.unwrap_or("llama");
     let mut notes = Vec::new();
+    let model_type = match get_str(o, "", "model_type")? {
+        Some(t) => t,
+        None => {
+            notes.push("config.json gives no model_type: read as llama".to_string());
+            "llama"
+        }
+    };
     let family = match model_type {
         "llama" => Family::Llama,
         "mistral" => Family::Mistral,
@@ -1412,6 +1422,17 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
             })
         }
     };
+    // Biases transformers adds to the attention's or the MLP's Linears where the config asks: vramfit's description
+    // of these families has none there (GPT-NeoX's are its own fields), and they were not measured.
+    if family != Family::GptNeox {
+        for (key, on) in [("attention_bias", "attention"), ("mlp_bias", "MLP")] {
+            if get_bool(o, "", key)? == Some(true) {
+                return Err(Error::NotModelled {
+                    what: format!("{model_type} with {key} (true): biases on the {on} Linears"),
+                });
+            }
+        }
+    }
     let hidden = required(get_u64(o, "", "hidden_size")?, "hidden_size")?;
     let n_head = required(
         get_u64(o, "", "num_attention_heads")?,
@@ -1619,6 +1640,22 @@ mod tests {
         "block_size": 512, "vocab_size": 50304, "bias": false, "dropout": 0.0},
         "train": {"batch_size": 16, "seq_len": 512, "precision": "fp16-amp", "optimizer": "adamw-fused",
         "attention": "sdpa", "checkpointing": false, "grad_accum_steps": 1, "grad_clip": 1.0}}"#;
+
+    /// A setup JSON pasted on the page with a device of its own: the page keeps its GPU (issue 12), and the pasted
+    /// device was dropped without a word ("fits in 12.0 GiB" under a pasted 8 GiB device).
+    #[test]
+    fn a_pasted_setups_device_is_said_to_be_left_out() {
+        let with = r#"{"model": {"family": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64,
+            "vocab_size": 100}, "device": {"memory_gib": 8}}"#;
+        let (s, notes, kind) = import_any(with).unwrap();
+        assert_eq!(kind, "setup");
+        assert_eq!(s.device.memory_bytes, 8 << 30);
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].starts_with("the pasted setup's \"device\" is not used here"));
+        let without = r#"{"model": {"family": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64,
+            "vocab_size": 100}}"#;
+        assert_eq!(import_any(without).unwrap().1, Vec::<String>::new());
+    }
 
     #[test]
     fn reads_the_issue_example_and_round_trips() {
@@ -2534,7 +2571,17 @@ pub fn import_any(text: &str) -> Result<(Setup, Vec<String>, &'static str), Erro
             message: e.to_string(),
         })?;
         if v.get("model").is_some() {
-            return Ok((setup_from_value(&v)?, vec![], "setup"));
+            // The page keeps the GPU selected when a model comes in (issue 12): a pasted setup's own device is
+            // read, checked and left out, which the person is told.
+            let notes = match v.get("device") {
+                Some(d) if !d.is_null() => vec![
+                    "the pasted setup's \"device\" is not used here: the GPU selected above stays (choose it, or \
+                     type its memory, to estimate against another)"
+                        .to_string(),
+                ],
+                _ => vec![],
+            };
+            return Ok((setup_from_value(&v)?, notes, "setup"));
         }
         let (m, notes) = hf_config(text)?;
         return Ok((hf_setup(m), notes, "hf"));

@@ -386,6 +386,28 @@ impl Report {
         }
     }
 
+    /// Whether the step fits the device's memory, with the margin: ("fits", "1.20 GiB to spare") or
+    /// ("does not fit", "2.50 GiB over"); `None` without a device memory. A step the modelled allocator cannot
+    /// serve does not fit even when the device total it reached stays within the memory (the request that failed
+    /// is not in it): then the margin says so instead of a negative one.
+    pub fn verdict(&self) -> Option<(&'static str, String)> {
+        let mem = self.device_memory_bytes;
+        let total = self.device_total_bytes;
+        match self.fits? {
+            true => Some((
+                "fits",
+                format!("{} to spare", fmt_bytes(mem.saturating_sub(total))),
+            )),
+            false if total > mem => {
+                Some(("does not fit", format!("{} over", fmt_bytes(total - mem))))
+            }
+            false => Some((
+                "does not fit",
+                "the caching allocator runs out of memory during the step".to_string(),
+            )),
+        }
+    }
+
     /// One sentence naming the largest component at the peak and why it is that size.
     pub fn largest_item_sentence(&self, setup: &Setup) -> String {
         let (name, bytes, what) = self.components.items_for(setup.train.quantization)[0];

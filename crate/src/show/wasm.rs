@@ -37,6 +37,7 @@ use wasm_bindgen::JsCast;
 use web_sys::CanvasRenderingContext2d;
 use web_sys::HtmlCanvasElement;
 
+use crate::advice;
 use crate::gpus;
 use crate::input::{self, setup_from_query, setup_to_query};
 use crate::methods;
@@ -280,15 +281,8 @@ pub fn estimate(query: &str) -> Result<JsValue, JsError> {
         })
         .collect();
     let mem = s.device.memory_bytes;
-    let (verdict, headroom) = match r.fits {
-        Some(true) => (
-            "fits".to_string(),
-            format!("{} to spare", fmt_bytes(mem - r.device_total_bytes)),
-        ),
-        Some(false) => (
-            "does not fit".to_string(),
-            format!("{} over", fmt_bytes(r.device_total_bytes - mem)),
-        ),
+    let (verdict, headroom) = match r.verdict() {
+        Some((verdict, margin)) => (verdict.to_string(), margin),
         None => (String::new(), String::new()),
     };
     to_js(&EstimateDto {
@@ -386,11 +380,7 @@ pub fn advice(query: &str) -> Result<JsValue, JsError> {
     let memory_bytes = p.setup().device.memory_bytes;
     held.keep();
     let (sug, (batch, block)) = got.map_err(js_err)?;
-    let say = |v: Option<u64>| match (v, memory_bytes) {
-        (_, 0) => "choose a GPU to see this".to_string(),
-        (Some(v), _) => v.to_string(),
-        (None, _) => "none: even 1 does not fit".to_string(),
-    };
+    let say = |v: Option<u64>, tried: u64| advice::largest_text(v, tried, memory_bytes);
     to_js(&AdviceDto {
         suggestions: sug
             .into_iter()
@@ -403,8 +393,8 @@ pub fn advice(query: &str) -> Result<JsValue, JsError> {
                 query: setup_to_query(&x.setup),
             })
             .collect(),
-        largest_batch: say(batch),
-        largest_block: say(block),
+        largest_batch: say(batch, advice::LARGEST_BATCH_TRIED),
+        largest_block: say(block, advice::LARGEST_BLOCK_TRIED),
     })
 }
 
@@ -472,6 +462,7 @@ pub fn finetune_methods(query: &str) -> Result<JsValue, JsError> {
                 largest_batch: match (ok, memory_bytes, r.largest_batch) {
                     (false, ..) => String::new(),
                     (_, 0, _) => "choose a GPU".into(),
+                    (_, _, Some(b)) if b >= methods::MAX_BATCH_SEARCHED => format!("{b} or more"),
                     (_, _, Some(b)) => b.to_string(),
                     (_, _, None) => "none: even 1 does not fit".into(),
                 },

@@ -1,0 +1,298 @@
+#![cfg(not(target_arch = "wasm32"))]
+//! The command line given what a person types wrong or mixes up: each case gives one message naming the field or
+//! flag and its value, and exit status 2 (never a panic); and the table says whether the step fits.
+//! Found by an audit of the command line as a person fine-tuning or pre-training a model would use it.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Runs vramfit; returns (exit code, stdout, stderr).
+fn vramfit(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vramfit"))
+        .args(args)
+        .output()
+        .expect("vramfit runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs a command that must fail with status 2 and returns its message.
+fn error_of(args: &[&str]) -> String {
+    let (code, out, err) = vramfit(args);
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    assert_eq!(
+        code, 2,
+        "{args:?}: expected exit 2, got {code}; stdout: {out}"
+    );
+    assert_eq!(err.lines().count(), 1, "{args:?}: one message: {err}");
+    err.trim().to_string()
+}
+
+/// A file with `text` in a directory of this test run's own.
+fn file(name: &str, text: &str) -> String {
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("vramfit-cli-input-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+const LLAMA: &str = r#"{"model": {"family": "llama", "n_layer": 2, "n_head": 4, "n_embd": 256, "block_size": 128,
+    "vocab_size": 1000, "intermediate_size": 512}}"#;
+
+/// A setup JSON whose top level or a section is not an object, given with the flags that write into it, panicked
+/// in serde_json's indexing ("cannot access key "model" in JSON array").
+#[test]
+fn a_setup_json_of_the_wrong_shape_is_named_with_any_flag() {
+    for (name, text, flags, message) in [
+        (
+            "array.json",
+            "[1, 2]",
+            &[][..],
+            "error: setup ([1,2]) must be a JSON object",
+        ),
+        (
+            "string.json",
+            "\"x\"",
+            &["--batch-size", "4"][..],
+            "error: setup (\"x\") must be a JSON object",
+        ),
+        (
+            "train.json",
+            r#"{"train": 5}"#,
+            &["--batch-size", "4"][..],
+            "error: train (5) must be a JSON object",
+        ),
+        (
+            "model.json",
+            r#"{"model": 5}"#,
+            &["--family", "llama"][..],
+            "error: model (5) must be a JSON object",
+        ),
+        (
+            "device.json",
+            r#"{"device": 7}"#,
+            &["--gpu", "rtx-4090"][..],
+            "error: device (7) must be a JSON object",
+        ),
+        (
+            "parallel.json",
+            r#"{"train": {"parallel": 3}}"#,
+            &["--gpus", "2"][..],
+            "error: train.parallel (3) must be a JSON object",
+        ),
+    ] {
+        let path = file(name, text);
+        let mut args = vec!["estimate", "--config", &path];
+        args.extend(flags);
+        assert_eq!(error_of(&args), message, "{name} {flags:?}");
+    }
+}
+
+/// A model flag the family does not have was dropped without a word (`--n-experts 8` on Llama, `--sliding-window`
+/// on nanoGPT's GPT: the same estimate as without it); the setup JSON's own such fields too. Now the core's message
+/// names it, as it does for the page.
+#[test]
+fn a_model_flag_the_family_does_not_have_is_refused_by_name() {
+    assert_eq!(
+        error_of(&["estimate", "--preset", "llama-3.2-1b", "--n-experts", "8"]),
+        "error: model.n_experts (8) is a field of the mixture-of-experts families (mixtral, qwen2_moe, olmoe); \
+         llama has a dense MLP"
+    );
+    assert_eq!(
+        error_of(&["estimate", "--preset", "llama-3.2-1b", "--rotary-dims", "16"]),
+        "error: model.rotary_dims (16) is a field of phi3 and gpt_neox (partial rotary); llama rotates whole heads"
+    );
+    assert_eq!(
+        error_of(&["estimate", "--preset", "llama-3.2-1b", "--parallel-residual"]),
+        "error: model.parallel_residual (true) is a field of gpt_neox; llama adds its branches in turn"
+    );
+    assert!(
+        error_of(&["estimate", "--preset", "llama-3.2-1b", "--bias"]).starts_with(
+            "error: model.bias (true) is a gpt2 and gpt_neox field; llama has its own biases"
+        )
+    );
+    assert_eq!(
+        error_of(&["estimate", "--sliding-window", "100"]),
+        "error: model.sliding_window (100) is a Hugging Face field; gpt2 has none"
+    );
+    assert_eq!(
+        error_of(&["estimate", "--intermediate-size", "1000"]),
+        "error: model.intermediate_size (1000) is a Hugging Face field; gpt2 has none"
+    );
+    let path = file(
+        "llama-experts.json",
+        &LLAMA.replace(
+            "\"intermediate_size\": 512",
+            "\"intermediate_size\": 512, \"n_experts\": 8",
+        ),
+    );
+    assert!(error_of(&["estimate", "--config", &path])
+        .starts_with("error: model.n_experts (8) is a field"));
+    // A family switched by flag still drops the source's own fields of other families: nanoGPT's bias under
+    // --family llama, Pythia's parallel residual under --family llama.
+    let (code, _, err) = vramfit(&[
+        "estimate",
+        "--family",
+        "llama",
+        "--intermediate-size",
+        "1536",
+        "--no-compile",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = vramfit(&[
+        "estimate",
+        "--preset",
+        "pythia-160m",
+        "--family",
+        "llama",
+        "--intermediate-size",
+        "3072",
+    ]);
+    assert_eq!(code, 0, "{err}");
+}
+
+/// A setup JSON whose model is a config.json (`"model": {"hf": {...}}`) refused every model flag as
+/// `unknown field "model.n_layer"`; the flag now changes the config's model as it does any other source's.
+#[test]
+fn model_flags_change_a_setup_json_holding_a_config_json() {
+    let hf = r#"{"model": {"hf": {"model_type": "llama", "hidden_size": 256, "num_attention_heads": 4,
+        "num_hidden_layers": 2, "vocab_size": 1000, "intermediate_size": 512, "max_position_embeddings": 256}}}"#;
+    let path = file("hf-setup.json", hf);
+    let (code, out, err) = vramfit(&["estimate", "--config", &path, "--n-layer", "4"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("vramfit estimate: llama with 4 layers, 256 wide"),
+        "{out}"
+    );
+    let (code, out, err) = vramfit(&["estimate", "--config", &path, "--family", "mistral"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("vramfit estimate: mistral with 2 layers"),
+        "{out}"
+    );
+}
+
+/// Messages that named the wrong thing: a memory far too large called "not positive", a sweep's --from past its
+/// --to reported as "--values (0)", and a multi-GPU flag without a strategy as a missing JSON field.
+#[test]
+fn messages_name_the_flag_and_what_is_wrong_with_it() {
+    assert_eq!(
+        error_of(&["estimate", "--gpu-memory-gib", "1e30"]),
+        "error: device.memory_gib (1000000000000000000000000000000) must be less than 1000000 GiB"
+    );
+    assert_eq!(
+        error_of(&["estimate", "--gpu-memory-gib", "-5"]),
+        "error: device.memory_gib (-5) must be a positive number of GiB"
+    );
+    assert_eq!(
+        error_of(&["sweep", "--axis", "batch_size", "--from", "10", "--to", "1"]),
+        "error: --from (10) must be at most --to (1)"
+    );
+    assert_eq!(
+        error_of(&["sweep", "--axis", "batch_size", "--from", "0", "--to", "4"]),
+        "error: --from (0) must be at least 1"
+    );
+    assert_eq!(
+        error_of(&["estimate", "--gpus", "4"]),
+        "error: command line: --gpus needs --parallel ddp|fsdp (or --tp N)"
+    );
+    assert_eq!(
+        error_of(&["estimate", "--offload"]),
+        "error: command line: --offload needs --parallel ddp|fsdp (or --tp N)"
+    );
+}
+
+/// The table said how much the step needs but never whether that fits the GPU given (the JSON's `fits`): Llama-2-7B
+/// on an RTX 4090 printed 122 GiB and no verdict.
+#[test]
+fn the_table_says_whether_the_step_fits_the_gpu() {
+    let (code, out, err) = vramfit(&["estimate", "--preset", "llama-2-7b", "--gpu", "rtx-4090"]);
+    assert_eq!(code, 0, "{err}");
+    let (_, json, _) = vramfit(&[
+        "estimate",
+        "--preset",
+        "llama-2-7b",
+        "--gpu",
+        "rtx-4090",
+        "--format",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["fits"], false);
+    let over =
+        v["device_total_bytes"].as_u64().unwrap() - v["device_memory_bytes"].as_u64().unwrap();
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("GPU memory"))
+        .expect(&out);
+    assert_eq!(
+        line,
+        format!(
+            "  GPU memory        24.0 GiB  does not fit: {} over",
+            vramfit::report::fmt_bytes(over)
+        )
+    );
+    // The default case on an RTX 4070 (12 GiB): fits, with the margin the page shows.
+    let (_, out, _) = vramfit(&["estimate", "--gpu", "rtx-4070"]);
+    let (_, json, _) = vramfit(&["estimate", "--gpu", "rtx-4070", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let spare =
+        v["device_memory_bytes"].as_u64().unwrap() - v["device_total_bytes"].as_u64().unwrap();
+    assert!(
+        out.contains(&format!(
+            "  GPU memory        12.0 GiB  fits: {} to spare\n",
+            vramfit::report::fmt_bytes(spare)
+        )),
+        "{out}"
+    );
+}
+
+/// A config.json's `attention_bias` or `mlp_bias` on a Llama was dropped without a word (the same estimate as
+/// without the biases), and one without `model_type` was read as Llama without saying so.
+#[test]
+fn config_json_fields_vramfit_does_not_model_are_named() {
+    let llama = r#""hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 1000,
+        "intermediate_size": 512, "max_position_embeddings": 256"#;
+    let path = file(
+        "attention-bias.json",
+        &format!(r#"{{"model_type": "llama", {llama}, "attention_bias": true}}"#),
+    );
+    assert_eq!(
+        error_of(&["estimate", "--hf", &path]),
+        "error: not modelled: llama with attention_bias (true): biases on the attention Linears"
+    );
+    let path = file(
+        "mlp-bias.json",
+        &format!(r#"{{"model_type": "olmo2", {llama}, "mlp_bias": true}}"#),
+    );
+    assert_eq!(
+        error_of(&["estimate", "--hf", &path]),
+        "error: not modelled: olmo2 with mlp_bias (true): biases on the MLP Linears"
+    );
+    // Written out false, as Llama 3's config.json has them: read as before.
+    let path = file(
+        "no-bias.json",
+        &format!(
+            r#"{{"model_type": "llama", {llama}, "attention_bias": false, "mlp_bias": false}}"#
+        ),
+    );
+    let (code, out, err) = vramfit(&["estimate", "--hf", &path]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("config.json gives no model_type"), "{out}");
+    let path = file("no-type.json", &format!("{{{llama}}}"));
+    let (code, out, err) = vramfit(&["estimate", "--hf", &path]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("vramfit estimate: llama with 2 layers"),
+        "{out}"
+    );
+    assert!(
+        out.contains("  note: config.json gives no model_type: read as llama\n"),
+        "{out}"
+    );
+}
