@@ -2,6 +2,7 @@
 """The least device memory on which a case runs, found with PyTorch's own caching allocator on the stub GPU.
 
 Usage:  measure_fit.py CASES.json OUT.json --only N1,N2,...
+        (cases of measure_stub.py's files, or of measure_finetune.py's: those with "lora" run through it)
 
 "Does it fit?" is decided where the caching allocator runs out: when cudaMalloc fails, PyTorch releases every
 cached block it can and tries again (`num_alloc_retries`), and only then raises torch.OutOfMemoryError. So a run
@@ -45,8 +46,11 @@ def probe(case, mem_mib):
         env["VRAMFIT_STUB_MEM_MIB"] = str(mem_mib)
     elif "memory_gib" in dev:
         env["VRAMFIT_STUB_MEM_MIB"] = str(int(dev["memory_gib"] * 1024))
-    p = subprocess.run([sys.executable, os.path.join(HERE, "measure_stub.py"), "--child", json.dumps(case), ""],
-                       env=env, capture_output=True, text=True)
+    if "lora" in case:  # a fine-tuning case (cases-finetune*.json): measure_finetune.py's child, method stub-cuda
+        cmd = [os.path.join(HERE, "measure_finetune.py"), "--child", json.dumps(case), "stub-cuda", "", ""]
+    else:
+        cmd = [os.path.join(HERE, "measure_stub.py"), "--child", json.dumps(case), ""]
+    p = subprocess.run([sys.executable] + cmd, env=env, capture_output=True, text=True)
     lines = [l for l in p.stdout.splitlines() if l.startswith("VRAMFIT-RECORD ")]
     if p.returncode == 0 and lines:
         return "ran", json.loads(lines[-1][len("VRAMFIT-RECORD "):])
@@ -58,7 +62,7 @@ def probe(case, mem_mib):
 def counters(rec):
     m = rec["measured"]
     return {k: m[k] for k in ("peak_allocated_bytes", "peak_reserved_bytes", "peak_segments", "num_alloc_retries",
-                              "num_ooms", "num_device_alloc")}
+                              "num_ooms", "num_device_alloc") if k in m}
 
 
 def measure(case):
@@ -85,11 +89,10 @@ def measure(case):
         assert outcome == "ran", case["name"]
     return {
         "name": case["name"],
-        "setup": {"model": case["model"], "train": case["train"],
-                  **({"device": case["device"]} if "device" in case else {})},
+        "setup": {k: case[k] for k in ("model", "train", "device", "lora", "quant") if k in case},
         "method": "stub-cuda",
         "torch_version": at_hi["torch_version"],
-        "versions": at_hi["versions"],
+        "versions": at_hi.get("versions", {}),
         "device": {k: v for k, v in at_hi["device"].items() if k != "memory_bytes"},
         "unlimited": unlimited,
         "least_mib": hi,

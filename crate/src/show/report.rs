@@ -345,6 +345,18 @@ impl Report {
                 bound as f64 / (1u64 << 30) as f64
             ));
         }
+        // PyTorch's allocator collects cached blocks by garbage_collection_threshold only under a memory
+        // fraction (`set_fraction` in CUDACachingAllocator's malloc); measured alone, it moves nothing
+        // (tests/data/stub-cuda/alloc-conf.json: the founding case at 0.6, TinyLlama at 0.8).
+        let conf = &setup.train.alloc_conf;
+        if conf.garbage_collection_threshold.is_some() && conf.memory_fraction.is_none() {
+            notes.push(
+                "garbage_collection_threshold acts only under torch.cuda.set_per_process_memory_fraction, which \
+                 this setup does not set: PyTorch's allocator then never collects by it, and the estimate is the \
+                 same as without it"
+                    .to_string(),
+            );
+        }
         if setup.train.optimizer == crate::policy::Optimizer::PagedAdamW8bit {
             notes.push(
                 "paged AdamW8bit: the 8-bit states of parameters of 1e5 elements or more are CUDA managed memory, \
@@ -618,5 +630,34 @@ mod parallel_notes_tests {
         p.strategy = Strategy::Fsdp;
         p.gpus = 8;
         assert!(!says(&p, "meta device") && !says(&p, "whole model"));
+    }
+}
+
+#[cfg(test)]
+mod alloc_conf_notes {
+    /// garbage_collection_threshold without a memory fraction: the estimate is the same as without it, and a note
+    /// says why (PyTorch collects only under set_per_process_memory_fraction); with a fraction the note goes.
+    #[test]
+    fn gc_threshold_alone_is_noted_as_inert() {
+        let plain = crate::presets::founding();
+        let mut gc = plain.clone();
+        gc.train.alloc_conf =
+            crate::model::parse_alloc_conf("garbage_collection_threshold:0.6").unwrap();
+        let (a, b) = (
+            crate::estimate(&plain).unwrap(),
+            crate::estimate(&gc).unwrap(),
+        );
+        assert_eq!(
+            (a.peak_allocated_bytes, a.peak_reserved_bytes),
+            (b.peak_allocated_bytes, b.peak_reserved_bytes)
+        );
+        let noted = |r: &super::Report| {
+            r.notes
+                .iter()
+                .any(|n| n.contains("set_per_process_memory_fraction"))
+        };
+        assert!(!noted(&a) && noted(&b));
+        gc.train.alloc_conf.memory_fraction = Some(0.9);
+        assert!(!noted(&crate::estimate(&gc).unwrap()));
     }
 }
