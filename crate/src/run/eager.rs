@@ -1763,11 +1763,18 @@ fn block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
     }
 }
 
-/// Backward of a parallel-residual block (fake-cuda trace of neox-512-bf16amp): the engine casts the residual
-/// gradient once to the branches' dtype (the sum `mlp_out + attn_out` is one node; fp32 branches share the
-/// residual gradient itself); the MLP branch runs first (created last), its norm's gradient is summed with the
-/// residual's (which then dies unless the attention still reads it), then the attention branch and the first
-/// norm, whose backward frees the layer input both norms saved.
+/// Backward of a parallel-residual block (`mlp_out + attn_out + x_in`, HF GPT-NeoX): the engine casts the
+/// residual gradient once to the branches' dtype (the sum `mlp_out + attn_out` is one node; fp32 branches share
+/// the residual gradient itself); the MLP branch runs first (created last), then the attention branch and the
+/// first norm, whose backward frees the layer input both norms saved.
+///
+/// The norms' input gradients land in `x_in`'s input buffer, which already holds the residual gradient
+/// (`InputBuffer::accumulate`, see `ops::grad_accumulate`). With a cast, the buffer holds that gradient alone
+/// (the branches read the cast): both norms' gradients are added into it in place, no `add` (stub-cuda snapshot
+/// of preset-pythia-1b-b4-t2048-fp16amp: in every block the norms' input gradients are freed as they arrive, one
+/// N x C fp32 block carrying the residual gradient). Without one, the attention branch's buffer still holds the
+/// same tensor when the MLP norm's gradient arrives: summed out of place, and the attention norm's gradient is
+/// added into that sum in place.
 fn parallel_block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
     let nc = cx.ns * cx.m.n_embd;
     let (r, p) = (cx.r, cx.p);
@@ -1780,21 +1787,23 @@ fn parallel_block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
         s.norm2_out,
         Some((g_branch, g_bytes, false)),
     );
-    let g_x2 = norm_bwd(cx, g_n2, s.norm2, None, None);
-    let acc = cx.alloc(nc * r, Temporary, "add");
-    cx.free(g_x2);
-    if cast.is_some() {
-        cx.free(g_out);
-    }
+    let acc = if cast.is_some() {
+        norm_bwd(cx, g_n2, s.norm2, None, Some(g_out))
+    } else {
+        // `old_var + var`: the residual gradient stays with the attention branch, which frees it.
+        let g_x2 = norm_bwd(cx, g_n2, s.norm2, None, None);
+        let sum = cx.alloc(nc * r, Temporary, "add");
+        cx.free(g_x2);
+        sum
+    };
     let g_n1 = attn_bwd(
         cx,
-        g_out,
+        acc,
         s.attn,
         s.norm1_out,
         Some((g_branch, g_bytes, true)),
     );
-    let g_x1 = norm_bwd(cx, g_n1, s.norm1, Some(s.x_in), None);
-    ops::grad_sum(cx, acc, g_x1, nc * r)
+    norm_bwd(cx, g_n1, s.norm1, Some(s.x_in), Some(acc))
 }
 
 /// Frees what a block saved, but its input (non-reentrant checkpointing's first forward already let go of
@@ -2323,4 +2332,34 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     // The loop's `del loss, logits` once the backward is done (8-bit Linears' held inputs with them).
     cx.release_graph_holds();
     cx.sim.free_some(&[bound_logits]);
+}
+
+#[cfg(test)]
+mod tests {
+    /// A parallel-residual block's norms add their input gradients into the residual gradient `x_in`'s buffer
+    /// holds (`parallel_block_bwd`): under autocast the buffer holds it alone, so no block's backward makes an
+    /// N x C `add` (stub-cuda snapshot of preset-pythia-1b-b4-t2048-fp16amp); in fp32 the attention branch still
+    /// holds it when the MLP norm's gradient lands, so each block sums once out of place (beside the partial
+    /// rotary's two fp32 sums of q's and k's `slice_backward` halves, three N x C fp32 adds a block).
+    #[test]
+    fn parallel_residual_sums_the_norm_gradients_as_the_input_buffer_does() {
+        let adds = |precision: &str| -> usize {
+            let json = serde_json::json!({"model": {"hf": {"model_type": "gpt_neox", "hidden_size": 256,
+                "intermediate_size": 1024, "num_hidden_layers": 3, "num_attention_heads": 4,
+                "vocab_size": 1024, "max_position_embeddings": 256, "rotary_pct": 0.25,
+                "use_parallel_residual": true, "tie_word_embeddings": false}},
+                "train": {"batch_size": 2, "seq_len": 128, "precision": precision, "attention": "sdpa"}});
+            let s = crate::input::setup_from_value(&json).unwrap();
+            let sim = crate::step::simulate_recording(&s, true).unwrap();
+            let nc = 2 * 128 * 256 * 4;
+            sim.events()
+                .iter()
+                .filter(|e| {
+                    e.op == "add" && e.bytes == nc && e.phase.starts_with("step 1 backward (block")
+                })
+                .count()
+        };
+        assert_eq!(adds("fp16-amp"), 0);
+        assert_eq!(adds("fp32"), 3 * 3);
+    }
 }
