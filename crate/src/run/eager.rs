@@ -1099,9 +1099,16 @@ fn attn_core_fwd(
         cx.drop_unsaved(q_att);
         cx.drop_unsaved(k_att);
     }
-    // After a rotary concatenation q reached SDPA head-major, so its output is head-major and
-    // `transpose(1, 2).contiguous()` copies it; o_proj saves the copy.
-    let y_copy = (cx.arch.rotary_cat != RotaryCat::Whole)
+    // After a rotary concatenation q reached SDPA head-major. The flash kernel makes its output like q
+    // (`empty_like`), head-major, so `transpose(1, 2).contiguous()` copies it and o_proj saves the copy; the
+    // memory-efficient kernel allocates its output token-major ([B, T, H, D]) whatever q's layout, so the
+    // transpose back is already contiguous (stub-cuda snapshots of neox-256-fp32-sgd and
+    // phi3-256-gqa-rot75-fp32-sgd: no copy).
+    let head_major_out = match &core {
+        SeparateCore::Sdpa(_) => sdpa_backend_of(cx, masked) == crate::policy::SdpaBackend::Flash,
+        _ => true,
+    };
+    let y_copy = (cx.arch.rotary_cat != RotaryCat::Whole && head_major_out)
         .then(|| cx.alloc(cx.n * qd * p, Activations, "clone"));
     let o_in = y_copy.unwrap_or(core_out);
     let (o_out, o) = ops::proj_fwd(cx, Role::O, (o_in, p), (qd, c), bias, Temporary);
@@ -2337,6 +2344,34 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
 
 #[cfg(test)]
 mod tests {
+    /// The attention output's `transpose(1, 2).contiguous()` after a rotary concatenation (HF GPT-NeoX): a copy
+    /// o_proj saves when the flash kernel made the output like the head-major q (bf16 autocast on sm_90), none
+    /// when the memory-efficient kernel made it token-major (fp32: stub-cuda snapshots of neox-256-fp32-sgd and
+    /// phi3-256-gqa-rot75-fp32-sgd).
+    #[test]
+    fn attention_output_is_copied_only_when_the_kernel_made_it_head_major() {
+        let copies = |precision: &str, bytes: i64| -> usize {
+            let json = serde_json::json!({"model": {"hf": {"model_type": "gpt_neox", "hidden_size": 256,
+                "intermediate_size": 1024, "num_hidden_layers": 3, "num_attention_heads": 4,
+                "vocab_size": 1024, "max_position_embeddings": 256, "rotary_pct": 0.25,
+                "use_parallel_residual": true, "tie_word_embeddings": false}},
+                "train": {"batch_size": 2, "seq_len": 128, "precision": precision, "attention": "sdpa"},
+                "device": {"compute_capability": 9.0}});
+            let s = crate::input::setup_from_value(&json).unwrap();
+            let sim = crate::step::simulate_recording(&s, true).unwrap();
+            sim.events()
+                .iter()
+                .filter(|e| {
+                    e.op == "clone"
+                        && e.bytes == 2 * 128 * 256 * bytes
+                        && e.phase.starts_with("step 1 forward (block")
+                })
+                .count()
+        };
+        assert_eq!(copies("bf16-amp", 2), 3);
+        assert_eq!(copies("fp32", 4), 0);
+    }
+
     /// A parallel-residual block's norms add their input gradients into the residual gradient `x_in`'s buffer
     /// holds (`parallel_block_bwd`): under autocast the buffer holds it alone, so no block's backward makes an
     /// N x C `add` (stub-cuda snapshot of preset-pythia-1b-b4-t2048-fp16amp); in fp32 the attention branch still
