@@ -608,7 +608,7 @@ fn rotary_fwd(cx: &mut Ctx, qd: u64, kv: u64, in_bytes: u64) -> (Tensor, Tensor)
 /// Backward of `rotary_fwd` for q or k (`g`: the gradient of the rotated full-width tensor): the whole-head
 /// rotary's, or, after a concatenation, its backward: the rest's gradient slice cast to the input's dtype
 /// (`_to_copy`), the rotary backward on the rotated slice, both placed into the head's width
-/// (`slice_backward`) and summed (`add`); the result is head-major, so `view` to the projection's token-major
+/// (`slice_backward`) and summed in place; the result is head-major, so `view` to the projection's token-major
 /// layout copies it (`clone`; traces as in `rotary_fwd`).
 fn rotary_bwd(cx: &mut Ctx, g: Tensor, width: u64, in_bytes: u64) -> Tensor {
     if cx.arch.rotary_cat == RotaryCat::Whole {
@@ -621,10 +621,11 @@ fn rotary_bwd(cx: &mut Ctx, g: Tensor, width: u64, in_bytes: u64) -> Tensor {
     let g_rot = rope_bwd(cx, g, rot, in_bytes);
     let placed = cx.alloc(full, Temporary, "slice_backward");
     let placed_rest = (rot < width).then(|| cx.alloc(full, Temporary, "slice_backward"));
-    let sum = cx.alloc(full, Temporary, "add");
-    cx.sim
-        .free_some(&[Some(placed), placed_rest, Some(g_rot), rest]);
-    sum
+    // The input buffer holds the first placed gradient alone: the second is added into it in place
+    // (`ops::grad_add_into`; stub-cuda snapshot of neox-256-fp32-sgd: no N x C `add` between q's or k's two
+    // `slice_backward`s).
+    cx.sim.free_some(&[placed_rest, Some(g_rot), rest]);
+    placed
 }
 
 /// The head-major gradient of q or k back in the projection's token-major layout, where the packed q/k/v
@@ -1098,9 +1099,16 @@ fn attn_core_fwd(
         cx.drop_unsaved(q_att);
         cx.drop_unsaved(k_att);
     }
-    // After a rotary concatenation q reached SDPA head-major, so its output is head-major and
-    // `transpose(1, 2).contiguous()` copies it; o_proj saves the copy.
-    let y_copy = (cx.arch.rotary_cat != RotaryCat::Whole)
+    // After a rotary concatenation q reached SDPA head-major. The flash kernel makes its output like q
+    // (`empty_like`), head-major, so `transpose(1, 2).contiguous()` copies it and o_proj saves the copy; the
+    // memory-efficient kernel allocates its output token-major ([B, T, H, D]) whatever q's layout, so the
+    // transpose back is already contiguous (stub-cuda snapshots of neox-256-fp32-sgd and
+    // phi3-256-gqa-rot75-fp32-sgd: no copy).
+    let head_major_out = match &core {
+        SeparateCore::Sdpa(_) => sdpa_backend_of(cx, masked) == crate::policy::SdpaBackend::Flash,
+        _ => true,
+    };
+    let y_copy = (cx.arch.rotary_cat != RotaryCat::Whole && head_major_out)
         .then(|| cx.alloc(cx.n * qd * p, Activations, "clone"));
     let o_in = y_copy.unwrap_or(core_out);
     let (o_out, o) = ops::proj_fwd(cx, Role::O, (o_in, p), (qd, c), bias, Temporary);
@@ -1763,11 +1771,18 @@ fn block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
     }
 }
 
-/// Backward of a parallel-residual block (fake-cuda trace of neox-512-bf16amp): the engine casts the residual
-/// gradient once to the branches' dtype (the sum `mlp_out + attn_out` is one node; fp32 branches share the
-/// residual gradient itself); the MLP branch runs first (created last), its norm's gradient is summed with the
-/// residual's (which then dies unless the attention still reads it), then the attention branch and the first
-/// norm, whose backward frees the layer input both norms saved.
+/// Backward of a parallel-residual block (`mlp_out + attn_out + x_in`, HF GPT-NeoX): the engine casts the
+/// residual gradient once to the branches' dtype (the sum `mlp_out + attn_out` is one node; fp32 branches share
+/// the residual gradient itself); the MLP branch runs first (created last), then the attention branch and the
+/// first norm, whose backward frees the layer input both norms saved.
+///
+/// The norms' input gradients land in `x_in`'s input buffer, which already holds the residual gradient
+/// (`InputBuffer::accumulate`, see `ops::grad_accumulate`). With a cast, the buffer holds that gradient alone
+/// (the branches read the cast): both norms' gradients are added into it in place, no `add` (stub-cuda snapshot
+/// of preset-pythia-1b-b4-t2048-fp16amp: in every block the norms' input gradients are freed as they arrive, one
+/// N x C fp32 block carrying the residual gradient). Without one, the attention branch's buffer still holds the
+/// same tensor when the MLP norm's gradient arrives: summed out of place, and the attention norm's gradient is
+/// added into that sum in place.
 fn parallel_block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
     let nc = cx.ns * cx.m.n_embd;
     let (r, p) = (cx.r, cx.p);
@@ -1780,21 +1795,23 @@ fn parallel_block_bwd(cx: &mut Ctx, g_out: Tensor, s: BlockSaved) -> Tensor {
         s.norm2_out,
         Some((g_branch, g_bytes, false)),
     );
-    let g_x2 = norm_bwd(cx, g_n2, s.norm2, None, None);
-    let acc = cx.alloc(nc * r, Temporary, "add");
-    cx.free(g_x2);
-    if cast.is_some() {
-        cx.free(g_out);
-    }
+    let acc = if cast.is_some() {
+        norm_bwd(cx, g_n2, s.norm2, None, Some(g_out))
+    } else {
+        // `old_var + var`: the residual gradient stays with the attention branch, which frees it.
+        let g_x2 = norm_bwd(cx, g_n2, s.norm2, None, None);
+        let sum = cx.alloc(nc * r, Temporary, "add");
+        cx.free(g_x2);
+        sum
+    };
     let g_n1 = attn_bwd(
         cx,
-        g_out,
+        acc,
         s.attn,
         s.norm1_out,
         Some((g_branch, g_bytes, true)),
     );
-    let g_x1 = norm_bwd(cx, g_n1, s.norm1, Some(s.x_in), None);
-    ops::grad_sum(cx, acc, g_x1, nc * r)
+    norm_bwd(cx, g_n1, s.norm1, Some(s.x_in), Some(acc))
 }
 
 /// Frees what a block saved, but its input (non-reentrant checkpointing's first forward already let go of
@@ -2323,4 +2340,63 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     // The loop's `del loss, logits` once the backward is done (8-bit Linears' held inputs with them).
     cx.release_graph_holds();
     cx.sim.free_some(&[bound_logits]);
+}
+
+#[cfg(test)]
+mod tests {
+    /// The attention output's `transpose(1, 2).contiguous()` after a rotary concatenation (HF GPT-NeoX): a copy
+    /// o_proj saves when the flash kernel made the output like the head-major q (bf16 autocast on sm_90), none
+    /// when the memory-efficient kernel made it token-major (fp32: stub-cuda snapshots of neox-256-fp32-sgd and
+    /// phi3-256-gqa-rot75-fp32-sgd).
+    #[test]
+    fn attention_output_is_copied_only_when_the_kernel_made_it_head_major() {
+        let copies = |precision: &str, bytes: i64| -> usize {
+            let json = serde_json::json!({"model": {"hf": {"model_type": "gpt_neox", "hidden_size": 256,
+                "intermediate_size": 1024, "num_hidden_layers": 3, "num_attention_heads": 4,
+                "vocab_size": 1024, "max_position_embeddings": 256, "rotary_pct": 0.25,
+                "use_parallel_residual": true, "tie_word_embeddings": false}},
+                "train": {"batch_size": 2, "seq_len": 128, "precision": precision, "attention": "sdpa"},
+                "device": {"compute_capability": 9.0}});
+            let s = crate::input::setup_from_value(&json).unwrap();
+            let sim = crate::step::simulate_recording(&s, true).unwrap();
+            sim.events()
+                .iter()
+                .filter(|e| {
+                    e.op == "clone"
+                        && e.bytes == 2 * 128 * 256 * bytes
+                        && e.phase.starts_with("step 1 forward (block")
+                })
+                .count()
+        };
+        assert_eq!(copies("bf16-amp", 2), 3);
+        assert_eq!(copies("fp32", 4), 0);
+    }
+
+    /// A parallel-residual block's norms add their input gradients into the residual gradient `x_in`'s buffer
+    /// holds (`parallel_block_bwd`): under autocast the buffer holds it alone, so no block's backward makes an
+    /// N x C `add` (stub-cuda snapshot of preset-pythia-1b-b4-t2048-fp16amp); in fp32 the attention branch still
+    /// holds it when the MLP norm's gradient lands, so each block sums once out of place, as the stub-cuda
+    /// snapshot of neox-256-fp32-sgd shows (one `InputBuffer::add` a block; the partial rotary's placed halves
+    /// are summed in place).
+    #[test]
+    fn parallel_residual_sums_the_norm_gradients_as_the_input_buffer_does() {
+        let adds = |precision: &str| -> usize {
+            let json = serde_json::json!({"model": {"hf": {"model_type": "gpt_neox", "hidden_size": 256,
+                "intermediate_size": 1024, "num_hidden_layers": 3, "num_attention_heads": 4,
+                "vocab_size": 1024, "max_position_embeddings": 256, "rotary_pct": 0.25,
+                "use_parallel_residual": true, "tie_word_embeddings": false}},
+                "train": {"batch_size": 2, "seq_len": 128, "precision": precision, "attention": "sdpa"}});
+            let s = crate::input::setup_from_value(&json).unwrap();
+            let sim = crate::step::simulate_recording(&s, true).unwrap();
+            let nc = 2 * 128 * 256 * 4;
+            sim.events()
+                .iter()
+                .filter(|e| {
+                    e.op == "add" && e.bytes == nc && e.phase.starts_with("step 1 backward (block")
+                })
+                .count()
+        };
+        assert_eq!(adds("fp16-amp"), 0);
+        assert_eq!(adds("fp32"), 3);
+    }
 }

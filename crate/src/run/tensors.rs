@@ -1006,15 +1006,22 @@ pub fn linear_bwd(
     if cast.is_some() && release_grad_out {
         cx.free(grad_out);
     }
-    // `MmBackward0` computes the weight's gradient (`mat2`) before the input's (`self`): the stub-cuda snapshots of
-    // nanogpt-30m-b4 and llama-3.2-1b-tied show the out_f x in_f mm first in every block.
+    // A generated backward node computes its inputs' gradients in the order of their names, sorted
+    // (torchgen's `load_derivatives.py` sorts each derivatives.yaml entry's keys): `MmBackward0` (no bias)
+    // the weight's (`mat2`) before the input's (`self`), as the stub-cuda snapshots of nanogpt-30m-b4 and
+    // llama-3.2-1b-tied show in every block; `AddmmBackward0` (a bias) the input's (`mat1`) before the weight's
+    // (`mat2`), as the one of preset-pythia-1b-b4-t2048-fp16amp shows in every block.
     let params_cast = saved.weight_cast.is_some();
     let cat = grad_category(cx, params_cast);
-    let gw = (!saved.frozen).then(|| {
-        let g = cx.alloc(saved.out_f * saved.in_f * cx.p, cat, "mm");
-        cx.matmul_workspace();
-        g
-    });
+    let weight_grad = |cx: &mut Ctx| {
+        (!saved.frozen).then(|| {
+            let g = cx.alloc(saved.out_f * saved.in_f * cx.p, cat, "mm");
+            cx.matmul_workspace();
+            g
+        })
+    };
+    let input_first = saved.bias;
+    let mut gw = if input_first { None } else { weight_grad(cx) };
     // `MatMul4BitBackward`: the weight dequantized again for the input's gradient, freed after its GEMM.
     let dequant = saved
         .quant
@@ -1024,7 +1031,23 @@ pub fn linear_bwd(
     if let Some(w) = dequant {
         cx.free(w);
     }
-    let gb = (saved.bias && !saved.frozen).then(|| cx.alloc(saved.out_f * cx.p, cat, "sum"));
+    if input_first {
+        gw = weight_grad(cx);
+    }
+    // The bias's gradient: the engine reduces `addmm`'s n x out_f gradient to the bias's shape (`sum_to` in
+    // `validate_outputs`), a CUDA reduction over the rows with its global scratch (`column_sum_scratch`; the
+    // snapshot of preset-pythia-1b-b4-t2048-fp16amp: 128 MiB for 8192 x 2048, 132 MiB for 8192 x 8192).
+    let gb = (saved.bias && !saved.frozen).then(|| {
+        let g = cx.alloc(saved.out_f * cx.p, cat, "sum");
+        if let Some((buffer, semaphores)) =
+            column_sum_scratch(cx.n, saved.out_f, u64::from(cx.sms), cx.sm)
+        {
+            let b = cx.alloc(buffer, Temporary, "sum");
+            let s = cx.alloc(semaphores, Temporary, "sum");
+            cx.sim.free_all(&[s, b]);
+        }
+        g
+    });
     match cast {
         Some(c) => cx.free(c),
         None if release_grad_out => cx.free(grad_out),
@@ -1388,6 +1411,10 @@ fn threads_per_sm(sm: u32) -> u64 {
 /// (stub-cuda snapshot of mixtral-256-v1k-e8top4-i1024-bf16amp: the final norm's weight gradient, 2048 x 256
 /// fp32 on sm_90, takes 4 MiB and 8 B.)
 pub fn column_sum_scratch(rows: u64, width: u64, sms: u64, sm: u32) -> Option<(u64, u64)> {
+    // Nothing to reduce (an empty tensor launches no kernel).
+    if rows == 0 || width == 0 {
+        return None;
+    }
     let threads_per_sm = threads_per_sm(sm);
     let floor_pow2 = |x: u64| {
         if x <= 1 {
@@ -1859,6 +1886,49 @@ mod tests {
         }
     }
 
+    /// A Linear's backward on Pythia-1B's MLP at batch 4 x 2048 (8192 tokens, fp16 autocast, sm_90), as the
+    /// stub-cuda snapshot of preset-pythia-1b-b4-t2048-fp16amp shows each block's `dense_4h_to_h` (8192 -> 2048):
+    /// with a bias (`AddmmBackward0`) the input's gradient (8192 x 8192 fp16, 128 MiB) before the weight's
+    /// (2048 x 8192 fp16, 32 MiB), then the bias's `sum` (4 KiB) with the reduction's 128 MiB scratch; without
+    /// one (`MmBackward0`) the weight's first and no `sum`.
+    #[test]
+    fn linear_bwd_orders_the_gradients_as_the_node_does() {
+        let mut setup = crate::presets::model_preset("pythia-1b").unwrap();
+        (setup.train.batch_size, setup.train.seq_len) = (4, 2048);
+        setup.train.precision = Precision::Fp16Amp;
+        setup.device.sm = 90;
+        setup.device.sms = 132;
+        for bias in [true, false] {
+            let mut sim = Sim::new(AllocatorConfig::default(), u64::MAX);
+            sim.record_events();
+            let mut cx = Ctx::new(&mut sim, &setup).unwrap();
+            assert_eq!((cx.n, cx.p), (8192, 2));
+            let x = cx.alloc(8192 * 8192 * 2, Temporary, "gelu");
+            let (y, saved) = linear_fwd(&mut cx, 2, 8192, 2048, bias, Temporary);
+            let start = cx.sim.events().len();
+            let _ = linear_bwd(&mut cx, y, 2, true, saved, Some(x));
+            let allocs: Vec<(&str, i64)> = sim.events()[start..]
+                .iter()
+                .filter(|e| e.bytes > 0 && (e.op == "mm" || e.op == "sum"))
+                .map(|e| (e.op, e.bytes >> 10))
+                .collect();
+            if bias {
+                assert_eq!(
+                    allocs,
+                    [
+                        ("mm", 128 << 10),
+                        ("mm", 32 << 10),
+                        ("sum", 4),
+                        ("sum", 128 << 10),
+                        ("sum", 0)
+                    ]
+                );
+            } else {
+                assert_eq!(allocs, [("mm", 32 << 10), ("mm", 128 << 10)]);
+            }
+        }
+    }
+
     /// The CUDA reduction's global scratch, by hand from `setReduceConfig`: 2048 x 256 fp32 on sm_90 (132 SMs,
     /// 2048 threads each): vec 4, a block of 32 x 4 threads, 512 rows per warp, 2 output blocks, target 132 x 16
     /// = 2112 blocks, ctas = clamp(1056, 2, 32) = 32: 4 x 256 x 32 x 32 x 4 = 4 MiB and 2 semaphores, as the
@@ -1868,6 +1938,18 @@ mod tests {
     fn column_sum_scratch_follows_the_reduce_config() {
         assert_eq!(column_sum_scratch(2048, 256, 132, 90), Some((4 << 20, 8)));
         assert_eq!(column_sum_scratch(512, 256, 132, 90), None);
+        assert_eq!(column_sum_scratch(8192, 0, 132, 90), None);
+        // The biases of Pythia-1B's MLP at 8192 tokens (stub-cuda snapshot of preset-pythia-1b-b4-t2048-fp16amp):
+        // 2048 outputs, 16 output blocks, ctas = clamp(132, 8, 128) = 128: 128 MiB; 8192 outputs, 64 output
+        // blocks, ctas = clamp(33, 8, 128) = 33: 132 MiB.
+        assert_eq!(
+            column_sum_scratch(8192, 2048, 132, 90),
+            Some((128 << 20, 64))
+        );
+        assert_eq!(
+            column_sum_scratch(8192, 8192, 132, 90),
+            Some((132 << 20, 256))
+        );
         assert_eq!(
             column_sum_scratch(2048, 2048, 132, 90),
             Some((32 << 20, 64))
