@@ -349,6 +349,10 @@ impl Parallel {
     /// An [`Error`] naming the first problem found.
     pub fn validate(&self, precision: Precision, compile: bool) -> Result<(), Error> {
         let f = |k: &str| format!("train.parallel.{k}");
+        // First: the GPU count defaults to `tp` where it is not given, and a zero there is the tp's.
+        if self.tp == 0 {
+            return Err(Error::invalid(&f("tp"), self.tp, "must be at least 1"));
+        }
         if self.gpus == 0 || self.gpus > MAX_GPUS {
             return Err(Error::invalid(
                 &f("gpus"),
@@ -574,6 +578,10 @@ mod tests {
             e(json!({"strategy": "single", "gpus": 4})),
             "train.parallel.gpus (4) needs a strategy (train.parallel.strategy: ddp or fsdp) beyond \
              train.parallel.tp (1)"
+        );
+        assert_eq!(
+            e(json!({"strategy": "single", "tp": 0})),
+            "train.parallel.tp (0) must be at least 1"
         );
         assert_eq!(
             e(json!({"strategy": "fsdp", "gpus": 8, "tp": 3})),

@@ -1439,8 +1439,19 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
         "num_attention_heads",
     )?;
     // Qwen3 and Gemma give a head size of their own (q_dim = heads x head_dim, not hidden_size); kept only when
-    // it differs from hidden_size / heads.
-    let head_dim = match get_u64(o, "", "head_dim")? {
+    // it differs from hidden_size / heads. Without one, transformers 5.24's config classes default it: 256 for
+    // Gemma, Gemma 2 and Gemma 3 (GemmaConfig.head_dim and its successors), 128 for Qwen3 (Qwen3Config.head_dim);
+    // the Llama-shaped others compute hidden_size / heads.
+    let default_head_dim = match family {
+        Family::Gemma | Family::Gemma2 | Family::Gemma3 => Some(256),
+        Family::Qwen3 => Some(128),
+        _ => None,
+    };
+    let given = match o.get("head_dim") {
+        None | Some(Value::Null) => None,
+        Some(_) => get_u64(o, "", "head_dim")?,
+    };
+    let head_dim = match given.or(default_head_dim) {
         Some(hd) if n_head == 0 || hd.checked_mul(n_head) != Some(hidden) => hd,
         _ => 0,
     };
@@ -1943,6 +1954,19 @@ mod tests {
             (Family::Qwen3, 128, 2048)
         );
         assert_eq!(q3.n_params(), 596_049_920);
+        // Without head_dim, transformers' Qwen3Config and GemmaConfig (and Gemma 2's and 3's) give their own default
+        // (128; 256), not hidden_size / heads (64 here; 128 for the Gemma below).
+        let no_head_dim = qwen3.replace(r#""head_dim": 128, "#, "");
+        let (q3d, _) = hf_config(&no_head_dim).unwrap();
+        assert_eq!((q3d.head_dim(), q3d.q_dim()), (128, 2048));
+        for model_type in ["gemma", "gemma2", "gemma3_text"] {
+            let g = format!(
+                r#"{{"model_type": "{model_type}", "hidden_size": 1024, "intermediate_size": 4096,
+                "num_attention_heads": 8, "num_hidden_layers": 2, "num_key_value_heads": 1, "vocab_size": 1000}}"#
+            );
+            let (m, _) = hf_config(&g).unwrap();
+            assert_eq!((m.head_dim(), m.q_dim()), (256, 2048), "{model_type}");
+        }
         // Gemma-2B's config.json (abridged): MQA with head_dim 256, tied by default; its published 2,506,172,416.
         let gemma = r#"{"architectures": ["GemmaForCausalLM"], "head_dim": 256, "hidden_act": "gelu",
             "hidden_size": 2048, "intermediate_size": 16384, "max_position_embeddings": 8192,

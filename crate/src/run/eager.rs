@@ -1079,15 +1079,20 @@ fn attn_core_fwd(
         let out = sdpa.out;
         (SeparateCore::Sdpa(sdpa), out)
     };
+    // `repeat_kv`'s copies die when transformers' attention function returns, before o_proj; the rotated k and
+    // v_proj's output are the attention module's locals and live until it returns, after o_proj (stub-cuda
+    // snapshot of phi3-768-tied-win256-bf16: the packed q/k/v output and the rotated k freed after o_proj's
+    // cuBLAS workspace).
+    let mut module_locals = Vec::new();
     if let Some(k) = k_rep {
         if k != k_att {
             cx.free(k);
         }
-        cx.free(k_rot);
+        module_locals.push(k_rot);
     }
     if let Some(w) = &window {
         if w.v_rep.is_some() {
-            cx.free(v_out);
+            module_locals.push(v_out);
         }
         for t in [Some(w.bias), w.v_rep].into_iter().flatten() {
             cx.drop_unsaved(t);
@@ -1112,6 +1117,7 @@ fn attn_core_fwd(
         .then(|| cx.alloc(cx.n * qd * p, Activations, "clone"));
     let o_in = y_copy.unwrap_or(core_out);
     let (o_out, o) = ops::proj_fwd(cx, Role::O, (o_in, p), (qd, c), bias, Temporary);
+    cx.sim.free_all(&module_locals);
     if q_att != q_rot {
         cx.free(q_rot);
         cx.free(k_rot);
