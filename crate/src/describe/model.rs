@@ -681,7 +681,8 @@ impl Setup {
         {
             return Err(Error::NotModelled {
                 what: "torch.compile of gpt_neox is traced with parallel branches (use_parallel_residual) under \
-                       autocast (fp16-amp, bf16-amp), without train.checkpointing; eager is"
+                       autocast (fp16-amp, bf16-amp), without train.checkpointing; \
+                       eager mode is modelled (train.compile false, --no-compile)"
                     .into(),
             });
         }
@@ -695,7 +696,8 @@ impl Setup {
             return Err(Error::NotModelled {
                 what: format!(
                     "torch.compile of {} is traced under bf16-amp without train.checkpointing or \
-                     model.router_aux_loss (the experts through transformers' grouped_mm_fallback); eager is",
+                     model.router_aux_loss (the experts through transformers' grouped_mm_fallback); \
+                     eager mode is modelled (train.compile false, --no-compile)",
                     m.family.name()
                 ),
             });
@@ -703,7 +705,8 @@ impl Setup {
         if m.family == Family::Olmo2 && t.compile && t.checkpointing {
             return Err(Error::NotModelled {
                 what: "torch.compile of olmo2 with train.checkpointing (its blocks without a norm before the \
-                       branches are traced under Inductor without checkpointing only); eager is"
+                       branches are traced under Inductor without checkpointing only); \
+                       eager mode is modelled (train.compile false, --no-compile)"
                     .into(),
             });
         }

@@ -418,7 +418,8 @@ impl Parallel {
         if self.tp > 1 && compile {
             return Err(Error::NotModelled {
                 what: format!(
-                    "torch.compile with train.parallel.tp ({}) (not measured yet); eager is",
+                    "torch.compile with train.parallel.tp ({}) (not measured yet); \
+                     eager mode is modelled (train.compile false, --no-compile)",
                     self.tp
                 ),
             });
@@ -498,7 +499,8 @@ impl Parallel {
         if !self.is_single() && compile {
             return Err(Error::NotModelled {
                 what: format!(
-                    "torch.compile with train.parallel.strategy {name:?} (not measured yet); eager is"
+                    "torch.compile with train.parallel.strategy {name:?} (not measured yet); \
+                     eager mode is modelled (train.compile false, --no-compile)"
                 ),
             });
         }
