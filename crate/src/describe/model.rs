@@ -980,11 +980,16 @@ impl Setup {
             .and_then(|w| w.checked_add(128))
             .ok_or_else(|| too_large("layer width"))?;
         // Per token per layer: at most ~64 values of the widest size, 4 bytes each (a generous bound).
+        // What a person changes to make it smaller, named in the messages below.
+        let knobs = format!(
+            "train.batch_size ({}) x train.seq_len ({}) tokens through model.n_layer ({}) layers",
+            t.batch_size, t.seq_len, m.n_layer
+        );
         let act_bytes = tokens
             .checked_mul(width)
             .and_then(|x| x.checked_mul(256))
             .and_then(|x| x.checked_mul(m.n_layer.max(1) + 8))
-            .ok_or_else(|| too_large("activation bytes overflow 64 bits"))?;
+            .ok_or_else(|| too_large(&format!("the activations of {knobs} overflow 64 bits")))?;
         // nanoGPT's manual path registers a block_size x block_size mask per layer.
         let mask_bytes = if m.family == Family::Gpt2 && t.attention == Attention::Manual {
             m.block_size
@@ -1015,13 +1020,16 @@ impl Setup {
             }
             if padded > MAX_BYTES {
                 return Err(too_large(&format!(
-                    "the gathered parameters need on the order of {padded} bytes, beyond any device"
+                    "the gathered parameters need on the order of {:.1e} bytes ({params} parameters padded for \
+                     train.parallel.gpus ({})), beyond any device",
+                    padded as f64, t.parallel.gpus
                 )));
             }
         }
         if total > MAX_BYTES {
             return Err(too_large(&format!(
-                "the step needs on the order of {total} bytes, beyond any device"
+                "the step needs on the order of {:.1e} bytes ({params} parameters; {knobs}), beyond any device",
+                total as f64
             )));
         }
         Ok(())
@@ -1087,6 +1095,23 @@ mod tests {
         assert_eq!(m.block_params(), 7_087_872);
         assert_eq!(m.n_params(), 38_633_472 + 786_432 + 12 * 7_087_872 + 1_536);
         assert_eq!(m.n_params(), 124_475_904);
+    }
+
+    /// A batch too large to count, or too large for any device, is refused naming the knobs that make it so.
+    #[test]
+    fn too_large_names_batch_sequence_and_layers() {
+        for batch in [1_000_000, 1_000_000_000_000] {
+            let mut s = crate::presets::founding();
+            s.train.batch_size = batch;
+            let e = s.validate().unwrap_err();
+            assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("train.batch_size ({batch}) x train.seq_len (512)"))
+                    && text.contains("model.n_layer (6)"),
+                "{text}"
+            );
+        }
     }
 
     /// Found by the `estimate` fuzz target (with debug assertions): a manual-attention model with a block size
