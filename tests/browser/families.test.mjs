@@ -25,6 +25,8 @@ test('the qwen2 preset estimates as the CLI does, with the Hugging Face fields s
     assert.ok(await shown(page, id), `${id} is shown for qwen2`);
   }
   assert.ok(!(await shown(page, 'bias')), 'gpt2\'s bias checkbox is hidden');
+  // nanoGPT's dropout: a Hugging Face family's non-zero dropout is refused, so the box is not offered.
+  assert.ok(!(await shown(page, 'dropout')), 'nanoGPT\'s dropout box is hidden');
   await page.waitForFunction(() => new URLSearchParams(location.search).get('family') === 'qwen2');
   const gpu = ['--compute-capability', '8.9', '--gpu-memory-gib', '12'];
   assert.equal(await peak(page), cliPeakBytes(['--preset', 'qwen2.5-0.5b', ...gpu]));
