@@ -1400,6 +1400,23 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
         "mixtral" => Family::Mixtral,
         "qwen2_moe" => Family::Qwen2Moe,
         "olmoe" => Family::Olmoe,
+        // Hugging Face's GPT-2 is nanoGPT's network (nanoGPT loads its weights): say where vramfit has it.
+        "gpt2" => {
+            return Err(Error::invalid(
+                "model_type",
+                "\"gpt2\"",
+                "is read as nanoGPT's GPT, not from a config.json: paste a nanoGPT config/*.py, pick the gpt2 \
+                 preset, or give the family gpt2 with its sizes (--family gpt2)",
+            ))
+        }
+        // A multimodal checkpoint's language model is its `text_config`.
+        other if o.get("text_config").is_some_and(Value::is_object) => {
+            return Err(Error::invalid(
+                "model_type",
+                format!("{other:?}"),
+                "is a multimodal model: paste its text_config (the language model) instead",
+            ))
+        }
         other => {
             return Err(Error::UnknownValue {
                 field: "model_type".into(),
@@ -1954,6 +1971,19 @@ mod tests {
             (Family::Qwen3, 128, 2048)
         );
         assert_eq!(q3.n_params(), 596_049_920);
+        // Hugging Face's GPT-2 and multimodal checkpoints: one message saying where vramfit has them.
+        let e = hf_config(r#"{"model_type": "gpt2", "n_layer": 12, "n_embd": 768}"#).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("model_type (\"gpt2\") is read as nanoGPT's GPT"),
+            "{e}"
+        );
+        let e =
+            hf_config(r#"{"model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}}"#)
+                .unwrap_err();
+        assert!(e.to_string().contains("paste its text_config"), "{e}");
+        let e = hf_config(r#"{"model_type": "bert"}"#).unwrap_err();
+        assert!(matches!(e, Error::UnknownValue { .. }), "{e}");
         // Without head_dim, transformers' Qwen3Config and GemmaConfig (and Gemma 2's and 3's) give their own default
         // (128; 256), not hidden_size / heads (64 here; 128 for the Gemma below).
         let no_head_dim = qwen3.replace(r#""head_dim": 128, "#, "");
