@@ -2216,6 +2216,42 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     cx.sim.free_all(&pending);
 }
 
+/// The attention half of a checkpointed nanoGPT block run again in the backward graph, as both backward
+/// wrappers read for `gelu_block_backward` and `gelu_block_recompute_last` run it: ln_1 keeping both statistics
+/// (mean first), the QKV GEMM, SDPA, then the output projection, each GEMM after its weight cast.
+struct AttnRecompute {
+    mean_1: Tensor,
+    norm1: NormOut,
+    w_attn: Option<Tensor>,
+    qkv: Tensor,
+    a: ops::SdpaSaved,
+    w_proj: Option<Tensor>,
+    proj: Tensor,
+}
+
+fn gelu_block_attn_recompute(cx: &mut Ctx) -> AttnRecompute {
+    let c = cx.m.n_embd;
+    let nc = cx.n * c;
+    let p = cx.p;
+    let (stat_op, _) = norm_op(cx);
+    let mean_1 = alloc_as(cx, cx.n * 4, 4, Activations, stat_op);
+    let norm1 = norm_fwd(cx, false);
+    let w_attn = weight_cast(cx, 3 * c * c);
+    let qkv = linear_mm(cx, 3 * nc * p, p, Activations, (cx.arch.qkv_bias, false));
+    let a = extern_kernel(cx, ops::sdpa_fwd);
+    let w_proj = weight_cast(cx, c * c);
+    let proj = linear_mm(cx, nc * p, p, Temporary, (cx.arch.linear_bias, true));
+    AttnRecompute {
+        mean_1,
+        norm1,
+        w_attn,
+        qkv,
+        a,
+        w_proj,
+        proj,
+    }
+}
+
 /// A checkpointed nanoGPT block (`gelu_block`) other than the last, run again and differentiated as the backward
 /// wrappers of `shakespeare-char-ckpt-compiled` (fp16-amp, dropout) and `gpt-8x512-ckpt-bf16-accum2-compiled`
 /// (pure bf16) run it: Inductor schedules each recomputed node just before its first reader, so the MLP's
@@ -2239,14 +2275,15 @@ fn gelu_block_backward(
     let nc = cx.n * c;
     let (r, p) = (cx.r, cx.p);
     let bias = cx.arch.linear_bias;
-    let (stat_op, _) = norm_op(cx);
-    let mean_1 = alloc_as(cx, cx.n * 4, 4, Activations, stat_op);
-    let norm1 = norm_fwd(cx, false);
-    let w_attn = weight_cast(cx, 3 * c * c);
-    let qkv = linear_mm(cx, 3 * nc * p, p, Activations, (cx.arch.qkv_bias, false));
-    let a = extern_kernel(cx, ops::sdpa_fwd);
-    let w_proj = weight_cast(cx, c * c);
-    let proj = linear_mm(cx, nc * p, p, Temporary, (bias, true));
+    let AttnRecompute {
+        mean_1,
+        norm1,
+        w_attn,
+        qkv,
+        a,
+        w_proj,
+        proj,
+    } = gelu_block_attn_recompute(cx);
     let x_mid = (r != p || cx.arch.dropout).then(|| alloc_as(cx, nc * r, r, Activations, "add"));
     let mask = residual_mask(cx, nc, true);
     let norm2 = norm_fwd(cx, true);
@@ -2317,13 +2354,15 @@ fn gelu_block_recompute_last(cx: &mut Ctx, x_in: Tensor) -> LastRecompute {
     let (r, p) = (cx.r, cx.p);
     let bias = cx.arch.linear_bias;
     let (stat_op, _) = norm_op(cx);
-    let mean_1 = alloc_as(cx, cx.n * 4, 4, Activations, stat_op);
-    let norm1 = norm_fwd(cx, false);
-    let w_attn = weight_cast(cx, 3 * c * c);
-    let qkv = linear_mm(cx, 3 * nc * p, p, Activations, (cx.arch.qkv_bias, false));
-    let a = extern_kernel(cx, ops::sdpa_fwd);
-    let w_proj = weight_cast(cx, c * c);
-    let proj = linear_mm(cx, nc * p, p, Temporary, (bias, true));
+    let AttnRecompute {
+        mean_1,
+        norm1,
+        w_attn,
+        qkv,
+        a,
+        w_proj,
+        proj,
+    } = gelu_block_attn_recompute(cx);
     let x_mid = alloc_as(cx, nc * r, r, Activations, "add");
     let stat_2 = alloc_as(cx, cx.n * 4, 4, Activations, stat_op);
     let mask1 = residual_mask(cx, nc, true);
