@@ -1,10 +1,12 @@
 #![cfg(not(target_arch = "wasm32"))]
 //! The command line, driven as a person would: real files, real flags, exit statuses and messages.
 
-use std::path::PathBuf;
-use std::process::Command;
-
 use serde_json::Value;
+use std::path::PathBuf;
+
+#[path = "support/cli.rs"]
+mod cli;
+use cli::{error_of, vramfit};
 
 fn fixture(name: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -14,31 +16,10 @@ fn fixture(name: &str) -> String {
         .to_string()
 }
 
-/// Runs vramfit; returns (exit code, stdout, stderr).
-fn vramfit(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vramfit"))
-        .args(args)
-        .output()
-        .expect("vramfit runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn json_of(args: &[&str]) -> Value {
     let (code, out, err) = vramfit(args);
     assert_eq!(code, 0, "{err}");
     serde_json::from_str(&out).expect("JSON output")
-}
-
-/// Runs a command that must fail with status 2 and returns its message.
-fn error_of(args: &[&str]) -> String {
-    let (code, out, err) = vramfit(args);
-    assert_eq!(code, 2, "expected exit 2, got {code}; stdout: {out}");
-    assert!(!err.contains("panicked"), "{err}");
-    err.trim().to_string()
 }
 
 #[test]

@@ -4,32 +4,10 @@
 //! Found by an audit of the command line as a person fine-tuning or pre-training a model would use it.
 
 use std::path::PathBuf;
-use std::process::Command;
 
-/// Runs vramfit; returns (exit code, stdout, stderr).
-fn vramfit(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vramfit"))
-        .args(args)
-        .output()
-        .expect("vramfit runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Runs a command that must fail with status 2 and returns its message.
-fn error_of(args: &[&str]) -> String {
-    let (code, out, err) = vramfit(args);
-    assert!(!err.contains("panicked"), "{args:?}: {err}");
-    assert_eq!(
-        code, 2,
-        "{args:?}: expected exit 2, got {code}; stdout: {out}"
-    );
-    assert_eq!(err.lines().count(), 1, "{args:?}: one message: {err}");
-    err.trim().to_string()
-}
+#[path = "support/cli.rs"]
+mod cli;
+use cli::{error_of, vramfit};
 
 /// A file with `text` in a directory of this test run's own.
 fn file(name: &str, text: &str) -> String {
