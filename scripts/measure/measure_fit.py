@@ -26,6 +26,8 @@ import os
 import subprocess
 import sys
 
+import measure_stub  # this folder; imports nothing heavy (torch only in its child)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MIB = 1 << 20
 
@@ -33,19 +35,7 @@ MIB = 1 << 20
 def probe(case, mem_mib):
     """Runs the case on a device of `mem_mib` MiB (None: the stub's default for its capability). Returns
     ("ran", record), ("oom", None) or raises on another failure."""
-    env = {k: v for k, v in os.environ.items() if k not in ("VRAMFIT_STUB_SMS", "VRAMFIT_STUB_MEM_MIB")}
-    dev = case.get("device", {})
-    env.update(VRAMFIT_STUB_CC="%.1f" % dev.get("compute_capability", 9.0),
-               PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if "sms" in dev:
-        env["VRAMFIT_STUB_SMS"] = str(dev["sms"])
-    env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
-    if case["train"].get("alloc_conf"):  # the setup's train.alloc_conf, as the variable PyTorch reads
-        env["PYTORCH_CUDA_ALLOC_CONF"] = case["train"]["alloc_conf"]
-    if mem_mib is not None:
-        env["VRAMFIT_STUB_MEM_MIB"] = str(mem_mib)
-    elif "memory_gib" in dev:
-        env["VRAMFIT_STUB_MEM_MIB"] = str(int(dev["memory_gib"] * 1024))
+    env = measure_stub.case_env(case, mem_mib)
     if "lora" in case:  # a fine-tuning case (cases-finetune*.json): measure_finetune.py's child, method stub-cuda
         cmd = [os.path.join(HERE, "measure_finetune.py"), "--child", json.dumps(case), "stub-cuda", "", ""]
     else:

@@ -191,6 +191,27 @@ class moe_offsets_readback:
                 **({"offsets_unknown": sorted(self.unknown)} if self.unknown else {})}
 
 
+def case_env(case, mem_mib=None):
+    """The environment of a case's child process: the stub simulates the GPU people train on at the case's
+    compute capability (SMs, memory: stubs/driver.c, dev_defaults; sm_90 unless the case names one), with the
+    case's SM count and memory where it names them, or `mem_mib` MiB (measure_fit.py's probes); and the case's
+    train.alloc_conf as the variable PyTorch reads."""
+    dev = case.get("device", {})
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VRAMFIT_STUB_SMS", "VRAMFIT_STUB_MEM_MIB", "PYTORCH_CUDA_ALLOC_CONF")}
+    env.update(VRAMFIT_STUB_CC="%.1f" % dev.get("compute_capability", 9.0),
+               PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if mem_mib is not None:
+        env["VRAMFIT_STUB_MEM_MIB"] = str(mem_mib)
+    elif "memory_gib" in dev:
+        env["VRAMFIT_STUB_MEM_MIB"] = str(int(dev["memory_gib"] * 1024))
+    if "sms" in dev:  # the estimate's device.sms
+        env["VRAMFIT_STUB_SMS"] = str(dev["sms"])
+    if case["train"].get("alloc_conf"):
+        env["PYTORCH_CUDA_ALLOC_CONF"] = case["train"]["alloc_conf"]
+    return env
+
+
 def main():
     args = sys.argv[1:]
     if args and args[0] == "--child":
@@ -212,18 +233,7 @@ def main():
     for case in cases:
         if not only and not redo and case["name"] in done:
             continue
-        cc = "%.1f" % case.get("device", {}).get("compute_capability", 9.0)
-        # The stub simulates the GPU people train on at that capability (SMs, memory: stubs/driver.c,
-        # dev_defaults); the case may name another memory size.
-        env = {k: v for k, v in os.environ.items() if k not in ("VRAMFIT_STUB_SMS", "VRAMFIT_STUB_MEM_MIB")}
-        env.update(VRAMFIT_STUB_CC=cc, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        if "memory_gib" in case.get("device", {}):
-            env["VRAMFIT_STUB_MEM_MIB"] = str(int(case["device"]["memory_gib"] * 1024))
-        if "sms" in case.get("device", {}):  # the estimate's device.sms
-            env["VRAMFIT_STUB_SMS"] = str(case["device"]["sms"])
-        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
-        if case["train"].get("alloc_conf"):  # the setup's train.alloc_conf, as the variable PyTorch reads
-            env["PYTORCH_CUDA_ALLOC_CONF"] = case["train"]["alloc_conf"]
+        env = case_env(case)
         snap = os.path.join(os.path.abspath(snaps), case["name"] + ".pickle") if snaps else ""
         if snaps:
             os.makedirs(snaps, exist_ok=True)
