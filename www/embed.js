@@ -7,7 +7,9 @@
 // --finetune` names, over the source), alloc-conf (PYTORCH_CUDA_ALLOC_CONF, e.g.
 // "expandable_segments:True"), show (knobs to offer, by URL key: batch_size, precision, optimizer, lora, lora_r,
 // lora_target_modules, base_dtype, quantization, parallel, gpus, offload, ...), lock, plot
-// (batch|block|fitmap|timeline|gpus|finetune|none: finetune is a table of full fine-tuning, LoRA and QLoRA), theme (light|dark|auto). Everything renders in a shadow root; every number comes from the wasm estimator,
+// (batch|block|fitmap|timeline|gpus|finetune|none: finetune is a table of full fine-tuning, LoRA and QLoRA), theme (light|dark|auto).
+// A value the widget does not have (a knob in show or lock, a plot, a theme) is its message, naming the values it
+// takes. Everything renders in a shadow root; every number comes from the wasm estimator,
 // loaded once from this script's own origin and shared by every widget on the page.
 
 const ESTIMATOR = new URL('./pkg/entry.js', import.meta.url).href;
@@ -51,6 +53,10 @@ const PARALLEL_KEYS = ['gpus', 'tp', 'sequence_parallel', 'reshard_after_forward
 // Selects whose empty choice means "leave the key out" (the core has no empty value for them).
 const OMIT_EMPTY = ['param_dtype', 'reduce_dtype'];
 const DEFAULT_SHOW = 'batch_size,seq_len,precision,gpu';
+const PLOTS = ['batch', 'block', 'fitmap', 'timeline', 'gpus', 'finetune', 'none'];
+const THEMES = ['light', 'dark', 'auto'];
+// A comma-separated attribute's entries (show, lock), blanks dropped.
+const entries = (value) => (value || '').split(',').map((s) => s.trim()).filter(Boolean);
 const DEVICE_KEYS = ['memory_gib', 'compute_capability', 'sms'];
 
 const CSS = `
@@ -155,6 +161,21 @@ class VramFit extends HTMLElement {
   // The widget's state is a URL query string, as on the main page.
   initialState(vf) {
     try {
+      // A knob, plot or theme the widget does not have is said, never dropped (a blank widget, or one without
+      // the plot asked for, would look like vramfit's doing).
+      for (const name of ['show', 'lock']) {
+        const unknown = entries(this.getAttribute(name)).filter((k) => !Object.hasOwn(KNOBS, k));
+        if (unknown.length) {
+          throw new Error(`the ${name} attribute ("${this.getAttribute(name)}") names ${unknown.map((k) => `"${k}"`).join(', ')}, `
+            + `which the widget does not have; its knobs are ${Object.keys(KNOBS).join(', ')}`);
+        }
+      }
+      for (const [name, allowed] of [['plot', PLOTS], ['theme', THEMES]]) {
+        const value = (this.getAttribute(name) || '').trim();
+        if (value && !allowed.includes(value)) {
+          throw new Error(`the ${name} attribute ("${this.getAttribute(name)}") must be one of ${allowed.join(', ')}`);
+        }
+      }
       let q;
       let stateGpu = '';
       const config = this.getAttribute('config');
@@ -200,12 +221,13 @@ class VramFit extends HTMLElement {
   }
 
   build(vf) {
-    const theme = this.getAttribute('theme') || 'auto';
+    const theme = (this.getAttribute('theme') || '').trim() || 'auto';
     const dark = theme === 'dark' || (theme === 'auto' && matchMedia('(prefers-color-scheme: dark)').matches);
     this.dark = dark;
     this.root.className = `root ${dark ? 'dark' : 'light'}`;
-    const show = (this.getAttribute('show') ?? DEFAULT_SHOW).split(',').map((s) => s.trim()).filter((s) => s in KNOBS);
-    const lock = new Set((this.getAttribute('lock') || '').split(',').map((s) => s.trim()));
+    // Every entry is a knob here: `initialState` refused the others.
+    const show = entries(this.getAttribute('show') ?? DEFAULT_SHOW).filter((k) => Object.hasOwn(KNOBS, k));
+    const lock = new Set(entries(this.getAttribute('lock')));
     this.inputs = el('div', undefined, { class: 'inputs' });
     for (const key of show) this.inputs.append(this.field(vf, key, lock.has(key)));
     this.error = el('p', '', { class: 'error', role: 'alert' });
@@ -213,7 +235,7 @@ class VramFit extends HTMLElement {
     this.bar = el('div', undefined, { class: 'bar', role: 'img', 'aria-label': 'Components at the peak' });
     this.sentence = el('p', '', { class: 'sentence' });
     this.compare = el('p', '', { class: 'sentence compare' });
-    this.plotKind = this.getAttribute('plot') || 'batch';
+    this.plotKind = (this.getAttribute('plot') || '').trim() || 'batch';
     this.canvas = ['none', 'finetune'].includes(this.plotKind) ? null : el('canvas', undefined, { role: 'img', 'aria-label': `vramfit plot: ${this.plotKind}` });
     this.methods = this.plotKind === 'finetune' ? el('table', undefined, { class: 'methods' }) : null;
     const link = el('a', 'open in vramfit', { target: '_blank', rel: 'noopener' });

@@ -365,6 +365,8 @@ function showInternal(err) {
 function update(push) {
   showGpuDetail();
   const query = formQuery();
+  // The preset box names the preset whose values the form holds (a reloaded link's too), "custom" once one departs.
+  $('preset').value = vf.preset_of_query(query) || '';
   let est;
   try {
     est = vf.estimate(query);
@@ -455,7 +457,6 @@ function loadText(text) {
     const r = vf.import_config(text);
     $('paste-error').textContent = '';
     applyModel(r.query);
-    $('preset').value = '';
     $('import-notes').replaceChildren(...r.notes.map((n) => el('li', n)));
     update(true);
   } catch (err) {
@@ -620,7 +621,6 @@ async function main() {
   // value a select cannot hold (an unknown precision, say) is still reported with the link's own text.
   applyQuery(vf.preset_query(DEFAULT_PRESET));
   applyGpu(DEFAULT_GPU);
-  $('preset').value = DEFAULT_PRESET;
   const q = location.search.slice(1);
   const testPanic = new URLSearchParams(q).has('__test_panic');
   let linkError = '';
@@ -628,7 +628,6 @@ async function main() {
     const p = new URLSearchParams(q);
     try { vf.normalize_query(q); } catch (err) { linkError = err.message; }
     applyQuery(q);
-    $('preset').value = '';
     if (p.has('gpu')) {
       // The link's GPU is the device, as in the widget: its memory and compute capability, over any the link
       // also holds (links written before issue 12's fix could hold another GPU's).

@@ -500,6 +500,22 @@ fn gpus_lists_every_preset_with_its_sm_count() {
     assert_eq!(b200["sms"], 148);
     assert_eq!(b200["compute_capability"], 10.0);
     assert_eq!(b200["memory_bytes"], 180u64 << 30);
+    // The audit: memory rounded up ("45.0 GiB" for an L40S's 44.988 GiB); figures are cut, never above the
+    // device's (46,068 MiB and the RTX 5090's 32,607 MiB as the driver reports them).
+    assert_eq!(words("l40s"), "l40s 44.98 GiB 8.9 142 SMs L40S 48 GB");
+    assert_eq!(
+        words("rtx-5090"),
+        "rtx-5090 31.84 GiB 12.0 170 SMs RTX 5090 32 GB"
+    );
+    assert_eq!(
+        words("h200-141"),
+        "h200-141 140.4 GiB 9.0 132 SMs H200 141 GB"
+    );
+    let (_, out, _) = vramfit(&["estimate", "--gpu", "l40s"]);
+    assert!(
+        out.contains("  GPU memory       44.98 GiB  fits: "),
+        "{out}"
+    );
     assert!(error_of(&["gpus", "--format", "csv"])
         .starts_with("error: --format (\"csv\") is not one of"));
     // --gpu refuses an unknown id, listing the presets.
@@ -1137,4 +1153,70 @@ fn the_sm_count_follows_the_gpu_and_moves_flash_attention() {
     );
     let e = error_of(&["estimate", "--sms", "2.5"]);
     assert!(e.contains("device.sms (2.5)"), "{e}");
+}
+
+/// The audit: every subcommand's --help printed the global help. Each prints its own usage now: the usage line,
+/// what it does, its own options with their defaults, and the shared SOURCE, KNOBS and MORE THAN ONE GPU
+/// sections where it estimates a setup; `vramfit --help` lists every command.
+#[test]
+fn each_command_has_its_own_help() {
+    let usage_lines = [
+        ("estimate", "  vramfit estimate [SOURCE] [KNOBS] [--format table|json|snapshot]\n"),
+        ("compare", "  vramfit compare --snapshot FILE [SOURCE] [KNOBS] [--format table|json]\n"),
+        ("sweep", "  vramfit sweep --axis batch_size|block_size [--values 1,2,4 | --from N --to M] [SOURCE] [KNOBS] [--format csv|json]\n"),
+        ("strategies", "  vramfit strategies [SOURCE] [KNOBS] [--format table|json]\n"),
+        ("finetune", "  vramfit finetune [SOURCE] [KNOBS] [--format table|json]\n"),
+        ("gpus", "  vramfit gpus [--format table|json]\n"),
+    ];
+    let (code, overview, _) = vramfit(&["--help"]);
+    assert_eq!(code, 0);
+    for (_, line) in usage_lines {
+        assert!(overview.contains(line), "{line} in {overview}");
+    }
+    assert!(overview.contains("`vramfit COMMAND --help` shows one command's usage"));
+    assert!(overview.contains("\nKNOBS (override the source):\n"));
+    assert_eq!(vramfit(&[]).1, overview);
+    for (cmd, line) in usage_lines {
+        let (code, help, err) = vramfit(&[cmd, "--help"]);
+        assert_eq!((code, err.as_str()), (0, ""), "{cmd}");
+        assert_ne!(help, overview, "{cmd}");
+        assert!(help.contains(&format!("usage:\n{line}")), "{cmd}: {help}");
+        for (other, other_line) in usage_lines {
+            assert!(
+                other == cmd || !help.contains(other_line),
+                "{cmd}'s help holds {other}'s usage"
+            );
+        }
+        assert!(help.contains("\nOPTIONS:\n  --"), "{cmd}: {help}");
+        let shared = [
+            "\nSOURCE (at most one;",
+            "\nKNOBS (override the source):",
+            "\nMORE THAN ONE GPU (",
+        ];
+        for section in shared {
+            assert_eq!(help.contains(section), cmd != "gpus", "{cmd}: {section}");
+        }
+        // The same from `-h`, from `vramfit help CMD`, and with other flags around it, before any file is read.
+        assert_eq!(vramfit(&[cmd, "-h"]).1, help, "{cmd}");
+        assert_eq!(vramfit(&["help", cmd]).1, help, "{cmd}");
+        assert_eq!(
+            vramfit(&[cmd, "--config", "/no/such/file.json", "--help"]).1,
+            help,
+            "{cmd}"
+        );
+    }
+    // Each command's own options, with their defaults.
+    let help = |cmd: &str| vramfit(&[cmd, "--help"]).1;
+    assert!(help("estimate").contains("table (the default): for people; json: the report as JSON"));
+    assert!(help("estimate")
+        .contains("snapshot: the\n                       predicted allocation timeline"));
+    assert!(help("compare").contains("  --snapshot FILE      the snapshot (required)\n"));
+    assert!(help("sweep").contains("  --axis batch_size|block_size   what varies (required)"));
+    assert!(help("sweep")
+        .contains("(defaults: 1, and four times the\n                       setup's own value)"));
+    assert!(help("sweep").contains("  --format csv|json    csv (the default)"));
+    assert!(help("strategies").contains("and the cheapest that fits"));
+    assert!(help("finetune").contains("full fine-tuning, LoRA and QLoRA"));
+    assert!(help("gpus").contains("  --format table|json  table (the default)"));
+    assert!(error_of(&["help", "train"]).contains("unknown command \"train\""));
 }

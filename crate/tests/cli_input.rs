@@ -224,7 +224,7 @@ fn the_table_says_whether_the_step_fits_the_gpu() {
     assert!(
         out.contains(&format!(
             "  GPU memory        12.0 GiB  fits: {} to spare\n",
-            vramfit::report::fmt_bytes(spare)
+            vramfit::report::fmt_memory(spare)
         )),
         "{out}"
     );
@@ -272,5 +272,44 @@ fn config_json_fields_vramfit_does_not_model_are_named() {
     assert!(
         out.contains("  note: config.json gives no model_type: read as llama\n"),
         "{out}"
+    );
+}
+
+/// The audit: a config.json's `hidden_act` was checked for phi3 and gpt_neox only, so TinyLlama with "gelu_new"
+/// (a chain of Python ops, each saving tensors) was estimated as SiLU. Refused by name with the values accepted;
+/// the accepted ones estimate what SiLU does (one op saving only its input).
+#[test]
+fn an_activation_vramfit_does_not_model_is_refused_by_name() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let tiny = std::fs::read_to_string(dir.join("tinyllama_config.json")).unwrap();
+    assert!(tiny.contains("\"hidden_act\": \"silu\""));
+    let as_silu = vramfit(&[
+        "estimate",
+        "--hf",
+        &file("silu.json", &tiny),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(as_silu.0, 0, "{}", as_silu.2);
+    let peak = |out: &str| {
+        serde_json::from_str::<serde_json::Value>(out).unwrap()["peak_allocated_bytes"].as_u64()
+    };
+    for act in ["gelu", "gelu_pytorch_tanh", "swish"] {
+        let text = tiny.replace("\"silu\"", &format!("\"{act}\""));
+        let (code, out, err) = vramfit(&[
+            "estimate",
+            "--hf",
+            &file("act.json", &text),
+            "--format",
+            "json",
+        ]);
+        assert_eq!(code, 0, "{act}: {err}");
+        assert_eq!(peak(&out), peak(&as_silu.1), "{act}");
+    }
+    let text = tiny.replace("\"silu\"", "\"gelu_new\"");
+    assert_eq!(
+        error_of(&["estimate", "--hf", &file("gelu_new.json", &text)]),
+        "error: not modelled: llama with hidden_act \"gelu_new\": the activations vramfit models are silu, swish, \
+         gelu, gelu_pytorch_tanh (one op that saves only its input)"
     );
 }

@@ -119,6 +119,40 @@ fn import_reads_nanogpt_and_hf_configs() {
         .contains("vocab_size=65"));
     let r = vramfit::wasm::import_config(r#"{"model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32, "num_hidden_layers": 22, "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048}"#).unwrap();
     assert_eq!(get(&r, "kind").as_string().unwrap(), "hf");
+    // An activation vramfit does not model is the core's message (the page's error box).
+    check_err!(
+        vramfit::wasm::import_config(r#"{"model_type": "qwen2", "hidden_act": "relu", "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 1000}"#),
+        "not modelled: qwen2 with hidden_act \"relu\": the activations vramfit models are silu, swish, gelu, \
+         gelu_pytorch_tanh (one op that saves only its input)"
+    );
+}
+
+/// The page's preset box: the preset whose values a query holds, on any GPU; none once a value departs or the
+/// query does not read.
+#[wasm_bindgen_test]
+fn preset_of_query_names_the_preset_the_values_are() {
+    use vramfit::wasm::{gpu_query, preset_of_query, preset_query};
+    let q = preset_query("llama-3.2-1b").unwrap();
+    assert_eq!(preset_of_query(&q).as_deref(), Some("llama-3.2-1b"));
+    let model_and_training: Vec<&str> = q
+        .split('&')
+        .filter(|kv| {
+            !["memory_gib=", "compute_capability=", "sms="]
+                .iter()
+                .any(|k| kv.starts_with(k))
+        })
+        .collect();
+    let on_a_t4 = format!(
+        "{}&{}&gpu=t4",
+        model_and_training.join("&"),
+        gpu_query("t4").unwrap()
+    );
+    assert_eq!(preset_of_query(&on_a_t4).as_deref(), Some("llama-3.2-1b"));
+    assert_eq!(
+        preset_of_query(&q.replace("batch_size=", "batch_size=1")),
+        None
+    );
+    assert_eq!(preset_of_query("batch_size=zero"), None);
 }
 
 #[wasm_bindgen_test]

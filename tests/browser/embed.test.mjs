@@ -184,7 +184,8 @@ test('attribute changes re-render, and payloads in widget attributes show as tex
       return { imgs: root.querySelectorAll('img, script').length, text: root.textContent };
     }, attr);
     assert.equal(inside.imgs, 0, attr);
-    if (['preset', 'config', 'state', 'gpu', 'compile', 'alloc-conf'].includes(attr)) assert.ok(inside.text.includes('<img src'), `${attr}: shown as text: ${inside.text.slice(0, 120)}`);
+    // Every attribute's bad value is its message, the payload in it as text (show, lock, plot and theme too).
+    assert.ok(inside.text.includes('<img src'), `${attr}: shown as text: ${inside.text.slice(0, 120)}`);
   }
   assert.equal(await page.evaluate(() => window.__pwned), undefined);
   await page.close();
@@ -205,6 +206,70 @@ test('the compile attribute and knob switch a widget between eager and compiled'
   await page.evaluate(() => document.getElementById('eager').setAttribute('compile', 'constructor'));
   await page.waitForFunction(() => document.getElementById('eager').dataset.status === 'error');
   assert.match(await text(), /the compile attribute \("constructor"\) must be true or false/);
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+// The audit: a show= or plot= value the widget does not have was dropped without a word (a widget without the
+// knob or the plot asked for, or with none at all). Each is the widget's one message, naming the attribute, the
+// value and the values it takes; the widget's known values keep working.
+test('unknown show, lock, plot and theme values are said in the widget, with the values it takes', async () => {
+  const { page, errors } = await openBlog();
+  const knobs = 'batch_size, seq_len, block_size, n_layer, n_embd, n_head, vocab_size, precision, optimizer, attention, '
+    + 'checkpointing, grad_accum_steps, dropout, gpu, sms, zero_grad_set_to_none, compile, alloc_conf, sliding_window, '
+    + 'head_dim, rotary_dims, parallel_residual, n_experts, experts_per_token, shared_expert_size, norm_topk_prob, '
+    + 'router_aux_loss, lora, lora_r, lora_alpha, lora_dropout, lora_target_modules, lora_modules_to_save, base_dtype, '
+    + 'quantization, double_quant, parallel, gpus, reshard_after_forward, param_dtype, reduce_dtype, offload, '
+    + 'bucket_cap_mb, gradient_as_bucket_view, static_graph, tp, init_on_device, sequence_parallel';
+  const cases = [
+    ['show', 'batch_size,batch_sise, colour', `vramfit: the show attribute ("batch_size,batch_sise, colour") names "batch_sise", "colour", which the widget does not have; its knobs are ${knobs}`],
+    ['show', 'toString', `vramfit: the show attribute ("toString") names "toString", which the widget does not have; its knobs are ${knobs}`],
+    ['lock', 'precison', `vramfit: the lock attribute ("precison") names "precison", which the widget does not have; its knobs are ${knobs}`],
+    ['plot', 'histogram', 'vramfit: the plot attribute ("histogram") must be one of batch, block, fitmap, timeline, gpus, finetune, none'],
+    ['plot', 'Batch', 'vramfit: the plot attribute ("Batch") must be one of batch, block, fitmap, timeline, gpus, finetune, none'],
+    ['theme', 'blue', 'vramfit: the theme attribute ("blue") must be one of light, dark, auto'],
+  ];
+  for (const [i, [attr, value, message]] of cases.entries()) {
+    const id = `unknown-${i}`;
+    await page.evaluate(([wid, a, v]) => {
+      const w = document.createElement('vram-fit');
+      w.id = wid;
+      for (const [k, x] of [['preset', 'nanogpt-30m'], ['gpu', 'rtx-4070'], ['show', 'batch_size'], [a, v]]) w.setAttribute(k, x);
+      document.body.append(w);
+    }, [id, attr, value]);
+    await page.waitForFunction((wid) => document.getElementById(wid).dataset.status, id);
+    const seen = await page.evaluate((wid) => {
+      const w = document.getElementById(wid);
+      const root = w.shadowRoot;
+      return { status: w.dataset.status, title: root.querySelector('.title')?.textContent, error: root.querySelector('.error')?.textContent,
+        inputs: root.querySelectorAll('input, select').length, canvases: root.querySelectorAll('canvas').length };
+    }, id);
+    assert.deepEqual(seen, { status: 'error', title: "vramfit could not read this widget's settings", error: message, inputs: 0, canvases: 0 }, `${attr}=${value}`);
+    // The value put right, the widget estimates: its knobs, its plot.
+    const good = { show: 'batch_size,precision', lock: 'precision', plot: 'timeline', theme: 'dark' }[attr];
+    await page.evaluate(([wid, a, v]) => document.getElementById(wid).setAttribute(a, v), [id, attr, good]);
+    await page.waitForFunction((wid) => document.getElementById(wid).dataset.status === 'ok', id);
+    const fixed = await page.evaluate((wid) => {
+      const root = document.getElementById(wid).shadowRoot;
+      return { error: root.querySelector('.error').textContent, knobs: [...root.querySelectorAll('input, select')].map((e) => e.name),
+        canvases: root.querySelectorAll('canvas').length };
+    }, id);
+    assert.equal(fixed.error, '', `${attr}=${good}`);
+    assert.deepEqual(fixed.knobs, attr === 'show' ? ['batch_size', 'precision'] : ['batch_size'], `${attr}=${good}`);
+    assert.equal(fixed.canvases, 1, `${attr}=${good}`);
+    assert.equal(Number(await peakOf(page, id)), cliPeakBytes(['--preset', 'nanogpt-30m']), `${attr}=${good}`);
+  }
+  // Blank entries and surrounding spaces are no values: the knobs named are shown.
+  await page.evaluate(() => {
+    const w = document.createElement('vram-fit');
+    w.id = 'spaced';
+    for (const [k, x] of [['preset', 'nanogpt-30m'], ['show', ' batch_size, ,precision,'], ['plot', ' none ']]) w.setAttribute(k, x);
+    document.body.append(w);
+  });
+  await page.waitForFunction(() => document.getElementById('spaced').dataset.status === 'ok');
+  assert.deepEqual(await page.evaluate(() => [...document.getElementById('spaced').shadowRoot.querySelectorAll('input, select')].map((e) => e.name)),
+    ['batch_size', 'precision']);
+  assert.equal(await page.evaluate(() => document.getElementById('spaced').shadowRoot.querySelectorAll('canvas').length), 0);
   assert.deepEqual(errors, []);
   await page.close();
 });

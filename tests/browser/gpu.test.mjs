@@ -99,7 +99,9 @@ test('a link\'s GPU is the device, even where an older link also holds another m
   assert.match(await page.textContent('#verdict'), / in 12\.0 GiB$/);
   await page.close();
   const second = await openPage(env.context, `${env.server.url}?gpu=rtx-5090`);
-  assert.equal(await value(second.page, 'memory_gib'), '32');
+  // The RTX 5090 as its driver reports it (32,607 MiB; presets.rs names the source), shown cut, never rounded up.
+  assert.equal(await value(second.page, 'memory_gib'), '31.8427734375');
+  assert.match(await second.page.textContent('#verdict'), / in 31\.84 GiB$/);
   assert.equal(await value(second.page, 'compute_capability'), '12');
   assert.equal(await second.page.textContent('#gpu-detail'), '170 SMs, compute capability 12.0');
   assert.deepEqual([...errors, ...second.errors], []);
@@ -114,8 +116,10 @@ test('the GPU list holds the new presets, each with its memory and SM count', as
   }
   const cases = [
     ['b200', '180', '10', '148 SMs, compute capability 10.0', '180 GiB'],
-    // The L40S as its driver reports it with ECC on (46,068 MiB; presets.rs names the source).
-    ['l40s', '44.98828125', '8.9', '142 SMs, compute capability 8.9', '45.0 GiB'],
+    // The L40S as its driver reports it with ECC on (46,068 MiB; presets.rs names the source): 44.988 GiB, cut to
+    // 44.98 GiB (the audit: it showed as 45.0 GiB, more than the device has).
+    ['l40s', '44.98828125', '8.9', '142 SMs, compute capability 8.9', '44.98 GiB'],
+    ['h200-141', '140.4013671875', '9', '132 SMs, compute capability 9.0', '140.4 GiB'],
     ['mi250', '64', '8', '104 compute units; compute capability 8.0 stands in for its kernels', '64.0 GiB'],
   ];
   for (const [id, gib, cc, detail, memory] of cases) {
@@ -171,6 +175,9 @@ test('the widget shows the GPU its estimate uses and keeps a GPU picked in it wh
   // (A T4 16 GB reports 15 GiB with ECC on: presets.rs names the source.)
   await page.waitForFunction(() => /in 15\.0 GiB/.test(document.getElementById('own').shadowRoot.textContent));
   assert.equal(await gpuOf('own'), 't4');
+  // The widget's memory is cut, as the page's and the CLI's (an L40S's 44.988 GiB was "45.0 GiB").
+  await page.evaluate(() => document.getElementById('own').setAttribute('gpu', 'l40s'));
+  await page.waitForFunction(() => /fits in 44\.98 GiB/.test(document.getElementById('own').shadowRoot.textContent));
   assert.deepEqual(errors, []);
   await page.close();
 });

@@ -2,7 +2,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { setUp, openPage, canvasPixels, setField, cliPeakBytes, ARTIFACTS } from './helpers.mjs';
+import { setUp, openPage, canvasPixels, setField, cliPeakBytes, waitRender, ARTIFACTS } from './helpers.mjs';
 
 const PORT = 8761;
 
@@ -171,5 +171,46 @@ test('after one visit the page reloads offline from the service worker', async (
   await page.waitForSelector('body[data-ready=true]', { timeout: 20000 });
   assert.match(await page.textContent('#peak-allocated'), /GiB$/);
   await env.context.setOffline(false);
+  await page.close();
+});
+
+// The audit: a reloaded link showed the preset box as "custom" though the page held a preset's values unchanged.
+test('a reloaded link names its preset while the values are the preset\'s, and "custom" once one departs', async () => {
+  const { page, errors } = await openPage(env.context, env.server.url);
+  const preset = () => page.inputValue('#preset');
+  const reload = async () => {
+    await page.reload();
+    await page.waitForSelector('body[data-ready=true]', { timeout: 20000 });
+  };
+  assert.equal(await preset(), 'nanogpt-30m');
+  await reload();
+  assert.equal(await preset(), 'nanogpt-30m', 'the default case, reloaded');
+  // Every preset, chosen and then reloaded from its URL, is still named.
+  const ids = await page.$$eval('#preset option', (os) => os.map((o) => o.value).filter(Boolean));
+  assert.ok(ids.length >= 20, `${ids}`);
+  for (const id of ids) {
+    await waitRender(page, () => page.selectOption('#preset', id));
+    assert.equal(await preset(), id, `${id} chosen`);
+    await reload();
+    assert.equal(await preset(), id, `${id} reloaded from ${await page.evaluate(() => location.search)}`);
+  }
+  // Another GPU keeps the preset's values (a preset keeps the GPU chosen).
+  await waitRender(page, () => page.selectOption('#preset', 'llama-3.2-1b'));
+  await waitRender(page, () => page.selectOption('#gpu', 'h100-80'));
+  await reload();
+  assert.equal(await preset(), 'llama-3.2-1b');
+  assert.equal(await page.inputValue('#gpu'), 'h100-80');
+  // A value that departs from the preset's is "custom", reloaded too; the preset's value back names it again.
+  const layers = await page.inputValue('#n_layer');
+  await setField(page, 'n_layer', Number(layers) + 1);
+  assert.equal(await preset(), '');
+  assert.equal(await page.textContent('#preset option:checked'), 'custom (your values)');
+  await reload();
+  assert.equal(await preset(), '');
+  await setField(page, 'n_layer', layers);
+  assert.equal(await preset(), 'llama-3.2-1b');
+  await setField(page, 'batch_size', 3);
+  assert.equal(await preset(), '', 'the batch size is part of the preset');
+  assert.deepEqual(errors, []);
   await page.close();
 });

@@ -16,31 +16,100 @@ use serde_json::{json, Value};
 use vramfit::input::{hf_config, nanogpt_config, setup_from_value, setup_to_value};
 use vramfit::model::alloc_conf_string;
 use vramfit::parallel::Strategy;
-use vramfit::report::fmt_bytes;
+use vramfit::report::{fmt_bytes, fmt_memory};
 use vramfit::sweep::{powers_of_two, sweep, Axis};
 use vramfit::{estimate, Error, Setup};
 
-const USAGE: &str = "\
-vramfit: GPU memory of one training step (PyTorch, CUDA), op by op
+/// One subcommand: its name, its usage line, what it does, and the options of its own (each with its default);
+/// the commands that estimate a setup also take `SOURCE_HELP`, `KNOBS_HELP` and `PARALLEL_HELP`. `vramfit --help`
+/// and `vramfit COMMAND --help` are both written from these, so each text is in one place.
+struct Command {
+    name: &'static str,
+    usage: &'static str,
+    about: &'static str,
+    /// Its own options, one text each (shared ones, such as `FORMAT_TABLE_JSON`, by name).
+    options: &'static [&'static str],
+    takes_setup: bool,
+}
 
-usage:
-  vramfit estimate [SOURCE] [KNOBS] [--format table|json|snapshot]
-                snapshot: the predicted allocation timeline as a PyTorch memory snapshot (a pickle for
-                `python -m torch.cuda._memory_viz trace_plot` or https://pytorch.org/memory_viz)
-  vramfit compare --snapshot FILE [SOURCE] [KNOBS] [--format table|json]
-                a snapshot of your run (torch.cuda.memory._dump_snapshot(), gzip'd or not) beside the
-                estimate for the setup given: both peaks, the difference, the largest blocks at the peak
-  vramfit sweep --axis batch_size|block_size [--values 1,2,4 | --from N --to M] [SOURCE] [KNOBS]
-                [--format csv|json]
-  vramfit strategies [SOURCE] [KNOBS] [--format table|json]
-                how many GPUs of the device's kind, and with which strategy: memory per GPU on 1 to 64
-                GPUs under DDP, ZeRO-2, ZeRO-3, ZeRO-3 x tensor parallel and ZeRO-3 with CPU offload
-                (FSDP2), the fewest that fit each (searched up to 4096), and the cheapest that fits
-  vramfit finetune [SOURCE] [KNOBS] [--format table|json]
-                full fine-tuning, LoRA and QLoRA (the --finetune recipes) side by side on the device: each
-                one's memory at the batch given, whether it fits, the largest batch that fits, and which to run
-  vramfit gpus [--format table|json]     the GPU presets --gpu takes: memory, compute capability, SMs
+/// The formats of the commands that print a table or JSON.
+const FORMAT_TABLE_JSON: &str =
+    "  --format table|json  table (the default): for people; json: the same figures as JSON, sizes in bytes
+";
 
+const COMMANDS: &[Command] = &[
+    Command {
+        name: "estimate",
+        usage: "vramfit estimate [SOURCE] [KNOBS] [--format table|json|snapshot]",
+        about: "\
+the memory of one training step on the device: peak allocated and reserved, the total on the
+device (CUDA context included) against the GPU's memory, what is live at the peak, and the
+timeline",
+        options: &["  --format table|json|snapshot
+                       table (the default): for people; json: the report as JSON, sizes in bytes; snapshot: the
+                       predicted allocation timeline as a PyTorch memory snapshot (a pickle for
+                       `python -m torch.cuda._memory_viz trace_plot` or https://pytorch.org/memory_viz)
+"],
+        takes_setup: true,
+    },
+    Command {
+        name: "compare",
+        usage: "vramfit compare --snapshot FILE [SOURCE] [KNOBS] [--format table|json]",
+        about: "\
+a snapshot of your run (torch.cuda.memory._dump_snapshot(), gzip'd or not) beside the estimate
+for the setup given: both peaks, the difference, the largest blocks at the peak",
+        options: &[
+            "  --snapshot FILE      the snapshot (required)\n",
+            FORMAT_TABLE_JSON,
+        ],
+        takes_setup: true,
+    },
+    Command {
+        name: "sweep",
+        usage: "vramfit sweep --axis batch_size|block_size [--values 1,2,4 | --from N --to M] [SOURCE] [KNOBS] [--format csv|json]",
+        about: "the estimate at each value of the batch size or the block size, one line each",
+        options: &["  --axis batch_size|block_size   what varies (required); the rest of the setup stays
+  --values 1,2,4       the values, whole numbers (1 to 4096 of them)
+  --from N --to M      instead of --values: the powers of two from N to M (defaults: 1, and four times the
+                       setup's own value)
+  --format csv|json    csv (the default): one row per value; json: the points as JSON, sizes in bytes
+"],
+        takes_setup: true,
+    },
+    Command {
+        name: "strategies",
+        usage: "vramfit strategies [SOURCE] [KNOBS] [--format table|json]",
+        about: "\
+how many GPUs of the device's kind, and with which strategy: memory per GPU on 1 to 64 GPUs
+under DDP, ZeRO-2, ZeRO-3, ZeRO-3 x tensor parallel and ZeRO-3 with CPU offload (FSDP2), the
+fewest that fit each (searched up to 4096), and the cheapest that fits",
+        options: &[FORMAT_TABLE_JSON],
+        takes_setup: true,
+    },
+    Command {
+        name: "finetune",
+        usage: "vramfit finetune [SOURCE] [KNOBS] [--format table|json]",
+        about: "\
+full fine-tuning, LoRA and QLoRA (the --finetune recipes) side by side on the device: each
+one's memory at the batch given, whether it fits, the largest batch that fits, and which to
+run",
+        options: &[FORMAT_TABLE_JSON],
+        takes_setup: true,
+    },
+    Command {
+        name: "gpus",
+        usage: "vramfit gpus [--format table|json]",
+        about: "\
+the GPU presets --gpu takes: memory as the driver reports it (cut, never rounded up), compute
+capability, SMs",
+        options: &[FORMAT_TABLE_JSON],
+        takes_setup: false,
+    },
+];
+
+const HEADER: &str = "vramfit: GPU memory of one training step (PyTorch, CUDA), op by op\n";
+
+const SOURCE_HELP: &str = "\
 SOURCE (at most one; without one, the default nanoGPT case: 6 layers, 384 wide, block 512, batch 16,
 vocab 50304, fp16-amp, fused AdamW, torch.compile):
   --config FILE        setup JSON: {\"model\": {...}, \"train\": {...}, \"device\": {...}}
@@ -51,7 +120,9 @@ vocab 50304, fp16-amp, fused AdamW, torch.compile):
                        tinyllama-1.1b, llama-3.2-1b, llama-2-7b, mistral-7b, qwen2.5-0.5b, llama-3.1-8b,
                        llama-3.1-70b, qwen2.5-1.5b, qwen2.5-7b, gemma-2-2b, gemma-3-1b, phi-3-mini,
                        mixtral-8x7b, olmoe-1b-7b, pythia-160m, pythia-1b)
+";
 
+const KNOBS_HELP: &str = "\
 KNOBS (override the source):
   --family gpt2|llama|mistral|qwen2|qwen3|gemma|gemma2|gemma3|olmo2|phi3|gpt_neox|mixtral|qwen2_moe|olmoe
   --n-layer N  --n-head N  --n-kv-head N  --n-embd N  --block-size N  --vocab-size N
@@ -91,7 +162,9 @@ KNOBS (override the source):
   --sms N              streaming multiprocessors (flash attention splits the keys of a small grid across
                        them); default: the GPU preset with that memory and capability, else 108 at 8.0, 82 at
                        8.6, 46 at 8.9, 132 otherwise
+";
 
+const PARALLEL_HELP: &str = "\
 MORE THAN ONE GPU (every figure is then per GPU, for rank 0; the batch is per GPU):
   --parallel ddp|fsdp|zero2|zero3|single
                        DistributedDataParallel, or FSDP2's fully_shard on each block and the root; zero3 is
@@ -109,6 +182,37 @@ MORE THAN ONE GPU (every figure is then per GPU, for rank 0; the batch is per GP
   --reshard-after-forward | --no-reshard-after-forward  --param-dtype bf16|fp32  --reduce-dtype bf16|fp32
   --offload | --no-offload                                                                      (fsdp)
 ";
+
+/// Each line of `text` indented by `pad` spaces.
+fn indented(text: &str, pad: usize) -> String {
+    text.lines().map(|l| format!("{:pad$}{l}\n", "")).collect()
+}
+
+/// `vramfit --help`: every command with what it does, then the options they share.
+fn usage() -> String {
+    let mut out = format!("{HEADER}\nusage:\n");
+    for c in COMMANDS {
+        out += &indented(c.usage, 2);
+        out += &indented(c.about, 16);
+    }
+    out += "\n`vramfit COMMAND --help` shows one command's usage with its options.\n\n";
+    out += &format!("{SOURCE_HELP}\n{KNOBS_HELP}\n{PARALLEL_HELP}");
+    out
+}
+
+/// `vramfit COMMAND --help`: what the command does, its usage and its options, with their defaults.
+fn command_usage(c: &Command) -> String {
+    let mut out = format!(
+        "{HEADER}\nusage:\n{}\n{}\n\nOPTIONS:\n{}",
+        indented(c.usage, 2),
+        c.about,
+        c.options.concat()
+    );
+    if c.takes_setup {
+        out += &format!("\n{SOURCE_HELP}\n{KNOBS_HELP}\n{PARALLEL_HELP}");
+    }
+    out
+}
 
 /// `--lora r=16,alpha=32,dropout=0.05,targets=q_proj+v_proj,save=lm_head` as the setup JSON's `train.lora`:
 /// comma-separated `key=value` pairs; `targets` and `save` list module names joined by `+` (`targets=all-linear`).
@@ -164,7 +268,8 @@ enum EstimateFormat {
 }
 
 enum Cli {
-    Help,
+    /// The overview, or one command's usage.
+    Help(Option<&'static Command>),
     Gpus {
         json: bool,
     },
@@ -266,10 +371,28 @@ fn number(flag: &str, v: &str) -> Result<Value, Error> {
 
 fn parse(args: &[String]) -> Result<Cli, Error> {
     let Some(cmd) = args.first() else {
-        return Ok(Cli::Help);
+        return Ok(Cli::Help(None));
     };
+    let command = |name: &str| COMMANDS.iter().find(|c| c.name == name);
     if matches!(cmd.as_str(), "-h" | "--help" | "help") {
-        return Ok(Cli::Help);
+        // `vramfit help estimate` is `vramfit estimate --help`.
+        return match args.get(1) {
+            None => Ok(Cli::Help(None)),
+            Some(name) => command(name).map(|c| Cli::Help(Some(c))).ok_or_else(|| {
+                usage_error(format!(
+                    "unknown command {name:?}; expected estimate, sweep, compare, strategies, finetune or gpus"
+                ))
+            }),
+        };
+    }
+    // A command's --help anywhere among its flags is its usage, before any file a flag names is read.
+    if let Some(c) = command(cmd) {
+        if args[1..]
+            .iter()
+            .any(|a| matches!(a.as_str(), "-h" | "--help"))
+        {
+            return Ok(Cli::Help(Some(c)));
+        }
     }
     if cmd == "gpus" {
         return parse_gpus(&args[1..]);
@@ -326,7 +449,6 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
             continue;
         }
         match flag {
-            "-h" | "--help" => return Ok(Cli::Help),
             "--config" => {
                 let path = next(&mut i, flag)?;
                 let text = read(&path)?;
@@ -751,7 +873,7 @@ fn strategies_table(setup: &Setup, plan: &vramfit::gpus::Plan) -> String {
         setup.train.batch_size,
         setup.train.seq_len,
         setup.train.precision.name(),
-        fmt_bytes(plan.budget_bytes)
+        fmt_memory(plan.budget_bytes)
     );
     let mut head = format!("  {:56}", "GPUs");
     for w in PLOTTED_GPUS {
@@ -861,7 +983,7 @@ fn methods_table(setup: &Setup, m: &vramfit::methods::Methods) -> String {
         md.n_embd,
         setup.train.batch_size,
         setup.train.seq_len,
-        fmt_bytes(setup.device.memory_bytes)
+        fmt_memory(setup.device.memory_bytes)
     );
     out += &format!(
         "  {:18}{:>12}{:>16}{:>16}{:>16}\n",
@@ -968,7 +1090,6 @@ fn wants_json(format: Option<&str>) -> Result<bool, Error> {
 fn parse_gpus(args: &[String]) -> Result<Cli, Error> {
     match args {
         [] => Ok(Cli::Gpus { json: false }),
-        [flag] if matches!(flag.as_str(), "-h" | "--help") => Ok(Cli::Help),
         [flag, f] if flag == "--format" => Ok(Cli::Gpus {
             json: wants_json(Some(f))?,
         }),
@@ -1008,7 +1129,7 @@ fn gpus_table() -> String {
             out,
             "{:<16} {:>9}  {:<18}  {:<17}  {}",
             g.id,
-            fmt_bytes(g.memory_bytes),
+            fmt_memory(g.memory_bytes),
             cc,
             sms,
             g.label
@@ -1112,7 +1233,7 @@ fn table(setup: &Setup, r: &vramfit::Report, notes: &[String]) -> String {
         outln!(
             out,
             "  GPU memory      {:>10}  {verdict}: {margin}",
-            fmt_bytes(r.device_memory_bytes)
+            fmt_memory(r.device_memory_bytes)
         );
     }
     out.push('\n');
@@ -1251,7 +1372,8 @@ fn compare_table(path: &str, c: &vramfit::compare::Comparison) -> String {
 fn run(args: &[String]) -> Result<Vec<u8>, Error> {
     let mut out = String::new();
     match parse(args)? {
-        Cli::Help => out.push_str(USAGE),
+        Cli::Help(None) => out.push_str(&usage()),
+        Cli::Help(Some(c)) => out.push_str(&command_usage(c)),
         Cli::Gpus { json: false } => out.push_str(&gpus_table()),
         Cli::Gpus { json: true } => outln!(
             out,

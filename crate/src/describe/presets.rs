@@ -538,6 +538,9 @@ const NVML_MIB_A10: u64 = 23_028;
 const NVML_MIB_L40S: u64 = 46_068;
 const NVML_MIB_L4: u64 = 23_034;
 const NVML_MIB_T4: u64 = 15_360;
+// GeForce RTX 5090: 32,607 MiB (31.84 GiB), the total nvidia-smi prints for it ("... / 32607MiB") in every public
+// log of one found (several machines and drivers, Linux and WSL2); NVIDIA publishes no NVML figure for it.
+const NVML_MIB_RTX_5090: u64 = 32_607;
 
 // SM counts: NVIDIA's GeForce and RTX spec pages list CUDA cores, not SMs; Ampere (GA10x), Ada and Blackwell
 // (GB20x) SMs hold 128 FP32 CUDA cores each, Turing and Volta SMs 64 (the architecture whitepapers), so the SM
@@ -613,8 +616,8 @@ pub const GPU_PRESETS: &[GpuPreset] = &[
     GpuPreset {
         id: "rtx-5090",
         label: "RTX 5090 32 GB",
-        // GeForce RTX 5090 spec page: 32 GB GDDR7.
-        memory_bytes: 32 * GIB,
+        // GeForce RTX 5090 spec page: 32 GB GDDR7, of which the driver reports 31.84 GiB (`NVML_MIB_RTX_5090`).
+        memory_bytes: NVML_MIB_RTX_5090 * MIB,
         // CUDA GPUs list: GeForce RTX 5090, 12.0.
         sm: 120,
         // NVIDIA RTX Blackwell GPU Architecture whitepaper: RTX 5090, 170 SMs (21,760 CUDA cores).
@@ -864,9 +867,44 @@ pub fn gpu_with(memory_bytes: u64, sm: u32) -> Option<&'static GpuPreset> {
     matching.next().is_none().then_some(first)
 }
 
+/// The model preset whose model and training a setup holds: the device and the GPUs group (`train.parallel`)
+/// aside, since choosing a preset keeps the GPU and the strategy chosen. For the page's preset box, which names
+/// the preset a link's values are (the first, should two presets ever hold the same values).
+pub fn preset_with(s: &Setup) -> Option<&'static str> {
+    MODEL_PRESETS
+        .iter()
+        .find(|p| {
+            let mut own = (p.setup)();
+            own.train.parallel = s.train.parallel.clone();
+            own.model == s.model && own.train == s.train
+        })
+        .map(|p| p.id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The audit: a reloaded link showed the preset box as "custom" though its values were a preset's. Each
+    /// preset's values, through the URL and back, name that preset (with any GPU and strategy), and a value
+    /// changed names none.
+    #[test]
+    fn a_presets_values_name_it_through_the_url() {
+        use crate::input::{setup_from_query, setup_to_query};
+        for p in MODEL_PRESETS {
+            let mut s = setup_from_query(&setup_to_query(&(p.setup)()), &mut Vec::new())
+                .unwrap_or_else(|e| panic!("{}: {e}", p.id));
+            assert_eq!(preset_with(&s), Some(p.id));
+            s.device = gpu("h100-80").map(|g| g.device()).unwrap();
+            s.train.parallel.gpus = 8;
+            assert_eq!(preset_with(&s), Some(p.id), "{}: another GPU", p.id);
+            s.train.batch_size += 1;
+            assert_eq!(preset_with(&s), None, "{}: another batch size", p.id);
+            s.train.batch_size -= 1;
+            s.model.n_layer += 1;
+            assert_eq!(preset_with(&s), None, "{}: another depth", p.id);
+        }
+    }
 
     #[test]
     fn every_model_preset_is_valid_and_estimates() {

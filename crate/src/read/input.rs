@@ -1373,6 +1373,11 @@ pub fn hf_config(text: &str) -> Result<(ModelConfig, Vec<String>), Error> {
     hf_config_object(object(&v, "config.json")?)
 }
 
+/// The `hidden_act` (`hidden_activation`) values a config.json may give: the names transformers' ACT2FN maps to
+/// `torch.nn.functional.silu` ("silu", and "swish" through `nn.SiLU`) or `torch.nn.functional.gelu` ("gelu", and
+/// "gelu_pytorch_tanh" with `approximate="tanh"`), each of which saves only its input for the backward.
+pub const HIDDEN_ACTS: &[&str] = &["silu", "swish", "gelu", "gelu_pytorch_tanh"];
+
 /// `hf_config` on a parsed config.json (also the setup JSON's `"model": {"hf": ...}`).
 ///
 /// # Errors
@@ -1518,19 +1523,40 @@ pub fn hf_config_object(o: &Map<String, Value>) -> Result<(ModelConfig, Vec<Stri
              causal attention does"
         ));
     }
-    // The MLP's activation as the families measured use it: another one (GPT-NeoX's "gelu_new", say) is a chain
-    // of PyTorch ops with buffers of its own.
-    let act = get_str(o, "", "hidden_act")?;
-    let expected_act = match family {
-        Family::GptNeox => Some("gelu"),
-        Family::Phi3 => Some("silu"),
-        _ => None,
+    // The MLP's activation: `hidden_act` (Gemma 2 and 3 read `hidden_activation` instead, and ignore the other),
+    // which transformers' ACT2FN turns into a module. The executors model it as one op whose autograd node saves
+    // only its input and whose output has its input's shape and dtype (the gated MLP's `silu` or `gelu`, the
+    // GELU MLP's `gelu`, in eager.rs and compiled.rs): the names accepted are the ones ACT2FN maps to such an op.
+    // In PyTorch's derivatives.yaml `silu` and `gelu` (either `approximate`) differentiate from `self` alone, and
+    // neither is on autocast's fp32 list. Every other name is refused: `relu` saves its result instead, and the
+    // Python formulas (`gelu_new`, `gelu_fast`, `quick_gelu`, ...) are chains of ops that each save tensors.
+    let act_field = match family {
+        Family::Gemma2 | Family::Gemma3 => "hidden_activation",
+        _ => "hidden_act",
     };
-    if let (Some(a), Some(e)) = (act, expected_act) {
-        if a != e {
+    if let Some(a) = get_str(o, "", act_field)? {
+        // The family's own op, which the estimate names in its timeline (Gemma's config maps its legacy "gelu"
+        // to the tanh approximation).
+        let own = match family {
+            Family::GptNeox => &["gelu"][..],
+            Family::Gemma | Family::Gemma2 | Family::Gemma3 => &["gelu_pytorch_tanh", "gelu"][..],
+            _ => &["silu", "swish"][..],
+        };
+        if !HIDDEN_ACTS.contains(&a) {
             return Err(Error::NotModelled {
-                what: format!("{model_type} with hidden_act \"{a}\" (vramfit models \"{e}\")"),
+                what: format!(
+                    "{model_type} with {act_field} {a:?}: the activations vramfit models are {} (one op that \
+                     saves only its input)",
+                    HIDDEN_ACTS.join(", ")
+                ),
             });
+        }
+        if !own.contains(&a) {
+            notes.push(format!(
+                "{model_type}: {act_field} {a:?} saves only its input, as the {} the estimate names does, so \
+                 the memory is the same",
+                own[0]
+            ));
         }
     }
     // Partial rotary: Phi-3's `partial_rotary_factor` (default 1), GPT-NeoX's `rotary_pct` (default 0.25), or
@@ -1663,6 +1689,75 @@ fn neox_rotary_dims(head_dim: u64, n_embd: u64, n_head: u64, factor: f64) -> u64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The audit: `hidden_act` was checked for phi3 and gpt_neox only, so a Llama with "gelu_new" (a chain of
+    /// Python ops with tensors of its own) was estimated as if it were SiLU. Every family now takes the names that
+    /// are one op saving only its input (silu, swish, gelu, gelu_pytorch_tanh) and refuses the rest by name;
+    /// Gemma 2 and 3 read `hidden_activation` (transformers ignores their `hidden_act`).
+    #[test]
+    fn every_family_checks_its_activation() {
+        let config = |model_type: &str, extra: &str| {
+            format!(
+                r#"{{"model_type": "{model_type}", "hidden_size": 256, "intermediate_size": 512,
+                "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 2, "vocab_size": 1000,
+                "num_local_experts": 4, "num_experts": 4, "num_experts_per_tok": 2,
+                "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512{extra}}}"#
+            )
+        };
+        let types = [
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "olmo2",
+            "olmoe",
+            "phi3",
+            "gpt_neox",
+        ];
+        for t in types {
+            let field = if matches!(t, "gemma2" | "gemma3_text") {
+                "hidden_activation"
+            } else {
+                "hidden_act"
+            };
+            let (plain, _) = hf_config(&config(t, "")).unwrap_or_else(|e| panic!("{t}: {e}"));
+            for act in HIDDEN_ACTS {
+                let (m, _) = hf_config(&config(t, &format!(r#", "{field}": "{act}""#)))
+                    .unwrap_or_else(|e| panic!("{t} with {act}: {e}"));
+                assert_eq!(m, plain, "{t} with {act}: the same model");
+            }
+            for act in ["gelu_new", "relu", "gelu_fast", "quick_gelu", "tanh"] {
+                let e = hf_config(&config(t, &format!(r#", "{field}": "{act}""#)))
+                    .unwrap_err()
+                    .to_string();
+                assert_eq!(
+                    e,
+                    format!(
+                        "not modelled: {t} with {field} \"{act}\": the activations vramfit models are silu, \
+                         swish, gelu, gelu_pytorch_tanh (one op that saves only its input)"
+                    ),
+                    "{t}"
+                );
+            }
+        }
+        // The field transformers does not read for the family is not checked.
+        assert!(hf_config(&config("gemma2", r#", "hidden_act": "gelu_new""#)).is_ok());
+        // A value that is not the family's own op is said in a note (the timeline names the family's).
+        let (_, notes) = hf_config(&config("llama", r#", "hidden_act": "gelu""#)).unwrap();
+        assert!(
+            notes.iter().any(|n| n
+                == "llama: hidden_act \"gelu\" saves only its input, as the silu the estimate names does, so \
+                    the memory is the same"),
+            "{notes:?}"
+        );
+        let (_, notes) = hf_config(&config("llama", r#", "hidden_act": "silu""#)).unwrap();
+        assert!(!notes.iter().any(|n| n.contains("hidden_act")), "{notes:?}");
+    }
 
     const FOUNDING: &str = r#"{"model": {"family": "gpt2", "n_layer": 6, "n_head": 6, "n_embd": 384,
         "block_size": 512, "vocab_size": 50304, "bias": false, "dropout": 0.0},

@@ -14,7 +14,7 @@ use crate::estimates::Estimates;
 use crate::model::Setup;
 use crate::parallel::{Dtype, Parallel, Strategy};
 use crate::policy::{Optimizer, Precision};
-use crate::report::fmt_bytes;
+use crate::report::{fmt_bytes, fmt_memory};
 
 /// The GPU counts plotted: powers of two from 1 to 64 (up to eight nodes of eight).
 pub const PLOTTED_GPUS: [u64; 7] = [1, 2, 4, 8, 16, 32, 64];
@@ -438,7 +438,7 @@ pub fn plan_with(known: &mut Estimates, setup: &Setup) -> Result<Plan, Error> {
             Err(e) => return Err(e),
         });
     }
-    let mem = fmt_bytes(budget);
+    let mem = fmt_memory(budget);
     // The fewest GPUs, then the least traffic (`Way::ALL`'s order): the first row with the smallest count. CPU
     // offload is offered beside it, not in its place: it needs the host memory named and runs the optimizer on
     // the CPU.
@@ -598,7 +598,7 @@ mod tests {
         let host = off.host_bytes.unwrap();
         assert!(
             p.advice.starts_with(&format!(
-                "The fewest 79.6 GiB GPUs that fit: {} with {label} ({} per GPU). Fewer: ",
+                "The fewest 79.64 GiB GPUs that fit: {} with {label} ({} per GPU). Fewer: ",
                 best.gpus,
                 fmt_bytes(best.device_total_bytes)
             )) && p

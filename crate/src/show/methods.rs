@@ -8,7 +8,7 @@ use crate::error::Error;
 use crate::estimates::Estimates;
 use crate::finetune::{trainable_params, Method};
 use crate::model::Setup;
-use crate::report::fmt_bytes;
+use crate::report::{fmt_bytes, fmt_memory};
 use crate::sweep::{largest_fitting_with, largest_in, Axis};
 
 /// The largest batch searched for each recipe (the advice's limit for the batch, `advice::largest_that_fit`).
@@ -122,7 +122,7 @@ fn advise(
     if setup.device.memory_bytes == 0 {
         return Ok(("Choose a GPU to see which of them fits.".into(), None));
     }
-    let gpu = fmt_bytes(setup.device.memory_bytes);
+    let gpu = fmt_memory(setup.device.memory_bytes);
     let modelled: Vec<&Row> = rows.iter().filter(|r| r.error.is_none()).collect();
     if let Some(r) = modelled.iter().find(|r| r.fits == Some(true)) {
         let mut text = format!(
@@ -290,7 +290,7 @@ mod tests {
         assert!(
             m.advice.starts_with(&format!(
                 "Full fine-tuning fits in {} at batch 1",
-                fmt_bytes(s.device.memory_bytes)
+                fmt_memory(s.device.memory_bytes)
             )) && m.advice.ends_with("So do LoRA and QLoRA."),
             "{}",
             m.advice

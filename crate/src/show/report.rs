@@ -408,7 +408,7 @@ impl Report {
         match self.fits? {
             true => Some((
                 "fits",
-                format!("{} to spare", fmt_bytes(mem.saturating_sub(total))),
+                format!("{} to spare", fmt_memory(mem.saturating_sub(total))),
             )),
             false if total > mem => {
                 Some(("does not fit", format!("{} over", fmt_bytes(total - mem))))
@@ -482,6 +482,39 @@ pub fn sort_descending<T>(v: &mut [T], key: impl Fn(&T) -> u64) {
     }
 }
 
+/// A device's memory for people (a GPU's, or what is left of it): `fmt_bytes`'s unit and digits, but never more
+/// than the bytes: the figure is cut, not rounded, and where cutting loses something one more digit is shown, also
+/// cut. An L40S's 46,068 MiB (44.988 GiB) is "44.98 GiB", never "45.0 GiB"; a whole 12 GiB is "12.0 GiB".
+pub fn fmt_memory(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    let Some(&(unit, size)) = UNITS.iter().find(|(_, size)| bytes >= *size) else {
+        return format!("{bytes} B");
+    };
+    let (bytes, size) = (u128::from(bytes), u128::from(size));
+    let mut digits: u32 = if bytes >= 100 * size {
+        0
+    } else if bytes >= 10 * size {
+        1
+    } else {
+        2
+    };
+    let cut = |digits: u32| bytes * 10u128.pow(digits) / size;
+    if cut(digits) * size != bytes * 10u128.pow(digits) {
+        digits += 1;
+    }
+    let scaled = cut(digits);
+    let scale = 10u128.pow(digits);
+    match digits {
+        0 => format!("{scaled} {unit}"),
+        d => format!(
+            "{}.{:0width$} {unit}",
+            scaled / scale,
+            scaled % scale,
+            width = d as usize
+        ),
+    }
+}
+
 /// Bytes for people: GiB/MiB/KiB (powers of 2), three significant digits.
 pub fn fmt_bytes(bytes: u64) -> String {
     const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
@@ -503,6 +536,38 @@ pub fn fmt_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A device's memory is never shown above what it has (the audit: an L40S's 46,068 MiB showed as
+    /// "45.0 GiB"). By hand: 46,068 / 1,024 = 44.988 GiB; 81,559 MiB = 79.647 GiB; 143,771 MiB = 140.401 GiB;
+    /// 32,607 MiB = 31.843 GiB; 23,028 MiB = 22.488 GiB.
+    #[test]
+    fn device_memory_is_cut_never_rounded_up() {
+        const MIB: u64 = 1 << 20;
+        for (mib, shown) in [
+            (46_068, "44.98 GiB"),
+            (81_559, "79.64 GiB"),
+            (143_771, "140.4 GiB"),
+            (32_607, "31.84 GiB"),
+            (23_028, "22.48 GiB"),
+            (12 * 1024, "12.0 GiB"),
+            (180 * 1024, "180 GiB"),
+            (15_360, "15.0 GiB"),
+            (7 * 1024 + 512, "7.50 GiB"),
+            (1023, "1023 MiB"),
+        ] {
+            assert_eq!(fmt_memory(mib * MIB), shown, "{mib} MiB");
+        }
+        assert_eq!(fmt_memory(1023), "1023 B");
+        // Rounding to the nearest, as other figures are, would say more than the device has.
+        assert_eq!(fmt_bytes(46_068 * MIB), "45.0 GiB");
+        // Never above, and within one unit of the last digit shown, for every GPU preset.
+        for g in crate::presets::GPU_PRESETS {
+            let text = fmt_memory(g.memory_bytes);
+            let v: f64 = text.split(' ').next().unwrap().parse().unwrap();
+            let gib = g.memory_bytes as f64 / (1u64 << 30) as f64;
+            assert!(v <= gib && gib - v < 0.1, "{}: {text} for {gib} GiB", g.id);
+        }
+    }
 
     /// The founding case as its user ran it (compiled, gradient accumulation 4, RTX 4070) showed about 4,464 MiB
     /// in nvidia-smi. Predicted: the modelled reserved memory plus the GeForce CUDA context (256 MiB, a published

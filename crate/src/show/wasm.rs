@@ -44,7 +44,7 @@ use crate::methods;
 use crate::page::Page;
 use crate::plot;
 use crate::presets;
-use crate::report::fmt_bytes;
+use crate::report::{fmt_bytes, fmt_memory};
 use crate::sweep::{self, Axis};
 use crate::Setup;
 
@@ -187,6 +187,15 @@ pub fn gpu_of_query(query: &str) -> Option<String> {
         .map(|g| g.id.to_string())
 }
 
+/// The model preset whose values the query holds (its model and training; the GPU and the GPUs group are the
+/// page's own: `presets::preset_with`), for the page's preset box; nothing for a query that does not read or
+/// is no preset's.
+#[wasm_bindgen]
+pub fn preset_of_query(query: &str) -> Option<String> {
+    let s = setup_from_query(query, &mut Vec::new()).ok()?;
+    presets::preset_with(&s).map(str::to_string)
+}
+
 #[derive(Serialize)]
 struct NormalizedDto {
     query: String,
@@ -298,7 +307,7 @@ pub fn estimate(query: &str) -> Result<JsValue, JsError> {
             fmt_bytes(r.device_total_range_bytes.1)
         ),
         gpu_memory: if mem > 0 {
-            fmt_bytes(mem)
+            fmt_memory(mem)
         } else {
             String::new()
         },
