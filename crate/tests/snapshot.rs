@@ -55,7 +55,8 @@ fn committed_snapshots_give_their_records_peaks() {
     assert_eq!(n_checked, 4);
 }
 
-/// The sequence of allocations and frees in a snapshot's device trace (the size requested, by address).
+/// The allocations and frees of a snapshot's device trace (of the device with the most events), in order: (an
+/// allocation?, its id, the size requested).
 fn trace_of(bytes: &[u8]) -> Vec<(bool, u32, u64)> {
     let bytes = vramfit::snapshot::unwrap_gzip(bytes).unwrap();
     let p = Pickle::decode(&bytes).unwrap();
@@ -63,7 +64,11 @@ fn trace_of(bytes: &[u8]) -> Vec<(bool, u32, u64)> {
         .field(p.root(), "device_traces")
         .and_then(|t| p.items(t))
         .unwrap();
-    let trace = p.items(traces[0]).unwrap();
+    let trace = traces
+        .iter()
+        .filter_map(|&t| p.items(t))
+        .max_by_key(|t| t.len())
+        .unwrap();
     let mut live = HashMap::new();
     let mut out = Vec::new();
     for &e in trace {
@@ -81,8 +86,8 @@ fn trace_of(bytes: &[u8]) -> Vec<(bool, u32, u64)> {
     out
 }
 
-/// The model's caching allocator, given the allocations PyTorch's made in the same order, reserves what PyTorch's
-/// did: for `tiny-vocab-grads-amp-compiled` (issue 10's outlier, `RESERVED_KNOWN` in reference.rs: 50 MiB
+/// The model's caching allocator, given the allocations PyTorch's allocator served, in their order, reserves what
+/// PyTorch's did: for `tiny-vocab-grads-amp-compiled` (issue 10's outlier, `RESERVED_KNOWN` in reference.rs: 50 MiB
 /// measured, 48 modelled) the allocator is right and the order of the estimate's allocations is what differs.
 /// Ten segments: nine 2 MiB small-pool ones and the cuBLAS workspace's 32 MiB; the tenth comes for c_fc's fp32
 /// weight gradient (1 MiB), the last conversion of step 2's backward.
@@ -91,7 +96,7 @@ fn the_allocator_replays_a_compiled_snapshot_to_its_reserved_peak() {
     let bytes =
         std::fs::read(data().join("snapshots/tiny-vocab-grads-amp-compiled.pickle.gz")).unwrap();
     let mut a = CachingAllocator::new(AllocatorConfig::default(), 80 << 30);
-    let mut n_segments = 0;
+    let (mut n_segments, mut last_segment_for) = (0, 0);
     for (alloc, id, size) in trace_of(&bytes) {
         if !alloc {
             a.free(id);
@@ -99,12 +104,13 @@ fn the_allocator_replays_a_compiled_snapshot_to_its_reserved_peak() {
         }
         let before = a.reserved_bytes();
         a.malloc(id, size).unwrap();
-        n_segments += usize::from(a.reserved_bytes() > before);
-        if n_segments == 10 && a.reserved_bytes() > before {
-            assert_eq!(size, 1 << 20, "the tenth segment's request");
+        if a.reserved_bytes() > before {
+            n_segments += 1;
+            last_segment_for = size;
         }
     }
     assert_eq!(n_segments, 10);
+    assert_eq!(last_segment_for, 1 << 20, "the tenth segment's request");
     assert_eq!(a.peak_allocated_bytes(), 48_283_136);
     assert_eq!(a.peak_reserved_bytes(), 52_428_800);
 }
