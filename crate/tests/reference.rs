@@ -186,19 +186,27 @@ const ALLOCATED_KNOWN_TOLERANCE: f64 = 0.03;
 const RESERVED_KNOWN: &[(&str, &str)] = &[
     (
         "tiny-vocab-grads-amp-compiled",
-        "50 MiB measured, 48 modelled: one 2 MiB small-pool segment. Why the order differs: Inductor's \
-         reorder_for_peak_memory (on by default) estimates the graph's peak for its own node order and three \
-         topological sorts and keeps the lowest; for this backward graph it kept LPMF, least peak memory first \
-         (5,079,576 B estimated against the default order's 5,390,872; TORCH_LOGS=+torch._inductor.memory, caches \
-         off; the forward kept its order), which runs every fp32 weight-gradient conversion after the last GEMM, \
-         smallest first (wrapper lines 1398-1408), zero-fills both embeddings' fp32 gradients right after the head's \
-         weight-gradient GEMM, and hands the 256 KiB residual gradient to attn.c_proj's fp32 gradient (`buf25 = \
-         reinterpret_tensor(buf38, ...)  # reuse`). The model with the conversions last, smallest first, and the \
-         early embedding buffers (tried, not kept, with the buffer reuse off) gave 46.04 MiB allocated (-0.01%) and \
-         still 48 MiB reserved. Modelling it means running LPMF's \
-         choice on the model's own graph. No GEMM here takes cuBLASLt's workspace (the fake-cuda record, re-measured \
-         with the tracker that tells the two apart, is unchanged). The reuse rule, replayed (compiled.rs \
-         `INDUCTOR_BUFFER_REUSE`), leaves 48 MiB: LPMF's order is needed first",
+        "50 MiB measured, 48 modelled: one 2 MiB small-pool segment, placed, not missing. The committed memory \
+         snapshot's own allocations, replayed in their order through the model's allocator, reserve 50 MiB \
+         (crate/tests/snapshot.rs; `cargo run --release --example replay`): the allocator is right, the order \
+         is not. The tenth segment comes for c_fc's fp32 weight gradient (1 MiB), the last conversion of step 2, \
+         when 12,410,936 B live leave no 1 MiB hole in nine 2 MiB segments. The model's order first departs in \
+         step 1's forward: the wrapper allocates the MLP's c_proj output (fp16 N x C, `buf27`, freed after the \
+         final norm's kernel), which the model's GELU MLP never allocates; without it the measured order reserves \
+         48. Added alone to the model it leaves 48 here and moves the multi-layer nanoGPT records, whose wrappers \
+         keep it while the next block's norm kernels recompute the stream from the branch outputs (freed after \
+         the next kernel: founding +0.20% -> +0.98%, fp32-sgd-accum4-noclip +0.00% -> +7.80% reserved; kept to \
+         the forward's end: 12 of 73 compiled records outside 3%). In the backward Inductor's \
+         reorder_for_peak_memory kept LPMF (5,079,576 B estimated; its own order 5,390,872, BFS 5,472,792, DFS \
+         5,520,920; TORCH_LOGS=+torch._inductor.memory, cold cache), the only record of 17 logged that keeps LPMF \
+         (two keep BFS, within tolerance: tests/data/stub-cuda/README.md): the four fp32 conversions last, \
+         smallest first, both embeddings' gradients zero-filled after the head's weight GEMM, ln_f's weight \
+         reduction before its backward kernel, which then writes the residual gradient over the saved stream \
+         (`buf6 = mul_7  # reuse`), and that buffer handed on to attn.c_proj's fp32 gradient (`buf25 = \
+         reinterpret_tensor(buf38, ...)  # reuse`). In the measured order either reuse undone alone reserves 48; \
+         the conversions or the embedding buffers moved to the model's places keep 50; all those departures \
+         together keep 50: a knife edge only the wrapper's exact order (LPMF's, its reuses, the forward buffer) \
+         settles. No GEMM here takes cuBLASLt's workspace",
     ),
 ];
 

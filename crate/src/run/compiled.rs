@@ -142,10 +142,14 @@
 //!
 //! What it does not follow is the rest of Inductor's scheduler: for Llama a checkpointed backward runs the
 //! attention's weight gradients after all its input gradients (`llama-ckpt-fp16amp-accum2`), where the model keeps
-//! the order above; in small graphs whose weight gradients outweigh their activations Inductor moves the conversions
-//! to the end (`tiny-vocab-grads-amp`); and the reuse's estimated-peak check reads the model's live bytes, where
-//! Inductor's `estimate_peak_memory` also counts a kernel's output written in place over its dying input as a
-//! buffer of its own, and buffers its kernels later fuse away (logged from its planner on
+//! the order above; Inductor's `reorder_for_peak_memory` keeps a topological sort of the backward whose estimated
+//! peak is lower than its own order's (LPMF for `tiny-vocab-grads-amp`, the conversions last; BFS for
+//! `grads-dominate-accum3-fp16` and `wide-2048-fp32-bias`; the 14 other compiled records logged keep their own:
+//! tests/data/stub-cuda/README.md); a GELU MLP's output projection gets no buffer of its own (the wrapper's lives
+//! while the next norm kernels recompute the stream; without dropout the model keeps each attention projection's
+//! output to the forward's end instead, `fused_attn_fwd`); and the reuse's estimated-peak check reads the model's
+//! live bytes, where Inductor's `estimate_peak_memory` also counts a kernel's output written in place over its
+//! dying input as a buffer of its own, and buffers its kernels later fuse away (logged from its planner on
 //! `shakespeare-char-ckpt-compiled`: the backward's estimated peak, 507,501,856 B, is at block 4's GELU backward,
 //! where the gradient written over c_proj's input gradient counts beside it; each ln_1 backward counts a 24 MiB
 //! fp32 buffer the wrapper never allocates). Of the 48 MiB buffers the wrapper hands on there (fc's and GELU's
@@ -1044,7 +1048,8 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
 /// against 71/73 (0.10%). The checkpointed nanoGPT blocks (`gelu_block_discarded`, `gelu_block_backward`) follow
 /// the wrapper only with it on: `shakespeare-char-ckpt-compiled`'s reserved is -2.4% on, -9.8% off (steps 1 to 3:
 /// 666, 692, 740 MiB modelled, 650, 678, 758 measured). `tiny-vocab-grads-amp` stays at -4.0% (48 MiB against 50)
-/// either way: LPMF's order is needed first.
+/// either way: its measured allocations, replayed without either of the two reuses LPMF's order gives its backward
+/// or without the forward's MLP output buffer, reserve 48 too (tests/data/stub-cuda/README.md).
 const INDUCTOR_BUFFER_REUSE: bool = true;
 
 /// A compiled graph starts (`INDUCTOR_BUFFER_REUSE`).
