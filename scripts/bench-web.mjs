@@ -55,17 +55,27 @@ try {
     }
     return times;
   });
-  // The deepest preset: the page at Llama-3.1-70B (its own GPU), batch toggled between 1 and 2.
+  // The deepest preset: the page at Llama-3.1-70B (its own GPU), batch toggled between 1 and 2. Its update draws the
+  // headline within the change event and the rest in later tasks (www/main.js, DEEP_LAYERS): both are timed, the
+  // second until the render is counted (body[data-estimated]).
   await page.selectOption('#preset', 'llama-3.1-70b');
-  await page.waitForSelector('body[data-ready=true]');
-  deepRedraws = await page.evaluate(() => {
+  await page.waitForFunction(() => document.getElementById('results').getAttribute('aria-busy') !== 'true');
+  deepRedraws = await page.evaluate(async () => {
     const input = document.getElementById('batch_size');
     const times = [];
     for (let i = 0; i < 5; i++) {
       input.value = String(i % 2 === 0 ? 2 : 1);
+      const before = document.body.dataset.estimated;
+      const counted = new Promise((resolve) => {
+        const o = new MutationObserver(() => {
+          if (document.body.dataset.estimated !== before) { o.disconnect(); resolve(performance.now()); }
+        });
+        o.observe(document.body, { attributes: true, attributeFilter: ['data-estimated'] });
+      });
       const t0 = performance.now();
       input.dispatchEvent(new Event('change', { bubbles: true }));
-      times.push(performance.now() - t0);
+      const headline = performance.now() - t0;
+      times.push({ headline, whole: (await counted) - t0 });
     }
     return times;
   });
@@ -101,7 +111,8 @@ const rows = [
   ...(snapshotWasm ? [['snapshot reader wasm (loaded when a snapshot is dropped), gzip -9', kb(gz(snapshotWasm)), '']] : []),
   ['navigation to first plot (median of 5)', `${median(firstPlot).toFixed(0)} ms`, '≤ 300 ms'],
   ['full redraw after an input change (median of 100)', `${median(redraws).toFixed(1)} ms`, '≤ 16 ms'],
-  ['full redraw after an input change, Llama-3.1-70B preset (80 layers; median of 5)', `${median(deepRedraws).toFixed(0)} ms`, '≤ 16 ms'],
+  ['Llama-3.1-70B preset (80 layers): its headline after an input change (median of 5)', `${median(deepRedraws.map((t) => t.headline)).toFixed(0)} ms`, ''],
+  ['Llama-3.1-70B preset: the whole redraw after an input change, headline to the last plot (median of 5)', `${median(deepRedraws.map((t) => t.whole)).toFixed(0)} ms`, '≤ 16 ms'],
   ['one estimate in wasm (peak only, founding case; mean of 200)', `${estimateUs.toFixed(0)} µs`, '≤ 1 µs'],
   ['64 x 64 fit map in wasm (mean of 5)', `${fitMapMs.toFixed(1)} ms`, '≤ 2 ms'],
 ];
@@ -125,6 +136,10 @@ ${table}
   the bisections for the largest batch and block that fit), the two sweeps, the fit map and the timeline, all drawn
   with plotters into four canvases; the calls of one redraw share their estimates (\`page::Page\`: each setup is
   simulated once per query). The default case is compiled (nanoGPT's train.py default).
+- **Llama-3.1-70B's redraw** is the same change on the deepest preset (80 layers, on the RTX 4070 the page starts
+  with). A model of 16 layers or more draws its headline (the figures, the bar, eager against compiled) within the
+  change event and the rest (advice, plots, GPU plan, methods) one step per task after the next frame, so the
+  headline row is what a person waits for and the whole row is until the last plot (\`www/main.js\`, DEEP_LAYERS).
 - **One estimate** simulates the allocator over three training steps, op by op (thousands of allocation events for a
   6-layer model); its cost grows in proportion to the number of layers. The 1 µs target would need a closed-form
   model, which is exactly what this project does not trust: the timeline is the product. The 64 x 64 fit map walks

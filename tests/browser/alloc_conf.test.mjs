@@ -2,7 +2,7 @@
 // widget's alloc-conf attribute and the "expandable segments" advice, each checked against the native CLI.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { setUp, openPage, canvasPixels, setField, cliEstimate } from './helpers.mjs';
+import { setUp, openPage, canvasPixels, setField, cliEstimate, waitRender } from './helpers.mjs';
 
 const PAGE_PORT = 8781;
 const WIDGET_PORT = 8782;
@@ -82,7 +82,7 @@ test('where the allocator fragments, the advice suggests expandable segments wit
   const saving = plain.device_total_bytes - expandable.device_total_bytes;
   assert.ok(saving > 1 << 20, `saves ${saving} B`);
   assert.match(await item.textContent(), /: saves [\d.]+ MiB \(total /);
-  await item.locator('button').click();
+  await waitRender(page, () => item.locator('button').click());
   await page.waitForFunction(() => document.getElementById('alloc_conf').value === 'expandable_segments:True');
   assert.equal(await reservedOf(page), expandable.peak_reserved_bytes);
   assert.equal(new URL(page.url()).searchParams.get('alloc_conf'), 'expandable_segments:True');

@@ -50,9 +50,28 @@ export async function launch(extraArgs = []) {
   });
 }
 
-/** Opens the page and waits until the estimator has rendered once. Records every request URL. */
+/** Waits until the page's last update has drawn everything: a deep model's update draws its headline at once and
+ * the rest (advice, plots, GPU plan, methods) in later tasks, with #results aria-busy meanwhile (www/main.js). */
+export async function settled(page, timeout = 20000) {
+  await page.waitForFunction(() => document.getElementById('results')?.getAttribute('aria-busy') !== 'true',
+    undefined, { timeout });
+}
+
+// The page's actions that can start an update: each, on a page from `openPage`, returns once the update is drawn.
+const ACTIONS = ['selectOption', 'check', 'uncheck', 'setChecked', 'click', 'dispatchEvent', 'goBack', 'goForward'];
+
+/** Opens the page and waits until the estimator has rendered once. Records every request URL. The page's actions
+ * (ACTIONS) wait for the update they start to be drawn whole (`settled`). */
 export async function openPage(context, url) {
   const page = await context.newPage();
+  for (const name of ACTIONS) {
+    const act = page[name].bind(page);
+    page[name] = async (...args) => {
+      const result = await act(...args);
+      await settled(page);
+      return result;
+    };
+  }
   const requests = [];
   const errors = [];
   page.on('request', (r) => requests.push(r.url()));
@@ -85,6 +104,7 @@ export async function setField(page, id, value) {
   await page.fill(`#${id}`, String(value));
   await page.dispatchEvent(`#${id}`, 'change');
   await page.waitForFunction((b) => document.body.dataset.estimated !== b, before, { timeout: 3000 }).catch(() => {});
+  await settled(page);
 }
 
 /** The native CLI's JSON estimate (allocated and reserved bytes, ...) for the same query. */
@@ -127,4 +147,5 @@ export async function waitRender(page, action, timeout = 10000) {
   const before = await page.evaluate(() => document.body.dataset.estimated);
   await action();
   await page.waitForFunction((b) => document.body.dataset.estimated !== b, before, { timeout }).catch(() => {});
+  await settled(page);
 }

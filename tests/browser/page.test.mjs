@@ -2,7 +2,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { setUp, openPage, canvasPixels, setField, cliPeakBytes, waitRender, ARTIFACTS } from './helpers.mjs';
+import { setUp, openPage, canvasPixels, setField, cliPeakBytes, waitRender, settled, ARTIFACTS } from './helpers.mjs';
 
 const PORT = 8761;
 
@@ -211,6 +211,65 @@ test('a reloaded link names its preset while the values are the preset\'s, and "
   assert.equal(await preset(), 'llama-3.2-1b');
   await setField(page, 'batch_size', 3);
   assert.equal(await preset(), '', 'the batch size is part of the preset');
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test('a deep model draws its headline at once and the rest after; a newer input abandons the older update', async () => {
+  const { page, errors } = await openPage(env.context, env.server.url);
+  const plot = await canvasPixels(page, 'plot-batch');
+  // One task: choose Llama-3.1-70B (on the RTX 4070 the page starts with). The figures are the preset's at once;
+  // the advice and plots are still the last setup's, dimmed, and the render is not counted yet.
+  const r = await page.evaluate(() => {
+    const before = document.body.dataset.estimated;
+    const advice = document.getElementById('advice').textContent;
+    const select = document.getElementById('preset');
+    select.value = 'llama-3.1-70b';
+    select.dispatchEvent(new Event('change', { bubbles: true }));
+    return {
+      before,
+      busy: document.getElementById('results').getAttribute('aria-busy'),
+      bytes: Number(document.getElementById('peak-allocated').dataset.bytes),
+      adviceKept: document.getElementById('advice').textContent === advice,
+      estimated: document.body.dataset.estimated,
+      opacity: getComputedStyle(document.getElementById('plot-batch')).opacity,
+    };
+  });
+  assert.equal(r.busy, 'true');
+  assert.equal(r.bytes, cliPeakBytes(['--preset', 'llama-3.1-70b', '--gpu', 'rtx-4070']));
+  assert.ok(r.adviceKept, 'the advice is drawn after the headline');
+  assert.equal(r.estimated, r.before, 'the render counts once it is whole');
+  assert.equal(r.opacity, '0.5');
+  await settled(page);
+  assert.equal(await page.evaluate(() => document.body.dataset.estimated), String(Number(r.before) + 1));
+  assert.notEqual((await canvasPixels(page, 'plot-batch')).hash, plot.hash);
+  assert.match(await page.textContent('#largest-batch'), /none/);
+  assert.equal(await page.evaluate(() => getComputedStyle(document.getElementById('plot-batch')).opacity), '1');
+  // Two changes in one task: the first update's later steps never run (its render is never counted); the second's do.
+  const before = await page.evaluate(() => {
+    const before = document.body.dataset.estimated;
+    const input = document.getElementById('batch_size');
+    for (const v of ['2', '3']) {
+      input.value = v;
+      input.dispatchEvent(new Event('change', { bubbles: true }));
+    }
+    return before;
+  });
+  await settled(page);
+  await page.waitForTimeout(300);
+  assert.equal(await page.evaluate(() => document.body.dataset.estimated), String(Number(before) + 1));
+  assert.equal(Number(await page.getAttribute('#peak-allocated', 'data-bytes')),
+    cliPeakBytes(['--preset', 'llama-3.1-70b', '--gpu', 'rtx-4070', '--batch-size', '3']));
+  // A shallower model (the founding case, 6 layers) is one redraw: everything is drawn within the change event.
+  await page.selectOption('#preset', 'nanogpt-30m');
+  const small = await page.evaluate(() => {
+    const input = document.getElementById('batch_size');
+    const before = document.body.dataset.estimated;
+    input.value = '8';
+    input.dispatchEvent(new Event('change', { bubbles: true }));
+    return { busy: document.getElementById('results').getAttribute('aria-busy'), counted: document.body.dataset.estimated !== before };
+  });
+  assert.deepEqual(small, { busy: null, counted: true });
   assert.deepEqual(errors, []);
   await page.close();
 });
