@@ -8,19 +8,11 @@ flame-graph and summary texts), and its text trace. Prints the peak it finds by 
 viewer's "Active Memory Timeline" does (requested sizes) and the peak reserved, and fails on any exception.
 With a measured snapshot as well, prints the same figures for it. Needs torch (the measurement venv), not CI.
 """
-import gzip
-import pickle
 import sys
 
 import torch.cuda._memory_viz as viz
 
-
-def load(path):
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    return pickle.loads(raw)
+from snapshot_events import load  # a snapshot, gzip'd or not (this folder is on sys.path when run as a script)
 
 
 def peaks(snap):
