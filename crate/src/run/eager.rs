@@ -643,9 +643,9 @@ fn token_major(cx: &mut Ctx, g: Tensor, width: u64, bytes: u64) -> Tensor {
 /// into the packed width with `slice_backward` and summed, v's first, as the engine reaches them: fake-cuda trace
 /// of phi3-512-untied-bf16amp; `Qkv::PackedHeads`: concatenated per head, then copied to token-major order:
 /// trace of neox-512-bf16amp).
-fn packed_qkv_bwd(cx: &mut Ctx, gq: Tensor, gk: Tensor, gv: Tensor) -> Tensor {
+fn packed_qkv_bwd(cx: &mut Ctx, gq: Tensor, gk: Tensor, gv: Tensor, bytes: u64) -> Tensor {
     let width = cx.m.q_dim() + 2 * cx.m.kv_dim();
-    let full = cx.n * width * cx.p;
+    let full = cx.n * width * bytes;
     if cx.arch.qkv == Qkv::PackedHeads {
         let cat = cx.alloc(full, Temporary, "cat");
         cx.sim.free_all(&[gk, gq, gv]);
@@ -926,14 +926,18 @@ fn fused_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
 fn separate_attn_fwd(cx: &mut Ctx, input: Tensor) -> (AttnSaved, Tensor) {
     let c = cx.m.n_embd;
     let (qd, kv) = (cx.m.q_dim(), cx.m.kv_dim());
-    let (r, p) = (cx.r, cx.p);
+    let r = cx.r;
     let qkv_bias = cx.arch.qkv_bias;
     // A packed q/k/v projection (Phi-3, GPT-NeoX): one output whose q, k and v are views; it stays whole while
     // SDPA holds the v view (fake-cuda traces of phi3-512-untied-bf16amp and neox-512-bf16amp).
     let packed = cx.arch.qkv != Qkv::Separate;
+    // Under LoRA it is a frozen base Linear with its own adapter (`Role::Qkv`); rotary reads q and k in its
+    // output's dtype (fp32 from a 4-bit base's Linear on the fp32 stream).
     if packed {
-        let (qkv_out, qkv) = ops::linear_fwd(cx, r, c, qd + 2 * kv, qkv_bias, Activations);
-        let (q_rot, k_rot) = rotary_fwd(cx, qd, kv, p);
+        let width = qd + 2 * kv;
+        let (qkv_out, qkv) =
+            ops::proj_fwd(cx, Role::Qkv, (input, r), (c, width), qkv_bias, Activations);
+        let (q_rot, k_rot) = rotary_fwd(cx, qd, kv, qkv.out_bytes);
         return attn_core_fwd(cx, (qkv, None, None), None, qkv_out, q_rot, k_rot);
     }
     let (q_out, q) = ops::proj_fwd(cx, Role::Q, (input, r), (c, qd), qkv_bias, Temporary);
@@ -1066,10 +1070,9 @@ fn attn_core_fwd(
     // qwen2-256-untied-fp32-sgd and qwen3-256-hd64-untied-fp32-sgd, memory-efficient in fp32: exact).
     // v from a 4-bit base's Linear on the fp32 stream is fp32: autocast casts it for the kernel, which saves the
     // cast; the fp32 output lives until the attention module returns.
-    let v_cast = v
-        .as_ref()
-        .filter(|v| v.out_bytes != p)
-        .map(|_| cx.alloc(cx.n * kv * p, Activations, "_to_copy"));
+    // A packed projection's v is a view of its output, in that output's dtype.
+    let v_bytes = v.as_ref().unwrap_or(&q).out_bytes;
+    let v_cast = (v_bytes != p).then(|| cx.alloc(cx.n * kv * p, Activations, "_to_copy"));
     let (core, core_out) = if cx.arch.flash_attn {
         let f = ops::flash_attn_fwd(cx);
         let out = f.out;
@@ -1210,7 +1213,8 @@ fn attn_bwd(
                     let kw = if repeated { qd } else { kv };
                     let (dq, dk, mut dv) = ops::sdpa_bwd_with(cx, sdpa_backend_of(cx, masked), kw);
                     // ToCopyBackward of v's cast (an fp32 v from a 4-bit base): back to fp32.
-                    if let Some(vb) = s.v.as_ref().map(|v| v.out_bytes).filter(|b| *b != p) {
+                    let vb = s.v.as_ref().unwrap_or(&s.q).out_bytes;
+                    if vb != p {
                         let wide = cx.alloc(cx.n * kv * vb, Temporary, "_to_copy");
                         cx.free(dv);
                         dv = wide;
@@ -1288,8 +1292,8 @@ fn attn_bwd(
                 // One packed projection: the three gradients assembled into its output's, one backward.
                 let gk = token_major(cx, gk, kv, in_bytes);
                 let gq = token_major(cx, gq, qd, in_bytes);
-                let g_qkv = packed_qkv_bwd(cx, gq, gk, dv);
-                return ops::linear_bwd(cx, g_qkv, p, true, s.q, norm_out);
+                let g_qkv = packed_qkv_bwd(cx, gq, gk, dv, q_out_bytes);
+                return ops::linear_bwd(cx, g_qkv, q_out_bytes, true, s.q, norm_out);
             };
             // Qwen3: back through the head-wise norms (k's first, as the engine reaches it), to the
             // projections' dtype.
@@ -1347,14 +1351,22 @@ fn mlp_fwd(cx: &mut Ctx, input: Tensor) -> (MlpSaved, Tensor) {
             if cx.arch.packed_gate_up {
                 // Phi-3's `gate_up_proj`: one output chunked into gate and up; the activation saves the gate
                 // half and the product the up half, so it stays whole (fake-cuda trace of
-                // phi3-512-untied-bf16amp).
-                let (gu, gate_up) = ops::linear_fwd(cx, r, c, 2 * i, bias, Activations);
-                let a = cx.alloc(cx.n * i * p, Activations, act_name(cx));
-                let prod = cx.alloc(cx.n * i * p, Activations, "mul");
+                // phi3-512-untied-bf16amp). Under LoRA both are frozen base Linears with their adapters; the
+                // activation and the product are in gate_up's output dtype (fp32 from a 4-bit base's Linear on
+                // the fp32 stream), and the product is kept only if down_proj holds it.
+                let (gu, gate_up) =
+                    ops::proj_fwd(cx, Role::GateUp, (input, r), (c, 2 * i), bias, Activations);
+                let gb = gate_up.out_bytes;
+                let a = cx.alloc(cx.n * i * gb, Activations, act_name(cx));
+                let prod = cx.alloc(cx.n * i * gb, Activations, "mul");
                 cx.drop_unsaved(a);
+                let (d_out, down) =
+                    ops::proj_fwd(cx, Role::Down, (prod, gb), (i, c), bias, Temporary);
+                ops::keep_if_saved(cx, prod, &down);
+                // `gate`, a chunk of the packed output, is `Phi3MLP.forward`'s local until it returns: unsaved,
+                // the output dies after down_proj (stub-cuda snapshot of phi3-qlora-nf4-dq-r16-all-ckpt: the
+                // product's free, then gate_up's fp32 output's, after down_proj's adapter).
                 cx.drop_unsaved(gu);
-                let (d_out, down) = ops::linear_fwd(cx, p, i, c, bias, Temporary);
-                cx.drop_unsaved(prod);
                 let saved = MlpSaved::Packed {
                     gate_up,
                     gu,
@@ -1542,18 +1554,19 @@ fn mlp_bwd(
                 Some(g) => g,
                 None => branch_grad(cx, g_out, None),
             };
+            let gb = gate_up.out_bytes;
             let g_prod = ops::linear_bwd(cx, g_branch, g_bytes, owned, down, Some(prod));
-            let g_act = cx.alloc(cx.n * i * p, Temporary, "mul");
-            let g_up = cx.alloc(cx.n * i * p, Temporary, "mul");
+            let g_act = cx.alloc(cx.n * i * gb, Temporary, "mul");
+            let g_up = cx.alloc(cx.n * i * gb, Temporary, "mul");
             cx.free(g_prod);
             cx.free(act);
-            let g_gate = cx.alloc(cx.n * i * p, Temporary, act_bwd_name(cx));
+            let g_gate = cx.alloc(cx.n * i * gb, Temporary, act_bwd_name(cx));
             cx.free(g_act);
             cx.free(gu);
-            let g_gu = cx.alloc(cx.n * 2 * i * p, Temporary, "cat");
+            let g_gu = cx.alloc(cx.n * 2 * i * gb, Temporary, "cat");
             cx.free(g_gate);
             cx.free(g_up);
-            ops::linear_bwd(cx, g_gu, p, true, gate_up, norm_out)
+            ops::linear_bwd(cx, g_gu, gb, true, gate_up, norm_out)
         }
     }
 }

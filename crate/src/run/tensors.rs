@@ -197,9 +197,9 @@ impl<'a> Ctx<'a> {
 
     /// Whether the input of the current block's projection `role` needs a gradient: always past the first block or
     /// with `block_input_grad`; else (the first block of a LoRA model without input gradients) only once an adapter
-    /// upstream in the block made one: o_proj's after an adapted q, k or v, the MLP's inputs after any adapted
-    /// attention projection, down_proj's also after an adapted gate or up (pre-norm decoder layers, the only ones
-    /// LoRA is modelled on).
+    /// upstream in the block made one: o_proj's after an adapted q, k or v (or packed qkv), the MLP's inputs after
+    /// any adapted attention projection, down_proj's also after an adapted gate or up (or packed gate_up) (pre-norm
+    /// decoder layers, the only ones LoRA is modelled on).
     pub fn role_input_grad(&self, role: Role) -> bool {
         if self.block_input_grad {
             return true;
@@ -208,11 +208,23 @@ impl<'a> Ctx<'a> {
             return true;
         };
         let any = |roles: &[Role]| roles.iter().any(|r| l.targets.has(*r));
+        const QKV: [Role; 4] = [Role::Q, Role::K, Role::V, Role::Qkv];
+        const ATTN: [Role; 5] = [Role::Q, Role::K, Role::V, Role::Qkv, Role::O];
+        const TO_DOWN: [Role; 8] = [
+            Role::Q,
+            Role::K,
+            Role::V,
+            Role::Qkv,
+            Role::O,
+            Role::Gate,
+            Role::Up,
+            Role::GateUp,
+        ];
         match role {
-            Role::Q | Role::K | Role::V => false,
-            Role::O => any(&[Role::Q, Role::K, Role::V]),
-            Role::Gate | Role::Up => any(&[Role::Q, Role::K, Role::V, Role::O]),
-            Role::Down => any(&[Role::Q, Role::K, Role::V, Role::O, Role::Gate, Role::Up]),
+            Role::Q | Role::K | Role::V | Role::Qkv => false,
+            Role::O => any(&QKV),
+            Role::Gate | Role::Up | Role::GateUp => any(&ATTN),
+            Role::Down => any(&TO_DOWN),
         }
     }
 
@@ -999,7 +1011,14 @@ pub fn linear_bwd(
         );
     }
     if saved.quant == Some(Quantization::Int8) {
-        return linear8bit_bwd(cx, grad_out, grad_out_bytes, release_grad_out, saved);
+        let g = linear8bit_bwd(cx, grad_out, grad_out_bytes, release_grad_out, saved);
+        // The input the caller kept for this Linear (its adapter saved it as it came) is let go as for any
+        // Linear; `MatMul8bitLt`'s own hold on it keeps it until the graph is freed (stub-cuda record of
+        // phi3-int8-r16-all-nodrop: without this each step's o_proj inputs outlived the step).
+        if let Some(t) = saved_input {
+            cx.free(t);
+        }
+        return g;
     }
     let cast = (grad_out_bytes != cx.p)
         .then(|| cx.alloc(cx.n * saved.out_f * cx.p, Temporary, "_to_copy"));
