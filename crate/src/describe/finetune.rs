@@ -544,6 +544,7 @@ pub const LORA_FAMILIES: &[Family] = &[
     Family::Gemma2,
     Family::Gemma3,
     Family::Phi3,
+    Family::Olmo2,
 ];
 
 /// The fine-tuning combinations vramfit models; every other one is refused by name.

@@ -105,6 +105,15 @@ struct HfEager {
 }
 
 impl AttnSaved {
+    /// Bytes per element of the branch's output: its output projection's (a 2-byte SDPA output through a 4-bit
+    /// base's Linear stays 2-byte).
+    fn out_bytes(&self) -> u64 {
+        match self {
+            AttnSaved::Fused { c_proj, .. } => c_proj.out_bytes,
+            AttnSaved::Separate(s) => s.o.out_bytes,
+        }
+    }
+
     /// Whether a Linear reading the norm's output holds it (they agree but under LoRA, where an adapter may).
     fn holds_input(&self) -> bool {
         match self {
@@ -148,6 +157,16 @@ pub(crate) enum MlpSaved {
 }
 
 impl MlpSaved {
+    /// Bytes per element of the branch's output: its down projection's (fp32 from a 4-bit base's Linear on an
+    /// fp32 product), or the matmul dtype `p` for a mixture of experts.
+    fn out_bytes(&self, p: u64) -> u64 {
+        match self {
+            MlpSaved::Gelu { proj, .. } => proj.out_bytes,
+            MlpSaved::SwiGlu { down, .. } | MlpSaved::Packed { down, .. } => down.out_bytes,
+            MlpSaved::Moe(_) => p,
+        }
+    }
+
     /// As `AttnSaved::holds_input`.
     pub(crate) fn holds_input(&self) -> bool {
         match self {
@@ -209,6 +228,8 @@ impl MlpSaved {
 struct PostNorm {
     saved: NormSaved,
     input: Option<Tensor>,
+    /// Bytes per element of the branch output, and so of the norm's output and input gradient.
+    bytes: u64,
 }
 
 struct BlockSaved {
@@ -667,14 +688,16 @@ fn packed_qkv_bwd(cx: &mut Ctx, gq: Tensor, gk: Tensor, gv: Tensor, bytes: u64) 
 struct QkNorm {
     saved: NormSaved,
     input: Tensor,
+    /// Bytes per element of the projection output it read.
+    in_bytes: u64,
     out: Tensor,
     out_bytes: u64,
 }
 
-/// The head-wise RMSNorm on a projection's output (`width` = heads x head_dim, in the matmul dtype).
-fn qk_norm_fwd(cx: &mut Ctx, input: Tensor, width: u64) -> QkNorm {
+/// The head-wise RMSNorm on a projection's output (`width` = heads x head_dim, `p` bytes per element: the
+/// matmul dtype, or fp32 from a 4-bit base's Linear on the fp32 stream).
+fn qk_norm_fwd(cx: &mut Ctx, input: Tensor, width: u64, p: u64) -> QkNorm {
     let (rows, cols) = qk_norm_shape(cx, width);
-    let p = cx.p;
     // Gemma 3's are GemmaRMSNorms and OLMo 2's its own: fp32 inside, the output back in the projection's dtype.
     let gemma = cx.arch.norm == Norm::GemmaRmsNorm;
     let fp32_inside = gemma || cx.arch.norm == Norm::Olmo2RmsNorm;
@@ -690,6 +713,7 @@ fn qk_norm_fwd(cx: &mut Ctx, input: Tensor, width: u64) -> QkNorm {
     QkNorm {
         saved,
         input,
+        in_bytes: p,
         out,
         out_bytes: if fp32_inside { p } else { p.max(cx.pb) },
     }
@@ -697,7 +721,7 @@ fn qk_norm_fwd(cx: &mut Ctx, input: Tensor, width: u64) -> QkNorm {
 
 fn qk_norm_bwd(cx: &mut Ctx, g: Tensor, n: QkNorm, width: u64) -> Tensor {
     let (rows, cols) = qk_norm_shape(cx, width);
-    let dims = (rows, cols, cx.p);
+    let dims = (rows, cols, n.in_bytes);
     if cx.arch.norm == Norm::Olmo2RmsNorm {
         ops::olmo2_rms_norm_bwd(cx, g, true, n.saved, Some(n.input), dims)
     } else {
@@ -938,16 +962,23 @@ fn separate_attn_fwd(cx: &mut Ctx, input: Tensor) -> (AttnSaved, Tensor) {
         let (qkv_out, qkv) =
             ops::proj_fwd(cx, Role::Qkv, (input, r), (c, width), qkv_bias, Activations);
         let (q_rot, k_rot) = rotary_fwd(cx, qd, kv, qkv.out_bytes);
-        return attn_core_fwd(cx, (qkv, None, None), None, qkv_out, q_rot, k_rot);
+        let rot = (q_rot, k_rot, rope_bytes(cx));
+        return attn_core_fwd(cx, (qkv, None, None), None, qkv_out, rot);
     }
     let (q_out, q) = ops::proj_fwd(cx, Role::Q, (input, r), (c, qd), qkv_bias, Temporary);
     // Qwen3: each projection goes through its head-wise RMSNorm right away (q's before k's projection); rotary
     // then reads the norm's output, in the wider of the weight's and the projection's dtype (fp32 under
     // autocast: fake-cuda trace of a qwen3 bf16-amp case), and the projection output dies with the norm unless
     // the norm saved it (an fp32 projection).
-    let q_norm = cx.arch.qk_norm.then(|| qk_norm_fwd(cx, q_out, qd));
+    let q_norm = cx
+        .arch
+        .qk_norm
+        .then(|| qk_norm_fwd(cx, q_out, qd, q.out_bytes));
     let (k_out, k) = ops::proj_fwd(cx, Role::K, (input, r), (c, kv), qkv_bias, Temporary);
-    let k_norm = cx.arch.qk_norm.then(|| qk_norm_fwd(cx, k_out, kv));
+    let k_norm = cx
+        .arch
+        .qk_norm
+        .then(|| qk_norm_fwd(cx, k_out, kv, k.out_bytes));
     let (v_out, v) = ops::proj_fwd(cx, Role::V, (input, r), (c, kv), qkv_bias, Activations);
     // Without norms rotary reads the projections' outputs in their dtype (fp32 from a 4-bit base's Linear on
     // the fp32 stream).
@@ -966,25 +997,30 @@ fn separate_attn_fwd(cx: &mut Ctx, input: Tensor) -> (AttnSaved, Tensor) {
     }
     cx.free(q_in);
     cx.free(k_in);
+    // q and k reach the kernel in rotary's dtype, or after OLMo 2's cast back in the norms' output dtype.
+    let rot_bytes = if cx.arch.rope_fp32 {
+        in_bytes
+    } else {
+        rope_bytes(cx)
+    };
     attn_core_fwd(
         cx,
         (q, Some(k), Some(v)),
         Some((q_norm, k_norm)),
         v_out,
-        q_rot,
-        k_rot,
+        (q_rot, k_rot, rot_bytes),
     )
 }
 
-/// The attention from the rotated q and k and v's projection output (`v_out`) through o_proj: HF's eager
-/// attention or SDPA (with an explicit sliding-window mask when the sequence reaches the window).
+/// The attention from the rotated q and k (`rot_bytes` per element) and v's projection output (`v_out`) through
+/// o_proj: HF's eager attention or SDPA (with an explicit sliding-window mask when the sequence reaches the
+/// window).
 fn attn_core_fwd(
     cx: &mut Ctx,
     (q, k, v): (LinearSaved, Option<LinearSaved>, Option<LinearSaved>),
     qk_norms: Option<(Option<QkNorm>, Option<QkNorm>)>,
     v_out: Tensor,
-    q_rot: Tensor,
-    k_rot: Tensor,
+    (q_rot, k_rot, rot_bytes): (Tensor, Tensor, u64),
 ) -> (AttnSaved, Tensor) {
     let c = cx.m.n_embd;
     let (qd, kv) = (cx.m.q_dim(), cx.m.kv_dim());
@@ -1038,14 +1074,16 @@ fn attn_core_fwd(
     let k_rep = copies.then(|| cx.alloc(cx.n * qd * rope_bytes(cx), Temporary, "clone"));
     let v_rep = copies.then(|| cx.alloc(cx.n * qd * p, Activations, "clone"));
     let kw = if repeat { qd } else { kv };
-    let (q_att, k_att) = if !cx.arch.rope_fp32 && rope_bytes(cx) != p && cx.arch.flash_attn {
+    // Autocast casts q and k for the kernel when they reach it wider than the matmul dtype (OLMo 2's fp32
+    // projections on a 4-bit base's fp32 stream too: stub-cuda snapshot of olmo2-int8-r16-all-nodrop).
+    let (q_att, k_att) = if rot_bytes != p && cx.arch.flash_attn {
         // flash_attention_2 under autocast: the rotated q and k are fp32 and flash-attn's op is not on
         // autocast's list; transformers' `fa_peft_integration_check` casts q, then k (v is already 2-byte)
         // to the autocast dtype, and FlashAttnFunc saves the casts.
         let qa = cx.alloc(cx.n * qd * p, Activations, "_to_copy");
         let ka = cx.alloc(cx.n * kw * p, Activations, "_to_copy");
         (qa, ka)
-    } else if !cx.arch.rope_fp32 && rope_bytes(cx) != p {
+    } else if rot_bytes != p {
         let ka = cx.alloc(cx.n * kw * p, Activations, "_to_copy");
         let qa = cx.alloc(cx.n * qd * p, Activations, "_to_copy");
         (qa, ka)
@@ -1284,8 +1322,9 @@ fn attn_bwd(
                 (dq, dk)
             };
             let in_bytes = s.q_norm.as_ref().map_or(q_out_bytes, |n| n.out_bytes);
-            // The gradients reach the projections in their outputs' dtypes (rotary's input dtype without norms).
-            let qk_bytes = if s.q_norm.is_some() { p } else { in_bytes };
+            // The gradients reach the projections in their outputs' dtypes (rotary's input dtype without norms,
+            // the norms' input dtype with them).
+            let qk_bytes = s.q_norm.as_ref().map_or(in_bytes, |n| n.in_bytes);
             let gk = rotary_bwd(cx, dk, kv, in_bytes);
             let gq = rotary_bwd(cx, dq, qd, in_bytes);
             let (Some(k), Some(v)) = (s.k, s.v) else {
@@ -1594,29 +1633,36 @@ pub(crate) fn act_bwd_name(cx: &Ctx) -> &'static str {
 
 /// Gemma 2's norm on a branch output (the matmul dtype): `GemmaRMSNorm`, whose output takes the input's dtype.
 /// Returns the normed output (or the branch output itself without post-norms) and what it saved.
-fn post_norm_fwd(cx: &mut Ctx, branch: Tensor) -> (Tensor, Option<PostNorm>) {
+fn post_norm_fwd(cx: &mut Ctx, branch: Tensor, bytes: u64) -> (Tensor, Option<PostNorm>) {
     if !cx.arch.post_norms {
         return (branch, None);
     }
-    let (n, c, p) = (cx.ns, cx.m.n_embd, cx.p);
+    let (n, c) = (cx.ns, cx.m.n_embd);
     let one_plus = cx.arch.norm == Norm::GemmaRmsNorm;
-    let (out, saved) = ops::fp32_rms_norm_fwd(cx, n, c, p, one_plus);
+    let (out, saved) = ops::fp32_rms_norm_fwd(cx, n, c, bytes, one_plus);
     // A 2-byte branch output was copied to fp32 (saved): it dies here (fake-cuda trace of a gemma2 bf16-amp
     // case: o_proj's output freed right after the norm's cast back).
-    let input = if p == 2 {
+    let input = if bytes == 2 {
         cx.free(branch);
         None
     } else {
         cx.drop_unsaved(branch);
         Some(branch)
     };
-    (out, Some(PostNorm { saved, input }))
+    (
+        out,
+        Some(PostNorm {
+            saved,
+            input,
+            bytes,
+        }),
+    )
 }
 
 /// Backward of `post_norm_fwd` from the residual gradient (held by the skip path): the gradient cast to the
 /// norm output's dtype, then the norm's backward to the branch output's. Returns (gradient, its bytes).
 fn post_norm_bwd(cx: &mut Ctx, g_residual: Tensor, n: PostNorm) -> (Tensor, u64) {
-    let (nc, p, r) = (cx.ns * cx.m.n_embd, cx.p, cx.r);
+    let (nc, p, r) = (cx.ns * cx.m.n_embd, n.bytes, cx.r);
     // The residual gradient in the norm output's dtype: a cast of our own, or the residual's gradient itself,
     // which the skip path still holds (not released here).
     let (g, owned) = if r != p {
@@ -1698,10 +1744,15 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Option<Tensor>) {
         };
         return (saved, Some(x_out));
     }
-    let (a, post1) = post_norm_fwd(cx, a);
+    let (a, post1) = post_norm_fwd(cx, a, attn.out_bytes());
     let x_mid = cx.alloc(nc * r, Activations, "add");
     cx.free(a);
-    if !pre && norm1_out.is_none() && !cx.first_block {
+    // Unsaved by the Linears, the block input (without pre-norms, the stream itself) goes, but not in a
+    // checkpointed block (its first forward, `saving` off, or its recompute): the checkpoint holds its input
+    // until the block's backward is done (stub-cuda snapshot of olmo2-qlora-nf4-dq-r16-all-ckpt: every block's
+    // input live at the loss).
+    let checkpointed = !cx.saving || cx.recompute_stop;
+    if !pre && norm1_out.is_none() && !cx.first_block && !checkpointed {
         cx.free(x_in);
     }
     let (norm2_out, norm2) = branch_input(cx, x_mid);
@@ -1725,7 +1776,7 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Option<Tensor>) {
     let (x_out, post2) = match o {
         Some(o) => {
             let o = distributed::tp_branch_output(cx, o);
-            let (o, post2) = post_norm_fwd(cx, o);
+            let (o, post2) = post_norm_fwd(cx, o, mlp.out_bytes(cx.p));
             let x_out = cx.alloc(nc * r, Activations, "add");
             cx.free(o);
             (Some(x_out), post2)
@@ -2256,9 +2307,11 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
         cx.sim.layer(Some(l as u32));
         cx.sliding_layer = cx.arch.layer_slides(l as u64);
         crate::distributed::pre_backward(cx, l as u64);
+        let mut checkpointed_input = None;
         let s = match s {
             BlockState::Saved(s) => *s,
             BlockState::Checkpointed(x_in) => {
+                checkpointed_input = Some(x_in);
                 // Recompute: the block's forward again under the autocast state of the forward (checkpoint
                 // restores it, and its exit clears the cast cache); its output is discarded, and with it the
                 // recompute's graph and what its nodes held (`graph_holds`). Checkpointing made every block's
@@ -2281,6 +2334,11 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
             }
         };
         g = block_bwd(cx, g, s);
+        // The checkpoint's hold on the block input ends with the block's backward (a pre-norm's backward has
+        // already let go of it as the norm's saved input).
+        if let Some(x_in) = checkpointed_input.take() {
+            cx.free(x_in);
+        }
         crate::distributed::post_backward(cx, l as u64);
     }
     cx.sim.layer(None);

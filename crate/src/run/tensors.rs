@@ -198,8 +198,9 @@ impl<'a> Ctx<'a> {
     /// Whether the input of the current block's projection `role` needs a gradient: always past the first block or
     /// with `block_input_grad`; else (the first block of a LoRA model without input gradients) only once an adapter
     /// upstream in the block made one: o_proj's after an adapted q, k or v (or packed qkv), the MLP's inputs after
-    /// any adapted attention projection, down_proj's also after an adapted gate or up (or packed gate_up) (pre-norm
-    /// decoder layers, the only ones LoRA is modelled on).
+    /// any adapted attention projection, down_proj's also after an adapted gate or up (or packed gate_up). With
+    /// norms after the branches (OLMo 2) the same holds: their weights are frozen, so the stream after the attention
+    /// needs a gradient only through an adapter.
     pub fn role_input_grad(&self, role: Role) -> bool {
         if self.block_input_grad {
             return true;
@@ -857,9 +858,16 @@ fn adapted_bwd(
             None => (grad_out, release_grad_out, ad_cast),
         }
     };
+    // The adapter reads the incoming gradient itself when the base took a cast of it and the adapter none: it
+    // goes once `* scaling`'s backward has read it (a 2-byte gradient reaching a quantized Linear on the fp32
+    // stream: OLMo 2's post-norms hand down_proj one).
+    let ad_reads_grad_out = base_owned && g_ad.is_none() && base_out != p && release_grad_out;
     let g_scaled = cx.alloc(cx.n * n_out * p, Temporary, "mul");
     if let Some(c) = g_ad {
         cx.free(c);
+    }
+    if ad_reads_grad_out && g_base != grad_out {
+        cx.free(grad_out);
     }
     let g_a_out = linear_bwd(cx, g_scaled, p, true, ad.b, Some(ad.a_out));
     let mut g_x = linear_bwd(cx, g_a_out, p, true, ad.a, ad.a_input);
