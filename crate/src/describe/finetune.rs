@@ -29,10 +29,18 @@ pub enum Role {
     Qkv,
     /// Phi-3's packed `gate_up_proj`.
     GateUp,
+    /// GPT-NeoX's packed `query_key_value` (laid out per head).
+    QueryKeyValue,
+    /// GPT-NeoX's attention output projection, `dense`.
+    Dense,
+    /// GPT-NeoX's MLP input, `dense_h_to_4h`.
+    DenseHTo4h,
+    /// GPT-NeoX's MLP output, `dense_4h_to_h`.
+    Dense4hToH,
 }
 
 impl Role {
-    pub const ALL: [Role; 9] = [
+    pub const ALL: [Role; 13] = [
         Role::Q,
         Role::K,
         Role::V,
@@ -42,6 +50,10 @@ impl Role {
         Role::Down,
         Role::Qkv,
         Role::GateUp,
+        Role::QueryKeyValue,
+        Role::Dense,
+        Role::DenseHTo4h,
+        Role::Dense4hToH,
     ];
     pub const NAMES: &'static [&'static str] = &[
         "q_proj",
@@ -53,6 +65,10 @@ impl Role {
         "down_proj",
         "qkv_proj",
         "gate_up_proj",
+        "query_key_value",
+        "dense",
+        "dense_h_to_4h",
+        "dense_4h_to_h",
     ];
 
     pub fn name(self) -> &'static str {
@@ -72,6 +88,12 @@ impl Role {
             (crate::arch::Qkv::PackedSlices, true) => {
                 &[Role::O, Role::Qkv, Role::GateUp, Role::Down]
             }
+            (crate::arch::Qkv::PackedHeads, _) => &[
+                Role::QueryKeyValue,
+                Role::Dense,
+                Role::DenseHTo4h,
+                Role::Dense4hToH,
+            ],
             _ => &[
                 Role::Q,
                 Role::K,
@@ -91,7 +113,7 @@ impl Role {
 pub struct Targets(u16);
 
 impl Targets {
-    pub const ALL_LINEAR: Targets = Targets(0x1ff);
+    pub const ALL_LINEAR: Targets = Targets(0x1fff);
     /// The seven Linears of a Llama-style layer, which is `"all-linear"` there.
     const SEPARATE: u16 = 0x7f;
 
@@ -228,8 +250,11 @@ pub fn adapter_shapes(m: &ModelConfig, lora: &LoraConfig) -> Vec<(u64, u64)> {
         Role::O => (qd, c),
         Role::Gate | Role::Up => (c, i),
         Role::Down => (i, c),
-        Role::Qkv => (c, qd + 2 * kv),
+        Role::Qkv | Role::QueryKeyValue => (c, qd + 2 * kv),
         Role::GateUp => (c, 2 * i),
+        Role::Dense => (qd, c),
+        Role::DenseHTo4h => (c, i),
+        Role::Dense4hToH => (i, c),
     };
     let mut v = Vec::new();
     for _ in 0..m.n_layer {
@@ -499,8 +524,8 @@ pub fn int8_outlier_bound_bytes(m: &ModelConfig, tokens: u64, compute_bytes: u64
     let per_layer: u64 = Role::of_layer(m)
         .iter()
         .map(|r| match r {
-            Role::O => m.q_dim() * compute_bytes,
-            Role::Down => m.intermediate_size * 4,
+            Role::O | Role::Dense => m.q_dim() * compute_bytes,
+            Role::Down | Role::Dense4hToH => m.intermediate_size * 4,
             _ => m.n_embd * 4,
         })
         .sum();
@@ -545,6 +570,7 @@ pub const LORA_FAMILIES: &[Family] = &[
     Family::Gemma3,
     Family::Phi3,
     Family::Olmo2,
+    Family::GptNeox,
 ];
 
 /// The fine-tuning combinations vramfit models; every other one is refused by name.
@@ -854,6 +880,41 @@ mod tests {
             [(16, 512), (512, 16), (16, 512), (1536, 16)]
         );
         assert_eq!(int8_outlier_bound_bytes(&m, 2048, 2), 4 * 2048 * 11_264);
+    }
+
+    /// A GPT-NeoX (Pythia) layer of neox-lora-r16-all-bf16amp (512 wide, MLP 2048): peft's names, in module
+    /// order, and the record's 524,288 trainable parameters: per layer 16 x ((512 + 1536) + (512 + 512) +
+    /// (512 + 2048) + (2048 + 512)).
+    #[test]
+    fn neox_adapters_use_its_own_module_names() {
+        let mut m = crate::presets::model_preset("pythia-160m").unwrap().model;
+        (
+            m.n_layer,
+            m.n_embd,
+            m.n_head,
+            m.n_kv_head,
+            m.intermediate_size,
+            m.head_dim,
+        ) = (4, 512, 8, 8, 2048, 0);
+        assert_eq!(
+            Role::of_layer(&m),
+            [
+                Role::QueryKeyValue,
+                Role::Dense,
+                Role::DenseHTo4h,
+                Role::Dense4hToH
+            ]
+        );
+        let l = LoraConfig::with_rank(16);
+        assert_eq!(trainable_params(&m, &l), 524_288);
+        let qkv = Targets::parse(["query_key_value"]).unwrap();
+        assert_eq!(qkv.names(), ["query_key_value"]);
+        let only_qkv = LoraConfig {
+            targets: qkv,
+            ..LoraConfig::with_rank(16)
+        };
+        // neox-lora-r16-qkv-bf16amp: 131,072.
+        assert_eq!(trainable_params(&m, &only_qkv), 131_072);
     }
 
     /// peft refuses targets that name no module of the model; a Phi-3 layer has no q_proj or v_proj (peft's

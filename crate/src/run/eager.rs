@@ -950,7 +950,7 @@ fn fused_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
 fn separate_attn_fwd(cx: &mut Ctx, input: Tensor) -> (AttnSaved, Tensor) {
     let c = cx.m.n_embd;
     let (qd, kv) = (cx.m.q_dim(), cx.m.kv_dim());
-    let r = cx.r;
+    let r = branch_in_bytes(cx);
     let qkv_bias = cx.arch.qkv_bias;
     // A packed q/k/v projection (Phi-3, GPT-NeoX): one output whose q, k and v are views; it stays whole while
     // SDPA holds the v view (fake-cuda traces of phi3-512-untied-bf16amp and neox-512-bf16amp).
@@ -959,8 +959,12 @@ fn separate_attn_fwd(cx: &mut Ctx, input: Tensor) -> (AttnSaved, Tensor) {
     // output's dtype (fp32 from a 4-bit base's Linear on the fp32 stream).
     if packed {
         let width = qd + 2 * kv;
-        let (qkv_out, qkv) =
-            ops::proj_fwd(cx, Role::Qkv, (input, r), (c, width), qkv_bias, Activations);
+        let role = if cx.arch.qkv == Qkv::PackedHeads {
+            Role::QueryKeyValue
+        } else {
+            Role::Qkv
+        };
+        let (qkv_out, qkv) = ops::proj_fwd(cx, role, (input, r), (c, width), qkv_bias, Activations);
         let (q_rot, k_rot) = rotary_fwd(cx, qd, kv, qkv.out_bytes);
         let rot = (q_rot, k_rot, rope_bytes(cx));
         return attn_core_fwd(cx, (qkv, None, None), None, qkv_out, rot);
@@ -1012,6 +1016,28 @@ fn separate_attn_fwd(cx: &mut Ctx, input: Tensor) -> (AttnSaved, Tensor) {
     )
 }
 
+/// Bytes per element of what a branch's first Linears read: the stream's, or a LayerNorm's fp32 output on a
+/// 2-byte stream under autocast (`ops::layer_norm_widens`).
+fn branch_in_bytes(cx: &Ctx) -> u64 {
+    if cx.arch.pre_norms
+        && matches!(cx.arch.norm, Norm::LayerNorm { .. })
+        && ops::layer_norm_widens(cx)
+    {
+        4
+    } else {
+        cx.r
+    }
+}
+
+/// The attention's output projection by peft's name for it: GPT-NeoX's `dense`, else `o_proj`.
+fn o_role(cx: &Ctx) -> Role {
+    if cx.arch.qkv == Qkv::PackedHeads {
+        Role::Dense
+    } else {
+        Role::O
+    }
+}
+
 /// The attention from the rotated q and k (`rot_bytes` per element) and v's projection output (`v_out`) through
 /// o_proj: HF's eager attention or SDPA (with an explicit sliding-window mask when the sequence reaches the
 /// window).
@@ -1029,7 +1055,7 @@ fn attn_core_fwd(
     let (q_norm, k_norm) = qk_norms.unwrap_or((None, None));
     if cx.arch.core == Core::Manual {
         let (e, y) = hf_eager_fwd(cx, q_rot, k_rot, v_out);
-        let (o_out, o) = ops::proj_fwd(cx, Role::O, (y, p), (qd, c), bias, Temporary);
+        let (o_out, o) = ops::proj_fwd(cx, o_role(cx), (y, p), (qd, c), bias, Temporary);
         // The rotated q and k and v_proj's output: the matmuls saved copies of them. The contiguous output is
         // saved by o_proj only, unless it is frozen (LoRA's base).
         cx.sim.free_all(&[q_rot, k_rot, v_out]);
@@ -1157,7 +1183,11 @@ fn attn_core_fwd(
     let y_copy = (cx.arch.rotary_cat != RotaryCat::Whole && head_major_out)
         .then(|| cx.alloc(cx.n * qd * p, Activations, "clone"));
     let o_in = y_copy.unwrap_or(core_out);
-    let (o_out, o) = ops::proj_fwd(cx, Role::O, (o_in, p), (qd, c), bias, Temporary);
+    let (o_out, o) = ops::proj_fwd(cx, o_role(cx), (o_in, p), (qd, c), bias, Temporary);
+    // The contiguous copy is the attention module's local: it goes when the module returns unless o_proj saved
+    // it (a frozen o_proj does not: stub-cuda snapshots of phi3-lora-r16-all-bf16amp and
+    // neox-lora-r16-all-bf16amp, `sdpa_attention.py`'s copy freed at the attention's return in every block).
+    let y_copy = y_copy.and_then(|y| ops::keep_if_saved(cx, y, &o));
     cx.sim.free_all(&module_locals);
     if q_att != q_rot {
         cx.free(q_rot);
@@ -1367,16 +1397,29 @@ fn attn_bwd(
 fn mlp_fwd(cx: &mut Ctx, input: Tensor) -> (MlpSaved, Tensor) {
     let c = cx.m.n_embd;
     let i = cx.m.intermediate_size;
-    let (r, p) = (cx.r, cx.p);
+    let r = cx.r;
     let bias = cx.arch.mlp_bias;
     match cx.arch.mlp {
         Mlp::Gelu => {
-            let (h, fc) = ops::linear_fwd(cx, r, c, i, bias, Activations);
-            let g = cx.alloc(cx.n * i * p, Activations, "gelu");
-            cx.drop_unsaved(h);
-            let (o, proj) = ops::linear_fwd(cx, p, i, c, bias, Temporary);
-            let (o, drop) = dropout_on(cx, o, cx.n * c, p, Temporary);
-            cx.drop_unsaved(g);
+            // GPT-NeoX's `dense_h_to_4h` and `dense_4h_to_h` (peft's names; frozen with adapters under LoRA):
+            // GELU in the first one's output dtype (fp32 from a 4-bit base's Linear on the fp32 stream), kept only
+            // if the second one holds it.
+            let rb = branch_in_bytes(cx);
+            let (h, fc) =
+                ops::proj_fwd(cx, Role::DenseHTo4h, (input, rb), (c, i), bias, Activations);
+            let hb = fc.out_bytes;
+            let g = cx.alloc(cx.n * i * hb, Activations, "gelu");
+            // GELU saves its input only when it needs a gradient (not before the first adapter of a LoRA model's
+            // first block, whose MLP reads the block input beside the attention: GPT-NeoX's parallel residual).
+            if cx.role_input_grad(Role::Dense4hToH) {
+                cx.drop_unsaved(h);
+            } else {
+                cx.free(h);
+            }
+            let (o, proj) = ops::proj_fwd(cx, Role::Dense4hToH, (g, hb), (i, c), bias, Temporary);
+            let ob = proj.out_bytes;
+            let (o, drop) = dropout_on(cx, o, cx.n * c, ob, Temporary);
+            ops::keep_if_saved(cx, g, &proj);
             let saved = MlpSaved::Gelu {
                 fc,
                 h,
@@ -1549,7 +1592,6 @@ fn mlp_bwd(
     given: Given,
 ) -> Tensor {
     let i = cx.m.intermediate_size;
-    let p = cx.p;
     match s {
         MlpSaved::Gelu {
             fc,
@@ -1562,11 +1604,12 @@ fn mlp_bwd(
                 Some(g) => g,
                 None => branch_grad(cx, g_out, drop),
             };
+            let hb = fc.out_bytes;
             let gh_in = ops::linear_bwd(cx, g_branch, g_bytes, owned, proj, Some(g));
-            let gh = cx.alloc(cx.n * i * p, Temporary, "gelu_backward");
+            let gh = cx.alloc(cx.n * i * hb, Temporary, "gelu_backward");
             cx.free(gh_in);
             cx.free(h);
-            ops::linear_bwd(cx, gh, p, true, fc, norm_out)
+            ops::linear_bwd(cx, gh, hb, true, fc, norm_out)
         }
         s @ MlpSaved::SwiGlu { .. } => {
             let g = match given {
@@ -1724,7 +1767,10 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Option<Tensor>) {
     if cx.arch.parallel_residual {
         // GPT-NeoX: the second norm reads the layer input too; `mlp_out + attn_out` in the branches' dtype, then
         // `+ x` in the stream's (fake-cuda trace of neox-512-bf16amp: 2 MiB bf16, then 4 MiB fp32).
+        // As the first norm: nothing upstream needs a gradient in the first block of a LoRA model.
+        cx.saving = saving && cx.block_input_grad;
         let (norm2_out, norm2) = branch_input(cx, x_in);
+        cx.saving = saving;
         let (mlp, o) = mlp_fwd(cx, norm2_out);
         let norm2_out = branch_input_kept(cx, norm2_out, mlp.holds_input());
         let branches = cx.alloc(nc * cx.p, Temporary, "add");
@@ -2032,7 +2078,9 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
     let (mut x, emb_drop) = dropout_on(cx, x0, ncs, pb, Activations);
     // Whether something in each block saves its input: the first norm, or without pre-norms (OLMo 2) the
     // branch's Linears when they saved no cast of it. The final norm saves the last block's output by its own rule.
-    let final_saves = cx.arch.norm_saves_input(cx.r);
+    // A LayerNorm on autocast's fp32 cast of a 2-byte stream saves the cast, not the stream.
+    let widened = matches!(cx.arch.norm, Norm::LayerNorm { .. }) && ops::layer_norm_widens(cx);
+    let final_saves = cx.arch.norm_saves_input(cx.r) && !widened;
     let stream_saved = if cx.arch.pre_norms {
         final_saves
     } else {

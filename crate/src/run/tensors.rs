@@ -209,23 +209,24 @@ impl<'a> Ctx<'a> {
             return true;
         };
         let any = |roles: &[Role]| roles.iter().any(|r| l.targets.has(*r));
-        const QKV: [Role; 4] = [Role::Q, Role::K, Role::V, Role::Qkv];
-        const ATTN: [Role; 5] = [Role::Q, Role::K, Role::V, Role::Qkv, Role::O];
-        const TO_DOWN: [Role; 8] = [
+        const QKV: [Role; 5] = [Role::Q, Role::K, Role::V, Role::Qkv, Role::QueryKeyValue];
+        const ATTN: [Role; 7] = [
             Role::Q,
             Role::K,
             Role::V,
             Role::Qkv,
+            Role::QueryKeyValue,
             Role::O,
-            Role::Gate,
-            Role::Up,
-            Role::GateUp,
+            Role::Dense,
         ];
+        const MLP_IN: [Role; 4] = [Role::Gate, Role::Up, Role::GateUp, Role::DenseHTo4h];
+        // A parallel residual (GPT-NeoX) feeds the MLP the block input, not the attention's output.
+        let after_attn = !self.arch.parallel_residual && any(&ATTN);
         match role {
-            Role::Q | Role::K | Role::V | Role::Qkv => false,
-            Role::O => any(&QKV),
-            Role::Gate | Role::Up | Role::GateUp => any(&ATTN),
-            Role::Down => any(&TO_DOWN),
+            Role::Q | Role::K | Role::V | Role::Qkv | Role::QueryKeyValue => false,
+            Role::O | Role::Dense => any(&QKV),
+            Role::Gate | Role::Up | Role::GateUp | Role::DenseHTo4h => after_attn,
+            Role::Down | Role::Dense4hToH => after_attn || any(&MLP_IN),
         }
     }
 
@@ -1127,23 +1128,36 @@ impl NormSaved {
     }
 }
 
-/// `F.layer_norm` (`native_layer_norm`): output n x C in the input's dtype (fp32 under autocast: layer_norm is
-/// on autocast's fp32 list), mean and rstd fp32 [n]. Saves input, weight, bias, mean, rstd.
+/// `F.layer_norm` (`native_layer_norm`): output n x C in the input's dtype, mean and rstd fp32 [n]. Saves input,
+/// weight, bias, mean, rstd. layer_norm is on autocast's fp32 list: a 2-byte stream under autocast (a bf16 base,
+/// LoRA's) is cast to fp32 first, the cast saved as the input, and the output is fp32 (stub-cuda snapshot of
+/// neox-lora-r16-all-bf16amp: both norms' 4 MiB casts kept in every block whose input needs a gradient).
 pub fn layer_norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
     let c = cx.m.n_embd;
-    let out = cx.alloc(cx.ns * c * cx.r, Activations, "native_layer_norm");
+    let wide = layer_norm_widens(cx);
+    let copy = wide.then(|| cx.alloc(cx.ns * c * 4, Activations, "_to_copy"));
+    let out_bytes = if wide { 4 } else { cx.r };
+    let out = cx.alloc(cx.ns * c * out_bytes, Activations, "native_layer_norm");
     let mean = cx.alloc(cx.ns * 4, Activations, "native_layer_norm");
     let rstd = cx.alloc(cx.ns * 4, Activations, "native_layer_norm");
     cx.drop_unsaved(mean);
     cx.drop_unsaved(rstd);
+    if let Some(t) = copy {
+        cx.drop_unsaved(t);
+    }
     (
         out,
         NormSaved {
             stats: [Some(mean), Some(rstd)],
-            own: [None, None],
+            own: [copy, None],
             lp_product: false,
         },
     )
+}
+
+/// Whether `F.layer_norm` runs on an fp32 cast of a 2-byte stream (autocast's fp32 list).
+pub fn layer_norm_widens(cx: &Ctx) -> bool {
+    cx.prec.autocast() && cx.r != 4
 }
 
 /// `native_layer_norm_backward`: grad input n x C, grad weight and bias [C] (to `.grad`); then the incoming
@@ -1160,7 +1174,10 @@ pub fn layer_norm_bwd(
     into: Option<Tensor>,
 ) -> Tensor {
     let c = cx.m.n_embd;
-    let gi = cx.alloc(cx.ns * c * cx.r, Temporary, "native_layer_norm_backward");
+    // On autocast's fp32 cast of the input: the gradient in fp32, then the cast's backward to the stream's dtype.
+    let wide = saved.own[0].is_some();
+    let gb_in = if wide { 4 } else { cx.r };
+    let mut gi = cx.alloc(cx.ns * c * gb_in, Temporary, "native_layer_norm_backward");
     let cat = if cx.have_grads { Temporary } else { Grads };
     let trained = !cx.base_frozen();
     let gw = trained.then(|| cx.alloc(c * cx.pb, cat, "native_layer_norm_backward"));
@@ -1168,6 +1185,12 @@ pub fn layer_norm_bwd(
     cx.free(grad_out);
     cx.sim.free_some(&[input]);
     cx.sim.free_some(&saved.stats);
+    cx.sim.free_some(&saved.own);
+    if wide {
+        let narrow = cx.alloc(cx.ns * c * cx.r, Temporary, "_to_copy");
+        cx.free(gi);
+        gi = narrow;
+    }
     let gi = match into {
         Some(acc) => grad_add_into(cx, acc, gi),
         None => gi,
