@@ -629,6 +629,40 @@ fn qlora_on_the_8b_preset_keeps_4bit_weights() {
     }
 }
 
+/// `--preset phi-3-mini --finetune qlora` estimates (it was "not modelled" before Phi-3's packed Linears were):
+/// peft's adapters on the four Linears of each of the 32 layers, `qkv_proj` (3072 -> 9216), `o_proj`,
+/// `gate_up_proj` (3072 -> 16384) and `down_proj` (8192 -> 3072), r 16, fp32: 32 x 16 x 49,152 = 25,165,824
+/// parameters; the same Linears packed two to a byte with a uint8 absmax per 64 (double quantization).
+#[test]
+fn qlora_on_phi_3_mini_adapts_the_packed_linears() {
+    let args = [
+        "estimate",
+        "--preset",
+        "phi-3-mini",
+        "--finetune",
+        "qlora",
+        "--format",
+        "json",
+    ];
+    let v = json_of(&args);
+    let c = &v["components"];
+    let get = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("{k}: {c}"));
+    let adapters: u64 = 32 * 16 * ((3072 + 9216) + (3072 + 3072) + (3072 + 16384) + (8192 + 3072));
+    assert_eq!(adapters, 25_165_824);
+    assert_eq!(get("adapters_bytes"), adapters * 4);
+    let linears: u64 = 32 * 3072 * (9216 + 3072 + 16384 + 8192);
+    let packed = linears / 2 + linears / 64;
+    let q = get("quantized_weights_bytes");
+    assert!(q >= packed && q < packed + (2 << 20), "{q} for {packed}");
+    let (code, out, err) = vramfit(&args[..5]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("LoRA (peft): r=16 on all-linear; 25165824 trainable parameters"),
+        "{out}"
+    );
+    assert!(out.contains("4-bit NF4 with double quantization"), "{out}");
+}
+
 /// An 8-bit base (`--quantization int8`, bitsandbytes `Linear8bitLt`): one byte per decoder Linear weight plus
 /// an fp32 scale per output row (`SCB`), the rest fp32 after prepare_model_for_kbit_training, peft's fp32
 /// adapters; the table names the base. Row scales: 32 layers x (4096 + 1024 + 1024 + 4096 + 2 x 14336 + 4096).

@@ -207,6 +207,54 @@ test('full fine-tuning, LoRA and QLoRA side by side: the CLI\'s figures, the adv
   await page.close();
 });
 
+test('Phi-3-mini with QLoRA on the page: its packed Linears adapted, the CLI\'s figures', async () => {
+  const { page, errors } = await openPage(env.context, env.server.url);
+  await page.selectOption('#preset', 'phi-3-mini');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('family') === 'phi3');
+  assert.ok(!(await page.evaluate(() => document.getElementById('finetune').hidden)), 'fine-tuning for phi3');
+  await select(page, 'gpu', 'rtx-4090');
+  await setField(page, 'batch_size', '1');
+  await setField(page, 'seq_len', '2048');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('seq_len') === '2048');
+  const base = ['--preset', 'phi-3-mini', '--gpu', 'rtx-4090', '--batch-size', '1', '--seq-len', '2048'];
+  // The three recipes side by side, each estimated (none "not modelled"), each the CLI's.
+  if (!(await page.evaluate(() => document.getElementById('methods-section').open))) {
+    await page.click('#methods-section summary');
+  }
+  await page.waitForFunction(() => document.querySelectorAll('#methods tbody tr').length === 3);
+  const cli = cliFinetune(base);
+  const rows = await page.$$eval('#methods tbody tr', (trs) => trs.map((tr) => [...tr.querySelectorAll('td')].map((td) => td.textContent)));
+  for (const [i, cells] of rows.entries()) {
+    const c = cli.methods[i];
+    assert.equal(c.error ?? null, null, c.method);
+    assert.doesNotMatch(cells.join(' '), /not modelled/);
+    assert.equal(cells[2], c.fits ? 'fits' : 'does not fit', c.method);
+    assert.equal(cells[3], c.largest_batch === null ? 'none: even 1 does not fit' : String(c.largest_batch), c.method);
+  }
+  // QLoRA applied from its row: 4-bit NF4 with double quantization, checkpointing, adapters on all-linear.
+  await waitRender(page, () => page.locator('#methods tr[data-method="qlora"] button').click());
+  assert.equal(await param(page, 'quantization'), 'nf4');
+  assert.equal(await param(page, 'lora'), '1');
+  assert.equal(await param(page, 'lora_target_modules'), 'all-linear');
+  assert.equal(await param(page, 'checkpointing'), '1');
+  const qlora = [...base, '--finetune', 'qlora'];
+  assert.equal(await peak(page), cliPeakBytes(qlora));
+  const est = cliEstimate(qlora);
+  // 32 layers x r 16 x ((3072 + 9216) + (3072 + 3072) + (3072 + 16384) + (8192 + 3072)) fp32 adapters.
+  assert.equal(est.components.adapters_bytes, 25165824 * 4);
+  const bytesOf = async (name) => page.$$eval('#components tbody tr', (trs, n) =>
+    trs.find((tr) => tr.querySelector('th').textContent === n).querySelector('td').textContent, name);
+  assert.equal(await bytesOf('4-bit weights'), fmtBytes(est.components.quantized_weights_bytes));
+  assert.equal(await bytesOf('adapters'), fmtBytes(est.components.adapters_bytes));
+  assert.match(await page.textContent('#notes'), /25165824 trainable parameters/);
+  // A Llama-style target names no Linear of a Phi-3 layer: the core's message beside the field.
+  await setField(page, 'lora_target_modules', 'q_proj,v_proj');
+  await page.waitForFunction(() => document.querySelector('.field-error[data-for="lora_target_modules"]').textContent !== '');
+  assert.match(await page.textContent('.field-error[data-for="lora_target_modules"]'), /names no Linear of a phi3 layer, whose Linears are o_proj, qkv_proj, gate_up_proj, down_proj/);
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
 test('the comparison on nanoGPT\'s GPT says why LoRA and QLoRA are not estimated', async () => {
   const { page, errors } = await openPage(env.context, env.server.url);
   assert.equal(await page.evaluate(() => document.querySelectorAll('#methods tbody tr').length), 0, 'not made unasked');

@@ -13,7 +13,9 @@ use crate::model::{Family, ModelConfig, Setup};
 use crate::policy::Precision;
 
 /// The Linears of a Hugging Face decoder layer that LoRA can adapt, by the module names peft's
-/// `target_modules` matches (the suffix of each module's qualified name).
+/// `target_modules` matches (the suffix of each module's qualified name). Phi-3 packs q, k and v into one
+/// `qkv_proj` and gate and up into one `gate_up_proj`; peft wraps a packed Linear as any other (its adapter's
+/// output, `out = q + k + v` or `2 x intermediate` wide, is added to the packed output).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Q,
@@ -23,10 +25,22 @@ pub enum Role {
     Gate,
     Up,
     Down,
+    /// Phi-3's packed `qkv_proj`.
+    Qkv,
+    /// Phi-3's packed `gate_up_proj`.
+    GateUp,
+    /// GPT-NeoX's packed `query_key_value` (laid out per head).
+    QueryKeyValue,
+    /// GPT-NeoX's attention output projection, `dense`.
+    Dense,
+    /// GPT-NeoX's MLP input, `dense_h_to_4h`.
+    DenseHTo4h,
+    /// GPT-NeoX's MLP output, `dense_4h_to_h`.
+    Dense4hToH,
 }
 
 impl Role {
-    pub const ALL: [Role; 7] = [
+    pub const ALL: [Role; 13] = [
         Role::Q,
         Role::K,
         Role::V,
@@ -34,6 +48,12 @@ impl Role {
         Role::Gate,
         Role::Up,
         Role::Down,
+        Role::Qkv,
+        Role::GateUp,
+        Role::QueryKeyValue,
+        Role::Dense,
+        Role::DenseHTo4h,
+        Role::Dense4hToH,
     ];
     pub const NAMES: &'static [&'static str] = &[
         "q_proj",
@@ -43,24 +63,59 @@ impl Role {
         "gate_proj",
         "up_proj",
         "down_proj",
+        "qkv_proj",
+        "gate_up_proj",
+        "query_key_value",
+        "dense",
+        "dense_h_to_4h",
+        "dense_4h_to_h",
     ];
 
     pub fn name(self) -> &'static str {
         Self::NAMES[self as usize]
     }
 
-    fn bit(self) -> u8 {
-        1 << (self as u8)
+    fn bit(self) -> u16 {
+        1 << (self as u16)
+    }
+
+    /// The Linears of one decoder layer of `m`'s family in the order its modules are created, which is the
+    /// order peft wraps them and makes their adapters (transformers 5.24: `Phi3Attention` creates `o_proj`
+    /// before `qkv_proj`; the records' resolved `target_modules`).
+    pub fn of_layer(m: &ModelConfig) -> &'static [Role] {
+        let arch = crate::arch::Arch::of(m, crate::policy::Attention::Sdpa);
+        match (arch.qkv, arch.packed_gate_up) {
+            (crate::arch::Qkv::PackedSlices, true) => {
+                &[Role::O, Role::Qkv, Role::GateUp, Role::Down]
+            }
+            (crate::arch::Qkv::PackedHeads, _) => &[
+                Role::QueryKeyValue,
+                Role::Dense,
+                Role::DenseHTo4h,
+                Role::Dense4hToH,
+            ],
+            _ => &[
+                Role::Q,
+                Role::K,
+                Role::V,
+                Role::O,
+                Role::Gate,
+                Role::Up,
+                Role::Down,
+            ],
+        }
     }
 }
 
 /// Which Linears carry an adapter: a set of `Role`s. peft's `"all-linear"` is every Linear but the output
-/// layer (the records' resolved configs list the seven names of a Llama layer).
+/// layer (the records' resolved configs list the seven names of a Llama layer, the four of a Phi-3 layer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Targets(u8);
+pub struct Targets(u16);
 
 impl Targets {
-    pub const ALL_LINEAR: Targets = Targets(0x7f);
+    pub const ALL_LINEAR: Targets = Targets(0x1fff);
+    /// The seven Linears of a Llama-style layer, which is `"all-linear"` there.
+    const SEPARATE: u16 = 0x7f;
 
     /// `target_modules` as peft takes it: `"all-linear"`, or module names.
     ///
@@ -68,7 +123,7 @@ impl Targets {
     /// A name that is not a Linear of these decoder layers (peft raises "Target modules ... not found in the
     /// base model"), or an empty list.
     pub fn parse<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Targets, Error> {
-        let mut bits = 0u8;
+        let mut bits = 0u16;
         for n in names {
             if n == "all-linear" {
                 bits |= Self::ALL_LINEAR.0;
@@ -105,7 +160,7 @@ impl Targets {
 
     /// The names, `["all-linear"]` for every Linear.
     pub fn names(self) -> Vec<&'static str> {
-        if self == Self::ALL_LINEAR {
+        if self == Self::ALL_LINEAR || self.0 == Self::SEPARATE {
             return vec!["all-linear"];
         }
         Role::ALL
@@ -185,7 +240,8 @@ impl LoraConfig {
 }
 
 /// The adapters peft adds, as (rows, cols), in the order it creates them: layer by layer, each adapted Linear
-/// in module order (q, k, v, o, gate, up, down), A (`r x in`) then B (`out x r`).
+/// in module order (`Role::of_layer`: q, k, v, o, gate, up, down; Phi-3's o, qkv, gate_up, down), A (`r x in`)
+/// then B (`out x r`).
 pub fn adapter_shapes(m: &ModelConfig, lora: &LoraConfig) -> Vec<(u64, u64)> {
     let (c, qd, kv, i) = (m.n_embd, m.q_dim(), m.kv_dim(), m.intermediate_size);
     let shape = |role: Role| match role {
@@ -194,11 +250,16 @@ pub fn adapter_shapes(m: &ModelConfig, lora: &LoraConfig) -> Vec<(u64, u64)> {
         Role::O => (qd, c),
         Role::Gate | Role::Up => (c, i),
         Role::Down => (i, c),
+        Role::Qkv | Role::QueryKeyValue => (c, qd + 2 * kv),
+        Role::GateUp => (c, 2 * i),
+        Role::Dense => (qd, c),
+        Role::DenseHTo4h => (c, i),
+        Role::Dense4hToH => (i, c),
     };
     let mut v = Vec::new();
     for _ in 0..m.n_layer {
-        for role in Role::ALL.into_iter().filter(|r| lora.targets.has(*r)) {
-            let (in_f, out_f) = shape(role);
+        for role in Role::of_layer(m).iter().filter(|r| lora.targets.has(**r)) {
+            let (in_f, out_f) = shape(*role);
             v.extend([(lora.r, in_f), (out_f, lora.r)]);
         }
     }
@@ -455,12 +516,19 @@ pub fn int8_tensors(elems: u64, rows: u64) -> Vec<u64> {
 /// input itself; the weight columns it dequantizes and the extra GEMM's output are transient. The bound takes every
 /// column as an outlier: one more copy of every 8-bit Linear's input (each projection its own, q/k/v of the same
 /// input included), for `tokens` tokens of a pre-norm decoder whose stream is fp32 after
-/// prepare_model_for_kbit_training (q, k, v, gate and up read the fp32 norm outputs, down the fp32 product of
-/// their fp32 outputs) and whose attention output reaches o_proj in the compute dtype (`compute_bytes`). Real
-/// runs see a handful of outlier features in large models (the LLM.int8() paper), far below this.
+/// prepare_model_for_kbit_training (q, k, v, gate and up, or Phi-3's packed qkv and gate_up, read the fp32 norm
+/// outputs, down the fp32 product of their fp32 outputs) and whose attention output reaches o_proj in the compute
+/// dtype (`compute_bytes`). Real runs see a handful of outlier features in large models (the LLM.int8() paper),
+/// far below this.
 pub fn int8_outlier_bound_bytes(m: &ModelConfig, tokens: u64, compute_bytes: u64) -> u64 {
-    let c = m.n_embd;
-    let per_layer = (5 * c + m.intermediate_size) * 4 + m.q_dim() * compute_bytes;
+    let per_layer: u64 = Role::of_layer(m)
+        .iter()
+        .map(|r| match r {
+            Role::O | Role::Dense => m.q_dim() * compute_bytes,
+            Role::Down | Role::Dense4hToH => m.intermediate_size * 4,
+            _ => m.n_embd * 4,
+        })
+        .sum();
     m.n_layer * tokens * per_layer
 }
 
@@ -490,6 +558,20 @@ pub fn base_bytes(setup: &Setup) -> u64 {
 pub fn adapter_bytes(precision: Precision) -> u64 {
     precision.param_bytes()
 }
+
+/// The families LoRA is modelled for, in the refusal's order.
+pub const LORA_FAMILIES: &[Family] = &[
+    Family::Llama,
+    Family::Mistral,
+    Family::Qwen2,
+    Family::Qwen3,
+    Family::Gemma,
+    Family::Gemma2,
+    Family::Gemma3,
+    Family::Phi3,
+    Family::Olmo2,
+    Family::GptNeox,
+];
 
 /// The fine-tuning combinations vramfit models; every other one is refused by name.
 ///
@@ -599,26 +681,33 @@ pub fn check(setup: &Setup) -> Result<(), Error> {
             "must be a number",
         ));
     }
-    // Families whose Linears and norms the LoRA executor walks: separate q/k/v, unpacked gated MLP, a norm
-    // before each branch.
-    let modelled = matches!(
-        m.family,
-        Family::Llama
-            | Family::Mistral
-            | Family::Qwen2
-            | Family::Qwen3
-            | Family::Gemma
-            | Family::Gemma2
-            | Family::Gemma3
-    );
-    if !modelled {
+    // Families whose Linears and norms the LoRA executor walks (each measured: tests/data/finetune).
+    if !LORA_FAMILIES.contains(&m.family) {
         return Err(Error::NotModelled {
             what: format!(
-                "train.lora on {}: LoRA is modelled for Hugging Face families with separate q/k/v and gate/up \
-                 projections and pre-norms (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3)",
-                m.family.name()
+                "train.lora on {}: LoRA is modelled for Hugging Face families {}",
+                m.family.name(),
+                LORA_FAMILIES
+                    .iter()
+                    .map(|f| f.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         });
+    }
+    // peft raises "Target modules {...} not found in the base model" when no module of the model matches.
+    let layer = Role::of_layer(m);
+    if !layer.iter().any(|r| l.targets.has(*r)) {
+        return Err(Error::invalid(
+            "train.lora.target_modules",
+            l.targets.names().join(", "),
+            format!(
+                "names no Linear of a {} layer, whose Linears are {} (peft's default for the Llama-style \
+                 families is q_proj, v_proj)",
+                m.family.name(),
+                layer.iter().map(|r| r.name()).collect::<Vec<_>>().join(", ")
+            ),
+        ));
     }
     if t.compile {
         return Err(Error::NotModelled {
@@ -763,6 +852,102 @@ mod tests {
             m.head_dim,
         ) = (4, 512, 8, 4, 1536, 0);
         assert_eq!(int8_outlier_bound_bytes(&m, 2048, 2), 142_606_336);
+    }
+
+    /// A Phi-3 layer of phi3-lora-r16-all-bf16amp (512 wide, 8 heads of 64, MLP 1536): peft's four Linears in
+    /// module order, o_proj first, and the record's 557,056 trainable parameters: per layer 16 x ((512 + 512) +
+    /// (512 + 1536) + (512 + 3072) + (1536 + 512)). The int8 bound reads each Linear's input once: per layer
+    /// (2 x 512 + 1536) x 4 + 512 x 2 = 11,264 bytes a token.
+    #[test]
+    fn phi3_adapters_are_peft_s_packed_linears() {
+        let mut m = crate::presets::model_preset("phi-3-mini").unwrap().model;
+        (
+            m.n_layer,
+            m.n_embd,
+            m.n_head,
+            m.n_kv_head,
+            m.intermediate_size,
+            m.head_dim,
+        ) = (4, 512, 8, 8, 1536, 0);
+        assert_eq!(
+            Role::of_layer(&m),
+            [Role::O, Role::Qkv, Role::GateUp, Role::Down]
+        );
+        let l = LoraConfig::with_rank(16);
+        assert_eq!(trainable_params(&m, &l), 557_056);
+        assert_eq!(
+            &adapter_shapes(&m, &l)[..4],
+            [(16, 512), (512, 16), (16, 512), (1536, 16)]
+        );
+        assert_eq!(int8_outlier_bound_bytes(&m, 2048, 2), 4 * 2048 * 11_264);
+    }
+
+    /// A GPT-NeoX (Pythia) layer of neox-lora-r16-all-bf16amp (512 wide, MLP 2048): peft's names, in module
+    /// order, and the record's 524,288 trainable parameters: per layer 16 x ((512 + 1536) + (512 + 512) +
+    /// (512 + 2048) + (2048 + 512)).
+    #[test]
+    fn neox_adapters_use_its_own_module_names() {
+        let mut m = crate::presets::model_preset("pythia-160m").unwrap().model;
+        (
+            m.n_layer,
+            m.n_embd,
+            m.n_head,
+            m.n_kv_head,
+            m.intermediate_size,
+            m.head_dim,
+        ) = (4, 512, 8, 8, 2048, 0);
+        assert_eq!(
+            Role::of_layer(&m),
+            [
+                Role::QueryKeyValue,
+                Role::Dense,
+                Role::DenseHTo4h,
+                Role::Dense4hToH
+            ]
+        );
+        let l = LoraConfig::with_rank(16);
+        assert_eq!(trainable_params(&m, &l), 524_288);
+        let qkv = Targets::parse(["query_key_value"]).unwrap();
+        assert_eq!(qkv.names(), ["query_key_value"]);
+        let only_qkv = LoraConfig {
+            targets: qkv,
+            ..LoraConfig::with_rank(16)
+        };
+        // neox-lora-r16-qkv-bf16amp: 131,072.
+        assert_eq!(trainable_params(&m, &only_qkv), 131_072);
+    }
+
+    /// peft refuses targets that name no module of the model; a Phi-3 layer has no q_proj or v_proj (peft's
+    /// default for the Llama-style families), and a Llama layer no qkv_proj.
+    #[test]
+    fn targets_must_name_a_linear_of_the_family() {
+        let e = |family: &str, targets: serde_json::Value| {
+            let s = crate::input::setup_from_value(&serde_json::json!({
+                "model": {"family": family, "n_layer": 2, "n_head": 4, "n_embd": 256,
+                          "intermediate_size": 512, "vocab_size": 1000, "block_size": 64},
+                "train": {"precision": "bf16-amp", "base_dtype": "bf16",
+                          "lora": {"r": 8, "target_modules": targets}}}))?;
+            s.validate()
+        };
+        let phi3 = e("phi3", serde_json::json!(["q_proj", "v_proj"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            phi3.starts_with(
+                "train.lora.target_modules (q_proj, v_proj) names no Linear of a phi3 layer, whose Linears are \
+                 o_proj, qkv_proj, gate_up_proj, down_proj"
+            ),
+            "{phi3}"
+        );
+        assert!(e("llama", serde_json::json!(["qkv_proj"])).is_err());
+        assert_eq!(
+            e("phi3", serde_json::json!(["qkv_proj"])).map_err(|e| e.to_string()),
+            Ok(())
+        );
+        assert_eq!(
+            e("phi3", serde_json::json!("all-linear")).map_err(|e| e.to_string()),
+            Ok(())
+        );
     }
 
     /// tests/data/finetune/stub-cuda.json, llama-lora-r16-all-bf16amp: 622,592 trainable parameters (4 layers,

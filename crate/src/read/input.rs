@@ -2662,7 +2662,8 @@ mod query_tests {
                 .unwrap_err()
                 .to_string(),
             "train.lora.target_modules (\"lm_head\") is not a Linear of a Hugging Face decoder layer vramfit \
-             adapts; use \"all-linear\" or some of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+             adapts; use \"all-linear\" or some of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, \
+             qkv_proj, gate_up_proj, query_key_value, dense, dense_h_to_4h, dense_4h_to_h"
         );
     }
 

@@ -105,6 +105,15 @@ struct HfEager {
 }
 
 impl AttnSaved {
+    /// Bytes per element of the branch's output: its output projection's (a 2-byte SDPA output through a 4-bit
+    /// base's Linear stays 2-byte).
+    fn out_bytes(&self) -> u64 {
+        match self {
+            AttnSaved::Fused { c_proj, .. } => c_proj.out_bytes,
+            AttnSaved::Separate(s) => s.o.out_bytes,
+        }
+    }
+
     /// Whether a Linear reading the norm's output holds it (they agree but under LoRA, where an adapter may).
     fn holds_input(&self) -> bool {
         match self {
@@ -148,6 +157,16 @@ pub(crate) enum MlpSaved {
 }
 
 impl MlpSaved {
+    /// Bytes per element of the branch's output: its down projection's (fp32 from a 4-bit base's Linear on an
+    /// fp32 product), or the matmul dtype `p` for a mixture of experts.
+    fn out_bytes(&self, p: u64) -> u64 {
+        match self {
+            MlpSaved::Gelu { proj, .. } => proj.out_bytes,
+            MlpSaved::SwiGlu { down, .. } | MlpSaved::Packed { down, .. } => down.out_bytes,
+            MlpSaved::Moe(_) => p,
+        }
+    }
+
     /// As `AttnSaved::holds_input`.
     pub(crate) fn holds_input(&self) -> bool {
         match self {
@@ -209,6 +228,8 @@ impl MlpSaved {
 struct PostNorm {
     saved: NormSaved,
     input: Option<Tensor>,
+    /// Bytes per element of the branch output, and so of the norm's output and input gradient.
+    bytes: u64,
 }
 
 struct BlockSaved {
@@ -643,9 +664,9 @@ fn token_major(cx: &mut Ctx, g: Tensor, width: u64, bytes: u64) -> Tensor {
 /// into the packed width with `slice_backward` and summed, v's first, as the engine reaches them: fake-cuda trace
 /// of phi3-512-untied-bf16amp; `Qkv::PackedHeads`: concatenated per head, then copied to token-major order:
 /// trace of neox-512-bf16amp).
-fn packed_qkv_bwd(cx: &mut Ctx, gq: Tensor, gk: Tensor, gv: Tensor) -> Tensor {
+fn packed_qkv_bwd(cx: &mut Ctx, gq: Tensor, gk: Tensor, gv: Tensor, bytes: u64) -> Tensor {
     let width = cx.m.q_dim() + 2 * cx.m.kv_dim();
-    let full = cx.n * width * cx.p;
+    let full = cx.n * width * bytes;
     if cx.arch.qkv == Qkv::PackedHeads {
         let cat = cx.alloc(full, Temporary, "cat");
         cx.sim.free_all(&[gk, gq, gv]);
@@ -667,14 +688,16 @@ fn packed_qkv_bwd(cx: &mut Ctx, gq: Tensor, gk: Tensor, gv: Tensor) -> Tensor {
 struct QkNorm {
     saved: NormSaved,
     input: Tensor,
+    /// Bytes per element of the projection output it read.
+    in_bytes: u64,
     out: Tensor,
     out_bytes: u64,
 }
 
-/// The head-wise RMSNorm on a projection's output (`width` = heads x head_dim, in the matmul dtype).
-fn qk_norm_fwd(cx: &mut Ctx, input: Tensor, width: u64) -> QkNorm {
+/// The head-wise RMSNorm on a projection's output (`width` = heads x head_dim, `p` bytes per element: the
+/// matmul dtype, or fp32 from a 4-bit base's Linear on the fp32 stream).
+fn qk_norm_fwd(cx: &mut Ctx, input: Tensor, width: u64, p: u64) -> QkNorm {
     let (rows, cols) = qk_norm_shape(cx, width);
-    let p = cx.p;
     // Gemma 3's are GemmaRMSNorms and OLMo 2's its own: fp32 inside, the output back in the projection's dtype.
     let gemma = cx.arch.norm == Norm::GemmaRmsNorm;
     let fp32_inside = gemma || cx.arch.norm == Norm::Olmo2RmsNorm;
@@ -690,6 +713,7 @@ fn qk_norm_fwd(cx: &mut Ctx, input: Tensor, width: u64) -> QkNorm {
     QkNorm {
         saved,
         input,
+        in_bytes: p,
         out,
         out_bytes: if fp32_inside { p } else { p.max(cx.pb) },
     }
@@ -697,7 +721,7 @@ fn qk_norm_fwd(cx: &mut Ctx, input: Tensor, width: u64) -> QkNorm {
 
 fn qk_norm_bwd(cx: &mut Ctx, g: Tensor, n: QkNorm, width: u64) -> Tensor {
     let (rows, cols) = qk_norm_shape(cx, width);
-    let dims = (rows, cols, cx.p);
+    let dims = (rows, cols, n.in_bytes);
     if cx.arch.norm == Norm::Olmo2RmsNorm {
         ops::olmo2_rms_norm_bwd(cx, g, true, n.saved, Some(n.input), dims)
     } else {
@@ -926,24 +950,39 @@ fn fused_attn_fwd(cx: &mut Ctx) -> (AttnSaved, Tensor) {
 fn separate_attn_fwd(cx: &mut Ctx, input: Tensor) -> (AttnSaved, Tensor) {
     let c = cx.m.n_embd;
     let (qd, kv) = (cx.m.q_dim(), cx.m.kv_dim());
-    let (r, p) = (cx.r, cx.p);
+    let r = branch_in_bytes(cx);
     let qkv_bias = cx.arch.qkv_bias;
     // A packed q/k/v projection (Phi-3, GPT-NeoX): one output whose q, k and v are views; it stays whole while
     // SDPA holds the v view (fake-cuda traces of phi3-512-untied-bf16amp and neox-512-bf16amp).
     let packed = cx.arch.qkv != Qkv::Separate;
+    // Under LoRA it is a frozen base Linear with its own adapter (`Role::Qkv`); rotary reads q and k in its
+    // output's dtype (fp32 from a 4-bit base's Linear on the fp32 stream).
     if packed {
-        let (qkv_out, qkv) = ops::linear_fwd(cx, r, c, qd + 2 * kv, qkv_bias, Activations);
-        let (q_rot, k_rot) = rotary_fwd(cx, qd, kv, p);
-        return attn_core_fwd(cx, (qkv, None, None), None, qkv_out, q_rot, k_rot);
+        let width = qd + 2 * kv;
+        let role = if cx.arch.qkv == Qkv::PackedHeads {
+            Role::QueryKeyValue
+        } else {
+            Role::Qkv
+        };
+        let (qkv_out, qkv) = ops::proj_fwd(cx, role, (input, r), (c, width), qkv_bias, Activations);
+        let (q_rot, k_rot) = rotary_fwd(cx, qd, kv, qkv.out_bytes);
+        let rot = (q_rot, k_rot, rope_bytes(cx));
+        return attn_core_fwd(cx, (qkv, None, None), None, qkv_out, rot);
     }
     let (q_out, q) = ops::proj_fwd(cx, Role::Q, (input, r), (c, qd), qkv_bias, Temporary);
     // Qwen3: each projection goes through its head-wise RMSNorm right away (q's before k's projection); rotary
     // then reads the norm's output, in the wider of the weight's and the projection's dtype (fp32 under
     // autocast: fake-cuda trace of a qwen3 bf16-amp case), and the projection output dies with the norm unless
     // the norm saved it (an fp32 projection).
-    let q_norm = cx.arch.qk_norm.then(|| qk_norm_fwd(cx, q_out, qd));
+    let q_norm = cx
+        .arch
+        .qk_norm
+        .then(|| qk_norm_fwd(cx, q_out, qd, q.out_bytes));
     let (k_out, k) = ops::proj_fwd(cx, Role::K, (input, r), (c, kv), qkv_bias, Temporary);
-    let k_norm = cx.arch.qk_norm.then(|| qk_norm_fwd(cx, k_out, kv));
+    let k_norm = cx
+        .arch
+        .qk_norm
+        .then(|| qk_norm_fwd(cx, k_out, kv, k.out_bytes));
     let (v_out, v) = ops::proj_fwd(cx, Role::V, (input, r), (c, kv), qkv_bias, Activations);
     // Without norms rotary reads the projections' outputs in their dtype (fp32 from a 4-bit base's Linear on
     // the fp32 stream).
@@ -962,25 +1001,52 @@ fn separate_attn_fwd(cx: &mut Ctx, input: Tensor) -> (AttnSaved, Tensor) {
     }
     cx.free(q_in);
     cx.free(k_in);
+    // q and k reach the kernel in rotary's dtype, or after OLMo 2's cast back in the norms' output dtype.
+    let rot_bytes = if cx.arch.rope_fp32 {
+        in_bytes
+    } else {
+        rope_bytes(cx)
+    };
     attn_core_fwd(
         cx,
         (q, Some(k), Some(v)),
         Some((q_norm, k_norm)),
         v_out,
-        q_rot,
-        k_rot,
+        (q_rot, k_rot, rot_bytes),
     )
 }
 
-/// The attention from the rotated q and k and v's projection output (`v_out`) through o_proj: HF's eager
-/// attention or SDPA (with an explicit sliding-window mask when the sequence reaches the window).
+/// Bytes per element of what a branch's first Linears read: the stream's, or a LayerNorm's fp32 output on a
+/// 2-byte stream under autocast (`ops::layer_norm_widens`).
+fn branch_in_bytes(cx: &Ctx) -> u64 {
+    if cx.arch.pre_norms
+        && matches!(cx.arch.norm, Norm::LayerNorm { .. })
+        && ops::layer_norm_widens(cx)
+    {
+        4
+    } else {
+        cx.r
+    }
+}
+
+/// The attention's output projection by peft's name for it: GPT-NeoX's `dense`, else `o_proj`.
+fn o_role(cx: &Ctx) -> Role {
+    if cx.arch.qkv == Qkv::PackedHeads {
+        Role::Dense
+    } else {
+        Role::O
+    }
+}
+
+/// The attention from the rotated q and k (`rot_bytes` per element) and v's projection output (`v_out`) through
+/// o_proj: HF's eager attention or SDPA (with an explicit sliding-window mask when the sequence reaches the
+/// window).
 fn attn_core_fwd(
     cx: &mut Ctx,
     (q, k, v): (LinearSaved, Option<LinearSaved>, Option<LinearSaved>),
     qk_norms: Option<(Option<QkNorm>, Option<QkNorm>)>,
     v_out: Tensor,
-    q_rot: Tensor,
-    k_rot: Tensor,
+    (q_rot, k_rot, rot_bytes): (Tensor, Tensor, u64),
 ) -> (AttnSaved, Tensor) {
     let c = cx.m.n_embd;
     let (qd, kv) = (cx.m.q_dim(), cx.m.kv_dim());
@@ -989,7 +1055,7 @@ fn attn_core_fwd(
     let (q_norm, k_norm) = qk_norms.unwrap_or((None, None));
     if cx.arch.core == Core::Manual {
         let (e, y) = hf_eager_fwd(cx, q_rot, k_rot, v_out);
-        let (o_out, o) = ops::proj_fwd(cx, Role::O, (y, p), (qd, c), bias, Temporary);
+        let (o_out, o) = ops::proj_fwd(cx, o_role(cx), (y, p), (qd, c), bias, Temporary);
         // The rotated q and k and v_proj's output: the matmuls saved copies of them. The contiguous output is
         // saved by o_proj only, unless it is frozen (LoRA's base).
         cx.sim.free_all(&[q_rot, k_rot, v_out]);
@@ -1034,14 +1100,16 @@ fn attn_core_fwd(
     let k_rep = copies.then(|| cx.alloc(cx.n * qd * rope_bytes(cx), Temporary, "clone"));
     let v_rep = copies.then(|| cx.alloc(cx.n * qd * p, Activations, "clone"));
     let kw = if repeat { qd } else { kv };
-    let (q_att, k_att) = if !cx.arch.rope_fp32 && rope_bytes(cx) != p && cx.arch.flash_attn {
+    // Autocast casts q and k for the kernel when they reach it wider than the matmul dtype (OLMo 2's fp32
+    // projections on a 4-bit base's fp32 stream too: stub-cuda snapshot of olmo2-int8-r16-all-nodrop).
+    let (q_att, k_att) = if rot_bytes != p && cx.arch.flash_attn {
         // flash_attention_2 under autocast: the rotated q and k are fp32 and flash-attn's op is not on
         // autocast's list; transformers' `fa_peft_integration_check` casts q, then k (v is already 2-byte)
         // to the autocast dtype, and FlashAttnFunc saves the casts.
         let qa = cx.alloc(cx.n * qd * p, Activations, "_to_copy");
         let ka = cx.alloc(cx.n * kw * p, Activations, "_to_copy");
         (qa, ka)
-    } else if !cx.arch.rope_fp32 && rope_bytes(cx) != p {
+    } else if rot_bytes != p {
         let ka = cx.alloc(cx.n * kw * p, Activations, "_to_copy");
         let qa = cx.alloc(cx.n * qd * p, Activations, "_to_copy");
         (qa, ka)
@@ -1066,10 +1134,9 @@ fn attn_core_fwd(
     // qwen2-256-untied-fp32-sgd and qwen3-256-hd64-untied-fp32-sgd, memory-efficient in fp32: exact).
     // v from a 4-bit base's Linear on the fp32 stream is fp32: autocast casts it for the kernel, which saves the
     // cast; the fp32 output lives until the attention module returns.
-    let v_cast = v
-        .as_ref()
-        .filter(|v| v.out_bytes != p)
-        .map(|_| cx.alloc(cx.n * kv * p, Activations, "_to_copy"));
+    // A packed projection's v is a view of its output, in that output's dtype.
+    let v_bytes = v.as_ref().unwrap_or(&q).out_bytes;
+    let v_cast = (v_bytes != p).then(|| cx.alloc(cx.n * kv * p, Activations, "_to_copy"));
     let (core, core_out) = if cx.arch.flash_attn {
         let f = ops::flash_attn_fwd(cx);
         let out = f.out;
@@ -1116,7 +1183,11 @@ fn attn_core_fwd(
     let y_copy = (cx.arch.rotary_cat != RotaryCat::Whole && head_major_out)
         .then(|| cx.alloc(cx.n * qd * p, Activations, "clone"));
     let o_in = y_copy.unwrap_or(core_out);
-    let (o_out, o) = ops::proj_fwd(cx, Role::O, (o_in, p), (qd, c), bias, Temporary);
+    let (o_out, o) = ops::proj_fwd(cx, o_role(cx), (o_in, p), (qd, c), bias, Temporary);
+    // The contiguous copy is the attention module's local: it goes when the module returns unless o_proj saved
+    // it (a frozen o_proj does not: stub-cuda snapshots of phi3-lora-r16-all-bf16amp and
+    // neox-lora-r16-all-bf16amp, `sdpa_attention.py`'s copy freed at the attention's return in every block).
+    let y_copy = y_copy.and_then(|y| ops::keep_if_saved(cx, y, &o));
     cx.sim.free_all(&module_locals);
     if q_att != q_rot {
         cx.free(q_rot);
@@ -1210,7 +1281,8 @@ fn attn_bwd(
                     let kw = if repeated { qd } else { kv };
                     let (dq, dk, mut dv) = ops::sdpa_bwd_with(cx, sdpa_backend_of(cx, masked), kw);
                     // ToCopyBackward of v's cast (an fp32 v from a 4-bit base): back to fp32.
-                    if let Some(vb) = s.v.as_ref().map(|v| v.out_bytes).filter(|b| *b != p) {
+                    let vb = s.v.as_ref().unwrap_or(&s.q).out_bytes;
+                    if vb != p {
                         let wide = cx.alloc(cx.n * kv * vb, Temporary, "_to_copy");
                         cx.free(dv);
                         dv = wide;
@@ -1280,16 +1352,17 @@ fn attn_bwd(
                 (dq, dk)
             };
             let in_bytes = s.q_norm.as_ref().map_or(q_out_bytes, |n| n.out_bytes);
-            // The gradients reach the projections in their outputs' dtypes (rotary's input dtype without norms).
-            let qk_bytes = if s.q_norm.is_some() { p } else { in_bytes };
+            // The gradients reach the projections in their outputs' dtypes (rotary's input dtype without norms,
+            // the norms' input dtype with them).
+            let qk_bytes = s.q_norm.as_ref().map_or(in_bytes, |n| n.in_bytes);
             let gk = rotary_bwd(cx, dk, kv, in_bytes);
             let gq = rotary_bwd(cx, dq, qd, in_bytes);
             let (Some(k), Some(v)) = (s.k, s.v) else {
                 // One packed projection: the three gradients assembled into its output's, one backward.
                 let gk = token_major(cx, gk, kv, in_bytes);
                 let gq = token_major(cx, gq, qd, in_bytes);
-                let g_qkv = packed_qkv_bwd(cx, gq, gk, dv);
-                return ops::linear_bwd(cx, g_qkv, p, true, s.q, norm_out);
+                let g_qkv = packed_qkv_bwd(cx, gq, gk, dv, q_out_bytes);
+                return ops::linear_bwd(cx, g_qkv, q_out_bytes, true, s.q, norm_out);
             };
             // Qwen3: back through the head-wise norms (k's first, as the engine reaches it), to the
             // projections' dtype.
@@ -1324,16 +1397,29 @@ fn attn_bwd(
 fn mlp_fwd(cx: &mut Ctx, input: Tensor) -> (MlpSaved, Tensor) {
     let c = cx.m.n_embd;
     let i = cx.m.intermediate_size;
-    let (r, p) = (cx.r, cx.p);
+    let r = cx.r;
     let bias = cx.arch.mlp_bias;
     match cx.arch.mlp {
         Mlp::Gelu => {
-            let (h, fc) = ops::linear_fwd(cx, r, c, i, bias, Activations);
-            let g = cx.alloc(cx.n * i * p, Activations, "gelu");
-            cx.drop_unsaved(h);
-            let (o, proj) = ops::linear_fwd(cx, p, i, c, bias, Temporary);
-            let (o, drop) = dropout_on(cx, o, cx.n * c, p, Temporary);
-            cx.drop_unsaved(g);
+            // GPT-NeoX's `dense_h_to_4h` and `dense_4h_to_h` (peft's names; frozen with adapters under LoRA):
+            // GELU in the first one's output dtype (fp32 from a 4-bit base's Linear on the fp32 stream), kept only
+            // if the second one holds it.
+            let rb = branch_in_bytes(cx);
+            let (h, fc) =
+                ops::proj_fwd(cx, Role::DenseHTo4h, (input, rb), (c, i), bias, Activations);
+            let hb = fc.out_bytes;
+            let g = cx.alloc(cx.n * i * hb, Activations, "gelu");
+            // GELU saves its input only when it needs a gradient (not before the first adapter of a LoRA model's
+            // first block, whose MLP reads the block input beside the attention: GPT-NeoX's parallel residual).
+            if cx.role_input_grad(Role::Dense4hToH) {
+                cx.drop_unsaved(h);
+            } else {
+                cx.free(h);
+            }
+            let (o, proj) = ops::proj_fwd(cx, Role::Dense4hToH, (g, hb), (i, c), bias, Temporary);
+            let ob = proj.out_bytes;
+            let (o, drop) = dropout_on(cx, o, cx.n * c, ob, Temporary);
+            ops::keep_if_saved(cx, g, &proj);
             let saved = MlpSaved::Gelu {
                 fc,
                 h,
@@ -1347,14 +1433,22 @@ fn mlp_fwd(cx: &mut Ctx, input: Tensor) -> (MlpSaved, Tensor) {
             if cx.arch.packed_gate_up {
                 // Phi-3's `gate_up_proj`: one output chunked into gate and up; the activation saves the gate
                 // half and the product the up half, so it stays whole (fake-cuda trace of
-                // phi3-512-untied-bf16amp).
-                let (gu, gate_up) = ops::linear_fwd(cx, r, c, 2 * i, bias, Activations);
-                let a = cx.alloc(cx.n * i * p, Activations, act_name(cx));
-                let prod = cx.alloc(cx.n * i * p, Activations, "mul");
+                // phi3-512-untied-bf16amp). Under LoRA both are frozen base Linears with their adapters; the
+                // activation and the product are in gate_up's output dtype (fp32 from a 4-bit base's Linear on
+                // the fp32 stream), and the product is kept only if down_proj holds it.
+                let (gu, gate_up) =
+                    ops::proj_fwd(cx, Role::GateUp, (input, r), (c, 2 * i), bias, Activations);
+                let gb = gate_up.out_bytes;
+                let a = cx.alloc(cx.n * i * gb, Activations, act_name(cx));
+                let prod = cx.alloc(cx.n * i * gb, Activations, "mul");
                 cx.drop_unsaved(a);
+                let (d_out, down) =
+                    ops::proj_fwd(cx, Role::Down, (prod, gb), (i, c), bias, Temporary);
+                ops::keep_if_saved(cx, prod, &down);
+                // `gate`, a chunk of the packed output, is `Phi3MLP.forward`'s local until it returns: unsaved,
+                // the output dies after down_proj (stub-cuda snapshot of phi3-qlora-nf4-dq-r16-all-ckpt: the
+                // product's free, then gate_up's fp32 output's, after down_proj's adapter).
                 cx.drop_unsaved(gu);
-                let (d_out, down) = ops::linear_fwd(cx, p, i, c, bias, Temporary);
-                cx.drop_unsaved(prod);
                 let saved = MlpSaved::Packed {
                     gate_up,
                     gu,
@@ -1498,7 +1592,6 @@ fn mlp_bwd(
     given: Given,
 ) -> Tensor {
     let i = cx.m.intermediate_size;
-    let p = cx.p;
     match s {
         MlpSaved::Gelu {
             fc,
@@ -1511,11 +1604,12 @@ fn mlp_bwd(
                 Some(g) => g,
                 None => branch_grad(cx, g_out, drop),
             };
+            let hb = fc.out_bytes;
             let gh_in = ops::linear_bwd(cx, g_branch, g_bytes, owned, proj, Some(g));
-            let gh = cx.alloc(cx.n * i * p, Temporary, "gelu_backward");
+            let gh = cx.alloc(cx.n * i * hb, Temporary, "gelu_backward");
             cx.free(gh_in);
             cx.free(h);
-            ops::linear_bwd(cx, gh, p, true, fc, norm_out)
+            ops::linear_bwd(cx, gh, hb, true, fc, norm_out)
         }
         s @ MlpSaved::SwiGlu { .. } => {
             let g = match given {
@@ -1542,18 +1636,19 @@ fn mlp_bwd(
                 Some(g) => g,
                 None => branch_grad(cx, g_out, None),
             };
+            let gb = gate_up.out_bytes;
             let g_prod = ops::linear_bwd(cx, g_branch, g_bytes, owned, down, Some(prod));
-            let g_act = cx.alloc(cx.n * i * p, Temporary, "mul");
-            let g_up = cx.alloc(cx.n * i * p, Temporary, "mul");
+            let g_act = cx.alloc(cx.n * i * gb, Temporary, "mul");
+            let g_up = cx.alloc(cx.n * i * gb, Temporary, "mul");
             cx.free(g_prod);
             cx.free(act);
-            let g_gate = cx.alloc(cx.n * i * p, Temporary, act_bwd_name(cx));
+            let g_gate = cx.alloc(cx.n * i * gb, Temporary, act_bwd_name(cx));
             cx.free(g_act);
             cx.free(gu);
-            let g_gu = cx.alloc(cx.n * 2 * i * p, Temporary, "cat");
+            let g_gu = cx.alloc(cx.n * 2 * i * gb, Temporary, "cat");
             cx.free(g_gate);
             cx.free(g_up);
-            ops::linear_bwd(cx, g_gu, p, true, gate_up, norm_out)
+            ops::linear_bwd(cx, g_gu, gb, true, gate_up, norm_out)
         }
     }
 }
@@ -1581,29 +1676,36 @@ pub(crate) fn act_bwd_name(cx: &Ctx) -> &'static str {
 
 /// Gemma 2's norm on a branch output (the matmul dtype): `GemmaRMSNorm`, whose output takes the input's dtype.
 /// Returns the normed output (or the branch output itself without post-norms) and what it saved.
-fn post_norm_fwd(cx: &mut Ctx, branch: Tensor) -> (Tensor, Option<PostNorm>) {
+fn post_norm_fwd(cx: &mut Ctx, branch: Tensor, bytes: u64) -> (Tensor, Option<PostNorm>) {
     if !cx.arch.post_norms {
         return (branch, None);
     }
-    let (n, c, p) = (cx.ns, cx.m.n_embd, cx.p);
+    let (n, c) = (cx.ns, cx.m.n_embd);
     let one_plus = cx.arch.norm == Norm::GemmaRmsNorm;
-    let (out, saved) = ops::fp32_rms_norm_fwd(cx, n, c, p, one_plus);
+    let (out, saved) = ops::fp32_rms_norm_fwd(cx, n, c, bytes, one_plus);
     // A 2-byte branch output was copied to fp32 (saved): it dies here (fake-cuda trace of a gemma2 bf16-amp
     // case: o_proj's output freed right after the norm's cast back).
-    let input = if p == 2 {
+    let input = if bytes == 2 {
         cx.free(branch);
         None
     } else {
         cx.drop_unsaved(branch);
         Some(branch)
     };
-    (out, Some(PostNorm { saved, input }))
+    (
+        out,
+        Some(PostNorm {
+            saved,
+            input,
+            bytes,
+        }),
+    )
 }
 
 /// Backward of `post_norm_fwd` from the residual gradient (held by the skip path): the gradient cast to the
 /// norm output's dtype, then the norm's backward to the branch output's. Returns (gradient, its bytes).
 fn post_norm_bwd(cx: &mut Ctx, g_residual: Tensor, n: PostNorm) -> (Tensor, u64) {
-    let (nc, p, r) = (cx.ns * cx.m.n_embd, cx.p, cx.r);
+    let (nc, p, r) = (cx.ns * cx.m.n_embd, n.bytes, cx.r);
     // The residual gradient in the norm output's dtype: a cast of our own, or the residual's gradient itself,
     // which the skip path still holds (not released here).
     let (g, owned) = if r != p {
@@ -1665,7 +1767,10 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Option<Tensor>) {
     if cx.arch.parallel_residual {
         // GPT-NeoX: the second norm reads the layer input too; `mlp_out + attn_out` in the branches' dtype, then
         // `+ x` in the stream's (fake-cuda trace of neox-512-bf16amp: 2 MiB bf16, then 4 MiB fp32).
+        // As the first norm: nothing upstream needs a gradient in the first block of a LoRA model.
+        cx.saving = saving && cx.block_input_grad;
         let (norm2_out, norm2) = branch_input(cx, x_in);
+        cx.saving = saving;
         let (mlp, o) = mlp_fwd(cx, norm2_out);
         let norm2_out = branch_input_kept(cx, norm2_out, mlp.holds_input());
         let branches = cx.alloc(nc * cx.p, Temporary, "add");
@@ -1685,10 +1790,15 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Option<Tensor>) {
         };
         return (saved, Some(x_out));
     }
-    let (a, post1) = post_norm_fwd(cx, a);
+    let (a, post1) = post_norm_fwd(cx, a, attn.out_bytes());
     let x_mid = cx.alloc(nc * r, Activations, "add");
     cx.free(a);
-    if !pre && norm1_out.is_none() && !cx.first_block {
+    // Unsaved by the Linears, the block input (without pre-norms, the stream itself) goes, but not in a
+    // checkpointed block (its first forward, `saving` off, or its recompute): the checkpoint holds its input
+    // until the block's backward is done (stub-cuda snapshot of olmo2-qlora-nf4-dq-r16-all-ckpt: every block's
+    // input live at the loss).
+    let checkpointed = !cx.saving || cx.recompute_stop;
+    if !pre && norm1_out.is_none() && !cx.first_block && !checkpointed {
         cx.free(x_in);
     }
     let (norm2_out, norm2) = branch_input(cx, x_mid);
@@ -1712,7 +1822,7 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Option<Tensor>) {
     let (x_out, post2) = match o {
         Some(o) => {
             let o = distributed::tp_branch_output(cx, o);
-            let (o, post2) = post_norm_fwd(cx, o);
+            let (o, post2) = post_norm_fwd(cx, o, mlp.out_bytes(cx.p));
             let x_out = cx.alloc(nc * r, Activations, "add");
             cx.free(o);
             (Some(x_out), post2)
@@ -1968,7 +2078,9 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
     let (mut x, emb_drop) = dropout_on(cx, x0, ncs, pb, Activations);
     // Whether something in each block saves its input: the first norm, or without pre-norms (OLMo 2) the
     // branch's Linears when they saved no cast of it. The final norm saves the last block's output by its own rule.
-    let final_saves = cx.arch.norm_saves_input(cx.r);
+    // A LayerNorm on autocast's fp32 cast of a 2-byte stream saves the cast, not the stream.
+    let widened = matches!(cx.arch.norm, Norm::LayerNorm { .. }) && ops::layer_norm_widens(cx);
+    let final_saves = cx.arch.norm_saves_input(cx.r) && !widened;
     let stream_saved = if cx.arch.pre_norms {
         final_saves
     } else {
@@ -2243,9 +2355,11 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
         cx.sim.layer(Some(l as u32));
         cx.sliding_layer = cx.arch.layer_slides(l as u64);
         crate::distributed::pre_backward(cx, l as u64);
+        let mut checkpointed_input = None;
         let s = match s {
             BlockState::Saved(s) => *s,
             BlockState::Checkpointed(x_in) => {
+                checkpointed_input = Some(x_in);
                 // Recompute: the block's forward again under the autocast state of the forward (checkpoint
                 // restores it, and its exit clears the cast cache); its output is discarded, and with it the
                 // recompute's graph and what its nodes held (`graph_holds`). Checkpointing made every block's
@@ -2268,6 +2382,11 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
             }
         };
         g = block_bwd(cx, g, s);
+        // The checkpoint's hold on the block input ends with the block's backward (a pre-norm's backward has
+        // already let go of it as the norm's saved input).
+        if let Some(x_in) = checkpointed_input.take() {
+            cx.free(x_in);
+        }
         crate::distributed::post_backward(cx, l as u64);
     }
     cx.sim.layer(None);

@@ -623,6 +623,13 @@ impl Sim {
         self.events.as_deref().unwrap_or(&[])
     }
 
+    /// `torch.cuda.empty_cache()`: every cached segment no block is live in goes back to the device.
+    pub fn empty_cache(&mut self) {
+        if self.replay {
+            self.allocator.empty_cache();
+        }
+    }
+
     /// The caching allocator's state after the run: reserved memory, segments, retries, OOMs.
     pub fn allocator(&self) -> &CachingAllocator {
         &self.allocator

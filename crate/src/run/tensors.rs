@@ -197,9 +197,10 @@ impl<'a> Ctx<'a> {
 
     /// Whether the input of the current block's projection `role` needs a gradient: always past the first block or
     /// with `block_input_grad`; else (the first block of a LoRA model without input gradients) only once an adapter
-    /// upstream in the block made one: o_proj's after an adapted q, k or v, the MLP's inputs after any adapted
-    /// attention projection, down_proj's also after an adapted gate or up (pre-norm decoder layers, the only ones
-    /// LoRA is modelled on).
+    /// upstream in the block made one: o_proj's after an adapted q, k or v (or packed qkv), the MLP's inputs after
+    /// any adapted attention projection, down_proj's also after an adapted gate or up (or packed gate_up). With
+    /// norms after the branches (OLMo 2) the same holds: their weights are frozen, so the stream after the attention
+    /// needs a gradient only through an adapter.
     pub fn role_input_grad(&self, role: Role) -> bool {
         if self.block_input_grad {
             return true;
@@ -208,11 +209,24 @@ impl<'a> Ctx<'a> {
             return true;
         };
         let any = |roles: &[Role]| roles.iter().any(|r| l.targets.has(*r));
+        const QKV: [Role; 5] = [Role::Q, Role::K, Role::V, Role::Qkv, Role::QueryKeyValue];
+        const ATTN: [Role; 7] = [
+            Role::Q,
+            Role::K,
+            Role::V,
+            Role::Qkv,
+            Role::QueryKeyValue,
+            Role::O,
+            Role::Dense,
+        ];
+        const MLP_IN: [Role; 4] = [Role::Gate, Role::Up, Role::GateUp, Role::DenseHTo4h];
+        // A parallel residual (GPT-NeoX) feeds the MLP the block input, not the attention's output.
+        let after_attn = !self.arch.parallel_residual && any(&ATTN);
         match role {
-            Role::Q | Role::K | Role::V => false,
-            Role::O => any(&[Role::Q, Role::K, Role::V]),
-            Role::Gate | Role::Up => any(&[Role::Q, Role::K, Role::V, Role::O]),
-            Role::Down => any(&[Role::Q, Role::K, Role::V, Role::O, Role::Gate, Role::Up]),
+            Role::Q | Role::K | Role::V | Role::Qkv | Role::QueryKeyValue => false,
+            Role::O | Role::Dense => any(&QKV),
+            Role::Gate | Role::Up | Role::GateUp | Role::DenseHTo4h => after_attn,
+            Role::Down | Role::Dense4hToH => after_attn || any(&MLP_IN),
         }
     }
 
@@ -845,9 +859,16 @@ fn adapted_bwd(
             None => (grad_out, release_grad_out, ad_cast),
         }
     };
+    // The adapter reads the incoming gradient itself when the base took a cast of it and the adapter none: it
+    // goes once `* scaling`'s backward has read it (a 2-byte gradient reaching a quantized Linear on the fp32
+    // stream: OLMo 2's post-norms hand down_proj one).
+    let ad_reads_grad_out = base_owned && g_ad.is_none() && base_out != p && release_grad_out;
     let g_scaled = cx.alloc(cx.n * n_out * p, Temporary, "mul");
     if let Some(c) = g_ad {
         cx.free(c);
+    }
+    if ad_reads_grad_out && g_base != grad_out {
+        cx.free(grad_out);
     }
     let g_a_out = linear_bwd(cx, g_scaled, p, true, ad.b, Some(ad.a_out));
     let mut g_x = linear_bwd(cx, g_a_out, p, true, ad.a, ad.a_input);
@@ -999,7 +1020,14 @@ pub fn linear_bwd(
         );
     }
     if saved.quant == Some(Quantization::Int8) {
-        return linear8bit_bwd(cx, grad_out, grad_out_bytes, release_grad_out, saved);
+        let g = linear8bit_bwd(cx, grad_out, grad_out_bytes, release_grad_out, saved);
+        // The input the caller kept for this Linear (its adapter saved it as it came) is let go as for any
+        // Linear; `MatMul8bitLt`'s own hold on it keeps it until the graph is freed (stub-cuda record of
+        // phi3-int8-r16-all-nodrop: without this each step's o_proj inputs outlived the step).
+        if let Some(t) = saved_input {
+            cx.free(t);
+        }
+        return g;
     }
     let cast = (grad_out_bytes != cx.p)
         .then(|| cx.alloc(cx.n * saved.out_f * cx.p, Temporary, "_to_copy"));
@@ -1100,23 +1128,36 @@ impl NormSaved {
     }
 }
 
-/// `F.layer_norm` (`native_layer_norm`): output n x C in the input's dtype (fp32 under autocast: layer_norm is
-/// on autocast's fp32 list), mean and rstd fp32 [n]. Saves input, weight, bias, mean, rstd.
+/// `F.layer_norm` (`native_layer_norm`): output n x C in the input's dtype, mean and rstd fp32 [n]. Saves input,
+/// weight, bias, mean, rstd. layer_norm is on autocast's fp32 list: a 2-byte stream under autocast (a bf16 base,
+/// LoRA's) is cast to fp32 first, the cast saved as the input, and the output is fp32 (stub-cuda snapshot of
+/// neox-lora-r16-all-bf16amp: both norms' 4 MiB casts kept in every block whose input needs a gradient).
 pub fn layer_norm_fwd(cx: &mut Ctx) -> (Tensor, NormSaved) {
     let c = cx.m.n_embd;
-    let out = cx.alloc(cx.ns * c * cx.r, Activations, "native_layer_norm");
+    let wide = layer_norm_widens(cx);
+    let copy = wide.then(|| cx.alloc(cx.ns * c * 4, Activations, "_to_copy"));
+    let out_bytes = if wide { 4 } else { cx.r };
+    let out = cx.alloc(cx.ns * c * out_bytes, Activations, "native_layer_norm");
     let mean = cx.alloc(cx.ns * 4, Activations, "native_layer_norm");
     let rstd = cx.alloc(cx.ns * 4, Activations, "native_layer_norm");
     cx.drop_unsaved(mean);
     cx.drop_unsaved(rstd);
+    if let Some(t) = copy {
+        cx.drop_unsaved(t);
+    }
     (
         out,
         NormSaved {
             stats: [Some(mean), Some(rstd)],
-            own: [None, None],
+            own: [copy, None],
             lp_product: false,
         },
     )
+}
+
+/// Whether `F.layer_norm` runs on an fp32 cast of a 2-byte stream (autocast's fp32 list).
+pub fn layer_norm_widens(cx: &Ctx) -> bool {
+    cx.prec.autocast() && cx.r != 4
 }
 
 /// `native_layer_norm_backward`: grad input n x C, grad weight and bias [C] (to `.grad`); then the incoming
@@ -1133,7 +1174,10 @@ pub fn layer_norm_bwd(
     into: Option<Tensor>,
 ) -> Tensor {
     let c = cx.m.n_embd;
-    let gi = cx.alloc(cx.ns * c * cx.r, Temporary, "native_layer_norm_backward");
+    // On autocast's fp32 cast of the input: the gradient in fp32, then the cast's backward to the stream's dtype.
+    let wide = saved.own[0].is_some();
+    let gb_in = if wide { 4 } else { cx.r };
+    let mut gi = cx.alloc(cx.ns * c * gb_in, Temporary, "native_layer_norm_backward");
     let cat = if cx.have_grads { Temporary } else { Grads };
     let trained = !cx.base_frozen();
     let gw = trained.then(|| cx.alloc(c * cx.pb, cat, "native_layer_norm_backward"));
@@ -1141,6 +1185,12 @@ pub fn layer_norm_bwd(
     cx.free(grad_out);
     cx.sim.free_some(&[input]);
     cx.sim.free_some(&saved.stats);
+    cx.sim.free_some(&saved.own);
+    if wide {
+        let narrow = cx.alloc(cx.ns * c * cx.r, Temporary, "_to_copy");
+        cx.free(gi);
+        gi = narrow;
+    }
     let gi = match into {
         Some(acc) => grad_add_into(cx, acc, gi),
         None => gi,
