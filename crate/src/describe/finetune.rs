@@ -781,6 +781,28 @@ pub fn check_parallel(setup: &Setup) -> Result<(), Error> {
 mod tests {
     use super::*;
 
+    /// The page's fine-tuning fieldset is shown for the families its `data-families` lists (www/index.html, written
+    /// by hand): it must name exactly the families LoRA is modelled for, or the page hides a knob the core accepts
+    /// or shows one it refuses.
+    #[test]
+    fn the_pages_fine_tuning_section_lists_the_lora_families() {
+        let html = include_str!("../../../www/index.html");
+        let tag = html
+            .lines()
+            .find(|l| l.contains("<fieldset id=\"finetune\""))
+            .expect("the page's fine-tuning fieldset");
+        let listed = tag
+            .split("data-families=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .expect("its data-families");
+        let mut page: Vec<&str> = listed.split_whitespace().collect();
+        let mut core: Vec<&str> = LORA_FAMILIES.iter().map(|f| f.name()).collect();
+        page.sort_unstable();
+        core.sort_unstable();
+        assert_eq!(page, core);
+    }
+
     /// LoRA on several GPUs: modelled under DDP and FSDP2 on a plain base; what was not measured is refused by
     /// name, with the reason.
     #[test]
