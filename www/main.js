@@ -264,13 +264,19 @@ function renderAdvice(a) {
 }
 
 // The four plots of a setup, each a function that draws one.
+// Each canvas says which query it shows (`data-query`), so that an export takes only the current setup's plots.
 function plotSteps(query) {
   const isDark = dark();
+  const drawn = (id, draw) => () => {
+    delete $(id).dataset.query;
+    draw($(id));
+    $(id).dataset.query = query;
+  };
   return [
-    () => vf.draw_sweep($('plot-batch'), query, 'batch_size', isDark, sizeCanvas($('plot-batch'))),
-    () => vf.draw_sweep($('plot-block'), query, 'block_size', isDark, sizeCanvas($('plot-block'))),
-    () => vf.draw_fit_map($('plot-fitmap'), query, isDark, sizeCanvas($('plot-fitmap'))),
-    () => vf.draw_timeline($('plot-timeline'), query, isDark, sizeCanvas($('plot-timeline'))),
+    drawn('plot-batch', (c) => vf.draw_sweep(c, query, 'batch_size', isDark, sizeCanvas(c))),
+    drawn('plot-block', (c) => vf.draw_sweep(c, query, 'block_size', isDark, sizeCanvas(c))),
+    drawn('plot-fitmap', (c) => vf.draw_fit_map(c, query, isDark, sizeCanvas(c))),
+    drawn('plot-timeline', (c) => vf.draw_timeline(c, query, isDark, sizeCanvas(c))),
   ];
 }
 
@@ -313,7 +319,9 @@ function showMethods(query) {
 }
 
 function drawGpus(query) {
+  delete $('plot-gpus').dataset.query;
   renderGpuPlan(vf.draw_gpus($('plot-gpus'), query, dark(), sizeCanvas($('plot-gpus'))));
+  $('plot-gpus').dataset.query = query;
 }
 
 function applyButton(query, label = 'Apply') {
@@ -401,6 +409,7 @@ function update(push, first = false) {
   renderEstimate(est);
   lastEstimate = est;
   lastGood = query;
+  markSnapshot();
   if (!$('embed-panel').hidden) renderSnippets();
   const url = `${location.pathname}?${query}`;
   if (push) history.pushState(null, '', url);
@@ -423,6 +432,7 @@ function laterSteps(query, est) {
 // Runs `steps` (at once, or one per task when `deferred`) until one fails, which is reported as before; then counts
 // the render (`data-estimated`, which the browser tests wait on). While steps remain, #results is aria-busy (the
 // parts still to come are dimmed by the style sheet).
+let finishUpdate = () => {}; // runs what the last deferred update has left, at once
 function runLater(steps, gen, deferred) {
   const step = (f) => {
     try {
@@ -445,10 +455,21 @@ function runLater(steps, gen, deferred) {
   }
   $('results').setAttribute('aria-busy', 'true');
   let i = 0;
+  let finished = false;
   const next = () => {
-    if (gen !== generation) return; // a newer update has taken over, and counts its own render
+    if (gen !== generation || finished) return; // a newer update has taken over, and counts its own render
     if (i < steps.length && step(steps[i++])) setTimeout(next, 0);
-    else done();
+    else { finished = true; finishUpdate = () => {}; done(); }
+  };
+  // An export (or anything else that needs the whole view) runs the steps left at once; the tasks already queued
+  // then find nothing to do.
+  finishUpdate = () => {
+    if (gen !== generation) return;
+    if (finished) return;
+    finished = true;
+    while (i < steps.length) if (!step(steps[i++])) break;
+    finishUpdate = () => {};
+    done();
   };
   // After the next frame, so that the headline is painted before the first step's estimates.
   requestAnimationFrame(() => setTimeout(next, 0));
@@ -472,9 +493,11 @@ function fillSelects() {
   for (const g of p.gpus) gpuDetails.set(g.id, g.detail);
 }
 
+// A GPU is the device only: the strategy and the rest of the GPUs group stay (a link's parallel=ddp with its gpu,
+// a person choosing another GPU for an FSDP setup).
 function applyGpu(id) {
   if (id === 'custom') return;
-  applyQuery(vf.gpu_query(id));
+  applyQuery(vf.gpu_query(id), true);
   $('gpu').value = id;
 }
 
@@ -524,24 +547,49 @@ function loadText(text) {
 // not carry it); the worker reads the file in chunks (the progress bar) and parses it off this thread, so the page
 // stays usable however large the file. Every number shown is formatted in Rust.
 let snapshotWorker = null;
+// The worker's requests in flight, by id: each message back goes to its own request's handler, so that a
+// predicted snapshot asked for while a file is read neither takes the read's progress for its bytes nor leaves
+// the read unfinished. A handler returns true once its request is done.
+const snapshotRequests = new Map();
+let snapshotRequestId = 0;
+let snapshotRead = 0; // the id of the latest read: an earlier read's messages are dropped
 
 function worker() {
-  snapshotWorker ||= new Worker(new URL('./snapshot-worker.js', import.meta.url), { type: 'module' });
+  if (!snapshotWorker) {
+    snapshotWorker = new Worker(new URL('./snapshot-worker.js', import.meta.url), { type: 'module' });
+    snapshotWorker.onmessage = (ev) => {
+      const handle = snapshotRequests.get(ev.data.id);
+      if (handle && handle(ev.data)) snapshotRequests.delete(ev.data.id);
+    };
+    // The worker could not start: every request in flight is told, and the next one starts a new worker.
+    snapshotWorker.onerror = (ev) => {
+      const message = ev.message || 'worker error';
+      snapshotWorker = null;
+      const waiting = [...snapshotRequests.values()];
+      snapshotRequests.clear();
+      for (const handle of waiting) handle({ workerError: message });
+    };
+  }
   return snapshotWorker;
+}
+
+// Posts `message` to the worker with a new id; `handle` receives every message back for it.
+function askWorker(message, handle) {
+  const id = ++snapshotRequestId;
+  const w = worker();
+  snapshotRequests.set(id, handle);
+  w.postMessage({ id, ...message });
+  return id;
 }
 
 // The predicted timeline as a PyTorch memory snapshot, written by the snapshot module in the worker.
 function predictedSnapshot(query) {
-  const w = worker();
-  w.onmessage = (ev) => {
-    if (ev.data.error) $('global-error').textContent = ev.data.error;
-    else download('vramfit-predicted.pickle', new Blob([ev.data.predicted], { type: 'application/octet-stream' }));
-  };
-  w.onerror = (ev) => {
-    $('global-error').textContent = `The snapshot writer could not start (${ev.message || 'worker error'}).`;
-    snapshotWorker = null;
-  };
-  w.postMessage({ predictQuery: query });
+  askWorker({ predictQuery: query }, (m) => {
+    if (m.workerError) $('global-error').textContent = `The snapshot writer could not start (${m.workerError}).`;
+    else if (m.error) $('global-error').textContent = m.error;
+    else download('vramfit-predicted.pickle', new Blob([m.predicted], { type: 'application/octet-stream' }));
+    return true;
+  });
 }
 
 function renderSnapshot(r) {
@@ -566,6 +614,11 @@ function renderSnapshot(r) {
   $('snapshot-result').hidden = false;
 }
 
+// The file last read and the estimate it was compared with: a later setup's estimate marks that comparison as
+// an earlier setup's (its "vramfit" column and difference), with a button that compares the file again.
+let snapshotFile = null;
+let snapshotCompared = null;
+
 function readSnapshot(file) {
   if (!file) return;
   $('snapshot-error').textContent = '';
@@ -577,43 +630,58 @@ function readSnapshot(file) {
   progress.hidden = false;
   progress.removeAttribute('value');
   $('snapshot-status').textContent = `Reading ${file.name}…`;
-  worker().onmessage = (ev) => {
-    const m = ev.data;
+  const compared = { allocated: lastEstimate.peak_allocated_bytes, reserved: lastEstimate.peak_reserved_bytes };
+  const finish = () => {
+    progress.hidden = true;
+    document.body.dataset.snapshotsRead = String(Number(document.body.dataset.snapshotsRead || 0) + 1);
+    return true;
+  };
+  const id = askWorker({ file, predictedAllocated: compared.allocated, predictedReserved: compared.reserved }, (m) => {
+    if (id !== snapshotRead) return m.result !== undefined || m.error !== undefined || m.workerError !== undefined;
+    if (m.workerError) {
+      $('snapshot-error').textContent = `The snapshot reader could not start (${m.workerError}).`;
+      $('snapshot-status').textContent = '';
+      return finish();
+    }
     if (m.progress !== undefined) {
       progress.max = m.total;
       progress.value = m.progress;
-      return;
+      return false;
     }
     if (m.reading) {
       progress.removeAttribute('value');
       $('snapshot-status').textContent = `Reading the trace of ${file.name}…`;
-      return;
+      return false;
     }
-    progress.hidden = true;
     $('snapshot-status').textContent = '';
     if (m.error) {
       $('snapshot-result').hidden = true;
       $('snapshot-error').textContent = `${file.name}: ${m.error}`;
+      snapshotFile = null;
+      snapshotCompared = null;
     } else {
       renderSnapshot(m.result);
       $('snapshot-status').textContent = `${file.name}: read.`;
+      snapshotFile = file;
+      snapshotCompared = compared;
+      markSnapshot();
     }
-    document.body.dataset.snapshotsRead = String(Number(document.body.dataset.snapshotsRead || 0) + 1);
-  };
-  snapshotWorker.onerror = (ev) => {
-    progress.hidden = true;
-    $('snapshot-error').textContent = `The snapshot reader could not start (${ev.message || 'worker error'}).`;
-    snapshotWorker = null;
-    document.body.dataset.snapshotsRead = String(Number(document.body.dataset.snapshotsRead || 0) + 1);
-  };
-  snapshotWorker.postMessage({
-    file,
-    predictedAllocated: lastEstimate.peak_allocated_bytes,
-    predictedReserved: lastEstimate.peak_reserved_bytes,
+    return finish();
   });
+  snapshotRead = id;
+}
+
+// After an update: a comparison made with another setup's estimate says so, and offers to compare again.
+function markSnapshot() {
+  if (!snapshotCompared || !lastEstimate) return;
+  const stale = snapshotCompared.allocated !== lastEstimate.peak_allocated_bytes
+    || snapshotCompared.reserved !== lastEstimate.peak_reserved_bytes;
+  $('snapshot-result').toggleAttribute('data-stale', stale);
+  $('snapshot-stale').hidden = !stale;
 }
 
 function wireSnapshot() {
+  $('snapshot-again').addEventListener('click', () => readSnapshot(snapshotFile));
   $('snapshot-file').addEventListener('change', (ev) => readSnapshot(ev.target.files[0]));
   const drop = $('snapshot-drop');
   drop.addEventListener('dragover', (ev) => { ev.preventDefault(); drop.classList.add('over'); });
@@ -636,8 +704,13 @@ function download(name, blob) {
 }
 
 function wireExports() {
+  // The plots of the setup shown: a deep model's update still drawing finishes first, and a plot left from
+  // another setup (the GPU plan of a setup that did not fit one GPU, say) is not exported as this one's.
   $('export-png').addEventListener('click', () => {
+    if (!lastGood) return;
+    finishUpdate();
     for (const id of ['plot-batch', 'plot-block', 'plot-fitmap', 'plot-timeline', 'plot-gpus']) {
+      if ($(id).dataset.query !== lastGood) continue;
       $(id).toBlob((b) => b && download(`vramfit-${id.slice(5)}.png`, b), 'image/png');
     }
   });
@@ -683,6 +756,10 @@ async function main() {
     const p = new URLSearchParams(q);
     try { vf.normalize_query(q); } catch (err) { linkError = err.message; }
     applyQuery(q);
+    // A link's block size without a sequence length trains on whole blocks, as the widget and the CLI read it
+    // (the core's default), not on the default preset's 512 tokens ("train.seq_len (512) is longer than
+    // model.block_size (256)" for a link of block_size=256).
+    if (p.has('block_size') && !p.has('seq_len')) $('seq_len').value = '';
     if (p.has('gpu')) {
       // The link's GPU is the device, as in the widget: its memory and compute capability, over any the link
       // also holds (links written before issue 12's fix could hold another GPU's).
