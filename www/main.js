@@ -125,6 +125,22 @@ function applyQuery(query, keepParallel = false) {
   syncSlider();
 }
 
+// Back or forward to one of the page's own URLs: the view it was. Those URLs leave out an empty field
+// (PYTORCH_CUDA_ALLOC_CONF, the modules to save, a base quantized with none, the SM count, ...) and name no GPU
+// preset for a device typed in: a field of the URL's family that it leaves out is emptied, and a URL without a
+// GPU is a custom device, before the URL's values are applied. (Left as they were, the newer entry's values
+// stayed in the form: back from a 4-bit base estimated the 4-bit base again, and wrote it into the older entry.)
+function applyHistory(query) {
+  const p = new URLSearchParams(query);
+  const family = p.get('family') || $('family').value;
+  for (const k of KNOBS) {
+    if (p.has(k) || !fieldApplies(k, family) || $(k).type === 'checkbox') continue;
+    $(k).value = '';
+  }
+  if (!p.has('gpu')) $('gpu').value = 'custom';
+  applyQuery(query);
+}
+
 // A model (a preset or a pasted config) keeps the GPU: a preset's own device and a pasted setup's "device" are
 // left out, so the selected GPU, or the memory and compute capability typed in, stay what the estimate uses.
 // See: issue 12 (RTX 4070 selected, Llama-2-7B chosen: the list said RTX 4070, the estimate used 80 GiB).
@@ -387,6 +403,11 @@ function showInternal(err) {
 // the page says it is ready.
 const DEEP_LAYERS = 16;
 let generation = 0;
+// History: a change (a select, a checkbox, a field left) is a new entry (`push` true); the updates made while a
+// person types in a field (`push` 'live', one a frame) share one entry, pushed at the first and replaced after,
+// which the field's change then completes, so that back returns to the view before the typing. (Each
+// keystroke's update used to replace the current entry: back after typing a batch size stayed on the new one.)
+let typing = false; // the current entry was pushed by typing that no change has completed yet
 function update(push, first = false) {
   const gen = ++generation;
   showGpuDetail();
@@ -412,8 +433,15 @@ function update(push, first = false) {
   markSnapshot();
   if (!$('embed-panel').hidden) renderSnippets();
   const url = `${location.pathname}?${query}`;
-  if (push) history.pushState(null, '', url);
-  else history.replaceState(null, '', url);
+  if (push === 'live') {
+    if (typing) history.replaceState(null, '', url);
+    else history.pushState(null, '', url);
+    typing = true;
+  } else {
+    if (push && !typing) history.pushState(null, '', url);
+    else history.replaceState(null, '', url);
+    typing = false;
+  }
   const deep = Number(new URLSearchParams(query).get('n_layer')) >= DEEP_LAYERS;
   runLater(laterSteps(query, est), gen, !first && deep);
   return true;
@@ -475,12 +503,17 @@ function runLater(steps, gen, deferred) {
   requestAnimationFrame(() => setTimeout(next, 0));
 }
 
+// One live update a frame while a person types; none where an update has run since (a select's or a checkbox's
+// change, whose input event comes with it).
 let pending = false;
-function scheduleUpdate(push) {
-  if (push) { update(true); return; }
+function scheduleUpdate() {
   if (pending) return;
   pending = true;
-  requestAnimationFrame(() => { pending = false; update(false); });
+  const gen = generation;
+  requestAnimationFrame(() => {
+    pending = false;
+    if (gen === generation) update('live');
+  });
 }
 
 // ---- presets, GPU, WebGPU, paste ----------------------------------------------------------------------------
@@ -781,7 +814,7 @@ async function main() {
     if (ev.target.id === 'family') showFamily();
     if (ev.target.id === 'parallel') showStrategy();
     if (DEVICE_KEYS.includes(ev.target.id)) $('gpu').value = 'custom';
-    scheduleUpdate(false);
+    scheduleUpdate();
   });
   $('form').addEventListener('change', (ev) => {
     if (ev.target.id === 'paste') return;
@@ -797,8 +830,7 @@ async function main() {
     const file = ev.dataTransfer.files[0];
     if (file) { const text = await file.text(); $('paste').value = text; loadText(text); }
   });
-  // The page's own URLs leave out an empty PYTORCH_CUDA_ALLOC_CONF (PyTorch's defaults): clear the field first.
-  window.addEventListener('popstate', () => { $('alloc_conf').value = ''; applyQuery(location.search.slice(1)); update(false); });
+  window.addEventListener('popstate', () => { applyHistory(location.search.slice(1)); update(false); });
   window.matchMedia('(prefers-color-scheme: dark)').addEventListener('change', () => lastGood && drawPlots(lastGood));
   let resizeTimer;
   window.addEventListener('resize', () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(() => lastGood && drawPlots(lastGood), 150); });

@@ -153,3 +153,61 @@ test('plots exported while a deep model is still drawing are its plots, and a pl
     'vramfit-timeline.png']);
   await page.close();
 });
+
+test('back and forward restore a field the newer view had set and the older URL leaves out', async () => {
+  const { page, errors } = await openPage(env.context, env.server.url);
+  await page.selectOption('#preset', 'llama-3.2-1b');
+  await page.check('#lora');
+  const lora = await peak(page);
+  const url = page.url();
+  await page.selectOption('#quantization', 'nf4');
+  await page.selectOption('#base_dtype', 'bf16');
+  const qlora = await peak(page);
+  assert.notEqual(qlora, lora);
+  await page.goBack();
+  await page.waitForFunction(() => document.getElementById('base_dtype').value === '');
+  assert.equal(await page.inputValue('#quantization'), 'nf4');
+  await page.goBack();
+  await page.waitForFunction(() => !location.search.includes('quantization'));
+  // Before the fix the form kept the 4-bit base the older URL leaves out: it estimated QLoRA again and wrote
+  // quantization=nf4 into the older entry.
+  assert.equal(await page.inputValue('#quantization'), '');
+  assert.equal(page.url(), url);
+  assert.equal(await peak(page), lora);
+  await page.goForward();
+  await page.goForward();
+  await page.waitForFunction(() => document.getElementById('base_dtype').value === 'bf16');
+  assert.equal(await page.inputValue('#quantization'), 'nf4');
+  assert.equal(await peak(page), qlora);
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test('typing a value is one history entry: back returns to the view before it', async () => {
+  const { page, errors } = await openPage(env.context, env.server.url);
+  const before = await peak(page);
+  const entries = await page.evaluate(() => history.length);
+  // A person types "24" key by key (a frame or more between keys: each updates the view), then leaves the field.
+  await page.click('#batch_size');
+  await page.keyboard.press('Control+A');
+  await page.keyboard.type('24', { delay: 60 });
+  await page.waitForTimeout(100);
+  await page.keyboard.press('Tab');
+  await settled(page);
+  assert.equal(param(page, 'batch_size'), '24');
+  const typed = await peak(page);
+  assert.equal(await page.evaluate(() => history.length), entries + 1);
+  await page.goBack();
+  // Before the fix each keystroke's update replaced the entry before the typing: back stayed on batch 24.
+  await page.waitForFunction(() => document.getElementById('batch_size').value === '16');
+  assert.equal(param(page, 'batch_size'), '16');
+  assert.equal(await peak(page), before);
+  await page.goForward();
+  await page.waitForFunction(() => document.getElementById('batch_size').value === '24');
+  assert.equal(await peak(page), typed);
+  // A select's change is one entry too (its input event does not add another).
+  await page.selectOption('#precision', 'bf16-amp');
+  assert.equal(await page.evaluate(() => history.length), entries + 2);
+  assert.deepEqual(errors, []);
+  await page.close();
+});
