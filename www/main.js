@@ -736,25 +736,44 @@ function download(name, blob) {
   setTimeout(() => URL.revokeObjectURL(a.href), 1000);
 }
 
+// What an export writes: the setup shown, never the greyed figures of an earlier one while the form holds an
+// error (said next to the buttons instead, until the next update).
+function exportQuery() {
+  $('export-status').textContent = '';
+  if (lastGood && !$('results').dataset.stale) return lastGood;
+  $('export-status').textContent = 'The form holds a value vramfit cannot estimate: the figures shown are an earlier setup\'s. Fix the marked field first.';
+  return null;
+}
+
+// Runs one export; an error (an internal one included) is its message next to the buttons.
+function exporting(f) {
+  return () => {
+    const query = exportQuery();
+    if (!query) return;
+    try { f(query); } catch (err) {
+      $('export-status').textContent = isInternal(err) ? `vramfit hit an internal error (${err.message}).` : err.message;
+    }
+  };
+}
+
 function wireExports() {
   // The plots of the setup shown: a deep model's update still drawing finishes first, and a plot left from
   // another setup (the GPU plan of a setup that did not fit one GPU, say) is not exported as this one's.
-  $('export-png').addEventListener('click', () => {
-    if (!lastGood) return;
+  $('export-png').addEventListener('click', exporting((query) => {
     finishUpdate();
     for (const id of ['plot-batch', 'plot-block', 'plot-fitmap', 'plot-timeline', 'plot-gpus']) {
-      if ($(id).dataset.query !== lastGood) continue;
+      if ($(id).dataset.query !== query) continue;
       $(id).toBlob((b) => b && download(`vramfit-${id.slice(5)}.png`, b), 'image/png');
     }
-  });
-  $('export-csv').addEventListener('click', () => {
-    if (lastGood) download('vramfit-batch-sweep.csv', new Blob([vf.sweep_csv(lastGood, 'batch_size')], { type: 'text/csv' }));
-  });
-  $('export-json').addEventListener('click', () => {
-    if (lastGood) download('vramfit-batch-sweep.json', new Blob([vf.sweep_json(lastGood, 'batch_size')], { type: 'application/json' }));
-  });
-  $('export-snapshot').addEventListener('click', () => { if (lastGood) predictedSnapshot(lastGood); });
-  $('copy-link').addEventListener('click', () => { navigator.clipboard?.writeText(location.href); });
+  }));
+  $('export-csv').addEventListener('click', exporting((query) => {
+    download('vramfit-batch-sweep.csv', new Blob([vf.sweep_csv(query, 'batch_size')], { type: 'text/csv' }));
+  }));
+  $('export-json').addEventListener('click', exporting((query) => {
+    download('vramfit-batch-sweep.json', new Blob([vf.sweep_json(query, 'batch_size')], { type: 'application/json' }));
+  }));
+  $('export-snapshot').addEventListener('click', exporting((query) => predictedSnapshot(query)));
+  $('copy-link').addEventListener('click', exporting(() => navigator.clipboard?.writeText(location.href)));
   $('embed-open').addEventListener('click', () => {
     const panel = $('embed-panel');
     panel.hidden = !panel.hidden;

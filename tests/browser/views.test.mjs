@@ -211,3 +211,26 @@ test('typing a value is one history entry: back returns to the view before it', 
   assert.deepEqual(errors, []);
   await page.close();
 });
+
+test('while the form holds an error the exports refuse, saying why, instead of writing the earlier setup', async () => {
+  const { page, errors } = await openPage(env.context, `${env.server.url}?${QUERY}`);
+  let downloads = 0;
+  page.on('download', () => { downloads += 1; });
+  await setField(page, 'batch_size', 0);
+  assert.equal(await page.getAttribute('#results', 'data-stale'), 'true');
+  for (const id of ['export-csv', 'export-json', 'export-png', 'export-snapshot']) {
+    await page.click(`#${id}`);
+    assert.match(await page.textContent('#export-status'), /Fix the marked field first/, id);
+  }
+  await page.waitForTimeout(1000);
+  // Before the fix each wrote the greyed batch-1 setup's files as if they were the form's.
+  assert.equal(downloads, 0);
+  await setField(page, 'batch_size', 2);
+  assert.equal(await page.textContent('#export-status'), '');
+  const [download] = await Promise.all([page.waitForEvent('download'), page.click('#export-csv')]);
+  const csv = readFileSync(await download.path(), 'utf8').split('\n');
+  const row = csv.find((l) => l.startsWith('2,'));
+  assert.equal(Number(row.split(',')[1]), await peak(page));
+  assert.deepEqual(errors, []);
+  await page.close();
+});
