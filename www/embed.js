@@ -187,14 +187,17 @@ class VramFit extends HTMLElement {
       } else if (config) q = vf.import_config(config).query;
       else q = vf.preset_query(this.getAttribute('preset') || 'nanogpt-30m');
       this.params = new URLSearchParams(q);
+      // The recipe first, then the knobs over it, as the CLI applies --finetune before its other flags: compile
+      // "true" with a LoRA recipe is the core's "not modelled" message, as `--finetune qlora --compile` is, not
+      // the recipe's eager run (the recipe turned it off without a word).
+      const finetune = this.getAttribute('finetune');
+      if (finetune !== null) this.params = new URLSearchParams(vf.finetune_query(this.params.toString(), finetune.trim()));
       const compile = this.getAttribute('compile');
       if (compile !== null) {
         const on = new Map([['true', '1'], ['', '1'], ['false', '0']]).get(compile.trim().toLowerCase());
         if (on === undefined) throw new Error(`the compile attribute ("${compile}") must be true or false`);
         this.params.set('compile', on);
       }
-      const finetune = this.getAttribute('finetune');
-      if (finetune !== null) this.params = new URLSearchParams(vf.finetune_query(this.params.toString(), finetune.trim()));
       const allocConf = this.getAttribute('alloc-conf');
       if (allocConf !== null) {
         // Checked here (by the core) so that a value PyTorch refuses is the widget's message, not a guess.

@@ -12,7 +12,9 @@ const PORT = 8861;
 const WIDGET_PORT = 8862;
 const BLOG_PORT = 8863;
 const env = setUp({ port: PORT, widgetPort: WIDGET_PORT, blogPort: BLOG_PORT, blog: { title: 'Block 256', body:
-  '<vram-fit id="w" state="family=llama&amp;n_layer=4&amp;n_head=8&amp;n_kv_head=2&amp;n_embd=256&amp;intermediate_size=512&amp;vocab_size=1000&amp;block_size=256&amp;batch_size=2&amp;precision=bf16-amp&amp;optimizer=adamw&amp;compile=0&amp;gpu=rtx-4070"></vram-fit>' } });
+  '<vram-fit id="w" state="family=llama&amp;n_layer=4&amp;n_head=8&amp;n_kv_head=2&amp;n_embd=256&amp;intermediate_size=512&amp;vocab_size=1000&amp;block_size=256&amp;batch_size=2&amp;precision=bf16-amp&amp;optimizer=adamw&amp;compile=0&amp;gpu=rtx-4070"></vram-fit>'
+  + '<vram-fit id="qlora-compiled" preset="llama-3.2-1b" gpu="rtx-4090" finetune="qlora" compile="true"></vram-fit>'
+  + '<vram-fit id="lora-compiled" preset="gpt2-medium" gpu="rtx-4090" finetune="full" compile="true"></vram-fit>' } });
 
 const peak = (page) => page.getAttribute('#peak-allocated', 'data-bytes').then(Number);
 const param = (page, k) => new URL(page.url()).searchParams.get(k);
@@ -233,4 +235,23 @@ test('while the form holds an error the exports refuse, saying why, instead of w
   assert.equal(Number(row.split(',')[1]), await peak(page));
   assert.deepEqual(errors, []);
   await page.close();
+});
+
+test('the widget applies its finetune recipe before its compile attribute, as the CLI its --finetune before --compile', async () => {
+  const blog = await env.context.newPage();
+  await blog.goto(env.blogServer.url);
+  const status = (id) => blog.evaluate((i) => document.getElementById(i)?.dataset.status, id);
+  await blog.waitForFunction(() => ['qlora-compiled', 'lora-compiled'].every((i) => document.getElementById(i)?.dataset.status),
+    undefined, { timeout: 20000 });
+  // Before the fix the recipe turned compile off without a word: an eager QLoRA estimate where the host asked for
+  // torch.compile, which the CLI refuses.
+  assert.equal(await status('qlora-compiled'), 'error');
+  const message = await blog.evaluate(() => document.getElementById('qlora-compiled').shadowRoot.querySelector('.error').textContent);
+  assert.throws(() => cliPeakBytes(['--preset', 'llama-3.2-1b', '--gpu', 'rtx-4090', '--finetune', 'qlora', '--compile']));
+  assert.match(message, /train\.lora with torch\.compile/);
+  // A recipe torch.compile is modelled for: compiled, as the CLI's.
+  assert.equal(await status('lora-compiled'), 'ok');
+  assert.equal(Number(await blog.evaluate(() => document.getElementById('lora-compiled').dataset.peakBytes)),
+    cliPeakBytes(['--preset', 'gpt2-medium', '--gpu', 'rtx-4090', '--finetune', 'full', '--compile']));
+  await blog.close();
 });
