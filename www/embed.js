@@ -93,6 +93,12 @@ canvas { width: 100%; display: block; border: 1px solid var(--line); border-radi
 a { color: var(--accent); }
 `;
 
+// Reads one attribute's value with `read`; its error names the attribute, since the core's message names only
+// the setup's field ("missing required field \"model.family\"" from a state that is not a whole setup).
+function from(name, read) {
+  try { return read(); } catch (err) { throw new Error(`the ${name} attribute: ${err.message}`); }
+}
+
 let sheet = null;
 function styles() {
   if (!sheet) { sheet = new CSSStyleSheet(); sheet.replaceSync(CSS); }
@@ -181,11 +187,11 @@ class VramFit extends HTMLElement {
       const config = this.getAttribute('config');
       const state = this.getAttribute('state');
       if (state !== null) {
-        const n = vf.normalize_query(state);
+        const n = from('state', () => vf.normalize_query(state));
         q = n.query;
         stateGpu = (n.extra.find(([k]) => k === 'gpu') || [])[1] || '';
-      } else if (config) q = vf.import_config(config).query;
-      else q = vf.preset_query(this.getAttribute('preset') || 'nanogpt-30m');
+      } else if (config) q = from('config', () => vf.import_config(config).query);
+      else q = from('preset', () => vf.preset_query(this.getAttribute('preset') || 'nanogpt-30m'));
       this.params = new URLSearchParams(q);
       // The recipe first, then the knobs over it, as the CLI applies --finetune before its other flags: compile
       // "true" with a LoRA recipe is the core's "not modelled" message, as `--finetune qlora --compile` is, not
@@ -209,7 +215,7 @@ class VramFit extends HTMLElement {
       this.ownDevice = DEVICE_KEYS.map((k) => [k, this.params.get(k)]);
       const gpu = this.chosenGpu || this.getAttribute('gpu') || stateGpu;
       if (gpu) {
-        for (const [k, v] of new URLSearchParams(vf.gpu_query(gpu))) this.params.set(k, v);
+        for (const [k, v] of new URLSearchParams(from(this.getAttribute('gpu') ? 'gpu' : 'state', () => vf.gpu_query(gpu)))) this.params.set(k, v);
         this.params.set('gpu', gpu);
       } else {
         this.params.delete('gpu');

@@ -14,7 +14,10 @@ const BLOG_PORT = 8863;
 const env = setUp({ port: PORT, widgetPort: WIDGET_PORT, blogPort: BLOG_PORT, blog: { title: 'Block 256', body:
   '<vram-fit id="w" state="family=llama&amp;n_layer=4&amp;n_head=8&amp;n_kv_head=2&amp;n_embd=256&amp;intermediate_size=512&amp;vocab_size=1000&amp;block_size=256&amp;batch_size=2&amp;precision=bf16-amp&amp;optimizer=adamw&amp;compile=0&amp;gpu=rtx-4070"></vram-fit>'
   + '<vram-fit id="qlora-compiled" preset="llama-3.2-1b" gpu="rtx-4090" finetune="qlora" compile="true"></vram-fit>'
-  + '<vram-fit id="lora-compiled" preset="gpt2-medium" gpu="rtx-4090" finetune="full" compile="true"></vram-fit>' } });
+  + '<vram-fit id="lora-compiled" preset="gpt2-medium" gpu="rtx-4090" finetune="full" compile="true"></vram-fit>'
+  + '<vram-fit id="partial-state" preset="llama-3.1-8b" state="parallel=fsdp&amp;gpus=8"></vram-fit>'
+  + '<vram-fit id="bad-preset" preset="llama-4"></vram-fit><vram-fit id="bad-gpu" gpu="rtx-9090"></vram-fit>'
+  + '<vram-fit id="bad-config" config="{&quot;model&quot;: {}}"></vram-fit>' } });
 
 const peak = (page) => page.getAttribute('#peak-allocated', 'data-bytes').then(Number);
 const param = (page, k) => new URL(page.url()).searchParams.get(k);
@@ -253,5 +256,21 @@ test('the widget applies its finetune recipe before its compile attribute, as th
   assert.equal(await status('lora-compiled'), 'ok');
   assert.equal(Number(await blog.evaluate(() => document.getElementById('lora-compiled').dataset.peakBytes)),
     cliPeakBytes(['--preset', 'gpt2-medium', '--gpu', 'rtx-4090', '--finetune', 'full', '--compile']));
+  await blog.close();
+});
+
+test('a widget\'s message names the attribute it could not read', async () => {
+  const blog = await env.context.newPage();
+  await blog.goto(env.blogServer.url);
+  const ids = ['partial-state', 'bad-preset', 'bad-gpu', 'bad-config'];
+  await blog.waitForFunction((all) => all.every((i) => document.getElementById(i)?.dataset.status), ids, { timeout: 20000 });
+  const message = (id) => blog.evaluate((i) => document.getElementById(i).shadowRoot.querySelector('.error').textContent, id);
+  for (const id of ids) assert.equal(await blog.evaluate((i) => document.getElementById(i).dataset.status, id), 'error', id);
+  // Before the fix: "vramfit: missing required field "model.family"", with nothing to say that the state attribute
+  // (a whole setup, which replaces the preset) was at fault.
+  assert.equal(await message('partial-state'), 'vramfit: the state attribute: missing required field "model.family"');
+  assert.equal(await message('bad-preset'), 'vramfit: the preset attribute: unknown preset "llama-4"');
+  assert.equal(await message('bad-gpu'), 'vramfit: the gpu attribute: unknown GPU "rtx-9090"');
+  assert.match(await message('bad-config'), /^vramfit: the config attribute: /);
   await blog.close();
 });
