@@ -655,7 +655,8 @@ let snapshotCompared = null;
 function readSnapshot(file) {
   if (!file) return;
   $('snapshot-error').textContent = '';
-  if (!lastEstimate) {
+  // A form holding an error has no estimate of its own (the greyed one is an earlier setup's).
+  if (!lastEstimate || $('results').dataset.stale) {
     $('snapshot-error').textContent = 'Fix the setup above first: the snapshot is compared with its estimate.';
     return;
   }

@@ -230,6 +230,10 @@ test('while the form holds an error the exports refuse, saying why, instead of w
   await page.waitForTimeout(1000);
   // Before the fix each wrote the greyed batch-1 setup's files as if they were the form's.
   assert.equal(downloads, 0);
+  // A snapshot dropped now is not compared with the greyed estimate either.
+  await page.setInputFiles('#snapshot-file', SNAPSHOT);
+  assert.equal(await page.textContent('#snapshot-error'), 'Fix the setup above first: the snapshot is compared with its estimate.');
+  assert.equal(await page.isHidden('#snapshot-result'), true);
   await setField(page, 'batch_size', 2);
   assert.equal(await page.textContent('#export-status'), '');
   const [download] = await Promise.all([page.waitForEvent('download'), page.click('#export-csv')]);
