@@ -309,9 +309,12 @@ class VramFit extends HTMLElement {
       // The strategy's other fields show their new (default) values.
       this.build(this.vf);
     } else if (PARALLEL_KEYS.includes(key) && !this.params.has('parallel') && !['tp', 'sequence_parallel', 'init_on_device'].includes(key)) {
-      // A multi-GPU field on one GPU: the strategy comes first (said once, next to the inputs).
-      this.error.textContent = 'vramfit: choose a strategy (ddp or fsdp) for more than one GPU first';
+      // A multi-GPU field on one GPU: the strategy comes first (said once, next to the inputs, naming the field
+      // and its value). The figures, still one GPU's without it, are greyed as no longer the inputs'.
+      const value = input.type === 'checkbox' ? (input.checked ? 'on' : 'off') : `"${input.value}"`;
+      this.error.textContent = `vramfit: ${key} (${value}) needs more than one GPU: choose a strategy (ddp or fsdp) first`;
       this.dataset.status = 'error';
+      this.root.classList.toggle('stale', Boolean(this.estimated));
       return;
     } else if (input.type === 'checkbox') this.params.set(key, input.checked ? '1' : '0');
     else if (OMIT_EMPTY.includes(key) && input.value === '') this.params.delete(key);

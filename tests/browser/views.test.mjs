@@ -17,7 +17,8 @@ const env = setUp({ port: PORT, widgetPort: WIDGET_PORT, blogPort: BLOG_PORT, bl
   + '<vram-fit id="lora-compiled" preset="gpt2-medium" gpu="rtx-4090" finetune="full" compile="true"></vram-fit>'
   + '<vram-fit id="partial-state" preset="llama-3.1-8b" state="parallel=fsdp&amp;gpus=8"></vram-fit>'
   + '<vram-fit id="bad-preset" preset="llama-4"></vram-fit><vram-fit id="bad-gpu" gpu="rtx-9090"></vram-fit>'
-  + '<vram-fit id="bad-config" config="{&quot;model&quot;: {}}"></vram-fit>' } });
+  + '<vram-fit id="bad-config" config="{&quot;model&quot;: {}}"></vram-fit>'
+  + '<vram-fit id="one-gpu" preset="llama-3.2-1b" gpu="rtx-4090" show="parallel,gpus,offload"></vram-fit>' } });
 
 const peak = (page) => page.getAttribute('#peak-allocated', 'data-bytes').then(Number);
 const param = (page, k) => new URL(page.url()).searchParams.get(k);
@@ -276,5 +277,29 @@ test('a widget\'s message names the attribute it could not read', async () => {
   assert.equal(await message('bad-preset'), 'vramfit: the preset attribute: unknown preset "llama-4"');
   assert.equal(await message('bad-gpu'), 'vramfit: the gpu attribute: unknown GPU "rtx-9090"');
   assert.match(await message('bad-config'), /^vramfit: the config attribute: /);
+  await blog.close();
+});
+
+test('a widget\'s multi-GPU field set before a strategy names the field and greys the one-GPU figures', async () => {
+  const blog = await env.context.newPage();
+  await blog.goto(env.blogServer.url);
+  await blog.waitForFunction(() => document.getElementById('one-gpu')?.dataset.status === 'ok', undefined, { timeout: 20000 });
+  const state = () => blog.evaluate(() => {
+    const w = document.getElementById('one-gpu');
+    return [w.dataset.status, w.shadowRoot.querySelector('.error').textContent, w.shadowRoot.querySelector('.root').classList.contains('stale')];
+  });
+  await blog.evaluate(() => {
+    const i = document.getElementById('one-gpu').shadowRoot.querySelector('input[name=gpus]');
+    i.value = '4';
+    i.dispatchEvent(new Event('input'));
+  });
+  // Before the fix: the one-GPU figures stood as the inputs' (not greyed) beside a field that said 4 GPUs.
+  assert.deepEqual(await state(), ['error', 'vramfit: gpus ("4") needs more than one GPU: choose a strategy (ddp or fsdp) first', true]);
+  await blog.evaluate(() => {
+    const s = document.getElementById('one-gpu').shadowRoot.querySelector('select[name=parallel]');
+    s.value = 'ddp';
+    s.dispatchEvent(new Event('change'));
+  });
+  assert.deepEqual(await state(), ['ok', '', false]);
   await blog.close();
 });
