@@ -93,6 +93,12 @@ canvas { width: 100%; display: block; border: 1px solid var(--line); border-radi
 a { color: var(--accent); }
 `;
 
+// Reads one attribute's value with `read`; its error names the attribute, since the core's message names only
+// the setup's field ("missing required field \"model.family\"" from a state that is not a whole setup).
+function from(name, read) {
+  try { return read(); } catch (err) { throw new Error(`the ${name} attribute: ${err.message}`); }
+}
+
 let sheet = null;
 function styles() {
   if (!sheet) { sheet = new CSSStyleSheet(); sheet.replaceSync(CSS); }
@@ -181,20 +187,23 @@ class VramFit extends HTMLElement {
       const config = this.getAttribute('config');
       const state = this.getAttribute('state');
       if (state !== null) {
-        const n = vf.normalize_query(state);
+        const n = from('state', () => vf.normalize_query(state));
         q = n.query;
         stateGpu = (n.extra.find(([k]) => k === 'gpu') || [])[1] || '';
-      } else if (config) q = vf.import_config(config).query;
-      else q = vf.preset_query(this.getAttribute('preset') || 'nanogpt-30m');
+      } else if (config) q = from('config', () => vf.import_config(config).query);
+      else q = from('preset', () => vf.preset_query(this.getAttribute('preset') || 'nanogpt-30m'));
       this.params = new URLSearchParams(q);
+      // The recipe first, then the knobs over it, as the CLI applies --finetune before its other flags: compile
+      // "true" with a LoRA recipe is the core's "not modelled" message, as `--finetune qlora --compile` is, not
+      // the recipe's eager run (the recipe turned it off without a word).
+      const finetune = this.getAttribute('finetune');
+      if (finetune !== null) this.params = new URLSearchParams(vf.finetune_query(this.params.toString(), finetune.trim()));
       const compile = this.getAttribute('compile');
       if (compile !== null) {
         const on = new Map([['true', '1'], ['', '1'], ['false', '0']]).get(compile.trim().toLowerCase());
         if (on === undefined) throw new Error(`the compile attribute ("${compile}") must be true or false`);
         this.params.set('compile', on);
       }
-      const finetune = this.getAttribute('finetune');
-      if (finetune !== null) this.params = new URLSearchParams(vf.finetune_query(this.params.toString(), finetune.trim()));
       const allocConf = this.getAttribute('alloc-conf');
       if (allocConf !== null) {
         // Checked here (by the core) so that a value PyTorch refuses is the widget's message, not a guess.
@@ -206,7 +215,7 @@ class VramFit extends HTMLElement {
       this.ownDevice = DEVICE_KEYS.map((k) => [k, this.params.get(k)]);
       const gpu = this.chosenGpu || this.getAttribute('gpu') || stateGpu;
       if (gpu) {
-        for (const [k, v] of new URLSearchParams(vf.gpu_query(gpu))) this.params.set(k, v);
+        for (const [k, v] of new URLSearchParams(from(this.getAttribute('gpu') ? 'gpu' : 'state', () => vf.gpu_query(gpu)))) this.params.set(k, v);
         this.params.set('gpu', gpu);
       } else {
         this.params.delete('gpu');
@@ -300,9 +309,12 @@ class VramFit extends HTMLElement {
       // The strategy's other fields show their new (default) values.
       this.build(this.vf);
     } else if (PARALLEL_KEYS.includes(key) && !this.params.has('parallel') && !['tp', 'sequence_parallel', 'init_on_device'].includes(key)) {
-      // A multi-GPU field on one GPU: the strategy comes first (said once, next to the inputs).
-      this.error.textContent = 'vramfit: choose a strategy (ddp or fsdp) for more than one GPU first';
+      // A multi-GPU field on one GPU: the strategy comes first (said once, next to the inputs, naming the field
+      // and its value). The figures, still one GPU's without it, are greyed as no longer the inputs'.
+      const value = input.type === 'checkbox' ? (input.checked ? 'on' : 'off') : `"${input.value}"`;
+      this.error.textContent = `vramfit: ${key} (${value}) needs more than one GPU: choose a strategy (ddp or fsdp) first`;
       this.dataset.status = 'error';
+      this.root.classList.toggle('stale', Boolean(this.estimated));
       return;
     } else if (input.type === 'checkbox') this.params.set(key, input.checked ? '1' : '0');
     else if (OMIT_EMPTY.includes(key) && input.value === '') this.params.delete(key);

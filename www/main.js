@@ -125,6 +125,22 @@ function applyQuery(query, keepParallel = false) {
   syncSlider();
 }
 
+// Back or forward to one of the page's own URLs: the view it was. Those URLs leave out an empty field
+// (PYTORCH_CUDA_ALLOC_CONF, the modules to save, a base quantized with none, the SM count, ...) and name no GPU
+// preset for a device typed in: a field of the URL's family that it leaves out is emptied, and a URL without a
+// GPU is a custom device, before the URL's values are applied. (Left as they were, the newer entry's values
+// stayed in the form: back from a 4-bit base estimated the 4-bit base again, and wrote it into the older entry.)
+function applyHistory(query) {
+  const p = new URLSearchParams(query);
+  const family = p.get('family') || $('family').value;
+  for (const k of KNOBS) {
+    if (p.has(k) || !fieldApplies(k, family) || $(k).type === 'checkbox') continue;
+    $(k).value = '';
+  }
+  if (!p.has('gpu')) $('gpu').value = 'custom';
+  applyQuery(query);
+}
+
 // A model (a preset or a pasted config) keeps the GPU: a preset's own device and a pasted setup's "device" are
 // left out, so the selected GPU, or the memory and compute capability typed in, stay what the estimate uses.
 // See: issue 12 (RTX 4070 selected, Llama-2-7B chosen: the list said RTX 4070, the estimate used 80 GiB).
@@ -264,13 +280,19 @@ function renderAdvice(a) {
 }
 
 // The four plots of a setup, each a function that draws one.
+// Each canvas says which query it shows (`data-query`), so that an export takes only the current setup's plots.
 function plotSteps(query) {
   const isDark = dark();
+  const drawn = (id, draw) => () => {
+    delete $(id).dataset.query;
+    draw($(id));
+    $(id).dataset.query = query;
+  };
   return [
-    () => vf.draw_sweep($('plot-batch'), query, 'batch_size', isDark, sizeCanvas($('plot-batch'))),
-    () => vf.draw_sweep($('plot-block'), query, 'block_size', isDark, sizeCanvas($('plot-block'))),
-    () => vf.draw_fit_map($('plot-fitmap'), query, isDark, sizeCanvas($('plot-fitmap'))),
-    () => vf.draw_timeline($('plot-timeline'), query, isDark, sizeCanvas($('plot-timeline'))),
+    drawn('plot-batch', (c) => vf.draw_sweep(c, query, 'batch_size', isDark, sizeCanvas(c))),
+    drawn('plot-block', (c) => vf.draw_sweep(c, query, 'block_size', isDark, sizeCanvas(c))),
+    drawn('plot-fitmap', (c) => vf.draw_fit_map(c, query, isDark, sizeCanvas(c))),
+    drawn('plot-timeline', (c) => vf.draw_timeline(c, query, isDark, sizeCanvas(c))),
   ];
 }
 
@@ -313,7 +335,9 @@ function showMethods(query) {
 }
 
 function drawGpus(query) {
+  delete $('plot-gpus').dataset.query;
   renderGpuPlan(vf.draw_gpus($('plot-gpus'), query, dark(), sizeCanvas($('plot-gpus'))));
+  $('plot-gpus').dataset.query = query;
 }
 
 function applyButton(query, label = 'Apply') {
@@ -379,6 +403,11 @@ function showInternal(err) {
 // the page says it is ready.
 const DEEP_LAYERS = 16;
 let generation = 0;
+// History: a change (a select, a checkbox, a field left) is a new entry (`push` true); the updates made while a
+// person types in a field (`push` 'live', one a frame) share one entry, pushed at the first and replaced after,
+// which the field's change then completes, so that back returns to the view before the typing. (Each
+// keystroke's update used to replace the current entry: back after typing a batch size stayed on the new one.)
+let typing = false; // the current entry was pushed by typing that no change has completed yet
 function update(push, first = false) {
   const gen = ++generation;
   showGpuDetail();
@@ -401,10 +430,18 @@ function update(push, first = false) {
   renderEstimate(est);
   lastEstimate = est;
   lastGood = query;
+  markSnapshot();
   if (!$('embed-panel').hidden) renderSnippets();
   const url = `${location.pathname}?${query}`;
-  if (push) history.pushState(null, '', url);
-  else history.replaceState(null, '', url);
+  if (push === 'live') {
+    if (typing) history.replaceState(null, '', url);
+    else history.pushState(null, '', url);
+    typing = true;
+  } else {
+    if (push && !typing) history.pushState(null, '', url);
+    else history.replaceState(null, '', url);
+    typing = false;
+  }
   const deep = Number(new URLSearchParams(query).get('n_layer')) >= DEEP_LAYERS;
   runLater(laterSteps(query, est), gen, !first && deep);
   return true;
@@ -423,6 +460,7 @@ function laterSteps(query, est) {
 // Runs `steps` (at once, or one per task when `deferred`) until one fails, which is reported as before; then counts
 // the render (`data-estimated`, which the browser tests wait on). While steps remain, #results is aria-busy (the
 // parts still to come are dimmed by the style sheet).
+let finishUpdate = () => {}; // runs what the last deferred update has left, at once
 function runLater(steps, gen, deferred) {
   const step = (f) => {
     try {
@@ -445,21 +483,37 @@ function runLater(steps, gen, deferred) {
   }
   $('results').setAttribute('aria-busy', 'true');
   let i = 0;
+  let finished = false;
   const next = () => {
-    if (gen !== generation) return; // a newer update has taken over, and counts its own render
+    if (gen !== generation || finished) return; // a newer update has taken over, and counts its own render
     if (i < steps.length && step(steps[i++])) setTimeout(next, 0);
-    else done();
+    else { finished = true; finishUpdate = () => {}; done(); }
+  };
+  // An export (or anything else that needs the whole view) runs the steps left at once; the tasks already queued
+  // then find nothing to do.
+  finishUpdate = () => {
+    if (gen !== generation) return;
+    if (finished) return;
+    finished = true;
+    while (i < steps.length) if (!step(steps[i++])) break;
+    finishUpdate = () => {};
+    done();
   };
   // After the next frame, so that the headline is painted before the first step's estimates.
   requestAnimationFrame(() => setTimeout(next, 0));
 }
 
+// One live update a frame while a person types; none where an update has run since (a select's or a checkbox's
+// change, whose input event comes with it).
 let pending = false;
-function scheduleUpdate(push) {
-  if (push) { update(true); return; }
+function scheduleUpdate() {
   if (pending) return;
   pending = true;
-  requestAnimationFrame(() => { pending = false; update(false); });
+  const gen = generation;
+  requestAnimationFrame(() => {
+    pending = false;
+    if (gen === generation) update('live');
+  });
 }
 
 // ---- presets, GPU, WebGPU, paste ----------------------------------------------------------------------------
@@ -472,9 +526,11 @@ function fillSelects() {
   for (const g of p.gpus) gpuDetails.set(g.id, g.detail);
 }
 
+// A GPU is the device only: the strategy and the rest of the GPUs group stay (a link's parallel=ddp with its gpu,
+// a person choosing another GPU for an FSDP setup).
 function applyGpu(id) {
   if (id === 'custom') return;
-  applyQuery(vf.gpu_query(id));
+  applyQuery(vf.gpu_query(id), true);
   $('gpu').value = id;
 }
 
@@ -524,24 +580,49 @@ function loadText(text) {
 // not carry it); the worker reads the file in chunks (the progress bar) and parses it off this thread, so the page
 // stays usable however large the file. Every number shown is formatted in Rust.
 let snapshotWorker = null;
+// The worker's requests in flight, by id: each message back goes to its own request's handler, so that a
+// predicted snapshot asked for while a file is read neither takes the read's progress for its bytes nor leaves
+// the read unfinished. A handler returns true once its request is done.
+const snapshotRequests = new Map();
+let snapshotRequestId = 0;
+let snapshotRead = 0; // the id of the latest read: an earlier read's messages are dropped
 
 function worker() {
-  snapshotWorker ||= new Worker(new URL('./snapshot-worker.js', import.meta.url), { type: 'module' });
+  if (!snapshotWorker) {
+    snapshotWorker = new Worker(new URL('./snapshot-worker.js', import.meta.url), { type: 'module' });
+    snapshotWorker.onmessage = (ev) => {
+      const handle = snapshotRequests.get(ev.data.id);
+      if (handle && handle(ev.data)) snapshotRequests.delete(ev.data.id);
+    };
+    // The worker could not start: every request in flight is told, and the next one starts a new worker.
+    snapshotWorker.onerror = (ev) => {
+      const message = ev.message || 'worker error';
+      snapshotWorker = null;
+      const waiting = [...snapshotRequests.values()];
+      snapshotRequests.clear();
+      for (const handle of waiting) handle({ workerError: message });
+    };
+  }
   return snapshotWorker;
+}
+
+// Posts `message` to the worker with a new id; `handle` receives every message back for it.
+function askWorker(message, handle) {
+  const id = ++snapshotRequestId;
+  const w = worker();
+  snapshotRequests.set(id, handle);
+  w.postMessage({ id, ...message });
+  return id;
 }
 
 // The predicted timeline as a PyTorch memory snapshot, written by the snapshot module in the worker.
 function predictedSnapshot(query) {
-  const w = worker();
-  w.onmessage = (ev) => {
-    if (ev.data.error) $('global-error').textContent = ev.data.error;
-    else download('vramfit-predicted.pickle', new Blob([ev.data.predicted], { type: 'application/octet-stream' }));
-  };
-  w.onerror = (ev) => {
-    $('global-error').textContent = `The snapshot writer could not start (${ev.message || 'worker error'}).`;
-    snapshotWorker = null;
-  };
-  w.postMessage({ predictQuery: query });
+  askWorker({ predictQuery: query }, (m) => {
+    if (m.workerError) $('global-error').textContent = `The snapshot writer could not start (${m.workerError}).`;
+    else if (m.error) $('global-error').textContent = m.error;
+    else download('vramfit-predicted.pickle', new Blob([m.predicted], { type: 'application/octet-stream' }));
+    return true;
+  });
 }
 
 function renderSnapshot(r) {
@@ -566,10 +647,16 @@ function renderSnapshot(r) {
   $('snapshot-result').hidden = false;
 }
 
+// The file last read and the estimate it was compared with: a later setup's estimate marks that comparison as
+// an earlier setup's (its "vramfit" column and difference), with a button that compares the file again.
+let snapshotFile = null;
+let snapshotCompared = null;
+
 function readSnapshot(file) {
   if (!file) return;
   $('snapshot-error').textContent = '';
-  if (!lastEstimate) {
+  // A form holding an error has no estimate of its own (the greyed one is an earlier setup's).
+  if (!lastEstimate || $('results').dataset.stale) {
     $('snapshot-error').textContent = 'Fix the setup above first: the snapshot is compared with its estimate.';
     return;
   }
@@ -577,43 +664,58 @@ function readSnapshot(file) {
   progress.hidden = false;
   progress.removeAttribute('value');
   $('snapshot-status').textContent = `Reading ${file.name}…`;
-  worker().onmessage = (ev) => {
-    const m = ev.data;
+  const compared = { allocated: lastEstimate.peak_allocated_bytes, reserved: lastEstimate.peak_reserved_bytes };
+  const finish = () => {
+    progress.hidden = true;
+    document.body.dataset.snapshotsRead = String(Number(document.body.dataset.snapshotsRead || 0) + 1);
+    return true;
+  };
+  const id = askWorker({ file, predictedAllocated: compared.allocated, predictedReserved: compared.reserved }, (m) => {
+    if (id !== snapshotRead) return m.result !== undefined || m.error !== undefined || m.workerError !== undefined;
+    if (m.workerError) {
+      $('snapshot-error').textContent = `The snapshot reader could not start (${m.workerError}).`;
+      $('snapshot-status').textContent = '';
+      return finish();
+    }
     if (m.progress !== undefined) {
       progress.max = m.total;
       progress.value = m.progress;
-      return;
+      return false;
     }
     if (m.reading) {
       progress.removeAttribute('value');
       $('snapshot-status').textContent = `Reading the trace of ${file.name}…`;
-      return;
+      return false;
     }
-    progress.hidden = true;
     $('snapshot-status').textContent = '';
     if (m.error) {
       $('snapshot-result').hidden = true;
       $('snapshot-error').textContent = `${file.name}: ${m.error}`;
+      snapshotFile = null;
+      snapshotCompared = null;
     } else {
       renderSnapshot(m.result);
       $('snapshot-status').textContent = `${file.name}: read.`;
+      snapshotFile = file;
+      snapshotCompared = compared;
+      markSnapshot();
     }
-    document.body.dataset.snapshotsRead = String(Number(document.body.dataset.snapshotsRead || 0) + 1);
-  };
-  snapshotWorker.onerror = (ev) => {
-    progress.hidden = true;
-    $('snapshot-error').textContent = `The snapshot reader could not start (${ev.message || 'worker error'}).`;
-    snapshotWorker = null;
-    document.body.dataset.snapshotsRead = String(Number(document.body.dataset.snapshotsRead || 0) + 1);
-  };
-  snapshotWorker.postMessage({
-    file,
-    predictedAllocated: lastEstimate.peak_allocated_bytes,
-    predictedReserved: lastEstimate.peak_reserved_bytes,
+    return finish();
   });
+  snapshotRead = id;
+}
+
+// After an update: a comparison made with another setup's estimate says so, and offers to compare again.
+function markSnapshot() {
+  if (!snapshotCompared || !lastEstimate) return;
+  const stale = snapshotCompared.allocated !== lastEstimate.peak_allocated_bytes
+    || snapshotCompared.reserved !== lastEstimate.peak_reserved_bytes;
+  $('snapshot-result').toggleAttribute('data-stale', stale);
+  $('snapshot-stale').hidden = !stale;
 }
 
 function wireSnapshot() {
+  $('snapshot-again').addEventListener('click', () => readSnapshot(snapshotFile));
   $('snapshot-file').addEventListener('change', (ev) => readSnapshot(ev.target.files[0]));
   const drop = $('snapshot-drop');
   drop.addEventListener('dragover', (ev) => { ev.preventDefault(); drop.classList.add('over'); });
@@ -635,20 +737,44 @@ function download(name, blob) {
   setTimeout(() => URL.revokeObjectURL(a.href), 1000);
 }
 
+// What an export writes: the setup shown, never the greyed figures of an earlier one while the form holds an
+// error (said next to the buttons instead, until the next update).
+function exportQuery() {
+  $('export-status').textContent = '';
+  if (lastGood && !$('results').dataset.stale) return lastGood;
+  $('export-status').textContent = 'The form holds a value vramfit cannot estimate: the figures shown are an earlier setup\'s. Fix the marked field first.';
+  return null;
+}
+
+// Runs one export; an error (an internal one included) is its message next to the buttons.
+function exporting(f) {
+  return () => {
+    const query = exportQuery();
+    if (!query) return;
+    try { f(query); } catch (err) {
+      $('export-status').textContent = isInternal(err) ? `vramfit hit an internal error (${err.message}).` : err.message;
+    }
+  };
+}
+
 function wireExports() {
-  $('export-png').addEventListener('click', () => {
+  // The plots of the setup shown: a deep model's update still drawing finishes first, and a plot left from
+  // another setup (the GPU plan of a setup that did not fit one GPU, say) is not exported as this one's.
+  $('export-png').addEventListener('click', exporting((query) => {
+    finishUpdate();
     for (const id of ['plot-batch', 'plot-block', 'plot-fitmap', 'plot-timeline', 'plot-gpus']) {
+      if ($(id).dataset.query !== query) continue;
       $(id).toBlob((b) => b && download(`vramfit-${id.slice(5)}.png`, b), 'image/png');
     }
-  });
-  $('export-csv').addEventListener('click', () => {
-    if (lastGood) download('vramfit-batch-sweep.csv', new Blob([vf.sweep_csv(lastGood, 'batch_size')], { type: 'text/csv' }));
-  });
-  $('export-json').addEventListener('click', () => {
-    if (lastGood) download('vramfit-batch-sweep.json', new Blob([vf.sweep_json(lastGood, 'batch_size')], { type: 'application/json' }));
-  });
-  $('export-snapshot').addEventListener('click', () => { if (lastGood) predictedSnapshot(lastGood); });
-  $('copy-link').addEventListener('click', () => { navigator.clipboard?.writeText(location.href); });
+  }));
+  $('export-csv').addEventListener('click', exporting((query) => {
+    download('vramfit-batch-sweep.csv', new Blob([vf.sweep_csv(query, 'batch_size')], { type: 'text/csv' }));
+  }));
+  $('export-json').addEventListener('click', exporting((query) => {
+    download('vramfit-batch-sweep.json', new Blob([vf.sweep_json(query, 'batch_size')], { type: 'application/json' }));
+  }));
+  $('export-snapshot').addEventListener('click', exporting((query) => predictedSnapshot(query)));
+  $('copy-link').addEventListener('click', exporting(() => navigator.clipboard?.writeText(location.href)));
   $('embed-open').addEventListener('click', () => {
     const panel = $('embed-panel');
     panel.hidden = !panel.hidden;
@@ -683,6 +809,10 @@ async function main() {
     const p = new URLSearchParams(q);
     try { vf.normalize_query(q); } catch (err) { linkError = err.message; }
     applyQuery(q);
+    // A link's block size without a sequence length trains on whole blocks, as the widget and the CLI read it
+    // (the core's default), not on the default preset's 512 tokens ("train.seq_len (512) is longer than
+    // model.block_size (256)" for a link of block_size=256).
+    if (p.has('block_size') && !p.has('seq_len')) $('seq_len').value = '';
     if (p.has('gpu')) {
       // The link's GPU is the device, as in the widget: its memory and compute capability, over any the link
       // also holds (links written before issue 12's fix could hold another GPU's).
@@ -704,7 +834,7 @@ async function main() {
     if (ev.target.id === 'family') showFamily();
     if (ev.target.id === 'parallel') showStrategy();
     if (DEVICE_KEYS.includes(ev.target.id)) $('gpu').value = 'custom';
-    scheduleUpdate(false);
+    scheduleUpdate();
   });
   $('form').addEventListener('change', (ev) => {
     if (ev.target.id === 'paste') return;
@@ -720,8 +850,7 @@ async function main() {
     const file = ev.dataTransfer.files[0];
     if (file) { const text = await file.text(); $('paste').value = text; loadText(text); }
   });
-  // The page's own URLs leave out an empty PYTORCH_CUDA_ALLOC_CONF (PyTorch's defaults): clear the field first.
-  window.addEventListener('popstate', () => { $('alloc_conf').value = ''; applyQuery(location.search.slice(1)); update(false); });
+  window.addEventListener('popstate', () => { applyHistory(location.search.slice(1)); update(false); });
   window.matchMedia('(prefers-color-scheme: dark)').addEventListener('change', () => lastGood && drawPlots(lastGood));
   let resizeTimer;
   window.addEventListener('resize', () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(() => lastGood && drawPlots(lastGood), 150); });
