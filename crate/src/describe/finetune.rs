@@ -94,15 +94,8 @@ impl Role {
                 Role::DenseHTo4h,
                 Role::Dense4hToH,
             ],
-            _ => &[
-                Role::Q,
-                Role::K,
-                Role::V,
-                Role::O,
-                Role::Gate,
-                Role::Up,
-                Role::Down,
-            ],
+            // q, k, v, o, gate, up, down: the first seven of `ALL`.
+            _ => &Role::ALL[..7],
         }
     }
 }
@@ -876,13 +869,10 @@ mod tests {
         assert_eq!(int8_outlier_bound_bytes(&m, 2048, 2), 142_606_336);
     }
 
-    /// A Phi-3 layer of phi3-lora-r16-all-bf16amp (512 wide, 8 heads of 64, MLP 1536): peft's four Linears in
-    /// module order, o_proj first, and the record's 557,056 trainable parameters: per layer 16 x ((512 + 512) +
-    /// (512 + 1536) + (512 + 3072) + (1536 + 512)). The int8 bound reads each Linear's input once: per layer
-    /// (2 x 512 + 1536) x 4 + 512 x 2 = 11,264 bytes a token.
-    #[test]
-    fn phi3_adapters_are_peft_s_packed_linears() {
-        let mut m = crate::presets::model_preset("phi-3-mini").unwrap().model;
+    /// A preset's model as the measured records shrink it: 4 layers, 512 wide, 8 heads of 64 (as many KV heads), an
+    /// MLP `mlp` wide.
+    fn four_layers_of(preset: &str, mlp: u64) -> crate::model::ModelConfig {
+        let mut m = crate::presets::model_preset(preset).unwrap().model;
         (
             m.n_layer,
             m.n_embd,
@@ -890,7 +880,17 @@ mod tests {
             m.n_kv_head,
             m.intermediate_size,
             m.head_dim,
-        ) = (4, 512, 8, 8, 1536, 0);
+        ) = (4, 512, 8, 8, mlp, 0);
+        m
+    }
+
+    /// A Phi-3 layer of phi3-lora-r16-all-bf16amp (512 wide, 8 heads of 64, MLP 1536): peft's four Linears in
+    /// module order, o_proj first, and the record's 557,056 trainable parameters: per layer 16 x ((512 + 512) +
+    /// (512 + 1536) + (512 + 3072) + (1536 + 512)). The int8 bound reads each Linear's input once: per layer
+    /// (2 x 512 + 1536) x 4 + 512 x 2 = 11,264 bytes a token.
+    #[test]
+    fn phi3_adapters_are_peft_s_packed_linears() {
+        let m = four_layers_of("phi-3-mini", 1536);
         assert_eq!(
             Role::of_layer(&m),
             [Role::O, Role::Qkv, Role::GateUp, Role::Down]
@@ -909,15 +909,7 @@ mod tests {
     /// (512 + 2048) + (2048 + 512)).
     #[test]
     fn neox_adapters_use_its_own_module_names() {
-        let mut m = crate::presets::model_preset("pythia-160m").unwrap().model;
-        (
-            m.n_layer,
-            m.n_embd,
-            m.n_head,
-            m.n_kv_head,
-            m.intermediate_size,
-            m.head_dim,
-        ) = (4, 512, 8, 8, 2048, 0);
+        let m = four_layers_of("pythia-160m", 2048);
         assert_eq!(
             Role::of_layer(&m),
             [
