@@ -210,18 +210,10 @@ impl<'a> Ctx<'a> {
         };
         let any = |roles: &[Role]| roles.iter().any(|r| l.targets.has(*r));
         const QKV: [Role; 5] = [Role::Q, Role::K, Role::V, Role::Qkv, Role::QueryKeyValue];
-        const ATTN: [Role; 7] = [
-            Role::Q,
-            Role::K,
-            Role::V,
-            Role::Qkv,
-            Role::QueryKeyValue,
-            Role::O,
-            Role::Dense,
-        ];
         const MLP_IN: [Role; 4] = [Role::Gate, Role::Up, Role::GateUp, Role::DenseHTo4h];
         // A parallel residual (GPT-NeoX) feeds the MLP the block input, not the attention's output.
-        let after_attn = !self.arch.parallel_residual && any(&ATTN);
+        let after_attn =
+            !self.arch.parallel_residual && (any(&QKV) || any(&[Role::O, Role::Dense]));
         match role {
             Role::Q | Role::K | Role::V | Role::Qkv | Role::QueryKeyValue => false,
             Role::O | Role::Dense => any(&QKV),

@@ -486,18 +486,10 @@ pub fn sort_descending<T>(v: &mut [T], key: impl Fn(&T) -> u64) {
 /// than the bytes: the figure is cut, not rounded, and where cutting loses something one more digit is shown, also
 /// cut. An L40S's 46,068 MiB (44.988 GiB) is "44.98 GiB", never "45.0 GiB"; a whole 12 GiB is "12.0 GiB".
 pub fn fmt_memory(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
-    let Some(&(unit, size)) = UNITS.iter().find(|(_, size)| bytes >= *size) else {
+    let Some((unit, size, mut digits)) = unit_of(bytes) else {
         return format!("{bytes} B");
     };
     let (bytes, size) = (u128::from(bytes), u128::from(size));
-    let mut digits: u32 = if bytes >= 100 * size {
-        0
-    } else if bytes >= 10 * size {
-        1
-    } else {
-        2
-    };
     let cut = |digits: u32| bytes * 10u128.pow(digits) / size;
     if cut(digits) * size != bytes * 10u128.pow(digits) {
         digits += 1;
@@ -517,20 +509,29 @@ pub fn fmt_memory(bytes: u64) -> String {
 
 /// Bytes for people: GiB/MiB/KiB (powers of 2), three significant digits.
 pub fn fmt_bytes(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
-    for (unit, size) in UNITS {
-        if bytes >= size {
+    match unit_of(bytes) {
+        Some((unit, size, digits)) => {
             let v = bytes as f64 / size as f64;
-            return if v >= 100.0 {
-                format!("{v:.0} {unit}")
-            } else if v >= 10.0 {
-                format!("{v:.1} {unit}")
-            } else {
-                format!("{v:.2} {unit}")
-            };
+            format!("{v:.prec$} {unit}", prec = digits as usize)
         }
+        None => format!("{bytes} B"),
     }
-    format!("{bytes} B")
+}
+
+/// The unit `fmt_bytes` and `fmt_memory` show `bytes` in (the largest of GiB, MiB, KiB it reaches), the unit's
+/// size, and the digits after the point for three significant ones (0 from 100 units, 1 from 10, else 2); `None`
+/// under 1 KiB (shown in bytes).
+fn unit_of(bytes: u64) -> Option<(&'static str, u64, u32)> {
+    const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    let &(unit, size) = UNITS.iter().find(|(_, size)| bytes >= *size)?;
+    let digits = if bytes / size >= 100 {
+        0
+    } else if bytes / size >= 10 {
+        1
+    } else {
+        2
+    };
+    Some((unit, size, digits))
 }
 
 #[cfg(test)]
