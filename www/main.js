@@ -482,23 +482,21 @@ function runLater(steps, gen, deferred) {
     return;
   }
   $('results').setAttribute('aria-busy', 'true');
-  let i = 0;
-  let finished = false;
-  const next = () => {
-    if (gen !== generation || finished) return; // a newer update has taken over, and counts its own render
-    if (i < steps.length && step(steps[i++])) setTimeout(next, 0);
-    else { finished = true; finishUpdate = () => {}; done(); }
+  let i = 0; // the next step; -1 once the render is counted
+  // Runs up to `n` of the steps left, stopping at one that fails; once none is left, counts the render. Returns
+  // whether steps remain. A newer update has taken over when `gen` is not the latest: it counts its own render.
+  const run = (n) => {
+    if (gen !== generation || i < 0) return false;
+    for (; n > 0 && i < steps.length; n -= 1) if (!step(steps[i++])) i = steps.length;
+    if (i < steps.length) return true;
+    i = -1;
+    done();
+    return false;
   };
+  const next = () => { if (run(1)) setTimeout(next, 0); };
   // An export (or anything else that needs the whole view) runs the steps left at once; the tasks already queued
   // then find nothing to do.
-  finishUpdate = () => {
-    if (gen !== generation) return;
-    if (finished) return;
-    finished = true;
-    while (i < steps.length) if (!step(steps[i++])) break;
-    finishUpdate = () => {};
-    done();
-  };
+  finishUpdate = () => run(Infinity);
   // After the next frame, so that the headline is painted before the first step's estimates.
   requestAnimationFrame(() => setTimeout(next, 0));
 }
