@@ -1,7 +1,8 @@
 // <vram-fit>: vramfit as a custom element for documentation and blog posts.
 //   <script type="module" src="https://HOST/embed.js"></script>
 //   <vram-fit preset="nanogpt-30m" gpu="rtx-4070" show="batch_size,precision" plot="batch"></vram-fit>
-// Attributes: preset | config (setup JSON) | state (the main page's URL query), gpu (a GPU preset id; without
+// Attributes: preset | config (setup JSON), state (the main page's URL query, read over the preset or config as
+// the page reads its links over its default case: what it names replaces the source's), gpu (a GPU preset id; without
 // one, the source's own device, shown as the GPU preset that has it), compile (true|false:
 // torch.compile on or off over what the source says), finetune (full|lora|qlora: the recipe `vramfit
 // --finetune` names, over the source), alloc-conf (PYTORCH_CUDA_ALLOC_CONF, e.g.
@@ -182,16 +183,20 @@ class VramFit extends HTMLElement {
           throw new Error(`the ${name} attribute ("${this.getAttribute(name)}") must be one of ${allowed.join(', ')}`);
         }
       }
-      let q;
+      // The source (a config, else a preset, else the page's default case), then the state over it as the page
+      // reads its links: `preset="llama-3.1-8b" state="parallel=fsdp&gpus=8"` is that model on eight GPUs, a
+      // state alone the page's default case with what it names changed, a whole link of the page itself.
       let stateGpu = '';
       const config = this.getAttribute('config');
       const state = this.getAttribute('state');
+      let q = config
+        ? from('config', () => vf.import_config(config).query)
+        : from('preset', () => vf.preset_query(this.getAttribute('preset') || 'nanogpt-30m'));
       if (state !== null) {
-        const n = from('state', () => vf.normalize_query(state));
+        const n = from('state', () => vf.normalize_query(vf.query_over(q, state)));
         q = n.query;
         stateGpu = (n.extra.find(([k]) => k === 'gpu') || [])[1] || '';
-      } else if (config) q = from('config', () => vf.import_config(config).query);
-      else q = from('preset', () => vf.preset_query(this.getAttribute('preset') || 'nanogpt-30m'));
+      }
       this.params = new URLSearchParams(q);
       // The recipe first, then the knobs over it, as the CLI applies --finetune before its other flags: compile
       // "true" with a LoRA recipe is the core's "not modelled" message, as `--finetune qlora --compile` is, not

@@ -147,14 +147,19 @@ function applyHistory(query) {
 function applyModel(query) {
   const p = new URLSearchParams(query);
   for (const k of [...DEVICE_KEYS, 'gpu']) p.delete(k);
-  // A model also replaces the optional fields of the families: one its query leaves out takes its default, so
-  // Gemma 3's window or Pythia's rotary dims do not stay behind for the next preset.
+  clearOptionalModel(p);
+  applyQuery(p.toString(), true);
+}
+
+// A model (a preset, a pasted config, a link naming its family) also replaces the optional fields of the
+// families: one its query leaves out takes its default, so Gemma 3's window or Pythia's rotary dims do not stay
+// behind for the next model (the core's `input::query_over` drops the same fields).
+function clearOptionalModel(p) {
   for (const k of OPTIONAL_MODEL_KNOBS) {
     if (p.has(k)) continue;
     if ($(k).type === 'checkbox') $(k).checked = false;
     else $(k).value = '';
   }
-  applyQuery(p.toString(), true);
 }
 
 function showGpuDetail() {
@@ -796,8 +801,10 @@ function renderSnippets() {
 async function main() {
   await init();
   fillSelects();
-  // The default case first; a link's values then replace what they name. The link is checked as given, so a
-  // value a select cannot hold (an unknown precision, say) is still reported with the link's own text.
+  // The default case first; a link's values then replace what they name (`?batch_size=4` is the default case
+  // at batch 4), as the widget reads its `state` (`vf.query_over`). The link is checked over the default case
+  // before the form holds it, so a value a select cannot hold (an unknown precision, say) is still reported
+  // with the link's own text.
   applyQuery(vf.preset_query(DEFAULT_PRESET));
   applyGpu(DEFAULT_GPU);
   const q = location.search.slice(1);
@@ -805,7 +812,8 @@ async function main() {
   let linkError = '';
   if (q) {
     const p = new URLSearchParams(q);
-    try { vf.normalize_query(q); } catch (err) { linkError = err.message; }
+    try { vf.normalize_query(vf.query_over(vf.preset_query(DEFAULT_PRESET), q)); } catch (err) { linkError = err.message; }
+    if (p.has('family')) clearOptionalModel(p);
     applyQuery(q);
     // A link's block size without a sequence length trains on whole blocks, as the widget and the CLI read it
     // (the core's default), not on the default preset's 512 tokens ("train.seq_len (512) is longer than

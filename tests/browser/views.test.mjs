@@ -16,6 +16,8 @@ const env = setUp({ port: PORT, widgetPort: WIDGET_PORT, blogPort: BLOG_PORT, bl
   + '<vram-fit id="qlora-compiled" preset="llama-3.2-1b" gpu="rtx-4090" finetune="qlora" compile="true"></vram-fit>'
   + '<vram-fit id="lora-compiled" preset="gpt2-medium" gpu="rtx-4090" finetune="full" compile="true"></vram-fit>'
   + '<vram-fit id="partial-state" preset="llama-3.1-8b" state="parallel=fsdp&amp;gpus=8"></vram-fit>'
+  + '<vram-fit id="state-alone" state="batch_size=4&amp;compile=0"></vram-fit>'
+  + '<vram-fit id="bad-state" preset="llama-3.1-8b" state="precision=fp8"></vram-fit>'
   + '<vram-fit id="bad-preset" preset="llama-4"></vram-fit><vram-fit id="bad-gpu" gpu="rtx-9090"></vram-fit>'
   + '<vram-fit id="bad-config" config="{&quot;model&quot;: {}}"></vram-fit>'
   + '<vram-fit id="one-gpu" preset="llama-3.2-1b" gpu="rtx-4090" show="parallel,gpus,offload"></vram-fit>' } });
@@ -267,13 +269,13 @@ test('the widget applies its finetune recipe before its compile attribute, as th
 test('a widget\'s message names the attribute it could not read', async () => {
   const blog = await env.context.newPage();
   await blog.goto(env.blogServer.url);
-  const ids = ['partial-state', 'bad-preset', 'bad-gpu', 'bad-config'];
+  const ids = ['bad-state', 'bad-preset', 'bad-gpu', 'bad-config'];
   await blog.waitForFunction((all) => all.every((i) => document.getElementById(i)?.dataset.status), ids, { timeout: 20000 });
   const message = (id) => blog.evaluate((i) => document.getElementById(i).shadowRoot.querySelector('.error').textContent, id);
   for (const id of ids) assert.equal(await blog.evaluate((i) => document.getElementById(i).dataset.status, id), 'error', id);
-  // Before the fix: "vramfit: missing required field "model.family"", with nothing to say that the state attribute
-  // (a whole setup, which replaces the preset) was at fault.
-  assert.equal(await message('partial-state'), 'vramfit: the state attribute: missing required field "model.family"');
+  // Before the fix: "vramfit: train.precision ...", with nothing to say that the state attribute was at fault.
+  assert.equal(await message('bad-state'),
+    'vramfit: the state attribute: train.precision ("fp8") is not one of: fp32, fp16-amp, bf16-amp, bf16');
   assert.equal(await message('bad-preset'), 'vramfit: the preset attribute: unknown preset "llama-4"');
   assert.equal(await message('bad-gpu'), 'vramfit: the gpu attribute: unknown GPU "rtx-9090"');
   assert.match(await message('bad-config'), /^vramfit: the config attribute: /);
@@ -301,5 +303,30 @@ test('a widget\'s multi-GPU field set before a strategy names the field and grey
     s.dispatchEvent(new Event('change'));
   });
   assert.deepEqual(await state(), ['ok', '', false]);
+  await blog.close();
+});
+
+// A hand-written partial link means one setup everywhere: the page reads it over its default case, the widget's
+// state over its preset (or config, else the page's default case), as `vramfit` reads its flags over its source.
+// Before: the page estimated the default case at batch 4 under "In the link: missing required field
+// "model.family"", and both widgets showed that message instead of an estimate.
+test('a partial link is the default case with what it names changed, on the page and in the widget', async () => {
+  const { page, errors } = await openPage(env.context, `${env.server.url}?batch_size=4&compile=0`);
+  assert.equal(await page.textContent('#global-error'), '');
+  const atFour = cliPeakBytes(['--batch-size', '4', '--no-compile']);
+  assert.equal(await peak(page), atFour);
+  assert.equal(await page.inputValue('#batch_size'), '4');
+  assert.equal(await page.inputValue('#n_layer'), '6');
+  assert.deepEqual(errors, []);
+  await page.close();
+
+  const blog = await env.context.newPage();
+  await blog.goto(env.blogServer.url);
+  const ids = ['state-alone', 'partial-state'];
+  await blog.waitForFunction((all) => all.every((i) => document.getElementById(i)?.dataset.status), ids, { timeout: 20000 });
+  const bytes = (id) => blog.evaluate((i) => Number(document.getElementById(i).dataset.peakBytes), id);
+  for (const id of ids) assert.equal(await blog.evaluate((i) => document.getElementById(i).dataset.status, id), 'ok', id);
+  assert.equal(await bytes('state-alone'), atFour);
+  assert.equal(await bytes('partial-state'), cliPeakBytes(['--preset', 'llama-3.1-8b', '--parallel', 'fsdp', '--gpus', '8']));
   await blog.close();
 });

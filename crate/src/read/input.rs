@@ -2388,6 +2388,65 @@ pub fn setup_from_query(query: &str, extra: &mut Vec<(String, String)>) -> Resul
     setup_from_value(&v)
 }
 
+/// The model fields a setup may leave out (absent: 0 or off): a query that names the family names the model, and
+/// the base's values of these that it leaves out are dropped (`query_over`). The page clears the same fields
+/// when it applies a model (www/main.js `OPTIONAL_MODEL_KNOBS`; a unit test ties the two).
+pub const OPTIONAL_MODEL_KEYS: &[&str] = &[
+    "bias",
+    "head_dim",
+    "sliding_window",
+    "rotary_dims",
+    "parallel_residual",
+    "n_experts",
+    "experts_per_token",
+    "shared_expert_size",
+    "norm_topk_prob",
+    "router_aux_loss",
+];
+
+/// A link's query read over a base query, as the page reads its own links over the case it starts from: each
+/// key the link gives replaces the base's (the link's pairs come last), the others keep the base's value. So `batch_size=4` is the base at
+/// batch 4, and a link the page wrote (every field) is itself. Three keys say more than their own value, as on
+/// the page:
+/// - `family`: the link names the model, so the base's optional model fields (`OPTIONAL_MODEL_KEYS`) it leaves
+///   out are dropped (a Phi-3 base's sliding window does not stay on a Llama link);
+/// - `block_size` without `seq_len`: the run trains on whole blocks (the core's default), not on the base's
+///   sequence length;
+/// - a multi-GPU key (`parallel`, `gpus`, ...): the link says the whole multi-GPU group, so the base's others
+///   are dropped.
+///
+/// Values are not read here (`setup_from_query` reads the result and names a bad one with the link's own text).
+pub fn query_over(base: &str, link: &str) -> String {
+    fn pairs(q: &str) -> Vec<(String, &str)> {
+        q.strip_prefix('?')
+            .unwrap_or(q)
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let k = p.split_once('=').map_or(p, |(k, _)| k);
+                (percent_decode(k).unwrap_or_else(|_| k.to_string()), p)
+            })
+            .collect()
+    }
+    let is_parallel = |k: &str| PARALLEL_QUERY_KEYS.iter().any(|(n, _, _)| *n == k);
+    let link = pairs(link);
+    let names = |k: &str| link.iter().any(|(n, _)| n == k);
+    let drop = |k: &str| {
+        (names("family") && OPTIONAL_MODEL_KEYS.contains(&k))
+            || (k == "seq_len" && names("block_size"))
+            || (is_parallel(k) && link.iter().any(|(n, _)| is_parallel(n)))
+    };
+    // The base's pairs the link neither gives nor drops, then the link's, all of them in its order: a key it
+    // gives twice is read as `setup_from_query` reads any query (the last one).
+    pairs(base)
+        .into_iter()
+        .filter(|(k, _)| !names(k) && !drop(k))
+        .chain(link.iter().cloned())
+        .map(|(_, p)| p)
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
 /// `train.parallel` in the URL: (query key, path under `train.parallel`, kind); absent on one GPU.
 const PARALLEL_QUERY_KEYS: &[(&str, &str, QueryKind)] = &[
     ("parallel", "strategy", QueryKind::Str),
@@ -2509,6 +2568,109 @@ fn query_text(kind: QueryKind, x: &Value) -> String {
 #[cfg(test)]
 mod query_tests {
     use super::*;
+
+    fn read(q: &str) -> Result<Setup, Error> {
+        setup_from_query(q, &mut Vec::new())
+    }
+
+    /// A partial link is the base with what it names changed: `batch_size=4` over the founding case is the
+    /// founding case at batch 4 (not the setup JSON's defaults: batch 12, fp32, eager), and a whole link (a
+    /// preset's query, every field) is itself over any base.
+    #[test]
+    fn a_link_is_read_over_its_base() {
+        let founding = crate::presets::founding();
+        let base = setup_to_query(&founding);
+        let mut at_4 = founding.clone();
+        at_4.train.batch_size = 4;
+        assert_eq!(read(&query_over(&base, "batch_size=4")).unwrap(), at_4);
+        assert_eq!(
+            read(&query_over(&base, "?batch_size=4&compile=0")).unwrap(),
+            {
+                let mut s = at_4.clone();
+                s.train.compile = false;
+                s
+            }
+        );
+        for id in ["llama-3.1-8b", "phi-3-mini", "mixtral-8x7b", "gpt2"] {
+            let s = crate::presets::model_preset(id).unwrap();
+            assert_eq!(
+                read(&query_over(&base, &setup_to_query(&s))).unwrap(),
+                s,
+                "{id}"
+            );
+        }
+        // A value the link gets wrong is named with the link's own text.
+        assert_eq!(
+            read(&query_over(&base, "precision=fp8"))
+                .unwrap_err()
+                .to_string(),
+            "train.precision (\"fp8\") is not one of: fp32, fp16-amp, bf16-amp, bf16"
+        );
+    }
+
+    /// The keys that say more than their value: a family drops the base's optional model fields (Phi-3-mini's
+    /// 2047-token window is not carried onto a Llama link), a block size without a sequence length trains on
+    /// whole blocks, and a multi-GPU key replaces the base's whole multi-GPU group.
+    #[test]
+    fn family_block_size_and_parallel_keys_replace_what_they_imply() {
+        let phi3 = crate::presets::model_preset("phi-3-mini").unwrap();
+        assert_eq!(phi3.model.sliding_window, 2047);
+        let llama = crate::presets::model_preset("llama-3.1-8b").unwrap();
+        let over = query_over(&setup_to_query(&phi3), &setup_to_query(&llama));
+        assert!(!over.contains("sliding_window"), "{over}");
+        assert_eq!(read(&over).unwrap(), llama);
+        // Without `family` the window stays: the link changes the Phi-3 model's depth only.
+        let deeper = read(&query_over(&setup_to_query(&phi3), "n_layer=2")).unwrap();
+        assert_eq!(deeper.model.sliding_window, phi3.model.sliding_window);
+        assert_eq!(deeper.model.n_layer, 2);
+
+        let base =
+            "family=gpt2&n_layer=2&n_head=2&n_embd=64&block_size=512&vocab_size=65&seq_len=512";
+        assert_eq!(
+            query_over(base, "block_size=128"),
+            "family=gpt2&n_layer=2&n_head=2&n_embd=64&vocab_size=65&block_size=128"
+        );
+        assert_eq!(
+            read(&query_over(base, "block_size=128"))
+                .unwrap()
+                .train
+                .seq_len,
+            128
+        );
+        assert_eq!(
+            query_over(base, "block_size=128&seq_len=64"),
+            "family=gpt2&n_layer=2&n_head=2&n_embd=64&vocab_size=65&block_size=128&seq_len=64"
+        );
+
+        let sharded = format!("{base}&parallel=fsdp&gpus=8&offload=1&reshard_after_forward=0");
+        assert_eq!(
+            query_over(&sharded, "parallel=ddp&gpus=4"),
+            format!("{base}&parallel=ddp&gpus=4")
+        );
+        // A link without a multi-GPU key keeps the base's group.
+        assert_eq!(
+            query_over(&sharded, "batch_size=2"),
+            format!("{sharded}&batch_size=2")
+        );
+    }
+
+    /// The page clears the same optional model fields when it applies a model (www/main.js), so a link reads
+    /// the same on the page, in the widget's `state` and in `query_over`.
+    #[test]
+    fn the_page_clears_the_same_optional_model_fields() {
+        let js = include_str!("../../../www/main.js");
+        let start = js
+            .find("const OPTIONAL_MODEL_KNOBS = [")
+            .expect("main.js lists OPTIONAL_MODEL_KNOBS");
+        let list = &js[start..];
+        let list = &list[list.find('[').unwrap() + 1..list.find(']').unwrap()];
+        let names: Vec<&str> = list
+            .split(',')
+            .map(|n| n.trim().trim_matches('\''))
+            .filter(|n| !n.is_empty())
+            .collect();
+        assert_eq!(names, OPTIONAL_MODEL_KEYS);
+    }
 
     /// `train.parallel` in the URL: PyTorch's argument names as keys (`parallel` for the strategy), absent on
     /// one GPU, and back.

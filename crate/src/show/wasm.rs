@@ -213,6 +213,13 @@ pub fn normalize_query(query: &str) -> Result<JsValue, JsError> {
     })
 }
 
+/// A link's query read over a base query, as the page reads its links over the case it starts from and the
+/// widget its `state` over its source (`input::query_over`).
+#[wasm_bindgen]
+pub fn query_over(base: &str, link: &str) -> String {
+    input::query_over(base, link)
+}
+
 #[derive(Serialize)]
 struct ComponentDto {
     name: &'static str,
