@@ -313,3 +313,82 @@ fn an_activation_vramfit_does_not_model_is_refused_by_name() {
          gelu, gelu_pytorch_tanh (one op that saves only its input)"
     );
 }
+
+/// The JSON report of a command that succeeds.
+fn json_of(args: &[&str]) -> serde_json::Value {
+    let (code, out, err) = vramfit(args);
+    assert_eq!(code, 0, "{args:?}: {err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// `--link` reads a link to the page as the page reads it: the default case with what the link names changed
+/// (so `?batch_size=4&compile=0` is `--batch-size 4 --no-compile`), its `gpu` the device; the whole address or
+/// only the query; a link the page wrote for a preset on a GPU is that preset on that GPU. A GPU the page does
+/// not have, or a second source, is one message.
+#[test]
+fn a_link_to_the_page_is_read_as_the_page_reads_it() {
+    let peak = |args: &[&str]| json_of(args)["peak_allocated_bytes"].as_u64().unwrap();
+    let flags = peak(&[
+        "estimate",
+        "--batch-size",
+        "4",
+        "--no-compile",
+        "--gpu",
+        "rtx-4090",
+        "--format",
+        "json",
+    ]);
+    for link in [
+        "https://vramfit.example/?batch_size=4&compile=0&gpu=rtx-4090#results",
+        "batch_size=4&compile=0&gpu=rtx-4090",
+    ] {
+        assert_eq!(
+            peak(&["estimate", "--link", link, "--format", "json"]),
+            flags,
+            "{link}"
+        );
+    }
+    let setup = vramfit::presets::model_preset("phi-3-mini").unwrap();
+    let link = format!(
+        "https://vramfit.example/?{}&gpu=h100-80",
+        vramfit::input::setup_to_query(&setup)
+    );
+    let linked = json_of(&["estimate", "--link", &link, "--format", "json"]);
+    let preset = json_of(&[
+        "estimate",
+        "--preset",
+        "phi-3-mini",
+        "--gpu",
+        "h100-80",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(
+        linked["peak_allocated_bytes"],
+        preset["peak_allocated_bytes"]
+    );
+    assert_eq!(linked["peak_reserved_bytes"], preset["peak_reserved_bytes"]);
+    assert!(linked["peak_allocated_bytes"].as_u64().unwrap() > flags);
+    // Flags after the link change it, as they change any source.
+    assert_eq!(
+        peak(&[
+            "estimate",
+            "--link",
+            "compile=0&gpu=rtx-4090",
+            "--batch-size",
+            "4",
+            "--format",
+            "json"
+        ]),
+        flags
+    );
+    assert!(
+        error_of(&["estimate", "--link", "gpu=rtx-9090"]).starts_with("error: gpu (\"rtx-9090\")"),
+        "{}",
+        error_of(&["estimate", "--link", "gpu=rtx-9090"])
+    );
+    assert_eq!(
+        error_of(&["estimate", "--link", "batch_size=4", "--preset", "gpt2"]),
+        "error: command line: give at most one of --config, --nanogpt, --hf, --preset, --link"
+    );
+}

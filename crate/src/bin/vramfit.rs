@@ -120,6 +120,8 @@ vocab 50304, fp16-amp, fused AdamW, torch.compile):
                        tinyllama-1.1b, llama-3.2-1b, llama-2-7b, mistral-7b, qwen2.5-0.5b, llama-3.1-8b,
                        llama-3.1-70b, qwen2.5-1.5b, qwen2.5-7b, gemma-2-2b, gemma-3-1b, phi-3-mini,
                        mixtral-8x7b, olmoe-1b-7b, pythia-160m, pythia-1b)
+  --link URL           a link to the page (or its query, e.g. 'batch_size=4&compile=0'), read as the page
+                       reads it: the default case with what the link names changed, its gpu as the device
 ";
 
 const KNOBS_HELP: &str = "\
@@ -309,6 +311,32 @@ fn read(path: &str) -> Result<String, Error> {
 }
 
 /// A snapshot file's bytes, refused before reading when it is past what the reader takes.
+/// A link to the page (its address, or only the query after `?`), read as the page reads it: over the page's
+/// default case (the founding case, on the RTX 4070 the page starts with), with the link's GPU preset, if it
+/// names one, as the device.
+fn setup_of_link(text: &str) -> Result<Setup, Error> {
+    let query = match text.split_once('?') {
+        Some((_, q)) => q,
+        None if text.contains("://") => "",
+        None => text,
+    };
+    let query = query.split('#').next().unwrap_or_default();
+    let base = vramfit::input::setup_to_query(&vramfit::presets::founding());
+    let mut extra = Vec::new();
+    let mut s =
+        vramfit::input::setup_from_query(&vramfit::input::query_over(&base, query), &mut extra)?;
+    // The page takes a key's first value (`URLSearchParams.get`).
+    if let Some((_, id)) = extra.iter().find(|(k, _)| k == "gpu") {
+        let g = vramfit::presets::gpu(id).ok_or_else(|| Error::UnknownValue {
+            field: "gpu".into(),
+            value: id.clone(),
+            allowed: vramfit::presets::GPU_IDS,
+        })?;
+        s.device = g.device();
+    }
+    Ok(s)
+}
+
 fn read_snapshot_file(path: &str) -> Result<Vec<u8>, Error> {
     let io = |e: std::io::Error| Error::Parse {
         source: path.to_string(),
@@ -425,7 +453,7 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
         let set_source = |v: Value, base: &mut Option<Value>| -> Result<(), Error> {
             if base.is_some() {
                 return Err(usage_error(
-                    "give at most one of --config, --nanogpt, --hf".into(),
+                    "give at most one of --config, --nanogpt, --hf, --preset, --link".into(),
                 ));
             }
             *base = Some(v);
@@ -481,6 +509,10 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                 notes.extend(hf_notes);
                 let v = setup_to_value(&vramfit::input::hf_setup(m));
                 set_source(v, &mut base)?;
+            }
+            "--link" => {
+                let text = next(&mut i, flag)?;
+                set_source(setup_to_value(&setup_of_link(&text)?), &mut base)?;
             }
             "--preset" => {
                 let id = next(&mut i, flag)?;
