@@ -10,7 +10,8 @@
 // lora_target_modules, base_dtype, quantization, parallel, gpus, offload, ...), lock, plot
 // (batch|block|fitmap|timeline|gpus|finetune|none: finetune is a table of full fine-tuning, LoRA and QLoRA), theme (light|dark|auto).
 // A value the widget does not have (a knob in show or lock, a plot, a theme) is its message, naming the values it
-// takes. Everything renders in a shadow root; every number comes from the wasm estimator,
+// takes. The element's data-status says how it went: "ok", "partial" (the figures drawn, the plot or table not:
+// its message says why) or "error" (the message alone, or over greyed earlier figures). Everything renders in a shadow root; every number comes from the wasm estimator,
 // loaded once from this script's own origin and shared by every widget on the page.
 
 const ESTIMATOR = new URL('./pkg/entry.js', import.meta.url).href;
@@ -370,9 +371,10 @@ class VramFit extends HTMLElement {
     this.compare.textContent = e.compare ? e.compare.sentence : '';
     this.compare.hidden = !e.compare;
     this.link.href = `${PAGE}?${q}`;
-    if (this.canvas) this.draw(q);
-    if (this.methods) this.showMethods(q);
-    this.dataset.status = 'ok';
+    // The figures stand even where the plot or the table cannot be drawn; its message says why, and the status
+    // is "partial" (a host waiting for "ok" would otherwise take a widget without its plot for a whole one).
+    const failed = [this.canvas && this.draw(q), this.methods && this.showMethods(q)].some(Boolean);
+    this.dataset.status = failed ? 'partial' : 'ok';
     this.dataset.peakBytes = String(e.peak_allocated_bytes);
     this.dataset.reservedBytes = String(e.peak_reserved_bytes);
     this.dispatchEvent(new CustomEvent('vramfit:estimate', { detail: { peak_allocated_bytes: e.peak_allocated_bytes } }));
@@ -383,6 +385,7 @@ class VramFit extends HTMLElement {
   }
 
   // Full fine-tuning, LoRA and QLoRA on this GPU, with the advice under them in place of the eager/compiled line.
+  // Returns the message where it cannot be made, else ''.
   showMethods(q) {
     try {
       const m = this.vf.finetune_methods(q);
@@ -398,9 +401,14 @@ class VramFit extends HTMLElement {
       this.compare.textContent = m.advice;
       this.compare.hidden = false;
       this.dataset.methodsAdvice = m.advice;
-    } catch (err) { this.error.textContent = err.message; }
+      return '';
+    } catch (err) {
+      this.error.textContent = err.message;
+      return err.message;
+    }
   }
 
+  // Draws the plot; returns the message where it cannot be drawn, else ''.
   draw(q) {
     const dpr = window.devicePixelRatio || 1;
     const w = Math.max(280, Math.round(this.canvas.getBoundingClientRect().width || 600));
@@ -421,7 +429,11 @@ class VramFit extends HTMLElement {
         this.dataset.gpuAdvice = plan.advice;
       }
       else vf.draw_sweep(this.canvas, q, 'batch_size', this.dark, dpr);
-    } catch (err) { this.error.textContent = err.message; }
+      return '';
+    } catch (err) {
+      this.error.textContent = err.message;
+      return err.message;
+    }
   }
 }
 

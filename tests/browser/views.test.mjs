@@ -330,3 +330,20 @@ test('a partial link is the default case with what it names changed, on the page
   assert.equal(await bytes('partial-state'), cliPeakBytes(['--preset', 'llama-3.1-8b', '--parallel', 'fsdp', '--gpus', '8']));
   await blog.close();
 });
+
+// A widget whose plot cannot be drawn (here: the browser gives no 2D context) keeps its figures, says why, and
+// says "partial": before, its status said "ok" as if the plot were there.
+test('a widget whose plot fails keeps its figures, names the failure and says partial', async () => {
+  const blog = await env.context.newPage();
+  await blog.addInitScript(() => { HTMLCanvasElement.prototype.getContext = () => null; });
+  await blog.goto(env.blogServer.url);
+  await blog.waitForFunction(() => document.getElementById('w')?.dataset.status, undefined, { timeout: 20000 });
+  const [status, error, peakBytes] = await blog.evaluate(() => {
+    const w = document.getElementById('w');
+    return [w.dataset.status, w.shadowRoot.querySelector('.error').textContent, Number(w.dataset.peakBytes)];
+  });
+  assert.equal(status, 'partial');
+  assert.match(error, /canvas/i);
+  assert.ok(peakBytes > 0);
+  await blog.close();
+});
