@@ -445,9 +445,13 @@ fn a_model_preset_keeps_the_gpu_given() {
         ["--gpu", "rtx-4070", "--preset", "llama-2-7b"],
     ] {
         let v = json_of(&[&["estimate"], &args[..], &["--format", "json"]].concat());
-        assert_eq!(v["device_memory_bytes"], 12u64 << 30, "{args:?}");
+        assert_eq!(v["device_memory_bytes"], 12_282u64 << 20, "{args:?}");
         assert_eq!(v["setup"]["device"]["compute_capability"], 8.9, "{args:?}");
-        assert_eq!(v["setup"]["device"]["memory_gib"], 12.0, "{args:?}");
+        assert_eq!(
+            v["setup"]["device"]["memory_gib"],
+            12_282.0 / 1024.0,
+            "{args:?}"
+        );
         assert_eq!(v["setup"]["device"]["sms"], 46, "{args:?}");
         assert_eq!(
             v["peak_allocated_bytes"], expected.peak_allocated_bytes,
@@ -487,7 +491,7 @@ fn gpus_lists_every_preset_with_its_sm_count() {
     };
     assert_eq!(
         words("rtx-4070"),
-        "rtx-4070 12.0 GiB 8.9 46 SMs RTX 4070 12 GB"
+        "rtx-4070 11.99 GiB 8.9 46 SMs RTX 4070 12 GB"
     );
     assert_eq!(
         words("mi250"),
@@ -499,7 +503,7 @@ fn gpus_lists_every_preset_with_its_sm_count() {
     let b200 = gpus.iter().find(|g| g["id"] == "b200").unwrap();
     assert_eq!(b200["sms"], 148);
     assert_eq!(b200["compute_capability"], 10.0);
-    assert_eq!(b200["memory_bytes"], 180u64 << 30);
+    assert_eq!(b200["memory_bytes"], 183_359u64 << 20);
     // The audit: memory rounded up ("45.0 GiB" for an L40S's 44.988 GiB); figures are cut, never above the
     // device's (46,068 MiB and the RTX 5090's 32,607 MiB as the driver reports them).
     assert_eq!(words("l40s"), "l40s 44.98 GiB 8.9 142 SMs L40S 48 GB");
@@ -874,7 +878,7 @@ fn strategies_finds_the_fewest_gpus_and_the_flags_reproduce_them() {
     assert_eq!(code, 0, "{err}");
     assert!(
         text.contains(&format!(
-            "The fewest 12.0 GiB GPUs that fit: {n} with FSDP2, ZeRO-3"
+            "The fewest 11.99 GiB GPUs that fit: {n} with FSDP2, ZeRO-3"
         )),
         "{text}"
     );
@@ -993,7 +997,10 @@ fn finetune_sets_the_three_recipes_side_by_side() {
     assert!(at(largest) && !at(largest + 1));
     let (code, text, err) = vramfit(&[&["finetune"][..], &base[..]].concat());
     assert_eq!(code, 0, "{err}");
-    assert!(text.contains("QLoRA fits in 24.0 GiB at batch 1"), "{text}");
+    assert!(
+        text.contains("QLoRA fits in 23.98 GiB at batch 1"),
+        "{text}"
+    );
     assert!(
         text.contains("flags: --finetune qlora --batch-size 1\n"),
         "{text}"

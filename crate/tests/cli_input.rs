@@ -211,11 +211,11 @@ fn the_table_says_whether_the_step_fits_the_gpu() {
     assert_eq!(
         line,
         format!(
-            "  GPU memory        24.0 GiB  does not fit: {} over",
+            "  GPU memory       23.98 GiB  does not fit: {} over",
             vramfit::report::fmt_bytes(over)
         )
     );
-    // The default case on an RTX 4070 (12 GiB): fits, with the margin the page shows.
+    // The default case on an RTX 4070 (12,282 MiB): fits, with the margin the page shows.
     let (_, out, _) = vramfit(&["estimate", "--gpu", "rtx-4070"]);
     let (_, json, _) = vramfit(&["estimate", "--gpu", "rtx-4070", "--format", "json"]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
@@ -223,7 +223,7 @@ fn the_table_says_whether_the_step_fits_the_gpu() {
         v["device_memory_bytes"].as_u64().unwrap() - v["device_total_bytes"].as_u64().unwrap();
     assert!(
         out.contains(&format!(
-            "  GPU memory        12.0 GiB  fits: {} to spare\n",
+            "  GPU memory       11.99 GiB  fits: {} to spare\n",
             vramfit::report::fmt_memory(spare)
         )),
         "{out}"

@@ -32,12 +32,12 @@ async function assertLlama7bOnRtx4070(page) {
   assert.equal(await value(page, 'n_embd'), '4096');
   assert.equal(await value(page, 'gpu'), 'rtx-4070');
   assert.equal(await selectedLabel(page), 'RTX 4070 12 GB');
-  assert.equal(await value(page, 'memory_gib'), '12');
+  assert.equal(await value(page, 'memory_gib'), '11.994140625');
   assert.equal(await value(page, 'compute_capability'), '8.9');
-  assert.equal(await page.textContent('#verdict'), 'does not fit in 12.0 GiB');
+  assert.equal(await page.textContent('#verdict'), 'does not fit in 11.99 GiB');
   assert.equal(await page.textContent('#gpu-detail'), '46 SMs, compute capability 8.9');
   assert.equal(await urlParam(page, 'gpu'), 'rtx-4070');
-  assert.equal(await urlParam(page, 'memory_gib'), '12');
+  assert.equal(await urlParam(page, 'memory_gib'), '11.994140625');
   assert.equal(await urlParam(page, 'compute_capability'), '8.9');
   assert.equal(await peak(page), cliPeakBytes(['--preset', 'llama-2-7b', '--gpu', 'rtx-4070']));
 }
@@ -46,9 +46,9 @@ test('RTX 4070 selected, then Llama-2-7B: the GPU list, the memory and the verdi
   const { page, errors } = await openPage(env.context, env.server.url);
   // A person picks another card, then the RTX 4070, then the model.
   await page.selectOption('#gpu', 'rtx-4090');
-  await page.waitForFunction(() => document.getElementById('memory_gib').value === '24');
+  await page.waitForFunction(() => document.getElementById('memory_gib').value === '23.98828125');
   await page.selectOption('#gpu', 'rtx-4070');
-  await page.waitForFunction(() => document.getElementById('memory_gib').value === '12');
+  await page.waitForFunction(() => document.getElementById('memory_gib').value === '11.994140625');
   await page.selectOption('#preset', 'llama-2-7b');
   await page.waitForFunction(() => document.getElementById('family').value === 'llama');
   await assertLlama7bOnRtx4070(page);
@@ -94,9 +94,9 @@ test('the default RTX 4070, never touched, is kept by a preset as well; so is an
 test('a link\'s GPU is the device, even where an older link also holds another memory', async () => {
   const { page, errors } = await openPage(env.context, `${env.server.url}?gpu=rtx-4070&memory_gib=80&compute_capability=9`);
   assert.equal(await value(page, 'gpu'), 'rtx-4070');
-  assert.equal(await value(page, 'memory_gib'), '12');
+  assert.equal(await value(page, 'memory_gib'), '11.994140625');
   assert.equal(await value(page, 'compute_capability'), '8.9');
-  assert.match(await page.textContent('#verdict'), / in 12\.0 GiB$/);
+  assert.match(await page.textContent('#verdict'), / in 11\.99 GiB$/);
   await page.close();
   const second = await openPage(env.context, `${env.server.url}?gpu=rtx-5090`);
   // The RTX 5090 as its driver reports it (32,607 MiB; presets.rs names the source), shown cut, never rounded up.
@@ -115,7 +115,10 @@ test('the GPU list holds the new presets, each with its memory and SM count', as
     assert.ok(ids.includes(id), `${id} in ${ids}`);
   }
   const cases = [
-    ['b200', '180', '10', '148 SMs, compute capability 10.0', '180 GiB'],
+    // The B200 (183,359 MiB), the RTX 4070 (12,282 MiB) and the H100 NVL (95,830 MiB) as nvidia-smi reports them.
+    ['b200', '179.0615234375', '10', '148 SMs, compute capability 10.0', '179.0 GiB'],
+    ['rtx-4070', '11.994140625', '8.9', '46 SMs, compute capability 8.9', '11.99 GiB'],
+    ['h100-nvl', '93.583984375', '9', '132 SMs, compute capability 9.0', '93.58 GiB'],
     // The L40S as its driver reports it with ECC on (46,068 MiB; presets.rs names the source): 44.988 GiB, cut to
     // 44.98 GiB (the audit: it showed as 45.0 GiB, more than the device has).
     ['l40s', '44.98828125', '8.9', '142 SMs, compute capability 8.9', '44.98 GiB'],

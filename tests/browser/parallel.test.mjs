@@ -149,7 +149,7 @@ test('the GPU plan: a line per strategy, the fewest GPUs the CLI finds, the advi
   const { page, errors } = await openPage(env.context, env.server.url);
   // Llama-3.2-1B with bf16 autocast does not fit an RTX 4070 (12 GB): the plan is made and advised.
   await waitRender(page, () => page.selectOption('#preset', 'llama-3.2-1b'));
-  assert.equal(await page.textContent('#verdict'), 'does not fit in 12.0 GiB');
+  assert.equal(await page.textContent('#verdict'), 'does not fit in 11.99 GiB');
   const cli = cliStrategies(['--preset', 'llama-3.2-1b', '--gpu', 'rtx-4070']);
   const rows = await page.evaluate(() => [...document.querySelectorAll('#gpu-plan tbody tr')].map((tr) => ({
     way: tr.dataset.way, cells: [...tr.querySelectorAll('td')].map((td) => td.textContent) })));
@@ -169,7 +169,7 @@ test('the GPU plan: a line per strategy, the fewest GPUs the CLI finds, the advi
   assert.equal(await param(page, 'gpus'), String(z3.fewest_gpus));
   assert.equal(await param(page, 'param_dtype'), 'bf16');
   assert.equal(await param(page, 'precision'), 'fp32');
-  assert.equal(await page.textContent('#verdict'), 'fits in 12.0 GiB');
+  assert.equal(await page.textContent('#verdict'), 'fits in 11.99 GiB');
   assert.equal(await page.evaluate(() => document.getElementById('device-total').textContent),
     await page.evaluate(() => document.querySelector('#gpu-plan tr[data-way="zero3"] td:nth-child(3)').textContent));
   // Open: the plot is drawn; the offload row names its host memory.

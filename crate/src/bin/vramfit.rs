@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use vramfit::input::{hf_config, nanogpt_config, setup_from_value, setup_to_value};
 use vramfit::model::alloc_conf_string;
 use vramfit::parallel::Strategy;
-use vramfit::report::{fmt_bytes, fmt_memory};
+use vramfit::report::{fmt_bytes, fmt_memory, fmt_within};
 use vramfit::sweep::{powers_of_two, sweep, Axis};
 use vramfit::{estimate, Error, Setup};
 
@@ -929,7 +929,9 @@ fn strategies_table(setup: &Setup, plan: &vramfit::gpus::Plan) -> String {
         }
         let fewest = match (&r.fewest, plan.budget_bytes) {
             (_, 0) => "(no GPU memory given)".to_string(),
-            (Some(f), _) => format!("{} ({})", f.gpus, fmt_bytes(f.device_total_bytes)),
+            (Some(f), budget) => {
+                format!("{} ({})", f.gpus, fmt_within(f.device_total_bytes, budget))
+            }
             (None, _) => format!("none up to {}", vramfit::gpus::MAX_GPUS_SEARCHED),
         };
         out += &format!("{line}   {fewest}\n");
@@ -1041,7 +1043,7 @@ fn methods_table(setup: &Setup, m: &vramfit::methods::Methods) -> String {
         out += &format!(
             "  {name:18}{:>12}{:>16}{verdict:>16}{largest:>16}\n",
             format!("{:.1}M", r.trainable_params as f64 / 1e6),
-            fmt_bytes(r.device_total_bytes)
+            fmt_within(r.device_total_bytes, setup.device.memory_bytes)
         );
     }
     out += &format!("\n  {}\n", m.advice);
@@ -1257,7 +1259,7 @@ fn table(setup: &Setup, r: &vramfit::Report, notes: &[String]) -> String {
     outln!(
         out,
         "  on the device   {:>10}  (reserved + CUDA context; range {} to {})",
-        fmt_bytes(r.device_total_bytes),
+        fmt_within(r.device_total_bytes, r.device_memory_bytes),
         fmt_bytes(r.device_total_range_bytes.0),
         fmt_bytes(r.device_total_range_bytes.1)
     );

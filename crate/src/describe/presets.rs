@@ -541,6 +541,19 @@ const NVML_MIB_T4: u64 = 15_360;
 // GeForce RTX 5090: 32,607 MiB (31.84 GiB), the total nvidia-smi prints for it ("... / 32607MiB") in every public
 // log of one found (several machines and drivers, Linux and WSL2); NVIDIA publishes no NVML figure for it.
 const NVML_MIB_RTX_5090: u64 = 32_607;
+// The same, read from nvidia-smi's total ("... / 12282MiB") in public logs of each card (several machines, Linux
+// and Windows, agreeing): the Ada GeForce cards keep a few MiB of their GDDR6(X) (RTX 4070 12,282 MiB, RTX 4080
+// 16,376, RTX 4090 24,564, RTX 4060 Ti 16 GB 16,380), as do the RTX A6000 (49,140), the H100 NVL (95,830) and the
+// B200 (183,359). The Ampere GeForce cards report their whole memory (RTX 3060 12,288, RTX 3080 10,240, RTX 3090
+// 24,576 MiB). The V100's logs disagree by driver (16,160 or 16,384 MiB; 32,510 or 32,768), so it keeps its
+// data sheet's figure.
+const NVML_MIB_RTX_4070: u64 = 12_282;
+const NVML_MIB_RTX_4080: u64 = 16_376;
+const NVML_MIB_RTX_4090: u64 = 24_564;
+const NVML_MIB_RTX_4060_TI_16: u64 = 16_380;
+const NVML_MIB_RTX_A6000: u64 = 49_140;
+const NVML_MIB_H100_NVL: u64 = 95_830;
+const NVML_MIB_B200: u64 = 183_359;
 
 // SM counts: NVIDIA's GeForce and RTX spec pages list CUDA cores, not SMs; Ampere (GA10x), Ada and Blackwell
 // (GB20x) SMs hold 128 FP32 CUDA cores each, Turing and Volta SMs 64 (the architecture whitepapers), so the SM
@@ -578,8 +591,9 @@ pub const GPU_PRESETS: &[GpuPreset] = &[
     GpuPreset {
         id: "rtx-4060-ti-16",
         label: "RTX 4060 Ti 16 GB",
-        // GeForce RTX 4060 Ti spec page: 16 GB or 8 GB GDDR6; this is the 16 GB one.
-        memory_bytes: 16 * GIB,
+        // GeForce RTX 4060 Ti spec page: 16 GB or 8 GB GDDR6; this is the 16 GB one, of which the driver reports
+        // 15.99 GiB (`NVML_MIB_RTX_4060_TI_16`).
+        memory_bytes: NVML_MIB_RTX_4060_TI_16 * MIB,
         // CUDA GPUs list: GeForce RTX 4060 Ti, 8.9.
         sm: 89,
         // GeForce RTX 4060 Ti spec page: 4,352 CUDA cores / 128 = 34 SMs.
@@ -589,7 +603,7 @@ pub const GPU_PRESETS: &[GpuPreset] = &[
     GpuPreset {
         id: "rtx-4070",
         label: "RTX 4070 12 GB",
-        memory_bytes: 12 * GIB,
+        memory_bytes: NVML_MIB_RTX_4070 * MIB,
         sm: 89,
         // GeForce RTX 4070 spec page: 5,888 CUDA cores / 128 = 46 SMs.
         sms: Some(46),
@@ -598,7 +612,7 @@ pub const GPU_PRESETS: &[GpuPreset] = &[
     GpuPreset {
         id: "rtx-4080",
         label: "RTX 4080 16 GB",
-        memory_bytes: 16 * GIB,
+        memory_bytes: NVML_MIB_RTX_4080 * MIB,
         sm: 89,
         // NVIDIA Ada GPU Architecture whitepaper: RTX 4080 (16 GB), 76 SMs (9,728 CUDA cores).
         sms: Some(76),
@@ -607,7 +621,7 @@ pub const GPU_PRESETS: &[GpuPreset] = &[
     GpuPreset {
         id: "rtx-4090",
         label: "RTX 4090 24 GB",
-        memory_bytes: 24 * GIB,
+        memory_bytes: NVML_MIB_RTX_4090 * MIB,
         sm: 89,
         // NVIDIA Ada GPU Architecture whitepaper: RTX 4090, 128 SMs (16,384 CUDA cores).
         sms: Some(128),
@@ -637,7 +651,7 @@ pub const GPU_PRESETS: &[GpuPreset] = &[
         id: "rtx-a6000",
         label: "RTX A6000 48 GB",
         // NVIDIA RTX A6000 data sheet: 48 GB GDDR6 with ECC (ECC off by default on this workstation card).
-        memory_bytes: 48 * GIB,
+        memory_bytes: NVML_MIB_RTX_A6000 * MIB,
         // CUDA GPUs list: NVIDIA RTX A6000, 8.6.
         sm: 86,
         // NVIDIA RTX A6000 data sheet: 10,752 CUDA cores / 128 = 84 SMs (84 RT cores).
@@ -723,8 +737,9 @@ pub const GPU_PRESETS: &[GpuPreset] = &[
     GpuPreset {
         id: "h100-nvl",
         label: "H100 NVL 94 GB",
-        // NVIDIA H100 data sheet: H100 NVL, 94 GB HBM3 (per GPU; a pair is sold bridged as 188 GB).
-        memory_bytes: 94 * GIB,
+        // NVIDIA H100 data sheet: H100 NVL, 94 GB HBM3 (per GPU; a pair is sold bridged as 188 GB), of which the
+        // driver reports 93.58 GiB (`NVML_MIB_H100_NVL`).
+        memory_bytes: NVML_MIB_H100_NVL * MIB,
         // CUDA GPUs list: NVIDIA H100, 9.0.
         sm: 90,
         // 132 SMs (16,896 CUDA cores / 128): NVIDIA's data sheets give no SM count for the NVL; the March 2023 H100
@@ -745,9 +760,9 @@ pub const GPU_PRESETS: &[GpuPreset] = &[
     GpuPreset {
         id: "b200",
         label: "B200 180 GB",
-        // NVIDIA DGX B200 data sheet: 1,440 GB total GPU memory for 8 B200s = 180 GB each (the driver reports
-        // 179.1 GiB; the B200 was first announced with 192 GB).
-        memory_bytes: 180 * GIB,
+        // NVIDIA DGX B200 data sheet: 1,440 GB total GPU memory for 8 B200s = 180 GB each, of which the driver
+        // reports 179.06 GiB (`NVML_MIB_B200`; the B200 was first announced with 192 GB).
+        memory_bytes: NVML_MIB_B200 * MIB,
         // CUDA GPUs list: NVIDIA B200, 10.0.
         sm: 100,
         // 148 SMs (74 on each of its two dies): no NVIDIA data sheet lists B200 SMs; this is CUDA's
@@ -856,8 +871,8 @@ pub fn gpu(id: &str) -> Option<&'static GpuPreset> {
     GPU_PRESETS.iter().find(|g| g.id == id)
 }
 
-/// The GPU preset with exactly this memory and compute capability, when only one has them (12 GiB and sm_89:
-/// rtx-4070; 24 GiB and sm_86 could be an RTX 3090 or an A10: `None`). For showing which GPU a setup that names
+/// The GPU preset with exactly this memory and compute capability, when only one has them (12,282 MiB and sm_89:
+/// rtx-4070; 24 GiB and sm_86: rtx-3090, the A10 reporting 23,028 MiB). For showing which GPU a setup that names
 /// no GPU is on, and for the SM count of a device given without one.
 pub fn gpu_with(memory_bytes: u64, sm: u32) -> Option<&'static GpuPreset> {
     let mut matching = GPU_PRESETS
@@ -1092,15 +1107,22 @@ mod gpu_tests {
         assert_eq!(gpu("mi250").map(|g| g.memory_bytes), Some(64 * GIB));
         assert_eq!(
             gpu("b200").map(|g| (g.sm, g.memory_bytes)),
-            Some((100, 180 * GIB))
+            Some((100, 183_359 * MIB))
         );
+        // nvidia-smi's totals: 12,282 MiB on an RTX 4070 (12 GB), 24,576 on an RTX 3090 (24 GB).
+        assert_eq!(gpu("rtx-4070").map(|g| g.memory_bytes), Some(12_282 * MIB));
+        assert_eq!(gpu("rtx-3090").map(|g| g.memory_bytes), Some(24 * GIB));
         assert_eq!(gpu("rtx-5090").map(|g| g.sm), Some(120));
     }
 
     #[test]
     fn a_device_names_its_gpu_only_when_one_preset_has_it() {
         let id = |gib: u64, sm: u32| gpu_with(gib * GIB, sm).map(|g| g.id);
-        assert_eq!(id(12, 89), Some("rtx-4070"));
+        assert_eq!(
+            gpu_with(NVML_MIB_RTX_4070 * MIB, 89).map(|g| g.id),
+            Some("rtx-4070")
+        );
+        assert_eq!(id(12, 89), None, "not an RTX 4070's reported total");
         assert_eq!(
             gpu_with(NVML_MIB_H100_80 * MIB, 90).map(|g| g.id),
             Some("h100-80")
@@ -1109,7 +1131,15 @@ mod gpu_tests {
         // 24 GiB at 8.6 is an RTX 3090: an A10 reports less (ECC on), which names it.
         assert_eq!(id(24, 86), Some("rtx-3090"));
         assert_eq!(gpu_with(NVML_MIB_A10 * MIB, 86).map(|g| g.id), Some("a10"));
-        assert_eq!(id(16, 89), None, "an RTX 4080 or an RTX 4060 Ti 16 GB");
+        assert_eq!(
+            id(16, 89),
+            None,
+            "neither an RTX 4080's nor an RTX 4060 Ti's total"
+        );
+        assert_eq!(
+            gpu_with(NVML_MIB_RTX_4080 * MIB, 89).map(|g| g.id),
+            Some("rtx-4080")
+        );
         assert_eq!(id(13, 89), None);
         // The presets' own devices.
         assert_eq!(

@@ -14,7 +14,7 @@ use crate::estimates::Estimates;
 use crate::model::Setup;
 use crate::parallel::{Dtype, Parallel, Strategy};
 use crate::policy::{Optimizer, Precision};
-use crate::report::{fmt_bytes, fmt_memory};
+use crate::report::{fmt_bytes, fmt_memory, fmt_within};
 
 /// The GPU counts plotted: powers of two from 1 to 64 (up to eight nodes of eight).
 pub const PLOTTED_GPUS: [u64; 7] = [1, 2, 4, 8, 16, 32, 64];
@@ -457,7 +457,7 @@ pub fn plan_with(known: &mut Estimates, setup: &Setup) -> Result<Plan, Error> {
             } else {
                 format!("{} GPUs fit", f.gpus)
             },
-            fmt_bytes(f.device_total_bytes),
+            fmt_within(f.device_total_bytes, budget),
             f.host_bytes
                 .map_or_else(|| "(not modelled for this optimizer)".to_string(), fmt_bytes)
         )
@@ -467,7 +467,7 @@ pub fn plan_with(known: &mut Estimates, setup: &Setup) -> Result<Plan, Error> {
         (_, Some(t), ..) if t <= budget => (
             format!(
                 "It fits on one {mem} GPU ({} on the device): more GPUs speed it up but are not needed.",
-                fmt_bytes(t)
+                fmt_within(t, budget)
             ),
             None,
         ),
@@ -476,7 +476,7 @@ pub fn plan_with(known: &mut Estimates, setup: &Setup) -> Result<Plan, Error> {
                 "The fewest {mem} GPUs that fit: {} with {} ({} per GPU).",
                 f.gpus,
                 way.label(&base),
-                fmt_bytes(f.device_total_bytes)
+                fmt_within(f.device_total_bytes, budget)
             );
             if let Some((_, o)) = off.filter(|(_, o)| o.gpus < f.gpus) {
                 a += &format!(" Fewer: {}.", offload_sentence(o));

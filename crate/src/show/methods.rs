@@ -8,7 +8,7 @@ use crate::error::Error;
 use crate::estimates::Estimates;
 use crate::finetune::{trainable_params, Method};
 use crate::model::Setup;
-use crate::report::{fmt_bytes, fmt_memory};
+use crate::report::{fmt_memory, fmt_within};
 use crate::sweep::{largest_fitting_with, largest_in, Axis};
 
 /// The largest batch searched for each recipe (the advice's limit for the batch, `advice::largest_that_fit`).
@@ -128,7 +128,7 @@ fn advise(
         let mut text = format!(
             "{} fits in {gpu} at batch {batch} ({} on the device{}).",
             capitalised(label(r.method)),
-            fmt_bytes(r.device_total_bytes),
+            fmt_within(r.device_total_bytes, setup.device.memory_bytes),
             r.largest_batch
                 .map(|b| format!(", batch up to {b}"))
                 .unwrap_or_default()
@@ -264,8 +264,8 @@ mod tests {
         assert_eq!((at(b), at(b + 1)), (Some(true), Some(false)));
         assert!(
             m.advice.starts_with(&format!(
-                "QLoRA fits in 24.0 GiB at batch 1 ({} on the device, batch up to {b}).",
-                fmt_bytes(q.device_total_bytes)
+                "QLoRA fits in 23.98 GiB at batch 1 ({} on the device, batch up to {b}).",
+                crate::report::fmt_within(q.device_total_bytes, s.device.memory_bytes)
             )),
             "{}",
             m.advice
@@ -323,7 +323,7 @@ mod tests {
         assert!(b < 64);
         assert_eq!(
             m.advice,
-            format!("None of them fits in 24.0 GiB at batch 64; QLoRA does at batch {b}.")
+            format!("None of them fits in 23.98 GiB at batch 64; QLoRA does at batch {b}.")
         );
         assert_eq!(m.advised.as_ref().map(|a| a.train.batch_size), Some(b));
     }
@@ -351,7 +351,7 @@ mod tests {
         assert_eq!(
             m.advice,
             format!(
-                "None of full fine-tuning, LoRA, QLoRA fits in 12.0 GiB, even at batch 1; QLoRA does at batch 1 \
+                "None of full fine-tuning, LoRA, QLoRA fits in 11.99 GiB, even at batch 1; QLoRA does at batch 1 \
                  with sequences of up to {t} tokens (of 2048)."
             )
         );

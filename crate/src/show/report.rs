@@ -518,6 +518,23 @@ pub fn fmt_bytes(bytes: u64) -> String {
     }
 }
 
+/// `fmt_bytes` for a figure shown beside the memory `cap` it is compared with: one that fits is never shown above
+/// the memory (`fmt_memory`, cut). Where rounding to three digits would carry it past `cap` (11.97 GiB as
+/// "12.0 GiB" beside an RTX 4070's 11.99 GiB), it is cut as the memory is, with its fourth digit.
+pub fn fmt_within(bytes: u64, cap: u64) -> String {
+    let rounds_past = unit_of(bytes).is_some_and(|(_, size, digits)| {
+        let scale = 10u128.pow(digits);
+        let (b, size) = (u128::from(bytes), u128::from(size));
+        let rounded = (b * scale * 2 + size) / (size * 2);
+        rounded * size > u128::from(cap) * scale
+    });
+    if bytes <= cap && rounds_past {
+        fmt_memory(bytes)
+    } else {
+        fmt_bytes(bytes)
+    }
+}
+
 /// The unit `fmt_bytes` and `fmt_memory` show `bytes` in (the largest of GiB, MiB, KiB it reaches), the unit's
 /// size, and the digits after the point for three significant ones (0 from 100 units, 1 from 10, else 2); `None`
 /// under 1 KiB (shown in bytes).
@@ -537,6 +554,22 @@ fn unit_of(bytes: u64) -> Option<(&'static str, u64, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A figure that fits is never shown above the memory it fits in: by hand, an RTX 4070's 12,282 MiB is
+    /// 11.994 GiB ("11.99 GiB"); 12,260 MiB (11.973 GiB) rounds to "12.0 GiB" and is shown cut, "11.97 GiB";
+    /// 12,200 MiB (11.914 GiB) rounds to "11.9 GiB" and stays so; a figure over the memory is rounded as ever.
+    #[test]
+    fn a_figure_that_fits_is_never_shown_above_the_memory() {
+        const MIB: u64 = 1 << 20;
+        let cap = 12_282 * MIB;
+        assert_eq!(fmt_memory(cap), "11.99 GiB");
+        assert_eq!(fmt_bytes(12_260 * MIB), "12.0 GiB");
+        assert_eq!(fmt_within(12_260 * MIB, cap), "11.97 GiB");
+        assert_eq!(fmt_within(cap, cap), "11.99 GiB");
+        assert_eq!(fmt_within(12_200 * MIB, cap), "11.9 GiB");
+        assert_eq!(fmt_within(12_290 * MIB, cap), "12.0 GiB");
+        assert_eq!(fmt_within(4_330 * MIB, cap), "4.23 GiB");
+    }
 
     /// A device's memory is never shown above what it has (the audit: an L40S's 46,068 MiB showed as
     /// "45.0 GiB"). By hand: 46,068 / 1,024 = 44.988 GiB; 81,559 MiB = 79.647 GiB; 143,771 MiB = 140.401 GiB;

@@ -44,7 +44,7 @@ use crate::methods;
 use crate::page::Page;
 use crate::plot;
 use crate::presets;
-use crate::report::{fmt_bytes, fmt_memory};
+use crate::report::{fmt_bytes, fmt_memory, fmt_within};
 use crate::sweep::{self, Axis};
 use crate::Setup;
 
@@ -307,7 +307,7 @@ pub fn estimate(query: &str) -> Result<JsValue, JsError> {
         peak_allocated_bytes: r.peak_allocated_bytes,
         peak_reserved: fmt_bytes(r.peak_reserved_bytes),
         peak_reserved_bytes: r.peak_reserved_bytes,
-        device_total: fmt_bytes(r.device_total_bytes),
+        device_total: fmt_within(r.device_total_bytes, r.device_memory_bytes),
         device_range: format!(
             "{} to {}",
             fmt_bytes(r.device_total_range_bytes.0),
@@ -462,7 +462,13 @@ pub fn finetune_methods(query: &str) -> Result<JsValue, JsError> {
         .iter()
         .map(|r| {
             let ok = r.error.is_none();
-            let text = |b: u64| if ok { fmt_bytes(b) } else { String::new() };
+            let text = |b: u64| {
+                if ok {
+                    fmt_within(b, memory_bytes)
+                } else {
+                    String::new()
+                }
+            };
             MethodRowDto {
                 id: r.method.name(),
                 label: methods::label(r.method),
@@ -762,9 +768,9 @@ pub fn draw_gpus(
         .map(|r| {
             let (fewest, per_gpu, host, query) = match (&r.fewest, plan.budget_bytes, &r.error) {
                 (_, _, Some(_)) | (_, 0, _) => Default::default(),
-                (Some(f), ..) => (
+                (Some(f), budget, _) => (
                     f.gpus.to_string(),
-                    fmt_bytes(f.device_total_bytes),
+                    fmt_within(f.device_total_bytes, budget),
                     f.host_bytes.map(fmt_bytes).unwrap_or_default(),
                     setup_to_query(&f.setup),
                 ),
