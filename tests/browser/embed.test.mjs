@@ -80,7 +80,7 @@ test('two widgets render on a foreign page and compute their own totals', async 
   assert.equal(await peakOf(page, 'two'), cliPeakBytes(['--preset', 'shakespeare-char', '--gpu', 't4']));
   const text = await page.evaluate(() => document.getElementById('one').shadowRoot.textContent);
   assert.match(text, /Peak allocated/);
-  assert.match(text, /fits in 12\.0 GiB/);
+  assert.match(text, /fits in 11\.99 GiB/);
   const drawn = await page.evaluate(() => {
     const c = document.getElementById('two').shadowRoot.querySelector('canvas');
     const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;

@@ -176,7 +176,7 @@ test('full fine-tuning, LoRA and QLoRA side by side: the CLI\'s figures, the adv
   assert.equal(await page.textContent('#methods-advice'), `${cli.advice} Apply`);
   // The advice joins "How to make it fit"; applying it gives the CLI's QLoRA.
   const item = page.locator('#advice li[data-id="methods"]');
-  assert.match(await item.textContent(), /^QLoRA fits in 24\.0 GiB at batch 1/);
+  assert.match(await item.textContent(), /^QLoRA fits in 23\.98 GiB at batch 1/);
   await waitRender(page, () => item.locator('button').click());
   assert.equal(await param(page, 'quantization'), 'nf4');
   assert.equal(await param(page, 'checkpointing'), '1');

@@ -69,13 +69,13 @@ test('the default RTX 4070, never touched, is kept by a preset as well; so is an
   await page.waitForFunction(() => document.getElementById('family').value === 'llama');
   await assertLlama7bOnRtx4070(page);
   await page.selectOption('#gpu', 'h100-nvl');
-  await page.waitForFunction(() => document.getElementById('memory_gib').value === '94');
+  await page.waitForFunction(() => document.getElementById('memory_gib').value === '93.583984375');
   await page.selectOption('#preset', 'gpt2');
   await page.waitForFunction(() => document.getElementById('family').value === 'gpt2');
   assert.equal(await value(page, 'gpu'), 'h100-nvl');
-  assert.equal(await value(page, 'memory_gib'), '94');
+  assert.equal(await value(page, 'memory_gib'), '93.583984375');
   assert.equal(await value(page, 'compute_capability'), '9');
-  assert.match(await page.textContent('#verdict'), / in 94\.0 GiB$/);
+  assert.match(await page.textContent('#verdict'), / in 93\.58 GiB$/);
   assert.equal(await peak(page), cliPeakBytes(['--preset', 'gpt2', '--gpu', 'h100-nvl']));
   // A typed memory is kept the same way.
   await page.fill('#memory_gib', '20');
@@ -153,26 +153,26 @@ test('the widget shows the GPU its estimate uses and keeps a GPU picked in it wh
   }, [id, gpu]);
   // No gpu attribute: the preset's own device (the RTX 4070 for nanogpt-30m), and the list says so.
   assert.equal(await gpuOf('own'), 'rtx-4070');
-  assert.match(await textOf('own'), /fits in 12\.0 GiB/);
+  assert.match(await textOf('own'), /fits in 11\.99 GiB/);
   // A preset with a gpu attribute: that GPU.
   assert.equal(await gpuOf('seven'), 'rtx-4070');
-  assert.match(await textOf('seven'), /does not fit in 12\.0 GiB/);
+  assert.match(await textOf('seven'), /does not fit in 11\.99 GiB/);
   assert.equal(await peakOf('seven'), cliPeakBytes(['--preset', 'llama-2-7b', '--gpu', 'rtx-4070']));
   // A config's own device that no preset has: "as configured", and it can be chosen again.
   assert.equal(await gpuOf('cfg'), '');
   assert.match(await textOf('cfg'), /fits in 13\.0 GiB/);
   await pick('cfg', 'rtx-4090');
-  await page.waitForFunction(() => /in 24\.0 GiB/.test(document.getElementById('cfg').shadowRoot.textContent));
+  await page.waitForFunction(() => /in 23\.98 GiB/.test(document.getElementById('cfg').shadowRoot.textContent));
   await pick('cfg', '');
   await page.waitForFunction(() => /in 13\.0 GiB/.test(document.getElementById('cfg').shadowRoot.textContent));
   // A person picks the RTX 4090 in a widget, then the host changes its model: the RTX 4090 stays.
   await pick('own', 'rtx-4090');
-  await page.waitForFunction(() => /in 24\.0 GiB/.test(document.getElementById('own').shadowRoot.textContent));
+  await page.waitForFunction(() => /in 23\.98 GiB/.test(document.getElementById('own').shadowRoot.textContent));
   await page.evaluate(() => document.getElementById('own').setAttribute('preset', 'gpt2'));
   await page.waitForFunction((p) => Number(document.getElementById('own').dataset.peakBytes) === p,
     cliPeakBytes(['--preset', 'gpt2', '--gpu', 'rtx-4090']));
   assert.equal(await gpuOf('own'), 'rtx-4090');
-  assert.match(await textOf('own'), /in 24\.0 GiB/);
+  assert.match(await textOf('own'), /in 23\.98 GiB/);
   // The host naming a GPU replaces the pick.
   await page.evaluate(() => document.getElementById('own').setAttribute('gpu', 't4'));
   // (A T4 16 GB reports 15 GiB with ECC on: presets.rs names the source.)

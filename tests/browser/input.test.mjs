@@ -34,7 +34,7 @@ test('an empty box that needs a value is named next to it, not estimated as a de
   assert.equal(await fieldError(page, 'batch_size'), '');
   await setField(page, 'memory_gib', '');
   assert.equal(await fieldError(page, 'memory_gib'), 'device.memory_gib ("") must be a number');
-  assert.match(await page.textContent('#verdict'), /in 12\.0 GiB$/, 'the verdict is not made against 80 GiB');
+  assert.match(await page.textContent('#verdict'), /in 11\.99 GiB$/, 'the verdict is not made against 80 GiB');
   // Boxes whose empty value means a default say which, and still estimate.
   await setField(page, 'memory_gib', '12');
   assert.equal(await page.getAttribute('#seq_len', 'placeholder'), '= block size');
@@ -127,7 +127,7 @@ test('a pasted setup\'s own device is said to be left out', async () => {
   await page.click('#paste-load');
   await page.waitForFunction(() => document.getElementById('n_layer').value === '2');
   assert.match(await page.textContent('#import-notes'), /^the pasted setup's "device" is not used here: the GPU selected above stays/);
-  assert.match(await page.textContent('#verdict'), /in 12\.0 GiB$/);
+  assert.match(await page.textContent('#verdict'), /in 11\.99 GiB$/);
   assert.deepEqual(errors, []);
   await page.close();
 });

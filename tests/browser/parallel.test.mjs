@@ -159,7 +159,7 @@ test('the GPU plan: a line per strategy, the fewest GPUs the CLI finds, the advi
   }
   const advice = await page.textContent('#gpu-advice');
   assert.ok(advice.startsWith(cli.advice), `${advice} / ${cli.advice}`);
-  assert.match(advice, /The fewest 12\.0 GiB GPUs that fit: \d+ with FSDP2, ZeRO-3/);
+  assert.match(advice, /The fewest 11\.99 GiB GPUs that fit: \d+ with FSDP2, ZeRO-3/);
   // The same advice closes "How to make it fit"; its Apply sets the advised setup: the CLI's on it.
   const item = page.locator('#advice li[data-id="gpus"]');
   assert.equal(await item.count(), 1);
