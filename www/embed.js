@@ -393,7 +393,7 @@ class VramFit extends HTMLElement {
       for (const h of ['Recipe', 'On the device', 'Largest batch']) head.append(el('th', h));
       this.methods.replaceChildren(head, ...m.rows.map((r) => {
         const tr = el('tr', undefined, { 'data-method': r.id });
-        tr.append(el('th', r.label));
+        tr.append(el('th', r.label, { title: r.detail }));
         if (r.error) tr.append(el('td', 'not modelled', { title: r.error, colspan: '2' }));
         else tr.append(el('td', `${r.device_total} (${r.verdict || 'no GPU'})`, { class: r.verdict === 'fits' ? 'fits' : r.verdict ? 'over' : '' }), el('td', r.largest_batch));
         return tr;

@@ -325,7 +325,11 @@ function showMethods(query) {
   $('methods').tBodies[0].replaceChildren(...m.rows.map((r) => {
     const tr = el('tr', undefined, { 'data-method': r.id, ...(r.current ? { 'aria-current': 'true' } : {}) });
     const label = r.label[0].toUpperCase() + r.label.slice(1);
-    tr.append(el('th', r.current ? `${label} (this setup)` : label, { scope: 'row' }));
+    const th = el('th', r.current ? `${label} (this setup)` : label, { scope: 'row' });
+    // Which recipe the row is (its rank and base): a QLoRA setup without double quantization and the recipe's own
+    // QLoRA are two rows of one name.
+    th.append(el('small', r.detail, { class: 'detail' }));
+    tr.append(th);
     if (r.error) {
       tr.append(el('td', r.error, { colspan: '5' }));
       return tr;

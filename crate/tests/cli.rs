@@ -965,8 +965,13 @@ fn finetune_sets_the_three_recipes_side_by_side() {
     let m = json_of(&[&["finetune", "--format", "json"][..], &base[..]].concat());
     let rows = m["methods"].as_array().unwrap();
     assert_eq!(rows.len(), 3);
-    for (row, name) in rows.iter().zip(["full", "lora", "qlora"]) {
+    for ((row, name), detail) in rows.iter().zip(["full", "lora", "qlora"]).zip([
+        "every parameter",
+        "r 16, bf16 base",
+        "r 16, 4-bit NF4 with double quantization base, checkpointed",
+    ]) {
         assert_eq!(row["method"], name);
+        assert_eq!(row["detail"], detail);
         let e = json_of(
             &[
                 &["estimate", "--format", "json", "--finetune", name][..],
@@ -998,7 +1003,8 @@ fn finetune_sets_the_three_recipes_side_by_side() {
     let (code, text, err) = vramfit(&[&["finetune"][..], &base[..]].concat());
     assert_eq!(code, 0, "{err}");
     assert!(
-        text.contains("QLoRA fits in 23.98 GiB at batch 1"),
+        text.contains("QLoRA fits in 23.98 GiB at batch 1")
+            && text.contains("   r 16, 4-bit NF4 with double quantization base, checkpointed\n"),
         "{text}"
     );
     assert!(

@@ -347,3 +347,24 @@ test('a widget whose plot fails keeps its figures, names the failure and says pa
   assert.ok(peakBytes > 0);
   await blog.close();
 });
+
+// Two rows of one name are two recipes: a QLoRA setup without double quantization, then the LoRA row chosen,
+// showed its QLoRA row at 6.44 GiB and then at 6.40 GiB with nothing to say why. Each row now says its recipe.
+test('each fine-tuning row says which recipe it is', async () => {
+  const link = 'family=llama&n_layer=2&n_head=4&n_kv_head=2&n_embd=256&intermediate_size=512&vocab_size=1000'
+    + '&block_size=256&batch_size=2&precision=bf16-amp&compile=0&checkpointing=1&lora=1&lora_r=16'
+    + '&quantization=nf4&double_quant=0&gpu=rtx-4070';
+  const { page, errors } = await openPage(env.context, `${env.server.url}?${link}`);
+  const detail = (m) => page.textContent(`#methods tr[data-method=${m}] th small.detail`);
+  await page.evaluate(() => { document.getElementById('methods-section').open = true; });
+  await page.waitForSelector('#methods tr[data-method=qlora] th small.detail');
+  assert.equal(await detail('full'), 'every parameter');
+  assert.equal(await detail('qlora'), 'r 16, 4-bit NF4 base, checkpointed');
+  assert.match(await page.textContent('#methods tr[data-method=qlora] th'), /^QLoRA \(this setup\)/);
+  await page.click('#methods tr[data-method=lora] button');
+  assert.equal(await page.inputValue('#quantization'), '');
+  assert.equal(await detail('qlora'), 'r 16, 4-bit NF4 with double quantization base, checkpointed');
+  assert.equal(await detail('lora'), 'r 16, bf16 base, checkpointed');
+  assert.deepEqual(errors, []);
+  await page.close();
+});

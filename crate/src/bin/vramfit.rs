@@ -1020,8 +1020,8 @@ fn methods_table(setup: &Setup, m: &vramfit::methods::Methods) -> String {
         fmt_memory(setup.device.memory_bytes)
     );
     out += &format!(
-        "  {:18}{:>12}{:>16}{:>16}{:>16}\n",
-        "recipe", "trained", "on the device", "at this batch", "largest batch"
+        "  {:18}{:>12}{:>16}{:>16}{:>16}   {}\n",
+        "recipe", "trained", "on the device", "at this batch", "largest batch", "which"
     );
     for r in &m.rows {
         let name = vramfit::methods::label(r.method);
@@ -1041,9 +1041,10 @@ fn methods_table(setup: &Setup, m: &vramfit::methods::Methods) -> String {
             (_, None) => "none".to_string(),
         };
         out += &format!(
-            "  {name:18}{:>12}{:>16}{verdict:>16}{largest:>16}\n",
+            "  {name:18}{:>12}{:>16}{verdict:>16}{largest:>16}   {}\n",
             format!("{:.1}M", r.trainable_params as f64 / 1e6),
-            fmt_within(r.device_total_bytes, setup.device.memory_bytes)
+            fmt_within(r.device_total_bytes, setup.device.memory_bytes),
+            vramfit::methods::recipe_detail(&r.setup)
         );
     }
     out += &format!("\n  {}\n", m.advice);
@@ -1090,6 +1091,7 @@ fn methods_json(m: &vramfit::methods::Methods) -> Value {
         .map(|r| {
             json!({
                 "method": r.method.name(),
+                "detail": vramfit::methods::recipe_detail(&r.setup),
                 "error": r.error,
                 "trainable_params": r.trainable_params,
                 "peak_allocated_bytes": r.error.is_none().then_some(r.peak_allocated_bytes),

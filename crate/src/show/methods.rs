@@ -103,6 +103,28 @@ pub fn compare_with(known: &mut Estimates, setup: &Setup) -> Result<Methods, Err
     })
 }
 
+/// A recipe's row in a few words, so that two rows of one name say how they differ (the QLoRA row of a setup
+/// that quantizes without double quantization, and the recipe's own QLoRA, which double-quantizes): "every
+/// parameter", "r 16, bf16 base", "r 16, 4-bit NF4 with double quantization base, checkpointed".
+pub fn recipe_detail(s: &Setup) -> String {
+    let Some(l) = &s.train.lora else {
+        return "every parameter".into();
+    };
+    let base = match (s.train.quantization, s.train.base_dtype) {
+        (Some(q), _) => q.describe(),
+        (None, Some(d)) => d.name().to_string(),
+        // `TrainConfig::base_dtype`: none is the precision's own parameter dtype.
+        (None, None) if s.train.precision == crate::policy::Precision::Bf16 => "bf16".into(),
+        (None, None) => "fp32".into(),
+    };
+    let checkpointed = if s.train.checkpointing {
+        ", checkpointed"
+    } else {
+        ""
+    };
+    format!("r {}, {base} base{checkpointed}", l.r)
+}
+
 /// What people call each recipe in a sentence.
 pub fn label(m: Method) -> &'static str {
     match m {
@@ -308,6 +330,37 @@ mod tests {
                 r.error
             );
         }
+    }
+
+    /// The audit: the QLoRA row read 6.44 GiB on a QLoRA setup without double quantization and 6.40 GiB once
+    /// another row was current, with nothing to say they were two recipes. Each row says its own.
+    #[test]
+    fn each_row_says_which_recipe_it_is() {
+        let mut s = on("llama-3.2-1b", "rtx-4090");
+        s.train.batch_size = 1;
+        s.train.seq_len = 512;
+        let q = Method::Qlora.apply(&s);
+        let mut nf4 = q.clone();
+        nf4.train.quantization = Some(crate::finetune::Quantization::Nf4 {
+            double_quant: false,
+        });
+        let own = compare(&nf4).unwrap();
+        let details: Vec<String> = own.rows.iter().map(|r| recipe_detail(&r.setup)).collect();
+        assert_eq!(
+            details,
+            [
+                "every parameter",
+                "r 16, bf16 base, checkpointed",
+                "r 16, 4-bit NF4 base, checkpointed"
+            ]
+        );
+        // From the LoRA row, the QLoRA row is the recipe's own: double quantization, fewer bytes.
+        let from_lora = compare(&Method::Lora.apply(&nf4)).unwrap();
+        assert_eq!(
+            recipe_detail(&from_lora.rows[2].setup),
+            "r 16, 4-bit NF4 with double quantization base, checkpointed"
+        );
+        assert!(from_lora.rows[2].device_total_bytes < own.rows[2].device_total_bytes);
     }
 
     /// No recipe fits at the setup's batch: the advice is the recipe with the largest batch that fits, at it.

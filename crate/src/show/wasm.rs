@@ -419,6 +419,8 @@ struct MethodRowDto {
     /// "full", "lora", "qlora".
     id: &'static str,
     label: &'static str,
+    /// The recipe in a few words (`methods::recipe_detail`): its rank and base.
+    detail: String,
     /// Why the recipe is not estimated; the other fields are then empty.
     error: String,
     peak_allocated: String,
@@ -472,6 +474,7 @@ pub fn finetune_methods(query: &str) -> Result<JsValue, JsError> {
             MethodRowDto {
                 id: r.method.name(),
                 label: methods::label(r.method),
+                detail: methods::recipe_detail(&r.setup),
                 error: r.error.clone().unwrap_or_default(),
                 peak_allocated: text(r.peak_allocated_bytes),
                 device_total: text(r.device_total_bytes),
