@@ -91,13 +91,21 @@ def child(case, method, snapshot_path, trace_path):
     import peft
     import accelerate
     import bitsandbytes as bnb
+    readback = None
     if method == "stub-cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
         import transformers.masking_utils as mu
         mu.find_packed_sequence_indices = lambda *a, **k: None
+        # A mixture of experts' grouped GEMMs in any dtype but bf16 (a quantized base's experts, fp32 after
+        # prepare_model_for_kbit_training) read their per-expert offsets to the host: answered as a GPU answers
+        # them under the forced routing, as measure_stub.py does (its moe_offsets_readback).
+        import measure_stub
+        readback = measure_stub.moe_offsets_readback(torch, measure)
     steps = []
 
     def after_step(step, tracker):
+        if readback is not None:
+            readback.clear()
         if method == "stub-cuda":
             steps.append({"step": step, **stub_cuda.step_stats(torch),
                           **({"managed_bytes_after": managed.vramfit_managed_bytes()} if managed else {})})
@@ -144,6 +152,7 @@ def child(case, method, snapshot_path, trace_path):
         if method == "stub-cuda" else "simulated sm_%d%d CUDA device, cuBLAS workspace %d KiB per GEMM"
         % (*cc, measure.cublas_workspace_bytes() // 1024),
         "sdpa_backends": "cuDNN attention off (not stubbable): flash, else memory-efficient, else math",
+        **({"moe_offsets_readback": readback.record()} if readback is not None and readback.calls else {}),
         **out,
     }
 

@@ -1028,7 +1028,7 @@ fn methods_table(setup: &Setup, m: &vramfit::methods::Methods) -> String {
             .train
             .lora
             .as_ref()
-            .filter(|l| **l != vramfit::finetune::Method::adapters())
+            .filter(|l| **l != vramfit::finetune::Method::adapters_for(&s.model))
         {
             let save = l.modules_to_save();
             out += &format!(
@@ -1238,7 +1238,7 @@ fn table(setup: &Setup, r: &vramfit::Report, notes: &[String]) -> String {
     }
     out.push('\n');
     outln!(out, "  at the peak:");
-    for (name, bytes, what) in r.components.items_for(setup.train.quantization) {
+    for (name, bytes, what) in r.components.items_for_setup(setup) {
         if bytes > 0 {
             outln!(out, "    {name:<14} {:>10}  {what}", fmt_bytes(bytes));
         }

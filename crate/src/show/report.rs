@@ -58,6 +58,18 @@ impl Components {
         self.items_for(None)
     }
 
+    /// [`Components::items_for`] for `setup`: a quantized mixture of experts' weights are mostly its router and
+    /// fused experts, which bitsandbytes leaves unquantized (no `nn.Linear`) and peft casts to fp32.
+    pub fn items_for_setup(&self, setup: &Setup) -> Vec<(&'static str, u64, &'static str)> {
+        let mut v = self.items_for(setup.train.quantization);
+        if setup.train.quantization.is_some() && setup.model.n_experts > 0 {
+            for item in v.iter_mut().filter(|item| item.0 == "weights") {
+                item.2 = MOE_UNQUANTIZED;
+            }
+        }
+        v
+    }
+
     /// [`Components::items`] for a setup whose base is quantized by `quant` ("4-bit weights", "int8 weights").
     pub fn items_for(&self, quant: Option<Quantization>) -> Vec<(&'static str, u64, &'static str)> {
         let quantized = match quant {
@@ -422,7 +434,7 @@ impl Report {
 
     /// One sentence naming the largest component at the peak and why it is that size.
     pub fn largest_item_sentence(&self, setup: &Setup) -> String {
-        let (name, bytes, what) = self.components.items_for(setup.train.quantization)[0];
+        let (name, bytes, what) = self.components.items_for_setup(setup)[0];
         let n = setup.train.batch_size * setup.train.seq_len;
         let detail = match name {
             "logits" => format!(
@@ -438,17 +450,27 @@ impl Report {
                 }
             ),
             "activations" => format!(
-                "{} blocks x {} saved per block for {} tokens",
+                "{} blocks x {} saved per block for {} tokens{}",
                 setup.model.n_layer,
                 fmt_bytes(self.activations_per_block_bytes),
-                n
+                n,
+                match crate::finetune::merged_expert_bytes(setup) {
+                    0 => String::new(),
+                    b => format!(
+                        ", of which {} a block are the experts' weights merged with their adapters (peft's \
+                         ParamWrapper), which the grouped GEMMs save",
+                        fmt_bytes(b)
+                    ),
+                }
             ),
             "weights" if setup.train.lora.is_some() => format!(
                 "the frozen base{}",
-                if setup.train.quantization.is_some() {
-                    "'s embeddings, norms and head (fp32 after prepare_model_for_kbit_training)"
-                } else {
-                    ""
+                match (setup.train.quantization, setup.model.n_experts) {
+                    (Some(_), 0) => "'s embeddings, norms and head (fp32 after prepare_model_for_kbit_training)",
+                    (Some(_), _) => "'s router and fused experts, which bitsandbytes does not quantize (they are \
+                                     no nn.Linear), embeddings, norms and head, all fp32 after \
+                                     prepare_model_for_kbit_training",
+                    (None, _) => "",
                 }
             ),
             "grads" | "optimizer" if setup.train.lora.is_some() => format!(
@@ -468,6 +490,11 @@ impl Report {
         )
     }
 }
+
+/// The weights of a quantized mixture of experts (`Components::items_for_setup`).
+const MOE_UNQUANTIZED: &str = "the frozen base's other parameters: the router and fused experts (no nn.Linear, so \
+                               bitsandbytes leaves them unquantized), embeddings, norms, head, all fp32 after \
+                               prepare_model_for_kbit_training";
 
 /// Sorts a handful of items (components, suggestions), largest key first, stable. An insertion sort: the
 /// standard library's sorts are generic code instantiated once per element type, several KB of wasm each, for
