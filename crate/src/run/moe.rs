@@ -225,6 +225,31 @@ fn expert_grad(cx: &mut Ctx, g: Tensor) {
 /// The MoE block on the norm's output `input`: (Qwen2-MoE: the shared expert), the router, the experts, (the
 /// shared expert's gate and the sum). Returns what it saved and the block's output.
 pub fn moe_fwd(cx: &mut Ctx, moe: Moe, input: Tensor) -> (MoeSaved, Tensor) {
+    let (saved, out) = moe_fwd_until(cx, moe, input, false);
+    (
+        saved,
+        out.expect("a forward that does not stop returns its output"),
+    )
+}
+
+/// Whether a checkpointed block's recompute stops inside its MoE block (`moe_fwd_stopped`): under LoRA, without
+/// a shared expert (whose gate saves tensors after the experts). Measured with LoRA (the stub-cuda snapshot of
+/// mixtral-lora-r8-all-v256-bf16amp-ckpt); full fine-tuning's checkpointed MoE records were matched without it
+/// and are left as they were.
+pub fn recompute_stops(cx: &Ctx, moe: Moe) -> bool {
+    cx.recompute_stop && cx.lora.is_some() && !moe.shared_expert
+}
+
+/// `moe_fwd` in a checkpointed block's recompute that stops at the block's last saved tensor (non-reentrant
+/// checkpointing raises once every saved tensor is repacked): the scatter's `index` saves the inverse
+/// permutation before it runs, so the unsorted outputs, the sum and the residual add are never made; the
+/// unwinding frees the block's temporaries (the sort buffers, the weighted outputs, the router logits and top-k
+/// values). Snapshot of mixtral-lora-r8-all-v256-bf16amp-ckpt.
+pub fn moe_fwd_stopped(cx: &mut Ctx, moe: Moe, input: Tensor) -> MoeSaved {
+    moe_fwd_until(cx, moe, input, true).0
+}
+
+fn moe_fwd_until(cx: &mut Ctx, moe: Moe, input: Tensor, stop: bool) -> (MoeSaved, Option<Tensor>) {
     let (n, c, i) = (cx.n, cx.m.n_embd, cx.m.intermediate_size);
     let (e, k) = (cx.m.n_experts, cx.m.experts_per_token);
     let s = n * k;
@@ -355,6 +380,35 @@ pub fn moe_fwd(cx: &mut Ctx, moe: Moe, input: Tensor) -> (MoeSaved, Tensor) {
     let inverse = cx.alloc(s * 8, Activations, "empty_like");
     let arange = cx.alloc(s * 8, Temporary, "arange");
     cx.free(arange);
+    if stop {
+        cx.sim
+            .free_all(&[sorted, ids32, histc, weighted, logits, scores]);
+        if !gate_up_w.trained() {
+            cx.free(x_pairs);
+        }
+        let saved = MoeSaved {
+            moe,
+            router,
+            router_adapter,
+            gate_up_w,
+            down_w,
+            softmax,
+            topk_idx,
+            renorm,
+            perm,
+            token_of,
+            inverse,
+            x_pairs,
+            scores_pairs,
+            offsets,
+            gate_up,
+            act,
+            prod,
+            down,
+            shared: None,
+        };
+        return (saved, None);
+    }
     let unsorted = cx.alloc(s * c * q, Temporary, "index");
     cx.free(weighted);
     let mut out = cx.alloc(n * c * q, Temporary, "sum");
@@ -440,7 +494,48 @@ pub fn moe_fwd(cx: &mut Ctx, moe: Moe, input: Tensor) -> (MoeSaved, Tensor) {
         down,
         shared,
     };
-    (saved, out)
+    (saved, Some(out))
+}
+
+/// The first steps of the MoE block's backward, which need no saved tensor: the gradient in Q (a cast when the
+/// output was cast) and its expansion over the k slots (`clone`, k >= 2).
+pub struct MoeGradHead {
+    g_q: Tensor,
+    g_owned: bool,
+    expanded: Option<Tensor>,
+}
+
+/// `MoeGradHead` run before a checkpointed block's recompute: the autograd engine runs the nodes that need no
+/// saved tensor first, and the recompute starts at the first unpack (the scatter's `index` backward needs the
+/// inverse permutation), so the expanded gradient is alive through the recompute and the cast is already gone
+/// (the stub-cuda snapshot of mixtral-lora-r8-all-v256-bf16amp-ckpt: the fp32 cast and the [S, C] clone before
+/// the block's first recomputed norm, the cast freed). Under LoRA, as `recompute_stops`.
+pub fn moe_bwd_head(cx: &mut Ctx, moe: Moe, g: (Tensor, u64, bool)) -> MoeGradHead {
+    let mut head = grad_head(cx, moe, g);
+    if head.g_owned {
+        cx.free(head.g_q);
+        head.g_owned = false;
+    }
+    head
+}
+
+fn grad_head(cx: &mut Ctx, moe: Moe, (g, g_bytes, owned): (Tensor, u64, bool)) -> MoeGradHead {
+    let (n, c, k) = (cx.n, cx.m.n_embd, cx.m.experts_per_token);
+    let (_, _, _, _, q) = dtypes(cx, moe);
+    let (mut g_q, mut g_owned) = (g, owned);
+    if g_bytes != q {
+        g_q = cx.alloc(n * c * q, Temporary, "_to_copy");
+        if owned {
+            cx.free(g);
+        }
+        g_owned = true;
+    }
+    let expanded = (k >= 2).then(|| cx.alloc(n * k * c * q, Temporary, "clone"));
+    MoeGradHead {
+        g_q,
+        g_owned,
+        expanded,
+    }
 }
 
 /// Backward of `moe_fwd` from the gradient of its output `(gradient, bytes, owned)` to its input `norm_out` (the
@@ -473,25 +568,19 @@ pub fn moe_bwd(
         None => (None, None, None),
     };
     // Steps 1-3: the gradient in Q (a cast when the output was cast), expanded over the k slots (`clone`, k >= 2),
-    // `index` backward (zeros, `index_put`).
-    let mut g_q = g;
-    let mut g_owned = owned;
-    if g_bytes != q {
-        g_q = cx.alloc(n * c * q, Temporary, "_to_copy");
-        if owned {
-            cx.free(g);
-        }
-        g_owned = true;
-    }
+    // `index` backward (zeros, `index_put`); the first two already run before a recompute (`moe_bwd_head`).
+    let head = match cx.moe_grad_head.take() {
+        Some(head) => head,
+        None => grad_head(cx, sv.moe, (g, g_bytes, owned)),
+    };
     // `index_backward` writes the gradient into its `new_zeros` in place (`index_put_` with accumulate: no
     // buffer of its own; stub-cuda snapshot of mixtral-256-v1k-e8top4-i1024-bf16amp, step 1, block 1: the clone
     // and the zeros are the only [S, C] buffers). Its sort of the indices takes a few [S] int64 buffers and CUB's
     // scratch, all under 1 MiB and freed at once (small pool; not modelled).
-    let expanded = (k >= 2).then(|| cx.alloc(s * c * q, Temporary, "clone"));
     let g_weighted = cx.alloc(s * c * q, Temporary, "new_zeros");
-    cx.sim.free_some(&[expanded, Some(sv.inverse)]);
-    if g_owned {
-        cx.free(g_q);
+    cx.sim.free_some(&[head.expanded, Some(sv.inverse)]);
+    if head.g_owned {
+        cx.free(head.g_q);
     }
     // Step 4: `mul` backward: the scores' gradient (summed over C) and the experts' output gradient.
     let g_prod_scores = cx.alloc(s * c * q, Temporary, "mul");

@@ -116,6 +116,8 @@ pub struct Ctx<'a> {
     /// let go when the graph they belong to is freed: the micro-step's after its backward, a checkpointed block's
     /// recompute when the recompute ends.
     pub graph_holds: Vec<Tensor>,
+    /// A checkpointed MoE block's first backward steps, run before its recompute (`moe::moe_bwd_head`).
+    pub moe_grad_head: Option<crate::moe::MoeGradHead>,
     /// Whether the model's outputs pass through DDP's `_DDPSink` in this forward, which clones each of them
     /// (`static_graph=True`, until its first backward: `DistributedDataParallel._post_forward`).
     pub ddp_sink_clone: bool,
@@ -170,6 +172,7 @@ impl<'a> Ctx<'a> {
             block_input_grad: true,
             graph_holds: Vec::new(),
             ddp_sink_clone: false,
+            moe_grad_head: None,
         })
     }
 
