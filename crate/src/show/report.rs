@@ -699,6 +699,26 @@ mod finetune_breakdown {
         assert_eq!(what(&fi, "weights"), Some("parameters and buffers"));
         assert_eq!(what(&fi, "optimizer"), Some("optimizer state"));
     }
+
+    /// QLoRA on OLMoE-1B-7B: bitsandbytes quantizes the attention's Linears only, and prepare_model_for_kbit_training
+    /// casts the rest to fp32, the fused experts included: 4 B x (2 x 50,304 x 2048 for the embedding and head, 16
+    /// layers x (4 norms of 2048, the router 64 x 2048, gate_up 64 x 2048 x 2048, down 64 x 2048 x 1024), the final
+    /// norm's 2048) = 26,602,905,600 B, which the breakdown and the sentence name as the unquantized experts.
+    #[test]
+    fn moe_qlora_keeps_its_experts_in_fp32_and_says_so() {
+        let s = Method::Qlora.apply(&crate::presets::model_preset("olmoe-1b-7b").unwrap());
+        let r = crate::estimate(&s).unwrap();
+        assert_eq!(r.components.weights_bytes, 26_602_905_600);
+        let items = r.components.items_for_setup(&s);
+        assert_eq!(items[0].0, "weights");
+        assert!(items[0].2.contains(
+            "the router and fused experts (no nn.Linear, so bitsandbytes leaves them \
+                                     unquantized)"
+        ));
+        assert!(r
+            .largest_item_sentence(&s)
+            .contains("router and fused experts, which bitsandbytes does not quantize"));
+    }
 }
 
 #[cfg(test)]
