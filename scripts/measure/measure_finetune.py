@@ -20,6 +20,10 @@ Methods (each record names its own):
     8-bit optimizer state are measured, not derived. Paged optimizers' state (parameters of >= 1e5 elements) is
     CUDA managed memory, outside PyTorch's counters: stubs/bnb_extra.c hands it out from host mappings and counts
     it (`managed_bytes` in the record).
+    A mixture of experts' grouped GEMMs in fp32 (a quantized base leaves the fused experts unquantized and
+    prepare_model_for_kbit_training casts them to fp32) take aten's fallback, which reads the per-expert offsets
+    to the host: answered as measure_stub.py answers them (its moe_offsets_readback, the record's
+    `moe_offsets_readback`), else every expert would read as empty and run no GEMM.
   * "fake-cuda" (cross-check, NOT WORKING YET): measure.py's method (FakeTensorMode on device cuda, its
     dispatch-mode tracker with 512-byte blocks and its hidden allocations); bitsandbytes would run through its
     torch.library fake registrations. It fails in get_peft_model: peft moves each new adapter with Module.to, which
