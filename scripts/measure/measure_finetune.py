@@ -20,6 +20,10 @@ Methods (each record names its own):
     8-bit optimizer state are measured, not derived. Paged optimizers' state (parameters of >= 1e5 elements) is
     CUDA managed memory, outside PyTorch's counters: stubs/bnb_extra.c hands it out from host mappings and counts
     it (`managed_bytes` in the record).
+    A mixture of experts' grouped GEMMs in fp32 (a quantized base leaves the fused experts unquantized and
+    prepare_model_for_kbit_training casts them to fp32) take aten's fallback, which reads the per-expert offsets
+    to the host: answered as measure_stub.py answers them (its moe_offsets_readback, the record's
+    `moe_offsets_readback`), else every expert would read as empty and run no GEMM.
   * "fake-cuda" (cross-check, NOT WORKING YET): measure.py's method (FakeTensorMode on device cuda, its
     dispatch-mode tracker with 512-byte blocks and its hidden allocations); bitsandbytes would run through its
     torch.library fake registrations. It fails in get_peft_model: peft moves each new adapter with Module.to, which
@@ -91,13 +95,21 @@ def child(case, method, snapshot_path, trace_path):
     import peft
     import accelerate
     import bitsandbytes as bnb
+    readback = None
     if method == "stub-cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
         import transformers.masking_utils as mu
         mu.find_packed_sequence_indices = lambda *a, **k: None
+        # A mixture of experts' grouped GEMMs in any dtype but bf16 (a quantized base's experts, fp32 after
+        # prepare_model_for_kbit_training) read their per-expert offsets to the host: answered as a GPU answers
+        # them under the forced routing, as measure_stub.py does (its moe_offsets_readback).
+        import measure_stub
+        readback = measure_stub.moe_offsets_readback(torch, measure)
     steps = []
 
     def after_step(step, tracker):
+        if readback is not None:
+            readback.clear()
         if method == "stub-cuda":
             steps.append({"step": step, **stub_cuda.step_stats(torch),
                           **({"managed_bytes_after": managed.vramfit_managed_bytes()} if managed else {})})
@@ -144,6 +156,7 @@ def child(case, method, snapshot_path, trace_path):
         if method == "stub-cuda" else "simulated sm_%d%d CUDA device, cuBLAS workspace %d KiB per GEMM"
         % (*cc, measure.cublas_workspace_bytes() // 1024),
         "sdpa_backends": "cuDNN attention off (not stubbable): flash, else memory-efficient, else math",
+        **({"moe_offsets_readback": readback.record()} if readback is not None and readback.calls else {}),
         **out,
     }
 

@@ -14,7 +14,8 @@ const BLOG_PORT = 8813;
 const env = setUp({ port: PORT, widgetPort: WIDGET_PORT, blogPort: BLOG_PORT, blog: { title: 'LoRA', body: '<vram-fit id="lora" preset="llama-3.2-1b" gpu="rtx-4070" show="lora,lora_r,optimizer,quantization" plot="none"></vram-fit>'
     + '<vram-fit id="recipes" preset="llama-3.1-8b" gpu="rtx-4090" show="batch_size" plot="finetune"></vram-fit>'
     + '<vram-fit id="qlora" preset="llama-3.1-8b" gpu="rtx-4070" finetune="qlora" plot="none"></vram-fit>'
-    + '<vram-fit id="dora" preset="llama-3.1-8b" finetune="dora" plot="none"></vram-fit>' } });
+    + '<vram-fit id="dora" preset="llama-3.1-8b" finetune="dora" plot="none"></vram-fit>'
+    + '<vram-fit id="mixtral" preset="mixtral-8x7b" gpu="h100-80" finetune="lora" plot="none"></vram-fit>' } });
 
 const peak = async (page) => Number(await page.getAttribute('#peak-allocated', 'data-bytes'));
 const param = (page, k) => page.evaluate((key) => new URLSearchParams(location.search).get(key), k);
@@ -288,5 +289,38 @@ test('the widget\'s finetune attribute is the CLI\'s --finetune; a wrong one is 
   await page.waitForFunction(() => document.getElementById('dora').dataset.status === 'error');
   assert.equal(await page.evaluate(() => document.getElementById('dora').shadowRoot.querySelector('.error').textContent),
     'vramfit: finetune ("dora") is not one of: full, lora, qlora');
+  await page.close();
+});
+
+test('OLMoE on the page: all-linear reaches the router and the experts, without dropout; the CLI\'s figures', async () => {
+  const { page, errors } = await openPage(env.context, env.server.url);
+  await page.selectOption('#preset', 'olmoe-1b-7b');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('family') === 'olmoe');
+  assert.ok(!(await page.evaluate(() => document.getElementById('finetune').hidden)), 'fine-tuning for olmoe');
+  // The form's dropout 0.05 with all-linear: peft's ParamWrapper raises, and the core refuses it by the field.
+  await check(page, 'lora');
+  await page.waitForFunction(() => document.querySelector('.field-error[data-for="lora_dropout"]').textContent !== '');
+  assert.match(await page.textContent('.field-error[data-for="lora_dropout"]'),
+    /must be 0 when the adapters reach olmoe's router or fused experts \(gate, gate_up_proj, down_proj/);
+  await setField(page, 'lora_dropout', '0');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('lora_dropout') === '0');
+  const lora = ['--preset', 'olmoe-1b-7b', '--lora', 'r=16,alpha=32,dropout=0,targets=all-linear', ...GPU];
+  assert.equal(await peak(page), cliPeakBytes(lora));
+  assert.equal(await page.textContent('.field-error[data-for="lora_dropout"]'), '');
+  // QLoRA: the experts stay unquantized, fp32; the weights' row says so.
+  await select(page, 'quantization', 'nf4');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('quantization') === 'nf4');
+  assert.equal(await peak(page), cliPeakBytes([...lora, '--quantization', 'nf4']));
+  assert.match(await page.textContent('#components'), /the router and fused experts \(no nn.Linear, so bitsandbytes leaves them unquantized\)/);
+  assert.deepEqual(errors, []);
+  await page.close();
+});
+
+test('the widget\'s finetune="lora" on Mixtral-8x7B is the CLI\'s', async () => {
+  const page = await env.context.newPage();
+  await page.goto(env.blogServer.url);
+  await page.waitForFunction(() => Number(document.getElementById('mixtral').dataset.peakBytes) > 0);
+  assert.equal(await page.evaluate(() => Number(document.getElementById('mixtral').dataset.peakBytes)),
+    cliPeakBytes(['--preset', 'mixtral-8x7b', '--gpu', 'h100-80', '--finetune', 'lora']));
   await page.close();
 });

@@ -152,7 +152,10 @@ KNOBS (override the source):
                        r=16,alpha=32,dropout=0.05,targets=all-linear over a base loaded in the precision's
                        2-byte dtype (bf16 under bf16-amp); qlora the same over a 4-bit NF4 base with double
                        quantization, bf16-amp and checkpointing on (prepare_model_for_kbit_training's default);
-                       full trains every parameter. Later flags (--lora, --base-dtype, ...) change the recipe
+                       full trains every parameter. Later flags (--lora, --base-dtype, ...) change the recipe.
+                       Mixtral, OLMoE: all-linear also adapts the router (gate) and the fused experts
+                       (gate_up_proj, down_proj) through peft's ParamWrapper, which takes no dropout (the recipe's
+                       is 0 there); a quantized base leaves those unquantized, fp32
   --base-dtype fp32|bf16|fp16   the frozen base's dtype under LoRA (adapters stay fp32 under autocast)
   --quantization nf4|fp4|int8  --double-quant   a bitsandbytes base under LoRA (QLoRA: 4-bit Linears under
                        bf16-amp; int8: LLM.int8 Linears under bf16-amp or fp16-amp; the rest fp32 after
@@ -1063,7 +1066,7 @@ fn methods_table(setup: &Setup, m: &vramfit::methods::Methods) -> String {
             .train
             .lora
             .as_ref()
-            .filter(|l| **l != vramfit::finetune::Method::adapters())
+            .filter(|l| **l != vramfit::finetune::Method::adapters_for(&s.model))
         {
             let save = l.modules_to_save();
             out += &format!(
@@ -1274,7 +1277,7 @@ fn table(setup: &Setup, r: &vramfit::Report, notes: &[String]) -> String {
     }
     out.push('\n');
     outln!(out, "  at the peak:");
-    for (name, bytes, what) in r.components.items_for(setup.train.quantization) {
+    for (name, bytes, what) in r.components.items_for_setup(setup) {
         if bytes > 0 {
             outln!(out, "    {name:<14} {:>10}  {what}", fmt_bytes(bytes));
         }

@@ -381,27 +381,48 @@ impl Arch {
     /// `param_tensors` with each parameter's first dimension (its rows: what FSDP2 shards, `Shard(0)`), as
     /// (elements, is a matrix, rows).
     pub fn param_shapes(&self, m: &ModelConfig) -> Vec<(u64, bool, u64)> {
+        self.param_list(m)
+            .into_iter()
+            .map(|(elems, matrix, rows, _)| (elems, matrix, rows))
+            .collect()
+    }
+
+    /// For each parameter of `param_shapes`, whether it is the weight of an `nn.Linear` (what transformers'
+    /// bitsandbytes loading replaces: `replace_with_bnb_linear` takes `type(module) is nn.Linear` only). A
+    /// mixture of experts' router (`MixtralTopKRouter` and its kin hold a bare weight) and its fused experts
+    /// (`gate_up_proj` [E, 2I, C], `down_proj` [E, C, I]: parameters of the experts module) are not: a 4-bit or
+    /// 8-bit base leaves them in the loaded dtype, and `prepare_model_for_kbit_training` then casts them to fp32
+    /// (tests/data/finetune/README.md, mixtures of experts).
+    pub fn linear_weights(&self, m: &ModelConfig) -> Vec<bool> {
+        self.param_list(m)
+            .into_iter()
+            .map(|(_, _, _, linear)| linear)
+            .collect()
+    }
+
+    /// The parameters as (elements, is a matrix, rows, is an `nn.Linear` weight), in the constructor's order.
+    fn param_list(&self, m: &ModelConfig) -> Vec<(u64, bool, u64, bool)> {
         let c = m.n_embd;
         let (q, kv) = (m.q_dim(), m.kv_dim());
         let i = m.intermediate_size;
         let (qkv_bias, bias, mlp_bias) = (self.qkv_bias, self.linear_bias, self.mlp_bias);
         let norm_bias = matches!(self.norm, Norm::LayerNorm { bias: true });
-        let norm = |v: &mut Vec<(u64, bool, u64)>| {
+        let norm = |v: &mut Vec<(u64, bool, u64, bool)>| {
             v.extend(std::iter::repeat_n(
-                (c, false, c),
+                (c, false, c, false),
                 1 + usize::from(norm_bias),
             ));
         };
         // Linear: out x in weight (+ out bias).
-        let linear = |v: &mut Vec<(u64, bool, u64)>, out_f: u64, in_f: u64, bias: bool| {
-            v.push((out_f * in_f, true, out_f));
+        let linear = |v: &mut Vec<(u64, bool, u64, bool)>, out_f: u64, in_f: u64, bias: bool| {
+            v.push((out_f * in_f, true, out_f, true));
             if bias {
-                v.push((out_f, false, out_f));
+                v.push((out_f, false, out_f, false));
             }
         };
-        let mut v = vec![(m.vocab_size * c, true, m.vocab_size)];
+        let mut v = vec![(m.vocab_size * c, true, m.vocab_size, false)];
         if self.positions == Positions::Learned {
-            v.push((m.block_size * c, true, m.block_size));
+            v.push((m.block_size * c, true, m.block_size, false));
         }
         // HF's decoder layers: input_layernorm, post_attention_layernorm (and Gemma 2's pre_ and
         // post_feedforward_layernorm; OLMo 2 has the two post-norms only).
@@ -437,7 +458,7 @@ impl Arch {
                 } else {
                     (m.head_dim(), m.head_dim())
                 };
-                v.extend([(qn, false, qn), (kn, false, kn)]);
+                v.extend([(qn, false, qn, false), (kn, false, kn, false)]);
             }
             if interleaved {
                 norm(&mut v);
@@ -452,9 +473,9 @@ impl Arch {
                     // `down_proj` [E, C, I] (init trace of mixtral-256-e4top2-bf16amp); Qwen2-MoE's shared expert
                     // (gate, up, down) and its C -> 1 gate.
                     let e = m.n_experts;
-                    v.push((e * c, true, e));
-                    v.push((e * 2 * i * c, true, e));
-                    v.push((e * c * i, true, e));
+                    v.push((e * c, true, e, false));
+                    v.push((e * 2 * i * c, true, e, false));
+                    v.push((e * c * i, true, e, false));
                     if moe.shared_expert {
                         let s = m.shared_expert_size;
                         linear(&mut v, s, c, false);
@@ -481,7 +502,7 @@ impl Arch {
         }
         norm(&mut v);
         if !self.tied_head {
-            v.push((m.vocab_size * c, true, m.vocab_size));
+            v.push((m.vocab_size * c, true, m.vocab_size, false));
         }
         v
     }

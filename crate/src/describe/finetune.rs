@@ -37,10 +37,16 @@ pub enum Role {
     DenseHTo4h,
     /// GPT-NeoX's MLP output, `dense_4h_to_h`.
     Dense4hToH,
+    /// A mixture of experts' router (`mlp.gate`, experts x C): on Mixtral and OLMoE no `nn.Linear` but a bare
+    /// weight, which peft adapts through its `ParamWrapper` (`target_parameters` "gate.weight", the name
+    /// `"all-linear"` maps the v4 router `gate` to).
+    Router,
+    /// Qwen2-MoE's `shared_expert_gate`, a C -> 1 `nn.Linear`.
+    SharedExpertGate,
 }
 
 impl Role {
-    pub const ALL: [Role; 13] = [
+    pub const ALL: [Role; 15] = [
         Role::Q,
         Role::K,
         Role::V,
@@ -54,6 +60,8 @@ impl Role {
         Role::Dense,
         Role::DenseHTo4h,
         Role::Dense4hToH,
+        Role::Router,
+        Role::SharedExpertGate,
     ];
     pub const NAMES: &'static [&'static str] = &[
         "q_proj",
@@ -69,6 +77,8 @@ impl Role {
         "dense",
         "dense_h_to_4h",
         "dense_4h_to_h",
+        "gate",
+        "shared_expert_gate",
     ];
 
     pub fn name(self) -> &'static str {
@@ -82,8 +92,39 @@ impl Role {
     /// The Linears of one decoder layer of `m`'s family in the order its modules are created, which is the
     /// order peft wraps them and makes their adapters (transformers 5.24: `Phi3Attention` creates `o_proj`
     /// before `qkv_proj`; the records' resolved `target_modules`).
+    ///
+    /// A mixture of experts (transformers 5.24, peft 0.21.2; tests/data/finetune/README.md, mixtures of experts):
+    /// Qwen2-MoE's Linears are the attention's, its shared expert's `gate_proj`, `up_proj`, `down_proj` and
+    /// `shared_expert_gate` (the routed experts are fused parameters no target reaches). Mixtral's and OLMoE's are
+    /// the attention's, and `"all-linear"` also sets peft's `target_parameters` to the router's weight (`gate`)
+    /// and the fused experts' `gate_up_proj` and `down_proj` (`_convert_peft_config_moe`, which maps the v4
+    /// expert names there), wrapped by peft's `ParamWrapper` after the attention's Linears, router first.
     pub fn of_layer(m: &ModelConfig) -> &'static [Role] {
         let arch = crate::arch::Arch::of(m, crate::policy::Attention::Sdpa);
+        if let crate::arch::Mlp::Moe(moe) = arch.mlp {
+            return if moe.shared_expert {
+                &[
+                    Role::Q,
+                    Role::K,
+                    Role::V,
+                    Role::O,
+                    Role::Gate,
+                    Role::Up,
+                    Role::Down,
+                    Role::SharedExpertGate,
+                ]
+            } else {
+                &[
+                    Role::Q,
+                    Role::K,
+                    Role::V,
+                    Role::O,
+                    Role::Router,
+                    Role::GateUp,
+                    Role::Down,
+                ]
+            };
+        }
         match (arch.qkv, arch.packed_gate_up) {
             (crate::arch::Qkv::PackedSlices, true) => {
                 &[Role::O, Role::Qkv, Role::GateUp, Role::Down]
@@ -106,7 +147,7 @@ impl Role {
 pub struct Targets(u16);
 
 impl Targets {
-    pub const ALL_LINEAR: Targets = Targets(0x1fff);
+    pub const ALL_LINEAR: Targets = Targets(0x7fff);
     /// The seven Linears of a Llama-style layer, which is `"all-linear"` there.
     const SEPARATE: u16 = 0x7f;
 
@@ -232,28 +273,73 @@ impl LoraConfig {
     }
 }
 
+/// Whether peft's LoRA reaches `m`'s fused experts and router through its `ParamWrapper` (Mixtral, OLMoE:
+/// `Role::of_layer` lists `Role::Router`; Qwen2-MoE's routed experts stay out of reach).
+pub fn param_wrapped(m: &ModelConfig) -> bool {
+    Role::of_layer(m).contains(&Role::Router)
+}
+
+/// Bytes per block of the experts' weights merged with their LoRA adapters that peft's `ParamWrapper` makes in
+/// each forward and `_grouped_mm` saves to the backward (`moe::Wrapped`): `gate_up_proj` [E, 2I, C] and
+/// `down_proj` [E, C, I] where adapted, in the experts' dtype (the base's; fp32 on a quantized base). 0 without.
+pub fn merged_expert_bytes(setup: &Setup) -> u64 {
+    let m = &setup.model;
+    let Some(l) = &setup.train.lora else {
+        return 0;
+    };
+    if !param_wrapped(m) {
+        return 0;
+    }
+    let per = m.n_experts * m.n_embd * m.intermediate_size;
+    let elems = u64::from(l.targets.has(Role::GateUp)) * 2 * per
+        + u64::from(l.targets.has(Role::Down)) * per;
+    elems * base_bytes(setup)
+}
+
 /// The adapters peft adds, as (rows, cols), in the order it creates them: layer by layer, each adapted Linear
 /// in module order (`Role::of_layer`: q, k, v, o, gate, up, down; Phi-3's o, qkv, gate_up, down), A (`r x in`)
 /// then B (`out x r`).
+///
+/// A `ParamWrapper` on a fused expert parameter [E, out, in] (Mixtral, OLMoE) makes one A [E r, in] and one B
+/// [out, E r] for all E experts (`ParamWrapper.update_layer`: `nn.Linear(in, r * num_experts)` and
+/// `nn.Linear(r * num_experts, out)`); for `gate_up_proj` `"all-linear"` doubles the rank and alpha (peft's
+/// `rank_pattern`/`alpha_pattern` for the fused w1 and w3: the scaling stays alpha / r). On the router's
+/// [E, C] weight it is an ordinary pair, A [r, C], B [E, r]. (The records' trainable parameters: 243,776 for
+/// the two layers of mixtral-lora-r8-all-bf16amp.)
 pub fn adapter_shapes(m: &ModelConfig, lora: &LoraConfig) -> Vec<(u64, u64)> {
     let (c, qd, kv, i) = (m.n_embd, m.q_dim(), m.kv_dim(), m.intermediate_size);
+    let (e, r) = (m.n_experts, lora.r);
+    let moe = matches!(
+        crate::arch::Arch::of(m, crate::policy::Attention::Sdpa).mlp,
+        crate::arch::Mlp::Moe(_)
+    );
+    let wrapped = param_wrapped(m);
+    // (in, out, rank) of each adapter pair.
     let shape = |role: Role| match role {
-        Role::Q => (c, qd),
-        Role::K | Role::V => (c, kv),
-        Role::O => (qd, c),
-        Role::Gate | Role::Up => (c, i),
-        Role::Down => (i, c),
-        Role::Qkv | Role::QueryKeyValue => (c, qd + 2 * kv),
-        Role::GateUp => (c, 2 * i),
-        Role::Dense => (qd, c),
-        Role::DenseHTo4h => (c, i),
-        Role::Dense4hToH => (i, c),
+        Role::Q => (c, qd, r),
+        Role::K | Role::V => (c, kv, r),
+        Role::O => (qd, c, r),
+        // The fused experts (Mixtral, OLMoE): all E experts' ranks side by side.
+        Role::GateUp if wrapped => (c, 2 * i, 2 * r * e),
+        Role::Down if wrapped => (i, c, r * e),
+        // Qwen2-MoE's shared expert.
+        Role::Gate | Role::Up if moe => (c, m.shared_expert_size, r),
+        Role::Down if moe => (m.shared_expert_size, c, r),
+        Role::Gate | Role::Up => (c, i, r),
+        Role::Down => (i, c, r),
+        Role::Qkv | Role::QueryKeyValue => (c, qd + 2 * kv, r),
+        Role::GateUp => (c, 2 * i, r),
+        Role::Dense => (qd, c, r),
+        Role::DenseHTo4h => (c, i, r),
+        Role::Dense4hToH => (i, c, r),
+        Role::Router => (c, e, r),
+        Role::SharedExpertGate => (c, 1, r),
     };
     let mut v = Vec::new();
     for _ in 0..m.n_layer {
         for role in Role::of_layer(m).iter().filter(|r| lora.targets.has(**r)) {
-            let (in_f, out_f) = shape(*role);
-            v.extend([(lora.r, in_f), (out_f, lora.r)]);
+            let (in_f, out_f, rank) = shape(*role);
+            v.extend([(rank, in_f), (out_f, rank)]);
         }
     }
     v
@@ -323,6 +409,17 @@ impl Method {
         LoraConfig::with_rank(16)
     }
 
+    /// The recipe's adapters for `m`: `adapters()`, without dropout where `"all-linear"` reaches peft's
+    /// `ParamWrapper` (Mixtral, OLMoE), which raises "lora.ParamWrapper does not work with lora_dropout != 0"
+    /// (peft 0.21.2, `ParamWrapper.__init__`).
+    pub fn adapters_for(m: &ModelConfig) -> LoraConfig {
+        let mut l = Self::adapters();
+        if param_wrapped(m) {
+            l.dropout = 0.0;
+        }
+        l
+    }
+
     /// The base's dtype the LoRA recipe loads under `precision`: the autocast (or pure) 2-byte dtype, fp32
     /// under fp32.
     pub fn lora_base_dtype(precision: Precision) -> Option<BaseDtype> {
@@ -348,7 +445,11 @@ impl Method {
             }
             Method::Lora => {
                 if own != Method::Lora {
-                    t.lora = Some(t.lora.clone().unwrap_or_else(Method::adapters));
+                    t.lora = Some(
+                        t.lora
+                            .clone()
+                            .unwrap_or_else(|| Method::adapters_for(&s.model)),
+                    );
                     t.quantization = None;
                     t.base_dtype = Method::lora_base_dtype(t.precision);
                 }
@@ -356,7 +457,11 @@ impl Method {
             }
             Method::Qlora => {
                 if own != Method::Qlora {
-                    t.lora = Some(t.lora.clone().unwrap_or_else(Method::adapters));
+                    t.lora = Some(
+                        t.lora
+                            .clone()
+                            .unwrap_or_else(|| Method::adapters_for(&s.model)),
+                    );
                     t.quantization = Some(Method::QLORA_QUANT);
                     t.base_dtype = None;
                     t.precision = Method::QLORA_PRECISION;
@@ -514,11 +619,20 @@ pub fn int8_tensors(elems: u64, rows: u64) -> Vec<u64> {
 /// dtype (`compute_bytes`). Real runs see a handful of outlier features in large models (the LLM.int8() paper),
 /// far below this.
 pub fn int8_outlier_bound_bytes(m: &ModelConfig, tokens: u64, compute_bytes: u64) -> u64 {
+    // A mixture of experts' router and fused experts are no `nn.Linear` (not quantized); Qwen2-MoE's shared
+    // expert is.
+    let wrapped = param_wrapped(m);
+    let mlp_width = if m.n_experts > 0 {
+        m.shared_expert_size
+    } else {
+        m.intermediate_size
+    };
     let per_layer: u64 = Role::of_layer(m)
         .iter()
         .map(|r| match r {
+            Role::Router | Role::GateUp | Role::Down if wrapped => 0,
             Role::O | Role::Dense => m.q_dim() * compute_bytes,
-            Role::Down | Role::Dense4hToH => m.intermediate_size * 4,
+            Role::Down | Role::Dense4hToH => mlp_width * 4,
             _ => m.n_embd * 4,
         })
         .sum();
@@ -564,6 +678,9 @@ pub const LORA_FAMILIES: &[Family] = &[
     Family::Phi3,
     Family::Olmo2,
     Family::GptNeox,
+    Family::Mixtral,
+    Family::Qwen2Moe,
+    Family::Olmoe,
 ];
 
 /// The fine-tuning combinations vramfit models; every other one is refused by name.
@@ -702,6 +819,9 @@ pub fn check(setup: &Setup) -> Result<(), Error> {
             ),
         ));
     }
+    if m.n_experts > 0 {
+        check_moe(m, l)?;
+    }
     if t.compile {
         return Err(Error::NotModelled {
             what: "train.lora with torch.compile (train.compile): peft's adapters under Inductor are not traced; \
@@ -714,6 +834,45 @@ pub fn check(setup: &Setup) -> Result<(), Error> {
             what: "train.lora.modules_to_save with a tied head (model.tie_embeddings): a trainable copy of a \
                    shared weight was not measured; untied models are"
                 .into(),
+        });
+    }
+    Ok(())
+}
+
+/// LoRA on a mixture of experts, as peft 0.21.2 wraps it (tests/data/finetune/README.md, mixtures of experts).
+///
+/// # Errors
+/// Dropout on a `ParamWrapper` target (peft raises), or targets without an attention projection (the first
+/// block's experts would then run without an input gradient, which was not measured).
+fn check_moe(m: &ModelConfig, l: &LoraConfig) -> Result<(), Error> {
+    let wrapped: Vec<&str> = [Role::Router, Role::GateUp, Role::Down]
+        .iter()
+        .filter(|r| param_wrapped(m) && l.targets.has(**r))
+        .map(|r| r.name())
+        .collect();
+    if l.dropout > 0.0 && !wrapped.is_empty() {
+        return Err(Error::invalid(
+            "train.lora.dropout",
+            l.dropout,
+            format!(
+                "must be 0 when the adapters reach {}'s router or fused experts ({}, which \"all-linear\" \
+                 includes): peft's ParamWrapper raises \"does not work with lora_dropout != 0\"; or target the \
+                 attention only (q_proj, k_proj, v_proj, o_proj)",
+                m.family.name(),
+                wrapped.join(", ")
+            ),
+        ));
+    }
+    if ![Role::Q, Role::K, Role::V, Role::O]
+        .iter()
+        .any(|r| l.targets.has(*r))
+    {
+        return Err(Error::NotModelled {
+            what: format!(
+                "train.lora.target_modules ({}) on {} without an attention projection (q_proj, k_proj, v_proj,                  o_proj): a mixture of experts whose first block's input needs no gradient was not measured",
+                l.targets.names().join(", "),
+                m.family.name()
+            ),
         });
     }
     Ok(())
@@ -745,6 +904,13 @@ pub fn check_parallel(setup: &Setup) -> Result<(), Error> {
     let Some(l) = &t.lora else {
         return Ok(());
     };
+    if setup.model.n_experts > 0 {
+        return refuse(format!(
+            "train.lora on {} with train.parallel.strategy {strategy:?}: LoRA on a mixture of experts was measured \
+             on one GPU only",
+            setup.model.family.name()
+        ));
+    }
     if l.save_head || l.save_embed {
         return refuse(format!(
             "train.lora.modules_to_save ({}) with train.parallel.strategy {strategy:?}: a trainable copy of the \
@@ -962,6 +1128,126 @@ mod tests {
             e("phi3", serde_json::json!("all-linear")).map_err(|e| e.to_string()),
             Ok(())
         );
+    }
+
+    /// peft 0.21.2's `print_trainable_parameters` for Mixtral-8x7B under the LoRA recipe (r 16, `"all-linear"`,
+    /// built on the meta device in the measurement venv): 359,665,664. Per layer (4096 wide, kv 1024, 8 experts of
+    /// 14,336): q and o 16 x (4096 + 4096) = 131,072 each, k and v 16 x (4096 + 1024) = 81,920 each; the router's
+    /// ParamWrapper 16 x 4096 + 8 x 16 = 65,664; gate_up's A [8 x 32, 4096] and B [28,672, 8 x 32] (rank doubled
+    /// for the fused w1 and w3) 1,048,576 + 7,340,032; down's A [8 x 16, 14,336] and B [4096, 8 x 16] 1,835,008 +
+    /// 524,288: 11,239,552 a layer, x 32. The recipe drops dropout there (peft's ParamWrapper refuses it).
+    #[test]
+    fn mixtral_lora_reaches_the_router_and_the_fused_experts() {
+        let m = crate::presets::model_preset("mixtral-8x7b").unwrap().model;
+        assert_eq!(
+            Role::of_layer(&m),
+            [
+                Role::Q,
+                Role::K,
+                Role::V,
+                Role::O,
+                Role::Router,
+                Role::GateUp,
+                Role::Down
+            ]
+        );
+        let l = Method::adapters_for(&m);
+        assert_eq!(l.dropout, 0.0);
+        assert_eq!(trainable_params(&m, &l), 359_665_664);
+        assert_eq!(
+            &adapter_shapes(&m, &l)[8..14],
+            [
+                (16, 4096),
+                (8, 16),
+                (256, 4096),
+                (28_672, 256),
+                (128, 14_336),
+                (4096, 128)
+            ]
+        );
+        // OLMoE-1B-7B (2048 wide, 64 experts of 1024): peft's 189,284,352 = 16 x (4 x 65,536 + 33,792 +
+        // 8,388,608 + 3,145,728).
+        let o = crate::presets::model_preset("olmoe-1b-7b").unwrap().model;
+        assert_eq!(trainable_params(&o, &Method::adapters_for(&o)), 189_284_352);
+        // The merged expert weights a block keeps under LoRA: (2 + 1) x 8 x 4096 x 14,336 bf16 = 2.62 GiB.
+        let s = Method::Lora.apply(&crate::presets::model_preset("mixtral-8x7b").unwrap());
+        assert_eq!(merged_expert_bytes(&s), 3 * 8 * 4096 * 14_336 * 2);
+    }
+
+    /// Qwen2-MoE's routed experts stay out of peft's reach: `"all-linear"` adapts the attention, the shared
+    /// expert's three Linears and `shared_expert_gate` (C -> 1), as qwen2moe-lora-r8-all-bf16amp's 73,744
+    /// trainable parameters say: per layer (256 wide, shared expert 512) 4 x 8 x (256 + 256), plus 2 x 8 x
+    /// (256 + 512), plus 8 x (512 + 256), plus 8 x (256 + 1): 36,872, two layers. Dropout is allowed there, and the first block's
+    /// experts need an adapter upstream: targets without the attention are refused.
+    #[test]
+    fn qwen2_moe_lora_adapts_the_shared_expert_only() {
+        let setup = |targets: serde_json::Value, dropout: f64| {
+            crate::input::setup_from_value(&serde_json::json!({
+                "model": {"hf": {"model_type": "qwen2_moe", "vocab_size": 8192, "hidden_size": 256,
+                    "intermediate_size": 1024, "moe_intermediate_size": 256,
+                    "shared_expert_intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "num_key_value_heads": 4, "num_experts": 8, "num_experts_per_tok": 2,
+                    "max_position_embeddings": 4096, "tie_word_embeddings": false}},
+                "train": {"precision": "bf16-amp", "base_dtype": "bf16",
+                          "lora": {"r": 8, "dropout": dropout, "target_modules": targets}}}))
+            .unwrap()
+        };
+        let s = setup("all-linear".into(), 0.05);
+        assert_eq!(s.validate().map_err(|e| e.to_string()), Ok(()));
+        let l = s.train.lora.as_ref().unwrap();
+        assert_eq!(trainable_params(&s.model, l), 73_744);
+        assert_eq!(merged_expert_bytes(&s), 0);
+        let e = setup(serde_json::json!(["gate_proj", "up_proj"]), 0.0)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "not modelled: train.lora.target_modules (gate_proj, up_proj) on qwen2_moe"
+            ),
+            "{e}"
+        );
+    }
+
+    /// peft's ParamWrapper raises on dropout: a Mixtral config with dropout on the experts is refused naming the
+    /// field; on the attention alone it is peft's ordinary LoRA.
+    #[test]
+    fn mixtral_refuses_dropout_on_the_experts() {
+        let e = |targets: serde_json::Value, dropout: f64| {
+            let mut s = crate::presets::model_preset("mixtral-8x7b").unwrap();
+            s.train.precision = Precision::Bf16Amp;
+            s.train.base_dtype = Some(BaseDtype::Bf16);
+            s.train.lora = Some(LoraConfig {
+                dropout,
+                targets: Targets::parse(
+                    targets
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_str().unwrap()),
+                )
+                .unwrap(),
+                ..LoraConfig::with_rank(16)
+            });
+            s.validate().map_err(|e| e.to_string())
+        };
+        let all = e(serde_json::json!(["all-linear"]), 0.05).unwrap_err();
+        assert!(
+            all.starts_with("train.lora.dropout (0.05) must be 0 when the adapters reach mixtral's router or fused \
+                             experts (gate, gate_up_proj, down_proj, which \"all-linear\" includes)"),
+            "{all}"
+        );
+        assert_eq!(e(serde_json::json!(["q_proj", "v_proj"]), 0.05), Ok(()));
+        assert_eq!(e(serde_json::json!(["all-linear"]), 0.0), Ok(()));
+        // LoRA on a mixture of experts was measured on one GPU.
+        let mut s = crate::presets::model_preset("mixtral-8x7b").unwrap();
+        s.train.lora = Some(Method::adapters_for(&s.model));
+        s.train.base_dtype = Some(BaseDtype::Bf16);
+        s.train.parallel.strategy = crate::parallel::Strategy::Ddp;
+        s.train.parallel.gpus = 2;
+        assert!(check_parallel(&s).unwrap_err().to_string().starts_with(
+            "not modelled: train.lora on mixtral with train.parallel.strategy \"ddp\""
+        ));
     }
 
     /// tests/data/finetune/stub-cuda.json, llama-lora-r16-all-bf16amp: 622,592 trainable parameters (4 layers,

@@ -207,14 +207,6 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
         None => &empty,
     };
     reject_unknown(t, "train.", TRAIN_FIELDS)?;
-    let expanded;
-    let t = match t.get("finetune") {
-        None | Some(Value::Null) => t,
-        Some(f) => {
-            expanded = finetune_recipe(t, object(f, "train.finetune")?)?;
-            &expanded
-        }
-    };
     // `"model": {"hf": {...config.json...}}`: a Hugging Face config as it is published.
     let model = match m.get("hf") {
         Some(hf) => {
@@ -222,6 +214,14 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
             hf_config_object(object(hf, "model.hf")?)?.0
         }
         None => model_fields(m)?,
+    };
+    let expanded;
+    let t = match t.get("finetune") {
+        None | Some(Value::Null) => t,
+        Some(f) => {
+            expanded = finetune_recipe(t, object(f, "train.finetune")?, &model)?;
+            &expanded
+        }
     };
     let block_size = model.block_size;
     let train = TrainConfig {
@@ -328,7 +328,8 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
 }
 
 /// `train.finetune` (`FINETUNE_FIELDS`) written out as the fields it stands for, over `train` without it:
-/// `train.lora` (the recipe's r 16, alpha 32, dropout 0.05, every Linear, unless given), `train.base_dtype`
+/// `train.lora` (the recipe's r 16, alpha 32, dropout 0.05 (0 on Mixtral and OLMoE: `Method::adapters_for`), every
+/// Linear, unless given), `train.base_dtype`
 /// (LoRA: the precision's 2-byte dtype, `Method::lora_base_dtype`), and for QLoRA `train.quantization` (nf4),
 /// `train.double_quant` (on for 4-bit), `train.precision` bf16-amp and `train.checkpointing` on. What `train`
 /// itself sets (not null) (`lora`, `base_dtype`, `quantization`, `double_quant`, `precision`, `checkpointing`) wins over
@@ -336,6 +337,7 @@ pub fn setup_from_value(v: &Value) -> Result<Setup, Error> {
 fn finetune_recipe(
     t: &Map<String, Value>,
     f: &Map<String, Value>,
+    model: &ModelConfig,
 ) -> Result<Map<String, Value>, Error> {
     const P: &str = "train.finetune.";
     reject_unknown(f, P, FINETUNE_FIELDS)?;
@@ -366,7 +368,7 @@ fn finetune_recipe(
         set("lora", Value::Null);
         return Ok(out);
     }
-    let recipe = Method::adapters();
+    let recipe = Method::adapters_for(model);
     let r = get_u64(f, P, "r")?.unwrap_or(recipe.r);
     if r == 0 {
         return Err(Error::invalid("train.finetune.r", r, "must be at least 1"));
@@ -2825,7 +2827,8 @@ mod query_tests {
                 .to_string(),
             "train.lora.target_modules (\"lm_head\") is not a Linear of a Hugging Face decoder layer vramfit \
              adapts; use \"all-linear\" or some of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, \
-             qkv_proj, gate_up_proj, query_key_value, dense, dense_h_to_4h, dense_4h_to_h"
+             qkv_proj, gate_up_proj, query_key_value, dense, dense_h_to_4h, dense_4h_to_h, gate, \
+             shared_expert_gate"
         );
     }
 

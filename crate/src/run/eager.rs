@@ -1810,9 +1810,16 @@ fn block_fwd(cx: &mut Ctx, x_in: Tensor) -> (BlockSaved, Option<Tensor>) {
         && !cx.arch.packed_gate_up
         && !cx.arch.post_norms
         && cx.lora.is_none();
+    let moe_stops = match cx.arch.mlp {
+        Mlp::Moe(moe) => crate::moe::recompute_stops(cx, moe) && !cx.arch.post_norms,
+        _ => false,
+    };
     let (mlp, o) = if stops {
         let i = cx.m.intermediate_size;
         (swiglu_fwd_stopped(cx, norm2_out, i, cx.arch.mlp_bias), None)
+    } else if let (true, Mlp::Moe(moe)) = (moe_stops, cx.arch.mlp) {
+        let saved = crate::moe::moe_fwd_stopped(cx, moe, norm2_out);
+        (MlpSaved::Moe(Box::new(saved)), None)
     } else {
         let (mlp, o) = mlp_fwd(cx, norm2_out);
         (mlp, Some(o))
@@ -2367,6 +2374,14 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
                 cx.block_input_grad = true;
                 let outer = std::mem::take(&mut cx.graph_holds);
                 cx.recompute_stop = true;
+                // A MoE block whose recompute stops inside it: its first backward steps need no saved tensor
+                // and run before the recompute (`moe::moe_bwd_head`).
+                if let Mlp::Moe(moe) = cx.arch.mlp {
+                    if crate::moe::recompute_stops(cx, moe) && !cx.arch.post_norms {
+                        cx.moe_grad_head =
+                            Some(crate::moe::moe_bwd_head(cx, moe, (g, cx.r, false)));
+                    }
+                }
                 let (saved, x_out) = block_fwd(cx, x_in);
                 cx.recompute_stop = false;
                 cx.sim.free_some(&[x_out]);

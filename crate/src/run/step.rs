@@ -203,9 +203,11 @@ fn run(setup: &Setup, n_steps: u32, record: bool, reserved_limit: u64) -> Result
 /// other fp16 or bf16 parameter to fp32, one by one (a new tensor, the old one freed), and empties the cache.
 fn quantized_base(cx: &mut Ctx, setup: &Setup, q: Quantization) {
     let params = cx.arch.param_shapes(&setup.model);
+    let linear = cx.arch.linear_weights(&setup.model);
     let loaded = setup.train.base_dtype.map_or(2, |d| d.bytes());
     let (last, tied) = (params.len().saturating_sub(1), cx.arch.tied_head);
-    let quantized = |i: usize, matrix: bool| matrix && i != 0 && (tied || i != last);
+    // A mixture of experts' router and fused experts are no `nn.Linear`: loaded in the base dtype, then fp32.
+    let quantized = |i: usize, matrix: bool| matrix && linear[i] && i != 0 && (tied || i != last);
     let mut rest = Vec::new();
     for (i, &(elems, matrix, rows)) in params.iter().enumerate() {
         if quantized(i, matrix) {

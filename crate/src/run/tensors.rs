@@ -116,6 +116,8 @@ pub struct Ctx<'a> {
     /// let go when the graph they belong to is freed: the micro-step's after its backward, a checkpointed block's
     /// recompute when the recompute ends.
     pub graph_holds: Vec<Tensor>,
+    /// A checkpointed MoE block's first backward steps, run before its recompute (`moe::moe_bwd_head`).
+    pub moe_grad_head: Option<crate::moe::MoeGradHead>,
     /// Whether the model's outputs pass through DDP's `_DDPSink` in this forward, which clones each of them
     /// (`static_graph=True`, until its first backward: `DistributedDataParallel._post_forward`).
     pub ddp_sink_clone: bool,
@@ -170,6 +172,7 @@ impl<'a> Ctx<'a> {
             block_input_grad: true,
             graph_holds: Vec::new(),
             ddp_sink_clone: false,
+            moe_grad_head: None,
         })
     }
 
@@ -218,6 +221,7 @@ impl<'a> Ctx<'a> {
             Role::Q | Role::K | Role::V | Role::Qkv | Role::QueryKeyValue => false,
             Role::O | Role::Dense => any(&QKV),
             Role::Gate | Role::Up | Role::GateUp | Role::DenseHTo4h => after_attn,
+            Role::Router | Role::SharedExpertGate => after_attn,
             Role::Down | Role::Dense4hToH => after_attn || any(&MLP_IN),
         }
     }
@@ -283,6 +287,9 @@ pub struct LinearSaved {
     pub in_bytes: u64,
     /// A bitsandbytes weight (`Linear4bit`, `Linear8bitLt`): its backward dequantizes it again.
     pub quant: Option<finetune::Quantization>,
+    /// The weight is a parametrization's output (peft's `ParamWrapper` on a mixture of experts' router): its
+    /// gradient goes on into the parametrization's graph (`moe::router_adapter_bwd`), not to a `.grad`.
+    pub parametrized: bool,
 }
 
 impl LinearSaved {
@@ -422,6 +429,7 @@ fn linear_casts(
         out_bytes: cx.p,
         in_bytes: input_bytes,
         quant: None,
+        parametrized: false,
     };
     if cx.prec.autocast() {
         if w.bytes == 4 {
@@ -577,6 +585,7 @@ pub fn linear4bit_fwd(
         out_bytes: input_bytes,
         in_bytes: input_bytes,
         quant: Some(q),
+        parametrized: false,
     };
     (out, saved)
 }
@@ -669,6 +678,7 @@ fn linear8bit_fwd(
         out_bytes: input_bytes,
         in_bytes: input_bytes,
         quant: Some(Quantization::Int8),
+        parametrized: false,
     };
     (out, saved)
 }
@@ -1090,7 +1100,13 @@ pub fn linear_bwd(
         grad_in
     };
     if let Some(gw) = gw {
-        param_grad(cx, gw, saved.out_f * saved.in_f, params_cast);
+        if saved.parametrized {
+            // Handed to the parametrization's backward, which makes its own gradients from it at once (a few KiB:
+            // a router's E x C).
+            cx.free(gw);
+        } else {
+            param_grad(cx, gw, saved.out_f * saved.in_f, params_cast);
+        }
     }
     if let Some(gb) = gb {
         param_grad(cx, gb, saved.out_f, params_cast);

@@ -58,6 +58,18 @@ impl Components {
         self.items_for(None)
     }
 
+    /// [`Components::items_for`] for `setup`: a quantized mixture of experts' weights are mostly its router and
+    /// fused experts, which bitsandbytes leaves unquantized (no `nn.Linear`) and peft casts to fp32.
+    pub fn items_for_setup(&self, setup: &Setup) -> Vec<(&'static str, u64, &'static str)> {
+        let mut v = self.items_for(setup.train.quantization);
+        if setup.train.quantization.is_some() && setup.model.n_experts > 0 {
+            for item in v.iter_mut().filter(|item| item.0 == "weights") {
+                item.2 = MOE_UNQUANTIZED;
+            }
+        }
+        v
+    }
+
     /// [`Components::items`] for a setup whose base is quantized by `quant` ("4-bit weights", "int8 weights").
     pub fn items_for(&self, quant: Option<Quantization>) -> Vec<(&'static str, u64, &'static str)> {
         let quantized = match quant {
@@ -422,7 +434,7 @@ impl Report {
 
     /// One sentence naming the largest component at the peak and why it is that size.
     pub fn largest_item_sentence(&self, setup: &Setup) -> String {
-        let (name, bytes, what) = self.components.items_for(setup.train.quantization)[0];
+        let (name, bytes, what) = self.components.items_for_setup(setup)[0];
         let n = setup.train.batch_size * setup.train.seq_len;
         let detail = match name {
             "logits" => format!(
@@ -438,17 +450,27 @@ impl Report {
                 }
             ),
             "activations" => format!(
-                "{} blocks x {} saved per block for {} tokens",
+                "{} blocks x {} saved per block for {} tokens{}",
                 setup.model.n_layer,
                 fmt_bytes(self.activations_per_block_bytes),
-                n
+                n,
+                match crate::finetune::merged_expert_bytes(setup) {
+                    0 => String::new(),
+                    b => format!(
+                        ", of which {} a block are the experts' weights merged with their adapters (peft's \
+                         ParamWrapper), which the grouped GEMMs save",
+                        fmt_bytes(b)
+                    ),
+                }
             ),
             "weights" if setup.train.lora.is_some() => format!(
                 "the frozen base{}",
-                if setup.train.quantization.is_some() {
-                    "'s embeddings, norms and head (fp32 after prepare_model_for_kbit_training)"
-                } else {
-                    ""
+                match (setup.train.quantization, setup.model.n_experts) {
+                    (Some(_), 0) => "'s embeddings, norms and head (fp32 after prepare_model_for_kbit_training)",
+                    (Some(_), _) => "'s router and fused experts, which bitsandbytes does not quantize (they are \
+                                     no nn.Linear), embeddings, norms and head, all fp32 after \
+                                     prepare_model_for_kbit_training",
+                    (None, _) => "",
                 }
             ),
             "grads" | "optimizer" if setup.train.lora.is_some() => format!(
@@ -468,6 +490,11 @@ impl Report {
         )
     }
 }
+
+/// The weights of a quantized mixture of experts (`Components::items_for_setup`).
+const MOE_UNQUANTIZED: &str = "the frozen base's other parameters: the router and fused experts (no nn.Linear, so \
+                               bitsandbytes leaves them unquantized), embeddings, norms, head, all fp32 after \
+                               prepare_model_for_kbit_training";
 
 /// Sorts a handful of items (components, suggestions), largest key first, stable. An insertion sort: the
 /// standard library's sorts are generic code instantiated once per element type, several KB of wasm each, for
@@ -704,6 +731,26 @@ mod finetune_breakdown {
         let fi = f.items_for(None);
         assert_eq!(what(&fi, "weights"), Some("parameters and buffers"));
         assert_eq!(what(&fi, "optimizer"), Some("optimizer state"));
+    }
+
+    /// QLoRA on OLMoE-1B-7B: bitsandbytes quantizes the attention's Linears only, and prepare_model_for_kbit_training
+    /// casts the rest to fp32, the fused experts included: 4 B x (2 x 50,304 x 2048 for the embedding and head, 16
+    /// layers x (4 norms of 2048, the router 64 x 2048, gate_up 64 x 2048 x 2048, down 64 x 2048 x 1024), the final
+    /// norm's 2048) = 26,602,905,600 B, which the breakdown and the sentence name as the unquantized experts.
+    #[test]
+    fn moe_qlora_keeps_its_experts_in_fp32_and_says_so() {
+        let s = Method::Qlora.apply(&crate::presets::model_preset("olmoe-1b-7b").unwrap());
+        let r = crate::estimate(&s).unwrap();
+        assert_eq!(r.components.weights_bytes, 26_602_905_600);
+        let items = r.components.items_for_setup(&s);
+        assert_eq!(items[0].0, "weights");
+        assert!(items[0].2.contains(
+            "the router and fused experts (no nn.Linear, so bitsandbytes leaves them \
+                                     unquantized)"
+        ));
+        assert!(r
+            .largest_item_sentence(&s)
+            .contains("router and fused experts, which bitsandbytes does not quantize"));
     }
 }
 

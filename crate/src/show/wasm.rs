@@ -285,7 +285,7 @@ pub fn estimate(query: &str) -> Result<JsValue, JsError> {
     let total = r.peak_allocated_bytes.max(1);
     let components = r
         .components
-        .items_for(s.train.quantization)
+        .items_for_setup(&s)
         .into_iter()
         .filter(|(_, b, _)| *b > 0)
         .map(|(name, bytes, what)| ComponentDto {
