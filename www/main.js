@@ -151,6 +151,20 @@ function applyModel(query) {
   applyQuery(p.toString(), true);
 }
 
+// LoRA ticked with the dropout box as the page starts it: the dropout of `vramfit --finetune lora` for this model
+// (0 where peft's ParamWrapper adapts the fused experts, Mixtral's and OLMoE's, which takes no dropout; the box's
+// 0.05 otherwise), so that ticking LoRA on those models estimates instead of naming the dropout as an error.
+function recipeDropout() {
+  const box = $('lora_dropout');
+  if (box.value !== box.defaultValue) return;
+  try {
+    const form = new URLSearchParams(formQuery());
+    form.set('lora', '0'); // the recipe's own adapters, not the boxes'
+    const recipe = new URLSearchParams(vf.finetune_query(form.toString(), 'lora'));
+    if (recipe.has('lora_dropout')) box.value = String(Number(recipe.get('lora_dropout')));
+  } catch { /* a model LoRA is not modelled for: its message comes with the estimate */ }
+}
+
 // A model (a preset, a pasted config, a link naming its family) also replaces the optional fields of the
 // families: one its query leaves out takes its default, so Gemma 3's window or Pythia's rotary dims do not stay
 // behind for the next model (the core's `input::query_over` drops the same fields).
@@ -850,6 +864,7 @@ async function main() {
     if (ev.target.id === 'paste') return;
     if (ev.target.id === 'preset' && ev.target.value) applyModel(vf.preset_query(ev.target.value));
     if (ev.target.id === 'gpu') { userChoseGpu = true; applyGpu(ev.target.value); }
+    if (ev.target.id === 'lora' && ev.target.checked) recipeDropout();
     update(true);
   });
   $('form').addEventListener('submit', (ev) => ev.preventDefault());

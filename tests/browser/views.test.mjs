@@ -368,3 +368,24 @@ test('each fine-tuning row says which recipe it is', async () => {
   assert.deepEqual(errors, []);
   await page.close();
 });
+
+// LoRA ticked on OLMoE: the page's 0.05 dropout was named as an error (peft's ParamWrapper on the fused experts
+// takes none) until a person typed 0. It now takes the recipe's dropout for the model, as `--finetune lora`
+// does, and estimates what the CLI estimates.
+test('ticking LoRA on a mixture of experts takes the recipe\'s dropout and estimates', async () => {
+  const { page, errors } = await openPage(env.context, env.server.url);
+  await page.selectOption('#preset', 'olmoe-1b-7b');
+  await page.check('#lora');
+  assert.equal(await page.inputValue('#lora_dropout'), '0');
+  assert.equal(await page.textContent('.field-error[data-for="lora_dropout"]'), '');
+  assert.equal(await peak(page), cliPeakBytes(['--preset', 'olmoe-1b-7b', '--gpu', 'rtx-4070',
+    '--lora', 'r=16,alpha=32,dropout=0,targets=all-linear']));
+  // On a dense model the box keeps its 0.05.
+  await page.uncheck('#lora');
+  await page.selectOption('#preset', 'llama-3.2-1b');
+  await page.fill('#lora_dropout', '0.05');
+  await page.check('#lora');
+  assert.equal(await page.inputValue('#lora_dropout'), '0.05');
+  assert.deepEqual(errors, []);
+  await page.close();
+});
