@@ -380,33 +380,34 @@ fn moe_fwd_until(cx: &mut Ctx, moe: Moe, input: Tensor, stop: bool) -> (MoeSaved
     let inverse = cx.alloc(s * 8, Activations, "empty_like");
     let arange = cx.alloc(s * 8, Temporary, "arange");
     cx.free(arange);
+    // What the block keeps (the shared expert's, Qwen2-MoE's, joins it below).
+    let mut saved = MoeSaved {
+        moe,
+        router,
+        router_adapter,
+        gate_up_w,
+        down_w,
+        softmax,
+        topk_idx,
+        renorm,
+        perm,
+        token_of,
+        inverse,
+        x_pairs,
+        scores_pairs,
+        offsets,
+        gate_up,
+        act,
+        prod,
+        down,
+        shared: None,
+    };
     if stop {
         cx.sim
             .free_all(&[sorted, ids32, histc, weighted, logits, scores]);
-        if !gate_up_w.trained() {
+        if !saved.gate_up_w.trained() {
             cx.free(x_pairs);
         }
-        let saved = MoeSaved {
-            moe,
-            router,
-            router_adapter,
-            gate_up_w,
-            down_w,
-            softmax,
-            topk_idx,
-            renorm,
-            perm,
-            token_of,
-            inverse,
-            x_pairs,
-            scores_pairs,
-            offsets,
-            gate_up,
-            act,
-            prod,
-            down,
-            shared: None,
-        };
         return (saved, None);
     }
     let unsorted = cx.alloc(s * c * q, Temporary, "index");
@@ -415,17 +416,17 @@ fn moe_fwd_until(cx: &mut Ctx, moe: Moe, input: Tensor, stop: bool) -> (MoeSaved
     // Step 19: what the block held to its end. With the auxiliary loss the model returns the router logits: they
     // live to the end of the loss.
     cx.sim.free_all(&[sorted, ids32, histc, unsorted, scores]);
-    if !gate_up_w.trained() {
+    if !saved.gate_up_w.trained() {
         cx.free(x_pairs);
     }
     // The ParamWrappers exit (their proxies and `cached()`'s merged weights go unless saved).
     if !cx.saving {
-        for wr in [&gate_up_w, &down_w] {
+        for wr in [&saved.gate_up_w, &saved.down_w] {
             if let Experts::Wrapped(wr) = wr {
                 cx.sim.free_some(&wr.tensors());
             }
         }
-        if let Some(ra) = &router_adapter {
+        if let Some(ra) = &saved.router_adapter {
             cx.free(ra.merged);
             cx.autocast_cache.extend(ra.casts.iter().flatten());
         }
@@ -473,27 +474,7 @@ fn moe_fwd_until(cx: &mut Ctx, moe: Moe, input: Tensor, stop: bool) -> (MoeSaved
         cx.free(out);
         out = cast;
     }
-    let saved = MoeSaved {
-        moe,
-        router,
-        router_adapter,
-        gate_up_w,
-        down_w,
-        softmax,
-        topk_idx,
-        renorm,
-        perm,
-        token_of,
-        inverse,
-        x_pairs,
-        scores_pairs,
-        offsets,
-        gate_up,
-        act,
-        prod,
-        down,
-        shared,
-    };
+    saved.shared = shared;
     (saved, Some(out))
 }
 
