@@ -297,8 +297,11 @@ test('OLMoE on the page: all-linear reaches the router and the experts, without 
   await page.selectOption('#preset', 'olmoe-1b-7b');
   await page.waitForFunction(() => new URLSearchParams(location.search).get('family') === 'olmoe');
   assert.ok(!(await page.evaluate(() => document.getElementById('finetune').hidden)), 'fine-tuning for olmoe');
-  // The form's dropout 0.05 with all-linear: peft's ParamWrapper raises, and the core refuses it by the field.
+  // Ticking LoRA takes the recipe's dropout for OLMoE, 0 (main.js recipeDropout); a dropout typed with
+  // all-linear: peft's ParamWrapper raises, and the core refuses it by the field.
   await check(page, 'lora');
+  await page.waitForFunction(() => new URLSearchParams(location.search).get('lora_dropout') === '0');
+  await setField(page, 'lora_dropout', '0.05');
   await page.waitForFunction(() => document.querySelector('.field-error[data-for="lora_dropout"]').textContent !== '');
   assert.match(await page.textContent('.field-error[data-for="lora_dropout"]'),
     /must be 0 when the adapters reach olmoe's router or fused experts \(gate, gate_up_proj, down_proj/);
