@@ -2099,6 +2099,13 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
     // feed the stream).
     let embedding_grad =
         !cx.base_frozen() || cx.lora.is_some_and(|l| l.save_embed) || checkpointing;
+    // The embeddings' output stays bound (`inputs_embeds` in the model's forward) until the forward returns, then
+    // lives on only if the first block saved it: its first norm does when the stream is saved at all and the norm
+    // is in the graph, which it is not when the block input needs no gradient (frozen norm weight: autograd
+    // records nothing). Without pre-norms the first block's adapters read the stream itself. Stub-cuda snapshots of
+    // mixtral-int8-r8-all-v256, llama-int8-r16-all-bf16amp and mistral-qlora-fp4-dq-r16-all: the embedding's
+    // output is freed when `MixtralModel.forward` (`LlamaModel`, `MistralModel`) returns, after the final norm.
+    let x0_saved = stream_saved && (embedding_grad || !cx.arch.pre_norms);
     for l in 0..cx.m.n_layer {
         cx.sim.layer(Some(l as u32));
         cx.block_input_grad = l > 0 || embedding_grad;
@@ -2136,13 +2143,17 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
         Vec::new()
     };
     let (norm_f_out, norm_f) = norm_fwd(cx);
-    if !checkpointing {
-        if !final_saves {
-            cx.free(x);
-        }
-        if !stream_saved {
-            cx.free(x0);
-        }
+    // The last block's output dies at `hidden_states = self.norm(hidden_states)` unless the final norm saved it:
+    // a non-reentrant checkpoint holds only its block's inputs, never its output, and a norm on a 2-byte stream
+    // saves its fp32 copy (stub-cuda snapshots of llama-lora-r16-all-bf16amp-ckpt and
+    // mixtral-lora-r8-all-bf16amp-ckpt: the last decoder layer's residual add freed at that line). The snapshot of
+    // the full fine-tuning mistral-sdpa-768-nowin-ckpt-bf16 shows the same, but full fine-tuning's checkpointed
+    // estimates are left as they were for now (tests/data/finetune/README.md).
+    if !final_saves && (!checkpointing || cx.base_frozen()) {
+        cx.free(x);
+    }
+    if !checkpointing && !x0_saved {
+        cx.free(x0);
     }
     cx.sim.next_stage("loss");
     let v = cx.m.vocab_size;
