@@ -1261,3 +1261,119 @@ fn each_command_has_its_own_help() {
     assert!(help("gpus").contains("  --format table|json  table (the default)"));
     assert!(error_of(&["help", "train"]).contains("unknown command \"train\""));
 }
+
+/// `n` with a comma between thousands, as the README writes MiB: 4334 -> "4,334".
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The README quotes the command line: the founding case's table, the sweep's CSV, the one-line error and the
+/// founding case on its RTX 4070 against nvidia-smi and PyTorch's own allocator. The audit found the last one
+/// stale: 4,330 MiB and -3.0% where the CLI says 4,334 MiB (-2.9%), and "4,048 to 4,094 MiB" reserved by PyTorch's
+/// allocator where the record (`tests/data/stub-cuda/compiled.json`, re-run and first run alike) holds 4,048.
+#[test]
+fn the_readme_quotes_what_the_command_line_prints() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    // The fenced blocks, each without its first line (the language tag).
+    let blocks: Vec<&str> = readme
+        .split("```")
+        .skip(1)
+        .step_by(2)
+        .map(|b| b.split_once('\n').map_or("", |(_, rest)| rest))
+        .collect();
+    let block = |start: &str| {
+        *blocks
+            .iter()
+            .find(|b| b.starts_with(start))
+            .unwrap_or_else(|| panic!("no block starting {start:?} in README.md"))
+    };
+
+    // The founding case's table, as far as the README shows it.
+    let (code, table, err) = vramfit(&["estimate"]);
+    assert_eq!(code, 0, "{err}");
+    let shown: Vec<&str> = block("vramfit estimate: gpt2").lines().collect();
+    let printed: Vec<&str> = table.lines().take(shown.len()).collect();
+    assert_eq!(shown, printed);
+
+    // The sweep's CSV.
+    let (code, csv, err) = vramfit(&["sweep", "--axis", "batch_size", "--values", "1,4,16,64"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(block("batch_size,peak_allocated_bytes"), csv);
+
+    // The one-line error.
+    let quoted = readme
+        .lines()
+        .skip_while(|l| l.trim() != "$ vramfit estimate --n-head 7")
+        .nth(1)
+        .expect("the README's error example");
+    assert_eq!(quoted.trim(), error_of(&["estimate", "--n-head", "7"]));
+
+    // The founding case as its owner ran it, against what nvidia-smi showed (4,464 MiB) and what PyTorch's own
+    // allocator reserved on a stubbed RTX 4070, without and with train.py's evaluation before the first step.
+    let args = ["estimate", "--grad-accum-steps", "4", "--gpu", "rtx-4070"];
+    let (code, table, err) = vramfit(&args);
+    assert_eq!(code, 0, "{err}");
+    let figure = |label: &str| {
+        let line = table
+            .lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .unwrap();
+        let words: Vec<&str> = line[line.find(label).unwrap() + label.len()..]
+            .split_whitespace()
+            .take(2)
+            .collect();
+        words.join(" ")
+    };
+    let v = json_of(&[&args[..], &["--format", "json"]].concat());
+    let device = v["device_total_bytes"].as_u64().unwrap();
+    let seen = 4464u64 << 20;
+    let record = |path: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(root.join(path)).unwrap()).unwrap()
+    };
+    let compiled = record("tests/data/stub-cuda/compiled.json");
+    let measured = compiled["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "nanogpt-30m-founding-accum4-sm89-compiled")
+        .unwrap();
+    let mib = |r: &Value| r["peak_reserved_bytes"].as_u64().unwrap() >> 20;
+    let (warm, cold) = (mib(&measured["measured"]), mib(&measured["first_run"]));
+    let reserved = if warm == cold {
+        format!("{} MiB", thousands(warm))
+    } else {
+        format!(
+            "{} to {} MiB",
+            thousands(warm.min(cold)),
+            thousands(warm.max(cold))
+        )
+    };
+    let eval = record("tests/data/stub-cuda/seed-run-eval.json");
+    let with_eval = eval["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["eval_iters_per_split"].as_u64() > Some(0))
+        .unwrap();
+    let sentence = format!(
+        "`vramfit estimate --grad-accum-steps 4 --gpu rtx-4070` says {} ({} MiB) on the device: {} reserved plus \
+         the 256 MiB GeForce CUDA context; nvidia-smi showed 4,464 MiB ({:+.1}%). PyTorch's own allocator, run on a \
+         stubbed RTX 4070, reserves {reserved} for that step ({} MiB after the evaluation",
+        figure("on the device"),
+        thousands(device >> 20),
+        figure("peak reserved"),
+        (device as f64 - seen as f64) / seen as f64 * 100.0,
+        thousands(mib(with_eval)),
+    );
+    let flat = readme.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(flat.contains(&sentence), "README.md should say: {sentence}");
+}
