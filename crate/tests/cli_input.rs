@@ -392,3 +392,36 @@ fn a_link_to_the_page_is_read_as_the_page_reads_it() {
         "error: command line: give at most one of --config, --nanogpt, --hf, --preset, --link"
     );
 }
+
+/// The audit: `vramfit estimate --axis batch_size --values 1,2` (and strategies, finetune and compare) took the
+/// sweep's options and ignored them, printing one estimate with exit status 0; `--snapshot` outside compare was
+/// "unknown". Each is now refused by name, saying which command has it.
+#[test]
+fn another_commands_option_is_refused_by_name() {
+    for cmd in ["estimate", "strategies", "finetune", "compare"] {
+        for (flag, value) in [
+            ("--axis", "batch_size"),
+            ("--values", "1,2"),
+            ("--from", "2"),
+            ("--to", "8"),
+        ] {
+            assert_eq!(
+                error_of(&[cmd, flag, value]),
+                format!(
+                    "error: command line: {flag} is an option of vramfit sweep, not of {cmd} (see vramfit {cmd} --help)"
+                )
+            );
+        }
+    }
+    for cmd in ["estimate", "sweep", "strategies", "finetune"] {
+        assert_eq!(
+            error_of(&[cmd, "--snapshot", "snap.pickle"]),
+            format!(
+                "error: command line: --snapshot is an option of vramfit compare, not of {cmd} (see vramfit {cmd} --help)"
+            )
+        );
+    }
+    // Their own commands still take them.
+    let (code, _, err) = vramfit(&["sweep", "--axis", "batch_size", "--from", "2", "--to", "8"]);
+    assert_eq!(code, 0, "{err}");
+}

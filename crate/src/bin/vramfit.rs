@@ -540,7 +540,17 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                 overrides.push(("device", "sms", json!(g.device().sms)));
             }
             "--format" => format = Some(next(&mut i, flag)?),
-            "--snapshot" if cmd == "compare" => {
+            // One command's own options are refused by the others by name (estimate took --axis and --values and
+            // ignored them).
+            "--axis" | "--values" | "--from" | "--to" if cmd != "sweep" => {
+                return Err(usage_error(format!(
+                    "{flag} is an option of vramfit sweep, not of {cmd} (see vramfit {cmd} --help)"
+                )))
+            }
+            "--snapshot" if cmd != "compare" => return Err(usage_error(format!(
+                "{flag} is an option of vramfit compare, not of {cmd} (see vramfit {cmd} --help)"
+            ))),
+            "--snapshot" => {
                 let path = next(&mut i, flag)?;
                 snapshot = Some((path.clone(), read_snapshot_file(&path)?));
             }
