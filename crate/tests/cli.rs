@@ -1377,3 +1377,75 @@ fn the_readme_quotes_what_the_command_line_prints() {
     let flat = readme.split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(flat.contains(&sentence), "README.md should say: {sentence}");
 }
+
+/// The audit of `vramfit estimate --help` against what the parser does: it said `--compile`'s default was off,
+/// where the default case and the nanoGPT presets compile (as train.py does); it left out `--no-double-quant`
+/// (accepted: QLoRA without double quantization), peft's default rank under `--lora`, and what base the LoRA recipe
+/// loads under fp32. Each default the help states is checked here against the setup the CLI estimates.
+#[test]
+fn the_help_states_the_defaults_the_cli_applies() {
+    let help = vramfit(&["estimate", "--help"]).1;
+    let flat = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    let train = |args: &[&str]| {
+        json_of(&[&["estimate"], args, &["--format", "json"]].concat())["setup"]["train"].clone()
+    };
+    let config = fixture("founding.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let mut v: Value = serde_json::from_str(&text).unwrap();
+    v["train"].as_object_mut().unwrap().remove("compile");
+    let no_compile = std::env::temp_dir().join(format!("vramfit-help-{}.json", std::process::id()));
+    std::fs::write(&no_compile, v.to_string()).unwrap();
+    let no_compile = no_compile.display().to_string();
+
+    assert!(flat.contains(
+        "--compile | --no-compile torch.compile(model); default: on for the default case and the nanoGPT presets \
+         (as train.py runs them), off for --hf, the Hugging Face presets and a setup JSON without train.compile"
+    ));
+    assert_eq!(train(&[])["compile"], true);
+    for preset in ["nanogpt-30m", "shakespeare-char", "gpt2", "gpt2-xl"] {
+        assert_eq!(train(&["--preset", preset])["compile"], true, "{preset}");
+    }
+    for preset in ["tinyllama-1.1b", "llama-3.1-8b", "pythia-160m"] {
+        assert_eq!(train(&["--preset", preset])["compile"], false, "{preset}");
+    }
+    assert_eq!(
+        train(&["--hf", &fixture("tinyllama_config.json")])["compile"],
+        false
+    );
+    assert_eq!(train(&["--config", &no_compile])["compile"], false);
+
+    assert!(flat.contains("--double-quant | --no-double-quant"));
+    let qlora = ["--preset", "tinyllama-1.1b", "--finetune", "qlora"];
+    assert_eq!(train(&qlora)["double_quant"], true);
+    assert_eq!(
+        train(&[&qlora[..], &["--no-double-quant"]].concat())["double_quant"],
+        false
+    );
+
+    assert!(flat.contains("peft's defaults: r 8, alpha 8, dropout 0, q_proj+v_proj"));
+    let lora = train(&["--preset", "tinyllama-1.1b", "--lora", "dropout=0"])["lora"].clone();
+    assert_eq!(
+        (&lora["r"], &lora["alpha"], &lora["target_modules"]),
+        (
+            &Value::from(8),
+            &Value::from(8.0),
+            &serde_json::json!(["q_proj", "v_proj"])
+        )
+    );
+
+    assert!(flat.contains(
+        "over a base loaded in the precision's dtype (bf16 under bf16-amp, fp16 under fp16-amp, fp32 under fp32)"
+    ));
+    let lora = ["--preset", "tinyllama-1.1b", "--finetune", "lora"];
+    for (precision, base) in [("bf16-amp", "bf16"), ("fp16-amp", "fp16")] {
+        assert_eq!(
+            train(&[&lora[..], &["--precision", precision]].concat())["base_dtype"],
+            base
+        );
+    }
+    // Under fp32 the base stays in the model's own fp32 (no base dtype set).
+    assert_eq!(
+        train(&[&lora[..], &["--precision", "fp32"]].concat())["base_dtype"],
+        Value::Null
+    );
+}

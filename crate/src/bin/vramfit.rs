@@ -142,21 +142,23 @@ KNOBS (override the source):
                        models, eager, fp16/bf16)
   --checkpointing | --no-checkpointing  --grad-accum-steps N  --grad-clip X
   --set-to-none | --no-set-to-none     (optimizer.zero_grad(set_to_none=...), default set_to_none)
-  --compile | --no-compile             (torch.compile(model); default off, --nanogpt: the file's)
+  --compile | --no-compile             torch.compile(model); default: on for the default case and the nanoGPT
+                       presets (as train.py runs them), off for --hf, the Hugging Face presets and a setup JSON
+                       without train.compile; --nanogpt: the file's (train.py's True when it is unset)
   --alloc-conf TEXT    PYTORCH_CUDA_ALLOC_CONF as PyTorch reads it, e.g. expandable_segments:True or
                        max_split_size_mb:128,garbage_collection_threshold:0.8 (default: PyTorch's defaults)
   --lora SPEC          LoRA as peft applies it, e.g. r=16 or r=16,alpha=32,dropout=0.05,targets=q_proj+v_proj,
-                       save=lm_head (targets: all-linear or module names joined by +; peft's defaults: alpha 8,
-                       dropout 0, q_proj+v_proj); the base is frozen. --no-lora trains every parameter
+                       save=lm_head (targets: all-linear or module names joined by +; peft's defaults: r 8,
+                       alpha 8, dropout 0, q_proj+v_proj); the base is frozen. --no-lora trains every parameter
   --finetune full|lora|qlora    the usual recipes by name (the setup JSON's train.finetune.method): lora is
                        r=16,alpha=32,dropout=0.05,targets=all-linear over a base loaded in the precision's
-                       2-byte dtype (bf16 under bf16-amp); qlora the same over a 4-bit NF4 base with double
-                       quantization, bf16-amp and checkpointing on (prepare_model_for_kbit_training's default);
-                       full trains every parameter. Later flags (--lora, --base-dtype, ...) change the recipe
+                       dtype (bf16 under bf16-amp, fp16 under fp16-amp, fp32 under fp32); qlora the same over a
+                       4-bit NF4 base with double quantization, bf16-amp and checkpointing on
+                       (prepare_model_for_kbit_training's default); full trains every parameter. Later flags (--lora, --base-dtype, ...) change the recipe
   --base-dtype fp32|bf16|fp16   the frozen base's dtype under LoRA (adapters stay fp32 under autocast)
-  --quantization nf4|fp4|int8  --double-quant   a bitsandbytes base under LoRA (QLoRA: 4-bit Linears under
-                       bf16-amp; int8: LLM.int8 Linears under bf16-amp or fp16-amp; the rest fp32 after
-                       prepare_model_for_kbit_training)
+  --quantization nf4|fp4|int8  --double-quant | --no-double-quant   a bitsandbytes base under LoRA (QLoRA:
+                       4-bit Linears under bf16-amp; int8: LLM.int8 Linears under bf16-amp or fp16-amp; the
+                       rest fp32 after prepare_model_for_kbit_training)
   --gpu ID             a GPU preset (rtx-4070, h100-80, ...: see vramfit gpus): its memory, compute
                        capability and SM count, whatever the SOURCE says (a preset or a config keeps the GPU
                        given)
@@ -547,9 +549,11 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                     "{flag} is an option of vramfit sweep, not of {cmd} (see vramfit {cmd} --help)"
                 )))
             }
-            "--snapshot" if cmd != "compare" => return Err(usage_error(format!(
+            "--snapshot" if cmd != "compare" => {
+                return Err(usage_error(format!(
                 "{flag} is an option of vramfit compare, not of {cmd} (see vramfit {cmd} --help)"
-            ))),
+            )))
+            }
             "--snapshot" => {
                 let path = next(&mut i, flag)?;
                 snapshot = Some((path.clone(), read_snapshot_file(&path)?));
