@@ -183,6 +183,18 @@ fn messages_name_the_flag_and_what_is_wrong_with_it() {
         error_of(&["estimate", "--offload"]),
         "error: command line: --offload needs --parallel ddp|fsdp (or --tp N)"
     );
+    // The audit: a sweep's axis was "sweep axis (\"depth\")", naming no flag, and a list with an empty entry named
+    // the empty entry alone ("--values () must be whole numbers").
+    assert_eq!(
+        error_of(&["sweep", "--axis", "depth"]),
+        "error: --axis (\"depth\") is not one of: batch_size, block_size"
+    );
+    for values in ["1,,4", "1,x", "", "1.5"] {
+        assert_eq!(
+            error_of(&["sweep", "--axis", "batch_size", "--values", values]),
+            format!("error: --values ({values}) must be whole numbers, comma-separated")
+        );
+    }
 }
 
 /// The table said how much the step needs but never whether that fits the GPU given (the JSON's `fits`): Llama-2-7B

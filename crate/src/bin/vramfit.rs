@@ -558,15 +558,29 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                 let path = next(&mut i, flag)?;
                 snapshot = Some((path.clone(), read_snapshot_file(&path)?));
             }
-            "--axis" => axis = Some(Axis::parse(&next(&mut i, flag)?)?),
+            // The message names the flag (the core's names the sweep's axis, which the page passes).
+            "--axis" => {
+                axis = Some(Axis::parse(&next(&mut i, flag)?).map_err(|e| match e {
+                    Error::UnknownValue { value, allowed, .. } => Error::UnknownValue {
+                        field: "--axis".into(),
+                        value,
+                        allowed,
+                    },
+                    other => other,
+                })?)
+            }
             "--values" => {
                 let text = next(&mut i, flag)?;
                 let parsed: Result<Vec<u64>, Error> = text
                     .split(',')
                     .map(|s| {
-                        s.trim()
-                            .parse::<u64>()
-                            .map_err(|_| Error::invalid("--values", s, "must be whole numbers"))
+                        s.trim().parse::<u64>().map_err(|_| {
+                            Error::invalid(
+                                "--values",
+                                &text,
+                                "must be whole numbers, comma-separated",
+                            )
+                        })
                     })
                     .collect();
                 values = Some(parsed?);
