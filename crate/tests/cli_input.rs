@@ -437,3 +437,29 @@ fn another_commands_option_is_refused_by_name() {
     let (code, _, err) = vramfit(&["sweep", "--axis", "batch_size", "--from", "2", "--to", "8"]);
     assert_eq!(code, 0, "{err}");
 }
+
+/// The audit: a config.json given to --config was "unknown field \"architectures\"" and a setup JSON given to --hf
+/// "missing required field \"hidden_size\"", naming neither the file nor the flag it needed.
+#[test]
+fn a_file_given_to_the_wrong_flag_is_named_with_the_flag_it_needs() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let hf = dir.join("tinyllama_config.json").display().to_string();
+    let setup = dir.join("founding.json").display().to_string();
+    assert_eq!(
+        error_of(&["estimate", "--config", &hf]),
+        format!(
+            "error: --config ({hf}) is a Hugging Face config.json (model_type \"llama\"): give it with --hf"
+        )
+    );
+    assert_eq!(
+        error_of(&["estimate", "--hf", &setup]),
+        format!(
+            "error: --hf ({setup}) is a setup JSON ({{\"model\": ...}}): give it with --config"
+        )
+    );
+    // Each with its own flag estimates.
+    for (flag, path) in [("--hf", &hf), ("--config", &setup)] {
+        let (code, _, err) = vramfit(&["estimate", flag, path]);
+        assert_eq!(code, 0, "{flag}: {err}");
+    }
+}

@@ -487,6 +487,18 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                     line: Some(e.line()),
                     message: e.to_string(),
                 })?;
+                // A config.json given as a setup JSON was "unknown field \"architectures\"" (or whichever key
+                // came first), naming neither the file nor the flag it needs.
+                if v.get("model_type").is_some() && v.get("model").is_none() {
+                    return Err(Error::invalid(
+                        "--config",
+                        &path,
+                        format!(
+                            "is a Hugging Face config.json (model_type {}): give it with --hf",
+                            v["model_type"]
+                        ),
+                    ));
+                }
                 set_source(v, &mut base)?;
             }
             "--nanogpt" => {
@@ -507,7 +519,18 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
             }
             "--hf" => {
                 let path = next(&mut i, flag)?;
-                let (m, hf_notes) = hf_config(&read(&path)?)?;
+                let text = read(&path)?;
+                // A setup JSON given as a config.json was "missing required field \"hidden_size\"".
+                if let Ok(Value::Object(o)) = serde_json::from_str::<Value>(&text) {
+                    if o.contains_key("model") && !o.contains_key("model_type") {
+                        return Err(Error::invalid(
+                            "--hf",
+                            &path,
+                            "is a setup JSON ({\"model\": ...}): give it with --config",
+                        ));
+                    }
+                }
+                let (m, hf_notes) = hf_config(&text)?;
                 notes.extend(hf_notes);
                 let v = setup_to_value(&vramfit::input::hf_setup(m));
                 set_source(v, &mut base)?;
