@@ -463,3 +463,23 @@ fn a_file_given_to_the_wrong_flag_is_named_with_the_flag_it_needs() {
         assert_eq!(code, 0, "{flag}: {err}");
     }
 }
+
+/// The audit: a widget's link (`embed.html?preset=llama-3.1-8b&gpu=rtx-4090`) given to --link estimated the page's
+/// default case, the nanoGPT model, on that GPU with exit status 0: the page's links never set a preset and the page
+/// ignores the key. The CLI now says so and names the flag that does.
+#[test]
+fn a_link_naming_a_preset_is_refused_with_the_flag_that_sets_one() {
+    for link in [
+        "https://YOUR-SITE/embed.html?preset=llama-3.1-8b&gpu=rtx-4090&plot=batch",
+        "preset=llama-3.1-8b",
+    ] {
+        assert_eq!(
+            error_of(&["estimate", "--link", link]),
+            "error: --link (preset=llama-3.1-8b) names the widget's preset, which a link to the page does not \
+             set: give --preset llama-3.1-8b"
+        );
+    }
+    // The widget's other keys say nothing about the setup and are passed over, as the page passes over them.
+    let (code, _, err) = vramfit(&["estimate", "--link", "batch_size=4&plot=batch&theme=dark"]);
+    assert_eq!(code, 0, "{err}");
+}

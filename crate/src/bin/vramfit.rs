@@ -327,6 +327,15 @@ fn setup_of_link(text: &str) -> Result<Setup, Error> {
     let mut extra = Vec::new();
     let mut s =
         vramfit::input::setup_from_query(&vramfit::input::query_over(&base, query), &mut extra)?;
+    // `preset` is the widget's key (embed.html?preset=gpt2&...), which the page's links never hold and the page
+    // ignores: read as the page reads it, a widget's link was the default case, silently.
+    if let Some((_, id)) = extra.iter().find(|(k, _)| k == "preset") {
+        return Err(Error::invalid(
+            "--link",
+            format!("preset={id}"),
+            format!("names the widget's preset, which a link to the page does not set: give --preset {id}"),
+        ));
+    }
     // The page takes a key's first value (`URLSearchParams.get`).
     if let Some((_, id)) = extra.iter().find(|(k, _)| k == "gpu") {
         let g = vramfit::presets::gpu(id).ok_or_else(|| Error::UnknownValue {
