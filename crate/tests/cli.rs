@@ -1449,3 +1449,48 @@ fn the_help_states_the_defaults_the_cli_applies() {
         Value::Null
     );
 }
+
+/// The audit: under gradient accumulation the table's timeline printed each micro-step's stages with the same
+/// label ("step 1 forward" twice under --grad-accum-steps 4: the first micro-step and the second, which stands for
+/// the second to the fourth, as they repeat it). Each label is one stage now, numbered by micro-step, and the
+/// figures are the report's.
+#[test]
+fn the_timeline_names_each_micro_step() {
+    let args = ["estimate", "--grad-accum-steps", "4", "--gpu", "rtx-4070"];
+    let (code, table, err) = vramfit(&args);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = table
+        .lines()
+        .skip_while(|l| !l.contains("timeline (highest live bytes"))
+        .skip(1)
+        .take_while(|l| l.starts_with("    step "))
+        .collect();
+    // Each line: the label, then the figure and its unit.
+    let labels: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            words[..words.len() - 2].join(" ")
+        })
+        .collect();
+    let v = json_of(&[&args[..], &["--format", "json"]].concat());
+    let timeline = v["timeline"].as_array().unwrap();
+    assert_eq!(lines.len(), timeline.len());
+    let mut unique = labels.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), labels.len(), "{labels:?}");
+    // Three steps of the first micro-step and the rest, four stages each, and the optimizer.
+    assert_eq!(labels.len(), 3 * (2 * 4 + 1));
+    assert_eq!(labels[0], "step 1 micro 1 forward");
+    assert_eq!(labels[4], "step 1 micro 2-4 forward");
+    assert_eq!(labels[8], "step 1 optimizer");
+    assert_eq!(labels[15], "step 2 micro 2-4 loss backward");
+    for (line, stage) in lines.iter().zip(timeline) {
+        let bytes = stage["peak_bytes"].as_u64().unwrap();
+        assert!(
+            line.ends_with(&vramfit::report::fmt_bytes(bytes)),
+            "{line} vs {bytes}"
+        );
+    }
+}

@@ -1349,13 +1349,38 @@ fn table(setup: &Setup, r: &vramfit::Report, notes: &[String]) -> String {
     }
     out.push('\n');
     outln!(out, "  timeline (highest live bytes in each stage):");
+    // Under gradient accumulation each micro-step's stages are numbered: they printed as "step 1 forward" once per
+    // micro-step simulated, indistinguishable. The last one simulated stands for the rest, which repeat it exactly
+    // ("micro 2-4" under 4 steps).
+    let accum = setup.train.grad_accum_steps;
+    let accumulating = accum > 1;
+    let (mut step, mut micro) = (0, 0);
     for s in &r.timeline {
+        if s.step != step {
+            (step, micro) = (s.step, 0);
+        }
+        if s.stage == "forward" {
+            micro += 1;
+        }
+        let simulated = r
+            .timeline
+            .iter()
+            .filter(|t| t.step == s.step && t.stage == "forward")
+            .count() as u64;
+        let stage = match (accumulating, s.stage) {
+            (false, _) | (_, "optimizer") => s.stage.to_string(),
+            _ if micro == simulated && simulated < accum => {
+                format!("micro {micro}-{accum} {}", s.stage)
+            }
+            _ => format!("micro {micro} {}", s.stage),
+        };
         outln!(
             out,
-            "    step {} {:<14} {:>10}",
+            "    step {} {:<w$} {:>10}",
             s.step,
-            s.stage,
-            fmt_bytes(s.peak_bytes)
+            stage,
+            fmt_bytes(s.peak_bytes),
+            w = if accumulating { 22 } else { 14 }
         );
     }
     for n in r.notes.iter().chain(notes) {
