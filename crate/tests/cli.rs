@@ -1414,6 +1414,35 @@ fn the_help_states_the_defaults_the_cli_applies() {
     );
     assert_eq!(train(&["--config", &no_compile])["compile"], false);
 
+    // flash_attention_2: the families it is modelled for (the help said "Hugging Face models"; gemma2, phi3 and
+    // the others are refused).
+    assert!(flat.contains(
+        "flash_attention_2: the flash-attn package, for llama, mistral and qwen2, eager"
+    ));
+    for preset in ["tinyllama-1.1b", "mistral-7b", "qwen2.5-0.5b"] {
+        let (code, _, err) = vramfit(&[
+            "estimate",
+            "--preset",
+            preset,
+            "--attention",
+            "flash_attention_2",
+        ]);
+        assert_eq!(code, 0, "{preset}: {err}");
+    }
+    for preset in ["gemma-2-2b", "phi-3-mini", "pythia-160m", "olmoe-1b-7b"] {
+        let e = error_of(&[
+            "estimate",
+            "--preset",
+            preset,
+            "--attention",
+            "flash_attention_2",
+        ]);
+        assert!(
+            e.contains("measured with llama, mistral and qwen2 only"),
+            "{preset}: {e}"
+        );
+    }
+
     assert!(flat.contains("--double-quant | --no-double-quant"));
     let qlora = ["--preset", "tinyllama-1.1b", "--finetune", "qlora"];
     assert_eq!(train(&qlora)["double_quant"], true);

@@ -138,8 +138,8 @@ KNOBS (override the source):
   --router-aux-loss | --no-router-aux-loss (output_router_logits: the router's load-balancing loss)
   --batch-size N  --seq-len N  --precision fp32|fp16-amp|bf16-amp|bf16
   --optimizer adamw|adamw-fused|sgd|sgd-momentum|adamw8bit|paged-adamw8bit|adafactor|lion|lion8bit
-  --attention sdpa|manual|flash_attention_2  (flash_attention_2: the flash-attn package, Hugging Face
-                       models, eager, fp16/bf16)
+  --attention sdpa|manual|flash_attention_2  (flash_attention_2: the flash-attn package, for llama,
+                       mistral and qwen2, eager, fp16/bf16)
   --checkpointing | --no-checkpointing  --grad-accum-steps N  --grad-clip X
   --set-to-none | --no-set-to-none     (optimizer.zero_grad(set_to_none=...), default set_to_none)
   --compile | --no-compile             torch.compile(model); default: on for the default case and the nanoGPT
