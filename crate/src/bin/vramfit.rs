@@ -1450,10 +1450,11 @@ fn compare_table(path: &str, c: &vramfit::compare::Comparison) -> String {
     for o in &m.by_origin {
         outln!(
             out,
-            "    {:<40} {:>10}  {} blocks",
+            "    {:<40} {:>10}  {} block{}",
             o.origin,
             fmt_bytes(o.bytes),
-            o.n_blocks
+            o.n_blocks,
+            if o.n_blocks == 1 { "" } else { "s" }
         );
     }
     out.push('\n');

@@ -438,8 +438,9 @@ impl Report {
                 }
             ),
             "activations" => format!(
-                "{} blocks x {} saved per block for {} tokens",
+                "{} block{} x {} saved per block for {} tokens",
                 setup.model.n_layer,
+                if setup.model.n_layer == 1 { "" } else { "s" },
                 fmt_bytes(self.activations_per_block_bytes),
                 n
             ),
