@@ -1376,6 +1376,46 @@ fn the_readme_quotes_what_the_command_line_prints() {
     );
     let flat = readme.split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(flat.contains(&sentence), "README.md should say: {sentence}");
+
+    // Every command of "Other ways in" runs, its files standing in: the README's own setup JSON, the fixtures'
+    // nanoGPT config and config.json.
+    let setup = std::env::temp_dir().join(format!("vramfit-readme-{}.json", std::process::id()));
+    std::fs::write(&setup, block("{\"model\"")).unwrap();
+    let setup = setup.display().to_string();
+    let files = [
+        ("setup.json", setup.as_str()),
+        (
+            "config/train_shakespeare_char.py",
+            &fixture("shakespeare_char.py"),
+        ),
+        ("config.json", &fixture("tinyllama_config.json")),
+    ];
+    let commands: Vec<&str> = readme
+        .lines()
+        .skip_while(|l| l.trim() != "Other ways in:")
+        .skip(2)
+        .take_while(|l| l.starts_with("    vramfit "))
+        .collect();
+    assert!(commands.len() >= 10, "{commands:?}");
+    for line in commands {
+        let command = line.split(" # ").next().unwrap().trim();
+        // Words as the shell splits these: a single-quoted one is one word.
+        let mut args: Vec<String> = Vec::new();
+        for (i, part) in command.split('\'').enumerate() {
+            if i % 2 == 1 {
+                args.push(part.to_string());
+            } else {
+                args.extend(part.split_whitespace().map(str::to_string));
+            }
+        }
+        let args: Vec<&str> = args[1..]
+            .iter()
+            .map(|a| files.iter().find(|f| f.0 == a).map_or(a.as_str(), |f| f.1))
+            .collect();
+        let (code, out, err) = vramfit(&args);
+        assert_eq!(code, 0, "{command}: {err}");
+        assert!(!out.is_empty(), "{command}");
+    }
 }
 
 /// The audit of `vramfit estimate --help` against what the parser does: it said `--compile`'s default was off,
