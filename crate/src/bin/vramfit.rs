@@ -1349,30 +1349,13 @@ fn table(setup: &Setup, r: &vramfit::Report, notes: &[String]) -> String {
     }
     out.push('\n');
     outln!(out, "  timeline (highest live bytes in each stage):");
-    // Under gradient accumulation each micro-step's stages are numbered: they printed as "step 1 forward" once per
-    // micro-step simulated, indistinguishable. The last one simulated stands for the rest, which repeat it exactly
-    // ("micro 2-4" under 4 steps).
-    let accum = setup.train.grad_accum_steps;
-    let accumulating = accum > 1;
-    let (mut step, mut micro) = (0, 0);
-    for s in &r.timeline {
-        if s.step != step {
-            (step, micro) = (s.step, 0);
-        }
-        if s.stage == "forward" {
-            micro += 1;
-        }
-        let simulated = r
-            .timeline
-            .iter()
-            .filter(|t| t.step == s.step && t.stage == "forward")
-            .count() as u64;
-        let stage = match (accumulating, s.stage) {
-            (false, _) | (_, "optimizer") => s.stage.to_string(),
-            _ if micro == simulated && simulated < accum => {
-                format!("micro {micro}-{accum} {}", s.stage)
-            }
-            _ => format!("micro {micro} {}", s.stage),
+    // Under gradient accumulation each micro-step's stages are numbered (`report::micro_steps`).
+    let accumulating = setup.train.grad_accum_steps > 1;
+    let micro = vramfit::report::micro_steps(&r.timeline, setup.train.grad_accum_steps);
+    for (s, m) in r.timeline.iter().zip(micro) {
+        let stage = match m {
+            Some(m) => format!("micro {m} {}", s.stage),
+            None => s.stage.to_string(),
         };
         outln!(
             out,

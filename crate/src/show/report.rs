@@ -142,6 +142,37 @@ pub struct Stage {
     pub end_bytes: u64,
 }
 
+/// Under gradient accumulation, the micro-step each timeline stage belongs to, as a person reads it: "1", "2",
+/// and for the last one simulated the micro-steps it stands for ("2-4" under 4 steps: they repeat it exactly and
+/// are not simulated again). `None` for the optimizer, and for every stage without accumulation. Without this the
+/// table and the plot named each simulated micro-step's stages alike ("step 1 forward" twice).
+pub fn micro_steps(timeline: &[Stage], grad_accum_steps: u64) -> Vec<Option<String>> {
+    let (mut step, mut micro) = (0, 0_u64);
+    timeline
+        .iter()
+        .map(|s| {
+            if s.step != step {
+                (step, micro) = (s.step, 0);
+            }
+            if s.stage == "forward" {
+                micro += 1;
+            }
+            if grad_accum_steps <= 1 || s.stage == "optimizer" {
+                return None;
+            }
+            let simulated = timeline
+                .iter()
+                .filter(|t| t.step == s.step && t.stage == "forward")
+                .count() as u64;
+            Some(if micro == simulated && simulated < grad_accum_steps {
+                format!("{micro}-{grad_accum_steps}")
+            } else {
+                micro.to_string()
+            })
+        })
+        .collect()
+}
+
 /// The CUDA context beside the allocator's memory: a fact of the device (`describe::model`), re-exported here
 /// where the report adds it to the device total.
 pub use crate::model::{
