@@ -483,3 +483,37 @@ fn a_link_naming_a_preset_is_refused_with_the_flag_that_sets_one() {
     let (code, _, err) = vramfit(&["estimate", "--link", "batch_size=4&plot=batch&theme=dark"]);
     assert_eq!(code, 0, "{err}");
 }
+
+/// The audit: a file that cannot be read or parsed was named by its path alone ("/no/such.json: No such file or
+/// directory"), or, given to --hf, as "config.json"; each message now starts with the flag and the path.
+#[test]
+fn a_file_that_cannot_be_read_is_named_with_its_flag() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let py = dir.join("shakespeare_char.py").display().to_string();
+    let json = dir.join("tinyllama_config.json").display().to_string();
+    for flag in ["--config", "--nanogpt", "--hf"] {
+        assert_eq!(
+            error_of(&["estimate", flag, "/no/such/file"]),
+            format!("error: {flag} /no/such/file: No such file or directory (os error 2)")
+        );
+    }
+    assert_eq!(
+        error_of(&["compare", "--snapshot", "/no/such/file"]),
+        "error: --snapshot /no/such/file: No such file or directory (os error 2)"
+    );
+    for (flag, path) in [("--config", &py), ("--hf", &py), ("--nanogpt", &json)] {
+        let e = error_of(&["estimate", flag, path]);
+        assert!(
+            e.starts_with(&format!("error: {flag} {path}, line 1: ")),
+            "{e}"
+        );
+    }
+    let bad = file("bad.pickle", "xx");
+    let e = error_of(&["compare", "--snapshot", &bad]);
+    assert!(
+        e.starts_with(&format!(
+            "error: --snapshot {bad}: not a readable PyTorch memory snapshot"
+        )),
+        "{e}"
+    );
+}

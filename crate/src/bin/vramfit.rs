@@ -304,15 +304,20 @@ enum Cli {
     },
 }
 
-fn read(path: &str) -> Result<String, Error> {
+/// A file a flag names, as the text of its messages: "--config setup.json" (a missing file's message named the
+/// path alone, not the flag).
+fn source(flag: &str, path: &str) -> String {
+    format!("{flag} {path}")
+}
+
+fn read(flag: &str, path: &str) -> Result<String, Error> {
     std::fs::read_to_string(path).map_err(|e| Error::Parse {
-        source: path.to_string(),
+        source: source(flag, path),
         line: None,
         message: e.to_string(),
     })
 }
 
-/// A snapshot file's bytes, refused before reading when it is past what the reader takes.
 /// A link to the page (its address, or only the query after `?`), read as the page reads it: over the page's
 /// default case (the founding case, on the RTX 4070 the page starts with), with the link's GPU preset, if it
 /// names one, as the device.
@@ -348,9 +353,10 @@ fn setup_of_link(text: &str) -> Result<Setup, Error> {
     Ok(s)
 }
 
+/// A snapshot file's bytes, refused before reading when it is past what the reader takes.
 fn read_snapshot_file(path: &str) -> Result<Vec<u8>, Error> {
     let io = |e: std::io::Error| Error::Parse {
-        source: path.to_string(),
+        source: source("--snapshot", path),
         line: None,
         message: e.to_string(),
     };
@@ -490,9 +496,9 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
         match flag {
             "--config" => {
                 let path = next(&mut i, flag)?;
-                let text = read(&path)?;
+                let text = read(flag, &path)?;
                 let v: Value = serde_json::from_str(&text).map_err(|e| Error::Parse {
-                    source: path.clone(),
+                    source: source(flag, &path),
                     line: Some(e.line()),
                     message: e.to_string(),
                 })?;
@@ -512,9 +518,9 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
             }
             "--nanogpt" => {
                 let path = next(&mut i, flag)?;
-                let imp = nanogpt_config(&read(&path)?).map_err(|e| match e {
+                let imp = nanogpt_config(&read(flag, &path)?).map_err(|e| match e {
                     Error::Parse { line, message, .. } => Error::Parse {
-                        source: path.clone(),
+                        source: source(flag, &path),
                         line,
                         message,
                     },
@@ -528,7 +534,7 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
             }
             "--hf" => {
                 let path = next(&mut i, flag)?;
-                let text = read(&path)?;
+                let text = read(flag, &path)?;
                 // A setup JSON given as a config.json was "missing required field \"hidden_size\"".
                 if let Ok(Value::Object(o)) = serde_json::from_str::<Value>(&text) {
                     if o.contains_key("model") && !o.contains_key("model_type") {
@@ -539,7 +545,14 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                         ));
                     }
                 }
-                let (m, hf_notes) = hf_config(&text)?;
+                let (m, hf_notes) = hf_config(&text).map_err(|e| match e {
+                    Error::Parse { line, message, .. } => Error::Parse {
+                        source: source(flag, &path),
+                        line,
+                        message,
+                    },
+                    other => other,
+                })?;
                 notes.extend(hf_notes);
                 let v = setup_to_value(&vramfit::input::hf_setup(m));
                 set_source(v, &mut base)?;
@@ -1496,7 +1509,7 @@ fn run(args: &[String]) -> Result<Vec<u8>, Error> {
         } => {
             let measured = vramfit::snapshot::read_snapshot(&snapshot).map_err(|e| match e {
                 Error::Parse { message, .. } => Error::Parse {
-                    source: path.clone(),
+                    source: source("--snapshot", &path),
                     line: None,
                     message,
                 },
