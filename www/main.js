@@ -831,6 +831,11 @@ async function main() {
   if (q) {
     const p = new URLSearchParams(q);
     try { vf.normalize_query(vf.query_over(vf.preset_query(DEFAULT_PRESET), q)); } catch (err) { linkError = err.message; }
+    // `preset` is the widget's key (embed.html?preset=...), which a link to the page does not set: the page showed
+    // its default case without a word. It says so, as `vramfit estimate --link` does.
+    if (!linkError && p.has('preset')) {
+      linkError = `preset ("${p.get('preset')}") is the widget's key, which a link to the page does not set: choose the model in the Preset list`;
+    }
     if (p.has('family')) clearOptionalModel(p);
     applyQuery(q);
     // A link's block size without a sequence length trains on whole blocks, as the widget and the CLI read it

@@ -1267,3 +1267,305 @@ fn each_command_has_its_own_help() {
     assert!(help("gpus").contains("  --format table|json  table (the default)"));
     assert!(error_of(&["help", "train"]).contains("unknown command \"train\""));
 }
+
+/// `n` with a comma between thousands, as the README writes MiB: 4334 -> "4,334".
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The README quotes the command line: the founding case's table, the sweep's CSV, the one-line error and the
+/// founding case on its RTX 4070 against nvidia-smi and PyTorch's own allocator. The audit found the last one
+/// stale: 4,330 MiB and -3.0% where the CLI says 4,334 MiB (-2.9%), and "4,048 to 4,094 MiB" reserved by PyTorch's
+/// allocator where the record (`tests/data/stub-cuda/compiled.json`, re-run and first run alike) holds 4,048.
+#[test]
+fn the_readme_quotes_what_the_command_line_prints() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    // The fenced blocks, each without its first line (the language tag).
+    let blocks: Vec<&str> = readme
+        .split("```")
+        .skip(1)
+        .step_by(2)
+        .map(|b| b.split_once('\n').map_or("", |(_, rest)| rest))
+        .collect();
+    let block = |start: &str| {
+        *blocks
+            .iter()
+            .find(|b| b.starts_with(start))
+            .unwrap_or_else(|| panic!("no block starting {start:?} in README.md"))
+    };
+
+    // The founding case's table, as far as the README shows it.
+    let (code, table, err) = vramfit(&["estimate"]);
+    assert_eq!(code, 0, "{err}");
+    let shown: Vec<&str> = block("vramfit estimate: gpt2").lines().collect();
+    let printed: Vec<&str> = table.lines().take(shown.len()).collect();
+    assert_eq!(shown, printed);
+
+    // The sweep's CSV.
+    let (code, csv, err) = vramfit(&["sweep", "--axis", "batch_size", "--values", "1,4,16,64"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(block("batch_size,peak_allocated_bytes"), csv);
+
+    // The one-line error.
+    let quoted = readme
+        .lines()
+        .skip_while(|l| l.trim() != "$ vramfit estimate --n-head 7")
+        .nth(1)
+        .expect("the README's error example");
+    assert_eq!(quoted.trim(), error_of(&["estimate", "--n-head", "7"]));
+
+    // The founding case as its owner ran it, against what nvidia-smi showed (4,464 MiB) and what PyTorch's own
+    // allocator reserved on a stubbed RTX 4070, without and with train.py's evaluation before the first step.
+    let args = ["estimate", "--grad-accum-steps", "4", "--gpu", "rtx-4070"];
+    let (code, table, err) = vramfit(&args);
+    assert_eq!(code, 0, "{err}");
+    let figure = |label: &str| {
+        let line = table
+            .lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .unwrap();
+        let words: Vec<&str> = line[line.find(label).unwrap() + label.len()..]
+            .split_whitespace()
+            .take(2)
+            .collect();
+        words.join(" ")
+    };
+    let v = json_of(&[&args[..], &["--format", "json"]].concat());
+    let device = v["device_total_bytes"].as_u64().unwrap();
+    let seen = 4464u64 << 20;
+    let record = |path: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(root.join(path)).unwrap()).unwrap()
+    };
+    let compiled = record("tests/data/stub-cuda/compiled.json");
+    let measured = compiled["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "nanogpt-30m-founding-accum4-sm89-compiled")
+        .unwrap();
+    let mib = |r: &Value| r["peak_reserved_bytes"].as_u64().unwrap() >> 20;
+    let (warm, cold) = (mib(&measured["measured"]), mib(&measured["first_run"]));
+    let reserved = if warm == cold {
+        format!("{} MiB", thousands(warm))
+    } else {
+        format!(
+            "{} to {} MiB",
+            thousands(warm.min(cold)),
+            thousands(warm.max(cold))
+        )
+    };
+    let eval = record("tests/data/stub-cuda/seed-run-eval.json");
+    let with_eval = eval["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["eval_iters_per_split"].as_u64() > Some(0))
+        .unwrap();
+    let sentence = format!(
+        "`vramfit estimate --grad-accum-steps 4 --gpu rtx-4070` says {} ({} MiB) on the device: {} reserved plus \
+         the 256 MiB GeForce CUDA context; nvidia-smi showed 4,464 MiB ({:+.1}%). PyTorch's own allocator, run on a \
+         stubbed RTX 4070, reserves {reserved} for that step ({} MiB after the evaluation",
+        figure("on the device"),
+        thousands(device >> 20),
+        figure("peak reserved"),
+        (device as f64 - seen as f64) / seen as f64 * 100.0,
+        thousands(mib(with_eval)),
+    );
+    let flat = readme.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(flat.contains(&sentence), "README.md should say: {sentence}");
+
+    // Every command of "Other ways in" runs, its files standing in: the README's own setup JSON, the fixtures'
+    // nanoGPT config and config.json.
+    let setup = std::env::temp_dir().join(format!("vramfit-readme-{}.json", std::process::id()));
+    std::fs::write(&setup, block("{\"model\"")).unwrap();
+    let setup = setup.display().to_string();
+    let files = [
+        ("setup.json", setup.as_str()),
+        (
+            "config/train_shakespeare_char.py",
+            &fixture("shakespeare_char.py"),
+        ),
+        ("config.json", &fixture("tinyllama_config.json")),
+    ];
+    let commands: Vec<&str> = readme
+        .lines()
+        .skip_while(|l| l.trim() != "Other ways in:")
+        .skip(2)
+        .take_while(|l| l.starts_with("    vramfit "))
+        .collect();
+    assert!(commands.len() >= 10, "{commands:?}");
+    for line in commands {
+        let command = line.split(" # ").next().unwrap().trim();
+        // Words as the shell splits these: a single-quoted one is one word.
+        let mut args: Vec<String> = Vec::new();
+        for (i, part) in command.split('\'').enumerate() {
+            if i % 2 == 1 {
+                args.push(part.to_string());
+            } else {
+                args.extend(part.split_whitespace().map(str::to_string));
+            }
+        }
+        let args: Vec<&str> = args[1..]
+            .iter()
+            .map(|a| files.iter().find(|f| f.0 == a).map_or(a.as_str(), |f| f.1))
+            .collect();
+        let (code, out, err) = vramfit(&args);
+        assert_eq!(code, 0, "{command}: {err}");
+        assert!(!out.is_empty(), "{command}");
+    }
+}
+
+/// The audit of `vramfit estimate --help` against what the parser does: it said `--compile`'s default was off,
+/// where the default case and the nanoGPT presets compile (as train.py does); it left out `--no-double-quant`
+/// (accepted: QLoRA without double quantization), peft's default rank under `--lora`, and what base the LoRA recipe
+/// loads under fp32. Each default the help states is checked here against the setup the CLI estimates.
+#[test]
+fn the_help_states_the_defaults_the_cli_applies() {
+    let help = vramfit(&["estimate", "--help"]).1;
+    let flat = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    let train = |args: &[&str]| {
+        json_of(&[&["estimate"], args, &["--format", "json"]].concat())["setup"]["train"].clone()
+    };
+    let config = fixture("founding.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let mut v: Value = serde_json::from_str(&text).unwrap();
+    v["train"].as_object_mut().unwrap().remove("compile");
+    let no_compile = std::env::temp_dir().join(format!("vramfit-help-{}.json", std::process::id()));
+    std::fs::write(&no_compile, v.to_string()).unwrap();
+    let no_compile = no_compile.display().to_string();
+
+    assert!(flat.contains(
+        "--compile | --no-compile torch.compile(model); default: on for the default case and the nanoGPT presets \
+         (as train.py runs them), off for --hf, the Hugging Face presets and a setup JSON without train.compile"
+    ));
+    assert_eq!(train(&[])["compile"], true);
+    for preset in ["nanogpt-30m", "shakespeare-char", "gpt2", "gpt2-xl"] {
+        assert_eq!(train(&["--preset", preset])["compile"], true, "{preset}");
+    }
+    for preset in ["tinyllama-1.1b", "llama-3.1-8b", "pythia-160m"] {
+        assert_eq!(train(&["--preset", preset])["compile"], false, "{preset}");
+    }
+    assert_eq!(
+        train(&["--hf", &fixture("tinyllama_config.json")])["compile"],
+        false
+    );
+    assert_eq!(train(&["--config", &no_compile])["compile"], false);
+
+    // flash_attention_2: the families it is modelled for (the help said "Hugging Face models"; gemma2, phi3 and
+    // the others are refused).
+    assert!(flat.contains(
+        "flash_attention_2: the flash-attn package, for llama, mistral and qwen2, eager"
+    ));
+    for preset in ["tinyllama-1.1b", "mistral-7b", "qwen2.5-0.5b"] {
+        let (code, _, err) = vramfit(&[
+            "estimate",
+            "--preset",
+            preset,
+            "--attention",
+            "flash_attention_2",
+        ]);
+        assert_eq!(code, 0, "{preset}: {err}");
+    }
+    for preset in ["gemma-2-2b", "phi-3-mini", "pythia-160m", "olmoe-1b-7b"] {
+        let e = error_of(&[
+            "estimate",
+            "--preset",
+            preset,
+            "--attention",
+            "flash_attention_2",
+        ]);
+        assert!(
+            e.contains("measured with llama, mistral and qwen2 only"),
+            "{preset}: {e}"
+        );
+    }
+
+    assert!(flat.contains("--double-quant | --no-double-quant"));
+    let qlora = ["--preset", "tinyllama-1.1b", "--finetune", "qlora"];
+    assert_eq!(train(&qlora)["double_quant"], true);
+    assert_eq!(
+        train(&[&qlora[..], &["--no-double-quant"]].concat())["double_quant"],
+        false
+    );
+
+    assert!(flat.contains("peft's defaults: r 8, alpha 8, dropout 0, q_proj+v_proj"));
+    let lora = train(&["--preset", "tinyllama-1.1b", "--lora", "dropout=0"])["lora"].clone();
+    assert_eq!(
+        (&lora["r"], &lora["alpha"], &lora["target_modules"]),
+        (
+            &Value::from(8),
+            &Value::from(8.0),
+            &serde_json::json!(["q_proj", "v_proj"])
+        )
+    );
+
+    assert!(flat.contains(
+        "over a base loaded in the precision's dtype (bf16 under bf16-amp, fp16 under fp16-amp, fp32 under fp32)"
+    ));
+    let lora = ["--preset", "tinyllama-1.1b", "--finetune", "lora"];
+    for (precision, base) in [("bf16-amp", "bf16"), ("fp16-amp", "fp16")] {
+        assert_eq!(
+            train(&[&lora[..], &["--precision", precision]].concat())["base_dtype"],
+            base
+        );
+    }
+    // Under fp32 the base stays in the model's own fp32 (no base dtype set).
+    assert_eq!(
+        train(&[&lora[..], &["--precision", "fp32"]].concat())["base_dtype"],
+        Value::Null
+    );
+}
+
+/// The audit: under gradient accumulation the table's timeline printed each micro-step's stages with the same
+/// label ("step 1 forward" twice under --grad-accum-steps 4: the first micro-step and the second, which stands for
+/// the second to the fourth, as they repeat it). Each label is one stage now, numbered by micro-step, and the
+/// figures are the report's.
+#[test]
+fn the_timeline_names_each_micro_step() {
+    let args = ["estimate", "--grad-accum-steps", "4", "--gpu", "rtx-4070"];
+    let (code, table, err) = vramfit(&args);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = table
+        .lines()
+        .skip_while(|l| !l.contains("timeline (highest live bytes"))
+        .skip(1)
+        .take_while(|l| l.starts_with("    step "))
+        .collect();
+    // Each line: the label, then the figure and its unit.
+    let labels: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            words[..words.len() - 2].join(" ")
+        })
+        .collect();
+    let v = json_of(&[&args[..], &["--format", "json"]].concat());
+    let timeline = v["timeline"].as_array().unwrap();
+    assert_eq!(lines.len(), timeline.len());
+    let mut unique = labels.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), labels.len(), "{labels:?}");
+    // Three steps of the first micro-step and the rest, four stages each, and the optimizer.
+    assert_eq!(labels.len(), 3 * (2 * 4 + 1));
+    assert_eq!(labels[0], "step 1 micro 1 forward");
+    assert_eq!(labels[4], "step 1 micro 2-4 forward");
+    assert_eq!(labels[8], "step 1 optimizer");
+    assert_eq!(labels[15], "step 2 micro 2-4 loss backward");
+    for (line, stage) in lines.iter().zip(timeline) {
+        let bytes = stage["peak_bytes"].as_u64().unwrap();
+        assert!(
+            line.ends_with(&vramfit::report::fmt_bytes(bytes)),
+            "{line} vs {bytes}"
+        );
+    }
+}

@@ -183,6 +183,18 @@ fn messages_name_the_flag_and_what_is_wrong_with_it() {
         error_of(&["estimate", "--offload"]),
         "error: command line: --offload needs --parallel ddp|fsdp (or --tp N)"
     );
+    // The audit: a sweep's axis was "sweep axis (\"depth\")", naming no flag, and a list with an empty entry named
+    // the empty entry alone ("--values () must be whole numbers").
+    assert_eq!(
+        error_of(&["sweep", "--axis", "depth"]),
+        "error: --axis (\"depth\") is not one of: batch_size, block_size"
+    );
+    for values in ["1,,4", "1,x", "", "1.5"] {
+        assert_eq!(
+            error_of(&["sweep", "--axis", "batch_size", "--values", values]),
+            format!("error: --values ({values}) must be whole numbers, comma-separated")
+        );
+    }
 }
 
 /// The table said how much the step needs but never whether that fits the GPU given (the JSON's `fits`): Llama-2-7B
@@ -390,5 +402,118 @@ fn a_link_to_the_page_is_read_as_the_page_reads_it() {
     assert_eq!(
         error_of(&["estimate", "--link", "batch_size=4", "--preset", "gpt2"]),
         "error: command line: give at most one of --config, --nanogpt, --hf, --preset, --link"
+    );
+}
+
+/// The audit: `vramfit estimate --axis batch_size --values 1,2` (and strategies, finetune and compare) took the
+/// sweep's options and ignored them, printing one estimate with exit status 0; `--snapshot` outside compare was
+/// "unknown". Each is now refused by name, saying which command has it.
+#[test]
+fn another_commands_option_is_refused_by_name() {
+    for cmd in ["estimate", "strategies", "finetune", "compare"] {
+        for (flag, value) in [
+            ("--axis", "batch_size"),
+            ("--values", "1,2"),
+            ("--from", "2"),
+            ("--to", "8"),
+        ] {
+            assert_eq!(
+                error_of(&[cmd, flag, value]),
+                format!(
+                    "error: command line: {flag} is an option of vramfit sweep, not of {cmd} (see vramfit {cmd} --help)"
+                )
+            );
+        }
+    }
+    for cmd in ["estimate", "sweep", "strategies", "finetune"] {
+        assert_eq!(
+            error_of(&[cmd, "--snapshot", "snap.pickle"]),
+            format!(
+                "error: command line: --snapshot is an option of vramfit compare, not of {cmd} (see vramfit {cmd} --help)"
+            )
+        );
+    }
+    // Their own commands still take them.
+    let (code, _, err) = vramfit(&["sweep", "--axis", "batch_size", "--from", "2", "--to", "8"]);
+    assert_eq!(code, 0, "{err}");
+}
+
+/// The audit: a config.json given to --config was "unknown field \"architectures\"" and a setup JSON given to --hf
+/// "missing required field \"hidden_size\"", naming neither the file nor the flag it needed.
+#[test]
+fn a_file_given_to_the_wrong_flag_is_named_with_the_flag_it_needs() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let hf = dir.join("tinyllama_config.json").display().to_string();
+    let setup = dir.join("founding.json").display().to_string();
+    assert_eq!(
+        error_of(&["estimate", "--config", &hf]),
+        format!(
+            "error: --config ({hf}) is a Hugging Face config.json (model_type \"llama\"): give it with --hf"
+        )
+    );
+    assert_eq!(
+        error_of(&["estimate", "--hf", &setup]),
+        format!(
+            "error: --hf ({setup}) is a setup JSON ({{\"model\": ...}}): give it with --config"
+        )
+    );
+    // Each with its own flag estimates.
+    for (flag, path) in [("--hf", &hf), ("--config", &setup)] {
+        let (code, _, err) = vramfit(&["estimate", flag, path]);
+        assert_eq!(code, 0, "{flag}: {err}");
+    }
+}
+
+/// The audit: a widget's link (`embed.html?preset=llama-3.1-8b&gpu=rtx-4090`) given to --link estimated the page's
+/// default case, the nanoGPT model, on that GPU with exit status 0: the page's links never set a preset and the page
+/// ignores the key. The CLI now says so and names the flag that does.
+#[test]
+fn a_link_naming_a_preset_is_refused_with_the_flag_that_sets_one() {
+    for link in [
+        "https://YOUR-SITE/embed.html?preset=llama-3.1-8b&gpu=rtx-4090&plot=batch",
+        "preset=llama-3.1-8b",
+    ] {
+        assert_eq!(
+            error_of(&["estimate", "--link", link]),
+            "error: --link (preset=llama-3.1-8b) names the widget's preset, which a link to the page does not \
+             set: give --preset llama-3.1-8b"
+        );
+    }
+    // The widget's other keys say nothing about the setup and are passed over, as the page passes over them.
+    let (code, _, err) = vramfit(&["estimate", "--link", "batch_size=4&plot=batch&theme=dark"]);
+    assert_eq!(code, 0, "{err}");
+}
+
+/// The audit: a file that cannot be read or parsed was named by its path alone ("/no/such.json: No such file or
+/// directory"), or, given to --hf, as "config.json"; each message now starts with the flag and the path.
+#[test]
+fn a_file_that_cannot_be_read_is_named_with_its_flag() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let py = dir.join("shakespeare_char.py").display().to_string();
+    let json = dir.join("tinyllama_config.json").display().to_string();
+    for flag in ["--config", "--nanogpt", "--hf"] {
+        assert_eq!(
+            error_of(&["estimate", flag, "/no/such/file"]),
+            format!("error: {flag} /no/such/file: No such file or directory (os error 2)")
+        );
+    }
+    assert_eq!(
+        error_of(&["compare", "--snapshot", "/no/such/file"]),
+        "error: --snapshot /no/such/file: No such file or directory (os error 2)"
+    );
+    for (flag, path) in [("--config", &py), ("--hf", &py), ("--nanogpt", &json)] {
+        let e = error_of(&["estimate", flag, path]);
+        assert!(
+            e.starts_with(&format!("error: {flag} {path}, line 1: ")),
+            "{e}"
+        );
+    }
+    let bad = file("bad.pickle", "xx");
+    let e = error_of(&["compare", "--snapshot", &bad]);
+    assert!(
+        e.starts_with(&format!(
+            "error: --snapshot {bad}: not a readable PyTorch memory snapshot"
+        )),
+        "{e}"
     );
 }

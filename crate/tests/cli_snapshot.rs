@@ -90,6 +90,44 @@ fn compare_table_shows_the_difference_and_the_blocks() {
     assert!(text.contains("difference"), "{text}");
     assert!(text.contains("optimizer step and state"), "{text}");
     assert!(text.contains("cross_entropy (functional.py:"), "{text}");
+    // The audit: one block was "1 blocks". Each origin's count agrees with its noun.
+    let origins: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.contains("by what their frames say"))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    assert!(origins.iter().any(|l| l.ends_with("  1 block")), "{text}");
+    for l in &origins {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        let n: u64 = words[words.len() - 2].parse().unwrap();
+        assert_eq!(
+            words[words.len() - 1],
+            if n == 1 { "block" } else { "blocks" },
+            "{l}"
+        );
+    }
+}
+
+/// The audit: a one-layer model's largest item read "1 blocks x 433 MiB saved per block".
+#[test]
+fn one_block_is_one_block() {
+    let (code, out, err) = vramfit(&[
+        "estimate",
+        "--n-layer",
+        "1",
+        "--batch-size",
+        "64",
+        "--vocab-size",
+        "65",
+        "--no-compile",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        text.contains("The largest item at the peak is activations (434 MiB): 1 block x 433 MiB saved per block"),
+        "{text}"
+    );
 }
 
 #[test]

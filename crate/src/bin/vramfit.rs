@@ -138,28 +138,31 @@ KNOBS (override the source):
   --router-aux-loss | --no-router-aux-loss (output_router_logits: the router's load-balancing loss)
   --batch-size N  --seq-len N  --precision fp32|fp16-amp|bf16-amp|bf16
   --optimizer adamw|adamw-fused|sgd|sgd-momentum|adamw8bit|paged-adamw8bit|adafactor|lion|lion8bit
-  --attention sdpa|manual|flash_attention_2  (flash_attention_2: the flash-attn package, Hugging Face
-                       models, eager, fp16/bf16)
+  --attention sdpa|manual|flash_attention_2  (flash_attention_2: the flash-attn package, for llama,
+                       mistral and qwen2, eager, fp16/bf16)
   --checkpointing | --no-checkpointing  --grad-accum-steps N  --grad-clip X
   --set-to-none | --no-set-to-none     (optimizer.zero_grad(set_to_none=...), default set_to_none)
-  --compile | --no-compile             (torch.compile(model); default off, --nanogpt: the file's)
+  --compile | --no-compile             torch.compile(model); default: on for the default case and the nanoGPT
+                       presets (as train.py runs them), off for --hf, the Hugging Face presets and a setup JSON
+                       without train.compile; --nanogpt: the file's (train.py's True when it is unset)
   --alloc-conf TEXT    PYTORCH_CUDA_ALLOC_CONF as PyTorch reads it, e.g. expandable_segments:True or
                        max_split_size_mb:128,garbage_collection_threshold:0.8 (default: PyTorch's defaults)
   --lora SPEC          LoRA as peft applies it, e.g. r=16 or r=16,alpha=32,dropout=0.05,targets=q_proj+v_proj,
-                       save=lm_head (targets: all-linear or module names joined by +; peft's defaults: alpha 8,
-                       dropout 0, q_proj+v_proj); the base is frozen. --no-lora trains every parameter
+                       save=lm_head (targets: all-linear or module names joined by +; peft's defaults: r 8,
+                       alpha 8, dropout 0, q_proj+v_proj); the base is frozen. --no-lora trains every parameter
   --finetune full|lora|qlora    the usual recipes by name (the setup JSON's train.finetune.method): lora is
                        r=16,alpha=32,dropout=0.05,targets=all-linear over a base loaded in the precision's
-                       2-byte dtype (bf16 under bf16-amp); qlora the same over a 4-bit NF4 base with double
-                       quantization, bf16-amp and checkpointing on (prepare_model_for_kbit_training's default);
-                       full trains every parameter. Later flags (--lora, --base-dtype, ...) change the recipe.
-                       Mixtral, OLMoE: all-linear also adapts the router (gate) and the fused experts
-                       (gate_up_proj, down_proj) through peft's ParamWrapper, which takes no dropout (the recipe's
-                       is 0 there); a quantized base leaves those unquantized, fp32
+                       dtype (bf16 under bf16-amp, fp16 under fp16-amp, fp32 under fp32); qlora the same over a
+                       4-bit NF4 base with double quantization, bf16-amp and checkpointing on
+                       (prepare_model_for_kbit_training's default); full trains every parameter. Later flags
+                       (--lora, --base-dtype, ...) change the recipe. Mixtral, OLMoE: all-linear also adapts the
+                       router (gate) and the fused experts (gate_up_proj, down_proj) through peft's ParamWrapper,
+                       which takes no dropout (the recipe's is 0 there); a quantized base leaves those
+                       unquantized, fp32
   --base-dtype fp32|bf16|fp16   the frozen base's dtype under LoRA (adapters stay fp32 under autocast)
-  --quantization nf4|fp4|int8  --double-quant   a bitsandbytes base under LoRA (QLoRA: 4-bit Linears under
-                       bf16-amp; int8: LLM.int8 Linears under bf16-amp or fp16-amp; the rest fp32 after
-                       prepare_model_for_kbit_training)
+  --quantization nf4|fp4|int8  --double-quant | --no-double-quant   a bitsandbytes base under LoRA (QLoRA:
+                       4-bit Linears under bf16-amp; int8: LLM.int8 Linears under bf16-amp or fp16-amp; the
+                       rest fp32 after prepare_model_for_kbit_training)
   --gpu ID             a GPU preset (rtx-4070, h100-80, ...: see vramfit gpus): its memory, compute
                        capability and SM count, whatever the SOURCE says (a preset or a config keeps the GPU
                        given)
@@ -305,15 +308,20 @@ enum Cli {
     },
 }
 
-fn read(path: &str) -> Result<String, Error> {
+/// A file a flag names, as the text of its messages: "--config setup.json" (a missing file's message named the
+/// path alone, not the flag).
+fn source(flag: &str, path: &str) -> String {
+    format!("{flag} {path}")
+}
+
+fn read(flag: &str, path: &str) -> Result<String, Error> {
     std::fs::read_to_string(path).map_err(|e| Error::Parse {
-        source: path.to_string(),
+        source: source(flag, path),
         line: None,
         message: e.to_string(),
     })
 }
 
-/// A snapshot file's bytes, refused before reading when it is past what the reader takes.
 /// A link to the page (its address, or only the query after `?`), read as the page reads it: over the page's
 /// default case (the founding case, on the RTX 4070 the page starts with), with the link's GPU preset, if it
 /// names one, as the device.
@@ -328,6 +336,15 @@ fn setup_of_link(text: &str) -> Result<Setup, Error> {
     let mut extra = Vec::new();
     let mut s =
         vramfit::input::setup_from_query(&vramfit::input::query_over(&base, query), &mut extra)?;
+    // `preset` is the widget's key (embed.html?preset=gpt2&...), which the page's links never hold and the page
+    // ignores: read as the page reads it, a widget's link was the default case, silently.
+    if let Some((_, id)) = extra.iter().find(|(k, _)| k == "preset") {
+        return Err(Error::invalid(
+            "--link",
+            format!("preset={id}"),
+            format!("names the widget's preset, which a link to the page does not set: give --preset {id}"),
+        ));
+    }
     // The page takes a key's first value (`URLSearchParams.get`).
     if let Some((_, id)) = extra.iter().find(|(k, _)| k == "gpu") {
         let g = vramfit::presets::gpu(id).ok_or_else(|| Error::UnknownValue {
@@ -340,9 +357,10 @@ fn setup_of_link(text: &str) -> Result<Setup, Error> {
     Ok(s)
 }
 
+/// A snapshot file's bytes, refused before reading when it is past what the reader takes.
 fn read_snapshot_file(path: &str) -> Result<Vec<u8>, Error> {
     let io = |e: std::io::Error| Error::Parse {
-        source: path.to_string(),
+        source: source("--snapshot", path),
         line: None,
         message: e.to_string(),
     };
@@ -482,19 +500,31 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
         match flag {
             "--config" => {
                 let path = next(&mut i, flag)?;
-                let text = read(&path)?;
+                let text = read(flag, &path)?;
                 let v: Value = serde_json::from_str(&text).map_err(|e| Error::Parse {
-                    source: path.clone(),
+                    source: source(flag, &path),
                     line: Some(e.line()),
                     message: e.to_string(),
                 })?;
+                // A config.json given as a setup JSON was "unknown field \"architectures\"" (or whichever key
+                // came first), naming neither the file nor the flag it needs.
+                if v.get("model_type").is_some() && v.get("model").is_none() {
+                    return Err(Error::invalid(
+                        "--config",
+                        &path,
+                        format!(
+                            "is a Hugging Face config.json (model_type {}): give it with --hf",
+                            v["model_type"]
+                        ),
+                    ));
+                }
                 set_source(v, &mut base)?;
             }
             "--nanogpt" => {
                 let path = next(&mut i, flag)?;
-                let imp = nanogpt_config(&read(&path)?).map_err(|e| match e {
+                let imp = nanogpt_config(&read(flag, &path)?).map_err(|e| match e {
                     Error::Parse { line, message, .. } => Error::Parse {
-                        source: path.clone(),
+                        source: source(flag, &path),
                         line,
                         message,
                     },
@@ -508,7 +538,25 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
             }
             "--hf" => {
                 let path = next(&mut i, flag)?;
-                let (m, hf_notes) = hf_config(&read(&path)?)?;
+                let text = read(flag, &path)?;
+                // A setup JSON given as a config.json was "missing required field \"hidden_size\"".
+                if let Ok(Value::Object(o)) = serde_json::from_str::<Value>(&text) {
+                    if o.contains_key("model") && !o.contains_key("model_type") {
+                        return Err(Error::invalid(
+                            "--hf",
+                            &path,
+                            "is a setup JSON ({\"model\": ...}): give it with --config",
+                        ));
+                    }
+                }
+                let (m, hf_notes) = hf_config(&text).map_err(|e| match e {
+                    Error::Parse { line, message, .. } => Error::Parse {
+                        source: source(flag, &path),
+                        line,
+                        message,
+                    },
+                    other => other,
+                })?;
                 notes.extend(hf_notes);
                 let v = setup_to_value(&vramfit::input::hf_setup(m));
                 set_source(v, &mut base)?;
@@ -543,19 +591,45 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                 overrides.push(("device", "sms", json!(g.device().sms)));
             }
             "--format" => format = Some(next(&mut i, flag)?),
-            "--snapshot" if cmd == "compare" => {
+            // One command's own options are refused by the others by name (estimate took --axis and --values and
+            // ignored them).
+            "--axis" | "--values" | "--from" | "--to" if cmd != "sweep" => {
+                return Err(usage_error(format!(
+                    "{flag} is an option of vramfit sweep, not of {cmd} (see vramfit {cmd} --help)"
+                )))
+            }
+            "--snapshot" if cmd != "compare" => {
+                return Err(usage_error(format!(
+                "{flag} is an option of vramfit compare, not of {cmd} (see vramfit {cmd} --help)"
+            )))
+            }
+            "--snapshot" => {
                 let path = next(&mut i, flag)?;
                 snapshot = Some((path.clone(), read_snapshot_file(&path)?));
             }
-            "--axis" => axis = Some(Axis::parse(&next(&mut i, flag)?)?),
+            // The message names the flag (the core's names the sweep's axis, which the page passes).
+            "--axis" => {
+                axis = Some(Axis::parse(&next(&mut i, flag)?).map_err(|e| match e {
+                    Error::UnknownValue { value, allowed, .. } => Error::UnknownValue {
+                        field: "--axis".into(),
+                        value,
+                        allowed,
+                    },
+                    other => other,
+                })?)
+            }
             "--values" => {
                 let text = next(&mut i, flag)?;
                 let parsed: Result<Vec<u64>, Error> = text
                     .split(',')
                     .map(|s| {
-                        s.trim()
-                            .parse::<u64>()
-                            .map_err(|_| Error::invalid("--values", s, "must be whole numbers"))
+                        s.trim().parse::<u64>().map_err(|_| {
+                            Error::invalid(
+                                "--values",
+                                &text,
+                                "must be whole numbers, comma-separated",
+                            )
+                        })
                     })
                     .collect();
                 values = Some(parsed?);
@@ -1294,13 +1368,21 @@ fn table(setup: &Setup, r: &vramfit::Report, notes: &[String]) -> String {
     }
     out.push('\n');
     outln!(out, "  timeline (highest live bytes in each stage):");
-    for s in &r.timeline {
+    // Under gradient accumulation each micro-step's stages are numbered (`report::micro_steps`).
+    let accumulating = setup.train.grad_accum_steps > 1;
+    let micro = vramfit::report::micro_steps(&r.timeline, setup.train.grad_accum_steps);
+    for (s, m) in r.timeline.iter().zip(micro) {
+        let stage = match m {
+            Some(m) => format!("micro {m} {}", s.stage),
+            None => s.stage.to_string(),
+        };
         outln!(
             out,
-            "    step {} {:<14} {:>10}",
+            "    step {} {:<w$} {:>10}",
             s.step,
-            s.stage,
-            fmt_bytes(s.peak_bytes)
+            stage,
+            fmt_bytes(s.peak_bytes),
+            w = if accumulating { 22 } else { 14 }
         );
     }
     for n in r.notes.iter().chain(notes) {
@@ -1370,10 +1452,11 @@ fn compare_table(path: &str, c: &vramfit::compare::Comparison) -> String {
     for o in &m.by_origin {
         outln!(
             out,
-            "    {:<40} {:>10}  {} blocks",
+            "    {:<40} {:>10}  {} block{}",
             o.origin,
             fmt_bytes(o.bytes),
-            o.n_blocks
+            o.n_blocks,
+            if o.n_blocks == 1 { "" } else { "s" }
         );
     }
     out.push('\n');
@@ -1432,7 +1515,7 @@ fn run(args: &[String]) -> Result<Vec<u8>, Error> {
         } => {
             let measured = vramfit::snapshot::read_snapshot(&snapshot).map_err(|e| match e {
                 Error::Parse { message, .. } => Error::Parse {
-                    source: path.clone(),
+                    source: source("--snapshot", &path),
                     line: None,
                     message,
                 },

@@ -490,6 +490,7 @@ pub fn draw_fit_map<DB: DrawingBackend>(
 pub fn draw_timeline<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     stages: &[Stage],
+    grad_accum_steps: u64,
     capacity_bytes: Option<u64>,
     theme: &Theme,
     scale: f64,
@@ -520,9 +521,14 @@ pub fn draw_timeline<DB: DrawingBackend>(
         }
         .to_string()
     };
+    // "1.2-4 fwd": step 1, the micro-steps 2 to 4 (`report::micro_steps`).
     let labels: Vec<String> = stages
         .iter()
-        .map(|s| format!("{} {}", s.step, short(s.stage)))
+        .zip(crate::report::micro_steps(stages, grad_accum_steps))
+        .map(|(s, m)| match m {
+            Some(m) => format!("{}.{m} {}", s.step, short(s.stage)),
+            None => format!("{} {}", s.step, short(s.stage)),
+        })
         .collect();
     chart
         .configure_mesh()
@@ -631,11 +637,21 @@ mod tests {
     #[test]
     fn timeline_plot_draws_every_stage() {
         let r = crate::estimate(&presets::founding()).unwrap();
-        let out = svg(|root| draw_timeline(root, &r.timeline, Some(12 << 30), &LIGHT, 2.0));
+        let out = svg(|root| draw_timeline(root, &r.timeline, 1, Some(12 << 30), &LIGHT, 2.0));
         assert!(
             out.contains("2 loss bwd") && out.contains("3 opt"),
             "stage labels"
         );
+        // The audit: under gradient accumulation each simulated micro-step's stages were labelled alike ("1 fwd"
+        // twice); they are numbered, the last as the micro-steps it stands for.
+        let mut s = presets::founding();
+        s.train.grad_accum_steps = 4;
+        let r = crate::estimate(&s).unwrap();
+        let out = svg(|root| draw_timeline(root, &r.timeline, 4, Some(12 << 30), &LIGHT, 2.0));
+        for label in ["1.1 fwd", "1.2-4 fwd", "2.2-4 loss bwd", "1 opt", "3 opt"] {
+            assert!(out.contains(&format!("\n{label}\n")), "{label}");
+        }
+        assert!(!out.contains("\n1 fwd\n"));
     }
 
     /// The GPU plot: a line of the way's colour per modelled way with a dot per count, the one-GPU dot, the

@@ -154,6 +154,37 @@ pub struct Stage {
     pub end_bytes: u64,
 }
 
+/// Under gradient accumulation, the micro-step each timeline stage belongs to, as a person reads it: "1", "2",
+/// and for the last one simulated the micro-steps it stands for ("2-4" under 4 steps: they repeat it exactly and
+/// are not simulated again). `None` for the optimizer, and for every stage without accumulation. Without this the
+/// table and the plot named each simulated micro-step's stages alike ("step 1 forward" twice).
+pub fn micro_steps(timeline: &[Stage], grad_accum_steps: u64) -> Vec<Option<String>> {
+    let (mut step, mut micro) = (0, 0_u64);
+    timeline
+        .iter()
+        .map(|s| {
+            if s.step != step {
+                (step, micro) = (s.step, 0);
+            }
+            if s.stage == "forward" {
+                micro += 1;
+            }
+            if grad_accum_steps <= 1 || s.stage == "optimizer" {
+                return None;
+            }
+            let simulated = timeline
+                .iter()
+                .filter(|t| t.step == s.step && t.stage == "forward")
+                .count() as u64;
+            Some(if micro == simulated && simulated < grad_accum_steps {
+                format!("{micro}-{grad_accum_steps}")
+            } else {
+                micro.to_string()
+            })
+        })
+        .collect()
+}
+
 /// The CUDA context beside the allocator's memory: a fact of the device (`describe::model`), re-exported here
 /// where the report adds it to the device total.
 pub use crate::model::{
@@ -450,8 +481,9 @@ impl Report {
                 }
             ),
             "activations" => format!(
-                "{} blocks x {} saved per block for {} tokens{}",
+                "{} block{} x {} saved per block for {} tokens{}",
                 setup.model.n_layer,
+                if setup.model.n_layer == 1 { "" } else { "s" },
                 fmt_bytes(self.activations_per_block_bytes),
                 n,
                 match crate::finetune::merged_expert_bytes(setup) {
@@ -633,9 +665,9 @@ mod tests {
     /// The founding case as its user ran it (compiled, gradient accumulation 4, RTX 4070) showed about 4,464 MiB
     /// in nvidia-smi. Predicted: the modelled reserved memory plus the GeForce CUDA context (256 MiB, a published
     /// figure, see `cuda_context_bytes`, not tuned to this case): issue 11 asks for 3%, and the prediction sits at
-    /// -3.0%. The rest is train.py's evaluation before the first step, which the estimate does not model: on
-    /// PyTorch's own allocator it reserves 140 MiB more (tests/data/stub-cuda/seed-run-eval.json), which would put
-    /// the prediction at -0.4%.
+    /// -2.9% (4,334 MiB). The rest is train.py's evaluation before the first step, which the estimate does not
+    /// model: on PyTorch's own allocator it reserves 140 MiB more (tests/data/stub-cuda/seed-run-eval.json), which
+    /// would put the prediction at -0.4%.
     #[test]
     fn founding_case_device_total_is_within_three_percent_of_what_its_user_saw() {
         let mut s = crate::presets::founding();

@@ -711,7 +711,15 @@ pub fn draw_timeline(
     let r = got.map_err(js_err)?;
     let cap = (s.device.memory_bytes > 0).then_some(s.device.memory_bytes);
     let root = canvas_root(canvas)?;
-    plot::draw_timeline(&root, &r.timeline, cap, theme(dark), scale.clamp(0.5, 4.0)).map_err(js_err)
+    plot::draw_timeline(
+        &root,
+        &r.timeline,
+        s.train.grad_accum_steps,
+        cap,
+        theme(dark),
+        scale.clamp(0.5, 4.0),
+    )
+    .map_err(js_err)
 }
 
 #[derive(Serialize)]
