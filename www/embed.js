@@ -81,7 +81,7 @@ input[type=checkbox] { width: auto; }
 .bar { display: flex; height: 12px; border-radius: 6px; overflow: hidden; margin: 10px 0 6px; border: 1px solid var(--line); }
 .bar span { display: block; height: 100%; }
 .s-weights, .s-weight-copies, .s-4-bit-weights, .s-int8-weights, .s-quantized-weights { background: #426ec8; } .s-adapters { background: #426ec866; } .s-grads { background: #785abe; } .s-optimizer { background: #e69628; }
-.s-activations { background: #28a096; } .s-logits { background: #dc5078; } .s-temporary, .s-workspace { background: #9696a0; }
+.s-activations { background: #28a096; } .s-logits { background: #dc5078; } .s-temporary, .s-workspace { background: #9696a0; } .s-block-remainders { background: #9696a080; }
 .sentence { margin: 4px 0 8px; }
 canvas { width: 100%; display: block; border: 1px solid var(--line); border-radius: 8px; }
 [hidden] { display: none !important; }

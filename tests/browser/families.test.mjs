@@ -28,7 +28,7 @@ test('the qwen2 preset estimates as the CLI does, with the Hugging Face fields s
   // nanoGPT's dropout: a Hugging Face family's non-zero dropout is refused, so the box is not offered.
   assert.ok(!(await shown(page, 'dropout')), 'nanoGPT\'s dropout box is hidden');
   await page.waitForFunction(() => new URLSearchParams(location.search).get('family') === 'qwen2');
-  const gpu = ['--compute-capability', '8.9', '--gpu-memory-gib', '12'];
+  const gpu = ['--gpu', 'rtx-4070'];
   assert.equal(await peak(page), cliPeakBytes(['--preset', 'qwen2.5-0.5b', ...gpu]));
   assert.deepEqual(errors, []);
   await page.close();
@@ -43,7 +43,7 @@ test('a mistral with a sliding window: in the URL, Llama\'s estimate below it, i
   const args = ['--family', 'mistral', '--n-layer', '2', '--n-head', '8', '--n-kv-head', '2', '--n-embd', '512',
     '--intermediate-size', '1024', '--vocab-size', '32000', '--block-size', '4096', '--no-tie-embeddings',
     '--sliding-window', '1024', '--batch-size', '2', '--seq-len', '512', '--no-compile',
-    '--compute-capability', '9.0', '--gpu-memory-gib', '80'];
+    '--gpu', 'rtx-4070'];
   const below = await peak(page);
   assert.equal(below, cliPeakBytes(args));
   // Below the window, Mistral attends as Llama does.
@@ -101,7 +101,7 @@ test('a qwen3 link with a head size of its own estimates as the CLI does', async
   const args = ['--family', 'qwen3', '--n-layer', '2', '--n-head', '8', '--n-kv-head', '4', '--n-embd', '512',
     '--head-dim', '128', '--intermediate-size', '1536', '--vocab-size', '32000', '--block-size', '1024',
     '--tie-embeddings', '--batch-size', '2', '--seq-len', '512', '--no-compile',
-    '--compute-capability', '9.0', '--gpu-memory-gib', '80'];
+    '--gpu', 'rtx-4070'];
   assert.equal(await peak(page), cliPeakBytes(args));
   // A head size of its own changes the estimate (queries 8 x 128 = 1024 wide on a 512 stream).
   assert.notEqual(await peak(page), cliPeakBytes(args.map((a) => (a === '128' ? '64' : a))));
@@ -117,7 +117,7 @@ test('a llama with Hugging Face eager attention (attention manual) estimates as 
   const args = ['--family', 'llama', '--n-layer', '2', '--n-head', '8', '--n-kv-head', '2', '--n-embd', '512',
     '--intermediate-size', '1408', '--vocab-size', '32000', '--block-size', '2048', '--no-tie-embeddings',
     '--batch-size', '2', '--seq-len', '512', '--attention', 'manual', '--no-compile',
-    '--compute-capability', '9.0', '--gpu-memory-gib', '80'];
+    '--gpu', 'rtx-4070'];
   const manual = await peak(page);
   assert.equal(manual, cliPeakBytes(args));
   // The T x T scores it keeps cost more than SDPA.
@@ -133,7 +133,7 @@ test('the Gemma-2-2B preset trains with eager attention and estimates as the CLI
   assert.equal(await page.inputValue('#attention'), 'manual');
   assert.equal(await page.inputValue('#head_dim'), '256');
   await page.waitForFunction(() => new URLSearchParams(location.search).get('family') === 'gemma2');
-  assert.equal(await peak(page), cliPeakBytes(['--preset', 'gemma-2-2b', '--compute-capability', '8.9', '--gpu-memory-gib', '12']));
+  assert.equal(await peak(page), cliPeakBytes(['--preset', 'gemma-2-2b', '--gpu', 'rtx-4070']));
   // SDPA cannot soft-cap: one message, next to the attention field.
   await page.selectOption('#attention', 'sdpa');
   await page.waitForFunction(() => document.getElementById('global-error').textContent.includes('soft-caps'));
@@ -148,7 +148,7 @@ test('the Gemma-3-1B preset: its window, head size and estimate as the CLI gives
   assert.equal(await page.inputValue('#sliding_window'), '512');
   assert.equal(await page.inputValue('#head_dim'), '256');
   await page.waitForFunction(() => new URLSearchParams(location.search).get('family') === 'gemma3');
-  assert.equal(await peak(page), cliPeakBytes(['--preset', 'gemma-3-1b', '--compute-capability', '8.9', '--gpu-memory-gib', '12']));
+  assert.equal(await peak(page), cliPeakBytes(['--preset', 'gemma-3-1b', '--gpu', 'rtx-4070']));
   assert.deepEqual(errors, []);
   await page.close();
 });
@@ -162,7 +162,7 @@ test('Pythia (gpt_neox): rotary dims, parallel residual and biases on the form, 
   assert.ok(await page.isChecked('#bias'));
   for (const id of ['rotary_dims', 'parallel_residual', 'bias', 'n_kv_head']) assert.ok(await shown(page, id), id);
   await page.waitForFunction(() => new URLSearchParams(location.search).get('parallel_residual') === '1');
-  const gpu = ['--compute-capability', '8.9', '--gpu-memory-gib', '12'];
+  const gpu = ['--gpu', 'rtx-4070'];
   assert.equal(await peak(page), cliPeakBytes(['--preset', 'pythia-160m', ...gpu]));
   // Sequential branches: the CLI's --no-parallel-residual, and a different timeline.
   const parallel = await peak(page);
@@ -189,7 +189,7 @@ test('Phi-3-mini after Pythia: the packed family, without Pythia\'s rotary dims 
   assert.ok(!(await shown(page, 'parallel_residual')));
   assert.ok(!(await shown(page, 'bias')));
   assert.equal(await page.inputValue('#sliding_window'), '2047');
-  assert.equal(await peak(page), cliPeakBytes(['--preset', 'phi-3-mini', '--compute-capability', '8.9', '--gpu-memory-gib', '12']));
+  assert.equal(await peak(page), cliPeakBytes(['--preset', 'phi-3-mini', '--gpu', 'rtx-4070']));
   // And Gemma 3's window does not stay behind for Llama.
   await page.selectOption('#preset', 'gemma-3-1b');
   await page.waitForFunction(() => document.getElementById('sliding_window').value === '512');
@@ -197,7 +197,7 @@ test('Phi-3-mini after Pythia: the packed family, without Pythia\'s rotary dims 
   await page.waitForFunction(() => new URLSearchParams(location.search).get('family') === 'llama');
   assert.equal(await page.inputValue('#sliding_window'), '');
   assert.equal(await page.inputValue('#head_dim'), '');
-  assert.equal(await peak(page), cliPeakBytes(['--preset', 'llama-2-7b', '--compute-capability', '8.9', '--gpu-memory-gib', '12']));
+  assert.equal(await peak(page), cliPeakBytes(['--preset', 'llama-2-7b', '--gpu', 'rtx-4070']));
   assert.deepEqual(errors, []);
   await page.close();
 });
@@ -237,7 +237,7 @@ test('OLMoE-1B-7B: the experts on the form, in the URL and as the CLI', async ()
   for (const id of ['n_experts', 'experts_per_token', 'norm_topk_prob']) assert.ok(await shown(page, id), id);
   assert.ok(!(await shown(page, 'shared_expert_size')), 'only qwen2_moe has a shared expert');
   await page.waitForFunction(() => new URLSearchParams(location.search).get('n_experts') === '64');
-  const gpu = ['--compute-capability', '8.9', '--gpu-memory-gib', '12'];
+  const gpu = ['--gpu', 'rtx-4070'];
   assert.equal(await peak(page), cliPeakBytes(['--preset', 'olmoe-1b-7b', ...gpu]));
   // More experts per token: more token-expert pairs, more memory, as the CLI says.
   const eight = await peak(page);

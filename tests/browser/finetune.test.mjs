@@ -19,7 +19,7 @@ const env = setUp({ port: PORT, widgetPort: WIDGET_PORT, blogPort: BLOG_PORT, bl
 
 const peak = async (page) => Number(await page.getAttribute('#peak-allocated', 'data-bytes'));
 const param = (page, k) => page.evaluate((key) => new URLSearchParams(location.search).get(key), k);
-const GPU = ['--compute-capability', '8.9', '--gpu-memory-gib', '12'];
+const GPU = ['--gpu', 'rtx-4070'];
 
 const check = (page, id) => waitRender(page, async () => {
   await page.check(`#${id}`);

@@ -12,7 +12,7 @@ import { serve, launch, openPage, setField, ROOT } from './helpers.mjs';
 // The nanogpt-30m-b1 reference run (scripts/measure/cases.json), as the page's query and as CLI flags.
 const QUERY = 'family=gpt2&n_layer=6&n_head=6&n_embd=384&block_size=512&vocab_size=50304&bias=0&dropout=0'
   + '&batch_size=1&seq_len=512&precision=fp16-amp&optimizer=adamw-fused&attention=sdpa&compile=0&checkpointing=0'
-  + '&grad_accum_steps=1&grad_clip=1';
+  + '&grad_accum_steps=1&grad_clip=1&compute_capability=9.0&memory_gib=80&sms=132';
 const FLAGS = ['--family', 'gpt2', '--n-layer', '6', '--n-head', '6', '--n-embd', '384', '--block-size', '512',
   '--vocab-size', '50304', '--no-bias', '--batch-size', '1', '--precision', 'fp16-amp', '--optimizer', 'adamw-fused',
   '--no-compile', '--no-checkpointing', '--grad-clip', '1'];

@@ -1353,7 +1353,7 @@ fn table(setup: &Setup, r: &vramfit::Report, notes: &[String]) -> String {
     outln!(out, "  at the peak:");
     for (name, bytes, what) in r.components.items_for_setup(setup) {
         if bytes > 0 {
-            outln!(out, "    {name:<14} {:>10}  {what}", fmt_bytes(bytes));
+            outln!(out, "    {name:<16} {:>10}  {what}", fmt_bytes(bytes));
         }
     }
     outln!(

@@ -1,6 +1,7 @@
 //! The allocation timeline of one run: every tensor PyTorch's CUDA caching allocator hands out, in order, with
-//! the moment it is freed. The peak of `live_bytes` over the run is what `torch.cuda.max_memory_allocated()`
-//! reports.
+//! the moment it is freed. `torch.cuda.max_memory_allocated()` is the peak of the allocator's own counter, the
+//! blocks handed out at their size (`Sim::peak`); `live_bytes`, the tensors alone, peaks at or below it
+//! (`Sim::tensor_peak`).
 //!
 //! Every block the caching allocator returns is a multiple of 512 bytes (`kMinBlockSize` in
 //! c10/cuda/CUDACachingAllocator.cpp), and a zero-byte tensor takes no block; `alloc` rounds the same way.
@@ -117,11 +118,16 @@ impl Phase {
     }
 }
 
-/// The live bytes of a run at its highest point, with what they were for.
+/// The allocated bytes of a run at their highest point, with what they were for.
 #[derive(Debug, Clone)]
 pub struct Peak {
     pub bytes: u64,
+    /// The live tensors at that moment, by what they are for.
     pub by_category: [u64; N_CATEGORIES],
+    /// What the caching allocator counts beyond those tensors at that moment: a large-pool block is split only
+    /// when more than 1 MiB would be left (`kSmallSize`), so a tensor served from a larger cached block holds
+    /// the whole block (`CachingAllocator`'s `allocated_bytes`). `bytes` is the tensors plus this.
+    pub block_remainder_bytes: u64,
     pub phase: Phase,
     /// The op whose allocation made the peak (PyTorch's name for it).
     pub op: &'static str,
@@ -143,7 +149,10 @@ pub struct Sim {
     live_bytes: u64,
     by_category: [u64; N_CATEGORIES],
     phase: Phase,
+    /// The peak of the caching allocator's `allocated_bytes` counter (while it is replayed).
     peak: Peak,
+    /// The peak of `live_bytes`.
+    tensor_peak: Peak,
     step_peaks: Vec<u64>,
     timeline: Vec<TimelinePoint>,
     /// The caching allocator serving every allocation, by slot index: its segments are the reserved memory.
@@ -218,16 +227,19 @@ impl Sim {
             stage: "init",
             layer: None,
         };
+        let peak = Peak {
+            bytes: 0,
+            by_category: [0; N_CATEGORIES],
+            block_remainder_bytes: 0,
+            phase: phase.clone(),
+            op: "",
+        };
         Sim {
             slots: Vec::with_capacity(4096),
             live_bytes: 0,
             by_category: [0; N_CATEGORIES],
-            peak: Peak {
-                bytes: 0,
-                by_category: [0; N_CATEGORIES],
-                phase: phase.clone(),
-                op: "",
-            },
+            tensor_peak: peak.clone(),
+            peak,
             phase,
             step_peaks: Vec::new(),
             timeline: Vec::new(),
@@ -383,10 +395,24 @@ impl Sim {
                 reserved_bytes: self.allocator.reserved_bytes(),
             });
         }
-        if self.live_bytes > self.peak.bytes {
-            self.peak = Peak {
+        if self.live_bytes > self.tensor_peak.bytes {
+            self.tensor_peak = Peak {
                 bytes: self.live_bytes,
                 by_category: self.by_category,
+                block_remainder_bytes: 0,
+                phase: self.phase.clone(),
+                op,
+            };
+        }
+        // The counter only rises on an allocation, so a new peak of it is this one's (or, for `scratch`, that of
+        // the scratch block the allocator has just served and taken back: this tensor is its stand-in). It holds
+        // every live tensor, but for a request larger than any device, which the allocator refuses outright.
+        let counted = self.allocator.peak_allocated_bytes().max(self.live_bytes);
+        if counted > self.peak.bytes {
+            self.peak = Peak {
+                bytes: counted,
+                by_category: self.by_category,
+                block_remainder_bytes: counted.saturating_sub(self.live_bytes),
                 phase: self.phase.clone(),
                 op,
             };
@@ -600,8 +626,21 @@ impl Sim {
         self.live_bytes
     }
 
+    /// Peak allocated as `torch.cuda.max_memory_allocated()` reports it: the caching allocator's counter at its
+    /// highest, tensors and block remainders, when the allocator was replayed to the end; otherwise (a run that
+    /// only counts live bytes, or stopped replaying, `stop_replay_above`) the live tensors at their highest.
     pub fn peak(&self) -> &Peak {
-        &self.peak
+        if self.replay {
+            &self.peak
+        } else {
+            &self.tensor_peak
+        }
+    }
+
+    /// The live tensors at their highest (each rounded to the allocator's 512 bytes), without block remainders:
+    /// what summing the sizes a run asks for measures.
+    pub fn tensor_peak(&self) -> &Peak {
+        &self.tensor_peak
     }
 
     /// The highest live bytes within each step (index 0: building the model).
@@ -785,6 +824,42 @@ mod tests {
         assert_eq!(sim.live_bytes(), 1024);
         assert_eq!(sim.timeline()[0].peak_bytes, 3072);
         assert_eq!(sim.timeline()[0].end_bytes, 1024);
+    }
+
+    /// Peak allocated is the allocator's counter: a 3 MiB tensor served from a cached 4 MiB block (1 MiB left,
+    /// not over `kSmallSize`, so not split) counts 4 MiB, the remainder its own figure beside the tensors. A run
+    /// that stops replaying the allocator reports the live tensors' peak instead.
+    #[test]
+    fn peak_allocated_counts_whole_blocks_and_the_tensors_peak_is_kept() {
+        const MIB: u64 = 1 << 20;
+        let run = |stop: bool| {
+            let mut sim = Sim::new(AllocatorConfig::default(), u64::MAX);
+            sim.stage(1, "forward");
+            // One 20 MiB segment: a at its start, x the rest; a's block stays a 4 MiB hole once freed.
+            let a = sim.alloc(4 * MIB, Category::Activations, "a");
+            let _x = sim.alloc(16 * MIB, Category::Weights, "x");
+            sim.free(a);
+            if stop {
+                sim.stop_replay_above(0);
+            }
+            let _b = sim.alloc(3 * MIB, Category::Temporary, "b");
+            let _c = sim.alloc(3 * MIB / 2, Category::Temporary, "c");
+            sim
+        };
+        let sim = run(false);
+        let p = sim.peak();
+        assert_eq!(p.bytes, 16 * MIB + 4 * MIB + 3 * MIB / 2);
+        assert_eq!(p.block_remainder_bytes, MIB);
+        assert_eq!(
+            p.by_category.iter().sum::<u64>() + p.block_remainder_bytes,
+            p.bytes
+        );
+        assert_eq!(p.op, "c");
+        assert_eq!(p.bytes, sim.allocator().peak_allocated_bytes());
+        assert_eq!(sim.tensor_peak().bytes, 16 * MIB + 3 * MIB + 3 * MIB / 2);
+        let stopped = run(true);
+        assert_eq!(stopped.peak().bytes, 16 * MIB + 3 * MIB + 3 * MIB / 2);
+        assert_eq!(stopped.peak().block_remainder_bytes, 0);
     }
 
     /// A held tensor outlives its owner's free until the hold goes; one its owner still holds outlives the hold.

@@ -2,7 +2,7 @@
 
 use crate::finetune::Quantization;
 use crate::model::Setup;
-use crate::sim::{Category, Sim};
+use crate::sim::{Category, Peak, Sim};
 use serde::Serialize;
 
 /// Bytes of each component at the peak. They add up to `peak_allocated_bytes`.
@@ -20,11 +20,14 @@ pub struct Components {
     pub logits_bytes: u64,
     pub temporary_bytes: u64,
     pub workspace_bytes: u64,
+    /// What the caching allocator counts beyond the live tensors: the unsplit remainders of its blocks
+    /// (`sim::Peak::block_remainder_bytes`).
+    pub block_remainders_bytes: u64,
 }
 
 impl Components {
-    fn from_array(a: &[u64; crate::sim::N_CATEGORIES]) -> Components {
-        let at = |c: Category| a[c.index()];
+    fn from_peak(peak: &Peak) -> Components {
+        let at = |c: Category| peak.by_category[c.index()];
         Components {
             weights_bytes: at(Category::Weights),
             quantized_weights_bytes: at(Category::QuantizedWeights),
@@ -36,6 +39,7 @@ impl Components {
             logits_bytes: at(Category::Logits),
             temporary_bytes: at(Category::Temporary),
             workspace_bytes: at(Category::Workspace),
+            block_remainders_bytes: peak.block_remainder_bytes,
         }
     }
 
@@ -50,6 +54,7 @@ impl Components {
             + self.logits_bytes
             + self.temporary_bytes
             + self.workspace_bytes
+            + self.block_remainders_bytes
     }
 
     /// (name, bytes, what it is) for display, largest first. The quantized base is "quantized weights" here;
@@ -138,6 +143,12 @@ impl Components {
                 "workspace",
                 self.workspace_bytes,
                 "cuBLAS workspaces and kernel scratch",
+            ),
+            (
+                "block remainders",
+                self.block_remainders_bytes,
+                "PyTorch counts whole blocks: a cached block is split only if over 1 MiB would be left, so \
+                 a tensor in a larger block counts the block's size",
             ),
         ];
         sort_descending(&mut v, |item| item.1);
@@ -277,8 +288,12 @@ fn parallel_notes(p: &crate::parallel::Parallel) -> Vec<String> {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Report {
     pub n_params: u64,
-    /// What `torch.cuda.max_memory_allocated()` reports after a few steps.
+    /// What `torch.cuda.max_memory_allocated()` reports after a few steps: the caching allocator's count of the
+    /// blocks it hands out (the live tensors at the peak when the allocator is not replayed).
     pub peak_allocated_bytes: u64,
+    /// The live tensors at their highest, each rounded to 512 bytes, without the allocator's block remainders:
+    /// the sum of the sizes the run asks for (what a fake-tensor count measures). At most peak allocated.
+    pub peak_tensor_bytes: u64,
     /// Modelled `torch.cuda.max_memory_reserved()`: the caching allocator replayed over the run (`allocator`).
     pub peak_reserved_bytes: u64,
     /// Reserved plus the device's CUDA context (`cuda_context_bytes`): what nvidia-smi would show for the process.
@@ -306,7 +321,7 @@ pub struct Report {
 impl Report {
     pub(crate) fn from_sim(setup: &Setup, sim: &Sim, activations_per_block_bytes: u64) -> Report {
         let peak = sim.peak();
-        let components = Components::from_array(&peak.by_category);
+        let components = Components::from_peak(peak);
         let peaks = Peaks::from_sim(sim, setup.device.sm);
         let reserved = peaks.peak_reserved_bytes;
         let device_total = peaks.device_total_bytes;
@@ -410,6 +425,7 @@ impl Report {
         Report {
             n_params: setup.model.n_params(),
             peak_allocated_bytes: peak.bytes,
+            peak_tensor_bytes: sim.tensor_peak().bytes,
             peak_reserved_bytes: reserved,
             device_total_bytes: device_total,
             device_total_range_bytes: (

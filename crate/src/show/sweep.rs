@@ -71,7 +71,7 @@ pub struct Point {
 
 /// The six bands a sweep is plotted and exported in, in bytes: weights with a quantized base's weights, LoRA's
 /// adapters and autocast's weight copies, grads,
-/// optimizer state, activations, logits, temporaries with workspaces.
+/// optimizer state, activations, logits, temporaries with workspaces and the allocator's block remainders.
 pub fn bands(c: &Components) -> [u64; 6] {
     [
         c.weights_bytes + c.quantized_weights_bytes + c.adapters_bytes + c.weight_copies_bytes,
@@ -79,7 +79,7 @@ pub fn bands(c: &Components) -> [u64; 6] {
         c.optimizer_bytes,
         c.activations_bytes,
         c.logits_bytes,
-        c.temporary_bytes + c.workspace_bytes,
+        c.temporary_bytes + c.workspace_bytes + c.block_remainders_bytes,
     ]
 }
 
@@ -263,7 +263,7 @@ pub fn fit_map_with(
 /// copies, temporaries with workspaces, as the plots band them).
 pub fn to_csv(axis: Axis, points: &[Point]) -> String {
     let mut out = format!(
-        "{},peak_allocated_bytes,peak_reserved_bytes,device_total_bytes,weights_and_copies_bytes,grads_bytes,optimizer_bytes,activations_bytes,logits_bytes,temporary_and_workspace_bytes\n",
+        "{},peak_allocated_bytes,peak_reserved_bytes,device_total_bytes,weights_and_copies_bytes,grads_bytes,optimizer_bytes,activations_bytes,logits_bytes,temporary_workspace_and_remainders_bytes\n",
         axis.name()
     );
     for p in points {
