@@ -8,7 +8,7 @@ use proptest::test_runner::RngSeed;
 /// `compiled_total_is_the_sum_of_its_parts_and_grows_with_the_model` failing by chance (gpt2 2 x 128, block 8, vocab
 /// 167, bias, fp16-amp, AdamW, compiled: batch 2's live tensors 40,211,968 B against batch 1's 40,264,704 B, past
 /// the property's 32 KiB; not yet explained, in the session notes). To explore other cases, change the seed here.
-const SEED: RngSeed = RngSeed::Fixed(0x7672_616d_6669_74);
+const SEED: RngSeed = RngSeed::Fixed(0x0076_7261_6d66_6974);
 use vramfit::input::{hf_config, nanogpt_config, setup_from_json, setup_from_query};
 use vramfit::policy::{Attention, Optimizer, Precision};
 use vramfit::{estimate, DeviceConfig, Family, ModelConfig, Setup, TrainConfig};

@@ -357,6 +357,19 @@ fn setup_of_link(text: &str) -> Result<Setup, Error> {
     Ok(s)
 }
 
+/// A reader's parse error named by the flag and the file it came from (`--hf config.json`), not by the reader's
+/// own name for its input.
+fn parsed_in(e: Error, flag: &str, path: &str) -> Error {
+    match e {
+        Error::Parse { line, message, .. } => Error::Parse {
+            source: source(flag, path),
+            line,
+            message,
+        },
+        other => other,
+    }
+}
+
 /// A snapshot file's bytes, refused before reading when it is past what the reader takes.
 fn read_snapshot_file(path: &str) -> Result<Vec<u8>, Error> {
     let io = |e: std::io::Error| Error::Parse {
@@ -522,14 +535,8 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
             }
             "--nanogpt" => {
                 let path = next(&mut i, flag)?;
-                let imp = nanogpt_config(&read(flag, &path)?).map_err(|e| match e {
-                    Error::Parse { line, message, .. } => Error::Parse {
-                        source: source(flag, &path),
-                        line,
-                        message,
-                    },
-                    other => other,
-                })?;
+                let imp =
+                    nanogpt_config(&read(flag, &path)?).map_err(|e| parsed_in(e, flag, &path))?;
                 for p in &imp.provenance {
                     notes.push(format!("{} = {} ({})", p.key, p.value, p.source));
                 }
@@ -549,14 +556,7 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
                         ));
                     }
                 }
-                let (m, hf_notes) = hf_config(&text).map_err(|e| match e {
-                    Error::Parse { line, message, .. } => Error::Parse {
-                        source: source(flag, &path),
-                        line,
-                        message,
-                    },
-                    other => other,
-                })?;
+                let (m, hf_notes) = hf_config(&text).map_err(|e| parsed_in(e, flag, &path))?;
                 notes.extend(hf_notes);
                 let v = setup_to_value(&vramfit::input::hf_setup(m));
                 set_source(v, &mut base)?;
