@@ -347,14 +347,19 @@ fn setup_of_link(text: &str) -> Result<Setup, Error> {
     }
     // The page takes a key's first value (`URLSearchParams.get`).
     if let Some((_, id)) = extra.iter().find(|(k, _)| k == "gpu") {
-        let g = vramfit::presets::gpu(id).ok_or_else(|| Error::UnknownValue {
-            field: "gpu".into(),
-            value: id.clone(),
-            allowed: vramfit::presets::GPU_IDS,
-        })?;
+        let g = gpu_preset("gpu", id)?;
         s.device = g.device();
     }
     Ok(s)
+}
+
+/// The GPU preset `id`, or the message naming `field` (`--gpu`, a link's `gpu`) and the presets there are.
+fn gpu_preset(field: &str, id: &str) -> Result<&'static vramfit::presets::GpuPreset, Error> {
+    vramfit::presets::gpu(id).ok_or_else(|| Error::UnknownValue {
+        field: field.into(),
+        value: id.into(),
+        allowed: vramfit::presets::GPU_IDS,
+    })
 }
 
 /// A reader's parse error named by the flag and the file it came from (`--hf config.json`), not by the reader's
@@ -577,11 +582,7 @@ fn parse(args: &[String]) -> Result<Cli, Error> {
             }
             "--gpu" => {
                 let id = next(&mut i, flag)?;
-                let g = vramfit::presets::gpu(&id).ok_or_else(|| Error::UnknownValue {
-                    field: "--gpu".into(),
-                    value: id.clone(),
-                    allowed: vramfit::presets::GPU_IDS,
-                })?;
+                let g = gpu_preset(flag, &id)?;
                 overrides.push((
                     "device",
                     "memory_gib",

@@ -2407,9 +2407,9 @@ pub const OPTIONAL_MODEL_KEYS: &[&str] = &[
 ];
 
 /// A link's query read over a base query, as the page reads its own links over the case it starts from: each
-/// key the link gives replaces the base's (the link's pairs come last), the others keep the base's value. So `batch_size=4` is the base at
-/// batch 4, and a link the page wrote (every field) is itself. Three keys say more than their own value, as on
-/// the page:
+/// key the link gives replaces the base's (the link's pairs come last), the others keep the base's value. So
+/// `batch_size=4` is the base at batch 4, and a link the page wrote (every field) is itself. Three keys say more
+/// than their own value, as on the page:
 /// - `family`: the link names the model, so the base's optional model fields (`OPTIONAL_MODEL_KEYS`) it leaves
 ///   out are dropped (a Phi-3 base's sliding window does not stay on a Llama link);
 /// - `block_size` without `seq_len`: the run trains on whole blocks (the core's default), not on the base's

@@ -421,15 +421,7 @@ fn moe_fwd_until(cx: &mut Ctx, moe: Moe, input: Tensor, stop: bool) -> (MoeSaved
     }
     // The ParamWrappers exit (their proxies and `cached()`'s merged weights go unless saved).
     if !cx.saving {
-        for wr in [&saved.gate_up_w, &saved.down_w] {
-            if let Experts::Wrapped(wr) = wr {
-                cx.sim.free_some(&wr.tensors());
-            }
-        }
-        if let Some(ra) = &saved.router_adapter {
-            cx.free(ra.merged);
-            cx.autocast_cache.extend(ra.casts.iter().flatten());
-        }
+        saved.free_wrappers(cx);
     }
     if moe.aux_loss {
         cx.router_logits.push(logits);
@@ -755,6 +747,20 @@ impl MoeSaved {
         self.router.holds_input() || shared
     }
 
+    /// Frees what peft's ParamWrappers made for the block's forward: the experts' proxies and merged weights, the
+    /// router adapter's merged weight (its casts go to autocast's cache, which holds them to the forward's end).
+    fn free_wrappers(&self, cx: &mut Ctx) {
+        for ex in [&self.gate_up_w, &self.down_w] {
+            if let Experts::Wrapped(wr) = ex {
+                cx.sim.free_some(&wr.tensors());
+            }
+        }
+        if let Some(ra) = &self.router_adapter {
+            cx.free(ra.merged);
+            cx.autocast_cache.extend(ra.casts.iter().flatten());
+        }
+    }
+
     /// Frees what the block saved (a checkpointed block after its forward) and returns its Linears in the order
     /// they ran (for their autocast casts).
     pub fn release(&self, cx: &mut Ctx) -> Vec<&LinearSaved> {
@@ -775,15 +781,7 @@ impl MoeSaved {
         if let Some([a, b]) = self.renorm {
             cx.sim.free_all(&[a, b]);
         }
-        for ex in [&self.gate_up_w, &self.down_w] {
-            if let Experts::Wrapped(wr) = ex {
-                cx.sim.free_some(&wr.tensors());
-            }
-        }
-        if let Some(ra) = &self.router_adapter {
-            cx.free(ra.merged);
-            cx.autocast_cache.extend(ra.casts.iter().flatten());
-        }
+        self.free_wrappers(cx);
         let mut linears = Vec::new();
         if let Some(sh) = &self.shared {
             cx.sim.free_all(&[sh.out, sh.sigmoid]);
