@@ -212,13 +212,11 @@ const RESERVED_KNOWN: &[(&str, &str)] = &[
          snapshot's own allocations, replayed in their order through the model's allocator, reserve 50 MiB \
          (crate/tests/snapshot.rs; `cargo run --release --example replay`): the allocator is right, the order \
          is not. The tenth segment comes for c_fc's fp32 weight gradient (1 MiB), the last conversion of step 2, \
-         when 12,410,936 B live leave no 1 MiB hole in nine 2 MiB segments. The model's order first departs in \
-         step 1's forward: the wrapper allocates the MLP's c_proj output (fp16 N x C, `buf27`, freed after the \
-         final norm's kernel), which the model's GELU MLP never allocates; without it the measured order reserves \
-         48. Added alone to the model it leaves 48 here and moves the multi-layer nanoGPT records, whose wrappers \
-         keep it while the next block's norm kernels recompute the stream from the branch outputs (freed after \
-         the next kernel: founding +0.20% -> +0.98%, fp32-sgd-accum4-noclip +0.00% -> +7.80% reserved; kept to \
-         the forward's end: 12 of 73 compiled records outside 3%). In the backward Inductor's \
+         when 12,410,936 B live leave no 1 MiB hole in nine 2 MiB segments. The forward now follows the wrapper (`compiled::Inlined`: the MLP's c_proj output, `buf27`, read with \
+         the attention projection's by the final norm's kernel, and the first ln_1's mean and the position indices \
+         saved), which made the multi-layer nanoGPT records exact (founding +0.20% -> +0.00%) but leaves 48 here: \
+         the same model of 2, 3 and 4 layers, measured for this (not records), is one segment high instead (62, 76, \
+         88 MiB modelled against 60, 74, 86), so the segment follows the backward's order. In the backward Inductor's \
          reorder_for_peak_memory kept LPMF (5,079,576 B estimated; its own order 5,390,872, BFS 5,472,792, DFS \
          5,520,920; TORCH_LOGS=+torch._inductor.memory, cold cache), the only record of 17 logged that keeps LPMF \
          (two keep BFS, within tolerance: tests/data/stub-cuda/README.md): the four fp32 conversions last, \

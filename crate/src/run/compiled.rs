@@ -380,6 +380,9 @@ struct Block {
     x_in: Tensor,
     /// The norm before each branch (`None`: the branch reads the stream itself, OLMo 2's).
     norm1: Option<NormOut>,
+    /// ln_1's mean, kept beside its statistic where the stream it normalises is never written (`Inlined`: the
+    /// first block's input is the embeddings' sum, which its norm's backward recomputes).
+    mean_1: Option<Tensor>,
     attn: Attn,
     /// The stream after the attention branch; `None` in a checkpointed block's first run (see
     /// `separate_attn_fwd`).
@@ -405,6 +408,8 @@ pub struct Forward {
     /// The targets the fused loss saved: the batch's (nanoGPT), or the padded and shifted labels (HF).
     targets: Tensor,
     pos: Option<Tensor>,
+    /// The position indices (`torch.arange(0, t)`, int64), saved for the position embedding's backward.
+    iota: Option<Tensor>,
     emb_mask: Option<Tensor>,
     /// The sliding-window mask of the masked layers (`separate_attn_fwd`).
     window_mask: Option<Tensor>,
@@ -450,15 +455,74 @@ fn residual_mask(cx: &mut Ctx, elems: u64, recompute: bool) -> Option<Tensor> {
     }
 }
 
+/// What the forward's wrapper still holds of the blocks' branch outputs: buffers it releases only at the end of the
+/// forward (`deferred`), and, in nanoGPT's blocks without dropout, the residual stream's adds it inlines
+/// (`inlined`).
+#[derive(Default)]
+struct Held {
+    deferred: Vec<Tensor>,
+    inlined: Option<Inlined>,
+}
+
+/// The residual stream of nanoGPT's blocks without dropout, as Inductor computes it: each add is a pointwise node
+/// inlined into the kernel that reads it (the residual add fused with the next norm), so that kernel reads the
+/// stream's start and every branch output since, which stay alive until then; a kernel that would read more than
+/// `REALIZE_READS` buffers realizes the sum into an fp32 buffer of its own (written in place from then on), and
+/// the branch outputs it read die with it. The stream starts as the token and position embeddings (two reads).
+/// Wrappers of `tiny-vocab-grads-amp-compiled` with 1, 2, 3 and 4 layers and of `nanogpt-30m-founding-compiled`
+/// (6 layers): the first realization is in the second block's post-attention kernel (`buf43`, reading `buf1,
+/// buf2, buf17, buf27, buf42`), then every second block; the final norm's kernel writes the last stream over the
+/// realized buffer (`buf57 = buf43  # reuse` with 2 layers), which is what the backward saves.
+struct Inlined {
+    /// The buffers the stream's start takes to read: the embeddings, or the realized sum.
+    base_reads: u64,
+    /// Branch outputs added since.
+    branches: Vec<Tensor>,
+    realized: Option<Tensor>,
+}
+
+/// Inductor's `config.realize_reads_threshold` (torch/_inductor/config.py, 4 in torch 2.15): a pointwise node
+/// read by a kernel is realized when it would read more buffers than this.
+const REALIZE_READS: u64 = 4;
+
+impl Inlined {
+    fn new() -> Inlined {
+        Inlined {
+            base_reads: 2,
+            branches: Vec::new(),
+            realized: None,
+        }
+    }
+
+    /// A kernel adds `branch` to the stream. Returns whether it realized the sum (its fp32 buffer is then allocated,
+    /// the first time, before the kernel's other outputs, and what it read dies once they exist).
+    fn add(&mut self, cx: &mut Ctx, branch: Tensor) -> bool {
+        self.branches.push(branch);
+        if self.base_reads + self.branches.len() as u64 <= REALIZE_READS {
+            return false;
+        }
+        if self.realized.is_none() {
+            let nc = cx.n * cx.m.n_embd;
+            self.realized = Some(alloc_as(cx, nc * cx.r, cx.r, Activations, "add"));
+        }
+        for b in self.branches.drain(..) {
+            cx.sim.free_after_next_kernel(b);
+        }
+        self.base_reads = 1;
+        true
+    }
+}
+
 /// nanoGPT's attention on ln_1's output: the fused QKV GEMM, the kernel, the output projection, and the stream
 /// after the branch (`x_mid`, with the residual dropout's mask). The projection's output is read by the fused
-/// residual-add kernel: without dropout the wrapper releases it at the end of the forward (`deferred`); with
-/// dropout it hands the buffer on to the next block (`# reuse`), so it is free for the rest of the forward
-/// (measured: only the last block's is released at the end).
+/// residual-add kernel: in nanoGPT's blocks without dropout it is a branch of the inlined stream (`Inlined`), read
+/// until the stream is realized or the final norm's kernel; elsewhere without dropout the wrapper releases it at the
+/// end of the forward (`deferred`); with dropout it hands the buffer on to the next block (`# reuse`), so it is
+/// free for the rest of the forward (measured: only the last block's is released at the end).
 fn fused_attn_fwd(
     cx: &mut Ctx,
     last: bool,
-    deferred: &mut Vec<Tensor>,
+    held: &mut Held,
     recompute: bool,
     discarded: bool,
 ) -> (Attn, Tensor, Option<Tensor>) {
@@ -501,14 +565,18 @@ fn fused_attn_fwd(
     };
     let w_proj = weight_cast(cx, c * c);
     let proj = linear_mm(cx, nc * p, p, Temporary, (cx.arch.linear_bias, true));
+    if let Some(stream) = held.inlined.as_mut() {
+        stream.add(cx, proj);
+    }
     let x_mid = alloc_as(cx, nc * r, cx.r, Activations, "add");
     let mask1 = (!discarded)
         .then(|| residual_mask(cx, nc, recompute))
         .flatten();
-    if cx.arch.dropout && !last {
+    if held.inlined.is_some() {
+    } else if cx.arch.dropout && !last {
         cx.free(proj);
     } else {
-        deferred.push(proj);
+        held.deferred.push(proj);
     }
     let attn = Attn::Fused {
         w_attn,
@@ -798,6 +866,8 @@ fn post_norm_bwd(
 /// `separate_attn_fwd`).
 fn mlp_fwd(
     cx: &mut Ctx,
+    last: bool,
+    held: &mut Held,
     recompute: bool,
     want_out: bool,
     discarded: bool,
@@ -823,8 +893,25 @@ fn mlp_fwd(
             let mask2 = (!discarded)
                 .then(|| residual_mask(cx, nc, recompute))
                 .flatten();
-            linear_workspace(cx, bias, true);
-            let x_out = want_out.then(|| alloc_as(cx, nc * r, cx.r, Activations, "add"));
+            let x_out = match held.inlined.as_mut() {
+                // c_proj's output is a branch of the inlined stream; the last block's output is the final norm's
+                // kernel's, written over the realized sum if there is one.
+                Some(stream) => {
+                    let out = linear_mm(cx, nc * p, p, Temporary, (bias, true));
+                    stream.add(cx, out);
+                    let in_place = if last { stream.realized.take() } else { None };
+                    if last {
+                        held.deferred.append(&mut stream.branches);
+                    }
+                    in_place.or_else(|| {
+                        want_out.then(|| alloc_as(cx, nc * r, cx.r, Activations, "add"))
+                    })
+                }
+                None => {
+                    linear_workspace(cx, bias, true);
+                    want_out.then(|| alloc_as(cx, nc * r, cx.r, Activations, "add"))
+                }
+            };
             let saved = MlpSaved::Gelu { w_fc, h, w_mlp, g };
             (saved, mask2, x_out, None)
         }
@@ -887,7 +974,7 @@ fn block_fwd(
     cx: &mut Ctx,
     x_in: Tensor,
     (first, last): (bool, bool),
-    deferred: &mut Vec<Tensor>,
+    held: &mut Held,
     recompute: bool,
     want_out: bool,
     discarded: bool,
@@ -910,10 +997,14 @@ fn block_fwd(
     } else {
         (x_in, None)
     };
+    // The first block's ln_1 reads the embeddings' sum unwritten: its kernel saves the mean and rstd (wrappers of
+    // `Inlined`: `buf3`, `buf6`, read back as `getitem_1` and `rsqrt`).
+    let mean_1 = (first && held.inlined.is_some())
+        .then(|| alloc_as(cx, cx.n * 4, 4, Activations, "layer_norm mean"));
     let norm1 = pre.then(|| norm_fwd(cx, false));
     let (attn, x_mid, mask1, post1) = match cx.arch.qkv {
         Qkv::Fused => {
-            let (attn, x_mid, mask1) = fused_attn_fwd(cx, last, deferred, recompute, discarded);
+            let (attn, x_mid, mask1) = fused_attn_fwd(cx, last, held, recompute, discarded);
             (attn, Some(x_mid), mask1, None)
         }
         // GPT-NeoX's per-head packing comes with parallel branches: `neox_block_fwd`.
@@ -930,11 +1021,12 @@ fn block_fwd(
         x => (x, None),
     };
     let norm2 = pre.then(|| norm_fwd(cx, true));
-    let (mlp, mask2, x_out, post2) = mlp_fwd(cx, recompute, want_out, discarded);
+    let (mlp, mask2, x_out, post2) = mlp_fwd(cx, last, held, recompute, want_out, discarded);
     cx.sim.free_some(&[stream_mid]);
     let block = Block {
         x_in,
         norm1,
+        mean_1,
         attn,
         x_mid,
         masks: [mask1, mask2],
@@ -1017,6 +1109,7 @@ fn neox_block_fwd(
             stat: mean,
             out: ln1,
         }),
+        mean_1: None,
         attn,
         x_mid: None,
         masks: [None, None],
@@ -1064,6 +1157,10 @@ fn forward_graph(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool
     let c = cx.m.n_embd;
     let nc = cx.n * c;
     let (r, pb) = (cx.r, cx.pb);
+    // nanoGPT's `torch.arange(0, t)`: the forward's first buffer, saved (wrappers of `tiny-vocab-grads-amp-compiled`
+    // with and without dropout, `nanogpt-30m-founding-compiled`: `buf0`, read back as `iota`).
+    let iota = (cx.arch.positions == Positions::Learned)
+        .then(|| alloc_as(cx, cx.t * 8, 8, Activations, "arange"));
     let (pos, x0) = match cx.arch.positions {
         // The position embedding rows (T x C, parameter dtype) are saved when no dropout follows; the residual
         // stream starts as tok + pos in `r` bytes.
@@ -1079,7 +1176,10 @@ fn forward_graph(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool
         Positions::Learned => mask(cx, nc),
         Positions::Rotary => None,
     };
-    let mut deferred = Vec::new();
+    let mut held = Held {
+        deferred: Vec::new(),
+        inlined: (gelu_block(cx) && !cx.arch.dropout && !checkpointing).then(Inlined::new),
+    };
     let mut blocks = Vec::new();
     let mut window_mask = None;
     let mut x = x0;
@@ -1090,23 +1190,23 @@ fn forward_graph(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool
             blocks.push(Saved::Input(x));
             x = gelu_block_discarded(cx);
         } else if checkpointing {
-            let mut transient = Vec::new();
+            let mut transient = Held::default();
             let (b, x_out) = block_fwd(cx, x, place, &mut transient, false, true, true, None);
-            cx.sim.free_all(&transient);
+            cx.sim.free_all(&transient.deferred);
             blocks.push(Saved::Input(discard_block(cx, b)));
             x = x_out.expect("wanted");
         } else {
             // Checkpointed blocks with a window are refused (`Setup::validate`): not measured.
             let masked = window_reached(cx) && cx.arch.layer_slides(l);
             let window = masked.then_some(&mut window_mask);
-            let (b, x_out) = block_fwd(cx, x, place, &mut deferred, false, true, false, window);
+            let (b, x_out) = block_fwd(cx, x, place, &mut held, false, true, false, window);
             blocks.push(Saved::All(b));
             x = x_out.expect("wanted");
         }
     }
     cx.sim.layer(None);
     let (norm_f, norm_f_stats) = final_norm(cx, checkpointing);
-    cx.sim.free_all(&deferred);
+    cx.sim.free_all(&held.deferred);
     // Checkpointed, the last block's output is a recomputable node the partitioner does not save: the final
     // norm's backward waits for the last block's recompute (trace of the 2-layer fp16-amp variant: the forward
     // hands that buffer on, the backward allocates it again after the head's matmuls).
@@ -1128,6 +1228,7 @@ fn forward_graph(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool
         idx,
         targets,
         pos,
+        iota,
         emb_mask,
         window_mask,
         x_last,
@@ -1179,7 +1280,7 @@ fn final_norm(cx: &mut Ctx, checkpointing: bool) -> (Tensor, [Option<Tensor>; 2]
 /// reads) the block's output, returned. Earlier blocks' outputs are not needed again.
 fn block_recompute(cx: &mut Ctx, x_in: Tensor, l: u64) -> (Block, Option<Tensor>) {
     let last = l + 1 == cx.m.n_layer;
-    let mut transient = Vec::new();
+    let mut transient = Held::default();
     let (b, x_out) = block_fwd(
         cx,
         x_in,
@@ -1192,7 +1293,7 @@ fn block_recompute(cx: &mut Ctx, x_in: Tensor, l: u64) -> (Block, Option<Tensor>
     );
     // No norm follows a recomputed block: its residual add reads the branch output last.
     cx.sim.next_kernel_made();
-    cx.sim.free_all(&transient);
+    cx.sim.free_all(&transient.deferred);
     (b, x_out)
 }
 
@@ -1536,7 +1637,9 @@ fn block_bwd(
     let grads = attn_bwd(cx, s.attn, s.masks[0], in1, &mut g, pending);
     // A mixture of experts reads the fp32 residual gradient itself: no 2-byte copy is made for it (`moe_bwd`).
     let low = !moe_reads_wide(cx);
-    into_residual(cx, grads, (stat1, x1), (g, low), pending)
+    let g = into_residual(cx, grads, (stat1, x1), (g, low), pending);
+    cx.sim.free_some(&[s.mean_1]);
+    g
 }
 
 /// GPT-NeoX's layer backward (`neox_block_fwd`), in the order of the backward wrapper of
@@ -2210,7 +2313,7 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
             ),
         };
         cx.free(g_pos);
-        cx.sim.free_some(&[f.pos]);
+        cx.sim.free_some(&[f.pos, f.iota]);
         land_grad(cx, wpe, &mut pending);
     }
     let wte = embedding_backward(cx, tied_head, g, early_wte);
@@ -2386,6 +2489,7 @@ fn gelu_block_recompute_last(cx: &mut Ctx, x_in: Tensor) -> LastRecompute {
     let block = Block {
         x_in,
         norm1: Some(norm1),
+        mean_1: None,
         attn: Attn::Fused {
             w_attn,
             core: CoreSaved::Sdpa(a, qkv),

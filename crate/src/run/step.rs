@@ -339,9 +339,10 @@ pub fn simulate_first_forward(setup: &Setup) -> Result<Sim, Error> {
 
 /// A forward's saved state, for the backward of the same mode.
 enum Pass {
-    /// Boxed: an eager forward's saved state is the larger (clippy's large_enum_variant); one per micro-step.
+    /// Boxed, both: each forward's saved state is large beside the other's pointer (clippy's
+    /// large_enum_variant); one per micro-step.
     Eager(Box<eager::Forward>),
-    Compiled(compiled::Forward),
+    Compiled(Box<compiled::Forward>),
 }
 
 /// What the training loop keeps between micro-steps.
@@ -395,7 +396,7 @@ impl Loop {
             let f = compiled::forward(cx, x, y, tr.checkpointing);
             let logits = f.returned_logits(cx);
             returned(self, cx, logits);
-            Pass::Compiled(f)
+            Pass::Compiled(Box::new(f))
         } else {
             let mut f = eager::forward(cx, x, y, tr.checkpointing);
             distributed::root_post_forward(cx);
@@ -411,7 +412,7 @@ impl Loop {
         self.grad_scaler(cx);
         distributed::root_pre_backward(cx);
         match f {
-            Pass::Compiled(f) => compiled::backward(cx, f),
+            Pass::Compiled(f) => compiled::backward(cx, *f),
             Pass::Eager(f) => eager::backward(cx, *f),
         }
         distributed::root_post_backward(cx);

@@ -680,23 +680,35 @@ mod tests {
 
     /// The founding case as its user ran it (compiled, gradient accumulation 4, RTX 4070) showed about 4,464 MiB
     /// in nvidia-smi. Predicted: the modelled reserved memory plus the GeForce CUDA context (256 MiB, a published
-    /// figure, see `cuda_context_bytes`, not tuned to this case): issue 11 asks for 3%, and the prediction sits at
-    /// -2.9% (4,334 MiB). The rest is train.py's evaluation before the first step, which the estimate does not
-    /// model: on PyTorch's own allocator it reserves 140 MiB more (tests/data/stub-cuda/seed-run-eval.json), which
-    /// would put the prediction at -0.4%.
+    /// figure, see `cuda_context_bytes`, not tuned to this case). PyTorch's own allocator reserves 4,048 MiB for
+    /// the training step on a stubbed RTX 4070 (`nanogpt-30m-founding-accum4-sm89-compiled`), which the model
+    /// meets to the MiB since it follows Inductor's inlined residual stream (`compiled::Inlined`): 4,304 MiB
+    /// on the device, -3.6% from what nvidia-smi showed. The rest is train.py's evaluation before the
+    /// first step, which the estimate does not model: on PyTorch's own allocator it reserves 140 MiB more
+    /// (tests/data/stub-cuda/seed-run-eval.json: 4,188 MiB, 4,444 with the context, -0.4%). Issue 11's 3% was met
+    /// at -2.9% by a model of the step 30 MiB high; the step is now PyTorch's and the evaluation the known rest.
     #[test]
-    fn founding_case_device_total_is_within_three_percent_of_what_its_user_saw() {
+    fn founding_case_device_total_is_pytorchs_step_and_below_what_its_user_saw_by_the_evaluation() {
         let mut s = crate::presets::founding();
         s.train.grad_accum_steps = 4;
         assert!(s.train.compile && s.device.sm == 89);
         let r = crate::estimate(&s).unwrap();
-        let seen = 4464.0 * (1u64 << 20) as f64;
-        let err = (r.device_total_bytes as f64 - seen) / seen;
+        let mib = (1u64 << 20) as f64;
+        let step = (4048.0 + 256.0) * mib;
+        let err = (r.device_total_bytes as f64 - step) / step;
         assert!(
-            err.abs() <= 0.03,
-            "predicted {} vs 4464 MiB: {:+.1}%",
+            err.abs() <= 0.01,
+            "predicted {} vs PyTorch's allocator 4048 + 256 MiB: {:+.2}%",
             r.device_total_bytes >> 20,
             err * 100.0
+        );
+        // What nvidia-smi showed holds the evaluation too: below it by about its 140 MiB, never above.
+        let seen = 4464.0 * mib;
+        let gap = seen - r.device_total_bytes as f64;
+        assert!(
+            gap > 0.0 && gap < 200.0 * mib,
+            "predicted {} vs 4464 MiB",
+            r.device_total_bytes >> 20
         );
         // Eager would have been far off: the loss alone holds 4 more bytes per logit.
         let mut eager = s.clone();
