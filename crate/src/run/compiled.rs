@@ -1140,9 +1140,10 @@ pub fn forward(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool) 
 /// allocated within 2% 73/73 (median 0.37%) against 72/73 (0.39%); reserved within 3% 72/73 (median 0.05%)
 /// against 71/73 (0.10%). The checkpointed nanoGPT blocks (`gelu_block_discarded`, `gelu_block_backward`) follow
 /// the wrapper only with it on: `shakespeare-char-ckpt-compiled`'s reserved is -2.4% on, -9.8% off (steps 1 to 3:
-/// 666, 692, 740 MiB modelled, 650, 678, 758 measured). `tiny-vocab-grads-amp` stays at -4.0% (48 MiB against 50)
-/// either way: its measured allocations, replayed without either of the two reuses LPMF's order gives its backward
-/// or without the forward's MLP output buffer, reserve 48 too (tests/data/stub-cuda/README.md).
+/// 666, 692, 740 MiB modelled, 650, 678, 758 measured). (Figures measured before `Inlined`, which brought the
+/// compiled reserved median to 0.00%.) `tiny-vocab-grads-amp` stays at -4.0% (48 MiB against 50) either way: its
+/// measured allocations, replayed without either of the two reuses LPMF's order gives its backward, reserve 48 too
+/// (tests/data/stub-cuda/README.md).
 const INDUCTOR_BUFFER_REUSE: bool = true;
 
 /// A compiled graph starts (`INDUCTOR_BUFFER_REUSE`).
