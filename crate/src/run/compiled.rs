@@ -494,12 +494,12 @@ impl Inlined {
         }
     }
 
-    /// A kernel adds `branch` to the stream. Returns whether it realized the sum (its fp32 buffer is then allocated,
-    /// the first time, before the kernel's other outputs, and what it read dies once they exist).
-    fn add(&mut self, cx: &mut Ctx, branch: Tensor) -> bool {
+    /// A kernel adds `branch` to the stream. Past `REALIZE_READS` it realizes the sum: its fp32 buffer is
+    /// allocated, the first time, before the kernel's other outputs, and what the kernel read dies once they exist.
+    fn add(&mut self, cx: &mut Ctx, branch: Tensor) {
         self.branches.push(branch);
         if self.base_reads + self.branches.len() as u64 <= REALIZE_READS {
-            return false;
+            return;
         }
         if self.realized.is_none() {
             let nc = cx.n * cx.m.n_embd;
@@ -509,7 +509,6 @@ impl Inlined {
             cx.sim.free_after_next_kernel(b);
         }
         self.base_reads = 1;
-        true
     }
 }
 
@@ -572,11 +571,12 @@ fn fused_attn_fwd(
     let mask1 = (!discarded)
         .then(|| residual_mask(cx, nc, recompute))
         .flatten();
-    if held.inlined.is_some() {
-    } else if cx.arch.dropout && !last {
-        cx.free(proj);
-    } else {
-        held.deferred.push(proj);
+    if held.inlined.is_none() {
+        if cx.arch.dropout && !last {
+            cx.free(proj);
+        } else {
+            held.deferred.push(proj);
+        }
     }
     let attn = Attn::Fused {
         w_attn,
@@ -893,25 +893,26 @@ fn mlp_fwd(
             let mask2 = (!discarded)
                 .then(|| residual_mask(cx, nc, recompute))
                 .flatten();
-            let x_out = match held.inlined.as_mut() {
-                // c_proj's output is a branch of the inlined stream; the last block's output is the final norm's
-                // kernel's, written over the realized sum if there is one.
+            // c_proj's output is a branch of the inlined stream; the last block's output is the final norm's
+            // kernel's, written over the realized sum if there is one (the branches still unread die after it).
+            let in_place = match held.inlined.as_mut() {
                 Some(stream) => {
                     let out = linear_mm(cx, nc * p, p, Temporary, (bias, true));
                     stream.add(cx, out);
-                    let in_place = if last { stream.realized.take() } else { None };
                     if last {
                         held.deferred.append(&mut stream.branches);
+                        stream.realized.take()
+                    } else {
+                        None
                     }
-                    in_place.or_else(|| {
-                        want_out.then(|| alloc_as(cx, nc * r, cx.r, Activations, "add"))
-                    })
                 }
                 None => {
                     linear_workspace(cx, bias, true);
-                    want_out.then(|| alloc_as(cx, nc * r, cx.r, Activations, "add"))
+                    None
                 }
             };
+            let x_out = in_place
+                .or_else(|| want_out.then(|| alloc_as(cx, nc * r, cx.r, Activations, "add")));
             let saved = MlpSaved::Gelu { w_fc, h, w_mlp, g };
             (saved, mask2, x_out, None)
         }
@@ -1179,7 +1180,12 @@ fn forward_graph(cx: &mut Ctx, idx: Tensor, targets: Tensor, checkpointing: bool
     };
     let mut held = Held {
         deferred: Vec::new(),
-        inlined: (gelu_block(cx) && !cx.arch.dropout && !checkpointing).then(Inlined::new),
+        // Measured with learned positions (the stream's start is two buffers, `Inlined::new`), as nanoGPT has.
+        inlined: (gelu_block(cx)
+            && cx.arch.positions == Positions::Learned
+            && !cx.arch.dropout
+            && !checkpointing)
+            .then(Inlined::new),
     };
     let mut blocks = Vec::new();
     let mut window_mask = None;
