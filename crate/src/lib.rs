@@ -29,7 +29,7 @@ pub mod show;
 
 pub use describe::{arch, finetune, model, parallel, policy, presets};
 pub use read::{input, pickle, snapshot};
-pub use run::{allocator, compiled, distributed, eager, moe, sim, step, tensors};
+pub use run::{allocator, compiled, distributed, eager, moe, reorder, sim, step, tensors};
 #[cfg(all(target_arch = "wasm32", not(feature = "snapshot-module")))]
 pub use show::wasm;
 #[cfg(all(target_arch = "wasm32", feature = "snapshot-module"))]

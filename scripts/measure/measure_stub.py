@@ -61,6 +61,9 @@ def child(case, snapshot_path):
         flash_version = fake_flash_attn.install()
     import torch
     import measure
+    if os.environ.get("VRAMFIT_INDUCTOR_GRAPHS"):  # inductor_graphs.py: the graphs Inductor's ordering weighs
+        import inductor_graphs
+        inductor_graphs.install(os.environ["VRAMFIT_INDUCTOR_GRAPHS"])
     torch.backends.cuda.enable_cudnn_sdp(False)
     readback = moe_offsets_readback(torch, measure)
     try:

@@ -8,6 +8,7 @@ pub mod compiled;
 pub mod distributed;
 pub mod eager;
 pub mod moe;
+pub mod reorder;
 pub mod sim;
 pub mod step;
 pub mod tensors;
