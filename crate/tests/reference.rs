@@ -205,30 +205,7 @@ const ALLOCATED_KNOWN_TOLERANCE: f64 = 0.03;
 /// Compiled records whose reserved memory the allocator model does not reach within 3%, each with what the
 /// memory snapshots show (each must still be within 10%). Compiled records are re-runs with Inductor's caches
 /// warm (see tests/data/stub-cuda/README.md).
-const RESERVED_KNOWN: &[(&str, &str)] = &[
-    (
-        "tiny-vocab-grads-amp-compiled",
-        "50 MiB measured, 48 modelled: one 2 MiB small-pool segment, placed, not missing. The committed memory \
-         snapshot's own allocations, replayed in their order through the model's allocator, reserve 50 MiB \
-         (crate/tests/snapshot.rs; `cargo run --release --example replay`): the allocator is right, the order \
-         is not. The tenth segment comes for c_fc's fp32 weight gradient (1 MiB), the last conversion of step 2, \
-         when 12,410,936 B live leave no 1 MiB hole in nine 2 MiB segments. The forward now follows the wrapper (`compiled::Inlined`: the MLP's c_proj output, `buf27`, read with \
-         the attention projection's by the final norm's kernel, and the first ln_1's mean and the position indices \
-         saved), which made the multi-layer nanoGPT records exact (founding +0.20% -> +0.00%) but leaves 48 here: \
-         the same model of 2, 3 and 4 layers, measured for this (not records), is one segment high instead (62, 76, \
-         88 MiB modelled against 60, 74, 86), so the segment follows the backward's order. In the backward Inductor's \
-         reorder_for_peak_memory kept LPMF (5,079,576 B estimated; its own order 5,390,872, BFS 5,472,792, DFS \
-         5,520,920; TORCH_LOGS=+torch._inductor.memory, cold cache), the only record of 17 logged that keeps LPMF \
-         (two keep BFS, within tolerance: tests/data/stub-cuda/README.md): the four fp32 conversions last, \
-         smallest first, both embeddings' gradients zero-filled after the head's weight GEMM, ln_f's weight \
-         reduction before its backward kernel, which then writes the residual gradient over the saved stream \
-         (`buf6 = mul_7  # reuse`), and that buffer handed on to attn.c_proj's fp32 gradient (`buf25 = \
-         reinterpret_tensor(buf38, ...)  # reuse`). In the measured order either reuse undone alone reserves 48; \
-         the conversions or the embedding buffers moved to the model's places keep 50; all those departures \
-         together keep 50: a knife edge only the wrapper's exact order (LPMF's, its reuses, the forward buffer) \
-         settles. No GEMM here takes cuBLASLt's workspace",
-    ),
-];
+const RESERVED_KNOWN: &[(&str, &str)] = &[];
 
 /// The stub-cuda records (`tests/data/stub-cuda/*.json`): measured allocated and reserved against the estimate's.
 fn stub_rows(file: &str) -> Vec<(String, [u64; 4])> {

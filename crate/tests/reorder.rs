@@ -69,7 +69,7 @@ fn every_recorded_graph_is_ordered_and_weighed_as_inductor_did() {
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
         .collect();
     files.sort();
-    assert!(files.len() >= 9, "{} recorded cases", files.len());
+    assert!(files.len() >= 17, "{} recorded cases", files.len());
     let (mut graphs, mut reordered, mut failures) = (0, 0, Vec::new());
     for f in &files {
         let rec: Value = serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap();
@@ -110,5 +110,59 @@ fn every_recorded_graph_is_ordered_and_weighed_as_inductor_did() {
     assert!(
         graphs >= 20 && reordered >= 3,
         "{graphs} graphs, {reordered} reordered"
+    );
+}
+
+/// The reference case named `name` as a setup (its entry in scripts/measure/cases*.json).
+fn case_setup(name: &str) -> vramfit::Setup {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/measure");
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let file = p.file_name().unwrap().to_str().unwrap().to_string();
+        if !(file.starts_with("cases") && file.ends_with(".json")) {
+            continue;
+        }
+        let cases: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        for c in cases.as_array().unwrap() {
+            if c["name"] == name {
+                let mut c = c.clone();
+                c.as_object_mut().unwrap().remove("name");
+                return vramfit::input::setup_from_json(&c.to_string()).unwrap();
+            }
+        }
+    }
+    panic!("no case {name}")
+}
+
+/// Where the compiled executor describes a backward graph kernel by kernel (nanoGPT's blocks), the order it
+/// keeps for it is the one Inductor kept for that case's backward graph: its own, LPMF or BFS.
+#[test]
+fn the_described_backward_graphs_keep_the_order_inductor_kept() {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let (mut described, mut kept_other, mut failures) = (0, 0, Vec::new());
+    for f in &files {
+        let rec: Value = serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap();
+        let case = rec["case"].as_str().unwrap();
+        let backward = rec["graphs"].as_array().unwrap().last().unwrap();
+        let inductor = backward["kept"].as_str().unwrap();
+        let sim = vramfit::step::simulate(&case_setup(case)).unwrap();
+        let orders = sim.graph_orders();
+        if orders.is_empty() {
+            continue;
+        }
+        described += 1;
+        kept_other += (inductor != "own") as usize;
+        if orders.iter().any(|m| m.name() != inductor) {
+            failures.push(format!("{case}: {orders:?}, Inductor kept {inductor}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(
+        described >= 6 && kept_other >= 2,
+        "{described} described, {kept_other} reordered"
     );
 }

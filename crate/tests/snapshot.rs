@@ -87,10 +87,11 @@ fn trace_of(bytes: &[u8]) -> Vec<(bool, u32, u64)> {
 }
 
 /// The model's caching allocator, given the allocations PyTorch's allocator served, in their order, reserves what
-/// PyTorch's did: for `tiny-vocab-grads-amp-compiled` (issue 10's outlier, `RESERVED_KNOWN` in reference.rs: 50 MiB
-/// measured, 48 modelled) the allocator is right and the order of the estimate's allocations is what differs.
-/// Ten segments: nine 2 MiB small-pool ones and the cuBLAS workspace's 32 MiB; the tenth comes for c_fc's fp32
-/// weight gradient (1 MiB), the last conversion of step 2's backward.
+/// PyTorch's did: for `tiny-vocab-grads-amp-compiled`, whose backward Inductor runs in its LPMF order (issue 10: the
+/// estimate reserved 48 MiB of the 50 measured until it followed that order, `vramfit::reorder`), the allocator was
+/// right and the order of the estimate's allocations was what differed. Ten segments: nine 2 MiB small-pool ones
+/// and the cuBLAS workspace's 32 MiB; the tenth comes for c_fc's fp32 weight gradient (1 MiB), the last conversion
+/// of step 2's backward.
 #[test]
 fn the_allocator_replays_a_compiled_snapshot_to_its_reserved_peak() {
     let bytes =

@@ -11,6 +11,12 @@
 //! Inductor's default settings (pattern passes and joint-graph constant folding on) and the whole step tracked,
 //! the autograd engine's allocations between the compiled graphs included.
 //!
+//! The order is the scheduler's own, which Inductor's memory-ordering pass (`reorder`) keeps in most graphs but
+//! not all: small ones often run least-peak-memory-first or breadth-first. nanoGPT's backward graph is described
+//! kernel by kernel (`Sim::kernel`: what each reads, writes in place or may write over, `described_backward`),
+//! and `sim` replays it in the order that pass keeps for it, as read from the graphs Inductor weighed
+//! (tests/data/stub-cuda/inductor-graphs/). Other graphs keep the order written here.
+//!
 //! What the partitioned forward saves, per block (`p` bytes of a matmul output, `r` bytes of the residual):
 //! the residual stream before the block and between its branches (`r`: fp32 under autocast, since the adds
 //! promote), ln_1's and ln_2's outputs (`p`: the fused LayerNorm kernel writes the matmul dtype directly, so no
@@ -845,7 +851,7 @@ fn post_norm_bwd(
     pending: &mut Vec<Tensor>,
 ) {
     let Some(post) = post else { return };
-    norm_grads(cx, pending);
+    norm_grads(cx, &[], pending);
     let g_out = alloc_as(
         cx,
         cx.n * cx.m.n_embd * cx.p,
@@ -1484,17 +1490,24 @@ fn land_grad(cx: &mut Ctx, g: Tensor, pending: &mut Vec<Tensor>) {
     }
 }
 
-/// A norm's or a bias's gradient: a reduction kernel writes it in the parameter dtype.
-fn reduce_grad(cx: &mut Ctx, elems: u64, pending: &mut Vec<Tensor>) {
+/// The graph under way runs a new kernel reading `reads` (`Sim::kernel`): the allocations that follow are its
+/// outputs.
+fn kernel(cx: &mut Ctx, reads: &[Option<Tensor>]) {
+    cx.sim.kernel(reads, None);
+}
+
+/// A norm's or a bias's gradient: a reduction kernel reading `reads` writes it in the parameter dtype.
+fn reduce_grad(cx: &mut Ctx, reads: &[Option<Tensor>], elems: u64, pending: &mut Vec<Tensor>) {
+    kernel(cx, reads);
     let cat = grad_category(cx);
     let g = alloc_as(cx, elems * cx.pb, cx.pb, cat, "sum");
     land_grad(cx, g, pending);
 }
 
-fn norm_grads(cx: &mut Ctx, pending: &mut Vec<Tensor>) {
+fn norm_grads(cx: &mut Ctx, reads: &[Option<Tensor>], pending: &mut Vec<Tensor>) {
     let bias = matches!(cx.arch.norm, Norm::LayerNorm { bias: true });
     for _ in 0..1 + u64::from(bias) {
-        reduce_grad(cx, cx.m.n_embd, pending);
+        reduce_grad(cx, reads, cx.m.n_embd, pending);
     }
 }
 
@@ -1503,27 +1516,30 @@ fn norm_grads(cx: &mut Ctx, pending: &mut Vec<Tensor>) {
 /// gradient's GEMM first, then the weight gradient's, the bias's reduction and the conversion (wrappers of
 /// `llama-3.2-1b-like-b1`, the founding case, `gpt2-124m-bias-fp16` and `narrow-128-fp32-bias`). `x`: saved
 /// tensors the weight gradient's GEMM reads last; `w`: the weight cast the input gradient's GEMM reads. Returns
-/// the input gradient (N x `in_f`, matmul dtype).
+/// the input gradient (N x `in_f`, matmul dtype). `[grad, input]`: the output's gradient both GEMMs read and
+/// the layer's input the weight gradient's reads without being its last reader (for `Sim::kernel`).
 fn linear_bwd(
     cx: &mut Ctx,
     (out_f, in_f): (u64, u64),
     bias: bool,
+    [grad, input]: [Option<Tensor>; 2],
     x: &[Option<Tensor>],
     w: Option<Tensor>,
     pending: &mut Vec<Tensor>,
 ) -> Tensor {
-    let g_in = bias.then(|| input_grad(cx, in_f, w));
-    let low = weight_grad(cx, out_f * in_f, x, pending);
-    let g_in = g_in.unwrap_or_else(|| input_grad(cx, in_f, w));
+    let g_in = bias.then(|| input_grad(cx, grad, in_f, w));
+    let low = weight_grad(cx, [grad, input], out_f * in_f, x, pending);
+    let g_in = g_in.unwrap_or_else(|| input_grad(cx, grad, in_f, w));
     if bias {
-        reduce_grad(cx, out_f, pending);
+        reduce_grad(cx, &[grad], out_f, pending);
     }
     convert_grad(cx, out_f * in_f, low, pending);
     g_in
 }
 
-/// A Linear's input-gradient GEMM; then its weight cast is released.
-fn input_grad(cx: &mut Ctx, in_f: u64, w: Option<Tensor>) -> Tensor {
+/// A Linear's input-gradient GEMM, reading `grad`; then its weight cast is released.
+fn input_grad(cx: &mut Ctx, grad: Option<Tensor>, in_f: u64, w: Option<Tensor>) -> Tensor {
+    kernel(cx, &[grad, w]);
     let g = mm(cx, cx.n * in_f * cx.p, cx.p, Temporary, "mm");
     cx.sim.free_some(&[w]);
     g
@@ -1533,10 +1549,14 @@ fn input_grad(cx: &mut Ctx, in_f: u64, w: Option<Tensor>) -> Tensor {
 /// autocast it writes the matmul dtype, returned for `convert_grad`; otherwise the gradient itself, landed.
 fn weight_grad(
     cx: &mut Ctx,
+    [grad, input]: [Option<Tensor>; 2],
     elems: u64,
     x: &[Option<Tensor>],
     pending: &mut Vec<Tensor>,
 ) -> Option<Tensor> {
+    let mut reads = vec![grad, input];
+    reads.extend_from_slice(x);
+    kernel(cx, &reads);
     let low = if cx.prec.autocast() {
         Some(mm(cx, elems * cx.p, cx.p, Temporary, "mm"))
     } else {
@@ -1552,6 +1572,7 @@ fn weight_grad(
 /// The pointwise kernel converting a 2-byte weight gradient (`elems`) to the parameter dtype.
 fn convert_grad(cx: &mut Ctx, elems: u64, low: Option<Tensor>, pending: &mut Vec<Tensor>) {
     if let Some(low) = low {
+        kernel(cx, &[Some(low)]);
         let cat = grad_category(cx);
         let g = alloc_as(cx, elems * cx.pb, cx.pb, cat, "_to_copy");
         cx.free(low);
@@ -1564,6 +1585,13 @@ fn convert_grad(cx: &mut Ctx, elems: u64, low: Option<Tensor>, pending: &mut Vec
 struct ResidualGrad {
     wide: Tensor,
     low: Option<Tensor>,
+}
+
+impl ResidualGrad {
+    /// What the matmuls of a branch read: the 2-byte copy, else the residual gradient itself.
+    fn read(&self) -> Option<Tensor> {
+        self.low.or(Some(self.wide))
+    }
 }
 
 /// The 2-byte copy's last reader has run. (Without one the matmuls read the residual gradient itself, which
@@ -1599,15 +1627,20 @@ fn into_residual(
     };
     let nc = cx.n * cx.m.n_embd;
     let layer_norm = matches!(cx.arch.norm, Norm::LayerNorm { .. });
+    let mut reads: Vec<Option<Tensor>> = grads.iter().map(|&t| Some(t)).collect();
+    reads.push(x);
     if !layer_norm {
-        norm_grads(cx, pending);
+        norm_grads(cx, &reads, pending);
     }
+    let norm_reads = reads.clone();
+    reads.extend([Some(stat), Some(g.wide)]);
+    cx.sim.kernel_writing(&reads, g.wide);
     let low = (cx.r != cx.p && low).then(|| alloc_as(cx, nc * cx.p, cx.p, Temporary, "_to_copy"));
     cx.sim.free_some(&[x]);
     cx.sim.free_all(&grads);
     cx.free(stat);
     if layer_norm {
-        norm_grads(cx, pending);
+        norm_grads(cx, &norm_reads, pending);
     }
     ResidualGrad { wide: g.wide, low }
 }
@@ -1624,10 +1657,13 @@ fn norm_parts(norm: Option<NormOut>, x: Option<Tensor>) -> NormParts {
     }
 }
 
+/// `first`: the model's first block, whose input gradient goes to the embeddings' backward, which reads it in
+/// fp32: no 2-byte copy is made (every recorded backward graph: tests/data/stub-cuda/inductor-graphs/).
 fn block_bwd(
     cx: &mut Ctx,
     mut g: ResidualGrad,
     s: Block,
+    first: bool,
     pending: &mut Vec<Tensor>,
 ) -> ResidualGrad {
     if cx.arch.parallel_residual {
@@ -1643,7 +1679,7 @@ fn block_bwd(
     let (stat1, in1, x1) = norm_parts(s.norm1, Some(s.x_in));
     let grads = attn_bwd(cx, s.attn, s.masks[0], in1, &mut g, pending);
     // A mixture of experts reads the fp32 residual gradient itself: no 2-byte copy is made for it (`moe_bwd`).
-    let low = !moe_reads_wide(cx);
+    let low = !moe_reads_wide(cx) && !first;
     let g = into_residual(cx, grads, (stat1, x1), (g, low), pending);
     cx.sim.free_some(&[s.mean_1]);
     g
@@ -1690,14 +1726,30 @@ fn neox_block_bwd(
     else {
         unreachable!("GPT-NeoX's attention is SDPA on one packed projection")
     };
-    let g_h = linear_bwd(cx, (c, i), bias, &[Some(gelu)], w_mlp, pending);
+    let g_h = linear_bwd(
+        cx,
+        (c, i),
+        bias,
+        [None, None],
+        &[Some(gelu)],
+        w_mlp,
+        pending,
+    );
     if bias {
-        reduce_grad(cx, c, pending);
+        reduce_grad(cx, &[], c, pending);
     }
     cx.free(h);
-    let g_ln2 = linear_bwd(cx, (i, c), bias, &[Some(n2.out)], w_fc, pending);
+    let g_ln2 = linear_bwd(
+        cx,
+        (i, c),
+        bias,
+        [None, None],
+        &[Some(n2.out)],
+        w_fc,
+        pending,
+    );
     cx.free(g_h);
-    let g_o = input_grad(cx, qd, w_o);
+    let g_o = input_grad(cx, None, qd, w_o);
     let (dq, dk, dv) = extern_kernel(cx, ops::sdpa_bwd);
     cx.free(g_o);
     cx.sim.free_all(&saved.tensors());
@@ -1712,17 +1764,23 @@ fn neox_block_bwd(
         "cat (per head)",
     );
     cx.sim.free_all(&[dq, dk, dv, dq_un, dk_un]);
-    let g_ln1 = input_grad(cx, c, w_qkv);
+    let g_ln1 = input_grad(cx, None, c, w_qkv);
     let low = (cx.r != cx.p).then(|| alloc_as(cx, cx.n * c * cx.p, cx.p, Temporary, "_to_copy"));
     cx.sim.free_all(&[g_ln1, g_ln2, s.x_in, n1.stat, n2.stat]);
-    norm_grads(cx, pending);
-    norm_grads(cx, pending);
-    let low_o = weight_grad(cx, c * qd, &[y_t], pending);
+    norm_grads(cx, &[], pending);
+    norm_grads(cx, &[], pending);
+    let low_o = weight_grad(cx, [None, None], c * qd, &[y_t], pending);
     convert_grad(cx, c * qd, low_o, pending);
     cx.sim.free_some(&[g.low]);
-    let low_qkv = weight_grad(cx, (qd + 2 * kv) * c, &[Some(n1.out)], pending);
+    let low_qkv = weight_grad(
+        cx,
+        [None, None],
+        (qd + 2 * kv) * c,
+        &[Some(n1.out)],
+        pending,
+    );
     if qkv_bias {
-        reduce_grad(cx, qd + 2 * kv, pending);
+        reduce_grad(cx, &[], qd + 2 * kv, pending);
     }
     convert_grad(cx, (qd + 2 * kv) * c, low_qkv, pending);
     cx.free(g_qkv);
@@ -1750,10 +1808,27 @@ fn mlp_bwd(
             w_mlp,
             g: gelu,
         } => {
-            let g_h = linear_bwd(cx, (c, i), bias, &[Some(gelu)], w_mlp, pending);
+            let g_h = linear_bwd(
+                cx,
+                (c, i),
+                bias,
+                [g.read(), None],
+                &[Some(gelu)],
+                w_mlp,
+                pending,
+            );
             release_low(cx, g);
+            cx.sim.kernel_writing(&[Some(g_h), Some(h)], g_h);
             cx.free(h);
-            let g_in = linear_bwd(cx, (i, c), bias, &[norm_out], w_fc, pending);
+            let g_in = linear_bwd(
+                cx,
+                (i, c),
+                bias,
+                [Some(g_h), None],
+                &[norm_out],
+                w_fc,
+                pending,
+            );
             cx.free(g_h);
             vec![g_in]
         }
@@ -1769,7 +1844,15 @@ fn mlp_bwd(
             prod,
             casts: [w_gate_up, w_down],
         } => {
-            let g_prod = linear_bwd(cx, (c, i), bias, &[Some(prod)], w_down, pending);
+            let g_prod = linear_bwd(
+                cx,
+                (c, i),
+                bias,
+                [None, None],
+                &[Some(prod)],
+                w_down,
+                pending,
+            );
             release_low(cx, g);
             let g_gate_up = alloc_as(
                 cx,
@@ -1779,7 +1862,15 @@ fn mlp_bwd(
                 "silu_mul_backward",
             );
             cx.sim.free_all(&[g_prod, gate_up]);
-            let g_in = linear_bwd(cx, (2 * i, c), bias, &[norm_out], w_gate_up, pending);
+            let g_in = linear_bwd(
+                cx,
+                (2 * i, c),
+                bias,
+                [None, None],
+                &[norm_out],
+                w_gate_up,
+                pending,
+            );
             cx.free(g_gate_up);
             vec![g_in]
         }
@@ -1798,15 +1889,23 @@ fn swiglu_bwd(
 ) -> Vec<Tensor> {
     let c = cx.m.n_embd;
     let bias = cx.arch.linear_bias;
-    let g_prod = linear_bwd(cx, (c, i), bias, &[Some(prod)], w_down, pending);
+    let g_prod = linear_bwd(
+        cx,
+        (c, i),
+        bias,
+        [None, None],
+        &[Some(prod)],
+        w_down,
+        pending,
+    );
     release_low(cx, g);
     let g_gate = alloc_as(cx, cx.n * i * cx.p, cx.p, Temporary, "silu_mul_backward");
     let g_up = up;
     cx.sim.adopt(up);
     cx.sim.free_all(&[g_prod, gate]);
-    let g_in1 = linear_bwd(cx, (i, c), bias, &[], w_gate, pending);
+    let g_in1 = linear_bwd(cx, (i, c), bias, [None, None], &[], w_gate, pending);
     cx.free(g_gate);
-    let g_in2 = linear_bwd(cx, (i, c), bias, &[norm_out], w_up, pending);
+    let g_in2 = linear_bwd(cx, (i, c), bias, [None, None], &[norm_out], w_up, pending);
     cx.free(g_up);
     vec![g_in1, g_in2]
 }
@@ -1838,15 +1937,23 @@ fn attn_bwd(
                 CoreSaved::Manual { y, .. } => Some(*y),
                 CoreSaved::Sdpa(..) => None,
             };
-            let g_y = linear_bwd(cx, (c, qd), bias, &[y], w_proj, pending);
+            let out = match &core {
+                CoreSaved::Sdpa(a, _) => Some(a.out),
+                CoreSaved::Manual { .. } => None,
+            };
+            let g_y = linear_bwd(cx, (c, qd), bias, [g.read(), out], &[y], w_proj, pending);
             release_low(cx, g);
             cx.sim.free_some(&[mask]);
             let g_qkv = match core {
                 CoreSaved::Sdpa(a, qkv) => {
+                    let mut reads: Vec<Option<Tensor>> = a.tensors().map(Some).to_vec();
+                    reads.extend([Some(g_y), Some(qkv)]);
+                    kernel(cx, &reads);
                     let (dq, dk, dv) = extern_kernel(cx, ops::sdpa_bwd);
                     cx.free(g_y);
                     cx.sim.free_all(&a.tensors());
                     cx.free(qkv);
+                    kernel(cx, &[Some(dq), Some(dk), Some(dv)]);
                     let cat = alloc_as(cx, 3 * nc * p, p, Temporary, "cat");
                     cx.sim.free_all(&[dq, dk, dv]);
                     cat
@@ -1878,7 +1985,15 @@ fn attn_bwd(
                     cat
                 }
             };
-            let g_in = linear_bwd(cx, (3 * c, c), qkv_bias, &[norm_out], w_attn, pending);
+            let g_in = linear_bwd(
+                cx,
+                (3 * c, c),
+                qkv_bias,
+                [Some(g_qkv), None],
+                &[norm_out],
+                w_attn,
+                pending,
+            );
             cx.free(g_qkv);
             vec![g_in]
         }
@@ -1894,7 +2009,7 @@ fn attn_bwd(
             let kv = cx.m.kv_dim();
             let (dq, dk, mut dv, repeated) = match core {
                 SeparateCore::Sdpa { saved, masked } => {
-                    let g_o = linear_bwd(cx, (c, qd), bias, &[], w_o, pending);
+                    let g_o = linear_bwd(cx, (c, qd), bias, [None, None], &[], w_o, pending);
                     release_low(cx, g);
                     let (dq, dk, dv) = if masked {
                         extern_kernel(cx, |cx| ops::sdpa_bwd_with(cx, SdpaBackend::Efficient, qd))
@@ -1908,7 +2023,8 @@ fn attn_bwd(
                     (dq, dk, dv, masked)
                 }
                 SeparateCore::Eager(e) => {
-                    let g_o = linear_bwd(cx, (c, qd), bias, &[Some(e.y)], w_o, pending);
+                    let g_o =
+                        linear_bwd(cx, (c, qd), bias, [None, None], &[Some(e.y)], w_o, pending);
                     release_low(cx, g);
                     let (dq, dk, dv) = eager_core_bwd(cx, e, g_o, [q_rot, k_rot, v]);
                     (dq, dk, dv, true)
@@ -1923,7 +2039,15 @@ fn attn_bwd(
                 cx.free(dq);
                 let g_qkv = alloc_as(cx, cx.n * (qd + 2 * kv) * p, p, Temporary, "slice_backward");
                 cx.sim.free_all(&[dv, dk_un, dq_un]);
-                let g_in = linear_bwd(cx, (qd + 2 * kv, c), qkv_bias, &[norm_out], w_q, pending);
+                let g_in = linear_bwd(
+                    cx,
+                    (qd + 2 * kv, c),
+                    qkv_bias,
+                    [None, None],
+                    &[norm_out],
+                    w_q,
+                    pending,
+                );
                 cx.free(g_qkv);
                 return vec![g_in];
             }
@@ -1934,7 +2058,7 @@ fn attn_bwd(
                 cx.free(dv);
                 dv = summed;
             }
-            let g_v = linear_bwd(cx, (kv, c), qkv_bias, &[], w_v, pending);
+            let g_v = linear_bwd(cx, (kv, c), qkv_bias, [None, None], &[], w_v, pending);
             cx.free(dv);
             let (q_saved, k_saved) = match qk_norm {
                 Some(n) => (Some((n.q, n.q_stat)), Some((n.k, n.k_stat))),
@@ -1942,11 +2066,19 @@ fn attn_bwd(
             };
             let dk_un = rotary_bwd(cx, kv, k_saved, pending);
             cx.free(dk);
-            let g_k = linear_bwd(cx, (kv, c), qkv_bias, &[], w_k, pending);
+            let g_k = linear_bwd(cx, (kv, c), qkv_bias, [None, None], &[], w_k, pending);
             cx.free(dk_un);
             let dq_un = rotary_bwd(cx, qd, q_saved, pending);
             cx.free(dq);
-            let g_q = linear_bwd(cx, (qd, c), qkv_bias, &[norm_out], w_q, pending);
+            let g_q = linear_bwd(
+                cx,
+                (qd, c),
+                qkv_bias,
+                [None, None],
+                &[norm_out],
+                w_q,
+                pending,
+            );
             cx.free(dq_un);
             vec![g_v, g_k, g_q]
         }
@@ -2007,7 +2139,7 @@ fn rotary_bwd(
     } else {
         cx.m.head_dim()
     };
-    reduce_grad(cx, weight, pending);
+    reduce_grad(cx, &[], weight, pending);
     cx.free(prod);
     g
 }
@@ -2031,12 +2163,13 @@ struct HeadBackward {
 }
 
 /// nanoGPT with a sequence shorter than the block, under autocast: the position embedding's gradient is then an
-/// index-put into a zeroed block_size x C fp32 buffer rather than a sum over the batch, and Inductor schedules the
-/// zero-fill of both embeddings' fp32 gradient buffers right after the fused loss kernel (read from the wrapper of
-/// `grads-dominate-accum3-fp16`: both `empty_strided_cuda` calls come before the head's first matmul; with the
-/// sequence equal to the block, as in the founding case, the token embedding's comes at the end). They live
-/// through the whole backward. In fp32 and pure bf16 both come at the end of the graph (wrappers of
-/// `grads-dominate-accum2` and `grads-dominate-accum2-bf16`).
+/// index-put into a zeroed block_size x C fp32 buffer rather than a sum over the batch, and the wrapper of
+/// `grads-dominate-accum3-fp16` makes the zero-fill of both embeddings' fp32 gradient buffers right after the
+/// fused loss kernel (both `empty_strided_cuda` calls come before the head's first matmul), so they live through
+/// the whole backward. That wrapper ran in BFS order (Inductor's memory-ordering pass: the zero-fills read nothing,
+/// so BFS runs them first); in the scheduler's own order they come at the end, as in fp32 and pure bf16 (wrappers
+/// of `grads-dominate-accum2` and `grads-dominate-accum2-bf16`) and in the founding case. A described backward
+/// (`described_backward`) therefore makes them at the end and lets the pass decide; the others keep this.
 struct EarlyEmbeddingGrads {
     wte: Tensor,
     wpe: Tensor,
@@ -2058,7 +2191,7 @@ struct EarlyEmbeddingGrads {
 fn head_backward(
     cx: &mut Ctx,
     early_embedding_grads: bool,
-    release: &[Tensor],
+    (release, logits): (&[Tensor], Tensor),
     head_cast: Option<Tensor>,
     norm_out: Tensor,
     norm_stat: [Option<Tensor>; 2],
@@ -2077,6 +2210,10 @@ fn head_backward(
     );
     // The autograd engine made that tangent; the compiled backward graph starts here.
     begin_graph(cx);
+    cx.sim.fixed_input(zeros);
+    let mut reads: Vec<Option<Tensor>> = release.iter().map(|&t| Some(t)).collect();
+    reads.extend([Some(zeros), Some(logits)]);
+    kernel(cx, &reads);
     let g_logits = alloc_as(
         cx,
         cx.n * padded_vocab(v) * p,
@@ -2084,6 +2221,9 @@ fn head_backward(
         Logits,
         "fused cross-entropy backward",
     );
+    // Inductor's scheduler realizes the softmax's numerator as a buffer of that size too, read by nothing else
+    // and never allocated by the kernel (the founding case's recorded graph: `buf1` of `op0_op1_op2`).
+    cx.sim.phantom(cx.n * padded_vocab(v) * p);
     cx.sim.free_all(release);
     cx.free(zeros);
     let early = early_embedding_grads.then(|| {
@@ -2092,8 +2232,11 @@ fn head_backward(
         } else {
             Temporary
         };
+        kernel(cx, &[]);
+        let wte = alloc_as(cx, v * c * 4, 4, Temporary, "embedding_dense_backward");
+        kernel(cx, &[]);
         EarlyEmbeddingGrads {
-            wte: alloc_as(cx, v * c * 4, 4, Temporary, "embedding_dense_backward"),
+            wte,
             wpe: alloc_as(
                 cx,
                 cx.m.block_size * c * 4,
@@ -2110,15 +2253,17 @@ fn head_backward(
     let tied_head = if cx.arch.tied_head && !autocast {
         None
     } else if cx.arch.tied_head {
+        kernel(cx, &[Some(g_logits), Some(norm_out)]);
         Some(TiedHead::Made(mm(cx, v * c * p, p, Temporary, "mm")))
     } else {
-        low_head = weight_grad(cx, v * c, &[], pending);
+        low_head = weight_grad(cx, [Some(g_logits), Some(norm_out)], v * c, &[], pending);
         None
     };
     let deferred = cx.arch.tied_head && !autocast;
     if !deferred {
         cx.free(norm_out);
     }
+    kernel(cx, &[Some(g_logits), head_cast]);
     let g_norm = mm(cx, cx.n * c * p, p, Temporary, "mm");
     if !deferred {
         cx.free(g_logits);
@@ -2127,11 +2272,14 @@ fn head_backward(
     convert_grad(cx, v * c, low_head, pending);
     let (recomputed, read_last) = recompute(cx);
     let layer_norm = matches!(cx.arch.norm, Norm::LayerNorm { .. });
+    let stream = x_last.or(recomputed);
     if !layer_norm {
-        norm_grads(cx, pending);
+        norm_grads(cx, &[Some(g_norm), stream], pending);
     }
     let nc = cx.n * c;
-    let stream = x_last.or(recomputed);
+    let mut reads = vec![Some(g_norm), stream];
+    reads.extend_from_slice(&norm_stat);
+    cx.sim.kernel(&reads, stream.filter(|_| layer_norm));
     let wide = match stream {
         Some(x) if !layer_norm => {
             cx.sim.adopt(x);
@@ -2149,7 +2297,7 @@ fn head_backward(
     cx.sim.free_some(&norm_stat);
     if layer_norm {
         cx.sim.free_some(&[stream]);
-        norm_grads(cx, pending);
+        norm_grads(cx, &[Some(g_norm), stream], pending);
     }
     let g = ResidualGrad { wide, low };
     cx.sim.next_stage("backward");
@@ -2176,11 +2324,13 @@ fn embedding_backward(
     tied_head: Option<TiedHead>,
     g: ResidualGrad,
     early_dense: Option<Tensor>,
+    idx: Tensor,
 ) -> Tensor {
     let vc = cx.m.vocab_size * cx.m.n_embd;
     let cat = grad_category(cx);
     let dense_is_grad = tied_head.is_none() && cx.pb == 4;
     let dense = early_dense.unwrap_or_else(|| {
+        kernel(cx, &[]);
         alloc_as(
             cx,
             vc * 4,
@@ -2189,6 +2339,9 @@ fn embedding_backward(
             "embedding_dense_backward",
         )
     });
+    // The rows' gradients accumulated into the zero-filled buffer (`index_put`, every recorded backward graph).
+    cx.sim
+        .kernel_writing(&[Some(g.wide), g.low, Some(idx)], dense);
     release_residual(cx, g);
     match tied_head {
         Some(TiedHead::Deferred { g_logits, norm_out }) => {
@@ -2212,6 +2365,11 @@ fn embedding_backward(
         _ if dense_is_grad => dense,
         head => {
             let op = if head.is_some() { "add" } else { "_to_copy" };
+            let h = match head {
+                Some(TiedHead::Made(h)) => Some(h),
+                _ => None,
+            };
+            kernel(cx, &[h, Some(dense)]);
             let grad = alloc_as(cx, vc * cx.pb, cx.pb, cat, op);
             if let Some(TiedHead::Made(h)) = head {
                 cx.free(h);
@@ -2222,11 +2380,25 @@ fn embedding_backward(
     }
 }
 
+/// Whether the backward graph's kernels are all described (`Sim::kernel`), so that Inductor's memory-ordering
+/// pass can be replayed over it (`Sim::described`): nanoGPT's blocks (`gelu_block`) without dropout or
+/// checkpointing, its tied head under autocast.
+fn described_backward(cx: &Ctx, f: &Forward) -> bool {
+    gelu_block(cx)
+        && cx.arch.program == Program::NanoGpt
+        && cx.arch.tied_head
+        && cx.arch.positions == Positions::Learned
+        && !cx.dropout
+        && cx.prec.autocast()
+        && f.blocks.iter().all(|b| matches!(b, Saved::All(_)))
+}
+
 /// Compiled backward of one micro-step: the fused loss backward, the LM head, the blocks in reverse, the
 /// embeddings. Returns when the whole backward graph has returned (one call: its outputs, the parameter
 /// gradients, exist together before AccumulateGrad takes them).
 pub fn backward(cx: &mut Ctx, f: Forward) {
     let c = cx.m.n_embd;
+    let orderable = described_backward(cx, &f);
     let mut pending = Vec::new();
     let mut blocks = f.blocks;
     // Checkpointed: the last block's forward runs again before the final norm's backward.
@@ -2267,8 +2439,8 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
         early,
     } = head_backward(
         cx,
-        learned && cx.t < cx.m.block_size && cx.prec.autocast(),
-        &release,
+        learned && cx.t < cx.m.block_size && cx.prec.autocast() && !orderable,
+        (&release, f.logits),
         f.head_cast,
         f.norm_f,
         f.norm_f_stats,
@@ -2281,14 +2453,14 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
         cx.sim.layer(Some(l as u32));
         g = match b {
             Saved::All(b) => {
-                let g = block_bwd(cx, g, b, &mut pending);
+                let g = block_bwd(cx, g, b, l == 0, &mut pending);
                 cx.sim.free_some(&[last_mean.take()]);
                 g
             }
             Saved::Input(x_in) if gelu_block(cx) => gelu_block_backward(cx, x_in, g, &mut pending),
             Saved::Input(x_in) => {
                 let b = block_recompute(cx, x_in, l as u64).0;
-                block_bwd(cx, g, b, &mut pending)
+                block_bwd(cx, g, b, l == 0, &mut pending)
             }
         };
     }
@@ -2298,34 +2470,54 @@ pub fn backward(cx: &mut Ctx, f: Forward) {
     if learned {
         // Embeddings: the position gradient (summed over the batch), then the token rows'.
         let cat = grad_category(cx);
+        kernel(cx, &[Some(g.wide)]);
         let g_pos = alloc_as(cx, cx.t * c * cx.pb, cx.pb, Temporary, "sum");
+        // The gradient is a zero-filled buffer (a kernel of its own, reading nothing) that an index-put
+        // accumulates into (every recorded backward graph).
+        let index_put = |cx: &mut Ctx, into: Tensor| {
+            cx.sim.kernel_writing(&[Some(g_pos), f.pos, f.iota], into);
+        };
         let wpe = match early {
             // Already zero-filled in fp32; converted to the parameter dtype when that is not fp32.
             Some(e) if cx.pb == 4 => {
                 early_wte = Some(e.wte);
+                index_put(cx, e.wpe);
                 e.wpe
             }
             Some(e) => {
                 early_wte = Some(e.wte);
+                index_put(cx, e.wpe);
+                kernel(cx, &[Some(e.wpe)]);
                 let wpe = alloc_as(cx, cx.m.block_size * c * cx.pb, cx.pb, cat, "_to_copy");
                 cx.free(e.wpe);
                 wpe
             }
-            None => alloc_as(
-                cx,
-                cx.m.block_size * c * cx.pb,
-                cx.pb,
-                cat,
-                "embedding_dense_backward",
-            ),
+            None => {
+                kernel(cx, &[]);
+                let wpe = alloc_as(
+                    cx,
+                    cx.m.block_size * c * cx.pb,
+                    cx.pb,
+                    cat,
+                    "embedding_dense_backward",
+                );
+                index_put(cx, wpe);
+                wpe
+            }
         };
         cx.free(g_pos);
         cx.sim.free_some(&[f.pos, f.iota]);
         land_grad(cx, wpe, &mut pending);
     }
-    let wte = embedding_backward(cx, tied_head, g, early_wte);
+    cx.sim.fixed_input(f.idx);
+    cx.sim.fixed_input(f.loss);
+    cx.sim.fixed_input(f.targets);
+    let wte = embedding_backward(cx, tied_head, g, early_wte, f.idx);
     cx.sim.free_all(&[f.idx, f.loss]);
     land_grad(cx, wte, &mut pending);
+    if orderable {
+        cx.sim.described();
+    }
     cx.sim.end_graph();
     // AccumulateGrad: later micro-steps add into `.grad` in place and drop the graph's outputs.
     cx.sim.free_all(&pending);
@@ -2408,16 +2600,24 @@ fn gelu_block_backward(
     let mut g = g;
     // c_proj's input gradient, then GELU's output; GELU's backward writes fc's output gradient over the first.
     let w_mlp = weight_cast(cx, c * i);
-    let g_h = input_grad(cx, i, w_mlp);
+    let g_h = input_grad(cx, None, i, w_mlp);
     let gelu = alloc_as(cx, cx.n * i * p, p, Activations, "gelu");
     cx.free(h);
-    let low = weight_grad(cx, c * i, &[Some(gelu)], pending);
+    let low = weight_grad(cx, [None, None], c * i, &[Some(gelu)], pending);
     release_low(cx, &mut g);
     if bias {
-        reduce_grad(cx, c, pending);
+        reduce_grad(cx, &[], c, pending);
     }
     convert_grad(cx, c * i, low, pending);
-    let g_in = linear_bwd(cx, (i, c), bias, &[Some(norm2.out)], w_fc, pending);
+    let g_in = linear_bwd(
+        cx,
+        (i, c),
+        bias,
+        [None, None],
+        &[Some(norm2.out)],
+        w_fc,
+        pending,
+    );
     cx.free(g_h);
     let mut g = into_residual(
         cx,
@@ -2771,7 +2971,7 @@ fn moe_bwd(
     let shared = m.shared.take().map(|sh| {
         let g_gate = alloc_as(cx, n * cx.p, cx.p, Temporary, "sigmoid_backward");
         cx.sim.free_all(&[sh.down, sh.gate]);
-        let low = weight_grad(cx, c, &[], pending);
+        let low = weight_grad(cx, [None, None], c, &[], pending);
         convert_grad(cx, c, low, pending);
         (sh.out, sh.casts, g_gate)
     });
@@ -2799,13 +2999,21 @@ fn moe_bwd(
     cx.sim
         .free_some(&[Some(scattered), softmax, Some(m.logits)]);
     let Some((out, casts, g_gate)) = shared else {
-        let g_router = linear_bwd(cx, (e, c), false, &[norm_out], m.router_cast, pending);
+        let g_router = linear_bwd(
+            cx,
+            (e, c),
+            false,
+            [None, None],
+            &[norm_out],
+            m.router_cast,
+            pending,
+        );
         cx.free(g_logits);
         return vec![g_x, g_router];
     };
     // The shared expert's SwiGLU backward after the router's (the last to read the norm's output), then the
     // norm's input gradients summed into one fp32 [N, C] buffer, which its weight's reduction reads.
-    let g_router = linear_bwd(cx, (e, c), false, &[], m.router_cast, pending);
+    let g_router = linear_bwd(cx, (e, c), false, [None, None], &[], m.router_cast, pending);
     cx.free(g_logits);
     let width = cx.m.shared_expert_size;
     let mut grads = swiglu_bwd(cx, (out, casts), width, norm_out, g, pending);

@@ -9,6 +9,7 @@
 //! are the reserved memory (`torch.cuda.max_memory_reserved()`).
 
 use crate::allocator::{AllocatorConfig, CachingAllocator, Stream};
+use crate::reorder;
 
 /// What a live byte is for. The report's components are these, summed at the peak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -171,6 +172,8 @@ pub struct Sim {
     extern_outputs: bool,
     /// Buffers whose last reader is a fused kernel not yet made (`free_after_next_kernel`).
     read_by_next_kernel: Vec<Tensor>,
+    /// The order Inductor's memory-ordering pass kept for each described compiled graph (`described`).
+    orders: Vec<reorder::Method>,
 }
 
 /// One compiled graph's allocations and frees, held back until the graph ends (`Sim::begin_graph`).
@@ -181,6 +184,10 @@ struct Graph {
     /// Inputs the graph wrote over in place (`adopt`): its own buffers from then on.
     adopted: Vec<u32>,
     ops: Vec<GraphOp>,
+    /// Inputs Inductor never counts as freeable (`fixed_input`).
+    fixed: Vec<u32>,
+    /// Every kernel was described (`kernel`, `described`): Inductor's memory-ordering pass decides the order.
+    described: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -202,6 +209,16 @@ enum GraphOp {
     },
     Stage(u32, &'static str),
     Layer(Option<u32>),
+    /// A buffer Inductor's scheduler counts for the kernel under way though its code never allocates it (an
+    /// intermediate fused into the kernel, `Sim::phantom`): part of the memory-ordering pass's estimate only.
+    Phantom(u64),
+    /// A kernel (a scheduler node) starts: the allocations up to the next one are its outputs; it reads `reads`
+    /// and whatever is freed after it; it may write its output over input `over` in place (`Sim::kernel`).
+    Kernel {
+        reads: Vec<u32>,
+        over: Option<u32>,
+        writes: Option<u32>,
+    },
 }
 
 /// One allocator event: bytes > 0 allocates, < 0 frees.
@@ -251,6 +268,7 @@ impl Sim {
             graph: None,
             extern_outputs: false,
             read_by_next_kernel: Vec::new(),
+            orders: Vec::new(),
         }
     }
 
@@ -455,7 +473,63 @@ impl Sim {
             first: self.slots.len(),
             adopted: Vec::new(),
             ops: Vec::new(),
+            fixed: Vec::new(),
+            described: false,
         });
+    }
+
+    /// The kernel under way (`kernel`) has an intermediate of `bytes` that Inductor's scheduler realizes as a
+    /// buffer of its own, nobody else reads and its code never allocates: it counts in the memory-ordering pass's
+    /// estimate, not in memory.
+    pub fn phantom(&mut self, bytes: u64) {
+        if let Some(g) = self.graph.as_mut() {
+            g.ops.push(GraphOp::Phantom(bytes));
+        }
+    }
+
+    /// The compiled graph under way runs a new kernel (one of Inductor's scheduler nodes): the allocations that
+    /// follow, until the next kernel, are its outputs; it reads `reads` and, last, whatever is freed after it.
+    /// `over`: an input it writes its output over in place when it is that input's last reader (Inductor's
+    /// in-place reuse, `codegen_inplace_reuse`: a pointwise kernel whose output matches the input's size).
+    pub fn kernel(&mut self, reads: &[Option<Tensor>], over: Option<Tensor>) {
+        self.push_kernel(reads, over, None);
+    }
+
+    /// A kernel (as `kernel`) that writes its result into `target`, a buffer of the graph, in place: later
+    /// readers of `target` follow it.
+    pub fn kernel_writing(&mut self, reads: &[Option<Tensor>], target: Tensor) {
+        self.push_kernel(reads, None, Some(target));
+    }
+
+    fn push_kernel(
+        &mut self,
+        reads: &[Option<Tensor>],
+        over: Option<Tensor>,
+        writes: Option<Tensor>,
+    ) {
+        if let Some(g) = self.graph.as_mut() {
+            g.ops.push(GraphOp::Kernel {
+                reads: reads.iter().flatten().map(|t| t.0 as u32).collect(),
+                over: over.map(|t| t.0 as u32),
+                writes: writes.map(|t| t.0 as u32),
+            });
+        }
+    }
+
+    /// `t`, read by the graph under way, is an input Inductor never counts as freeable (the forward's own inputs
+    /// and the tangents: `is_nonfreeable_buffers`); it is still freed after its last reader.
+    pub fn fixed_input(&mut self, t: Tensor) {
+        if let Some(g) = self.graph.as_mut() {
+            g.fixed.push(t.0 as u32);
+        }
+    }
+
+    /// Every kernel of the graph under way has been described (`kernel`): at its end Inductor's memory-ordering
+    /// pass (`reorder`) decides the order it runs in.
+    pub fn described(&mut self) {
+        if let Some(g) = self.graph.as_mut() {
+            g.described = true;
+        }
     }
 
     /// The graph under way writes a kernel's output over input `t`, which dies there (a saved tensor donated to
@@ -490,9 +564,18 @@ impl Sim {
     /// reused buffer's free and its successor's allocation becoming one block passed on.
     pub fn end_graph(&mut self) {
         self.next_kernel_made();
-        let Some(g) = self.graph.take() else {
+        let Some(mut g) = self.graph.take() else {
             return;
         };
+        if g.described {
+            if let Some((kept, new)) = reordered(&g, |id| self.slots[id as usize].key.0) {
+                self.orders.push(kept);
+                if let Some((ops, adopted)) = new {
+                    g.ops = ops;
+                    g.adopted.extend(adopted);
+                }
+            }
+        }
         let reuse = plan_reuse(&g, |id| {
             let slot = &self.slots[id as usize];
             (slot.bytes, slot.key)
@@ -517,6 +600,7 @@ impl Sim {
                 } => self.scratch(n_bytes, category, op),
                 GraphOp::Stage(step, stage) => self.stage(step, stage),
                 GraphOp::Layer(layer) => self.layer(layer),
+                GraphOp::Kernel { .. } | GraphOp::Phantom(_) => {}
             }
         }
     }
@@ -669,6 +753,12 @@ impl Sim {
         }
     }
 
+    /// The order Inductor's memory-ordering pass kept for each compiled graph described kernel by kernel
+    /// (`described`), in the order the graphs ran.
+    pub fn graph_orders(&self) -> &[reorder::Method] {
+        &self.orders
+    }
+
     /// The caching allocator's state after the run: reserved memory, segments, retries, OOMs.
     pub fn allocator(&self) -> &CachingAllocator {
         &self.allocator
@@ -678,6 +768,214 @@ impl Sim {
     pub fn live_in(&self, category: Category) -> u64 {
         self.by_category[category.index()]
     }
+}
+
+/// One kernel of a described graph (`Sim::kernel`), as `reordered` moves it: what it reads, what it may write
+/// over, its own operations (allocations, scratch, markers) and the frees that followed it, with their places.
+struct Part {
+    reads: Vec<u32>,
+    over: Option<u32>,
+    writes: Option<u32>,
+    body: Vec<GraphOp>,
+    frees: Vec<(usize, u32)>,
+}
+
+/// A described graph (`Sim::described`) in the order Inductor's memory-ordering pass keeps (`reorder`), when
+/// that is not the order its kernels were described in: each kernel's operations in the new order, each buffer
+/// freed after its last reader there (in the order the frees were described), an input a kernel writes over in
+/// place freed just before that kernel's output (which then takes its block) when that kernel is its last
+/// reader. Returns the order kept and, unless it is the described one, the operations and those inputs; `None`
+/// where some allocation or free comes before the first kernel (not described). `asked(id)`: the bytes a buffer
+/// asks for (Inductor's sizes are exact, not rounded).
+type Reordered = (reorder::Method, Option<(Vec<GraphOp>, Vec<u32>)>);
+
+fn reordered(g: &Graph, asked: impl Fn(u32) -> u64) -> Option<Reordered> {
+    use std::collections::HashMap;
+    let (mut prefix, mut pending, mut parts) = (Vec::new(), Vec::new(), Vec::<Part>::new());
+    for (at, op) in g.ops.iter().enumerate() {
+        match op {
+            GraphOp::Kernel {
+                reads,
+                over,
+                writes,
+            } => parts.push(Part {
+                reads: reads.clone(),
+                over: *over,
+                writes: *writes,
+                body: std::mem::take(&mut pending),
+                frees: Vec::new(),
+            }),
+            GraphOp::Stage(..) | GraphOp::Layer(_) => pending.push(op.clone()),
+            GraphOp::Phantom(_) => parts.last_mut()?.body.push(op.clone()),
+            GraphOp::Free(id) => parts.last_mut()?.frees.push((at, *id)),
+            GraphOp::Alloc { .. } | GraphOp::Scratch { .. } => {
+                let part = parts.last_mut()?;
+                part.body.append(&mut pending);
+                part.body.push(op.clone());
+            }
+        }
+        if parts.is_empty() {
+            prefix.append(&mut pending);
+        }
+    }
+    // The buffers: each allocation (made by its kernel) and each input read.
+    let mut index: HashMap<u32, usize> = HashMap::new();
+    let mut ids: Vec<u32> = Vec::new();
+    let mut graph = reorder::Graph::default();
+    let buffer = |graph: &mut reorder::Graph,
+                  (index, ids): (&mut HashMap<u32, usize>, &mut Vec<u32>),
+                  id: u32,
+                  input: bool|
+     -> usize {
+        *index.entry(id).or_insert_with(|| {
+            ids.push(id);
+            let fixed = input && g.fixed.contains(&id);
+            let bytes = if fixed { 0 } else { asked(id) };
+            graph.buffers.push(reorder::Buffer {
+                size_alloc: if input { 0 } else { bytes },
+                size_free: bytes,
+                users: Vec::new(),
+                input,
+                output: true,
+            });
+            graph.buffers.len() - 1
+        })
+    };
+    let mut made_by = HashMap::new();
+    for (k, part) in parts.iter().enumerate() {
+        let mut node = reorder::Node::default();
+        for op in &part.body {
+            if let GraphOp::Alloc { id, .. } = *op {
+                let b = buffer(&mut graph, (&mut index, &mut ids), id, false);
+                made_by.insert(b, k);
+                node.size += graph.buffers[b].size_alloc;
+                node.outputs.push(b);
+            }
+            if let GraphOp::Phantom(bytes) = *op {
+                // Made and dead in the kernel: one more buffer of the estimate, no id of the graph's.
+                ids.push(u32::MAX);
+                graph.buffers.push(reorder::Buffer {
+                    size_alloc: bytes,
+                    size_free: bytes,
+                    users: Vec::new(),
+                    input: false,
+                    output: false,
+                });
+                node.size += bytes;
+                node.outputs.push(graph.buffers.len() - 1);
+            }
+        }
+        graph.nodes.push(node);
+    }
+    // Each buffer's readers: the kernels that say they read it; a buffer freed that no kernel says it reads is
+    // read last by the kernel it was freed after.
+    let declared: std::collections::HashSet<u32> =
+        parts.iter().flat_map(|p| p.reads.iter().copied()).collect();
+    let mut writer: HashMap<usize, usize> = HashMap::new();
+    for (k, part) in parts.iter().enumerate() {
+        let frees = part
+            .frees
+            .iter()
+            .map(|&(_, id)| id)
+            .filter(|id| !declared.contains(id));
+        let mut wrote = None;
+        for id in part.reads.iter().copied().chain(part.writes).chain(frees) {
+            let b = buffer(
+                &mut graph,
+                (&mut index, &mut ids),
+                id,
+                (id as usize) < g.first,
+            );
+            if Some(id) == part.writes {
+                wrote = Some(b);
+            }
+            if graph.nodes[k].outputs.contains(&b) || graph.nodes[k].reads.contains(&b) {
+                continue;
+            }
+            graph.nodes[k].reads.push(b);
+            graph.buffers[b].users.push(k);
+            if let Some(&j) = writer.get(&b).or(made_by.get(&b)) {
+                graph.nodes[k].deps.push(j);
+                graph.nodes[k].preds.push(j);
+                graph.nodes[j].succs.push(k);
+            }
+        }
+        if let Some(b) = wrote {
+            writer.insert(b, k);
+        }
+    }
+    // A buffer of the graph nobody frees is one of its outputs. Inductor frees every input after its last reader
+    // (by name: it does not know the caller may hold one too, as nanoGPT's loop holds the logits), so the
+    // estimate does; the replay frees only what the graph freed.
+    let freed: std::collections::HashSet<u32> = parts
+        .iter()
+        .flat_map(|p| p.frees.iter().map(|&(_, id)| id))
+        .collect();
+    for (b, &id) in ids.iter().enumerate() {
+        if graph.buffers[b].input || freed.contains(&id) {
+            graph.buffers[b].output = false;
+        }
+    }
+    for node in &mut graph.nodes {
+        node.preds.sort_unstable();
+        node.preds.dedup();
+        node.succs.sort_unstable();
+        node.succs.dedup();
+    }
+    let decision = graph.reorder();
+    if decision.kept == reorder::Method::Own {
+        return Some((decision.kept, None));
+    }
+    let order = decision.kept_order();
+    let mut step = vec![0; parts.len()];
+    for (s, &k) in order.iter().enumerate() {
+        step[k] = s;
+    }
+    // Where each buffer dies: after its last reader in the new order, or after its kernel if nobody reads it.
+    let dies_at: Vec<Option<usize>> = graph
+        .buffers
+        .iter()
+        .enumerate()
+        .map(|(b, buf)| {
+            let last = buf.users.iter().map(|&u| step[u]).max();
+            (!buf.output).then(|| last.or_else(|| made_by.get(&b).map(|&k| step[k])))?
+        })
+        .collect();
+    let place: HashMap<u32, usize> = parts
+        .iter()
+        .flat_map(|p| p.frees.iter().map(|&(at, id)| (id, at)))
+        .collect();
+    let mut ops = prefix;
+    let mut adopted = Vec::new();
+    let mut dying: Vec<Vec<(usize, u32)>> = vec![Vec::new(); order.len()];
+    for (b, at) in dies_at.iter().enumerate() {
+        if let (Some(s), true) = (*at, freed.contains(&ids[b])) {
+            dying[s].push((place.get(&ids[b]).copied().unwrap_or(usize::MAX), ids[b]));
+        }
+    }
+    for (s, &k) in order.iter().enumerate() {
+        let part = &parts[k];
+        let mut frees = std::mem::take(&mut dying[s]);
+        frees.sort_unstable();
+        // In place: the kernel is the last reader of the input it may write over.
+        let over = part
+            .over
+            .filter(|x| (*x as usize) < g.first && frees.iter().any(|&(_, id)| id == *x));
+        let mut body = part.body.clone();
+        if let Some(x) = over {
+            frees.retain(|&(_, id)| id != x);
+            let first_alloc = body
+                .iter()
+                .position(|op| matches!(op, GraphOp::Alloc { .. }))
+                .unwrap_or(body.len());
+            body.insert(first_alloc, GraphOp::Free(x));
+            adopted.push(x);
+        }
+        ops.extend(body);
+        ops.extend(frees.into_iter().map(|(_, id)| GraphOp::Free(id)));
+    }
+    ops.extend(pending);
+    Some((decision.kept, Some((ops, adopted))))
 }
 
 /// Which of a graph's allocations take a dead buffer's block (`of`: new tensor -> the dead one), and the
@@ -945,5 +1243,42 @@ mod tests {
             "adjacent: always handed on"
         );
         assert_eq!(sim.peak().bytes, 2 << 20);
+    }
+
+    /// A described graph whose own order holds two big buffers at once: Inductor's LPMF runs the reader of the
+    /// first before making the second, and the replay follows it (each buffer freed after its last reader there).
+    #[test]
+    fn a_described_graph_runs_in_the_order_inductor_keeps() {
+        let run = |described: bool| {
+            let mut sim = Sim::new(AllocatorConfig::default(), u64::MAX);
+            sim.stage(1, "backward");
+            let x = sim.alloc(512, Category::Activations, "x");
+            sim.begin_graph();
+            sim.kernel(&[Some(x)], None);
+            let a = sim.alloc(4096, Category::Temporary, "a");
+            sim.kernel(&[Some(x)], None);
+            let b = sim.alloc(4096, Category::Temporary, "b");
+            sim.free(x);
+            sim.kernel(&[Some(a)], None);
+            let _c = sim.alloc(512, Category::Grads, "c");
+            sim.free(a);
+            sim.kernel(&[Some(b)], None);
+            let _d = sim.alloc(512, Category::Grads, "d");
+            sim.free(b);
+            if described {
+                sim.described();
+            }
+            sim.end_graph();
+            sim
+        };
+        let own = run(false);
+        assert!(own.graph_orders().is_empty());
+        // x, a and b together.
+        assert_eq!(own.tensor_peak().bytes, 512 + 4096 + 4096);
+        let lpmf = run(true);
+        assert_eq!(lpmf.graph_orders(), &[reorder::Method::Lpmf]);
+        // a, then c (a dies), then b (x dies), then d: never both big buffers.
+        assert_eq!(lpmf.tensor_peak().bytes, 512 + 4096 + 512);
+        assert_eq!(lpmf.live_bytes(), 512 + 512);
     }
 }
