@@ -780,6 +780,10 @@ struct Part {
     frees: Vec<(usize, u32)>,
 }
 
+/// The order `reordered` kept, with the operations in it and the inputs written over in place (none when it is
+/// the described order).
+type Reordered = (reorder::Method, Option<(Vec<GraphOp>, Vec<u32>)>);
+
 /// A described graph (`Sim::described`) in the order Inductor's memory-ordering pass keeps (`reorder`), when
 /// that is not the order its kernels were described in: each kernel's operations in the new order, each buffer
 /// freed after its last reader there (in the order the frees were described), an input a kernel writes over in
@@ -787,8 +791,6 @@ struct Part {
 /// reader. Returns the order kept and, unless it is the described one, the operations and those inputs; `None`
 /// where some allocation or free comes before the first kernel (not described). `asked(id)`: the bytes a buffer
 /// asks for (Inductor's sizes are exact, not rounded).
-type Reordered = (reorder::Method, Option<(Vec<GraphOp>, Vec<u32>)>);
-
 fn reordered(g: &Graph, asked: impl Fn(u32) -> u64) -> Option<Reordered> {
     use std::collections::HashMap;
     let (mut prefix, mut pending, mut parts) = (Vec::new(), Vec::new(), Vec::<Part>::new());
@@ -907,12 +909,13 @@ fn reordered(g: &Graph, asked: impl Fn(u32) -> u64) -> Option<Reordered> {
     // A buffer of the graph nobody frees is one of its outputs. Inductor frees every input after its last reader
     // (by name: it does not know the caller may hold one too, as nanoGPT's loop holds the logits), so the
     // estimate does; the replay frees only what the graph freed.
-    let freed: std::collections::HashSet<u32> = parts
+    // Each buffer the graph frees, with the place of its free among the described operations.
+    let place: HashMap<u32, usize> = parts
         .iter()
-        .flat_map(|p| p.frees.iter().map(|&(_, id)| id))
+        .flat_map(|p| p.frees.iter().map(|&(at, id)| (id, at)))
         .collect();
     for (b, &id) in ids.iter().enumerate() {
-        if graph.buffers[b].input || freed.contains(&id) {
+        if graph.buffers[b].input || place.contains_key(&id) {
             graph.buffers[b].output = false;
         }
     }
@@ -941,16 +944,12 @@ fn reordered(g: &Graph, asked: impl Fn(u32) -> u64) -> Option<Reordered> {
             (!buf.output).then(|| last.or_else(|| made_by.get(&b).map(|&k| step[k])))?
         })
         .collect();
-    let place: HashMap<u32, usize> = parts
-        .iter()
-        .flat_map(|p| p.frees.iter().map(|&(at, id)| (id, at)))
-        .collect();
     let mut ops = prefix;
     let mut adopted = Vec::new();
     let mut dying: Vec<Vec<(usize, u32)>> = vec![Vec::new(); order.len()];
     for (b, at) in dies_at.iter().enumerate() {
-        if let (Some(s), true) = (*at, freed.contains(&ids[b])) {
-            dying[s].push((place.get(&ids[b]).copied().unwrap_or(usize::MAX), ids[b]));
+        if let (Some(s), Some(&at)) = (*at, place.get(&ids[b])) {
+            dying[s].push((at, ids[b]));
         }
     }
     for (s, &k) in order.iter().enumerate() {
